@@ -1,0 +1,30 @@
+"""jaxgrad: every way to average gradients in SGD, as pure, jit-compiled JAX.
+
+The gradient of the batch's mean loss equals the mean of the per-example gradients
+(differentiation is linear); averaging *before* a nonlinearity does not. jaxgrad makes each
+order a pure function, proves the equivalences and measures the differences.
+"""
+
+from jaxgrad import check, losses, models, naive, reduce
+from jaxgrad.grads import (
+    accumulate_grad,
+    batch_grad,
+    mean_of_per_example_grads,
+    per_example_grads,
+)
+from jaxgrad.models import Model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Model",
+    "accumulate_grad",
+    "batch_grad",
+    "check",
+    "losses",
+    "mean_of_per_example_grads",
+    "models",
+    "naive",
+    "per_example_grads",
+    "reduce",
+]

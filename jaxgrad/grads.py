@@ -1,0 +1,217 @@
+"""Gradient strategies that are exact: every one equals the gradient of the global mean loss.
+
+Differentiation is linear, so for per-example losses ``l_i`` with item counts ``n_i``
+
+.. math::
+
+    \\nabla \\frac{\\sum_i S_i(\\theta)}{\\sum_i n_i} = \\frac{\\sum_i \\nabla S_i(\\theta)}{\\sum_i n_i}
+
+whatever order the sums are taken in: one batch, per example, or microbatch by microbatch.
+Each factory takes ``loss_fn(params, example) -> scalar | (loss_sum, n_items)`` and returns a
+jit-compiled ``f(params, batch, mask=None)``; ``batch`` is the example pytree with a leading
+axis and ``mask`` a boolean vector over that axis (False = padding).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxgrad import reduce
+
+
+def _values_are_concrete(tree) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _strategy(core, loss_fn, *, return_loss: bool, name: str):
+    """Wraps ``core(params, batch, mask) -> (loss, grads)`` with input checks and ``jax.jit``.
+
+    Shape checks run at trace time, so they also guard a caller's own ``jax.jit``. A loss
+    with a ``validate(batch)`` method (see :func:`jaxgrad.losses.supervised`) has it called
+    on concrete batches, so out-of-range labels fail loudly rather than give a wrong number.
+    """
+    jitted = jax.jit(core)
+
+    def f(params, batch, mask=None):
+        size = reduce.batch_size(batch)
+        mask = reduce.check_mask(mask, size)
+        validate = getattr(loss_fn, "validate", None)
+        if validate is not None and _values_are_concrete(batch):
+            validate(batch)
+        loss, grads = jitted(params, batch, mask)
+        return (loss, grads) if return_loss else grads
+
+    f.__name__ = f.__qualname__ = name
+    f.__doc__ = core.__doc__
+    return f
+
+
+def batch_grad(loss_fn, *, return_loss: bool = False):
+    """Gradient of the global mean loss: ``grad`` of ``Σ_i m_i S_i / Σ_i m_i n_i``.
+
+    The reference every other strategy is measured against: one forward and one backward
+    pass over the whole batch.
+
+    Args:
+      loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
+      return_loss: if True, ``f`` returns ``(mean_loss, grads)`` like ``jax.value_and_grad``.
+
+    Returns:
+      ``f(params, batch, mask=None) -> grads`` (a pytree shaped like ``params``).
+
+    Example::
+
+      >>> import jax.numpy as jnp, jaxgrad
+      >>> loss = lambda p, ex: (p * ex[0] - ex[1]) ** 2
+      >>> g = jaxgrad.batch_grad(loss)(2.0, (jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0])))
+      >>> float(g)  # d/dp mean((p x - y)^2) = mean(2 x (p x - y)) = (2 + 12) / 2
+      7.0
+    """
+
+    def core(params, batch, mask):
+        def mean_loss(p):
+            sums, counts = jax.vmap(lambda ex: reduce.as_sum_count(loss_fn(p, ex)))(batch)
+            total, count = reduce.masked_totals(sums, counts, mask)
+            return reduce.safe_divide(total, jax.lax.stop_gradient(count))
+
+        return jax.value_and_grad(mean_loss)(params)
+
+    return _strategy(core, loss_fn, return_loss=return_loss, name="batch_grad")
+
+
+def _per_example(loss_fn, params, batch, chunk_size):
+    """``(S_i, n_i, ∇S_i)`` for every example: ``vmap(grad)``, or chunk by chunk with a remainder."""
+
+    def one(example):
+        summed = lambda p: reduce.as_sum_count(loss_fn(p, example))
+        (loss_sum, count), grads = jax.value_and_grad(summed, has_aux=True)(params)
+        return loss_sum, count, grads
+
+    if chunk_size is None:
+        return jax.vmap(one)(batch)
+    return jax.lax.map(one, batch, batch_size=chunk_size)
+
+
+def _zero_padding(tree, mask):
+    """Zeros the rows of a batched pytree where ``mask`` is False."""
+    expand = lambda x: mask.reshape(mask.shape + (1,) * (x.ndim - 1))
+    return jax.tree_util.tree_map(lambda x: jnp.where(expand(x), x, 0), tree)
+
+
+def per_example_grads(loss_fn, *, chunk_size: int | None = None, return_loss: bool = False):
+    """Every example's gradient, stacked along a leading batch axis: ``vmap(grad)``.
+
+    Example ``i``'s gradient is that of its loss sum ``S_i`` (for a scalar loss, of the loss
+    itself), so ``Σ_i g_i / Σ_i n_i`` is the gradient of the global mean loss. Padded rows
+    (``mask`` False) come back as zeros.
+
+    This materialises a ``B × P`` array. When only norms, clipped sums or statistics are
+    needed, :func:`jaxgrad.per_example_norms`, :func:`jaxgrad.clipped_grad` and
+    :func:`jaxgrad.grad_stats` give them without it.
+
+    Args:
+      loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
+      chunk_size: if set, examples are processed ``chunk_size`` at a time under ``lax.map``
+        (peak activation memory of one chunk); the batch need not divide evenly.
+      return_loss: if True, ``f`` returns ``(per_example_loss_sums, grads)``.
+
+    Returns:
+      ``f(params, batch, mask=None) -> grads`` with every leaf of shape ``(B, *param.shape)``.
+
+    Example::
+
+      >>> import jax.numpy as jnp, jaxgrad
+      >>> loss = lambda p, ex: (p * ex[0] - ex[1]) ** 2
+      >>> jaxgrad.per_example_grads(loss)(2.0, (jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0])))
+      Array([ 2., 12.], dtype=float32)
+    """
+    if chunk_size is not None:
+        chunk_size = reduce.check_positive_int(chunk_size, name="chunk_size")
+
+    def core(params, batch, mask):
+        sums, _, grads = _per_example(loss_fn, params, batch, chunk_size)
+        return jnp.where(mask, sums, 0), _zero_padding(grads, mask)
+
+    return _strategy(core, loss_fn, return_loss=return_loss, name="per_example_grads")
+
+
+def mean_of_per_example_grads(loss_fn, *, chunk_size: int | None = None, return_loss=False):
+    """The mean of the per-example gradients, ``Σ_i m_i ∇S_i / Σ_i m_i n_i``.
+
+    Equal to :func:`batch_grad` (differentiation is linear); computed the long way, by
+    materialising every example's gradient first.
+
+    Args:
+      loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
+      chunk_size: optional chunking of the per-example pass, as in :func:`per_example_grads`.
+      return_loss: if True, ``f`` returns ``(mean_loss, grads)``.
+
+    Returns:
+      ``f(params, batch, mask=None) -> grads``.
+    """
+    if chunk_size is not None:
+        chunk_size = reduce.check_positive_int(chunk_size, name="chunk_size")
+
+    def core(params, batch, mask):
+        sums, counts, grads = _per_example(loss_fn, params, batch, chunk_size)
+        total, count = reduce.masked_totals(sums, counts, mask)
+        grads = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), _zero_padding(grads, mask))
+        return reduce.safe_divide(total, count), reduce.safe_divide(grads, count)
+
+    return _strategy(core, loss_fn, return_loss=return_loss, name="mean_of_per_example_grads")
+
+
+def accumulate_grad(loss_fn, *, num_microbatches: int, return_loss: bool = False):
+    """Gradient accumulation over microbatches under ``lax.scan``, normalised exactly once.
+
+    Each microbatch contributes its gradient *sum* ``Σ_{i∈k} m_i ∇S_i`` and its count
+    ``Σ_{i∈k} m_i n_i``; the accumulated sum is divided by the global count at the end, so
+    the result equals :func:`batch_grad` even when microbatches hold different numbers of
+    real examples or tokens (unlike :func:`jaxgrad.naive.mean_of_microbatch_means`). Peak
+    activation memory is that of one microbatch.
+
+    Args:
+      loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
+      num_microbatches: how many contiguous microbatches to split the batch into. A batch
+        that does not divide evenly is padded (masked out) at the end.
+      return_loss: if True, ``f`` returns ``(mean_loss, grads)``.
+
+    Returns:
+      ``f(params, batch, mask=None) -> grads``.
+
+    Example::
+
+      >>> import jax.numpy as jnp, jaxgrad
+      >>> loss = lambda p, ex: (p * ex[0] - ex[1]) ** 2
+      >>> batch = (jnp.arange(5.0), jnp.ones(5))
+      >>> a = jaxgrad.accumulate_grad(loss, num_microbatches=2)(2.0, batch)
+      >>> bool(jnp.allclose(a, jaxgrad.batch_grad(loss)(2.0, batch)))
+      True
+    """
+    num_microbatches = reduce.check_positive_int(num_microbatches, name="num_microbatches")
+
+    def core(params, batch, mask):
+        micro_batches, micro_masks = reduce.split_microbatches(batch, mask, num_microbatches)
+
+        def microbatch_sums(p, micro):
+            sums, counts = jax.vmap(lambda ex: reduce.as_sum_count(loss_fn(p, ex)))(micro[0])
+            total, count = reduce.masked_totals(sums, counts, micro[1])
+            return total, count
+
+        def step(carry, micro):
+            (total, count), grads = jax.value_and_grad(microbatch_sums, has_aux=True)(
+                params, micro
+            )
+            loss_acc, count_acc, grad_acc = carry
+            grad_acc = jax.tree_util.tree_map(jnp.add, grad_acc, grads)
+            return (loss_acc + total, count_acc + count, grad_acc), None
+
+        first = jax.tree_util.tree_map(lambda x: x[0], (micro_batches, micro_masks))
+        total_shape, count_shape = jax.eval_shape(microbatch_sums, params, first)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        init = (jnp.zeros((), total_shape.dtype), jnp.zeros((), count_shape.dtype), zeros)
+        (total, count, grads), _ = jax.lax.scan(step, init, (micro_batches, micro_masks))
+        return reduce.safe_divide(total, count), reduce.safe_divide(grads, count)
+
+    return _strategy(core, loss_fn, return_loss=return_loss, name="accumulate_grad")

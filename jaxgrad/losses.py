@@ -1,0 +1,117 @@
+"""Per-example losses on one prediction and one target, and :func:`supervised` to bind a model.
+
+Each loss maps ONE example's prediction and target to a scalar, or, for
+:func:`token_cross_entropy`, to a ``(loss_sum, n_real_tokens)`` pair that the reducers in
+:mod:`jaxgrad.reduce` divide once by the global count.
+
+Labels outside ``[0, num_classes)`` make the integer-label losses return NaN rather than a
+silently wrong number; :func:`supervised` with ``num_classes`` also rejects them before any
+computation with an error naming the label.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+
+
+def squared_error(prediction, target):
+    """``Σ (prediction − target)²`` over the output's elements (a scalar output: ``(ŷ − y)²``)."""
+    return jnp.sum((prediction - target) ** 2)
+
+
+def linear_error(prediction, target):
+    """The seed's linear error ``y − f(x)``: linear in the prediction, so in ``θ`` for ``f = θ x``."""
+    return jnp.sum(target - prediction)
+
+
+def _checked(loss, label, num_classes):
+    valid = (label >= 0) & (label < num_classes)
+    return jnp.where(valid, loss, jnp.nan)
+
+
+def softmax_cross_entropy(logits, label):
+    """``−log softmax(logits)[label]`` for an integer ``label``; NaN if out of range."""
+    label = jnp.asarray(label)
+    num_classes = logits.shape[-1]
+    safe = jnp.clip(label, 0, num_classes - 1)
+    loss = optax.losses.softmax_cross_entropy_with_integer_labels(logits, safe)
+    return _checked(loss, label, num_classes)
+
+
+def binary_cross_entropy(logit, label):
+    """Binary cross-entropy from one logit and a label in ``{0, 1}`` (floats in [0, 1] allowed)."""
+    return jnp.sum(optax.losses.sigmoid_binary_cross_entropy(logit, jnp.asarray(label, logit.dtype)))
+
+
+def token_cross_entropy(logits, targets, *, pad_id: int = 0):
+    """Token-level cross-entropy over one padded sequence: ``(Σ_real CE_t, n_real_tokens)``.
+
+    Args:
+      logits: ``(T, C)`` per-token logits.
+      targets: ``(T,)`` int targets; positions equal to ``pad_id`` are padding and count for
+        nothing.
+      pad_id: the padding id.
+
+    Returns:
+      ``(loss_sum, n_real_tokens)``, both scalars.
+    """
+    real = targets != pad_id
+    per_token = jax.vmap(softmax_cross_entropy)(logits, targets)
+    return jnp.sum(jnp.where(real, per_token, 0)), jnp.sum(real).astype(logits.dtype)
+
+
+class supervised:  # noqa: N801 - used like a function, as optax's transforms are
+    """Binds a model to a loss: ``loss_fn(params, (x, y)) = loss(apply(params, x), y)``.
+
+    Args:
+      apply: ``apply(params, x) -> prediction`` for one example.
+      loss: one of this module's losses, or any ``loss(prediction, target)``.
+      num_classes: if given, integer labels must lie in ``[0, num_classes)``; the strategies
+        call :meth:`validate` on every concrete batch, so a bad label fails with an error
+        naming it instead of producing NaN or a wrong gradient.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp, jaxgrad
+      >>> model = jaxgrad.models.mlp([4, 8, 3])
+      >>> loss_fn = jaxgrad.losses.supervised(
+      ...     model.apply, jaxgrad.losses.softmax_cross_entropy, num_classes=3)
+      >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 1, 0]))
+      >>> grads = jaxgrad.batch_grad(loss_fn)(model.init(jax.random.key(0)), batch)
+    """
+
+    def __init__(self, apply, loss, *, num_classes: int | None = None):
+        self.apply, self.loss, self.num_classes = apply, loss, num_classes
+
+    def __call__(self, params, example):
+        x, y = example
+        return self.loss(self.apply(params, x), y)
+
+    def validate(self, batch) -> None:
+        """Raises ``ValueError`` if a label is out of range or not an integer."""
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TypeError(
+                f"`batch` must be a pair (inputs, targets); got {type(batch).__name__}"
+            )
+        if self.num_classes is None:
+            return
+        labels = np.asarray(batch[1])
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise TypeError(f"labels (`batch[1]`) must be integers; got dtype {labels.dtype}")
+        bad = (labels < 0) | (labels >= self.num_classes)
+        if bad.any():
+            raise ValueError(
+                f"labels (`batch[1]`) must lie in [0, {self.num_classes}); got {bad.sum()} "
+                f"outside it, e.g. {labels[bad].flat[0]}"
+            )
+
+    def __repr__(self):
+        name = getattr(self.loss, "__name__", repr(self.loss))
+        return f"supervised({getattr(self.apply, '__qualname__', self.apply)}, {name})"

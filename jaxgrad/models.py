@@ -1,0 +1,320 @@
+"""Pure functional models: ``Model(init, apply)``, with ``apply`` taking ONE example.
+
+As in ``jax.example_libraries.stax``: ``init(key) -> params`` builds a plain pytree of
+arrays (dicts and lists), and ``apply(params, x) -> y`` maps one example with no batch axis.
+A batch is ``jax.vmap(apply, in_axes=(None, 0))``. Nothing here knows about gradients.
+
+Parameter layouts (other libraries' models must match these to share weights):
+
+* dense layers: ``{"w": (in, out), "b": (out,)}``, ``y = x @ w + b``;
+* convolutions: ``{"w": (kh, kw, c_in, c_out), "b": (c_out,)}``, images ``(H, W, C)``
+  (a grey ``(H, W)`` image is read as ``C = 1``), SAME padding, stride 1;
+* layer norm: ``{"scale": (d,), "bias": (d,)}``, epsilon ``1e-5``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+class Model(NamedTuple):
+    """A pure model: ``init(key) -> params`` and ``apply(params, x) -> y`` on one example."""
+
+    init: Callable[[jax.Array], PyTree]
+    apply: Callable[[PyTree, Any], Any]
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "sigmoid": jax.nn.sigmoid,
+    "tanh": jnp.tanh,
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,
+}
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation called ``name``; raises listing the allowed names."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"`activation` must be one of {sorted(ACTIVATIONS)}; got {name!r}")
+    return ACTIVATIONS[name]
+
+
+def _dense_init(key, fan_in: int, fan_out: int, dtype) -> dict:
+    # LeCun-normal weights keep activations O(1) for tanh/sigmoid at any width.
+    w = jax.random.normal(key, (fan_in, fan_out), dtype) / math.sqrt(fan_in)
+    return {"w": w, "b": jnp.zeros((fan_out,), dtype)}
+
+
+def _dense(p: dict, x: jax.Array) -> jax.Array:
+    return x @ p["w"] + p["b"]
+
+
+def _check_sizes(sizes, *, name: str, minimum: int) -> tuple[int, ...]:
+    sizes = tuple(sizes)
+    if len(sizes) < minimum or not all(isinstance(s, int) and s > 0 for s in sizes):
+        raise ValueError(
+            f"`{name}` must be at least {minimum} positive integers; got {sizes!r}"
+        )
+    return sizes
+
+
+def line_fit(*, dtype=jnp.float32) -> Model:
+    """The seed's line ``f(x) = m x + b`` on a scalar ``x``; params ``{"m": (), "b": ()}``."""
+
+    def init(key):
+        del key
+        return {"m": jnp.zeros((), dtype), "b": jnp.zeros((), dtype)}
+
+    def apply(params, x):
+        return params["m"] * x + params["b"]
+
+    return Model(init, apply)
+
+
+def linear_regression(in_features: int, *, dtype=jnp.float32) -> Model:
+    """Multivariate linear regression ``y = x · w + b`` to a scalar; params ``{"w": (d,), "b": ()}``."""
+    (in_features,) = _check_sizes([in_features], name="in_features", minimum=1)
+
+    def init(key):
+        del key
+        return {"w": jnp.zeros((in_features,), dtype), "b": jnp.zeros((), dtype)}
+
+    def apply(params, x):
+        return x @ params["w"] + params["b"]
+
+    return Model(init, apply)
+
+
+def logistic_regression(in_features: int, *, num_classes: int = 2, dtype=jnp.float32) -> Model:
+    """Logistic regression: a scalar logit for 2 classes, else ``num_classes`` softmax logits.
+
+    Params ``{"w": (d,), "b": ()}`` for the binary case, ``{"w": (d, C), "b": (C,)}`` otherwise.
+    """
+    (in_features, num_classes) = _check_sizes(
+        [in_features, num_classes], name="in_features, num_classes", minimum=2
+    )
+    if num_classes < 2:
+        raise ValueError(f"`num_classes` must be at least 2; got {num_classes}")
+    shape = (in_features,) if num_classes == 2 else (in_features, num_classes)
+
+    def init(key):
+        del key
+        return {"w": jnp.zeros(shape, dtype), "b": jnp.zeros(shape[1:], dtype)}
+
+    def apply(params, x):
+        return x @ params["w"] + params["b"]
+
+    return Model(init, apply)
+
+
+def mlp(sizes: Sequence[int], *, activation: str = "tanh", dtype=jnp.float32) -> Model:
+    """A multilayer perceptron; ``sizes = (in, hidden..., out)``, no activation on the output.
+
+    Params: a list of dense layers ``[{"w": (in, h1), "b": (h1,)}, ...]``. The input is
+    flattened, so an ``(8, 8)`` image works with ``sizes[0] == 64``.
+
+    Example::
+
+      >>> import jax, jaxgrad
+      >>> model = jaxgrad.models.mlp([784, 512, 256, 10], activation="tanh")
+      >>> params = model.init(jax.random.key(0))
+      >>> model.apply(params, jax.numpy.zeros(784)).shape
+      (10,)
+    """
+    sizes = _check_sizes(sizes, name="sizes", minimum=2)
+    act = get_activation(activation)
+
+    def init(key):
+        keys = jax.random.split(key, len(sizes) - 1)
+        return [_dense_init(k, a, b, dtype) for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
+
+    def apply(params, x):
+        h = jnp.reshape(x, (-1,))
+        for layer in params[:-1]:
+            h = act(_dense(layer, h))
+        return _dense(params[-1], h)
+
+    return Model(init, apply)
+
+
+def _conv(p: dict, x: jax.Array) -> jax.Array:
+    # lax.conv needs a batch dimension; a size-1 one is folded into the vmap batch by
+    # conv's batching rule, so vmap(apply) runs one batched convolution.
+    y = jax.lax.conv_general_dilated(
+        x[None], p["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return y[0] + p["b"]
+
+
+def _avg_pool(x: jax.Array) -> jax.Array:
+    h, w, c = x.shape
+    return x[: h - h % 2, : w - w % 2].reshape(h // 2, 2, w // 2, 2, c).mean(axis=(1, 3))
+
+
+def cnn(
+    *,
+    image_shape: Sequence[int] = (8, 8),
+    channels: Sequence[int] = (8, 16),
+    num_classes: int = 10,
+    activation: str = "relu",
+    kernel_size: int = 3,
+    dtype=jnp.float32,
+) -> Model:
+    """A small CNN: ``[conv kxk (SAME) → activation → 2x2 average pool] × len(channels) → dense``.
+
+    Images are ``(H, W)`` grey or ``(H, W, C)``. Params
+    ``{"conv": [{"w": (k, k, c_in, c_out), "b": (c_out,)}, ...], "dense": {"w", "b"}}``; the
+    dense layer reads the last feature map flattened in ``(H, W, C)`` order.
+
+    Example::
+
+      >>> import jax, jaxgrad
+      >>> model = jaxgrad.models.cnn(image_shape=(28, 28))
+      >>> model.apply(model.init(jax.random.key(0)), jax.numpy.zeros((28, 28))).shape
+      (10,)
+    """
+    image_shape = tuple(image_shape)
+    if len(image_shape) == 2:
+        image_shape = (*image_shape, 1)
+    h, w, c_in = _check_sizes(image_shape, name="image_shape", minimum=3)
+    channels = _check_sizes(channels, name="channels", minimum=1)
+    act = get_activation(activation)
+    for _ in channels:
+        h, w = h // 2, w // 2
+    if h == 0 or w == 0:
+        raise ValueError(
+            f"`image_shape` {tuple(image_shape)} is too small for {len(channels)} 2x2 poolings"
+        )
+    flat = h * w * channels[-1]
+
+    def init(key):
+        keys = jax.random.split(key, len(channels) + 1)
+        convs = []
+        for k, a, b in zip(keys, (c_in, *channels[:-1]), channels):
+            fan_in = kernel_size * kernel_size * a
+            wk = jax.random.normal(k, (kernel_size, kernel_size, a, b), dtype) / math.sqrt(fan_in)
+            convs.append({"w": wk, "b": jnp.zeros((b,), dtype)})
+        return {"conv": convs, "dense": _dense_init(keys[-1], flat, num_classes, dtype)}
+
+    def apply(params, x):
+        x = jnp.reshape(x, image_shape)
+        for layer in params["conv"]:
+            x = _avg_pool(act(_conv(layer, x)))
+        return _dense(params["dense"], x.reshape(-1))
+
+    return Model(init, apply)
+
+
+def _layer_norm(p: dict, x: jax.Array) -> jax.Array:
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]
+
+
+def transformer(
+    *,
+    vocab_size: int,
+    max_len: int,
+    d_model: int = 32,
+    num_heads: int = 2,
+    num_layers: int = 1,
+    d_ff: int | None = None,
+    num_outputs: int | None = None,
+    causal: bool = True,
+    pad_id: int = 0,
+    dtype=jnp.float32,
+) -> Model:
+    """A tiny pre-layer-norm transformer over one token sequence, with a padding mask.
+
+    ``apply(params, tokens)`` takes int tokens of shape ``(T,)``, ``T <= max_len``; tokens equal
+    to ``pad_id`` are padding: no position attends to them. Returns per-token logits
+    ``(T, num_outputs)`` (``num_outputs`` defaults to ``vocab_size``, i.e. a language model).
+
+    Params::
+
+      {"embed": (V, D), "pos": (max_len, D),
+       "blocks": [{"ln1": ln, "attn": {"wq", "wk", "wv", "wo": (D, D)},
+                   "ln2": ln, "mlp": {"w1": (D, F), "b1": (F,), "w2": (F, D), "b2": (D,)}}],
+       "ln_f": ln, "head": {"w": (D, num_outputs), "b": (num_outputs,)}}
+
+    Example::
+
+      >>> import jax, jaxgrad
+      >>> model = jaxgrad.models.transformer(vocab_size=50, max_len=16)
+      >>> tokens = jax.numpy.array([5, 7, 9, 0, 0])  # two padding tokens
+      >>> model.apply(model.init(jax.random.key(0)), tokens).shape
+      (5, 50)
+    """
+    vocab_size, max_len, d_model, num_heads, num_layers = _check_sizes(
+        [vocab_size, max_len, d_model, num_heads, num_layers],
+        name="vocab_size, max_len, d_model, num_heads, num_layers",
+        minimum=5,
+    )
+    if d_model % num_heads:
+        raise ValueError(
+            f"`d_model` ({d_model}) must be divisible by `num_heads` ({num_heads})"
+        )
+    d_ff = d_ff or 4 * d_model
+    num_outputs = num_outputs or vocab_size
+    head_dim = d_model // num_heads
+    ln = lambda: {"scale": jnp.ones((d_model,), dtype), "bias": jnp.zeros((d_model,), dtype)}
+
+    def init(key):
+        k_embed, k_pos, k_head, *k_blocks = jax.random.split(key, 3 + num_layers)
+        blocks = []
+        for kb in k_blocks:
+            kq, kk, kv, ko, k1, k2 = jax.random.split(kb, 6)
+            square = lambda k: jax.random.normal(k, (d_model, d_model), dtype) / math.sqrt(d_model)
+            mlp1, mlp2 = _dense_init(k1, d_model, d_ff, dtype), _dense_init(k2, d_ff, d_model, dtype)
+            blocks.append(
+                {
+                    "ln1": ln(),
+                    "attn": {"wq": square(kq), "wk": square(kk), "wv": square(kv), "wo": square(ko)},
+                    "ln2": ln(),
+                    "mlp": {"w1": mlp1["w"], "b1": mlp1["b"], "w2": mlp2["w"], "b2": mlp2["b"]},
+                }
+            )
+        head = _dense_init(k_head, d_model, num_outputs, dtype)
+        return {
+            "embed": jax.random.normal(k_embed, (vocab_size, d_model), dtype) * 0.1,
+            "pos": jax.random.normal(k_pos, (max_len, d_model), dtype) * 0.1,
+            "blocks": blocks,
+            "ln_f": ln(),
+            "head": head,
+        }
+
+    def attention(p, x, allowed):
+        t = x.shape[0]
+        split = lambda y: y.reshape(t, num_heads, head_dim).transpose(1, 0, 2)
+        q, k, v = split(x @ p["wq"]), split(x @ p["wk"]), split(x @ p["wv"])
+        scores = q @ k.transpose(0, 2, 1) / math.sqrt(head_dim)
+        scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
+        out = jax.nn.softmax(scores, axis=-1) @ v
+        return out.transpose(1, 0, 2).reshape(t, d_model) @ p["wo"]
+
+    def apply(params, tokens):
+        t = tokens.shape[0]
+        if t > max_len:
+            raise ValueError(f"`tokens` has length {t}; the model's `max_len` is {max_len}")
+        real = tokens != pad_id
+        allowed = real[None, :]
+        if causal:
+            allowed = allowed & jnp.tril(jnp.ones((t, t), bool))
+        # A padding query must still attend somewhere, or its softmax row is all -inf.
+        allowed = allowed | jnp.eye(t, dtype=bool)
+        x = params["embed"][tokens] + params["pos"][:t]
+        for block in params["blocks"]:
+            x = x + attention(block["attn"], _layer_norm(block["ln1"], x), allowed)
+            m = block["mlp"]
+            h = jax.nn.gelu(_layer_norm(block["ln2"], x) @ m["w1"] + m["b1"])
+            x = x + h @ m["w2"] + m["b2"]
+        return _layer_norm(params["ln_f"], x) @ params["head"]["w"] + params["head"]["b"]
+
+    return Model(init, apply)

@@ -1,0 +1,157 @@
+"""(sum, count) reductions over a batch, with a padding mask.
+
+A per-example loss returns either a scalar (an item count of 1) or a pair
+``(loss_sum, n_items)``, e.g. summed token losses and the number of real tokens.
+Every reducer adds sums and counts separately and divides once, by the global count:
+
+.. math::
+
+    L = \\frac{\\sum_i m_i S_i}{\\sum_i m_i n_i}
+
+where ``m_i`` is the padding mask. Padding never changes shapes, so jit never recompiles.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+def as_sum_count(out) -> tuple[jax.Array, jax.Array]:
+    """Normalises one example's loss to a ``(sum, count)`` pair of scalars.
+
+    Args:
+      out: what ``loss_fn(params, example)`` returned: a scalar, or a pair
+        ``(loss_sum, n_items)`` of scalars.
+
+    Returns:
+      ``(loss_sum, n_items)``; a scalar loss counts as one item.
+    """
+    if isinstance(out, (tuple, list)):
+        if len(out) != 2:
+            raise TypeError(
+                "`loss_fn` must return a scalar or a pair (loss_sum, n_items); "
+                f"got a {type(out).__name__} of length {len(out)}"
+            )
+        loss_sum, count = (jnp.asarray(v) for v in out)
+    else:
+        loss_sum = jnp.asarray(out)
+        count = jnp.ones((), loss_sum.dtype)
+    if loss_sum.shape != () or count.shape != ():
+        raise TypeError(
+            "`loss_fn` must return a scalar or a pair of scalars for ONE example "
+            f"(no batch axis); got shapes {loss_sum.shape} and {count.shape}"
+        )
+    return loss_sum, count.astype(loss_sum.dtype)
+
+
+def loss_sum_fn(loss_fn):
+    """``loss_fn`` reduced to its summed part, a scalar: what per-example gradients differentiate."""
+
+    def summed(params, example, *args):
+        return as_sum_count(loss_fn(params, example, *args))[0]
+
+    return summed
+
+
+def batch_size(batch: PyTree, *, name: str = "batch") -> int:
+    """The shared leading-axis size of ``batch``'s leaves, checked at trace time.
+
+    Raises:
+      ValueError: if the leaves have no leading axis, disagree on it, or it is 0.
+    """
+    leaves = jax.tree_util.tree_leaves(batch)
+    if not leaves:
+        raise ValueError(f"`{name}` has no array leaves; expected a pytree of arrays")
+    shapes = [np.shape(leaf) for leaf in leaves]
+    if any(len(s) == 0 for s in shapes):
+        raise ValueError(
+            f"`{name}` leaves must share a leading batch axis; got a scalar leaf among shapes "
+            f"{', '.join(map(str, shapes))}"
+        )
+    sizes = {s[0] for s in shapes}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"`{name}` leaves must share a leading axis; got shapes "
+            f"{', '.join(map(str, shapes))}"
+        )
+    (size,) = sizes
+    if size == 0:
+        raise ValueError(f"`{name}` is empty (leading axis 0); expected at least one example")
+    return size
+
+
+def check_mask(mask, size: int, *, name: str = "mask") -> jax.Array:
+    """Returns ``mask`` as a boolean vector of length ``size`` (all True when None).
+
+    Raises:
+      ValueError: wrong shape. TypeError: not boolean.
+    """
+    if mask is None:
+        return jnp.ones((size,), bool)
+    shape, dtype = np.shape(mask), jnp.result_type(mask)
+    if shape != (size,):
+        raise ValueError(f"`{name}` must have shape ({size},) to match the batch; got {shape}")
+    if dtype != jnp.bool_:
+        raise TypeError(f"`{name}` must be boolean (True = real example); got dtype {dtype}")
+    return jnp.asarray(mask)
+
+
+def masked_totals(sums: jax.Array, counts: jax.Array, mask: jax.Array):
+    """``(Σ_i m_i S_i, Σ_i m_i n_i)`` over the batch axis; padded rows count for nothing."""
+    return (
+        jnp.sum(jnp.where(mask, sums, 0)),
+        jnp.sum(jnp.where(mask, counts, 0)),
+    )
+
+
+def safe_divide(total, count):
+    """``total / count``, and 0 (not NaN) where the count is 0: an all-padding batch is a no-op."""
+    nonzero = count > 0
+    return jax.tree_util.tree_map(
+        lambda t: jnp.where(nonzero, t / jnp.where(nonzero, count, 1).astype(t.dtype), 0), total
+    )
+
+
+def pad_batch(batch: PyTree, mask: jax.Array, size: int):
+    """Pads ``batch`` along its leading axis to ``size`` by repeating row 0, masked out.
+
+    Repeating a real row (rather than zeros) keeps the padded rows finite for every loss,
+    so their masked-out gradients are exact zeros and never NaN.
+    """
+    n = mask.shape[0]
+    if size == n:
+        return batch, mask
+    extra = size - n
+    padded = jax.tree_util.tree_map(
+        lambda x: jnp.concatenate([x, jnp.repeat(x[:1], extra, axis=0)], axis=0), batch
+    )
+    return padded, jnp.concatenate([mask, jnp.zeros((extra,), bool)])
+
+
+def split_microbatches(batch: PyTree, mask: jax.Array, num_microbatches: int):
+    """Splits ``batch`` and ``mask`` into ``num_microbatches`` contiguous equal-shaped pieces.
+
+    A batch that does not divide evenly is padded (masked out) at the end, so the last
+    microbatch holds fewer real examples; shapes stay static.
+
+    Returns:
+      ``(batch, mask)`` with a new leading axis of length ``num_microbatches``.
+    """
+    n = mask.shape[0]
+    per = -(-n // num_microbatches)
+    batch, mask = pad_batch(batch, mask, per * num_microbatches)
+    reshape = lambda x: x.reshape((num_microbatches, per) + x.shape[1:])
+    return jax.tree_util.tree_map(reshape, batch), reshape(mask)
+
+
+def check_positive_int(value, *, name: str) -> int:
+    """Checks a keyword hyperparameter is a positive Python int."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer; got {value!r}")
+    return int(value)
