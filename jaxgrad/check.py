@@ -1,0 +1,141 @@
+"""Equivalence assertions (on ``chex``) and difference tables between gradient strategies."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+def _default_tolerances(tree) -> tuple[float, float]:
+    # float64 equivalences hold to ~1e-12; float32 ones to a few ulps of the largest entry.
+    wide = all(jnp.result_type(x) == jnp.float64 for x in jax.tree_util.tree_leaves(tree))
+    return (1e-10, 1e-12) if wide else (1e-5, 1e-6)
+
+
+def assert_equivalent(f, g, *args, rtol: float | None = None, atol: float | None = None):
+    """Asserts ``f(*args)`` and ``g(*args)`` are the same pytree to within tolerance.
+
+    Args:
+      f, g: functions of ``*args`` returning pytrees (e.g. two gradient strategies).
+      *args: their common arguments, e.g. ``params, batch``.
+      rtol, atol: tolerances for ``chex.assert_trees_all_close``; by default ``1e-10, 1e-12``
+        when every output leaf is float64, else ``1e-5, 1e-6``.
+
+    Returns:
+      ``(f(*args), g(*args))``, for further checks.
+
+    Raises:
+      AssertionError: naming the first differing leaf.
+
+    Example::
+
+      >>> import jax.numpy as jnp, jaxgrad
+      >>> loss = lambda p, ex: (p * ex[0] - ex[1]) ** 2
+      >>> batch = (jnp.arange(4.0), jnp.ones(4))
+      >>> _ = jaxgrad.check.assert_equivalent(
+      ...     jaxgrad.batch_grad(loss), jaxgrad.mean_of_per_example_grads(loss), 2.0, batch)
+    """
+    a, b = f(*args), g(*args)
+    default_rtol, default_atol = _default_tolerances((a, b))
+    chex.assert_trees_all_close(
+        a,
+        b,
+        rtol=default_rtol if rtol is None else rtol,
+        atol=default_atol if atol is None else atol,
+    )
+    return a, b
+
+
+class PairDiff(NamedTuple):
+    """How far apart two strategies' outputs are, over all leaves.
+
+    ``max_abs_diff = max |a − b|``; ``max_rel_diff = max |a − b| / max(|a|, |b|)`` (the
+    largest difference relative to the largest magnitude, stable where entries are near 0);
+    ``rel_l2_diff = ‖a − b‖₂ / max(‖a‖₂, ‖b‖₂)`` over the flattened pytrees.
+    """
+
+    a: str
+    b: str
+    max_abs_diff: float
+    max_rel_diff: float
+    rel_l2_diff: float
+
+
+def tree_diff(a: PyTree, b: PyTree) -> tuple[float, float, float]:
+    """``(max_abs_diff, max_rel_diff, rel_l2_diff)`` between two same-structure pytrees."""
+    chex.assert_trees_all_equal_shapes(a, b)
+    flat = lambda t: np.concatenate(
+        [np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(t)]
+    )
+    x, y = flat(a), flat(b)
+    max_abs = float(np.max(np.abs(x - y), initial=0.0))
+    scale = max(float(np.max(np.abs(x), initial=0.0)), float(np.max(np.abs(y), initial=0.0)))
+    norm = max(float(np.linalg.norm(x)), float(np.linalg.norm(y)))
+    l2 = float(np.linalg.norm(x - y))
+    return max_abs, max_abs / scale if scale else 0.0, l2 / norm if norm else 0.0
+
+
+class Comparison(NamedTuple):
+    """Every pairwise difference between named strategies; ``str()`` gives a markdown table."""
+
+    rows: list[PairDiff]
+    outputs: dict[str, PyTree]
+
+    def to_records(self) -> list[dict]:
+        """One plain dict per pair, ready for ``json.dump``."""
+        return [row._asdict() for row in self.rows]
+
+    def to_markdown(self) -> str:
+        """A markdown table, one row per pair."""
+        lines = ["| a | b | max abs diff | max rel diff | rel L2 diff |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {r.a} | {r.b} | {r.max_abs_diff:.3e} | {r.max_rel_diff:.3e} | {r.rel_l2_diff:.3e} |"
+            for r in self.rows
+        ]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def compare(fns: dict[str, Any], *args) -> Comparison:
+    """Runs every named function on ``*args`` and measures every pair's difference.
+
+    Args:
+      fns: ``{name: f}``, e.g. ``{"batch_grad": jaxgrad.batch_grad(loss), "at mean input":
+        jaxgrad.naive.grad_at_mean_input(loss)}``; at least two.
+      *args: the common arguments, e.g. ``params, batch``.
+
+    Returns:
+      A :class:`Comparison`: ``rows`` (one :class:`PairDiff` per pair, in insertion order)
+      and each function's ``outputs``.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp, jaxgrad
+      >>> loss = lambda theta, x: jax.nn.sigmoid(theta * x)
+      >>> table = jaxgrad.check.compare(
+      ...     {"exact": jaxgrad.batch_grad(loss),
+      ...      "at mean input": jaxgrad.naive.grad_at_mean_input(loss)},
+      ...     1.0, jnp.array([0.0, 1.0]))
+      >>> round(table.rows[0].max_abs_diff, 4)
+      0.0141
+    """
+    if not isinstance(fns, dict) or len(fns) < 2:
+        raise ValueError(
+            f"`fns` must be a dict of at least two named functions; got {type(fns).__name__} "
+            f"with {len(fns) if hasattr(fns, '__len__') else 'no'} entries"
+        )
+    outputs = {name: f(*args) for name, f in fns.items()}
+    rows = [
+        PairDiff(a, b, *tree_diff(outputs[a], outputs[b]))
+        for a, b in itertools.combinations(outputs, 2)
+    ]
+    return Comparison(rows, outputs)

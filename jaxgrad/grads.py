@@ -4,7 +4,8 @@ Differentiation is linear, so for per-example losses ``l_i`` with item counts ``
 
 .. math::
 
-    \\nabla \\frac{\\sum_i S_i(\\theta)}{\\sum_i n_i} = \\frac{\\sum_i \\nabla S_i(\\theta)}{\\sum_i n_i}
+    \\nabla \\frac{\\sum_i S_i(\\theta)}{\\sum_i n_i}
+    = \\frac{\\sum_i \\nabla S_i(\\theta)}{\\sum_i n_i}
 
 whatever order the sums are taken in: one batch, per example, or microbatch by microbatch.
 Each factory takes ``loss_fn(params, example) -> scalar | (loss_sum, n_items)`` and returns a
@@ -24,19 +25,27 @@ def _values_are_concrete(tree) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
 
 
-def _strategy(core, loss_fn, *, return_loss: bool, name: str):
+def _validator(loss_fn):
+    """The loss's own ``validate(batch)`` check, if it has one."""
+    return getattr(loss_fn, "validate", None)
+
+
+def _strategy(core, *, validate=None, return_loss: bool, name: str):
     """Wraps ``core(params, batch, mask) -> (loss, grads)`` with input checks and ``jax.jit``.
 
     Shape checks run at trace time, so they also guard a caller's own ``jax.jit``. A loss
     with a ``validate(batch)`` method (see :func:`jaxgrad.losses.supervised`) has it called
     on concrete batches, so out-of-range labels fail loudly rather than give a wrong number.
     """
-    jitted = jax.jit(core)
+    # Padded rows become copies of a real row, so garbage (even NaN) in them cannot leak
+    # into the gradient through the backward pass.
+    jitted = jax.jit(
+        lambda params, batch, mask: core(params, reduce.fill_padding(batch, mask), mask)
+    )
 
     def f(params, batch, mask=None):
         size = reduce.batch_size(batch)
         mask = reduce.check_mask(mask, size)
-        validate = getattr(loss_fn, "validate", None)
         if validate is not None and _values_are_concrete(batch):
             validate(batch)
         loss, grads = jitted(params, batch, mask)
@@ -77,11 +86,11 @@ def batch_grad(loss_fn, *, return_loss: bool = False):
 
         return jax.value_and_grad(mean_loss)(params)
 
-    return _strategy(core, loss_fn, return_loss=return_loss, name="batch_grad")
+    return _strategy(core, validate=_validator(loss_fn), return_loss=return_loss, name="batch_grad")
 
 
 def _per_example(loss_fn, params, batch, chunk_size):
-    """``(S_i, n_i, ∇S_i)`` for every example: ``vmap(grad)``, or chunk by chunk with a remainder."""
+    """``(S_i, n_i, ∇S_i)`` for every example: ``vmap(grad)``, or chunked with a remainder."""
 
     def one(example):
         summed = lambda p: reduce.as_sum_count(loss_fn(p, example))
@@ -133,7 +142,9 @@ def per_example_grads(loss_fn, *, chunk_size: int | None = None, return_loss: bo
         sums, _, grads = _per_example(loss_fn, params, batch, chunk_size)
         return jnp.where(mask, sums, 0), _zero_padding(grads, mask)
 
-    return _strategy(core, loss_fn, return_loss=return_loss, name="per_example_grads")
+    return _strategy(
+        core, validate=_validator(loss_fn), return_loss=return_loss, name="per_example_grads"
+    )
 
 
 def mean_of_per_example_grads(loss_fn, *, chunk_size: int | None = None, return_loss=False):
@@ -159,7 +170,12 @@ def mean_of_per_example_grads(loss_fn, *, chunk_size: int | None = None, return_
         grads = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), _zero_padding(grads, mask))
         return reduce.safe_divide(total, count), reduce.safe_divide(grads, count)
 
-    return _strategy(core, loss_fn, return_loss=return_loss, name="mean_of_per_example_grads")
+    return _strategy(
+        core,
+        validate=_validator(loss_fn),
+        return_loss=return_loss,
+        name="mean_of_per_example_grads",
+    )
 
 
 def accumulate_grad(loss_fn, *, num_microbatches: int, return_loss: bool = False):
@@ -200,9 +216,7 @@ def accumulate_grad(loss_fn, *, num_microbatches: int, return_loss: bool = False
             return total, count
 
         def step(carry, micro):
-            (total, count), grads = jax.value_and_grad(microbatch_sums, has_aux=True)(
-                params, micro
-            )
+            (total, count), grads = jax.value_and_grad(microbatch_sums, has_aux=True)(params, micro)
             loss_acc, count_acc, grad_acc = carry
             grad_acc = jax.tree_util.tree_map(jnp.add, grad_acc, grads)
             return (loss_acc + total, count_acc + count, grad_acc), None
@@ -214,4 +228,6 @@ def accumulate_grad(loss_fn, *, num_microbatches: int, return_loss: bool = False
         (total, count, grads), _ = jax.lax.scan(step, init, (micro_batches, micro_masks))
         return reduce.safe_divide(total, count), reduce.safe_divide(grads, count)
 
-    return _strategy(core, loss_fn, return_loss=return_loss, name="accumulate_grad")
+    return _strategy(
+        core, validate=_validator(loss_fn), return_loss=return_loss, name="accumulate_grad"
+    )

@@ -27,7 +27,7 @@ def squared_error(prediction, target):
 
 
 def linear_error(prediction, target):
-    """The seed's linear error ``y − f(x)``: linear in the prediction, so in ``θ`` for ``f = θ x``."""
+    """The seed's linear error ``y − f(x)``: linear in the prediction (and in ``θ`` for ``θ x``)."""
     return jnp.sum(target - prediction)
 
 
@@ -47,7 +47,9 @@ def softmax_cross_entropy(logits, label):
 
 def binary_cross_entropy(logit, label):
     """Binary cross-entropy from one logit and a label in ``{0, 1}`` (floats in [0, 1] allowed)."""
-    return jnp.sum(optax.losses.sigmoid_binary_cross_entropy(logit, jnp.asarray(label, logit.dtype)))
+    return jnp.sum(
+        optax.losses.sigmoid_binary_cross_entropy(logit, jnp.asarray(label, logit.dtype))
+    )
 
 
 def token_cross_entropy(logits, targets, *, pad_id: int = 0):
@@ -67,7 +69,7 @@ def token_cross_entropy(logits, targets, *, pad_id: int = 0):
     return jnp.sum(jnp.where(real, per_token, 0)), jnp.sum(real).astype(logits.dtype)
 
 
-class supervised:  # noqa: N801 - used like a function, as optax's transforms are
+class supervised:
     """Binds a model to a loss: ``loss_fn(params, (x, y)) = loss(apply(params, x), y)``.
 
     Args:
@@ -97,9 +99,7 @@ class supervised:  # noqa: N801 - used like a function, as optax's transforms ar
     def validate(self, batch) -> None:
         """Raises ``ValueError`` if a label is out of range or not an integer."""
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise TypeError(
-                f"`batch` must be a pair (inputs, targets); got {type(batch).__name__}"
-            )
+            raise TypeError(f"`batch` must be a pair (inputs, targets); got {type(batch).__name__}")
         if self.num_classes is None:
             return
         labels = np.asarray(batch[1])

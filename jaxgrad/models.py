@@ -59,9 +59,7 @@ def _dense(p: dict, x: jax.Array) -> jax.Array:
 def _check_sizes(sizes, *, name: str, minimum: int) -> tuple[int, ...]:
     sizes = tuple(sizes)
     if len(sizes) < minimum or not all(isinstance(s, int) and s > 0 for s in sizes):
-        raise ValueError(
-            f"`{name}` must be at least {minimum} positive integers; got {sizes!r}"
-        )
+        raise ValueError(f"`{name}` must be at least {minimum} positive integers; got {sizes!r}")
     return sizes
 
 
@@ -79,7 +77,7 @@ def line_fit(*, dtype=jnp.float32) -> Model:
 
 
 def linear_regression(in_features: int, *, dtype=jnp.float32) -> Model:
-    """Multivariate linear regression ``y = x · w + b`` to a scalar; params ``{"w": (d,), "b": ()}``."""
+    """Multivariate linear regression ``y = x · w + b``; params ``{"w": (d,), "b": ()}``."""
     (in_features,) = _check_sizes([in_features], name="in_features", minimum=1)
 
     def init(key):
@@ -133,7 +131,9 @@ def mlp(sizes: Sequence[int], *, activation: str = "tanh", dtype=jnp.float32) ->
 
     def init(key):
         keys = jax.random.split(key, len(sizes) - 1)
-        return [_dense_init(k, a, b, dtype) for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
+        return [
+            _dense_init(k, a, b, dtype) for k, a, b in zip(keys, sizes, sizes[1:], strict=False)
+        ]
 
     def apply(params, x):
         h = jnp.reshape(x, (-1,))
@@ -197,7 +197,7 @@ def cnn(
     def init(key):
         keys = jax.random.split(key, len(channels) + 1)
         convs = []
-        for k, a, b in zip(keys, (c_in, *channels[:-1]), channels):
+        for k, a, b in zip(keys, (c_in, *channels[:-1]), channels, strict=False):
             fan_in = kernel_size * kernel_size * a
             wk = jax.random.normal(k, (kernel_size, kernel_size, a, b), dtype) / math.sqrt(fan_in)
             convs.append({"w": wk, "b": jnp.zeros((b,), dtype)})
@@ -258,9 +258,7 @@ def transformer(
         minimum=5,
     )
     if d_model % num_heads:
-        raise ValueError(
-            f"`d_model` ({d_model}) must be divisible by `num_heads` ({num_heads})"
-        )
+        raise ValueError(f"`d_model` ({d_model}) must be divisible by `num_heads` ({num_heads})")
     d_ff = d_ff or 4 * d_model
     num_outputs = num_outputs or vocab_size
     head_dim = d_model // num_heads
@@ -272,11 +270,19 @@ def transformer(
         for kb in k_blocks:
             kq, kk, kv, ko, k1, k2 = jax.random.split(kb, 6)
             square = lambda k: jax.random.normal(k, (d_model, d_model), dtype) / math.sqrt(d_model)
-            mlp1, mlp2 = _dense_init(k1, d_model, d_ff, dtype), _dense_init(k2, d_ff, d_model, dtype)
+            mlp1, mlp2 = (
+                _dense_init(k1, d_model, d_ff, dtype),
+                _dense_init(k2, d_ff, d_model, dtype),
+            )
             blocks.append(
                 {
                     "ln1": ln(),
-                    "attn": {"wq": square(kq), "wk": square(kk), "wv": square(kv), "wo": square(ko)},
+                    "attn": {
+                        "wq": square(kq),
+                        "wk": square(kk),
+                        "wv": square(kv),
+                        "wo": square(ko),
+                    },
                     "ln2": ln(),
                     "mlp": {"w1": mlp1["w"], "b1": mlp1["b"], "w2": mlp2["w"], "b2": mlp2["b"]},
                 }

@@ -1,0 +1,179 @@
+"""The orders of averaging that are wrong in general, implemented faithfully to measure them.
+
+Averaging commutes with differentiation but not with a nonlinearity:
+
+.. math::
+
+    \\nabla l(\\theta; \\bar x) \\ne \\frac1N \\sum_i \\nabla l(\\theta; x_i),
+    \\qquad
+    \\frac1K \\sum_k \\frac{S_k}{n_k} \\ne \\frac{\\sum_k S_k}{\\sum_k n_k}
+
+unless ``l`` is linear in ``x`` and all ``n_k`` are equal. Each function here returns a
+jit-compiled ``f(params, batch, mask=None)`` with the same signature as the exact
+strategies in :mod:`jaxgrad.grads`, so the two can be compared directly
+(:func:`jaxgrad.check.compare`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxgrad import reduce
+from jaxgrad.grads import _strategy, _validator
+
+
+def _masked_mean(tree, mask):
+    weights = mask / jnp.maximum(jnp.sum(mask), 1)
+
+    def mean(leaf):
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise TypeError(
+                "`grad_at_mean_input` averages every leaf of the batch, so every leaf must be "
+                f"floating point; got a leaf of dtype {leaf.dtype} and shape {leaf.shape} "
+                "(integer labels or tokens have no mean)"
+            )
+        return jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1)
+
+    return jax.tree_util.tree_map(mean, tree)
+
+
+def grad_at_mean_input(loss_fn, *, return_loss: bool = False):
+    """The gradient at the mean example, ``∇ l(θ; x̄, ȳ)``, instead of the mean gradient.
+
+    Equal to :func:`jaxgrad.batch_grad` when the loss is linear in the data (e.g. the seed's
+    linear error ``y − θ x``); different otherwise. For the sigmoid at inputs 0 and 1:
+    ``σ'(0.5) ≈ 0.2350`` against the true ``(σ'(0) + σ'(1)) / 2 ≈ 0.2233``.
+
+    Args:
+      loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``; every leaf of the
+        batch is averaged over the real (unmasked) examples, so all must be floating point.
+      return_loss: if True, ``f`` returns ``(loss_at_mean, grads)``.
+
+    Returns:
+      ``f(params, batch, mask=None) -> grads``.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp, jaxgrad
+      >>> loss = lambda theta, x: jax.nn.sigmoid(theta * x)
+      >>> g = jaxgrad.naive.grad_at_mean_input(loss)(1.0, jnp.array([0.0, 1.0]))
+      >>> round(float(g), 4)  # 0.5 σ'(0.5), not the mean of 0·σ'(0) and 1·σ'(1)
+      0.1175
+    """
+
+    def core(params, batch, mask):
+        mean_example = _masked_mean(batch, mask)
+
+        def loss_at_mean(p):
+            loss_sum, count = reduce.as_sum_count(loss_fn(p, mean_example))
+            return reduce.safe_divide(loss_sum, count)
+
+        return jax.value_and_grad(loss_at_mean)(params)
+
+    return _strategy(
+        core, validate=_validator(loss_fn), return_loss=return_loss, name="grad_at_mean_input"
+    )
+
+
+def backprop_mean_error(apply_fn, output_loss, *, return_loss: bool = False):
+    """Averages the output error signal over the batch, then backpropagates it.
+
+    The exact gradient backpropagates each example's own error ``δ_i = ∂l/∂ŷ_i`` through its
+    own Jacobian: ``(1/N) Σ_i J_iᵀ δ_i``. This order backpropagates the batch-mean error
+    ``δ̄`` through every example's network instead: ``(1/N) Σ_i J_iᵀ δ̄``. The difference is
+    a covariance between errors and Jacobians; for one dense layer ``s = a W`` it is exactly
+    the cross-covariance
+
+    .. math::
+
+        \\frac1N \\sum_i a_i \\delta_i^T - \\bar a\\, \\bar\\delta^T
+        = \\frac1N \\sum_i (a_i - \\bar a)(\\delta_i - \\bar\\delta)^T
+
+    (see :func:`jaxgrad.closed_form.dense_cross_covariance`), which vanishes only when errors
+    and activations are uncorrelated over the batch.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> prediction`` on one example.
+      output_loss: ``output_loss(prediction, target) -> scalar`` on one example.
+      return_loss: if True, ``f`` returns ``(mean_loss, grads)``.
+
+    Returns:
+      ``f(params, batch, mask=None) -> grads`` where ``batch = (inputs, targets)``.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp, jaxgrad
+      >>> model = jaxgrad.models.mlp([3, 4, 1], activation="sigmoid")
+      >>> f = jaxgrad.naive.backprop_mean_error(model.apply, jaxgrad.losses.squared_error)
+      >>> grads = f(model.init(jax.random.key(0)), (jnp.ones((8, 3)), jnp.zeros((8, 1))))
+    """
+
+    def core(params, batch, mask):
+        inputs, targets = batch
+        weights = mask / jnp.maximum(jnp.sum(mask), 1)
+
+        def mean_output(p):
+            outputs = jax.vmap(apply_fn, in_axes=(None, 0))(p, inputs)
+            return jax.tree_util.tree_map(
+                lambda o: jnp.tensordot(weights.astype(o.dtype), o, axes=1), outputs
+            ), outputs
+
+        _, pullback, outputs = jax.vjp(mean_output, params, has_aux=True)
+        losses, errors = jax.vmap(jax.value_and_grad(output_loss))(outputs, targets)
+        mean_error = jax.tree_util.tree_map(
+            lambda e: jnp.tensordot(weights.astype(e.dtype), e, axes=1), errors
+        )
+        (grads,) = pullback(mean_error)
+        return jnp.sum(weights.astype(losses.dtype) * losses), grads
+
+    return _strategy(
+        core, validate=_check_pair, return_loss=return_loss, name="backprop_mean_error"
+    )
+
+
+def _check_pair(batch):
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"`batch` must be a pair (inputs, targets); got {type(batch).__name__}")
+
+
+def mean_of_microbatch_means(loss_fn, *, num_microbatches: int, return_loss: bool = False):
+    """The mean over microbatches of each microbatch's mean-loss gradient.
+
+    ``(1/K) Σ_k ∇S_k / n_k`` instead of ``Σ_k ∇S_k / Σ_k n_k``: each microbatch is weighted
+    equally whatever number of real items (examples, tokens) it holds. Equal to
+    :func:`jaxgrad.accumulate_grad` only when every microbatch holds the same count.
+    Microbatches with no real item are left out of the mean.
+
+    Args:
+      loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
+      num_microbatches: number of contiguous microbatches, as in ``accumulate_grad``.
+      return_loss: if True, ``f`` returns ``(mean_of_microbatch_mean_losses, grads)``.
+
+    Returns:
+      ``f(params, batch, mask=None) -> grads``.
+    """
+    num_microbatches = reduce.check_positive_int(num_microbatches, name="num_microbatches")
+
+    def core(params, batch, mask):
+        micro_batches, micro_masks = reduce.split_microbatches(batch, mask, num_microbatches)
+
+        def microbatch_mean(p, micro, micro_mask):
+            sums, counts = jax.vmap(lambda ex: reduce.as_sum_count(loss_fn(p, ex)))(micro)
+            total, count = reduce.masked_totals(sums, counts, micro_mask)
+            return reduce.safe_divide(total, count), count
+
+        def one(micro, micro_mask):
+            (loss, count), grads = jax.value_and_grad(microbatch_mean, has_aux=True)(
+                params, micro, micro_mask
+            )
+            return loss, count > 0, grads
+
+        losses, nonempty, grads = jax.vmap(one)(micro_batches, micro_masks)
+        k = jnp.sum(nonempty)
+        mean = lambda x: reduce.safe_divide(jnp.sum(x, axis=0), k)
+        return mean(losses), jax.tree_util.tree_map(mean, grads)
+
+    return _strategy(
+        core, validate=_validator(loss_fn), return_loss=return_loss, name="mean_of_microbatch_means"
+    )

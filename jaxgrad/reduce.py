@@ -51,7 +51,7 @@ def as_sum_count(out) -> tuple[jax.Array, jax.Array]:
 
 
 def loss_sum_fn(loss_fn):
-    """``loss_fn`` reduced to its summed part, a scalar: what per-example gradients differentiate."""
+    """``loss_fn`` reduced to its summed part: what per-example gradients differentiate."""
 
     def summed(params, example, *args):
         return as_sum_count(loss_fn(params, example, *args))[0]
@@ -77,8 +77,7 @@ def batch_size(batch: PyTree, *, name: str = "batch") -> int:
     sizes = {s[0] for s in shapes}
     if len(sizes) != 1:
         raise ValueError(
-            f"`{name}` leaves must share a leading axis; got shapes "
-            f"{', '.join(map(str, shapes))}"
+            f"`{name}` leaves must share a leading axis; got shapes {', '.join(map(str, shapes))}"
         )
     (size,) = sizes
     if size == 0:
@@ -94,7 +93,8 @@ def check_mask(mask, size: int, *, name: str = "mask") -> jax.Array:
     """
     if mask is None:
         return jnp.ones((size,), bool)
-    shape, dtype = np.shape(mask), jnp.result_type(mask)
+    mask = jnp.asarray(mask)
+    shape, dtype = mask.shape, mask.dtype
     if shape != (size,):
         raise ValueError(f"`{name}` must have shape ({size},) to match the batch; got {shape}")
     if dtype != jnp.bool_:
@@ -108,6 +108,21 @@ def masked_totals(sums: jax.Array, counts: jax.Array, mask: jax.Array):
         jnp.sum(jnp.where(mask, sums, 0)),
         jnp.sum(jnp.where(mask, counts, 0)),
     )
+
+
+def fill_padding(batch: PyTree, mask: jax.Array) -> PyTree:
+    """Replaces the padded rows of ``batch`` (``mask`` False) by its first real row.
+
+    Padded rows are masked out of every sum, but a NaN or inf in their forward pass would
+    still turn the backward pass into NaN (``0 × inf``); a copy of a real row cannot.
+    """
+    first = jnp.argmax(mask)
+
+    def fill(x):
+        keep = mask.reshape(mask.shape + (1,) * (x.ndim - 1))
+        return jnp.where(keep, x, x[first])
+
+    return jax.tree_util.tree_map(fill, batch)
 
 
 def safe_divide(total, count):
@@ -146,7 +161,7 @@ def split_microbatches(batch: PyTree, mask: jax.Array, num_microbatches: int):
     n = mask.shape[0]
     per = -(-n // num_microbatches)
     batch, mask = pad_batch(batch, mask, per * num_microbatches)
-    reshape = lambda x: x.reshape((num_microbatches, per) + x.shape[1:])
+    reshape = lambda x: x.reshape((num_microbatches, per, *x.shape[1:]))
     return jax.tree_util.tree_map(reshape, batch), reshape(mask)
 
 

@@ -1,0 +1,99 @@
+"""``python -m jaxgrad.bench [--json PATH]``: the built-in suite, a table, optional JSON.
+
+With ``--peers`` or ``--sweep`` the comparison with PyTorch, Opacus and BackPACK runs
+instead (``pip install "jaxgrad[peers]"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from jaxgrad.bench import run, suite
+
+DEFAULT_CASES = ["mlp", "cnn"]
+DEFAULT_BATCH_SIZES = [32, 256]
+
+
+def _names(value: str, allowed, what: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown {what} {unknown or value!r}; allowed: {', '.join(allowed)}"
+        )
+    return names
+
+
+def _batch_sizes(value: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in value.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"--batch-sizes must be positive integers separated by commas; got {value!r}"
+        )
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jaxgrad.bench",
+        description="Time every gradient strategy side by side: examples/s, compile time, "
+        "XLA-planned peak memory and the ratio to batch_grad measured in the same run.",
+    )
+    p.add_argument(
+        "--models",
+        type=lambda v: _names(v, list(suite.CASES), "model"),
+        default=DEFAULT_CASES,
+        help=f"comma-separated, from {', '.join(suite.CASES)} (default: mlp,cnn)",
+    )
+    p.add_argument(
+        "--batch-sizes", type=_batch_sizes, default=DEFAULT_BATCH_SIZES, help="default: 32,256"
+    )
+    p.add_argument(
+        "--strategies",
+        type=lambda v: _names(v, list(suite.STRATEGIES), "strategy"),
+        default=list(suite.STRATEGIES),
+        help=f"comma-separated, from: {', '.join(suite.STRATEGIES)} (default: all)",
+    )
+    p.add_argument("--min-seconds", type=float, default=0.3, help="time per row at least")
+    p.add_argument("--json", metavar="PATH", help="write one record per row as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--peers", action="store_true", help="compare with torch.func/Opacus/BackPACK")
+    p.add_argument("--sweep", action="store_true", help="scaling sweep over batch size, width")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--peers" in argv or "--sweep" in argv:
+        from jaxgrad.bench import peers
+
+        return peers.main(argv)
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    records = run.run_suite(
+        args.models,
+        args.batch_sizes,
+        args.strategies,
+        quiet=args.quiet,
+        min_seconds=args.min_seconds,
+    )
+    machine = run.machine_description()
+    print(run.format_table(records))
+    print(
+        f"\n{machine['device']} · {machine['cpu_count']} CPUs · jax {machine['jax']} · "
+        f"{time.perf_counter() - start:.0f} s. Medians after warm-up; ratios from this run."
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "records": records}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

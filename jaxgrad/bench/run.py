@@ -1,0 +1,125 @@
+"""Runs a suite of (model, batch size, strategy) rows and reports them side by side."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from collections.abc import Iterable
+
+import jax
+import numpy as np
+
+from jaxgrad.bench import suite, timing
+
+
+def _progress(total: int, quiet: bool):
+    """A tqdm bar on a terminal (if tqdm is installed), else nothing."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="jaxgrad.bench", unit="row", file=sys.stderr, leave=False)
+
+
+def machine_description() -> dict:
+    """The platform the figures were measured on."""
+    device = jax.devices()[0]
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": __import__("os").cpu_count(),
+        "jax": jax.__version__,
+        "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
+        "python": platform.python_version(),
+    }
+
+
+def run_suite(
+    case_names: Iterable[str],
+    batch_sizes: Iterable[int],
+    strategy_names: Iterable[str],
+    *,
+    quiet: bool = False,
+    min_seconds: float = 0.3,
+    log=print,
+) -> list[dict]:
+    """Measures every strategy on every case and batch size; one record per row.
+
+    Rows of one (case, batch size) are measured back to back in this process, so
+    ``ratio_to_batch_grad`` compares figures taken under the same conditions.
+    """
+    case_names, batch_sizes, strategy_names = (
+        list(case_names),
+        list(batch_sizes),
+        list(strategy_names),
+    )
+    bar = _progress(len(case_names) * len(batch_sizes) * len(strategy_names), quiet)
+    records: list[dict] = []
+    for case_name in case_names:
+        case = suite.CASES[case_name]()
+        params = case.model.init(jax.random.key(0))
+        num_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
+        for batch_size in batch_sizes:
+            batch = case.make_batch(batch_size)
+            mask = jax.numpy.ones((batch_size,), bool)
+            group = []
+            for name in strategy_names:
+                if bar is not None:
+                    bar.set_postfix_str(f"{case_name} B={batch_size} {name}")
+                elif not quiet:
+                    log(f"  {case_name:<12} B={batch_size:<5} {name} ...", file=sys.stderr)
+                f = suite.STRATEGIES[name](case.loss_fn, batch_size)
+                m = timing.measure(f, params, batch, mask, min_seconds=min_seconds)
+                peak = None
+                if not getattr(f, "is_python_loop", False):
+                    peak = timing.compiled_peak_bytes(f, params, batch, mask)
+                group.append(
+                    {
+                        "model": case.name,
+                        "case": case_name,
+                        "num_params": num_params,
+                        "batch_size": batch_size,
+                        "strategy": name,
+                        "examples_per_s": batch_size / m.seconds,
+                        "median_s": m.seconds,
+                        "compile_s": m.compile_s,
+                        "repeats": m.repeats,
+                        "peak_mem_mb": None if peak is None else peak / 2**20,
+                    }
+                )
+                if bar is not None:
+                    bar.update()
+            reference = next((r for r in group if r["strategy"] == "batch_grad"), None)
+            for r in group:
+                r["ratio_to_batch_grad"] = (
+                    r["examples_per_s"] / reference["examples_per_s"] if reference else None
+                )
+            records.extend(group)
+    if bar is not None:
+        bar.close()
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    """A fixed-width table: one line per row, grouped by model and batch size."""
+    header = (
+        f"{'model':<24} {'B':>5} {'strategy':<28} {'examples/s':>11} {'x batch_grad':>12} "
+        f"{'compile s':>9} {'peak MB':>9}"
+    )
+    lines = [header, "-" * len(header)]
+    previous = None
+    for r in records:
+        key = (r["model"], r["batch_size"])
+        if previous is not None and key != previous:
+            lines.append("")
+        previous = key
+        ratio = r["ratio_to_batch_grad"]
+        peak = r["peak_mem_mb"]
+        lines.append(
+            f"{r['model']:<24} {r['batch_size']:>5} {r['strategy']:<28} "
+            f"{r['examples_per_s']:>11.0f} {'' if ratio is None else f'{ratio:.3f}':>12} "
+            f"{r['compile_s']:>9.2f} {'n/a' if peak is None else f'{peak:.1f}':>9}"
+        )
+    return "\n".join(lines)

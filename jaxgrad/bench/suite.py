@@ -1,0 +1,111 @@
+"""What the benchmark runs: models with synthetic data, and the strategies to time on them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgrad import grads, losses, models, reduce
+
+
+class Case(NamedTuple):
+    """A model and its loss, with a function that makes a batch of a given size."""
+
+    name: str
+    model: models.Model
+    loss_fn: Callable
+    make_batch: Callable[[int], Any]
+
+
+def _classification_batch(input_shape, num_classes, *, seed=0):
+    def make(batch_size):
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((batch_size, *input_shape), np.float32)
+        y = rng.integers(0, num_classes, batch_size)
+        return jnp.asarray(x), jnp.asarray(y)
+
+    return make
+
+
+def _token_batch(vocab_size, seq_len, *, seed=0):
+    def make(batch_size):
+        rng = np.random.default_rng(seed)
+        tokens = rng.integers(1, vocab_size, (batch_size, seq_len))
+        lengths = rng.integers(seq_len // 4, seq_len + 1, batch_size)
+        tokens = np.where(np.arange(seq_len)[None] < lengths[:, None], tokens, 0)
+        return jnp.asarray(tokens), jnp.asarray(tokens)
+
+    return make
+
+
+def mlp_case(sizes=(784, 512, 256, 10), *, activation="tanh") -> Case:
+    model = models.mlp(list(sizes), activation=activation)
+    loss_fn = losses.supervised(model.apply, losses.softmax_cross_entropy, num_classes=sizes[-1])
+    name = f"mlp {'-'.join(map(str, sizes))} {activation}"
+    return Case(name, model, loss_fn, _classification_batch((sizes[0],), sizes[-1]))
+
+
+def cnn_case(image_shape=(28, 28), channels=(16, 32)) -> Case:
+    model = models.cnn(image_shape=image_shape, channels=channels)
+    loss_fn = losses.supervised(model.apply, losses.softmax_cross_entropy, num_classes=10)
+    name = f"cnn {'x'.join(map(str, image_shape))} c{'-'.join(map(str, channels))}"
+    return Case(name, model, loss_fn, _classification_batch(tuple(image_shape), 10))
+
+
+def transformer_case(vocab_size=256, seq_len=64, d_model=64, num_layers=2) -> Case:
+    model = models.transformer(
+        vocab_size=vocab_size, max_len=seq_len, d_model=d_model, num_heads=4, num_layers=num_layers
+    )
+    loss_fn = losses.supervised(model.apply, losses.token_cross_entropy)
+    name = f"transformer d{d_model} L{num_layers} T{seq_len}"
+    return Case(name, model, loss_fn, _token_batch(vocab_size, seq_len))
+
+
+CASES: dict[str, Callable[[], Case]] = {
+    "mlp": mlp_case,
+    "cnn": cnn_case,
+    "transformer": transformer_case,
+    # Small versions, for the test suite and quick looks.
+    "mlp-tiny": lambda: mlp_case((64, 32, 10)),
+    "cnn-tiny": lambda: cnn_case((8, 8), (4, 8)),
+    "transformer-tiny": lambda: transformer_case(32, 8, 16, 1),
+}
+
+
+def python_loop(loss_fn):
+    """The baseline a newcomer writes: one jitted single-example gradient per example, summed."""
+    one = jax.jit(jax.grad(reduce.loss_sum_fn(loss_fn)))
+
+    def f(params, batch, mask=None):
+        del mask
+        size = reduce.batch_size(batch)
+        total = None
+        for i in range(size):
+            g = one(params, jax.tree_util.tree_map(lambda x, i=i: x[i], batch))
+            total = g if total is None else jax.tree_util.tree_map(jnp.add, total, g)
+        return jax.tree_util.tree_map(lambda t: t / size, total)
+
+    f.is_python_loop = True
+    return f
+
+
+def plain_vmap_grad(loss_fn):
+    """What a user writes without jaxgrad: ``jax.jit(jax.vmap(jax.grad(loss), (None, 0)))``."""
+    vg = jax.jit(jax.vmap(jax.grad(reduce.loss_sum_fn(loss_fn)), in_axes=(None, 0)))
+    return lambda params, batch, mask=None: vg(params, batch)
+
+
+# name -> (factory(loss_fn, batch_size) -> f(params, batch, mask)), in table order.
+STRATEGIES: dict[str, Callable] = {
+    "batch_grad": lambda lf, b: grads.batch_grad(lf),
+    "per_example_grads": lambda lf, b: grads.per_example_grads(lf),
+    "per_example_grads(chunk=32)": lambda lf, b: grads.per_example_grads(lf, chunk_size=32),
+    "jax.vmap(jax.grad)": lambda lf, b: plain_vmap_grad(lf),
+    "mean_of_per_example_grads": lambda lf, b: grads.mean_of_per_example_grads(lf),
+    "accumulate_grad(4 micro)": lambda lf, b: grads.accumulate_grad(lf, num_microbatches=4),
+    "python_loop": lambda lf, b: python_loop(lf),
+}
