@@ -1,0 +1,75 @@
+"""The built-in benchmark on tiny models: records, ratios, JSON, argument errors."""
+
+import json
+
+import pytest
+
+from jaxgrad.bench import __main__ as bench_main
+from jaxgrad.bench import run, suite, timing
+
+
+def test_run_suite_records_every_row_with_ratio_to_batch_grad():
+    strategies = ["batch_grad", "per_example_grads", "accumulate_grad(4 micro)", "python_loop"]
+    records = run.run_suite(["mlp-tiny"], [8, 12], strategies, quiet=True, min_seconds=0.0)
+    assert [(r["batch_size"], r["strategy"]) for r in records] == [
+        (b, s) for b in (8, 12) for s in strategies
+    ]
+    for r in records:
+        assert r["examples_per_s"] == pytest.approx(r["batch_size"] / r["median_s"])
+        assert r["examples_per_s"] > 0 and r["compile_s"] >= 0
+    batch_rows = [r for r in records if r["strategy"] == "batch_grad"]
+    assert all(r["ratio_to_batch_grad"] == 1.0 for r in batch_rows)
+    per_example = next(r for r in records if r["strategy"] == "per_example_grads")
+    batch = next(r for r in records if r["strategy"] == "batch_grad")
+    # The per-example program holds B x P gradients; batch_grad holds one P.
+    assert per_example["peak_mem_mb"] > batch["peak_mem_mb"]
+    assert next(r for r in records if r["strategy"] == "python_loop")["peak_mem_mb"] is None
+    assert "mlp 64-32-10 tanh" in run.format_table(records)
+
+
+def test_every_strategy_computes_the_same_mean_gradient():
+    import jax
+    import numpy as np
+
+    case = suite.CASES["cnn-tiny"]()
+    params = case.model.init(jax.random.key(0))
+    batch = case.make_batch(6)
+    reference = suite.STRATEGIES["batch_grad"](case.loss_fn, 6)(params, batch)
+    for name, factory in suite.STRATEGIES.items():
+        out = factory(case.loss_fn, 6)(params, batch)
+        if "per_example" in name and "mean" not in name or name == "jax.vmap(jax.grad)":
+            out = jax.tree_util.tree_map(lambda g: g.mean(0), out)
+        for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(reference)):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6, err_msg=name)
+
+
+def test_main_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = ["--models", "mlp-tiny", "--batch-sizes", "4", "--strategies", "batch_grad,python_loop"]
+    assert bench_main.main([*argv, "--min-seconds", "0", "--quiet", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert {"model", "batch_size", "strategy", "examples_per_s", "ratio_to_batch_grad"} <= set(
+        data["records"][0]
+    )
+    assert data["machine"]["cpu_count"] >= 1
+    assert "examples/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--models", "resnet"], "allowed: mlp"),
+        (["--strategies", "magic"], "allowed: batch_grad"),
+        (["--batch-sizes", "0"], "positive integers"),
+    ],
+)
+def test_bad_arguments_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench_main.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_measure_reports_median_and_compile_time():
+    calls = []
+    m = timing.measure(lambda: calls.append(1), min_repeats=4, max_repeats=4, min_seconds=0)
+    assert m.repeats == 4 and len(calls) == 5 and m.seconds >= 0

@@ -1,0 +1,60 @@
+"""`python -m jaxgrad.seed` reproduces the seed's numbers, checked against numpy closed forms."""
+
+import json
+import math
+
+import pytest
+
+from jaxgrad import seed
+
+
+def _sigmoid_prime(x):
+    s = 1 / (1 + math.exp(-x))
+    return s * (1 - s)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    path = tmp_path_factory.mktemp("seed") / "seed.json"
+    assert seed.main(["--json", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
+def test_json_has_every_key(results):
+    expected = {
+        "sigmoid.mean_of_grads",
+        "sigmoid.grad_at_mean",
+        "line_fit.max_abs_diff",
+        "linear_loss.grad",
+        "linear_loss.grad_varies_with_theta",
+        "mlp.backprop_mean_error_rel_err",
+        "dense.cross_covariance_max_abs_diff",
+        "accumulation.mean_of_means_rel_err",
+        "accumulation.exact_max_abs_diff",
+    }
+    assert expected <= set(results)
+
+
+def test_sigmoid_numbers_match_the_closed_form(results):
+    assert results["sigmoid.mean_of_grads"] == pytest.approx(
+        (_sigmoid_prime(0) + _sigmoid_prime(1)) / 2, abs=1e-15
+    )
+    assert results["sigmoid.grad_at_mean"] == pytest.approx(_sigmoid_prime(0.5), abs=1e-15)
+    assert round(results["sigmoid.mean_of_grads"], 4) == 0.2233
+    assert round(results["sigmoid.grad_at_mean"], 4) == 0.2350
+
+
+def test_exact_orders_agree_and_naive_orders_do_not(results):
+    assert results["line_fit.max_abs_diff"] < 1e-12
+    assert results["linear_loss.grad"] == pytest.approx(results["linear_loss.minus_mean_x"])
+    assert results["linear_loss.grad_varies_with_theta"] is False
+    assert results["dense.cross_covariance_max_abs_diff"] < 1e-12
+    assert results["accumulation.exact_max_abs_diff"] < 1e-12
+    assert results["mlp.backprop_mean_error_rel_err"] > 1e-3
+    assert results["accumulation.mean_of_means_rel_err"] > 1e-2
+
+
+def test_printed_table_names_every_number(capsys, results):
+    print(seed.format_results(results))
+    out = capsys.readouterr().out
+    assert all(name in out for name in results)
