@@ -1,4 +1,4 @@
-"""Timing and memory of one jitted function: compile time apart, median over repeats after warm-up."""
+"""Timing and memory of one jitted function: compile time apart, median after warm-up."""
 
 from __future__ import annotations
 
