@@ -178,7 +178,9 @@ def mean_of_per_example_grads(loss_fn, *, chunk_size: int | None = None, return_
     )
 
 
-def accumulate_grad(loss_fn, *, num_microbatches: int, return_loss: bool = False):
+def accumulate_grad(
+    loss_fn, *, num_microbatches: int, unroll: int | bool = 1, return_loss: bool = False
+):
     """Gradient accumulation over microbatches under ``lax.scan``, normalised exactly once.
 
     Each microbatch contributes its gradient *sum* ``Σ_{i∈k} m_i ∇S_i`` and its count
@@ -191,6 +193,9 @@ def accumulate_grad(loss_fn, *, num_microbatches: int, return_loss: bool = False
       loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
       num_microbatches: how many contiguous microbatches to split the batch into. A batch
         that does not divide evenly is padded (masked out) at the end.
+      unroll: passed to ``lax.scan``. On XLA:CPU a convolution inside a loop body runs far
+        slower than outside one (20x for the benchmark's CNN, see ``python -m jaxgrad.bench``);
+        ``unroll=True`` removes the loop at the cost of holding more microbatches' activations.
       return_loss: if True, ``f`` returns ``(mean_loss, grads)``.
 
     Returns:
@@ -225,7 +230,9 @@ def accumulate_grad(loss_fn, *, num_microbatches: int, return_loss: bool = False
         total_shape, count_shape = jax.eval_shape(microbatch_sums, params, first)
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
         init = (jnp.zeros((), total_shape.dtype), jnp.zeros((), count_shape.dtype), zeros)
-        (total, count, grads), _ = jax.lax.scan(step, init, (micro_batches, micro_masks))
+        (total, count, grads), _ = jax.lax.scan(
+            step, init, (micro_batches, micro_masks), unroll=unroll
+        )
         return reduce.safe_divide(total, count), reduce.safe_divide(grads, count)
 
     return _strategy(

@@ -32,8 +32,10 @@ def linear_error(prediction, target):
 
 
 def _checked(loss, label, num_classes):
+    # NaN in the gradient as well as the value: ``where(valid, loss, nan)`` would zero the
+    # bad label's gradient, silently dropping the example from the batch gradient.
     valid = (label >= 0) & (label < num_classes)
-    return jnp.where(valid, loss, jnp.nan)
+    return loss * jnp.where(valid, 1, jnp.nan).astype(loss.dtype)
 
 
 def softmax_cross_entropy(logits, label):
@@ -65,7 +67,8 @@ def token_cross_entropy(logits, targets, *, pad_id: int = 0):
       ``(loss_sum, n_real_tokens)``, both scalars.
     """
     real = targets != pad_id
-    per_token = jax.vmap(softmax_cross_entropy)(logits, targets)
+    # Padding positions get label 0, so a pad_id outside the classes (e.g. -1) is not NaN.
+    per_token = jax.vmap(softmax_cross_entropy)(logits, jnp.where(real, targets, 0))
     return jnp.sum(jnp.where(real, per_token, 0)), jnp.sum(real).astype(logits.dtype)
 
 

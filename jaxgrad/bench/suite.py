@@ -107,5 +107,8 @@ STRATEGIES: dict[str, Callable] = {
     "jax.vmap(jax.grad)": lambda lf, b: plain_vmap_grad(lf),
     "mean_of_per_example_grads": lambda lf, b: grads.mean_of_per_example_grads(lf),
     "accumulate_grad(4 micro)": lambda lf, b: grads.accumulate_grad(lf, num_microbatches=4),
+    "accumulate_grad(4, unrolled)": lambda lf, b: grads.accumulate_grad(
+        lf, num_microbatches=4, unroll=True
+    ),
     "python_loop": lambda lf, b: python_loop(lf),
 }
