@@ -1,0 +1,229 @@
+"""What the peer comparison runs: model specs, their data, and the (framework, method) rows.
+
+Everything here is plain Python and NumPy, so the orchestrating process never needs to
+import PyTorch; each framework is imported only inside its own worker subprocess.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One architecture, built identically on the JAX and the PyTorch side.
+
+    ``kind`` is ``"mlp"``, ``"cnn"`` or ``"transformer"``; ``config`` holds the keyword
+    arguments of the matching :mod:`jaxgrad.models` constructor (``sizes`` for the MLP).
+    """
+
+    name: str
+    kind: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        c = self.config
+        if self.kind == "mlp":
+            return f"mlp {'-'.join(map(str, c['sizes']))} {c['activation']}"
+        if self.kind == "cnn":
+            image = "x".join(map(str, c["image_shape"]))
+            return f"cnn {image} c{'-'.join(map(str, c['channels']))}"
+        return f"transformer d{c['d_model']} L{c['num_layers']} T{c['max_len']} V{c['vocab_size']}"
+
+
+def mlp_spec(sizes=(784, 512, 256, 10), *, activation="tanh", name="mlp") -> ModelSpec:
+    return ModelSpec(name, "mlp", {"sizes": tuple(sizes), "activation": activation})
+
+
+def cnn_spec(image_shape=(28, 28), channels=(16, 32), *, name="cnn") -> ModelSpec:
+    # The same defaults as ``jaxgrad.bench``'s own CNN case: relu, 3x3 SAME, 10 classes.
+    return ModelSpec(
+        name,
+        "cnn",
+        {
+            "image_shape": tuple(image_shape),
+            "channels": tuple(channels),
+            "num_classes": 10,
+            "activation": "relu",
+            "kernel_size": 3,
+        },
+    )
+
+
+def transformer_spec(
+    vocab_size=256, seq_len=64, d_model=64, num_layers=2, num_heads=4, *, name="transformer"
+) -> ModelSpec:
+    return ModelSpec(
+        name,
+        "transformer",
+        {
+            "vocab_size": vocab_size,
+            "max_len": seq_len,
+            "d_model": d_model,
+            "num_heads": num_heads,
+            "num_layers": num_layers,
+        },
+    )
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        mlp_spec(),
+        cnn_spec(),
+        transformer_spec(),
+        # Small versions, for the tests and quick looks.
+        mlp_spec((64, 32, 10), name="mlp-tiny"),
+        cnn_spec((8, 8), (4, 8), name="cnn-tiny"),
+        transformer_spec(32, 8, 16, 1, 2, name="transformer-tiny"),
+    )
+}
+
+
+def sweep_mlp_spec(width: int) -> ModelSpec:
+    """The sweep's MLP: ``784-width-width/2-10`` tanh (``width=512`` is the default MLP)."""
+    return mlp_spec((784, width, max(width // 2, 1), 10), name=f"mlp-w{width}")
+
+
+def spec_from_name(name: str) -> ModelSpec:
+    """A named model, or a sweep MLP ``mlp-w<width>``; raises listing the allowed names."""
+    if name in MODELS:
+        return MODELS[name]
+    if name.startswith("mlp-w") and name[5:].isdigit() and int(name[5:]) > 0:
+        return sweep_mlp_spec(int(name[5:]))
+    raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)} or mlp-w<width>")
+
+
+def num_params(spec: ModelSpec) -> int:
+    """The parameter count P, from the shapes alone (no framework needed)."""
+    c = spec.config
+    if spec.kind == "mlp":
+        s = c["sizes"]
+        return sum(a * b + b for a, b in itertools.pairwise(s))
+    if spec.kind == "cnn":
+        h, w, *rest = c["image_shape"]
+        c_in, k, total = (rest[0] if rest else 1), c["kernel_size"], 0
+        for c_out in c["channels"]:
+            total += k * k * c_in * c_out + c_out
+            c_in, h, w = c_out, h // 2, w // 2
+        return total + h * w * c_in * c["num_classes"] + c["num_classes"]
+    d, v, t, f = c["d_model"], c["vocab_size"], c["max_len"], 4 * c["d_model"]
+    block = 4 * d + 4 * d * d + d * f + f + f * d + d
+    return v * d + t * d + c["num_layers"] * block + 2 * d + d * v + v
+
+
+def make_data(spec: ModelSpec, batch_size: int, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """The batch both frameworks see: ``{"x", "y"}`` NumPy arrays in jaxgrad's layout.
+
+    Images are ``(B, H, W)`` (grey) or ``(B, H, W, C)``; token batches are ``(B, T)`` int32
+    with padding (id 0) after a random length, and next-token targets (padding where the
+    next token is padding or past the end).
+    """
+    rng = np.random.default_rng(seed)
+    c = spec.config
+    if spec.kind == "mlp":
+        x = rng.standard_normal((batch_size, c["sizes"][0]), np.float32)
+        y = rng.integers(0, c["sizes"][-1], batch_size).astype(np.int32)
+    elif spec.kind == "cnn":
+        x = rng.standard_normal((batch_size, *c["image_shape"]), np.float32)
+        y = rng.integers(0, c["num_classes"], batch_size).astype(np.int32)
+    else:
+        t, v = c["max_len"], c["vocab_size"]
+        tokens = rng.integers(1, v, (batch_size, t))
+        # At least two real tokens, so every sequence has at least one real target.
+        lengths = rng.integers(max(t // 4, 2), t + 1, batch_size)
+        x = np.where(np.arange(t)[None] < lengths[:, None], tokens, 0).astype(np.int32)
+        y = np.concatenate([x[:, 1:], np.zeros((batch_size, 1), np.int32)], axis=1)
+    return {"x": x, "y": y}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row kind: a framework's way to compute something.
+
+    ``computes`` is what it returns: ``"grad"`` (the mean-loss gradient),
+    ``"per-example grads"`` (the ``B × P`` array), ``"norms"`` (per-example gradient norms)
+    or ``"clipped grad"`` (the sum of per-example gradients clipped to ``l2_clip``).
+    ``materialises`` says whether it holds a ``B × P`` array (the sweep skips those that
+    would not fit). ``package`` is the module that must be importable.
+    """
+
+    framework: str
+    name: str
+    computes: str
+    package: str
+    materialises: bool
+    description: str
+    unsupported: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.framework}:{self.name}"
+
+
+# Which framework's plain gradient each framework is compared with (``ratio_to_own_plain``).
+PLAIN_OF = {
+    "jaxgrad": ("jaxgrad", "batch_grad"),
+    "pytorch": ("pytorch", "backward"),
+    "torch.func": ("pytorch", "backward"),
+    "opacus": ("pytorch", "backward"),
+    "backpack": ("pytorch", "backward"),
+}
+
+_BACKPACK_NO_ATTENTION = (
+    "BackPACK's extensions need an nn.Sequential of supported layers; attention "
+    "(a product of two activations) and LayerNorm have none"
+)
+
+METHODS: dict[str, Method] = {
+    m.key: m
+    for m in (
+        Method("jaxgrad", "batch_grad", "grad", "jax", False, "jaxgrad.batch_grad"),
+        Method(
+            "jaxgrad", "per_example_grads", "per-example grads", "jax", True,
+            "jaxgrad.per_example_grads (vmap(grad))",
+        ),
+        Method(
+            "jaxgrad", "per_example_norms", "norms", "jax", False,
+            "jaxgrad.fast.per_example_norms",
+        ),
+        Method(
+            "jaxgrad", "clipped_grad", "clipped grad", "jax", False,
+            "jaxgrad.fast.clipped_grad(reduction='sum', return_norms=True)",
+        ),
+        Method("pytorch", "backward", "grad", "torch", False, "loss.backward() on the mean loss"),
+        Method(
+            "torch.func", "vmap_grad", "per-example grads", "torch", True,
+            "torch.func.vmap(torch.func.grad(loss)) over functional_call",
+        ),
+        Method(
+            "opacus", "hooks_clip", "clipped grad", "opacus", True,
+            "GradSampleModule hooks + DPOptimizer.clip_and_accumulate (noise 0)",
+        ),
+        Method(
+            "opacus", "ghost_clip", "clipped grad", "opacus", False,
+            "GradSampleModuleFastGradientClipping(use_ghost_clipping=True): two backward passes",
+        ),
+        Method(
+            "backpack", "BatchGrad", "per-example grads", "backpack", True,
+            "backpack.extensions.BatchGrad",
+            unsupported={"transformer": _BACKPACK_NO_ATTENTION},
+        ),
+        Method(
+            "backpack", "BatchL2Grad", "norms", "backpack", False,
+            "backpack.extensions.BatchL2Grad",
+            unsupported={"transformer": _BACKPACK_NO_ATTENTION},
+        ),
+    )
+}  # fmt: skip
+
+
+def method_from_key(key: str) -> Method:
+    """``"framework:method"`` to its :class:`Method`; raises listing the allowed keys."""
+    if key not in METHODS:
+        raise ValueError(f"unknown method {key!r}; allowed: {', '.join(METHODS)}")
+    return METHODS[key]

@@ -1,0 +1,316 @@
+"""The PyTorch side: jaxgrad's models rebuilt as ``nn.Module``s, and each peer's method.
+
+Imported only inside a worker subprocess (it imports torch). Every method is prepared into
+a ``step()`` (the timed call) and an ``extract(out)`` that turns the last step's result into
+NumPy arrays in jaxgrad's layout for the cross-check; extraction is never timed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jaxgrad.bench.peers import layouts
+from jaxgrad.bench.peers.specs import ModelSpec
+
+_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid}
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"`activation` must be one of {sorted(_ACTIVATIONS)}; got {name!r}")
+    return _ACTIVATIONS[name]()
+
+
+class _Attention(nn.Module):
+    """jaxgrad's attention: no biases, padding keys masked, a query always sees itself."""
+
+    def __init__(self, d_model: int, num_heads: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, d_model // num_heads
+        for name in ("wq", "wk", "wv", "wo"):
+            setattr(self, name, nn.Linear(d_model, d_model, bias=False))
+
+    def forward(self, x, allowed):
+        b, t, d = x.shape
+        split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        q, k, v = split(self.wq(x)), split(self.wk(x)), split(self.wv(x))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+        scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+        out = torch.softmax(scores, dim=-1) @ v
+        return self.wo(out.transpose(1, 2).reshape(b, t, d))
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.w1, self.w2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
+
+    def forward(self, x):
+        # jax.nn.gelu's default is the tanh approximation.
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+
+
+class _Block(nn.Module):
+    def __init__(self, d_model: int, num_heads: int):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d_model, eps=1e-5), nn.LayerNorm(d_model, eps=1e-5)
+        self.attn, self.mlp = _Attention(d_model, num_heads), _FeedForward(d_model, 4 * d_model)
+
+    def forward(self, x, allowed):
+        x = x + self.attn(self.ln1(x), allowed)
+        return x + self.mlp(self.ln2(x))
+
+
+class Transformer(nn.Module):
+    """:func:`jaxgrad.models.transformer` (pre-LN, causal, pad id 0) on a ``(B, T)`` batch."""
+
+    def __init__(self, *, vocab_size, max_len, d_model, num_heads, num_layers, pad_id=0):
+        super().__init__()
+        self.pad_id = pad_id
+        self.embed = nn.Embedding(vocab_size, d_model)
+        # Positions as an embedding of arange(T), so Opacus and BackPACK see a known layer.
+        self.pos = nn.Embedding(max_len, d_model)
+        self.blocks = nn.ModuleList(_Block(d_model, num_heads) for _ in range(num_layers))
+        self.ln_f = nn.LayerNorm(d_model, eps=1e-5)
+        self.head = nn.Linear(d_model, vocab_size)
+
+    def forward(self, tokens):
+        b, t = tokens.shape
+        real = tokens != self.pad_id
+        causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
+        eye = torch.eye(t, dtype=torch.bool, device=tokens.device)
+        allowed = (real[:, None, :] & causal) | eye
+        # Materialised (not .expand): Opacus's embedding norm sampler needs contiguous ids.
+        positions = torch.arange(t, device=tokens.device).repeat(b, 1)
+        x = self.embed(tokens) + self.pos(positions)
+        for block in self.blocks:
+            x = block(x, allowed)
+        return self.head(self.ln_f(x))
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """The PyTorch twin of ``spec``; parameter names match :func:`layouts.conversions`."""
+    c = spec.config
+    if spec.kind == "mlp":
+        s, layers = c["sizes"], []
+        for i, (a, b) in enumerate(itertools.pairwise(s)):
+            layers.append(nn.Linear(a, b))
+            if i < len(s) - 2:
+                layers.append(_activation(c["activation"]))
+        return nn.Sequential(*layers)
+    if spec.kind == "cnn":
+        h, w, *rest = c["image_shape"]
+        c_in, k, layers = (rest[0] if rest else 1), c["kernel_size"], []
+        for c_out in c["channels"]:
+            # SAME padding for an odd kernel at stride 1 is k // 2 on every side.
+            layers += [nn.Conv2d(c_in, c_out, k, padding=k // 2), _activation(c["activation"])]
+            layers.append(nn.AvgPool2d(2))
+            c_in, h, w = c_out, h // 2, w // 2
+        layers += [nn.Flatten(), nn.Linear(h * w * c_in, c["num_classes"])]
+        return nn.Sequential(*layers)
+    if spec.kind == "transformer":
+        return Transformer(
+            vocab_size=c["vocab_size"],
+            max_len=c["max_len"],
+            d_model=c["d_model"],
+            num_heads=c["num_heads"],
+            num_layers=c["num_layers"],
+        )
+    raise ValueError(f"`spec.kind` must be mlp, cnn or transformer; got {spec.kind!r}")
+
+
+def load_model(spec: ModelSpec, jax_flat: dict[str, np.ndarray]) -> nn.Module:
+    """``spec``'s PyTorch model holding jaxgrad's weights ``jax_flat``."""
+    model = build_model(spec)
+    state = {k: torch.tensor(v) for k, v in layouts.to_torch_state(spec, jax_flat).items()}
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def to_torch_batch(spec: ModelSpec, data: dict[str, np.ndarray]):
+    """The shared batch as PyTorch inputs: NCHW images, int64 labels and tokens."""
+    x = data["x"]
+    if spec.kind == "cnn":
+        x = layouts.to_torch_images(spec, x)
+    # Standard NCHW strides: NumPy gives a size-1 channel axis the stride 1, which PyTorch
+    # reads as channels_last and propagates to later activations, where Opacus 1.6's conv
+    # per-sample gradients (an as_strided unfold that assumes NCHW-contiguous) are silently
+    # wrong. A DataLoader batch has standard strides; so does this.
+    x = torch.from_numpy(np.ascontiguousarray(x)).clone(memory_format=torch.contiguous_format)
+    if spec.kind == "transformer":
+        x = x.long()
+    return x, torch.from_numpy(data["y"]).long()
+
+
+def per_example_loss(spec: ModelSpec, logits, y):
+    """``(S_i, n_i)``: each example's summed loss and item count, as jaxgrad's losses define."""
+    if spec.kind != "transformer":
+        return F.cross_entropy(logits, y, reduction="none"), torch.ones_like(y, dtype=logits.dtype)
+    real = y != 0
+    ce = F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none").view_as(y)
+    return (ce * real).sum(-1), real.sum(-1).to(logits.dtype)
+
+
+def _named_grads(model: nn.Module, attr: str = "grad") -> dict[str, np.ndarray]:
+    return {
+        name: getattr(p, attr).detach().numpy().astype(np.float32)
+        for name, p in model.named_parameters()
+    }
+
+
+Prepared = tuple[Callable[[], Any], Callable[[Any], dict[str, Any]]]
+
+
+def prepare(
+    method: str, spec: ModelSpec, jax_flat: dict[str, np.ndarray], data, *, l2_clip: float
+) -> Prepared:
+    """``(step, extract)`` for ``method`` (a PyTorch-side method name) on the shared weights.
+
+    ``extract(out)`` returns any of ``"grad"`` (jax-flat mean gradient), ``"per_example"``
+    (jax-flat, leading batch axis), ``"norms"`` and ``"clipped"`` (jax-flat clipped sum).
+    """
+    model = load_model(spec, jax_flat)
+    x, y = to_torch_batch(spec, data)
+    to_jax = lambda named: layouts.to_jax_flat(spec, named)
+    factories = {
+        "backward": _plain_backward,
+        "vmap_grad": _func_vmap_grad,
+        "hooks_clip": _opacus_hooks_clip,
+        "ghost_clip": _opacus_ghost_clip,
+        "BatchGrad": _backpack_batch_grad,
+        "BatchL2Grad": _backpack_batch_l2,
+    }
+    if method not in factories:
+        raise ValueError(
+            f"PyTorch-side `method` must be one of {sorted(factories)}; got {method!r}"
+        )
+    return factories[method](spec, model, x, y, to_jax, l2_clip=l2_clip)
+
+
+def _plain_backward(spec, model, x, y, to_jax, *, l2_clip):
+    def step():
+        model.zero_grad(set_to_none=True)
+        sums, counts = per_example_loss(spec, model(x), y)
+        (sums.sum() / counts.sum()).backward()
+
+    return step, lambda _: {"grad": to_jax(_named_grads(model))}
+
+
+def _func_vmap_grad(spec, model, x, y, to_jax, *, l2_clip):
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p, xi, yi):
+        logits = functional_call(model, p, (xi[None],))
+        return per_example_loss(spec, logits, yi[None])[0][0]
+
+    per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
+
+    def step():
+        return per_example(params, x, y)
+
+    return step, lambda out: {"per_example": to_jax({k: v.numpy() for k, v in out.items()})}
+
+
+def _opacus_hooks_clip(spec, model, x, y, to_jax, *, l2_clip):
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    optimizer = DPOptimizer(
+        torch.optim.SGD(gsm.parameters(), lr=0.0),
+        noise_multiplier=0.0,
+        max_grad_norm=l2_clip,
+        expected_batch_size=len(y),
+        loss_reduction="sum",
+    )
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        sums, _ = per_example_loss(spec, gsm(x), y)
+        sums.sum().backward()
+        optimizer.clip_and_accumulate()  # per-sample norms, clip factors, clipped sum
+
+    def extract(_):
+        return {
+            "clipped": to_jax(_named_grads(model, "summed_grad")),
+            "per_example": to_jax(_named_grads(model, "grad_sample")),
+        }
+
+    return step, extract
+
+
+def _opacus_ghost_clip(spec, model, x, y, to_jax, *, l2_clip):
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    gsm = GradSampleModuleFastGradientClipping(
+        model, max_grad_norm=l2_clip, use_ghost_clipping=True, loss_reduction="sum"
+    )
+
+    def step():
+        # What opacus.utils.fast_gradient_clipping_utils.DPTensorFastGradientClipping.backward
+        # does, without an optimizer: a first backward for the norms, a second, reweighted one
+        # (hooks off) for the clipped sum.
+        gsm.zero_grad(set_to_none=True)
+        sums, _ = per_example_loss(spec, gsm(x), y)
+        sums.sum().backward(retain_graph=True)
+        gsm.zero_grad(set_to_none=True)
+        coefficients = gsm.get_clipping_coef()
+        gsm.disable_hooks()
+        (coefficients * sums).sum().backward()
+        gsm.enable_hooks()
+        return gsm.per_sample_gradient_norms
+
+    def extract(norms):
+        return {"clipped": to_jax(_named_grads(model)), "norms": norms.detach().numpy()}
+
+    return step, extract
+
+
+def _backpack_setup(spec, model):
+    from backpack import extend
+
+    if spec.kind == "transformer":
+        raise NotImplementedError("BackPACK does not support attention")
+    return extend(model), extend(nn.CrossEntropyLoss(reduction="sum"))
+
+
+def _backpack_batch_grad(spec, model, x, y, to_jax, *, l2_clip):
+    from backpack import backpack
+    from backpack.extensions import BatchGrad
+
+    model, loss_fn = _backpack_setup(spec, model)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        with backpack(BatchGrad()):
+            loss.backward()
+
+    return step, lambda _: {"per_example": to_jax(_named_grads(model, "grad_batch"))}
+
+
+def _backpack_batch_l2(spec, model, x, y, to_jax, *, l2_clip):
+    from backpack import backpack
+    from backpack.extensions import BatchL2Grad
+
+    model, loss_fn = _backpack_setup(spec, model)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        with backpack(BatchL2Grad()):
+            loss.backward()
+        # Squared norms per parameter, summed over parameters: the per-example norm.
+        return torch.stack([p.batch_l2 for p in model.parameters()]).sum(0).sqrt()
+
+    return step, lambda norms: {"norms": norms.detach().numpy()}

@@ -1,0 +1,23 @@
+"""Per-example norms, clipped gradients and gradient statistics at the cost of one gradient.
+
+See :mod:`jaxgrad.fast.api` for the functions and :mod:`jaxgrad.fast.trace` for how the
+structure of an arbitrary JAX loss is read off its jaxpr.
+"""
+
+from jaxgrad.fast.api import (
+    GradMoments,
+    GradStats,
+    clipped_grad,
+    grad_stats,
+    per_example_moments,
+    per_example_norms,
+)
+
+__all__ = [
+    "GradMoments",
+    "GradStats",
+    "clipped_grad",
+    "grad_stats",
+    "per_example_moments",
+    "per_example_norms",
+]

@@ -1,0 +1,329 @@
+"""Per-example norms, clipped gradients and gradient statistics without the ``B × P`` array.
+
+Example ``i``'s gradient is ``g_i = ∇S_i``, the gradient of its loss *sum* (for a scalar loss,
+of the loss itself); ``n_i`` is its item count and ``m_i`` the padding mask. Every function
+takes ``method=``:
+
+* ``"auto"`` (default) — the fast path: one forward and one backward pass of the batched loss,
+  with the per-example quantities read off the traced computation (see
+  :mod:`jaxgrad.fast.trace`); exact, at about the cost of one ordinary gradient;
+* ``"vmap"`` — the reference: materialise every ``g_i`` with ``vmap(grad)``.
+
+``chunk_size`` processes that many examples at a time under ``lax.scan`` (the batch need not
+divide evenly), bounding peak memory on either path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxgrad import reduce
+from jaxgrad.fast import passes
+
+PyTree = Any
+
+
+def _values_are_concrete(tree) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _wrap(core, loss_fn, *, name: str, doc: str | None):
+    """Input checks at trace time, then ``jax.jit(core)(params, batch, mask)``."""
+    jitted = jax.jit(core)
+
+    def f(params, batch, mask=None):
+        size = reduce.batch_size(batch)
+        mask = reduce.check_mask(mask, size)
+        validate = getattr(loss_fn, "validate", None)
+        if validate is not None and _values_are_concrete(batch):
+            validate(batch)
+        return jitted(params, batch, mask)
+
+    f.__name__ = f.__qualname__ = name
+    f.__doc__ = doc
+    return f
+
+
+def _check_chunk(chunk_size):
+    if chunk_size is not None:
+        chunk_size = reduce.check_positive_int(chunk_size, name="chunk_size")
+    return chunk_size
+
+
+def per_example_norms(loss_fn, *, method: str = "auto", chunk_size: int | None = None):
+    """The L2 norm of every example's gradient over all parameters, ``‖∇S_i‖``.
+
+    On the fast path a dense use ``s = a W`` contributes ``‖a_i‖² ‖g_i‖²`` (``g_i`` the
+    cotangent of ``s``), or ``⟨A_i A_iᵀ, G_i G_iᵀ⟩`` with a sequence axis; an embedding lookup
+    ``Σ_{t,s} [r_t = r_s] ⟨g_t, g_s⟩``; other parameters (biases, norm scales) their exact
+    per-example gradients. No ``B × P`` array is built.
+
+    Args:
+      loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
+      method: ``"auto"`` (fast, exact) or ``"vmap"`` (materialised reference).
+      chunk_size: if set, examples are processed that many at a time.
+
+    Returns:
+      ``f(params, batch, mask=None) -> norms`` of shape ``(B,)``; padded rows are 0.
+
+    Example::
+
+      >>> import jax.numpy as jnp, jaxgrad
+      >>> loss = lambda w, ex: jnp.dot(ex, w)  # gradient of example i is x_i
+      >>> jaxgrad.per_example_norms(loss)(jnp.ones(2), jnp.array([[3.0, 4.0], [0.0, 1.0]]))
+      Array([5., 1.], dtype=float32)
+    """
+    get = passes.get_pass(method)
+    chunk_size = _check_chunk(chunk_size)
+
+    def core(params, batch, mask):
+        def body(b, m):
+            parts = get(loss_fn, params, b, m)
+            return jnp.sqrt(parts.norm_sq), ()
+
+        return passes.run_chunked(body, batch, mask, chunk_size)[0]
+
+    return _wrap(core, loss_fn, name="per_example_norms", doc=per_example_norms.__doc__)
+
+
+def _check_clip(l2_clip) -> float:
+    ok = isinstance(l2_clip, (int, float)) and not isinstance(l2_clip, bool)
+    if not ok or not math.isfinite(l2_clip) or l2_clip <= 0:
+        raise ValueError(f"`l2_clip` must be a positive finite number; got {l2_clip!r}")
+    return float(l2_clip)
+
+
+def clip_factors(norms, l2_clip):
+    """``min(1, C / ‖g_i‖)``, and 1 for a zero gradient."""
+    big = norms > l2_clip
+    return jnp.where(big, l2_clip / jnp.where(big, norms, 1), 1).astype(norms.dtype)
+
+
+def clipped_grad(
+    loss_fn,
+    *,
+    l2_clip: float,
+    reduction: str = "mean",
+    return_norms: bool = False,
+    method: str = "auto",
+    chunk_size: int | None = None,
+):
+    """The sum or mean of per-example gradients, each clipped to L2 norm ``l2_clip`` (DP-SGD).
+
+    .. math::
+
+        \\bar g = \\frac{1}{\\sum_i m_i n_i} \\sum_i m_i \\, g_i \\min(1, C / \\lVert g_i \\rVert)
+
+    ``reduction="mean"`` divides by the number of real *items* ``Σ_i m_i n_i`` (examples for a
+    scalar loss, real tokens for a ``(sum, count)`` token loss), so that with a large clip it
+    equals :func:`jaxgrad.batch_grad`; ``"sum"`` returns the clipped sum (DP-SGD implementations
+    that divide by the expected batch size add their noise to this and divide themselves).
+    The norms are those of the gradient of each example's loss *sum*.
+
+    On the fast path the clipped sum of a dense use is ``Aᵀ diag(c) G`` — the weight-gradient
+    matmul of an ordinary backward pass, reweighted — so no per-example gradient is formed.
+
+    Args:
+      loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
+      l2_clip: the clipping norm ``C > 0``.
+      reduction: ``"mean"`` or ``"sum"``.
+      return_norms: if True, ``f`` returns ``(grads, norms)`` with the unclipped norms.
+      method: ``"auto"`` (fast, exact) or ``"vmap"`` (materialised reference).
+      chunk_size: if set, examples are processed that many at a time.
+
+    Returns:
+      ``f(params, batch, mask=None) -> grads`` (or ``(grads, norms)``).
+
+    Example::
+
+      >>> import jax.numpy as jnp, jaxgrad
+      >>> loss = lambda w, ex: jnp.dot(ex, w)
+      >>> f = jaxgrad.clipped_grad(loss, l2_clip=1.0, reduction="sum")
+      >>> f(jnp.ones(2), jnp.array([[3.0, 4.0], [0.0, 0.5]]))  # [0.6, 0.8] + [0, 0.5]
+      Array([0.6, 1.3], dtype=float32)
+    """
+    l2_clip = _check_clip(l2_clip)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"`reduction` must be one of ['mean', 'sum']; got {reduction!r}")
+    get = passes.get_pass(method)
+    chunk_size = _check_chunk(chunk_size)
+
+    def core(params, batch, mask):
+        def body(b, m):
+            parts = get(loss_fn, params, b, m)
+            norms = jnp.sqrt(parts.norm_sq)
+            c = jnp.where(m, clip_factors(norms, l2_clip), 0)
+            return norms, (parts.weighted(c), jnp.sum(parts.counts))
+
+        norms, (total, count) = passes.run_chunked(body, batch, mask, chunk_size)
+        if reduction == "mean":
+            total = reduce.safe_divide(total, count)
+        return (total, norms) if return_norms else total
+
+    return _wrap(core, loss_fn, name="clipped_grad", doc=clipped_grad.__doc__)
+
+
+class GradStats(NamedTuple):
+    """Statistics of the per-example gradients ``g_i = ∇S_i`` of one batch (see :func:`grad_stats`).
+
+    Attributes:
+      mean: ``Σ_i m_i g_i / Σ_i m_i n_i``, the gradient of the mean loss (= ``batch_grad``).
+      loss: the mean loss ``Σ_i m_i S_i / Σ_i m_i n_i``.
+      norms: ``(B,)`` per-example gradient norms ``‖g_i‖`` (0 where padded).
+      num_examples: ``b = Σ_i m_i``, the number of real examples.
+      trace_cov: ``tr Σ``, the unbiased trace of the per-example gradient covariance.
+      grad_sq_norm: ``|G|²``, the unbiased estimate of the squared norm of the true gradient.
+      noise_scale: ``B_simple = tr Σ / |G|²`` (McCandlish et al., 2018).
+      snr: ``|G|² / (tr Σ / b) = b / B_simple``, signal over the variance of the batch mean.
+    """
+
+    mean: PyTree
+    loss: jax.Array
+    norms: jax.Array
+    num_examples: jax.Array
+    trace_cov: jax.Array
+    grad_sq_norm: jax.Array
+    noise_scale: jax.Array
+    snr: jax.Array
+
+
+def grad_stats(loss_fn, *, method: str = "auto", chunk_size: int | None = None):
+    """Mean gradient, per-example norms, gradient covariance trace and noise scale in one pass.
+
+    With ``b = Σ_i m_i`` real examples, per-example gradients ``g_i = ∇S_i`` and their mean
+    ``ḡ = (1/b) Σ_i m_i g_i``:
+
+    .. math::
+
+        \\operatorname{tr}\\Sigma = \\frac{1}{b-1} \\sum_i m_i \\lVert g_i - \\bar g \\rVert^2
+            = \\frac{\\sum_i m_i \\lVert g_i \\rVert^2 - b \\lVert \\bar g \\rVert^2}{b - 1},
+        \\qquad
+        |G|^2 = \\lVert \\bar g \\rVert^2 - \\frac{\\operatorname{tr}\\Sigma}{b},
+
+    both unbiased (``E‖ḡ‖² = |G|² + tr Σ / b``), and the simple noise scale of McCandlish et
+    al. (2018), "An Empirical Model of Large-Batch Training", ``B_simple = tr Σ / |G|²``, and
+    ``snr = |G|² / (tr Σ / b) = b / B_simple``. With ``b < 2`` the covariance is undefined and
+    the statistics are NaN; ``|G|²`` (so ``B_simple``) may be negative when noise dominates.
+    The per-example gradients are those of each example's loss *sum*, so for a token loss the
+    statistics are per sequence; ``mean`` is still divided by the item count, as
+    :func:`jaxgrad.batch_grad` is. ``tr Σ`` is computed from ``Σ‖g_i‖²`` and ``‖ḡ‖²``: in float32
+    it loses precision when the noise is tiny compared with the mean.
+
+    Args:
+      loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
+      method: ``"auto"`` (fast, exact) or ``"vmap"`` (materialised reference).
+      chunk_size: if set, examples are processed that many at a time.
+
+    Returns:
+      ``f(params, batch, mask=None) -> GradStats``.
+
+    Example::
+
+      >>> import jax.numpy as jnp, jaxgrad
+      >>> loss = lambda w, ex: jnp.dot(ex, w)
+      >>> s = jaxgrad.grad_stats(loss)(jnp.ones(1), jnp.array([[1.0], [3.0]]))
+      >>> float(s.trace_cov), float(s.grad_sq_norm)  # var(1, 3) = 2; 2² − 2/2 = 3
+      (2.0, 3.0)
+    """
+    get = passes.get_pass(method)
+    chunk_size = _check_chunk(chunk_size)
+
+    def core(params, batch, mask):
+        def body(b, m):
+            parts = get(loss_fn, params, b, m)
+            ones = m.astype(parts.sums.dtype)
+            totals = (parts.weighted(ones), jnp.sum(parts.sums), jnp.sum(parts.counts))
+            return parts.norm_sq, totals
+
+        norm_sq, (grad_sum, loss_sum, count) = passes.run_chunked(body, batch, mask, chunk_size)
+        dtype = norm_sq.dtype
+        b = jnp.sum(mask).astype(dtype)
+        sum_sq = sum(jnp.sum(g.astype(dtype) ** 2) for g in jax.tree_util.tree_leaves(grad_sum))
+        mean_sq = sum_sq / b**2  # ‖ḡ‖²
+        trace_cov = (jnp.sum(norm_sq) - b * mean_sq) / (b - 1)
+        trace_cov = jnp.where(b > 1, trace_cov, jnp.nan)
+        grad_sq_norm = mean_sq - trace_cov / b
+        return GradStats(
+            mean=reduce.safe_divide(grad_sum, count),
+            loss=reduce.safe_divide(loss_sum, count),
+            norms=jnp.sqrt(norm_sq),
+            num_examples=b,
+            trace_cov=trace_cov,
+            grad_sq_norm=grad_sq_norm,
+            noise_scale=trace_cov / grad_sq_norm,
+            snr=grad_sq_norm * b / trace_cov,
+        )
+
+    return _wrap(core, loss_fn, name="grad_stats", doc=grad_stats.__doc__)
+
+
+class GradMoments(NamedTuple):
+    """Sums over the real examples of a batch, from materialised per-example gradients.
+
+    Attributes:
+      grad_sum: ``Σ_i m_i g_i``.
+      grad_sq_sum: ``Σ_i m_i g_i ⊙ g_i`` (elementwise squares; the diagonal second moment).
+      norms: ``(B,)`` per-example norms ``‖g_i‖`` (0 where padded).
+      loss_sum: ``Σ_i m_i S_i``.
+      count: ``Σ_i m_i n_i``.
+    """
+
+    grad_sum: PyTree
+    grad_sq_sum: PyTree
+    norms: jax.Array
+    loss_sum: jax.Array
+    count: jax.Array
+
+
+def per_example_moments(loss_fn, *, chunk_size: int | None = None):
+    """Sum, elementwise sum of squares and norms of per-example gradients, chunk by chunk.
+
+    The exact ``vmap(grad)`` path, reduced as it goes: with ``chunk_size`` only one chunk's
+    per-example gradients (``chunk_size × P``) exist at a time; the batch need not divide
+    evenly (the remainder is its own, smaller chunk). The elementwise variance of the
+    gradients is ``grad_sq_sum / b − (grad_sum / b)²`` for ``b`` real examples.
+
+    Args:
+      loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
+      chunk_size: examples per chunk (all at once when None).
+
+    Returns:
+      ``f(params, batch, mask=None) -> GradMoments``.
+
+    Example::
+
+      >>> import jax.numpy as jnp, jaxgrad
+      >>> loss = lambda w, ex: jnp.dot(ex, w)
+      >>> m = jaxgrad.per_example_moments(loss, chunk_size=2)(jnp.ones(1), jnp.arange(5.0)[:, None])
+      >>> m.grad_sum, m.grad_sq_sum  # 0+1+2+3+4, 0+1+4+9+16
+      (Array([10.], dtype=float32), Array([30.], dtype=float32))
+    """
+    chunk_size = _check_chunk(chunk_size)
+
+    def core(params, batch, mask):
+        def body(b, m):
+            def one(example):
+                summed = lambda p: reduce.as_sum_count(loss_fn(p, example))
+                (s, n), g = jax.value_and_grad(summed, has_aux=True)(params)
+                return s, n, g
+
+            sums, counts, grads = jax.vmap(one)(b)
+            grads = jax.tree_util.tree_map(lambda g: passes._where_rows(m, g), grads)
+            leaves = jax.tree_util.tree_leaves(grads)
+            norm_sq = sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1) for g in leaves)
+            totals = (
+                jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), grads),
+                jax.tree_util.tree_map(lambda g: jnp.sum(g * g, axis=0), grads),
+                jnp.sum(jnp.where(m, sums, 0)),
+                jnp.sum(jnp.where(m, counts, 0)),
+            )
+            return jnp.sqrt(norm_sq), totals
+
+        norms, (g_sum, g_sq, loss_sum, count) = passes.run_chunked(body, batch, mask, chunk_size)
+        return GradMoments(g_sum, g_sq, norms, loss_sum, count)
+
+    return _wrap(core, loss_fn, name="per_example_moments", doc=per_example_moments.__doc__)

@@ -1,0 +1,191 @@
+"""Per-example gradients of one parameter use from its kept operand ``A`` and cotangent ``G``.
+
+For a use ``s = op(A, W)`` linear in ``W`` (``dot_general``, ``conv_general_dilated``,
+embedding ``gather``), example ``i``'s gradient with respect to ``W`` is the transpose of
+``op(A_i, ·)`` applied to ``G_i``. Three things are needed from it:
+
+* its squared norm per example, without materialising it where a cheaper identity exists:
+  ``‖a_i‖²‖g_i‖²`` for a dense use without a sequence axis, ``⟨A_i A_iᵀ, G_i G_iᵀ⟩`` with one
+  (``T`` positions; chosen when ``T(K + N) ≤ K N`` for a ``K × N`` weight), and
+  ``Σ_{t,s} [r_t = r_s] ⟨g_t, g_s⟩`` for an embedding lookup of rows ``r_t``;
+* the weighted sum ``Σ_i c_i ∇_W S_i``: the ordinary weight-gradient contraction over the
+  batch with ``G`` reweighted, ``Aᵀ diag(c) G`` for a dense layer;
+* for a parameter with several uses, the per-example gradient itself (so that the cross terms
+  between uses are exact).
+
+Arrays here carry the example axis first: ``A`` is ``(B, *a.shape)``, ``G`` is
+``(B, *out.shape)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgrad.fast.trace import Eqn
+
+
+def _bind(eqn: Eqn, pos: int, w, a):
+    args = [a, a]
+    args[pos] = w
+    out = eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(eqn.params))
+    return out
+
+
+def _operand_zeros(eqn: Eqn, pos: int):
+    aval = eqn.in_avals[pos]
+    return jnp.zeros(aval.shape, aval.dtype)
+
+
+def per_example_grads(eqn: Eqn, pos: int, a, g):
+    """``(B, *W.shape)``: every example's gradient with respect to operand ``pos``."""
+
+    def one(a_i, g_i):
+        _, vjp = jax.vjp(lambda w: _bind(eqn, pos, w, a_i), _operand_zeros(eqn, pos))
+        return vjp(g_i.astype(eqn.out_avals[0].dtype))[0]
+
+    return jax.vmap(one)(a, g)
+
+
+def weighted_grad(eqn: Eqn, pos: int, a, g, c):
+    """``Σ_i c_i ∇_W S_i``: one batched weight-gradient contraction with ``G`` reweighted."""
+    scale = lambda x: x * c.reshape(c.shape + (1,) * (x.ndim - 1)).astype(x.dtype)
+    if jnp.issubdtype(a.dtype, jnp.inexact) and a.size < g.size:
+        a = scale(a)  # the op is linear in each operand: reweight the smaller one
+    else:
+        g = scale(g)
+    _, vjp = jax.vjp(
+        lambda w: jax.vmap(lambda a_i: _bind(eqn, pos, w, a_i))(a), _operand_zeros(eqn, pos)
+    )
+    return vjp(g)[0]
+
+
+def _prod(shape, dims):
+    return math.prod(shape[d] for d in dims)
+
+
+def dense_layout(eqn: Eqn, pos: int):
+    """Permutations that bring ``A`` to ``(NB, T, K)`` and ``G`` to ``(NB, T, N)``.
+
+    ``NB`` gathers the ``dot_general`` batch dims, ``T`` the other operand's free dims (a
+    sequence axis; 1 for a plain dense layer), ``K`` the contracted dims and ``N`` the
+    parameter's free dims.
+    """
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    contract, batch = (tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))
+    other = 1 - pos
+    o_shape = eqn.in_avals[other].shape
+    p_shape = eqn.in_avals[pos].shape
+    oc, ob = contract[other], batch[other]
+    pc, pb = contract[pos], batch[pos]
+    ofree = [d for d in range(len(o_shape)) if d not in oc and d not in ob]
+    pfree = [d for d in range(len(p_shape)) if d not in pc and d not in pb]
+    nb = len(ob)
+    if other == 0:
+        out_ofree = list(range(nb, nb + len(ofree)))
+        out_pfree = list(range(nb + len(ofree), nb + len(ofree) + len(pfree)))
+    else:
+        out_pfree = list(range(nb, nb + len(pfree)))
+        out_ofree = list(range(nb + len(pfree), nb + len(pfree) + len(ofree)))
+    a_perm = [*ob, *ofree, *oc]
+    g_perm = [*range(nb), *out_ofree, *out_pfree]
+    sizes = (_prod(o_shape, ob), _prod(o_shape, ofree), _prod(o_shape, oc), _prod(p_shape, pfree))
+    return a_perm, g_perm, sizes
+
+
+def _to_blocks(x, perm, shape):
+    b = x.shape[0]
+    x = jnp.transpose(x, (0, *(d + 1 for d in perm)))
+    return x.reshape((b, *shape))
+
+
+def _rest(ndim, keep):
+    keep = set(keep)
+    return tuple(d for d in range(1, ndim) if d not in keep)
+
+
+def dense_norm_sq(eqn: Eqn, pos: int, a, g):
+    """``‖∇_W S_i‖²`` for a ``dot_general`` use, without the per-example gradient when cheaper."""
+    a_perm, g_perm, (nb, t, k, n) = dense_layout(eqn, pos)
+    dtype = eqn.out_avals[0].dtype
+    if t == 1:  # ‖a_i‖² ‖g_i‖² per dot batch index: reductions only, no copies
+        num_b = len(eqn.params["dimension_numbers"][1][0])
+        a_b = [d + 1 for d in a_perm[:num_b]]
+        a_sq = jnp.sum(jnp.square(a.astype(dtype)), axis=_rest(a.ndim, a_b))
+        g_sq = jnp.sum(jnp.square(g), axis=_rest(g.ndim, range(1, num_b + 1)))
+        a_sq = jnp.transpose(a_sq, (0, *(1 + np.argsort(np.argsort(a_b))))) if num_b > 1 else a_sq
+        return jnp.sum((a_sq * g_sq).reshape(a_sq.shape[0], -1), axis=1)
+    a = _to_blocks(a, a_perm, (nb, t, k)).astype(dtype)
+    g = _to_blocks(g, g_perm, (nb, t, n)).astype(dtype)
+    hi = jax.lax.Precision.HIGHEST
+    if t * (k + n) <= k * n:
+        aa = jnp.einsum("bjtk,bjsk->bjts", a, a, precision=hi)
+        gg = jnp.einsum("bjtn,bjsn->bjts", g, g, precision=hi)
+        return jnp.sum(aa * gg, axis=(1, 2, 3))
+    w = jnp.einsum("bjtk,bjtn->bjkn", a, g, precision=hi)
+    return jnp.sum(w * w, axis=(1, 2, 3))
+
+
+def gather_rows(eqn: Eqn, idx, g):
+    """Row keys ``(B, T, k)``, validity ``(B, T)`` and cotangents ``(B, T, R)`` of a gather."""
+    dn = eqn.params["dimension_numbers"]
+    shape = eqn.in_avals[0].shape
+    out_ndim = len(eqn.out_avals[0].shape)
+    offset = tuple(dn.offset_dims)
+    rows = [d for d in range(out_ndim) if d not in offset]
+    b = g.shape[0]
+    t = _prod(eqn.out_avals[0].shape, rows)
+    g = jnp.transpose(g, (0, *(d + 1 for d in rows), *(d + 1 for d in offset))).reshape(b, t, -1)
+    idx = idx.reshape(b, t, idx.shape[-1])
+    upper = jnp.array([shape[d] - 1 for d in dn.start_index_map], idx.dtype)
+    valid = jnp.ones((b, t), bool)
+    if str(eqn.params.get("mode")).endswith("FILL_OR_DROP"):
+        valid = jnp.all((idx >= 0) & (idx <= upper), axis=-1)
+    idx = jnp.clip(idx, 0, upper)
+    return idx, valid, jnp.where(valid[..., None], g, 0)
+
+
+def gather_norm_sq(eqn: Eqn, pos: int, idx, g):
+    """``‖Σ_t e_{r_t} g_tᵀ‖² = Σ_{t,s} [r_t = r_s] ⟨g_t, g_s⟩`` for an embedding lookup."""
+    del pos
+    dn = eqn.params["dimension_numbers"]
+    idx, _, g = gather_rows(eqn, idx, g)
+    t = idx.shape[1]
+    num_rows = _prod(eqn.in_avals[0].shape, dn.start_index_map)
+    if t * t > t + num_rows:  # materialising the (rows × R) gradient is cheaper
+        grads = per_example_grads(eqn, 0, idx_restore(eqn, idx), g_restore(eqn, g))
+        return jnp.sum(grads.reshape(grads.shape[0], -1) ** 2, axis=1)
+    same = jnp.all(idx[:, :, None, :] == idx[:, None, :, :], axis=-1)
+    gg = jnp.einsum("btr,bsr->bts", g, g, precision=jax.lax.Precision.HIGHEST)
+    return jnp.sum(jnp.where(same, gg, 0), axis=(1, 2))
+
+
+def idx_restore(eqn: Eqn, idx):
+    """Inverse of :func:`gather_rows`' reshape for indices (already clamped)."""
+    shape = eqn.in_avals[1].shape
+    return idx.reshape((idx.shape[0], *shape))
+
+
+def g_restore(eqn: Eqn, g):
+    """Inverse of :func:`gather_rows`' permutation for cotangents."""
+    dn = eqn.params["dimension_numbers"]
+    out_shape = eqn.out_avals[0].shape
+    offset = tuple(dn.offset_dims)
+    rows = [d for d in range(len(out_shape)) if d not in offset]
+    perm = [*rows, *offset]
+    g = g.reshape((g.shape[0], *(out_shape[d] for d in perm)))
+    inverse = [perm.index(d) + 1 for d in range(len(out_shape))]
+    return jnp.transpose(g, (0, *inverse))
+
+
+def norm_sq(kind: str, eqn: Eqn, pos: int, a, g):
+    """Per-example squared norm ``(B,)`` of the gradient through one use."""
+    if kind == "dense":
+        return dense_norm_sq(eqn, pos, a, g)
+    if kind == "gather":
+        return gather_norm_sq(eqn, pos, a, g)
+    grads = per_example_grads(eqn, pos, a, g)
+    return jnp.sum(grads.reshape(grads.shape[0], -1).astype(g.dtype) ** 2, axis=1)

@@ -1,0 +1,256 @@
+"""Reading a loss's structure off its jaxpr: which equations consume which parameter, and how.
+
+The per-example loss ``S(params, example)`` is traced to a jaxpr (no batch axis), calls to
+``jit``-wrapped functions are inlined, and every use of every parameter leaf is classified:
+
+* **dense** — a ``dot_general`` whose one operand is the parameter (possibly through
+  ``reshape``, ``transpose``, ``squeeze``, ``expand_dims``, ``convert_element_type`` or
+  ``copy``: permutations of its entries, so norms are preserved) and whose other operand is
+  not a parameter;
+* **conv** — a ``conv_general_dilated`` whose kernel is the parameter;
+* **gather** — an embedding-style ``gather`` (whole rows of the parameter picked by integer
+  indices);
+* **other** — anything else: an elementwise op (a bias, a norm scale), a parameter inside an
+  opaque call (``custom_jvp``/``custom_vjp``/``scan``...), a parameter used on both sides of a
+  product.
+
+A leaf whose uses are all dense/conv/gather is *fast*: its per-example gradient is read off
+the use's kept operand ``A`` and its output cotangent ``G``. Any other leaf is *exact*: it gets
+a per-example copy (a zero perturbation with the batch axis) and its per-example gradient is
+the gradient with respect to that copy, in the same backward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from jax.extend import core as jcore
+
+# Ops that only permute (or re-type) a parameter's entries: per-example gradient norms pass
+# through them unchanged, and their transposes map gradients back to the leaf's layout.
+ALIAS_PRIMITIVES = frozenset(
+    {"reshape", "transpose", "squeeze", "expand_dims", "convert_element_type", "copy", "copy_p"}
+)
+# Call primitives whose body is inlined (they carry a closed jaxpr and no custom rule).
+INLINE_PRIMITIVES = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Var:
+    """A value in the flattened program, by number."""
+
+    id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Const:
+    """A literal or a captured constant."""
+
+    value: Any
+
+
+@dataclasses.dataclass
+class Eqn:
+    """One primitive application in the flattened (inlined) program."""
+
+    primitive: Any
+    params: dict
+    ins: list  # of Var | Const
+    outs: list  # of Var
+    in_avals: list
+    out_avals: list
+
+
+@dataclasses.dataclass
+class Program:
+    """A jaxpr with every inlinable call inlined, over numbered values."""
+
+    invars: list  # Var per flat input
+    outs: list  # Var | Const per flat output
+    eqns: list  # of Eqn
+
+
+def flatten(closed: jcore.ClosedJaxpr) -> Program:
+    """Inlines ``jit``/``closed_call`` bodies so parameter uses inside them are visible."""
+    counter = iter(range(1 << 62))
+    eqns: list[Eqn] = []
+
+    def go(jaxpr, consts, in_refs):
+        env: dict = {}
+        read = lambda a: Const(a.val) if isinstance(a, jcore.Literal) else env[a]
+        for v, c in zip(jaxpr.constvars, consts):
+            env[v] = Const(c)
+        for v, r in zip(jaxpr.invars, in_refs):
+            env[v] = r
+        for e in jaxpr.eqns:
+            ins = [read(a) for a in e.invars]
+            key = INLINE_PRIMITIVES.get(e.primitive.name)
+            inner = e.params.get(key) if key else None
+            if isinstance(inner, jcore.ClosedJaxpr):
+                out_refs = go(inner.jaxpr, inner.consts, ins)
+                for v, r in zip(e.outvars, out_refs):
+                    env[v] = r
+                continue
+            outs = [Var(next(counter)) for _ in e.outvars]
+            for v, r in zip(e.outvars, outs):
+                env[v] = r
+            eqns.append(
+                Eqn(
+                    e.primitive,
+                    dict(e.params),
+                    ins,
+                    outs,
+                    [a.aval for a in e.invars],
+                    [v.aval for v in e.outvars],
+                )
+            )
+        return [read(a) for a in jaxpr.outvars]
+
+    invars = [Var(next(counter)) for _ in closed.jaxpr.invars]
+    outs = go(closed.jaxpr, closed.consts, invars)
+    return Program(invars, outs, eqns)
+
+
+def evaluate(program: Program, args, *, hook=None):
+    """Evaluates ``program`` on ``args``; ``hook(k, invals, outvals) -> outvals`` per equation.
+
+    Works under any transformation (``vmap``, ``vjp``, ``jit``): each equation is re-bound.
+    """
+    env: dict = {}
+    read = lambda r: r.value if isinstance(r, Const) else env[r]
+    for v, x in zip(program.invars, args):
+        env[v] = x
+    for k, e in enumerate(program.eqns):
+        invals = [read(r) for r in e.ins]
+        outvals = e.primitive.bind(*invals, **e.primitive.get_bind_params(e.params))
+        if not e.primitive.multiple_results:
+            outvals = [outvals]
+        if hook is not None:
+            outvals = hook(k, invals, outvals)
+        for v, x in zip(e.outs, outvals):
+            env[v] = x
+    return [read(r) for r in program.outs]
+
+
+@dataclasses.dataclass
+class Use:
+    """One fast use of a parameter leaf: equation ``eqn`` reads the leaf at operand ``pos``.
+
+    ``chain`` lists the alias equations (reshape, transpose, ...) from the leaf to the operand.
+    """
+
+    kind: str  # "dense" | "conv" | "gather"
+    eqn: int
+    pos: int
+    chain: list
+
+
+@dataclasses.dataclass
+class Analysis:
+    program: Program
+    num_params: int
+    fast: dict  # leaf index -> list[Use]
+    exact: list  # leaf indices with a per-example copy
+    unused: list  # leaf indices nothing reads (zero gradient)
+
+    @property
+    def captured(self) -> dict:
+        """Equation index -> (leaf, Use) for every fast use."""
+        return {u.eqn: (j, u) for j, uses in self.fast.items() for u in uses}
+
+
+def _is_embedding_gather(eqn: Eqn) -> bool:
+    """A gather that picks whole slices of the operand along ``start_index_map`` dims."""
+    dn = eqn.params["dimension_numbers"]
+    shape = eqn.in_avals[0].shape
+    sizes = eqn.params["slice_sizes"]
+    if dn.operand_batching_dims or dn.start_indices_batching_dims:
+        return False
+    if tuple(sorted(dn.collapsed_slice_dims)) != tuple(sorted(dn.start_index_map)):
+        return False
+    for d, n in enumerate(shape):
+        if d in dn.start_index_map:
+            if sizes[d] != 1:
+                return False
+        elif sizes[d] != n:
+            return False
+    mode = eqn.params.get("mode")
+    return str(mode).split(".")[-1] in {"CLIP", "PROMISE_IN_BOUNDS", "FILL_OR_DROP", "ONE_HOT"}
+
+
+def _classify(eqn: Eqn, param_pos: list) -> str | None:
+    name = eqn.primitive.name
+    if name == "dot_general" and len(param_pos) == 1:
+        return "dense"
+    if name == "conv_general_dilated" and param_pos == [1]:
+        return "conv"
+    if name == "gather" and param_pos == [0] and _is_embedding_gather(eqn):
+        return "gather"
+    return None
+
+
+def analyse(fn, params, example) -> Analysis:
+    """Traces ``fn(params, example)`` (per example) and classifies every parameter's uses.
+
+    Args:
+      fn: ``fn(params, example) -> outputs`` for ONE example.
+      params, example: arrays or ``jax.ShapeDtypeStruct`` of one example.
+
+    Returns:
+      An :class:`Analysis`; ``program`` takes ``(*param_leaves, *example_leaves)``.
+    """
+    param_leaves, param_def = jax.tree_util.tree_flatten(params)
+    ex_leaves, ex_def = jax.tree_util.tree_flatten(example)
+    n = len(param_leaves)
+
+    def flat_fn(*leaves):
+        p = jax.tree_util.tree_unflatten(param_def, leaves[:n])
+        e = jax.tree_util.tree_unflatten(ex_def, leaves[n:])
+        return jax.tree_util.tree_leaves(fn(p, e))
+
+    structs = [jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x)) for x in param_leaves]
+    structs += [jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x)) for x in ex_leaves]
+    program = flatten(jax.make_jaxpr(flat_fn)(*structs))
+
+    alias: dict = {v: (j, []) for j, v in enumerate(program.invars[:n])}
+    uses: dict = {j: [] for j in range(n)}
+    other: set = set()
+    for k, e in enumerate(program.eqns):
+        param_pos = [p for p, r in enumerate(e.ins) if isinstance(r, Var) and r in alias]
+        if not param_pos:
+            continue
+        if e.primitive.name in ALIAS_PRIMITIVES and len(e.ins) == 1 and len(e.outs) == 1:
+            j, chain = alias[e.ins[0]]
+            alias[e.outs[0]] = (j, [*chain, k])
+            continue
+        kind = _classify(e, param_pos)
+        for p in param_pos:
+            j, chain = alias[e.ins[p]]
+            if kind is None:
+                other.add(j)
+            else:
+                uses[j].append(Use(kind, k, p, chain))
+    for r in program.outs:  # a parameter returned as (part of) the loss
+        if isinstance(r, Var) and r in alias:
+            other.add(alias[r][0])
+
+    fast, exact, unused = {}, [], []
+    for j in range(n):
+        if j in other:
+            exact.append(j)
+        elif uses[j]:
+            fast[j] = uses[j]
+        else:
+            unused.append(j)
+    return Analysis(program, n, fast, exact, unused)
+
+
+def apply_chain(program: Program, chain: list, x):
+    """Applies the alias equations ``chain`` (reshape, transpose, ...) to a leaf value ``x``."""
+    for k in chain:
+        e = program.eqns[k]
+        x = e.primitive.bind(x, **e.primitive.get_bind_params(e.params))
+    return x

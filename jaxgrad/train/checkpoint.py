@@ -1,0 +1,226 @@
+"""Atomic, checksummed checkpoints of any pytree, restored against a template; no pickle.
+
+A checkpoint is one ``.npz`` file (read with ``allow_pickle=False``) holding the pytree's
+leaves in ``tree_flatten`` order and a JSON header: each leaf's shape and dtype, the caller's
+metadata, and a SHA-256 of all of it. It is written to a temporary file in the same
+directory, flushed and ``fsync``-ed, then moved into place with ``os.replace``, so a crash
+mid-write never leaves a corrupt latest checkpoint; only the last ``keep`` are kept.
+
+On restore a truncated or corrupt file is reported (a :class:`CheckpointWarning` naming it)
+and the previous good one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+import zipfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+FORMAT = "jaxgrad-checkpoint-1"
+_NAME = re.compile(r"^ckpt-(\d+)\.npz$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, corrupt, or does not fit the template."""
+
+
+class CheckpointWarning(UserWarning):
+    """A corrupt checkpoint was skipped in favour of an older one."""
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _digest(arrays: list[np.ndarray], header: dict) -> str:
+    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    for a in arrays:
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def path_for(directory, step: int) -> str:
+    """The file name of the checkpoint at ``step`` in ``directory``."""
+    return os.path.join(os.fspath(directory), f"ckpt-{int(step):010d}.npz")
+
+
+def list_checkpoints(directory) -> list[str]:
+    """The checkpoint files in ``directory``, oldest (lowest step) first."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return []
+    found = sorted((int(m[1]), n) for n in os.listdir(directory) if (m := _NAME.match(n)))
+    return [os.path.join(directory, n) for _, n in found]
+
+
+def save(directory, tree: PyTree, *, step: int, metadata: dict | None = None, keep: int = 3) -> str:
+    """Writes ``tree`` and JSON ``metadata`` atomically as the checkpoint for ``step``.
+
+    Args:
+      directory: where checkpoints live (created if missing).
+      tree: any pytree of arrays (typed PRNG keys included).
+      step: the step number; it names the file, and the newest step is the latest.
+      metadata: JSON-serialisable data saved alongside (epoch, history, ...).
+      keep: how many checkpoints to keep; older ones are deleted after a successful write.
+
+    Returns:
+      The path written.
+    """
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    leaves = jax.tree_util.tree_leaves(tree)
+    arrays, kinds = [], []
+    for leaf in leaves:
+        if _is_key(leaf):
+            kinds.append({"key_impl": str(jax.random.key_impl(leaf))})
+            leaf = jax.random.key_data(leaf)
+        else:
+            kinds.append({})
+        arrays.append(np.asarray(leaf))
+    header = {
+        "format": FORMAT,
+        "step": int(step),
+        "leaves": [
+            {"shape": list(a.shape), "dtype": a.dtype.str, **k}
+            for a, k in zip(arrays, kinds, strict=True)
+        ],
+        "metadata": metadata or {},
+    }
+    header["sha256"] = _digest(arrays, header)
+    contents = {f"leaf_{i:05d}": a for i, a in enumerate(arrays)}
+    contents["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+
+    final = path_for(directory, step)
+    tmp = os.path.join(directory, f".{os.path.basename(final)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **contents)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(directory)
+    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+        os.remove(old)
+    return final
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def read(path) -> tuple[list[np.ndarray], dict]:
+    """The raw leaves and header of one checkpoint file, verified against its checksum.
+
+    Raises:
+      CheckpointError: naming the file, if it is missing, truncated or corrupt.
+    """
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            header = json.loads(bytes(f["header"]).decode())
+            count = len(header["leaves"])
+            arrays = [f[f"leaf_{i:05d}"] for i in range(count)]
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, TypeError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt and cannot be read "
+            f"({type(e).__name__}: {e})"
+        ) from None
+    if header.get("format") != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} has format {header.get('format')!r}; expected {FORMAT!r}"
+        )
+    expected = header.pop("sha256", None)
+    if _digest(arrays, header) != expected:
+        raise CheckpointError(f"checkpoint {path} fails its SHA-256 checksum (corrupt)")
+    return arrays, header
+
+
+def load(path, template: PyTree) -> tuple[PyTree, dict]:
+    """Restores the checkpoint at ``path`` into the structure of ``template``.
+
+    Args:
+      path: a checkpoint file.
+      template: a pytree with the saved tree's structure, shapes and dtypes (e.g. the
+        freshly initialised state); its values are not used.
+
+    Returns:
+      ``(tree, metadata)``: the restored pytree (bit for bit what was saved) and the metadata.
+
+    Raises:
+      CheckpointError: the file is unreadable or corrupt, or does not fit ``template``.
+    """
+    arrays, header = read(path)
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    if len(paths_leaves) != len(arrays):
+        raise CheckpointError(
+            f"checkpoint {path} holds {len(arrays)} arrays; the template has "
+            f"{len(paths_leaves)} leaves"
+        )
+    restored = []
+    for (key_path, leaf), array, info in zip(paths_leaves, arrays, header["leaves"], strict=True):
+        name = jax.tree_util.keystr(key_path)
+        if _is_key(leaf):
+            if "key_impl" not in info:
+                raise CheckpointError(f"checkpoint {path}: leaf {name} is not a PRNG key")
+            value = jax.random.wrap_key_data(jnp.asarray(array), impl=jax.random.key_impl(leaf))
+        else:
+            value = jnp.asarray(array)
+        if value.shape != np.shape(leaf) or value.dtype != jnp.result_type(leaf):
+            raise CheckpointError(
+                f"checkpoint {path}: leaf {name} has shape {value.shape} and dtype "
+                f"{value.dtype}; the template expects {np.shape(leaf)} and "
+                f"{jnp.result_type(leaf)}"
+            )
+        restored.append(value)
+    return jax.tree_util.tree_unflatten(treedef, restored), header["metadata"]
+
+
+def restore_latest(directory, template: PyTree):
+    """The newest checkpoint in ``directory`` that reads cleanly, restored against ``template``.
+
+    A corrupt or truncated newer file is reported with a :class:`CheckpointWarning` naming
+    it, and the next older one is tried.
+
+    Returns:
+      ``(tree, metadata, path)``, or ``None`` if ``directory`` holds no checkpoint.
+
+    Raises:
+      CheckpointError: if checkpoints exist but none can be read (every file is named).
+    """
+    candidates = list_checkpoints(directory)
+    errors = []
+    for path in reversed(candidates):
+        try:
+            tree, metadata = load(path, template)
+        except CheckpointError as e:
+            errors.append(str(e))
+            warnings.warn(f"{e}; falling back to an older checkpoint", CheckpointWarning, 2)
+            continue
+        return tree, metadata, path
+    if errors:
+        raise CheckpointError("no usable checkpoint: " + "; ".join(errors))
+    return None

@@ -1,0 +1,335 @@
+"""``fit``: epochs of jit-compiled SGD with shuffling, padding masks, checkpoints and resume.
+
+Each epoch's order is ``permutation(fold_in(key, epoch))`` (a pure function of the key and
+the epoch), cut into batches of ``batch_size``; the last partial batch is padded and masked,
+so no example is dropped and nothing recompiles. Batches run in chunks of fixed length under
+``lax.scan`` (or, with ``scan=False``, a Python loop over the jitted step); between chunks the
+loop checks for a non-finite loss, reports progress and writes checkpoints. Chunks are
+aligned to the epoch's start, so a run resumed from any checkpoint replays exactly the same
+computation and ends bit for bit where the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxgrad import data as data_lib
+from jaxgrad import reduce
+from jaxgrad.grads import batch_grad
+from jaxgrad.train import checkpoint as ckpt
+from jaxgrad.train.progress import Progress
+from jaxgrad.train.step import TrainState, init_state, step_fn
+
+PyTree = Any
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training stopped at a non-finite loss.
+
+    Attributes:
+      step: the 1-based number of the step whose loss was not finite.
+      state: the :class:`TrainState` before that step (the last good one).
+      checkpoint: the last good checkpoint on disk, or None.
+    """
+
+    def __init__(self, message: str, *, step: int, state: TrainState, checkpoint: str | None):
+        super().__init__(message)
+        self.step, self.state, self.checkpoint = step, state, checkpoint
+
+
+class FitResult(NamedTuple):
+    """What :func:`fit` returns.
+
+    Attributes:
+      params: the trained parameters.
+      state: the final :class:`TrainState` (params, optimizer state, step count).
+      history: one dict per epoch: ``epoch``, ``step``, ``loss`` (mean training loss over the
+        epoch's batches), ``seconds`` (since the start of this call) and the ``evaluate``
+        metrics.
+    """
+
+    params: PyTree
+    state: TrainState
+    history: list[dict]
+
+
+# Module level, so its compilation is shared by every fit with the same data and batch sizes.
+_epoch_indices = jax.jit(data_lib.epoch_indices, static_argnums=(2, 3))
+
+
+def _guarded(step):
+    """The step inside the loop: a padded (inactive) step or one after a non-finite loss is
+    a no-op, and the first non-finite loss records the step count where it happened."""
+
+    def body(carry, batch, mask, active):
+        state, bad = carry
+        new, loss = step(state, batch, mask)
+        finite = jnp.isfinite(loss)
+        ok = active & (bad < 0) & finite
+        bad = jnp.where(active & (bad < 0) & ~finite, state.step, bad)
+        state = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)
+        count = jnp.sum(mask).astype(loss.dtype)
+        return (state, bad), jnp.where(ok, loss * count, 0)
+
+    return body
+
+
+def _positive(value, name):
+    return reduce.check_positive_int(value, name=name)
+
+
+def fit(
+    loss_fn: Callable,
+    params: PyTree,
+    train_data: PyTree,
+    *,
+    optimizer: optax.GradientTransformation,
+    epochs: int,
+    batch_size: int,
+    key: jax.Array,
+    strategy: Callable = batch_grad,
+    evaluate: Callable[[PyTree], Mapping[str, float]] | None = None,
+    scan: bool = True,
+    steps_per_call: int | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    keep: int = 3,
+    resume: bool = True,
+    metrics_path: str | os.PathLike | None = None,
+    progress: str = "auto",
+    quiet: bool = False,
+) -> FitResult:
+    """Trains ``params`` on ``train_data`` for ``epochs`` epochs of minibatch SGD.
+
+    Every step is ``θ ← θ + optimizer.update(strategy(loss_fn)(θ, batch, mask))``, jit-compiled
+    once for the batch shape.
+
+    Args:
+      loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``; if it has a
+        ``validate(batch)`` method (:func:`jaxgrad.losses.supervised`), the whole training set
+        is validated first (e.g. labels out of the model's classes).
+      params: the initial parameters.
+      train_data: the training set, a pytree with a leading example axis, e.g. ``(x, y)``.
+      optimizer: any optax ``GradientTransformation``.
+      epochs: the total number of epochs (a resumed run continues up to it).
+      batch_size: examples per batch, at most the size of ``train_data``.
+      key: the PRNG key of the shuffle; epoch ``e``'s order is a function of ``(key, e)`` only.
+      strategy: a gradient-strategy factory, as for :func:`jaxgrad.train.train_step`.
+      evaluate: ``evaluate(params) -> {name: float}``, called after every epoch (see
+        :func:`jaxgrad.train.evaluator`).
+      scan: run the batches of a chunk under ``lax.scan`` (one dispatch per chunk) instead of
+        a Python loop over the jitted step.
+      steps_per_call: the chunk length (default: a whole epoch, or ``checkpoint_every`` if
+        smaller); between chunks progress is reported and non-finite losses caught.
+      checkpoint_dir: if given, checkpoints are written there and, with ``resume``, the run
+        continues from the newest good one.
+      checkpoint_every: write a checkpoint at the first chunk end at or after every multiple
+        of this many steps (default: every epoch); always at the end.
+      keep: how many checkpoints to keep.
+      resume: continue from the newest good checkpoint in ``checkpoint_dir`` if there is one.
+      metrics_path: if given, every epoch's record is appended there as a JSON line.
+      progress: ``"auto"`` (a tqdm bar on a terminal, silent otherwise), ``"bar"``,
+        ``"plain"`` (a line per epoch on stderr) or ``"none"``.
+      quiet: no progress output at all.
+
+    Returns:
+      A :class:`FitResult` ``(params, state, history)``.
+
+    Raises:
+      ValueError: ``batch_size`` larger than the data set, bad labels, a checkpoint from a
+        differently configured run.
+      NonFiniteLossError: a loss became NaN or inf; names the step; parameters and the last
+        good checkpoint are those before it.
+
+    Example::
+
+      >>> import jax, optax, jaxgrad
+      >>> ds = jaxgrad.data.load("digits")
+      >>> model = jaxgrad.models.mlp([64, 64, 10])
+      >>> loss_fn = jaxgrad.losses.supervised(
+      ...     model.apply, jaxgrad.losses.softmax_cross_entropy, num_classes=10)
+      >>> result = jaxgrad.train.fit(
+      ...     loss_fn, model.init(jax.random.key(0)), ds.train, optimizer=optax.adam(1e-2),
+      ...     epochs=2, batch_size=64, key=jax.random.key(1))
+      >>> len(result.history)
+      2
+    """
+    epochs = _positive(epochs, "epochs")
+    batch_size = _positive(batch_size, "batch_size")
+    keep = _positive(keep, "keep")
+    n = reduce.batch_size(train_data, name="train_data")
+    if batch_size > n:
+        raise ValueError(
+            f"`batch_size` ({batch_size}) is larger than the training set ({n} examples); "
+            f"expected at most {n}"
+        )
+    validate = getattr(loss_fn, "validate", None)
+    if validate is not None:
+        validate(train_data)
+
+    steps_per_epoch = data_lib.num_batches(n, batch_size)
+    chunk = steps_per_epoch
+    if checkpoint_dir is not None and checkpoint_every is not None:
+        chunk = min(chunk, _positive(checkpoint_every, "checkpoint_every"))
+    if steps_per_call is not None:
+        chunk = min(chunk, _positive(steps_per_call, "steps_per_call"))
+    every = checkpoint_every or steps_per_epoch
+    chunks_per_epoch = math.ceil(steps_per_epoch / chunk)
+    padded_steps = chunks_per_epoch * chunk
+    config = {"num_examples": n, "batch_size": batch_size, "chunk": chunk, "scan": bool(scan)}
+
+    state = init_state(params, optimizer)
+    start_epoch, start_chunk, history = 0, 0, []
+    epoch_loss, epoch_count = 0.0, 0
+    last_checkpoint = None
+    if checkpoint_dir is not None and resume:
+        restored = ckpt.restore_latest(checkpoint_dir, {"state": state, "key": key})
+        if restored is not None:
+            tree, meta, last_checkpoint = restored
+            if meta.get("config") != config:
+                raise ValueError(
+                    f"checkpoint {last_checkpoint} was written by a run configured as "
+                    f"{meta.get('config')}; this run is {config}. Resume with the same data, "
+                    "batch_size, checkpoint_every/steps_per_call and scan, or use another "
+                    "checkpoint_dir (or resume=False)"
+                )
+            state, key = tree["state"], tree["key"]
+            start_epoch, start_chunk = meta["epoch"], meta["chunk"]
+            history, epoch_loss, epoch_count = (
+                meta["history"],
+                meta["epoch_loss"],
+                meta["epoch_count"],
+            )
+
+    body = _guarded(step_fn(loss_fn, optimizer, strategy=strategy))
+
+    if scan:
+        device_data = jax.tree_util.tree_map(jnp.asarray, train_data)
+
+        @jax.jit
+        def run_chunk(state, data, idx, mask, active):
+            def f(carry, xs):
+                i, m, a = xs
+                return body(carry, data_lib.take(data, i), m, a)
+
+            (state, bad), weighted = jax.lax.scan(f, (state, jnp.int32(-1)), (idx, mask, active))
+            return state, bad, jnp.sum(weighted)
+
+    else:
+        host_data = jax.tree_util.tree_map(np.asarray, train_data)
+        jit_body = jax.jit(body)
+
+        def run_chunk(state, data, idx, mask, active):
+            del data
+            carry, total = (state, jnp.int32(-1)), []
+            for i, m, a in zip(idx, mask, active, strict=False):
+                if not a:
+                    break
+                carry, weighted = jit_body(carry, data_lib.take(host_data, i), m, True)
+                total.append(weighted)
+            return carry[0], carry[1], sum(total)
+
+    def save(epoch_next, chunk_next):
+        meta = {
+            "epoch": epoch_next,
+            "chunk": chunk_next,
+            "step": int(state.step),
+            "history": history,
+            "epoch_loss": epoch_loss,
+            "epoch_count": epoch_count,
+            "config": config,
+        }
+        return ckpt.save(
+            checkpoint_dir,
+            {"state": state, "key": key},
+            step=int(state.step),
+            metadata=meta,
+            keep=keep,
+        )
+
+    metrics_file = None
+    if metrics_path is not None:
+        metrics_file = open(metrics_path, "a")
+    total_steps = epochs * steps_per_epoch
+    bar = Progress(total_steps, mode=progress, quiet=quiet, initial=int(state.step))
+    start = time.perf_counter()
+    try:
+        for epoch in range(start_epoch, epochs):
+            idx, mask = _epoch_indices(key, epoch, n, batch_size)
+            pad = padded_steps - steps_per_epoch
+            active = np.arange(padded_steps) < steps_per_epoch
+            if scan:
+                idx = jnp.concatenate([idx, jnp.zeros((pad, batch_size), idx.dtype)])
+                mask = jnp.concatenate([mask, jnp.zeros((pad, batch_size), bool)])
+                shape = (chunks_per_epoch, chunk)
+                idx, mask = idx.reshape(*shape, batch_size), mask.reshape(*shape, batch_size)
+                active = jnp.asarray(active.reshape(shape))
+            else:
+                idx, mask = np.asarray(idx), np.asarray(mask)
+                idx = [idx[c * chunk : (c + 1) * chunk] for c in range(chunks_per_epoch)]
+                mask = [mask[c * chunk : (c + 1) * chunk] for c in range(chunks_per_epoch)]
+                active = active.reshape(chunks_per_epoch, chunk)
+            first = start_chunk if epoch == start_epoch else 0
+            if first == 0:
+                epoch_loss, epoch_count = 0.0, 0
+            for c in range(first, chunks_per_epoch):
+                before = int(state.step)
+                data_arg = device_data if scan else None
+                new_state, bad, weighted = run_chunk(state, data_arg, idx[c], mask[c], active[c])
+                bad = int(bad)
+                if bad >= 0:
+                    batch_no = bad - epoch * steps_per_epoch + 1
+                    where = (
+                        f"; the last good checkpoint is {last_checkpoint}"
+                        if last_checkpoint
+                        else ""
+                    )
+                    raise NonFiniteLossError(
+                        f"the training loss became non-finite (NaN or inf) at step {bad + 1} "
+                        f"(epoch {epoch + 1}, batch {batch_no} of {steps_per_epoch}); training "
+                        f"stopped with the parameters from before that step{where}. Lower the "
+                        "learning rate or check the data.",
+                        step=bad + 1,
+                        state=new_state,
+                        checkpoint=last_checkpoint,
+                    )
+                state = new_state
+                done = int(state.step) - before
+                epoch_loss += float(weighted)
+                epoch_count += int(np.sum(np.asarray(mask[c])[:done]))
+                bar.update(done)
+                last_chunk = c == chunks_per_epoch - 1
+                if last_chunk:
+                    record = {
+                        "epoch": epoch + 1,
+                        "step": int(state.step),
+                        "loss": epoch_loss / max(epoch_count, 1),
+                    }
+                    if evaluate is not None:
+                        record.update({k: float(v) for k, v in evaluate(state.params).items()})
+                    record["seconds"] = time.perf_counter() - start
+                    history.append(record)
+                    bar.epoch(record)
+                    if metrics_file is not None:
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                if checkpoint_dir is not None:
+                    final = last_chunk and epoch == epochs - 1
+                    if final or int(state.step) // every > before // every:
+                        nxt = (epoch + 1, 0) if last_chunk else (epoch, c + 1)
+                        last_checkpoint = save(*nxt)
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    return FitResult(state.params, state, history)

@@ -1,0 +1,111 @@
+"""Progress reporting for :func:`jaxgrad.train.fit`: a tqdm bar, plain lines, or nothing.
+
+tqdm is optional: without it a terminal gets one plain line per epoch. Off a terminal
+(logs, CI, pipes) the default is silent.
+"""
+
+from __future__ import annotations
+
+import sys
+
+MODES = ("auto", "bar", "plain", "none")
+
+
+def _tqdm():
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+
+def resolve(mode: str = "auto", *, quiet: bool = False, stream=None) -> str:
+    """The concrete mode: ``"bar"``, ``"plain"`` or ``"none"``.
+
+    ``"auto"`` is a bar on a terminal with tqdm installed, plain lines on a terminal without
+    it, and nothing off a terminal; ``quiet`` always means nothing.
+    """
+    if mode not in MODES:
+        raise ValueError(f"`progress` must be one of {list(MODES)}; got {mode!r}")
+    stream = sys.stderr if stream is None else stream
+    if quiet or mode == "none":
+        return "none"
+    if mode == "auto":
+        if not getattr(stream, "isatty", lambda: False)():
+            return "none"
+        mode = "bar"
+    if mode == "bar" and _tqdm() is None:
+        return "plain"
+    return mode
+
+
+def format_record(record: dict) -> str:
+    """``epoch 3/30  step 135  loss 0.1234  test_accuracy 0.9722  (2.1 s)``."""
+    parts = [f"epoch {record['epoch']}"]
+    for k, v in record.items():
+        if k in ("epoch", "seconds"):
+            continue
+        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    if "seconds" in record:
+        parts.append(f"({record['seconds']:.1f} s)")
+    return "  ".join(parts)
+
+
+class Progress:
+    """Steps done out of ``total``; call :meth:`update` per chunk and :meth:`epoch` per epoch."""
+
+    def __init__(
+        self,
+        total: int,
+        *,
+        mode: str = "auto",
+        quiet: bool = False,
+        initial: int = 0,
+        desc: str = "train",
+        stream=None,
+    ):
+        self.stream = sys.stderr if stream is None else stream
+        self.mode = resolve(mode, quiet=quiet, stream=self.stream)
+        self.bar = None
+        if self.mode == "bar":
+            self.bar = _tqdm()(
+                total=total,
+                initial=initial,
+                desc=desc,
+                unit="step",
+                file=self.stream,
+                dynamic_ncols=True,
+                leave=True,
+            )
+
+    def update(self, steps: int) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def epoch(self, record: dict) -> None:
+        if self.bar is not None:
+            shown = {k: v for k, v in record.items() if k not in ("step", "seconds")}
+            self.bar.set_postfix(
+                {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in shown.items()},
+                refresh=True,
+            )
+        elif self.mode == "plain":
+            print(format_record(record), file=self.stream, flush=True)
+
+    def write(self, message: str) -> None:
+        """A message that does not break the bar (silent in ``"none"`` mode)."""
+        if self.bar is not None:
+            self.bar.write(message, file=self.stream)
+        elif self.mode == "plain":
+            print(message, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

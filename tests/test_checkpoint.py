@@ -1,0 +1,225 @@
+"""Checkpoints: atomic, checksummed, restored bit for bit; resume equals an uninterrupted run."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxgrad
+from jaxgrad.train import CheckpointError, CheckpointWarning, checkpoint, fit, init_state
+
+
+def _tree():
+    params = {"w": jnp.arange(6.0).reshape(2, 3) / 7, "b": jnp.array([1e-300, -0.0])}
+    state = init_state(params, optax.adam(0.1))
+    return {"state": state, "key": jax.random.key(42), "raw_key": jax.random.PRNGKey(1)}
+
+
+def _assert_bitwise(a, b):
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb, strict=True):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes()
+
+
+def test_roundtrip_is_bitwise(tmp_path):
+    tree = _tree()
+    path = checkpoint.save(tmp_path, tree, step=7, metadata={"epoch": 1, "note": "x"})
+    assert os.path.basename(path) == "ckpt-0000000007.npz"
+    restored, meta = checkpoint.load(path, _tree())
+    _assert_bitwise(restored, tree)
+    assert meta == {"epoch": 1, "note": "x"}
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no temporary left
+
+
+def test_keeps_the_last_k(tmp_path):
+    for step in range(1, 6):
+        checkpoint.save(tmp_path, _tree(), step=step, keep=2)
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(tmp_path)] == [
+        "ckpt-0000000004.npz",
+        "ckpt-0000000005.npz",
+    ]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
+def test_corrupt_file_is_named_and_previous_used(tmp_path, damage):
+    good = checkpoint.save(tmp_path, _tree(), step=1, metadata={"which": "good"})
+    bad = checkpoint.save(tmp_path, _tree(), step=2, metadata={"which": "bad"})
+    raw = open(bad, "rb").read()
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    elif damage == "flip":  # a flipped bit inside the leaves' data
+        i = raw.index(np.asarray(_tree()["state"].params["w"]).tobytes()) + 3
+        raw = raw[:i] + bytes([raw[i] ^ 0x10]) + raw[i + 1 :]
+    else:
+        raw = b""
+    open(bad, "wb").write(raw)
+    with pytest.raises(CheckpointError, match=f"checkpoint {bad} "):
+        checkpoint.load(bad, _tree())
+    with pytest.warns(CheckpointWarning, match=f"{bad}.*falling back"):
+        tree, meta, path = checkpoint.restore_latest(tmp_path, _tree())
+    assert path == good and meta == {"which": "good"}
+    _assert_bitwise(tree, _tree())
+
+
+def test_checksum_catches_what_zip_does_not(tmp_path, monkeypatch):
+    path = checkpoint.save(tmp_path, _tree(), step=1)
+    real = checkpoint._digest
+    monkeypatch.setattr(checkpoint, "_digest", lambda arrays, header: real(arrays[:-1], header))
+    with pytest.raises(CheckpointError, match=f"checkpoint {path} fails its SHA-256 checksum"):
+        checkpoint.load(path, _tree())
+
+
+def test_nothing_usable(tmp_path):
+    assert checkpoint.restore_latest(tmp_path / "none", _tree()) is None
+    path = checkpoint.save(tmp_path, _tree(), step=1)
+    open(path, "wb").write(b"junk")
+    with (
+        pytest.warns(CheckpointWarning),
+        pytest.raises(CheckpointError, match="no usable checkpoint"),
+    ):
+        checkpoint.restore_latest(tmp_path, _tree())
+
+
+def test_template_mismatch(tmp_path):
+    path = checkpoint.save(tmp_path, _tree(), step=1)
+    other = _tree()
+    other["state"] = other["state"]._replace(params={"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)})
+    with pytest.raises(CheckpointError, match=r"leaf .*'w'.* has shape \(2, 3\).*expects \(3, 2\)"):
+        checkpoint.load(path, other)
+    with pytest.raises(CheckpointError, match="holds 10 arrays; the template has 1 leaves"):
+        checkpoint.load(path, jnp.zeros(3))
+
+
+def test_crash_mid_write_keeps_the_latest(tmp_path, monkeypatch):
+    good = checkpoint.save(tmp_path, _tree(), step=1)
+
+    def crash(f, **arrays):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.np, "savez", crash)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save(tmp_path, _tree(), step=2)
+    assert checkpoint.list_checkpoints(tmp_path) == [good]
+    assert os.listdir(tmp_path) == [os.path.basename(good)]
+    monkeypatch.undo()
+    _, _, path = checkpoint.restore_latest(tmp_path, _tree())
+    assert path == good
+
+
+# ----------------------------------------------------------------------------------------
+# Resume.
+
+
+def _problem():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(27, 4)), rng.integers(0, 3, 27)
+    model = jaxgrad.models.mlp([4, 6, 3], dtype=jnp.float64)
+    loss_fn = jaxgrad.losses.supervised(
+        model.apply, jaxgrad.losses.softmax_cross_entropy, num_classes=3
+    )
+    return model.init(jax.random.key(0)), loss_fn, (x, y)
+
+
+def _run(directory, *, scan=True, epochs=3, **kw):
+    params, loss_fn, data = _problem()
+    return fit(
+        loss_fn,
+        params,
+        data,
+        optimizer=optax.adam(0.05),
+        epochs=epochs,
+        batch_size=4,
+        key=jax.random.key(3),
+        scan=scan,
+        checkpoint_dir=directory,
+        checkpoint_every=3,
+        quiet=True,
+        **kw,
+    )
+
+
+def _interrupt_after(monkeypatch, saves: int):
+    real, calls = checkpoint.save, []
+
+    def save(*args, **kwargs):
+        path = real(*args, **kwargs)
+        calls.append(path)
+        if len(calls) == saves:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", save)
+    return calls
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_resume_mid_epoch_is_bitwise_identical(tmp_path, monkeypatch, scan):
+    full = _run(tmp_path / "full", scan=scan)
+    # 27 examples in batches of 4: 7 steps an epoch, in chunks of 3; the 2nd checkpoint is
+    # at step 6, in the middle of epoch 1.
+    calls = _interrupt_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "cut", scan=scan)
+    assert calls[-1].endswith("ckpt-0000000006.npz")
+    monkeypatch.undo()
+    resumed = _run(tmp_path / "cut", scan=scan)
+    _assert_bitwise(resumed.state, full.state)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+    assert strip(resumed.history) == strip(full.history)
+    # A finished run resumes to the same end without taking a step.
+    again = _run(tmp_path / "cut", scan=scan)
+    _assert_bitwise(again.state, full.state)
+
+
+def test_resume_skips_a_corrupt_latest(tmp_path, monkeypatch):
+    full = _run(tmp_path / "full")
+    _interrupt_after(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "cut")
+    monkeypatch.undo()
+    latest = checkpoint.list_checkpoints(tmp_path / "cut")[-1]
+    open(latest, "r+b").truncate(100)
+    with pytest.warns(CheckpointWarning, match=latest):
+        resumed = _run(tmp_path / "cut")
+    _assert_bitwise(resumed.state, full.state)
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path):
+    _run(tmp_path, epochs=1)
+    params, loss_fn, data = _problem()
+    with pytest.raises(ValueError, match=r"was written by a run configured as .*batch_size"):
+        fit(
+            loss_fn,
+            params,
+            data,
+            optimizer=optax.adam(0.05),
+            epochs=2,
+            batch_size=5,
+            key=jax.random.key(3),
+            checkpoint_dir=tmp_path,
+            quiet=True,
+        )
+    # resume=False starts afresh in the same directory.
+    r = fit(
+        loss_fn,
+        params,
+        data,
+        optimizer=optax.adam(0.05),
+        epochs=1,
+        batch_size=5,
+        key=jax.random.key(3),
+        checkpoint_dir=tmp_path,
+        resume=False,
+        quiet=True,
+    )
+    assert int(r.state.step) == 6

@@ -1,0 +1,187 @@
+"""jaxgrad.data: bundled sets, user arrays and files, splits, standardisation, batching."""
+
+import gzip
+import struct
+
+import jax
+import numpy as np
+import pytest
+
+from jaxgrad import data
+
+
+def test_bundled_sets_split_and_shapes():
+    digits = data.load("digits", seed=0)
+    assert digits.task == "classification" and digits.num_classes == 10
+    assert len(digits.x_train) + len(digits.x_test) == 1797
+    assert len(digits.x_test) == round(1797 * 0.2)
+    assert digits.feature_shape == (64,)
+    assert digits.y_train.dtype == np.int32
+    cancer = data.load("breast_cancer")
+    assert cancer.num_classes == 2 and cancer.feature_shape == (30,)
+    diabetes = data.load("diabetes")
+    assert diabetes.task == "regression" and diabetes.num_classes is None
+    assert diabetes.y_train.dtype == np.float32
+
+
+def test_split_is_seeded():
+    a, b, c = (
+        data.load("breast_cancer", seed=1),
+        data.load("breast_cancer", seed=1),
+        data.load("breast_cancer", seed=2),
+    )
+    np.testing.assert_array_equal(a.x_test, b.x_test)
+    assert not np.array_equal(a.y_test, c.y_test) or not np.array_equal(a.x_test, c.x_test)
+
+
+def test_standardisation_uses_training_statistics_only():
+    rng = np.random.default_rng(0)
+    x = rng.normal(5.0, 3.0, (200, 4))
+    y = rng.normal(size=200)
+    ds = data.from_arrays(x, y, seed=3, dtype=np.float64)
+    np.testing.assert_allclose(ds.x_train.mean(axis=0), 0, atol=1e-12)
+    np.testing.assert_allclose(ds.x_train.std(axis=0), 1, atol=1e-12)
+    np.testing.assert_allclose(ds.y_train.mean(), 0, atol=1e-12)
+    # The test split is transformed with the training mean and scale, not its own.
+    raw_train, _, raw_test, _ = data.train_test_split(x, y, seed=3)
+    np.testing.assert_allclose(ds.x_mean, raw_train.mean(axis=0))
+    np.testing.assert_allclose(ds.x_test, (raw_test - raw_train.mean(0)) / raw_train.std(0))
+    assert np.abs(ds.x_test.mean(axis=0)).max() > 1e-3
+
+
+def test_global_standardisation_and_constant_columns():
+    x = np.zeros((20, 3))
+    x[:, 1] = np.arange(20)
+    ds = data.from_arrays(x, np.arange(20) % 2, standardize="global", dtype=np.float64)
+    assert np.ndim(ds.x_scale) == 0
+    per_feature = data.from_arrays(x, np.arange(20) % 2, dtype=np.float64)
+    assert np.all(np.isfinite(per_feature.x_train))  # constant columns are not divided by 0
+    with pytest.raises(ValueError, match="`standardize` must be one of"):
+        data.from_arrays(x, np.arange(20) % 2, standardize="pixels")
+
+
+def test_line_is_not_standardised():
+    ds = data.synthetic_line(noise=0.0, slope=3.0, intercept=-1.0)
+    np.testing.assert_allclose(ds.y_train, 3.0 * ds.x_train - 1.0, atol=1e-6)
+    assert ds.feature_shape == ()
+
+
+def test_non_finite_values_name_rows_and_columns():
+    x = np.ones((10, 4))
+    x[2, 1] = np.nan
+    x[5, 1] = np.inf
+    x[5, 3] = np.nan
+    with pytest.raises(ValueError, match=r"in 2 of 10 rows .*3 values in 2 rows and 2 columns"):
+        data.from_arrays(x, np.zeros(10, int))
+    y = np.ones(10)
+    y[7] = np.nan
+    with pytest.raises(ValueError, match=r"targets: 1 rows"):
+        data.from_arrays(np.ones((10, 2)), y)
+
+
+def test_bad_labels_and_shapes():
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\).*e\.g\. 5"):
+        data.from_arrays(np.ones((10, 2)), np.array([0, 1, 2, 5, 0, 1, 2, 0, 1, 2]), num_classes=3)
+    with pytest.raises(ValueError, match="share a leading example axis"):
+        data.from_arrays(np.ones((10, 2)), np.ones(9))
+    with pytest.raises(ValueError, match="`task` must be one of"):
+        data.from_arrays(np.ones((10, 2)), np.ones(10), task="ranking")
+    with pytest.raises(ValueError, match="`test_fraction`"):
+        data.from_arrays(np.ones((10, 2)), np.ones(10), test_fraction=1.5)
+
+
+def test_unknown_name_lists_allowed():
+    with pytest.raises(ValueError, match=r"unknown data set 'mnist'.*'digits'.*'idx'"):
+        data.load("mnist")
+    with pytest.raises(ValueError, match="needs a `path`"):
+        data.load("npz")
+
+
+def test_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 3)), rng.integers(0, 4, 30)
+    np.savez(tmp_path / "xy.npz", x=x, y=y)
+    ds = data.load("npz", path=tmp_path / "xy.npz", standardize=False, dtype=np.float64)
+    assert ds.num_classes == 4 and len(ds.x_train) == 24
+    np.savez(tmp_path / "split.npz", x_train=x[:20], y_train=y[:20], x_test=x[20:], y_test=y[20:])
+    ds = data.load_npz(tmp_path / "split.npz", standardize=False, dtype=np.float64)
+    np.testing.assert_array_equal(ds.x_test, x[20:])
+    np.savez(tmp_path / "bad.npz", inputs=x)
+    with pytest.raises(ValueError, match=r"expected arrays named x, y .*got \['inputs'\]"):
+        data.load_npz(tmp_path / "bad.npz")
+    np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}] * 3, dtype=object), y=np.zeros(3))
+    with pytest.raises(ValueError, match="without pickle"):
+        data.load_npz(tmp_path / "obj.npz")
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    code = {np.dtype(np.uint8): 0x08, np.dtype(">f4"): 0x0D}[array.dtype]
+    header = struct.pack(">BBBB", 0, 0, code, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
+    return header + array.tobytes()
+
+
+def _write_mnist(directory, rng, n, prefix, compress):
+    images = rng.integers(0, 256, (n, 6, 5), dtype=np.uint8)
+    labels = rng.integers(0, 10, n, dtype=np.uint8)
+    for stem, array in (
+        (f"{prefix}-images-idx3-ubyte", images),
+        (f"{prefix}-labels-idx1-ubyte", labels),
+    ):
+        raw = _idx_bytes(array)
+        if compress:
+            (directory / (stem + ".gz")).write_bytes(gzip.compress(raw))
+        else:
+            (directory / stem).write_bytes(raw)
+    return images, labels
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_files(tmp_path, compress):
+    rng = np.random.default_rng(0)
+    images, _ = _write_mnist(tmp_path, rng, 40, "train", compress)
+    stem = "train-images-idx3-ubyte" + (".gz" if compress else "")
+    np.testing.assert_array_equal(data.read_idx(tmp_path / stem), images)
+    ds = data.load("idx", path=tmp_path, standardize=False, dtype=np.float64)
+    assert ds.feature_shape == (6, 5) and len(ds.x_train) == 32  # seeded split
+    assert ds.x_train.max() <= 1.0
+    test_images, test_labels = _write_mnist(tmp_path, rng, 7, "t10k", compress)
+    ds = data.load_idx(tmp_path, standardize=False, dtype=np.float64)
+    assert len(ds.x_train) == 40
+    np.testing.assert_array_equal(ds.y_test, test_labels)
+    np.testing.assert_allclose(ds.x_test, test_images / 255.0)
+
+
+def test_idx_errors(tmp_path):
+    raw = _idx_bytes(np.arange(24, dtype=np.uint8).reshape(4, 6))
+    (tmp_path / "short").write_bytes(raw[:-5])
+    with pytest.raises(ValueError, match=r"short: IDX header says shape \(4, 6\).*truncated"):
+        data.read_idx(tmp_path / "short")
+    (tmp_path / "junk").write_bytes(b"PK\x03\x04rest")
+    with pytest.raises(ValueError, match="junk: not an IDX file"):
+        data.read_idx(tmp_path / "junk")
+    (tmp_path / "bad.gz").write_bytes(gzip.compress(raw)[:-10])
+    with pytest.raises(ValueError, match=r"bad\.gz: corrupt or truncated gzip"):
+        data.read_idx(tmp_path / "bad.gz")
+    with pytest.raises(FileNotFoundError, match="missing train-images-idx3-ubyte"):
+        data.load_idx(tmp_path)
+    floats = _idx_bytes(np.linspace(0, 1, 6, dtype=">f4").reshape(2, 3))
+    (tmp_path / "floats").write_bytes(floats)
+    np.testing.assert_allclose(
+        data.read_idx(tmp_path / "floats"), np.linspace(0, 1, 6).reshape(2, 3), rtol=1e-6
+    )
+
+
+def test_epoch_indices_cover_every_example_once():
+    key = jax.random.key(3)
+    idx, mask = data.epoch_indices(key, 0, 10, 4)
+    assert idx.shape == mask.shape == (3, 4)
+    assert int(mask.sum()) == 10
+    assert sorted(np.asarray(idx)[np.asarray(mask)].tolist()) == list(range(10))
+    assert np.all((np.asarray(idx) >= 0) & (np.asarray(idx) < 10))
+    # A pure function of (key, epoch): the same again, different for another epoch.
+    again, _ = data.epoch_indices(key, 0, 10, 4)
+    other, _ = data.epoch_indices(key, 1, 10, 4)
+    np.testing.assert_array_equal(idx, again)
+    assert not np.array_equal(idx, other)

@@ -1,0 +1,99 @@
+"""Clipped gradients (DP-SGD style): the fast path against numpy on materialised gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from fast_cases import CASES, assert_rel_close, case, flat, materialised
+
+import jaxgrad
+from jaxgrad.fast import clipped_grad
+
+
+def numpy_clipped(g, clip, mask, counts, reduction):
+    norms = np.linalg.norm(g, axis=1)
+    factors = np.where(norms > clip, clip / np.maximum(norms, 1e-300), 1.0) * mask
+    total = factors @ g
+    return (total / np.sum(counts * mask) if reduction == "mean" else total), norms * mask
+
+
+def item_counts(name):
+    loss, params, batch = case(name)
+    per = jax.vmap(lambda ex: jaxgrad.reduce.as_sum_count(loss(params, ex))[1])(batch)
+    return np.asarray(per)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_fast_clipped_mean_matches_numpy(name):
+    loss, params, batch = case(name)
+    g = materialised(name)
+    size = g.shape[0]
+    mask = np.ones(size, bool)
+    mask[1] = False
+    clip = float(np.median(np.linalg.norm(g, axis=1)))  # about half the examples clipped
+    f = clipped_grad(loss, l2_clip=clip, return_norms=True)
+    got, norms = f(params, batch, jnp.asarray(mask))
+    expected, expected_norms = numpy_clipped(g, clip, mask, item_counts(name), "mean")
+    assert_rel_close(flat(got), expected)
+    assert_rel_close(norms, expected_norms)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(params)
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_clipped_sum_methods_and_chunks(method, chunk_size):
+    loss, params, batch = case("transformer")
+    g = materialised("transformer")
+    mask = np.array([True, True, False, True])
+    clip = 0.5 * float(np.max(np.linalg.norm(g, axis=1)))
+    f = clipped_grad(loss, l2_clip=clip, reduction="sum", method=method, chunk_size=chunk_size)
+    expected, _ = numpy_clipped(g, clip, mask, item_counts("transformer"), "sum")
+    assert_rel_close(flat(f(params, batch, jnp.asarray(mask))), expected)
+
+
+def test_large_clip_is_batch_grad_with_token_counts():
+    # The mean divides by the real items (tokens here), so without clipping it is batch_grad.
+    loss, params, batch = case("tied")
+    mask = jnp.array([True, True, True, False, True])
+    got = clipped_grad(loss, l2_clip=1e12)(params, batch, mask)
+    assert_rel_close(flat(got), flat(jaxgrad.batch_grad(loss)(params, batch, mask)))
+
+
+def test_under_outer_jit():
+    loss, params, batch = case("mlp")
+    f = clipped_grad(loss, l2_clip=0.3)
+    assert_rel_close(flat(jax.jit(f)(params, batch)), flat(f(params, batch)))
+
+
+def test_every_example_clipped_has_norm_at_most_clip():
+    loss, params, batch = case("cnn")
+    clip = 1e-3
+    got = clipped_grad(loss, l2_clip=clip, reduction="sum")(params, batch)
+    size = materialised("cnn").shape[0]
+    assert np.linalg.norm(flat(got)) <= size * clip * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("clip", [0, -1.0, float("nan"), float("inf"), "1", True, None])
+def test_bad_clip(clip):
+    with pytest.raises(ValueError, match="`l2_clip` must be a positive finite number"):
+        clipped_grad(lambda p, x: p * x, l2_clip=clip)
+
+
+def test_bad_reduction_and_method():
+    with pytest.raises(ValueError, match=r"`reduction` must be one of \['mean', 'sum'\]"):
+        clipped_grad(lambda p, x: p * x, l2_clip=1.0, reduction="max")
+    with pytest.raises(
+        ValueError, match=r"`method` must be one of \['auto', 'vmap'\]; got 'ghost'"
+    ):
+        clipped_grad(lambda p, x: p * x, l2_clip=1.0, method="ghost")
+
+
+def test_bad_mask_and_batch():
+    loss, params, batch = case("mlp")
+    f = clipped_grad(loss, l2_clip=1.0)
+    with pytest.raises(
+        ValueError, match=r"`mask` must have shape \(7,\) to match the batch; got \(6,\)"
+    ):
+        f(params, batch, jnp.ones(6, bool))
+    with pytest.raises(ValueError, match="`batch` leaves must share a leading axis"):
+        f(params, (batch[0], batch[1][:3]))

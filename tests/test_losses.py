@@ -1,0 +1,125 @@
+"""Losses against numpy formulas written out by hand, and supervised's label validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgrad import losses, models
+
+F64 = jnp.float64
+
+
+def log_softmax(z):
+    z = np.asarray(z, np.float64)
+    m = z.max(-1, keepdims=True)
+    return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+def test_squared_and_linear_error():
+    p, t = np.array([1.0, -2.0, 0.5]), np.array([0.0, 1.0, 0.5])
+    np.testing.assert_allclose(losses.squared_error(p, t), 1.0 + 9.0, rtol=1e-15)
+    np.testing.assert_allclose(losses.squared_error(2.0, 0.5), 2.25, rtol=1e-15)
+    np.testing.assert_allclose(losses.linear_error(p, t), (t - p).sum(), rtol=1e-15)
+    # The linear error is linear in the prediction: its gradient is the constant −1.
+    np.testing.assert_array_equal(jax.grad(losses.linear_error)(jnp.asarray(p), t), -np.ones(3))
+
+
+def test_softmax_cross_entropy_against_numpy():
+    logits = np.random.default_rng(0).normal(size=(5,)) * 3
+    for label in range(5):
+        np.testing.assert_allclose(
+            losses.softmax_cross_entropy(jnp.asarray(logits), label),
+            -log_softmax(logits)[label],
+            rtol=1e-13,
+        )
+    g = jax.grad(losses.softmax_cross_entropy)(jnp.asarray(logits), 2)
+    expected = np.exp(log_softmax(logits)) - np.eye(5)[2]
+    np.testing.assert_allclose(g, expected, atol=1e-14)
+
+
+@pytest.mark.parametrize("label", [-1, 5, 100])
+def test_softmax_cross_entropy_out_of_range_is_nan_in_value_and_gradient(label):
+    logits = jnp.arange(5.0)
+    assert np.isnan(losses.softmax_cross_entropy(logits, label))
+    # The gradient must be NaN too: a zero gradient would silently drop the example.
+    assert np.isnan(jax.grad(losses.softmax_cross_entropy)(logits, label)).all()
+
+
+def test_binary_cross_entropy_against_numpy():
+    for z in (-30.0, -2.0, 0.0, 0.7, 40.0):
+        for y in (0.0, 1.0, 0.3):
+            expected = np.logaddexp(0, z) - y * z  # −y log σ(z) − (1−y) log(1−σ(z)), stable
+            np.testing.assert_allclose(
+                losses.binary_cross_entropy(jnp.float64(z), y), expected, rtol=1e-12
+            )
+    np.testing.assert_allclose(
+        jax.grad(losses.binary_cross_entropy)(jnp.float64(0.7), 1.0), 1 / (1 + np.exp(-0.7)) - 1
+    )
+    assert losses.binary_cross_entropy(jnp.float64(1.0), 1).shape == ()
+
+
+def test_token_cross_entropy_against_numpy_loop():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(6, 4))
+    targets = np.array([1, 3, 0, 2, 0, 0])
+    loss_sum, count = losses.token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets))
+    lsm = log_softmax(logits)
+    expected = sum(-lsm[t, targets[t]] for t in range(6) if targets[t] != 0)
+    np.testing.assert_allclose(loss_sum, expected, rtol=1e-13)
+    assert float(count) == 3.0 and count.dtype == logits.dtype
+    # Padding positions get no gradient.
+    g = jax.grad(lambda z: losses.token_cross_entropy(z, jnp.asarray(targets))[0])(logits)
+    np.testing.assert_array_equal(np.asarray(g)[targets == 0], 0)
+
+
+def test_token_cross_entropy_pad_id_outside_classes():
+    logits = jnp.asarray(np.random.default_rng(2).normal(size=(4, 3)))
+    targets = jnp.array([0, 2, -1, -1])
+    loss_sum, count = losses.token_cross_entropy(logits, targets, pad_id=-1)
+    lsm = log_softmax(logits)
+    np.testing.assert_allclose(loss_sum, -lsm[0, 0] - lsm[1, 2], rtol=1e-13)
+    assert float(count) == 2.0
+    g = jax.grad(lambda z: losses.token_cross_entropy(z, targets, pad_id=-1)[0])(logits)
+    assert np.isfinite(g).all()
+    np.testing.assert_array_equal(np.asarray(g)[2:], 0)
+    # A real target out of range is NaN, in the value and the gradient.
+    bad = jnp.array([0, 7, -1, -1])
+    assert np.isnan(losses.token_cross_entropy(logits, bad, pad_id=-1)[0])
+    g = jax.grad(lambda z: losses.token_cross_entropy(z, bad, pad_id=-1)[0])(logits)
+    assert np.isnan(g).any()
+
+
+def test_all_padding_sequence_counts_zero():
+    loss_sum, count = losses.token_cross_entropy(jnp.zeros((3, 4)), jnp.zeros(3, jnp.int32))
+    assert float(loss_sum) == 0.0 and float(count) == 0.0
+
+
+def test_supervised_binds_model_and_loss():
+    model = models.linear_regression(2, dtype=F64)
+    params = {"w": jnp.array([1.0, -1.0]), "b": jnp.float64(0.5)}
+    fn = losses.supervised(model.apply, losses.squared_error)
+    np.testing.assert_allclose(fn(params, (jnp.array([2.0, 1.0]), 3.0)), (1.5 - 3.0) ** 2)
+    assert "squared_error" in repr(fn)
+
+
+def test_supervised_validate():
+    fn = losses.supervised(lambda p, x: x, losses.softmax_cross_entropy, num_classes=3)
+    fn.validate((np.ones((2, 3)), np.array([0, 2])))  # fine
+    with pytest.raises(TypeError, match=r"`batch` must be a pair \(inputs, targets\); got dict"):
+        fn.validate({"x": 1})
+    with pytest.raises(TypeError, match=r"`batch` must be a pair"):
+        fn.validate((1, 2, 3))
+    with pytest.raises(
+        TypeError, match=r"labels \(`batch\[1\]`\) must be integers; got dtype float"
+    ):
+        fn.validate((np.ones((2, 3)), np.array([0.0, 2.0])))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 3\); got 2 outside it, e\.g\. 3"):
+        fn.validate((np.ones((3, 3)), np.array([3, 1, 4])))
+    with pytest.raises(ValueError, match=r"e\.g\. -2"):
+        fn.validate((np.ones((2, 3)), np.array([0, -2])))
+    # Token targets (B, T) are checked elementwise.
+    with pytest.raises(ValueError, match=r"e\.g\. 9"):
+        fn.validate((np.ones((2, 3)), np.array([[0, 1], [9, 2]])))
+    # Without num_classes nothing about labels is checked.
+    losses.supervised(lambda p, x: x, losses.squared_error).validate((np.ones(2), np.ones(2)))

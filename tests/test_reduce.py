@@ -1,0 +1,113 @@
+"""(sum, count) reductions, masks and microbatch splitting, against numpy."""
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxgrad import reduce
+
+
+def test_as_sum_count():
+    s, c = reduce.as_sum_count(jnp.float64(2.5))
+    assert float(s) == 2.5 and float(c) == 1.0 and c.dtype == jnp.float64
+    s, c = reduce.as_sum_count((jnp.float64(6.0), jnp.int32(3)))
+    assert float(s) == 6.0 and float(c) == 3.0 and c.dtype == jnp.float64
+    s, c = reduce.as_sum_count([1.0, 2.0])
+    assert float(c) == 2.0
+    with pytest.raises(TypeError, match=r"`loss_fn` must return a scalar or a pair.*length 3"):
+        reduce.as_sum_count((1.0, 2.0, 3.0))
+    with pytest.raises(TypeError, match=r"ONE example.*got shapes \(4,\) and \(\)"):
+        reduce.as_sum_count(jnp.ones(4))
+    with pytest.raises(TypeError, match=r"got shapes \(\) and \(2,\)"):
+        reduce.as_sum_count((1.0, jnp.ones(2)))
+
+
+def test_loss_sum_fn():
+    f = reduce.loss_sum_fn(lambda p, ex: (p * ex, 4.0))
+    assert float(f(2.0, 3.0)) == 6.0
+
+
+def test_batch_size_checks():
+    assert reduce.batch_size({"x": np.ones((5, 2)), "y": [np.ones(5)]}) == 5
+    with pytest.raises(ValueError, match=r"`batch` leaves must share a leading axis; got shapes"):
+        reduce.batch_size((np.ones((32, 3)), np.ones(31)))
+    with pytest.raises(ValueError, match=r"`batch` is empty"):
+        reduce.batch_size(np.ones((0, 3)))
+    with pytest.raises(ValueError, match=r"`batch`.*scalar leaf"):
+        reduce.batch_size((np.ones(3), 1.0))
+    with pytest.raises(ValueError, match=r"`data` has no array leaves"):
+        reduce.batch_size({}, name="data")
+
+
+def test_check_mask():
+    np.testing.assert_array_equal(reduce.check_mask(None, 3), [True] * 3)
+    np.testing.assert_array_equal(reduce.check_mask([True, False], 2), [True, False])
+    with pytest.raises(ValueError, match=r"`mask` must have shape \(3,\).*got \(2,\)"):
+        reduce.check_mask(np.ones(2, bool), 3)
+    with pytest.raises(TypeError, match=r"`mask` must be boolean.*float"):
+        reduce.check_mask(np.ones(3), 3)
+    with pytest.raises(TypeError, match=r"`weights` must be boolean"):
+        reduce.check_mask([0, 1, 1], 3, name="weights")
+    # Works on tracers (under a caller's jit).
+    out = jax.jit(lambda m: reduce.check_mask(m, 2))(jnp.array([True, False]))
+    np.testing.assert_array_equal(out, [True, False])
+
+
+def test_masked_totals_and_safe_divide():
+    sums, counts = jnp.array([1.0, jnp.nan, 3.0]), jnp.array([2.0, 5.0, 1.0])
+    total, count = reduce.masked_totals(sums, counts, jnp.array([True, False, True]))
+    assert float(total) == 4.0 and float(count) == 3.0  # the NaN row is masked out
+    np.testing.assert_allclose(reduce.safe_divide({"a": jnp.array([3.0, 6.0])}, 3.0)["a"], [1, 2])
+    assert float(reduce.safe_divide(jnp.float64(5.0), jnp.float64(0.0))) == 0.0
+    # The gradient through an empty count is 0, not NaN.
+    g = jax.grad(lambda t: reduce.safe_divide(t, jnp.float64(0.0)))(1.0)
+    assert float(g) == 0.0
+
+
+def test_fill_padding_replaces_padded_rows_with_a_real_row():
+    x = jnp.array([[jnp.nan, 0.0], [1.0, 2.0], [jnp.inf, 3.0]])
+    out = reduce.fill_padding({"x": x, "y": jnp.array([7, 8, 9])}, jnp.array([False, True, False]))
+    np.testing.assert_array_equal(out["x"], [[1.0, 2.0]] * 3)
+    np.testing.assert_array_equal(out["y"], [8, 8, 8])
+    none = reduce.fill_padding(x, jnp.zeros(3, bool))  # no real row: unchanged shape
+    assert none.shape == (3, 2)
+
+
+def test_pad_batch():
+    batch = {"x": jnp.arange(6.0).reshape(3, 2)}
+    padded, mask = reduce.pad_batch(batch, jnp.array([True, False, True]), 5)
+    np.testing.assert_array_equal(padded["x"][3:], [[0.0, 1.0], [0.0, 1.0]])
+    np.testing.assert_array_equal(mask, [True, False, True, False, False])
+    same, m = reduce.pad_batch(batch, jnp.ones(3, bool), 3)
+    assert same is batch
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_split_microbatches_preserves_rows_in_order(data):
+    n = data.draw(st.integers(1, 12))
+    k = data.draw(st.integers(1, 13))
+    mask = data.draw(hnp.arrays(bool, (n,)))
+    x = np.arange(n * 2, dtype=np.float64).reshape(n, 2)
+    micro, micro_mask = reduce.split_microbatches({"x": jnp.asarray(x)}, jnp.asarray(mask), k)
+    per = -(-n // k)
+    assert micro["x"].shape == (k, per, 2) and micro_mask.shape == (k, per)
+    flat, flat_mask = np.asarray(micro["x"]).reshape(-1, 2), np.asarray(micro_mask).reshape(-1)
+    np.testing.assert_array_equal(flat[:n], x)
+    np.testing.assert_array_equal(flat_mask[:n], mask)
+    assert not flat_mask[n:].any()
+    assert np.isfinite(flat).all()
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5, True, None, "2"])
+def test_check_positive_int_rejects(bad):
+    with pytest.raises(ValueError, match=r"`num_microbatches` must be a positive integer"):
+        reduce.check_positive_int(bad, name="num_microbatches")
+
+
+def test_check_positive_int_accepts_numpy_ints():
+    assert reduce.check_positive_int(np.int64(4), name="k") == 4

@@ -1,0 +1,150 @@
+"""python -m jaxgrad.train: the documented results, outputs, and clear errors."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxgrad.train.__main__ import main
+
+
+def _run(tmp_path, *args):
+    out = tmp_path / "out.json"
+    assert main([*args, "--json", str(out), "--quiet"]) == 0
+    return json.loads(out.read_text())
+
+
+def test_mlp_on_digits_subprocess(tmp_path):
+    """The headline result, as a user runs it: >= 0.97 test accuracy in well under 60 s."""
+    out, png = tmp_path / "out.json", tmp_path / "curves.png"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxgrad.train",
+            "--model",
+            "mlp",
+            "--data",
+            "digits",
+            "--epochs",
+            "30",
+            "--strategy",
+            "per-example",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "final after 30 epochs" in proc.stdout and "test_accuracy" in proc.stdout
+    summary = json.loads(out.read_text())
+    assert summary["final"]["test_accuracy"] >= 0.97
+    assert summary["seconds"] < 60
+    assert summary["epochs"] == 30 and summary["strategy"] == "per-example"
+    assert summary["final"]["train_loss"] < 0.05
+    assert len(summary["history"]) == 30
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_logistic_on_breast_cancer(tmp_path):
+    s = _run(tmp_path, "--data", "breast_cancer", "--model", "logistic")
+    assert s["final"]["test_accuracy"] >= 0.95
+
+
+def test_line_fit_recovers_m_and_b(tmp_path):
+    s = _run(tmp_path, "--data", "line", "--strategy", "accumulate", "--x64")
+    assert s["params"]["m"] == pytest.approx(2.0, abs=1e-3)
+    assert s["params"]["b"] == pytest.approx(-0.5, abs=1e-3)
+
+
+def test_linear_regression_on_diabetes_matches_sklearn(tmp_path):
+    from sklearn.linear_model import LinearRegression
+
+    from jaxgrad import data
+
+    s = _run(tmp_path, "--data", "diabetes", "--model", "linear")
+    ds = data.load("diabetes", seed=0)
+    reference = LinearRegression().fit(ds.x_train, ds.y_train).score(ds.x_test, ds.y_test)
+    assert s["reference"]["sklearn_linear_regression_test_r2"] == pytest.approx(reference)
+    assert abs(s["final"]["test_r2"] - reference) <= 0.01
+
+
+def test_checkpoint_and_resume_from_the_cli(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    args = ["--data", "line", "--epochs", "4", "--checkpoint-dir", str(ckpt)]
+    first = _run(tmp_path, *args)
+    assert len(os.listdir(ckpt)) == 3  # --keep 3
+    again = _run(tmp_path, *args, "--epochs", "6", "--metrics-jsonl", str(tmp_path / "m.jsonl"))
+    assert again["history"][:4] == first["history"]
+    assert len(again["history"]) == 6
+    lines = (tmp_path / "m.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [5, 6]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--model", "resnet"],
+            r"invalid choice: 'resnet' \(choose from '?line'?, '?linear'?, '?logistic'?, '?mlp",
+        ),
+        (["--data", "mnist"], r"invalid choice: 'mnist' \(choose from '?digits'?, '?breast_cancer"),
+        (["--strategy", "mean"], r"invalid choice: 'mean' \(choose from '?batch'?, '?per-example"),
+        (["--data", "diabetes", "--model", "logistic"], "--model logistic is a classifier"),
+        (["--data", "digits", "--model", "linear"], "--model linear is a regression model"),
+        (
+            ["--data", "digits", "--batch-size", "5000"],
+            r"--batch-size 5000 is larger than the training set \(1438",
+        ),
+        (["--data", "npz"], "--data npz needs --data-path"),
+    ],
+)
+def test_clear_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--quiet"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+
+
+def test_bad_data_file_and_labels(tmp_path, capsys):
+    x = np.ones((20, 3))
+    x[3, 1] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x, y=np.zeros(20, int))
+    with pytest.raises(SystemExit):
+        main(["--data", "npz", "--data-path", str(tmp_path / "nan.npz"), "--quiet"])
+    assert (
+        "nan.npz contains non-finite values (NaN or inf) in 1 of 20 rows" in capsys.readouterr().err
+    )
+
+
+def test_non_finite_loss_exits_with_the_step(tmp_path, capsys):
+    code = main(
+        [
+            "--data",
+            "diabetes",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "1e3",
+            "--epochs",
+            "50",
+            "--checkpoint-dir",
+            str(tmp_path),
+            "--checkpoint-every",
+            "5",
+            "--quiet",
+        ]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "non-finite (NaN or inf) at step" in err and "the last good checkpoint is" in err
