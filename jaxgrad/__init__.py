@@ -5,7 +5,7 @@ The gradient of the batch's mean loss equals the mean of the per-example gradien
 order a pure function, proves the equivalences and measures the differences.
 """
 
-from jaxgrad import check, losses, models, naive, reduce
+from jaxgrad import check, closed_form, data, losses, models, naive, reduce, train
 from jaxgrad.grads import (
     accumulate_grad,
     batch_grad,
@@ -21,10 +21,13 @@ __all__ = [
     "accumulate_grad",
     "batch_grad",
     "check",
+    "closed_form",
+    "data",
     "losses",
     "mean_of_per_example_grads",
     "models",
     "naive",
     "per_example_grads",
     "reduce",
+    "train",
 ]

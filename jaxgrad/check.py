@@ -126,7 +126,7 @@ def compare(fns: dict[str, Any], *args) -> Comparison:
       ...      "at mean input": jaxgrad.naive.grad_at_mean_input(loss)},
       ...     1.0, jnp.array([0.0, 1.0]))
       >>> round(table.rows[0].max_abs_diff, 4)
-      0.0141
+      0.0192
     """
     if not isinstance(fns, dict) or len(fns) < 2:
         raise ValueError(

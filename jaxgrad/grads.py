@@ -132,8 +132,9 @@ def per_example_grads(loss_fn, *, chunk_size: int | None = None, return_loss: bo
 
       >>> import jax.numpy as jnp, jaxgrad
       >>> loss = lambda p, ex: (p * ex[0] - ex[1]) ** 2
-      >>> jaxgrad.per_example_grads(loss)(2.0, (jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0])))
-      Array([ 2., 12.], dtype=float32)
+      >>> batch = (jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0]))
+      >>> jaxgrad.per_example_grads(loss)(2.0, batch).tolist()
+      [2.0, 12.0]
     """
     if chunk_size is not None:
         chunk_size = reduce.check_positive_int(chunk_size, name="chunk_size")

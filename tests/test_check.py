@@ -106,7 +106,7 @@ def test_compare_docstring_example():
         1.0,
         jnp.array([0.0, 1.0]),
     )
-    assert round(table.rows[0].max_abs_diff, 4) == 0.0141
+    assert round(table.rows[0].max_abs_diff, 4) == 0.0192  # (σ'(1)/2 vs σ'(0.5)/2)
 
 
 @pytest.mark.parametrize("fns", [{}, {"one": lambda: 0}, [lambda: 0, lambda: 1]])

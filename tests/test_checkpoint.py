@@ -130,7 +130,7 @@ def _problem():
     return model.init(jax.random.key(0)), loss_fn, (x, y)
 
 
-def _run(directory, *, scan=True, epochs=3, **kw):
+def _run(directory, *, scan=True, epochs=2, **kw):
     params, loss_fn, data = _problem()
     return fit(
         loss_fn,

@@ -82,7 +82,7 @@ def test_pad_batch():
     padded, mask = reduce.pad_batch(batch, jnp.array([True, False, True]), 5)
     np.testing.assert_array_equal(padded["x"][3:], [[0.0, 1.0], [0.0, 1.0]])
     np.testing.assert_array_equal(mask, [True, False, True, False, False])
-    same, m = reduce.pad_batch(batch, jnp.ones(3, bool), 3)
+    same, _ = reduce.pad_batch(batch, jnp.ones(3, bool), 3)
     assert same is batch
 
 

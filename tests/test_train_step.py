@@ -60,7 +60,7 @@ def _reference_sgd(loss_fn, params, batches, lr):
 def test_sgd_trajectory_matches_reference(name):
     model, loss_fn, x, y = _problem()
     params0 = model.init(jax.random.key(0))
-    batches = _batches(x, y, batch_size=8, steps=7)
+    batches = _batches(x, y, batch_size=8, steps=5)
     opt = optax.sgd(0.3)
     step = train_step(loss_fn, opt, strategy=STRATEGIES[name])
     state = init_state(params0, opt)

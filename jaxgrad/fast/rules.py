@@ -155,7 +155,7 @@ def gather_norm_sq(eqn: Eqn, pos: int, idx, g):
     idx, _, g = gather_rows(eqn, idx, g)
     t = idx.shape[1]
     num_rows = _prod(eqn.in_avals[0].shape, dn.start_index_map)
-    if t * t > t + num_rows:  # materialising the (rows × R) gradient is cheaper
+    if t * t > 8 * num_rows:  # materialising the (rows × R) gradient is cheaper
         grads = per_example_grads(eqn, 0, idx_restore(eqn, idx), g_restore(eqn, g))
         return jnp.sum(grads.reshape(grads.shape[0], -1) ** 2, axis=1)
     same = jnp.all(idx[:, :, None, :] == idx[:, None, :, :], axis=-1)
@@ -181,11 +181,62 @@ def g_restore(eqn: Eqn, g):
     return jnp.transpose(g, (0, *inverse))
 
 
+def conv_norm_sq(eqn: Eqn, pos: int, a, g):
+    """``‖∇_W S_i‖²`` for a convolution, one kernel offset at a time (im2col without the stack).
+
+    For kernel offset ``o`` the per-example gradient slice is ``dW_i[o] = P_{i,o}ᵀ G_i`` with
+    ``P_{i,o}`` the input window shifted by ``o`` (a strided slice of the padded input): a
+    batched ``(C_in × T)·(T × C_out)`` matmul, so only ``B × C_in × C_out`` is live per offset.
+    Grouped, batch-grouped and input-dilated convolutions take the generic route.
+    """
+    p = eqn.params
+    if (
+        pos != 1
+        or p["feature_group_count"] != 1
+        or p["batch_group_count"] != 1
+        or any(d != 1 for d in (p["lhs_dilation"] or ()))
+    ):
+        return _materialised_norm_sq(eqn, pos, a, g)
+    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+    rhs_shape = eqn.in_avals[1].shape
+    dtype = eqn.out_avals[0].dtype
+    nsp = len(lhs_spec) - 2
+    a = jnp.transpose(a, (0, 1 + lhs_spec[0], *(1 + d for d in lhs_spec[2:]), 1 + lhs_spec[1]))
+    g = jnp.transpose(g, (0, 1 + out_spec[0], *(1 + d for d in out_spec[2:]), 1 + out_spec[1]))
+    b, out_sp = a.shape[0], g.shape[2:-1]
+    pads = [(0, 0, 0)] * 2 + [(lo, hi, 0) for lo, hi in p["padding"]] + [(0, 0, 0)]
+    a = jax.lax.pad(a, jnp.zeros((), a.dtype), pads)
+    strides = p["window_strides"]
+    dil = p["rhs_dilation"] or (1,) * nsp
+    kernel = [rhs_shape[d] for d in rhs_spec[2:]]
+    g = g.reshape(b, -1, g.shape[-1]).astype(dtype)
+    total = jnp.zeros((b,), dtype)
+    for offset in np.ndindex(*kernel):
+        start = [0, 0, *(o * r for o, r in zip(offset, dil)), 0]
+        limit = [
+            b,
+            a.shape[1],
+            *(st + (n - 1) * s + 1 for st, n, s in zip(start[2:], out_sp, strides)),
+            a.shape[-1],
+        ]
+        window = jax.lax.slice(a, start, limit, [1, 1, *strides, 1])
+        window = window.reshape(b, -1, window.shape[-1]).astype(dtype)
+        w = jnp.einsum("btc,btn->bcn", window, g, precision=jax.lax.Precision.HIGHEST)
+        total = total + jnp.sum(w * w, axis=(1, 2))
+    return total
+
+
+def _materialised_norm_sq(eqn: Eqn, pos: int, a, g):
+    grads = per_example_grads(eqn, pos, a, g)
+    return jnp.sum(grads.reshape(grads.shape[0], -1).astype(g.dtype) ** 2, axis=1)
+
+
 def norm_sq(kind: str, eqn: Eqn, pos: int, a, g):
     """Per-example squared norm ``(B,)`` of the gradient through one use."""
     if kind == "dense":
         return dense_norm_sq(eqn, pos, a, g)
     if kind == "gather":
         return gather_norm_sq(eqn, pos, a, g)
-    grads = per_example_grads(eqn, pos, a, g)
-    return jnp.sum(grads.reshape(grads.shape[0], -1).astype(g.dtype) ** 2, axis=1)
+    if kind == "conv":
+        return conv_norm_sq(eqn, pos, a, g)
+    return _materialised_norm_sq(eqn, pos, a, g)

@@ -185,6 +185,8 @@ def _run(job: dict) -> dict:
         if job["device"] == "gpu":
             if not any(d.platform == "gpu" for d in jax.devices()):
                 raise RuntimeError(f"--device gpu: JAX sees no GPU (devices: {jax.devices()})")
+            # TF32 matmuls (the GPU default) are not float32 and would fail the cross-check.
+            jax.config.update("jax_default_matmul_precision", "highest")
         result["device"] = str(jax.devices()[0].device_kind)
     else:
         import torch
