@@ -85,10 +85,13 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default="mlp,cnn,transformer")
     args = parser.parse_args()
     r = args.repeats
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, float32, median of {r}")
     for name, make in [("mlp", mlp_case), ("cnn", cnn_case), ("transformer", transformer_case)]:
+        if name not in args.only.split(","):
+            continue
         loss, params, batch = make(256)
         mask = jnp.ones(256, bool)
         bg = jaxgrad.batch_grad(loss)
@@ -98,8 +101,10 @@ def main():
         t_bg = timeit(bg, params, batch, mask, repeats=r)
         t_cg = timeit(cg, params, batch, mask, repeats=r)
         t_norms = timeit(per_example_norms(loss), params, batch, mask, repeats=r)
-        print(f"\n[{name}] B=256  batch_grad {t_bg * 1e3:.2f} ms  clipped_grad {t_cg * 1e3:.2f} ms"
-              f"  per_example_norms {t_norms * 1e3:.2f} ms")
+        print(
+            f"\n[{name}] B=256  batch_grad {t_bg * 1e3:.2f} ms  clipped_grad {t_cg * 1e3:.2f} ms"
+            f"  per_example_norms {t_norms * 1e3:.2f} ms"
+        )
         print(f"  throughput clipped_grad / batch_grad = {t_bg / t_cg:.2f}")
         if not args.quick:
             t_vc = timeit(vmap_clip(loss, 1.0), params, batch, repeats=max(3, r // 2))
@@ -108,16 +113,20 @@ def main():
             t_pv = timeit(plain_vmap_grad(loss), params, batch, repeats=max(3, r // 2))
             n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
             bw = write_bandwidth_bound(256 * n_params * 4)
-            print(f"  jaxgrad.per_example_grads {t_pe * 1e3:.2f} ms, plain vmap(grad) "
-                  f"{t_pv * 1e3:.2f} ms (ratio {t_pe / t_pv:.2f}); writing B x P = "
-                  f"{256 * n_params * 4 / 1e6:.0f} MB takes >= {bw * 1e3:.2f} ms")
+            print(
+                f"  jaxgrad.per_example_grads {t_pe * 1e3:.2f} ms, plain vmap(grad) "
+                f"{t_pv * 1e3:.2f} ms (ratio {t_pe / t_pv:.2f}); writing B x P = "
+                f"{256 * n_params * 4 / 1e6:.0f} MB takes >= {bw * 1e3:.2f} ms"
+            )
         for size in (256, 2048):
-            l, p, b = make(size)
+            lf, p, b = make(size)
             m = jnp.ones(size, bool)
-            mem_bg = peak_bytes(jaxgrad.batch_grad(l), p, b, m)
-            mem_cg = peak_bytes(clipped_grad(l, l2_clip=1.0), p, b, m)
-            print(f"  B={size}: peak bytes batch_grad {mem_bg / 1e6:.1f} MB, clipped_grad "
-                  f"{mem_cg / 1e6:.1f} MB, ratio {mem_cg / mem_bg:.2f}")
+            mem_bg = peak_bytes(jaxgrad.batch_grad(lf), p, b, m)
+            mem_cg = peak_bytes(clipped_grad(lf, l2_clip=1.0), p, b, m)
+            print(
+                f"  B={size}: peak bytes batch_grad {mem_bg / 1e6:.1f} MB, clipped_grad "
+                f"{mem_cg / 1e6:.1f} MB, ratio {mem_cg / mem_bg:.2f}"
+            )
         del cg_core, bg_core
 
 

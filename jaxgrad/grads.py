@@ -26,7 +26,7 @@ def _values_are_concrete(tree) -> bool:
 
 
 def _validator(loss_fn):
-    """The loss's own ``validate(batch)`` check, if it has one."""
+    """The loss's own ``validate(batch, mask)`` check, if it has one."""
     return getattr(loss_fn, "validate", None)
 
 
@@ -34,7 +34,7 @@ def _strategy(core, *, validate=None, return_loss: bool, name: str):
     """Wraps ``core(params, batch, mask) -> (loss, grads)`` with input checks and ``jax.jit``.
 
     Shape checks run at trace time, so they also guard a caller's own ``jax.jit``. A loss
-    with a ``validate(batch)`` method (see :func:`jaxgrad.losses.supervised`) has it called
+    with a ``validate(batch, mask)`` method (see :func:`jaxgrad.losses.supervised`) has it called
     on concrete batches, so out-of-range labels fail loudly rather than give a wrong number.
     """
     # Padded rows become copies of a real row, so garbage (even NaN) in them cannot leak
@@ -47,7 +47,7 @@ def _strategy(core, *, validate=None, return_loss: bool, name: str):
         size = reduce.batch_size(batch)
         mask = reduce.check_mask(mask, size)
         if validate is not None and _values_are_concrete(batch):
-            validate(batch)
+            validate(batch, mask)
         loss, grads = jitted(params, batch, mask)
         return (loss, grads) if return_loss else grads
 

@@ -99,20 +99,35 @@ class supervised:
         x, y = example
         return self.loss(self.apply(params, x), y)
 
-    def validate(self, batch) -> None:
-        """Raises ``ValueError`` if a label is out of range or not an integer."""
+    def validate(self, batch, mask=None) -> None:
+        """Raises if a real (unmasked) example's label is out of range or of the wrong kind.
+
+        Integer labels must lie in ``[0, num_classes)``; float labels are allowed only for two
+        classes (binary cross-entropy) and must lie in ``[0, 1]``. Padded rows (``mask``
+        False) are not checked, so they may carry an ignore label such as -100.
+        """
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise TypeError(f"`batch` must be a pair (inputs, targets); got {type(batch).__name__}")
         if self.num_classes is None:
             return
         labels = np.asarray(batch[1])
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise TypeError(f"labels (`batch[1]`) must be integers; got dtype {labels.dtype}")
-        bad = (labels < 0) | (labels >= self.num_classes)
+        if mask is not None:
+            labels = labels[np.asarray(mask, bool)]
+        if np.issubdtype(labels.dtype, np.integer):
+            low, high, closed = 0, self.num_classes, False
+        elif np.issubdtype(labels.dtype, np.floating) and self.num_classes == 2:
+            low, high, closed = 0.0, 1.0, True
+        else:
+            raise TypeError(
+                f"labels (`batch[1]`) must be integers (or floats in [0, 1] for 2 classes); "
+                f"got dtype {labels.dtype} with num_classes={self.num_classes}"
+            )
+        bad = ~((labels >= low) & ((labels <= high) if closed else (labels < high)))
         if bad.any():
+            interval = f"[{low}, {high}]" if closed else f"[{low}, {high})"
             raise ValueError(
-                f"labels (`batch[1]`) must lie in [0, {self.num_classes}); got {bad.sum()} "
-                f"outside it, e.g. {labels[bad].flat[0]}"
+                f"labels (`batch[1]`) must lie in {interval}; got {bad.sum()} outside it, "
+                f"e.g. {labels[bad].flat[0]}"
             )
 
     def __repr__(self):

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 
@@ -58,9 +59,10 @@ def _dense(p: dict, x: jax.Array) -> jax.Array:
 
 def _check_sizes(sizes, *, name: str, minimum: int) -> tuple[int, ...]:
     sizes = tuple(sizes)
-    if len(sizes) < minimum or not all(isinstance(s, int) and s > 0 for s in sizes):
+    valid = lambda s: isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0
+    if len(sizes) < minimum or not all(map(valid, sizes)):
         raise ValueError(f"`{name}` must be at least {minimum} positive integers; got {sizes!r}")
-    return sizes
+    return tuple(int(s) for s in sizes)
 
 
 def line_fit(*, dtype=jnp.float32) -> Model:

@@ -132,7 +132,8 @@ def backprop_mean_error(apply_fn, output_loss, *, return_loss: bool = False):
     )
 
 
-def _check_pair(batch):
+def _check_pair(batch, mask=None):
+    del mask
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(f"`batch` must be a pair (inputs, targets); got {type(batch).__name__}")
 

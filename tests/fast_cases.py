@@ -13,20 +13,34 @@ import jaxgrad
 F64 = jnp.float64
 
 
+def np_params(init, seed):
+    """Random params shaped like ``init``'s, drawn with numpy (no XLA compile in the tests)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(init, jax.random.key(0))
+
+    def draw(path, s):
+        if len(s.shape) >= 2:
+            return jnp.asarray(rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1])), F64)
+        base = 1.0 if "scale" in jax.tree_util.keystr(path) else 0.0
+        return jnp.asarray(base + 0.1 * rng.normal(size=s.shape), F64)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 def mlp_case(key, size=7):
     model = jaxgrad.models.mlp([6, 5, 4, 3], activation="tanh", dtype=F64)
     loss = jaxgrad.losses.supervised(model.apply, jaxgrad.losses.softmax_cross_entropy)
-    kx, kp = jax.random.split(key)
-    batch = (jax.random.normal(kx, (size, 6), F64), jnp.arange(size) % 3)
-    return loss, model.init(kp), batch
+    rng = np.random.default_rng(1)
+    batch = (jnp.asarray(rng.normal(size=(size, 6)), F64), jnp.arange(size) % 3)
+    return loss, np_params(model.init, 2), batch
 
 
 def cnn_case(key, size=5):
     model = jaxgrad.models.cnn(image_shape=(6, 6), channels=(3, 4), num_classes=3, dtype=F64)
     loss = jaxgrad.losses.supervised(model.apply, jaxgrad.losses.softmax_cross_entropy)
-    kx, kp = jax.random.split(key)
-    batch = (jax.random.normal(kx, (size, 6, 6), F64), jnp.arange(size) % 3)
-    return loss, model.init(kp), batch
+    rng = np.random.default_rng(3)
+    batch = (jnp.asarray(rng.normal(size=(size, 6, 6)), F64), jnp.arange(size) % 3)
+    return loss, np_params(model.init, 4), batch
 
 
 def transformer_case(key, size=4, length=6):
@@ -34,17 +48,17 @@ def transformer_case(key, size=4, length=6):
         vocab_size=11, max_len=8, d_model=8, num_heads=2, num_layers=1, dtype=F64
     )
     loss = jaxgrad.losses.supervised(model.apply, jaxgrad.losses.token_cross_entropy)
-    kt, kp = jax.random.split(key)
-    tokens = jax.random.randint(kt, (size, length), 1, 11)
-    tokens = tokens.at[1, length // 2 :].set(0)  # a padded sequence
-    return loss, model.init(kp), (tokens, jnp.roll(tokens, -1, axis=1))
+    tokens = np.random.default_rng(5).integers(1, 11, (size, length))
+    tokens[1, length // 2 :] = 0  # a padded sequence
+    targets = np.roll(tokens, -1, axis=1)
+    return loss, np_params(model.init, 6), (jnp.asarray(tokens), jnp.asarray(targets))
 
 
-def embedding_init(key, vocab=13, dim=5, classes=3):
-    k1, k2 = jax.random.split(key)
+def embedding_init(seed, vocab=13, dim=5, classes=3):
+    rng = np.random.default_rng(seed)
     return {
-        "embed": jax.random.normal(k1, (vocab, dim), F64),
-        "out": jax.random.normal(k2, (dim, classes), F64) / np.sqrt(dim),
+        "embed": jnp.asarray(rng.normal(size=(vocab, dim)), F64),
+        "out": jnp.asarray(rng.normal(size=(dim, classes)) / np.sqrt(dim), F64),
     }
 
 
@@ -56,9 +70,9 @@ def embedding_loss(params, example):
 
 
 def embedding_case(key, size=6, length=5):
-    kt, kp = jax.random.split(key)
-    tokens = jax.random.randint(kt, (size, length), 0, 4)  # few ids: many repeats
-    return embedding_loss, embedding_init(kp), (tokens, jnp.arange(size) % 3)
+    del key
+    tokens = np.random.default_rng(7).integers(0, 4, (size, length))  # few ids: many repeats
+    return embedding_loss, embedding_init(8), (jnp.asarray(tokens), jnp.arange(size) % 3)
 
 
 def tied_loss(params, example):
@@ -70,14 +84,16 @@ def tied_loss(params, example):
 
 
 def tied_case(key, size=5, length=4, vocab=9, dim=4):
-    k1, k2, k3 = jax.random.split(key, 3)
+    del key
+    rng = np.random.default_rng(9)
     params = {
-        "embed": jax.random.normal(k1, (vocab, dim), F64),
-        "mix": jax.random.normal(k2, (dim, dim), F64) / 2,
+        "embed": jnp.asarray(rng.normal(size=(vocab, dim)), F64),
+        "mix": jnp.asarray(rng.normal(size=(dim, dim)) / 2, F64),
         "b": jnp.zeros((dim,), F64),
     }
-    tokens = jax.random.randint(k3, (size, length), 1, vocab).at[0, 2:].set(0)
-    return tied_loss, params, (tokens, jnp.roll(tokens, -1, axis=1))
+    tokens = rng.integers(1, vocab, (size, length))
+    tokens[0, 2:] = 0
+    return tied_loss, params, (jnp.asarray(tokens), jnp.asarray(np.roll(tokens, -1, axis=1)))
 
 
 def plain_loss(params, example):
@@ -90,15 +106,11 @@ def plain_loss(params, example):
 
 
 def plain_case(key, size=6):
-    k = jax.random.split(key, 5)
-    params = {
-        "w1": jax.random.normal(k[0], (4, 3), F64),
-        "w2": jax.random.normal(k[1], (2, 2, 3), F64),
-        "gate": jnp.asarray(1.5, F64),
-        "w3": jax.random.normal(k[2], (6, 2), F64),
-    }
-    batch = (jax.random.normal(k[3], (size, 3), F64), jax.random.normal(k[4], (size, 2), F64))
-    return plain_loss, params, batch
+    del key
+    rng = np.random.default_rng(10)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), F64)
+    params = {"w1": normal(4, 3), "w2": normal(2, 2, 3), "gate": normal(), "w3": normal(6, 2)}
+    return plain_loss, params, (normal(size, 3), normal(size, 2))
 
 
 CASES = {

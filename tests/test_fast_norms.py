@@ -26,7 +26,7 @@ def test_vmap_method_matches_python_loop(name):
     assert_rel_close(per_example_norms(loss, method="vmap")(params, batch), loop)
 
 
-@pytest.mark.parametrize("method", ["auto", "vmap"])
+@pytest.mark.parametrize("method", ["auto"])
 def test_masked_rows_are_zero_and_others_unchanged(method):
     loss, params, batch = case("transformer")
     mask = jnp.array([True, True, False, True])
@@ -36,8 +36,9 @@ def test_masked_rows_are_zero_and_others_unchanged(method):
     assert_rel_close(masked, expected)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 7, 50])
-@pytest.mark.parametrize("method", ["auto", "vmap"])
+@pytest.mark.parametrize(
+    ("method", "chunk_size"), [("auto", 1), ("auto", 3), ("vmap", 3), ("auto", 50)]
+)
 def test_chunked_norms_with_remainder(method, chunk_size):
     loss, params, batch = case("mlp")
     mask = jnp.array([True] * 5 + [False, True])

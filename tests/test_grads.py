@@ -267,7 +267,7 @@ def _unmasked_reference(name):
     return reference(loss_fn, params, batch)
 
 
-@pytest.mark.parametrize("k", [1, 2, 4, 9])
+@pytest.mark.parametrize("k", [2, 9])  # 9 > 7 rows: empty microbatches
 def test_accumulate_grad_unequal_token_counts_equals_batch_grad(k):
     # Sequences of lengths 6, 1, 3, ... give microbatches very different token counts.
     loss_fn, params, tokens, _, _ = case("transformer-tokens")

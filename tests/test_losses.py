@@ -111,7 +111,7 @@ def test_supervised_validate():
     with pytest.raises(TypeError, match=r"`batch` must be a pair"):
         fn.validate((1, 2, 3))
     with pytest.raises(
-        TypeError, match=r"labels \(`batch\[1\]`\) must be integers; got dtype float"
+        TypeError, match=r"labels \(`batch\[1\]`\) must be integers .* got dtype float"
     ):
         fn.validate((np.ones((2, 3)), np.array([0.0, 2.0])))
     with pytest.raises(ValueError, match=r"must lie in \[0, 3\); got 2 outside it, e\.g\. 3"):
@@ -121,5 +121,14 @@ def test_supervised_validate():
     # Token targets (B, T) are checked elementwise.
     with pytest.raises(ValueError, match=r"e\.g\. 9"):
         fn.validate((np.ones((2, 3)), np.array([[0, 1], [9, 2]])))
+    # Padded rows are not checked: they may carry an ignore label.
+    fn.validate((np.ones((2, 3)), np.array([1, -100])), np.array([True, False]))
+    with pytest.raises(ValueError, match=r"e\.g\. -100"):
+        fn.validate((np.ones((2, 3)), np.array([1, -100])), np.array([True, True]))
+    # Binary labels may be floats in [0, 1]; a 2 is refused.
+    binary = losses.supervised(lambda p, x: x, losses.binary_cross_entropy, num_classes=2)
+    binary.validate((np.ones(2), np.array([0.0, 1.0])))
+    with pytest.raises(ValueError, match=r"must lie in \[0\.0, 1\.0\]; got 1 outside it, e\.g\. 2"):
+        binary.validate((np.ones(2), np.array([0.0, 2.0])))
     # Without num_classes nothing about labels is checked.
     losses.supervised(lambda p, x: x, losses.squared_error).validate((np.ones(2), np.ones(2)))

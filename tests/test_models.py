@@ -12,7 +12,7 @@ F64 = jnp.float64
 
 def _jit_apply(model):
     """The same model with a jit-compiled ``apply`` (eager transformers are slow to test)."""
-    return models.Model(model.init, jax.jit(model.apply))
+    return models.Model(jax.jit(model.init), jax.jit(model.apply))
 
 
 def _shapes(tree):
@@ -75,7 +75,7 @@ def test_mlp_activations(activation):
 
 
 def test_cnn_shapes_grey_and_colour():
-    grey = models.cnn(image_shape=(8, 8), channels=(2, 3), num_classes=4, dtype=F64)
+    grey = _jit_apply(models.cnn(image_shape=(8, 8), channels=(2, 3), num_classes=4, dtype=F64))
     params = grey.init(jax.random.key(0))
     assert _shapes(params) == {
         "conv": [{"w": (3, 3, 1, 2), "b": (2,)}, {"w": (3, 3, 2, 3), "b": (3,)}],
@@ -86,7 +86,7 @@ def test_cnn_shapes_grey_and_colour():
     assert out.shape == (5, 4) and out.dtype == F64
     # (H, W) is read as (H, W, 1).
     np.testing.assert_allclose(_batched(grey, params, x[..., None]), out, rtol=1e-12)
-    colour = models.cnn(image_shape=(7, 9, 3), channels=(2,), num_classes=3, dtype=F64)
+    colour = _jit_apply(models.cnn(image_shape=(7, 9, 3), channels=(2,), num_classes=3, dtype=F64))
     cp = colour.init(jax.random.key(0))
     assert cp["dense"]["w"].shape == (3 * 4 * 2, 3)  # odd sizes are floored by the pooling
     assert _batched(colour, cp, jnp.ones((2, 7, 9, 3), F64)).shape == (2, 3)

@@ -259,11 +259,12 @@ def _mlp_case():
 
 def test_mean_of_microbatch_means_equal_counts_equals_exact():
     loss, params, batch = _mlp_case()
-    for k in (1, 2, 4, 8):
+    exact = jaxgrad.batch_grad(loss, return_loss=True)(params, batch)
+    for k in (2, 8):
         mmm = naive.mean_of_microbatch_means(loss, num_microbatches=k, return_loss=True)
         acc = jaxgrad.accumulate_grad(loss, num_microbatches=k, return_loss=True)
         assert_close(mmm(params, batch), acc(params, batch))
-        assert_close(mmm(params, batch), jaxgrad.batch_grad(loss, return_loss=True)(params, batch))
+        assert_close(mmm(params, batch), exact)
 
 
 def test_mean_of_microbatch_means_unequal_counts_differs_and_matches_formula():
@@ -302,11 +303,12 @@ def test_variable_length_sequences_accumulate_exact_microbatch_means_not():
         tokens[i, n + 1 :] = 0
     loss = lambda p, seq: losses.token_cross_entropy(model.apply(p, seq[:-1]), seq[1:])
     mmm = jax.jit(naive.mean_of_microbatch_means(loss, num_microbatches=2))
-    exact = jaxgrad.batch_grad(loss)(params, jnp.asarray(tokens))
+    batch_grad = jaxgrad.batch_grad(loss)
+    exact = batch_grad(params, jnp.asarray(tokens))
     assert_close(mmm(params, jnp.asarray(tokens)), exact)  # equal token counts: equal
     tokens[1, 2:] = tokens[0, 2:]  # row 1 grows to 5 targets: microbatches of 10 and 6
     tokens = jnp.asarray(tokens)
-    exact = jaxgrad.batch_grad(loss)(params, tokens)
+    exact = batch_grad(params, tokens)
     acc = jaxgrad.accumulate_grad(loss, num_microbatches=2)(params, tokens)
     assert_close(acc, exact)
     got = mmm(params, tokens)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _writer(num_floats: int):
     @jax.jit
     def write(x):

@@ -6,8 +6,10 @@ embedding ``gather``), example ``i``'s gradient with respect to ``W`` is the tra
 
 * its squared norm per example, without materialising it where a cheaper identity exists:
   ``‖a_i‖²‖g_i‖²`` for a dense use without a sequence axis, ``⟨A_i A_iᵀ, G_i G_iᵀ⟩`` with one
-  (``T`` positions; chosen when ``T(K + N) ≤ K N`` for a ``K × N`` weight), and
-  ``Σ_{t,s} [r_t = r_s] ⟨g_t, g_s⟩`` for an embedding lookup of rows ``r_t``;
+  (``T`` positions; chosen when ``T(K + N) ≤ K N`` for a ``K × N`` weight, else the
+  ``K × N`` per-example gradient is formed), ``Σ_{t,s} [r_t = r_s] ⟨g_t, g_s⟩`` for an
+  embedding lookup of rows ``r_t`` (when ``T² ≤ 8 × rows``), and for a convolution
+  ``Σ_o ‖P_{i,o}ᵀ G_i‖²`` over kernel offsets ``o`` (im2col one offset at a time);
 * the weighted sum ``Σ_i c_i ∇_W S_i``: the ordinary weight-gradient contraction over the
   batch with ``G`` reweighted, ``Aᵀ diag(c) G`` for a dense layer;
 * for a parameter with several uses, the per-example gradient itself (so that the cross terms
@@ -181,22 +183,28 @@ def g_restore(eqn: Eqn, g):
     return jnp.transpose(g, (0, *inverse))
 
 
+def _conv_windows_ok(eqn: Eqn, pos: int) -> bool:
+    p = eqn.params
+    return (
+        pos == 1
+        and p["feature_group_count"] == 1
+        and p["batch_group_count"] == 1
+        and all(d == 1 for d in (p["lhs_dilation"] or ()))
+    )
+
+
 def conv_norm_sq(eqn: Eqn, pos: int, a, g):
     """``‖∇_W S_i‖²`` for a convolution, one kernel offset at a time (im2col without the stack).
 
     For kernel offset ``o`` the per-example gradient slice is ``dW_i[o] = P_{i,o}ᵀ G_i`` with
     ``P_{i,o}`` the input window shifted by ``o`` (a strided slice of the padded input): a
-    batched ``(C_in × T)·(T × C_out)`` matmul, so only ``B × C_in × C_out`` is live per offset.
-    Grouped, batch-grouped and input-dilated convolutions take the generic route.
+    batched ``(C_in × T)·(T × C_out)`` matmul. A ``fori_loop`` over the offsets keeps one window
+    live at a time. Grouped, batch-grouped and input-dilated convolutions take the generic
+    route (the per-example gradient, materialised).
     """
-    p = eqn.params
-    if (
-        pos != 1
-        or p["feature_group_count"] != 1
-        or p["batch_group_count"] != 1
-        or any(d != 1 for d in (p["lhs_dilation"] or ()))
-    ):
+    if not _conv_windows_ok(eqn, pos):
         return _materialised_norm_sq(eqn, pos, a, g)
+    p = eqn.params
     lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
     rhs_shape = eqn.in_avals[1].shape
     dtype = eqn.out_avals[0].dtype
@@ -205,25 +213,23 @@ def conv_norm_sq(eqn: Eqn, pos: int, a, g):
     g = jnp.transpose(g, (0, 1 + out_spec[0], *(1 + d for d in out_spec[2:]), 1 + out_spec[1]))
     b, out_sp = a.shape[0], g.shape[2:-1]
     pads = [(0, 0, 0)] * 2 + [(lo, hi, 0) for lo, hi in p["padding"]] + [(0, 0, 0)]
-    a = jax.lax.pad(a, jnp.zeros((), a.dtype), pads)
-    strides = p["window_strides"]
-    dil = p["rhs_dilation"] or (1,) * nsp
-    kernel = [rhs_shape[d] for d in rhs_spec[2:]]
+    a = jax.lax.pad(a.astype(dtype), jnp.zeros((), dtype), pads)
     g = g.reshape(b, -1, g.shape[-1]).astype(dtype)
-    total = jnp.zeros((b,), dtype)
-    for offset in np.ndindex(*kernel):
-        start = [0, 0, *(o * r for o, r in zip(offset, dil)), 0]
-        limit = [
-            b,
-            a.shape[1],
-            *(st + (n - 1) * s + 1 for st, n, s in zip(start[2:], out_sp, strides)),
-            a.shape[-1],
-        ]
-        window = jax.lax.slice(a, start, limit, [1, 1, *strides, 1])
-        window = window.reshape(b, -1, window.shape[-1]).astype(dtype)
+    strides = tuple(p["window_strides"])
+    dil = tuple(p["rhs_dilation"] or (1,) * nsp)
+    kernel = tuple(rhs_shape[d] for d in rhs_spec[2:])
+    extent = [(n - 1) * s + 1 for n, s in zip(out_sp, strides, strict=True)]
+
+    def body(k, total):
+        offset = jnp.unravel_index(k, kernel)
+        starts = [0, 0, *(o * r for o, r in zip(offset, dil, strict=True)), 0]
+        window = jax.lax.dynamic_slice(a, starts, [b, a.shape[1], *extent, a.shape[-1]])
+        window = window[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
+        window = window.reshape(b, -1, window.shape[-1])
         w = jnp.einsum("btc,btn->bcn", window, g, precision=jax.lax.Precision.HIGHEST)
-        total = total + jnp.sum(w * w, axis=(1, 2))
-    return total
+        return total + jnp.sum(w * w, axis=(1, 2))
+
+    return jax.lax.fori_loop(0, math.prod(kernel), body, jnp.zeros((b,), dtype))
 
 
 def _materialised_norm_sq(eqn: Eqn, pos: int, a, g):

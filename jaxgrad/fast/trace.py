@@ -81,9 +81,9 @@ def flatten(closed: jcore.ClosedJaxpr) -> Program:
     def go(jaxpr, consts, in_refs):
         env: dict = {}
         read = lambda a: Const(a.val) if isinstance(a, jcore.Literal) else env[a]
-        for v, c in zip(jaxpr.constvars, consts):
+        for v, c in zip(jaxpr.constvars, consts, strict=True):
             env[v] = Const(c)
-        for v, r in zip(jaxpr.invars, in_refs):
+        for v, r in zip(jaxpr.invars, in_refs, strict=True):
             env[v] = r
         for e in jaxpr.eqns:
             ins = [read(a) for a in e.invars]
@@ -91,11 +91,11 @@ def flatten(closed: jcore.ClosedJaxpr) -> Program:
             inner = e.params.get(key) if key else None
             if isinstance(inner, jcore.ClosedJaxpr):
                 out_refs = go(inner.jaxpr, inner.consts, ins)
-                for v, r in zip(e.outvars, out_refs):
+                for v, r in zip(e.outvars, out_refs, strict=True):
                     env[v] = r
                 continue
             outs = [Var(next(counter)) for _ in e.outvars]
-            for v, r in zip(e.outvars, outs):
+            for v, r in zip(e.outvars, outs, strict=True):
                 env[v] = r
             eqns.append(
                 Eqn(
@@ -121,7 +121,7 @@ def evaluate(program: Program, args, *, hook=None):
     """
     env: dict = {}
     read = lambda r: r.value if isinstance(r, Const) else env[r]
-    for v, x in zip(program.invars, args):
+    for v, x in zip(program.invars, args, strict=True):
         env[v] = x
     for k, e in enumerate(program.eqns):
         invals = [read(r) for r in e.ins]
@@ -130,7 +130,7 @@ def evaluate(program: Program, args, *, hook=None):
             outvals = [outvals]
         if hook is not None:
             outvals = hook(k, invals, outvals)
-        for v, x in zip(e.outs, outvals):
+        for v, x in zip(e.outs, outvals, strict=True):
             env[v] = x
     return [read(r) for r in program.outs]
 

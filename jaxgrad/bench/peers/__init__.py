@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="--sweep: MLP widths 784-w-w/2-10 (default: 128,256,512,1024,2048)",
     )
     mode.add_argument(
+        "--no-width-sweep", action="store_true", help="--sweep: the batch-size sweep only"
+    )
+    mode.add_argument(
         "--sweep-batch-size",
         type=int,
         default=512,
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = sweep.plan(
             methods,
             batch_sizes=args.batch_sizes or sweep.DEFAULT_BATCH_SIZES,
-            widths=args.widths or sweep.DEFAULT_WIDTHS,
+            widths=[] if args.no_width_sweep else (args.widths or sweep.DEFAULT_WIDTHS),
             width_batch_size=args.sweep_batch_size,
         )
     else:

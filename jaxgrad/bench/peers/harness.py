@@ -292,8 +292,14 @@ def _reference(row: Row, weights, data, workdir: Path, options: Options):
         "result_path": str(stem) + ".result.json",
         "outputs_path": str(stem) + ".outputs.npz",
     }
-    # The reference always runs on the CPU, in float64.
-    result = run_worker(job, options=Options(**{**options.__dict__, "device": "cpu"}))
+    # The reference always runs on the CPU, in float64, in two chunked passes over the batch:
+    # it is not a measurement, so it gets a longer time cap than a row.
+    ref_options = {
+        **options.__dict__,
+        "device": "cpu",
+        "time_cap_s": max(600.0, 4 * options.time_cap_s),
+    }
+    result = run_worker(job, options=Options(**ref_options))
     if result["status"] != "ok":
         return None, None, result["status"]
     with np.load(job["outputs_path"]) as ref:

@@ -50,6 +50,7 @@ def plot(records: list[dict], path: str, *, sweep: bool = False) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     panels = _panels(records, sweep=sweep)
     if not panels:
@@ -77,7 +78,7 @@ def plot(records: list[dict], path: str, *, sweep: bool = False) -> None:
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xticks(ticks, [str(t) for t in ticks])
-            ax.minorticks_off()
+            ax.xaxis.set_minor_locator(NullLocator())
             ax.set_xlabel(x_label)
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
