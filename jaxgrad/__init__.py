@@ -12,22 +12,36 @@ from jaxgrad.grads import (
     mean_of_per_example_grads,
     per_example_grads,
 )
+from jaxgrad.fast import (
+    GradMoments,
+    GradStats,
+    clipped_grad,
+    grad_stats,
+    per_example_moments,
+    per_example_norms,
+)
 from jaxgrad.models import Model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GradMoments",
+    "GradStats",
     "Model",
     "accumulate_grad",
     "batch_grad",
     "check",
+    "clipped_grad",
     "closed_form",
     "data",
+    "grad_stats",
     "losses",
     "mean_of_per_example_grads",
     "models",
     "naive",
     "per_example_grads",
+    "per_example_moments",
+    "per_example_norms",
     "reduce",
     "train",
 ]

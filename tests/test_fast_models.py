@@ -184,3 +184,39 @@ def test_gather_modes_and_multi_dim_tables(mode):
 
     batch = jax.random.randint(k[1], (5, 6, 2), 0, 5)
     check_against_reference(loss, params, batch)
+
+
+def test_checkpointed_layers_are_inlined_and_exact():
+    rng = np.random.default_rng(11)
+    params = {
+        "w": jnp.asarray(rng.normal(size=(3, 4)), F64),
+        "v": jnp.asarray(rng.normal(size=(4,))),
+    }
+
+    @jax.checkpoint
+    def layer(w, x):
+        return jnp.tanh(x @ w)
+
+    loss = lambda p, x: jnp.sum(layer(p["w"], x) * p["v"]) ** 2
+    batch = jnp.asarray(rng.normal(size=(5, 3)), F64)
+    assert kinds(loss, params, batch) == {"['w']": "dense", "['v']": "exact"}
+    check_against_reference(loss, params, batch)
+
+
+def test_uses_whose_output_is_the_same_for_every_example():
+    # A position-embedding lookup with constant indices and a product with a constant: the
+    # outputs carry no batch axis, but their cotangents still differ per example.
+    rng = np.random.default_rng(12)
+    params = {
+        "pos": jnp.asarray(rng.normal(size=(5, 2)), F64),
+        "w": jnp.asarray(rng.normal(size=(2, 2)), F64),
+    }
+    const = jnp.asarray(rng.normal(size=(2,)), F64)
+
+    def loss(p, x):
+        h = x + p["pos"][jnp.arange(3)] + const @ p["w"]
+        return jnp.sum(jnp.tanh(h) ** 2)
+
+    batch = jnp.asarray(rng.normal(size=(4, 3, 2)), F64)
+    assert kinds(loss, params, batch) == {"['pos']": "gather", "['w']": "dense"}
+    check_against_reference(loss, params, batch)

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import jax
 import numpy as np
 
-from jaxgrad.bench import suite, timing
+from jaxgrad.bench import bandwidth, suite, timing
 
 
 def _progress(total: int, quiet: bool):
@@ -91,6 +91,13 @@ def run_suite(
                 )
                 if bar is not None:
                     bar.update()
+            bound_s = None
+            for r in group:
+                r["x_write_bound"] = None
+                if r["strategy"] in suite.MATERIALISING:
+                    if bound_s is None:
+                        bound_s = bandwidth.write_bandwidth_bound(4 * batch_size * num_params)
+                    r["x_write_bound"] = r["median_s"] / bound_s
             reference = next((r for r in group if r["strategy"] == "batch_grad"), None)
             for r in group:
                 r["ratio_to_batch_grad"] = (
@@ -103,10 +110,14 @@ def run_suite(
 
 
 def format_table(records: list[dict]) -> str:
-    """A fixed-width table: one line per row, grouped by model and batch size."""
+    """A fixed-width table: one line per row, grouped by model and batch size.
+
+    ``x write`` is, for strategies that materialise the ``B × P`` per-example gradients, their
+    time over that of writing ``B × P`` fresh float32s (the memory-bandwidth floor).
+    """
     header = (
         f"{'model':<24} {'B':>5} {'strategy':<28} {'examples/s':>11} {'x batch_grad':>12} "
-        f"{'compile s':>9} {'peak MB':>9}"
+        f"{'compile s':>9} {'peak MB':>9} {'x write':>7}"
     )
     lines = [header, "-" * len(header)]
     previous = None
@@ -115,11 +126,11 @@ def format_table(records: list[dict]) -> str:
         if previous is not None and key != previous:
             lines.append("")
         previous = key
-        ratio = r["ratio_to_batch_grad"]
-        peak = r["peak_mem_mb"]
+        ratio, peak, write = r["ratio_to_batch_grad"], r["peak_mem_mb"], r["x_write_bound"]
         lines.append(
             f"{r['model']:<24} {r['batch_size']:>5} {r['strategy']:<28} "
             f"{r['examples_per_s']:>11.0f} {'' if ratio is None else f'{ratio:.3f}':>12} "
-            f"{r['compile_s']:>9.2f} {'n/a' if peak is None else f'{peak:.1f}':>9}"
+            f"{r['compile_s']:>9.2f} {'n/a' if peak is None else f'{peak:.1f}':>9} "
+            f"{'' if write is None else f'{write:.2f}':>7}"
         )
     return "\n".join(lines)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrad import grads, losses, models, reduce
+from jaxgrad import fast, grads, losses, models, reduce
 
 
 class Case(NamedTuple):
@@ -99,6 +99,23 @@ def plain_vmap_grad(loss_fn):
     return lambda params, batch, mask=None: vg(params, batch)
 
 
+def vmap_grad_then_clip(loss_fn, *, l2_clip: float = 1.0):
+    """DP-SGD as usually written: materialise ``vmap(grad)``, clip each row, average."""
+    vg = jax.vmap(jax.grad(reduce.loss_sum_fn(loss_fn)), in_axes=(None, 0))
+
+    @jax.jit
+    def f(params, batch, mask=None):
+        g = vg(params, batch)
+        sq = sum(jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=1) for x in jax.tree.leaves(g))
+        scale = jnp.minimum(1.0, l2_clip / jnp.maximum(jnp.sqrt(sq), 1e-12))
+        return jax.tree.map(lambda x: jnp.tensordot(scale, x, axes=1) / x.shape[0], g)
+
+    return f
+
+
+# Strategies that write a B x P array: their time is also compared with writing B x P floats.
+MATERIALISING = ("per_example_grads", "jax.vmap(jax.grad)")
+
 # name -> (factory(loss_fn, batch_size) -> f(params, batch, mask)), in table order.
 STRATEGIES: dict[str, Callable] = {
     "batch_grad": lambda lf, b: grads.batch_grad(lf),
@@ -111,4 +128,7 @@ STRATEGIES: dict[str, Callable] = {
         lf, num_microbatches=4, unroll=True
     ),
     "python_loop": lambda lf, b: python_loop(lf),
+    "per_example_norms": lambda lf, b: fast.per_example_norms(lf),
+    "clipped_grad": lambda lf, b: fast.clipped_grad(lf, l2_clip=1.0),
+    "vmap(grad)+clip": lambda lf, b: vmap_grad_then_clip(lf, l2_clip=1.0),
 }

@@ -130,7 +130,7 @@ def fast_pass(loss_fn, params, batch, mask) -> Parts:
                 return outvals
             _, use = captured[k]
             kept[k] = invals[1 - use.pos]
-            return [tap(outvals[0], du[k])]
+            return [tap(outvals[0], du[k]) if use.batched else outvals[0] + du[k]]
 
         args = [leaves[j] + dx[j] if j in dx else leaves[j] for j in range(an.num_params)]
         s, n = trace.evaluate(program, [*args, *ex], hook=hook)

@@ -34,8 +34,17 @@ from jax.extend import core as jcore
 ALIAS_PRIMITIVES = frozenset(
     {"reshape", "transpose", "squeeze", "expand_dims", "convert_element_type", "copy", "copy_p"}
 )
-# Call primitives whose body is inlined (they carry a closed jaxpr and no custom rule).
-INLINE_PRIMITIVES = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr"}
+# Call primitives whose body is inlined (they carry a jaxpr and no custom derivative rule;
+# inlining ``checkpoint`` drops the rematerialisation, not the maths).
+INLINE_PRIMITIVES = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "checkpoint": "jaxpr",
+    "remat": "jaxpr",
+    "remat2": "jaxpr",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +98,10 @@ def flatten(closed: jcore.ClosedJaxpr) -> Program:
             ins = [read(a) for a in e.invars]
             key = INLINE_PRIMITIVES.get(e.primitive.name)
             inner = e.params.get(key) if key else None
-            if isinstance(inner, jcore.ClosedJaxpr):
-                out_refs = go(inner.jaxpr, inner.consts, ins)
+            if isinstance(inner, (jcore.ClosedJaxpr, jcore.Jaxpr)):
+                closed = inner if isinstance(inner, jcore.ClosedJaxpr) else None
+                body = closed.jaxpr if closed is not None else inner
+                out_refs = go(body, closed.consts if closed is not None else [], ins)
                 for v, r in zip(e.outvars, out_refs, strict=True):
                     env[v] = r
                 continue
@@ -146,6 +157,10 @@ class Use:
     eqn: int
     pos: int
     chain: list
+    # Whether the use's output varies with the example (else it is the same for every example,
+    # e.g. a position-embedding lookup with constant indices, and the perturbation must add
+    # the batch axis itself for its cotangent to be per example).
+    batched: bool = True
 
 
 @dataclasses.dataclass
@@ -245,6 +260,16 @@ def analyse(fn, params, example) -> Analysis:
             fast[j] = uses[j]
         else:
             unused.append(j)
+
+    # Values that differ between examples: those reading the example or an exact parameter
+    # (which gets a per-example copy).
+    varying = set(program.invars[n:]) | {program.invars[j] for j in exact}
+    for e in program.eqns:
+        if any(isinstance(r, Var) and r in varying for r in e.ins):
+            varying.update(e.outs)
+    for j_uses in fast.values():
+        for u in j_uses:
+            u.batched = program.eqns[u.eqn].outs[0] in varying
     return Analysis(program, n, fast, exact, unused)
 
 
