@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fast_cases import CASES, assert_rel_close, case, flat, materialised
+from test_fast_cases import CASES, assert_rel_close, case, flat, materialised
 
 import jaxgrad
 from jaxgrad.fast import clipped_grad

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fast_cases import F64, assert_rel_close, case, flat, reference_grads
+from test_fast_cases import F64, assert_rel_close, case, flat, reference_grads
 
 from jaxgrad.fast import clipped_grad, grad_stats, passes
 

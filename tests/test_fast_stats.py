@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fast_cases import assert_rel_close, case, flat, materialised
+from test_fast_cases import assert_rel_close, case, flat, materialised
 
 import jaxgrad
 from jaxgrad.fast import grad_stats, per_example_moments

@@ -104,6 +104,18 @@ def tap(y, d):
 tap.defvjp(lambda y, d: (y, None), lambda _, ct: (ct, ct))
 
 
+def _chain_perm(program, chain, ndim):
+    """The axis permutation an alias chain of transposes applies, or None for other ops."""
+    perm = tuple(range(ndim))
+    for k in chain:
+        e = program.eqns[k]
+        if e.primitive.name == "transpose":
+            perm = tuple(perm[p] for p in e.params["permutation"])
+        elif e.primitive.name not in ("convert_element_type", "copy", "copy_p"):
+            return None
+    return perm
+
+
 def fast_pass(loss_fn, params, batch, mask) -> Parts:
     """Per-example norms and reweighted sums from one batched forward/backward pass."""
     an = analyse(loss_fn, params, batch)
@@ -156,9 +168,23 @@ def fast_pass(loss_fn, params, batch, mask) -> Parts:
             (u,) = uses
             e = program.eqns[u.eqn]
             part = rules.norm_sq(u.kind, e, u.pos, kept[u.eqn], g_use[u.eqn])
-        else:  # several uses: the cross terms need the per-example gradient itself
-            g = sum(leaf_grads(j, u) for u in uses)
-            part = jnp.sum(g.reshape(size, -1) ** 2, axis=1)
+        else:  # several uses (tied weights): the cross terms between them are needed
+            factors = [
+                rules.outer_factors(
+                    program.eqns[u.eqn],
+                    u.pos,
+                    _chain_perm(program, u.chain, np.ndim(leaves[j])),
+                    np.ndim(leaves[j]),
+                    kept[u.eqn],
+                    g_use[u.eqn],
+                )
+                for u in uses
+            ]
+            if all(f is not None for f in factors):
+                part = rules.cross_norm_sq(factors)
+            else:  # the per-example gradient itself
+                g = sum(leaf_grads(j, u) for u in uses)
+                part = jnp.sum(g.reshape(size, -1) ** 2, axis=1)
         norm_sq = norm_sq + part.astype(norm_sq.dtype)
     for g in g_exact.values():
         norm_sq = norm_sq + jnp.sum(g.reshape(size, -1) ** 2, axis=1).astype(norm_sq.dtype)

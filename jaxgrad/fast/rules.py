@@ -246,3 +246,52 @@ def norm_sq(kind: str, eqn: Eqn, pos: int, a, g):
     if kind == "conv":
         return conv_norm_sq(eqn, pos, a, g)
     return _materialised_norm_sq(eqn, pos, a, g)
+
+
+def outer_factors(eqn: Eqn, pos: int, chain_perms, leaf_ndim: int, a, g):
+    """A use's per-example gradient of a 2-D leaf as ``Σ_t x_t ⊗ y_t`` (rows ⊗ columns).
+
+    Returns ``("dense", X, Y)`` with ``X`` ``(B, T, rows)`` and ``Y`` ``(B, T, cols)``, or
+    ``("gather", keys, Y)`` with ``x_t`` the one-hot row ``keys[:, t]``; ``None`` when the use
+    is not of this simple form (the caller then materialises the per-example gradient).
+    ``chain_perms`` is the composition of transposes from the leaf to the operand, or None.
+    """
+    if leaf_ndim != 2 or chain_perms is None:
+        return None
+    if eqn.primitive.name == "gather":
+        dn = eqn.params["dimension_numbers"]
+        if pos != 0 or tuple(dn.start_index_map) != (0,) or chain_perms != (0, 1):
+            return None
+        idx, _, y = gather_rows(eqn, a, g)
+        return ("gather", idx[..., 0], y)
+    if eqn.primitive.name != "dot_general":
+        return None
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    if lb or rb or len(eqn.in_avals[pos].shape) != 2:
+        return None
+    a_perm, g_perm, (_, t, k, n) = dense_layout(eqn, pos)
+    x = _to_blocks(a, a_perm, (t, k))  # factor along the contracted axis of the operand
+    y = _to_blocks(g, g_perm, (t, n)).astype(x.dtype)  # along the operand's free axis
+    contract_axis = (lc, rc)[pos][0]
+    # Operand axis 0 is leaf axis chain_perms[0]; the contracted operand axis holds x.
+    x_leaf_axis = chain_perms[contract_axis]
+    return ("dense", x, y) if x_leaf_axis == 0 else ("dense", y, x)
+
+
+def cross_norm_sq(factors):
+    """``‖Σ_u Σ_t x^u_t ⊗ y^u_t‖²`` per example from every use's factors: exact cross terms."""
+    hi = jax.lax.Precision.HIGHEST
+    total = 0
+    for ku, xu, yu in factors:
+        for kv, xv, yv in factors:
+            yy = jnp.einsum("btc,bsc->bts", yu, yv, precision=hi)
+            if ku == "dense" and kv == "dense":
+                xx = jnp.einsum("btr,bsr->bts", xu, xv, precision=hi)
+            elif ku == "gather" and kv == "gather":
+                xx = (xu[:, :, None] == xv[:, None, :]).astype(yy.dtype)
+            elif ku == "gather":  # ⟨e_{r_t}, x_s⟩ = x_s[r_t]
+                xx = jnp.take_along_axis(xv, xu[:, None, :], axis=2).transpose(0, 2, 1)
+            else:
+                xx = jnp.take_along_axis(xu, xv[:, None, :], axis=2)
+            total = total + jnp.sum(xx * yy, axis=(1, 2))
+    return total

@@ -1,4 +1,4 @@
-"""Small float64 models shared by the tests of :mod:`jaxgrad.fast` (not a test module)."""
+"""Small float64 models shared by the tests of :mod:`jaxgrad.fast` (helpers only, no tests)."""
 
 from __future__ import annotations
 
