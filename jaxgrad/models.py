@@ -150,7 +150,7 @@ def _conv(p: dict, x: jax.Array) -> jax.Array:
     # lax.conv needs a batch dimension; a size-1 one is folded into the vmap batch by
     # conv's batching rule, so vmap(apply) runs one batched convolution.
     y = jax.lax.conv_general_dilated(
-        x[None], p["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        x[None], p["w"].astype(x.dtype), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
     return y[0] + p["b"]
 
@@ -206,7 +206,9 @@ def cnn(
         return {"conv": convs, "dense": _dense_init(keys[-1], flat, num_classes, dtype)}
 
     def apply(params, x):
-        x = jnp.reshape(x, image_shape)
+        # lax.conv needs equal dtypes; promote like a dense layer would (e.g. float64 images).
+        dtype = jnp.result_type(x, params["conv"][0]["w"])
+        x = jnp.reshape(x, image_shape).astype(dtype)
         for layer in params["conv"]:
             x = _avg_pool(act(_conv(layer, x)))
         return _dense(params["dense"], x.reshape(-1))

@@ -27,18 +27,30 @@ def test_run_suite_records_every_row_with_ratio_to_batch_grad():
     assert "mlp 64-32-10 tanh" in run.format_table(records)
 
 
-def test_every_strategy_computes_the_same_mean_gradient():
+def test_every_strategy_computes_what_it_says():
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     case = suite.CASES["cnn-tiny"]()
     params = case.model.init(jax.random.key(0))
     batch = case.make_batch(6)
-    reference = suite.STRATEGIES["batch_grad"](case.loss_fn, 6)(params, batch)
+    per_example = suite.plain_vmap_grad(case.loss_fn)(params, batch)
+    flat = np.concatenate([np.reshape(g, (6, -1)) for g in jax.tree.leaves(per_example)], 1)
+    norms = np.linalg.norm(flat, axis=1)
+    scale = np.minimum(1.0, 1.0 / norms)  # the benchmark clips at l2_clip = 1
+    expected = {
+        "mean": jax.tree.map(lambda g: g.mean(0), per_example),
+        "clipped": jax.tree.map(lambda g: jnp.tensordot(scale, g, axes=1) / 6, per_example),
+    }
     for name, factory in suite.STRATEGIES.items():
         out = factory(case.loss_fn, 6)(params, batch)
+        if name == "per_example_norms":
+            np.testing.assert_allclose(out, norms, rtol=2e-4)
+            continue
         if name.startswith(("per_example_grads", "jax.vmap")):
-            out = jax.tree_util.tree_map(lambda g: g.mean(0), out)
+            out = jax.tree.map(lambda g: g.mean(0), out)
+        reference = expected["clipped" if "clip" in name else "mean"]
         for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(reference), strict=True):
             np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6, err_msg=name)
 
