@@ -6,12 +6,6 @@ order a pure function, proves the equivalences and measures the differences.
 """
 
 from jaxgrad import check, closed_form, data, losses, models, naive, reduce, train
-from jaxgrad.grads import (
-    accumulate_grad,
-    batch_grad,
-    mean_of_per_example_grads,
-    per_example_grads,
-)
 from jaxgrad.fast import (
     GradMoments,
     GradStats,
@@ -19,6 +13,12 @@ from jaxgrad.fast import (
     grad_stats,
     per_example_moments,
     per_example_norms,
+)
+from jaxgrad.grads import (
+    accumulate_grad,
+    batch_grad,
+    mean_of_per_example_grads,
+    per_example_grads,
 )
 from jaxgrad.models import Model
 

@@ -30,8 +30,10 @@ def _validator(loss_fn):
     return getattr(loss_fn, "validate", None)
 
 
-def _strategy(core, *, validate=None, return_loss: bool, name: str):
+def _strategy(core, *, validate=None, return_loss: bool | None, name: str, doc=None):
     """Wraps ``core(params, batch, mask) -> (loss, grads)`` with input checks and ``jax.jit``.
+
+    With ``return_loss=None`` the core's output is returned as it is.
 
     Shape checks run at trace time, so they also guard a caller's own ``jax.jit``. A loss
     with a ``validate(batch, mask)`` method (see :func:`jaxgrad.losses.supervised`) has it called
@@ -48,11 +50,14 @@ def _strategy(core, *, validate=None, return_loss: bool, name: str):
         mask = reduce.check_mask(mask, size)
         if validate is not None and _values_are_concrete(batch):
             validate(batch, mask)
-        loss, grads = jitted(params, batch, mask)
+        out = jitted(params, batch, mask)
+        if return_loss is None:
+            return out
+        loss, grads = out
         return (loss, grads) if return_loss else grads
 
     f.__name__ = f.__qualname__ = name
-    f.__doc__ = core.__doc__
+    f.__doc__ = doc
     return f
 
 
@@ -86,7 +91,13 @@ def batch_grad(loss_fn, *, return_loss: bool = False):
 
         return jax.value_and_grad(mean_loss)(params)
 
-    return _strategy(core, validate=_validator(loss_fn), return_loss=return_loss, name="batch_grad")
+    return _strategy(
+        core,
+        validate=_validator(loss_fn),
+        return_loss=return_loss,
+        name="batch_grad",
+        doc=batch_grad.__doc__,
+    )
 
 
 def _per_example(loss_fn, params, batch, mask, chunk_size):
@@ -169,7 +180,11 @@ def per_example_grads(loss_fn, *, chunk_size: int | None = None, return_loss: bo
         return sums, grads
 
     return _strategy(
-        core, validate=_validator(loss_fn), return_loss=return_loss, name="per_example_grads"
+        core,
+        validate=_validator(loss_fn),
+        return_loss=return_loss,
+        name="per_example_grads",
+        doc=per_example_grads.__doc__,
     )
 
 
@@ -262,5 +277,9 @@ def accumulate_grad(
         return reduce.safe_divide(total, count), reduce.safe_divide(grads, count)
 
     return _strategy(
-        core, validate=_validator(loss_fn), return_loss=return_loss, name="accumulate_grad"
+        core,
+        validate=_validator(loss_fn),
+        return_loss=return_loss,
+        name="accumulate_grad",
+        doc=accumulate_grad.__doc__,
     )

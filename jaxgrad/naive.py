@@ -72,7 +72,11 @@ def grad_at_mean_input(loss_fn, *, return_loss: bool = False):
         return jax.value_and_grad(loss_at_mean)(params)
 
     return _strategy(
-        core, validate=_validator(loss_fn), return_loss=return_loss, name="grad_at_mean_input"
+        core,
+        validate=_validator(loss_fn),
+        return_loss=return_loss,
+        name="grad_at_mean_input",
+        doc=grad_at_mean_input.__doc__,
     )
 
 
@@ -128,7 +132,11 @@ def backprop_mean_error(apply_fn, output_loss, *, return_loss: bool = False):
         return jnp.sum(weights.astype(losses.dtype) * losses), grads
 
     return _strategy(
-        core, validate=_check_pair, return_loss=return_loss, name="backprop_mean_error"
+        core,
+        validate=_check_pair,
+        return_loss=return_loss,
+        name="backprop_mean_error",
+        doc=backprop_mean_error.__doc__,
     )
 
 
@@ -176,5 +184,9 @@ def mean_of_microbatch_means(loss_fn, *, num_microbatches: int, return_loss: boo
         return mean(losses), jax.tree_util.tree_map(mean, grads)
 
     return _strategy(
-        core, validate=_validator(loss_fn), return_loss=return_loss, name="mean_of_microbatch_means"
+        core,
+        validate=_validator(loss_fn),
+        return_loss=return_loss,
+        name="mean_of_microbatch_means",
+        doc=mean_of_microbatch_means.__doc__,
     )

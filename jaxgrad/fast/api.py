@@ -23,29 +23,14 @@ import jax.numpy as jnp
 
 from jaxgrad import reduce
 from jaxgrad.fast import passes
+from jaxgrad.grads import _per_example, _strategy, _validator
 
 PyTree = Any
 
 
-def _values_are_concrete(tree) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
-
-
 def _wrap(core, loss_fn, *, name: str, doc: str | None):
-    """Input checks at trace time, then ``jax.jit(core)(params, batch, mask)``."""
-    jitted = jax.jit(core)
-
-    def f(params, batch, mask=None):
-        size = reduce.batch_size(batch)
-        mask = reduce.check_mask(mask, size)
-        validate = getattr(loss_fn, "validate", None)
-        if validate is not None and _values_are_concrete(batch):
-            validate(batch)
-        return jitted(params, batch, mask)
-
-    f.__name__ = f.__qualname__ = name
-    f.__doc__ = doc
-    return f
+    """The strategies' own wrapper: input checks, padding filled, ``jax.jit``."""
+    return _strategy(core, validate=_validator(loss_fn), return_loss=None, name=name, doc=doc)
 
 
 def _check_chunk(chunk_size):
@@ -311,20 +296,14 @@ def per_example_moments(loss_fn, *, chunk_size: int | None = None):
 
     def core(params, batch, mask):
         def body(b, m):
-            def one(example):
-                summed = lambda p: reduce.as_sum_count(loss_fn(p, example))
-                (s, n), g = jax.value_and_grad(summed, has_aux=True)(params)
-                return s, n, g
-
-            sums, counts, grads = jax.vmap(one)(b)
-            grads = jax.tree_util.tree_map(lambda g: passes._where_rows(m, g), grads)
+            sums, counts, grads = _per_example(loss_fn, params, b, m, None)  # rows masked
             leaves = jax.tree_util.tree_leaves(grads)
             norm_sq = sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1) for g in leaves)
             totals = (
                 jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), grads),
                 jax.tree_util.tree_map(lambda g: jnp.sum(g * g, axis=0), grads),
-                jnp.sum(jnp.where(m, sums, 0)),
-                jnp.sum(jnp.where(m, counts, 0)),
+                jnp.sum(sums),
+                jnp.sum(counts),
             )
             return jnp.sqrt(norm_sq), totals
 
