@@ -209,17 +209,27 @@ def test_resume_with_another_configuration_is_refused(tmp_path):
             checkpoint_dir=tmp_path,
             quiet=True,
         )
-    # resume=False starts afresh in the same directory.
-    r = fit(
+    # Another seed is another run, too.
+    with pytest.raises(ValueError, match=r"was written by a run configured as .*key"):
+        _fit_into(loss_fn, params, data, tmp_path, batch_size=4, key=jax.random.key(4))
+    # resume=False refuses a directory holding another run's checkpoints (a later resume
+    # would pick up the wrong run), and starts afresh in an empty one.
+    with pytest.raises(ValueError, match=r"already holds checkpoints of another run"):
+        _fit_into(loss_fn, params, data, tmp_path, batch_size=5, resume=False)
+    r = _fit_into(loss_fn, params, data, tmp_path / "fresh", batch_size=5, resume=False)
+    assert int(r.state.step) == 6
+
+
+def _fit_into(loss_fn, params, data, directory, *, batch_size, key=None, resume=True):
+    return fit(
         loss_fn,
         params,
         data,
         optimizer=optax.adam(0.05),
         epochs=1,
-        batch_size=5,
-        key=jax.random.key(3),
-        checkpoint_dir=tmp_path,
-        resume=False,
+        batch_size=batch_size,
+        key=jax.random.key(3) if key is None else key,
+        checkpoint_dir=directory,
+        resume=resume,
         quiet=True,
     )
-    assert int(r.state.step) == 6

@@ -112,7 +112,12 @@ def save(directory, tree: PyTree, *, step: int, metadata: dict | None = None, ke
         if os.path.exists(tmp):
             os.remove(tmp)
     _fsync_dir(directory)
-    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+    # Prune the oldest others; never the file just written, even if older runs left
+    # checkpoints with higher step numbers.
+    others = [
+        p for p in list_checkpoints(directory) if os.path.abspath(p) != os.path.abspath(final)
+    ]
+    for old in others[: max(len(others) - (keep - 1), 0)] if keep > 0 else []:
         os.remove(old)
     return final
 

@@ -11,6 +11,7 @@ computation and ends bit for bit where the uninterrupted run would.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -86,6 +87,14 @@ def _guarded(step):
 
 def _positive(value, name):
     return reduce.check_positive_int(value, name=name)
+
+
+def _fingerprint(key) -> str:
+    """A short hash of a PRNG key's data, to tell runs with different seeds apart."""
+    data = np.asarray(
+        jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    )
+    return hashlib.sha256(data.tobytes()).hexdigest()[:16]
 
 
 def fit(
@@ -186,12 +195,27 @@ def fit(
     every = checkpoint_every or steps_per_epoch
     chunks_per_epoch = math.ceil(steps_per_epoch / chunk)
     padded_steps = chunks_per_epoch * chunk
-    config = {"num_examples": n, "batch_size": batch_size, "chunk": chunk, "scan": bool(scan)}
+    config = {
+        "num_examples": n,
+        "batch_size": batch_size,
+        "chunk": chunk,
+        "scan": bool(scan),
+        # A resumed run must be the same run: same seed and same gradient strategy.
+        "key": _fingerprint(key),
+        "strategy": getattr(strategy, "__name__", None)
+        or getattr(getattr(strategy, "func", None), "__name__", type(strategy).__name__),
+    }
 
     state = init_state(params, optimizer)
     start_epoch, start_chunk, history = 0, 0, []
     epoch_loss, epoch_count = 0.0, 0
     last_checkpoint = None
+    if checkpoint_dir is not None and not resume and ckpt.list_checkpoints(checkpoint_dir):
+        raise ValueError(
+            f"`checkpoint_dir` {os.fspath(checkpoint_dir)!r} already holds checkpoints of another "
+            "run; with resume=False use an empty directory, so a later resume cannot pick up "
+            "the wrong run"
+        )
     if checkpoint_dir is not None and resume:
         restored = ckpt.restore_latest(checkpoint_dir, {"state": state, "key": key})
         if restored is not None:
