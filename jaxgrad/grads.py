@@ -216,6 +216,7 @@ def mean_of_per_example_grads(loss_fn, *, chunk_size: int | None = None, return_
         validate=_validator(loss_fn),
         return_loss=return_loss,
         name="mean_of_per_example_grads",
+        doc=mean_of_per_example_grads.__doc__,
     )
 
 
@@ -235,7 +236,7 @@ def accumulate_grad(
       num_microbatches: how many contiguous microbatches to split the batch into. A batch
         that does not divide evenly is padded (masked out) at the end.
       unroll: passed to ``lax.scan``. On XLA:CPU a convolution inside a loop body runs far
-        slower than outside one (20x for the benchmark's CNN, see ``python -m jaxgrad.bench``);
+        slower than outside one (17x for the benchmark's CNN, see ``python -m jaxgrad.bench``);
         ``unroll=True`` removes the loop at the cost of holding more microbatches' activations.
       return_loss: if True, ``f`` returns ``(mean_loss, grads)``.
 

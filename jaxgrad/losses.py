@@ -48,10 +48,14 @@ def softmax_cross_entropy(logits, label):
 
 
 def binary_cross_entropy(logit, label):
-    """Binary cross-entropy from one logit and a label in ``{0, 1}`` (floats in [0, 1] allowed)."""
-    return jnp.sum(
-        optax.losses.sigmoid_binary_cross_entropy(logit, jnp.asarray(label, logit.dtype))
-    )
+    """Binary cross-entropy from one logit and a label in ``{0, 1}`` (floats in [0, 1] allowed).
+
+    A label outside ``[0, 1]`` gives NaN (value and gradient), never a finite wrong number.
+    """
+    label = jnp.asarray(label)
+    loss = jnp.sum(optax.losses.sigmoid_binary_cross_entropy(logit, label.astype(logit.dtype)))
+    valid = jnp.all((label >= 0) & (label <= 1))
+    return loss * jnp.where(valid, 1, jnp.nan).astype(loss.dtype)
 
 
 def token_cross_entropy(logits, targets, *, pad_id: int = 0):

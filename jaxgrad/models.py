@@ -238,7 +238,9 @@ def transformer(
     """A tiny pre-layer-norm transformer over one token sequence, with a padding mask.
 
     ``apply(params, tokens)`` takes int tokens of shape ``(T,)``, ``T <= max_len``; tokens equal
-    to ``pad_id`` are padding: no position attends to them. Returns per-token logits
+    to ``pad_id`` are padding: no position attends to them. A token outside
+    ``[0, vocab_size)`` makes the output NaN (never a silently clamped lookup). Returns
+    per-token logits
     ``(T, num_outputs)`` (``num_outputs`` defaults to ``vocab_size``, i.e. a language model).
 
     Params::
@@ -319,7 +321,9 @@ def transformer(
             allowed = allowed & jnp.tril(jnp.ones((t, t), bool))
         # A padding query must still attend somewhere, or its softmax row is all -inf.
         allowed = allowed | jnp.eye(t, dtype=bool)
-        x = params["embed"][tokens] + params["pos"][:t]
+        # An out-of-vocabulary token reads NaN rather than being clamped to the last row.
+        embedded = jnp.take(params["embed"], tokens, axis=0, mode="fill", fill_value=jnp.nan)
+        x = embedded + params["pos"][:t]
         for block in params["blocks"]:
             x = x + attention(block["attn"], _layer_norm(block["ln1"], x), allowed)
             m = block["mlp"]

@@ -165,6 +165,14 @@ def split_microbatches(batch: PyTree, mask: jax.Array, num_microbatches: int):
     return jax.tree_util.tree_map(reshape, batch), reshape(mask)
 
 
+def row_sq_norms(tree: PyTree) -> jax.Array:
+    """``Σ_leaves ‖x[i]‖²`` for every row ``i`` of a pytree with a leading batch axis."""
+    return sum(
+        jnp.sum(jnp.reshape(x, (x.shape[0], -1)) ** 2, axis=1)
+        for x in jax.tree_util.tree_leaves(tree)
+    )
+
+
 def check_positive_int(value, *, name: str) -> int:
     """Checks a keyword hyperparameter is a positive Python int."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:

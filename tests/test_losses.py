@@ -132,3 +132,11 @@ def test_supervised_validate():
         binary.validate((np.ones(2), np.array([0.0, 2.0])))
     # Without num_classes nothing about labels is checked.
     losses.supervised(lambda p, x: x, losses.squared_error).validate((np.ones(2), np.ones(2)))
+
+
+def test_binary_cross_entropy_out_of_range_label_is_nan_not_a_number():
+    logit = jnp.float64(0.3)
+    assert np.isfinite(losses.binary_cross_entropy(logit, 1))
+    for bad in (2, -1, 1.5):
+        assert np.isnan(losses.binary_cross_entropy(logit, bad))
+        assert np.isnan(jax.grad(losses.binary_cross_entropy)(logit, bad))

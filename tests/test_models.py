@@ -205,3 +205,10 @@ def test_model_errors_name_the_argument():
     model = models.transformer(vocab_size=5, max_len=4, d_model=8)
     with pytest.raises(ValueError, match=r"`tokens` has length 5; the model's `max_len` is 4"):
         model.apply(model.init(jax.random.key(0)), jnp.ones(5, jnp.int32))
+
+
+def test_transformer_out_of_vocabulary_token_gives_nan_not_a_clamped_lookup():
+    model = models.transformer(vocab_size=8, max_len=4, dtype=jnp.float64)
+    params = model.init(jax.random.key(0))
+    assert np.isfinite(model.apply(params, jnp.array([1, 2, 7, 0]))).all()
+    assert np.isnan(model.apply(params, jnp.array([1, 2, 99, 0]))).any()

@@ -77,17 +77,25 @@ CASES: dict[str, Callable[[], Case]] = {
 
 
 def python_loop(loss_fn):
-    """The baseline a newcomer writes: one jitted single-example gradient per example, summed."""
-    one = jax.jit(jax.grad(reduce.loss_sum_fn(loss_fn)))
+    """The baseline a newcomer writes: one jitted single-example gradient per example, summed
+    and divided by the real item count (``Σ_i m_i n_i``), as :func:`jaxgrad.batch_grad` does."""
+
+    @jax.jit
+    def one(params, example):
+        g, count = jax.grad(lambda p: reduce.as_sum_count(loss_fn(p, example)), has_aux=True)(
+            params
+        )
+        return count, g
 
     def f(params, batch, mask=None):
-        del mask
         size = reduce.batch_size(batch)
-        total = None
-        for i in range(size):
-            g = one(params, jax.tree_util.tree_map(lambda x, i=i: x[i], batch))
+        mask = np.ones(size, bool) if mask is None else np.asarray(mask)
+        total, count = None, 0.0
+        for i in np.flatnonzero(mask):
+            n, g = one(params, jax.tree_util.tree_map(lambda x, i=i: x[i], batch))
             total = g if total is None else jax.tree_util.tree_map(jnp.add, total, g)
-        return jax.tree_util.tree_map(lambda t: t / size, total)
+            count += n
+        return jax.tree_util.tree_map(lambda t: t / count, total)
 
     f.is_python_loop = True
     return f
@@ -100,15 +108,23 @@ def plain_vmap_grad(loss_fn):
 
 
 def vmap_grad_then_clip(loss_fn, *, l2_clip: float = 1.0):
-    """DP-SGD as usually written: materialise ``vmap(grad)``, clip each row, average."""
-    vg = jax.vmap(jax.grad(reduce.loss_sum_fn(loss_fn)), in_axes=(None, 0))
+    """DP-SGD as usually written: materialise ``vmap(grad)``, clip each row, average over the
+    real items (``Σ_i m_i n_i``, as :func:`jaxgrad.clipped_grad` does)."""
+
+    def one(params, example, real):
+        def summed(p):
+            loss_sum, count = reduce.as_sum_count(loss_fn(p, example))
+            return loss_sum, count * real
+
+        return jax.grad(summed, has_aux=True)(params)[::-1]
 
     @jax.jit
     def f(params, batch, mask=None):
-        g = vg(params, batch)
-        sq = sum(jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=1) for x in jax.tree.leaves(g))
-        scale = jnp.minimum(1.0, l2_clip / jnp.maximum(jnp.sqrt(sq), 1e-12))
-        return jax.tree.map(lambda x: jnp.tensordot(scale, x, axes=1) / x.shape[0], g)
+        mask = jnp.ones(reduce.batch_size(batch), bool) if mask is None else mask
+        counts, g = jax.vmap(one, in_axes=(None, 0, 0))(params, batch, mask)
+        norms = jnp.sqrt(reduce.row_sq_norms(g))
+        scale = jnp.where(mask, fast.api.clip_factors(norms, l2_clip), 0)
+        return jax.tree.map(lambda x: jnp.tensordot(scale, x, axes=1) / jnp.sum(counts), g)
 
     return f
 

@@ -297,8 +297,7 @@ def per_example_moments(loss_fn, *, chunk_size: int | None = None):
     def core(params, batch, mask):
         def body(b, m):
             sums, counts, grads = _per_example(loss_fn, params, b, m, None)  # rows masked
-            leaves = jax.tree_util.tree_leaves(grads)
-            norm_sq = sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1) for g in leaves)
+            norm_sq = reduce.row_sq_norms(grads)
             totals = (
                 jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), grads),
                 jax.tree_util.tree_map(lambda g: jnp.sum(g * g, axis=0), grads),

@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxgrad import reduce
 from jaxgrad.fast import rules, trace
+from jaxgrad.grads import _per_example
 
 METHODS = ("auto", "vmap")
 
@@ -51,21 +52,13 @@ def _where_rows(mask, x):
 def vmap_pass(loss_fn, params, batch, mask) -> Parts:
     """Materialised per-example gradients, ``vmap(value_and_grad(S_i))``: the reference."""
 
-    def one(example):
-        summed = lambda p: reduce.as_sum_count(loss_fn(p, example))
-        (s, n), g = jax.value_and_grad(summed, has_aux=True)(params)
-        return s, n, g
-
-    sums, counts, grads = jax.vmap(one)(batch)
-    grads = jax.tree_util.tree_map(lambda g: _where_rows(mask, g), grads)
-    norm_sq = sum(
-        jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1) for g in jax.tree_util.tree_leaves(grads)
-    )
+    sums, counts, grads = _per_example(loss_fn, params, batch, mask, None)  # rows masked
+    norm_sq = reduce.row_sq_norms(grads)
 
     def weighted(c):
         return jax.tree_util.tree_map(lambda g: jnp.tensordot(c.astype(g.dtype), g, 1), grads)
 
-    return Parts(_where_rows(mask, sums), _where_rows(mask, counts), norm_sq, weighted)
+    return Parts(sums, counts, norm_sq, weighted)
 
 
 def _struct(x):

@@ -114,10 +114,7 @@ def reference(spec: ModelSpec, jax_flat, data, *, chunk_size: int, l2_clip: floa
             sl = slice(i, i + chunk_size)
             yield grads_of(params, (jnp.asarray(x[sl]), jnp.asarray(y[sl])))
 
-    sq = lambda g: sum(
-        jnp.sum(leaf.reshape(leaf.shape[0], -1) ** 2, 1) for leaf in jax.tree.leaves(g)
-    )
-    norms = np.concatenate([np.sqrt(np.asarray(sq(g))) for g in chunks()])
+    norms = np.concatenate([np.sqrt(np.asarray(reduce.row_sq_norms(g))) for g in chunks()])
     if l2_clip is None:
         l2_clip = float(np.median(norms))
     factors = np.minimum(1.0, l2_clip / np.maximum(norms, 1e-300))
