@@ -52,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float)
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
-    g.add_argument("--no-scan", action="store_true", help="a Python loop instead of lax.scan")
+    g.add_argument(
+        "--no-scan",
+        action="store_true",
+        help="a Python loop instead of lax.scan (default: scan, but not convolutions on a CPU)",
+    )
     g = p.add_argument_group("checkpoints and output")
     g.add_argument("--checkpoint-dir", help="write checkpoints here and resume from them")
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
@@ -219,7 +223,7 @@ def run(args, parser=None) -> dict:
         key=shuffle_key,
         strategy=strategy,
         evaluate=evaluate,
-        scan=not args.no_scan,
+        scan=False if args.no_scan else "auto",
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,
         keep=args.keep,
@@ -241,7 +245,7 @@ def run(args, parser=None) -> dict:
         "batch_size": batch_size,
         "steps": int(result.state.step),
         "seed": args.seed,
-        "scan": not args.no_scan,
+        "scan": False if args.no_scan else "auto",
         "dtype": np.dtype(dtype).name,
         "seconds": seconds,
         "final": final,

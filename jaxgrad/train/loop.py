@@ -89,6 +89,12 @@ def _positive(value, name):
     return reduce.check_positive_int(value, name=name)
 
 
+def _has_convolution(loss_fn, params, data) -> bool:
+    """Whether one example's loss runs a convolution (read off its jaxpr)."""
+    example = jax.tree_util.tree_map(lambda x: x[0], data)
+    return "conv_general_dilated" in str(jax.make_jaxpr(loss_fn)(params, example))
+
+
 def _fingerprint(key) -> str:
     """A short hash of a PRNG key's data, to tell runs with different seeds apart."""
     data = np.asarray(
@@ -108,7 +114,7 @@ def fit(
     key: jax.Array,
     strategy: Callable = batch_grad,
     evaluate: Callable[[PyTree], Mapping[str, float]] | None = None,
-    scan: bool = True,
+    scan: bool | str = "auto",
     steps_per_call: int | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
@@ -137,7 +143,11 @@ def fit(
       evaluate: ``evaluate(params) -> {name: float}``, called after every epoch (see
         :func:`jaxgrad.train.evaluator`).
       scan: run the batches of a chunk under ``lax.scan`` (one dispatch per chunk) instead of
-        a Python loop over the jitted step.
+        a Python loop over the jitted step. ``"auto"`` (default) scans unless the loss has a
+        convolution and the backend is the CPU, where XLA runs a convolution inside a loop
+        body many times slower (17x for the benchmark's CNN); for dense models on the CPU the
+        scan took 137-181 µs per step against 215-435 µs for the Python loop (digits MLP,
+        batch 32).
       steps_per_call: the chunk length (default: a whole epoch, or ``checkpoint_every`` if
         smaller); between chunks progress is reported and non-finite losses caught.
       checkpoint_dir: if given, checkpoints are written there and, with ``resume``, the run
@@ -177,6 +187,12 @@ def fit(
     batch_size = _positive(batch_size, "batch_size")
     keep = _positive(keep, "keep")
     n = reduce.batch_size(train_data, name="train_data")
+    if scan == "auto":
+        scan = not (
+            jax.default_backend() == "cpu" and _has_convolution(loss_fn, params, train_data)
+        )
+    elif not isinstance(scan, bool):
+        raise ValueError(f"`scan` must be True, False or 'auto'; got {scan!r}")
     if batch_size > n:
         raise ValueError(
             f"`batch_size` ({batch_size}) is larger than the training set ({n} examples); "
