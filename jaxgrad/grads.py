@@ -85,8 +85,7 @@ def batch_grad(loss_fn, *, return_loss: bool = False):
 
     def core(params, batch, mask):
         def mean_loss(p):
-            sums, counts = jax.vmap(lambda ex: reduce.as_sum_count(loss_fn(p, ex)))(batch)
-            total, count = reduce.masked_totals(sums, counts, mask)
+            total, count = reduce.batch_totals(loss_fn, p, batch, mask)
             return reduce.safe_divide(total, jax.lax.stop_gradient(count))
 
         return jax.value_and_grad(mean_loss)(params)
@@ -258,9 +257,7 @@ def accumulate_grad(
         micro_batches, micro_masks = reduce.split_microbatches(batch, mask, num_microbatches)
 
         def microbatch_sums(p, micro):
-            sums, counts = jax.vmap(lambda ex: reduce.as_sum_count(loss_fn(p, ex)))(micro[0])
-            total, count = reduce.masked_totals(sums, counts, micro[1])
-            return total, count
+            return reduce.batch_totals(loss_fn, p, *micro)
 
         def step(carry, micro):
             (total, count), grads = jax.value_and_grad(microbatch_sums, has_aux=True)(params, micro)

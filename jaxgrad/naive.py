@@ -99,7 +99,9 @@ def backprop_mean_error(apply_fn, output_loss, *, return_loss: bool = False):
 
     Args:
       apply_fn: ``apply_fn(params, x) -> prediction`` on one example.
-      output_loss: ``output_loss(prediction, target) -> scalar`` on one example.
+      output_loss: ``output_loss(prediction, target) -> scalar | (loss_sum, n_items)`` on
+        one example; with counts, the mean error ``δ̄`` is backpropagated and divided by the
+        global item count ``Σ_i n_i``, as the exact gradient is.
       return_loss: if True, ``f`` returns ``(mean_loss, grads)``.
 
     Returns:
@@ -124,12 +126,17 @@ def backprop_mean_error(apply_fn, output_loss, *, return_loss: bool = False):
             ), outputs
 
         _, pullback, outputs = jax.vjp(mean_output, params, has_aux=True)
-        losses, errors = jax.vmap(jax.value_and_grad(output_loss))(outputs, targets)
+        parts = lambda out, y: reduce.as_sum_count(output_loss(out, y))
+        (sums, counts), errors = jax.vmap(jax.value_and_grad(parts, has_aux=True))(outputs, targets)
+        total, count = reduce.masked_totals(sums, counts, mask)
         mean_error = jax.tree_util.tree_map(
             lambda e: jnp.tensordot(weights.astype(e.dtype), e, axes=1), errors
         )
-        (grads,) = pullback(mean_error)
-        return jnp.sum(weights.astype(losses.dtype) * losses), grads
+        (grads,) = pullback(mean_error)  # (1/b) Σ_i J_iᵀ δ̄ over b real examples
+        # Normalised like the exact gradient, Σ_i J_iᵀ δ_i / Σ_i n_i: equal when all δ_i agree.
+        per_item = reduce.safe_divide(jnp.sum(mask).astype(count.dtype), count)
+        grads = jax.tree_util.tree_map(lambda g: g * per_item.astype(g.dtype), grads)
+        return reduce.safe_divide(total, count), grads
 
     return _strategy(
         core,
@@ -168,8 +175,7 @@ def mean_of_microbatch_means(loss_fn, *, num_microbatches: int, return_loss: boo
         micro_batches, micro_masks = reduce.split_microbatches(batch, mask, num_microbatches)
 
         def microbatch_mean(p, micro, micro_mask):
-            sums, counts = jax.vmap(lambda ex: reduce.as_sum_count(loss_fn(p, ex)))(micro)
-            total, count = reduce.masked_totals(sums, counts, micro_mask)
+            total, count = reduce.batch_totals(loss_fn, p, micro, micro_mask)
             return reduce.safe_divide(total, count), count
 
         def one(micro, micro_mask):

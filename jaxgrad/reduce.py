@@ -125,6 +125,12 @@ def fill_padding(batch: PyTree, mask: jax.Array) -> PyTree:
     return jax.tree_util.tree_map(fill, batch)
 
 
+def batch_totals(loss_fn, params, batch, mask):
+    """``(Σ_i m_i S_i, Σ_i m_i n_i)``: ``loss_fn`` on every example of ``batch``, reduced."""
+    sums, counts = jax.vmap(lambda example: as_sum_count(loss_fn(params, example)))(batch)
+    return masked_totals(sums, counts, mask)
+
+
 def safe_divide(total, count):
     """``total / count``, and 0 (not NaN) where the count is 0: an all-padding batch is a no-op."""
     nonzero = count > 0

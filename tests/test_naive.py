@@ -353,3 +353,20 @@ def test_naive_bad_input():
             f(params, batch, jnp.ones(8))
         with pytest.raises(ValueError, match=r"`batch` is empty"):
             f(params, (batch[0][:0], batch[1][:0]))
+
+
+def test_backprop_mean_error_with_token_counts_is_exact_for_identical_sequences_only():
+    model = models.transformer(vocab_size=12, max_len=6, dtype=jnp.float64)
+    params = model.init(jax.random.key(0))
+    seq = jnp.array([[3, 4, 5, 6, 0, 0]])
+    exact_f = jaxgrad.batch_grad(losses.supervised(model.apply, losses.token_cross_entropy))
+    naive_f = jaxgrad.naive.backprop_mean_error(model.apply, losses.token_cross_entropy)
+    same = (jnp.repeat(seq, 3, 0),) * 2
+    jaxgrad.check.assert_equivalent(exact_f, naive_f, params, same)
+    varied = jnp.array([[3, 4, 5, 6, 0, 0], [7, 8, 0, 0, 0, 0], [9, 10, 11, 1, 2, 0]])
+    assert (
+        jaxgrad.check.tree_diff(
+            naive_f(params, (varied, varied)), exact_f(params, (varied, varied))
+        )[0]
+        > 1e-6
+    )

@@ -71,8 +71,7 @@ def loss_and_grad_fn(loss_fn, strategy: Callable = batch_grad):
     grad_fn = strategy(loss_fn)
 
     def mean_loss(params, batch, mask):
-        sums, counts = jax.vmap(lambda ex: reduce.as_sum_count(loss_fn(params, ex)))(batch)
-        return reduce.safe_divide(*reduce.masked_totals(sums, counts, mask))
+        return reduce.safe_divide(*reduce.batch_totals(loss_fn, params, batch, mask))
 
     def f(params, batch, mask):
         return mean_loss(params, batch, mask), grad_fn(params, batch, mask)
