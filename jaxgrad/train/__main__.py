@@ -206,6 +206,10 @@ def run(args, parser=None) -> dict:
         )
     model_name, model, loss_fn = _model(args, ds, dtype, parser)
     strategy = _strategy(args, parser)
+    try:  # building the strategy checks its hyperparameters (--microbatches, --clip, ...)
+        strategy(loss_fn)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
     init_key, shuffle_key = jax.random.split(jax.random.key(args.seed))
     evaluate = evaluator(model.apply, loss_fn, {"train": ds.train, "test": ds.test}, task=ds.task)
     say(
