@@ -24,18 +24,19 @@ from jaxgrad.grads import _strategy, _validator
 
 
 def _masked_mean(tree, mask):
+    """The mean over the real (unmasked) rows of every leaf of a batched pytree."""
     weights = mask / jnp.maximum(jnp.sum(mask), 1)
+    return jax.tree_util.tree_map(lambda x: jnp.tensordot(weights.astype(x.dtype), x, 1), tree)
 
-    def mean(leaf):
+
+def _check_floating(batch):
+    for leaf in jax.tree_util.tree_leaves(batch):
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
             raise TypeError(
                 "`grad_at_mean_input` averages every leaf of the batch, so every leaf must be "
                 f"floating point; got a leaf of dtype {leaf.dtype} and shape {leaf.shape} "
                 "(integer labels or tokens have no mean)"
             )
-        return jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1)
-
-    return jax.tree_util.tree_map(mean, tree)
 
 
 def grad_at_mean_input(loss_fn, *, return_loss: bool = False):
@@ -63,6 +64,7 @@ def grad_at_mean_input(loss_fn, *, return_loss: bool = False):
     """
 
     def core(params, batch, mask):
+        _check_floating(batch)
         mean_example = _masked_mean(batch, mask)
 
         def loss_at_mean(p):
@@ -117,21 +119,16 @@ def backprop_mean_error(apply_fn, output_loss, *, return_loss: bool = False):
 
     def core(params, batch, mask):
         inputs, targets = batch
-        weights = mask / jnp.maximum(jnp.sum(mask), 1)
 
         def mean_output(p):
             outputs = jax.vmap(apply_fn, in_axes=(None, 0))(p, inputs)
-            return jax.tree_util.tree_map(
-                lambda o: jnp.tensordot(weights.astype(o.dtype), o, axes=1), outputs
-            ), outputs
+            return _masked_mean(outputs, mask), outputs
 
         _, pullback, outputs = jax.vjp(mean_output, params, has_aux=True)
         parts = lambda out, y: reduce.as_sum_count(output_loss(out, y))
         (sums, counts), errors = jax.vmap(jax.value_and_grad(parts, has_aux=True))(outputs, targets)
         total, count = reduce.masked_totals(sums, counts, mask)
-        mean_error = jax.tree_util.tree_map(
-            lambda e: jnp.tensordot(weights.astype(e.dtype), e, axes=1), errors
-        )
+        mean_error = _masked_mean(errors, mask)
         (grads,) = pullback(mean_error)  # (1/b) Σ_i J_iᵀ δ̄ over b real examples
         # Normalised like the exact gradient, Σ_i J_iᵀ δ_i / Σ_i n_i: equal when all δ_i agree.
         per_item = reduce.safe_divide(jnp.sum(mask).astype(count.dtype), count)
