@@ -199,7 +199,8 @@ def fast_pass(loss_fn, params, batch, mask) -> Parts:
                 out.append(jnp.zeros(np.shape(leaf), jnp.result_type(leaf)))
         return jax.tree_util.tree_unflatten(treedef, out)
 
-    norm_sq = jnp.where(mask, norm_sq, 0)
+    # Clamped at 0: tied uses that cancel can leave a squared norm a rounding error below 0.
+    norm_sq = jnp.where(mask, jnp.maximum(norm_sq, 0), 0)
     return Parts(_where_rows(mask, sums), _where_rows(mask, counts), norm_sq, weighted)
 
 

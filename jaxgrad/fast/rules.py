@@ -267,8 +267,8 @@ def outer_factors(eqn: Eqn, pos: int, chain_perms, leaf_ndim: int, a, g):
     if eqn.primitive.name != "dot_general":
         return None
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    if lb or rb or len(eqn.in_avals[pos].shape) != 2:
-        return None
+    if lb or rb or len(eqn.in_avals[pos].shape) != 2 or len((lc, rc)[pos]) != 1:
+        return None  # the leaf must have one contracted and one free axis (else materialise)
     a_perm, g_perm, (_, t, k, n) = dense_layout(eqn, pos)
     x = _to_blocks(a, a_perm, (t, k))  # factor along the contracted axis of the operand
     y = _to_blocks(g, g_perm, (t, n)).astype(x.dtype)  # along the operand's free axis
