@@ -12,12 +12,16 @@ from jaxgrad.fast.api import (
     per_example_moments,
     per_example_norms,
 )
+from jaxgrad.fast.plan import LeafPlan, Plan, plan
 
 __all__ = [
     "GradMoments",
     "GradStats",
+    "LeafPlan",
+    "Plan",
     "clipped_grad",
     "grad_stats",
     "per_example_moments",
     "per_example_norms",
+    "plan",
 ]

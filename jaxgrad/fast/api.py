@@ -39,7 +39,9 @@ def _check_chunk(chunk_size):
     return chunk_size
 
 
-def per_example_norms(loss_fn, *, method: str = "auto", chunk_size: int | None = None):
+def per_example_norms(
+    loss_fn, *, method: str = "auto", chunk_size: int | None = None, strict: bool = False
+):
     """The L2 norm of every example's gradient over all parameters, ``‖∇S_i‖``.
 
     On the fast path a dense use ``s = a W`` contributes ``‖a_i‖² ‖g_i‖²`` (``g_i`` the
@@ -51,6 +53,8 @@ def per_example_norms(loss_fn, *, method: str = "auto", chunk_size: int | None =
       loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
       method: ``"auto"`` (fast, exact) or ``"vmap"`` (materialised reference).
       chunk_size: if set, examples are processed that many at a time.
+      strict: if True, raise when a parameter leaf that is neither a vector nor small takes
+        the exact fallback (a per-example copy); :func:`jaxgrad.fast.plan` shows the routes.
 
     Returns:
       ``f(params, batch, mask=None) -> norms`` of shape ``(B,)``; padded rows are 0.
@@ -63,13 +67,13 @@ def per_example_norms(loss_fn, *, method: str = "auto", chunk_size: int | None =
       >>> per_example_norms(loss)(jnp.ones(2), jnp.array([[3.0, 4.0], [0.0, 1.0]])).tolist()
       [5.0, 1.0]
     """
-    get = passes.get_pass(method)
+    get = passes.get_pass(method, strict)
     chunk_size = _check_chunk(chunk_size)
 
     def core(params, batch, mask):
         def body(b, m):
             parts = get(loss_fn, params, b, m)
-            return jnp.sqrt(parts.norm_sq), ()
+            return jnp.sqrt(jnp.maximum(parts.norm_sq, 0)), ()
 
         return passes.run_chunked(body, batch, mask, chunk_size)[0]
 
@@ -97,6 +101,7 @@ def clipped_grad(
     return_norms: bool = False,
     method: str = "auto",
     chunk_size: int | None = None,
+    strict: bool = False,
 ):
     """The sum or mean of per-example gradients, each clipped to L2 norm ``l2_clip`` (DP-SGD).
 
@@ -120,6 +125,8 @@ def clipped_grad(
       return_norms: if True, ``f`` returns ``(grads, norms)`` with the unclipped norms.
       method: ``"auto"`` (fast, exact) or ``"vmap"`` (materialised reference).
       chunk_size: if set, examples are processed that many at a time.
+      strict: if True, raise when a parameter leaf that is neither a vector nor small takes
+        the exact fallback (a per-example copy); :func:`jaxgrad.fast.plan` shows the routes.
 
     Returns:
       ``f(params, batch, mask=None) -> grads`` (or ``(grads, norms)``).
@@ -137,7 +144,7 @@ def clipped_grad(
     l2_clip = _check_clip(l2_clip)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"`reduction` must be one of ['mean', 'sum']; got {reduction!r}")
-    get = passes.get_pass(method)
+    get = passes.get_pass(method, strict)
     chunk_size = _check_chunk(chunk_size)
 
     def core(params, batch, mask):
@@ -179,7 +186,9 @@ class GradStats(NamedTuple):
     snr: jax.Array
 
 
-def grad_stats(loss_fn, *, method: str = "auto", chunk_size: int | None = None):
+def grad_stats(
+    loss_fn, *, method: str = "auto", chunk_size: int | None = None, strict: bool = False
+):
     """Mean gradient, per-example norms, gradient covariance trace and noise scale in one pass.
 
     With ``b = Σ_i m_i`` real examples, per-example gradients ``g_i = ∇S_i`` and their mean
@@ -205,6 +214,8 @@ def grad_stats(loss_fn, *, method: str = "auto", chunk_size: int | None = None):
       loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
       method: ``"auto"`` (fast, exact) or ``"vmap"`` (materialised reference).
       chunk_size: if set, examples are processed that many at a time.
+      strict: if True, raise when a parameter leaf that is neither a vector nor small takes
+        the exact fallback (a per-example copy); :func:`jaxgrad.fast.plan` shows the routes.
 
     Returns:
       ``f(params, batch, mask=None) -> GradStats``.
@@ -218,7 +229,7 @@ def grad_stats(loss_fn, *, method: str = "auto", chunk_size: int | None = None):
       >>> float(s.trace_cov), float(s.grad_sq_norm)  # var(1, 3) = 2; 2² − 2/2 = 3
       (2.0, 3.0)
     """
-    get = passes.get_pass(method)
+    get = passes.get_pass(method, strict)
     chunk_size = _check_chunk(chunk_size)
 
     def core(params, batch, mask):

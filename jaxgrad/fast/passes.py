@@ -14,6 +14,7 @@ gradient norm (over all parameters), and ``weighted(c) = Σ_i c_i ∇S_i``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgrad import reduce
+from jaxgrad.fast import plan as plan_lib
 from jaxgrad.fast import rules, trace
 from jaxgrad.grads import _per_example
 
@@ -97,21 +99,15 @@ def tap(y, d):
 tap.defvjp(lambda y, d: (y, None), lambda _, ct: (ct, ct))
 
 
-def _chain_perm(program, chain, ndim):
-    """The axis permutation an alias chain of transposes applies, or None for other ops."""
-    perm = tuple(range(ndim))
-    for k in chain:
-        e = program.eqns[k]
-        if e.primitive.name == "transpose":
-            perm = tuple(perm[p] for p in e.params["permutation"])
-        elif e.primitive.name not in ("convert_element_type", "copy", "copy_p"):
-            return None
-    return perm
+def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
+    """Per-example norms and reweighted sums from one batched forward/backward pass.
 
-
-def fast_pass(loss_fn, params, batch, mask) -> Parts:
-    """Per-example norms and reweighted sums from one batched forward/backward pass."""
+    With ``strict``, a leaf that is not small and takes the exact fallback raises (see
+    :func:`jaxgrad.fast.plan.check_strict`).
+    """
     an = analyse(loss_fn, params, batch)
+    if strict:
+        plan_lib.check_strict(an, params)
     program = an.program
     leaves, treedef = jax.tree_util.tree_flatten(params)
     ex_leaves = jax.tree_util.tree_leaves(batch)
@@ -166,7 +162,7 @@ def fast_pass(loss_fn, params, batch, mask) -> Parts:
                 rules.outer_factors(
                     program.eqns[u.eqn],
                     u.pos,
-                    _chain_perm(program, u.chain, np.ndim(leaves[j])),
+                    trace.chain_perm(program, u.chain, np.ndim(leaves[j])),
                     np.ndim(leaves[j]),
                     kept[u.eqn],
                     g_use[u.eqn],
@@ -204,8 +200,18 @@ def fast_pass(loss_fn, params, batch, mask) -> Parts:
     return Parts(_where_rows(mask, sums), _where_rows(mask, counts), norm_sq, weighted)
 
 
-def get_pass(method: str):
-    return {"auto": fast_pass, "vmap": vmap_pass}[check_method(method)]
+def check_strict(strict) -> bool:
+    if not isinstance(strict, bool):
+        raise ValueError(f"`strict` must be True or False; got {strict!r}")
+    return strict
+
+
+def get_pass(method: str, strict: bool = False):
+    """The pass for ``method``; ``strict`` applies to the fast path (vmap has no fallback)."""
+    strict = check_strict(strict)
+    if check_method(method) == "vmap":
+        return vmap_pass
+    return functools.partial(fast_pass, strict=strict)
 
 
 def run_chunked(body, batch, mask, chunk_size):

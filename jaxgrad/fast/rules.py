@@ -109,6 +109,40 @@ def _rest(ndim, keep):
     return tuple(d for d in range(1, ndim) if d not in keep)
 
 
+def dense_gram(t: int, k: int, n: int) -> bool:
+    """Whether the Gram form (``2 T²`` per example) beats forming the ``K × N`` gradient."""
+    return t * (k + n) <= k * n
+
+
+def gather_gram(t: int, num_rows: int) -> bool:
+    """Whether the ``T × T`` same-row form beats forming the ``rows × R`` gradient."""
+    return t * t <= 8 * num_rows
+
+
+def route(kind: str, eqn: Eqn, pos: int) -> tuple[str, int]:
+    """How :func:`norm_sq` handles one use: a label and the entries it forms per example."""
+    if kind == "dense":
+        _, _, (nb, t, k, n) = dense_layout(eqn, pos)
+        if t == 1:
+            return "dense: |a|²|g|²", nb
+        if dense_gram(t, k, n):
+            return f"dense, {t} positions: Gram <AAᵀ,GGᵀ>", 2 * nb * t * t
+        return f"dense, {t} positions: per-example gradient", nb * k * n
+    if kind == "gather":
+        dn = eqn.params["dimension_numbers"]
+        out_shape = eqn.out_avals[0].shape
+        t = _prod(out_shape, [d for d in range(len(out_shape)) if d not in dn.offset_dims])
+        rows = _prod(eqn.in_avals[0].shape, dn.start_index_map)
+        if gather_gram(t, rows):
+            return f"gather, {t} lookups: same-row Gram", t * t
+        return f"gather, {t} lookups: per-example gradient", math.prod(eqn.in_avals[0].shape)
+    if kind == "conv" and _conv_windows_ok(eqn, pos):
+        rhs_spec = eqn.params["dimension_numbers"][1]
+        shape = eqn.in_avals[1].shape
+        return "conv: one kernel offset at a time", shape[rhs_spec[0]] * shape[rhs_spec[1]]
+    return f"{kind}: per-example gradient", math.prod(eqn.in_avals[pos].shape)
+
+
 def dense_norm_sq(eqn: Eqn, pos: int, a, g):
     """``‖∇_W S_i‖²`` for a ``dot_general`` use, without the per-example gradient when cheaper."""
     a_perm, g_perm, (nb, t, k, n) = dense_layout(eqn, pos)
@@ -123,7 +157,7 @@ def dense_norm_sq(eqn: Eqn, pos: int, a, g):
     a = _to_blocks(a, a_perm, (nb, t, k)).astype(dtype)
     g = _to_blocks(g, g_perm, (nb, t, n)).astype(dtype)
     hi = jax.lax.Precision.HIGHEST
-    if t * (k + n) <= k * n:
+    if dense_gram(t, k, n):
         aa = jnp.einsum("bjtk,bjsk->bjts", a, a, precision=hi)
         gg = jnp.einsum("bjtn,bjsn->bjts", g, g, precision=hi)
         return jnp.sum(aa * gg, axis=(1, 2, 3))
@@ -157,7 +191,7 @@ def gather_norm_sq(eqn: Eqn, pos: int, idx, g):
     idx, _, g = gather_rows(eqn, idx, g)
     t = idx.shape[1]
     num_rows = _prod(eqn.in_avals[0].shape, dn.start_index_map)
-    if t * t > 8 * num_rows:  # materialising the (rows × R) gradient is cheaper
+    if not gather_gram(t, num_rows):  # materialising the (rows × R) gradient is cheaper
         grads = per_example_grads(eqn, 0, idx_restore(eqn, idx), g_restore(eqn, g))
         return jnp.sum(grads.reshape(grads.shape[0], -1) ** 2, axis=1)
     same = jnp.all(idx[:, :, None, :] == idx[:, None, :, :], axis=-1)
@@ -248,6 +282,29 @@ def norm_sq(kind: str, eqn: Eqn, pos: int, a, g):
     return _materialised_norm_sq(eqn, pos, a, g)
 
 
+def has_outer_form(eqn: Eqn, pos: int, chain_perms, leaf_ndim: int) -> bool:
+    """Whether :func:`outer_factors` can write this use of a 2-D leaf as ``Σ_t x_t ⊗ y_t``."""
+    if leaf_ndim != 2 or chain_perms is None:
+        return False
+    if eqn.primitive.name == "gather":
+        dn = eqn.params["dimension_numbers"]
+        return pos == 0 and tuple(dn.start_index_map) == (0,) and chain_perms == (0, 1)
+    if eqn.primitive.name != "dot_general":
+        return False
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    # the leaf must have one contracted and one free axis (else the caller materialises)
+    return not lb and not rb and len(eqn.in_avals[pos].shape) == 2 and len((lc, rc)[pos]) == 1
+
+
+def outer_positions(eqn: Eqn, pos: int) -> int:
+    """``T`` of a use in outer form: the number of terms ``x_t ⊗ y_t``."""
+    if eqn.primitive.name == "gather":
+        dn = eqn.params["dimension_numbers"]
+        out_shape = eqn.out_avals[0].shape
+        return _prod(out_shape, [d for d in range(len(out_shape)) if d not in dn.offset_dims])
+    return dense_layout(eqn, pos)[2][1]
+
+
 def outer_factors(eqn: Eqn, pos: int, chain_perms, leaf_ndim: int, a, g):
     """A use's per-example gradient of a 2-D leaf as ``Σ_t x_t ⊗ y_t`` (rows ⊗ columns).
 
@@ -256,19 +313,12 @@ def outer_factors(eqn: Eqn, pos: int, chain_perms, leaf_ndim: int, a, g):
     is not of this simple form (the caller then materialises the per-example gradient).
     ``chain_perms`` is the composition of transposes from the leaf to the operand, or None.
     """
-    if leaf_ndim != 2 or chain_perms is None:
+    if not has_outer_form(eqn, pos, chain_perms, leaf_ndim):
         return None
     if eqn.primitive.name == "gather":
-        dn = eqn.params["dimension_numbers"]
-        if pos != 0 or tuple(dn.start_index_map) != (0,) or chain_perms != (0, 1):
-            return None
         idx, _, y = gather_rows(eqn, a, g)
         return ("gather", idx[..., 0], y)
-    if eqn.primitive.name != "dot_general":
-        return None
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    if lb or rb or len(eqn.in_avals[pos].shape) != 2 or len((lc, rc)[pos]) != 1:
-        return None  # the leaf must have one contracted and one free axis (else materialise)
+    (lc, rc), _ = eqn.params["dimension_numbers"]
     a_perm, g_perm, (_, t, k, n) = dense_layout(eqn, pos)
     x = _to_blocks(a, a_perm, (t, k))  # factor along the contracted axis of the operand
     y = _to_blocks(g, g_perm, (t, n)).astype(x.dtype)  # along the operand's free axis

@@ -170,6 +170,8 @@ class Analysis:
     fast: dict  # leaf index -> list[Use]
     exact: list  # leaf indices with a per-example copy
     unused: list  # leaf indices nothing reads (zero gradient)
+    # leaf index -> why it takes the exact route (one line per distinct reason)
+    reasons: dict = dataclasses.field(default_factory=dict)
 
     @property
     def captured(self) -> dict:
@@ -207,6 +209,32 @@ def _classify(eqn: Eqn, param_pos: list) -> str | None:
     return None
 
 
+# Primitives whose body is opaque to the use classification (a loop, a branch, a custom
+# derivative): a parameter read inside them takes the exact route.
+_OPAQUE = {
+    "scan": "inside a `lax.scan` body (a loop)",
+    "while": "inside a `while_loop` (a loop with a dynamic trip count)",
+    "cond": "inside a `cond`/`switch` branch",
+    "custom_jvp_call": "inside a `custom_jvp` function",
+    "custom_vjp_call": "inside a `custom_vjp` function",
+    "custom_vjp_call_jaxpr": "inside a `custom_vjp` function",
+}
+
+
+def _reason(eqn: Eqn, param_pos: list) -> str:
+    """Why a use of a parameter by ``eqn`` is not a dense/conv/gather use."""
+    name = eqn.primitive.name
+    if name in _OPAQUE:
+        return _OPAQUE[name]
+    if name == "dot_general":
+        return "both operands of a `dot_general` are parameters"
+    if name == "conv_general_dilated":
+        return "a parameter is the input of a convolution, or both operands are parameters"
+    if name == "gather":
+        return "a `gather` that is not a whole-row lookup"
+    return f"used by `{name}` (not a dense/conv/gather use)"
+
+
 def analyse(fn, params, example) -> Analysis:
     """Traces ``fn(params, example)`` (per example) and classifies every parameter's uses.
 
@@ -232,7 +260,7 @@ def analyse(fn, params, example) -> Analysis:
 
     alias: dict = {v: (j, []) for j, v in enumerate(program.invars[:n])}
     uses: dict = {j: [] for j in range(n)}
-    other: set = set()
+    other: dict = {}  # leaf -> reasons
     for k, e in enumerate(program.eqns):
         param_pos = [p for p, r in enumerate(e.ins) if isinstance(r, Var) and r in alias]
         if not param_pos:
@@ -245,12 +273,12 @@ def analyse(fn, params, example) -> Analysis:
         for p in param_pos:
             j, chain = alias[e.ins[p]]
             if kind is None:
-                other.add(j)
+                other.setdefault(j, []).append(_reason(e, param_pos))
             else:
                 uses[j].append(Use(kind, k, p, chain))
     for r in program.outs:  # a parameter returned as (part of) the loss
         if isinstance(r, Var) and r in alias:
-            other.add(alias[r][0])
+            other.setdefault(alias[r][0], []).append("returned as (part of) the loss")
 
     fast, exact, unused = {}, [], []
     for j in range(n):
@@ -270,7 +298,8 @@ def analyse(fn, params, example) -> Analysis:
     for j_uses in fast.values():
         for u in j_uses:
             u.batched = program.eqns[u.eqn].outs[0] in varying
-    return Analysis(program, n, fast, exact, unused)
+    reasons = {j: "; ".join(dict.fromkeys(other[j])) for j in exact}
+    return Analysis(program, n, fast, exact, unused, reasons)
 
 
 def apply_chain(program: Program, chain: list, x):
@@ -279,3 +308,15 @@ def apply_chain(program: Program, chain: list, x):
         e = program.eqns[k]
         x = e.primitive.bind(x, **e.primitive.get_bind_params(e.params))
     return x
+
+
+def chain_perm(program: Program, chain: list, ndim: int):
+    """The axis permutation an alias chain of transposes applies, or None for other ops."""
+    perm = tuple(range(ndim))
+    for k in chain:
+        e = program.eqns[k]
+        if e.primitive.name == "transpose":
+            perm = tuple(perm[p] for p in e.params["permutation"])
+        elif e.primitive.name not in ("convert_element_type", "copy", "copy_p"):
+            return None
+    return perm

@@ -1,0 +1,152 @@
+"""The fast path's plan for a loss: for every parameter leaf, its uses, its route, its cost.
+
+:func:`plan` reads the same jaxpr analysis :func:`jaxgrad.fast.per_example_norms` runs on
+(:mod:`jaxgrad.fast.trace`) and reports, per leaf (by pytree path):
+
+* its uses — the equations that read it (``dense``, ``conv``, ``gather``);
+* its route — how its per-example squared norm is obtained: the use's rule (``|a|²|g|²``, the
+  Gram form ``⟨AAᵀ, GGᵀ⟩``, a per-example gradient of one use, ...), the cross terms of tied
+  uses, or the **exact fallback** (a per-example copy of the leaf, ``B × |leaf|``) and why;
+* the per-example memory that route forms, in entries of the leaf's dtype.
+
+``strict=True`` on the fast functions turns a fallback of a leaf larger than
+:data:`STRICT_MAX_SIZE` entries (and not a vector) into an error naming the leaf and reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgrad import reduce
+from jaxgrad.fast import rules, trace
+
+# A leaf may fall back under ``strict=True`` when it is a vector (a bias, a norm scale: its
+# per-example copy costs about one activation) or has at most this many entries.
+STRICT_MAX_SIZE = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+    """One parameter leaf's route (see :func:`plan`)."""
+
+    path: str
+    shape: tuple
+    uses: tuple  # of str, one per use: "dense#12", "gather#3", ...
+    route: str  # "dense: ...", "tied: ...", "exact fallback", "unused"
+    reason: str  # why it falls back ("" when it does not)
+    per_example: int  # entries formed per example by the route
+
+    @property
+    def fallback(self) -> bool:
+        return self.route == "exact fallback"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Every leaf's :class:`LeafPlan`; ``print(plan)`` shows them as a table."""
+
+    leaves: tuple
+
+    @property
+    def fallbacks(self) -> tuple:
+        """The leaves on the exact fallback route."""
+        return tuple(leaf for leaf in self.leaves if leaf.fallback)
+
+    def __str__(self) -> str:
+        head = ("leaf", "shape", "uses", "route", "per-example entries")
+        rows = [head]
+        for lp in self.leaves:
+            route = lp.route + (f" ({lp.reason})" if lp.reason else "")
+            uses = ", ".join(lp.uses) or "-"
+            rows.append((lp.path, str(lp.shape), uses, route, f"{lp.per_example:,}"))
+        widths = [max(len(r[c]) for r in rows) for c in range(len(head) - 1)]
+        lines = []
+        for i, r in enumerate(rows):
+            cells = [r[c].ljust(widths[c]) for c in range(len(widths))]
+            lines.append("  ".join([*cells, r[-1]]))
+            if i == 0:
+                lines.append("  ".join("-" * w for w in [*widths, len(head[-1])]))
+        return "\n".join(lines)
+
+
+def leaf_plans(an: trace.Analysis, leaves, paths) -> tuple:
+    """A :class:`LeafPlan` per leaf from an analysis; the same choices ``fast_pass`` makes."""
+    program = an.program
+    out = []
+    for j, (leaf, path) in enumerate(zip(leaves, paths, strict=True)):
+        shape, size = tuple(np.shape(leaf)), math.prod(np.shape(leaf))
+        uses = tuple(f"{u.kind}#{u.eqn}" for u in an.fast.get(j, ()))
+        if j in an.exact:
+            out.append(LeafPlan(path, shape, uses, "exact fallback", an.reasons[j], size))
+        elif j in an.unused:
+            out.append(LeafPlan(path, shape, (), "unused", "", 0))
+        elif len(an.fast[j]) == 1:
+            (u,) = an.fast[j]
+            label, cost = rules.route(u.kind, program.eqns[u.eqn], u.pos)
+            out.append(LeafPlan(path, shape, uses, label, "", cost))
+        else:
+            eqns = [(program.eqns[u.eqn], u) for u in an.fast[j]]
+            perms = [trace.chain_perm(program, u.chain, len(shape)) for _, u in eqns]
+            if all(
+                rules.has_outer_form(e, u.pos, p, len(shape))
+                for (e, u), p in zip(eqns, perms, strict=True)
+            ):
+                ts = [rules.outer_positions(e, u.pos) for e, u in eqns]
+                label = f"tied, {len(ts)} uses: cross terms of Σ_t x_t⊗y_t"
+                out.append(LeafPlan(path, shape, uses, label, "", sum(ts) ** 2))
+            else:
+                label = f"tied, {len(eqns)} uses: per-example gradient"
+                out.append(LeafPlan(path, shape, uses, label, "", 2 * size))
+    return tuple(out)
+
+
+def leaf_paths(params) -> list:
+    """``jax.tree_util.keystr`` of every leaf, in flattening order."""
+    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def check_strict(an: trace.Analysis, params) -> None:
+    """Raises if a leaf that is not small (see :data:`STRICT_MAX_SIZE`) takes the fallback."""
+    leaves = jax.tree_util.tree_leaves(params)
+    for lp in leaf_plans(an, leaves, leaf_paths(params)):
+        if lp.fallback and len(lp.shape) > 1 and lp.per_example > STRICT_MAX_SIZE:
+            raise ValueError(
+                f"strict=True: parameter leaf {lp.path} (shape {lp.shape}) takes the exact "
+                f"fallback, a per-example copy of {lp.per_example:,} entries, because it is "
+                f"{lp.reason}. Pass strict=False to accept it, or see jaxgrad.fast.plan."
+            )
+
+
+def plan(loss_fn, params, example) -> Plan:
+    """How the fast path computes each parameter leaf's per-example gradient norm.
+
+    Args:
+      loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``, as for
+        :func:`jaxgrad.fast.per_example_norms`.
+      params: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
+      example: ONE example (no batch axis), arrays or ``jax.ShapeDtypeStruct``.
+
+    Returns:
+      A :class:`Plan`; ``print(plan)`` gives a table of leaf, shape, uses, route (with the
+      reason for any exact fallback) and the entries the route forms per example.
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> from jaxgrad.fast import plan
+      >>> loss = lambda p, x: jnp.sum(jnp.tanh(x @ p["w"]) * p["s"])
+      >>> p = plan(loss, {"w": jnp.ones((3, 2)), "s": jnp.ones(2)}, jnp.ones(3))
+      >>> [(lp.path, lp.route) for lp in p.leaves]
+      [("['s']", 'exact fallback'), ("['w']", 'dense: |a|²|g|²')]
+    """
+    struct = lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+    fn = lambda p, ex: reduce.as_sum_count(loss_fn(p, ex))
+    params_s = jax.tree_util.tree_map(struct, params)
+    an = trace.analyse(fn, params_s, jax.tree_util.tree_map(struct, example))
+    leaves = jax.tree_util.tree_leaves(params_s)
+    return Plan(leaf_plans(an, leaves, leaf_paths(params)))

@@ -1,0 +1,67 @@
+"""``jaxgrad.fast.plan`` and ``strict=``: the routes it reports are the ones taken."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_fast_cases import F64, assert_rel_close, case, materialised
+
+from jaxgrad.fast import clipped_grad, grad_stats, per_example_norms, plan
+
+
+def _example(batch):
+    return jax.tree_util.tree_map(lambda x: x[0], batch)
+
+
+def test_plan_lists_every_leaf_with_route():
+    loss, params, batch = case("tied")
+    p = plan(loss, params, _example(batch))
+    by_path = {lp.path: lp for lp in p.leaves}
+    assert set(by_path) == {"['b']", "['embed']", "['mix']"}
+    assert by_path["['embed']"].route.startswith("tied, 2 uses")
+    assert by_path["['embed']"].uses[0].startswith("gather#")
+    assert by_path["['mix']"].route.startswith("dense")
+    assert by_path["['b']"].fallback and "broadcast_in_dim" in by_path["['b']"].reason
+    assert by_path["['b']"].per_example == 4
+    text = str(p)
+    assert text.splitlines()[0].split()[:4] == ["leaf", "shape", "uses", "route"]
+    assert all(path in text for path in by_path)
+
+
+def _branch_loss(p, x):
+    h = jax.lax.cond(  # a per-example predicate: each example takes its own branch
+        x[0] > 0, lambda h: jnp.tanh(h @ p["wh"]), lambda h: jnp.sin(p["wh"] @ h), x * p["s"]
+    )
+    return jnp.sum(h**2)
+
+
+def test_branch_falls_back_visibly_and_strict_raises():
+    rng = np.random.default_rng(0)
+    params = {"wh": jnp.asarray(rng.normal(size=(80, 80)) / 9, F64), "s": jnp.ones((80,), F64)}
+    batch = jnp.asarray(rng.normal(size=(3, 80)), F64)
+    p = plan(_branch_loss, params, batch[0])
+    (wh,) = [lp for lp in p.leaves if lp.path == "['wh']"]
+    assert wh.fallback and "cond" in wh.reason and wh.per_example == 6400
+    # the fallback is exact (against vmap), and strict=True names the leaf and the reason
+    assert_rel_close(
+        per_example_norms(_branch_loss)(params, batch),
+        per_example_norms(_branch_loss, method="vmap")(params, batch),
+    )
+    for make in (
+        lambda: per_example_norms(_branch_loss, strict=True),
+        lambda: clipped_grad(_branch_loss, l2_clip=1.0, strict=True),
+        lambda: grad_stats(_branch_loss, strict=True),
+    ):
+        with pytest.raises(ValueError, match=r"strict=True: parameter leaf \['wh'\].*cond"):
+            make()(params, batch)
+
+
+def test_strict_accepts_small_fallbacks():
+    loss, params, batch = case("transformer")  # biases, norm scales, a small position table
+    got = per_example_norms(loss, strict=True)(params, batch)
+    assert_rel_close(got, np.linalg.norm(materialised("transformer"), axis=1))
+
+
+def test_strict_must_be_bool():
+    with pytest.raises(ValueError, match=r"`strict` must be True or False; got 'yes'"):
+        per_example_norms(lambda p, x: p * x, strict="yes")
