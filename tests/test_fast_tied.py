@@ -4,7 +4,6 @@ Every case compares the fast path with ``method="vmap"`` and with an independent
 over single examples, to 1e-10 relative, for the norms and the clipped sum.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -76,12 +76,17 @@ def analyse(loss_fn, params, batch) -> trace.Analysis:
     return trace.analyse(fn, jax.tree_util.tree_map(_struct, params), example)
 
 
-def _chain_transpose(program, chain, leaf, x):
-    """Maps a gradient with respect to an aliased operand back to the leaf's layout."""
-    if not chain:
+def _chain_transpose(use: trace.Use, leaf, x):
+    """Maps a gradient with respect to a use's (aliased) operand back to the leaf's layout.
+
+    For a leaf scanned over by a ``lax.scan`` the operand is the stack of its per-step slices
+    (the chain applies to every slice).
+    """
+    if not use.chain:
         return x.astype(jnp.result_type(leaf))
     zero = jnp.zeros(np.shape(leaf), jnp.result_type(leaf))
-    _, vjp = jax.vjp(lambda p: trace.apply_chain(program, chain, p), zero)
+    chain = lambda p: trace.apply_chain(use.chain_program, use.chain, p)
+    _, vjp = jax.vjp(jax.vmap(chain) if use.stacked else chain, zero)
     return vjp(x)[0]
 
 
@@ -102,6 +107,10 @@ tap.defvjp(lambda y, d: (y, None), lambda _, ct: (ct, ct))
 def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     """Per-example norms and reweighted sums from one batched forward/backward pass.
 
+    A use inside a ``lax.scan`` body is captured at every step (its perturbation is a
+    scanned-over input of shape ``(steps, *out)``, its kept operand a stacked output) and the
+    rules see it lifted over the steps (:func:`jaxgrad.fast.trace.lift_over_steps`).
+
     With ``strict``, a leaf that is not small and takes the exact fallback raises (see
     :func:`jaxgrad.fast.plan.check_strict`).
     """
@@ -113,11 +122,19 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     ex_leaves = jax.tree_util.tree_leaves(batch)
     size = mask.shape[0]
     captured = an.captured
+    scans: dict = {}
+    for _, u in captured.values():
+        if u.scan is not None:
+            scans.setdefault(u.eqn, {})[u.scan[1]] = u
+
+    def out_aval(u):
+        return u.chain_program.eqns[u.scan[1]].out_avals[0] if u.scan else u.op.out_avals[0]
+
     d_use = {
-        k: jnp.zeros(
-            (size, *program.eqns[k].out_avals[0].shape), program.eqns[k].out_avals[0].dtype
+        key: jnp.zeros(
+            (size, *((u.steps,) if u.scan else ()), *out_aval(u).shape), out_aval(u).dtype
         )
-        for k in captured
+        for key, (_, u) in captured.items()
     }
     d_exact = {
         j: jnp.zeros((size, *np.shape(leaves[j])), jnp.result_type(leaves[j])) for j in an.exact
@@ -127,14 +144,50 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         kept = {}
 
         def hook(k, invals, outvals):
-            if k not in captured:
+            if (k,) not in captured:
                 return outvals
-            _, use = captured[k]
-            kept[k] = invals[1 - use.pos]
-            return [tap(outvals[0], du[k]) if use.batched else outvals[0] + du[k]]
+            _, use = captured[(k,)]
+            kept[(k,)] = invals[1 - use.pos]
+            d = du[(k,)]
+            return [tap(outvals[0], d) if use.batched else outvals[0] + d]
+
+        def run_scan(k, invals):
+            if k not in scans:
+                return None
+            inner = scans[k]
+            p = program.eqns[k].params
+            body = next(iter(inner.values())).chain_program
+            nc, ncar = p["num_consts"], p["num_carry"]
+            consts, init, xs = invals[:nc], invals[nc : nc + ncar], invals[nc + ncar :]
+
+            def step(carry, x):
+                xs_t, du_t = x
+                kept_t = {}
+
+                def inner_hook(ik, iv, ov):
+                    if ik not in inner:
+                        return ov
+                    kept_t[ik] = iv[1 - inner[ik].pos]
+                    return [ov[0] + du_t[ik]]
+
+                outs = trace.evaluate(body, [*consts, *carry, *xs_t], hook=inner_hook)
+                return outs[:ncar], (outs[ncar:], kept_t)
+
+            du_k = {ik: du[(k, ik)] for ik in inner}
+            carry, (ys, kept_k) = jax.lax.scan(
+                step,
+                list(init),
+                (list(xs), du_k),
+                length=p["length"],
+                reverse=p["reverse"],
+                unroll=p["unroll"],
+            )
+            for ik, a in kept_k.items():
+                kept[(k, ik)] = a
+            return [*carry, *ys]
 
         args = [leaves[j] + dx[j] if j in dx else leaves[j] for j in range(an.num_params)]
-        s, n = trace.evaluate(program, [*args, *ex], hook=hook)
+        s, n = trace.evaluate(program, [*args, *ex], hook=hook, override=run_scan)
         return s, (n, kept)
 
     def batched(du, dx):
@@ -146,37 +199,41 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     # G again saves a copy of every activation.
     g_use, g_exact = vjp(mask.astype(sums.dtype))
 
-    def leaf_grads(j, use):  # (B, *leaf.shape) through one use
-        e = program.eqns[use.eqn]
-        g = rules.per_example_grads(e, use.pos, kept[use.eqn], g_use[use.eqn])
-        return jax.vmap(lambda x: _chain_transpose(program, use.chain, leaves[j], x))(g)
+    def a_of(u):
+        return kept[u.key]
 
-    norm_sq = jnp.zeros((size,), sums.dtype)
+    def g_of(u):  # the cotangent in the lifted equation's layout
+        g = g_use[u.key]
+        return jnp.moveaxis(g, 1, 1 + u.step_axis) if u.scan is not None else g
+
+    def leaf_grads(j, use):  # (B, *leaf.shape) through one use
+        g = rules.per_example_grads(use.op, use.pos, a_of(use), g_of(use))
+        return jax.vmap(lambda x: _chain_transpose(use, leaves[j], x))(g)
+
+    norm_dtype = jnp.promote_types(sums.dtype, jnp.float32)
+    norm_sq = jnp.zeros((size,), norm_dtype)
     for j, uses in an.fast.items():
+        ndim = np.ndim(leaves[j])
         if len(uses) == 1:
             (u,) = uses
-            e = program.eqns[u.eqn]
-            part = rules.norm_sq(u.kind, e, u.pos, kept[u.eqn], g_use[u.eqn])
+            part = rules.norm_sq(u.kind, u.op, u.pos, a_of(u), g_of(u))
         else:  # several uses (tied weights): the cross terms between them are needed
-            factors = [
-                rules.outer_factors(
-                    program.eqns[u.eqn],
-                    u.pos,
-                    trace.chain_perm(program, u.chain, np.ndim(leaves[j])),
-                    np.ndim(leaves[j]),
-                    kept[u.eqn],
-                    g_use[u.eqn],
-                )
+            perms = [
+                None if u.stacked else trace.chain_perm(u.chain_program, u.chain, ndim)
                 for u in uses
+            ]
+            factors = [
+                rules.outer_factors(u.op, u.pos, perm, ndim, a_of(u), g_of(u))
+                for u, perm in zip(uses, perms, strict=True)
             ]
             if all(f is not None for f in factors):
                 part = rules.cross_norm_sq(factors)
             else:  # the per-example gradient itself
                 g = sum(leaf_grads(j, u) for u in uses)
-                part = jnp.sum(g.reshape(size, -1) ** 2, axis=1)
-        norm_sq = norm_sq + part.astype(norm_sq.dtype)
+                part = jnp.sum(jnp.square(g.reshape(size, -1).astype(norm_dtype)), axis=1)
+        norm_sq = norm_sq + part.astype(norm_dtype)
     for g in g_exact.values():
-        norm_sq = norm_sq + jnp.sum(g.reshape(size, -1) ** 2, axis=1).astype(norm_sq.dtype)
+        norm_sq = norm_sq + jnp.sum(jnp.square(g.reshape(size, -1).astype(norm_dtype)), axis=1)
 
     def weighted(c):
         out = []
@@ -184,9 +241,8 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
             if j in an.fast:
                 total = 0
                 for u in an.fast[j]:
-                    e = program.eqns[u.eqn]
-                    w = rules.weighted_grad(e, u.pos, kept[u.eqn], g_use[u.eqn], c)
-                    total = total + _chain_transpose(program, u.chain, leaf, w)
+                    w = rules.weighted_grad(u.op, u.pos, a_of(u), g_of(u), c)
+                    total = total + _chain_transpose(u, leaf, w)
                 out.append(total)
             elif j in g_exact:
                 g = g_exact[j]

@@ -74,24 +74,38 @@ class Plan:
         return "\n".join(lines)
 
 
+def _use_name(u: trace.Use) -> str:
+    if u.scan is None:
+        return f"{u.kind}#{u.eqn}"
+    return f"{u.kind}#{u.scan[1]} in scan#{u.eqn}"
+
+
+def _scan_prefix(u: trace.Use) -> str:
+    if u.scan is None:
+        return ""
+    return f"scan, {u.steps} steps, {'one slice per step' if u.stacked else 'shared'}: "
+
+
 def leaf_plans(an: trace.Analysis, leaves, paths) -> tuple:
     """A :class:`LeafPlan` per leaf from an analysis; the same choices ``fast_pass`` makes."""
-    program = an.program
     out = []
     for j, (leaf, path) in enumerate(zip(leaves, paths, strict=True)):
         shape, size = tuple(np.shape(leaf)), math.prod(np.shape(leaf))
-        uses = tuple(f"{u.kind}#{u.eqn}" for u in an.fast.get(j, ()))
+        uses = tuple(_use_name(u) for u in an.fast.get(j, ()))
         if j in an.exact:
             out.append(LeafPlan(path, shape, uses, "exact fallback", an.reasons[j], size))
         elif j in an.unused:
             out.append(LeafPlan(path, shape, (), "unused", "", 0))
         elif len(an.fast[j]) == 1:
             (u,) = an.fast[j]
-            label, cost = rules.route(u.kind, program.eqns[u.eqn], u.pos)
-            out.append(LeafPlan(path, shape, uses, label, "", cost))
+            label, cost = rules.route(u.kind, u.op, u.pos)
+            out.append(LeafPlan(path, shape, uses, _scan_prefix(u) + label, "", cost))
         else:
-            eqns = [(program.eqns[u.eqn], u) for u in an.fast[j]]
-            perms = [trace.chain_perm(program, u.chain, len(shape)) for _, u in eqns]
+            eqns = [(u.op, u) for u in an.fast[j]]
+            perms = [
+                None if u.stacked else trace.chain_perm(u.chain_program, u.chain, len(shape))
+                for _, u in eqns
+            ]
             if all(
                 rules.has_outer_form(e, u.pos, p, len(shape))
                 for (e, u), p in zip(eqns, perms, strict=True)

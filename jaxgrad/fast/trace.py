@@ -125,8 +125,11 @@ def flatten(closed: jcore.ClosedJaxpr) -> Program:
     return Program(invars, outs, eqns)
 
 
-def evaluate(program: Program, args, *, hook=None):
+def evaluate(program: Program, args, *, hook=None, override=None):
     """Evaluates ``program`` on ``args``; ``hook(k, invals, outvals) -> outvals`` per equation.
+
+    ``override(k, invals)`` may return an equation's outputs in place of binding it (None to
+    bind it as usual).
 
     Works under any transformation (``vmap``, ``vjp``, ``jit``): each equation is re-bound.
     """
@@ -136,9 +139,11 @@ def evaluate(program: Program, args, *, hook=None):
         env[v] = x
     for k, e in enumerate(program.eqns):
         invals = [read(r) for r in e.ins]
-        outvals = e.primitive.bind(*invals, **e.primitive.get_bind_params(e.params))
-        if not e.primitive.multiple_results:
-            outvals = [outvals]
+        outvals = override(k, invals) if override is not None else None
+        if outvals is None:
+            outvals = e.primitive.bind(*invals, **e.primitive.get_bind_params(e.params))
+            if not e.primitive.multiple_results:
+                outvals = [outvals]
         if hook is not None:
             outvals = hook(k, invals, outvals)
         for v, x in zip(e.outs, outvals, strict=True):
@@ -161,6 +166,23 @@ class Use:
     # e.g. a position-embedding lookup with constant indices, and the perturbation must add
     # the batch axis itself for its cotangent to be per example).
     batched: bool = True
+    # The equation the rules see. For a use inside a ``scan`` body it is the body's equation
+    # lifted over the steps (see :func:`lift_over_steps`); else ``program.eqns[eqn]``.
+    op: Eqn | None = None
+    # For a use inside a ``scan`` body: (scan equation index, body equation index), the body
+    # :class:`Program` the chain lives in, whether the leaf is scanned over (``xs``: one slice
+    # per step) rather than shared by all steps, the number of steps, and the axis of the
+    # lifted output the step axis of the captured cotangent goes to.
+    scan: tuple | None = None
+    chain_program: Program | None = None
+    stacked: bool = False
+    steps: int = 1
+    step_axis: int = 0
+
+    @property
+    def key(self):
+        """Where the use's operand and cotangent are captured."""
+        return self.scan if self.scan is not None else (self.eqn,)
 
 
 @dataclasses.dataclass
@@ -175,8 +197,8 @@ class Analysis:
 
     @property
     def captured(self) -> dict:
-        """Equation index -> (leaf, Use) for every fast use."""
-        return {u.eqn: (j, u) for j, uses in self.fast.items() for u in uses}
+        """Capture key (:attr:`Use.key`) -> (leaf, Use) for every fast use."""
+        return {u.key: (j, u) for j, uses in self.fast.items() for u in uses}
 
 
 def _is_embedding_gather(eqn: Eqn) -> bool:
@@ -235,6 +257,113 @@ def _reason(eqn: Eqn, param_pos: list) -> str:
     return f"used by `{name}` (not a dense/conv/gather use)"
 
 
+def _shaped(shape, dtype):
+    return jax.core.ShapedArray(tuple(shape), dtype)
+
+
+def lift_over_steps(eqn: Eqn, pos: int, steps: int, stacked: bool):
+    """The equation of all ``steps`` of a scan at once, or None where no lift is written.
+
+    A use ``s_t = op(a_t, W)`` repeated over the steps of a scan is the single use
+    ``S = op(A, W)`` with the step axis a new leading free axis of the kept operand ``A``
+    (so example i's gradient is ``Σ_t op_Wᵀ(a_{i,t}, g_{i,t})``: a sequence axis). When the
+    leaf is scanned over (``W_t``, one slice per step) the step axis is a new leading *batch*
+    axis of both operands instead (a separate gradient per step).
+
+    Returns:
+      ``(lifted_eqn, step_axis)``: ``step_axis`` is the axis of the lifted output that holds
+      the steps.
+    """
+    name = eqn.primitive.name
+    other = 1 - pos
+    if name == "dot_general":
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        contract, batch = [list(lc), list(rc)], [list(lb), list(rb)]
+        shift = lambda ds: [d + 1 for d in ds]
+        shapes = [list(a.shape) for a in eqn.in_avals]
+        lfree = len(shapes[0]) - len(lc) - len(lb)
+        if stacked:
+            contract = [shift(contract[0]), shift(contract[1])]
+            batch = [[0, *shift(batch[0])], [0, *shift(batch[1])]]
+            shapes = [[steps, *shapes[0]], [steps, *shapes[1]]]
+            out = [steps, *eqn.out_avals[0].shape]
+            step_axis = 0
+        else:
+            contract[other], batch[other] = shift(contract[other]), shift(batch[other])
+            shapes[other] = [steps, *shapes[other]]
+            step_axis = len(lb) + (0 if other == 0 else lfree)
+            out = list(eqn.out_avals[0].shape)
+            out.insert(step_axis, steps)
+        params = dict(eqn.params)
+        params["dimension_numbers"] = (
+            (tuple(contract[0]), tuple(contract[1])),
+            (tuple(batch[0]), tuple(batch[1])),
+        )
+        in_avals = [_shaped(sh, a.dtype) for sh, a in zip(shapes, eqn.in_avals, strict=True)]
+        out_avals = [_shaped(out, eqn.out_avals[0].dtype)]
+        return Eqn(eqn.primitive, params, eqn.ins, eqn.outs, in_avals, out_avals), step_axis
+    if name == "gather" and not stacked:
+        dn = eqn.params["dimension_numbers"]
+        params = dict(eqn.params)
+        params["dimension_numbers"] = dn._replace(offset_dims=tuple(d + 1 for d in dn.offset_dims))
+        idx = eqn.in_avals[1]
+        in_avals = [eqn.in_avals[0], _shaped((steps, *idx.shape), idx.dtype)]
+        out = eqn.out_avals[0]
+        out_avals = [_shaped((steps, *out.shape), out.dtype)]
+        return Eqn(eqn.primitive, params, eqn.ins, eqn.outs, in_avals, out_avals), 0
+    return None
+
+
+def _scan_uses(eqn: Eqn, k: int, leaf_pos: dict):
+    """Uses of parameters inside a ``scan`` body, lifted over the steps.
+
+    ``leaf_pos`` maps the scan's operand positions that hold (aliases of) parameter leaves
+    to ``(leaf, chain)``; only a plain leaf (empty chain) passed as a constant or as a
+    scanned-over input is read. Returns ``(uses, reasons)``: ``uses`` leaf -> [Use] and
+    ``reasons`` leaf -> [str] for leaves with a use that is not lifted.
+    """
+    p = eqn.params
+    num_consts, num_carry, steps = p["num_consts"], p["num_carry"], p["length"]
+    body = flatten(p["jaxpr"])
+    uses: dict = {}
+    reasons: dict = {}
+    inner_alias: dict = {}
+    for q, (j, chain) in leaf_pos.items():
+        if chain:
+            reasons.setdefault(j, []).append("reshaped before it enters a `lax.scan` body")
+        elif num_consts <= q < num_consts + num_carry:
+            reasons.setdefault(j, []).append("carried through a `lax.scan` (a loop state)")
+        else:
+            inner_alias[body.invars[q]] = (j, [], q >= num_consts + num_carry)
+    if not inner_alias:
+        return uses, reasons
+    for ik, e in enumerate(body.eqns):
+        param_pos = [i for i, r in enumerate(e.ins) if isinstance(r, Var) and r in inner_alias]
+        if not param_pos:
+            continue
+        if e.primitive.name in ALIAS_PRIMITIVES and len(e.ins) == 1 and len(e.outs) == 1:
+            j, chain, stacked = inner_alias[e.ins[0]]
+            inner_alias[e.outs[0]] = (j, [*chain, ik], stacked)
+            continue
+        kind = _classify(e, param_pos)
+        for i in param_pos:
+            j, chain, stacked = inner_alias[e.ins[i]]
+            lifted = None if kind is None else lift_over_steps(e, i, steps, stacked)
+            if lifted is None:
+                why = _reason(e, param_pos) if kind is None else f"a {kind} use"
+                name = "nested " if e.primitive.name == "scan" else ""
+                reasons.setdefault(j, []).append(f"{why}, {name}inside a `lax.scan` body")
+                continue
+            op, step_axis = lifted
+            use = Use(kind, k, i, chain, True, op, (k, ik), body, stacked, steps, step_axis)
+            uses.setdefault(j, []).append(use)
+    for r in body.outs:
+        if isinstance(r, Var) and r in inner_alias:
+            j = inner_alias[r][0]
+            reasons.setdefault(j, []).append("returned from a `lax.scan` body")
+    return uses, reasons
+
+
 def analyse(fn, params, example) -> Analysis:
     """Traces ``fn(params, example)`` (per example) and classifies every parameter's uses.
 
@@ -269,13 +398,20 @@ def analyse(fn, params, example) -> Analysis:
             j, chain = alias[e.ins[0]]
             alias[e.outs[0]] = (j, [*chain, k])
             continue
+        if e.primitive.name == "scan":
+            found, why = _scan_uses(e, k, {p: alias[e.ins[p]] for p in param_pos})
+            for j, js in found.items():
+                uses[j].extend(js)
+            for j, ws in why.items():
+                other.setdefault(j, []).extend(ws)
+            continue
         kind = _classify(e, param_pos)
         for p in param_pos:
             j, chain = alias[e.ins[p]]
             if kind is None:
                 other.setdefault(j, []).append(_reason(e, param_pos))
             else:
-                uses[j].append(Use(kind, k, p, chain))
+                uses[j].append(Use(kind, k, p, chain, op=e, chain_program=program))
     for r in program.outs:  # a parameter returned as (part of) the loss
         if isinstance(r, Var) and r in alias:
             other.setdefault(alias[r][0], []).append("returned as (part of) the loss")
@@ -297,7 +433,8 @@ def analyse(fn, params, example) -> Analysis:
             varying.update(e.outs)
     for j_uses in fast.values():
         for u in j_uses:
-            u.batched = program.eqns[u.eqn].outs[0] in varying
+            if u.scan is None:  # inside a scan body a perturbation is always added
+                u.batched = program.eqns[u.eqn].outs[0] in varying
     reasons = {j: "; ".join(dict.fromkeys(other[j])) for j in exact}
     return Analysis(program, n, fast, exact, unused, reasons)
 
