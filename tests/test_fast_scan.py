@@ -1,0 +1,151 @@
+"""Parameters used inside ``lax.scan`` (RNNs, GRU cells, scanned layer stacks, fori_loop).
+
+Float64; norms and clipped sums against ``method="vmap"`` and a Python loop over examples,
+1e-10 relative; the plan must show the scan route (or the fallback and why).
+"""
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_fast_cases import F64, assert_rel_close, flat, reference_grads
+
+from jaxgrad.fast import clipped_grad, per_example_norms, plan
+
+
+def _normal(rng, *shape, scale=0.5):
+    return jnp.asarray(scale * rng.normal(size=shape), F64)
+
+
+def _check(loss, params, batch):
+    loop = reference_grads(loss, params, batch)
+    norms = np.linalg.norm(loop, axis=1)
+    assert np.all(norms > 0)
+    assert_rel_close(per_example_norms(loss)(params, batch), norms)
+    assert_rel_close(per_example_norms(loss, method="vmap")(params, batch), norms)
+    clip = float(np.median(norms))
+    got = clipped_grad(loss, l2_clip=clip, reduction="sum")(params, batch)
+    assert_rel_close(flat(got), np.minimum(1.0, clip / norms) @ loop)
+    return plan(loss, params, jax.tree_util.tree_map(lambda x: x[0], batch))
+
+
+def _routes(p):
+    return {lp.path: lp.route for lp in p.leaves}
+
+
+def rnn_loss(p, xs, *, reverse=False, unroll=1, remat=False):
+    def step(h, x):
+        h = jnp.tanh(h @ p["wh"] + x @ p["wx"] + p["b"])
+        return h, h @ p["wo"]
+
+    step = jax.checkpoint(step) if remat else step
+    h, ys = jax.lax.scan(
+        step, jnp.zeros(p["wh"].shape[0], xs.dtype), xs, reverse=reverse, unroll=unroll
+    )
+    return jnp.sum(jnp.sin(ys)) + jnp.sum(h**2)
+
+
+def _rnn_setup(hidden=4):
+    rng = np.random.default_rng(30)
+    params = {
+        "wh": _normal(rng, hidden, hidden),
+        "wx": _normal(rng, 3, hidden),
+        "b": _normal(rng, hidden),
+        "wo": _normal(rng, hidden, 2),
+    }
+    return params, _normal(rng, 5, 6, 3, scale=1.0)
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"reverse": True, "unroll": 2}, {"remat": True}], ids=["plain", "rev", "remat"]
+)
+def test_scan_rnn(options):
+    params, batch = _rnn_setup()
+    routes = _routes(_check(lambda p, x: rnn_loss(p, x, **options), params, batch))
+    for name in ("wh", "wx", "wo"):
+        assert routes[f"['{name}']"].startswith("scan, 6 steps, shared: dense")
+
+
+def test_scan_rnn_gram_route_for_wide_weights():
+    params, batch = _rnn_setup(hidden=16)  # 6 steps, 16 x 16: the Gram form is cheaper
+    routes = _routes(_check(rnn_loss, params, batch))
+    assert "Gram" in routes["['wh']"]
+
+
+def test_fori_loop_with_static_bounds():
+    params, batch = _rnn_setup()
+
+    def loss(p, x):
+        body = lambda i, h: jnp.tanh(h @ p["wh"] + x[i] @ p["wx"] + p["b"])
+        h = jax.lax.fori_loop(0, x.shape[0], body, jnp.zeros(4, x.dtype))
+        return jnp.sum(jnp.sin(h @ p["wo"]))
+
+    assert _routes(_check(loss, params, batch))["['wh']"].startswith("scan")
+
+
+def test_nested_scan_falls_back_exactly_and_says_so():
+    params, batch = _rnn_setup()
+
+    def loss(p, x):
+        def outer(h, xs_row):
+            inner = lambda c, _: (jnp.tanh(c @ p["wh"] + xs_row @ p["wx"]), None)
+            return jax.lax.scan(inner, h, None, length=2)[0], None
+
+        h = jax.lax.scan(outer, jnp.zeros(4, x.dtype), x)[0]
+        return jnp.sum(jnp.sin(h @ p["wo"]))
+
+    p = _check(loss, params, batch)
+    (wh,) = [lp for lp in p.leaves if lp.path == "['wh']"]
+    assert wh.fallback and "scan" in wh.reason
+
+
+def test_equinox_gru_cell_stepped_by_scan():
+    cell = eqx.nn.GRUCell(3, 5, key=jax.random.key(1), dtype=F64)
+    params, static = eqx.partition(cell, eqx.is_array)
+    rng = np.random.default_rng(31)
+    params = jax.tree_util.tree_map(lambda w: _normal(rng, *w.shape), params)
+    batch = (_normal(rng, 4, 6, 3, scale=1.0), _normal(rng, 4, 5))
+
+    def loss(p, ex):
+        xs, target = ex
+        gru = eqx.combine(p, static)
+        h = jax.lax.scan(lambda h, x: (gru(x, h), None), jnp.zeros(5, F64), xs)[0]
+        return jnp.sum((h - target) ** 2)
+
+    routes = _routes(_check(loss, params, batch))
+    assert routes[".weight_hh"].startswith("scan") and routes[".weight_ih"].startswith("scan")
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        y = nn.Dense(h.shape[-1], dtype=F64, param_dtype=F64)(nn.LayerNorm(dtype=F64)(h))
+        return h + jnp.tanh(y), None
+
+
+class _Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(6, dtype=F64, param_dtype=F64)(x)
+        scanned = nn.scan(
+            _Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+        )
+        h, _ = scanned(name="blocks")(h, None)
+        return nn.Dense(2, dtype=F64, param_dtype=F64)(h)
+
+
+def test_flax_nn_scan_layer_stack():
+    model = _Stack()
+    rng = np.random.default_rng(32)
+    xs = _normal(rng, 5, 4, 3, scale=1.0)  # 4 positions per example: a sequence axis too
+    params = model.init(jax.random.key(0), xs[0])
+    params = jax.tree_util.tree_map(lambda w: _normal(rng, *w.shape), params)
+
+    def loss(p, x):
+        return jnp.sum(jnp.sin(model.apply(p, x)))
+
+    routes = _routes(_check(loss, params, xs))
+    kernel = [r for path, r in routes.items() if "blocks" in path and "kernel" in path]
+    assert kernel and kernel[0].startswith("scan, 3 steps, one slice per step: dense")
