@@ -234,6 +234,7 @@ def transformer(
     causal: bool = True,
     pad_id: int = 0,
     dtype=jnp.float32,
+    scan_layers: bool = False,
 ) -> Model:
     """A tiny pre-layer-norm transformer over one token sequence, with a padding mask.
 
@@ -249,6 +250,10 @@ def transformer(
        "blocks": [{"ln1": ln, "attn": {"wq", "wk", "wv", "wo": (D, D)},
                    "ln2": ln, "mlp": {"w1": (D, F), "b1": (F,), "w2": (F, D), "b2": (D,)}}],
        "ln_f": ln, "head": {"w": (D, num_outputs), "b": (num_outputs,)}}
+
+    With ``scan_layers=True`` the blocks are one pytree with every leaf stacked over a
+    leading layer axis and ``apply`` runs them with ``lax.scan`` (as ``nn.scan`` stacks
+    write them; same maths, one compiled block).
 
     Example::
 
@@ -294,6 +299,8 @@ def transformer(
                 }
             )
         head = _dense_init(k_head, d_model, num_outputs, dtype)
+        if scan_layers:
+            blocks = jax.tree_util.tree_map(lambda *ls: jnp.stack(ls), *blocks)
         return {
             "embed": jax.random.normal(k_embed, (vocab_size, d_model), dtype) * 0.1,
             "pos": jax.random.normal(k_pos, (max_len, d_model), dtype) * 0.1,
@@ -324,11 +331,69 @@ def transformer(
         # An out-of-vocabulary token reads NaN rather than being clamped to the last row.
         embedded = jnp.take(params["embed"], tokens, axis=0, mode="fill", fill_value=jnp.nan)
         x = embedded + params["pos"][:t]
-        for block in params["blocks"]:
+
+        def block_fn(x, block):
             x = x + attention(block["attn"], _layer_norm(block["ln1"], x), allowed)
             m = block["mlp"]
             h = jax.nn.gelu(_layer_norm(block["ln2"], x) @ m["w1"] + m["b1"])
-            x = x + h @ m["w2"] + m["b2"]
+            return x + h @ m["w2"] + m["b2"], None
+
+        if scan_layers:
+            x = jax.lax.scan(block_fn, x, params["blocks"])[0]
+        else:
+            for block in params["blocks"]:
+                x = block_fn(x, block)[0]
         return _layer_norm(params["ln_f"], x) @ params["head"]["w"] + params["head"]["b"]
+
+    return Model(init, apply)
+
+
+def rnn(
+    in_features: int,
+    hidden: int,
+    *,
+    num_classes: int,
+    activation: str = "tanh",
+    dtype=jnp.float32,
+) -> Model:
+    """An Elman RNN over one sequence, stepped by ``lax.scan``, classifying its last state.
+
+    .. math::
+
+        h_t = \\phi(x_t W_x + h_{t-1} W_h + b), \\qquad
+        \\text{logits} = h_T W_o + b_o, \\qquad h_0 = 0.
+
+    ``apply(params, xs)`` takes ``xs`` of shape ``(T, in_features)``.
+
+    Params::
+
+      {"wx": (in_features, hidden), "wh": (hidden, hidden), "b": (hidden,),
+       "out": {"w": (hidden, num_classes), "b": (num_classes,)}}
+
+    Example::
+
+      >>> import jax, jaxgrad
+      >>> model = jaxgrad.models.rnn(3, 8, num_classes=2)
+      >>> model.apply(model.init(jax.random.key(0)), jax.numpy.ones((5, 3))).shape
+      (2,)
+    """
+    in_features, hidden, num_classes = _check_sizes(
+        [in_features, hidden, num_classes], name="in_features, hidden, num_classes", minimum=3
+    )
+    act = get_activation(activation)
+
+    def init(key):
+        kx, kh, ko = jax.random.split(key, 3)
+        return {
+            "wx": jax.random.normal(kx, (in_features, hidden), dtype) / math.sqrt(in_features),
+            "wh": jax.random.normal(kh, (hidden, hidden), dtype) / math.sqrt(hidden),
+            "b": jnp.zeros((hidden,), dtype),
+            "out": _dense_init(ko, hidden, num_classes, dtype),
+        }
+
+    def apply(params, xs):
+        step = lambda h, x: (act(x @ params["wx"] + h @ params["wh"] + params["b"]), None)
+        h = jax.lax.scan(step, jnp.zeros((hidden,), xs.dtype), xs)[0]
+        return _dense(params["out"], h)
 
     return Model(init, apply)
