@@ -65,14 +65,42 @@ def transformer_case(vocab_size=256, seq_len=64, d_model=64, num_layers=2) -> Ca
     return Case(name, model, loss_fn, _token_batch(vocab_size, seq_len))
 
 
+def rnn_case(in_features=64, hidden=256, seq_len=32, num_classes=10) -> Case:
+    """A tanh RNN stepped by ``lax.scan``: its weights are used inside the loop body."""
+    model = models.rnn(in_features, hidden, num_classes=num_classes)
+    loss_fn = losses.supervised(model.apply, losses.softmax_cross_entropy, num_classes=num_classes)
+    name = f"rnn(scan) tanh H{hidden} T{seq_len}"
+    return Case(name, model, loss_fn, _classification_batch((seq_len, in_features), num_classes))
+
+
+def scanned_transformer_case(vocab_size=256, seq_len=64, d_model=64, num_layers=4) -> Case:
+    """The transformer with its blocks stacked and run by ``lax.scan`` (as ``nn.scan`` does)."""
+    model = models.transformer(
+        vocab_size=vocab_size,
+        max_len=seq_len,
+        d_model=d_model,
+        num_heads=4,
+        num_layers=num_layers,
+        scan_layers=True,
+    )
+    loss_fn = losses.supervised(model.apply, losses.token_cross_entropy)
+    name = f"transformer(scan) d{d_model} L{num_layers} T{seq_len}"
+    return Case(name, model, loss_fn, _token_batch(vocab_size, seq_len))
+
+
 CASES: dict[str, Callable[[], Case]] = {
     "mlp": mlp_case,
     "cnn": cnn_case,
     "transformer": transformer_case,
+    "rnn": rnn_case,
+    "transformer-L4": lambda: transformer_case(num_layers=4),
+    "transformer-scan": scanned_transformer_case,
     # Small versions, for the test suite and quick looks.
     "mlp-tiny": lambda: mlp_case((64, 32, 10)),
     "cnn-tiny": lambda: cnn_case((8, 8), (4, 8)),
     "transformer-tiny": lambda: transformer_case(32, 8, 16, 1),
+    "rnn-tiny": lambda: rnn_case(8, 16, 6, 3),
+    "transformer-scan-tiny": lambda: scanned_transformer_case(32, 8, 16, 2),
 }
 
 

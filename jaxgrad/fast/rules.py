@@ -65,6 +65,11 @@ def weighted_grad(eqn: Eqn, pos: int, a, g, c):
     return vjp(g)[0]
 
 
+def acc_dtype(eqn: Eqn):
+    """The dtype norms are accumulated in: the use's output dtype, at least float32."""
+    return jnp.promote_types(eqn.out_avals[0].dtype, jnp.float32)
+
+
 def _prod(shape, dims):
     return math.prod(shape[d] for d in dims)
 
@@ -146,12 +151,12 @@ def route(kind: str, eqn: Eqn, pos: int) -> tuple[str, int]:
 def dense_norm_sq(eqn: Eqn, pos: int, a, g):
     """``‖∇_W S_i‖²`` for a ``dot_general`` use, without the per-example gradient when cheaper."""
     a_perm, g_perm, (nb, t, k, n) = dense_layout(eqn, pos)
-    dtype = eqn.out_avals[0].dtype
+    dtype = acc_dtype(eqn)
     if t == 1:  # ‖a_i‖² ‖g_i‖² per dot batch index: reductions only, no copies
         num_b = len(eqn.params["dimension_numbers"][1][0])
         a_b = [d + 1 for d in a_perm[:num_b]]
         a_sq = jnp.sum(jnp.square(a.astype(dtype)), axis=_rest(a.ndim, a_b))
-        g_sq = jnp.sum(jnp.square(g), axis=_rest(g.ndim, range(1, num_b + 1)))
+        g_sq = jnp.sum(jnp.square(g.astype(dtype)), axis=_rest(g.ndim, range(1, num_b + 1)))
         a_sq = jnp.transpose(a_sq, (0, *(1 + np.argsort(np.argsort(a_b))))) if num_b > 1 else a_sq
         return jnp.sum((a_sq * g_sq).reshape(a_sq.shape[0], -1), axis=1)
     a = _to_blocks(a, a_perm, (nb, t, k)).astype(dtype)
@@ -188,12 +193,12 @@ def gather_norm_sq(eqn: Eqn, pos: int, idx, g):
     """``‖Σ_t e_{r_t} g_tᵀ‖² = Σ_{t,s} [r_t = r_s] ⟨g_t, g_s⟩`` for an embedding lookup."""
     del pos
     dn = eqn.params["dimension_numbers"]
-    idx, _, g = gather_rows(eqn, idx, g)
+    idx, _, g = gather_rows(eqn, idx, g.astype(acc_dtype(eqn)))
     t = idx.shape[1]
     num_rows = _prod(eqn.in_avals[0].shape, dn.start_index_map)
     if not gather_gram(t, num_rows):  # materialising the (rows × R) gradient is cheaper
         grads = per_example_grads(eqn, 0, idx_restore(eqn, idx), g_restore(eqn, g))
-        return jnp.sum(grads.reshape(grads.shape[0], -1) ** 2, axis=1)
+        return jnp.sum(grads.reshape(grads.shape[0], -1).astype(g.dtype) ** 2, axis=1)
     same = jnp.all(idx[:, :, None, :] == idx[:, None, :, :], axis=-1)
     gg = jnp.einsum("btr,bsr->bts", g, g, precision=jax.lax.Precision.HIGHEST)
     return jnp.sum(jnp.where(same, gg, 0), axis=(1, 2))
@@ -241,7 +246,7 @@ def conv_norm_sq(eqn: Eqn, pos: int, a, g):
     p = eqn.params
     lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
     rhs_shape = eqn.in_avals[1].shape
-    dtype = eqn.out_avals[0].dtype
+    dtype = acc_dtype(eqn)
     nsp = len(lhs_spec) - 2
     a = jnp.transpose(a, (0, 1 + lhs_spec[0], *(1 + d for d in lhs_spec[2:]), 1 + lhs_spec[1]))
     g = jnp.transpose(g, (0, 1 + out_spec[0], *(1 + d for d in out_spec[2:]), 1 + out_spec[1]))
@@ -268,7 +273,7 @@ def conv_norm_sq(eqn: Eqn, pos: int, a, g):
 
 def _materialised_norm_sq(eqn: Eqn, pos: int, a, g):
     grads = per_example_grads(eqn, pos, a, g)
-    return jnp.sum(grads.reshape(grads.shape[0], -1).astype(g.dtype) ** 2, axis=1)
+    return jnp.sum(grads.reshape(grads.shape[0], -1).astype(acc_dtype(eqn)) ** 2, axis=1)
 
 
 def norm_sq(kind: str, eqn: Eqn, pos: int, a, g):
@@ -316,11 +321,11 @@ def outer_factors(eqn: Eqn, pos: int, chain_perms, leaf_ndim: int, a, g):
     if not has_outer_form(eqn, pos, chain_perms, leaf_ndim):
         return None
     if eqn.primitive.name == "gather":
-        idx, _, y = gather_rows(eqn, a, g)
+        idx, _, y = gather_rows(eqn, a, g.astype(acc_dtype(eqn)))
         return ("gather", idx[..., 0], y)
     (lc, rc), _ = eqn.params["dimension_numbers"]
     a_perm, g_perm, (_, t, k, n) = dense_layout(eqn, pos)
-    x = _to_blocks(a, a_perm, (t, k))  # factor along the contracted axis of the operand
+    x = _to_blocks(a, a_perm, (t, k)).astype(acc_dtype(eqn))  # along the contracted axis
     y = _to_blocks(g, g_perm, (t, n)).astype(x.dtype)  # along the operand's free axis
     contract_axis = (lc, rc)[pos][0]
     # Operand axis 0 is leaf axis chain_perms[0]; the contracted operand axis holds x.
