@@ -122,17 +122,21 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     ex_leaves = jax.tree_util.tree_leaves(batch)
     size = mask.shape[0]
     captured = an.captured
-    scans: dict = {}
+    scans: dict = {}  # scan equation -> body equation -> Use
+    conds: dict = {}  # cond equation -> (branch, body equation) -> Use
     for _, u in captured.values():
-        if u.scan is not None:
+        if u.site == "scan":
             scans.setdefault(u.eqn, {})[u.scan[1]] = u
+        elif u.site == "cond":
+            conds.setdefault(u.eqn, {})[u.scan[1:]] = u
 
     def out_aval(u):
-        return u.chain_program.eqns[u.scan[1]].out_avals[0] if u.scan else u.op.out_avals[0]
+        return u.chain_program.eqns[u.scan[-1]].out_avals[0] if u.scan else u.op.out_avals[0]
 
     d_use = {
         key: jnp.zeros(
-            (size, *((u.steps,) if u.scan else ()), *out_aval(u).shape), out_aval(u).dtype
+            (size, *((u.steps,) if u.site == "scan" else ()), *out_aval(u).shape),
+            out_aval(u).dtype,
         )
         for key, (_, u) in captured.items()
     }
@@ -151,7 +155,45 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
             d = du[(k,)]
             return [tap(outvals[0], d) if use.batched else outvals[0] + d]
 
+        def run_cond(k, invals):
+            inner = conds[k]
+            branches = program.eqns[k].params["branches"]
+            bodies = {b: u.chain_program for (b, _), u in inner.items()}
+
+            def operand(u):
+                aval = u.chain_program.eqns[u.scan[-1]].in_avals[1 - u.pos]
+                return jnp.zeros(aval.shape, aval.dtype)
+
+            def make(b):
+                def branch(ops, du_k):
+                    kept_b = {key: operand(u) for key, u in inner.items()}
+
+                    def inner_hook(ik, iv, ov):
+                        if (b, ik) not in inner:
+                            return ov
+                        kept_b[(b, ik)] = iv[1 - inner[(b, ik)].pos]
+                        return [ov[0] + du_k[(b, ik)]]
+
+                    body = bodies.get(b)
+                    if body is None:  # a branch that reads no captured use: bind it as is
+                        outs = jax.core.eval_jaxpr(branches[b].jaxpr, branches[b].consts, *ops)
+                    else:
+                        outs = trace.evaluate(body, ops, hook=inner_hook)
+                    return list(outs), kept_b
+
+                return branch
+
+            du_k = {key: du[(k, *key)] for key in inner}
+            outs, kept_k = jax.lax.switch(
+                invals[0], [make(b) for b in range(len(branches))], list(invals[1:]), du_k
+            )
+            for key, a in kept_k.items():
+                kept[(k, *key)] = a
+            return outs
+
         def run_scan(k, invals):
+            if k in conds:
+                return run_cond(k, invals)
             if k not in scans:
                 return None
             inner = scans[k]
@@ -204,7 +246,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
 
     def g_of(u):  # the cotangent in the lifted equation's layout
         g = g_use[u.key]
-        return jnp.moveaxis(g, 1, 1 + u.step_axis) if u.scan is not None else g
+        return jnp.moveaxis(g, 1, 1 + u.step_axis) if u.site == "scan" else g
 
     def leaf_grads(j, use):  # (B, *leaf.shape) through one use
         g = rules.per_example_grads(use.op, use.pos, a_of(use), g_of(use))

@@ -75,13 +75,17 @@ class Plan:
 
 
 def _use_name(u: trace.Use) -> str:
-    if u.scan is None:
-        return f"{u.kind}#{u.eqn}"
-    return f"{u.kind}#{u.scan[1]} in scan#{u.eqn}"
+    if u.site == "cond":
+        return f"{u.kind}#{u.scan[2]} in cond#{u.eqn} branch {u.scan[1]}"
+    if u.site == "scan":
+        return f"{u.kind}#{u.scan[1]} in scan#{u.eqn}"
+    return f"{u.kind}#{u.eqn}"
 
 
 def _scan_prefix(u: trace.Use) -> str:
-    if u.scan is None:
+    if u.site == "cond":
+        return f"cond branch {u.scan[1]}: "
+    if u.site != "scan":
         return ""
     return f"scan, {u.steps} steps, {'one slice per step' if u.stacked else 'shared'}: "
 

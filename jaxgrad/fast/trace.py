@@ -178,6 +178,11 @@ class Use:
     stacked: bool = False
     steps: int = 1
     step_axis: int = 0
+    # "" for a use in the top-level program, "scan" for one lifted over a scan's steps,
+    # "cond" for one inside a ``cond``/``switch`` branch (``scan`` is then
+    # (cond equation index, branch, body equation index); its cotangent is zero for an
+    # example that takes another branch).
+    site: str = ""
 
     @property
     def key(self):
@@ -355,12 +360,57 @@ def _scan_uses(eqn: Eqn, k: int, leaf_pos: dict):
                 reasons.setdefault(j, []).append(f"{why}, {name}inside a `lax.scan` body")
                 continue
             op, step_axis = lifted
-            use = Use(kind, k, i, chain, True, op, (k, ik), body, stacked, steps, step_axis)
+            use = Use(kind, k, i, chain, True, op, (k, ik), body, stacked, steps, step_axis, "scan")
             uses.setdefault(j, []).append(use)
     for r in body.outs:
         if isinstance(r, Var) and r in inner_alias:
             j = inner_alias[r][0]
             reasons.setdefault(j, []).append("returned from a `lax.scan` body")
+    return uses, reasons
+
+
+def _cond_uses(eqn: Eqn, k: int, leaf_pos: dict):
+    """Uses of parameters inside the branches of a ``cond``/``switch``, per branch.
+
+    Example i's gradient through a branch it does not take is zero (under ``vmap`` every
+    branch runs and the output is selected, so that branch's cotangent is zero), so each
+    branch's uses are uses of their own, captured where they are. Same return value as
+    :func:`_scan_uses`.
+    """
+    uses: dict = {}
+    reasons: dict = {}
+    leaf_in = {}
+    for q, (j, chain) in leaf_pos.items():
+        if q == 0 or chain:
+            reasons.setdefault(j, []).append("reshaped before it enters a `cond` branch")
+        else:
+            leaf_in[q - 1] = j
+    if not leaf_in:
+        return uses, reasons
+    for bi, branch in enumerate(eqn.params["branches"]):
+        body = flatten(branch)
+        inner_alias = {body.invars[q]: (j, []) for q, j in leaf_in.items()}
+        for ik, e in enumerate(body.eqns):
+            param_pos = [i for i, r in enumerate(e.ins) if isinstance(r, Var) and r in inner_alias]
+            if not param_pos:
+                continue
+            if e.primitive.name in ALIAS_PRIMITIVES and len(e.ins) == 1 and len(e.outs) == 1:
+                j, chain = inner_alias[e.ins[0]]
+                inner_alias[e.outs[0]] = (j, [*chain, ik])
+                continue
+            kind = _classify(e, param_pos)
+            for i in param_pos:
+                j, chain = inner_alias[e.ins[i]]
+                if kind is None:
+                    why = _reason(e, param_pos)
+                    reasons.setdefault(j, []).append(f"{why}, inside a `cond` branch")
+                    continue
+                key = (k, bi, ik)
+                use = Use(kind, k, i, chain, True, e, key, body, site="cond")
+                uses.setdefault(j, []).append(use)
+        for r in body.outs:
+            if isinstance(r, Var) and r in inner_alias:
+                reasons.setdefault(inner_alias[r][0], []).append("returned from a `cond` branch")
     return uses, reasons
 
 
@@ -398,8 +448,9 @@ def analyse(fn, params, example) -> Analysis:
             j, chain = alias[e.ins[0]]
             alias[e.outs[0]] = (j, [*chain, k])
             continue
-        if e.primitive.name == "scan":
-            found, why = _scan_uses(e, k, {p: alias[e.ins[p]] for p in param_pos})
+        if e.primitive.name in ("scan", "cond"):
+            nested = _scan_uses if e.primitive.name == "scan" else _cond_uses
+            found, why = nested(e, k, {p: alias[e.ins[p]] for p in param_pos})
             for j, js in found.items():
                 uses[j].extend(js)
             for j, ws in why.items():
