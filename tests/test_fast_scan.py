@@ -59,7 +59,7 @@ def _rnn_setup(hidden=4):
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"reverse": True, "unroll": 2}, {"remat": True}], ids=["plain", "rev", "remat"]
+    "options", [{}, {"reverse": True, "unroll": 2, "remat": True}], ids=["plain", "rev-remat"]
 )
 def test_scan_rnn(options):
     params, batch = _rnn_setup()
