@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from test_fast_cases import F64, assert_rel_close, flat, reference_grads
 
+import jaxgrad
 from jaxgrad.fast import clipped_grad, per_example_norms, plan
 
 
@@ -149,3 +150,34 @@ def test_flax_nn_scan_layer_stack():
     routes = _routes(_check(loss, params, xs))
     kernel = [r for path, r in routes.items() if "blocks" in path and "kernel" in path]
     assert kernel and kernel[0].startswith("scan, 3 steps, one slice per step: dense")
+
+
+def test_scanned_transformer_equals_unrolled_and_is_lifted():
+    kwargs = dict(vocab_size=11, max_len=6, d_model=8, num_heads=2, num_layers=2, dtype=F64)
+    unrolled = jaxgrad.models.transformer(**kwargs)
+    scanned = jaxgrad.models.transformer(**kwargs, scan_layers=True)
+    params = unrolled.init(jax.random.key(0))
+    stacked = {
+        **params,
+        "blocks": jax.tree_util.tree_map(lambda *ls: jnp.stack(ls), *params["blocks"]),
+    }
+    tokens = jnp.asarray(np.random.default_rng(33).integers(1, 11, (3, 6)))
+    batch = (tokens, jnp.roll(tokens, -1, axis=1))
+    loss_u = jaxgrad.losses.supervised(unrolled.apply, jaxgrad.losses.token_cross_entropy)
+    loss_s = jaxgrad.losses.supervised(scanned.apply, jaxgrad.losses.token_cross_entropy)
+    assert_rel_close(scanned.apply(stacked, tokens[0]), unrolled.apply(params, tokens[0]))
+    assert_rel_close(
+        per_example_norms(loss_s)(stacked, batch), per_example_norms(loss_u)(params, batch)
+    )
+    routes = _routes(plan(loss_s, stacked, jax.tree_util.tree_map(lambda x: x[0], batch)))
+    assert routes["['blocks']['attn']['wq']"].startswith("scan, 2 steps, one slice per step")
+
+
+def test_rnn_model_matches_reference():
+    model = jaxgrad.models.rnn(3, 5, num_classes=2, dtype=F64)
+    params = model.init(jax.random.key(1))
+    xs = jnp.asarray(np.random.default_rng(34).normal(size=(4, 3)))
+    h = np.zeros(5)
+    for x in np.asarray(xs):  # h_t = tanh(x_t Wx + h_{t-1} Wh + b), numpy
+        h = np.tanh(x @ params["wx"] + h @ params["wh"] + params["b"])
+    assert_rel_close(model.apply(params, xs), h @ params["out"]["w"] + params["out"]["b"])
