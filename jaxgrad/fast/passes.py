@@ -76,17 +76,16 @@ def analyse(loss_fn, params, batch) -> trace.Analysis:
     return trace.analyse(fn, jax.tree_util.tree_map(_struct, params), example)
 
 
-def _chain_transpose(use: trace.Use, leaf, x):
+def _chain_transpose(program, use: trace.Use, leaf, x):
     """Maps a gradient with respect to a use's (aliased) operand back to the leaf's layout.
 
     For a leaf scanned over by a ``lax.scan`` the operand is the stack of its per-step slices
     (the chain applies to every slice).
     """
-    if not use.chain:
+    if not use.chain and not use.pre_chain:
         return x.astype(jnp.result_type(leaf))
     zero = jnp.zeros(np.shape(leaf), jnp.result_type(leaf))
-    chain = lambda p: trace.apply_chain(use.chain_program, use.chain, p)
-    _, vjp = jax.vjp(jax.vmap(chain) if use.stacked else chain, zero)
+    _, vjp = jax.vjp(lambda p: trace.apply_use_chain(program, use, p), zero)
     return vjp(x)[0]
 
 
@@ -250,7 +249,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
 
     def leaf_grads(j, use):  # (B, *leaf.shape) through one use
         g = rules.per_example_grads(use.op, use.pos, a_of(use), g_of(use))
-        return jax.vmap(lambda x: _chain_transpose(use, leaves[j], x))(g)
+        return jax.vmap(lambda x: _chain_transpose(program, use, leaves[j], x))(g)
 
     norm_dtype = jnp.promote_types(sums.dtype, jnp.float32)
     norm_sq = jnp.zeros((size,), norm_dtype)
@@ -260,10 +259,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
             (u,) = uses
             part = rules.norm_sq(u.kind, u.op, u.pos, a_of(u), g_of(u))
         else:  # several uses (tied weights): the cross terms between them are needed
-            perms = [
-                None if u.stacked else trace.chain_perm(u.chain_program, u.chain, ndim)
-                for u in uses
-            ]
+            perms = [trace.use_perm(program, u, ndim) for u in uses]
             factors = [
                 rules.outer_factors(u.op, u.pos, perm, ndim, a_of(u), g_of(u))
                 for u, perm in zip(uses, perms, strict=True)
@@ -284,7 +280,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
                 total = 0
                 for u in an.fast[j]:
                     w = rules.weighted_grad(u.op, u.pos, a_of(u), g_of(u), c)
-                    total = total + _chain_transpose(u, leaf, w)
+                    total = total + _chain_transpose(program, u, leaf, w)
                 out.append(total)
             elif j in g_exact:
                 g = g_exact[j]

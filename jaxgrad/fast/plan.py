@@ -106,10 +106,7 @@ def leaf_plans(an: trace.Analysis, leaves, paths) -> tuple:
             out.append(LeafPlan(path, shape, uses, _scan_prefix(u) + label, "", cost))
         else:
             eqns = [(u.op, u) for u in an.fast[j]]
-            perms = [
-                None if u.stacked else trace.chain_perm(u.chain_program, u.chain, len(shape))
-                for _, u in eqns
-            ]
+            perms = [trace.use_perm(an.program, u, len(shape)) for _, u in eqns]
             if all(
                 rules.has_outer_form(e, u.pos, p, len(shape))
                 for (e, u), p in zip(eqns, perms, strict=True)

@@ -183,6 +183,9 @@ class Use:
     # (cond equation index, branch, body equation index); its cotangent is zero for an
     # example that takes another branch).
     site: str = ""
+    # For a use inside a scan or a branch: the alias chain (in the top-level program) from the
+    # leaf to the scan's / cond's operand, applied before ``chain``.
+    pre_chain: list = dataclasses.field(default_factory=list)
 
     @property
     def key(self):
@@ -323,9 +326,10 @@ def _scan_uses(eqn: Eqn, k: int, leaf_pos: dict):
     """Uses of parameters inside a ``scan`` body, lifted over the steps.
 
     ``leaf_pos`` maps the scan's operand positions that hold (aliases of) parameter leaves
-    to ``(leaf, chain)``; only a plain leaf (empty chain) passed as a constant or as a
-    scanned-over input is read. Returns ``(uses, reasons)``: ``uses`` leaf -> [Use] and
-    ``reasons`` leaf -> [str] for leaves with a use that is not lifted.
+    to ``(leaf, chain)``: a leaf (or a cast, transpose, reshape of it) passed as a constant or
+    as a scanned-over input is read; one carried as loop state is not. Returns
+    ``(uses, reasons)``: ``uses`` leaf -> [Use] and ``reasons`` leaf -> [str] for leaves with
+    a use that is not lifted.
     """
     p = eqn.params
     num_consts, num_carry, steps = p["num_consts"], p["num_carry"], p["length"]
@@ -333,13 +337,13 @@ def _scan_uses(eqn: Eqn, k: int, leaf_pos: dict):
     uses: dict = {}
     reasons: dict = {}
     inner_alias: dict = {}
+    pre: dict = {}
     for q, (j, chain) in leaf_pos.items():
-        if chain:
-            reasons.setdefault(j, []).append("reshaped before it enters a `lax.scan` body")
-        elif num_consts <= q < num_consts + num_carry:
+        if num_consts <= q < num_consts + num_carry:
             reasons.setdefault(j, []).append("carried through a `lax.scan` (a loop state)")
         else:
             inner_alias[body.invars[q]] = (j, [], q >= num_consts + num_carry)
+            pre[body.invars[q]] = chain
     if not inner_alias:
         return uses, reasons
     for ik, e in enumerate(body.eqns):
@@ -349,6 +353,7 @@ def _scan_uses(eqn: Eqn, k: int, leaf_pos: dict):
         if e.primitive.name in ALIAS_PRIMITIVES and len(e.ins) == 1 and len(e.outs) == 1:
             j, chain, stacked = inner_alias[e.ins[0]]
             inner_alias[e.outs[0]] = (j, [*chain, ik], stacked)
+            pre[e.outs[0]] = pre[e.ins[0]]
             continue
         kind = _classify(e, param_pos)
         for i in param_pos:
@@ -360,7 +365,8 @@ def _scan_uses(eqn: Eqn, k: int, leaf_pos: dict):
                 reasons.setdefault(j, []).append(f"{why}, {name}inside a `lax.scan` body")
                 continue
             op, step_axis = lifted
-            use = Use(kind, k, i, chain, True, op, (k, ik), body, stacked, steps, step_axis, "scan")
+            use = Use(kind, k, i, chain, True, op, (k, ik), body, stacked, steps, step_axis)
+            use.site, use.pre_chain = "scan", pre[e.ins[i]]
             uses.setdefault(j, []).append(use)
     for r in body.outs:
         if isinstance(r, Var) and r in inner_alias:
@@ -381,15 +387,16 @@ def _cond_uses(eqn: Eqn, k: int, leaf_pos: dict):
     reasons: dict = {}
     leaf_in = {}
     for q, (j, chain) in leaf_pos.items():
-        if q == 0 or chain:
-            reasons.setdefault(j, []).append("reshaped before it enters a `cond` branch")
+        if q == 0:
+            reasons.setdefault(j, []).append("used as the index of a `cond`/`switch`")
         else:
-            leaf_in[q - 1] = j
+            leaf_in[q - 1] = (j, chain)
     if not leaf_in:
         return uses, reasons
     for bi, branch in enumerate(eqn.params["branches"]):
         body = flatten(branch)
-        inner_alias = {body.invars[q]: (j, []) for q, j in leaf_in.items()}
+        inner_alias = {body.invars[q]: (j, []) for q, (j, _) in leaf_in.items()}
+        pre = {body.invars[q]: chain for q, (_, chain) in leaf_in.items()}
         for ik, e in enumerate(body.eqns):
             param_pos = [i for i, r in enumerate(e.ins) if isinstance(r, Var) and r in inner_alias]
             if not param_pos:
@@ -397,6 +404,7 @@ def _cond_uses(eqn: Eqn, k: int, leaf_pos: dict):
             if e.primitive.name in ALIAS_PRIMITIVES and len(e.ins) == 1 and len(e.outs) == 1:
                 j, chain = inner_alias[e.ins[0]]
                 inner_alias[e.outs[0]] = (j, [*chain, ik])
+                pre[e.outs[0]] = pre[e.ins[0]]
                 continue
             kind = _classify(e, param_pos)
             for i in param_pos:
@@ -407,6 +415,7 @@ def _cond_uses(eqn: Eqn, k: int, leaf_pos: dict):
                     continue
                 key = (k, bi, ik)
                 use = Use(kind, k, i, chain, True, e, key, body, site="cond")
+                use.pre_chain = pre[e.ins[i]]
                 uses.setdefault(j, []).append(use)
         for r in body.outs:
             if isinstance(r, Var) and r in inner_alias:
@@ -490,6 +499,21 @@ def analyse(fn, params, example) -> Analysis:
     return Analysis(program, n, fast, exact, unused, reasons)
 
 
+def use_perm(program: Program, use: Use, ndim: int):
+    """The permutation from a leaf to a use's operand (None if not only transposes)."""
+    if use.stacked:
+        return None
+    start = chain_perm(program, use.pre_chain, ndim)
+    return None if start is None else chain_perm(use.chain_program, use.chain, ndim, start)
+
+
+def apply_use_chain(program: Program, use: Use, x):
+    """The leaf value ``x`` as the use's operand sees it (over all steps, when scanned over)."""
+    x = apply_chain(program, use.pre_chain, x)
+    inner = lambda v: apply_chain(use.chain_program, use.chain, v)
+    return jax.vmap(inner)(x) if use.stacked and use.chain else inner(x)
+
+
 def apply_chain(program: Program, chain: list, x):
     """Applies the alias equations ``chain`` (reshape, transpose, ...) to a leaf value ``x``."""
     for k in chain:
@@ -498,9 +522,12 @@ def apply_chain(program: Program, chain: list, x):
     return x
 
 
-def chain_perm(program: Program, chain: list, ndim: int):
-    """The axis permutation an alias chain of transposes applies, or None for other ops."""
-    perm = tuple(range(ndim))
+def chain_perm(program: Program, chain: list, ndim: int, start=None):
+    """The axis permutation an alias chain of transposes applies, or None for other ops.
+
+    ``start`` is a permutation already applied (by an earlier chain), or None for none.
+    """
+    perm = tuple(range(ndim)) if start is None else start
     for k in chain:
         e = program.eqns[k]
         if e.primitive.name == "transpose":
