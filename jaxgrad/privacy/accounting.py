@@ -19,6 +19,8 @@ shuffled fixed-size batches are a different mechanism and must not be accounted 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 
 import dp_accounting
@@ -52,6 +54,17 @@ def _check_positive(value, name):
     if not ok or not math.isfinite(value) or value <= 0:
         raise ValueError(f"`{name}` must be a positive finite number; got {value!r}")
     return float(value)
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def dp_event(*, noise_multiplier: float, sampling_rate: float, steps: int):
@@ -113,8 +126,9 @@ def epsilon(
         return 0.0
     if sigma == 0:
         return math.inf
-    acc.compose(dp_event(noise_multiplier=sigma, sampling_rate=q, steps=steps))
-    return float(acc.get_epsilon(delta))
+    with _quiet_absl():
+        acc.compose(dp_event(noise_multiplier=sigma, sampling_rate=q, steps=steps))
+        return float(acc.get_epsilon(delta))
 
 
 def calibrate_noise_multiplier(
@@ -161,11 +175,12 @@ def calibrate_noise_multiplier(
         raise ValueError("`steps` must be at least 1 to calibrate a noise multiplier; got 0")
     tol = _check_positive(tol, "tol")
     _check_accountant(accountant)
-    sigma = dp_accounting.calibrate_dp_mechanism(
-        lambda: make_accountant(accountant, pld_discretization=pld_discretization),
-        lambda s: dp_event(noise_multiplier=s, sampling_rate=q, steps=steps),
-        target,
-        delta,
-        tol=tol,
-    )
+    with _quiet_absl():  # RDP warns for every order it drops at small σ; ε is still an upper bound
+        sigma = dp_accounting.calibrate_dp_mechanism(
+            lambda: make_accountant(accountant, pld_discretization=pld_discretization),
+            lambda s: dp_event(noise_multiplier=s, sampling_rate=q, steps=steps),
+            target,
+            delta,
+            tol=tol,
+        )
     return float(sigma)

@@ -36,8 +36,8 @@ from jaxgrad.train.step import TrainState, init_state
 class PrivacyConfig:
     """DP-SGD settings for :func:`jaxgrad.train.fit`.
 
-    Give exactly one of ``target_epsilon`` (σ is calibrated for the planned steps) and
-    ``noise_multiplier``.
+    Give ``target_epsilon`` (σ is calibrated for the planned steps) or ``noise_multiplier``;
+    with both, σ is used and must spend at most ``target_epsilon``.
 
     Attributes:
       l2_clip: the per-example clipping norm ``C``.
@@ -125,11 +125,9 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
             f"`batch_size` ({batch_size}) is larger than the training set ({n}); "
             f"expected at most {n}"
         )
-    if (config.target_epsilon is None) == (config.noise_multiplier is None):
+    if config.target_epsilon is None and config.noise_multiplier is None:
         raise ValueError(
-            "give exactly one of `target_epsilon` and `noise_multiplier`; got "
-            f"target_epsilon={config.target_epsilon!r}, "
-            f"noise_multiplier={config.noise_multiplier!r}"
+            "give `target_epsilon` (σ is calibrated) or `noise_multiplier`; got neither"
         )
     physical = reduce.check_positive_int(
         config.physical_batch_size or batch_size, name="physical_batch_size"
@@ -145,6 +143,19 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
             steps=steps,
             accountant=config.accountant,
         )
+    elif config.target_epsilon is not None:  # both given (e.g. a resolved plan): σ must do
+        spent = dp.epsilon(
+            noise_multiplier=sigma,
+            sampling_rate=q,
+            steps=steps,
+            delta=config.delta,
+            accountant=config.accountant,
+        )
+        if spent > config.target_epsilon * (1 + 1e-9):
+            raise ValueError(
+                f"`noise_multiplier` {sigma!r} spends ε = {spent:.4g} over the planned {steps} "
+                f"steps, more than `target_epsilon` {config.target_epsilon!r}"
+            )
     dp.epsilon(  # checks σ, δ and the accountant now, not after an epoch of training
         noise_multiplier=sigma,
         sampling_rate=q,
