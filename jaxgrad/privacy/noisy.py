@@ -112,14 +112,22 @@ def clipped_sum_dropping_nonfinite(loss_fn, *, l2_clip, method="auto", chunk_siz
 
 
 def add_noise(total: PyTree, key, *, stddev) -> PyTree:
-    """``total + N(0, stddev² I)``, one independent normal per coordinate, from one ``key``."""
+    """``total + N(0, stddev² I)``: one independent normal per coordinate, all from one ``key``.
+
+    The normals are drawn as one flat vector (one random-number kernel, whatever the number
+    of leaves) in the widest float dtype of the leaves, then cut into the leaves' shapes.
+    """
     leaves, treedef = jax.tree_util.tree_flatten(total)
-    keys = jax.random.split(key, len(leaves))
-    noisy = [
-        x
-        + (stddev * jax.random.normal(k, x.shape, jnp.result_type(x, jnp.float32))).astype(x.dtype)
-        for x, k in zip(leaves, keys, strict=True)
-    ]
+    if not leaves:
+        return total
+    dtype = jnp.result_type(jnp.float32, *leaves)
+    sizes = [x.size for x in leaves]
+    z = jax.random.normal(key, (sum(sizes),), dtype)
+    noisy, start = [], 0
+    for x, size in zip(leaves, sizes, strict=True):
+        part = z[start : start + size].reshape(x.shape)
+        noisy.append(x + (stddev * part).astype(x.dtype))
+        start += size
     return jax.tree_util.tree_unflatten(treedef, noisy)
 
 
