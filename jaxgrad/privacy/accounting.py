@@ -23,11 +23,21 @@ import contextlib
 import logging
 import math
 
-import dp_accounting
-
 from jaxgrad.privacy.sampling import check_sampling_rate
 
 ACCOUNTANTS = ("pld", "rdp")
+
+
+def _dpa():
+    """The ``dp_accounting`` module, imported on first use (the ``privacy`` extra)."""
+    try:
+        import dp_accounting
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "jaxgrad.privacy's accounting uses the `dp-accounting` package; install it with "
+            "`pip install dp-accounting` (or `pip install jaxgrad[privacy]`)"
+        ) from e
+    return dp_accounting
 
 
 def _check_accountant(accountant):
@@ -69,19 +79,18 @@ def _quiet_absl():
 
 def dp_event(*, noise_multiplier: float, sampling_rate: float, steps: int):
     """The ``dp_accounting`` event of ``steps`` Poisson-sampled Gaussian DP-SGD steps."""
-    step = dp_accounting.PoissonSampledDpEvent(
-        sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
-    )
-    return dp_accounting.SelfComposedDpEvent(step, steps)
+    dpa = _dpa()
+    step = dpa.PoissonSampledDpEvent(sampling_rate, dpa.GaussianDpEvent(noise_multiplier))
+    return dpa.SelfComposedDpEvent(step, steps)
 
 
 def make_accountant(accountant: str = "pld", *, pld_discretization: float = 1e-4):
     """A fresh ``dp_accounting`` accountant: ``"pld"`` or ``"rdp"``."""
     _check_accountant(accountant)
     if accountant == "rdp":
-        return dp_accounting.rdp.RdpAccountant()
+        return _dpa().rdp.RdpAccountant()
     vdi = _check_positive(pld_discretization, "pld_discretization")
-    return dp_accounting.pld.PLDAccountant(value_discretization_interval=vdi)
+    return _dpa().pld.PLDAccountant(value_discretization_interval=vdi)
 
 
 def epsilon(
@@ -176,7 +185,7 @@ def calibrate_noise_multiplier(
     tol = _check_positive(tol, "tol")
     _check_accountant(accountant)
     with _quiet_absl():  # RDP warns for every order it drops at small σ; ε is still an upper bound
-        sigma = dp_accounting.calibrate_dp_mechanism(
+        sigma = _dpa().calibrate_dp_mechanism(
             lambda: make_accountant(accountant, pld_discretization=pld_discretization),
             lambda s: dp_event(noise_multiplier=s, sampling_rate=q, steps=steps),
             target,
