@@ -1,6 +1,6 @@
 """Test accuracy against ε on MNIST-1D: DP-SGD at ε ∈ {1, 3, 8} and the non-private baseline.
 
-    PYTHONPATH=. python bench/privacy_mnist1d.py [--num-examples 12500] [--epochs 10]
+    PYTHONPATH=. python bench/privacy_mnist1d.py [--num-examples 25000] [--epochs 15]
 
 Writes bench/results/privacy_mnist1d.json and .png. Same data, model, initial weights and
 epochs for every run; DP runs use Poisson sampling (q = batch / N), clip C, σ calibrated by
@@ -20,8 +20,8 @@ from jaxgrad.train import PrivacyConfig
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--num-examples", type=int, default=12500)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--num-examples", type=int, default=25000)
+    p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--clip", type=float, default=1.0)
