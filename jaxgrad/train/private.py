@@ -51,6 +51,9 @@ class PrivacyConfig:
         counted in the history's ``nonfinite``) or ``"raise"`` (training stops with
         ``FloatingPointError`` before the step that met one).
       method: ``"auto"`` (fast clipped sum) or ``"vmap"``.
+      pld_discretization: the PLD accountant's value discretisation for calibration and the
+        per-epoch ε (1e-3: an upper bound within 0.4% of the 1e-4 value for the reference
+        setting, and about 10× cheaper to compute, so accounting never dominates an epoch).
     """
 
     l2_clip: float
@@ -61,6 +64,7 @@ class PrivacyConfig:
     physical_batch_size: int | None = None
     nonfinite: str = "drop"
     method: str = "auto"
+    pld_discretization: float = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +93,7 @@ class PrivacyPlan:
             steps=steps,
             delta=self.config.delta,
             accountant=self.config.accountant,
+            pld_discretization=self.config.pld_discretization,
         )
 
     def summary(self, steps: int) -> dict:
@@ -101,6 +106,7 @@ class PrivacyPlan:
             "sampling_rate": self.sampling_rate,
             "steps": steps,
             "accountant": c.accountant,
+            "pld_discretization": c.pld_discretization if c.accountant == "pld" else None,
             "l2_clip": c.l2_clip,
             "target_epsilon": c.target_epsilon,
             "physical_batch_size": self.physical_batch_size,
@@ -142,6 +148,7 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
             sampling_rate=q,
             steps=steps,
             accountant=config.accountant,
+            pld_discretization=config.pld_discretization,
         )
     elif config.target_epsilon is not None:  # both given (e.g. a resolved plan): σ must do
         spent = dp.epsilon(
@@ -150,6 +157,7 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
             steps=steps,
             delta=config.delta,
             accountant=config.accountant,
+            pld_discretization=config.pld_discretization,
         )
         if spent > config.target_epsilon * (1 + 1e-9):
             raise ValueError(
@@ -162,6 +170,7 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
         steps=0,
         delta=config.delta,
         accountant=config.accountant,
+        pld_discretization=config.pld_discretization,
     )
     dp.dp_grad(  # checks the clip and nonfinite
         lambda p, x: p,
