@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrad import fast, grads, losses, models, reduce
+from jaxgrad import fast, grads, losses, models, privacy, reduce
 
 
 class Case(NamedTuple):
@@ -157,6 +157,21 @@ def vmap_grad_then_clip(loss_fn, *, l2_clip: float = 1.0):
     return f
 
 
+def dp_step(loss_fn, *, l2_clip: float = 1.0, noise_multiplier: float = 1.0, batch_size: int):
+    """A full DP-SGD gradient on the batch: clip, sum, add ``N(0, σ²C² I)`` once, divide by
+    ``batch_size`` (:func:`jaxgrad.privacy.dp_grad`; the noise key is fixed, its draw timed)."""
+    f = privacy.dp_grad(
+        loss_fn,
+        l2_clip=l2_clip,
+        noise_multiplier=noise_multiplier,
+        expected_batch_size=batch_size,
+    )
+    key = jax.random.key(DP_KEY)
+    return lambda params, batch, mask=None: f(params, batch, mask, key)
+
+
+DP_KEY = 17
+
 # Strategies that write a B x P array: their time is also compared with writing B x P floats.
 MATERIALISING = ("per_example_grads", "jax.vmap(jax.grad)")
 
@@ -175,4 +190,5 @@ STRATEGIES: dict[str, Callable] = {
     "per_example_norms": lambda lf, b: fast.per_example_norms(lf),
     "clipped_grad": lambda lf, b: fast.clipped_grad(lf, l2_clip=1.0),
     "vmap(grad)+clip": lambda lf, b: vmap_grad_then_clip(lf, l2_clip=1.0),
+    "dp_grad(clip+noise)": lambda lf, b: dp_step(lf, batch_size=b),
 }

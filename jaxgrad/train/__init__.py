@@ -7,6 +7,7 @@ from jaxgrad.train import checkpoint
 from jaxgrad.train.checkpoint import CheckpointError, CheckpointWarning
 from jaxgrad.train.loop import FitResult, NonFiniteLossError, fit
 from jaxgrad.train.metrics import evaluator
+from jaxgrad.train.private import PrivacyConfig, PrivacyPlan
 from jaxgrad.train.step import TrainState, init_state, loss_and_grad_fn, train_step
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "CheckpointWarning",
     "FitResult",
     "NonFiniteLossError",
+    "PrivacyConfig",
+    "PrivacyPlan",
     "TrainState",
     "checkpoint",
     "evaluator",

@@ -15,10 +15,16 @@ import sys
 import time
 
 MODELS = ("line", "linear", "logistic", "mlp", "cnn")
-DATA = ("digits", "breast_cancer", "diabetes", "line", "npz", "idx")
+DATA = ("digits", "breast_cancer", "diabetes", "line", "mnist1d", "npz", "idx")
 STRATEGIES = ("batch", "per-example", "accumulate", "clipped")
 OPTIMIZERS = ("sgd", "momentum", "adam")
-DEFAULT_MODEL = {"digits": "mlp", "breast_cancer": "logistic", "diabetes": "linear", "line": "line"}
+DEFAULT_MODEL = {
+    "mnist1d": "mlp",
+    "digits": "mlp",
+    "breast_cancer": "logistic",
+    "diabetes": "linear",
+    "line": "line",
+}
 # (optimizer, learning rate, epochs, batch size) that reach the documented results.
 DEFAULTS = {
     "digits": ("adam", 1e-3, 30, 32),
@@ -57,6 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a Python loop instead of lax.scan (default: scan, but not convolutions on a CPU)",
     )
+    g = p.add_argument_group("differential privacy (DP-SGD)")
+    g.add_argument(
+        "--dp",
+        action="store_true",
+        help="train with DP-SGD: Poisson sampling (rate batch-size / N), per-example clipping, "
+        "Gaussian noise; sigma calibrated to --target-epsilon",
+    )
+    g.add_argument("--target-epsilon", type=float, help="epsilon to spend over the run")
+    g.add_argument("--noise-multiplier", type=float, help="sigma (instead of --target-epsilon)")
+    g.add_argument("--delta", type=float, default=1e-5, help="delta (default: 1e-5)")
+    g.add_argument("--l2-clip", type=float, default=1.0, help="per-example clip norm C")
+    g.add_argument("--accountant", default="pld", choices=("pld", "rdp"))
+    g.add_argument("--physical-batch-size", type=int, help="default: --batch-size")
+    g.add_argument("--nonfinite", default="drop", choices=("drop", "raise"))
+    g.add_argument("--num-examples", type=int, help="examples to generate for --data mnist1d")
     g = p.add_argument_group("checkpoints and output")
     g.add_argument("--checkpoint-dir", help="write checkpoints here and resume from them")
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
@@ -83,6 +104,37 @@ def _strategy(args, parser):
     if clipped is None:
         parser.error("--strategy clipped needs jaxgrad.clipped_grad, which this install lacks")
     return functools.partial(clipped, l2_clip=args.clip)
+
+
+def _privacy(args, parser, num_examples, batch_size, epochs):
+    """The resolved DP-SGD plan (σ calibrated), or None without --dp."""
+    dp_flags = ("target_epsilon", "noise_multiplier", "physical_batch_size")
+    if not args.dp:
+        given = [f"--{f.replace('_', '-')}" for f in dp_flags if getattr(args, f) is not None]
+        if given:
+            parser.error(f"{', '.join(given)} need(s) --dp")
+        return None
+    if args.strategy != "batch":
+        parser.error("--dp takes its own noisy clipped gradient; leave --strategy at batch")
+    if args.checkpoint_every is not None:
+        parser.error("--dp checkpoints every epoch; --checkpoint-every does not apply")
+    if (args.target_epsilon is None) == (args.noise_multiplier is None):
+        parser.error("--dp needs exactly one of --target-epsilon and --noise-multiplier")
+    from jaxgrad.train import PrivacyConfig, private
+
+    config = PrivacyConfig(
+        l2_clip=args.l2_clip,
+        target_epsilon=args.target_epsilon,
+        noise_multiplier=args.noise_multiplier,
+        delta=args.delta,
+        accountant=args.accountant,
+        physical_batch_size=args.physical_batch_size,
+        nonfinite=args.nonfinite,
+    )
+    try:
+        return private.plan(config, num_examples=num_examples, batch_size=batch_size, epochs=epochs)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
 
 
 def _model(args, ds, dtype, parser):
@@ -187,6 +239,10 @@ def run(args, parser=None) -> dict:
     kwargs = {"seed": args.seed, "dtype": np.dtype(dtype)}
     if args.data != "line":
         kwargs["test_fraction"] = args.test_fraction
+    if args.num_examples is not None:
+        if args.data != "mnist1d":
+            parser.error("--num-examples is only for --data mnist1d")
+        kwargs["num_examples"] = args.num_examples
     try:
         ds = jaxgrad.data.load(args.data, path=args.data_path, **kwargs)
     except (ValueError, TypeError, FileNotFoundError) as e:
@@ -205,6 +261,7 @@ def run(args, parser=None) -> dict:
             f"{len(ds.x_train)}"
         )
     model_name, model, loss_fn = _model(args, ds, dtype, parser)
+    privacy_plan = _privacy(args, parser, len(ds.x_train), batch_size, epochs)
     strategy = _strategy(args, parser)
     try:  # building the strategy checks its hyperparameters (--microbatches, --clip, ...)
         strategy(loss_fn)
@@ -235,9 +292,10 @@ def run(args, parser=None) -> dict:
         metrics_path=args.metrics_jsonl,
         progress=args.progress,
         quiet=args.quiet,
+        **({"privacy": privacy_plan.config} if privacy_plan else {}),
     )
     seconds = time.perf_counter() - start
-    skip = ("epoch", "step", "seconds", "loss")
+    skip = ("epoch", "step", "seconds", "loss", "epsilon", "nonfinite")
     final = {k: v for k, v in result.history[-1].items() if k not in skip}
     summary = {
         "data": args.data,
@@ -255,6 +313,9 @@ def run(args, parser=None) -> dict:
         "final": final,
         "history": result.history,
     }
+    if privacy_plan:
+        summary["privacy"] = privacy_plan.summary(int(result.state.step))
+        summary["privacy"]["nonfinite_dropped"] = sum(r["nonfinite"] for r in result.history)
     if model_name == "line":
         summary["params"] = {k: float(v) for k, v in result.params.items()}
     if model_name == "linear" and ds.task == "regression":
@@ -263,6 +324,13 @@ def run(args, parser=None) -> dict:
             summary["reference"] = {"sklearn_linear_regression_test_r2": reference}
     shown = "  ".join(f"{k} {v:.4f}" for k, v in final.items())
     say(f"final after {epochs} epochs ({summary['steps']} steps, {seconds:.1f} s): {shown}")
+    if "privacy" in summary:
+        pv = summary["privacy"]
+        say(
+            f"privacy: ({pv['epsilon']:.4g}, {pv['delta']:g})-DP ({pv['accountant']}), "
+            f"sigma {pv['noise_multiplier']:.4g}, q {pv['sampling_rate']:.4g}, "
+            f"{pv['steps']} steps, clip {pv['l2_clip']:g}"
+        )
     if "params" in summary:
         say("fitted line: " + "  ".join(f"{k} = {v:.6f}" for k, v in summary["params"].items()))
     if "reference" in summary:

@@ -28,6 +28,8 @@ from jaxgrad import data as data_lib
 from jaxgrad import reduce
 from jaxgrad.grads import batch_grad
 from jaxgrad.train import checkpoint as ckpt
+from jaxgrad.train import private
+from jaxgrad.train.private import PrivacyConfig
 from jaxgrad.train.progress import Progress
 from jaxgrad.train.step import TrainState, init_state, step_fn
 
@@ -103,6 +105,22 @@ def _fingerprint(key) -> str:
     return hashlib.sha256(data.tobytes()).hexdigest()[:16]
 
 
+def _fit_private(*args, strategy, scan, steps_per_call, checkpoint_every, **kwargs):
+    """``fit(..., privacy=...)``: the DP-SGD loop of :mod:`jaxgrad.train.private`."""
+    for name, value in (("checkpoint_every", checkpoint_every), ("steps_per_call", steps_per_call)):
+        if value is not None:
+            raise ValueError(
+                f"`{name}` does not apply with `privacy` (one chunk per epoch); got {value!r}"
+            )
+    if strategy is not batch_grad:
+        raise ValueError(
+            "`strategy` does not apply with `privacy`: DP-SGD takes the noisy clipped gradient of "
+            f"jaxgrad.privacy.sampled_dp_grad; got strategy={strategy!r}"
+        )
+    del scan
+    return private.fit_private(*args, **kwargs, fingerprint=_fingerprint)
+
+
 def fit(
     loss_fn: Callable,
     params: PyTree,
@@ -123,6 +141,7 @@ def fit(
     metrics_path: str | os.PathLike | None = None,
     progress: str = "auto",
     quiet: bool = False,
+    privacy: PrivacyConfig | None = None,
 ) -> FitResult:
     """Trains ``params`` on ``train_data`` for ``epochs`` epochs of minibatch SGD.
 
@@ -160,6 +179,11 @@ def fit(
       progress: ``"auto"`` (a tqdm bar on a terminal, silent otherwise), ``"bar"``,
         ``"plain"`` (a line per epoch on stderr) or ``"none"``.
       quiet: no progress output at all.
+      privacy: a :class:`jaxgrad.train.PrivacyConfig` to train with DP-SGD instead (see
+        :mod:`jaxgrad.train.private`): Poisson sampling with rate ``batch_size / N``, the
+        noisy clipped gradient, σ calibrated to a target ε, ε reported per epoch (history
+        key ``epsilon``). ``strategy``, ``checkpoint_every`` and ``steps_per_call`` do not
+        apply (checkpoints are written every epoch).
 
     Returns:
       A :class:`FitResult` ``(params, state, history)``.
@@ -186,6 +210,28 @@ def fit(
     epochs = _positive(epochs, "epochs")
     batch_size = _positive(batch_size, "batch_size")
     keep = _positive(keep, "keep")
+    if privacy is not None:
+        return _fit_private(
+            loss_fn,
+            params,
+            train_data,
+            privacy=privacy,
+            optimizer=optimizer,
+            epochs=epochs,
+            batch_size=batch_size,
+            key=key,
+            strategy=strategy,
+            evaluate=evaluate,
+            scan=scan,
+            steps_per_call=steps_per_call,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            keep=keep,
+            resume=resume,
+            metrics_path=metrics_path,
+            progress=progress,
+            quiet=quiet,
+        )
     n = reduce.batch_size(train_data, name="train_data")
     if scan == "auto":
         scan = not (

@@ -1,0 +1,40 @@
+"""Differentially private SGD: Poisson sampling, the noisy clipped gradient, accounting.
+
+One DP-SGD step samples each of the ``N`` examples independently with probability ``q``
+(:func:`poisson_sample`), clips every example's gradient to norm ``C``, sums them on the fast
+path (:func:`jaxgrad.clipped_grad`), adds ``N(0, σ²C² I)`` once and divides by the expected
+batch size ``qN`` (:func:`dp_grad`, :func:`sampled_dp_grad`). The ε spent is computed by
+``dp-accounting`` (:func:`epsilon`), and ``σ`` for a target ε by
+:func:`calibrate_noise_multiplier`. Needs the ``privacy`` extra (``dp-accounting``).
+
+With optax, the noisy gradient is an ordinary gradient::
+
+    grads = f(params, batch, mask, key)           # f = dp_grad(...)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+
+(any optax optimizer: post-processing of a private gradient stays private).
+"""
+
+from jaxgrad.privacy.accounting import calibrate_noise_multiplier, dp_event, epsilon
+from jaxgrad.privacy.noisy import DPInfo, add_noise, dp_grad, sampled_dp_grad
+from jaxgrad.privacy.sampling import (
+    PoissonSample,
+    num_physical_batches,
+    physical_batch,
+    poisson_sample,
+)
+
+__all__ = [
+    "DPInfo",
+    "PoissonSample",
+    "add_noise",
+    "calibrate_noise_multiplier",
+    "dp_event",
+    "dp_grad",
+    "epsilon",
+    "num_physical_batches",
+    "physical_batch",
+    "poisson_sample",
+    "sampled_dp_grad",
+]

@@ -1,0 +1,195 @@
+"""(ε, δ) of DP-SGD, and σ for a target ε, by the ``dp-accounting`` library.
+
+One step of DP-SGD with Poisson sampling rate ``q`` and noise multiplier ``σ`` is the
+sampled Gaussian mechanism ``PoissonSampledDpEvent(q, GaussianDpEvent(σ))``; ``T`` steps are
+that event self-composed ``T`` times. Two accountants:
+
+* ``"pld"`` (default) — privacy loss distributions, the tighter bound; its ε is an upper
+  bound whose slack shrinks with ``pld_discretization`` (the value discretisation interval;
+  1e-4 by default: ε = 2.3818 for the reference below, against 2.3906 at 1e-3, in about a
+  second);
+* ``"rdp"`` — Rényi DP over dp-accounting's default orders, looser but fast.
+
+Reference (Abadi et al. 2016's MNIST setting): ``σ = 1.1``, ``q = 256/60000``, 14063 steps
+(60 epochs), ``δ = 1e-5`` → RDP ε ≈ 2.597, PLD ε ≈ 2.382.
+
+This accounting holds only for Poisson sampling (:func:`jaxgrad.privacy.poisson_sample`);
+shuffled fixed-size batches are a different mechanism and must not be accounted with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+from jaxgrad.privacy.sampling import check_sampling_rate
+
+ACCOUNTANTS = ("pld", "rdp")
+
+
+def _dpa():
+    """The ``dp_accounting`` module, imported on first use (the ``privacy`` extra)."""
+    try:
+        import dp_accounting
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "jaxgrad.privacy's accounting uses the `dp-accounting` package; install it with "
+            "`pip install dp-accounting` (or `pip install jaxgrad[privacy]`)"
+        ) from e
+    return dp_accounting
+
+
+def _check_accountant(accountant):
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"`accountant` must be one of {list(ACCOUNTANTS)}; got {accountant!r}")
+    return accountant
+
+
+def _check_delta(delta):
+    ok = isinstance(delta, (int, float)) and not isinstance(delta, bool)
+    if not ok or not 0 < delta < 1:
+        raise ValueError(f"`delta` must be a number in (0, 1); got {delta!r}")
+    return float(delta)
+
+
+def _check_steps(steps):
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"`steps` must be a non-negative integer; got {steps!r}")
+    return steps
+
+
+def _check_positive(value, name):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive finite number; got {value!r}")
+    return float(value)
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def dp_event(*, noise_multiplier: float, sampling_rate: float, steps: int):
+    """The ``dp_accounting`` event of ``steps`` Poisson-sampled Gaussian DP-SGD steps."""
+    dpa = _dpa()
+    step = dpa.PoissonSampledDpEvent(sampling_rate, dpa.GaussianDpEvent(noise_multiplier))
+    return dpa.SelfComposedDpEvent(step, steps)
+
+
+def make_accountant(accountant: str = "pld", *, pld_discretization: float = 1e-4):
+    """A fresh ``dp_accounting`` accountant: ``"pld"`` or ``"rdp"``."""
+    _check_accountant(accountant)
+    if accountant == "rdp":
+        return _dpa().rdp.RdpAccountant()
+    vdi = _check_positive(pld_discretization, "pld_discretization")
+    return _dpa().pld.PLDAccountant(value_discretization_interval=vdi)
+
+
+def epsilon(
+    *,
+    noise_multiplier: float,
+    sampling_rate: float,
+    steps: int,
+    delta: float,
+    accountant: str = "pld",
+    pld_discretization: float = 1e-4,
+) -> float:
+    """The ε of ``steps`` DP-SGD steps at ``δ`` (Poisson sampling, Gaussian noise).
+
+    Args:
+      noise_multiplier: ``σ ≥ 0`` (noise std over the clip norm); 0 gives ``inf``.
+      sampling_rate: ``q`` in (0, 1].
+      steps: ``T ≥ 0``; 0 steps spend ε = 0.
+      delta: ``δ`` in (0, 1).
+      accountant: ``"pld"`` (default) or ``"rdp"``.
+      pld_discretization: the PLD accountant's value discretisation interval.
+
+    Returns:
+      ε as a float.
+
+    Example::
+
+      >>> from jaxgrad.privacy import epsilon
+      >>> round(epsilon(noise_multiplier=1.1, sampling_rate=256 / 60000, steps=14063,
+      ...               delta=1e-5, accountant="rdp"), 3)
+      2.597
+    """
+    sigma = float(noise_multiplier)
+    if not sigma >= 0 or not math.isfinite(sigma):
+        raise ValueError(
+            f"`noise_multiplier` must be a non-negative number; got {noise_multiplier!r}"
+        )
+    q = check_sampling_rate(sampling_rate)
+    steps = _check_steps(steps)
+    delta = _check_delta(delta)
+    acc = make_accountant(accountant, pld_discretization=pld_discretization)
+    if steps == 0:
+        return 0.0
+    if sigma == 0:
+        return math.inf
+    with _quiet_absl():
+        acc.compose(dp_event(noise_multiplier=sigma, sampling_rate=q, steps=steps))
+        return float(acc.get_epsilon(delta))
+
+
+def calibrate_noise_multiplier(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sampling_rate: float,
+    steps: int,
+    accountant: str = "pld",
+    pld_discretization: float = 1e-4,
+    tol: float = 1e-3,
+) -> float:
+    """The smallest ``σ`` whose ``steps`` steps spend at most ``target_epsilon`` at ``δ``.
+
+    Brent's method over σ (``dp_accounting.calibrate_dp_mechanism``); the result satisfies
+    ``epsilon(σ, ...) ≤ target_epsilon`` with the same accountant, within ``tol`` in σ.
+
+    Args:
+      target_epsilon: ε > 0 to spend over the whole run.
+      delta: ``δ`` in (0, 1).
+      sampling_rate: ``q`` in (0, 1].
+      steps: the planned number of steps ``T ≥ 1``.
+      accountant: ``"pld"`` (default) or ``"rdp"``.
+      pld_discretization: the PLD accountant's value discretisation interval.
+      tol: the tolerance on σ.
+
+    Returns:
+      σ as a float.
+
+    Example::
+
+      >>> from jaxgrad.privacy import calibrate_noise_multiplier, epsilon
+      >>> s = calibrate_noise_multiplier(target_epsilon=3.0, delta=1e-5, sampling_rate=0.01,
+      ...                                steps=1000, accountant="rdp")
+      >>> epsilon(noise_multiplier=s, sampling_rate=0.01, steps=1000, delta=1e-5,
+      ...         accountant="rdp") <= 3.0
+      True
+    """
+    target = _check_positive(target_epsilon, "target_epsilon")
+    delta = _check_delta(delta)
+    q = check_sampling_rate(sampling_rate)
+    steps = _check_steps(steps)
+    if steps == 0:
+        raise ValueError("`steps` must be at least 1 to calibrate a noise multiplier; got 0")
+    tol = _check_positive(tol, "tol")
+    _check_accountant(accountant)
+    with _quiet_absl():  # RDP warns for every order it drops at small σ; ε is still an upper bound
+        sigma = _dpa().calibrate_dp_mechanism(
+            lambda: make_accountant(accountant, pld_discretization=pld_discretization),
+            lambda s: dp_event(noise_multiplier=s, sampling_rate=q, steps=steps),
+            target,
+            delta,
+            tol=tol,
+        )
+    return float(sigma)

@@ -1,0 +1,328 @@
+"""The noisy DP-SGD gradient, on the fast clipped-sum path, with noise added exactly once.
+
+.. math::
+
+    \\tilde g = \\frac{1}{q N} \\Big( \\sum_i m_i \\, \\mathrm{clip}_C(g_i)
+        + \\mathcal N(0, \\sigma^2 C^2 I) \\Big),
+    \\qquad \\mathrm{clip}_C(g) = g \\min(1, C / \\lVert g \\rVert)
+
+Adding or removing one example changes the clipped *sum* by at most ``C`` in L2 norm, so the
+noise is calibrated to the sum (std ``σC``) and added to the sum; the sum is then divided by
+the *expected* batch size ``qN``, a public constant — not by the realised count ``Σ m_i``,
+which depends on the data and is private. (Adding ``N(0, σ²C²)`` to the *mean* instead would
+be ``qN`` times too little noise.)
+
+The clipped sum is :func:`jaxgrad.clipped_grad` with ``reduction="sum"`` (its fast path: one
+forward and one backward pass). Under accumulation over physical batches
+(:func:`sampled_dp_grad`) the clipped sums are added first and the noise is drawn once, from
+one key, for the whole step; under data parallelism the same holds — the noise is drawn in
+the replicated result from one key, never once per device.
+
+Non-finite per-example gradients (``nonfinite=``): a NaN or inf in one example's gradient
+would make the whole sum NaN. With ``"drop"`` (the default) such an example is left out
+(its contribution is 0, which keeps the sensitivity ``C``) and counted in
+:attr:`DPInfo.num_nonfinite`; with ``"raise"`` ``f`` raises ``FloatingPointError`` naming
+how many. The count is a diagnostic computed from private data: it is not privatised.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxgrad import reduce
+from jaxgrad.fast.api import clipped_grad
+from jaxgrad.privacy import sampling
+
+PyTree = Any
+NONFINITE = ("drop", "raise")
+
+
+class DPInfo(NamedTuple):
+    """What one noisy step saw (not privatised: diagnostics only, never to be released).
+
+    Attributes:
+      num_examples: the realised number of examples ``Σ_i m_i`` that contributed.
+      num_nonfinite: examples whose gradient was not finite and were left out.
+      num_physical_batches: physical batches the step ran (1 for :func:`dp_grad`).
+    """
+
+    num_examples: jax.Array
+    num_nonfinite: jax.Array
+    num_physical_batches: jax.Array
+
+
+def _check_nonneg(value, name) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value < 0:
+        raise ValueError(f"`{name}` must be a non-negative finite number; got {value!r}")
+    return float(value)
+
+
+def _check_positive(value, name) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive finite number; got {value!r}")
+    return float(value)
+
+
+def _check_nonfinite(nonfinite):
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"`nonfinite` must be one of {list(NONFINITE)}; got {nonfinite!r}")
+    return nonfinite
+
+
+def _all_finite(tree):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def clipped_sum_dropping_nonfinite(loss_fn, *, l2_clip, method="auto", chunk_size=None):
+    """``f(params, batch, mask) -> (Σ_i m_i clip(g_i), Σ_i m_i, #non-finite)`` over the finite g_i.
+
+    One pass of :func:`jaxgrad.clipped_grad` (``reduction="sum"``); only when some example's
+    norm (or the sum) is not finite, a second pass with those examples masked out.
+    """
+    inner = clipped_grad(
+        loss_fn,
+        l2_clip=l2_clip,
+        reduction="sum",
+        return_norms=True,
+        method=method,
+        chunk_size=chunk_size,
+    )
+
+    def f(params, batch, mask):
+        total, norms = inner(params, batch, mask)
+        bad = mask & ~jnp.isfinite(norms)
+        good = mask & ~bad
+
+        def redo(_):
+            again, _ = inner(params, batch, good)
+            # With no good example left the filler rows are bad ones: the sum is 0.
+            return jax.tree_util.tree_map(lambda t: jnp.where(jnp.any(good), t, 0), again)
+
+        need = jnp.any(bad) | ~_all_finite(total)
+        total = jax.lax.cond(need, redo, lambda _: total, None)
+        return total, jnp.sum(good, dtype=jnp.int32), jnp.sum(bad, dtype=jnp.int32)
+
+    return f
+
+
+def add_noise(total: PyTree, key, *, stddev) -> PyTree:
+    """``total + N(0, stddev² I)``: one independent normal per coordinate, all from one ``key``.
+
+    The normals are drawn as one flat vector (one random-number kernel, whatever the number
+    of leaves) in the widest float dtype of the leaves, then cut into the leaves' shapes.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(total)
+    if not leaves:
+        return total
+    dtype = jnp.result_type(jnp.float32, *leaves)
+    sizes = [x.size for x in leaves]
+    z = jax.random.normal(key, (sum(sizes),), dtype)
+    noisy, start = [], 0
+    for x, size in zip(leaves, sizes, strict=True):
+        part = z[start : start + size].reshape(x.shape)
+        noisy.append(x + (stddev * part).astype(x.dtype))
+        start += size
+    return jax.tree_util.tree_unflatten(treedef, noisy)
+
+
+def _finish(nonfinite, return_info, name):
+    """The host side of ``f``: raise on non-finite examples if asked, strip the info."""
+
+    def finish(grads, info):
+        if nonfinite == "raise":
+            if isinstance(info.num_nonfinite, jax.core.Tracer):
+                raise ValueError(
+                    f"{name}(nonfinite='raise') checks its examples on the host, so `f` must be "
+                    "called outside jax.jit; under jit use nonfinite='drop' with "
+                    "return_info=True and check info.num_nonfinite"
+                )
+            bad = int(info.num_nonfinite)
+            if bad:
+                raise FloatingPointError(
+                    f"{bad} example(s) of this batch have a non-finite (NaN or inf) gradient; "
+                    "check the data, or pass nonfinite='drop' to leave such examples out"
+                )
+        return (grads, info) if return_info else grads
+
+    return finish
+
+
+def dp_grad(
+    loss_fn,
+    *,
+    l2_clip: float,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    nonfinite: str = "drop",
+    return_info: bool = False,
+    method: str = "auto",
+    chunk_size: int | None = None,
+):
+    """The DP-SGD gradient of one Poisson-sampled batch: clip, sum, add noise once, divide.
+
+    .. math::
+
+        \\tilde g = \\frac{1}{B_e} \\Big( \\sum_i m_i \\, g_i \\min(1, C / \\lVert g_i \\rVert)
+            + \\mathcal N(0, \\sigma^2 C^2 I) \\Big)
+
+    with ``B_e = qN`` the *expected* batch size (public), not the realised ``Σ m_i``. ``batch``
+    and ``mask`` must come from Poisson sampling (:func:`poisson_sample`) for the accounting of
+    :func:`jaxgrad.privacy.epsilon` to hold; a draw larger than the physical batch must be
+    accumulated, not cut: use :func:`sampled_dp_grad`, which does both. ``g_i`` is the
+    gradient of example ``i``'s loss *sum* (for a token loss the unit of privacy is the
+    sequence).
+
+    Args:
+      loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
+      l2_clip: the clipping norm ``C > 0``.
+      noise_multiplier: ``σ ≥ 0``; the noise std on the sum is ``σC``.
+      expected_batch_size: ``B_e = qN > 0``, the divisor.
+      nonfinite: ``"drop"`` (default: leave out examples with a non-finite gradient and count
+        them) or ``"raise"`` (``FloatingPointError``; ``f`` must then run outside jit).
+      return_info: if True, ``f`` returns ``(grads, DPInfo)``.
+      method: ``"auto"`` (fast clipped sum) or ``"vmap"`` (materialised reference).
+      chunk_size: if set, examples are processed that many at a time.
+
+    Returns:
+      ``f(params, batch, mask, key) -> grads`` (or ``(grads, info)``); ``mask=None`` means all
+      rows are real, ``key`` seeds the noise.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxgrad.privacy import dp_grad
+      >>> loss = lambda w, ex: jnp.dot(ex, w)  # gradient of example i is x_i
+      >>> f = dp_grad(loss, l2_clip=1.0, noise_multiplier=0.0, expected_batch_size=4)
+      >>> g = f(jnp.ones(2), jnp.array([[3.0, 4.0], [0.0, 0.5]]), None, jax.random.key(0))
+      >>> [round(float(v), 6) for v in g]  # ([0.6, 0.8] + [0, 0.5]) / 4
+      [0.15, 0.325]
+    """
+    l2_clip = _check_positive(l2_clip, "l2_clip")
+    sigma = _check_nonneg(noise_multiplier, "noise_multiplier")
+    b_e = _check_positive(expected_batch_size, "expected_batch_size")
+    nonfinite = _check_nonfinite(nonfinite)
+    clipped = clipped_sum_dropping_nonfinite(
+        loss_fn, l2_clip=l2_clip, method=method, chunk_size=chunk_size
+    )
+
+    @jax.jit
+    def core(params, batch, mask, key):
+        total, count, bad = clipped(params, batch, mask)
+        noisy = add_noise(total, key, stddev=sigma * l2_clip)
+        grads = jax.tree_util.tree_map(lambda t: t / jnp.asarray(b_e, t.dtype), noisy)
+        return grads, DPInfo(count, bad, jnp.int32(1))
+
+    finish = _finish(nonfinite, return_info, "dp_grad")
+
+    def f(params, batch, mask, key):
+        mask = reduce.check_mask(mask, reduce.batch_size(batch))
+        return finish(*core(params, batch, mask, key))
+
+    f.__name__ = f.__qualname__ = "dp_grad"
+    f.__doc__ = dp_grad.__doc__
+    return f
+
+
+def sampled_dp_grad(
+    loss_fn,
+    *,
+    l2_clip: float,
+    noise_multiplier: float,
+    sampling_rate: float,
+    physical_batch_size: int,
+    nonfinite: str = "drop",
+    return_info: bool = False,
+    method: str = "auto",
+    chunk_size: int | None = None,
+):
+    """One whole DP-SGD step's gradient: Poisson-sample the data set, clip, sum, noise once.
+
+    Draws a Poisson sample of ``data`` with rate ``q`` (:func:`poisson_sample`), runs it in
+    ``⌈b / P⌉`` physical batches of size ``P`` (a ``lax.while_loop``: fixed shapes, no
+    recompilation, no example dropped however large the draw), adds their clipped sums,
+    then adds ``N(0, σ²C² I)`` once and divides once by ``qN``:
+
+    .. math::
+
+        \\tilde g = \\frac{1}{qN} \\Big( \\sum_{k=1}^{\\lceil b/P \\rceil} \\sum_{i \\in k}
+            \\mathrm{clip}_C(g_i) + \\mathcal N(0, \\sigma^2 C^2 I) \\Big)
+
+    The whole data set must fit on the device (it is gathered from, row by row).
+
+    Args:
+      loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
+      l2_clip: the clipping norm ``C > 0``.
+      noise_multiplier: ``σ ≥ 0``.
+      sampling_rate: ``q`` in (0, 1]; the expected batch size is ``qN``.
+      physical_batch_size: ``P``, examples per physical batch (memory bound, not privacy).
+      nonfinite: ``"drop"`` (default) or ``"raise"``, as for :func:`dp_grad`.
+      return_info: if True, ``f`` returns ``(grads, DPInfo)``.
+      method: ``"auto"`` (fast clipped sum) or ``"vmap"`` (materialised reference).
+      chunk_size: if set, examples are processed that many at a time.
+
+    Returns:
+      ``f(params, data, key) -> grads`` (or ``(grads, info)``); the sample and the noise are
+      pure functions of ``key``.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxgrad.privacy import sampled_dp_grad
+      >>> loss = lambda w, ex: jnp.dot(ex, w)
+      >>> f = sampled_dp_grad(loss, l2_clip=1.0, noise_multiplier=1.0, sampling_rate=0.1,
+      ...                     physical_batch_size=8, return_info=True)
+      >>> g, info = f(jnp.ones(3), jnp.ones((100, 3)), jax.random.key(0))
+      >>> g.shape, int(info.num_physical_batches) == -(-int(info.num_examples) // 8)
+      ((3,), True)
+    """
+    l2_clip = _check_positive(l2_clip, "l2_clip")
+    sigma = _check_nonneg(noise_multiplier, "noise_multiplier")
+    q = sampling.check_sampling_rate(sampling_rate)
+    p = reduce.check_positive_int(physical_batch_size, name="physical_batch_size")
+    nonfinite = _check_nonfinite(nonfinite)
+    clipped = clipped_sum_dropping_nonfinite(
+        loss_fn, l2_clip=l2_clip, method=method, chunk_size=chunk_size
+    )
+
+    @jax.jit
+    def core(params, data, key):
+        n = reduce.batch_size(data, name="data")
+        sample_key, noise_key = jax.random.split(key)
+        sample = sampling.poisson_sample(
+            sample_key, num_examples=n, sampling_rate=q, physical_batch_size=p
+        )
+        steps = sampling.num_physical_batches(sample.count, p)
+
+        def one(k):
+            idx, mask = sampling.physical_batch(sample, k, physical_batch_size=p)
+            return clipped(params, jax.tree_util.tree_map(lambda a: a[idx], data), mask)
+
+        shape = jax.eval_shape(one, jnp.int32(0))
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
+
+        def body(carry):
+            k, acc = carry
+            return k + 1, jax.tree_util.tree_map(jnp.add, acc, one(k))
+
+        _, (total, count, bad) = jax.lax.while_loop(
+            lambda c: c[0] < steps, body, (jnp.int32(0), zeros)
+        )
+        noisy = add_noise(total, noise_key, stddev=sigma * l2_clip)
+        b_e = q * n
+        grads = jax.tree_util.tree_map(lambda t: t / jnp.asarray(b_e, t.dtype), noisy)
+        return grads, DPInfo(count, bad, steps)
+
+    finish = _finish(nonfinite, return_info, "sampled_dp_grad")
+
+    def f(params, data, key):
+        return finish(*core(params, data, key))
+
+    f.__name__ = f.__qualname__ = "sampled_dp_grad"
+    f.__doc__ = sampled_dp_grad.__doc__
+    return f

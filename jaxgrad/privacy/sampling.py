@@ -1,0 +1,104 @@
+"""Poisson sampling under ``jax.jit``: a fixed physical shape, a mask, and no dropped examples.
+
+DP-SGD's accounting (:mod:`jaxgrad.privacy.accounting`) assumes *Poisson* sampling: each of
+the ``N`` examples is in a step's batch independently with probability ``q``, so the realised
+batch size ``b ~ Binomial(N, q)`` varies from step to step. A shuffled fixed-size batch is not
+Poisson sampling and its ε would be wrong.
+
+Under jit the sample is held as the indices of the drawn examples, padded to a fixed length,
+and the count ``b``. It is consumed in *physical batches* of a fixed size ``P`` with a mask:
+batch ``k`` holds drawn examples ``kP, ..., kP + P − 1``. A step runs ``⌈b / P⌉`` physical
+batches (a ``lax.while_loop`` with a data-dependent trip count and fixed shapes), so a draw
+larger than ``P`` is accumulated over several physical batches; nothing is truncated and
+nothing recompiles.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxgrad import reduce
+
+
+class PoissonSample(NamedTuple):
+    """One Poisson draw over a data set (see :func:`poisson_sample`).
+
+    Attributes:
+      indices: ``(⌈N/P⌉ · P,)`` int32: the drawn example indices in increasing order, then
+        filler (index 0) up to the padded length.
+      count: the realised batch size ``b = Σ_i m_i`` (int32 scalar).
+      mask: ``(N,)`` bool: whether each example was drawn.
+    """
+
+    indices: jax.Array
+    count: jax.Array
+    mask: jax.Array
+
+
+def check_sampling_rate(sampling_rate) -> float:
+    ok = isinstance(sampling_rate, (int, float)) and not isinstance(sampling_rate, bool)
+    if not ok or not math.isfinite(sampling_rate) or not 0 < sampling_rate <= 1:
+        raise ValueError(f"`sampling_rate` must be a number in (0, 1]; got {sampling_rate!r}")
+    return float(sampling_rate)
+
+
+def poisson_sample(key, *, num_examples: int, sampling_rate: float, physical_batch_size: int):
+    """Draws every example independently with probability ``q``: one DP-SGD step's batch.
+
+    .. math::
+
+        m_i \\sim \\mathrm{Bernoulli}(q) \\text{ independently}, \\qquad
+        b = \\sum_i m_i \\sim \\mathrm{Binomial}(N, q)
+
+    Args:
+      key: a PRNG key; the draw is a pure function of it.
+      num_examples: ``N``, the size of the data set.
+      sampling_rate: ``q`` in (0, 1] (``expected_batch_size / N``).
+      physical_batch_size: ``P``; the index array is padded to a multiple of it so that
+        :func:`physical_batch` can slice any of the ``⌈b / P⌉`` batches.
+
+    Returns:
+      A :class:`PoissonSample` ``(indices, count, mask)``.
+
+    Example::
+
+      >>> import jax
+      >>> from jaxgrad.privacy import poisson_sample
+      >>> s = poisson_sample(jax.random.key(0), num_examples=10, sampling_rate=0.5,
+      ...                    physical_batch_size=4)
+      >>> int(s.count) == int(s.mask.sum()), s.indices.shape
+      (True, (12,))
+    """
+    n = reduce.check_positive_int(num_examples, name="num_examples")
+    q = check_sampling_rate(sampling_rate)
+    p = reduce.check_positive_int(physical_batch_size, name="physical_batch_size")
+    mask = jax.random.bernoulli(key, q, (n,))
+    count = jnp.sum(mask, dtype=jnp.int32)
+    padded = -(-n // p) * p
+    (indices,) = jnp.nonzero(mask, size=padded, fill_value=0)
+    return PoissonSample(indices.astype(jnp.int32), count, mask)
+
+
+def num_physical_batches(count, physical_batch_size: int):
+    """``⌈b / P⌉``: physical batches needed to hold a draw of ``b`` examples."""
+    return (count + physical_batch_size - 1) // physical_batch_size
+
+
+def physical_batch(sample: PoissonSample, k, *, physical_batch_size: int):
+    """Indices and mask of physical batch ``k`` of a draw: drawn examples ``kP .. kP + P − 1``.
+
+    Rows past the draw's end are masked out (their index is a filler, which the gradient
+    strategies replace by a real row).
+
+    Returns:
+      ``(indices, mask)`` of shape ``(P,)``, int32 and bool.
+    """
+    p = physical_batch_size
+    start = k * p
+    idx = jax.lax.dynamic_slice(sample.indices, (start,), (p,))
+    mask = start + jnp.arange(p) < sample.count
+    return idx, mask

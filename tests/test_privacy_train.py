@@ -1,0 +1,202 @@
+"""DP-SGD training: fit(privacy=...), the CLI's --dp, MNIST-1D, and resume of the privacy state."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxgrad
+from jaxgrad import privacy
+from jaxgrad.train import PrivacyConfig
+from jaxgrad.train.__main__ import main
+
+
+def _problem(n=120, seed=0):
+    model = jaxgrad.models.mlp([6, 8, 3], dtype=jnp.float64)
+    loss_fn = jaxgrad.losses.supervised(
+        model.apply, jaxgrad.losses.softmax_cross_entropy, num_classes=3
+    )
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 6))
+    y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 1).astype(np.int32)
+    return model, loss_fn, (x, y)
+
+
+FIT = dict(epochs=3, batch_size=20, progress="none")
+
+
+def _fit(loss_fn, params, data, config, **kw):
+    return jaxgrad.train.fit(
+        loss_fn,
+        params,
+        data,
+        optimizer=optax.adam(0.05),
+        key=jax.random.key(5),
+        privacy=config,
+        **{**FIT, **kw},
+    )
+
+
+CONFIG = PrivacyConfig(l2_clip=0.7, noise_multiplier=1.2, accountant="rdp")
+
+
+@pytest.fixture(scope="module")
+def whole():
+    """One uninterrupted private run, shared by the tests below (compiling is the slow part)."""
+    model, loss_fn, data = _problem()
+    params = model.init(jax.random.key(1))
+    return loss_fn, params, data, _fit(loss_fn, params, data, CONFIG)
+
+
+def test_fit_private_is_the_documented_loop_and_reports_epsilon(whole):
+    loss_fn, params, data, result = whole
+    # Reference: the loop written out with the (separately tested) noisy gradient.
+    q, steps = 20 / 120, 3 * 6
+    grad_fn = privacy.sampled_dp_grad(
+        loss_fn, l2_clip=0.7, noise_multiplier=1.2, sampling_rate=q, physical_batch_size=20
+    )
+    opt = optax.adam(0.05)
+    p, s = params, opt.init(params)
+    dev = jax.tree_util.tree_map(jnp.asarray, data)
+    for t in range(steps):
+        g = grad_fn(p, dev, jax.random.fold_in(jax.random.key(5), t))
+        u, s = opt.update(g, s, p)
+        p = optax.apply_updates(p, u)
+    chex.assert_trees_all_close(result.params, p, rtol=1e-10, atol=1e-12)
+    assert int(result.state.step) == steps
+    eps = [r["epsilon"] for r in result.history]
+    want = [
+        privacy.epsilon(
+            noise_multiplier=1.2, sampling_rate=q, steps=6 * e, delta=1e-5, accountant="rdp"
+        )
+        for e in (1, 2, 3)
+    ]
+    assert eps == pytest.approx(want, rel=1e-12) and eps[0] < eps[1] < eps[2]
+
+
+def test_fit_private_calibrates_sigma_to_the_target():
+    config = PrivacyConfig(l2_clip=1.0, target_epsilon=4.0, accountant="rdp")
+    plan = jaxgrad.train.private.plan(config, num_examples=120, batch_size=20, epochs=3)
+    assert plan.steps == 18 and plan.sampling_rate == pytest.approx(1 / 6)
+    spent = plan.epsilon(plan.steps)
+    assert 4.0 * 0.97 < spent <= 4.0  # (fit with a target ε runs in the CLI test below)
+
+
+def test_fit_private_resume_is_bit_for_bit_and_refuses_changed_privacy(whole, tmp_path):
+    loss_fn, params, data, whole = whole
+    config = CONFIG
+
+    calls = []
+
+    def evaluate(p):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # interrupted in epoch 2, after epoch 1's checkpoint
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(loss_fn, params, data, config, evaluate=evaluate, checkpoint_dir=tmp_path)
+    assert len(jaxgrad.train.checkpoint.list_checkpoints(tmp_path)) == 1  # epoch 1 only
+    resumed = _fit(loss_fn, params, data, config, checkpoint_dir=tmp_path)
+    chex.assert_trees_all_equal(resumed.params, whole.params)
+    assert [r["epsilon"] for r in resumed.history] == [r["epsilon"] for r in whole.history]
+    for changed in (
+        PrivacyConfig(l2_clip=0.5, noise_multiplier=1.2, accountant="rdp"),
+        PrivacyConfig(l2_clip=0.7, noise_multiplier=1.0, accountant="rdp"),
+        PrivacyConfig(l2_clip=0.7, noise_multiplier=1.2, accountant="pld"),
+    ):
+        with pytest.raises(ValueError, match="privacy settings changed"):
+            _fit(loss_fn, params, data, changed, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="privacy settings changed"):  # planned steps
+        _fit(loss_fn, params, data, config, checkpoint_dir=tmp_path, epochs=4)
+
+
+def test_fit_private_nonfinite_examples():
+    model, loss_fn, (x, y) = _problem()
+    x = x.copy()
+    x[::4, 0] = np.nan  # 30 bad examples: every step draws some
+    params = model.init(jax.random.key(1))
+    config = PrivacyConfig(l2_clip=0.7, noise_multiplier=1.2, accountant="rdp")
+    result = _fit(loss_fn, params, (x, y), config, epochs=1)
+    assert result.history[0]["nonfinite"] > 0
+    assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree_util.tree_leaves(result.params))
+    strict = PrivacyConfig(l2_clip=0.7, noise_multiplier=1.2, accountant="rdp", nonfinite="raise")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        _fit(loss_fn, params, (x, y), strict, epochs=1)
+
+
+def test_fit_private_bad_arguments():
+    model, loss_fn, data = _problem()
+    params = model.init(jax.random.key(1))
+    with pytest.raises(ValueError, match="target_epsilon"):
+        _fit(loss_fn, params, data, PrivacyConfig(l2_clip=1.0))
+    with pytest.raises(ValueError, match="l2_clip"):
+        _fit(loss_fn, params, data, PrivacyConfig(l2_clip=-1.0, noise_multiplier=1.0))
+    with pytest.raises(ValueError, match="strategy"):
+        _fit(
+            loss_fn,
+            params,
+            data,
+            PrivacyConfig(l2_clip=1.0, noise_multiplier=1.0),
+            strategy=jaxgrad.mean_of_per_example_grads,
+        )
+    with pytest.raises(ValueError, match="noise_multiplier"):  # σ too small for the target
+        _fit(
+            loss_fn,
+            params,
+            data,
+            PrivacyConfig(l2_clip=1.0, noise_multiplier=0.3, target_epsilon=1.0),
+        )
+
+
+def test_cli_dp_writes_the_privacy_record(tmp_path):
+    out = tmp_path / "out.json"
+    args = ["--model", "mlp", "--data", "digits", "--dp", "--target-epsilon", "8"]
+    args += ["--delta", "1e-5", "--l2-clip", "1.0", "--accountant", "rdp", "--epochs", "1"]
+    args += ["--batch-size", "128", "--hidden", "16", "--json", str(out), "--quiet"]
+    assert main(args) == 0
+    summary = json.loads(out.read_text())
+    pv = summary["privacy"]
+    n = 1438
+    assert pv["sampling_rate"] == pytest.approx(128 / n) and pv["steps"] == -(-n // 128)
+    assert pv["accountant"] == "rdp" and pv["delta"] == 1e-5 and pv["l2_clip"] == 1.0
+    direct = privacy.epsilon(
+        noise_multiplier=pv["noise_multiplier"],
+        sampling_rate=pv["sampling_rate"],
+        steps=pv["steps"],
+        delta=1e-5,
+        accountant="rdp",
+    )
+    assert pv["epsilon"] == pytest.approx(direct) and 7.7 < pv["epsilon"] <= 8.0
+    assert summary["history"][-1]["epsilon"] == pytest.approx(pv["epsilon"])
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--target-epsilon", "8"], "need"),
+        (["--dp"], "exactly one"),
+        (["--dp", "--noise-multiplier", "1", "--strategy", "clipped"], "strategy"),
+        (["--dp", "--noise-multiplier", "1", "--l2-clip", "0"], "l2_clip"),
+    ],
+)
+def test_cli_dp_errors(args, match, capsys):
+    with pytest.raises(SystemExit):
+        main(["--data", "digits", *args, "--quiet"])
+    assert match in capsys.readouterr().err
+
+
+def test_mnist1d_is_generated_offline_and_seeded():
+    a = jaxgrad.data.load("mnist1d", num_examples=200, seed=3)
+    b = jaxgrad.data.load_mnist1d(num_examples=200, seed=3)
+    assert a.x_train.shape == (160, 40) and a.x_test.shape == (40, 40) and a.num_classes == 10
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    assert set(np.unique(a.y_train)) <= set(range(10)) and len(np.unique(a.y_train)) == 10
+    c = jaxgrad.data.load("mnist1d", num_examples=200, seed=4)
+    assert not np.array_equal(a.x_train, c.x_train)
+    with pytest.raises(ValueError, match="num_examples"):
+        jaxgrad.data.load_mnist1d(num_examples=5)
