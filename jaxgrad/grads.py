@@ -46,6 +46,7 @@ def _strategy(core, *, validate=None, return_loss: bool | None, name: str, doc=N
     )
 
     def f(params, batch, mask=None):
+        reduce.check_params(params)
         size = reduce.batch_size(batch)
         mask = reduce.check_mask(mask, size)
         if validate is not None and _values_are_concrete(batch):

@@ -65,11 +65,15 @@ def grad_at_mean_input(loss_fn, *, return_loss: bool = False):
 
     def core(params, batch, mask):
         _check_floating(batch)
-        mean_example = _masked_mean(batch, mask)
+        # With no real example there is no mean example: like every exact strategy (a count
+        # of 0), return a zero loss and gradient. The loss is evaluated at the plain mean of the
+        # (padding-filled) rows, so it stays finite, and multiplied by 0.
+        any_real = jnp.any(mask)
+        mean_example = _masked_mean(batch, jnp.where(any_real, mask, True))
 
         def loss_at_mean(p):
             loss_sum, count = reduce.as_sum_count(loss_fn(p, mean_example))
-            return reduce.safe_divide(loss_sum, count)
+            return reduce.safe_divide(loss_sum, count) * any_real.astype(loss_sum.dtype)
 
         return jax.value_and_grad(loss_at_mean)(params)
 
