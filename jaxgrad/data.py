@@ -241,6 +241,15 @@ def from_arrays(
       >>> ds.task, ds.num_classes, len(ds.x_train), len(ds.x_test)
       ('classification', 2, 40, 10)
     """
+    try:
+        float_dtype = np.dtype(dtype)
+    except TypeError:
+        float_dtype = None
+    if float_dtype is None or not np.issubdtype(float_dtype, np.floating):
+        raise TypeError(
+            f"`dtype` must be a floating-point dtype (inputs are standardised, so an integer "
+            f"dtype would truncate them); got {dtype!r}"
+        )
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
         raise ValueError(
@@ -402,6 +411,13 @@ def load_npz(path, **kwargs) -> Dataset:
         raise FileNotFoundError(f"no such .npz file: {path}") from None
     except ValueError as e:
         raise ValueError(f"{path}: cannot read as .npz without pickle ({e})") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory; expected an .npz file") from None
+    except Exception as e:  # zipfile/zlib/EOF errors of an empty, truncated or corrupt file
+        raise ValueError(
+            f"{path}: not a readable .npz file (empty, truncated or corrupt: "
+            f"{type(e).__name__}: {e})"
+        ) from None
     keys = sorted(arrays)
     if {"x_train", "y_train", "x_test", "y_test"} <= set(keys):
         return from_arrays(
@@ -520,7 +536,16 @@ def load_idx(
         return a.astype(np.float64) / 255.0 if a.dtype == np.uint8 else a
 
     def labels(p):
-        return read_idx(p).astype(np.int64)
+        y = read_idx(p)
+        if not np.issubdtype(y.dtype, np.integer):
+            whole = np.isfinite(y).all() and (y == np.round(y)).all()
+            if not whole:
+                raise ValueError(
+                    f"{p}: class labels must be whole numbers; got an IDX file of {y.dtype} "
+                    f"holding non-integer values (e.g. {y[y != np.round(y)].flat[0]}), which "
+                    "would be truncated"
+                )
+        return y.astype(np.int64)
 
     x, y = images(found["x_train"]), labels(found["y_train"])
     test = {}

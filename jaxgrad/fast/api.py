@@ -187,9 +187,7 @@ def clipped_grad(
             totals = jax.lax.cond(jnp.any(rows[1]), again, lambda: totals)
             return rows, (*totals, jnp.sum(ok))
 
-        (norms, bad), (total, count, loss, kept) = passes.run_chunked(
-            body, batch, mask, chunk_size
-        )
+        (norms, bad), (total, count, loss, kept) = passes.run_chunked(body, batch, mask, chunk_size)
         if reduction == "mean":
             total, loss = reduce.safe_divide((total, loss), count)
         if nonfinite == "drop":  # nothing finite left: NaN, not a silent zero

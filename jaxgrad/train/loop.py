@@ -89,6 +89,25 @@ def _positive(value, name):
     return reduce.check_positive_int(value, name=name)
 
 
+def _check_fit_args(params, optimizer, key) -> None:
+    """Clear errors for the arguments of :func:`fit` that JAX/optax would fail on obscurely."""
+    reduce.check_params(params)
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        hint = f" (e.g. optax.{optimizer}(1e-3))" if isinstance(optimizer, str) else ""
+        raise TypeError(
+            "`optimizer` must be an optax GradientTransformation with init and update"
+            f"{hint}; got {optimizer!r}"
+        )
+    dtype = getattr(key, "dtype", None)
+    typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+    raw = dtype == jnp.uint32 and np.shape(key) == (2,)
+    if not ((typed and np.shape(key) == ()) or raw):
+        raise TypeError(
+            f"`key` must be one PRNG key, e.g. jax.random.key(0); got {key!r}"
+            + (" (an int is a seed, not a key)" if isinstance(key, int) else "")
+        )
+
+
 def _has_convolution(loss_fn, params, data) -> bool:
     """Whether one example's loss runs a convolution (read off its jaxpr)."""
     example = jax.tree_util.tree_map(lambda x: x[0], data)
@@ -183,6 +202,7 @@ def fit(
       >>> len(result.history)
       2
     """
+    _check_fit_args(params, optimizer, key)
     epochs = _positive(epochs, "epochs")
     batch_size = _positive(batch_size, "batch_size")
     keep = _positive(keep, "keep")
