@@ -80,7 +80,7 @@ def _check_same_structure(a, b, name_a: str, name_b: str) -> None:
     """ValueError naming both sides when two pytrees differ in structure or leaf shapes."""
     same = jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b) and all(
         np.shape(x) == np.shape(y)
-        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
     )
     if not same:
         raise ValueError(

@@ -191,13 +191,17 @@ def batch_totals(loss_fn, params, batch, mask):
 def safe_divide(total, count):
     """``total / count``, and 0 (not NaN) where the count is 0: an all-padding batch is a no-op.
 
-    A count of 0 can only come from padding or from examples whose sums are 0 too:
-    :func:`as_sum_count` makes a loss with count 0 and a nonzero sum NaN.
+    A count of 0 with a nonzero (or NaN) total is NaN, never a silent 0: a count of 0 can only
+    come from padding or from examples whose sums are 0 too (:func:`as_sum_count` makes a
+    loss with count 0 and a nonzero sum NaN).
     """
     nonzero = count > 0
-    return jax.tree_util.tree_map(
-        lambda t: jnp.where(nonzero, t / jnp.where(nonzero, count, 1).astype(t.dtype), 0), total
-    )
+
+    def divide(t):
+        zero_count = jnp.where(t == 0, 0, jnp.nan).astype(t.dtype)  # a NaN sum stays NaN
+        return jnp.where(nonzero, t / jnp.where(nonzero, count, 1).astype(t.dtype), zero_count)
+
+    return jax.tree_util.tree_map(divide, total)
 
 
 def pad_batch(batch: PyTree, mask: jax.Array, size: int):
