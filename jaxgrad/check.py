@@ -33,8 +33,8 @@ def assert_equivalent(f, g, *args, rtol: float | None = None, atol: float | None
       ``(f(*args), g(*args))``, for further checks.
 
     Raises:
-      AssertionError: naming the first differing leaf. ValueError: the two results differ in
-      structure or shapes.
+      AssertionError: naming the first differing leaf, or both structures when the two
+      results differ in structure or shapes.
 
     Example::
 
@@ -59,7 +59,7 @@ def assert_equivalent(f, g, *args, rtol: float | None = None, atol: float | None
         )
     else:
         a, b = f, g
-    _check_same_structure(a, b, "`f`'s result", "`g`'s result")
+    _check_same_structure(a, b, "`f`'s result", "`g`'s result", AssertionError)
     default_rtol, default_atol = _default_tolerances((a, b))
     chex.assert_trees_all_close(
         a,
@@ -76,14 +76,14 @@ def _describe(tree) -> str:
     return "{" + shown + (", ..." if len(leaves) > 6 else "") + "}"
 
 
-def _check_same_structure(a, b, name_a: str, name_b: str) -> None:
-    """ValueError naming both sides when two pytrees differ in structure or leaf shapes."""
+def _check_same_structure(a, b, name_a: str, name_b: str, error=ValueError) -> None:
+    """``error`` naming both sides when two pytrees differ in structure or leaf shapes."""
     same = jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b) and all(
         np.shape(x) == np.shape(y)
         for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
     )
     if not same:
-        raise ValueError(
+        raise error(
             f"{name_a} and {name_b} must have the same tree structure and leaf shapes to be "
             f"compared; got {_describe(a)} and {_describe(b)}"
         )
@@ -106,7 +106,7 @@ class PairDiff(NamedTuple):
 
 def tree_diff(a: PyTree, b: PyTree) -> tuple[float, float, float]:
     """``(max_abs_diff, max_rel_diff, rel_l2_diff)`` between two same-structure pytrees."""
-    _check_same_structure(a, b, "`a`", "`b`")
+    _check_same_structure(a, b, "`a`", "`b`", AssertionError)
     flat = lambda t: np.concatenate(
         [np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(t)]
     )

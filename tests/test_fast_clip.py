@@ -138,7 +138,11 @@ def test_nonfinite_example_raises_by_default_and_names_the_row(method):
 def test_nonfinite_drop_leaves_the_example_out(method, chunk_size):
     loss, w, x = _nan_case()
     f = clipped_grad(
-        loss, l2_clip=0.5, nonfinite="drop", return_norms=True, method=method,
+        loss,
+        l2_clip=0.5,
+        nonfinite="drop",
+        return_norms=True,
+        method=method,
         chunk_size=chunk_size,
     )
     g, norms = f(w, x)
@@ -173,5 +177,8 @@ def test_clipped_grad_return_loss(reduction):
     total = sum(float(loss(w, r[None])) for r in x)
     np.testing.assert_allclose(float(value), total / 4 if reduction == "mean" else total)
     assert norms.shape == (4,)
-    np.testing.assert_allclose(np.asarray(g), np.asarray(clipped_grad(
-        loss, l2_clip=0.5, reduction=reduction)(w, x)), rtol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(g),
+        np.asarray(clipped_grad(loss, l2_clip=0.5, reduction=reduction)(w, x)),
+        rtol=1e-12,
+    )

@@ -211,18 +211,18 @@ def _check_writable(flag, path, parser, *, directory=False):
 
 
 def _check_args(args, parser):
-    """Nonsense hyperparameters and unwritable outputs are argument errors, before any work."""
+    """Nonsense hyperparameters and unwritable outputs are argument errors, before any work.
+
+    (The strategy's own hyperparameters, --clip, --microbatches, --chunk-size, are checked by
+    building the strategy.)
+    """
     import math
 
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr must be a positive finite number; got {args.lr}")
-    if not (math.isfinite(args.clip) and args.clip > 0):
-        parser.error(f"--clip must be a positive finite number; got {args.clip}")
     for flag, value in (
         ("--keep", args.keep),
         ("--checkpoint-every", args.checkpoint_every),
-        ("--microbatches", args.microbatches),
-        ("--chunk-size", args.chunk_size),
     ):
         if value is not None and value < 1:
             parser.error(f"{flag} must be a positive integer; got {value}")
