@@ -124,7 +124,7 @@ def test_assert_equivalent_accepts_results():
     assert out[0] is a and out[1] is b
     with pytest.raises(AssertionError):
         check.assert_equivalent(a, jnp.array([1.0, 2.1]))
-    with pytest.raises(TypeError, match="both be functions .* or both be results"):
+    with pytest.raises(TypeError, match=r"both be functions .* or both be results"):
         check.assert_equivalent(lambda: a, b)
     with pytest.raises(TypeError, match="nothing to call"):
         check.assert_equivalent(a, b, 1.0)

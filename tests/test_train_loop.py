@@ -211,7 +211,7 @@ def test_fit_names_bad_optimizer_key_and_params():
         _fit(loss_fn, params, data, key=0)
     with pytest.raises(ValueError, match="`params` has no array leaves"):
         _fit(loss_fn, {}, data)
-    with pytest.raises(TypeError, match=r"params\['step'\]"):
-        _fit(loss_fn, {**params, "step": jnp.array(0)}, data)
+    with pytest.raises(TypeError, match=r"params\[2\]\['step'\] is dtype int"):
+        _fit(loss_fn, [*params, {"step": jnp.array(0)}], data)
     # a legacy uint32 key is still a key
     _fit(loss_fn, params, data, key=jax.random.PRNGKey(1), epochs=1)
