@@ -363,13 +363,16 @@ def run(args, parser=None) -> dict:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from jaxgrad.train import NonFiniteLossError
+    from jaxgrad.train import CheckpointError, NonFiniteLossError
 
     try:
         run(args, parser)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except CheckpointError as e:  # a user's directory or files: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         where = (
             f" resume with the same command ({args.checkpoint_dir})" if args.checkpoint_dir else ""

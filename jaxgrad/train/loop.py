@@ -68,6 +68,16 @@ class FitResult(NamedTuple):
 _epoch_indices = jax.jit(data_lib.epoch_indices, static_argnums=(2, 3))
 
 
+def _all_finite(tree) -> jax.Array:
+    """Whether every floating-point leaf of ``tree`` is finite (a scalar bool)."""
+    checks = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+
+
 def _guarded(step):
     """The step inside the loop: a padded (inactive) step or one after a non-finite loss is
     a no-op, and the first non-finite loss records the step count where it happened."""
@@ -75,7 +85,9 @@ def _guarded(step):
     def body(carry, batch, mask, active):
         state, bad = carry
         new, loss = step(state, batch, mask)
-        finite = jnp.isfinite(loss)
+        # A finite loss is not enough: an update can still make the parameters or the
+        # optimizer state non-finite, and such a state must never be kept or checkpointed.
+        finite = jnp.isfinite(loss) & _all_finite(new)
         ok = active & (bad < 0) & finite
         bad = jnp.where(active & (bad < 0) & ~finite, state.step, bad)
         state = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)
@@ -246,6 +258,8 @@ def fit(
     start_epoch, start_chunk, history = 0, 0, []
     epoch_loss, epoch_count = 0.0, 0
     last_checkpoint = None
+    if checkpoint_dir is not None:
+        ckpt.prepare_directory(checkpoint_dir)
     if checkpoint_dir is not None and not resume and ckpt.list_checkpoints(checkpoint_dir):
         raise ValueError(
             f"`checkpoint_dir` {os.fspath(checkpoint_dir)!r} already holds checkpoints of another "
@@ -355,7 +369,8 @@ def fit(
                         else ""
                     )
                     raise NonFiniteLossError(
-                        f"the training loss became non-finite (NaN or inf) at step {bad + 1} "
+                        "the training loss (or the updated parameters or optimizer state) "
+                        f"became non-finite (NaN or inf) at step {bad + 1} "
                         f"(epoch {epoch + 1}, batch {batch_no} of {steps_per_epoch}); training "
                         f"stopped with the parameters from before that step{where}. Lower the "
                         "learning rate or check the data.",
