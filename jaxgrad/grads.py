@@ -30,7 +30,14 @@ def _validator(loss_fn):
     return getattr(loss_fn, "validate", None)
 
 
-def _strategy(core, *, validate=None, return_loss: bool | None, name: str, doc=None):
+def _bind(loss_fn, args):
+    """``loss_fn`` with the extra arguments ``*args`` bound: ``loss_fn(params, example, *args)``."""
+    if not args:
+        return loss_fn
+    return lambda params, example: loss_fn(params, example, *args)
+
+
+def _strategy(core, *, validate=None, return_loss: bool | None, name: str, doc=None, loss_fn=None):
     """Wraps ``core(params, batch, mask) -> (loss, grads)`` with input checks and ``jax.jit``.
 
     With ``return_loss=None`` the core's output is returned as it is.
@@ -38,20 +45,32 @@ def _strategy(core, *, validate=None, return_loss: bool | None, name: str, doc=N
     Shape checks run at trace time, so they also guard a caller's own ``jax.jit``. A loss
     with a ``validate(batch, mask)`` method (see :func:`jaxgrad.losses.supervised`) has it called
     on concrete batches, so out-of-range labels fail loudly rather than give a wrong number.
-    """
-    # Padded rows become copies of a real row, so garbage (even NaN) in them cannot leak
-    # into the gradient through the backward pass.
-    jitted = jax.jit(
-        lambda params, batch, mask: core(params, reduce.fill_padding(batch, mask), mask)
-    )
 
-    def f(params, batch, mask=None):
+    With ``loss_fn`` given, ``core`` takes it as a keyword, and the returned
+    ``f(params, batch, mask=None, *args)`` passes extra positional arguments to every call
+    ``loss_fn(params, example, *args)`` (the same for every example: a step number, a base
+    PRNG key to ``fold_in`` an example id from the batch, ...). They are traced, not static.
+    """
+
+    def run(params, batch, mask, args):
+        # Padded rows become copies of a real row, so garbage (even NaN) in them cannot leak
+        # into the gradient through the backward pass.
+        batch = reduce.fill_padding(batch, mask)
+        if loss_fn is None:
+            return core(params, batch, mask)
+        return core(params, batch, mask, loss_fn=_bind(loss_fn, args))
+
+    jitted = jax.jit(run)
+
+    def f(params, batch, mask=None, *args):
+        if args and loss_fn is None:
+            raise TypeError(f"`{name}` takes no extra loss arguments; got {len(args)}")
         reduce.check_params(params)
         size = reduce.batch_size(batch)
         mask = reduce.check_mask(mask, size)
         if validate is not None and _values_are_concrete(batch):
             validate(batch, mask)
-        out = jitted(params, batch, mask)
+        out = jitted(params, batch, mask, args)
         if return_loss is None:
             return out
         loss, grads = out
@@ -84,7 +103,7 @@ def batch_grad(loss_fn, *, return_loss: bool = False):
       7.0
     """
 
-    def core(params, batch, mask):
+    def core(params, batch, mask, loss_fn=loss_fn):
         def mean_loss(p):
             total, count = reduce.batch_totals(loss_fn, p, batch, mask)
             return reduce.safe_divide(total, jax.lax.stop_gradient(count))
@@ -93,6 +112,7 @@ def batch_grad(loss_fn, *, return_loss: bool = False):
 
     return _strategy(
         core,
+        loss_fn=loss_fn,
         validate=_validator(loss_fn),
         return_loss=return_loss,
         name="batch_grad",
@@ -176,12 +196,13 @@ def per_example_grads(loss_fn, *, chunk_size: int | None = None, return_loss: bo
     if chunk_size is not None:
         chunk_size = reduce.check_positive_int(chunk_size, name="chunk_size")
 
-    def core(params, batch, mask):
+    def core(params, batch, mask, loss_fn=loss_fn):
         sums, _, grads = _per_example(loss_fn, params, batch, mask, chunk_size)
         return sums, grads
 
     return _strategy(
         core,
+        loss_fn=loss_fn,
         validate=_validator(loss_fn),
         return_loss=return_loss,
         name="per_example_grads",
@@ -206,7 +227,7 @@ def mean_of_per_example_grads(loss_fn, *, chunk_size: int | None = None, return_
     if chunk_size is not None:
         chunk_size = reduce.check_positive_int(chunk_size, name="chunk_size")
 
-    def core(params, batch, mask):
+    def core(params, batch, mask, loss_fn=loss_fn):
         sums, counts, grads = _per_example(loss_fn, params, batch, mask, chunk_size)
         total, count = reduce.masked_totals(sums, counts, mask)
         grads = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), grads)
@@ -214,6 +235,7 @@ def mean_of_per_example_grads(loss_fn, *, chunk_size: int | None = None, return_
 
     return _strategy(
         core,
+        loss_fn=loss_fn,
         validate=_validator(loss_fn),
         return_loss=return_loss,
         name="mean_of_per_example_grads",
@@ -255,7 +277,7 @@ def accumulate_grad(
     """
     num_microbatches = reduce.check_positive_int(num_microbatches, name="num_microbatches")
 
-    def core(params, batch, mask):
+    def core(params, batch, mask, loss_fn=loss_fn):
         micro_batches, micro_masks = reduce.split_microbatches(batch, mask, num_microbatches)
 
         def microbatch_sums(p, micro):
@@ -278,6 +300,7 @@ def accumulate_grad(
 
     return _strategy(
         core,
+        loss_fn=loss_fn,
         validate=_validator(loss_fn),
         return_loss=return_loss,
         name="accumulate_grad",

@@ -63,7 +63,7 @@ def grad_at_mean_input(loss_fn, *, return_loss: bool = False):
       0.1175
     """
 
-    def core(params, batch, mask):
+    def core(params, batch, mask, loss_fn=loss_fn):
         _check_floating(batch)
         # With no real example there is no mean example: like every exact strategy (a count
         # of 0), return a zero loss and gradient. The loss is evaluated at the plain mean of the
@@ -79,6 +79,7 @@ def grad_at_mean_input(loss_fn, *, return_loss: bool = False):
 
     return _strategy(
         core,
+        loss_fn=loss_fn,
         validate=_validator(loss_fn),
         return_loss=return_loss,
         name="grad_at_mean_input",
@@ -172,7 +173,7 @@ def mean_of_microbatch_means(loss_fn, *, num_microbatches: int, return_loss: boo
     """
     num_microbatches = reduce.check_positive_int(num_microbatches, name="num_microbatches")
 
-    def core(params, batch, mask):
+    def core(params, batch, mask, loss_fn=loss_fn):
         micro_batches, micro_masks = reduce.split_microbatches(batch, mask, num_microbatches)
 
         def microbatch_mean(p, micro, micro_mask):
@@ -192,6 +193,7 @@ def mean_of_microbatch_means(loss_fn, *, num_microbatches: int, return_loss: boo
 
     return _strategy(
         core,
+        loss_fn=loss_fn,
         validate=_validator(loss_fn),
         return_loss=return_loss,
         name="mean_of_microbatch_means",

@@ -31,7 +31,9 @@ PyTree = Any
 
 def _wrap(core, loss_fn, *, name: str, doc: str | None):
     """The strategies' own wrapper: input checks, padding filled, ``jax.jit``."""
-    return _strategy(core, validate=_validator(loss_fn), return_loss=None, name=name, doc=doc)
+    return _strategy(
+        core, validate=_validator(loss_fn), return_loss=None, name=name, doc=doc, loss_fn=loss_fn
+    )
 
 
 def _check_chunk(chunk_size):
@@ -67,7 +69,7 @@ def per_example_norms(loss_fn, *, method: str = "auto", chunk_size: int | None =
     get = passes.get_pass(method)
     chunk_size = _check_chunk(chunk_size)
 
-    def core(params, batch, mask):
+    def core(params, batch, mask, loss_fn=loss_fn):
         def body(b, m):
             parts = get(loss_fn, params, b, m)
             return jnp.sqrt(parts.norm_sq), ()
@@ -165,7 +167,7 @@ def clipped_grad(
     get = passes.get_pass(method)
     chunk_size = _check_chunk(chunk_size)
 
-    def core(params, batch, mask):
+    def core(params, batch, mask, loss_fn=loss_fn):
         def one(b, m):
             parts = get(loss_fn, params, b, m)
             norms = jnp.sqrt(parts.norm_sq)
@@ -199,8 +201,8 @@ def clipped_grad(
 
     inner = _wrap(core, loss_fn, name="clipped_grad", doc=clipped_grad.__doc__)
 
-    def f(params, batch, mask=None):
-        loss, grads, norms, bad = inner(params, batch, mask)
+    def f(params, batch, mask=None, *args):
+        loss, grads, norms, bad = inner(params, batch, mask, *args)
         if nonfinite == "raise" and not isinstance(bad, jax.core.Tracer):
             rows = np.flatnonzero(np.asarray(bad))
             if rows.size:
@@ -289,7 +291,7 @@ def grad_stats(loss_fn, *, method: str = "auto", chunk_size: int | None = None):
     get = passes.get_pass(method)
     chunk_size = _check_chunk(chunk_size)
 
-    def core(params, batch, mask):
+    def core(params, batch, mask, loss_fn=loss_fn):
         def body(b, m):
             parts = get(loss_fn, params, b, m)
             ones = m.astype(parts.sums.dtype)
@@ -362,7 +364,7 @@ def per_example_moments(loss_fn, *, chunk_size: int | None = None):
     """
     chunk_size = _check_chunk(chunk_size)
 
-    def core(params, batch, mask):
+    def core(params, batch, mask, loss_fn=loss_fn):
         def body(b, m):
             sums, counts, grads = _per_example(loss_fn, params, b, m, None)  # rows masked
             norm_sq = reduce.row_sq_norms(grads)
