@@ -603,7 +603,7 @@ def test_extra_loss_arguments_reach_every_strategy():
     key, scale = jax.random.key(9), jnp.float64(0.5)
     # reference: a Python loop over single examples
     per = [
-        jax.grad(_dropout_loss)(w, jax.tree_util.tree_map(lambda a: a[i], batch), key, scale)
+        jax.grad(_dropout_loss)(w, jax.tree_util.tree_map(lambda a, i=i: a[i], batch), key, scale)
         for i in range(7)
     ]
     want = sum(per) / 7

@@ -63,7 +63,9 @@ def test_masked_totals_and_safe_divide():
     total, count = reduce.masked_totals(sums, counts, jnp.array([True, False, True]))
     assert float(total) == 4.0 and float(count) == 3.0  # the NaN row is masked out
     np.testing.assert_allclose(reduce.safe_divide({"a": jnp.array([3.0, 6.0])}, 3.0)["a"], [1, 2])
-    assert float(reduce.safe_divide(jnp.float64(5.0), jnp.float64(0.0))) == 0.0
+    assert float(reduce.safe_divide(jnp.float64(0.0), jnp.float64(0.0))) == 0.0  # all padding
+    # issue 11: a nonzero sum over no items is meaningless: NaN, not a silent 0
+    assert np.isnan(float(reduce.safe_divide(jnp.float64(5.0), jnp.float64(0.0))))
     # The gradient through an empty count is 0, not NaN.
     g = jax.grad(lambda t: reduce.safe_divide(t, jnp.float64(0.0)))(1.0)
     assert float(g) == 0.0
