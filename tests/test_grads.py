@@ -629,3 +629,26 @@ def test_extra_loss_arguments_reach_every_strategy():
         jaxgrad.naive.backprop_mean_error(lambda p, x: x @ p, jaxgrad.losses.squared_error)(
             w, batch[:2], None, key
         )
+
+
+def test_nnx_state_with_non_trainable_leaves_is_named_and_the_split_idiom_works():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(3, 2, rngs=rngs, param_dtype=jnp.float64)
+            self.steps = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)))
+    loss = lambda s, ex: jnp.sum(nnx.merge(graphdef, s).lin(ex) ** 2)
+    with pytest.raises(TypeError, match=r"params\['steps'\].*is dtype int32.*nnx.split"):
+        jaxgrad.batch_grad(loss)(state, x)
+    graphdef, params, rest = nnx.split(Net(nnx.Rngs(0)), nnx.Param, ...)
+    loss = lambda p, ex: jnp.sum(nnx.merge(graphdef, p, rest).lin(ex) ** 2)
+    g = jaxgrad.batch_grad(loss)(params, x)
+    w, b = params["lin"]["kernel"].value, params["lin"]["bias"].value
+    # closed form: d/dW mean ||x W + b||^2 = 2 X^T (X W + b) / n
+    np.testing.assert_allclose(
+        np.asarray(g["lin"]["kernel"].value), np.asarray(2 * x.T @ (x @ w + b) / 5), rtol=1e-10
+    )
