@@ -41,6 +41,12 @@ def _checked(loss, label, num_classes):
 def softmax_cross_entropy(logits, label):
     """``−log softmax(logits)[label]`` for an integer ``label``; NaN if out of range."""
     label = jnp.asarray(label)
+    if label.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"softmax_cross_entropy: one example's integer label must have shape "
+            f"{logits.shape[:-1]} for logits of shape {logits.shape}; got a label of shape "
+            f"{label.shape} (labels of shape (B, 1)? use y.reshape(-1) or y[:, 0])"
+        )
     num_classes = logits.shape[-1]
     safe = jnp.clip(label, 0, num_classes - 1)
     loss = optax.losses.softmax_cross_entropy_with_integer_labels(logits, safe)
