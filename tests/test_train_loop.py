@@ -2,6 +2,7 @@
 
 import functools
 import json
+import re
 
 import chex
 import jax
@@ -197,6 +198,11 @@ def test_progress_output(capsys):
     _fit(loss_fn, params, data, quiet=False, progress="plain")
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and err[0].startswith("epoch 1  step 4  loss ")
+    # per-epoch time as well as the cumulative one; the epoch times add up to the total
+    times = [re.search(r"\(([\d.]+) s this epoch, ([\d.]+) s in all\)", line) for line in err]
+    assert all(times), err
+    total = sum(float(m[1]) for m in times)
+    assert abs(total - float(times[-1][2])) <= 0.05 * len(times) + 1e-9
 
 
 # --- issue 11: arguments JAX/optax would reject obscurely ------------------------------------
