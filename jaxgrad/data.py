@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgrad import losses
+
 __all__ = [
     "BUNDLED",
     "Dataset",
@@ -141,15 +143,7 @@ def _head(indices, limit: int = 5) -> str:
 
 
 def _check_labels(y: np.ndarray, num_classes: int, *, name: str) -> None:
-    if not np.issubdtype(y.dtype, np.integer):
-        raise TypeError(f"{name}: class labels must be integers; got dtype {y.dtype}")
-    bad = (y < 0) | (y >= num_classes)
-    if bad.any():
-        raise ValueError(
-            f"{name}: labels must lie in [0, {num_classes}) for {num_classes} classes; got "
-            f"{int(bad.sum())} outside it (e.g. {int(y[bad].flat[0])} at row "
-            f"{int(np.flatnonzero(bad.reshape(len(y), -1).any(axis=1))[0])})"
-        )
+    losses.check_labels(y, num_classes, name=f"{name}: labels", allow_binary_floats=False)
 
 
 def _check_fraction(test_fraction) -> float:
