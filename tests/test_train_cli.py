@@ -209,3 +209,13 @@ def test_help_shows_defaults_and_a_sentence_per_option(capsys):
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "(default: 0.2)" in out and "(default: relu)" in out
     assert "learning rate" in out
+
+
+def test_checkpoint_problems_are_a_message_and_exit_2(tmp_path, capsys):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "ckpt-0000000001.npz").mkdir()  # newest entry a directory
+    code = main(["--data", "line", "--epochs", "1", "--checkpoint-dir", str(d), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: checkpoint entry") and "Traceback" not in err
+    assert "not a regular file" in err

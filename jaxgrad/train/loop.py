@@ -261,7 +261,7 @@ def fit(
     if checkpoint_dir is not None:
         ckpt.prepare_directory(checkpoint_dir)
     if checkpoint_dir is not None and not resume and ckpt.list_checkpoints(checkpoint_dir):
-        raise ValueError(
+        raise ckpt.CheckpointError(
             f"`checkpoint_dir` {os.fspath(checkpoint_dir)!r} already holds checkpoints of another "
             "run; with resume=False use an empty directory, so a later resume cannot pick up "
             "the wrong run"
@@ -271,7 +271,7 @@ def fit(
         if restored is not None:
             tree, meta, last_checkpoint = restored
             if meta.get("config") != config:
-                raise ValueError(
+                raise ckpt.CheckpointError(
                     f"checkpoint {last_checkpoint} was written by a run configured as "
                     f"{meta.get('config')}; this run is {config}. Resume with the same data, "
                     "batch_size, checkpoint_every/steps_per_call and scan, or use another "
