@@ -11,6 +11,16 @@ whatever order the sums are taken in: one batch, per example, or microbatch by m
 Each factory takes ``loss_fn(params, example) -> scalar | (loss_sum, n_items)`` and returns a
 jit-compiled ``f(params, batch, mask=None)``; ``batch`` is the example pytree with a leading
 axis and ``mask`` a boolean vector over that axis (False = padding).
+
+Extra loss arguments: ``f(params, batch, mask, *args)`` calls ``loss_fn(params, example, *args)``
+for every example, with the same ``args`` (a step number, a base PRNG key from which each example
+draws its own by ``jax.random.fold_in`` of an id kept in the batch).
+
+Non-finite values and non-trainable leaves: every leaf of ``params`` is differentiated, so all
+must be floating point — an integer counter, PRNG key or empty ``params`` is an error naming the
+leaf (split the model first: ``eqx.partition``, ``nnx.split``). A NaN or inf loss of a real
+example makes the result NaN, never a silent number; so does a ``(loss_sum, n_items)`` pair whose
+count is negative, NaN or inf, or 0 with a nonzero sum. A batch with no real item gives 0.
 """
 
 from __future__ import annotations
