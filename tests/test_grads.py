@@ -647,8 +647,8 @@ def test_nnx_state_with_non_trainable_leaves_is_named_and_the_split_idiom_works(
     graphdef, params, rest = nnx.split(Net(nnx.Rngs(0)), nnx.Param, ...)
     loss = lambda p, ex: jnp.sum(nnx.merge(graphdef, p, rest).lin(ex) ** 2)
     g = jaxgrad.batch_grad(loss)(params, x)
-    w, b = params["lin"]["kernel"].value, params["lin"]["bias"].value
+    w, b = params["lin"]["kernel"][...], params["lin"]["bias"][...]
     # closed form: d/dW mean ||x W + b||^2 = 2 X^T (X W + b) / n
     np.testing.assert_allclose(
-        np.asarray(g["lin"]["kernel"].value), np.asarray(2 * x.T @ (x @ w + b) / 5), rtol=1e-10
+        np.asarray(g["lin"]["kernel"][...]), np.asarray(2 * x.T @ (x @ w + b) / 5), rtol=1e-10
     )
