@@ -23,7 +23,8 @@ def assert_equivalent(f, g, *args, rtol: float | None = None, atol: float | None
     """Asserts ``f(*args)`` and ``g(*args)`` are the same pytree to within tolerance.
 
     Args:
-      f, g: functions of ``*args`` returning pytrees (e.g. two gradient strategies).
+      f, g: functions of ``*args`` returning pytrees (e.g. two gradient strategies), or two
+        results (arrays or pytrees) to compare directly, with no ``args``.
       *args: their common arguments, e.g. ``params, batch``.
       rtol, atol: tolerances for ``chex.assert_trees_all_close``; by default ``1e-10, 1e-12``
         when every output leaf is float64, else ``1e-5, 1e-6``.
@@ -32,7 +33,8 @@ def assert_equivalent(f, g, *args, rtol: float | None = None, atol: float | None
       ``(f(*args), g(*args))``, for further checks.
 
     Raises:
-      AssertionError: naming the first differing leaf.
+      AssertionError: naming the first differing leaf, or both structures when the two
+      results differ in structure or shapes.
 
     Example::
 
@@ -42,7 +44,22 @@ def assert_equivalent(f, g, *args, rtol: float | None = None, atol: float | None
       >>> _ = jaxgrad.check.assert_equivalent(
       ...     jaxgrad.batch_grad(loss), jaxgrad.mean_of_per_example_grads(loss), 2.0, batch)
     """
-    a, b = f(*args), g(*args)
+    if callable(f) != callable(g):
+        raise TypeError(
+            "`f` and `g` must both be functions (called on `*args`) or both be results; got "
+            f"a {type(f).__name__} and a {type(g).__name__}"
+        )
+    if callable(f):
+        a, b = f(*args), g(*args)
+    elif args:
+        raise TypeError(
+            f"`f` and `g` are results, not functions, so there is nothing to call on the "
+            f"{len(args)} extra argument(s); pass either two functions and their arguments or "
+            "two results"
+        )
+    else:
+        a, b = f, g
+    _check_same_structure(a, b, "`f`'s result", "`g`'s result", AssertionError)
     default_rtol, default_atol = _default_tolerances((a, b))
     chex.assert_trees_all_close(
         a,
@@ -51,6 +68,25 @@ def assert_equivalent(f, g, *args, rtol: float | None = None, atol: float | None
         atol=default_atol if atol is None else atol,
     )
     return a, b
+
+
+def _describe(tree) -> str:
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    shown = ", ".join(f"{jax.tree_util.keystr(p) or 'root'}: {np.shape(x)}" for p, x in leaves[:6])
+    return "{" + shown + (", ..." if len(leaves) > 6 else "") + "}"
+
+
+def _check_same_structure(a, b, name_a: str, name_b: str, error=ValueError) -> None:
+    """``error`` naming both sides when two pytrees differ in structure or leaf shapes."""
+    same = jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b) and all(
+        np.shape(x) == np.shape(y)
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    )
+    if not same:
+        raise error(
+            f"{name_a} and {name_b} must have the same tree structure and leaf shapes to be "
+            f"compared; got {_describe(a)} and {_describe(b)}"
+        )
 
 
 class PairDiff(NamedTuple):
@@ -70,7 +106,7 @@ class PairDiff(NamedTuple):
 
 def tree_diff(a: PyTree, b: PyTree) -> tuple[float, float, float]:
     """``(max_abs_diff, max_rel_diff, rel_l2_diff)`` between two same-structure pytrees."""
-    chex.assert_trees_all_equal_shapes(a, b)
+    _check_same_structure(a, b, "`a`", "`b`", AssertionError)
     flat = lambda t: np.concatenate(
         [np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(t)]
     )
@@ -133,7 +169,12 @@ def compare(fns: dict[str, Any], *args) -> Comparison:
             f"`fns` must be a dict of at least two named functions; got {type(fns).__name__} "
             f"with {len(fns) if hasattr(fns, '__len__') else 'no'} entries"
         )
+    for name, f in fns.items():
+        if not callable(f):
+            raise TypeError(f"`fns[{name!r}]` must be a function of `*args`; got {f!r}")
     outputs = {name: f(*args) for name, f in fns.items()}
+    for a, b in itertools.combinations(outputs, 2):
+        _check_same_structure(outputs[a], outputs[b], f"`fns[{a!r}]`'s output", f"`fns[{b!r}]`'s")
     rows = [
         PairDiff(a, b, *tree_diff(outputs[a], outputs[b]))
         for a, b in itertools.combinations(outputs, 2)

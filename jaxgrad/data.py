@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgrad import losses
+
 __all__ = [
     "BUNDLED",
     "Dataset",
@@ -142,15 +144,7 @@ def _head(indices, limit: int = 5) -> str:
 
 
 def _check_labels(y: np.ndarray, num_classes: int, *, name: str) -> None:
-    if not np.issubdtype(y.dtype, np.integer):
-        raise TypeError(f"{name}: class labels must be integers; got dtype {y.dtype}")
-    bad = (y < 0) | (y >= num_classes)
-    if bad.any():
-        raise ValueError(
-            f"{name}: labels must lie in [0, {num_classes}) for {num_classes} classes; got "
-            f"{int(bad.sum())} outside it (e.g. {int(y[bad].flat[0])} at row "
-            f"{int(np.flatnonzero(bad.reshape(len(y), -1).any(axis=1))[0])})"
-        )
+    losses.check_labels(y, num_classes, name=f"{name}: labels", allow_binary_floats=False)
 
 
 def _check_fraction(test_fraction) -> float:
@@ -242,6 +236,15 @@ def from_arrays(
       >>> ds.task, ds.num_classes, len(ds.x_train), len(ds.x_test)
       ('classification', 2, 40, 10)
     """
+    try:
+        float_dtype = np.dtype(dtype)
+    except TypeError:
+        float_dtype = None
+    if float_dtype is None or not np.issubdtype(float_dtype, np.floating):
+        raise TypeError(
+            f"`dtype` must be a floating-point dtype (inputs are standardised, so an integer "
+            f"dtype would truncate them); got {dtype!r}"
+        )
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
         raise ValueError(
@@ -455,6 +458,13 @@ def load_npz(path, **kwargs) -> Dataset:
         raise FileNotFoundError(f"no such .npz file: {path}") from None
     except ValueError as e:
         raise ValueError(f"{path}: cannot read as .npz without pickle ({e})") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory; expected an .npz file") from None
+    except Exception as e:  # zipfile/zlib/EOF errors of an empty, truncated or corrupt file
+        raise ValueError(
+            f"{path}: not a readable .npz file (empty, truncated or corrupt: "
+            f"{type(e).__name__}: {e})"
+        ) from None
     keys = sorted(arrays)
     if {"x_train", "y_train", "x_test", "y_test"} <= set(keys):
         return from_arrays(
@@ -573,7 +583,16 @@ def load_idx(
         return a.astype(np.float64) / 255.0 if a.dtype == np.uint8 else a
 
     def labels(p):
-        return read_idx(p).astype(np.int64)
+        y = read_idx(p)
+        if not np.issubdtype(y.dtype, np.integer):
+            whole = np.isfinite(y).all() and (y == np.round(y)).all()
+            if not whole:
+                raise ValueError(
+                    f"{p}: class labels must be whole numbers; got an IDX file of {y.dtype} "
+                    f"holding non-integer values (e.g. {y[y != np.round(y)].flat[0]}), which "
+                    "would be truncated"
+                )
+        return y.astype(np.int64)
 
     x, y = images(found["x_train"]), labels(found["y_train"])
     test = {}

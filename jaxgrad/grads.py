@@ -11,6 +11,16 @@ whatever order the sums are taken in: one batch, per example, or microbatch by m
 Each factory takes ``loss_fn(params, example) -> scalar | (loss_sum, n_items)`` and returns a
 jit-compiled ``f(params, batch, mask=None)``; ``batch`` is the example pytree with a leading
 axis and ``mask`` a boolean vector over that axis (False = padding).
+
+Extra loss arguments: ``f(params, batch, mask, *args)`` calls ``loss_fn(params, example, *args)``
+for every example, with the same ``args`` (a step number, a base PRNG key from which each example
+draws its own by ``jax.random.fold_in`` of an id kept in the batch).
+
+Non-finite values and non-trainable leaves: every leaf of ``params`` is differentiated, so all
+must be floating point — an integer counter, PRNG key or empty ``params`` is an error naming the
+leaf (split the model first: ``eqx.partition``, ``nnx.split``). A NaN or inf loss of a real
+example makes the result NaN, never a silent number; so does a ``(loss_sum, n_items)`` pair whose
+count is negative, NaN or inf, or 0 with a nonzero sum. A batch with no real item gives 0.
 """
 
 from __future__ import annotations
@@ -30,7 +40,14 @@ def _validator(loss_fn):
     return getattr(loss_fn, "validate", None)
 
 
-def _strategy(core, *, validate=None, return_loss: bool | None, name: str, doc=None):
+def _bind(loss_fn, args):
+    """``loss_fn`` with the extra arguments ``*args`` bound: ``loss_fn(params, example, *args)``."""
+    if not args:
+        return loss_fn
+    return lambda params, example: loss_fn(params, example, *args)
+
+
+def _strategy(core, *, validate=None, return_loss: bool | None, name: str, doc=None, loss_fn=None):
     """Wraps ``core(params, batch, mask) -> (loss, grads)`` with input checks and ``jax.jit``.
 
     With ``return_loss=None`` the core's output is returned as it is.
@@ -38,19 +55,32 @@ def _strategy(core, *, validate=None, return_loss: bool | None, name: str, doc=N
     Shape checks run at trace time, so they also guard a caller's own ``jax.jit``. A loss
     with a ``validate(batch, mask)`` method (see :func:`jaxgrad.losses.supervised`) has it called
     on concrete batches, so out-of-range labels fail loudly rather than give a wrong number.
-    """
-    # Padded rows become copies of a real row, so garbage (even NaN) in them cannot leak
-    # into the gradient through the backward pass.
-    jitted = jax.jit(
-        lambda params, batch, mask: core(params, reduce.fill_padding(batch, mask), mask)
-    )
 
-    def f(params, batch, mask=None):
+    With ``loss_fn`` given, ``core`` takes it as a keyword, and the returned
+    ``f(params, batch, mask=None, *args)`` passes extra positional arguments to every call
+    ``loss_fn(params, example, *args)`` (the same for every example: a step number, a base
+    PRNG key to ``fold_in`` an example id from the batch, ...). They are traced, not static.
+    """
+
+    def run(params, batch, mask, args):
+        # Padded rows become copies of a real row, so garbage (even NaN) in them cannot leak
+        # into the gradient through the backward pass.
+        batch = reduce.fill_padding(batch, mask)
+        if loss_fn is None:
+            return core(params, batch, mask)
+        return core(params, batch, mask, loss_fn=_bind(loss_fn, args))
+
+    jitted = jax.jit(run)
+
+    def f(params, batch, mask=None, *args):
+        if args and loss_fn is None:
+            raise TypeError(f"`{name}` takes no extra loss arguments; got {len(args)}")
+        reduce.check_params(params)
         size = reduce.batch_size(batch)
         mask = reduce.check_mask(mask, size)
         if validate is not None and _values_are_concrete(batch):
             validate(batch, mask)
-        out = jitted(params, batch, mask)
+        out = jitted(params, batch, mask, args)
         if return_loss is None:
             return out
         loss, grads = out
@@ -83,7 +113,7 @@ def batch_grad(loss_fn, *, return_loss: bool = False):
       7.0
     """
 
-    def core(params, batch, mask):
+    def core(params, batch, mask, loss_fn=loss_fn):
         def mean_loss(p):
             total, count = reduce.batch_totals(loss_fn, p, batch, mask)
             return reduce.safe_divide(total, jax.lax.stop_gradient(count))
@@ -92,6 +122,7 @@ def batch_grad(loss_fn, *, return_loss: bool = False):
 
     return _strategy(
         core,
+        loss_fn=loss_fn,
         validate=_validator(loss_fn),
         return_loss=return_loss,
         name="batch_grad",
@@ -175,12 +206,13 @@ def per_example_grads(loss_fn, *, chunk_size: int | None = None, return_loss: bo
     if chunk_size is not None:
         chunk_size = reduce.check_positive_int(chunk_size, name="chunk_size")
 
-    def core(params, batch, mask):
+    def core(params, batch, mask, loss_fn=loss_fn):
         sums, _, grads = _per_example(loss_fn, params, batch, mask, chunk_size)
         return sums, grads
 
     return _strategy(
         core,
+        loss_fn=loss_fn,
         validate=_validator(loss_fn),
         return_loss=return_loss,
         name="per_example_grads",
@@ -205,7 +237,7 @@ def mean_of_per_example_grads(loss_fn, *, chunk_size: int | None = None, return_
     if chunk_size is not None:
         chunk_size = reduce.check_positive_int(chunk_size, name="chunk_size")
 
-    def core(params, batch, mask):
+    def core(params, batch, mask, loss_fn=loss_fn):
         sums, counts, grads = _per_example(loss_fn, params, batch, mask, chunk_size)
         total, count = reduce.masked_totals(sums, counts, mask)
         grads = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), grads)
@@ -213,6 +245,7 @@ def mean_of_per_example_grads(loss_fn, *, chunk_size: int | None = None, return_
 
     return _strategy(
         core,
+        loss_fn=loss_fn,
         validate=_validator(loss_fn),
         return_loss=return_loss,
         name="mean_of_per_example_grads",
@@ -254,7 +287,7 @@ def accumulate_grad(
     """
     num_microbatches = reduce.check_positive_int(num_microbatches, name="num_microbatches")
 
-    def core(params, batch, mask):
+    def core(params, batch, mask, loss_fn=loss_fn):
         micro_batches, micro_masks = reduce.split_microbatches(batch, mask, num_microbatches)
 
         def microbatch_sums(p, micro):
@@ -277,6 +310,7 @@ def accumulate_grad(
 
     return _strategy(
         core,
+        loss_fn=loss_fn,
         validate=_validator(loss_fn),
         return_loss=return_loss,
         name="accumulate_grad",

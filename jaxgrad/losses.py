@@ -41,6 +41,12 @@ def _checked(loss, label, num_classes):
 def softmax_cross_entropy(logits, label):
     """``−log softmax(logits)[label]`` for an integer ``label``; NaN if out of range."""
     label = jnp.asarray(label)
+    if label.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"softmax_cross_entropy: one example's integer label must have shape "
+            f"{logits.shape[:-1]} for logits of shape {logits.shape}; got a label of shape "
+            f"{label.shape} (labels of shape (B, 1)? use y.reshape(-1) or y[:, 0])"
+        )
     num_classes = logits.shape[-1]
     safe = jnp.clip(label, 0, num_classes - 1)
     loss = optax.losses.softmax_cross_entropy_with_integer_labels(logits, safe)
@@ -74,6 +80,37 @@ def token_cross_entropy(logits, targets, *, pad_id: int = 0):
     # Padding positions get label 0, so a pad_id outside the classes (e.g. -1) is not NaN.
     per_token = jax.vmap(softmax_cross_entropy)(logits, jnp.where(real, targets, 0))
     return jnp.sum(jnp.where(real, per_token, 0)), jnp.sum(real).astype(logits.dtype)
+
+
+def check_labels(labels, num_classes: int, *, name: str = "labels", allow_binary_floats=True):
+    """Raises if class labels are of the wrong kind or out of range; the one label check.
+
+    Integer labels must lie in ``[0, num_classes)``; float labels are allowed only for two
+    classes (binary cross-entropy, with ``allow_binary_floats``) and must lie in ``[0, 1]``.
+
+    Raises:
+      TypeError: labels of another dtype. ValueError: naming how many are out of range, one
+      of them and its row.
+    """
+    labels = np.asarray(labels)
+    if np.issubdtype(labels.dtype, np.integer):
+        low, high, closed = 0, num_classes, False
+    elif allow_binary_floats and np.issubdtype(labels.dtype, np.floating) and num_classes == 2:
+        low, high, closed = 0.0, 1.0, True
+    else:
+        floats = " (or floats in [0, 1] for 2 classes)" if allow_binary_floats else ""
+        raise TypeError(
+            f"{name} must be integers{floats}; got dtype {labels.dtype} with "
+            f"num_classes={num_classes}"
+        )
+    bad = ~((labels >= low) & ((labels <= high) if closed else (labels < high)))
+    if bad.any():
+        interval = f"[{low}, {high}]" if closed else f"[{low}, {high})"
+        row = int(np.flatnonzero(bad.reshape(len(labels), -1).any(axis=1))[0])
+        raise ValueError(
+            f"{name} must lie in {interval}; got {int(bad.sum())} outside it, e.g. "
+            f"{labels[bad].flat[0]} (row {row})"
+        )
 
 
 class supervised:
@@ -117,22 +154,7 @@ class supervised:
         labels = np.asarray(batch[1])
         if mask is not None:
             labels = labels[np.asarray(mask, bool)]
-        if np.issubdtype(labels.dtype, np.integer):
-            low, high, closed = 0, self.num_classes, False
-        elif np.issubdtype(labels.dtype, np.floating) and self.num_classes == 2:
-            low, high, closed = 0.0, 1.0, True
-        else:
-            raise TypeError(
-                f"labels (`batch[1]`) must be integers (or floats in [0, 1] for 2 classes); "
-                f"got dtype {labels.dtype} with num_classes={self.num_classes}"
-            )
-        bad = ~((labels >= low) & ((labels <= high) if closed else (labels < high)))
-        if bad.any():
-            interval = f"[{low}, {high}]" if closed else f"[{low}, {high})"
-            raise ValueError(
-                f"labels (`batch[1]`) must lie in {interval}; got {bad.sum()} outside it, "
-                f"e.g. {labels[bad].flat[0]}"
-            )
+        check_labels(labels, self.num_classes, name="labels (`batch[1]`)")
 
     def __repr__(self):
         name = getattr(self.loss, "__name__", repr(self.loss))

@@ -53,6 +53,18 @@ def _dense_init(key, fan_in: int, fan_out: int, dtype) -> dict:
     return {"w": w, "b": jnp.zeros((fan_out,), dtype)}
 
 
+def check_features(x, w, *, model: str) -> None:
+    """A clear error when one example's feature size does not match the first weight."""
+    got = np.shape(x)[-1] if np.ndim(x) else None
+    want = np.shape(w)[0]
+    if got != want:
+        raise ValueError(
+            f"{model}: one example must have {want} input features (the model's input size); "
+            f"got an example of shape {np.shape(x)}. Check the data's feature size, or that the "
+            "example has no batch axis (strategies vmap over examples)"
+        )
+
+
 def _dense(p: dict, x: jax.Array) -> jax.Array:
     return x @ p["w"] + p["b"]
 
@@ -87,6 +99,7 @@ def linear_regression(in_features: int, *, dtype=jnp.float32) -> Model:
         return {"w": jnp.zeros((in_features,), dtype), "b": jnp.zeros((), dtype)}
 
     def apply(params, x):
+        check_features(x, params["w"], model="linear_regression")
         return x @ params["w"] + params["b"]
 
     return Model(init, apply)
@@ -109,6 +122,7 @@ def logistic_regression(in_features: int, *, num_classes: int = 2, dtype=jnp.flo
         return {"w": jnp.zeros(shape, dtype), "b": jnp.zeros(shape[1:], dtype)}
 
     def apply(params, x):
+        check_features(x, params["w"], model="logistic_regression")
         return x @ params["w"] + params["b"]
 
     return Model(init, apply)
@@ -139,6 +153,7 @@ def mlp(sizes: Sequence[int], *, activation: str = "tanh", dtype=jnp.float32) ->
 
     def apply(params, x):
         h = jnp.reshape(x, (-1,))
+        check_features(h, params[0]["w"], model="mlp")
         for layer in params[:-1]:
             h = act(_dense(layer, h))
         return _dense(params[-1], h)

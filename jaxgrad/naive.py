@@ -63,18 +63,23 @@ def grad_at_mean_input(loss_fn, *, return_loss: bool = False):
       0.1175
     """
 
-    def core(params, batch, mask):
+    def core(params, batch, mask, loss_fn=loss_fn):
         _check_floating(batch)
-        mean_example = _masked_mean(batch, mask)
+        # With no real example there is no mean example: like every exact strategy (a count
+        # of 0), return a zero loss and gradient. The loss is evaluated at the plain mean of the
+        # (padding-filled) rows, so it stays finite, and multiplied by 0.
+        any_real = jnp.any(mask)
+        mean_example = _masked_mean(batch, jnp.where(any_real, mask, True))
 
         def loss_at_mean(p):
             loss_sum, count = reduce.as_sum_count(loss_fn(p, mean_example))
-            return reduce.safe_divide(loss_sum, count)
+            return reduce.safe_divide(loss_sum, count) * any_real.astype(loss_sum.dtype)
 
         return jax.value_and_grad(loss_at_mean)(params)
 
     return _strategy(
         core,
+        loss_fn=loss_fn,
         validate=_validator(loss_fn),
         return_loss=return_loss,
         name="grad_at_mean_input",
@@ -168,7 +173,7 @@ def mean_of_microbatch_means(loss_fn, *, num_microbatches: int, return_loss: boo
     """
     num_microbatches = reduce.check_positive_int(num_microbatches, name="num_microbatches")
 
-    def core(params, batch, mask):
+    def core(params, batch, mask, loss_fn=loss_fn):
         micro_batches, micro_masks = reduce.split_microbatches(batch, mask, num_microbatches)
 
         def microbatch_mean(p, micro, micro_mask):
@@ -188,6 +193,7 @@ def mean_of_microbatch_means(loss_fn, *, num_microbatches: int, return_loss: boo
 
     return _strategy(
         core,
+        loss_fn=loss_fn,
         validate=_validator(loss_fn),
         return_loss=return_loss,
         name="mean_of_microbatch_means",

@@ -30,14 +30,27 @@ def as_sum_count(out) -> tuple[jax.Array, jax.Array]:
         ``(loss_sum, n_items)`` of scalars.
 
     Returns:
-      ``(loss_sum, n_items)``; a scalar loss counts as one item.
+      ``(loss_sum, n_items)``; a scalar loss counts as one item. A pair whose count cannot be
+      an item count — negative, NaN or inf, or 0 with a nonzero sum — makes ``loss_sum`` NaN
+      (value and gradient), so the batch's loss and gradient are NaN rather than a silent 0.
+
+    Raises:
+      TypeError: ``out`` is None, not a scalar or a pair of scalars, or not floating point.
     """
-    if isinstance(out, (tuple, list)):
+    if out is None:
+        raise TypeError(
+            "`loss_fn` returned None; expected a scalar loss or a pair (loss_sum, n_items) "
+            "for one example (a missing `return`?)"
+        )
+    pair = isinstance(out, (tuple, list))
+    if pair:
         if len(out) != 2:
             raise TypeError(
                 "`loss_fn` must return a scalar or a pair (loss_sum, n_items); "
                 f"got a {type(out).__name__} of length {len(out)}"
             )
+        if any(v is None for v in out):
+            raise TypeError(f"`loss_fn` returned a pair holding None; got {out!r}")
         loss_sum, count = (jnp.asarray(v) for v in out)
     else:
         loss_sum = jnp.asarray(out)
@@ -47,7 +60,51 @@ def as_sum_count(out) -> tuple[jax.Array, jax.Array]:
             "`loss_fn` must return a scalar or a pair of scalars for ONE example "
             f"(no batch axis); got shapes {loss_sum.shape} and {count.shape}"
         )
-    return loss_sum, count.astype(loss_sum.dtype)
+    if not jnp.issubdtype(loss_sum.dtype, jnp.floating):
+        raise TypeError(
+            f"`loss_fn` must return a floating-point loss (it is differentiated); got dtype "
+            f"{loss_sum.dtype}"
+        )
+    count = count.astype(loss_sum.dtype)
+    if pair:
+        # NaN in the gradient too (a multiplier, not ``where``), as for out-of-range labels.
+        bad = ~(count >= 0) | ~jnp.isfinite(count) | ((count == 0) & (loss_sum != 0))
+        loss_sum = loss_sum * jnp.where(bad, jnp.nan, 1).astype(loss_sum.dtype)
+    return loss_sum, count
+
+
+def check_params(params, *, name: str = "params") -> None:
+    """Checks ``params`` has array leaves, all floating point (they are differentiated).
+
+    Integer leaves (step counters), booleans and PRNG keys have no gradient (JAX would give
+    ``float0``); keep them out of the differentiated tree: close over them in ``loss_fn``, or
+    split the model first (``eqx.partition(model, eqx.is_inexact_array)``,
+    ``nnx.split(model, nnx.Param, ...)``) and pass only the trainable part as ``params``.
+
+    Raises:
+      ValueError: no leaves (``None``, ``{}``). TypeError: a non-floating leaf, named by path.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    if not leaves:
+        raise ValueError(
+            f"`{name}` has no array leaves (got {params!r}); expected a pytree of floating-point "
+            "arrays to differentiate"
+        )
+    for path, leaf in leaves:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None:
+            if isinstance(leaf, float):
+                continue
+            dtype = np.result_type(leaf) if isinstance(leaf, (int, bool, complex)) else None
+        if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+            what = f"dtype {dtype}" if dtype is not None else f"a {type(leaf).__name__}"
+            raise TypeError(
+                f"`{name}` leaf {name}{jax.tree_util.keystr(path)} is {what}; every leaf of "
+                f"`{name}` is differentiated, so it must be floating point. Keep integer "
+                "counters, PRNG keys and other state out of it: close over them in `loss_fn`, or "
+                "split the model (eqx.partition(model, eqx.is_inexact_array); nnx.split(model, "
+                "nnx.Param, ...)) and pass only the trainable part (see the README)"
+            )
 
 
 def loss_sum_fn(loss_fn):
@@ -132,11 +189,19 @@ def batch_totals(loss_fn, params, batch, mask):
 
 
 def safe_divide(total, count):
-    """``total / count``, and 0 (not NaN) where the count is 0: an all-padding batch is a no-op."""
+    """``total / count``, and 0 (not NaN) where the count is 0: an all-padding batch is a no-op.
+
+    A count of 0 with a nonzero (or NaN) total is NaN, never a silent 0: a count of 0 can only
+    come from padding or from examples whose sums are 0 too (:func:`as_sum_count` makes a
+    loss with count 0 and a nonzero sum NaN).
+    """
     nonzero = count > 0
-    return jax.tree_util.tree_map(
-        lambda t: jnp.where(nonzero, t / jnp.where(nonzero, count, 1).astype(t.dtype), 0), total
-    )
+
+    def divide(t):
+        zero_count = jnp.where(t == 0, 0, jnp.nan).astype(t.dtype)  # a NaN sum stays NaN
+        return jnp.where(nonzero, t / jnp.where(nonzero, count, 1).astype(t.dtype), zero_count)
+
+    return jax.tree_util.tree_map(divide, total)
 
 
 def pad_batch(batch: PyTree, mask: jax.Array, size: int):

@@ -1,6 +1,7 @@
 """The built-in benchmark on tiny models: records, ratios, JSON, argument errors."""
 
 import json
+import re
 
 import pytest
 
@@ -90,3 +91,24 @@ def test_measure_reports_median_and_compile_time():
     calls = []
     m = timing.measure(lambda: calls.append(1), min_repeats=4, max_repeats=4, min_seconds=0)
     assert m.repeats == 4 and len(calls) == 5 and m.seconds >= 0
+
+
+def test_main_legend_progress_markdown_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    md, png = tmp_path / "bench.md", tmp_path / "bench.png"
+    argv = ["--models", "mlp-tiny", "--batch-sizes", "4", "--strategies", "batch_grad,python_loop"]
+    assert (
+        bench_main.main([*argv, "--min-seconds", "0", "--markdown", str(md), "--plot", str(png)])
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert "Columns: examples/s = batch size / median seconds" in captured.out
+    # a progress count on stderr (not a terminal): [1/2] then [2/2, ETA ...]
+    assert "[1/2]" in captured.err and re.search(r"\[2/2, ETA \d+m\d\ds\]", captured.err)
+    rows = md.read_text().splitlines()
+    assert rows[0].startswith("| model | B | strategy") and len(rows) == 4
+    assert "| batch_grad |" in rows[2] and "| 1.000 |" in rows[2]  # its own ratio
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit) as info:
+        bench_main.main([*argv, "--json", str(tmp_path / "missing" / "x.json")])
+    assert info.value.code == 2 and "--json" in capsys.readouterr().err

@@ -113,3 +113,28 @@ def test_compare_docstring_example():
 def test_compare_needs_two_named_functions(fns):
     with pytest.raises(ValueError, match=r"`fns` must be a dict of at least two"):
         check.compare(fns)
+
+
+# --- issue 11: results as well as functions; clear messages for mismatched trees -------------
+
+
+def test_assert_equivalent_accepts_results():
+    a, b = jnp.array([1.0, 2.0]), jnp.array([1.0, 2.0 + 1e-13])
+    out = check.assert_equivalent(a, b)
+    assert out[0] is a and out[1] is b
+    with pytest.raises(AssertionError):
+        check.assert_equivalent(a, jnp.array([1.0, 2.1]))
+    with pytest.raises(TypeError, match=r"both be functions .* or both be results"):
+        check.assert_equivalent(lambda: a, b)
+    with pytest.raises(TypeError, match="nothing to call"):
+        check.assert_equivalent(a, b, 1.0)
+    with pytest.raises(AssertionError, match=r"same tree structure.*\(2,\).*\(3,\)"):
+        check.assert_equivalent(a, jnp.ones(3))
+
+
+def test_compare_of_differently_shaped_outputs_names_both():
+    fns = {"whole": lambda x: {"w": x}, "half": lambda x: {"w": x[:1]}}
+    with pytest.raises(ValueError, match=r"`fns\['whole'\]`'s output and `fns\['half'\]`'s"):
+        check.compare(fns, jnp.ones(2))
+    with pytest.raises(TypeError, match=r"`fns\['b'\]` must be a function"):
+        check.compare({"a": lambda x: x, "b": jnp.ones(2)}, jnp.ones(2))

@@ -1,6 +1,7 @@
 """Checkpoints: atomic, checksummed, restored bit for bit; resume equals an uninterrupted run."""
 
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -233,3 +234,85 @@ def _fit_into(loss_fn, params, data, directory, *, batch_size, key=None, resume=
         resume=resume,
         quiet=True,
     )
+
+
+# --- issue 11 ------------------------------------------------------------------------------
+
+
+def test_every_bit_flip_falls_back_or_names_the_file(tmp_path):
+    tree = _tree()
+    older = checkpoint.save(tmp_path, tree, step=1)
+    newer = checkpoint.save(tmp_path, tree, step=2)
+    raw = open(newer, "rb").read()
+    rng = np.random.default_rng(0)
+    positions = np.unique(np.concatenate([np.arange(0, 64), rng.integers(0, len(raw), 160)]))
+    for pos in positions:
+        for bit in (0, 7):
+            flipped = bytearray(raw)
+            flipped[pos] ^= 1 << bit
+            with open(newer, "wb") as f:
+                f.write(bytes(flipped))
+            # Either the flip is harmless (zip metadata), or the newer file is refused with a
+            # CheckpointWarning and the older one restored: never another exception.
+            with warnings.catch_warnings(record=True):
+                warnings.simplefilter("always")
+                restored, _, path = checkpoint.restore_latest(tmp_path, tree)
+            assert path in (older, newer)
+            _assert_bitwise(restored, tree)
+
+
+def test_prepare_directory_fails_clearly_and_cleans_stale_tmp_files(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(CheckpointError, match="is a file; expected a directory"):
+        checkpoint.prepare_directory(a_file)
+    d = tmp_path / "ckpts"
+    d.mkdir()
+    (d / "ckpt-0000000009.npz").mkdir()
+    with pytest.raises(CheckpointError, match=r"ckpt-0000000009\.npz is not a regular file"):
+        checkpoint.prepare_directory(d)
+    with pytest.raises(CheckpointError, match="not a regular file"):  # fit fails before training
+        _run(d)
+    (d / "ckpt-0000000009.npz").rmdir()
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    stale = d / f".ckpt-0000000003.npz.tmp-{dead}"
+    mine = d / f".ckpt-0000000004.npz.tmp-{os.getpid()}"
+    stale.write_bytes(b"partial")
+    mine.write_bytes(b"in progress")
+    checkpoint.prepare_directory(d)
+    assert not stale.exists() and mine.exists()
+    if os.geteuid() != 0:  # root writes anywhere
+        d.chmod(0o500)
+        try:
+            with pytest.raises(CheckpointError, match="is not writable"):
+                checkpoint.prepare_directory(d)
+        finally:
+            d.chmod(0o700)
+
+
+def test_non_finite_parameters_with_a_finite_loss_are_never_checkpointed(tmp_path):
+    params, loss_fn, data = _problem()
+    # The third update multiplies by NaN: its loss (computed before the update) is finite.
+    opt = optax.chain(
+        optax.sgd(0.1), optax.scale_by_schedule(lambda n: jnp.where(n >= 2, jnp.nan, 1.0))
+    )
+    with pytest.raises(jaxgrad.train.NonFiniteLossError, match="at step 3") as info:
+        fit(
+            loss_fn,
+            params,
+            data,
+            optimizer=opt,
+            epochs=2,
+            batch_size=4,
+            key=jax.random.key(3),
+            checkpoint_dir=tmp_path,
+            checkpoint_every=1,
+            quiet=True,
+        )
+    assert info.value.checkpoint.endswith("ckpt-0000000002.npz")
+    for path in checkpoint.list_checkpoints(tmp_path):
+        arrays, _ = checkpoint.read(path)
+        assert all(np.isfinite(a).all() for a in arrays if np.issubdtype(a.dtype, np.floating))
+    state = info.value.state
+    assert int(state.step) == 2
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))

@@ -185,3 +185,47 @@ def test_epoch_indices_cover_every_example_once():
     other, _ = data.epoch_indices(key, 1, 10, 4)
     np.testing.assert_array_equal(idx, again)
     assert not np.array_equal(idx, other)
+
+
+# --- issue 11 ------------------------------------------------------------------------------
+
+
+def test_integer_dtype_is_refused():
+    x, y = np.random.default_rng(0).normal(size=(20, 3)), np.arange(20) % 2
+    with pytest.raises(TypeError, match=r"`dtype` must be a floating-point dtype.*int8"):
+        data.from_arrays(x, y, dtype=np.int8)
+    with pytest.raises(TypeError, match="`dtype`"):
+        data.load("breast_cancer", dtype=np.int32)
+    assert data.from_arrays(x, y, dtype=np.float64).x_train.dtype == np.float64
+
+
+def test_idx_float_labels_must_be_whole(tmp_path):
+    rng = np.random.default_rng(0)
+    _write_mnist(tmp_path, rng, 20, "train", False)
+    labels = np.array([0.0, 1.5] * 10, dtype=">f4")
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(labels))
+    with pytest.raises(
+        ValueError, match=r"train-labels-idx1-ubyte: class labels must be whole.*1\.5"
+    ):
+        data.load_idx(tmp_path)
+    whole = np.array([0.0, 3.0] * 10, dtype=">f4")
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(whole))
+    ds = data.load_idx(tmp_path, standardize=False, dtype=np.float64)
+    assert sorted(set(ds.y_train.tolist()) | set(ds.y_test.tolist())) == [0, 3]
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04", "truncated", "flipped"])
+def test_unreadable_npz_is_named(tmp_path, content):
+    good = tmp_path / "good.npz"
+    np.savez(good, x=np.ones((10, 2)), y=np.arange(10) % 2)
+    raw = good.read_bytes()
+    if content == "truncated":
+        content = raw[: len(raw) // 2]
+    elif content == "flipped":
+        content = raw[:100] + bytes([raw[100] ^ 0xFF]) + raw[101:]  # in x's data
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(content)
+    with pytest.raises(ValueError, match=r"bad\.npz"):
+        data.load_npz(bad)
+    with pytest.raises(ValueError, match="is a directory"):
+        data.load_npz(tmp_path)

@@ -106,3 +106,79 @@ def test_bad_mask_and_batch():
         f(params, batch, jnp.ones(6, bool))
     with pytest.raises(ValueError, match="`batch` leaves must share a leading axis"):
         f(params, (batch[0], batch[1][:3]))
+
+
+# --- issue 11: a non-finite example, return_loss ---------------------------------------------
+
+
+def _nan_case():
+    loss = lambda w, ex: jnp.sum(jnp.tanh(ex @ w))
+    w = jnp.arange(6.0).reshape(3, 2) / 10
+    x = jnp.arange(12.0).reshape(4, 3) / 7
+    return loss, w, x.at[2, 1].set(jnp.nan)
+
+
+def _loop_clipped(loss, w, rows, clip):  # reference: a Python loop over single examples
+    total = jnp.zeros_like(w)
+    for x in rows:
+        g = jax.grad(loss)(w, x[None])
+        total = total + g * min(1.0, clip / float(jnp.linalg.norm(g)))
+    return total
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_nonfinite_example_raises_by_default_and_names_the_row(method):
+    loss, w, x = _nan_case()
+    with pytest.raises(FloatingPointError, match=r"1 of 4 examples .*rows \[2\]"):
+        clipped_grad(loss, l2_clip=0.5, method=method)(w, x)
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_nonfinite_drop_leaves_the_example_out(method, chunk_size):
+    loss, w, x = _nan_case()
+    f = clipped_grad(
+        loss,
+        l2_clip=0.5,
+        nonfinite="drop",
+        return_norms=True,
+        method=method,
+        chunk_size=chunk_size,
+    )
+    g, norms = f(w, x)
+    kept = [0, 1, 3]
+    want = _loop_clipped(loss, w, x[jnp.array(kept)], 0.5) / len(kept)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-10)
+    assert int(jnp.sum(~jnp.isfinite(norms))) == 1  # the count of dropped examples
+    # The same as masking the example out by hand.
+    masked = clipped_grad(loss, l2_clip=0.5, method=method)(
+        w, x.at[2].set(0.0), jnp.array([True, True, False, True])
+    )
+    np.testing.assert_allclose(np.asarray(g), np.asarray(masked), rtol=1e-10)
+
+
+def test_nonfinite_drop_of_every_example_is_nan_not_zero():
+    loss, w, x = _nan_case()
+    g = clipped_grad(loss, l2_clip=0.5, nonfinite="drop")(w * jnp.nan, x)
+    assert np.isnan(np.asarray(g)).all()
+    g = clipped_grad(loss, l2_clip=0.5, nonfinite="propagate")(w, x)
+    assert np.isnan(np.asarray(g)).all()
+    with pytest.raises(ValueError, match="`nonfinite`"):
+        clipped_grad(loss, l2_clip=0.5, nonfinite="ignore")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_clipped_grad_return_loss(reduction):
+    loss, w, x = _nan_case()
+    x = x.at[2, 1].set(0.3)
+    value, g, norms = clipped_grad(
+        loss, l2_clip=0.5, reduction=reduction, return_loss=True, return_norms=True
+    )(w, x)
+    total = sum(float(loss(w, r[None])) for r in x)
+    np.testing.assert_allclose(float(value), total / 4 if reduction == "mean" else total)
+    assert norms.shape == (4,)
+    np.testing.assert_allclose(
+        np.asarray(g),
+        np.asarray(clipped_grad(loss, l2_clip=0.5, reduction=reduction)(w, x)),
+        rtol=1e-12,
+    )

@@ -579,3 +579,76 @@ def test_docstring_examples():
     assert float(g) == 7.0
     rows = jaxgrad.per_example_grads(loss)(p, (jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0])))
     np.testing.assert_allclose(rows, [2.0, 12.0])
+
+
+# --- issue 11: loss_fn(params, example, *args) ------------------------------------------------
+
+
+def _dropout_loss(w, example, key, scale):
+    # A per-example dropout mask from a base key and the example's id, and a traced scalar.
+    x, y, idx = example
+    keep = jax.random.bernoulli(jax.random.fold_in(key, idx), 0.7, x.shape)
+    pred = jnp.tanh(jnp.where(keep, x / 0.7, 0.0) @ w)
+    return scale * jnp.sum((pred - y) ** 2)
+
+
+def test_extra_loss_arguments_reach_every_strategy():
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(3, 2)))
+    batch = (
+        jnp.asarray(rng.normal(size=(7, 3))),
+        jnp.asarray(rng.normal(size=(7, 2))),
+        jnp.arange(7),
+    )
+    key, scale = jax.random.key(9), jnp.float64(0.5)
+    # reference: a Python loop over single examples
+    per = [
+        jax.grad(_dropout_loss)(w, jax.tree_util.tree_map(lambda a, i=i: a[i], batch), key, scale)
+        for i in range(7)
+    ]
+    want = sum(per) / 7
+    for f in (
+        jaxgrad.batch_grad(_dropout_loss),
+        jaxgrad.mean_of_per_example_grads(_dropout_loss),
+        jaxgrad.accumulate_grad(_dropout_loss, num_microbatches=3),
+        jaxgrad.clipped_grad(_dropout_loss, l2_clip=1e6, method="vmap"),
+        jaxgrad.clipped_grad(_dropout_loss, l2_clip=1e6),
+    ):
+        np.testing.assert_allclose(
+            np.asarray(f(w, batch, None, key, scale)),
+            np.asarray(want),
+            rtol=1e-10,
+            err_msg=f.__name__,
+        )
+    pe = jaxgrad.per_example_grads(_dropout_loss)(w, batch, None, key, scale)
+    np.testing.assert_allclose(np.asarray(pe), np.stack(per), rtol=1e-10)
+    # another key gives another dropout pattern, so the argument is really used
+    other = jaxgrad.batch_grad(_dropout_loss)(w, batch, None, jax.random.key(10), scale)
+    assert not np.allclose(np.asarray(other), np.asarray(want))
+    with pytest.raises(TypeError, match="takes no extra loss arguments"):
+        jaxgrad.naive.backprop_mean_error(lambda p, x: x @ p, jaxgrad.losses.squared_error)(
+            w, batch[:2], None, key
+        )
+
+
+def test_nnx_state_with_non_trainable_leaves_is_named_and_the_split_idiom_works():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(3, 2, rngs=rngs, param_dtype=jnp.float64)
+            self.steps = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)))
+    loss = lambda s, ex: jnp.sum(nnx.merge(graphdef, s).lin(ex) ** 2)
+    with pytest.raises(TypeError, match=r"params\['steps'\].*is dtype int32.*nnx.split"):
+        jaxgrad.batch_grad(loss)(state, x)
+    graphdef, params, rest = nnx.split(Net(nnx.Rngs(0)), nnx.Param, ...)
+    loss = lambda p, ex: jnp.sum(nnx.merge(graphdef, p, rest).lin(ex) ** 2)
+    g = jaxgrad.batch_grad(loss)(params, x)
+    w, b = params["lin"]["kernel"][...], params["lin"]["bias"][...]
+    # closed form: d/dW mean ||x W + b||^2 = 2 X^T (X W + b) / n
+    np.testing.assert_allclose(
+        np.asarray(g["lin"]["kernel"][...]), np.asarray(2 * x.T @ (x @ w + b) / 5), rtol=1e-10
+    )

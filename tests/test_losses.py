@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxgrad
 from jaxgrad import losses, models
 
 F64 = jnp.float64
@@ -140,3 +141,22 @@ def test_binary_cross_entropy_out_of_range_label_is_nan_not_a_number():
     for bad in (2, -1, 1.5):
         assert np.isnan(losses.binary_cross_entropy(logit, bad))
         assert np.isnan(jax.grad(losses.binary_cross_entropy)(logit, bad))
+
+
+def test_labels_of_shape_b_by_1_are_named():
+    model = jaxgrad.models.mlp([4, 8, 3])
+    loss_fn = jaxgrad.losses.supervised(
+        model.apply, jaxgrad.losses.softmax_cross_entropy, num_classes=3
+    )
+    batch = (jnp.ones((5, 4)), (jnp.arange(5) % 3)[:, None])
+    with pytest.raises(
+        ValueError, match=r"label must have shape \(\) .*got a label of shape \(1,\)"
+    ):
+        jaxgrad.batch_grad(loss_fn)(model.init(jax.random.key(0)), batch)
+    # the flat labels work, and equal a hand-written cross-entropy (reference)
+    params = model.init(jax.random.key(0))
+    y = jnp.arange(5) % 3
+    got = jaxgrad.batch_grad(loss_fn, return_loss=True)(params, (batch[0], y))[0]
+    logits = jax.vmap(model.apply, (None, 0))(params, batch[0])
+    want = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(5), y])
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxgrad
 from jaxgrad import models
 
 F64 = jnp.float64
@@ -212,3 +213,17 @@ def test_transformer_out_of_vocabulary_token_gives_nan_not_a_clamped_lookup():
     params = model.init(jax.random.key(0))
     assert np.isfinite(model.apply(params, jnp.array([1, 2, 7, 0]))).all()
     assert np.isnan(model.apply(params, jnp.array([1, 2, 99, 0]))).any()
+
+
+def test_feature_size_mismatch_names_the_model_and_shapes():
+    for model, x in (
+        (jaxgrad.models.mlp([4, 8, 3]), jnp.ones((5, 6))),
+        (jaxgrad.models.linear_regression(4), jnp.ones((5, 3))),
+        (jaxgrad.models.logistic_regression(4, num_classes=3), jnp.ones((5, 2))),
+    ):
+        params = model.init(jax.random.key(0))
+        loss = lambda p, ex, model=model: jnp.sum(model.apply(p, ex))
+        with pytest.raises(
+            ValueError, match=r"must have 4 input features.*got an example of shape"
+        ):
+            jaxgrad.batch_grad(loss)(params, x)

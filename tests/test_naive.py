@@ -370,3 +370,16 @@ def test_backprop_mean_error_with_token_counts_is_exact_for_identical_sequences_
         )[0]
         > 1e-6
     )
+
+
+def test_grad_at_mean_input_with_no_real_example_is_zero_like_the_exact_strategies():
+    # Before issue 11 it returned the gradient at an all-zero "mean example" (here 0.25).
+    loss = lambda theta, x: jax.nn.sigmoid(theta * x + 1.0)
+    batch, mask = jnp.array([0.5, 2.0]), jnp.array([False, False])
+    value, g = naive.grad_at_mean_input(loss, return_loss=True)(1.0, batch, mask)
+    assert float(g) == 0.0 and float(value) == 0.0
+    assert float(g) == float(jaxgrad.batch_grad(loss)(1.0, batch, mask))
+    # With one real example it is that example's gradient: sigma'(2) * 0.5 (closed form).
+    s = jax.nn.sigmoid(1.5)
+    g1 = naive.grad_at_mean_input(loss)(1.0, batch, jnp.array([True, False]))
+    np.testing.assert_allclose(float(g1), s * (1 - s) * 0.5, rtol=1e-12)

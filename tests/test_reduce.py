@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import jaxgrad
 from jaxgrad import reduce
 
 
@@ -62,7 +63,9 @@ def test_masked_totals_and_safe_divide():
     total, count = reduce.masked_totals(sums, counts, jnp.array([True, False, True]))
     assert float(total) == 4.0 and float(count) == 3.0  # the NaN row is masked out
     np.testing.assert_allclose(reduce.safe_divide({"a": jnp.array([3.0, 6.0])}, 3.0)["a"], [1, 2])
-    assert float(reduce.safe_divide(jnp.float64(5.0), jnp.float64(0.0))) == 0.0
+    assert float(reduce.safe_divide(jnp.float64(0.0), jnp.float64(0.0))) == 0.0  # all padding
+    # issue 11: a nonzero sum over no items is meaningless: NaN, not a silent 0
+    assert np.isnan(float(reduce.safe_divide(jnp.float64(5.0), jnp.float64(0.0))))
     # The gradient through an empty count is 0, not NaN.
     g = jax.grad(lambda t: reduce.safe_divide(t, jnp.float64(0.0)))(1.0)
     assert float(g) == 0.0
@@ -111,3 +114,45 @@ def test_check_positive_int_rejects(bad):
 
 def test_check_positive_int_accepts_numpy_ints():
     assert reduce.check_positive_int(np.int64(4), name="k") == 4
+
+
+# --- issue 11: no silent numbers from (sum, count) pairs, loss None, params ------------------
+
+
+@pytest.mark.parametrize("count", [0.0, -1.0, float("nan"), float("inf")])
+def test_meaningless_count_gives_nan_not_zero(count):
+    # A count of 0 with a positive sum (or a negative/NaN/inf count) is no item count.
+    loss = lambda p, ex: (p * ex, jnp.asarray(count, ex.dtype))
+    batch = jnp.array([1.0, 2.0])
+    value, grads = jaxgrad.batch_grad(loss, return_loss=True)(2.0, batch)
+    assert np.isnan(float(value)) and np.isnan(float(grads))
+    assert np.isnan(float(jaxgrad.mean_of_per_example_grads(loss)(2.0, batch)))
+
+
+def test_zero_count_with_zero_sum_is_a_valid_empty_example():
+    # An example with no real tokens: sum 0, count 0, contributes nothing; the other counts.
+    loss = lambda p, ex: (p * ex[0] * ex[1], ex[1])
+    batch = (jnp.array([3.0, 5.0]), jnp.array([0.0, 1.0]))
+    assert float(jaxgrad.batch_grad(loss)(2.0, batch)) == 5.0  # reference: 5 / 1
+
+
+@pytest.mark.parametrize("out", [None, (None, 1.0)])
+def test_loss_returning_none_is_named(out):
+    with pytest.raises(TypeError, match="`loss_fn` returned"):
+        jaxgrad.batch_grad(lambda p, ex: out)(1.0, jnp.ones(2))
+
+
+@pytest.mark.parametrize("params", [None, {}, []])
+def test_empty_params_are_an_error(params):
+    with pytest.raises(ValueError, match="`params` has no array leaves"):
+        jaxgrad.batch_grad(lambda p, ex: ex)(params, jnp.ones(2))
+
+
+@pytest.mark.parametrize(
+    "leaf", [jnp.array(3), jnp.array([True]), jax.random.key(0), jax.random.PRNGKey(0)]
+)
+def test_non_float_leaf_is_named_by_path(leaf):
+    params = {"w": jnp.ones(2), "state": {"step": leaf}}
+    loss = lambda p, ex: jnp.dot(p["w"], ex)
+    with pytest.raises(TypeError, match=r"params\['state'\]\['step'\].*eqx.partition"):
+        jaxgrad.batch_grad(loss)(params, jnp.ones((3, 2)))

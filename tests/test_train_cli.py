@@ -150,3 +150,72 @@ def test_non_finite_loss_exits_with_the_step(tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "non-finite (NaN or inf) at step" in err and "the last good checkpoint is" in err
+
+
+# --- issue 11: nonsense hyperparameters and unwritable outputs fail before the run ----------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lr", "-0.1"], r"--lr must be a positive finite number; got -0\.1"),
+        (["--lr", "nan"], "--lr must be a positive finite number"),
+        (["--lr", "0"], "--lr must be a positive finite number"),
+        (["--keep", "0"], "--keep must be a positive integer; got 0"),
+        (["--checkpoint-every", "-2"], "--checkpoint-every must be a positive integer"),
+        (["--hidden", "64", "0"], r"--hidden sizes must be positive integers; got \[64, 0\]"),
+        (["--json", "/nonexistent-dir-u11/out.json"], "--json .*does not exist"),
+        (["--metrics-jsonl", "/nonexistent-dir-u11/m.jsonl"], "--metrics-jsonl .*does not exist"),
+    ],
+)
+def test_nonsense_hyperparameters_exit_2_before_training(args, message, capsys, monkeypatch):
+    import jaxgrad.train.__main__ as cli
+
+    called = []
+    monkeypatch.setattr("jaxgrad.train.fit", lambda *a, **k: called.append(1))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*args, "--quiet"])
+    assert exit_info.value.code == 2 and not called
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+
+
+def test_unwritable_outputs_fail_before_training(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for args, message in (
+        (["--checkpoint-dir", str(a_file)], "--checkpoint-dir .* is a file; expected a directory"),
+        (["--json", str(tmp_path)], "--json .* is a directory"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, "--quiet"])
+        assert exit_info.value.code == 2
+        assert re.search(message, capsys.readouterr().err)
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        try:
+            with pytest.raises(SystemExit):
+                main(["--checkpoint-dir", str(locked / "ckpt"), "--quiet"])
+            assert "is not writable" in capsys.readouterr().err
+        finally:
+            locked.chmod(0o700)
+
+
+def test_help_shows_defaults_and_a_sentence_per_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: 0.2)" in out and "(default: relu)" in out
+    assert "learning rate" in out
+
+
+def test_checkpoint_problems_are_a_message_and_exit_2(tmp_path, capsys):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "ckpt-0000000001.npz").mkdir()  # newest entry a directory
+    code = main(["--data", "line", "--epochs", "1", "--checkpoint-dir", str(d), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: checkpoint entry") and "Traceback" not in err
+    assert "not a regular file" in err

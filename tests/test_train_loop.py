@@ -2,6 +2,7 @@
 
 import functools
 import json
+import re
 
 import chex
 import jax
@@ -197,3 +198,26 @@ def test_progress_output(capsys):
     _fit(loss_fn, params, data, quiet=False, progress="plain")
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and err[0].startswith("epoch 1  step 4  loss ")
+    # per-epoch time as well as the cumulative one; the epoch times add up to the total
+    times = [re.search(r"\(([\d.]+) s this epoch, ([\d.]+) s in all\)", line) for line in err]
+    assert all(times), err
+    total = sum(float(m[1]) for m in times)
+    assert abs(total - float(times[-1][2])) <= 0.05 * len(times) + 1e-9
+
+
+# --- issue 11: arguments JAX/optax would reject obscurely ------------------------------------
+
+
+def test_fit_names_bad_optimizer_key_and_params():
+    model, loss_fn, data = _problem()
+    params = model.init(jax.random.key(0))
+    with pytest.raises(TypeError, match=r"`optimizer` must be an optax .*optax\.adam\(1e-3\)"):
+        _fit(loss_fn, params, data, optimizer="adam")
+    with pytest.raises(TypeError, match=r"`key` must be one PRNG key.*an int is a seed"):
+        _fit(loss_fn, params, data, key=0)
+    with pytest.raises(ValueError, match="`params` has no array leaves"):
+        _fit(loss_fn, {}, data)
+    with pytest.raises(TypeError, match=r"params\[2\]\['step'\] is dtype int"):
+        _fit(loss_fn, [*params, {"step": jnp.array(0)}], data)
+    # a legacy uint32 key is still a key
+    _fit(loss_fn, params, data, key=jax.random.PRNGKey(1), epochs=1)

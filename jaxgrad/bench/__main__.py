@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--min-seconds", type=float, default=0.3, help="time per row at least")
     p.add_argument("--json", metavar="PATH", help="write one record per row as JSON here")
+    p.add_argument("--markdown", metavar="PATH", help="write the table as markdown here")
+    p.add_argument("--plot", metavar="PATH", help="write a bar chart here (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--peers", action="store_true", help="compare with torch.func/Opacus/BackPACK")
     p.add_argument("--sweep", action="store_true", help="scaling sweep over batch size, width")
@@ -74,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         from jaxgrad.bench import peers
 
         return peers.main(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_outputs(args, parser)
     start = time.perf_counter()
     records = run.run_suite(
         args.models,
@@ -85,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     machine = run.machine_description()
     print(run.format_table(records))
+    print("\n" + run.LEGEND)
     print(
         f"\n{machine['device']} · {machine['cpu_count']} CPUs · jax {machine['jax']} · "
         f"{time.perf_counter() - start:.0f} s. Medians after warm-up; ratios from this run."
@@ -92,7 +97,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "records": records}, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(run.format_markdown(records) + "\n")
+    if args.plot:
+        run.plot_records(records, args.plot)
     return 0
+
+
+def _check_outputs(args, parser) -> None:
+    """Unwritable output paths fail before the (long) run, not after it."""
+    import os
+
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            parser.error(f"{flag} {path!r} cannot be written (is the directory {folder!r} there?)")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib, which is not installed")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import sys
+import time
 from collections.abc import Iterable
 
 import jax
@@ -55,8 +56,10 @@ def run_suite(
         list(batch_sizes),
         list(strategy_names),
     )
-    bar = _progress(len(case_names) * len(batch_sizes) * len(strategy_names), quiet)
+    total = len(case_names) * len(batch_sizes) * len(strategy_names)
+    bar = _progress(total, quiet)
     records: list[dict] = []
+    started, done = time.perf_counter(), 0
     for case_name in case_names:
         case = suite.CASES[case_name]()
         params = case.model.init(jax.random.key(0))
@@ -69,7 +72,11 @@ def run_suite(
                 if bar is not None:
                     bar.set_postfix_str(f"{case_name} B={batch_size} {name}")
                 elif not quiet:
-                    log(f"  {case_name:<12} B={batch_size:<5} {name} ...", file=sys.stderr)
+                    log(
+                        f"  [{done + 1}/{total}{_eta(started, done, total)}] "
+                        f"{case_name:<12} B={batch_size:<5} {name} ...",
+                        file=sys.stderr,
+                    )
                 f = suite.STRATEGIES[name](case.loss_fn, batch_size)
                 m = timing.measure(f, params, batch, mask, min_seconds=min_seconds)
                 peak = None
@@ -89,6 +96,7 @@ def run_suite(
                         "peak_mem_mb": None if peak is None else peak / 2**20,
                     }
                 )
+                done += 1
                 if bar is not None:
                     bar.update()
             bound_s = None
@@ -107,6 +115,62 @@ def run_suite(
     if bar is not None:
         bar.close()
     return records
+
+
+def _eta(started: float, done: int, total: int) -> str:
+    """``, ETA 1m05s`` from the mean time per row so far (nothing before the first row)."""
+    if done == 0:
+        return ""
+    left = (time.perf_counter() - started) / done * (total - done)
+    return f", ETA {int(left // 60)}m{int(left % 60):02d}s"
+
+
+LEGEND = """\
+Columns: examples/s = batch size / median seconds per call (after warm-up); x batch_grad =
+examples/s over batch_grad's, measured back to back in this run (> 1 is faster); compile s =
+first-call (trace + XLA compile) seconds; peak MB = XLA's planned peak memory of the compiled
+call (n/a for Python loops); x write = for strategies that build the B x P per-example
+gradients, their time over that of writing B x P fresh float32s (the memory-bandwidth floor)."""
+
+
+def format_markdown(records: list[dict]) -> str:
+    """The same rows as :func:`format_table`, as a markdown table."""
+    lines = [
+        "| model | B | strategy | examples/s | x batch_grad | compile s | peak MB | x write |",
+        "|---|--:|---|--:|--:|--:|--:|--:|",
+    ]
+    for r in records:
+        ratio, peak, write = r["ratio_to_batch_grad"], r["peak_mem_mb"], r["x_write_bound"]
+        lines.append(
+            f"| {r['model']} | {r['batch_size']} | {r['strategy']} | "
+            f"{r['examples_per_s']:.0f} | {'' if ratio is None else f'{ratio:.3f}'} | "
+            f"{r['compile_s']:.2f} | {'n/a' if peak is None else f'{peak:.1f}'} | "
+            f"{'' if write is None else f'{write:.2f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_records(records: list[dict], path: str) -> None:
+    """A bar chart of examples/s relative to batch_grad, one panel per (model, batch size)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((r["model"], r["batch_size"]), []).append(r)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(7, 1.2 + 0.35 * len(records)), squeeze=False)
+    for ax, ((model, b), rows) in zip(axes[:, 0], groups.items(), strict=True):
+        ratios = [r["ratio_to_batch_grad"] or 0.0 for r in rows]
+        ax.barh([r["strategy"] for r in rows], ratios, color="tab:blue")
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_title(f"{model}, B={b}", fontsize=9)
+        ax.invert_yaxis()
+    axes[-1, 0].set_xlabel("examples/s relative to batch_grad (same run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def format_table(records: list[dict]) -> str:

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgrad import reduce
 from jaxgrad.fast import passes
@@ -30,7 +31,9 @@ PyTree = Any
 
 def _wrap(core, loss_fn, *, name: str, doc: str | None):
     """The strategies' own wrapper: input checks, padding filled, ``jax.jit``."""
-    return _strategy(core, validate=_validator(loss_fn), return_loss=None, name=name, doc=doc)
+    return _strategy(
+        core, validate=_validator(loss_fn), return_loss=None, name=name, doc=doc, loss_fn=loss_fn
+    )
 
 
 def _check_chunk(chunk_size):
@@ -70,7 +73,7 @@ def per_example_norms(
     get = passes.get_pass(method, strict)
     chunk_size = _check_chunk(chunk_size)
 
-    def core(params, batch, mask):
+    def core(params, batch, mask, loss_fn=loss_fn):
         def body(b, m):
             parts = get(loss_fn, params, b, m)
             return jnp.sqrt(jnp.maximum(parts.norm_sq, 0)), ()
@@ -93,12 +96,17 @@ def clip_factors(norms, l2_clip):
     return jnp.where(big, l2_clip / jnp.where(big, norms, 1), 1).astype(norms.dtype)
 
 
+NONFINITE = ("raise", "drop", "propagate")
+
+
 def clipped_grad(
     loss_fn,
     *,
     l2_clip: float,
     reduction: str = "mean",
     return_norms: bool = False,
+    return_loss: bool = False,
+    nonfinite: str = "raise",
     method: str = "auto",
     chunk_size: int | None = None,
     strict: bool = False,
@@ -118,18 +126,35 @@ def clipped_grad(
     On the fast path the clipped sum of a dense use is ``Aᵀ diag(c) G`` — the weight-gradient
     matmul of an ordinary backward pass, reweighted — so no per-example gradient is formed.
 
+    Non-finite examples: clipping bounds each example's influence, but an example whose loss
+    or gradient norm is NaN or inf cannot be scaled to norm ``C`` (``0 × inf`` is NaN), so it
+    would make the whole result NaN. ``nonfinite`` says what happens instead:
+
+    * ``"raise"`` (default): a ``FloatingPointError`` naming the examples, when ``f`` is called
+      eagerly; under the caller's own ``jax.jit`` nothing can be raised and the result is NaN,
+      as with ``"propagate"``;
+    * ``"drop"``: such examples are treated as padding — left out of the sum and of the item
+      count — and the rest is exact; their norms (``return_norms=True``) stay non-finite, so
+      ``jnp.sum(~jnp.isfinite(norms))`` counts them. If every real example is dropped the
+      result is NaN, never a silent 0. (Costs a second pass, only when something was dropped.)
+    * ``"propagate"``: the result is NaN.
+
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
       l2_clip: the clipping norm ``C > 0``.
       reduction: ``"mean"`` or ``"sum"``.
-      return_norms: if True, ``f`` returns ``(grads, norms)`` with the unclipped norms.
+      return_norms: if True, the unclipped per-example norms are returned last.
+      return_loss: if True, the (unclipped) loss is returned first, reduced as the gradient
+        is: ``Σ_i m_i S_i / Σ_i m_i n_i`` for ``"mean"``, ``Σ_i m_i S_i`` for ``"sum"``.
+      nonfinite: ``"raise"``, ``"drop"`` or ``"propagate"`` (see above).
       method: ``"auto"`` (fast, exact) or ``"vmap"`` (materialised reference).
       chunk_size: if set, examples are processed that many at a time.
       strict: if True, raise when a parameter leaf that is neither a vector nor small takes
         the exact fallback (a per-example copy); :func:`jaxgrad.fast.plan` shows the routes.
 
     Returns:
-      ``f(params, batch, mask=None) -> grads`` (or ``(grads, norms)``).
+      ``f(params, batch, mask=None) -> grads``; ``(loss, grads)`` with ``return_loss``,
+      ``(grads, norms)`` with ``return_norms``, ``(loss, grads, norms)`` with both.
 
     Example::
 
@@ -144,22 +169,67 @@ def clipped_grad(
     l2_clip = _check_clip(l2_clip)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"`reduction` must be one of ['mean', 'sum']; got {reduction!r}")
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"`nonfinite` must be one of {list(NONFINITE)}; got {nonfinite!r}")
     get = passes.get_pass(method, strict)
     chunk_size = _check_chunk(chunk_size)
 
-    def core(params, batch, mask):
-        def body(b, m):
+    def core(params, batch, mask, loss_fn=loss_fn):
+        def one(b, m):
             parts = get(loss_fn, params, b, m)
             norms = jnp.sqrt(parts.norm_sq)
             c = jnp.where(m, clip_factors(norms, l2_clip), 0)
-            return norms, (parts.weighted(c), jnp.sum(parts.counts))
+            ok = m & jnp.isfinite(norms) & jnp.isfinite(parts.sums)
+            totals = (parts.weighted(c), jnp.sum(parts.counts), jnp.sum(parts.sums))
+            return (norms, m & ~ok), totals
 
-        norms, (total, count) = passes.run_chunked(body, batch, mask, chunk_size)
+        def body(b, m):
+            rows, totals = one(b, m)
+            if nonfinite != "drop":
+                return rows, (*totals, jnp.sum(m))
+            ok = m & ~rows[1]
+
+            def again():  # the kept rows only; dropped ones become copies of a kept row
+                _, kept = one(reduce.fill_padding(b, ok), ok)
+                return jax.tree_util.tree_map(lambda t: jnp.where(jnp.any(ok), t, 0), kept)
+
+            totals = jax.lax.cond(jnp.any(rows[1]), again, lambda: totals)
+            return rows, (*totals, jnp.sum(ok))
+
+        (norms, bad), (total, count, loss, kept) = passes.run_chunked(body, batch, mask, chunk_size)
         if reduction == "mean":
-            total = reduce.safe_divide(total, count)
-        return (total, norms) if return_norms else total
+            total, loss = reduce.safe_divide((total, loss), count)
+        if nonfinite == "drop":  # nothing finite left: NaN, not a silent zero
+            empty = (kept == 0) & jnp.any(mask)
+            total, loss = jax.tree_util.tree_map(
+                lambda t: jnp.where(empty, jnp.nan, t).astype(t.dtype), (total, loss)
+            )
+        return loss, total, norms, bad
 
-    return _wrap(core, loss_fn, name="clipped_grad", doc=clipped_grad.__doc__)
+    inner = _wrap(core, loss_fn, name="clipped_grad", doc=clipped_grad.__doc__)
+
+    def f(params, batch, mask=None, *args):
+        loss, grads, norms, bad = inner(params, batch, mask, *args)
+        if nonfinite == "raise" and not isinstance(bad, jax.core.Tracer):
+            rows = np.flatnonzero(np.asarray(bad))
+            if rows.size:
+                raise FloatingPointError(
+                    f"clipped_grad: {rows.size} of {bad.shape[0]} examples have a non-finite "
+                    f"loss or gradient norm (rows {rows[:5].tolist()}"
+                    f"{', ...' if rows.size > 5 else ''}), which no clipping can bound; check "
+                    "the inputs and parameters, or pass nonfinite='drop' to leave such examples "
+                    "out (or 'propagate' for a NaN result)"
+                )
+        out = (grads,)
+        if return_loss:
+            out = (loss, *out)
+        if return_norms:
+            out = (*out, norms)
+        return out[0] if len(out) == 1 else out
+
+    f.__name__ = f.__qualname__ = "clipped_grad"
+    f.__doc__ = clipped_grad.__doc__
+    return f
 
 
 class GradStats(NamedTuple):
@@ -232,7 +302,7 @@ def grad_stats(
     get = passes.get_pass(method, strict)
     chunk_size = _check_chunk(chunk_size)
 
-    def core(params, batch, mask):
+    def core(params, batch, mask, loss_fn=loss_fn):
         def body(b, m):
             parts = get(loss_fn, params, b, m)
             ones = m.astype(parts.sums.dtype)
@@ -305,7 +375,7 @@ def per_example_moments(loss_fn, *, chunk_size: int | None = None):
     """
     chunk_size = _check_chunk(chunk_size)
 
-    def core(params, batch, mask):
+    def core(params, batch, mask, loss_fn=loss_fn):
         def body(b, m):
             sums, counts, grads = _per_example(loss_fn, params, b, m, None)  # rows masked
             norm_sq = reduce.row_sq_norms(grads)

@@ -90,6 +90,7 @@ def clipped_sum_dropping_nonfinite(loss_fn, *, l2_clip, method="auto", chunk_siz
         l2_clip=l2_clip,
         reduction="sum",
         return_norms=True,
+        nonfinite="propagate",  # dropped here, so that an all-dropped batch sums to 0
         method=method,
         chunk_size=chunk_size,
     )

@@ -39,25 +39,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jaxgrad.train",
         description="Train a model with a jit-compiled SGD loop on data that ships offline.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data and model")
-    g.add_argument("--data", default="digits", choices=DATA, help="data set (default: digits)")
+    g.add_argument("--data", default="digits", choices=DATA, help="data set")
     g.add_argument("--data-path", help="the .npz file (--data npz) or IDX directory (--data idx)")
     g.add_argument("--model", choices=MODELS, help="model (default: suited to --data)")
     g.add_argument("--hidden", type=int, nargs="+", default=[256], help="MLP hidden sizes")
-    g.add_argument("--activation", default="relu", choices=("relu", "tanh", "sigmoid", "gelu"))
-    g.add_argument("--test-fraction", type=float, default=0.2)
+    g.add_argument(
+        "--activation",
+        default="relu",
+        choices=("relu", "tanh", "sigmoid", "gelu"),
+        help="hidden-layer nonlinearity of the MLP and CNN",
+    )
+    g.add_argument("--test-fraction", type=float, default=0.2, help="held-out share, in (0, 1)")
     g.add_argument("--seed", type=int, default=0, help="seeds the split, init and shuffle")
     g.add_argument("--x64", action="store_true", help="train in float64")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--strategy", default="batch", choices=STRATEGIES)
+    g.add_argument(
+        "--strategy",
+        default="batch",
+        choices=STRATEGIES,
+        help="how the gradient is computed: batch_grad, mean of per-example gradients, "
+        "accumulated microbatches, or clipped per-example gradients",
+    )
     g.add_argument("--microbatches", type=int, default=4, help="for --strategy accumulate")
     g.add_argument("--chunk-size", type=int, help="for --strategy per-example")
     g.add_argument("--clip", type=float, default=1.0, help="l2 clip for --strategy clipped")
-    g.add_argument("--optimizer", choices=OPTIMIZERS)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int)
+    g.add_argument(
+        "--optimizer", choices=OPTIMIZERS, help="optax optimizer (default: suited to --data)"
+    )
+    g.add_argument("--lr", type=float, help="learning rate, > 0 (default: suited to --data)")
+    g.add_argument("--epochs", type=int, help="passes over the data (default: suited to --data)")
+    g.add_argument("--batch-size", type=int, help="examples per step (default: suited to --data)")
     g.add_argument(
         "--no-scan",
         action="store_true",
@@ -86,7 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", help="write the summary (final metrics, history) here")
     g.add_argument("--metrics-jsonl", help="append one JSON line per epoch here")
     g.add_argument("--plot", help="write loss and accuracy curves here (PNG; needs matplotlib)")
-    g.add_argument("--progress", default="auto", choices=("auto", "bar", "plain", "none"))
+    g.add_argument(
+        "--progress",
+        default="auto",
+        choices=("auto", "bar", "plain", "none"),
+        help="progress display; auto: a bar on a terminal, plain lines otherwise",
+    )
     g.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return p
 
@@ -217,6 +236,61 @@ def _sklearn_r2(ds):
     return float(fitted.score(flat(ds.x_test), ds.y_test))
 
 
+def _check_writable(flag, path, parser, *, directory=False):
+    """Fails before training when ``path`` (a file, or a directory) cannot be written."""
+    import os
+
+    if path is None:
+        return
+    if directory:
+        if os.path.exists(path) and not os.path.isdir(path):
+            parser.error(f"{flag} {path!r} is a file; expected a directory (or a new path)")
+        probe = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(probe):  # the nearest existing ancestor is where it is made
+            probe = os.path.dirname(probe)
+    else:
+        if os.path.isdir(path):
+            parser.error(f"{flag} {path!r} is a directory; expected a file name")
+        probe = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(probe):
+            parser.error(
+                f"{flag} {path!r}: the directory {probe!r} does not exist; create it first"
+            )
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            parser.error(f"{flag} {path!r} exists and is not writable")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        parser.error(f"{flag} {path!r}: the directory {probe!r} is not writable")
+
+
+def _check_args(args, parser):
+    """Nonsense hyperparameters and unwritable outputs are argument errors, before any work.
+
+    (The strategy's own hyperparameters, --clip, --microbatches, --chunk-size, are checked by
+    building the strategy.)
+    """
+    import math
+
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a positive finite number; got {args.lr}")
+    for flag, value in (
+        ("--keep", args.keep),
+        ("--checkpoint-every", args.checkpoint_every),
+    ):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be a positive integer; got {value}")
+    if any(h < 1 for h in args.hidden):
+        parser.error(f"--hidden sizes must be positive integers; got {args.hidden}")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        _check_writable(flag, path, parser)
+    _check_writable("--metrics-jsonl", args.metrics_jsonl, parser)
+    _check_writable("--checkpoint-dir", args.checkpoint_dir, parser, directory=True)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib, which is not installed")
+
+
 def run(args, parser=None) -> dict:
     """Trains as ``args`` say and returns the summary written by ``--json``."""
     parser = parser or build_parser()
@@ -247,6 +321,7 @@ def run(args, parser=None) -> dict:
         ds = jaxgrad.data.load(args.data, path=args.data_path, **kwargs)
     except (ValueError, TypeError, FileNotFoundError) as e:
         parser.error(str(e))
+    _check_args(args, parser)
     opt_name, lr, epochs, batch_size = DEFAULTS.get(args.data, FALLBACK)
     opt_name, lr = args.optimizer or opt_name, args.lr if args.lr is not None else lr
     epochs = args.epochs if args.epochs is not None else epochs
@@ -356,13 +431,16 @@ def run(args, parser=None) -> dict:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from jaxgrad.train import NonFiniteLossError
+    from jaxgrad.train import CheckpointError, NonFiniteLossError
 
     try:
         run(args, parser)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except CheckpointError as e:  # a user's directory or files: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         where = (
             f" resume with the same command ({args.checkpoint_dir})" if args.checkpoint_dir else ""

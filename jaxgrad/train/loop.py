@@ -70,6 +70,16 @@ class FitResult(NamedTuple):
 _epoch_indices = jax.jit(data_lib.epoch_indices, static_argnums=(2, 3))
 
 
+def _all_finite(tree) -> jax.Array:
+    """Whether every floating-point leaf of ``tree`` is finite (a scalar bool)."""
+    checks = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+
+
 def _guarded(step):
     """The step inside the loop: a padded (inactive) step or one after a non-finite loss is
     a no-op, and the first non-finite loss records the step count where it happened."""
@@ -77,7 +87,9 @@ def _guarded(step):
     def body(carry, batch, mask, active):
         state, bad = carry
         new, loss = step(state, batch, mask)
-        finite = jnp.isfinite(loss)
+        # A finite loss is not enough: an update can still make the parameters or the
+        # optimizer state non-finite, and such a state must never be kept or checkpointed.
+        finite = jnp.isfinite(loss) & _all_finite(new)
         ok = active & (bad < 0) & finite
         bad = jnp.where(active & (bad < 0) & ~finite, state.step, bad)
         state = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)
@@ -89,6 +101,25 @@ def _guarded(step):
 
 def _positive(value, name):
     return reduce.check_positive_int(value, name=name)
+
+
+def _check_fit_args(params, optimizer, key) -> None:
+    """Clear errors for the arguments of :func:`fit` that JAX/optax would fail on obscurely."""
+    reduce.check_params(params)
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        hint = f" (e.g. optax.{optimizer}(1e-3))" if isinstance(optimizer, str) else ""
+        raise TypeError(
+            "`optimizer` must be an optax GradientTransformation with init and update"
+            f"{hint}; got {optimizer!r}"
+        )
+    dtype = getattr(key, "dtype", None)
+    typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+    raw = dtype == jnp.uint32 and np.shape(key) == (2,)
+    if not ((typed and np.shape(key) == ()) or raw):
+        raise TypeError(
+            f"`key` must be one PRNG key, e.g. jax.random.key(0); got {key!r}"
+            + (" (an int is a seed, not a key)" if isinstance(key, int) else "")
+        )
 
 
 def _has_convolution(loss_fn, params, data) -> bool:
@@ -207,6 +238,7 @@ def fit(
       >>> len(result.history)
       2
     """
+    _check_fit_args(params, optimizer, key)
     epochs = _positive(epochs, "epochs")
     batch_size = _positive(batch_size, "batch_size")
     keep = _positive(keep, "keep")
@@ -272,8 +304,10 @@ def fit(
     start_epoch, start_chunk, history = 0, 0, []
     epoch_loss, epoch_count = 0.0, 0
     last_checkpoint = None
+    if checkpoint_dir is not None:
+        ckpt.prepare_directory(checkpoint_dir)
     if checkpoint_dir is not None and not resume and ckpt.list_checkpoints(checkpoint_dir):
-        raise ValueError(
+        raise ckpt.CheckpointError(
             f"`checkpoint_dir` {os.fspath(checkpoint_dir)!r} already holds checkpoints of another "
             "run; with resume=False use an empty directory, so a later resume cannot pick up "
             "the wrong run"
@@ -283,7 +317,7 @@ def fit(
         if restored is not None:
             tree, meta, last_checkpoint = restored
             if meta.get("config") != config:
-                raise ValueError(
+                raise ckpt.CheckpointError(
                     f"checkpoint {last_checkpoint} was written by a run configured as "
                     f"{meta.get('config')}; this run is {config}. Resume with the same data, "
                     "batch_size, checkpoint_every/steps_per_call and scan, or use another "
@@ -381,7 +415,8 @@ def fit(
                         else ""
                     )
                     raise NonFiniteLossError(
-                        f"the training loss became non-finite (NaN or inf) at step {bad + 1} "
+                        "the training loss (or the updated parameters or optimizer state) "
+                        f"became non-finite (NaN or inf) at step {bad + 1} "
                         f"(epoch {epoch + 1}, batch {batch_no} of {steps_per_epoch}); training "
                         f"stopped with the parameters from before that step{where}. Lower the "
                         "learning rate or check the data.",

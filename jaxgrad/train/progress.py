@@ -39,14 +39,16 @@ def resolve(mode: str = "auto", *, quiet: bool = False, stream=None) -> str:
     return mode
 
 
-def format_record(record: dict) -> str:
-    """``epoch 3/30  step 135  loss 0.1234  test_accuracy 0.9722  (2.1 s)``."""
+def format_record(record: dict, *, epoch_seconds: float | None = None) -> str:
+    """``epoch 3  step 135  loss 0.1234  (0.7 s this epoch, 2.1 s in all)``."""
     parts = [f"epoch {record['epoch']}"]
     for k, v in record.items():
         if k in ("epoch", "seconds"):
             continue
         parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
-    if "seconds" in record:
+    if "seconds" in record and epoch_seconds is not None:
+        parts.append(f"({epoch_seconds:.1f} s this epoch, {record['seconds']:.1f} s in all)")
+    elif "seconds" in record:
         parts.append(f"({record['seconds']:.1f} s)")
     return "  ".join(parts)
 
@@ -90,7 +92,10 @@ class Progress:
                 refresh=True,
             )
         elif self.mode == "plain":
-            print(format_record(record), file=self.stream, flush=True)
+            seconds = record.get("seconds")
+            last, self._last_seconds = getattr(self, "_last_seconds", 0.0), seconds
+            took = None if seconds is None else seconds - (last or 0.0)
+            print(format_record(record, epoch_seconds=took), file=self.stream, flush=True)
 
     def write(self, message: str) -> None:
         """A message that does not break the bar (silent in ``"none"`` mode)."""
