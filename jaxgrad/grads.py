@@ -233,8 +233,10 @@ def accumulate_grad(
 
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
-      num_microbatches: how many contiguous microbatches to split the batch into. A batch
-        that does not divide evenly is padded (masked out) at the end.
+      num_microbatches: how many microbatches ``K`` to split the batch into; microbatch ``k``
+        holds rows ``k, k + K, …`` (see :func:`jaxgrad.reduce.split_microbatches`), so on a
+        batch sharded over ``D`` devices, with ``D K`` dividing its size, no row moves between
+        devices. A batch that does not divide evenly is padded (masked out) at the end.
       unroll: passed to ``lax.scan``. On XLA:CPU a convolution inside a loop body runs far
         slower than outside one (17x for the benchmark's CNN, see ``python -m jaxgrad.bench``);
         ``unroll=True`` removes the loop at the cost of holding more microbatches' activations.
@@ -255,7 +257,9 @@ def accumulate_grad(
     num_microbatches = reduce.check_positive_int(num_microbatches, name="num_microbatches")
 
     def core(params, batch, mask):
-        micro_batches, micro_masks = reduce.split_microbatches(batch, mask, num_microbatches)
+        micro_batches, micro_masks = reduce.split_microbatches(
+            batch, mask, num_microbatches, interleave=True
+        )
 
         def microbatch_sums(p, micro):
             return reduce.batch_totals(loss_fn, p, *micro)
