@@ -5,7 +5,7 @@ The gradient of the batch's mean loss equals the mean of the per-example gradien
 order a pure function, proves the equivalences and measures the differences.
 """
 
-from jaxgrad import check, closed_form, data, losses, models, naive, reduce, train
+from jaxgrad import check, closed_form, data, losses, models, naive, reduce, sharding, train
 from jaxgrad.fast import (
     GradMoments,
     GradStats,
@@ -43,5 +43,6 @@ __all__ = [
     "per_example_moments",
     "per_example_norms",
     "reduce",
+    "sharding",
     "train",
 ]
