@@ -90,10 +90,10 @@ def strategies() -> dict:
         for i in np.flatnonzero(real):
             ex = tuple(jnp.asarray(a[i]) for a in batch)
             s, c = jaxgrad.reduce.as_sum_count(loss_fn(params, ex))
-            g = jax.grad(lambda p, ex=ex: jaxgrad.reduce.as_sum_count(loss_fn(p, ex))[0])(params)
+            g = jax.grad(jaxgrad.reduce.loss_sum_fn(loss_fn))(params, ex)
             total, count = total + float(s), count + float(c)
             gsum = g if gsum is None else jax.tree_util.tree_map(jnp.add, gsum, g)
-        loop_grad = jax.tree_util.tree_map(lambda v: v / count, gsum)
+        loop_grad = jax.tree_util.tree_map(lambda v, n=count: v / n, gsum)
         refs = {
             k: make(loss_fn)(params, tuple(map(jnp.asarray, batch)), mask)
             for k, make in factories.items()
@@ -171,7 +171,6 @@ def train(process_id: int, num_processes: int, coordinator: str, directory: str)
     sharding.initialize(coordinator, num_processes=num_processes, process_id=process_id)
     import jax
     import numpy as np
-    import optax
 
     import jaxgrad
 
