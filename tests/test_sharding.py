@@ -140,13 +140,14 @@ def test_two_processes_train_like_one(tmp_path):
     got = np.load(tmp_path / "params.npz")
     ref_leaves = jax.tree_util.tree_leaves(ref.params)
     assert len(got.files) == len(ref_leaves)
-    # float32: the gradient sums are associated differently (per device, then across
-    # devices), each step's gradient differs by a few ulps (~1e-7 relative); 12 SGD steps
-    # of lr 0.1 do not amplify that much, so 1e-5 relative to the largest parameter.
+    # float32 round-off: the gradient sums are associated differently (per device, then
+    # across devices), so each step's gradient differs by a few ulps (float32 eps = 1.2e-7);
+    # 12 SGD steps of lr 0.1 barely amplify that (measured: at most 1.9e-7 of the largest
+    # parameter of each leaf). The tolerance is 2e-6 of it, about 16 ulps.
     for i, r in enumerate(ref_leaves):
         r = np.asarray(r)
-        np.testing.assert_allclose(got[f"arr_{i}"], r, rtol=0, atol=1e-5 * np.max(np.abs(r)))
-    assert abs(outs[0]["loss"] - ref.history[-1]["loss"]) <= 1e-5 * abs(ref.history[-1]["loss"])
+        np.testing.assert_allclose(got[f"arr_{i}"], r, rtol=0, atol=2e-6 * np.max(np.abs(r)))
+    assert abs(outs[0]["loss"] - ref.history[-1]["loss"]) <= 2e-6 * abs(ref.history[-1]["loss"])
 
 
 def test_one_device_helpers_match_plain_strategy():
