@@ -103,7 +103,10 @@ def _run_devices(argv: list[str], counts: list[int]) -> list[dict]:
         for count in counts:
             path = os.path.join(tmp, f"devices-{count}.json")
             cmd = [sys.executable, "-m", "jaxgrad.bench", *rest, "--mesh-devices", str(count)]
-            subprocess.run([*cmd, "--json", path, "--quiet"], env=env, check=True)
+            # the children's own tables are not shown; their records are, together
+            subprocess.run(
+                [*cmd, "--json", path, "--quiet"], env=env, check=True, stdout=subprocess.DEVNULL
+            )
             with open(path) as f:
                 records.extend(json.load(f)["records"])
     return records
