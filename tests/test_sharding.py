@@ -167,3 +167,39 @@ def test_one_device_helpers_match_plain_strategy():
         sharding.shard_batch(batch, mesh="data")
     with pytest.raises(ValueError, match="`num_devices` must be a positive integer"):
         sharding.data_mesh(0)
+
+
+def test_interleaved_microbatches_hold_rows_k_mod_k():
+    # Reference: numpy strided slices of the padded batch (padding repeats row 0, masked).
+    x = np.arange(10.0)
+    micro, micro_mask = jaxgrad.reduce.split_microbatches(
+        {"x": jax.numpy.asarray(x)}, jax.numpy.ones(10, bool), 3, interleave=True
+    )
+    padded = np.concatenate([x, [x[0], x[0]]])
+    real = np.arange(12) < 10
+    for k in range(3):
+        np.testing.assert_array_equal(micro["x"][k], padded[k::3])
+        np.testing.assert_array_equal(micro_mask[k], real[k::3])
+
+
+def test_devices_table_groups_by_device_count():
+    from jaxgrad.bench import run
+
+    rows = [
+        {
+            "model": "m",
+            "batch_size": 8,
+            "devices": d,
+            "strategy": s,
+            "examples_per_s": v,
+            "ratio_to_batch_grad": r,
+        }
+        for d, s, v, r in [
+            (2, "batch_grad", 10.0, 1.0),
+            (1, "batch_grad", 20.0, 1.0),
+            (2, "clipped_grad", 5.0, 0.5),
+        ]
+    ]
+    lines = run.format_devices_table(rows).splitlines()
+    assert [line.split()[2] for line in lines[2:] if line] == ["1", "2", "2"]
+    assert lines[-1].split()[-1] == "0.500"
