@@ -5,7 +5,18 @@ The gradient of the batch's mean loss equals the mean of the per-example gradien
 order a pure function, proves the equivalences and measures the differences.
 """
 
-from jaxgrad import check, closed_form, data, losses, models, naive, privacy, reduce, train
+from jaxgrad import (
+    check,
+    closed_form,
+    data,
+    losses,
+    models,
+    naive,
+    privacy,
+    reduce,
+    sharding,
+    train,
+)
 from jaxgrad.fast import (
     GradMoments,
     GradStats,
@@ -44,5 +55,6 @@ __all__ = [
     "per_example_norms",
     "privacy",
     "reduce",
+    "sharding",
     "train",
 ]

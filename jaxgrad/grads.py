@@ -27,12 +27,56 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgrad import reduce
 
 
 def _values_are_concrete(tree) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _local_pieces(batch, mask):
+    """``(batch, mask)`` as host pieces to validate, without gathering a sharded batch.
+
+    A batch whose leaves sit on one device (or are numpy) is one piece. A batch spread over
+    devices (``jax.Array`` s sharded along the leading axis) gives one piece per distinct
+    block of rows held by this process's devices, read from those devices only, so a
+    multi-process batch is checked by every process on its own rows.
+    """
+    leaves = jax.tree_util.tree_leaves(batch)
+    sharded = [x for x in leaves if isinstance(x, jax.Array) and not x.is_fully_replicated]
+    if not sharded:
+        size = reduce.batch_size(batch)
+        return [(batch, np.ones((size,), bool) if mask is None else mask)]
+    size = leaves[0].shape[0]
+    blocks = {}
+    for shard in sharded[0].addressable_shards:
+        rows = range(size)[shard.index[0] if shard.index else slice(None)]
+        blocks.setdefault((rows.start, rows.stop), shard.device)
+
+    def rows_of(x, device, start, stop):
+        if not isinstance(x, jax.Array) or (x.is_fully_addressable and x.is_fully_replicated):
+            return np.asarray(x)[start:stop]
+        for shard in x.addressable_shards:
+            if shard.device == device:
+                here = range(x.shape[0])[shard.index[0] if shard.index else slice(None)]
+                if here.start <= start and stop <= here.stop:
+                    return np.asarray(shard.data)[start - here.start : stop - here.start]
+        if x.is_fully_addressable:
+            return np.asarray(x)[start:stop]
+        raise ValueError(
+            "`batch` and `mask` leaves must be sharded alike along the batch axis; got "
+            f"{sharded[0].sharding} and {x.sharding}"
+        )
+
+    return [
+        (
+            jax.tree_util.tree_map(lambda x, d=d, a=a, b=b: rows_of(x, d, a, b), batch),
+            np.ones((b - a,), bool) if mask is None else rows_of(mask, d, a, b),
+        )
+        for (a, b), d in blocks.items()
+    ]
 
 
 def _validator(loss_fn):
@@ -63,6 +107,10 @@ def _strategy(core, *, validate=None, return_loss: bool | None, name: str, doc=N
     """
 
     def run(params, batch, mask, args):
+        # A missing mask is made inside the jit, so it takes the batch's sharding (a batch
+        # spread over devices or processes never meets a mask that lives on one device).
+        if mask is None:
+            mask = jnp.ones((reduce.batch_size(batch),), bool)
         # Padded rows become copies of a real row, so garbage (even NaN) in them cannot leak
         # into the gradient through the backward pass.
         batch = reduce.fill_padding(batch, mask)
@@ -77,9 +125,11 @@ def _strategy(core, *, validate=None, return_loss: bool | None, name: str, doc=N
             raise TypeError(f"`{name}` takes no extra loss arguments; got {len(args)}")
         reduce.check_params(params)
         size = reduce.batch_size(batch)
-        mask = reduce.check_mask(mask, size)
+        if mask is not None:
+            mask = reduce.check_mask(mask, size)
         if validate is not None and _values_are_concrete(batch):
-            validate(batch, mask)
+            for piece, piece_mask in _local_pieces(batch, mask):
+                validate(piece, piece_mask)
         out = jitted(params, batch, mask, args)
         if return_loss is None:
             return out
@@ -266,8 +316,10 @@ def accumulate_grad(
 
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
-      num_microbatches: how many contiguous microbatches to split the batch into. A batch
-        that does not divide evenly is padded (masked out) at the end.
+      num_microbatches: how many microbatches ``K`` to split the batch into; microbatch ``k``
+        holds rows ``k, k + K, …`` (see :func:`jaxgrad.reduce.split_microbatches`), so on a
+        batch sharded over ``D`` devices, with ``D K`` dividing its size, no row moves between
+        devices. A batch that does not divide evenly is padded (masked out) at the end.
       unroll: passed to ``lax.scan``. On XLA:CPU a convolution inside a loop body runs far
         slower than outside one (17x for the benchmark's CNN, see ``python -m jaxgrad.bench``);
         ``unroll=True`` removes the loop at the cost of holding more microbatches' activations.
@@ -288,7 +340,9 @@ def accumulate_grad(
     num_microbatches = reduce.check_positive_int(num_microbatches, name="num_microbatches")
 
     def core(params, batch, mask, loss_fn=loss_fn):
-        micro_batches, micro_masks = reduce.split_microbatches(batch, mask, num_microbatches)
+        micro_batches, micro_masks = reduce.split_microbatches(
+            batch, mask, num_microbatches, interleave=True
+        )
 
         def microbatch_sums(p, micro):
             return reduce.batch_totals(loss_fn, p, *micro)

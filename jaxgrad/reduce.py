@@ -173,11 +173,15 @@ def fill_padding(batch: PyTree, mask: jax.Array) -> PyTree:
     Padded rows are masked out of every sum, but a NaN or inf in their forward pass would
     still turn the backward pass into NaN (``0 × inf``); a copy of a real row cannot.
     """
-    first = jnp.argmax(mask)
+    # The first real row is picked by a masked sum over the batch axis, not by indexing
+    # ``x[argmax(mask)]``: on a batch sharded over devices that is one all-reduce of a row,
+    # where the dynamic index would gather the whole batch onto every device.
+    is_first = jnp.arange(mask.shape[0]) == jnp.argmax(mask)
 
     def fill(x):
-        keep = mask.reshape(mask.shape + (1,) * (x.ndim - 1))
-        return jnp.where(keep, x, x[first])
+        shape = mask.shape + (1,) * (x.ndim - 1)
+        first = jnp.sum(jnp.where(is_first.reshape(shape), x, jnp.zeros_like(x)), axis=0)
+        return jnp.where(mask.reshape(shape), x, first.astype(x.dtype))
 
     return jax.tree_util.tree_map(fill, batch)
 
@@ -220,10 +224,17 @@ def pad_batch(batch: PyTree, mask: jax.Array, size: int):
     return padded, jnp.concatenate([mask, jnp.zeros((extra,), bool)])
 
 
-def split_microbatches(batch: PyTree, mask: jax.Array, num_microbatches: int):
-    """Splits ``batch`` and ``mask`` into ``num_microbatches`` contiguous equal-shaped pieces.
+def split_microbatches(
+    batch: PyTree, mask: jax.Array, num_microbatches: int, *, interleave: bool = False
+):
+    """Splits ``batch`` and ``mask`` into ``num_microbatches`` equal-shaped pieces.
 
-    A batch that does not divide evenly is padded (masked out) at the end, so the last
+    Pieces are contiguous by default. With ``interleave=True`` piece ``k`` holds rows
+    ``k, k + K, k + 2K, …`` (``K = num_microbatches``): on a batch sharded over ``D`` devices
+    along its leading axis (with ``D K`` dividing the batch size) every piece is then spread
+    evenly over the devices and no row moves between them.
+
+    A batch that does not divide evenly is padded (masked out) at the end, so some
     microbatch holds fewer real examples; shapes stay static.
 
     Returns:
@@ -232,7 +243,10 @@ def split_microbatches(batch: PyTree, mask: jax.Array, num_microbatches: int):
     n = mask.shape[0]
     per = -(-n // num_microbatches)
     batch, mask = pad_batch(batch, mask, per * num_microbatches)
-    reshape = lambda x: x.reshape((num_microbatches, per, *x.shape[1:]))
+    if interleave:
+        reshape = lambda x: jnp.swapaxes(x.reshape((per, num_microbatches, *x.shape[1:])), 0, 1)
+    else:
+        reshape = lambda x: x.reshape((num_microbatches, per, *x.shape[1:]))
     return jax.tree_util.tree_map(reshape, batch), reshape(mask)
 
 

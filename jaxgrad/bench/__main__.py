@@ -67,7 +67,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--peers", action="store_true", help="compare with torch.func/Opacus/BackPACK")
     p.add_argument("--sweep", action="store_true", help="scaling sweep over batch size, width")
+    p.add_argument(
+        "--devices",
+        type=_batch_sizes,
+        help="data-parallel over these device counts, e.g. 1,2,4,8 (on a CPU, emulated "
+        "devices; one subprocess per count)",
+    )
+    p.add_argument("--mesh-devices", type=int, help=argparse.SUPPRESS)  # set by --devices
     return p
+
+
+DEVICES_NOTE = (
+    "Emulated CPU devices (--xla_force_host_platform_device_count) share this machine's cores: "
+    "their absolute examples/s mean little; only the ratios within one device count do."
+)
+
+
+def _run_devices(argv: list[str], counts: list[int]) -> list[dict]:
+    """Re-runs this command once per device count, in a subprocess that can see them all."""
+    import os
+    import subprocess
+    import tempfile
+
+    rest, skip = [], False
+    for a in argv:  # drop --devices and --json; every child writes its own JSON
+        if skip:
+            skip = False
+        elif a in ("--devices", "--json"):
+            skip = True
+        elif not a.startswith(("--devices=", "--json=")):
+            rest.append(a)
+    env = dict(os.environ)
+    flag = f"--xla_force_host_platform_device_count={max(counts)}"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for count in counts:
+            path = os.path.join(tmp, f"devices-{count}.json")
+            cmd = [sys.executable, "-m", "jaxgrad.bench", *rest, "--mesh-devices", str(count)]
+            # the children's own tables are not shown; their records are, together
+            subprocess.run(
+                [*cmd, "--json", path, "--quiet"], env=env, check=True, stdout=subprocess.DEVNULL
+            )
+            with open(path) as f:
+                records.extend(json.load(f)["records"])
+    return records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,16 +124,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_outputs(args, parser)
     start = time.perf_counter()
-    records = run.run_suite(
-        args.models,
-        args.batch_sizes,
-        args.strategies,
-        quiet=args.quiet,
-        min_seconds=args.min_seconds,
-    )
+    mesh = None
+    if args.mesh_devices is not None:
+        from jaxgrad import sharding
+
+        mesh = sharding.data_mesh(args.mesh_devices)
+    if args.devices is not None:
+        records = _run_devices(argv, args.devices)
+    else:
+        records = run.run_suite(
+            args.models,
+            args.batch_sizes,
+            args.strategies,
+            quiet=args.quiet,
+            min_seconds=args.min_seconds,
+            mesh=mesh,
+        )
     machine = run.machine_description()
-    print(run.format_table(records))
-    print("\n" + run.LEGEND)
+    if args.devices is not None or mesh is not None:
+        print(run.format_devices_table(records))
+        if machine["device"].startswith("cpu"):
+            print("\n" + DEVICES_NOTE)
+    else:
+        print(run.format_table(records))
+        print("\n" + run.LEGEND)
     print(
         f"\n{machine['device']} · {machine['cpu_count']} CPUs · jax {machine['jax']} · "
         f"{time.perf_counter() - start:.0f} s. Medians after warm-up; ratios from this run."

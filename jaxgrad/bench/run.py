@@ -45,11 +45,14 @@ def run_suite(
     quiet: bool = False,
     min_seconds: float = 0.3,
     log=print,
+    mesh=None,
 ) -> list[dict]:
     """Measures every strategy on every case and batch size; one record per row.
 
     Rows of one (case, batch size) are measured back to back in this process, so
-    ``ratio_to_batch_grad`` compares figures taken under the same conditions.
+    ``ratio_to_batch_grad`` compares figures taken under the same conditions. With ``mesh``
+    (:func:`jaxgrad.sharding.data_mesh`) each batch is sharded over its devices and the
+    parameters replicated; Python-loop strategies are left out.
     """
     case_names, batch_sizes, strategy_names = (
         list(case_names),
@@ -67,6 +70,12 @@ def run_suite(
         for batch_size in batch_sizes:
             batch = case.make_batch(batch_size)
             mask = jax.numpy.ones((batch_size,), bool)
+            args = (params, batch, mask)
+            if mesh is not None:
+                from jaxgrad import sharding
+
+                batch_s, mask_s = sharding.shard_batch(batch, mask, mesh=mesh)
+                args = (sharding.replicate(params, mesh=mesh), batch_s, mask_s)
             group = []
             for name in strategy_names:
                 if bar is not None:
@@ -78,10 +87,12 @@ def run_suite(
                         file=sys.stderr,
                     )
                 f = suite.STRATEGIES[name](case.loss_fn, batch_size)
-                m = timing.measure(f, params, batch, mask, min_seconds=min_seconds)
+                if mesh is not None and getattr(f, "is_python_loop", False):
+                    continue
+                m = timing.measure(f, *args, min_seconds=min_seconds)
                 peak = None
                 if not getattr(f, "is_python_loop", False):
-                    peak = timing.compiled_peak_bytes(f, params, batch, mask)
+                    peak = timing.compiled_peak_bytes(f, *args)
                 group.append(
                     {
                         "model": case.name,
@@ -94,6 +105,7 @@ def run_suite(
                         "compile_s": m.compile_s,
                         "repeats": m.repeats,
                         "peak_mem_mb": None if peak is None else peak / 2**20,
+                        "devices": 1 if mesh is None else int(mesh.devices.size),
                     }
                 )
                 done += 1
@@ -196,5 +208,28 @@ def format_table(records: list[dict]) -> str:
             f"{r['examples_per_s']:>11.0f} {'' if ratio is None else f'{ratio:.3f}':>12} "
             f"{r['compile_s']:>9.2f} {'n/a' if peak is None else f'{peak:.1f}':>9} "
             f"{'' if write is None else f'{write:.2f}':>7}"
+        )
+    return "\n".join(lines)
+
+
+def format_devices_table(records: list[dict]) -> str:
+    """Throughput and the ratio to ``batch_grad`` per device count (``--devices``)."""
+    header = (
+        f"{'model':<24} {'B':>5} {'devices':>7} {'strategy':<28} {'examples/s':>11} "
+        f"{'x batch_grad':>12}"
+    )
+    lines = [header, "-" * len(header)]
+    rows = sorted(records, key=lambda r: (r["model"], r["batch_size"], r.get("devices", 1)))
+    previous = None
+    for r in rows:
+        key = (r["model"], r["batch_size"], r.get("devices", 1))
+        if previous is not None and key != previous:
+            lines.append("")
+        previous = key
+        ratio = r["ratio_to_batch_grad"]
+        lines.append(
+            f"{r['model']:<24} {r['batch_size']:>5} {r.get('devices', 1):>7} "
+            f"{r['strategy']:<28} {r['examples_per_s']:>11.0f} "
+            f"{'' if ratio is None else f'{ratio:.3f}':>12}"
         )
     return "\n".join(lines)

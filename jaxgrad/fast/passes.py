@@ -312,16 +312,20 @@ def run_chunked(body, batch, mask, chunk_size):
     """``body(batch, mask) -> (per_example, totals)`` over chunks, totals added, rows stacked.
 
     ``chunk_size`` examples at a time under ``lax.scan``; a remainder that does not fill a
-    chunk is processed last on its own, so no example is padded or dropped.
+    chunk is processed last on its own, so no example is padded or dropped. Chunk ``k`` of
+    ``K`` holds rows ``k, k + K, …`` (interleaved, and the rows put back in order after), so
+    on a batch sharded over devices every chunk is spread over them and no row moves.
     """
     size = mask.shape[0]
     if chunk_size is None or chunk_size >= size:
         return body(batch, mask)
     num_full, rem = divmod(size, chunk_size)
     cut = num_full * chunk_size
-    head = jax.tree_util.tree_map(
-        lambda x: x[:cut].reshape((num_full, chunk_size, *x.shape[1:])), (batch, mask)
-    )
+
+    def interleave(x):
+        return jnp.swapaxes(x.reshape((chunk_size, num_full, *x.shape[1:])), 0, 1)
+
+    head = jax.tree_util.tree_map(lambda x: interleave(x[:cut]), (batch, mask))
     first = jax.tree_util.tree_map(lambda x: x[0], head)
     _, totals_shape = jax.eval_shape(lambda bm: body(*bm), first)
     init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), totals_shape)
@@ -331,7 +335,9 @@ def run_chunked(body, batch, mask, chunk_size):
         return jax.tree_util.tree_map(jnp.add, acc, totals), rows
 
     totals, rows = jax.lax.scan(step, init, head)
-    rows = jax.tree_util.tree_map(lambda x: x.reshape((cut, *x.shape[2:])), rows)
+    rows = jax.tree_util.tree_map(
+        lambda x: jnp.swapaxes(x, 0, 1).reshape((cut, *x.shape[2:])), rows
+    )
     if rem:
         tail = jax.tree_util.tree_map(lambda x: x[cut:], (batch, mask))
         rows_t, totals_t = body(*tail)

@@ -107,7 +107,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="progress display; auto: a bar on a terminal, plain lines otherwise",
     )
     g.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    g = p.add_argument_group("devices and hosts (data parallel)")
+    g.add_argument(
+        "--devices",
+        type=int,
+        help="train data-parallel on this many devices in all (on a CPU, emulated ones)",
+    )
+    g.add_argument("--coordinator", help="HOST:PORT of process 0 of a multi-process run")
+    g.add_argument("--num-processes", type=int, help="processes (hosts) in the run")
+    g.add_argument("--process-id", type=int, help="this process's number, from 0")
     return p
+
+
+def _mesh(args, parser):
+    """The data mesh the run trains on (None: one device), ``jax.distributed`` started first."""
+    import jax
+
+    from jaxgrad import sharding
+
+    distributed = any(
+        v is not None for v in (args.coordinator, args.num_processes, args.process_id)
+    )
+    if args.devices is not None and args.devices < 1:
+        parser.error(f"--devices must be a positive integer; got {args.devices}")
+    if distributed:
+        if args.num_processes is None or args.process_id is None or args.coordinator is None:
+            parser.error("--coordinator, --num-processes and --process-id go together")
+        try:
+            sharding.initialize(
+                args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+            )
+        except ValueError as e:
+            parser.error(str(e))
+    if args.devices is None and not distributed:
+        return None
+    if args.devices is not None:
+        # On the CPU, emulate the devices this process needs; no effect on GPUs and TPUs,
+        # and too late (left as it is) if the backend has already started.
+        per_process = -(-args.devices // (args.num_processes or 1))
+        try:
+            jax.config.update("jax_num_cpu_devices", per_process)
+        except RuntimeError:
+            pass
+    try:
+        return sharding.data_mesh(args.devices)
+    except ValueError as e:
+        parser.error(str(e).replace("`num_devices`", "--devices"))
 
 
 def _strategy(args, parser):
@@ -137,6 +182,8 @@ def _privacy(args, parser, num_examples, batch_size, epochs):
         parser.error("--dp takes its own noisy clipped gradient; leave --strategy at batch")
     if args.checkpoint_every is not None:
         parser.error("--dp checkpoints every epoch; --checkpoint-every does not apply")
+    if args.devices is not None or args.coordinator is not None:
+        parser.error("--dp runs on one device for now; leave out --devices and --coordinator")
     if (args.target_epsilon is None) == (args.noise_multiplier is None):
         parser.error("--dp needs exactly one of --target-epsilon and --noise-multiplier")
     from jaxgrad.train import PrivacyConfig, private
@@ -304,6 +351,10 @@ def run(args, parser=None) -> dict:
     import jaxgrad.data
     from jaxgrad.train import evaluator, fit
 
+    mesh = _mesh(args, parser)
+    lead = jax.process_index() == 0  # with several processes only process 0 reports
+    if not lead:
+        args.quiet, args.json, args.plot, args.metrics_jsonl = True, None, None, None
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     dtype = jnp.float64 if args.x64 else jnp.float32
     if args.data in ("npz", "idx") and not args.data_path:
@@ -368,6 +419,7 @@ def run(args, parser=None) -> dict:
         progress=args.progress,
         quiet=args.quiet,
         **({"privacy": privacy_plan.config} if privacy_plan else {}),
+        mesh=mesh,
     )
     seconds = time.perf_counter() - start
     skip = ("epoch", "step", "seconds", "loss", "epsilon", "nonfinite")
@@ -384,6 +436,8 @@ def run(args, parser=None) -> dict:
         "seed": args.seed,
         "scan": False if args.no_scan else "auto",
         "dtype": np.dtype(dtype).name,
+        "devices": 1 if mesh is None else int(mesh.devices.size),
+        "processes": jax.process_count(),
         "seconds": seconds,
         "final": final,
         "history": result.history,
@@ -392,7 +446,8 @@ def run(args, parser=None) -> dict:
         summary["privacy"] = privacy_plan.summary(int(result.state.step))
         summary["privacy"]["nonfinite_dropped"] = sum(r["nonfinite"] for r in result.history)
     if model_name == "line":
-        summary["params"] = {k: float(v) for k, v in result.params.items()}
+        params = jaxgrad.train.loop._local_copy(result.params)
+        summary["params"] = {k: float(v) for k, v in params.items()}
     if model_name == "linear" and ds.task == "regression":
         reference = _sklearn_r2(ds)
         if reference is not None:

@@ -26,6 +26,7 @@ import optax
 
 from jaxgrad import data as data_lib
 from jaxgrad import reduce
+from jaxgrad import sharding as sharding_lib
 from jaxgrad.grads import batch_grad
 from jaxgrad.train import checkpoint as ckpt
 from jaxgrad.train import private
@@ -99,6 +100,17 @@ def _guarded(step):
     return body
 
 
+def _local_copy(tree):
+    """This process's replica of a replicated tree (what a checkpoint or ``evaluate`` gets)."""
+
+    def local(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x.addressable_data(0)
+        return x
+
+    return jax.tree_util.tree_map(local, tree)
+
+
 def _positive(value, name):
     return reduce.check_positive_int(value, name=name)
 
@@ -136,8 +148,13 @@ def _fingerprint(key) -> str:
     return hashlib.sha256(data.tobytes()).hexdigest()[:16]
 
 
-def _fit_private(*args, strategy, scan, steps_per_call, checkpoint_every, **kwargs):
+def _fit_private(*args, strategy, scan, steps_per_call, checkpoint_every, mesh, **kwargs):
     """``fit(..., privacy=...)``: the DP-SGD loop of :mod:`jaxgrad.train.private`."""
+    if mesh is not None:
+        raise ValueError(
+            "`mesh` is not supported with `privacy` yet: DP-SGD training runs on one device "
+            f"(its Poisson sample is drawn over the whole data set); got mesh={mesh!r}"
+        )
     for name, value in (("checkpoint_every", checkpoint_every), ("steps_per_call", steps_per_call)):
         if value is not None:
             raise ValueError(
@@ -173,6 +190,7 @@ def fit(
     progress: str = "auto",
     quiet: bool = False,
     privacy: PrivacyConfig | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> FitResult:
     """Trains ``params`` on ``train_data`` for ``epochs`` epochs of minibatch SGD.
 
@@ -215,6 +233,14 @@ def fit(
         noisy clipped gradient, σ calibrated to a target ε, ε reported per epoch (history
         key ``epsilon``). ``strategy``, ``checkpoint_every`` and ``steps_per_call`` do not
         apply (checkpoints are written every epoch).
+      mesh: train data-parallel over this mesh's ``"data"`` axis (see
+        :func:`jaxgrad.sharding.data_mesh`): every batch is sharded along its examples,
+        padded (masked out) to a multiple of the device count, and the parameters are
+        replicated; the gradient is the same ``(sum, count)`` reduction, summed over devices.
+        With several processes (:func:`jaxgrad.sharding.initialize`) every process calls
+        ``fit`` with the same arguments; each feeds only its own devices' rows, process 0
+        writes the checkpoints (the replicated state, in the usual format; resuming needs
+        ``checkpoint_dir`` visible to every process) and all of them read it on resume.
 
     Returns:
       A :class:`FitResult` ``(params, state, history)``.
@@ -263,6 +289,7 @@ def fit(
             metrics_path=metrics_path,
             progress=progress,
             quiet=quiet,
+            mesh=mesh,
         )
     n = reduce.batch_size(train_data, name="train_data")
     if scan == "auto":
@@ -280,6 +307,14 @@ def fit(
     if validate is not None:
         validate(train_data)
 
+    if mesh is not None:
+        sharding_lib.check_batch(train_data, mesh=mesh)
+        devices = mesh.shape["data"]
+        # Each batch is padded to a multiple of the device count with masked-out rows.
+        width = -(-batch_size // devices) * devices
+        batch_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        row_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+
     steps_per_epoch = data_lib.num_batches(n, batch_size)
     chunk = steps_per_epoch
     if checkpoint_dir is not None and checkpoint_every is not None:
@@ -296,6 +331,7 @@ def fit(
         "scan": bool(scan),
         # A resumed run must be the same run: same seed and same gradient strategy.
         "key": _fingerprint(key),
+        **({"devices": int(mesh.devices.size)} if mesh is not None else {}),
         "strategy": getattr(strategy, "__name__", None)
         or getattr(getattr(strategy, "func", None), "__name__", type(strategy).__name__),
     }
@@ -316,6 +352,13 @@ def fit(
         restored = ckpt.restore_latest(checkpoint_dir, {"state": state, "key": key})
         if restored is not None:
             tree, meta, last_checkpoint = restored
+            if mesh is not None and meta.get("config", {}).get("devices") != config["devices"]:
+                raise ValueError(
+                    f"checkpoint {last_checkpoint} was written by a run on "
+                    f"{meta.get('config', {}).get('devices', 1)} device(s); this run has `mesh` "
+                    f"with {config['devices']}. Resume on the same device count (the batches "
+                    "and the order of the sums depend on it), or use another checkpoint_dir"
+                )
             if meta.get("config") != config:
                 raise ckpt.CheckpointError(
                     f"checkpoint {last_checkpoint} was written by a run configured as "
@@ -324,6 +367,8 @@ def fit(
                     "checkpoint_dir (or resume=False)"
                 )
             state, key = tree["state"], tree["key"]
+            if mesh is not None:
+                state = sharding_lib.replicate(state, mesh=mesh)
             start_epoch, start_chunk = meta["epoch"], meta["chunk"]
             history, epoch_loss, epoch_count = (
                 meta["history"],
@@ -332,9 +377,18 @@ def fit(
             )
 
     body = _guarded(step_fn(loss_fn, optimizer, strategy=strategy))
+    if mesh is not None:
+        state = sharding_lib.replicate(state, mesh=mesh)
+        inner = body
+
+        def body(carry, batch, mask, active):
+            batch, mask = jax.lax.with_sharding_constraint((batch, mask), batch_spec)
+            return inner(carry, batch, mask, active)
 
     if scan:
         device_data = jax.tree_util.tree_map(jnp.asarray, train_data)
+        if mesh is not None:
+            device_data = sharding_lib.replicate(train_data, mesh=mesh)
 
         @jax.jit
         def run_chunk(state, data, idx, mask, active):
@@ -355,7 +409,10 @@ def fit(
             for i, m, a in zip(idx, mask, active, strict=False):
                 if not a:
                     break
-                carry, weighted = jit_body(carry, data_lib.take(host_data, i), m, True)
+                batch = data_lib.take(host_data, i)
+                if mesh is not None:
+                    batch, m = sharding_lib._place((batch, m), batch_spec)
+                carry, weighted = jit_body(carry, batch, m, True)
                 total.append(weighted)
             return carry[0], carry[1], sum(total)
 
@@ -369,9 +426,11 @@ def fit(
             "epoch_count": epoch_count,
             "config": config,
         }
+        if mesh is not None and jax.process_index() != 0:
+            return ckpt.path_for(checkpoint_dir, int(state.step))
         return ckpt.save(
             checkpoint_dir,
-            {"state": state, "key": key},
+            {"state": _local_copy(state), "key": key},
             step=int(state.step),
             metadata=meta,
             keep=keep,
@@ -386,13 +445,18 @@ def fit(
     try:
         for epoch in range(start_epoch, epochs):
             idx, mask = _epoch_indices(key, epoch, n, batch_size)
+            if mesh is not None and width != batch_size:
+                idx, mask = np.asarray(idx), np.asarray(mask)
+                idx = np.concatenate([idx, np.repeat(idx[:, :1], width - batch_size, 1)], 1)
+                mask = np.concatenate([mask, np.zeros((len(mask), width - batch_size), bool)], 1)
             pad = padded_steps - steps_per_epoch
             active = np.arange(padded_steps) < steps_per_epoch
             if scan:
-                idx = jnp.concatenate([idx, jnp.zeros((pad, batch_size), idx.dtype)])
-                mask = jnp.concatenate([mask, jnp.zeros((pad, batch_size), bool)])
+                bw = idx.shape[1]
+                idx = jnp.concatenate([idx, jnp.zeros((pad, bw), idx.dtype)])
+                mask = jnp.concatenate([mask, jnp.zeros((pad, bw), bool)])
                 shape = (chunks_per_epoch, chunk)
-                idx, mask = idx.reshape(*shape, batch_size), mask.reshape(*shape, batch_size)
+                idx, mask = idx.reshape(*shape, bw), mask.reshape(*shape, bw)
                 active = jnp.asarray(active.reshape(shape))
             else:
                 idx, mask = np.asarray(idx), np.asarray(mask)
@@ -405,7 +469,11 @@ def fit(
             for c in range(first, chunks_per_epoch):
                 before = int(state.step)
                 data_arg = device_data if scan else None
-                new_state, bad, weighted = run_chunk(state, data_arg, idx[c], mask[c], active[c])
+                idx_c, mask_c, active_c = idx[c], mask[c], active[c]
+                if mesh is not None and scan:
+                    idx_c, mask_c = sharding_lib._place((idx_c, mask_c), row_spec)
+                    active_c = sharding_lib.replicate(active_c, mesh=mesh)
+                new_state, bad, weighted = run_chunk(state, data_arg, idx_c, mask_c, active_c)
                 bad = int(bad)
                 if bad >= 0:
                     batch_no = bad - epoch * steps_per_epoch + 1
@@ -437,7 +505,8 @@ def fit(
                         "loss": epoch_loss / max(epoch_count, 1),
                     }
                     if evaluate is not None:
-                        record.update({k: float(v) for k, v in evaluate(state.params).items()})
+                        params_now = state.params if mesh is None else _local_copy(state.params)
+                        record.update({k: float(v) for k, v in evaluate(params_now).items()})
                     record["seconds"] = time.perf_counter() - start
                     history.append(record)
                     bar.epoch(record)

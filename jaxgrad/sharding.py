@@ -1,0 +1,267 @@
+"""Data parallelism on JAX's own SPMD engine: a data mesh, sharded batches, several hosts.
+
+Every jaxgrad strategy is a ``jax.jit``-compiled function of ``(params, batch, mask)``, so it
+runs data-parallel as it is when ``batch`` and ``mask`` are ``jax.Array`` s sharded along
+their leading axis, ``NamedSharding(mesh, P("data"))``, and ``params`` are replicated: XLA's
+SPMD partitioner gives each device its rows, and the reductions stay ``(sum, count)`` pairs
+
+.. math::
+
+    \\bar g = \\frac{\\sum_d \\sum_{i \\in d} m_i \\nabla S_i}{\\sum_d \\sum_{i \\in d} m_i n_i}
+
+summed over devices (one all-reduce of the gradient and of the count) and divided once —
+never a mean of per-device means, which is wrong as soon as devices hold different numbers
+of real examples or tokens. Per-example outputs (``per_example_norms``) stay sharded; no
+device ever holds the whole batch.
+
+This module only builds the inputs: :func:`data_mesh` (a 1-D mesh over the devices of every
+process), :func:`shard_batch` (pads a batch to a multiple of the device count, masked out,
+and places it), :func:`replicate` (parameters on every device), :func:`check_batch` (the
+batch is sharded along its leading axis only) and :func:`initialize` (``jax.distributed``
+with its arguments checked). Several hosts are several processes over one global mesh.
+
+Example::
+
+  >>> import jax, jax.numpy as jnp, jaxgrad
+  >>> mesh = jaxgrad.sharding.data_mesh()
+  >>> loss = lambda w, ex: (jnp.dot(ex[0], w) - ex[1]) ** 2
+  >>> batch, mask = jaxgrad.sharding.shard_batch((jnp.ones((5, 2)), jnp.zeros(5)), mesh=mesh)
+  >>> g = jaxgrad.batch_grad(loss)(jaxgrad.sharding.replicate(jnp.ones(2), mesh=mesh), batch, mask)
+  >>> g.tolist()  # d/dw (w·x − y)² = 2 (w·x − y) x = 4 x
+  [4.0, 4.0]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxgrad import reduce
+
+PyTree = Any
+
+__all__ = ["check_batch", "data_mesh", "initialize", "replicate", "shard_batch"]
+
+
+def initialize(
+    coordinator: str | None = None,
+    *,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Starts ``jax.distributed`` for one process of a multi-host run, arguments checked.
+
+    Call it first, before anything touches a device. With no arguments JAX reads its own
+    environment (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``) or a
+    cluster manager (SLURM, Open MPI, ...). On the CPU the collectives go over gloo.
+
+    Args:
+      coordinator: ``"HOST:PORT"`` of process 0.
+      num_processes: how many processes take part.
+      process_id: this process's number, in ``[0, num_processes)``.
+
+    Raises:
+      ValueError: a malformed coordinator, a process id out of range, or a run where JAX
+        reports a different number of processes than ``num_processes``.
+    """
+    if coordinator is not None:
+        host, sep, port = coordinator.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"`coordinator` must be 'HOST:PORT'; got {coordinator!r}")
+    if num_processes is not None:
+        num_processes = reduce.check_positive_int(num_processes, name="num_processes")
+    if process_id is not None:
+        bad = isinstance(process_id, bool) or not isinstance(process_id, (int, np.integer))
+        if bad or process_id < 0 or (num_processes is not None and process_id >= num_processes):
+            raise ValueError(
+                f"`process_id` must be an integer in [0, {num_processes}) (`num_processes`); "
+                f"got {process_id!r}"
+            )
+    # On the CPU the collectives between processes run over gloo (JAX's default here);
+    # set explicitly so an environment that changed the default still gets working ones.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+    )
+    if num_processes is not None and jax.process_count() != num_processes:
+        raise ValueError(
+            f"`num_processes` is {num_processes} but JAX reports {jax.process_count()} "
+            "processes; start exactly that many, each with its own `process_id`"
+        )
+
+
+def data_mesh(num_devices: int | None = None, *, axis: str = "data") -> Mesh:
+    """A 1-D mesh named ``axis`` over the devices of every process.
+
+    Args:
+      num_devices: how many devices (default: all of them, ``jax.device_count()``). With
+        several processes it must be a multiple of the process count, and each process
+        contributes its first ``num_devices / process_count`` local devices.
+      axis: the mesh axis name the batch is sharded over.
+
+    Returns:
+      A :class:`jax.sharding.Mesh` of shape ``{axis: num_devices}``.
+
+    Raises:
+      ValueError: more devices than there are, or a count the processes cannot share evenly.
+    """
+    total, procs = jax.device_count(), jax.process_count()
+    if num_devices is None:
+        num_devices = total
+    num_devices = reduce.check_positive_int(num_devices, name="num_devices")
+    if num_devices > total:
+        raise ValueError(
+            f"`num_devices` is {num_devices} but only {total} devices are visible "
+            f"({procs} process(es), {jax.local_device_count()} local device(s) here); "
+            "on the CPU emulate more with XLA_FLAGS=--xla_force_host_platform_device_count=N"
+        )
+    if num_devices % procs:
+        raise ValueError(
+            f"`num_devices` ({num_devices}) must be a multiple of the process count ({procs}), "
+            "so every process holds the same number of devices"
+        )
+    per = num_devices // procs
+    devices = [d for p in range(procs) for d in _process_devices(p)[:per]]
+    if len(devices) != num_devices:
+        raise ValueError(
+            f"`num_devices` ({num_devices}) needs {per} devices in every process; some "
+            "process has fewer"
+        )
+    return Mesh(np.array(devices), (axis,))
+
+
+def _process_devices(process: int) -> list:
+    return sorted((d for d in jax.devices() if d.process_index == process), key=lambda d: d.id)
+
+
+def _check_axis(mesh, axis: str) -> int:
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"`mesh` must be a jax.sharding.Mesh; got {type(mesh).__name__}")
+    if axis not in mesh.shape:
+        raise ValueError(
+            f"`mesh` has no axis named {axis!r} (`axis`); its axes are {tuple(mesh.axis_names)}"
+        )
+    return mesh.shape[axis]
+
+
+def replicate(tree: PyTree, *, mesh: Mesh) -> PyTree:
+    """``tree`` (parameters, optimizer state) with every leaf replicated on all of ``mesh``.
+
+    Works with several processes: each process passes the same values. Leaves already
+    placed on ``mesh`` (replicated) are returned as they are.
+    """
+    return _place(tree, NamedSharding(mesh, P()))
+
+
+def _place(tree, sharding):
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = np.asarray(jax.random.key_data(x))
+            impl = jax.random.key_impl(x)
+            return jax.random.wrap_key_data(_global(data, sharding), impl=impl)
+        return _global(np.asarray(x), sharding)
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def _global(x: np.ndarray, sharding) -> jax.Array:
+    # Every process materialises only the pieces its own devices hold.
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def check_batch(batch: PyTree, mask=None, *, mesh: Mesh, axis: str = "data") -> None:
+    """Checks that ``batch`` (and ``mask``) are sharded along their leading axis only.
+
+    Leaves that are not ``jax.Array`` s, or that sit on one device, pass (they are placed by
+    :func:`shard_batch`). A leaf sharded over a mesh axis on any other dimension, or over a
+    different mesh, is an error: a data-parallel batch splits examples, never features.
+
+    Raises:
+      ValueError: naming the leaf, its sharding and what was expected.
+    """
+    _check_axis(mesh, axis)
+    named = {"batch": batch} if mask is None else {"batch": batch, "mask": mask}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(named)[0]:
+        if not isinstance(leaf, jax.Array) or len(leaf.sharding.device_set) == 1:
+            continue
+        name = jax.tree_util.keystr(key_path)
+        sharding = leaf.sharding
+        if not isinstance(sharding, NamedSharding) or sharding.mesh.devices.shape != (
+            mesh.devices.shape
+        ):
+            if leaf.is_fully_replicated:
+                continue
+            raise ValueError(
+                f"{name} is sharded as {sharding}; expected NamedSharding(mesh, P({axis!r})) "
+                f"over `mesh` {dict(mesh.shape)}"
+            )
+        spec = tuple(sharding.spec)
+        for dim, entry in enumerate(spec):
+            names = entry if isinstance(entry, tuple) else (entry,)
+            if dim > 0 and any(n is not None for n in names):
+                raise ValueError(
+                    f"{name} (shape {leaf.shape}) is sharded along its axis {dim} "
+                    f"(PartitionSpec{spec}); a data-parallel batch must be sharded along its "
+                    f"leading (example) axis only, P({axis!r})"
+                )
+
+
+def shard_batch(batch: PyTree, mask=None, *, mesh: Mesh, axis: str = "data"):
+    """Pads ``batch`` to a multiple of the device count and shards it along its leading axis.
+
+    Padded rows repeat row 0 and are masked out, so every strategy's answer is unchanged and
+    a device may hold only padding. With several processes, ``batch`` is *this process's*
+    rows (every process passes the same number) and the result is the global batch, in
+    process order.
+
+    Args:
+      batch: a pytree of arrays with a leading example axis (numpy or jax).
+      mask: a boolean vector over that axis (False = padding); all True when None.
+      mesh: the mesh, e.g. :func:`data_mesh`.
+      axis: the mesh axis to shard over.
+
+    Returns:
+      ``(batch, mask)`` as ``jax.Array`` s with ``NamedSharding(mesh, P(axis))``, their
+      leading axis a multiple of ``mesh.shape[axis]``.
+
+    Raises:
+      ValueError: a mesh without ``axis``, a batch already sharded along another axis, leaves
+        that disagree on the batch size, a mask of the wrong shape.
+    """
+    devices = _check_axis(mesh, axis)
+    check_batch(batch, mask, mesh=mesh, axis=axis)
+    size = reduce.batch_size(batch)
+    if mask is None:
+        mask = np.ones((size,), bool)
+    elif np.shape(mask) != (size,):
+        raise ValueError(
+            f"`mask` must have shape ({size},) to match the batch; got {np.shape(mask)}"
+        )
+    elif np.result_type(mask) != np.bool_:
+        raise TypeError(f"`mask` must be boolean (True = real example); got {np.result_type(mask)}")
+    local = {d for d in mesh.devices.flat if d.process_index == jax.process_index()}
+    per_process = max(len(local), 1)
+    procs = devices // per_process
+    target = -(-size // per_process) * per_process
+    batch = jax.tree_util.tree_map(np.asarray, batch)
+    mask = np.asarray(mask)
+    if target != size:
+        extra = target - size
+        batch = jax.tree_util.tree_map(
+            lambda x: np.concatenate([x, np.repeat(x[:1], extra, axis=0)]), batch
+        )
+        mask = np.concatenate([mask, np.zeros((extra,), bool)])
+    sharding = NamedSharding(mesh, P(axis))
+    if procs == 1:
+        return _place((batch, mask), sharding)
+
+    def put(x):
+        return jax.make_array_from_process_local_data(sharding, x, (target * procs, *x.shape[1:]))
+
+    return jax.tree_util.tree_map(put, (batch, mask))

@@ -1,0 +1,233 @@
+"""Subprocess side of tests/test_sharding.py: runs on emulated CPU devices, prints JSON.
+
+``strategies``: every strategy on meshes of 1, 2, 4 and 8 devices against the unsharded
+float64 result (and a Python loop over examples), with uneven data; output shardings; the
+compiled HLO's all-gathers; bad inputs. ``train``: one process of a multi-process training
+run (``--process-id``, ``--num-processes``, ``--coordinator``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+
+def _setup(devices: int):
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def _rel(a, b) -> float:
+    import jax
+    import numpy as np
+
+    worst = 0.0
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        scale = max(float(np.max(np.abs(y))), 1e-300)
+        worst = max(worst, float(np.max(np.abs(x - y))) / scale)
+    return worst
+
+
+def strategies() -> dict:
+    _setup(8)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    jax.config.update("jax_enable_x64", True)
+    import jaxgrad
+    from jaxgrad import sharding
+
+    rng = np.random.default_rng(0)
+    mlp = jaxgrad.models.mlp([5, 8, 3], dtype=jnp.float64)
+    mlp_loss = jaxgrad.losses.supervised(
+        mlp.apply, jaxgrad.losses.softmax_cross_entropy, num_classes=3
+    )
+
+    # A small token model (embedding, tanh, per-token dense): cheap to compile, and its loss
+    # is a (sum of real-token losses, real-token count) pair like the transformer's.
+    def token_init(key):
+        k1, k2 = jax.random.split(key)
+        embed = jax.random.normal(k1, (11, 6), jnp.float64)
+        return {"embed": embed, "out": jax.random.normal(k2, (6, 11), jnp.float64) / 3}
+
+    def token_loss(p, ex):
+        tokens, targets = ex
+        logits = jnp.tanh(p["embed"][tokens]) @ p["out"]
+        return jaxgrad.losses.token_cross_entropy(logits, targets)
+
+    # Uneven cases. 16 examples, the last 4 masked out and holding garbage (NaN inputs, an
+    # ignore label): with 4 devices the last one holds only padding, with 8 the last two do.
+    # 13 token sequences (13 does not divide by 2, 4 or 8: shard_batch pads them) whose
+    # real lengths go from 8 down to 1, in order, so devices hold very different numbers of
+    # real tokens.
+    x16, y16 = rng.normal(size=(16, 5)), rng.integers(0, 3, 16)
+    m16 = np.arange(16) < 12
+    x16[12:] = np.nan  # padding garbage must not leak
+    y16[12:] = -100
+    lengths = np.sort(rng.integers(1, 9, 13))[::-1].copy()
+    lengths[-4:] = 1
+    tok = rng.integers(1, 11, (13, 8))
+    tok[np.arange(8)[None, :] >= lengths[:, None]] = 0
+    tgt = np.roll(tok, -1, axis=1)
+    tgt[:, -1] = 0
+    cases = {
+        "mlp_16_masked": (mlp_loss, mlp.init(jax.random.key(1)), (x16, y16), m16),
+        "tokens_13": (token_loss, token_init(jax.random.key(2)), (tok, tgt), None),
+    }
+    factories = {
+        "batch_grad": lambda f: jaxgrad.batch_grad(f, return_loss=True),
+        "mean_of_per_example_grads": lambda f: jaxgrad.mean_of_per_example_grads(f),
+        "accumulate_grad": lambda f: jaxgrad.accumulate_grad(f, num_microbatches=2),
+        "per_example_norms": lambda f: jaxgrad.per_example_norms(f, chunk_size=8),
+        "clipped_grad": lambda f: jaxgrad.clipped_grad(f, l2_clip=0.3, return_norms=True),
+        "grad_stats": lambda f: jaxgrad.grad_stats(f),
+    }
+    out = {"errors": {}, "loop_errors": {}, "sharded_outputs": {}, "gathers": {}, "bad": {}}
+    for cname, (loss_fn, params, batch, mask) in cases.items():
+        size = len(batch[0])
+        real = np.ones(size, bool) if mask is None else mask
+        # Independent reference: a Python loop over the real examples, (sum, count) pairs.
+        total, count, gsum = 0.0, 0.0, None
+        one = jax.jit(jax.grad(jaxgrad.reduce.loss_sum_fn(loss_fn)))
+        for i in np.flatnonzero(real):
+            ex = tuple(jnp.asarray(a[i]) for a in batch)
+            s, c = jaxgrad.reduce.as_sum_count(loss_fn(params, ex))
+            g = one(params, ex)
+            total, count = total + float(s), count + float(c)
+            gsum = g if gsum is None else jax.tree_util.tree_map(jnp.add, gsum, g)
+        loop_grad = jax.tree_util.tree_map(lambda v, n=count: v / n, gsum)
+        refs = {
+            k: make(loss_fn)(params, tuple(map(jnp.asarray, batch)), mask)
+            for k, make in factories.items()
+        }
+        for d in (1, 2, 4, 8):
+            mesh = sharding.data_mesh(d)
+            sbatch, smask = sharding.shard_batch(batch, mask, mesh=mesh)
+            sparams = sharding.replicate(params, mesh=mesh)
+            for k, make in factories.items():
+                # One compilation: its HLO is inspected and the same executable is run.
+                compiled = jax.jit(make(loss_fn)).lower(sparams, sbatch, smask).compile()
+                if d > 1 and cname == "mlp_16_masked":
+                    # No all-gather bigger than one element per device (the position of the
+                    # first real row): the batch is never gathered. 16 rows on up to 8
+                    # devices in 2 microbatches or chunks of 8 keep every row in place.
+                    hlo = compiled.as_text()
+                    shapes = re.findall(r"= \(?([a-z0-9]+\[[0-9,]*\])[^=]*? all-gather\(", hlo)
+                    sizes = [
+                        int(np.prod([int(v) for v in t[t.index("[") + 1 : -1].split(",") if v]))
+                        for t in shapes
+                    ]
+                    out["gathers"][f"{k}/{d}"] = [max(sizes, default=0), d]
+                got = compiled(sparams, sbatch, smask)
+                ref = refs[k]
+                # Per-example outputs: compare the real rows (shard_batch appended padding).
+                if k == "per_example_norms":
+                    got = got[:size]
+                elif k == "clipped_grad":
+                    got, ref = (got[0], got[1][:size]), (ref[0], ref[1])
+                elif k == "grad_stats":
+                    got = got._replace(norms=got.norms[:size])
+                out["errors"][f"{cname}/{k}/{d}"] = _rel(got, ref)
+                if k == "batch_grad":
+                    out["loop_errors"][f"{cname}/{d}"] = _rel(got[1], loop_grad)
+                if k == "per_example_norms":
+                    spec = str(compiled(sparams, sbatch, smask).sharding.spec)
+                    out["sharded_outputs"][f"{cname}/{d}"] = [spec, d]
+
+    # Bad inputs.
+    mesh = sharding.data_mesh(4)
+
+    def error(fn):
+        try:
+            fn()
+        except (ValueError, TypeError) as e:
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    wrong_axis = jax.device_put(np.ones((16, 8)), NamedSharding(mesh, P(None, "data")))
+    out["bad"]["feature_axis"] = error(lambda: sharding.shard_batch((wrong_axis, y16), mesh=mesh))
+    other = Mesh(np.array(jax.devices()[:4]), ("model",))
+    out["bad"]["no_axis"] = error(lambda: sharding.shard_batch((x16, y16), mesh=other))
+    out["bad"]["too_many_devices"] = error(lambda: sharding.data_mesh(16))
+    out["bad"]["process_id"] = error(
+        lambda: sharding.initialize("127.0.0.1:1234", num_processes=2, process_id=2)
+    )
+    out["bad"]["coordinator"] = error(
+        lambda: sharding.initialize("localhost", num_processes=2, process_id=0)
+    )
+    bad_labels = np.array(y16)  # a bad label in a real row, on the second device
+    bad_labels[5] = 7
+    sb, sm = sharding.shard_batch((x16, bad_labels), m16, mesh=mesh)
+    out["bad"]["sharded_label"] = error(
+        lambda: jaxgrad.batch_grad(mlp_loss)(
+            sharding.replicate(cases["mlp_16_masked"][1], mesh=mesh), sb, sm
+        )
+    )
+    return out
+
+
+def train(process_id: int, num_processes: int, coordinator: str, directory: str) -> dict:
+    _setup(2)
+    from jaxgrad import sharding
+
+    sharding.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    import jax
+    import numpy as np
+
+    import jaxgrad
+
+    out = {"process_count": jax.process_count(), "devices": jax.device_count()}
+    try:
+        sharding.data_mesh(3)
+    except ValueError as e:
+        out["odd_mesh"] = str(e)
+    mesh = sharding.data_mesh()
+    loss_fn, params, data, kw = training_problem()
+    ckpt_full, ckpt_cut = (os.path.join(directory, n) for n in ("full", "cut"))
+    full = jaxgrad.train.fit(loss_fn, params, data, mesh=mesh, checkpoint_dir=ckpt_full, **kw)
+    # Interrupted after one epoch, then resumed: must end bit for bit where `full` does.
+    jaxgrad.train.fit(
+        loss_fn, params, data, mesh=mesh, checkpoint_dir=ckpt_cut, **kw | {"epochs": 1}
+    )
+    resumed = jaxgrad.train.fit(loss_fn, params, data, mesh=mesh, checkpoint_dir=ckpt_cut, **kw)
+    local = jaxgrad.train.loop._local_copy
+    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(local(full.params))]
+    again = [np.asarray(x) for x in jax.tree_util.tree_leaves(local(resumed.params))]
+    out["resume_bitwise"] = all(np.array_equal(a, b) for a, b in zip(leaves, again, strict=True))
+    out["loss"] = full.history[-1]["loss"]
+    if process_id == 0:
+        np.savez(os.path.join(directory, "params.npz"), *leaves)
+    return out
+
+
+def training_problem():
+    """Digits MLP in float32, 150 examples, batch 25 (not a multiple of 4 devices)."""
+    import jax
+    import numpy as np
+    import optax
+
+    import jaxgrad
+
+    ds = jaxgrad.data.load("digits")
+    x, y = (np.asarray(a)[:150] for a in ds.train)
+    model = jaxgrad.models.mlp([64, 16, 10])
+    loss_fn = jaxgrad.losses.supervised(
+        model.apply, jaxgrad.losses.softmax_cross_entropy, num_classes=10
+    )
+    kw = dict(optimizer=optax.sgd(0.1), epochs=2, batch_size=25, key=jax.random.key(1), quiet=True)
+    return loss_fn, model.init(jax.random.key(0)), (x, y), kw
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "strategies":
+        result = strategies()
+    else:
+        _, _, pid, nproc, coord, directory = sys.argv
+        result = train(int(pid), int(nproc), coord, directory)
+    print("RESULT " + json.dumps(result))
