@@ -278,6 +278,14 @@ def _opacus_ghost_clip(spec, model, x, y, to_jax, *, l2_clip):
     return step, extract
 
 
+def _divide_grads(model, batch_size):
+    # With loss_reduction="sum" Opacus's pre_step leaves the noisy *sum* in p.grad (it divides
+    # by the expected batch size only for "mean"); dividing here gives the JAX rows' gradient.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.grad.div_(batch_size)
+
+
 def _noisy_extract(model, optimizer, step, batch_size, to_jax):
     """The DP-step rows' cross-check: the step is timed with ``σ = NOISE_MULTIPLIER``; here it
     reruns once with the optimizer's ``noise_multiplier`` set to 0 and returns ``B ×`` the
@@ -321,6 +329,7 @@ def _opacus_dp_step(spec, model, x, y, to_jax, *, l2_clip):
         sums, _ = per_example_loss(spec, gsm(x), y)
         sums.sum().backward()
         optimizer.pre_step()
+        _divide_grads(model, len(y))
 
     return step, _noisy_extract(model, optimizer, step, len(y), to_jax)
 
@@ -354,6 +363,7 @@ def _opacus_dp_ghost(spec, model, x, y, to_jax, *, l2_clip):
         (coefficients * sums).sum().backward()
         gsm.enable_hooks()
         optimizer.pre_step()
+        _divide_grads(model, len(y))
 
     return step, _noisy_extract(model, optimizer, step, len(y), to_jax)
 
