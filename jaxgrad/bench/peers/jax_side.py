@@ -114,9 +114,7 @@ def _jaxgrad_dp_step(loss_fn, params, batch, *, l2_clip, sigma):
 
     b = int(jax.tree_util.tree_leaves(batch)[0].shape[0])
     f = jax.jit(
-        privacy.dp_grad(
-            loss_fn, l2_clip=l2_clip, noise_multiplier=sigma, expected_batch_size=b
-        )
+        privacy.dp_grad(loss_fn, l2_clip=l2_clip, noise_multiplier=sigma, expected_batch_size=b)
     )
     key = jax.random.key(1)
     return lambda: f(params, batch, None, key)
