@@ -213,3 +213,52 @@ def test_tiny_peer_run_agrees_and_writes_json_and_plot(torch, tmp_path):
         assert r["examples_per_s"] > 0 and r["peak_mem_mb"] > 0
         assert r["ratio_to_own_plain"] > 0
     assert png.stat().st_size > 10_000
+
+
+# --- the DP-step rows ----------------------------------------------------------------------
+
+DP_JAX_METHODS = ["jaxgrad:dp_grad", "jax_privacy:dp_step", "optax:dpsgd"]
+
+
+@pytest.mark.parametrize("key", DP_JAX_METHODS)
+def test_dp_rows_time_with_noise_of_the_stated_scale(key):
+    # The timed step adds N(0, σ²C²I) / B; its cross-check reruns with σ = 0. Their difference
+    # is the noise: per coordinate, std σC/B. With P = 2410 coordinates the sample std is
+    # within 10% of it except with probability far below 1e-9 (its relative error ≈ 1/√(2P)).
+    method = specs.METHODS[key]
+    if harness.package_missing(method.package):
+        pytest.skip(harness.package_missing(method.package))
+    from jaxgrad.bench.peers import jax_side
+
+    spec, b, clip = specs.MODELS["mlp-tiny"], 4, 0.5
+    flat = jax_side.init_weights(spec, seed=0)
+    step, extract = jax_side.prepare(
+        method.name, spec, flat, specs.make_data(spec, b, seed=0), l2_clip=clip
+    )
+    noisy = layouts.flatten(step())
+    clean = extract(None)["clipped"]  # B × the σ = 0 output
+    diff = np.concatenate([np.ravel(np.asarray(noisy[k]) - clean[k] / b) for k in clean])
+    assert diff.size == specs.num_params(spec)
+    want = specs.NOISE_MULTIPLIER * clip / b
+    assert abs(diff.std() / want - 1) < 0.1, (diff.std(), want)
+    assert abs(diff.mean()) < 5 * want / np.sqrt(diff.size)
+
+
+def test_tiny_dp_peer_run_agrees_with_the_reference(torch, tmp_path):
+    pytest.importorskip("opacus", reason="Opacus not installed: pip install 'jaxgrad[peers]'")
+    pytest.importorskip("jax_privacy", reason="jax-privacy not installed: 'jaxgrad[peers]'")
+    from jaxgrad.bench.peers import main
+
+    methods = [*DP_JAX_METHODS, "opacus:dp_step", "opacus:dp_ghost"]
+    json_path = tmp_path / "peers.json"
+    argv = ["--peers", "--models", "mlp-tiny", "--batch-sizes", "4", "--repeats", "1"]
+    argv += ["--warmup", "0", "--min-time", "0", "--methods", ",".join(methods)]
+    argv += ["--json", str(json_path), "--quiet"]
+    assert main(argv) == 0
+    records = json.loads(json_path.read_text())["records"]
+    assert [f"{r['framework']}:{r['method']}" for r in records] == methods
+    for r in records:
+        assert r["status"] == "ok", (r["framework"], r["method"], r.get("traceback"))
+        assert r["computes"] == "noisy grad"
+        # The σ = 0 rerun, times B, is the reference clipped sum.
+        assert r["agrees_with_reference"] is True and set(r["errors"]) == {"clipped"}, r

@@ -4,7 +4,10 @@ PyTorch plain backward, ``torch.func`` ``vmap(grad)``, Opacus (per-sample hooks 
 clipping, and ghost clipping) and BackPACK (``BatchGrad``, ``BatchL2Grad``) against
 jaxgrad's ``batch_grad``, ``per_example_grads``, ``per_example_norms`` and ``clipped_grad``,
 on the same models, weights and data, each row in its own process, every answer checked
-against a float64 reference. ``--sweep`` scales batch size and width instead.
+against a float64 reference. DP-SGD steps too: jaxgrad's ``privacy.dp_grad`` against
+jax_privacy's ``clipping.clipped_grad``, ``optax.contrib.dpsgd`` and Opacus (``make_private``
+with hooks, and ghost clipping), timed with noise and checked with ``σ = 0``. ``--sweep``
+scales batch size and width instead.
 
 Install the peers with ``pip install "jaxgrad[peers]"``; a peer that is missing is
 reported as such in the table, never dropped.

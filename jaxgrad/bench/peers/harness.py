@@ -263,7 +263,9 @@ def run_rows(rows: Iterable[Row], *, options: Options, log: Callable = print) ->
                     "data_path": data,
                     "l2_clip": l2_clip,
                     "threads": options.threads,
-                    "device": options.device if row.method.framework == "jaxgrad" else "cpu",
+                    "device": options.device
+                    if row.method.framework in specs.JAX_FRAMEWORKS
+                    else "cpu",
                     "repeats": options.repeats,
                     "warmup": options.warmup,
                     "min_time": options.min_time,
@@ -320,7 +322,9 @@ def _fill(record: dict, result: dict, job: dict, reference: dict) -> None:
         first_call_s=result["first_call_s"],
         # JAX compiles on the first call; PyTorch has nothing to compile (eager).
         compile_s=(
-            max(result["first_call_s"] - seconds, 0.0) if job["framework"] == "jaxgrad" else None
+            max(result["first_call_s"] - seconds, 0.0)
+            if job["framework"] in specs.JAX_FRAMEWORKS
+            else None
         ),
         peak_mem_mb=result["peak_mem_mb"],
         baseline_mem_mb=result["baseline_mem_mb"],

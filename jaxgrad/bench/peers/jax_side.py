@@ -17,7 +17,7 @@ import numpy as np
 
 import jaxgrad
 from jaxgrad import losses, models, reduce
-from jaxgrad.bench.peers import layouts
+from jaxgrad.bench.peers import layouts, specs
 from jaxgrad.bench.peers.specs import ModelSpec
 
 FAST_MODULE_ENV = "JAXGRAD_PEERS_FAST_MODULE"
@@ -87,8 +87,89 @@ def prepare(method: str, spec: ModelSpec, jax_flat, data, *, l2_clip: float):
         f = fast_module().clipped_grad(loss_fn, l2_clip=l2_clip, reduction="sum", return_norms=True)
         step = lambda: jax.block_until_ready(f(params, batch))
         return step, lambda out: {"clipped": flat(out[0]), "norms": np.asarray(out[1])}
-    allowed = "batch_grad, per_example_grads, per_example_norms, clipped_grad"
-    raise ValueError(f"jaxgrad `method` must be one of {allowed}; got {method!r}")
+    if method in _DP_STEPS:
+        return _dp_row(_DP_STEPS[method], loss_fn, params, batch, l2_clip=l2_clip, flat=flat)
+    allowed = "batch_grad, per_example_grads, per_example_norms, clipped_grad, " + ", ".join(
+        _DP_STEPS
+    )
+    raise ValueError(f"JAX-side `method` must be one of {allowed}; got {method!r}")
+
+
+def _dp_row(make, loss_fn, params, batch, *, l2_clip, flat):
+    """A DP-step row: the step is timed with ``σ = NOISE_MULTIPLIER``; the cross-check reruns
+    the same construction with ``σ = 0`` (untimed) and returns ``B ×`` its output as the
+    clipped sum, which the harness compares with the float64 reference."""
+    b = int(jax.tree_util.tree_leaves(batch)[0].shape[0])
+    noisy = make(loss_fn, params, batch, l2_clip=l2_clip, sigma=specs.NOISE_MULTIPLIER)
+    check = make(loss_fn, params, batch, l2_clip=l2_clip, sigma=0.0)
+
+    def extract(_):
+        return {"clipped": {k: b * v for k, v in flat(check()).items()}}
+
+    return (lambda: jax.block_until_ready(noisy())), extract
+
+
+def _jaxgrad_dp_step(loss_fn, params, batch, *, l2_clip, sigma):
+    from jaxgrad import privacy
+
+    b = int(jax.tree_util.tree_leaves(batch)[0].shape[0])
+    f = jax.jit(
+        privacy.dp_grad(loss_fn, l2_clip=l2_clip, noise_multiplier=sigma, expected_batch_size=b)
+    )
+    key = jax.random.key(1)
+    return lambda: f(params, batch, None, key)
+
+
+def _jax_privacy_dp_step(loss_fn, params, batch, *, l2_clip, sigma):
+    # jax_privacy 2.x: `clipping.clipped_grad` vmaps the per-example gradient and clips it
+    # (no ghost clipping); the Gaussian noise on the sum and the division by the expected
+    # batch size are what its DP-SGD recipe adds around it, written here with jax.random.
+    from jax_privacy import clipping
+
+    b = int(jax.tree_util.tree_leaves(batch)[0].shape[0])
+    clipped_sum = clipping.clipped_grad(
+        reduce.loss_sum_fn(loss_fn), l2_clip_norm=l2_clip, batch_argnums=1, keep_batch_dim=False
+    )
+
+    @jax.jit
+    def f(params, batch, key):
+        total = clipped_sum(params, batch)
+        leaves, treedef = jax.tree_util.tree_flatten(total)
+        keys = jax.random.split(key, len(leaves))
+        noisy = [
+            (x + sigma * l2_clip * jax.random.normal(k, x.shape, x.dtype)) / b
+            for x, k in zip(leaves, keys, strict=True)
+        ]
+        return jax.tree_util.tree_unflatten(treedef, noisy)
+
+    key = jax.random.key(1)
+    return lambda: f(params, batch, key)
+
+
+def _optax_dpsgd_step(loss_fn, params, batch, *, l2_clip, sigma):
+    # optax.contrib.dpsgd takes the B × P per-example gradients, clips, sums, adds noise and
+    # divides by B; with learning rate 1 (and no momentum) its update is minus that gradient.
+    import optax
+
+    per_example = jax.vmap(jax.grad(reduce.loss_sum_fn(loss_fn)), in_axes=(None, 0))
+    tx = optax.contrib.dpsgd(
+        learning_rate=1.0, l2_norm_clip=l2_clip, noise_multiplier=sigma, seed=1
+    )
+    state = tx.init(params)
+
+    @jax.jit
+    def f(params, batch, state):
+        updates, _ = tx.update(per_example(params, batch), state, params)
+        return jax.tree_util.tree_map(jnp.negative, updates)
+
+    return lambda: f(params, batch, state)
+
+
+_DP_STEPS = {
+    "dp_grad": _jaxgrad_dp_step,
+    "dp_step": _jax_privacy_dp_step,
+    "dpsgd": _optax_dpsgd_step,
+}
 
 
 def reference(spec: ModelSpec, jax_flat, data, *, chunk_size: int, l2_clip: float | None):

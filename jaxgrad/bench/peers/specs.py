@@ -147,7 +147,10 @@ class Method:
 
     ``computes`` is what it returns: ``"grad"`` (the mean-loss gradient),
     ``"per-example grads"`` (the ``B × P`` array), ``"norms"`` (per-example gradient norms)
-    or ``"clipped grad"`` (the sum of per-example gradients clipped to ``l2_clip``).
+    or ``"clipped grad"`` (the sum of per-example gradients clipped to ``l2_clip``), or
+    ``"noisy grad"`` (a full DP-SGD step's gradient: ``(clipped sum + N(0, σ²C²I)) / B``,
+    timed with ``σ = NOISE_MULTIPLIER`` and cross-checked with ``σ = 0`` through the same
+    code, its output times ``B`` against the reference clipped sum).
     ``materialises`` says whether it holds a ``B × P`` array (the sweep skips those that
     would not fit). ``package`` is the module that must be importable.
     """
@@ -165,9 +168,19 @@ class Method:
         return f"{self.framework}:{self.name}"
 
 
+# The DP-step rows time with this noise multiplier (the noise is part of the step's cost);
+# their cross-check reruns the same code with 0 and compares ``B ×`` the output with the
+# reference clipped sum (noise can only be checked statistically: the privacy tests do that).
+NOISE_MULTIPLIER = 1.0
+
+# Frameworks whose rows run on the JAX side (``jax_side``); every other one is PyTorch.
+JAX_FRAMEWORKS = frozenset({"jaxgrad", "jax_privacy", "optax"})
+
 # Which framework's plain gradient each framework is compared with (``ratio_to_own_plain``).
 PLAIN_OF = {
     "jaxgrad": ("jaxgrad", "batch_grad"),
+    "jax_privacy": ("jaxgrad", "batch_grad"),
+    "optax": ("jaxgrad", "batch_grad"),
     "pytorch": ("pytorch", "backward"),
     "torch.func": ("pytorch", "backward"),
     "opacus": ("pytorch", "backward"),
@@ -195,6 +208,18 @@ METHODS: dict[str, Method] = {
             "jaxgrad", "clipped_grad", "clipped grad", "jax", False,
             "jaxgrad.fast.clipped_grad(reduction='sum', return_norms=True)",
         ),
+        Method(
+            "jaxgrad", "dp_grad", "noisy grad", "jax", False,
+            "jaxgrad.privacy.dp_grad: fast clipped sum + N(0, σ²C²I) once, / B",
+        ),
+        Method(
+            "jax_privacy", "dp_step", "noisy grad", "jax_privacy", False,
+            "jax_privacy.clipping.clipped_grad (vmap) + N(0, σ²C²I), / B",
+        ),
+        Method(
+            "optax", "dpsgd", "noisy grad", "optax", True,
+            "vmap(grad) + optax.contrib.dpsgd (learning rate 1: the update is -gradient)",
+        ),
         Method("pytorch", "backward", "grad", "torch", False, "loss.backward() on the mean loss"),
         Method(
             "torch.func", "vmap_grad", "per-example grads", "torch", True,
@@ -217,6 +242,14 @@ METHODS: dict[str, Method] = {
             "backpack", "BatchL2Grad", "norms", "backpack", False,
             "backpack.extensions.BatchL2Grad",
             unsupported={"transformer": _BACKPACK_NO_ATTENTION},
+        ),
+        Method(
+            "opacus", "dp_step", "noisy grad", "opacus", True,
+            "PrivacyEngine.make_private (hooks) + DPOptimizer.pre_step: clip, noise, / B",
+        ),
+        Method(
+            "opacus", "dp_ghost", "noisy grad", "opacus", False,
+            "ghost clipping (two backward passes) + DPOptimizerFastGradientClipping.pre_step",
         ),
     )
 }  # fmt: skip

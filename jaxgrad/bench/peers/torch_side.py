@@ -187,6 +187,8 @@ def prepare(
         "ghost_clip": _opacus_ghost_clip,
         "BatchGrad": _backpack_batch_grad,
         "BatchL2Grad": _backpack_batch_l2,
+        "dp_step": _opacus_dp_step,
+        "dp_ghost": _opacus_dp_ghost,
     }
     if method not in factories:
         raise ValueError(
@@ -274,6 +276,96 @@ def _opacus_ghost_clip(spec, model, x, y, to_jax, *, l2_clip):
         return {"clipped": to_jax(_named_grads(model)), "norms": norms.detach().numpy()}
 
     return step, extract
+
+
+def _divide_grads(model, batch_size):
+    # With loss_reduction="sum" Opacus's pre_step leaves the noisy *sum* in p.grad (it divides
+    # by the expected batch size only for "mean"); dividing here gives the JAX rows' gradient.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.grad.div_(batch_size)
+
+
+def _noisy_extract(model, optimizer, step, batch_size, to_jax):
+    """The DP-step rows' cross-check: the step is timed with ``σ = NOISE_MULTIPLIER``; here it
+    reruns once with the optimizer's ``noise_multiplier`` set to 0 and returns ``B ×`` the
+    resulting gradient as the clipped sum (compared with the float64 reference)."""
+
+    def extract(_):
+        sigma, optimizer.noise_multiplier = optimizer.noise_multiplier, 0.0
+        try:
+            step()
+        finally:
+            optimizer.noise_multiplier = sigma
+        grads = _named_grads(model)
+        return {"clipped": to_jax({k: batch_size * v for k, v in grads.items()})}
+
+    return extract
+
+
+def _opacus_dp_step(spec, model, x, y, to_jax, *, l2_clip):
+    from opacus import PrivacyEngine
+
+    from jaxgrad.bench.peers.specs import NOISE_MULTIPLIER
+
+    # make_private wants a data loader: it fixes the expected batch size (B, no Poisson
+    # sampling here: every row sees the same batch). The optimizer's pre_step is the DP part
+    # of a step (clip and accumulate, add N(0, σ²C²I) once, divide by B), without the SGD
+    # update, as the JAX rows return the noisy gradient without applying it.
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(y))
+    gsm, optimizer, _ = PrivacyEngine().make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data_loader=loader,
+        noise_multiplier=NOISE_MULTIPLIER,
+        max_grad_norm=l2_clip,
+        poisson_sampling=False,
+        loss_reduction="sum",
+        grad_sample_mode="hooks",
+    )
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        sums, _ = per_example_loss(spec, gsm(x), y)
+        sums.sum().backward()
+        optimizer.pre_step()
+        _divide_grads(model, len(y))
+
+    return step, _noisy_extract(model, optimizer, step, len(y), to_jax)
+
+
+def _opacus_dp_ghost(spec, model, x, y, to_jax, *, l2_clip):
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    from jaxgrad.bench.peers.specs import NOISE_MULTIPLIER
+
+    gsm = GradSampleModuleFastGradientClipping(
+        model, max_grad_norm=l2_clip, use_ghost_clipping=True, loss_reduction="sum"
+    )
+    optimizer = DPOptimizerFastGradientClipping(
+        torch.optim.SGD(gsm.parameters(), lr=0.0),
+        noise_multiplier=NOISE_MULTIPLIER,
+        max_grad_norm=l2_clip,
+        expected_batch_size=len(y),
+        loss_reduction="sum",
+    )
+
+    def step():
+        # As opacus:ghost_clip (the two backward passes of DPTensorFastGradientClipping), then
+        # the optimizer's pre_step: the clipped sum plus N(0, σ²C²I) once, divided by B.
+        optimizer.zero_grad(set_to_none=True)
+        sums, _ = per_example_loss(spec, gsm(x), y)
+        sums.sum().backward(retain_graph=True)
+        optimizer.zero_grad(set_to_none=True)
+        coefficients = gsm.get_clipping_coef()
+        gsm.disable_hooks()
+        (coefficients * sums).sum().backward()
+        gsm.enable_hooks()
+        optimizer.pre_step()
+        _divide_grads(model, len(y))
+
+    return step, _noisy_extract(model, optimizer, step, len(y), to_jax)
 
 
 def _backpack_setup(spec, model):

@@ -134,8 +134,10 @@ def _save_outputs(path: str, outputs: dict) -> list[str]:
 
 
 def _framework_versions(framework: str) -> dict:
+    from jaxgrad.bench.peers import specs
+
     versions = {"python": sys.version.split()[0], "numpy": np.__version__}
-    if framework == "jaxgrad":
+    if framework in specs.JAX_FRAMEWORKS:
         import jax
 
         import jaxgrad
@@ -143,6 +145,10 @@ def _framework_versions(framework: str) -> dict:
         versions.update(
             jax=jax.__version__, jaxlib=jax.lib.__version__, jaxgrad=jaxgrad.__version__
         )
+        if framework != "jaxgrad":
+            from importlib.metadata import version
+
+            versions[framework.replace("_", "-")] = version(framework.replace("_", "-"))
     else:
         import torch
 
@@ -159,6 +165,7 @@ def _framework_versions(framework: str) -> dict:
 
 
 def _run(job: dict) -> dict:
+    from jaxgrad.bench.peers import specs
     from jaxgrad.bench.peers.specs import spec_from_name
 
     spec = spec_from_name(job["model"])
@@ -177,7 +184,7 @@ def _run(job: dict) -> dict:
         return {**result, "status": "ok", "l2_clip": l2_clip}
 
     framework, method = job["framework"], job["method"]
-    if framework == "jaxgrad":
+    if framework in specs.JAX_FRAMEWORKS:
         import jax
 
         from jaxgrad.bench.peers import jax_side as side
@@ -205,7 +212,7 @@ def _run(job: dict) -> dict:
         step, warmup=job["warmup"], repeats=job["repeats"], min_time=job["min_time"]
     )
     peak_kb = _peak_kb()
-    if framework == "jaxgrad" and job["device"] == "gpu":
+    if framework in specs.JAX_FRAMEWORKS and job["device"] == "gpu":
         import jax
 
         stats = jax.devices()[0].memory_stats() or {}
@@ -232,11 +239,23 @@ def _run(job: dict) -> dict:
     }
 
 
+def _jax_frameworks() -> frozenset:
+    """``specs.JAX_FRAMEWORKS``, read from the file: importing it as ``jaxgrad.bench.peers.specs``
+    before deciding on the bare packages would run ``jaxgrad/__init__`` (and import JAX)."""
+    import importlib.util
+
+    loader = importlib.util.spec_from_file_location("_peers_specs", _PEERS_DIR / "specs.py")
+    module = importlib.util.module_from_spec(loader)
+    sys.modules["_peers_specs"] = module  # dataclasses look their module up
+    loader.loader.exec_module(module)
+    return module.JAX_FRAMEWORKS
+
+
 def main(argv: list[str]) -> int:
     with open(argv[0]) as f:
         job = json.load(f)
     _pin_threads(job["threads"])
-    if job.get("framework") != "jaxgrad" and job["kind"] != "reference":
+    if job.get("framework") not in _jax_frameworks() and job["kind"] != "reference":
         _bare_packages()
     else:
         sys.path.insert(0, str(_PEERS_DIR.parent.parent.parent))
