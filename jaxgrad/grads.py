@@ -199,7 +199,12 @@ def _per_example(loss_fn, params, batch, mask, chunk_size):
 
     if chunk_size is None:
         return _sliced_vmap(one, (batch, mask))
-    return jax.lax.map(lambda args: one(*args), (batch, mask), batch_size=chunk_size)
+    # Contiguous chunks, as ``lax.map(batch_size=)``: the stacked rows reshape back for free,
+    # where interleaved chunks would cost one more copy of the B × P result.
+    rows, _ = reduce.chunked(
+        lambda b, m: (jax.vmap(one)(b, m), ()), batch, mask, chunk_size=chunk_size, interleave=False
+    )
+    return rows
 
 
 # One vmap over a whole batch makes XLA:CPU write the B × P result and then copy it into the
@@ -340,25 +345,14 @@ def accumulate_grad(
     num_microbatches = reduce.check_positive_int(num_microbatches, name="num_microbatches")
 
     def core(params, batch, mask, loss_fn=loss_fn):
-        micro_batches, micro_masks = reduce.split_microbatches(
-            batch, mask, num_microbatches, interleave=True
-        )
+        def microbatch_sums(micro_batch, micro_mask):
+            (total, count), grads = jax.value_and_grad(
+                lambda p: reduce.batch_totals(loss_fn, p, micro_batch, micro_mask), has_aux=True
+            )(params)
+            return (), (total, count, grads)
 
-        def microbatch_sums(p, micro):
-            return reduce.batch_totals(loss_fn, p, *micro)
-
-        def step(carry, micro):
-            (total, count), grads = jax.value_and_grad(microbatch_sums, has_aux=True)(params, micro)
-            loss_acc, count_acc, grad_acc = carry
-            grad_acc = jax.tree_util.tree_map(jnp.add, grad_acc, grads)
-            return (loss_acc + total, count_acc + count, grad_acc), None
-
-        first = jax.tree_util.tree_map(lambda x: x[0], (micro_batches, micro_masks))
-        total_shape, count_shape = jax.eval_shape(microbatch_sums, params, first)
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-        init = (jnp.zeros((), total_shape.dtype), jnp.zeros((), count_shape.dtype), zeros)
-        (total, count, grads), _ = jax.lax.scan(
-            step, init, (micro_batches, micro_masks), unroll=unroll
+        _, (total, count, grads) = reduce.chunked(
+            microbatch_sums, batch, mask, num_chunks=num_microbatches, unroll=unroll
         )
         return reduce.safe_divide(total, count), reduce.safe_divide(grads, count)
 

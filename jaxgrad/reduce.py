@@ -250,6 +250,98 @@ def split_microbatches(
     return jax.tree_util.tree_map(reshape, batch), reshape(mask)
 
 
+def chunked(
+    body,
+    batch: PyTree,
+    mask: jax.Array,
+    *,
+    chunk_size: int | None = None,
+    num_chunks: int | None = None,
+    interleave: bool = True,
+    unroll: int | bool = 1,
+):
+    """``body(batch, mask) -> (rows, totals)`` over chunks of the batch: rows stacked, totals added.
+
+    The one chunked reduction behind every chunked strategy: with ``K`` chunks
+    ``C_0, …, C_{K-1}`` covering the batch once,
+
+    .. math::
+
+        \\text{totals} = \\sum_k \\text{totals}(C_k), \\qquad
+        \\text{rows}_i = \\text{rows}(C_{k(i)})_i \\text{ (back in the batch's order)},
+
+    under ``lax.scan``, so peak activation memory is that of one chunk. ``totals`` are sums
+    (e.g. loss sums, counts, gradient sums); dividing by a count is left to the caller, once.
+
+    Args:
+      body: ``body(batch, mask) -> (rows, totals)`` on a chunk; ``rows`` leaves have the chunk's
+        leading axis, ``totals`` leaves any fixed shape. Either may be an empty pytree ``()``.
+      batch: pytree with a leading batch axis of size ``B``; ``mask``: shape ``(B,)`` booleans.
+      chunk_size: examples per chunk (exclusive with ``num_chunks``). ``B // chunk_size``
+        full chunks run under the scan and a remainder that does not fill one runs after it on
+        its own, so no example is padded, dropped or counted twice; ``chunk_size >= B`` calls
+        ``body`` once on the whole batch.
+      num_chunks: how many equal chunks ``K``; a batch that does not divide evenly is padded
+        (masked out, see :func:`split_microbatches`), so ``body`` must honour ``mask``.
+      interleave: if True, chunk ``k`` holds rows ``k, k + K, k + 2K, …``: on a batch sharded
+        over ``D`` devices along its leading axis (with ``D`` dividing the scanned chunks' rows)
+        every chunk is spread evenly over the devices and no row moves between them; putting
+        ``rows`` back in order then costs one copy of them. If False, chunks are contiguous and
+        stacked rows are reshaped back for free.
+      unroll: passed to ``lax.scan``.
+
+    Returns:
+      ``(rows, totals)``: rows for the ``B`` examples in the batch's order, totals summed.
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> body = lambda x, m: (2 * x, jnp.sum(jnp.where(m, x, 0)))
+      >>> rows, total = chunked(body, jnp.arange(5.0), jnp.ones(5, bool), chunk_size=2)
+      >>> rows.tolist(), float(total)
+      ([0.0, 2.0, 4.0, 6.0, 8.0], 10.0)
+    """
+    if (chunk_size is None) == (num_chunks is None):
+        raise ValueError(
+            "pass exactly one of `chunk_size` and `num_chunks`; got "
+            f"chunk_size={chunk_size!r}, num_chunks={num_chunks!r}"
+        )
+    size = mask.shape[0]
+    if chunk_size is not None:
+        chunk_size = check_positive_int(chunk_size, name="chunk_size")
+        if chunk_size >= size:
+            return body(batch, mask)
+        num_full = size // chunk_size
+        cut = num_full * chunk_size
+    else:
+        num_full = check_positive_int(num_chunks, name="num_chunks")
+        cut = size
+    head = jax.tree_util.tree_map(lambda x: x[:cut], (batch, mask)) if cut < size else (batch, mask)
+    pieces = split_microbatches(*head, num_full, interleave=interleave)
+    first = jax.tree_util.tree_map(lambda x: x[0], pieces)
+    _, totals_shape = jax.eval_shape(lambda bm: body(*bm), first)
+    init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), totals_shape)
+
+    def step(acc, bm):
+        rows, totals = body(*bm)
+        return jax.tree_util.tree_map(jnp.add, acc, totals), rows
+
+    totals, rows = jax.lax.scan(step, init, pieces, unroll=unroll)
+
+    def unstack(x):  # (K, per, ...) -> (K per, ...) in the batch's order, padding cut off
+        if interleave:
+            x = jnp.swapaxes(x, 0, 1)
+        x = x.reshape((-1, *x.shape[2:]))
+        return x[:cut] if x.shape[0] > cut else x
+
+    rows = jax.tree_util.tree_map(unstack, rows)
+    if cut < size:
+        rows_t, totals_t = body(*jax.tree_util.tree_map(lambda x: x[cut:], (batch, mask)))
+        totals = jax.tree_util.tree_map(jnp.add, totals, totals_t)
+        rows = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), rows, rows_t)
+    return rows, totals
+
+
 def row_sq_norms(tree: PyTree) -> jax.Array:
     """``Σ_leaves ‖x[i]‖²`` for every row ``i`` of a pytree with a leading batch axis."""
     return sum(

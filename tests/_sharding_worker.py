@@ -140,6 +140,38 @@ def strategies() -> dict:
                     spec = str(compiled(sparams, sbatch, smask).sharding.spec)
                     out["sharded_outputs"][f"{cname}/{d}"] = [spec, d]
 
+    # dp_grad: the noise is drawn once, from the one key, for the replicated result (never
+    # once per device), so a sharded batch gives the one-device result. The mlp case's last
+    # 4 rows are padding: on 4 devices the last holds only padding, on 8 the last two.
+    from jaxgrad.privacy import dp_grad
+
+    loss_fn, params, batch, mask = cases["mlp_16_masked"]
+    key = jax.random.key(7)
+    hyper = dict(l2_clip=0.3, noise_multiplier=1.3, expected_batch_size=10.0)
+    zero_loss = lambda p, ex: 0.0 * loss_fn(p, ex)  # zero gradients: noise only
+    dp, dp_zero = dp_grad(loss_fn, **hyper), dp_grad(zero_loss, **hyper)
+    jbatch = tuple(map(jnp.asarray, batch))
+    ref, ref_zero = dp(params, jbatch, mask, key), dp_zero(params, jbatch, mask, key)
+    # Independent reference for the noise alone: N(0, (σC)²) from `key`, flat over the leaves.
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    z = np.asarray(jax.random.normal(key, (sum(x.size for x in leaves),), jnp.float64))
+    cuts = np.cumsum([x.size for x in leaves])[:-1]
+    noise = [
+        (1.3 * 0.3 * part / 10.0).reshape(x.shape)
+        for part, x in zip(np.split(z, cuts), leaves, strict=True)
+    ]
+    out["dp"] = {"noise_vs_numpy": _rel(ref_zero, jax.tree_util.tree_unflatten(treedef, noise))}
+    for d in (1, 2, 4, 8):
+        mesh = sharding.data_mesh(d)
+        sbatch, smask = sharding.shard_batch(batch, mask, mesh=mesh)
+        sparams = sharding.replicate(params, mesh=mesh)
+        out["dp"][f"grad/{d}"] = _rel(dp(sparams, sbatch, smask, key), ref)
+        zero = dp_zero(sparams, sbatch, smask, key)
+        pairs = zip(
+            jax.tree_util.tree_leaves(zero), jax.tree_util.tree_leaves(ref_zero), strict=True
+        )
+        out["dp"][f"noise_exact/{d}"] = all(np.array_equal(a, b) for a, b in pairs)
+
     # Bad inputs.
     mesh = sharding.data_mesh(4)
 

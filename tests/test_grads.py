@@ -277,6 +277,31 @@ def test_accumulate_grad_unequal_token_counts_equals_batch_grad(k):
     assert_close(acc, jaxgrad.batch_grad(loss_fn)(params, tokens))
 
 
+@pytest.mark.parametrize("unroll", [True, 2])
+def test_accumulate_grad_unrolled_equals_loop(unroll):
+    # 7 rows in 3 microbatches (one padded row); unroll=2 leaves a partly unrolled loop.
+    loss_fn, params, batch, mask, (ref_loss, ref, _) = case("mlp-softmax")
+    f = jaxgrad.accumulate_grad(loss_fn, num_microbatches=3, unroll=unroll, return_loss=True)
+    loss, grads = jax.jit(f)(params, batch, mask)
+    assert_close(grads, ref)
+    np.testing.assert_allclose(loss, ref_loss, rtol=RTOL)
+
+    # ... and `unroll` reaches the scan over the 3 microbatches (JAX stores True as 3).
+    def scans_in(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name == "scan":
+                yield e
+            for v in e.params.values():
+                inner = getattr(v, "jaxpr", v)  # ClosedJaxpr or Jaxpr (e.g. inside a pjit)
+                if hasattr(inner, "eqns"):
+                    yield from scans_in(inner)
+
+    scans = list(scans_in(jax.make_jaxpr(f)(params, batch, mask).jaxpr))
+    assert [(e.params["length"], e.params["unroll"]) for e in scans] == [
+        (3, 3 if unroll is True else unroll)
+    ]
+
+
 @functools.cache
 def _accumulators(k):
     loss_fn, *_ = case("mlp-squared")

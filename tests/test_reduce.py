@@ -106,6 +106,56 @@ def test_split_microbatches_preserves_rows_in_order(data):
     assert np.isfinite(flat).all()
 
 
+@pytest.mark.parametrize("interleave", [True, False])
+@pytest.mark.parametrize(
+    "n, how",
+    [
+        (10, {"chunk_size": 3}),
+        (9, {"chunk_size": 3}),
+        (10, {"num_chunks": 4}),
+        (5, {"num_chunks": 7}),
+        (4, {"chunk_size": 9}),
+        (6, {"num_chunks": 1}),
+    ],
+)
+def test_chunked_rows_in_order_totals_once(n, how, interleave):
+    # Each row's value, the first row of its chunk, and totals (masked sum, real rows seen):
+    # against numpy, and a closed form for which rows share a chunk.
+    x = np.arange(1.0, n + 1)
+    mask = np.arange(n) % 3 != 1
+
+    def body(xs, m):
+        rows = (2 * xs, jnp.broadcast_to(xs[0], xs.shape))
+        return rows, (jnp.sum(jnp.where(m, xs, 0)), jnp.sum(m.astype(jnp.int32)))
+
+    (doubled, first), (total, seen) = reduce.chunked(
+        body, jnp.asarray(x), jnp.asarray(mask), interleave=interleave, **how
+    )
+    np.testing.assert_array_equal(doubled, 2 * x)
+    assert float(total) == x[mask].sum() and int(seen) == mask.sum()
+    size = how.get("chunk_size")
+    if size is not None and size >= n:
+        np.testing.assert_array_equal(first, np.full(n, 1.0))  # one call on the whole batch
+        return
+    k = n // size if size else how["num_chunks"]
+    per = size or -(-n // k)
+    cut = k * per if size else n
+    i = np.arange(cut)
+    expected = (i % k if interleave else (i // per) * per) + 1.0
+    np.testing.assert_array_equal(first[:cut], expected)
+    if cut < n:  # the remainder, on its own after the scan
+        np.testing.assert_array_equal(first[cut:], np.full(n - cut, cut + 1.0))
+
+
+def test_chunked_rejects_both_or_neither():
+    body = lambda xs, m: (xs, ())
+    for how in ({}, {"chunk_size": 2, "num_chunks": 2}):
+        with pytest.raises(ValueError, match="exactly one of `chunk_size` and `num_chunks`"):
+            reduce.chunked(body, jnp.ones(4), jnp.ones(4, bool), **how)
+    with pytest.raises(ValueError, match="`chunk_size` must be a positive integer; got 0"):
+        reduce.chunked(body, jnp.ones(4), jnp.ones(4, bool), chunk_size=0)
+
+
 @pytest.mark.parametrize("bad", [0, -3, 1.5, True, None, "2"])
 def test_check_positive_int_rejects(bad):
     with pytest.raises(ValueError, match=r"`num_microbatches` must be a positive integer"):

@@ -67,6 +67,17 @@ def test_sharded_batch_grad_equals_python_loop(strategies):
     assert not bad, bad
 
 
+def test_dp_grad_sharded_equals_one_device_and_noise_is_drawn_once(strategies):
+    dp = strategies["dp"]
+    # Zero gradients: the result is the noise alone, N(0, (σC)²) from the key, over B_e.
+    assert dp["noise_vs_numpy"] <= 1e-12, dp
+    for d in (1, 2, 4, 8):
+        assert dp[f"grad/{d}"] <= 1e-12, dp
+        # Bit for bit the one-device noise: drawn once, not once per device (a sum of D draws
+        # from one key would be D times it, from split keys another draw).
+        assert dp[f"noise_exact/{d}"], dp
+
+
 def test_per_example_outputs_stay_sharded(strategies):
     for name, (spec, devices) in strategies["sharded_outputs"].items():
         expected = "P()" if devices == 1 else "P('data',)"

@@ -311,36 +311,12 @@ def get_pass(method: str, strict: bool = False):
 def run_chunked(body, batch, mask, chunk_size):
     """``body(batch, mask) -> (per_example, totals)`` over chunks, totals added, rows stacked.
 
-    ``chunk_size`` examples at a time under ``lax.scan``; a remainder that does not fill a
-    chunk is processed last on its own, so no example is padded or dropped. Chunk ``k`` of
-    ``K`` holds rows ``k, k + K, …`` (interleaved, and the rows put back in order after), so
-    on a batch sharded over devices every chunk is spread over them and no row moves.
+    :func:`jaxgrad.reduce.chunked` with ``chunk_size`` examples at a time under ``lax.scan``;
+    a remainder that does not fill a chunk is processed last on its own, so no example is
+    padded or dropped. Chunk ``k`` of ``K`` holds rows ``k, k + K, …`` (interleaved, and the
+    rows put back in order after), so on a batch sharded over devices every chunk is spread
+    over them and no row moves. ``chunk_size=None`` calls ``body`` once.
     """
-    size = mask.shape[0]
-    if chunk_size is None or chunk_size >= size:
+    if chunk_size is None:
         return body(batch, mask)
-    num_full, rem = divmod(size, chunk_size)
-    cut = num_full * chunk_size
-
-    def interleave(x):
-        return jnp.swapaxes(x.reshape((chunk_size, num_full, *x.shape[1:])), 0, 1)
-
-    head = jax.tree_util.tree_map(lambda x: interleave(x[:cut]), (batch, mask))
-    first = jax.tree_util.tree_map(lambda x: x[0], head)
-    _, totals_shape = jax.eval_shape(lambda bm: body(*bm), first)
-    init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), totals_shape)
-
-    def step(acc, bm):
-        rows, totals = body(*bm)
-        return jax.tree_util.tree_map(jnp.add, acc, totals), rows
-
-    totals, rows = jax.lax.scan(step, init, head)
-    rows = jax.tree_util.tree_map(
-        lambda x: jnp.swapaxes(x, 0, 1).reshape((cut, *x.shape[2:])), rows
-    )
-    if rem:
-        tail = jax.tree_util.tree_map(lambda x: x[cut:], (batch, mask))
-        rows_t, totals_t = body(*tail)
-        totals = jax.tree_util.tree_map(jnp.add, totals, totals_t)
-        rows = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), rows, rows_t)
-    return rows, totals
+    return reduce.chunked(body, batch, mask, chunk_size=chunk_size, interleave=True)
