@@ -175,7 +175,10 @@ def train_test_split(x, y, *, test_fraction: float = 0.2, seed: int = 0):
         raise ValueError(f"`x` and `y` must have the same length; got {n} and {len(y)}")
     n_test = min(max(1, round(n * test_fraction)), n - 1) if n > 1 else 0
     if n_test < 1:
-        raise ValueError(f"cannot split {n} example(s) into a train and a test set")
+        raise ValueError(
+            f"`x` holds {n} example(s); a train/test split needs at least 2 (one for each "
+            "side). Pass more data, or train on it directly with jaxgrad.train.fit"
+        )
     order = np.random.default_rng(seed).permutation(n)
     test, train = order[:n_test], order[n_test:]
     return x[train], y[train], x[test], y[test]

@@ -88,6 +88,8 @@ def test_bad_labels_and_shapes():
         data.from_arrays(np.ones((10, 2)), np.ones(10), task="ranking")
     with pytest.raises(ValueError, match="`test_fraction`"):
         data.from_arrays(np.ones((10, 2)), np.ones(10), test_fraction=1.5)
+    with pytest.raises(ValueError, match=r"`x` holds 1 example\(s\); a train/test split needs"):
+        data.from_arrays(np.ones((1, 2)), np.zeros(1, int))
 
 
 def test_unknown_name_lists_allowed():
