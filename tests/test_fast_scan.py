@@ -264,3 +264,20 @@ def test_flax_lstm_cell_stepped_by_nn_scan(cell):
             assert lp.fallback and "concatenate" in lp.reason
         else:
             assert lp.route.startswith("scan, 6 steps, shared: dense")
+
+
+def test_scan_use_that_is_the_same_for_every_example():
+    params, batch = _rnn_setup()
+    params = {**params, "wp": _normal(np.random.default_rng(38), 2, 4)}
+    positions = jnp.asarray(np.eye(6, 2), F64)  # scanned over, the same for every example
+
+    def loss(p, x):  # `pos @ wp` does not depend on the example: its perturbation is added
+        def step(h, inputs):
+            x_t, pos = inputs
+            return jnp.tanh(h @ p["wh"] + x_t @ p["wx"] + pos @ p["wp"]), None
+
+        h = jax.lax.scan(step, jnp.zeros(4, x.dtype), (x, positions))[0]
+        return jnp.sum(jnp.sin(h @ p["wo"]))
+
+    routes = _routes(_check(loss, params, batch))
+    assert routes["['wp']"].startswith("scan") and routes["['wh']"].startswith("scan")
