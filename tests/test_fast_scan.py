@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from test_fast_cases import F64, assert_rel_close, flat, reference_grads
 
 import jaxgrad
@@ -192,3 +193,91 @@ def test_leaves_transposed_before_the_scan():
 
     routes = _routes(_check(loss, params, batch))
     assert routes["['w']"].startswith("scan") and routes["['layers']"].startswith("scan")
+
+
+class _NnxBlock(nnx.Module):
+    def __init__(self, d, rngs):
+        self.lin = nnx.Linear(d, d, rngs=rngs, dtype=F64, param_dtype=F64)
+        self.ln = nnx.LayerNorm(d, rngs=rngs, dtype=F64, param_dtype=F64)
+
+    def __call__(self, x):
+        return x + jnp.tanh(self.lin(self.ln(x)))
+
+
+class _NnxStack(nnx.Module):
+    """The Flax NNX "scan over layers" pattern: nnx.vmap-created blocks, nnx.scan over them."""
+
+    def __init__(self, rngs):
+        self.inp = nnx.Linear(3, 6, rngs=rngs, dtype=F64, param_dtype=F64)
+        make = nnx.vmap(lambda key: _NnxBlock(6, nnx.Rngs(key)), in_axes=0, out_axes=0)
+        self.blocks = make(jax.random.split(jax.random.key(0), 3))
+        self.out = nnx.Linear(6, 2, rngs=rngs, dtype=F64, param_dtype=F64)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def forward(h, block):
+            return block(h)
+
+        return self.out(forward(self.inp(x), self.blocks))
+
+
+def test_nnx_scan_layer_stack():
+    graphdef, params = nnx.split(_NnxStack(nnx.Rngs(0)), nnx.Param)
+    rng = np.random.default_rng(36)
+    params = jax.tree_util.tree_map(lambda w: _normal(rng, *w.shape), params)
+    xs = _normal(rng, 5, 4, 3, scale=1.0)  # 4 positions per example
+
+    def loss(p, x):
+        return jnp.sum(jnp.sin(nnx.merge(graphdef, p)(x)))
+
+    routes = _routes(_check(loss, params, xs))
+    kernel = [r for path, r in routes.items() if "blocks" in path and "kernel" in path]
+    assert kernel and kernel[0].startswith("scan, 3 steps, one slice per step: dense")
+
+
+@pytest.mark.parametrize("cell", [nn.LSTMCell, nn.OptimizedLSTMCell])
+def test_flax_lstm_cell_stepped_by_nn_scan(cell):
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, xs):
+            lstm = nn.scan(
+                cell, variable_broadcast="params", split_rngs={"params": False}, in_axes=0
+            )(5, dtype=F64, param_dtype=F64)
+            carry = lstm.initialize_carry(jax.random.key(0), xs[0].shape)
+            _, ys = lstm(carry, xs)
+            return nn.Dense(2, dtype=F64, param_dtype=F64)(ys[-1])
+
+    model = Model()
+    rng = np.random.default_rng(37)
+    xs = _normal(rng, 4, 6, 3, scale=1.0)
+    params = model.init(jax.random.key(0), xs[0])
+    params = jax.tree_util.tree_map(lambda w: _normal(rng, *w.shape), params)
+
+    def loss(p, x):
+        return jnp.sum(jnp.sin(model.apply(p, x)))
+
+    p = _check(loss, params, xs)
+    kernels = [lp for lp in p.leaves if "Cell" in lp.path and "kernel" in lp.path]
+    assert len(kernels) == 8
+    for lp in kernels:  # the optimized cell concatenates its kernels: exact, and says so
+        if cell is nn.OptimizedLSTMCell:
+            assert lp.fallback and "concatenate" in lp.reason
+        else:
+            assert lp.route.startswith("scan, 6 steps, shared: dense")
+
+
+def test_scan_use_that_is_the_same_for_every_example():
+    params, batch = _rnn_setup()
+    params = {**params, "wp": _normal(np.random.default_rng(38), 2, 4)}
+    positions = jnp.asarray(np.eye(6, 2), F64)  # scanned over, the same for every example
+
+    def loss(p, x):  # `pos @ wp` does not depend on the example: its perturbation is added
+        def step(h, inputs):
+            x_t, pos = inputs
+            return jnp.tanh(h @ p["wh"] + x_t @ p["wx"] + pos @ p["wp"]), None
+
+        h = jax.lax.scan(step, jnp.zeros(4, x.dtype), (x, positions))[0]
+        return jnp.sum(jnp.sin(h @ p["wo"]))
+
+    routes = _routes(_check(loss, params, batch))
+    assert routes["['wp']"].startswith("scan") and routes["['wh']"].startswith("scan")

@@ -209,7 +209,8 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
                     if ik not in inner:
                         return ov
                     kept_t[ik] = iv[1 - inner[ik].pos]
-                    return [ov[0] + du_t[ik]]
+                    d = du_t[ik]
+                    return [tap(ov[0], d) if inner[ik].batched else ov[0] + d]
 
                 outs = trace.evaluate(body, [*consts, *carry, *xs_t], hook=inner_hook)
                 return outs[:ncar], (outs[ncar:], kept_t)

@@ -6,7 +6,9 @@ embedding ``gather``), example ``i``'s gradient with respect to ``W`` is the tra
 
 * its squared norm per example, without materialising it where a cheaper identity exists:
   ``‖a_i‖²‖g_i‖²`` for a dense use without a sequence axis, ``⟨A_i A_iᵀ, G_i G_iᵀ⟩`` with one
-  (``T`` positions; chosen when ``T(K + N) ≤ K N`` for a ``K × N`` weight, else the
+  (``T`` positions; as ``‖R_A R_Gᵀ‖²`` from QR factors where positions cancel, see
+  :func:`outer_norm_sq`;
+  chosen when ``T(K + N) ≤ K N`` for a ``K × N`` weight, else the
   ``K × N`` per-example gradient is formed), ``Σ_{t,s} [r_t = r_s] ⟨g_t, g_s⟩`` for an
   embedding lookup of rows ``r_t`` (when ``T² ≤ 8 × rows``), and for a convolution
   ``Σ_o ‖P_{i,o}ᵀ G_i‖²`` over kernel offsets ``o`` (im2col one offset at a time);
@@ -148,6 +150,46 @@ def route(kind: str, eqn: Eqn, pos: int) -> tuple[str, int]:
     return f"{kind}: per-example gradient", math.prod(eqn.in_avals[pos].shape)
 
 
+# The Gram form is trusted while ``(Σ_t ‖x_t‖‖y_t‖)² ≤ GRAM_CANCELLATION · ⟨XXᵀ, YYᵀ⟩``.
+GRAM_CANCELLATION = 1024.0
+
+
+def outer_norm_sq(x, y):
+    """``‖Σ_t x_t y_tᵀ‖² = ‖XᵀY‖²`` over the last two axes of ``X (…, T, K)``, ``Y (…, T, N)``.
+
+    The Gram form ``⟨XXᵀ, YYᵀ⟩ = Σ_{t,s} ⟨x_t, x_s⟩⟨y_t, y_s⟩`` (``O(T²(K + N))`` work,
+    ``T²`` entries) sums products that may cancel (positions whose contributions sum to almost
+    nothing): its relative error is ``≈ ε s² / ‖XᵀY‖²`` with ``s = Σ_t ‖x_t‖‖y_t‖``, the
+    square of the conditioning. It is returned when ``s² ≤ GRAM_CANCELLATION · ‖XᵀY‖²`` for
+    every leading index (relative error ``≲ 10³ ε``; ``s²/‖XᵀY‖² ≈ T`` for unrelated
+    positions). Otherwise (decided at run time, for the whole batch) the norm is recomputed
+    as ``‖R_X R_Yᵀ‖²`` from the triangular factors of ``Xᵀ = Q_X R_X`` and ``Yᵀ = Q_Y R_Y``
+    (``Q`` has orthonormal columns, so it drops out of the norm; same order of work, slower
+    in practice). Householder QR is backward stable, so that form's relative error is
+    ``≈ ε s / ‖XᵀY‖``, as small as that of forming ``XᵀY`` itself.
+
+    Example:
+        >>> x, y = jnp.ones((3, 4)), jnp.array([[1.0, 2.0], [-1.0, -2.0], [0.5, 0.0]])
+        >>> round(float(outer_norm_sq(x, y)), 6)  # XᵀY = 1 ⊗ (0.5, 0): 4 × 0.25
+        1.0
+    """
+    hi = jax.lax.Precision.HIGHEST
+    xx = jnp.einsum("...tk,...sk->...ts", x, x, precision=hi)
+    yy = jnp.einsum("...tn,...sn->...ts", y, y, precision=hi)
+    gram = jnp.sum(xx * yy, axis=(-2, -1))
+    diag = lambda m: jnp.maximum(jnp.diagonal(m, axis1=-2, axis2=-1), 0)
+    s = jnp.sum(jnp.sqrt(diag(xx) * diag(yy)), axis=-1)
+    cancels = jnp.any(s * s > GRAM_CANCELLATION * gram)
+
+    def triangular():
+        r_x = jnp.linalg.qr(jnp.swapaxes(x, -1, -2), mode="r")
+        r_y = jnp.linalg.qr(jnp.swapaxes(y, -1, -2), mode="r")
+        m = jnp.einsum("...pt,...qt->...pq", r_x, r_y, precision=hi)
+        return jnp.sum(m * m, axis=(-2, -1))
+
+    return jax.lax.cond(cancels, triangular, lambda: gram)
+
+
 def dense_norm_sq(eqn: Eqn, pos: int, a, g):
     """``‖∇_W S_i‖²`` for a ``dot_general`` use, without the per-example gradient when cheaper."""
     a_perm, g_perm, (nb, t, k, n) = dense_layout(eqn, pos)
@@ -163,9 +205,7 @@ def dense_norm_sq(eqn: Eqn, pos: int, a, g):
     g = _to_blocks(g, g_perm, (nb, t, n)).astype(dtype)
     hi = jax.lax.Precision.HIGHEST
     if dense_gram(t, k, n):
-        aa = jnp.einsum("bjtk,bjsk->bjts", a, a, precision=hi)
-        gg = jnp.einsum("bjtn,bjsn->bjts", g, g, precision=hi)
-        return jnp.sum(aa * gg, axis=(1, 2, 3))
+        return jnp.sum(outer_norm_sq(a, g), axis=1)
     w = jnp.einsum("bjtk,bjtn->bjkn", a, g, precision=hi)
     return jnp.sum(w * w, axis=(1, 2, 3))
 
@@ -335,6 +375,10 @@ def outer_factors(eqn: Eqn, pos: int, chain_perms, leaf_ndim: int, a, g):
 
 def cross_norm_sq(factors):
     """``‖Σ_u Σ_t x^u_t ⊗ y^u_t‖²`` per example from every use's factors: exact cross terms."""
+    if all(kind == "dense" for kind, _, _ in factors):  # one outer form over every use
+        x = jnp.concatenate([x for _, x, _ in factors], axis=1)
+        y = jnp.concatenate([y for _, _, y in factors], axis=1)
+        return outer_norm_sq(x, y)
     hi = jax.lax.Precision.HIGHEST
     total = 0
     for ku, xu, yu in factors:

@@ -164,7 +164,8 @@ class Use:
     chain: list
     # Whether the use's output varies with the example (else it is the same for every example,
     # e.g. a position-embedding lookup with constant indices, and the perturbation must add
-    # the batch axis itself for its cotangent to be per example).
+    # the batch axis itself for its cotangent to be per example). Inside a scan body: whether
+    # it varies at some step.
     batched: bool = True
     # The equation the rules see. For a use inside a ``scan`` body it is the body's equation
     # lifted over the steps (see :func:`lift_over_steps`); else ``program.eqns[eqn]``.
@@ -491,12 +492,40 @@ def analyse(fn, params, example) -> Analysis:
     for e in program.eqns:
         if any(isinstance(r, Var) and r in varying for r in e.ins):
             varying.update(e.outs)
+    body_varying: dict = {}
     for j_uses in fast.values():
         for u in j_uses:
-            if u.scan is None:  # inside a scan body a perturbation is always added
+            if u.scan is None:
                 u.batched = program.eqns[u.eqn].outs[0] in varying
+            elif u.site == "scan":
+                k = u.scan[0]
+                if k not in body_varying:
+                    body_varying[k] = _scan_body_varying(program.eqns[k], u.chain_program, varying)
+                u.batched = u.chain_program.eqns[u.scan[1]].outs[0] in body_varying[k]
     reasons = {j: "; ".join(dict.fromkeys(other[j])) for j in exact}
     return Analysis(program, n, fast, exact, unused, reasons)
+
+
+def _scan_body_varying(eqn: Eqn, body: Program, varying: set) -> set:
+    """The values of a scan body that differ between examples, given the outer ``varying``.
+
+    A carry varies if its initial value does or if the body makes it vary (a fixed point).
+    """
+    p = eqn.params
+    nc, ncar = p["num_consts"], p["num_carry"]
+    flags = [isinstance(r, Var) and r in varying for r in eqn.ins]
+    while True:
+        inner = {v for v, f in zip(body.invars, flags, strict=True) if f}
+        for e in body.eqns:
+            if any(isinstance(r, Var) and r in inner for r in e.ins):
+                inner.update(e.outs)
+        carry = [
+            f or (isinstance(r, Var) and r in inner)
+            for f, r in zip(flags[nc : nc + ncar], body.outs[:ncar], strict=True)
+        ]
+        if carry == flags[nc : nc + ncar]:
+            return inner
+        flags[nc : nc + ncar] = carry
 
 
 def use_perm(program: Program, use: Use, ndim: int):

@@ -1,0 +1,60 @@
+"""Round-off of the sequence-axis norm forms when per-position contributions cancel.
+
+Example ``i``'s gradient ``Σ_t a_t g_tᵀ`` is made small by cancellation: the rows ``a_t`` are
+(almost) equal and the cotangents ``g_t = c_t v`` have ``Σ_t c_t = δ_i`` with ``δ_i`` down to
+1e-4. The Gram form ``⟨AAᵀ, GGᵀ⟩`` squares that conditioning (relative errors ~1e-7 here); the
+norms must match a Python loop over examples and ``method="vmap"`` to 1e-10 in float64,
+example by example (relative to each example's own norm).
+"""
+
+import jax.numpy as jnp
+import numpy as np
+from test_fast_cases import F64, assert_rel_close, reference_grads
+
+from jaxgrad.fast import per_example_norms, plan
+
+DELTAS = np.array([1e-1, 1e-2, 1e-3, 3e-4, 1e-4])
+
+
+def _cancelling_batch(rng, t=4, k=16):
+    rows = rng.normal(size=(len(DELTAS), 1, k)) + 1e-7 * rng.normal(size=(len(DELTAS), t, k))
+    c = np.tile(np.resize([1.0, -1.0], t), (len(DELTAS), 1))
+    c[:, -1] += DELTAS  # Σ_t c_t = δ_i
+    return jnp.asarray(rows, F64), jnp.asarray(c, F64)
+
+
+def _check_norms(loss, params, batch):
+    norms = np.linalg.norm(reference_grads(loss, params, batch), axis=1)
+    for method in ("auto", "vmap"):  # each example relative to its own (small) norm
+        got = per_example_norms(loss, method=method)(params, batch)
+        for i, norm in enumerate(norms):
+            assert_rel_close(got[i], norm)
+    return plan(loss, params, tuple(x[0] for x in batch))
+
+
+def test_cancelling_positions_sequence_axis():
+    rng = np.random.default_rng(50)
+    params = {"w": jnp.asarray(rng.normal(size=(16, 16)), F64)}
+    v = jnp.asarray(rng.normal(size=16), F64)
+
+    def loss(p, ex):
+        x, c = ex
+        return jnp.sum(c * ((x @ p["w"]) @ v))
+
+    p = _check_norms(loss, params, _cancelling_batch(rng))
+    assert "Gram" in p.leaves[0].route  # 4 positions, 16 x 16: the Gram route is the one taken
+
+
+def test_cancelling_positions_tied_uses():
+    rng = np.random.default_rng(51)
+    params = {"w": jnp.asarray(rng.normal(size=(16, 16)), F64)}
+    v = jnp.asarray(rng.normal(size=16), F64)
+
+    def loss(p, ex):  # the same weight used twice, as x W and as W xᵀ, each over 2 positions
+        x, c = ex
+        first = jnp.sum(c[:2] * ((x[:2] @ p["w"]) @ v))
+        second = jnp.sum(c[2:] * (v @ (p["w"].T @ x[2:].T)))
+        return first + second
+
+    p = _check_norms(loss, params, _cancelling_batch(rng))
+    assert len(p.leaves[0].uses) == 2 and not p.leaves[0].fallback
