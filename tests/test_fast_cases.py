@@ -161,3 +161,15 @@ def assert_rel_close(actual, expected, rtol=1e-10):
     scale = max(np.max(np.abs(expected)), 1e-300)
     err = np.max(np.abs(actual - expected)) / scale if actual.size else 0.0
     assert err <= rtol, f"relative error {err:.3g} > {rtol:g}"
+
+
+def check_against_loop(loss_fn, params, batch):
+    """Norms and the median-clipped sum, fast path and ``method="vmap"``, against a Python loop."""
+    loop = reference_grads(loss_fn, params, batch)
+    norms = np.linalg.norm(loop, axis=1)
+    assert np.all(norms > 0)
+    clip = float(np.median(norms))
+    for method in ("auto", "vmap"):
+        assert_rel_close(jaxgrad.per_example_norms(loss_fn, method=method)(params, batch), norms)
+        clip_sum = jaxgrad.clipped_grad(loss_fn, l2_clip=clip, reduction="sum", method=method)
+        assert_rel_close(flat(clip_sum(params, batch)), np.minimum(1.0, clip / norms) @ loop)

@@ -7,7 +7,7 @@ over single examples, to 1e-10 relative, for the norms and the clipped sum.
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_fast_cases import F64, assert_rel_close, flat, reference_grads
+from test_fast_cases import F64, check_against_loop, flat
 
 from jaxgrad.fast import clipped_grad, per_example_norms
 
@@ -71,18 +71,7 @@ def _setup(fn, size=5, k=4, n=4):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_tied_norms_and_clipped_sum(name):
-    loss, params, batch = _setup(CASES[name])
-    loop = reference_grads(loss, params, batch)
-    norms = np.linalg.norm(loop, axis=1)
-    assert np.all(norms > 0)
-    assert_rel_close(per_example_norms(loss)(params, batch), norms)
-    assert_rel_close(per_example_norms(loss, method="vmap")(params, batch), norms)
-    clip = float(np.median(norms))
-    got = clipped_grad(loss, l2_clip=clip, reduction="sum")(params, batch)
-    ref = clipped_grad(loss, l2_clip=clip, reduction="sum", method="vmap")(params, batch)
-    c = np.minimum(1.0, clip / norms)
-    assert_rel_close(flat(got), c @ loop)
-    assert_rel_close(flat(ref), c @ loop)
+    check_against_loop(*_setup(CASES[name]))
 
 
 def test_cancelling_tied_uses_give_zero_not_nan():
