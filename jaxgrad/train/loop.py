@@ -12,7 +12,6 @@ computation and ends bit for bit where the uninterrupted run would.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
@@ -31,7 +30,7 @@ from jaxgrad.grads import batch_grad
 from jaxgrad.train import checkpoint as ckpt
 from jaxgrad.train import private
 from jaxgrad.train.private import PrivacyConfig
-from jaxgrad.train.progress import Progress
+from jaxgrad.train.progress import Progress, end_epoch
 from jaxgrad.train.step import TrainState, init_state, step_fn
 
 PyTree = Any
@@ -504,15 +503,15 @@ def fit(
                         "step": int(state.step),
                         "loss": epoch_loss / max(epoch_count, 1),
                     }
-                    if evaluate is not None:
-                        params_now = state.params if mesh is None else _local_copy(state.params)
-                        record.update({k: float(v) for k, v in evaluate(params_now).items()})
-                    record["seconds"] = time.perf_counter() - start
-                    history.append(record)
-                    bar.epoch(record)
-                    if metrics_file is not None:
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
+                    end_epoch(
+                        record,
+                        params=state.params if mesh is None else _local_copy(state.params),
+                        evaluate=evaluate,
+                        start=start,
+                        history=history,
+                        bar=bar,
+                        metrics_file=metrics_file,
+                    )
                 if checkpoint_dir is not None:
                     final = last_chunk and epoch == epochs - 1
                     if final or int(state.step) // every > before // every:

@@ -17,7 +17,6 @@ settings (clip, σ, q, δ, accountant, planned steps) is refused.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
@@ -28,7 +27,7 @@ import optax
 from jaxgrad import privacy as dp
 from jaxgrad import reduce
 from jaxgrad.train import checkpoint as ckpt
-from jaxgrad.train.progress import Progress
+from jaxgrad.train.progress import Progress, end_epoch
 from jaxgrad.train.step import TrainState, init_state
 
 
@@ -303,14 +302,15 @@ def fit_private(
                 "epsilon": the_plan.epsilon(int(state.step)),
                 "nonfinite": int(nonfinite),
             }
-            if evaluate is not None:
-                record.update({k: float(v) for k, v in evaluate(state.params).items()})
-            record["seconds"] = time.perf_counter() - start
-            history.append(record)
-            bar.epoch(record)
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+            end_epoch(
+                record,
+                params=state.params,
+                evaluate=evaluate,
+                start=start,
+                history=history,
+                bar=bar,
+                metrics_file=metrics_file,
+            )
             if checkpoint_dir is not None:
                 meta = {"epoch": epoch + 1, "history": history, "config": config}
                 last = ckpt.save(

@@ -6,7 +6,9 @@ tqdm is optional: without it a terminal gets one plain line per epoch. Off a ter
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 
 MODES = ("auto", "bar", "plain", "none")
 
@@ -114,3 +116,16 @@ class Progress:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def end_epoch(record: dict, *, params, evaluate, start: float, history: list, bar, metrics_file):
+    """Completes an epoch's ``record`` (``evaluate(params)`` metrics, seconds since ``start``),
+    appends it to ``history``, shows it on ``bar`` and writes it as a line to ``metrics_file``."""
+    if evaluate is not None:
+        record.update({k: float(v) for k, v in evaluate(params).items()})
+    record["seconds"] = time.perf_counter() - start
+    history.append(record)
+    bar.epoch(record)
+    if metrics_file is not None:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
