@@ -13,6 +13,7 @@ where ``m_i`` is the padding mask. Padding never changes shapes, so jit never re
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -348,6 +349,14 @@ def row_sq_norms(tree: PyTree) -> jax.Array:
         jnp.sum(jnp.reshape(x, (x.shape[0], -1)) ** 2, axis=1)
         for x in jax.tree_util.tree_leaves(tree)
     )
+
+
+def check_positive_float(value, *, name: str) -> float:
+    """Checks a keyword hyperparameter is a positive, finite Python number."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive finite number; got {value!r}")
+    return float(value)
 
 
 def check_positive_int(value, *, name: str) -> int:

@@ -15,7 +15,6 @@ divide evenly), bounding peak memory on either path.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -81,13 +80,6 @@ def per_example_norms(
         return passes.run_chunked(body, batch, mask, chunk_size)[0]
 
     return _wrap(core, loss_fn, name="per_example_norms", doc=per_example_norms.__doc__)
-
-
-def _check_clip(l2_clip) -> float:
-    ok = isinstance(l2_clip, (int, float)) and not isinstance(l2_clip, bool)
-    if not ok or not math.isfinite(l2_clip) or l2_clip <= 0:
-        raise ValueError(f"`l2_clip` must be a positive finite number; got {l2_clip!r}")
-    return float(l2_clip)
 
 
 def clip_factors(norms, l2_clip):
@@ -166,7 +158,7 @@ def clipped_grad(
       >>> [round(float(v), 6) for v in g]
       [0.6, 1.3]
     """
-    l2_clip = _check_clip(l2_clip)
+    l2_clip = reduce.check_positive_float(l2_clip, name="l2_clip")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"`reduction` must be one of ['mean', 'sum']; got {reduction!r}")
     if nonfinite not in NONFINITE:

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import math
 
+from jaxgrad import reduce
 from jaxgrad.privacy.sampling import check_sampling_rate
 
 ACCOUNTANTS = ("pld", "rdp")
@@ -59,13 +60,6 @@ def _check_steps(steps):
     return steps
 
 
-def _check_positive(value, name):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive finite number; got {value!r}")
-    return float(value)
-
-
 @contextlib.contextmanager
 def _quiet_absl():
     logger = logging.getLogger("absl")
@@ -89,7 +83,7 @@ def make_accountant(accountant: str = "pld", *, pld_discretization: float = 1e-4
     _check_accountant(accountant)
     if accountant == "rdp":
         return _dpa().rdp.RdpAccountant()
-    vdi = _check_positive(pld_discretization, "pld_discretization")
+    vdi = reduce.check_positive_float(pld_discretization, name="pld_discretization")
     return _dpa().pld.PLDAccountant(value_discretization_interval=vdi)
 
 
@@ -176,13 +170,13 @@ def calibrate_noise_multiplier(
       ...         accountant="rdp") <= 3.0
       True
     """
-    target = _check_positive(target_epsilon, "target_epsilon")
+    target = reduce.check_positive_float(target_epsilon, name="target_epsilon")
     delta = _check_delta(delta)
     q = check_sampling_rate(sampling_rate)
     steps = _check_steps(steps)
     if steps == 0:
         raise ValueError("`steps` must be at least 1 to calibrate a noise multiplier; got 0")
-    tol = _check_positive(tol, "tol")
+    tol = reduce.check_positive_float(tol, name="tol")
     _check_accountant(accountant)
     with _quiet_absl():  # RDP warns for every order it drops at small σ; ε is still an upper bound
         sigma = _dpa().calibrate_dp_mechanism(

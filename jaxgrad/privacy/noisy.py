@@ -62,13 +62,6 @@ def _check_nonneg(value, name) -> float:
     return float(value)
 
 
-def _check_positive(value, name) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive finite number; got {value!r}")
-    return float(value)
-
-
 def _check_nonfinite(nonfinite):
     if nonfinite not in NONFINITE:
         raise ValueError(f"`nonfinite` must be one of {list(NONFINITE)}; got {nonfinite!r}")
@@ -204,9 +197,9 @@ def dp_grad(
       >>> [round(float(v), 6) for v in g]  # ([0.6, 0.8] + [0, 0.5]) / 4
       [0.15, 0.325]
     """
-    l2_clip = _check_positive(l2_clip, "l2_clip")
+    l2_clip = reduce.check_positive_float(l2_clip, name="l2_clip")
     sigma = _check_nonneg(noise_multiplier, "noise_multiplier")
-    b_e = _check_positive(expected_batch_size, "expected_batch_size")
+    b_e = reduce.check_positive_float(expected_batch_size, name="expected_batch_size")
     nonfinite = _check_nonfinite(nonfinite)
     clipped = clipped_sum_dropping_nonfinite(
         loss_fn, l2_clip=l2_clip, method=method, chunk_size=chunk_size
@@ -282,7 +275,7 @@ def sampled_dp_grad(
       >>> g.shape, int(info.num_physical_batches) == -(-int(info.num_examples) // 8)
       ((3,), True)
     """
-    l2_clip = _check_positive(l2_clip, "l2_clip")
+    l2_clip = reduce.check_positive_float(l2_clip, name="l2_clip")
     sigma = _check_nonneg(noise_multiplier, "noise_multiplier")
     q = sampling.check_sampling_rate(sampling_rate)
     p = reduce.check_positive_int(physical_batch_size, name="physical_batch_size")
