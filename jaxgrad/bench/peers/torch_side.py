@@ -251,6 +251,20 @@ def _opacus_hooks_clip(spec, model, x, y, to_jax, *, l2_clip):
     return step, extract
 
 
+def _ghost_clipped_backward(gsm, zero_grad, spec, x, y):
+    """What opacus.utils.fast_gradient_clipping_utils.DPTensorFastGradientClipping.backward
+    does, without its optimizer: a first backward for the norms, then a second, reweighted one
+    (hooks off) that leaves the clipped sum in the parameters' ``.grad``."""
+    zero_grad(set_to_none=True)
+    sums, _ = per_example_loss(spec, gsm(x), y)
+    sums.sum().backward(retain_graph=True)
+    zero_grad(set_to_none=True)
+    coefficients = gsm.get_clipping_coef()
+    gsm.disable_hooks()
+    (coefficients * sums).sum().backward()
+    gsm.enable_hooks()
+
+
 def _opacus_ghost_clip(spec, model, x, y, to_jax, *, l2_clip):
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
@@ -259,17 +273,7 @@ def _opacus_ghost_clip(spec, model, x, y, to_jax, *, l2_clip):
     )
 
     def step():
-        # What opacus.utils.fast_gradient_clipping_utils.DPTensorFastGradientClipping.backward
-        # does, without an optimizer: a first backward for the norms, a second, reweighted one
-        # (hooks off) for the clipped sum.
-        gsm.zero_grad(set_to_none=True)
-        sums, _ = per_example_loss(spec, gsm(x), y)
-        sums.sum().backward(retain_graph=True)
-        gsm.zero_grad(set_to_none=True)
-        coefficients = gsm.get_clipping_coef()
-        gsm.disable_hooks()
-        (coefficients * sums).sum().backward()
-        gsm.enable_hooks()
+        _ghost_clipped_backward(gsm, gsm.zero_grad, spec, x, y)
         return gsm.per_sample_gradient_norms
 
     def extract(norms):
@@ -352,16 +356,9 @@ def _opacus_dp_ghost(spec, model, x, y, to_jax, *, l2_clip):
     )
 
     def step():
-        # As opacus:ghost_clip (the two backward passes of DPTensorFastGradientClipping), then
-        # the optimizer's pre_step: the clipped sum plus N(0, σ²C²I) once, divided by B.
-        optimizer.zero_grad(set_to_none=True)
-        sums, _ = per_example_loss(spec, gsm(x), y)
-        sums.sum().backward(retain_graph=True)
-        optimizer.zero_grad(set_to_none=True)
-        coefficients = gsm.get_clipping_coef()
-        gsm.disable_hooks()
-        (coefficients * sums).sum().backward()
-        gsm.enable_hooks()
+        # The same two backward passes as opacus:ghost_clip, then the optimizer's pre_step:
+        # the clipped sum plus N(0, σ²C²I) once, divided by B.
+        _ghost_clipped_backward(gsm, optimizer.zero_grad, spec, x, y)
         optimizer.pre_step()
         _divide_grads(model, len(y))
 
