@@ -17,8 +17,10 @@ device ever holds the whole batch.
 This module only builds the inputs: :func:`data_mesh` (a 1-D mesh over the devices of every
 process), :func:`shard_batch` (pads a batch to a multiple of the device count, masked out,
 and places it), :func:`replicate` (parameters on every device), :func:`check_batch` (the
-batch is sharded along its leading axis only) and :func:`initialize` (``jax.distributed``
-with its arguments checked). Several hosts are several processes over one global mesh.
+batch is sharded along its leading axis only), :func:`take_rows` (a batch gathered from a data
+set by index, each process reading only the rows its own devices hold, e.g. from a
+memory-mapped file) and :func:`initialize` (``jax.distributed`` with its arguments checked).
+Several hosts are several processes over one global mesh.
 
 Example::
 
@@ -44,7 +46,7 @@ from jaxgrad import reduce
 
 PyTree = Any
 
-__all__ = ["check_batch", "data_mesh", "initialize", "replicate", "shard_batch"]
+__all__ = ["check_batch", "data_mesh", "initialize", "replicate", "shard_batch", "take_rows"]
 
 
 def initialize(
@@ -265,3 +267,91 @@ def shard_batch(batch: PyTree, mask=None, *, mesh: Mesh, axis: str = "data"):
         return jax.make_array_from_process_local_data(sharding, x, (target * procs, *x.shape[1:]))
 
     return jax.tree_util.tree_map(put, (batch, mask))
+
+
+def process_rows(size: int, *, mesh: Mesh, axis: str = "data") -> slice:
+    """The rows ``[start, stop)`` of a ``size``-row batch that this process's devices hold.
+
+    Under ``NamedSharding(mesh, P(axis))`` every device holds ``size / mesh.shape[axis]``
+    consecutive rows; the devices of one process hold one contiguous block of them (as in
+    :func:`data_mesh`, whose devices are in process order).
+
+    Raises:
+      ValueError: ``size`` not a multiple of the axis size, or a mesh whose devices of this
+        process do not hold one contiguous block.
+    """
+    devices = _check_axis(mesh, axis)
+    if size % devices:
+        raise ValueError(
+            f"`size` ({size}) must be a multiple of the {devices} devices of mesh axis {axis!r}"
+        )
+    spec = NamedSharding(mesh, P(axis))
+    slices = sorted(
+        {(s[0].start or 0, size if s[0].stop is None else s[0].stop)
+         for s in spec.addressable_devices_indices_map((size,)).values()}
+    )
+    start, stop = slices[0][0], slices[-1][1]
+    if sum(b - a for a, b in slices) != stop - start:
+        raise ValueError(
+            f"this process's devices hold rows {slices} of `mesh` axis {axis!r}, not one "
+            "contiguous block; order the mesh's devices by process (see data_mesh)"
+        )
+    return slice(start, stop)
+
+
+def take_rows(data: PyTree, indices, mask=None, *, mesh: Mesh, axis: str = "data", check=None):
+    """Rows ``indices`` of every leaf of ``data``, sharded over ``mesh``; each process reads
+    only the rows its own devices hold.
+
+    ``indices`` (the same in every process) has shape ``(..., W)`` with ``W`` a multiple of
+    ``mesh.shape[axis]``; the result has the leaves' shapes with their leading axis replaced
+    by it, sharded along its last index axis (``P(..., axis)``). This process reads
+    ``data_leaf[indices[..., rows]]`` for its own block ``rows`` (:func:`process_rows`) and
+    nothing else, so ``data`` may be memory-mapped files (:func:`jaxgrad.data.memmap`) or any
+    array-like with ``shape``, ``dtype`` and integer-array indexing: with ``P`` processes each
+    reads about ``1 / P`` of every batch, never the whole data set. The batch a step sees does
+    not depend on the process count.
+
+    Args:
+      data: a pytree of arrays (numpy, memory-mapped, ...) with a leading example axis.
+      indices: integer array ``(..., W)``.
+      mask: a boolean array of ``indices``'s shape (False = padding); all True when None.
+      mesh: the mesh.
+      axis: the mesh axis the rows are sharded over.
+      check: if given, ``check(rows, row_mask)`` is called on this process's rows (flattened
+        to one leading axis) before they are placed, e.g. a loss's label validation.
+
+    Returns:
+      ``(batch, mask)``: global ``jax.Array`` s.
+
+    Example::
+
+      >>> import numpy as np, jaxgrad
+      >>> mesh = jaxgrad.sharding.data_mesh()
+      >>> batch, mask = jaxgrad.sharding.take_rows(np.arange(10.0), np.array([7, 2]), mesh=mesh)
+      >>> batch.tolist(), mask.tolist()
+      ([7.0, 2.0], [True, True])
+    """
+    indices = np.asarray(indices)
+    if indices.ndim == 0 or not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(
+            f"`indices` must be an integer array with a row axis; got {indices.dtype} of "
+            f"shape {indices.shape}"
+        )
+    mask = np.ones(indices.shape, bool) if mask is None else np.asarray(mask)
+    if mask.shape != indices.shape:
+        raise ValueError(f"`mask` must have the shape of `indices` {indices.shape}; got {mask.shape}")
+    rows = process_rows(indices.shape[-1], mesh=mesh, axis=axis)
+    lead = indices.ndim - 1
+    local_idx, local_mask = indices[..., rows], mask[..., rows]
+    local = jax.tree_util.tree_map(lambda a: np.asarray(a[local_idx]), data)
+    if check is not None:
+        flat = jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[lead + 1 :]), local)
+        check(flat, local_mask.reshape(-1))
+    sharding = NamedSharding(mesh, P(*([None] * lead), axis))
+
+    def put(x):
+        shape = (*indices.shape, *x.shape[lead + 1 :])
+        return jax.make_array_from_process_local_data(sharding, x, shape)
+
+    return jax.tree_util.tree_map(put, local), put(local_mask)

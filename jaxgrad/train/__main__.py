@@ -182,8 +182,6 @@ def _privacy(args, parser, num_examples, batch_size, epochs):
         parser.error("--dp takes its own noisy clipped gradient; leave --strategy at batch")
     if args.checkpoint_every is not None:
         parser.error("--dp checkpoints every epoch; --checkpoint-every does not apply")
-    if args.devices is not None or args.coordinator is not None:
-        parser.error("--dp runs on one device for now; leave out --devices and --coordinator")
     if (args.target_epsilon is None) == (args.noise_multiplier is None):
         parser.error("--dp needs exactly one of --target-epsilon and --noise-multiplier")
     from jaxgrad.train import PrivacyConfig, private

@@ -134,9 +134,45 @@ def _check_fit_args(params, optimizer, key) -> None:
 
 
 def _has_convolution(loss_fn, params, data) -> bool:
-    """Whether one example's loss runs a convolution (read off its jaxpr)."""
-    example = jax.tree_util.tree_map(lambda x: x[0], data)
+    """Whether one example's loss runs a convolution (read off its jaxpr; no row is read)."""
+    example = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), data)
     return "conv_general_dilated" in str(jax.make_jaxpr(loss_fn)(params, example))
+
+
+def _in_memory(data) -> bool:
+    """Whether every leaf of ``data`` is an in-memory array (not memory-mapped or lazy)."""
+    return all(
+        isinstance(x, jax.Array) or (isinstance(x, np.ndarray) and not isinstance(x, np.memmap))
+        for x in jax.tree_util.tree_leaves(data)
+    )
+
+
+def _row_check(validate):
+    """``check(rows, mask)`` for :func:`jaxgrad.sharding.take_rows`: validates the real rows."""
+    if validate is None:
+        return None
+
+    def check(rows, mask):
+        if np.any(mask):
+            validate(jax.tree_util.tree_map(lambda x: x[mask], rows))
+
+    return check
+
+
+def validate_data(loss_fn, data, mesh):
+    """Validates ``data`` with ``loss_fn.validate`` up front, or returns the per-batch check.
+
+    In-memory data (or any data without a mesh) is validated whole before training. File-backed
+    data on a mesh is never read whole: each process validates the rows it feeds, as it
+    gathers them (the returned ``check``).
+    """
+    validate = getattr(loss_fn, "validate", None)
+    if validate is None:
+        return None
+    if mesh is None or _in_memory(data):
+        validate(data)
+        return None
+    return _row_check(validate)
 
 
 def _fingerprint(key) -> str:
@@ -149,11 +185,6 @@ def _fingerprint(key) -> str:
 
 def _fit_private(*args, strategy, scan, steps_per_call, checkpoint_every, mesh, **kwargs):
     """``fit(..., privacy=...)``: the DP-SGD loop of :mod:`jaxgrad.train.private`."""
-    if mesh is not None:
-        raise ValueError(
-            "`mesh` is not supported with `privacy` yet: DP-SGD training runs on one device "
-            f"(its Poisson sample is drawn over the whole data set); got mesh={mesh!r}"
-        )
     for name, value in (("checkpoint_every", checkpoint_every), ("steps_per_call", steps_per_call)):
         if value is not None:
             raise ValueError(
@@ -165,7 +196,7 @@ def _fit_private(*args, strategy, scan, steps_per_call, checkpoint_every, mesh, 
             f"jaxgrad.privacy.sampled_dp_grad; got strategy={strategy!r}"
         )
     del scan
-    return private.fit_private(*args, **kwargs, fingerprint=_fingerprint)
+    return private.fit_private(*args, **kwargs, fingerprint=_fingerprint, mesh=mesh)
 
 
 def fit(
@@ -302,9 +333,7 @@ def fit(
             f"`batch_size` ({batch_size}) is larger than the training set ({n} examples); "
             f"expected at most {n}"
         )
-    validate = getattr(loss_fn, "validate", None)
-    if validate is not None:
-        validate(train_data)
+    check = validate_data(loss_fn, train_data, mesh)
 
     if mesh is not None:
         sharding_lib.check_batch(train_data, mesh=mesh)
@@ -312,7 +341,6 @@ def fit(
         # Each batch is padded to a multiple of the device count with masked-out rows.
         width = -(-batch_size // devices) * devices
         batch_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-        row_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
 
     steps_per_epoch = data_lib.num_batches(n, batch_size)
     chunk = steps_per_epoch
@@ -384,13 +412,11 @@ def fit(
             batch, mask = jax.lax.with_sharding_constraint((batch, mask), batch_spec)
             return inner(carry, batch, mask, active)
 
-    if scan:
+    if scan and mesh is None:
         device_data = jax.tree_util.tree_map(jnp.asarray, train_data)
-        if mesh is not None:
-            device_data = sharding_lib.replicate(train_data, mesh=mesh)
 
         @jax.jit
-        def run_chunk(state, data, idx, mask, active):
+        def scan_chunk(state, data, idx, mask, active):
             def f(carry, xs):
                 i, m, a = xs
                 return body(carry, data_lib.take(data, i), m, a)
@@ -398,19 +424,41 @@ def fit(
             (state, bad), weighted = jax.lax.scan(f, (state, jnp.int32(-1)), (idx, mask, active))
             return state, bad, jnp.sum(weighted)
 
+        def run_chunk(state, idx, mask, active):
+            return scan_chunk(state, device_data, idx, mask, active)
+
+    elif scan:
+        # On a mesh the data never goes to the devices whole: every chunk's batches are
+        # gathered on the host, each process reading only its own devices' rows.
+        @jax.jit
+        def scan_batches(state, batches, mask, active):
+            def f(carry, xs):
+                return body(carry, *xs)
+
+            xs = (batches, mask, active)
+            (state, bad), weighted = jax.lax.scan(f, (state, jnp.int32(-1)), xs)
+            return state, bad, jnp.sum(weighted)
+
+        def run_chunk(state, idx, mask, active):
+            batches, mask = sharding_lib.take_rows(
+                train_data, np.asarray(idx), np.asarray(mask), mesh=mesh, check=check
+            )
+            active = sharding_lib.replicate(np.asarray(active), mesh=mesh)
+            return scan_batches(state, batches, mask, active)
+
     else:
-        host_data = jax.tree_util.tree_map(np.asarray, train_data)
+        host_data = None if mesh is not None else jax.tree_util.tree_map(np.asarray, train_data)
         jit_body = jax.jit(body)
 
-        def run_chunk(state, data, idx, mask, active):
-            del data
+        def run_chunk(state, idx, mask, active):
             carry, total = (state, jnp.int32(-1)), []
             for i, m, a in zip(idx, mask, active, strict=False):
                 if not a:
                     break
-                batch = data_lib.take(host_data, i)
-                if mesh is not None:
-                    batch, m = sharding_lib._place((batch, m), batch_spec)
+                if mesh is None:
+                    batch = data_lib.take(host_data, i)
+                else:
+                    batch, m = sharding_lib.take_rows(train_data, i, m, mesh=mesh, check=check)
                 carry, weighted = jit_body(carry, batch, m, True)
                 total.append(weighted)
             return carry[0], carry[1], sum(total)
@@ -467,12 +515,7 @@ def fit(
                 epoch_loss, epoch_count = 0.0, 0
             for c in range(first, chunks_per_epoch):
                 before = int(state.step)
-                data_arg = device_data if scan else None
-                idx_c, mask_c, active_c = idx[c], mask[c], active[c]
-                if mesh is not None and scan:
-                    idx_c, mask_c = sharding_lib._place((idx_c, mask_c), row_spec)
-                    active_c = sharding_lib.replicate(active_c, mesh=mesh)
-                new_state, bad, weighted = run_chunk(state, data_arg, idx_c, mask_c, active_c)
+                new_state, bad, weighted = run_chunk(state, idx[c], mask[c], active[c])
                 bad = int(bad)
                 if bad >= 0:
                     batch_no = bad - epoch * steps_per_epoch + 1

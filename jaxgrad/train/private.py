@@ -12,6 +12,15 @@ every epoch (``epsilon`` in the history). Step ``t``'s sample and noise are draw
 ``fold_in(key, t)``, so the privacy state is the step count and the key: both are in every
 checkpoint, a resumed run continues bit for bit, and a checkpoint written under other privacy
 settings (clip, σ, q, δ, accountant, planned steps) is refused.
+
+On a mesh (``fit(..., privacy=..., mesh=...)``) the step is the same computation, spread:
+the Poisson sample is drawn over the whole data set from ``fold_in(key, t)`` — the same key,
+hence the same draw, in every process (one draw for the step, never one per device or host,
+so the inclusions stay independent across examples) — its physical batches are sharded
+along the examples over the mesh's ``"data"`` axis (each process gathering only its own
+devices' rows, :func:`jaxgrad.sharding.take_rows`), the clipped sums and counts are summed
+over devices, and the noise is drawn once, from the step's one noise key, in the replicated
+result. The parameters equal the one-device run's up to the order of the sums.
 """
 
 from __future__ import annotations
@@ -22,10 +31,13 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxgrad import privacy as dp
 from jaxgrad import reduce
+from jaxgrad import sharding as sharding_lib
+from jaxgrad.privacy import noisy, sampling
 from jaxgrad.train import checkpoint as ckpt
 from jaxgrad.train.progress import Progress, end_epoch
 from jaxgrad.train.step import TrainState, init_state
@@ -200,16 +212,17 @@ def fit_private(
     progress: str = "auto",
     quiet: bool = False,
     fingerprint=None,
+    mesh=None,
 ):
     """The DP-SGD loop behind ``fit(..., privacy=...)``; see :func:`jaxgrad.train.fit`."""
-    from jaxgrad.train.loop import FitResult  # the loop module imports this one
+    from jaxgrad.train.loop import FitResult, _local_copy, validate_data  # loop imports this
 
     n = reduce.batch_size(train_data, name="train_data")
     the_plan = plan(privacy, num_examples=n, batch_size=batch_size, epochs=epochs)
     c = the_plan.config
-    validate = getattr(loss_fn, "validate", None)
-    if validate is not None:
-        validate(train_data)
+    if mesh is not None:
+        sharding_lib.check_batch(train_data, mesh=mesh)
+    check = validate_data(loss_fn, train_data, mesh)
     grad_fn = dp.sampled_dp_grad(
         loss_fn,
         l2_clip=c.l2_clip,
@@ -234,6 +247,8 @@ def fit_private(
         },
     }
     del config["privacy"]["epsilon"], config["privacy"]["steps"]
+    if mesh is not None:
+        config["devices"] = int(mesh.devices.size)
 
     @jax.jit
     def run_epoch(state, data, key):
@@ -279,7 +294,21 @@ def fit_private(
             state, key = tree["state"], tree["key"]
             start_epoch, history = meta["epoch"], meta["history"]
 
-    device_data = jax.tree_util.tree_map(jnp.asarray, train_data)
+    if mesh is None:
+        device_data = jax.tree_util.tree_map(jnp.asarray, train_data)
+    else:
+        state = sharding_lib.replicate(state, mesh=mesh)
+        device_data = None
+        run_epoch = _sharded_epoch(
+            loss_fn,
+            train_data,
+            the_plan,
+            optimizer=optimizer,
+            steps_per_epoch=steps_per_epoch,
+            stop_on_bad=stop_on_bad,
+            mesh=mesh,
+            check=check,
+        )
     metrics_file = open(metrics_path, "a") if metrics_path is not None else None
     bar = Progress(epochs * steps_per_epoch, mode=progress, quiet=quiet, initial=int(state.step))
     start = time.perf_counter()
@@ -304,18 +333,20 @@ def fit_private(
             }
             end_epoch(
                 record,
-                params=state.params,
+                params=state.params if mesh is None else _local_copy(state.params),
                 evaluate=evaluate,
                 start=start,
                 history=history,
                 bar=bar,
                 metrics_file=metrics_file,
             )
-            if checkpoint_dir is not None:
+            if checkpoint_dir is not None and mesh is not None and jax.process_index() != 0:
+                last = ckpt.path_for(checkpoint_dir, int(state.step))  # process 0 writes
+            elif checkpoint_dir is not None:
                 meta = {"epoch": epoch + 1, "history": history, "config": config}
                 last = ckpt.save(
                     checkpoint_dir,
-                    {"state": state, "key": key},
+                    {"state": _local_copy(state), "key": key},
                     step=int(state.step),
                     metadata=meta,
                     keep=keep,
@@ -325,6 +356,92 @@ def fit_private(
         if metrics_file is not None:
             metrics_file.close()
     return FitResult(state.params, state, history)
+
+
+def _sharded_epoch(
+    loss_fn, train_data, the_plan, *, optimizer, steps_per_epoch, stop_on_bad, mesh, check
+):
+    """``run_epoch(state, data, key)`` on ``mesh``: :func:`jaxgrad.privacy.sampled_dp_grad`'s
+    step, with its physical batches gathered on the host and sharded over the devices.
+
+    Step ``t``: ``sample_key, noise_key = split(fold_in(key, t))`` as in ``sampled_dp_grad``;
+    the Poisson draw over all ``N`` examples comes from ``sample_key`` and is computed the same
+    in every process (same key, same program), its ``⌈b / P⌉`` physical batches are padded to
+    a multiple of the device count (masked rows) and sharded along the examples, their
+    clipped ``(sum, count)`` pairs are added (each a sum over devices), then ``N(0, σ²C² I)``
+    from ``noise_key`` is added once to the replicated sum and the whole is divided by
+    ``qN``. Fixed shapes: one compiled physical-batch function and one update, however large
+    the draw.
+    """
+    c = the_plan.config
+    n = reduce.batch_size(train_data, name="train_data")
+    q, p = the_plan.sampling_rate, the_plan.physical_batch_size
+    stddev = the_plan.noise_multiplier * c.l2_clip
+    devices = mesh.shape["data"]
+    width = -(-p // devices) * devices
+    batch_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    clipped = noisy.clipped_sum_dropping_nonfinite(loss_fn, l2_clip=c.l2_clip, method=c.method)
+
+    @jax.jit
+    def draw(key, step):  # this process's copy of the step's one draw
+        sample_key, _ = jax.random.split(jax.random.fold_in(key, step))
+        sample = sampling.poisson_sample(
+            sample_key, num_examples=n, sampling_rate=q, physical_batch_size=p
+        )
+        return sample.indices, sample.count
+
+    @jax.jit
+    def accumulate(params, acc, batch, mask):
+        batch, mask = jax.lax.with_sharding_constraint((batch, mask), batch_spec)
+        return jax.tree_util.tree_map(jnp.add, acc, clipped(params, batch, mask))
+
+    @jax.jit
+    def update(state, total, key):
+        _, noise_key = jax.random.split(jax.random.fold_in(key, state.step))
+        noised = dp.add_noise(total, noise_key, stddev=stddev)  # once, replicated
+        g = jax.tree_util.tree_map(lambda t: t / jnp.asarray(q * n, t.dtype), noised)
+        updates, opt_state = optimizer.update(g, state.opt_state, state.params)
+        return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
+
+    def run_epoch(state, data, key):
+        del data
+        local_key, global_key = key, sharding_lib.replicate(key, mesh=mesh)
+        zeros = None
+        nonfinite = 0
+        for _ in range(steps_per_epoch):
+            indices, count = draw(local_key, int(state.step))
+            indices, count = np.asarray(indices), int(count)
+            if zeros is None:
+                shapes = jax.eval_shape(
+                    clipped,
+                    state.params,
+                    jax.tree_util.tree_map(
+                        lambda x: jax.ShapeDtypeStruct((width, *x.shape[1:]), x.dtype),
+                        train_data,
+                    ),
+                    jax.ShapeDtypeStruct((width,), bool),
+                )
+                zeros = sharding_lib.replicate(
+                    jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes),
+                    mesh=mesh,
+                )
+            acc = zeros
+            for k in range(int(sampling.num_physical_batches(count, p))):
+                idx = indices[k * p : (k + 1) * p]
+                mask = k * p + np.arange(p) < count
+                idx = np.concatenate([idx, np.full(width - p, idx[0], idx.dtype)])
+                mask = np.concatenate([mask, np.zeros(width - p, bool)])
+                batch, mask = sharding_lib.take_rows(train_data, idx, mask, mesh=mesh, check=check)
+                acc = accumulate(state.params, acc, batch, mask)
+            total, _, bad = acc
+            bad = int(bad)
+            if stop_on_bad and bad:
+                return state, np.int32(int(state.step)), nonfinite
+            nonfinite += bad
+            state = update(state, total, global_key)
+        return state, np.int32(-1), nonfinite
+
+    return run_epoch
 
 
 __all__ = ["PrivacyConfig", "PrivacyPlan", "fit_private", "plan"]
