@@ -3,6 +3,9 @@
 Nothing here downloads. The bundled sets are scikit-learn's (``load_digits``,
 ``load_breast_cancer``, ``load_diabetes``, read from the installed package); the rest comes
 from the user: arrays, ``.npz`` files, or MNIST-format IDX files (plain or gzip) at a path.
+:func:`memmap` opens one array of a file (``.npy``, an uncompressed ``.npz`` member, a plain
+IDX file) memory-mapped, without reading it: what data-parallel training on several hosts
+uses so that each process reads only the rows it feeds (see :func:`jaxgrad.train.fit`).
 
 Every loader returns a :class:`Dataset` with a seeded train/test split. Standardisation
 
@@ -41,6 +44,7 @@ __all__ = [
     "load_idx",
     "load_mnist1d",
     "load_npz",
+    "memmap",
     "read_idx",
     "synthetic_line",
     "train_test_split",
@@ -531,6 +535,116 @@ def read_idx(path) -> np.ndarray:
             f"the file holds {len(raw)} bytes (truncated or corrupt)"
         )
     return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def memmap(path, *, key: str | None = None) -> np.memmap:
+    """One array of a file, memory-mapped read-only: rows are read from disk when indexed.
+
+    Nothing is read but the header, so ``memmap(path)[indices]`` touches only those rows;
+    :func:`jaxgrad.train.fit` with a ``mesh`` gathers every batch this way, each process only
+    its own devices' rows. The values are the file's as stored (no split, no
+    standardisation, no scaling of ``uint8`` pixels: do that in the model or the loss).
+
+    Args:
+      path: an ``.npy`` file; an ``.npz`` file whose member ``key`` is stored uncompressed
+        (``np.savez``, not ``np.savez_compressed``); or a plain (not gzip) IDX file.
+      key: the member of an ``.npz`` file (``"x_train"``, ...); only for ``.npz``.
+
+    Returns:
+      A read-only :class:`numpy.memmap` (IDX data in its big-endian dtype).
+
+    Raises:
+      ValueError: a compressed ``.npz`` member or gzip IDX file (neither can be read row by
+        row: load it whole with :func:`load_npz` / :func:`read_idx`, or store it
+        uncompressed), a missing member, an unknown format, a truncated file.
+
+    Example::
+
+      >>> import os, tempfile, numpy as np, jaxgrad
+      >>> path = os.path.join(tempfile.mkdtemp(), "x.npz")
+      >>> np.savez(path, x=np.arange(12.0).reshape(6, 2))
+      >>> x = jaxgrad.data.memmap(path, key="x")
+      >>> x.shape, x[[4, 1]].tolist()
+      ((6, 2), [[8.0, 9.0], [2.0, 3.0]])
+    """
+    import zipfile
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"`path` must be a file; got {path!r}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK":  # a zip: an .npz archive
+        if key is None:
+            raise ValueError(f"{path} is an .npz archive: pass `key`, the member to map")
+        with zipfile.ZipFile(path) as z:
+            names = [n.removesuffix(".npy") for n in z.namelist()]
+            if key not in names:
+                raise ValueError(f"{path}: no member {key!r} (`key`); it holds {names}")
+            info = z.getinfo(key + ".npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(
+                f"{path}: member {key!r} is compressed, so its rows cannot be read in place; "
+                "save it with np.savez (not savez_compressed), or load it whole with load_npz"
+            )
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if local[:4] != b"PK\x03\x04":
+                raise ValueError(f"{path}: corrupt zip entry for member {key!r}")
+            name_len, extra_len = (int.from_bytes(local[i : i + 2], "little") for i in (26, 28))
+            start = info.header_offset + 30 + name_len + extra_len
+            return _memmap_npy(path, f, start)
+    if key is not None:
+        raise ValueError(f"`key` is only for .npz archives; {path} is not one (got key={key!r})")
+    if head[:4] == b"\x93NUM":
+        with open(path, "rb") as f:
+            return _memmap_npy(path, f, 0)
+    if head[:2] == b"\x1f\x8b":
+        raise ValueError(
+            f"{path} is gzip-compressed, so its rows cannot be read in place; gunzip it, or "
+            "load it whole with read_idx"
+        )
+    if len(head) == 4 and head[:2] == b"\x00\x00" and head[2] in _IDX_DTYPES:
+        dtype, ndim = _IDX_DTYPES[head[2]], head[3]
+        with open(path, "rb") as f:
+            dims = f.read(4 + 4 * ndim)[4:]
+        if len(dims) != 4 * ndim:
+            raise ValueError(f"{path}: truncated IDX header ({ndim} dimensions)")
+        shape = tuple(int(d) for d in np.frombuffer(dims, ">u4"))
+        expected = 4 + 4 * ndim + int(np.prod(shape)) * dtype.itemsize
+        if os.path.getsize(path) != expected:
+            raise ValueError(
+                f"{path}: IDX header says shape {shape} of {dtype} ({expected} bytes in all); "
+                f"the file holds {os.path.getsize(path)} bytes (truncated or corrupt)"
+            )
+        return np.memmap(path, dtype, mode="r", offset=4 + 4 * ndim, shape=shape)
+    raise ValueError(
+        f"{path}: not an .npy, .npz or IDX file (it starts with {head!r}); expected one of them"
+    )
+
+
+def _memmap_npy(path: str, f, start: int) -> np.memmap:
+    """The ``.npy`` array whose header starts at byte ``start`` of the open file ``f``."""
+    f.seek(start)
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }.get(version)
+        if read_header is None:
+            raise ValueError(f"unsupported .npy format version {version}")
+        shape, fortran, dtype = read_header(f)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a readable .npy array ({e})") from None
+    if dtype.hasobject:
+        raise ValueError(f"{path}: object arrays cannot be memory-mapped (or read without pickle)")
+    offset = f.tell()
+    if offset + int(np.prod(shape)) * dtype.itemsize > os.path.getsize(path):
+        raise ValueError(f"{path}: truncated array data (shape {shape} of {dtype})")
+    order = "F" if fortran else "C"
+    return np.memmap(path, dtype, mode="r", offset=offset, shape=shape, order=order)
 
 
 _IDX_NAMES = {

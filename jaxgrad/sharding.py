@@ -344,7 +344,7 @@ def take_rows(data: PyTree, indices, mask=None, *, mesh: Mesh, axis: str = "data
     rows = process_rows(indices.shape[-1], mesh=mesh, axis=axis)
     lead = indices.ndim - 1
     local_idx, local_mask = indices[..., rows], mask[..., rows]
-    local = jax.tree_util.tree_map(lambda a: np.asarray(a[local_idx]), data)
+    local = jax.tree_util.tree_map(lambda a: _native(np.asarray(a[local_idx])), data)
     if check is not None:
         flat = jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[lead + 1 :]), local)
         check(flat, local_mask.reshape(-1))
@@ -355,3 +355,8 @@ def take_rows(data: PyTree, indices, mask=None, *, mesh: Mesh, axis: str = "data
         return jax.make_array_from_process_local_data(sharding, x, shape)
 
     return jax.tree_util.tree_map(put, local), put(local_mask)
+
+
+def _native(x: np.ndarray) -> np.ndarray:
+    """``x`` in the machine's byte order (IDX files are big-endian; devices are not)."""
+    return x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("="))
