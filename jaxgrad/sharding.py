@@ -287,8 +287,10 @@ def process_rows(size: int, *, mesh: Mesh, axis: str = "data") -> slice:
         )
     spec = NamedSharding(mesh, P(axis))
     slices = sorted(
-        {(s[0].start or 0, size if s[0].stop is None else s[0].stop)
-         for s in spec.addressable_devices_indices_map((size,)).values()}
+        {
+            (s[0].start or 0, size if s[0].stop is None else s[0].stop)
+            for s in spec.addressable_devices_indices_map((size,)).values()
+        }
     )
     start, stop = slices[0][0], slices[-1][1]
     if sum(b - a for a, b in slices) != stop - start:
@@ -340,7 +342,9 @@ def take_rows(data: PyTree, indices, mask=None, *, mesh: Mesh, axis: str = "data
         )
     mask = np.ones(indices.shape, bool) if mask is None else np.asarray(mask)
     if mask.shape != indices.shape:
-        raise ValueError(f"`mask` must have the shape of `indices` {indices.shape}; got {mask.shape}")
+        raise ValueError(
+            f"`mask` must have the shape of `indices` {indices.shape}; got {mask.shape}"
+        )
     rows = process_rows(indices.shape[-1], mesh=mesh, axis=axis)
     lead = indices.ndim - 1
     local_idx, local_mask = indices[..., rows], mask[..., rows]

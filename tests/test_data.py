@@ -231,3 +231,49 @@ def test_unreadable_npz_is_named(tmp_path, content):
         data.load_npz(bad)
     with pytest.raises(ValueError, match="is a directory"):
         data.load_npz(tmp_path)
+
+
+def test_memmap_reads_rows_in_place(tmp_path):
+    # Reference: the arrays written, indexed in numpy; the memmap never loads the file.
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((9, 2, 3)), rng.integers(0, 5, 9)
+    xf = np.asfortranarray(rng.standard_normal((9, 4)))
+    np.save(tmp_path / "x.npy", x)
+    np.savez(tmp_path / "d.npz", x=x, y=y, xf=xf)
+    rows = np.array([7, 0, 7, 3])
+    for got, want in (
+        (data.memmap(tmp_path / "x.npy"), x),
+        (data.memmap(tmp_path / "d.npz", key="x"), x),
+        (data.memmap(tmp_path / "d.npz", key="y"), y),
+        (data.memmap(tmp_path / "d.npz", key="xf"), xf),
+    ):
+        assert isinstance(got, np.memmap) and got.shape == want.shape
+        np.testing.assert_array_equal(got[rows], want[rows])
+    images = rng.integers(0, 256, (5, 6, 5), dtype=np.uint8)
+    floats = rng.standard_normal((5, 3)).astype(">f4")
+    (tmp_path / "img-idx3-ubyte").write_bytes(_idx_bytes(images))
+    (tmp_path / "f-idx2").write_bytes(_idx_bytes(floats))
+    np.testing.assert_array_equal(data.memmap(tmp_path / "img-idx3-ubyte")[[4, 0]], images[[4, 0]])
+    got = data.memmap(tmp_path / "f-idx2")
+    np.testing.assert_array_equal(np.asarray(got), data.read_idx(tmp_path / "f-idx2"))
+
+
+def test_memmap_refuses_what_cannot_be_read_in_place(tmp_path):
+    x = np.arange(6.0)
+    np.savez_compressed(tmp_path / "c.npz", x=x)
+    np.savez(tmp_path / "u.npz", x=x)
+    (tmp_path / "img.gz").write_bytes(gzip.compress(_idx_bytes(np.zeros((2, 2), np.uint8))))
+    (tmp_path / "short-idx").write_bytes(_idx_bytes(np.zeros((4, 3), np.uint8))[:-2])
+    (tmp_path / "text").write_text("hello")
+    cases = [
+        ((tmp_path / "c.npz",), {"key": "x"}, "compressed"),
+        ((tmp_path / "u.npz",), {}, "pass `key`"),
+        ((tmp_path / "u.npz",), {"key": "z"}, "no member 'z'"),
+        ((tmp_path / "img.gz",), {}, "gzip"),
+        ((tmp_path / "short-idx",), {}, "truncated"),
+        ((tmp_path / "text",), {}, "not an .npy, .npz or IDX"),
+        ((tmp_path / "missing.npy",), {}, "must be a file"),
+    ]
+    for args, kwargs, match in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            data.memmap(*args, **kwargs)

@@ -3,7 +3,7 @@
 The multi-device checks run in subprocesses (tests/_sharding_worker.py) with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N``, so the rest of the suite keeps its one
 CPU device. One subprocess covers every strategy on every mesh; one pair of processes covers
-multi-process training over loopback.
+multi-process training over loopback; one more covers DP-SGD training on meshes.
 """
 
 from __future__ import annotations
@@ -78,6 +78,61 @@ def test_dp_grad_sharded_equals_one_device_and_noise_is_drawn_once(strategies):
         assert dp[f"noise_exact/{d}"], dp
 
 
+@pytest.fixture(scope="module")
+def private_run(tmp_path_factory):
+    proc = subprocess.run(
+        [sys.executable, WORKER, "private", str(tmp_path_factory.mktemp("private"))],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return _result(proc.stdout)
+
+
+def test_private_fit_on_meshes_equals_one_device(private_run):
+    # 50 examples, expected batch 12, physical batches of 5: padded to 6 on 2 devices and 8
+    # on 4 (where a device can hold only padding), in float64. The Poisson draws and the
+    # noise come from the same keys on every mesh, so only the order of the clipped sums
+    # differs (per device, then across devices): ~1e-16 per step, 10 steps of Adam; 1e-12
+    # leaves three orders of magnitude for that round-off and fails for any other change
+    # (a different draw, noise drawn per device, a different divisor).
+    run = private_run
+    for d in ("1", "2", "4"):
+        assert run["errors"][d] <= 1e-12, run["errors"]
+        # The accounting does not depend on the devices: the same ε after every epoch.
+        assert run["epsilons"][d] == run["epsilons"]["ref"] and run["steps"][d] == 10
+    assert run["epsilons"]["ref"][0] < run["epsilons"]["ref"][1]
+
+
+def test_private_fit_on_a_mesh_draws_the_noise_once(private_run):
+    # A loss with zero gradients and one SGD step of learning rate 1 on 4 devices: the
+    # parameters are exactly -σC z / (qN) for the one normal vector z of the step's noise key
+    # (the independent reference, computed in the worker). Noise drawn on every device and
+    # summed would be 2x it (√4 in std), drawn from per-device keys another vector.
+    noise = private_run["noise"]["4"]
+    assert noise["error"] <= 1e-12, noise
+    # And statistically: the std over 2000 parameters is σC/(qN) within 10% (the sample std
+    # has a relative standard error of 1/√4000 = 1.6%: a false alarm is a 6σ event, ~1e-9).
+    assert abs(noise["std_ratio"] - 1) < 0.1, noise
+
+
+def test_private_fit_reads_memory_mapped_data(private_run):
+    # The same 2-device run with the data memory-mapped from an uncompressed .npz: bit for bit.
+    assert private_run["memmap_private_equal"]
+
+
+def test_cli_dp_with_devices_equals_one_device(private_run):
+    cli = private_run["cli"]
+    assert cli["devices"] == [1, 2]
+    one, two = cli["params"]
+    for k in one:
+        assert abs(two[k] - one[k]) <= 1e-12 * abs(one[k]), cli["params"]
+    assert cli["privacy"][0] == cli["privacy"][1]
+    assert cli["privacy"][0]["steps"] == 2 * -(-409 // 40)
+
+
 def test_per_example_outputs_stay_sharded(strategies):
     for name, (spec, devices) in strategies["sharded_outputs"].items():
         expected = "P()" if devices == 1 else "P('data',)"
@@ -143,10 +198,24 @@ def test_two_processes_train_like_one(tmp_path):
         assert "multiple of the process count" in out["odd_mesh"]
     assert outs[0]["loss"] == outs[1]["loss"]
 
-    # The same run on this process's single device.
-    from _sharding_worker import training_problem
+    from _sharding_worker import private_training_problem, training_problem
 
     loss_fn, params, data, kw = training_problem()
+    # Each process read exactly its own devices' rows of every batch (the data set was never
+    # materialised whole: the worker's RowCounter refuses it). Reference: the documented
+    # epoch order, each batch of 25 padded to 28 rows (4 devices) by repeating its first
+    # index, process p holding rows 14p .. 14p + 13 of every batch.
+    n = len(data[0])
+    for p, out in enumerate(outs):
+        want = []
+        for epoch in range(kw["epochs"]):
+            idx, _ = jaxgrad.data.epoch_indices(kw["key"], epoch, n, kw["batch_size"])
+            idx = np.asarray(idx)
+            idx = np.concatenate([idx, np.repeat(idx[:, :1], 3, axis=1)], axis=1)
+            want.extend(idx[:, 14 * p : 14 * p + 14].ravel().tolist())
+        assert out["reads"] == [sorted(want)] * 2, f"process {p} read other rows"
+
+    # The same run on this process's single device.
     ref = jaxgrad.train.fit(loss_fn, params, data, **kw)
     got = np.load(tmp_path / "params.npz")
     ref_leaves = jax.tree_util.tree_leaves(ref.params)
@@ -159,6 +228,41 @@ def test_two_processes_train_like_one(tmp_path):
         r = np.asarray(r)
         np.testing.assert_allclose(got[f"arr_{i}"], r, rtol=0, atol=2e-6 * np.max(np.abs(r)))
     assert abs(outs[0]["loss"] - ref.history[-1]["loss"]) <= 2e-6 * abs(ref.history[-1]["loss"])
+
+    # DP-SGD over the 2 processes: the same Poisson draws (one per step, from the step's key,
+    # not one per process), each process reading only its half of every physical batch.
+    # The workers run in float32 (no x64; the Bernoulli draws depend on it): so does the
+    # reference here.
+    dp_loss, dp_params, dp_data, dp_kw = private_training_problem()
+    q, p_size = dp_kw["batch_size"] / n, dp_kw["privacy"].physical_batch_size
+    drawn = set()
+    with jax.enable_x64(False):
+        for t in range(dp_kw["epochs"] * -(-n // dp_kw["batch_size"])):
+            sample_key, _ = jax.random.split(jax.random.fold_in(dp_kw["key"], t))
+            sample = jaxgrad.privacy.poisson_sample(
+                sample_key, num_examples=n, sampling_rate=q, physical_batch_size=p_size
+            )
+            drawn |= set(np.flatnonzero(np.asarray(sample.mask)).tolist())
+        dp_ref = jaxgrad.train.fit(dp_loss, dp_params, dp_data, **dp_kw)
+    reads = [out["dp_reads"] for out in outs]
+    for leaf in range(2):
+        both = set(reads[0][leaf]) | set(reads[1][leaf])
+        assert drawn <= both <= drawn | {0}  # index 0: the filler of a partial physical batch
+        # 10 rows per physical batch, padded to 12: 6 for each process's 2 devices.
+        assert len(reads[0][leaf]) == len(reads[1][leaf])
+        assert len(set(reads[0][leaf])) < len(drawn) and len(set(reads[1][leaf])) < len(drawn)
+    assert outs[0]["dp_epsilon"] == outs[1]["dp_epsilon"]
+    assert outs[0]["dp_epsilon"] == [r["epsilon"] for r in dp_ref.history]
+    got = np.load(tmp_path / "dp_params.npz")
+    # float32 round-off, as above: the clipped sums are associated per device, then across
+    # devices; the sample and the noise are identical (drawn from the same keys), so only
+    # those few-ulp differences of each step's sum remain (measured: at most 9.2e-8 of the
+    # largest parameter of each leaf after 12 steps); the tolerance is 2e-6 of it.
+    for i, r in enumerate(jax.tree_util.tree_leaves(dp_ref.params)):
+        r = np.asarray(r)
+        np.testing.assert_allclose(
+            got[f"arr_{i}"], r, rtol=0, atol=2e-6 * np.max(np.abs(r)), err_msg=f"leaf {i}"
+        )
 
 
 def test_one_device_helpers_match_plain_strategy():
@@ -214,3 +318,23 @@ def test_devices_table_groups_by_device_count():
     lines = run.format_devices_table(rows).splitlines()
     assert [line.split()[2] for line in lines[2:] if line] == ["1", "2", "2"]
     assert lines[-1].split()[-1] == "0.500"
+
+
+def test_take_rows_gathers_by_index_in_native_byte_order():
+    # One process, one device: the whole batch is this process's; reference: numpy indexing.
+    mesh = sharding.data_mesh()
+    x = np.arange(24, dtype=">f4").reshape(6, 4)  # big-endian, as an IDX file stores it
+    y = np.arange(6) * 10
+    idx = np.array([[5, 0, 5], [2, 2, 1]])
+    (bx, by), m = sharding.take_rows((x, y), idx, mesh=mesh)
+    assert bx.shape == (2, 3, 4) and bx.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(bx), x[idx].astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(by), y[idx])
+    assert np.asarray(m).all()
+    seen = []
+    sharding.take_rows((x, y), idx[0], idx[0] != 0, mesh=mesh, check=lambda r, k: seen.append(k))
+    np.testing.assert_array_equal(seen[0], [True, False, True])
+    with pytest.raises(ValueError, match="`mask` must have the shape of `indices`"):
+        sharding.take_rows(x, idx, np.ones(3, bool), mesh=mesh)
+    with pytest.raises(ValueError, match="`indices` must be an integer array"):
+        sharding.take_rows(x, np.array([0.5]), mesh=mesh)

@@ -262,15 +262,26 @@ def fit(
         :mod:`jaxgrad.train.private`): Poisson sampling with rate ``batch_size / N``, the
         noisy clipped gradient, σ calibrated to a target ε, ε reported per epoch (history
         key ``epsilon``). ``strategy``, ``checkpoint_every`` and ``steps_per_call`` do not
-        apply (checkpoints are written every epoch).
+        apply (checkpoints are written every epoch). Works with ``mesh``: one Poisson draw
+        per step over the whole data set, from a key every process derives the same way
+        (never one draw per device or host), its physical batches sharded over the devices,
+        the noise drawn once in the replicated result.
       mesh: train data-parallel over this mesh's ``"data"`` axis (see
         :func:`jaxgrad.sharding.data_mesh`): every batch is sharded along its examples,
         padded (masked out) to a multiple of the device count, and the parameters are
         replicated; the gradient is the same ``(sum, count)`` reduction, summed over devices.
-        With several processes (:func:`jaxgrad.sharding.initialize`) every process calls
-        ``fit`` with the same arguments; each feeds only its own devices' rows, process 0
-        writes the checkpoints (the replicated state, in the usual format; resuming needs
-        ``checkpoint_dir`` visible to every process) and all of them read it on resume.
+        The batches are gathered on the host chunk by chunk
+        (:func:`jaxgrad.sharding.take_rows`), never the whole data set on the devices; what
+        each step sees does not depend on the process count. With several processes
+        (:func:`jaxgrad.sharding.initialize`) every process calls ``fit`` with the same
+        arguments and reads only the rows its own devices hold: pass ``train_data`` as
+        memory-mapped files (:func:`jaxgrad.data.memmap`) and no process loads the whole
+        data set (in-memory arrays work too, but then each process has loaded them whole).
+        In-memory data is validated whole up front; memory-mapped data is validated row by
+        row as each process gathers it. With ``scan`` a chunk of this process's rows is
+        held at once (``steps_per_call`` bounds it). Process 0 writes the checkpoints (the
+        replicated state, in the usual format; resuming needs ``checkpoint_dir`` visible to
+        every process) and all of them read it on resume.
 
     Returns:
       A :class:`FitResult` ``(params, state, history)``.
