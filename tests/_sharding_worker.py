@@ -288,6 +288,47 @@ def private(directory: str) -> dict:
         out["epsilons"][str(d)] = [r["epsilon"] for r in got.history]
         out["steps"][str(d)] = int(got.state.step)
 
+    # Interrupted after epoch 1's checkpoint on 2 devices, then resumed: bit for bit.
+    calls = []
+
+    def interrupt(params):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return {}
+
+    ckpt_dir = os.path.join(directory, "ckpt")
+    try:
+        jaxgrad.train.fit(
+            loss_fn,
+            params,
+            data,
+            mesh=sharding.data_mesh(2),
+            checkpoint_dir=ckpt_dir,
+            evaluate=interrupt,
+            **kw,
+        )
+    except KeyboardInterrupt:
+        pass
+    out["checkpoints_before_resume"] = len(jaxgrad.train.checkpoint.list_checkpoints(ckpt_dir))
+    resumed = jaxgrad.train.fit(
+        loss_fn, params, data, mesh=sharding.data_mesh(2), checkpoint_dir=ckpt_dir, **kw
+    )
+    same = zip(
+        jax.tree_util.tree_leaves(resumed.params),
+        jax.tree_util.tree_leaves(results[2].params),
+        strict=True,
+    )
+    out["resume_bitwise"] = all(np.array_equal(a, b) for a, b in same)
+    out["resume_epsilons"] = [r["epsilon"] for r in resumed.history]
+    try:
+        jaxgrad.train.fit(
+            loss_fn, params, data, mesh=sharding.data_mesh(4), checkpoint_dir=ckpt_dir, **kw
+        )
+        out["resume_other_devices"] = None
+    except ValueError as e:
+        out["resume_other_devices"] = str(e)
+
     # Memory-mapped data (an uncompressed .npz): the same run, bit for bit, read row by row.
     path = os.path.join(directory, "data.npz")
     np.savez(path, x=data[0], y=data[1])

@@ -106,6 +106,14 @@ def test_private_fit_on_meshes_equals_one_device(private_run):
     assert run["epsilons"]["ref"][0] < run["epsilons"]["ref"][1]
 
 
+def test_private_fit_on_a_mesh_resumes_bit_for_bit(private_run):
+    run = private_run
+    assert run["checkpoints_before_resume"] == 1  # interrupted in epoch 2
+    assert run["resume_bitwise"] and run["resume_epsilons"] == run["epsilons"]["2"]
+    message = run["resume_other_devices"]
+    assert message and "on 2 device(s)" in message and "`mesh` with 4" in message, message
+
+
 def test_private_fit_on_a_mesh_draws_the_noise_once(private_run):
     # A loss with zero gradients and one SGD step of learning rate 1 on 4 devices: the
     # parameters are exactly -σC z / (qN) for the one normal vector z of the step's noise key

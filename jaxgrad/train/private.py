@@ -278,6 +278,13 @@ def fit_private(
         restored = ckpt.restore_latest(checkpoint_dir, {"state": state, "key": key})
         if restored is not None:
             tree, meta, last = restored
+            old_devices = (meta.get("config") or {}).get("devices", 1)
+            if mesh is not None and old_devices != config["devices"]:
+                raise ValueError(
+                    f"checkpoint {last} was written by a run on {old_devices} device(s); this "
+                    f"run has `mesh` with {config['devices']}. Resume on the same device count "
+                    "(the order of the sums depends on it), or use another checkpoint_dir"
+                )
             if meta.get("config") != config:
                 old = (meta.get("config") or {}).get("privacy")
                 raise ValueError(
