@@ -347,3 +347,29 @@ def test_take_rows_gathers_by_index_in_native_byte_order():
         sharding.take_rows(x, idx, np.ones(3, bool), mesh=mesh)
     with pytest.raises(ValueError, match="`indices` must be an integer array"):
         sharding.take_rows(x, np.array([0.5]), mesh=mesh)
+
+
+def test_memory_mapped_data_is_validated_row_by_row(tmp_path):
+    # A bad label in a memory-mapped set is found as the rows are gathered (the set is not
+    # read whole up front), with the same message as for in-memory data.
+    import optax
+
+    x = np.random.default_rng(0).standard_normal((20, 3))
+    y = np.arange(20) % 3
+    y[13] = 5
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    mapped = tuple(jaxgrad.data.memmap(tmp_path / "d.npz", key=k) for k in ("x", "y"))
+    model = jaxgrad.models.mlp([3, 3])
+    loss_fn = jaxgrad.losses.supervised(
+        model.apply, jaxgrad.losses.softmax_cross_entropy, num_classes=3
+    )
+    kw = dict(optimizer=optax.sgd(0.1), epochs=1, batch_size=20, key=jax.random.key(0))
+    mesh = sharding.data_mesh()
+    with pytest.raises(ValueError, match="labels") as in_memory:
+        jaxgrad.train.fit(loss_fn, model.init(jax.random.key(1)), (x, y), mesh=mesh, **kw)
+    for privacy in (None, jaxgrad.train.PrivacyConfig(l2_clip=1.0, noise_multiplier=1.0)):
+        with pytest.raises(ValueError, match="labels") as lazy:
+            jaxgrad.train.fit(
+                loss_fn, model.init(jax.random.key(1)), mapped, mesh=mesh, privacy=privacy, **kw
+            )
+        assert "5" in str(lazy.value) and "5" in str(in_memory.value)
