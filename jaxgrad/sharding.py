@@ -269,7 +269,7 @@ def shard_batch(batch: PyTree, mask=None, *, mesh: Mesh, axis: str = "data"):
     return jax.tree_util.tree_map(put, (batch, mask))
 
 
-def process_rows(size: int, *, mesh: Mesh, axis: str = "data") -> slice:
+def _process_rows(size: int, *, mesh: Mesh, axis: str = "data") -> slice:
     """The rows ``[start, stop)`` of a ``size``-row batch that this process's devices hold.
 
     Under ``NamedSharding(mesh, P(axis))`` every device holds ``size / mesh.shape[axis]``
@@ -308,7 +308,7 @@ def take_rows(data: PyTree, indices, mask=None, *, mesh: Mesh, axis: str = "data
     ``indices`` (the same in every process) has shape ``(..., W)`` with ``W`` a multiple of
     ``mesh.shape[axis]``; the result has the leaves' shapes with their leading axis replaced
     by it, sharded along its last index axis (``P(..., axis)``). This process reads
-    ``data_leaf[indices[..., rows]]`` for its own block ``rows`` (:func:`process_rows`) and
+    ``data_leaf[indices[..., rows]]`` for the block ``rows`` its own devices hold, and
     nothing else, so ``data`` may be memory-mapped files (:func:`jaxgrad.data.memmap`) or any
     array-like with ``shape``, ``dtype`` and integer-array indexing: with ``P`` processes each
     reads about ``1 / P`` of every batch, never the whole data set. The batch a step sees does
@@ -345,7 +345,7 @@ def take_rows(data: PyTree, indices, mask=None, *, mesh: Mesh, axis: str = "data
         raise ValueError(
             f"`mask` must have the shape of `indices` {indices.shape}; got {mask.shape}"
         )
-    rows = process_rows(indices.shape[-1], mesh=mesh, axis=axis)
+    rows = _process_rows(indices.shape[-1], mesh=mesh, axis=axis)
     lead = indices.ndim - 1
     local_idx, local_mask = indices[..., rows], mask[..., rows]
     local = jax.tree_util.tree_map(lambda a: _native(np.asarray(a[local_idx])), data)
