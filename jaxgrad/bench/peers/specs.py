@@ -192,7 +192,9 @@ class Method:
     timed with ``σ = NOISE_MULTIPLIER`` and cross-checked with ``σ = 0`` through the same
     code, its output times ``B`` against the reference clipped sum).
     ``materialises`` says whether it holds a ``B × P`` array (the sweep skips those that
-    would not fit). ``package`` is the module that must be importable.
+    would not fit). ``package`` is the module that must be importable. ``unsupported`` maps a
+    model kind to why the method cannot run it (the row says so); ``notes`` maps a model kind
+    to how the method runs it where that differs from the other models (copied into the row).
     """
 
     framework: str
@@ -202,6 +204,7 @@ class Method:
     materialises: bool
     description: str
     unsupported: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -231,6 +234,14 @@ _BACKPACK_NO_ATTENTION = (
     "BackPACK's extensions need an nn.Sequential of supported layers; attention "
     "(a product of two activations) and LayerNorm have none"
 )
+
+# Opacus cannot hook inside nn.RNN (its fused kernel); its RNN layers are opacus.layers.DPRNN.
+_OPACUS_RNN = {"rnn": "opacus.layers.DPRNN (nn.RNN's maths, a Python loop of RNNLinear layers)"}
+_OPACUS_GHOST_RNN = {
+    "rnn": "opacus.layers.DPRNN; Opacus 1.6 has no ghost-norm sampler for its RNNLinear layers "
+    "(used T times each), so they get per-sample gradients (fast gradient clipping, hook "
+    "mode); only the output nn.Linear is ghost-clipped"
+}
 
 METHODS: dict[str, Method] = {
     m.key: m
@@ -264,14 +275,20 @@ METHODS: dict[str, Method] = {
         Method(
             "torch.func", "vmap_grad", "per-example grads", "torch", True,
             "torch.func.vmap(torch.func.grad(loss)) over functional_call",
+            notes={
+                "rnn": "torch.func.vmap has no batching rule for nn.RNN (a shape error); the "
+                "same tanh cell stepped by a Python loop"
+            },
         ),
         Method(
             "opacus", "hooks_clip", "clipped grad", "opacus", True,
             "GradSampleModule hooks + DPOptimizer.clip_and_accumulate (noise 0)",
+            notes=_OPACUS_RNN,
         ),
         Method(
             "opacus", "ghost_clip", "clipped grad", "opacus", False,
             "GradSampleModuleFastGradientClipping(use_ghost_clipping=True): two backward passes",
+            notes=_OPACUS_GHOST_RNN,
         ),
         Method(
             "backpack", "BatchGrad", "per-example grads", "backpack", True,
@@ -286,10 +303,12 @@ METHODS: dict[str, Method] = {
         Method(
             "opacus", "dp_step", "noisy grad", "opacus", True,
             "PrivacyEngine.make_private (hooks) + DPOptimizer.pre_step: clip, noise, / B",
+            notes=_OPACUS_RNN,
         ),
         Method(
             "opacus", "dp_ghost", "noisy grad", "opacus", False,
             "ghost clipping (two backward passes) + DPOptimizerFastGradientClipping.pre_step",
+            notes=_OPACUS_GHOST_RNN,
         ),
     )
 }  # fmt: skip
