@@ -24,7 +24,7 @@ from pathlib import Path
 
 from jaxgrad.bench.peers import harness, specs
 
-DEFAULT_MODELS = ["mlp", "cnn", "transformer"]
+DEFAULT_MODELS = ["mlp", "cnn", "transformer", "rnn", "transformer-scan"]
 DEFAULT_BATCH_SIZES = [64, 256]
 
 

@@ -208,6 +208,7 @@ def _base_record(row: Row, options: Options) -> dict:
         "threads": options.threads,
         "device": None,
         "status": None,
+        "note": row.method.notes.get(row.spec.kind),
         **row.tags,
     }
 

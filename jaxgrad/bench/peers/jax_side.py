@@ -26,6 +26,13 @@ FAST_MODULE_ENV = "JAXGRAD_PEERS_FAST_MODULE"
 def build(spec: ModelSpec) -> tuple[models.Model, object]:
     """``(model, loss_fn)`` for ``spec``: cross-entropy, or token cross-entropy (sum, count)."""
     c = dict(spec.config)
+    if spec.kind == "rnn":
+        model = models.rnn(
+            c["in_features"], c["hidden"], num_classes=c["num_classes"], activation=c["activation"]
+        )
+        return model, losses.supervised(
+            model.apply, losses.softmax_cross_entropy, num_classes=c["num_classes"]
+        )
     if spec.kind == "mlp":
         model = models.mlp(list(c["sizes"]), activation=c["activation"])
         return model, losses.supervised(

@@ -219,6 +219,12 @@ def write_markdown(
         format_table(records, max_status=200),
         "```",
     ]
+    notes = {
+        (r["framework"], r["method"], r["model_name"]): r["note"] for r in records if r.get("note")
+    }
+    if notes:
+        lines += ["", "## Notes", ""]
+        lines += [f"- {f}:{m} on {model}: {note}" for (f, m, model), note in notes.items()]
     if plot_name:
         lines += ["", f"![throughput and memory against batch size]({plot_name})"]
     Path(path).write_text("\n".join(lines) + "\n")

@@ -17,8 +17,11 @@ import numpy as np
 class ModelSpec:
     """One architecture, built identically on the JAX and the PyTorch side.
 
-    ``kind`` is ``"mlp"``, ``"cnn"`` or ``"transformer"``; ``config`` holds the keyword
-    arguments of the matching :mod:`jaxgrad.models` constructor (``sizes`` for the MLP).
+    ``kind`` is ``"mlp"``, ``"cnn"``, ``"transformer"`` or ``"rnn"``; ``config`` holds the
+    keyword arguments of the matching :mod:`jaxgrad.models` constructor (``sizes`` for the
+    MLP; ``seq_len`` for the RNN is the data's, not the model's). A transformer with
+    ``scan_layers=True`` stacks its blocks and runs them with ``lax.scan`` on the JAX side;
+    PyTorch has no scan, so its twin is the same unrolled network.
     """
 
     name: str
@@ -32,7 +35,10 @@ class ModelSpec:
         if self.kind == "cnn":
             image = "x".join(map(str, c["image_shape"]))
             return f"cnn {image} c{'-'.join(map(str, c['channels']))}"
-        return f"transformer d{c['d_model']} L{c['num_layers']} T{c['max_len']} V{c['vocab_size']}"
+        if self.kind == "rnn":
+            return f"rnn(scan) {c['activation']} I{c['in_features']} H{c['hidden']} T{c['seq_len']}"
+        name = "transformer(scan)" if c.get("scan_layers") else "transformer"
+        return f"{name} d{c['d_model']} L{c['num_layers']} T{c['max_len']} V{c['vocab_size']}"
 
 
 def mlp_spec(sizes=(784, 512, 256, 10), *, activation="tanh", name="mlp") -> ModelSpec:
@@ -55,17 +61,39 @@ def cnn_spec(image_shape=(28, 28), channels=(16, 32), *, name="cnn") -> ModelSpe
 
 
 def transformer_spec(
-    vocab_size=256, seq_len=64, d_model=64, num_layers=2, num_heads=4, *, name="transformer"
+    vocab_size=256,
+    seq_len=64,
+    d_model=64,
+    num_layers=2,
+    num_heads=4,
+    *,
+    scan_layers=False,
+    name="transformer",
 ) -> ModelSpec:
+    config = {
+        "vocab_size": vocab_size,
+        "max_len": seq_len,
+        "d_model": d_model,
+        "num_heads": num_heads,
+        "num_layers": num_layers,
+    }
+    if scan_layers:
+        config["scan_layers"] = True
+    return ModelSpec(name, "transformer", config)
+
+
+def rnn_spec(in_features=64, hidden=256, seq_len=32, num_classes=10, *, name="rnn") -> ModelSpec:
+    # The same defaults as ``jaxgrad.bench``'s RNN case: tanh, stepped by ``lax.scan``,
+    # classifying the last state.
     return ModelSpec(
         name,
-        "transformer",
+        "rnn",
         {
-            "vocab_size": vocab_size,
-            "max_len": seq_len,
-            "d_model": d_model,
-            "num_heads": num_heads,
-            "num_layers": num_layers,
+            "in_features": in_features,
+            "hidden": hidden,
+            "seq_len": seq_len,
+            "num_classes": num_classes,
+            "activation": "tanh",
         },
     )
 
@@ -76,10 +104,15 @@ MODELS: dict[str, ModelSpec] = {
         mlp_spec(),
         cnn_spec(),
         transformer_spec(),
+        rnn_spec(),
+        # As ``jaxgrad.bench``'s scanned case: four blocks run by ``lax.scan``.
+        transformer_spec(num_layers=4, scan_layers=True, name="transformer-scan"),
         # Small versions, for the tests and quick looks.
         mlp_spec((64, 32, 10), name="mlp-tiny"),
         cnn_spec((8, 8), (4, 8), name="cnn-tiny"),
         transformer_spec(32, 8, 16, 1, 2, name="transformer-tiny"),
+        rnn_spec(8, 16, 6, 3, name="rnn-tiny"),
+        transformer_spec(32, 8, 16, 2, 2, scan_layers=True, name="transformer-scan-tiny"),
     )
 }
 
@@ -111,6 +144,9 @@ def num_params(spec: ModelSpec) -> int:
             total += k * k * c_in * c_out + c_out
             c_in, h, w = c_out, h // 2, w // 2
         return total + h * w * c_in * c["num_classes"] + c["num_classes"]
+    if spec.kind == "rnn":
+        i, h, k = c["in_features"], c["hidden"], c["num_classes"]
+        return i * h + h * h + h + h * k + k
     d, v, t, f = c["d_model"], c["vocab_size"], c["max_len"], 4 * c["d_model"]
     block = 4 * d + 4 * d * d + d * f + f + f * d + d
     return v * d + t * d + c["num_layers"] * block + 2 * d + d * v + v
@@ -119,7 +155,8 @@ def num_params(spec: ModelSpec) -> int:
 def make_data(spec: ModelSpec, batch_size: int, *, seed: int = 0) -> dict[str, np.ndarray]:
     """The batch both frameworks see: ``{"x", "y"}`` NumPy arrays in jaxgrad's layout.
 
-    Images are ``(B, H, W)`` (grey) or ``(B, H, W, C)``; token batches are ``(B, T)`` int32
+    Images are ``(B, H, W)`` (grey) or ``(B, H, W, C)``; sequences ``(B, T, in_features)``;
+    token batches are ``(B, T)`` int32
     with padding (id 0) after a random length, and next-token targets (padding where the
     next token is padding or past the end).
     """
@@ -128,6 +165,9 @@ def make_data(spec: ModelSpec, batch_size: int, *, seed: int = 0) -> dict[str, n
     if spec.kind == "mlp":
         x = rng.standard_normal((batch_size, c["sizes"][0]), np.float32)
         y = rng.integers(0, c["sizes"][-1], batch_size).astype(np.int32)
+    elif spec.kind == "rnn":
+        x = rng.standard_normal((batch_size, c["seq_len"], c["in_features"]), np.float32)
+        y = rng.integers(0, c["num_classes"], batch_size).astype(np.int32)
     elif spec.kind == "cnn":
         x = rng.standard_normal((batch_size, *c["image_shape"]), np.float32)
         y = rng.integers(0, c["num_classes"], batch_size).astype(np.int32)
@@ -152,7 +192,9 @@ class Method:
     timed with ``σ = NOISE_MULTIPLIER`` and cross-checked with ``σ = 0`` through the same
     code, its output times ``B`` against the reference clipped sum).
     ``materialises`` says whether it holds a ``B × P`` array (the sweep skips those that
-    would not fit). ``package`` is the module that must be importable.
+    would not fit). ``package`` is the module that must be importable. ``unsupported`` maps a
+    model kind to why the method cannot run it (the row says so); ``notes`` maps a model kind
+    to how the method runs it where that differs from the other models (copied into the row).
     """
 
     framework: str
@@ -162,6 +204,7 @@ class Method:
     materialises: bool
     description: str
     unsupported: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -191,6 +234,14 @@ _BACKPACK_NO_ATTENTION = (
     "BackPACK's extensions need an nn.Sequential of supported layers; attention "
     "(a product of two activations) and LayerNorm have none"
 )
+
+# Opacus cannot hook inside nn.RNN (its fused kernel); its RNN layers are opacus.layers.DPRNN.
+_OPACUS_RNN = {"rnn": "opacus.layers.DPRNN (nn.RNN's maths, a Python loop of RNNLinear layers)"}
+_OPACUS_GHOST_RNN = {
+    "rnn": "opacus.layers.DPRNN; Opacus 1.6 has no ghost-norm sampler for its RNNLinear layers "
+    "(used T times each), so they get per-sample gradients (fast gradient clipping, hook "
+    "mode); only the output nn.Linear is ghost-clipped"
+}
 
 METHODS: dict[str, Method] = {
     m.key: m
@@ -224,14 +275,20 @@ METHODS: dict[str, Method] = {
         Method(
             "torch.func", "vmap_grad", "per-example grads", "torch", True,
             "torch.func.vmap(torch.func.grad(loss)) over functional_call",
+            notes={
+                "rnn": "torch.func.vmap has no batching rule for nn.RNN (a shape error); the "
+                "same tanh cell stepped by a Python loop"
+            },
         ),
         Method(
             "opacus", "hooks_clip", "clipped grad", "opacus", True,
             "GradSampleModule hooks + DPOptimizer.clip_and_accumulate (noise 0)",
+            notes=_OPACUS_RNN,
         ),
         Method(
             "opacus", "ghost_clip", "clipped grad", "opacus", False,
             "GradSampleModuleFastGradientClipping(use_ghost_clipping=True): two backward passes",
+            notes=_OPACUS_GHOST_RNN,
         ),
         Method(
             "backpack", "BatchGrad", "per-example grads", "backpack", True,
@@ -246,10 +303,12 @@ METHODS: dict[str, Method] = {
         Method(
             "opacus", "dp_step", "noisy grad", "opacus", True,
             "PrivacyEngine.make_private (hooks) + DPOptimizer.pre_step: clip, noise, / B",
+            notes=_OPACUS_RNN,
         ),
         Method(
             "opacus", "dp_ghost", "noisy grad", "opacus", False,
             "ghost clipping (two backward passes) + DPOptimizerFastGradientClipping.pre_step",
+            notes=_OPACUS_GHOST_RNN,
         ),
     )
 }  # fmt: skip

@@ -96,8 +96,83 @@ class Transformer(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def build_model(spec: ModelSpec) -> nn.Module:
-    """The PyTorch twin of ``spec``; parameter names match :func:`layouts.conversions`."""
+class LoopRNN(nn.Module):
+    """A one-layer tanh ``nn.RNN`` (``batch_first``, ``h_0 = 0``) stepped by a Python loop.
+
+    Same parameter names and maths as ``nn.RNN``; ``torch.func.vmap`` has no batching rule
+    for ``nn.RNN``'s fused kernel (it fails with a shape error), so the ``torch.func`` row
+    runs this, as a ``torch.func`` user would write it. Returns ``(outputs, h_T[None])``.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        self.weight_ih_l0 = nn.Parameter(torch.empty(hidden_size, input_size))
+        self.weight_hh_l0 = nn.Parameter(torch.empty(hidden_size, hidden_size))
+        self.bias_ih_l0 = nn.Parameter(torch.zeros(hidden_size))
+        self.bias_hh_l0 = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], self.weight_hh_l0.shape[0])
+        outputs = []
+        for t in range(x.shape[1]):
+            h = torch.tanh(
+                F.linear(x[:, t], self.weight_ih_l0, self.bias_ih_l0)
+                + F.linear(h, self.weight_hh_l0, self.bias_hh_l0)
+            )
+            outputs.append(h)
+        return torch.stack(outputs, 1), h[None]
+
+
+class _TupleFirst(nn.Module):
+    """An RNN's ``(outputs, h_n)`` to ``outputs`` (BackPACK's ``ReduceTuple(0)``)."""
+
+    def forward(self, pair):
+        return pair[0]
+
+
+class _LastStep(nn.Module):
+    """``(B, T, H)`` to ``(B, H)`` (BackPACK's ``Slicing((slice(None), -1))``)."""
+
+    def forward(self, x):
+        return x[:, -1]
+
+
+# Which recurrent layer each kind of row gets for the RNN model (same parameter names):
+# PyTorch's own nn.RNN where it works, Opacus's DPRNN for Opacus (its hooks cannot see inside
+# nn.RNN; ModuleValidator asks for DPRNN), the loop for torch.func.
+RNN_LAYERS = ("torch", "opacus", "loop", "backpack")
+
+
+def _rnn_model(c: dict, layer: str) -> nn.Module:
+    if layer not in RNN_LAYERS:
+        raise ValueError(f"`rnn_layer` must be one of {RNN_LAYERS}; got {layer!r}")
+    i, h = c["in_features"], c["hidden"]
+    if c["activation"] != "tanh":
+        raise ValueError(f"the RNN twin is tanh only; got activation {c['activation']!r}")
+    if layer == "opacus":
+        from opacus.layers import DPRNN
+
+        rnn = DPRNN(i, h, batch_first=True, nonlinearity="tanh")
+    elif layer == "loop":
+        rnn = LoopRNN(i, h)
+    else:
+        rnn = nn.RNN(i, h, batch_first=True, nonlinearity="tanh")
+    if layer == "backpack":
+        from backpack.custom_module.reduce_tuple import ReduceTuple
+        from backpack.custom_module.slicing import Slicing
+
+        first, last = ReduceTuple(index=0), Slicing((slice(None), -1))
+    else:
+        first, last = _TupleFirst(), _LastStep()
+    return nn.Sequential(rnn, first, last, nn.Linear(h, c["num_classes"]))
+
+
+def build_model(spec: ModelSpec, *, rnn_layer: str = "torch") -> nn.Module:
+    """The PyTorch twin of ``spec``; parameter names match :func:`layouts.conversions`.
+
+    ``rnn_layer`` picks the RNN model's recurrent layer (see :data:`RNN_LAYERS`); a scanned
+    transformer's twin is the unrolled one (PyTorch has no scan).
+    """
     c = spec.config
     if spec.kind == "mlp":
         s, layers = c["sizes"], []
@@ -116,6 +191,8 @@ def build_model(spec: ModelSpec) -> nn.Module:
             c_in, h, w = c_out, h // 2, w // 2
         layers += [nn.Flatten(), nn.Linear(h * w * c_in, c["num_classes"])]
         return nn.Sequential(*layers)
+    if spec.kind == "rnn":
+        return _rnn_model(c, rnn_layer)
     if spec.kind == "transformer":
         return Transformer(
             vocab_size=c["vocab_size"],
@@ -124,14 +201,31 @@ def build_model(spec: ModelSpec) -> nn.Module:
             num_heads=c["num_heads"],
             num_layers=c["num_layers"],
         )
-    raise ValueError(f"`spec.kind` must be mlp, cnn or transformer; got {spec.kind!r}")
+    raise ValueError(f"`spec.kind` must be mlp, cnn, transformer or rnn; got {spec.kind!r}")
 
 
-def load_model(spec: ModelSpec, jax_flat: dict[str, np.ndarray]) -> nn.Module:
-    """``spec``'s PyTorch model holding jaxgrad's weights ``jax_flat``."""
-    model = build_model(spec)
-    state = {k: torch.tensor(v) for k, v in layouts.to_torch_state(spec, jax_flat).items()}
-    model.load_state_dict(state, strict=True)
+def load_model(
+    spec: ModelSpec, jax_flat: dict[str, np.ndarray], *, rnn_layer: str = "torch"
+) -> nn.Module:
+    """``spec``'s PyTorch model holding jaxgrad's weights ``jax_flat``; the parameters with
+    no jaxgrad counterpart (:func:`layouts.frozen_zeros`) are zero and frozen."""
+    model = build_model(spec, rnn_layer=rnn_layer)
+    state = layouts.to_torch_state(spec, jax_flat)
+    frozen = set(layouts.frozen_zeros(spec))
+    # By parameter name, not load_state_dict: Opacus's DPRNN renames its parameters to
+    # nn.RNN's names (weight_ih_l0, ...) but its state_dict inside a container does not.
+    named = dict(model.named_parameters())
+    if set(named) != set(state) | frozen:
+        raise ValueError(
+            f"the PyTorch {spec.name!r} model's parameters {sorted(named)} do not match the "
+            f"converted weights {sorted(state)} and frozen zeros {sorted(frozen)}"
+        )
+    with torch.no_grad():
+        for name, p in named.items():
+            if name in frozen:
+                p.zero_().requires_grad_(False)
+            else:
+                p.copy_(torch.from_numpy(state[name]))
     return model
 
 
@@ -163,6 +257,7 @@ def _named_grads(model: nn.Module, attr: str = "grad") -> dict[str, np.ndarray]:
     return {
         name: getattr(p, attr).detach().numpy().astype(np.float32)
         for name, p in model.named_parameters()
+        if p.requires_grad
     }
 
 
@@ -177,24 +272,26 @@ def prepare(
     ``extract(out)`` returns any of ``"grad"`` (jax-flat mean gradient), ``"per_example"``
     (jax-flat, leading batch axis), ``"norms"`` and ``"clipped"`` (jax-flat clipped sum).
     """
-    model = load_model(spec, jax_flat)
-    x, y = to_torch_batch(spec, data)
-    to_jax = lambda named: layouts.to_jax_flat(spec, named)
+    # Each method with the RNN layer it can run (see RNN_LAYERS; other models ignore it).
     factories = {
-        "backward": _plain_backward,
-        "vmap_grad": _func_vmap_grad,
-        "hooks_clip": _opacus_hooks_clip,
-        "ghost_clip": _opacus_ghost_clip,
-        "BatchGrad": _backpack_batch_grad,
-        "BatchL2Grad": _backpack_batch_l2,
-        "dp_step": _opacus_dp_step,
-        "dp_ghost": _opacus_dp_ghost,
+        "backward": (_plain_backward, "torch"),
+        "vmap_grad": (_func_vmap_grad, "loop"),
+        "hooks_clip": (_opacus_hooks_clip, "opacus"),
+        "ghost_clip": (_opacus_ghost_clip, "opacus"),
+        "BatchGrad": (_backpack_batch_grad, "backpack"),
+        "BatchL2Grad": (_backpack_batch_l2, "backpack"),
+        "dp_step": (_opacus_dp_step, "opacus"),
+        "dp_ghost": (_opacus_dp_ghost, "opacus"),
     }
     if method not in factories:
         raise ValueError(
             f"PyTorch-side `method` must be one of {sorted(factories)}; got {method!r}"
         )
-    return factories[method](spec, model, x, y, to_jax, l2_clip=l2_clip)
+    factory, rnn_layer = factories[method]
+    model = load_model(spec, jax_flat, rnn_layer=rnn_layer)
+    x, y = to_torch_batch(spec, data)
+    to_jax = lambda named: layouts.to_jax_flat(spec, named)
+    return factory(spec, model, x, y, to_jax, l2_clip=l2_clip)
 
 
 def _plain_backward(spec, model, x, y, to_jax, *, l2_clip):
@@ -209,7 +306,7 @@ def _plain_backward(spec, model, x, y, to_jax, *, l2_clip):
 def _func_vmap_grad(spec, model, x, y, to_jax, *, l2_clip):
     from torch.func import functional_call, grad, vmap
 
-    params = {k: v.detach() for k, v in model.named_parameters()}
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
 
     def loss_one(p, xi, yi):
         logits = functional_call(model, p, (xi[None],))
@@ -287,7 +384,8 @@ def _divide_grads(model, batch_size):
     # by the expected batch size only for "mean"); dividing here gives the JAX rows' gradient.
     with torch.no_grad():
         for p in model.parameters():
-            p.grad.div_(batch_size)
+            if p.requires_grad:
+                p.grad.div_(batch_size)
 
 
 def _noisy_extract(model, optimizer, step, batch_size, to_jax):
@@ -400,6 +498,7 @@ def _backpack_batch_l2(spec, model, x, y, to_jax, *, l2_clip):
         with backpack(BatchL2Grad()):
             loss.backward()
         # Squared norms per parameter, summed over parameters: the per-example norm.
-        return torch.stack([p.batch_l2 for p in model.parameters()]).sum(0).sqrt()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return torch.stack([p.batch_l2 for p in trainable]).sum(0).sqrt()
 
     return step, lambda norms: {"norms": norms.detach().numpy()}
