@@ -32,10 +32,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgrad import reduce
 from jaxgrad.fast.api import clipped_grad
-from jaxgrad.privacy import sampling
+from jaxgrad.privacy import gaussian, sampling
 
 PyTree = Any
 NONFINITE = ("drop", "raise")
@@ -108,20 +109,35 @@ def clipped_sum_dropping_nonfinite(loss_fn, *, l2_clip, method="auto", chunk_siz
 def add_noise(total: PyTree, key, *, stddev) -> PyTree:
     """``total + N(0, stddev² I)``: one independent normal per coordinate, all from one ``key``.
 
-    The normals are drawn as one flat vector (one random-number kernel, whatever the number
-    of leaves) in the widest float dtype of the leaves, then cut into the leaves' shapes.
+    The normals are ``jax.random.normal(key, (N,), dtype)`` (``N`` the number of coordinates,
+    ``dtype`` the widest float dtype of the leaves, at least float32) cut into the leaves in
+    order. With a Threefry key (JAX's default) each leaf's share is computed where it is added
+    (:func:`jaxgrad.privacy.gaussian.normal_at`: the same numbers, fused with the addition, no
+    ``N``-vector written); any other key draws the vector with ``jax.random.normal``.
+
+    Args:
+      total: a pytree of float arrays (the clipped sum).
+      key: the PRNG key; used once, for this whole tree.
+      stddev: the noise's standard deviation ``σC``.
+
+    Returns:
+      A pytree like ``total``.
     """
     leaves, treedef = jax.tree_util.tree_flatten(total)
     if not leaves:
         return total
     dtype = jnp.result_type(jnp.float32, *leaves)
     sizes = [x.size for x in leaves]
-    z = jax.random.normal(key, (sum(sizes),), dtype)
-    noisy, start = [], 0
-    for x, size in zip(leaves, sizes, strict=True):
-        part = z[start : start + size].reshape(x.shape)
-        noisy.append(x + (stddev * part).astype(x.dtype))
-        start += size
+    offsets = np.cumsum([0, *sizes[:-1]]).tolist()
+    if gaussian.is_threefry(key):
+        draw = lambda x, start: gaussian.normal_at(key, start, x.shape, dtype)  # noqa: E731
+    else:
+        flat = jax.random.normal(key, (sum(sizes),), dtype)
+        draw = lambda x, start: flat[start : start + x.size].reshape(x.shape)  # noqa: E731
+    noisy = [
+        x + (stddev * draw(x, start)).astype(x.dtype)
+        for x, start in zip(leaves, offsets, strict=True)
+    ]
     return jax.tree_util.tree_unflatten(treedef, noisy)
 
 

@@ -1,0 +1,126 @@
+"""``python -m jaxgrad.bench --dp``: a full DP-SGD step against a non-private step, side by side.
+
+For every model and batch size ``B``, four jitted programs are timed in interleaved rounds
+(one call of each per round, so all see the same machine load) and their medians compared:
+
+* ``non-private step``: :func:`jaxgrad.batch_grad` and an optax update;
+* ``DP step``: :func:`jaxgrad.privacy.dp_grad` (clip to ``C``, sum, ``N(0, σ²C² I)`` once,
+  divide by ``B``) and the same update — the issue-9 target is ``DP / non-private ≥ 0.8``
+  in throughput;
+* ``clipped sum``: the DP step's clipped sum alone (``clipped_grad(reduction="sum")``);
+* ``noise``: the DP step's Gaussian draw alone (:func:`jaxgrad.privacy.add_noise` on a tree
+  shaped like the parameters) — a cost per *step*, independent of ``B``, which is why the
+  ratio rises with the batch size.
+
+The update is ``optax.sgd`` (the cheapest optax update: it dilutes the DP overhead least).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxgrad import fast, grads, privacy
+from jaxgrad.bench import suite
+
+DEFAULT_MODELS = ["mlp", "cnn", "transformer"]
+DEFAULT_BATCH_SIZES = [256, 1024]
+TARGET = 0.8
+ROWS = ("non-private step", "DP step", "clipped sum", "noise")
+
+
+def programs(case, batch_size: int, *, l2_clip: float = 1.0, noise_multiplier: float = 1.0):
+    """The four jitted programs of one (model, B), each ``f(params, opt_state, batch, key)``."""
+    opt = optax.sgd(0.1)
+    plain = grads.batch_grad(case.loss_fn)
+    noisy = privacy.dp_grad(
+        case.loss_fn,
+        l2_clip=l2_clip,
+        noise_multiplier=noise_multiplier,
+        expected_batch_size=batch_size,
+    )
+    clipped = fast.clipped_grad(case.loss_fn, l2_clip=l2_clip, reduction="sum", nonfinite="drop")
+
+    def update(g, params, opt_state):
+        updates, opt_state = opt.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return opt, {
+        "non-private step": jax.jit(lambda p, s, b, k: update(plain(p, b), p, s)),
+        "DP step": jax.jit(lambda p, s, b, k: update(noisy(p, b, None, k), p, s)),
+        "clipped sum": jax.jit(lambda p, s, b, k: clipped(p, b)),
+        "noise": jax.jit(
+            lambda p, s, b, k: privacy.add_noise(
+                jax.tree_util.tree_map(jnp.zeros_like, p), k, stddev=l2_clip * noise_multiplier
+            )
+        ),
+    }
+
+
+def measure_case(case_name: str, batch_size: int, *, rounds: int = 15, log=None) -> dict:
+    """Medians of the four programs over ``rounds`` interleaved rounds, and their ratios."""
+    case = suite.CASES[case_name]()
+    params = case.model.init(jax.random.key(0))
+    batch = case.make_batch(batch_size)
+    opt, fns = programs(case, batch_size)
+    opt_state = opt.init(params)
+    args = (params, opt_state, batch, jax.random.key(suite.DP_KEY))
+    compile_s = {}
+    for name, f in fns.items():
+        start = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        compile_s[name] = time.perf_counter() - start
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, f in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    plain = med["non-private step"]
+    record = {
+        "model": case.name,
+        "case": case_name,
+        "num_params": sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params)),
+        "batch_size": batch_size,
+        "rounds": rounds,
+        "median_s": med,
+        "compile_s": compile_s,
+        "dp_over_nonprivate_throughput": plain / med["DP step"],
+        "noise_over_nonprivate_time": med["noise"] / plain,
+        "clipped_over_nonprivate_time": med["clipped sum"] / plain,
+    }
+    record["meets_target"] = record["dp_over_nonprivate_throughput"] >= TARGET
+    if log is not None:
+        log(format_record(record))
+    return record
+
+
+def format_record(r: dict) -> str:
+    m = r["median_s"]
+    return (
+        f"{r['case']:<12} B={r['batch_size']:<5} non-private {m['non-private step'] * 1e3:8.2f} ms"
+        f"  DP {m['DP step'] * 1e3:8.2f} ms  clipped sum {m['clipped sum'] * 1e3:8.2f} ms"
+        f"  noise {m['noise'] * 1e3:6.2f} ms  |  DP/non-private throughput "
+        f"{r['dp_over_nonprivate_throughput']:.2f}{' (>= 0.8)' if r['meets_target'] else ''}"
+        f"  noise/non-private time {r['noise_over_nonprivate_time']:.2f}"
+    )
+
+
+NOTE = (
+    "Medians of interleaved rounds (each program called once per round). DP step = "
+    "privacy.dp_grad (clip C=1, sum, one N(0, σ²C² I) draw with σ=1, divide by B) + optax.sgd; "
+    "non-private step = batch_grad + the same update; noise = the draw alone (per step, "
+    "independent of B). Target: DP / non-private throughput >= 0.8."
+)
+
+
+def run(models, batch_sizes, *, rounds: int = 15, quiet: bool = False) -> list[dict]:
+    log = None if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    return [measure_case(m, b, rounds=rounds, log=log) for m in models for b in batch_sizes]
