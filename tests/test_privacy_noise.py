@@ -88,9 +88,8 @@ def test_dp_grad_noise_is_jax_random_normal_times_sigma_c_over_b():
     key = jax.random.key(9)
     noisy = privacy.dp_grad(loss_fn, noise_multiplier=1.5, **kw)(params, batch, None, key)
     clean = privacy.dp_grad(loss_fn, noise_multiplier=0.0, **kw)(params, batch, None, key)
-    diff = np.concatenate(
-        [np.ravel(a - b) for a, b in zip(*map(jax.tree_util.tree_leaves, (noisy, clean)))]
-    )
+    pairs = zip(jax.tree_util.tree_leaves(noisy), jax.tree_util.tree_leaves(clean), strict=True)
+    diff = np.concatenate([np.ravel(a - b) for a, b in pairs])
     z = np.asarray(jax.random.normal(key, (diff.size,), jnp.float64))
     np.testing.assert_allclose(diff, 1.5 * 0.5 * z / 4.0, rtol=1e-9, atol=1e-15)
 

@@ -178,7 +178,7 @@ def _run_dp(args, argv: list[str], start: float) -> int:
     """``--dp``: the DP step against the non-private step (:mod:`jaxgrad.bench.dp`)."""
     from jaxgrad.bench import dp
 
-    given = lambda flag: any(a == flag or a.startswith(flag + "=") for a in argv)  # noqa: E731
+    given = lambda flag: any(a == flag or a.startswith(flag + "=") for a in argv)
     models = args.models if given("--models") else dp.DEFAULT_MODELS
     sizes = args.batch_sizes if given("--batch-sizes") else dp.DEFAULT_BATCH_SIZES
     records = dp.run(models, sizes, rounds=args.rounds, quiet=args.quiet)

@@ -130,10 +130,10 @@ def add_noise(total: PyTree, key, *, stddev) -> PyTree:
     sizes = [x.size for x in leaves]
     offsets = np.cumsum([0, *sizes[:-1]]).tolist()
     if gaussian.is_threefry(key):
-        draw = lambda x, start: gaussian.normal_at(key, start, x.shape, dtype)  # noqa: E731
+        draw = lambda x, start: gaussian.normal_at(key, start, x.shape, dtype)
     else:
         flat = jax.random.normal(key, (sum(sizes),), dtype)
-        draw = lambda x, start: flat[start : start + x.size].reshape(x.shape)  # noqa: E731
+        draw = lambda x, start: flat[start : start + x.size].reshape(x.shape)
     noisy = [
         x + (stddev * draw(x, start)).astype(x.dtype)
         for x, start in zip(leaves, offsets, strict=True)
