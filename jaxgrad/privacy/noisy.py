@@ -36,7 +36,7 @@ import numpy as np
 
 from jaxgrad import reduce
 from jaxgrad.fast.api import clipped_grad
-from jaxgrad.privacy import gaussian, sampling
+from jaxgrad.privacy import sampling, threefry
 
 PyTree = Any
 NONFINITE = ("drop", "raise")
@@ -69,8 +69,16 @@ def _check_nonfinite(nonfinite):
     return nonfinite
 
 
-def _all_finite(tree):
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+def _sum_is_finite(tree):
+    """Whether every entry of ``tree`` is finite, read off one sum per leaf (no boolean array).
+
+    A NaN or ±inf entry makes its leaf's sum NaN or ±inf; a sum of finite entries that
+    overflows reads as not finite too (conservative: it only triggers the exact second pass).
+    """
+    sums = [
+        jnp.sum(x, dtype=jnp.result_type(x, jnp.float32)) for x in jax.tree_util.tree_leaves(tree)
+    ]
+    return jnp.isfinite(sum(sums)) if sums else jnp.bool_(True)
 
 
 def clipped_sum_dropping_nonfinite(loss_fn, *, l2_clip, method="auto", chunk_size=None):
@@ -99,7 +107,7 @@ def clipped_sum_dropping_nonfinite(loss_fn, *, l2_clip, method="auto", chunk_siz
             # With no good example left the filler rows are bad ones: the sum is 0.
             return jax.tree_util.tree_map(lambda t: jnp.where(jnp.any(good), t, 0), again)
 
-        need = jnp.any(bad) | ~_all_finite(total)
+        need = jnp.any(bad) | ~_sum_is_finite(total)
         total = jax.lax.cond(need, redo, lambda _: total, None)
         return total, jnp.sum(good, dtype=jnp.int32), jnp.sum(bad, dtype=jnp.int32)
 
@@ -112,7 +120,7 @@ def add_noise(total: PyTree, key, *, stddev) -> PyTree:
     The normals are ``jax.random.normal(key, (N,), dtype)`` (``N`` the number of coordinates,
     ``dtype`` the widest float dtype of the leaves, at least float32) cut into the leaves in
     order. With a Threefry key (JAX's default) each leaf's share is computed where it is added
-    (:func:`jaxgrad.privacy.gaussian.normal_at`: the same numbers, fused with the addition, no
+    (:func:`jaxgrad.privacy.threefry.normal_at`: the same numbers, fused with the addition, no
     ``N``-vector written); any other key draws the vector with ``jax.random.normal``.
 
     Args:
@@ -129,8 +137,8 @@ def add_noise(total: PyTree, key, *, stddev) -> PyTree:
     dtype = jnp.result_type(jnp.float32, *leaves)
     sizes = [x.size for x in leaves]
     offsets = np.cumsum([0, *sizes[:-1]]).tolist()
-    if gaussian.is_threefry(key):
-        draw = lambda x, start: gaussian.normal_at(key, start, x.shape, dtype)
+    if threefry.is_threefry(key):
+        draw = lambda x, start: threefry.normal_at(key, start, x.shape, dtype)
     else:
         flat = jax.random.normal(key, (sum(sizes),), dtype)
         draw = lambda x, start: flat[start : start + x.size].reshape(x.shape)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgrad import reduce
+from jaxgrad.privacy import threefry
 
 
 class PoissonSample(NamedTuple):
@@ -76,11 +77,20 @@ def poisson_sample(key, *, num_examples: int, sampling_rate: float, physical_bat
     n = reduce.check_positive_int(num_examples, name="num_examples")
     q = check_sampling_rate(sampling_rate)
     p = reduce.check_positive_int(physical_batch_size, name="physical_batch_size")
-    mask = jax.random.bernoulli(key, q, (n,))
-    count = jnp.sum(mask, dtype=jnp.int32)
+    if threefry.is_threefry(key):  # the same draw as jax.random.bernoulli, fused
+        mask = threefry.bernoulli(key, q, (n,))
+    else:
+        mask = jax.random.bernoulli(key, q, (n,))
+    # jnp.nonzero(mask, size=padded, fill_value=0), as one cumulative sum and one scatter:
+    # drawn example i goes to position (number drawn before it); the rest stay 0.
+    position = jnp.cumsum(mask, dtype=jnp.int32)
+    count = position[-1]
     padded = -(-n // p) * p
-    (indices,) = jnp.nonzero(mask, size=padded, fill_value=0)
-    return PoissonSample(indices.astype(jnp.int32), count, mask)
+    target = jnp.where(mask, position - 1, padded)  # out of range: dropped
+    indices = (
+        jnp.zeros((padded,), jnp.int32).at[target].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+    )
+    return PoissonSample(indices, count, mask)
 
 
 def num_physical_batches(count, physical_batch_size: int):

@@ -1,4 +1,4 @@
-"""The DP noise: ``jax.random.normal``'s own Threefry stream, generated leaf by leaf, fused.
+"""DP-SGD's random numbers: ``jax.random``'s own Threefry streams, computed where they are used.
 
 DP-SGD draws one standard normal per parameter per step. ``jax.random.normal(key, (N,))``
 derives them from the Threefry-2x32 block cipher (20 rounds) applied to the counters
@@ -19,6 +19,7 @@ clipped sum, the division, the optimizer update) into one pass over the paramete
 before it), so a tree's noise is bit for bit ``jax.random.normal(key, (N,))`` cut into the
 leaves, and no ``N``-vector is ever written. Same cipher, same counters, same key: the same
 cryptographic soundness as ``jax.random.normal``, just not materialised.
+:func:`bernoulli` does the same for the Poisson sampler's ``jax.random.bernoulli``.
 """
 
 from __future__ import annotations
@@ -72,38 +73,15 @@ def _key_words(key):
     return data[0], data[1]
 
 
-def normal_at(key, offset: int, shape, dtype):
-    """``jax.random.normal(key, (N,), dtype)[offset : offset + n].reshape(shape)``, fused.
-
-    Entries ``offset .. offset + n − 1`` (``n = prod(shape)``) of the standard normal vector
-    that ``jax.random.normal`` draws from a Threefry ``key`` (any ``N ≥ offset + n``: entry
-    ``j`` depends on ``key`` and ``j`` only), computed without the rest of the vector.
-
-    Args:
-      key: a Threefry-2x32 key (:func:`is_threefry`).
-      offset: the first counter (a Python int, ``0 ≤ offset < 2⁶⁴ − n``).
-      shape: the output's shape.
-      dtype: ``float32`` or ``float64``.
-
-    Returns:
-      An array of ``shape`` and ``dtype``, i.i.d. ``N(0, 1)`` over all counters.
-
-    Example::
-
-      >>> import jax, jax.numpy as jnp
-      >>> from jaxgrad.privacy.gaussian import normal_at
-      >>> key = jax.random.key(0)
-      >>> bool(jnp.all(normal_at(key, 3, (2, 2), jnp.float32)
-      ...               == jax.random.normal(key, (7,))[3:].reshape(2, 2)))
-      True
-    """
+def _unit_floats(key, offset: int, shape, dtype):
+    """The ``[0, 1)`` floats under ``jax.random.uniform(key, (N,), dtype)[offset:]``, fused."""
     dtype = np.dtype(dtype)
     if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"`dtype` must be float32 or float64; got {dtype}")
     size = int(np.prod(shape, dtype=np.int64))
     if offset < 0 or offset + size > 2**64 or size >= 2**32:
         raise ValueError(
-            f"`offset` + size must lie in [0, 2**64) and a leaf hold < 2**32 values; got "
+            f"`offset` + size must lie in [0, 2**64) and one call draw < 2**32 values; got "
             f"offset {offset} and shape {tuple(shape)}"
         )
     k0, k1 = _key_words(key)
@@ -118,8 +96,56 @@ def normal_at(key, offset: int, shape, dtype):
         bits = (y0.astype(jnp.uint64) << np.uint64(32)) | y1.astype(jnp.uint64)
         nmant, ubits = 52, np.uint64
     mantissa = (bits >> ubits(8 * dtype.itemsize - nmant)) | one.view(ubits)
-    floats = lax.bitcast_convert_type(mantissa, dtype) - one
+    return (lax.bitcast_convert_type(mantissa, dtype) - one).reshape(shape), dtype
+
+
+def normal_at(key, offset: int, shape, dtype):
+    """``jax.random.normal(key, (N,), dtype)[offset : offset + n].reshape(shape)``, fused.
+
+    Entries ``offset .. offset + n − 1`` (``n = prod(shape)``) of the standard normal vector
+    that ``jax.random.normal`` draws from a Threefry ``key`` (any ``N ≥ offset + n``: entry
+    ``j`` depends on ``key`` and ``j`` only), computed without the rest of the vector.
+
+    Args:
+      key: a Threefry-2x32 key (:func:`is_threefry`).
+      offset: the first counter (a Python int, ``0 ≤ offset``, ``offset + n ≤ 2⁶⁴``).
+      shape: the output's shape (fewer than ``2³²`` entries).
+      dtype: ``float32`` or ``float64``.
+
+    Returns:
+      An array of ``shape`` and ``dtype``, i.i.d. ``N(0, 1)`` over all counters.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxgrad.privacy.threefry import normal_at
+      >>> key = jax.random.key(0)
+      >>> bool(jnp.all(normal_at(key, 3, (2, 2), jnp.float32)
+      ...               == jax.random.normal(key, (7,))[3:].reshape(2, 2)))
+      True
+    """
+    floats, dtype = _unit_floats(key, offset, shape, dtype)
+    one = np.array(1.0, dtype)
     lowest = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype), dtype=dtype)
     u = lax.max(lowest, floats * (one - lowest) + lowest)
-    z = np.array(np.sqrt(2), dtype) * lax.erf_inv(u)
-    return z.reshape(shape)
+    return np.array(np.sqrt(2), dtype) * lax.erf_inv(u)
+
+
+def bernoulli(key, p: float, shape):
+    """``jax.random.bernoulli(key, p, shape)`` for a Threefry ``key``, fused.
+
+    ``u < p`` for the uniforms ``u`` of ``jax.random.uniform(key, shape)`` in JAX's default
+    float dtype (float32, or float64 with ``jax_enable_x64``), as ``jax.random.bernoulli``
+    compares them: the same booleans.
+
+    Example::
+
+      >>> import jax
+      >>> from jaxgrad.privacy.threefry import bernoulli
+      >>> key = jax.random.key(0)
+      >>> bool((bernoulli(key, 0.3, (50,)) == jax.random.bernoulli(key, 0.3, (50,))).all())
+      True
+    """
+    dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
+    floats, dtype = _unit_floats(key, 0, shape, dtype)
+    return floats < np.array(p, dtype)

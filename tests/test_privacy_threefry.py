@@ -1,4 +1,4 @@
-"""The DP noise (jaxgrad.privacy.gaussian, add_noise): JAX's own Threefry normals, leaf by leaf.
+"""jaxgrad.privacy.threefry: the noise and the sampler draw JAX's own Threefry streams, fused.
 
 References: ``jax.random.normal`` (the rolled Threefry primitive JAX lowers for the CPU) and
 ``jax.extend.random.threefry2x32_p`` applied to counters computed in numpy. Statistical tests
@@ -14,7 +14,7 @@ from scipy import stats
 
 import jaxgrad
 from jaxgrad import privacy
-from jaxgrad.privacy import gaussian
+from jaxgrad.privacy import threefry
 
 ALPHA = 1e-6
 
@@ -25,11 +25,11 @@ def test_threefry2x32_matches_jax_primitive_across_the_32_bit_carry():
     idx = np.arange(2**32 - 5, 2**32 + 6, dtype=np.uint64)  # the high word changes midway
     hi, lo = (idx >> 32).astype(np.uint32), (idx & 0xFFFFFFFF).astype(np.uint32)
     want = threefry2x32_p.bind(k0, k1, jnp.asarray(hi), jnp.asarray(lo))
-    got = jax.jit(gaussian.threefry2x32)(k0, k1, jnp.asarray(hi), jnp.asarray(lo))
+    got = jax.jit(threefry.threefry2x32)(k0, k1, jnp.asarray(hi), jnp.asarray(lo))
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
     # normal_at derives those counters itself from the offset: the same bits.
-    z = jax.jit(lambda k: gaussian.normal_at(k, 2**32 - 5, (11,), jnp.float32))(key)
+    z = jax.jit(lambda k: threefry.normal_at(k, 2**32 - 5, (11,), jnp.float32))(key)
     bits = np.asarray(want[0]) ^ np.asarray(want[1])
     u = (bits >> 9 | np.uint32(0x3F800000)).view(np.float32) - np.float32(1)
     lowest = np.nextafter(np.float32(-1), np.float32(0))
@@ -45,7 +45,7 @@ def test_normal_at_is_a_slice_of_jax_random_normal(dtype, offset, shape):
     key = jax.random.key(11)
     size = int(np.prod(shape))
     want = jax.random.normal(key, (offset + size + 9,), dtype)[offset : offset + size]
-    got = jax.jit(lambda k: gaussian.normal_at(k, offset, shape, dtype))(key)
+    got = jax.jit(lambda k: threefry.normal_at(k, offset, shape, dtype))(key)
     assert got.shape == shape and got.dtype == dtype
     np.testing.assert_array_equal(np.asarray(got).ravel(), np.asarray(want))
 
@@ -71,8 +71,8 @@ def test_add_noise_with_another_key_impl_and_a_raw_key():
         got = privacy.add_noise(tree, key, stddev=2.0)
         flat = jnp.concatenate([got["b"], got["w"].ravel()])  # leaves in tree order: b, w
         np.testing.assert_allclose(flat, 2.0 * jax.random.normal(key, (14,)), rtol=1e-12)
-    assert gaussian.is_threefry(jax.random.PRNGKey(1))
-    assert not gaussian.is_threefry(jax.random.key(1, impl="rbg"))
+    assert threefry.is_threefry(jax.random.PRNGKey(1))
+    assert not threefry.is_threefry(jax.random.key(1, impl="rbg"))
 
 
 def test_dp_grad_noise_is_jax_random_normal_times_sigma_c_over_b():
@@ -97,7 +97,7 @@ def test_dp_grad_noise_is_jax_random_normal_times_sigma_c_over_b():
 def test_normal_at_far_offset_is_standard_normal():
     """Kolmogorov-Smirnov and a variance test on 200k draws from beyond the 2**32 carry."""
     z = np.asarray(
-        jax.jit(lambda k: gaussian.normal_at(k, 2**32 - 100_000, (200_000,), jnp.float32))(
+        jax.jit(lambda k: threefry.normal_at(k, 2**32 - 100_000, (200_000,), jnp.float32))(
             jax.random.key(21)
         ),
         np.float64,
@@ -111,8 +111,41 @@ def test_normal_at_far_offset_is_standard_normal():
 def test_normal_at_bad_arguments():
     key = jax.random.key(0)
     with pytest.raises(ValueError, match="dtype"):
-        gaussian.normal_at(key, 0, (3,), jnp.int32)
+        threefry.normal_at(key, 0, (3,), jnp.int32)
     with pytest.raises(ValueError, match="offset"):
-        gaussian.normal_at(key, -1, (3,), jnp.float32)
+        threefry.normal_at(key, -1, (3,), jnp.float32)
     with pytest.raises(ValueError, match="offset"):
-        gaussian.normal_at(key, 2**64 - 2, (3,), jnp.float32)
+        threefry.normal_at(key, 2**64 - 2, (3,), jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------
+# The sampler's Bernoulli draw and compaction.
+
+
+@pytest.mark.parametrize("q", [0.003, 0.37, 1.0])
+def test_bernoulli_is_jax_random_bernoulli(q):
+    for seed in range(3):
+        key = jax.random.key(seed)
+        got = jax.jit(lambda k: threefry.bernoulli(k, q, (5, 301)))(key)
+        np.testing.assert_array_equal(got, jax.random.bernoulli(key, q, (5, 301)))
+
+
+def test_poisson_sample_is_jnp_nonzero_of_jax_random_bernoulli():
+    n, q, p = 1001, 0.3, 64
+    for seed in range(4):
+        key = jax.random.key(seed)
+        s = jax.jit(
+            lambda k: privacy.poisson_sample(
+                k, num_examples=n, sampling_rate=q, physical_batch_size=p
+            )
+        )(key)
+        mask = jax.random.bernoulli(key, q, (n,))
+        np.testing.assert_array_equal(s.mask, mask)
+        assert int(s.count) == int(mask.sum())
+        want = np.zeros(1024, np.int32)
+        want[: int(mask.sum())] = np.flatnonzero(mask)
+        np.testing.assert_array_equal(s.indices, want)
+    # Another key implementation takes jax.random.bernoulli itself.
+    rbg = jax.random.key(1, impl="rbg")
+    s = privacy.poisson_sample(rbg, num_examples=n, sampling_rate=q, physical_batch_size=p)
+    np.testing.assert_array_equal(s.mask, jax.random.bernoulli(rbg, q, (n,)))
