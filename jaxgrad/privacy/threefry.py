@@ -121,7 +121,7 @@ def normal_at(key, offset: int, shape, dtype):
       >>> from jaxgrad.privacy.threefry import normal_at
       >>> key = jax.random.key(0)
       >>> bool(jnp.all(normal_at(key, 3, (2, 2), jnp.float32)
-      ...               == jax.random.normal(key, (7,))[3:].reshape(2, 2)))
+      ...               == jax.random.normal(key, (7,), jnp.float32)[3:].reshape(2, 2)))
       True
     """
     floats, dtype = _unit_floats(key, offset, shape, dtype)

@@ -149,3 +149,31 @@ def test_poisson_sample_is_jnp_nonzero_of_jax_random_bernoulli():
     rbg = jax.random.key(1, impl="rbg")
     s = privacy.poisson_sample(rbg, num_examples=n, sampling_rate=q, physical_batch_size=p)
     np.testing.assert_array_equal(s.mask, jax.random.bernoulli(rbg, q, (n,)))
+
+
+@pytest.mark.parametrize("n,b", [(60000, 256), (60000, 1024), (1000, 10), (50, 50)])
+def test_default_physical_batch_size_runs_fewer_rows(n, b):
+    """Against the exact Binomial(n, q): fewer rows per step than P = b, one batch mostly."""
+    q = b / n
+    p = privacy.default_physical_batch_size(num_examples=n, sampling_rate=q)
+    assert b <= p <= n
+    k = np.arange(n + 1)
+    pmf = stats.binom.pmf(k, n, q)
+    rows = lambda size: np.sum(np.ceil(k / size) * size * pmf)
+    assert rows(p) <= rows(b) * 1.001
+    if n == 60000:  # ~1.5x the rows with P = b; one physical batch on >= 95% of steps
+        assert rows(p) < 0.8 * rows(b) and stats.binom.cdf(p, n, q) > 0.95
+        assert min(rows(c) for c in range(b, b + 200)) > 0.99 * rows(p)  # near the best
+
+
+def test_fit_plan_takes_the_default_physical_batch_size():
+    from jaxgrad.train.private import PrivacyConfig, plan
+
+    cfg = PrivacyConfig(l2_clip=1.0, noise_multiplier=1.0)
+    got = plan(cfg, num_examples=60000, batch_size=256, epochs=1)
+    want = privacy.default_physical_batch_size(num_examples=60000, sampling_rate=256 / 60000)
+    assert got.physical_batch_size == want > 256
+    cfg = PrivacyConfig(l2_clip=1.0, noise_multiplier=1.0, physical_batch_size=64)
+    assert plan(cfg, num_examples=60000, batch_size=256, epochs=1).physical_batch_size == 64
+    with pytest.raises(ValueError, match="sampling_rate"):
+        privacy.default_physical_batch_size(num_examples=10, sampling_rate=0.0)
