@@ -132,8 +132,8 @@ def add_noise(total: PyTree, key, *, stddev) -> PyTree:
       A pytree like ``total``.
     """
     leaves, treedef = jax.tree_util.tree_flatten(total)
-    if not leaves:
-        return total
+    if not leaves or (isinstance(stddev, (int, float)) and stddev == 0):
+        return total  # σ = 0: nothing to draw
     dtype = jnp.result_type(jnp.float32, *leaves)
     sizes = [x.size for x in leaves]
     offsets = np.cumsum([0, *sizes[:-1]]).tolist()
