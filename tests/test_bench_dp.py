@@ -44,6 +44,7 @@ def test_main_dp_prints_ratios_and_writes_json(tmp_path, capsys):
     assert bench_main.main([*argv, "--json", str(path), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert out.count("DP/non-private throughput") == 1 and "interleaved" in out
+    assert "sampled DP step" in out
     records = json.loads(path.read_text())["records"]
     assert [r["batch_size"] for r in records] == [8]
     for r in records:
@@ -53,6 +54,9 @@ def test_main_dp_prints_ratios_and_writes_json(tmp_path, capsys):
             m["non-private step"] / m["DP step"]
         )
         assert r["meets_target"] == (r["dp_over_nonprivate_throughput"] >= dp.TARGET)
+        assert r["sampled_over_nonprivate_throughput"] == pytest.approx(
+            m["non-private step"] / m["sampled DP step"]
+        )
 
 
 def test_main_dp_bad_rounds(capsys):
