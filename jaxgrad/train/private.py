@@ -45,9 +45,10 @@ class PrivacyConfig:
       delta: ``δ``.
       accountant: ``"pld"`` (default) or ``"rdp"``.
       physical_batch_size: examples per physical batch (default:
-        :func:`jaxgrad.privacy.default_physical_batch_size`, ``batch_size`` plus two standard
-        deviations of the realised batch size, so that one physical batch holds ~98% of
-        draws); a larger draw runs several, never truncated.
+        :func:`jaxgrad.privacy.default_physical_batch_size`: the size ``≥ batch_size`` with
+        the fewest expected rows per step, for large batches about ``batch_size`` plus two
+        standard deviations of the realised batch size); a larger draw runs several, never
+        truncated.
       nonfinite: ``"drop"`` (default: examples with a non-finite gradient are left out and
         counted in the history's ``nonfinite``) or ``"raise"`` (training stops with
         ``FloatingPointError`` before the step that met one).
