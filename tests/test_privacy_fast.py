@@ -177,3 +177,26 @@ def test_fit_plan_takes_the_default_physical_batch_size():
     assert plan(cfg, num_examples=60000, batch_size=256, epochs=1).physical_batch_size == 64
     with pytest.raises(ValueError, match="sampling_rate"):
         privacy.default_physical_batch_size(num_examples=10, sampling_rate=0.0)
+
+
+def test_sampled_dp_grad_empty_draw_and_first_batch_outside_the_loop():
+    """An empty draw runs its first physical batch fully masked: the noise alone (here 0)."""
+    model = jaxgrad.models.mlp([3, 2], dtype=jnp.float64)
+    loss_fn = jaxgrad.losses.supervised(
+        model.apply, jaxgrad.losses.softmax_cross_entropy, num_classes=2
+    )
+    params = model.init(jax.random.key(0))
+    x = jnp.full((30, 3), jnp.nan).at[1:].set(1.0)  # the filler row (index 0) is not finite
+    data = (x, jnp.arange(30) % 2)
+    f = privacy.sampled_dp_grad(
+        loss_fn,
+        l2_clip=1.0,
+        noise_multiplier=0.0,
+        sampling_rate=1e-9,
+        physical_batch_size=4,
+        return_info=True,
+    )
+    g, info = f(params, data, jax.random.key(0))
+    assert int(info.num_examples) == 0 and int(info.num_physical_batches) == 0
+    for leaf in jax.tree_util.tree_leaves(g):
+        np.testing.assert_array_equal(leaf, np.zeros_like(leaf))

@@ -48,7 +48,8 @@ class DPInfo(NamedTuple):
     Attributes:
       num_examples: the realised number of examples ``Σ_i m_i`` that contributed.
       num_nonfinite: examples whose gradient was not finite and were left out.
-      num_physical_batches: physical batches the step ran (1 for :func:`dp_grad`).
+      num_physical_batches: physical batches the draw needed, ``⌈b / P⌉`` (1 for
+        :func:`dp_grad`; :func:`sampled_dp_grad` runs the first even for an empty draw).
     """
 
     num_examples: jax.Array
@@ -321,15 +322,16 @@ def sampled_dp_grad(
             idx, mask = sampling.physical_batch(sample, k, physical_batch_size=p)
             return clipped(params, jax.tree_util.tree_map(lambda a: a[idx], data), mask)
 
-        shape = jax.eval_shape(one, jnp.int32(0))
-        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
-
         def body(carry):
             k, acc = carry
             return k + 1, jax.tree_util.tree_map(jnp.add, acc, one(k))
 
+        # The first physical batch runs outside the loop: it holds the whole draw on almost
+        # every step (see default_physical_batch_size), and XLA compiles straight-line code
+        # better than a loop body (on a CPU a CNN's pass ran ~3.5x slower inside the loop).
+        # A draw of 0 examples runs it fully masked: a sum of 0, as the loop would give.
         _, (total, count, bad) = jax.lax.while_loop(
-            lambda c: c[0] < steps, body, (jnp.int32(0), zeros)
+            lambda c: c[0] < steps, body, (jnp.int32(1), one(jnp.int32(0)))
         )
         noisy = add_noise(total, noise_key, stddev=sigma * l2_clip)
         b_e = q * n
