@@ -1,7 +1,8 @@
 """``python -m jaxgrad.bench [--json PATH]``: the built-in suite, a table, optional JSON.
 
 With ``--peers`` or ``--sweep`` the comparison with PyTorch, Opacus and BackPACK runs
-instead (``pip install "jaxgrad[peers]"``).
+instead (``pip install "jaxgrad[peers]"``); with ``--dp`` a full DP-SGD step against a
+non-private step (:mod:`jaxgrad.bench.dp`).
 """
 
 from __future__ import annotations
