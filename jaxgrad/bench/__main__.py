@@ -1,7 +1,8 @@
 """``python -m jaxgrad.bench [--json PATH]``: the built-in suite, a table, optional JSON.
 
 With ``--peers`` or ``--sweep`` the comparison with PyTorch, Opacus and BackPACK runs
-instead (``pip install "jaxgrad[peers]"``).
+instead (``pip install "jaxgrad[peers]"``); with ``--dp`` a full DP-SGD step against a
+non-private step (:mod:`jaxgrad.bench.dp`).
 """
 
 from __future__ import annotations
@@ -68,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", action="store_true", help="compare with torch.func/Opacus/BackPACK")
     p.add_argument("--sweep", action="store_true", help="scaling sweep over batch size, width")
     p.add_argument(
+        "--dp",
+        action="store_true",
+        help="a full DP-SGD step against a non-private step, interleaved, with the cost of "
+        "the noise alone (default models mlp,cnn,transformer, batch sizes 256,1024)",
+    )
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds for --dp")
+    p.add_argument(
         "--devices",
         type=_batch_sizes,
         help="data-parallel over these device counts, e.g. 1,2,4,8 (on a CPU, emulated "
@@ -129,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         from jaxgrad import sharding
 
         mesh = sharding.data_mesh(args.mesh_devices)
+    if args.dp:
+        if args.rounds < 1:
+            parser.error(f"--rounds must be a positive integer; got {args.rounds}")
+        return _run_dp(args, argv, start)
     if args.devices is not None:
         records = _run_devices(argv, args.devices)
     else:
@@ -160,6 +172,27 @@ def main(argv: list[str] | None = None) -> int:
             f.write(run.format_markdown(records) + "\n")
     if args.plot:
         run.plot_records(records, args.plot)
+    return 0
+
+
+def _run_dp(args, argv: list[str], start: float) -> int:
+    """``--dp``: the DP step against the non-private step (:mod:`jaxgrad.bench.dp`)."""
+    from jaxgrad.bench import dp
+
+    given = lambda flag: any(a == flag or a.startswith(flag + "=") for a in argv)
+    models = args.models if given("--models") else dp.DEFAULT_MODELS
+    sizes = args.batch_sizes if given("--batch-sizes") else dp.DEFAULT_BATCH_SIZES
+    records = dp.run(models, sizes, rounds=args.rounds, quiet=args.quiet)
+    machine = run.machine_description()
+    print("\n".join(dp.format_record(r) for r in records))
+    print("\n" + dp.NOTE)
+    print(
+        f"\n{machine['device']} · {machine['cpu_count']} CPUs · jax {machine['jax']} · "
+        f"{time.perf_counter() - start:.0f} s."
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "records": records}, f, indent=2)
     return 0
 
 

@@ -20,6 +20,7 @@ from jaxgrad.privacy.accounting import calibrate_noise_multiplier, dp_event, eps
 from jaxgrad.privacy.noisy import DPInfo, add_noise, dp_grad, sampled_dp_grad
 from jaxgrad.privacy.sampling import (
     PoissonSample,
+    default_physical_batch_size,
     num_physical_batches,
     physical_batch,
     poisson_sample,
@@ -30,6 +31,7 @@ __all__ = [
     "PoissonSample",
     "add_noise",
     "calibrate_noise_multiplier",
+    "default_physical_batch_size",
     "dp_event",
     "dp_grad",
     "epsilon",

@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--delta", type=float, default=1e-5, help="delta (default: 1e-5)")
     g.add_argument("--l2-clip", type=float, default=1.0, help="per-example clip norm C")
     g.add_argument("--accountant", default="pld", choices=("pld", "rdp"))
-    g.add_argument("--physical-batch-size", type=int, help="default: --batch-size")
+    g.add_argument(
+        "--physical-batch-size", type=int, help="default: --batch-size + 2 std of the draw"
+    )
     g.add_argument("--nonfinite", default="drop", choices=("drop", "raise"))
     g.add_argument("--num-examples", type=int, help="examples to generate for --data mnist1d")
     g = p.add_argument_group("checkpoints and output")

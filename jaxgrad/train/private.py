@@ -56,8 +56,11 @@ class PrivacyConfig:
       noise_multiplier: ``σ``, if not calibrated.
       delta: ``δ``.
       accountant: ``"pld"`` (default) or ``"rdp"``.
-      physical_batch_size: examples per physical batch (default: ``batch_size``); a larger
-        draw runs several, never truncated.
+      physical_batch_size: examples per physical batch (default:
+        :func:`jaxgrad.privacy.default_physical_batch_size`: the size ``≥ batch_size`` with
+        the fewest expected rows per step, for large batches about ``batch_size`` plus two
+        standard deviations of the realised batch size); a larger draw runs several, never
+        truncated.
       nonfinite: ``"drop"`` (default: examples with a non-finite gradient are left out and
         counted in the history's ``nonfinite``) or ``"raise"`` (training stops with
         ``FloatingPointError`` before the step that met one).
@@ -146,10 +149,12 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
         raise ValueError(
             "give `target_epsilon` (σ is calibrated) or `noise_multiplier`; got neither"
         )
-    physical = reduce.check_positive_int(
-        config.physical_batch_size or batch_size, name="physical_batch_size"
-    )
     q = batch_size / n
+    physical = reduce.check_positive_int(
+        config.physical_batch_size
+        or dp.default_physical_batch_size(num_examples=n, sampling_rate=q),
+        name="physical_batch_size",
+    )
     steps = epochs * -(-n // batch_size)
     sigma = config.noise_multiplier
     if sigma is None:

@@ -1,0 +1,176 @@
+"""``python -m jaxgrad.bench --dp``: a full DP-SGD step against a non-private step, side by side.
+
+For every model and batch size ``B``, four jitted programs are timed in interleaved rounds
+(one call of each per round, so all see the same machine load) and their medians compared:
+
+* ``non-private step``: :func:`jaxgrad.batch_grad` and an optax update;
+* ``DP step``: :func:`jaxgrad.privacy.dp_grad` (clip to ``C``, sum, ``N(0, σ²C² I)`` once,
+  divide by ``B``) and the same update — the issue-9 target is ``DP / non-private ≥ 0.8``
+  in throughput;
+* ``clipped sum``: the DP step's clipped sum alone (``clipped_grad(reduction="sum")`` with
+  its check for non-finite examples), no noise, no update;
+* ``noise``: the DP step's Gaussian draw alone (:func:`jaxgrad.privacy.add_noise` on a tree
+  shaped like the parameters) — a cost per *step*, independent of ``B``, which is why the
+  ratio rises with the batch size.
+
+* ``sampled DP step``: what ``fit(privacy=...)`` runs — :func:`jaxgrad.privacy.sampled_dp_grad`
+  drawing ``q = B / N`` of ``N = 60000`` examples (a new key, so a new draw, every round) with
+  the default physical batch size, + the update.
+
+The update is ``optax.sgd`` (the cheapest optax update: it dilutes the DP overhead least).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxgrad import grads, privacy
+from jaxgrad.bench import suite
+from jaxgrad.privacy.noisy import clipped_sum_dropping_nonfinite
+
+DEFAULT_MODELS = ["mlp", "cnn", "transformer"]
+DEFAULT_BATCH_SIZES = [256, 1024]
+TARGET = 0.8
+DATA_SIZE = 60000  # the data set the sampled DP step draws from (MNIST's size)
+ROWS = ("non-private step", "DP step", "clipped sum", "noise", "sampled DP step")
+
+
+def programs(
+    case,
+    batch_size: int,
+    *,
+    l2_clip: float = 1.0,
+    noise_multiplier: float = 1.0,
+    data_size: int = DATA_SIZE,
+):
+    """The jitted programs of one (model, B), each ``f(params, opt_state, batch, key)``.
+
+    ``"sampled DP step"`` takes the whole data set (``data_size`` examples) for ``batch``: it
+    is :func:`jaxgrad.privacy.sampled_dp_grad` with ``q = B / data_size`` and the physical
+    batch size ``fit`` takes by default, + the update — the step ``fit(privacy=...)`` runs.
+    """
+    opt = optax.sgd(0.1)
+    plain = grads.batch_grad(case.loss_fn)
+    noisy = privacy.dp_grad(
+        case.loss_fn,
+        l2_clip=l2_clip,
+        noise_multiplier=noise_multiplier,
+        expected_batch_size=batch_size,
+    )
+    clipped = clipped_sum_dropping_nonfinite(case.loss_fn, l2_clip=l2_clip)  # the DP step's
+    q = batch_size / data_size
+    sampled = privacy.sampled_dp_grad(
+        case.loss_fn,
+        l2_clip=l2_clip,
+        noise_multiplier=noise_multiplier,
+        sampling_rate=q,
+        physical_batch_size=privacy.default_physical_batch_size(
+            num_examples=data_size, sampling_rate=q
+        ),
+    )
+
+    def update(g, params, opt_state):
+        updates, opt_state = opt.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return opt, {
+        "non-private step": jax.jit(lambda p, s, b, k: update(plain(p, b), p, s)),
+        "DP step": jax.jit(lambda p, s, b, k: update(noisy(p, b, None, k), p, s)),
+        "clipped sum": jax.jit(lambda p, s, b, k: clipped(p, b, jnp.ones(batch_size, bool))[0]),
+        "noise": jax.jit(
+            lambda p, s, b, k: privacy.add_noise(
+                jax.tree_util.tree_map(jnp.zeros_like, p), k, stddev=l2_clip * noise_multiplier
+            )
+        ),
+        "sampled DP step": jax.jit(lambda p, s, data, k: update(sampled(p, data, k), p, s)),
+    }
+
+
+def measure_case(
+    case_name: str, batch_size: int, *, rounds: int = 15, data_size: int = DATA_SIZE, log=None
+) -> dict:
+    """Medians of the programs over ``rounds`` interleaved rounds, and their ratios."""
+    case = suite.CASES[case_name]()
+    params = case.model.init(jax.random.key(0))
+    batch = case.make_batch(batch_size)
+    data = case.make_batch(data_size)
+    opt, fns = programs(case, batch_size, data_size=data_size)
+    opt_state = opt.init(params)
+
+    def args(name, r):  # a new key every round: a new Poisson draw, as in training
+        key = jax.random.fold_in(jax.random.key(suite.DP_KEY), r)
+        return (params, opt_state, data if name == "sampled DP step" else batch, key)
+
+    compile_s = {}
+    for name, f in fns.items():
+        start = time.perf_counter()
+        jax.block_until_ready(f(*args(name, rounds)))
+        compile_s[name] = time.perf_counter() - start
+    times = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, f in fns.items():
+            a = args(name, r)
+            start = time.perf_counter()
+            jax.block_until_ready(f(*a))
+            times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    plain = med["non-private step"]
+    record = {
+        "model": case.name,
+        "case": case_name,
+        "num_params": sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params)),
+        "batch_size": batch_size,
+        "rounds": rounds,
+        "median_s": med,
+        "compile_s": compile_s,
+        "data_size": data_size,
+        "dp_over_nonprivate_throughput": plain / med["DP step"],
+        "sampled_over_nonprivate_throughput": plain / med["sampled DP step"],
+        "noise_over_nonprivate_time": med["noise"] / plain,
+        "clipped_over_nonprivate_time": med["clipped sum"] / plain,
+    }
+    record["meets_target"] = record["dp_over_nonprivate_throughput"] >= TARGET
+    if log is not None:
+        log(format_record(record))
+    return record
+
+
+def format_record(r: dict) -> str:
+    m = r["median_s"]
+    return (
+        f"{r['case']:<12} B={r['batch_size']:<5} non-private {m['non-private step'] * 1e3:8.2f} ms"
+        f"  DP {m['DP step'] * 1e3:8.2f} ms  clipped sum {m['clipped sum'] * 1e3:8.2f} ms"
+        f"  noise {m['noise'] * 1e3:6.2f} ms  |  DP/non-private throughput "
+        f"{r['dp_over_nonprivate_throughput']:.2f}{' (>= 0.8)' if r['meets_target'] else ''}"
+        f"  noise/non-private time {r['noise_over_nonprivate_time']:.2f}"
+        f"  |  sampled DP step {m['sampled DP step'] * 1e3:8.2f} ms, /non-private throughput "
+        f"{r['sampled_over_nonprivate_throughput']:.2f}"
+    )
+
+
+NOTE = (
+    "Medians of interleaved rounds (each program called once per round). DP step = "
+    "privacy.dp_grad (clip C=1, sum, one N(0, σ²C² I) draw with σ=1, divide by B) + optax.sgd; "
+    "non-private step = batch_grad + the same update; noise = the draw alone (per step, "
+    "independent of B). Target: DP / non-private throughput >= 0.8. Sampled DP step = what "
+    "fit(privacy=...) runs: Poisson-sample q = B/N of N examples (N = 60000), the default "
+    "physical batch, clip, noise, update."
+)
+
+
+def run(
+    models, batch_sizes, *, rounds: int = 15, data_size: int = DATA_SIZE, quiet: bool = False
+) -> list[dict]:
+    log = None if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    return [
+        measure_case(m, b, rounds=rounds, data_size=data_size, log=log)
+        for m in models
+        for b in batch_sizes
+    ]

@@ -1,0 +1,151 @@
+"""DP-SGD's random numbers: ``jax.random``'s own Threefry streams, computed where they are used.
+
+DP-SGD draws one standard normal per parameter per step. ``jax.random.normal(key, (N,))``
+derives them from the Threefry-2x32 block cipher (20 rounds) applied to the counters
+``0 .. N − 1`` (JAX's default, ``jax_threefry_partitionable``):
+
+.. math::
+
+    b_j = y_0 \\oplus y_1, \\quad (y_0, y_1) = \\mathrm{Threefry}_{k}(\\lfloor j / 2^{32} \\rfloor,
+        j \\bmod 2^{32}), \\qquad
+    u_j = \\max(u_{\\min}, 2 f(b_j) - 1), \\qquad z_j = \\sqrt 2 \\, \\mathrm{erf}^{-1}(u_j)
+
+with ``f(b)`` the float in ``[0, 1)`` whose mantissa is ``b``'s top bits and
+``u_min = nextafter(−1, 0)``. On a CPU, XLA runs JAX's Threefry as a rolled loop of five
+whole-array passes; :func:`normal_at` computes the *same* numbers with the 20 rounds written
+out, so XLA fuses cipher, conversion and whatever consumes the normals (the addition to the
+clipped sum, the division, the optimizer update) into one pass over the parameters. Leaf
+``ℓ`` of a tree takes the counters ``o_ℓ .. o_ℓ + n_ℓ − 1`` (``o_ℓ`` = the sizes of the leaves
+before it), so a tree's noise is bit for bit ``jax.random.normal(key, (N,))`` cut into the
+leaves, and no ``N``-vector is ever written. Same cipher, same counters, same key: the same
+cryptographic soundness as ``jax.random.normal``, just not materialised.
+:func:`bernoulli` does the same for the Poisson sampler's ``jax.random.bernoulli``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_PARITY = np.uint32(0x1BD11BDA)
+
+
+def _rotl(x, r: int):
+    return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+
+def threefry2x32(k0, k1, x0, x1):
+    """The Threefry-2x32 block cipher (20 rounds; Salmon et al., 2011), unrolled.
+
+    The same function as JAX's ``threefry2x32`` primitive (which a CPU runs as a rolled
+    loop): ``k0, k1`` the key words, ``x0, x1`` the counter words (uint32 arrays of one
+    shape). Returns the two output words.
+    """
+    ks = (k0, k1, k0 ^ k1 ^ _PARITY)
+    x0, x1 = x0 + ks[0], x1 + ks[1]
+    for i in range(5):
+        for r in _ROTATIONS[i % 2]:
+            x0 = x0 + x1
+            x1 = _rotl(x1, r) ^ x0
+        x0 = x0 + ks[(i + 1) % 3]
+        x1 = x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x0, x1
+
+
+def is_threefry(key) -> bool:
+    """Whether ``key`` is a Threefry-2x32 key (typed, or raw ``uint32[2]`` of the default impl)."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return str(jax.random.key_impl(key)) == "threefry2x32" and key.shape == ()
+    return key.shape == (2,) and key.dtype == jnp.uint32 and _default_is_threefry()
+
+
+def _default_is_threefry() -> bool:
+    return str(jax.random.key_impl(jax.random.wrap_key_data(np.zeros(2, np.uint32)))) == (
+        "threefry2x32"
+    )
+
+
+def _key_words(key):
+    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    return data[0], data[1]
+
+
+def _unit_floats(key, offset: int, shape, dtype):
+    """The ``[0, 1)`` floats under ``jax.random.uniform(key, (N,), dtype)[offset:]``, fused."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"`dtype` must be float32 or float64; got {dtype}")
+    size = int(np.prod(shape, dtype=np.int64))
+    if offset < 0 or offset + size > 2**64 or size >= 2**32:
+        raise ValueError(
+            f"`offset` + size must lie in [0, 2**64) and one call draw < 2**32 values; got "
+            f"offset {offset} and shape {tuple(shape)}"
+        )
+    k0, k1 = _key_words(key)
+    lo0, hi0 = np.uint32(offset & 0xFFFFFFFF), np.uint32(offset >> 32)
+    lo = lax.iota(jnp.uint32, size) + lo0  # wraps modulo 2**32 ...
+    hi = jnp.full((size,), hi0, jnp.uint32) + (lo < lo0).astype(jnp.uint32)  # ... and carries
+    y0, y1 = threefry2x32(k0, k1, hi, lo)
+    one = np.array(1.0, dtype)
+    if dtype == np.float32:
+        bits, nmant, ubits = y0 ^ y1, 23, np.uint32
+    else:
+        bits = (y0.astype(jnp.uint64) << np.uint64(32)) | y1.astype(jnp.uint64)
+        nmant, ubits = 52, np.uint64
+    mantissa = (bits >> ubits(8 * dtype.itemsize - nmant)) | one.view(ubits)
+    return (lax.bitcast_convert_type(mantissa, dtype) - one).reshape(shape), dtype
+
+
+def normal_at(key, offset: int, shape, dtype):
+    """``jax.random.normal(key, (N,), dtype)[offset : offset + n].reshape(shape)``, fused.
+
+    Entries ``offset .. offset + n − 1`` (``n = prod(shape)``) of the standard normal vector
+    that ``jax.random.normal`` draws from a Threefry ``key`` (any ``N ≥ offset + n``: entry
+    ``j`` depends on ``key`` and ``j`` only), computed without the rest of the vector.
+
+    Args:
+      key: a Threefry-2x32 key (:func:`is_threefry`).
+      offset: the first counter (a Python int, ``0 ≤ offset``, ``offset + n ≤ 2⁶⁴``).
+      shape: the output's shape (fewer than ``2³²`` entries).
+      dtype: ``float32`` or ``float64``.
+
+    Returns:
+      An array of ``shape`` and ``dtype``, i.i.d. ``N(0, 1)`` over all counters.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxgrad.privacy.threefry import normal_at
+      >>> key = jax.random.key(0)
+      >>> bool(jnp.all(normal_at(key, 3, (2, 2), jnp.float32)
+      ...               == jax.random.normal(key, (7,), jnp.float32)[3:].reshape(2, 2)))
+      True
+    """
+    floats, dtype = _unit_floats(key, offset, shape, dtype)
+    one = np.array(1.0, dtype)
+    lowest = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype), dtype=dtype)
+    u = lax.max(lowest, floats * (one - lowest) + lowest)
+    return np.array(np.sqrt(2), dtype) * lax.erf_inv(u)
+
+
+def bernoulli(key, p: float, shape):
+    """``jax.random.bernoulli(key, p, shape)`` for a Threefry ``key``, fused.
+
+    ``u < p`` for the uniforms ``u`` of ``jax.random.uniform(key, shape)`` in JAX's default
+    float dtype (float32, or float64 with ``jax_enable_x64``), as ``jax.random.bernoulli``
+    compares them: the same booleans.
+
+    Example::
+
+      >>> import jax
+      >>> from jaxgrad.privacy.threefry import bernoulli
+      >>> key = jax.random.key(0)
+      >>> bool((bernoulli(key, 0.3, (50,)) == jax.random.bernoulli(key, 0.3, (50,))).all())
+      True
+    """
+    dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
+    floats, dtype = _unit_floats(key, 0, shape, dtype)
+    return floats < np.array(p, dtype)

@@ -1,0 +1,65 @@
+"""python -m jaxgrad.bench --dp: the DP step against the non-private step, on tiny models."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgrad.bench import __main__ as bench_main
+from jaxgrad.bench import dp, suite
+
+
+def _setup(name, b):
+    case = suite.CASES[name]()
+    params = case.model.init(jax.random.key(0))
+    return case, params, case.make_batch(b)
+
+
+def test_dp_step_without_noise_or_clipping_is_the_non_private_step():
+    case, params, batch = _setup("mlp-tiny", 8)
+    opt, fns = dp.programs(case, 8, l2_clip=1e6, noise_multiplier=0.0)
+    state = opt.init(params)
+    key = jax.random.key(1)
+    plain = fns["non-private step"](params, state, batch, key)
+    private = fns["DP step"](params, state, batch, key)
+    for a, b in zip(jax.tree.leaves(private), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_noise_program_is_sigma_c_times_one_normal_vector():
+    case, params, batch = _setup("cnn-tiny", 4)
+    opt, fns = dp.programs(case, 4, l2_clip=0.5, noise_multiplier=2.0)
+    key = jax.random.key(3)
+    noise = fns["noise"](params, opt.init(params), batch, key)
+    flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(noise)])
+    dtype = jnp.result_type(jnp.float32, *jax.tree.leaves(params))
+    np.testing.assert_allclose(flat, 1.0 * jax.random.normal(key, (flat.size,), dtype), rtol=1e-12)
+
+
+def test_main_dp_prints_ratios_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "dp.json"
+    argv = ["--dp", "--models", "mlp-tiny", "--batch-sizes", "8", "--rounds", "2"]
+    assert bench_main.main([*argv, "--json", str(path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("DP/non-private throughput") == 1 and "interleaved" in out
+    assert "sampled DP step" in out
+    records = json.loads(path.read_text())["records"]
+    assert [r["batch_size"] for r in records] == [8]
+    for r in records:
+        assert set(r["median_s"]) == set(dp.ROWS) and r["rounds"] == 2
+        m = r["median_s"]
+        assert r["dp_over_nonprivate_throughput"] == pytest.approx(
+            m["non-private step"] / m["DP step"]
+        )
+        assert r["meets_target"] == (r["dp_over_nonprivate_throughput"] >= dp.TARGET)
+        assert r["sampled_over_nonprivate_throughput"] == pytest.approx(
+            m["non-private step"] / m["sampled DP step"]
+        )
+
+
+def test_main_dp_bad_rounds(capsys):
+    with pytest.raises(SystemExit):
+        bench_main.main(["--dp", "--rounds", "0"])
+    assert "--rounds must be a positive integer; got 0" in capsys.readouterr().err

@@ -1,0 +1,202 @@
+"""jaxgrad.privacy.threefry: the noise and the sampler draw JAX's own Threefry streams, fused.
+
+References: ``jax.random.normal`` (the rolled Threefry primitive JAX lowers for the CPU) and
+``jax.extend.random.threefry2x32_p`` applied to counters computed in numpy. Statistical tests
+are two-sided at a false-alarm rate of 1e-6 with fixed keys.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.extend.random import threefry2x32_p
+from scipy import stats
+
+import jaxgrad
+from jaxgrad import privacy
+from jaxgrad.privacy import threefry
+
+ALPHA = 1e-6
+
+
+def test_threefry2x32_matches_jax_primitive_across_the_32_bit_carry():
+    key = jax.random.key(5)
+    k0, k1 = jax.random.key_data(key)
+    idx = np.arange(2**32 - 5, 2**32 + 6, dtype=np.uint64)  # the high word changes midway
+    hi, lo = (idx >> 32).astype(np.uint32), (idx & 0xFFFFFFFF).astype(np.uint32)
+    want = threefry2x32_p.bind(k0, k1, jnp.asarray(hi), jnp.asarray(lo))
+    got = jax.jit(threefry.threefry2x32)(k0, k1, jnp.asarray(hi), jnp.asarray(lo))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    # normal_at derives those counters itself from the offset: the same bits.
+    z = jax.jit(lambda k: threefry.normal_at(k, 2**32 - 5, (11,), jnp.float32))(key)
+    bits = np.asarray(want[0]) ^ np.asarray(want[1])
+    u = (bits >> 9 | np.uint32(0x3F800000)).view(np.float32) - np.float32(1)
+    lowest = np.nextafter(np.float32(-1), np.float32(0))
+    u = np.maximum(lowest, u * (np.float32(1) - lowest) + lowest)
+    from scipy.special import erfinv
+
+    np.testing.assert_allclose(np.asarray(z), np.sqrt(2) * erfinv(u.astype(np.float64)), rtol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("offset,shape", [(0, (7, 3)), (5, (4,)), (1000, (2, 3, 5))])
+def test_normal_at_is_a_slice_of_jax_random_normal(dtype, offset, shape):
+    key = jax.random.key(11)
+    size = int(np.prod(shape))
+    want = jax.random.normal(key, (offset + size + 9,), dtype)[offset : offset + size]
+    got = jax.jit(lambda k: threefry.normal_at(k, offset, shape, dtype))(key)
+    assert got.shape == shape and got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got).ravel(), np.asarray(want))
+
+
+def test_add_noise_is_one_jax_random_normal_vector_cut_into_the_leaves():
+    key = jax.random.key(3)
+    tree = {"w": jnp.ones((6, 4), jnp.float32), "b": jnp.arange(5.0, dtype=jnp.float32)}
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    z = np.asarray(jax.random.normal(key, (29,), jnp.float32))
+    pieces, start = [], 0
+    for x in leaves:
+        pieces.append(np.asarray(x) + 0.5 * z[start : start + x.size].reshape(x.shape))
+        start += x.size
+    want = jax.tree_util.tree_unflatten(treedef, pieces)
+    got = jax.jit(lambda t, k: privacy.add_noise(t, k, stddev=0.5))(tree, key)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-6, atol=1e-7)
+
+
+def test_add_noise_with_another_key_impl_and_a_raw_key():
+    tree = {"w": jnp.zeros((3, 4)), "b": jnp.zeros(2)}
+    for key in (jax.random.key(1, impl="rbg"), jax.random.PRNGKey(1)):
+        got = privacy.add_noise(tree, key, stddev=2.0)
+        flat = jnp.concatenate([got["b"], got["w"].ravel()])  # leaves in tree order: b, w
+        np.testing.assert_allclose(flat, 2.0 * jax.random.normal(key, (14,)), rtol=1e-12)
+    assert threefry.is_threefry(jax.random.PRNGKey(1))
+    assert not threefry.is_threefry(jax.random.key(1, impl="rbg"))
+
+
+def test_dp_grad_noise_is_jax_random_normal_times_sigma_c_over_b():
+    """The noise on the whole gradient: exactly one N(0, I) vector over all coordinates."""
+    model = jaxgrad.models.mlp([5, 4, 3], dtype=jnp.float64)
+    loss_fn = jaxgrad.losses.supervised(
+        model.apply, jaxgrad.losses.softmax_cross_entropy, num_classes=3
+    )
+    params = model.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (6, 5), jnp.float64)
+    batch = (x, jnp.arange(6) % 3)
+    kw = dict(l2_clip=0.5, expected_batch_size=4.0)
+    key = jax.random.key(9)
+    noisy = privacy.dp_grad(loss_fn, noise_multiplier=1.5, **kw)(params, batch, None, key)
+    clean = privacy.dp_grad(loss_fn, noise_multiplier=0.0, **kw)(params, batch, None, key)
+    pairs = zip(jax.tree_util.tree_leaves(noisy), jax.tree_util.tree_leaves(clean), strict=True)
+    diff = np.concatenate([np.ravel(a - b) for a, b in pairs])
+    z = np.asarray(jax.random.normal(key, (diff.size,), jnp.float64))
+    np.testing.assert_allclose(diff, 1.5 * 0.5 * z / 4.0, rtol=1e-9, atol=1e-15)
+
+
+def test_normal_at_far_offset_is_standard_normal():
+    """Kolmogorov-Smirnov and a variance test on 200k draws from beyond the 2**32 carry."""
+    z = np.asarray(
+        jax.jit(lambda k: threefry.normal_at(k, 2**32 - 100_000, (200_000,), jnp.float32))(
+            jax.random.key(21)
+        ),
+        np.float64,
+    )
+    assert stats.kstest(z, "norm").pvalue > ALPHA
+    chi2 = np.sum(z**2)
+    assert stats.chi2.sf(chi2, z.size) > ALPHA and stats.chi2.cdf(chi2, z.size) > ALPHA
+    assert abs(z.mean()) * np.sqrt(z.size) < stats.norm.isf(ALPHA / 2)
+
+
+def test_normal_at_bad_arguments():
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="dtype"):
+        threefry.normal_at(key, 0, (3,), jnp.int32)
+    with pytest.raises(ValueError, match="offset"):
+        threefry.normal_at(key, -1, (3,), jnp.float32)
+    with pytest.raises(ValueError, match="offset"):
+        threefry.normal_at(key, 2**64 - 2, (3,), jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------
+# The sampler's Bernoulli draw and compaction.
+
+
+@pytest.mark.parametrize("q", [0.003, 0.37, 1.0])
+def test_bernoulli_is_jax_random_bernoulli(q):
+    for seed in range(3):
+        key = jax.random.key(seed)
+        got = jax.jit(lambda k: threefry.bernoulli(k, q, (5, 301)))(key)
+        np.testing.assert_array_equal(got, jax.random.bernoulli(key, q, (5, 301)))
+
+
+def test_poisson_sample_is_jnp_nonzero_of_jax_random_bernoulli():
+    n, q, p = 1001, 0.3, 64
+    for seed in range(4):
+        key = jax.random.key(seed)
+        s = jax.jit(
+            lambda k: privacy.poisson_sample(
+                k, num_examples=n, sampling_rate=q, physical_batch_size=p
+            )
+        )(key)
+        mask = jax.random.bernoulli(key, q, (n,))
+        np.testing.assert_array_equal(s.mask, mask)
+        assert int(s.count) == int(mask.sum())
+        want = np.zeros(1024, np.int32)
+        want[: int(mask.sum())] = np.flatnonzero(mask)
+        np.testing.assert_array_equal(s.indices, want)
+    # Another key implementation takes jax.random.bernoulli itself.
+    rbg = jax.random.key(1, impl="rbg")
+    s = privacy.poisson_sample(rbg, num_examples=n, sampling_rate=q, physical_batch_size=p)
+    np.testing.assert_array_equal(s.mask, jax.random.bernoulli(rbg, q, (n,)))
+
+
+@pytest.mark.parametrize("n,b", [(60000, 256), (60000, 1024), (1000, 10), (50, 50)])
+def test_default_physical_batch_size_runs_fewer_rows(n, b):
+    """Against the exact Binomial(n, q): fewer rows per step than P = b, one batch mostly."""
+    q = b / n
+    p = privacy.default_physical_batch_size(num_examples=n, sampling_rate=q)
+    assert b <= p <= n
+    k = np.arange(n + 1)
+    pmf = stats.binom.pmf(k, n, q)
+    rows = lambda size: np.sum(np.ceil(k / size) * size * pmf)
+    assert rows(p) <= rows(b) * 1.001
+    if n == 60000:  # ~1.5x the rows with P = b; one physical batch on >= 95% of steps
+        assert rows(p) < 0.8 * rows(b) and stats.binom.cdf(p, n, q) > 0.95
+        assert min(rows(c) for c in range(b, b + 200)) > 0.99 * rows(p)  # near the best
+
+
+def test_fit_plan_takes_the_default_physical_batch_size():
+    from jaxgrad.train.private import PrivacyConfig, plan
+
+    cfg = PrivacyConfig(l2_clip=1.0, noise_multiplier=1.0)
+    got = plan(cfg, num_examples=60000, batch_size=256, epochs=1)
+    want = privacy.default_physical_batch_size(num_examples=60000, sampling_rate=256 / 60000)
+    assert got.physical_batch_size == want > 256
+    cfg = PrivacyConfig(l2_clip=1.0, noise_multiplier=1.0, physical_batch_size=64)
+    assert plan(cfg, num_examples=60000, batch_size=256, epochs=1).physical_batch_size == 64
+    with pytest.raises(ValueError, match="sampling_rate"):
+        privacy.default_physical_batch_size(num_examples=10, sampling_rate=0.0)
+
+
+def test_sampled_dp_grad_empty_draw_and_first_batch_outside_the_loop():
+    """An empty draw runs its first physical batch fully masked: the noise alone (here 0)."""
+    model = jaxgrad.models.mlp([3, 2], dtype=jnp.float64)
+    loss_fn = jaxgrad.losses.supervised(
+        model.apply, jaxgrad.losses.softmax_cross_entropy, num_classes=2
+    )
+    params = model.init(jax.random.key(0))
+    x = jnp.full((30, 3), jnp.nan).at[1:].set(1.0)  # the filler row (index 0) is not finite
+    data = (x, jnp.arange(30) % 2)
+    f = privacy.sampled_dp_grad(
+        loss_fn,
+        l2_clip=1.0,
+        noise_multiplier=0.0,
+        sampling_rate=1e-9,
+        physical_batch_size=4,
+        return_info=True,
+    )
+    g, info = f(params, data, jax.random.key(0))
+    assert int(info.num_examples) == 0 and int(info.num_physical_batches) == 0
+    for leaf in jax.tree_util.tree_leaves(g):
+        np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
