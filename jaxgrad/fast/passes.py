@@ -132,9 +132,14 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     def out_aval(u):
         return u.chain_program.eqns[u.scan[-1]].out_avals[0] if u.scan else u.op.out_avals[0]
 
+    # A use inside a scan is captured step-major, ``(steps, B, *out)``: the layout a scan
+    # stacks its outputs in, so neither the perturbation, nor the kept operand, nor the
+    # cotangent is transposed to put the examples first (the weighted sum contracts steps
+    # and examples together and reads them as they are).
+    axis = {key: 1 if u.site == "scan" else 0 for key, (_, u) in captured.items()}
     d_use = {
         key: jnp.zeros(
-            (size, *((u.steps,) if u.site == "scan" else ()), *out_aval(u).shape),
+            ((u.steps, size) if u.site == "scan" else (size,)) + tuple(out_aval(u).shape),
             out_aval(u).dtype,
         )
         for key, (_, u) in captured.items()
@@ -233,7 +238,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         return s, (n, kept)
 
     def batched(du, dx):
-        return jax.vmap(one)(ex_leaves, du, dx)
+        return jax.vmap(one, in_axes=(0, axis, 0), out_axes=(0, (0, axis)))(ex_leaves, du, dx)
 
     sums, vjp, (counts, kept) = jax.vjp(batched, d_use, d_exact, has_aux=True)
     # The cotangent of S_i is m_i, so a padded row's cotangents G_i and exact gradients are
@@ -241,12 +246,19 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     # G again saves a copy of every activation.
     g_use, g_exact = vjp(mask.astype(sums.dtype))
 
-    def a_of(u):
-        return kept[u.key]
+    def a_of(u):  # examples first
+        return jnp.moveaxis(kept[u.key], axis[u.key], 0)
 
-    def g_of(u):  # the cotangent in the lifted equation's layout
-        g = g_use[u.key]
+    def g_of(u):  # the cotangent in the lifted equation's layout, examples first
+        g = jnp.moveaxis(g_use[u.key], axis[u.key], 0)
         return jnp.moveaxis(g, 1, 1 + u.step_axis) if u.site == "scan" else g
+
+    def weighted_use(u, c):  # Σ_i c_i ∇S_i through one use, on the arrays as captured
+        g = g_use[u.key]
+        if u.site == "scan" and u.step_axis:
+            g = jnp.moveaxis(g, 0, 1 + u.step_axis)  # (B at axis 0 after the move)
+            return rules.weighted_grad(u.op, u.pos, jnp.moveaxis(kept[u.key], 1, 0), g, c)
+        return rules.weighted_grad(u.op, u.pos, kept[u.key], g, c, axis=axis[u.key])
 
     def leaf_grads(j, use):  # (B, *leaf.shape) through one use
         g = rules.per_example_grads(use.op, use.pos, a_of(use), g_of(use))
@@ -280,7 +292,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
             if j in an.fast:
                 total = 0
                 for u in an.fast[j]:
-                    w = rules.weighted_grad(u.op, u.pos, a_of(u), g_of(u), c)
+                    w = weighted_use(u, c)
                     total = total + _chain_transpose(program, u, leaf, w)
                 out.append(total)
             elif j in g_exact:

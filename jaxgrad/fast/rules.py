@@ -54,15 +54,25 @@ def per_example_grads(eqn: Eqn, pos: int, a, g):
     return jax.vmap(one)(a, g)
 
 
-def weighted_grad(eqn: Eqn, pos: int, a, g, c):
-    """``Σ_i c_i ∇_W S_i``: one batched weight-gradient contraction with ``G`` reweighted."""
-    scale = lambda x: x * c.reshape(c.shape + (1,) * (x.ndim - 1)).astype(x.dtype)
+def weighted_grad(eqn: Eqn, pos: int, a, g, c, *, axis: int = 0):
+    """``Σ_i c_i ∇_W S_i``: one batched weight-gradient contraction with ``G`` reweighted.
+
+    ``axis`` is the example axis of ``a`` and ``g`` (1 for uses captured step-major in a
+    scan: the contraction over steps and examples then reads them in place).
+    """
+
+    def scale(x):
+        shape = [1] * x.ndim
+        shape[axis] = c.shape[0]
+        return x * c.reshape(shape).astype(x.dtype)
+
     if jnp.issubdtype(a.dtype, jnp.inexact) and a.size < g.size:
         a = scale(a)  # the op is linear in each operand: reweight the smaller one
     else:
         g = scale(g)
     _, vjp = jax.vjp(
-        lambda w: jax.vmap(lambda a_i: _bind(eqn, pos, w, a_i))(a), _operand_zeros(eqn, pos)
+        lambda w: jax.vmap(lambda a_i: _bind(eqn, pos, w, a_i), in_axes=axis, out_axes=axis)(a),
+        _operand_zeros(eqn, pos),
     )
     return vjp(g)[0]
 
