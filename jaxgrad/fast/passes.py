@@ -205,6 +205,13 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
             body = next(iter(inner.values())).chain_program
             nc, ncar = p["num_consts"], p["num_carry"]
             consts, init, xs = invals[:nc], invals[nc : nc + ncar], invals[nc + ncar :]
+            # Uses reading the same operand (x W_q, x W_k, x W_v) keep it once: each kept
+            # operand is a stacked output of the scan, written at every step.
+            first: dict = {}
+            canon = {}
+            for ik, u in inner.items():
+                ref = body.eqns[ik].ins[1 - u.pos]
+                canon[ik] = first.setdefault(ref, ik) if isinstance(ref, trace.Var) else ik
 
             def step(carry, x):
                 xs_t, du_t = x
@@ -213,7 +220,8 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
                 def inner_hook(ik, iv, ov):
                     if ik not in inner:
                         return ov
-                    kept_t[ik] = iv[1 - inner[ik].pos]
+                    if canon[ik] == ik:
+                        kept_t[ik] = iv[1 - inner[ik].pos]
                     d = du_t[ik]
                     return [tap(ov[0], d) if inner[ik].batched else ov[0] + d]
 
@@ -229,8 +237,8 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
                 reverse=p["reverse"],
                 unroll=p["unroll"],
             )
-            for ik, a in kept_k.items():
-                kept[(k, ik)] = a
+            for ik in inner:
+                kept[(k, ik)] = kept_k[canon[ik]]
             return [*carry, *ys]
 
         args = [leaves[j] + dx[j] if j in dx else leaves[j] for j in range(an.num_params)]
@@ -264,13 +272,23 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         g = rules.per_example_grads(use.op, use.pos, a_of(use), g_of(use))
         return jax.vmap(lambda x: _chain_transpose(program, use, leaves[j], x))(g)
 
+    def norm_use(u):  # ‖∇S_i‖² through one use
+        if u.site == "scan" and u.stacked:
+            step = u.chain_program.eqns[u.scan[1]]
+            if not rules.gram_route(u.kind, step, u.pos):
+                # One slice of the leaf per step: the steps' squared norms add. Taken step by
+                # step on the step-major arrays, so they are not transposed examples-first.
+                per_step = jax.vmap(lambda a, g: rules.norm_sq(u.kind, step, u.pos, a, g))
+                return jnp.sum(per_step(kept[u.key], g_use[u.key]), axis=0)
+        return rules.norm_sq(u.kind, u.op, u.pos, a_of(u), g_of(u))
+
     norm_dtype = jnp.promote_types(sums.dtype, jnp.float32)
     norm_sq = jnp.zeros((size,), norm_dtype)
     for j, uses in an.fast.items():
         ndim = np.ndim(leaves[j])
         if len(uses) == 1:
             (u,) = uses
-            part = rules.norm_sq(u.kind, u.op, u.pos, a_of(u), g_of(u))
+            part = norm_use(u)
         else:  # several uses (tied weights): the cross terms between them are needed
             perms = [trace.use_perm(program, u, ndim) for u in uses]
             factors = [

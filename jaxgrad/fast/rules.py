@@ -136,6 +136,14 @@ def gather_gram(t: int, num_rows: int) -> bool:
     return t * t <= 8 * num_rows
 
 
+def gram_route(kind: str, eqn: Eqn, pos: int) -> bool:
+    """Whether :func:`norm_sq` takes the dense Gram form (which picks QR at run time)."""
+    if kind != "dense":
+        return False
+    _, _, (_, t, k, n) = dense_layout(eqn, pos)
+    return t > 1 and dense_gram(t, k, n)
+
+
 def route(kind: str, eqn: Eqn, pos: int) -> tuple[str, int]:
     """How :func:`norm_sq` handles one use: a label and the entries it forms per example."""
     if kind == "dense":
@@ -184,6 +192,8 @@ def outer_norm_sq(x, y):
         1.0
     """
     hi = jax.lax.Precision.HIGHEST
+    lead = x.shape[:-2]  # one 3-D array each, read by the Gram form and (if taken) by QR
+    x, y = x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:])
     xx = jnp.einsum("...tk,...sk->...ts", x, x, precision=hi)
     yy = jnp.einsum("...tn,...sn->...ts", y, y, precision=hi)
     gram = jnp.sum(xx * yy, axis=(-2, -1))
@@ -197,7 +207,7 @@ def outer_norm_sq(x, y):
         m = jnp.einsum("...pt,...qt->...pq", r_x, r_y, precision=hi)
         return jnp.sum(m * m, axis=(-2, -1))
 
-    return jax.lax.cond(cancels, triangular, lambda: gram)
+    return jax.lax.cond(cancels, triangular, lambda: gram).reshape(lead)
 
 
 def dense_norm_sq(eqn: Eqn, pos: int, a, g):
