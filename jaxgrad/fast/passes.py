@@ -262,6 +262,10 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         return jnp.moveaxis(g, 1, 1 + u.step_axis) if u.site == "scan" else g
 
     def weighted_use(u, c):  # Σ_i c_i ∇S_i through one use, on the arrays as captured
+        if u.key in formed:
+            grads = formed[u.key]
+            ex = 1 if u.site == "scan" and u.stacked else 0
+            return jnp.tensordot(c.astype(grads.dtype), grads, axes=([0], [ex]))
         g = g_use[u.key]
         if u.site == "scan" and u.step_axis:
             g = jnp.moveaxis(g, 0, 1 + u.step_axis)  # (B at axis 0 after the move)
@@ -272,7 +276,30 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         g = rules.per_example_grads(use.op, use.pos, a_of(use), g_of(use))
         return jax.vmap(lambda x: _chain_transpose(program, use, leaves[j], x))(g)
 
+    # Per-example gradients of the uses whose norm route forms them anyway: the weighted sum
+    # then reads them (Σ_i c_i J_i, B × |leaf| work) instead of contracting A and G again.
+    formed: dict = {}
+
+    def per_example(u):  # (B, *operand) or, one slice per step, (steps, B, *slice); or None
+        if u.key in formed:
+            return formed[u.key]
+        stacked = u.site == "scan" and u.stacked
+        op = u.chain_program.eqns[u.scan[1]] if stacked else u.op
+        if not rules.forms_per_example_grads(u.kind, op, u.pos):
+            return None
+        if stacked:  # step by step on the step-major arrays (no transpose)
+            per_step = jax.vmap(lambda a, g: rules.per_example_grads(op, u.pos, a, g))
+            formed[u.key] = per_step(kept[u.key], g_use[u.key])
+        else:
+            formed[u.key] = rules.per_example_grads(op, u.pos, a_of(u), g_of(u))
+        return formed[u.key]
+
     def norm_use(u):  # ‖∇S_i‖² through one use
+        grads = per_example(u)
+        if grads is not None:
+            ex = 1 if u.site == "scan" and u.stacked else 0
+            sq = jnp.square(grads.astype(rules.acc_dtype(u.op)))
+            return jnp.sum(sq, axis=tuple(d for d in range(sq.ndim) if d != ex))
         if u.site == "scan" and u.stacked:
             step = u.chain_program.eqns[u.scan[1]]
             if not rules.gram_route(u.kind, step, u.pos):

@@ -144,6 +144,14 @@ def gram_route(kind: str, eqn: Eqn, pos: int) -> bool:
     return t > 1 and dense_gram(t, k, n)
 
 
+def forms_per_example_grads(kind: str, eqn: Eqn, pos: int) -> bool:
+    """Whether :func:`norm_sq` forms the dense per-example gradient (``T > 1``, no Gram form)."""
+    if kind != "dense":
+        return False
+    _, _, (_, t, k, n) = dense_layout(eqn, pos)
+    return t > 1 and not dense_gram(t, k, n)
+
+
 def route(kind: str, eqn: Eqn, pos: int) -> tuple[str, int]:
     """How :func:`norm_sq` handles one use: a label and the entries it forms per example."""
     if kind == "dense":
