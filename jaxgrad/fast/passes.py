@@ -264,8 +264,10 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     def weighted_use(u, c):  # Σ_i c_i ∇S_i through one use, on the arrays as captured
         if u.key in formed:
             grads = formed[u.key]
-            ex = 1 if u.site == "scan" and u.stacked else 0
-            return jnp.tensordot(c.astype(grads.dtype), grads, axes=([0], [ex]))
+            if u.site == "scan" and u.stacked:  # (steps, B, ...): a reduction, no transpose
+                w = c.astype(grads.dtype).reshape((1, -1) + (1,) * (grads.ndim - 2))
+                return jnp.sum(grads * w, axis=1)
+            return jnp.tensordot(c.astype(grads.dtype), grads, 1)
         g = g_use[u.key]
         if u.site == "scan" and u.step_axis:
             g = jnp.moveaxis(g, 0, 1 + u.step_axis)  # (B at axis 0 after the move)
