@@ -274,3 +274,33 @@ def test_scan_use_that_is_the_same_for_every_example():
 
     routes = _routes(_check(loss, params, batch))
     assert routes["['wp']"].startswith("scan") and routes["['wh']"].startswith("scan")
+
+
+def test_layer_stack_uses_sharing_an_operand_and_a_weight_on_the_left():
+    """Stacked weights reading one operand (kept once), Gram and materialised routes side by
+    side, and a shared weight on the left of its product (its steps are not the leading axis
+    of the captured cotangent)."""
+    rng = np.random.default_rng(41)
+    layers, seq, width = 3, 3, 8
+    params = {
+        "wq": _normal(rng, layers, width, width),
+        "wk": _normal(rng, layers, width, width),
+        "wv": _normal(rng, layers, width, 2),
+        "wu": _normal(rng, layers, 2, width),
+        "m": _normal(rng, seq, seq),
+    }
+    batch = _normal(rng, 4, seq, width, scale=1.0)
+
+    def loss(p, x):
+        def layer(h, w):
+            wq, wk, wv, wu = w
+            q, k, v = h @ wq, h @ wk, h @ wv
+            return jnp.tanh(p["m"] @ h + jnp.sin(q) * jnp.cos(k) + v @ wu), None
+
+        h = jax.lax.scan(layer, x, (p["wq"], p["wk"], p["wv"], p["wu"]))[0]
+        return jnp.sum(jnp.sin(h))
+
+    routes = _routes(_check(loss, params, batch))
+    assert routes["['wq']"].startswith("scan, 3 steps, one slice per step: dense")
+    assert "Gram" in routes["['wq']"] and "per-example gradient" in routes["['wv']"]
+    assert routes["['m']"].startswith("scan, 3 steps, shared: dense")

@@ -132,9 +132,14 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     def out_aval(u):
         return u.chain_program.eqns[u.scan[-1]].out_avals[0] if u.scan else u.op.out_avals[0]
 
+    # A use inside a scan is captured step-major, ``(steps, B, *out)``: the layout a scan
+    # stacks its outputs in, so neither the perturbation, nor the kept operand, nor the
+    # cotangent is transposed to put the examples first (the weighted sum contracts steps
+    # and examples together and reads them as they are).
+    axis = {key: 1 if u.site == "scan" else 0 for key, (_, u) in captured.items()}
     d_use = {
         key: jnp.zeros(
-            (size, *((u.steps,) if u.site == "scan" else ()), *out_aval(u).shape),
+            ((u.steps, size) if u.site == "scan" else (size,)) + tuple(out_aval(u).shape),
             out_aval(u).dtype,
         )
         for key, (_, u) in captured.items()
@@ -200,6 +205,13 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
             body = next(iter(inner.values())).chain_program
             nc, ncar = p["num_consts"], p["num_carry"]
             consts, init, xs = invals[:nc], invals[nc : nc + ncar], invals[nc + ncar :]
+            # Uses reading the same operand (x W_q, x W_k, x W_v) keep it once: each kept
+            # operand is a stacked output of the scan, written at every step.
+            first: dict = {}
+            canon = {}
+            for ik, u in inner.items():
+                ref = body.eqns[ik].ins[1 - u.pos]
+                canon[ik] = first.setdefault(ref, ik) if isinstance(ref, trace.Var) else ik
 
             def step(carry, x):
                 xs_t, du_t = x
@@ -208,7 +220,8 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
                 def inner_hook(ik, iv, ov):
                     if ik not in inner:
                         return ov
-                    kept_t[ik] = iv[1 - inner[ik].pos]
+                    if canon[ik] == ik:
+                        kept_t[ik] = iv[1 - inner[ik].pos]
                     d = du_t[ik]
                     return [tap(ov[0], d) if inner[ik].batched else ov[0] + d]
 
@@ -224,8 +237,8 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
                 reverse=p["reverse"],
                 unroll=p["unroll"],
             )
-            for ik, a in kept_k.items():
-                kept[(k, ik)] = a
+            for ik in inner:
+                kept[(k, ik)] = kept_k[canon[ik]]
             return [*carry, *ys]
 
         args = [leaves[j] + dx[j] if j in dx else leaves[j] for j in range(an.num_params)]
@@ -233,7 +246,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         return s, (n, kept)
 
     def batched(du, dx):
-        return jax.vmap(one)(ex_leaves, du, dx)
+        return jax.vmap(one, in_axes=(0, axis, 0), out_axes=(0, (0, axis)))(ex_leaves, du, dx)
 
     sums, vjp, (counts, kept) = jax.vjp(batched, d_use, d_exact, has_aux=True)
     # The cotangent of S_i is m_i, so a padded row's cotangents G_i and exact gradients are
@@ -241,16 +254,62 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     # G again saves a copy of every activation.
     g_use, g_exact = vjp(mask.astype(sums.dtype))
 
-    def a_of(u):
-        return kept[u.key]
+    def a_of(u):  # examples first
+        return jnp.moveaxis(kept[u.key], axis[u.key], 0)
 
-    def g_of(u):  # the cotangent in the lifted equation's layout
-        g = g_use[u.key]
+    def g_of(u):  # the cotangent in the lifted equation's layout, examples first
+        g = jnp.moveaxis(g_use[u.key], axis[u.key], 0)
         return jnp.moveaxis(g, 1, 1 + u.step_axis) if u.site == "scan" else g
+
+    def weighted_use(u, c):  # Σ_i c_i ∇S_i through one use, on the arrays as captured
+        if u.key in formed:
+            grads = formed[u.key]
+            if u.site == "scan" and u.stacked:  # (steps, B, ...): a reduction, no transpose
+                w = c.astype(grads.dtype).reshape((1, -1) + (1,) * (grads.ndim - 2))
+                return jnp.sum(grads * w, axis=1)
+            return jnp.tensordot(c.astype(grads.dtype), grads, 1)
+        g = g_use[u.key]
+        if u.site == "scan" and u.step_axis:
+            g = jnp.moveaxis(g, 0, 1 + u.step_axis)  # (B at axis 0 after the move)
+            return rules.weighted_grad(u.op, u.pos, jnp.moveaxis(kept[u.key], 1, 0), g, c)
+        return rules.weighted_grad(u.op, u.pos, kept[u.key], g, c, axis=axis[u.key])
 
     def leaf_grads(j, use):  # (B, *leaf.shape) through one use
         g = rules.per_example_grads(use.op, use.pos, a_of(use), g_of(use))
         return jax.vmap(lambda x: _chain_transpose(program, use, leaves[j], x))(g)
+
+    # Per-example gradients of the uses whose norm route forms them anyway: the weighted sum
+    # then reads them (Σ_i c_i J_i, B × |leaf| work) instead of contracting A and G again.
+    formed: dict = {}
+
+    def per_example(u):  # (B, *operand) or, one slice per step, (steps, B, *slice); or None
+        if u.key in formed:
+            return formed[u.key]
+        stacked = u.site == "scan" and u.stacked
+        op = u.chain_program.eqns[u.scan[1]] if stacked else u.op
+        if not rules.forms_per_example_grads(u.kind, op, u.pos):
+            return None
+        if stacked:  # step by step on the step-major arrays (no transpose)
+            per_step = jax.vmap(lambda a, g: rules.per_example_grads(op, u.pos, a, g))
+            formed[u.key] = per_step(kept[u.key], g_use[u.key])
+        else:
+            formed[u.key] = rules.per_example_grads(op, u.pos, a_of(u), g_of(u))
+        return formed[u.key]
+
+    def norm_use(u):  # ‖∇S_i‖² through one use
+        grads = per_example(u)
+        if grads is not None:
+            ex = 1 if u.site == "scan" and u.stacked else 0
+            sq = jnp.square(grads.astype(rules.acc_dtype(u.op)))
+            return jnp.sum(sq, axis=tuple(d for d in range(sq.ndim) if d != ex))
+        if u.site == "scan" and u.stacked:
+            step = u.chain_program.eqns[u.scan[1]]
+            if not rules.gram_route(u.kind, step, u.pos):
+                # One slice of the leaf per step: the steps' squared norms add. Taken step by
+                # step on the step-major arrays, so they are not transposed examples-first.
+                per_step = jax.vmap(lambda a, g: rules.norm_sq(u.kind, step, u.pos, a, g))
+                return jnp.sum(per_step(kept[u.key], g_use[u.key]), axis=0)
+        return rules.norm_sq(u.kind, u.op, u.pos, a_of(u), g_of(u))
 
     norm_dtype = jnp.promote_types(sums.dtype, jnp.float32)
     norm_sq = jnp.zeros((size,), norm_dtype)
@@ -258,7 +317,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         ndim = np.ndim(leaves[j])
         if len(uses) == 1:
             (u,) = uses
-            part = rules.norm_sq(u.kind, u.op, u.pos, a_of(u), g_of(u))
+            part = norm_use(u)
         else:  # several uses (tied weights): the cross terms between them are needed
             perms = [trace.use_perm(program, u, ndim) for u in uses]
             factors = [
@@ -280,7 +339,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
             if j in an.fast:
                 total = 0
                 for u in an.fast[j]:
-                    w = rules.weighted_grad(u.op, u.pos, a_of(u), g_of(u), c)
+                    w = weighted_use(u, c)
                     total = total + _chain_transpose(program, u, leaf, w)
                 out.append(total)
             elif j in g_exact:

@@ -7,7 +7,9 @@
 * its route — how its per-example squared norm is obtained: the use's rule (``|a|²|g|²``, the
   Gram form ``⟨AAᵀ, GGᵀ⟩``, a per-example gradient of one use, ...), the cross terms of tied
   uses, or the **exact fallback** (a per-example copy of the leaf, ``B × |leaf|``) and why;
-* the per-example memory that route forms, in entries of the leaf's dtype.
+* the per-example memory that route forms, in entries of the leaf's dtype. A route that forms
+  the per-example gradient (``per-example gradient``) keeps it until the clip factors are
+  known: the clipped sum is then ``Σ_i c_i J_i``, with no second contraction of ``A`` and ``G``.
 
 ``strict=True`` on the fast functions turns a fallback of a leaf larger than
 :data:`STRICT_MAX_SIZE` entries (and not a vector) into an error naming the leaf and reason.

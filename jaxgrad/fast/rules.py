@@ -54,15 +54,25 @@ def per_example_grads(eqn: Eqn, pos: int, a, g):
     return jax.vmap(one)(a, g)
 
 
-def weighted_grad(eqn: Eqn, pos: int, a, g, c):
-    """``Σ_i c_i ∇_W S_i``: one batched weight-gradient contraction with ``G`` reweighted."""
-    scale = lambda x: x * c.reshape(c.shape + (1,) * (x.ndim - 1)).astype(x.dtype)
+def weighted_grad(eqn: Eqn, pos: int, a, g, c, *, axis: int = 0):
+    """``Σ_i c_i ∇_W S_i``: one batched weight-gradient contraction with ``G`` reweighted.
+
+    ``axis`` is the example axis of ``a`` and ``g`` (1 for uses captured step-major in a
+    scan: the contraction over steps and examples then reads them in place).
+    """
+
+    def scale(x):
+        shape = [1] * x.ndim
+        shape[axis] = c.shape[0]
+        return x * c.reshape(shape).astype(x.dtype)
+
     if jnp.issubdtype(a.dtype, jnp.inexact) and a.size < g.size:
         a = scale(a)  # the op is linear in each operand: reweight the smaller one
     else:
         g = scale(g)
     _, vjp = jax.vjp(
-        lambda w: jax.vmap(lambda a_i: _bind(eqn, pos, w, a_i))(a), _operand_zeros(eqn, pos)
+        lambda w: jax.vmap(lambda a_i: _bind(eqn, pos, w, a_i), in_axes=axis, out_axes=axis)(a),
+        _operand_zeros(eqn, pos),
     )
     return vjp(g)[0]
 
@@ -126,6 +136,22 @@ def gather_gram(t: int, num_rows: int) -> bool:
     return t * t <= 8 * num_rows
 
 
+def gram_route(kind: str, eqn: Eqn, pos: int) -> bool:
+    """Whether :func:`norm_sq` takes the dense Gram form (which picks QR at run time)."""
+    if kind != "dense":
+        return False
+    _, _, (_, t, k, n) = dense_layout(eqn, pos)
+    return t > 1 and dense_gram(t, k, n)
+
+
+def forms_per_example_grads(kind: str, eqn: Eqn, pos: int) -> bool:
+    """Whether :func:`norm_sq` forms the dense per-example gradient (``T > 1``, no Gram form)."""
+    if kind != "dense":
+        return False
+    _, _, (_, t, k, n) = dense_layout(eqn, pos)
+    return t > 1 and not dense_gram(t, k, n)
+
+
 def route(kind: str, eqn: Eqn, pos: int) -> tuple[str, int]:
     """How :func:`norm_sq` handles one use: a label and the entries it forms per example."""
     if kind == "dense":
@@ -174,6 +200,8 @@ def outer_norm_sq(x, y):
         1.0
     """
     hi = jax.lax.Precision.HIGHEST
+    lead = x.shape[:-2]  # one 3-D array each, read by the Gram form and (if taken) by QR
+    x, y = x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:])
     xx = jnp.einsum("...tk,...sk->...ts", x, x, precision=hi)
     yy = jnp.einsum("...tn,...sn->...ts", y, y, precision=hi)
     gram = jnp.sum(xx * yy, axis=(-2, -1))
@@ -187,7 +215,7 @@ def outer_norm_sq(x, y):
         m = jnp.einsum("...pt,...qt->...pq", r_x, r_y, precision=hi)
         return jnp.sum(m * m, axis=(-2, -1))
 
-    return jax.lax.cond(cancels, triangular, lambda: gram)
+    return jax.lax.cond(cancels, triangular, lambda: gram).reshape(lead)
 
 
 def dense_norm_sq(eqn: Eqn, pos: int, a, g):
