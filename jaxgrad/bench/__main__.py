@@ -160,13 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(run.format_table(records))
         print("\n" + run.LEGEND)
-    print(
-        f"\n{machine['device']} · {machine['cpu_count']} CPUs · jax {machine['jax']} · "
-        f"{time.perf_counter() - start:.0f} s. Medians after warm-up; ratios from this run."
-    )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "records": records}, f, indent=2)
+    _footer(machine, records, args, start, " Medians after warm-up; ratios from this run.")
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(run.format_markdown(records) + "\n")
@@ -186,14 +180,19 @@ def _run_dp(args, argv: list[str], start: float) -> int:
     machine = run.machine_description()
     print("\n".join(dp.format_record(r) for r in records))
     print("\n" + dp.NOTE)
+    _footer(machine, records, args, start, "")
+    return 0
+
+
+def _footer(machine: dict, records: list, args, start: float, note: str) -> None:
+    """The machine line every table ends with, and ``--json`` (machine and records)."""
     print(
         f"\n{machine['device']} · {machine['cpu_count']} CPUs · jax {machine['jax']} · "
-        f"{time.perf_counter() - start:.0f} s."
+        f"{time.perf_counter() - start:.0f} s.{note}"
     )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "records": records}, f, indent=2)
-    return 0
 
 
 def _check_outputs(args, parser) -> None:
