@@ -427,7 +427,39 @@ def train(process_id: int, num_processes: int, coordinator: str, directory: str)
     if process_id == 0:
         leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(local(dp.params))]
         np.savez(os.path.join(directory, "dp_params.npz"), *leaves)
+
+    # The CLI on an uncompressed .npz over both processes: the training inputs memory-mapped
+    # (counted: never materialised whole), standardised with statistics combined over them.
+    from jaxgrad.train.__main__ import main
+
+    path = os.path.join(directory, f"cli_data{process_id}.npz")  # one copy each: no race
+    np.savez(path, **cli_problem())
+    mapped, memmap = [], jaxgrad.data.memmap
+    jaxgrad.data.memmap = lambda *a, **k: mapped.append(RowCounter(memmap(*a, **k))) or mapped[-1]
+    try:
+        summary_path = os.path.join(directory, "cli2.json")
+        assert main([*CLI_ARGS, "--data-path", path, "--devices", "4", "--json", summary_path]) == 0
+    finally:
+        jaxgrad.data.memmap = memmap
+    out["cli_reads"] = [sorted(c.reads) for c in mapped]
+    ds = jaxgrad.data.load_rows("npz", path)
+    out["cli_stats"] = [float(ds.x_mean), float(ds.x_scale), ds.y_mean, ds.y_scale]
     return out
+
+
+CLI_ARGS = ["--data", "npz", "--model", "line", "--optimizer", "sgd", "--lr", "0.1"]
+CLI_ARGS += ["--epochs", "2", "--batch-size", "25", "--quiet"]
+
+
+def cli_problem():
+    """A line fit as an .npz with a given split: 150 training and 30 test examples, inputs of
+    mean 3 and deviation 2 (so standardising matters)."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(3.0, 2.0, 180)
+    y = 1.5 * x - 2.0 + 0.1 * rng.standard_normal(180)
+    return {"x_train": x[:150], "y_train": y[:150], "x_test": x[150:], "y_test": y[150:]}
 
 
 def private_training_problem():
