@@ -5,7 +5,9 @@ Nothing here downloads. The bundled sets are scikit-learn's (``load_digits``,
 from the user: arrays, ``.npz`` files, or MNIST-format IDX files (plain or gzip) at a path.
 :func:`memmap` opens one array of a file (``.npy``, an uncompressed ``.npz`` member, a plain
 IDX file) memory-mapped, without reading it: what data-parallel training on several hosts
-uses so that each process reads only the rows it feeds (see :func:`jaxgrad.train.fit`).
+uses so that each process reads only the rows it feeds (see :func:`jaxgrad.train.fit`);
+:func:`load_rows` builds a standardised :class:`Dataset` on it without any process reading
+the training inputs whole (statistics combined over the processes, :func:`split_statistics`).
 
 Every loader returns a :class:`Dataset` with a seeded train/test split. Standardisation
 
@@ -64,7 +66,8 @@ class Dataset(NamedTuple):
 
     Attributes:
       name: where it came from (``"digits"``, a file name, ...).
-      x_train, y_train, x_test, y_test: numpy arrays with a leading example axis.
+      x_train, y_train, x_test, y_test: numpy arrays with a leading example axis
+        (``x_train`` a :class:`StandardizedRows` from :func:`load_rows`).
       task: ``"classification"`` (integer labels) or ``"regression"`` (float targets).
       num_classes: the number of classes for classification, else ``None``.
       x_mean, x_scale: the training statistics the inputs were standardised with (``None``
