@@ -480,3 +480,33 @@ def test_memory_mapped_data_is_validated_row_by_row(tmp_path):
                 loss_fn, model.init(jax.random.key(1)), mapped, mesh=mesh, privacy=privacy, **kw
             )
         assert "5" in str(lazy.value) and "5" in str(in_memory.value)
+
+
+def _write_idx(path, array):
+    code = {np.dtype(np.uint8): 0x08}[array.dtype]
+    header = bytes([0, 0, code, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    path.write_bytes(header + array.tobytes())
+
+
+def test_load_rows_reads_idx_like_load_idx(tmp_path):
+    # uint8 pixels scaled by 1/255 and standardised with one pooled mean and scale, a seeded
+    # split (no test files): the same data set as load_idx, up to float32's last bit.
+    import gzip
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 4, 4), dtype=np.uint8)
+    _write_idx(tmp_path / "train-images-idx3-ubyte", images)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", (np.arange(40) % 10).astype(np.uint8))
+    ref = jaxgrad.data.load("idx", path=tmp_path, seed=2)
+    got = jaxgrad.data.load_rows("idx", tmp_path, seed=2)
+    assert got.x_train.shape == ref.x_train.shape == (32, 4, 4) and got.num_classes == 10
+    np.testing.assert_allclose(got.x_mean, ref.x_mean, rtol=1e-12)
+    np.testing.assert_allclose(got.x_scale, ref.x_scale, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(got.x_train), ref.x_train, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got.x_test, ref.x_test, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(got.y_train, ref.y_train)
+    path = tmp_path / "train-images-idx3-ubyte"
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(path.read_bytes()))
+    path.unlink()
+    with pytest.raises(jaxgrad.data.NotMappableError, match="gunzip"):
+        jaxgrad.data.load_rows("idx", tmp_path)
