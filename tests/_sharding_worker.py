@@ -442,6 +442,18 @@ def train(process_id: int, num_processes: int, coordinator: str, directory: str)
     finally:
         jaxgrad.data.memmap = memmap
     out["cli_reads"] = [sorted(c.reads) for c in mapped]
+    # A compressed .npz cannot be read row by row: a clear error with several processes.
+    import contextlib
+    import io
+
+    np.savez_compressed(path, **cli_problem())
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            main([*CLI_ARGS, "--data-path", path, "--devices", "4"])
+        except SystemExit as e:
+            out["cli_compressed"] = [e.code, err.getvalue()]
+    np.savez(path, **cli_problem())
     ds = jaxgrad.data.load_rows("npz", path)
     out["cli_stats"] = [float(ds.x_mean), float(ds.x_scale), ds.y_mean, ds.y_scale]
     return out

@@ -302,6 +302,8 @@ def test_cli_on_two_processes_reads_its_rows_and_trains_like_one(two_process_run
             idx = np.concatenate([idx, np.repeat(idx[:, :1], 3, axis=1)], axis=1)
             want.extend(idx[:, 14 * p : 14 * p + 14].ravel().tolist())
         assert out["cli_reads"] == [sorted(want)], f"process {p} read other rows"
+        code, message = out["cli_compressed"]
+        assert code == 2 and "compressed" in message and "np.savez" in message, message
         # The combined statistics: numpy's over the whole training split, float64 (the
         # combination is exact but for a few roundings of numbers of order 1).
         x, y = arrays["x_train"], arrays["y_train"]
