@@ -6,7 +6,8 @@ compiled HLO's all-gathers; bad inputs. ``private``: DP-SGD ``fit`` on meshes of
 devices against the one-device run, the noise of a zero-gradient loss, memory-mapped data and
 the CLI's ``--dp --devices``. ``train``: one process of a multi-process training run
 (``--process-id``, ``--num-processes``, ``--coordinator``), plain and DP-SGD, on data that
-counts the rows each process reads.
+counts the rows each process reads. ``cli``: one process of the CLI over 2 processes on a
+memory-mapped .npz.
 """
 
 from __future__ import annotations
@@ -427,10 +428,22 @@ def train(process_id: int, num_processes: int, coordinator: str, directory: str)
     if process_id == 0:
         leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(local(dp.params))]
         np.savez(os.path.join(directory, "dp_params.npz"), *leaves)
+    return out
 
-    # The CLI on an uncompressed .npz over both processes: the training inputs memory-mapped
-    # (counted: never materialised whole), standardised with statistics combined over them.
+
+def cli(process_id: int, num_processes: int, coordinator: str, directory: str) -> dict:
+    """The CLI on an uncompressed .npz over both processes: the training inputs memory-mapped
+    (counted: never materialised whole), standardised with statistics combined over them."""
+    _setup(2)
+    from jaxgrad import sharding
+
+    sharding.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    import numpy as np
+
+    import jaxgrad
     from jaxgrad.train.__main__ import main
+
+    out = {}
 
     path = os.path.join(directory, f"cli_data{process_id}.npz")  # one copy each: no race
     np.savez(path, **cli_problem())
@@ -509,6 +522,6 @@ if __name__ == "__main__":
     elif sys.argv[1] == "private":
         result = private(sys.argv[2])
     else:
-        _, _, pid, nproc, coord, directory = sys.argv
-        result = train(int(pid), int(nproc), coord, directory)
+        mode, pid, nproc, coord, directory = sys.argv[1:]
+        result = {"train": train, "cli": cli}[mode](int(pid), int(nproc), coord, directory)
     print("RESULT " + json.dumps(result))

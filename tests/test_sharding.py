@@ -184,12 +184,31 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
-    """Both processes' results and their shared directory."""
-    tmp_path = tmp_path_factory.mktemp("two_processes")
+    """Both processes' results of the worker's ``train`` and their shared directory."""
+    return _two_processes("train", tmp_path_factory.mktemp("two_processes"))
+
+
+@pytest.fixture(scope="module")
+def two_process_cli_run(tmp_path_factory):
+    """Both processes' results of the worker's ``cli`` and their shared directory."""
+    return _two_processes("cli", tmp_path_factory.mktemp("two_processes_cli"))
+
+
+def _two_processes(mode, tmp_path):
     coordinator = f"127.0.0.1:{_free_port()}"
     procs = [
         subprocess.Popen(
-            [sys.executable, WORKER, "train", str(i), "2", coordinator, str(tmp_path)],
+            [
+                sys.executable,
+                "-X",
+                "faulthandler",
+                WORKER,
+                mode,
+                str(i),
+                "2",
+                coordinator,
+                str(tmp_path),
+            ],
             env=_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -283,8 +302,8 @@ def test_two_processes_train_like_one(two_process_run):
         )
 
 
-def test_cli_on_two_processes_reads_its_rows_and_trains_like_one(two_process_run, tmp_path):
-    outs, directory = two_process_run
+def test_cli_on_two_processes_reads_its_rows_and_trains_like_one(two_process_cli_run, tmp_path):
+    outs, directory = two_process_cli_run
     from _sharding_worker import CLI_ARGS, cli_problem
 
     from jaxgrad.train.__main__ import main
