@@ -6,7 +6,8 @@ compiled HLO's all-gathers; bad inputs. ``private``: DP-SGD ``fit`` on meshes of
 devices against the one-device run, the noise of a zero-gradient loss, memory-mapped data and
 the CLI's ``--dp --devices``. ``train``: one process of a multi-process training run
 (``--process-id``, ``--num-processes``, ``--coordinator``), plain and DP-SGD, on data that
-counts the rows each process reads.
+counts the rows each process reads. ``cli``: one process of the CLI over 2 processes on a
+memory-mapped .npz.
 """
 
 from __future__ import annotations
@@ -430,6 +431,62 @@ def train(process_id: int, num_processes: int, coordinator: str, directory: str)
     return out
 
 
+def cli(process_id: int, num_processes: int, coordinator: str, directory: str) -> dict:
+    """The CLI on an uncompressed .npz over both processes: the training inputs memory-mapped
+    (counted: never materialised whole), standardised with statistics combined over them."""
+    _setup(2)
+    from jaxgrad import sharding
+
+    sharding.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    import numpy as np
+
+    import jaxgrad
+    from jaxgrad.train.__main__ import main
+
+    out = {}
+
+    path = os.path.join(directory, f"cli_data{process_id}.npz")  # one copy each: no race
+    np.savez(path, **cli_problem())
+    mapped, memmap = [], jaxgrad.data.memmap
+    jaxgrad.data.memmap = lambda *a, **k: mapped.append(RowCounter(memmap(*a, **k))) or mapped[-1]
+    try:
+        summary_path = os.path.join(directory, "cli2.json")
+        assert main([*CLI_ARGS, "--data-path", path, "--devices", "4", "--json", summary_path]) == 0
+    finally:
+        jaxgrad.data.memmap = memmap
+    out["cli_reads"] = [sorted(c.reads) for c in mapped]
+    # A compressed .npz cannot be read row by row: a clear error with several processes.
+    import contextlib
+    import io
+
+    np.savez_compressed(path, **cli_problem())
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            main([*CLI_ARGS, "--data-path", path, "--devices", "4"])
+        except SystemExit as e:
+            out["cli_compressed"] = [e.code, err.getvalue()]
+    np.savez(path, **cli_problem())
+    ds = jaxgrad.data.load_rows("npz", path)
+    out["cli_stats"] = [float(ds.x_mean), float(ds.x_scale), ds.y_mean, ds.y_scale]
+    return out
+
+
+CLI_ARGS = ["--data", "npz", "--model", "line", "--optimizer", "sgd", "--lr", "0.1"]
+CLI_ARGS += ["--epochs", "2", "--batch-size", "25", "--quiet"]
+
+
+def cli_problem():
+    """A line fit as an .npz with a given split: 150 training and 30 test examples, inputs of
+    mean 3 and deviation 2 (so standardising matters)."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(3.0, 2.0, 180)
+    y = 1.5 * x - 2.0 + 0.1 * rng.standard_normal(180)
+    return {"x_train": x[:150], "y_train": y[:150], "x_test": x[150:], "y_test": y[150:]}
+
+
 def private_training_problem():
     """:func:`training_problem` with DP-SGD: physical batches of 10 (padded to 12 on 4 devices)."""
     import optax
@@ -465,6 +522,6 @@ if __name__ == "__main__":
     elif sys.argv[1] == "private":
         result = private(sys.argv[2])
     else:
-        _, _, pid, nproc, coord, directory = sys.argv
-        result = train(int(pid), int(nproc), coord, directory)
+        mode, pid, nproc, coord, directory = sys.argv[1:]
+        result = {"train": train, "cli": cli}[mode](int(pid), int(nproc), coord, directory)
     print("RESULT " + json.dumps(result))

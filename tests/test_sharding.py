@@ -8,6 +8,7 @@ multi-process training over loopback; one more covers DP-SGD training on meshes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -181,11 +182,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(tmp_path):
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """Both processes' results of the worker's ``train`` and their shared directory."""
+    return _two_processes("train", tmp_path_factory.mktemp("two_processes"))
+
+
+@pytest.fixture(scope="module")
+def two_process_cli_run(tmp_path_factory):
+    """Both processes' results of the worker's ``cli`` and their shared directory."""
+    return _two_processes("cli", tmp_path_factory.mktemp("two_processes_cli"))
+
+
+def _two_processes(mode, tmp_path):
     coordinator = f"127.0.0.1:{_free_port()}"
     procs = [
         subprocess.Popen(
-            [sys.executable, WORKER, "train", str(i), "2", coordinator, str(tmp_path)],
+            [
+                sys.executable,
+                "-X",
+                "faulthandler",
+                WORKER,
+                mode,
+                str(i),
+                "2",
+                coordinator,
+                str(tmp_path),
+            ],
             env=_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -201,6 +224,11 @@ def test_two_processes_train_like_one(tmp_path):
             p.kill()
         assert p.returncode == 0, stderr[-4000:]
         outs.append(_result(stdout))
+    return outs, tmp_path
+
+
+def test_two_processes_train_like_one(two_process_run):
+    outs, tmp_path = two_process_run
     for out in outs:
         assert out["process_count"] == 2 and out["devices"] == 4
         assert out["resume_bitwise"], "resumed 2-process run differs from the uninterrupted one"
@@ -272,6 +300,106 @@ def test_two_processes_train_like_one(tmp_path):
         np.testing.assert_allclose(
             got[f"arr_{i}"], r, rtol=0, atol=2e-6 * np.max(np.abs(r)), err_msg=f"leaf {i}"
         )
+
+
+def test_cli_on_two_processes_reads_its_rows_and_trains_like_one(two_process_cli_run, tmp_path):
+    outs, directory = two_process_cli_run
+    from _sharding_worker import CLI_ARGS, cli_problem
+
+    from jaxgrad.train.__main__ import main
+
+    arrays = cli_problem()
+    # Each process read, of the memory-mapped training inputs, exactly its block of the
+    # statistics pass (rows 75p .. 75p + 74 of 150) and its devices' rows of every batch
+    # (batches of 25 padded to 28 by repeating the first index; process p holds rows
+    # 14p .. 14p + 13), from the documented epoch order; nothing else, never the whole set.
+    n, key = 150, jax.random.split(jax.random.key(0))[1]  # the CLI's shuffle key, seed 0
+    for p, out in enumerate(outs):
+        want = list(range(75 * p, 75 * p + 75))
+        for epoch in range(2):
+            idx = np.asarray(jaxgrad.data.epoch_indices(key, epoch, n, 25)[0])
+            idx = np.concatenate([idx, np.repeat(idx[:, :1], 3, axis=1)], axis=1)
+            want.extend(idx[:, 14 * p : 14 * p + 14].ravel().tolist())
+        assert out["cli_reads"] == [sorted(want)], f"process {p} read other rows"
+        code, message = out["cli_compressed"]
+        assert code == 2 and "compressed" in message and "np.savez" in message, message
+        # The combined statistics: numpy's over the whole training split, float64 (the
+        # combination is exact but for a few roundings of numbers of order 1).
+        x, y = arrays["x_train"], arrays["y_train"]
+        ref = [x.mean(), x.std(), y.astype(np.float32).mean(), y.astype(np.float32).std()]
+        got = out["cli_stats"]
+        np.testing.assert_allclose(got[:2], ref[:2], rtol=1e-12)
+        # The targets are standardised as in one process: in float32 (see data._targets).
+        np.testing.assert_allclose(got[2:], ref[2:], rtol=1e-6)
+
+    # The same command in this process on one device, with today's whole loading.
+    path = tmp_path / "data.npz"
+    np.savez(path, **arrays)
+    assert main([*CLI_ARGS, "--data-path", str(path), "--json", str(tmp_path / "one.json")]) == 0
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((directory / "cli2.json").read_text())
+    assert (one["devices"], two["devices"], two["processes"]) == (1, 4, 2)
+    # float32 round-off: the gradient sums are associated per device, then across devices,
+    # and the standardised inputs may differ in their last bit (statistics equal to float64
+    # round-off, then each row rounded to float32); 12 SGD steps of lr 0.1 barely amplify
+    # a few ulps. Tolerance: 2e-6 of the larger parameter, about 16 float32 ulps.
+    scale = max(abs(v) for v in one["params"].values())
+    for k, v in one["params"].items():
+        assert abs(two["params"][k] - v) <= 2e-6 * scale, (one["params"], two["params"])
+    assert two["final"]["test_loss"] == pytest.approx(one["final"]["test_loss"], rel=1e-5)
+    assert "train_loss" not in two["final"]  # the mapped training split is not evaluated whole
+
+
+def test_combined_statistics_equal_numpy_over_the_whole_split(tmp_path):
+    # Blocks of uneven sizes (one empty), a large mean against the spread (where
+    # Σx²/n − mean² would lose digits): the combination equals numpy's float64 statistics.
+    rng = np.random.default_rng(1)
+    x = rng.normal(1e4, 0.5, (101, 3))
+    cuts = [0, 7, 7, 50, 101]
+    parts = [
+        (b - a, x[a:b].mean(0), ((x[a:b] - x[a:b].mean(0)) ** 2).sum(0))
+        for a, b in itertools.pairwise(cuts)
+        if b > a
+    ]
+    count, mean, m2 = jaxgrad.data.combine_moments([(0, np.zeros(3), np.zeros(3)), *parts])
+    assert count == 101
+    np.testing.assert_allclose(mean, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(np.sqrt(m2 / count), x.std(0), rtol=1e-12)
+    # Read in chunks through the row view (one process here), per feature and pooled.
+    rows = np.random.default_rng(2).permutation(101)[:80]
+    view = jaxgrad.data.StandardizedRows(x, rows=rows, dtype=np.float64)
+    for pooled, axis in ((False, 0), (True, None)):
+        mean, std, bad = jaxgrad.data.split_statistics(view, pooled=pooled, chunk_rows=9)
+        np.testing.assert_allclose(mean, x[rows].mean(axis), rtol=1e-12)
+        np.testing.assert_allclose(std, x[rows].std(axis), rtol=1e-12)
+        assert bad == 0
+
+
+def test_load_rows_matches_load(tmp_path):
+    # One process: the row-by-row data set equals the in-memory one (same split, targets,
+    # standardisation); float32 rows may differ in their last bit (statistics equal to
+    # float64 round-off). Compressed inputs are refused by name.
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(3, 2, (103, 5)), rng.integers(0, 4, 103)
+    np.savez(tmp_path / "a.npz", x=x, y=y)
+    ref = jaxgrad.data.load("npz", path=tmp_path / "a.npz", seed=1)
+    got = jaxgrad.data.load_rows("npz", tmp_path / "a.npz", seed=1)
+    assert isinstance(got.x_train, jaxgrad.data.StandardizedRows)
+    assert (got.task, got.num_classes, got.x_train.shape) == (ref.task, 4, ref.x_train.shape)
+    np.testing.assert_array_equal(got.y_train, ref.y_train)
+    np.testing.assert_array_equal(got.y_test, ref.y_test)
+    np.testing.assert_allclose(got.x_mean, ref.x_mean, rtol=1e-12)
+    np.testing.assert_allclose(got.x_scale, ref.x_scale, rtol=1e-12)
+    for a, b in ((np.asarray(got.x_train), ref.x_train), (got.x_test, ref.x_test)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-7 * np.max(np.abs(b)))
+    np.testing.assert_array_equal(got.x_train[[5, 0]], np.asarray(got.x_train)[[5, 0]])
+    np.savez_compressed(tmp_path / "c.npz", x=x, y=y)
+    with pytest.raises(jaxgrad.data.NotMappableError, match=r"np\.savez"):
+        jaxgrad.data.load_rows("npz", tmp_path / "c.npz")
+    x[4, 2] = np.nan
+    np.savez(tmp_path / "n.npz", x=x, y=y)
+    with pytest.raises(ValueError, match="non-finite"):
+        jaxgrad.data.load_rows("npz", tmp_path / "n.npz", seed=1)
 
 
 def test_one_device_helpers_match_plain_strategy():
@@ -373,3 +501,33 @@ def test_memory_mapped_data_is_validated_row_by_row(tmp_path):
                 loss_fn, model.init(jax.random.key(1)), mapped, mesh=mesh, privacy=privacy, **kw
             )
         assert "5" in str(lazy.value) and "5" in str(in_memory.value)
+
+
+def _write_idx(path, array):
+    code = {np.dtype(np.uint8): 0x08}[array.dtype]
+    header = bytes([0, 0, code, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    path.write_bytes(header + array.tobytes())
+
+
+def test_load_rows_reads_idx_like_load_idx(tmp_path):
+    # uint8 pixels scaled by 1/255 and standardised with one pooled mean and scale, a seeded
+    # split (no test files): the same data set as load_idx, up to float32's last bit.
+    import gzip
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 4, 4), dtype=np.uint8)
+    _write_idx(tmp_path / "train-images-idx3-ubyte", images)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", (np.arange(40) % 10).astype(np.uint8))
+    ref = jaxgrad.data.load("idx", path=tmp_path, seed=2)
+    got = jaxgrad.data.load_rows("idx", tmp_path, seed=2)
+    assert got.x_train.shape == ref.x_train.shape == (32, 4, 4) and got.num_classes == 10
+    np.testing.assert_allclose(got.x_mean, ref.x_mean, rtol=1e-12)
+    np.testing.assert_allclose(got.x_scale, ref.x_scale, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(got.x_train), ref.x_train, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got.x_test, ref.x_test, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(got.y_train, ref.y_train)
+    path = tmp_path / "train-images-idx3-ubyte"
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(path.read_bytes()))
+    path.unlink()
+    with pytest.raises(jaxgrad.data.NotMappableError, match="gunzip"):
+        jaxgrad.data.load_rows("idx", tmp_path)
