@@ -269,6 +269,19 @@ def shard_batch(batch: PyTree, mask=None, *, mesh: Mesh, axis: str = "data"):
     return jax.tree_util.tree_map(put, (batch, mask))
 
 
+def serialize_across_processes(tree: PyTree) -> None:
+    """Waits for ``tree`` when several processes run, so collectives never overlap.
+
+    On the CPU the collectives between processes run over gloo, which matches them by the
+    order in which each process issues them. Programs dispatched back to back (one per
+    physical batch or step) may run concurrently, and two processes can then issue their
+    all-reduces in different orders ("collective mismatch"). Waiting for each program's
+    result before dispatching the next fixes the order; with one process it is a no-op.
+    """
+    if jax.process_count() > 1:
+        jax.block_until_ready(tree)
+
+
 def _process_rows(size: int, *, mesh: Mesh, axis: str = "data") -> slice:
     """The rows ``[start, stop)`` of a ``size``-row batch that this process's devices hold.
 

@@ -471,6 +471,8 @@ def fit(
                 else:
                     batch, m = sharding_lib.take_rows(train_data, i, m, mesh=mesh, check=check)
                 carry, weighted = jit_body(carry, batch, m, True)
+                if mesh is not None:
+                    sharding_lib.serialize_across_processes(carry)
                 total.append(weighted)
             return carry[0], carry[1], sum(total)
 

@@ -445,6 +445,7 @@ def _sharded_epoch(
                 mask = np.concatenate([mask, np.zeros(width - p, bool)])
                 batch, mask = sharding_lib.take_rows(train_data, idx, mask, mesh=mesh, check=check)
                 acc = accumulate(state.params, acc, batch, mask)
+                sharding_lib.serialize_across_processes(acc)
             total, _, bad = acc
             bad = int(bad)
             if stop_on_bad and bad:
