@@ -86,7 +86,7 @@ def _nested_rnn_loss(p, x):
     def outer(h, xs_row):
         def inner(c, _):
             c1, c2 = c
-            c1 = jnp.tanh(c1 @ p["wh"] + xs_row @ p["wx"] + p["b"])
+            c1 = jnp.tanh(p["wh"] @ c1 + xs_row @ p["wx"] + p["b"])
             return (c1, c2 + c1 @ p["wo"]), c1
 
         (h1, h2), hs = jax.lax.scan(inner, (h, jnp.zeros(2, x.dtype)), None, length=3)
@@ -140,7 +140,7 @@ def test_nested_fori_loop_gram_route_and_lookup():
     def loss(p, tok):
         def outer(h, row):
             e = jnp.take(p["emb"], row, axis=0)
-            body = lambda i, c: jnp.tanh(c @ p["wh"] + e[i % 2])
+            body = lambda i, c: jnp.tanh(p["wh"] @ c + e[i % 2])
             return jax.lax.fori_loop(0, 3, body, h), None
 
         return jnp.sum(jnp.sin(jax.lax.scan(outer, jnp.zeros(hidden, F64), tok)[0]))
