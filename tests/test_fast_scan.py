@@ -131,16 +131,22 @@ def test_stacked_weight_used_in_an_inner_scan():
 
 
 def test_nested_fori_loop_gram_route_and_lookup():
-    """fori_loop in a scan body: a wide weight takes the Gram form; an embedding is a gather."""
+    """fori_loop in a scan body: a wide weight takes the Gram form; an embedding is a gather;
+    a use that is the same for every example still gets per-example cotangents."""
     rng = np.random.default_rng(32)
     hidden = 24
-    params = {"wh": _normal(rng, hidden, hidden, scale=0.2), "emb": _normal(rng, 7, hidden)}
+    params = {
+        "wh": _normal(rng, hidden, hidden, scale=0.2),
+        "emb": _normal(rng, 7, hidden),
+        "wc": _normal(rng, 2, hidden),  # its use is the same for every example
+    }
+    const = jnp.linspace(-1.0, 1.0, 2, dtype=F64)
     tokens = jnp.asarray(rng.integers(0, 7, (5, 3, 2)))
 
     def loss(p, tok):
         def outer(h, row):
             e = jnp.take(p["emb"], row, axis=0)
-            body = lambda i, c: jnp.tanh(p["wh"] @ c + e[i % 2])
+            body = lambda i, c: jnp.tanh(p["wh"] @ c + e[i % 2] + const @ p["wc"])
             return jax.lax.fori_loop(0, 3, body, h), None
 
         return jnp.sum(jnp.sin(jax.lax.scan(outer, jnp.zeros(hidden, F64), tok)[0]))
@@ -149,6 +155,7 @@ def test_nested_fori_loop_gram_route_and_lookup():
     assert routes["['wh']"].startswith("scan, 3 steps, shared; nested scan, 3 steps, shared")
     assert "Gram" in routes["['wh']"]
     assert routes["['emb']"].startswith("scan, 3 steps, shared: gather")
+    assert routes["['wc']"].startswith("scan, 3 steps, shared; nested scan, 3 steps, shared")
 
 
 def test_nested_scan_that_cannot_be_lifted_falls_back_exactly_and_says_so():

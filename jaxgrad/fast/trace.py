@@ -438,7 +438,7 @@ def _nested_scan_uses(e, ik, k, body, steps, alias, uses, reasons):
                 continue
             op, step_axis = lifted
             level = Level(iu.chain_program, iu.chain, iu.stacked, iu.steps, iu.step_axis)
-            use = Use(iu.kind, k, iu.pos, iu.pre_chain, False, op, (k, *iu.scan), body)
+            use = Use(iu.kind, k, iu.pos, iu.pre_chain, True, op, (k, *iu.scan), body)
             use.stacked, use.steps, use.step_axis = stacked, steps, step_axis
             use.site, use.pre_chain, use.nest = "scan", pre_chain, [level, *iu.nest]
             use.operand = src[e.ins[iu.operand]]
@@ -566,11 +566,15 @@ def analyse(fn, params, example) -> Analysis:
         for u in j_uses:
             if u.scan is None:
                 u.batched = program.eqns[u.eqn].outs[0] in varying
-            elif u.site == "scan" and not u.nest:  # (nested uses add their perturbation)
-                k = u.scan[0]
-                if k not in body_varying:
-                    body_varying[k] = _scan_body_varying(program.eqns[k], u.chain_program, varying)
-                u.batched = u.chain_program.eqns[u.scan[1]].outs[0] in body_varying[k]
+            elif u.site == "scan":  # level by level, outermost first, for a nested use
+                path, eqn, outer = u.scan[:1], program.eqns[u.scan[0]], varying
+                for body in [u.chain_program, *(lv.body for lv in u.nest)]:
+                    if path not in body_varying:
+                        body_varying[path] = _scan_body_varying(eqn, body, outer)
+                    outer = body_varying[path]
+                    eqn = body.eqns[u.scan[len(path)]]
+                    path = u.scan[: len(path) + 1]
+                u.batched = eqn.outs[0] in outer
     reasons = {j: "; ".join(dict.fromkeys(other[j])) for j in exact}
     return Analysis(program, n, fast, exact, unused, reasons)
 
