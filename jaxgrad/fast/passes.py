@@ -108,7 +108,9 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
 
     A use inside a ``lax.scan`` body is captured at every step (its perturbation is a
     scanned-over input of shape ``(steps, *out)``, its kept operand a stacked output) and the
-    rules see it lifted over the steps (:func:`jaxgrad.fast.trace.lift_over_steps`).
+    rules see it lifted over the steps (:func:`jaxgrad.fast.trace.lift_over_steps`). A use in
+    a scan nested in a scan body is captured at every step of every level, ``(steps, B,
+    *inner steps, *out)``, and lifted over every level's steps.
 
     With ``strict``, a leaf that is not small and takes the exact fallback raises (see
     :func:`jaxgrad.fast.plan.check_strict`).

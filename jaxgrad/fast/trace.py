@@ -356,9 +356,10 @@ def _scan_uses(eqn: Eqn, k: int, leaf_pos: dict):
 
     ``leaf_pos`` maps the scan's operand positions that hold (aliases of) parameter leaves
     to ``(leaf, chain)``: a leaf (or a cast, transpose, reshape of it) passed as a constant or
-    as a scanned-over input is read; one carried as loop state is not. Returns
-    ``(uses, reasons)``: ``uses`` leaf -> [Use] and ``reasons`` leaf -> [str] for leaves with
-    a use that is not lifted.
+    as a scanned-over input is read; one carried as loop state is not. A scan in the body is
+    read the same way, recursively, and its uses lifted over this scan's steps too (see
+    :func:`_nested_scan_uses`). Returns ``(uses, reasons)``: ``uses`` leaf -> [Use] and
+    ``reasons`` leaf -> [str] for leaves with a use that is not lifted.
     """
     p = eqn.params
     num_consts, num_carry, steps = p["num_consts"], p["num_carry"], p["length"]
@@ -396,8 +397,7 @@ def _scan_uses(eqn: Eqn, k: int, leaf_pos: dict):
             lifted = None if kind is None else lift_over_steps(e, i, steps, stacked)
             if lifted is None:
                 why = _reason(e, param_pos) if kind is None else f"a {kind} use"
-                name = "nested " if e.primitive.name == "scan" else ""
-                reasons.setdefault(j, []).append(f"{why}, {name}inside a `lax.scan` body")
+                reasons.setdefault(j, []).append(f"{why}, inside a `lax.scan` body")
                 continue
             op, step_axis = lifted
             use = Use(kind, k, i, chain, True, op, (k, ik), body, stacked, steps, step_axis)
