@@ -111,16 +111,22 @@ def test_weight_shared_by_nested_scans():
 def test_stacked_weight_used_in_an_inner_scan():
     """A layer stack scanned over its (stacked) weights; each layer runs a scan over time."""
     rng = np.random.default_rng(31)
-    params = {"wh": _normal(rng, 3, 4, 4), "wx": _normal(rng, 3, 4), "wo": _normal(rng, 4, 2)}
+    params = {
+        "wh": _normal(rng, 3, 4, 4),
+        "wx": _normal(rng, 3, 4),
+        "wo": _normal(rng, 4, 2),
+        "wt": _normal(rng, 6, 4, 4),  # one slice per inner step, shared by the layers
+    }
     batch = _normal(rng, 5, 6, 3, scale=1.0)
 
     def loss(p, x):
         def layer(h0, wh):
-            def step(h, xt):
-                h = jnp.tanh(h @ wh.T + xt @ p["wx"])
+            def step(h, inputs):
+                xt, wt = inputs
+                h = jnp.tanh(h @ wh.T + xt @ p["wx"] + wt @ h)
                 return h, h
 
-            return jax.lax.scan(step, h0, x, reverse=True)
+            return jax.lax.scan(step, h0, (x, p["wt"]), reverse=True)
 
         h, hs = jax.lax.scan(layer, jnp.zeros(4, x.dtype), p["wh"])
         return jnp.sum(jnp.sin(hs @ p["wo"])) + jnp.sum(h**2)
@@ -128,6 +134,9 @@ def test_stacked_weight_used_in_an_inner_scan():
     routes = _routes(_check(loss, params, batch))
     assert routes["['wh']"].startswith("scan, 3 steps, one slice per step; nested scan, 6 steps")
     assert routes["['wx']"].startswith("scan, 3 steps, shared; nested scan, 6 steps, shared")
+    assert routes["['wt']"].startswith(
+        "scan, 3 steps, shared; nested scan, 6 steps, one slice per step"
+    )
 
 
 def test_nested_fori_loop_gram_route_and_lookup():
