@@ -80,20 +80,110 @@ def test_fori_loop_with_static_bounds():
     assert _routes(_check(loss, params, batch))["['wh']"].startswith("scan")
 
 
-def test_nested_scan_falls_back_exactly_and_says_so():
+def _nested_rnn_loss(p, x):
+    """An outer scan over a sequence (reversed) whose body runs an inner scan with two carries."""
+
+    def outer(h, xs_row):
+        def inner(c, _):
+            c1, c2 = c
+            c1 = jnp.tanh(p["wh"] @ c1 + xs_row @ p["wx"] + p["b"])
+            return (c1, c2 + c1 @ p["wo"]), c1
+
+        (h1, h2), hs = jax.lax.scan(inner, (h, jnp.zeros(2, x.dtype)), None, length=3)
+        return h1 + jnp.sum(jnp.cos(h2)), jnp.sum(hs**2)
+
+    h, s = jax.lax.scan(outer, jnp.zeros(4, x.dtype), x, reverse=True)
+    return jnp.sum(jnp.sin(h @ p["wo"])) + jnp.sum(s)
+
+
+def test_weight_shared_by_nested_scans():
     params, batch = _rnn_setup()
+    p = _check(_nested_rnn_loss, params, batch)
+    routes = _routes(p)
+    for name in ("wh", "wx"):
+        assert routes[f"['{name}']"].startswith(
+            "scan, 6 steps, shared; nested scan, 3 steps, shared: dense"
+        )
+    assert routes["['wo']"].startswith("tied, 2 uses")  # one use nested, one outside
+    assert routes["['b']"] == "exact fallback"
+
+
+def test_stacked_weight_used_in_an_inner_scan():
+    """A layer stack scanned over its (stacked) weights; each layer runs a scan over time."""
+    rng = np.random.default_rng(31)
+    params = {
+        "wh": _normal(rng, 3, 4, 4),
+        "wx": _normal(rng, 3, 4),
+        "wo": _normal(rng, 4, 2),
+        "wt": _normal(rng, 6, 4, 4),  # one slice per inner step, shared by the layers
+    }
+    batch = _normal(rng, 5, 6, 3, scale=1.0)
 
     def loss(p, x):
-        def outer(h, xs_row):
-            inner = lambda c, _: (jnp.tanh(c @ p["wh"] + xs_row @ p["wx"]), None)
-            return jax.lax.scan(inner, h, None, length=2)[0], None
+        def layer(h0, wh):
+            def step(h, inputs):
+                xt, wt = inputs
+                h = jnp.tanh(h @ wh.T + xt @ p["wx"] + wt @ h)
+                return h, h
 
-        h = jax.lax.scan(outer, jnp.zeros(4, x.dtype), x)[0]
-        return jnp.sum(jnp.sin(h @ p["wo"]))
+            return jax.lax.scan(step, h0, (x, p["wt"]), reverse=True)
 
-    p = _check(loss, params, batch)
-    (wh,) = [lp for lp in p.leaves if lp.path == "['wh']"]
-    assert wh.fallback and "scan" in wh.reason
+        h, hs = jax.lax.scan(layer, jnp.zeros(4, x.dtype), p["wh"])
+        return jnp.sum(jnp.sin(hs @ p["wo"])) + jnp.sum(h**2)
+
+    routes = _routes(_check(loss, params, batch))
+    assert routes["['wh']"].startswith("scan, 3 steps, one slice per step; nested scan, 6 steps")
+    assert routes["['wx']"].startswith("scan, 3 steps, shared; nested scan, 6 steps, shared")
+    assert routes["['wt']"].startswith(
+        "scan, 3 steps, shared; nested scan, 6 steps, one slice per step"
+    )
+
+
+def test_nested_fori_loop_gram_route_and_lookup():
+    """fori_loop in a scan body: a wide weight takes the Gram form; an embedding is a gather;
+    a use that is the same for every example still gets per-example cotangents."""
+    rng = np.random.default_rng(32)
+    hidden = 24
+    params = {
+        "wh": _normal(rng, hidden, hidden, scale=0.2),
+        "emb": _normal(rng, 7, hidden),
+        "wc": _normal(rng, 2, hidden),  # its use is the same for every example
+    }
+    const = jnp.linspace(-1.0, 1.0, 2, dtype=F64)
+    tokens = jnp.asarray(rng.integers(0, 7, (5, 3, 2)))
+
+    def loss(p, tok):
+        def outer(h, row):
+            e = jnp.take(p["emb"], row, axis=0)
+            body = lambda i, c: jnp.tanh(p["wh"] @ c + e[i % 2] + const @ p["wc"])
+            return jax.lax.fori_loop(0, 3, body, h), None
+
+        return jnp.sum(jnp.sin(jax.lax.scan(outer, jnp.zeros(hidden, F64), tok)[0]))
+
+    routes = _routes(_check(loss, params, tokens))
+    assert routes["['wh']"].startswith("scan, 3 steps, shared; nested scan, 3 steps, shared")
+    assert "Gram" in routes["['wh']"]
+    assert routes["['emb']"].startswith("scan, 3 steps, shared: gather")
+    assert routes["['wc']"].startswith("scan, 3 steps, shared; nested scan, 3 steps, shared")
+
+
+def test_nested_scan_that_cannot_be_lifted_falls_back_exactly_and_says_so():
+    """An embedding table scanned over by the outer loop (no stacked lift of a gather)."""
+    rng = np.random.default_rng(33)
+    params = {"emb": _normal(rng, 2, 7, 4), "w": _normal(rng, 4, 4)}
+    tokens = jnp.asarray(rng.integers(0, 7, (5, 3)))
+
+    def loss(p, tok):
+        def layer(h, emb):
+            step = lambda c, t: (jnp.tanh(c @ p["w"] + emb[t]), None)
+            return jax.lax.scan(step, h, tok)[0], None
+
+        return jnp.sum(jnp.sin(jax.lax.scan(layer, jnp.zeros(4, F64), p["emb"])[0]))
+
+    p = _check(loss, params, tokens)
+    (emb,) = [lp for lp in p.leaves if lp.path == "['emb']"]
+    assert emb.fallback and "nested inside a `lax.scan` body" in emb.reason
+    assert _routes(p)["['w']"].startswith("scan, 2 steps, shared; nested scan, 3 steps")
 
 
 def test_equinox_gru_cell_stepped_by_scan():

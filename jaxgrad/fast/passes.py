@@ -82,7 +82,7 @@ def _chain_transpose(program, use: trace.Use, leaf, x):
     For a leaf scanned over by a ``lax.scan`` the operand is the stack of its per-step slices
     (the chain applies to every slice).
     """
-    if not use.chain and not use.pre_chain:
+    if not use.chain and not use.pre_chain and not any(lv.chain for lv in use.nest):
         return x.astype(jnp.result_type(leaf))
     zero = jnp.zeros(np.shape(leaf), jnp.result_type(leaf))
     _, vjp = jax.vjp(lambda p: trace.apply_use_chain(program, use, p), zero)
@@ -108,7 +108,9 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
 
     A use inside a ``lax.scan`` body is captured at every step (its perturbation is a
     scanned-over input of shape ``(steps, *out)``, its kept operand a stacked output) and the
-    rules see it lifted over the steps (:func:`jaxgrad.fast.trace.lift_over_steps`).
+    rules see it lifted over the steps (:func:`jaxgrad.fast.trace.lift_over_steps`). A use in
+    a scan nested in a scan body is captured at every step of every level, ``(steps, B,
+    *inner steps, *out)``, and lifted over every level's steps.
 
     With ``strict``, a leaf that is not small and takes the exact fallback raises (see
     :func:`jaxgrad.fast.plan.check_strict`).
@@ -125,12 +127,17 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     conds: dict = {}  # cond equation -> (branch, body equation) -> Use
     for _, u in captured.values():
         if u.site == "scan":
-            scans.setdefault(u.eqn, {})[u.scan[1]] = u
+            scans.setdefault(u.eqn, {})[u.scan[1:]] = u
         elif u.site == "cond":
             conds.setdefault(u.eqn, {})[u.scan[1:]] = u
 
     def out_aval(u):
+        if u.nest:
+            return u.nest[-1].body.eqns[u.scan[-1]].out_avals[0]
         return u.chain_program.eqns[u.scan[-1]].out_avals[0] if u.scan else u.op.out_avals[0]
+
+    def inner_steps(u):  # the steps of the scans nested in a scan body, outermost first
+        return tuple(lv.steps for lv in u.nest)
 
     # A use inside a scan is captured step-major, ``(steps, B, *out)``: the layout a scan
     # stacks its outputs in, so neither the perturbation, nor the kept operand, nor the
@@ -139,7 +146,9 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     axis = {key: 1 if u.site == "scan" else 0 for key, (_, u) in captured.items()}
     d_use = {
         key: jnp.zeros(
-            ((u.steps, size) if u.site == "scan" else (size,)) + tuple(out_aval(u).shape),
+            ((u.steps, size) if u.site == "scan" else (size,))
+            + inner_steps(u)
+            + tuple(out_aval(u).shape),
             out_aval(u).dtype,
         )
         for key, (_, u) in captured.items()
@@ -201,45 +210,12 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
             if k not in scans:
                 return None
             inner = scans[k]
-            p = program.eqns[k].params
-            body = next(iter(inner.values())).chain_program
-            nc, ncar = p["num_consts"], p["num_carry"]
-            consts, init, xs = invals[:nc], invals[nc : nc + ncar], invals[nc + ncar :]
-            # Uses reading the same operand (x W_q, x W_k, x W_v) keep it once: each kept
-            # operand is a stacked output of the scan, written at every step.
-            first: dict = {}
-            canon = {}
-            for ik, u in inner.items():
-                ref = body.eqns[ik].ins[1 - u.pos]
-                canon[ik] = first.setdefault(ref, ik) if isinstance(ref, trace.Var) else ik
-
-            def step(carry, x):
-                xs_t, du_t = x
-                kept_t = {}
-
-                def inner_hook(ik, iv, ov):
-                    if ik not in inner:
-                        return ov
-                    if canon[ik] == ik:
-                        kept_t[ik] = iv[1 - inner[ik].pos]
-                    d = du_t[ik]
-                    return [tap(ov[0], d) if inner[ik].batched else ov[0] + d]
-
-                outs = trace.evaluate(body, [*consts, *carry, *xs_t], hook=inner_hook)
-                return outs[:ncar], (outs[ncar:], kept_t)
-
-            du_k = {ik: du[(k, ik)] for ik in inner}
-            carry, (ys, kept_k) = jax.lax.scan(
-                step,
-                list(init),
-                (list(xs), du_k),
-                length=p["length"],
-                reverse=p["reverse"],
-                unroll=p["unroll"],
+            outs, kept_k = _run_loop(
+                program.eqns[k].params, inner, {s: du[(k, *s)] for s in inner}, invals, 0
             )
-            for ik in inner:
-                kept[(k, ik)] = kept_k[canon[ik]]
-            return [*carry, *ys]
+            for s, a in kept_k.items():
+                kept[(k, *s)] = a
+            return outs
 
         args = [leaves[j] + dx[j] if j in dx else leaves[j] for j in range(an.num_params)]
         s, n = trace.evaluate(program, [*args, *ex], hook=hook, override=run_scan)
@@ -259,15 +235,24 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
 
     def g_of(u):  # the cotangent in the lifted equation's layout, examples first
         g = jnp.moveaxis(g_use[u.key], axis[u.key], 0)
-        return jnp.moveaxis(g, 1, 1 + u.step_axis) if u.site == "scan" else g
+        if u.site != "scan":
+            return g
+        # (B, steps, *inner steps, *out): each level's steps go where its lift put them,
+        # innermost first (a level's lift inserts its axis into the output of the next).
+        step_axes = [u.step_axis, *(lv.step_axis for lv in u.nest)]
+        for d in reversed(range(len(step_axes))):
+            g = jnp.moveaxis(g, 1 + d, 1 + d + step_axes[d])
+        return g
 
     def weighted_use(u, c):  # Σ_i c_i ∇S_i through one use, on the arrays as captured
         if u.key in formed:
             grads = formed[u.key]
-            if u.site == "scan" and u.stacked:  # (steps, B, ...): a reduction, no transpose
+            if u.site == "scan" and u.stacked and not u.nest:  # (steps, B, ...): no transpose
                 w = c.astype(grads.dtype).reshape((1, -1) + (1,) * (grads.ndim - 2))
                 return jnp.sum(grads * w, axis=1)
             return jnp.tensordot(c.astype(grads.dtype), grads, 1)
+        if u.nest:
+            return rules.weighted_grad(u.op, u.pos, a_of(u), g_of(u), c)
         g = g_use[u.key]
         if u.site == "scan" and u.step_axis:
             g = jnp.moveaxis(g, 0, 1 + u.step_axis)  # (B at axis 0 after the move)
@@ -285,7 +270,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     def per_example(u):  # (B, *operand) or, one slice per step, (steps, B, *slice); or None
         if u.key in formed:
             return formed[u.key]
-        stacked = u.site == "scan" and u.stacked
+        stacked = u.site == "scan" and u.stacked and not u.nest
         op = u.chain_program.eqns[u.scan[1]] if stacked else u.op
         if not rules.forms_per_example_grads(u.kind, op, u.pos):
             return None
@@ -299,10 +284,10 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     def norm_use(u):  # ‖∇S_i‖² through one use
         grads = per_example(u)
         if grads is not None:
-            ex = 1 if u.site == "scan" and u.stacked else 0
+            ex = 1 if u.site == "scan" and u.stacked and not u.nest else 0
             sq = jnp.square(grads.astype(rules.acc_dtype(u.op)))
             return jnp.sum(sq, axis=tuple(d for d in range(sq.ndim) if d != ex))
-        if u.site == "scan" and u.stacked:
+        if u.site == "scan" and u.stacked and not u.nest:
             step = u.chain_program.eqns[u.scan[1]]
             if not rules.gram_route(u.kind, step, u.pos):
                 # One slice of the leaf per step: the steps' squared norms add. Taken step by
@@ -352,6 +337,70 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     # Clamped at 0: tied uses that cancel can leave a squared norm a rounding error below 0.
     norm_sq = jnp.where(mask, jnp.maximum(norm_sq, 0), 0)
     return Parts(_where_rows(mask, sums), _where_rows(mask, counts), norm_sq, weighted)
+
+
+def _run_loop(p, uses, du, invals, depth):
+    """Binds a ``lax.scan`` (params ``p``) on ``invals``, capturing the uses in its body.
+
+    ``uses`` maps a path in the body (an equation index, then for a use in a scan nested in
+    the body, that scan's body equation index, ...) to its :class:`~jaxgrad.fast.trace.Use`;
+    ``du`` maps the same paths to the perturbations, stacked over the steps of this scan and
+    of every scan nested in it. Returns the scan's outputs and the kept operands by path,
+    stacked the same way.
+    """
+    u0 = next(iter(uses.values()))
+    body = u0.chain_program if depth == 0 else u0.nest[depth - 1].body
+    nc, ncar = p["num_consts"], p["num_carry"]
+    consts, init, xs = invals[:nc], invals[nc : nc + ncar], invals[nc + ncar :]
+    direct = {s[0]: u for s, u in uses.items() if len(s) == 1}
+    deeper: dict = {}  # body equation of a nested scan -> {path in it: Use}
+    for s, u in uses.items():
+        if len(s) > 1:
+            deeper.setdefault(s[0], {})[s[1:]] = u
+    # Uses reading the same operand (x W_q, x W_k, x W_v) keep it once: each kept operand is
+    # a stacked output of the scan, written at every step.
+    first: dict = {}
+    canon = {}
+    for ik, u in direct.items():
+        ref = body.eqns[ik].ins[1 - u.pos]
+        canon[ik] = first.setdefault(ref, ik) if isinstance(ref, trace.Var) else ik
+
+    def step(carry, x):
+        xs_t, du_t = x
+        kept_t = {}
+
+        def hook(ik, iv, ov):
+            if ik not in direct:
+                return ov
+            if canon[ik] == ik:
+                kept_t[(ik,)] = iv[1 - direct[ik].pos]
+            d = du_t[(ik,)]
+            return [tap(ov[0], d) if direct[ik].batched else ov[0] + d]
+
+        def override(ik, iv):
+            if ik not in deeper:
+                return None
+            sub = deeper[ik]
+            du_sub = {s: du_t[(ik, *s)] for s in sub}
+            outs, kept_sub = _run_loop(body.eqns[ik].params, sub, du_sub, iv, depth + 1)
+            for s, a in kept_sub.items():
+                kept_t[(ik, *s)] = a
+            return outs
+
+        outs = trace.evaluate(body, [*consts, *carry, *xs_t], hook=hook, override=override)
+        return outs[:ncar], (outs[ncar:], kept_t)
+
+    carry, (ys, kept) = jax.lax.scan(
+        step,
+        list(init),
+        (list(xs), du),
+        length=p["length"],
+        reverse=p["reverse"],
+        unroll=p["unroll"],
+    )
+    for ik in direct:
+        kept[(ik,)] = kept[(canon[ik],)]
+    return [*carry, *ys], kept
 
 
 def check_strict(strict) -> bool:

@@ -80,7 +80,8 @@ def _use_name(u: trace.Use) -> str:
     if u.site == "cond":
         return f"{u.kind}#{u.scan[2]} in cond#{u.eqn} branch {u.scan[1]}"
     if u.site == "scan":
-        return f"{u.kind}#{u.scan[1]} in scan#{u.eqn}"
+        inner = "".join(f" in scan#{i}" for i in reversed(u.scan[1:-1]))
+        return f"{u.kind}#{u.scan[-1]}{inner} in scan#{u.eqn}"
     return f"{u.kind}#{u.eqn}"
 
 
@@ -89,7 +90,9 @@ def _scan_prefix(u: trace.Use) -> str:
         return f"cond branch {u.scan[1]}: "
     if u.site != "scan":
         return ""
-    return f"scan, {u.steps} steps, {'one slice per step' if u.stacked else 'shared'}: "
+    levels = [(u.steps, u.stacked), *((lv.steps, lv.stacked) for lv in u.nest)]
+    words = [f"{n} steps, {'one slice per step' if st else 'shared'}" for n, st in levels]
+    return "scan, " + "; nested scan, ".join(words) + ": "
 
 
 def leaf_plans(an: trace.Analysis, leaves, paths) -> tuple:

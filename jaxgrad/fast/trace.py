@@ -187,11 +187,39 @@ class Use:
     # For a use inside a scan or a branch: the alias chain (in the top-level program) from the
     # leaf to the scan's / cond's operand, applied before ``chain``.
     pre_chain: list = dataclasses.field(default_factory=list)
+    # For a use inside a scan nested in a scan body (any depth): one :class:`Level` per inner
+    # scan, outermost first. ``chain_program``/``chain`` are then the outer body and the alias
+    # chain in it to the first inner scan's operand, ``scan`` is (scan equation, body
+    # equation of the inner scan, ..., innermost body equation), and ``op`` is lifted over
+    # every level's steps (the outer steps first); the captured arrays hold the example axis
+    # after the outer steps, ``(steps, B, *inner steps, ...)``.
+    nest: list = dataclasses.field(default_factory=list)
+    # For a use inside a scan: the scan's operand position the leaf enters through.
+    operand: int = -1
 
     @property
     def key(self):
         """Where the use's operand and cotangent are captured."""
         return self.scan if self.scan is not None else (self.eqn,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Level:
+    """An inner scan of a nested use: its body, the alias chain in it, whether the leaf is
+    scanned over by it, its steps, and the axis of its lift's output that holds them."""
+
+    body: Program
+    chain: list
+    stacked: bool
+    steps: int
+    step_axis: int
+
+
+def use_levels(use: Use) -> list:
+    """``(stacked, body, chain)`` per scan level of a use inside a scan, outermost first."""
+    return [(use.stacked, use.chain_program, use.chain)] + [
+        (lv.stacked, lv.body, lv.chain) for lv in use.nest
+    ]
 
 
 @dataclasses.dataclass
@@ -328,9 +356,10 @@ def _scan_uses(eqn: Eqn, k: int, leaf_pos: dict):
 
     ``leaf_pos`` maps the scan's operand positions that hold (aliases of) parameter leaves
     to ``(leaf, chain)``: a leaf (or a cast, transpose, reshape of it) passed as a constant or
-    as a scanned-over input is read; one carried as loop state is not. Returns
-    ``(uses, reasons)``: ``uses`` leaf -> [Use] and ``reasons`` leaf -> [str] for leaves with
-    a use that is not lifted.
+    as a scanned-over input is read; one carried as loop state is not. A scan in the body is
+    read the same way, recursively, and its uses lifted over this scan's steps too (see
+    :func:`_nested_scan_uses`). Returns ``(uses, reasons)``: ``uses`` leaf -> [Use] and
+    ``reasons`` leaf -> [str] for leaves with a use that is not lifted.
     """
     p = eqn.params
     num_consts, num_carry, steps = p["num_consts"], p["num_carry"], p["length"]
@@ -339,12 +368,14 @@ def _scan_uses(eqn: Eqn, k: int, leaf_pos: dict):
     reasons: dict = {}
     inner_alias: dict = {}
     pre: dict = {}
+    src: dict = {}
     for q, (j, chain) in leaf_pos.items():
         if num_consts <= q < num_consts + num_carry:
             reasons.setdefault(j, []).append("carried through a `lax.scan` (a loop state)")
         else:
             inner_alias[body.invars[q]] = (j, [], q >= num_consts + num_carry)
             pre[body.invars[q]] = chain
+            src[body.invars[q]] = q
     if not inner_alias:
         return uses, reasons
     for ik, e in enumerate(body.eqns):
@@ -355,6 +386,10 @@ def _scan_uses(eqn: Eqn, k: int, leaf_pos: dict):
             j, chain, stacked = inner_alias[e.ins[0]]
             inner_alias[e.outs[0]] = (j, [*chain, ik], stacked)
             pre[e.outs[0]] = pre[e.ins[0]]
+            src[e.outs[0]] = src[e.ins[0]]
+            continue
+        if e.primitive.name == "scan":
+            _nested_scan_uses(e, ik, k, body, steps, (inner_alias, pre, src), uses, reasons)
             continue
         kind = _classify(e, param_pos)
         for i in param_pos:
@@ -362,18 +397,52 @@ def _scan_uses(eqn: Eqn, k: int, leaf_pos: dict):
             lifted = None if kind is None else lift_over_steps(e, i, steps, stacked)
             if lifted is None:
                 why = _reason(e, param_pos) if kind is None else f"a {kind} use"
-                name = "nested " if e.primitive.name == "scan" else ""
-                reasons.setdefault(j, []).append(f"{why}, {name}inside a `lax.scan` body")
+                reasons.setdefault(j, []).append(f"{why}, inside a `lax.scan` body")
                 continue
             op, step_axis = lifted
             use = Use(kind, k, i, chain, True, op, (k, ik), body, stacked, steps, step_axis)
             use.site, use.pre_chain = "scan", pre[e.ins[i]]
+            use.operand = src[e.ins[i]]
             uses.setdefault(j, []).append(use)
     for r in body.outs:
         if isinstance(r, Var) and r in inner_alias:
             j = inner_alias[r][0]
             reasons.setdefault(j, []).append("returned from a `lax.scan` body")
     return uses, reasons
+
+
+def _nested_scan_uses(e, ik, k, body, steps, alias, uses, reasons):
+    """Uses inside a scan ``e`` (body equation ``ik``) of the body of scan ``k``, lifted over
+    both scans' steps: example i's gradient is ``Σ_{s,t} op_Wᵀ(a_{i,s,t}, g_{i,s,t})`` for a
+    leaf shared by both loops, one gradient per outer step for a leaf the outer scan is
+    scanned over (and likewise, recursively, for deeper nesting)."""
+    inner_alias, pre, src = alias
+    leaf_pos, outer_stacked = {}, {}
+    for q, r in enumerate(e.ins):
+        if isinstance(r, Var) and r in inner_alias:
+            j, chain, stacked = inner_alias[r]
+            leaf_pos[q] = (j, chain)
+            outer_stacked[q] = (stacked, pre[r])
+    found, why = _scan_uses(e, ik, leaf_pos)
+    for j, ws in why.items():
+        reasons.setdefault(j, []).extend(f"{w}, nested inside a `lax.scan` body" for w in ws)
+    for j, inner_uses in found.items():
+        for iu in inner_uses:
+            stacked, pre_chain = outer_stacked[iu.operand]
+            lifted = lift_over_steps(iu.op, iu.pos, steps, stacked)
+            if lifted is None:
+                reasons.setdefault(j, []).append(
+                    f"a {iu.kind} use of a leaf scanned over by the outer loop, nested inside "
+                    "a `lax.scan` body"
+                )
+                continue
+            op, step_axis = lifted
+            level = Level(iu.chain_program, iu.chain, iu.stacked, iu.steps, iu.step_axis)
+            use = Use(iu.kind, k, iu.pos, iu.pre_chain, True, op, (k, *iu.scan), body)
+            use.stacked, use.steps, use.step_axis = stacked, steps, step_axis
+            use.site, use.pre_chain, use.nest = "scan", pre_chain, [level, *iu.nest]
+            use.operand = src[e.ins[iu.operand]]
+            uses.setdefault(j, []).append(use)
 
 
 def _cond_uses(eqn: Eqn, k: int, leaf_pos: dict):
@@ -497,11 +566,15 @@ def analyse(fn, params, example) -> Analysis:
         for u in j_uses:
             if u.scan is None:
                 u.batched = program.eqns[u.eqn].outs[0] in varying
-            elif u.site == "scan":
-                k = u.scan[0]
-                if k not in body_varying:
-                    body_varying[k] = _scan_body_varying(program.eqns[k], u.chain_program, varying)
-                u.batched = u.chain_program.eqns[u.scan[1]].outs[0] in body_varying[k]
+            elif u.site == "scan":  # level by level, outermost first, for a nested use
+                path, eqn, outer = u.scan[:1], program.eqns[u.scan[0]], varying
+                for body in [u.chain_program, *(lv.body for lv in u.nest)]:
+                    if path not in body_varying:
+                        body_varying[path] = _scan_body_varying(eqn, body, outer)
+                    outer = body_varying[path]
+                    eqn = body.eqns[u.scan[len(path)]]
+                    path = u.scan[: len(path) + 1]
+                u.batched = eqn.outs[0] in outer
     reasons = {j: "; ".join(dict.fromkeys(other[j])) for j in exact}
     return Analysis(program, n, fast, exact, unused, reasons)
 
@@ -530,17 +603,28 @@ def _scan_body_varying(eqn: Eqn, body: Program, varying: set) -> set:
 
 def use_perm(program: Program, use: Use, ndim: int):
     """The permutation from a leaf to a use's operand (None if not only transposes)."""
-    if use.stacked:
+    levels = use_levels(use) if use.site == "scan" else [(False, use.chain_program, use.chain)]
+    if any(stacked for stacked, _, _ in levels):
         return None
-    start = chain_perm(program, use.pre_chain, ndim)
-    return None if start is None else chain_perm(use.chain_program, use.chain, ndim, start)
+    perm = chain_perm(program, use.pre_chain, ndim)
+    for _, body, chain in levels:
+        perm = None if perm is None else chain_perm(body, chain, ndim, perm)
+    return perm
 
 
 def apply_use_chain(program: Program, use: Use, x):
     """The leaf value ``x`` as the use's operand sees it (over all steps, when scanned over)."""
     x = apply_chain(program, use.pre_chain, x)
-    inner = lambda v: apply_chain(use.chain_program, use.chain, v)
-    return jax.vmap(inner)(x) if use.stacked and use.chain else inner(x)
+    levels = use_levels(use) if use.site == "scan" else [(False, use.chain_program, use.chain)]
+
+    def down(v, d):  # the leaf as level d's body sees it, then its chain there, and deeper
+        if d == len(levels):
+            return v
+        stacked, body, chain = levels[d]
+        inner = lambda w: down(apply_chain(body, chain, w), d + 1)
+        return jax.vmap(inner)(v) if stacked and (chain or d + 1 < len(levels)) else inner(v)
+
+    return down(x, 0)
 
 
 def apply_chain(program: Program, chain: list, x):
