@@ -40,10 +40,10 @@ def _result(stdout: str) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-@pytest.fixture(scope="module")
-def strategies():
+def _run_worker(*args: str) -> dict:
+    """The worker's result in a fresh process (its own emulated devices)."""
     proc = subprocess.run(
-        [sys.executable, WORKER, "strategies"],
+        [sys.executable, WORKER, *args],
         env=_env(),
         capture_output=True,
         text=True,
@@ -51,6 +51,11 @@ def strategies():
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return _result(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def strategies():
+    return _run_worker("strategies")
 
 
 def test_every_strategy_equals_one_device_float64(strategies):
@@ -81,15 +86,7 @@ def test_dp_grad_sharded_equals_one_device_and_noise_is_drawn_once(strategies):
 
 @pytest.fixture(scope="module")
 def private_run(tmp_path_factory):
-    proc = subprocess.run(
-        [sys.executable, WORKER, "private", str(tmp_path_factory.mktemp("private"))],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return _result(proc.stdout)
+    return _run_worker("private", str(tmp_path_factory.mktemp("private")))
 
 
 def test_private_fit_on_meshes_equals_one_device(private_run):
