@@ -46,7 +46,15 @@ from jaxgrad import reduce
 
 PyTree = Any
 
-__all__ = ["check_batch", "data_mesh", "initialize", "replicate", "shard_batch", "take_rows"]
+__all__ = [
+    "check_batch",
+    "data_mesh",
+    "initialize",
+    "local_replica",
+    "replicate",
+    "shard_batch",
+    "take_rows",
+]
 
 
 def initialize(
@@ -267,6 +275,22 @@ def shard_batch(batch: PyTree, mask=None, *, mesh: Mesh, axis: str = "data"):
         return jax.make_array_from_process_local_data(sharding, x, (target * procs, *x.shape[1:]))
 
     return jax.tree_util.tree_map(put, (batch, mask))
+
+
+def local_replica(tree: PyTree) -> PyTree:
+    """This process's copy of a replicated tree: what a checkpoint or ``evaluate`` gets.
+
+    An array that spans several processes (not fully addressable here) becomes its first
+    local shard, which for a replicated array is the whole value; everything else — arrays
+    of a one-process run, numpy arrays, Python scalars — is returned as it is.
+    """
+
+    def local(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x.addressable_data(0)
+        return x
+
+    return jax.tree_util.tree_map(local, tree)
 
 
 def serialize_across_processes(tree: PyTree) -> None:

@@ -411,7 +411,7 @@ def train(process_id: int, num_processes: int, coordinator: str, directory: str)
         loss_fn, params, data, mesh=mesh, checkpoint_dir=ckpt_cut, **kw | {"epochs": 1}
     )
     resumed = jaxgrad.train.fit(loss_fn, params, data, mesh=mesh, checkpoint_dir=ckpt_cut, **kw)
-    local = jaxgrad.train.loop._local_copy
+    local = jaxgrad.sharding.local_replica
     leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(local(full.params))]
     again = [np.asarray(x) for x in jax.tree_util.tree_leaves(local(resumed.params))]
     out["resume_bitwise"] = all(np.array_equal(a, b) for a, b in zip(leaves, again, strict=True))

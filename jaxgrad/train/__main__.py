@@ -465,7 +465,7 @@ def run(args, parser=None) -> dict:
         summary["privacy"] = privacy_plan.summary(int(result.state.step))
         summary["privacy"]["nonfinite_dropped"] = sum(r["nonfinite"] for r in result.history)
     if model_name == "line":
-        params = jaxgrad.train.loop._local_copy(result.params)
+        params = jaxgrad.sharding.local_replica(result.params)
         summary["params"] = {k: float(v) for k, v in params.items()}
     if model_name == "linear" and ds.task == "regression" and not rows:
         reference = _sklearn_r2(ds)

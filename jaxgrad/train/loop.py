@@ -99,17 +99,6 @@ def _guarded(step):
     return body
 
 
-def _local_copy(tree):
-    """This process's replica of a replicated tree (what a checkpoint or ``evaluate`` gets)."""
-
-    def local(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return x.addressable_data(0)
-        return x
-
-    return jax.tree_util.tree_map(local, tree)
-
-
 def _positive(value, name):
     return reduce.check_positive_int(value, name=name)
 
@@ -490,7 +479,7 @@ def fit(
             return ckpt.path_for(checkpoint_dir, int(state.step))
         return ckpt.save(
             checkpoint_dir,
-            {"state": _local_copy(state), "key": key},
+            {"state": sharding_lib.local_replica(state), "key": key},
             step=int(state.step),
             metadata=meta,
             keep=keep,
@@ -561,7 +550,7 @@ def fit(
                     }
                     end_epoch(
                         record,
-                        params=state.params if mesh is None else _local_copy(state.params),
+                        params=sharding_lib.local_replica(state.params),
                         evaluate=evaluate,
                         start=start,
                         history=history,

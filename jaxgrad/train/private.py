@@ -220,7 +220,7 @@ def fit_private(
     mesh=None,
 ):
     """The DP-SGD loop behind ``fit(..., privacy=...)``; see :func:`jaxgrad.train.fit`."""
-    from jaxgrad.train.loop import FitResult, _local_copy, validate_data  # loop imports this
+    from jaxgrad.train.loop import FitResult, validate_data  # loop imports this
 
     n = reduce.batch_size(train_data, name="train_data")
     the_plan = plan(privacy, num_examples=n, batch_size=batch_size, epochs=epochs)
@@ -345,7 +345,7 @@ def fit_private(
             }
             end_epoch(
                 record,
-                params=state.params if mesh is None else _local_copy(state.params),
+                params=sharding_lib.local_replica(state.params),
                 evaluate=evaluate,
                 start=start,
                 history=history,
@@ -358,7 +358,7 @@ def fit_private(
                 meta = {"epoch": epoch + 1, "history": history, "config": config}
                 last = ckpt.save(
                     checkpoint_dir,
-                    {"state": _local_copy(state), "key": key},
+                    {"state": sharding_lib.local_replica(state), "key": key},
                     step=int(state.step),
                     metadata=meta,
                     keep=keep,
