@@ -28,6 +28,26 @@ def test_dp_step_without_noise_or_clipping_is_the_non_private_step():
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
+def test_noise_ceiling_program_is_the_non_private_step_plus_the_dp_noise():
+    """(ceiling − non-private) is −lr · σC/B · one normal vector; with σ = 0 they are equal."""
+    case, params, batch = _setup("mlp-tiny", 8)
+    key = jax.random.key(2)
+    sigma, clip, lr = 1.5, 0.5, 0.1  # dp.programs' optimizer is optax.sgd(0.1)
+    opt, fns = dp.programs(case, 8, l2_clip=clip, noise_multiplier=sigma)
+    state = opt.init(params)
+    plain, _ = fns["non-private step"](params, state, batch, key)
+    noisy, _ = fns["non-private step + noise"](params, state, batch, key)
+    diff = np.concatenate(
+        [
+            np.ravel(a - b)
+            for a, b in zip(jax.tree.leaves(noisy), jax.tree.leaves(plain), strict=True)
+        ]
+    )
+    z = np.asarray(jax.random.normal(key, (diff.size,), diff.dtype))
+    # float32 parameters: the difference of two updated values carries their rounding (~1e-7).
+    np.testing.assert_allclose(diff, -lr * sigma * clip / 8 * z, rtol=1e-5, atol=3e-7)
+
+
 def test_noise_program_is_sigma_c_times_one_normal_vector():
     case, params, batch = _setup("cnn-tiny", 4)
     opt, fns = dp.programs(case, 4, l2_clip=0.5, noise_multiplier=2.0)
@@ -54,6 +74,9 @@ def test_main_dp_prints_ratios_and_writes_json(tmp_path, capsys):
             m["non-private step"] / m["DP step"]
         )
         assert r["meets_target"] == (r["dp_over_nonprivate_throughput"] >= dp.TARGET)
+        assert r["noise_ceiling_throughput"] == pytest.approx(
+            m["non-private step"] / m["non-private step + noise"]
+        )
         assert r["sampled_over_nonprivate_throughput"] == pytest.approx(
             m["non-private step"] / m["sampled DP step"]
         )

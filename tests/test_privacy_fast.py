@@ -1,9 +1,12 @@
-"""jaxgrad.privacy.threefry: the noise and the sampler draw JAX's own Threefry streams, fused.
+"""jaxgrad.privacy.threefry: the noise is JAX's own Threefry stream, the sampler its raw bits.
 
 References: ``jax.random.normal`` (the rolled Threefry primitive JAX lowers for the CPU) and
 ``jax.extend.random.threefry2x32_p`` applied to counters computed in numpy. Statistical tests
 are two-sided at a false-alarm rate of 1e-6 with fixed keys.
 """
+
+import math
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -122,33 +125,83 @@ def test_normal_at_bad_arguments():
 # The sampler's Bernoulli draw and compaction.
 
 
-@pytest.mark.parametrize("q", [0.003, 0.37, 1.0])
-def test_bernoulli_is_jax_random_bernoulli(q):
+def _mask_reference(hi, lo, q):
+    """``[hi·2³² + lo < ⌊q·2⁶⁴⌋]`` in exact rational and Python-integer arithmetic."""
+    threshold = math.floor(Fraction(q) * 2**64)
+    words = [(int(h) << 32) | int(lo_) for h, lo_ in zip(hi, lo, strict=True)]
+    return np.array([w < threshold for w in words])
+
+
+@pytest.mark.parametrize("q", [1e-15, 2.0**-12, 0.003, 0.37, 1.0 - 2.0**-40, 1.0])
+def test_inclusion_mask_is_an_integer_threshold_on_the_64_threefry_bits(q):
+    n = 3001
     for seed in range(3):
         key = jax.random.key(seed)
-        got = jax.jit(lambda k: threefry.bernoulli(k, q, (5, 301)))(key)
-        np.testing.assert_array_equal(got, jax.random.bernoulli(key, q, (5, 301)))
+        k0, k1 = jax.random.key_data(key)
+        hi, lo = threefry2x32_p.bind(
+            k0, k1, jnp.zeros(n, jnp.uint32), jnp.arange(n, dtype=jnp.uint32)
+        )
+        want = _mask_reference(np.asarray(hi), np.asarray(lo), q)
+        got = jax.jit(lambda k: privacy.inclusion_mask(k, sampling_rate=q, num_examples=n))(key)
+        np.testing.assert_array_equal(got, want)
 
 
-def test_poisson_sample_is_jnp_nonzero_of_jax_random_bernoulli():
+def test_inclusion_mask_near_the_threshold_and_without_x64():
+    """Words just below / at the threshold (same high word), and the same draw in float32 mode."""
+    key = jax.random.key(4)
+    k0, k1 = jax.random.key_data(key)
+    n = 200_000
+    hi, lo = (
+        np.asarray(w)
+        for w in threefry2x32_p.bind(
+            k0, k1, jnp.zeros(n, jnp.uint32), jnp.arange(n, dtype=jnp.uint32)
+        )
+    )
+    # A threshold whose high word some counter shares: both branches of the comparison act.
+    j = int(np.argmax(hi > 0))
+    for t in ((int(hi[j]) << 32) | int(lo[j]), ((int(hi[j]) << 32) | int(lo[j])) + 1):
+        q = t / 2**64
+        want = _mask_reference(hi, lo, q)
+        assert want.sum() > 0
+        got = privacy.inclusion_mask(key, sampling_rate=q, num_examples=n)
+        np.testing.assert_array_equal(got, want)
+        with jax.enable_x64(False):
+            np.testing.assert_array_equal(
+                privacy.inclusion_mask(key, sampling_rate=q, num_examples=n), want
+            )
+
+
+def test_inclusion_mask_with_another_key_impl():
+    rbg = jax.random.key(1, impl="rbg")
+    n, q = 1001, 0.3
+    hi, lo = (np.asarray(w) for w in jax.random.bits(rbg, (2, n), jnp.uint32))
+    got = privacy.inclusion_mask(rbg, sampling_rate=q, num_examples=n)
+    np.testing.assert_array_equal(got, _mask_reference(hi, lo, q))
+
+
+def test_inclusion_mask_bad_arguments():
+    key = jax.random.key(0)
+    for bad in (0.0, -0.1, 1.5, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="sampling_rate"):
+            privacy.inclusion_mask(key, sampling_rate=bad, num_examples=10)
+    with pytest.raises(ValueError, match="num_examples"):
+        privacy.inclusion_mask(key, sampling_rate=0.1, num_examples=0)
+
+
+def test_poisson_sample_is_the_compacted_inclusion_mask():
     n, q, p = 1001, 0.3, 64
-    for seed in range(4):
-        key = jax.random.key(seed)
+    for key in [jax.random.key(s) for s in range(4)] + [jax.random.key(1, impl="rbg")]:
         s = jax.jit(
             lambda k: privacy.poisson_sample(
                 k, num_examples=n, sampling_rate=q, physical_batch_size=p
             )
         )(key)
-        mask = jax.random.bernoulli(key, q, (n,))
+        mask = np.asarray(privacy.inclusion_mask(key, sampling_rate=q, num_examples=n))
         np.testing.assert_array_equal(s.mask, mask)
         assert int(s.count) == int(mask.sum())
         want = np.zeros(1024, np.int32)
         want[: int(mask.sum())] = np.flatnonzero(mask)
         np.testing.assert_array_equal(s.indices, want)
-    # Another key implementation takes jax.random.bernoulli itself.
-    rbg = jax.random.key(1, impl="rbg")
-    s = privacy.poisson_sample(rbg, num_examples=n, sampling_rate=q, physical_batch_size=p)
-    np.testing.assert_array_equal(s.mask, jax.random.bernoulli(rbg, q, (n,)))
 
 
 @pytest.mark.parametrize("n,b", [(60000, 256), (60000, 1024), (1000, 10), (50, 50)])

@@ -115,18 +115,34 @@ def test_fit_private_resume_is_bit_for_bit_and_refuses_changed_privacy(whole, tm
         _fit(loss_fn, params, data, config, checkpoint_dir=tmp_path, epochs=4)
 
 
-def test_fit_private_nonfinite_examples():
+@pytest.mark.parametrize("on_mesh", [False, True])
+def test_fit_private_nonfinite_examples(on_mesh):
+    """Dropped and counted (every step's count against the draws), or stopped at the first
+    step that draws one; the same on a (one-device) mesh, whose DP loop is the host's."""
     model, loss_fn, (x, y) = _problem()
     x = x.copy()
-    x[::4, 0] = np.nan  # 30 bad examples: every step draws some
+    x[::4, 0] = np.nan  # 30 bad examples
+    bad = np.isnan(x[:, 0])
     params = model.init(jax.random.key(1))
+    mesh = jaxgrad.sharding.data_mesh(1) if on_mesh else None
     config = PrivacyConfig(l2_clip=0.7, noise_multiplier=1.2, accountant="rdp")
-    result = _fit(loss_fn, params, (x, y), config, epochs=1)
-    assert result.history[0]["nonfinite"] > 0
+    result = _fit(loss_fn, params, (x, y), config, epochs=1, mesh=mesh)
+    # The reference: step t's draw is poisson_sample(split(fold_in(key, t))[0]) (fit's key 5).
+    p = privacy.default_physical_batch_size(num_examples=120, sampling_rate=20 / 120)
+    drawn_bad = []
+    for t in range(6):
+        sample_key, _ = jax.random.split(jax.random.fold_in(jax.random.key(5), t))
+        s = privacy.poisson_sample(
+            sample_key, num_examples=120, sampling_rate=20 / 120, physical_batch_size=p
+        )
+        drawn_bad.append(int(np.sum(np.asarray(s.mask) & bad)))
+    assert sum(drawn_bad) > 0
+    assert result.history[0]["nonfinite"] == sum(drawn_bad)
     assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree_util.tree_leaves(result.params))
+    first = next(t for t, k in enumerate(drawn_bad) if k)
     strict = PrivacyConfig(l2_clip=0.7, noise_multiplier=1.2, accountant="rdp", nonfinite="raise")
-    with pytest.raises(FloatingPointError, match="non-finite"):
-        _fit(loss_fn, params, (x, y), strict, epochs=1)
+    with pytest.raises(FloatingPointError, match=rf"step {first + 1} \(epoch 1\) .*non-finite"):
+        _fit(loss_fn, params, (x, y), strict, epochs=1, mesh=mesh)
 
 
 def test_fit_private_bad_arguments():

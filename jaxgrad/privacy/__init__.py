@@ -21,6 +21,7 @@ from jaxgrad.privacy.noisy import DPInfo, add_noise, dp_grad, sampled_dp_grad
 from jaxgrad.privacy.sampling import (
     PoissonSample,
     default_physical_batch_size,
+    inclusion_mask,
     num_physical_batches,
     physical_batch,
     poisson_sample,
@@ -35,6 +36,7 @@ __all__ = [
     "dp_event",
     "dp_grad",
     "epsilon",
+    "inclusion_mask",
     "num_physical_batches",
     "physical_batch",
     "poisson_sample",

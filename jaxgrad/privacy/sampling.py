@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgrad import reduce
 from jaxgrad.privacy import threefry
@@ -47,12 +48,58 @@ def check_sampling_rate(sampling_rate) -> float:
     return float(sampling_rate)
 
 
+def inclusion_mask(key, *, sampling_rate: float, num_examples: int):
+    """``m_i = [U_i < q]`` for ``N`` independent 64-bit uniforms ``U_i``: exactly rate ``q``.
+
+    .. math::
+
+        U_i = (h_i 2^{32} + l_i) / 2^{64}, \\qquad
+        \\Pr(m_i) = \\lfloor q \\, 2^{64} \\rfloor / 2^{64} \\in (q - 2^{-64}, q]
+
+    with ``(h_i, l_i)`` the two words of Threefry block ``i`` (:func:`threefry.words_at`,
+    fused) for a Threefry key, or ``jax.random.bits(key, (2, N), uint32)`` for any other key.
+    The comparison is on integers, so the inclusion probability is exactly ``q`` for every
+    ``q ≥ 2⁻¹²`` (``q 2⁶⁴`` is then an integer) and never above it, and the draw does not
+    depend on ``jax_enable_x64``. (``jax.random.bernoulli`` compares a float32 uniform on a
+    ``2⁻²³`` grid in the default mode: its rate is ``⌈q 2²³⌉ / 2²³ ≥ q`` — 1.2e-7 for any
+    ``q`` below that, e.g. 12× too many examples at ``q = 10⁻⁸`` — and a privacy accountant
+    told ``q`` would understate ε.)
+
+    Args:
+      key: a PRNG key.
+      sampling_rate: ``q`` in (0, 1].
+      num_examples: ``N``.
+
+    Returns:
+      A bool array of shape ``(N,)``.
+
+    Example::
+
+      >>> import jax
+      >>> from jaxgrad.privacy import inclusion_mask
+      >>> m = inclusion_mask(jax.random.key(0), sampling_rate=0.25, num_examples=100_000)
+      >>> m.shape, abs(float(m.mean()) - 0.25) < 0.01
+      ((100000,), True)
+    """
+    n = reduce.check_positive_int(num_examples, name="num_examples")
+    q = check_sampling_rate(sampling_rate)
+    if q == 1.0:
+        return jnp.ones((n,), bool)
+    threshold = math.floor(q * 2.0**64)  # exact: scaling a float64 by 2**64 does not round
+    t_hi, t_lo = np.uint32(threshold >> 32), np.uint32(threshold & 0xFFFFFFFF)
+    if threefry.is_threefry(key):
+        hi, lo = threefry.words_at(key, 0, (n,))
+    else:
+        hi, lo = jax.random.bits(key, (2, n), jnp.uint32)
+    return (hi < t_hi) | ((hi == t_hi) & (lo < t_lo))
+
+
 def poisson_sample(key, *, num_examples: int, sampling_rate: float, physical_batch_size: int):
     """Draws every example independently with probability ``q``: one DP-SGD step's batch.
 
     .. math::
 
-        m_i \\sim \\mathrm{Bernoulli}(q) \\text{ independently}, \\qquad
+        m_i \\sim \\mathrm{Bernoulli}(q) \\text{ independently (:func:`inclusion_mask`)}, \\qquad
         b = \\sum_i m_i \\sim \\mathrm{Binomial}(N, q)
 
     Args:
@@ -77,10 +124,7 @@ def poisson_sample(key, *, num_examples: int, sampling_rate: float, physical_bat
     n = reduce.check_positive_int(num_examples, name="num_examples")
     q = check_sampling_rate(sampling_rate)
     p = reduce.check_positive_int(physical_batch_size, name="physical_batch_size")
-    if threefry.is_threefry(key):  # the same draw as jax.random.bernoulli, fused
-        mask = threefry.bernoulli(key, q, (n,))
-    else:
-        mask = jax.random.bernoulli(key, q, (n,))
+    mask = inclusion_mask(key, sampling_rate=q, num_examples=n)
     # jnp.nonzero(mask, size=padded, fill_value=0), as one cumulative sum and one scatter:
     # drawn example i goes to position (number drawn before it); the rest stay 0.
     position = jnp.cumsum(mask, dtype=jnp.int32)

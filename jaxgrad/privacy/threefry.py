@@ -19,7 +19,8 @@ clipped sum, the division, the optimizer update) into one pass over the paramete
 before it), so a tree's noise is bit for bit ``jax.random.normal(key, (N,))`` cut into the
 leaves, and no ``N``-vector is ever written. Same cipher, same counters, same key: the same
 cryptographic soundness as ``jax.random.normal``, just not materialised.
-:func:`bernoulli` does the same for the Poisson sampler's ``jax.random.bernoulli``.
+:func:`words_at` gives the raw 64 bits of block ``j``; the Poisson sampler
+(:func:`jaxgrad.privacy.poisson_sample`) compares them with an integer threshold.
 """
 
 from __future__ import annotations
@@ -73,11 +74,20 @@ def _key_words(key):
     return data[0], data[1]
 
 
-def _unit_floats(key, offset: int, shape, dtype):
-    """The ``[0, 1)`` floats under ``jax.random.uniform(key, (N,), dtype)[offset:]``, fused."""
-    dtype = np.dtype(dtype)
-    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise ValueError(f"`dtype` must be float32 or float64; got {dtype}")
+def words_at(key, offset: int, shape):
+    """The two output words of Threefry block ``j`` for counters ``j = offset .. offset + n − 1``.
+
+    ``(y0, y1) = Threefry_key(⌊j / 2³²⌋, j mod 2³²)``, each a uint32 array of ``shape``
+    (``n = prod(shape)``): 64 uniformly random bits per counter, computed where they are used.
+
+    Args:
+      key: a Threefry-2x32 key (:func:`is_threefry`).
+      offset: the first counter (a Python int, ``0 ≤ offset``, ``offset + n ≤ 2⁶⁴``).
+      shape: the shape of each word array (fewer than ``2³²`` entries).
+
+    Returns:
+      ``(y0, y1)``, two uint32 arrays of ``shape``.
+    """
     size = int(np.prod(shape, dtype=np.int64))
     if offset < 0 or offset + size > 2**64 or size >= 2**32:
         raise ValueError(
@@ -89,6 +99,15 @@ def _unit_floats(key, offset: int, shape, dtype):
     lo = lax.iota(jnp.uint32, size) + lo0  # wraps modulo 2**32 ...
     hi = jnp.full((size,), hi0, jnp.uint32) + (lo < lo0).astype(jnp.uint32)  # ... and carries
     y0, y1 = threefry2x32(k0, k1, hi, lo)
+    return y0.reshape(shape), y1.reshape(shape)
+
+
+def _unit_floats(key, offset: int, shape, dtype):
+    """The ``[0, 1)`` floats under ``jax.random.uniform(key, (N,), dtype)[offset:]``, fused."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"`dtype` must be float32 or float64; got {dtype}")
+    y0, y1 = words_at(key, offset, shape)
     one = np.array(1.0, dtype)
     if dtype == np.float32:
         bits, nmant, ubits = y0 ^ y1, 23, np.uint32
@@ -96,7 +115,7 @@ def _unit_floats(key, offset: int, shape, dtype):
         bits = (y0.astype(jnp.uint64) << np.uint64(32)) | y1.astype(jnp.uint64)
         nmant, ubits = 52, np.uint64
     mantissa = (bits >> ubits(8 * dtype.itemsize - nmant)) | one.view(ubits)
-    return (lax.bitcast_convert_type(mantissa, dtype) - one).reshape(shape), dtype
+    return lax.bitcast_convert_type(mantissa, dtype) - one
 
 
 def normal_at(key, offset: int, shape, dtype):
@@ -124,28 +143,9 @@ def normal_at(key, offset: int, shape, dtype):
       ...               == jax.random.normal(key, (7,), jnp.float32)[3:].reshape(2, 2)))
       True
     """
-    floats, dtype = _unit_floats(key, offset, shape, dtype)
+    floats = _unit_floats(key, offset, shape, dtype)
+    dtype = floats.dtype
     one = np.array(1.0, dtype)
     lowest = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype), dtype=dtype)
     u = lax.max(lowest, floats * (one - lowest) + lowest)
     return np.array(np.sqrt(2), dtype) * lax.erf_inv(u)
-
-
-def bernoulli(key, p: float, shape):
-    """``jax.random.bernoulli(key, p, shape)`` for a Threefry ``key``, fused.
-
-    ``u < p`` for the uniforms ``u`` of ``jax.random.uniform(key, shape)`` in JAX's default
-    float dtype (float32, or float64 with ``jax_enable_x64``), as ``jax.random.bernoulli``
-    compares them: the same booleans.
-
-    Example::
-
-      >>> import jax
-      >>> from jaxgrad.privacy.threefry import bernoulli
-      >>> key = jax.random.key(0)
-      >>> bool((bernoulli(key, 0.3, (50,)) == jax.random.bernoulli(key, 0.3, (50,))).all())
-      True
-    """
-    dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
-    floats, dtype = _unit_floats(key, 0, shape, dtype)
-    return floats < np.array(p, dtype)
