@@ -317,17 +317,17 @@ def from_arrays(
         x_mean, x_scale = _fit_scale(x_train, axis=None if standardize == "global" else 0)
         x_train, x_test = (x_train - x_mean) / x_scale, (x_test - x_mean) / x_scale
     return Dataset(
-        name,
-        x_train.astype(dtype),
-        y_train,
-        x_test.astype(dtype),
-        y_test,
-        task,
-        num_classes,
-        x_mean,
-        x_scale,
-        y_mean,
-        y_scale,
+        name=name,
+        x_train=x_train.astype(dtype),
+        y_train=y_train,
+        x_test=x_test.astype(dtype),
+        y_test=y_test,
+        task=task,
+        num_classes=num_classes,
+        x_mean=x_mean,
+        x_scale=x_scale,
+        y_mean=y_mean,
+        y_scale=y_scale,
     )
 
 
@@ -1065,17 +1065,17 @@ def load_rows(
         x, rows=train_rows, divide=divide, mean=x_mean, scale=x_scale, dtype=dtype
     )
     return Dataset(
-        label,
-        x_train,
-        y_train,
-        x_test.astype(dtype),
-        y_test,
-        task,
-        num_classes,
-        x_mean,
-        x_scale,
-        y_mean,
-        y_scale,
+        name=label,
+        x_train=x_train,
+        y_train=y_train,
+        x_test=x_test.astype(dtype),
+        y_test=y_test,
+        task=task,
+        num_classes=num_classes,
+        x_mean=x_mean,
+        x_scale=x_scale,
+        y_mean=y_mean,
+        y_scale=y_scale,
     )
 
 
