@@ -86,3 +86,6 @@ def test_main_dp_bad_rounds(capsys):
     with pytest.raises(SystemExit):
         bench_main.main(["--dp", "--rounds", "0"])
     assert "--rounds must be a positive integer; got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --rounds without --dp would be ignored: refused
+        bench_main.main(["--rounds", "3", "--models", "mlp-tiny"])
+    assert "--rounds sets the interleaved rounds of --dp" in capsys.readouterr().err

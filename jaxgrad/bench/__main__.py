@@ -137,10 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         from jaxgrad import sharding
 
         mesh = sharding.data_mesh(args.mesh_devices)
+    given = lambda flag: any(a == flag or a.startswith(flag + "=") for a in argv)
     if args.dp:
         if args.rounds < 1:
             parser.error(f"--rounds must be a positive integer; got {args.rounds}")
-        return _run_dp(args, argv, start)
+        return _run_dp(args, given, start)
+    if given("--rounds"):
+        parser.error("--rounds sets the interleaved rounds of --dp; add --dp or drop it")
     if args.devices is not None:
         records = _run_devices(argv, args.devices)
     else:
@@ -169,11 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_dp(args, argv: list[str], start: float) -> int:
+def _run_dp(args, given, start: float) -> int:
     """``--dp``: the DP step against the non-private step (:mod:`jaxgrad.bench.dp`)."""
     from jaxgrad.bench import dp
 
-    given = lambda flag: any(a == flag or a.startswith(flag + "=") for a in argv)
     models = args.models if given("--models") else dp.DEFAULT_MODELS
     sizes = args.batch_sizes if given("--batch-sizes") else dp.DEFAULT_BATCH_SIZES
     records = dp.run(models, sizes, rounds=args.rounds, quiet=args.quiet)

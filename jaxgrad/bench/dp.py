@@ -177,10 +177,10 @@ NOTE = (
     "Medians of interleaved rounds (each program called once per round). DP step = "
     "privacy.dp_grad (clip C=1, sum, one N(0, σ²C² I) draw with σ=1, divide by B) + optax.sgd; "
     "non-private step = batch_grad + the same update; noise = the draw alone (per step, "
-    "independent of B); noise ceiling = non-private step / (non-private step + the same noise): "
-    "the most any DP step with this noise reaches. Target: DP / non-private throughput >= 0.8. Sampled DP step = what "
-    "fit(privacy=...) runs: Poisson-sample q = B/N of N examples (N = 60000), the default "
-    "physical batch, clip, noise, update."
+    "independent of B); noise ceiling = non-private step / (non-private step + the same "
+    "noise): the most any DP step with this noise reaches. Target: DP / non-private "
+    "throughput >= 0.8. Sampled DP step = what fit(privacy=...) runs: Poisson-sample q = B/N "
+    "of N examples (N = 60000), the default physical batch, clip, noise, update."
 )
 
 
