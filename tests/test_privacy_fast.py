@@ -68,6 +68,18 @@ def test_add_noise_is_one_jax_random_normal_vector_cut_into_the_leaves():
         np.testing.assert_allclose(np.asarray(g), w, rtol=1e-6, atol=1e-7)
 
 
+def test_add_noise_is_jax_random_normal_without_partitionable_threefry():
+    """The promise holds under either setting of ``jax_threefry_partitionable``."""
+    tree = {"w": jnp.zeros((3, 4), jnp.float32), "b": jnp.zeros(2, jnp.float32)}
+    key = jax.random.key(7)
+    for partitionable in (False, True):
+        with jax.threefry_partitionable(partitionable):
+            got = jax.jit(lambda t, k: privacy.add_noise(t, k, stddev=1.5))(tree, key)
+            want = 1.5 * np.asarray(jax.random.normal(key, (14,), jnp.float32))
+        flat = np.concatenate([np.asarray(got["b"]), np.asarray(got["w"]).ravel()])
+        np.testing.assert_allclose(flat, want, rtol=1e-6, atol=1e-7)
+
+
 def test_add_noise_with_another_key_impl_and_a_raw_key():
     tree = {"w": jnp.zeros((3, 4)), "b": jnp.zeros(2)}
     for key in (jax.random.key(1, impl="rbg"), jax.random.PRNGKey(1)):

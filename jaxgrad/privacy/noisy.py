@@ -138,7 +138,9 @@ def add_noise(total: PyTree, key, *, stddev) -> PyTree:
     dtype = jnp.result_type(jnp.float32, *leaves)
     sizes = [x.size for x in leaves]
     offsets = np.cumsum([0, *sizes[:-1]]).tolist()
-    if threefry.is_threefry(key):
+    # normal_at is jax.random.normal's partitionable Threefry stream (JAX's default); with
+    # jax_threefry_partitionable off, jax.random.normal itself gives the promised numbers.
+    if threefry.is_threefry(key) and jax.config.jax_threefry_partitionable:
         draw = lambda x, start: threefry.normal_at(key, start, x.shape, dtype)
     else:
         flat = jax.random.normal(key, (sum(sizes),), dtype)
