@@ -11,6 +11,7 @@ computation with an error naming the label.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -21,14 +22,32 @@ import optax
 PyTree = Any
 
 
+def _check_same_shape(prediction, target, *, loss: str) -> None:
+    """Elementwise losses pair prediction and target entry by entry: their shapes must match
+    (or both hold one number), since broadcasting ``(3,)`` against ``(3, 1)`` would silently
+    compare every entry with every other."""
+    p, t = jnp.shape(prediction), jnp.shape(target)
+    if p != t and not (math.prod(p) == 1 and math.prod(t) == 1):
+        raise ValueError(
+            f"{loss}: one example's prediction and target must have the same shape; got "
+            f"prediction {p} and target {t}. Reshape the targets so that one example's target "
+            f"has the model's output shape {p}"
+        )
+
+
 def squared_error(prediction, target):
-    """``Σ (prediction − target)²`` over the output's elements (a scalar output: ``(ŷ − y)²``)."""
-    return jnp.sum((prediction - target) ** 2)
+    """``Σ (prediction − target)²`` over the output's elements (a scalar output: ``(ŷ − y)²``).
+
+    ``prediction`` and ``target`` must have the same shape (or both hold one number).
+    """
+    _check_same_shape(prediction, target, loss="squared_error")
+    return jnp.sum((jnp.ravel(prediction) - jnp.ravel(target)) ** 2)
 
 
 def linear_error(prediction, target):
     """The seed's linear error ``y − f(x)``: linear in the prediction (and in ``θ`` for ``θ x``)."""
-    return jnp.sum(target - prediction)
+    _check_same_shape(prediction, target, loss="linear_error")
+    return jnp.sum(jnp.ravel(target) - jnp.ravel(prediction))
 
 
 def _checked(loss, label, num_classes):
@@ -59,6 +78,8 @@ def binary_cross_entropy(logit, label):
     A label outside ``[0, 1]`` gives NaN (value and gradient), never a finite wrong number.
     """
     label = jnp.asarray(label)
+    _check_same_shape(logit, label, loss="binary_cross_entropy")
+    logit, label = jnp.ravel(logit), jnp.ravel(label)
     loss = jnp.sum(optax.losses.sigmoid_binary_cross_entropy(logit, label.astype(logit.dtype)))
     valid = jnp.all((label >= 0) & (label <= 1))
     return loss * jnp.where(valid, 1, jnp.nan).astype(loss.dtype)
@@ -134,7 +155,13 @@ class supervised:
     """
 
     def __init__(self, apply, loss, *, num_classes: int | None = None):
-        self.apply, self.loss, self.num_classes = apply, loss, num_classes
+        valid = isinstance(num_classes, (int, np.integer)) and not isinstance(num_classes, bool)
+        if num_classes is not None and not (valid and num_classes >= 1):
+            raise ValueError(
+                f"`num_classes` must be None or a positive integer; got {num_classes!r}"
+            )
+        self.apply, self.loss = apply, loss
+        self.num_classes = None if num_classes is None else int(num_classes)
 
     def __call__(self, params, example):
         x, y = example

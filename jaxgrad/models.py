@@ -53,14 +53,18 @@ def _dense_init(key, fan_in: int, fan_out: int, dtype) -> dict:
     return {"w": w, "b": jnp.zeros((fan_out,), dtype)}
 
 
-def check_features(x, w, *, model: str) -> None:
-    """A clear error when one example's feature size does not match the first weight."""
+def check_features(x, w, *, model: str, shape=None) -> None:
+    """A clear error when one example's feature size does not match the first weight.
+
+    ``shape``: the example's shape as the caller received it, if ``x`` is a reshaped view.
+    """
     got = np.shape(x)[-1] if np.ndim(x) else None
     want = np.shape(w)[0]
     if got != want:
+        shown = np.shape(x) if shape is None else f"{tuple(shape)} ({got} features flattened)"
         raise ValueError(
             f"{model}: one example must have {want} input features (the model's input size); "
-            f"got an example of shape {np.shape(x)}. Check the data's feature size, or that the "
+            f"got an example of shape {shown}. Check the data's feature size, or that the "
             "example has no batch axis (strategies vmap over examples)"
         )
 
@@ -153,7 +157,7 @@ def mlp(sizes: Sequence[int], *, activation: str = "tanh", dtype=jnp.float32) ->
 
     def apply(params, x):
         h = jnp.reshape(x, (-1,))
-        check_features(h, params[0]["w"], model="mlp")
+        check_features(h, params[0]["w"], model="mlp", shape=np.shape(x))
         for layer in params[:-1]:
             h = act(_dense(layer, h))
         return _dense(params[-1], h)

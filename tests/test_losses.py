@@ -160,3 +160,42 @@ def test_labels_of_shape_b_by_1_are_named():
     logits = jax.vmap(model.apply, (None, 0))(params, batch[0])
     want = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(5), y])
     np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "loss", [losses.squared_error, losses.linear_error, losses.binary_cross_entropy]
+)
+def test_elementwise_losses_refuse_shapes_that_would_broadcast(loss):
+    """(3,) against (3, 1) would broadcast to a 3x3 comparison: a silent wrong number."""
+    for pred, target in [((3,), (3, 1)), ((3,), ()), ((2, 2), (4,))]:
+        with pytest.raises(ValueError, match=rf"prediction \({pred[0]},.*and target"):
+            loss(jnp.zeros(pred), jnp.zeros(target))
+    # One number each, whatever the shape: (1,) against () is the same pair.
+    for pred, target in [((1,), ()), ((), (1,)), ((1, 1), (1,))]:
+        got = loss(jnp.full(pred, 0.25, F64), jnp.full(target, 1.0, F64))
+        want = loss(jnp.asarray(0.25, F64), jnp.asarray(1.0, F64))
+        np.testing.assert_allclose(got, want, rtol=1e-15)
+    # Same shapes: the entrywise pairing, against numpy.
+    p, t = np.linspace(-1, 1, 6).reshape(2, 3), np.linspace(0, 1, 6).reshape(2, 3)
+    ref = {
+        losses.squared_error: np.sum((p - t) ** 2),
+        losses.linear_error: np.sum(t - p),
+        losses.binary_cross_entropy: np.sum(np.logaddexp(0, p) - t * p),
+    }[loss]
+    np.testing.assert_allclose(loss(jnp.asarray(p), jnp.asarray(t)), ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "3"])
+def test_supervised_num_classes_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="`num_classes` must be None or a positive integer"):
+        losses.supervised(lambda p, x: x, losses.softmax_cross_entropy, num_classes=bad)
+    assert (
+        losses.supervised(lambda p, x: x, losses.squared_error, num_classes=None).num_classes
+        is None
+    )
+    assert (
+        losses.supervised(
+            lambda p, x: x, losses.softmax_cross_entropy, num_classes=np.int64(3)
+        ).num_classes
+        == 3
+    )

@@ -227,3 +227,7 @@ def test_feature_size_mismatch_names_the_model_and_shapes():
             ValueError, match=r"must have 4 input features.*got an example of shape"
         ):
             jaxgrad.batch_grad(loss)(params, x)
+    # A batch passed as one example: the message shows the shape received, not the flattening.
+    mlp = jaxgrad.models.mlp([4, 8, 3])
+    with pytest.raises(ValueError, match=r"shape \(2, 4\) \(8 features flattened\)"):
+        mlp.apply(mlp.init(jax.random.key(0)), jnp.ones((2, 4)))
