@@ -1,0 +1,301 @@
+"""Data sets from arrays: :class:`Dataset`, checks, the seeded split and standardisation."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from jaxgrad import losses
+
+TASKS = ("classification", "regression")
+STANDARDIZE = (True, False, "features", "global")
+
+
+class Dataset(NamedTuple):
+    """A train/test split ready for training.
+
+    Attributes:
+      name: where it came from (``"digits"``, a file name, ...).
+      x_train, y_train, x_test, y_test: numpy arrays with a leading example axis
+        (``x_train`` a :class:`StandardizedRows` from :func:`load_rows`).
+      task: ``"classification"`` (integer labels) or ``"regression"`` (float targets).
+      num_classes: the number of classes for classification, else ``None``.
+      x_mean, x_scale: the training statistics the inputs were standardised with (``None``
+        when not standardised); ``x_raw = x * x_scale + x_mean``.
+      y_mean, y_scale: the same for regression targets.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    task: str
+    num_classes: int | None
+    x_mean: np.ndarray | None = None
+    x_scale: np.ndarray | None = None
+    y_mean: float | None = None
+    y_scale: float | None = None
+
+    @property
+    def train(self) -> tuple[np.ndarray, np.ndarray]:
+        """The training split as a batch ``(x, y)``."""
+        return self.x_train, self.y_train
+
+    @property
+    def test(self) -> tuple[np.ndarray, np.ndarray]:
+        """The test split as a batch ``(x, y)``."""
+        return self.x_test, self.y_test
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """The shape of one input example."""
+        return tuple(self.x_train.shape[1:])
+
+    def __repr__(self):
+        classes = f", num_classes={self.num_classes}" if self.num_classes else ""
+        return (
+            f"Dataset({self.name!r}, {self.task}{classes}, train={len(self.x_train)}, "
+            f"test={len(self.x_test)}, features={self.feature_shape})"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Checks.
+
+
+def check_finite(x, y=None, *, name: str = "data") -> None:
+    """Raises ``ValueError`` if ``x`` or ``y`` hold NaN or inf, naming the bad rows and columns.
+
+    Args:
+      x: inputs with a leading example axis.
+      y: optional targets with the same leading axis.
+      name: how to call the data in the message (a file name, say).
+    """
+    x = np.asarray(x)
+    parts = []
+    bad_rows = np.zeros(len(x), bool)
+    if np.issubdtype(x.dtype, np.inexact):
+        bad_x = ~np.isfinite(x.reshape(len(x), -1))
+        if bad_x.any():
+            rows, cols = bad_x.any(axis=1), bad_x.any(axis=0)
+            bad_rows |= rows
+            parts.append(
+                f"inputs: {int(bad_x.sum())} values in {int(rows.sum())} rows and "
+                f"{int(cols.sum())} columns (columns {_head(np.flatnonzero(cols))})"
+            )
+    if y is not None:
+        y = np.asarray(y)
+        if np.issubdtype(y.dtype, np.inexact):
+            bad_y = ~np.isfinite(y.reshape(len(y), -1)).all(axis=1)
+            if bad_y.any():
+                bad_rows |= bad_y
+                parts.append(f"targets: {int(bad_y.sum())} rows")
+    if parts:
+        raise ValueError(
+            f"{name} contains non-finite values (NaN or inf) in {int(bad_rows.sum())} of "
+            f"{len(x)} rows (rows {_head(np.flatnonzero(bad_rows))}); "
+            + "; ".join(parts)
+            + ". Drop or impute them before training."
+        )
+
+
+def _head(indices, limit: int = 5) -> str:
+    shown = ", ".join(str(int(i)) for i in indices[:limit])
+    return shown + (", ..." if len(indices) > limit else "")
+
+
+def _check_labels(y: np.ndarray, num_classes: int, *, name: str) -> None:
+    losses.check_labels(y, num_classes, name=f"{name}: labels", allow_binary_floats=False)
+
+
+def _check_fraction(test_fraction) -> float:
+    if not (isinstance(test_fraction, (int, float)) and 0 < test_fraction < 1):
+        raise ValueError(f"`test_fraction` must be a number in (0, 1); got {test_fraction!r}")
+    return float(test_fraction)
+
+
+# --------------------------------------------------------------------------------------
+# Splitting and standardising.
+
+
+def train_test_split(x, y, *, test_fraction: float = 0.2, seed: int = 0):
+    """A seeded random split: ``round(n * test_fraction)`` examples (at least 1) go to test.
+
+    Args:
+      x, y: arrays with the same leading axis.
+      test_fraction: the share of examples held out, in (0, 1).
+      seed: the numpy seed of the permutation; the same seed gives the same split.
+
+    Returns:
+      ``(x_train, y_train, x_test, y_test)``.
+    """
+    test_fraction = _check_fraction(test_fraction)
+    x, y = np.asarray(x), np.asarray(y)
+    n = len(x)
+    if len(y) != n:
+        raise ValueError(f"`x` and `y` must have the same length; got {n} and {len(y)}")
+    n_test = _num_test(n, test_fraction)
+    if n_test < 1:
+        raise ValueError(
+            f"`x` holds {n} example(s); a train/test split needs at least 2 (one for each "
+            "side). Pass more data, or train on it directly with jaxgrad.train.fit"
+        )
+    train, test = _split_indices(n, n_test, seed)
+    return x[train], y[train], x[test], y[test]
+
+
+def _split_indices(n: int, n_test: int, seed: int):
+    """``(train, test)`` row indices of :func:`train_test_split`'s seeded permutation."""
+    order = np.random.default_rng(seed).permutation(n)
+    return order[n_test:], order[:n_test]
+
+
+def _num_test(n: int, test_fraction: float) -> int:
+    return min(max(1, round(n * test_fraction)), n - 1) if n > 1 else 0
+
+
+def _fit_scale(a: np.ndarray, axis=0):
+    return _scale_rule(a.mean(axis=axis), a.std(axis=axis))
+
+
+def _scale_rule(mean, scale):
+    # Constant columns (e.g. the blank border pixels of digits) are centred, not divided by 0.
+    scale = np.where(scale > 1e-12 * np.maximum(1.0, np.abs(mean)), scale, 1.0)
+    return mean, scale
+
+
+def from_arrays(
+    x,
+    y,
+    *,
+    task: str | None = None,
+    num_classes: int | None = None,
+    x_test=None,
+    y_test=None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    standardize: bool | str = True,
+    dtype=np.float32,
+    name: str = "arrays",
+) -> Dataset:
+    """A :class:`Dataset` from the user's own arrays.
+
+    Args:
+      x, y: inputs and targets with a shared leading example axis. Integer ``y`` means
+        classification, float ``y`` regression (override with ``task``).
+      task: ``"classification"`` or ``"regression"``; inferred from ``y``'s dtype if None.
+      num_classes: for classification; ``max(y) + 1`` if None. Labels outside
+        ``[0, num_classes)`` are an error.
+      x_test, y_test: a given test split; otherwise a seeded split of ``x, y``.
+      test_fraction: the held-out share when splitting.
+      seed: the split's seed.
+      standardize: ``True`` or ``"features"`` centres and scales every input feature with
+        the training split's statistics; ``"global"`` uses one mean and standard deviation
+        over all training inputs (better for images, whose rarely-inked border pixels would
+        otherwise be blown up); ``False`` leaves inputs as they are. Regression targets are
+        standardised unless this is ``False``.
+      dtype: the float dtype of the inputs (and regression targets).
+      name: a name for messages.
+
+    Returns:
+      The :class:`Dataset`.
+
+    Raises:
+      ValueError: non-finite values (naming the rows/columns), mismatched lengths, labels
+        out of range, an unknown task.
+
+    Example::
+
+      >>> import numpy as np, jaxgrad
+      >>> ds = jaxgrad.data.from_arrays(np.random.rand(50, 3), np.arange(50) % 2)
+      >>> ds.task, ds.num_classes, len(ds.x_train), len(ds.x_test)
+      ('classification', 2, 40, 10)
+    """
+    try:
+        float_dtype = np.dtype(dtype)
+    except TypeError:
+        float_dtype = None
+    if float_dtype is None or not np.issubdtype(float_dtype, np.floating):
+        raise TypeError(
+            f"`dtype` must be a floating-point dtype (inputs are standardised, so an integer "
+            f"dtype would truncate them); got {dtype!r}"
+        )
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
+        raise ValueError(
+            f"{name}: `x` and `y` must share a leading example axis; got shapes {x.shape} "
+            f"and {y.shape}"
+        )
+    if len(x) == 0:
+        raise ValueError(f"{name}: no examples (leading axis 0)")
+    check_finite(x, y, name=name)
+    if (x_test is None) != (y_test is None):
+        raise ValueError("`x_test` and `y_test` must be given together")
+    if x_test is not None:
+        x_test, y_test = np.asarray(x_test), np.asarray(y_test)
+        check_finite(x_test, y_test, name=f"{name} (test split)")
+        if x_test.shape[1:] != x.shape[1:] or len(x_test) != len(y_test):
+            raise ValueError(
+                f"{name}: the test split must match the training split's example shape; got "
+                f"x {x.shape}, y {y.shape} and x_test {x_test.shape}, y_test {y_test.shape}"
+            )
+        x_train, y_train = x, y
+    else:
+        x_train, y_train, x_test, y_test = train_test_split(
+            x, y, test_fraction=test_fraction, seed=seed
+        )
+    if standardize not in STANDARDIZE:
+        raise ValueError(f"`standardize` must be one of {list(STANDARDIZE)}; got {standardize!r}")
+    if task is None:
+        task = "classification" if np.issubdtype(y.dtype, np.integer) else "regression"
+    if task not in TASKS:
+        raise ValueError(f"`task` must be one of {list(TASKS)}; got {task!r}")
+
+    y_train, y_test, num_classes, y_mean, y_scale = _targets(
+        y_train,
+        y_test,
+        task=task,
+        num_classes=num_classes,
+        standardize=standardize,
+        dtype=dtype,
+        name=name,
+    )
+    x_train, x_test = x_train.astype(np.float64), x_test.astype(np.float64)
+    x_mean = x_scale = None
+    if standardize:
+        x_mean, x_scale = _fit_scale(x_train, axis=None if standardize == "global" else 0)
+        x_train, x_test = (x_train - x_mean) / x_scale, (x_test - x_mean) / x_scale
+    return Dataset(
+        name=name,
+        x_train=x_train.astype(dtype),
+        y_train=y_train,
+        x_test=x_test.astype(dtype),
+        y_test=y_test,
+        task=task,
+        num_classes=num_classes,
+        x_mean=x_mean,
+        x_scale=x_scale,
+        y_mean=y_mean,
+        y_scale=y_scale,
+    )
+
+
+def _targets(y_train, y_test, *, task, num_classes, standardize, dtype, name):
+    """Labels checked and cast to int32, or regression targets cast and standardised."""
+    y_mean = y_scale = None
+    if task == "classification":
+        if num_classes is None:
+            num_classes = int(max(y_train.max(), y_test.max())) + 1
+        _check_labels(y_train, num_classes, name=name)
+        _check_labels(y_test, num_classes, name=f"{name} (test split)")
+        y_train, y_test = y_train.astype(np.int32), y_test.astype(np.int32)
+    else:
+        num_classes = None
+        y_train, y_test = y_train.astype(dtype), y_test.astype(dtype)
+        if standardize:
+            y_mean, y_scale = (float(v) for v in _fit_scale(y_train, axis=None))
+            y_train = ((y_train - y_mean) / y_scale).astype(dtype)
+            y_test = ((y_test - y_mean) / y_scale).astype(dtype)
+    return y_train, y_test, num_classes, y_mean, y_scale

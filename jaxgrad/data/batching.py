@@ -1,0 +1,44 @@
+"""Epoch batching: a shuffle that is a pure function of ``(key, epoch)``, and row gathers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def num_batches(num_examples: int, batch_size: int) -> int:
+    """``ceil(num_examples / batch_size)``: the last partial batch is kept."""
+    return -(-num_examples // batch_size)
+
+
+def epoch_indices(key: jax.Array, epoch, num_examples: int, batch_size: int):
+    """The example indices and padding mask of every batch of one epoch.
+
+    The order is ``permutation(fold_in(key, epoch))``: a pure function of ``key`` and
+    ``epoch``, so a run resumed in the middle of an epoch replays the same batches. The
+    last batch is padded to ``batch_size`` with a real example (finite for every loss),
+    masked out.
+
+    Args:
+      key: a PRNG key (typed or raw).
+      epoch: the epoch number.
+      num_examples: the size of the data set.
+      batch_size: examples per batch.
+
+    Returns:
+      ``(indices, mask)`` of shape ``(num_batches, batch_size)``, int32 and bool.
+    """
+    n_batches = num_batches(num_examples, batch_size)
+    order = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+    total = n_batches * batch_size
+    padded = jnp.concatenate([order, jnp.full((total - num_examples,), order[0])])
+    mask = jnp.arange(total) < num_examples
+    shape = (n_batches, batch_size)
+    return padded.astype(jnp.int32).reshape(shape), mask.reshape(shape)
+
+
+def take(data: Any, indices):
+    """Rows ``indices`` of every leaf of ``data`` (works for numpy and jax arrays)."""
+    return jax.tree_util.tree_map(lambda a: a[indices], data)
