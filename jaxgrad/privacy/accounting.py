@@ -24,7 +24,7 @@ import logging
 import math
 
 from jaxgrad import reduce
-from jaxgrad.privacy.sampling import check_sampling_rate
+from jaxgrad.privacy.sampling import check_nonnegative, check_positive, check_sampling_rate
 
 ACCOUNTANTS = ("pld", "rdp")
 
@@ -48,16 +48,17 @@ def _check_accountant(accountant):
 
 
 def _check_delta(delta):
-    ok = isinstance(delta, (int, float)) and not isinstance(delta, bool)
-    if not ok or not 0 < delta < 1:
+    value = reduce.as_number(delta, name="delta")
+    if not 0 < value < 1:
         raise ValueError(f"`delta` must be a number in (0, 1); got {delta!r}")
-    return float(delta)
+    return value
 
 
 def _check_steps(steps):
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    value = reduce.as_number(steps, name="steps", integer=True)
+    if value < 0:
         raise ValueError(f"`steps` must be a non-negative integer; got {steps!r}")
-    return steps
+    return value
 
 
 @contextlib.contextmanager
@@ -72,7 +73,14 @@ def _quiet_absl():
 
 
 def dp_event(*, noise_multiplier: float, sampling_rate: float, steps: int):
-    """The ``dp_accounting`` event of ``steps`` Poisson-sampled Gaussian DP-SGD steps."""
+    """The ``dp_accounting`` event of ``steps`` Poisson-sampled Gaussian DP-SGD steps.
+
+    ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(σ)), T)``; the arguments
+    are checked as for :func:`epsilon`.
+    """
+    noise_multiplier = check_nonnegative(noise_multiplier, "noise_multiplier")
+    sampling_rate = check_sampling_rate(sampling_rate)
+    steps = _check_steps(steps)
     dpa = _dpa()
     step = dpa.PoissonSampledDpEvent(sampling_rate, dpa.GaussianDpEvent(noise_multiplier))
     return dpa.SelfComposedDpEvent(step, steps)
@@ -83,7 +91,7 @@ def make_accountant(accountant: str = "pld", *, pld_discretization: float = 1e-4
     _check_accountant(accountant)
     if accountant == "rdp":
         return _dpa().rdp.RdpAccountant()
-    vdi = reduce.check_positive_float(pld_discretization, name="pld_discretization")
+    vdi = check_positive(pld_discretization, "pld_discretization")
     return _dpa().pld.PLDAccountant(value_discretization_interval=vdi)
 
 
@@ -116,11 +124,7 @@ def epsilon(
       ...               delta=1e-5, accountant="rdp"), 3)
       2.597
     """
-    sigma = float(noise_multiplier)
-    if not sigma >= 0 or not math.isfinite(sigma):
-        raise ValueError(
-            f"`noise_multiplier` must be a non-negative number; got {noise_multiplier!r}"
-        )
+    sigma = check_nonnegative(noise_multiplier, "noise_multiplier")
     q = check_sampling_rate(sampling_rate)
     steps = _check_steps(steps)
     delta = _check_delta(delta)
@@ -170,13 +174,13 @@ def calibrate_noise_multiplier(
       ...         accountant="rdp") <= 3.0
       True
     """
-    target = reduce.check_positive_float(target_epsilon, name="target_epsilon")
+    target = check_positive(target_epsilon, "target_epsilon")
     delta = _check_delta(delta)
     q = check_sampling_rate(sampling_rate)
     steps = _check_steps(steps)
     if steps == 0:
         raise ValueError("`steps` must be at least 1 to calibrate a noise multiplier; got 0")
-    tol = reduce.check_positive_float(tol, name="tol")
+    tol = check_positive(tol, "tol")
     _check_accountant(accountant)
     with _quiet_absl():  # RDP warns for every order it drops at small σ; ε is still an upper bound
         sigma = _dpa().calibrate_dp_mechanism(

@@ -33,6 +33,18 @@ DEFAULTS = {
     "line": ("sgd", 0.1, 50, 32),
 }
 FALLBACK = ("adam", 1e-3, 10, 64)
+# PrivacyConfig fields and plan() arguments that are command-line flags of the same name.
+DP_FLAGS = (
+    "l2_clip",
+    "target_epsilon",
+    "noise_multiplier",
+    "delta",
+    "accountant",
+    "physical_batch_size",
+    "nonfinite",
+    "batch_size",
+    "epochs",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,7 +212,10 @@ def _privacy(args, parser, num_examples, batch_size, epochs):
     try:
         return private.plan(config, num_examples=num_examples, batch_size=batch_size, epochs=epochs)
     except (ValueError, TypeError) as e:
-        parser.error(str(e))
+        message = str(e)
+        for name in DP_FLAGS:  # the library names its arguments; the user typed flags
+            message = message.replace(f"`{name}`", "--" + name.replace("_", "-"))
+        parser.error(message)
 
 
 def _model(args, ds, dtype, parser):
