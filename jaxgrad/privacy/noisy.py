@@ -27,7 +27,6 @@ how many. The count is a diagnostic computed from private data: it is not privat
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
