@@ -162,12 +162,12 @@ def test_bad_hyperparameters_are_refused_by_name(builder, name, bad):
 
 
 def test_a_traced_hyperparameter_is_refused_by_name():
-    build = lambda s: privacy.dp_grad(  # noqa: E731
+    build = lambda s: privacy.dp_grad(
         _linear_loss, l2_clip=1.0, noise_multiplier=s, expected_batch_size=2.0
     )
-    with pytest.raises(ValueError, match="`noise_multiplier`.*traced"):
+    with pytest.raises(ValueError, match=r"`noise_multiplier`.*traced"):
         jax.jit(lambda s: build(s)(jnp.zeros(2), jnp.ones((3, 2)), None, jax.random.key(0)))(1.0)
-    with pytest.raises(ValueError, match="`steps`.*traced"):
+    with pytest.raises(ValueError, match=r"`steps`.*traced"):
         jax.jit(
             lambda t: privacy.epsilon(noise_multiplier=1.0, sampling_rate=0.1, steps=t, delta=1e-5)
         )(3)
@@ -227,7 +227,7 @@ _KEY_USERS = {
 def test_not_one_key_is_refused_by_name(user):
     use = _KEY_USERS[user]
     for seed in (0, np.int64(3)):
-        with pytest.raises(TypeError, match="`key` must be one PRNG key.*seed, not a key"):
+        with pytest.raises(TypeError, match=r"`key` must be one PRNG key.*seed, not a key"):
             use(seed)
     for not_a_key in (None, 0.5, np.array([0, 1], np.int32), jnp.zeros(5, jnp.uint32)):
         with pytest.raises(TypeError, match="`key` must be one PRNG key"):
@@ -286,7 +286,9 @@ def test_a_token_loss_is_clipped_per_example_not_per_token(clip):
     if clip < 1:  # sensitivity: removing any one example changes the sum by at most C
         for i in range(len(x)):
             keep = jnp.arange(len(x)) != i
-            diff = (f(w, (x, v), None, jax.random.key(0)) - f(w, (x, v), keep, jax.random.key(0))) * 3
+            diff = (
+                f(w, (x, v), None, jax.random.key(0)) - f(w, (x, v), keep, jax.random.key(0))
+            ) * 3
             assert np.linalg.norm(diff) <= clip * (1 + 1e-12)
 
 
@@ -354,7 +356,14 @@ def _direct(sigma, q, steps, delta, accountant):
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
 @pytest.mark.parametrize(
     "sigma,q,steps",
-    [(1.0, 1.0, 1), (2.0, 1.0, 9), (5.0, 0.3, 1), (50.0, 0.5, 10), (0.6, 1e-6, 1000), (1e6, 0.1, 5)],
+    [
+        (1.0, 1.0, 1),
+        (2.0, 1.0, 9),
+        (5.0, 0.3, 1),
+        (50.0, 0.5, 10),
+        (0.6, 1e-6, 1000),
+        (1e6, 0.1, 5),
+    ],
 )
 def test_epsilon_at_the_extremes_is_dp_accounting_called_directly(accountant, sigma, q, steps):
     eps = privacy.epsilon(
@@ -369,15 +378,20 @@ def test_pld_epsilon_at_q_1_is_the_gaussian_mechanisms_closed_form():
     accountant's ε is an upper bound within its discretisation."""
     sigma, steps, delta = 2.0, 9, 1e-5
     s = sigma / math.sqrt(steps)
-    curve = lambda e: stats.norm.cdf(-e * s + 0.5 / s) - math.exp(e) * stats.norm.cdf(-e * s - 0.5 / s)  # noqa: E731
+    curve = lambda e: (
+        stats.norm.cdf(-e * s + 0.5 / s) - math.exp(e) * stats.norm.cdf(-e * s - 0.5 / s)
+    )
     exact = optimize.brentq(lambda e: curve(e) - delta, 1e-6, 100, xtol=1e-12)
     eps = privacy.epsilon(
         noise_multiplier=sigma, sampling_rate=1.0, steps=steps, delta=delta, accountant="pld"
     )
     assert exact <= eps <= exact + 2e-3
-    assert privacy.epsilon(  # RDP is looser, never tighter
-        noise_multiplier=sigma, sampling_rate=1.0, steps=steps, delta=delta, accountant="rdp"
-    ) >= exact
+    assert (
+        privacy.epsilon(  # RDP is looser, never tighter
+            noise_multiplier=sigma, sampling_rate=1.0, steps=steps, delta=delta, accountant="rdp"
+        )
+        >= exact
+    )
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
@@ -447,7 +461,11 @@ def test_resume_refuses_changed_privacy_naming_what_changed(tmp_path):
 
     fit(base)
     cases = [
-        (PrivacyConfig(l2_clip=1.0, noise_multiplier=1.0, accountant="rdp", delta=1e-6), {}, "delta"),
+        (
+            PrivacyConfig(l2_clip=1.0, noise_multiplier=1.0, accountant="rdp", delta=1e-6),
+            {},
+            "delta",
+        ),
         (base, {"batch_size": 5}, "sampling_rate"),
         (PrivacyConfig(l2_clip=2.0, noise_multiplier=1.0, accountant="rdp"), {}, "l2_clip"),
         (PrivacyConfig(l2_clip=1.0, noise_multiplier=1.0), {}, "accountant"),
@@ -493,3 +511,21 @@ def test_cli_dp_resume_with_changed_delta_is_a_message(tmp_path, capsys):
     assert "privacy settings changed (delta: 1e-05 -> 1e-06)" in capsys.readouterr().err
     assert main([*args, "--no-resume"]) == 2
     assert "already holds checkpoints" in capsys.readouterr().err
+
+
+def test_cli_dp_sigma_0_writes_strict_json(tmp_path):
+    """σ = 0 spends ε = ∞: the JSON says "inf" (``Infinity`` is not JSON; strict parsers,
+    jq or JavaScript's JSON.parse, refuse the whole file)."""
+    out, lines = tmp_path / "out.json", tmp_path / "m.jsonl"
+    args = ["--data", "breast_cancer", "--dp", "--noise-multiplier", "0", "--epochs", "1"]
+    args += ["--batch-size", "128", "--quiet", "--json", str(out), "--metrics-jsonl", str(lines)]
+    assert main(args) == 0
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    summary = json.loads(out.read_text(), parse_constant=refuse)
+    assert summary["privacy"]["epsilon"] == "inf" and summary["history"][-1]["epsilon"] == "inf"
+    assert summary["privacy"]["noise_multiplier"] == 0.0
+    record = json.loads(lines.read_text().splitlines()[-1], parse_constant=refuse)
+    assert record["epsilon"] == "inf"

@@ -365,6 +365,7 @@ def run(args, parser=None) -> dict:
 
     import jaxgrad.data
     from jaxgrad.train import evaluator, fit
+    from jaxgrad.train.progress import strict_json
 
     mesh = _mesh(args, parser)
     lead = jax.process_index() == 0  # with several processes only process 0 reports
@@ -504,7 +505,7 @@ def run(args, parser=None) -> dict:
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(summary, f, indent=1)
+            json.dump(strict_json(summary), f, indent=1, allow_nan=False)
     if args.plot:
         from jaxgrad.train.plot import plot_history
 
