@@ -394,6 +394,45 @@ def test_pld_epsilon_at_q_1_is_the_gaussian_mechanisms_closed_form():
     )
 
 
+def test_epsilon_lower_bound_is_one_steps_total_variation():
+    """The closed form against a numerical total variation of the two one-step outputs, and
+    below every ε the accountants give (they are upper bounds on the true ε)."""
+    from scipy import integrate
+
+    from jaxgrad.privacy.accounting import epsilon_lower_bound
+
+    for sigma, q in [(0.5, 0.3), (1.0, 1.0), (3.0, 0.01)]:
+
+        def gap(y, s=sigma, q=q):  # |mixture − N(0, σ²)| density
+            mixture = (1 - q) * stats.norm.pdf(y, 0, s) + q * stats.norm.pdf(y, 1, s)
+            return abs(mixture - stats.norm.pdf(y, 0, s))
+
+        tv = 0.5 * integrate.quad(gap, -40, 40, points=[0.5], limit=200)[0]
+        for delta in (1e-5, 1e-2):
+            lower = epsilon_lower_bound(noise_multiplier=sigma, sampling_rate=q, delta=delta)
+            assert lower == pytest.approx(math.log1p(max(0.0, tv - delta)), rel=1e-7, abs=1e-12)
+            for accountant in ("rdp", "pld"):
+                assert lower <= _direct(sigma, q, 3, delta, accountant)
+
+
+def test_epsilon_refuses_an_accountant_that_broke_down():
+    """dp-accounting's RDP accountant returns ε = 0 for σ = 1e-160 (1/σ² overflows): a
+    privacy claim of ε = 0 for no noise at all. Never passed on; nor are its overflows."""
+    kw = dict(sampling_rate=0.01, steps=10, delta=1e-5)
+    assert _direct(1e-160, 0.01, 10, 1e-5, "rdp") == 0  # the accountant's own answer
+    with pytest.raises(ValueError, match=r"`noise_multiplier` 1e-160.*broke down"):
+        privacy.epsilon(noise_multiplier=1e-160, accountant="rdp", **kw)
+    for accountant in ("rdp", "pld"):
+        with pytest.raises(ValueError, match="cannot evaluate `noise_multiplier` 1e\\+160"):
+            privacy.epsilon(noise_multiplier=1e160, accountant=accountant, **kw)
+    with pytest.raises(ValueError, match=r"cannot evaluate `noise_multiplier` 1e-20.*'rdp'"):
+        privacy.epsilon(noise_multiplier=1e-20, accountant="pld", **kw)  # a PLD too large
+    # Where the accountant works, it is what the test above compares: 5.5e40 for 1e-20.
+    assert privacy.epsilon(noise_multiplier=1e-20, accountant="rdp", **kw) == pytest.approx(
+        _direct(1e-20, 0.01, 10, 1e-5, "rdp"), rel=1e-12
+    )
+
+
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
 @pytest.mark.parametrize("target,q,steps", [(1.0, 1.0, 1), (1e-6, 0.01, 10), (0.05, 1.0, 1)])
 def test_calibrate_at_the_extremes(accountant, target, q, steps):

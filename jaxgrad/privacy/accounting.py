@@ -23,6 +23,8 @@ import contextlib
 import logging
 import math
 
+import numpy as np
+
 from jaxgrad import reduce
 from jaxgrad.privacy.sampling import check_nonnegative, check_positive, check_sampling_rate
 
@@ -133,9 +135,61 @@ def epsilon(
         return 0.0
     if sigma == 0:
         return math.inf
-    with _quiet_absl():
-        acc.compose(dp_event(noise_multiplier=sigma, sampling_rate=q, steps=steps))
-        return float(acc.get_epsilon(delta))
+    try:
+        with _quiet_absl():
+            acc.compose(dp_event(noise_multiplier=sigma, sampling_rate=q, steps=steps))
+            eps = float(acc.get_epsilon(delta))
+    except (ArithmeticError, MemoryError, ValueError) as e:  # overflow; a PLD too large
+        raise ValueError(
+            f"dp-accounting's {accountant!r} accountant cannot evaluate `noise_multiplier` "
+            f"{noise_multiplier!r} (q = {q}, {steps} steps): it raised {type(e).__name__}: {e}"
+            + (
+                "; try accountant='rdp' or a coarser pld_discretization"
+                if accountant == "pld"
+                else ""
+            )
+        ) from e
+    lower = epsilon_lower_bound(noise_multiplier=sigma, sampling_rate=q, delta=delta)
+    if not eps >= lower - 1e-12 * (1 + lower):
+        raise ValueError(
+            f"dp-accounting's {accountant!r} accountant returned ε = {eps!r} for "
+            f"`noise_multiplier` {noise_multiplier!r} (q = {q}, {steps} steps, δ = {delta}), "
+            f"below the lower bound {lower:.6g} that one step alone spends: its computation "
+            "broke down numerically (σ this small gives no meaningful privacy)"
+        )
+    return eps
+
+
+def epsilon_lower_bound(*, noise_multiplier: float, sampling_rate: float, delta: float) -> float:
+    """A closed-form lower bound on the ε of any number ``T ≥ 1`` of DP-SGD steps at ``δ``.
+
+    One step's outputs with and without an example are ``(1−q) N(0, σ²) + q N(1, σ²)`` and
+    ``N(0, σ²)`` (per unit of sensitivity), at total variation distance
+    ``TV = q (2Φ(1/(2σ)) − 1) = q erf(1 / (2√2 σ))``. The hockey-stick divergence satisfies
+    ``δ(ε) ≥ TV − (e^ε − 1)``, and ``T`` steps spend at least what the first one does, so
+
+    .. math::
+
+        \\varepsilon(\\delta) \\ge \\log\\big(1 + \\max(0, q\\,\\mathrm{erf}(1/(2\\sqrt2\\,\\sigma))
+            - \\delta)\\big)
+
+    Loose, but it catches an accountant whose arithmetic broke down (``dp-accounting``'s RDP
+    accountant returns ε = 0 once ``1/σ²`` overflows, e.g. at ``σ = 1e-155``).
+
+    Example::
+
+      >>> from jaxgrad.privacy.accounting import epsilon_lower_bound
+      >>> round(epsilon_lower_bound(noise_multiplier=1e-3, sampling_rate=0.01, delta=1e-5), 5)
+      0.00994
+    """
+    sigma = check_nonnegative(noise_multiplier, "noise_multiplier")
+    q = check_sampling_rate(sampling_rate)
+    delta = _check_delta(delta)
+    if sigma == 0:
+        return math.log1p(max(0.0, q - delta))
+    with np.errstate(over="ignore", divide="ignore"):
+        tv = q * math.erf(float(np.float64(1.0) / (2 * math.sqrt(2) * np.float64(sigma))))
+    return math.log1p(max(0.0, tv - delta))
 
 
 def calibrate_noise_multiplier(
@@ -190,4 +244,20 @@ def calibrate_noise_multiplier(
             delta,
             tol=tol,
         )
-    return float(sigma)
+    sigma = float(sigma)
+    # Brent's method trusts the accountant at every σ it tries: check the answer with the
+    # guarded epsilon (which refuses an ε that broke down numerically).
+    spent = epsilon(
+        noise_multiplier=sigma,
+        sampling_rate=q,
+        steps=steps,
+        delta=delta,
+        accountant=accountant,
+        pld_discretization=pld_discretization,
+    )
+    if spent > target * (1 + 1e-9):
+        raise ValueError(
+            f"calibration found `noise_multiplier` {sigma!r}, which spends ε = {spent!r} > "
+            f"`target_epsilon` {target!r}; dp-accounting's search failed for this setting"
+        )
+    return sigma
