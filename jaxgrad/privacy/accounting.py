@@ -236,14 +236,26 @@ def calibrate_noise_multiplier(
         raise ValueError("`steps` must be at least 1 to calibrate a noise multiplier; got 0")
     tol = check_positive(tol, "tol")
     _check_accountant(accountant)
-    with _quiet_absl():  # RDP warns for every order it drops at small σ; ε is still an upper bound
-        sigma = _dpa().calibrate_dp_mechanism(
-            lambda: make_accountant(accountant, pld_discretization=pld_discretization),
-            lambda s: dp_event(noise_multiplier=s, sampling_rate=q, steps=steps),
-            target,
-            delta,
-            tol=tol,
-        )
+    try:
+        with _quiet_absl():  # RDP warns for every order it drops at small σ; ε is an upper bound
+            sigma = _dpa().calibrate_dp_mechanism(
+                lambda: make_accountant(accountant, pld_discretization=pld_discretization),
+                lambda s: dp_event(noise_multiplier=s, sampling_rate=q, steps=steps),
+                target,
+                delta,
+                tol=tol,
+            )
+    except (ArithmeticError, MemoryError) as e:  # a σ tried overflowed, or its PLD was too large
+        raise ValueError(
+            f"dp-accounting's {accountant!r} accountant failed while calibrating σ for "
+            f"`target_epsilon` {target_epsilon!r} (q = {q}, {steps} steps, δ = {delta}): "
+            f"{type(e).__name__}: {e}"
+            + (
+                "; try accountant='rdp' or a coarser pld_discretization"
+                if accountant == "pld"
+                else ""
+            )
+        ) from e
     sigma = float(sigma)
     # Brent's method trusts the accountant at every σ it tries: check the answer with the
     # guarded epsilon (which refuses an ε that broke down numerically).
