@@ -13,6 +13,7 @@ where ``m_i`` is the padding mask. Padding never changes shapes, so jit never re
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -404,6 +405,12 @@ def as_number(value, *, name: str, integer: bool = False) -> float | int:
     return int(value) if integer else float(value)
 
 
+@functools.cache
+def _raw_key_shape(impl: str) -> tuple[int, ...]:
+    """The shape of a raw (``uint32``) key of the PRNG implementation ``impl``."""
+    return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape
+
+
 def check_key(key, *, name: str = "key"):
     """Checks ``key`` is one PRNG key: a typed key of shape ``()`` or a raw ``uint32`` key.
 
@@ -422,7 +429,7 @@ def check_key(key, *, name: str = "key"):
                 "(pass one key, or jax.vmap over the keys)"
             )
         return key
-    raw = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
+    raw = _raw_key_shape(str(jax.config.jax_default_prng_impl))
     if dtype == np.uint32 and len(shape) == len(raw) + 1 and shape[1:] == raw:
         raise ValueError(
             f"`{name}` must be one PRNG key; got a batch of raw keys of shape {shape} "
