@@ -415,6 +415,7 @@ def test_epsilon_lower_bound_is_one_steps_total_variation():
                 assert lower <= _direct(sigma, q, 3, delta, accountant)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # dp-accounting overflowing
 def test_epsilon_refuses_an_accountant_that_broke_down():
     """dp-accounting's RDP accountant returns ε = 0 for σ = 1e-160 (1/σ² overflows): a
     privacy claim of ε = 0 for no noise at all. Never passed on; nor are its overflows."""
