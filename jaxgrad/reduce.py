@@ -13,6 +13,7 @@ where ``m_i`` is the padding mask. Padding never changes shapes, so jit never re
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -364,3 +365,81 @@ def check_positive_int(value, *, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer; got {value!r}")
     return int(value)
+
+
+def as_number(value, *, name: str, integer: bool = False) -> float | int:
+    """A keyword hyperparameter as a Python ``float`` (``int`` with ``integer``), range unchecked.
+
+    Accepts Python numbers, NumPy scalars (``np.float32(1.0)``, ``np.int64(3)``) and concrete
+    0-d arrays (NumPy or JAX); rejects bools, strings, ``None``, arrays with axes and values
+    traced under ``jit``/``vmap`` (a hyperparameter shapes the program: it must be known when
+    the function is built). With ``integer`` only integer types are accepted.
+
+    Raises:
+      ValueError: naming ``name``, what it got and what was expected.
+    """
+    kind = "an integer" if integer else "a real number"
+    if isinstance(value, jax.core.Tracer):
+        raise ValueError(
+            f"`{name}` must be a concrete number, known when the function is built; got a value "
+            "traced under jax.jit/vmap/grad. Pass a Python or NumPy number"
+        )
+    if isinstance(value, (np.ndarray, jax.Array)) and value.shape == ():
+        scalar_dtype = value.dtype
+    elif isinstance(value, (int, float, np.integer, np.floating)):
+        scalar_dtype = np.result_type(value)
+    else:
+        scalar_dtype = None
+    ok = scalar_dtype is not None and not isinstance(value, (bool, np.bool_))
+    ok = ok and (
+        np.issubdtype(scalar_dtype, np.integer)
+        or (not integer and np.issubdtype(scalar_dtype, np.floating))
+    )
+    if not ok:
+        got = (
+            f"an array of shape {value.shape} and dtype {value.dtype}"
+            if isinstance(value, (np.ndarray, jax.Array)) and value.shape != ()
+            else repr(value)
+        )
+        raise ValueError(f"`{name}` must be {kind} (a scalar); got {got}")
+    return int(value) if integer else float(value)
+
+
+@functools.cache
+def _raw_key_shape(impl: str) -> tuple[int, ...]:
+    """The shape of a raw (``uint32``) key of the PRNG implementation ``impl``."""
+    return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape
+
+
+def check_key(key, *, name: str = "key"):
+    """Checks ``key`` is one PRNG key: a typed key of shape ``()`` or a raw ``uint32`` key.
+
+    Works on traced keys (it reads only the dtype and shape).
+
+    Raises:
+      TypeError: not a key (e.g. an int seed), naming ``name``.
+      ValueError: a batch of keys.
+    """
+    dtype = getattr(key, "dtype", None)
+    shape = np.shape(key) if dtype is not None else None
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape != ():
+            raise ValueError(
+                f"`{name}` must be one PRNG key; got a batch of keys of shape {shape} "
+                "(pass one key, or jax.vmap over the keys)"
+            )
+        return key
+    raw = _raw_key_shape(str(jax.config.jax_default_prng_impl))
+    if dtype == np.uint32 and len(shape) == len(raw) + 1 and shape[1:] == raw:
+        raise ValueError(
+            f"`{name}` must be one PRNG key; got a batch of raw keys of shape {shape} "
+            "(pass one key, or jax.vmap over the keys)"
+        )
+    if dtype == np.uint32 and shape == raw:
+        return key  # a raw (legacy) key of the default implementation
+    got = f"an array of shape {shape} and dtype {dtype}" if dtype is not None else repr(key)
+    hint = " (an int is a seed, not a key)" if isinstance(key, (int, np.integer)) else ""
+    raise TypeError(
+        f"`{name}` must be one PRNG key, e.g. jax.random.key(0) (or a raw uint32{list(raw)} "
+        f"key); got {got}{hint}"
+    )

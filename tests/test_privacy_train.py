@@ -197,7 +197,7 @@ def test_cli_dp_writes_the_privacy_record(tmp_path):
         (["--target-epsilon", "8"], "need"),
         (["--dp"], "exactly one"),
         (["--dp", "--noise-multiplier", "1", "--strategy", "clipped"], "strategy"),
-        (["--dp", "--noise-multiplier", "1", "--l2-clip", "0"], "l2_clip"),
+        (["--dp", "--noise-multiplier", "1", "--l2-clip", "0"], "--l2-clip"),
     ],
 )
 def test_cli_dp_errors(args, match, capsys):

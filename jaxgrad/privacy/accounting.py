@@ -23,8 +23,10 @@ import contextlib
 import logging
 import math
 
+import numpy as np
+
 from jaxgrad import reduce
-from jaxgrad.privacy.sampling import check_sampling_rate
+from jaxgrad.privacy.sampling import check_nonnegative, check_positive, check_sampling_rate
 
 ACCOUNTANTS = ("pld", "rdp")
 
@@ -48,16 +50,17 @@ def _check_accountant(accountant):
 
 
 def _check_delta(delta):
-    ok = isinstance(delta, (int, float)) and not isinstance(delta, bool)
-    if not ok or not 0 < delta < 1:
+    value = reduce.as_number(delta, name="delta")
+    if not 0 < value < 1:
         raise ValueError(f"`delta` must be a number in (0, 1); got {delta!r}")
-    return float(delta)
+    return value
 
 
 def _check_steps(steps):
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    value = reduce.as_number(steps, name="steps", integer=True)
+    if value < 0:
         raise ValueError(f"`steps` must be a non-negative integer; got {steps!r}")
-    return steps
+    return value
 
 
 @contextlib.contextmanager
@@ -72,7 +75,14 @@ def _quiet_absl():
 
 
 def dp_event(*, noise_multiplier: float, sampling_rate: float, steps: int):
-    """The ``dp_accounting`` event of ``steps`` Poisson-sampled Gaussian DP-SGD steps."""
+    """The ``dp_accounting`` event of ``steps`` Poisson-sampled Gaussian DP-SGD steps.
+
+    ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(σ)), T)``; the arguments
+    are checked as for :func:`epsilon`.
+    """
+    noise_multiplier = check_nonnegative(noise_multiplier, "noise_multiplier")
+    sampling_rate = check_sampling_rate(sampling_rate)
+    steps = _check_steps(steps)
     dpa = _dpa()
     step = dpa.PoissonSampledDpEvent(sampling_rate, dpa.GaussianDpEvent(noise_multiplier))
     return dpa.SelfComposedDpEvent(step, steps)
@@ -83,7 +93,7 @@ def make_accountant(accountant: str = "pld", *, pld_discretization: float = 1e-4
     _check_accountant(accountant)
     if accountant == "rdp":
         return _dpa().rdp.RdpAccountant()
-    vdi = reduce.check_positive_float(pld_discretization, name="pld_discretization")
+    vdi = check_positive(pld_discretization, "pld_discretization")
     return _dpa().pld.PLDAccountant(value_discretization_interval=vdi)
 
 
@@ -116,11 +126,7 @@ def epsilon(
       ...               delta=1e-5, accountant="rdp"), 3)
       2.597
     """
-    sigma = float(noise_multiplier)
-    if not sigma >= 0 or not math.isfinite(sigma):
-        raise ValueError(
-            f"`noise_multiplier` must be a non-negative number; got {noise_multiplier!r}"
-        )
+    sigma = check_nonnegative(noise_multiplier, "noise_multiplier")
     q = check_sampling_rate(sampling_rate)
     steps = _check_steps(steps)
     delta = _check_delta(delta)
@@ -129,9 +135,61 @@ def epsilon(
         return 0.0
     if sigma == 0:
         return math.inf
-    with _quiet_absl():
-        acc.compose(dp_event(noise_multiplier=sigma, sampling_rate=q, steps=steps))
-        return float(acc.get_epsilon(delta))
+    try:
+        with _quiet_absl():
+            acc.compose(dp_event(noise_multiplier=sigma, sampling_rate=q, steps=steps))
+            eps = float(acc.get_epsilon(delta))
+    except (ArithmeticError, MemoryError, ValueError) as e:  # overflow; a PLD too large
+        raise ValueError(
+            f"dp-accounting's {accountant!r} accountant cannot evaluate `noise_multiplier` "
+            f"{noise_multiplier!r} (q = {q}, {steps} steps): it raised {type(e).__name__}: {e}"
+            + (
+                "; try accountant='rdp' or a coarser pld_discretization"
+                if accountant == "pld"
+                else ""
+            )
+        ) from e
+    lower = epsilon_lower_bound(noise_multiplier=sigma, sampling_rate=q, delta=delta)
+    if not eps >= lower - 1e-12 * (1 + lower):
+        raise ValueError(
+            f"dp-accounting's {accountant!r} accountant returned ε = {eps!r} for "
+            f"`noise_multiplier` {noise_multiplier!r} (q = {q}, {steps} steps, δ = {delta}), "
+            f"below the lower bound {lower:.6g} that one step alone spends: its computation "
+            "broke down numerically (σ this small gives no meaningful privacy)"
+        )
+    return eps
+
+
+def epsilon_lower_bound(*, noise_multiplier: float, sampling_rate: float, delta: float) -> float:
+    """A closed-form lower bound on the ε of any number ``T ≥ 1`` of DP-SGD steps at ``δ``.
+
+    One step's outputs with and without an example are ``(1−q) N(0, σ²) + q N(1, σ²)`` and
+    ``N(0, σ²)`` (per unit of sensitivity), at total variation distance
+    ``TV = q (2Φ(1/(2σ)) − 1) = q erf(1 / (2√2 σ))``. The hockey-stick divergence satisfies
+    ``δ(ε) ≥ TV − (e^ε − 1)``, and ``T`` steps spend at least what the first one does, so
+
+    .. math::
+
+        \\varepsilon(\\delta) \\ge \\log\\big(1 + \\max(0, q\\,\\mathrm{erf}(1/(2\\sqrt2\\,\\sigma))
+            - \\delta)\\big)
+
+    Loose, but it catches an accountant whose arithmetic broke down (``dp-accounting``'s RDP
+    accountant returns ε = 0 once ``1/σ²`` overflows, e.g. at ``σ = 1e-155``).
+
+    Example::
+
+      >>> from jaxgrad.privacy.accounting import epsilon_lower_bound
+      >>> round(epsilon_lower_bound(noise_multiplier=1e-3, sampling_rate=0.01, delta=1e-5), 5)
+      0.00994
+    """
+    sigma = check_nonnegative(noise_multiplier, "noise_multiplier")
+    q = check_sampling_rate(sampling_rate)
+    delta = _check_delta(delta)
+    if sigma == 0:
+        return math.log1p(max(0.0, q - delta))
+    with np.errstate(over="ignore", divide="ignore"):
+        tv = q * math.erf(float(np.float64(1.0) / (2 * math.sqrt(2) * np.float64(sigma))))
+    return math.log1p(max(0.0, tv - delta))
 
 
 def calibrate_noise_multiplier(
@@ -170,20 +228,48 @@ def calibrate_noise_multiplier(
       ...         accountant="rdp") <= 3.0
       True
     """
-    target = reduce.check_positive_float(target_epsilon, name="target_epsilon")
+    target = check_positive(target_epsilon, "target_epsilon")
     delta = _check_delta(delta)
     q = check_sampling_rate(sampling_rate)
     steps = _check_steps(steps)
     if steps == 0:
         raise ValueError("`steps` must be at least 1 to calibrate a noise multiplier; got 0")
-    tol = reduce.check_positive_float(tol, name="tol")
+    tol = check_positive(tol, "tol")
     _check_accountant(accountant)
-    with _quiet_absl():  # RDP warns for every order it drops at small σ; ε is still an upper bound
-        sigma = _dpa().calibrate_dp_mechanism(
-            lambda: make_accountant(accountant, pld_discretization=pld_discretization),
-            lambda s: dp_event(noise_multiplier=s, sampling_rate=q, steps=steps),
-            target,
-            delta,
-            tol=tol,
+    try:
+        with _quiet_absl():  # RDP warns for every order it drops at small σ; ε is an upper bound
+            sigma = _dpa().calibrate_dp_mechanism(
+                lambda: make_accountant(accountant, pld_discretization=pld_discretization),
+                lambda s: dp_event(noise_multiplier=s, sampling_rate=q, steps=steps),
+                target,
+                delta,
+                tol=tol,
+            )
+    except (ArithmeticError, MemoryError) as e:  # a σ tried overflowed, or its PLD was too large
+        raise ValueError(
+            f"dp-accounting's {accountant!r} accountant failed while calibrating σ for "
+            f"`target_epsilon` {target_epsilon!r} (q = {q}, {steps} steps, δ = {delta}): "
+            f"{type(e).__name__}: {e}"
+            + (
+                "; try accountant='rdp' or a coarser pld_discretization"
+                if accountant == "pld"
+                else ""
+            )
+        ) from e
+    sigma = float(sigma)
+    # Brent's method trusts the accountant at every σ it tries: check the answer with the
+    # guarded epsilon (which refuses an ε that broke down numerically).
+    spent = epsilon(
+        noise_multiplier=sigma,
+        sampling_rate=q,
+        steps=steps,
+        delta=delta,
+        accountant=accountant,
+        pld_discretization=pld_discretization,
+    )
+    if spent > target * (1 + 1e-9):
+        raise ValueError(
+            f"calibration found `noise_multiplier` {sigma!r}, which spends ε = {spent!r} > "
+            f"`target_epsilon` {target!r}; dp-accounting's search failed for this setting"
         )
-    return float(sigma)
+    return sigma

@@ -27,7 +27,6 @@ how many. The count is a diagnostic computed from private data: it is not privat
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -55,13 +54,6 @@ class DPInfo(NamedTuple):
     num_examples: jax.Array
     num_nonfinite: jax.Array
     num_physical_batches: jax.Array
-
-
-def _check_nonneg(value, name) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value < 0:
-        raise ValueError(f"`{name}` must be a non-negative finite number; got {value!r}")
-    return float(value)
 
 
 def _check_nonfinite(nonfinite):
@@ -127,13 +119,27 @@ def add_noise(total: PyTree, key, *, stddev) -> PyTree:
     Args:
       total: a pytree of float arrays (the clipped sum).
       key: the PRNG key; used once, for this whole tree.
-      stddev: the noise's standard deviation ``σC``.
+      stddev: the noise's standard deviation ``σC ≥ 0`` (a number, or a traced scalar).
+
+    Raises:
+      TypeError: a leaf that is not a real floating-point array; ``key`` not one PRNG key.
 
     Returns:
       A pytree like ``total``.
     """
+    key = reduce.check_key(key)
+    if not isinstance(stddev, jax.core.Tracer) and not (
+        isinstance(stddev, jax.Array) and not stddev.is_fully_addressable
+    ):
+        stddev = sampling.check_nonnegative(stddev, "stddev")  # a traced one is the caller's
     leaves, treedef = jax.tree_util.tree_flatten(total)
-    if not leaves or (isinstance(stddev, (int, float)) and stddev == 0):
+    for x in leaves:
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            raise TypeError(
+                "`total` leaves must be real floating-point arrays (the noise would be rounded "
+                f"or cast away); got dtype {jnp.result_type(x)}"
+            )
+    if not leaves or (isinstance(stddev, float) and stddev == 0):
         return total  # σ = 0: nothing to draw
     dtype = jnp.result_type(jnp.float32, *leaves)
     sizes = [x.size for x in leaves]
@@ -224,9 +230,9 @@ def dp_grad(
       >>> [round(float(v), 6) for v in g]  # ([0.6, 0.8] + [0, 0.5]) / 4
       [0.15, 0.325]
     """
-    l2_clip = reduce.check_positive_float(l2_clip, name="l2_clip")
-    sigma = _check_nonneg(noise_multiplier, "noise_multiplier")
-    b_e = reduce.check_positive_float(expected_batch_size, name="expected_batch_size")
+    l2_clip = sampling.check_positive(l2_clip, "l2_clip")
+    sigma = sampling.check_nonnegative(noise_multiplier, "noise_multiplier")
+    b_e = sampling.check_positive(expected_batch_size, "expected_batch_size")
     nonfinite = _check_nonfinite(nonfinite)
     clipped = clipped_sum_dropping_nonfinite(
         loss_fn, l2_clip=l2_clip, method=method, chunk_size=chunk_size
@@ -243,7 +249,7 @@ def dp_grad(
 
     def f(params, batch, mask, key):
         mask = reduce.check_mask(mask, reduce.batch_size(batch))
-        return finish(*core(params, batch, mask, key))
+        return finish(*core(params, batch, mask, reduce.check_key(key)))
 
     f.__name__ = f.__qualname__ = "dp_grad"
     f.__doc__ = dp_grad.__doc__
@@ -302,10 +308,10 @@ def sampled_dp_grad(
       >>> g.shape, int(info.num_physical_batches) == -(-int(info.num_examples) // 8)
       ((3,), True)
     """
-    l2_clip = reduce.check_positive_float(l2_clip, name="l2_clip")
-    sigma = _check_nonneg(noise_multiplier, "noise_multiplier")
+    l2_clip = sampling.check_positive(l2_clip, "l2_clip")
+    sigma = sampling.check_nonnegative(noise_multiplier, "noise_multiplier")
     q = sampling.check_sampling_rate(sampling_rate)
-    p = reduce.check_positive_int(physical_batch_size, name="physical_batch_size")
+    p = sampling.check_count(physical_batch_size, "physical_batch_size")
     nonfinite = _check_nonfinite(nonfinite)
     clipped = clipped_sum_dropping_nonfinite(
         loss_fn, l2_clip=l2_clip, method=method, chunk_size=chunk_size
@@ -343,7 +349,7 @@ def sampled_dp_grad(
     finish = _finish(nonfinite, return_info, "sampled_dp_grad")
 
     def f(params, data, key):
-        return finish(*core(params, data, key))
+        return finish(*core(params, data, reduce.check_key(key)))
 
     f.__name__ = f.__qualname__ = "sampled_dp_grad"
     f.__doc__ = sampled_dp_grad.__doc__

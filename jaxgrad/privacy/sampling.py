@@ -41,11 +41,29 @@ class PoissonSample(NamedTuple):
     mask: jax.Array
 
 
+def check_positive(value, name: str) -> float:
+    """A positive finite hyperparameter (Python or NumPy number, or a concrete 0-d array)."""
+    return reduce.check_positive_float(reduce.as_number(value, name=name), name=name)
+
+
+def check_nonnegative(value, name: str) -> float:
+    """A non-negative finite hyperparameter (Python or NumPy number, or a concrete 0-d array)."""
+    number = reduce.as_number(value, name=name)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"`{name}` must be a non-negative finite number; got {value!r}")
+    return number
+
+
+def check_count(value, name: str) -> int:
+    """A positive integer hyperparameter (Python or NumPy integer, or a concrete 0-d array)."""
+    return reduce.check_positive_int(reduce.as_number(value, name=name, integer=True), name=name)
+
+
 def check_sampling_rate(sampling_rate) -> float:
-    ok = isinstance(sampling_rate, (int, float)) and not isinstance(sampling_rate, bool)
-    if not ok or not math.isfinite(sampling_rate) or not 0 < sampling_rate <= 1:
+    q = reduce.as_number(sampling_rate, name="sampling_rate")
+    if not math.isfinite(q) or not 0 < q <= 1:
         raise ValueError(f"`sampling_rate` must be a number in (0, 1]; got {sampling_rate!r}")
-    return float(sampling_rate)
+    return q
 
 
 def inclusion_mask(key, *, sampling_rate: float, num_examples: int):
@@ -81,7 +99,8 @@ def inclusion_mask(key, *, sampling_rate: float, num_examples: int):
       >>> m.shape, abs(float(m.mean()) - 0.25) < 0.01
       ((100000,), True)
     """
-    n = reduce.check_positive_int(num_examples, name="num_examples")
+    key = reduce.check_key(key)
+    n = check_count(num_examples, "num_examples")
     q = check_sampling_rate(sampling_rate)
     if q == 1.0:
         return jnp.ones((n,), bool)
@@ -121,9 +140,10 @@ def poisson_sample(key, *, num_examples: int, sampling_rate: float, physical_bat
       >>> int(s.count) == int(s.mask.sum()), s.indices.shape
       (True, (12,))
     """
-    n = reduce.check_positive_int(num_examples, name="num_examples")
+    key = reduce.check_key(key)
+    n = check_count(num_examples, "num_examples")
     q = check_sampling_rate(sampling_rate)
-    p = reduce.check_positive_int(physical_batch_size, name="physical_batch_size")
+    p = check_count(physical_batch_size, "physical_batch_size")
     mask = inclusion_mask(key, sampling_rate=q, num_examples=n)
     # jnp.nonzero(mask, size=padded, fill_value=0), as one cumulative sum and one scatter:
     # drawn example i goes to position (number drawn before it); the rest stay 0.
@@ -158,7 +178,7 @@ def default_physical_batch_size(*, num_examples: int, sampling_rate: float) -> i
       >>> default_physical_batch_size(num_examples=60000, sampling_rate=256 / 60000)
       287
     """
-    n = reduce.check_positive_int(num_examples, name="num_examples")
+    n = check_count(num_examples, "num_examples")
     q = check_sampling_rate(sampling_rate)
     mean, std = n * q, math.sqrt(n * q * (1 - q))
     low = max(1, min(n, math.ceil(mean)))

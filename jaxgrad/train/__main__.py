@@ -33,6 +33,18 @@ DEFAULTS = {
     "line": ("sgd", 0.1, 50, 32),
 }
 FALLBACK = ("adam", 1e-3, 10, 64)
+# PrivacyConfig fields and plan() arguments that are command-line flags of the same name.
+DP_FLAGS = (
+    "l2_clip",
+    "target_epsilon",
+    "noise_multiplier",
+    "delta",
+    "accountant",
+    "physical_batch_size",
+    "nonfinite",
+    "batch_size",
+    "epochs",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,7 +212,10 @@ def _privacy(args, parser, num_examples, batch_size, epochs):
     try:
         return private.plan(config, num_examples=num_examples, batch_size=batch_size, epochs=epochs)
     except (ValueError, TypeError) as e:
-        parser.error(str(e))
+        message = str(e)
+        for name in DP_FLAGS:  # the library names its arguments; the user typed flags
+            message = message.replace(f"`{name}`", "--" + name.replace("_", "-"))
+        parser.error(message)
 
 
 def _model(args, ds, dtype, parser):
@@ -350,6 +365,7 @@ def run(args, parser=None) -> dict:
 
     import jaxgrad.data
     from jaxgrad.train import evaluator, fit
+    from jaxgrad.train.progress import strict_json
 
     mesh = _mesh(args, parser)
     lead = jax.process_index() == 0  # with several processes only process 0 reports
@@ -489,7 +505,7 @@ def run(args, parser=None) -> dict:
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(summary, f, indent=1)
+            json.dump(strict_json(summary), f, indent=1, allow_nan=False)
     if args.plot:
         from jaxgrad.train.plot import plot_history
 

@@ -380,7 +380,7 @@ def fit(
         if restored is not None:
             tree, meta, last_checkpoint = restored
             if mesh is not None and meta.get("config", {}).get("devices") != config["devices"]:
-                raise ValueError(
+                raise ckpt.CheckpointError(
                     f"checkpoint {last_checkpoint} was written by a run on "
                     f"{meta.get('config', {}).get('devices', 1)} device(s); this run has `mesh` "
                     f"with {config['devices']}. Resume on the same device count (the batches "

@@ -149,24 +149,43 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
         raise ValueError(
             "give `target_epsilon` (σ is calibrated) or `noise_multiplier`; got neither"
         )
+    target = config.target_epsilon
+    if target is not None:
+        target = sampling.check_positive(target, "target_epsilon")
     q = batch_size / n
-    physical = reduce.check_positive_int(
-        config.physical_batch_size
-        or dp.default_physical_batch_size(num_examples=n, sampling_rate=q),
-        name="physical_batch_size",
-    )
+    if config.physical_batch_size is None:  # (not `or`: 0 is an error, not the default)
+        physical = dp.default_physical_batch_size(num_examples=n, sampling_rate=q)
+    else:
+        physical = sampling.check_count(config.physical_batch_size, "physical_batch_size")
     steps = epochs * -(-n // batch_size)
+    given = 1.0 if config.noise_multiplier is None else config.noise_multiplier
+    dp.epsilon(  # checks σ, δ and the accountant before calibrating or training
+        noise_multiplier=given,
+        sampling_rate=q,
+        steps=0,
+        delta=config.delta,
+        accountant=config.accountant,
+        pld_discretization=config.pld_discretization,
+    )
+    dp.dp_grad(  # checks the clip, nonfinite and method
+        lambda p, x: p,
+        l2_clip=config.l2_clip,
+        noise_multiplier=given,
+        expected_batch_size=1.0,
+        nonfinite=config.nonfinite,
+        method=config.method,
+    )
     sigma = config.noise_multiplier
     if sigma is None:
         sigma = dp.calibrate_noise_multiplier(
-            target_epsilon=config.target_epsilon,
+            target_epsilon=target,
             delta=config.delta,
             sampling_rate=q,
             steps=steps,
             accountant=config.accountant,
             pld_discretization=config.pld_discretization,
         )
-    elif config.target_epsilon is not None:  # both given (e.g. a resolved plan): σ must do
+    elif target is not None:  # both given (e.g. a resolved plan): σ must do
         spent = dp.epsilon(
             noise_multiplier=sigma,
             sampling_rate=q,
@@ -175,28 +194,21 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
             accountant=config.accountant,
             pld_discretization=config.pld_discretization,
         )
-        if spent > config.target_epsilon * (1 + 1e-9):
+        if spent > target * (1 + 1e-9):
             raise ValueError(
                 f"`noise_multiplier` {sigma!r} spends ε = {spent:.4g} over the planned {steps} "
                 f"steps, more than `target_epsilon` {config.target_epsilon!r}"
             )
-    dp.epsilon(  # checks σ, δ and the accountant now, not after an epoch of training
+    sigma = sampling.check_nonnegative(sigma, "noise_multiplier")
+    resolved = dataclasses.replace(
+        config,
+        l2_clip=sampling.check_positive(config.l2_clip, "l2_clip"),
         noise_multiplier=sigma,
-        sampling_rate=q,
-        steps=0,
-        delta=config.delta,
-        accountant=config.accountant,
-        pld_discretization=config.pld_discretization,
+        delta=float(config.delta),  # checked by dp.epsilon above
+        target_epsilon=target,
+        pld_discretization=sampling.check_positive(config.pld_discretization, "pld_discretization"),
     )
-    dp.dp_grad(  # checks the clip and nonfinite
-        lambda p, x: p,
-        l2_clip=config.l2_clip,
-        noise_multiplier=sigma,
-        expected_batch_size=1.0,
-        nonfinite=config.nonfinite,
-    )
-    resolved = dataclasses.replace(config, noise_multiplier=float(sigma))
-    return PrivacyPlan(resolved, float(sigma), q, steps, physical)
+    return PrivacyPlan(resolved, sigma, q, steps, physical)
 
 
 def fit_private(
@@ -274,8 +286,10 @@ def fit_private(
 
     state = init_state(params, optimizer)
     history, start_epoch, last = [], 0, None
+    if checkpoint_dir is not None:
+        ckpt.prepare_directory(checkpoint_dir)
     if checkpoint_dir is not None and not resume and ckpt.list_checkpoints(checkpoint_dir):
-        raise ValueError(
+        raise ckpt.CheckpointError(
             f"`checkpoint_dir` {os.fspath(checkpoint_dir)!r} already holds checkpoints of another "
             "run; with resume=False use an empty directory"
         )
@@ -285,23 +299,27 @@ def fit_private(
             tree, meta, last = restored
             old_devices = (meta.get("config") or {}).get("devices", 1)
             if mesh is not None and old_devices != config["devices"]:
-                raise ValueError(
+                raise ckpt.CheckpointError(
                     f"checkpoint {last} was written by a run on {old_devices} device(s); this "
                     f"run has `mesh` with {config['devices']}. Resume on the same device count "
                     "(the order of the sums depends on it), or use another checkpoint_dir"
                 )
             if meta.get("config") != config:
                 old = (meta.get("config") or {}).get("privacy")
-                raise ValueError(
-                    f"checkpoint {last} was written by a run configured as {meta.get('config')}; "
-                    f"this run is {config}. "
-                    + (
-                        "The privacy settings changed (the accounting of the steps already "
-                        "taken would be wrong): resume with the same ones"
-                        if old != config["privacy"]
-                        else "Resume with the same data, batch_size and key"
+                if old != config["privacy"]:
+                    changed = _changes(old, config["privacy"]) if old else "it was not private"
+                    why = (
+                        f"the privacy settings changed ({changed}); the accounting of the steps "
+                        "already taken would be wrong. Resume with the same privacy settings"
                     )
-                    + ", or use another checkpoint_dir"
+                else:
+                    why = (
+                        f"the run changed ({_changes(meta.get('config') or {}, config)}). "
+                        "Resume with the same data, batch_size and key"
+                    )
+                raise ckpt.CheckpointError(
+                    f"checkpoint {last} was written by another run: {why}, or use another "
+                    "checkpoint_dir"
                 )
             state, key = tree["state"], tree["key"]
             start_epoch, history = meta["epoch"], meta["history"]
@@ -368,6 +386,12 @@ def fit_private(
         if metrics_file is not None:
             metrics_file.close()
     return FitResult(state.params, state, history)
+
+
+def _changes(old: dict, new: dict) -> str:
+    """``"name: old -> new"`` for every key whose value differs between two config dicts."""
+    keys = [k for k in {**old, **new} if old.get(k) != new.get(k)]
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
 
 
 def _sharded_epoch(

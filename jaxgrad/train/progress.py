@@ -7,6 +7,7 @@ tqdm is optional: without it a terminal gets one plain line per epoch. Off a ter
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 
@@ -118,6 +119,19 @@ class Progress:
         self.close()
 
 
+def strict_json(value):
+    """``value`` with every non-finite float written as the string ``"inf"``, ``"-inf"`` or
+    ``"nan"`` (e.g. ε = ∞ for σ = 0): ``json.dump`` would write ``Infinity``, which is not JSON
+    and which strict parsers (``jq``, JavaScript's ``JSON.parse``) refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def end_epoch(record: dict, *, params, evaluate, start: float, history: list, bar, metrics_file):
     """Completes an epoch's ``record`` (``evaluate(params)`` metrics, seconds since ``start``),
     appends it to ``history``, shows it on ``bar`` and writes it as a line to ``metrics_file``."""
@@ -127,5 +141,5 @@ def end_epoch(record: dict, *, params, evaluate, start: float, history: list, ba
     history.append(record)
     bar.epoch(record)
     if metrics_file is not None:
-        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.write(json.dumps(strict_json(record)) + "\n")
         metrics_file.flush()
