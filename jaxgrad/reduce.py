@@ -332,7 +332,7 @@ def chunked(
     def unstack(x):  # (K, per, ...) -> (K per, ...) in the batch's order, padding cut off
         if interleave:
             x = jnp.swapaxes(x, 0, 1)
-        x = x.reshape((-1, *x.shape[2:]))
+        x = x.reshape((x.shape[0] * x.shape[1], *x.shape[2:]))  # not -1: a leaf may be empty
         return x[:cut] if x.shape[0] > cut else x
 
     rows = jax.tree_util.tree_map(unstack, rows)
