@@ -91,7 +91,16 @@ def _bind(loss_fn, args):
     return lambda params, example: loss_fn(params, example, *args)
 
 
-def _strategy(core, *, validate=None, return_loss: bool | None, name: str, doc=None, loss_fn=None):
+def _strategy(
+    core,
+    *,
+    validate=None,
+    return_loss: bool | None,
+    name: str,
+    doc=None,
+    loss_fn=None,
+    real_params: bool = False,
+):
     """Wraps ``core(params, batch, mask) -> (loss, grads)`` with input checks and ``jax.jit``.
 
     With ``return_loss=None`` the core's output is returned as it is.
@@ -104,6 +113,8 @@ def _strategy(core, *, validate=None, return_loss: bool | None, name: str, doc=N
     ``f(params, batch, mask=None, *args)`` passes extra positional arguments to every call
     ``loss_fn(params, example, *args)`` (the same for every example: a step number, a base
     PRNG key to ``fold_in`` an example id from the batch, ...). They are traced, not static.
+
+    ``real_params=True`` rejects complex parameter leaves (see :func:`jaxgrad.reduce.check_params`).
     """
 
     def run(params, batch, mask, args):
@@ -123,7 +134,7 @@ def _strategy(core, *, validate=None, return_loss: bool | None, name: str, doc=N
     def f(params, batch, mask=None, *args):
         if args and loss_fn is None:
             raise TypeError(f"`{name}` takes no extra loss arguments; got {len(args)}")
-        reduce.check_params(params)
+        reduce.check_params(params, real=real_params)
         size = reduce.batch_size(batch)
         if mask is not None:
             mask = reduce.check_mask(mask, size)

@@ -52,9 +52,9 @@ def as_sum_count(out) -> tuple[jax.Array, jax.Array]:
             )
         if any(v is None for v in out):
             raise TypeError(f"`loss_fn` returned a pair holding None; got {out!r}")
-        loss_sum, count = (jnp.asarray(v) for v in out)
+        loss_sum, count = (_as_loss_array(v) for v in out)
     else:
-        loss_sum = jnp.asarray(out)
+        loss_sum = _as_loss_array(out)
         count = jnp.ones((), loss_sum.dtype)
     if loss_sum.shape != () or count.shape != ():
         raise TypeError(
@@ -74,13 +74,27 @@ def as_sum_count(out) -> tuple[jax.Array, jax.Array]:
     return loss_sum, count
 
 
-def check_params(params, *, name: str = "params") -> None:
+def _as_loss_array(value) -> jax.Array:
+    """One entry of ``loss_fn``'s output as an array, or a TypeError naming what it was."""
+    if not isinstance(value, (jax.Array, np.ndarray, np.generic, int, float, bool, complex)):
+        raise TypeError(
+            "`loss_fn` must return a scalar or a pair (loss_sum, n_items) of scalars; got a "
+            f"{type(value).__name__}: {value!r}"[:400]
+        )
+    return jnp.asarray(value)
+
+
+def check_params(params, *, name: str = "params", real: bool = False) -> None:
     """Checks ``params`` has array leaves, all floating point (they are differentiated).
 
     Integer leaves (step counters), booleans and PRNG keys have no gradient (JAX would give
     ``float0``); keep them out of the differentiated tree: close over them in ``loss_fn``, or
     split the model first (``eqx.partition(model, eqx.is_inexact_array)``,
     ``nnx.split(model, nnx.Param, ...)``) and pass only the trainable part as ``params``.
+
+    With ``real=True`` complex leaves are errors too: per-example gradient norms, clipping and
+    gradient statistics are defined here for real parameters only (split a complex leaf into
+    its real and imaginary parts to use them).
 
     Raises:
       ValueError: no leaves (``None``, ``{}``). TypeError: a non-floating leaf, named by path.
@@ -105,6 +119,13 @@ def check_params(params, *, name: str = "params") -> None:
                 "counters, PRNG keys and other state out of it: close over them in `loss_fn`, or "
                 "split the model (eqx.partition(model, eqx.is_inexact_array); nnx.split(model, "
                 "nnx.Param, ...)) and pass only the trainable part (see the README)"
+            )
+        if real and jnp.issubdtype(dtype, jnp.complexfloating):
+            raise TypeError(
+                f"`{name}` leaf {name}{jax.tree_util.keystr(path)} is dtype {dtype}; per-example "
+                "gradient norms, clipping and gradient statistics need real floating-point "
+                "parameters. Store a complex parameter as its real and imaginary parts (two real "
+                "leaves) and build it inside `loss_fn` with jax.lax.complex"
             )
 
 

@@ -31,7 +31,13 @@ PyTree = Any
 def _wrap(core, loss_fn, *, name: str, doc: str | None):
     """The strategies' own wrapper: input checks, padding filled, ``jax.jit``."""
     return _strategy(
-        core, validate=_validator(loss_fn), return_loss=None, name=name, doc=doc, loss_fn=loss_fn
+        core,
+        validate=_validator(loss_fn),
+        return_loss=None,
+        name=name,
+        doc=doc,
+        loss_fn=loss_fn,
+        real_params=True,  # the norms here are of real gradients (x², not |x|²)
     )
 
 
