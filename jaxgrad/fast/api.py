@@ -176,8 +176,11 @@ def clipped_grad(
         def one(b, m):
             parts = get(loss_fn, params, b, m)
             norms = jnp.sqrt(parts.norm_sq)
-            c = jnp.where(m, clip_factors(norms, l2_clip), 0)
             ok = m & jnp.isfinite(norms) & jnp.isfinite(parts.sums)
+            # A real example that cannot be clipped weighs NaN, so every leaf of the sum is
+            # NaN: a NaN norm would otherwise read as "not above the clip" (factor 1) and add
+            # the finite leaves of that gradient unclipped, and an inf one would weigh 0.
+            c = jnp.where(m, jnp.where(ok, clip_factors(norms, l2_clip), jnp.nan), 0)
             totals = (parts.weighted(c), jnp.sum(parts.counts), jnp.sum(parts.sums))
             return (norms, m & ~ok), totals
 
