@@ -91,6 +91,16 @@ def _bind(loss_fn, args):
     return lambda params, example: loss_fn(params, example, *args)
 
 
+def check_loss_fn(loss_fn):
+    """Raises a TypeError naming ``loss_fn`` unless it is callable."""
+    if not callable(loss_fn):
+        raise TypeError(
+            "`loss_fn` must be a function loss_fn(params, example) -> scalar | "
+            f"(loss_sum, n_items); got a {type(loss_fn).__name__}: {loss_fn!r}"[:300]
+        )
+    return loss_fn
+
+
 def _strategy(
     core,
     *,
@@ -116,6 +126,9 @@ def _strategy(
 
     ``real_params=True`` rejects complex parameter leaves (see :func:`jaxgrad.reduce.check_params`).
     """
+
+    if loss_fn is not None:
+        check_loss_fn(loss_fn)
 
     def run(params, batch, mask, args):
         # A missing mask is made inside the jit, so it takes the batch's sharding (a batch

@@ -373,9 +373,25 @@ def row_sq_norms(tree: PyTree) -> jax.Array:
 
 
 def check_positive_float(value, *, name: str) -> float:
-    """Checks a keyword hyperparameter is a positive, finite Python number."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value <= 0:
+    """Checks a keyword hyperparameter is a positive, finite real number; returns it as a float.
+
+    Python numbers, NumPy scalars and concrete 0-d arrays (``np.float32(1.0)``,
+    ``jnp.array(1.0)``) are accepted; booleans, strings and traced values are not (a traced
+    value cannot be checked, and these hyperparameters are fixed when ``f`` is built).
+    """
+    if isinstance(value, jax.core.Tracer):
+        raise ValueError(
+            f"`{name}` must be a concrete positive finite number, fixed when the function is "
+            f"built; got a traced value {value!r}"
+        )
+    shape, dtype = np.shape(value), getattr(value, "dtype", None)
+    ok = (
+        isinstance(value, (int, float, np.integer, np.floating, np.ndarray, jax.Array))
+        and not isinstance(value, (bool, np.bool_))
+        and shape == ()
+        and (dtype is None or jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+    )
+    if not ok or not math.isfinite(float(value)) or float(value) <= 0:
         raise ValueError(f"`{name}` must be a positive finite number; got {value!r}")
     return float(value)
 

@@ -23,13 +23,14 @@ import numpy as np
 
 from jaxgrad import reduce
 from jaxgrad.fast import passes
-from jaxgrad.grads import _per_example, _strategy, _validator
+from jaxgrad.grads import _per_example, _strategy, _validator, check_loss_fn
 
 PyTree = Any
 
 
 def _wrap(core, loss_fn, *, name: str, doc: str | None):
     """The strategies' own wrapper: input checks, padding filled, ``jax.jit``."""
+    check_loss_fn(loss_fn)
     return _strategy(
         core,
         validate=_validator(loss_fn),
