@@ -389,7 +389,11 @@ def check_positive_float(value, *, name: str) -> float:
         isinstance(value, (int, float, np.integer, np.floating, np.ndarray, jax.Array))
         and not isinstance(value, (bool, np.bool_))
         and shape == ()
-        and (dtype is None or jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+        and (
+            dtype is None
+            or jnp.issubdtype(dtype, jnp.integer)
+            or jnp.issubdtype(dtype, jnp.floating)
+        )
     )
     if not ok or not math.isfinite(float(value)) or float(value) <= 0:
         raise ValueError(f"`{name}` must be a positive finite number; got {value!r}")
