@@ -241,7 +241,7 @@ def test_complex_parameters_are_rejected_by_the_norm_functions_and_named():
 
 @pytest.mark.parametrize("bad", [lambda s: {"loss": s}, lambda s: [s, 1.0, 2.0], lambda s: "loss"])
 def test_loss_returning_a_dict_or_object_is_a_named_error(bad):
-    x, y, w, v = _data(6)
+    x, y, w, _ = _data(6)
     loss = lambda p, ex: bad(jnp.sum(ex[0] @ p["w"]))
     for f in (jaxgrad.batch_grad(loss), per_example_norms(loss), jaxgrad.per_example_grads(loss)):
         with pytest.raises(TypeError, match="`loss_fn` must return a scalar or a pair"):
@@ -250,9 +250,9 @@ def test_loss_returning_a_dict_or_object_is_a_named_error(bad):
 
 def test_loss_fn_that_is_not_callable_is_named_at_construction():
     for make in (jaxgrad.batch_grad, per_example_norms, grad_stats):
-        with pytest.raises(TypeError, match="`loss_fn` must be a function.*float"):
+        with pytest.raises(TypeError, match=r"`loss_fn` must be a function.*float"):
             make(3.0)
-    with pytest.raises(TypeError, match="`loss_fn` must be a function.*NoneType"):
+    with pytest.raises(TypeError, match=r"`loss_fn` must be a function.*NoneType"):
         clipped_grad(None, l2_clip=1.0)
 
 
@@ -289,7 +289,9 @@ def test_propagate_makes_every_leaf_nan_not_some_leaves_unclipped(method):
     grads_ref, _, _ = _loop(loss, params, (x[keep], y[keep]))
     n = np.array([np.linalg.norm(_flat(g)) for g in grads_ref])
     c = np.minimum(1.0, 1.0 / n)
-    want = jax.tree_util.tree_map(lambda *g: sum(ci * gi for ci, gi in zip(c, g)) / 4, *grads_ref)
+    want = jax.tree_util.tree_map(
+        lambda *g: sum(ci * gi for ci, gi in zip(c, g, strict=True)) / 4, *grads_ref
+    )
     _assert_close(
         clipped_grad(loss, l2_clip=1.0, nonfinite="drop", method=method)(params, (x, y)), want
     )
