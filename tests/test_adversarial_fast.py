@@ -48,8 +48,9 @@ def _assert_close(got, want):
     np.testing.assert_allclose(got, want, **TOL)
 
 
-def _check_every_strategy(loss, params, batch, *, clip=1.0):
-    """batch/mean/accumulate/per-example/norms/clip/stats/moments against the loop."""
+def _check_every_strategy(loss, params, batch, *, clip=1.0, fast_only=False):
+    """batch/mean/accumulate/per-example/norms/clip/stats/moments against the loop
+    (``fast_only``: the fast path's norms and clipped sums only)."""
     grads, sums, counts = _loop(loss, params, batch)
     tm = jax.tree_util.tree_map
     norms = np.array([np.linalg.norm(_flat(g)) for g in grads])
@@ -58,6 +59,11 @@ def _check_every_strategy(loss, params, batch, *, clip=1.0):
     factors = np.minimum(1.0, clip / np.where(norms > 0, norms, 1.0))
     clipped = tm(lambda *g: sum(c * x for c, x in zip(factors, g, strict=True)), *grads)
     stacked = tm(lambda *g: np.stack(g), *grads)
+    if fast_only:
+        _assert_close(per_example_norms(loss)(params, batch), norms)
+        got = clipped_grad(loss, l2_clip=clip, reduction="sum")(params, batch)
+        _assert_close(got, clipped)
+        return
     _assert_close(jaxgrad.batch_grad(loss)(params, batch), mean)
     _assert_close(jaxgrad.mean_of_per_example_grads(loss)(params, batch), mean)
     _assert_close(jaxgrad.accumulate_grad(loss, num_microbatches=2)(params, batch), mean)
@@ -295,3 +301,28 @@ def test_propagate_makes_every_leaf_nan_not_some_leaves_unclipped(method):
     _assert_close(
         clipped_grad(loss, l2_clip=1.0, nonfinite="drop", method=method)(params, (x, y)), want
     )
+
+
+# ---------------------------------------------------------------------------- lookups
+
+
+@pytest.mark.parametrize("rows", [7, 2])  # the same-row Gram route and the materialised one
+def test_out_of_bounds_lookups_in_every_gather_mode(rows):
+    """``x[idx]`` gathers in PROMISE_IN_BOUNDS mode: an out-of-bounds lookup reads the
+    clamped row but its scatter-add transpose drops the update, so ``jax.grad`` gives that
+    row nothing. Only CLIP mode sends the gradient to the clamped row."""
+    k = jax.random.split(jax.random.PRNGKey(9), 2)
+    table = jax.random.normal(k[0], (rows, 3))
+    idx = jnp.array([[0, -1, 9, 1, 1, 0], [1, 1, -7, 0, 0, 0], [-9, 0, 1, 2, 1, 0]])
+    y = jax.random.normal(k[1], (3,))
+
+    def loss(p, ex):
+        i, t = ex
+        a = p["e"][i]  # PROMISE_IN_BOUNDS (negative indices wrapped first)
+        b = jnp.take(p["e"], i, axis=0, mode="clip")
+        c = jnp.take(p["e"], i, axis=0, mode="fill", fill_value=0.0)
+        d = jnp.take(p["e"], i, axis=0, mode="wrap")
+        tied = jnp.tanh(a) @ p["e"].T  # the table also as an output projection
+        return (jnp.sum(jnp.sin(a) * b) + jnp.sum(c * d) + jnp.sum(tied) - t) ** 2
+
+    _check_every_strategy(loss, {"e": table}, (idx, y), fast_only=True)

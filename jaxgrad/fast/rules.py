@@ -241,7 +241,14 @@ def dense_norm_sq(eqn: Eqn, pos: int, a, g):
 
 
 def gather_rows(eqn: Eqn, idx, g):
-    """Row keys ``(B, T, k)``, validity ``(B, T)`` and cotangents ``(B, T, R)`` of a gather."""
+    """Row keys ``(B, T, k)``, validity ``(B, T)`` and cotangents ``(B, T, R)`` of a gather.
+
+    A lookup's gradient goes where the gather's transpose (a scatter-add in the same mode)
+    puts it: to the clamped row in ``CLIP`` mode, and nowhere for an out-of-bounds row in
+    every other mode (``FILL_OR_DROP`` drops it; ``PROMISE_IN_BOUNDS``, the mode of
+    ``x[idx]``, clamps the lookup but its scatter discards the update, so ``jax.grad`` is 0
+    there too), so such lookups are invalid: their cotangents are zeroed.
+    """
     dn = eqn.params["dimension_numbers"]
     shape = eqn.in_avals[0].shape
     out_ndim = len(eqn.out_avals[0].shape)
@@ -254,7 +261,7 @@ def gather_rows(eqn: Eqn, idx, g):
     idx = idx.reshape(b, t, idx.shape[-1])
     upper = jnp.array([shape[d] - 1 for d in dn.start_index_map], idx.dtype)
     valid = jnp.ones((b, t), bool)
-    if str(eqn.params.get("mode")).endswith("FILL_OR_DROP"):
+    if not str(eqn.params.get("mode")).endswith("CLIP"):
         valid = jnp.all((idx >= 0) & (idx <= upper), axis=-1)
     idx = jnp.clip(idx, 0, upper)
     return idx, valid, jnp.where(valid[..., None], g, 0)
