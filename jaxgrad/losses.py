@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxgrad import reduce
+
 PyTree = Any
 
 
@@ -47,6 +49,11 @@ def softmax_cross_entropy(logits, label):
             f"{logits.shape[:-1]} for logits of shape {logits.shape}; got a label of shape "
             f"{label.shape} (labels of shape (B, 1)? use y.reshape(-1) or y[:, 0])"
         )
+    if not (jnp.issubdtype(label.dtype, jnp.integer) or label.dtype == jnp.bool_):
+        raise TypeError(
+            f"softmax_cross_entropy: the label must be an integer class index; got dtype "
+            f"{label.dtype} (one-hot or soft labels? use optax.losses.softmax_cross_entropy)"
+        )
     num_classes = logits.shape[-1]
     safe = jnp.clip(label, 0, num_classes - 1)
     loss = optax.losses.softmax_cross_entropy_with_integer_labels(logits, safe)
@@ -58,7 +65,12 @@ def binary_cross_entropy(logit, label):
 
     A label outside ``[0, 1]`` gives NaN (value and gradient), never a finite wrong number.
     """
-    label = jnp.asarray(label)
+    label, logit = jnp.asarray(label), jnp.asarray(logit)
+    if label.shape != logit.shape and not (label.size == logit.size == 1):
+        raise ValueError(
+            f"binary_cross_entropy: one example's label must have the logit's shape "
+            f"{logit.shape}; got a label of shape {label.shape} (one logit per label)"
+        )
     loss = jnp.sum(optax.losses.sigmoid_binary_cross_entropy(logit, label.astype(logit.dtype)))
     valid = jnp.all((label >= 0) & (label <= 1))
     return loss * jnp.where(valid, 1, jnp.nan).astype(loss.dtype)
@@ -76,6 +88,12 @@ def token_cross_entropy(logits, targets, *, pad_id: int = 0):
     Returns:
       ``(loss_sum, n_real_tokens)``, both scalars.
     """
+    targets = jnp.asarray(targets)
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"token_cross_entropy: `targets` must have shape {logits.shape[:-1]} for logits of "
+            f"shape {logits.shape}; got {targets.shape}"
+        )
     real = targets != pad_id
     # Padding positions get label 0, so a pad_id outside the classes (e.g. -1) is not NaN.
     per_token = jax.vmap(softmax_cross_entropy)(logits, jnp.where(real, targets, 0))
@@ -134,6 +152,8 @@ class supervised:
     """
 
     def __init__(self, apply, loss, *, num_classes: int | None = None):
+        if num_classes is not None:
+            num_classes = reduce.check_positive_int(num_classes, name="num_classes")
         self.apply, self.loss, self.num_classes = apply, loss, num_classes
 
     def __call__(self, params, example):

@@ -326,3 +326,33 @@ def test_out_of_bounds_lookups_in_every_gather_mode(rows):
         return (jnp.sum(jnp.sin(a) * b) + jnp.sum(c * d) + jnp.sum(tied) - t) ** 2
 
     _check_every_strategy(loss, {"e": table}, (idx, y), fast_only=True)
+
+
+# ---------------------------------------------------------------------------- losses
+
+
+def test_loss_helpers_name_bad_labels_and_shapes():
+    from jaxgrad import losses
+
+    x = jnp.arange(15.0).reshape(5, 3) / 10
+    w = jnp.full((3, 4), 0.1)
+    apply = lambda p, xi: xi @ p
+    sce = losses.supervised(apply, losses.softmax_cross_entropy)
+    with pytest.raises(TypeError, match="softmax_cross_entropy: the label must be an integer"):
+        jaxgrad.batch_grad(sce)(w, (x, jnp.array([0.0, 1, 2, 3, 1])))
+    bce = losses.supervised(apply, losses.binary_cross_entropy)  # 4 logits, 1 label each
+    with pytest.raises(ValueError, match=r"binary_cross_entropy: .* shape \(4,\); got .* \(\)"):
+        jaxgrad.batch_grad(bce)(w, (x, jnp.array([0.0, 1, 1, 0, 1])))
+    tok = lambda p, ex: losses.token_cross_entropy(ex[0] @ p, ex[1], pad_id=-1)
+    xs = jnp.ones((5, 6, 3))
+    with pytest.raises(ValueError, match=r"`targets` must have shape \(6,\).*got \(5,\)"):
+        jaxgrad.batch_grad(tok)(w, (xs, jnp.zeros((5, 5), int)))
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="`num_classes` must be a positive integer"):
+            losses.supervised(apply, losses.softmax_cross_entropy, num_classes=bad)
+    # a well-formed token loss, padded sequences included, on every strategy
+    targets = jnp.array(
+        [[0, 1, -1, -1, -1, -1], [-1] * 6, [3] * 6, [2, -1] * 3, [1, 2, 3, 0, 1, 2]]
+    )
+    xs = jnp.arange(5 * 6 * 3.0).reshape(5, 6, 3) / 50
+    _check_every_strategy(tok, w, (xs, targets))
