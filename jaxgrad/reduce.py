@@ -201,6 +201,9 @@ def fill_padding(batch: PyTree, mask: jax.Array) -> PyTree:
     is_first = jnp.arange(mask.shape[0]) == jnp.argmax(mask)
 
     def fill(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):  # typed PRNG keys: their bits
+            bits = fill(jax.random.key_data(x))
+            return jax.random.wrap_key_data(bits, impl=jax.random.key_impl(x))
         shape = mask.shape + (1,) * (x.ndim - 1)
         first = jnp.sum(jnp.where(is_first.reshape(shape), x, jnp.zeros_like(x)), axis=0)
         return jnp.where(mask.reshape(shape), x, first.astype(x.dtype))

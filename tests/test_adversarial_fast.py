@@ -48,11 +48,23 @@ def _assert_close(got, want):
     np.testing.assert_allclose(got, want, **TOL)
 
 
-def _check_every_strategy(loss, params, batch, *, clip=1.0, fast_only=False):
+def _check_every_strategy(loss, params, batch, *, clip=1.0, fast_only=False, mask=None):
     """batch/mean/accumulate/per-example/norms/clip/stats/moments against the loop
-    (``fast_only``: the fast path's norms and clipped sums only)."""
-    grads, sums, counts = _loop(loss, params, batch)
+    (``fast_only``: the fast path's norms and clipped sums only). With a ``mask`` the loop
+    runs over the real rows only, and padded rows must come out as zeros."""
     tm = jax.tree_util.tree_map
+    if mask is not None:
+        real = np.asarray(mask)
+        grads, sums, counts = _loop(loss, params, tm(lambda x: x[real], batch))
+        zero = tm(np.zeros_like, grads[0])
+        rows = iter(grads)
+        grads = [next(rows) if r else zero for r in real]
+        sums = np.bincount(np.flatnonzero(real), sums, len(real))
+        counts = np.bincount(np.flatnonzero(real), counts, len(real))
+        batch = (batch, jnp.asarray(real))
+    else:
+        grads, sums, counts = _loop(loss, params, batch)
+        batch = (batch,)
     norms = np.array([np.linalg.norm(_flat(g)) for g in grads])
     total = counts.sum()
     mean = tm(lambda *g: sum(g) / total, *grads)
@@ -60,24 +72,24 @@ def _check_every_strategy(loss, params, batch, *, clip=1.0, fast_only=False):
     clipped = tm(lambda *g: sum(c * x for c, x in zip(factors, g, strict=True)), *grads)
     stacked = tm(lambda *g: np.stack(g), *grads)
     if fast_only:
-        _assert_close(per_example_norms(loss)(params, batch), norms)
-        got = clipped_grad(loss, l2_clip=clip, reduction="sum")(params, batch)
+        _assert_close(per_example_norms(loss)(params, *batch), norms)
+        got = clipped_grad(loss, l2_clip=clip, reduction="sum")(params, *batch)
         _assert_close(got, clipped)
         return
-    _assert_close(jaxgrad.batch_grad(loss)(params, batch), mean)
-    _assert_close(jaxgrad.mean_of_per_example_grads(loss)(params, batch), mean)
-    _assert_close(jaxgrad.accumulate_grad(loss, num_microbatches=2)(params, batch), mean)
-    _assert_close(jaxgrad.per_example_grads(loss, chunk_size=2)(params, batch), stacked)
-    _assert_close(per_example_moments(loss, chunk_size=2)(params, batch).norms, norms)
+    _assert_close(jaxgrad.batch_grad(loss)(params, *batch), mean)
+    _assert_close(jaxgrad.mean_of_per_example_grads(loss)(params, *batch), mean)
+    _assert_close(jaxgrad.accumulate_grad(loss, num_microbatches=2)(params, *batch), mean)
+    _assert_close(jaxgrad.per_example_grads(loss, chunk_size=2)(params, *batch), stacked)
+    _assert_close(per_example_moments(loss, chunk_size=2)(params, *batch).norms, norms)
     for method in ("auto", "vmap"):
-        _assert_close(per_example_norms(loss, method=method, chunk_size=2)(params, batch), norms)
+        _assert_close(per_example_norms(loss, method=method, chunk_size=2)(params, *batch), norms)
         f = clipped_grad(loss, l2_clip=clip, reduction="sum", method=method, return_loss=True)
-        loss_sum, got = f(params, batch)
+        loss_sum, got = f(params, *batch)
         _assert_close(got, clipped)
         np.testing.assert_allclose(float(loss_sum), sums.sum(), **TOL)
-        mean_clip = clipped_grad(loss, l2_clip=clip, method=method)(params, batch)
+        mean_clip = clipped_grad(loss, l2_clip=clip, method=method)(params, *batch)
         _assert_close(mean_clip, tm(lambda x: x / total, clipped))
-        stats = grad_stats(loss, method=method)(params, batch)
+        stats = grad_stats(loss, method=method)(params, *batch)
         _assert_close(stats.mean, mean)
         _assert_close(stats.norms, norms)
 
@@ -356,3 +368,21 @@ def test_loss_helpers_name_bad_labels_and_shapes():
     )
     xs = jnp.arange(5 * 6 * 3.0).reshape(5, 6, 3) / 50
     _check_every_strategy(tok, w, (xs, targets))
+
+
+# ---------------------------------------------------------------------------- PRNG keys
+
+
+def test_typed_prng_keys_in_the_batch_with_padding():
+    """Per-example dropout keys kept in the batch as typed keys (``jax.random.key``): padded
+    rows are refilled with a real row's key bits, on every strategy."""
+    x, y, w, v = _data(10)
+    keys = jax.random.split(jax.random.key(0), B)
+
+    def loss(p, ex):
+        xi, t, key = ex
+        keep = jax.random.bernoulli(key, 0.7, (H,))
+        return (jnp.where(keep, jnp.tanh(xi @ p["w"]), 0) @ p["v"] / 0.7 - t) ** 2
+
+    mask = np.array([True, False, True, True, False])
+    _check_every_strategy(loss, {"w": w, "v": v}, (x, y, keys), mask=mask)
