@@ -147,6 +147,15 @@ def batch_size(batch: PyTree, *, name: str = "batch") -> int:
     leaves = jax.tree_util.tree_leaves(batch)
     if not leaves:
         raise ValueError(f"`{name}` has no array leaves; expected a pytree of arrays")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
+        kind = getattr(getattr(leaf, "dtype", None), "kind", None)
+        if kind in ("U", "S", "O", "V") or isinstance(leaf, (str, bytes)):
+            what = f"dtype {leaf.dtype}" if kind else f"a {type(leaf).__name__}"
+            raise TypeError(
+                f"`{name}` leaf {name}{jax.tree_util.keystr(path)} is {what}; every leaf of "
+                f"`{name}` must be a numeric (or boolean, or PRNG key) array with a leading "
+                "batch axis (encode strings as integer ids before batching)"
+            )
     shapes = [np.shape(leaf) for leaf in leaves]
     if any(len(s) == 0 for s in shapes):
         raise ValueError(

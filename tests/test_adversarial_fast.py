@@ -385,3 +385,12 @@ def test_typed_prng_keys_in_the_batch_with_padding():
 
     mask = np.array([True, False, True, True, False])
     _check_every_strategy(loss, {"w": w, "v": v}, (x, y, keys), mask=mask)
+
+
+@pytest.mark.parametrize("leaf", [np.array(["a"] * B), np.array([None] * B), "text"])
+def test_batch_leaf_that_is_not_numeric_is_named(leaf):
+    x, _, w, _ = _data(11)
+    loss = lambda p, ex: jnp.sum(ex[0] @ p)
+    for f in (jaxgrad.batch_grad(loss), per_example_norms(loss)):
+        with pytest.raises(TypeError, match=r"`batch` leaf batch\[1\] is .*numeric"):
+            f(w, (x, leaf))
