@@ -143,6 +143,7 @@ def batch_size(batch: PyTree, *, name: str = "batch") -> int:
 
     Raises:
       ValueError: if the leaves have no leading axis, disagree on it, or it is 0.
+      TypeError: a leaf that is not numeric (strings, objects), named by path.
     """
     leaves = jax.tree_util.tree_leaves(batch)
     if not leaves:
