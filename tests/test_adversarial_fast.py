@@ -49,9 +49,11 @@ def _assert_close(got, want):
 
 
 def _check_every_strategy(loss, params, batch, *, clip=1.0, fast_only=False, mask=None):
-    """batch/mean/accumulate/per-example/norms/clip/stats/moments against the loop
-    (``fast_only``: the fast path's norms and clipped sums only). With a ``mask`` the loop
-    runs over the real rows only, and padded rows must come out as zeros."""
+    """The strategies against the loop: ``batch_grad`` and the fast clipped sum, norms and
+    loss always; with ``fast_only=False`` also ``accumulate_grad``, chunked
+    ``per_example_grads``, ``per_example_moments``, chunked fast norms, the chunked ``vmap``
+    clipped mean and ``grad_stats``. With a ``mask`` the loop runs over the real rows only,
+    and padded rows must come out as zeros."""
     tm = jax.tree_util.tree_map
     if mask is not None:
         real = np.asarray(mask)
