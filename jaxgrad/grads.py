@@ -91,14 +91,18 @@ def _bind(loss_fn, args):
     return lambda params, example: loss_fn(params, example, *args)
 
 
-def check_loss_fn(loss_fn):
-    """Raises a TypeError naming ``loss_fn`` unless it is callable."""
-    if not callable(loss_fn):
+def check_loss_fn(
+    fn,
+    *,
+    name: str = "loss_fn",
+    expected: str = "loss_fn(params, example) -> scalar | (loss_sum, n_items)",
+):
+    """Raises a TypeError naming the argument ``name`` unless ``fn`` is callable."""
+    if not callable(fn):
         raise TypeError(
-            "`loss_fn` must be a function loss_fn(params, example) -> scalar | "
-            f"(loss_sum, n_items); got a {type(loss_fn).__name__}: {loss_fn!r}"[:300]
+            f"`{name}` must be a function {expected}; got a {type(fn).__name__}: {fn!r}"[:300]
         )
-    return loss_fn
+    return fn
 
 
 def _strategy(

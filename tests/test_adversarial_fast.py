@@ -273,6 +273,8 @@ def test_loss_fn_that_is_not_callable_is_named_at_construction():
             make(3.0)
     with pytest.raises(TypeError, match=r"`loss_fn` must be a function.*NoneType"):
         clipped_grad(None, l2_clip=1.0)
+    with pytest.raises(TypeError, match=r"`output_loss` must be a function.*int"):
+        jaxgrad.naive.backprop_mean_error(lambda p, x: x, 3)
 
 
 @pytest.mark.parametrize("clip", [np.float32(0.5), jnp.float32(0.5), np.array(0.5), np.int64(1)])
