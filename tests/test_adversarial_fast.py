@@ -398,3 +398,18 @@ def test_batch_leaf_that_is_not_numeric_is_named(leaf):
     for f in (jaxgrad.batch_grad(loss), per_example_norms(loss)):
         with pytest.raises(TypeError, match=r"`batch` leaf batch\[1\] is .*numeric"):
             f(w, (x, leaf))
+
+
+def test_float64_params_of_a_float32_loss_keep_float64_norms():
+    """The gradients of float64 parameters are float64 even when the loss is cast to
+    float32; the fast path's norms (and so its clip factors) must not be rounded to float32
+    where the vmap path's are not."""
+    x, y, w, v = _data(12)
+    loss = lambda p, ex: ((jnp.tanh(ex[0] @ p["w"]) @ p["v"] - ex[1]) ** 2).astype(jnp.float32)
+    params = {"w": w, "v": v}
+    grads, _, _ = _loop(loss, params, (x, y))
+    want = np.array([np.linalg.norm(_flat(g)) for g in grads])
+    for method in ("auto", "vmap"):
+        got = per_example_norms(loss, method=method)(params, (x, y))
+        assert got.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-13)
