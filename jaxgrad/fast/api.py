@@ -178,10 +178,12 @@ def clipped_grad(
             parts = get(loss_fn, params, b, m)
             norms = jnp.sqrt(parts.norm_sq)
             ok = m & jnp.isfinite(norms) & jnp.isfinite(parts.sums)
-            # A real example that cannot be clipped weighs NaN, so every leaf of the sum is
-            # NaN: a NaN norm would otherwise read as "not above the clip" (factor 1) and add
-            # the finite leaves of that gradient unclipped, and an inf one would weigh 0.
-            c = jnp.where(m, jnp.where(ok, clip_factors(norms, l2_clip), jnp.nan), 0)
+            # A real example whose gradient cannot be clipped (non-finite norm) weighs NaN, so
+            # every leaf of the sum is NaN: a NaN norm would otherwise read as "not above the
+            # clip" (factor 1) and add the finite leaves of that gradient unclipped, and an inf
+            # one would weigh 0. (A finite gradient of a non-finite loss clips as usual.)
+            finite = jnp.isfinite(norms)
+            c = jnp.where(m, jnp.where(finite, clip_factors(norms, l2_clip), jnp.nan), 0)
             totals = (parts.weighted(c), jnp.sum(parts.counts), jnp.sum(parts.sums))
             return (norms, m & ~ok), totals
 
