@@ -162,6 +162,12 @@ def batch_size(batch: PyTree, *, name: str = "batch") -> int:
         raise ValueError(
             f"`{name}` leaves must share a leading batch axis; got a scalar leaf among shapes "
             f"{', '.join(map(str, shapes))}"
+            + (
+                " (a value shared by every example is an extra loss argument, "
+                "f(params, batch, mask, *args), not a batch leaf)"
+                if name == "batch"
+                else ""
+            )
         )
     sizes = {s[0] for s in shapes}
     if len(sizes) != 1:
