@@ -413,3 +413,14 @@ def test_float64_params_of_a_float32_loss_keep_float64_norms():
         got = per_example_norms(loss, method=method)(params, (x, y))
         assert got.dtype == jnp.float64
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-13)
+
+
+def test_a_value_shared_by_every_example_goes_in_extra_arguments():
+    loss = lambda p, ex, t: jnp.sum(p * ex["x"]) * t
+    batch = {"x": jnp.arange(6.0).reshape(3, 2)}
+    with pytest.raises(ValueError, match=r"scalar leaf .* extra loss argument"):
+        jaxgrad.batch_grad(lambda p, ex: loss(p, ex, ex["t"]))(jnp.ones(2), {**batch, "t": 0.5})
+    want = 0.5 * np.mean(np.asarray(batch["x"]), axis=0)
+    np.testing.assert_allclose(jaxgrad.batch_grad(loss)(jnp.ones(2), batch, None, 0.5), want)
+    got = clipped_grad(loss, l2_clip=100.0)(jnp.ones(2), batch, None, 0.5)
+    np.testing.assert_allclose(got, want, **TOL)
