@@ -91,7 +91,30 @@ def _bind(loss_fn, args):
     return lambda params, example: loss_fn(params, example, *args)
 
 
-def _strategy(core, *, validate=None, return_loss: bool | None, name: str, doc=None, loss_fn=None):
+def check_loss_fn(
+    fn,
+    *,
+    name: str = "loss_fn",
+    expected: str = "loss_fn(params, example) -> scalar | (loss_sum, n_items)",
+):
+    """Raises a TypeError naming the argument ``name`` unless ``fn`` is callable."""
+    if not callable(fn):
+        raise TypeError(
+            f"`{name}` must be a function {expected}; got a {type(fn).__name__}: {fn!r}"[:300]
+        )
+    return fn
+
+
+def _strategy(
+    core,
+    *,
+    validate=None,
+    return_loss: bool | None,
+    name: str,
+    doc=None,
+    loss_fn=None,
+    real_params: bool = False,
+):
     """Wraps ``core(params, batch, mask) -> (loss, grads)`` with input checks and ``jax.jit``.
 
     With ``return_loss=None`` the core's output is returned as it is.
@@ -104,7 +127,12 @@ def _strategy(core, *, validate=None, return_loss: bool | None, name: str, doc=N
     ``f(params, batch, mask=None, *args)`` passes extra positional arguments to every call
     ``loss_fn(params, example, *args)`` (the same for every example: a step number, a base
     PRNG key to ``fold_in`` an example id from the batch, ...). They are traced, not static.
+
+    ``real_params=True`` rejects complex parameter leaves (see :func:`jaxgrad.reduce.check_params`).
     """
+
+    if loss_fn is not None:
+        check_loss_fn(loss_fn)
 
     def run(params, batch, mask, args):
         # A missing mask is made inside the jit, so it takes the batch's sharding (a batch
@@ -123,7 +151,7 @@ def _strategy(core, *, validate=None, return_loss: bool | None, name: str, doc=N
     def f(params, batch, mask=None, *args):
         if args and loss_fn is None:
             raise TypeError(f"`{name}` takes no extra loss arguments; got {len(args)}")
-        reduce.check_params(params)
+        reduce.check_params(params, real=real_params)
         size = reduce.batch_size(batch)
         if mask is not None:
             mask = reduce.check_mask(mask, size)

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxgrad import reduce
+
 PyTree = Any
 
 
@@ -66,6 +68,11 @@ def softmax_cross_entropy(logits, label):
             f"{logits.shape[:-1]} for logits of shape {logits.shape}; got a label of shape "
             f"{label.shape} (labels of shape (B, 1)? use y.reshape(-1) or y[:, 0])"
         )
+    if not (jnp.issubdtype(label.dtype, jnp.integer) or label.dtype == jnp.bool_):
+        raise TypeError(
+            f"softmax_cross_entropy: the label must be an integer class index; got dtype "
+            f"{label.dtype} (one-hot or soft labels? use optax.losses.softmax_cross_entropy)"
+        )
     num_classes = logits.shape[-1]
     safe = jnp.clip(label, 0, num_classes - 1)
     loss = optax.losses.softmax_cross_entropy_with_integer_labels(logits, safe)
@@ -97,6 +104,12 @@ def token_cross_entropy(logits, targets, *, pad_id: int = 0):
     Returns:
       ``(loss_sum, n_real_tokens)``, both scalars.
     """
+    targets = jnp.asarray(targets)
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"token_cross_entropy: `targets` must have shape {logits.shape[:-1]} for logits of "
+            f"shape {logits.shape}; got {targets.shape}"
+        )
     real = targets != pad_id
     # Padding positions get label 0, so a pad_id outside the classes (e.g. -1) is not NaN.
     per_token = jax.vmap(softmax_cross_entropy)(logits, jnp.where(real, targets, 0))
@@ -155,13 +168,9 @@ class supervised:
     """
 
     def __init__(self, apply, loss, *, num_classes: int | None = None):
-        valid = isinstance(num_classes, (int, np.integer)) and not isinstance(num_classes, bool)
-        if num_classes is not None and not (valid and num_classes >= 1):
-            raise ValueError(
-                f"`num_classes` must be None or a positive integer; got {num_classes!r}"
-            )
-        self.apply, self.loss = apply, loss
-        self.num_classes = None if num_classes is None else int(num_classes)
+        if num_classes is not None:
+            num_classes = reduce.check_positive_int(num_classes, name="num_classes")
+        self.apply, self.loss, self.num_classes = apply, loss, num_classes
 
     def __call__(self, params, example):
         x, y = example

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgrad import reduce
-from jaxgrad.grads import _strategy, _validator
+from jaxgrad.grads import _strategy, _validator, check_loss_fn
 
 
 def _masked_mean(tree, mask):
@@ -121,6 +121,13 @@ def backprop_mean_error(apply_fn, output_loss, *, return_loss: bool = False):
       >>> f = jaxgrad.naive.backprop_mean_error(model.apply, jaxgrad.losses.squared_error)
       >>> grads = f(model.init(jax.random.key(0)), (jnp.ones((8, 3)), jnp.zeros((8, 1))))
     """
+
+    check_loss_fn(apply_fn, name="apply_fn", expected="apply_fn(params, x) -> prediction")
+    check_loss_fn(
+        output_loss,
+        name="output_loss",
+        expected="output_loss(prediction, target) -> scalar | (loss_sum, n_items)",
+    )
 
     def core(params, batch, mask):
         inputs, targets = batch

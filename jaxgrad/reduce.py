@@ -53,9 +53,9 @@ def as_sum_count(out) -> tuple[jax.Array, jax.Array]:
             )
         if any(v is None for v in out):
             raise TypeError(f"`loss_fn` returned a pair holding None; got {out!r}")
-        loss_sum, count = (jnp.asarray(v) for v in out)
+        loss_sum, count = (_as_loss_array(v) for v in out)
     else:
-        loss_sum = jnp.asarray(out)
+        loss_sum = _as_loss_array(out)
         count = jnp.ones((), loss_sum.dtype)
     if loss_sum.shape != () or count.shape != ():
         raise TypeError(
@@ -75,13 +75,27 @@ def as_sum_count(out) -> tuple[jax.Array, jax.Array]:
     return loss_sum, count
 
 
-def check_params(params, *, name: str = "params") -> None:
+def _as_loss_array(value) -> jax.Array:
+    """One entry of ``loss_fn``'s output as an array, or a TypeError naming what it was."""
+    if not isinstance(value, (jax.Array, np.ndarray, np.generic, int, float, bool, complex)):
+        raise TypeError(
+            "`loss_fn` must return a scalar or a pair (loss_sum, n_items) of scalars; got a "
+            f"{type(value).__name__}: {value!r}"[:400]
+        )
+    return jnp.asarray(value)
+
+
+def check_params(params, *, name: str = "params", real: bool = False) -> None:
     """Checks ``params`` has array leaves, all floating point (they are differentiated).
 
     Integer leaves (step counters), booleans and PRNG keys have no gradient (JAX would give
     ``float0``); keep them out of the differentiated tree: close over them in ``loss_fn``, or
     split the model first (``eqx.partition(model, eqx.is_inexact_array)``,
     ``nnx.split(model, nnx.Param, ...)``) and pass only the trainable part as ``params``.
+
+    With ``real=True`` complex leaves are errors too: per-example gradient norms, clipping and
+    gradient statistics are defined here for real parameters only (split a complex leaf into
+    its real and imaginary parts to use them).
 
     Raises:
       ValueError: no leaves (``None``, ``{}``). TypeError: a non-floating leaf, named by path.
@@ -107,6 +121,13 @@ def check_params(params, *, name: str = "params") -> None:
                 "split the model (eqx.partition(model, eqx.is_inexact_array); nnx.split(model, "
                 "nnx.Param, ...)) and pass only the trainable part (see the README)"
             )
+        if real and jnp.issubdtype(dtype, jnp.complexfloating):
+            raise TypeError(
+                f"`{name}` leaf {name}{jax.tree_util.keystr(path)} is dtype {dtype}; per-example "
+                "gradient norms, clipping and gradient statistics need real floating-point "
+                "parameters. Store a complex parameter as its real and imaginary parts (two real "
+                "leaves) and build it inside `loss_fn` with jax.lax.complex"
+            )
 
 
 def loss_sum_fn(loss_fn):
@@ -123,15 +144,31 @@ def batch_size(batch: PyTree, *, name: str = "batch") -> int:
 
     Raises:
       ValueError: if the leaves have no leading axis, disagree on it, or it is 0.
+      TypeError: a leaf that is not numeric (strings, objects), named by path.
     """
     leaves = jax.tree_util.tree_leaves(batch)
     if not leaves:
         raise ValueError(f"`{name}` has no array leaves; expected a pytree of arrays")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
+        kind = getattr(getattr(leaf, "dtype", None), "kind", None)
+        if kind in ("U", "S", "O", "V") or isinstance(leaf, (str, bytes)):
+            what = f"dtype {leaf.dtype}" if kind else f"a {type(leaf).__name__}"
+            raise TypeError(
+                f"`{name}` leaf {name}{jax.tree_util.keystr(path)} is {what}; every leaf of "
+                f"`{name}` must be a numeric (or boolean, or PRNG key) array with a leading "
+                "batch axis (encode strings as integer ids before batching)"
+            )
     shapes = [np.shape(leaf) for leaf in leaves]
     if any(len(s) == 0 for s in shapes):
         raise ValueError(
             f"`{name}` leaves must share a leading batch axis; got a scalar leaf among shapes "
             f"{', '.join(map(str, shapes))}"
+            + (
+                " (a value shared by every example is an extra loss argument, "
+                "f(params, batch, mask, *args), not a batch leaf)"
+                if name == "batch"
+                else ""
+            )
         )
     sizes = {s[0] for s in shapes}
     if len(sizes) != 1:
@@ -181,6 +218,9 @@ def fill_padding(batch: PyTree, mask: jax.Array) -> PyTree:
     is_first = jnp.arange(mask.shape[0]) == jnp.argmax(mask)
 
     def fill(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):  # typed PRNG keys: their bits
+            bits = fill(jax.random.key_data(x))
+            return jax.random.wrap_key_data(bits, impl=jax.random.key_impl(x))
         shape = mask.shape + (1,) * (x.ndim - 1)
         first = jnp.sum(jnp.where(is_first.reshape(shape), x, jnp.zeros_like(x)), axis=0)
         return jnp.where(mask.reshape(shape), x, first.astype(x.dtype))
@@ -333,7 +373,7 @@ def chunked(
     def unstack(x):  # (K, per, ...) -> (K per, ...) in the batch's order, padding cut off
         if interleave:
             x = jnp.swapaxes(x, 0, 1)
-        x = x.reshape((-1, *x.shape[2:]))
+        x = x.reshape((x.shape[0] * x.shape[1], *x.shape[2:]))  # not -1: a leaf may be empty
         return x[:cut] if x.shape[0] > cut else x
 
     rows = jax.tree_util.tree_map(unstack, rows)
@@ -353,18 +393,35 @@ def row_sq_norms(tree: PyTree) -> jax.Array:
 
 
 def check_positive_float(value, *, name: str) -> float:
-    """Checks a keyword hyperparameter is a positive, finite Python number."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value <= 0:
+    """Checks a keyword hyperparameter is a positive, finite real number; returns it as a float.
+
+    Any number :func:`as_number` accepts (Python numbers, NumPy scalars, concrete 0-d arrays
+    such as ``np.float32(1.0)`` or ``jnp.array(1.0)``); booleans, strings and traced values
+    are not (a traced value cannot be checked, and these hyperparameters are fixed when ``f``
+    is built).
+    """
+    number = _number_or_nan(value, name=name, integer=False)
+    if not (math.isfinite(number) and number > 0):
         raise ValueError(f"`{name}` must be a positive finite number; got {value!r}")
-    return float(value)
+    return number
 
 
 def check_positive_int(value, *, name: str) -> int:
-    """Checks a keyword hyperparameter is a positive Python int."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    """Checks a keyword hyperparameter is a positive integer (Python, NumPy or a 0-d array)."""
+    number = _number_or_nan(value, name=name, integer=True)
+    if not number >= 1:  # NaN (not an integer) fails too
         raise ValueError(f"`{name}` must be a positive integer; got {value!r}")
-    return int(value)
+    return int(number)
+
+
+def _number_or_nan(value, *, name: str, integer: bool):
+    """:func:`as_number`, with NaN for a value of the wrong kind (the caller names the range)."""
+    try:
+        return as_number(value, name=name, integer=integer)
+    except ValueError:
+        if isinstance(value, jax.core.Tracer):
+            raise  # its own message: traced values cannot be checked
+        return math.nan
 
 
 def as_number(value, *, name: str, integer: bool = False) -> float | int:

@@ -187,7 +187,7 @@ def test_elementwise_losses_refuse_shapes_that_would_broadcast(loss):
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True, "3"])
 def test_supervised_num_classes_must_be_a_positive_integer(bad):
-    with pytest.raises(ValueError, match="`num_classes` must be None or a positive integer"):
+    with pytest.raises(ValueError, match="`num_classes` must be a positive integer"):
         losses.supervised(lambda p, x: x, losses.softmax_cross_entropy, num_classes=bad)
     assert (
         losses.supervised(lambda p, x: x, losses.squared_error, num_classes=None).num_classes

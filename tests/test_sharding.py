@@ -326,7 +326,7 @@ def test_cli_on_two_processes_reads_its_rows_and_trains_like_one(two_process_cli
         ref = [x.mean(), x.std(), y.astype(np.float32).mean(), y.astype(np.float32).std()]
         got = out["cli_stats"]
         np.testing.assert_allclose(got[:2], ref[:2], rtol=1e-12)
-        # The targets are standardised as in one process: in float32 (see jaxgrad.data.arrays._targets).
+        # The targets are standardised as in one process: in float32 (data.arrays._targets).
         np.testing.assert_allclose(got[2:], ref[2:], rtol=1e-6)
 
     # The same command in this process on one device, with today's whole loading.

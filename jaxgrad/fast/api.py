@@ -23,15 +23,22 @@ import numpy as np
 
 from jaxgrad import reduce
 from jaxgrad.fast import passes
-from jaxgrad.grads import _per_example, _strategy, _validator
+from jaxgrad.grads import _per_example, _strategy, _validator, check_loss_fn
 
 PyTree = Any
 
 
 def _wrap(core, loss_fn, *, name: str, doc: str | None):
     """The strategies' own wrapper: input checks, padding filled, ``jax.jit``."""
+    check_loss_fn(loss_fn)
     return _strategy(
-        core, validate=_validator(loss_fn), return_loss=None, name=name, doc=doc, loss_fn=loss_fn
+        core,
+        validate=_validator(loss_fn),
+        return_loss=None,
+        name=name,
+        doc=doc,
+        loss_fn=loss_fn,
+        real_params=True,  # the norms here are of real gradients (x², not |x|²)
     )
 
 
@@ -170,8 +177,13 @@ def clipped_grad(
         def one(b, m):
             parts = get(loss_fn, params, b, m)
             norms = jnp.sqrt(parts.norm_sq)
-            c = jnp.where(m, clip_factors(norms, l2_clip), 0)
             ok = m & jnp.isfinite(norms) & jnp.isfinite(parts.sums)
+            # A real example whose gradient cannot be clipped (non-finite norm) weighs NaN, so
+            # every leaf of the sum is NaN: a NaN norm would otherwise read as "not above the
+            # clip" (factor 1) and add the finite leaves of that gradient unclipped, and an inf
+            # one would weigh 0. (A finite gradient of a non-finite loss clips as usual.)
+            finite = jnp.isfinite(norms)
+            c = jnp.where(m, jnp.where(finite, clip_factors(norms, l2_clip), jnp.nan), 0)
             totals = (parts.weighted(c), jnp.sum(parts.counts), jnp.sum(parts.sums))
             return (norms, m & ~ok), totals
 

@@ -296,7 +296,9 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
                 return jnp.sum(per_step(kept[u.key], g_use[u.key]), axis=0)
         return rules.norm_sq(u.kind, u.op, u.pos, a_of(u), g_of(u))
 
-    norm_dtype = jnp.promote_types(sums.dtype, jnp.float32)
+    # At least float32, and as precise as the loss and every parameter (float64 parameters of
+    # a float32 loss have float64 gradients, as on the vmap path).
+    norm_dtype = jnp.result_type(sums.dtype, jnp.float32, *(jnp.result_type(x) for x in leaves))
     norm_sq = jnp.zeros((size,), norm_dtype)
     for j, uses in an.fast.items():
         ndim = np.ndim(leaves[j])

@@ -201,7 +201,9 @@ def outer_norm_sq(x, y):
     """
     hi = jax.lax.Precision.HIGHEST
     lead = x.shape[:-2]  # one 3-D array each, read by the Gram form and (if taken) by QR
-    x, y = x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:])
+    # Explicit sizes, never -1: an axis may be empty (a zero-width layer).
+    x = x.reshape(math.prod(lead), *x.shape[-2:])
+    y = y.reshape(math.prod(lead), *y.shape[-2:])
     xx = jnp.einsum("...tk,...sk->...ts", x, x, precision=hi)
     yy = jnp.einsum("...tn,...sn->...ts", y, y, precision=hi)
     gram = jnp.sum(xx * yy, axis=(-2, -1))
@@ -239,7 +241,14 @@ def dense_norm_sq(eqn: Eqn, pos: int, a, g):
 
 
 def gather_rows(eqn: Eqn, idx, g):
-    """Row keys ``(B, T, k)``, validity ``(B, T)`` and cotangents ``(B, T, R)`` of a gather."""
+    """Row keys ``(B, T, k)``, validity ``(B, T)`` and cotangents ``(B, T, R)`` of a gather.
+
+    A lookup's gradient goes where the gather's transpose (a scatter-add in the same mode)
+    puts it: to the clamped row in ``CLIP`` mode, and nowhere for an out-of-bounds row in
+    every other mode (``FILL_OR_DROP`` drops it; ``PROMISE_IN_BOUNDS``, the mode of
+    ``x[idx]``, clamps the lookup but its scatter discards the update, so ``jax.grad`` is 0
+    there too), so such lookups are invalid: their cotangents are zeroed.
+    """
     dn = eqn.params["dimension_numbers"]
     shape = eqn.in_avals[0].shape
     out_ndim = len(eqn.out_avals[0].shape)
@@ -247,11 +256,12 @@ def gather_rows(eqn: Eqn, idx, g):
     rows = [d for d in range(out_ndim) if d not in offset]
     b = g.shape[0]
     t = _prod(eqn.out_avals[0].shape, rows)
-    g = jnp.transpose(g, (0, *(d + 1 for d in rows), *(d + 1 for d in offset))).reshape(b, t, -1)
+    g = jnp.transpose(g, (0, *(d + 1 for d in rows), *(d + 1 for d in offset)))
+    g = g.reshape(b, t, math.prod(g.shape[1 + len(rows) :]))
     idx = idx.reshape(b, t, idx.shape[-1])
     upper = jnp.array([shape[d] - 1 for d in dn.start_index_map], idx.dtype)
     valid = jnp.ones((b, t), bool)
-    if str(eqn.params.get("mode")).endswith("FILL_OR_DROP"):
+    if not str(eqn.params.get("mode")).endswith("CLIP"):
         valid = jnp.all((idx >= 0) & (idx <= upper), axis=-1)
     idx = jnp.clip(idx, 0, upper)
     return idx, valid, jnp.where(valid[..., None], g, 0)
@@ -321,7 +331,7 @@ def conv_norm_sq(eqn: Eqn, pos: int, a, g):
     b, out_sp = a.shape[0], g.shape[2:-1]
     pads = [(0, 0, 0)] * 2 + [(lo, hi, 0) for lo, hi in p["padding"]] + [(0, 0, 0)]
     a = jax.lax.pad(a.astype(dtype), jnp.zeros((), dtype), pads)
-    g = g.reshape(b, -1, g.shape[-1]).astype(dtype)
+    g = g.reshape(b, math.prod(g.shape[1:-1]), g.shape[-1]).astype(dtype)  # no -1: may be empty
     strides = tuple(p["window_strides"])
     dil = tuple(p["rhs_dilation"] or (1,) * nsp)
     kernel = tuple(rhs_shape[d] for d in rhs_spec[2:])
@@ -332,7 +342,7 @@ def conv_norm_sq(eqn: Eqn, pos: int, a, g):
         starts = [0, 0, *(o * r for o, r in zip(offset, dil, strict=True)), 0]
         window = jax.lax.dynamic_slice(a, starts, [b, a.shape[1], *extent, a.shape[-1]])
         window = window[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
-        window = window.reshape(b, -1, window.shape[-1])
+        window = window.reshape(b, math.prod(window.shape[1:-1]), window.shape[-1])
         w = jnp.einsum("btc,btn->bcn", window, g, precision=jax.lax.Precision.HIGHEST)
         return total + jnp.sum(w * w, axis=(1, 2))
 
