@@ -447,13 +447,14 @@ def cli(process_id: int, num_processes: int, coordinator: str, directory: str) -
 
     path = os.path.join(directory, f"cli_data{process_id}.npz")  # one copy each: no race
     np.savez(path, **cli_problem())
-    mapped, memmap = [], jaxgrad.data.memmap
-    jaxgrad.data.memmap = lambda *a, **k: mapped.append(RowCounter(memmap(*a, **k))) or mapped[-1]
+    # Count the rows read through every memory map load_rows opens (jaxgrad.data.rows).
+    rows, mapped, memmap = jaxgrad.data.rows, [], jaxgrad.data.memmap
+    rows.memmap = lambda *a, **k: mapped.append(RowCounter(memmap(*a, **k))) or mapped[-1]
     try:
         summary_path = os.path.join(directory, "cli2.json")
         assert main([*CLI_ARGS, "--data-path", path, "--devices", "4", "--json", summary_path]) == 0
     finally:
-        jaxgrad.data.memmap = memmap
+        rows.memmap = memmap
     out["cli_reads"] = [sorted(c.reads) for c in mapped]
     # A compressed .npz cannot be read row by row: a clear error with several processes.
     import contextlib
