@@ -133,6 +133,8 @@ def _strategy(
 
     if loss_fn is not None:
         check_loss_fn(loss_fn)
+    if return_loss is not None:
+        return_loss = reduce.check_flag(return_loss, name="return_loss")
 
     def run(params, batch, mask, args):
         # A missing mask is made inside the jit, so it takes the batch's sharding (a batch

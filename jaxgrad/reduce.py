@@ -392,6 +392,16 @@ def row_sq_norms(tree: PyTree) -> jax.Array:
     )
 
 
+def check_flag(value, *, name: str) -> bool:
+    """Checks a keyword switch is ``True`` or ``False`` (a NumPy bool too); returns a bool.
+
+    A truthy string such as ``"no"`` would otherwise switch the option on without a word.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"`{name}` must be True or False; got {value!r}")
+    return bool(value)
+
+
 def check_positive_float(value, *, name: str) -> float:
     """Checks a keyword hyperparameter is a positive, finite real number; returns it as a float.
 

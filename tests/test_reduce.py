@@ -206,3 +206,27 @@ def test_non_float_leaf_is_named_by_path(leaf):
     loss = lambda p, ex: jnp.dot(p["w"], ex)
     with pytest.raises(TypeError, match=r"params\['state'\]\['step'\].*eqx.partition"):
         jaxgrad.batch_grad(loss)(params, jnp.ones((3, 2)))
+
+
+def test_switches_must_be_true_or_false():
+    """A truthy string would switch an option on silently; NumPy bools are bools."""
+    from jaxgrad import privacy
+
+    loss = lambda w, ex: jnp.dot(ex, w)
+    builders = {
+        "return_loss": lambda v: jaxgrad.batch_grad(loss, return_loss=v),
+        "return_norms": lambda v: jaxgrad.clipped_grad(loss, l2_clip=1.0, return_norms=v),
+        "strict": lambda v: jaxgrad.per_example_norms(loss, strict=v),
+        "return_info": lambda v: privacy.dp_grad(
+            loss, l2_clip=1.0, noise_multiplier=1.0, expected_batch_size=2, return_info=v
+        ),
+    }
+    w, batch = jnp.ones(2), jnp.array([[3.0, 4.0], [0.0, 0.5]])
+    for name, build in builders.items():
+        for bad in ("no", 1, 0.0, np.array([True])):
+            with pytest.raises(ValueError, match=rf"`{name}` must be True or False; got"):
+                build(bad)
+    # np.bool_ is accepted and means what it says.
+    loss_value, g = jaxgrad.batch_grad(loss, return_loss=np.bool_(True))(w, batch)
+    np.testing.assert_allclose(g, batch.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(loss_value, np.mean(batch @ np.ones(2)), rtol=1e-12)

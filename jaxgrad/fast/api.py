@@ -172,6 +172,8 @@ def clipped_grad(
         raise ValueError(f"`nonfinite` must be one of {list(NONFINITE)}; got {nonfinite!r}")
     get = passes.get_pass(method, strict)
     chunk_size = _check_chunk(chunk_size)
+    return_norms = reduce.check_flag(return_norms, name="return_norms")
+    return_loss = reduce.check_flag(return_loss, name="return_loss")
 
     def core(params, batch, mask, loss_fn=loss_fn):
         def one(b, m):

@@ -405,15 +405,9 @@ def _run_loop(p, uses, du, invals, depth):
     return [*carry, *ys], kept
 
 
-def check_strict(strict) -> bool:
-    if not isinstance(strict, bool):
-        raise ValueError(f"`strict` must be True or False; got {strict!r}")
-    return strict
-
-
 def get_pass(method: str, strict: bool = False):
     """The pass for ``method``; ``strict`` applies to the fast path (vmap has no fallback)."""
-    strict = check_strict(strict)
+    strict = reduce.check_flag(strict, name="strict")
     if check_method(method) == "vmap":
         return vmap_pass
     return functools.partial(fast_pass, strict=strict)

@@ -160,6 +160,7 @@ def add_noise(total: PyTree, key, *, stddev) -> PyTree:
 
 def _finish(nonfinite, return_info, name):
     """The host side of ``f``: raise on non-finite examples if asked, strip the info."""
+    return_info = reduce.check_flag(return_info, name="return_info")
 
     def finish(grads, info):
         if nonfinite == "raise":
