@@ -476,6 +476,9 @@ def _sharded_epoch(
                 return state, np.int32(int(state.step)), nonfinite
             nonfinite += bad
             state = update(state, total, global_key)
+            # The epoch's last update would otherwise still run when the caller's next
+            # program (evaluation, the next epoch's key) issues its own collectives.
+            sharding_lib.serialize_across_processes(state)
         return state, np.int32(-1), nonfinite
 
     return run_epoch
