@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 from jaxgrad import reduce
-from jaxgrad.privacy.sampling import check_nonnegative, check_positive, check_sampling_rate
+from jaxgrad.privacy.sampling import check_nonnegative, check_sampling_rate
 
 ACCOUNTANTS = ("pld", "rdp")
 
@@ -93,7 +93,7 @@ def make_accountant(accountant: str = "pld", *, pld_discretization: float = 1e-4
     _check_accountant(accountant)
     if accountant == "rdp":
         return _dpa().rdp.RdpAccountant()
-    vdi = check_positive(pld_discretization, "pld_discretization")
+    vdi = reduce.check_positive_float(pld_discretization, name="pld_discretization")
     return _dpa().pld.PLDAccountant(value_discretization_interval=vdi)
 
 
@@ -228,13 +228,13 @@ def calibrate_noise_multiplier(
       ...         accountant="rdp") <= 3.0
       True
     """
-    target = check_positive(target_epsilon, "target_epsilon")
+    target = reduce.check_positive_float(target_epsilon, name="target_epsilon")
     delta = _check_delta(delta)
     q = check_sampling_rate(sampling_rate)
     steps = _check_steps(steps)
     if steps == 0:
         raise ValueError("`steps` must be at least 1 to calibrate a noise multiplier; got 0")
-    tol = check_positive(tol, "tol")
+    tol = reduce.check_positive_float(tol, name="tol")
     _check_accountant(accountant)
     try:
         with _quiet_absl():  # RDP warns for every order it drops at small σ; ε is an upper bound

@@ -231,9 +231,9 @@ def dp_grad(
       >>> [round(float(v), 6) for v in g]  # ([0.6, 0.8] + [0, 0.5]) / 4
       [0.15, 0.325]
     """
-    l2_clip = sampling.check_positive(l2_clip, "l2_clip")
+    l2_clip = reduce.check_positive_float(l2_clip, name="l2_clip")
     sigma = sampling.check_nonnegative(noise_multiplier, "noise_multiplier")
-    b_e = sampling.check_positive(expected_batch_size, "expected_batch_size")
+    b_e = reduce.check_positive_float(expected_batch_size, name="expected_batch_size")
     nonfinite = _check_nonfinite(nonfinite)
     clipped = clipped_sum_dropping_nonfinite(
         loss_fn, l2_clip=l2_clip, method=method, chunk_size=chunk_size
@@ -309,10 +309,10 @@ def sampled_dp_grad(
       >>> g.shape, int(info.num_physical_batches) == -(-int(info.num_examples) // 8)
       ((3,), True)
     """
-    l2_clip = sampling.check_positive(l2_clip, "l2_clip")
+    l2_clip = reduce.check_positive_float(l2_clip, name="l2_clip")
     sigma = sampling.check_nonnegative(noise_multiplier, "noise_multiplier")
     q = sampling.check_sampling_rate(sampling_rate)
-    p = sampling.check_count(physical_batch_size, "physical_batch_size")
+    p = reduce.check_positive_int(physical_batch_size, name="physical_batch_size")
     nonfinite = _check_nonfinite(nonfinite)
     clipped = clipped_sum_dropping_nonfinite(
         loss_fn, l2_clip=l2_clip, method=method, chunk_size=chunk_size

@@ -41,22 +41,12 @@ class PoissonSample(NamedTuple):
     mask: jax.Array
 
 
-def check_positive(value, name: str) -> float:
-    """A positive finite hyperparameter (Python or NumPy number, or a concrete 0-d array)."""
-    return reduce.check_positive_float(reduce.as_number(value, name=name), name=name)
-
-
 def check_nonnegative(value, name: str) -> float:
     """A non-negative finite hyperparameter (Python or NumPy number, or a concrete 0-d array)."""
     number = reduce.as_number(value, name=name)
     if not math.isfinite(number) or number < 0:
         raise ValueError(f"`{name}` must be a non-negative finite number; got {value!r}")
     return number
-
-
-def check_count(value, name: str) -> int:
-    """A positive integer hyperparameter (Python or NumPy integer, or a concrete 0-d array)."""
-    return reduce.check_positive_int(reduce.as_number(value, name=name, integer=True), name=name)
 
 
 def check_sampling_rate(sampling_rate) -> float:
@@ -100,7 +90,7 @@ def inclusion_mask(key, *, sampling_rate: float, num_examples: int):
       ((100000,), True)
     """
     key = reduce.check_key(key)
-    n = check_count(num_examples, "num_examples")
+    n = reduce.check_positive_int(num_examples, name="num_examples")
     q = check_sampling_rate(sampling_rate)
     if q == 1.0:
         return jnp.ones((n,), bool)
@@ -141,9 +131,9 @@ def poisson_sample(key, *, num_examples: int, sampling_rate: float, physical_bat
       (True, (12,))
     """
     key = reduce.check_key(key)
-    n = check_count(num_examples, "num_examples")
+    n = reduce.check_positive_int(num_examples, name="num_examples")
     q = check_sampling_rate(sampling_rate)
-    p = check_count(physical_batch_size, "physical_batch_size")
+    p = reduce.check_positive_int(physical_batch_size, name="physical_batch_size")
     mask = inclusion_mask(key, sampling_rate=q, num_examples=n)
     # jnp.nonzero(mask, size=padded, fill_value=0), as one cumulative sum and one scatter:
     # drawn example i goes to position (number drawn before it); the rest stay 0.
@@ -178,7 +168,7 @@ def default_physical_batch_size(*, num_examples: int, sampling_rate: float) -> i
       >>> default_physical_batch_size(num_examples=60000, sampling_rate=256 / 60000)
       287
     """
-    n = check_count(num_examples, "num_examples")
+    n = reduce.check_positive_int(num_examples, name="num_examples")
     q = check_sampling_rate(sampling_rate)
     mean, std = n * q, math.sqrt(n * q * (1 - q))
     low = max(1, min(n, math.ceil(mean)))

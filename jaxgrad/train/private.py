@@ -151,12 +151,12 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
         )
     target = config.target_epsilon
     if target is not None:
-        target = sampling.check_positive(target, "target_epsilon")
+        target = reduce.check_positive_float(target, name="target_epsilon")
     q = batch_size / n
     if config.physical_batch_size is None:  # (not `or`: 0 is an error, not the default)
         physical = dp.default_physical_batch_size(num_examples=n, sampling_rate=q)
     else:
-        physical = sampling.check_count(config.physical_batch_size, "physical_batch_size")
+        physical = reduce.check_positive_int(config.physical_batch_size, name="physical_batch_size")
     steps = epochs * -(-n // batch_size)
     given = 1.0 if config.noise_multiplier is None else config.noise_multiplier
     dp.epsilon(  # checks σ, δ and the accountant before calibrating or training
@@ -202,11 +202,13 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
     sigma = sampling.check_nonnegative(sigma, "noise_multiplier")
     resolved = dataclasses.replace(
         config,
-        l2_clip=sampling.check_positive(config.l2_clip, "l2_clip"),
+        l2_clip=reduce.check_positive_float(config.l2_clip, name="l2_clip"),
         noise_multiplier=sigma,
         delta=float(config.delta),  # checked by dp.epsilon above
         target_epsilon=target,
-        pld_discretization=sampling.check_positive(config.pld_discretization, "pld_discretization"),
+        pld_discretization=reduce.check_positive_float(
+            config.pld_discretization, name="pld_discretization"
+        ),
     )
     return PrivacyPlan(resolved, sigma, q, steps, physical)
 
