@@ -416,6 +416,15 @@ def check_positive_float(value, *, name: str) -> float:
     return number
 
 
+def check_nonnegative_float(value, *, name: str) -> float:
+    """Checks a keyword hyperparameter is a finite real number ``≥ 0`` (as
+    :func:`check_positive_float`, zero allowed: a noise multiplier, a standard deviation)."""
+    number = _number_or_nan(value, name=name, integer=False)
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"`{name}` must be a non-negative finite number; got {value!r}")
+    return number
+
+
 def check_positive_int(value, *, name: str) -> int:
     """Checks a keyword hyperparameter is a positive integer (Python, NumPy or a 0-d array)."""
     number = _number_or_nan(value, name=name, integer=True)

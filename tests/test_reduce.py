@@ -166,6 +166,17 @@ def test_check_positive_int_accepts_numpy_ints():
     assert reduce.check_positive_int(np.int64(4), name="k") == 4
 
 
+@pytest.mark.parametrize("bad", [-1e-300, float("inf"), float("nan"), True, None, "1", [1.0]])
+def test_check_nonnegative_float_rejects(bad):
+    with pytest.raises(ValueError, match=r"`stddev` must be a non-negative finite number"):
+        reduce.check_nonnegative_float(bad, name="stddev")
+
+
+@pytest.mark.parametrize("good", [0, 0.0, 2, np.float32(0.5), np.array(3.0), jnp.array(1.5)])
+def test_check_nonnegative_float_accepts_numbers(good):
+    assert reduce.check_nonnegative_float(good, name="stddev") == float(good)
+
+
 # --- issue 11: no silent numbers from (sum, count) pairs, loss None, params ------------------
 
 

@@ -12,6 +12,7 @@ import json
 import sys
 import time
 
+from jaxgrad._optional import require
 from jaxgrad.bench import run, suite
 
 DEFAULT_CASES = ["mlp", "cnn"]
@@ -209,9 +210,9 @@ def _check_outputs(args, parser) -> None:
             parser.error(f"{flag} {path!r} cannot be written (is the directory {folder!r} there?)")
     if args.plot:
         try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            parser.error("--plot needs matplotlib, which is not installed")
+            require("matplotlib", package="matplotlib", extra="cli", needed_for="--plot")
+        except ImportError as e:
+            parser.error(str(e))
 
 
 if __name__ == "__main__":

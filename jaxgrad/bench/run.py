@@ -10,6 +10,7 @@ from collections.abc import Iterable
 import jax
 import numpy as np
 
+from jaxgrad._optional import pyplot
 from jaxgrad.bench import bandwidth, suite, timing
 
 
@@ -164,10 +165,7 @@ def format_markdown(records: list[dict]) -> str:
 
 def plot_records(records: list[dict], path: str) -> None:
     """A bar chart of examples/s relative to batch_grad, one panel per (model, batch size)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups: dict = {}
     for r in records:

@@ -26,21 +26,17 @@ import math
 import numpy as np
 
 from jaxgrad import reduce
-from jaxgrad.privacy.sampling import check_nonnegative, check_sampling_rate
+from jaxgrad._optional import require
+from jaxgrad.privacy.sampling import check_sampling_rate
 
 ACCOUNTANTS = ("pld", "rdp")
 
 
 def _dpa():
     """The ``dp_accounting`` module, imported on first use (the ``privacy`` extra)."""
-    try:
-        import dp_accounting
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "jaxgrad.privacy's accounting uses the `dp-accounting` package; install it with "
-            "`pip install dp-accounting` (or `pip install jaxgrad[privacy]`)"
-        ) from e
-    return dp_accounting
+    return require(
+        "dp_accounting", package="dp-accounting", extra="privacy", needed_for="privacy accounting"
+    )
 
 
 def _check_accountant(accountant):
@@ -80,7 +76,7 @@ def dp_event(*, noise_multiplier: float, sampling_rate: float, steps: int):
     ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(σ)), T)``; the arguments
     are checked as for :func:`epsilon`.
     """
-    noise_multiplier = check_nonnegative(noise_multiplier, "noise_multiplier")
+    noise_multiplier = reduce.check_nonnegative_float(noise_multiplier, name="noise_multiplier")
     sampling_rate = check_sampling_rate(sampling_rate)
     steps = _check_steps(steps)
     dpa = _dpa()
@@ -126,7 +122,7 @@ def epsilon(
       ...               delta=1e-5, accountant="rdp"), 3)
       2.597
     """
-    sigma = check_nonnegative(noise_multiplier, "noise_multiplier")
+    sigma = reduce.check_nonnegative_float(noise_multiplier, name="noise_multiplier")
     q = check_sampling_rate(sampling_rate)
     steps = _check_steps(steps)
     delta = _check_delta(delta)
@@ -182,7 +178,7 @@ def epsilon_lower_bound(*, noise_multiplier: float, sampling_rate: float, delta:
       >>> round(epsilon_lower_bound(noise_multiplier=1e-3, sampling_rate=0.01, delta=1e-5), 5)
       0.00994
     """
-    sigma = check_nonnegative(noise_multiplier, "noise_multiplier")
+    sigma = reduce.check_nonnegative_float(noise_multiplier, name="noise_multiplier")
     q = check_sampling_rate(sampling_rate)
     delta = _check_delta(delta)
     if sigma == 0:

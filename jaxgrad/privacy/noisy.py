@@ -131,7 +131,9 @@ def add_noise(total: PyTree, key, *, stddev) -> PyTree:
     if not isinstance(stddev, jax.core.Tracer) and not (
         isinstance(stddev, jax.Array) and not stddev.is_fully_addressable
     ):
-        stddev = sampling.check_nonnegative(stddev, "stddev")  # a traced one is the caller's
+        stddev = reduce.check_nonnegative_float(
+            stddev, name="stddev"
+        )  # a traced one is the caller's
     leaves, treedef = jax.tree_util.tree_flatten(total)
     for x in leaves:
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
@@ -232,7 +234,7 @@ def dp_grad(
       [0.15, 0.325]
     """
     l2_clip = reduce.check_positive_float(l2_clip, name="l2_clip")
-    sigma = sampling.check_nonnegative(noise_multiplier, "noise_multiplier")
+    sigma = reduce.check_nonnegative_float(noise_multiplier, name="noise_multiplier")
     b_e = reduce.check_positive_float(expected_batch_size, name="expected_batch_size")
     nonfinite = _check_nonfinite(nonfinite)
     clipped = clipped_sum_dropping_nonfinite(
@@ -310,7 +312,7 @@ def sampled_dp_grad(
       ((3,), True)
     """
     l2_clip = reduce.check_positive_float(l2_clip, name="l2_clip")
-    sigma = sampling.check_nonnegative(noise_multiplier, "noise_multiplier")
+    sigma = reduce.check_nonnegative_float(noise_multiplier, name="noise_multiplier")
     q = sampling.check_sampling_rate(sampling_rate)
     p = reduce.check_positive_int(physical_batch_size, name="physical_batch_size")
     nonfinite = _check_nonfinite(nonfinite)

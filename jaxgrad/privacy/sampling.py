@@ -41,14 +41,6 @@ class PoissonSample(NamedTuple):
     mask: jax.Array
 
 
-def check_nonnegative(value, name: str) -> float:
-    """A non-negative finite hyperparameter (Python or NumPy number, or a concrete 0-d array)."""
-    number = reduce.as_number(value, name=name)
-    if not math.isfinite(number) or number < 0:
-        raise ValueError(f"`{name}` must be a non-negative finite number; got {value!r}")
-    return number
-
-
 def check_sampling_rate(sampling_rate) -> float:
     q = reduce.as_number(sampling_rate, name="sampling_rate")
     if not math.isfinite(q) or not 0 < q <= 1:

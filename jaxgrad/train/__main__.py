@@ -14,6 +14,8 @@ import json
 import sys
 import time
 
+from jaxgrad._optional import require
+
 MODELS = ("line", "linear", "logistic", "mlp", "cnn")
 DATA = ("digits", "breast_cancer", "diabetes", "line", "mnist1d", "npz", "idx")
 STRATEGIES = ("batch", "per-example", "accumulate", "clipped")
@@ -348,9 +350,9 @@ def _check_args(args, parser):
     _check_writable("--checkpoint-dir", args.checkpoint_dir, parser, directory=True)
     if args.plot:
         try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            parser.error("--plot needs matplotlib, which is not installed")
+            require("matplotlib", package="matplotlib", extra="cli", needed_for="--plot")
+        except ImportError as e:
+            parser.error(str(e))
 
 
 def run(args, parser=None) -> dict:

@@ -5,19 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise ImportError(
-            "plotting needs matplotlib, which is not installed; install it with "
-            "`pip install matplotlib` (or `pip install jaxgrad[cli]`), or drop --plot"
-        ) from e
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from jaxgrad._optional import pyplot
 
 
 def plot_history(history: Sequence[dict], path, *, title: str | None = None) -> str:
@@ -37,7 +25,7 @@ def plot_history(history: Sequence[dict], path, *, title: str | None = None) -> 
     """
     if not history:
         raise ValueError("`history` is empty; nothing to plot")
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [r["epoch"] for r in history]
     keys = set().union(*history)
     score = next((s for s in ("accuracy", "r2") if any(k.endswith("_" + s) for k in keys)), None)

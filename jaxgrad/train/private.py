@@ -199,7 +199,7 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
                 f"`noise_multiplier` {sigma!r} spends ε = {spent:.4g} over the planned {steps} "
                 f"steps, more than `target_epsilon` {config.target_epsilon!r}"
             )
-    sigma = sampling.check_nonnegative(sigma, "noise_multiplier")
+    sigma = reduce.check_nonnegative_float(sigma, name="noise_multiplier")
     resolved = dataclasses.replace(
         config,
         l2_clip=reduce.check_positive_float(config.l2_clip, name="l2_clip"),
