@@ -55,16 +55,19 @@ def _local_pieces(batch, mask):
         rows = range(size)[shard.index[0] if shard.index else slice(None)]
         blocks.setdefault((rows.start, rows.stop), shard.device)
 
+    def host(x):  # typed PRNG keys (per-example dropout keys) have no numpy form: kept as is
+        return x if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else np.asarray(x)
+
     def rows_of(x, device, start, stop):
         if not isinstance(x, jax.Array) or (x.is_fully_addressable and x.is_fully_replicated):
-            return np.asarray(x)[start:stop]
+            return host(x)[start:stop]
         for shard in x.addressable_shards:
             if shard.device == device:
                 here = range(x.shape[0])[shard.index[0] if shard.index else slice(None)]
                 if here.start <= start and stop <= here.stop:
-                    return np.asarray(shard.data)[start - here.start : stop - here.start]
+                    return host(shard.data)[start - here.start : stop - here.start]
         if x.is_fully_addressable:
-            return np.asarray(x)[start:stop]
+            return host(x)[start:stop]
         raise ValueError(
             "`batch` and `mask` leaves must be sharded alike along the batch axis; got "
             f"{sharded[0].sharding} and {x.sharding}"

@@ -167,15 +167,27 @@ def replicate(tree: PyTree, *, mesh: Mesh) -> PyTree:
     return _place(tree, NamedSharding(mesh, P()))
 
 
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _on_host(x) -> np.ndarray:
+    """``x`` as numpy; a typed PRNG key array as its ``uint32`` key data (trailing key axis)."""
+    return np.asarray(jax.random.key_data(x) if _is_key(x) else x)
+
+
+def _like(original, placed):
+    """``placed`` (from :func:`_on_host`) turned back into keys where ``original`` was keys."""
+    if _is_key(original):
+        return jax.random.wrap_key_data(placed, impl=jax.random.key_impl(original))
+    return placed
+
+
 def _place(tree, sharding):
     def put(x):
         if isinstance(x, jax.Array) and x.sharding == sharding:
             return x
-        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            data = np.asarray(jax.random.key_data(x))
-            impl = jax.random.key_impl(x)
-            return jax.random.wrap_key_data(_global(data, sharding), impl=impl)
-        return _global(np.asarray(x), sharding)
+        return _like(x, _global(_on_host(x), sharding))
 
     return jax.tree_util.tree_map(put, tree)
 
@@ -259,7 +271,8 @@ def shard_batch(batch: PyTree, mask=None, *, mesh: Mesh, axis: str = "data"):
     per_process = max(len(local), 1)
     procs = devices // per_process
     target = -(-size // per_process) * per_process
-    batch = jax.tree_util.tree_map(np.asarray, batch)
+    original = batch
+    batch = jax.tree_util.tree_map(_on_host, batch)
     mask = np.asarray(mask)
     if target != size:
         extra = target - size
@@ -268,13 +281,14 @@ def shard_batch(batch: PyTree, mask=None, *, mesh: Mesh, axis: str = "data"):
         )
         mask = np.concatenate([mask, np.zeros((extra,), bool)])
     sharding = NamedSharding(mesh, P(axis))
-    if procs == 1:
-        return _place((batch, mask), sharding)
 
     def put(x):
+        if procs == 1:
+            return _global(x, sharding)
         return jax.make_array_from_process_local_data(sharding, x, (target * procs, *x.shape[1:]))
 
-    return jax.tree_util.tree_map(put, (batch, mask))
+    batch = jax.tree_util.tree_map(lambda o, x: _like(o, put(x)), original, batch)
+    return batch, put(mask)
 
 
 def local_replica(tree: PyTree) -> PyTree:

@@ -205,6 +205,24 @@ def strategies() -> dict:
             sharding.replicate(cases["mlp_16_masked"][1], mesh=mesh), sb, sm
         )
     )
+
+    # Per-example PRNG keys (dropout) in a sharded batch, with a loss that validates its batch:
+    # the validation reads each device's rows (keys cannot become numpy arrays).
+    def keyed_loss(p, example):
+        x, y, k = example
+        return mlp_loss(p, (x * jax.random.bernoulli(k, 0.75, x.shape), y))
+
+    keyed_loss.validate = lambda batch, mask=None: mlp_loss.validate(batch[:2], mask)
+    keys = jax.random.split(jax.random.key(3), 16)
+    mlp_params = cases["mlp_16_masked"][1]
+    ref = jaxgrad.batch_grad(keyed_loss)(mlp_params, (x16, y16, keys), m16)
+    sb, sm = sharding.shard_batch((x16, y16, keys), m16, mesh=mesh)
+    got = jaxgrad.batch_grad(keyed_loss)(sharding.replicate(mlp_params, mesh=mesh), sb, sm)
+    out["keyed_error"] = _rel(got, ref)
+    sb, sm = sharding.shard_batch((x16, bad_labels, keys), m16, mesh=mesh)
+    out["bad"]["sharded_label_keyed"] = error(
+        lambda: jaxgrad.batch_grad(keyed_loss)(sharding.replicate(mlp_params, mesh=mesh), sb, sm)
+    )
     return out
 
 

@@ -140,6 +140,10 @@ def test_cli_dp_with_devices_equals_one_device(private_run):
     assert cli["privacy"][0]["steps"] == 2 * -(-n // 40)
 
 
+def test_sharded_batch_with_per_example_keys_is_validated_per_device(strategies):
+    assert strategies["keyed_error"] <= 1e-12, strategies["keyed_error"]
+
+
 def test_per_example_outputs_stay_sharded(strategies):
     for name, (spec, devices) in strategies["sharded_outputs"].items():
         expected = "P()" if devices == 1 else "P('data',)"
@@ -164,6 +168,7 @@ def test_no_gather_of_the_batch(strategies):
         ("process_id", ["`process_id`", "[0, 2)", "got 2"]),
         ("coordinator", ["`coordinator`", "HOST:PORT", "'localhost'"]),
         ("sharded_label", ["label", "7"]),
+        ("sharded_label_keyed", ["label", "7"]),
     ],
 )
 def test_bad_inputs_name_the_argument(strategies, case, words):
