@@ -130,6 +130,15 @@ def test_sampler_masks_counts_and_physical_batches_agree():
         assert sorted(seen) == list(np.flatnonzero(mask))  # every drawn example exactly once
 
 
+@pytest.mark.parametrize(("n", "p"), [(2**31, 256), (2**31 - 1, 256)])
+def test_sampler_refuses_data_sets_beyond_int32_indices(n, p):
+    # Checked before anything is drawn: N rows past 2**31 would wrap the int32 positions.
+    with pytest.raises(ValueError, match=r"`num_examples` \(\d+\).*below 2\*\*31"):
+        privacy.poisson_sample(
+            jax.random.key(0), num_examples=n, sampling_rate=1e-6, physical_batch_size=p
+        )
+
+
 # ------------------------------------------------------------------------------------------
 # The noisy gradient.
 

@@ -126,6 +126,11 @@ def poisson_sample(key, *, num_examples: int, sampling_rate: float, physical_bat
     n = reduce.check_positive_int(num_examples, name="num_examples")
     q = check_sampling_rate(sampling_rate)
     p = reduce.check_positive_int(physical_batch_size, name="physical_batch_size")
+    if -(-n // p) * p >= 2**31:  # the positions and indices are int32
+        raise ValueError(
+            f"`num_examples` ({n}), padded to a multiple of `physical_batch_size` ({p}), must be "
+            f"below 2**31: the sampled indices are int32"
+        )
     mask = inclusion_mask(key, sampling_rate=q, num_examples=n)
     # jnp.nonzero(mask, size=padded, fill_value=0), as one cumulative sum and one scatter:
     # drawn example i goes to position (number drawn before it); the rest stay 0.
