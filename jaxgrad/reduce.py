@@ -162,7 +162,7 @@ def batch_size(batch: PyTree, *, name: str = "batch") -> int:
     if any(len(s) == 0 for s in shapes):
         raise ValueError(
             f"`{name}` leaves must share a leading batch axis; got a scalar leaf among shapes "
-            f"{', '.join(map(str, shapes))}"
+            f"{', '.join(map(str, shapes[:8]))}{', ...' if len(shapes) > 8 else ''}"
             + (
                 " (a value shared by every example is an extra loss argument, "
                 "f(params, batch, mask, *args), not a batch leaf)"

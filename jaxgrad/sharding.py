@@ -391,10 +391,22 @@ def take_rows(data: PyTree, indices, mask=None, *, mesh: Mesh, axis: str = "data
             f"`indices` must be an integer array with a row axis; got {indices.dtype} of "
             f"shape {indices.shape}"
         )
+    size = reduce.batch_size(data, name="data")
+    if indices.size and (indices.min() < 0 or indices.max() >= size):
+        raise ValueError(
+            f"`indices` must lie in [0, {size}) (the rows of `data`); got values from "
+            f"{indices.min()} to {indices.max()}"
+        )
     mask = np.ones(indices.shape, bool) if mask is None else np.asarray(mask)
     if mask.shape != indices.shape:
         raise ValueError(
             f"`mask` must have the shape of `indices` {indices.shape}; got {mask.shape}"
+        )
+    devices = _check_axis(mesh, axis)
+    if indices.shape[-1] % devices:
+        raise ValueError(
+            f"`indices`'s last axis ({indices.shape[-1]}) must be a multiple of the {devices} "
+            f"devices of mesh axis {axis!r}"
         )
     rows = _process_rows(indices.shape[-1], mesh=mesh, axis=axis)
     lead = indices.ndim - 1

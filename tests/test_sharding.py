@@ -477,6 +477,9 @@ def test_take_rows_gathers_by_index_in_native_byte_order():
         sharding.take_rows(x, idx, np.ones(3, bool), mesh=mesh)
     with pytest.raises(ValueError, match="`indices` must be an integer array"):
         sharding.take_rows(x, np.array([0.5]), mesh=mesh)
+    for bad in ([0, 6], [-1, 0]):  # past the end, and a negative index (numpy would wrap it)
+        with pytest.raises(ValueError, match=r"`indices` must lie in \[0, 6\)"):
+            sharding.take_rows((x, y), np.array(bad), mesh=mesh)
 
 
 def test_memory_mapped_data_is_validated_row_by_row(tmp_path):
