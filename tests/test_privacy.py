@@ -184,6 +184,21 @@ def test_noise_std_is_sigma_c_over_expected_batch_size():
         _std_within_bound(samples, sigma * clip)
 
 
+def test_noised_average_is_the_sum_plus_jax_normals_over_the_expected_batch():
+    # Reference: jax.random.normal's N-vector cut into the leaves in order, in numpy.
+    total = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.array([1.0, -2.0])}
+    key = jax.random.key(7)
+    got = privacy.noised_average(total, key, stddev=0.3, expected_batch_size=2.5)
+    z = np.asarray(jax.random.normal(key, (8,), jnp.float64))
+    np.testing.assert_allclose(
+        got["a"], (np.arange(6.0).reshape(2, 3) + 0.3 * z[:6].reshape(2, 3)) / 2.5, rtol=1e-14
+    )
+    np.testing.assert_allclose(got["b"], (np.array([1.0, -2.0]) + 0.3 * z[6:]) / 2.5, rtol=1e-14)
+    for bad in (0, -1.0, float("nan"), "4"):
+        with pytest.raises(ValueError, match="`expected_batch_size` must be a positive"):
+            privacy.noised_average(total, key, stddev=0.3, expected_batch_size=bad)
+
+
 def test_noise_is_added_once_under_accumulation():
     """With many physical batches per step the noise std is still σC/(qN), not √K times it."""
     sigma, clip, q, n = 0.9, 2.0, 0.5, 64

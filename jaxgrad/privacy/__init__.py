@@ -3,7 +3,8 @@
 One DP-SGD step samples each of the ``N`` examples independently with probability ``q``
 (:func:`poisson_sample`), clips every example's gradient to norm ``C``, sums them on the fast
 path (:func:`jaxgrad.clipped_grad`), adds ``N(0, σ²C² I)`` once and divides by the expected
-batch size ``qN`` (:func:`dp_grad`, :func:`sampled_dp_grad`). The ε spent is computed by
+batch size ``qN`` (:func:`dp_grad`, :func:`sampled_dp_grad`; :func:`noised_average` for a
+clipped sum computed another way). The ε spent is computed by
 ``dp-accounting`` (:func:`epsilon`), and ``σ`` for a target ε by
 :func:`calibrate_noise_multiplier`. Needs the ``privacy`` extra (``dp-accounting``).
 
@@ -17,7 +18,7 @@ With optax, the noisy gradient is an ordinary gradient::
 """
 
 from jaxgrad.privacy.accounting import calibrate_noise_multiplier, dp_event, epsilon
-from jaxgrad.privacy.noisy import DPInfo, add_noise, dp_grad, sampled_dp_grad
+from jaxgrad.privacy.noisy import DPInfo, add_noise, dp_grad, noised_average, sampled_dp_grad
 from jaxgrad.privacy.sampling import (
     PoissonSample,
     default_physical_batch_size,
@@ -37,6 +38,7 @@ __all__ = [
     "dp_grad",
     "epsilon",
     "inclusion_mask",
+    "noised_average",
     "num_physical_batches",
     "physical_batch",
     "poisson_sample",

@@ -160,6 +160,43 @@ def add_noise(total: PyTree, key, *, stddev) -> PyTree:
     return jax.tree_util.tree_unflatten(treedef, noisy)
 
 
+def noised_average(total: PyTree, key, *, stddev, expected_batch_size) -> PyTree:
+    """``(total + N(0, stddev² I)) / expected_batch_size``: a step's one draw, one division.
+
+    .. math::
+
+        \\tilde g = \\frac{1}{B_e} \\big( S + \\mathcal N(0, \\text{stddev}^2 I) \\big)
+
+    The last stage of every DP-SGD gradient here (:func:`dp_grad`, :func:`sampled_dp_grad`,
+    the sharded training step), for a clipped sum ``S`` computed another way (e.g. summed
+    over several devices or physical batches): :func:`add_noise`, then the division by the
+    public ``B_e = qN`` — never by the realised count, which is private.
+
+    Args:
+      total: the clipped sum ``S``, a pytree of float arrays.
+      key: the PRNG key of the noise (:func:`add_noise`).
+      stddev: ``σC ≥ 0``.
+      expected_batch_size: ``B_e = qN > 0`` (a number, or a traced scalar).
+
+    Returns:
+      A pytree like ``total``.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxgrad.privacy import noised_average
+      >>> noised_average(jnp.array([2.0, 4.0]), jax.random.key(0), stddev=0.0,
+      ...                expected_batch_size=4).tolist()
+      [0.5, 1.0]
+    """
+    if not isinstance(expected_batch_size, jax.core.Tracer):
+        expected_batch_size = reduce.check_positive_float(
+            expected_batch_size, name="expected_batch_size"
+        )
+    noisy = add_noise(total, key, stddev=stddev)
+    return jax.tree_util.tree_map(lambda t: t / jnp.asarray(expected_batch_size, t.dtype), noisy)
+
+
 def _finish(nonfinite, return_info, name):
     """The host side of ``f``: raise on non-finite examples if asked, strip the info."""
     return_info = reduce.check_flag(return_info, name="return_info")
@@ -244,8 +281,7 @@ def dp_grad(
     @jax.jit
     def core(params, batch, mask, key):
         total, count, bad = clipped(params, batch, mask)
-        noisy = add_noise(total, key, stddev=sigma * l2_clip)
-        grads = jax.tree_util.tree_map(lambda t: t / jnp.asarray(b_e, t.dtype), noisy)
+        grads = noised_average(total, key, stddev=sigma * l2_clip, expected_batch_size=b_e)
         return grads, DPInfo(count, bad, jnp.int32(1))
 
     finish = _finish(nonfinite, return_info, "dp_grad")
@@ -344,9 +380,7 @@ def sampled_dp_grad(
         _, (total, count, bad) = jax.lax.while_loop(
             lambda c: c[0] < steps, body, (jnp.int32(1), one(jnp.int32(0)))
         )
-        noisy = add_noise(total, noise_key, stddev=sigma * l2_clip)
-        b_e = q * n
-        grads = jax.tree_util.tree_map(lambda t: t / jnp.asarray(b_e, t.dtype), noisy)
+        grads = noised_average(total, noise_key, stddev=sigma * l2_clip, expected_batch_size=q * n)
         return grads, DPInfo(count, bad, steps)
 
     finish = _finish(nonfinite, return_info, "sampled_dp_grad")

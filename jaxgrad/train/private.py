@@ -436,8 +436,8 @@ def _sharded_epoch(
     @jax.jit
     def update(state, total, key):
         _, noise_key = jax.random.split(jax.random.fold_in(key, state.step))
-        noised = dp.add_noise(total, noise_key, stddev=stddev)  # once, replicated
-        g = jax.tree_util.tree_map(lambda t: t / jnp.asarray(q * n, t.dtype), noised)
+        # once, on the replicated sum
+        g = noisy.noised_average(total, noise_key, stddev=stddev, expected_batch_size=q * n)
         updates, opt_state = optimizer.update(g, state.opt_state, state.params)
         return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
 
