@@ -11,6 +11,7 @@ computation and ends bit for bit where the uninterrupted run would.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -28,7 +29,7 @@ from jaxgrad import reduce
 from jaxgrad import sharding as sharding_lib
 from jaxgrad.grads import batch_grad
 from jaxgrad.train import checkpoint as ckpt
-from jaxgrad.train import private
+from jaxgrad.train import example_keys, private
 from jaxgrad.train.private import PrivacyConfig
 from jaxgrad.train.progress import Progress, end_epoch
 from jaxgrad.train.step import TrainState, init_state, step_fn
@@ -210,6 +211,7 @@ def fit(
     quiet: bool = False,
     privacy: PrivacyConfig | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    loss_key: jax.Array | None = None,
 ) -> FitResult:
     """Trains ``params`` on ``train_data`` for ``epochs`` epochs of minibatch SGD.
 
@@ -272,6 +274,12 @@ def fit(
         replicated state, in the usual format; resuming needs ``checkpoint_dir`` visible to
         every process) and all of them read it on resume.
 
+      loss_key: a PRNG key for randomness inside the loss (dropout). When given, the loss is
+        called as ``loss_fn(params, example, key)`` with ``key = fold_in(fold_in(loss_key, t),
+        i)`` for the example at row ``i`` of ``train_data`` at step ``t``: a different key for
+        every example and step, independent of batching, devices and processes (see
+        :mod:`jaxgrad.train.example_keys`). Not with ``privacy`` yet.
+
     Returns:
       A :class:`FitResult` ``(params, state, history)``.
 
@@ -298,6 +306,12 @@ def fit(
     epochs = _positive(epochs, "epochs")
     batch_size = _positive(batch_size, "batch_size")
     keep = _positive(keep, "keep")
+    loss_key = example_keys.check_loss_fn(loss_fn, loss_key)
+    if privacy is not None and loss_key is not None:
+        raise ValueError(
+            "`loss_key` (randomness inside the loss) is not supported with `privacy` yet; "
+            "train without dropout, or with privacy=None"
+        )
     if privacy is not None:
         return _fit_private(
             loss_fn,
@@ -323,9 +337,8 @@ def fit(
         )
     n = reduce.batch_size(train_data, name="train_data")
     if scan == "auto":
-        scan = not (
-            jax.default_backend() == "cpu" and _has_convolution(loss_fn, params, train_data)
-        )
+        traced = loss_fn if loss_key is None else lambda p, x: loss_fn(p, x, loss_key)
+        scan = not (jax.default_backend() == "cpu" and _has_convolution(traced, params, train_data))
     elif not isinstance(scan, bool):
         raise ValueError(f"`scan` must be True, False or 'auto'; got {scan!r}")
     if batch_size > n:
@@ -334,6 +347,10 @@ def fit(
             f"expected at most {n}"
         )
     check = validate_data(loss_fn, train_data, mesh)
+    if loss_key is not None:  # the data carries its row numbers, turned into keys per step
+        loss_fn, train_data = example_keys.keyed_loss(loss_fn), example_keys.with_rows(train_data)
+        if check is not None:
+            check = functools.partial(lambda inner, rows, mask: inner(rows[0], mask), check)
 
     if mesh is not None:
         sharding_lib.check_batch(train_data, mesh=mesh)
@@ -358,6 +375,7 @@ def fit(
         "scan": bool(scan),
         # A resumed run must be the same run: same seed and same gradient strategy.
         "key": _fingerprint(key),
+        **({"loss_key": _fingerprint(loss_key)} if loss_key is not None else {}),
         **({"devices": int(mesh.devices.size)} if mesh is not None else {}),
         "strategy": getattr(strategy, "__name__", None)
         or getattr(getattr(strategy, "func", None), "__name__", type(strategy).__name__),
@@ -404,6 +422,14 @@ def fit(
             )
 
     body = _guarded(step_fn(loss_fn, optimizer, strategy=strategy))
+    if loss_key is not None:
+        keyed = body
+
+        def body(carry, batch, mask, active):
+            data, rows = batch
+            keys = example_keys.keys_for(loss_key, carry[0].step, rows)
+            return keyed(carry, (data, keys), mask, active)
+
     if mesh is not None:
         state = sharding_lib.replicate(state, mesh=mesh)
         inner = body

@@ -1,0 +1,144 @@
+"""fit(loss_key=...): one key per example and step inside the loss (dropout), against a loop."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxgrad
+from jaxgrad.train import CheckpointError, PrivacyConfig, fit
+
+N, LR = 10, 0.1
+
+
+def _problem():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(N, 3)), rng.integers(0, 2, N)
+    mlp = jaxgrad.models.mlp([3, 5, 2], dtype=jnp.float64)
+    base = jaxgrad.losses.supervised(mlp.apply, jaxgrad.losses.softmax_cross_entropy, num_classes=2)
+
+    def loss(params, example, key):  # inverted dropout on the inputs
+        xi, yi = example
+        keep = jax.random.bernoulli(key, 0.6, xi.shape)
+        return base(params, (jnp.where(keep, xi / 0.6, 0.0), yi))
+
+    loss.validate = base.validate
+    return loss, mlp.init(jax.random.key(0)), (x, y)
+
+
+def _reference(loss, params, data, *, loss_key, key, epochs, batch_size):
+    """SGD by hand: each real example's own gradient with key fold_in(fold_in(K, t), row)."""
+    x, y = data
+    t = 0
+    for epoch in range(epochs):
+        idx, mask = jaxgrad.data.epoch_indices(key, epoch, N, batch_size)
+        for rows, real in zip(np.asarray(idx), np.asarray(mask), strict=True):
+            rows = rows[real]
+            step_key = jax.random.fold_in(loss_key, t)
+            grads = [
+                jax.grad(loss)(params, (x[i], y[i]), jax.random.fold_in(step_key, int(i)))
+                for i in rows
+            ]
+            count = len(rows)
+            mean = jax.tree_util.tree_map(lambda *g, k=count: sum(g) / k, *grads)
+            params = jax.tree_util.tree_map(lambda p, g: p - LR * g, params, mean)
+            t += 1
+    return params
+
+
+def _fit(loss, params, data, **kw):
+    kw = {"epochs": 2, "batch_size": 4, "key": jax.random.key(1), "quiet": True, **kw}
+    return fit(loss, params, data, optimizer=optax.sgd(LR), loss_key=jax.random.key(5), **kw)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("batch_size", [4, N])  # 4: a partial last batch, padded and masked
+def test_each_example_gets_its_own_key_per_step(scan, batch_size):
+    loss, params, data = _problem()
+    got = _fit(loss, params, data, batch_size=batch_size, scan=scan)
+    want = _reference(
+        loss,
+        params,
+        data,
+        loss_key=jax.random.key(5),
+        key=jax.random.key(1),
+        epochs=2,
+        batch_size=batch_size,
+    )
+    jaxgrad.check.assert_equivalent(got.params, want)
+
+
+def test_every_strategy_and_a_mesh_see_the_same_keys():
+    loss, params, data = _problem()
+    ref = _fit(loss, params, data).params
+    for strategy in (
+        functools.partial(jaxgrad.mean_of_per_example_grads, chunk_size=3),
+        functools.partial(jaxgrad.clipped_grad, l2_clip=1e6),  # the fast path, never clipping
+        functools.partial(jaxgrad.accumulate_grad, num_microbatches=2),
+    ):
+        jaxgrad.check.assert_equivalent(_fit(loss, params, data, strategy=strategy).params, ref)
+    mesh = jaxgrad.sharding.data_mesh()
+    jaxgrad.check.assert_equivalent(_fit(loss, params, data, mesh=mesh).params, ref)
+
+
+def test_the_keys_change_the_result():
+    # The masks matter: another loss_key (or none) gives another trajectory.
+    loss, params, data = _problem()
+    a = _fit(loss, params, data).params
+    b = fit(
+        loss,
+        params,
+        data,
+        optimizer=optax.sgd(LR),
+        epochs=2,
+        batch_size=4,
+        key=jax.random.key(1),
+        loss_key=jax.random.key(6),
+        quiet=True,
+    ).params
+    assert jaxgrad.check.tree_diff(a, b)[0] > 1e-3
+
+
+def test_resume_continues_with_the_same_keys_and_refuses_another(tmp_path):
+    loss, params, data = _problem()
+    full = _fit(loss, params, data, epochs=3).params
+    _fit(loss, params, data, epochs=2, checkpoint_dir=tmp_path)
+    resumed = _fit(loss, params, data, epochs=3, checkpoint_dir=tmp_path).params
+    jaxgrad.check.assert_equivalent(resumed, full, rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="loss_key"):
+        fit(
+            loss,
+            params,
+            data,
+            optimizer=optax.sgd(LR),
+            epochs=3,
+            batch_size=4,
+            key=jax.random.key(1),
+            loss_key=jax.random.key(6),
+            quiet=True,
+            checkpoint_dir=tmp_path,
+        )
+
+
+def test_bad_loss_key_combinations_are_named():
+    loss, params, data = _problem()
+    two_args = lambda p, ex: loss(p, ex, jax.random.key(0))
+    kw = {"optimizer": optax.sgd(LR), "epochs": 1, "batch_size": 4, "key": jax.random.key(1)}
+    with pytest.raises(TypeError, match=r"`loss_key` is given.*takes no key"):
+        fit(two_args, params, data, loss_key=jax.random.key(5), **kw)
+    with pytest.raises(TypeError, match=r"`loss_fn` takes a third argument.*pass `loss_key`"):
+        fit(loss, params, data, **kw)
+    with pytest.raises(TypeError, match="`loss_key`"):
+        fit(loss, params, data, loss_key=5, **kw)
+    with pytest.raises(ValueError, match=r"`loss_key`.*`privacy`"):
+        fit(
+            loss,
+            params,
+            data,
+            loss_key=jax.random.key(5),
+            privacy=PrivacyConfig(l2_clip=1.0, target_epsilon=8.0, delta=1e-5),
+            **kw,
+        )
