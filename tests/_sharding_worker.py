@@ -219,6 +219,30 @@ def strategies() -> dict:
     sb, sm = sharding.shard_batch((x16, y16, keys), m16, mesh=mesh)
     got = jaxgrad.batch_grad(keyed_loss)(sharding.replicate(mlp_params, mesh=mesh), sb, sm)
     out["keyed_error"] = _rel(got, ref)
+
+    # fit(loss_key=...): the per-example dropout keys follow the rows, not the devices.
+    import optax
+
+    def dropout_loss(p, example, key):
+        x, y = example
+        return mlp_loss(p, (jnp.where(jax.random.bernoulli(key, 0.7, x.shape), x / 0.7, 0), y))
+
+    def fit_keyed(mesh):
+        return jaxgrad.train.fit(
+            dropout_loss,
+            mlp_params,
+            (np.asarray(x16[:12]), np.asarray(y16[:12])),  # the 12 real rows
+            optimizer=optax.sgd(0.1),
+            epochs=2,
+            batch_size=6,
+            key=jax.random.key(1),
+            loss_key=jax.random.key(2),
+            quiet=True,
+            mesh=mesh,
+            scan=False,
+        ).params
+
+    out["loss_key_mesh_error"] = _rel(fit_keyed(sharding.data_mesh(4)), fit_keyed(None))
     sb, sm = sharding.shard_batch((x16, bad_labels, keys), m16, mesh=mesh)
     out["bad"]["sharded_label_keyed"] = error(
         lambda: jaxgrad.batch_grad(keyed_loss)(sharding.replicate(mlp_params, mesh=mesh), sb, sm)

@@ -144,6 +144,10 @@ def test_sharded_batch_with_per_example_keys_is_validated_per_device(strategies)
     assert strategies["keyed_error"] <= 1e-12, strategies["keyed_error"]
 
 
+def test_fit_loss_key_on_four_devices_equals_one(strategies):
+    assert strategies["loss_key_mesh_error"] <= 1e-12, strategies["loss_key_mesh_error"]
+
+
 def test_per_example_outputs_stay_sharded(strategies):
     for name, (spec, devices) in strategies["sharded_outputs"].items():
         expected = "P()" if devices == 1 else "P('data',)"
