@@ -133,12 +133,52 @@ def test_bad_loss_key_combinations_are_named():
         fit(loss, params, data, **kw)
     with pytest.raises(TypeError, match="`loss_key`"):
         fit(loss, params, data, loss_key=5, **kw)
-    with pytest.raises(ValueError, match=r"`loss_key`.*`privacy`"):
-        fit(
-            loss,
-            params,
-            data,
-            loss_key=jax.random.key(5),
-            privacy=PrivacyConfig(l2_clip=1.0, target_epsilon=8.0, delta=1e-5),
-            **kw,
+
+
+def _private_reference(loss, params, data, *, clip, key, loss_key, batch_size):
+    """One epoch of DP-SGD with σ = 0 by hand: the public sampler's draw, clip in numpy."""
+    x, y = data
+    q = batch_size / N
+    for t in range(-(-N // batch_size)):
+        sample_key, _ = jax.random.split(jax.random.fold_in(key, t))
+        s = jaxgrad.privacy.poisson_sample(
+            sample_key, num_examples=N, sampling_rate=q, physical_batch_size=N
         )
+        total = jax.tree_util.tree_map(jnp.zeros_like, params)
+        for i in np.asarray(s.indices)[: int(s.count)]:
+            k = jax.random.fold_in(jax.random.fold_in(loss_key, t), int(i))
+            g = jax.grad(loss)(params, (x[i], y[i]), k)
+            norm = np.sqrt(sum(float(np.sum(np.square(v))) for v in jax.tree_util.tree_leaves(g)))
+            factor = min(1.0, clip / norm)
+            total = jax.tree_util.tree_map(lambda a, b, c=factor: a + c * b, total, g)
+        params = jax.tree_util.tree_map(lambda p, g: p - LR * g / (q * N), params, total)
+    return params
+
+
+@pytest.mark.parametrize("mesh", [False, True])
+def test_private_fit_gives_each_sampled_example_its_key(mesh):
+    loss, params, data = _problem()
+    config = PrivacyConfig(l2_clip=0.3, noise_multiplier=0.0, delta=1e-5)
+    got = fit(
+        loss,
+        params,
+        data,
+        optimizer=optax.sgd(LR),
+        epochs=1,
+        batch_size=5,
+        key=jax.random.key(1),
+        loss_key=jax.random.key(5),
+        privacy=config,
+        quiet=True,
+        mesh=jaxgrad.sharding.data_mesh() if mesh else None,
+    )
+    want = _private_reference(
+        loss,
+        params,
+        data,
+        clip=0.3,
+        key=jax.random.key(1),
+        loss_key=jax.random.key(5),
+        batch_size=5,
+    )
+    jaxgrad.check.assert_equivalent(got.params, want)

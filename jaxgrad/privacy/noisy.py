@@ -90,13 +90,13 @@ def clipped_sum_dropping_nonfinite(loss_fn, *, l2_clip, method="auto", chunk_siz
         chunk_size=chunk_size,
     )
 
-    def f(params, batch, mask):
-        total, norms = inner(params, batch, mask)
+    def f(params, batch, mask, *args):
+        total, norms = inner(params, batch, mask, *args)
         bad = mask & ~jnp.isfinite(norms)
         good = mask & ~bad
 
         def redo(_):
-            again, _ = inner(params, batch, good)
+            again, _ = inner(params, batch, good, *args)
             # With no good example left the filler rows are bad ones: the sum is 0.
             return jax.tree_util.tree_map(lambda t: jnp.where(jnp.any(good), t, 0), again)
 
@@ -333,8 +333,9 @@ def sampled_dp_grad(
       chunk_size: if set, examples are processed that many at a time.
 
     Returns:
-      ``f(params, data, key) -> grads`` (or ``(grads, info)``); the sample and the noise are
-      pure functions of ``key``.
+      ``f(params, data, key, *args) -> grads`` (or ``(grads, info)``); the sample and the
+      noise are pure functions of ``key``; extra arguments reach every call
+      ``loss_fn(params, example, *args)``, as for :func:`jaxgrad.batch_grad`.
 
     Example::
 
@@ -357,7 +358,7 @@ def sampled_dp_grad(
     )
 
     @jax.jit
-    def core(params, data, key):
+    def core(params, data, key, args):
         n = reduce.batch_size(data, name="data")
         sample_key, noise_key = jax.random.split(key)
         sample = sampling.poisson_sample(
@@ -367,7 +368,7 @@ def sampled_dp_grad(
 
         def one(k):
             idx, mask = sampling.physical_batch(sample, k, physical_batch_size=p)
-            return clipped(params, jax.tree_util.tree_map(lambda a: a[idx], data), mask)
+            return clipped(params, jax.tree_util.tree_map(lambda a: a[idx], data), mask, *args)
 
         def body(carry):
             k, acc = carry
@@ -385,8 +386,8 @@ def sampled_dp_grad(
 
     finish = _finish(nonfinite, return_info, "sampled_dp_grad")
 
-    def f(params, data, key):
-        return finish(*core(params, data, reduce.check_key(key)))
+    def f(params, data, key, *args):
+        return finish(*core(params, data, reduce.check_key(key), args))
 
     f.__name__ = f.__qualname__ = "sampled_dp_grad"
     f.__doc__ = sampled_dp_grad.__doc__

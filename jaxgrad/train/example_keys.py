@@ -12,8 +12,11 @@ there, the devices or the processes — so every strategy (per-example gradients
 included) sees each example's own randomness, a mesh run draws the same masks as one device,
 and a resumed run the same as an uninterrupted one.
 
-The training set travels with its row numbers, ``(data, rows)``; the step turns a batch's row
-numbers into keys (:func:`keys_for`), and :func:`keyed_loss` hands each example its key.
+The training set travels with its row numbers, ``(data, rows)``. The plain step turns a
+batch's row numbers into keys (:func:`keys_for`) and :func:`keyed_loss` hands each example
+its key; the DP-SGD step, which gathers its rows inside
+:func:`jaxgrad.privacy.sampled_dp_grad`, passes the step's key as an extra loss argument and
+:func:`row_keyed_loss` folds each example's row into it.
 """
 
 from __future__ import annotations
@@ -86,3 +89,25 @@ def keyed_loss(loss_fn):
     if validate is not None:
         loss.validate = lambda batch, mask=None: validate(batch[0], mask)
     return loss
+
+
+def row_keyed_loss(loss_fn):
+    """``loss(params, (example, row), step_key) = loss_fn(params, example, fold_in(step_key,
+    row))``, keeping ``validate``: the same keys as :func:`keys_for`, given the step's key."""
+
+    def loss(params, example_and_row, step_key):
+        example, row = example_and_row
+        return loss_fn(params, example, jax.random.fold_in(step_key, row))
+
+    validate = getattr(loss_fn, "validate", None)
+    if validate is not None:
+        loss.validate = lambda batch, mask=None: validate(batch[0], mask)
+    return loss
+
+
+def row_check(check):
+    """A row check of the bare data (:func:`jaxgrad.train.loop.validate_data`) for
+    ``(data, rows)`` batches; None stays None."""
+    if check is None:
+        return None
+    return lambda rows, mask: check(rows[0], mask)

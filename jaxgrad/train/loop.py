@@ -11,7 +11,6 @@ computation and ends bit for bit where the uninterrupted run would.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import os
@@ -278,7 +277,7 @@ def fit(
         called as ``loss_fn(params, example, key)`` with ``key = fold_in(fold_in(loss_key, t),
         i)`` for the example at row ``i`` of ``train_data`` at step ``t``: a different key for
         every example and step, independent of batching, devices and processes (see
-        :mod:`jaxgrad.train.example_keys`). Not with ``privacy`` yet.
+        :mod:`jaxgrad.train.example_keys`); with ``privacy`` too.
 
     Returns:
       A :class:`FitResult` ``(params, state, history)``.
@@ -307,11 +306,6 @@ def fit(
     batch_size = _positive(batch_size, "batch_size")
     keep = _positive(keep, "keep")
     loss_key = example_keys.check_loss_fn(loss_fn, loss_key)
-    if privacy is not None and loss_key is not None:
-        raise ValueError(
-            "`loss_key` (randomness inside the loss) is not supported with `privacy` yet; "
-            "train without dropout, or with privacy=None"
-        )
     if privacy is not None:
         return _fit_private(
             loss_fn,
@@ -334,6 +328,7 @@ def fit(
             progress=progress,
             quiet=quiet,
             mesh=mesh,
+            loss_key=loss_key,
         )
     n = reduce.batch_size(train_data, name="train_data")
     if scan == "auto":
@@ -349,8 +344,7 @@ def fit(
     check = validate_data(loss_fn, train_data, mesh)
     if loss_key is not None:  # the data carries its row numbers, turned into keys per step
         loss_fn, train_data = example_keys.keyed_loss(loss_fn), example_keys.with_rows(train_data)
-        if check is not None:
-            check = functools.partial(lambda inner, rows, mask: inner(rows[0], mask), check)
+        check = example_keys.row_check(check)
 
     if mesh is not None:
         sharding_lib.check_batch(train_data, mesh=mesh)

@@ -39,6 +39,7 @@ from jaxgrad import reduce
 from jaxgrad import sharding as sharding_lib
 from jaxgrad.privacy import noisy, sampling
 from jaxgrad.train import checkpoint as ckpt
+from jaxgrad.train import example_keys
 from jaxgrad.train.progress import Progress, end_epoch
 from jaxgrad.train.step import TrainState, init_state
 
@@ -232,6 +233,7 @@ def fit_private(
     quiet: bool = False,
     fingerprint=None,
     mesh=None,
+    loss_key=None,
 ):
     """The DP-SGD loop behind ``fit(..., privacy=...)``; see :func:`jaxgrad.train.fit`."""
     from jaxgrad.train.loop import FitResult, validate_data  # loop imports this
@@ -242,6 +244,12 @@ def fit_private(
     if mesh is not None:
         sharding_lib.check_batch(train_data, mesh=mesh)
     check = validate_data(loss_fn, train_data, mesh)
+    if loss_key is not None:  # rows travel with the data; the step's key is a loss argument
+        loss_fn, train_data = (
+            example_keys.row_keyed_loss(loss_fn),
+            example_keys.with_rows(train_data),
+        )
+        check = example_keys.row_check(check)
     grad_fn = dp.sampled_dp_grad(
         loss_fn,
         l2_clip=c.l2_clip,
@@ -258,6 +266,7 @@ def fit_private(
         "num_examples": n,
         "batch_size": batch_size,
         "key": fingerprint(key) if fingerprint else None,
+        **({"loss_key": fingerprint(loss_key)} if loss_key is not None and fingerprint else {}),
         "privacy": {
             **the_plan.summary(0),
             "planned_steps": the_plan.steps,
@@ -269,11 +278,16 @@ def fit_private(
     if mesh is not None:
         config["devices"] = int(mesh.devices.size)
 
+    def step_args(step):  # the loss's extra argument: this step's loss key, if any
+        return () if loss_key is None else (jax.random.fold_in(loss_key, step),)
+
     @jax.jit
     def run_epoch(state, data, key):
         def one(carry, _):
             state, bad_step = carry
-            g, info = grad_fn(state.params, data, jax.random.fold_in(key, state.step))
+            g, info = grad_fn(
+                state.params, data, jax.random.fold_in(key, state.step), *step_args(state.step)
+            )
             updates, opt_state = optimizer.update(g, state.opt_state, state.params)
             new = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
             stop = (bad_step >= 0) | (stop_on_bad & (info.num_nonfinite > 0))
@@ -340,6 +354,7 @@ def fit_private(
             stop_on_bad=stop_on_bad,
             mesh=mesh,
             check=check,
+            step_args=step_args,
         )
     metrics_file = open(metrics_path, "a") if metrics_path is not None else None
     bar = Progress(epochs * steps_per_epoch, mode=progress, quiet=quiet, initial=int(state.step))
@@ -397,7 +412,16 @@ def _changes(old: dict, new: dict) -> str:
 
 
 def _sharded_epoch(
-    loss_fn, train_data, the_plan, *, optimizer, steps_per_epoch, stop_on_bad, mesh, check
+    loss_fn,
+    train_data,
+    the_plan,
+    *,
+    optimizer,
+    steps_per_epoch,
+    stop_on_bad,
+    mesh,
+    check,
+    step_args,
 ):
     """``run_epoch(state, data, key)`` on ``mesh``: :func:`jaxgrad.privacy.sampled_dp_grad`'s
     step, with its physical batches gathered on the host and sharded over the devices.
@@ -429,9 +453,9 @@ def _sharded_epoch(
         return sample.indices, sample.count
 
     @jax.jit
-    def accumulate(params, acc, batch, mask):
+    def accumulate(params, acc, batch, mask, step):
         batch, mask = jax.lax.with_sharding_constraint((batch, mask), batch_spec)
-        return jax.tree_util.tree_map(jnp.add, acc, clipped(params, batch, mask))
+        return jax.tree_util.tree_map(jnp.add, acc, clipped(params, batch, mask, *step_args(step)))
 
     @jax.jit
     def update(state, total, key):
@@ -458,6 +482,7 @@ def _sharded_epoch(
                         train_data,
                     ),
                     jax.ShapeDtypeStruct((width,), bool),
+                    *step_args(state.step),
                 )
                 zeros = sharding_lib.replicate(
                     jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes),
@@ -470,7 +495,7 @@ def _sharded_epoch(
                 idx = np.concatenate([idx, np.full(width - p, idx[0], idx.dtype)])
                 mask = np.concatenate([mask, np.zeros(width - p, bool)])
                 batch, mask = sharding_lib.take_rows(train_data, idx, mask, mesh=mesh, check=check)
-                acc = accumulate(state.params, acc, batch, mask)
+                acc = accumulate(state.params, acc, batch, mask, state.step)
                 sharding_lib.serialize_across_processes(acc)
             total, _, bad = acc
             bad = int(bad)
