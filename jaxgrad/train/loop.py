@@ -31,7 +31,7 @@ from jaxgrad.train import checkpoint as ckpt
 from jaxgrad.train import private
 from jaxgrad.train.private import PrivacyConfig
 from jaxgrad.train.progress import Progress, end_epoch
-from jaxgrad.train.step import TrainState, init_state, step_fn
+from jaxgrad.train.step import TrainState, check_optimizer, init_state, step_fn
 
 PyTree = Any
 
@@ -106,12 +106,7 @@ def _positive(value, name):
 def _check_fit_args(params, optimizer, key) -> None:
     """Clear errors for the arguments of :func:`fit` that JAX/optax would fail on obscurely."""
     reduce.check_params(params)
-    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-        hint = f" (e.g. optax.{optimizer}(1e-3))" if isinstance(optimizer, str) else ""
-        raise TypeError(
-            "`optimizer` must be an optax GradientTransformation with init and update"
-            f"{hint}; got {optimizer!r}"
-        )
+    check_optimizer(optimizer)
     dtype = getattr(key, "dtype", None)
     typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
     raw = dtype == jnp.uint32 and np.shape(key) == (2,)
@@ -298,6 +293,19 @@ def fit(
     epochs = _positive(epochs, "epochs")
     batch_size = _positive(batch_size, "batch_size")
     keep = _positive(keep, "keep")
+    resume = reduce.check_flag(resume, name="resume")
+    quiet = reduce.check_flag(quiet, name="quiet")
+    if checkpoint_every is not None:
+        checkpoint_every = _positive(checkpoint_every, "checkpoint_every")
+        if checkpoint_dir is None:
+            raise ValueError(
+                f"`checkpoint_every` ({checkpoint_every}) needs `checkpoint_dir`; got "
+                "checkpoint_dir=None (no checkpoint would be written)"
+            )
+    if evaluate is not None and not callable(evaluate):
+        raise TypeError(
+            f"`evaluate` must be a function evaluate(params) -> {{name: number}}; got {evaluate!r}"
+        )
     if privacy is not None:
         return _fit_private(
             loss_fn,
