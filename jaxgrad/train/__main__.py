@@ -58,8 +58,9 @@ FLAG_NAMES = {
     "coordinator": "--coordinator",
     "seed": "--seed",
 }
-# Seeds seed numpy's generator (non-negative) and jax.random.key (at most 64 bits).
-MAX_SEED = 2**63 - 1
+# Seeds seed numpy's generator (non-negative) and jax.random.key, which without x64 keeps only
+# the low 32 bits (--seed 4294967296 would give --seed 0's initialisation and shuffle).
+MAX_SEED = 2**32 - 1
 
 
 def _flag_error(parser, error, names=()):
