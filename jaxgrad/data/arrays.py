@@ -118,9 +118,7 @@ def _check_numeric(a: np.ndarray, *, name: str, what: str) -> None:
             if a.dtype.kind == "c"
             else " (encode strings and categories as numbers first)"
         )
-        raise TypeError(
-            f"{name} must hold real numbers ({what}); got dtype {a.dtype}{hint}"
-        )
+        raise TypeError(f"{name} must hold real numbers ({what}); got dtype {a.dtype}{hint}")
 
 
 def _check_seed(seed) -> int:

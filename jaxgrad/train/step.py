@@ -57,7 +57,9 @@ def check_optimizer(optimizer):
     Raises:
       TypeError: naming ``optimizer`` and what it got.
     """
-    if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
+    if not (
+        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
+    ):
         hint = f" (e.g. optax.{optimizer}(1e-3))" if isinstance(optimizer, str) else ""
         raise TypeError(
             "`optimizer` must be an optax GradientTransformation with init and update "
@@ -73,7 +75,9 @@ def _check_strategy_output(loss, grads, params, strategy) -> None:
     )
     same = jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params) and all(
         jnp.shape(g) == jnp.shape(p)
-        for g, p in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(params))
+        for g, p in zip(
+            jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(params), strict=True
+        )
     )
     if not same:
         shapes = lambda t: [jnp.shape(x) for x in jax.tree_util.tree_leaves(t)][:6]
