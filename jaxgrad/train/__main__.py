@@ -354,6 +354,8 @@ def _check_combinations(args, parser):
     """Values out of every range and flags that would be silently ignored, before any work."""
     if not 0 <= args.seed <= MAX_SEED:
         parser.error(f"--seed must be an integer in [0, {MAX_SEED}]; got {args.seed}")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        parser.error(f"--checkpoint-every must be a positive integer; got {args.checkpoint_every}")
     if args.checkpoint_every is not None and args.checkpoint_dir is None:
         parser.error("--checkpoint-every needs --checkpoint-dir (no checkpoint is written without)")
     for flag, value, strategy in (
