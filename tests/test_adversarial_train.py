@@ -150,6 +150,32 @@ def test_fit_switches_that_were_silently_ignored(kwargs, message):
         )
 
 
+def test_resuming_a_checkpoint_past_the_requested_epochs_is_refused(tmp_path):
+    """fit(epochs=1) on a directory holding epoch 3's checkpoint returned the epoch-3
+    parameters and three epochs of history: more training than asked for, silently. (The
+    DP loop already refused it: its plan, and so its config, depends on the epochs.)"""
+    from jaxgrad.train import CheckpointError
+
+    loss, params, train = _line_problem()
+    run = lambda epochs: fit(
+        loss,
+        params,
+        train,
+        optimizer=optax.sgd(0.1),
+        epochs=epochs,
+        batch_size=3,
+        key=jax.random.key(0),
+        checkpoint_dir=tmp_path,
+        quiet=True,
+    )
+    done = run(3)
+    with pytest.raises(CheckpointError, match=r"after epoch 3, past this run's `epochs` \(1\)"):
+        run(1)
+    again = run(3)  # the same request resumes at its end: the same result, no more steps
+    assert int(again.state.step) == int(done.state.step)
+    np.testing.assert_array_equal(again.params["w"], done.params["w"])
+
+
 # --- strategies ----------------------------------------------------------------------------
 
 

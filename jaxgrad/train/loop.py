@@ -405,6 +405,7 @@ def fit(
             if mesh is not None:
                 state = sharding_lib.replicate(state, mesh=mesh)
             start_epoch, start_chunk = meta["epoch"], meta["chunk"]
+            ckpt.check_resume_epoch(start_epoch, epochs, last_checkpoint)
             history, epoch_loss, epoch_count = (
                 meta["history"],
                 meta["epoch_loss"],
