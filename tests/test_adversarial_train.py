@@ -176,6 +176,24 @@ def test_resuming_a_checkpoint_past_the_requested_epochs_is_refused(tmp_path):
     np.testing.assert_array_equal(again.params["w"], done.params["w"])
 
 
+def test_evaluator_r2_for_several_outputs_and_undefined_r2():
+    """Two regression outputs failed with a reshape error (predictions were summed per
+    example); a split of one example gave R² = -inf where it is undefined (NaN)."""
+    from jaxgrad.train import evaluator
+
+    rng = np.random.default_rng(0)
+    x, y, w = rng.normal(size=(6, 3)), rng.normal(size=(6, 2)), rng.normal(size=(3, 2))
+    apply = lambda p, xi: xi @ p
+    loss = jaxgrad.losses.supervised(apply, jaxgrad.losses.squared_error)
+    got = evaluator(apply, loss, {"a": (x, y), "one": (x[:1], y[:1])}, task="regression")(w)
+    residual = np.sum((y - x @ w) ** 2)
+    np.testing.assert_allclose(got["a_r2"], 1 - residual / np.sum((y - y.mean(0)) ** 2))
+    np.testing.assert_allclose(got["a_loss"], residual / 6)
+    assert math.isnan(got["one_r2"])
+    with pytest.raises(ValueError, match=r"`chunk_size` must be a positive integer; got 0"):
+        evaluator(apply, loss, {"a": (x, y)}, task="regression", chunk_size=0)
+
+
 # --- strategies ----------------------------------------------------------------------------
 
 

@@ -56,9 +56,12 @@ class FitResult(NamedTuple):
     Attributes:
       params: the trained parameters.
       state: the final :class:`TrainState` (params, optimizer state, step count).
-      history: one dict per epoch: ``epoch``, ``step``, ``loss`` (mean training loss over the
-        epoch's batches), ``seconds`` (since the start of this call) and the ``evaluate``
-        metrics.
+      history: one dict per epoch: ``epoch``, ``step``, ``loss`` (the epoch's training loss:
+        each batch's mean loss, at the parameters that batch saw, weighted by its number of
+        real examples; for a scalar loss the mean over every example of the epoch, the last
+        partial batch included; for ``(loss_sum, n_items)`` losses batches are weighted by
+        examples, not items), ``seconds`` (since the start of this call) and the
+        ``evaluate`` metrics.
     """
 
     params: PyTree
