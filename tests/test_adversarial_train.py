@@ -334,6 +334,31 @@ def test_from_arrays_bad_input_is_named(kwargs, error, message):
         data.from_arrays(x, y, **args)
 
 
+@pytest.mark.parametrize("loader", ["load_npz", "load_rows"])
+def test_both_file_loaders_apply_the_same_rules(tmp_path, loader):
+    """load_rows (memory-mapped, for several hosts) inferred the task on its own: boolean
+    labels were regression, complex inputs lost their imaginary part, num_classes was
+    ignored for float targets."""
+    load = (
+        (lambda p, **kw: data.load_rows("npz", p, **kw)) if loader == "load_rows" else data.load_npz
+    )
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(10, 2))
+    np.savez(tmp_path / "bool.npz", x=x, y=x[:, 0] > 0)
+    ds = load(tmp_path / "bool.npz")
+    _, y_train, _, _ = data.train_test_split(x, x[:, 0] > 0)
+    assert ds.task == "classification" and ds.num_classes == 2
+    np.testing.assert_array_equal(ds.y_train, y_train.astype(int))
+    np.savez(tmp_path / "complex.npz", x=x + 1j, y=np.arange(10) % 2)
+    with pytest.raises(TypeError, match=r"`x` must hold real numbers .* complex128"):
+        load(tmp_path / "complex.npz")
+    np.savez(tmp_path / "float.npz", x=x, y=rng.normal(size=10))
+    with pytest.raises(ValueError, match=r"`num_classes` \(3\) is for classification"):
+        load(tmp_path / "float.npz", num_classes=3)
+    with pytest.raises(ValueError, match=r"`seed` must be a non-negative integer"):
+        load(tmp_path / "float.npz", seed=-2)
+
+
 def test_batching_sizes_are_checked():
     with pytest.raises(ValueError, match=r"`batch_size` must be a positive integer; got 0"):
         data.num_batches(5, 0)

@@ -121,6 +121,27 @@ def _check_numeric(a: np.ndarray, *, name: str, what: str) -> None:
         raise TypeError(f"{name} must hold real numbers ({what}); got dtype {a.dtype}{hint}")
 
 
+def _task_of(y: np.ndarray, task, num_classes):
+    """``(task, num_classes)``: the task inferred from ``y``'s dtype when None, both checked.
+
+    Integer and boolean labels are classes (False = 0, True = 1); floats are regression
+    targets. ``num_classes`` is a positive integer, and only for classification.
+    """
+    if task is None:
+        task = "classification" if y.dtype.kind in "biu" else "regression"
+    if task not in TASKS:
+        raise ValueError(f"`task` must be one of {list(TASKS)}; got {task!r}")
+    if num_classes is not None:
+        if task != "classification":
+            raise ValueError(
+                f"`num_classes` ({num_classes!r}) is for classification; the task is {task!r} "
+                f"(`y` has dtype {y.dtype}: integer or boolean labels are classes, floats are "
+                "regression targets). Pass integer labels, or drop num_classes"
+            )
+        num_classes = reduce.check_positive_int(num_classes, name="num_classes")
+    return task, num_classes
+
+
 def _check_seed(seed) -> int:
     """A seed of numpy's generator: a non-negative integer."""
     value = reduce.as_number(seed, name="seed", integer=True)
@@ -275,19 +296,7 @@ def from_arrays(
         )
     if standardize not in STANDARDIZE:
         raise ValueError(f"`standardize` must be one of {list(STANDARDIZE)}; got {standardize!r}")
-    if task is None:
-        # Booleans are two classes (False = 0, True = 1), not real-valued targets.
-        task = "classification" if y.dtype.kind in "biu" else "regression"
-    if task not in TASKS:
-        raise ValueError(f"`task` must be one of {list(TASKS)}; got {task!r}")
-    if num_classes is not None:
-        if task != "classification":
-            raise ValueError(
-                f"`num_classes` ({num_classes!r}) is for classification; the task is {task!r} "
-                f"(`y` has dtype {y.dtype}: integer or boolean labels are classes, floats are "
-                "regression targets). Pass integer labels, or drop num_classes"
-            )
-        num_classes = reduce.check_positive_int(num_classes, name="num_classes")
+    task, num_classes = _task_of(y, task, num_classes)
 
     y_train, y_test, num_classes, y_mean, y_scale = _targets(
         y_train,
