@@ -44,8 +44,11 @@ def assert_equivalent(f, g, *args, rtol: float | None = None, atol: float | None
       f, g: functions of ``*args`` returning pytrees (e.g. two gradient strategies), or two
         results (arrays or pytrees) to compare directly, with no ``args``.
       *args: their common arguments, e.g. ``params, batch``.
-      rtol, atol: tolerances for ``chex.assert_trees_all_close``; by default ``1e-10, 1e-12``
-        when every output leaf is float64, else ``1e-5, 1e-6``.
+      rtol, atol: tolerances for ``chex.assert_trees_all_close`` (non-negative, finite); by
+        default ``1e-10, 1e-12`` when every floating-point output leaf is 64-bit (float64,
+        complex128; integer leaves are exact and do not count), else ``1e-5, 1e-6``. NaN
+        equals NaN in the same position and an infinity the same infinity; anything else
+        non-finite differs.
 
     Returns:
       ``(f(*args), g(*args))``, for further checks.
