@@ -427,3 +427,19 @@ def test_bench_cli_bad_values_exit_2_naming_the_flag(argv, message):
     code, err = _exit_code_and_error(bench_main.main, argv)
     assert code == 2 and "Traceback" not in err, err
     assert re.search(message, err), err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seed", str(2**70)], r"--seed must be an integer in \[0, 2\*\*63 - 1\]"),  # traceback
+        (["--seed", "-3"], r"--seed must be an integer in"),
+        (["--json", "/nonexistent-dir/x.json"], r"--json '/nonexistent-dir/x.json' cannot be"),
+    ],
+)
+def test_seed_cli_bad_values_exit_2_before_computing(argv, message):
+    from jaxgrad.seed import main as seed_main
+
+    code, err = _exit_code_and_error(seed_main, argv)
+    assert code == 2 and "Traceback" not in err, err
+    assert re.search(message, err), err
