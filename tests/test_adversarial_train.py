@@ -205,6 +205,20 @@ def test_backprop_mean_error_names_a_non_pair_batch_under_jit():
         f(jnp.ones((3, 2)), {"x": jnp.ones((4, 3)), "y": jnp.ones((4, 2))})
 
 
+@pytest.mark.parametrize(
+    "mask, error, message",
+    [
+        (np.array([1, 0, 1]), TypeError, r"got dtype int64; a 0/1 mask is mask\.astype\(bool\)"),
+        (np.array([1.0, 0.5, 1.0]), TypeError, r"got dtype float64; a 0/1 mask"),
+        (np.ones((3, 1), bool), ValueError, r"`mask` must have shape \(3,\) .* got \(3, 1\)"),
+    ],
+)
+def test_a_mask_that_is_not_a_boolean_vector_is_named(mask, error, message):
+    f = jaxgrad.accumulate_grad(lambda p, x: p * x, num_microbatches=2)
+    with pytest.raises(error, match=message):
+        f(1.0, jnp.ones(3), mask)
+
+
 @pytest.mark.parametrize("unroll", ["a", 2.5, -1, None])
 def test_accumulate_grad_names_a_bad_unroll(unroll):
     loss = lambda p, ex: p * ex
