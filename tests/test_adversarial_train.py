@@ -194,6 +194,36 @@ def test_evaluator_r2_for_several_outputs_and_undefined_r2():
         evaluator(apply, loss, {"a": (x, y)}, task="regression", chunk_size=0)
 
 
+@pytest.mark.parametrize("scan", [True, False])
+def test_nan_in_the_data_names_the_step_of_its_batch_and_the_row(scan):
+    """A NaN input stops training at the first batch holding it; the error said only "lower
+    the learning rate or check the data"."""
+    from jaxgrad.train import NonFiniteLossError
+
+    loss, params, (x, y) = _line_problem()
+    x = x.copy()
+    x[5, 1] = np.nan
+    key = jax.random.key(2)
+    idx, mask = (np.asarray(a) for a in data.epoch_indices(key, 0, len(x), 3))
+    batch = next(b for b in range(len(idx)) if 5 in idx[b][mask[b]])
+    with pytest.raises(NonFiniteLossError, match=r"non-finite data in rows 5 of `train_data`"):
+        try:
+            fit(
+                loss,
+                params,
+                (x, y),
+                optimizer=optax.sgd(0.1),
+                epochs=1,
+                batch_size=3,
+                key=key,
+                scan=scan,
+                quiet=True,
+            )
+        except NonFiniteLossError as e:
+            assert e.step == batch + 1
+            raise
+
+
 # --- strategies ----------------------------------------------------------------------------
 
 

@@ -170,6 +170,21 @@ def _fingerprint(key) -> str:
     return hashlib.sha256(data.tobytes()).hexdigest()[:16]
 
 
+def _non_finite_rows(data, mesh, idx, mask, batch: int) -> str:
+    """The rows of batch ``batch`` whose floating-point data are NaN or inf, as text ("" for
+    none, or for data on a mesh, which is not read whole here)."""
+    if mesh is not None:
+        return ""
+    rows = np.asarray(idx)[batch][np.asarray(mask)[batch]]
+    bad = np.zeros(len(rows), bool)
+    for leaf in jax.tree_util.tree_leaves(data):
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            values = np.asarray(leaf[rows]).reshape(len(rows), -1)
+            bad |= ~np.isfinite(values).all(axis=1)
+    found = sorted(int(r) for r in rows[bad])
+    return ", ".join(map(str, found[:5])) + (", ..." if len(found) > 5 else "")
+
+
 def _fit_private(*args, strategy, scan, steps_per_call, checkpoint_every, mesh, **kwargs):
     """``fit(..., privacy=...)``: the DP-SGD loop of :mod:`jaxgrad.train.private`."""
     for name, value in (("checkpoint_every", checkpoint_every), ("steps_per_call", steps_per_call)):
@@ -506,6 +521,7 @@ def fit(
     try:
         for epoch in range(start_epoch, epochs):
             idx, mask = _epoch_indices(key, epoch, n, batch_size)
+            epoch_batches = (idx, mask)  # (steps, batch_size) rows, to name a bad batch's rows
             if mesh is not None and width != batch_size:
                 idx, mask = np.asarray(idx), np.asarray(mask)
                 idx = np.concatenate([idx, np.repeat(idx[:, :1], width - batch_size, 1)], 1)
@@ -538,12 +554,18 @@ def fit(
                         if last_checkpoint
                         else ""
                     )
+                    rows = _non_finite_rows(train_data, mesh, *epoch_batches, batch_no - 1)
+                    hint = (
+                        f"The batch holds non-finite data in rows {rows} of `train_data`: "
+                        "drop or impute them."
+                        if rows
+                        else "Lower the learning rate or check the data."
+                    )
                     raise NonFiniteLossError(
                         "the training loss (or the updated parameters or optimizer state) "
                         f"became non-finite (NaN or inf) at step {bad + 1} "
                         f"(epoch {epoch + 1}, batch {batch_no} of {steps_per_epoch}); training "
-                        f"stopped with the parameters from before that step{where}. Lower the "
-                        "learning rate or check the data.",
+                        f"stopped with the parameters from before that step{where}. {hint}",
                         step=bad + 1,
                         state=new_state,
                         checkpoint=last_checkpoint,
