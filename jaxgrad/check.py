@@ -28,6 +28,26 @@ def _default_tolerances(tree) -> tuple[float, float]:
     return (1e-10, 1e-12) if wide else (1e-5, 1e-6)
 
 
+def _is_exact(x) -> bool:
+    dtype = jnp.result_type(x)
+    return not jnp.issubdtype(dtype, jnp.inexact) and not jnp.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _assert_exact_leaves_equal(a, b) -> None:
+    """Integer and boolean leaves (counts, labels, masks) must agree exactly: a tolerance
+    relative to their size would let 1000000 pass for 1000001."""
+    leaves_b = jax.tree_util.tree_leaves(b)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), leaves_b, strict=True):
+        if _is_exact(x) and _is_exact(y) and not np.array_equal(np.asarray(x), np.asarray(y)):
+            where = np.flatnonzero(np.ravel(np.asarray(x) != np.asarray(y)))
+            raise AssertionError(
+                f"integer leaf {jax.tree_util.keystr(path) or 'root'} differs (integers are "
+                f"compared exactly) at {where.size} of {np.size(x)} entries, e.g. flat index "
+                f"{int(where[0])}: {np.ravel(np.asarray(x))[where[0]]} vs "
+                f"{np.ravel(np.asarray(y))[where[0]]}"
+            )
+
+
 def _tolerance(value, *, name: str) -> float:
     """A tolerance: a non-negative finite number (a NaN or negative one would fail every
     comparison, an infinite one pass every one)."""
@@ -46,7 +66,8 @@ def assert_equivalent(f, g, *args, rtol: float | None = None, atol: float | None
       *args: their common arguments, e.g. ``params, batch``.
       rtol, atol: tolerances for ``chex.assert_trees_all_close`` (non-negative, finite); by
         default ``1e-10, 1e-12`` when every floating-point output leaf is 64-bit (float64,
-        complex128; integer leaves are exact and do not count), else ``1e-5, 1e-6``. NaN
+        complex128; integer and boolean leaves are compared exactly and do not count), else
+        ``1e-5, 1e-6``. NaN
         equals NaN in the same position and an infinity the same infinity; anything else
         non-finite differs.
 
@@ -83,6 +104,7 @@ def assert_equivalent(f, g, *args, rtol: float | None = None, atol: float | None
     else:
         a, b = f, g
     _check_same_structure(a, b, "`f`'s result", "`g`'s result", AssertionError)
+    _assert_exact_leaves_equal(a, b)
     default_rtol, default_atol = _default_tolerances((a, b))
     chex.assert_trees_all_close(
         a,

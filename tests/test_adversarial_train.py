@@ -304,6 +304,15 @@ def test_assert_equivalent_refuses_meaningless_tolerances(name, tol):
         check.assert_equivalent(jnp.ones(2), jnp.ones(2), **{name: tol})
 
 
+def test_assert_equivalent_compares_integer_leaves_exactly():
+    """1000000 and 1000001 passed as equivalent (rtol 1e-5 of an integer leaf)."""
+    with pytest.raises(AssertionError, match=r"integer leaf \['n'\] differs .* 1000000 vs"):
+        check.assert_equivalent({"n": jnp.array([1000000])}, {"n": jnp.array([1000001])})
+    check.assert_equivalent(
+        {"n": jnp.array([3]), "m": jnp.array([True])}, {"n": jnp.array([3]), "m": jnp.array([True])}
+    )
+
+
 def test_assert_equivalent_integer_leaves_keep_float64_tolerances():
     """An int leaf beside float64 ones loosened the defaults to float32's 1e-5."""
     a = {"g": jnp.array([1.0]), "n": jnp.array([3])}
