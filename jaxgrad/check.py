@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any, NamedTuple
 
 import chex
@@ -10,13 +11,50 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgrad import reduce
+
 PyTree = Any
 
 
 def _default_tolerances(tree) -> tuple[float, float]:
     # float64 equivalences hold to ~1e-12; float32 ones to a few ulps of the largest entry.
-    wide = all(jnp.result_type(x) == jnp.float64 for x in jax.tree_util.tree_leaves(tree))
+    # Integer and boolean leaves are exact, so only the inexact leaves set the precision.
+    inexact = [
+        jnp.result_type(x)
+        for x in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    wide = bool(inexact) and all(jnp.finfo(d).bits >= 64 for d in inexact)
     return (1e-10, 1e-12) if wide else (1e-5, 1e-6)
+
+
+def _is_exact(x) -> bool:
+    dtype = jnp.result_type(x)
+    return not jnp.issubdtype(dtype, jnp.inexact) and not jnp.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _assert_exact_leaves_equal(a, b) -> None:
+    """Integer and boolean leaves (counts, labels, masks) must agree exactly: a tolerance
+    relative to their size would let 1000000 pass for 1000001."""
+    leaves_b = jax.tree_util.tree_leaves(b)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), leaves_b, strict=True):
+        if _is_exact(x) and _is_exact(y) and not np.array_equal(np.asarray(x), np.asarray(y)):
+            where = np.flatnonzero(np.ravel(np.asarray(x) != np.asarray(y)))
+            raise AssertionError(
+                f"integer leaf {jax.tree_util.keystr(path) or 'root'} differs (integers are "
+                f"compared exactly) at {where.size} of {np.size(x)} entries, e.g. flat index "
+                f"{int(where[0])}: {np.ravel(np.asarray(x))[where[0]]} vs "
+                f"{np.ravel(np.asarray(y))[where[0]]}"
+            )
+
+
+def _tolerance(value, *, name: str) -> float:
+    """A tolerance: a non-negative finite number (a NaN or negative one would fail every
+    comparison, an infinite one pass every one)."""
+    number = reduce.as_number(value, name=name)
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"`{name}` must be a non-negative finite number; got {value!r}")
+    return number
 
 
 def assert_equivalent(f, g, *args, rtol: float | None = None, atol: float | None = None):
@@ -26,8 +64,12 @@ def assert_equivalent(f, g, *args, rtol: float | None = None, atol: float | None
       f, g: functions of ``*args`` returning pytrees (e.g. two gradient strategies), or two
         results (arrays or pytrees) to compare directly, with no ``args``.
       *args: their common arguments, e.g. ``params, batch``.
-      rtol, atol: tolerances for ``chex.assert_trees_all_close``; by default ``1e-10, 1e-12``
-        when every output leaf is float64, else ``1e-5, 1e-6``.
+      rtol, atol: tolerances for ``chex.assert_trees_all_close`` (non-negative, finite); by
+        default ``1e-10, 1e-12`` when every floating-point output leaf is 64-bit (float64,
+        complex128; integer and boolean leaves are compared exactly and do not count), else
+        ``1e-5, 1e-6``. NaN
+        equals NaN in the same position and an infinity the same infinity; anything else
+        non-finite differs.
 
     Returns:
       ``(f(*args), g(*args))``, for further checks.
@@ -44,6 +86,8 @@ def assert_equivalent(f, g, *args, rtol: float | None = None, atol: float | None
       >>> _ = jaxgrad.check.assert_equivalent(
       ...     jaxgrad.batch_grad(loss), jaxgrad.mean_of_per_example_grads(loss), 2.0, batch)
     """
+    rtol = None if rtol is None else _tolerance(rtol, name="rtol")
+    atol = None if atol is None else _tolerance(atol, name="atol")
     if callable(f) != callable(g):
         raise TypeError(
             "`f` and `g` must both be functions (called on `*args`) or both be results; got "
@@ -60,6 +104,7 @@ def assert_equivalent(f, g, *args, rtol: float | None = None, atol: float | None
     else:
         a, b = f, g
     _check_same_structure(a, b, "`f`'s result", "`g`'s result", AssertionError)
+    _assert_exact_leaves_equal(a, b)
     default_rtol, default_atol = _default_tolerances((a, b))
     chex.assert_trees_all_close(
         a,
@@ -104,13 +149,40 @@ class PairDiff(NamedTuple):
     rel_l2_diff: float
 
 
+def _flat(tree) -> np.ndarray:
+    """Every leaf of ``tree`` raveled into one complex128 (or float64) vector.
+
+    Complex leaves keep their imaginary part (``1j`` and ``0`` differ by 1); PRNG keys are
+    compared by their key data.
+    """
+
+    def leaf(x):
+        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        x = np.asarray(x)
+        return np.ravel(x.astype(np.complex128 if np.iscomplexobj(x) else np.float64))
+
+    parts = [leaf(x) for x in jax.tree_util.tree_leaves(tree)]
+    return np.concatenate(parts) if parts else np.zeros((0,))
+
+
 def tree_diff(a: PyTree, b: PyTree) -> tuple[float, float, float]:
-    """``(max_abs_diff, max_rel_diff, rel_l2_diff)`` between two same-structure pytrees."""
+    """``(max_abs_diff, max_rel_diff, rel_l2_diff)`` between two same-structure pytrees.
+
+    As :func:`assert_equivalent` does, entries that are NaN on both sides, or the same
+    infinity on both sides, count as equal and are left out. Any other non-finite entry (NaN
+    against a number, ``inf`` against a finite number or ``-inf``) makes all three
+    differences NaN or inf: no finite number can describe it. Two trees with no entries
+    differ by 0. Complex entries differ by the modulus of their difference.
+    """
     _check_same_structure(a, b, "`a`", "`b`", AssertionError)
-    flat = lambda t: np.concatenate(
-        [np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(t)]
-    )
-    x, y = flat(a), flat(b)
+    x, y = _flat(a), _flat(b)
+    with np.errstate(invalid="ignore"):
+        same = (x == y) | (np.isnan(x) & np.isnan(y))
+    x, y = x[~same | np.isfinite(x)], y[~same | np.isfinite(y)]
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        bad = math.nan if np.any(np.isnan(x) | np.isnan(y)) else math.inf
+        return bad, bad, bad
     max_abs = float(np.max(np.abs(x - y), initial=0.0))
     scale = max(float(np.max(np.abs(x), initial=0.0)), float(np.max(np.abs(y), initial=0.0)))
     norm = max(float(np.linalg.norm(x)), float(np.linalg.norm(y)))

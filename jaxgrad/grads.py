@@ -108,6 +108,15 @@ def check_loss_fn(
     return fn
 
 
+def check_unroll(unroll) -> int | bool:
+    """``lax.scan``'s ``unroll``: True, False or an integer >= 0 (Python or NumPy)."""
+    if isinstance(unroll, (bool, np.bool_)):
+        return bool(unroll)
+    if isinstance(unroll, (int, np.integer)) and unroll >= 0:
+        return int(unroll)
+    raise ValueError(f"`unroll` must be True, False or an integer >= 0; got {unroll!r}")
+
+
 def _strategy(
     core,
     *,
@@ -376,6 +385,7 @@ def accumulate_grad(
       True
     """
     num_microbatches = reduce.check_positive_int(num_microbatches, name="num_microbatches")
+    unroll = check_unroll(unroll)
 
     def core(params, batch, mask, loss_fn=loss_fn):
         def microbatch_sums(micro_batch, micro_mask):

@@ -130,6 +130,7 @@ def backprop_mean_error(apply_fn, output_loss, *, return_loss: bool = False):
     )
 
     def core(params, batch, mask):
+        _check_pair(batch)  # at trace time too: the structure is static, even under jit
         inputs, targets = batch
 
         def mean_output(p):
@@ -159,7 +160,10 @@ def backprop_mean_error(apply_fn, output_loss, *, return_loss: bool = False):
 def _check_pair(batch, mask=None):
     del mask
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(f"`batch` must be a pair (inputs, targets); got {type(batch).__name__}")
+        size = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+        raise TypeError(
+            f"`batch` must be a pair (inputs, targets); got a {type(batch).__name__}{size}"
+        )
 
 
 def mean_of_microbatch_means(loss_fn, *, num_microbatches: int, return_loss: bool = False):
@@ -172,7 +176,11 @@ def mean_of_microbatch_means(loss_fn, *, num_microbatches: int, return_loss: boo
 
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
-      num_microbatches: number of contiguous microbatches, as in ``accumulate_grad``.
+      num_microbatches: number of microbatches ``K``; microbatch ``k`` holds the contiguous
+        rows ``k⌈B/K⌉, …, (k+1)⌈B/K⌉ − 1`` (the last ones padded, masked out, when ``K``
+        does not divide ``B``; those with no real row are left out of the mean). Unlike
+        :func:`jaxgrad.accumulate_grad` (interleaved rows), which rows share a microbatch
+        changes the result here.
       return_loss: if True, ``f`` returns ``(mean_of_microbatch_mean_losses, grads)``.
 
     Returns:

@@ -194,7 +194,12 @@ def check_mask(mask, size: int, *, name: str = "mask") -> jax.Array:
     if shape != (size,):
         raise ValueError(f"`{name}` must have shape ({size},) to match the batch; got {shape}")
     if dtype != jnp.bool_:
-        raise TypeError(f"`{name}` must be boolean (True = real example); got dtype {dtype}")
+        hint = (
+            f"; a 0/1 {name} is {name}.astype(bool) (a weight other than 0 or 1 is not padding)"
+            if jnp.issubdtype(dtype, jnp.number)
+            else ""
+        )
+        raise TypeError(f"`{name}` must be boolean (True = real example); got dtype {dtype}{hint}")
     return jnp.asarray(mask)
 
 

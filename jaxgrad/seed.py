@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import jax
@@ -159,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON here")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for the random data")
     args = parser.parse_args(argv)
+    if not 0 <= args.seed < 2**63:  # a 64-bit key seed (the run is in float64, x64 on)
+        parser.error(f"--seed must be an integer in [0, 2**63 - 1]; got {args.seed}")
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or not os.access(folder, os.W_OK):
+            parser.error(f"--json {args.json!r} cannot be written (is {folder!r} a directory?)")
     results = seed_results(seed=args.seed)
     print(format_results(results))
     if args.json:

@@ -100,8 +100,8 @@ def test_checkpoint_and_resume_from_the_cli(tmp_path, capsys):
         (["--data", "mnist"], r"invalid choice: 'mnist' \(choose from '?digits'?, '?breast_cancer"),
         (["--strategy", "mean"], r"invalid choice: 'mean' \(choose from '?batch'?, '?per-example"),
         (["--data", "diabetes", "--model", "logistic"], "--model logistic is a classifier"),
-        (["--strategy", "accumulate", "--microbatches", "0"], "`num_microbatches` must be a"),
-        (["--strategy", "clipped", "--clip", "-1"], "`l2_clip` must be a positive finite"),
+        (["--strategy", "accumulate", "--microbatches", "0"], "--microbatches must be a"),
+        (["--strategy", "clipped", "--clip", "-1"], "--clip must be a positive finite"),
         (["--data", "digits", "--model", "linear"], "--model linear is a regression model"),
         (
             ["--data", "digits", "--batch-size", "5000"],

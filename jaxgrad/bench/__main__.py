@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -29,16 +30,24 @@ def _names(value: str, allowed, what: str) -> list[str]:
     return names
 
 
-def _batch_sizes(value: str) -> list[int]:
-    try:
-        sizes = [int(v) for v in value.split(",")]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(
-            f"--batch-sizes must be positive integers separated by commas; got {value!r}"
-        )
-    return sizes
+def _positive_ints(flag: str):
+    """An argparse type: comma-separated positive integers, the error naming ``flag``."""
+
+    def parse(value: str) -> list[int]:
+        try:
+            sizes = [int(v) for v in value.split(",")]
+        except ValueError:
+            sizes = []
+        if not sizes or min(sizes) < 1:
+            raise argparse.ArgumentTypeError(
+                f"{flag} must be positive integers separated by commas; got {value!r}"
+            )
+        return sizes
+
+    return parse
+
+
+_batch_sizes = _positive_ints("--batch-sizes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds for --dp")
     p.add_argument(
         "--devices",
-        type=_batch_sizes,
+        type=_positive_ints("--devices"),
         help="data-parallel over these device counts, e.g. 1,2,4,8 (on a CPU, emulated "
         "devices; one subprocess per count)",
     )
@@ -133,16 +142,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_outputs(args, parser)
     start = time.perf_counter()
+    given = lambda flag: any(a == flag or a.startswith(flag + "=") for a in argv)
+    if not (math.isfinite(args.min_seconds) and args.min_seconds >= 0):
+        parser.error(f"--min-seconds must be a non-negative finite number; got {args.min_seconds}")
+    if args.mesh_devices is not None and args.mesh_devices < 1:
+        parser.error(f"--mesh-devices must be a positive integer; got {args.mesh_devices}")
+    if args.dp:
+        if args.rounds < 1:
+            parser.error(f"--rounds must be a positive integer; got {args.rounds}")
+        flags = ("--strategies", "--min-seconds", "--devices", "--markdown", "--plot")
+        ignored = [f for f in flags if given(f)]
+        if ignored or args.mesh_devices is not None:
+            parser.error(
+                f"{', '.join(ignored) or '--mesh-devices'}: not for --dp (which times the DP-SGD "
+                "step against the non-private step over --rounds, for --models and --batch-sizes)"
+            )
+        return _run_dp(args, given, start)
     mesh = None
     if args.mesh_devices is not None:
         from jaxgrad import sharding
 
         mesh = sharding.data_mesh(args.mesh_devices)
-    given = lambda flag: any(a == flag or a.startswith(flag + "=") for a in argv)
-    if args.dp:
-        if args.rounds < 1:
-            parser.error(f"--rounds must be a positive integer; got {args.rounds}")
-        return _run_dp(args, given, start)
     if given("--rounds"):
         parser.error("--rounds sets the interleaved rounds of --dp; add --dp or drop it")
     if args.devices is not None:

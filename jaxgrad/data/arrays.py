@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxgrad import losses
+from jaxgrad import losses, reduce
 
 TASKS = ("classification", "regression")
 STANDARDIZE = (True, False, "features", "global")
@@ -110,6 +110,46 @@ def _check_labels(y: np.ndarray, num_classes: int, *, name: str) -> None:
     losses.check_labels(y, num_classes, name=f"{name}: labels", allow_binary_floats=False)
 
 
+def _check_numeric(a: np.ndarray, *, name: str, what: str) -> None:
+    """Raises a TypeError naming ``name`` unless ``a`` holds real numbers (bool, int, float)."""
+    if a.dtype.kind not in "biuf":
+        hint = (
+            " (the imaginary part would be dropped; split it into two real columns)"
+            if a.dtype.kind == "c"
+            else " (encode strings and categories as numbers first)"
+        )
+        raise TypeError(f"{name} must hold real numbers ({what}); got dtype {a.dtype}{hint}")
+
+
+def _task_of(y: np.ndarray, task, num_classes):
+    """``(task, num_classes)``: the task inferred from ``y``'s dtype when None, both checked.
+
+    Integer and boolean labels are classes (False = 0, True = 1); floats are regression
+    targets. ``num_classes`` is a positive integer, and only for classification.
+    """
+    if task is None:
+        task = "classification" if y.dtype.kind in "biu" else "regression"
+    if task not in TASKS:
+        raise ValueError(f"`task` must be one of {list(TASKS)}; got {task!r}")
+    if num_classes is not None:
+        if task != "classification":
+            raise ValueError(
+                f"`num_classes` ({num_classes!r}) is for classification; the task is {task!r} "
+                f"(`y` has dtype {y.dtype}: integer or boolean labels are classes, floats are "
+                "regression targets). Pass integer labels, or drop num_classes"
+            )
+        num_classes = reduce.check_positive_int(num_classes, name="num_classes")
+    return task, num_classes
+
+
+def _check_seed(seed) -> int:
+    """A seed of numpy's generator: a non-negative integer."""
+    value = reduce.as_number(seed, name="seed", integer=True)
+    if value < 0:
+        raise ValueError(f"`seed` must be a non-negative integer; got {seed!r}")
+    return value
+
+
 def _check_fraction(test_fraction) -> float:
     if not (isinstance(test_fraction, (int, float)) and 0 < test_fraction < 1):
         raise ValueError(f"`test_fraction` must be a number in (0, 1); got {test_fraction!r}")
@@ -132,6 +172,7 @@ def train_test_split(x, y, *, test_fraction: float = 0.2, seed: int = 0):
       ``(x_train, y_train, x_test, y_test)``.
     """
     test_fraction = _check_fraction(test_fraction)
+    seed = _check_seed(seed)
     x, y = np.asarray(x), np.asarray(y)
     n = len(x)
     if len(y) != n:
@@ -162,7 +203,10 @@ def _fit_scale(a: np.ndarray, axis=0):
 
 def _scale_rule(mean, scale):
     # Constant columns (e.g. the blank border pixels of digits) are centred, not divided by 0.
-    scale = np.where(scale > 1e-12 * np.maximum(1.0, np.abs(mean)), scale, 1.0)
+    # A column is constant when its spread is 0 or rounding noise of its mean (at most 1e-12
+    # of |mean|); a feature of tiny magnitude (values ~1e-13, say) is not constant, and is
+    # scaled like any other.
+    scale = np.where(scale > 1e-12 * np.abs(mean), scale, 1.0)
     return mean, scale
 
 
@@ -223,6 +267,8 @@ def from_arrays(
             f"dtype would truncate them); got {dtype!r}"
         )
     x, y = np.asarray(x), np.asarray(y)
+    _check_numeric(x, name=f"{name}: `x`", what="the inputs")
+    _check_numeric(y, name=f"{name}: `y`", what="class labels or regression targets")
     if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
         raise ValueError(
             f"{name}: `x` and `y` must share a leading example axis; got shapes {x.shape} "
@@ -235,6 +281,8 @@ def from_arrays(
         raise ValueError("`x_test` and `y_test` must be given together")
     if x_test is not None:
         x_test, y_test = np.asarray(x_test), np.asarray(y_test)
+        _check_numeric(x_test, name=f"{name}: `x_test`", what="the inputs")
+        _check_numeric(y_test, name=f"{name}: `y_test`", what="labels or targets")
         check_finite(x_test, y_test, name=f"{name} (test split)")
         if x_test.shape[1:] != x.shape[1:] or len(x_test) != len(y_test):
             raise ValueError(
@@ -248,10 +296,7 @@ def from_arrays(
         )
     if standardize not in STANDARDIZE:
         raise ValueError(f"`standardize` must be one of {list(STANDARDIZE)}; got {standardize!r}")
-    if task is None:
-        task = "classification" if np.issubdtype(y.dtype, np.integer) else "regression"
-    if task not in TASKS:
-        raise ValueError(f"`task` must be one of {list(TASKS)}; got {task!r}")
+    task, num_classes = _task_of(y, task, num_classes)
 
     y_train, y_test, num_classes, y_mean, y_scale = _targets(
         y_train,
@@ -267,11 +312,20 @@ def from_arrays(
     if standardize:
         x_mean, x_scale = _fit_scale(x_train, axis=None if standardize == "global" else 0)
         x_train, x_test = (x_train - x_mean) / x_scale, (x_test - x_mean) / x_scale
+    with np.errstate(over="ignore"):
+        x_train, x_test = x_train.astype(dtype), x_test.astype(dtype)
+    # The values were finite before the cast: anything non-finite now overflowed ``dtype``.
+    for what, a in (("x", x_train), ("y", y_train), ("x_test", x_test), ("y_test", y_test)):
+        if np.issubdtype(a.dtype, np.inexact) and not np.all(np.isfinite(a)):
+            raise ValueError(
+                f"{name}: `{what}` overflows `dtype` {np.dtype(dtype).name} (its largest finite "
+                f"value is {np.finfo(dtype).max:g}); pass a wider dtype or standardize=True"
+            )
     return Dataset(
         name=name,
-        x_train=x_train.astype(dtype),
+        x_train=x_train,
         y_train=y_train,
-        x_test=x_test.astype(dtype),
+        x_test=x_test,
         y_test=y_test,
         task=task,
         num_classes=num_classes,
@@ -286,16 +340,25 @@ def _targets(y_train, y_test, *, task, num_classes, standardize, dtype, name):
     """Labels checked and cast to int32, or regression targets cast and standardised."""
     y_mean = y_scale = None
     if task == "classification":
+        # Booleans are the classes 0 and 1.
+        y_train, y_test = (y.astype(np.int32) if y.dtype == bool else y for y in (y_train, y_test))
         if num_classes is None:
             num_classes = int(max(y_train.max(), y_test.max())) + 1
         _check_labels(y_train, num_classes, name=name)
         _check_labels(y_test, num_classes, name=f"{name} (test split)")
+        if num_classes > 2**31:
+            raise ValueError(
+                f"{name}: {num_classes} classes; labels are stored as int32, so at most 2**31"
+            )
         y_train, y_test = y_train.astype(np.int32), y_test.astype(np.int32)
     else:
         num_classes = None
-        y_train, y_test = y_train.astype(dtype), y_test.astype(dtype)
+        # Standardised in float64 and cast after: cast first, targets with a large offset
+        # (1e8 + noise, say) would lose their spread to float32 rounding (ulp 8 at 1e8).
+        y_train, y_test = y_train.astype(np.float64), y_test.astype(np.float64)
         if standardize:
             y_mean, y_scale = (float(v) for v in _fit_scale(y_train, axis=None))
-            y_train = ((y_train - y_mean) / y_scale).astype(dtype)
-            y_test = ((y_test - y_mean) / y_scale).astype(dtype)
+            y_train, y_test = (y_train - y_mean) / y_scale, (y_test - y_mean) / y_scale
+        with np.errstate(over="ignore"):  # an overflow is named by the caller
+            y_train, y_test = y_train.astype(dtype), y_test.astype(dtype)
     return y_train, y_test, num_classes, y_mean, y_scale

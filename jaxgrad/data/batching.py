@@ -7,9 +7,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxgrad import reduce
+
 
 def num_batches(num_examples: int, batch_size: int) -> int:
     """``ceil(num_examples / batch_size)``: the last partial batch is kept."""
+    num_examples = reduce.check_positive_int(num_examples, name="num_examples")
+    batch_size = reduce.check_positive_int(batch_size, name="batch_size")
     return -(-num_examples // batch_size)
 
 

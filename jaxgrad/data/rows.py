@@ -11,10 +11,13 @@ from jaxgrad.data.arrays import (
     STANDARDIZE,
     Dataset,
     _check_fraction,
+    _check_numeric,
+    _check_seed,
     _num_test,
     _scale_rule,
     _split_indices,
     _targets,
+    _task_of,
     check_finite,
 )
 from jaxgrad.data.files import _idx_files, _idx_images, _idx_labels, memmap
@@ -225,6 +228,7 @@ def load_rows(
     if name not in FROM_PATH:
         raise ValueError(f"`name` must be one of {list(FROM_PATH)} (files); got {name!r}")
     test_fraction = _check_fraction(test_fraction)
+    seed = _check_seed(seed)
     if standardize is None:
         standardize = True if name == "npz" else "global"
     if standardize not in STANDARDIZE:
@@ -253,7 +257,7 @@ def load_rows(
         except (OSError, EOFError) as e:
             raise ValueError(f"{path}: not a readable .npz file ({e})") from None
         x = memmap(path, key=x_key)
-        task = "classification" if np.issubdtype(y.dtype, np.integer) else "regression"
+        task = None  # from y's dtype
     else:
         found = _idx_files(path)
         label = os.path.basename(os.path.normpath(path))
@@ -263,6 +267,12 @@ def load_rows(
         num_classes = 10 if num_classes is None else num_classes
         if found["x_test"] is not None and found["y_test"] is not None:
             x_test, y_test = _idx_images(found["x_test"]), _idx_labels(found["y_test"])
+    _check_numeric(x, name=f"{label}: `x`", what="the inputs")
+    _check_numeric(y, name=f"{label}: `y`", what="class labels or regression targets")
+    for what, a in (("x_test", x_test), ("y_test", y_test)):
+        if a is not None:
+            _check_numeric(np.asarray(a), name=f"{label}: `{what}`", what="the test split")
+    task, num_classes = _task_of(y, task, num_classes)
     n = len(x)
     if x.ndim == 0 or y.ndim == 0 or len(y) != n or n == 0:
         raise ValueError(

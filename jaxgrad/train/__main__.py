@@ -35,6 +35,7 @@ DEFAULTS = {
     "line": ("sgd", 0.1, 50, 32),
 }
 FALLBACK = ("adam", 1e-3, 10, 64)
+MICROBATCHES, CLIP = 4, 1.0  # --microbatches and --clip when their strategy is chosen
 # PrivacyConfig fields and plan() arguments that are command-line flags of the same name.
 DP_FLAGS = (
     "l2_clip",
@@ -47,6 +48,30 @@ DP_FLAGS = (
     "batch_size",
     "epochs",
 )
+# The library's argument names that are command-line flags of another name.
+FLAG_NAMES = {
+    "test_fraction": "--test-fraction",
+    "num_examples": "--num-examples",
+    "num_microbatches": "--microbatches",
+    "chunk_size": "--chunk-size",
+    "l2_clip": "--l2-clip",
+    "process_id": "--process-id",
+    "num_processes": "--num-processes",
+    "coordinator": "--coordinator",
+    "seed": "--seed",
+}
+# Seeds seed numpy's generator (non-negative) and jax.random.key, which without x64 keeps only
+# the low 32 bits (--seed 4294967296 would give --seed 0's initialisation and shuffle).
+MAX_SEED = 2**32 - 1
+
+
+def _flag_error(parser, error, names=()):
+    """``parser.error`` with the library's `argument` names written as the flags the user typed."""
+    message = str(error)
+    for name in (*names, *FLAG_NAMES):
+        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        message = message.replace(f"`{name}`", flag)
+    parser.error(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,9 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the gradient is computed: batch_grad, mean of per-example gradients, "
         "accumulated microbatches, or clipped per-example gradients",
     )
-    g.add_argument("--microbatches", type=int, default=4, help="for --strategy accumulate")
+    g.add_argument(
+        "--microbatches", type=int, help=f"for --strategy accumulate (default: {MICROBATCHES})"
+    )
     g.add_argument("--chunk-size", type=int, help="for --strategy per-example")
-    g.add_argument("--clip", type=float, default=1.0, help="l2 clip for --strategy clipped")
+    g.add_argument("--clip", type=float, help=f"l2 clip for --strategy clipped (default: {CLIP})")
     g.add_argument(
         "--optimizer", choices=OPTIMIZERS, help="optax optimizer (default: suited to --data)"
     )
@@ -154,7 +181,7 @@ def _mesh(args, parser):
                 args.coordinator, num_processes=args.num_processes, process_id=args.process_id
             )
         except ValueError as e:
-            parser.error(str(e))
+            _flag_error(parser, e)
     if args.devices is None and not distributed:
         return None
     if args.devices is not None:
@@ -179,11 +206,12 @@ def _strategy(args, parser):
     if args.strategy == "per-example":
         return functools.partial(jaxgrad.mean_of_per_example_grads, chunk_size=args.chunk_size)
     if args.strategy == "accumulate":
-        return functools.partial(jaxgrad.accumulate_grad, num_microbatches=args.microbatches)
+        microbatches = MICROBATCHES if args.microbatches is None else args.microbatches
+        return functools.partial(jaxgrad.accumulate_grad, num_microbatches=microbatches)
     clipped = getattr(jaxgrad, "clipped_grad", None)
     if clipped is None:
         parser.error("--strategy clipped needs jaxgrad.clipped_grad, which this install lacks")
-    return functools.partial(clipped, l2_clip=args.clip)
+    return functools.partial(clipped, l2_clip=CLIP if args.clip is None else args.clip)
 
 
 def _privacy(args, parser, num_examples, batch_size, epochs):
@@ -215,9 +243,7 @@ def _privacy(args, parser, num_examples, batch_size, epochs):
         return private.plan(config, num_examples=num_examples, batch_size=batch_size, epochs=epochs)
     except (ValueError, TypeError) as e:
         message = str(e)
-        for name in DP_FLAGS:  # the library names its arguments; the user typed flags
-            message = message.replace(f"`{name}`", "--" + name.replace("_", "-"))
-        parser.error(message)
+        _flag_error(parser, message, DP_FLAGS)  # the library names arguments; the user typed flags
 
 
 def _model(args, ds, dtype, parser):
@@ -326,6 +352,23 @@ def _check_writable(flag, path, parser, *, directory=False):
         parser.error(f"{flag} {path!r}: the directory {probe!r} is not writable")
 
 
+def _check_combinations(args, parser):
+    """Values out of every range and flags that would be silently ignored, before any work."""
+    if not 0 <= args.seed <= MAX_SEED:
+        parser.error(f"--seed must be an integer in [0, {MAX_SEED}]; got {args.seed}")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        parser.error(f"--checkpoint-every must be a positive integer; got {args.checkpoint_every}")
+    if args.checkpoint_every is not None and args.checkpoint_dir is None:
+        parser.error("--checkpoint-every needs --checkpoint-dir (no checkpoint is written without)")
+    for flag, value, strategy in (
+        ("--chunk-size", args.chunk_size, "per-example"),
+        ("--microbatches", args.microbatches, "accumulate"),
+        ("--clip", args.clip, "clipped"),
+    ):
+        if value is not None and args.strategy != strategy:
+            parser.error(f"{flag} is for --strategy {strategy}; got --strategy {args.strategy}")
+
+
 def _check_args(args, parser):
     """Nonsense hyperparameters and unwritable outputs are argument errors, before any work.
 
@@ -369,6 +412,7 @@ def run(args, parser=None) -> dict:
     from jaxgrad.train import evaluator, fit
     from jaxgrad.train.progress import strict_json
 
+    _check_combinations(args, parser)
     mesh = _mesh(args, parser)
     lead = jax.process_index() == 0  # with several processes only process 0 reports
     if not lead:
@@ -405,7 +449,7 @@ def run(args, parser=None) -> dict:
         if not rows:
             ds = jaxgrad.data.load(args.data, path=args.data_path, **kwargs)
     except (ValueError, TypeError, FileNotFoundError) as e:
-        parser.error(str(e))
+        _flag_error(parser, e)
     _check_args(args, parser)
     opt_name, lr, epochs, batch_size = DEFAULTS.get(args.data, FALLBACK)
     opt_name, lr = args.optimizer or opt_name, args.lr if args.lr is not None else lr
@@ -426,7 +470,7 @@ def run(args, parser=None) -> dict:
     try:  # building the strategy checks its hyperparameters (--microbatches, --clip, ...)
         strategy(loss_fn)
     except (ValueError, TypeError) as e:
-        parser.error(str(e))
+        _flag_error(parser, str(e).replace("`l2_clip`", "--clip"))
     init_key, shuffle_key = jax.random.split(jax.random.key(args.seed))
     # Memory-mapped training inputs are never read whole, so not evaluated after each epoch
     # (the history's "loss" is the epoch's mean training loss); the test split is.

@@ -278,3 +278,17 @@ def restore_latest(directory, template: PyTree):
     if errors:
         raise CheckpointError("no usable checkpoint: " + "; ".join(errors))
     return None
+
+
+def check_resume_epoch(epoch: int, epochs: int, path) -> None:
+    """Raises unless a checkpoint written after ``epoch`` epochs can resume a run of ``epochs``.
+
+    A checkpoint past the requested end would otherwise be returned as the result: more
+    training than asked for, without a word.
+    """
+    if epoch > epochs:
+        raise CheckpointError(
+            f"checkpoint {path} was written after epoch {epoch}, past this run's `epochs` "
+            f"({epochs}); pass epochs >= {epoch} to continue it, or train for fewer epochs "
+            "in another checkpoint_dir"
+        )

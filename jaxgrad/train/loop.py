@@ -31,7 +31,7 @@ from jaxgrad.train import checkpoint as ckpt
 from jaxgrad.train import example_keys, private
 from jaxgrad.train.private import PrivacyConfig
 from jaxgrad.train.progress import Progress, end_epoch
-from jaxgrad.train.step import TrainState, init_state, step_fn
+from jaxgrad.train.step import TrainState, check_optimizer, init_state, step_fn
 
 PyTree = Any
 
@@ -56,9 +56,12 @@ class FitResult(NamedTuple):
     Attributes:
       params: the trained parameters.
       state: the final :class:`TrainState` (params, optimizer state, step count).
-      history: one dict per epoch: ``epoch``, ``step``, ``loss`` (mean training loss over the
-        epoch's batches), ``seconds`` (since the start of this call) and the ``evaluate``
-        metrics.
+      history: one dict per epoch: ``epoch``, ``step``, ``loss`` (the epoch's training loss:
+        each batch's mean loss, at the parameters that batch saw, weighted by its number of
+        real examples; for a scalar loss the mean over every example of the epoch, the last
+        partial batch included; for ``(loss_sum, n_items)`` losses batches are weighted by
+        examples, not items), ``seconds`` (since the start of this call) and the
+        ``evaluate`` metrics.
     """
 
     params: PyTree
@@ -106,12 +109,7 @@ def _positive(value, name):
 def _check_fit_args(params, optimizer, key) -> None:
     """Clear errors for the arguments of :func:`fit` that JAX/optax would fail on obscurely."""
     reduce.check_params(params)
-    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-        hint = f" (e.g. optax.{optimizer}(1e-3))" if isinstance(optimizer, str) else ""
-        raise TypeError(
-            "`optimizer` must be an optax GradientTransformation with init and update"
-            f"{hint}; got {optimizer!r}"
-        )
+    check_optimizer(optimizer)
     dtype = getattr(key, "dtype", None)
     typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
     raw = dtype == jnp.uint32 and np.shape(key) == (2,)
@@ -170,6 +168,21 @@ def _fingerprint(key) -> str:
         jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
     )
     return hashlib.sha256(data.tobytes()).hexdigest()[:16]
+
+
+def _non_finite_rows(data, mesh, idx, mask, batch: int) -> str:
+    """The rows of batch ``batch`` whose floating-point data are NaN or inf, as text ("" for
+    none, or for data on a mesh, which is not read whole here)."""
+    if mesh is not None:
+        return ""
+    rows = np.asarray(idx)[batch][np.asarray(mask)[batch]]
+    bad = np.zeros(len(rows), bool)
+    for leaf in jax.tree_util.tree_leaves(data):
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            values = np.asarray(leaf[rows]).reshape(len(rows), -1)
+            bad |= ~np.isfinite(values).all(axis=1)
+    found = sorted(int(r) for r in rows[bad])
+    return ", ".join(map(str, found[:5])) + (", ..." if len(found) > 5 else "")
 
 
 def _fit_private(*args, strategy, scan, steps_per_call, checkpoint_every, mesh, **kwargs):
@@ -306,6 +319,19 @@ def fit(
     batch_size = _positive(batch_size, "batch_size")
     keep = _positive(keep, "keep")
     loss_key = example_keys.check_loss_fn(loss_fn, loss_key)
+    resume = reduce.check_flag(resume, name="resume")
+    quiet = reduce.check_flag(quiet, name="quiet")
+    if checkpoint_every is not None:
+        checkpoint_every = _positive(checkpoint_every, "checkpoint_every")
+        if checkpoint_dir is None:
+            raise ValueError(
+                f"`checkpoint_every` ({checkpoint_every}) needs `checkpoint_dir`; got "
+                "checkpoint_dir=None (no checkpoint would be written)"
+            )
+    if evaluate is not None and not callable(evaluate):
+        raise TypeError(
+            f"`evaluate` must be a function evaluate(params) -> {{name: number}}; got {evaluate!r}"
+        )
     if privacy is not None:
         return _fit_private(
             loss_fn,
@@ -409,6 +435,7 @@ def fit(
             if mesh is not None:
                 state = sharding_lib.replicate(state, mesh=mesh)
             start_epoch, start_chunk = meta["epoch"], meta["chunk"]
+            ckpt.check_resume_epoch(start_epoch, epochs, last_checkpoint)
             history, epoch_loss, epoch_count = (
                 meta["history"],
                 meta["epoch_loss"],
@@ -514,6 +541,7 @@ def fit(
     try:
         for epoch in range(start_epoch, epochs):
             idx, mask = _epoch_indices(key, epoch, n, batch_size)
+            epoch_batches = (idx, mask)  # (steps, batch_size) rows, to name a bad batch's rows
             if mesh is not None and width != batch_size:
                 idx, mask = np.asarray(idx), np.asarray(mask)
                 idx = np.concatenate([idx, np.repeat(idx[:, :1], width - batch_size, 1)], 1)
@@ -546,12 +574,18 @@ def fit(
                         if last_checkpoint
                         else ""
                     )
+                    rows = _non_finite_rows(train_data, mesh, *epoch_batches, batch_no - 1)
+                    hint = (
+                        f"The batch holds non-finite data in rows {rows} of `train_data`: "
+                        "drop or impute them."
+                        if rows
+                        else "Lower the learning rate or check the data."
+                    )
                     raise NonFiniteLossError(
                         "the training loss (or the updated parameters or optimizer state) "
                         f"became non-finite (NaN or inf) at step {bad + 1} "
                         f"(epoch {epoch + 1}, batch {batch_no} of {steps_per_epoch}); training "
-                        f"stopped with the parameters from before that step{where}. Lower the "
-                        "learning rate or check the data.",
+                        f"stopped with the parameters from before that step{where}. {hint}",
                         step=bad + 1,
                         state=new_state,
                         checkpoint=last_checkpoint,

@@ -35,7 +35,9 @@ def evaluator(
       apply: ``apply(params, x) -> prediction`` on one example.
       loss_fn: ``loss_fn(params, (x, y))``, as trained; its mean over the split is reported.
       splits: named batches ``(x, y)``, e.g. ``{"train": ds.train, "test": ds.test}``.
-      task: ``"classification"`` (accuracy) or ``"regression"`` (R²).
+      task: ``"classification"`` (accuracy) or ``"regression"`` (R²; with several outputs the
+        pooled ``1 − Σ‖y_i − ŷ_i‖² / Σ‖y_i − ȳ‖²``; NaN when the targets have no spread,
+        e.g. a split of one example, where R² is undefined).
       chunk_size: examples evaluated at a time (``lax.map``), bounding memory on big splits.
 
     Returns:
@@ -43,6 +45,7 @@ def evaluator(
     """
     if task not in TASKS:
         raise ValueError(f"`task` must be one of {list(TASKS)}; got {task!r}")
+    chunk_size = reduce.check_positive_int(chunk_size, name="chunk_size")
 
     @jax.jit
     def measure(params, x, y):
@@ -54,7 +57,12 @@ def evaluator(
                 label = jnp.argmax(pred) if jnp.ndim(pred) else (pred > 0).astype(jnp.int32)
                 score = (label == ex_y).astype(loss_sum.dtype)
             else:
-                score = jnp.sum(pred).astype(loss_sum.dtype)
+                if jnp.size(pred) != jnp.size(ex_y):
+                    raise ValueError(
+                        f"`apply` gives a prediction of shape {jnp.shape(pred)} for a target of "
+                        f"shape {jnp.shape(ex_y)}; R² needs one prediction per target value"
+                    )
+                score = jnp.reshape(pred, jnp.shape(ex_y)).astype(loss_sum.dtype)
             return loss_sum, count, score
 
         n = x.shape[0]
@@ -63,9 +71,13 @@ def evaluator(
         if task == "classification":
             out["accuracy"] = jnp.mean(scores)
         else:
-            target = y.reshape(n).astype(scores.dtype)
-            total = jnp.sum((target - jnp.mean(target)) ** 2)
-            out["r2"] = 1 - jnp.sum((target - scores) ** 2) / total
+            # Several outputs: pooled, Σ over examples and outputs of the squared errors
+            # against Σ of the squared deviations from each output's mean.
+            target = y.astype(scores.dtype)
+            total = jnp.sum((target - jnp.mean(target, axis=0)) ** 2)
+            residual = jnp.sum((target - scores) ** 2)
+            # Targets with no spread (one example, or all equal) leave R² undefined: NaN.
+            out["r2"] = jnp.where(total > 0, 1 - residual / jnp.where(total > 0, total, 1), jnp.nan)
         return out
 
     splits = {name: tuple(jnp.asarray(a) for a in batch) for name, batch in splits.items()}

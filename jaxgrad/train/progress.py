@@ -10,6 +10,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Mapping
 
 MODES = ("auto", "bar", "plain", "none")
 
@@ -136,10 +137,37 @@ def end_epoch(record: dict, *, params, evaluate, start: float, history: list, ba
     """Completes an epoch's ``record`` (``evaluate(params)`` metrics, seconds since ``start``),
     appends it to ``history``, shows it on ``bar`` and writes it as a line to ``metrics_file``."""
     if evaluate is not None:
-        record.update({k: float(v) for k, v in evaluate(params).items()})
+        reserved = tuple(dict.fromkeys((*record, "loss", "seconds")))
+        record.update(_metrics(evaluate(params), reserved=reserved))
     record["seconds"] = time.perf_counter() - start
     history.append(record)
     bar.epoch(record)
     if metrics_file is not None:
         metrics_file.write(json.dumps(strict_json(record)) + "\n")
         metrics_file.flush()
+
+
+def _metrics(metrics, *, reserved) -> dict:
+    """``evaluate``'s ``{name: number}`` as floats; a name the record already has is an error
+    (``{"loss": test_loss}`` would silently replace the epoch's training loss)."""
+    if not isinstance(metrics, Mapping):
+        raise TypeError(
+            "`evaluate` must return a mapping {name: number} (e.g. {'test_accuracy': 0.9}); got "
+            f"a {type(metrics).__name__}: {metrics!r}"[:300]
+        )
+    out = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str):
+            raise TypeError(f"`evaluate` metric names must be strings; got {name!r}")
+        if name in reserved:
+            raise ValueError(
+                f"`evaluate` returned a metric named {name!r}, which the epoch record already "
+                f"holds ({', '.join(map(repr, reserved))}); name it otherwise, e.g. 'test_{name}'"
+            )
+        try:
+            out[name] = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"`evaluate` metric {name!r} must be one number; got {value!r}"[:300]
+            ) from None
+    return out

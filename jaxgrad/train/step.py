@@ -48,6 +48,52 @@ def _accepts(fn, name: str) -> bool:
     return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
+def check_optimizer(optimizer):
+    """Checks ``optimizer`` is an optax optimizer: anything with ``init`` and ``update``.
+
+    Duck-typed, as optax itself is: a ``GradientTransformation``, a chain, and wrappers that
+    are not ``GradientTransformation`` instances but behave as one (``optax.MultiSteps``).
+
+    Raises:
+      TypeError: naming ``optimizer`` and what it got.
+    """
+    if not (
+        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
+    ):
+        hint = f" (e.g. optax.{optimizer}(1e-3))" if isinstance(optimizer, str) else ""
+        raise TypeError(
+            "`optimizer` must be an optax GradientTransformation with init and update "
+            f"(e.g. optax.sgd(0.1)){hint}; got {optimizer!r}"[:300]
+        )
+    return optimizer
+
+
+def _check_strategy_output(loss, grads, params, strategy) -> None:
+    """Trace-time check that a strategy gave a scalar loss and a gradient shaped like params."""
+    name = getattr(strategy, "__name__", None) or getattr(
+        getattr(strategy, "func", None), "__name__", repr(strategy)
+    )
+    same = jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params) and all(
+        jnp.shape(g) == jnp.shape(p)
+        for g, p in zip(
+            jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(params), strict=True
+        )
+    )
+    if not same:
+        shapes = lambda t: [jnp.shape(x) for x in jax.tree_util.tree_leaves(t)][:6]
+        raise ValueError(
+            f"`strategy` ({name}) must give one gradient shaped like `params` (the gradient of "
+            f"the batch's mean loss); got leaf shapes {shapes(grads)} for params of shapes "
+            f"{shapes(params)}. Per-example gradients (jaxgrad.per_example_grads) are not a "
+            "step's gradient: use jaxgrad.mean_of_per_example_grads"
+        )
+    if jnp.shape(loss) != ():
+        raise ValueError(
+            f"`strategy` ({name}) with return_loss=True must give a scalar mean loss; got shape "
+            f"{jnp.shape(loss)}"
+        )
+
+
 def loss_and_grad_fn(loss_fn, strategy: Callable = batch_grad):
     """``f(params, batch, mask) -> (mean_loss, grads)`` from a strategy factory.
 
@@ -67,25 +113,25 @@ def loss_and_grad_fn(loss_fn, strategy: Callable = batch_grad):
             f"got {strategy!r}"
         )
     if _accepts(strategy, "return_loss"):
-        return strategy(loss_fn, return_loss=True)
-    grad_fn = strategy(loss_fn)
+        grad_fn = strategy(loss_fn, return_loss=True)
+    else:
+        grads_only = strategy(loss_fn)
 
-    def mean_loss(params, batch, mask):
-        return reduce.safe_divide(*reduce.batch_totals(loss_fn, params, batch, mask))
+        def grad_fn(params, batch, mask):
+            loss = reduce.safe_divide(*reduce.batch_totals(loss_fn, params, batch, mask))
+            return loss, grads_only(params, batch, mask)
 
     def f(params, batch, mask):
-        return mean_loss(params, batch, mask), grad_fn(params, batch, mask)
+        loss, grads = grad_fn(params, batch, mask)
+        _check_strategy_output(loss, grads, params, strategy)
+        return loss, grads
 
     return f
 
 
 def step_fn(loss_fn, optimizer: optax.GradientTransformation, *, strategy: Callable = batch_grad):
     """The un-jitted ``step(state, batch, mask) -> (state, mean_loss)``; see :func:`train_step`."""
-    if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(
-            f"`optimizer` must be an optax.GradientTransformation (e.g. optax.sgd(0.1)); got "
-            f"{type(optimizer).__name__}"
-        )
+    check_optimizer(optimizer)
     grad = loss_and_grad_fn(loss_fn, strategy)
 
     def step(state: TrainState, batch, mask):

@@ -16,6 +16,7 @@ reported as such in the table, never dropped.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -168,12 +169,23 @@ def _check_device(device: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``python -m jaxgrad.bench --peers|--sweep``; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if not (args.peers or args.sweep):
         args.peers = True
-    for name in ("threads", "repeats"):
+    for name in ("threads", "repeats", "sweep_batch_size"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name} must be a positive integer; got {getattr(args, name)}")
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} must be a positive integer; got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be a non-negative integer; got {args.warmup}")
+    if not (math.isfinite(args.min_time) and args.min_time >= 0):
+        parser.error(f"--min-time must be a non-negative finite number; got {args.min_time}")
+    for name in ("mem_cap_gb", "time_cap_s"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} must be a positive finite number; got {value}")
     _check_device(args.device)
     log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     options = harness.Options(
