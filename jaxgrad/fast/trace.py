@@ -98,6 +98,8 @@ def flatten(closed: jcore.ClosedJaxpr) -> Program:
             ins = [read(a) for a in e.invars]
             key = INLINE_PRIMITIVES.get(e.primitive.name)
             inner = e.params.get(key) if key else None
+            if e.primitive.name == "dynamic_slice":
+                inner = _dynamic_slice_as_gather(e)
             if isinstance(inner, (jcore.ClosedJaxpr, jcore.Jaxpr)):
                 closed = inner if isinstance(inner, jcore.ClosedJaxpr) else None
                 body = closed.jaxpr if closed is not None else inner
@@ -123,6 +125,38 @@ def flatten(closed: jcore.ClosedJaxpr) -> Program:
     invars = [Var(next(counter)) for _ in closed.jaxpr.invars]
     outs = go(closed.jaxpr, closed.consts, invars)
     return Program(invars, outs, eqns)
+
+
+def _dynamic_slice_as_gather(e):
+    """A row lookup ``W[i]`` by a scalar index (a ``dynamic_slice`` whose every slice size is
+    1 or the whole axis) as the equivalent ``gather``, or None for any other slice.
+
+    Both clamp the start so that the slice fits, so the values and gradients are the same;
+    as a gather the lookup reads as an embedding use of ``W`` (see :func:`_is_embedding_gather`)
+    rather than taking the exact fallback.
+    """
+    op, *starts = (a.aval for a in e.invars)
+    sizes = tuple(e.params["slice_sizes"])
+    if (
+        not starts
+        or len(starts) != len(op.shape)
+        or not jax.numpy.issubdtype(op.dtype, jax.numpy.inexact)
+        or any(s not in (1, n) for s, n in zip(sizes, op.shape, strict=True))
+    ):
+        return None
+    dims = tuple(range(len(op.shape)))
+    dnums = jax.lax.GatherDimensionNumbers(
+        offset_dims=dims, collapsed_slice_dims=(), start_index_map=dims
+    )
+
+    def lookup(x, *index):
+        idx = jax.numpy.stack([jax.numpy.asarray(i, starts[0].dtype) for i in index])
+        return jax.lax.gather(
+            x, idx, dnums, sizes, mode=jax.lax.GatherScatterMode.CLIP, unique_indices=True
+        )
+
+    avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (op, *starts)]
+    return jax.make_jaxpr(lookup)(*avals)
 
 
 def evaluate(program: Program, args, *, hook=None, override=None):
@@ -239,19 +273,19 @@ class Analysis:
 
 
 def _is_embedding_gather(eqn: Eqn) -> bool:
-    """A gather that picks whole slices of the operand along ``start_index_map`` dims."""
+    """A gather that picks whole rows of the operand: one entry along each row axis (indexed
+    by ``start_index_map``), the whole of every other axis."""
     dn = eqn.params["dimension_numbers"]
     shape = eqn.in_avals[0].shape
     sizes = eqn.params["slice_sizes"]
     if dn.operand_batching_dims or dn.start_indices_batching_dims:
         return False
-    if tuple(sorted(dn.collapsed_slice_dims)) != tuple(sorted(dn.start_index_map)):
-        return False
     for d, n in enumerate(shape):
-        if d in dn.start_index_map:
-            if sizes[d] != 1:
-                return False
-        elif sizes[d] != n:
+        # Along every axis the slice is either one entry picked by the index (a row axis) or
+        # the whole axis; an index into a whole axis can only start it at 0 (it is clamped
+        # there, or the lookup is out of bounds), as ``W[i]`` under ``vmap`` (an index of 0
+        # for the row's own axis) or ``W[:, j]`` write it.
+        if sizes[d] != n and not (d in dn.start_index_map and sizes[d] == 1):
             return False
     mode = eqn.params.get("mode")
     return str(mode).split(".")[-1] in {"CLIP", "PROMISE_IN_BOUNDS", "FILL_OR_DROP", "ONE_HOT"}
