@@ -164,6 +164,7 @@ def plan(loss_fn, params, example) -> Plan:
       >>> [(lp.path, lp.route) for lp in p.leaves]
       [("['s']", 'exact fallback'), ("['w']", 'dense: |a|²|g|²')]
     """
+    reduce.check_params(params, real=True)  # the strategies' own check, named the same
     struct = lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
     fn = lambda p, ex: reduce.as_sum_count(loss_fn(p, ex))
     params_s = jax.tree_util.tree_map(struct, params)
