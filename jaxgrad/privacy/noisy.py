@@ -90,13 +90,13 @@ def clipped_sum_dropping_nonfinite(loss_fn, *, l2_clip, method="auto", chunk_siz
         chunk_size=chunk_size,
     )
 
-    def f(params, batch, mask):
-        total, norms = inner(params, batch, mask)
+    def f(params, batch, mask, *args):
+        total, norms = inner(params, batch, mask, *args)
         bad = mask & ~jnp.isfinite(norms)
         good = mask & ~bad
 
         def redo(_):
-            again, _ = inner(params, batch, good)
+            again, _ = inner(params, batch, good, *args)
             # With no good example left the filler rows are bad ones: the sum is 0.
             return jax.tree_util.tree_map(lambda t: jnp.where(jnp.any(good), t, 0), again)
 
@@ -218,8 +218,9 @@ def dp_grad(
       chunk_size: if set, examples are processed that many at a time.
 
     Returns:
-      ``f(params, batch, mask, key) -> grads`` (or ``(grads, info)``); ``mask=None`` means all
-      rows are real, ``key`` seeds the noise.
+      ``f(params, batch, mask, key, *args) -> grads`` (or ``(grads, info)``); ``mask=None``
+      means all rows are real, ``key`` seeds the noise, and extra arguments are passed to
+      every call ``loss_fn(params, example, *args)``, as for :func:`jaxgrad.batch_grad`.
 
     Example::
 
@@ -240,17 +241,17 @@ def dp_grad(
     )
 
     @jax.jit
-    def core(params, batch, mask, key):
-        total, count, bad = clipped(params, batch, mask)
+    def core(params, batch, mask, key, args):
+        total, count, bad = clipped(params, batch, mask, *args)
         noisy = add_noise(total, key, stddev=sigma * l2_clip)
         grads = jax.tree_util.tree_map(lambda t: t / jnp.asarray(b_e, t.dtype), noisy)
         return grads, DPInfo(count, bad, jnp.int32(1))
 
     finish = _finish(nonfinite, return_info, "dp_grad")
 
-    def f(params, batch, mask, key):
+    def f(params, batch, mask, key, *args):
         mask = reduce.check_mask(mask, reduce.batch_size(batch))
-        return finish(*core(params, batch, mask, reduce.check_key(key)))
+        return finish(*core(params, batch, mask, reduce.check_key(key), args))
 
     f.__name__ = f.__qualname__ = "dp_grad"
     f.__doc__ = dp_grad.__doc__
