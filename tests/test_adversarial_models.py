@@ -53,8 +53,16 @@ def _reference(loss, params, batch, args=(), *, clip=1.0, mask=None):
 def _check_fast(loss, params, batch, args=(), *, clip=1.0, mask=None, chunk_size=None):
     """The fast path's norms, clipped sum and statistics against the loop."""
     grads, norms, clipped, sums = _reference(loss, params, batch, args, clip=clip, mask=mask)
-    f = clipped_grad(loss, l2_clip=clip, reduction="sum", return_norms=True, chunk_size=chunk_size)
-    got, got_norms = f(params, batch, mask, *args)
+    f = clipped_grad(
+        loss,
+        l2_clip=clip,
+        reduction="sum",
+        return_loss=True,
+        return_norms=True,
+        chunk_size=chunk_size,
+    )
+    loss_sum, got, got_norms = f(params, batch, mask, *args)
+    np.testing.assert_allclose(float(loss_sum), sums.sum(), **TOL)
     np.testing.assert_allclose(_flat(got), clipped, **TOL)
     np.testing.assert_allclose(np.asarray(got_norms), norms, **TOL)
     real = np.ones(len(norms), bool) if mask is None else np.asarray(mask)
