@@ -144,6 +144,32 @@ def test_row_and_column_lookups_by_scalar_index_and_stacked_layers_in_a_loop():
     _check_fast(loss, params, tokens, clip=0.5)
 
 
+def test_blocks_of_a_weight_split_or_sliced_out_are_dense_uses():
+    # A fused QKV weight split in three (`jnp.split`: one `split` equation), a block W[1:3], a
+    # strided V[::3], a reversed W[:, ::-1]: each took the exact fallback (a per-example copy
+    # of the leaf). Blocks that do not overlap have no cross terms; those that do (V[1::4]
+    # and V[1:3] share row 1; the reversal reads all of W) keep theirs.
+    rng = np.random.default_rng(14)
+    d, h = 4, 2
+    shapes = {"qkv": (d, 3 * h), "o": (h, d), "W": (d, d), "V": (6, d)}
+    params = {k: jnp.asarray(rng.normal(size=s)) for k, s in shapes.items()}
+    batch = (jnp.asarray(rng.normal(size=(4, 3, d))), jnp.asarray(rng.normal(size=(4,))))
+
+    def loss(p, ex):
+        x, y = ex
+        wq, wk, wv = jnp.split(p["qkv"], 3, axis=1)
+        a = jax.nn.softmax((x @ wq) @ (x @ wk).T) @ (x @ wv)
+        out = a @ p["o"] + x @ p["W"][:, ::-1] + x[:, 1:3] @ p["W"][1:3]
+        out = out + x[:, ::2] @ p["V"][::3] + x @ p["V"][1::4].T @ p["V"][1:3]
+        return jnp.sum(jnp.tanh(out)) * y
+
+    p = plan(loss, params, tm(lambda x: x[0], batch))
+    assert not p.fallbacks, p
+    assert _route(p, "['qkv']").route.startswith("3 disjoint blocks: dense"), p
+    assert _route(p, "['V']").route.startswith("2 disjoint blocks: "), p
+    _check_fast(loss, params, batch, clip=3.0, mask=jnp.array([True, False, True, True]))
+
+
 # ------------------------------------------------------------------------- low-precision batches
 
 

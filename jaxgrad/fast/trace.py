@@ -4,12 +4,13 @@ The per-example loss ``S(params, example)`` is traced to a jaxpr (no batch axis)
 ``jit``-wrapped functions are inlined, and every use of every parameter leaf is classified:
 
 * **dense** — a ``dot_general`` whose one operand is the parameter (possibly through
-  ``reshape``, ``transpose``, ``squeeze``, ``expand_dims``, ``convert_element_type`` or
-  ``copy``: permutations of its entries, so norms are preserved) and whose other operand is
-  not a parameter;
+  ``reshape``, ``transpose``, ``squeeze``, ``expand_dims``, ``convert_element_type``,
+  ``copy``, ``rev`` or ``slice``: each entry of the operand is one entry of the leaf, so
+  norms are preserved; a ``split`` is read as one ``slice`` per part, and uses of disjoint
+  blocks have no cross terms) and whose other operand is not a parameter;
 * **conv** — a ``conv_general_dilated`` whose kernel is the parameter;
 * **gather** — an embedding-style ``gather`` (whole rows of the parameter picked by integer
-  indices);
+  indices; a ``dynamic_slice`` of whole rows, ``W[i]`` with a scalar ``i``, is read as one);
 * **other** — anything else: an elementwise op (a bias, a norm scale), a parameter inside an
   opaque call (``custom_jvp``/``custom_vjp``/``scan``...), a parameter used on both sides of a
   product.
@@ -23,16 +24,30 @@ the gradient with respect to that copy, in the same backward pass.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import jax
 import numpy as np
 from jax.extend import core as jcore
 
-# Ops that only permute (or re-type) a parameter's entries: per-example gradient norms pass
-# through them unchanged, and their transposes map gradients back to the leaf's layout.
+# Ops that only permute, re-type or select a parameter's entries (``slice``: a block, e.g. one
+# of the Q, K, V parts of a fused weight; ``rev``): each entry of the result is one entry of
+# the leaf, so a use's per-example gradient norm is that of its gradient with respect to the
+# leaf (the transpose only places it, padding with zeros), and the transposes map gradients
+# back to the leaf's layout.
 ALIAS_PRIMITIVES = frozenset(
-    {"reshape", "transpose", "squeeze", "expand_dims", "convert_element_type", "copy", "copy_p"}
+    {
+        "reshape",
+        "transpose",
+        "squeeze",
+        "expand_dims",
+        "convert_element_type",
+        "copy",
+        "copy_p",
+        "slice",
+        "rev",
+    }
 )
 # Call primitives whose body is inlined (they carry a jaxpr and no custom derivative rule;
 # inlining ``checkpoint`` drops the rematerialisation, not the maths).
@@ -100,6 +115,8 @@ def flatten(closed: jcore.ClosedJaxpr) -> Program:
             inner = e.params.get(key) if key else None
             if e.primitive.name == "dynamic_slice":
                 inner = _dynamic_slice_as_gather(e)
+            elif e.primitive.name == "split":
+                inner = _split_as_slices(e)
             if isinstance(inner, (jcore.ClosedJaxpr, jcore.Jaxpr)):
                 closed = inner if isinstance(inner, jcore.ClosedJaxpr) else None
                 body = closed.jaxpr if closed is not None else inner
@@ -157,6 +174,56 @@ def _dynamic_slice_as_gather(e):
 
     avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (op, *starts)]
     return jax.make_jaxpr(lookup)(*avals)
+
+
+def _split_as_slices(e):
+    """``split`` (``jnp.split``, one equation with several outputs) as one ``slice`` per part,
+    so each part of a split parameter (e.g. a fused QKV weight) is an alias of it."""
+    (op,) = (a.aval for a in e.invars)
+    axis, bounds = e.params["axis"], np.cumsum([0, *e.params["sizes"]]).tolist()
+
+    def parts(x):
+        return [jax.lax.slice_in_dim(x, a, b, axis=axis) for a, b in itertools.pairwise(bounds)]
+
+    return jax.make_jaxpr(parts)(jax.ShapeDtypeStruct(op.shape, op.dtype))
+
+
+def use_block(program: Program, use: Use):
+    """The entries of its leaf a use reads, as one ``range`` per axis, or None for all of them.
+
+    A use whose alias chain starts with a ``slice`` of the leaf reads that block only; its
+    per-example gradient is zero elsewhere.
+    """
+    first = use.pre_chain[:1] or (use.chain[:1] if use.site == "" else [])
+    if not first or program.eqns[first[0]].primitive.name != "slice":
+        return None
+    p = program.eqns[first[0]].params
+    strides = p["strides"] or (1,) * len(p["start_indices"])
+    return tuple(
+        range(a, b, c)
+        for a, b, c in zip(p["start_indices"], p["limit_indices"], strides, strict=True)
+    )
+
+
+def disjoint_groups(program: Program, uses: list) -> list:
+    """The uses of one leaf in groups that read disjoint blocks of it (see :func:`use_block`).
+
+    Per-example gradients through uses in different groups have disjoint supports, so no
+    cross terms between them: the leaf's squared norm is the sum of the groups' squared norms.
+    """
+    blocks = [use_block(program, u) for u in uses]
+
+    def overlap(a, b):
+        if a is None or b is None:
+            return True
+        return all(set(ra).intersection(rb) for ra, rb in zip(a, b, strict=True))
+
+    groups: list = []  # of lists of use indices
+    for i in range(len(uses)):
+        joined = [g for g in groups if any(overlap(blocks[i], blocks[k]) for k in g)]
+        merged = [i] + [k for g in joined for k in g]
+        groups = [g for g in groups if g not in joined] + [sorted(merged)]
+    return [[uses[k] for k in g] for g in sorted(groups)]
 
 
 def evaluate(program: Program, args, *, hook=None, override=None):
