@@ -396,11 +396,17 @@ def chunked(
 
 
 def row_sq_norms(tree: PyTree) -> jax.Array:
-    """``Σ_leaves ‖x[i]‖²`` for every row ``i`` of a pytree with a leading batch axis."""
-    return sum(
-        jnp.sum(jnp.reshape(x, (x.shape[0], -1)) ** 2, axis=1)
-        for x in jax.tree_util.tree_leaves(tree)
-    )
+    """``Σ_leaves ‖x[i]‖²`` for every row ``i`` of a pytree with a leading batch axis.
+
+    Squared and summed in at least float32 (as the fast path does): in float16 an entry of
+    256 already squares to inf, and a bfloat16 sum of many squares loses its low digits.
+    """
+
+    def sq(x):
+        x = jnp.reshape(x, (x.shape[0], -1))
+        return jnp.sum(jnp.square(x.astype(jnp.result_type(x.dtype, jnp.float32))), axis=1)
+
+    return sum(sq(x) for x in jax.tree_util.tree_leaves(tree))
 
 
 def check_flag(value, *, name: str) -> bool:

@@ -15,7 +15,7 @@ import pytest
 
 import jaxgrad
 from jaxgrad import reduce
-from jaxgrad.fast import clipped_grad, grad_stats, per_example_norms, plan
+from jaxgrad.fast import clipped_grad, grad_stats, per_example_moments, per_example_norms, plan
 from jaxgrad.privacy import dp_grad
 
 jax.config.update("jax_enable_x64", True)
@@ -197,6 +197,36 @@ def test_half_precision_parameters_and_batches(dtype):
         *low, None, jax.random.key(0)
     )
     np.testing.assert_allclose(_flat(g), clipped / 2.0, rtol=5e-2, atol=5e-2)
+
+
+def test_float16_gradient_entries_above_256_have_finite_norms_on_every_path():
+    # Was, on method="vmap" and in per_example_moments: the squares were summed in float16,
+    # where 300² is inf, so a finite gradient had an infinite norm: clipped_grad raised
+    # FloatingPointError and dp_grad silently dropped the example as non-finite.
+    w = jnp.ones(3, jnp.float16)
+    x = jnp.array([[300.0, 1.0, 2.0], [0.5, 0.1, 0.2]], jnp.float16)
+    loss = lambda w, ex: jnp.dot(ex, w)  # example i's gradient is x_i
+    rows = np.asarray(x, np.float64)
+    norms = np.linalg.norm(rows, axis=1)
+    clipped = (np.minimum(1.0, 1.0 / norms)[:, None] * rows).sum(axis=0)
+    for method in ("auto", "vmap"):
+        got = per_example_norms(loss, method=method)(w, x)
+        np.testing.assert_allclose(np.asarray(got, np.float64), norms, rtol=1e-3)
+        g = clipped_grad(loss, l2_clip=1.0, reduction="sum", method=method)(w, x)
+        np.testing.assert_allclose(np.asarray(g, np.float64), clipped, rtol=2e-3)
+        f = dp_grad(
+            loss,
+            l2_clip=1.0,
+            noise_multiplier=0.0,
+            expected_batch_size=1.0,
+            method=method,
+            return_info=True,
+        )
+        g, info = f(w, x, None, jax.random.key(0))
+        assert int(info.num_nonfinite) == 0
+        np.testing.assert_allclose(np.asarray(g, np.float64), clipped, rtol=2e-3)
+    moments = per_example_moments(loss)(w, x)
+    np.testing.assert_allclose(np.asarray(moments.norms, np.float64), norms, rtol=1e-3)
 
 
 # ------------------------------------------------------------------------------- named errors
