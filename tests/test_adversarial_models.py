@@ -239,6 +239,8 @@ def test_plan_checks_params_as_the_strategies_do():
     x = jnp.ones(3)
     with pytest.raises(TypeError, match=r"params\.activation.*eqx\.partition"):
         plan(lambda m, ex: m(ex)[0], model, x)
+    with pytest.raises(TypeError, match=r"`loss_fn` must be a function"):
+        plan("loss", {"w": x}, x)
     with pytest.raises(TypeError, match=r"params\['step'\] is dtype int"):
         plan(lambda p, ex: jnp.dot(p["w"], ex), {"w": x, "step": jnp.arange(2)}, x)
     params, _ = eqx.partition(model, eqx.is_inexact_array)
@@ -291,6 +293,8 @@ def test_dp_grad_passes_extra_loss_arguments_like_every_strategy():
         _flat(noisy(params, x, None, key, stats)), _flat(same(params, x, None, key)), **TOL
     )
     _check_fast(loss, params, x, (stats,), clip=0.5)
+    routes = plan(loss, params, x[0], stats)  # extra arguments reach plan's loss too
+    assert _route(routes, "['Dense_0']['kernel']").route.startswith("dense"), routes
 
 
 def test_batchnorm_in_training_mode_is_per_example_as_documented():

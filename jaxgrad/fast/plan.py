@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxgrad import reduce
 from jaxgrad.fast import rules, trace
+from jaxgrad.grads import check_loss_fn
 
 # A leaf may fall back under ``strict=True`` when it is a vector (a bias, a norm scale: its
 # per-example copy costs about one activation) or has at most this many entries.
@@ -147,7 +148,7 @@ def check_strict(an: trace.Analysis, params) -> None:
             )
 
 
-def plan(loss_fn, params, example) -> Plan:
+def plan(loss_fn, params, example, *args) -> Plan:
     """How the fast path computes each parameter leaf's per-example gradient norm.
 
     Args:
@@ -155,6 +156,8 @@ def plan(loss_fn, params, example) -> Plan:
         :func:`jaxgrad.fast.per_example_norms`.
       params: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
       example: ONE example (no batch axis), arrays or ``jax.ShapeDtypeStruct``.
+      *args: extra loss arguments, ``loss_fn(params, example, *args)``, as the fast
+        functions pass them (``f(params, batch, mask, *args)``).
 
     Returns:
       A :class:`Plan`; ``print(plan)`` gives a table of leaf, shape, uses, route (with the
@@ -169,9 +172,10 @@ def plan(loss_fn, params, example) -> Plan:
       >>> [(lp.path, lp.route) for lp in p.leaves]
       [("['s']", 'exact fallback'), ("['w']", 'dense: |a|²|g|²')]
     """
-    reduce.check_params(params, real=True)  # the strategies' own check, named the same
+    check_loss_fn(loss_fn)
+    reduce.check_params(params, real=True)  # the strategies' own checks, named the same
     struct = lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
-    fn = lambda p, ex: reduce.as_sum_count(loss_fn(p, ex))
+    fn = lambda p, ex: reduce.as_sum_count(loss_fn(p, ex, *args))
     params_s = jax.tree_util.tree_map(struct, params)
     an = trace.analyse(fn, params_s, jax.tree_util.tree_map(struct, example))
     leaves = jax.tree_util.tree_leaves(params_s)
