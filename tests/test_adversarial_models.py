@@ -170,6 +170,43 @@ def test_blocks_of_a_weight_split_or_sliced_out_are_dense_uses():
     _check_fast(loss, params, batch, clip=3.0, mask=jnp.array([True, False, True, True]))
 
 
+def test_fused_gate_weights_split_outside_and_inside_a_scan_body():
+    # A GRU with its three gates' weights fused in one leaf, split before the scan (Wx) and in
+    # its body (Wh), and a layer stack scanned over fused weights split per layer (Ws): the
+    # parts are disjoint blocks, so no cross terms between them.
+    rng = np.random.default_rng(21)
+    d, h, steps = 3, 4, 5
+    shapes = {"Wx": (d, 3 * h), "Wh": (h, 3 * h), "Ws": (2, h, 2 * h), "o": (h,)}
+    params = {k: jnp.asarray(rng.normal(size=s) * 0.5) for k, s in shapes.items()}
+    batch = (jnp.asarray(rng.normal(size=(4, steps, d))), jnp.asarray(rng.normal(size=(4,))))
+
+    def loss(p, ex):
+        x, y = ex
+        xz, xr, xh = jnp.split(p["Wx"], 3, axis=1)
+
+        def step(hid, xt):
+            hz, hr, hh = jnp.split(p["Wh"], 3, axis=1)
+            z = jax.nn.sigmoid(xt @ xz + hid @ hz)
+            r = jax.nn.sigmoid(xt @ xr + hid @ hr)
+            hid = (1 - z) * hid + z * jnp.tanh(xt @ xh + (r * hid) @ hh)
+            return hid, hid @ p["o"]
+
+        hid, out = jax.lax.scan(step, jnp.zeros(h), x)
+
+        def layer(hid, w):
+            gate, cand = jnp.split(w, 2, axis=1)
+            return jax.nn.sigmoid(hid @ gate) * jnp.tanh(hid @ cand), None
+
+        hid, _ = jax.lax.scan(layer, hid, p["Ws"])
+        return jnp.sum((out - y) ** 2) + jnp.sum(hid)
+
+    p = plan(loss, params, tm(lambda x: x[0], batch))
+    assert not p.fallbacks, p
+    for path, k in (("['Wx']", 3), ("['Wh']", 3), ("['Ws']", 2)):
+        assert _route(p, path).route.startswith(f"{k} disjoint blocks: scan"), p
+    _check_fast(loss, params, batch, clip=1.0)
+
+
 # ------------------------------------------------------------------------- low-precision batches
 
 

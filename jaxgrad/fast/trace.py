@@ -189,20 +189,31 @@ def _split_as_slices(e):
 
 
 def use_block(program: Program, use: Use):
-    """The entries of its leaf a use reads, as one ``range`` per axis, or None for all of them.
+    """The entries of its leaf a use reads: ``(frame, ranges)``, or None for all of them.
 
-    A use whose alias chain starts with a ``slice`` of the leaf reads that block only; its
-    per-example gradient is zero elsewhere.
+    A use whose alias chain starts with a ``slice`` of the leaf reads that block only (one
+    ``range`` per axis); its per-example gradient is zero elsewhere. ``frame`` says whose axes
+    the ranges index: the leaf's (a slice in the top-level program), or, for a slice taken in
+    a scan body, the scan operand's as the body sees it (per step, for a scanned-over leaf):
+    blocks are comparable within one frame only.
     """
-    first = use.pre_chain[:1] or (use.chain[:1] if use.site == "" else [])
-    if not first or program.eqns[first[0]].primitive.name != "slice":
+    if use.pre_chain:
+        frame, body, first = "leaf", program, use.pre_chain[0]
+    elif use.chain and use.site == "":
+        frame, body, first = "leaf", program, use.chain[0]
+    elif use.chain and use.site == "scan" and not use.nest:
+        frame, body, first = ("scan", use.eqn, use.operand), use.chain_program, use.chain[0]
+    else:
         return None
-    p = program.eqns[first[0]].params
+    if body.eqns[first].primitive.name != "slice":
+        return None
+    p = body.eqns[first].params
     strides = p["strides"] or (1,) * len(p["start_indices"])
-    return tuple(
+    ranges = tuple(
         range(a, b, c)
         for a, b, c in zip(p["start_indices"], p["limit_indices"], strides, strict=True)
     )
+    return frame, ranges
 
 
 def disjoint_groups(program: Program, uses: list) -> list:
@@ -214,9 +225,9 @@ def disjoint_groups(program: Program, uses: list) -> list:
     blocks = [use_block(program, u) for u in uses]
 
     def overlap(a, b):
-        if a is None or b is None:
+        if a is None or b is None or a[0] != b[0]:
             return True
-        return all(set(ra).intersection(rb) for ra, rb in zip(a, b, strict=True))
+        return all(set(ra).intersection(rb) for ra, rb in zip(a[1], b[1], strict=True))
 
     groups: list = []  # of lists of use indices
     for i in range(len(uses)):
