@@ -58,9 +58,13 @@ def as_sum_count(out) -> tuple[jax.Array, jax.Array]:
         loss_sum = _as_loss_array(out)
         count = jnp.ones((), loss_sum.dtype)
     if loss_sum.shape != () or count.shape != ():
+        got = f"shapes {loss_sum.shape} and {count.shape}" if pair else f"shape {loss_sum.shape}"
+        hint = ""
+        if math.prod(loss_sum.shape) == 1 and count.shape == ():
+            hint = " (squeeze a one-element loss to a scalar, e.g. `jnp.squeeze(loss)`)"
         raise TypeError(
             "`loss_fn` must return a scalar or a pair of scalars for ONE example "
-            f"(no batch axis); got shapes {loss_sum.shape} and {count.shape}"
+            f"(no batch axis); got {got}{hint}"
         )
     if not jnp.issubdtype(loss_sum.dtype, jnp.floating):
         raise TypeError(
@@ -150,8 +154,15 @@ def batch_size(batch: PyTree, *, name: str = "batch") -> int:
     if not leaves:
         raise ValueError(f"`{name}` has no array leaves; expected a pytree of arrays")
     for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
-        kind = getattr(getattr(leaf, "dtype", None), "kind", None)
-        if kind in ("U", "S", "O", "V") or isinstance(leaf, (str, bytes)):
+        dtype = getattr(leaf, "dtype", None)
+        kind = getattr(dtype, "kind", None)
+        # Kind "V" is a NumPy structured dtype, but also ml_dtypes' bfloat16, float8, int4
+        # (numbers to JAX).
+        if (
+            kind in ("U", "S", "O")
+            or (kind == "V" and not jnp.issubdtype(dtype, jnp.number))
+            or isinstance(leaf, (str, bytes))
+        ):
             what = f"dtype {leaf.dtype}" if kind else f"a {type(leaf).__name__}"
             raise TypeError(
                 f"`{name}` leaf {name}{jax.tree_util.keystr(path)} is {what}; every leaf of "
@@ -390,11 +401,17 @@ def chunked(
 
 
 def row_sq_norms(tree: PyTree) -> jax.Array:
-    """``Σ_leaves ‖x[i]‖²`` for every row ``i`` of a pytree with a leading batch axis."""
-    return sum(
-        jnp.sum(jnp.reshape(x, (x.shape[0], -1)) ** 2, axis=1)
-        for x in jax.tree_util.tree_leaves(tree)
-    )
+    """``Σ_leaves ‖x[i]‖²`` for every row ``i`` of a pytree with a leading batch axis.
+
+    Squared and summed in at least float32 (as the fast path does): in float16 an entry of
+    256 already squares to inf, and a bfloat16 sum of many squares loses its low digits.
+    """
+
+    def sq(x):
+        x = jnp.reshape(x, (x.shape[0], -1))
+        return jnp.sum(jnp.square(x.astype(jnp.result_type(x.dtype, jnp.float32))), axis=1)
+
+    return sum(sq(x) for x in jax.tree_util.tree_leaves(tree))
 
 
 def check_flag(value, *, name: str) -> bool:

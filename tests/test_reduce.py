@@ -21,7 +21,7 @@ def test_as_sum_count():
     assert float(c) == 2.0
     with pytest.raises(TypeError, match=r"`loss_fn` must return a scalar or a pair.*length 3"):
         reduce.as_sum_count((1.0, 2.0, 3.0))
-    with pytest.raises(TypeError, match=r"ONE example.*got shapes \(4,\) and \(\)"):
+    with pytest.raises(TypeError, match=r"ONE example.*got shape \(4,\)"):
         reduce.as_sum_count(jnp.ones(4))
     with pytest.raises(TypeError, match=r"got shapes \(\) and \(2,\)"):
         reduce.as_sum_count((1.0, jnp.ones(2)))

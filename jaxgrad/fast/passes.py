@@ -300,23 +300,27 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     # a float32 loss have float64 gradients, as on the vmap path).
     norm_dtype = jnp.result_type(sums.dtype, jnp.float32, *(jnp.result_type(x) for x in leaves))
     norm_sq = jnp.zeros((size,), norm_dtype)
-    for j, uses in an.fast.items():
+
+    def group_norm(j, uses):  # ‖Σ_u ∇S_i through u‖² over uses that may overlap
         ndim = np.ndim(leaves[j])
         if len(uses) == 1:
-            (u,) = uses
-            part = norm_use(u)
-        else:  # several uses (tied weights): the cross terms between them are needed
-            perms = [trace.use_perm(program, u, ndim) for u in uses]
-            factors = [
-                rules.outer_factors(u.op, u.pos, perm, ndim, a_of(u), g_of(u))
-                for u, perm in zip(uses, perms, strict=True)
-            ]
-            if all(f is not None for f in factors):
-                part = rules.cross_norm_sq(factors)
-            else:  # the per-example gradient itself
-                g = sum(leaf_grads(j, u) for u in uses)
-                part = jnp.sum(jnp.square(g.reshape(size, -1).astype(norm_dtype)), axis=1)
-        norm_sq = norm_sq + part.astype(norm_dtype)
+            return norm_use(uses[0])
+        # several uses (tied weights): the cross terms between them are needed
+        perms = [trace.use_perm(program, u, ndim) for u in uses]
+        factors = [
+            rules.outer_factors(u.op, u.pos, perm, ndim, a_of(u), g_of(u))
+            for u, perm in zip(uses, perms, strict=True)
+        ]
+        if all(f is not None for f in factors):
+            return rules.cross_norm_sq(factors)
+        g = sum(leaf_grads(j, u) for u in uses)  # the per-example gradient itself
+        return jnp.sum(jnp.square(g.reshape(size, -1).astype(norm_dtype)), axis=1)
+
+    for j, uses in an.fast.items():
+        # Uses reading disjoint blocks of the leaf (Q, K, V parts of one weight) have no
+        # cross terms: their squared norms add.
+        for group in trace.disjoint_groups(program, uses):
+            norm_sq = norm_sq + group_norm(j, group).astype(norm_dtype)
     for g in g_exact.values():
         norm_sq = norm_sq + jnp.sum(jnp.square(g.reshape(size, -1).astype(norm_dtype)), axis=1)
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxgrad import reduce
 from jaxgrad.fast import rules, trace
+from jaxgrad.grads import check_loss_fn
 
 # A leaf may fall back under ``strict=True`` when it is a vector (a bias, a norm scale: its
 # per-example copy costs about one activation) or has at most this many entries.
@@ -105,24 +106,29 @@ def leaf_plans(an: trace.Analysis, leaves, paths) -> tuple:
             out.append(LeafPlan(path, shape, uses, "exact fallback", an.reasons[j], size))
         elif j in an.unused:
             out.append(LeafPlan(path, shape, (), "unused", "", 0))
-        elif len(an.fast[j]) == 1:
-            (u,) = an.fast[j]
-            label, cost = rules.route(u.kind, u.op, u.pos)
-            out.append(LeafPlan(path, shape, uses, _scan_prefix(u) + label, "", cost))
         else:
-            eqns = [(u.op, u) for u in an.fast[j]]
-            perms = [trace.use_perm(an.program, u, len(shape)) for _, u in eqns]
-            if all(
-                rules.has_outer_form(e, u.pos, p, len(shape))
-                for (e, u), p in zip(eqns, perms, strict=True)
-            ):
-                ts = [rules.outer_positions(e, u.pos) for e, u in eqns]
-                label = f"tied, {len(ts)} uses: cross terms of Σ_t x_t⊗y_t"
-                out.append(LeafPlan(path, shape, uses, label, "", sum(ts) ** 2))
-            else:
-                label = f"tied, {len(eqns)} uses: per-example gradient"
-                out.append(LeafPlan(path, shape, uses, label, "", 2 * size))
+            groups = trace.disjoint_groups(an.program, an.fast[j])
+            routes = [_group_route(an, group, shape) for group in groups]
+            label = "; ".join(r for r, _ in routes)
+            if len(groups) > 1:
+                label = f"{len(groups)} disjoint blocks: {label}"
+            out.append(LeafPlan(path, shape, uses, label, "", sum(c for _, c in routes)))
     return tuple(out)
+
+
+def _group_route(an: trace.Analysis, group: list, shape: tuple) -> tuple:
+    """The label and per-example entries of one group of uses (see ``fast_pass``)."""
+    if len(group) == 1:
+        (u,) = group
+        label, cost = rules.route(u.kind, u.op, u.pos)
+        return _scan_prefix(u) + label, cost
+    perms = [trace.use_perm(an.program, u, len(shape)) for u in group]
+    if all(
+        rules.has_outer_form(u.op, u.pos, p, len(shape)) for u, p in zip(group, perms, strict=True)
+    ):
+        ts = [rules.outer_positions(u.op, u.pos) for u in group]
+        return f"tied, {len(ts)} uses: cross terms of Σ_t x_t⊗y_t", sum(ts) ** 2
+    return f"tied, {len(group)} uses: per-example gradient", 2 * math.prod(shape)
 
 
 def leaf_paths(params) -> list:
@@ -142,7 +148,7 @@ def check_strict(an: trace.Analysis, params) -> None:
             )
 
 
-def plan(loss_fn, params, example) -> Plan:
+def plan(loss_fn, params, example, *args) -> Plan:
     """How the fast path computes each parameter leaf's per-example gradient norm.
 
     Args:
@@ -150,6 +156,8 @@ def plan(loss_fn, params, example) -> Plan:
         :func:`jaxgrad.fast.per_example_norms`.
       params: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
       example: ONE example (no batch axis), arrays or ``jax.ShapeDtypeStruct``.
+      *args: extra loss arguments, ``loss_fn(params, example, *args)``, as the fast
+        functions pass them (``f(params, batch, mask, *args)``).
 
     Returns:
       A :class:`Plan`; ``print(plan)`` gives a table of leaf, shape, uses, route (with the
@@ -164,8 +172,10 @@ def plan(loss_fn, params, example) -> Plan:
       >>> [(lp.path, lp.route) for lp in p.leaves]
       [("['s']", 'exact fallback'), ("['w']", 'dense: |a|²|g|²')]
     """
+    check_loss_fn(loss_fn)
+    reduce.check_params(params, real=True)  # the strategies' own checks, named the same
     struct = lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
-    fn = lambda p, ex: reduce.as_sum_count(loss_fn(p, ex))
+    fn = lambda p, ex: reduce.as_sum_count(loss_fn(p, ex, *args))
     params_s = jax.tree_util.tree_map(struct, params)
     an = trace.analyse(fn, params_s, jax.tree_util.tree_map(struct, example))
     leaves = jax.tree_util.tree_leaves(params_s)

@@ -165,7 +165,7 @@ def route(kind: str, eqn: Eqn, pos: int) -> tuple[str, int]:
         dn = eqn.params["dimension_numbers"]
         out_shape = eqn.out_avals[0].shape
         t = _prod(out_shape, [d for d in range(len(out_shape)) if d not in dn.offset_dims])
-        rows = _prod(eqn.in_avals[0].shape, dn.start_index_map)
+        rows = gather_num_rows(eqn)
         if gather_gram(t, rows):
             return f"gather, {t} lookups: same-row Gram", t * t
         return f"gather, {t} lookups: per-example gradient", math.prod(eqn.in_avals[0].shape)
@@ -259,7 +259,8 @@ def gather_rows(eqn: Eqn, idx, g):
     g = jnp.transpose(g, (0, *(d + 1 for d in rows), *(d + 1 for d in offset)))
     g = g.reshape(b, t, math.prod(g.shape[1 + len(rows) :]))
     idx = idx.reshape(b, t, idx.shape[-1])
-    upper = jnp.array([shape[d] - 1 for d in dn.start_index_map], idx.dtype)
+    sizes = eqn.params["slice_sizes"]
+    upper = jnp.array([shape[d] - sizes[d] for d in dn.start_index_map], idx.dtype)
     valid = jnp.ones((b, t), bool)
     if not str(eqn.params.get("mode")).endswith("CLIP"):
         valid = jnp.all((idx >= 0) & (idx <= upper), axis=-1)
@@ -267,13 +268,26 @@ def gather_rows(eqn: Eqn, idx, g):
     return idx, valid, jnp.where(valid[..., None], g, 0)
 
 
+def gather_num_rows(eqn: Eqn) -> int:
+    """The number of distinct rows an embedding gather can pick (valid start positions)."""
+    dn = eqn.params["dimension_numbers"]
+    shape, sizes = eqn.in_avals[0].shape, eqn.params["slice_sizes"]
+    return math.prod(shape[d] - sizes[d] + 1 for d in dn.start_index_map)
+
+
+def gather_row_axes(eqn: Eqn) -> tuple:
+    """The positions in the index vector of a gather's row axes (those it picks one entry of)."""
+    dn = eqn.params["dimension_numbers"]
+    shape, sizes = eqn.in_avals[0].shape, eqn.params["slice_sizes"]
+    return tuple(d for d in dn.start_index_map if sizes[d] != shape[d])
+
+
 def gather_norm_sq(eqn: Eqn, pos: int, idx, g):
     """``‖Σ_t e_{r_t} g_tᵀ‖² = Σ_{t,s} [r_t = r_s] ⟨g_t, g_s⟩`` for an embedding lookup."""
     del pos
-    dn = eqn.params["dimension_numbers"]
     idx, _, g = gather_rows(eqn, idx, g.astype(acc_dtype(eqn)))
     t = idx.shape[1]
-    num_rows = _prod(eqn.in_avals[0].shape, dn.start_index_map)
+    num_rows = gather_num_rows(eqn)
     if not gather_gram(t, num_rows):  # materialising the (rows × R) gradient is cheaper
         grads = per_example_grads(eqn, 0, idx_restore(eqn, idx), g_restore(eqn, g))
         return jnp.sum(grads.reshape(grads.shape[0], -1).astype(g.dtype) ** 2, axis=1)
@@ -370,8 +384,7 @@ def has_outer_form(eqn: Eqn, pos: int, chain_perms, leaf_ndim: int) -> bool:
     if leaf_ndim != 2 or chain_perms is None:
         return False
     if eqn.primitive.name == "gather":
-        dn = eqn.params["dimension_numbers"]
-        return pos == 0 and tuple(dn.start_index_map) == (0,) and chain_perms == (0, 1)
+        return pos == 0 and gather_row_axes(eqn) == (0,) and chain_perms == (0, 1)
     if eqn.primitive.name != "dot_general":
         return False
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
@@ -400,7 +413,8 @@ def outer_factors(eqn: Eqn, pos: int, chain_perms, leaf_ndim: int, a, g):
         return None
     if eqn.primitive.name == "gather":
         idx, _, y = gather_rows(eqn, a, g.astype(acc_dtype(eqn)))
-        return ("gather", idx[..., 0], y)
+        row = list(eqn.params["dimension_numbers"].start_index_map).index(0)
+        return ("gather", idx[..., row], y)
     (lc, rc), _ = eqn.params["dimension_numbers"]
     a_perm, g_perm, (_, t, k, n) = dense_layout(eqn, pos)
     x = _to_blocks(a, a_perm, (t, k)).astype(acc_dtype(eqn))  # along the contracted axis

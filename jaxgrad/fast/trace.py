@@ -4,12 +4,13 @@ The per-example loss ``S(params, example)`` is traced to a jaxpr (no batch axis)
 ``jit``-wrapped functions are inlined, and every use of every parameter leaf is classified:
 
 * **dense** — a ``dot_general`` whose one operand is the parameter (possibly through
-  ``reshape``, ``transpose``, ``squeeze``, ``expand_dims``, ``convert_element_type`` or
-  ``copy``: permutations of its entries, so norms are preserved) and whose other operand is
-  not a parameter;
+  ``reshape``, ``transpose``, ``squeeze``, ``expand_dims``, ``convert_element_type``,
+  ``copy``, ``rev`` or ``slice``: each entry of the operand is one entry of the leaf, so
+  norms are preserved; a ``split`` is read as one ``slice`` per part, and uses of disjoint
+  blocks have no cross terms) and whose other operand is not a parameter;
 * **conv** — a ``conv_general_dilated`` whose kernel is the parameter;
 * **gather** — an embedding-style ``gather`` (whole rows of the parameter picked by integer
-  indices);
+  indices; a ``dynamic_slice`` of whole rows, ``W[i]`` with a scalar ``i``, is read as one);
 * **other** — anything else: an elementwise op (a bias, a norm scale), a parameter inside an
   opaque call (``custom_jvp``/``custom_vjp``/``scan``...), a parameter used on both sides of a
   product.
@@ -23,16 +24,30 @@ the gradient with respect to that copy, in the same backward pass.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import jax
 import numpy as np
 from jax.extend import core as jcore
 
-# Ops that only permute (or re-type) a parameter's entries: per-example gradient norms pass
-# through them unchanged, and their transposes map gradients back to the leaf's layout.
+# Ops that only permute, re-type or select a parameter's entries (``slice``: a block, e.g. one
+# of the Q, K, V parts of a fused weight; ``rev``): each entry of the result is one entry of
+# the leaf, so a use's per-example gradient norm is that of its gradient with respect to the
+# leaf (the transpose only places it, padding with zeros), and the transposes map gradients
+# back to the leaf's layout.
 ALIAS_PRIMITIVES = frozenset(
-    {"reshape", "transpose", "squeeze", "expand_dims", "convert_element_type", "copy", "copy_p"}
+    {
+        "reshape",
+        "transpose",
+        "squeeze",
+        "expand_dims",
+        "convert_element_type",
+        "copy",
+        "copy_p",
+        "slice",
+        "rev",
+    }
 )
 # Call primitives whose body is inlined (they carry a jaxpr and no custom derivative rule;
 # inlining ``checkpoint`` drops the rematerialisation, not the maths).
@@ -98,6 +113,10 @@ def flatten(closed: jcore.ClosedJaxpr) -> Program:
             ins = [read(a) for a in e.invars]
             key = INLINE_PRIMITIVES.get(e.primitive.name)
             inner = e.params.get(key) if key else None
+            if e.primitive.name == "dynamic_slice":
+                inner = _dynamic_slice_as_gather(e)
+            elif e.primitive.name == "split":
+                inner = _split_as_slices(e)
             if isinstance(inner, (jcore.ClosedJaxpr, jcore.Jaxpr)):
                 closed = inner if isinstance(inner, jcore.ClosedJaxpr) else None
                 body = closed.jaxpr if closed is not None else inner
@@ -123,6 +142,99 @@ def flatten(closed: jcore.ClosedJaxpr) -> Program:
     invars = [Var(next(counter)) for _ in closed.jaxpr.invars]
     outs = go(closed.jaxpr, closed.consts, invars)
     return Program(invars, outs, eqns)
+
+
+def _dynamic_slice_as_gather(e):
+    """A row lookup ``W[i]`` by a scalar index (a ``dynamic_slice`` whose every slice size is
+    1 or the whole axis) as the equivalent ``gather``, or None for any other slice.
+
+    Both clamp the start so that the slice fits, so the values and gradients are the same;
+    as a gather the lookup reads as an embedding use of ``W`` (see :func:`_is_embedding_gather`)
+    rather than taking the exact fallback.
+    """
+    op, *starts = (a.aval for a in e.invars)
+    sizes = tuple(e.params["slice_sizes"])
+    if (
+        not starts
+        or len(starts) != len(op.shape)
+        or not jax.numpy.issubdtype(op.dtype, jax.numpy.inexact)
+        or any(s not in (1, n) for s, n in zip(sizes, op.shape, strict=True))
+    ):
+        return None
+    dims = tuple(range(len(op.shape)))
+    dnums = jax.lax.GatherDimensionNumbers(
+        offset_dims=dims, collapsed_slice_dims=(), start_index_map=dims
+    )
+
+    def lookup(x, *index):
+        idx = jax.numpy.stack([jax.numpy.asarray(i, starts[0].dtype) for i in index])
+        return jax.lax.gather(
+            x, idx, dnums, sizes, mode=jax.lax.GatherScatterMode.CLIP, unique_indices=True
+        )
+
+    avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (op, *starts)]
+    return jax.make_jaxpr(lookup)(*avals)
+
+
+def _split_as_slices(e):
+    """``split`` (``jnp.split``, one equation with several outputs) as one ``slice`` per part,
+    so each part of a split parameter (e.g. a fused QKV weight) is an alias of it."""
+    (op,) = (a.aval for a in e.invars)
+    axis, bounds = e.params["axis"], np.cumsum([0, *e.params["sizes"]]).tolist()
+
+    def parts(x):
+        return [jax.lax.slice_in_dim(x, a, b, axis=axis) for a, b in itertools.pairwise(bounds)]
+
+    return jax.make_jaxpr(parts)(jax.ShapeDtypeStruct(op.shape, op.dtype))
+
+
+def use_block(program: Program, use: Use):
+    """The entries of its leaf a use reads: ``(frame, ranges)``, or None for all of them.
+
+    A use whose alias chain starts with a ``slice`` of the leaf reads that block only (one
+    ``range`` per axis); its per-example gradient is zero elsewhere. ``frame`` says whose axes
+    the ranges index: the leaf's (a slice in the top-level program), or, for a slice taken in
+    a scan body, the scan operand's as the body sees it (per step, for a scanned-over leaf):
+    blocks are comparable within one frame only.
+    """
+    if use.pre_chain:
+        frame, body, first = "leaf", program, use.pre_chain[0]
+    elif use.chain and use.site == "":
+        frame, body, first = "leaf", program, use.chain[0]
+    elif use.chain and use.site == "scan" and not use.nest:
+        frame, body, first = ("scan", use.eqn, use.operand), use.chain_program, use.chain[0]
+    else:
+        return None
+    if body.eqns[first].primitive.name != "slice":
+        return None
+    p = body.eqns[first].params
+    strides = p["strides"] or (1,) * len(p["start_indices"])
+    ranges = tuple(
+        range(a, b, c)
+        for a, b, c in zip(p["start_indices"], p["limit_indices"], strides, strict=True)
+    )
+    return frame, ranges
+
+
+def disjoint_groups(program: Program, uses: list) -> list:
+    """The uses of one leaf in groups that read disjoint blocks of it (see :func:`use_block`).
+
+    Per-example gradients through uses in different groups have disjoint supports, so no
+    cross terms between them: the leaf's squared norm is the sum of the groups' squared norms.
+    """
+    blocks = [use_block(program, u) for u in uses]
+
+    def overlap(a, b):
+        if a is None or b is None or a[0] != b[0]:
+            return True
+        return all(set(ra).intersection(rb) for ra, rb in zip(a[1], b[1], strict=True))
+
+    groups: list = []  # of lists of use indices
+    for i in range(len(uses)):
+        joined = [g for g in groups if any(overlap(blocks[i], blocks[k]) for k in g)]
+        merged = [i] + [k for g in joined for k in g]
+        groups = [g for g in groups if g not in joined] + [sorted(merged)]
+    return [[uses[k] for k in g] for g in sorted(groups)]
 
 
 def evaluate(program: Program, args, *, hook=None, override=None):
@@ -239,19 +351,19 @@ class Analysis:
 
 
 def _is_embedding_gather(eqn: Eqn) -> bool:
-    """A gather that picks whole slices of the operand along ``start_index_map`` dims."""
+    """A gather that picks whole rows of the operand: one entry along each row axis (indexed
+    by ``start_index_map``), the whole of every other axis."""
     dn = eqn.params["dimension_numbers"]
     shape = eqn.in_avals[0].shape
     sizes = eqn.params["slice_sizes"]
     if dn.operand_batching_dims or dn.start_indices_batching_dims:
         return False
-    if tuple(sorted(dn.collapsed_slice_dims)) != tuple(sorted(dn.start_index_map)):
-        return False
     for d, n in enumerate(shape):
-        if d in dn.start_index_map:
-            if sizes[d] != 1:
-                return False
-        elif sizes[d] != n:
+        # Along every axis the slice is either one entry picked by the index (a row axis) or
+        # the whole axis; an index into a whole axis can only start it at 0 (it is clamped
+        # there, or the lookup is out of bounds), as ``W[i]`` under ``vmap`` (an index of 0
+        # for the row's own axis) or ``W[:, j]`` write it.
+        if sizes[d] != n and not (d in dn.start_index_map and sizes[d] == 1):
             return False
     mode = eqn.params.get("mode")
     return str(mode).split(".")[-1] in {"CLIP", "PROMISE_IN_BOUNDS", "FILL_OR_DROP", "ONE_HOT"}

@@ -257,8 +257,9 @@ def dp_grad(
       chunk_size: if set, examples are processed that many at a time.
 
     Returns:
-      ``f(params, batch, mask, key) -> grads`` (or ``(grads, info)``); ``mask=None`` means all
-      rows are real, ``key`` seeds the noise.
+      ``f(params, batch, mask, key, *args) -> grads`` (or ``(grads, info)``); ``mask=None``
+      means all rows are real, ``key`` seeds the noise, and extra arguments are passed to
+      every call ``loss_fn(params, example, *args)``, as for :func:`jaxgrad.batch_grad`.
 
     Example::
 
@@ -279,16 +280,16 @@ def dp_grad(
     )
 
     @jax.jit
-    def core(params, batch, mask, key):
-        total, count, bad = clipped(params, batch, mask)
+    def core(params, batch, mask, key, args):
+        total, count, bad = clipped(params, batch, mask, *args)
         grads = noised_average(total, key, stddev=sigma * l2_clip, expected_batch_size=b_e)
         return grads, DPInfo(count, bad, jnp.int32(1))
 
     finish = _finish(nonfinite, return_info, "dp_grad")
 
-    def f(params, batch, mask, key):
+    def f(params, batch, mask, key, *args):
         mask = reduce.check_mask(mask, reduce.batch_size(batch))
-        return finish(*core(params, batch, mask, reduce.check_key(key)))
+        return finish(*core(params, batch, mask, reduce.check_key(key), args))
 
     f.__name__ = f.__qualname__ = "dp_grad"
     f.__doc__ = dp_grad.__doc__
