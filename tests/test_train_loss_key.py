@@ -50,8 +50,15 @@ def _reference(loss, params, data, *, loss_key, key, epochs, batch_size):
 
 
 def _fit(loss, params, data, **kw):
-    kw = {"epochs": 2, "batch_size": 4, "key": jax.random.key(1), "quiet": True, **kw}
-    return fit(loss, params, data, optimizer=optax.sgd(LR), loss_key=jax.random.key(5), **kw)
+    kw = {
+        "epochs": 2,
+        "batch_size": 4,
+        "key": jax.random.key(1),
+        "loss_key": jax.random.key(5),
+        "quiet": True,
+        **kw,
+    }
+    return fit(loss, params, data, optimizer=optax.sgd(LR), **kw)
 
 
 @pytest.mark.parametrize("scan", [True, False])
@@ -85,20 +92,10 @@ def test_every_strategy_and_a_mesh_see_the_same_keys():
 
 
 def test_the_keys_change_the_result():
-    # The masks matter: another loss_key (or none) gives another trajectory.
+    # The masks matter: another loss_key gives another trajectory.
     loss, params, data = _problem()
     a = _fit(loss, params, data).params
-    b = fit(
-        loss,
-        params,
-        data,
-        optimizer=optax.sgd(LR),
-        epochs=2,
-        batch_size=4,
-        key=jax.random.key(1),
-        loss_key=jax.random.key(6),
-        quiet=True,
-    ).params
+    b = _fit(loss, params, data, loss_key=jax.random.key(6)).params
     assert jaxgrad.check.tree_diff(a, b)[0] > 1e-3
 
 
@@ -109,18 +106,7 @@ def test_resume_continues_with_the_same_keys_and_refuses_another(tmp_path):
     resumed = _fit(loss, params, data, epochs=3, checkpoint_dir=tmp_path).params
     jaxgrad.check.assert_equivalent(resumed, full, rtol=0, atol=0)
     with pytest.raises(CheckpointError, match="loss_key"):
-        fit(
-            loss,
-            params,
-            data,
-            optimizer=optax.sgd(LR),
-            epochs=3,
-            batch_size=4,
-            key=jax.random.key(1),
-            loss_key=jax.random.key(6),
-            quiet=True,
-            checkpoint_dir=tmp_path,
-        )
+        _fit(loss, params, data, epochs=3, loss_key=jax.random.key(6), checkpoint_dir=tmp_path)
 
 
 def test_bad_loss_key_combinations_are_named():
@@ -159,19 +145,8 @@ def _private_reference(loss, params, data, *, clip, key, loss_key, batch_size):
 def test_private_fit_gives_each_sampled_example_its_key(mesh):
     loss, params, data = _problem()
     config = PrivacyConfig(l2_clip=0.3, noise_multiplier=0.0, delta=1e-5)
-    got = fit(
-        loss,
-        params,
-        data,
-        optimizer=optax.sgd(LR),
-        epochs=1,
-        batch_size=5,
-        key=jax.random.key(1),
-        loss_key=jax.random.key(5),
-        privacy=config,
-        quiet=True,
-        mesh=jaxgrad.sharding.data_mesh() if mesh else None,
-    )
+    mesh = jaxgrad.sharding.data_mesh() if mesh else None
+    got = _fit(loss, params, data, epochs=1, batch_size=5, privacy=config, mesh=mesh)
     want = _private_reference(
         loss,
         params,
