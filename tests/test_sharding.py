@@ -201,6 +201,22 @@ def two_process_cli_run(tmp_path_factory):
 
 
 def _two_processes(mode, tmp_path):
+    # Known, rare and not jaxgrad's to fix here: under heavy load (CI's two pytest workers
+    # beside the two processes) gloo's CPU collectives can abort with a "collective mismatch"
+    # (SIGABRT in both processes; see the README's multi-host section). Such an abort, and only
+    # it, is retried once in a fresh directory; any other failure, or a second abort, fails.
+    try:
+        return _run_two_processes(mode, tmp_path / "try1")
+    except _GlooAbort:
+        return _run_two_processes(mode, tmp_path / "try2")
+
+
+class _GlooAbort(AssertionError):
+    pass
+
+
+def _run_two_processes(mode, tmp_path):
+    tmp_path.mkdir()
     coordinator = f"127.0.0.1:{_free_port()}"
     procs = [
         subprocess.Popen(
@@ -228,6 +244,10 @@ def _two_processes(mode, tmp_path):
             stdout, stderr = p.communicate(timeout=600)
         finally:
             p.kill()
+        if p.returncode == -6 and "Fatal Python error: Aborted" in stderr:
+            for q in procs:
+                q.kill()
+            raise _GlooAbort(stderr[-4000:])
         assert p.returncode == 0, stderr[-4000:]
         outs.append(_result(stdout))
     return outs, tmp_path
