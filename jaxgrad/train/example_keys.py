@@ -85,10 +85,7 @@ def keyed_loss(loss_fn):
         example, key = example_and_key
         return loss_fn(params, example, key)
 
-    validate = getattr(loss_fn, "validate", None)
-    if validate is not None:
-        loss.validate = lambda batch, mask=None: validate(batch[0], mask)
-    return loss
+    return _validating_first(loss, loss_fn)
 
 
 def row_keyed_loss(loss_fn):
@@ -99,6 +96,12 @@ def row_keyed_loss(loss_fn):
         example, row = example_and_row
         return loss_fn(params, example, jax.random.fold_in(step_key, row))
 
+    return _validating_first(loss, loss_fn)
+
+
+def _validating_first(loss, loss_fn):
+    """``loss`` with ``loss_fn``'s ``validate`` (if any) applied to a batch's first part, the
+    bare data of a ``(data, keys or rows)`` batch."""
     validate = getattr(loss_fn, "validate", None)
     if validate is not None:
         loss.validate = lambda batch, mask=None: validate(batch[0], mask)

@@ -31,7 +31,7 @@ from jaxgrad.train import checkpoint as ckpt
 from jaxgrad.train import example_keys, private
 from jaxgrad.train.private import PrivacyConfig
 from jaxgrad.train.progress import Progress, end_epoch
-from jaxgrad.train.step import TrainState, check_optimizer, init_state, step_fn
+from jaxgrad.train.step import TrainState, check_optimizer, init_state, step_fn, strategy_name
 
 PyTree = Any
 
@@ -397,8 +397,7 @@ def fit(
         "key": _fingerprint(key),
         **({"loss_key": _fingerprint(loss_key)} if loss_key is not None else {}),
         **({"devices": int(mesh.devices.size)} if mesh is not None else {}),
-        "strategy": getattr(strategy, "__name__", None)
-        or getattr(getattr(strategy, "func", None), "__name__", type(strategy).__name__),
+        "strategy": strategy_name(strategy),
     }
 
     state = init_state(params, optimizer)

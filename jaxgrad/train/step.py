@@ -68,11 +68,16 @@ def check_optimizer(optimizer):
     return optimizer
 
 
+def strategy_name(strategy) -> str:
+    """A strategy factory's name, looking through ``functools.partial``."""
+    return getattr(strategy, "__name__", None) or getattr(
+        getattr(strategy, "func", None), "__name__", type(strategy).__name__
+    )
+
+
 def _check_strategy_output(loss, grads, params, strategy) -> None:
     """Trace-time check that a strategy gave a scalar loss and a gradient shaped like params."""
-    name = getattr(strategy, "__name__", None) or getattr(
-        getattr(strategy, "func", None), "__name__", repr(strategy)
-    )
+    name = strategy_name(strategy)
     same = jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params) and all(
         jnp.shape(g) == jnp.shape(p)
         for g, p in zip(
