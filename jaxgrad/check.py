@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrad import reduce
+from jaxgrad import keys, reduce
 
 PyTree = Any
 
@@ -30,7 +30,7 @@ def _default_tolerances(tree) -> tuple[float, float]:
 
 def _is_exact(x) -> bool:
     dtype = jnp.result_type(x)
-    return not jnp.issubdtype(dtype, jnp.inexact) and not jnp.issubdtype(dtype, jax.dtypes.prng_key)
+    return not jnp.issubdtype(dtype, jnp.inexact) and not keys.is_typed_key(x)
 
 
 def _assert_exact_leaves_equal(a, b) -> None:
@@ -157,9 +157,7 @@ def _flat(tree) -> np.ndarray:
     """
 
     def leaf(x):
-        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-            x = jax.random.key_data(x)
-        x = np.asarray(x)
+        x = np.asarray(keys.key_data(x))
         return np.ravel(x.astype(np.complex128 if np.iscomplexobj(x) else np.float64))
 
     parts = [leaf(x) for x in jax.tree_util.tree_leaves(tree)]

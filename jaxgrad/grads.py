@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrad import reduce
+from jaxgrad import keys, reduce
 
 
 def _values_are_concrete(tree) -> bool:
@@ -56,7 +56,7 @@ def _local_pieces(batch, mask):
         blocks.setdefault((rows.start, rows.stop), shard.device)
 
     def host(x):  # typed PRNG keys (per-example dropout keys) have no numpy form: kept as is
-        return x if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else np.asarray(x)
+        return x if keys.is_typed_key(x) else np.asarray(x)
 
     def rows_of(x, device, start, stop):
         if not isinstance(x, jax.Array) or (x.is_fully_addressable and x.is_fully_replicated):

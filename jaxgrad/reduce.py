@@ -13,7 +13,6 @@ where ``m_i`` is the padding mask. Padding never changes shapes, so jit never re
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -501,43 +500,3 @@ def as_number(value, *, name: str, integer: bool = False) -> float | int:
         )
         raise ValueError(f"`{name}` must be {kind} (a scalar); got {got}")
     return int(value) if integer else float(value)
-
-
-@functools.cache
-def _raw_key_shape(impl: str) -> tuple[int, ...]:
-    """The shape of a raw (``uint32``) key of the PRNG implementation ``impl``."""
-    return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape
-
-
-def check_key(key, *, name: str = "key"):
-    """Checks ``key`` is one PRNG key: a typed key of shape ``()`` or a raw ``uint32`` key.
-
-    Works on traced keys (it reads only the dtype and shape).
-
-    Raises:
-      TypeError: not a key (e.g. an int seed), naming ``name``.
-      ValueError: a batch of keys.
-    """
-    dtype = getattr(key, "dtype", None)
-    shape = np.shape(key) if dtype is not None else None
-    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
-        if shape != ():
-            raise ValueError(
-                f"`{name}` must be one PRNG key; got a batch of keys of shape {shape} "
-                "(pass one key, or jax.vmap over the keys)"
-            )
-        return key
-    raw = _raw_key_shape(str(jax.config.jax_default_prng_impl))
-    if dtype == np.uint32 and len(shape) == len(raw) + 1 and shape[1:] == raw:
-        raise ValueError(
-            f"`{name}` must be one PRNG key; got a batch of raw keys of shape {shape} "
-            "(pass one key, or jax.vmap over the keys)"
-        )
-    if dtype == np.uint32 and shape == raw:
-        return key  # a raw (legacy) key of the default implementation
-    got = f"an array of shape {shape} and dtype {dtype}" if dtype is not None else repr(key)
-    hint = " (an int is a seed, not a key)" if isinstance(key, (int, np.integer)) else ""
-    raise TypeError(
-        f"`{name}` must be one PRNG key, e.g. jax.random.key(0) (or a raw uint32{list(raw)} "
-        f"key); got {got}{hint}"
-    )

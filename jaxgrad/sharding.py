@@ -42,7 +42,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxgrad import reduce
+from jaxgrad import keys, reduce
 
 PyTree = Any
 
@@ -167,18 +167,14 @@ def replicate(tree: PyTree, *, mesh: Mesh) -> PyTree:
     return _place(tree, NamedSharding(mesh, P()))
 
 
-def _is_key(x) -> bool:
-    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
 def _on_host(x) -> np.ndarray:
     """``x`` as numpy; a typed PRNG key array as its ``uint32`` key data (trailing key axis)."""
-    return np.asarray(jax.random.key_data(x) if _is_key(x) else x)
+    return np.asarray(keys.key_data(x))
 
 
 def _like(original, placed):
     """``placed`` (from :func:`_on_host`) turned back into keys where ``original`` was keys."""
-    if _is_key(original):
+    if keys.is_typed_key(original):
         return jax.random.wrap_key_data(placed, impl=jax.random.key_impl(original))
     return placed
 

@@ -98,6 +98,139 @@ def clip_factors(norms, l2_clip):
 NONFINITE = ("raise", "drop", "propagate")
 
 
+def check_nonfinite(nonfinite):
+    """The non-finite policy, checked: ``"raise"``, ``"drop"`` or ``"propagate"``."""
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"`nonfinite` must be one of {list(NONFINITE)}; got {nonfinite!r}")
+    return nonfinite
+
+
+def raise_nonfinite(bad, *, name: str, private: bool = False) -> None:
+    """``nonfinite="raise"``'s host side: a ``FloatingPointError`` if any example was bad.
+
+    ``bad`` is the per-example bool mask (rows are named) or, for a private step, a count (the
+    rows of a private batch are never named). Under the caller's ``jax.jit`` ``bad`` is traced:
+    nothing can be raised there, and the policy's result is NaN (see :func:`clipped_grad`).
+    """
+    if isinstance(bad, jax.core.Tracer):
+        return
+    if private:
+        count = int(bad)
+        if count:
+            raise FloatingPointError(
+                f"{name}: {count} example(s) of this batch have a non-finite (NaN or inf) loss "
+                "or gradient, which no clipping can bound; check the data and the parameters, "
+                "or pass nonfinite='drop' to leave such examples out"
+            )
+        return
+    rows = np.flatnonzero(np.asarray(bad))
+    if rows.size:
+        raise FloatingPointError(
+            f"{name}: {rows.size} of {bad.shape[0]} examples have a non-finite "
+            f"loss or gradient norm (rows {rows[:5].tolist()}"
+            f"{', ...' if rows.size > 5 else ''}), which no clipping can bound; check "
+            "the inputs and parameters, or pass nonfinite='drop' to leave such examples "
+            "out (or 'propagate' for a NaN result)"
+        )
+
+
+def _all_finite(tree) -> jax.Array:
+    """Whether every inexact leaf of ``tree`` is finite (a scalar bool)."""
+    flags = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
+class ClippedParts(NamedTuple):
+    """Everything one clipped reduction computes (see :func:`clipped_parts`).
+
+    Attributes:
+      loss: the unclipped loss, reduced as the gradient is.
+      total: the clipped sum (``"sum"``) or mean (``"mean"``) of the kept examples.
+      norms: ``(B,)`` unclipped per-example gradient norms (non-finite ones stay so).
+      dropped: ``(B,)`` bool, real examples whose loss or gradient norm is not finite.
+      num_kept: the number of real examples in ``total``.
+    """
+
+    loss: jax.Array
+    total: PyTree
+    norms: jax.Array
+    dropped: jax.Array
+    num_kept: jax.Array
+
+
+def clipped_parts(
+    loss_fn,
+    *,
+    l2_clip: float,
+    reduction: str = "mean",
+    nonfinite: str = "raise",
+    method: str = "auto",
+    chunk_size: int | None = None,
+    strict: bool = False,
+):
+    """``f(params, batch, mask=None, *args) -> ClippedParts``: the one clipped reduction.
+
+    What :func:`clipped_grad` and the DP-SGD step (:mod:`jaxgrad.privacy`) both run; the
+    non-finite policy and its rules are :func:`clipped_grad`'s. Nothing is raised here
+    (``"raise"`` gives the result of ``"propagate"``; the caller raises on ``dropped``).
+    """
+    l2_clip = reduce.check_positive_float(l2_clip, name="l2_clip")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"`reduction` must be one of ['mean', 'sum']; got {reduction!r}")
+    nonfinite = check_nonfinite(nonfinite)
+    get = passes.get_pass(method, strict)
+    chunk_size = _check_chunk(chunk_size)
+
+    def core(params, batch, mask, loss_fn=loss_fn):
+        def one(b, m):
+            parts = get(loss_fn, params, b, m)
+            norms = jnp.sqrt(parts.norm_sq)
+            ok = m & jnp.isfinite(norms) & jnp.isfinite(parts.sums)
+            # A real example whose gradient cannot be clipped (non-finite norm) weighs NaN, so
+            # every leaf of the sum is NaN: a NaN norm would otherwise read as "not above the
+            # clip" (factor 1) and add the finite leaves of that gradient unclipped, and an inf
+            # one would weigh 0. (A finite gradient of a non-finite loss clips as usual.)
+            finite = jnp.isfinite(norms)
+            c = jnp.where(m, jnp.where(finite, clip_factors(norms, l2_clip), jnp.nan), 0)
+            totals = (parts.weighted(c), jnp.sum(parts.counts), jnp.sum(parts.sums))
+            return (norms, m & ~ok), totals
+
+        def body(b, m):
+            rows, totals = one(b, m)
+            if nonfinite != "drop":
+                return rows, (*totals, jnp.sum(m))
+            ok = m & ~rows[1]
+
+            def again():  # the kept rows only; dropped ones become copies of a kept row
+                _, kept = one(reduce.fill_padding(b, ok), ok)
+                return jax.tree_util.tree_map(lambda t: jnp.where(jnp.any(ok), t, 0), kept)
+
+            totals = jax.lax.cond(jnp.any(rows[1]), again, lambda: totals)
+            return rows, (*totals, jnp.sum(ok))
+
+        (norms, bad), (total, count, loss, kept) = passes.run_chunked(body, batch, mask, chunk_size)
+        if reduction == "mean":
+            total, loss = reduce.safe_divide((total, loss), count)
+        # The all-dropped rule: the kept examples are reduced as any examples are, so an empty
+        # sum is 0 and an empty mean is NaN (a mean of nothing), never a silent 0. Parameters
+        # that are not finite make every example bad: the result is NaN whatever the policy
+        # (they are public, so saying so reveals nothing about the examples).
+        # (With no row kept at all the result is set, not computed: a filler row copied into
+        # an all-padding batch may be NaN, and 0 × NaN would leak it.)
+        none = kept == 0
+        nan = (none & jnp.any(mask) & (reduction == "mean")) | ~_all_finite(params)
+        total, loss = jax.tree_util.tree_map(
+            lambda t: jnp.where(nan, jnp.nan, jnp.where(none, 0, t)).astype(t.dtype), (total, loss)
+        )
+        return ClippedParts(loss, total, norms, bad, kept.astype(jnp.int32))
+
+    return _wrap(core, loss_fn, name="clipped_grad", doc=clipped_parts.__doc__)
+
+
 def clipped_grad(
     loss_fn,
     *,
@@ -134,9 +267,14 @@ def clipped_grad(
       as with ``"propagate"``;
     * ``"drop"``: such examples are treated as padding — left out of the sum and of the item
       count — and the rest is exact; their norms (``return_norms=True``) stay non-finite, so
-      ``jnp.sum(~jnp.isfinite(norms))`` counts them. If every real example is dropped the
-      result is NaN, never a silent 0. (Costs a second pass, only when something was dropped.)
+      ``jnp.sum(~jnp.isfinite(norms))`` counts them. If every real example is dropped, the
+      kept examples are reduced as any are: an empty mean is NaN (never a silent 0) and an
+      empty sum is 0. (Costs a second pass, only when something was dropped.)
     * ``"propagate"``: the result is NaN.
+
+    The same policy, with the same rules, serves the DP-SGD step (:mod:`jaxgrad.privacy`).
+    Parameters that are not finite make the result NaN under every policy: every example's
+    gradient is then meaningless, and a sum of nothing would read as a real (zero) gradient.
 
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
@@ -165,67 +303,22 @@ def clipped_grad(
       >>> [round(float(v), 6) for v in g]
       [0.6, 1.3]
     """
-    l2_clip = reduce.check_positive_float(l2_clip, name="l2_clip")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"`reduction` must be one of ['mean', 'sum']; got {reduction!r}")
-    if nonfinite not in NONFINITE:
-        raise ValueError(f"`nonfinite` must be one of {list(NONFINITE)}; got {nonfinite!r}")
-    get = passes.get_pass(method, strict)
-    chunk_size = _check_chunk(chunk_size)
+    parts = clipped_parts(
+        loss_fn,
+        l2_clip=l2_clip,
+        reduction=reduction,
+        nonfinite=nonfinite,
+        method=method,
+        chunk_size=chunk_size,
+        strict=strict,
+    )
     return_norms = reduce.check_flag(return_norms, name="return_norms")
     return_loss = reduce.check_flag(return_loss, name="return_loss")
 
-    def core(params, batch, mask, loss_fn=loss_fn):
-        def one(b, m):
-            parts = get(loss_fn, params, b, m)
-            norms = jnp.sqrt(parts.norm_sq)
-            ok = m & jnp.isfinite(norms) & jnp.isfinite(parts.sums)
-            # A real example whose gradient cannot be clipped (non-finite norm) weighs NaN, so
-            # every leaf of the sum is NaN: a NaN norm would otherwise read as "not above the
-            # clip" (factor 1) and add the finite leaves of that gradient unclipped, and an inf
-            # one would weigh 0. (A finite gradient of a non-finite loss clips as usual.)
-            finite = jnp.isfinite(norms)
-            c = jnp.where(m, jnp.where(finite, clip_factors(norms, l2_clip), jnp.nan), 0)
-            totals = (parts.weighted(c), jnp.sum(parts.counts), jnp.sum(parts.sums))
-            return (norms, m & ~ok), totals
-
-        def body(b, m):
-            rows, totals = one(b, m)
-            if nonfinite != "drop":
-                return rows, (*totals, jnp.sum(m))
-            ok = m & ~rows[1]
-
-            def again():  # the kept rows only; dropped ones become copies of a kept row
-                _, kept = one(reduce.fill_padding(b, ok), ok)
-                return jax.tree_util.tree_map(lambda t: jnp.where(jnp.any(ok), t, 0), kept)
-
-            totals = jax.lax.cond(jnp.any(rows[1]), again, lambda: totals)
-            return rows, (*totals, jnp.sum(ok))
-
-        (norms, bad), (total, count, loss, kept) = passes.run_chunked(body, batch, mask, chunk_size)
-        if reduction == "mean":
-            total, loss = reduce.safe_divide((total, loss), count)
-        if nonfinite == "drop":  # nothing finite left: NaN, not a silent zero
-            empty = (kept == 0) & jnp.any(mask)
-            total, loss = jax.tree_util.tree_map(
-                lambda t: jnp.where(empty, jnp.nan, t).astype(t.dtype), (total, loss)
-            )
-        return loss, total, norms, bad
-
-    inner = _wrap(core, loss_fn, name="clipped_grad", doc=clipped_grad.__doc__)
-
     def f(params, batch, mask=None, *args):
-        loss, grads, norms, bad = inner(params, batch, mask, *args)
-        if nonfinite == "raise" and not isinstance(bad, jax.core.Tracer):
-            rows = np.flatnonzero(np.asarray(bad))
-            if rows.size:
-                raise FloatingPointError(
-                    f"clipped_grad: {rows.size} of {bad.shape[0]} examples have a non-finite "
-                    f"loss or gradient norm (rows {rows[:5].tolist()}"
-                    f"{', ...' if rows.size > 5 else ''}), which no clipping can bound; check "
-                    "the inputs and parameters, or pass nonfinite='drop' to leave such examples "
-                    "out (or 'propagate' for a NaN result)"
-                )
+        loss, grads, norms, bad, _ = parts(params, batch, mask, *args)
+        if nonfinite == "raise":
+            raise_nonfinite(bad, name="clipped_grad")
         out = (grads,)
         if return_loss:
             out = (loss, *out)

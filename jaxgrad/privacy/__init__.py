@@ -18,7 +18,16 @@ With optax, the noisy gradient is an ordinary gradient::
 """
 
 from jaxgrad.privacy.accounting import calibrate_noise_multiplier, dp_event, epsilon
-from jaxgrad.privacy.noisy import DPInfo, add_noise, dp_grad, noised_average, sampled_dp_grad
+from jaxgrad.privacy.noisy import (
+    ClippedSum,
+    DPInfo,
+    PrivatizerState,
+    add_noise,
+    dp_grad,
+    gaussian_privatizer,
+    noised_average,
+    sampled_dp_grad,
+)
 from jaxgrad.privacy.sampling import (
     PoissonSample,
     default_physical_batch_size,
@@ -29,7 +38,9 @@ from jaxgrad.privacy.sampling import (
 )
 
 __all__ = [
+    "ClippedSum",
     "DPInfo",
+    "PrivatizerState",
     "PoissonSample",
     "add_noise",
     "calibrate_noise_multiplier",
@@ -37,6 +48,7 @@ __all__ = [
     "dp_event",
     "dp_grad",
     "epsilon",
+    "gaussian_privatizer",
     "inclusion_mask",
     "noised_average",
     "num_physical_batches",

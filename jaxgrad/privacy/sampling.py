@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrad import reduce
+from jaxgrad import keys, reduce
 from jaxgrad.privacy import threefry
 
 
@@ -81,7 +81,7 @@ def inclusion_mask(key, *, sampling_rate: float, num_examples: int):
       >>> m.shape, abs(float(m.mean()) - 0.25) < 0.01
       ((100000,), True)
     """
-    key = reduce.check_key(key)
+    key = keys.check_key(key)
     n = reduce.check_positive_int(num_examples, name="num_examples")
     q = check_sampling_rate(sampling_rate)
     if q == 1.0:
@@ -122,7 +122,7 @@ def poisson_sample(key, *, num_examples: int, sampling_rate: float, physical_bat
       >>> int(s.count) == int(s.mask.sum()), s.indices.shape
       (True, (12,))
     """
-    key = reduce.check_key(key)
+    key = keys.check_key(key)
     n = reduce.check_positive_int(num_examples, name="num_examples")
     q = check_sampling_rate(sampling_rate)
     p = reduce.check_positive_int(physical_batch_size, name="physical_batch_size")

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgrad import keys
+
 PyTree = Any
 FORMAT = "jaxgrad-checkpoint-1"
 _NAME = re.compile(r"^ckpt-(\d+)\.npz$")
@@ -34,10 +36,6 @@ class CheckpointError(ValueError):
 
 class CheckpointWarning(UserWarning):
     """A corrupt checkpoint was skipped in favour of an older one."""
-
-
-def _is_key(x) -> bool:
-    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _digest(arrays: list[np.ndarray], header: dict) -> str:
@@ -129,7 +127,7 @@ def save(directory, tree: PyTree, *, step: int, metadata: dict | None = None, ke
     leaves = jax.tree_util.tree_leaves(tree)
     arrays, kinds = [], []
     for leaf in leaves:
-        if _is_key(leaf):
+        if keys.is_typed_key(leaf):
             kinds.append({"key_impl": str(jax.random.key_impl(leaf))})
             leaf = jax.random.key_data(leaf)
         else:
@@ -237,7 +235,7 @@ def load(path, template: PyTree) -> tuple[PyTree, dict]:
     restored = []
     for (key_path, leaf), array, info in zip(paths_leaves, arrays, header["leaves"], strict=True):
         name = jax.tree_util.keystr(key_path)
-        if _is_key(leaf):
+        if keys.is_typed_key(leaf):
             if "key_impl" not in info:
                 raise CheckpointError(f"checkpoint {path}: leaf {name} is not a PRNG key")
             value = jax.random.wrap_key_data(jnp.asarray(array), impl=jax.random.key_impl(leaf))

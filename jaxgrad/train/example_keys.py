@@ -13,8 +13,8 @@ included) sees each example's own randomness, a mesh run draws the same masks as
 and a resumed run the same as an uninterrupted one.
 
 The training set travels with its row numbers, ``(data, rows)``. The plain step turns a
-batch's row numbers into keys (:func:`keys_for`) and :func:`keyed_loss` hands each example
-its key; the DP-SGD step, which gathers its rows inside
+batch's row numbers into keys (:func:`jaxgrad.keys.row_keys`) and :func:`keyed_loss` hands
+each example its key; the DP-SGD step, which gathers its rows inside
 :func:`jaxgrad.privacy.sampled_dp_grad`, passes the step's key as an extra loss argument and
 :func:`row_keyed_loss` folds each example's row into it.
 """
@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import inspect
 
-import jax
 import numpy as np
 
-from jaxgrad import reduce
+from jaxgrad import keys, reduce
 
 
 def _takes(fn, count: int) -> bool | None:
@@ -55,7 +54,7 @@ def check_loss_fn(loss_fn, loss_key):
                 "with a different key for every example and step"
             )
         return None
-    loss_key = reduce.check_key(loss_key, name="loss_key")
+    loss_key = keys.check_key(loss_key, name="loss_key")
     if _takes(loss_fn, 3) is False:
         raise TypeError(
             "`loss_key` is given, so `loss_fn` is called as loss_fn(params, example, key); got "
@@ -72,12 +71,6 @@ def with_rows(data):
     return data, np.arange(n, dtype=np.int32)
 
 
-def keys_for(loss_key, step, rows):
-    """One key per row of a batch: ``fold_in(fold_in(loss_key, step), row)``."""
-    step_key = jax.random.fold_in(loss_key, step)
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, rows)
-
-
 def keyed_loss(loss_fn):
     """``loss(params, (example, key)) = loss_fn(params, example, key)``, keeping ``validate``."""
 
@@ -90,11 +83,12 @@ def keyed_loss(loss_fn):
 
 def row_keyed_loss(loss_fn):
     """``loss(params, (example, row), step_key) = loss_fn(params, example, fold_in(step_key,
-    row))``, keeping ``validate``: the same keys as :func:`keys_for`, given the step's key."""
+    row))``, keeping ``validate``: the keys of :func:`jaxgrad.keys.row_keys`, given the step's
+    key."""
 
     def loss(params, example_and_row, step_key):
         example, row = example_and_row
-        return loss_fn(params, example, jax.random.fold_in(step_key, row))
+        return loss_fn(params, example, keys.row_key(step_key, row))
 
     return _validating_first(loss, loss_fn)
 

@@ -1,0 +1,137 @@
+"""PRNG keys: the one check of "is this a key", and the one schedule every key derives from.
+
+Every random number jaxgrad draws during training comes from a key the user gave (or, for a
+DP run with no key, one drawn from OS entropy by :func:`entropy_key`) through one schedule:
+
+.. math::
+
+    k_t = \\mathrm{fold\\_in}(K, t), \\qquad
+    (k_t^{\\text{sample}}, k_t^{\\text{noise}}) = \\mathrm{split}(k_t), \\qquad
+    k_{t,i} = \\mathrm{fold\\_in}(k_t, i)
+
+for step ``t`` and the example at row ``i`` of the training set: :func:`step_key`,
+:func:`dp_keys` (the Poisson draw and the DP noise of one step) and :func:`row_key` /
+:func:`row_keys` (randomness inside the loss, such as dropout). Each is a function of
+``(K, t, i)`` only — not of the batching, the devices or the processes — so a mesh run draws
+what one device draws and a resumed run what an uninterrupted one draws.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import secrets
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_typed_key(x) -> bool:
+    """Whether ``x`` has a typed PRNG key dtype (``jax.random.key``), of any shape."""
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def key_data(x):
+    """The ``uint32`` data of a typed key (array), or ``x`` itself for raw keys."""
+    return jax.random.key_data(x) if is_typed_key(x) else x
+
+
+@functools.cache
+def _raw_key_shape(impl: str) -> tuple[int, ...]:
+    """The shape of a raw (``uint32``) key of the PRNG implementation ``impl``."""
+    return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape
+
+
+def check_key(key, *, name: str = "key"):
+    """Checks ``key`` is one PRNG key: a typed key of shape ``()`` or a raw ``uint32`` key.
+
+    Works on traced keys (it reads only the dtype and shape).
+
+    Raises:
+      TypeError: not a key (e.g. an int seed), naming ``name``.
+      ValueError: a batch of keys.
+
+    Example::
+
+      >>> import jax
+      >>> from jaxgrad.keys import check_key
+      >>> check_key(jax.random.key(0)).shape
+      ()
+    """
+    dtype = getattr(key, "dtype", None)
+    shape = np.shape(key) if dtype is not None else None
+    if is_typed_key(key):
+        if shape != ():
+            raise ValueError(
+                f"`{name}` must be one PRNG key; got a batch of keys of shape {shape} "
+                "(pass one key, or jax.vmap over the keys)"
+            )
+        return key
+    raw = _raw_key_shape(str(jax.config.jax_default_prng_impl))
+    if dtype == np.uint32 and len(shape) == len(raw) + 1 and shape[1:] == raw:
+        raise ValueError(
+            f"`{name}` must be one PRNG key; got a batch of raw keys of shape {shape} "
+            "(pass one key, or jax.vmap over the keys)"
+        )
+    if dtype == np.uint32 and shape == raw:
+        return key  # a raw (legacy) key of the default implementation
+    got = f"an array of shape {shape} and dtype {dtype}" if dtype is not None else repr(key)
+    hint = " (an int is a seed, not a key)" if isinstance(key, (int, np.integer)) else ""
+    raise TypeError(
+        f"`{name}` must be one PRNG key, e.g. jax.random.key(0) (or a raw uint32{list(raw)} "
+        f"key); got {got}{hint}"
+    )
+
+
+def fingerprint(key) -> str:
+    """A short hash of a key's data, to tell runs with different keys apart (not secret-safe
+    for low-entropy keys: a key made from a small seed can be found from its hash)."""
+    return hashlib.sha256(np.asarray(key_data(key)).tobytes()).hexdigest()[:16]
+
+
+def entropy_key(impl: str | None = None):
+    """A typed key whose data is drawn from the operating system's entropy (``secrets``).
+
+    What a DP run uses when the user gives no key: every word of the key data is random (64
+    bits for Threefry-2x32), unlike ``jax.random.key(seed)``, which without
+    ``jax_enable_x64`` keeps only 32 bits of the seed, a space an adversary can search.
+
+    Example::
+
+      >>> from jaxgrad.keys import entropy_key
+      >>> entropy_key().shape
+      ()
+    """
+    impl = impl or str(jax.config.jax_default_prng_impl)
+    shape = _raw_key_shape(impl)
+    words = np.frombuffer(secrets.token_bytes(4 * int(np.prod(shape))), np.uint32)
+    return jax.random.wrap_key_data(words.reshape(shape), impl=impl)
+
+
+def step_key(key, step):
+    """``fold_in(key, step)``: the key of training step ``step`` (0-based)."""
+    return jax.random.fold_in(key, step)
+
+
+def split_step_key(step_key_):
+    """``(sample_key, noise_key) = split(step_key)``: a DP-SGD step's Poisson draw and noise."""
+    sample_key, noise_key = jax.random.split(step_key_)
+    return sample_key, noise_key
+
+
+def dp_keys(key, step):
+    """``split(fold_in(key, step))``: one DP-SGD step's Poisson draw and noise keys, independent
+    of each other and of every other step's."""
+    return split_step_key(step_key(key, step))
+
+
+def row_key(step_key_, row):
+    """``fold_in(step_key, row)``: the key of the example at ``row`` within a step."""
+    return jax.random.fold_in(step_key_, row)
+
+
+def row_keys(key, step, rows):
+    """One key per row of a batch: ``fold_in(fold_in(key, step), row)`` for each of ``rows``."""
+    return jax.vmap(row_key, in_axes=(None, 0))(step_key(key, step), rows)
