@@ -249,6 +249,16 @@ def batch_totals(loss_fn, params, batch, mask):
     return masked_totals(sums, counts, mask)
 
 
+def all_finite(tree: PyTree) -> jax.Array:
+    """Whether every inexact leaf of ``tree`` is finite: one scalar bool (True for no leaf)."""
+    flags = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
 def safe_divide(total, count):
     """``total / count``, and 0 (not NaN) where the count is 0: an all-padding batch is a no-op.
 

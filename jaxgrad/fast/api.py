@@ -134,16 +134,6 @@ def raise_nonfinite(bad, *, name: str, private: bool = False) -> None:
         )
 
 
-def _all_finite(tree) -> jax.Array:
-    """Whether every inexact leaf of ``tree`` is finite (a scalar bool)."""
-    flags = [
-        jnp.all(jnp.isfinite(x))
-        for x in jax.tree_util.tree_leaves(tree)
-        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-    ]
-    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
-
-
 class ClippedParts(NamedTuple):
     """Everything one clipped reduction computes (see :func:`clipped_parts`).
 
@@ -222,7 +212,7 @@ def clipped_parts(
         # (With no row kept at all the result is set, not computed: a filler row copied into
         # an all-padding batch may be NaN, and 0 × NaN would leak it.)
         none = kept == 0
-        nan = (none & jnp.any(mask) & (reduction == "mean")) | ~_all_finite(params)
+        nan = (none & jnp.any(mask) & (reduction == "mean")) | ~reduce.all_finite(params)
         total, loss = jax.tree_util.tree_map(
             lambda t: jnp.where(nan, jnp.nan, jnp.where(none, 0, t)).astype(t.dtype), (total, loss)
         )

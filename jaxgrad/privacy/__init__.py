@@ -40,8 +40,8 @@ from jaxgrad.privacy.sampling import (
 __all__ = [
     "ClippedSum",
     "DPInfo",
-    "PrivatizerState",
     "PoissonSample",
+    "PrivatizerState",
     "add_noise",
     "calibrate_noise_multiplier",
     "default_physical_batch_size",

@@ -525,7 +525,6 @@ def run(args, parser=None) -> dict:
     }
     if privacy_plan:
         summary["privacy"] = privacy_plan.summary(int(result.state.step))
-        summary["privacy"]["nonfinite_dropped"] = sum(r["nonfinite"] for r in result.history)
     if model_name == "line":
         params = jaxgrad.sharding.local_replica(result.params)
         summary["params"] = {k: float(v) for k, v in params.items()}

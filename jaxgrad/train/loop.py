@@ -1,17 +1,23 @@
-"""``fit``: epochs of jit-compiled SGD with shuffling, padding masks, checkpoints and resume.
+"""``fit``: one training loop for plain and private SGD, on one device or a mesh.
 
-Each epoch's order is ``permutation(fold_in(key, epoch))`` (a pure function of the key and
-the epoch), cut into batches of ``batch_size``; the last partial batch is padded and masked,
-so no example is dropped and nothing recompiles. Batches run in chunks of fixed length under
-``lax.scan`` (or, with ``scan=False``, a Python loop over the jitted step); between chunks the
-loop checks for a non-finite loss, reports progress and writes checkpoints. Chunks are
-aligned to the epoch's start, so a run resumed from any checkpoint replays exactly the same
-computation and ends bit for bit where the uninterrupted run would.
+The loop (:func:`_run`) owns what every run shares: the state, resume from the newest good
+checkpoint, checkpoints, progress, evaluation, the metrics file and the stop at the first
+non-finite step (:func:`jaxgrad.train.step.guarded`). An :class:`~jaxgrad.train.step.Engine`
+owns the batches and the gradient: :func:`_plain_engine` for shuffled epochs and a gradient
+strategy, :func:`jaxgrad.train.private.engine` for DP-SGD (Poisson draws, clipped sums, noise).
+
+Plain epochs: each epoch's order is ``permutation(fold_in(key, epoch))`` (a pure function of
+the key and the epoch), cut into batches of ``batch_size``; the last partial batch is padded
+and masked, so no example is dropped and nothing recompiles. Batches run in chunks of fixed
+length under ``lax.scan`` (or, with ``scan=False``, a Python loop over the jitted step);
+between chunks the loop checks for a non-finite step, reports progress and writes
+checkpoints. Chunks are aligned to the epoch's start, so a run resumed from any checkpoint
+replays exactly the same computation and ends bit for bit where the uninterrupted run would.
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import math
 import os
 import time
@@ -24,14 +30,22 @@ import numpy as np
 import optax
 
 from jaxgrad import data as data_lib
-from jaxgrad import reduce
+from jaxgrad import keys, reduce
 from jaxgrad import sharding as sharding_lib
 from jaxgrad.grads import batch_grad
 from jaxgrad.train import checkpoint as ckpt
 from jaxgrad.train import example_keys, private
 from jaxgrad.train.private import PrivacyConfig
 from jaxgrad.train.progress import Progress, end_epoch
-from jaxgrad.train.step import TrainState, check_optimizer, init_state, step_fn, strategy_name
+from jaxgrad.train.step import (
+    Engine,
+    TrainState,
+    check_optimizer,
+    guarded,
+    init_state,
+    step_fn,
+    strategy_name,
+)
 
 PyTree = Any
 
@@ -73,35 +87,6 @@ class FitResult(NamedTuple):
 _epoch_indices = jax.jit(data_lib.epoch_indices, static_argnums=(2, 3))
 
 
-def _all_finite(tree) -> jax.Array:
-    """Whether every floating-point leaf of ``tree`` is finite (a scalar bool)."""
-    checks = [
-        jnp.all(jnp.isfinite(x))
-        for x in jax.tree_util.tree_leaves(tree)
-        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-    ]
-    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
-
-
-def _guarded(step):
-    """The step inside the loop: a padded (inactive) step or one after a non-finite loss is
-    a no-op, and the first non-finite loss records the step count where it happened."""
-
-    def body(carry, batch, mask, active):
-        state, bad = carry
-        new, loss = step(state, batch, mask)
-        # A finite loss is not enough: an update can still make the parameters or the
-        # optimizer state non-finite, and such a state must never be kept or checkpointed.
-        finite = jnp.isfinite(loss) & _all_finite(new)
-        ok = active & (bad < 0) & finite
-        bad = jnp.where(active & (bad < 0) & ~finite, state.step, bad)
-        state = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)
-        count = jnp.sum(mask).astype(loss.dtype)
-        return (state, bad), jnp.where(ok, loss * count, 0)
-
-    return body
-
-
 def _positive(value, name):
     return reduce.check_positive_int(value, name=name)
 
@@ -110,14 +95,7 @@ def _check_fit_args(params, optimizer, key) -> None:
     """Clear errors for the arguments of :func:`fit` that JAX/optax would fail on obscurely."""
     reduce.check_params(params)
     check_optimizer(optimizer)
-    dtype = getattr(key, "dtype", None)
-    typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
-    raw = dtype == jnp.uint32 and np.shape(key) == (2,)
-    if not ((typed and np.shape(key) == ()) or raw):
-        raise TypeError(
-            f"`key` must be one PRNG key, e.g. jax.random.key(0); got {key!r}"
-            + (" (an int is a seed, not a key)" if isinstance(key, int) else "")
-        )
+    keys.check_key(key)
 
 
 def _has_convolution(loss_fn, params, data) -> bool:
@@ -162,14 +140,6 @@ def validate_data(loss_fn, data, mesh):
     return _row_check(validate)
 
 
-def _fingerprint(key) -> str:
-    """A short hash of a PRNG key's data, to tell runs with different seeds apart."""
-    data = np.asarray(
-        jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    )
-    return hashlib.sha256(data.tobytes()).hexdigest()[:16]
-
-
 def _non_finite_rows(data, mesh, idx, mask, batch: int) -> str:
     """The rows of batch ``batch`` whose floating-point data are NaN or inf, as text ("" for
     none, or for data on a mesh, which is not read whole here)."""
@@ -185,22 +155,6 @@ def _non_finite_rows(data, mesh, idx, mask, batch: int) -> str:
     return ", ".join(map(str, found[:5])) + (", ..." if len(found) > 5 else "")
 
 
-def _fit_private(*args, strategy, scan, steps_per_call, checkpoint_every, mesh, **kwargs):
-    """``fit(..., privacy=...)``: the DP-SGD loop of :mod:`jaxgrad.train.private`."""
-    for name, value in (("checkpoint_every", checkpoint_every), ("steps_per_call", steps_per_call)):
-        if value is not None:
-            raise ValueError(
-                f"`{name}` does not apply with `privacy` (one chunk per epoch); got {value!r}"
-            )
-    if strategy is not batch_grad:
-        raise ValueError(
-            "`strategy` does not apply with `privacy`: DP-SGD takes the noisy clipped gradient of "
-            f"jaxgrad.privacy.sampled_dp_grad; got strategy={strategy!r}"
-        )
-    del scan
-    return private.fit_private(*args, **kwargs, fingerprint=_fingerprint, mesh=mesh)
-
-
 def fit(
     loss_fn: Callable,
     params: PyTree,
@@ -209,7 +163,7 @@ def fit(
     optimizer: optax.GradientTransformation,
     epochs: int,
     batch_size: int,
-    key: jax.Array,
+    key: jax.Array | None = None,
     strategy: Callable = batch_grad,
     evaluate: Callable[[PyTree], Mapping[str, float]] | None = None,
     scan: bool | str = "auto",
@@ -314,7 +268,13 @@ def fit(
       >>> len(result.history)
       2
     """
+    if key is None and privacy is not None:
+        key = _entropy_key()
+        fingerprint = "os-entropy"  # secret: a resumed run takes the key from its checkpoint
+    else:
+        fingerprint = None
     _check_fit_args(params, optimizer, key)
+    fingerprint = fingerprint or keys.fingerprint(key)
     epochs = _positive(epochs, "epochs")
     batch_size = _positive(batch_size, "batch_size")
     keep = _positive(keep, "keep")
@@ -332,74 +292,289 @@ def fit(
         raise TypeError(
             f"`evaluate` must be a function evaluate(params) -> {{name: number}}; got {evaluate!r}"
         )
-    if privacy is not None:
-        return _fit_private(
-            loss_fn,
-            params,
-            train_data,
-            privacy=privacy,
-            optimizer=optimizer,
-            epochs=epochs,
-            batch_size=batch_size,
-            key=key,
-            strategy=strategy,
-            evaluate=evaluate,
-            scan=scan,
-            steps_per_call=steps_per_call,
-            checkpoint_dir=checkpoint_dir,
-            checkpoint_every=checkpoint_every,
-            keep=keep,
-            resume=resume,
-            metrics_path=metrics_path,
-            progress=progress,
-            quiet=quiet,
-            mesh=mesh,
-            loss_key=loss_key,
+    if privacy is not None and strategy is not batch_grad:
+        raise ValueError(
+            "`strategy` does not apply with `privacy`: DP-SGD takes the noisy clipped gradient of "
+            f"jaxgrad.privacy.sampled_dp_grad; got strategy={strategy!r}"
         )
     n = reduce.batch_size(train_data, name="train_data")
-    if scan == "auto":
-        traced = loss_fn if loss_key is None else lambda p, x: loss_fn(p, x, loss_key)
-        scan = not (jax.default_backend() == "cpu" and _has_convolution(traced, params, train_data))
-    elif not isinstance(scan, bool):
-        raise ValueError(f"`scan` must be True, False or 'auto'; got {scan!r}")
     if batch_size > n:
         raise ValueError(
             f"`batch_size` ({batch_size}) is larger than the training set ({n} examples); "
             f"expected at most {n}"
         )
-    check = validate_data(loss_fn, train_data, mesh)
-    if loss_key is not None:  # the data carries its row numbers, turned into keys per step
-        loss_fn, train_data = example_keys.keyed_loss(loss_fn), example_keys.with_rows(train_data)
-        check = example_keys.row_check(check)
-
+    the_plan = None
+    if privacy is not None:  # settings checked (and σ calibrated) before any data is read
+        the_plan = private.plan(privacy, num_examples=n, batch_size=batch_size, epochs=epochs)
+    if scan == "auto":
+        traced = loss_fn if loss_key is None else lambda p, x: loss_fn(p, x, loss_key)
+        scan = not (jax.default_backend() == "cpu" and _has_convolution(traced, params, train_data))
+    elif not isinstance(scan, bool):
+        raise ValueError(f"`scan` must be True, False or 'auto'; got {scan!r}")
     if mesh is not None:
         sharding_lib.check_batch(train_data, mesh=mesh)
-        devices = mesh.shape["data"]
-        # Each batch is padded to a multiple of the device count with masked-out rows.
-        width = -(-batch_size // devices) * devices
-        batch_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    check = validate_data(loss_fn, train_data, mesh)
+    if loss_key is not None:  # the data carries its row numbers, turned into keys per step
+        wrap = example_keys.keyed_loss if privacy is None else example_keys.row_keyed_loss
+        loss_fn, train_data = wrap(loss_fn), example_keys.with_rows(train_data)
+        check = example_keys.row_check(check)
 
     steps_per_epoch = data_lib.num_batches(n, batch_size)
-    chunk = steps_per_epoch
-    if checkpoint_dir is not None and checkpoint_every is not None:
-        chunk = min(chunk, _positive(checkpoint_every, "checkpoint_every"))
+    chunk = min(steps_per_epoch, checkpoint_every or steps_per_epoch)
     if steps_per_call is not None:
         chunk = min(chunk, _positive(steps_per_call, "steps_per_call"))
-    every = checkpoint_every or steps_per_epoch
-    chunks_per_epoch = math.ceil(steps_per_epoch / chunk)
-    padded_steps = chunks_per_epoch * chunk
+    common = {"loss_fn": loss_fn, "train_data": train_data, "optimizer": optimizer}
+    common.update(batch_size=batch_size, chunk=chunk, scan=scan, mesh=mesh, check=check)
+    if privacy is None:
+        engine = _plain_engine(**common, strategy=strategy, loss_key=loss_key)
+    else:
+        engine = private.engine(**common, the_plan=the_plan, loss_key=loss_key)
     config = {
         "num_examples": n,
         "batch_size": batch_size,
         "chunk": chunk,
         "scan": bool(scan),
-        # A resumed run must be the same run: same seed and same gradient strategy.
-        "key": _fingerprint(key),
-        **({"loss_key": _fingerprint(loss_key)} if loss_key is not None else {}),
+        # A resumed run must be the same run: same key and the same gradient (or privacy).
+        "key": fingerprint,
+        **({"loss_key": keys.fingerprint(loss_key)} if loss_key is not None else {}),
         **({"devices": int(mesh.devices.size)} if mesh is not None else {}),
-        "strategy": strategy_name(strategy),
+        **engine.config,
     }
+    return _run(
+        engine,
+        config,
+        params=params,
+        optimizer=optimizer,
+        key=key,
+        epochs=epochs,
+        evaluate=evaluate,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        keep=keep,
+        resume=resume,
+        metrics_path=metrics_path,
+        progress=progress,
+        quiet=quiet,
+        mesh=mesh,
+        train_data=train_data,
+    )
 
+
+def _entropy_key():
+    """A key from OS entropy, the same in every process (process 0's, broadcast)."""
+    key = keys.entropy_key()
+    if jax.process_count() == 1:
+        return key
+    from jax.experimental import multihost_utils
+
+    data = multihost_utils.broadcast_one_to_all(np.asarray(jax.random.key_data(key)))
+    return jax.random.wrap_key_data(np.asarray(data), impl=jax.random.key_impl(key))
+
+
+def _plain_engine(
+    *, loss_fn, train_data, optimizer, strategy, batch_size, chunk, scan, mesh, check, loss_key
+) -> Engine:
+    """Shuffled epochs and a gradient strategy: the steps of plain :func:`fit`."""
+    n = reduce.batch_size(train_data, name="train_data")
+    steps_per_epoch = data_lib.num_batches(n, batch_size)
+    chunks_per_epoch = math.ceil(steps_per_epoch / chunk)
+    padded_steps = chunks_per_epoch * chunk
+    if mesh is not None:
+        devices = mesh.shape["data"]
+        # Each batch is padded to a multiple of the device count with masked-out rows.
+        width = -(-batch_size // devices) * devices
+        batch_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+    step = step_fn(loss_fn, optimizer, strategy=strategy)
+
+    def weighted(state, batch, mask):  # the guard's (state, loss, weight)
+        new, loss = step(state, batch, mask)
+        return new, loss, jnp.sum(mask).astype(loss.dtype)
+
+    body = guarded(weighted)
+    if loss_key is not None:
+        keyed = body
+
+        def body(carry, batch, mask, active):
+            data, rows = batch
+            row_keys = keys.row_keys(loss_key, carry[0].step, rows)
+            return keyed(carry, (data, row_keys), mask, active=active)
+
+    if mesh is not None:
+        inner = body
+
+        def body(carry, batch, mask, active):
+            batch, mask = jax.lax.with_sharding_constraint((batch, mask), batch_spec)
+            return inner(carry, batch, mask, active=active)
+
+    epoch_batches = {}  # epoch -> (steps, batch_size) rows, to name a bad batch's rows
+
+    def epoch_chunks(key, epoch):
+        idx, mask = _epoch_indices(key, epoch, n, batch_size)
+        epoch_batches.clear()
+        epoch_batches[epoch] = (idx, mask)
+        if mesh is not None and width != batch_size:
+            idx, mask = np.asarray(idx), np.asarray(mask)
+            idx = np.concatenate([idx, np.repeat(idx[:, :1], width - batch_size, 1)], 1)
+            mask = np.concatenate([mask, np.zeros((len(mask), width - batch_size), bool)], 1)
+        pad = padded_steps - steps_per_epoch
+        active = np.arange(padded_steps) < steps_per_epoch
+        bw = idx.shape[1]
+        idx = np.concatenate([np.asarray(idx), np.zeros((pad, bw), np.asarray(idx).dtype)])
+        mask = np.concatenate([np.asarray(mask), np.zeros((pad, bw), bool)])
+        shape = (chunks_per_epoch, chunk)
+        idx, mask = idx.reshape(*shape, bw), mask.reshape(*shape, bw)
+        return list(zip(idx, mask, active.reshape(shape), strict=True))
+
+    if scan and mesh is None:
+        device_data = jax.tree_util.tree_map(jnp.asarray, train_data)
+
+        @jax.jit
+        def scan_chunk(state, data, idx, mask, active):
+            def f(carry, xs):
+                i, m, a = xs
+                return body(carry, data_lib.take(data, i), m, active=a)
+
+            (state, bad), w = jax.lax.scan(f, (state, jnp.int32(-1)), (idx, mask, active))
+            return state, bad, jnp.sum(w)
+
+        def run(state, idx, mask, active):
+            return scan_chunk(state, device_data, idx, mask, active)
+
+    elif scan:
+        # On a mesh the data never goes to the devices whole: every chunk's batches are
+        # gathered on the host, each process reading only its own devices' rows.
+        @jax.jit
+        def scan_batches(state, batches, mask, active):
+            def f(carry, xs):
+                b, m, a = xs
+                return body(carry, b, m, active=a)
+
+            (state, bad), w = jax.lax.scan(f, (state, jnp.int32(-1)), (batches, mask, active))
+            return state, bad, jnp.sum(w)
+
+        def run(state, idx, mask, active):
+            batches, mask = sharding_lib.take_rows(train_data, idx, mask, mesh=mesh, check=check)
+            active = sharding_lib.replicate(active, mesh=mesh)
+            return scan_batches(state, batches, mask, active)
+
+    else:
+        host_data = None if mesh is not None else jax.tree_util.tree_map(np.asarray, train_data)
+        jit_body = jax.jit(functools.partial(body, active=True))
+
+        def run(state, idx, mask, active):
+            carry, total = (state, jnp.int32(-1)), []
+            for i, m in zip(idx[active], mask[active], strict=True):
+                if mesh is None:
+                    batch = data_lib.take(host_data, i)
+                else:
+                    batch, m = sharding_lib.take_rows(train_data, i, m, mesh=mesh, check=check)
+                carry, w = jit_body(carry, batch, m)
+                if mesh is not None:
+                    sharding_lib.serialize_across_processes(carry)
+                total.append(w)
+            return carry[0], carry[1], sum(total)
+
+    def run_chunk(state, key, inputs):
+        del key  # the batches are the chunk's inputs
+        idx, mask, active = inputs
+        before = int(state.step)
+        new, bad, loss_sum = run(state, idx, mask, active)
+        done = int(new.step) - before
+        return new, bad, float(loss_sum), int(np.sum(mask[:done]))
+
+    def record(steps, loss_sum, count):
+        del steps
+        return {"loss": loss_sum / max(count, 1)}
+
+    def failure(bad, epoch):
+        batch_no = bad - epoch * steps_per_epoch + 1
+        rows = _non_finite_rows(train_data, mesh, *epoch_batches[epoch], batch_no - 1)
+        hint = (
+            f"The batch holds non-finite data in rows {rows} of `train_data`: drop or impute them."
+            if rows
+            else "Lower the learning rate or check the data."
+        )
+        return (
+            "the training loss (or the updated parameters or optimizer state) became non-finite "
+            f"(NaN or inf) at step {bad + 1} (epoch {epoch + 1}, batch {batch_no} of "
+            f"{steps_per_epoch}); training stopped with the parameters from before that step. "
+            + hint
+        )
+
+    config = {"strategy": strategy_name(strategy)}
+    return Engine(config, steps_per_epoch, chunk, epoch_chunks, run_chunk, record, failure)
+
+
+def _config_changes(old: dict, new: dict) -> str:
+    """``"name: old -> new"`` for every key whose value differs between two config dicts."""
+    changed = [k for k in {**old, **new} if old.get(k) != new.get(k)]
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+
+
+def _restore(checkpoint_dir, template, config, *, mesh, epochs):
+    """The newest good checkpoint's ``(tree, meta, path)`` if it belongs to this run, or None.
+
+    Raises:
+      CheckpointError: a checkpoint written by another run (another device count, other
+        privacy settings, data, batch size, key, ...), or past this run's ``epochs``.
+    """
+    restored = ckpt.restore_latest(checkpoint_dir, template)
+    if restored is None:
+        return None
+    tree, meta, path = restored
+    old = meta.get("config") or {}
+    if mesh is not None and old.get("devices") != config["devices"]:
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} was written by a run on {old.get('devices', 1)} device(s); this "
+            f"run has `mesh` with {config['devices']} device(s). Resume on the same device count "
+            "(the batches and the order of the sums depend on it), or use another checkpoint_dir"
+        )
+    if old != config:
+        why = ""
+        if old.get("privacy") != config.get("privacy"):
+            changed = (
+                _config_changes(old["privacy"], config["privacy"])
+                if old.get("privacy") and config.get("privacy")
+                else "one run is private and the other is not"
+            )
+            why = (
+                f": the privacy settings changed ({changed}); the accounting of the steps already "
+                "taken would be wrong. Resume with the same privacy settings"
+            )
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} was written by a run configured as {old}; this run is {config}"
+            f"{why}. Resume with the same data, batch_size, key, checkpoint_every/steps_per_call "
+            "and scan, or use another checkpoint_dir (or resume=False)"
+        )
+    ckpt.check_resume_epoch(meta["epoch"], epochs, path)
+    return tree, meta, path
+
+
+def _run(
+    engine: Engine,
+    config: dict,
+    *,
+    params,
+    optimizer,
+    key,
+    epochs,
+    evaluate,
+    checkpoint_dir,
+    checkpoint_every,
+    keep,
+    resume,
+    metrics_path,
+    progress,
+    quiet,
+    mesh,
+    train_data,
+) -> FitResult:
+    """The one training loop: epochs of chunks of an engine's steps, with everything around."""
+    del train_data
+    steps_per_epoch, chunk = engine.steps_per_epoch, engine.chunk
+    every = checkpoint_every or steps_per_epoch
+    chunks_per_epoch = math.ceil(steps_per_epoch / chunk)
     state = init_state(params, optimizer)
     start_epoch, start_chunk, history = 0, 0, []
     epoch_loss, epoch_count = 0.0, 0
@@ -413,103 +588,16 @@ def fit(
             "the wrong run"
         )
     if checkpoint_dir is not None and resume:
-        restored = ckpt.restore_latest(checkpoint_dir, {"state": state, "key": key})
+        restored = _restore(
+            checkpoint_dir, {"state": state, "key": key}, config, mesh=mesh, epochs=epochs
+        )
         if restored is not None:
             tree, meta, last_checkpoint = restored
-            if mesh is not None and meta.get("config", {}).get("devices") != config["devices"]:
-                raise ckpt.CheckpointError(
-                    f"checkpoint {last_checkpoint} was written by a run on "
-                    f"{meta.get('config', {}).get('devices', 1)} device(s); this run has `mesh` "
-                    f"with {config['devices']}. Resume on the same device count (the batches "
-                    "and the order of the sums depend on it), or use another checkpoint_dir"
-                )
-            if meta.get("config") != config:
-                raise ckpt.CheckpointError(
-                    f"checkpoint {last_checkpoint} was written by a run configured as "
-                    f"{meta.get('config')}; this run is {config}. Resume with the same data, "
-                    "batch_size, checkpoint_every/steps_per_call and scan, or use another "
-                    "checkpoint_dir (or resume=False)"
-                )
             state, key = tree["state"], tree["key"]
-            if mesh is not None:
-                state = sharding_lib.replicate(state, mesh=mesh)
-            start_epoch, start_chunk = meta["epoch"], meta["chunk"]
-            ckpt.check_resume_epoch(start_epoch, epochs, last_checkpoint)
-            history, epoch_loss, epoch_count = (
-                meta["history"],
-                meta["epoch_loss"],
-                meta["epoch_count"],
-            )
-
-    body = _guarded(step_fn(loss_fn, optimizer, strategy=strategy))
-    if loss_key is not None:
-        keyed = body
-
-        def body(carry, batch, mask, active):
-            data, rows = batch
-            keys = example_keys.keys_for(loss_key, carry[0].step, rows)
-            return keyed(carry, (data, keys), mask, active)
-
+            start_epoch, start_chunk, history = meta["epoch"], meta["chunk"], meta["history"]
+            epoch_loss, epoch_count = meta["epoch_loss"], meta["epoch_count"]
     if mesh is not None:
         state = sharding_lib.replicate(state, mesh=mesh)
-        inner = body
-
-        def body(carry, batch, mask, active):
-            batch, mask = jax.lax.with_sharding_constraint((batch, mask), batch_spec)
-            return inner(carry, batch, mask, active)
-
-    if scan and mesh is None:
-        device_data = jax.tree_util.tree_map(jnp.asarray, train_data)
-
-        @jax.jit
-        def scan_chunk(state, data, idx, mask, active):
-            def f(carry, xs):
-                i, m, a = xs
-                return body(carry, data_lib.take(data, i), m, a)
-
-            (state, bad), weighted = jax.lax.scan(f, (state, jnp.int32(-1)), (idx, mask, active))
-            return state, bad, jnp.sum(weighted)
-
-        def run_chunk(state, idx, mask, active):
-            return scan_chunk(state, device_data, idx, mask, active)
-
-    elif scan:
-        # On a mesh the data never goes to the devices whole: every chunk's batches are
-        # gathered on the host, each process reading only its own devices' rows.
-        @jax.jit
-        def scan_batches(state, batches, mask, active):
-            def f(carry, xs):
-                return body(carry, *xs)
-
-            xs = (batches, mask, active)
-            (state, bad), weighted = jax.lax.scan(f, (state, jnp.int32(-1)), xs)
-            return state, bad, jnp.sum(weighted)
-
-        def run_chunk(state, idx, mask, active):
-            batches, mask = sharding_lib.take_rows(
-                train_data, np.asarray(idx), np.asarray(mask), mesh=mesh, check=check
-            )
-            active = sharding_lib.replicate(np.asarray(active), mesh=mesh)
-            return scan_batches(state, batches, mask, active)
-
-    else:
-        host_data = None if mesh is not None else jax.tree_util.tree_map(np.asarray, train_data)
-        jit_body = jax.jit(body)
-
-        def run_chunk(state, idx, mask, active):
-            carry, total = (state, jnp.int32(-1)), []
-            for i, m, a in zip(idx, mask, active, strict=False):
-                if not a:
-                    break
-                if mesh is None:
-                    batch = data_lib.take(host_data, i)
-                else:
-                    batch, m = sharding_lib.take_rows(train_data, i, m, mesh=mesh, check=check)
-                carry, weighted = jit_body(carry, batch, m, True)
-                if mesh is not None:
-                    sharding_lib.serialize_across_processes(carry)
-                total.append(weighted)
-            return carry[0], carry[1], sum(total)
 
     def save(epoch_next, chunk_next):
         meta = {
@@ -522,7 +610,7 @@ def fit(
             "config": config,
         }
         if mesh is not None and jax.process_index() != 0:
-            return ckpt.path_for(checkpoint_dir, int(state.step))
+            return ckpt.path_for(checkpoint_dir, int(state.step))  # process 0 writes
         return ckpt.save(
             checkpoint_dir,
             {"state": sharding_lib.local_replica(state), "key": key},
@@ -531,75 +619,41 @@ def fit(
             keep=keep,
         )
 
-    metrics_file = None
-    if metrics_path is not None:
-        metrics_file = open(metrics_path, "a")
-    total_steps = epochs * steps_per_epoch
-    bar = Progress(total_steps, mode=progress, quiet=quiet, initial=int(state.step))
+    metrics_file = open(metrics_path, "a") if metrics_path is not None else None
+    bar = Progress(epochs * steps_per_epoch, mode=progress, quiet=quiet, initial=int(state.step))
     start = time.perf_counter()
     try:
         for epoch in range(start_epoch, epochs):
-            idx, mask = _epoch_indices(key, epoch, n, batch_size)
-            epoch_batches = (idx, mask)  # (steps, batch_size) rows, to name a bad batch's rows
-            if mesh is not None and width != batch_size:
-                idx, mask = np.asarray(idx), np.asarray(mask)
-                idx = np.concatenate([idx, np.repeat(idx[:, :1], width - batch_size, 1)], 1)
-                mask = np.concatenate([mask, np.zeros((len(mask), width - batch_size), bool)], 1)
-            pad = padded_steps - steps_per_epoch
-            active = np.arange(padded_steps) < steps_per_epoch
-            if scan:
-                bw = idx.shape[1]
-                idx = jnp.concatenate([idx, jnp.zeros((pad, bw), idx.dtype)])
-                mask = jnp.concatenate([mask, jnp.zeros((pad, bw), bool)])
-                shape = (chunks_per_epoch, chunk)
-                idx, mask = idx.reshape(*shape, bw), mask.reshape(*shape, bw)
-                active = jnp.asarray(active.reshape(shape))
-            else:
-                idx, mask = np.asarray(idx), np.asarray(mask)
-                idx = [idx[c * chunk : (c + 1) * chunk] for c in range(chunks_per_epoch)]
-                mask = [mask[c * chunk : (c + 1) * chunk] for c in range(chunks_per_epoch)]
-                active = active.reshape(chunks_per_epoch, chunk)
+            chunks = engine.epoch_chunks(key, epoch)
             first = start_chunk if epoch == start_epoch else 0
             if first == 0:
                 epoch_loss, epoch_count = 0.0, 0
             for c in range(first, chunks_per_epoch):
                 before = int(state.step)
-                new_state, bad, weighted = run_chunk(state, idx[c], mask[c], active[c])
+                new_state, bad, loss_sum, count = engine.run_chunk(state, key, chunks[c])
                 bad = int(bad)
                 if bad >= 0:
-                    batch_no = bad - epoch * steps_per_epoch + 1
                     where = (
-                        f"; the last good checkpoint is {last_checkpoint}"
+                        f" (the last good checkpoint is {last_checkpoint})"
                         if last_checkpoint
                         else ""
                     )
-                    rows = _non_finite_rows(train_data, mesh, *epoch_batches, batch_no - 1)
-                    hint = (
-                        f"The batch holds non-finite data in rows {rows} of `train_data`: "
-                        "drop or impute them."
-                        if rows
-                        else "Lower the learning rate or check the data."
-                    )
                     raise NonFiniteLossError(
-                        "the training loss (or the updated parameters or optimizer state) "
-                        f"became non-finite (NaN or inf) at step {bad + 1} "
-                        f"(epoch {epoch + 1}, batch {batch_no} of {steps_per_epoch}); training "
-                        f"stopped with the parameters from before that step{where}. {hint}",
+                        engine.failure(bad, epoch) + where,
                         step=bad + 1,
                         state=new_state,
                         checkpoint=last_checkpoint,
                     )
                 state = new_state
-                done = int(state.step) - before
-                epoch_loss += float(weighted)
-                epoch_count += int(np.sum(np.asarray(mask[c])[:done]))
-                bar.update(done)
+                epoch_loss, epoch_count = epoch_loss + loss_sum, epoch_count + count
+                bar.update(int(state.step) - before)
                 last_chunk = c == chunks_per_epoch - 1
                 if last_chunk:
+                    steps = int(state.step)
                     record = {
                         "epoch": epoch + 1,
-                        "step": int(state.step),
-                        "loss": epoch_loss / max(epoch_count, 1),
+                        "step": steps,
+                        **engine.record(steps, epoch_loss, epoch_count),
                     }
                     end_epoch(
                         record,

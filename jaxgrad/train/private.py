@@ -26,22 +26,18 @@ result. The parameters equal the one-device run's up to the order of the sums.
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxgrad import keys, reduce
 from jaxgrad import privacy as dp
-from jaxgrad import reduce
 from jaxgrad import sharding as sharding_lib
 from jaxgrad.privacy import noisy, sampling
-from jaxgrad.train import checkpoint as ckpt
-from jaxgrad.train import example_keys
-from jaxgrad.train.progress import Progress, end_epoch
-from jaxgrad.train.step import TrainState, init_state
+from jaxgrad.train.step import Engine, TrainState, guarded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,239 +210,145 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
     return PrivacyPlan(resolved, sigma, q, steps, physical)
 
 
-def fit_private(
+def engine(
     loss_fn,
-    params,
     train_data,
+    the_plan: PrivacyPlan,
     *,
-    privacy: PrivacyConfig,
     optimizer: optax.GradientTransformation,
-    epochs: int,
     batch_size: int,
-    key: jax.Array,
-    evaluate=None,
-    checkpoint_dir=None,
-    keep: int = 3,
-    resume: bool = True,
-    metrics_path=None,
-    progress: str = "auto",
-    quiet: bool = False,
-    fingerprint=None,
-    mesh=None,
-    loss_key=None,
-):
-    """The DP-SGD loop behind ``fit(..., privacy=...)``; see :func:`jaxgrad.train.fit`."""
-    from jaxgrad.train.loop import FitResult, validate_data  # loop imports this
-
-    n = reduce.batch_size(train_data, name="train_data")
-    the_plan = plan(privacy, num_examples=n, batch_size=batch_size, epochs=epochs)
-    c = the_plan.config
-    if mesh is not None:
-        sharding_lib.check_batch(train_data, mesh=mesh)
-    check = validate_data(loss_fn, train_data, mesh)
-    if loss_key is not None:  # rows travel with the data; the step's key is a loss argument
-        loss_fn, train_data = (
-            example_keys.row_keyed_loss(loss_fn),
-            example_keys.with_rows(train_data),
-        )
-        check = example_keys.row_check(check)
-    grad_fn = dp.sampled_dp_grad(
-        loss_fn,
-        l2_clip=c.l2_clip,
-        noise_multiplier=the_plan.noise_multiplier,
-        sampling_rate=the_plan.sampling_rate,
-        physical_batch_size=the_plan.physical_batch_size,
-        nonfinite="drop",
-        return_info=True,
-        method=c.method,
-    )
-    steps_per_epoch = -(-n // batch_size)
-    stop_on_bad = c.nonfinite == "raise"
-    config = {
-        "num_examples": n,
-        "batch_size": batch_size,
-        "key": fingerprint(key) if fingerprint else None,
-        **({"loss_key": fingerprint(loss_key)} if loss_key is not None and fingerprint else {}),
-        "privacy": {
-            **the_plan.summary(0),
-            "planned_steps": the_plan.steps,
-            "nonfinite": c.nonfinite,
-            "method": c.method,
-        },
-    }
-    del config["privacy"]["epsilon"], config["privacy"]["steps"]
-    if mesh is not None:
-        config["devices"] = int(mesh.devices.size)
-
-    def step_args(step):  # the loss's extra argument: this step's loss key, if any
-        return () if loss_key is None else (jax.random.fold_in(loss_key, step),)
-
-    @jax.jit
-    def run_epoch(state, data, key):
-        def one(carry, _):
-            state, bad_step = carry
-            g, info = grad_fn(
-                state.params, data, jax.random.fold_in(key, state.step), *step_args(state.step)
-            )
-            updates, opt_state = optimizer.update(g, state.opt_state, state.params)
-            new = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
-            stop = (bad_step >= 0) | (stop_on_bad & (info.num_nonfinite > 0))
-            bad_step = jnp.where((bad_step < 0) & stop, state.step, bad_step)
-            state = jax.tree_util.tree_map(lambda a, b: jnp.where(stop, b, a), new, state)
-            return (state, bad_step), info.num_nonfinite
-
-        (state, bad_step), nonfinite = jax.lax.scan(
-            one, (state, jnp.int32(-1)), None, length=steps_per_epoch
-        )
-        return state, bad_step, jnp.sum(nonfinite)
-
-    state = init_state(params, optimizer)
-    history, start_epoch, last = [], 0, None
-    if checkpoint_dir is not None:
-        ckpt.prepare_directory(checkpoint_dir)
-    if checkpoint_dir is not None and not resume and ckpt.list_checkpoints(checkpoint_dir):
-        raise ckpt.CheckpointError(
-            f"`checkpoint_dir` {os.fspath(checkpoint_dir)!r} already holds checkpoints of another "
-            "run; with resume=False use an empty directory"
-        )
-    if checkpoint_dir is not None and resume:
-        restored = ckpt.restore_latest(checkpoint_dir, {"state": state, "key": key})
-        if restored is not None:
-            tree, meta, last = restored
-            old_devices = (meta.get("config") or {}).get("devices", 1)
-            if mesh is not None and old_devices != config["devices"]:
-                raise ckpt.CheckpointError(
-                    f"checkpoint {last} was written by a run on {old_devices} device(s); this "
-                    f"run has `mesh` with {config['devices']}. Resume on the same device count "
-                    "(the order of the sums depends on it), or use another checkpoint_dir"
-                )
-            if meta.get("config") != config:
-                old = (meta.get("config") or {}).get("privacy")
-                if old != config["privacy"]:
-                    changed = _changes(old, config["privacy"]) if old else "it was not private"
-                    why = (
-                        f"the privacy settings changed ({changed}); the accounting of the steps "
-                        "already taken would be wrong. Resume with the same privacy settings"
-                    )
-                else:
-                    why = (
-                        f"the run changed ({_changes(meta.get('config') or {}, config)}). "
-                        "Resume with the same data, batch_size and key"
-                    )
-                raise ckpt.CheckpointError(
-                    f"checkpoint {last} was written by another run: {why}, or use another "
-                    "checkpoint_dir"
-                )
-            state, key = tree["state"], tree["key"]
-            start_epoch, history = meta["epoch"], meta["history"]
-
-    if mesh is None:
-        device_data = jax.tree_util.tree_map(jnp.asarray, train_data)
-    else:
-        state = sharding_lib.replicate(state, mesh=mesh)
-        device_data = None
-        run_epoch = _sharded_epoch(
-            loss_fn,
-            train_data,
-            the_plan,
-            optimizer=optimizer,
-            steps_per_epoch=steps_per_epoch,
-            stop_on_bad=stop_on_bad,
-            mesh=mesh,
-            check=check,
-            step_args=step_args,
-        )
-    metrics_file = open(metrics_path, "a") if metrics_path is not None else None
-    bar = Progress(epochs * steps_per_epoch, mode=progress, quiet=quiet, initial=int(state.step))
-    start = time.perf_counter()
-    try:
-        for epoch in range(start_epoch, epochs):
-            before = int(state.step)
-            new_state, bad_step, nonfinite = run_epoch(state, device_data, key)
-            bad_step = int(bad_step)
-            if bad_step >= 0:
-                raise FloatingPointError(
-                    f"step {bad_step + 1} (epoch {epoch + 1}) met an example with a non-finite "
-                    "(NaN or inf) gradient and privacy nonfinite='raise'; training stopped "
-                    "before that step. Check the data, or use nonfinite='drop'"
-                )
-            state = new_state
-            bar.update(int(state.step) - before)
-            record = {
-                "epoch": epoch + 1,
-                "step": int(state.step),
-                "epsilon": the_plan.epsilon(int(state.step)),
-                "nonfinite": int(nonfinite),
-            }
-            end_epoch(
-                record,
-                params=sharding_lib.local_replica(state.params),
-                evaluate=evaluate,
-                start=start,
-                history=history,
-                bar=bar,
-                metrics_file=metrics_file,
-            )
-            if checkpoint_dir is not None and mesh is not None and jax.process_index() != 0:
-                last = ckpt.path_for(checkpoint_dir, int(state.step))  # process 0 writes
-            elif checkpoint_dir is not None:
-                meta = {"epoch": epoch + 1, "history": history, "config": config}
-                last = ckpt.save(
-                    checkpoint_dir,
-                    {"state": sharding_lib.local_replica(state), "key": key},
-                    step=int(state.step),
-                    metadata=meta,
-                    keep=keep,
-                )
-    finally:
-        bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
-    return FitResult(state.params, state, history)
-
-
-def _changes(old: dict, new: dict) -> str:
-    """``"name: old -> new"`` for every key whose value differs between two config dicts."""
-    keys = [k for k in {**old, **new} if old.get(k) != new.get(k)]
-    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
-
-
-def _sharded_epoch(
-    loss_fn,
-    train_data,
-    the_plan,
-    *,
-    optimizer,
-    steps_per_epoch,
-    stop_on_bad,
+    chunk: int,
+    scan: bool,
     mesh,
     check,
-    step_args,
-):
-    """``run_epoch(state, data, key)`` on ``mesh``: :func:`jaxgrad.privacy.sampled_dp_grad`'s
-    step, with its physical batches gathered on the host and sharded over the devices.
+    loss_key,
+) -> Engine:
+    """The DP-SGD steps of :func:`jaxgrad.train.fit` (``privacy=...``), as parts.
 
-    Step ``t``: ``sample_key, noise_key = split(fold_in(key, t))`` as in ``sampled_dp_grad``;
-    the Poisson draw over all ``N`` examples comes from ``sample_key`` and is computed the same
-    in every process (same key, same program), its ``⌈b / P⌉`` physical batches are padded to
-    a multiple of the device count (masked rows) and sharded along the examples, their
-    clipped ``(sum, count)`` pairs are added (each a sum over devices), then ``N(0, σ²C² I)``
-    from ``noise_key`` is added once to the replicated sum and the whole is divided by
-    ``qN``. Fixed shapes: one compiled physical-batch function and one update, however large
-    the draw.
+    Step ``t``: ``(sample_key, noise_key) = dp_keys(key, t)`` (:mod:`jaxgrad.keys`); the batch
+    source draws a Poisson sample of the whole training set from ``sample_key``; its physical
+    batches' clipped sums are added (:class:`jaxgrad.privacy.ClippedSum`, sensitivity ``C``);
+    the privatizer adds ``N(0, σ²C² I)`` from ``noise_key`` once and divides by ``qN``; then
+    the optimizer. On one device the draw and its physical batches run in a
+    ``lax.while_loop`` (:func:`jaxgrad.privacy.noisy.sampled_clipped_sum`); on a mesh the draw
+    is computed the same in every process, and its physical batches are gathered on the host
+    (each process its own devices' rows) and sharded over the ``"data"`` axis, their clipped
+    sums added over devices, and the noise drawn once in the replicated sum. With
+    ``nonfinite="raise"`` a step that met a non-finite example is NaN, which the loop's guard
+    stops before (as it stops any step whose update is not finite).
     """
     c = the_plan.config
     n = reduce.batch_size(train_data, name="train_data")
     q, p = the_plan.sampling_rate, the_plan.physical_batch_size
     stddev = the_plan.noise_multiplier * c.l2_clip
+    steps_per_epoch = -(-n // batch_size)
+    clipped = noisy.ClippedSum(loss_fn, l2_clip=c.l2_clip, method=c.method)
+    privatize = functools.partial(
+        noisy._privatize, nonfinite=c.nonfinite, stddev=stddev, expected_batch_size=q * n
+    )
+
+    def loss_args(step):  # the loss's extra argument: this step's loss key, if any
+        return () if loss_key is None else (keys.step_key(loss_key, step),)
+
+    def update(state, total, bad, noise_key):
+        g = privatize(total, None, bad, noise_key)
+        updates, opt_state = optimizer.update(g, state.opt_state, state.params)
+        new = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
+        return new, jnp.zeros(()), 0.0  # no loss: it would be computed on private rows
+
+    config = {
+        "privacy": {
+            **the_plan.summary(0),
+            "planned_steps": the_plan.steps,
+            "nonfinite": c.nonfinite,
+            "method": c.method,
+        }
+    }
+    del config["privacy"]["epsilon"], config["privacy"]["steps"]
+
+    def epoch_chunks(key, epoch):
+        del key, epoch  # every step draws its own batch
+        active = np.arange(-(-steps_per_epoch // chunk) * chunk) < steps_per_epoch
+        return list(active.reshape(-1, chunk))
+
+    def record(steps, loss_sum, count):
+        del loss_sum, count
+        return {"epsilon": the_plan.epsilon(steps)}
+
+    def failure(bad, epoch):
+        return (
+            f"step {bad + 1} (epoch {epoch + 1}) would have made the parameters or the "
+            "optimizer state non-finite (NaN or inf): its draw met an example with a non-finite "
+            "gradient under privacy nonfinite='raise', or its update overflowed; training "
+            "stopped before that step. Check the data and the learning rate, or use "
+            "nonfinite='drop'"
+        )
+
+    if mesh is None:
+        draw_and_clip = noisy.sampled_clipped_sum(clipped, sampling_rate=q, physical_batch_size=p)
+
+        def step(state, data, key):
+            sample_key, noise_key = keys.dp_keys(key, state.step)
+            total, _, bad, _ = draw_and_clip(state.params, data, sample_key, *loss_args(state.step))
+            return update(state, total, bad, noise_key)
+
+        run_chunk = _local_chunks(guarded(step), train_data, scan=scan)
+    else:
+        run_chunk = _mesh_chunks(
+            clipped, update, train_data, the_plan, mesh=mesh, check=check, loss_args=loss_args
+        )
+    return Engine(config, steps_per_epoch, chunk, epoch_chunks, run_chunk, record, failure)
+
+
+def _local_chunks(body, train_data, *, scan: bool):
+    """``run_chunk`` on one device: the data on the device whole, the steps under
+    ``lax.scan`` or (``scan=False``: convolutions on a CPU) a Python loop over the jitted
+    step."""
+    data = jax.tree_util.tree_map(jnp.asarray, train_data)
+
+    if scan:
+
+        @jax.jit
+        def scan_chunk(state, key, active):
+            def f(carry, a):
+                return body(carry, data, key, active=a)
+
+            (state, bad), _ = jax.lax.scan(f, (state, jnp.int32(-1)), active)
+            return state, bad
+
+        def run_chunk(state, key, active):
+            state, bad = scan_chunk(state, key, jnp.asarray(active))
+            return state, bad, 0.0, 0
+
+        return run_chunk
+
+    one = jax.jit(functools.partial(body, active=True))
+
+    def run_chunk(state, key, active):
+        carry = (state, jnp.int32(-1))
+        for _ in range(int(np.sum(active))):
+            carry, _ = one(carry, data, key)
+        return carry[0], carry[1], 0.0, 0
+
+    return run_chunk
+
+
+def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_args):
+    """``run_chunk`` on ``mesh``: each step's draw computed the same in every process, its
+    physical batches gathered on the host (each process only its own devices' rows, padded
+    to a multiple of the device count) and sharded over the ``"data"`` axis, their clipped
+    ``(sum, count, bad)`` added over devices, then the noise drawn once, from the step's one
+    noise key, in the replicated sum. Fixed shapes: one compiled physical-batch function and
+    one update, however large the draw."""
+    n = reduce.batch_size(train_data, name="train_data")
+    q, p = the_plan.sampling_rate, the_plan.physical_batch_size
     devices = mesh.shape["data"]
     width = -(-p // devices) * devices
     batch_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    clipped = noisy.clipped_sum_dropping_nonfinite(loss_fn, l2_clip=c.l2_clip, method=c.method)
 
     @jax.jit
     def draw(key, step):  # this process's copy of the step's one draw
-        sample_key, _ = jax.random.split(jax.random.fold_in(key, step))
+        sample_key, _ = keys.dp_keys(key, step)
         sample = sampling.poisson_sample(
             sample_key, num_examples=n, sampling_rate=q, physical_batch_size=p
         )
@@ -455,39 +357,32 @@ def _sharded_epoch(
     @jax.jit
     def accumulate(params, acc, batch, mask, step):
         batch, mask = jax.lax.with_sharding_constraint((batch, mask), batch_spec)
-        return jax.tree_util.tree_map(jnp.add, acc, clipped(params, batch, mask, *step_args(step)))
+        return jax.tree_util.tree_map(jnp.add, acc, clipped(params, batch, mask, *loss_args(step)))
 
-    @jax.jit
-    def update(state, total, key):
-        _, noise_key = jax.random.split(jax.random.fold_in(key, state.step))
-        # once, on the replicated sum
-        g = noisy.noised_average(total, noise_key, stddev=stddev, expected_batch_size=q * n)
-        updates, opt_state = optimizer.update(g, state.opt_state, state.params)
-        return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
+    def finish_step(state, total, bad, key):
+        _, noise_key = keys.dp_keys(key, state.step)
+        return update(state, total, bad, noise_key)
 
-    def run_epoch(state, data, key):
-        del data
+    finish = jax.jit(functools.partial(guarded(finish_step), active=True))
+
+    def zeros_like_sum(params, step):
+        example = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct((width, *x.shape[1:]), x.dtype), train_data
+        )
+        mask = jax.ShapeDtypeStruct((width,), bool)
+        shapes = jax.eval_shape(clipped, params, example, mask, *loss_args(step))
+        zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+        return sharding_lib.replicate(zeros, mesh=mesh)
+
+    def run_chunk(state, key, active):
         local_key, global_key = key, sharding_lib.replicate(key, mesh=mesh)
+        carry = (state, jnp.int32(-1))
         zeros = None
-        nonfinite = 0
-        for _ in range(steps_per_epoch):
+        for _ in range(int(np.sum(active))):
+            state = carry[0]
             indices, count = draw(local_key, int(state.step))
             indices, count = np.asarray(indices), int(count)
-            if zeros is None:
-                shapes = jax.eval_shape(
-                    clipped,
-                    state.params,
-                    jax.tree_util.tree_map(
-                        lambda x: jax.ShapeDtypeStruct((width, *x.shape[1:]), x.dtype),
-                        train_data,
-                    ),
-                    jax.ShapeDtypeStruct((width,), bool),
-                    *step_args(state.step),
-                )
-                zeros = sharding_lib.replicate(
-                    jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes),
-                    mesh=mesh,
-                )
+            zeros = zeros_like_sum(state.params, state.step) if zeros is None else zeros
             acc = zeros
             for k in range(int(sampling.num_physical_batches(count, p))):
                 idx = indices[k * p : (k + 1) * p]
@@ -498,17 +393,15 @@ def _sharded_epoch(
                 acc = accumulate(state.params, acc, batch, mask, state.step)
                 sharding_lib.serialize_across_processes(acc)
             total, _, bad = acc
-            bad = int(bad)
-            if stop_on_bad and bad:
-                return state, np.int32(int(state.step)), nonfinite
-            nonfinite += bad
-            state = update(state, total, global_key)
-            # The epoch's last update would otherwise still run when the caller's next
-            # program (evaluation, the next epoch's key) issues its own collectives.
-            sharding_lib.serialize_across_processes(state)
-        return state, np.int32(-1), nonfinite
+            carry, _ = finish(carry, total, bad, global_key)
+            # The update would otherwise still run when the caller's next program (evaluation,
+            # the next step's draw) issues its own collectives.
+            sharding_lib.serialize_across_processes(carry)
+            if int(carry[1]) >= 0:
+                break
+        return carry[0], carry[1], 0.0, 0
 
-    return run_epoch
+    return run_chunk
 
 
-__all__ = ["PrivacyConfig", "PrivacyPlan", "fit_private", "plan"]
+__all__ = ["PrivacyConfig", "PrivacyPlan", "engine", "plan"]

@@ -35,6 +35,33 @@ class TrainState(NamedTuple):
     step: jax.Array
 
 
+class Engine(NamedTuple):
+    """How :func:`jaxgrad.train.fit`'s one loop makes its steps: plain or private, one device
+    or a mesh. The loop owns everything else (resume, checkpoints, progress, evaluation, the
+    stop at a non-finite step); an engine owns the batches and the gradient.
+
+    Attributes:
+      config: what a resumed run must match (written into every checkpoint).
+      steps_per_epoch: steps in one epoch.
+      chunk: steps run per call of ``run_chunk`` (a chunk ends on an epoch's last step).
+      epoch_chunks: ``epoch_chunks(key, epoch) -> [inputs, ...]``, one per chunk.
+      run_chunk: ``run_chunk(state, key, inputs) -> (state, bad, loss_sum, count)``: the
+        chunk's steps, ``bad`` the step count of the first failed step (or −1), the loss
+        summed over the chunk's examples and their number.
+      record: ``record(steps, loss_sum, count) -> dict``: what the epoch's history record
+        says of training (besides ``epoch``, ``step``, ``seconds`` and the evaluation).
+      failure: ``failure(bad, epoch) -> str``: why step ``bad + 1`` stopped training.
+    """
+
+    config: dict
+    steps_per_epoch: int
+    chunk: int
+    epoch_chunks: Callable
+    run_chunk: Callable
+    record: Callable
+    failure: Callable
+
+
 def init_state(params: PyTree, optimizer: optax.GradientTransformation) -> TrainState:
     """The state before the first step: ``optimizer.init(params)`` and ``step = 0``."""
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
@@ -146,6 +173,30 @@ def step_fn(loss_fn, optimizer: optax.GradientTransformation, *, strategy: Calla
         return TrainState(params, opt_state, state.step + 1), loss
 
     return step
+
+
+def guarded(step):
+    """The step inside the training loop, made safe to run blindly over a chunk of steps.
+
+    ``step(state, *inputs) -> (new_state, loss, weight)``; the guarded
+    ``body((state, bad), *inputs, active) -> ((state, bad), loss · weight)`` keeps ``state``
+    for a padded (inactive) step or any step after a failed one, and records in ``bad`` the
+    step count of the first step whose loss (or updated parameters or optimizer state) is not
+    finite. One guard for plain and private training: a finite loss is not enough, since an
+    update can still make the state non-finite, and such a state is never kept or
+    checkpointed.
+    """
+
+    def body(carry, *inputs, active):
+        state, bad = carry
+        new, loss, weight = step(state, *inputs)
+        finite = jnp.isfinite(loss) & reduce.all_finite(new)
+        ok = active & (bad < 0) & finite
+        bad = jnp.where(active & (bad < 0) & ~finite, state.step, bad)
+        state = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)
+        return (state, bad), jnp.where(ok, loss * weight, 0)
+
+    return body
 
 
 def train_step(
