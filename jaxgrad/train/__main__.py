@@ -201,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--num-examples", type=int, help="examples to generate for --data mnist1d")
     g = p.add_argument_group("checkpoints and output")
-    g.add_argument("--checkpoint-dir", help="write checkpoints here and resume from them")
+    g.add_argument(
+        "--checkpoint-dir",
+        help="write checkpoints here and resume from them (a --dp run's checkpoints hold its "
+        "secret noise and sampling key: keep them secret)",
+    )
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     g.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     g.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
@@ -724,6 +728,7 @@ def run(args, parser=None) -> dict:
         "seed": args.seed,
         "scan": False if args.no_scan else "auto",
         "dtype": np.dtype(dtype).name,
+        "input_stats": args.input_stats,
         "devices": 1 if mesh is None else int(mesh.devices.size),
         "processes": jax.process_count(),
         "seconds": seconds,
@@ -792,7 +797,6 @@ def _dp_summary(summary, args, plan, key_source, private_run):
         "privacy_note": PRIVACY_NOTE,
         "dp_key": key_source,
         **released,
-        "input_stats": args.input_stats,
         "final": {k: v for k, v in history[-1].items() if k.startswith("test_")},
         "history": history,
         "privacy": {
