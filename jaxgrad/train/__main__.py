@@ -649,18 +649,20 @@ def run(args, parser=None) -> dict:
         strategy(loss_fn)
     except (ValueError, TypeError) as e:
         _flag_error(parser, str(e).replace("`l2_clip`", "--clip"))
-    init_key, shuffle_key = jax.random.split(jax.random.key(args.seed))
+    # The public seed's key: the initialisation and, without --dp, the shuffle; a --dp run's
+    # sampling and noise take a secret key instead (_dp_key).
+    init_key, key = jax.random.split(jax.random.key(args.seed))
     params, optimizer = jax.jit(model.init)(init_key), _optimizer(opt_name, lr)
     # Memory-mapped training inputs are never read whole, so not evaluated after each epoch
     # (the history's "loss" is the epoch's mean training loss); the test split is. Nor are
     # the training rows of a --dp run: their metrics would be released without noise.
-    private_rows = rows or privacy_plan is not None
-    splits = {"test": ds.test} if private_rows else {"train": ds.train, "test": ds.test}
+    test_only = rows or privacy_plan is not None
+    splits = {"test": ds.test} if test_only else {"train": ds.train, "test": ds.test}
     evaluate = evaluator(model.apply, loss_fn, splits, task=ds.task)
     metrics_path = args.metrics_jsonl
     if privacy_plan:
         restored_key, start_epoch = _restore_point(args, params, optimizer)
-        shuffle_key, key_source, private_run = _dp_key(args, restored_key)
+        key, key_source, private_run = _dp_key(args, restored_key)
         if metrics_path is not None:
             evaluate = _released_metrics(
                 evaluate,
@@ -699,7 +701,7 @@ def run(args, parser=None) -> dict:
         optimizer=optimizer,
         epochs=epochs,
         batch_size=batch_size,
-        key=shuffle_key,
+        key=key,
         strategy=strategy,
         evaluate=evaluate,
         scan=False if args.no_scan else "auto",
@@ -740,7 +742,9 @@ def run(args, parser=None) -> dict:
     if model_name == "line":
         params = jaxgrad.sharding.local_replica(result.params)
         summary["params"] = {k: float(v) for k, v in params.items()}
-    if model_name == "linear" and ds.task == "regression" and not private_rows:
+    # scikit-learn's reference fit reads the training rows: not memory-mapped ones, and not
+    # the private rows of a --dp run (its R² would be released without noise).
+    if model_name == "linear" and ds.task == "regression" and not test_only:
         reference = _sklearn_r2(ds)
         if reference is not None:
             summary["reference"] = {"sklearn_linear_regression_test_r2": reference}
