@@ -165,6 +165,20 @@ def test_dp_inputs_of_one_row_do_not_depend_on_the_others(tmp_path, monkeypatch)
     assert np.all(np.any(plain[0] != plain[1], axis=1))  # without --dp every row moves
 
 
+def test_dp_never_evaluates_the_training_split(monkeypatch):
+    evaluated = []
+    real = jaxgrad.train.evaluator
+
+    def spy(apply, loss_fn, splits, **kwargs):
+        evaluated.append(sorted(splits))
+        return real(apply, loss_fn, splits, **kwargs)
+
+    monkeypatch.setattr(jaxgrad.train, "evaluator", spy)
+    _trained_on(monkeypatch, ["--data", "digits", "--dp", "--noise-multiplier", "1"])
+    _trained_on(monkeypatch, ["--data", "digits"])
+    assert evaluated == [["test"], ["test", "train"]]
+
+
 def test_dp_digits_and_diabetes_are_used_as_they_are(monkeypatch):
     digits = jaxgrad.data.load("digits", seed=0, standardize=False)
     x, _ = _trained_on(monkeypatch, ["--data", "digits", "--dp", "--noise-multiplier", "1"])
