@@ -773,7 +773,7 @@ def run(args, parser=None) -> dict:
 
         title = f"{model_name} on {args.data}, strategy {args.strategy}"
         try:
-            plot_history(result.history, args.plot, title=title)
+            plot_history(summary["history"], args.plot, title=title)  # --dp: released only
         except ImportError as e:
             parser.error(str(e))
         say(f"curves written to {args.plot}")
