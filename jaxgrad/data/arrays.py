@@ -238,6 +238,13 @@ def given_statistics(stats: Mapping, *, feature_shape: tuple, task: str, name: s
     Raises:
       ValueError: a missing or unknown name, a shape that does not broadcast to one input,
         a non-finite value, a ``std`` that is not positive, target statistics for labels.
+
+    Example::
+
+      >>> import jaxgrad
+      >>> stats = {"mean": 0.5, "std": [1.0, 2.0]}
+      >>> jaxgrad.data.given_statistics(stats, feature_shape=(2,), task="classification")
+      (array(0.5), array([1., 2.]), None, None)
     """
     where = f"{name}: `standardize` statistics"
     unknown = sorted(set(stats) - set(GIVEN_STATISTICS))
