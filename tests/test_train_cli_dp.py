@@ -312,3 +312,6 @@ def test_help_says_dp_checkpoints_are_secret(capsys):
         main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "OS entropy and is written only to the checkpoints, which are therefore secret" in out
+    assert "checkpoints hold its secret noise and sampling key: keep them secret" in out
+    # The DP flags' defaults apply with --dp only; "(default: None)" would say nothing.
+    assert "delta (with --dp, default: 1e-05)" in out and "(default: None)" not in out

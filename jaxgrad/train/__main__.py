@@ -109,11 +109,21 @@ def _flag_error(parser, error, names=()):
     parser.error(message)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, but not "(default: None)": an option whose default
+    depends on others (the DP flags' with --dp, say) states it in its own help."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jaxgrad.train",
         description="Train a model with a jit-compiled SGD loop on data that ships offline.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("data and model")
     g.add_argument("--data", default="digits", choices=DATA, help="data set")
@@ -176,12 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--target-epsilon", type=float, help="epsilon to spend over the run")
     g.add_argument("--noise-multiplier", type=float, help="sigma (instead of --target-epsilon)")
-    g.add_argument("--delta", type=float, help="delta (with --dp; default 1e-5)")
     g.add_argument(
-        "--l2-clip", type=float, help="per-example clip norm C of DP-SGD (with --dp; default 1.0)"
+        "--delta", type=float, help=f"delta (with --dp, default: {DP_DEFAULTS['delta']:g})"
     )
     g.add_argument(
-        "--accountant", choices=("pld", "rdp"), help="privacy accountant (with --dp; default pld)"
+        "--l2-clip",
+        type=float,
+        help=f"per-example clip norm C of DP-SGD (with --dp, default: {DP_DEFAULTS['l2_clip']:g})",
+    )
+    g.add_argument(
+        "--accountant",
+        choices=("pld", "rdp"),
+        help=f"privacy accountant (with --dp, default: {DP_DEFAULTS['accountant']})",
     )
     g.add_argument(
         "--physical-batch-size", type=int, help="default: --batch-size + 2 std of the draw"
@@ -189,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--nonfinite",
         choices=("drop", "raise"),
-        help="examples with a non-finite gradient: left out, or stop (with --dp; default drop)",
+        help="examples with a non-finite gradient: left out, or stop "
+        f"(with --dp, default: {DP_DEFAULTS['nonfinite']})",
     )
     g.add_argument(
         "--insecure-dp-seed",
