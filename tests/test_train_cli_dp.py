@@ -70,6 +70,22 @@ def test_the_dp_key_uses_all_its_bits_from_os_entropy():
     assert jax.random.key_data(key)[-1] == 7
 
 
+def test_every_process_takes_process_0s_key(monkeypatch):
+    """Several processes draw one Poisson sample: each must use the same key, process 0's,
+    not its own entropy (here process 0's key stands in for the broadcast's result)."""
+    from jax.experimental import multihost_utils
+
+    process_0 = np.array([11, 22], np.uint32)
+    sent = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(
+        multihost_utils, "broadcast_one_to_all", lambda x: sent.append(x) or process_0
+    )
+    key, _, private = cli._dp_key(cli.build_parser().parse_args(["--dp"]), None)
+    np.testing.assert_array_equal(jax.random.key_data(key), process_0)
+    assert len(sent) == 1 and not np.array_equal(sent[0], process_0) and private
+
+
 def test_two_runs_differ_unless_the_same_insecure_seed(tmp_path, capsys):
     a = _run(tmp_path, *LINE, "--epochs", "1")
     b = _run(tmp_path, *LINE, "--epochs", "1")
