@@ -17,7 +17,10 @@ Every loader returns a :class:`Dataset` with a seeded train/test split. Standard
 
 uses the mean and standard deviation of the *training* split only (no test statistics leak
 into training); regression targets are standardised the same way, so the reported losses
-are in units of the training targets' variance (R² is unchanged by it).
+are in units of the training targets' variance (R² is unchanged by it). For differentially
+private training, where statistics of the training rows would make every row depend on every
+other one, pass ``standardize=False`` or statistics fixed in advance,
+``standardize={"mean": ..., "std": ...}`` (:func:`given_statistics`).
 
 Batching: the shuffle order of an epoch is a pure function of ``(key, epoch)``
 (:func:`epoch_indices`), so a run resumed mid-epoch replays exactly the same batches. The
@@ -35,6 +38,7 @@ from jaxgrad.data.arrays import (
     Dataset,
     check_finite,
     from_arrays,
+    given_statistics,
     train_test_split,
 )
 from jaxgrad.data.batching import (
@@ -82,6 +86,7 @@ __all__ = [
     "combine_moments",
     "epoch_indices",
     "from_arrays",
+    "given_statistics",
     "load",
     "load_breast_cancer",
     "load_diabetes",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -210,6 +211,92 @@ def _scale_rule(mean, scale):
     return mean, scale
 
 
+# The names a mapping of given statistics may hold (``standardize={"mean": ..., ...}``).
+GIVEN_STATISTICS = ("mean", "std", "y_mean", "y_std")
+
+
+def given_statistics(stats: Mapping, *, feature_shape: tuple, task: str, name: str = "data"):
+    """``(x_mean, x_scale, y_mean, y_scale)`` from statistics the caller gives, checked.
+
+    Given statistics are fixed before the data is seen (a public range, another data set's
+    values), so standardising with them depends on no row of the training split: what
+    differentially private training needs, where the training split's own mean and standard
+    deviation would make every row depend on every other one.
+
+    Args:
+      stats: a mapping with ``mean`` and ``std`` (arrays broadcastable to one input of shape
+        ``feature_shape``; finite; ``std > 0``) and, for regression only, optionally
+        ``y_mean`` and ``y_std`` together (scalars) for the targets, which stay as they are
+        without them.
+      feature_shape: the shape of one input example.
+      task: ``"classification"`` or ``"regression"``.
+      name: how to call the data in messages.
+
+    Returns:
+      ``(x_mean, x_scale, y_mean, y_scale)``: float64 arrays, the ``y_*`` floats or ``None``.
+
+    Raises:
+      ValueError: a missing or unknown name, a shape that does not broadcast to one input,
+        a non-finite value, a ``std`` that is not positive, target statistics for labels.
+
+    Example::
+
+      >>> import jaxgrad
+      >>> stats = {"mean": 0.5, "std": [1.0, 2.0]}
+      >>> jaxgrad.data.given_statistics(stats, feature_shape=(2,), task="classification")
+      (array(0.5), array([1., 2.]), None, None)
+    """
+    where = f"{name}: `standardize` statistics"
+    unknown = sorted(set(stats) - set(GIVEN_STATISTICS))
+    missing = [k for k in ("mean", "std") if k not in stats]
+    if unknown or missing:
+        raise ValueError(
+            f"{where} must hold `mean` and `std` (and optionally `y_mean` and `y_std` for "
+            f"regression targets); got {sorted(stats)}"
+        )
+    if ("y_mean" in stats) != ("y_std" in stats):
+        raise ValueError(f"{where}: `y_mean` and `y_std` go together; got {sorted(stats)}")
+    if "y_mean" in stats and task != "regression":
+        raise ValueError(
+            f"{where}: `y_mean` and `y_std` standardise regression targets; this data set has "
+            "class labels"
+        )
+    out = {}
+    for key in stats:
+        try:
+            a = np.asarray(stats[key], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: `{key}` must be numbers; got {stats[key]!r}") from None
+        want = () if key.startswith("y_") else tuple(feature_shape)
+        try:
+            fits = np.broadcast_shapes(a.shape, want) == want
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"{where}: `{key}` has shape {a.shape}; expected a shape that broadcasts to "
+                f"one {'target' if key.startswith('y_') else 'input'}, {want}"
+            )
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{where}: `{key}` holds non-finite values (NaN or inf)")
+        if key.endswith("std") and not np.all(a > 0):
+            raise ValueError(f"{where}: `{key}` must be > 0 everywhere; its minimum is {a.min()}")
+        out[key] = a
+    y_mean = float(out["y_mean"]) if "y_mean" in out else None
+    y_scale = float(out["y_std"]) if "y_std" in out else None
+    return out["mean"], out["std"], y_mean, y_scale
+
+
+def check_standardize(standardize) -> None:
+    """Raises unless ``standardize`` is one of :data:`STANDARDIZE` or a mapping of given
+    statistics (:func:`given_statistics` checks its contents)."""
+    if not isinstance(standardize, Mapping) and standardize not in STANDARDIZE:
+        raise ValueError(
+            f"`standardize` must be one of {list(STANDARDIZE)} or a mapping of given statistics "
+            f"{{'mean': ..., 'std': ...}}; got {standardize!r}"
+        )
+
+
 def from_arrays(
     x,
     y,
@@ -220,7 +307,7 @@ def from_arrays(
     y_test=None,
     test_fraction: float = 0.2,
     seed: int = 0,
-    standardize: bool | str = True,
+    standardize: bool | str | Mapping = True,
     dtype=np.float32,
     name: str = "arrays",
 ) -> Dataset:
@@ -239,7 +326,9 @@ def from_arrays(
         the training split's statistics; ``"global"`` uses one mean and standard deviation
         over all training inputs (better for images, whose rarely-inked border pixels would
         otherwise be blown up); ``False`` leaves inputs as they are. Regression targets are
-        standardised unless this is ``False``.
+        standardised unless this is ``False``. A mapping ``{"mean": ..., "std": ...}`` (and
+        optionally ``"y_mean"``, ``"y_std"``) standardises with those given statistics instead
+        of the training split's (:func:`given_statistics`): what DP training needs.
       dtype: the float dtype of the inputs (and regression targets).
       name: a name for messages.
 
@@ -294,9 +383,11 @@ def from_arrays(
         x_train, y_train, x_test, y_test = train_test_split(
             x, y, test_fraction=test_fraction, seed=seed
         )
-    if standardize not in STANDARDIZE:
-        raise ValueError(f"`standardize` must be one of {list(STANDARDIZE)}; got {standardize!r}")
+    check_standardize(standardize)
     task, num_classes = _task_of(y, task, num_classes)
+    given = None
+    if isinstance(standardize, Mapping):
+        given = given_statistics(standardize, feature_shape=x.shape[1:], task=task, name=name)
 
     y_train, y_test, num_classes, y_mean, y_scale = _targets(
         y_train,
@@ -309,8 +400,11 @@ def from_arrays(
     )
     x_train, x_test = x_train.astype(np.float64), x_test.astype(np.float64)
     x_mean = x_scale = None
-    if standardize:
+    if given is not None:
+        x_mean, x_scale = given[:2]
+    elif standardize:
         x_mean, x_scale = _fit_scale(x_train, axis=None if standardize == "global" else 0)
+    if x_mean is not None:
         x_train, x_test = (x_train - x_mean) / x_scale, (x_test - x_mean) / x_scale
     with np.errstate(over="ignore"):
         x_train, x_test = x_train.astype(dtype), x_test.astype(dtype)
@@ -337,7 +431,8 @@ def from_arrays(
 
 
 def _targets(y_train, y_test, *, task, num_classes, standardize, dtype, name):
-    """Labels checked and cast to int32, or regression targets cast and standardised."""
+    """Labels checked and cast to int32, or regression targets cast and standardised (with
+    the training split's statistics, or with ``y_mean``, ``y_std`` of given statistics)."""
     y_mean = y_scale = None
     if task == "classification":
         # Booleans are the classes 0 and 1.
@@ -356,8 +451,12 @@ def _targets(y_train, y_test, *, task, num_classes, standardize, dtype, name):
         # Standardised in float64 and cast after: cast first, targets with a large offset
         # (1e8 + noise, say) would lose their spread to float32 rounding (ulp 8 at 1e8).
         y_train, y_test = y_train.astype(np.float64), y_test.astype(np.float64)
-        if standardize:
+        if isinstance(standardize, Mapping):
+            y_mean, y_scale = standardize.get("y_mean"), standardize.get("y_std")
+            y_mean, y_scale = (None, None) if y_mean is None else (float(y_mean), float(y_scale))
+        elif standardize:
             y_mean, y_scale = (float(v) for v in _fit_scale(y_train, axis=None))
+        if y_mean is not None:
             y_train, y_test = (y_train - y_mean) / y_scale, (y_test - y_mean) / y_scale
         with np.errstate(over="ignore"):  # an overflow is named by the caller
             y_train, y_test = y_train.astype(dtype), y_test.astype(dtype)

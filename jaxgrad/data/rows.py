@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import jax
 import numpy as np
 
 from jaxgrad.data.arrays import (
-    STANDARDIZE,
     Dataset,
     _check_fraction,
     _check_numeric,
@@ -19,6 +19,8 @@ from jaxgrad.data.arrays import (
     _targets,
     _task_of,
     check_finite,
+    check_standardize,
+    given_statistics,
 )
 from jaxgrad.data.files import _idx_files, _idx_images, _idx_labels, memmap
 from jaxgrad.data.registry import FROM_PATH
@@ -189,7 +191,7 @@ def load_rows(
     *,
     seed: int = 0,
     test_fraction: float = 0.2,
-    standardize: bool | str | None = None,
+    standardize: bool | str | Mapping | None = None,
     dtype=np.float32,
     num_classes: int | None = None,
 ) -> Dataset:
@@ -213,7 +215,8 @@ def load_rows(
         images not gzipped).
       path: the file or directory.
       seed, test_fraction, standardize, dtype: as for :func:`from_arrays`; ``standardize``
-        defaults to what :func:`load` uses (``True`` for npz, ``"global"`` for idx).
+        defaults to what :func:`load` uses (``True`` for npz, ``"global"`` for idx); given
+        statistics apply to the inputs as read (IDX ``uint8`` pixels scaled to [0, 1]).
       num_classes: for classification (default: inferred for npz, 10 for idx).
 
     Returns:
@@ -231,8 +234,7 @@ def load_rows(
     seed = _check_seed(seed)
     if standardize is None:
         standardize = True if name == "npz" else "global"
-    if standardize not in STANDARDIZE:
-        raise ValueError(f"`standardize` must be one of {list(STANDARDIZE)}; got {standardize!r}")
+    check_standardize(standardize)
     if not np.issubdtype(np.dtype(dtype), np.floating):
         raise TypeError(f"`dtype` must be a floating-point dtype; got {dtype!r}")
     path = os.fspath(path)
@@ -305,8 +307,13 @@ def load_rows(
             "rows. Drop or impute them before training."
         )
     x_mean = x_scale = None
-    if standardize:
+    if isinstance(standardize, Mapping):  # given statistics: the split's are not used
+        x_mean, x_scale, _, _ = given_statistics(
+            standardize, feature_shape=x.shape[1:], task=task, name=label
+        )
+    elif standardize:
         x_mean, x_scale = _scale_rule(mean, std)
+    if x_mean is not None:
         x_test = (x_test - x_mean) / x_scale
     y_train, y_test, num_classes, y_mean, y_scale = _targets(
         y_train,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import secrets
 import sys
 import time
 
@@ -36,6 +37,39 @@ DEFAULTS = {
 }
 FALLBACK = ("adam", 1e-3, 10, 64)
 MICROBATCHES, CLIP = 4, 1.0  # --microbatches and --clip when their strategy is chosen
+# The DP flags' values when --dp is set and they are not given. Their parser defaults are None,
+# so that a DP flag given without --dp is an error rather than silently ignored.
+DP_DEFAULTS = {"delta": 1e-5, "l2_clip": 1.0, "accountant": "pld", "nonfinite": "drop"}
+# Every flag that means something only with --dp, and what to use instead without it.
+DP_ONLY = {
+    "target_epsilon": "it is the epsilon a --dp run spends",
+    "noise_multiplier": "it is the sigma of a --dp run",
+    "physical_batch_size": "it sizes the physical batches of --dp's Poisson draws",
+    "delta": "it is the delta of a --dp run's guarantee",
+    "l2_clip": "it is the DP clip norm; for --strategy clipped use --clip",
+    "accountant": "it accounts a --dp run's privacy loss",
+    "nonfinite": "it is --dp's policy for non-finite gradients; without --dp a non-finite loss "
+    "stops training with exit code 1",
+    "insecure_dp_seed": "it seeds the noise and sampling of --dp; --seed seeds the split, the "
+    "initialisation and the shuffle",
+}
+# The first 32-bit word of a DP key derived from --insecure-dp-seed. OS-entropy keys never
+# start with it (drawn again if they do), so a key restored from a checkpoint tells whether
+# the run that wrote it was private, whatever the flags of the resuming command.
+INSECURE_KEY_MARK = 0x1A5EC0DE
+# What a --dp run's JSON releases per epoch: the history's other keys (the training loss,
+# non-finite counts, wall-clock seconds) are computed on the private training rows without
+# noise, or depend on the realised (private) batch sizes.
+DP_HISTORY_KEYS = ("epoch", "step", "epsilon")
+PRIVACY_NOTE = (
+    "epsilon and delta bound what the released values (the noisy parameters and everything "
+    "computed from them alone) reveal about any one training example. test_* metrics are "
+    "computed on the held-out test split, which is treated as public: the guarantee does not "
+    "cover it. Nothing computed on the training rows without noise is released (no training "
+    "loss or accuracy, no counts of non-finite gradients, no wall-clock times). The "
+    "checkpoints under --checkpoint-dir hold the secret noise and sampling key: keep them "
+    "secret."
+)
 # PrivacyConfig fields and plan() arguments that are command-line flags of the same name.
 DP_FLAGS = (
     "l2_clip",
@@ -59,6 +93,7 @@ FLAG_NAMES = {
     "num_processes": "--num-processes",
     "coordinator": "--coordinator",
     "seed": "--seed",
+    "standardize": "--input-stats",
 }
 # Seeds seed numpy's generator (non-negative) and jax.random.key, which without x64 keeps only
 # the low 32 bits (--seed 4294967296 would give --seed 0's initialisation and shuffle).
@@ -74,11 +109,21 @@ def _flag_error(parser, error, names=()):
     parser.error(message)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, but not "(default: None)": an option whose default
+    depends on others (the DP flags' with --dp, say) states it in its own help."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jaxgrad.train",
         description="Train a model with a jit-compiled SGD loop on data that ships offline.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("data and model")
     g.add_argument("--data", default="digits", choices=DATA, help="data set")
@@ -92,7 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="hidden-layer nonlinearity of the MLP and CNN",
     )
     g.add_argument("--test-fraction", type=float, default=0.2, help="held-out share, in (0, 1)")
-    g.add_argument("--seed", type=int, default=0, help="seeds the split, init and shuffle")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the split, the initialisation and the shuffle (public; never the DP noise "
+        "or sampling)",
+    )
+    g.add_argument(
+        "--input-stats",
+        metavar="PATH",
+        help="standardise inputs with given statistics: an .npz with mean and std "
+        "(broadcastable to one input; std > 0) and, for regression, optionally y_mean and "
+        "y_std for the targets. Without it: the training split's own statistics, but under "
+        "--dp none (inputs as they are; the bundled sets have public ranges)",
+    )
     g.add_argument("--x64", action="store_true", help="train in float64")
     g = p.add_argument_group("optimisation")
     g.add_argument(
@@ -127,16 +186,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--target-epsilon", type=float, help="epsilon to spend over the run")
     g.add_argument("--noise-multiplier", type=float, help="sigma (instead of --target-epsilon)")
-    g.add_argument("--delta", type=float, default=1e-5, help="delta (default: 1e-5)")
-    g.add_argument("--l2-clip", type=float, default=1.0, help="per-example clip norm C")
-    g.add_argument("--accountant", default="pld", choices=("pld", "rdp"))
+    g.add_argument(
+        "--delta", type=float, help=f"delta (with --dp, default: {DP_DEFAULTS['delta']:g})"
+    )
+    g.add_argument(
+        "--l2-clip",
+        type=float,
+        help=f"per-example clip norm C of DP-SGD (with --dp, default: {DP_DEFAULTS['l2_clip']:g})",
+    )
+    g.add_argument(
+        "--accountant",
+        choices=("pld", "rdp"),
+        help=f"privacy accountant (with --dp, default: {DP_DEFAULTS['accountant']})",
+    )
     g.add_argument(
         "--physical-batch-size", type=int, help="default: --batch-size + 2 std of the draw"
     )
-    g.add_argument("--nonfinite", default="drop", choices=("drop", "raise"))
+    g.add_argument(
+        "--nonfinite",
+        choices=("drop", "raise"),
+        help="examples with a non-finite gradient: left out, or stop "
+        f"(with --dp, default: {DP_DEFAULTS['nonfinite']})",
+    )
+    g.add_argument(
+        "--insecure-dp-seed",
+        type=int,
+        metavar="N",
+        help="NOT PRIVATE, for tests: derive the DP noise and sampling key from N instead of "
+        "OS entropy (the JSON then says private: false). Without it the key comes from OS "
+        "entropy and is written only to the checkpoints, which are therefore secret",
+    )
     g.add_argument("--num-examples", type=int, help="examples to generate for --data mnist1d")
     g = p.add_argument_group("checkpoints and output")
-    g.add_argument("--checkpoint-dir", help="write checkpoints here and resume from them")
+    g.add_argument(
+        "--checkpoint-dir",
+        help="write checkpoints here and resume from them (a --dp run's checkpoints hold its "
+        "secret noise and sampling key: keep them secret)",
+    )
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     g.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     g.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
@@ -216,11 +302,7 @@ def _strategy(args, parser):
 
 def _privacy(args, parser, num_examples, batch_size, epochs):
     """The resolved DP-SGD plan (σ calibrated), or None without --dp."""
-    dp_flags = ("target_epsilon", "noise_multiplier", "physical_batch_size")
     if not args.dp:
-        given = [f"--{f.replace('_', '-')}" for f in dp_flags if getattr(args, f) is not None]
-        if given:
-            parser.error(f"{', '.join(given)} need(s) --dp")
         return None
     if args.strategy != "batch":
         parser.error("--dp takes its own noisy clipped gradient; leave --strategy at batch")
@@ -230,20 +312,125 @@ def _privacy(args, parser, num_examples, batch_size, epochs):
         parser.error("--dp needs exactly one of --target-epsilon and --noise-multiplier")
     from jaxgrad.train import PrivacyConfig, private
 
+    given = {k: getattr(args, k) for k in DP_DEFAULTS}
     config = PrivacyConfig(
-        l2_clip=args.l2_clip,
+        **{k: DP_DEFAULTS[k] if v is None else v for k, v in given.items()},
         target_epsilon=args.target_epsilon,
         noise_multiplier=args.noise_multiplier,
-        delta=args.delta,
-        accountant=args.accountant,
         physical_batch_size=args.physical_batch_size,
-        nonfinite=args.nonfinite,
     )
     try:
         return private.plan(config, num_examples=num_examples, batch_size=batch_size, epochs=epochs)
     except (ValueError, TypeError) as e:
         message = str(e)
         _flag_error(parser, message, DP_FLAGS)  # the library names arguments; the user typed flags
+
+
+def _standardize(args, parser):
+    """The loaders' ``standardize``: --input-stats's statistics, ``False`` under --dp (the
+    training split's own statistics would make every row depend on every other one, outside
+    the accounting), or None for the loader's default (the training split's statistics)."""
+    import numpy as np
+
+    if args.input_stats is None:
+        return False if args.dp else None
+    if args.data == "line":
+        parser.error("--input-stats: --data line is synthetic and never standardised")
+    try:
+        with np.load(args.input_stats, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        parser.error(f"--input-stats {args.input_stats!r}: no such file")
+    except Exception as e:  # a directory, a corrupt or pickled file: the user's input
+        parser.error(
+            f"--input-stats {args.input_stats!r}: not a readable .npz file of arrays mean and "
+            f"std ({type(e).__name__}: {e})"
+        )
+
+
+def _restore_point(args, params, optimizer):
+    """``(key_data, epoch)`` of the DP checkpoint this run resumes from, else ``(None, 0)``.
+
+    A resumed --dp run must go on with the key it started with (the one in the checkpoint),
+    not with this invocation's fresh one, which ``fit`` would refuse as another run's.
+    Anything unreadable or not from a DP run is left to ``fit``, which names the problem.
+    """
+    import warnings
+
+    import jax
+    import numpy as np
+
+    from jaxgrad.train import checkpoint as ckpt
+    from jaxgrad.train.step import init_state
+
+    if args.checkpoint_dir is None or args.no_resume:
+        return None, 0
+    template = {"state": init_state(params, optimizer), "key": jax.random.key(0)}
+    try:
+        with warnings.catch_warnings():  # fit warns about skipped files itself
+            warnings.simplefilter("ignore", ckpt.CheckpointWarning)
+            restored = ckpt.restore_latest(args.checkpoint_dir, template)
+    except (ckpt.CheckpointError, OSError, ValueError):
+        return None, 0
+    if restored is None or "privacy" not in (restored[1].get("config") or {}):
+        return None, 0
+    tree, meta, _ = restored
+    return np.asarray(jax.random.key_data(tree["key"])), int(meta.get("epoch", 0))
+
+
+def _dp_key(args, restored_key):
+    """The key of a --dp run's Poisson draws and noise: ``(key, source, private)``.
+
+    From OS entropy (64 bits or more, all of the key's data: ``jax.random.key(seed)`` would
+    keep 32 bits of a seed without x64), from the checkpoint being resumed, or, not private,
+    from --insecure-dp-seed. Every process of a multi-process run uses process 0's key: the
+    Poisson draw must be the same in all of them.
+    """
+    import jax
+    import numpy as np
+
+    shape = jax.random.key_data(jax.random.key(0)).shape
+    if args.insecure_dp_seed is not None:
+        data = np.zeros(shape, np.uint32)
+        data.flat[0], data.flat[-1] = INSECURE_KEY_MARK, args.insecure_dp_seed
+        source = "insecure-dp-seed"
+    elif restored_key is not None:
+        data, source = restored_key, "checkpoint"
+    else:
+        data = np.full(shape, INSECURE_KEY_MARK, np.uint32)
+        while data.flat[0] == INSECURE_KEY_MARK:
+            data = np.frombuffer(secrets.token_bytes(data.nbytes), np.uint32).reshape(shape)
+        source = "os-entropy"
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        data = np.asarray(multihost_utils.broadcast_one_to_all(data))
+    private = int(np.asarray(data).flat[0]) != INSECURE_KEY_MARK
+    return jax.random.wrap_key_data(np.asarray(data, np.uint32)), source, private
+
+
+def _released_metrics(evaluate, plan, *, path, start_epoch, steps_per_epoch):
+    """``evaluate`` that also appends each epoch's released record to ``path``.
+
+    --metrics-jsonl of a --dp run: ``fit``'s own per-epoch records also hold what the JSON
+    does not release (counts on the private rows, wall-clock times), so they are not written;
+    this writes the epoch, its step, the ε spent and the test metrics instead.
+    """
+    from jaxgrad.train.progress import strict_json
+
+    epoch = start_epoch
+
+    def released(params):
+        nonlocal epoch
+        metrics = evaluate(params)
+        epoch += 1
+        step = epoch * steps_per_epoch
+        record = {"epoch": epoch, "step": step, "epsilon": plan.epsilon(step), **metrics}
+        with open(path, "a") as f:  # the evaluator's metrics are Python floats
+            f.write(json.dumps(strict_json(record)) + "\n")
+        return metrics
+
+    return released
 
 
 def _model(args, ds, dtype, parser):
@@ -354,8 +541,13 @@ def _check_writable(flag, path, parser, *, directory=False):
 
 def _check_combinations(args, parser):
     """Values out of every range and flags that would be silently ignored, before any work."""
-    if not 0 <= args.seed <= MAX_SEED:
-        parser.error(f"--seed must be an integer in [0, {MAX_SEED}]; got {args.seed}")
+    if not args.dp:
+        for name, why in DP_ONLY.items():
+            if getattr(args, name) is not None:
+                parser.error(f"--{name.replace('_', '-')} needs --dp ({why})")
+    for flag, seed in (("--seed", args.seed), ("--insecure-dp-seed", args.insecure_dp_seed)):
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            parser.error(f"{flag} must be an integer in [0, {MAX_SEED}]; got {seed}")
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         parser.error(f"--checkpoint-every must be a positive integer; got {args.checkpoint_every}")
     if args.checkpoint_every is not None and args.checkpoint_dir is None:
@@ -430,6 +622,9 @@ def run(args, parser=None) -> dict:
         if args.data != "mnist1d":
             parser.error("--num-examples is only for --data mnist1d")
         kwargs["num_examples"] = args.num_examples
+    standardize = _standardize(args, parser)
+    if standardize is not None and args.data != "line":  # the line is never standardised
+        kwargs["standardize"] = standardize
     # On a mesh, files stay on disk: the training inputs are memory-mapped and standardised
     # as each process reads its own rows (statistics combined over the processes).
     rows = mesh is not None and args.data in ("npz", "idx")
@@ -471,11 +666,46 @@ def run(args, parser=None) -> dict:
         strategy(loss_fn)
     except (ValueError, TypeError) as e:
         _flag_error(parser, str(e).replace("`l2_clip`", "--clip"))
-    init_key, shuffle_key = jax.random.split(jax.random.key(args.seed))
+    # The public seed's key: the initialisation and, without --dp, the shuffle; a --dp run's
+    # sampling and noise take a secret key instead (_dp_key).
+    init_key, key = jax.random.split(jax.random.key(args.seed))
+    params, optimizer = jax.jit(model.init)(init_key), _optimizer(opt_name, lr)
     # Memory-mapped training inputs are never read whole, so not evaluated after each epoch
-    # (the history's "loss" is the epoch's mean training loss); the test split is.
-    splits = {"test": ds.test} if rows else {"train": ds.train, "test": ds.test}
+    # (the history's "loss" is the epoch's mean training loss); the test split is. Nor are
+    # the training rows of a --dp run: their metrics would be released without noise.
+    test_only = rows or privacy_plan is not None
+    splits = {"test": ds.test} if test_only else {"train": ds.train, "test": ds.test}
     evaluate = evaluator(model.apply, loss_fn, splits, task=ds.task)
+    metrics_path = args.metrics_jsonl
+    if privacy_plan:
+        restored_key, start_epoch = _restore_point(args, params, optimizer)
+        key, key_source, private_run = _dp_key(args, restored_key)
+        if metrics_path is not None:
+            evaluate = _released_metrics(
+                evaluate,
+                privacy_plan,
+                path=metrics_path,
+                start_epoch=start_epoch,
+                steps_per_epoch=privacy_plan.steps // epochs,
+            )
+            metrics_path = None
+        if not private_run:
+            # Loud, on stdout and (so that --quiet does not hide it) on stderr.
+            banner = (
+                "WARNING: NOT PRIVATE. The DP noise and sampling key was derived from "
+                "--insecure-dp-seed, so the noise is a function of a public number and the run "
+                'has no finite epsilon. For tests only; the JSON says "private": false.'
+            )
+            say(banner)
+            print(banner, file=sys.stderr, flush=True)
+        else:
+            where = (
+                f"the checkpoints in {args.checkpoint_dir} hold it: keep them secret"
+                if args.checkpoint_dir
+                else "written nowhere"
+            )
+            got = "restored from the checkpoint" if key_source == "checkpoint" else "OS entropy"
+            say(f"DP noise and sampling key: {got}; {where}")
     say(
         f"{ds!r}; model {model_name}, strategy {args.strategy}, {opt_name}(lr={lr}), "
         f"{epochs} epochs of batch {batch_size}"
@@ -483,12 +713,12 @@ def run(args, parser=None) -> dict:
     start = time.perf_counter()
     result = fit(
         loss_fn,
-        jax.jit(model.init)(init_key),
+        params,
         ds.train,
-        optimizer=_optimizer(opt_name, lr),
+        optimizer=optimizer,
         epochs=epochs,
         batch_size=batch_size,
-        key=shuffle_key,
+        key=key,
         strategy=strategy,
         evaluate=evaluate,
         scan=False if args.no_scan else "auto",
@@ -496,7 +726,7 @@ def run(args, parser=None) -> dict:
         checkpoint_every=args.checkpoint_every,
         keep=args.keep,
         resume=not args.no_resume,
-        metrics_path=args.metrics_jsonl,
+        metrics_path=metrics_path,
         progress=args.progress,
         quiet=args.quiet,
         **({"privacy": privacy_plan.config} if privacy_plan else {}),
@@ -517,6 +747,7 @@ def run(args, parser=None) -> dict:
         "seed": args.seed,
         "scan": False if args.no_scan else "auto",
         "dtype": np.dtype(dtype).name,
+        "input_stats": args.input_stats,
         "devices": 1 if mesh is None else int(mesh.devices.size),
         "processes": jax.process_count(),
         "seconds": seconds,
@@ -524,16 +755,19 @@ def run(args, parser=None) -> dict:
         "history": result.history,
     }
     if privacy_plan:
-        summary["privacy"] = privacy_plan.summary(int(result.state.step))
+        summary = _dp_summary(summary, args, privacy_plan, key_source, private_run)
     if model_name == "line":
         params = jaxgrad.sharding.local_replica(result.params)
         summary["params"] = {k: float(v) for k, v in params.items()}
-    if model_name == "linear" and ds.task == "regression" and not rows:
+    # scikit-learn's reference fit reads the training rows: not memory-mapped ones, and not
+    # the private rows of a --dp run (its R² would be released without noise).
+    if model_name == "linear" and ds.task == "regression" and not test_only:
         reference = _sklearn_r2(ds)
         if reference is not None:
             summary["reference"] = {"sklearn_linear_regression_test_r2": reference}
-    shown = "  ".join(f"{k} {v:.4f}" for k, v in final.items())
-    say(f"final after {epochs} epochs ({summary['steps']} steps, {seconds:.1f} s): {shown}")
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in summary["final"].items())
+    took = "" if privacy_plan else f", {seconds:.1f} s"
+    say(f"final after {epochs} epochs ({summary['steps']} steps{took}): {shown}")
     if "privacy" in summary:
         pv = summary["privacy"]
         say(
@@ -556,11 +790,45 @@ def run(args, parser=None) -> dict:
 
         title = f"{model_name} on {args.data}, strategy {args.strategy}"
         try:
-            plot_history(result.history, args.plot, title=title)
+            plot_history(summary["history"], args.plot, title=title)  # --dp: released only
         except ImportError as e:
             parser.error(str(e))
         say(f"curves written to {args.plot}")
     return summary
+
+
+def _dp_summary(summary, args, plan, key_source, private_run):
+    """The --dp run's JSON: what the run releases, and nothing computed on the training rows
+    without noise (README, "What a --dp run releases", lists every key)."""
+    history = [
+        {k: v for k, v in r.items() if k in DP_HISTORY_KEYS or k.startswith("test_")}
+        for r in summary["history"]
+    ]
+    released = {k: v for k, v in summary.items() if k not in ("seconds", "final", "history")}
+    out = {
+        "private": private_run,
+        **(
+            {}
+            if private_run
+            else {
+                "not_private_reason": "the DP noise and sampling key was derived from "
+                "--insecure-dp-seed (a public number), so the run has no finite epsilon"
+            }
+        ),
+        "privacy_note": PRIVACY_NOTE,
+        "dp_key": key_source,
+        **released,
+        "final": {k: v for k, v in history[-1].items() if k.startswith("test_")},
+        "history": history,
+        "privacy": {
+            **plan.summary(summary["steps"]),
+            "planned_steps": plan.steps,
+            "nonfinite": plan.config.nonfinite,
+        },
+    }
+    if args.insecure_dp_seed is not None:
+        out["insecure_dp_seed"] = args.insecure_dp_seed
+    return out
 
 
 def main(argv=None) -> int:
