@@ -17,6 +17,7 @@ With optax, the noisy gradient is an ordinary gradient::
 (any optax optimizer: post-processing of a private gradient stays private).
 """
 
+from jaxgrad.privacy import audit
 from jaxgrad.privacy.accounting import calibrate_noise_multiplier, dp_event, epsilon
 from jaxgrad.privacy.noisy import DPInfo, add_noise, dp_grad, noised_average, sampled_dp_grad
 from jaxgrad.privacy.sampling import (
@@ -32,6 +33,7 @@ __all__ = [
     "DPInfo",
     "PoissonSample",
     "add_noise",
+    "audit",
     "calibrate_noise_multiplier",
     "default_physical_batch_size",
     "dp_event",
