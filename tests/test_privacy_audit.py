@@ -23,6 +23,7 @@ false-alarm rate; every run is seeded, hence deterministic.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import re
@@ -186,20 +187,20 @@ def test_canary_gradients_are_dirac_on_every_path():
     loss = audit.with_canaries(mlp_loss, c)
     # One example at a time: a canary row's gradient is C e_j, a real row's the user's.
     flat = lambda tree: jnp.concatenate([jnp.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
-    grad = jax.jit(jax.grad(lambda p, e: loss(p, e)[0]))
-    user_grad = jax.jit(jax.grad(lambda p, e: mlp_loss(p, e)[0]))
-    value = jax.jit(loss)
+    # One example at a time (a jitted function of the row index, so one compilation).
+    take = lambda i: (jax.tree_util.tree_map(lambda a: a[i], rows), ids[i])
+    one = jax.jit(lambda p, i: (flat(jax.grad(lambda q: loss(q, take(i))[0])(p)), loss(p, take(i))))
+    user = jax.jit(lambda p, i: flat(jax.grad(lambda q: mlp_loss(q, take(i)[0])[0])(p)))
     for i in range(rows[0].shape[0]):
-        ex = (jax.tree_util.tree_map(lambda a, i=i: a[i], rows), ids[i])
-        g = flat(grad(params, ex))
+        g, value = one(params, i)
         if int(ids[i]) < 0:
-            np.testing.assert_allclose(g, flat(user_grad(params, ex[0])), rtol=1e-14)
-            assert value(params, ex)[1] == 3.0
+            np.testing.assert_allclose(g, user(params, i), rtol=1e-14)
+            assert value[1] == 3.0
         else:
             want = np.zeros(g.shape)
             want[c.coordinates[int(ids[i])]] = clip
             np.testing.assert_array_equal(g, want)
-            assert value(params, ex) == (0.0, 0.0)  # no loss, no items
+            assert (float(value[0]), float(value[1])) == (0.0, 0.0)  # no loss, no items
     # The fast clipped sum against vmap(grad) + clip.
     per = jax.vmap(jax.grad(lambda p, e: loss(p, e)[0]), in_axes=(None, 0))(params, (rows, ids))
     per = jax.vmap(flat)(per)
@@ -242,14 +243,9 @@ def test_canary_argument_errors():
     c = audit.dirac_canaries(params, num_canaries=2, l2_clip=1.0, key=jax.random.key(0))
     with pytest.raises(TypeError, match=r"\(example, canary_id\)"):
         audit.with_canaries(lambda p, x: jnp.sum(p["w"] * x), c)(params, jnp.ones(5))
-    bits = np.concatenate(
-        [
-            audit.dirac_canaries(
-                {"w": jnp.zeros(1000)}, num_canaries=1000, l2_clip=1.0, key=jax.random.key(s)
-            ).included
-            for s in range(4)
-        ]
-    )
+    bits = audit.dirac_canaries(
+        {"w": jnp.zeros(4000)}, num_canaries=4000, l2_clip=1.0, key=jax.random.key(1)
+    ).included
     # Fair coins: |mean − ½| < 5.3 standard deviations (false alarm < 1e-7).
     assert abs(bits.mean() - 0.5) < 5.3 * math.sqrt(0.25 / bits.size)
 
@@ -447,7 +443,7 @@ def test_sampled_dp_grad_audit():
     assert broken.epsilon_lower > claim, broken
 
 
-def fit_train(privacy_config, claims):
+def fit_train(privacy_config, claims, mesh=None):
     """``train`` over ``jaxgrad.train.fit(..., privacy=...)``: q = ½, 10 epochs."""
 
     def train(loss_fn, params, data):
@@ -462,6 +458,7 @@ def fit_train(privacy_config, claims):
             key=jax.random.key(55555),
             privacy=privacy_config,
             quiet=True,
+            mesh=mesh,
         )
         claims.append(result.history[-1]["epsilon"])
         return result.params
@@ -485,6 +482,29 @@ def test_fit_audit_stays_below_claim_and_too_little_noise_exceeds_it():
     )
     broken = run_audit(fit_train(weak, claims))  # same canary key: same rows
     assert broken.epsilon_lower > TARGET, broken
+
+
+def test_fit_on_a_mesh_audit():
+    """The same audit of ``fit(..., mesh=data_mesh(4))``, in a subprocess with 4 emulated
+    CPU devices (tests/_audit_worker.py), so that this process keeps its one device."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "_audit_worker.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, proc.stdout
+    out = json.loads(lines[-1][len("RESULT ") :])
+    assert out["devices"] == 4
+    assert out["claim"] == pytest.approx(TARGET, rel=1e-2)
+    assert out["correct"][0] < out["claim"], out
+    assert out["broken"][0] > TARGET, out
 
 
 # --------------------------------------------------------------------------------------------
