@@ -241,6 +241,20 @@ def test_canary_argument_errors():
     with pytest.raises(TypeError, match="Canaries"):
         audit.with_canaries(lambda p, x: x, (np.array([0]), np.array([True]), 1.0))
     c = audit.dirac_canaries(params, num_canaries=2, l2_clip=1.0, key=jax.random.key(0))
+    three = {"a": jnp.zeros(5), "b": jnp.zeros((1, 3)), "c": jnp.zeros(4)}
+    only = {"a": False, "b": True, "c": True}
+    c7 = audit.dirac_canaries(
+        three, num_canaries=7, l2_clip=1.0, key=jax.random.key(0), leaves=only
+    )
+    assert sorted(c7.coordinates.tolist()) == list(range(5, 12))  # all of b and c, none of a
+    with pytest.raises(ValueError, match=r"num_canaries.*\(8\).*`leaves`'.*7"):
+        audit.dirac_canaries(three, num_canaries=8, l2_clip=1.0, key=jax.random.key(0), leaves=only)
+    with pytest.raises(ValueError, match="leaves"):
+        audit.dirac_canaries(
+            three, num_canaries=1, l2_clip=1.0, key=jax.random.key(0), leaves={"a": 1}
+        )
+    with pytest.raises(ValueError, match="dirac_canaries"):  # canaries for other params
+        audit.with_canaries(lambda p, x: jnp.sum(p["w"]), c)({"w": jnp.zeros(1)}, (0, 0))
     with pytest.raises(TypeError, match=r"\(example, canary_id\)"):
         audit.with_canaries(lambda p, x: jnp.sum(p["w"] * x), c)(params, jnp.ones(5))
     bits = audit.dirac_canaries(

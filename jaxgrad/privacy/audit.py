@@ -106,7 +106,8 @@ def one_run_p_value(
 ) -> float:
     """The p-value of ``v`` correct guesses out of ``r`` if the run were ``(ε, δ)``-DP.
 
-    Steinke, Nasr and Jagielski (2023), Theorem 5.2 (their ``p_value_DP_audit``):
+    Steinke, Nasr and Jagielski (2023), the (ε, δ) case of their main theorem, as their
+    algorithm computes it (the function ``p_value_DP_audit`` of the paper):
 
     .. math::
 
@@ -246,30 +247,36 @@ class Canaries(NamedTuple):
         return int(self.coordinates.shape[0])
 
 
-def _num_coordinates(params) -> int:
-    return sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
-
-
-def dirac_canaries(params: PyTree, *, num_canaries: int, l2_clip: float, key) -> Canaries:
+def dirac_canaries(
+    params: PyTree, *, num_canaries: int, l2_clip: float, key, leaves: PyTree | None = None
+) -> Canaries:
     """Draws ``m`` Dirac canaries for ``params``: distinct coordinates, include bits with rate ½.
 
     Canary ``k``'s gradient will be exactly ``C e_{j_k}`` (:func:`with_canaries`): norm ``C``,
     so clipping at ``C`` leaves it whole, and it moves coordinate ``j_k`` only. The
-    coordinates are a uniformly random ``m``-subset of the ``P`` coordinates; the include
-    bits are independent fair coins (:func:`jaxgrad.privacy.inclusion_mask` at rate ½).
+    coordinates are a uniformly random ``m``-subset of the eligible coordinates (all of them,
+    or those of the leaves ``leaves`` selects); the include bits are independent fair coins
+    (:func:`jaxgrad.privacy.inclusion_mask` at rate ½).
+
+    A leaf that holds canary coordinates is used twice in the canary loss (by the model and by
+    the canaries), so jaxgrad's fast clipped sum forms its per-example gradients (batch × leaf
+    size); ``leaves`` can keep the canaries in small leaves (biases, a layer of modest size)
+    to spare a large model that memory. The audit covers the whole step either way: clipping
+    and noise act on the whole gradient.
 
     Args:
-      params: the model's initial parameters (any pytree of real floating-point arrays, with
-        ``P ≥ m`` coordinates in all).
-      num_canaries: ``m ≥ 1``.
+      params: the model's initial parameters (any pytree of real floating-point arrays).
+      num_canaries: ``m ≥ 1``, at most the number of eligible coordinates.
       l2_clip: ``C > 0``, the run's clipping norm (the sensitivity its ε is claimed for).
       key: the PRNG key of the draw (keep it from the training run: it decides the bits).
+      leaves: optional, a pytree of booleans with ``params``' structure: which leaves may
+        hold canary coordinates (default: all).
 
     Returns:
       A :class:`Canaries`.
 
     Raises:
-      ValueError: ``m > P``, or a bad argument, naming it.
+      ValueError: ``m`` above the eligible coordinates, or a bad argument, naming it.
 
     Example::
 
@@ -279,19 +286,45 @@ def dirac_canaries(params: PyTree, *, num_canaries: int, l2_clip: float, key) ->
       ...                    key=jax.random.key(0))
       >>> c.num_canaries, len(set(c.coordinates.tolist())), c.included.dtype
       (40, 40, dtype('bool'))
+      >>> c = dirac_canaries({"b": jnp.zeros(5), "w": jnp.zeros((10, 10))}, num_canaries=5,
+      ...                    l2_clip=1.0, key=jax.random.key(0), leaves={"b": True, "w": False})
+      >>> sorted(c.coordinates.tolist())  # b's coordinates come first (tree_leaves order)
+      [0, 1, 2, 3, 4]
     """
     reduce.check_params(params, real=True)
     m = reduce.check_positive_int(num_canaries, name="num_canaries")
     clip = reduce.check_positive_float(l2_clip, name="l2_clip")
     key = reduce.check_key(key)
-    p = _num_coordinates(params)
+    sizes = [int(np.size(x)) for x in jax.tree_util.tree_leaves(params)]
+    if leaves is None:
+        eligible = [True] * len(sizes)
+    else:
+        treedef = jax.tree_util.tree_structure(params)
+        chosen = jax.tree_util.tree_leaves(leaves)
+        if jax.tree_util.tree_structure(leaves) != treedef or not all(
+            isinstance(b, (bool, np.bool_)) for b in chosen
+        ):
+            raise ValueError(
+                f"`leaves` must be a pytree of True/False with the structure of `params` "
+                f"({treedef}); got {leaves!r}"[:600]
+            )
+        eligible = [bool(b) for b in chosen]
+    starts = np.cumsum([0, *sizes[:-1]])
+    ranges = [(int(a), n) for a, n, ok in zip(starts, sizes, eligible, strict=True) if ok and n]
+    p = sum(n for _, n in ranges)
     if m > p:
+        where = "the parameters'" if leaves is None else "the chosen `leaves`'"
         raise ValueError(
-            f"`num_canaries` ({m}) is more than the parameters' {p} coordinates; every Dirac "
+            f"`num_canaries` ({m}) is more than {where} {p} coordinates; every Dirac "
             f"canary needs its own coordinate, so expected at most {p}"
         )
     coord_key, bit_key = jax.random.split(key)
-    coordinates = np.asarray(jax.random.choice(coord_key, p, (m,), replace=False), np.int64)
+    picks = np.asarray(jax.random.choice(coord_key, p, (m,), replace=False), np.int64)
+    # Eligible coordinate number -> flat coordinate: the eligible leaves laid end to end.
+    ends = np.cumsum([n for _, n in ranges])
+    which = np.searchsorted(ends, picks, side="right")
+    offsets = np.array([a for a, _ in ranges], np.int64) - (ends - [n for _, n in ranges])
+    coordinates = picks + offsets[which]
     included = np.asarray(sampling.inclusion_mask(bit_key, sampling_rate=0.5, num_examples=m))
     return Canaries(coordinates, included, clip)
 
@@ -346,8 +379,16 @@ def with_canaries(loss_fn: Callable, canaries: Canaries) -> Callable:
     clip = canaries.l2_clip
     coordinates = np.asarray(canaries.coordinates)
     index_dtype = np.int32 if coordinates.max(initial=0) < 2**31 - 1 else np.int64
+    # (int64 indices need jax_enable_x64; they arise only past 2^31 coordinates)
 
     def loss(params, example, *args):
+        leaves = jax.tree_util.tree_leaves(params)
+        num_coordinates = sum(int(np.size(leaf)) for leaf in leaves)
+        if coordinates.max(initial=-1) >= num_coordinates:  # else a silently zero gradient
+            raise ValueError(
+                f"`canaries` were drawn for at least {int(coordinates.max()) + 1} coordinates "
+                f"but `params` has {num_coordinates}; draw them with dirac_canaries(params, ...)"
+            )
         if not (isinstance(example, (tuple, list)) and len(example) == 2):
             raise TypeError(
                 "the canary loss takes augmented examples `(example, canary_id)` (see "
@@ -363,7 +404,7 @@ def with_canaries(loss_fn: Callable, canaries: Canaries) -> Callable:
         j = jnp.asarray(coordinates, index_dtype)[jnp.clip(canary_id, 0, m - 1)]
         dirac = jnp.zeros((), real_sum.dtype)
         start = 0
-        for leaf in jax.tree_util.tree_leaves(params):
+        for leaf in leaves:
             size = int(np.size(leaf))
             theta = jnp.reshape(leaf, (-1,))[jnp.clip(j - start, 0, size - 1)]
             theta = theta.astype(real_sum.dtype)
@@ -582,6 +623,7 @@ def audit(
     delta: float,
     key,
     confidence: float = 0.95,
+    leaves: PyTree | None = None,
 ) -> AuditResult:
     """Audits one training run: canaries in, train once, guess, bound ε from below.
 
@@ -611,6 +653,8 @@ def audit(
       delta: the ``δ`` of the claim.
       key: the PRNG key of the canaries (not the run's: the bits must be secret from it).
       confidence: in (0, 1).
+      leaves: optional, which parameter leaves may hold canaries (see
+        :func:`dirac_canaries`).
 
     Returns:
       An :class:`AuditResult`.
@@ -635,7 +679,7 @@ def audit(
     r = _check_int(num_guesses, name="num_guesses", low=0, high=m, high_name="num_canaries")
     delta = _check_delta(delta)
     confidence = _check_confidence(confidence)
-    canaries = dirac_canaries(params, num_canaries=m, l2_clip=l2_clip, key=key)
+    canaries = dirac_canaries(params, num_canaries=m, l2_clip=l2_clip, key=key, leaves=leaves)
     trained = train(with_canaries(loss_fn, canaries), params, insert(data, canaries))
     scores = score(params, trained, canaries)
     guesses = guess(scores, canaries, num_guesses=r)
