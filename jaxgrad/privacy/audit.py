@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrad import reduce
+from jaxgrad import reduce, sharding
 from jaxgrad.privacy import sampling
 
 PyTree = Any
@@ -484,7 +484,8 @@ def score(reference: PyTree, params: PyTree, canaries: Canaries) -> np.ndarray:
 
     Args:
       reference: parameters to measure from (usually the initial ones).
-      params: the trained parameters, the same tree structure and shapes.
+      params: the trained parameters, the same tree structure and shapes (replicated
+        arrays of a multi-process run are read from this process's copy).
       canaries: from :func:`dirac_canaries`.
 
     Returns:
@@ -499,8 +500,10 @@ def score(reference: PyTree, params: PyTree, canaries: Canaries) -> np.ndarray:
       [0.5, -0.25]
     """
     canaries = _check_canaries(canaries)
-    ref_leaves, ref_tree = jax.tree_util.tree_flatten(reference)
-    leaves, tree = jax.tree_util.tree_flatten(params)
+    # A run over several processes returns arrays no process holds whole; replicated
+    # parameters are whole in every local copy.
+    ref_leaves, ref_tree = jax.tree_util.tree_flatten(sharding.local_replica(reference))
+    leaves, tree = jax.tree_util.tree_flatten(sharding.local_replica(params))
     shapes = [np.shape(x) for x in leaves]
     if ref_tree != tree or [np.shape(x) for x in ref_leaves] != shapes:
         raise ValueError(
