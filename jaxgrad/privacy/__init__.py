@@ -17,6 +17,7 @@ With optax, the noisy gradient is an ordinary gradient::
 (any optax optimizer: post-processing of a private gradient stays private).
 """
 
+from jaxgrad.privacy import audit
 from jaxgrad.privacy.accounting import calibrate_noise_multiplier, dp_event, epsilon
 from jaxgrad.privacy.noisy import (
     ClippedSum,
@@ -43,6 +44,7 @@ __all__ = [
     "PoissonSample",
     "PrivatizerState",
     "add_noise",
+    "audit",
     "calibrate_noise_multiplier",
     "default_physical_batch_size",
     "dp_event",

@@ -1,0 +1,47 @@
+"""Subprocess side of tests/test_privacy_audit.py's mesh audit: 4 emulated CPU devices.
+
+Audits ``fit(..., privacy=..., mesh=data_mesh(4))`` exactly as the one-device test audits
+``fit``: the same linear problem, canaries, claim and broken copy (σ/10), and prints
+``RESULT {json}``. It runs in its own process so that the rest of the suite keeps one device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> dict:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import test_privacy_audit as t  # the problem, the train closure and the audit helper
+
+    import jaxgrad
+    from jaxgrad.privacy import audit
+
+    mesh = jaxgrad.sharding.data_mesh(4)
+    claims = []
+    config = jaxgrad.train.PrivacyConfig(l2_clip=t.CLIP, target_epsilon=t.TARGET, delta=t.DELTA)
+    correct = t.run_audit(t.fit_train(config, claims, mesh=mesh))
+    rows = t.reduce_rows(audit.insert(t.real_data(), correct.canaries))
+    plan = jaxgrad.train.private.plan(config, num_examples=rows, batch_size=rows // 2, epochs=10)
+    weak = jaxgrad.train.PrivacyConfig(
+        l2_clip=t.CLIP, noise_multiplier=plan.noise_multiplier / 10, delta=t.DELTA
+    )
+    broken = t.run_audit(t.fit_train(weak, claims, mesh=mesh))
+    return {
+        "devices": int(mesh.devices.size),
+        "claim": claims[0],
+        "correct": [correct.epsilon_lower, correct.num_correct],
+        "broken": [broken.epsilon_lower, broken.num_correct],
+    }
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(main()))
