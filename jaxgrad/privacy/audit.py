@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrad import reduce, sharding
+from jaxgrad import keys, reduce, sharding
 from jaxgrad.privacy import sampling
 
 PyTree = Any
@@ -294,7 +294,7 @@ def dirac_canaries(
     reduce.check_params(params, real=True)
     m = reduce.check_positive_int(num_canaries, name="num_canaries")
     clip = reduce.check_positive_float(l2_clip, name="l2_clip")
-    key = reduce.check_key(key)
+    key = keys.check_key(key)
     sizes = [int(np.size(x)) for x in jax.tree_util.tree_leaves(params)]
     if leaves is None:
         eligible = [True] * len(sizes)
