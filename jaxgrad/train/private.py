@@ -1,26 +1,26 @@
-"""DP-SGD training for :func:`jaxgrad.train.fit` (``fit(..., privacy=PrivacyConfig(...))``).
+"""DP-SGD for :func:`jaxgrad.train.fit` (``fit(..., privacy=PrivacyConfig(...))``).
 
-Every step samples the training set by Poisson sampling with rate ``q = batch_size / N`` and
-takes the noisy gradient of :func:`jaxgrad.privacy.sampled_dp_grad`: the draw is run in
-physical batches of a fixed size (accumulated, never truncated), the clipped sums are added,
+:func:`plan` resolves a :class:`PrivacyConfig` for a data set (``q = batch_size / N``, the
+planned steps, σ calibrated for them); :func:`engine` gives the one training loop its steps.
+Every step samples the training set by Poisson sampling with rate ``q`` and takes the noisy
+gradient of :func:`jaxgrad.privacy.sampled_dp_grad`'s parts: the draw is run in physical
+batches of a fixed size (accumulated, never truncated), the clipped sums are added,
 ``N(0, σ²C² I)`` is added once and the sum is divided once by ``qN``. An "epoch" is
-``⌈N / batch_size⌉`` steps (each example is seen once per epoch *in expectation*).
-
-``σ`` is either given or calibrated before training for the planned number of steps
-(:func:`jaxgrad.privacy.calibrate_noise_multiplier`); the ε spent so far is reported after
-every epoch (``epsilon`` in the history). Step ``t``'s sample and noise are drawn from
-``fold_in(key, t)``, so the privacy state is the step count and the key: both are in every
-checkpoint, a resumed run continues bit for bit, and a checkpoint written under other privacy
-settings (clip, σ, q, δ, accountant, planned steps) is refused.
+``⌈N / batch_size⌉`` steps (each example is seen once per epoch *in expectation*); the ε spent
+so far is reported after every epoch (``epsilon`` in the history). Step ``t``'s sample and
+noise are drawn from ``dp_keys(key, t)`` (:mod:`jaxgrad.keys`), so the privacy state is the
+step count and the key: both are in every checkpoint, a resumed run continues bit for bit,
+and a checkpoint written under other privacy settings (clip, σ, q, δ, accountant, planned
+steps) is refused.
 
 On a mesh (``fit(..., privacy=..., mesh=...)``) the step is the same computation, spread:
-the Poisson sample is drawn over the whole data set from ``fold_in(key, t)`` — the same key,
-hence the same draw, in every process (one draw for the step, never one per device or host,
-so the inclusions stay independent across examples) — its physical batches are sharded
-along the examples over the mesh's ``"data"`` axis (each process gathering only its own
-devices' rows, :func:`jaxgrad.sharding.take_rows`), the clipped sums and counts are summed
-over devices, and the noise is drawn once, from the step's one noise key, in the replicated
-result. The parameters equal the one-device run's up to the order of the sums.
+the Poisson sample is drawn over the whole data set from the same key in every process (one
+draw for the step, never one per device or host, so the inclusions stay independent across
+examples), its physical batches are sharded along the examples over the mesh's ``"data"``
+axis (each process gathering only its own devices' rows,
+:func:`jaxgrad.sharding.take_rows`), the clipped sums and counts are summed over devices, and
+the noise is drawn once, from the step's one noise key, in the replicated result. The
+parameters equal the one-device run's up to the order of the sums.
 """
 
 from __future__ import annotations
