@@ -198,7 +198,9 @@ def test_resume_skips_a_corrupt_latest(tmp_path, monkeypatch):
 def test_resume_with_another_configuration_is_refused(tmp_path):
     _run(tmp_path, epochs=1)
     params, loss_fn, data = _problem()
-    with pytest.raises(ValueError, match=r"was written by a run configured as .*batch_size"):
+    with pytest.raises(
+        ValueError, match=r"written by another run: the run changed \(.*batch_size: 4 -> 5"
+    ):
         fit(
             loss_fn,
             params,
@@ -211,7 +213,10 @@ def test_resume_with_another_configuration_is_refused(tmp_path):
             quiet=True,
         )
     # Another seed is another run, too.
-    with pytest.raises(ValueError, match=r"was written by a run configured as .*key"):
+    with pytest.raises(
+        ValueError,
+        match=r"written by another run: the run changed \(.*key: '[0-9a-f]+' -> '[0-9a-f]+'",
+    ):
         _fit_into(loss_fn, params, data, tmp_path, batch_size=4, key=jax.random.key(4))
     # resume=False refuses a directory holding another run's checkpoints (a later resume
     # would pick up the wrong run), and starts afresh in an empty one.

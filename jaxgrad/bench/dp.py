@@ -35,7 +35,6 @@ import optax
 
 from jaxgrad import grads, privacy
 from jaxgrad.bench import suite
-from jaxgrad.privacy.noisy import clipped_sum_dropping_nonfinite
 
 DEFAULT_MODELS = ["mlp", "cnn", "transformer"]
 DEFAULT_BATCH_SIZES = [256, 1024]
@@ -73,7 +72,7 @@ def programs(
         noise_multiplier=noise_multiplier,
         expected_batch_size=batch_size,
     )
-    clipped = clipped_sum_dropping_nonfinite(case.loss_fn, l2_clip=l2_clip)  # the DP step's
+    clipped = privacy.ClippedSum(case.loss_fn, l2_clip=l2_clip)  # the DP step's
     q = batch_size / data_size
     sampled = privacy.sampled_dp_grad(
         case.loss_fn,

@@ -506,10 +506,12 @@ def _plain_engine(
     return Engine(config, steps_per_epoch, chunk, epoch_chunks, run_chunk, record, failure)
 
 
-def _config_changes(old: dict, new: dict) -> str:
-    """``"name: old -> new"`` for every key whose value differs between two config dicts."""
+def _config_changes(old: dict, new: dict, *, secret=()) -> str:
+    """``"name: old -> new"`` for every key whose value differs between two config dicts (the
+    values of ``secret`` keys named, not shown)."""
     changed = [k for k in {**old, **new} if old.get(k) != new.get(k)]
-    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+    show = lambda k, v: "(secret)" if k in secret else repr(v)
+    return ", ".join(f"{k}: {show(k, old.get(k))} -> {show(k, new.get(k))}" for k in changed)
 
 
 def _restore(checkpoint_dir, template, config, *, mesh, epochs):
@@ -531,7 +533,6 @@ def _restore(checkpoint_dir, template, config, *, mesh, epochs):
             "(the batches and the order of the sums depend on it), or use another checkpoint_dir"
         )
     if old != config:
-        why = ""
         if old.get("privacy") != config.get("privacy"):
             changed = (
                 _config_changes(old["privacy"], config["privacy"])
@@ -539,13 +540,19 @@ def _restore(checkpoint_dir, template, config, *, mesh, epochs):
                 else "one run is private and the other is not"
             )
             why = (
-                f": the privacy settings changed ({changed}); the accounting of the steps already "
+                f"the privacy settings changed ({changed}); the accounting of the steps already "
                 "taken would be wrong. Resume with the same privacy settings"
             )
+        else:
+            # A private run's key is secret: even a hash of it is not printed.
+            secret = ("key",) if "privacy" in config else ()
+            why = (
+                f"the run changed ({_config_changes(old, config, secret=secret)}). Resume with "
+                "the same data, batch_size, key, checkpoint_every/steps_per_call and scan"
+            )
         raise ckpt.CheckpointError(
-            f"checkpoint {path} was written by a run configured as {old}; this run is {config}"
-            f"{why}. Resume with the same data, batch_size, key, checkpoint_every/steps_per_call "
-            "and scan, or use another checkpoint_dir (or resume=False)"
+            f"checkpoint {path} was written by another run: {why}, or use another "
+            "checkpoint_dir (or resume=False)"
         )
     ckpt.check_resume_epoch(meta["epoch"], epochs, path)
     return tree, meta, path
