@@ -19,6 +19,8 @@ import pytest
 
 import jaxgrad
 from jaxgrad.fast import plan
+from jaxgrad.fast import rules as rules_lib
+from jaxgrad.fast import trace as trace_lib
 
 F64 = jnp.float64
 B = 6
@@ -237,3 +239,113 @@ def test_sampler_loop_in_a_distillation_loss():
 
     routes = check(loss, params, batch, jax.random.key(3))
     assert routes["['W1']"].route.startswith("tied, 2 uses")
+
+
+# --- 2. complex operands of real parameters ----------------------------------------------
+
+
+def test_fno_spectral_layer():
+    rng = np.random.default_rng(8)
+    n, cin, cout, modes = 16, 2, 3, 5
+    params = {"R": _normal(rng, modes, cin, cout), "P": _normal(rng, cin, cout)}
+    batch = _normal(rng, B, n, cin, scale=1.0)
+
+    def loss(p, x):  # x: (n, cin)
+        x_ft = jnp.fft.rfft(x, axis=0)[:modes]  # (modes, cin) complex
+        out_ft = jnp.einsum("mi,mio->mo", x_ft, p["R"])  # real weights on the modes
+        out_ft = jnp.pad(out_ft, ((0, n // 2 + 1 - modes), (0, 0)))
+        y = jnp.fft.irfft(out_ft, n=n, axis=0) + x @ p["P"]
+        return jnp.sum(jnp.tanh(y) ** 2), float(n)
+
+    routes = check(loss, params, batch)
+    assert "2 real positions" in routes["['R']"].route
+
+
+@pytest.mark.parametrize("read", ["abs", "real"])
+def test_real_weights_times_a_complex_vector(read):
+    rng = np.random.default_rng(9)
+    params = {"W": _normal(rng, 5, 8), "V": _normal(rng, 8, 3)}
+    batch = _normal(rng, B, 8, scale=1.0)
+
+    def loss(p, x):
+        y = p["W"] @ jnp.fft.fft(x)  # (5,) complex
+        y = jnp.abs(y) ** 2 if read == "abs" else jnp.real(y)
+        z = jnp.fft.fft(jnp.tanh(x)) @ p["V"]  # complex on the other side
+        return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.imag(z) ** 2)
+
+    routes = check(loss, params, batch)
+    for leaf in ("['W']", "['V']"):
+        assert "2 real positions" in routes[leaf].route
+
+
+def test_real_weights_tied_to_complex_and_real_operands_and_a_cast():
+    rng = np.random.default_rng(11)
+    params = {"W": _normal(rng, 5, 8), "C": _normal(rng, 8, 8)}
+    batch = _normal(rng, B, 8, scale=1.0)
+
+    def loss(p, x):
+        y = jnp.abs(p["W"] @ jnp.fft.fft(x)) ** 2 + jnp.tanh(p["W"] @ x)  # W tied
+        z = p["C"].astype(jnp.complex128) @ jnp.fft.ifft(x)  # C itself complex
+        return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.real(z * jnp.conj(z[::-1])))
+
+    routes = check(loss, params, batch)
+    assert routes["['W']"].route.startswith("tied, 2 uses: complex operand")
+    assert routes["['C']"].fallback and "complex" in routes["['C']"].reason
+
+
+def test_spectral_layer_inside_a_scan():
+    rng = np.random.default_rng(12)
+    n, modes = 8, 3
+    params = {"R": _normal(rng, modes, 4, 4), "U": _normal(rng, 4, 4)}
+    batch = _normal(rng, B, 3, n, 4, scale=1.0)  # 3 steps of an (n, 4) field
+
+    def loss(p, xs):
+        def step(u, x):
+            u_ft = jnp.fft.rfft(u + x, axis=0)[:modes]
+            v_ft = jnp.einsum("mi,mio->mo", u_ft, p["R"])
+            v_ft = jnp.pad(v_ft, ((0, n // 2 + 1 - modes), (0, 0)))
+            u = jnp.tanh(jnp.fft.irfft(v_ft, n=n, axis=0) + u @ p["U"])
+            return u, jnp.sum(u**2)
+
+        u, ys = jax.lax.scan(step, jnp.zeros((n, 4), F64), xs)
+        return jnp.sum(ys) + jnp.sum(jnp.sin(u)), 3.0
+
+    routes = check(loss, params, batch)
+    assert routes["['R']"].route.startswith("scan, 3 steps, shared: complex operand")
+
+
+# --- 3. the unique-indices flag -----------------------------------------------------------
+
+
+def test_lookups_lifted_over_steps_are_not_marked_unique():
+    """A row lookup ``E[t]`` is one gather per step, trivially unique and sorted; lifted over
+    the steps of a scan it picks T rows per example, which repeat (and are not sorted): the
+    scatter-add that transposes it must not be told they are unique (XLA may then drop
+    repeated updates on an accelerator)."""
+    rng, params, _ = _setup(10)
+    tokens = jnp.asarray(rng.integers(0, 2, size=(B, 7)))  # rows 0 and 1 only: repeats
+
+    def loss(p, toks):
+        def step(h, t):
+            h = jnp.tanh(h @ p["W"] + p["E"][t])
+            return h, h
+
+        h, ys = jax.lax.scan(step, jnp.zeros(4, F64), toks)
+        return jnp.sum(ys**2) + jnp.sum(p["E"][toks[0]] * h)
+
+    one = jax.tree_util.tree_map(lambda x: x[0], tokens)
+    an = trace_lib.analyse(loss, params, one)
+    (lifted,) = [u for u in an.fast[0] if u.site == "scan"]  # "E" sorts first
+    assert lifted.steps == 7
+    assert not lifted.op.params["unique_indices"]
+    assert not lifted.op.params["indices_are_sorted"]
+    # the gradient through the lifted lookup, with repeated rows, is the sum of the steps'
+    rows = np.array([0, 1, 1, 0, 0, 1, 1])
+    a = jnp.asarray(np.stack([rows, 0 * rows], axis=-1)[None])  # (row, column 0) per step
+    assert a.shape[1:] == lifted.op.in_avals[1].shape
+    g = _normal(rng, 1, *lifted.op.out_avals[0].shape)
+    got = rules_lib.per_example_grads(lifted.op, 0, a, g)[0]
+    expected = np.zeros((5, 4))
+    np.add.at(expected, rows, np.asarray(g[0]).reshape(7, 4))
+    _close(got, expected)
+    check(loss, params, tokens)

@@ -308,6 +308,12 @@ class Use:
     nest: list = dataclasses.field(default_factory=list)
     # For a use inside a scan: the scan's operand position the leaf enters through.
     operand: int = -1
+    # The equation as the rules see it at one step, before any lift over steps: the
+    # program's (or body's) equation, or its real form (see :func:`real_form`).
+    base: Eqn | None = None
+    # For a real form: the axis of ``base``'s output that holds the real and imaginary
+    # parts (the captured cotangent is ``(Re G, −Im G)`` there); -1 for a real use.
+    split: int = -1
 
     @property
     def key(self):
@@ -369,8 +375,17 @@ def _is_embedding_gather(eqn: Eqn) -> bool:
     return str(mode).split(".")[-1] in {"CLIP", "PROMISE_IN_BOUNDS", "FILL_OR_DROP", "ONE_HOT"}
 
 
+def _is_complex(aval) -> bool:
+    return jax.numpy.issubdtype(aval.dtype, jax.numpy.complexfloating)
+
+
 def _classify(eqn: Eqn, param_pos: list) -> str | None:
     name = eqn.primitive.name
+    if any(_is_complex(a) for a in (*eqn.in_avals, *eqn.out_avals)):
+        # Complex values around a real parameter: only a ``dot_general`` that reads the
+        # parameter as it is (real) has a real form the rules are written for.
+        ok = name == "dot_general" and len(param_pos) == 1
+        return "dense" if ok and not _is_complex(eqn.in_avals[param_pos[0]]) else None
     if name == "dot_general" and len(param_pos) == 1:
         return "dense"
     if name == "conv_general_dilated" and param_pos == [1]:
@@ -397,6 +412,11 @@ def _reason(eqn: Eqn, param_pos: list) -> str:
     name = eqn.primitive.name
     if name in _OPAQUE:
         return _OPAQUE[name]
+    if any(_is_complex(a) for a in (*eqn.in_avals, *eqn.out_avals)):
+        return (
+            f"a complex-valued `{name}` of a real parameter (read as two real positions only "
+            "by a `dot_general` that takes the parameter real)"
+        )
     if name == "dot_general":
         return "both operands of a `dot_general` are parameters"
     if name == "conv_general_dilated":
@@ -455,12 +475,41 @@ def lift_over_steps(eqn: Eqn, pos: int, steps: int, stacked: bool):
         dn = eqn.params["dimension_numbers"]
         params = dict(eqn.params)
         params["dimension_numbers"] = dn._replace(offset_dims=tuple(d + 1 for d in dn.offset_dims))
+        # Each step's lookups may be unique and sorted (one row, ``W[i]``), the steps' together
+        # are not (a token seen twice): the transpose, a scatter-add, must not be told so.
+        params["unique_indices"] = params["indices_are_sorted"] = False
         idx = eqn.in_avals[1]
         in_avals = [eqn.in_avals[0], _shaped((steps, *idx.shape), idx.dtype)]
         out = eqn.out_avals[0]
         out_avals = [_shaped((steps, *out.shape), out.dtype)]
         return Eqn(eqn.primitive, params, eqn.ins, eqn.outs, in_avals, out_avals), 0
     return None
+
+
+def real_form(eqn: Eqn, pos: int) -> tuple:
+    """A use and the axis of its output holding real and imaginary parts (-1 for none).
+
+    A real parameter ``W`` in a ``dot_general`` with a complex operand ``A`` (a Fourier
+    layer: ``W`` on the modes of ``rfft(x)``) has the real gradient ``Re(Aᵀ G)`` for the
+    output cotangent ``G`` (JAX transposes without conjugating, then keeps the real part).
+    That is ``Re(A)ᵀ Re(G) − Im(A)ᵀ Im(G)``: a real use with two positions, the operand
+    ``(Re A, Im A)`` stacked on a new free axis and the cotangent ``(Re G, −Im G)`` on the
+    matching output axis — the lift of :func:`lift_over_steps` over 2 "steps", real-valued.
+    Squaring complex entries, or a rank-1 identity for one complex position, would be
+    wrong: the real part of a complex rank-1 matrix has rank 2.
+    """
+    if not any(_is_complex(a) for a in (*eqn.in_avals, *eqn.out_avals)):
+        return eqn, -1
+    lifted, axis = lift_over_steps(eqn, pos, 2, False)
+    real = lambda d: (
+        jax.numpy.finfo(d).dtype if jax.numpy.issubdtype(d, jax.numpy.complexfloating) else d
+    )
+    params = dict(lifted.params)
+    if params.get("preferred_element_type") is not None:
+        params["preferred_element_type"] = real(params["preferred_element_type"])
+    in_avals = [_shaped(a.shape, real(a.dtype)) for a in lifted.in_avals]
+    out_avals = [_shaped(a.shape, real(a.dtype)) for a in lifted.out_avals]
+    return Eqn(eqn.primitive, params, eqn.ins, eqn.outs, in_avals, out_avals), axis
 
 
 def _scan_uses(eqn: Eqn, k: int, leaf_pos: dict):
@@ -506,7 +555,8 @@ def _scan_uses(eqn: Eqn, k: int, leaf_pos: dict):
         kind = _classify(e, param_pos)
         for i in param_pos:
             j, chain, stacked = inner_alias[e.ins[i]]
-            lifted = None if kind is None else lift_over_steps(e, i, steps, stacked)
+            base, split = real_form(e, i) if kind is not None else (e, -1)
+            lifted = None if kind is None else lift_over_steps(base, i, steps, stacked)
             if lifted is None:
                 why = _reason(e, param_pos) if kind is None else f"a {kind} use"
                 reasons.setdefault(j, []).append(f"{why}, inside a `lax.scan` body")
@@ -515,6 +565,7 @@ def _scan_uses(eqn: Eqn, k: int, leaf_pos: dict):
             use = Use(kind, k, i, chain, True, op, (k, ik), body, stacked, steps, step_axis)
             use.site, use.pre_chain = "scan", pre[e.ins[i]]
             use.operand = src[e.ins[i]]
+            use.base, use.split = base, split
             uses.setdefault(j, []).append(use)
     for r in body.outs:
         if isinstance(r, Var) and r in inner_alias:
@@ -554,6 +605,7 @@ def _nested_scan_uses(e, ik, k, body, steps, alias, uses, reasons):
             use.stacked, use.steps, use.step_axis = stacked, steps, step_axis
             use.site, use.pre_chain, use.nest = "scan", pre_chain, [level, *iu.nest]
             use.operand = src[e.ins[iu.operand]]
+            use.base, use.split = iu.base, iu.split
             uses.setdefault(j, []).append(use)
 
 
@@ -596,8 +648,9 @@ def _cond_uses(eqn: Eqn, k: int, leaf_pos: dict):
                     reasons.setdefault(j, []).append(f"{why}, inside a `cond` branch")
                     continue
                 key = (k, bi, ik)
-                use = Use(kind, k, i, chain, True, e, key, body, site="cond")
-                use.pre_chain = pre[e.ins[i]]
+                base, split = real_form(e, i)
+                use = Use(kind, k, i, chain, True, base, key, body, site="cond")
+                use.pre_chain, use.base, use.split = pre[e.ins[i]], base, split
                 uses.setdefault(j, []).append(use)
         for r in body.outs:
             if isinstance(r, Var) and r in inner_alias:
@@ -653,7 +706,10 @@ def analyse(fn, params, example) -> Analysis:
             if kind is None:
                 other.setdefault(j, []).append(_reason(e, param_pos))
             else:
-                uses[j].append(Use(kind, k, p, chain, op=e, chain_program=program))
+                base, split = real_form(e, p)
+                use = Use(kind, k, p, chain, op=base, chain_program=program)
+                use.base, use.split = base, split
+                uses[j].append(use)
     for r in program.outs:  # a parameter returned as (part of) the loss
         if isinstance(r, Var) and r in alias:
             other.setdefault(alias[r][0], []).append("returned as (part of) the loss")
