@@ -7,7 +7,8 @@ The per-example loss ``S(params, example)`` is traced to a jaxpr (no batch axis)
   ``reshape``, ``transpose``, ``squeeze``, ``expand_dims``, ``convert_element_type``,
   ``copy``, ``rev`` or ``slice``: each entry of the operand is one entry of the leaf, so
   norms are preserved; a ``split`` is read as one ``slice`` per part, and uses of disjoint
-  blocks have no cross terms) and whose other operand is not a parameter;
+  blocks have no cross terms) and whose other operand is not a parameter; a complex other
+  operand of the real parameter is read as two real positions (see :func:`real_form`);
 * **conv** — a ``conv_general_dilated`` whose kernel is the parameter;
 * **gather** — an embedding-style ``gather`` (whole rows of the parameter picked by integer
   indices; a ``dynamic_slice`` of whole rows, ``W[i]`` with a scalar ``i``, is read as one);
@@ -274,10 +275,11 @@ class Use:
     eqn: int
     pos: int
     chain: list
-    # Whether the use's output varies with the example (else it is the same for every example,
-    # e.g. a position-embedding lookup with constant indices, and the perturbation must add
-    # the batch axis itself for its cotangent to be per example). Inside a scan body: whether
-    # it varies at some step.
+    # Whether the use's output varies with the example as ``vmap`` batches it (see
+    # :func:`varying`; else it is the same for every example, e.g. a position-embedding
+    # lookup with constant indices or a lookup by a loop counter, and the perturbation must
+    # add the batch axis itself for its cotangent to be per example, not the batch's).
+    # Inside a scan body: whether it varies at some step.
     batched: bool = True
     # The equation the rules see. For a use inside a ``scan`` body it is the body's equation
     # lifted over the steps (see :func:`lift_over_steps`); else ``program.eqns[eqn]``.
