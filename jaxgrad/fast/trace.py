@@ -167,6 +167,9 @@ def _dynamic_slice_as_gather(e):
         offset_dims=dims, collapsed_slice_dims=(), start_index_map=dims
     )
 
+    # One start index: unique (and sorted) as it stands, as JAX marks ``dynamic_slice``'s own
+    # batched gather. Where more lookups are put together the flag is dropped: by ``vmap``
+    # over examples (JAX's gather batching rule) and by :func:`lift_over_steps` over steps.
     def lookup(x, *index):
         idx = jax.numpy.stack([jax.numpy.asarray(i, starts[0].dtype) for i in index])
         return jax.lax.gather(
