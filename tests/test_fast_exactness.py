@@ -283,19 +283,21 @@ def test_real_weights_times_a_complex_vector():
         assert "2 real positions" in routes[leaf].route
 
 
-def test_real_weights_tied_to_complex_and_real_operands_and_a_cast():
+def test_real_weights_tied_to_complex_and_real_operands_and_casts():
     rng = np.random.default_rng(11)
-    params = {"W": _normal(rng, 5, 8), "C": _normal(rng, 8, 8)}
+    params = {"W": _normal(rng, 5, 8), "C": _normal(rng, 8, 8), "E": _normal(rng, 6, 8)}
     batch = _normal(rng, B, 8, scale=1.0)
 
     def loss(p, x):
         y = jnp.abs(p["W"] @ jnp.fft.fft(x)) ** 2 + jnp.tanh(p["W"] @ x)  # W tied
-        z = p["C"].astype(jnp.complex128) @ jnp.fft.ifft(x)  # C itself complex
-        return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.real(z * jnp.conj(z[::-1])))
+        z = p["C"].T.astype(jnp.complex128) @ jnp.fft.ifft(x)  # C cast to complex
+        e = p["E"].astype(jnp.complex128)[jnp.argmax(x) % 6]  # a lookup of complex rows
+        return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.real(z * jnp.conj(z[::-1]) * e))
 
     routes = check(loss, params, batch)
     assert routes["['W']"].route.startswith("tied, 2 uses: complex operand")
-    assert routes["['C']"].fallback and "complex" in routes["['C']"].reason
+    assert "2 real positions" in routes["['C']"].route
+    assert routes["['E']"].fallback and "complex" in routes["['E']"].reason
 
 
 def test_spectral_layer_inside_a_scan():
