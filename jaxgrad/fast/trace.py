@@ -771,6 +771,10 @@ def _scan_body_varying(eqn: Eqn, body: Program, outer: set) -> set:
 # enters the equation (a loop counter, a carry iterated on constants): ``vmap`` leaves those
 # unbatched, and their cotangent is then the whole batch's. Calling them example-dependent
 # would hand every example the batch's cotangent, so this is the one rule the analysis uses.
+# The converse error only costs memory: a use thought the same for every example gets the
+# batch axis added to its output (see ``Use.batched``), which is exact either way. So an
+# unknown primitive counts as "some input is"; the loops, branches and calls that can return
+# unbatched outputs from batched inputs are read through their bodies.
 
 
 def varying(program: Program, inputs: set) -> set:
