@@ -103,6 +103,27 @@ def tap(y, d):
 tap.defvjp(lambda y, d: (y, None), lambda _, ct: (ct, ct))
 
 
+def _perturb(use: trace.Use, y, d, *, tapped: bool = True):
+    """A use's output ``y`` with its perturbation ``d``, whose gradient is then ``G``.
+
+    A use whose output ``vmap`` leaves unbatched (the same for every example) gets ``d``
+    added, so that its cotangent is every example's own rather than the batch's. A use in
+    real form (a complex output, see :func:`jaxgrad.fast.trace.real_form`) gets the real
+    ``d``'s two parts as one complex number: their gradients are ``(Re G, −Im G)``.
+    """
+    if use.split >= 0:
+        parts = [jnp.take(d, i, axis=use.split) for i in (0, 1)]
+        return y + jax.lax.complex(*parts).astype(y.dtype)
+    return tap(y, d) if tapped and use.batched else y + d
+
+
+def _operand(use: trace.Use, a):
+    """A use's kept operand as the rules see it: ``(Re A, Im A)`` for a real form."""
+    if use.split < 0:
+        return a
+    return jnp.stack([jnp.real(a), jnp.imag(a)]).astype(use.base.in_avals[1 - use.pos].dtype)
+
+
 def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     """Per-example norms and reweighted sums from one batched forward/backward pass.
 
@@ -131,10 +152,8 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         elif u.site == "cond":
             conds.setdefault(u.eqn, {})[u.scan[1:]] = u
 
-    def out_aval(u):
-        if u.nest:
-            return u.nest[-1].body.eqns[u.scan[-1]].out_avals[0]
-        return u.chain_program.eqns[u.scan[-1]].out_avals[0] if u.scan else u.op.out_avals[0]
+    def out_aval(u):  # of one step's perturbation
+        return u.base.out_avals[0]
 
     def inner_steps(u):  # the steps of the scans nested in a scan body, outermost first
         return tuple(lv.steps for lv in u.nest)
@@ -164,9 +183,8 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
             if (k,) not in captured:
                 return outvals
             _, use = captured[(k,)]
-            kept[(k,)] = invals[1 - use.pos]
-            d = du[(k,)]
-            return [tap(outvals[0], d) if use.batched else outvals[0] + d]
+            kept[(k,)] = _operand(use, invals[1 - use.pos])
+            return [_perturb(use, outvals[0], du[(k,)])]
 
         def run_cond(k, invals):
             inner = conds[k]
@@ -174,7 +192,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
             bodies = {b: u.chain_program for (b, _), u in inner.items()}
 
             def operand(u):
-                aval = u.chain_program.eqns[u.scan[-1]].in_avals[1 - u.pos]
+                aval = u.base.in_avals[1 - u.pos]
                 return jnp.zeros(aval.shape, aval.dtype)
 
             def make(b):
@@ -184,8 +202,9 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
                     def inner_hook(ik, iv, ov):
                         if (b, ik) not in inner:
                             return ov
-                        kept_b[(b, ik)] = iv[1 - inner[(b, ik)].pos]
-                        return [ov[0] + du_k[(b, ik)]]
+                        u = inner[(b, ik)]
+                        kept_b[(b, ik)] = _operand(u, iv[1 - u.pos])
+                        return [_perturb(u, ov[0], du_k[(b, ik)], tapped=False)]
 
                     body = bodies.get(b)
                     if body is None:  # a branch that reads no captured use: bind it as is
@@ -271,7 +290,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         if u.key in formed:
             return formed[u.key]
         stacked = u.site == "scan" and u.stacked and not u.nest
-        op = u.chain_program.eqns[u.scan[1]] if stacked else u.op
+        op = u.base if stacked else u.op
         if not rules.forms_per_example_grads(u.kind, op, u.pos):
             return None
         if stacked:  # step by step on the step-major arrays (no transpose)
@@ -288,7 +307,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
             sq = jnp.square(grads.astype(rules.acc_dtype(u.op)))
             return jnp.sum(sq, axis=tuple(d for d in range(sq.ndim) if d != ex))
         if u.site == "scan" and u.stacked and not u.nest:
-            step = u.chain_program.eqns[u.scan[1]]
+            step = u.base
             if not rules.gram_route(u.kind, step, u.pos):
                 # One slice of the leaf per step: the steps' squared norms add. Taken step by
                 # step on the step-major arrays, so they are not transposed examples-first.
@@ -369,7 +388,8 @@ def _run_loop(p, uses, du, invals, depth):
     canon = {}
     for ik, u in direct.items():
         ref = body.eqns[ik].ins[1 - u.pos]
-        canon[ik] = first.setdefault(ref, ik) if isinstance(ref, trace.Var) else ik
+        shared = (ref, u.split >= 0)  # a real form keeps its own (re, im) stack
+        canon[ik] = first.setdefault(shared, ik) if isinstance(ref, trace.Var) else ik
 
     def step(carry, x):
         xs_t, du_t = x
@@ -379,9 +399,8 @@ def _run_loop(p, uses, du, invals, depth):
             if ik not in direct:
                 return ov
             if canon[ik] == ik:
-                kept_t[(ik,)] = iv[1 - direct[ik].pos]
-            d = du_t[(ik,)]
-            return [tap(ov[0], d) if direct[ik].batched else ov[0] + d]
+                kept_t[(ik,)] = _operand(direct[ik], iv[1 - direct[ik].pos])
+            return [_perturb(direct[ik], ov[0], du_t[(ik,)])]
 
         def override(ik, iv):
             if ik not in deeper:

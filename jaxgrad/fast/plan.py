@@ -86,6 +86,12 @@ def _use_name(u: trace.Use) -> str:
     return f"{u.kind}#{u.eqn}"
 
 
+def _complex_prefix(uses) -> str:
+    if any(u.split >= 0 for u in uses):
+        return "complex operand as 2 real positions (real, imaginary part): "
+    return ""
+
+
 def _scan_prefix(u: trace.Use) -> str:
     if u.site == "cond":
         return f"cond branch {u.scan[1]}: "
@@ -121,14 +127,16 @@ def _group_route(an: trace.Analysis, group: list, shape: tuple) -> tuple:
     if len(group) == 1:
         (u,) = group
         label, cost = rules.route(u.kind, u.op, u.pos)
-        return _scan_prefix(u) + label, cost
+        return _scan_prefix(u) + _complex_prefix(group) + label, cost
     perms = [trace.use_perm(an.program, u, len(shape)) for u in group]
     if all(
         rules.has_outer_form(u.op, u.pos, p, len(shape)) for u, p in zip(group, perms, strict=True)
     ):
         ts = [rules.outer_positions(u.op, u.pos) for u in group]
-        return f"tied, {len(ts)} uses: cross terms of Σ_t x_t⊗y_t", sum(ts) ** 2
-    return f"tied, {len(group)} uses: per-example gradient", 2 * math.prod(shape)
+        label = f"tied, {len(ts)} uses: {_complex_prefix(group)}cross terms of Σ_t x_t⊗y_t"
+        return label, sum(ts) ** 2
+    label = f"tied, {len(group)} uses: {_complex_prefix(group)}per-example gradient"
+    return label, 2 * math.prod(shape)
 
 
 def leaf_paths(params) -> list:

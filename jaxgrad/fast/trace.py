@@ -7,7 +7,8 @@ The per-example loss ``S(params, example)`` is traced to a jaxpr (no batch axis)
   ``reshape``, ``transpose``, ``squeeze``, ``expand_dims``, ``convert_element_type``,
   ``copy``, ``rev`` or ``slice``: each entry of the operand is one entry of the leaf, so
   norms are preserved; a ``split`` is read as one ``slice`` per part, and uses of disjoint
-  blocks have no cross terms) and whose other operand is not a parameter;
+  blocks have no cross terms) and whose other operand is not a parameter; a complex other
+  operand of the real parameter is read as two real positions (see :func:`real_form`);
 * **conv** — a ``conv_general_dilated`` whose kernel is the parameter;
 * **gather** — an embedding-style ``gather`` (whole rows of the parameter picked by integer
   indices; a ``dynamic_slice`` of whole rows, ``W[i]`` with a scalar ``i``, is read as one);
@@ -166,6 +167,9 @@ def _dynamic_slice_as_gather(e):
         offset_dims=dims, collapsed_slice_dims=(), start_index_map=dims
     )
 
+    # One start index: unique (and sorted) as it stands, as JAX marks ``dynamic_slice``'s own
+    # batched gather. Where more lookups are put together the flag is dropped: by ``vmap``
+    # over examples (JAX's gather batching rule) and by :func:`lift_over_steps` over steps.
     def lookup(x, *index):
         idx = jax.numpy.stack([jax.numpy.asarray(i, starts[0].dtype) for i in index])
         return jax.lax.gather(
@@ -274,10 +278,11 @@ class Use:
     eqn: int
     pos: int
     chain: list
-    # Whether the use's output varies with the example (else it is the same for every example,
-    # e.g. a position-embedding lookup with constant indices, and the perturbation must add
-    # the batch axis itself for its cotangent to be per example). Inside a scan body: whether
-    # it varies at some step.
+    # Whether the use's output varies with the example as ``vmap`` batches it (see
+    # :func:`varying`; else it is the same for every example, e.g. a position-embedding
+    # lookup with constant indices or a lookup by a loop counter, and the perturbation must
+    # add the batch axis itself for its cotangent to be per example, not the batch's).
+    # Inside a scan body: whether it varies at some step.
     batched: bool = True
     # The equation the rules see. For a use inside a ``scan`` body it is the body's equation
     # lifted over the steps (see :func:`lift_over_steps`); else ``program.eqns[eqn]``.
@@ -308,6 +313,12 @@ class Use:
     nest: list = dataclasses.field(default_factory=list)
     # For a use inside a scan: the scan's operand position the leaf enters through.
     operand: int = -1
+    # The equation as the rules see it at one step, before any lift over steps: the
+    # program's (or body's) equation, or its real form (see :func:`real_form`).
+    base: Eqn | None = None
+    # For a real form: the axis of ``base``'s output that holds the real and imaginary
+    # parts (the captured cotangent is ``(Re G, −Im G)`` there); -1 for a real use.
+    split: int = -1
 
     @property
     def key(self):
@@ -369,8 +380,17 @@ def _is_embedding_gather(eqn: Eqn) -> bool:
     return str(mode).split(".")[-1] in {"CLIP", "PROMISE_IN_BOUNDS", "FILL_OR_DROP", "ONE_HOT"}
 
 
+def _is_complex(aval) -> bool:
+    return jax.numpy.issubdtype(aval.dtype, jax.numpy.complexfloating)
+
+
 def _classify(eqn: Eqn, param_pos: list) -> str | None:
     name = eqn.primitive.name
+    if any(_is_complex(a) for a in (*eqn.in_avals, *eqn.out_avals)):
+        # Complex values around a real parameter (the fast functions take real parameters
+        # only, so a complex parameter operand is the real leaf cast): a ``dot_general`` has
+        # a real form the rules are written for (see :func:`real_form`), nothing else does.
+        return "dense" if name == "dot_general" and len(param_pos) == 1 else None
     if name == "dot_general" and len(param_pos) == 1:
         return "dense"
     if name == "conv_general_dilated" and param_pos == [1]:
@@ -397,6 +417,11 @@ def _reason(eqn: Eqn, param_pos: list) -> str:
     name = eqn.primitive.name
     if name in _OPAQUE:
         return _OPAQUE[name]
+    if any(_is_complex(a) for a in (*eqn.in_avals, *eqn.out_avals)):
+        return (
+            f"a complex-valued `{name}` of a real parameter (only a `dot_general` with a "
+            "complex operand is read as two real positions)"
+        )
     if name == "dot_general":
         return "both operands of a `dot_general` are parameters"
     if name == "conv_general_dilated":
@@ -455,12 +480,41 @@ def lift_over_steps(eqn: Eqn, pos: int, steps: int, stacked: bool):
         dn = eqn.params["dimension_numbers"]
         params = dict(eqn.params)
         params["dimension_numbers"] = dn._replace(offset_dims=tuple(d + 1 for d in dn.offset_dims))
+        # Each step's lookups may be unique and sorted (one row, ``W[i]``), the steps' together
+        # are not (a token seen twice): the transpose, a scatter-add, must not be told so.
+        params["unique_indices"] = params["indices_are_sorted"] = False
         idx = eqn.in_avals[1]
         in_avals = [eqn.in_avals[0], _shaped((steps, *idx.shape), idx.dtype)]
         out = eqn.out_avals[0]
         out_avals = [_shaped((steps, *out.shape), out.dtype)]
         return Eqn(eqn.primitive, params, eqn.ins, eqn.outs, in_avals, out_avals), 0
     return None
+
+
+def real_form(eqn: Eqn, pos: int) -> tuple:
+    """A use and the axis of its output holding real and imaginary parts (-1 for none).
+
+    A real parameter ``W`` in a ``dot_general`` with a complex operand ``A`` (a Fourier
+    layer: ``W`` on the modes of ``rfft(x)``) has the real gradient ``Re(Aᵀ G)`` for the
+    output cotangent ``G`` (JAX transposes without conjugating, then keeps the real part).
+    That is ``Re(A)ᵀ Re(G) − Im(A)ᵀ Im(G)``: a real use with two positions, the operand
+    ``(Re A, Im A)`` stacked on a new free axis and the cotangent ``(Re G, −Im G)`` on the
+    matching output axis — the lift of :func:`lift_over_steps` over 2 "steps", real-valued.
+    Squaring complex entries, or a rank-1 identity for one complex position, would be
+    wrong: the real part of a complex rank-1 matrix has rank 2.
+    """
+    if not any(_is_complex(a) for a in (*eqn.in_avals, *eqn.out_avals)):
+        return eqn, -1
+    lifted, axis = lift_over_steps(eqn, pos, 2, False)
+    real = lambda d: (
+        jax.numpy.finfo(d).dtype if jax.numpy.issubdtype(d, jax.numpy.complexfloating) else d
+    )
+    params = dict(lifted.params)
+    if params.get("preferred_element_type") is not None:
+        params["preferred_element_type"] = real(params["preferred_element_type"])
+    in_avals = [_shaped(a.shape, real(a.dtype)) for a in lifted.in_avals]
+    out_avals = [_shaped(a.shape, real(a.dtype)) for a in lifted.out_avals]
+    return Eqn(eqn.primitive, params, eqn.ins, eqn.outs, in_avals, out_avals), axis
 
 
 def _scan_uses(eqn: Eqn, k: int, leaf_pos: dict):
@@ -506,7 +560,8 @@ def _scan_uses(eqn: Eqn, k: int, leaf_pos: dict):
         kind = _classify(e, param_pos)
         for i in param_pos:
             j, chain, stacked = inner_alias[e.ins[i]]
-            lifted = None if kind is None else lift_over_steps(e, i, steps, stacked)
+            base, split = real_form(e, i) if kind is not None else (e, -1)
+            lifted = None if kind is None else lift_over_steps(base, i, steps, stacked)
             if lifted is None:
                 why = _reason(e, param_pos) if kind is None else f"a {kind} use"
                 reasons.setdefault(j, []).append(f"{why}, inside a `lax.scan` body")
@@ -515,6 +570,7 @@ def _scan_uses(eqn: Eqn, k: int, leaf_pos: dict):
             use = Use(kind, k, i, chain, True, op, (k, ik), body, stacked, steps, step_axis)
             use.site, use.pre_chain = "scan", pre[e.ins[i]]
             use.operand = src[e.ins[i]]
+            use.base, use.split = base, split
             uses.setdefault(j, []).append(use)
     for r in body.outs:
         if isinstance(r, Var) and r in inner_alias:
@@ -554,6 +610,7 @@ def _nested_scan_uses(e, ik, k, body, steps, alias, uses, reasons):
             use.stacked, use.steps, use.step_axis = stacked, steps, step_axis
             use.site, use.pre_chain, use.nest = "scan", pre_chain, [level, *iu.nest]
             use.operand = src[e.ins[iu.operand]]
+            use.base, use.split = iu.base, iu.split
             uses.setdefault(j, []).append(use)
 
 
@@ -596,8 +653,9 @@ def _cond_uses(eqn: Eqn, k: int, leaf_pos: dict):
                     reasons.setdefault(j, []).append(f"{why}, inside a `cond` branch")
                     continue
                 key = (k, bi, ik)
-                use = Use(kind, k, i, chain, True, e, key, body, site="cond")
-                use.pre_chain = pre[e.ins[i]]
+                base, split = real_form(e, i)
+                use = Use(kind, k, i, chain, True, base, key, body, site="cond")
+                use.pre_chain, use.base, use.split = pre[e.ins[i]], base, split
                 uses.setdefault(j, []).append(use)
         for r in body.outs:
             if isinstance(r, Var) and r in inner_alias:
@@ -653,7 +711,10 @@ def analyse(fn, params, example) -> Analysis:
             if kind is None:
                 other.setdefault(j, []).append(_reason(e, param_pos))
             else:
-                uses[j].append(Use(kind, k, p, chain, op=e, chain_program=program))
+                base, split = real_form(e, p)
+                use = Use(kind, k, p, chain, op=base, chain_program=program)
+                use.base, use.split = base, split
+                uses[j].append(use)
     for r in program.outs:  # a parameter returned as (part of) the loss
         if isinstance(r, Var) and r in alias:
             other.setdefault(alias[r][0], []).append("returned as (part of) the loss")
@@ -667,19 +728,17 @@ def analyse(fn, params, example) -> Analysis:
         else:
             unused.append(j)
 
-    # Values that differ between examples: those reading the example or an exact parameter
-    # (which gets a per-example copy).
-    varying = set(program.invars[n:]) | {program.invars[j] for j in exact}
-    for e in program.eqns:
-        if any(isinstance(r, Var) and r in varying for r in e.ins):
-            varying.update(e.outs)
+    # Values that differ between examples, as ``vmap`` batches them (see :func:`varying`):
+    # those the example or an exact parameter (which gets a per-example copy) reaches.
+    inputs = set(program.invars[n:]) | {program.invars[j] for j in exact}
+    top = varying(program, inputs)
     body_varying: dict = {}
     for j_uses in fast.values():
         for u in j_uses:
             if u.scan is None:
-                u.batched = program.eqns[u.eqn].outs[0] in varying
+                u.batched = program.eqns[u.eqn].outs[0] in top
             elif u.site == "scan":  # level by level, outermost first, for a nested use
-                path, eqn, outer = u.scan[:1], program.eqns[u.scan[0]], varying
+                path, eqn, outer = u.scan[:1], program.eqns[u.scan[0]], top
                 for body in [u.chain_program, *(lv.body for lv in u.nest)]:
                     if path not in body_varying:
                         body_varying[path] = _scan_body_varying(eqn, body, outer)
@@ -691,26 +750,100 @@ def analyse(fn, params, example) -> Analysis:
     return Analysis(program, n, fast, exact, unused, reasons)
 
 
-def _scan_body_varying(eqn: Eqn, body: Program, varying: set) -> set:
-    """The values of a scan body that differ between examples, given the outer ``varying``.
-
-    A carry varies if its initial value does or if the body makes it vary (a fixed point).
-    """
+def _scan_body_varying(eqn: Eqn, body: Program, outer: set) -> set:
+    """The values of a scan body (flattened: ``body``) that differ between examples at some
+    step, given the values ``outer`` of the enclosing program that do."""
     p = eqn.params
-    nc, ncar = p["num_consts"], p["num_carry"]
-    flags = [isinstance(r, Var) and r in varying for r in eqn.ins]
+    flags = [isinstance(r, Var) and r in outer for r in eqn.ins]
+    found: dict = {}
+
+    def step(fl):
+        found["inner"] = varying(body, {v for v, f in zip(body.invars, fl, strict=True) if f})
+        return [isinstance(r, Var) and r in found["inner"] for r in body.outs]
+
+    _carry_fixpoint(flags, p["num_consts"], p["num_consts"] + p["num_carry"], step)
+    return found["inner"]
+
+
+# Dependence on the example, the way ``vmap`` batches: an output is example-dependent iff
+# ``vmap`` gives it a batch axis. For most primitives that is "some input is", but a loop,
+# a branch or a custom call may return outputs that the example never reaches although it
+# enters the equation (a loop counter, a carry iterated on constants): ``vmap`` leaves those
+# unbatched, and their cotangent is then the whole batch's. Calling them example-dependent
+# would hand every example the batch's cotangent, so this is the one rule the analysis uses.
+# The converse error only costs memory: a use thought the same for every example gets the
+# batch axis added to its output (see ``Use.batched``), which is exact either way. So an
+# unknown primitive counts as "some input is"; the loops, branches and calls that can return
+# unbatched outputs from batched inputs are read through their bodies.
+
+
+def varying(program: Program, inputs: set) -> set:
+    """The values of ``program`` that depend on the example, given the ``inputs`` that do."""
+    out = set(inputs)
+    for e in program.eqns:
+        flags = [isinstance(r, Var) and r in out for r in e.ins]
+        outs = varying_outs(e.primitive.name, e.params, flags, len(e.outs))
+        out.update(v for v, f in zip(e.outs, outs, strict=True) if f)
+    return out
+
+
+def jaxpr_varying(jaxpr, flags: list) -> list:
+    """Which outputs of a (closed or open) jaxpr depend on the example, given its inputs'."""
+    inner = jaxpr.jaxpr if isinstance(jaxpr, jcore.ClosedJaxpr) else jaxpr
+    env = {v for v, f in zip(inner.invars, flags, strict=True) if f}
+    dep = lambda a: not isinstance(a, jcore.Literal) and a in env
+    for e in inner.eqns:
+        flags = [dep(a) for a in e.invars]
+        outs = varying_outs(e.primitive.name, e.params, flags, len(e.outvars))
+        env.update(v for v, f in zip(e.outvars, outs, strict=True) if f)
+    return [dep(a) for a in inner.outvars]
+
+
+def _carry_fixpoint(flags: list, lo: int, hi: int, body) -> list:
+    """Loop inputs ``flags`` with the carries ``flags[lo:hi]`` grown to a fixed point.
+
+    ``body(flags)`` gives the flags of the body's outputs, the new carries first: a carry
+    depends on the example if its initial value does or if some iteration makes it (``vmap``
+    batches it then, from the start). Returns ``body``'s outputs at the fixed point.
+    """
     while True:
-        inner = {v for v, f in zip(body.invars, flags, strict=True) if f}
-        for e in body.eqns:
-            if any(isinstance(r, Var) and r in inner for r in e.ins):
-                inner.update(e.outs)
-        carry = [
-            f or (isinstance(r, Var) and r in inner)
-            for f, r in zip(flags[nc : nc + ncar], body.outs[:ncar], strict=True)
-        ]
-        if carry == flags[nc : nc + ncar]:
-            return inner
-        flags[nc : nc + ncar] = carry
+        outs = body(flags)
+        carry = [a or b for a, b in zip(flags[lo:hi], outs[: hi - lo], strict=True)]
+        if carry == flags[lo:hi]:
+            return outs
+        flags[lo:hi] = carry
+
+
+def varying_outs(name: str, params: dict, flags: list, n_out: int) -> list:
+    """Which outputs of one equation depend on the example, given which inputs do, as
+    ``vmap`` batches them (see above)."""
+    if name == "scan":
+        nc, ncar = params["num_consts"], params["num_carry"]
+        flags = list(flags)
+        outs = _carry_fixpoint(flags, nc, nc + ncar, lambda f: jaxpr_varying(params["jaxpr"], f))
+        return flags[nc : nc + ncar] + outs[ncar:]
+    if name == "while":
+        cn, bn = params["cond_nconsts"], params["body_nconsts"]
+        cconsts, rest = list(flags[:cn]), list(flags[cn:])
+        _carry_fixpoint(rest, bn, len(rest), lambda f: jaxpr_varying(params["body_jaxpr"], f))
+        carry = rest[bn:]
+        (pred,) = jaxpr_varying(params["cond_jaxpr"], cconsts + carry)
+        # A predicate that differs between examples runs every example for the longest trip
+        # count, selecting per example: every carry is batched then.
+        return [True] * len(carry) if pred else carry
+    if name == "cond":
+        branches = params["branches"]
+        if flags[0]:  # a per-example index: every output is a per-example select
+            return [True] * len(branches[0].out_avals)
+        per_branch = [jaxpr_varying(b, flags[1:]) for b in branches]
+        return [any(fs) for fs in zip(*per_branch, strict=True)]
+    for key in ("call_jaxpr", "fun_jaxpr", "jaxpr"):  # custom_jvp/vjp calls, jit, remat, ...
+        inner = params.get(key)
+        if isinstance(inner, (jcore.ClosedJaxpr, jcore.Jaxpr)) and len(
+            (inner.jaxpr if isinstance(inner, jcore.ClosedJaxpr) else inner).invars
+        ) == len(flags):
+            return jaxpr_varying(inner, flags)
+    return [any(flags)] * n_out
 
 
 def use_perm(program: Program, use: Use, ndim: int):
@@ -740,9 +873,15 @@ def apply_use_chain(program: Program, use: Use, x):
 
 
 def apply_chain(program: Program, chain: list, x):
-    """Applies the alias equations ``chain`` (reshape, transpose, ...) to a leaf value ``x``."""
+    """Applies the alias equations ``chain`` (reshape, transpose, ...) to a leaf value ``x``.
+
+    A cast of the (real) leaf to a complex dtype is skipped: only a use in real form (see
+    :func:`real_form`) has one, and its rules take the parameter operand real.
+    """
     for k in chain:
         e = program.eqns[k]
+        if e.primitive.name == "convert_element_type" and _is_complex(e.out_avals[0]):
+            continue
         x = e.primitive.bind(x, **e.primitive.get_bind_params(e.params))
     return x
 
