@@ -191,9 +191,9 @@ def pld_size(
         U = \\min_{k} \\frac{T \\log E[e^{k I / n_1}] + \\log(2 / 10^{-15})}{k / n_1}
 
     (``L`` likewise with ``−k``), with the moment generating function of the loss index
-    ``I`` computed on a 400-bin coarsening of its distribution (cheap at any ``σ``).
+    ``I`` computed on a 1000-bin coarsening of its distribution (cheap at any ``σ``).
     Measured against the arrays dp-accounting builds, the composed estimate is within
-    ~30 % (σ from 0.1 to 2).
+    20 % (measured 0.82-1.06 for σ from 0.1 to 2, q from 0.004 to 1).
 
     Args:
       noise_multiplier: ``σ > 0``.
@@ -240,11 +240,11 @@ def pld_size(
         if steps <= 1 or n1 > PLD_MAX_STEP_POINTS:
             composed = max(composed, n1 if steps <= 1 else n1 * steps)
             continue
-        edges = np.linspace(bounds.epsilon_lower, bounds.epsilon_upper, 401)
+        edges = np.linspace(bounds.epsilon_lower, bounds.epsilon_upper, 1001)
         with np.errstate(over="ignore", invalid="ignore"):
             x = np.array([loss.inverse_privacy_loss(v) for v in edges])
             mass = np.abs(np.diff(loss.mu_upper_cdf(x)))
-        index = edges[1:] / vdi - lo  # pessimistic: each bin at its upper end
+        index = (edges[1:] + edges[:-1]) / (2 * vdi) - lo  # each bin at its centre
         upper, lower = (n1 - 1) * steps, 0
         for k in (*range(-20, 0), *range(1, 21)):
             order = k / n1
