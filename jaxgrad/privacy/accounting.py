@@ -216,25 +216,25 @@ def pld_size(
     steps = _check_steps(steps)
     vdi = reduce.check_positive_float(pld_discretization, name="pld_discretization")
     plm = _dpa().pld.privacy_loss_mechanism
+    try:
+        return _pld_size(plm, sigma, q, steps, vdi)
+    except (ArithmeticError, ValueError) as e:
+        raise ValueError(
+            f"the PLD's size for `noise_multiplier` {noise_multiplier!r} (q = {q}, {steps} "
+            f"steps) cannot be estimated: {type(e).__name__}: {e}"
+        ) from e
+
+
+def _pld_size(plm, sigma, q, steps, vdi):
     from scipy import special
 
     step = composed = 0
     for adjacency in (plm.AdjacencyType.REMOVE, plm.AdjacencyType.ADD):
         loss = plm.GaussianPrivacyLoss(sigma, sampling_prob=q, adjacency_type=adjacency)
         bounds = loss.connect_dots_bounds()
-        with np.errstate(over="ignore", invalid="ignore"):
-            lo = (
-                math.floor(bounds.epsilon_lower / vdi)
-                if math.isfinite(bounds.epsilon_lower)
-                else None
-            )
-            hi = (
-                math.ceil(bounds.epsilon_upper / vdi)
-                if math.isfinite(bounds.epsilon_upper)
-                else None
-            )
-        if lo is None or hi is None:
-            return PLDSize(2**62, 2**62)  # a loss range that overflows: nothing can be built
+        if not (math.isfinite(bounds.epsilon_lower) and math.isfinite(bounds.epsilon_upper)):
+            return PLDSize(2**62, 2**62)  # an unbounded loss range: nothing can be built
+        lo, hi = math.floor(bounds.epsilon_lower / vdi), math.ceil(bounds.epsilon_upper / vdi)
         n1 = hi - lo + 1
         step = max(step, n1)
         if steps <= 1 or n1 > PLD_MAX_STEP_POINTS:
@@ -258,16 +258,26 @@ def pld_size(
 
 def _pld_fits(sigma, q, steps, vdi):
     """``(fits, size)``: whether the PLD of these steps stays within the limits."""
-    size = pld_size(noise_multiplier=sigma, sampling_rate=q, steps=steps, pld_discretization=vdi)
+    try:
+        size = pld_size(
+            noise_multiplier=sigma, sampling_rate=q, steps=steps, pld_discretization=vdi
+        )
+    except ValueError:  # its arithmetic overflowed (σ ~1e160): the PLD's would too
+        return False, None
     return size.step <= PLD_MAX_STEP_POINTS and size.composed <= PLD_MAX_POINTS, size
 
 
 def _fallback_warning(sigma, q, steps, vdi, size, what):
-    warnings.warn(
-        f"the PLD accountant would build ~{size.step:.3g} points for one step and "
+    built = (
+        "the PLD's size cannot be estimated (its arithmetic overflows)"
+        if size is None
+        else f"the PLD accountant would build ~{size.step:.3g} points for one step and "
         f"~{size.composed:.3g} for {steps} steps (limits {PLD_MAX_STEP_POINTS} and "
-        f"{PLD_MAX_POINTS}) at `noise_multiplier` {sigma:.6g}, q = {q}, "
-        f"pld_discretization = {vdi}: {what}; a coarser pld_discretization keeps the PLD",
+        f"{PLD_MAX_POINTS})"
+    )
+    warnings.warn(
+        f"{built} at `noise_multiplier` {sigma:.6g}, q = {q}, pld_discretization = {vdi}: "
+        f"{what}; a coarser pld_discretization keeps the PLD",
         AccountingFallbackWarning,
         stacklevel=3,
     )
