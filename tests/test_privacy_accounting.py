@@ -107,6 +107,17 @@ def test_epsilon_at_tiny_sigma_falls_back_to_rdp_and_says_so():
     with pytest.warns(accounting.AccountingFallbackWarning, match="RDP accountant instead"):
         eps = accounting.epsilon(**kw)
     assert eps == _dpa_epsilon(0.01, 0.01, 1000, 1e-5, "rdp")
+    assert accounting.effective_accountant(**{k: kw[k] for k in kw if k != "delta"}) == "rdp"
+    assert (
+        accounting.effective_accountant(
+            noise_multiplier=0.01, sampling_rate=0.01, steps=1000, accountant="rdp"
+        )
+        == "rdp"
+    )
+    assert (
+        accounting.effective_accountant(noise_multiplier=1.0, sampling_rate=0.01, steps=100)
+        == "pld"
+    )
     # An ordinary setting uses the PLD, silently.
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -267,6 +267,36 @@ def _pld_fits(sigma, q, steps, vdi):
     return size.step <= PLD_MAX_STEP_POINTS and size.composed <= PLD_MAX_POINTS, size
 
 
+def effective_accountant(
+    *,
+    noise_multiplier: float,
+    sampling_rate: float,
+    steps: int,
+    accountant: str = "pld",
+    pld_discretization: float = 1e-4,
+) -> str:
+    """The accountant :func:`epsilon` uses for these arguments: ``"rdp"`` where it falls back.
+
+    ``"pld"`` only when asked for and the PLD fits :data:`PLD_MAX_STEP_POINTS` and
+    :data:`PLD_MAX_POINTS` (:func:`pld_size`); a record of the run should name this one.
+
+    Example::
+
+      >>> from jaxgrad.privacy.accounting import effective_accountant
+      >>> kw = dict(sampling_rate=0.01, steps=1000)
+      >>> effective_accountant(noise_multiplier=1.0, **kw), effective_accountant(
+      ...     noise_multiplier=0.01, **kw)
+      ('pld', 'rdp')
+    """
+    sigma = reduce.check_nonnegative_float(noise_multiplier, name="noise_multiplier")
+    q = check_sampling_rate(sampling_rate)
+    steps = _check_steps(steps)
+    make_accountant(accountant, pld_discretization=pld_discretization)  # checks both
+    if accountant == "rdp" or sigma == 0 or steps == 0:
+        return accountant
+    return "pld" if _pld_fits(sigma, q, steps, pld_discretization)[0] else "rdp"
+
+
 def _fallback_warning(sigma, q, steps, vdi, size, what):
     built = (
         "the PLD's size cannot be estimated (its arithmetic overflows)"
