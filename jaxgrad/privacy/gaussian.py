@@ -3,7 +3,7 @@
 ``jax.random.normal`` turns a float32 uniform on a ``2⁻²³`` grid into a normal by ``erf⁻¹``:
 its values are bounded, ``|z| ≤ √2 erf⁻¹(1 − 2⁻²⁴) ≈ 5.42``, so a released iterate beyond
 that bound (one coordinate moved by more than ``5.42 σC``) can only come from a canary's
-gradient — an event of probability ~1e-7 per coordinate under the true Gaussian that the
+gradient — an event of probability 6e-8 per coordinate under the true Gaussian that the
 accountant's ``δ`` does not cover. Here every standard normal uses both words of one
 Threefry block, ``(y₀, y₁)`` (64 bits):
 
@@ -17,9 +17,9 @@ Threefry block, ``(y₀, y₁)`` (64 bits):
 — a sign bit and the upper-half quantile ``Φ̄⁻¹(u) = −Φ⁻¹(u)`` of a uniform ``u`` on a grid
 of step ``2⁻⁶⁴``. ``u`` is rounded to the working dtype with full *relative* precision down
 to its smallest value (``2⁻⁶⁵``: float32 and float64 hold it exactly), and so is the
-distance to the centre ``1 − 2u``, computed from the complemented bits rather than by a
+distance to the centre ``½ − u``, computed from the complemented bits rather than by a
 subtraction. ``Φ⁻¹`` is Wichura's algorithm AS 241 (1988), whose tail branches work with
-``√(−log u)`` and are accurate down to ``u = 10⁻³⁰⁰``: PPND7 (about 7 digits) in float32,
+``√(−log u)`` and hold far beyond the ``2⁻⁶⁵`` needed here: PPND7 (about 7 digits) in float32,
 PPND16 (about 16 digits) in float64 (``jax_enable_x64`` and float64 parameters). Against
 ``scipy.special.ndtri`` in float64 over the whole range of ``u`` (both tails, the extreme
 bit patterns, the centre) the relative error is below ``1e-6`` in float32 and ``1e-14``
@@ -31,7 +31,7 @@ in float64 (``tests/test_privacy_noise.py``).
 with an exact Gaussian that agrees with it up to that bound, a run of ``T`` steps on ``d``
 coordinates certified ``(ε, δ)`` for the exact Gaussian is ``(ε, δ + (1 + e^ε) T d 2⁻⁶⁴)``-DP
 with this noise — e.g. ``+5.4e-9 (1 + e^ε)`` for ``d = 10⁶`` parameters and ``T = 10⁵``
-steps, negligible next to ``δ = 10⁻⁵`` (the old bound gave ~1e-7 *per coordinate and step*).
+steps, negligible next to ``δ = 10⁻⁵`` (the old bound left 6e-8 *per coordinate and step*).
 Inside the support the values are quantiles of grid points rounded to the working dtype:
 the usual floating-point caveat of every implementation (Mironov, CCS 2012), not covered
 by this bound.
@@ -189,7 +189,7 @@ def normal_from_words(y0, y1, dtype=jnp.float32):
     mask = np.uint32(0x7FFFFFFF)
     high = y0 & mask
     u = _grid_point(high, y1, dtype)  # in (0, ½): the upper tail's probability
-    # 1 − 2u = (2⁶³ − 1 − m + ½) 2⁻⁶³: the complemented bits, no cancellation near the centre.
+    # ½ − u = (2⁶³ − 1 − m + ½) 2⁻⁶⁴: the complemented bits, no cancellation near the centre.
     half_gap = _grid_point(high ^ mask, ~y1, dtype)  # ½ − u
     centre = half_gap <= np.asarray(0.425, dtype)
     r_c = np.asarray(0.180625, dtype) - half_gap * half_gap
