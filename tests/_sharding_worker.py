@@ -147,7 +147,7 @@ def strategies() -> dict:
     # dp_grad: the noise is drawn once, from the one key, for the replicated result (never
     # once per device), so a sharded batch gives the one-device result. The mlp case's last
     # 4 rows are padding: on 4 devices the last holds only padding, on 8 the last two.
-    from jaxgrad.privacy import dp_grad
+    from jaxgrad.privacy import dp_grad, gaussian
 
     loss_fn, params, batch, mask = cases["mlp_16_masked"]
     key = jax.random.key(7)
@@ -158,7 +158,7 @@ def strategies() -> dict:
     ref, ref_zero = dp(params, jbatch, mask, key), dp_zero(params, jbatch, mask, key)
     # Independent reference for the noise alone: N(0, (σC)²) from `key`, flat over the leaves.
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    z = np.asarray(jax.random.normal(key, (sum(x.size for x in leaves),), jnp.float64))
+    z = np.asarray(gaussian.normal(key, (sum(x.size for x in leaves),), jnp.float64))
     cuts = np.cumsum([x.size for x in leaves])[:-1]
     noise = [
         (1.3 * 0.3 * part / 10.0).reshape(x.shape)
@@ -316,6 +316,7 @@ def private(directory: str) -> dict:
     jax.config.update("jax_enable_x64", True)
     import jaxgrad
     from jaxgrad import sharding
+    from jaxgrad.privacy import gaussian
     from jaxgrad.train import PrivacyConfig
 
     out = {"errors": {}, "epsilons": {}, "steps": {}}
@@ -398,7 +399,7 @@ def private(directory: str) -> dict:
     )
     # Independent reference: the step's noise key, one flat N(0, 1) vector, scaled.
     _, noise_key = jax.random.split(jax.random.fold_in(jax.random.key(9), 0))
-    z = np.asarray(jax.random.normal(noise_key, (size,), jnp.float64))
+    z = np.asarray(gaussian.normal(noise_key, (size,), jnp.float64))
     expected = -sigma * clip * z / (1.0 * n)
     out["noise"] = {}
     for d in (4,):  # (the 1e-12 equality above also fails with noise drawn per device)

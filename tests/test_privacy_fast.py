@@ -17,7 +17,7 @@ from scipy import stats
 
 import jaxgrad
 from jaxgrad import privacy
-from jaxgrad.privacy import threefry
+from jaxgrad.privacy import gaussian, threefry
 
 ALPHA = 1e-6
 
@@ -53,11 +53,11 @@ def test_normal_at_is_a_slice_of_jax_random_normal(dtype, offset, shape):
     np.testing.assert_array_equal(np.asarray(got).ravel(), np.asarray(want))
 
 
-def test_add_noise_is_one_jax_random_normal_vector_cut_into_the_leaves():
+def test_add_noise_is_one_normal_vector_cut_into_the_leaves():
     key = jax.random.key(3)
     tree = {"w": jnp.ones((6, 4), jnp.float32), "b": jnp.arange(5.0, dtype=jnp.float32)}
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    z = np.asarray(jax.random.normal(key, (29,), jnp.float32))
+    z = np.asarray(gaussian.normal(key, (29,), jnp.float32))
     pieces, start = [], 0
     for x in leaves:
         pieces.append(np.asarray(x) + 0.5 * z[start : start + x.size].reshape(x.shape))
@@ -68,14 +68,14 @@ def test_add_noise_is_one_jax_random_normal_vector_cut_into_the_leaves():
         np.testing.assert_allclose(np.asarray(g), w, rtol=1e-6, atol=1e-7)
 
 
-def test_add_noise_is_jax_random_normal_without_partitionable_threefry():
-    """The promise holds under either setting of ``jax_threefry_partitionable``."""
+def test_add_noise_is_the_same_under_either_threefry_partitionable_setting():
+    """The fused Threefry words depend on the counter only, whatever the setting."""
     tree = {"w": jnp.zeros((3, 4), jnp.float32), "b": jnp.zeros(2, jnp.float32)}
     key = jax.random.key(7)
     for partitionable in (False, True):
         with jax.threefry_partitionable(partitionable):
             got = jax.jit(lambda t, k: privacy.add_noise(t, k, stddev=1.5))(tree, key)
-            want = 1.5 * np.asarray(jax.random.normal(key, (14,), jnp.float32))
+            want = 1.5 * np.asarray(gaussian.normal(key, (14,), jnp.float32))
         flat = np.concatenate([np.asarray(got["b"]), np.asarray(got["w"]).ravel()])
         np.testing.assert_allclose(flat, want, rtol=1e-6, atol=1e-7)
 
@@ -85,12 +85,13 @@ def test_add_noise_with_another_key_impl_and_a_raw_key():
     for key in (jax.random.key(1, impl="rbg"), jax.random.PRNGKey(1)):
         got = privacy.add_noise(tree, key, stddev=2.0)
         flat = jnp.concatenate([got["b"], got["w"].ravel()])  # leaves in tree order: b, w
-        np.testing.assert_allclose(flat, 2.0 * jax.random.normal(key, (14,)), rtol=1e-12)
+        want = 2.0 * gaussian.normal(key, (14,), jnp.float64)
+        np.testing.assert_allclose(flat, want, rtol=1e-12)
     assert threefry.is_threefry(jax.random.PRNGKey(1))
     assert not threefry.is_threefry(jax.random.key(1, impl="rbg"))
 
 
-def test_dp_grad_noise_is_jax_random_normal_times_sigma_c_over_b():
+def test_dp_grad_noise_is_one_normal_vector_times_sigma_c_over_b():
     """The noise on the whole gradient: exactly one N(0, I) vector over all coordinates."""
     model = jaxgrad.models.mlp([5, 4, 3], dtype=jnp.float64)
     loss_fn = jaxgrad.losses.supervised(
@@ -105,7 +106,7 @@ def test_dp_grad_noise_is_jax_random_normal_times_sigma_c_over_b():
     clean = privacy.dp_grad(loss_fn, noise_multiplier=0.0, **kw)(params, batch, None, key)
     pairs = zip(jax.tree_util.tree_leaves(noisy), jax.tree_util.tree_leaves(clean), strict=True)
     diff = np.concatenate([np.ravel(a - b) for a, b in pairs])
-    z = np.asarray(jax.random.normal(key, (diff.size,), jnp.float64))
+    z = np.asarray(gaussian.normal(key, (diff.size,), jnp.float64))
     np.testing.assert_allclose(diff, 1.5 * 0.5 * z / 4.0, rtol=1e-9, atol=1e-15)
 
 

@@ -260,3 +260,17 @@ def test_private_fit_without_a_key_draws_one_from_os_entropy_and_resumes_with_it
     chex.assert_trees_all_equal(resumed.params, whole.params)
     with pytest.raises(TypeError, match="`key` must be one PRNG key"):
         _fit(loss_fn, params, data, None, key=None)
+
+
+def test_delta_of_at_least_one_over_n_is_refused_before_training():
+    """δ ≥ 1/N certifies nothing (publishing one random example is (0, 1/N)-DP): fit and the
+    CLI refuse it, naming the argument, before any data is read or σ calibrated."""
+    _, loss_fn, data, params = _problem()  # N = 40
+    with pytest.raises(ValueError, match=r"`delta`.*1/N"):
+        _fit(loss_fn, params, data, PrivacyConfig(l2_clip=1.0, noise_multiplier=1.0, delta=0.025))
+    _fit(loss_fn, params, data, PrivacyConfig(l2_clip=1.0, noise_multiplier=1.0, delta=0.02))
+    from jaxgrad.train.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", "line", "--dp", "--noise-multiplier", "1", "--delta", "0.01", "--quiet"])
+    assert exit_info.value.code == 2

@@ -18,7 +18,14 @@ With optax, the noisy gradient is an ordinary gradient::
 """
 
 from jaxgrad.privacy import audit
-from jaxgrad.privacy.accounting import calibrate_noise_multiplier, dp_event, epsilon
+from jaxgrad.privacy.accounting import (
+    AccountingFallbackWarning,
+    calibrate_noise_multiplier,
+    check_delta,
+    dp_event,
+    effective_accountant,
+    epsilon,
+)
 from jaxgrad.privacy.noisy import (
     ClippedSum,
     DPInfo,
@@ -39,6 +46,7 @@ from jaxgrad.privacy.sampling import (
 )
 
 __all__ = [
+    "AccountingFallbackWarning",
     "ClippedSum",
     "DPInfo",
     "PoissonSample",
@@ -46,9 +54,11 @@ __all__ = [
     "add_noise",
     "audit",
     "calibrate_noise_multiplier",
+    "check_delta",
     "default_physical_batch_size",
     "dp_event",
     "dp_grad",
+    "effective_accountant",
     "epsilon",
     "gaussian_privatizer",
     "inclusion_mask",

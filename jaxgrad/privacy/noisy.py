@@ -36,7 +36,7 @@ import optax
 
 from jaxgrad import keys, reduce
 from jaxgrad.fast import api as fast_api
-from jaxgrad.privacy import sampling, threefry
+from jaxgrad.privacy import gaussian, sampling, threefry
 
 PyTree = Any
 NONFINITE = ("drop", "raise")  # "propagate" would make one example's NaN the whole step's
@@ -100,11 +100,14 @@ class ClippedSum:
 def add_noise(total: PyTree, key, *, stddev) -> PyTree:
     """``total + N(0, stddev² I)``: one independent normal per coordinate, all from one ``key``.
 
-    The normals are ``jax.random.normal(key, (N,), dtype)`` (``N`` the number of coordinates,
-    ``dtype`` the widest float dtype of the leaves, at least float32) cut into the leaves in
-    order. With a Threefry key (JAX's default) each leaf's share is computed where it is added
-    (:func:`jaxgrad.privacy.threefry.normal_at`: the same numbers, fused with the addition, no
-    ``N``-vector written); any other key draws the vector with ``jax.random.normal``.
+    The normals are :func:`jaxgrad.privacy.gaussian.normal` ``(key, (N,), dtype)`` (``N`` the
+    number of coordinates, ``dtype`` the widest float dtype of the leaves, at least float32)
+    cut into the leaves in order: leaf ``ℓ`` takes counters ``o_ℓ .. o_ℓ + n_ℓ − 1``. Their
+    tails are not cut: ``|z|`` reaches 9.155 (``jax.random.normal``'s float32 values stop
+    at 5.42), and the residual ``δ`` to add is ``(1 + e^ε) T d 2⁻⁶⁴`` for ``T`` steps on ``d``
+    coordinates (:mod:`jaxgrad.privacy.gaussian`). With a Threefry key (JAX's default) each
+    leaf's share is computed where it is added (:func:`jaxgrad.privacy.gaussian.normal_at`:
+    fused with the addition, no ``N``-vector written); any other key draws the vector.
 
     Args:
       total: a pytree of float arrays (the clipped sum).
@@ -136,12 +139,10 @@ def add_noise(total: PyTree, key, *, stddev) -> PyTree:
     dtype = jnp.result_type(jnp.float32, *leaves)
     sizes = [x.size for x in leaves]
     offsets = np.cumsum([0, *sizes[:-1]]).tolist()
-    # normal_at is jax.random.normal's partitionable Threefry stream (JAX's default); with
-    # jax_threefry_partitionable off, jax.random.normal itself gives the promised numbers.
-    if threefry.is_threefry(key) and jax.config.jax_threefry_partitionable:
-        draw = lambda x, start: threefry.normal_at(key, start, x.shape, dtype)
+    if threefry.is_threefry(key):
+        draw = lambda x, start: gaussian.normal_at(key, start, x.shape, dtype)
     else:
-        flat = jax.random.normal(key, (sum(sizes),), dtype)
+        flat = gaussian.normal(key, (sum(sizes),), dtype)
         draw = lambda x, start: flat[start : start + x.size].reshape(x.shape)
     noisy = [
         x + (stddev * draw(x, start)).astype(x.dtype)

@@ -1,8 +1,15 @@
-"""DP-SGD's random numbers: ``jax.random``'s own Threefry streams, computed where they are used.
+"""DP-SGD's random bits: ``jax.random``'s own Threefry streams, computed where they are used.
 
-DP-SGD draws one standard normal per parameter per step. ``jax.random.normal(key, (N,))``
-derives them from the Threefry-2x32 block cipher (20 rounds) applied to the counters
-``0 .. N − 1`` (JAX's default, ``jax_threefry_partitionable``):
+:func:`words_at` gives the raw 64 bits of Threefry block ``j``, computed where they are
+used: the DP noise (:mod:`jaxgrad.privacy.gaussian`, one normal from both words of a block)
+and the Poisson sampler (:func:`jaxgrad.privacy.poisson_sample`, an integer comparison) are
+built on it. :func:`normal_at` is ``jax.random.normal``'s own stream, fused the same way —
+the draw DP-SGD used before :mod:`jaxgrad.privacy.gaussian`, kept as the benchmark's
+baseline: its float32 values stop at ``|z| ≤ 5.42`` (tails cut), so it is **not** DP noise.
+
+``jax.random.normal(key, (N,))`` derives its normals from the Threefry-2x32 block cipher
+(20 rounds) applied to the counters ``0 .. N − 1`` (JAX's default,
+``jax_threefry_partitionable``):
 
 .. math::
 
@@ -12,15 +19,11 @@ derives them from the Threefry-2x32 block cipher (20 rounds) applied to the coun
 
 with ``f(b)`` the float in ``[0, 1)`` whose mantissa is ``b``'s top bits and
 ``u_min = nextafter(−1, 0)``. On a CPU, XLA runs JAX's Threefry as a rolled loop of five
-whole-array passes; :func:`normal_at` computes the *same* numbers with the 20 rounds written
-out, so XLA fuses cipher, conversion and whatever consumes the normals (the addition to the
-clipped sum, the division, the optimizer update) into one pass over the parameters. Leaf
-``ℓ`` of a tree takes the counters ``o_ℓ .. o_ℓ + n_ℓ − 1`` (``o_ℓ`` = the sizes of the leaves
-before it), so a tree's noise is bit for bit ``jax.random.normal(key, (N,))`` cut into the
-leaves, and no ``N``-vector is ever written. Same cipher, same counters, same key: the same
-cryptographic soundness as ``jax.random.normal``, just not materialised.
-:func:`words_at` gives the raw 64 bits of block ``j``; the Poisson sampler
-(:func:`jaxgrad.privacy.poisson_sample`) compares them with an integer threshold.
+whole-array passes; :func:`threefry2x32` has the 20 rounds written out, so XLA fuses cipher,
+conversion and whatever consumes the numbers (the addition to the clipped sum, the division,
+the optimizer update) into one pass over the parameters, and no ``N``-vector is ever
+written. Same cipher, same counters, same key: the same cryptographic soundness as
+``jax.random``, just not materialised.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from jaxgrad import keys
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _PARITY = np.uint32(0x1BD11BDA)
@@ -58,7 +63,7 @@ def threefry2x32(k0, k1, x0, x1):
 
 def is_threefry(key) -> bool:
     """Whether ``key`` is a Threefry-2x32 key (typed, or raw ``uint32[2]`` of the default impl)."""
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if keys.is_typed_key(key):
         return str(jax.random.key_impl(key)) == "threefry2x32" and key.shape == ()
     return key.shape == (2,) and key.dtype == jnp.uint32 and _default_is_threefry()
 
@@ -70,7 +75,7 @@ def _default_is_threefry() -> bool:
 
 
 def _key_words(key):
-    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    data = keys.key_data(key)
     return data[0], data[1]
 
 
@@ -120,6 +125,9 @@ def _unit_floats(key, offset: int, shape, dtype):
 
 def normal_at(key, offset: int, shape, dtype):
     """``jax.random.normal(key, (N,), dtype)[offset : offset + n].reshape(shape)``, fused.
+
+    Tails cut at ``|z| ≤ 5.42`` in float32: the benchmark's baseline, not DP noise (use
+    :func:`jaxgrad.privacy.gaussian.normal_at`).
 
     Entries ``offset .. offset + n − 1`` (``n = prod(shape)``) of the standard normal vector
     that ``jax.random.normal`` draws from a Threefry ``key`` (any ``N ≥ offset + n``: entry

@@ -110,14 +110,21 @@ class PrivacyPlan:
     def summary(self, steps: int) -> dict:
         """The ``privacy`` record of the CLI's JSON after ``steps`` steps."""
         c = self.config
+        accountant = dp.accounting.effective_accountant(  # "rdp" where PLD would not fit
+            noise_multiplier=self.noise_multiplier,
+            sampling_rate=self.sampling_rate,
+            steps=steps,
+            accountant=c.accountant,
+            pld_discretization=c.pld_discretization,
+        )
         return {
             "epsilon": self.epsilon(steps),
             "delta": c.delta,
             "noise_multiplier": self.noise_multiplier,
             "sampling_rate": self.sampling_rate,
             "steps": steps,
-            "accountant": c.accountant,
-            "pld_discretization": c.pld_discretization if c.accountant == "pld" else None,
+            "accountant": accountant,
+            "pld_discretization": c.pld_discretization if accountant == "pld" else None,
             "l2_clip": c.l2_clip,
             "target_epsilon": c.target_epsilon,
             "physical_batch_size": self.physical_batch_size,
@@ -164,6 +171,8 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
         accountant=config.accountant,
         pld_discretization=config.pld_discretization,
     )
+    # δ ≥ 1/N certifies nothing (publishing one random example in full is (0, 1/N)-DP).
+    dp.accounting.check_delta(config.delta, num_examples=n)
     dp.dp_grad(  # checks the clip, nonfinite and method
         lambda p, x: p,
         l2_clip=config.l2_clip,
