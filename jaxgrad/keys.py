@@ -110,6 +110,20 @@ def entropy_key(impl: str | None = None):
     return jax.random.wrap_key_data(words.reshape(shape), impl=impl)
 
 
+def same_in_every_process(key):
+    """Process 0's ``key`` in every process of a multi-process run (``key`` itself in one).
+
+    For a key drawn by :func:`entropy_key`, which differs between processes: the Poisson draw
+    of a DP step is computed in every process and must be the same draw.
+    """
+    if jax.process_count() == 1:
+        return key
+    from jax.experimental import multihost_utils
+
+    data = np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(key_data(key))))
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key))
+
+
 def step_key(key, step):
     """``fold_in(key, step)``: the key of training step ``step`` (0-based)."""
     return jax.random.fold_in(key, step)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import secrets
 import sys
 import time
 
@@ -389,24 +388,22 @@ def _dp_key(args, restored_key):
     import jax
     import numpy as np
 
-    shape = jax.random.key_data(jax.random.key(0)).shape
-    if args.insecure_dp_seed is not None:
-        data = np.zeros(shape, np.uint32)
-        data.flat[0], data.flat[-1] = INSECURE_KEY_MARK, args.insecure_dp_seed
-        source = "insecure-dp-seed"
-    elif restored_key is not None:
-        data, source = restored_key, "checkpoint"
-    else:
-        data = np.full(shape, INSECURE_KEY_MARK, np.uint32)
-        while data.flat[0] == INSECURE_KEY_MARK:
-            data = np.frombuffer(secrets.token_bytes(data.nbytes), np.uint32).reshape(shape)
-        source = "os-entropy"
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    from jaxgrad import keys
 
-        data = np.asarray(multihost_utils.broadcast_one_to_all(data))
-    private = int(np.asarray(data).flat[0]) != INSECURE_KEY_MARK
-    return jax.random.wrap_key_data(np.asarray(data, np.uint32)), source, private
+    if args.insecure_dp_seed is not None:
+        data = np.zeros(jax.random.key_data(jax.random.key(0)).shape, np.uint32)
+        data.flat[0], data.flat[-1] = INSECURE_KEY_MARK, args.insecure_dp_seed
+        key, source = jax.random.wrap_key_data(data), "insecure-dp-seed"
+    elif restored_key is not None:
+        key, source = jax.random.wrap_key_data(np.asarray(restored_key, np.uint32)), "checkpoint"
+    else:
+        key = keys.entropy_key()
+        while int(np.asarray(keys.key_data(key)).flat[0]) == INSECURE_KEY_MARK:
+            key = keys.entropy_key()  # (probability 2**-32) never read as an insecure key
+        source = "os-entropy"
+    key = keys.same_in_every_process(key)
+    private = int(np.asarray(keys.key_data(key)).flat[0]) != INSECURE_KEY_MARK
+    return key, source, private
 
 
 def _released_metrics(evaluate, plan, *, path, start_epoch, steps_per_epoch):

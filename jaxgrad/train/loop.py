@@ -193,7 +193,11 @@ def fit(
       optimizer: any optax ``GradientTransformation``.
       epochs: the total number of epochs (a resumed run continues up to it).
       batch_size: examples per batch, at most the size of ``train_data``.
-      key: the PRNG key of the shuffle; epoch ``e``'s order is a function of ``(key, e)`` only.
+      key: the PRNG key of the shuffle (epoch ``e``'s order is a function of ``(key, e)``
+        only) or, with ``privacy``, of the Poisson draws and the noise
+        (:func:`jaxgrad.keys.dp_keys`). With ``privacy`` it may be None: the key is then drawn
+        from OS entropy (process 0's, on several processes) and kept only in the checkpoints,
+        which are then secret; a resumed run takes it from there.
       strategy: a gradient-strategy factory, as for :func:`jaxgrad.train.train_step`.
       evaluate: ``evaluate(params) -> {name: float}``, called after every epoch (see
         :func:`jaxgrad.train.evaluator`).
@@ -218,8 +222,10 @@ def fit(
       privacy: a :class:`jaxgrad.train.PrivacyConfig` to train with DP-SGD instead (see
         :mod:`jaxgrad.train.private`): Poisson sampling with rate ``batch_size / N``, the
         noisy clipped gradient, σ calibrated to a target ε, ε reported per epoch (history
-        key ``epsilon``). ``strategy``, ``checkpoint_every`` and ``steps_per_call`` do not
-        apply (checkpoints are written every epoch). Works with ``mesh``: one Poisson draw
+        key ``epsilon``; the history holds nothing else computed on the training rows).
+        ``strategy`` does not apply; the loop is the same as without ``privacy`` (``scan``,
+        ``steps_per_call``, checkpoints, resume, the stop before a non-finite step). ``δ ≥
+        1/N`` is refused. Works with ``mesh``: one Poisson draw
         per step over the whole data set, from a key every process derives the same way
         (never one draw per device or host), its physical batches sharded over the devices,
         the noise drawn once in the replicated result.
@@ -269,7 +275,7 @@ def fit(
       2
     """
     if key is None and privacy is not None:
-        key = _entropy_key()
+        key = keys.same_in_every_process(keys.entropy_key())
         fingerprint = "os-entropy"  # secret: a resumed run takes the key from its checkpoint
     else:
         fingerprint = None
@@ -356,19 +362,7 @@ def fit(
         progress=progress,
         quiet=quiet,
         mesh=mesh,
-        train_data=train_data,
     )
-
-
-def _entropy_key():
-    """A key from OS entropy, the same in every process (process 0's, broadcast)."""
-    key = keys.entropy_key()
-    if jax.process_count() == 1:
-        return key
-    from jax.experimental import multihost_utils
-
-    data = multihost_utils.broadcast_one_to_all(np.asarray(jax.random.key_data(key)))
-    return jax.random.wrap_key_data(np.asarray(data), impl=jax.random.key_impl(key))
 
 
 def _plain_engine(
@@ -575,10 +569,8 @@ def _run(
     progress,
     quiet,
     mesh,
-    train_data,
 ) -> FitResult:
     """The one training loop: epochs of chunks of an engine's steps, with everything around."""
-    del train_data
     steps_per_epoch, chunk = engine.steps_per_epoch, engine.chunk
     every = checkpoint_every or steps_per_epoch
     chunks_per_epoch = math.ceil(steps_per_epoch / chunk)
