@@ -122,7 +122,7 @@ def check_params(params, *, name: str = "params", real: bool = False) -> None:
                 f"`{name}` is differentiated, so it must be floating point. Keep integer "
                 "counters, PRNG keys and other state out of it: close over them in `loss_fn`, or "
                 "split the model (eqx.partition(model, eqx.is_inexact_array); nnx.split(model, "
-                "nnx.Param, ...)) and pass only the trainable part (see the README)"
+                "nnx.Param, ...)) and pass only the trainable part (see docs/models.md)"
             )
         if real and jnp.issubdtype(dtype, jnp.complexfloating):
             raise TypeError(

@@ -336,7 +336,7 @@ def test_dp_grad_passes_extra_loss_arguments_like_every_strategy():
 
 def test_batchnorm_in_training_mode_is_per_example_as_documented():
     # loss_fn sees ONE example, so training-mode BatchNorm normalises each example by its own
-    # statistics (README, "Models from other libraries"): exactly the loop's per-example
+    # statistics (docs/models.md, "BatchNorm"): exactly the loop's per-example
     # gradients, and not the gradient of the batch-statistics loss.
     model, params, stats, x = _bn_problem()
 

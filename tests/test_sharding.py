@@ -203,7 +203,7 @@ def two_process_cli_run(tmp_path_factory):
 def _two_processes(mode, tmp_path):
     # Known, rare and not jaxgrad's to fix here: under heavy load (CI's two pytest workers
     # beside the two processes) gloo's CPU collectives can abort with a "collective mismatch"
-    # (SIGABRT in both processes; see the README's multi-host section). Such an abort, and only
+    # (SIGABRT in both processes; see docs/known-issues.md). Such an abort, and only
     # it, is retried once in a fresh directory; any other failure, or a second abort, fails.
     try:
         return _run_two_processes(mode, tmp_path / "try1")

@@ -2,7 +2,7 @@
 
 The noise and sampling key comes from OS entropy (``--insecure-dp-seed`` is explicit and
 labelled), inputs are not standardised with statistics of the training rows, the JSON holds
-only what the README's table lists, and DP flags without ``--dp`` are errors.
+only what the table in docs/privacy.md lists, and DP flags without ``--dp`` are errors.
 """
 
 import json
@@ -17,7 +17,7 @@ import jaxgrad
 from jaxgrad.train import __main__ as cli
 from jaxgrad.train.__main__ import main
 
-README = (Path(__file__).parents[1] / "README.md").read_text()
+PRIVACY_DOC = (Path(__file__).parents[1] / "docs" / "privacy.md").read_text()
 # The line fit: 410 training examples, two parameters in the JSON; seven steps an epoch.
 LINE = ["--data", "line", "--dp", "--noise-multiplier", "1", "--accountant", "rdp"]
 LINE += ["--batch-size", "64", "--x64"]
@@ -30,7 +30,7 @@ def _run(tmp_path, *args, name="out.json"):
 
 
 def _flatten(value, prefix=""):
-    """The JSON's keys as the README writes them: ``a.b`` for nested, ``a[].b`` in lists."""
+    """The JSON's keys as docs/privacy.md writes them: ``a.b`` for nested, ``a[].b`` in lists."""
     if isinstance(value, dict):
         for k, v in value.items():
             yield from _flatten(v, f"{prefix}.{k}" if prefix else k)
@@ -42,7 +42,7 @@ def _flatten(value, prefix=""):
 
 
 def _readme_keys():
-    section = README.split("### What a `--dp` run releases", 1)[1].split("\n## ", 1)[0]
+    section = PRIVACY_DOC.split("### What a `--dp` run releases", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| `")]
     keys = set()
     for row in rows:
@@ -277,7 +277,7 @@ def test_the_dp_json_holds_only_what_the_readme_lists(tmp_path):
     classify = _run(tmp_path, *args, "--metrics-jsonl", str(jsonl), name="classify.json")
     for summary in (line, classify):
         found = set(_flatten(summary))
-        assert found <= keys, f"keys not in the README's table: {sorted(found - keys)}"
+        assert found <= keys, f"keys not in docs/privacy.md's table: {sorted(found - keys)}"
         assert not any(
             re.search(r"train_|nonfinite_dropped|seconds|loss$|reference", k)
             for k in found

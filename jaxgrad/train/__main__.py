@@ -796,7 +796,7 @@ def run(args, parser=None) -> dict:
 
 def _dp_summary(summary, args, plan, key_source, private_run):
     """The --dp run's JSON: what the run releases, and nothing computed on the training rows
-    without noise (README, "What a --dp run releases", lists every key)."""
+    without noise (docs/privacy.md, "What a --dp run releases", lists every key)."""
     history = [
         {k: v for k, v in r.items() if k in DP_HISTORY_KEYS or k.startswith("test_")}
         for r in summary["history"]
