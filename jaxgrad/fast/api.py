@@ -159,16 +159,29 @@ def per_example_norms(
       strict: if True, raise when a parameter leaf that is neither a vector nor small takes
         the exact fallback (a per-example copy); :func:`jaxgrad.fast.plan` shows the routes.
 
+    Units: with ``units=`` (an int array ``(B,)`` given at call time, ids in ``[0, B)``) rows
+    with the same id form a unit (a user's rows, an example's augmentations) and every row gets
+    its unit's norm ``‖Σ_{j∈u(i)} ∇S_j‖`` (per row, so the shape stays ``(B,)`` and no number
+    of units needs to be static; padded rows belong to no unit and get 0). A unit is a
+    sequence of rows — ``Σ_{j∈u} A_jᵀ G_j = A_uᵀ G_u`` — so its squared norm is
+    ``⟨A_u A_uᵀ, G_u G_uᵀ⟩ = Σ_{j,k∈u} ⟨∇S_j, ∇S_k⟩``: the sum of :func:`gradient_gram` over the
+    unit's pairs, computed from the same factors (no ``B × P`` array). With ``chunk_size``
+    the Gram matrix is built block by block (see :func:`gradient_gram`).
+
     Returns:
-      ``f(params, batch, mask=None) -> norms`` of shape ``(B,)``; padded rows are 0.
+      ``f(params, batch, mask=None, *args, units=None) -> norms`` of shape ``(B,)``; padded
+      rows are 0.
 
     Example::
 
       >>> import jax.numpy as jnp
       >>> from jaxgrad.fast import per_example_norms
       >>> loss = lambda w, ex: jnp.dot(ex, w)  # gradient of example i is x_i
-      >>> per_example_norms(loss)(jnp.ones(2), jnp.array([[3.0, 4.0], [0.0, 1.0]])).tolist()
+      >>> x = jnp.array([[3.0, 4.0], [0.0, 1.0]])
+      >>> per_example_norms(loss)(jnp.ones(2), x).tolist()
       [5.0, 1.0]
+      >>> per_example_norms(loss)(jnp.ones(2), x, units=jnp.array([0, 0])).tolist()  # ‖(3, 5)‖²=34
+      [5.830951894845301, 5.830951894845301]
     """
     get = passes.get_pass(method, strict)
     chunk_size = _check_chunk(chunk_size)
@@ -231,8 +244,9 @@ def per_example_dots(loss_fn, *, method: str = "auto", chunk_size: int | None = 
       >>> from jaxgrad.fast import per_example_dots
       >>> loss = lambda w, ex: jnp.dot(ex, w)  # gradient of example i is x_i
       >>> f = per_example_dots(loss)
-      >>> f(jnp.ones(2), jnp.array([[3.0, 4.0], [0.0, 1.0]]), reference=jnp.array([1.0, -1.0]))
-      Array([-1., -1.], dtype=float32)
+      >>> v = jnp.array([1.0, -1.0])
+      >>> f(jnp.ones(2), jnp.array([[3.0, 4.0], [0.0, 1.0]]), reference=v).tolist()
+      [-1.0, -1.0]
     """
     get = passes.get_pass(method)
     chunk_size = _check_chunk(chunk_size)
@@ -502,6 +516,13 @@ def clipped_grad(
       empty sum is 0. (Costs a second pass, only when something was dropped.)
     * ``"propagate"``: the result is NaN.
 
+    Units: with ``units=`` (an int array ``(B,)`` at call time, ids in ``[0, B)``; see
+    :func:`per_example_norms`) each unit's *summed* gradient is clipped once, as user-level
+    DP and augmentation multiplicity need: ``Σ_u min(1, C/‖Σ_{i∈u} g_i‖) Σ_{i∈u} g_i``, which is
+    the reweighted sum ``Σ_i c_{u(i)} g_i`` (one weight per row, the same backward pass). The
+    norms returned are the units' (per row). A unit is kept or dropped whole: under
+    ``"drop"``, a row with a non-finite loss or unit norm drops every row of its unit.
+
     The same policy, with the same rules, serves the DP-SGD step (:mod:`jaxgrad.privacy`).
     Parameters that are not finite make the result NaN under every policy: every example's
     gradient is then meaningless, and a sum of nothing would read as a real (zero) gradient.
@@ -520,8 +541,9 @@ def clipped_grad(
         the exact fallback (a per-example copy); :func:`jaxgrad.fast.plan` shows the routes.
 
     Returns:
-      ``f(params, batch, mask=None) -> grads``; ``(loss, grads)`` with ``return_loss``,
-      ``(grads, norms)`` with ``return_norms``, ``(loss, grads, norms)`` with both.
+      ``f(params, batch, mask=None, *args, units=None) -> grads``; ``(loss, grads)`` with
+      ``return_loss``, ``(grads, norms)`` with ``return_norms``, ``(loss, grads, norms)`` with
+      both.
 
     Example::
 
