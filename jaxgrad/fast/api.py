@@ -131,8 +131,10 @@ def _unit_norm_sq(gram, units, mask):
     norm ``⟨A_u A_uᵀ, G_u G_uᵀ⟩``, the sum of the Gram matrix over the unit's pairs of rows.
     """
     same = (units[:, None] == units[None, :]) & mask[:, None] & mask[None, :]
-    s = same.astype(gram.dtype)
-    sq = jnp.sum(jnp.matmul(s, gram, precision=jax.lax.Precision.HIGHEST) * s, axis=1)
+    # Selected with where, never multiplied by 0/1: a non-finite row (NaN activations) must
+    # spoil its own unit only, and 0 × NaN is NaN.
+    row_sums = jnp.sum(jnp.where(same, gram, 0), axis=1)  # Σ_{k∈u(j)} ⟨∇S_j, ∇S_k⟩
+    sq = jnp.sum(jnp.where(same, row_sums[None, :], 0), axis=1)
     return jnp.where(mask, jnp.maximum(sq, 0), 0)
 
 
@@ -430,7 +432,7 @@ def clipped_parts(
             finite = jnp.isfinite(norms)
             c = jnp.where(m, jnp.where(finite, clip_factors(norms, l2_clip), jnp.nan), 0)
             # (A spoilt row's gradient may be finite: it weighs NaN with its unit.)
-            c = jnp.where(spoilt, jnp.nan, c)
+            c = jnp.where(m & spoilt, jnp.nan, c)
             totals = (parts.weighted(c), jnp.sum(parts.counts), jnp.sum(parts.sums))
             return (norms, m & ~ok), totals
 
