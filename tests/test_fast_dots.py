@@ -175,3 +175,23 @@ def test_bad_units_and_references_are_named():
         dots(params, batch, reference=bad)
     with pytest.raises(TypeError, match="unexpected keyword"):
         jaxgrad.gradient_gram(loss)(params, batch, units=jnp.arange(size))
+
+
+def test_complex_operands_cast_and_a_layer_stack_scanned_over_its_weights():
+    # real weights read in real form (a complex operand, a cast to complex; W also tied to a
+    # real use) and a stack of layers scanned over its stacked weights (one slice per step)
+    rng = np.random.default_rng(11)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape) / 2, F64)
+    params = {"W": normal(5, 8), "C": normal(8, 8), "ws": normal(3, 5, 5)}
+    batch = jnp.asarray(rng.normal(size=(6, 8)), F64)
+
+    def loss(p, x):
+        y = jnp.abs(p["W"] @ jnp.fft.fft(x)) ** 2 + jnp.tanh(p["W"] @ x)
+        z = p["C"].T.astype(jnp.complex128) @ jnp.fft.ifft(x)
+        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(w @ h), None), jnp.sin(y), p["ws"])
+        return jnp.sum(h**2) + jnp.sum(jnp.real(z * jnp.conj(z[::-1])))
+
+    routes = {lp.path: lp.route for lp in jaxgrad.fast.plan(loss, params, batch[0]).leaves}
+    assert "complex" in routes["['W']"] and "2 real positions" in routes["['C']"]
+    assert routes["['ws']"].startswith("scan, 3 steps, one slice per step")
+    check(loss, params, batch, mask=jnp.arange(6) != 4)
