@@ -110,7 +110,7 @@ def test_nested_scans_tied_use_and_fallback_leaf():
         lp.path: lp.route for lp in jaxgrad.fast.plan(_nested_rnn_loss, params, batch[0]).leaves
     }
     assert routes["['wo']"].startswith("tied") and routes["['b']"] == "exact fallback"
-    check(_nested_rnn_loss, params, batch, chunk_size=3)
+    check(_nested_rnn_loss, params, batch)
 
 
 def test_branches_sum_count_loss_and_chunks():
