@@ -95,9 +95,11 @@ def test_rnn_in_a_scan_with_extra_argument_and_chunks():
 
 
 def test_sequence_gram_form_pairwise_a_batch_of_rows_at_a_time(monkeypatch):
-    # hidden 16 over 6 steps: the norm takes the Gram form ⟨A_i A_iᵀ, G_i G_iᵀ⟩; the pairwise
-    # form is computed a few rows at a time (a small entry budget forces lax.map batches)
-    params, batch = _rnn_setup(hidden=16)
+    # hidden 96 over 6 steps: wh's Gram takes the pairwise form ⟨A_i A_jᵀ, G_i G_jᵀ⟩
+    # (T²(K + N) ≤ K N), computed a few rows at a time (a small entry budget forces lax.map
+    # batches); wx (3 × 96) takes the formed per-example gradients
+    params, batch = _rnn_setup(hidden=96)
+    assert rules.dense_pair_gram(6, 96, 96) and not rules.dense_pair_gram(6, 3, 96)
     plan = jaxgrad.fast.plan(rnn_loss, params, batch[0])
     assert "Gram" in {lp.path: lp.route for lp in plan.leaves}["['wh']"]
     monkeypatch.setattr(rules, "PAIR_ENTRIES", 100)

@@ -451,11 +451,11 @@ def cross_norm_sq(factors):
 # --- Pairs of examples and a reference: the Gram matrix and inner products --------------------
 #
 # Norms are the diagonal of the Gram matrix ``⟨∇_i, ∇_j⟩``; the functions below compute its
-# off-diagonal entries from the same factors and the same route decision as :func:`norm_sq`
-# (:func:`route`): ``⟨A_i A_jᵀ, G_i G_jᵀ⟩`` where the norm takes the Gram form (and for a plain
-# dense layer, ``T = 1``, where it is ``(a_i·a_j)(g_i·g_j)``), the same-row form for a lookup,
-# and the per-example gradients' inner products where the norm forms them anyway (a
-# convolution's ``B × |kernel|`` slices are formed here too).
+# entries from the same factors as :func:`norm_sq`: ``⟨A_i A_jᵀ, G_i G_jᵀ⟩`` (for a plain dense
+# layer, ``T = 1``, ``(a_i·a_j)(g_i·g_j)``), the same-row form for a lookup, or the inner
+# products of the formed per-example gradients where that is cheaper by shape — judged per
+# pair of examples, as the diagonal is judged per example (a convolution's ``B × |kernel|``
+# gradients are formed).
 
 # Entries of one left-rows batch of a pairwise form held at once (bounds ``B² T²`` memory).
 PAIR_ENTRIES = 1 << 24
@@ -483,12 +483,22 @@ def grads_gram(j1, j2):
     return jnp.matmul(j1.astype(dtype), j2.astype(dtype).T, precision=jax.lax.Precision.HIGHEST)
 
 
+def dense_pair_gram(t: int, k: int, n: int) -> bool:
+    """Whether the pairwise Gram form beats the inner products of formed gradients.
+
+    Per pair of examples the form costs ``T² (K + N)`` against ``K N`` for the inner product
+    of two formed ``K × N`` gradients (forming them, ``T K N`` per example, is amortised over
+    the ``B`` pairs of each): a factor ``T`` stricter than :func:`dense_gram` on the diagonal.
+    """
+    return t * t * (k + n) <= k * n
+
+
 def dense_gram_pairs(eqn: Eqn, pos: int, a1, g1, a2, g2):
     """``⟨∇_W S_i, ∇_W S_j⟩`` for a ``dot_general`` use: ``Σ_b ⟨A_{ib} A_{jb}ᵀ, G_{ib} G_{jb}ᵀ⟩``.
 
     Over the ``NB`` dot batch indices ``b`` (see :func:`dense_layout`); the pairwise Gram form
-    (``T = 1``: ``(a_i·a_j)(g_i·g_j)``) where :func:`norm_sq` takes it, else the inner
-    products of the formed ``K × N`` per-example gradients.
+    (``T = 1``: ``(a_i·a_j)(g_i·g_j)``) where it is cheaper by shape (:func:`dense_pair_gram`),
+    else the inner products of the formed ``K × N`` per-example gradients.
     """
     a_perm, g_perm, (nb, t, k, n) = dense_layout(eqn, pos)
     dtype = acc_dtype(eqn)
@@ -501,7 +511,7 @@ def dense_gram_pairs(eqn: Eqn, pos: int, a1, g1, a2, g2):
         )
 
     (x1, y1), (x2, y2) = blocks(a1, g1), blocks(a2, g2)
-    if t == 1 or dense_gram(t, k, n):
+    if t == 1 or dense_pair_gram(t, k, n):
 
         def row(xy, right):  # example i of the left against every example of the right
             (x, y), (xs, ys) = xy, right
@@ -521,7 +531,7 @@ def gather_gram_pairs(eqn: Eqn, pos: int, i1, g1, i2, g2):
     r1, _, y1 = gather_rows(eqn, i1, g1.astype(dtype))
     r2, _, y2 = gather_rows(eqn, i2, g2.astype(dtype))
     t = r1.shape[1]
-    if not gather_gram(t, gather_num_rows(eqn)):
+    if t * t > gather_num_rows(eqn):  # per pair: T² same-row tests against a rows × R product
         return grads_gram(
             per_example_grads(eqn, 0, idx_restore(eqn, r1), g_restore(eqn, y1)),
             per_example_grads(eqn, 0, idx_restore(eqn, r2), g_restore(eqn, y2)),
