@@ -126,6 +126,7 @@ def _strategy(
     doc=None,
     loss_fn=None,
     real_params: bool = False,
+    keywords: tuple = (),
 ):
     """Wraps ``core(params, batch, mask) -> (loss, grads)`` with input checks and ``jax.jit``.
 
@@ -141,6 +142,7 @@ def _strategy(
     PRNG key to ``fold_in`` an example id from the batch, ...). They are traced, not static.
 
     ``real_params=True`` rejects complex parameter leaves (see :func:`jaxgrad.reduce.check_params`).
+    ``keywords`` names call-time keyword arrays ``f`` accepts and passes (traced) to ``core``.
     """
 
     if loss_fn is not None:
@@ -148,7 +150,7 @@ def _strategy(
     if return_loss is not None:
         return_loss = reduce.check_flag(return_loss, name="return_loss")
 
-    def run(params, batch, mask, args):
+    def run(params, batch, mask, args, kw):
         # A missing mask is made inside the jit, so it takes the batch's sharding (a batch
         # spread over devices or processes never meets a mask that lives on one device).
         if mask is None:
@@ -158,11 +160,17 @@ def _strategy(
         batch = reduce.fill_padding(batch, mask)
         if loss_fn is None:
             return core(params, batch, mask)
-        return core(params, batch, mask, loss_fn=_bind(loss_fn, args))
+        return core(params, batch, mask, loss_fn=_bind(loss_fn, args), **kw)
 
     jitted = jax.jit(run)
 
-    def f(params, batch, mask=None, *args):
+    def f(params, batch, mask=None, *args, **kw):
+        unknown = sorted(set(kw) - set(keywords))
+        if unknown:
+            raise TypeError(
+                f"`{name}` got unexpected keyword(s) {unknown}; allowed: {list(keywords)}"
+            )
+        kw = {k: v for k, v in kw.items() if v is not None}
         if args and loss_fn is None:
             raise TypeError(f"`{name}` takes no extra loss arguments; got {len(args)}")
         reduce.check_params(params, real=real_params)
@@ -172,7 +180,7 @@ def _strategy(
         if validate is not None and _values_are_concrete(batch):
             for piece, piece_mask in _local_pieces(batch, mask):
                 validate(piece, piece_mask)
-        out = jitted(params, batch, mask, args)
+        out = jitted(params, batch, mask, args, kw)
         if return_loss is None:
             return out
         loss, grads = out

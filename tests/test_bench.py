@@ -45,10 +45,17 @@ def test_every_strategy_computes_what_it_says():
         "mean": jax.tree.map(lambda g: g.mean(0), per_example),
         "clipped": jax.tree.map(lambda g: jnp.tensordot(scale, g, axes=1) / 6, per_example),
     }
+    v = np.concatenate([np.ravel(x) for x in jax.tree.leaves(params)])  # the reference: params
     for name, factory in suite.STRATEGIES.items():
         out = factory(case.loss_fn, 6)(params, batch)
         if name == "per_example_norms":
             np.testing.assert_allclose(out, norms, rtol=2e-4)
+            continue
+        if name in ("per_example_dots", "vmap(grad)+dot"):
+            np.testing.assert_allclose(out, flat @ v, rtol=2e-4, atol=1e-5, err_msg=name)
+            continue
+        if name in ("gradient_gram", "vmap(grad)+gram"):
+            np.testing.assert_allclose(out, flat @ flat.T, rtol=2e-4, atol=1e-5, err_msg=name)
             continue
         if name.startswith(("per_example_grads", "jax.vmap")):
             out = jax.tree.map(lambda g: g.mean(0), out)

@@ -157,6 +157,48 @@ def vmap_grad_then_clip(loss_fn, *, l2_clip: float = 1.0):
     return f
 
 
+def with_reference(f):
+    """``f(params, batch, mask, reference=params)``: the parameters as the reference pytree
+    ``v`` (any fixed params-shaped pytree costs the same)."""
+    return lambda params, batch, mask=None: f(params, batch, mask, reference=params)
+
+
+def _vmap_grads(loss_fn):
+    """``(B, P)`` per-example gradients of the loss sums, masked, ``jax.vmap(jax.grad)``."""
+    vg = jax.vmap(jax.grad(reduce.loss_sum_fn(loss_fn)), in_axes=(None, 0))
+
+    def flat(params, batch, mask):
+        mask = jnp.ones(reduce.batch_size(batch), bool) if mask is None else mask
+        leaves = jax.tree.leaves(vg(params, batch))
+        return jnp.concatenate([x.reshape(x.shape[0], -1) for x in leaves], 1) * mask[:, None]
+
+    return flat
+
+
+def vmap_grad_then_dot(loss_fn):
+    """What a user writes without jaxgrad: ``vmap(grad)``, then each row dotted with ``v``."""
+    flat = _vmap_grads(loss_fn)
+
+    @jax.jit
+    def f(params, batch, mask=None):
+        v = jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(params)])
+        return flat(params, batch, mask) @ v
+
+    return f
+
+
+def vmap_grad_then_gram(loss_fn):
+    """``vmap(grad)``, then the ``B × B`` Gram matrix ``J Jᵀ`` of its rows."""
+    flat = _vmap_grads(loss_fn)
+
+    @jax.jit
+    def f(params, batch, mask=None):
+        j = flat(params, batch, mask)
+        return j @ j.T
+
+    return f
+
+
 def dp_step(loss_fn, *, l2_clip: float = 1.0, noise_multiplier: float = 1.0, batch_size: int):
     """A full DP-SGD gradient on the batch: clip, sum, add ``N(0, σ²C² I)`` once, divide by
     ``batch_size`` (:func:`jaxgrad.privacy.dp_grad`; the noise key is fixed, its draw timed)."""
@@ -191,4 +233,8 @@ STRATEGIES: dict[str, Callable] = {
     "clipped_grad": lambda lf, b: fast.clipped_grad(lf, l2_clip=1.0),
     "vmap(grad)+clip": lambda lf, b: vmap_grad_then_clip(lf, l2_clip=1.0),
     "dp_grad(clip+noise)": lambda lf, b: dp_step(lf, batch_size=b),
+    "per_example_dots": lambda lf, b: with_reference(fast.per_example_dots(lf)),
+    "vmap(grad)+dot": lambda lf, b: vmap_grad_then_dot(lf),
+    "gradient_gram": lambda lf, b: fast.gradient_gram(lf),
+    "vmap(grad)+gram": lambda lf, b: vmap_grad_then_gram(lf),
 }

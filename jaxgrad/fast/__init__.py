@@ -9,6 +9,8 @@ from jaxgrad.fast.api import (
     GradStats,
     clipped_grad,
     grad_stats,
+    gradient_gram,
+    per_example_dots,
     per_example_moments,
     per_example_norms,
 )
@@ -21,6 +23,8 @@ __all__ = [
     "Plan",
     "clipped_grad",
     "grad_stats",
+    "gradient_gram",
+    "per_example_dots",
     "per_example_moments",
     "per_example_norms",
     "plan",

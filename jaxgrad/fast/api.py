@@ -28,7 +28,7 @@ from jaxgrad.grads import _per_example, _strategy, _validator, check_loss_fn
 PyTree = Any
 
 
-def _wrap(core, loss_fn, *, name: str, doc: str | None):
+def _wrap(core, loss_fn, *, name: str, doc: str | None, keywords: tuple = ()):
     """The strategies' own wrapper: input checks, padding filled, ``jax.jit``."""
     check_loss_fn(loss_fn)
     return _strategy(
@@ -39,7 +39,103 @@ def _wrap(core, loss_fn, *, name: str, doc: str | None):
         doc=doc,
         loss_fn=loss_fn,
         real_params=True,  # the norms here are of real gradients (x², not |x|²)
+        keywords=keywords,
     )
+
+
+def check_units(units, size: int, *, name: str = "units") -> jax.Array:
+    """``units`` checked: integer ids of shape ``(B,)`` in ``[0, B)`` (range checked when concrete).
+
+    Under the caller's own ``jax.jit`` the values cannot be checked; they are then only
+    compared with each other (rows with equal ids form a unit), so any ids are well defined.
+    """
+    dtype = getattr(units, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(
+            f"`{name}` must be an integer array of unit ids, shape ({size},); got "
+            f"{type(units).__name__} of dtype {dtype}"
+        )
+    if np.shape(units) != (size,):
+        raise ValueError(
+            f"`{name}` must have shape (B,) = ({size},), one unit id per row of the batch; "
+            f"got shape {np.shape(units)}"
+        )
+    if not isinstance(units, jax.core.Tracer) and size:
+        lo, hi = int(np.min(units)), int(np.max(units))
+        if lo < 0 or hi >= size:
+            raise ValueError(
+                f"`{name}` must hold unit ids in [0, B) = [0, {size}); got ids from {lo} to {hi}"
+            )
+    return units
+
+
+def check_reference(reference, params, *, name: str = "reference") -> list:
+    """The leaves of ``reference``, checked to be shaped like ``params``'s (same tree)."""
+    if reference is None:
+        raise TypeError(f"`{name}` is required: a pytree shaped like `params`")
+    leaves, treedef = jax.tree_util.tree_flatten(reference)
+    p_leaves, p_treedef = jax.tree_util.tree_flatten(params)
+    if treedef != p_treedef:
+        raise ValueError(
+            f"`{name}` must have the structure of `params`; got {treedef}, expected {p_treedef}"
+        )
+    for i, (v, p) in enumerate(zip(leaves, p_leaves, strict=True)):
+        if np.shape(v) != np.shape(p):
+            raise ValueError(
+                f"`{name}` leaf {i} must have the shape of the parameter leaf, "
+                f"{np.shape(p)}; got {np.shape(v)}"
+            )
+        dtype = jnp.result_type(v)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"`{name}` leaf {i} must be real floating point; got {dtype}")
+    return reference
+
+
+def _gram(get, loss_fn, params, batch, mask, chunk_size):
+    """``(B, B)`` Gram matrix ``⟨∇S_i, ∇S_j⟩`` and ``(B,)`` loss sums, chunk by chunk.
+
+    With ``chunk_size = c`` the batch is cut into ``K = ⌈B / c⌉`` contiguous chunks (the last
+    padded with masked rows) and block ``(p, q)`` is read off the passes of chunks ``p`` and
+    ``q``: ``K + K²`` passes of ``c`` examples, two chunks' activations live at a time.
+    """
+    size = mask.shape[0]
+    if chunk_size is None or chunk_size >= size:
+        parts = get(loss_fn, params, batch, mask)
+        return passes.gram(parts, parts), parts.sums
+    k = -(-size // chunk_size)
+    pad = k * chunk_size - size
+
+    def blocked(x):  # padded with copies of row 0 (finite: the batch's padding is filled)
+        x = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]) if pad else x
+        return x.reshape(k, chunk_size, *x.shape[1:])
+
+    chunks = jax.tree_util.tree_map(blocked, batch)
+    masks = blocked(mask).at[-1, chunk_size - pad :].set(False) if pad else blocked(mask)
+
+    def row(pm):
+        parts_p = get(loss_fn, params, *pm)
+        cols = jax.lax.map(
+            lambda qm: passes.gram(parts_p, get(loss_fn, params, *qm)), (chunks, masks)
+        )
+        return cols, parts_p.sums
+
+    blocks, sums = jax.lax.map(row, (chunks, masks))  # (K, K, c, c), (K, c)
+    full = jnp.transpose(blocks, (0, 2, 1, 3)).reshape(k * chunk_size, k * chunk_size)
+    return full[:size, :size], sums.reshape(-1)[:size]
+
+
+def _unit_norm_sq(gram, units, mask):
+    """``‖Σ_{j∈u(i)} ∇S_j‖² = Σ_{j,k∈u(i)} ⟨∇S_j, ∇S_k⟩`` for every row ``i`` (0 where padded).
+
+    A unit is a sequence of rows: its gradient ``Σ_{j∈u} A_jᵀ G_j = A_uᵀ G_u`` has the squared
+    norm ``⟨A_u A_uᵀ, G_u G_uᵀ⟩``, the sum of the Gram matrix over the unit's pairs of rows.
+    """
+    same = (units[:, None] == units[None, :]) & mask[:, None] & mask[None, :]
+    # Selected with where, never multiplied by 0/1: a non-finite row (NaN activations) must
+    # spoil its own unit only, and 0 × NaN is NaN.
+    row_sums = jnp.sum(jnp.where(same, gram, 0), axis=1)  # Σ_{k∈u(j)} ⟨∇S_j, ∇S_k⟩
+    sq = jnp.sum(jnp.where(same, row_sums[None, :], 0), axis=1)
+    return jnp.where(mask, jnp.maximum(sq, 0), 0)
 
 
 def _check_chunk(chunk_size):
@@ -65,28 +161,164 @@ def per_example_norms(
       strict: if True, raise when a parameter leaf that is neither a vector nor small takes
         the exact fallback (a per-example copy); :func:`jaxgrad.fast.plan` shows the routes.
 
+    Units: with ``units=`` (an int array ``(B,)`` given at call time, ids in ``[0, B)``) rows
+    with the same id form a unit (a user's rows, an example's augmentations) and every row gets
+    its unit's norm ``‖Σ_{j∈u(i)} ∇S_j‖`` (per row, so the shape stays ``(B,)`` and no number
+    of units needs to be static; padded rows belong to no unit and get 0). A unit is a
+    sequence of rows — ``Σ_{j∈u} A_jᵀ G_j = A_uᵀ G_u`` — so its squared norm is
+    ``⟨A_u A_uᵀ, G_u G_uᵀ⟩ = Σ_{j,k∈u} ⟨∇S_j, ∇S_k⟩``: the sum of :func:`gradient_gram` over the
+    unit's pairs, computed from the same factors (no ``B × P`` array). With ``chunk_size``
+    the Gram matrix is built block by block (see :func:`gradient_gram`).
+
     Returns:
-      ``f(params, batch, mask=None) -> norms`` of shape ``(B,)``; padded rows are 0.
+      ``f(params, batch, mask=None, *args, units=None) -> norms`` of shape ``(B,)``; padded
+      rows are 0.
 
     Example::
 
       >>> import jax.numpy as jnp
       >>> from jaxgrad.fast import per_example_norms
       >>> loss = lambda w, ex: jnp.dot(ex, w)  # gradient of example i is x_i
-      >>> per_example_norms(loss)(jnp.ones(2), jnp.array([[3.0, 4.0], [0.0, 1.0]])).tolist()
+      >>> x = jnp.array([[3.0, 4.0], [0.0, 1.0]])
+      >>> per_example_norms(loss)(jnp.ones(2), x).tolist()
       [5.0, 1.0]
+      >>> per_example_norms(loss)(jnp.ones(2), x, units=jnp.array([0, 0])).tolist()  # ‖(3, 5)‖²=34
+      [5.830951894845301, 5.830951894845301]
     """
     get = passes.get_pass(method, strict)
     chunk_size = _check_chunk(chunk_size)
 
-    def core(params, batch, mask, loss_fn=loss_fn):
+    def core(params, batch, mask, loss_fn=loss_fn, units=None):
+        if units is not None:
+            gram, _ = _gram(get, loss_fn, params, batch, mask, chunk_size)
+            return jnp.sqrt(_unit_norm_sq(gram, units, mask))
+
         def body(b, m):
             parts = get(loss_fn, params, b, m)
             return jnp.sqrt(jnp.maximum(parts.norm_sq, 0)), ()
 
         return passes.run_chunked(body, batch, mask, chunk_size)[0]
 
-    return _wrap(core, loss_fn, name="per_example_norms", doc=per_example_norms.__doc__)
+    strategy = _wrap(
+        core, loss_fn, name="per_example_norms", doc=per_example_norms.__doc__, keywords=("units",)
+    )
+    return _with_units(strategy)
+
+
+def _with_units(strategy):
+    """``strategy`` with its call-time ``units=`` checked against the batch first."""
+
+    def f(params, batch, mask=None, *args, units=None):
+        if units is None:
+            return strategy(params, batch, mask, *args)
+        units = check_units(units, reduce.batch_size(batch))
+        return strategy(params, batch, mask, *args, units=units)
+
+    f.__name__ = f.__qualname__ = strategy.__name__
+    f.__doc__ = strategy.__doc__
+    return f
+
+
+def per_example_dots(loss_fn, *, method: str = "auto", chunk_size: int | None = None):
+    """Every example's gradient dotted with a reference gradient, ``⟨∇S_i, v⟩``.
+
+    ``v`` is any pytree shaped like ``params`` (a validation-set gradient, an update
+    direction). On the fast path a use ``s = op(A, W)`` linear in ``W`` contributes
+    ``⟨∇_W S_i, V⟩ = ⟨G_i, op(A_i, V)⟩`` — the use's forward operation once more with ``V``
+    for ``W``; for a dense use with kept operands ``A_i`` (``T × d``) and cotangents ``G_i``
+    (``T × p``) that is ``Σ_t a_{i,t}ᵀ V g_{i,t}``, one more matmul and no ``B × P`` array
+    (:func:`jaxgrad.fast.rules.dot`). Parameters on the exact fallback dot their per-example
+    gradients with ``v``. Since the result is linear in each ``∇S_i``, tied uses need no
+    cross terms: their dots add.
+
+    Args:
+      loss_fn: ``loss_fn(params, example, *args) -> scalar | (loss_sum, n_items)``.
+      method: ``"auto"`` (fast, exact) or ``"vmap"`` (materialised reference).
+      chunk_size: if set, examples are processed that many at a time.
+
+    Returns:
+      ``f(params, batch, mask=None, *args, reference=v) -> dots`` of shape ``(B,)``; padded
+      rows are 0.
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> from jaxgrad.fast import per_example_dots
+      >>> loss = lambda w, ex: jnp.dot(ex, w)  # gradient of example i is x_i
+      >>> f = per_example_dots(loss)
+      >>> v = jnp.array([1.0, -1.0])
+      >>> f(jnp.ones(2), jnp.array([[3.0, 4.0], [0.0, 1.0]]), reference=v).tolist()
+      [-1.0, -1.0]
+    """
+    get = passes.get_pass(method)
+    chunk_size = _check_chunk(chunk_size)
+
+    def core(params, batch, mask, loss_fn=loss_fn, reference=None):
+        v = jax.tree_util.tree_leaves(reference)
+
+        def body(b, m):
+            return get(loss_fn, params, b, m).dots(v), ()
+
+        return passes.run_chunked(body, batch, mask, chunk_size)[0]
+
+    strategy = _wrap(
+        core,
+        loss_fn,
+        name="per_example_dots",
+        doc=per_example_dots.__doc__,
+        keywords=("reference",),
+    )
+
+    def f(params, batch, mask=None, *args, reference=None):
+        reference = check_reference(reference, params)
+        return strategy(params, batch, mask, *args, reference=reference)
+
+    f.__name__ = f.__qualname__ = "per_example_dots"
+    f.__doc__ = per_example_dots.__doc__
+    return f
+
+
+def gradient_gram(loss_fn, *, method: str = "auto", chunk_size: int | None = None):
+    """The Gram matrix of the per-example gradients, ``K_{ij} = ⟨∇S_i, ∇S_j⟩``.
+
+    Its diagonal is :func:`per_example_norms` squared. On the fast path every use adds its
+    pairwise block, read off the same factors and by the same route as its norm
+    (:func:`jaxgrad.fast.rules.gram`): ``Σ_{t,s} ⟨a_{i,t}, a_{j,s}⟩⟨g_{i,t}, g_{j,s}⟩ =
+    ⟨A_i A_jᵀ, G_i G_jᵀ⟩`` for a dense use (``(a_i·a_j)(g_i·g_j)`` without a sequence axis),
+    or the inner products of the formed ``K × N`` per-example gradients where that is cheaper
+    by shape; ``Σ_{t,s} [r_{i,t} = r_{j,s}] ⟨g_{i,t}, g_{j,s}⟩`` for an embedding lookup; the
+    cross terms between tied uses (:func:`jaxgrad.fast.rules.cross_gram`); the per-example
+    gradients of convolutions and of the exact fallback's leaves. The pairwise forms hold
+    ``B² T²`` entries a batch of rows at a time, never a ``B × P`` array.
+
+    With ``chunk_size = c`` the ``K = ⌈B / c⌉`` chunks' blocks are computed pairwise, which
+    runs ``K + K²`` passes of ``c`` examples (two chunks' activations live at a time).
+
+    Args:
+      loss_fn: ``loss_fn(params, example, *args) -> scalar | (loss_sum, n_items)``.
+      method: ``"auto"`` (fast, exact) or ``"vmap"`` (materialised reference).
+      chunk_size: if set, examples are processed that many at a time.
+
+    Returns:
+      ``f(params, batch, mask=None, *args) -> K`` of shape ``(B, B)``, symmetric; padded rows
+      and columns are 0.
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> from jaxgrad.fast import gradient_gram
+      >>> loss = lambda w, ex: jnp.dot(ex, w)
+      >>> gradient_gram(loss)(jnp.ones(2), jnp.array([[3.0, 4.0], [0.0, 1.0]])).tolist()
+      [[25.0, 4.0], [4.0, 1.0]]
+    """
+    get = passes.get_pass(method)
+    chunk_size = _check_chunk(chunk_size)
+
+    def core(params, batch, mask, loss_fn=loss_fn):
+        gram, _ = _gram(get, loss_fn, params, batch, mask, chunk_size)
+        return jnp.where(mask[:, None] & mask[None, :], gram, 0)
+
+    return _wrap(core, loss_fn, name="gradient_gram", doc=gradient_gram.__doc__)
 
 
 def clip_factors(norms, l2_clip):
@@ -175,34 +407,55 @@ def clipped_parts(
     get = passes.get_pass(method, strict)
     chunk_size = _check_chunk(chunk_size)
 
-    def core(params, batch, mask, loss_fn=loss_fn):
-        def one(b, m):
+    def core(params, batch, mask, loss_fn=loss_fn, units=None):
+        given = None
+        if units is not None:
+            # Each row is clipped by its unit's norm: Σ_u c_u Σ_{i∈u} g_i = Σ_i c_{u(i)} g_i.
+            # A unit is kept or dropped whole (a row with a non-finite loss spoils its unit).
+            gram, sums = _gram(get, loss_fn, params, batch, mask, chunk_size)
+            norms = jnp.sqrt(_unit_norm_sq(gram, units, mask))
+            bad = mask & ~(jnp.isfinite(norms) & jnp.isfinite(sums))
+            same = (units[:, None] == units[None, :]) & mask[None, :]
+            given = (norms, mask & jnp.any(same & bad[None, :], axis=1))
+
+        def one(b, m, given=None):
             parts = get(loss_fn, params, b, m)
-            norms = jnp.sqrt(parts.norm_sq)
-            ok = m & jnp.isfinite(norms) & jnp.isfinite(parts.sums)
+            if given is None:
+                norms, spoilt = jnp.sqrt(parts.norm_sq), jnp.zeros_like(m)
+            else:
+                norms, spoilt = given
+            ok = m & jnp.isfinite(norms) & jnp.isfinite(parts.sums) & ~spoilt
             # A real example whose gradient cannot be clipped (non-finite norm) weighs NaN, so
             # every leaf of the sum is NaN: a NaN norm would otherwise read as "not above the
             # clip" (factor 1) and add the finite leaves of that gradient unclipped, and an inf
             # one would weigh 0. (A finite gradient of a non-finite loss clips as usual.)
             finite = jnp.isfinite(norms)
             c = jnp.where(m, jnp.where(finite, clip_factors(norms, l2_clip), jnp.nan), 0)
+            # (A spoilt row's gradient may be finite: it weighs NaN with its unit.)
+            c = jnp.where(m & spoilt, jnp.nan, c)
             totals = (parts.weighted(c), jnp.sum(parts.counts), jnp.sum(parts.sums))
             return (norms, m & ~ok), totals
 
-        def body(b, m):
-            rows, totals = one(b, m)
+        def body(b, m, given=None):
+            rows, totals = one(b, m, given)
             if nonfinite != "drop":
                 return rows, (*totals, jnp.sum(m))
             ok = m & ~rows[1]
 
             def again():  # the kept rows only; dropped ones become copies of a kept row
-                _, kept = one(reduce.fill_padding(b, ok), ok)
+                _, kept = one(reduce.fill_padding(b, ok), ok, given)
                 return jax.tree_util.tree_map(lambda t: jnp.where(jnp.any(ok), t, 0), kept)
 
             totals = jax.lax.cond(jnp.any(rows[1]), again, lambda: totals)
             return rows, (*totals, jnp.sum(ok))
 
-        (norms, bad), (total, count, loss, kept) = passes.run_chunked(body, batch, mask, chunk_size)
+        if given is None:
+            run = passes.run_chunked(body, batch, mask, chunk_size)
+        else:  # the unit norms ride along with the rows they belong to
+            run = passes.run_chunked(
+                lambda bg, m: body(bg[0], m, bg[1]), (batch, given), mask, chunk_size
+            )
+        (norms, bad), (total, count, loss, kept) = run
         if reduction == "mean":
             total, loss = reduce.safe_divide((total, loss), count)
         # The all-dropped rule: the kept examples are reduced as any examples are, so an empty
@@ -218,7 +471,10 @@ def clipped_parts(
         )
         return ClippedParts(loss, total, norms, bad, kept.astype(jnp.int32))
 
-    return _wrap(core, loss_fn, name="clipped_grad", doc=clipped_parts.__doc__)
+    strategy = _wrap(
+        core, loss_fn, name="clipped_grad", doc=clipped_parts.__doc__, keywords=("units",)
+    )
+    return _with_units(strategy)
 
 
 def clipped_grad(
@@ -262,6 +518,13 @@ def clipped_grad(
       empty sum is 0. (Costs a second pass, only when something was dropped.)
     * ``"propagate"``: the result is NaN.
 
+    Units: with ``units=`` (an int array ``(B,)`` at call time, ids in ``[0, B)``; see
+    :func:`per_example_norms`) each unit's *summed* gradient is clipped once, as user-level
+    DP and augmentation multiplicity need: ``Σ_u min(1, C/‖Σ_{i∈u} g_i‖) Σ_{i∈u} g_i``, which is
+    the reweighted sum ``Σ_i c_{u(i)} g_i`` (one weight per row, the same backward pass). The
+    norms returned are the units' (per row). A unit is kept or dropped whole: under
+    ``"drop"``, a row with a non-finite loss or unit norm drops every row of its unit.
+
     The same policy, with the same rules, serves the DP-SGD step (:mod:`jaxgrad.privacy`).
     Parameters that are not finite make the result NaN under every policy: every example's
     gradient is then meaningless, and a sum of nothing would read as a real (zero) gradient.
@@ -280,8 +543,9 @@ def clipped_grad(
         the exact fallback (a per-example copy); :func:`jaxgrad.fast.plan` shows the routes.
 
     Returns:
-      ``f(params, batch, mask=None) -> grads``; ``(loss, grads)`` with ``return_loss``,
-      ``(grads, norms)`` with ``return_norms``, ``(loss, grads, norms)`` with both.
+      ``f(params, batch, mask=None, *args, units=None) -> grads``; ``(loss, grads)`` with
+      ``return_loss``, ``(grads, norms)`` with ``return_norms``, ``(loss, grads, norms)`` with
+      both.
 
     Example::
 
@@ -305,8 +569,8 @@ def clipped_grad(
     return_norms = reduce.check_flag(return_norms, name="return_norms")
     return_loss = reduce.check_flag(return_loss, name="return_loss")
 
-    def f(params, batch, mask=None, *args):
-        loss, grads, norms, bad, _ = parts(params, batch, mask, *args)
+    def f(params, batch, mask=None, *args, units=None):
+        loss, grads, norms, bad, _ = parts(params, batch, mask, *args, units=units)
         if nonfinite == "raise":
             raise_nonfinite(bad, name="clipped_grad")
         out = (grads,)

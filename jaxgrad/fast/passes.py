@@ -1,7 +1,8 @@
 """The two ways to get per-example gradient norms and reweighted gradient sums.
 
 Both return a :class:`Parts`: the per-example loss sums and counts, every example's squared
-gradient norm (over all parameters), and ``weighted(c) = Σ_i c_i ∇S_i``.
+gradient norm (over all parameters), ``weighted(c) = Σ_i c_i ∇S_i``, ``dots(v) = ⟨∇S_i, v⟩``
+and the factors :func:`gram` reads the Gram matrix ``⟨∇S_i, ∇S_j⟩`` from.
 
 * :func:`vmap_pass` — the reference: materialise ``∇S_i`` with ``vmap(grad)`` (``B × P``).
 * :func:`fast_pass` — one forward and one backward pass of the batched loss, with zero
@@ -15,6 +16,7 @@ gradient norm (over all parameters), and ``weighted(c) = Σ_i c_i ∇S_i``.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -35,6 +37,11 @@ class Parts(NamedTuple):
     counts: jax.Array  # (B,) item counts n_i (0 where padded)
     norm_sq: jax.Array  # (B,) ‖∇S_i‖² over all parameters (0 where padded)
     weighted: Callable[[jax.Array], Any]  # c -> Σ_i c_i ∇S_i, a params-shaped pytree
+    dots: Callable[[list], jax.Array]  # leaves of v -> (B,) ⟨∇S_i, v⟩ (0 where padded)
+    # () -> one block per group of parameter uses with no cross terms between groups:
+    # ("grads", J (B, ...)) a materialised per-example gradient, ("use", kind, eqn, pos, A, G)
+    # one use, or ("outer", factors) tied uses in outer form (see :func:`gram`)
+    blocks: Callable[[], list]
 
 
 def check_method(method) -> str:
@@ -60,7 +67,43 @@ def vmap_pass(loss_fn, params, batch, mask) -> Parts:
     def weighted(c):
         return jax.tree_util.tree_map(lambda g: jnp.tensordot(c.astype(g.dtype), g, 1), grads)
 
-    return Parts(sums, counts, norm_sq, weighted)
+    leaves = jax.tree_util.tree_leaves(grads)
+
+    def dots(v):
+        return sum(_row_dots(g, x) for g, x in zip(leaves, v, strict=True))
+
+    return Parts(sums, counts, norm_sq, weighted, dots, lambda: [("grads", g) for g in leaves])
+
+
+def _row_dots(grads, v):
+    """``(B,)``: ``⟨J_i, v⟩`` for per-example gradients ``J`` ``(B, *v.shape)``."""
+    dtype = jnp.promote_types(jnp.result_type(grads, v), jnp.float32)
+    flat = grads.reshape(grads.shape[0], math.prod(grads.shape[1:])).astype(dtype)
+    hi = jax.lax.Precision.HIGHEST
+    return jnp.matmul(flat, jnp.reshape(v, (-1,)).astype(dtype), precision=hi)
+
+
+def gram(p: Parts, q: Parts) -> jax.Array:
+    """``(B1, B2)``: ``⟨∇S_i, ∇S_j⟩`` between the examples of two passes (or one, twice).
+
+    The parameters' groups of uses add (uses reading disjoint blocks have no cross terms);
+    each group's block is the rule's pairwise form: :func:`jaxgrad.fast.rules.gram` for one
+    use, :func:`jaxgrad.fast.rules.cross_gram` for tied uses in outer form, the inner
+    products of per-example gradients otherwise. Padded rows and columns are 0.
+    """
+    left = p.blocks()
+    right = left if q is p else q.blocks()
+    total = 0
+    for bp, bq in zip(left, right, strict=True):
+        if bp[0] == "grads":
+            block = rules.grads_gram(bp[1], bq[1])
+        elif bp[0] == "use":
+            block = rules.gram(*bp[1:], *bq[4:])
+        else:
+            block = rules.cross_gram(bp[1], bq[1])
+        total = total + block
+    # (A padded row's cotangents G_i and exact gradients are zeros: its row and column are 0.)
+    return jnp.asarray(total, jnp.result_type(p.norm_sq))
 
 
 def _struct(x):
@@ -320,19 +363,28 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     norm_dtype = jnp.result_type(sums.dtype, jnp.float32, *(jnp.result_type(x) for x in leaves))
     norm_sq = jnp.zeros((size,), norm_dtype)
 
-    def group_norm(j, uses):  # ‖Σ_u ∇S_i through u‖² over uses that may overlap
-        ndim = np.ndim(leaves[j])
+    def group_block(j, uses):  # how a group of uses that may overlap is read (see Parts)
         if len(uses) == 1:
-            return norm_use(uses[0])
+            u = uses[0]
+            return ("use", u.kind, u.op, u.pos, a_of(u), g_of(u))
         # several uses (tied weights): the cross terms between them are needed
+        ndim = np.ndim(leaves[j])
         perms = [trace.use_perm(program, u, ndim) for u in uses]
         factors = [
             rules.outer_factors(u.op, u.pos, perm, ndim, a_of(u), g_of(u))
             for u, perm in zip(uses, perms, strict=True)
         ]
         if all(f is not None for f in factors):
-            return rules.cross_norm_sq(factors)
-        g = sum(leaf_grads(j, u) for u in uses)  # the per-example gradient itself
+            return ("outer", factors)
+        return ("grads", sum(leaf_grads(j, u) for u in uses))  # the per-example gradient
+
+    def group_norm(j, uses):  # ‖Σ_u ∇S_i through u‖²: the diagonal of the group's block
+        if len(uses) == 1:
+            return norm_use(uses[0])
+        block = group_block(j, uses)
+        if block[0] == "outer":
+            return rules.cross_norm_sq(block[1])
+        g = block[1]
         return jnp.sum(jnp.square(g.reshape(size, -1).astype(norm_dtype)), axis=1)
 
     for j, uses in an.fast.items():
@@ -359,9 +411,33 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
                 out.append(jnp.zeros(np.shape(leaf), jnp.result_type(leaf)))
         return jax.tree_util.tree_unflatten(treedef, out)
 
+    def dots(v):  # ⟨∇S_i, v⟩ = Σ_uses ⟨G_i, op(A_i, chain(v))⟩ + the exact leaves' rows
+        total = jnp.zeros((size,), norm_dtype)
+        for j, uses in an.fast.items():
+            vj = jnp.asarray(v[j], jnp.result_type(leaves[j]))
+            zero = jnp.zeros_like(vj)
+            for u in uses:
+                # The alias chain is linear: its jvp at 0 is the chain applied to v, the
+                # transpose of what maps a use's gradient back to the leaf.
+                chain = lambda p, u=u: trace.apply_use_chain(program, u, p)
+                v_op = jax.jvp(chain, (zero,), (vj,))[1]
+                total = total + rules.dot(u.kind, u.op, u.pos, a_of(u), g_of(u), v_op)
+        for j, g in g_exact.items():
+            total = total + _row_dots(g, v[j]).astype(norm_dtype)
+        return jnp.where(mask, total, 0)
+
+    def blocks():  # the groups norm_sq adds, in the same order, for gram()
+        out = [
+            group_block(j, group)
+            for j, uses in an.fast.items()
+            for group in trace.disjoint_groups(program, uses)
+        ]
+        return out + [("grads", g) for g in g_exact.values()]
+
     # Clamped at 0: tied uses that cancel can leave a squared norm a rounding error below 0.
     norm_sq = jnp.where(mask, jnp.maximum(norm_sq, 0), 0)
-    return Parts(_where_rows(mask, sums), _where_rows(mask, counts), norm_sq, weighted)
+    sums, counts = _where_rows(mask, sums), _where_rows(mask, counts)
+    return Parts(sums, counts, norm_sq, weighted, dots, blocks)
 
 
 def _run_loop(p, uses, du, invals, depth):

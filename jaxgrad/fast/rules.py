@@ -446,3 +446,167 @@ def cross_norm_sq(factors):
                 xx = jnp.take_along_axis(xu, xv[:, None, :], axis=2)
             total = total + jnp.sum(xx * yy, axis=(1, 2))
     return total
+
+
+# --- Pairs of examples and a reference: the Gram matrix and inner products --------------------
+#
+# Norms are the diagonal of the Gram matrix ``⟨∇_i, ∇_j⟩``; the functions below compute its
+# entries from the same factors as :func:`norm_sq`: ``⟨A_i A_jᵀ, G_i G_jᵀ⟩`` (for a plain dense
+# layer, ``T = 1``, ``(a_i·a_j)(g_i·g_j)``), the same-row form for a lookup, or the inner
+# products of the formed per-example gradients where that is cheaper by shape — judged per
+# pair of examples, as the diagonal is judged per example (a convolution's ``B × |kernel|``
+# gradients are formed).
+
+# Entries of one left-rows batch of a pairwise form held at once (bounds ``B² T²`` memory).
+PAIR_ENTRIES = 1 << 24
+
+
+def _pairs(row, left, right, per_pair: int):
+    """``(B1, B2)``: ``row(left_i, right) -> (B2,)`` for every row ``i`` of ``left``.
+
+    Rows are taken a batch at a time (``lax.map``), so a form with ``per_pair`` entries per
+    pair of examples holds at most about :data:`PAIR_ENTRIES` of them.
+    """
+    b1 = jax.tree_util.tree_leaves(left)[0].shape[0]
+    b2 = jax.tree_util.tree_leaves(right)[0].shape[0]
+    size = max(1, min(b1, PAIR_ENTRIES // max(1, b2 * per_pair)))
+    if size >= b1:
+        return jax.vmap(lambda x: row(x, right))(left)
+    return jax.lax.map(lambda x: row(x, right), left, batch_size=size)
+
+
+def grads_gram(j1, j2):
+    """``⟨J_i, J_j⟩`` of materialised per-example gradients ``(B1, ...)``, ``(B2, ...)``."""
+    j1 = j1.reshape(j1.shape[0], math.prod(j1.shape[1:]))
+    j2 = j2.reshape(j2.shape[0], math.prod(j2.shape[1:]))
+    dtype = jnp.promote_types(jnp.result_type(j1, j2), jnp.float32)
+    return jnp.matmul(j1.astype(dtype), j2.astype(dtype).T, precision=jax.lax.Precision.HIGHEST)
+
+
+def dense_pair_gram(t: int, k: int, n: int) -> bool:
+    """Whether the pairwise Gram form beats the inner products of formed gradients.
+
+    Per pair of examples the form costs ``T² (K + N)`` against ``K N`` for the inner product
+    of two formed ``K × N`` gradients (forming them, ``T K N`` per example, is amortised over
+    the ``B`` pairs of each): a factor ``T`` stricter than :func:`dense_gram` on the diagonal.
+    """
+    return t * t * (k + n) <= k * n
+
+
+def dense_gram_pairs(eqn: Eqn, pos: int, a1, g1, a2, g2):
+    """``⟨∇_W S_i, ∇_W S_j⟩`` for a ``dot_general`` use: ``Σ_b ⟨A_{ib} A_{jb}ᵀ, G_{ib} G_{jb}ᵀ⟩``.
+
+    Over the ``NB`` dot batch indices ``b`` (see :func:`dense_layout`); the pairwise Gram form
+    (``T = 1``: ``(a_i·a_j)(g_i·g_j)``) where it is cheaper by shape (:func:`dense_pair_gram`),
+    else the inner products of the formed ``K × N`` per-example gradients.
+    """
+    a_perm, g_perm, (nb, t, k, n) = dense_layout(eqn, pos)
+    dtype = acc_dtype(eqn)
+    hi = jax.lax.Precision.HIGHEST
+
+    def blocks(a, g):
+        return (
+            _to_blocks(a, a_perm, (nb, t, k)).astype(dtype),
+            _to_blocks(g, g_perm, (nb, t, n)).astype(dtype),
+        )
+
+    (x1, y1), (x2, y2) = blocks(a1, g1), blocks(a2, g2)
+    if t == 1 or dense_pair_gram(t, k, n):
+
+        def row(xy, right):  # example i of the left against every example of the right
+            (x, y), (xs, ys) = xy, right
+            xx = jnp.einsum("jtk,cjsk->cjts", x, xs, precision=hi)
+            yy = jnp.einsum("jtn,cjsn->cjts", y, ys, precision=hi)
+            return jnp.sum(xx * yy, axis=(1, 2, 3))
+
+        return _pairs(row, (x1, y1), (x2, y2), nb * t * t)
+    w1 = jnp.einsum("bjtk,bjtn->bjkn", x1, y1, precision=hi)
+    w2 = jnp.einsum("bjtk,bjtn->bjkn", x2, y2, precision=hi)
+    return grads_gram(w1, w2)
+
+
+def gather_gram_pairs(eqn: Eqn, pos: int, i1, g1, i2, g2):
+    """``Σ_{t,s} [r_{i,t} = r_{j,s}] ⟨g_{i,t}, g_{j,s}⟩`` for an embedding lookup (same rows)."""
+    dtype = acc_dtype(eqn)
+    r1, _, y1 = gather_rows(eqn, i1, g1.astype(dtype))
+    r2, _, y2 = gather_rows(eqn, i2, g2.astype(dtype))
+    t = r1.shape[1]
+    if t * t > gather_num_rows(eqn):  # per pair: T² same-row tests against a rows × R product
+        return grads_gram(
+            per_example_grads(eqn, 0, idx_restore(eqn, r1), g_restore(eqn, y1)),
+            per_example_grads(eqn, 0, idx_restore(eqn, r2), g_restore(eqn, y2)),
+        )
+
+    def row(ry, right):
+        (r, y), (rs, ys) = ry, right
+        same = jnp.all(r[None, :, None, :] == rs[:, None, :, :], axis=-1)
+        yy = jnp.einsum("tr,csr->cts", y, ys, precision=jax.lax.Precision.HIGHEST)
+        return jnp.sum(jnp.where(same, yy, 0), axis=(1, 2))
+
+    return _pairs(row, (r1, y1), (r2, y2), t * t)
+
+
+def gram(kind: str, eqn: Eqn, pos: int, a1, g1, a2, g2):
+    """``(B1, B2)`` inner products of the gradients through one use, ``⟨∇_W S_i, ∇_W S_j⟩``.
+
+    ``(a1, g1)`` and ``(a2, g2)`` are two sets of examples (the same set for a batch's Gram
+    matrix, two chunks of it for one block); the diagonal of ``gram(a, g, a, g)`` is
+    :func:`norm_sq`. Routes as :func:`norm_sq`'s (:func:`route`), pairwise.
+    """
+    if kind == "dense":
+        return dense_gram_pairs(eqn, pos, a1, g1, a2, g2)
+    if kind == "gather":
+        return gather_gram_pairs(eqn, pos, a1, g1, a2, g2)
+    return grads_gram(per_example_grads(eqn, pos, a1, g1), per_example_grads(eqn, pos, a2, g2))
+
+
+def cross_gram(f1, f2):
+    """``(B1, B2)`` Gram matrix of tied uses in outer form (see :func:`outer_factors`).
+
+    ``⟨Σ_u Σ_t x^u_{i,t} ⊗ y^u_{i,t}, Σ_v Σ_s x^v_{j,s} ⊗ y^v_{j,s}⟩ =
+    Σ_{u,v} Σ_{t,s} ⟨x^u_{i,t}, x^v_{j,s}⟩ ⟨y^u_{i,t}, y^v_{j,s}⟩``, with ``x`` a one-hot row
+    for a lookup: every cross term between the uses, as :func:`cross_norm_sq` on the diagonal.
+    """
+    hi = jax.lax.Precision.HIGHEST
+    per_pair = sum(x.shape[1] for _, x, _ in f1) * sum(x.shape[1] for _, x, _ in f2)
+
+    k1, k2 = [k for k, _, _ in f1], [k for k, _, _ in f2]  # static: not mapped over
+
+    def row(left, right):
+        total = 0
+        for ku, (xu, yu) in zip(k1, left, strict=True):  # one example of the left: (T, ·)
+            for kv, (xv, yv) in zip(k2, right, strict=True):  # every one of the right
+                yy = jnp.einsum("tc,dsc->dts", yu, yv, precision=hi)
+                if ku == "dense" and kv == "dense":
+                    xx = jnp.einsum("tr,dsr->dts", xu, xv, precision=hi)
+                elif ku == "gather" and kv == "gather":
+                    xx = (xu[None, :, None] == xv[:, None, :]).astype(yy.dtype)
+                elif ku == "gather":  # ⟨e_{r_t}, x_s⟩ = x_s[r_t]
+                    xx = jnp.transpose(jnp.take(xv, xu, axis=2), (0, 2, 1))
+                else:  # ⟨x_t, e_{r_s}⟩ = x_t[r_s]
+                    xx = jnp.transpose(xu[:, xv], (1, 0, 2))
+                total = total + jnp.sum(xx * yy, axis=(1, 2))
+        return total
+
+    arrays = lambda f: [(x, y) for _, x, y in f]
+    return _pairs(row, arrays(f1), arrays(f2), per_pair)
+
+
+def dot(kind: str, eqn: Eqn, pos: int, a, g, v):
+    """``(B,)`` inner products ``⟨∇_W S_i, V⟩`` with a reference ``V`` shaped like operand ``pos``.
+
+    The use is linear in ``W`` and its per-example gradient is the transpose of
+    ``W ↦ op(A_i, W)`` applied to ``G_i``, so ``⟨∇_W S_i, V⟩ = ⟨G_i, op(A_i, V)⟩``: the use's
+    own forward operation once more, with ``V`` for ``W`` (for a dense layer
+    ``Σ_t a_{i,t}ᵀ V g_{i,t}``), and no per-example gradient. A lookup's out-of-bounds
+    indices are clamped and their cotangents zeroed first (:func:`gather_rows`), as the
+    gradient drops them.
+    """
+    dtype = acc_dtype(eqn)
+    if kind == "gather":
+        idx, _, y = gather_rows(eqn, a, g.astype(dtype))
+        a, g = idx_restore(eqn, idx), g_restore(eqn, y)
+    v = v.astype(eqn.in_avals[pos].dtype)
+    out = jax.vmap(lambda a_i: _bind(eqn, pos, v, a_i))(a)
+    prod = out.astype(dtype) * g.astype(dtype)
+    return jnp.sum(prod.reshape(prod.shape[0], math.prod(prod.shape[1:])), axis=1)

@@ -1,0 +1,199 @@
+"""Per-example gradient inner products, the gradient Gram matrix and unit norms, on every fast
+route (dense, sequence Gram form, conv, lookup, scan bodies, branches, tied weights, the exact
+fallback), exact against ``jax.vmap(jax.grad(...))`` and numpy in float64."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_fast_cases import F64, assert_rel_close, case
+from test_fast_scan import _nested_rnn_loss, _rnn_setup, rnn_loss
+
+import jaxgrad
+from jaxgrad import reduce
+from jaxgrad.fast import rules
+
+
+def _vmap_grads(loss, params, batch, args=()):
+    """``(B, P)`` per-example gradients of the loss sums by ``jax.vmap(jax.grad(...))``."""
+    summed = lambda p, ex: reduce.as_sum_count(loss(p, ex, *args))[0]
+    g = jax.vmap(jax.grad(summed), in_axes=(None, 0))(params, batch)
+    leaves = jax.tree_util.tree_leaves(g)
+    return np.concatenate([np.reshape(x, (x.shape[0], -1)) for x in leaves], axis=1)
+
+
+def _reference_tree(params, seed=0):
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=np.shape(x)), F64), params)
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
+
+
+def _unit_sums(j, units, mask):
+    """``(B, P)``: row i holds its unit's summed gradient ``Σ_{k∈u(i)} J_k`` (0 where padded)."""
+    same = (units[:, None] == units[None, :]) & mask[:, None] & mask[None, :]
+    return same.astype(float) @ j
+
+
+def check(loss, params, batch, *, mask=None, args=(), units=None, chunk_size=None):
+    """dots, Gram, unit norms and the unit-clipped sum against vmap(grad) and numpy."""
+    size = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    m = np.ones(size, bool) if mask is None else np.asarray(mask)
+    j = _vmap_grads(loss, params, batch, args) * m[:, None]
+    assert np.sum(np.linalg.norm(j, axis=1) > 0) >= 2  # a test that can only pass is a defect
+    units = np.arange(size)[::-1] // 2 if units is None else np.asarray(units)
+    ref = _reference_tree(params)
+    kw = {"chunk_size": chunk_size}
+
+    dots = jaxgrad.per_example_dots(loss, **kw)(params, batch, mask, *args, reference=ref)
+    assert_rel_close(dots, j @ _flat(ref))
+
+    gram = jaxgrad.gradient_gram(loss, **kw)(params, batch, mask, *args)
+    assert_rel_close(gram, j @ j.T)
+    norms = jaxgrad.per_example_norms(loss, **kw)(params, batch, mask, *args)
+    assert_rel_close(np.diag(gram), np.asarray(norms) ** 2)
+
+    unit_grads = _unit_sums(j, units, m)
+    unit_norms = np.linalg.norm(unit_grads, axis=1)
+    got = jaxgrad.per_example_norms(loss, **kw)(
+        params, batch, mask, *args, units=jnp.asarray(units)
+    )
+    assert_rel_close(got, unit_norms)
+
+    # Each unit's sum clipped once: Σ_u min(1, C/‖U_u‖) U_u, a unit of k rows counted k times
+    # in unit_grads (once per member row), hence the division by its size.
+    real = unit_norms[m]
+    clip = float(np.median(real[real > 0]))
+    sizes = np.maximum(np.sum((units[:, None] == units[None, :]) & m[None, :], axis=1), 1)
+    factors = np.where(unit_norms > clip, clip / np.maximum(unit_norms, 1e-300), 1.0) * m
+    expected = (factors / sizes) @ unit_grads
+    f = jaxgrad.clipped_grad(loss, l2_clip=clip, reduction="sum", return_norms=True, **kw)
+    total, clipped_norms = f(params, batch, mask, *args, units=jnp.asarray(units))
+    assert_rel_close(_flat(total), expected)
+    assert_rel_close(clipped_norms, unit_norms)
+    return j
+
+
+MODELS = ["mlp", "cnn", "transformer", "tied", "plain"]  # dense, conv, Gram/lookup, tied, einsum
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_zoo_models_with_a_mask(name):
+    loss, params, batch = case(name)
+    size = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    mask = jnp.arange(size) != 1
+    check(loss, params, batch, mask=mask)
+
+
+def test_rnn_in_a_scan_with_extra_argument_and_chunks():
+    params, batch = _rnn_setup()
+    loss = lambda p, x, scale: rnn_loss(p, x * scale)
+    mask = jnp.array([1, 1, 0, 1, 1], bool)
+    check(loss, params, batch, mask=mask, args=(jnp.asarray(0.7, F64),), chunk_size=2)
+
+
+def test_sequence_gram_form_pairwise_a_batch_of_rows_at_a_time(monkeypatch):
+    # hidden 96 over 6 steps: wh's Gram takes the pairwise form ⟨A_i A_jᵀ, G_i G_jᵀ⟩
+    # (T²(K + N) ≤ K N), computed a few rows at a time (a small entry budget forces lax.map
+    # batches); wx (3 × 96) takes the formed per-example gradients
+    params, batch = _rnn_setup(hidden=96)
+    assert rules.dense_pair_gram(6, 96, 96) and not rules.dense_pair_gram(6, 3, 96)
+    plan = jaxgrad.fast.plan(rnn_loss, params, batch[0])
+    assert "Gram" in {lp.path: lp.route for lp in plan.leaves}["['wh']"]
+    monkeypatch.setattr(rules, "PAIR_ENTRIES", 100)
+    check(rnn_loss, params, batch, units=np.array([0, 3, 3, 3, 1]))
+
+
+def test_nested_scans_tied_use_and_fallback_leaf():
+    params, batch = _rnn_setup()
+    routes = {
+        lp.path: lp.route for lp in jaxgrad.fast.plan(_nested_rnn_loss, params, batch[0]).leaves
+    }
+    assert routes["['wo']"].startswith("tied") and routes["['b']"] == "exact fallback"
+    check(_nested_rnn_loss, params, batch)
+
+
+def test_branches_sum_count_loss_and_chunks():
+    rng = np.random.default_rng(50)
+    params = {"w": jnp.asarray(rng.normal(size=(4, 4)), F64), "s": jnp.asarray(rng.normal(size=4))}
+    batch = jnp.asarray(rng.normal(size=(7, 4)), F64)
+
+    def loss(p, x):  # a switch on the example, W on either side; a (sum, count) pair
+        branches = [lambda x: jnp.tanh(x @ p["w"]), lambda x: jnp.sin(p["w"] @ x) * p["s"]]
+        h = jax.lax.switch(jnp.argmax(x) % 2, branches, x)
+        return jnp.sum(h**2) + jnp.sum(jnp.tanh(x @ p["w"])), 1.0 + (x[0] > 0)
+
+    mask = jnp.array([1, 1, 1, 0, 1, 1, 1], bool)
+    check(loss, params, batch, mask=mask, units=np.array([0, 0, 6, 6, 2, 2, 2]), chunk_size=3)
+
+
+def test_every_row_its_own_unit_is_the_per_example_result():
+    loss, params, batch = case("cnn")
+    size = batch[0].shape[0]
+    mask = jnp.arange(size) != 2
+    own = jnp.arange(size)
+    norms = jaxgrad.per_example_norms(loss)(params, batch, mask)
+    assert_rel_close(jaxgrad.per_example_norms(loss)(params, batch, mask, units=own), norms)
+    f = jaxgrad.clipped_grad(loss, l2_clip=float(np.median(norms)), return_norms=True)
+    (by_unit, unit_norms), (plain, _) = f(params, batch, mask, units=own), f(params, batch, mask)
+    assert_rel_close(_flat(by_unit), _flat(plain))
+    assert_rel_close(unit_norms, norms)
+
+
+def test_unit_with_a_nonfinite_row_is_dropped_whole():
+    loss, params, batch = case("mlp")
+    x = batch[0].at[3, 0].set(jnp.nan)
+    units = jnp.array([0, 0, 1, 1, 2, 2, 2])
+    f = jaxgrad.clipped_grad(loss, l2_clip=0.3, reduction="sum", nonfinite="drop")
+    got = f(params, (x, batch[1]), None, units=units)
+    keep = jnp.array([1, 1, 0, 0, 1, 1, 1], bool)  # rows 2 and 3 share row 3's unit
+    expected = f(params, batch, keep, units=units)
+    assert_rel_close(_flat(got), _flat(expected))
+    with pytest.raises(FloatingPointError, match="rows \\[2, 3\\]"):
+        jaxgrad.clipped_grad(loss, l2_clip=0.3)(params, (x, batch[1]), None, units=units)
+
+
+def test_bad_units_and_references_are_named():
+    loss, params, batch = case("mlp")
+    size = batch[0].shape[0]
+    norms = jaxgrad.per_example_norms(loss)
+    with pytest.raises(TypeError, match="`units` must be an integer array"):
+        norms(params, batch, units=jnp.zeros(size))
+    with pytest.raises(ValueError, match=r"`units` must have shape \(B,\) = \(7,\)"):
+        norms(params, batch, units=jnp.zeros((size, 1), int))
+    with pytest.raises(ValueError, match=r"in \[0, B\) = \[0, 7\); got ids from -1"):
+        norms(params, batch, units=jnp.arange(size) - 1)
+    with pytest.raises(ValueError, match=r"got ids from 1 to 7"):
+        jaxgrad.clipped_grad(loss, l2_clip=1.0)(params, batch, units=jnp.arange(size) + 1)
+    dots = jaxgrad.per_example_dots(loss)
+    with pytest.raises(TypeError, match="`reference` is required"):
+        dots(params, batch)
+    with pytest.raises(ValueError, match="`reference` must have the structure of `params`"):
+        dots(params, batch, reference=jax.tree_util.tree_leaves(params))
+    bad = jax.tree_util.tree_map(lambda x: jnp.zeros((*np.shape(x), 1)), params)
+    with pytest.raises(ValueError, match="`reference` leaf 0 must have the shape"):
+        dots(params, batch, reference=bad)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        jaxgrad.gradient_gram(loss)(params, batch, units=jnp.arange(size))
+
+
+def test_complex_operands_cast_and_a_layer_stack_scanned_over_its_weights():
+    # real weights read in real form (a complex operand, a cast to complex; W also tied to a
+    # real use) and a stack of layers scanned over its stacked weights (one slice per step)
+    rng = np.random.default_rng(11)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape) / 2, F64)
+    params = {"W": normal(5, 8), "C": normal(8, 8), "ws": normal(3, 5, 5)}
+    batch = jnp.asarray(rng.normal(size=(6, 8)), F64)
+
+    def loss(p, x):
+        y = jnp.abs(p["W"] @ jnp.fft.fft(x)) ** 2 + jnp.tanh(p["W"] @ x)
+        z = p["C"].T.astype(jnp.complex128) @ jnp.fft.ifft(x)
+        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(w @ h), None), jnp.sin(y), p["ws"])
+        return jnp.sum(h**2) + jnp.sum(jnp.real(z * jnp.conj(z[::-1])))
+
+    routes = {lp.path: lp.route for lp in jaxgrad.fast.plan(loss, params, batch[0]).leaves}
+    assert "complex" in routes["['W']"] and "2 real positions" in routes["['C']"]
+    assert routes["['ws']"].startswith("scan, 3 steps, one slice per step")
+    check(loss, params, batch, mask=jnp.arange(6) != 4)
