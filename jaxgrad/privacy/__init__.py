@@ -17,8 +17,9 @@ With optax, the noisy gradient is an ordinary gradient::
 (any optax optimizer: post-processing of a private gradient stays private).
 """
 
-from jaxgrad.privacy import audit
+from jaxgrad.privacy import audit, sources
 from jaxgrad.privacy.accounting import (
+    Accountant,
     AccountingFallbackWarning,
     calibrate_noise_multiplier,
     check_delta,
@@ -44,15 +45,26 @@ from jaxgrad.privacy.sampling import (
     physical_batch,
     poisson_sample,
 )
+from jaxgrad.privacy.sources import (
+    Poisson,
+    TruncatedPoisson,
+    WithoutReplacement,
+    batch_source,
+)
 
 __all__ = [
+    "Accountant",
     "AccountingFallbackWarning",
     "ClippedSum",
     "DPInfo",
+    "Poisson",
     "PoissonSample",
     "PrivatizerState",
+    "TruncatedPoisson",
+    "WithoutReplacement",
     "add_noise",
     "audit",
+    "batch_source",
     "calibrate_noise_multiplier",
     "check_delta",
     "default_physical_batch_size",
@@ -67,4 +79,5 @@ __all__ = [
     "physical_batch",
     "poisson_sample",
     "sampled_dp_grad",
+    "sources",
 ]

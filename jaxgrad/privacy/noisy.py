@@ -362,21 +362,26 @@ def dp_grad(
     return f
 
 
-def sampled_clipped_sum(clipped, *, sampling_rate, physical_batch_size):
-    """``f(params, data, sample_key, *args) -> (S, b, bad, ⌈b/P⌉)``: one Poisson draw over
-    ``data`` (rate ``q``), run in physical batches of ``P`` rows and their clipped sums added.
+def sampled_clipped_sum(clipped, *, physical_batch_size, sampling_rate=None, source=None):
+    """``f(params, data, sample_key, *args) -> (S, b, bad, ⌈b/P⌉)``: one draw of a batch
+    source over ``data``, run in physical batches of ``P`` rows and their clipped sums added.
 
-    The batch source and the clipped sum of a DP step, composed: a ``lax.while_loop`` over
-    the ``⌈b / P⌉`` physical batches (fixed shapes, no recompilation, no example dropped
-    however large the draw); the first runs outside the loop.
+    The batch source (``source``, :mod:`jaxgrad.privacy.sources`; or Poisson sampling at
+    ``sampling_rate``) and the clipped sum of a DP step, composed: a ``lax.while_loop`` over
+    the ``⌈b / P⌉`` physical batches (fixed shapes, no recompilation, no drawn example
+    dropped however large the draw); the first runs outside the loop.
     """
-    q, p = sampling_rate, physical_batch_size
+    p = physical_batch_size
+    if (source is None) == (sampling_rate is None):
+        raise ValueError("give exactly one of `sampling_rate` (Poisson) and `source`")
+    if source is None:
+        from jaxgrad.privacy import sources
+
+        source = sources.Poisson(sampling_rate=sampling_rate)
 
     def f(params, data, sample_key, *args):
         n = reduce.batch_size(data, name="data")
-        sample = sampling.poisson_sample(
-            sample_key, num_examples=n, sampling_rate=q, physical_batch_size=p
-        )
+        sample = source.sample(sample_key, num_examples=n, physical_batch_size=p)
         steps = sampling.num_physical_batches(sample.count, p)
 
         def one(k):
