@@ -1061,3 +1061,85 @@ class Accountant:
             f"Accountant(accountant={self.accountant!r}, delta={self.delta!r}, "
             f"neighboring_relation={self.neighboring_relation!r}, steps={self.steps})"
         )
+
+
+def calibrate_event_noise(
+    make_event,
+    *,
+    target_epsilon: float,
+    delta: float,
+    steps: int,
+    accountant: str = "pld",
+    neighboring_relation: str = "add_or_remove_one",
+    pld_discretization: float = 1e-4,
+    tol: float = 1e-3,
+) -> float:
+    """The smallest ``σ`` (within ``tol``) whose ``steps`` steps of ``make_event(σ)`` spend at
+    most ``target_epsilon``: :func:`calibrate_noise_multiplier` for any batch source's event.
+
+    ε falls as ``σ`` grows: bisection between a ``σ`` that spends too much and one that
+    fits, each ε by :class:`Accountant` (its PLD size guard and RDP fallback). A ``σ`` whose
+    ε cannot be evaluated (a PLD too large to build, with no RDP analysis to fall back on)
+    counts as spending too much, so the answer is always one whose ε was computed and fits.
+
+    Args:
+      make_event: ``σ -> `` one step's dp-accounting event (e.g. a batch source's
+        ``dp_event`` with ``num_examples`` bound).
+      target_epsilon: ε > 0 over the ``steps`` steps.
+      delta: ``δ`` in (0, 1).
+      steps: ``T ≥ 1``.
+      accountant: ``"pld"`` or ``"rdp"``.
+      neighboring_relation: as for :class:`Accountant`.
+      pld_discretization: the PLD's value discretisation interval.
+      tol: the tolerance on ``σ``.
+
+    Returns:
+      σ as a float.
+
+    Example::
+
+      >>> import dp_accounting as dpa
+      >>> from jaxgrad.privacy.accounting import calibrate_event_noise
+      >>> event = lambda s: dpa.PoissonSampledDpEvent(0.01, dpa.GaussianDpEvent(s))
+      >>> s = calibrate_event_noise(event, target_epsilon=3.0, delta=1e-5, steps=1000,
+      ...                           accountant="rdp")
+      >>> 0.6 < s < 0.9
+      True
+    """
+    target = reduce.check_positive_float(target_epsilon, name="target_epsilon")
+    delta = _check_delta(delta)
+    steps = _check_steps(steps)
+    if steps == 0:
+        raise ValueError("`steps` must be at least 1 to calibrate a noise multiplier; got 0")
+    tol = reduce.check_positive_float(tol, name="tol")
+    acc = Accountant(
+        accountant=accountant,
+        neighboring_relation=neighboring_relation,
+        pld_discretization=pld_discretization,
+    )
+    acc.record(make_event(1.0), steps=0)  # refuses an event this accountant cannot account
+
+    @functools.cache
+    def spent(sigma):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", AccountingFallbackWarning)
+                return acc._epsilon(((make_event(sigma), steps),), delta, warn=False)
+        except ValueError:  # cannot be evaluated: treated as too little noise
+            return math.inf
+
+    hi = 1.0
+    while spent(hi) > target:
+        hi *= 2
+        if hi > 2.0**60:
+            raise ValueError(
+                f"no `noise_multiplier` up to 2**60 spends at most `target_epsilon` {target!r} "
+                f"over {steps} steps at δ = {delta}"
+            )
+    lo = hi / 2
+    while spent(lo) <= target and lo > tol:
+        hi, lo = lo, lo / 2
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if spent(mid) <= target else (mid, hi)
+    return hi
