@@ -197,7 +197,7 @@ def _bound(count, trials, prob, z=5.6):
 
 
 def test_truncated_poisson_keeps_a_uniform_subset_of_the_draw():
-    n, q, cap, trials = 20, 0.5, 3, 4000
+    n, q, cap, trials = 20, 0.5, 3, 2000
     src = sources.TruncatedPoisson(sampling_rate=q, max_batch_size=cap)
     keys_ = jax.random.split(jax.random.key(11), trials)
     draw = jax.jit(jax.vmap(lambda k: src.sample(k, num_examples=n, physical_batch_size=2)))
@@ -227,7 +227,7 @@ def test_truncated_poisson_keeps_a_uniform_subset_of_the_draw():
 
 
 def test_without_replacement_draws_b_distinct_uniform_examples():
-    n, b, trials = 20, 5, 4000
+    n, b, trials = 20, 5, 2000
     src = sources.WithoutReplacement(batch_size=b)
     keys_ = jax.random.split(jax.random.key(12), trials)
     s = jax.jit(jax.vmap(lambda k: src.sample(k, num_examples=n, physical_batch_size=3)))(keys_)
@@ -438,9 +438,10 @@ def test_calibration_of_a_source_meets_the_target():
         make,
         target_epsilon=2.0,
         delta=1e-5,
-        steps=20,
+        steps=10,
         accountant="rdp",
         neighboring_relation="replace_one",
+        tol=1e-2,
     )
-    eps = lambda s: _direct([(make(s), 20)], "rdp", 1e-5, relation=REL.REPLACE_ONE)
-    assert eps(sigma) <= 2.0 < eps(sigma - 1e-3)
+    eps = lambda s: _direct([(make(s), 10)], "rdp", 1e-5, relation=REL.REPLACE_ONE)
+    assert eps(sigma) <= 2.0 < eps(sigma - 1e-2)
