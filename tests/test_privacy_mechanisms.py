@@ -374,6 +374,10 @@ def test_fit_stops_after_the_last_step_within_the_budget(tmp_path):
     assert result.history[-1]["step"] == stop
     assert result.history[-1]["epsilon"] == pytest.approx(direct(stop), rel=1e-12)
     chex.assert_trees_all_close(result.params, _reference(the_plan, stop), atol=1e-12)
+    # The same on a (one-device) mesh, whose DP loop draws on the host.
+    on_mesh = _fit(config, epochs=4, mesh=jaxgrad.sharding.data_mesh(1))
+    assert int(on_mesh.state.step) == stop
+    chex.assert_trees_all_close(on_mesh.params, result.params, atol=1e-12)
     again = _fit(config, epochs=4, checkpoint_dir=tmp_path)  # resumed: nothing left to do
     chex.assert_trees_all_equal(again.params, result.params)
     assert again.history == result.history
@@ -445,3 +449,31 @@ def test_calibration_of_a_source_meets_the_target():
     )
     eps = lambda s: _direct([(make(s), 10)], "rdp", 1e-5, relation=REL.REPLACE_ONE)
     assert eps(sigma) <= 2.0 < eps(sigma - 1e-2)
+
+
+def test_sampled_dp_grad_takes_a_source():
+    """Your own loop: sampled_dp_grad(source=...) divides the source's clipped sum by its
+    expected batch size, and the steps are accounted with its event."""
+    rng = np.random.default_rng(2)
+    x, w = jnp.asarray(rng.standard_normal((30, 3))), rng.standard_normal(3)
+    loss = lambda w, ex: jnp.dot(ex, w) ** 2
+    src = sources.WithoutReplacement(batch_size=8)
+    f = privacy.sampled_dp_grad(
+        loss, l2_clip=1.0, noise_multiplier=0.0, physical_batch_size=4, source=src
+    )
+    key = jax.random.key(7)
+    sample_key, _ = keys.split_step_key(key)
+    clipped = noisy.ClippedSum(loss, l2_clip=1.0)
+    total = noisy.sampled_clipped_sum(clipped, source=src, physical_batch_size=4)(w, x, sample_key)[
+        0
+    ]
+    chex.assert_trees_all_close(f(w, x, key), total / 8, atol=1e-12)
+    with pytest.raises(ValueError, match="exactly one of `sampling_rate`"):
+        privacy.sampled_dp_grad(
+            loss,
+            l2_clip=1.0,
+            noise_multiplier=0.0,
+            physical_batch_size=4,
+            sampling_rate=0.1,
+            source=src,
+        )
