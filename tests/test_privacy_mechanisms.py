@@ -452,8 +452,8 @@ def test_calibration_of_a_source_meets_the_target():
 
 
 def test_sampled_dp_grad_takes_a_source():
-    """Your own loop: sampled_dp_grad(source=...) divides the source's clipped sum by its
-    expected batch size, and the steps are accounted with its event."""
+    """Your own loop: sampled_dp_grad(source=...) is the source's draw, clipped, summed and
+    divided by its expected batch size (σ = 0, against a per-example loop)."""
     rng = np.random.default_rng(2)
     x, w = jnp.asarray(rng.standard_normal((30, 3))), rng.standard_normal(3)
     loss = lambda w, ex: jnp.dot(ex, w) ** 2
@@ -463,11 +463,12 @@ def test_sampled_dp_grad_takes_a_source():
     )
     key = jax.random.key(7)
     sample_key, _ = keys.split_step_key(key)
-    clipped = noisy.ClippedSum(loss, l2_clip=1.0)
-    total = noisy.sampled_clipped_sum(clipped, source=src, physical_batch_size=4)(w, x, sample_key)[
-        0
-    ]
-    chex.assert_trees_all_close(f(w, x, key), total / 8, atol=1e-12)
+    sample = src.sample(sample_key, num_examples=30, physical_batch_size=4)
+    ref, grad = np.zeros(3), jax.jit(jax.grad(loss))
+    for i in np.flatnonzero(np.asarray(sample.mask)):
+        g = np.asarray(grad(w, x[i]))
+        ref += g * min(1.0, 1.0 / np.linalg.norm(g))
+    chex.assert_trees_all_close(f(w, x, key), ref / 8, atol=1e-12)
     with pytest.raises(ValueError, match="exactly one of `sampling_rate`"):
         privacy.sampled_dp_grad(
             loss,
