@@ -8,6 +8,11 @@ clipped sum computed another way). The ε spent is computed by
 ``dp-accounting`` (:func:`epsilon`), and ``σ`` for a target ε by
 :func:`calibrate_noise_multiplier`. Needs the ``privacy`` extra (``dp-accounting``).
 
+Batch sources other than Poisson sampling, each with its own accounting event, are in
+:mod:`jaxgrad.privacy.sources` (:class:`TruncatedPoisson`, :class:`WithoutReplacement`); an
+:class:`Accountant` records the events of a loop of your own and answers ε and
+``steps_within`` a budget.
+
 With optax, the noisy gradient is an ordinary gradient::
 
     grads = f(params, batch, mask, key)           # f = dp_grad(...)

@@ -24,6 +24,9 @@ Reference (Abadi et al. 2016's MNIST setting): ``σ = 1.1``, ``q = 256/60000``, 
 
 This accounting holds only for Poisson sampling (:func:`jaxgrad.privacy.poisson_sample`);
 shuffled fixed-size batches are a different mechanism and must not be accounted with it.
+Other batch sources (:mod:`jaxgrad.privacy.sources`) bring their own events; an
+:class:`Accountant` records any sequence of events as a loop runs (same guards), answers ε
+and how many more steps fit a budget, and serialises to plain data for checkpoints.
 """
 
 from __future__ import annotations

@@ -13,6 +13,15 @@ step count and the key: both are in every checkpoint, a resumed run continues bi
 and a checkpoint written under other privacy settings (clip, σ, q, δ, accountant, planned
 steps) is refused.
 
+Other batch sources plug into the same step (``PrivacyConfig(sampling=...)``,
+:mod:`jaxgrad.privacy.sources`): ``"truncated_poisson"`` (a draw cut to ``max_batch_size``
+by a uniformly random subset, accounted by dp-accounting's truncated event, PLD only) and
+``"without_replacement"`` (exactly ``batch_size`` examples every step, accounted under
+replace-one, RDP only); each brings its own event, so the calibration, the per-epoch ε and
+the run's record match the sampling actually used. A shuffled epoch is refused.
+``stop_at_epsilon`` ends training after the last step whose ε stays within the budget
+(:meth:`jaxgrad.privacy.Accountant.steps_within`, counted before any data is read).
+
 On a mesh (``fit(..., privacy=..., mesh=...)``) the step is the same computation, spread:
 the Poisson sample is drawn over the whole data set from the same key in every process (one
 draw for the step, never one per device or host, so the inclusions stay independent across
