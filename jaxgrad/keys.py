@@ -141,6 +141,12 @@ def dp_keys(key, step):
     return split_step_key(step_key(key, step))
 
 
+def truncation_key(sample_key):
+    """``fold_in(sample_key, 1)``: which drawn examples a truncated Poisson draw keeps
+    (independent of the draw itself, which is a function of ``sample_key``'s own bits)."""
+    return jax.random.fold_in(sample_key, 1)
+
+
 def row_key(step_key_, row):
     """``fold_in(step_key, row)``: the key of the example at ``row`` within a step."""
     return jax.random.fold_in(step_key_, row)

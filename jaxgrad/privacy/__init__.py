@@ -8,6 +8,11 @@ clipped sum computed another way). The ε spent is computed by
 ``dp-accounting`` (:func:`epsilon`), and ``σ`` for a target ε by
 :func:`calibrate_noise_multiplier`. Needs the ``privacy`` extra (``dp-accounting``).
 
+Batch sources other than Poisson sampling, each with its own accounting event, are in
+:mod:`jaxgrad.privacy.sources` (:class:`TruncatedPoisson`, :class:`WithoutReplacement`); an
+:class:`Accountant` records the events of a loop of your own and answers ε and
+``steps_within`` a budget.
+
 With optax, the noisy gradient is an ordinary gradient::
 
     grads = f(params, batch, mask, key)           # f = dp_grad(...)
@@ -17,8 +22,9 @@ With optax, the noisy gradient is an ordinary gradient::
 (any optax optimizer: post-processing of a private gradient stays private).
 """
 
-from jaxgrad.privacy import audit
+from jaxgrad.privacy import audit, sources
 from jaxgrad.privacy.accounting import (
+    Accountant,
     AccountingFallbackWarning,
     calibrate_noise_multiplier,
     check_delta,
@@ -44,15 +50,26 @@ from jaxgrad.privacy.sampling import (
     physical_batch,
     poisson_sample,
 )
+from jaxgrad.privacy.sources import (
+    Poisson,
+    TruncatedPoisson,
+    WithoutReplacement,
+    batch_source,
+)
 
 __all__ = [
+    "Accountant",
     "AccountingFallbackWarning",
     "ClippedSum",
     "DPInfo",
+    "Poisson",
     "PoissonSample",
     "PrivatizerState",
+    "TruncatedPoisson",
+    "WithoutReplacement",
     "add_noise",
     "audit",
+    "batch_source",
     "calibrate_noise_multiplier",
     "check_delta",
     "default_physical_batch_size",
@@ -67,4 +84,5 @@ __all__ = [
     "physical_batch",
     "poisson_sample",
     "sampled_dp_grad",
+    "sources",
 ]

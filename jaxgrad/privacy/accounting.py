@@ -24,6 +24,9 @@ Reference (Abadi et al. 2016's MNIST setting): ``σ = 1.1``, ``q = 256/60000``, 
 
 This accounting holds only for Poisson sampling (:func:`jaxgrad.privacy.poisson_sample`);
 shuffled fixed-size batches are a different mechanism and must not be accounted with it.
+Other batch sources (:mod:`jaxgrad.privacy.sources`) bring their own events; an
+:class:`Accountant` records any sequence of events as a loop runs (same guards), answers ε
+and how many more steps fit a budget, and serialises to plain data for checkpoints.
 """
 
 from __future__ import annotations
@@ -163,6 +166,13 @@ def dp_event(*, noise_multiplier: float, sampling_rate: float, steps: int):
     dpa = _dpa()
     step = dpa.PoissonSampledDpEvent(sampling_rate, dpa.GaussianDpEvent(noise_multiplier))
     return dpa.SelfComposedDpEvent(step, steps)
+
+
+def poisson_event(*, noise_multiplier: float, sampling_rate: float):
+    """One Poisson-sampled Gaussian step: ``PoissonSampledDpEvent(q, GaussianDpEvent(σ))``."""
+    sigma = reduce.check_nonnegative_float(noise_multiplier, name="noise_multiplier")
+    q = check_sampling_rate(sampling_rate)
+    return _dpa().PoissonSampledDpEvent(q, _dpa().GaussianDpEvent(sigma))
 
 
 def make_accountant(accountant: str = "pld", *, pld_discretization: float = 1e-4):
@@ -578,3 +588,561 @@ def calibrate_noise_multiplier(
             f"`target_epsilon` {target!r}; dp-accounting's search failed for this setting"
         )
     return sigma
+
+
+# --- Any batch source's events, and the accountant object ---------------------------------
+
+#: The neighbouring relations an :class:`Accountant` accounts under: add or remove one example
+#: (Poisson and truncated Poisson sampling, whose batch size is private), or replace one (a
+#: fixed-size batch, whose size — and so the data set's — is public).
+RELATIONS = ("add_or_remove_one", "replace_one")
+#: The dp-accounting events an :class:`Accountant` records (and serialises), by class name.
+EVENTS = (
+    "NoOpDpEvent",
+    "NonPrivateDpEvent",
+    "GaussianDpEvent",
+    "PoissonSampledDpEvent",
+    "SampledWithoutReplacementDpEvent",
+    "TruncatedSubsampledGaussianDpEvent",
+    "SelfComposedDpEvent",
+    "ComposedDpEvent",
+)
+
+
+def _check_relation(relation):
+    if relation not in RELATIONS:
+        raise ValueError(
+            f"`neighboring_relation` must be one of {list(RELATIONS)}; got {relation!r}"
+        )
+    return relation
+
+
+def _dpa_accountant(accountant, vdi, relation):
+    """A fresh dp-accounting accountant under ``relation``."""
+    dpa = _dpa()
+    rel = getattr(dpa.NeighboringRelation, relation.upper())
+    if accountant == "rdp":
+        return dpa.rdp.RdpAccountant(neighboring_relation=rel)
+    return dpa.pld.PLDAccountant(neighboring_relation=rel, value_discretization_interval=vdi)
+
+
+def event_to_data(event) -> dict:
+    """A dp-accounting event as plain data (JSON-serialisable): ``{"type": name, field: ...}``.
+
+    Example::
+
+      >>> import dp_accounting as dpa
+      >>> from jaxgrad.privacy.accounting import event_to_data
+      >>> event_to_data(dpa.GaussianDpEvent(1.1))
+      {'type': 'GaussianDpEvent', 'noise_multiplier': 1.1}
+    """
+    import attr
+
+    name = type(event).__name__
+    if name not in EVENTS or getattr(_dpa(), name) is not type(event):
+        raise TypeError(
+            f"`event` must be one of dp-accounting's {list(EVENTS)}; got {event!r}"[:400]
+        )
+    data = {"type": name}
+    for f in attr.fields(type(event)):
+        value = getattr(event, f.name)
+        if f.name == "event":
+            value = event_to_data(value)
+        elif f.name == "events":
+            value = [event_to_data(e) for e in value]
+        elif isinstance(value, (np.integer, np.floating)):
+            value = value.item()
+        data[f.name] = value
+    return data
+
+
+def event_from_data(data: dict):
+    """The dp-accounting event of :func:`event_to_data`'s plain data (its inverse)."""
+    if not isinstance(data, dict) or data.get("type") not in EVENTS:
+        raise ValueError(
+            f"an event's data must be a dict whose 'type' is one of {list(EVENTS)}; got {data!r}"[
+                :400
+            ]
+        )
+    fields = {k: v for k, v in data.items() if k != "type"}
+    if "event" in fields:
+        fields["event"] = event_from_data(fields["event"])
+    if "events" in fields:
+        fields["events"] = [event_from_data(e) for e in fields["events"]]
+    return getattr(_dpa(), data["type"])(**fields)
+
+
+def _leaves(event, count=1):
+    """``(event, count)`` for every leaf mechanism of ``event`` (compositions unrolled)."""
+    dpa = _dpa()
+    if isinstance(event, dpa.SelfComposedDpEvent):
+        yield from _leaves(event.event, count * event.count)
+    elif isinstance(event, dpa.ComposedDpEvent):
+        for e in event.events:
+            yield from _leaves(e, count)
+    else:
+        yield event, count
+
+
+def _truncation_conditional_rate(event):
+    """dp-accounting's sampling rate of the sensitivity-2 part of a truncated event
+    (``from_truncated_subsampled_gaussian_mechanism``), or 0 if it never truncates."""
+    from scipy import stats
+
+    n, q, b = event.dataset_size, event.sampling_probability, event.truncated_batch_size
+    truncation = stats.binom.sf(b - 1, n - 1, q)
+    return 0.0 if truncation == 0 else float(stats.binom.sf(b, n, q) * b / truncation / n)
+
+
+def _events_pld_fit(events, vdi):
+    """``(fits, size)`` of the PLD of ``[(event, count), ...]`` (:func:`pld_size` per leaf).
+
+    A Poisson-sampled Gaussian is sized as :func:`pld_size`; a Gaussian as ``q = 1``; a
+    truncated one as the larger of its two parts (dp-accounting's mixture of the ``σ``,
+    rate-``q`` PLD and a ``σ/2`` one at the conditional rate); the composed PLD as the sum
+    of the parts' composed sizes (the supports of composed losses add up).
+    """
+    dpa = _dpa()
+    step = composed = 0
+    for event, count in events:
+        for leaf, c in _leaves(event, count):
+            if isinstance(leaf, dpa.PoissonSampledDpEvent) and isinstance(
+                leaf.event, dpa.GaussianDpEvent
+            ):
+                parts = [(leaf.event.noise_multiplier, leaf.sampling_probability)]
+            elif isinstance(leaf, dpa.GaussianDpEvent):
+                parts = [(leaf.noise_multiplier, 1.0)]
+            elif isinstance(leaf, dpa.TruncatedSubsampledGaussianDpEvent):
+                parts = [(leaf.noise_multiplier, leaf.sampling_probability)]
+                rate = _truncation_conditional_rate(leaf)
+                if rate > 0:
+                    parts.append((leaf.noise_multiplier / 2, min(1.0, rate)))
+            else:
+                continue  # no PLD of its own here (RDP-only, or private-free)
+            sizes = []
+            for sigma, q in parts:
+                if sigma == 0 or q == 0 or c == 0:
+                    continue
+                _, size = _pld_fits(sigma, q, c, vdi)
+                if size is None:
+                    return False, None
+                sizes.append(size)
+            if sizes:
+                step = max(step, *(s.step for s in sizes))
+                composed += max(s.composed for s in sizes)
+    size = PLDSize(step, composed)
+    return step <= PLD_MAX_STEP_POINTS and composed <= PLD_MAX_POINTS, size
+
+
+def _poisson_lower_bound(events, delta):
+    """The largest one-step lower bound (:func:`epsilon_lower_bound`) over the Poisson-sampled
+    and plain Gaussian steps recorded (a composition spends at least what any part does)."""
+    dpa = _dpa()
+    bound = 0.0
+    for event, count in events:
+        for leaf, c in _leaves(event, count):
+            if c == 0:
+                continue
+            if isinstance(leaf, dpa.PoissonSampledDpEvent) and isinstance(
+                leaf.event, dpa.GaussianDpEvent
+            ):
+                sigma, q = leaf.event.noise_multiplier, leaf.sampling_probability
+            elif isinstance(leaf, dpa.GaussianDpEvent):
+                sigma, q = leaf.noise_multiplier, 1.0
+            else:
+                continue
+            if q > 0:
+                bound = max(
+                    bound, epsilon_lower_bound(noise_multiplier=sigma, sampling_rate=q, delta=delta)
+                )
+    return bound
+
+
+class Accountant:
+    """The privacy spent so far by a loop of your own: record each step's event, ask for ε.
+
+    .. math::
+
+        \\varepsilon(\\delta) = \\varepsilon_{\\mathcal A}\\big(\\textstyle\\bigcirc_k\\,
+            E_k^{\\circ c_k}\\big)
+
+    the ε at ``δ`` that dp-accounting's accountant ``𝒜`` gives for the composition of the
+    recorded events ``E_k`` (each ``c_k`` times, in order; different events compose). A
+    step of DP-SGD with Poisson sampling is ``PoissonSampledDpEvent(q, GaussianDpEvent(σ))``
+    (``record(noise_multiplier=σ, sampling_rate=q)``); other batch sources give their own
+    event (:mod:`jaxgrad.privacy.sources`). The accountant reuses :func:`epsilon`'s guards:
+    a PLD larger than :data:`PLD_MAX_STEP_POINTS` / :data:`PLD_MAX_POINTS` is not built and
+    the RDP accountant answers (with an :class:`AccountingFallbackWarning`; refused if an
+    event has no RDP analysis), and an ε below what one recorded Poisson step alone spends
+    is refused as a numerical breakdown.
+
+    Its state is plain data (:meth:`state_dict`, JSON-serialisable: the settings and the
+    events with their counts), so it can be written into a checkpoint and resumed exactly
+    (:meth:`from_state`); consecutive equal events are held once with their count.
+
+    Args:
+      accountant: ``"pld"`` (default; privacy loss distributions, tighter) or ``"rdp"``.
+      delta: the default ``δ`` of :meth:`epsilon` and :meth:`steps_within` (optional).
+      neighboring_relation: ``"add_or_remove_one"`` (default; Poisson and truncated Poisson
+        sampling) or ``"replace_one"`` (fixed-size sampling without replacement). Events
+        that dp-accounting cannot account under it are refused when recorded.
+      pld_discretization: the PLD accountant's value discretisation interval.
+
+    Example::
+
+      >>> from jaxgrad.privacy import Accountant
+      >>> acc = Accountant(accountant="rdp", delta=1e-5)
+      >>> acc.record(noise_multiplier=1.1, sampling_rate=256 / 60000, steps=14063)
+      >>> round(acc.epsilon(), 3)
+      2.597
+      >>> Accountant.from_state(acc.state_dict()).epsilon() == acc.epsilon()
+      True
+    """
+
+    def __init__(
+        self,
+        *,
+        accountant: str = "pld",
+        delta: float | None = None,
+        neighboring_relation: str = "add_or_remove_one",
+        pld_discretization: float = 1e-4,
+    ):
+        self.accountant = _check_accountant(accountant)
+        self.neighboring_relation = _check_relation(neighboring_relation)
+        self.pld_discretization = reduce.check_positive_float(
+            pld_discretization, name="pld_discretization"
+        )
+        self.delta = None if delta is None else _check_delta(delta)
+        self._events: list[list] = []  # [event, count] pairs, in the order recorded
+
+    @property
+    def events(self) -> tuple:
+        """The recorded ``(event, count)`` pairs, in order."""
+        return tuple((e, c) for e, c in self._events)
+
+    @property
+    def steps(self) -> int:
+        """The number of events recorded (with their counts)."""
+        return sum(c for _, c in self._events)
+
+    def _event(self, event, noise_multiplier, sampling_rate):
+        if event is None:
+            if noise_multiplier is None or sampling_rate is None:
+                raise ValueError(
+                    "give a dp-accounting `event`, or `noise_multiplier` and `sampling_rate` "
+                    f"(a Poisson-sampled Gaussian step); got event=None, noise_multiplier="
+                    f"{noise_multiplier!r}, sampling_rate={sampling_rate!r}"
+                )
+            return poisson_event(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate)
+        if noise_multiplier is not None or sampling_rate is not None:
+            raise ValueError(
+                "give either `event` or `noise_multiplier` and `sampling_rate`, not both; got "
+                f"event={event!r}, noise_multiplier={noise_multiplier!r}"[:300]
+            )
+        event_to_data(event)  # checks it is an event this accountant can hold
+        return event
+
+    def _check_supported(self, event):
+        accountants = [
+            a
+            for a in ACCOUNTANTS
+            if _dpa_accountant(a, self.pld_discretization, self.neighboring_relation).supports(
+                event
+            )
+        ]
+        if self.accountant not in accountants:
+            other = (
+                f"accountant={accountants[0]!r} can"
+                if accountants
+                else "no accountant can (under this relation)"
+            )
+            raise ValueError(
+                f"`event` {event!r} cannot be accounted by dp-accounting's "
+                f"{self.accountant!r} accountant under neighboring_relation="
+                f"{self.neighboring_relation!r}; {other}. Poisson sampling is accounted under "
+                "'add_or_remove_one', fixed-size sampling without replacement under "
+                "'replace_one' (RDP only), truncated Poisson by the PLD only"
+            )
+
+    def record(self, event=None, /, *, noise_multiplier=None, sampling_rate=None, steps: int = 1):
+        """Records ``steps`` more steps of ``event`` (or of a Poisson-sampled Gaussian).
+
+        Args:
+          event: a dp-accounting event (one of :data:`EVENTS`), e.g. a batch source's
+            ``dp_event``; or None with ``noise_multiplier`` and ``sampling_rate``.
+          noise_multiplier: ``σ`` of a Poisson-sampled Gaussian step.
+          sampling_rate: its ``q``.
+          steps: how many times ``event`` happened (``≥ 0``).
+
+        Raises:
+          ValueError: an event dp-accounting cannot account with these settings (naming
+            the accountant or relation that can), or bad arguments.
+        """
+        event = self._event(event, noise_multiplier, sampling_rate)
+        steps = _check_steps(steps)
+        self._check_supported(event)
+        if steps == 0:
+            return
+        if self._events and self._events[-1][0] == event:
+            self._events[-1][1] += steps  # one (event, count): a small state, a fast compose
+        else:
+            self._events.append([event, steps])
+
+    def _delta(self, delta):
+        if delta is None:
+            if self.delta is None:
+                raise ValueError("give `delta` (this Accountant was made with delta=None)")
+            return self.delta
+        return _check_delta(delta)
+
+    def effective_accountant(self, events=None) -> str:
+        """The accountant :meth:`epsilon` uses: ``"rdp"`` where the PLD would not fit."""
+        events = self.events if events is None else events
+        if self.accountant == "rdp" or not events:
+            return self.accountant
+        return "pld" if _events_pld_fit(events, self.pld_discretization)[0] else "rdp"
+
+    def _epsilon(self, events, delta, *, warn=True):
+        if not events:
+            return 0.0
+        accountant = self.accountant
+        if accountant == "pld":
+            fits, size = _events_pld_fit(events, self.pld_discretization)
+            if not fits:
+                rdp = _dpa_accountant("rdp", self.pld_discretization, self.neighboring_relation)
+                unsupported = [e for e, _ in events if not rdp.supports(e)]
+                if unsupported:
+                    raise ValueError(
+                        f"the PLD of the recorded events is too large to build ({size}; limits "
+                        f"{PLD_MAX_STEP_POINTS} per step, {PLD_MAX_POINTS} composed) and "
+                        f"{unsupported[0]!r} has no RDP analysis in dp-accounting to fall back "
+                        "on; use a coarser pld_discretization or a larger noise_multiplier"
+                    )
+                if warn:
+                    warnings.warn(
+                        f"the recorded events' PLD would hold ~{size} points (limits "
+                        f"{PLD_MAX_STEP_POINTS} per step, {PLD_MAX_POINTS} composed): ε is "
+                        "computed with the RDP accountant instead (a valid, looser upper "
+                        "bound); a coarser pld_discretization keeps the PLD",
+                        AccountingFallbackWarning,
+                        stacklevel=3,
+                    )
+                accountant = "rdp"
+        acc = _dpa_accountant(accountant, self.pld_discretization, self.neighboring_relation)
+        try:
+            with _quiet_absl():
+                for event, count in events:
+                    acc.compose(event, count)
+                eps = float(acc.get_epsilon(delta))
+        except (ArithmeticError, MemoryError, ValueError) as e:
+            raise ValueError(
+                f"dp-accounting's {accountant!r} accountant cannot evaluate the recorded events: "
+                f"it raised {type(e).__name__}: {e}"
+            ) from e
+        lower = _poisson_lower_bound(events, delta)
+        if not eps >= lower - 1e-12 * (1 + lower):
+            raise ValueError(
+                f"dp-accounting's {accountant!r} accountant returned ε = {eps!r} (δ = {delta}), "
+                f"below the lower bound {lower:.6g} that one recorded step alone spends: its "
+                "computation broke down numerically"
+            )
+        return eps
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """The ε spent by the recorded events at ``δ`` (default: the accountant's ``delta``).
+
+        Returns:
+          ε as a float (0 with nothing recorded, ``inf`` for a step without noise).
+        """
+        return self._epsilon(self.events, self._delta(delta))
+
+    def steps_within(
+        self,
+        target_epsilon: float,
+        event=None,
+        /,
+        *,
+        noise_multiplier=None,
+        sampling_rate=None,
+        delta: float | None = None,
+        max_steps: int = 2**31 - 1,
+    ) -> int:
+        """How many more steps of ``event`` fit the budget: the largest ``k`` with
+        ``ε(recorded ∘ event^k) ≤ target_epsilon``.
+
+        .. math::
+
+            k^\\star = \\max\\{k \\le k_{\\max} : \\varepsilon(E_1^{c_1} \\circ \\dots
+                \\circ E^{k}) \\le \\varepsilon_{\\text{target}}\\}
+
+        ε grows with ``k``: found by doubling, then bisection (``O(log k)`` evaluations),
+        each by the accountant :meth:`epsilon` would use after recording them, and checked
+        at the answer (``k`` fits, ``k + 1`` does not, unless ``k = max_steps``).
+
+        Args:
+          target_epsilon: the budget ``ε > 0``.
+          event: a dp-accounting event, or None with ``noise_multiplier`` and
+            ``sampling_rate`` (a Poisson-sampled Gaussian step).
+          noise_multiplier: ``σ`` of a Poisson step.
+          sampling_rate: its ``q``.
+          delta: ``δ`` (default: the accountant's).
+          max_steps: the largest answer.
+
+        Returns:
+          ``k ≥ 0`` (0: the budget is already spent, or not one more step fits).
+
+        Example::
+
+          >>> from jaxgrad.privacy import Accountant
+          >>> acc = Accountant(accountant="rdp", delta=1e-5)
+          >>> k = acc.steps_within(2.0, noise_multiplier=1.1, sampling_rate=0.01)
+          >>> acc.record(noise_multiplier=1.1, sampling_rate=0.01, steps=k)
+          >>> acc.epsilon() <= 2.0
+          True
+        """
+        target = reduce.check_positive_float(target_epsilon, name="target_epsilon")
+        event = self._event(event, noise_multiplier, sampling_rate)
+        self._check_supported(event)
+        delta = self._delta(delta)
+        limit = reduce.check_positive_int(max_steps, name="max_steps")
+        base = self.events
+
+        def spent(k):
+            if base and base[-1][0] == event:
+                events = (*base[:-1], (event, base[-1][1] + k))
+            else:
+                events = (*base, (event, k)) if k else base
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", AccountingFallbackWarning)
+                return self._epsilon(events, delta, warn=False)
+
+        if spent(0) > target:
+            return 0
+        good, bad = 0, 1
+        while bad < limit and spent(bad) <= target:  # ε(k) ≤ target for every k ≤ good
+            good, bad = bad, min(2 * bad, limit)
+        if bad == limit and spent(limit) <= target:
+            return limit
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            good, bad = (mid, bad) if spent(mid) <= target else (good, mid)
+        return good
+
+    def state_dict(self) -> dict:
+        """The accountant as plain data (JSON-serialisable): settings and ``(event, count)``s."""
+        return {
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "neighboring_relation": self.neighboring_relation,
+            "pld_discretization": self.pld_discretization,
+            "events": [[event_to_data(e), int(c)] for e, c in self._events],
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> Accountant:
+        """The accountant whose :meth:`state_dict` is ``state`` (every event re-checked)."""
+        if not isinstance(state, dict) or set(state) != {
+            "accountant",
+            "delta",
+            "neighboring_relation",
+            "pld_discretization",
+            "events",
+        }:
+            raise ValueError(f"`state` must be an Accountant.state_dict(); got {state!r}"[:300])
+        acc = cls(
+            accountant=state["accountant"],
+            delta=state["delta"],
+            neighboring_relation=state["neighboring_relation"],
+            pld_discretization=state["pld_discretization"],
+        )
+        for data, count in state["events"]:
+            acc.record(event_from_data(data), steps=count)
+        return acc
+
+    def __repr__(self):
+        return (
+            f"Accountant(accountant={self.accountant!r}, delta={self.delta!r}, "
+            f"neighboring_relation={self.neighboring_relation!r}, steps={self.steps})"
+        )
+
+
+def calibrate_event_noise(
+    make_event,
+    *,
+    target_epsilon: float,
+    delta: float,
+    steps: int,
+    accountant: str = "pld",
+    neighboring_relation: str = "add_or_remove_one",
+    pld_discretization: float = 1e-4,
+    tol: float = 1e-3,
+) -> float:
+    """The smallest ``σ`` (within ``tol``) whose ``steps`` steps of ``make_event(σ)`` spend at
+    most ``target_epsilon``: :func:`calibrate_noise_multiplier` for any batch source's event.
+
+    ε falls as ``σ`` grows: bisection between a ``σ`` that spends too much and one that
+    fits, each ε by :class:`Accountant` (its PLD size guard and RDP fallback). A ``σ`` whose
+    ε cannot be evaluated (a PLD too large to build, with no RDP analysis to fall back on)
+    counts as spending too much, so the answer is always one whose ε was computed and fits.
+
+    Args:
+      make_event: ``σ -> `` one step's dp-accounting event (e.g. a batch source's
+        ``dp_event`` with ``num_examples`` bound).
+      target_epsilon: ε > 0 over the ``steps`` steps.
+      delta: ``δ`` in (0, 1).
+      steps: ``T ≥ 1``.
+      accountant: ``"pld"`` or ``"rdp"``.
+      neighboring_relation: as for :class:`Accountant`.
+      pld_discretization: the PLD's value discretisation interval.
+      tol: the tolerance on ``σ``.
+
+    Returns:
+      σ as a float.
+
+    Example::
+
+      >>> import dp_accounting as dpa
+      >>> from jaxgrad.privacy.accounting import calibrate_event_noise
+      >>> event = lambda s: dpa.PoissonSampledDpEvent(0.01, dpa.GaussianDpEvent(s))
+      >>> s = calibrate_event_noise(event, target_epsilon=3.0, delta=1e-5, steps=1000,
+      ...                           accountant="rdp")
+      >>> 0.6 < s < 0.9
+      True
+    """
+    target = reduce.check_positive_float(target_epsilon, name="target_epsilon")
+    delta = _check_delta(delta)
+    steps = _check_steps(steps)
+    if steps == 0:
+        raise ValueError("`steps` must be at least 1 to calibrate a noise multiplier; got 0")
+    tol = reduce.check_positive_float(tol, name="tol")
+    acc = Accountant(
+        accountant=accountant,
+        neighboring_relation=neighboring_relation,
+        pld_discretization=pld_discretization,
+    )
+    acc.record(make_event(1.0), steps=0)  # refuses an event this accountant cannot account
+
+    @functools.cache
+    def spent(sigma):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", AccountingFallbackWarning)
+                return acc._epsilon(((make_event(sigma), steps),), delta, warn=False)
+        except ValueError:  # cannot be evaluated: treated as too little noise
+            return math.inf
+
+    hi = 1.0
+    while spent(hi) > target:
+        hi *= 2
+        if hi > 2.0**60:
+            raise ValueError(
+                f"no `noise_multiplier` up to 2**60 spends at most `target_epsilon` {target!r} "
+                f"over {steps} steps at δ = {delta}"
+            )
+    lo = hi / 2
+    while spent(lo) <= target and lo > tol:
+        hi, lo = lo, lo / 2
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if spent(mid) <= target else (mid, hi)
+    return hi

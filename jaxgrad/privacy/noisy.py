@@ -362,21 +362,26 @@ def dp_grad(
     return f
 
 
-def sampled_clipped_sum(clipped, *, sampling_rate, physical_batch_size):
-    """``f(params, data, sample_key, *args) -> (S, b, bad, ⌈b/P⌉)``: one Poisson draw over
-    ``data`` (rate ``q``), run in physical batches of ``P`` rows and their clipped sums added.
+def sampled_clipped_sum(clipped, *, physical_batch_size, sampling_rate=None, source=None):
+    """``f(params, data, sample_key, *args) -> (S, b, bad, ⌈b/P⌉)``: one draw of a batch
+    source over ``data``, run in physical batches of ``P`` rows and their clipped sums added.
 
-    The batch source and the clipped sum of a DP step, composed: a ``lax.while_loop`` over
-    the ``⌈b / P⌉`` physical batches (fixed shapes, no recompilation, no example dropped
-    however large the draw); the first runs outside the loop.
+    The batch source (``source``, :mod:`jaxgrad.privacy.sources`; or Poisson sampling at
+    ``sampling_rate``) and the clipped sum of a DP step, composed: a ``lax.while_loop`` over
+    the ``⌈b / P⌉`` physical batches (fixed shapes, no recompilation, no drawn example
+    dropped however large the draw); the first runs outside the loop.
     """
-    q, p = sampling_rate, physical_batch_size
+    p = physical_batch_size
+    if (source is None) == (sampling_rate is None):
+        raise ValueError("give exactly one of `sampling_rate` (Poisson) and `source`")
+    if source is None:
+        from jaxgrad.privacy import sources
+
+        source = sources.Poisson(sampling_rate=sampling_rate)
 
     def f(params, data, sample_key, *args):
         n = reduce.batch_size(data, name="data")
-        sample = sampling.poisson_sample(
-            sample_key, num_examples=n, sampling_rate=q, physical_batch_size=p
-        )
+        sample = source.sample(sample_key, num_examples=n, physical_batch_size=p)
         steps = sampling.num_physical_batches(sample.count, p)
 
         def one(k):
@@ -404,8 +409,9 @@ def sampled_dp_grad(
     *,
     l2_clip: float,
     noise_multiplier: float,
-    sampling_rate: float,
+    sampling_rate: float | None = None,
     physical_batch_size: int,
+    source=None,
     nonfinite: str = "drop",
     return_info: bool = False,
     method: str = "auto",
@@ -435,6 +441,10 @@ def sampled_dp_grad(
       noise_multiplier: ``σ ≥ 0``.
       sampling_rate: ``q`` in (0, 1]; the expected batch size is ``qN``.
       physical_batch_size: ``P``, examples per physical batch (memory bound, not privacy).
+      source: instead of ``sampling_rate``, a batch source of
+        :mod:`jaxgrad.privacy.sources` (truncated Poisson, sampling without replacement):
+        its draw, divided by its ``expected_batch_size``; account the steps with its
+        ``dp_event`` (:class:`jaxgrad.privacy.Accountant`).
       nonfinite: ``"drop"`` (default) or ``"raise"``, as for :func:`dp_grad`.
       return_info: if True, ``f`` returns ``(grads, DPInfo)``.
       method: ``"auto"`` (fast clipped sum) or ``"vmap"`` (materialised reference).
@@ -458,17 +468,25 @@ def sampled_dp_grad(
     """
     clipped = ClippedSum(loss_fn, l2_clip=l2_clip, method=method, chunk_size=chunk_size)
     sigma = reduce.check_nonnegative_float(noise_multiplier, name="noise_multiplier")
-    q = sampling.check_sampling_rate(sampling_rate)
+    if (source is None) == (sampling_rate is None):
+        raise ValueError(
+            "give exactly one of `sampling_rate` (Poisson sampling) and `source`; got "
+            f"sampling_rate={sampling_rate!r}, source={source!r}"
+        )
+    if source is None:
+        from jaxgrad.privacy import sources
+
+        source = sources.Poisson(sampling_rate=sampling.check_sampling_rate(sampling_rate))
     p = reduce.check_positive_int(physical_batch_size, name="physical_batch_size")
     nonfinite = check_nonfinite(nonfinite)
     stddev = sigma * clipped.sensitivity
-    draw_and_clip = sampled_clipped_sum(clipped, sampling_rate=q, physical_batch_size=p)
+    draw_and_clip = sampled_clipped_sum(clipped, source=source, physical_batch_size=p)
 
     @jax.jit
     def core(params, data, key, args):
         sample_key, noise_key = keys.split_step_key(key)
         total, count, bad, steps = draw_and_clip(params, data, sample_key, *args)
-        b_e = q * reduce.batch_size(data, name="data")
+        b_e = source.expected_batch_size(reduce.batch_size(data, name="data"))
         grads = _privatize(
             total,
             count,

@@ -132,11 +132,17 @@ def poisson_sample(key, *, num_examples: int, sampling_rate: float, physical_bat
             f"below 2**31: the sampled indices are int32"
         )
     mask = inclusion_mask(key, sampling_rate=q, num_examples=n)
+    return compact(mask, padded=-(-n // p) * p)
+
+
+def compact(mask, *, padded: int) -> PoissonSample:
+    """The :class:`PoissonSample` of an inclusion ``mask``: its examples' indices, increasing,
+    padded with index 0 to length ``padded``, and their count."""
+    n = mask.shape[0]
     # jnp.nonzero(mask, size=padded, fill_value=0), as one cumulative sum and one scatter:
     # drawn example i goes to position (number drawn before it); the rest stay 0.
     position = jnp.cumsum(mask, dtype=jnp.int32)
     count = position[-1]
-    padded = -(-n // p) * p
     target = jnp.where(mask, position - 1, padded)  # out of range: dropped
     indices = (
         jnp.zeros((padded,), jnp.int32).at[target].set(jnp.arange(n, dtype=jnp.int32), mode="drop")

@@ -623,6 +623,8 @@ def _run(
     start = time.perf_counter()
     try:
         for epoch in range(start_epoch, epochs):
+            if engine.last_step is not None and int(state.step) >= engine.last_step:
+                break  # the engine's budget is spent (a resumed run stops here too)
             chunks = engine.epoch_chunks(key, epoch)
             first = start_chunk if epoch == start_epoch else 0
             if first == 0:
@@ -664,7 +666,8 @@ def _run(
                         metrics_file=metrics_file,
                     )
                 if checkpoint_dir is not None:
-                    final = last_chunk and epoch == epochs - 1
+                    stopped = engine.last_step is not None and int(state.step) >= engine.last_step
+                    final = last_chunk and (epoch == epochs - 1 or stopped)
                     if final or int(state.step) // every > before // every:
                         nxt = (epoch + 1, 0) if last_chunk else (epoch, c + 1)
                         last_checkpoint = save(*nxt)

@@ -13,6 +13,15 @@ step count and the key: both are in every checkpoint, a resumed run continues bi
 and a checkpoint written under other privacy settings (clip, σ, q, δ, accountant, planned
 steps) is refused.
 
+Other batch sources plug into the same step (``PrivacyConfig(sampling=...)``,
+:mod:`jaxgrad.privacy.sources`): ``"truncated_poisson"`` (a draw cut to ``max_batch_size``
+by a uniformly random subset, accounted by dp-accounting's truncated event, PLD only) and
+``"without_replacement"`` (exactly ``batch_size`` examples every step, accounted under
+replace-one, RDP only); each brings its own event, so the calibration, the per-epoch ε and
+the run's record match the sampling actually used. A shuffled epoch is refused.
+``stop_at_epsilon`` ends training after the last step whose ε stays within the budget
+(:meth:`jaxgrad.privacy.Accountant.steps_within`, counted before any data is read).
+
 On a mesh (``fit(..., privacy=..., mesh=...)``) the step is the same computation, spread:
 the Poisson sample is drawn over the whole data set from the same key in every process (one
 draw for the step, never one per device or host, so the inclusions stay independent across
@@ -36,7 +45,7 @@ import optax
 from jaxgrad import keys, reduce
 from jaxgrad import privacy as dp
 from jaxgrad import sharding as sharding_lib
-from jaxgrad.privacy import noisy, sampling
+from jaxgrad.privacy import accounting, noisy, sources
 from jaxgrad.train.step import Engine, TrainState, guarded
 
 
@@ -65,6 +74,16 @@ class PrivacyConfig:
       pld_discretization: the PLD accountant's value discretisation for calibration and the
         per-epoch ε (1e-3: an upper bound within 0.4% of the 1e-4 value for the reference
         setting, and about 10× cheaper to compute, so accounting never dominates an epoch).
+      sampling: how each step's batch is chosen, with the accounting that matches it
+        (:mod:`jaxgrad.privacy.sources`): ``"poisson"`` (default; rate ``batch_size / N``),
+        ``"truncated_poisson"`` (the same, cut to ``max_batch_size`` by a uniformly random
+        subset; PLD accountant only) or ``"without_replacement"`` (exactly ``batch_size``
+        examples, drawn afresh every step; accounted under replace-one with the RDP
+        accountant only: give ``accountant="rdp"``). A shuffled epoch is refused.
+      max_batch_size: the cap of ``"truncated_poisson"`` (required there, refused elsewhere).
+      stop_at_epsilon: a budget: training stops after the last step whose ε (at ``delta``)
+        stays within it, even if ``epochs`` asks for more (the history's last record is that
+        step's; a resumed run stops there too). Refused if not one step fits.
     """
 
     l2_clip: float
@@ -76,6 +95,9 @@ class PrivacyConfig:
     nonfinite: str = "drop"
     method: str = "auto"
     pld_discretization: float = 1e-3
+    sampling: str = "poisson"
+    max_batch_size: int | None = None
+    stop_at_epsilon: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +110,10 @@ class PrivacyPlan:
       sampling_rate: ``q = batch_size / N``.
       steps: the planned number of steps ``epochs · ⌈N / batch_size⌉``.
       physical_batch_size: ``P``.
+      source: the batch source (:mod:`jaxgrad.privacy.sources`; Poisson by default).
+      num_examples: ``N``.
+      stop_step: the number of steps after which training stops (``≤ steps``; fewer when
+        ``stop_at_epsilon`` is spent first).
     """
 
     config: PrivacyConfig
@@ -95,9 +121,32 @@ class PrivacyPlan:
     sampling_rate: float
     steps: int
     physical_batch_size: int
+    source: object = None
+    num_examples: int | None = None
+    stop_step: int | None = None
+
+    def accountant(self, steps: int = 0) -> dp.Accountant:
+        """A :class:`jaxgrad.privacy.Accountant` holding ``steps`` of this plan's steps."""
+        c = self.config
+        acc = dp.Accountant(
+            accountant=c.accountant,
+            delta=c.delta,
+            neighboring_relation=self.source.neighboring_relation,
+            pld_discretization=c.pld_discretization,
+        )
+        acc.record(self.step_event(), steps=steps)
+        return acc
+
+    def step_event(self):
+        """One step's dp-accounting event (the batch source's)."""
+        return self.source.dp_event(
+            noise_multiplier=self.noise_multiplier, num_examples=self.num_examples
+        )
 
     def epsilon(self, steps: int) -> float:
         """The ε spent after ``steps`` steps."""
+        if self.source.name != "poisson":
+            return self.accountant(steps).epsilon()
         return dp.epsilon(
             noise_multiplier=self.noise_multiplier,
             sampling_rate=self.sampling_rate,
@@ -110,13 +159,23 @@ class PrivacyPlan:
     def summary(self, steps: int) -> dict:
         """The ``privacy`` record of the CLI's JSON after ``steps`` steps."""
         c = self.config
-        accountant = dp.accounting.effective_accountant(  # "rdp" where PLD would not fit
-            noise_multiplier=self.noise_multiplier,
-            sampling_rate=self.sampling_rate,
-            steps=steps,
-            accountant=c.accountant,
-            pld_discretization=c.pld_discretization,
-        )
+        if self.source.name != "poisson":
+            accountant = self.accountant(steps).effective_accountant()
+        else:
+            accountant = dp.accounting.effective_accountant(  # "rdp" where PLD would not fit
+                noise_multiplier=self.noise_multiplier,
+                sampling_rate=self.sampling_rate,
+                steps=steps,
+                accountant=c.accountant,
+                pld_discretization=c.pld_discretization,
+            )
+        extra = {}  # only where not the default: a Poisson run's record is unchanged
+        if self.source.name == "truncated_poisson":
+            extra["max_batch_size"] = self.source.max_batch_size
+        if self.source.neighboring_relation != "add_or_remove_one":
+            extra["neighboring_relation"] = self.source.neighboring_relation
+        if c.stop_at_epsilon is not None:
+            extra.update(stop_at_epsilon=c.stop_at_epsilon, stop_step=self.stop_step)
         return {
             "epsilon": self.epsilon(steps),
             "delta": c.delta,
@@ -128,7 +187,8 @@ class PrivacyPlan:
             "l2_clip": c.l2_clip,
             "target_epsilon": c.target_epsilon,
             "physical_batch_size": self.physical_batch_size,
-            "sampling": "poisson",
+            "sampling": self.source.name,
+            **extra,
         }
 
 
@@ -156,9 +216,15 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
     target = config.target_epsilon
     if target is not None:
         target = reduce.check_positive_float(target, name="target_epsilon")
+    source = sources.batch_source(
+        config.sampling,
+        num_examples=n,
+        batch_size=batch_size,
+        max_batch_size=config.max_batch_size,
+    )
     q = batch_size / n
     if config.physical_batch_size is None:  # (not `or`: 0 is an error, not the default)
-        physical = dp.default_physical_batch_size(num_examples=n, sampling_rate=q)
+        physical = source.default_physical_batch_size(n)
     else:
         physical = reduce.check_positive_int(config.physical_batch_size, name="physical_batch_size")
     steps = epochs * -(-n // batch_size)
@@ -181,8 +247,13 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
         nonfinite=config.nonfinite,
         method=config.method,
     )
+    stop = config.stop_at_epsilon
+    if stop is not None:
+        stop = reduce.check_positive_float(stop, name="stop_at_epsilon")
+    draft = PrivacyPlan(config, given, q, steps, physical, source, n)
+    draft.accountant()  # refuses a sampling the accountant cannot account (naming which can)
     sigma = config.noise_multiplier
-    if sigma is None:
+    if sigma is None and source.name == "poisson":
         sigma = dp.calibrate_noise_multiplier(
             target_epsilon=target,
             delta=config.delta,
@@ -191,15 +262,18 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
             accountant=config.accountant,
             pld_discretization=config.pld_discretization,
         )
-    elif target is not None:  # both given (e.g. a resolved plan): σ must do
-        spent = dp.epsilon(
-            noise_multiplier=sigma,
-            sampling_rate=q,
-            steps=steps,
+    elif sigma is None:
+        sigma = accounting.calibrate_event_noise(
+            lambda s: source.dp_event(noise_multiplier=s, num_examples=n),
+            target_epsilon=target,
             delta=config.delta,
+            steps=steps,
             accountant=config.accountant,
+            neighboring_relation=source.neighboring_relation,
             pld_discretization=config.pld_discretization,
         )
+    elif target is not None:  # both given (e.g. a resolved plan): σ must do
+        spent = dataclasses.replace(draft, noise_multiplier=sigma).epsilon(steps)
         if spent > target * (1 + 1e-9):
             raise ValueError(
                 f"`noise_multiplier` {sigma!r} spends ε = {spent:.4g} over the planned {steps} "
@@ -215,8 +289,21 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
         pld_discretization=reduce.check_positive_float(
             config.pld_discretization, name="pld_discretization"
         ),
+        stop_at_epsilon=stop,
     )
-    return PrivacyPlan(resolved, sigma, q, steps, physical)
+    the_plan = PrivacyPlan(resolved, sigma, q, steps, physical, source, n, steps)
+    if stop is None:
+        return the_plan
+    # Stop early rather than refuse: with σ given, "train until the budget is spent" is the
+    # point; the steps that fit are counted now, before any data is touched.
+    fit = the_plan.accountant().steps_within(stop, the_plan.step_event(), max_steps=steps)
+    if fit == 0:
+        raise ValueError(
+            f"`stop_at_epsilon` {stop!r} is spent by the first step (ε = "
+            f"{the_plan.epsilon(1):.4g} at δ = {config.delta}): not one step fits; raise the "
+            "budget or `noise_multiplier`"
+        )
+    return dataclasses.replace(the_plan, stop_step=fit)
 
 
 def engine(
@@ -248,12 +335,16 @@ def engine(
     """
     c = the_plan.config
     n = reduce.batch_size(train_data, name="train_data")
-    q, p = the_plan.sampling_rate, the_plan.physical_batch_size
+    source, p = the_plan.source, the_plan.physical_batch_size
     stddev = the_plan.noise_multiplier * c.l2_clip
     steps_per_epoch = -(-n // batch_size)
+    last_step = the_plan.stop_step
     clipped = noisy.ClippedSum(loss_fn, l2_clip=c.l2_clip, method=c.method)
     privatize = functools.partial(
-        noisy._privatize, nonfinite=c.nonfinite, stddev=stddev, expected_batch_size=q * n
+        noisy._privatize,
+        nonfinite=c.nonfinite,
+        stddev=stddev,
+        expected_batch_size=source.expected_batch_size(n),
     )
 
     def loss_args(step):  # the loss's extra argument: this step's loss key, if any
@@ -276,8 +367,10 @@ def engine(
     del config["privacy"]["epsilon"], config["privacy"]["steps"]
 
     def epoch_chunks(key, epoch):
-        del key, epoch  # every step draws its own batch
-        active = np.arange(-(-steps_per_epoch // chunk) * chunk) < steps_per_epoch
+        del key  # every step draws its own batch
+        index = np.arange(-(-steps_per_epoch // chunk) * chunk)
+        # Steps past the budget's last (stop_at_epsilon) are inactive: never applied.
+        active = (index < steps_per_epoch) & (epoch * steps_per_epoch + index < last_step)
         return list(active.reshape(-1, chunk))
 
     def record(steps, loss_sum, count):
@@ -294,7 +387,7 @@ def engine(
         )
 
     if mesh is None:
-        draw_and_clip = noisy.sampled_clipped_sum(clipped, sampling_rate=q, physical_batch_size=p)
+        draw_and_clip = noisy.sampled_clipped_sum(clipped, source=source, physical_batch_size=p)
 
         def step(state, data, key):
             sample_key, noise_key = keys.dp_keys(key, state.step)
@@ -306,7 +399,9 @@ def engine(
         run_chunk = _mesh_chunks(
             clipped, update, train_data, the_plan, mesh=mesh, check=check, loss_args=loss_args
         )
-    return Engine(config, steps_per_epoch, chunk, epoch_chunks, run_chunk, record, failure)
+    return Engine(
+        config, steps_per_epoch, chunk, epoch_chunks, run_chunk, record, failure, last_step
+    )
 
 
 def _local_chunks(body, train_data, *, scan: bool):
@@ -350,7 +445,7 @@ def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_arg
     noise key, in the replicated sum. Fixed shapes: one compiled physical-batch function and
     one update, however large the draw."""
     n = reduce.batch_size(train_data, name="train_data")
-    q, p = the_plan.sampling_rate, the_plan.physical_batch_size
+    source, p = the_plan.source, the_plan.physical_batch_size
     devices = mesh.shape["data"]
     width = -(-p // devices) * devices
     batch_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -358,9 +453,7 @@ def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_arg
     @jax.jit
     def draw(key, step):  # this process's copy of the step's one draw
         sample_key, _ = keys.dp_keys(key, step)
-        sample = sampling.poisson_sample(
-            sample_key, num_examples=n, sampling_rate=q, physical_batch_size=p
-        )
+        sample = source.sample(sample_key, num_examples=n, physical_batch_size=p)
         return sample.indices, sample.count
 
     @jax.jit
@@ -393,7 +486,7 @@ def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_arg
             indices, count = np.asarray(indices), int(count)
             zeros = zeros_like_sum(state.params, state.step) if zeros is None else zeros
             acc = zeros
-            for k in range(int(sampling.num_physical_batches(count, p))):
+            for k in range(int(dp.num_physical_batches(count, p))):
                 idx = indices[k * p : (k + 1) * p]
                 mask = k * p + np.arange(p) < count
                 idx = np.concatenate([idx, np.full(width - p, idx[0], idx.dtype)])

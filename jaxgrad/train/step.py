@@ -51,6 +51,9 @@ class Engine(NamedTuple):
       record: ``record(steps, loss_sum, count) -> dict``: what the epoch's history record
         says of training (besides ``epoch``, ``step``, ``seconds`` and the evaluation).
       failure: ``failure(bad, epoch) -> str``: why step ``bad + 1`` stopped training.
+      last_step: if set, training ends once ``state.step`` reaches it (a DP run whose budget,
+        ``stop_at_epsilon``, is spent before ``epochs``); the engine marks the steps after it
+        inactive.
     """
 
     config: dict
@@ -60,6 +63,7 @@ class Engine(NamedTuple):
     run_chunk: Callable
     record: Callable
     failure: Callable
+    last_step: int | None = None
 
 
 def init_state(params: PyTree, optimizer: optax.GradientTransformation) -> TrainState:
