@@ -291,6 +291,12 @@ def _reference(case, params, batch, args):
     return sums, counts, grads
 
 
+def _masked_mean(grads, real, count):
+    """``Σ_i m_i g_i / count`` over a list of per-example gradient pytrees."""
+    kept = [g for g, r in zip(grads, real, strict=True) if r]
+    return tm(lambda *g: sum(g) / count, *kept)
+
+
 def _close(actual, expected):
     assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)
     np.testing.assert_allclose(_flat(actual), _flat(expected), **TOL)
@@ -305,7 +311,7 @@ def test_every_strategy_matches_a_grad_loop(name):
     real = np.asarray(mask)
     count = counts[real].sum()
     assert count > 0
-    mean = tm(lambda *g: sum(gi for gi, r in zip(g, real) if r) / count, *grads)
+    mean = _masked_mean(grads, real, count)
     loss = sums[real].sum() / count
 
     got_loss, got = jaxgrad.batch_grad(case.loss, return_loss=True)(params, batch, mask, *args)
@@ -315,13 +321,18 @@ def test_every_strategy_matches_a_grad_loop(name):
     _close(jaxgrad.accumulate_grad(case.loss, num_microbatches=3)(params, batch, mask, *args), mean)
     per = jaxgrad.per_example_grads(case.loss)(params, batch, mask, *args)
     zero = tm(jnp.zeros_like, grads[0])
-    _close(per, tm(lambda *g: jnp.stack(g), *[g if r else zero for g, r in zip(grads, real)]))
+    _close(
+        per,
+        tm(lambda *g: jnp.stack(g), *[g if r else zero for g, r in zip(grads, real, strict=True)]),
+    )
 
     # Clipping at the median norm, so some examples are clipped and some are not.
     norms = np.array([np.linalg.norm(_flat(g)) for g in grads])
     clip = float(np.median(norms[real]))
-    clipped = [tm(lambda x, n=n: x * min(1.0, clip / n), g) for g, n in zip(grads, norms)]
-    clipped_mean = tm(lambda *g: sum(gi for gi, r in zip(g, real) if r) / count, *clipped)
+    clipped = [
+        tm(lambda x, n=n: x * min(1.0, clip / n), g) for g, n in zip(grads, norms, strict=True)
+    ]
+    clipped_mean = _masked_mean(clipped, real, count)
     got_clipped = jaxgrad.clipped_grad(case.loss, l2_clip=clip)(params, batch, mask, *args)
     _close(got_clipped, clipped_mean)
 
@@ -345,18 +356,19 @@ def test_fit_two_steps_matches_a_grad_loop(name):
         quiet=True,
     )
     params = case.params
-    for step in range(2):
-        grads = []
+    for step in range(2):  # one batch of all N rows per epoch: a step is the mean over them
+        rows = []
         for i in range(N):
             example = tm(lambda x, i=i: x[i], data)
             extra = (
                 (jax.random.fold_in(jax.random.fold_in(loss_key, step), i),) if case.keyed else ()
             )
-            loss_sum = lambda p: jaxgrad.reduce.as_sum_count(case.fit_loss(p, example, *extra))
-            grads.append(jax.grad(lambda p: loss_sum(p)[0])(params))
-            grads[-1] = (grads[-1], float(loss_sum(params)[1]))
-        count = sum(c for _, c in grads)
-        params = tm(lambda p, *g: p - lr * sum(g) / count, params, *[g for g, _ in grads])
+            loss_sum = lambda p, ex=example, extra=extra: case.fit_loss(p, ex, *extra)
+            sum_count = lambda p, f=loss_sum: jaxgrad.reduce.as_sum_count(f(p))
+            grad = jax.grad(lambda p, f=sum_count: f(p)[0])(params)
+            rows.append((grad, float(sum_count(params)[1])))
+        step_grad = _masked_mean([g for g, _ in rows], [True] * N, sum(c for _, c in rows))
+        params = tm(lambda p, g: p - lr * g, params, step_grad)
     _close(result.params, params)
 
 
