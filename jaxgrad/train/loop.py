@@ -21,6 +21,7 @@ import functools
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -29,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxgrad import accumulation, keys, reduce
 from jaxgrad import data as data_lib
-from jaxgrad import keys, reduce
 from jaxgrad import sharding as sharding_lib
 from jaxgrad.grads import batch_grad
 from jaxgrad.train import checkpoint as ckpt
@@ -96,6 +97,51 @@ def _check_fit_args(params, optimizer, key) -> None:
     reduce.check_params(params)
     check_optimizer(optimizer)
     keys.check_key(key)
+
+
+def _check_accumulation(optimizer, params, loss_fn, data, *, batch_size, private) -> None:
+    """Refuses (or warns about) an optimizer that would average batch means across steps.
+
+    ``optax.MultiSteps`` applies the mean of ``k`` steps' mean gradients, ``(1/k) Σ S_k / n_k``,
+    not the gradient of the ``k`` batches together, ``Σ S_k / Σ n_k``: wrong for a
+    ``(loss_sum, n_items)`` loss (batches hold different numbers of items: refused) and, for a
+    scalar loss, for every group with the epoch's partial last batch (warned; with full
+    batches only, exact). A DP-SGD step
+    divides by the expected batch size, the same for every step, so there it is exact.
+    """
+    opt_state = jax.eval_shape(optimizer.init, params)
+    if private:
+        if accumulation.takes_count(opt_state):
+            raise ValueError(
+                "`optimizer` is a jaxgrad.accumulate, which divides by the batches' real item "
+                "counts; a private run's counts are private (DP-SGD divides by the expected "
+                "batch size). Use a larger `batch_size`, or optax.MultiSteps, which is exact "
+                "for DP-SGD's steps"
+            )
+        return
+    if not accumulation.averages_means(opt_state):
+        return
+    example = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), data)
+    fix = (
+        "Use jaxgrad.accumulate(k, inner) (it accumulates gradient sums and item counts and "
+        "divides once), or strategy=functools.partial(jaxgrad.accumulate_grad, "
+        "num_microbatches=k) with a k times larger `batch_size`"
+    )
+    if isinstance(jax.eval_shape(loss_fn, params, example), tuple):
+        raise ValueError(
+            "`optimizer` is or wraps optax.MultiSteps, which averages the steps' mean "
+            "gradients: with a (loss_sum, n_items) loss, batches hold different numbers of items "
+            "and the mean of their means is not the gradient of the accumulated batch. " + fix
+        )
+    if reduce.batch_size(data) % batch_size == 0:
+        return
+    warnings.warn(
+        "`optimizer` is or wraps optax.MultiSteps, which averages the steps' mean gradients: "
+        "a group of steps with a partial batch (the last of an epoch) weighs its examples more "
+        "than the others. " + fix,
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _has_convolution(loss_fn, params, data) -> bool:
@@ -306,8 +352,11 @@ def fit(
     the_plan = None
     if privacy is not None:  # settings checked (and σ calibrated) before any data is read
         the_plan = private.plan(privacy, num_examples=n, batch_size=batch_size, epochs=epochs)
+    traced = loss_fn if loss_key is None else lambda p, x: loss_fn(p, x, loss_key)
+    _check_accumulation(
+        optimizer, params, traced, train_data, batch_size=batch_size, private=privacy is not None
+    )
     if scan == "auto":
-        traced = loss_fn if loss_key is None else lambda p, x: loss_fn(p, x, loss_key)
         scan = not (jax.default_backend() == "cpu" and _has_convolution(traced, params, train_data))
     elif not isinstance(scan, bool):
         raise ValueError(f"`scan` must be True, False or 'auto'; got {scan!r}")
