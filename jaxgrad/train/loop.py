@@ -36,6 +36,7 @@ from jaxgrad import sharding as sharding_lib
 from jaxgrad.grads import batch_grad
 from jaxgrad.train import checkpoint as ckpt
 from jaxgrad.train import example_keys, private
+from jaxgrad.train import writers as writers_lib
 from jaxgrad.train.private import PrivacyConfig
 from jaxgrad.train.progress import Progress, end_epoch
 from jaxgrad.train.step import (
@@ -65,8 +66,14 @@ class NonFiniteLossError(FloatingPointError):
         self.step, self.state, self.checkpoint = step, state, checkpoint
 
 
-class FitResult(NamedTuple):
-    """What :func:`fit` returns.
+class _FitFields(NamedTuple):
+    params: PyTree
+    state: TrainState
+    history: list[dict]
+
+
+class FitResult(_FitFields):
+    """What :func:`fit` returns: ``params, state, history = result`` unpacks it.
 
     Attributes:
       params: the trained parameters.
@@ -76,12 +83,27 @@ class FitResult(NamedTuple):
         real examples; for a scalar loss the mean over every example of the epoch, the last
         partial batch included; for ``(loss_sum, n_items)`` losses batches are weighted by
         examples, not items), ``seconds`` (since the start of this call) and the
-        ``evaluate`` metrics.
+        ``evaluate`` metrics (and ``epsilon`` for a private run).
+      privacy: None for a plain run; for a private run, what the run releases about its
+        guarantee after its last step: ``epsilon``, ``delta``, ``noise_multiplier`` (σ),
+        ``sampling_rate``, ``steps``, ``l2_clip``, ``accountant``, ... (the CLI's ``privacy``
+        record, :meth:`jaxgrad.train.PrivacyPlan.summary`).
     """
 
-    params: PyTree
-    state: TrainState
-    history: list[dict]
+    # Not a tuple field, so the three-way unpacking of every earlier release keeps working.
+    privacy: dict | None
+
+    def __new__(cls, params, state, history, privacy=None):
+        self = super().__new__(cls, params, state, history)
+        self.privacy = privacy
+        return self
+
+    def _replace(self, **changes):
+        privacy = changes.pop("privacy", self.privacy)
+        return FitResult(*super()._replace(**changes), privacy=privacy)
+
+    def __repr__(self):
+        return f"{super().__repr__()[:-1]}, privacy={self.privacy!r})"
 
 
 # Module level, so its compilation is shared by every fit with the same data and batch sizes.
@@ -224,6 +246,7 @@ def fit(
     privacy: PrivacyConfig | None = None,
     mesh: jax.sharding.Mesh | None = None,
     loss_key: jax.Array | None = None,
+    metric_writers: list | None = None,
 ) -> FitResult:
     """Trains ``params`` on ``train_data`` for ``epochs`` epochs of minibatch SGD.
 
@@ -257,7 +280,8 @@ def fit(
         of this many steps (default: every epoch); always at the end.
       keep: how many checkpoints to keep.
       resume: continue from the newest good checkpoint in ``checkpoint_dir`` if there is one.
-      metrics_path: if given, every epoch's record is appended there as a JSON line.
+      metrics_path: if given, every epoch's record is appended there as a JSON line (a
+        :class:`jaxgrad.train.writers.JsonlWriter` that ``fit`` opens and closes).
       progress: ``"auto"`` (a tqdm bar on a terminal, silent otherwise), ``"bar"``,
         ``"plain"`` (a line per epoch on stderr) or ``"none"``.
       quiet: no progress output at all.
@@ -291,9 +315,14 @@ def fit(
         i)`` for the example at row ``i`` of ``train_data`` at step ``t``: a different key for
         every example and step, independent of batching, devices and processes (see
         :mod:`jaxgrad.train.example_keys`); with ``privacy`` too.
+      metric_writers: objects with ``write(record)``, given every epoch's record as it is
+        appended to the history (:class:`jaxgrad.train.writers.JsonlWriter`,
+        :class:`jaxgrad.train.writers.TensorBoardWriter`, or your own); ``fit`` does not
+        close them.
 
     Returns:
-      A :class:`FitResult` ``(params, state, history)``.
+      A :class:`FitResult` ``(params, state, history)``, with ``result.privacy`` (ε, δ, σ, ...)
+      for a private run.
 
     Raises:
       ValueError: ``batch_size`` larger than the data set, bad labels, a checkpoint from a
@@ -326,6 +355,7 @@ def fit(
     keep = _positive(keep, "keep")
     loss_key = example_keys.check_loss_fn(loss_fn, loss_key)
     resume = reduce.check_flag(resume, name="resume")
+    metric_writers = writers_lib.check_writers(metric_writers)
     quiet = reduce.check_flag(quiet, name="quiet")
     if checkpoint_every is not None:
         checkpoint_every = _positive(checkpoint_every, "checkpoint_every")
@@ -389,7 +419,7 @@ def fit(
         **({"devices": int(mesh.devices.size)} if mesh is not None else {}),
         **engine.config,
     }
-    return _run(
+    result = _run(
         engine,
         config,
         params=params,
@@ -402,11 +432,15 @@ def fit(
         keep=keep,
         resume=resume,
         metrics_path=metrics_path,
+        metric_writers=metric_writers,
         progress=progress,
         quiet=quiet,
         mesh=mesh,
         train_data=train_data,
     )
+    if the_plan is None:
+        return result
+    return result._replace(privacy=the_plan.summary(int(result.state.step)))
 
 
 def _entropy_key():
@@ -621,6 +655,7 @@ def _run(
     keep,
     resume,
     metrics_path,
+    metric_writers,
     progress,
     quiet,
     mesh,
@@ -675,7 +710,8 @@ def _run(
             keep=keep,
         )
 
-    metrics_file = open(metrics_path, "a") if metrics_path is not None else None
+    own = [writers_lib.JsonlWriter(metrics_path)] if metrics_path is not None else []
+    writers = own + list(metric_writers)
     bar = Progress(epochs * steps_per_epoch, mode=progress, quiet=quiet, initial=int(state.step))
     start = time.perf_counter()
     try:
@@ -718,7 +754,7 @@ def _run(
                         start=start,
                         history=history,
                         bar=bar,
-                        metrics_file=metrics_file,
+                        writers=writers,
                     )
                 if checkpoint_dir is not None:
                     final = last_chunk and epoch == epochs - 1
@@ -727,6 +763,6 @@ def _run(
                         last_checkpoint = save(*nxt)
     finally:
         bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
+        for writer in own:
+            writer.close()
     return FitResult(state.params, state, history)
