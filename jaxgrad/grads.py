@@ -25,6 +25,8 @@ count is negative, NaN or inf, or 0 with a nonzero sum. A batch with no real ite
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,6 +112,52 @@ def check_loss_fn(
     return fn
 
 
+def check_loss_args(loss_fn, args, *, name: str, call: str) -> None:
+    """Refuses extra loss arguments that ``loss_fn(params, example, *args)`` cannot take.
+
+    Read off the signature before any tracing, so a missing or surplus argument is named
+    here rather than as a ``TypeError`` from deep inside ``vmap``. A loss whose signature
+    cannot be read (some builtins, C extensions) is not checked.
+
+    Args:
+      loss_fn: the user's loss.
+      args: the extra arguments the caller passed.
+      name: the function the user called, e.g. ``"dp_grad"``.
+      call: how it is called, e.g. ``"f(params, batch, mask, key, *args)"``.
+
+    Raises:
+      TypeError: naming ``loss_fn``, how many extra arguments it takes and how many it got.
+    """
+    try:
+        signature = inspect.signature(loss_fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(None, None, *args)
+        return
+    except TypeError:
+        pass
+    positional = [
+        p
+        for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    required = sum(p.default is p.empty for p in positional)
+    if len(positional) < 2 and not any(
+        p.kind is p.VAR_POSITIONAL for p in signature.parameters.values()
+    ):
+        expected = "it must take (params, example)"
+    else:
+        low, high = max(required - 2, 0), max(len(positional) - 2, 0)
+        takes = f"{low}" if low == high else f"{low} to {high}"
+        expected = f"it takes {takes} extra argument(s) after (params, example)"
+    raise TypeError(
+        f"`loss_fn{signature}` is called as loss_fn(params, example, *args) with the extra "
+        f"arguments of `{name}`'s {call}; got {len(args)} extra argument(s), but {expected}. "
+        "Pass exactly the arguments the loss takes after (params, example), in order"
+    )
+
+
 def check_unroll(unroll) -> int | bool:
     """``lax.scan``'s ``unroll``: True, False or an integer >= 0 (Python or NumPy)."""
     if isinstance(unroll, (bool, np.bool_)):
@@ -186,6 +234,8 @@ def _strategy(
     def f(params, batch, mask=None, *args):
         if args and loss_fn is None:
             raise TypeError(f"`{name}` takes no extra loss arguments; got {len(args)}")
+        if loss_fn is not None:
+            check_loss_args(loss_fn, args, name=name, call="f(params, batch, mask, *args)")
         reduce.check_params(params, real=real_params)
         size = reduce.batch_size(batch)
         if mask is not None:

@@ -297,6 +297,21 @@ def check_standardize(standardize) -> None:
         )
 
 
+def _rectangular(value, *, name: str) -> np.ndarray:
+    """``np.asarray(value)``, or a ValueError naming ``name`` for a ragged nested list."""
+    try:
+        return np.asarray(value)
+    except ValueError as e:
+        if "inhomogeneous" not in str(e) and "sequence" not in str(e):
+            raise
+        lengths = [len(r) if hasattr(r, "__len__") else "a scalar" for r in list(value)[:6]]
+        raise ValueError(
+            f"`{name}` must be one rectangular array, every example the same shape; got a "
+            f"ragged nested sequence (the first rows' lengths: {lengths}). Pad the rows to one "
+            "length (and mask the padding in the loss), or pass a numpy array"
+        ) from None
+
+
 def from_arrays(
     x,
     y,
@@ -355,7 +370,7 @@ def from_arrays(
             f"`dtype` must be a floating-point dtype (inputs are standardised, so an integer "
             f"dtype would truncate them); got {dtype!r}"
         )
-    x, y = np.asarray(x), np.asarray(y)
+    x, y = _rectangular(x, name="x"), _rectangular(y, name="y")
     _check_numeric(x, name=f"{name}: `x`", what="the inputs")
     _check_numeric(y, name=f"{name}: `y`", what="class labels or regression targets")
     if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
@@ -369,7 +384,7 @@ def from_arrays(
     if (x_test is None) != (y_test is None):
         raise ValueError("`x_test` and `y_test` must be given together")
     if x_test is not None:
-        x_test, y_test = np.asarray(x_test), np.asarray(y_test)
+        x_test, y_test = _rectangular(x_test, name="x_test"), _rectangular(y_test, name="y_test")
         _check_numeric(x_test, name=f"{name}: `x_test`", what="the inputs")
         _check_numeric(y_test, name=f"{name}: `y_test`", what="labels or targets")
         check_finite(x_test, y_test, name=f"{name} (test split)")
