@@ -15,6 +15,7 @@ import secrets
 import sys
 import time
 
+from jaxgrad._cli import check_writable
 from jaxgrad._optional import require
 
 MODELS = ("line", "linear", "logistic", "mlp", "cnn")
@@ -513,30 +514,7 @@ def _sklearn_r2(ds):
     return float(fitted.score(flat(ds.x_test), ds.y_test))
 
 
-def _check_writable(flag, path, parser, *, directory=False):
-    """Fails before training when ``path`` (a file, or a directory) cannot be written."""
-    import os
-
-    if path is None:
-        return
-    if directory:
-        if os.path.exists(path) and not os.path.isdir(path):
-            parser.error(f"{flag} {path!r} is a file; expected a directory (or a new path)")
-        probe = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(probe):  # the nearest existing ancestor is where it is made
-            probe = os.path.dirname(probe)
-    else:
-        if os.path.isdir(path):
-            parser.error(f"{flag} {path!r} is a directory; expected a file name")
-        probe = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(probe):
-            parser.error(
-                f"{flag} {path!r}: the directory {probe!r} does not exist; create it first"
-            )
-        if os.path.exists(path) and not os.access(path, os.W_OK):
-            parser.error(f"{flag} {path!r} exists and is not writable")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        parser.error(f"{flag} {path!r}: the directory {probe!r} is not writable")
+_check_writable = check_writable  # one check for every CLI (jaxgrad._cli)
 
 
 def _check_combinations(args, parser):
