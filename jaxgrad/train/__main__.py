@@ -579,7 +579,7 @@ def _check_targets(ds, args, parser) -> None:
         )
     parser.error(
         f"{where}: y must have one label or target per example, shape (N,); got shape "
-        f"{(len(ds.y_train) + len(ds.y_test),) + shape[1:]}: {fix}"
+        f"{(len(ds.y_train) + len(ds.y_test), *shape[1:])}: {fix}"
     )
 
 
