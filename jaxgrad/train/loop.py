@@ -418,7 +418,10 @@ def fit(
         **({"loss_key": keys.fingerprint(loss_key)} if loss_key is not None else {}),
         **({"devices": int(mesh.devices.size)} if mesh is not None else {}),
         **engine.config,
+        "optimizer": _optimizer_structure(jax.eval_shape(optimizer.init, params)),
     }
+    if checkpoint_dir is not None:  # only checkpoints read it: no probe otherwise
+        config["optimizer_probe"] = _optimizer_probe(optimizer, params)
     result = _run(
         engine,
         config,
@@ -589,6 +592,65 @@ def _plain_engine(
     return Engine(config, steps_per_epoch, chunk, epoch_chunks, run_chunk, record, failure)
 
 
+def _optimizer_structure(opt_state) -> str:
+    """The optimizer's state, named by its parts: ``"ScaleByAdamState, EmptyState (5 arrays)"``.
+
+    Recorded in every checkpoint, so a run resumed with another optimizer is told so, not
+    that the checkpoint "holds 15 arrays; the template has 6 leaves".
+    """
+    names = []
+
+    def visit(x):
+        if isinstance(x, tuple) and hasattr(x, "_fields"):
+            names.append(type(x).__name__)
+        if isinstance(x, (tuple, list)):
+            for v in x:
+                visit(v)
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+
+    visit(opt_state)
+    leaves = len(jax.tree_util.tree_leaves(opt_state))
+    return f"{', '.join(names) or type(opt_state).__name__} ({leaves} arrays)"
+
+
+def _optimizer_probe(optimizer, params) -> str:
+    """A fingerprint of the optimizer's hyperparameters: its first two updates on a fixed
+    probe (parameters and gradients made from the parameters' shapes, not their values),
+    rounded to 4 significant digits and hashed.
+
+    optax keeps hyperparameters in closures, out of reach; what they do is not. A changed
+    learning rate, beta, weight decay or schedule changes these updates; rounding keeps
+    the same optimizer's fingerprint stable across devices (a rare round-off across a digit
+    only gives a spurious warning, never a refusal).
+    """
+    import hashlib
+
+    def pattern(x, a, b):
+        i = jnp.arange(np.prod(x.shape, dtype=int)).reshape(x.shape)
+        return ((i % a) - b + 0.5).astype(x.dtype) * 0.3
+
+    def run(p):
+        p = jax.tree_util.tree_map(lambda x: pattern(x, 7, 3), p)
+        g = jax.tree_util.tree_map(lambda x: pattern(x, 5, 2), p)
+        state = optimizer.init(p)
+        u1, state = optimizer.update(g, state, p)
+        u2, _ = optimizer.update(jax.tree_util.tree_map(lambda x: -0.7 * x, g), state, p)
+        return u1, u2
+
+    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    try:
+        updates = jax.jit(run)(zeros)
+    except Exception:  # an optimizer that needs extra update arguments: no fingerprint
+        return "unknown"
+    values = [np.asarray(x, np.float64).ravel()[:256] for x in jax.tree_util.tree_leaves(updates)]
+    digits = np.concatenate(values) if values else np.zeros(0)
+    rounded = ",".join(f"{v:.4g}" for v in digits)
+    return hashlib.sha256(rounded.encode()).hexdigest()[:16]
+
+
 def _config_changes(old: dict, new: dict, *, secret=()) -> str:
     """``"name: old -> new"`` for every key whose value differs between two config dicts (the
     values of ``secret`` keys named, not shown)."""
@@ -604,11 +666,39 @@ def _restore(checkpoint_dir, template, config, *, mesh, epochs):
       CheckpointError: a checkpoint written by another run (another device count, other
         privacy settings, data, batch size, key, ...), or past this run's ``epochs``.
     """
+    candidates = ckpt.list_checkpoints(checkpoint_dir)
+    if candidates:
+        # Before the arrays are read: another optimizer's state would not fit the template.
+        try:
+            newest = (ckpt.read_metadata(candidates[-1]).get("config") or {}).get("optimizer")
+        except ckpt.CheckpointError:
+            newest = None  # a corrupt newest file: restore_latest names it and falls back
+        if newest is not None and newest != config["optimizer"]:
+            raise ckpt.CheckpointError(
+                f"checkpoint {candidates[-1]} was written by a run with another `optimizer`: "
+                f"its optimizer state is {newest}; this run's optimizer makes "
+                f"{config['optimizer']}. Resume with the same optimizer, or use another "
+                "checkpoint_dir (or resume=False)"
+            )
     restored = ckpt.restore_latest(checkpoint_dir, template)
     if restored is None:
         return None
     tree, meta, path = restored
-    old = meta.get("config") or {}
+    old = dict(meta.get("config") or {})
+    config = dict(config)
+    for name in ("optimizer", "optimizer_probe"):  # not recorded by older checkpoints
+        if name not in old:
+            config.pop(name, None)
+    probe_old, probe_new = old.pop("optimizer_probe", None), config.pop("optimizer_probe", None)
+    if probe_old is not None and "unknown" not in (probe_old, probe_new) and probe_old != probe_new:
+        warnings.warn(
+            f"checkpoint {path}: the optimizer's hyperparameters seem to differ from the run that "
+            "wrote it (the same optimizer type, but its updates on a fixed probe gradient "
+            "changed: the learning rate, a beta, the weight decay or a schedule?). Resuming with "
+            "the new ones; to continue the old run exactly, pass the same optimizer",
+            ckpt.CheckpointWarning,
+            stacklevel=4,
+        )
     if mesh is not None and old.get("devices") != config["devices"]:
         raise ckpt.CheckpointError(
             f"checkpoint {path} was written by a run on {old.get('devices', 1)} device(s); this "
