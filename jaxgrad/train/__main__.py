@@ -598,7 +598,9 @@ def _check_args(args, parser):
 
         # The optimizer's arithmetic runs in float32: an lr past its range is inf there, and
         # the run would fail only at its first update.
-        if not (np.isfinite(np.float32(args.lr)) and np.float32(args.lr) > 0):
+        with np.errstate(over="ignore"):
+            lr32 = np.float32(args.lr)
+        if not (np.isfinite(lr32) and lr32 > 0):
             tiny, huge = np.finfo(np.float32).tiny, np.finfo(np.float32).max
             parser.error(
                 f"--lr {args.lr} is outside float32's range ({tiny:.3g} to {huge:.3g}), the "
