@@ -230,12 +230,14 @@ def _strategy(
         return core(params, batch, mask, loss_fn=_bind(loss_fn, args))
 
     jitted = jax.jit(run)
+    arities_checked = set()
 
     def f(params, batch, mask=None, *args):
         if args and loss_fn is None:
             raise TypeError(f"`{name}` takes no extra loss arguments; got {len(args)}")
-        if loss_fn is not None:
+        if loss_fn is not None and len(args) not in arities_checked:  # once per arity
             check_loss_args(loss_fn, args, name=name, call="f(params, batch, mask, *args)")
+            arities_checked.add(len(args))
         reduce.check_params(params, real=real_params)
         size = reduce.batch_size(batch)
         if mask is not None:
