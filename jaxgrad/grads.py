@@ -182,7 +182,7 @@ _TRACE_LEVEL_HINT = (
     "`jnp.zeros((1, hidden_size))` for a batch of one), or pass "
     "the non-Param state as an extra argument, `f(params, batch, mask, rest)` with "
     "`loss_fn(params, example, rest)` doing `nnx.merge(graphdef, params, rest)` (its updates "
-    "are then discarded)"
+    "are then discarded; jaxgrad.train.fit passes no such argument: there, pass initial_carry=)"
 )
 
 
