@@ -17,6 +17,7 @@ from jaxgrad import (
     sharding,
     train,
 )
+from jaxgrad.accumulation import accumulate
 from jaxgrad.fast import (
     GradMoments,
     GradStats,
@@ -41,6 +42,7 @@ __all__ = [
     "GradMoments",
     "GradStats",
     "Model",
+    "accumulate",
     "accumulate_grad",
     "batch_grad",
     "check",

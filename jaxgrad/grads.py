@@ -25,6 +25,8 @@ count is negative, NaN or inf, or 0 with a nonzero sum. A batch with no real ite
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,10 +90,12 @@ def _validator(loss_fn):
 
 
 def _bind(loss_fn, args):
-    """``loss_fn`` with the extra arguments ``*args`` bound: ``loss_fn(params, example, *args)``."""
-    if not args:
-        return loss_fn
-    return lambda params, example: loss_fn(params, example, *args)
+    """``loss_fn`` with the extra arguments ``*args`` bound: ``loss_fn(params, example, *args)``.
+
+    A :class:`jaxgrad.reduce.BoundLoss` (a pytree of ``args``), not a closure: the strategies
+    pass it into ``vmap`` and ``scan`` as an operand, so no traced value is closed over.
+    """
+    return reduce.BoundLoss(loss_fn, args)
 
 
 def check_loss_fn(
@@ -108,6 +112,52 @@ def check_loss_fn(
     return fn
 
 
+def check_loss_args(loss_fn, args, *, name: str, call: str) -> None:
+    """Refuses extra loss arguments that ``loss_fn(params, example, *args)`` cannot take.
+
+    Read off the signature before any tracing, so a missing or surplus argument is named
+    here rather than as a ``TypeError`` from deep inside ``vmap``. A loss whose signature
+    cannot be read (some builtins, C extensions) is not checked.
+
+    Args:
+      loss_fn: the user's loss.
+      args: the extra arguments the caller passed.
+      name: the function the user called, e.g. ``"dp_grad"``.
+      call: how it is called, e.g. ``"f(params, batch, mask, key, *args)"``.
+
+    Raises:
+      TypeError: naming ``loss_fn``, how many extra arguments it takes and how many it got.
+    """
+    try:
+        signature = inspect.signature(loss_fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(None, None, *args)
+        return
+    except TypeError:
+        pass
+    positional = [
+        p
+        for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    required = sum(p.default is p.empty for p in positional)
+    if len(positional) < 2 and not any(
+        p.kind is p.VAR_POSITIONAL for p in signature.parameters.values()
+    ):
+        expected = "it must take (params, example)"
+    else:
+        low, high = max(required - 2, 0), max(len(positional) - 2, 0)
+        takes = f"{low}" if low == high else f"{low} to {high}"
+        expected = f"it takes {takes} extra argument(s) after (params, example)"
+    raise TypeError(
+        f"`loss_fn{signature}` is called as loss_fn(params, example, *args) with the extra "
+        f"arguments of `{name}`'s {call}; got {len(args)} extra argument(s), but {expected}. "
+        "Pass exactly the arguments the loss takes after (params, example), in order"
+    )
+
+
 def check_unroll(unroll) -> int | bool:
     """``lax.scan``'s ``unroll``: True, False or an integer >= 0 (Python or NumPy)."""
     if isinstance(unroll, (bool, np.bool_)):
@@ -115,6 +165,25 @@ def check_unroll(unroll) -> int | bool:
     if isinstance(unroll, (int, np.integer)) and unroll >= 0:
         return int(unroll)
     raise ValueError(f"`unroll` must be True, False or an integer >= 0; got {unroll!r}")
+
+
+def _is_trace_level_error(error: BaseException) -> bool:
+    """Whether ``error`` is Flax NNX's refusal to use state from another trace level."""
+    return type(error).__name__ == "TraceContextError" or "different trace level" in str(error)
+
+
+_TRACE_LEVEL_HINT = (
+    "`{name}`: `loss_fn` changed or extracted Flax NNX state that it closes over from outside "
+    "the traced function ({error}). The strategies pass `params` and the extra arguments into "
+    "every transform explicitly, but a module merged from state the loss *closes over* (e.g. "
+    "`rest` in `nnx.merge(graphdef, params, rest)`) cannot be updated under jax transforms. "
+    "The usual cause: `nnx.RNN` called without `initial_carry=` draws its initial carry from "
+    "its own RNG stream (an RngCount it must increment). Either pass `initial_carry=` (e.g. "
+    "`jnp.zeros((1, hidden_size))` for a batch of one), or pass "
+    "the non-Param state as an extra argument, `f(params, batch, mask, rest)` with "
+    "`loss_fn(params, example, rest)` doing `nnx.merge(graphdef, params, rest)` (its updates "
+    "are then discarded; jaxgrad.train.fit passes no such argument: there, pass initial_carry=)"
+)
 
 
 def _strategy(
@@ -163,6 +232,7 @@ def _strategy(
         return core(params, batch, mask, loss_fn=_bind(loss_fn, args), **kw)
 
     jitted = jax.jit(run)
+    arities_checked = set()
 
     def f(params, batch, mask=None, *args, **kw):
         unknown = sorted(set(kw) - set(keywords))
@@ -173,6 +243,9 @@ def _strategy(
         kw = {k: v for k, v in kw.items() if v is not None}
         if args and loss_fn is None:
             raise TypeError(f"`{name}` takes no extra loss arguments; got {len(args)}")
+        if loss_fn is not None and len(args) not in arities_checked:  # once per arity
+            check_loss_args(loss_fn, args, name=name, call="f(params, batch, mask, *args)")
+            arities_checked.add(len(args))
         reduce.check_params(params, real=real_params)
         size = reduce.batch_size(batch)
         if mask is not None:
@@ -180,7 +253,13 @@ def _strategy(
         if validate is not None and _values_are_concrete(batch):
             for piece, piece_mask in _local_pieces(batch, mask):
                 validate(piece, piece_mask)
-        out = jitted(params, batch, mask, args, kw)
+        try:
+            out = jitted(params, batch, mask, args, kw)
+        except Exception as e:
+            if not _is_trace_level_error(e):
+                raise
+            message = _TRACE_LEVEL_HINT.format(name=name, error=str(e).splitlines()[0])
+            raise ValueError(message) from e
         if return_loss is None:
             return out
         loss, grads = out
@@ -238,21 +317,29 @@ def _per_example(loss_fn, params, batch, mask, chunk_size):
     real row, see :func:`jaxgrad.reduce.fill_padding`, so ``0 × loss`` is never ``0 × inf``).
     """
 
-    def one(example, real):
+    def one(fn, p, example, real):
         def summed(p):
-            loss_sum, count = reduce.as_sum_count(loss_fn(p, example))
+            loss_sum, count = reduce.as_sum_count(fn(p, example))
             weight = real.astype(loss_sum.dtype)
             return loss_sum * weight, count * weight
 
-        (loss_sum, count), grads = jax.value_and_grad(summed, has_aux=True)(params)
+        (loss_sum, count), grads = jax.value_and_grad(summed, has_aux=True)(p)
         return loss_sum, count, grads
 
+    # The loss and the parameters enter every vmap as operands, never closed over (see
+    # :class:`jaxgrad.reduce.BoundLoss`: Flax NNX models need it).
+    operands = (reduce.as_operand(loss_fn), params)
     if chunk_size is None:
-        return _sliced_vmap(one, (batch, mask))
+        return _sliced_vmap(one, operands, (batch, mask))
     # Contiguous chunks, as ``lax.map(batch_size=)``: the stacked rows reshape back for free,
     # where interleaved chunks would cost one more copy of the B × P result.
     rows, _ = reduce.chunked(
-        lambda b, m: (jax.vmap(one)(b, m), ()), batch, mask, chunk_size=chunk_size, interleave=False
+        lambda ops, b, m: (jax.vmap(one, in_axes=(None, None, 0, 0))(*ops, b, m), ()),
+        batch,
+        mask,
+        chunk_size=chunk_size,
+        interleave=False,
+        operands=operands,
     )
     return rows
 
@@ -267,14 +354,16 @@ def _slice_size(size: int) -> int:
     return 16 if size <= 64 else max(32, -(-size // 16))
 
 
-def _sliced_vmap(fn, args):
-    """``jax.vmap(fn)(*args)``, computed over unrolled slices of the batch (at most 16)."""
+def _sliced_vmap(fn, consts, args):
+    """``jax.vmap(fn)(*consts, *args)`` with ``consts`` unbatched, over unrolled slices of the
+    batch (at most 16)."""
     size = jax.tree_util.tree_leaves(args)[0].shape[0]
     step = _slice_size(size)
+    vmapped = jax.vmap(fn, in_axes=(None,) * len(consts) + (0,) * len(args))
     if size <= step:
-        return jax.vmap(fn)(*args)
+        return vmapped(*consts, *args)
     parts = [
-        jax.vmap(fn)(*jax.tree_util.tree_map(lambda x, i=i: x[i : i + step], args))
+        vmapped(*consts, *jax.tree_util.tree_map(lambda x, i=i: x[i : i + step], args))
         for i in range(0, size, step)
     ]
     return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
@@ -396,14 +485,21 @@ def accumulate_grad(
     unroll = check_unroll(unroll)
 
     def core(params, batch, mask, loss_fn=loss_fn):
-        def microbatch_sums(micro_batch, micro_mask):
+        def microbatch_sums(ops, micro_batch, micro_mask):
+            fn, p = ops
             (total, count), grads = jax.value_and_grad(
-                lambda p: reduce.batch_totals(loss_fn, p, micro_batch, micro_mask), has_aux=True
-            )(params)
+                lambda p: reduce.batch_totals(fn, p, micro_batch, micro_mask), has_aux=True
+            )(p)
             return (), (total, count, grads)
 
+        # The loss and the parameters ride through the scan as operands (not a closure).
         _, (total, count, grads) = reduce.chunked(
-            microbatch_sums, batch, mask, num_chunks=num_microbatches, unroll=unroll
+            microbatch_sums,
+            batch,
+            mask,
+            num_chunks=num_microbatches,
+            unroll=unroll,
+            operands=(reduce.as_operand(loss_fn), params),
         )
         return reduce.safe_divide(total, count), reduce.safe_divide(grads, count)
 

@@ -142,6 +142,55 @@ def loss_sum_fn(loss_fn):
     return summed
 
 
+@jax.tree_util.register_pytree_node_class
+class BoundLoss:
+    """``loss_fn(params, example, *args)`` with ``args`` bound: a pytree whose leaves are ``args``.
+
+    Why a pytree and not a closure: a function transformed inside another (``vmap`` or
+    ``lax.scan`` inside ``grad`` inside ``jit``) that *closes over* a traced value sees it at the
+    outer trace level. Flax NNX checks trace levels: a model merged from such values
+    (``nnx.merge(graphdef, params, rest)`` in the loss) and run through its own transforms
+    (``nnx.RNN``, ``nnx.scan``, ``nnx.vmap``) fails with "Cannot extract graph node from different
+    trace level". Every reducer here passes the bound loss and ``params`` to ``vmap`` / ``scan``
+    as explicit unbatched operands (see :func:`as_operand`), so they are re-created at the
+    inner level, where the model is built.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> f = BoundLoss(lambda p, ex, scale: scale * p * ex, (jnp.float32(2),))
+      >>> float(jax.vmap(lambda f, x: f(3.0, x), in_axes=(None, 0))(f, jnp.ones(2))[0])
+      6.0
+    """
+
+    def __init__(self, fn, args=()):
+        self.fn, self.args = fn, tuple(args)
+
+    def __call__(self, params, example):
+        return self.fn(params, example, *self.args)
+
+    def tree_flatten(self):
+        return self.args, self.fn
+
+    @classmethod
+    def tree_unflatten(cls, fn, args):
+        return cls(fn, args)
+
+
+def as_operand(loss_fn) -> BoundLoss:
+    """``loss_fn`` as a :class:`BoundLoss` (no extra arguments if it is a plain function)."""
+    return loss_fn if isinstance(loss_fn, BoundLoss) else BoundLoss(loss_fn)
+
+
+def example_losses(loss_fn, params, batch):
+    """``(S_i, n_i)`` for every example: ``vmap`` with the loss and ``params`` explicit operands."""
+
+    def one(fn, p, example):
+        return as_sum_count(fn(p, example))
+
+    return jax.vmap(one, in_axes=(None, None, 0))(as_operand(loss_fn), params, batch)
+
+
 def batch_size(batch: PyTree, *, name: str = "batch") -> int:
     """The shared leading-axis size of ``batch``'s leaves, checked at trace time.
 
@@ -245,8 +294,7 @@ def fill_padding(batch: PyTree, mask: jax.Array) -> PyTree:
 
 def batch_totals(loss_fn, params, batch, mask):
     """``(Σ_i m_i S_i, Σ_i m_i n_i)``: ``loss_fn`` on every example of ``batch``, reduced."""
-    sums, counts = jax.vmap(lambda example: as_sum_count(loss_fn(params, example)))(batch)
-    return masked_totals(sums, counts, mask)
+    return masked_totals(*example_losses(loss_fn, params, batch), mask)
 
 
 def all_finite(tree: PyTree) -> jax.Array:
@@ -326,6 +374,7 @@ def chunked(
     num_chunks: int | None = None,
     interleave: bool = True,
     unroll: int | bool = 1,
+    operands=None,
 ):
     """``body(batch, mask) -> (rows, totals)`` over chunks of the batch: rows stacked, totals added.
 
@@ -356,6 +405,9 @@ def chunked(
         ``rows`` back in order then costs one copy of them. If False, chunks are contiguous and
         stacked rows are reshaped back for free.
       unroll: passed to ``lax.scan``.
+      operands: if given, ``body(operands, batch, mask)`` is called, with ``operands`` (e.g.
+        the parameters and the loss, see :class:`BoundLoss`) passed through the scan
+        explicitly rather than closed over.
 
     Returns:
       ``(rows, totals)``: rows for the ``B`` examples in the batch's order, totals summed.
@@ -373,11 +425,15 @@ def chunked(
             "pass exactly one of `chunk_size` and `num_chunks`; got "
             f"chunk_size={chunk_size!r}, num_chunks={num_chunks!r}"
         )
+    if operands is None:
+        call, operands = (lambda _, b, m: body(b, m)), ()
+    else:
+        call = body
     size = mask.shape[0]
     if chunk_size is not None:
         chunk_size = check_positive_int(chunk_size, name="chunk_size")
         if chunk_size >= size:
-            return body(batch, mask)
+            return call(operands, batch, mask)
         num_full = size // chunk_size
         cut = num_full * chunk_size
     else:
@@ -386,14 +442,16 @@ def chunked(
     head = jax.tree_util.tree_map(lambda x: x[:cut], (batch, mask)) if cut < size else (batch, mask)
     pieces = split_microbatches(*head, num_full, interleave=interleave)
     first = jax.tree_util.tree_map(lambda x: x[0], pieces)
-    _, totals_shape = jax.eval_shape(lambda bm: body(*bm), first)
+    _, totals_shape = jax.eval_shape(lambda ops, bm: call(ops, *bm), operands, first)
     init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), totals_shape)
 
-    def step(acc, bm):
-        rows, totals = body(*bm)
-        return jax.tree_util.tree_map(jnp.add, acc, totals), rows
+    # The operands ride in the carry, unchanged, so the body never closes over a traced value.
+    def step(carry, bm):
+        acc, ops = carry
+        rows, totals = call(ops, *bm)
+        return (jax.tree_util.tree_map(jnp.add, acc, totals), ops), rows
 
-    totals, rows = jax.lax.scan(step, init, pieces, unroll=unroll)
+    (totals, _), rows = jax.lax.scan(step, (init, operands), pieces, unroll=unroll)
 
     def unstack(x):  # (K, per, ...) -> (K per, ...) in the batch's order, padding cut off
         if interleave:
@@ -403,7 +461,8 @@ def chunked(
 
     rows = jax.tree_util.tree_map(unstack, rows)
     if cut < size:
-        rows_t, totals_t = body(*jax.tree_util.tree_map(lambda x: x[cut:], (batch, mask)))
+        tail = jax.tree_util.tree_map(lambda x: x[cut:], (batch, mask))
+        rows_t, totals_t = call(operands, *tail)
         totals = jax.tree_util.tree_map(jnp.add, totals, totals_t)
         rows = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), rows, rows_t)
     return rows, totals

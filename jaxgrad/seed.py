@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import jax
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgrad import check, closed_form, grads, losses, models, naive
+from jaxgrad._cli import check_writable
 
 
 def _sigmoid() -> dict:
@@ -162,10 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.seed < 2**63:  # a 64-bit key seed (the run is in float64, x64 on)
         parser.error(f"--seed must be an integer in [0, 2**63 - 1]; got {args.seed}")
-    if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if os.path.isdir(args.json) or not os.access(folder, os.W_OK):
-            parser.error(f"--json {args.json!r} cannot be written (is {folder!r} a directory?)")
+    check_writable("--json", args.json, parser)
     results = seed_results(seed=args.seed)
     print(format_results(results))
     if args.json:

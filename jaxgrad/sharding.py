@@ -77,7 +77,21 @@ def initialize(
     Raises:
       ValueError: a malformed coordinator, a process id out of range, or a run where JAX
         reports a different number of processes than ``num_processes``.
+      TypeError: a coordinator that is not a string (e.g. a bare port number).
+      RuntimeError: a second call in the same process.
     """
+    if coordinator is not None and not isinstance(coordinator, str):
+        hint = f" (e.g. 'localhost:{coordinator}')" if isinstance(coordinator, int) else ""
+        raise TypeError(
+            f"`coordinator` must be a string 'HOST:PORT' of process 0{hint}; got "
+            f"{type(coordinator).__name__} {coordinator!r}"
+        )
+    if jax.distributed.is_initialized():
+        raise RuntimeError(
+            "`initialize` was already called in this process (jax.distributed is running: "
+            f"process {jax.process_index()} of {jax.process_count()}); call it once, at the "
+            "start, before anything touches a device"
+        )
     if coordinator is not None:
         host, sep, port = coordinator.rpartition(":")
         if not sep or not host or not port.isdigit():
@@ -148,9 +162,17 @@ def _process_devices(process: int) -> list:
     return sorted((d for d in jax.devices() if d.process_index == process), key=lambda d: d.id)
 
 
-def _check_axis(mesh, axis: str) -> int:
+def _check_mesh(mesh) -> Mesh:
     if not isinstance(mesh, Mesh):
-        raise TypeError(f"`mesh` must be a jax.sharding.Mesh; got {type(mesh).__name__}")
+        raise TypeError(
+            "`mesh` must be a jax.sharding.Mesh (e.g. jaxgrad.sharding.data_mesh(), or "
+            f"jax.make_mesh((n,), ('data',))); got {type(mesh).__name__} {mesh!r}"[:300]
+        )
+    return mesh
+
+
+def _check_axis(mesh, axis: str) -> int:
+    _check_mesh(mesh)
     if axis not in mesh.shape:
         raise ValueError(
             f"`mesh` has no axis named {axis!r} (`axis`); its axes are {tuple(mesh.axis_names)}"
@@ -164,7 +186,7 @@ def replicate(tree: PyTree, *, mesh: Mesh) -> PyTree:
     Works with several processes: each process passes the same values. Leaves already
     placed on ``mesh`` (replicated) are returned as they are.
     """
-    return _place(tree, NamedSharding(mesh, P()))
+    return _place(tree, NamedSharding(_check_mesh(mesh), P()))
 
 
 def _on_host(x) -> np.ndarray:

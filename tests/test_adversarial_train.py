@@ -487,7 +487,10 @@ def test_bench_cli_bad_values_exit_2_naming_the_flag(argv, message):
     [
         (["--seed", str(2**70)], r"--seed must be an integer in \[0, 2\*\*63 - 1\]"),  # traceback
         (["--seed", "-3"], r"--seed must be an integer in"),
-        (["--json", "/nonexistent-dir/x.json"], r"--json '/nonexistent-dir/x.json' cannot be"),
+        (
+            ["--json", "/nonexistent-dir/x.json"],
+            r"--json '/nonexistent-dir/x.json': the directory '/nonexistent-dir' does not exist",
+        ),
     ],
 )
 def test_seed_cli_bad_values_exit_2_before_computing(argv, message):

@@ -13,6 +13,7 @@ import math
 import sys
 import time
 
+from jaxgrad._cli import check_writable
 from jaxgrad._optional import require
 from jaxgrad.bench import run, suite
 
@@ -220,14 +221,9 @@ def _footer(machine: dict, records: list, args, start: float, note: str) -> None
 
 def _check_outputs(args, parser) -> None:
     """Unwritable output paths fail before the (long) run, not after it."""
-    import os
 
     for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
-        if path is None:
-            continue
-        folder = os.path.dirname(os.path.abspath(path))
-        if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            parser.error(f"{flag} {path!r} cannot be written (is the directory {folder!r} there?)")
+        check_writable(flag, path, parser)
     if args.plot:
         try:
             require("matplotlib", package="matplotlib", extra="cli", needed_for="--plot")

@@ -175,8 +175,8 @@ def measure_case(
         "clipped_over_nonprivate_time": med["clipped sum"] / plain,
     }
     record["meets_target"] = record["dp_over_nonprivate_throughput"] >= TARGET
-    if log is not None:
-        log(format_record(record))
+    if log is not None:  # progress only: the rows are printed once, as the table, at the end
+        log(f"measured {case_name} at batch size {batch_size} ({rounds} rounds)")
     return record
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -126,10 +127,23 @@ def _task_of(y: np.ndarray, task, num_classes):
     """``(task, num_classes)``: the task inferred from ``y``'s dtype when None, both checked.
 
     Integer and boolean labels are classes (False = 0, True = 1); floats are regression
-    targets. ``num_classes`` is a positive integer, and only for classification.
+    targets — with a warning when every float is a whole number (``0., 1., 2.``: class
+    labels saved as floats?). ``num_classes`` is a positive integer, and only for
+    classification.
     """
     if task is None:
         task = "classification" if y.dtype.kind in "biu" else "regression"
+        if task == "regression" and _whole_numbers(y):
+            shown = ", ".join(repr(float(v)) for v in np.unique(y)[:4])
+            warnings.warn(
+                f"`y` holds floats that are all whole numbers ({shown}, ...), so it is taken as "
+                "regression targets (float `y` means regression). If they are class labels, "
+                "pass task='classification' (python -m jaxgrad.train: --task classification) "
+                "or store them as integers; task='regression' (--task regression) says they "
+                "are targets and silences this warning",
+                UserWarning,
+                stacklevel=3,
+            )
     if task not in TASKS:
         raise ValueError(f"`task` must be one of {list(TASKS)}; got {task!r}")
     if num_classes is not None:
@@ -141,6 +155,11 @@ def _task_of(y: np.ndarray, task, num_classes):
             )
         num_classes = reduce.check_positive_int(num_classes, name="num_classes")
     return task, num_classes
+
+
+def _whole_numbers(y: np.ndarray) -> bool:
+    """Whether a float ``y`` holds only finite whole numbers (a label's values)."""
+    return y.dtype.kind == "f" and y.size > 0 and bool(np.all(np.isfinite(y) & (np.mod(y, 1) == 0)))
 
 
 def _check_seed(seed) -> int:
@@ -297,6 +316,21 @@ def check_standardize(standardize) -> None:
         )
 
 
+def _rectangular(value, *, name: str) -> np.ndarray:
+    """``np.asarray(value)``, or a ValueError naming ``name`` for a ragged nested list."""
+    try:
+        return np.asarray(value)
+    except ValueError as e:
+        if "inhomogeneous" not in str(e) and "sequence" not in str(e):
+            raise
+        lengths = [len(r) if hasattr(r, "__len__") else "a scalar" for r in list(value)[:6]]
+        raise ValueError(
+            f"`{name}` must be one rectangular array, every example the same shape; got a "
+            f"ragged nested sequence (the first rows' lengths: {lengths}). Pad the rows to one "
+            "length (and mask the padding in the loss), or pass a numpy array"
+        ) from None
+
+
 def from_arrays(
     x,
     y,
@@ -355,7 +389,7 @@ def from_arrays(
             f"`dtype` must be a floating-point dtype (inputs are standardised, so an integer "
             f"dtype would truncate them); got {dtype!r}"
         )
-    x, y = np.asarray(x), np.asarray(y)
+    x, y = _rectangular(x, name="x"), _rectangular(y, name="y")
     _check_numeric(x, name=f"{name}: `x`", what="the inputs")
     _check_numeric(y, name=f"{name}: `y`", what="class labels or regression targets")
     if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
@@ -369,7 +403,7 @@ def from_arrays(
     if (x_test is None) != (y_test is None):
         raise ValueError("`x_test` and `y_test` must be given together")
     if x_test is not None:
-        x_test, y_test = np.asarray(x_test), np.asarray(y_test)
+        x_test, y_test = _rectangular(x_test, name="x_test"), _rectangular(y_test, name="y_test")
         _check_numeric(x_test, name=f"{name}: `x_test`", what="the inputs")
         _check_numeric(y_test, name=f"{name}: `y_test`", what="labels or targets")
         check_finite(x_test, y_test, name=f"{name} (test split)")
@@ -435,8 +469,19 @@ def _targets(y_train, y_test, *, task, num_classes, standardize, dtype, name):
     the training split's statistics, or with ``y_mean``, ``y_std`` of given statistics)."""
     y_mean = y_scale = None
     if task == "classification":
-        # Booleans are the classes 0 and 1.
-        y_train, y_test = (y.astype(np.int32) if y.dtype == bool else y for y in (y_train, y_test))
+        # Booleans are the classes 0 and 1; floats are classes if all are whole numbers
+        # (task="classification" given for labels saved as 0., 1., 2.).
+        for split, y in (("`y`", y_train), ("`y_test`", y_test)):
+            if y.dtype.kind == "f" and not _whole_numbers(y):
+                raise ValueError(
+                    f"{name}: {split} holds floats that are not all whole numbers (e.g. "
+                    f"{y[np.mod(y, 1) != 0].ravel()[:3].tolist()}), so they cannot be class labels "
+                    "(task='classification'); pass integer labels, or task='regression'"
+                )
+        y_train, y_test = (
+            y.astype(np.int64) if y.dtype == bool or y.dtype.kind == "f" else y
+            for y in (y_train, y_test)
+        )
         if num_classes is None:
             num_classes = int(max(y_train.max(), y_test.max())) + 1
         _check_labels(y_train, num_classes, name=name)

@@ -132,6 +132,11 @@ def memmap(path, *, key: str | None = None) -> np.memmap:
     """
     import zipfile
 
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(
+            f"`path` must be a file path (str or os.PathLike) of an .npy, .npz or IDX file; got "
+            f"{type(path).__name__} {path!r}"[:300]
+        )
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"`path` must be a file; got {path!r}")
@@ -140,11 +145,18 @@ def memmap(path, *, key: str | None = None) -> np.memmap:
     if head[:2] == b"PK":  # a zip: an .npz archive
         if key is None:
             raise ValueError(f"{path} is an .npz archive: pass `key`, the member to map")
-        with zipfile.ZipFile(path) as z:
-            names = [n.removesuffix(".npy") for n in z.namelist()]
-            if key not in names:
-                raise ValueError(f"{path}: no member {key!r} (`key`); it holds {names}")
-            info = z.getinfo(key + ".npy")
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = [n.removesuffix(".npy") for n in z.namelist()]
+                if key not in names:
+                    raise ValueError(f"{path}: no member {key!r} (`key`); it holds {names}")
+                info = z.getinfo(key + ".npy")
+        except zipfile.BadZipFile as e:
+            raise ValueError(
+                f"`path` {path!r} starts as an .npz (zip) archive but cannot be read as one: "
+                f"truncated or corrupt ({e}; {os.path.getsize(path)} bytes). Write it again, "
+                "e.g. with np.savez"
+            ) from e
         if info.compress_type != zipfile.ZIP_STORED:
             raise NotMappableError(
                 f"{path}: member {key!r} is compressed, so its rows cannot be read in place; "

@@ -194,6 +194,7 @@ def load_rows(
     standardize: bool | str | Mapping | None = None,
     dtype=np.float32,
     num_classes: int | None = None,
+    task: str | None = None,
 ) -> Dataset:
     """:func:`load` for data-parallel training on several processes: the training inputs
     stay on disk, memory-mapped, and are standardised as their rows are read.
@@ -218,6 +219,7 @@ def load_rows(
         defaults to what :func:`load` uses (``True`` for npz, ``"global"`` for idx); given
         statistics apply to the inputs as read (IDX ``uint8`` pixels scaled to [0, 1]).
       num_classes: for classification (default: inferred for npz, 10 for idx).
+      task: ``"classification"`` or ``"regression"`` for npz (default: from ``y``'s dtype).
 
     Returns:
       The :class:`Dataset`, ``x_train`` a :class:`StandardizedRows`.
@@ -258,8 +260,7 @@ def load_rows(
                     )
         except (OSError, EOFError) as e:
             raise ValueError(f"{path}: not a readable .npz file ({e})") from None
-        x = memmap(path, key=x_key)
-        task = None  # from y's dtype
+        x = memmap(path, key=x_key)  # task: given, or (None) from y's dtype
     else:
         found = _idx_files(path)
         label = os.path.basename(os.path.normpath(path))

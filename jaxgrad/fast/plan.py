@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxgrad import reduce
 from jaxgrad.fast import rules, trace
-from jaxgrad.grads import check_loss_fn
+from jaxgrad.grads import check_loss_args, check_loss_fn
 
 # A leaf may fall back under ``strict=True`` when it is a vector (a bias, a norm scale: its
 # per-example copy costs about one activation) or has at most this many entries.
@@ -181,6 +181,7 @@ def plan(loss_fn, params, example, *args) -> Plan:
       [("['s']", 'exact fallback'), ("['w']", 'dense: |a|²|g|²')]
     """
     check_loss_fn(loss_fn)
+    check_loss_args(loss_fn, args, name="plan", call="plan(loss_fn, params, example, *args)")
     reduce.check_params(params, real=True)  # the strategies' own checks, named the same
     struct = lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
     fn = lambda p, ex: reduce.as_sum_count(loss_fn(p, ex, *args))

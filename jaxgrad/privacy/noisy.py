@@ -36,6 +36,7 @@ import optax
 
 from jaxgrad import keys, reduce
 from jaxgrad.fast import api as fast_api
+from jaxgrad.grads import check_loss_args
 from jaxgrad.privacy import gaussian, sampling, threefry
 
 PyTree = Any
@@ -353,6 +354,7 @@ def dp_grad(
     finish = _finish(nonfinite, return_info, "dp_grad")
 
     def f(params, batch, mask, key, *args):
+        check_loss_args(loss_fn, args, name="dp_grad", call="f(params, batch, mask, key, *args)")
         mask = reduce.check_mask(mask, reduce.batch_size(batch))
         _validate_eagerly(loss_fn, batch, mask)
         return finish(*core(params, batch, mask, keys.check_key(key), args))
@@ -501,6 +503,7 @@ def sampled_dp_grad(
     finish = _finish(nonfinite, return_info, "sampled_dp_grad")
 
     def f(params, data, key, *args):
+        check_loss_args(loss_fn, args, name="sampled_dp_grad", call="f(params, data, key, *args)")
         _validate_eagerly(loss_fn, data)
         return finish(*core(params, data, keys.check_key(key), args))
 

@@ -14,6 +14,7 @@ import json
 import sys
 import time
 
+from jaxgrad._cli import check_writable
 from jaxgrad._optional import require
 
 MODELS = ("line", "linear", "logistic", "mlp", "cnn")
@@ -109,11 +110,16 @@ def _flag_error(parser, error, names=()):
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, but not "(default: None)": an option whose default
-    depends on others (the DP flags' with --dp, say) states it in its own help."""
+    """Shows each option's default once: not "(default: None)" (an option whose default
+    depends on others, the DP flags' with --dp say, states it in its own help), not for an
+    on/off flag (its help says what it switches), and not where the help states it."""
 
     def _get_help_string(self, action):
-        if action.default is None:
+        if (
+            action.default is None
+            or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+            or "default" in (action.help or "")
+        ):
             return action.help
         return super()._get_help_string(action)
 
@@ -127,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data and model")
     g.add_argument("--data", default="digits", choices=DATA, help="data set")
     g.add_argument("--data-path", help="the .npz file (--data npz) or IDX directory (--data idx)")
+    g.add_argument(
+        "--task",
+        choices=("auto", "classification", "regression"),
+        default="auto",
+        help="for --data npz: what y is. auto: integer labels are classes, floats regression "
+        "targets (floats that are all whole numbers warn)",
+    )
     g.add_argument("--model", choices=MODELS, help="model (default: suited to --data)")
     g.add_argument("--hidden", type=int, nargs="+", default=[256], help="MLP hidden sizes")
     g.add_argument(
@@ -510,30 +523,7 @@ def _sklearn_r2(ds):
     return float(fitted.score(flat(ds.x_test), ds.y_test))
 
 
-def _check_writable(flag, path, parser, *, directory=False):
-    """Fails before training when ``path`` (a file, or a directory) cannot be written."""
-    import os
-
-    if path is None:
-        return
-    if directory:
-        if os.path.exists(path) and not os.path.isdir(path):
-            parser.error(f"{flag} {path!r} is a file; expected a directory (or a new path)")
-        probe = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(probe):  # the nearest existing ancestor is where it is made
-            probe = os.path.dirname(probe)
-    else:
-        if os.path.isdir(path):
-            parser.error(f"{flag} {path!r} is a directory; expected a file name")
-        probe = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(probe):
-            parser.error(
-                f"{flag} {path!r}: the directory {probe!r} does not exist; create it first"
-            )
-        if os.path.exists(path) and not os.access(path, os.W_OK):
-            parser.error(f"{flag} {path!r} exists and is not writable")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        parser.error(f"{flag} {path!r}: the directory {probe!r} is not writable")
+_check_writable = check_writable  # one check for every CLI (jaxgrad._cli)
 
 
 def _check_combinations(args, parser):
@@ -558,6 +548,38 @@ def _check_combinations(args, parser):
             parser.error(f"{flag} is for --strategy {strategy}; got --strategy {args.strategy}")
 
 
+def _check_targets(ds, args, parser) -> None:
+    """The CLI's models predict one class or one number per example: ``y`` of shape (N,).
+
+    One-hot labels and ``(N, 1)`` columns are refused before training, saying what to store.
+    """
+    import numpy as np
+
+    shape = tuple(ds.y_train.shape)
+    if len(shape) == 1:
+        return
+    where = f"--data {args.data}" + (f" {args.data_path!r}" if args.data_path else "")
+    y = np.asarray(ds.y_train)
+    if shape[1:] == (1,):
+        fix = "store y[:, 0] (or y.reshape(-1))"
+    elif (
+        len(shape) == 2
+        and ds.task == "classification"
+        and np.isin(y, (0, 1)).all()
+        and (y.sum(axis=1) == 1).all()
+    ):
+        fix = "they look one-hot: store the class indices, y.argmax(axis=1), as integers"
+    else:
+        fix = (
+            "the CLI's models predict one class or one number per example (for several "
+            "outputs, train with jaxgrad.train.fit and your own model)"
+        )
+    parser.error(
+        f"{where}: y must have one label or target per example, shape (N,); got shape "
+        f"{(len(ds.y_train) + len(ds.y_test), *shape[1:])}: {fix}"
+    )
+
+
 def _check_args(args, parser):
     """Nonsense hyperparameters and unwritable outputs are argument errors, before any work.
 
@@ -568,6 +590,19 @@ def _check_args(args, parser):
 
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr must be a positive finite number; got {args.lr}")
+    if args.lr is not None and not args.x64:
+        import numpy as np
+
+        # The optimizer's arithmetic runs in float32: an lr past its range is inf there, and
+        # the run would fail only at its first update.
+        with np.errstate(over="ignore"):
+            lr32 = np.float32(args.lr)
+        if not (np.isfinite(lr32) and lr32 > 0):
+            tiny, huge = np.finfo(np.float32).tiny, np.finfo(np.float32).max
+            parser.error(
+                f"--lr {args.lr} is outside float32's range ({tiny:.3g} to {huge:.3g}), the "
+                "dtype the run trains in; choose a learning rate in it (or add --x64)"
+            )
     for flag, value in (
         ("--keep", args.keep),
         ("--checkpoint-every", args.checkpoint_every),
@@ -613,6 +648,10 @@ def run(args, parser=None) -> dict:
     if args.data not in ("npz", "idx") and args.data_path:
         parser.error(f"--data {args.data} is bundled; --data-path is only for npz and idx")
     kwargs = {"seed": args.seed, "dtype": np.dtype(dtype)}
+    if args.task != "auto":
+        if args.data != "npz":
+            parser.error(f"--task is for --data npz (its y); --data {args.data} knows its task")
+        kwargs["task"] = args.task
     if args.data != "line":
         kwargs["test_fraction"] = args.test_fraction
     if args.num_examples is not None:
@@ -642,6 +681,7 @@ def run(args, parser=None) -> dict:
             ds = jaxgrad.data.load(args.data, path=args.data_path, **kwargs)
     except (ValueError, TypeError, FileNotFoundError) as e:
         _flag_error(parser, e)
+    _check_targets(ds, args, parser)
     _check_args(args, parser)
     opt_name, lr, epochs, batch_size = DEFAULTS.get(args.data, FALLBACK)
     opt_name, lr = args.optimizer or opt_name, args.lr if args.lr is not None else lr

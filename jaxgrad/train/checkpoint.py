@@ -211,6 +211,23 @@ def read(path) -> tuple[list[np.ndarray], dict]:
     return arrays, header
 
 
+def read_metadata(path) -> dict:
+    """The metadata of one checkpoint file, without reading its arrays (an ``.npz`` member
+    is read only when asked for).
+
+    Raises:
+      CheckpointError: naming the file, if its header cannot be read.
+    """
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return json.loads(bytes(f["header"]).decode())["metadata"]
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint {path} has no readable header ({type(e).__name__}: {e})"
+        ) from None
+
+
 def load(path, template: PyTree) -> tuple[PyTree, dict]:
     """Restores the checkpoint at ``path`` into the structure of ``template``.
 

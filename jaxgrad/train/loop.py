@@ -21,6 +21,7 @@ import functools
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -29,12 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxgrad import accumulation, keys, reduce
 from jaxgrad import data as data_lib
-from jaxgrad import keys, reduce
 from jaxgrad import sharding as sharding_lib
 from jaxgrad.grads import batch_grad
 from jaxgrad.train import checkpoint as ckpt
 from jaxgrad.train import example_keys, private
+from jaxgrad.train import writers as writers_lib
 from jaxgrad.train.private import PrivacyConfig
 from jaxgrad.train.progress import Progress, end_epoch
 from jaxgrad.train.step import (
@@ -64,8 +66,14 @@ class NonFiniteLossError(FloatingPointError):
         self.step, self.state, self.checkpoint = step, state, checkpoint
 
 
-class FitResult(NamedTuple):
-    """What :func:`fit` returns.
+class _FitFields(NamedTuple):
+    params: PyTree
+    state: TrainState
+    history: list[dict]
+
+
+class FitResult(_FitFields):
+    """What :func:`fit` returns: ``params, state, history = result`` unpacks it.
 
     Attributes:
       params: the trained parameters.
@@ -75,12 +83,27 @@ class FitResult(NamedTuple):
         real examples; for a scalar loss the mean over every example of the epoch, the last
         partial batch included; for ``(loss_sum, n_items)`` losses batches are weighted by
         examples, not items), ``seconds`` (since the start of this call) and the
-        ``evaluate`` metrics.
+        ``evaluate`` metrics (and ``epsilon`` for a private run).
+      privacy: None for a plain run; for a private run, what the run releases about its
+        guarantee after its last step: ``epsilon``, ``delta``, ``noise_multiplier`` (σ),
+        ``sampling_rate``, ``steps``, ``l2_clip``, ``accountant``, ... (the CLI's ``privacy``
+        record, :meth:`jaxgrad.train.PrivacyPlan.summary`).
     """
 
-    params: PyTree
-    state: TrainState
-    history: list[dict]
+    # Not a tuple field, so the three-way unpacking of every earlier release keeps working.
+    privacy: dict | None
+
+    def __new__(cls, params, state, history, privacy=None):
+        self = super().__new__(cls, params, state, history)
+        self.privacy = privacy
+        return self
+
+    def _replace(self, **changes):
+        privacy = changes.pop("privacy", self.privacy)
+        return FitResult(*super()._replace(**changes), privacy=privacy)
+
+    def __repr__(self):
+        return f"{super().__repr__()[:-1]}, privacy={self.privacy!r})"
 
 
 # Module level, so its compilation is shared by every fit with the same data and batch sizes.
@@ -96,6 +119,51 @@ def _check_fit_args(params, optimizer, key) -> None:
     reduce.check_params(params)
     check_optimizer(optimizer)
     keys.check_key(key)
+
+
+def _check_accumulation(optimizer, params, loss_fn, data, *, batch_size, private) -> None:
+    """Refuses (or warns about) an optimizer that would average batch means across steps.
+
+    ``optax.MultiSteps`` applies the mean of ``k`` steps' mean gradients, ``(1/k) Σ S_k / n_k``,
+    not the gradient of the ``k`` batches together, ``Σ S_k / Σ n_k``: wrong for a
+    ``(loss_sum, n_items)`` loss (batches hold different numbers of items: refused) and, for a
+    scalar loss, for every group with the epoch's partial last batch (warned; with full
+    batches only, exact). A DP-SGD step
+    divides by the expected batch size, the same for every step, so there it is exact.
+    """
+    opt_state = jax.eval_shape(optimizer.init, params)
+    if private:
+        if accumulation.takes_count(opt_state):
+            raise ValueError(
+                "`optimizer` is a jaxgrad.accumulate, which divides by the batches' real item "
+                "counts; a private run's counts are private (DP-SGD divides by the expected "
+                "batch size). Use a larger `batch_size`, or optax.MultiSteps, which is exact "
+                "for DP-SGD's steps"
+            )
+        return
+    if not accumulation.averages_means(opt_state):
+        return
+    example = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), data)
+    fix = (
+        "Use jaxgrad.accumulate(k, inner) (it accumulates gradient sums and item counts and "
+        "divides once), or strategy=functools.partial(jaxgrad.accumulate_grad, "
+        "num_microbatches=k) with a k times larger `batch_size`"
+    )
+    if isinstance(jax.eval_shape(loss_fn, params, example), tuple):
+        raise ValueError(
+            "`optimizer` is or wraps optax.MultiSteps, which averages the steps' mean "
+            "gradients: with a (loss_sum, n_items) loss, batches hold different numbers of items "
+            "and the mean of their means is not the gradient of the accumulated batch. " + fix
+        )
+    if reduce.batch_size(data) % batch_size == 0:
+        return
+    warnings.warn(
+        "`optimizer` is or wraps optax.MultiSteps, which averages the steps' mean gradients: "
+        "a group of steps with a partial batch (the last of an epoch) weighs its examples more "
+        "than the others. " + fix,
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _has_convolution(loss_fn, params, data) -> bool:
@@ -178,6 +246,7 @@ def fit(
     privacy: PrivacyConfig | None = None,
     mesh: jax.sharding.Mesh | None = None,
     loss_key: jax.Array | None = None,
+    metric_writers: list | None = None,
 ) -> FitResult:
     """Trains ``params`` on ``train_data`` for ``epochs`` epochs of minibatch SGD.
 
@@ -215,7 +284,8 @@ def fit(
         of this many steps (default: every epoch); always at the end.
       keep: how many checkpoints to keep.
       resume: continue from the newest good checkpoint in ``checkpoint_dir`` if there is one.
-      metrics_path: if given, every epoch's record is appended there as a JSON line.
+      metrics_path: if given, every epoch's record is appended there as a JSON line (a
+        :class:`jaxgrad.train.writers.JsonlWriter` that ``fit`` opens and closes).
       progress: ``"auto"`` (a tqdm bar on a terminal, silent otherwise), ``"bar"``,
         ``"plain"`` (a line per epoch on stderr) or ``"none"``.
       quiet: no progress output at all.
@@ -251,9 +321,14 @@ def fit(
         i)`` for the example at row ``i`` of ``train_data`` at step ``t``: a different key for
         every example and step, independent of batching, devices and processes (see
         :mod:`jaxgrad.train.example_keys`); with ``privacy`` too.
+      metric_writers: objects with ``write(record)``, given every epoch's record as it is
+        appended to the history (:class:`jaxgrad.train.writers.JsonlWriter`,
+        :class:`jaxgrad.train.writers.TensorBoardWriter`, or your own); ``fit`` does not
+        close them.
 
     Returns:
-      A :class:`FitResult` ``(params, state, history)``.
+      A :class:`FitResult` ``(params, state, history)``, with ``result.privacy`` (ε, δ, σ, ...)
+      for a private run.
 
     Raises:
       ValueError: ``batch_size`` larger than the data set, bad labels, a checkpoint from a
@@ -286,6 +361,7 @@ def fit(
     keep = _positive(keep, "keep")
     loss_key = example_keys.check_loss_fn(loss_fn, loss_key)
     resume = reduce.check_flag(resume, name="resume")
+    metric_writers = writers_lib.check_writers(metric_writers)
     quiet = reduce.check_flag(quiet, name="quiet")
     if checkpoint_every is not None:
         checkpoint_every = _positive(checkpoint_every, "checkpoint_every")
@@ -312,8 +388,11 @@ def fit(
     the_plan = None
     if privacy is not None:  # settings checked (and σ calibrated) before any data is read
         the_plan = private.plan(privacy, num_examples=n, batch_size=batch_size, epochs=epochs)
+    traced = loss_fn if loss_key is None else lambda p, x: loss_fn(p, x, loss_key)
+    _check_accumulation(
+        optimizer, params, traced, train_data, batch_size=batch_size, private=privacy is not None
+    )
     if scan == "auto":
-        traced = loss_fn if loss_key is None else lambda p, x: loss_fn(p, x, loss_key)
         scan = not (jax.default_backend() == "cpu" and _has_convolution(traced, params, train_data))
     elif not isinstance(scan, bool):
         raise ValueError(f"`scan` must be True, False or 'auto'; got {scan!r}")
@@ -345,8 +424,11 @@ def fit(
         **({"loss_key": keys.fingerprint(loss_key)} if loss_key is not None else {}),
         **({"devices": int(mesh.devices.size)} if mesh is not None else {}),
         **engine.config,
+        "optimizer": _optimizer_structure(jax.eval_shape(optimizer.init, params)),
     }
-    return _run(
+    if checkpoint_dir is not None:  # only checkpoints read it: no probe otherwise
+        config["optimizer_probe"] = _optimizer_probe(optimizer, params)
+    result = _run(
         engine,
         config,
         params=params,
@@ -359,10 +441,14 @@ def fit(
         keep=keep,
         resume=resume,
         metrics_path=metrics_path,
+        metric_writers=metric_writers,
         progress=progress,
         quiet=quiet,
         mesh=mesh,
     )
+    if the_plan is None:
+        return result
+    return result._replace(privacy=the_plan.summary(int(result.state.step)))
 
 
 def _plain_engine(
@@ -500,6 +586,65 @@ def _plain_engine(
     return Engine(config, steps_per_epoch, chunk, epoch_chunks, run_chunk, record, failure)
 
 
+def _optimizer_structure(opt_state) -> str:
+    """The optimizer's state, named by its parts: ``"ScaleByAdamState, EmptyState (5 arrays)"``.
+
+    Recorded in every checkpoint, so a run resumed with another optimizer is told so, not
+    that the checkpoint "holds 15 arrays; the template has 6 leaves".
+    """
+    names = []
+
+    def visit(x):
+        if isinstance(x, tuple) and hasattr(x, "_fields"):
+            names.append(type(x).__name__)
+        if isinstance(x, (tuple, list)):
+            for v in x:
+                visit(v)
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+
+    visit(opt_state)
+    leaves = len(jax.tree_util.tree_leaves(opt_state))
+    return f"{', '.join(names) or type(opt_state).__name__} ({leaves} arrays)"
+
+
+def _optimizer_probe(optimizer, params) -> str:
+    """A fingerprint of the optimizer's hyperparameters: its first two updates on a fixed
+    probe (parameters and gradients made from the parameters' shapes, not their values),
+    rounded to 4 significant digits and hashed.
+
+    optax keeps hyperparameters in closures, out of reach; what they do is not. A changed
+    learning rate, beta, weight decay or schedule changes these updates; rounding keeps
+    the same optimizer's fingerprint stable across devices (a rare round-off across a digit
+    only gives a spurious warning, never a refusal).
+    """
+    import hashlib
+
+    def pattern(x, a, b):
+        i = jnp.arange(np.prod(x.shape, dtype=int)).reshape(x.shape)
+        return ((i % a) - b + 0.5).astype(x.dtype) * 0.3
+
+    def run(p):
+        p = jax.tree_util.tree_map(lambda x: pattern(x, 7, 3), p)
+        g = jax.tree_util.tree_map(lambda x: pattern(x, 5, 2), p)
+        state = optimizer.init(p)
+        u1, state = optimizer.update(g, state, p)
+        u2, _ = optimizer.update(jax.tree_util.tree_map(lambda x: -0.7 * x, g), state, p)
+        return u1, u2
+
+    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    try:
+        updates = jax.jit(run)(zeros)
+    except Exception:  # an optimizer that needs extra update arguments: no fingerprint
+        return "unknown"
+    values = [np.asarray(x, np.float64).ravel()[:256] for x in jax.tree_util.tree_leaves(updates)]
+    digits = np.concatenate(values) if values else np.zeros(0)
+    rounded = ",".join(f"{v:.4g}" for v in digits)
+    return hashlib.sha256(rounded.encode()).hexdigest()[:16]
+
+
 def _config_changes(old: dict, new: dict, *, secret=()) -> str:
     """``"name: old -> new"`` for every key whose value differs between two config dicts (the
     values of ``secret`` keys named, not shown)."""
@@ -515,11 +660,39 @@ def _restore(checkpoint_dir, template, config, *, mesh, epochs):
       CheckpointError: a checkpoint written by another run (another device count, other
         privacy settings, data, batch size, key, ...), or past this run's ``epochs``.
     """
+    candidates = ckpt.list_checkpoints(checkpoint_dir)
+    if candidates:
+        # Before the arrays are read: another optimizer's state would not fit the template.
+        try:
+            newest = (ckpt.read_metadata(candidates[-1]).get("config") or {}).get("optimizer")
+        except ckpt.CheckpointError:
+            newest = None  # a corrupt newest file: restore_latest names it and falls back
+        if newest is not None and newest != config["optimizer"]:
+            raise ckpt.CheckpointError(
+                f"checkpoint {candidates[-1]} was written by a run with another `optimizer`: "
+                f"its optimizer state is {newest}; this run's optimizer makes "
+                f"{config['optimizer']}. Resume with the same optimizer, or use another "
+                "checkpoint_dir (or resume=False)"
+            )
     restored = ckpt.restore_latest(checkpoint_dir, template)
     if restored is None:
         return None
     tree, meta, path = restored
-    old = meta.get("config") or {}
+    old = dict(meta.get("config") or {})
+    config = dict(config)
+    for name in ("optimizer", "optimizer_probe"):  # not recorded by older checkpoints
+        if name not in old:
+            config.pop(name, None)
+    probe_old, probe_new = old.pop("optimizer_probe", None), config.pop("optimizer_probe", None)
+    if probe_old is not None and "unknown" not in (probe_old, probe_new) and probe_old != probe_new:
+        warnings.warn(
+            f"checkpoint {path}: the optimizer's hyperparameters seem to differ from the run that "
+            "wrote it (the same optimizer type, but its updates on a fixed probe gradient "
+            "changed: the learning rate, a beta, the weight decay or a schedule?). Resuming with "
+            "the new ones; to continue the old run exactly, pass the same optimizer",
+            ckpt.CheckpointWarning,
+            stacklevel=4,
+        )
     if mesh is not None and old.get("devices") != config["devices"]:
         raise ckpt.CheckpointError(
             f"checkpoint {path} was written by a run on {old.get('devices', 1)} device(s); this "
@@ -566,6 +739,7 @@ def _run(
     keep,
     resume,
     metrics_path,
+    metric_writers,
     progress,
     quiet,
     mesh,
@@ -618,7 +792,8 @@ def _run(
             keep=keep,
         )
 
-    metrics_file = open(metrics_path, "a") if metrics_path is not None else None
+    own = [writers_lib.JsonlWriter(metrics_path)] if metrics_path is not None else []
+    writers = own + list(metric_writers)
     bar = Progress(epochs * steps_per_epoch, mode=progress, quiet=quiet, initial=int(state.step))
     start = time.perf_counter()
     try:
@@ -663,7 +838,7 @@ def _run(
                         start=start,
                         history=history,
                         bar=bar,
-                        metrics_file=metrics_file,
+                        writers=writers,
                     )
                 if checkpoint_dir is not None:
                     stopped = engine.last_step is not None and int(state.step) >= engine.last_step
@@ -673,6 +848,6 @@ def _run(
                         last_checkpoint = save(*nxt)
     finally:
         bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
+        for writer in own:
+            writer.close()
     return FitResult(state.params, state, history)

@@ -6,7 +6,6 @@ tqdm is optional: without it a terminal gets one plain line per epoch. Off a ter
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -133,18 +132,17 @@ def strict_json(value):
     return value
 
 
-def end_epoch(record: dict, *, params, evaluate, start: float, history: list, bar, metrics_file):
+def end_epoch(record: dict, *, params, evaluate, start: float, history: list, bar, writers=()):
     """Completes an epoch's ``record`` (``evaluate(params)`` metrics, seconds since ``start``),
-    appends it to ``history``, shows it on ``bar`` and writes it as a line to ``metrics_file``."""
+    appends it to ``history``, shows it on ``bar`` and gives it to every metric writer."""
     if evaluate is not None:
         reserved = tuple(dict.fromkeys((*record, "loss", "seconds")))
         record.update(_metrics(evaluate(params), reserved=reserved))
     record["seconds"] = time.perf_counter() - start
     history.append(record)
     bar.epoch(record)
-    if metrics_file is not None:
-        metrics_file.write(json.dumps(strict_json(record)) + "\n")
-        metrics_file.flush()
+    for writer in writers:
+        writer.write(record)
 
 
 def _metrics(metrics, *, reserved) -> dict:

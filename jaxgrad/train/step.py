@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxgrad import reduce
+from jaxgrad import accumulation, reduce
 from jaxgrad.grads import batch_grad
 
 PyTree = Any
@@ -172,7 +172,12 @@ def step_fn(loss_fn, optimizer: optax.GradientTransformation, *, strategy: Calla
 
     def step(state: TrainState, batch, mask):
         loss, grads = grad(state.params, batch, mask)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        extra = {}
+        if accumulation.takes_count(state.opt_state):
+            # jaxgrad.accumulate divides once by the count of every batch it accumulates: the
+            # batch's item count (a forward pass XLA shares with the gradient's, in one jit).
+            extra["count"] = reduce.batch_totals(loss_fn, state.params, batch, mask)[1]
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, opt_state, state.step + 1), loss
 
