@@ -26,7 +26,6 @@ import itertools
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -518,27 +517,3 @@ def test_fit_on_a_mesh_audit():
     assert out["claim"] == pytest.approx(TARGET, rel=1e-2)
     assert out["correct"][0] < out["claim"], out
     assert out["broken"][0] > TARGET, out
-
-
-# --------------------------------------------------------------------------------------------
-# The docs page runs
-# --------------------------------------------------------------------------------------------
-
-
-def test_docs_page_blocks_run_alone():
-    page = (ROOT / "docs" / "privacy-audit.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
-    assert blocks
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    for block in blocks:
-        proc = subprocess.run(
-            [sys.executable, "-c", block],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=str(ROOT),
-        )
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        assert "epsilon_lower" in proc.stdout, proc.stdout
