@@ -420,6 +420,7 @@ def private(directory: str) -> dict:
     for devices in ((), ("--devices", "2")):
         path = os.path.join(directory, f"cli{len(devices)}.json")
         args = ["--data", "line", "--dp", "--noise-multiplier", "1.0", "--accountant", "rdp"]
+        args += ["--public-test"]
         args += ["--x64", "--epochs", "2", "--batch-size", "40", "--physical-batch-size", "15"]
         args += ["--insecure-dp-seed", "0"]
         assert main([*args, *devices, "--json", path, "--quiet"]) == 0

@@ -10,8 +10,11 @@ the score is ``−w_j`` (the initial parameters are 0).
 
 Sizing: m = 600 canaries, r = 200 guesses, claim ε = 2 at δ = 1e-5, confidence 0.95. With
 every guess right the bound reaches about 4.2 > 2, so a broken run can be caught; a correct
-run exceeds its claim with probability at most 1 − confidence over random draws (the test's
-draws are fixed: it is deterministic). Full batches (q = 1) make the reference run of the
+run exceeds its claim with probability at most 1 − confidence over its random draws (the
+canaries are fixed; the correct run's key is OS entropy, as by default, so this is its false
+alarm rate: in practice far lower, a correct run got 126 of 200 right where 185 are needed).
+What it catches is a key an adversary knows; a noise scale off by 2× would usually pass at
+this m and r (the library-level audits in test_privacy_audit.py catch σ/10). Full batches (q = 1) make the reference run of the
 broken copy draw exactly the same batches.
 """
 

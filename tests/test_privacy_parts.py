@@ -229,7 +229,7 @@ def test_private_history_releases_only_what_the_guarantee_covers():
     _, loss_fn, data, params = _problem()
     result = _fit(loss_fn, params, data, PRIVATE, evaluate=lambda p: {"test_metric": 1.0})
     for record in result.history:
-        assert set(record) == {"epoch", "step", "epsilon", "seconds", "test_metric"}
+        assert set(record) == {"epoch", "step", "epsilon", "test_metric"}
     assert result.history[-1]["epsilon"] == pytest.approx(
         privacy.epsilon(
             noise_multiplier=1.1, sampling_rate=10 / 40, steps=8, delta=1e-5, accountant="rdp"
@@ -274,3 +274,33 @@ def test_delta_of_at_least_one_over_n_is_refused_before_training():
     with pytest.raises(SystemExit) as exit_info:
         main(["--data", "line", "--dp", "--noise-multiplier", "1", "--delta", "0.01", "--quiet"])
     assert exit_info.value.code == 2
+
+
+def test_a_private_run_resumes_only_on_the_same_data_and_optimizer(tmp_path):
+    """Resumed on other data or with other hyperparameters, a private run would replay the
+    noise and draws of steps already released on another computation: refused (the data's
+    hash is named, never shown)."""
+    _, loss_fn, (x, y), params = _problem()
+    _fit(loss_fn, params, (x, y), PRIVATE, epochs=1, checkpoint_dir=tmp_path)
+
+    def again(data, lr, epochs=1):
+        return jaxgrad.train.fit(
+            loss_fn,
+            params,
+            data,
+            optimizer=optax.adam(lr),
+            epochs=epochs,
+            batch_size=10,
+            key=jax.random.key(5),
+            progress="none",
+            privacy=PRIVATE,
+            checkpoint_dir=tmp_path,
+        )
+
+    again((x, y), 0.05)  # the same run: resumes (nothing left to do)
+    changed = x.copy()
+    changed[0, 0] += 5.0
+    with pytest.raises(checkpoint.CheckpointError, match=r"data: \(secret\) -> \(secret\)"):
+        again((changed, y), 0.05)
+    with pytest.raises(checkpoint.CheckpointError, match="hyperparameters differ from the private"):
+        again((x, y), 0.3)

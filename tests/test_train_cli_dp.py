@@ -171,6 +171,7 @@ def test_dp_inputs_of_one_row_do_not_depend_on_the_others(tmp_path, monkeypatch)
         raws.append(jaxgrad.data.train_test_split(x, y, seed=0)[0])
     assert not np.array_equal(raws[0], raws[1])  # row 0 is a training row of seed 0
     dp = ["--dp", "--noise-multiplier", "1", "--data", "npz", "--batch-size", "8"]
+    dp += ["--num-classes", "2"]
     for raw, path in zip(raws, paths, strict=True):
         got, _ = _trained_on(monkeypatch, [*dp, "--data-path", str(path)])
         np.testing.assert_allclose(got, raw, rtol=1e-6)  # as they are
@@ -273,7 +274,7 @@ def test_the_dp_json_holds_only_what_the_readme_lists(tmp_path):
     line = _run(tmp_path, *LINE, "--epochs", "2", "--insecure-dp-seed", "1", name="line.json")
     jsonl = tmp_path / "m.jsonl"
     args = ["--data", "breast_cancer", "--model", "mlp", "--hidden", "8", "--dp"]
-    args += ["--target-epsilon", "4", "--epochs", "2", "--batch-size", "64"]
+    args += ["--target-epsilon", "4", "--epochs", "2", "--batch-size", "64", "--public-test"]
     classify = _run(tmp_path, *args, "--metrics-jsonl", str(jsonl), name="classify.json")
     for summary in (line, classify):
         found = set(_flatten(summary))
@@ -331,3 +332,34 @@ def test_help_says_dp_checkpoints_are_secret(capsys):
     assert "checkpoints hold its secret noise and sampling key: keep them secret" in out
     # The DP flags' defaults apply with --dp only; "(default: None)" would say nothing.
     assert "delta (with --dp, default: 1e-05)" in out and "(default: None)" not in out
+
+
+def test_the_test_split_is_released_only_when_declared_public(tmp_path, capsys):
+    """The held-out split is the user's data too: a --dp run evaluates nothing unless
+    --public-test declares it public (and then labels it outside the guarantee)."""
+    args = [*LINE, "--epochs", "1"]
+    quiet = _run(tmp_path, *args, name="quiet.json")
+    assert quiet["final"] == {} and set(quiet["history"][0]) == {"epoch", "step", "epsilon"}
+    public = _run(tmp_path, *args, "--public-test", name="public.json")
+    assert set(public["final"]) == {"test_loss", "test_r2"}
+    with pytest.raises(SystemExit) as exit_info:  # without --dp it means nothing: refused
+        main(["--data", "line", "--public-test", "--quiet"])
+    assert exit_info.value.code == 2 and "--public-test needs --dp" in capsys.readouterr().err
+
+
+def test_dp_on_your_own_labels_needs_num_classes(tmp_path, capsys):
+    """The number of classes sets the model's output width: read off the private labels, one
+    row with a new largest label would change the released parameters' shapes."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "d.npz"
+    np.savez(path, x=rng.standard_normal((100, 4)), y=np.arange(100) % 3)
+    args = ["--data", "npz", "--data-path", str(path), "--model", "logistic", "--dp"]
+    args += ["--noise-multiplier", "1", "--epochs", "1", "--batch-size", "20", "--quiet"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert "--num-classes" in capsys.readouterr().err
+    out = _run(tmp_path, *args, "--num-classes", "5", name="npz.json")
+    assert out["privacy"]["epsilon"] > 0
+    with pytest.raises(SystemExit):
+        main(["--data", "digits", "--num-classes", "10", "--quiet"])

@@ -347,12 +347,11 @@ def raise_nonfinite(bad, *, name: str, private: bool = False) -> None:
     if isinstance(bad, jax.core.Tracer):
         return
     if private:
-        count = int(bad)
-        if count:
+        if int(bad):  # how many is private: not said
             raise FloatingPointError(
-                f"{name}: {count} example(s) of this batch have a non-finite (NaN or inf) loss "
-                "or gradient, which no clipping can bound; check the data and the parameters, "
-                "or pass nonfinite='drop' to leave such examples out"
+                f"{name}: an example of this batch has a non-finite (NaN or inf) loss or "
+                "gradient, which no clipping can bound; check the data and the parameters, or "
+                "pass nonfinite='drop' to leave such examples out"
             )
         return
     rows = np.flatnonzero(np.asarray(bad))

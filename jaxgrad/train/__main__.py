@@ -52,6 +52,7 @@ DP_ONLY = {
     "stops training with exit code 1",
     "insecure_dp_seed": "it seeds the noise and sampling of --dp; --seed seeds the split, the "
     "initialisation and the shuffle",
+    "public_test": "without --dp the test split is always evaluated",
 }
 # The first 32-bit word of a DP key derived from --insecure-dp-seed. OS-entropy keys never
 # start with it (drawn again if they do), so a key restored from a checkpoint tells whether
@@ -63,10 +64,11 @@ INSECURE_KEY_MARK = 0x1A5EC0DE
 DP_HISTORY_KEYS = ("epoch", "step", "epsilon")
 PRIVACY_NOTE = (
     "epsilon and delta bound what the released values (the noisy parameters and everything "
-    "computed from them alone) reveal about any one training example. test_* metrics are "
-    "computed on the held-out test split, which is treated as public: the guarantee does not "
-    "cover it. Nothing computed on the training rows without noise is released (no training "
-    "loss or accuracy, no counts of non-finite gradients, no wall-clock times). The "
+    "computed from them alone) reveal about any one training example. test_* metrics appear "
+    "only with --public-test: they are computed on the held-out test split, which the user "
+    "declared public, and the guarantee does not cover it. Nothing computed on the training "
+    "rows without noise is released (no training loss or accuracy, no counts of non-finite "
+    "gradients, no wall-clock times). The "
     "checkpoints under --checkpoint-dir hold the secret noise and sampling key: keep them "
     "secret."
 )
@@ -139,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="for --data npz: what y is. auto: integer labels are classes, floats regression "
         "targets (floats that are all whole numbers warn)",
+    )
+    g.add_argument(
+        "--num-classes",
+        type=int,
+        help="for --data npz/idx classification: the number of classes (default: the largest "
+        "label + 1; required with --dp, where reading it off the labels would read private rows)",
     )
     g.add_argument("--model", choices=MODELS, help="model (default: suited to --data)")
     g.add_argument("--hidden", type=int, nargs="+", default=[256], help="MLP hidden sizes")
@@ -219,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("drop", "raise"),
         help="examples with a non-finite gradient: left out, or stop "
         f"(with --dp, default: {DP_DEFAULTS['nonfinite']})",
+    )
+    g.add_argument(
+        "--public-test",
+        action="store_true",
+        default=None,
+        help="release test-split metrics of a --dp run: you declare the held-out split public "
+        "(the guarantee does not cover it); without it a --dp run evaluates nothing",
     )
     g.add_argument(
         "--insecure-dp-seed",
@@ -652,6 +667,10 @@ def run(args, parser=None) -> dict:
         if args.data != "npz":
             parser.error(f"--task is for --data npz (its y); --data {args.data} knows its task")
         kwargs["task"] = args.task
+    if args.num_classes is not None:
+        if args.data not in ("npz", "idx"):
+            parser.error(f"--num-classes is for --data npz or idx; --data {args.data} knows it")
+        kwargs["num_classes"] = args.num_classes
     if args.data != "line":
         kwargs["test_fraction"] = args.test_fraction
     if args.num_examples is not None:
@@ -682,6 +701,12 @@ def run(args, parser=None) -> dict:
     except (ValueError, TypeError, FileNotFoundError) as e:
         _flag_error(parser, e)
     _check_targets(ds, args, parser)
+    if args.dp and args.data == "npz" and ds.task == "classification" and not args.num_classes:
+        parser.error(
+            "--dp on --data npz needs --num-classes: the number of classes sets the model's "
+            "output width, and reading it off the labels would release a function of the "
+            "private rows (one row with a new largest label changes it)"
+        )
     _check_args(args, parser)
     opt_name, lr, epochs, batch_size = DEFAULTS.get(args.data, FALLBACK)
     opt_name, lr = args.optimizer or opt_name, args.lr if args.lr is not None else lr
@@ -713,6 +738,8 @@ def run(args, parser=None) -> dict:
     test_only = rows or privacy_plan is not None
     splits = {"test": ds.test} if test_only else {"train": ds.train, "test": ds.test}
     evaluate = evaluator(model.apply, loss_fn, splits, task=ds.task)
+    if privacy_plan is not None and not args.public_test:
+        evaluate = None  # the test split is the user's data too: released only if declared public
     metrics_path = args.metrics_jsonl
     if privacy_plan:
         restored_key, start_epoch = _restore_point(args, params, optimizer)

@@ -18,6 +18,7 @@ replays exactly the same computation and ends bit for bit where the uninterrupte
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 import time
@@ -206,6 +207,16 @@ def validate_data(loss_fn, data, mesh):
         validate(data)
         return None
     return _row_check(validate)
+
+
+def _data_hash(data) -> str:
+    """A SHA-256 of every leaf's dtype, shape and bytes (to tell a resumed run's data apart)."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(data):
+        leaf = np.ascontiguousarray(leaf)
+        digest.update(f"{leaf.dtype.str}{leaf.shape}".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _non_finite_rows(data, mesh, idx, mask, batch: int) -> str:
@@ -423,6 +434,13 @@ def fit(
         "key": fingerprint,
         **({"loss_key": keys.fingerprint(loss_key)} if loss_key is not None else {}),
         **({"devices": int(mesh.devices.size)} if mesh is not None else {}),
+        # A private run resumed on other data would reuse its noise and draws: the data's hash
+        # (in memory only; memory-mapped files are not read whole) must match. Kept secret.
+        **(
+            {"data": _data_hash(train_data)}
+            if privacy is not None and _in_memory(train_data)
+            else {}
+        ),
         **engine.config,
         "optimizer": _optimizer_structure(jax.eval_shape(optimizer.init, params)),
     }
@@ -685,6 +703,14 @@ def _restore(checkpoint_dir, template, config, *, mesh, epochs):
             config.pop(name, None)
     probe_old, probe_new = old.pop("optimizer_probe", None), config.pop("optimizer_probe", None)
     if probe_old is not None and "unknown" not in (probe_old, probe_new) and probe_old != probe_new:
+        if "privacy" in config:  # the steps to come would reuse the noise of steps released
+            raise ckpt.CheckpointError(
+                f"checkpoint {path}: the optimizer's hyperparameters differ from the private run "
+                "that wrote it (its updates on a fixed probe gradient changed). A private run "
+                "resumed with other hyperparameters would replay the same noise and draws on "
+                "another computation, which the accounting counts once: resume with the same "
+                "optimizer, or start a new run in another checkpoint_dir"
+            )
         warnings.warn(
             f"checkpoint {path}: the optimizer's hyperparameters seem to differ from the run that "
             "wrote it (the same optimizer type, but its updates on a fixed probe gradient "
@@ -712,7 +738,7 @@ def _restore(checkpoint_dir, template, config, *, mesh, epochs):
             )
         else:
             # A private run's key is secret: even a hash of it is not printed.
-            secret = ("key",) if "privacy" in config else ()
+            secret = ("key", "data") if "privacy" in config else ()
             why = (
                 f"the run changed ({_config_changes(old, config, secret=secret)}). Resume with "
                 "the same data, batch_size, key, checkpoint_every/steps_per_call and scan"
@@ -835,7 +861,9 @@ def _run(
                         record,
                         params=sharding_lib.local_replica(state.params),
                         evaluate=evaluate,
-                        start=start,
+                        # A private run's wall-clock times follow its realised (private)
+                        # batch sizes: not released.
+                        start=None if "privacy" in config else start,
                         history=history,
                         bar=bar,
                         writers=writers,

@@ -67,9 +67,10 @@ class PrivacyConfig:
         the fewest expected rows per step, for large batches about ``batch_size`` plus two
         standard deviations of the realised batch size); a larger draw runs several, never
         truncated.
-      nonfinite: ``"drop"`` (default: examples with a non-finite gradient are left out and
-        counted in the history's ``nonfinite``) or ``"raise"`` (training stops with
-        ``FloatingPointError`` before the step that met one).
+      nonfinite: ``"drop"`` (default: examples with a non-finite loss or gradient are left
+        out; their count is not released) or ``"raise"`` (training stops with
+        ``NonFiniteLossError`` before the step that met one). ``"raise"`` is outside the
+        guarantee: whether and when a run stops depends on the private rows its draws met.
       method: ``"auto"`` (fast clipped sum) or ``"vmap"``.
       pld_discretization: the PLD accountant's value discretisation for calibration and the
         per-epoch ε (1e-3: an upper bound within 0.4% of the 1e-4 value for the reference

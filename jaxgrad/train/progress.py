@@ -133,12 +133,14 @@ def strict_json(value):
 
 
 def end_epoch(record: dict, *, params, evaluate, start: float, history: list, bar, writers=()):
-    """Completes an epoch's ``record`` (``evaluate(params)`` metrics, seconds since ``start``),
+    """Completes an epoch's ``record`` (``evaluate(params)`` metrics, seconds since ``start``
+    unless ``start`` is None),
     appends it to ``history``, shows it on ``bar`` and gives it to every metric writer."""
     if evaluate is not None:
         reserved = tuple(dict.fromkeys((*record, "loss", "seconds")))
         record.update(_metrics(evaluate(params), reserved=reserved))
-    record["seconds"] = time.perf_counter() - start
+    if start is not None:  # None for a private run: its times depend on the private draws
+        record["seconds"] = time.perf_counter() - start
     history.append(record)
     bar.epoch(record)
     for writer in writers:
