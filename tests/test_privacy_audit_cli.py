@@ -14,8 +14,8 @@ run exceeds its claim with probability at most 1 − confidence over its random 
 canaries are fixed; the correct run's key is OS entropy, as by default, so this is its false
 alarm rate: in practice far lower, a correct run got 126 of 200 right where 185 are needed).
 What it catches is a key an adversary knows; a noise scale off by 2× would usually pass at
-this m and r (the library-level audits in test_privacy_audit.py catch σ/10). Full batches (q = 1) make the reference run of the
-broken copy draw exactly the same batches.
+this m and r (the library-level audits in test_privacy_audit.py catch σ/10). Full batches
+(q = 1) make the reference run of the broken copy draw exactly the same batches.
 """
 
 import jax
