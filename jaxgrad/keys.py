@@ -9,7 +9,8 @@ DP run with no key, one drawn from OS entropy by :func:`entropy_key`) through on
     (k_t^{\\text{sample}}, k_t^{\\text{noise}}) = \\mathrm{split}(k_t), \\qquad
     k_{t,i} = \\mathrm{fold\\_in}(k_t, i)
 
-for step ``t`` and the example at row ``i`` of the training set: :func:`step_key`,
+for step ``t`` and the example at row ``i`` of the training set (and a plain run's shuffle of
+epoch ``e``, ``permutation(fold_in(K, e))``, :func:`epoch_key`): :func:`step_key`,
 :func:`dp_keys` (the Poisson draw and the DP noise of one step) and :func:`row_key` /
 :func:`row_keys` (randomness inside the loss, such as dropout). Each is a function of
 ``(K, t, i)`` only — not of the batching, the devices or the processes — so a mesh run draws
@@ -122,6 +123,11 @@ def same_in_every_process(key):
 
     data = np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(key_data(key))))
     return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key))
+
+
+def epoch_key(key, epoch):
+    """``fold_in(key, epoch)``: the key of a plain run's shuffle of epoch ``epoch``."""
+    return jax.random.fold_in(key, epoch)
 
 
 def step_key(key, step):

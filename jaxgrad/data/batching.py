@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxgrad import reduce
+from jaxgrad import keys, reduce
 
 
 def num_batches(num_examples: int, batch_size: int) -> int:
@@ -35,7 +35,7 @@ def epoch_indices(key: jax.Array, epoch, num_examples: int, batch_size: int):
       ``(indices, mask)`` of shape ``(num_batches, batch_size)``, int32 and bool.
     """
     n_batches = num_batches(num_examples, batch_size)
-    order = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+    order = jax.random.permutation(keys.epoch_key(key, epoch), num_examples)
     total = n_batches * batch_size
     padded = jnp.concatenate([order, jnp.full((total - num_examples,), order[0])])
     mask = jnp.arange(total) < num_examples

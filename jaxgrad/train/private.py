@@ -45,7 +45,7 @@ import optax
 from jaxgrad import keys, reduce
 from jaxgrad import privacy as dp
 from jaxgrad import sharding as sharding_lib
-from jaxgrad.privacy import accounting, noisy, sources
+from jaxgrad.privacy import accounting, noisy, sampling, sources
 from jaxgrad.train.step import Engine, TrainState, guarded
 
 
@@ -454,8 +454,7 @@ def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_arg
     @jax.jit
     def draw(key, step):  # this process's copy of the step's one draw
         sample_key, _ = keys.dp_keys(key, step)
-        sample = source.sample(sample_key, num_examples=n, physical_batch_size=p)
-        return sample.indices, sample.count
+        return source.sample(sample_key, num_examples=n, physical_batch_size=p)
 
     @jax.jit
     def accumulate(params, acc, batch, mask, step):
@@ -483,13 +482,14 @@ def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_arg
         zeros = None
         for _ in range(int(np.sum(active))):
             state = carry[0]
-            indices, count = draw(local_key, int(state.step))
-            indices, count = np.asarray(indices), int(count)
+            sample = draw(local_key, int(state.step))
             zeros = zeros_like_sum(state.params, state.step) if zeros is None else zeros
             acc = zeros
-            for k in range(int(dp.num_physical_batches(count, p))):
-                idx = indices[k * p : (k + 1) * p]
-                mask = k * p + np.arange(p) < count
+            for k in range(int(dp.num_physical_batches(int(sample.count), p))):
+                # The batch source's own k-th physical batch, padded for the devices.
+                idx, mask = map(
+                    np.asarray, sampling.physical_batch(sample, k, physical_batch_size=p)
+                )
                 idx = np.concatenate([idx, np.full(width - p, idx[0], idx.dtype)])
                 mask = np.concatenate([mask, np.zeros(width - p, bool)])
                 batch, mask = sharding_lib.take_rows(train_data, idx, mask, mesh=mesh, check=check)
