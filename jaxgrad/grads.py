@@ -38,6 +38,15 @@ def _values_are_concrete(tree) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
 
 
+def validate_concrete(validate, batch, mask=None) -> None:
+    """``validate(batch, mask)`` (a loss's own check, :func:`jaxgrad.losses.supervised`: labels
+    in range; None: nothing), on concrete batches only, piece by piece for a sharded one
+    (never gathered). Under a caller's ``jax.jit`` the values are traced: nothing is checked."""
+    if validate is not None and _values_are_concrete(batch):
+        for piece, piece_mask in _local_pieces(batch, mask):
+            validate(piece, piece_mask)
+
+
 def _local_pieces(batch, mask):
     """``(batch, mask)`` as host pieces to validate, without gathering a sharded batch.
 
@@ -250,9 +259,7 @@ def _strategy(
         size = reduce.batch_size(batch)
         if mask is not None:
             mask = reduce.check_mask(mask, size)
-        if validate is not None and _values_are_concrete(batch):
-            for piece, piece_mask in _local_pieces(batch, mask):
-                validate(piece, piece_mask)
+        validate_concrete(validate, batch, mask)
         try:
             out = jitted(params, batch, mask, args, kw)
         except Exception as e:

@@ -36,7 +36,7 @@ import optax
 
 from jaxgrad import keys, reduce
 from jaxgrad.fast import api as fast_api
-from jaxgrad.grads import check_loss_args
+from jaxgrad.grads import check_loss_args, validate_concrete
 from jaxgrad.privacy import gaussian, sampling, threefry
 
 PyTree = Any
@@ -274,15 +274,6 @@ def _privatize(total, count, bad, noise_key, *, nonfinite, stddev, expected_batc
     return grads
 
 
-def _validate_eagerly(loss_fn, data, mask=None):
-    """The loss's own ``validate`` on concrete data (out-of-range labels are an error here as in
-    every other entry point, never an example silently dropped as non-finite)."""
-    validate = getattr(loss_fn, "validate", None)
-    concrete = not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(data))
-    if validate is not None and concrete:
-        validate(data, mask)
-
-
 def dp_grad(
     loss_fn,
     *,
@@ -356,7 +347,7 @@ def dp_grad(
     def f(params, batch, mask, key, *args):
         check_loss_args(loss_fn, args, name="dp_grad", call="f(params, batch, mask, key, *args)")
         mask = reduce.check_mask(mask, reduce.batch_size(batch))
-        _validate_eagerly(loss_fn, batch, mask)
+        validate_concrete(getattr(loss_fn, "validate", None), batch, mask)
         return finish(*core(params, batch, mask, keys.check_key(key), args))
 
     f.__name__ = f.__qualname__ = "dp_grad"
@@ -504,7 +495,7 @@ def sampled_dp_grad(
 
     def f(params, data, key, *args):
         check_loss_args(loss_fn, args, name="sampled_dp_grad", call="f(params, data, key, *args)")
-        _validate_eagerly(loss_fn, data)
+        validate_concrete(getattr(loss_fn, "validate", None), data)
         return finish(*core(params, data, keys.check_key(key), args))
 
     f.__name__ = f.__qualname__ = "sampled_dp_grad"
