@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrad import keys, reduce
+from jaxgrad import _loops, keys, reduce
 
 
 def _values_are_concrete(tree) -> bool:
@@ -165,15 +165,6 @@ def check_loss_args(loss_fn, args, *, name: str, call: str) -> None:
         f"arguments of `{name}`'s {call}; got {len(args)} extra argument(s), but {expected}. "
         "Pass exactly the arguments the loss takes after (params, example), in order"
     )
-
-
-def check_unroll(unroll) -> int | bool:
-    """``lax.scan``'s ``unroll``: True, False or an integer >= 0 (Python or NumPy)."""
-    if isinstance(unroll, (bool, np.bool_)):
-        return bool(unroll)
-    if isinstance(unroll, (int, np.integer)) and unroll >= 0:
-        return int(unroll)
-    raise ValueError(f"`unroll` must be True, False or an integer >= 0; got {unroll!r}")
 
 
 def _is_trace_level_error(error: BaseException) -> bool:
@@ -455,9 +446,9 @@ def mean_of_per_example_grads(loss_fn, *, chunk_size: int | None = None, return_
 
 
 def accumulate_grad(
-    loss_fn, *, num_microbatches: int, unroll: int | bool = 1, return_loss: bool = False
+    loss_fn, *, num_microbatches: int, unroll: str | int | bool = "auto", return_loss: bool = False
 ):
-    """Gradient accumulation over microbatches under ``lax.scan``, normalised exactly once.
+    """Gradient accumulation over microbatches, one after the other, normalised exactly once.
 
     Each microbatch contributes its gradient *sum* ``Σ_{i∈k} m_i ∇S_i`` and its count
     ``Σ_{i∈k} m_i n_i``; the accumulated sum is divided by the global count at the end, so
@@ -471,9 +462,12 @@ def accumulate_grad(
         holds rows ``k, k + K, …`` (see :func:`jaxgrad.reduce.split_microbatches`), so on a
         batch sharded over ``D`` devices, with ``D K`` dividing its size, no row moves between
         devices. A batch that does not divide evenly is padded (masked out) at the end.
-      unroll: passed to ``lax.scan``. On XLA:CPU a convolution inside a loop body runs far
-        slower than outside one (17x for the benchmark's CNN, see ``python -m jaxgrad.bench``);
-        ``unroll=True`` removes the loop at the cost of holding more microbatches' activations.
+      unroll: ``"auto"`` (default): the microbatches run unrolled on a CPU when there are at
+        most 16 of them (XLA:CPU compiles a loop body, a convolution's above all, several
+        times slower than straight-line code: ~10x for the benchmark's CNN), fenced one after
+        the other so the peak memory stays one microbatch's; otherwise under ``lax.scan``.
+        ``True`` always unrolls (fenced); ``False`` or an integer is ``lax.scan``'s own
+        ``unroll`` (see :func:`jaxgrad._loops.scan`).
       return_loss: if True, ``f`` returns ``(mean_loss, grads)``.
 
     Returns:
@@ -489,7 +483,7 @@ def accumulate_grad(
       True
     """
     num_microbatches = reduce.check_positive_int(num_microbatches, name="num_microbatches")
-    unroll = check_unroll(unroll)
+    unroll = _loops.check_unroll(unroll)
 
     def core(params, batch, mask, loss_fn=loss_fn):
         def microbatch_sums(ops, micro_batch, micro_mask):
@@ -499,7 +493,7 @@ def accumulate_grad(
             )(p)
             return (), (total, count, grads)
 
-        # The loss and the parameters ride through the scan as operands (not a closure).
+        # The loss and the parameters ride through the loop as operands (not a closure).
         _, (total, count, grads) = reduce.chunked(
             microbatch_sums,
             batch,

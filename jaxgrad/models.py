@@ -174,6 +174,26 @@ def _conv(p: dict, x: jax.Array) -> jax.Array:
     return y[0] + p["b"]
 
 
+def _standardize(w: jax.Array) -> jax.Array:
+    """Weight standardisation: each output channel's ``k × k × c_in`` weights centred and
+    scaled to unit variance (a function of the parameters only; Qiao et al. 2019)."""
+    mean = w.mean(axis=(0, 1, 2), keepdims=True)
+    var = ((w - mean) ** 2).mean(axis=(0, 1, 2), keepdims=True)
+    return (w - mean) * jax.lax.rsqrt(var + 1e-5)
+
+
+def _group_norm(p: dict, x: jax.Array, groups: int) -> jax.Array:
+    """GroupNorm of one example's ``(H, W, C)`` map: statistics over ``H, W`` and the channels
+    of each of ``groups`` groups, never over the batch (so per-example gradients stay one
+    example's)."""
+    h, w, c = x.shape
+    g = x.reshape(h, w, groups, c // groups)
+    mean = g.mean(axis=(0, 1, 3), keepdims=True)
+    var = ((g - mean) ** 2).mean(axis=(0, 1, 3), keepdims=True)
+    g = (g - mean) * jax.lax.rsqrt(var + 1e-5)
+    return g.reshape(h, w, c) * p["scale"] + p["bias"]
+
+
 def _avg_pool(x: jax.Array) -> jax.Array:
     h, w, c = x.shape
     return x[: h - h % 2, : w - w % 2].reshape(h // 2, 2, w // 2, 2, c).mean(axis=(1, 3))
@@ -186,6 +206,7 @@ def cnn(
     num_classes: int = 10,
     activation: str = "relu",
     kernel_size: int = 3,
+    groups: int | None = None,
     dtype=jnp.float32,
 ) -> Model:
     """A small CNN: ``[conv kxk (SAME) → activation → 2x2 average pool] × len(channels) → dense``.
@@ -193,6 +214,11 @@ def cnn(
     Images are ``(H, W)`` grey or ``(H, W, C)``. Params
     ``{"conv": [{"w": (k, k, c_in, c_out), "b": (c_out,)}, ...], "dense": {"w", "b"}}``; the
     dense layer reads the last feature map flattened in ``(H, W, C)`` order.
+
+    With ``groups``, the DP recipe of De et al. (2022): every convolution is weight-standardised,
+    ``Ŵ = (W − mean W) / std W`` per output channel, and followed by GroupNorm over ``groups``
+    groups of channels, ``γ (x − μ_g) / σ_g + β``, statistics per example (each layer gains
+    ``"scale"`` and ``"bias"`` of shape ``(c_out,)``; ``groups`` must divide every channel count).
 
     Example::
 
@@ -207,6 +233,11 @@ def cnn(
     h, w, c_in = _check_sizes(image_shape, name="image_shape", minimum=3)
     channels = _check_sizes(channels, name="channels", minimum=1)
     act = get_activation(activation)
+    if groups is not None:
+        if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool) or groups < 1:
+            raise ValueError(f"`groups` must be a positive integer or None; got {groups!r}")
+        if any(c % groups for c in channels):
+            raise ValueError(f"`groups` ({groups}) must divide every channel count; got {channels}")
     for _ in channels:
         h, w = h // 2, w // 2
     if h == 0 or w == 0:
@@ -222,6 +253,8 @@ def cnn(
             fan_in = kernel_size * kernel_size * a
             wk = jax.random.normal(k, (kernel_size, kernel_size, a, b), dtype) / math.sqrt(fan_in)
             convs.append({"w": wk, "b": jnp.zeros((b,), dtype)})
+            if groups is not None:
+                convs[-1].update(scale=jnp.ones((b,), dtype), bias=jnp.zeros((b,), dtype))
         return {"conv": convs, "dense": _dense_init(keys[-1], flat, num_classes, dtype)}
 
     def apply(params, x):
@@ -229,7 +262,11 @@ def cnn(
         dtype = jnp.result_type(x, params["conv"][0]["w"])
         x = jnp.reshape(x, image_shape).astype(dtype)
         for layer in params["conv"]:
-            x = _avg_pool(act(_conv(layer, x)))
+            if groups is None:
+                x = _avg_pool(act(_conv(layer, x)))
+            else:
+                x = _conv({"w": _standardize(layer["w"]), "b": layer["b"]}, x)
+                x = _avg_pool(act(_group_norm(layer, x, groups)))
         return _dense(params["dense"], x.reshape(-1))
 
     return Model(init, apply)

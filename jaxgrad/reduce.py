@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgrad import _loops
+
 PyTree = Any
 
 
@@ -373,7 +375,7 @@ def chunked(
     chunk_size: int | None = None,
     num_chunks: int | None = None,
     interleave: bool = True,
-    unroll: int | bool = 1,
+    unroll: str | int | bool = "auto",
     operands=None,
 ):
     """``body(batch, mask) -> (rows, totals)`` over chunks of the batch: rows stacked, totals added.
@@ -386,7 +388,8 @@ def chunked(
         \\text{totals} = \\sum_k \\text{totals}(C_k), \\qquad
         \\text{rows}_i = \\text{rows}(C_{k(i)})_i \\text{ (back in the batch's order)},
 
-    under ``lax.scan``, so peak activation memory is that of one chunk. ``totals`` are sums
+    one chunk after the other (:func:`jaxgrad._loops.scan`: unrolled on a CPU up to 16
+    chunks, else ``lax.scan``), so peak activation memory is that of one chunk. ``totals`` are sums
     (e.g. loss sums, counts, gradient sums); dividing by a count is left to the caller, once.
 
     Args:
@@ -394,7 +397,7 @@ def chunked(
         leading axis, ``totals`` leaves any fixed shape. Either may be an empty pytree ``()``.
       batch: pytree with a leading batch axis of size ``B``; ``mask``: shape ``(B,)`` booleans.
       chunk_size: examples per chunk (exclusive with ``num_chunks``). ``B // chunk_size``
-        full chunks run under the scan and a remainder that does not fill one runs after it on
+        full chunks run in the loop and a remainder that does not fill one runs after it on
         its own, so no example is padded, dropped or counted twice; ``chunk_size >= B`` calls
         ``body`` once on the whole batch.
       num_chunks: how many equal chunks ``K``; a batch that does not divide evenly is padded
@@ -404,7 +407,8 @@ def chunked(
         every chunk is spread evenly over the devices and no row moves between them; putting
         ``rows`` back in order then costs one copy of them. If False, chunks are contiguous and
         stacked rows are reshaped back for free.
-      unroll: passed to ``lax.scan``.
+      unroll: ``"auto"`` (default), True, False or an integer: see
+        :func:`jaxgrad._loops.scan`.
       operands: if given, ``body(operands, batch, mask)`` is called, with ``operands`` (e.g.
         the parameters and the loss, see :class:`BoundLoss`) passed through the scan
         explicitly rather than closed over.
@@ -451,7 +455,7 @@ def chunked(
         rows, totals = call(ops, *bm)
         return (jax.tree_util.tree_map(jnp.add, acc, totals), ops), rows
 
-    (totals, _), rows = jax.lax.scan(step, (init, operands), pieces, unroll=unroll)
+    (totals, _), rows = _loops.scan(step, (init, operands), pieces, unroll=unroll)
 
     def unstack(x):  # (K, per, ...) -> (K per, ...) in the batch's order, padding cut off
         if interleave:

@@ -252,7 +252,7 @@ def test_a_mask_that_is_not_a_boolean_vector_is_named(mask, error, message):
 @pytest.mark.parametrize("unroll", ["a", 2.5, -1, None])
 def test_accumulate_grad_names_a_bad_unroll(unroll):
     loss = lambda p, ex: p * ex
-    with pytest.raises(ValueError, match=r"`unroll` must be True, False or an integer >= 0"):
+    with pytest.raises(ValueError, match=r"`unroll` must be 'auto', True, False or an integer"):
         jaxgrad.accumulate_grad(loss, num_microbatches=2, unroll=unroll)
 
 

@@ -277,7 +277,7 @@ def test_accumulate_grad_unequal_token_counts_equals_batch_grad(k):
     assert_close(acc, jaxgrad.batch_grad(loss_fn)(params, tokens))
 
 
-@pytest.mark.parametrize("unroll", [True, 2])
+@pytest.mark.parametrize("unroll", [True, 2, False, "auto"])
 def test_accumulate_grad_unrolled_equals_loop(unroll):
     # 7 rows in 3 microbatches (one padded row); unroll=2 leaves a partly unrolled loop.
     loss_fn, params, batch, mask, (ref_loss, ref, _) = case("mlp-softmax")
@@ -286,20 +286,22 @@ def test_accumulate_grad_unrolled_equals_loop(unroll):
     assert_close(grads, ref)
     np.testing.assert_allclose(loss, ref_loss, rtol=RTOL)
 
-    # ... and `unroll` reaches the scan over the 3 microbatches (JAX stores True as 3).
-    def scans_in(jaxpr):
+    # ... and `unroll` picks the form: lax.scan with its unroll, or (True; "auto" on a CPU,
+    # 3 <= 16 microbatches) no loop, the 3 microbatches fenced by 2 optimization barriers.
+    def eqns_in(jaxpr):
         for e in jaxpr.eqns:
-            if e.primitive.name == "scan":
-                yield e
+            yield e
             for v in e.params.values():
                 inner = getattr(v, "jaxpr", v)  # ClosedJaxpr or Jaxpr (e.g. inside a pjit)
                 if hasattr(inner, "eqns"):
-                    yield from scans_in(inner)
+                    yield from eqns_in(inner)
 
-    scans = list(scans_in(jax.make_jaxpr(f)(params, batch, mask).jaxpr))
-    assert [(e.params["length"], e.params["unroll"]) for e in scans] == [
-        (3, 3 if unroll is True else unroll)
-    ]
+    eqns = list(eqns_in(jax.make_jaxpr(f)(params, batch, mask).jaxpr))
+    scans = [(e.params["length"], e.params["unroll"]) for e in eqns if e.primitive.name == "scan"]
+    barriers = [e for e in eqns if e.primitive.name == "optimization_barrier"]
+    unrolled = unroll is True or (unroll == "auto" and jax.default_backend() == "cpu")
+    assert scans == ([] if unrolled else [(3, 1 if unroll in (False, "auto") else unroll)])
+    assert len(barriers) == (2 if unrolled else 0)
 
 
 @functools.cache

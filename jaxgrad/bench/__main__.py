@@ -17,7 +17,7 @@ from jaxgrad._cli import check_writable
 from jaxgrad._optional import require
 from jaxgrad.bench import run, suite
 
-DEFAULT_CASES = ["mlp", "cnn"]
+DEFAULT_CASES = ["mlp", "cnn", "cnn-ws", "transformer", "rnn"]
 DEFAULT_BATCH_SIZES = [32, 256]
 
 
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--models",
         type=lambda v: _names(v, list(suite.CASES), "model"),
         default=DEFAULT_CASES,
-        help=f"comma-separated, from {', '.join(suite.CASES)} (default: mlp,cnn)",
+        help=f"comma-separated, from {', '.join(suite.CASES)} (default: {','.join(DEFAULT_CASES)})",
     )
     p.add_argument(
         "--batch-sizes", type=_batch_sizes, default=DEFAULT_BATCH_SIZES, help="default: 32,256"
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dp",
         action="store_true",
         help="a full DP-SGD step against a non-private step, interleaved, with the cost of "
-        "the noise alone (default models mlp,cnn,transformer, batch sizes 256,1024)",
+        "the noise alone (default models mlp,cnn,cnn-ws,transformer,rnn, batch sizes 256,1024)",
     )
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds for --dp")
     p.add_argument(

@@ -49,10 +49,12 @@ def mlp_case(sizes=(784, 512, 256, 10), *, activation="tanh") -> Case:
     return Case(name, model, loss_fn, _classification_batch((sizes[0],), sizes[-1]))
 
 
-def cnn_case(image_shape=(28, 28), channels=(16, 32)) -> Case:
-    model = models.cnn(image_shape=image_shape, channels=channels)
+def cnn_case(image_shape=(28, 28), channels=(16, 32), *, groups=None) -> Case:
+    """The CNN; with ``groups``, weight-standardised convolutions + GroupNorm (De et al. 2022)."""
+    model = models.cnn(image_shape=image_shape, channels=channels, groups=groups)
     loss_fn = losses.supervised(model.apply, losses.softmax_cross_entropy, num_classes=10)
     name = f"cnn {'x'.join(map(str, image_shape))} c{'-'.join(map(str, channels))}"
+    name += "" if groups is None else f" WS+GN{groups}"
     return Case(name, model, loss_fn, _classification_batch(tuple(image_shape), 10))
 
 
@@ -91,6 +93,7 @@ def scanned_transformer_case(vocab_size=256, seq_len=64, d_model=64, num_layers=
 CASES: dict[str, Callable[[], Case]] = {
     "mlp": mlp_case,
     "cnn": cnn_case,
+    "cnn-ws": lambda: cnn_case(groups=4),
     "transformer": transformer_case,
     "rnn": rnn_case,
     "transformer-L4": lambda: transformer_case(num_layers=4),
@@ -98,6 +101,7 @@ CASES: dict[str, Callable[[], Case]] = {
     # Small versions, for the test suite and quick looks.
     "mlp-tiny": lambda: mlp_case((64, 32, 10)),
     "cnn-tiny": lambda: cnn_case((8, 8), (4, 8)),
+    "cnn-ws-tiny": lambda: cnn_case((8, 8), (4, 8), groups=2),
     "transformer-tiny": lambda: transformer_case(32, 8, 16, 1),
     "rnn-tiny": lambda: rnn_case(8, 16, 6, 3),
     "transformer-scan-tiny": lambda: scanned_transformer_case(32, 8, 16, 2),
@@ -224,9 +228,14 @@ STRATEGIES: dict[str, Callable] = {
     "per_example_grads(chunk=32)": lambda lf, b: grads.per_example_grads(lf, chunk_size=32),
     "jax.vmap(jax.grad)": lambda lf, b: plain_vmap_grad(lf),
     "mean_of_per_example_grads": lambda lf, b: grads.mean_of_per_example_grads(lf),
+    # The default (jaxgrad._loops' policy), the plain loop it replaces on a CPU, and the loop
+    # unrolled by JAX (lax.scan's unroll=4: no fences): the loop tax and its cure side by side.
     "accumulate_grad(4 micro)": lambda lf, b: grads.accumulate_grad(lf, num_microbatches=4),
+    "accumulate_grad(4, lax.scan)": lambda lf, b: grads.accumulate_grad(
+        lf, num_microbatches=4, unroll=False
+    ),
     "accumulate_grad(4, unrolled)": lambda lf, b: grads.accumulate_grad(
-        lf, num_microbatches=4, unroll=True
+        lf, num_microbatches=4, unroll=4
     ),
     "python_loop": lambda lf, b: python_loop(lf),
     "per_example_norms": lambda lf, b: fast.per_example_norms(lf),

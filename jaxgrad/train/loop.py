@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxgrad import accumulation, keys, reduce
+from jaxgrad import _loops, accumulation, keys, reduce
 from jaxgrad import data as data_lib
 from jaxgrad import sharding as sharding_lib
 from jaxgrad.grads import batch_grad
@@ -167,12 +167,6 @@ def _check_accumulation(optimizer, params, loss_fn, data, *, batch_size, private
     )
 
 
-def _has_convolution(loss_fn, params, data) -> bool:
-    """Whether one example's loss runs a convolution (read off its jaxpr; no row is read)."""
-    example = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), data)
-    return "conv_general_dilated" in str(jax.make_jaxpr(loss_fn)(params, example))
-
-
 def _in_memory(data) -> bool:
     """Whether every leaf of ``data`` is an in-memory array (not memory-mapped or lazy)."""
     return all(
@@ -284,7 +278,8 @@ def fit(
       scan: run the batches of a chunk under ``lax.scan`` (one dispatch per chunk) instead of
         a Python loop over the jitted step. ``"auto"`` (default) scans unless the loss has a
         convolution and the backend is the CPU, where XLA runs a convolution inside a loop
-        body many times slower (17x for the benchmark's CNN); for dense models on the CPU the
+        body many times slower (~10x for the benchmark's CNN; the one loop policy,
+        :func:`jaxgrad._loops.scan_steps`, also for ``privacy``); for dense models on the CPU the
         scan took 137-181 µs per step against 215-435 µs for the Python loop (digits MLP,
         batch 32).
       steps_per_call: the chunk length (default: a whole epoch, or ``checkpoint_every`` if
@@ -403,10 +398,10 @@ def fit(
     _check_accumulation(
         optimizer, params, traced, train_data, batch_size=batch_size, private=privacy is not None
     )
-    if scan == "auto":
-        scan = not (jax.default_backend() == "cpu" and _has_convolution(traced, params, train_data))
-    elif not isinstance(scan, bool):
-        raise ValueError(f"`scan` must be True, False or 'auto'; got {scan!r}")
+    example = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), train_data
+    )
+    scan = _loops.scan_steps(scan, traced, params, example)  # the one loop policy
     if mesh is not None:
         sharding_lib.check_batch(train_data, mesh=mesh)
     check = validate_data(loss_fn, train_data, mesh)

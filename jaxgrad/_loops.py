@@ -1,0 +1,121 @@
+"""The one policy for the loops jaxgrad writes: microbatches, chunks, physical batches, steps.
+
+XLA:CPU compiles a loop body (``lax.scan``, ``lax.while_loop``, ``lax.map``) worse than the
+same code outside one: its convolution passes rewrite the backward convolutions of straight-line
+code into the canonical NHWC form that YNNPACK / Eigen run, but leave those of a while body in
+their raw dimension order, where XLA emits its own naive loop nest for them (visible in
+``jax.jit(f).lower(...).compile().as_text()``: a plain ``convolution`` with
+``outer_dimension_partitions`` inside the body, ``__ynn_fusion`` outside). The benchmark's CNN
+ran ``accumulate_grad`` over 4 microbatches ~10x slower under ``lax.scan`` than unrolled, and
+even the MLP 1.4x slower (docs/benchmarks.md, "Loops"). Partial unrolling (``unroll=k``) does
+not help: the body is still a loop body. So the policy, in one place:
+
+* a loop with a trip count known when tracing (:func:`scan`: microbatches of
+  :func:`jaxgrad.accumulate_grad`, chunks of ``chunk_size``) runs **unrolled** on a CPU when it
+  has at most :data:`MAX_UNROLL` steps, each step fenced after the previous one by
+  ``lax.optimization_barrier`` so that XLA cannot interleave them and the peak memory stays
+  that of one step; longer loops, and every loop on other backends, stay ``lax.scan``;
+* a loop with a data-dependent trip count (:func:`peeled_sum`: the physical batches of a DP
+  step) runs its first step outside a ``lax.while_loop``, where it compiles as straight-line
+  code; the default physical batch holds the whole draw on almost every step;
+* the training loop over steps (:func:`scan_steps`) scans unless the step has a convolution
+  and runs on a CPU; then a Python loop over the jitted step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+#: The most steps a loop with a static trip count is unrolled for on a CPU ("auto").
+MAX_UNROLL = 16
+
+
+def check_unroll(unroll) -> str | int | bool:
+    """``"auto"``, True, False or an integer >= 0 (Python or NumPy), as ``unroll`` is given."""
+    if isinstance(unroll, str) and unroll == "auto":
+        return unroll
+    if isinstance(unroll, (bool, np.bool_)):
+        return bool(unroll)
+    if isinstance(unroll, (int, np.integer)) and unroll >= 0:
+        return int(unroll)
+    raise ValueError(f"`unroll` must be 'auto', True, False or an integer >= 0; got {unroll!r}")
+
+
+def unrolled(num_steps: int, unroll="auto") -> bool:
+    """Whether a loop of ``num_steps`` runs fully unrolled under ``unroll``.
+
+    ``"auto"``: on a CPU backend when ``num_steps <= MAX_UNROLL``; ``True``: always; ``False``
+    or an integer: never here (``lax.scan`` with that ``unroll``, which for an integer
+    ``>= num_steps`` is JAX's own unrolling, without the fences).
+    """
+    unroll = check_unroll(unroll)
+    if unroll == "auto":
+        return jax.default_backend() == "cpu" and num_steps <= MAX_UNROLL
+    return unroll is True
+
+
+def scan(body, carry, xs, *, unroll="auto"):
+    """``lax.scan(body, carry, xs)`` under the loop policy (see the module's docstring).
+
+    Unrolled, step ``k`` is fenced behind step ``k - 1`` with ``lax.optimization_barrier``
+    (its carry and its outputs), so the steps run one after the other and the peak memory is
+    that of one step, as under ``lax.scan``; the outputs are stacked as ``lax.scan`` stacks
+    them. The numbers are the same either way: the same ops on the same slices in the same
+    order.
+
+    Args:
+      body: ``body(carry, x) -> (carry, y)``.
+      carry: the initial carry.
+      xs: a pytree whose leaves share a leading axis of ``K`` steps.
+      unroll: ``"auto"`` (default: the policy), ``True`` (unroll, fenced), ``False`` or an
+        integer (``lax.scan``'s own ``unroll``).
+
+    Returns:
+      ``(carry, ys)``, ``ys`` stacked along a leading axis of ``K``.
+    """
+    unroll = check_unroll(unroll)
+    num_steps = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    if not unrolled(num_steps, unroll):
+        return jax.lax.scan(body, carry, xs, unroll=1 if unroll == "auto" else unroll)
+    ys = []
+    for k in range(num_steps):
+        x = jax.tree_util.tree_map(lambda a, k=k: a[k], xs)
+        if ys:  # step k starts only once step k - 1 has finished
+            carry, ys[-1], x = jax.lax.optimization_barrier((carry, ys[-1], x))
+        carry, y = body(carry, x)
+        ys.append(y)
+    return carry, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ys)
+
+
+def peeled_sum(one, num_steps):
+    """``Σ_{k < K} one(k)`` for a traced trip count ``K >= 1``, leaf by leaf.
+
+    Step 0 runs outside a ``lax.while_loop`` over the rest (see the module's docstring); a
+    ``K`` of 0 still runs step 0, which the caller makes a zero (e.g. fully masked).
+    """
+
+    def body(carry):
+        k, acc = carry
+        return k + 1, jax.tree_util.tree_map(jnp.add, acc, one(k))
+
+    _, total = jax.lax.while_loop(
+        lambda c: c[0] < num_steps, body, (jnp.int32(1), one(jnp.int32(0)))
+    )
+    return total
+
+
+def has_convolution(fn, *args) -> bool:
+    """Whether ``fn(*args)`` (abstract values suffice) runs a convolution, read off its jaxpr."""
+    return "conv_general_dilated" in str(jax.make_jaxpr(fn)(*args))
+
+
+def scan_steps(scan, fn, *args) -> bool:
+    """``fit``'s ``scan`` resolved: ``"auto"`` scans the steps unless ``fn(*args)`` (the loss
+    of one example) has a convolution and the backend is a CPU; True/False as given."""
+    if isinstance(scan, str) and scan == "auto":
+        return not (jax.default_backend() == "cpu" and has_convolution(fn, *args))
+    if not isinstance(scan, (bool, np.bool_)):
+        raise ValueError(f"`scan` must be True, False or 'auto'; got {scan!r}")
+    return bool(scan)
