@@ -5,6 +5,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxgrad.bench import __main__ as bench_main
@@ -103,6 +104,42 @@ def test_main_dp_prints_ratios_and_writes_json(tmp_path, capsys):
         assert r["sampled_over_nonprivate_throughput"] == pytest.approx(
             m["non-private step"] / m["sampled DP step"]
         )
+        assert r["sampled_over_ceiling"] == pytest.approx(
+            m["non-private step + noise"] / m["sampled DP step"]
+        )
+        assert r["fit_over_sampled_time"] == pytest.approx(
+            m["fit(privacy) step"] / m["sampled DP step"]
+        )
+        assert r["padding"] == pytest.approx(r["physical_batch_size"] / 8)
+
+
+def test_fit_steps_are_fit_privacy_steps():
+    # The bench's "fit(privacy) step" runs FIT_STEPS steps of fit's own engine: the same
+    # parameters as fit(privacy=...) after as many steps, from the same key.
+    from jaxgrad.train import PrivacyConfig, fit
+
+    case = suite.CASES["mlp-tiny"]()
+    params = case.model.init(jax.random.key(0))
+    data = case.make_batch(4 * dp.FIT_STEPS)  # batch 4: FIT_STEPS steps make one epoch
+    opt = optax.sgd(0.1)
+    key = jax.random.key(5)
+    got = dp.fit_steps(case, 4, data, opt=opt)(params, opt.init(params), data, key)
+    want = fit(
+        case.loss_fn,
+        params,
+        data,
+        optimizer=opt,
+        epochs=1,
+        batch_size=4,
+        key=key,
+        privacy=PrivacyConfig(l2_clip=1.0, noise_multiplier=1.0),
+        progress="none",
+        quiet=True,
+    ).state
+    assert int(got.step) == dp.FIT_STEPS == int(want.step)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got.params, want.params
+    )
 
 
 def test_main_dp_bad_rounds(capsys):

@@ -231,3 +231,43 @@ def test_feature_size_mismatch_names_the_model_and_shapes():
     mlp = jaxgrad.models.mlp([4, 8, 3])
     with pytest.raises(ValueError, match=r"shape \(2, 4\) \(8 features flattened\)"):
         mlp.apply(mlp.init(jax.random.key(0)), jnp.ones((2, 4)))
+
+
+def test_ws_groupnorm_cnn_matches_numpy_and_clips_like_vmap():
+    # De et al. (2022): weight-standardised convolutions, then GroupNorm per example.
+    model = models.cnn(image_shape=(4, 4), channels=(4,), num_classes=2, groups=2, dtype=F64)
+    params = model.init(jax.random.key(2))
+    params["conv"][0]["scale"] = params["conv"][0]["scale"] * 1.5  # not the identity
+    params["conv"][0]["bias"] = params["conv"][0]["bias"] + 0.25
+    x = np.asarray(jax.random.normal(jax.random.key(3), (4, 4), F64))
+    layer = jax.tree_util.tree_map(np.asarray, params["conv"][0])
+    w = layer["w"][:, :, 0, :]  # (3, 3, 4)
+    w = (w - w.mean(axis=(0, 1))) / np.sqrt(w.var(axis=(0, 1)) + 1e-5)
+    padded = np.pad(x, 1)
+    conv = (
+        np.stack(
+            [[padded[i : i + 3, j : j + 3, None] * w for j in range(4)] for i in range(4)]
+        ).sum(axis=(2, 3))
+        + layer["b"]
+    )  # (4, 4, 4)
+    g = conv.reshape(4, 4, 2, 2)
+    g = (g - g.mean(axis=(0, 1, 3), keepdims=True)) / np.sqrt(
+        g.var(axis=(0, 1, 3), keepdims=True) + 1e-5
+    )
+    normed = g.reshape(4, 4, 4) * layer["scale"] + layer["bias"]
+    pooled = np.maximum(normed, 0).reshape(2, 2, 2, 2, 4).mean(axis=(1, 3))
+    dense = jax.tree_util.tree_map(np.asarray, params["dense"])
+    expected = pooled.reshape(-1) @ dense["w"] + dense["b"]
+    np.testing.assert_allclose(model.apply(params, x), expected, rtol=1e-10)
+    # Its clipped sum on the fast path is the materialised vmap(grad) one.
+    loss = jaxgrad.losses.supervised(
+        model.apply, jaxgrad.losses.softmax_cross_entropy, num_classes=2
+    )
+    batch = (jax.random.normal(jax.random.key(4), (5, 4, 4), F64), jnp.array([0, 1, 1, 0, 1]))
+    fast = jaxgrad.clipped_grad(loss, l2_clip=0.1)(params, batch)
+    ref = jaxgrad.clipped_grad(loss, l2_clip=0.1, method="vmap")(params, batch)
+    jaxgrad.check.assert_equivalent(fast, ref)
+    with pytest.raises(ValueError, match=r"`groups` \(3\) must divide every channel count"):
+        models.cnn(channels=(4,), groups=3)
+    with pytest.raises(ValueError, match="`groups` must be a positive integer or None; got 0"):
+        models.cnn(channels=(4,), groups=0)

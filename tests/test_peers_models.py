@@ -167,3 +167,10 @@ def test_scanned_layout_round_trips_and_matches_the_unrolled_one():
         np.testing.assert_array_equal(batched[k][1], 3 * v, err_msg=k)
     with pytest.raises(ValueError, match="leading layer axis of 2"):
         layouts.to_torch_state(scanned, {**flat, "blocks.ln1.scale": flat["blocks.ln1.scale"][0]})
+
+
+def test_jax_privacy_clipped_sum_row_agrees_with_the_reference(tmp_path):
+    # jax_privacy's own clipped gradient (no noise), checked like every clipped-grad row.
+    _skip_if_missing(specs.METHODS["jax_privacy:clipped_sum"])
+    result = _run_row("jax_privacy:clipped_sum", "cnn-tiny", tmp_path)
+    assert result["agrees_with_reference"] is True and set(result["errors"]) == {"clipped"}

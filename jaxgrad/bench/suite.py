@@ -231,10 +231,10 @@ STRATEGIES: dict[str, Callable] = {
     # The default (jaxgrad._loops' policy), the plain loop it replaces on a CPU, and the loop
     # unrolled by JAX (lax.scan's unroll=4: no fences): the loop tax and its cure side by side.
     "accumulate_grad(4 micro)": lambda lf, b: grads.accumulate_grad(lf, num_microbatches=4),
-    "accumulate_grad(4, lax.scan)": lambda lf, b: grads.accumulate_grad(
+    "accumulate_grad(4 scanned)": lambda lf, b: grads.accumulate_grad(
         lf, num_microbatches=4, unroll=False
     ),
-    "accumulate_grad(4, unrolled)": lambda lf, b: grads.accumulate_grad(
+    "accumulate_grad(4 unrolled)": lambda lf, b: grads.accumulate_grad(
         lf, num_microbatches=4, unroll=4
     ),
     "python_loop": lambda lf, b: python_loop(lf),

@@ -94,11 +94,14 @@ def prepare(method: str, spec: ModelSpec, jax_flat, data, *, l2_clip: float):
         f = fast_module().clipped_grad(loss_fn, l2_clip=l2_clip, reduction="sum", return_norms=True)
         step = lambda: jax.block_until_ready(f(params, batch))
         return step, lambda out: {"clipped": flat(out[0]), "norms": np.asarray(out[1])}
+    if method == "clipped_sum":  # jax_privacy's clipped gradient, no noise
+        f = jax.jit(_jax_privacy_clipped_sum(loss_fn, l2_clip=l2_clip))
+        step = lambda: jax.block_until_ready(f(params, batch))
+        return step, lambda out: {"clipped": flat(out)}
     if method in _DP_STEPS:
         return _dp_row(_DP_STEPS[method], loss_fn, params, batch, l2_clip=l2_clip, flat=flat)
-    allowed = "batch_grad, per_example_grads, per_example_norms, clipped_grad, " + ", ".join(
-        _DP_STEPS
-    )
+    allowed = "batch_grad, per_example_grads, per_example_norms, clipped_grad, clipped_sum, "
+    allowed += ", ".join(_DP_STEPS)
     raise ValueError(f"JAX-side `method` must be one of {allowed}; got {method!r}")
 
 
@@ -127,16 +130,22 @@ def _jaxgrad_dp_step(loss_fn, params, batch, *, l2_clip, sigma):
     return lambda: f(params, batch, None, key)
 
 
+def _jax_privacy_clipped_sum(loss_fn, *, l2_clip):
+    """jax_privacy 2.x's ``clipping.clipped_grad``: ``f(params, batch)``, the sum over the
+    batch of the per-example gradients (vmapped) clipped to ``l2_clip``."""
+    from jax_privacy import clipping
+
+    return clipping.clipped_grad(
+        reduce.loss_sum_fn(loss_fn), l2_clip_norm=l2_clip, batch_argnums=1, keep_batch_dim=False
+    )
+
+
 def _jax_privacy_dp_step(loss_fn, params, batch, *, l2_clip, sigma):
     # jax_privacy 2.x: `clipping.clipped_grad` vmaps the per-example gradient and clips it
     # (no ghost clipping); the Gaussian noise on the sum and the division by the expected
     # batch size are what its DP-SGD recipe adds around it, written here with jax.random.
-    from jax_privacy import clipping
-
     b = int(jax.tree_util.tree_leaves(batch)[0].shape[0])
-    clipped_sum = clipping.clipped_grad(
-        reduce.loss_sum_fn(loss_fn), l2_clip_norm=l2_clip, batch_argnums=1, keep_batch_dim=False
-    )
+    clipped_sum = _jax_privacy_clipped_sum(loss_fn, l2_clip=l2_clip)
 
     @jax.jit
     def f(params, batch, key):

@@ -264,6 +264,10 @@ METHODS: dict[str, Method] = {
             "jaxgrad.privacy.dp_grad: fast clipped sum + N(0, σ²C²I) once, / B",
         ),
         Method(
+            "jax_privacy", "clipped_sum", "clipped grad", "jax_privacy", True,
+            "jax_privacy.clipping.clipped_grad (vmap(grad), clip, sum; keep_batch_dim=False)",
+        ),
+        Method(
             "jax_privacy", "dp_step", "noisy grad", "jax_privacy", False,
             "jax_privacy.clipping.clipped_grad (vmap) + N(0, σ²C²I), / B",
         ),
