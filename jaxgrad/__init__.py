@@ -19,10 +19,12 @@ from jaxgrad import (
 )
 from jaxgrad.accumulation import accumulate
 from jaxgrad.fast import (
+    GradientDiversity,
     GradMoments,
     GradStats,
     clipped_grad,
     grad_stats,
+    gradient_diversity,
     gradient_gram,
     per_example_dots,
     per_example_moments,
@@ -41,6 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GradMoments",
     "GradStats",
+    "GradientDiversity",
     "Model",
     "accumulate",
     "accumulate_grad",
@@ -50,6 +53,7 @@ __all__ = [
     "closed_form",
     "data",
     "grad_stats",
+    "gradient_diversity",
     "gradient_gram",
     "losses",
     "mean_of_per_example_grads",

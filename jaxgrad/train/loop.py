@@ -39,7 +39,6 @@ from jaxgrad.train import checkpoint as ckpt
 from jaxgrad.train import example_keys, private
 from jaxgrad.train import writers as writers_lib
 from jaxgrad.train.private import PrivacyConfig
-from jaxgrad.train.valuation import Valuation, check_valuation
 from jaxgrad.train.progress import Progress, end_epoch
 from jaxgrad.train.step import (
     Engine,
@@ -50,6 +49,7 @@ from jaxgrad.train.step import (
     step_fn,
     strategy_name,
 )
+from jaxgrad.train.valuation import Valuation, check_valuation
 
 PyTree = Any
 

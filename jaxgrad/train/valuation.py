@@ -7,7 +7,8 @@ item counts ``n_j``) is
 
 .. math::
 
-    \\theta_{t+1} = \\theta_t - \\eta_t \\, \\frac{1}{N_t} \\sum_{j \\in B_t} m_j \\nabla S_j(\\theta_t),
+    \\theta_{t+1} = \\theta_t
+        - \\frac{\\eta_t}{N_t} \\sum_{j \\in B_t} m_j \\nabla S_j(\\theta_t),
     \\qquad N_t = \\sum_{j \\in B_t} m_j n_j,
 
 for plain SGD with learning rate ``η_t`` (``S_j`` is example ``j``'s loss sum; for a scalar
@@ -140,7 +141,8 @@ class Valuation:
           >>> from jaxgrad.train import Valuation
           >>> loss = lambda w, x: jnp.dot(x, w)  # ∇S_j = x_j; ∇L_val = mean of val rows
           >>> v = Valuation(jnp.array([[1.0, 0.0]]), learning_rate=0.5).step_values(loss)
-          >>> v(jnp.ones(2), 0, jnp.array([[2.0, 1.0], [0.0, 3.0]]), None).tolist()  # 0.5/2 ⟨x,(1,0)⟩
+          >>> x = jnp.array([[2.0, 1.0], [0.0, 3.0]])
+          >>> v(jnp.ones(2), 0, x, None).tolist()  # (0.5 / 2) ⟨x_j, (1, 0)⟩
           [0.5, 0.0]
         """
         val_grad = batch_grad(loss_fn)
