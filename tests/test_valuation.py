@@ -1,5 +1,7 @@
 """fit(valuation=...): In-Run Data Shapley / TracIn scores against a Python loop in float64."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import optax
 import pytest
 
 import jaxgrad
+from jaxgrad.bench.valuation import flip_labels, main, roc_auc
 from jaxgrad.data import epoch_indices
 from jaxgrad.train import PrivacyConfig, Valuation, fit
 
@@ -163,3 +166,29 @@ def test_plain_fit_returns_no_scores():
     assert result.valuation is None
     params_out, _, history = result  # the three-way unpacking still works
     assert len(history) == 1 and params_out is result.params
+
+
+def test_roc_auc_against_sklearn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(3)
+    scores = np.round(rng.normal(size=60), 1)  # ties on purpose
+    positive = rng.random(60) < 0.3
+    np.testing.assert_allclose(
+        roc_auc(scores, positive), metrics.roc_auc_score(positive, scores), rtol=1e-12
+    )
+    with pytest.raises(ValueError, match="`positive` needs both classes"):
+        roc_auc(scores, np.zeros(60, bool))
+
+
+def test_demo_runs_at_a_tiny_size(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    out_json, out_png = tmp_path / "v.json", tmp_path / "v.png"
+    argv = ["--train-size", "96", "--epochs", "2", "--val-size", "40"]
+    assert main([*argv, "--json", str(out_json), "--plot", str(out_png)]) == 0
+    figures = json.loads(out_json.read_text())
+    assert figures["num_train"] == 96 and figures["num_flipped"] == 10
+    assert 0 <= figures["auc_lowest_value"] <= 1 and out_png.stat().st_size > 0
+    y = np.arange(50) % 10
+    noisy, flipped = flip_labels(y, fraction=0.1, num_classes=10, seed=0)
+    assert flipped.sum() == 5 and np.all((noisy != y) == flipped)
