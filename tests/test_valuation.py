@@ -70,9 +70,9 @@ def _reference(loss_fn, params, train, val, *, optimizer, lr, epochs, batch_size
     [
         dict(scan=True, optimizer="sgd", token=False),
         dict(scan=False, optimizer="adam", token=False),
-        dict(scan=True, optimizer="sgd", token=True),
+        dict(scan=True, optimizer="sgd", token=True, chunk_size=3),
     ],
-    ids=["sgd-scan", "adam-schedule-loop", "sum-count"],
+    ids=["sgd-scan", "adam-schedule-loop", "sum-count-chunked"],
 )
 def test_scores_equal_a_python_loop(case):
     params, loss_fn, train, val = _problem(token=case["token"])
@@ -90,7 +90,7 @@ def test_scores_equal_a_python_loop(case):
         scan=case["scan"],
         steps_per_call=2,  # 3 steps an epoch: a chunk with a padded, inactive step
         quiet=True,
-        valuation=Valuation(val, learning_rate=lr),
+        valuation=Valuation(val, learning_rate=lr, chunk_size=case.get("chunk_size")),
     )
     expected = _reference(loss_fn, params, train, val, lr=lr, **kw)
     assert result.valuation.shape == (11,) and result.valuation.dtype == np.float64

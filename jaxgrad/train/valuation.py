@@ -120,6 +120,8 @@ class Valuation:
             learning_rate = reduce.check_positive_float(learning_rate, name="learning_rate")
         if method not in ("auto", "vmap"):
             raise ValueError(f"`method` must be 'auto' or 'vmap'; got {method!r}")
+        if chunk_size is not None:
+            chunk_size = reduce.check_positive_int(chunk_size, name="chunk_size")
         self.val_data = val_data
         self.learning_rate = learning_rate
         self.method = method
