@@ -29,6 +29,7 @@ from jaxgrad.fast import (
     per_example_norms,
 )
 from jaxgrad.grads import (
+    GradResult,
     accumulate_grad,
     batch_grad,
     mean_of_per_example_grads,
@@ -40,6 +41,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GradMoments",
+    "GradResult",
     "GradStats",
     "Model",
     "accumulate",
