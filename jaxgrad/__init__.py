@@ -31,6 +31,7 @@ from jaxgrad.fast import (
     per_example_norms,
 )
 from jaxgrad.grads import (
+    GradResult,
     accumulate_grad,
     batch_grad,
     mean_of_per_example_grads,
@@ -42,6 +43,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GradMoments",
+    "GradResult",
     "GradStats",
     "GradientDiversity",
     "Model",

@@ -34,7 +34,6 @@ def _wrap(core, loss_fn, *, name: str, doc: str | None, keywords: tuple = ()):
     return _strategy(
         core,
         validate=_validator(loss_fn),
-        return_loss=None,
         name=name,
         doc=doc,
         loss_fn=loss_fn,
