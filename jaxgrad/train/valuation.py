@@ -154,7 +154,7 @@ class Valuation:
         def f(params, step, batch, mask):
             if mask is None:
                 mask = jnp.ones((reduce.batch_size(batch),), bool)
-            reference = _grads(val_grad(params, val_data))
+            reference = val_grad(params, val_data).grads
             d = dots(params, batch, mask, reference=reference)
             count = reduce.batch_totals(loss_fn, params, batch, mask)[1]
             lr = learning_rate(step) if callable(learning_rate) else learning_rate
@@ -162,12 +162,6 @@ class Valuation:
             return jnp.where(mask, reduce.safe_divide(lr * d, count), 0)
 
         return f
-
-
-def _grads(result):
-    """The gradient pytree of a strategy's result (a bare pytree, or a typed result's
-    ``.grads``)."""
-    return getattr(result, "grads", result) if hasattr(result, "_fields") else result
 
 
 def check_valuation(valuation, *, privacy, mesh, loss_key, checkpoint_dir, loss_fn, train_data):
