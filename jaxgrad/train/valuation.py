@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgrad import reduce
+from jaxgrad.fast import passes
 from jaxgrad.fast.api import per_example_dots
 from jaxgrad.grads import batch_grad
 
@@ -118,8 +119,7 @@ class Valuation:
         reduce.batch_size(val_data, name="val_data")
         if not callable(learning_rate):
             learning_rate = reduce.check_positive_float(learning_rate, name="learning_rate")
-        if method not in ("auto", "vmap"):
-            raise ValueError(f"`method` must be 'auto' or 'vmap'; got {method!r}")
+        method = passes.check_method(method)
         if chunk_size is not None:
             chunk_size = reduce.check_positive_int(chunk_size, name="chunk_size")
         self.val_data = val_data
