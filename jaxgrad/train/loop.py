@@ -419,7 +419,9 @@ def fit(
     chunk = min(steps_per_epoch, checkpoint_every or steps_per_epoch)
     if steps_per_call is not None:
         chunk = min(chunk, _positive(steps_per_call, "steps_per_call"))
-    common = {"loss_fn": loss_fn, "train_data": train_data, "optimizer": optimizer}
+    # BandMF noise: a privatizer heads the optimizer the steps run (its state is secret).
+    run_optimizer = private.run_optimizer(optimizer, the_plan, key)
+    common = {"loss_fn": loss_fn, "train_data": train_data, "optimizer": run_optimizer}
     common.update(batch_size=batch_size, chunk=chunk, scan=scan, mesh=mesh, check=check)
     if privacy is None:
         engine = _plain_engine(**common, strategy=strategy, loss_key=loss_key)
@@ -450,7 +452,7 @@ def fit(
         engine,
         config,
         params=params,
-        optimizer=optimizer,
+        optimizer=run_optimizer,
         key=key,
         epochs=epochs,
         evaluate=evaluate,
@@ -466,7 +468,10 @@ def fit(
     )
     if the_plan is None:
         return result
-    return result._replace(privacy=the_plan.summary(int(result.state.step)))
+    return result._replace(
+        state=private.release(result.state, the_plan),
+        privacy=the_plan.summary(int(result.state.step)),
+    )
 
 
 def _plain_engine(
