@@ -2,7 +2,9 @@
 amplified accounting and its place in fit (jaxgrad.privacy.bandmf)."""
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 import chex
 import dp_accounting as dpa
@@ -448,3 +450,41 @@ def test_bandmf_fit_audit_stays_below_its_claim_and_too_little_noise_exceeds_it(
     ).noise_multiplier
     broken = run(PrivacyConfig(noise_multiplier=sigma / 10, **kw))  # same canaries, same rows
     assert broken.epsilon_lower > target, broken
+
+
+# --------------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------------
+
+
+def test_cli_bands(tmp_path, capsys):
+    from jaxgrad.train.__main__ import main
+
+    out = tmp_path / "out.json"
+    line = ["--data", "line", "--dp", "--noise-multiplier", "1", "--accountant", "rdp"]
+    line += ["--batch-size", "64", "--x64", "--epochs", "2", "--insecure-dp-seed", "1"]
+    assert main([*line, "--bands", "3", "--bandmf-strategy", "sqrt", "--json", str(out)]) == 0
+    pv = json.loads(out.read_text())["privacy"]
+    assert (pv["noise"], pv["bands"], pv["sampling"]) == ("bandmf", 3, "cyclic_poisson")
+    assert pv["participations"] == -(-pv["steps"] // 3)
+    assert pv["epsilon"] == pytest.approx(
+        privacy.epsilon(
+            noise_multiplier=1.0,
+            sampling_rate=pv["sampling_rate"],
+            steps=pv["participations"],
+            delta=1e-5,
+            accountant="rdp",
+        )
+    )
+    doc = (Path(__file__).parents[1] / "docs" / "privacy.md").read_text()
+    table = doc.split("### What a `--dp` run releases", 1)[1]
+    assert all(f"`privacy.{k}`" in table for k in pv), sorted(pv)
+    for args, message in [
+        (["--data", "line", "--bands", "2"], "--bands needs --dp"),
+        ([*line, "--bandmf-strategy", "sqrt"], "--bandmf-strategy needs --bands"),
+        ([*line, "--bands", "0"], "--bands must be"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main([*args, "--quiet"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err, err
