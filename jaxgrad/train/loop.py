@@ -448,24 +448,28 @@ def fit(
     }
     if checkpoint_dir is not None:  # only checkpoints read it: no probe otherwise
         config["optimizer_probe"] = _optimizer_probe(optimizer, params)
-    result = _run(
-        engine,
-        config,
-        params=params,
-        optimizer=run_optimizer,
-        key=key,
-        epochs=epochs,
-        evaluate=evaluate,
-        checkpoint_dir=checkpoint_dir,
-        checkpoint_every=checkpoint_every,
-        keep=keep,
-        resume=resume,
-        metrics_path=metrics_path,
-        metric_writers=metric_writers,
-        progress=progress,
-        quiet=quiet,
-        mesh=mesh,
-    )
+    try:
+        result = _run(
+            engine,
+            config,
+            params=params,
+            optimizer=run_optimizer,
+            key=key,
+            epochs=epochs,
+            evaluate=evaluate,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            keep=keep,
+            resume=resume,
+            metrics_path=metrics_path,
+            metric_writers=metric_writers,
+            progress=progress,
+            quiet=quiet,
+            mesh=mesh,
+        )
+    except NonFiniteLossError as e:  # its state is released too: no BandMF noise state in it
+        e.state = private.release(e.state, the_plan)
+        raise
     if the_plan is None:
         return result
     return result._replace(
