@@ -22,6 +22,12 @@ the run's record match the sampling actually used. A shuffled epoch is refused.
 ``stop_at_epsilon`` ends training after the last step whose ε stays within the budget
 (:meth:`jaxgrad.privacy.Accountant.steps_within`, counted before any data is read).
 
+Correlated noise (``PrivacyConfig(noise="bandmf", bands=b)``, :mod:`jaxgrad.privacy.bandmf`):
+the batch source is cyclic Poisson over ``b`` groups, the clipped sum goes to a BandMF
+privatizer heading the optimizer (:func:`run_optimizer`; its key and last ``b − 1`` noise
+vectors are in the training state and the checkpoints, and :func:`release` takes them out of
+what ``fit`` returns), and the accounting composes ``⌈steps / b⌉`` Poisson steps.
+
 On a mesh (``fit(..., privacy=..., mesh=...)``) the step is the same computation, spread:
 the Poisson sample is drawn over the whole data set from the same key in every process (one
 draw for the step, never one per device or host, so the inclusions stay independent across
