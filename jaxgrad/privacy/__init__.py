@@ -11,7 +11,9 @@ clipped sum computed another way). The ε spent is computed by
 Batch sources other than Poisson sampling, each with its own accounting event, are in
 :mod:`jaxgrad.privacy.sources` (:class:`TruncatedPoisson`, :class:`WithoutReplacement`); an
 :class:`Accountant` records the events of a loop of your own and answers ε and
-``steps_within`` a budget.
+``steps_within`` a budget. Correlated noise across steps (banded matrix factorisation,
+BandMF, with its amplified accounting) is :mod:`jaxgrad.privacy.bandmf`,
+:func:`bandmf_privatizer` and :class:`CyclicPoisson`.
 
 With optax, the noisy gradient is an ordinary gradient::
 
@@ -22,7 +24,7 @@ With optax, the noisy gradient is an ordinary gradient::
 (any optax optimizer: post-processing of a private gradient stays private).
 """
 
-from jaxgrad.privacy import audit, sources
+from jaxgrad.privacy import audit, bandmf, sources
 from jaxgrad.privacy.accounting import (
     Accountant,
     AccountingFallbackWarning,
@@ -33,10 +35,12 @@ from jaxgrad.privacy.accounting import (
     epsilon,
 )
 from jaxgrad.privacy.noisy import (
+    BandMFState,
     ClippedSum,
     DPInfo,
     PrivatizerState,
     add_noise,
+    bandmf_privatizer,
     dp_grad,
     gaussian_privatizer,
     noised_average,
@@ -51,6 +55,7 @@ from jaxgrad.privacy.sampling import (
     poisson_sample,
 )
 from jaxgrad.privacy.sources import (
+    CyclicPoisson,
     Poisson,
     TruncatedPoisson,
     WithoutReplacement,
@@ -60,7 +65,9 @@ from jaxgrad.privacy.sources import (
 __all__ = [
     "Accountant",
     "AccountingFallbackWarning",
+    "BandMFState",
     "ClippedSum",
+    "CyclicPoisson",
     "DPInfo",
     "Poisson",
     "PoissonSample",
@@ -69,6 +76,8 @@ __all__ = [
     "WithoutReplacement",
     "add_noise",
     "audit",
+    "bandmf",
+    "bandmf_privatizer",
     "batch_source",
     "calibrate_noise_multiplier",
     "check_delta",

@@ -252,6 +252,80 @@ def gaussian_privatizer(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+class BandMFState(NamedTuple):
+    """The state of :func:`bandmf_privatizer`: its key, the number of sums it noised, and
+    the last ``b − 1`` noise vectors (secret: with them the last steps' sums are exposed)."""
+
+    key: jax.Array
+    count: jax.Array
+    history: PyTree
+
+
+def bandmf_privatizer(
+    *, coefs, noise_multiplier: float, l2_sensitivity: float, expected_batch_size: float, key
+):
+    """:func:`gaussian_privatizer` with banded matrix-factorisation (BandMF) noise.
+
+    .. math::
+
+        u_t = \\frac{1}{B_e} \\big( S_t + w_t \\big), \\qquad
+        w_t = \\frac{1}{c_0} \\Big( z_t - \\sum_{j=1}^{b-1} c_j w_{t-j} \\Big), \\qquad
+        z_t \\sim \\mathcal N(0, \\sigma^2 \\Delta_2^2 I)
+
+    so the noise across steps is ``C⁻¹ z`` for the banded Toeplitz strategy ``C`` of
+    ``coefs`` (:mod:`jaxgrad.privacy.bandmf`): ``Cov = σ²Δ₂² C⁻¹C⁻ᵀ``. ``z_t`` is exactly the
+    noise :func:`gaussian_privatizer` would add at step ``t`` (same key schedule,
+    :func:`jaxgrad.keys.dp_keys`), so with ``coefs=[1.]`` the two give the same bits. Its
+    state carries the key and the last ``b − 1`` noise vectors: an optimizer state holding
+    it is secret (checkpoints included). Its guarantee needs each example to take part at
+    most once in any ``b`` consecutive steps (:class:`jaxgrad.privacy.sources.CyclicPoisson`,
+    accounted by :func:`jaxgrad.privacy.bandmf.dp_event`).
+
+    Args:
+      coefs: the strategy ``c`` (``b`` numbers, ``c_0 > 0``, ``‖c‖ = 1``;
+        :func:`jaxgrad.privacy.bandmf.sqrt_coefs` or ``optimized_coefs``).
+      noise_multiplier: ``σ ≥ 0``.
+      l2_sensitivity: ``Δ₂ > 0``, the sensitivity of one sum (the clip norm ``C``).
+      expected_batch_size: ``B_e > 0``, the public divisor.
+      key: the PRNG key of the noise.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from jaxgrad.privacy import bandmf_privatizer
+      >>> tx = bandmf_privatizer(coefs=[0.6, 0.8], noise_multiplier=0.0, l2_sensitivity=1.0,
+      ...                        expected_batch_size=2, key=jax.random.key(0))
+      >>> state = tx.init(jnp.zeros(2))
+      >>> updates, state = tx.update(jnp.array([2.0, 4.0]), state)  # a clipped sum
+      >>> updates.tolist(), state.history.shape  # the last b - 1 = 1 noise vectors
+      ([1.0, 2.0], (1, 2))
+    """
+    from jaxgrad.privacy import bandmf
+
+    c = bandmf.check_coefs(coefs)
+    sigma = reduce.check_nonnegative_float(noise_multiplier, name="noise_multiplier")
+    delta2 = reduce.check_positive_float(l2_sensitivity, name="l2_sensitivity")
+    b_e = reduce.check_positive_float(expected_batch_size, name="expected_batch_size")
+    key = keys.check_key(key)
+
+    def init_fn(params):
+        return BandMFState(key, jnp.zeros((), jnp.int32), bandmf.init_history(params, c.size))
+
+    def update_fn(sums, state, params=None):
+        del params
+        _, noise_key = keys.dp_keys(state.key, state.count)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, sums)
+        z = add_noise(zeros, noise_key, stddev=sigma * delta2)  # add_noise's very normals
+        w, history = bandmf.correlated_noise(z, state.history, c)
+        noisy = jax.tree_util.tree_map(lambda s, n: (s + n) / jnp.asarray(b_e, s.dtype), sums, w)
+        return noisy, BandMFState(state.key, state.count + 1, history)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def _finish(nonfinite, return_info, name):
     """The host side of ``f``: ``nonfinite="raise"``'s error, then the info stripped."""
     return_info = reduce.check_flag(return_info, name="return_info")
@@ -356,8 +430,10 @@ def dp_grad(
 
 
 def sampled_clipped_sum(clipped, *, physical_batch_size, sampling_rate=None, source=None):
-    """``f(params, data, sample_key, *args) -> (S, b, bad, ⌈b/P⌉)``: one draw of a batch
-    source over ``data``, run in physical batches of ``P`` rows and their clipped sums added.
+    """``f(params, data, sample_key, *args, step=None) -> (S, b, bad, ⌈b/P⌉)``: one draw of a
+    batch source over ``data``, run in physical batches of ``P`` rows and their clipped sums
+    added (``step``: the training step, for a source whose draw depends on it,
+    :class:`jaxgrad.privacy.sources.CyclicPoisson`).
 
     The batch source (``source``, :mod:`jaxgrad.privacy.sources`; or Poisson sampling at
     ``sampling_rate``) and the clipped sum of a DP step, composed: a ``lax.while_loop`` over
@@ -367,14 +443,16 @@ def sampled_clipped_sum(clipped, *, physical_batch_size, sampling_rate=None, sou
     p = physical_batch_size
     if (source is None) == (sampling_rate is None):
         raise ValueError("give exactly one of `sampling_rate` (Poisson) and `source`")
-    if source is None:
-        from jaxgrad.privacy import sources
+    from jaxgrad.privacy import sources
 
+    if source is None:
         source = sources.Poisson(sampling_rate=sampling_rate)
 
-    def f(params, data, sample_key, *args):
+    def f(params, data, sample_key, *args, step=None):
         n = reduce.batch_size(data, name="data")
-        sample = source.sample(sample_key, num_examples=n, physical_batch_size=p)
+        sample = source.sample(
+            sample_key, num_examples=n, physical_batch_size=p, **sources.step_kwargs(source, step)
+        )
         steps = sampling.num_physical_batches(sample.count, p)
 
         def one(k):

@@ -53,6 +53,8 @@ DP_ONLY = {
     "insecure_dp_seed": "it seeds the noise and sampling of --dp; --seed seeds the split, the "
     "initialisation and the shuffle",
     "public_test": "without --dp the test split is always evaluated",
+    "bands": "it is the number of bands of --dp's BandMF (correlated) noise",
+    "bandmf_strategy": "it picks the strategy of --dp --bands's correlated noise",
 }
 # The first 32-bit word of a DP key derived from --insecure-dp-seed. OS-entropy keys never
 # start with it (drawn again if they do), so a key restored from a checkpoint tells whether
@@ -83,6 +85,8 @@ DP_FLAGS = (
     "nonfinite",
     "batch_size",
     "epochs",
+    "bands",
+    "bandmf_strategy",
 )
 # The library's argument names that are command-line flags of another name.
 FLAG_NAMES = {
@@ -229,6 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
         f"(with --dp, default: {DP_DEFAULTS['nonfinite']})",
     )
     g.add_argument(
+        "--bands",
+        type=int,
+        metavar="B",
+        help="BandMF noise: correlated across B steps (banded matrix factorisation), rows split "
+        "into B groups sampled in turn (rate B * batch-size / N), accounted as ceil(steps / B) "
+        "Poisson steps; B = 1 is plain DP-SGD (default: independent noise)",
+    )
+    g.add_argument(
+        "--bandmf-strategy",
+        choices=("optimized", "sqrt"),
+        help="the banded strategy of --bands: optimized for the run's steps (L-BFGS, default) "
+        "or the closed form (1 - x)^(-1/2) cut to B bands",
+    )
+    g.add_argument(
         "--public-test",
         action="store_true",
         default=None,
@@ -345,12 +363,25 @@ def _privacy(args, parser, num_examples, batch_size, epochs):
         target_epsilon=args.target_epsilon,
         noise_multiplier=args.noise_multiplier,
         physical_batch_size=args.physical_batch_size,
+        **_bandmf(args, parser),
     )
     try:
         return private.plan(config, num_examples=num_examples, batch_size=batch_size, epochs=epochs)
     except (ValueError, TypeError) as e:
         message = str(e)
         _flag_error(parser, message, DP_FLAGS)  # the library names arguments; the user typed flags
+
+
+def _bandmf(args, parser) -> dict:
+    """The PrivacyConfig fields of --bands and --bandmf-strategy."""
+    if args.bands is None:
+        if args.bandmf_strategy is not None:
+            parser.error("--bandmf-strategy needs --bands (the number of bands of BandMF noise)")
+        return {}
+    fields = {"noise": "bandmf", "bands": args.bands}
+    if args.bandmf_strategy is not None:
+        fields["bandmf_strategy"] = args.bandmf_strategy
+    return fields
 
 
 def _standardize(args, parser):
@@ -838,6 +869,7 @@ def run(args, parser=None) -> dict:
             f"privacy: ({pv['epsilon']:.4g}, {pv['delta']:g})-DP ({pv['accountant']}), "
             f"sigma {pv['noise_multiplier']:.4g}, q {pv['sampling_rate']:.4g}, "
             f"{pv['steps']} steps, clip {pv['l2_clip']:g}"
+            + (f", BandMF noise, {pv['bands']} bands" if pv.get("noise") == "bandmf" else "")
         )
     if "params" in summary:
         say("fitted line: " + "  ".join(f"{k} = {v:.6f}" for k, v in summary["params"].items()))

@@ -442,7 +442,9 @@ def fit(
     chunk = min(steps_per_epoch, checkpoint_every or steps_per_epoch)
     if steps_per_call is not None:
         chunk = min(chunk, _positive(steps_per_call, "steps_per_call"))
-    common = {"loss_fn": loss_fn, "train_data": train_data, "optimizer": optimizer}
+    # BandMF noise: a privatizer heads the optimizer the steps run (its state is secret).
+    run_optimizer = private.run_optimizer(optimizer, the_plan, key)
+    common = {"loss_fn": loss_fn, "train_data": train_data, "optimizer": run_optimizer}
     common.update(batch_size=batch_size, chunk=chunk, scan=scan, mesh=mesh, check=check)
     scores = None if valuation is None else np.zeros(n, np.float64)
     if privacy is None:
@@ -472,27 +474,34 @@ def fit(
     }
     if checkpoint_dir is not None:  # only checkpoints read it: no probe otherwise
         config["optimizer_probe"] = _optimizer_probe(optimizer, params)
-    result = _run(
-        engine,
-        config,
-        params=params,
-        optimizer=optimizer,
-        key=key,
-        epochs=epochs,
-        evaluate=evaluate,
-        checkpoint_dir=checkpoint_dir,
-        checkpoint_every=checkpoint_every,
-        keep=keep,
-        resume=resume,
-        metrics_path=metrics_path,
-        metric_writers=metric_writers,
-        progress=progress,
-        quiet=quiet,
-        mesh=mesh,
-    )
+    try:
+        result = _run(
+            engine,
+            config,
+            params=params,
+            optimizer=run_optimizer,
+            key=key,
+            epochs=epochs,
+            evaluate=evaluate,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            keep=keep,
+            resume=resume,
+            metrics_path=metrics_path,
+            metric_writers=metric_writers,
+            progress=progress,
+            quiet=quiet,
+            mesh=mesh,
+        )
+    except NonFiniteLossError as e:  # its state is released too: no BandMF noise state in it
+        e.state = private.release(e.state, the_plan)
+        raise
     if the_plan is None:
         return result._replace(valuation=scores)
-    return result._replace(privacy=the_plan.summary(int(result.state.step)))
+    return result._replace(
+        state=private.release(result.state, the_plan),
+        privacy=the_plan.summary(int(result.state.step)),
+    )
 
 
 def _valued(body, loss_fn, valuation):

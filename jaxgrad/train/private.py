@@ -22,6 +22,12 @@ the run's record match the sampling actually used. A shuffled epoch is refused.
 ``stop_at_epsilon`` ends training after the last step whose ε stays within the budget
 (:meth:`jaxgrad.privacy.Accountant.steps_within`, counted before any data is read).
 
+Correlated noise (``PrivacyConfig(noise="bandmf", bands=b)``, :mod:`jaxgrad.privacy.bandmf`):
+the batch source is cyclic Poisson over ``b`` groups, the clipped sum goes to a BandMF
+privatizer heading the optimizer (:func:`run_optimizer`; its key and last ``b − 1`` noise
+vectors are in the training state and the checkpoints, and :func:`release` takes them out of
+what ``fit`` returns), and the accounting composes ``⌈steps / b⌉`` Poisson steps.
+
 On a mesh (``fit(..., privacy=..., mesh=...)``) the step is the same computation, spread:
 the Poisson sample is drawn over the whole data set from the same key in every process (one
 draw for the step, never one per device or host, so the inclusions stay independent across
@@ -45,7 +51,7 @@ import optax
 from jaxgrad import keys, reduce
 from jaxgrad import privacy as dp
 from jaxgrad import sharding as sharding_lib
-from jaxgrad.privacy import accounting, noisy, sampling, sources
+from jaxgrad.privacy import accounting, bandmf, noisy, sampling, sources
 from jaxgrad.train.step import Engine, TrainState, guarded
 
 
@@ -85,6 +91,20 @@ class PrivacyConfig:
       stop_at_epsilon: a budget: training stops after the last step whose ε (at ``delta``)
         stays within it, even if ``epochs`` asks for more (the history's last record is that
         step's; a resumed run stops there too). Refused if not one step fits.
+      noise: ``"gaussian"`` (default: independent noise every step) or ``"bandmf"``
+        (banded matrix-factorisation noise, correlated across ``bands`` steps,
+        :mod:`jaxgrad.privacy.bandmf`): the examples are split into ``bands`` groups (row
+        ``i`` in group ``i mod bands``), step ``t`` Poisson-samples group ``t mod bands``
+        with rate ``q = bands · batch_size / N`` (:class:`jaxgrad.privacy.CyclicPoisson`),
+        and the run is accounted as ``⌈steps / bands⌉`` Poisson-sampled Gaussian steps.
+        The last ``bands − 1`` noise vectors live in the training state's optimizer state
+        (and the checkpoints, which are secret), never in the returned ``FitResult.state``.
+      bands: ``b ≥ 1`` of ``noise="bandmf"`` (required there, refused elsewhere); at most
+        the planned steps, and ``b · batch_size ≤ N``. ``bands=1`` is DP-SGD, bit for bit.
+      bandmf_strategy: the strategy's coefficients: ``"optimized"`` (default: L-BFGS on the
+        prefix sums' mean squared error for the planned steps,
+        :func:`jaxgrad.privacy.bandmf.optimized_coefs`) or ``"sqrt"`` (the closed form
+        ``(1 − x)^{-1/2}`` cut to ``b`` bands, :func:`jaxgrad.privacy.bandmf.sqrt_coefs`).
     """
 
     l2_clip: float
@@ -99,6 +119,12 @@ class PrivacyConfig:
     sampling: str = "poisson"
     max_batch_size: int | None = None
     stop_at_epsilon: float | None = None
+    noise: str = "gaussian"
+    bands: int | None = None
+    bandmf_strategy: str = "optimized"
+
+
+NOISES = ("gaussian", "bandmf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +141,8 @@ class PrivacyPlan:
       num_examples: ``N``.
       stop_step: the number of steps after which training stops (``≤ steps``; fewer when
         ``stop_at_epsilon`` is spent first).
+      coefs: ``noise="bandmf"``'s strategy coefficients (``bands`` floats, ``‖c‖ = 1``), or
+        None.
     """
 
     config: PrivacyConfig
@@ -125,6 +153,12 @@ class PrivacyPlan:
     source: object = None
     num_examples: int | None = None
     stop_step: int | None = None
+    coefs: tuple | None = None
+
+    def compositions(self, steps: int) -> int:
+        """How many of the step event ``steps`` steps compose: ``steps``, or with BandMF's
+        cyclic groups ``⌈steps / bands⌉`` (the most steps one example takes part in)."""
+        return self.source.participations(steps) if self.coefs is not None else steps
 
     def accountant(self, steps: int = 0) -> dp.Accountant:
         """A :class:`jaxgrad.privacy.Accountant` holding ``steps`` of this plan's steps."""
@@ -135,7 +169,7 @@ class PrivacyPlan:
             neighboring_relation=self.source.neighboring_relation,
             pld_discretization=c.pld_discretization,
         )
-        acc.record(self.step_event(), steps=steps)
+        acc.record(self.step_event(), steps=self.compositions(steps))
         return acc
 
     def step_event(self):
@@ -146,12 +180,12 @@ class PrivacyPlan:
 
     def epsilon(self, steps: int) -> float:
         """The ε spent after ``steps`` steps."""
-        if self.source.name != "poisson":
+        if self.source.name not in ("poisson", "cyclic_poisson"):
             return self.accountant(steps).epsilon()
-        return dp.epsilon(
+        return dp.epsilon(  # BandMF: ⌈steps / b⌉ Poisson steps (jaxgrad.privacy.bandmf)
             noise_multiplier=self.noise_multiplier,
             sampling_rate=self.sampling_rate,
-            steps=steps,
+            steps=self.compositions(steps),
             delta=self.config.delta,
             accountant=self.config.accountant,
             pld_discretization=self.config.pld_discretization,
@@ -160,13 +194,13 @@ class PrivacyPlan:
     def summary(self, steps: int) -> dict:
         """The ``privacy`` record of the CLI's JSON after ``steps`` steps."""
         c = self.config
-        if self.source.name != "poisson":
+        if self.source.name not in ("poisson", "cyclic_poisson"):
             accountant = self.accountant(steps).effective_accountant()
         else:
             accountant = dp.accounting.effective_accountant(  # "rdp" where PLD would not fit
                 noise_multiplier=self.noise_multiplier,
                 sampling_rate=self.sampling_rate,
-                steps=steps,
+                steps=self.compositions(steps),
                 accountant=c.accountant,
                 pld_discretization=c.pld_discretization,
             )
@@ -177,6 +211,13 @@ class PrivacyPlan:
             extra["neighboring_relation"] = self.source.neighboring_relation
         if c.stop_at_epsilon is not None:
             extra.update(stop_at_epsilon=c.stop_at_epsilon, stop_step=self.stop_step)
+        if self.coefs is not None:
+            extra.update(
+                noise="bandmf",
+                bands=len(self.coefs),
+                bandmf_strategy=c.bandmf_strategy,
+                participations=self.compositions(steps),
+            )
         return {
             "epsilon": self.epsilon(steps),
             "delta": c.delta,
@@ -224,11 +265,13 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
         max_batch_size=config.max_batch_size,
     )
     q = batch_size / n
+    steps = epochs * -(-n // batch_size)
+    source = _bandmf_source(config, source, num_examples=n, batch_size=batch_size, steps=steps)
+    q = source.sampling_rate if config.noise == "bandmf" else q
     if config.physical_batch_size is None:  # (not `or`: 0 is an error, not the default)
         physical = source.default_physical_batch_size(n)
     else:
         physical = reduce.check_positive_int(config.physical_batch_size, name="physical_batch_size")
-    steps = epochs * -(-n // batch_size)
     given = 1.0 if config.noise_multiplier is None else config.noise_multiplier
     dp.epsilon(  # checks σ, δ and the accountant before calibrating or training
         noise_multiplier=given,
@@ -251,15 +294,23 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
     stop = config.stop_at_epsilon
     if stop is not None:
         stop = reduce.check_positive_float(stop, name="stop_at_epsilon")
-    draft = PrivacyPlan(config, given, q, steps, physical, source, n)
+    coefs = None
+    if config.noise == "bandmf":  # after every cheap check: the optimisation takes seconds
+        coefs = tuple(
+            float(v)
+            for v in bandmf.strategy_coefs(
+                source.groups, steps=steps, strategy=config.bandmf_strategy
+            )
+        )
+    draft = PrivacyPlan(config, given, q, steps, physical, source, n, coefs=coefs)
     draft.accountant()  # refuses a sampling the accountant cannot account (naming which can)
     sigma = config.noise_multiplier
-    if sigma is None and source.name == "poisson":
+    if sigma is None and source.name in ("poisson", "cyclic_poisson"):
         sigma = dp.calibrate_noise_multiplier(
             target_epsilon=target,
             delta=config.delta,
             sampling_rate=q,
-            steps=steps,
+            steps=draft.compositions(steps),
             accountant=config.accountant,
             pld_discretization=config.pld_discretization,
         )
@@ -292,12 +343,16 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
         ),
         stop_at_epsilon=stop,
     )
-    the_plan = PrivacyPlan(resolved, sigma, q, steps, physical, source, n, steps)
+    the_plan = PrivacyPlan(resolved, sigma, q, steps, physical, source, n, steps, coefs)
     if stop is None:
         return the_plan
     # Stop early rather than refuse: with σ given, "train until the budget is spent" is the
     # point; the steps that fit are counted now, before any data is touched.
-    fit = the_plan.accountant().steps_within(stop, the_plan.step_event(), max_steps=steps)
+    fit = the_plan.accountant().steps_within(
+        stop, the_plan.step_event(), max_steps=the_plan.compositions(steps)
+    )
+    if coefs is not None:  # k participations of each group: the first k · b steps
+        fit = min(steps, fit * len(coefs))
     if fit == 0:
         raise ValueError(
             f"`stop_at_epsilon` {stop!r} is spent by the first step (ε = "
@@ -305,6 +360,66 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
             "budget or `noise_multiplier`"
         )
     return dataclasses.replace(the_plan, stop_step=fit)
+
+
+def _bandmf_source(config, source, *, num_examples, batch_size, steps):
+    """``noise="bandmf"``'s batch source (cyclic Poisson over ``bands`` groups), checked;
+    ``source`` itself for Gaussian noise."""
+    if config.noise not in NOISES:
+        raise ValueError(f"`noise` must be one of {list(NOISES)}; got {config.noise!r}")
+    if config.noise != "bandmf":
+        if config.bands is not None:
+            raise ValueError(
+                f"`bands` applies only to noise='bandmf'; got bands={config.bands!r} with "
+                f"noise={config.noise!r}"
+            )
+        return source
+    if config.bands is None:
+        raise ValueError("noise='bandmf' needs `bands` (the number of bands b >= 1); got None")
+    if config.sampling != "poisson":
+        raise ValueError(
+            "noise='bandmf' samples its own way (cyclic Poisson over `bands` groups); "
+            f"leave `sampling` at 'poisson'; got sampling={config.sampling!r}"
+        )
+    if config.bandmf_strategy not in bandmf.STRATEGIES:
+        raise ValueError(
+            f"`bandmf_strategy` must be one of {list(bandmf.STRATEGIES)}; got "
+            f"{config.bandmf_strategy!r}"
+        )
+    b = bandmf.check_bands(config.bands, steps=steps)
+    if b * batch_size > num_examples:
+        raise ValueError(
+            f"`bands` ({b}) times `batch_size` ({batch_size}) must be at most the training set "
+            f"({num_examples} examples): each step samples one of {b} groups of about "
+            f"{num_examples // b} examples with rate bands * batch_size / N"
+        )
+    return sources.CyclicPoisson(sampling_rate=b * batch_size / num_examples, groups=b)
+
+
+def run_optimizer(optimizer, the_plan: PrivacyPlan, key):
+    """The optimizer the DP steps run: ``optimizer`` itself, or with BandMF noise
+    ``optax.chain(bandmf_privatizer(...), optimizer)`` (its state holds the noise key and
+    the last ``b − 1`` noise vectors; step ``t``'s ``z_t`` is Gaussian noise's, from
+    ``dp_keys(key, t)``). :func:`release` takes the privatizer's state out again."""
+    if the_plan is None or the_plan.coefs is None:
+        return optimizer
+    c = the_plan.config
+    privatizer = noisy.bandmf_privatizer(
+        coefs=the_plan.coefs,
+        noise_multiplier=the_plan.noise_multiplier,
+        l2_sensitivity=c.l2_clip,
+        expected_batch_size=the_plan.source.expected_batch_size(the_plan.num_examples),
+        key=key,
+    )
+    return optax.chain(privatizer, optimizer)
+
+
+def release(state: TrainState, the_plan: PrivacyPlan | None) -> TrainState:
+    """``state`` without BandMF's privatizer state (its key and noise history are secret:
+    with them the last steps' clipped sums could be recovered)."""
+    if the_plan is None or the_plan.coefs is None:
+        return state
+    return state._replace(opt_state=state.opt_state[1])
 
 
 def engine(
@@ -352,7 +467,12 @@ def engine(
         return () if loss_key is None else (keys.step_key(loss_key, step),)
 
     def update(state, total, bad, noise_key):
-        g = privatize(total, None, bad, noise_key)
+        if the_plan.coefs is None:
+            g = privatize(total, None, bad, noise_key)
+        else:  # the clipped sum; the BandMF privatizer heading `optimizer` noises it
+            g = total  # (from its own state: run_optimizer; its z_t is from noise_key's keys)
+            if c.nonfinite == "raise":
+                g = jax.tree_util.tree_map(lambda t: jnp.where(bad > 0, jnp.nan, t), g)
         updates, opt_state = optimizer.update(g, state.opt_state, state.params)
         new = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
         return new, jnp.zeros(()), 0.0  # no loss: it would be computed on private rows
@@ -366,6 +486,9 @@ def engine(
         }
     }
     del config["privacy"]["epsilon"], config["privacy"]["steps"]
+    config["privacy"].pop("participations", None)
+    if the_plan.coefs is not None:  # a resumed run must noise with the same strategy
+        config["privacy"]["bandmf_coefs"] = list(the_plan.coefs)
 
     def epoch_chunks(key, epoch):
         del key  # every step draws its own batch
@@ -392,7 +515,9 @@ def engine(
 
         def step(state, data, key):
             sample_key, noise_key = keys.dp_keys(key, state.step)
-            total, _, bad, _ = draw_and_clip(state.params, data, sample_key, *loss_args(state.step))
+            total, _, bad, _ = draw_and_clip(
+                state.params, data, sample_key, *loss_args(state.step), step=state.step
+            )
             return update(state, total, bad, noise_key)
 
         run_chunk = _local_chunks(guarded(step), train_data, scan=scan)
@@ -454,7 +579,9 @@ def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_arg
     @jax.jit
     def draw(key, step):  # this process's copy of the step's one draw
         sample_key, _ = keys.dp_keys(key, step)
-        return source.sample(sample_key, num_examples=n, physical_batch_size=p)
+        return source.sample(
+            sample_key, num_examples=n, physical_batch_size=p, **sources.step_kwargs(source, step)
+        )
 
     @jax.jit
     def accumulate(params, acc, batch, mask, step):
@@ -507,4 +634,4 @@ def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_arg
     return run_chunk
 
 
-__all__ = ["PrivacyConfig", "PrivacyPlan", "engine", "plan"]
+__all__ = ["PrivacyConfig", "PrivacyPlan", "engine", "plan", "release", "run_optimizer"]
