@@ -11,7 +11,9 @@ clipped sum computed another way). The ε spent is computed by
 Batch sources other than Poisson sampling, each with its own accounting event, are in
 :mod:`jaxgrad.privacy.sources` (:class:`TruncatedPoisson`, :class:`WithoutReplacement`); an
 :class:`Accountant` records the events of a loop of your own and answers ε and
-``steps_within`` a budget.
+``steps_within`` a budget. Adaptive (quantile) clipping, whose clip norm follows a quantile
+of the per-example norms through a noisy count composed into the same Gaussian step, is in
+:mod:`jaxgrad.privacy.adaptive`.
 
 With optax, the noisy gradient is an ordinary gradient::
 
@@ -22,7 +24,7 @@ With optax, the noisy gradient is an ordinary gradient::
 (any optax optimizer: post-processing of a private gradient stays private).
 """
 
-from jaxgrad.privacy import audit, sources
+from jaxgrad.privacy import adaptive, audit, sources
 from jaxgrad.privacy.accounting import (
     Accountant,
     AccountingFallbackWarning,
@@ -31,6 +33,14 @@ from jaxgrad.privacy.accounting import (
     dp_event,
     effective_accountant,
     epsilon,
+)
+from jaxgrad.privacy.adaptive import (
+    AdaptiveClip,
+    AdaptiveClipState,
+    QuantileClippedSum,
+    QuantileSum,
+    quantile_privatizer,
+    split_noise_multiplier,
 )
 from jaxgrad.privacy.noisy import (
     ClippedSum,
@@ -60,13 +70,18 @@ from jaxgrad.privacy.sources import (
 __all__ = [
     "Accountant",
     "AccountingFallbackWarning",
+    "AdaptiveClip",
+    "AdaptiveClipState",
     "ClippedSum",
     "DPInfo",
     "Poisson",
     "PoissonSample",
     "PrivatizerState",
+    "QuantileClippedSum",
+    "QuantileSum",
     "TruncatedPoisson",
     "WithoutReplacement",
+    "adaptive",
     "add_noise",
     "audit",
     "batch_source",
@@ -83,6 +98,8 @@ __all__ = [
     "num_physical_batches",
     "physical_batch",
     "poisson_sample",
+    "quantile_privatizer",
     "sampled_dp_grad",
     "sources",
+    "split_noise_multiplier",
 ]

@@ -774,7 +774,7 @@ def _run(
     steps_per_epoch, chunk = engine.steps_per_epoch, engine.chunk
     every = checkpoint_every or steps_per_epoch
     chunks_per_epoch = math.ceil(steps_per_epoch / chunk)
-    state = init_state(params, optimizer)
+    state = init_state(params, engine.optimizer or optimizer)
     start_epoch, start_chunk, history = 0, 0, []
     epoch_loss, epoch_count = 0.0, 0
     last_checkpoint = None

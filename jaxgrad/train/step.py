@@ -54,6 +54,9 @@ class Engine(NamedTuple):
       last_step: if set, training ends once ``state.step`` reaches it (a DP run whose budget,
         ``stop_at_epsilon``, is spent before ``epochs``); the engine marks the steps after it
         inactive.
+      optimizer: if set, the transformation whose state the loop carries and checkpoints
+        instead of the user's optimizer (a privatizer with state chained before it, e.g.
+        adaptive clipping's clip norm).
     """
 
     config: dict
@@ -64,6 +67,7 @@ class Engine(NamedTuple):
     record: Callable
     failure: Callable
     last_step: int | None = None
+    optimizer: Any = None
 
 
 def init_state(params: PyTree, optimizer: optax.GradientTransformation) -> TrainState:
