@@ -107,9 +107,18 @@ class AdaptiveClip:
         rate = reduce.check_positive_float(self.learning_rate, name="learning_rate")
         b_e = reduce.check_positive_float(expected_batch_size, name="expected_batch_size")
         sigma_b = self.count_noise_multiplier
-        sigma_b = b_e / 20 if sigma_b is None else sigma_b
+        default = sigma_b is None
+        sigma_b = b_e / 20 if default else sigma_b
         sigma_b = reduce.check_nonnegative_float(sigma_b, name="count_noise_multiplier")
-        split_noise_multiplier(noise_multiplier, count_noise_multiplier=sigma_b)  # checks σ_b
+        try:
+            split_noise_multiplier(noise_multiplier, count_noise_multiplier=sigma_b)
+        except ValueError as e:
+            if not default:
+                raise
+            raise ValueError(
+                f"{e} (the default: the paper's expected batch size / 20 = {b_e:g} / 20); "
+                "give a larger `count_noise_multiplier`, or use larger batches"
+            ) from None
         return AdaptiveClip(quantile, rate, sigma_b)
 
 
