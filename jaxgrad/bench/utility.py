@@ -126,6 +126,7 @@ def run_opacus(data, params, *, settings, sigma, delta, seed) -> dict:
     import torch
     from opacus import PrivacyEngine
 
+    torch.set_num_threads(1)  # small MLP on a shared 2-core machine: no OpenMP oversubscription
     x_train, y_train, x_test, y_test = data
     s = settings
     torch.manual_seed(2000 + seed)
@@ -260,7 +261,15 @@ def main(argv=None) -> dict:
     p.add_argument("--frameworks", nargs="+", default=["jaxgrad", "opacus"])
     p.add_argument("--note", default="", help="written into the results (machine, load)")
     p.add_argument("--out", default="bench/results/utility")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="instead of running: merge these results files (runs of other --datasets) into OUT",
+    )
     a = p.parse_args(argv)
+    if a.merge:
+        return _write(_merge(a.merge), a.out)
     if not jax.config.jax_compilation_cache_dir:  # the seeds of one ε compile the same step
         import tempfile
 
@@ -319,11 +328,31 @@ def main(argv=None) -> dict:
                     {"target_epsilon": eps, "sigma": sigma, "framework": framework, "runs": runs}
                 )
         results["datasets"][name] = rows
-    with open(a.out + ".json", "w") as f:
+    return _write(results, a.out)
+
+
+def _merge(paths) -> dict:
+    """One results dict from several files of the same settings but other data sets."""
+    merged = None
+    for path in paths:
+        with open(path) as f:
+            part = json.load(f)
+        if merged is None:
+            merged = {**part, "command": [part["command"]], "date": [part["date"]]}
+            continue
+        merged["command"].append(part["command"])
+        merged["date"].append(part["date"])
+        merged["settings"].update(part["settings"])
+        merged["datasets"].update(part["datasets"])
+    return merged
+
+
+def _write(results: dict, out: str) -> dict:
+    with open(out + ".json", "w") as f:
         json.dump(results, f, indent=1)
-    with open(a.out + ".md", "w") as f:
+    with open(out + ".md", "w") as f:
         f.write(table(results) + "\n")
-    plot(results, a.out + ".png")
+    plot(results, out + ".png")
     print(table(results))
     return results
 
