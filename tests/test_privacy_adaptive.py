@@ -3,6 +3,7 @@ references, the σ split against dp-accounting, the training loop's state and re
 
 import functools
 import math
+from pathlib import Path
 
 import chex
 import jax
@@ -323,3 +324,25 @@ def test_bad_types_and_cli_flags_are_refused():
         with pytest.raises(SystemExit) as info:
             main(["--data", "digits", "--quiet", *flags])
         assert info.value.code == 2
+
+
+def test_cli_releases_the_clip_norm_per_epoch_and_the_split(tmp_path):
+    """--dp --adaptive-clip-quantile: the JSON's history holds l2_clip (released: computed
+    from the noisy counts) and its privacy record the settings and σ_Δ."""
+    import json
+
+    from jaxgrad.train.__main__ import main
+
+    out = tmp_path / "out.json"
+    args = ["--data", "line", "--dp", "--noise-multiplier", "1", "--accountant", "rdp"]
+    args += ["--batch-size", "64", "--epochs", "2", "--x64", "--quiet", "--json", str(out)]
+    assert main([*args, "--adaptive-clip-quantile", "0.6", "--count-noise-multiplier", "3"]) == 0
+    result = json.loads(out.read_text())
+    clips = [r["l2_clip"] for r in result["history"]]
+    assert len(clips) == 2 and clips[0] != clips[1] and clips[0] != 1.0
+    record = result["privacy"]["adaptive_clip"]
+    assert record["target_quantile"] == 0.6 and record["count_noise_multiplier"] == 3.0
+    assert record["gradient_noise_multiplier"] == pytest.approx((1 - 1 / 36) ** -0.5)
+    doc = (Path(__file__).parents[1] / "docs" / "privacy.md").read_text()
+    for key in ("history[].l2_clip", *(f"privacy.adaptive_clip.{k}" for k in record)):
+        assert f"`{key}`" in doc  # the table of everything the --dp JSON releases

@@ -22,6 +22,14 @@ the run's record match the sampling actually used. A shuffled epoch is refused.
 ``stop_at_epsilon`` ends training after the last step whose ε stays within the budget
 (:meth:`jaxgrad.privacy.Accountant.steps_within`, counted before any data is read).
 
+Adaptive (quantile) clipping (``PrivacyConfig(adaptive_clip=AdaptiveClip(...))``,
+:mod:`jaxgrad.privacy.adaptive`) is the same step with two parts swapped: the clipped sum
+also counts the examples left unclipped (:class:`jaxgrad.privacy.QuantileClippedSum`, the
+clip norm an argument), and the privatizer (:func:`jaxgrad.privacy.quantile_privatizer`,
+chained before the optimizer, so its state — the clip norm — is part of the optimizer state
+the loop carries and checkpoints) noises both from the step's keys and updates the clip norm.
+The step is accounted with the same ``σ`` (split between the gradient and the count).
+
 On a mesh (``fit(..., privacy=..., mesh=...)``) the step is the same computation, spread:
 the Poisson sample is drawn over the whole data set from the same key in every process (one
 draw for the step, never one per device or host, so the inclusions stay independent across
