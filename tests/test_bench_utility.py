@@ -23,7 +23,7 @@ def test_utility_script_runs_tiny_and_writes_its_table(tmp_path):
     ]
     jax_run, torch_run = rows[1]["runs"][0], rows[2]["runs"][0]
     assert rows[1]["sigma"] == rows[2]["sigma"] > 0
-    assert abs(jax_run["epsilon"] - 8.0) < 0.01  # calibrated with the same accountant
+    assert 7.8 < jax_run["epsilon"] <= 8.0 + 1e-9  # calibrated (conservatively) to the target
     assert 0.9 * 8 < torch_run["epsilon"] < 8.0 * 1.02  # Opacus's RDP orders and conversion
     for r in rows:
         assert 0.3 < r["runs"][0]["test_accuracy"] <= 1  # far above chance (10 classes)
