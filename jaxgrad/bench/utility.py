@@ -238,6 +238,7 @@ def plot(results: dict, path: str) -> None:
             title=f"{name}: MLP {s['hidden']}, {s['epochs']} epochs, batch {s['batch_size']}",
         )
         ax.set_xticks(results["epsilons"], [f"{e:g}" for e in results["epsilons"]])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
