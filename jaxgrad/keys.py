@@ -161,3 +161,16 @@ def row_key(step_key_, row):
 def row_keys(key, step, rows):
     """One key per row of a batch: ``fold_in(fold_in(key, step), row)`` for each of ``rows``."""
     return jax.vmap(row_key, in_axes=(None, 0))(step_key(key, step), rows)
+
+
+# fold_in(k, d) is Threefry block (0, d) of k: split(k) takes blocks 0 and 1 (the sample and
+# noise keys), and fold_in(noise_key, j) would be the words of the gradient noise's own
+# counter j. The count's key takes a block of the step key far from both.
+_CLIP_COUNT_BLOCK = 0x636C6970  # "clip"
+
+
+def clip_count_key(key, step):
+    """``fold_in(fold_in(key, step), 0x636C6970)``: the key of step ``step``'s noisy count of
+    adaptive clipping (:mod:`jaxgrad.privacy.adaptive`), independent of the step's sample
+    and gradient noise keys (:func:`dp_keys`) and of every other step's."""
+    return jax.random.fold_in(step_key(key, step), _CLIP_COUNT_BLOCK)

@@ -13,7 +13,9 @@ Batch sources other than Poisson sampling, each with its own accounting event, a
 :class:`Accountant` records the events of a loop of your own and answers ε and
 ``steps_within`` a budget. Correlated noise across steps (banded matrix factorisation,
 BandMF, with its amplified accounting) is :mod:`jaxgrad.privacy.bandmf`,
-:func:`bandmf_privatizer` and :class:`CyclicPoisson`.
+:func:`bandmf_privatizer` and :class:`CyclicPoisson`. Adaptive (quantile) clipping, whose
+clip norm follows a quantile of the per-example norms through a noisy count composed into the
+same Gaussian step, is in :mod:`jaxgrad.privacy.adaptive`.
 
 With optax, the noisy gradient is an ordinary gradient::
 
@@ -24,7 +26,7 @@ With optax, the noisy gradient is an ordinary gradient::
 (any optax optimizer: post-processing of a private gradient stays private).
 """
 
-from jaxgrad.privacy import audit, bandmf, sources
+from jaxgrad.privacy import adaptive, audit, bandmf, sources
 from jaxgrad.privacy.accounting import (
     Accountant,
     AccountingFallbackWarning,
@@ -33,6 +35,14 @@ from jaxgrad.privacy.accounting import (
     dp_event,
     effective_accountant,
     epsilon,
+)
+from jaxgrad.privacy.adaptive import (
+    AdaptiveClip,
+    AdaptiveClipState,
+    QuantileClippedSum,
+    QuantileSum,
+    quantile_privatizer,
+    split_noise_multiplier,
 )
 from jaxgrad.privacy.noisy import (
     BandMFState,
@@ -65,6 +75,8 @@ from jaxgrad.privacy.sources import (
 __all__ = [
     "Accountant",
     "AccountingFallbackWarning",
+    "AdaptiveClip",
+    "AdaptiveClipState",
     "BandMFState",
     "ClippedSum",
     "CyclicPoisson",
@@ -72,8 +84,11 @@ __all__ = [
     "Poisson",
     "PoissonSample",
     "PrivatizerState",
+    "QuantileClippedSum",
+    "QuantileSum",
     "TruncatedPoisson",
     "WithoutReplacement",
+    "adaptive",
     "add_noise",
     "audit",
     "bandmf",
@@ -92,6 +107,8 @@ __all__ = [
     "num_physical_batches",
     "physical_batch",
     "poisson_sample",
+    "quantile_privatizer",
     "sampled_dp_grad",
     "sources",
+    "split_noise_multiplier",
 ]

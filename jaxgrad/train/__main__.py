@@ -55,7 +55,12 @@ DP_ONLY = {
     "public_test": "without --dp the test split is always evaluated",
     "bands": "it is the number of bands of --dp's BandMF (correlated) noise",
     "bandmf_strategy": "it picks the strategy of --dp --bands's correlated noise",
+    "adaptive_clip_quantile": "it is the target quantile of --dp's adaptive clipping",
+    "adaptive_clip_lr": "it is the learning rate of --dp's adaptive clipping",
+    "count_noise_multiplier": "it is the count noise of --dp's adaptive clipping",
 }
+# The flags of adaptive clipping that mean something only with --adaptive-clip-quantile.
+ADAPTIVE_ONLY = ("adaptive_clip_lr", "count_noise_multiplier")
 # The first 32-bit word of a DP key derived from --insecure-dp-seed. OS-entropy keys never
 # start with it (drawn again if they do), so a key restored from a checkpoint tells whether
 # the run that wrote it was private, whatever the flags of the resuming command.
@@ -63,7 +68,8 @@ INSECURE_KEY_MARK = 0x1A5EC0DE
 # What a --dp run's JSON releases per epoch: the history's other keys (the training loss,
 # non-finite counts, wall-clock seconds) are computed on the private training rows without
 # noise, or depend on the realised (private) batch sizes.
-DP_HISTORY_KEYS = ("epoch", "step", "epsilon")
+# (l2_clip: adaptive clipping's clip norm, computed from the noisy counts alone.)
+DP_HISTORY_KEYS = ("epoch", "step", "epsilon", "l2_clip")
 PRIVACY_NOTE = (
     "epsilon and delta bound what the released values (the noisy parameters and everything "
     "computed from them alone) reveal about any one training example. test_* metrics appear "
@@ -87,6 +93,7 @@ DP_FLAGS = (
     "epochs",
     "bands",
     "bandmf_strategy",
+    "count_noise_multiplier",
 )
 # The library's argument names that are command-line flags of another name.
 FLAG_NAMES = {
@@ -100,6 +107,8 @@ FLAG_NAMES = {
     "coordinator": "--coordinator",
     "seed": "--seed",
     "standardize": "--input-stats",
+    "target_quantile": "--adaptive-clip-quantile",
+    "learning_rate": "--adaptive-clip-lr",
 }
 # Seeds seed numpy's generator (non-negative) and jax.random.key, which without x64 keeps only
 # the low 32 bits (--seed 4294967296 would give --seed 0's initialisation and shuffle).
@@ -225,6 +234,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--physical-batch-size", type=int, help="default: --batch-size + 2 std of the draw"
+    )
+    g.add_argument(
+        "--adaptive-clip-quantile",
+        type=float,
+        metavar="GAMMA",
+        help="adaptive clipping (Andrew et al. 2021): the clip norm starts at --l2-clip and "
+        "follows this quantile of the per-example norms, in (0, 1), through a noisy count "
+        "accounted within the same sigma (e.g. 0.5)",
+    )
+    g.add_argument(
+        "--adaptive-clip-lr",
+        type=float,
+        help="learning rate of the clip norm's geometric update (default: 0.2)",
+    )
+    g.add_argument(
+        "--count-noise-multiplier",
+        type=float,
+        help="std of adaptive clipping's count noise (default: expected batch size / 20; "
+        "must exceed sigma / 2)",
     )
     g.add_argument(
         "--nonfinite",
@@ -364,6 +392,7 @@ def _privacy(args, parser, num_examples, batch_size, epochs):
         noise_multiplier=args.noise_multiplier,
         physical_batch_size=args.physical_batch_size,
         **_bandmf(args, parser),
+        adaptive_clip=_adaptive_clip(args, parser),
     )
     try:
         return private.plan(config, num_examples=num_examples, batch_size=batch_size, epochs=epochs)
@@ -382,6 +411,23 @@ def _bandmf(args, parser) -> dict:
     if args.bandmf_strategy is not None:
         fields["bandmf_strategy"] = args.bandmf_strategy
     return fields
+
+
+def _adaptive_clip(args, parser):
+    """``--adaptive-clip-*``'s :class:`jaxgrad.privacy.AdaptiveClip`, or None."""
+    if args.adaptive_clip_quantile is None:
+        for name in ADAPTIVE_ONLY:
+            if getattr(args, name) is not None:
+                flag = "--" + name.replace("_", "-")
+                parser.error(f"{flag} needs --adaptive-clip-quantile (adaptive clipping)")
+        return None
+    from jaxgrad.privacy import AdaptiveClip
+
+    return AdaptiveClip(
+        target_quantile=args.adaptive_clip_quantile,
+        learning_rate=0.2 if args.adaptive_clip_lr is None else args.adaptive_clip_lr,
+        count_noise_multiplier=args.count_noise_multiplier,
+    )
 
 
 def _standardize(args, parser):

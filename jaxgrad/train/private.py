@@ -27,6 +27,13 @@ the batch source is cyclic Poisson over ``b`` groups, the clipped sum goes to a 
 privatizer heading the optimizer (:func:`run_optimizer`; its key and last ``b − 1`` noise
 vectors are in the training state and the checkpoints, and :func:`release` takes them out of
 what ``fit`` returns), and the accounting composes ``⌈steps / b⌉`` Poisson steps.
+Adaptive (quantile) clipping (``PrivacyConfig(adaptive_clip=AdaptiveClip(...))``,
+:mod:`jaxgrad.privacy.adaptive`) is the same step with two parts swapped: the clipped sum
+also counts the examples left unclipped (:class:`jaxgrad.privacy.QuantileClippedSum`, the
+clip norm an argument), and the privatizer (:func:`jaxgrad.privacy.quantile_privatizer`,
+chained before the optimizer, so its state — the clip norm — is part of the optimizer state
+the loop carries and checkpoints) noises both from the step's keys and updates the clip norm.
+The step is accounted with the same ``σ`` (split between the gradient and the count).
 
 On a mesh (``fit(..., privacy=..., mesh=...)``) the step is the same computation, spread:
 the Poisson sample is drawn over the whole data set from the same key in every process (one
@@ -51,7 +58,7 @@ import optax
 from jaxgrad import keys, reduce
 from jaxgrad import privacy as dp
 from jaxgrad import sharding as sharding_lib
-from jaxgrad.privacy import accounting, bandmf, noisy, sampling, sources
+from jaxgrad.privacy import accounting, adaptive, bandmf, noisy, sampling, sources
 from jaxgrad.train.step import Engine, TrainState, guarded
 
 
@@ -105,6 +112,13 @@ class PrivacyConfig:
         prefix sums' mean squared error for the planned steps,
         :func:`jaxgrad.privacy.bandmf.optimized_coefs`) or ``"sqrt"`` (the closed form
         ``(1 − x)^{-1/2}`` cut to ``b`` bands, :func:`jaxgrad.privacy.bandmf.sqrt_coefs`).
+      adaptive_clip: an :class:`jaxgrad.privacy.AdaptiveClip` for adaptive (quantile)
+        clipping (:mod:`jaxgrad.privacy.adaptive`): the clip norm starts at ``l2_clip`` and
+        follows a quantile of the per-example norms through a noisy count. The step is
+        accounted with the total ``σ`` as before; the gradient's noise multiplier is
+        ``σ_Δ = (σ⁻² − (2σ_b)⁻²)^(-1/2)``. The current clip norm is carried in the optimizer
+        state (``state.opt_state[0].l2_clip``, checkpointed) and reported per epoch as
+        ``l2_clip`` in the history: post-processing of the noisy counts, releasable.
     """
 
     l2_clip: float
@@ -119,6 +133,7 @@ class PrivacyConfig:
     sampling: str = "poisson"
     max_batch_size: int | None = None
     stop_at_epsilon: float | None = None
+    adaptive_clip: adaptive.AdaptiveClip | None = None
     noise: str = "gaussian"
     bands: int | None = None
     bandmf_strategy: str = "optimized"
@@ -172,6 +187,15 @@ class PrivacyPlan:
         acc.record(self.step_event(), steps=self.compositions(steps))
         return acc
 
+    def gradient_noise_multiplier(self) -> float:
+        """The gradient's share ``σ_Δ`` of ``σ`` (``σ`` itself without adaptive clipping)."""
+        a = self.config.adaptive_clip
+        if a is None:
+            return self.noise_multiplier
+        return adaptive.split_noise_multiplier(
+            self.noise_multiplier, count_noise_multiplier=a.count_noise_multiplier
+        )
+
     def step_event(self):
         """One step's dp-accounting event (the batch source's)."""
         return self.source.dp_event(
@@ -218,6 +242,11 @@ class PrivacyPlan:
                 bandmf_strategy=c.bandmf_strategy,
                 participations=self.compositions(steps),
             )
+        if c.adaptive_clip is not None:  # l2_clip is then the initial clip norm
+            extra["adaptive_clip"] = {
+                **dataclasses.asdict(c.adaptive_clip),
+                "gradient_noise_multiplier": self.gradient_noise_multiplier(),
+            }
         return {
             "epsilon": self.epsilon(steps),
             "delta": c.delta,
@@ -294,6 +323,8 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
     stop = config.stop_at_epsilon
     if stop is not None:
         stop = reduce.check_positive_float(stop, name="stop_at_epsilon")
+    if config.adaptive_clip is not None:
+        _check_adaptive(config, given, source.expected_batch_size(n))
     coefs = None
     if config.noise == "bandmf":  # after every cheap check: the optimisation takes seconds
         coefs = tuple(
@@ -332,6 +363,11 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
                 f"steps, more than `target_epsilon` {config.target_epsilon!r}"
             )
     sigma = reduce.check_nonnegative_float(sigma, name="noise_multiplier")
+    adaptive_clip = config.adaptive_clip
+    if adaptive_clip is not None:  # σ_b filled in, checked against the calibrated σ
+        adaptive_clip = adaptive_clip.resolve(
+            noise_multiplier=sigma, expected_batch_size=source.expected_batch_size(n)
+        )
     resolved = dataclasses.replace(
         config,
         l2_clip=reduce.check_positive_float(config.l2_clip, name="l2_clip"),
@@ -342,6 +378,7 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
             config.pld_discretization, name="pld_discretization"
         ),
         stop_at_epsilon=stop,
+        adaptive_clip=adaptive_clip,
     )
     the_plan = PrivacyPlan(resolved, sigma, q, steps, physical, source, n, steps, coefs)
     if stop is None:
@@ -396,21 +433,35 @@ def _bandmf_source(config, source, *, num_examples, batch_size, steps):
     return sources.CyclicPoisson(sampling_rate=b * batch_size / num_examples, groups=b)
 
 
-def run_optimizer(optimizer, the_plan: PrivacyPlan, key):
-    """The optimizer the DP steps run: ``optimizer`` itself, or with BandMF noise
-    ``optax.chain(bandmf_privatizer(...), optimizer)`` (its state holds the noise key and
-    the last ``b − 1`` noise vectors; step ``t``'s ``z_t`` is Gaussian noise's, from
-    ``dp_keys(key, t)``). :func:`release` takes the privatizer's state out again."""
-    if the_plan is None or the_plan.coefs is None:
+def run_optimizer(optimizer, the_plan: PrivacyPlan | None, key):
+    """The optimizer the DP steps run: ``optimizer`` itself, or headed by the privatizer that
+    carries state across steps, ``optax.chain(privatizer, optimizer)``: adaptive clipping's
+    (:func:`jaxgrad.privacy.quantile_privatizer`, its state the clip norm) or BandMF's
+    (:func:`jaxgrad.privacy.bandmf_privatizer`, its state the noise key and the last
+    ``b − 1`` noise vectors; step ``t``'s ``z_t`` is Gaussian noise's, from
+    ``dp_keys(key, t)``). :func:`release` takes BandMF's secret state out again."""
+    if the_plan is None:
         return optimizer
     c = the_plan.config
-    privatizer = noisy.bandmf_privatizer(
-        coefs=the_plan.coefs,
-        noise_multiplier=the_plan.noise_multiplier,
-        l2_sensitivity=c.l2_clip,
-        expected_batch_size=the_plan.source.expected_batch_size(the_plan.num_examples),
-        key=key,
-    )
+    expected = the_plan.source.expected_batch_size(the_plan.num_examples)
+    if c.adaptive_clip is not None:
+        privatizer = adaptive.quantile_privatizer(
+            noise_multiplier=the_plan.noise_multiplier,
+            initial_clip=c.l2_clip,
+            expected_batch_size=expected,
+            adaptive_clip=c.adaptive_clip,
+            nonfinite=c.nonfinite,
+        )
+    elif the_plan.coefs is not None:
+        privatizer = noisy.bandmf_privatizer(
+            coefs=the_plan.coefs,
+            noise_multiplier=the_plan.noise_multiplier,
+            l2_sensitivity=c.l2_clip,
+            expected_batch_size=expected,
+            key=key,
+        )
+    else:
+        return optimizer
     return optax.chain(privatizer, optimizer)
 
 
@@ -420,6 +471,30 @@ def release(state: TrainState, the_plan: PrivacyPlan | None) -> TrainState:
     if the_plan is None or the_plan.coefs is None:
         return state
     return state._replace(opt_state=state.opt_state[1])
+
+
+def _check_adaptive(config, sigma, expected_batch_size):
+    """``adaptive_clip``'s type and settings, before σ is calibrated (σ_b against the given
+    σ, or only the settings when σ is calibrated later)."""
+    a = config.adaptive_clip
+    if not isinstance(a, adaptive.AdaptiveClip):
+        raise TypeError(
+            f"`adaptive_clip` must be a jaxgrad.privacy.AdaptiveClip (or None); got {a!r}"
+        )
+    if not isinstance(config.l2_clip, (int, float)) or isinstance(config.l2_clip, bool):
+        raise TypeError(
+            "`adaptive_clip` needs one initial clip norm `l2_clip` (a number); got "
+            f"{config.l2_clip!r}"
+        )
+    if config.noise != "gaussian":
+        raise ValueError(
+            "`adaptive_clip` works with independent noise only (noise='gaussian'); got "
+            f"noise={config.noise!r}"
+        )
+    if config.noise_multiplier is None:  # σ not known yet: the settings alone
+        a = dataclasses.replace(a, count_noise_multiplier=a.count_noise_multiplier or 1.0)
+        sigma = 0.0
+    a.resolve(noise_multiplier=sigma, expected_batch_size=expected_batch_size)
 
 
 def engine(
@@ -452,28 +527,26 @@ def engine(
     c = the_plan.config
     n = reduce.batch_size(train_data, name="train_data")
     source, p = the_plan.source, the_plan.physical_batch_size
-    stddev = the_plan.noise_multiplier * c.l2_clip
     steps_per_epoch = -(-n // batch_size)
     last_step = the_plan.stop_step
-    clipped = noisy.ClippedSum(loss_fn, l2_clip=c.l2_clip, method=c.method)
-    privatize = functools.partial(
-        noisy._privatize,
-        nonfinite=c.nonfinite,
-        stddev=stddev,
-        expected_batch_size=source.expected_batch_size(n),
-    )
+    if c.adaptive_clip is None:
+        clipped = noisy.ClippedSum(loss_fn, l2_clip=c.l2_clip, method=c.method)
+
+        def clip_args(state):
+            return ()
+    else:  # the clip norm is an argument, read from the privatizer's state
+        clipped = adaptive.QuantileClippedSum(loss_fn, method=c.method)
+
+        def clip_args(state):
+            return (state.opt_state[0].l2_clip,)
+
+    transform = _transform(the_plan, optimizer, expected_batch_size=source.expected_batch_size(n))
 
     def loss_args(step):  # the loss's extra argument: this step's loss key, if any
         return () if loss_key is None else (keys.step_key(loss_key, step),)
 
-    def update(state, total, bad, noise_key):
-        if the_plan.coefs is None:
-            g = privatize(total, None, bad, noise_key)
-        else:  # the clipped sum; the BandMF privatizer heading `optimizer` noises it
-            g = total  # (from its own state: run_optimizer; its z_t is from noise_key's keys)
-            if c.nonfinite == "raise":
-                g = jax.tree_util.tree_map(lambda t: jnp.where(bad > 0, jnp.nan, t), g)
-        updates, opt_state = optimizer.update(g, state.opt_state, state.params)
+    def update(state, total, bad, key):
+        updates, opt_state = transform(state, total, bad, key)
         new = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
         return new, jnp.zeros(()), 0.0  # no loss: it would be computed on private rows
 
@@ -497,9 +570,11 @@ def engine(
         active = (index < steps_per_epoch) & (epoch * steps_per_epoch + index < last_step)
         return list(active.reshape(-1, chunk))
 
+    latest = {}  # the clip norm after the last chunk run (adaptive clipping): released
+
     def record(steps, loss_sum, count):
         del loss_sum, count
-        return {"epsilon": the_plan.epsilon(steps)}
+        return {"epsilon": the_plan.epsilon(steps), **latest}
 
     def failure(bad, epoch):
         return (
@@ -514,20 +589,92 @@ def engine(
         draw_and_clip = noisy.sampled_clipped_sum(clipped, source=source, physical_batch_size=p)
 
         def step(state, data, key):
-            sample_key, noise_key = keys.dp_keys(key, state.step)
-            total, _, bad, _ = draw_and_clip(
-                state.params, data, sample_key, *loss_args(state.step), step=state.step
-            )
-            return update(state, total, bad, noise_key)
+            sample_key, _ = keys.dp_keys(key, state.step)
+            args = (*clip_args(state), *loss_args(state.step))
+            total, _, bad, _ = draw_and_clip(state.params, data, sample_key, *args, step=state.step)
+            return update(state, total, bad, key)
 
         run_chunk = _local_chunks(guarded(step), train_data, scan=scan)
     else:
         run_chunk = _mesh_chunks(
-            clipped, update, train_data, the_plan, mesh=mesh, check=check, loss_args=loss_args
+            clipped,
+            update,
+            train_data,
+            the_plan,
+            mesh=mesh,
+            check=check,
+            loss_args=loss_args,
+            clip_args=clip_args,
         )
+    if c.adaptive_clip is not None:
+        run_chunk = _reporting_clip(run_chunk, latest)
     return Engine(
-        config, steps_per_epoch, chunk, epoch_chunks, run_chunk, record, failure, last_step
+        config,
+        steps_per_epoch,
+        chunk,
+        epoch_chunks,
+        run_chunk,
+        record,
+        failure,
+        last_step,
     )
+
+
+def _transform(the_plan: PrivacyPlan, optimizer, *, expected_batch_size):
+    """A step's privatizer and optimizer: ``transform(state, total, bad, key) -> (updates,
+    opt_state)`` from the clipped sum. Independent Gaussian noise is added here from the
+    step's noise key; adaptive clipping's and BandMF's privatizers head ``optimizer``
+    (:func:`run_optimizer`) and get the step's keys as extra arguments (the count's from
+    :func:`jaxgrad.keys.clip_count_key`, never the gradient's) or hold their own."""
+    c = the_plan.config
+    if c.adaptive_clip is not None:
+
+        def transform(state, total, bad, key):
+            _, noise_key = keys.dp_keys(key, state.step)
+            count_key = keys.clip_count_key(key, state.step)
+            return optimizer.update(
+                total,
+                state.opt_state,
+                state.params,
+                noise_key=noise_key,
+                count_key=count_key,
+                num_nonfinite=bad,
+            )
+
+    elif the_plan.coefs is not None:
+
+        def transform(state, total, bad, key):
+            del key  # BandMF's privatizer draws z_t from its own state (the same key)
+            if c.nonfinite == "raise":
+                total = jax.tree_util.tree_map(lambda t: jnp.where(bad > 0, jnp.nan, t), total)
+            return optimizer.update(total, state.opt_state, state.params)
+
+    else:
+        privatize = functools.partial(
+            noisy._privatize,
+            nonfinite=c.nonfinite,
+            stddev=the_plan.noise_multiplier * c.l2_clip,
+            expected_batch_size=expected_batch_size,
+        )
+
+        def transform(state, total, bad, key):
+            _, noise_key = keys.dp_keys(key, state.step)
+            g = privatize(total, None, bad, noise_key)
+            return optimizer.update(g, state.opt_state, state.params)
+
+    return transform
+
+
+def _reporting_clip(run_chunk, latest):
+    """``run_chunk`` that keeps the clip norm it ended with in ``latest["l2_clip"]`` (for
+    the epoch's record: post-processing of the noisy counts)."""
+
+    def run(state, key, active):
+        out = run_chunk(state, key, active)
+        latest["l2_clip"] = float(sharding_lib.local_replica(out[0].opt_state[0].l2_clip))
+        return out
+
+    return run
 
 
 def _local_chunks(body, train_data, *, scan: bool):
@@ -563,7 +710,7 @@ def _local_chunks(body, train_data, *, scan: bool):
     return run_chunk
 
 
-def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_args):
+def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_args, clip_args):
     """``run_chunk`` on ``mesh``: each step's draw computed the same in every process, its
     physical batches gathered on the host (each process only its own devices' rows, padded
     to a multiple of the device count) and sharded over the ``"data"`` axis, their clipped
@@ -584,22 +731,20 @@ def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_arg
         )
 
     @jax.jit
-    def accumulate(params, acc, batch, mask, step):
+    def accumulate(params, acc, batch, mask, step, extra):
         batch, mask = jax.lax.with_sharding_constraint((batch, mask), batch_spec)
-        return jax.tree_util.tree_map(jnp.add, acc, clipped(params, batch, mask, *loss_args(step)))
+        part = clipped(params, batch, mask, *extra, *loss_args(step))
+        return jax.tree_util.tree_map(jnp.add, acc, part)
 
-    def finish_step(state, total, bad, key):
-        _, noise_key = keys.dp_keys(key, state.step)
-        return update(state, total, bad, noise_key)
+    finish = jax.jit(functools.partial(guarded(update), active=True))
 
-    finish = jax.jit(functools.partial(guarded(finish_step), active=True))
-
-    def zeros_like_sum(params, step):
+    def zeros_like_sum(state):
         example = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct((width, *x.shape[1:]), x.dtype), train_data
         )
         mask = jax.ShapeDtypeStruct((width,), bool)
-        shapes = jax.eval_shape(clipped, params, example, mask, *loss_args(step))
+        args = (*clip_args(state), *loss_args(state.step))
+        shapes = jax.eval_shape(clipped, state.params, example, mask, *args)
         zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
         return sharding_lib.replicate(zeros, mesh=mesh)
 
@@ -610,7 +755,7 @@ def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_arg
         for _ in range(int(np.sum(active))):
             state = carry[0]
             sample = draw(local_key, int(state.step))
-            zeros = zeros_like_sum(state.params, state.step) if zeros is None else zeros
+            zeros = zeros_like_sum(state) if zeros is None else zeros
             acc = zeros
             for k in range(int(dp.num_physical_batches(int(sample.count), p))):
                 # The batch source's own k-th physical batch, padded for the devices.
@@ -620,7 +765,7 @@ def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_arg
                 idx = np.concatenate([idx, np.full(width - p, idx[0], idx.dtype)])
                 mask = np.concatenate([mask, np.zeros(width - p, bool)])
                 batch, mask = sharding_lib.take_rows(train_data, idx, mask, mesh=mesh, check=check)
-                acc = accumulate(state.params, acc, batch, mask, state.step)
+                acc = accumulate(state.params, acc, batch, mask, state.step, clip_args(state))
                 sharding_lib.serialize_across_processes(acc)
             total, _, bad = acc
             carry, _ = finish(carry, total, bad, global_key)
