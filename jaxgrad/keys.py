@@ -161,3 +161,11 @@ def row_key(step_key_, row):
 def row_keys(key, step, rows):
     """One key per row of a batch: ``fold_in(fold_in(key, step), row)`` for each of ``rows``."""
     return jax.vmap(row_key, in_axes=(None, 0))(step_key(key, step), rows)
+
+
+def augmentation_keys(example_key, copies: int):
+    """``split(example_key, (2, K))``: the ``K`` keys of an example's augmented copies and the
+    ``K`` keys of the loss on each copy (augmentation multiplicity,
+    :func:`jaxgrad.privacy.augmented_loss`), independent of each other."""
+    both = jax.random.split(example_key, (2, copies))
+    return both[0], both[1]

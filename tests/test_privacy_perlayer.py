@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from jaxgrad import losses, models
-from jaxgrad.fast import passes
+from jaxgrad.fast import clipped_grad, passes
+from jaxgrad.fast.api import clip_sensitivity
 
 jax.config.update("jax_enable_x64", True)
 F64 = jnp.float64
@@ -90,3 +91,102 @@ def test_weighted_takes_one_weight_per_example_and_leaf(method):
     want = treedef.unflatten([jnp.tensordot(c[:, j], g, 1) for j, g in enumerate(leaves)])
     for got, ref in zip(jax.tree.leaves(parts.weighted(c)), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def _loop_group_clipped_sum(loss, params, batch, mask, clip_of_leaf):
+    """Σ_i Σ_g clip_{C_g}(g_{i,g}): one example and one group at a time (the reference)."""
+    leaves, treedef = jax.tree.flatten(params)
+    total = [np.zeros(np.shape(x)) for x in leaves]
+    size = jax.tree.leaves(batch)[0].shape[0]
+    for i in range(size):
+        if not mask[i]:
+            continue
+        ex = jax.tree.map(lambda a, i=i: a[i], batch)
+        g = [np.asarray(x) for x in jax.tree.leaves(jax.grad(loss)(params, ex))]
+        for c in set(clip_of_leaf):
+            members = [j for j, cj in enumerate(clip_of_leaf) if cj == c]
+            norm = np.sqrt(sum(np.sum(g[j] ** 2) for j in members))
+            for j in members:
+                total[j] += g[j] * min(1.0, c / norm)
+    return treedef.unflatten(total)
+
+
+def _assert_trees_close(got, want):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+@pytest.mark.parametrize("name", ["mlp", "tied", "rnn"])
+def test_per_layer_clipped_sum_matches_a_loop(name, method):
+    loss, params, batch = MODELS[name]()
+    size = jax.tree.leaves(batch)[0].shape[0]
+    mask = jnp.arange(size) != 2
+    leaves = jax.tree.leaves(params)
+    # one small clip per leaf (distinct: each leaf its own group), so most groups are clipped
+    clips = jax.tree.unflatten(
+        jax.tree.structure(params), [0.05 * (j + 1) for j in range(len(leaves))]
+    )
+    got = clipped_grad(loss, l2_clip=clips, reduction="sum", method=method)(params, batch, mask)
+    want = _loop_group_clipped_sum(loss, params, batch, mask, jax.tree.leaves(clips))
+    _assert_trees_close(got, want)
+
+
+def test_prefix_groups_clip_each_layer_by_its_own_norm():
+    loss, params, batch = _mlp()  # params: [layer0 {"b", "w"}, layer1 {"b", "w"}]
+    mask = jnp.ones(6, bool)
+    f = clipped_grad(loss, l2_clip=[0.1, 0.3], reduction="mean")
+    want = _loop_group_clipped_sum(loss, params, batch, mask, [0.1, 0.1, 0.3, 0.3])
+    _assert_trees_close(f(params, batch, mask), jax.tree.map(lambda x: x / 6, want))
+    # jit, and the per-group sum is not the flat clip at √(0.1² + 0.3²)
+    flat = clipped_grad(loss, l2_clip=float(np.sqrt(0.1)), reduction="mean")(params, batch, mask)
+    assert not np.allclose(flat[0]["w"], f(params, batch, mask)[0]["w"])
+    _assert_trees_close(jax.jit(f)(params, batch, mask), f(params, batch, mask))
+
+
+def test_scalar_l2_clip_unchanged_and_one_leaf_tree_is_a_group():
+    loss, params, batch = _mlp()
+    mask = jnp.ones(6, bool)
+    flat = clipped_grad(loss, l2_clip=0.2, reduction="sum")(params, batch, mask)
+    want = _loop_group_clipped_sum(loss, params, batch, mask, [0.2] * 4)
+    _assert_trees_close(flat, want)
+    # a one-group tree over the whole params is flat clipping
+    tree = {"all": 0.2}
+    one = clipped_grad(lambda p, ex: loss(p["all"], ex), l2_clip=tree, reduction="sum")
+    _assert_trees_close(one({"all": params}, batch, mask), {"all": want})
+
+
+def test_sensitivity_is_root_sum_of_squares():
+    assert clip_sensitivity(2.0) == 2.0
+    assert clip_sensitivity({"a": 3.0, "b": [4.0, 12.0]}) == pytest.approx(13.0, rel=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("clip", "match"),
+    [
+        ({"a": 1.0, "c": 1.0}, "prefix of the params"),
+        ({"a": -1.0, "b": 1.0}, "l2_clip leaf 0"),
+        ({}, "empty pytree"),
+    ],
+)
+def test_bad_l2_clip_trees_are_refused(clip, match):
+    loss = lambda p, ex: jnp.dot(ex, p["a"]) + jnp.dot(ex, p["b"])
+    params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+    with pytest.raises(ValueError, match=match):
+        clipped_grad(loss, l2_clip=clip)(params, jnp.ones((3, 2)))
+
+
+def test_non_finite_policy_covers_per_layer_clipping():
+    loss = lambda p, ex: jnp.dot(ex, p["a"]) + jnp.sum(jnp.sqrt(ex) * p["b"])  # sqrt(-1) NaN
+    params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+    x = jnp.array([[3.0, 4.0], [-1.0, 1.0], [0.0, 0.5]])
+    clips = {"a": 1.0, "b": 10.0}
+    with pytest.raises(FloatingPointError, match=r"rows \[1\]"):
+        clipped_grad(loss, l2_clip=clips, reduction="sum")(params, x)
+    got = clipped_grad(loss, l2_clip=clips, reduction="sum", nonfinite="drop")(params, x)
+    keep = jnp.array([True, False, True])
+    want = _loop_group_clipped_sum(loss, params, x, keep, [1.0, 10.0])
+    _assert_trees_close(got, want)
+    nan = clipped_grad(loss, l2_clip=clips, reduction="sum", nonfinite="propagate")(params, x)
+    assert np.isnan(nan["a"]).all() and np.isnan(nan["b"]).all()

@@ -56,6 +56,7 @@ from jaxgrad.privacy.sources import (
     WithoutReplacement,
     batch_source,
 )
+from jaxgrad.privacy.units import augmented_loss, group_units, unit_loss
 
 __all__ = [
     "Accountant",
@@ -69,6 +70,7 @@ __all__ = [
     "WithoutReplacement",
     "add_noise",
     "audit",
+    "augmented_loss",
     "batch_source",
     "calibrate_noise_multiplier",
     "check_delta",
@@ -78,6 +80,7 @@ __all__ = [
     "effective_accountant",
     "epsilon",
     "gaussian_privatizer",
+    "group_units",
     "inclusion_mask",
     "noised_average",
     "num_physical_batches",
@@ -85,4 +88,5 @@ __all__ = [
     "poisson_sample",
     "sampled_dp_grad",
     "sources",
+    "unit_loss",
 ]

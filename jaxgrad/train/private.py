@@ -45,6 +45,7 @@ import optax
 from jaxgrad import keys, reduce
 from jaxgrad import privacy as dp
 from jaxgrad import sharding as sharding_lib
+from jaxgrad.fast import api as fast_api
 from jaxgrad.privacy import accounting, noisy, sampling, sources
 from jaxgrad.train.step import Engine, TrainState, guarded
 
@@ -57,7 +58,10 @@ class PrivacyConfig:
     with both, σ is used and must spend at most ``target_epsilon``.
 
     Attributes:
-      l2_clip: the per-example clipping norm ``C``.
+      l2_clip: the per-example clipping norm ``C``, or a pytree prefix of the params of
+        per-group clip norms ``C_g`` (per-layer clipping: each group of an example's gradient
+        clipped to its own ``C_g``, noise std ``σ √(Σ_g C_g²)``; see
+        :func:`jaxgrad.fast.clipped_grad`).
       target_epsilon: the ε to spend over the whole run (at ``delta``).
       noise_multiplier: ``σ``, if not calibrated.
       delta: ``δ``.
@@ -85,6 +89,9 @@ class PrivacyConfig:
       stop_at_epsilon: a budget: training stops after the last step whose ε (at ``delta``)
         stays within it, even if ``epochs`` asks for more (the history's last record is that
         step's; a resumed run stops there too). Refused if not one step fits.
+      augmentations: ``K``, the copies of each example that ``fit(..., augment=...)`` draws
+        every step (augmentation multiplicity: the mean of their gradients is clipped once;
+        :func:`jaxgrad.privacy.augmented_loss`). 1 without ``augment``.
     """
 
     l2_clip: float
@@ -99,6 +106,7 @@ class PrivacyConfig:
     sampling: str = "poisson"
     max_batch_size: int | None = None
     stop_at_epsilon: float | None = None
+    augmentations: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +123,8 @@ class PrivacyPlan:
       num_examples: ``N``.
       stop_step: the number of steps after which training stops (``≤ steps``; fewer when
         ``stop_at_epsilon`` is spent first).
+      unit: the privacy unit: ``"example"``, or ``"user"`` for ``fit(..., units=...)`` (then
+        ``num_examples`` counts units).
     """
 
     config: PrivacyConfig
@@ -125,6 +135,7 @@ class PrivacyPlan:
     source: object = None
     num_examples: int | None = None
     stop_step: int | None = None
+    unit: str = "example"
 
     def accountant(self, steps: int = 0) -> dp.Accountant:
         """A :class:`jaxgrad.privacy.Accountant` holding ``steps`` of this plan's steps."""
@@ -177,6 +188,12 @@ class PrivacyPlan:
             extra["neighboring_relation"] = self.source.neighboring_relation
         if c.stop_at_epsilon is not None:
             extra.update(stop_at_epsilon=c.stop_at_epsilon, stop_step=self.stop_step)
+        if not isinstance(c.l2_clip, float):  # per-group clip norms, by path, and Δ₂
+            extra["l2_sensitivity"] = fast_api.clip_sensitivity(c.l2_clip)
+        if self.unit != "example":
+            extra.update(privacy_unit=self.unit, num_units=self.num_examples)
+        if c.augmentations != 1:
+            extra["augmentations"] = c.augmentations
         return {
             "epsilon": self.epsilon(steps),
             "delta": c.delta,
@@ -185,12 +202,20 @@ class PrivacyPlan:
             "steps": steps,
             "accountant": accountant,
             "pld_discretization": c.pld_discretization if accountant == "pld" else None,
-            "l2_clip": c.l2_clip,
+            "l2_clip": _clip_record(c.l2_clip),
             "target_epsilon": c.target_epsilon,
             "physical_batch_size": self.physical_batch_size,
             "sampling": self.source.name,
             **extra,
         }
+
+
+def _clip_record(l2_clip):
+    """``C``, or per-group clip norms as ``{path: C_g}`` (JSON keeps strings, not tuples)."""
+    if isinstance(l2_clip, float):
+        return l2_clip
+    flat = jax.tree_util.tree_flatten_with_path(l2_clip)[0]
+    return {jax.tree_util.keystr(path): c for path, c in flat}
 
 
 def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: int) -> PrivacyPlan:
@@ -248,6 +273,7 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
         nonfinite=config.nonfinite,
         method=config.method,
     )
+    augmentations = reduce.check_positive_int(config.augmentations, name="augmentations")
     stop = config.stop_at_epsilon
     if stop is not None:
         stop = reduce.check_positive_float(stop, name="stop_at_epsilon")
@@ -283,7 +309,8 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
     sigma = reduce.check_nonnegative_float(sigma, name="noise_multiplier")
     resolved = dataclasses.replace(
         config,
-        l2_clip=reduce.check_positive_float(config.l2_clip, name="l2_clip"),
+        l2_clip=fast_api.check_l2_clip(config.l2_clip),
+        augmentations=augmentations,
         noise_multiplier=sigma,
         delta=float(config.delta),  # checked by dp.epsilon above
         target_epsilon=target,
@@ -337,10 +364,10 @@ def engine(
     c = the_plan.config
     n = reduce.batch_size(train_data, name="train_data")
     source, p = the_plan.source, the_plan.physical_batch_size
-    stddev = the_plan.noise_multiplier * c.l2_clip
     steps_per_epoch = -(-n // batch_size)
     last_step = the_plan.stop_step
     clipped = noisy.ClippedSum(loss_fn, l2_clip=c.l2_clip, method=c.method)
+    stddev = the_plan.noise_multiplier * clipped.sensitivity  # σ √(Σ_g C_g²) per group
     privatize = functools.partial(
         noisy._privatize,
         nonfinite=c.nonfinite,
