@@ -12,6 +12,7 @@ import pytest
 from jaxgrad import losses, models
 from jaxgrad.fast import clipped_grad, passes
 from jaxgrad.fast.api import clip_sensitivity
+from jaxgrad.privacy import dp_grad
 
 jax.config.update("jax_enable_x64", True)
 F64 = jnp.float64
@@ -65,8 +66,7 @@ def _vmap_leaf_sq(loss, params, batch, mask):
     return jnp.where(mask[:, None], jnp.stack(cols, axis=1), 0)
 
 
-@pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("method", ["auto", "vmap"])
+@pytest.mark.parametrize(("name", "method"), [(m, "auto") for m in MODELS] + [("tied", "vmap")])
 def test_per_leaf_norms_match_vmap_grad(name, method):
     loss, params, batch = MODELS[name]()
     size = jax.tree.leaves(batch)[0].shape[0]
@@ -117,8 +117,9 @@ def _assert_trees_close(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["auto", "vmap"])
-@pytest.mark.parametrize("name", ["mlp", "tied", "rnn"])
+@pytest.mark.parametrize(
+    ("name", "method"), [("mlp", "auto"), ("tied", "auto"), ("rnn", "auto"), ("mlp", "vmap")]
+)
 def test_per_layer_clipped_sum_matches_a_loop(name, method):
     loss, params, batch = MODELS[name]()
     size = jax.tree.leaves(batch)[0].shape[0]
@@ -190,3 +191,27 @@ def test_non_finite_policy_covers_per_layer_clipping():
     _assert_trees_close(got, want)
     nan = clipped_grad(loss, l2_clip=clips, reduction="sum", nonfinite="propagate")(params, x)
     assert np.isnan(nan["a"]).all() and np.isnan(nan["b"]).all()
+
+
+def _two_layer():
+    loss = lambda p, ex: jnp.dot(ex, p["a"]) + 0.5 * jnp.dot(ex, p["b"]) ** 2
+    params = {"a": jnp.ones(400, F64), "b": jnp.full(400, 0.01, F64)}
+    batch = jnp.asarray(np.random.default_rng(5).normal(size=(3, 400)), F64)
+    return loss, params, batch
+
+
+def test_dp_grad_per_layer_is_exact_and_its_noise_uses_the_root_sum_of_squares():
+    loss, params, batch = _two_layer()
+    clips = {"a": 3.0, "b": 4.0}
+    want = _loop_group_clipped_sum(loss, params, batch, np.ones(3, bool), [3.0, 4.0])
+    exact = dp_grad(loss, l2_clip=clips, noise_multiplier=0.0, expected_batch_size=2.0)
+    _assert_trees_close(
+        exact(params, batch, None, jax.random.key(0)), jax.tree.map(lambda x: x / 2, want)
+    )
+    noisy = dp_grad(loss, l2_clip=clips, noise_multiplier=0.5, expected_batch_size=2.0)
+    g = noisy(params, batch, None, jax.random.key(1))
+    z = np.concatenate([(2 * g[k] - want[k]) / (0.5 * 5.0) for k in ("a", "b")])  # Δ₂ = 5
+    # 800 standard normals if the std is σ·√(3² + 4²): their variance is within ±25% with
+    # probability about 1 − 1e-6 (chi-square, 800 degrees of freedom); σ·max C_g = σ·4 gives
+    # variance 25/16, σ·(3 + 4) gives 0.51.
+    assert 0.75 < np.mean(z**2) < 1.25
