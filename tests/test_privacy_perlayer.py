@@ -215,3 +215,25 @@ def test_dp_grad_per_layer_is_exact_and_its_noise_uses_the_root_sum_of_squares()
     # probability about 1 − 1e-6 (chi-square, 800 degrees of freedom); σ·max C_g = σ·4 gives
     # variance 25/16, σ·(3 + 4) gives 0.51.
     assert 0.75 < np.mean(z**2) < 1.25
+
+
+def test_cli_per_layer_clip_splits_c_over_the_layers():
+    from jaxgrad.train import __main__ as cli
+    from jaxgrad.train.private import per_layer_clip
+
+    parser = cli.build_parser()
+    args = parser.parse_args(
+        ["--dp", "--noise-multiplier", "1", "--l2-clip", "2", "--per-layer-clip"]
+    )
+    model = models.mlp([4, 5, 6, 3])  # three dense layers: C / √3 each
+    plan = cli._privacy(args, parser, 100, 10, 1, model)
+    assert plan.config.l2_clip == pytest.approx([2 / np.sqrt(3)] * 3, rel=1e-15)
+    record = plan.summary(0)
+    assert record["l2_sensitivity"] == pytest.approx(2.0, rel=1e-12)  # the flat clip's noise
+    assert record["l2_clip"] == pytest.approx(
+        {"[0]": 2 / 3**0.5, "[1]": 2 / 3**0.5, "[2]": 2 / 3**0.5}
+    )
+    cnn = jax.eval_shape(models.cnn(channels=(2, 3)).init, jax.random.key(0))
+    assert per_layer_clip(cnn, l2_clip=3.0) == {"conv": [3 / 3**0.5] * 2, "dense": 3 / 3**0.5}
+    with pytest.raises(SystemExit):  # a DP flag without --dp
+        cli.main(["--per-layer-clip", "--quiet"])

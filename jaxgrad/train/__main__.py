@@ -53,6 +53,7 @@ DP_ONLY = {
     "insecure_dp_seed": "it seeds the noise and sampling of --dp; --seed seeds the split, the "
     "initialisation and the shuffle",
     "public_test": "without --dp the test split is always evaluated",
+    "per_layer_clip": "it splits --dp's clip norm over the layers",
 }
 # The first 32-bit word of a DP key derived from --insecure-dp-seed. OS-entropy keys never
 # start with it (drawn again if they do), so a key restored from a checkpoint tells whether
@@ -215,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"per-example clip norm C of DP-SGD (with --dp, default: {DP_DEFAULTS['l2_clip']:g})",
     )
     g.add_argument(
+        "--per-layer-clip",
+        action="store_true",
+        default=None,
+        help="clip each layer (a weight with its bias) of every example to C / sqrt(L) for the "
+        "model's L layers, instead of the whole gradient to C: the same sensitivity C, so the "
+        "same noise and epsilon",
+    )
+    g.add_argument(
         "--accountant",
         choices=("pld", "rdp"),
         help=f"privacy accountant (with --dp, default: {DP_DEFAULTS['accountant']})",
@@ -327,8 +336,10 @@ def _strategy(args, parser):
     return functools.partial(clipped, l2_clip=CLIP if args.clip is None else args.clip)
 
 
-def _privacy(args, parser, num_examples, batch_size, epochs):
-    """The resolved DP-SGD plan (σ calibrated), or None without --dp."""
+def _privacy(args, parser, num_examples, batch_size, epochs, model=None):
+    """The resolved DP-SGD plan (σ calibrated), or None without --dp; with --per-layer-clip,
+    ``C / √L`` for each of the model's ``L`` layers
+    (:func:`jaxgrad.train.private.per_layer_clip`)."""
     if not args.dp:
         return None
     if args.strategy != "batch":
@@ -337,11 +348,20 @@ def _privacy(args, parser, num_examples, batch_size, epochs):
         parser.error("--dp checkpoints every epoch; --checkpoint-every does not apply")
     if (args.target_epsilon is None) == (args.noise_multiplier is None):
         parser.error("--dp needs exactly one of --target-epsilon and --noise-multiplier")
+    import jax
+
     from jaxgrad.train import PrivacyConfig, private
 
     given = {k: getattr(args, k) for k in DP_DEFAULTS}
+    given = {k: DP_DEFAULTS[k] if v is None else v for k, v in given.items()}
+    if args.per_layer_clip:
+        try:
+            shapes = jax.eval_shape(model.init, jax.random.key(0))
+            given["l2_clip"] = private.per_layer_clip(shapes, l2_clip=given["l2_clip"])
+        except (ValueError, TypeError) as e:
+            _flag_error(parser, str(e), DP_FLAGS)
     config = PrivacyConfig(
-        **{k: DP_DEFAULTS[k] if v is None else v for k, v in given.items()},
+        **given,
         target_epsilon=args.target_epsilon,
         noise_multiplier=args.noise_multiplier,
         physical_batch_size=args.physical_batch_size,
@@ -722,7 +742,7 @@ def run(args, parser=None) -> dict:
             f"{len(ds.x_train)}"
         )
     model_name, model, loss_fn = _model(args, ds, dtype, parser)
-    privacy_plan = _privacy(args, parser, len(ds.x_train), batch_size, epochs)
+    privacy_plan = _privacy(args, parser, len(ds.x_train), batch_size, epochs, model)
     strategy = _strategy(args, parser)
     try:  # building the strategy checks its hyperparameters (--microbatches, --clip, ...)
         strategy(loss_fn)
@@ -837,7 +857,12 @@ def run(args, parser=None) -> dict:
         say(
             f"privacy: ({pv['epsilon']:.4g}, {pv['delta']:g})-DP ({pv['accountant']}), "
             f"sigma {pv['noise_multiplier']:.4g}, q {pv['sampling_rate']:.4g}, "
-            f"{pv['steps']} steps, clip {pv['l2_clip']:g}"
+            f"{pv['steps']} steps, clip "
+            + (
+                f"{pv['l2_clip']:g}"
+                if "l2_sensitivity" not in pv
+                else f"per layer (sensitivity {pv['l2_sensitivity']:g})"
+            )
         )
     if "params" in summary:
         say("fitted line: " + "  ".join(f"{k} = {v:.6f}" for k, v in summary["params"].items()))
