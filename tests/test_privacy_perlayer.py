@@ -237,3 +237,41 @@ def test_cli_per_layer_clip_splits_c_over_the_layers():
     assert per_layer_clip(cnn, l2_clip=3.0) == {"conv": [3 / 3**0.5] * 2, "dense": 3 / 3**0.5}
     with pytest.raises(SystemExit):  # a DP flag without --dp
         cli.main(["--per-layer-clip", "--quiet"])
+
+
+# --- the one-run audit (tests/test_privacy_audit.py's problem: m = 1000, r = 200, ε = 2) ------
+
+
+def test_per_layer_dp_grad_audit_stays_below_claim_and_a_broken_copy_exceeds_it():
+    """Per-layer clips {w: C, b: C/10}: Δ₂ = √1.01 C, noise σΔ₂. A correct run stays below its
+    claim; noise for one group's clip (σ C_b, 10x too little) is caught. The false-alarm
+    analysis is test_privacy_audit's (its canaries have norm C ≤ Δ₂ here: less signal)."""
+    from test_privacy_audit import (
+        CLIP,
+        FULL_STEPS,
+        claimed,
+        full_batch,
+        hand_loop,
+        reduce_rows,
+        run_audit,
+        secret_key,
+        sigma_for,
+    )
+
+    sigma = sigma_for(1.0, FULL_STEPS)
+    claim = claimed(sigma, 1.0, FULL_STEPS)
+    clips = {"b": CLIP / 10, "w": CLIP}
+    delta2 = clip_sensitivity(clips)
+
+    def dp(noise):
+        return full_batch(
+            lambda loss_fn, d: dp_grad(
+                loss_fn, l2_clip=clips, noise_multiplier=noise, expected_batch_size=reduce_rows(d)
+            )
+        )
+
+    correct = run_audit(hand_loop(dp(sigma), FULL_STEPS, key_fn=secret_key))
+    assert correct.epsilon_lower < claim, correct
+    # the noise of the smallest group's clip: std σ C/10 instead of σ Δ₂
+    broken = run_audit(hand_loop(dp(sigma * (CLIP / 10) / delta2), FULL_STEPS, key_fn=secret_key))
+    assert broken.epsilon_lower > claim, broken

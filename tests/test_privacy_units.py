@@ -219,3 +219,56 @@ def test_fit_with_augmentation_multiplicity_clips_the_mean_of_the_copies():
         total = _add(total, _clip(mean, 0.2))
     _assert_close(result.params, jax.tree.map(lambda p, g: p - g / 10, params, total))
     assert result.privacy["augmentations"] == 3 and "privacy_unit" not in result.privacy
+
+
+# --- the one-run audit (tests/test_privacy_audit.py's problem: m = 1000, r = 200, ε = 2) ------
+
+COPIES = 10  # rows of each canary user
+
+
+def _users(data):
+    """The audit's rows as users: real rows 3 to a user, each canary a user of 10 copies."""
+    rows, cid = data
+    canary = np.flatnonzero(np.asarray(cid) >= 0)
+    index = np.concatenate([np.flatnonzero(np.asarray(cid) < 0), np.repeat(canary, COPIES)])
+    units = np.where(np.asarray(cid)[index] < 0, index // 3, 10**6 + np.asarray(cid)[index])
+    return jax.tree.map(lambda a: np.asarray(a)[index], (rows, cid)), units
+
+
+def test_user_level_audit_stays_below_claim_and_row_level_clipping_exceeds_it():
+    """Each canary is a user of 10 rows (each row's gradient C e_j). Clipping the user's sum
+    once gives it norm C: a correct run stays below its claim. Clipping rows instead (the
+    unit ignored) lets a canary user through with 10 C: caught, like σ/10 in
+    test_privacy_audit (whose false-alarm analysis this reuses: the same scores)."""
+    from test_privacy_audit import (
+        CLIP,
+        FULL_STEPS,
+        claimed,
+        hand_loop,
+        run_audit,
+        secret_key,
+        sigma_for,
+    )
+
+    sigma = sigma_for(1.0, FULL_STEPS)
+    claim = claimed(sigma, 1.0, FULL_STEPS)
+
+    def per_user(loss_fn, data):  # q = 1 over users: every user every step
+        rows, units = _users(data)
+        grouped, ids = group_units(rows, units)
+        f = dp.dp_grad(
+            unit_loss(loss_fn), l2_clip=CLIP, noise_multiplier=sigma, expected_batch_size=len(ids)
+        )
+        return lambda p, k: f(p, grouped, None, k)
+
+    def per_row(loss_fn, data):  # broken: each row clipped, the users' sums are not
+        rows, units = _users(data)
+        f = dp.dp_grad(
+            loss_fn, l2_clip=CLIP, noise_multiplier=sigma, expected_batch_size=len(np.unique(units))
+        )
+        return lambda p, k: f(p, rows, None, k)
+
+    correct = run_audit(hand_loop(per_user, FULL_STEPS, key_fn=secret_key))
+    assert correct.epsilon_lower < claim, correct
+    broken = run_audit(hand_loop(per_row, FULL_STEPS, key_fn=secret_key))
+    assert broken.epsilon_lower > claim, broken
