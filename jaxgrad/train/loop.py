@@ -198,9 +198,10 @@ def _row_check(validate):
 
 def _augmented(loss_fn, augment, *, privacy, loss_key):
     """``loss_fn``, or with ``augment`` the mean over ``privacy.augmentations`` copies."""
-    if privacy is not None and privacy.augmentations != 1 and augment is None:
+    copies = getattr(privacy, "augmentations", 1)  # (a wrong type is plan()'s to name)
+    if copies != 1 and augment is None:
         raise ValueError(
-            f"`privacy.augmentations` is {privacy.augmentations!r}, so `augment` (a function "
+            f"`privacy.augmentations` is {copies!r}, so `augment` (a function "
             "augment(key, example) -> example) is required; got augment=None"
         )
     if augment is None:
@@ -216,12 +217,12 @@ def _augmented(loss_fn, augment, *, privacy, loss_key):
             "loss_key=jax.random.key(1)); got loss_key=None"
         )
     keyed = example_keys._takes(loss_fn, 2) is False  # a loss that needs a key gets one
-    copies = reduce.check_positive_int(privacy.augmentations, name="augmentations")
+    copies = reduce.check_positive_int(copies, name="augmentations")
     return dp_units.augmented_loss(loss_fn, augment, copies=copies, keyed=keyed)
 
 
 def _check_units_fit(privacy, mesh) -> None:
-    """Refuses ``units`` where they do not apply (no privacy, a mesh, per-group clips)."""
+    """Refuses ``units`` where they do not apply (no privacy, a mesh)."""
     if privacy is None:
         raise ValueError(
             "`units` applies to private training (user-level DP): give "
