@@ -224,7 +224,7 @@ def test_dp_grad_per_layer_is_exact_and_its_noise_uses_the_root_sum_of_squares()
     assert 0.75 < np.mean(z**2) < 1.25
 
 
-def test_cli_per_layer_clip_splits_c_over_the_layers():
+def test_cli_per_layer_clip_splits_c_over_the_layers(capsys):
     from jaxgrad.train import __main__ as cli
     from jaxgrad.train.private import per_layer_clip
 
@@ -242,8 +242,9 @@ def test_cli_per_layer_clip_splits_c_over_the_layers():
     )
     cnn = jax.eval_shape(models.cnn(channels=(2, 3)).init, jax.random.key(0))
     assert per_layer_clip(cnn, l2_clip=3.0) == {"conv": [3 / 3**0.5] * 2, "dense": 3 / 3**0.5}
-    with pytest.raises(SystemExit):  # a DP flag without --dp
+    with pytest.raises(SystemExit) as e:  # a DP flag without --dp
         cli.main(["--per-layer-clip", "--quiet"])
+    assert e.value.code == 2 and "--per-layer-clip needs --dp" in capsys.readouterr().err
 
 
 # --- the one-run audit (tests/test_privacy_audit.py's problem: m = 1000, r = 200, ε = 2) ------
