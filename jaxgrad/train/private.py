@@ -22,6 +22,13 @@ the run's record match the sampling actually used. A shuffled epoch is refused.
 ``stop_at_epsilon`` ends training after the last step whose ε stays within the budget
 (:meth:`jaxgrad.privacy.Accountant.steps_within`, counted before any data is read).
 
+Per-layer clipping (``PrivacyConfig(l2_clip=<a pytree prefix of the params>)``, e.g.
+:func:`per_layer_clip`) clips each group of an example's gradient to its own ``C_g``; the
+noise is ``N(0, σ² Σ_g C_g² I)``. Clip units larger than one row (``fit(..., units=)``: a
+user's rows; ``fit(..., augment=)`` with ``augmentations=K``: an example's augmented copies)
+are made examples before the plan (:mod:`jaxgrad.privacy.units`), so the draws, the clipping
+and the accounting count units.
+
 On a mesh (``fit(..., privacy=..., mesh=...)``) the step is the same computation, spread:
 the Poisson sample is drawn over the whole data set from the same key in every process (one
 draw for the step, never one per device or host, so the inclusions stay independent across
