@@ -335,12 +335,12 @@ def check_l2_clip(l2_clip, *, name: str = "l2_clip"):
     :func:`clip_groups`). Returns a float, or the pytree with its leaves as floats.
     """
     leaves, treedef = jax.tree_util.tree_flatten(l2_clip)
-    if treedef.num_nodes == 1 and treedef.num_leaves == 1:  # one number, not a container
+    if l2_clip is None or (treedef.num_nodes == 1 and treedef.num_leaves == 1):  # a number
         return reduce.check_positive_float(l2_clip, name=name)
     if not leaves:
         raise ValueError(
-            f"`{name}` must be a positive number or a pytree of them (a prefix of the params, "
-            f"one clip norm per group); got an empty pytree {l2_clip!r}"
+            f"`{name}` must be a positive finite number, or a pytree of them (a prefix of the "
+            f"params, one clip norm per group); got an empty pytree {l2_clip!r}"
         )
     checked = [
         reduce.check_positive_float(c, name=f"{name} leaf {i}") for i, c in enumerate(leaves)
