@@ -148,9 +148,15 @@ def dp_keys(key, step):
 
 
 def truncation_key(sample_key):
-    """``fold_in(sample_key, 1)``: which drawn examples a truncated Poisson draw keeps
-    (independent of the draw itself, which is a function of ``sample_key``'s own bits)."""
-    return jax.random.fold_in(sample_key, 1)
+    """``fold_in(sample_key, 2³² − 1)``: which drawn examples a truncated Poisson draw keeps,
+    independent of the draw itself.
+
+    The draw reads Threefry block ``(0, i)`` of ``sample_key`` for example ``i``
+    (:func:`jaxgrad.privacy.sampling.inclusion_mask`), and ``fold_in(sample_key, d)`` *is*
+    block ``(0, d)``: a small ``d`` would be example ``d``'s own bits. Draws have fewer than
+    ``2³¹`` examples (their indices are int32), so block ``2³² − 1`` is never one of them.
+    """
+    return jax.random.fold_in(sample_key, 2**32 - 1)
 
 
 def row_key(step_key_, row):
@@ -174,3 +180,11 @@ def clip_count_key(key, step):
     adaptive clipping (:mod:`jaxgrad.privacy.adaptive`), independent of the step's sample
     and gradient noise keys (:func:`dp_keys`) and of every other step's."""
     return jax.random.fold_in(step_key(key, step), _CLIP_COUNT_BLOCK)
+
+
+def augmentation_keys(example_key, copies: int):
+    """``split(example_key, (2, K))``: the ``K`` keys of an example's augmented copies and the
+    ``K`` keys of the loss on each copy (augmentation multiplicity,
+    :func:`jaxgrad.privacy.augmented_loss`), independent of each other."""
+    both = jax.random.split(example_key, (2, copies))
+    return both[0], both[1]

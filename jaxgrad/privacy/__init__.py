@@ -71,6 +71,7 @@ from jaxgrad.privacy.sources import (
     WithoutReplacement,
     batch_source,
 )
+from jaxgrad.privacy.units import augmented_loss, group_units, unit_loss
 
 __all__ = [
     "Accountant",
@@ -91,6 +92,7 @@ __all__ = [
     "adaptive",
     "add_noise",
     "audit",
+    "augmented_loss",
     "bandmf",
     "bandmf_privatizer",
     "batch_source",
@@ -102,6 +104,7 @@ __all__ = [
     "effective_accountant",
     "epsilon",
     "gaussian_privatizer",
+    "group_units",
     "inclusion_mask",
     "noised_average",
     "num_physical_batches",
@@ -111,4 +114,5 @@ __all__ = [
     "sampled_dp_grad",
     "sources",
     "split_noise_multiplier",
+    "unit_loss",
 ]

@@ -78,23 +78,31 @@ class ClippedSum:
     non-finite parameters give NaN). Adding or removing one example moves ``S`` by at most
     :attr:`sensitivity` in L2 norm: what a privatizer calibrates its noise to.
 
+    Per-group (per-layer) clipping: ``l2_clip`` a pytree prefix of the params with clip norms
+    ``C_g`` (:func:`jaxgrad.fast.clipped_grad`): each group of an example's gradient is
+    clipped to its own ``C_g``, so the example's whole clipped gradient has norm at most
+    ``Δ₂ = √(Σ_g C_g²)``. Units: ``units=`` (one id per row) clips each unit's *summed*
+    gradient once (:func:`jaxgrad.fast.clipped_grad`'s ``units=``): adding or removing one
+    unit moves ``S`` by at most ``Δ₂``; ``b`` and ``bad`` then count rows.
+
     Attributes:
-      sensitivity: the L2 sensitivity ``Δ₂ = C`` of the sum.
+      sensitivity: the L2 sensitivity ``Δ₂`` of the sum: ``C``, or ``√(Σ_g C_g²)``.
     """
 
     def __init__(self, loss_fn, *, l2_clip, method="auto", chunk_size=None):
-        self.sensitivity = reduce.check_positive_float(l2_clip, name="l2_clip")
+        l2_clip = fast_api.check_l2_clip(l2_clip)
+        self.sensitivity = fast_api.clip_sensitivity(l2_clip)
         self._parts = fast_api.clipped_parts(
             loss_fn,
-            l2_clip=self.sensitivity,
+            l2_clip=l2_clip,
             reduction="sum",
             nonfinite="drop",
             method=method,
             chunk_size=chunk_size,
         )
 
-    def __call__(self, params, batch, mask, *args):
-        parts = self._parts(params, batch, mask, *args)
+    def __call__(self, params, batch, mask, *args, units=None):
+        parts = self._parts(params, batch, mask, *args, units=units)
         return parts.total, parts.num_kept, jnp.sum(parts.dropped, dtype=jnp.int32)
 
 
@@ -373,10 +381,23 @@ def dp_grad(
     gradient of example ``i``'s loss *sum* (for a token loss the unit of privacy is the
     sequence). The composition of :class:`ClippedSum` and :func:`noised_average`.
 
+    Per-layer clipping: ``l2_clip`` may be a pytree prefix of the params (``{"layer1": 1.0,
+    "layer2": 0.5}``); each group of each example's gradient is clipped to its own ``C_g``
+    and the noise std on the sum is ``σ √(Σ_g C_g²)``, the sum's sensitivity
+    (:class:`ClippedSum`).
+
+    Units (user-level DP): ``f(..., units=ids)`` with one integer id per row (in ``[0, B)``;
+    rows with equal ids form a unit) clips each unit's *summed* gradient ``Σ_{i∈u} g_i`` once
+    and the noise is calibrated to one unit: the privacy unit is then the unit, so the batch
+    must hold whole units drawn by Poisson sampling over units (rate ``q``, ``B_e = qU`` for
+    ``U`` units), and the accounting counts units. Not with a pytree ``l2_clip``.
+    :func:`jaxgrad.train.fit` (``units=``) does the grouping and the sampling.
+
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``; a loss with a
         ``validate`` method (:func:`jaxgrad.losses.supervised`) has the batch checked first.
-      l2_clip: the clipping norm ``C > 0``.
+      l2_clip: the clipping norm ``C > 0``, or a pytree prefix of the params of per-group
+        clip norms ``C_g > 0``.
       noise_multiplier: ``σ ≥ 0``; the noise std on the sum is ``σC``.
       expected_batch_size: ``B_e = qN > 0``, the divisor.
       nonfinite: ``"drop"`` (default: leave out examples with a non-finite loss or gradient
@@ -388,9 +409,10 @@ def dp_grad(
       chunk_size: if set, examples are processed that many at a time.
 
     Returns:
-      ``f(params, batch, mask, key, *args) -> grads`` (or ``(grads, info)``); ``mask=None``
-      means all rows are real, ``key`` seeds the noise, and extra arguments are passed to
-      every call ``loss_fn(params, example, *args)``, as for :func:`jaxgrad.batch_grad`.
+      ``f(params, batch, mask, key, *args, units=None) -> grads`` (or ``(grads, info)``);
+      ``mask=None`` means all rows are real, ``key`` seeds the noise, and extra arguments are
+      passed to every call ``loss_fn(params, example, *args)``, as for
+      :func:`jaxgrad.batch_grad`.
 
     Example::
 
@@ -409,8 +431,8 @@ def dp_grad(
     stddev = sigma * clipped.sensitivity
 
     @jax.jit
-    def core(params, batch, mask, key, args):
-        total, count, bad = clipped(params, batch, mask, *args)
+    def core(params, batch, mask, key, args, units):
+        total, count, bad = clipped(params, batch, mask, *args, units=units)
         grads = _privatize(
             total, count, bad, key, nonfinite=nonfinite, stddev=stddev, expected_batch_size=b_e
         )
@@ -418,11 +440,14 @@ def dp_grad(
 
     finish = _finish(nonfinite, return_info, "dp_grad")
 
-    def f(params, batch, mask, key, *args):
+    def f(params, batch, mask, key, *args, units=None):
         check_loss_args(loss_fn, args, name="dp_grad", call="f(params, batch, mask, key, *args)")
-        mask = reduce.check_mask(mask, reduce.batch_size(batch))
+        size = reduce.batch_size(batch)
+        mask = reduce.check_mask(mask, size)
+        if units is not None:
+            units = fast_api.check_units(units, size)
         validate_concrete(getattr(loss_fn, "validate", None), batch, mask)
-        return finish(*core(params, batch, mask, keys.check_key(key), args))
+        return finish(*core(params, batch, mask, keys.check_key(key), args, units))
 
     f.__name__ = f.__qualname__ = "dp_grad"
     f.__doc__ = dp_grad.__doc__
@@ -508,7 +533,8 @@ def sampled_dp_grad(
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``; a loss with a
         ``validate`` method has the whole data set checked first.
-      l2_clip: the clipping norm ``C > 0``.
+      l2_clip: the clipping norm ``C > 0``, or a pytree prefix of the params of per-group
+        clip norms ``C_g > 0`` (noise std ``σ √(Σ_g C_g²)``, see :func:`dp_grad`).
       noise_multiplier: ``σ ≥ 0``.
       sampling_rate: ``q`` in (0, 1]; the expected batch size is ``qN``.
       physical_batch_size: ``P``, examples per physical batch (memory bound, not privacy).

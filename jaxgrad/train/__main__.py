@@ -58,6 +58,7 @@ DP_ONLY = {
     "adaptive_clip_quantile": "it is the target quantile of --dp's adaptive clipping",
     "adaptive_clip_lr": "it is the learning rate of --dp's adaptive clipping",
     "count_noise_multiplier": "it is the count noise of --dp's adaptive clipping",
+    "per_layer_clip": "it splits --dp's clip norm over the layers",
 }
 # The flags of adaptive clipping that mean something only with --adaptive-clip-quantile.
 ADAPTIVE_ONLY = ("adaptive_clip_lr", "count_noise_multiplier")
@@ -228,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"per-example clip norm C of DP-SGD (with --dp, default: {DP_DEFAULTS['l2_clip']:g})",
     )
     g.add_argument(
+        "--per-layer-clip",
+        action="store_true",
+        default=None,
+        help="clip each layer (a weight with its bias) of every example to C / sqrt(L) for the "
+        "model's L layers, instead of the whole gradient to C: the same sensitivity C, so the "
+        "same noise and epsilon",
+    )
+    g.add_argument(
         "--accountant",
         choices=("pld", "rdp"),
         help=f"privacy accountant (with --dp, default: {DP_DEFAULTS['accountant']})",
@@ -373,8 +382,10 @@ def _strategy(args, parser):
     return functools.partial(clipped, l2_clip=CLIP if args.clip is None else args.clip)
 
 
-def _privacy(args, parser, num_examples, batch_size, epochs):
-    """The resolved DP-SGD plan (σ calibrated), or None without --dp."""
+def _privacy(args, parser, num_examples, batch_size, epochs, model=None):
+    """The resolved DP-SGD plan (σ calibrated), or None without --dp; with --per-layer-clip,
+    ``C / √L`` for each of the model's ``L`` layers
+    (:func:`jaxgrad.train.private.per_layer_clip`)."""
     if not args.dp:
         return None
     if args.strategy != "batch":
@@ -383,11 +394,20 @@ def _privacy(args, parser, num_examples, batch_size, epochs):
         parser.error("--dp checkpoints every epoch; --checkpoint-every does not apply")
     if (args.target_epsilon is None) == (args.noise_multiplier is None):
         parser.error("--dp needs exactly one of --target-epsilon and --noise-multiplier")
+    import jax
+
     from jaxgrad.train import PrivacyConfig, private
 
     given = {k: getattr(args, k) for k in DP_DEFAULTS}
+    given = {k: DP_DEFAULTS[k] if v is None else v for k, v in given.items()}
+    if args.per_layer_clip:
+        try:
+            shapes = jax.eval_shape(model.init, jax.random.key(0))
+            given["l2_clip"] = private.per_layer_clip(shapes, l2_clip=given["l2_clip"])
+        except (ValueError, TypeError) as e:
+            _flag_error(parser, str(e), DP_FLAGS)
     config = PrivacyConfig(
-        **{k: DP_DEFAULTS[k] if v is None else v for k, v in given.items()},
+        **given,
         target_epsilon=args.target_epsilon,
         noise_multiplier=args.noise_multiplier,
         physical_batch_size=args.physical_batch_size,
@@ -799,7 +819,7 @@ def run(args, parser=None) -> dict:
             f"{len(ds.x_train)}"
         )
     model_name, model, loss_fn = _model(args, ds, dtype, parser)
-    privacy_plan = _privacy(args, parser, len(ds.x_train), batch_size, epochs)
+    privacy_plan = _privacy(args, parser, len(ds.x_train), batch_size, epochs, model)
     strategy = _strategy(args, parser)
     try:  # building the strategy checks its hyperparameters (--microbatches, --clip, ...)
         strategy(loss_fn)
@@ -914,7 +934,12 @@ def run(args, parser=None) -> dict:
         say(
             f"privacy: ({pv['epsilon']:.4g}, {pv['delta']:g})-DP ({pv['accountant']}), "
             f"sigma {pv['noise_multiplier']:.4g}, q {pv['sampling_rate']:.4g}, "
-            f"{pv['steps']} steps, clip {pv['l2_clip']:g}"
+            f"{pv['steps']} steps, clip "
+            + (
+                f"{pv['l2_clip']:g}"
+                if "l2_sensitivity" not in pv
+                else f"per layer (sensitivity {pv['l2_sensitivity']:g})"
+            )
             + (f", BandMF noise, {pv['bands']} bands" if pv.get("noise") == "bandmf" else "")
         )
     if "params" in summary:

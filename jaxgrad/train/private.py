@@ -34,6 +34,12 @@ clip norm an argument), and the privatizer (:func:`jaxgrad.privacy.quantile_priv
 chained before the optimizer, so its state — the clip norm — is part of the optimizer state
 the loop carries and checkpoints) noises both from the step's keys and updates the clip norm.
 The step is accounted with the same ``σ`` (split between the gradient and the count).
+Per-layer clipping (``PrivacyConfig(l2_clip=<a pytree prefix of the params>)``, e.g.
+:func:`per_layer_clip`) clips each group of an example's gradient to its own ``C_g``; the
+noise is ``N(0, σ² Σ_g C_g² I)``. Clip units larger than one row (``fit(..., units=)``: a
+user's rows; ``fit(..., augment=)`` with ``augmentations=K``: an example's augmented copies)
+are made examples before the plan (:mod:`jaxgrad.privacy.units`), so the draws, the clipping
+and the accounting count units.
 
 On a mesh (``fit(..., privacy=..., mesh=...)``) the step is the same computation, spread:
 the Poisson sample is drawn over the whole data set from the same key in every process (one
@@ -58,6 +64,7 @@ import optax
 from jaxgrad import keys, reduce
 from jaxgrad import privacy as dp
 from jaxgrad import sharding as sharding_lib
+from jaxgrad.fast import api as fast_api
 from jaxgrad.privacy import accounting, adaptive, bandmf, noisy, sampling, sources
 from jaxgrad.train.step import Engine, TrainState, guarded
 
@@ -70,7 +77,10 @@ class PrivacyConfig:
     with both, σ is used and must spend at most ``target_epsilon``.
 
     Attributes:
-      l2_clip: the per-example clipping norm ``C``.
+      l2_clip: the per-example clipping norm ``C``, or a pytree prefix of the params of
+        per-group clip norms ``C_g`` (per-layer clipping: each group of an example's gradient
+        clipped to its own ``C_g``, noise std ``σ √(Σ_g C_g²)``; see
+        :func:`jaxgrad.fast.clipped_grad`).
       target_epsilon: the ε to spend over the whole run (at ``delta``).
       noise_multiplier: ``σ``, if not calibrated.
       delta: ``δ``.
@@ -119,6 +129,9 @@ class PrivacyConfig:
         ``σ_Δ = (σ⁻² − (2σ_b)⁻²)^(-1/2)``. The current clip norm is carried in the optimizer
         state (``state.opt_state[0].l2_clip``, checkpointed) and reported per epoch as
         ``l2_clip`` in the history: post-processing of the noisy counts, releasable.
+      augmentations: ``K``, the copies of each example that ``fit(..., augment=...)`` draws
+        every step (augmentation multiplicity: the mean of their gradients is clipped once;
+        :func:`jaxgrad.privacy.augmented_loss`). 1 without ``augment``.
     """
 
     l2_clip: float
@@ -134,6 +147,7 @@ class PrivacyConfig:
     max_batch_size: int | None = None
     stop_at_epsilon: float | None = None
     adaptive_clip: adaptive.AdaptiveClip | None = None
+    augmentations: int = 1
     noise: str = "gaussian"
     bands: int | None = None
     bandmf_strategy: str = "optimized"
@@ -158,6 +172,8 @@ class PrivacyPlan:
         ``stop_at_epsilon`` is spent first).
       coefs: ``noise="bandmf"``'s strategy coefficients (``bands`` floats, ``‖c‖ = 1``), or
         None.
+      unit: the privacy unit: ``"example"``, or ``"user"`` for ``fit(..., units=...)`` (then
+        ``num_examples`` counts units).
     """
 
     config: PrivacyConfig
@@ -169,6 +185,8 @@ class PrivacyPlan:
     num_examples: int | None = None
     stop_step: int | None = None
     coefs: tuple | None = None
+
+    unit: str = "example"
 
     def compositions(self, steps: int) -> int:
         """How many of the step event ``steps`` steps compose: ``steps``, or with BandMF's
@@ -247,6 +265,12 @@ class PrivacyPlan:
                 **dataclasses.asdict(c.adaptive_clip),
                 "gradient_noise_multiplier": self.gradient_noise_multiplier(),
             }
+        if not isinstance(c.l2_clip, float):  # per-group clip norms, by path, and Δ₂
+            extra["l2_sensitivity"] = fast_api.clip_sensitivity(c.l2_clip)
+        if self.unit != "example":
+            extra.update(privacy_unit=self.unit, num_units=self.num_examples)
+        if c.augmentations != 1:
+            extra["augmentations"] = c.augmentations
         return {
             "epsilon": self.epsilon(steps),
             "delta": c.delta,
@@ -255,12 +279,63 @@ class PrivacyPlan:
             "steps": steps,
             "accountant": accountant,
             "pld_discretization": c.pld_discretization if accountant == "pld" else None,
-            "l2_clip": c.l2_clip,
+            "l2_clip": _clip_record(c.l2_clip),
             "target_epsilon": c.target_epsilon,
             "physical_batch_size": self.physical_batch_size,
             "sampling": self.source.name,
             **extra,
         }
+
+
+def per_layer_clip(params, *, l2_clip: float):
+    """Per-layer clip norms with the flat clip's sensitivity: ``C / √L`` for each of ``L`` layers.
+
+    A *layer* is a container (dict, list, tuple) of the params whose children are all arrays
+    (a dense layer's ``{"w", "b"}``); an array beside other containers is a layer of its own.
+    Every layer gets ``C_g = C / √L``, so ``√(Σ_g C_g²) = C``: the same noise as flat clipping
+    at ``C``, each layer clipped by its own norm (a layer with large gradients can no longer
+    take the whole budget). What ``python -m jaxgrad.train --dp --per-layer-clip`` uses.
+
+    Args:
+      params: the params (or their shapes, ``jax.eval_shape(model.init, key)``).
+      l2_clip: ``C > 0``, the total.
+
+    Returns:
+      A pytree prefix of ``params`` with one clip norm per layer, for
+      ``PrivacyConfig(l2_clip=...)``.
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> from jaxgrad.train.private import per_layer_clip
+      >>> layer = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}
+      >>> per_layer_clip([layer, layer, layer, layer], l2_clip=1.0)
+      [0.5, 0.5, 0.5, 0.5]
+    """
+    c = reduce.check_positive_float(l2_clip, name="l2_clip")
+    containers = (dict, list, tuple)
+
+    def is_layer(x):
+        children = x.values() if isinstance(x, dict) else x
+        return (
+            isinstance(x, containers)
+            and bool(x)
+            and not any(isinstance(v, containers) for v in children)
+        )
+
+    ones = jax.tree_util.tree_map(lambda _: 1.0, params, is_leaf=is_layer)
+    count = len(jax.tree_util.tree_leaves(ones))
+    if count == 0:
+        raise ValueError("`params` has no layers to clip")
+    return jax.tree_util.tree_map(lambda _: float(c / np.sqrt(count)), ones)
+
+
+def _clip_record(l2_clip):
+    """``C``, or per-group clip norms as ``{path: C_g}`` (JSON keeps strings, not tuples)."""
+    if isinstance(l2_clip, float):
+        return l2_clip
+    flat = jax.tree_util.tree_flatten_with_path(l2_clip)[0]
+    return {jax.tree_util.keystr(path): c for path, c in flat}
 
 
 def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: int) -> PrivacyPlan:
@@ -320,6 +395,7 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
         nonfinite=config.nonfinite,
         method=config.method,
     )
+    augmentations = reduce.check_positive_int(config.augmentations, name="augmentations")
     stop = config.stop_at_epsilon
     if stop is not None:
         stop = reduce.check_positive_float(stop, name="stop_at_epsilon")
@@ -370,7 +446,8 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
         )
     resolved = dataclasses.replace(
         config,
-        l2_clip=reduce.check_positive_float(config.l2_clip, name="l2_clip"),
+        l2_clip=fast_api.check_l2_clip(config.l2_clip),
+        augmentations=augmentations,
         noise_multiplier=sigma,
         delta=float(config.delta),  # checked by dp.epsilon above
         target_epsilon=target,
@@ -456,7 +533,7 @@ def run_optimizer(optimizer, the_plan: PrivacyPlan | None, key):
         privatizer = noisy.bandmf_privatizer(
             coefs=the_plan.coefs,
             noise_multiplier=the_plan.noise_multiplier,
-            l2_sensitivity=c.l2_clip,
+            l2_sensitivity=fast_api.clip_sensitivity(c.l2_clip),
             expected_batch_size=expected,
             key=key,
         )
@@ -653,7 +730,7 @@ def _transform(the_plan: PrivacyPlan, optimizer, *, expected_batch_size):
         privatize = functools.partial(
             noisy._privatize,
             nonfinite=c.nonfinite,
-            stddev=the_plan.noise_multiplier * c.l2_clip,
+            stddev=the_plan.noise_multiplier * fast_api.clip_sensitivity(c.l2_clip),
             expected_batch_size=expected_batch_size,
         )
 
@@ -779,4 +856,12 @@ def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_arg
     return run_chunk
 
 
-__all__ = ["PrivacyConfig", "PrivacyPlan", "engine", "plan", "release", "run_optimizer"]
+__all__ = [
+    "PrivacyConfig",
+    "PrivacyPlan",
+    "engine",
+    "per_layer_clip",
+    "plan",
+    "release",
+    "run_optimizer",
+]
