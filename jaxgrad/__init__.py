@@ -15,6 +15,7 @@ from jaxgrad import (
     privacy,
     reduce,
     sharding,
+    strategies,
     train,
 )
 from jaxgrad.accumulation import accumulate
@@ -68,5 +69,6 @@ __all__ = [
     "privacy",
     "reduce",
     "sharding",
+    "strategies",
     "train",
 ]

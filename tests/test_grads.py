@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxgrad
-from jaxgrad import losses, models
+from jaxgrad import losses, models, strategies
 
 F64 = jnp.float64
 RTOL, ATOL = 1e-10, 1e-12
@@ -185,12 +185,15 @@ def case(name):
     return loss_fn, params, batch, mask, reference(loss_fn, params, batch, mask)
 
 
-MEAN_STRATEGIES = {
-    "batch_grad": jaxgrad.batch_grad,
-    "mean_of_per_example": jaxgrad.mean_of_per_example_grads,
-    "mean_of_per_example_chunked": lambda f: jaxgrad.mean_of_per_example_grads(f, chunk_size=3),
-    "accumulate_3": lambda f: jaxgrad.accumulate_grad(f, num_microbatches=3),
-}
+# Every exact strategy of the registry that gives the mean gradient, with its registered
+# options and, where it takes them, small ones (7 rows: chunks 3 + 3 + 1, 3 microbatches).
+SMALL = {"chunk_size": 3, "num_microbatches": 3}
+MEAN_STRATEGIES = {}
+for _record in map(strategies.get, strategies.names(exact=True, per_example=False)):
+    MEAN_STRATEGIES[_record.name] = _record.factory()
+    _small = {k: v for k, v in SMALL.items() if k in _record.options}
+    if _small:
+        MEAN_STRATEGIES[f"{_record.name}(small)"] = _record.factory(**_small)
 
 
 # ----------------------------------------------------------------- equivalence
@@ -518,12 +521,7 @@ def test_any_params_pytree(name):
 
 # ----------------------------------------------------------------- bad input
 
-ALL_FACTORIES = {
-    "batch_grad": jaxgrad.batch_grad,
-    "per_example_grads": jaxgrad.per_example_grads,
-    "mean_of_per_example_grads": jaxgrad.mean_of_per_example_grads,
-    "accumulate_grad": functools.partial(jaxgrad.accumulate_grad, num_microbatches=2),
-}
+ALL_FACTORIES = {name: strategies.get(name).factory() for name in strategies.names(exact=True)}
 
 
 def _simple():

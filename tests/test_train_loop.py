@@ -1,6 +1,5 @@
 """jaxgrad.train.fit: epochs, masks, compile-once, equivalence, faults, metrics and progress."""
 
-import functools
 import json
 import re
 
@@ -12,6 +11,7 @@ import optax
 import pytest
 
 import jaxgrad
+from jaxgrad import strategies
 from jaxgrad.train import NonFiniteLossError, evaluator, fit
 
 
@@ -39,21 +39,25 @@ def _fit(loss_fn, params, data, **kw):
 def test_strategies_give_the_same_trajectory(scan):
     model, loss_fn, data = _problem()
     params = model.init(jax.random.key(0))
+    small = {"chunk_size": 3, "num_microbatches": 3}  # uneven splits of batches of 8
     results = {
-        name: _fit(loss_fn, params, data, strategy=s, scan=scan)
-        for name, s in {
-            "batch": jaxgrad.batch_grad,
-            "per_example": functools.partial(jaxgrad.mean_of_per_example_grads, chunk_size=3),
-            "accumulate": functools.partial(jaxgrad.accumulate_grad, num_microbatches=3),
-        }.items()
-    }
-    assert int(results["batch"].state.step) == 3 * 4  # 27 examples, batches of 8: 4 per epoch
-    for r in results.values():
-        chex.assert_trees_all_close(r.params, results["batch"].params, rtol=1e-10, atol=1e-12)
-        losses = [h["loss"] for h in r.history]
-        np.testing.assert_allclose(
-            losses, [h["loss"] for h in results["batch"].history], rtol=1e-10
+        name: _fit(
+            loss_fn,
+            params,
+            data,
+            strategy=strategies.get(name).factory(
+                **{k: v for k, v in small.items() if k in strategies.get(name).options}
+            ),
+            scan=scan,
         )
+        for name in strategies.names(exact=True, per_example=False)  # every step strategy
+    }
+    batch = results["batch_grad"]
+    assert int(batch.state.step) == 3 * 4  # 27 examples, batches of 8: 4 per epoch
+    for r in results.values():
+        chex.assert_trees_all_close(r.params, batch.params, rtol=1e-10, atol=1e-12)
+        losses = [h["loss"] for h in r.history]
+        np.testing.assert_allclose(losses, [h["loss"] for h in batch.history], rtol=1e-10)
 
 
 def test_scan_and_python_loop_agree():

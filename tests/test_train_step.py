@@ -1,7 +1,6 @@
 """The jit-compiled train step: compiles once per shape; equivalent strategies give the same
 SGD trajectory as an independent Python-loop reference."""
 
-import functools
 
 import chex
 import jax
@@ -11,14 +10,18 @@ import optax
 import pytest
 
 import jaxgrad
+from jaxgrad import strategies
 from jaxgrad.train import init_state, train_step
 
-STRATEGIES = {
-    "batch": jaxgrad.batch_grad,
-    "per_example": jaxgrad.mean_of_per_example_grads,
-    "per_example_chunked": functools.partial(jaxgrad.mean_of_per_example_grads, chunk_size=3),
-    "accumulate": functools.partial(jaxgrad.accumulate_grad, num_microbatches=3),
-}
+# Every exact strategy of the registry that gives a step's gradient, with its registered
+# options and, where it takes them, small ones (chunks of 3, 3 microbatches: uneven splits).
+SMALL = {"chunk_size": 3, "num_microbatches": 3}
+STRATEGIES = {}
+for _record in map(strategies.get, strategies.names(exact=True, per_example=False)):
+    STRATEGIES[_record.name] = _record.factory()
+    _small = {k: v for k, v in SMALL.items() if k in _record.options}
+    if _small:
+        STRATEGIES[f"{_record.name}(small)"] = _record.factory(**_small)
 
 
 def _problem(n=23, d=5, classes=3, seed=0):
@@ -96,7 +99,7 @@ def test_strategies_agree_under_adam():
             state, _ = step(state, batch, mask)
         finals[name] = state.params
     for name in STRATEGIES:
-        chex.assert_trees_all_close(finals[name], finals["batch"], rtol=1e-10, atol=1e-12)
+        chex.assert_trees_all_close(finals[name], finals["batch_grad"], rtol=1e-10, atol=1e-12)
 
 
 def test_step_compiles_once_per_shape():
@@ -108,7 +111,7 @@ def test_step_compiles_once_per_shape():
         return loss_fn(params, example)
 
     opt = optax.adam(0.01)
-    step = train_step(counted, opt, strategy=STRATEGIES["accumulate"])
+    step = train_step(counted, opt, strategy=STRATEGIES["accumulate_grad(small)"])
     state = init_state(model.init(jax.random.key(0)), opt)
     batches = _batches(x, y, batch_size=8, steps=6)
     state, _ = step(state, *batches[0])

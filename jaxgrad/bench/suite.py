@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrad import fast, grads, losses, models, privacy, reduce
+from jaxgrad import fast, losses, models, privacy, reduce, strategies
 
 
 class Case(NamedTuple):
@@ -218,25 +218,28 @@ def dp_step(loss_fn, *, l2_clip: float = 1.0, noise_multiplier: float = 1.0, bat
 
 DP_KEY = 17
 
+# The exact strategies of the registry (jaxgrad.strategies), each variant a row; the
+# approximate ones are measured for their error (python -m jaxgrad.seed), not timed.
+_REGISTERED = {
+    label: (record, options)
+    for record in strategies.all_strategies().values()
+    if record.exact
+    for label, options in record.variants.items()
+}
+
 # Strategies that write a B x P array: their time is also compared with writing B x P floats.
-MATERIALISING = ("per_example_grads", "jax.vmap(jax.grad)")
+MATERIALISING = (
+    *(label for label, (record, _) in _REGISTERED.items() if record.per_example),
+    "jax.vmap(jax.grad)",
+)
 
 # name -> (factory(loss_fn, batch_size) -> f(params, batch, mask)), in table order.
 STRATEGIES: dict[str, Callable] = {
-    "batch_grad": lambda lf, b: grads.batch_grad(lf),
-    "per_example_grads": lambda lf, b: grads.per_example_grads(lf),
-    "per_example_grads(chunk=32)": lambda lf, b: grads.per_example_grads(lf, chunk_size=32),
+    **{
+        label: (lambda lf, b, record=record, options=options: record.build(lf, **options))
+        for label, (record, options) in _REGISTERED.items()
+    },
     "jax.vmap(jax.grad)": lambda lf, b: plain_vmap_grad(lf),
-    "mean_of_per_example_grads": lambda lf, b: grads.mean_of_per_example_grads(lf),
-    # The default (jaxgrad._loops' policy), the plain loop it replaces on a CPU, and the loop
-    # unrolled by JAX (lax.scan's unroll=4: no fences): the loop tax and its cure side by side.
-    "accumulate_grad(4 micro)": lambda lf, b: grads.accumulate_grad(lf, num_microbatches=4),
-    "accumulate_grad(4 scanned)": lambda lf, b: grads.accumulate_grad(
-        lf, num_microbatches=4, unroll=False
-    ),
-    "accumulate_grad(4 unrolled)": lambda lf, b: grads.accumulate_grad(
-        lf, num_microbatches=4, unroll=4
-    ),
     "python_loop": lambda lf, b: python_loop(lf),
     "per_example_norms": lambda lf, b: fast.per_example_norms(lf),
     "clipped_grad": lambda lf, b: fast.clipped_grad(lf, l2_clip=1.0),

@@ -14,12 +14,22 @@ import json
 import sys
 import time
 
+from jaxgrad import strategies
 from jaxgrad._cli import check_writable
 from jaxgrad._optional import require
 
 MODELS = ("line", "linear", "logistic", "mlp", "cnn")
 DATA = ("digits", "breast_cancer", "diabetes", "line", "mnist1d", "npz", "idx")
-STRATEGIES = ("batch", "per-example", "accumulate", "clipped")
+# The registry's exact strategies that give a step's gradient (jaxgrad.strategies), by their
+# short names and their own, and the fast path's clipped mean.
+_TRAINABLE = [strategies.get(n) for n in strategies.names(exact=True, per_example=False)]
+STRATEGIES = (
+    *(a for s in _TRAINABLE for a in s.aliases),
+    "clipped",
+    *(s.name for s in _TRAINABLE),
+)
+# The registry options the CLI sets, and their flags (the others keep their registered value).
+STRATEGY_FLAGS = {"chunk_size": "--chunk-size", "num_microbatches": "--microbatches"}
 OPTIMIZERS = ("sgd", "momentum", "adam")
 DEFAULT_MODEL = {
     "mnist1d": "mlp",
@@ -36,7 +46,8 @@ DEFAULTS = {
     "line": ("sgd", 0.1, 50, 32),
 }
 FALLBACK = ("adam", 1e-3, 10, 64)
-MICROBATCHES, CLIP = 4, 1.0  # --microbatches and --clip when their strategy is chosen
+MICROBATCHES = strategies.get("accumulate_grad").options["num_microbatches"]  # --microbatches
+CLIP = 1.0  # --clip, when --strategy clipped is chosen
 # The DP flags' values when --dp is set and they are not given. Their parser defaults are None,
 # so that a DP flag given without --dp is an error rather than silently ignored.
 DP_DEFAULTS = {"delta": 1e-5, "l2_clip": 1.0, "accountant": "pld", "nonfinite": "drop"}
@@ -192,8 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--strategy",
         default="batch",
         choices=STRATEGIES,
-        help="how the gradient is computed: batch_grad, mean of per-example gradients, "
-        "accumulated microbatches, or clipped per-example gradients",
+        help="how the gradient is computed, an exact strategy of the registry "
+        "(jaxgrad.strategies; short or full name): "
+        + "; ".join(f"{'/'.join((*s.aliases, s.name))}: {s.summary}" for s in _TRAINABLE)
+        + "; or clipped: the mean of per-example gradients clipped to --clip",
     )
     g.add_argument(
         "--microbatches", type=int, help=f"for --strategy accumulate (default: {MICROBATCHES})"
@@ -369,13 +382,10 @@ def _mesh(args, parser):
 def _strategy(args, parser):
     import jaxgrad
 
-    if args.strategy == "batch":
-        return jaxgrad.batch_grad
-    if args.strategy == "per-example":
-        return functools.partial(jaxgrad.mean_of_per_example_grads, chunk_size=args.chunk_size)
-    if args.strategy == "accumulate":
-        microbatches = MICROBATCHES if args.microbatches is None else args.microbatches
-        return functools.partial(jaxgrad.accumulate_grad, num_microbatches=microbatches)
+    if args.strategy != "clipped":
+        record = strategies.get(args.strategy)
+        given = {o: getattr(args, f[2:].replace("-", "_")) for o, f in STRATEGY_FLAGS.items()}
+        return record.factory(**{o: v for o, v in given.items() if v is not None})
     clipped = getattr(jaxgrad, "clipped_grad", None)
     if clipped is None:
         parser.error("--strategy clipped needs jaxgrad.clipped_grad, which this install lacks")
@@ -388,7 +398,7 @@ def _privacy(args, parser, num_examples, batch_size, epochs, model=None):
     (:func:`jaxgrad.train.private.per_layer_clip`)."""
     if not args.dp:
         return None
-    if args.strategy != "batch":
+    if args.strategy == "clipped" or strategies.get(args.strategy).name != "batch_grad":
         parser.error("--dp takes its own noisy clipped gradient; leave --strategy at batch")
     if args.checkpoint_every is not None:
         parser.error("--dp checkpoints every epoch; --checkpoint-every does not apply")
@@ -651,13 +661,15 @@ def _check_combinations(args, parser):
         parser.error(f"--checkpoint-every must be a positive integer; got {args.checkpoint_every}")
     if args.checkpoint_every is not None and args.checkpoint_dir is None:
         parser.error("--checkpoint-every needs --checkpoint-dir (no checkpoint is written without)")
-    for flag, value, strategy in (
-        ("--chunk-size", args.chunk_size, "per-example"),
-        ("--microbatches", args.microbatches, "accumulate"),
-        ("--clip", args.clip, "clipped"),
-    ):
-        if value is not None and args.strategy != strategy:
-            parser.error(f"{flag} is for --strategy {strategy}; got --strategy {args.strategy}")
+    if args.clip is not None and args.strategy != "clipped":
+        parser.error(f"--clip is for --strategy clipped; got --strategy {args.strategy}")
+    chosen = () if args.strategy == "clipped" else strategies.get(args.strategy).options
+    for option, flag in STRATEGY_FLAGS.items():
+        if getattr(args, flag[2:].replace("-", "_")) is not None and option not in chosen:
+            takers = [(*s.aliases, s.name)[0] for s in _TRAINABLE if option in s.options]
+            parser.error(
+                f"{flag} is for --strategy {' or '.join(takers)}; got --strategy {args.strategy}"
+            )
 
 
 def _check_targets(ds, args, parser) -> None:
