@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrad import keys, reduce
+from jaxgrad import keys, reduce, sharding
 
 
 def _values_are_concrete(tree) -> bool:
@@ -240,7 +240,7 @@ def _strategy(
             return core(params, batch, mask)
         return core(params, batch, mask, loss_fn=_bind(loss_fn, args), **kw)
 
-    jitted = jax.jit(run)
+    jitted = jax.jit(sharding.auto_axes(run))
     arities_checked = set()
 
     def f(params, batch, mask=None, *args, **kw):

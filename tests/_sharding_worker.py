@@ -250,6 +250,124 @@ def strategies() -> dict:
     return out
 
 
+def _token_problem(vocab=11, width=6, rows=16, real=14, seed=0):
+    """A (sum, count) token loss on ``rows`` sequences of very different real lengths, the
+    last ``rows - real`` masked out (on 8 devices of 2 rows each, the last device holds only
+    padding), and its parameters."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxgrad
+
+    rng = np.random.default_rng(seed)
+    lengths = np.sort(rng.integers(1, 9, rows))[::-1].copy()
+    tok = rng.integers(1, vocab, (rows, 8))
+    tok[np.arange(8)[None, :] >= lengths[:, None]] = 0
+    tgt = np.roll(tok, -1, axis=1)
+    tgt[:, -1] = 0
+
+    def loss(p, ex):
+        tokens, targets = ex
+        hidden = jnp.tanh(p["embed"][tokens] @ p["w"] + p["b"])
+        return jaxgrad.losses.token_cross_entropy(hidden @ p["out"], targets)
+
+    k = jax.random.split(jax.random.key(seed + 1), 3)
+    params = {
+        "embed": jax.random.normal(k[0], (vocab, width), jnp.float64),
+        "w": jax.random.normal(k[1], (width, 8), jnp.float64) / 2,
+        "b": jnp.linspace(-0.5, 0.5, 8, dtype=jnp.float64),
+        "out": jax.random.normal(k[2], (8, vocab), jnp.float64) / 3,
+    }
+    return loss, params, (tok, tgt), np.arange(rows) < real
+
+
+def _entry_points(loss, reference):
+    """Every public entry point that takes ``(params, batch, mask)``, as ``f(p, b, m)``."""
+    import jax
+
+    import jaxgrad
+    from jaxgrad.privacy import dp_grad, sampled_dp_grad
+
+    dp = dp_grad(loss, l2_clip=0.3, noise_multiplier=1.3, expected_batch_size=10.0)
+    sampled = sampled_dp_grad(
+        loss, l2_clip=0.3, noise_multiplier=1.3, sampling_rate=0.5, physical_batch_size=8
+    )
+    dots = jaxgrad.per_example_dots(loss)
+    return {
+        "batch_grad": jaxgrad.batch_grad(loss, return_loss=True),
+        "mean_of_per_example_grads": jaxgrad.mean_of_per_example_grads(loss),
+        "per_example_grads": jaxgrad.per_example_grads(loss),
+        "accumulate_grad": jaxgrad.accumulate_grad(loss, num_microbatches=2),
+        "per_example_norms": jaxgrad.per_example_norms(loss),
+        "clipped_grad": jaxgrad.clipped_grad(loss, l2_clip=0.3, return_norms=True),
+        "grad_stats": jaxgrad.grad_stats(loss),
+        "per_example_dots": lambda p, b, m: dots(p, b, m, reference=reference),
+        "gradient_gram": jaxgrad.gradient_gram(loss),
+        "dp_grad": lambda p, b, m: dp(p, b, m, jax.random.key(7)),
+        # The data set is the batch's real rows... and its padding: sampled_dp_grad takes no
+        # mask, so it samples all 16 rows (the padded ones are ordinary rows here).
+        "sampled_dp_grad": lambda p, b, m: sampled(p, b, jax.random.key(8)),
+        # The caller's own jit around a strategy, on the same inputs.
+        "jit(batch_grad)": jax.jit(jaxgrad.batch_grad(loss)),
+    }
+
+
+def _specs(tree) -> list:
+    import jax
+
+    return [str(x.sharding.spec) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def user_meshes() -> dict:
+    """Meshes a JAX user makes (``jax.make_mesh``, Explicit axes by default, and Auto), the
+    batch placed with ``NamedSharding(mesh, P("data"))``: every entry point and ``fit``
+    against one device in float64."""
+    _setup(8)
+    import jax
+    import numpy as np
+    import optax
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    jax.config.update("jax_enable_x64", True)
+    import jaxgrad
+    from jaxgrad.train import PrivacyConfig
+
+    out = {"errors": {}, "specs": {}, "fit": {}}
+    loss, params, batch, mask = _token_problem()
+    reference = jax.tree_util.tree_map(lambda x: x * 0.5 + 0.1, params)
+    entries = _entry_points(loss, reference)
+    refs = {k: f(params, batch, mask) for k, f in entries.items()}
+    meshes = {
+        "explicit": jax.make_mesh((8,), ("data",)),
+        "auto": jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,)),
+    }
+    out["default_axis_types"] = str(meshes["explicit"].axis_types)
+    for mname, mesh in meshes.items():
+        rows, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+        sbatch, smask = jax.device_put(batch, rows), jax.device_put(mask, rows)
+        sparams = jax.device_put(params, rep)
+        for k, f in entries.items():
+            got = f(sparams, sbatch, smask)
+            out["errors"][f"{mname}/{k}"] = _rel(got, refs[k])
+            if k in ("batch_grad", "per_example_norms", "per_example_grads"):
+                out["specs"][f"{mname}/{k}"] = _specs(got)
+
+    # fit on the user's Explicit mesh, plain and DP-SGD: 20 examples in batches of 10,
+    # padded to 16 rows on 8 devices (the last three hold only padding).
+    x, y = (np.asarray(a)[:20] for a in batch)
+    dp = PrivacyConfig(l2_clip=0.5, noise_multiplier=1.1, physical_batch_size=5, accountant="rdp")
+    for name, privacy in (("plain", None), ("private", dp)):
+        kw = dict(optimizer=optax.adam(0.05), key=jax.random.key(5), epochs=1, batch_size=10)
+        kw |= dict(privacy=privacy, progress="none")
+        data = (np.concatenate([x, x[:4]]), np.concatenate([y, y[:4]]))
+        ref = jaxgrad.train.fit(loss, params, data, **kw)
+        got = jaxgrad.train.fit(loss, params, data, mesh=meshes["explicit"], **kw)
+        out["fit"][name] = _rel(got.params, ref.params)
+    return out
+
+
 class RowCounter:
     """An array-like over ``base`` that records every row index read and refuses to be
     converted whole (``np.asarray`` of it raises): what a process of a data-parallel run
@@ -566,6 +684,8 @@ def training_problem():
 if __name__ == "__main__":
     if sys.argv[1] == "strategies":
         result = strategies()
+    elif sys.argv[1] == "user_meshes":
+        result = user_meshes()
     elif sys.argv[1] == "private":
         result = private(sys.argv[2])
     else:

@@ -502,7 +502,7 @@ def _plain_engine(
         inner = body
 
         def body(carry, batch, mask, active):
-            batch, mask = jax.lax.with_sharding_constraint((batch, mask), batch_spec)
+            batch, mask = sharding_lib.constrain((batch, mask), batch_spec)
             return inner(carry, batch, mask, active=active)
 
     epoch_batches = {}  # epoch -> (steps, batch_size) rows, to name a bad batch's rows

@@ -458,7 +458,7 @@ def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_arg
 
     @jax.jit
     def accumulate(params, acc, batch, mask, step):
-        batch, mask = jax.lax.with_sharding_constraint((batch, mask), batch_spec)
+        batch, mask = sharding_lib.constrain((batch, mask), batch_spec)
         return jax.tree_util.tree_map(jnp.add, acc, clipped(params, batch, mask, *loss_args(step)))
 
     def finish_step(state, total, bad, key):
