@@ -189,6 +189,33 @@ def replicate(tree: PyTree, *, mesh: Mesh) -> PyTree:
     return _place(tree, NamedSharding(_check_mesh(mesh), P()))
 
 
+def layout(tree: PyTree, *, mesh: Mesh) -> PyTree:
+    """Each leaf's ``NamedSharding`` on ``mesh``: its own if it is already sharded over a mesh
+    of the same devices and axes (a parameter the user sharded over a model axis, FSDP-style
+    over the data axis, ...), else replicated."""
+    _check_mesh(mesh)
+
+    def one(x):
+        s = getattr(x, "sharding", None)
+        same = (
+            isinstance(s, NamedSharding)
+            and s.mesh.axis_names == mesh.axis_names
+            and s.mesh.devices.shape == mesh.devices.shape
+            and all(
+                a.id == b.id for a, b in zip(s.mesh.devices.flat, mesh.devices.flat, strict=True)
+            )
+        )
+        return NamedSharding(mesh, s.spec if same else P())
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def place(tree: PyTree, shardings: PyTree) -> PyTree:
+    """``tree``'s leaves placed as ``shardings`` (a tree of them, e.g. :func:`layout`); leaves
+    already placed so are returned as they are. Each process materialises only its pieces."""
+    return jax.tree_util.tree_map(lambda x, s: _place(x, s), tree, shardings)
+
+
 def _on_host(x) -> np.ndarray:
     """``x`` as numpy; a typed PRNG key array as its ``uint32`` key data (trailing key axis)."""
     return np.asarray(keys.key_data(x))
@@ -480,6 +507,11 @@ def _spec(x) -> tuple:
     return (*spec, *(None,) * (np.ndim(x) - len(spec)))
 
 
+def _axes(entry) -> set:
+    """The mesh axes one partition-spec entry names."""
+    return set(entry if isinstance(entry, tuple) else () if entry is None else (entry,))
+
+
 def _out_specs(out, params, batch) -> PyTree:
     """The Explicit-axes sharding of each output leaf of a strategy, read off its shape.
 
@@ -503,7 +535,10 @@ def _out_specs(out, params, batch) -> PyTree:
         if shape in like:
             return P(*like[shape])
         if shape and shape[0] == size:
-            return P(rows, *like.get(shape[1:], (None,) * (len(shape) - 1)))
+            # A mesh axis shards one dimension at most: the rows' axes win (per-example
+            # gradients of an FSDP-sharded parameter are sharded by example only).
+            rest = like.get(shape[1:], (None,) * (len(shape) - 1))
+            return P(rows, *(None if _axes(e) & _axes(rows) else e for e in rest))
         return P()
 
     return jax.tree_util.tree_map(spec, out)

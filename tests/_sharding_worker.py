@@ -319,6 +319,11 @@ def _specs(tree) -> list:
     return [str(x.sharding.spec) for x in jax.tree_util.tree_leaves(tree)]
 
 
+def _auto_only(entries):
+    names = ("per_example_grads", "per_example_dots", "gradient_gram", "sampled_dp_grad")
+    return [(k, entries[k]) for k in (*names, "jit(batch_grad)")]
+
+
 def user_meshes() -> dict:
     """Meshes a JAX user makes (``jax.make_mesh``, Explicit axes by default, and Auto), the
     batch placed with ``NamedSharding(mesh, P("data"))``: every entry point and ``fit``
@@ -348,7 +353,8 @@ def user_meshes() -> dict:
         rows, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
         sbatch, smask = jax.device_put(batch, rows), jax.device_put(mask, rows)
         sparams = jax.device_put(params, rep)
-        for k, f in entries.items():
+        # On Auto axes, the entry points tests/test_sharding.py does not already run there.
+        for k, f in entries.items() if mname == "explicit" else _auto_only(entries):
             got = f(sparams, sbatch, smask)
             out["errors"][f"{mname}/{k}"] = _rel(got, refs[k])
             if k in ("batch_grad", "per_example_norms", "per_example_grads"):
@@ -365,6 +371,132 @@ def user_meshes() -> dict:
         ref = jaxgrad.train.fit(loss, params, data, **kw)
         got = jaxgrad.train.fit(loss, params, data, mesh=meshes["explicit"], **kw)
         out["fit"][name] = _rel(got.params, ref.params)
+    out["model_axis"] = _model_axis()
+    return out
+
+
+# Parameters over a 4 x 2 ("data", "model") mesh: tensor-parallel weights over "model", the
+# embedding table FSDP-style over "data" along its large (vocabulary) dimension.
+MODEL_SPECS = {
+    "embed": ("data", None),
+    "w": (None, "model"),
+    "b": ("model",),
+    "out": ("model", None),
+}
+
+
+MODEL_AUTO = ("batch_grad", "per_example_norms", "clipped_grad", "dp_grad")
+
+
+def _gathers(compiled) -> list:
+    """The result shapes of the compiled program's all-gathers."""
+    hlo = compiled.as_text()
+    shapes = re.findall(r"= \(?[a-z0-9]+\[([0-9,]*)\][^=]*? all-gather\(", hlo)
+    return [[int(v) for v in t.split(",") if v] for t in shapes]
+
+
+def _model_axis() -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jaxgrad
+    from jaxgrad.privacy import dp_grad, gaussian
+    from jaxgrad.train import PrivacyConfig
+
+    out = {"errors": {}, "specs": {}, "gathers": {}, "fit": {}, "noise": {}}
+    loss, params, batch, mask = _token_problem(vocab=64, width=16)
+    out["param_shapes"] = {k: list(v.shape) for k, v in params.items()}
+    reference = jax.tree_util.tree_map(lambda x: x * 0.5 + 0.1, params)
+    entries = _entry_points(loss, reference)
+    refs = {k: f(params, batch, mask) for k, f in entries.items()}
+    # Zero gradients: dp_grad is the noise alone, σC z / B_e, z ~ N(0, I) over all leaves.
+    sigma, clip, b_e = 1.3, 0.3, 10.0
+    noise = dp_grad(
+        lambda p, ex: 0.0 * loss(p, ex)[0],
+        l2_clip=clip,
+        noise_multiplier=sigma,
+        expected_batch_size=b_e,
+    )
+    key = jax.random.key(11)
+    noise_ref = noise(params, batch, mask, key)
+    # Independent reference for the noise: one flat N(0, 1) vector from `key`, cut into leaves.
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    z = np.asarray(gaussian.normal(key, (sum(x.size for x in leaves),), jnp.float64))
+    cuts = np.cumsum([x.size for x in leaves])[:-1]
+    numpy_noise = [
+        (sigma * clip * part / b_e).reshape(x.shape)
+        for part, x in zip(np.split(z, cuts), leaves, strict=True)
+    ]
+    out["noise"]["one_device_vs_numpy"] = _rel(noise_ref, treedef.unflatten(numpy_noise))
+    data, fit_refs = tuple(np.asarray(a) for a in batch), {}
+    for mname, axis_type in (("explicit", AxisType.Explicit), ("auto", AxisType.Auto)):
+        mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2)
+
+        def put(tree, mesh=mesh):
+            return {
+                k: jax.device_put(v, NamedSharding(mesh, P(*MODEL_SPECS[k])))
+                for k, v in tree.items()
+            }
+
+        rows = NamedSharding(mesh, P("data"))
+        sparams, sbatch, smask = (
+            put(params),
+            jax.device_put(batch, rows),
+            jax.device_put(mask, rows),
+        )
+        sentries = _entry_points(loss, put(reference))
+        if mname == "auto":  # (the rest as on the Explicit mesh, at less compilation)
+            sentries = {k: sentries[k] for k in MODEL_AUTO}
+        for k, f in sentries.items():
+            got = f(sparams, sbatch, smask)
+            out["errors"][f"{mname}/{k}"] = _rel(got, refs[k])
+            if k in ("clipped_grad", "dp_grad", "batch_grad"):
+                grads = got[0] if k == "clipped_grad" else got[1] if k == "batch_grad" else got
+                out["specs"][f"{mname}/{k}"] = {n: str(v.sharding.spec) for n, v in grads.items()}
+            if k in MODEL_AUTO:
+                compiled = jax.jit(f).lower(sparams, sbatch, smask).compile()
+                out["gathers"][f"{mname}/{k}"] = _gathers(compiled)
+        got = noise(sparams, sbatch, smask, key)
+        flat = np.concatenate([np.asarray(v).ravel() for v in jax.tree_util.tree_leaves(got)])
+        out["noise"][mname] = {
+            "exact": all(
+                np.array_equal(a, b)
+                for a, b in zip(
+                    jax.tree_util.tree_leaves(got),
+                    jax.tree_util.tree_leaves(noise_ref),
+                    strict=True,
+                )
+            ),
+            "std_ratio": float(np.std(flat) / (sigma * clip / b_e)),
+            "size": int(flat.size),
+        }
+        # fit with the sharded parameters: the same run as on one device; the parameters
+        # and the optimizer state keep their sharding.
+        dp = PrivacyConfig(
+            l2_clip=0.5, noise_multiplier=1.1, physical_batch_size=5, accountant="rdp"
+        )
+        for name, privacy in (("plain", None), ("private", dp)):
+            if mname == "auto" and privacy is None:
+                continue
+            kw = dict(optimizer=optax.adam(0.05), key=jax.random.key(5), epochs=1, batch_size=8)
+            kw |= dict(privacy=privacy, progress="none")
+            if name not in fit_refs:
+                fit_refs[name] = jaxgrad.train.fit(loss, params, data, **kw)
+            ref = fit_refs[name]
+            got = jaxgrad.train.fit(loss, sparams, data, mesh=mesh, **kw)
+            state_specs = [
+                [str(x.sharding.spec) for x in jax.tree_util.tree_leaves(t)]
+                for t in (got.state.params, got.state.opt_state[0].mu, got.state.opt_state[0].nu)
+            ]
+            out["fit"][f"{mname}/{name}"] = {
+                "error": _rel(got.params, ref.params),
+                "specs": state_specs,
+                "want": [str(P(*MODEL_SPECS[k])) for k in sorted(MODEL_SPECS)],
+            }
     return out
 
 

@@ -170,6 +170,8 @@ def _check_accumulation(optimizer, params, loss_fn, data, *, batch_size, private
 def _has_convolution(loss_fn, params, data) -> bool:
     """Whether one example's loss runs a convolution (read off its jaxpr; no row is read)."""
     example = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), data)
+    # Shapes only: parameters sharded over an Explicit mesh would need it set to be traced.
+    params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
     return "conv_general_dilated" in str(jax.make_jaxpr(loss_fn)(params, example))
 
 
@@ -775,6 +777,9 @@ def _run(
     every = checkpoint_every or steps_per_epoch
     chunks_per_epoch = math.ceil(steps_per_epoch / chunk)
     state = init_state(params, optimizer)
+    # The state's sharding on the mesh: parameters the caller sharded (over a model axis,
+    # FSDP-style) keep it, and so does their optimizer state; the rest is replicated.
+    state_layout = None if mesh is None else sharding_lib.layout(state, mesh=mesh)
     start_epoch, start_chunk, history = 0, 0, []
     epoch_loss, epoch_count = 0.0, 0
     last_checkpoint = None
@@ -796,7 +801,7 @@ def _run(
             start_epoch, start_chunk, history = meta["epoch"], meta["chunk"], meta["history"]
             epoch_loss, epoch_count = meta["epoch_loss"], meta["epoch_count"]
     if mesh is not None:
-        state = sharding_lib.replicate(state, mesh=mesh)
+        state = sharding_lib.place(state, state_layout)
 
     def save(epoch_next, chunk_next):
         meta = {
