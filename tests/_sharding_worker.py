@@ -319,6 +319,69 @@ def _specs(tree) -> list:
     return [str(x.sharding.spec) for x in jax.tree_util.tree_leaves(tree)]
 
 
+def sharded_checkpoints(directory: str) -> dict:
+    """fit on a 4 x 2 mesh with sharded parameters, checkpointed with orbax: interrupted
+    after epoch 1 and resumed, against the uninterrupted run; a corrupt newest checkpoint."""
+    _setup(8)
+    import warnings
+
+    import jax
+    import numpy as np
+    import optax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    jax.config.update("jax_enable_x64", True)
+    import jaxgrad
+    from jaxgrad.train import checkpoint as ckpt
+
+    loss, params, batch, _ = _token_problem(vocab=64, width=16)
+    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    sparams = {
+        k: jax.device_put(v, NamedSharding(mesh, P(*MODEL_SPECS[k]))) for k, v in params.items()
+    }
+    data = tuple(np.asarray(a) for a in batch)
+    kw = dict(optimizer=optax.adam(0.05), key=jax.random.key(5), epochs=2, batch_size=8)
+    kw |= dict(progress="none", mesh=mesh)
+    full = jaxgrad.train.fit(loss, sparams, data, **kw)
+    calls = []
+
+    def interrupt(params):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return {}
+
+    cut = os.path.join(directory, "cut")
+    try:
+        jaxgrad.train.fit(loss, sparams, data, checkpoint_dir=cut, evaluate=interrupt, **kw)
+    except KeyboardInterrupt:
+        pass
+    out = {"before_resume": [os.path.basename(p) for p in ckpt.list_checkpoints(cut)]}
+    resumed = jaxgrad.train.fit(loss, sparams, data, checkpoint_dir=cut, **kw)
+    pairs = zip(
+        jax.tree_util.tree_leaves(resumed.state), jax.tree_util.tree_leaves(full.state), strict=True
+    )
+    out["bitwise"] = all(np.array_equal(a, b) for a, b in pairs)
+    out["specs"] = [str(x.sharding.spec) for x in jax.tree_util.tree_leaves(resumed.params)]
+    # A corrupt newest checkpoint (a piece of its arrays deleted): a warning naming it, and
+    # the older one is restored.
+    names = ckpt.list_checkpoints(cut)
+    out["after_resume"] = [os.path.basename(p) for p in names]
+    newest = names[-1]
+    for root, _, files in os.walk(os.path.join(newest, "state")):
+        for f in files:
+            if os.path.basename(root) == "d":
+                os.remove(os.path.join(root, f))
+    template = {"state": jaxgrad.train.init_state(sparams, kw["optimizer"]), "key": kw["key"]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, meta, path = ckpt.restore_latest(cut, template)
+    out["fallback"] = [os.path.basename(path), meta["epoch"]]
+    out["warnings"] = [str(w.message)[:300] for w in caught]
+    return out
+
+
 def _auto_only(entries):
     names = ("per_example_grads", "per_example_dots", "gradient_gram", "sampled_dp_grad")
     return [(k, entries[k]) for k in (*names, "jit(batch_grad)")]
@@ -816,6 +879,8 @@ def training_problem():
 if __name__ == "__main__":
     if sys.argv[1] == "strategies":
         result = strategies()
+    elif sys.argv[1] == "sharded_checkpoints":
+        result = sharded_checkpoints(sys.argv[2])
     elif sys.argv[1] == "user_meshes":
         result = user_meshes()
     elif sys.argv[1] == "private":

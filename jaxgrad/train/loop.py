@@ -813,6 +813,14 @@ def _run(
             "epoch_count": epoch_count,
             "config": config,
         }
+        leaves = jax.tree_util.tree_leaves(state)
+        if any(isinstance(x, jax.Array) and not x.is_fully_replicated for x in leaves):
+            # Sharded state (parameters over a model axis, FSDP): no process holds it whole,
+            # so every process writes its pieces, with orbax.
+            tree = {"state": state, "key": key}
+            return ckpt.save_sharded(
+                checkpoint_dir, tree, step=int(state.step), metadata=meta, keep=keep
+            )
         if mesh is not None and jax.process_index() != 0:
             return ckpt.path_for(checkpoint_dir, int(state.step))  # process 0 writes
         return ckpt.save(
