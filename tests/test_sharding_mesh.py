@@ -143,3 +143,30 @@ def test_fit_with_sharded_parameters_equals_one_device(model_axis, run):
     assert got["error"] <= 1e-12, got
     want = [_norm(s) for s in got["want"]]
     assert [[_norm(s) for s in leaves] for leaves in got["specs"]] == [want] * 3, got
+
+
+@pytest.fixture(scope="module")
+def sharded_checkpoints(tmp_path_factory):
+    # Needs orbax-checkpoint: the `checkpoint` extra, part of `dev`.
+    return _run_worker("sharded_checkpoints", str(tmp_path_factory.mktemp("orbax")))
+
+
+def test_fit_with_sharded_parameters_resumes_bit_for_bit(sharded_checkpoints):
+    run = sharded_checkpoints
+    # Interrupted in epoch 2 (after epoch 1's checkpoint, step 2), resumed: the same state,
+    # bit for bit, as the uninterrupted run, and still sharded.
+    assert run["before_resume"] == ["ckpt-0000000002.orbax"], run
+    assert run["bitwise"], run
+    assert [_norm(s) for s in run["specs"]] == [_norm(s) for s in sorted_specs()], run
+
+
+def sorted_specs():
+    return [MODEL_SPECS[k] for k in sorted(MODEL_SPECS)]
+
+
+def test_a_corrupt_sharded_checkpoint_falls_back_to_the_last_good_one(sharded_checkpoints):
+    run = sharded_checkpoints
+    assert run["after_resume"] == ["ckpt-0000000002.orbax", "ckpt-0000000004.orbax"], run
+    # The newest lost its array chunks: named in a warning, and epoch 1's is restored.
+    assert run["fallback"] == ["ckpt-0000000002.orbax", 1], run
+    assert len(run["warnings"]) == 1 and "ckpt-0000000004.orbax" in run["warnings"][0], run
