@@ -297,7 +297,7 @@ def _entry_points(loss, reference):
     )
     dots = jaxgrad.per_example_dots(loss)
     return {
-        "batch_grad": jaxgrad.batch_grad(loss, return_loss=True),
+        "batch_grad": jaxgrad.batch_grad(loss),
         "mean_of_per_example_grads": jaxgrad.mean_of_per_example_grads(loss),
         "per_example_grads": jaxgrad.per_example_grads(loss),
         "accumulate_grad": jaxgrad.accumulate_grad(loss, num_microbatches=2),
@@ -520,7 +520,7 @@ def _model_axis() -> dict:
             got = f(sparams, sbatch, smask)
             out["errors"][f"{mname}/{k}"] = _rel(got, refs[k])
             if k in ("clipped_grad", "dp_grad", "batch_grad"):
-                grads = got[0] if k == "clipped_grad" else got[1] if k == "batch_grad" else got
+                grads = got[0] if k == "clipped_grad" else got.grads if k == "batch_grad" else got
                 out["specs"][f"{mname}/{k}"] = {n: str(v.sharding.spec) for n, v in grads.items()}
             if k in MODEL_AUTO:
                 compiled = jax.jit(f).lower(sparams, sbatch, smask).compile()
