@@ -56,14 +56,7 @@ def test_outputs_on_an_explicit_mesh_have_explicit_types(user_meshes):
     assert all(s.replace("None", "").strip("P(), ") == "" for s in specs["explicit/batch_grad"])
     assert specs["explicit/per_example_norms"] == ["P('data',)"]
     assert all(s.startswith("P('data'") for s in specs["explicit/per_example_grads"])
-    assert specs["auto/per_example_norms"] == ["P('data',)"]
-
-
-def test_fit_on_an_explicit_mesh_equals_one_device(user_meshes):
-    # One epoch of Adam, plain and DP-SGD (the same Poisson draws and noise keys): only the
-    # order of the sums differs, ~1e-16 per step.
-    for name in ("plain", "private"):
-        assert user_meshes["fit"][name] <= 1e-12, user_meshes["fit"]
+    assert all(s.startswith("P('data'") for s in specs["auto/per_example_grads"])
 
 
 # Parameters sharded over a second axis: a 4 x 2 ("data", "model") mesh, tensor-parallel
@@ -112,7 +105,7 @@ def test_no_full_parameter_or_per_example_array_is_gathered(model_axis):
     # (the first real row's position).
     shapes = [tuple(s) for s in model_axis["param_shapes"].values()]
     table = 64 * 16
-    assert len(model_axis["gathers"]) == 8
+    assert len(model_axis["gathers"]) == 5  # 4 entry points on Explicit axes, 1 on Auto
     for name, gathers in model_axis["gathers"].items():
         for g in gathers:
             size = 1
