@@ -7,7 +7,10 @@ devices against the one-device run, the noise of a zero-gradient loss, memory-ma
 the CLI's ``--dp --devices``. ``train``: one process of a multi-process training run
 (``--process-id``, ``--num-processes``, ``--coordinator``), plain and DP-SGD, on data that
 counts the rows each process reads. ``cli``: one process of the CLI over 2 processes on a
-memory-mapped .npz.
+memory-mapped .npz. ``user_meshes``: every entry point on ``jax.make_mesh`` meshes (Explicit
+and Auto axes), data-only and 4 x 2 data x model with sharded parameters, against one device;
+HLO all-gathers, DP noise, fit's sharded state. ``sharded_checkpoints``: fit with sharded
+parameters resumed from orbax checkpoints, and a corrupt newest one.
 """
 
 from __future__ import annotations

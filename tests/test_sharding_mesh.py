@@ -3,7 +3,10 @@
 One subprocess on 8 emulated CPU devices (tests/_sharding_worker.py ``user_meshes``) runs
 every public entry point on a batch the user placed with ``NamedSharding(mesh, P("data"))``
 and compares it with the same call on one device, in float64: a (sum, count) token loss,
-sequences of very different real lengths, the last device holding only padding.
+sequences of very different real lengths, the last device holding only padding. The same
+on a 4 x 2 ("data", "model") mesh with parameters sharded over "model" and FSDP-style over
+"data" (and the compiled HLO's all-gathers, the DP noise, fit's sharded optimizer state);
+another subprocess (``sharded_checkpoints``) resumes fit from orbax checkpoints of that state.
 """
 
 from __future__ import annotations
