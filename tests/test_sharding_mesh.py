@@ -77,7 +77,7 @@ def _norm(spec: str) -> str:
     """A spec as printed, without trailing Nones (Auto meshes print P('data',))."""
     while spec.endswith(", None)"):
         spec = spec[: -len(", None)")] + ")"
-    return spec.replace("(None)", "()")
+    return spec.replace("(None)", "()").replace(",)", ")")
 
 
 @pytest.fixture(scope="module")
