@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrad import _loops, keys, reduce
+from jaxgrad import _loops, keys, reduce, sharding
 
 PyTree = Any
 
@@ -276,7 +276,7 @@ def _strategy(
             return core(params, batch, mask)
         return core(params, batch, mask, loss_fn=_bind(loss_fn, args), **kw)
 
-    jitted = jax.jit(run)
+    jitted = jax.jit(sharding.auto_axes(run))
     arities_checked = set()
 
     def f(params, batch, mask=None, *args, **kw):

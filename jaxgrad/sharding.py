@@ -189,6 +189,33 @@ def replicate(tree: PyTree, *, mesh: Mesh) -> PyTree:
     return _place(tree, NamedSharding(_check_mesh(mesh), P()))
 
 
+def layout(tree: PyTree, *, mesh: Mesh) -> PyTree:
+    """Each leaf's ``NamedSharding`` on ``mesh``: its own if it is already sharded over a mesh
+    of the same devices and axes (a parameter the user sharded over a model axis, FSDP-style
+    over the data axis, ...), else replicated."""
+    _check_mesh(mesh)
+
+    def one(x):
+        s = getattr(x, "sharding", None)
+        same = (
+            isinstance(s, NamedSharding)
+            and s.mesh.axis_names == mesh.axis_names
+            and s.mesh.devices.shape == mesh.devices.shape
+            and all(
+                a.id == b.id for a, b in zip(s.mesh.devices.flat, mesh.devices.flat, strict=True)
+            )
+        )
+        return NamedSharding(mesh, s.spec if same else P())
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def place(tree: PyTree, shardings: PyTree) -> PyTree:
+    """``tree``'s leaves placed as ``shardings`` (a tree of them, e.g. :func:`layout`); leaves
+    already placed so are returned as they are. Each process materialises only its pieces."""
+    return jax.tree_util.tree_map(lambda x, s: _place(x, s), tree, shardings)
+
+
 def _on_host(x) -> np.ndarray:
     """``x`` as numpy; a typed PRNG key array as its ``uint32`` key data (trailing key axis)."""
     return np.asarray(keys.key_data(x))
@@ -445,3 +472,111 @@ def take_rows(data: PyTree, indices, mask=None, *, mesh: Mesh, axis: str = "data
 def _native(x: np.ndarray) -> np.ndarray:
     """``x`` in the machine's byte order (IDX files are big-endian; devices are not)."""
     return x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("="))
+
+
+def constrain(tree: PyTree, sharding: NamedSharding) -> PyTree:
+    """``tree`` placed as ``sharding`` inside a ``jit``: a sharding constraint on Auto axes,
+    a reshard (the sharding becomes part of the type) on Explicit ones."""
+    if sharding.mesh.explicit_axes:
+        return jax.sharding.reshard(tree, sharding)
+    return jax.lax.with_sharding_constraint(tree, sharding)
+
+
+def _type_sharding(x):
+    """The sharding in ``x``'s type (a ``NamedSharding`` over an abstract mesh), or None."""
+    try:
+        sharding = jax.typeof(x).sharding
+    except (TypeError, AttributeError):
+        return None
+    return sharding if isinstance(sharding, NamedSharding) else None
+
+
+def _explicit_mesh(tree):
+    """The (abstract) mesh of the first leaf of ``tree`` whose type names Explicit axes."""
+    for x in jax.tree_util.tree_leaves(tree):
+        sharding = _type_sharding(x)
+        if sharding is not None and sharding.mesh.explicit_axes:
+            return sharding.mesh
+    return None
+
+
+def _spec(x) -> tuple:
+    """``x``'s type's partition spec, one entry per dimension (None: not sharded)."""
+    sharding = _type_sharding(x)
+    spec = () if sharding is None else tuple(sharding.spec)
+    return (*spec, *(None,) * (np.ndim(x) - len(spec)))
+
+
+def _axes(entry) -> set:
+    """The mesh axes one partition-spec entry names."""
+    return set(entry if isinstance(entry, tuple) else () if entry is None else (entry,))
+
+
+def _out_specs(out, params, batch) -> PyTree:
+    """The Explicit-axes sharding of each output leaf of a strategy, read off its shape.
+
+    A leaf shaped like a parameter (a gradient, a clipped sum, noise) keeps that
+    parameter's sharding; a leaf whose leading axis is the batch's (norms, dots, a Gram
+    matrix, per-example gradients) is sharded along it like the batch, its other axes like
+    the parameter of that shape if there is one; anything else (losses, counts) is
+    replicated. Two parameters of one shape but different shardings give their gradients
+    no sharding (replicated: right, if not the cheapest).
+    """
+    by_shape: dict = {}
+    for p in jax.tree_util.tree_leaves(params):
+        by_shape.setdefault(np.shape(p), set()).add(_spec(p))
+    like = {s: next(iter(v)) if len(v) == 1 else (None,) * len(s) for s, v in by_shape.items()}
+    leaves = jax.tree_util.tree_leaves(batch)
+    size = np.shape(leaves[0])[0] if leaves and np.ndim(leaves[0]) else None
+    rows = _spec(leaves[0])[0] if size is not None else None
+
+    def spec(x):
+        shape = np.shape(x)
+        if shape in like:
+            return P(*like[shape])
+        if shape and shape[0] == size:
+            # A mesh axis shards one dimension at most: the rows' axes win (per-example
+            # gradients of an FSDP-sharded parameter are sharded by example only).
+            rest = like.get(shape[1:], (None,) * (len(shape) - 1))
+            return P(rows, *(None if _axes(e) & _axes(rows) else e for e in rest))
+        return P()
+
+    return jax.tree_util.tree_map(spec, out)
+
+
+def auto_axes(fn):
+    """``fn(params, batch, *rest)`` run with the Explicit axes of its inputs' mesh as Auto.
+
+    The one place where jaxgrad meets meshes with sharding in types (``jax.make_mesh``
+    makes Explicit axes): on such a mesh every ``vmap`` over a sharded axis and every
+    gather would have to state its output sharding. Instead the inputs are resharded, at
+    no cost (the same devices hold the same pieces), onto the same mesh with every axis
+    Auto, where XLA's partitioner places the intermediate values as it does for
+    :func:`data_mesh`, and the outputs are resharded back to Explicit types read off
+    their shapes: gradients like the parameters, per-example outputs like the batch's
+    rows, the rest replicated. Inputs without Explicit axes call ``fn`` unchanged.
+    """
+
+    def wrapped(params, batch, *rest):
+        mesh = _explicit_mesh((params, batch, rest))
+        if mesh is None:
+            return fn(params, batch, *rest)
+        auto = mesh.update_axis_types({a: jax.sharding.AxisType.Auto for a in mesh.axis_names})
+        args = (params, batch, *rest)
+        with jax.sharding.use_abstract_mesh(auto):
+            # Keep each input's pieces where they are: the type forgets the sharding, the
+            # constraint tells the partitioner.
+            specs = jax.tree_util.tree_map(lambda x: P(*(None,) * np.ndim(x)), args)
+            moved = jax.sharding.reshard(args, specs)
+            moved = jax.tree_util.tree_map(
+                lambda y, x: jax.lax.with_sharding_constraint(y, NamedSharding(auto, P(*_spec(x)))),
+                moved,
+                args,
+            )
+            out = fn(*moved)
+        specs = _out_specs(out, params, batch)
+        return jax.sharding.reshard(
+            out, jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs)
+        )
+
+    return wrapped

@@ -7,7 +7,10 @@ devices against the one-device run, the noise of a zero-gradient loss, memory-ma
 the CLI's ``--dp --devices``. ``train``: one process of a multi-process training run
 (``--process-id``, ``--num-processes``, ``--coordinator``), plain and DP-SGD, on data that
 counts the rows each process reads. ``cli``: one process of the CLI over 2 processes on a
-memory-mapped .npz.
+memory-mapped .npz. ``user_meshes``: every entry point on ``jax.make_mesh`` meshes (Explicit
+and Auto axes), data-only and 4 x 2 data x model with sharded parameters, against one device;
+HLO all-gathers, DP noise, fit's sharded state. ``sharded_checkpoints``: fit with sharded
+parameters resumed from orbax checkpoints, and a corrupt newest one.
 """
 
 from __future__ import annotations
@@ -249,6 +252,304 @@ def strategies() -> dict:
     out["bad"]["sharded_label_keyed"] = error(
         lambda: jaxgrad.batch_grad(keyed_loss)(sharding.replicate(mlp_params, mesh=mesh), sb, sm)
     )
+    return out
+
+
+def _token_problem(vocab=11, width=6, rows=16, real=14, seed=0):
+    """A (sum, count) token loss on ``rows`` sequences of very different real lengths, the
+    last ``rows - real`` masked out (on 8 devices of 2 rows each, the last device holds only
+    padding), and its parameters."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxgrad
+
+    rng = np.random.default_rng(seed)
+    lengths = np.sort(rng.integers(1, 9, rows))[::-1].copy()
+    tok = rng.integers(1, vocab, (rows, 8))
+    tok[np.arange(8)[None, :] >= lengths[:, None]] = 0
+    tgt = np.roll(tok, -1, axis=1)
+    tgt[:, -1] = 0
+
+    def loss(p, ex):
+        tokens, targets = ex
+        hidden = jnp.tanh(p["embed"][tokens] @ p["w"] + p["b"])
+        return jaxgrad.losses.token_cross_entropy(hidden @ p["out"], targets)
+
+    k = jax.random.split(jax.random.key(seed + 1), 3)
+    params = {
+        "embed": jax.random.normal(k[0], (vocab, width), jnp.float64),
+        "w": jax.random.normal(k[1], (width, 8), jnp.float64) / 2,
+        "b": jnp.linspace(-0.5, 0.5, 8, dtype=jnp.float64),
+        "out": jax.random.normal(k[2], (8, vocab), jnp.float64) / 3,
+    }
+    return loss, params, (tok, tgt), np.arange(rows) < real
+
+
+def _entry_points(loss, reference):
+    """Every public entry point that takes ``(params, batch, mask)``, as ``f(p, b, m)``."""
+    import jax
+
+    import jaxgrad
+    from jaxgrad.privacy import dp_grad, sampled_dp_grad
+
+    dp = dp_grad(loss, l2_clip=0.3, noise_multiplier=1.3, expected_batch_size=10.0)
+    sampled = sampled_dp_grad(
+        loss, l2_clip=0.3, noise_multiplier=1.3, sampling_rate=0.5, physical_batch_size=8
+    )
+    dots = jaxgrad.per_example_dots(loss)
+    return {
+        "batch_grad": jaxgrad.batch_grad(loss),
+        "mean_of_per_example_grads": jaxgrad.mean_of_per_example_grads(loss),
+        "per_example_grads": jaxgrad.per_example_grads(loss),
+        "accumulate_grad": jaxgrad.accumulate_grad(loss, num_microbatches=2),
+        "per_example_norms": jaxgrad.per_example_norms(loss),
+        "clipped_grad": jaxgrad.clipped_grad(loss, l2_clip=0.3, return_norms=True),
+        "grad_stats": jaxgrad.grad_stats(loss),
+        "per_example_dots": lambda p, b, m: dots(p, b, m, reference=reference),
+        "gradient_gram": jaxgrad.gradient_gram(loss),
+        "dp_grad": lambda p, b, m: dp(p, b, m, jax.random.key(7)),
+        # The data set is the batch's real rows... and its padding: sampled_dp_grad takes no
+        # mask, so it samples all 16 rows (the padded ones are ordinary rows here).
+        "sampled_dp_grad": lambda p, b, m: sampled(p, b, jax.random.key(8)),
+        # The caller's own jit around a strategy, on the same inputs.
+        "jit(batch_grad)": jax.jit(jaxgrad.batch_grad(loss)),
+    }
+
+
+def _specs(tree) -> list:
+    import jax
+
+    return [str(x.sharding.spec) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def sharded_checkpoints(directory: str) -> dict:
+    """fit on a 4 x 2 mesh with sharded parameters, checkpointed with orbax: interrupted
+    after epoch 1 and resumed, against the uninterrupted run; a corrupt newest checkpoint."""
+    _setup(8)
+    import warnings
+
+    import jax
+    import numpy as np
+    import optax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    jax.config.update("jax_enable_x64", True)
+    import jaxgrad
+    from jaxgrad.train import checkpoint as ckpt
+
+    loss, params, batch, _ = _token_problem(vocab=64, width=16)
+    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    sparams = {
+        k: jax.device_put(v, NamedSharding(mesh, P(*MODEL_SPECS[k]))) for k, v in params.items()
+    }
+    data = tuple(np.asarray(a) for a in batch)
+    kw = dict(optimizer=optax.adam(0.05), key=jax.random.key(5), epochs=2, batch_size=8)
+    kw |= dict(progress="none", mesh=mesh)
+    full = jaxgrad.train.fit(loss, sparams, data, **kw)
+    calls = []
+
+    def interrupt(params):
+        calls.append(1)
+        if len(calls) == 2:  # at the end of epoch 2, after epoch 1's checkpoint
+            raise KeyboardInterrupt
+        return {}
+
+    cut = os.path.join(directory, "cut")
+    try:
+        jaxgrad.train.fit(loss, sparams, data, checkpoint_dir=cut, evaluate=interrupt, **kw)
+    except KeyboardInterrupt:
+        pass
+    out = {"before_resume": [os.path.basename(p) for p in ckpt.list_checkpoints(cut)]}
+    resumed = jaxgrad.train.fit(loss, sparams, data, checkpoint_dir=cut, **kw)
+    pairs = zip(
+        jax.tree_util.tree_leaves(resumed.state), jax.tree_util.tree_leaves(full.state), strict=True
+    )
+    out["bitwise"] = all(np.array_equal(a, b) for a, b in pairs)
+    out["specs"] = [str(x.sharding.spec) for x in jax.tree_util.tree_leaves(resumed.params)]
+    # A corrupt newest checkpoint (a piece of its arrays deleted): a warning naming it, and
+    # the older one is restored.
+    names = ckpt.list_checkpoints(cut)
+    out["after_resume"] = [os.path.basename(p) for p in names]
+    newest = names[-1]
+    for root, _, files in os.walk(os.path.join(newest, "state")):
+        for f in files:
+            if os.path.basename(root) == "d":
+                os.remove(os.path.join(root, f))
+    template = {"state": jaxgrad.train.init_state(sparams, kw["optimizer"]), "key": kw["key"]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, meta, path = ckpt.restore_latest(cut, template)
+    out["fallback"] = [os.path.basename(path), meta["epoch"]]
+    out["warnings"] = [str(w.message)[:300] for w in caught if "falling back" in str(w.message)]
+    return out
+
+
+def _auto_only(entries):
+    names = ("per_example_grads", "per_example_dots", "gradient_gram", "sampled_dp_grad")
+    return [(k, entries[k]) for k in (*names, "jit(batch_grad)")]
+
+
+def user_meshes() -> dict:
+    """Meshes a JAX user makes (``jax.make_mesh``, Explicit axes by default, and Auto), the
+    batch placed with ``NamedSharding(mesh, P("data"))``: every entry point and ``fit``
+    against one device in float64."""
+    _setup(8)
+    import jax
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    jax.config.update("jax_enable_x64", True)
+
+    out = {"errors": {}, "specs": {}, "fit": {}}
+    loss, params, batch, mask = _token_problem()
+    reference = jax.tree_util.tree_map(lambda x: x * 0.5 + 0.1, params)
+    entries = _entry_points(loss, reference)
+    refs = {k: f(params, batch, mask) for k, f in entries.items()}
+    meshes = {
+        "explicit": jax.make_mesh((8,), ("data",)),
+        "auto": jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,)),
+    }
+    out["default_axis_types"] = str(meshes["explicit"].axis_types)
+    for mname, mesh in meshes.items():
+        rows, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+        sbatch, smask = jax.device_put(batch, rows), jax.device_put(mask, rows)
+        sparams = jax.device_put(params, rep)
+        # On Auto axes, the entry points tests/test_sharding.py does not already run there.
+        for k, f in entries.items() if mname == "explicit" else _auto_only(entries):
+            got = f(sparams, sbatch, smask)
+            out["errors"][f"{mname}/{k}"] = _rel(got, refs[k])
+            if k in ("batch_grad", "per_example_norms", "per_example_grads"):
+                out["specs"][f"{mname}/{k}"] = _specs(got)
+
+    out["model_axis"] = _model_axis()
+    return out
+
+
+# Parameters over a 4 x 2 ("data", "model") mesh: tensor-parallel weights over "model", the
+# embedding table FSDP-style over "data" along its large (vocabulary) dimension.
+MODEL_SPECS = {
+    "embed": ("data", None),
+    "w": (None, "model"),
+    "b": ("model",),
+    "out": ("model", None),
+}
+
+
+MODEL_AUTO = ("batch_grad", "per_example_norms", "clipped_grad", "dp_grad")
+
+
+def _gathers(compiled) -> list:
+    """The result shapes of the compiled program's all-gathers."""
+    hlo = compiled.as_text()
+    shapes = re.findall(r"= \(?[a-z0-9]+\[([0-9,]*)\][^=]*? all-gather\(", hlo)
+    return [[int(v) for v in t.split(",") if v] for t in shapes]
+
+
+def _model_axis() -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jaxgrad
+    from jaxgrad.privacy import dp_grad, gaussian
+    from jaxgrad.train import PrivacyConfig
+
+    out = {"errors": {}, "specs": {}, "gathers": {}, "fit": {}, "noise": {}}
+    loss, params, batch, mask = _token_problem(vocab=64, width=16)
+    out["param_shapes"] = {k: list(v.shape) for k, v in params.items()}
+    reference = jax.tree_util.tree_map(lambda x: x * 0.5 + 0.1, params)
+    entries = _entry_points(loss, reference)
+    refs = {k: f(params, batch, mask) for k, f in entries.items()}
+    # Zero gradients: dp_grad is the noise alone, σC z / B_e, z ~ N(0, I) over all leaves.
+    sigma, clip, b_e = 1.3, 0.3, 10.0
+    noise = dp_grad(
+        lambda p, ex: 0.0 * loss(p, ex)[0],
+        l2_clip=clip,
+        noise_multiplier=sigma,
+        expected_batch_size=b_e,
+    )
+    key = jax.random.key(11)
+    noise_ref = noise(params, batch, mask, key)
+    # Independent reference for the noise: one flat N(0, 1) vector from `key`, cut into leaves.
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    z = np.asarray(gaussian.normal(key, (sum(x.size for x in leaves),), jnp.float64))
+    cuts = np.cumsum([x.size for x in leaves])[:-1]
+    numpy_noise = [
+        (sigma * clip * part / b_e).reshape(x.shape)
+        for part, x in zip(np.split(z, cuts), leaves, strict=True)
+    ]
+    out["noise"]["one_device_vs_numpy"] = _rel(noise_ref, treedef.unflatten(numpy_noise))
+    data, fit_refs = tuple(np.asarray(a) for a in batch), {}
+    for mname, axis_type in (("explicit", AxisType.Explicit), ("auto", AxisType.Auto)):
+        mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2)
+
+        def put(tree, mesh=mesh):
+            return {
+                k: jax.device_put(v, NamedSharding(mesh, P(*MODEL_SPECS[k])))
+                for k, v in tree.items()
+            }
+
+        rows = NamedSharding(mesh, P("data"))
+        sparams, sbatch, smask = (
+            put(params),
+            jax.device_put(batch, rows),
+            jax.device_put(mask, rows),
+        )
+        sentries = _entry_points(loss, put(reference))
+        if mname == "auto":  # (the rest as on the Explicit mesh, at less compilation)
+            sentries = {k: sentries[k] for k in MODEL_AUTO}
+        for k, f in sentries.items():
+            got = f(sparams, sbatch, smask)
+            out["errors"][f"{mname}/{k}"] = _rel(got, refs[k])
+            if k in ("clipped_grad", "dp_grad", "batch_grad"):
+                grads = got[0] if k == "clipped_grad" else got.grads if k == "batch_grad" else got
+                out["specs"][f"{mname}/{k}"] = {n: str(v.sharding.spec) for n, v in grads.items()}
+            if k in MODEL_AUTO and (mname == "explicit" or k == "clipped_grad"):
+                compiled = jax.jit(f).lower(sparams, sbatch, smask).compile()
+                out["gathers"][f"{mname}/{k}"] = _gathers(compiled)
+        got = noise(sparams, sbatch, smask, key)
+        flat = np.concatenate([np.asarray(v).ravel() for v in jax.tree_util.tree_leaves(got)])
+        out["noise"][mname] = {
+            "exact": all(
+                np.array_equal(a, b)
+                for a, b in zip(
+                    jax.tree_util.tree_leaves(got),
+                    jax.tree_util.tree_leaves(noise_ref),
+                    strict=True,
+                )
+            ),
+            "std_ratio": float(np.std(flat) / (sigma * clip / b_e)),
+            "size": int(flat.size),
+        }
+        # fit with the sharded parameters: the same run as on one device; the parameters
+        # and the optimizer state keep their sharding.
+        dp = PrivacyConfig(
+            l2_clip=0.5, noise_multiplier=1.1, physical_batch_size=5, accountant="rdp"
+        )
+        for name, privacy in (("plain", None), ("private", dp)):
+            if mname == "auto" and privacy is None:
+                continue
+            kw = dict(optimizer=optax.adam(0.05), key=jax.random.key(5), epochs=1, batch_size=8)
+            kw |= dict(privacy=privacy, progress="none")
+            if name not in fit_refs:
+                fit_refs[name] = jaxgrad.train.fit(loss, params, data, **kw)
+            ref = fit_refs[name]
+            got = jaxgrad.train.fit(loss, sparams, data, mesh=mesh, **kw)
+            state_specs = [
+                [str(x.sharding.spec) for x in jax.tree_util.tree_leaves(t)]
+                for t in (got.state.params, got.state.opt_state[0].mu, got.state.opt_state[0].nu)
+            ]
+            out["fit"][f"{mname}/{name}"] = {
+                "error": _rel(got.params, ref.params),
+                "specs": state_specs,
+                "want": [str(P(*MODEL_SPECS[k])) for k in sorted(MODEL_SPECS)],
+            }
     return out
 
 
@@ -568,6 +869,10 @@ def training_problem():
 if __name__ == "__main__":
     if sys.argv[1] == "strategies":
         result = strategies()
+    elif sys.argv[1] == "sharded_checkpoints":
+        result = sharded_checkpoints(sys.argv[2])
+    elif sys.argv[1] == "user_meshes":
+        result = user_meshes()
     elif sys.argv[1] == "private":
         result = private(sys.argv[2])
     else:

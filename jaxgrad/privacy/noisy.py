@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxgrad import _loops, keys, reduce
+from jaxgrad import _loops, keys, reduce, sharding
 from jaxgrad.fast import api as fast_api
 from jaxgrad.grads import check_loss_args, validate_concrete
 from jaxgrad.privacy import gaussian, sampling, threefry
@@ -431,6 +431,7 @@ def dp_grad(
     stddev = sigma * clipped.sensitivity
 
     @jax.jit
+    @sharding.auto_axes
     def core(params, batch, mask, key, args, units):
         total, count, bad = clipped(params, batch, mask, *args, units=units)
         grads = _privatize(
@@ -573,6 +574,7 @@ def sampled_dp_grad(
     draw_and_clip = sampled_clipped_sum(clipped, source=source, physical_batch_size=p)
 
     @jax.jit
+    @sharding.auto_axes
     def core(params, data, key, args):
         sample_key, noise_key = keys.split_step_key(key)
         total, count, bad, steps = draw_and_clip(params, data, sample_key, *args)

@@ -8,6 +8,14 @@ mid-write never leaves a corrupt latest checkpoint; only the last ``keep`` are k
 
 On restore a truncated or corrupt file is reported (a :class:`CheckpointWarning` naming it)
 and the previous good one is used.
+
+State sharded over a mesh (parameters over a model axis, FSDP-style) is not held whole by any
+one process: :func:`save_sharded` writes it with orbax-checkpoint (``pip install
+'jaxgrad[checkpoint]'``) as a directory ``ckpt-STEP.orbax``, every process its own pieces,
+committed atomically by orbax (a temporary directory renamed when all pieces are written);
+:func:`restore_latest` reads both kinds, newest first, with the same fall-back to the last
+good one. orbax's files carry no checksum of their own: a truncated or missing piece is
+found, a flipped bit in a stored chunk may not be.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import warnings
 from typing import Any
 
@@ -23,11 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrad import keys
+from jaxgrad import _optional, keys
 
 PyTree = Any
 FORMAT = "jaxgrad-checkpoint-1"
-_NAME = re.compile(r"^ckpt-(\d+)\.npz$")
+SHARDED_FORMAT = "jaxgrad-orbax-1"
+_NAME = re.compile(r"^ckpt-(\d+)\.(npz|orbax)$")
 
 
 class CheckpointError(ValueError):
@@ -46,8 +56,11 @@ def _digest(arrays: list[np.ndarray], header: dict) -> str:
     return h.hexdigest()
 
 
-def path_for(directory, step: int) -> str:
-    """The file name of the checkpoint at ``step`` in ``directory``."""
+def path_for(directory, step: int, *, sharded: bool = False) -> str:
+    """The file (``.npz``) or, for sharded state, directory (``.orbax``) name of the
+    checkpoint at ``step`` in ``directory``."""
+    if sharded:  # orbax wants absolute paths
+        return os.path.join(os.path.abspath(os.fspath(directory)), f"ckpt-{int(step):010d}.orbax")
     return os.path.join(os.fspath(directory), f"ckpt-{int(step):010d}.npz")
 
 
@@ -97,7 +110,7 @@ def prepare_directory(directory) -> None:
         return
     for name in os.listdir(d):
         path = os.path.join(d, name)
-        if _NAME.match(name) and not os.path.isfile(path):
+        if (m := _NAME.match(name)) and m[2] == "npz" and not os.path.isfile(path):
             raise CheckpointError(
                 f"checkpoint entry {path} is not a regular file (a directory?); checkpoints "
                 "are files, so remove or rename it"
@@ -163,9 +176,131 @@ def save(directory, tree: PyTree, *, step: int, metadata: dict | None = None, ke
     others = [
         p for p in list_checkpoints(directory) if os.path.abspath(p) != os.path.abspath(final)
     ]
-    for old in others[: max(len(others) - (keep - 1), 0)] if keep > 0 else []:
-        os.remove(old)
+    _prune(others, keep)
     return final
+
+
+def _prune(others: list[str], keep: int) -> None:
+    """Removes the oldest of ``others`` (files or orbax directories), keeping ``keep - 1``."""
+    for old in others[: max(len(others) - (keep - 1), 0)] if keep > 0 else []:
+        if os.path.isdir(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.remove(old)
+
+
+def _orbax():
+    return _optional.require(
+        "orbax.checkpoint",
+        package="orbax-checkpoint",
+        extra="checkpoint",
+        needed_for="checkpoints of sharded state",
+    )
+
+
+def _key_free(tree: PyTree) -> tuple[list, list]:
+    """``tree``'s leaves with typed PRNG keys as their ``uint32`` data, and each leaf's kind."""
+    leaves, kinds = [], []
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if keys.is_typed_key(leaf):
+            kinds.append({"key_impl": str(jax.random.key_impl(leaf))})
+            leaf = jax.random.key_data(leaf)
+        else:
+            kinds.append({})
+        leaves.append(leaf)
+    return leaves, kinds
+
+
+def save_sharded(
+    directory, tree: PyTree, *, step: int, metadata: dict | None = None, keep: int = 3
+) -> str:
+    """Writes ``tree``, whose arrays may be sharded over several processes, with orbax.
+
+    Every process calls it (each writes the pieces its devices hold); orbax commits the
+    directory ``ckpt-STEP.orbax`` atomically once all are written. The JSON ``metadata`` is
+    stored with it. Process 0 then deletes all but the newest ``keep`` checkpoints.
+
+    Args:
+      directory: where checkpoints live (created if missing).
+      tree: any pytree of ``jax.Array`` s (sharded or not; typed PRNG keys included).
+      step: the step number; it names the directory.
+      metadata: JSON-serialisable data saved alongside.
+      keep: how many checkpoints to keep.
+
+    Returns:
+      The path written.
+    """
+    ocp = _orbax()
+    directory = os.path.abspath(os.fspath(directory))
+    os.makedirs(directory, exist_ok=True)
+    leaves, kinds = _key_free(tree)
+    header = {
+        "format": SHARDED_FORMAT,
+        "step": int(step),
+        "leaves": [
+            {"shape": list(np.shape(a)), "dtype": np.dtype(a.dtype).str, **k}
+            for a, k in zip(leaves, kinds, strict=True)
+        ],
+        "metadata": metadata or {},
+    }
+    final = path_for(directory, step, sharded=True)
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    checkpointer.save(
+        final,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(leaves), meta=ocp.args.JsonSave(header)
+        ),
+        force=True,
+    )
+    if jax.process_index() == 0:
+        others = [p for p in list_checkpoints(directory) if os.path.abspath(p) != final]
+        _prune(others, keep)
+    return final
+
+
+def _load_sharded(path: str, template: PyTree) -> tuple[PyTree, dict]:
+    """:func:`load` of an orbax checkpoint: each leaf placed as ``template``'s is."""
+    ocp = _orbax()
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    leaves, _ = _key_free(template)
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def abstract(x):
+        sharding = x.sharding if isinstance(x, jax.Array) else default
+        return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=sharding)
+
+    header = read_metadata(path, full=True)
+    if header.get("format") != SHARDED_FORMAT or len(header["leaves"]) != len(leaves):
+        raise CheckpointError(
+            f"checkpoint {path} has format {header.get('format')!r} with "
+            f"{len(header.get('leaves', []))} arrays; expected {SHARDED_FORMAT!r} with "
+            f"{len(leaves)} (the template's leaves)"
+        )
+    for (key_path, _), info, leaf in zip(paths_leaves, header["leaves"], leaves, strict=True):
+        if tuple(info["shape"]) != np.shape(leaf) or np.dtype(info["dtype"]) != np.dtype(
+            jnp.result_type(leaf)
+        ):
+            raise CheckpointError(
+                f"checkpoint {path}: leaf {jax.tree_util.keystr(key_path)} has shape "
+                f"{tuple(info['shape'])} and dtype {np.dtype(info['dtype'])}; the template "
+                f"expects {np.shape(leaf)} and {jnp.result_type(leaf)}"
+            )
+    try:
+        restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
+            path,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore([abstract(x) for x in leaves])),
+        )["state"]
+    except Exception as e:  # a missing or truncated piece, whatever orbax raises for it
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt and cannot be read "
+            f"({type(e).__name__}: {str(e)[:300]})"
+        ) from None
+    out = []
+    for (_, leaf), value in zip(paths_leaves, restored, strict=True):
+        if keys.is_typed_key(leaf):
+            value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(leaf))
+        out.append(value)
+    return jax.tree_util.tree_unflatten(treedef, out), header["metadata"]
 
 
 def _fsync_dir(directory: str) -> None:
@@ -211,14 +346,24 @@ def read(path) -> tuple[list[np.ndarray], dict]:
     return arrays, header
 
 
-def read_metadata(path) -> dict:
-    """The metadata of one checkpoint file, without reading its arrays (an ``.npz`` member
-    is read only when asked for).
+def read_metadata(path, *, full: bool = False) -> dict:
+    """The metadata of one checkpoint (file or orbax directory), without reading its arrays
+    (an ``.npz`` member is read only when asked for); with ``full``, an orbax checkpoint's
+    whole header.
 
     Raises:
       CheckpointError: naming the file, if its header cannot be read.
     """
     path = os.fspath(path)
+    if path.endswith(".orbax"):
+        try:
+            with open(os.path.join(path, "meta", "metadata")) as f:
+                header = json.load(f)
+            return header if full else header["metadata"]
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint {path} has no readable header ({type(e).__name__}: {e})"
+            ) from None
     try:
         with np.load(path, allow_pickle=False) as f:
             return json.loads(bytes(f["header"]).decode())["metadata"]
@@ -242,6 +387,8 @@ def load(path, template: PyTree) -> tuple[PyTree, dict]:
     Raises:
       CheckpointError: the file is unreadable or corrupt, or does not fit ``template``.
     """
+    if os.fspath(path).endswith(".orbax"):
+        return _load_sharded(os.fspath(path), template)
     arrays, header = read(path)
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     if len(paths_leaves) != len(arrays):

@@ -490,7 +490,9 @@ def fit(
     example = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), train_data
     )
-    scan = _loops.scan_steps(scan, traced, params, example)  # the one loop policy
+    # Shapes only: parameters sharded over an Explicit mesh would need it set to be traced.
+    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+    scan = _loops.scan_steps(scan, traced, shapes, example)  # the one loop policy
     if mesh is not None:
         sharding_lib.check_batch(train_data, mesh=mesh)
     check = validate_data(loss_fn, train_data, mesh)
@@ -625,7 +627,7 @@ def _plain_engine(
         inner = body
 
         def body(carry, batch, mask, active):
-            batch, mask = jax.lax.with_sharding_constraint((batch, mask), batch_spec)
+            batch, mask = sharding_lib.constrain((batch, mask), batch_spec)
             return inner(carry, batch, mask, active=active)
 
     if valuation is not None:
@@ -911,6 +913,9 @@ def _run(
     every = checkpoint_every or steps_per_epoch
     chunks_per_epoch = math.ceil(steps_per_epoch / chunk)
     state = init_state(params, optimizer)
+    # The state's sharding on the mesh: parameters the caller sharded (over a model axis,
+    # FSDP-style) keep it, and so does their optimizer state; the rest is replicated.
+    state_layout = None if mesh is None else sharding_lib.layout(state, mesh=mesh)
     start_epoch, start_chunk, history = 0, 0, []
     epoch_loss, epoch_count = 0.0, 0
     last_checkpoint = None
@@ -932,7 +937,7 @@ def _run(
             start_epoch, start_chunk, history = meta["epoch"], meta["chunk"], meta["history"]
             epoch_loss, epoch_count = meta["epoch_loss"], meta["epoch_count"]
     if mesh is not None:
-        state = sharding_lib.replicate(state, mesh=mesh)
+        state = sharding_lib.place(state, state_layout)
 
     def save(epoch_next, chunk_next):
         meta = {
@@ -944,6 +949,14 @@ def _run(
             "epoch_count": epoch_count,
             "config": config,
         }
+        leaves = jax.tree_util.tree_leaves(state)
+        if any(isinstance(x, jax.Array) and not x.is_fully_replicated for x in leaves):
+            # Sharded state (parameters over a model axis, FSDP): no process holds it whole,
+            # so every process writes its pieces, with orbax.
+            tree = {"state": state, "key": key}
+            return ckpt.save_sharded(
+                checkpoint_dir, tree, step=int(state.step), metadata=meta, keep=keep
+            )
         if mesh is not None and jax.process_index() != 0:
             return ckpt.path_for(checkpoint_dir, int(state.step))  # process 0 writes
         return ckpt.save(

@@ -809,7 +809,7 @@ def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_arg
 
     @jax.jit
     def accumulate(params, acc, batch, mask, step, extra):
-        batch, mask = jax.lax.with_sharding_constraint((batch, mask), batch_spec)
+        batch, mask = sharding_lib.constrain((batch, mask), batch_spec)
         part = clipped(params, batch, mask, *extra, *loss_args(step))
         return jax.tree_util.tree_map(jnp.add, acc, part)
 

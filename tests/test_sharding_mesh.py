@@ -1,0 +1,168 @@
+"""Meshes users bring: ``jax.make_mesh`` (Explicit axes by default) and Auto axes.
+
+One subprocess on 8 emulated CPU devices (tests/_sharding_worker.py ``user_meshes``) runs
+every public entry point on a batch the user placed with ``NamedSharding(mesh, P("data"))``
+and compares it with the same call on one device, in float64: a (sum, count) token loss,
+sequences of very different real lengths, the last device holding only padding. The same
+on a 4 x 2 ("data", "model") mesh with parameters sharded over "model" and FSDP-style over
+"data" (and the compiled HLO's all-gathers, the DP noise, fit's sharded optimizer state);
+another subprocess (``sharded_checkpoints``) resumes fit from orbax checkpoints of that state.
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_sharding import _run_worker
+
+ENTRY_POINTS = [
+    "batch_grad",
+    "mean_of_per_example_grads",
+    "per_example_grads",
+    "accumulate_grad",
+    "per_example_norms",
+    "clipped_grad",
+    "grad_stats",
+    "per_example_dots",
+    "gradient_gram",
+    "dp_grad",
+    "sampled_dp_grad",
+    "jit(batch_grad)",
+]
+
+
+@pytest.fixture(scope="module")
+def user_meshes():
+    return _run_worker("user_meshes")
+
+
+def test_make_mesh_gives_explicit_axes(user_meshes):
+    # What the tests below are about: jax.make_mesh's default (JAX >= 0.7) is Explicit.
+    assert user_meshes["default_axis_types"] == "(Explicit,)"
+
+
+AUTO = ["per_example_grads", "per_example_dots", "gradient_gram", "sampled_dp_grad"]
+AUTO += ["jit(batch_grad)"]  # (the rest runs on Auto meshes in tests/test_sharding.py)
+
+
+@pytest.mark.parametrize("mesh, names", [("explicit", ENTRY_POINTS), ("auto", AUTO)])
+def test_every_entry_point_on_a_user_mesh_equals_one_device(user_meshes, mesh, names):
+    errors = {k: v for k, v in user_meshes["errors"].items() if k.startswith(mesh + "/")}
+    assert sorted(errors) == sorted(f"{mesh}/{k}" for k in names)
+    bad = {k: v for k, v in errors.items() if not v <= 1e-12}
+    assert not bad, bad
+
+
+def test_outputs_on_an_explicit_mesh_have_explicit_types(user_meshes):
+    specs = user_meshes["specs"]
+    # Gradients of replicated parameters are replicated; per-example outputs keep the
+    # batch's sharding (no device ever holds all rows).
+    assert all(s.replace("None", "").strip("P(), ") == "" for s in specs["explicit/batch_grad"])
+    assert specs["explicit/per_example_norms"] == ["P('data',)"]
+    assert all(s.startswith("P('data'") for s in specs["explicit/per_example_grads"])
+    assert all(s.startswith("P('data'") for s in specs["auto/per_example_grads"])
+
+
+# Parameters sharded over a second axis: a 4 x 2 ("data", "model") mesh, tensor-parallel
+# weights over "model" and the embedding table FSDP-style over "data" (its vocabulary axis).
+MODEL_SPECS = {
+    "b": "P('model',)",
+    "embed": "P('data', None)",
+    "out": "P('model', None)",
+    "w": "P(None, 'model')",
+}
+MODEL_AUTO = ["batch_grad", "per_example_norms", "clipped_grad", "dp_grad"]
+
+
+def _norm(spec: str) -> str:
+    """A spec as printed, without trailing Nones (Auto meshes print P('data',))."""
+    while spec.endswith(", None)"):
+        spec = spec[: -len(", None)")] + ")"
+    return spec.replace("(None)", "()").replace(",)", ")")
+
+
+@pytest.fixture(scope="module")
+def model_axis(user_meshes):
+    return user_meshes["model_axis"]
+
+
+@pytest.mark.parametrize("mesh, names", [("explicit", ENTRY_POINTS), ("auto", MODEL_AUTO)])
+def test_sharded_parameters_equal_one_device(model_axis, mesh, names):
+    # Per-example norms are sums of partial squared norms over the model axis (and over the
+    # FSDP shards); every result equals the one-device float64 result.
+    errors = {k: v for k, v in model_axis["errors"].items() if k.startswith(mesh + "/")}
+    assert sorted(errors) == sorted(f"{mesh}/{k}" for k in names)
+    bad = {k: v for k, v in errors.items() if not v <= 1e-12}
+    assert not bad, bad
+
+
+def test_gradients_keep_the_parameters_sharding_on_an_explicit_mesh(model_axis):
+    for k in ("batch_grad", "clipped_grad", "dp_grad"):
+        assert model_axis["specs"][f"explicit/{k}"] == MODEL_SPECS, k
+
+
+def test_no_full_parameter_or_per_example_array_is_gathered(model_axis):
+    # The compiled programs' all-gathers (see tests/_sharding_worker.py `_gathers`): none
+    # is a whole parameter (its shape, or as many elements as the FSDP table) and none has
+    # the batch's 16 rows (a B x P array of per-example gradients would). Measured: half the
+    # FSDP table (2 of its 4 shards, for the embedding lookup) and two 4-element vectors
+    # (the first real row's position).
+    shapes = [tuple(s) for s in model_axis["param_shapes"].values()]
+    table = 64 * 16
+    assert len(model_axis["gathers"]) == 5  # 4 entry points on Explicit axes, 1 on Auto
+    for name, gathers in model_axis["gathers"].items():
+        for g in gathers:
+            size = 1
+            for v in g:
+                size *= v
+            assert tuple(g) not in shapes and size < table, (name, g)
+            assert not g or g[0] != 16, (name, g)
+
+
+@pytest.mark.parametrize("mesh", ["explicit", "auto"])
+def test_dp_noise_is_drawn_once_for_the_logical_array(model_axis, mesh):
+    noise = model_axis["noise"]
+    # One device: σC z / B_e for z drawn from the key over the flat leaves (the reference).
+    assert noise["one_device_vs_numpy"] <= 1e-12
+    # Sharded: bit for bit the one-device numbers, never a draw per shard.
+    assert noise[mesh]["exact"], noise
+    # And its spread: the std over 1672 values is σC/B_e within 10% (the sample std's
+    # relative standard error is 1/√3344 = 1.7%: a false alarm is a 5.8σ event, ~1e-8).
+    # Drawn per shard and summed over the 2 model shards it would be √2 larger.
+    assert noise[mesh]["size"] == 1672
+    assert abs(noise[mesh]["std_ratio"] - 1) < 0.1, noise
+
+
+@pytest.mark.parametrize("run", ["explicit/plain", "explicit/private", "auto/private"])
+def test_fit_with_sharded_parameters_equals_one_device(model_axis, run):
+    # The parameters and Adam's two moments keep the parameters' sharding.
+    got = model_axis["fit"][run]
+    assert got["error"] <= 1e-12, got
+    want = [_norm(s) for s in got["want"]]
+    assert [[_norm(s) for s in leaves] for leaves in got["specs"]] == [want] * 3, got
+
+
+@pytest.fixture(scope="module")
+def sharded_checkpoints(tmp_path_factory):
+    # Needs orbax-checkpoint: the `checkpoint` extra, part of `dev`.
+    return _run_worker("sharded_checkpoints", str(tmp_path_factory.mktemp("orbax")))
+
+
+def test_fit_with_sharded_parameters_resumes_bit_for_bit(sharded_checkpoints):
+    run = sharded_checkpoints
+    # Interrupted in epoch 2 (after epoch 1's checkpoint, step 2), resumed: the same state,
+    # bit for bit, as the uninterrupted run, and still sharded.
+    assert run["before_resume"] == ["ckpt-0000000002.orbax"], run
+    assert run["bitwise"], run
+    assert [_norm(s) for s in run["specs"]] == [_norm(s) for s in sorted_specs()], run
+
+
+def sorted_specs():
+    return [MODEL_SPECS[k] for k in sorted(MODEL_SPECS)]
+
+
+def test_a_corrupt_sharded_checkpoint_falls_back_to_the_last_good_one(sharded_checkpoints):
+    run = sharded_checkpoints
+    assert run["after_resume"] == ["ckpt-0000000002.orbax", "ckpt-0000000004.orbax"], run
+    # The newest lost its array chunks: named in a warning, and epoch 1's is restored.
+    assert run["fallback"] == ["ckpt-0000000002.orbax", 1], run
+    assert len(run["warnings"]) == 1 and "ckpt-0000000004.orbax" in run["warnings"][0], run
