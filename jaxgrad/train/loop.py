@@ -168,9 +168,13 @@ def _check_accumulation(optimizer, params, loss_fn, data, *, batch_size, private
 
 
 def _has_convolution(loss_fn, params, data) -> bool:
-    """Whether one example's loss runs a convolution (read off its jaxpr; no row is read)."""
+    """Whether one example's loss runs a convolution, at any depth (loops, branches, custom
+    calls): a query on the fast path's walker (:mod:`jaxgrad.fast.trace`); no row is read."""
+    from jaxgrad.fast import trace  # the fast path imports the strategies: not at load time
+
     example = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), data)
-    return "conv_general_dilated" in str(jax.make_jaxpr(loss_fn)(params, example))
+    program, _ = trace.trace_program(loss_fn, params, example)
+    return "conv_general_dilated" in trace.primitives(program)
 
 
 def _in_memory(data) -> bool:
