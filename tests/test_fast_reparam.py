@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_fast_cases import F64, assert_rel_close
 
-from jaxgrad.fast import clipped_grad, gradient_gram, per_example_dots, per_example_norms, plan
+from jaxgrad.fast import passes, per_example_norms, plan
 
 jax.config.update("jax_enable_x64", True)
 
@@ -22,7 +22,9 @@ def _normal(rng, *shape, scale=1.0):
 
 
 def _check(loss, params, batch, *, reparam=(), fast=()):
-    """The fast results against ``vmap(grad)``; the plan's routes for the named leaves."""
+    """The fast pass against ``vmap(grad)`` (norms, per-leaf norms, a clipped-style weighted
+    sum with per-leaf weights too, dots, the Gram matrix), one compile each; the plan's
+    routes for the named leaves."""
     one = jax.tree_util.tree_map(lambda x: x[0], batch)
     routes = {lp.path: lp for lp in plan(loss, params, one).leaves}
     for path in reparam:
@@ -31,28 +33,21 @@ def _check(loss, params, batch, *, reparam=(), fast=()):
         assert not routes[path].fallback and "reparametrised" not in routes[path].route, routes[
             path
         ]
-    got = per_example_norms(loss)(params, batch)
-    want = per_example_norms(loss, method="vmap")(params, batch)
-    assert_rel_close(got, want)
-    clip = float(jnp.median(want))  # about half the examples clipped
-    chex_close = lambda a, b: [
-        np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12)
-        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
-    ]
-    chex_close(
-        clipped_grad(loss, l2_clip=clip)(params, batch),
-        clipped_grad(loss, l2_clip=clip, method="vmap")(params, batch),
-    )
-    v = jax.tree_util.tree_map(
-        lambda x: jnp.cos(jnp.arange(x.size, dtype=F64)).reshape(x.shape), params
-    )
-    chex_close(
-        per_example_dots(loss)(params, batch, reference=v),
-        per_example_dots(loss, method="vmap")(params, batch, reference=v),
-    )
-    chex_close(
-        gradient_gram(loss)(params, batch), gradient_gram(loss, method="vmap")(params, batch)
-    )
+    leaves = jax.tree_util.tree_leaves(params)
+    v = [jnp.cos(jnp.arange(x.size, dtype=F64)).reshape(x.shape) for x in leaves]
+    mask = jnp.arange(B) < B - 1  # one padded row
+
+    def parts(get):
+        p = get(loss, params, batch, mask)
+        c = 1 / (1 + jnp.sqrt(p.norm_sq))  # clip-like weights, then one column per leaf
+        cols = c[:, None] * (1 + jnp.arange(len(leaves), dtype=F64))
+        return p.norm_sq, p.leaf_sq, p.weighted(c), p.weighted(cols), p.dots(v), passes.gram(p, p)
+
+    got = jax.jit(lambda: parts(passes.fast_pass))()
+    want = jax.jit(lambda: parts(passes.vmap_pass))()
+    assert float(jnp.min(want[0][:-1])) > 0
+    for x, y in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        assert_rel_close(x, y, rtol=1e-9)
     return routes
 
 

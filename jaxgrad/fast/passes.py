@@ -1,7 +1,8 @@
 """The two ways to get per-example gradient norms and reweighted gradient sums.
 
 Both return a :class:`Parts`: the per-example loss sums and counts, every example's squared
-gradient norm (over all parameters), ``weighted(c) = Σ_i c_i ∇S_i``, ``dots(v) = ⟨∇S_i, v⟩``
+gradient norm (over all parameters, and per parameter leaf), ``weighted(c) = Σ_i c_i ∇S_i``
+(``c`` one weight per example, or one per example and leaf), ``dots(v) = ⟨∇S_i, v⟩``
 and the factors :func:`gram` reads the Gram matrix ``⟨∇S_i, ∇S_j⟩`` from.
 
 * :func:`vmap_pass` — the reference: materialise ``∇S_i`` with ``vmap(grad)`` (``B × P``).
@@ -36,12 +37,21 @@ class Parts(NamedTuple):
     sums: jax.Array  # (B,) per-example loss sums S_i (0 where padded)
     counts: jax.Array  # (B,) item counts n_i (0 where padded)
     norm_sq: jax.Array  # (B,) ‖∇S_i‖² over all parameters (0 where padded)
-    weighted: Callable[[jax.Array], Any]  # c -> Σ_i c_i ∇S_i, a params-shaped pytree
+    # c (B,) -> Σ_i c_i ∇S_i, a params-shaped pytree; c (B, L) weighs leaf j by column j
+    weighted: Callable[[jax.Array], Any]
     dots: Callable[[list], jax.Array]  # leaves of v -> (B,) ⟨∇S_i, v⟩ (0 where padded)
     # () -> one block per group of parameter uses with no cross terms between groups:
     # ("grads", J (B, ...)) a materialised per-example gradient, ("use", kind, eqn, pos, A, G)
     # one use, or ("outer", factors) tied uses in outer form (see :func:`gram`)
     blocks: Callable[[], list]
+    # (B, L) ‖∇_{leaf j} S_i‖² for the L leaves of params in tree order (a tied leaf's includes
+    # the cross terms between its uses); its rows add up to norm_sq (0 where padded)
+    leaf_sq: jax.Array
+
+
+def _leaf_weights(c, j):
+    """Leaf ``j``'s column of the weights: ``c`` itself when it is one weight per example."""
+    return c if c.ndim == 1 else c[:, j]
 
 
 def check_method(method) -> str:
@@ -64,15 +74,27 @@ def vmap_pass(loss_fn, params, batch, mask) -> Parts:
     sums, counts, grads = _per_example(loss_fn, params, batch, mask, None)  # rows masked
     norm_sq = reduce.row_sq_norms(grads)
 
-    def weighted(c):
-        return jax.tree_util.tree_map(lambda g: jnp.tensordot(c.astype(g.dtype), g, 1), grads)
+    leaves, treedef = jax.tree_util.tree_flatten(grads)
 
-    leaves = jax.tree_util.tree_leaves(grads)
+    def weighted(c):
+        out = [
+            jnp.tensordot(_leaf_weights(c, j).astype(g.dtype), g, 1) for j, g in enumerate(leaves)
+        ]
+        return jax.tree_util.tree_unflatten(treedef, out)
 
     def dots(v):
         return sum(_row_dots(g, x) for g, x in zip(leaves, v, strict=True))
 
-    return Parts(sums, counts, norm_sq, weighted, dots, lambda: [("grads", g) for g in leaves])
+    leaf_sq = _stack_leaves([reduce.row_sq_norms(g) for g in leaves], norm_sq)
+    blocks = lambda: [("grads", g) for g in leaves]
+    return Parts(sums, counts, norm_sq, weighted, dots, blocks, leaf_sq)
+
+
+def _stack_leaves(columns, norm_sq):
+    """``(B, L)`` from ``L`` columns ``(B,)`` (``(B, 0)`` for a tree with no leaves)."""
+    if not columns:
+        return jnp.zeros((*norm_sq.shape, 0), norm_sq.dtype)
+    return jnp.stack([jnp.asarray(x, norm_sq.dtype) for x in columns], axis=1)
 
 
 def _row_dots(grads, v):
@@ -374,6 +396,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     # a float32 loss have float64 gradients, as on the vmap path).
     norm_dtype = jnp.result_type(sums.dtype, jnp.float32, *(jnp.result_type(x) for x in leaves))
     norm_sq = jnp.zeros((size,), norm_dtype)
+    leaf_cols = [jnp.zeros((size,), norm_dtype) for _ in leaves]  # per leaf, for leaf_sq
 
     def group_block(j, group):  # how a group of uses that may overlap is read (see Parts)
         if group.form == "use":
@@ -437,32 +460,43 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     for j, group in fast_groups():
         # Uses reading disjoint blocks of the leaf (Q, K, V parts of one weight) have no
         # cross terms: their squared norms add.
-        norm_sq = norm_sq + group_norm(j, group).astype(norm_dtype)
+        sq = group_norm(j, group).astype(norm_dtype)
+        norm_sq, leaf_cols[j] = norm_sq + sq, leaf_cols[j] + sq
     if tf is not None:
-        for g in reparam_grads().values():
-            norm_sq = norm_sq + _row_sq(g, norm_dtype)
-    for g in g_exact.values():
-        norm_sq = norm_sq + _row_sq(g, norm_dtype)
+        for j, g in reparam_grads().items():
+            sq = _row_sq(g, norm_dtype)
+            norm_sq, leaf_cols[j] = norm_sq + sq, leaf_cols[j] + sq
+    for j, g in g_exact.items():
+        sq = _row_sq(g, norm_dtype)
+        norm_sq, leaf_cols[j] = norm_sq + sq, leaf_cols[j] + sq
 
-    def weighted_leaf(j, c):  # Σ_i c_i ∇S_i through leaf j's own uses
+    def weighted_leaf(j, c):  # Σ_i c_i ∇S_i through leaf j's own uses (c: (B,))
         total = jnp.zeros(like[j].shape, like[j].dtype)
         for u in an.fast[j]:
             total = total + _chain_transpose(program, u, like[j], weighted_use(u, c))
         return total
 
+    def through_transform(c):  # reparametrised leaf -> Σ_i c_i J_fᵀ ∇_{W_eff} S_i
+        if c.ndim == 1:  # one weight per example: one VJP for every leaf
+            return dict(zip(tf.leaves, f_vjp([weighted_leaf(j, c) for j in eff]), strict=True))
+        # one weight per example and leaf: a VJP per leaf, with its own column
+        return {
+            j: f_vjp([weighted_leaf(k, c[:, j]) for k in eff])[q] for q, j in enumerate(tf.leaves)
+        }
+
     def weighted(c):
         out = []
         if tf is not None:
-            through = dict(zip(tf.leaves, f_vjp([weighted_leaf(j, c) for j in eff]), strict=True))
+            through = through_transform(c)
         for j, leaf in enumerate(leaves):
             if j in an.fast:
-                total = weighted_leaf(j, c)
+                total = weighted_leaf(j, _leaf_weights(c, j))
                 if j in an.reparam:
                     total = total + through[j].astype(total.dtype)
                 out.append(total)
             elif j in g_exact:
                 g = g_exact[j]
-                out.append(jnp.tensordot(c.astype(g.dtype), g, 1))
+                out.append(jnp.tensordot(_leaf_weights(c, j).astype(g.dtype), g, 1))
             else:
                 out.append(jnp.zeros(np.shape(leaf), jnp.result_type(leaf)))
         return jax.tree_util.tree_unflatten(treedef, out)
@@ -494,8 +528,9 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
 
     # Clamped at 0: tied uses that cancel can leave a squared norm a rounding error below 0.
     norm_sq = jnp.where(mask, jnp.maximum(norm_sq, 0), 0)
+    leaf_sq = jnp.where(mask[:, None], jnp.maximum(_stack_leaves(leaf_cols, norm_sq), 0), 0)
     sums, counts = _where_rows(mask, sums), _where_rows(mask, counts)
-    return Parts(sums, counts, norm_sq, weighted, dots, blocks)
+    return Parts(sums, counts, norm_sq, weighted, dots, blocks, leaf_sq)
 
 
 def _run_loop(p, uses, du, invals, depth):
