@@ -201,3 +201,20 @@ def test_convolution_query_reads_nested_programs(conv):
         return jnp.sum(jax.lax.scan(step, img, None, length=2)[0])
 
     assert loop._has_convolution(loss, w, jnp.ones((2, 4, 4, 1), F64)) is conv
+
+
+def test_complex_effective_weight_falls_back_and_integer_results_carry_no_gradient():
+    """``re + 1j im`` (a spectral weight) is example-independent but complex: the rules' real
+    forms assume a real parameter, so its leaves fall back; ``argmax(W)`` is an integer result
+    of a parameter (no gradient) and ``W[argmax(W)]`` a lookup the same for every example."""
+    rng = np.random.default_rng(6)
+    params = {"re": _normal(rng, 3, 4), "im": _normal(rng, 3, 4), "W": _normal(rng, 4, 2)}
+    x = _normal(rng, B, 4)
+
+    def loss(p, xi):
+        h = jnp.real(jnp.fft.rfft(xi) @ (p["re"] + 1j * p["im"]))
+        k = jnp.argmax(p["W"][:, 0])
+        return jnp.sum(jnp.tanh(h @ p["W"] + p["W"][k]) ** 2)
+
+    routes = _check(loss, params, x, fast=("['W']",))
+    assert routes["['re']"].fallback and "complex" in routes["['re']"].reason, routes["['re']"]

@@ -29,14 +29,13 @@ weights' per-example gradients (see :class:`Analysis` and ``passes.fast_pass``).
 batches: an output of a loop, branch or custom call that the example does not reach is
 unbatched even when an example-dependent value enters the equation.
 
-Adding a primitive is one entry in :data:`RULES`. For instance, to read ``lax.reduce_precision``
-of a parameter (a fake-quantisation that keeps the entries' positions) as an alias::
+Adding a primitive is one entry in :data:`RULES`. A primitive whose result holds its
+operand's entries, re-laid (its VJP only places them back, so norms are preserved), is an
+alias; one through which no gradient flows is ignored; a new kind of fast use is a rule that
+appends a :class:`Found` (see :func:`use`)::
 
-    RULES["reduce_precision"] = alias
-
-and a primitive through which no gradient flows::
-
-    RULES["my_debug_hook"] = ignore
+    RULES["my_relayout"] = alias
+    RULES["my_log_hook"] = ignore
 """
 
 from __future__ import annotations
@@ -747,6 +746,10 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
     tracked.update({v: Track(n + i) for i, v in enumerate(outputs)})
     frame = walk(Frame(program, tracked, "top", region=frozenset(region)))
     other = {j: list(ws) for j, ws in frame.reasons.items()}
+    avals = [program_aval(program, v) for v in outputs]
+    for i, a in enumerate(avals):  # the rules' real forms assume a real parameter operand
+        if _is_complex(a):
+            other.setdefault(n + i, []).append("a complex-valued effective weight")
     # An effective weight with an ordinary use that is not fast: the leaves it is made of
     # take the exact route (then the transformation is example-dependent and the walk redone).
     more = {j for i, v in enumerate(outputs) if n + i in other for j in deps[v]} - exact
@@ -797,9 +800,7 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
 
 
 def program_aval(program: Program, v: Var):
-    """The abstract value of a top-level value."""
-    if v in program.invars:
-        raise ValueError("an input has no producing equation")
+    """The abstract value of a value some equation of ``program`` makes."""
     for e in program.eqns:
         for o, a in zip(e.outs, e.out_avals, strict=True):
             if o == v:
@@ -832,9 +833,11 @@ def _region(program: Program, n: int, exact: set, top: set) -> tuple:
         if rule in (scan, cond) and not e.outs:
             continue
         region.append(k)
-        for o in e.outs:
-            deps[o] = d
-    made = {o for k in region for o in program.eqns[k].outs}
+        for o, a in zip(e.outs, e.out_avals, strict=True):
+            if jax.numpy.issubdtype(a.dtype, jax.numpy.inexact):  # no gradient through ints
+                deps[o] = d
+    # (Integer results carry no gradient: not followed, their readers are not uses.)
+    made = {o for k in region for o in program.eqns[k].outs if o in deps}
     outputs, seen = [], set()
     for k, e in enumerate(program.eqns):
         if k in region:
