@@ -531,7 +531,7 @@ def scan(frame: Frame, k: int, e: Eqn, positions: list) -> None:
         return other(frame, k, e, positions)
     p = e.params
     nc, ncar, steps = p["num_consts"], p["num_carry"], p["length"]
-    body = flatten(p["jaxpr"])
+    body = _flat(p["jaxpr"])
     tracked = {}
     for q in positions:
         t = frame.tracked[e.ins[q]]
@@ -575,7 +575,7 @@ def cond(frame: Frame, k: int, e: Eqn, positions: list) -> None:
         else:
             tracked_in[q - 1] = t
     for b, branch in enumerate(e.params["branches"] if tracked_in else ()):
-        body = flatten(branch)
+        body = _flat(branch)
         tracked = {body.invars[q]: Track(t.leaf, (), False, q + 1) for q, t in tracked_in.items()}
         inner = walk(Frame(body, tracked, "cond", ", inside a `cond` branch"))
         frame.merge(inner, "")
@@ -820,7 +820,9 @@ def _region(program: Program, n: int, exact: set, top: set) -> tuple:
     region: list = []
     for k, e in enumerate(program.eqns):
         d = frozenset().union(*(deps.get(r, frozenset()) for r in e.ins if isinstance(r, Var)))
-        if not d or any(o in top for o in e.outs):
+        # (An example-dependent input with example-independent outputs, a loop reading the
+        # example whose outputs do not depend on it, is read by its own rule instead.)
+        if not d or any(r in top for r in (*e.outs, *e.ins) if isinstance(r, Var)):
             continue
         rule = RULES.get(e.primitive.name, other)
         if rule is ignore or (rule in ALIAS_RULES and _is_alias(e)):
@@ -830,8 +832,6 @@ def _region(program: Program, n: int, exact: set, top: set) -> tuple:
         positions = [i for i, r in enumerate(e.ins) if isinstance(r, Var) and r in deps]
         if rule is use and _classify(e, positions) is not None:
             continue  # a fast use whose output is the same for every example (batched=False)
-        if rule in (scan, cond) and not e.outs:
-            continue
         region.append(k)
         for o, a in zip(e.outs, e.out_avals, strict=True):
             if jax.numpy.issubdtype(a.dtype, jax.numpy.inexact):  # no gradient through ints
