@@ -11,7 +11,11 @@ and the factors :func:`gram` reads the Gram matrix ``⟨∇S_i, ∇S_j⟩`` from
   :mod:`jaxgrad.fast.trace`), whose gradients are the per-example output cotangents ``G``;
   norms and reweighted sums come from ``G`` and the kept operands ``A`` (see
   :mod:`jaxgrad.fast.rules`). Parameters with other uses get a per-example zero copy whose
-  gradient is their exact per-example gradient.
+  gradient is their exact per-example gradient. Reparametrised parameters (an
+  example-independent transformation ``W_eff = f(θ)`` before ordinary uses) get ``f``'s VJP
+  of the effective weight's per-example gradient. Each leaf takes the
+  :class:`jaxgrad.fast.plan.Route` computed once by :func:`jaxgrad.fast.plan.routes`, the
+  one ``plan`` prints.
 """
 
 from __future__ import annotations
@@ -440,7 +444,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
 
         def eff_grads(j):  # (B, *W_eff): every use's per-example gradient, summed
             total = jnp.zeros((size, *like[j].shape), like[j].dtype)
-            for u in an.fast[j]:
+            for u in an.uses[j]:
                 total = total + leaf_grads(j, u).astype(like[j].dtype)
             return total
 
@@ -449,7 +453,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
             per = jax.vmap(f_vjp)([eff_grads(j) for j in eff])
             out = {}
             for j, g in zip(tf.leaves, per, strict=True):
-                for u in an.fast[j]:
+                for u in an.uses[j]:
                     g = g + leaf_grads(j, u).astype(g.dtype)
                 out[j] = g
             return out
@@ -472,7 +476,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
 
     def weighted_leaf(j, c):  # Σ_i c_i ∇S_i through leaf j's own uses (c: (B,))
         total = jnp.zeros(like[j].shape, like[j].dtype)
-        for u in an.fast[j]:
+        for u in an.uses[j]:
             total = total + _chain_transpose(program, u, like[j], weighted_use(u, c))
         return total
 
@@ -489,7 +493,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         if tf is not None:
             through = through_transform(c)
         for j, leaf in enumerate(leaves):
-            if j in an.fast:
+            if j in an.fast or j in an.reparam:
                 total = weighted_leaf(j, _leaf_weights(c, j))
                 if j in an.reparam:
                     total = total + through[j].astype(total.dtype)
@@ -507,7 +511,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         if tf is not None:  # the effective weights' direction: J_f v
             theta_v = [jnp.asarray(v[j], like[j].dtype) for j in tf.leaves]
             v = v + list(jax.jvp(transform, theta0, theta_v)[1])
-        for j, uses in an.fast.items():
+        for j, uses in an.uses.items():
             vj = jnp.asarray(v[j], like[j].dtype)
             zero = jnp.zeros_like(vj)
             for u in uses:

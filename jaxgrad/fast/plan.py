@@ -158,7 +158,7 @@ def _group(an: trace.Analysis, uses: list, shape: tuple) -> Group:
 
 
 def _fast_route(an: trace.Analysis, j: int, shape: tuple) -> Route:
-    groups = tuple(_group(an, g, shape) for g in trace.disjoint_groups(an.program, an.fast[j]))
+    groups = tuple(_group(an, g, shape) for g in trace.disjoint_groups(an.program, an.uses[j]))
     label = "; ".join(g.label for g in groups)
     if len(groups) > 1:
         label = f"{len(groups)} disjoint blocks: {label}"
@@ -176,7 +176,7 @@ def routes(an: trace.Analysis, shapes: list) -> tuple:
         if j in an.exact:
             out.append(Route(j, "exact", (), "exact fallback", an.reasons[j], size))
         elif j in an.reparam:
-            direct = _fast_route(an, j, shape) if an.fast[j] else None
+            direct = _fast_route(an, j, shape) if an.uses[j] else None
             sizes = sum(math.prod(eff_shapes[v]) for v in tf.reads[j])
             label = (
                 f"reparametrised ({', '.join(tf.names[j])}): per-example gradient of the "
@@ -204,7 +204,7 @@ def leaf_plans(an: trace.Analysis, leaves, paths) -> tuple:
             uses += tuple(
                 f"{_use_name(u)} via {', '.join(an.transform.names[r.leaf])}"
                 for v in via
-                for u in an.fast[an.num_params + v]
+                for u in an.uses[an.num_params + v]
             )
         out.append(LeafPlan(path, shape, uses, r.label, r.reason, r.per_example))
     return tuple(out)

@@ -303,9 +303,9 @@ class Transform:
     """The example-independent transformation ``W_eff = f(θ)`` of reparametrised leaves.
 
     ``leaves`` are the parameter leaves it reads, ``outputs`` the effective weights (values of
-    the top-level program that ordinary equations read; leaf index ``num_params + v`` in
-    :attr:`Analysis.fast`), ``names`` the primitives it applies (for the plan), ``reads``
-    leaf -> the effective weights it reaches.
+    the top-level program that ordinary equations read; index ``num_params + v`` in
+    :attr:`uses`), ``names`` the primitives it applies (for the plan), ``reads`` leaf -> the
+    effective weights it reaches, ``uses`` the captured uses of both.
     """
 
     leaves: tuple
@@ -313,6 +313,8 @@ class Transform:
     avals: tuple
     names: dict  # leaf -> the primitives applied to it
     reads: dict
+    # leaf -> its direct fast uses, and effective weight ``num_params + v`` -> its uses
+    uses: dict = dataclasses.field(default_factory=dict)
 
     def apply(self, program: Program, values: dict):
         """The effective weights from ``values`` (top-level input Var -> value): every
@@ -336,7 +338,7 @@ class Transform:
 class Analysis:
     program: Program
     num_params: int
-    fast: dict  # leaf index -> list[Use] (indices >= num_params: effective weights)
+    fast: dict  # leaf index -> list[Use], the leaves on a fast route
     exact: list  # leaf indices with a per-example copy
     unused: list  # leaf indices nothing reads (zero gradient)
     # leaf index -> why it takes the exact route (one line per distinct reason)
@@ -344,9 +346,15 @@ class Analysis:
     transform: Transform | None = None  # reparametrised leaves, if any
 
     @property
+    def uses(self) -> dict:
+        """Every captured use by leaf: the fast leaves', the reparametrised leaves' direct
+        uses and the effective weights' (index ``num_params + v``)."""
+        return {**self.fast, **(self.transform.uses if self.transform is not None else {})}
+
+    @property
     def captured(self) -> dict:
-        """Capture key (:attr:`Use.key`) -> (leaf, Use) for every fast use."""
-        return {u.key: (j, u) for j, uses in self.fast.items() for u in uses}
+        """Capture key (:attr:`Use.key`) -> (leaf, Use) for every captured use."""
+        return {u.key: (j, u) for j, uses in self.uses.items() for u in uses}
 
     @property
     def reparam(self) -> tuple:
@@ -774,10 +782,8 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
             unused.append(j)
     transform = None
     if transformed:
-        for j in transformed:
-            fast[j] = uses.get(j, [])
-        for i in range(len(outputs)):
-            fast[n + i] = uses.get(n + i, [])
+        through = {j: uses.get(j, []) for j in transformed}
+        through.update({n + i: uses.get(n + i, []) for i in range(len(outputs))})
         names = {
             j: tuple(
                 dict.fromkeys(
@@ -794,6 +800,7 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
             tuple(program_aval(program, v) for v in outputs),
             names,
             {j: reads[j] for j in transformed},
+            through,
         )
     reasons = {j: "; ".join(dict.fromkeys(other.get(j, ["(a per-example copy)"]))) for j in exact_l}
     return Analysis(program, n, fast, exact_l, unused, reasons, transform), set()
