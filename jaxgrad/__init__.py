@@ -19,16 +19,19 @@ from jaxgrad import (
 )
 from jaxgrad.accumulation import accumulate
 from jaxgrad.fast import (
+    GradientDiversity,
     GradMoments,
     GradStats,
     clipped_grad,
     grad_stats,
+    gradient_diversity,
     gradient_gram,
     per_example_dots,
     per_example_moments,
     per_example_norms,
 )
 from jaxgrad.grads import (
+    GradResult,
     accumulate_grad,
     batch_grad,
     mean_of_per_example_grads,
@@ -40,7 +43,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GradMoments",
+    "GradResult",
     "GradStats",
+    "GradientDiversity",
     "Model",
     "accumulate",
     "accumulate_grad",
@@ -50,6 +55,7 @@ __all__ = [
     "closed_form",
     "data",
     "grad_stats",
+    "gradient_diversity",
     "gradient_gram",
     "losses",
     "mean_of_per_example_grads",

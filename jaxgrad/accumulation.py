@@ -74,10 +74,10 @@ def accumulate(every_k: int, inner) -> optax.GradientTransformationExtraArgs:
       >>> loss = lambda w, ex: (jnp.sum(ex * w), ex.shape[0])  # (sum, count)
       >>> opt = jaxgrad.accumulate(2, optax.sgd(1.0))
       >>> w = jnp.zeros(1); state = opt.init(w)
-      >>> g1 = jaxgrad.batch_grad(loss)(w, jnp.array([[1.0]]))          # 1 item, mean 1
-      >>> g2 = jaxgrad.batch_grad(loss)(w, jnp.array([[4.0], [4.0], [4.0]]))  # 3 items, mean 4
-      >>> u, state = opt.update(g1, state, w, count=1)
-      >>> u, state = opt.update(g2, state, w, count=3)
+      >>> r1 = jaxgrad.batch_grad(loss)(w, jnp.array([[1.0]]))          # 1 item, mean 1
+      >>> r2 = jaxgrad.batch_grad(loss)(w, jnp.array([[4.0], [4.0], [4.0]]))  # 3 items, mean 4
+      >>> u, state = opt.update(r1.grads, state, w, count=r1.count)
+      >>> u, state = opt.update(r2.grads, state, w, count=r2.count)
       >>> float(u[0])  # -(1 + 12) / 4, not MultiSteps' -(1 + 4) / 2
       -3.25
     """

@@ -12,8 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgrad import keys, reduce
+from jaxgrad.grads import GradResult
 
 PyTree = Any
+
+
+def _gradient(out):
+    """A strategy's :class:`jaxgrad.GradResult` compared by its ``grads``; anything else as is."""
+    return out.grads if isinstance(out, GradResult) else out
 
 
 def _default_tolerances(tree) -> tuple[float, float]:
@@ -62,7 +68,9 @@ def assert_equivalent(f, g, *args, rtol: float | None = None, atol: float | None
 
     Args:
       f, g: functions of ``*args`` returning pytrees (e.g. two gradient strategies), or two
-        results (arrays or pytrees) to compare directly, with no ``args``.
+        results (arrays or pytrees) to compare directly, with no ``args``. A
+        :class:`jaxgrad.GradResult` is compared by its ``grads`` (its loss, count and norms
+        are each strategy's own; compare them explicitly where they should agree).
       *args: their common arguments, e.g. ``params, batch``.
       rtol, atol: tolerances for ``chex.assert_trees_all_close`` (non-negative, finite); by
         default ``1e-10, 1e-12`` when every floating-point output leaf is 64-bit (float64,
@@ -72,7 +80,7 @@ def assert_equivalent(f, g, *args, rtol: float | None = None, atol: float | None
         non-finite differs.
 
     Returns:
-      ``(f(*args), g(*args))``, for further checks.
+      ``(f(*args), g(*args))`` (the gradients of ``GradResult`` s), for further checks.
 
     Raises:
       AssertionError: naming the first differing leaf, or both structures when the two
@@ -94,7 +102,7 @@ def assert_equivalent(f, g, *args, rtol: float | None = None, atol: float | None
             f"a {type(f).__name__} and a {type(g).__name__}"
         )
     if callable(f):
-        a, b = f(*args), g(*args)
+        a, b = _gradient(f(*args)), _gradient(g(*args))
     elif args:
         raise TypeError(
             f"`f` and `g` are results, not functions, so there is nothing to call on the "
@@ -102,7 +110,7 @@ def assert_equivalent(f, g, *args, rtol: float | None = None, atol: float | None
             "two results"
         )
     else:
-        a, b = f, g
+        a, b = _gradient(f), _gradient(g)
     _check_same_structure(a, b, "`f`'s result", "`g`'s result", AssertionError)
     _assert_exact_leaves_equal(a, b)
     default_rtol, default_atol = _default_tolerances((a, b))
@@ -221,7 +229,8 @@ def compare(fns: dict[str, Any], *args) -> Comparison:
 
     Returns:
       A :class:`Comparison`: ``rows`` (one :class:`PairDiff` per pair, in insertion order)
-      and each function's ``outputs``.
+      and each function's ``outputs`` (a :class:`jaxgrad.GradResult`'s ``grads``: the
+      gradients are compared, not the losses).
 
     Example::
 
@@ -242,7 +251,7 @@ def compare(fns: dict[str, Any], *args) -> Comparison:
     for name, f in fns.items():
         if not callable(f):
             raise TypeError(f"`fns[{name!r}]` must be a function of `*args`; got {f!r}")
-    outputs = {name: f(*args) for name, f in fns.items()}
+    outputs = {name: _gradient(f(*args)) for name, f in fns.items()}
     for a, b in itertools.combinations(outputs, 2):
         _check_same_structure(outputs[a], outputs[b], f"`fns[{a!r}]`'s output", f"`fns[{b!r}]`'s")
     rows = [

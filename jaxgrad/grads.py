@@ -9,7 +9,8 @@ Differentiation is linear, so for per-example losses ``l_i`` with item counts ``
 
 whatever order the sums are taken in: one batch, per example, or microbatch by microbatch.
 Each factory takes ``loss_fn(params, example) -> scalar | (loss_sum, n_items)`` and returns a
-jit-compiled ``f(params, batch, mask=None)``; ``batch`` is the example pytree with a leading
+jit-compiled ``f(params, batch, mask=None) -> GradResult`` (the gradient, the loss, the item
+count and, where formed, per-example norms); ``batch`` is the example pytree with a leading
 axis and ``mask`` a boolean vector over that axis (False = padding).
 
 Extra loss arguments: ``f(params, batch, mask, *args)`` calls ``loss_fn(params, example, *args)``
@@ -26,12 +27,59 @@ count is negative, NaN or inf, or 0 with a nonzero sum. A batch with no real ite
 from __future__ import annotations
 
 import inspect
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxgrad import keys, reduce
+
+PyTree = Any
+
+
+class GradResult(NamedTuple):
+    """What every gradient strategy returns: the gradient and the numbers it came with.
+
+    Each strategy reduces a batch of per-example losses ``(S_i, n_i)`` under a padding mask
+    ``m_i``; the fields say what it reduced to. Being a NamedTuple it is a pytree: it passes
+    through ``jax.jit`` and unpacks as ``grads, loss, count, norms = f(params, batch)``.
+
+    Attributes:
+      grads: the gradient, a pytree shaped like ``params``
+        (:func:`per_example_grads`: every leaf with a leading batch axis ``B``).
+      loss: the loss whose gradient ``grads`` is, as the strategy defines it: for the exact
+        strategies the global mean loss ``Σ_i m_i S_i / Σ_i m_i n_i``; for
+        :mod:`jaxgrad.naive` the loss it differentiates (at the mean input, or the mean of
+        the microbatch means); for :func:`per_example_grads` every example's loss sum
+        ``m_i S_i``, shape ``(B,)``.
+      count: the number of real items the mean weights: ``Σ_i m_i n_i`` (examples, or tokens
+        for a ``(loss_sum, n_items)`` loss); :func:`per_example_grads`: ``m_i n_i`` per
+        example, shape ``(B,)``; :func:`jaxgrad.naive.grad_at_mean_input`: the number of real
+        examples averaged, ``Σ_i m_i``.
+      norms: every example's gradient L2 norm ``‖∇S_i‖``, shape ``(B,)`` (0 for padding), from
+        the strategies that materialise per-example gradients (:func:`per_example_grads`,
+        :func:`mean_of_per_example_grads`); ``None`` for the others, which never form them.
+
+    Example::
+
+      >>> import jax.numpy as jnp, jaxgrad
+      >>> loss = lambda p, ex: (p * ex[0] - ex[1]) ** 2
+      >>> out = jaxgrad.mean_of_per_example_grads(loss)(2.0, (jnp.array([1.0, 2.0]), jnp.ones(2)))
+      >>> float(out.grads), float(out.loss), float(out.count), out.norms.tolist()
+      (7.0, 5.0, 2.0, [2.0, 12.0])
+    """
+
+    grads: PyTree
+    loss: jax.Array
+    count: jax.Array
+    norms: jax.Array | None = None
+
+
+def _row_norms(grads) -> jax.Array:
+    """``‖g_i‖₂`` for every row ``i`` of a pytree of per-example gradients (complex: modulus)."""
+    real = jax.tree_util.tree_map(lambda g: jnp.abs(g) if jnp.iscomplexobj(g) else g, grads)
+    return jnp.sqrt(reduce.row_sq_norms(real))
 
 
 def _values_are_concrete(tree) -> bool:
@@ -199,16 +247,15 @@ def _strategy(
     core,
     *,
     validate=None,
-    return_loss: bool | None,
     name: str,
     doc=None,
     loss_fn=None,
     real_params: bool = False,
     keywords: tuple = (),
 ):
-    """Wraps ``core(params, batch, mask) -> (loss, grads)`` with input checks and ``jax.jit``.
+    """Wraps ``core(params, batch, mask) -> GradResult`` with input checks and ``jax.jit``.
 
-    With ``return_loss=None`` the core's output is returned as it is.
+    The core's output is returned as it is (the fast path's cores return other results).
 
     Shape checks run at trace time, so they also guard a caller's own ``jax.jit``. A loss
     with a ``validate(batch, mask)`` method (see :func:`jaxgrad.losses.supervised`) has it called
@@ -225,8 +272,6 @@ def _strategy(
 
     if loss_fn is not None:
         check_loss_fn(loss_fn)
-    if return_loss is not None:
-        return_loss = reduce.check_flag(return_loss, name="return_loss")
 
     def run(params, batch, mask, args, kw):
         # A missing mask is made inside the jit, so it takes the batch's sharding (a batch
@@ -261,23 +306,19 @@ def _strategy(
             mask = reduce.check_mask(mask, size)
         validate_concrete(validate, batch, mask)
         try:
-            out = jitted(params, batch, mask, args, kw)
+            return jitted(params, batch, mask, args, kw)
         except Exception as e:
             if not _is_trace_level_error(e):
                 raise
             message = _TRACE_LEVEL_HINT.format(name=name, error=str(e).splitlines()[0])
             raise ValueError(message) from e
-        if return_loss is None:
-            return out
-        loss, grads = out
-        return (loss, grads) if return_loss else grads
 
     f.__name__ = f.__qualname__ = name
     f.__doc__ = doc
     return f
 
 
-def batch_grad(loss_fn, *, return_loss: bool = False):
+def batch_grad(loss_fn):
     """Gradient of the global mean loss: ``grad`` of ``Σ_i m_i S_i / Σ_i m_i n_i``.
 
     The reference every other strategy is measured against: one forward and one backward
@@ -285,32 +326,36 @@ def batch_grad(loss_fn, *, return_loss: bool = False):
 
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
-      return_loss: if True, ``f`` returns ``(mean_loss, grads)`` like ``jax.value_and_grad``.
 
     Returns:
-      ``f(params, batch, mask=None) -> grads`` (a pytree shaped like ``params``).
+      ``f(params, batch, mask=None) -> GradResult``: ``grads`` shaped like ``params``, the
+      mean ``loss`` and the real item ``count`` (``norms`` is None), like
+      ``jax.value_and_grad`` of the mean loss.
 
     Example::
 
       >>> import jax.numpy as jnp, jaxgrad
       >>> loss = lambda p, ex: (p * ex[0] - ex[1]) ** 2
-      >>> g = jaxgrad.batch_grad(loss)(2.0, (jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0])))
-      >>> float(g)  # d/dp mean((p x - y)^2) = mean(2 x (p x - y)) = (2 + 12) / 2
+      >>> out = jaxgrad.batch_grad(loss)(2.0, (jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0])))
+      >>> float(out.grads)  # d/dp mean((p x - y)^2) = mean(2 x (p x - y)) = (2 + 12) / 2
       7.0
+      >>> float(out.loss), float(out.count)  # mean((p x - y)^2) over 2 examples
+      (5.0, 2.0)
     """
 
     def core(params, batch, mask, loss_fn=loss_fn):
         def mean_loss(p):
             total, count = reduce.batch_totals(loss_fn, p, batch, mask)
-            return reduce.safe_divide(total, jax.lax.stop_gradient(count))
+            count = jax.lax.stop_gradient(count)
+            return reduce.safe_divide(total, count), count
 
-        return jax.value_and_grad(mean_loss)(params)
+        (loss, count), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+        return GradResult(grads, loss, count)
 
     return _strategy(
         core,
         loss_fn=loss_fn,
         validate=_validator(loss_fn),
-        return_loss=return_loss,
         name="batch_grad",
         doc=batch_grad.__doc__,
     )
@@ -376,7 +421,7 @@ def _sliced_vmap(fn, consts, args):
     return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
 
 
-def per_example_grads(loss_fn, *, chunk_size: int | None = None, return_loss: bool = False):
+def per_example_grads(loss_fn, *, chunk_size: int | None = None):
     """Every example's gradient, stacked along a leading batch axis: ``vmap(grad)``.
 
     Example ``i``'s gradient is that of its loss sum ``S_i`` (for a scalar loss, of the loss
@@ -391,37 +436,38 @@ def per_example_grads(loss_fn, *, chunk_size: int | None = None, return_loss: bo
       loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
       chunk_size: if set, examples are processed ``chunk_size`` at a time under ``lax.map``
         (peak activation memory of one chunk); the batch need not divide evenly.
-      return_loss: if True, ``f`` returns ``(per_example_loss_sums, grads)``.
 
     Returns:
-      ``f(params, batch, mask=None) -> grads`` with every leaf of shape ``(B, *param.shape)``.
+      ``f(params, batch, mask=None) -> GradResult``, every field per example: ``grads`` with
+      every leaf of shape ``(B, *param.shape)``, ``loss`` the loss sums ``m_i S_i``,
+      ``count`` the item counts ``m_i n_i`` and ``norms`` the gradient norms, each ``(B,)``.
 
     Example::
 
       >>> import jax.numpy as jnp, jaxgrad
       >>> loss = lambda p, ex: (p * ex[0] - ex[1]) ** 2
       >>> batch = (jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0]))
-      >>> jaxgrad.per_example_grads(loss)(2.0, batch).tolist()
-      [2.0, 12.0]
+      >>> out = jaxgrad.per_example_grads(loss)(2.0, batch)
+      >>> out.grads.tolist(), out.loss.tolist(), out.norms.tolist()
+      ([2.0, 12.0], [1.0, 9.0], [2.0, 12.0])
     """
     if chunk_size is not None:
         chunk_size = reduce.check_positive_int(chunk_size, name="chunk_size")
 
     def core(params, batch, mask, loss_fn=loss_fn):
-        sums, _, grads = _per_example(loss_fn, params, batch, mask, chunk_size)
-        return sums, grads
+        sums, counts, grads = _per_example(loss_fn, params, batch, mask, chunk_size)
+        return GradResult(grads, sums, counts, _row_norms(grads))
 
     return _strategy(
         core,
         loss_fn=loss_fn,
         validate=_validator(loss_fn),
-        return_loss=return_loss,
         name="per_example_grads",
         doc=per_example_grads.__doc__,
     )
 
 
-def mean_of_per_example_grads(loss_fn, *, chunk_size: int | None = None, return_loss=False):
+def mean_of_per_example_grads(loss_fn, *, chunk_size: int | None = None):
     """The mean of the per-example gradients, ``Σ_i m_i ∇S_i / Σ_i m_i n_i``.
 
     Equal to :func:`batch_grad` (differentiation is linear); computed the long way, by
@@ -430,33 +476,36 @@ def mean_of_per_example_grads(loss_fn, *, chunk_size: int | None = None, return_
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
       chunk_size: optional chunking of the per-example pass, as in :func:`per_example_grads`.
-      return_loss: if True, ``f`` returns ``(mean_loss, grads)``.
 
     Returns:
-      ``f(params, batch, mask=None) -> grads``.
+      ``f(params, batch, mask=None) -> GradResult``: the mean ``grads`` and ``loss`` and the
+      ``count`` as :func:`batch_grad` gives them, and every example's gradient ``norms``
+      (shape ``(B,)``, 0 for padding), which this strategy has at hand.
     """
     if chunk_size is not None:
         chunk_size = reduce.check_positive_int(chunk_size, name="chunk_size")
 
     def core(params, batch, mask, loss_fn=loss_fn):
-        sums, counts, grads = _per_example(loss_fn, params, batch, mask, chunk_size)
+        sums, counts, rows = _per_example(loss_fn, params, batch, mask, chunk_size)
         total, count = reduce.masked_totals(sums, counts, mask)
-        grads = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), grads)
-        return reduce.safe_divide(total, count), reduce.safe_divide(grads, count)
+        grads = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), rows)
+        return GradResult(
+            reduce.safe_divide(grads, count),
+            reduce.safe_divide(total, count),
+            count,
+            _row_norms(rows),
+        )
 
     return _strategy(
         core,
         loss_fn=loss_fn,
         validate=_validator(loss_fn),
-        return_loss=return_loss,
         name="mean_of_per_example_grads",
         doc=mean_of_per_example_grads.__doc__,
     )
 
 
-def accumulate_grad(
-    loss_fn, *, num_microbatches: int, unroll: int | bool = 1, return_loss: bool = False
-):
+def accumulate_grad(loss_fn, *, num_microbatches: int, unroll: int | bool = 1):
     """Gradient accumulation over microbatches under ``lax.scan``, normalised exactly once.
 
     Each microbatch contributes its gradient *sum* ``Σ_{i∈k} m_i ∇S_i`` and its count
@@ -474,10 +523,10 @@ def accumulate_grad(
       unroll: passed to ``lax.scan``. On XLA:CPU a convolution inside a loop body runs far
         slower than outside one (17x for the benchmark's CNN, see ``python -m jaxgrad.bench``);
         ``unroll=True`` removes the loop at the cost of holding more microbatches' activations.
-      return_loss: if True, ``f`` returns ``(mean_loss, grads)``.
 
     Returns:
-      ``f(params, batch, mask=None) -> grads``.
+      ``f(params, batch, mask=None) -> GradResult``: ``grads``, ``loss`` and ``count`` as
+      :func:`batch_grad` gives them (``norms`` is None).
 
     Example::
 
@@ -485,7 +534,7 @@ def accumulate_grad(
       >>> loss = lambda p, ex: (p * ex[0] - ex[1]) ** 2
       >>> batch = (jnp.arange(5.0), jnp.ones(5))
       >>> a = jaxgrad.accumulate_grad(loss, num_microbatches=2)(2.0, batch)
-      >>> bool(jnp.allclose(a, jaxgrad.batch_grad(loss)(2.0, batch)))
+      >>> bool(jnp.allclose(a.grads, jaxgrad.batch_grad(loss)(2.0, batch).grads))
       True
     """
     num_microbatches = reduce.check_positive_int(num_microbatches, name="num_microbatches")
@@ -508,13 +557,12 @@ def accumulate_grad(
             unroll=unroll,
             operands=(reduce.as_operand(loss_fn), params),
         )
-        return reduce.safe_divide(total, count), reduce.safe_divide(grads, count)
+        return GradResult(reduce.safe_divide(grads, count), reduce.safe_divide(total, count), count)
 
     return _strategy(
         core,
         loss_fn=loss_fn,
         validate=_validator(loss_fn),
-        return_loss=return_loss,
         name="accumulate_grad",
         doc=accumulate_grad.__doc__,
     )

@@ -164,7 +164,7 @@ class supervised:
       >>> loss_fn = jaxgrad.losses.supervised(
       ...     model.apply, jaxgrad.losses.softmax_cross_entropy, num_classes=3)
       >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 1, 0]))
-      >>> grads = jaxgrad.batch_grad(loss_fn)(model.init(jax.random.key(0)), batch)
+      >>> grads = jaxgrad.batch_grad(loss_fn)(model.init(jax.random.key(0)), batch).grads
     """
 
     def __init__(self, apply, loss, *, num_classes: int | None = None):

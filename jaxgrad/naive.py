@@ -9,8 +9,8 @@ Averaging commutes with differentiation but not with a nonlinearity:
     \\frac1K \\sum_k \\frac{S_k}{n_k} \\ne \\frac{\\sum_k S_k}{\\sum_k n_k}
 
 unless ``l`` is linear in ``x`` and all ``n_k`` are equal. Each function here returns a
-jit-compiled ``f(params, batch, mask=None)`` with the same signature as the exact
-strategies in :mod:`jaxgrad.grads`, so the two can be compared directly
+jit-compiled ``f(params, batch, mask=None) -> GradResult`` with the same signature and result
+as the exact strategies in :mod:`jaxgrad.grads`, so the two can be compared directly
 (:func:`jaxgrad.check.compare`).
 """
 
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgrad import reduce
-from jaxgrad.grads import _strategy, _validator, check_loss_fn
+from jaxgrad.grads import GradResult, _strategy, _validator, check_loss_fn
 
 
 def _masked_mean(tree, mask):
@@ -39,7 +39,7 @@ def _check_floating(batch):
             )
 
 
-def grad_at_mean_input(loss_fn, *, return_loss: bool = False):
+def grad_at_mean_input(loss_fn):
     """The gradient at the mean example, ``∇ l(θ; x̄, ȳ)``, instead of the mean gradient.
 
     Equal to :func:`jaxgrad.batch_grad` when the loss is linear in the data (e.g. the seed's
@@ -49,16 +49,16 @@ def grad_at_mean_input(loss_fn, *, return_loss: bool = False):
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``; every leaf of the
         batch is averaged over the real (unmasked) examples, so all must be floating point.
-      return_loss: if True, ``f`` returns ``(loss_at_mean, grads)``.
 
     Returns:
-      ``f(params, batch, mask=None) -> grads``.
+      ``f(params, batch, mask=None) -> GradResult``: ``grads`` and ``loss`` at the mean
+      example, ``count`` the number of real examples averaged (``norms`` is None).
 
     Example::
 
       >>> import jax, jax.numpy as jnp, jaxgrad
       >>> loss = lambda theta, x: jax.nn.sigmoid(theta * x)
-      >>> g = jaxgrad.naive.grad_at_mean_input(loss)(1.0, jnp.array([0.0, 1.0]))
+      >>> g = jaxgrad.naive.grad_at_mean_input(loss)(1.0, jnp.array([0.0, 1.0])).grads
       >>> round(float(g), 4)  # 0.5 σ'(0.5), not the mean of 0·σ'(0) and 1·σ'(1)
       0.1175
     """
@@ -75,19 +75,19 @@ def grad_at_mean_input(loss_fn, *, return_loss: bool = False):
             loss_sum, count = reduce.as_sum_count(loss_fn(p, mean_example))
             return reduce.safe_divide(loss_sum, count) * any_real.astype(loss_sum.dtype)
 
-        return jax.value_and_grad(loss_at_mean)(params)
+        loss, grads = jax.value_and_grad(loss_at_mean)(params)
+        return GradResult(grads, loss, jnp.sum(mask).astype(loss.dtype))
 
     return _strategy(
         core,
         loss_fn=loss_fn,
         validate=_validator(loss_fn),
-        return_loss=return_loss,
         name="grad_at_mean_input",
         doc=grad_at_mean_input.__doc__,
     )
 
 
-def backprop_mean_error(apply_fn, output_loss, *, return_loss: bool = False):
+def backprop_mean_error(apply_fn, output_loss):
     """Averages the output error signal over the batch, then backpropagates it.
 
     The exact gradient backpropagates each example's own error ``δ_i = ∂l/∂ŷ_i`` through its
@@ -109,17 +109,19 @@ def backprop_mean_error(apply_fn, output_loss, *, return_loss: bool = False):
       output_loss: ``output_loss(prediction, target) -> scalar | (loss_sum, n_items)`` on
         one example; with counts, the mean error ``δ̄`` is backpropagated and divided by the
         global item count ``Σ_i n_i``, as the exact gradient is.
-      return_loss: if True, ``f`` returns ``(mean_loss, grads)``.
 
     Returns:
-      ``f(params, batch, mask=None) -> grads`` where ``batch = (inputs, targets)``.
+      ``f(params, batch, mask=None) -> GradResult`` where ``batch = (inputs, targets)``:
+      these ``grads``, and the exact mean ``loss`` and ``count`` (``norms`` is None).
 
     Example::
 
       >>> import jax, jax.numpy as jnp, jaxgrad
       >>> model = jaxgrad.models.mlp([3, 4, 1], activation="sigmoid")
       >>> f = jaxgrad.naive.backprop_mean_error(model.apply, jaxgrad.losses.squared_error)
-      >>> grads = f(model.init(jax.random.key(0)), (jnp.ones((8, 3)), jnp.zeros((8, 1))))
+      >>> out = f(model.init(jax.random.key(0)), (jnp.ones((8, 3)), jnp.zeros((8, 1))))
+      >>> float(out.count)
+      8.0
     """
 
     check_loss_fn(apply_fn, name="apply_fn", expected="apply_fn(params, x) -> prediction")
@@ -146,12 +148,11 @@ def backprop_mean_error(apply_fn, output_loss, *, return_loss: bool = False):
         # Normalised like the exact gradient, Σ_i J_iᵀ δ_i / Σ_i n_i: equal when all δ_i agree.
         per_item = reduce.safe_divide(jnp.sum(mask).astype(count.dtype), count)
         grads = jax.tree_util.tree_map(lambda g: g * per_item.astype(g.dtype), grads)
-        return reduce.safe_divide(total, count), grads
+        return GradResult(grads, reduce.safe_divide(total, count), count)
 
     return _strategy(
         core,
         validate=_check_pair,
-        return_loss=return_loss,
         name="backprop_mean_error",
         doc=backprop_mean_error.__doc__,
     )
@@ -166,7 +167,7 @@ def _check_pair(batch, mask=None):
         )
 
 
-def mean_of_microbatch_means(loss_fn, *, num_microbatches: int, return_loss: bool = False):
+def mean_of_microbatch_means(loss_fn, *, num_microbatches: int):
     """The mean over microbatches of each microbatch's mean-loss gradient.
 
     ``(1/K) Σ_k ∇S_k / n_k`` instead of ``Σ_k ∇S_k / Σ_k n_k``: each microbatch is weighted
@@ -181,10 +182,10 @@ def mean_of_microbatch_means(loss_fn, *, num_microbatches: int, return_loss: boo
         does not divide ``B``; those with no real row are left out of the mean). Unlike
         :func:`jaxgrad.accumulate_grad` (interleaved rows), which rows share a microbatch
         changes the result here.
-      return_loss: if True, ``f`` returns ``(mean_of_microbatch_mean_losses, grads)``.
 
     Returns:
-      ``f(params, batch, mask=None) -> grads``.
+      ``f(params, batch, mask=None) -> GradResult``: ``grads``, ``loss`` the mean of the
+      microbatch mean losses, ``count`` the real items of the whole batch (``norms`` is None).
     """
     num_microbatches = reduce.check_positive_int(num_microbatches, name="num_microbatches")
 
@@ -199,18 +200,17 @@ def mean_of_microbatch_means(loss_fn, *, num_microbatches: int, return_loss: boo
             (loss, count), grads = jax.value_and_grad(microbatch_mean, has_aux=True)(
                 params, micro, micro_mask
             )
-            return loss, count > 0, grads
+            return loss, count, grads
 
-        losses, nonempty, grads = jax.vmap(one)(micro_batches, micro_masks)
-        k = jnp.sum(nonempty)
+        losses, counts, grads = jax.vmap(one)(micro_batches, micro_masks)
+        k = jnp.sum(counts > 0)
         mean = lambda x: reduce.safe_divide(jnp.sum(x, axis=0), k)
-        return mean(losses), jax.tree_util.tree_map(mean, grads)
+        return GradResult(jax.tree_util.tree_map(mean, grads), mean(losses), jnp.sum(counts))
 
     return _strategy(
         core,
         loss_fn=loss_fn,
         validate=_validator(loss_fn),
-        return_loss=return_loss,
         name="mean_of_microbatch_means",
         doc=mean_of_microbatch_means.__doc__,
     )

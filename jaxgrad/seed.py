@@ -24,8 +24,8 @@ def _sigmoid() -> dict:
     loss = lambda theta, x: jax.nn.sigmoid(theta + x)
     xs, theta = jnp.array([0.0, 1.0]), jnp.zeros(())
     return {
-        "sigmoid.mean_of_grads": float(grads.mean_of_per_example_grads(loss)(theta, xs)),
-        "sigmoid.grad_at_mean": float(naive.grad_at_mean_input(loss)(theta, xs)),
+        "sigmoid.mean_of_grads": float(grads.mean_of_per_example_grads(loss)(theta, xs).grads),
+        "sigmoid.grad_at_mean": float(naive.grad_at_mean_input(loss)(theta, xs).grads),
     }
 
 
@@ -54,7 +54,7 @@ def _linear_loss(key) -> dict:
     y = 2.0 * x
     loss_fn = losses.supervised(lambda theta, x: theta * x, losses.linear_error)
     f = grads.batch_grad(loss_fn)
-    at_thetas = np.array([float(f(jnp.asarray(t), (x, y))) for t in (-3.0, 0.0, 0.5, 7.0)])
+    at_thetas = np.array([float(f(jnp.asarray(t), (x, y)).grads) for t in (-3.0, 0.0, 0.5, 7.0)])
     spread = float(at_thetas.max() - at_thetas.min())
     return {
         "linear_loss.grad": float(at_thetas[0]),
@@ -75,15 +75,16 @@ def _backprop_mean_error(key) -> dict:
     x = jax.random.normal(k_x, (32, 4), jnp.float64)
     y = jax.random.randint(k_y, (32,), 0, 3)
     loss = losses.softmax_cross_entropy
-    exact = grads.batch_grad(losses.supervised(model.apply, loss))(params, (x, y))
-    mean_error = naive.backprop_mean_error(model.apply, loss)(params, (x, y))
+    exact = grads.batch_grad(losses.supervised(model.apply, loss))(params, (x, y)).grads
+    mean_error = naive.backprop_mean_error(model.apply, loss)(params, (x, y)).grads
 
     # One dense layer s = a W + b: the naive error is exactly the cross-covariance.
     dense = models.logistic_regression(4, num_classes=3, dtype=jnp.float64)
     w = jax.random.normal(k_dense, (4, 3), jnp.float64)
     dense_params = {"w": w, "b": jnp.zeros(3)}
     dense_exact = grads.batch_grad(losses.supervised(dense.apply, loss))(dense_params, (x, y))
-    dense_naive = naive.backprop_mean_error(dense.apply, loss)(dense_params, (x, y))
+    dense_exact = dense_exact.grads
+    dense_naive = naive.backprop_mean_error(dense.apply, loss)(dense_params, (x, y)).grads
     errors = jax.vmap(jax.grad(loss))(jax.vmap(dense.apply, (None, 0))(dense_params, x), y)
     formula = closed_form.dense_cross_covariance(x, errors)
     return {
@@ -105,9 +106,10 @@ def _accumulation(key) -> dict:
     tokens = jnp.where(jnp.arange(max_len)[None] < lengths[:, None], tokens, 0)
     batch = (tokens, tokens)  # predict each token (a tagging task): targets = tokens
     loss_fn = losses.supervised(model.apply, losses.token_cross_entropy)
-    exact = grads.batch_grad(loss_fn)(params, batch)
-    accumulated = grads.accumulate_grad(loss_fn, num_microbatches=2)(params, batch)
-    mean_of_means = naive.mean_of_microbatch_means(loss_fn, num_microbatches=2)(params, batch)
+    exact = grads.batch_grad(loss_fn)(params, batch).grads
+    accumulated = grads.accumulate_grad(loss_fn, num_microbatches=2)(params, batch).grads
+    mean_of_means = naive.mean_of_microbatch_means(loss_fn, num_microbatches=2)
+    mean_of_means = mean_of_means(params, batch).grads
     return {
         "accumulation.exact_max_abs_diff": check.tree_diff(accumulated, exact)[0],
         "accumulation.mean_of_means_rel_err": _rel_err(mean_of_means, exact),

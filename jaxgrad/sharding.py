@@ -28,8 +28,8 @@ Example::
   >>> mesh = jaxgrad.sharding.data_mesh()
   >>> loss = lambda w, ex: (jnp.dot(ex[0], w) - ex[1]) ** 2
   >>> batch, mask = jaxgrad.sharding.shard_batch((jnp.ones((5, 2)), jnp.zeros(5)), mesh=mesh)
-  >>> g = jaxgrad.batch_grad(loss)(jaxgrad.sharding.replicate(jnp.ones(2), mesh=mesh), batch, mask)
-  >>> g.tolist()  # d/dw (w·x − y)² = 2 (w·x − y) x = 4 x
+  >>> w = jaxgrad.sharding.replicate(jnp.ones(2), mesh=mesh)
+  >>> jaxgrad.batch_grad(loss)(w, batch, mask).grads.tolist()  # 2 (w·x − y) x = 4 x
   [4.0, 4.0]
 """
 

@@ -73,7 +73,9 @@ def _check_every_strategy(loss, params, batch, *, clip=1.0, fast_only=False, mas
     factors = np.minimum(1.0, clip / np.where(norms > 0, norms, 1.0))
     clipped = tm(lambda *g: sum(c * x for c, x in zip(factors, g, strict=True)), *grads)
     stacked = tm(lambda *g: np.stack(g), *grads)
-    _assert_close(jaxgrad.batch_grad(loss)(params, *batch), mean)
+    exact = jaxgrad.batch_grad(loss)(params, *batch)
+    _assert_close(exact.grads, mean)
+    np.testing.assert_allclose(float(exact.count), total, **TOL)
     f = clipped_grad(loss, l2_clip=clip, reduction="sum", return_loss=True, return_norms=True)
     loss_sum, got, got_norms = f(params, *batch)  # the fast path
     _assert_close(got, clipped)
@@ -81,8 +83,10 @@ def _check_every_strategy(loss, params, batch, *, clip=1.0, fast_only=False, mas
     np.testing.assert_allclose(float(loss_sum), sums.sum(), **TOL)
     if fast_only:
         return
-    _assert_close(jaxgrad.accumulate_grad(loss, num_microbatches=2)(params, *batch), mean)
-    _assert_close(jaxgrad.per_example_grads(loss, chunk_size=2)(params, *batch), stacked)
+    _assert_close(jaxgrad.accumulate_grad(loss, num_microbatches=2)(params, *batch).grads, mean)
+    rows = jaxgrad.per_example_grads(loss, chunk_size=2)(params, *batch)
+    _assert_close(rows.grads, stacked)
+    _assert_close(rows.norms, norms)
     _assert_close(
         per_example_moments(loss, chunk_size=2)(params, *batch).grad_sum,
         tm(lambda x: x * total, mean),
@@ -254,7 +258,7 @@ def test_complex_parameters_are_rejected_by_the_norm_functions_and_named():
             f(params, (x, y))
     # the gradient strategies themselves differentiate complex leaves as jax.grad does
     want = sum(jax.grad(loss)(params, (x[i], y[i]))["w"] for i in range(B)) / B
-    got = jaxgrad.batch_grad(loss)(params, (x, y))["w"]
+    got = jaxgrad.batch_grad(loss)(params, (x, y)).grads["w"]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
 
 
@@ -423,6 +427,6 @@ def test_a_value_shared_by_every_example_goes_in_extra_arguments():
     with pytest.raises(ValueError, match=r"scalar leaf .* extra loss argument"):
         jaxgrad.batch_grad(lambda p, ex: loss(p, ex, ex["t"]))(jnp.ones(2), {**batch, "t": 0.5})
     want = 0.5 * np.mean(np.asarray(batch["x"]), axis=0)
-    np.testing.assert_allclose(jaxgrad.batch_grad(loss)(jnp.ones(2), batch, None, 0.5), want)
+    np.testing.assert_allclose(jaxgrad.batch_grad(loss)(jnp.ones(2), batch, None, 0.5).grads, want)
     got = clipped_grad(loss, l2_clip=100.0)(jnp.ones(2), batch, None, 0.5)
     np.testing.assert_allclose(got, want, **TOL)

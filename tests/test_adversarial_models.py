@@ -347,7 +347,7 @@ def test_batchnorm_in_training_mode_is_per_example_as_documented():
         return (out[0] - 1.0) ** 2
 
     grads, _, _, _ = _reference(loss, params, x)
-    got = jaxgrad.per_example_grads(loss)(params, x)
+    got = jaxgrad.per_example_grads(loss)(params, x).grads
     stacked = np.concatenate([np.asarray(g).reshape(len(x), -1) for g in jax.tree.leaves(got)], 1)
     np.testing.assert_allclose(stacked, grads, **TOL)
 

@@ -266,7 +266,7 @@ def test_mean_of_microbatch_means_contiguous_against_numpy(k):
     )
     per = -(-len(x) // k)
     means = [np.mean(x[i : i + per] ** 2) for i in range(0, len(x), per)]
-    np.testing.assert_allclose(float(got), np.mean(means), rtol=1e-14)
+    np.testing.assert_allclose(float(got.grads), np.mean(means), rtol=1e-14)
 
 
 # --- check ---------------------------------------------------------------------------------

@@ -138,3 +138,22 @@ def test_compare_of_differently_shaped_outputs_names_both():
         check.compare(fns, jnp.ones(2))
     with pytest.raises(TypeError, match=r"`fns\['b'\]` must be a function"):
         check.compare({"a": lambda x: x, "b": jnp.ones(2)}, jnp.ones(2))
+
+
+def test_grad_results_are_compared_by_their_gradients():
+    """batch_grad has no norms and mean_of_per_example_grads has them: their GradResults
+    differ in structure, but the check compares the gradients (worked out by hand)."""
+    loss = lambda p, ex: (p * ex[0] - ex[1]) ** 2
+    batch = (jnp.arange(4.0), jnp.ones(4))
+    exact = jaxgrad.batch_grad(loss)(2.0, batch)
+    mean = jaxgrad.mean_of_per_example_grads(loss)(2.0, batch)
+    a, b = check.assert_equivalent(exact, mean)
+    assert a is exact.grads and b is mean.grads
+    want = np.mean(2 * np.arange(4.0) * (2 * np.arange(4.0) - 1))  # 2 x (p x - y)
+    table = check.compare(
+        {"exact": jaxgrad.batch_grad(loss), "halved": lambda p, b: exact._replace(grads=want / 2)},
+        2.0,
+        batch,
+    )
+    np.testing.assert_allclose(table.outputs["exact"], want)
+    np.testing.assert_allclose(table.rows[0].max_abs_diff, want / 2)

@@ -52,7 +52,7 @@ def test_line_fit_grad_matches_jax_grad_and_finite_differences(m, b, x, y):
     jax.tree_util.tree_map(
         lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-10, atol=1e-10),
         closed,
-        _batch_grad(params, (x, y)),
+        _batch_grad(params, (x, y)).grads,
     )
     loss = lambda p: float(np.mean((y - (p["m"] * x + p["b"])) ** 2))  # plain numpy
     fd = _finite_difference(loss, params)

@@ -133,7 +133,7 @@ def case(name):
 def materialised(name, mask_key=None):
     """The case's per-example gradients ``(B, P)`` from ``jaxgrad.per_example_grads`` (vmap)."""
     loss, params, batch = case(name)
-    grads = jaxgrad.per_example_grads(loss)(params, batch)
+    grads = jaxgrad.per_example_grads(loss)(params, batch).grads
     leaves = jax.tree_util.tree_leaves(grads)
     return np.concatenate([np.reshape(g, (g.shape[0], -1)) for g in leaves], axis=1)
 

@@ -186,12 +186,10 @@ def case(name):
 
 
 MEAN_STRATEGIES = {
-    "batch_grad": lambda f: jaxgrad.batch_grad(f, return_loss=True),
-    "mean_of_per_example": lambda f: jaxgrad.mean_of_per_example_grads(f, return_loss=True),
-    "mean_of_per_example_chunked": lambda f: jaxgrad.mean_of_per_example_grads(
-        f, chunk_size=3, return_loss=True
-    ),
-    "accumulate_3": lambda f: jaxgrad.accumulate_grad(f, num_microbatches=3, return_loss=True),
+    "batch_grad": jaxgrad.batch_grad,
+    "mean_of_per_example": jaxgrad.mean_of_per_example_grads,
+    "mean_of_per_example_chunked": lambda f: jaxgrad.mean_of_per_example_grads(f, chunk_size=3),
+    "accumulate_3": lambda f: jaxgrad.accumulate_grad(f, num_microbatches=3),
 }
 
 
@@ -203,9 +201,17 @@ MEAN_STRATEGIES = {
 def test_mean_strategies_match_loop_reference_under_jit(name, strategy):
     loss_fn, params, batch, mask, (ref_loss, ref_grad, _) = case(name)
     f = jax.jit(MEAN_STRATEGIES[strategy](loss_fn))
-    loss, grads = f(params, batch, mask)
+    out = f(params, batch, mask)
+    assert isinstance(out, jaxgrad.GradResult)
+    loss, grads = out.loss, out.grads
     assert_close(grads, ref_grad)
     np.testing.assert_allclose(loss, ref_loss, rtol=RTOL)
+    # The count is the real items: examples, or tokens (reference: a loop over the rows).
+    ref_count = sum(
+        _split(loss_fn(params, jax.tree_util.tree_map(lambda x, i=i: x[i], batch)))[1]
+        for i in np.flatnonzero(np.asarray(mask))
+    )
+    np.testing.assert_allclose(out.count, ref_count, rtol=RTOL)
     assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
     # The reference is not trivially zero: a test that can only pass is a defect.
     assert max(float(np.max(np.abs(g))) for g in jax.tree_util.tree_leaves(ref_grad)) > 1e-3
@@ -226,9 +232,16 @@ def test_mean_strategies_match_loop_reference_under_jit(name, strategy):
 )
 def test_per_example_grads_match_single_example_grads(name, chunk_size):
     loss_fn, params, batch, mask, (_, _, ref_rows) = case(name)
-    f = jax.jit(jaxgrad.per_example_grads(loss_fn, chunk_size=chunk_size, return_loss=True))
-    sums, rows = f(params, batch, mask)
+    f = jax.jit(jaxgrad.per_example_grads(loss_fn, chunk_size=chunk_size))
+    out = f(params, batch, mask)
+    sums, rows = out.loss, out.grads
     assert_close(rows, ref_rows)
+    # norms: ‖g_i‖ of the reference's rows, computed in numpy
+    flat = np.concatenate(
+        [np.reshape(r, (7, -1)) for r in jax.tree_util.tree_leaves(ref_rows)], axis=1
+    )
+    np.testing.assert_allclose(out.norms, np.linalg.norm(flat, axis=1), rtol=RTOL, atol=ATOL)
+    assert out.count.shape == (7,) and np.all(np.asarray(out.count)[~np.asarray(mask)] == 0)
     for leaf, p in zip(
         jax.tree_util.tree_leaves(rows), jax.tree_util.tree_leaves(params), strict=True
     ):
@@ -238,24 +251,29 @@ def test_per_example_grads_match_single_example_grads(name, chunk_size):
 
 def test_per_example_loss_sums_match_reference():
     loss_fn, params, batch, _, _ = case("transformer-tokens")
-    sums, _ = jaxgrad.per_example_grads(loss_fn, return_loss=True)(params, batch)
+    out = jaxgrad.per_example_grads(loss_fn)(params, batch)
     for i in range(batch.shape[0]):
-        np.testing.assert_allclose(sums[i], loss_fn(params, batch[i])[0], rtol=RTOL)
+        np.testing.assert_allclose(out.loss[i], loss_fn(params, batch[i])[0], rtol=RTOL)
+        np.testing.assert_allclose(out.count[i], loss_fn(params, batch[i])[1], rtol=RTOL)
 
 
 def test_strategies_work_without_jit_and_without_mask():
     loss_fn, params, batch, _, _ = case("mlp-softmax")
     _, ref, _ = _unmasked_reference("mlp-softmax")
     for make in MEAN_STRATEGIES.values():
-        _, grads = make(loss_fn)(params, batch)
-        assert_close(grads, ref)
+        assert_close(make(loss_fn)(params, batch).grads, ref)
 
 
-def test_return_loss_false_returns_only_grads():
-    loss_fn, params, batch, mask, (_, ref, _) = case("logistic-softmax")
-    assert_close(jaxgrad.batch_grad(loss_fn)(params, batch, mask), ref)
-    assert_close(jaxgrad.accumulate_grad(loss_fn, num_microbatches=2)(params, batch, mask), ref)
-    assert_close(jaxgrad.mean_of_per_example_grads(loss_fn)(params, batch, mask), ref)
+def test_mean_of_per_example_grads_gives_the_norms_it_forms():
+    loss_fn, params, batch, mask, (_, _, ref_rows) = case("mlp-softmax")
+    flat = np.concatenate([np.reshape(r, (7, -1)) for r in jax.tree_util.tree_leaves(ref_rows)], 1)
+    want = np.linalg.norm(flat, axis=1)  # 0 on the padded rows: the reference zeroes them
+    for chunk_size in (None, 3):
+        out = jaxgrad.mean_of_per_example_grads(loss_fn, chunk_size=chunk_size)(params, batch, mask)
+        np.testing.assert_allclose(out.norms, want, rtol=RTOL, atol=ATOL)
+    # The strategies that never form per-example gradients say so with None.
+    assert jaxgrad.batch_grad(loss_fn)(params, batch, mask).norms is None
+    assert jaxgrad.accumulate_grad(loss_fn, num_microbatches=2)(params, batch, mask).norms is None
 
 
 # ----------------------------------------------------------------- accumulation
@@ -273,16 +291,16 @@ def test_accumulate_grad_unequal_token_counts_equals_batch_grad(k):
     loss_fn, params, tokens, _, _ = case("transformer-tokens")
     _, ref, _ = _unmasked_reference("transformer-tokens")
     acc = jaxgrad.accumulate_grad(loss_fn, num_microbatches=k)(params, tokens)
-    assert_close(acc, ref)
-    assert_close(acc, jaxgrad.batch_grad(loss_fn)(params, tokens))
+    assert_close(acc.grads, ref)
+    assert_close(acc, jaxgrad.batch_grad(loss_fn)(params, tokens))  # loss and count too
 
 
 @pytest.mark.parametrize("unroll", [True, 2])
 def test_accumulate_grad_unrolled_equals_loop(unroll):
     # 7 rows in 3 microbatches (one padded row); unroll=2 leaves a partly unrolled loop.
     loss_fn, params, batch, mask, (ref_loss, ref, _) = case("mlp-softmax")
-    f = jaxgrad.accumulate_grad(loss_fn, num_microbatches=3, unroll=unroll, return_loss=True)
-    loss, grads = jax.jit(f)(params, batch, mask)
+    f = jaxgrad.accumulate_grad(loss_fn, num_microbatches=3, unroll=unroll)
+    loss, grads = jax.jit(f)(params, batch, mask)[1::-1]
     assert_close(grads, ref)
     np.testing.assert_allclose(loss, ref_loss, rtol=RTOL)
 
@@ -313,7 +331,7 @@ def _accumulators(k):
 def test_accumulate_grad_any_split_and_mask_equals_loop(k, mask):
     loss_fn, params, batch, _, _ = case("mlp-squared")
     _, ref, _ = reference(loss_fn, params, batch, mask) if mask.any() else (None, None, None)
-    acc = _accumulators(k)(params, batch, jnp.asarray(mask))
+    acc = _accumulators(k)(params, batch, jnp.asarray(mask)).grads
     if mask.any():
         assert_close(acc, ref)
     else:  # An all-padding batch is a no-op, not NaN.
@@ -331,8 +349,12 @@ def test_masked_rows_contribute_nothing(strategy):
     removed = jax.tree_util.tree_map(lambda x: x[mask], batch)
     f = MEAN_STRATEGIES[strategy](loss_fn)
     masked = f(params, batch, jnp.asarray(mask))
-    assert_close(masked, f(params, removed))
-    assert_close(masked[1], reference(loss_fn, params, removed)[1])
+    kept = f(params, removed)
+    assert_close(masked[:3], kept[:3])  # grads, loss, count
+    if masked.norms is not None:  # the padded rows' norms are 0
+        assert_close(masked.norms[mask], kept.norms)
+        assert np.all(np.asarray(masked.norms)[~mask] == 0)
+    assert_close(masked.grads, reference(loss_fn, params, removed)[1])
 
 
 @pytest.mark.parametrize("strategy", sorted(MEAN_STRATEGIES))
@@ -343,8 +365,8 @@ def test_garbage_in_masked_rows_cannot_leak(strategy):
     x, y = batch
     x = x.at[2].set(jnp.nan).at[5].set(jnp.inf)
     f = MEAN_STRATEGIES[strategy](loss_fn)
-    got = f(params, (x, y), jnp.asarray(mask))
-    assert_close(got, f(params, jax.tree_util.tree_map(lambda a: a[mask], batch)))
+    got = f(params, (x, y), jnp.asarray(mask)).grads
+    assert_close(got, f(params, jax.tree_util.tree_map(lambda a: a[mask], batch)).grads)
     rows = jaxgrad.per_example_grads(loss_fn)(params, (x, y), jnp.asarray(mask))
     assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(rows))
 
@@ -353,12 +375,12 @@ def test_garbage_in_masked_rows_cannot_leak(strategy):
 @given(mask=hnp.arrays(bool, (7,)))
 def test_batch_grad_random_masks_match_loop(mask):
     loss_fn, params, batch, _, _ = case("logistic-softmax")
-    grads = _jitted_batch_grad(loss_fn)(params, batch, jnp.asarray(mask))
+    grads = _jitted_batch_grad(loss_fn)(params, batch, jnp.asarray(mask)).grads
     if not mask.any():
         assert_close(grads, jax.tree_util.tree_map(jnp.zeros_like, params), atol=0)
         return
     assert_close(grads, reference(loss_fn, params, batch, mask)[1])
-    assert_close(grads, _jitted_mean_pe(loss_fn)(params, batch, jnp.asarray(mask)))
+    assert_close(grads, _jitted_mean_pe(loss_fn)(params, batch, jnp.asarray(mask)).grads)
 
 
 @functools.cache
@@ -375,8 +397,8 @@ def test_all_masked_batch_is_zero_not_nan():
     loss_fn, params, batch, _, _ = case("mlp-softmax")
     mask = jnp.zeros(7, bool)
     for make in MEAN_STRATEGIES.values():
-        loss, grads = make(loss_fn)(params, batch, mask)
-        assert float(loss) == 0.0
+        grads, loss, count, _ = make(loss_fn)(params, batch, mask)
+        assert float(loss) == 0.0 and float(count) == 0.0
         for leaf in jax.tree_util.tree_leaves(grads):
             assert np.all(np.asarray(leaf) == 0)
 
@@ -392,7 +414,7 @@ def test_mask_does_not_recompile():
     x = jnp.arange(4.0)
     f(1.5, x, jnp.array([True, True, False, False]))
     n = len(traces)
-    g = f(1.5, x, jnp.array([False, True, True, True]))
+    g = f(1.5, x, jnp.array([False, True, True, True])).grads
     assert len(traces) == n
     np.testing.assert_allclose(g, 2 * 1.5 * (1 + 4 + 9) / 3, rtol=RTOL)
 
@@ -485,11 +507,11 @@ def test_any_params_pytree(name):
     mask = jnp.array([True, True, False, True, True])
     _, ref, ref_rows = reference(loss_fn, params, (x, y), mask)
     for make in MEAN_STRATEGIES.values():
-        _, grads = jax.jit(make(loss_fn))(params, (x, y), mask)
+        grads = jax.jit(make(loss_fn))(params, (x, y), mask).grads
         assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
         assert_close(grads, ref)
     rows = jax.jit(jaxgrad.per_example_grads(loss_fn, chunk_size=2))(params, (x, y), mask)
-    assert_close(rows, ref_rows)
+    assert_close(rows.grads, ref_rows)
 
 
 # ----------------------------------------------------------------- bad input
@@ -540,8 +562,8 @@ def test_bad_masks_name_the_argument(factory):
         f(p, batch, [1, 0, 1, 1])
     # A plain list of bools is a mask.
     np.testing.assert_allclose(
-        jnp.sum(jnp.asarray(f(p, batch, [True, False, True, True]))),
-        jnp.sum(jnp.asarray(f(p, batch, jnp.array([True, False, True, True])))),
+        jnp.sum(jnp.asarray(f(p, batch, [True, False, True, True]).grads)),
+        jnp.sum(jnp.asarray(f(p, batch, jnp.array([True, False, True, True])).grads)),
     )
 
 
@@ -567,6 +589,7 @@ def test_out_of_range_labels_under_jit_give_nan_not_a_number():
     loss_fn = losses.supervised(model.apply, losses.softmax_cross_entropy, num_classes=3)
     params = model.init(jax.random.key(0))
     grads = jax.jit(jaxgrad.batch_grad(loss_fn))(params, (jnp.ones((2, 3)), jnp.array([0, 5])))
+    grads = grads.grads
     assert np.isnan(np.asarray(grads[-1]["b"])).any()
 
 
@@ -601,9 +624,9 @@ def test_bad_loss_outputs_are_rejected(factory):
 def test_docstring_examples():
     loss, p, _ = _simple()
     g = jaxgrad.batch_grad(loss)(p, (jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0])))
-    assert float(g) == 7.0
+    assert float(g.grads) == 7.0 and float(g.loss) == 5.0 and float(g.count) == 2.0
     rows = jaxgrad.per_example_grads(loss)(p, (jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0])))
-    np.testing.assert_allclose(rows, [2.0, 12.0])
+    np.testing.assert_allclose(rows.grads, [2.0, 12.0])
 
 
 # --- issue 11: loss_fn(params, example, *args) ------------------------------------------------
@@ -639,16 +662,17 @@ def test_extra_loss_arguments_reach_every_strategy():
         jaxgrad.clipped_grad(_dropout_loss, l2_clip=1e6, method="vmap"),
         jaxgrad.clipped_grad(_dropout_loss, l2_clip=1e6),
     ):
+        out = f(w, batch, None, key, scale)
         np.testing.assert_allclose(
-            np.asarray(f(w, batch, None, key, scale)),
+            np.asarray(getattr(out, "grads", out)),  # clipped_grad returns the gradient alone
             np.asarray(want),
             rtol=1e-10,
             err_msg=f.__name__,
         )
-    pe = jaxgrad.per_example_grads(_dropout_loss)(w, batch, None, key, scale)
+    pe = jaxgrad.per_example_grads(_dropout_loss)(w, batch, None, key, scale).grads
     np.testing.assert_allclose(np.asarray(pe), np.stack(per), rtol=1e-10)
     # another key gives another dropout pattern, so the argument is really used
-    other = jaxgrad.batch_grad(_dropout_loss)(w, batch, None, jax.random.key(10), scale)
+    other = jaxgrad.batch_grad(_dropout_loss)(w, batch, None, jax.random.key(10), scale).grads
     assert not np.allclose(np.asarray(other), np.asarray(want))
     with pytest.raises(TypeError, match="takes no extra loss arguments"):
         jaxgrad.naive.backprop_mean_error(lambda p, x: x @ p, jaxgrad.losses.squared_error)(
@@ -671,7 +695,7 @@ def test_nnx_state_with_non_trainable_leaves_is_named_and_the_split_idiom_works(
         jaxgrad.batch_grad(loss)(state, x)
     graphdef, params, rest = nnx.split(Net(nnx.Rngs(0)), nnx.Param, ...)
     loss = lambda p, ex: jnp.sum(nnx.merge(graphdef, p, rest).lin(ex) ** 2)
-    g = jaxgrad.batch_grad(loss)(params, x)
+    g = jaxgrad.batch_grad(loss)(params, x).grads
     w, b = params["lin"]["kernel"][...], params["lin"]["bias"][...]
     # closed form: d/dW mean ||x W + b||^2 = 2 X^T (X W + b) / n
     np.testing.assert_allclose(

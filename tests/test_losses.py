@@ -156,7 +156,7 @@ def test_labels_of_shape_b_by_1_are_named():
     # the flat labels work, and equal a hand-written cross-entropy (reference)
     params = model.init(jax.random.key(0))
     y = jnp.arange(5) % 3
-    got = jaxgrad.batch_grad(loss_fn, return_loss=True)(params, (batch[0], y))[0]
+    got = jaxgrad.batch_grad(loss_fn)(params, (batch[0], y)).loss
     logits = jax.vmap(model.apply, (None, 0))(params, batch[0])
     want = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(5), y])
     np.testing.assert_allclose(float(got), float(want), rtol=1e-6)

@@ -48,8 +48,8 @@ def test_seed_sigmoid_numbers():
     """σ'(0.5) ≈ 0.2350 at the mean input against (σ'(0) + σ'(1)) / 2 ≈ 0.2233."""
     loss = lambda theta, x: jax.nn.sigmoid(theta + x)
     xs = jnp.array([0.0, 1.0])
-    at_mean = jax.jit(naive.grad_at_mean_input(loss))(0.0, xs)
-    exact = jax.jit(jaxgrad.batch_grad(loss))(0.0, xs)
+    at_mean = jax.jit(naive.grad_at_mean_input(loss))(0.0, xs).grads
+    exact = jax.jit(jaxgrad.batch_grad(loss))(0.0, xs).grads
     np.testing.assert_allclose(at_mean, dsigmoid(0.5), rtol=1e-12)
     np.testing.assert_allclose(exact, (dsigmoid(0.0) + dsigmoid(1.0)) / 2, rtol=1e-12)
     assert round(float(at_mean), 4) == 0.2350
@@ -58,7 +58,7 @@ def test_seed_sigmoid_numbers():
 
 def test_docstring_sigmoid_example():
     loss = lambda theta, x: jax.nn.sigmoid(theta * x)
-    g = naive.grad_at_mean_input(loss)(1.0, jnp.array([0.0, 1.0]))
+    g = naive.grad_at_mean_input(loss)(1.0, jnp.array([0.0, 1.0])).grads
     np.testing.assert_allclose(g, 0.5 * dsigmoid(0.5), rtol=1e-12)
 
 
@@ -70,8 +70,8 @@ def test_docstring_sigmoid_example():
 )
 def test_seed_linear_loss_equals_exact_and_closed_form(theta, x, y):
     loss = lambda t, ex: ex[1] - t * ex[0]  # J = (1/N) Σ (y − θ x): linear in the data
-    at_mean = _gami(loss)(jnp.float64(theta), (x, y))
-    exact = _bg(loss)(jnp.float64(theta), (x, y))
+    at_mean = _gami(loss)(jnp.float64(theta), (x, y)).grads
+    exact = _bg(loss)(jnp.float64(theta), (x, y)).grads
     np.testing.assert_allclose(at_mean, exact, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(at_mean, closed_form.linear_loss_grad(x), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(at_mean, -np.mean(x), rtol=RTOL, atol=ATOL)
@@ -100,12 +100,13 @@ def test_linear_model_linear_error_equal_squared_error_not():
     model, params, batch = _linreg(jax.random.key(1))
     linear = losses.supervised(model.apply, losses.linear_error)
     assert_close(
-        naive.grad_at_mean_input(linear)(params, batch), jaxgrad.batch_grad(linear)(params, batch)
+        naive.grad_at_mean_input(linear)(params, batch).grads,
+        jaxgrad.batch_grad(linear)(params, batch).grads,
     )
     # Squared error is NOT linear in the data: (y − w·x)² at the mean ≠ mean of the squares.
     squared = losses.supervised(model.apply, losses.squared_error)
-    at_mean = naive.grad_at_mean_input(squared)(params, batch)
-    exact = jaxgrad.batch_grad(squared)(params, batch)
+    at_mean = naive.grad_at_mean_input(squared)(params, batch).grads
+    exact = jaxgrad.batch_grad(squared)(params, batch).grads
     assert max_abs_diff(at_mean, exact) > 1e-2
     # ... and the at-mean value is exactly the closed form at (x̄, ȳ).
     x, y = map(np.asarray, batch)
@@ -121,7 +122,8 @@ def test_grad_at_mean_input_nonlinear_model_differs():
     batch = (x, jnp.zeros((5, 1)))
     assert (
         max_abs_diff(
-            naive.grad_at_mean_input(loss)(params, batch), jaxgrad.batch_grad(loss)(params, batch)
+            naive.grad_at_mean_input(loss)(params, batch).grads,
+            jaxgrad.batch_grad(loss)(params, batch).grads,
         )
         > 1e-4
     )
@@ -129,16 +131,17 @@ def test_grad_at_mean_input_nonlinear_model_differs():
     same = (jnp.tile(x[:1], (5, 1)), jnp.zeros((5, 1)))
     assert_close(
         naive.grad_at_mean_input(loss)(params, same), jaxgrad.batch_grad(loss)(params, same)
-    )
+    )  # the whole result: grads, loss and count (5 examples)
 
 
 def test_grad_at_mean_input_mask_averages_real_rows_only():
     loss = lambda t, x: jax.nn.sigmoid(t * x)
     x = jnp.array([0.0, 1.0, 7.0, 2.0])
     mask = jnp.array([True, True, False, True])
-    loss_value, g = naive.grad_at_mean_input(loss, return_loss=True)(0.5, x, mask)
+    g, loss_value, count, norms = naive.grad_at_mean_input(loss)(0.5, x, mask)
     np.testing.assert_allclose(g, 1.0 * dsigmoid(0.5), rtol=1e-12)  # x̄ = 1
     np.testing.assert_allclose(loss_value, sigmoid(0.5), rtol=1e-12)
+    assert float(count) == 3.0 and norms is None  # 3 real examples averaged
 
 
 def test_grad_at_mean_input_rejects_integer_leaves():
@@ -164,14 +167,15 @@ def _dense_case(key, n=6):
 def test_backprop_mean_error_single_dense_layer_is_off_by_cross_covariance():
     model, params, (x, y) = _dense_case(jax.random.key(2))
     f = jax.jit(naive.backprop_mean_error(model.apply, losses.squared_error))
-    naive_grads = f(params, (x, y))
+    naive_grads = f(params, (x, y)).grads
     # Independent numpy: δ_i = 2 (ŷ_i − y_i), exact ∂W = (1/N) Σ a_i δ_iᵀ, naive = ā δ̄ᵀ.
     xa, w, b = np.asarray(x), np.asarray(params[0]["w"]), np.asarray(params[0]["b"])
     delta = 2 * (xa @ w + b - np.asarray(y))
     exact_w = sum(np.outer(xa[i], delta[i]) for i in range(len(xa))) / len(xa)
     np.testing.assert_allclose(naive_grads[0]["w"], np.outer(xa.mean(0), delta.mean(0)), atol=1e-12)
     np.testing.assert_allclose(naive_grads[0]["b"], delta.mean(0), atol=1e-12)
-    exact = jaxgrad.batch_grad(losses.supervised(model.apply, losses.squared_error))(params, (x, y))
+    exact = jaxgrad.batch_grad(losses.supervised(model.apply, losses.squared_error))
+    exact = exact(params, (x, y)).grads
     np.testing.assert_allclose(exact[0]["w"], exact_w, atol=1e-12)
     diff = np.asarray(exact[0]["w"] - naive_grads[0]["w"])
     np.testing.assert_allclose(
@@ -184,25 +188,26 @@ def test_backprop_mean_error_equal_for_one_example_or_identical_examples():
     model = models.mlp([3, 5, 2], activation="tanh", dtype=F64)
     params = model.init(jax.random.key(0))
     loss = losses.supervised(model.apply, losses.squared_error)
-    f = naive.backprop_mean_error(model.apply, losses.squared_error, return_loss=True)
+    f = naive.backprop_mean_error(model.apply, losses.squared_error)
     x = jax.random.normal(jax.random.key(1), (4, 3), F64)
     y = jax.random.normal(jax.random.key(2), (4, 2), F64)
     one = (x[:1], y[:1])
-    assert_close(f(params, one), jaxgrad.batch_grad(loss, return_loss=True)(params, one))
+    assert_close(f(params, one), jaxgrad.batch_grad(loss)(params, one))
     same = (jnp.tile(x[:1], (4, 1)), jnp.tile(y[:1], (4, 1)))
-    assert_close(f(params, same), jaxgrad.batch_grad(loss, return_loss=True)(params, same))
-    # Distinct examples through a nonlinear network: different gradient, same loss.
-    (l_naive, g_naive), (l_exact, g_exact) = (
+    assert_close(f(params, same), jaxgrad.batch_grad(loss)(params, same))
+    # Distinct examples through a nonlinear network: different gradient, same loss and count.
+    (g_naive, l_naive, c_naive, _), (g_exact, l_exact, c_exact, _) = (
         f(params, (x, y)),
-        jaxgrad.batch_grad(loss, return_loss=True)(params, (x, y)),
+        jaxgrad.batch_grad(loss)(params, (x, y)),
     )
     np.testing.assert_allclose(l_naive, l_exact, rtol=RTOL)
+    assert float(c_naive) == float(c_exact) == 4.0
     assert max_abs_diff(g_naive, g_exact) > 1e-3
 
 
 def test_backprop_mean_error_mask_equals_removed_rows():
     model, params, (x, y) = _dense_case(jax.random.key(3))
-    f = naive.backprop_mean_error(model.apply, losses.squared_error, return_loss=True)
+    f = naive.backprop_mean_error(model.apply, losses.squared_error)
     mask = np.array([True, False, True, True, False, True])
     assert_close(f(params, (x, y), jnp.asarray(mask)), f(params, (x[mask], y[mask])))
     assert_close(jax.jit(f)(params, (x, y), jnp.asarray(mask)), f(params, (x[mask], y[mask])))
@@ -259,10 +264,10 @@ def _mlp_case():
 
 def test_mean_of_microbatch_means_equal_counts_equals_exact():
     loss, params, batch = _mlp_case()
-    exact = jaxgrad.batch_grad(loss, return_loss=True)(params, batch)
+    exact = jaxgrad.batch_grad(loss)(params, batch)
     for k in (2, 8):
-        mmm = naive.mean_of_microbatch_means(loss, num_microbatches=k, return_loss=True)
-        acc = jaxgrad.accumulate_grad(loss, num_microbatches=k, return_loss=True)
+        mmm = naive.mean_of_microbatch_means(loss, num_microbatches=k)
+        acc = jaxgrad.accumulate_grad(loss, num_microbatches=k)
         assert_close(mmm(params, batch), acc(params, batch))
         assert_close(mmm(params, batch), exact)
 
@@ -270,27 +275,28 @@ def test_mean_of_microbatch_means_equal_counts_equals_exact():
 def test_mean_of_microbatch_means_unequal_counts_differs_and_matches_formula():
     loss, params, batch = _mlp_case()
     # 8 rows in 3 microbatches of 3: the last holds 2 real rows.
-    mmm = naive.mean_of_microbatch_means(loss, num_microbatches=3)(params, batch)
+    mmm = naive.mean_of_microbatch_means(loss, num_microbatches=3)(params, batch).grads
     assert_close(mmm, microbatch_reference(loss, params, batch, np.ones(8, bool), 3))
-    assert (
-        max_abs_diff(mmm, jaxgrad.accumulate_grad(loss, num_microbatches=3)(params, batch)) > 1e-4
-    )
+    acc = jaxgrad.accumulate_grad(loss, num_microbatches=3)(params, batch).grads
+    assert max_abs_diff(mmm, acc) > 1e-4
     # Masks make the counts unequal too.
     mask = np.array([True, True, True, True, True, False, False, False])
-    mmm = naive.mean_of_microbatch_means(loss, num_microbatches=2)(params, batch, jnp.asarray(mask))
+    out = naive.mean_of_microbatch_means(loss, num_microbatches=2)(params, batch, jnp.asarray(mask))
+    mmm = out.grads
     assert_close(mmm, microbatch_reference(loss, params, batch, mask, 2))
-    exact = jaxgrad.batch_grad(loss)(params, batch, jnp.asarray(mask))
+    assert float(out.count) == 5.0  # the whole batch's real rows
+    exact = jaxgrad.batch_grad(loss)(params, batch, jnp.asarray(mask)).grads
     assert max_abs_diff(mmm, exact) > 1e-4
 
 
 def test_mean_of_microbatch_means_skips_empty_microbatches():
     loss, params, batch = _mlp_case()
     mask = np.array([True, True, False, False, True, True, True, True])
-    f = naive.mean_of_microbatch_means(loss, num_microbatches=4, return_loss=True)
-    loss_value, grads = f(params, batch, jnp.asarray(mask))
+    f = naive.mean_of_microbatch_means(loss, num_microbatches=4)
+    grads, loss_value, *_ = f(params, batch, jnp.asarray(mask))
     assert_close(grads, microbatch_reference(loss, params, batch, mask, 4))
     # The three non-empty microbatches hold 2 real rows each: equal counts, so exact.
-    exact_loss, exact = jaxgrad.batch_grad(loss, return_loss=True)(params, batch, jnp.asarray(mask))
+    exact, exact_loss, *_ = jaxgrad.batch_grad(loss)(params, batch, jnp.asarray(mask))
     assert_close(grads, exact)
     np.testing.assert_allclose(loss_value, exact_loss, rtol=RTOL)
 
@@ -305,13 +311,14 @@ def test_variable_length_sequences_accumulate_exact_microbatch_means_not():
     mmm = jax.jit(naive.mean_of_microbatch_means(loss, num_microbatches=2))
     batch_grad = jaxgrad.batch_grad(loss)
     exact = batch_grad(params, jnp.asarray(tokens))
-    assert_close(mmm(params, jnp.asarray(tokens)), exact)  # equal token counts: equal
+    assert_close(mmm(params, jnp.asarray(tokens)), exact)  # equal token counts: equal (loss too)
+    exact = exact.grads
     tokens[1, 2:] = tokens[0, 2:]  # row 1 grows to 5 targets: microbatches of 10 and 6
     tokens = jnp.asarray(tokens)
-    exact = batch_grad(params, tokens)
-    acc = jaxgrad.accumulate_grad(loss, num_microbatches=2)(params, tokens)
+    exact = batch_grad(params, tokens).grads
+    acc = jaxgrad.accumulate_grad(loss, num_microbatches=2)(params, tokens).grads
     assert_close(acc, exact)
-    got = mmm(params, tokens)
+    got = mmm(params, tokens).grads
     assert_close(got, microbatch_reference(loss, params, tokens, np.ones(4, bool), 2))
     assert max_abs_diff(got, exact) > 1e-4
 
@@ -331,7 +338,7 @@ def _mlp_case_cached():
 @given(k=st.sampled_from([1, 2, 3, 5]), mask=hnp.arrays(bool, (8,)))
 def test_mean_of_microbatch_means_random_splits_match_formula(k, mask):
     loss, params, batch = _mlp_case_cached()
-    got = _mmm(k)(params, batch, jnp.asarray(mask))
+    got = _mmm(k)(params, batch, jnp.asarray(mask)).grads
     if not mask.any():
         assert_close(got, jax.tree_util.tree_map(jnp.zeros_like, params), atol=0)
     else:
@@ -366,7 +373,7 @@ def test_backprop_mean_error_with_token_counts_is_exact_for_identical_sequences_
     varied = jnp.array([[3, 4, 5, 6, 0, 0], [7, 8, 0, 0, 0, 0], [9, 10, 11, 1, 2, 0]])
     assert (
         jaxgrad.check.tree_diff(
-            naive_f(params, (varied, varied)), exact_f(params, (varied, varied))
+            naive_f(params, (varied, varied)).grads, exact_f(params, (varied, varied)).grads
         )[0]
         > 1e-6
     )
@@ -376,10 +383,10 @@ def test_grad_at_mean_input_with_no_real_example_is_zero_like_the_exact_strategi
     # Before issue 11 it returned the gradient at an all-zero "mean example" (here 0.25).
     loss = lambda theta, x: jax.nn.sigmoid(theta * x + 1.0)
     batch, mask = jnp.array([0.5, 2.0]), jnp.array([False, False])
-    value, g = naive.grad_at_mean_input(loss, return_loss=True)(1.0, batch, mask)
-    assert float(g) == 0.0 and float(value) == 0.0
-    assert float(g) == float(jaxgrad.batch_grad(loss)(1.0, batch, mask))
+    g, value, count, _ = naive.grad_at_mean_input(loss)(1.0, batch, mask)
+    assert float(g) == 0.0 and float(value) == 0.0 and float(count) == 0.0
+    assert float(g) == float(jaxgrad.batch_grad(loss)(1.0, batch, mask).grads)
     # With one real example it is that example's gradient: sigma'(2) * 0.5 (closed form).
     s = jax.nn.sigmoid(1.5)
-    g1 = naive.grad_at_mean_input(loss)(1.0, batch, jnp.array([True, False]))
+    g1 = naive.grad_at_mean_input(loss)(1.0, batch, jnp.array([True, False])).grads
     np.testing.assert_allclose(float(g1), s * (1 - s) * 0.5, rtol=1e-12)

@@ -227,7 +227,7 @@ def test_dp_grad_without_noise_equals_batch_grad_rescaled():
     f = privacy.dp_grad(loss_fn, l2_clip=1e6, noise_multiplier=0.0, expected_batch_size=5.5)
     got = f(params, batch, mask, jax.random.key(0))
     count = int(mask.sum())
-    want = jaxgrad.batch_grad(loss_fn)(params, batch, mask)
+    want = jaxgrad.batch_grad(loss_fn)(params, batch, mask).grads
     chex.assert_trees_all_close(
         jax.tree_util.tree_map(lambda g: g * 5.5 / count, got), want, rtol=1e-12, atol=1e-14
     )
@@ -296,7 +296,7 @@ def test_sampled_dp_grad_without_noise_is_the_clipped_sum_of_the_draw():
     )(params, data, key)
     chex.assert_trees_all_close(
         jax.tree_util.tree_map(lambda g: g * q * 30 / int(sample.count), big),
-        jaxgrad.batch_grad(loss_fn)(params, data, sample.mask),
+        jaxgrad.batch_grad(loss_fn)(params, data, sample.mask).grads,
         rtol=1e-12,
         atol=1e-14,
     )

@@ -123,15 +123,16 @@ def test_step_compiles_once_per_shape():
     assert step._cache_size() == 2
 
 
-def test_loss_reported_with_and_without_return_loss():
+def test_loss_reported_with_and_without_a_grad_result():
     model, loss_fn, x, y = _problem()
     params = model.init(jax.random.key(0))
     mask = np.arange(10) < 7
     batch = (x[:10], y[:10])
     expected = np.mean([float(loss_fn(params, (x[i], y[i]))) for i in range(7)])
     opt = optax.sgd(0.1)
-    # A factory without `return_loss` (like a user's own): the loss comes from a forward pass.
-    plain = lambda f: lambda p, b, m=None: jaxgrad.batch_grad(f)(p, b, m)
+    # A strategy returning the gradient alone (like a user's own): the loss comes from a
+    # forward pass.
+    plain = lambda f: lambda p, b, m=None: jaxgrad.batch_grad(f)(p, b, m).grads
     for strategy in (jaxgrad.batch_grad, plain):
         state, loss = train_step(loss_fn, opt, strategy=strategy)(
             init_state(params, opt), batch, mask

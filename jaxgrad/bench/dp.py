@@ -94,12 +94,14 @@ def programs(
         return optax.apply_updates(params, updates), opt_state
 
     return opt, {
-        "non-private step": jax.jit(lambda p, s, b, k: update(plain(p, b), p, s)),
+        "non-private step": jax.jit(lambda p, s, b, k: update(plain(p, b).grads, p, s)),
         "DP step": jax.jit(lambda p, s, b, k: update(noisy(p, b, None, k), p, s)),
         "clipped sum": jax.jit(lambda p, s, b, k: clipped(p, b, jnp.ones(batch_size, bool))[0]),
         "non-private step + noise": jax.jit(
             lambda p, s, b, k: update(
-                privacy.add_noise(plain(p, b), k, stddev=l2_clip * noise_multiplier / batch_size),
+                privacy.add_noise(
+                    plain(p, b).grads, k, stddev=l2_clip * noise_multiplier / batch_size
+                ),
                 p,
                 s,
             )

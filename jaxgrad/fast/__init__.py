@@ -5,10 +5,12 @@ structure of an arbitrary JAX loss is read off its jaxpr.
 """
 
 from jaxgrad.fast.api import (
+    GradientDiversity,
     GradMoments,
     GradStats,
     clipped_grad,
     grad_stats,
+    gradient_diversity,
     gradient_gram,
     per_example_dots,
     per_example_moments,
@@ -19,10 +21,12 @@ from jaxgrad.fast.plan import LeafPlan, Plan, plan
 __all__ = [
     "GradMoments",
     "GradStats",
+    "GradientDiversity",
     "LeafPlan",
     "Plan",
     "clipped_grad",
     "grad_stats",
+    "gradient_diversity",
     "gradient_gram",
     "per_example_dots",
     "per_example_moments",

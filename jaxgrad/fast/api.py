@@ -34,7 +34,6 @@ def _wrap(core, loss_fn, *, name: str, doc: str | None, keywords: tuple = ()):
     return _strategy(
         core,
         validate=_validator(loss_fn),
-        return_loss=None,
         name=name,
         doc=doc,
         loss_fn=loss_fn,
@@ -319,6 +318,93 @@ def gradient_gram(loss_fn, *, method: str = "auto", chunk_size: int | None = Non
         return jnp.where(mask[:, None] & mask[None, :], gram, 0)
 
     return _wrap(core, loss_fn, name="gradient_gram", doc=gradient_gram.__doc__)
+
+
+class GradientDiversity(NamedTuple):
+    """How much the per-example gradients of a batch agree (see :func:`gradient_diversity`).
+
+    Attributes:
+      diversity: ``Δ = Σ_i m_i ‖g_i‖² / ‖Σ_i m_i g_i‖²`` (Yin et al. 2018).
+      mean_cosine: the mean of ``cos(g_i, g_j)`` over the ordered pairs ``i ≠ j`` of real
+        examples with nonzero gradients.
+      cosine: ``(B, B)`` cosine similarities ``⟨g_i, g_j⟩ / (‖g_i‖ ‖g_j‖)``; 0 where padded or
+        where a gradient is zero.
+      num_examples: ``b = Σ_i m_i``.
+    """
+
+    diversity: jax.Array
+    mean_cosine: jax.Array
+    cosine: jax.Array
+    num_examples: jax.Array
+
+
+def gradient_diversity(loss_fn, *, method: str = "auto", chunk_size: int | None = None):
+    """Gradient diversity and pairwise cosine similarity of a batch, from :func:`gradient_gram`.
+
+    With ``b`` real examples, per-example gradients ``g_i = ∇S_i`` and their Gram matrix
+    ``K_{ij} = ⟨g_i, g_j⟩`` (padded rows left out),
+
+    .. math::
+
+        \\Delta = \\frac{\\sum_i \\lVert g_i \\rVert^2}{\\lVert \\sum_i g_i \\rVert^2}
+            = \\frac{\\operatorname{tr} K}{\\mathbf 1^\\top K \\mathbf 1},
+        \\qquad
+        \\overline{\\cos} = \\frac{1}{|P|} \\sum_{(i, j) \\in P}
+            \\frac{K_{ij}}{\\sqrt{K_{ii} K_{jj}}},
+
+    where ``P`` is the set of ordered pairs ``i ≠ j`` of real examples whose gradients are
+    nonzero. ``Δ`` is the gradient diversity of Yin et al. (2018), "Gradient Diversity: a Key
+    Ingredient for Scalable Distributed Learning": always ``Δ ≥ 1/b`` (Cauchy–Schwarz), with
+    ``Δ = 1/b`` when the gradients are equal, ``Δ = 1`` when they are orthogonal, and ``Δ``
+    large when they cancel. Yin et al. show that minibatch SGD with batches of up to about
+    ``n Δ`` (``Δ`` of all ``n`` training examples) needs no more passes over the data than
+    batch size 1. The two are tied: ``1/Δ = 1 + Σ_{i≠j} K_{ij} / Σ_i K_{ii}``. ``Δ`` is
+    ``inf`` when the gradients sum to zero, NaN with no real example (or all gradients 0);
+    ``mean_cosine`` is NaN with no pair. No ``B × P`` array is formed on the fast path (see
+    :func:`gradient_gram`).
+
+    Args:
+      loss_fn: ``loss_fn(params, example, *args) -> scalar | (loss_sum, n_items)``.
+      method: ``"auto"`` (fast, exact) or ``"vmap"`` (materialised reference).
+      chunk_size: if set, the Gram matrix is built that many examples at a time (see
+        :func:`gradient_gram`).
+
+    Returns:
+      ``f(params, batch, mask=None, *args) -> GradientDiversity``.
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> from jaxgrad.fast import gradient_diversity
+      >>> loss = lambda w, ex: jnp.dot(ex, w)  # gradient of example i is x_i
+      >>> d = gradient_diversity(loss)(jnp.ones(2), jnp.array([[1.0, 0.0], [0.0, 2.0]]))
+      >>> float(d.diversity), float(d.mean_cosine)  # orthogonal: (1 + 4) / ‖(1, 2)‖² = 1
+      (1.0, 0.0)
+    """
+    get = passes.get_pass(method)
+    chunk_size = _check_chunk(chunk_size)
+
+    def core(params, batch, mask, loss_fn=loss_fn):
+        gram, _ = _gram(get, loss_fn, params, batch, mask, chunk_size)
+        pair = mask[:, None] & mask[None, :]
+        gram = jnp.where(pair, gram, 0)  # selected, not multiplied: padding never leaks
+        sq = jnp.maximum(jnp.diagonal(gram), 0)
+        nonzero = sq > 0
+        scale = jnp.where(nonzero, jax.lax.rsqrt(jnp.where(nonzero, sq, 1)), 0)
+        cosine = gram * scale[:, None] * scale[None, :]
+        pairs = pair & nonzero[:, None] & nonzero[None, :] & ~jnp.eye(mask.shape[0], dtype=bool)
+        count = jnp.sum(pairs)
+        mean_cosine = jnp.where(
+            count > 0, jnp.sum(jnp.where(pairs, cosine, 0)) / jnp.maximum(count, 1), jnp.nan
+        )
+        return GradientDiversity(
+            diversity=jnp.sum(sq) / jnp.sum(gram),
+            mean_cosine=mean_cosine,
+            cosine=cosine,
+            num_examples=jnp.sum(mask).astype(gram.dtype),
+        )
+
+    return _wrap(core, loss_fn, name="gradient_diversity", doc=gradient_diversity.__doc__)
 
 
 def clip_factors(norms, l2_clip):

@@ -9,6 +9,7 @@ from jaxgrad.train.loop import FitResult, NonFiniteLossError, fit
 from jaxgrad.train.metrics import evaluator
 from jaxgrad.train.private import PrivacyConfig, PrivacyPlan
 from jaxgrad.train.step import TrainState, init_state, loss_and_grad_fn, train_step
+from jaxgrad.train.valuation import Valuation
 
 __all__ = [
     "CheckpointError",
@@ -18,6 +19,7 @@ __all__ = [
     "PrivacyConfig",
     "PrivacyPlan",
     "TrainState",
+    "Valuation",
     "checkpoint",
     "evaluator",
     "fit",

@@ -49,6 +49,7 @@ from jaxgrad.train.step import (
     step_fn,
     strategy_name,
 )
+from jaxgrad.train.valuation import Valuation, check_valuation
 
 PyTree = Any
 
@@ -89,22 +90,28 @@ class FitResult(_FitFields):
         guarantee after its last step: ``epsilon``, ``delta``, ``noise_multiplier`` (σ),
         ``sampling_rate``, ``steps``, ``l2_clip``, ``accountant``, ... (the CLI's ``privacy``
         record, :meth:`jaxgrad.train.PrivacyPlan.summary`).
+      valuation: None, or with ``valuation=`` the ``(N,)`` float64 scores of
+        :class:`jaxgrad.train.Valuation`, one per row of ``train_data``.
     """
 
-    # Not a tuple field, so the three-way unpacking of every earlier release keeps working.
+    # Not tuple fields, so the three-way unpacking of every earlier release keeps working.
     privacy: dict | None
+    valuation: np.ndarray | None
 
-    def __new__(cls, params, state, history, privacy=None):
+    def __new__(cls, params, state, history, privacy=None, valuation=None):
         self = super().__new__(cls, params, state, history)
-        self.privacy = privacy
+        self.privacy, self.valuation = privacy, valuation
         return self
 
     def _replace(self, **changes):
-        privacy = changes.pop("privacy", self.privacy)
-        return FitResult(*super()._replace(**changes), privacy=privacy)
+        extra = {k: changes.pop(k, getattr(self, k)) for k in ("privacy", "valuation")}
+        return FitResult(*super()._replace(**changes), **extra)
 
     def __repr__(self):
-        return f"{super().__repr__()[:-1]}, privacy={self.privacy!r})"
+        return (
+            f"{super().__repr__()[:-1]}, privacy={self.privacy!r}, "
+            f"valuation={'None' if self.valuation is None else 'array'})"
+        )
 
 
 # Module level, so its compilation is shared by every fit with the same data and batch sizes.
@@ -262,6 +269,7 @@ def fit(
     mesh: jax.sharding.Mesh | None = None,
     loss_key: jax.Array | None = None,
     metric_writers: list | None = None,
+    valuation: Valuation | None = None,
 ) -> FitResult:
     """Trains ``params`` on ``train_data`` for ``epochs`` epochs of minibatch SGD.
 
@@ -340,10 +348,16 @@ def fit(
         appended to the history (:class:`jaxgrad.train.writers.JsonlWriter`,
         :class:`jaxgrad.train.writers.TensorBoardWriter`, or your own); ``fit`` does not
         close them.
+      valuation: a :class:`jaxgrad.train.Valuation` to score every training example by its
+        first-order effect on a validation loss as training runs (In-Run Data Shapley /
+        TracIn, :mod:`jaxgrad.train.valuation`); the scores come back as
+        ``result.valuation``. One more pass per step (the validation gradient and the
+        per-example dots); refused with ``privacy`` (the scores are private statistics) and,
+        for now, with ``mesh``, ``loss_key`` and ``checkpoint_dir``.
 
     Returns:
       A :class:`FitResult` ``(params, state, history)``, with ``result.privacy`` (ε, δ, σ, ...)
-      for a private run.
+      for a private run and ``result.valuation`` (the scores) with ``valuation``.
 
     Raises:
       ValueError: ``batch_size`` larger than the data set, bad labels, a checkpoint from a
@@ -395,6 +409,15 @@ def fit(
             f"jaxgrad.privacy.sampled_dp_grad; got strategy={strategy!r}"
         )
     n = reduce.batch_size(train_data, name="train_data")
+    valuation = check_valuation(
+        valuation,
+        privacy=privacy,
+        mesh=mesh,
+        loss_key=loss_key,
+        checkpoint_dir=checkpoint_dir,
+        loss_fn=loss_fn,
+        train_data=train_data,
+    )
     if batch_size > n:
         raise ValueError(
             f"`batch_size` ({batch_size}) is larger than the training set ({n} examples); "
@@ -425,8 +448,11 @@ def fit(
         chunk = min(chunk, _positive(steps_per_call, "steps_per_call"))
     common = {"loss_fn": loss_fn, "train_data": train_data, "optimizer": optimizer}
     common.update(batch_size=batch_size, chunk=chunk, scan=scan, mesh=mesh, check=check)
+    scores = None if valuation is None else np.zeros(n, np.float64)
     if privacy is None:
-        engine = _plain_engine(**common, strategy=strategy, loss_key=loss_key)
+        engine = _plain_engine(
+            **common, strategy=strategy, loss_key=loss_key, valuation=valuation, scores=scores
+        )
     else:
         engine = private.engine(**common, the_plan=the_plan, loss_key=loss_key)
     config = {
@@ -469,14 +495,41 @@ def fit(
         mesh=mesh,
     )
     if the_plan is None:
-        return result
+        return result._replace(valuation=scores)
     return result._replace(privacy=the_plan.summary(int(result.state.step)))
 
 
+def _valued(body, loss_fn, valuation):
+    """``body`` whose per-step output also carries the batch rows' valuation terms (zero
+    for a step not taken: inactive, or not finite), computed at the parameters the step saw."""
+    values = valuation.step_values(loss_fn)
+
+    def valued(carry, batch, mask, active):
+        v = values(carry[0].params, carry[0].step, batch, mask)
+        new, w = body(carry, batch, mask, active=active)
+        taken = new[0].step != carry[0].step
+        return new, (w, jnp.where(taken, v, 0))
+
+    return valued
+
+
 def _plain_engine(
-    *, loss_fn, train_data, optimizer, strategy, batch_size, chunk, scan, mesh, check, loss_key
+    *,
+    loss_fn,
+    train_data,
+    optimizer,
+    strategy,
+    batch_size,
+    chunk,
+    scan,
+    mesh,
+    check,
+    loss_key,
+    valuation=None,
+    scores=None,
 ) -> Engine:
-    """Shuffled epochs and a gradient strategy: the steps of plain :func:`fit`."""
+    """Shuffled epochs and a gradient strategy: the steps of plain :func:`fit`; with
+    ``valuation``, each chunk's valuation terms are added to ``scores`` (host, by row)."""
     n = reduce.batch_size(train_data, name="train_data")
     steps_per_epoch = data_lib.num_batches(n, batch_size)
     chunks_per_epoch = math.ceil(steps_per_epoch / chunk)
@@ -509,6 +562,12 @@ def _plain_engine(
             batch, mask = jax.lax.with_sharding_constraint((batch, mask), batch_spec)
             return inner(carry, batch, mask, active=active)
 
+    if valuation is not None:
+        body = _valued(body, loss_fn, valuation)
+
+    def totals(out):  # a chunk's stacked step outputs: the loss sum, and the valuation terms
+        return (jnp.sum(out[0]), out[1]) if valuation is not None else (jnp.sum(out), None)
+
     epoch_batches = {}  # epoch -> (steps, batch_size) rows, to name a bad batch's rows
 
     def epoch_chunks(key, epoch):
@@ -537,8 +596,8 @@ def _plain_engine(
                 i, m, a = xs
                 return body(carry, data_lib.take(data, i), m, active=a)
 
-            (state, bad), w = jax.lax.scan(f, (state, jnp.int32(-1)), (idx, mask, active))
-            return state, bad, jnp.sum(w)
+            (state, bad), out = jax.lax.scan(f, (state, jnp.int32(-1)), (idx, mask, active))
+            return state, bad, *totals(out)
 
         def run(state, idx, mask, active):
             return scan_chunk(state, device_data, idx, mask, active)
@@ -552,8 +611,8 @@ def _plain_engine(
                 b, m, a = xs
                 return body(carry, b, m, active=a)
 
-            (state, bad), w = jax.lax.scan(f, (state, jnp.int32(-1)), (batches, mask, active))
-            return state, bad, jnp.sum(w)
+            (state, bad), out = jax.lax.scan(f, (state, jnp.int32(-1)), (batches, mask, active))
+            return state, bad, *totals(out)
 
         def run(state, idx, mask, active):
             batches, mask = sharding_lib.take_rows(train_data, idx, mask, mesh=mesh, check=check)
@@ -565,23 +624,30 @@ def _plain_engine(
         jit_body = jax.jit(functools.partial(body, active=True))
 
         def run(state, idx, mask, active):
-            carry, total = (state, jnp.int32(-1)), []
+            carry, outs = (state, jnp.int32(-1)), []
             for i, m in zip(idx[active], mask[active], strict=True):
                 if mesh is None:
                     batch = data_lib.take(host_data, i)
                 else:
                     batch, m = sharding_lib.take_rows(train_data, i, m, mesh=mesh, check=check)
-                carry, w = jit_body(carry, batch, m)
+                carry, out = jit_body(carry, batch, m)
                 if mesh is not None:
                     sharding_lib.serialize_across_processes(carry)
-                total.append(w)
-            return carry[0], carry[1], sum(total)
+                outs.append(out)
+            if valuation is None:
+                return carry[0], carry[1], sum(outs), None
+            values = np.zeros((len(idx), *np.shape(mask)[1:]))  # inactive steps: 0
+            if outs:
+                values[np.asarray(active)] = np.stack([np.asarray(v) for _, v in outs])
+            return carry[0], carry[1], sum(w for w, _ in outs), values
 
     def run_chunk(state, key, inputs):
         del key  # the batches are the chunk's inputs
         idx, mask, active = inputs
         before = int(state.step)
-        new, bad, loss_sum = run(state, idx, mask, active)
+        new, bad, loss_sum, values = run(state, idx, mask, active)
+        if values is not None:  # padding rows and steps not taken hold 0
+            np.add.at(scores, np.asarray(idx).ravel(), np.asarray(values, np.float64).ravel())
         done = int(new.step) - before
         return new, bad, float(loss_sum), int(np.sum(mask[:done]))
 

@@ -13,7 +13,6 @@ last batch is padded and masked, never a new shape.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxgrad import accumulation, reduce
-from jaxgrad.grads import batch_grad
+from jaxgrad.grads import GradResult, batch_grad
 
 PyTree = Any
 
@@ -71,14 +70,6 @@ def init_state(params: PyTree, optimizer: optax.GradientTransformation) -> Train
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
-def _accepts(fn, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
-
-
 def check_optimizer(optimizer):
     """Checks ``optimizer`` is an optax optimizer: anything with ``init`` and ``update``.
 
@@ -125,7 +116,7 @@ def _check_strategy_output(loss, grads, params, strategy) -> None:
         )
     if jnp.shape(loss) != ():
         raise ValueError(
-            f"`strategy` ({name}) with return_loss=True must give a scalar mean loss; got shape "
+            f"`strategy` ({name}) must give a scalar mean loss in its GradResult; got shape "
             f"{jnp.shape(loss)}"
         )
 
@@ -133,14 +124,15 @@ def _check_strategy_output(loss, grads, params, strategy) -> None:
 def loss_and_grad_fn(loss_fn, strategy: Callable = batch_grad):
     """``f(params, batch, mask) -> (mean_loss, grads)`` from a strategy factory.
 
-    A factory that takes ``return_loss`` (every one in :mod:`jaxgrad.grads`) reports the loss
-    with its gradient; for one that does not (e.g. ``lambda f: my_grad(f)``) the masked mean
-    loss is computed by a separate forward pass.
+    A strategy whose ``f`` returns a :class:`jaxgrad.GradResult` (every one in
+    :mod:`jaxgrad.grads` and :mod:`jaxgrad.naive`) reports the loss with its gradient; for one
+    that returns the gradient alone (a user's own, :func:`jaxgrad.clipped_grad`) the masked
+    mean loss is computed by a separate forward pass (in the same jit, XLA shares it).
 
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
-      strategy: ``strategy(loss_fn, **options) -> f(params, batch, mask=None) -> grads``;
-        bind options with ``functools.partial``, e.g.
+      strategy: ``strategy(loss_fn, **options) -> f(params, batch, mask=None)`` returning a
+        ``GradResult`` or the gradient; bind options with ``functools.partial``, e.g.
         ``partial(jaxgrad.accumulate_grad, num_microbatches=4)``.
     """
     if not callable(strategy):
@@ -148,17 +140,15 @@ def loss_and_grad_fn(loss_fn, strategy: Callable = batch_grad):
             "`strategy` must be a gradient-strategy factory such as jaxgrad.batch_grad; "
             f"got {strategy!r}"
         )
-    if _accepts(strategy, "return_loss"):
-        grad_fn = strategy(loss_fn, return_loss=True)
-    else:
-        grads_only = strategy(loss_fn)
-
-        def grad_fn(params, batch, mask):
-            loss = reduce.safe_divide(*reduce.batch_totals(loss_fn, params, batch, mask))
-            return loss, grads_only(params, batch, mask)
+    grad_fn = strategy(loss_fn)
 
     def f(params, batch, mask):
-        loss, grads = grad_fn(params, batch, mask)
+        out = grad_fn(params, batch, mask)
+        if isinstance(out, GradResult):
+            loss, grads = out.loss, out.grads
+        else:
+            loss = reduce.safe_divide(*reduce.batch_totals(loss_fn, params, batch, mask))
+            grads = out
         _check_strategy_output(loss, grads, params, strategy)
         return loss, grads
 
@@ -219,7 +209,8 @@ def train_step(
       strategy: a gradient-strategy factory: :func:`jaxgrad.batch_grad` (default),
         :func:`jaxgrad.mean_of_per_example_grads`, :func:`jaxgrad.accumulate_grad` (bind
         ``num_microbatches`` with ``functools.partial``), a clipped one, or your own
-        ``strategy(loss_fn) -> f(params, batch, mask=None) -> grads``.
+        ``strategy(loss_fn) -> f(params, batch, mask=None) -> grads`` (or a
+        :class:`jaxgrad.GradResult`).
 
     Returns:
       ``step(state, batch, mask) -> (state, mean_loss)``, jit-compiled, where ``state`` is a

@@ -81,11 +81,13 @@ def prepare(method: str, spec: ModelSpec, jax_flat, data, *, l2_clip: float):
 
     if method == "batch_grad":
         f = jaxgrad.batch_grad(loss_fn)
-        return (lambda: jax.block_until_ready(f(params, batch))), lambda g: {"grad": flat(g)}
+        return (lambda: jax.block_until_ready(f(params, batch))), lambda out: {
+            "grad": flat(out.grads)
+        }
     if method == "per_example_grads":
         f = jaxgrad.per_example_grads(loss_fn)
         step = lambda: jax.block_until_ready(f(params, batch))
-        return step, lambda g: {"per_example": flat(g)}
+        return step, lambda out: {"per_example": flat(out.grads)}
     if method == "per_example_norms":
         f = fast_module().per_example_norms(loss_fn)
         step = lambda: jax.block_until_ready(f(params, batch))
