@@ -148,9 +148,15 @@ def dp_keys(key, step):
 
 
 def truncation_key(sample_key):
-    """``fold_in(sample_key, 1)``: which drawn examples a truncated Poisson draw keeps
-    (independent of the draw itself, which is a function of ``sample_key``'s own bits)."""
-    return jax.random.fold_in(sample_key, 1)
+    """``fold_in(sample_key, 2³² − 1)``: which drawn examples a truncated Poisson draw keeps,
+    independent of the draw itself.
+
+    The draw reads Threefry block ``(0, i)`` of ``sample_key`` for example ``i``
+    (:func:`jaxgrad.privacy.sampling.inclusion_mask`), and ``fold_in(sample_key, d)`` *is*
+    block ``(0, d)``: a small ``d`` would be example ``d``'s own bits. Draws have fewer than
+    ``2³¹`` examples (their indices are int32), so block ``2³² − 1`` is never one of them.
+    """
+    return jax.random.fold_in(sample_key, 2**32 - 1)
 
 
 def row_key(step_key_, row):
@@ -161,3 +167,24 @@ def row_key(step_key_, row):
 def row_keys(key, step, rows):
     """One key per row of a batch: ``fold_in(fold_in(key, step), row)`` for each of ``rows``."""
     return jax.vmap(row_key, in_axes=(None, 0))(step_key(key, step), rows)
+
+
+# fold_in(k, d) is Threefry block (0, d) of k: split(k) takes blocks 0 and 1 (the sample and
+# noise keys), and fold_in(noise_key, j) would be the words of the gradient noise's own
+# counter j. The count's key takes a block of the step key far from both.
+_CLIP_COUNT_BLOCK = 0x636C6970  # "clip"
+
+
+def clip_count_key(key, step):
+    """``fold_in(fold_in(key, step), 0x636C6970)``: the key of step ``step``'s noisy count of
+    adaptive clipping (:mod:`jaxgrad.privacy.adaptive`), independent of the step's sample
+    and gradient noise keys (:func:`dp_keys`) and of every other step's."""
+    return jax.random.fold_in(step_key(key, step), _CLIP_COUNT_BLOCK)
+
+
+def augmentation_keys(example_key, copies: int):
+    """``split(example_key, (2, K))``: the ``K`` keys of an example's augmented copies and the
+    ``K`` keys of the loss on each copy (augmentation multiplicity,
+    :func:`jaxgrad.privacy.augmented_loss`), independent of each other."""
+    both = jax.random.split(example_key, (2, copies))
+    return both[0], both[1]

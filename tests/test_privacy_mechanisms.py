@@ -478,3 +478,17 @@ def test_sampled_dp_grad_takes_a_source():
             sampling_rate=0.1,
             source=src,
         )
+
+
+def test_truncation_key_is_not_a_drawn_example():
+    """Truncated Poisson's keep order must not reuse the draw's bits: the draw reads Threefry
+    block (0, i) for example i, and fold_in(k, d) is block (0, d) (the old key, d = 1, was
+    example 1's bits)."""
+    from jaxgrad.privacy import threefry
+
+    k = jax.random.key(7)
+    hi, lo = threefry.words_at(k, 0, (4096,))
+    drawn = {(int(a), int(b)) for a, b in zip(np.asarray(hi), np.asarray(lo), strict=True)}
+    words = tuple(int(w) for w in jax.random.key_data(keys.truncation_key(k)))
+    assert words not in drawn
+    assert tuple(int(w) for w in jax.random.key_data(jax.random.fold_in(k, 1))) in drawn

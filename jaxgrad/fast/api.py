@@ -408,9 +408,82 @@ def gradient_diversity(loss_fn, *, method: str = "auto", chunk_size: int | None 
 
 
 def clip_factors(norms, l2_clip):
-    """``min(1, C / ‖g_i‖)``, and 1 for a zero gradient."""
+    """``min(1, C / ‖g_i‖)``, and 1 for a zero gradient (``l2_clip`` broadcasts with ``norms``)."""
     big = norms > l2_clip
     return jnp.where(big, l2_clip / jnp.where(big, norms, 1), 1).astype(norms.dtype)
+
+
+def check_l2_clip(l2_clip, *, name: str = "l2_clip"):
+    """``l2_clip`` checked: a positive number (flat clipping), or a pytree of them (per group).
+
+    A pytree (a dict, list, tuple, ...; even with one leaf) is a *prefix* of the params: each
+    of its leaves ``C_g`` is the clip norm of the group of parameter leaves below it (see
+    :func:`clip_groups`). Returns a float, or the pytree with its leaves as floats.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(l2_clip)
+    if l2_clip is None or (treedef.num_nodes == 1 and treedef.num_leaves == 1):  # a number
+        return reduce.check_positive_float(l2_clip, name=name)
+    if not leaves:
+        raise ValueError(
+            f"`{name}` must be a positive finite number, or a pytree of them (a prefix of the "
+            f"params, one clip norm per group); got an empty pytree {l2_clip!r}"
+        )
+    checked = [
+        reduce.check_positive_float(c, name=f"{name} leaf {i}") for i, c in enumerate(leaves)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, checked)
+
+
+def clip_sensitivity(l2_clip) -> float:
+    """The L2 sensitivity of a clipped sum: ``C``, or ``√(Σ_g C_g²)`` for per-group clip norms.
+
+    Each example's gradient restricted to group ``g`` is clipped to ``C_g``, so the whole
+    clipped gradient has norm at most ``√(Σ_g C_g²)`` (groups are disjoint sets of leaves).
+    """
+    clip = check_l2_clip(l2_clip)
+    if isinstance(clip, float):
+        return clip
+    return float(np.sqrt(sum(c * c for c in jax.tree_util.tree_leaves(clip))))
+
+
+def clip_groups(l2_clip, params) -> tuple[list, np.ndarray]:
+    """Per-group clipping of ``params``: the group of every leaf, and the clip norms ``C_g``.
+
+    ``l2_clip`` (checked by :func:`check_l2_clip`, not a number) must be a pytree prefix of
+    ``params``: its leaf ``g`` covers the parameter leaves of the subtree at the same place.
+
+    Returns:
+      ``(group, clips)``: ``group[j]`` the group of parameter leaf ``j`` (tree order), and
+      ``clips`` the ``(G,)`` clip norms in ``l2_clip``'s leaf order.
+    """
+    clips = jax.tree_util.tree_leaves(l2_clip)
+    try:
+        counts = jax.tree_util.tree_leaves(
+            jax.tree_util.tree_map(
+                lambda _, sub: len(jax.tree_util.tree_leaves(sub)), l2_clip, params
+            )
+        )
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(
+            "`l2_clip` must be a number or a pytree prefix of the params (e.g. "
+            "{'layer1': 1.0, 'layer2': 0.5} for params {'layer1': ..., 'layer2': ...}); got "
+            f"{jax.tree_util.tree_structure(l2_clip)} for params "
+            f"{jax.tree_util.tree_structure(params)} ({e})"
+        ) from None
+    group = [g for g, n in enumerate(counts) for _ in range(n)]
+    return group, np.asarray(clips)
+
+
+def _group_factors(leaf_sq, group, clips):
+    """``(B, L)`` weights: every leaf takes its group's ``min(1, C_g / ‖g_{i,g}‖)``.
+
+    ``‖g_{i,g}‖² = Σ_{j∈g} ‖∇_j S_i‖²``, from the per-leaf squared norms of the pass.
+    """
+    cols = [[j for j, h in enumerate(group) if h == g] for g in range(len(clips))]
+    zero = jnp.zeros(leaf_sq.shape[:1], leaf_sq.dtype)
+    norms = jnp.sqrt(jnp.stack([sum((leaf_sq[:, j] for j in c), zero) for c in cols], axis=1))
+    factors = clip_factors(norms, jnp.asarray(clips, norms.dtype))  # (B, G)
+    return factors[:, np.asarray(group, int)]
 
 
 NONFINITE = ("raise", "drop", "propagate")
@@ -484,8 +557,11 @@ def clipped_parts(
     What :func:`clipped_grad` and the DP-SGD step (:mod:`jaxgrad.privacy`) both run; the
     non-finite policy and its rules are :func:`clipped_grad`'s. Nothing is raised here
     (``"raise"`` gives the result of ``"propagate"``; the caller raises on ``dropped``).
+    ``l2_clip`` is a number or a pytree prefix of the params (per-group clipping, see
+    :func:`clipped_grad`); the policy is the same, on the whole gradient's norm.
     """
-    l2_clip = reduce.check_positive_float(l2_clip, name="l2_clip")
+    l2_clip = check_l2_clip(l2_clip)
+    grouped = not isinstance(l2_clip, float)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"`reduction` must be one of ['mean', 'sum']; got {reduction!r}")
     nonfinite = check_nonfinite(nonfinite)
@@ -494,6 +570,12 @@ def clipped_parts(
 
     def core(params, batch, mask, loss_fn=loss_fn, units=None):
         given = None
+        groups = clip_groups(l2_clip, params) if grouped else None
+        if grouped and units is not None:
+            raise ValueError(
+                "per-group clipping (`l2_clip` a pytree) with `units=` is not supported: a "
+                "unit's per-group norms are not computed; give a number `l2_clip` with units"
+            )
         if units is not None:
             # Each row is clipped by its unit's norm: Σ_u c_u Σ_{i∈u} g_i = Σ_i c_{u(i)} g_i.
             # A unit is kept or dropped whole (a row with a non-finite loss spoils its unit).
@@ -515,9 +597,13 @@ def clipped_parts(
             # clip" (factor 1) and add the finite leaves of that gradient unclipped, and an inf
             # one would weigh 0. (A finite gradient of a non-finite loss clips as usual.)
             finite = jnp.isfinite(norms)
-            c = jnp.where(m, jnp.where(finite, clip_factors(norms, l2_clip), jnp.nan), 0)
+            if groups is None:
+                factors, col = clip_factors(norms, l2_clip), lambda x: x
+            else:  # (B, L): each leaf weighs its group's own factor; a row's flag, every leaf's
+                factors, col = _group_factors(parts.leaf_sq, *groups), lambda x: x[:, None]
+            c = jnp.where(col(m), jnp.where(col(finite), factors, jnp.nan), 0)
             # (A spoilt row's gradient may be finite: it weighs NaN with its unit.)
-            c = jnp.where(m & spoilt, jnp.nan, c)
+            c = jnp.where(col(m & spoilt), jnp.nan, c)
             totals = (parts.weighted(c), jnp.sum(parts.counts), jnp.sum(parts.sums))
             return (norms, m & ~ok), totals
 
@@ -610,13 +696,27 @@ def clipped_grad(
     norms returned are the units' (per row). A unit is kept or dropped whole: under
     ``"drop"``, a row with a non-finite loss or unit norm drops every row of its unit.
 
+    Per-group (per-layer) clipping: ``l2_clip`` may be a pytree *prefix* of the params, e.g.
+    ``{"layer1": 1.0, "layer2": 0.5}`` (or one number per leaf, a tree like the params'). Each
+    group ``g`` (the parameter leaves under one of its leaves) is clipped to its own ``C_g`` by
+    its own norm, read off the pass's per-leaf squared norms (tied uses' cross terms included):
+
+    .. math::
+
+        \\sum_i m_i \\, g_{i,g} \\min(1, C_g / \\lVert g_{i,g} \\rVert) \\quad \\text{for every
+        group } g, \\qquad \\Delta_2 = \\sqrt{\\textstyle\\sum_g C_g^2}
+
+    The non-finite policy is the same, on the whole gradient's norm (a non-finite group makes
+    the row non-finite); ``return_norms`` gives the whole gradient's norms. Not with ``units=``.
+
     The same policy, with the same rules, serves the DP-SGD step (:mod:`jaxgrad.privacy`).
     Parameters that are not finite make the result NaN under every policy: every example's
     gradient is then meaningless, and a sum of nothing would read as a real (zero) gradient.
 
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
-      l2_clip: the clipping norm ``C > 0``.
+      l2_clip: the clipping norm ``C > 0``, or a pytree prefix of the params of clip norms
+        ``C_g > 0`` (per-group clipping, see above).
       reduction: ``"mean"`` or ``"sum"``.
       return_norms: if True, the unclipped per-example norms are returned last.
       return_loss: if True, the (unclipped) loss is returned first, reduced as the gradient
@@ -641,6 +741,11 @@ def clipped_grad(
       >>> g = f(jnp.ones(2), jnp.array([[3.0, 4.0], [0.0, 0.5]]))  # [0.6, 0.8] + [0, 0.5]
       >>> [round(float(v), 6) for v in g]
       [0.6, 1.3]
+      >>> two = lambda p, ex: jnp.dot(ex, p["a"]) + jnp.dot(ex, p["b"])  # per-layer: C_a, C_b
+      >>> f = clipped_grad(two, l2_clip={"a": 1.0, "b": 2.0}, reduction="sum")
+      >>> g = f({"a": jnp.ones(2), "b": jnp.ones(2)}, jnp.array([[3.0, 4.0]]))
+      >>> [round(float(v), 6) for v in g["a"]], [round(float(v), 6) for v in g["b"]]
+      ([0.6, 0.8], [1.2, 1.6])
     """
     parts = clipped_parts(
         loss_fn,

@@ -11,7 +11,11 @@ clipped sum computed another way). The ε spent is computed by
 Batch sources other than Poisson sampling, each with its own accounting event, are in
 :mod:`jaxgrad.privacy.sources` (:class:`TruncatedPoisson`, :class:`WithoutReplacement`); an
 :class:`Accountant` records the events of a loop of your own and answers ε and
-``steps_within`` a budget.
+``steps_within`` a budget. Correlated noise across steps (banded matrix factorisation,
+BandMF, with its amplified accounting) is :mod:`jaxgrad.privacy.bandmf`,
+:func:`bandmf_privatizer` and :class:`CyclicPoisson`. Adaptive (quantile) clipping, whose
+clip norm follows a quantile of the per-example norms through a noisy count composed into the
+same Gaussian step, is in :mod:`jaxgrad.privacy.adaptive`.
 
 With optax, the noisy gradient is an ordinary gradient::
 
@@ -22,7 +26,7 @@ With optax, the noisy gradient is an ordinary gradient::
 (any optax optimizer: post-processing of a private gradient stays private).
 """
 
-from jaxgrad.privacy import audit, sources
+from jaxgrad.privacy import adaptive, audit, bandmf, sources
 from jaxgrad.privacy.accounting import (
     Accountant,
     AccountingFallbackWarning,
@@ -32,11 +36,21 @@ from jaxgrad.privacy.accounting import (
     effective_accountant,
     epsilon,
 )
+from jaxgrad.privacy.adaptive import (
+    AdaptiveClip,
+    AdaptiveClipState,
+    QuantileClippedSum,
+    QuantileSum,
+    quantile_privatizer,
+    split_noise_multiplier,
+)
 from jaxgrad.privacy.noisy import (
+    BandMFState,
     ClippedSum,
     DPInfo,
     PrivatizerState,
     add_noise,
+    bandmf_privatizer,
     dp_grad,
     gaussian_privatizer,
     noised_average,
@@ -51,24 +65,36 @@ from jaxgrad.privacy.sampling import (
     poisson_sample,
 )
 from jaxgrad.privacy.sources import (
+    CyclicPoisson,
     Poisson,
     TruncatedPoisson,
     WithoutReplacement,
     batch_source,
 )
+from jaxgrad.privacy.units import augmented_loss, group_units, unit_loss
 
 __all__ = [
     "Accountant",
     "AccountingFallbackWarning",
+    "AdaptiveClip",
+    "AdaptiveClipState",
+    "BandMFState",
     "ClippedSum",
+    "CyclicPoisson",
     "DPInfo",
     "Poisson",
     "PoissonSample",
     "PrivatizerState",
+    "QuantileClippedSum",
+    "QuantileSum",
     "TruncatedPoisson",
     "WithoutReplacement",
+    "adaptive",
     "add_noise",
     "audit",
+    "augmented_loss",
+    "bandmf",
+    "bandmf_privatizer",
     "batch_source",
     "calibrate_noise_multiplier",
     "check_delta",
@@ -78,11 +104,15 @@ __all__ = [
     "effective_accountant",
     "epsilon",
     "gaussian_privatizer",
+    "group_units",
     "inclusion_mask",
     "noised_average",
     "num_physical_batches",
     "physical_batch",
     "poisson_sample",
+    "quantile_privatizer",
     "sampled_dp_grad",
     "sources",
+    "split_noise_multiplier",
+    "unit_loss",
 ]

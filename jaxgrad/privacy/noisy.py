@@ -78,23 +78,31 @@ class ClippedSum:
     non-finite parameters give NaN). Adding or removing one example moves ``S`` by at most
     :attr:`sensitivity` in L2 norm: what a privatizer calibrates its noise to.
 
+    Per-group (per-layer) clipping: ``l2_clip`` a pytree prefix of the params with clip norms
+    ``C_g`` (:func:`jaxgrad.fast.clipped_grad`): each group of an example's gradient is
+    clipped to its own ``C_g``, so the example's whole clipped gradient has norm at most
+    ``Δ₂ = √(Σ_g C_g²)``. Units: ``units=`` (one id per row) clips each unit's *summed*
+    gradient once (:func:`jaxgrad.fast.clipped_grad`'s ``units=``): adding or removing one
+    unit moves ``S`` by at most ``Δ₂``; ``b`` and ``bad`` then count rows.
+
     Attributes:
-      sensitivity: the L2 sensitivity ``Δ₂ = C`` of the sum.
+      sensitivity: the L2 sensitivity ``Δ₂`` of the sum: ``C``, or ``√(Σ_g C_g²)``.
     """
 
     def __init__(self, loss_fn, *, l2_clip, method="auto", chunk_size=None):
-        self.sensitivity = reduce.check_positive_float(l2_clip, name="l2_clip")
+        l2_clip = fast_api.check_l2_clip(l2_clip)
+        self.sensitivity = fast_api.clip_sensitivity(l2_clip)
         self._parts = fast_api.clipped_parts(
             loss_fn,
-            l2_clip=self.sensitivity,
+            l2_clip=l2_clip,
             reduction="sum",
             nonfinite="drop",
             method=method,
             chunk_size=chunk_size,
         )
 
-    def __call__(self, params, batch, mask, *args):
-        parts = self._parts(params, batch, mask, *args)
+    def __call__(self, params, batch, mask, *args, units=None):
+        parts = self._parts(params, batch, mask, *args, units=units)
         return parts.total, parts.num_kept, jnp.sum(parts.dropped, dtype=jnp.int32)
 
 
@@ -252,6 +260,80 @@ def gaussian_privatizer(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+class BandMFState(NamedTuple):
+    """The state of :func:`bandmf_privatizer`: its key, the number of sums it noised, and
+    the last ``b − 1`` noise vectors (secret: with them the last steps' sums are exposed)."""
+
+    key: jax.Array
+    count: jax.Array
+    history: PyTree
+
+
+def bandmf_privatizer(
+    *, coefs, noise_multiplier: float, l2_sensitivity: float, expected_batch_size: float, key
+):
+    """:func:`gaussian_privatizer` with banded matrix-factorisation (BandMF) noise.
+
+    .. math::
+
+        u_t = \\frac{1}{B_e} \\big( S_t + w_t \\big), \\qquad
+        w_t = \\frac{1}{c_0} \\Big( z_t - \\sum_{j=1}^{b-1} c_j w_{t-j} \\Big), \\qquad
+        z_t \\sim \\mathcal N(0, \\sigma^2 \\Delta_2^2 I)
+
+    so the noise across steps is ``C⁻¹ z`` for the banded Toeplitz strategy ``C`` of
+    ``coefs`` (:mod:`jaxgrad.privacy.bandmf`): ``Cov = σ²Δ₂² C⁻¹C⁻ᵀ``. ``z_t`` is exactly the
+    noise :func:`gaussian_privatizer` would add at step ``t`` (same key schedule,
+    :func:`jaxgrad.keys.dp_keys`), so with ``coefs=[1.]`` the two give the same bits. Its
+    state carries the key and the last ``b − 1`` noise vectors: an optimizer state holding
+    it is secret (checkpoints included). Its guarantee needs each example to take part at
+    most once in any ``b`` consecutive steps (:class:`jaxgrad.privacy.sources.CyclicPoisson`,
+    accounted by :func:`jaxgrad.privacy.bandmf.dp_event`).
+
+    Args:
+      coefs: the strategy ``c`` (``b`` numbers, ``c_0 > 0``, ``‖c‖ = 1``;
+        :func:`jaxgrad.privacy.bandmf.sqrt_coefs` or ``optimized_coefs``).
+      noise_multiplier: ``σ ≥ 0``.
+      l2_sensitivity: ``Δ₂ > 0``, the sensitivity of one sum (the clip norm ``C``).
+      expected_batch_size: ``B_e > 0``, the public divisor.
+      key: the PRNG key of the noise.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from jaxgrad.privacy import bandmf_privatizer
+      >>> tx = bandmf_privatizer(coefs=[0.6, 0.8], noise_multiplier=0.0, l2_sensitivity=1.0,
+      ...                        expected_batch_size=2, key=jax.random.key(0))
+      >>> state = tx.init(jnp.zeros(2))
+      >>> updates, state = tx.update(jnp.array([2.0, 4.0]), state)  # a clipped sum
+      >>> updates.tolist(), state.history.shape  # the last b - 1 = 1 noise vectors
+      ([1.0, 2.0], (1, 2))
+    """
+    from jaxgrad.privacy import bandmf
+
+    c = bandmf.check_coefs(coefs)
+    sigma = reduce.check_nonnegative_float(noise_multiplier, name="noise_multiplier")
+    delta2 = reduce.check_positive_float(l2_sensitivity, name="l2_sensitivity")
+    b_e = reduce.check_positive_float(expected_batch_size, name="expected_batch_size")
+    key = keys.check_key(key)
+
+    def init_fn(params):
+        return BandMFState(key, jnp.zeros((), jnp.int32), bandmf.init_history(params, c.size))
+
+    def update_fn(sums, state, params=None):
+        del params
+        _, noise_key = keys.dp_keys(state.key, state.count)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, sums)
+        z = add_noise(zeros, noise_key, stddev=sigma * delta2)  # add_noise's very normals
+        w, history = bandmf.correlated_noise(z, state.history, c)
+        noisy = jax.tree_util.tree_map(lambda s, n: (s + n) / jnp.asarray(b_e, s.dtype), sums, w)
+        return noisy, BandMFState(state.key, state.count + 1, history)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def _finish(nonfinite, return_info, name):
     """The host side of ``f``: ``nonfinite="raise"``'s error, then the info stripped."""
     return_info = reduce.check_flag(return_info, name="return_info")
@@ -299,10 +381,23 @@ def dp_grad(
     gradient of example ``i``'s loss *sum* (for a token loss the unit of privacy is the
     sequence). The composition of :class:`ClippedSum` and :func:`noised_average`.
 
+    Per-layer clipping: ``l2_clip`` may be a pytree prefix of the params (``{"layer1": 1.0,
+    "layer2": 0.5}``); each group of each example's gradient is clipped to its own ``C_g``
+    and the noise std on the sum is ``σ √(Σ_g C_g²)``, the sum's sensitivity
+    (:class:`ClippedSum`).
+
+    Units (user-level DP): ``f(..., units=ids)`` with one integer id per row (in ``[0, B)``;
+    rows with equal ids form a unit) clips each unit's *summed* gradient ``Σ_{i∈u} g_i`` once
+    and the noise is calibrated to one unit: the privacy unit is then the unit, so the batch
+    must hold whole units drawn by Poisson sampling over units (rate ``q``, ``B_e = qU`` for
+    ``U`` units), and the accounting counts units. Not with a pytree ``l2_clip``.
+    :func:`jaxgrad.train.fit` (``units=``) does the grouping and the sampling.
+
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``; a loss with a
         ``validate`` method (:func:`jaxgrad.losses.supervised`) has the batch checked first.
-      l2_clip: the clipping norm ``C > 0``.
+      l2_clip: the clipping norm ``C > 0``, or a pytree prefix of the params of per-group
+        clip norms ``C_g > 0``.
       noise_multiplier: ``σ ≥ 0``; the noise std on the sum is ``σC``.
       expected_batch_size: ``B_e = qN > 0``, the divisor.
       nonfinite: ``"drop"`` (default: leave out examples with a non-finite loss or gradient
@@ -314,9 +409,10 @@ def dp_grad(
       chunk_size: if set, examples are processed that many at a time.
 
     Returns:
-      ``f(params, batch, mask, key, *args) -> grads`` (or ``(grads, info)``); ``mask=None``
-      means all rows are real, ``key`` seeds the noise, and extra arguments are passed to
-      every call ``loss_fn(params, example, *args)``, as for :func:`jaxgrad.batch_grad`.
+      ``f(params, batch, mask, key, *args, units=None) -> grads`` (or ``(grads, info)``);
+      ``mask=None`` means all rows are real, ``key`` seeds the noise, and extra arguments are
+      passed to every call ``loss_fn(params, example, *args)``, as for
+      :func:`jaxgrad.batch_grad`.
 
     Example::
 
@@ -335,8 +431,8 @@ def dp_grad(
     stddev = sigma * clipped.sensitivity
 
     @jax.jit
-    def core(params, batch, mask, key, args):
-        total, count, bad = clipped(params, batch, mask, *args)
+    def core(params, batch, mask, key, args, units):
+        total, count, bad = clipped(params, batch, mask, *args, units=units)
         grads = _privatize(
             total, count, bad, key, nonfinite=nonfinite, stddev=stddev, expected_batch_size=b_e
         )
@@ -344,11 +440,14 @@ def dp_grad(
 
     finish = _finish(nonfinite, return_info, "dp_grad")
 
-    def f(params, batch, mask, key, *args):
+    def f(params, batch, mask, key, *args, units=None):
         check_loss_args(loss_fn, args, name="dp_grad", call="f(params, batch, mask, key, *args)")
-        mask = reduce.check_mask(mask, reduce.batch_size(batch))
+        size = reduce.batch_size(batch)
+        mask = reduce.check_mask(mask, size)
+        if units is not None:
+            units = fast_api.check_units(units, size)
         validate_concrete(getattr(loss_fn, "validate", None), batch, mask)
-        return finish(*core(params, batch, mask, keys.check_key(key), args))
+        return finish(*core(params, batch, mask, keys.check_key(key), args, units))
 
     f.__name__ = f.__qualname__ = "dp_grad"
     f.__doc__ = dp_grad.__doc__
@@ -356,8 +455,10 @@ def dp_grad(
 
 
 def sampled_clipped_sum(clipped, *, physical_batch_size, sampling_rate=None, source=None):
-    """``f(params, data, sample_key, *args) -> (S, b, bad, ⌈b/P⌉)``: one draw of a batch
-    source over ``data``, run in physical batches of ``P`` rows and their clipped sums added.
+    """``f(params, data, sample_key, *args, step=None) -> (S, b, bad, ⌈b/P⌉)``: one draw of a
+    batch source over ``data``, run in physical batches of ``P`` rows and their clipped sums
+    added (``step``: the training step, for a source whose draw depends on it,
+    :class:`jaxgrad.privacy.sources.CyclicPoisson`).
 
     The batch source (``source``, :mod:`jaxgrad.privacy.sources`; or Poisson sampling at
     ``sampling_rate``) and the clipped sum of a DP step, composed: a ``lax.while_loop`` over
@@ -367,14 +468,16 @@ def sampled_clipped_sum(clipped, *, physical_batch_size, sampling_rate=None, sou
     p = physical_batch_size
     if (source is None) == (sampling_rate is None):
         raise ValueError("give exactly one of `sampling_rate` (Poisson) and `source`")
-    if source is None:
-        from jaxgrad.privacy import sources
+    from jaxgrad.privacy import sources
 
+    if source is None:
         source = sources.Poisson(sampling_rate=sampling_rate)
 
-    def f(params, data, sample_key, *args):
+    def f(params, data, sample_key, *args, step=None):
         n = reduce.batch_size(data, name="data")
-        sample = source.sample(sample_key, num_examples=n, physical_batch_size=p)
+        sample = source.sample(
+            sample_key, num_examples=n, physical_batch_size=p, **sources.step_kwargs(source, step)
+        )
         steps = sampling.num_physical_batches(sample.count, p)
 
         def one(k):
@@ -430,7 +533,8 @@ def sampled_dp_grad(
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``; a loss with a
         ``validate`` method has the whole data set checked first.
-      l2_clip: the clipping norm ``C > 0``.
+      l2_clip: the clipping norm ``C > 0``, or a pytree prefix of the params of per-group
+        clip norms ``C_g > 0`` (noise std ``σ √(Σ_g C_g²)``, see :func:`dp_grad`).
       noise_multiplier: ``σ ≥ 0``.
       sampling_rate: ``q`` in (0, 1]; the expected batch size is ``qN``.
       physical_batch_size: ``P``, examples per physical batch (memory bound, not privacy).

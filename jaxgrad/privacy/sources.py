@@ -247,6 +247,100 @@ class WithoutReplacement:
         return dpa.SampledWithoutReplacementDpEvent(n, b, dpa.GaussianDpEvent(sigma / 2))
 
 
+@dataclasses.dataclass(frozen=True)
+class CyclicPoisson:
+    """Cyclic Poisson sampling over ``b`` groups: the batch source of amplified BandMF.
+
+    .. math::
+
+        m_i^{(t)} = [\\, i \\bmod b = t \\bmod b \\,] \\cdot \\mathrm{Bernoulli}(q),
+        \\qquad B_e = qN / b
+
+    Row ``i`` belongs to group ``i mod b``; step ``t`` draws only from group ``t mod b``,
+    each of its examples independently with probability ``q`` (the inclusion mask is
+    :func:`jaxgrad.privacy.inclusion_mask`'s from the step's sample key, restricted to the
+    group, so with ``b = 1`` the draw is :class:`Poisson`'s, bit for bit). An example takes
+    part only in steps ``b`` apart, at most ``⌈n / b⌉`` times in ``n`` steps: with a
+    ``b``-banded strategy (:func:`jaxgrad.privacy.bandmf_privatizer`) the run is as private as
+    ``⌈n / b⌉`` steps of ``PoissonSampledDpEvent(q, GaussianDpEvent(σ))``
+    (:func:`jaxgrad.privacy.bandmf.dp_event`). When ``b`` does not divide ``N`` the groups
+    hold ``⌊N/b⌋`` or ``⌈N/b⌉`` rows (none is discarded: each example's analysis depends
+    only on ``q``); the divisor is the cycle's mean ``qN / b`` at every step (public).
+    Neighbours: one example's row zeroed, or added or removed at a fixed row (the others
+    keep their groups), accounted as add or remove one.
+
+    Example::
+
+      >>> import jax
+      >>> from jaxgrad.privacy.sources import CyclicPoisson
+      >>> s = CyclicPoisson(sampling_rate=1.0, groups=3).sample(
+      ...     jax.random.key(0), num_examples=7, physical_batch_size=4, step=1)
+      >>> s.indices[: int(s.count)].tolist()  # rows 1, 4 (mod 3 = step mod 3)
+      [1, 4]
+    """
+
+    sampling_rate: float
+    groups: int
+    name = "cyclic_poisson"
+    neighboring_relation = "add_or_remove_one"
+
+    def __post_init__(self):
+        object.__setattr__(self, "sampling_rate", sampling.check_sampling_rate(self.sampling_rate))
+        object.__setattr__(self, "groups", reduce.check_positive_int(self.groups, name="groups"))
+
+    def _check_groups(self, num_examples):
+        n = reduce.check_positive_int(num_examples, name="num_examples")
+        if self.groups > n:
+            raise ValueError(
+                f"`groups` ({self.groups}) is larger than the data set ({n} examples); "
+                f"expected at most {n} (a group would be empty)"
+            )
+        return n
+
+    def expected_batch_size(self, num_examples: int) -> float:
+        """``B_e = qN / b``: the mean over a cycle of the steps' expected batch sizes."""
+        return self.sampling_rate * self._check_groups(num_examples) / self.groups
+
+    def default_physical_batch_size(self, num_examples: int) -> int:
+        """The Poisson default for a group of ``⌈N / b⌉`` rows."""
+        n = self._check_groups(num_examples)
+        return sampling.default_physical_batch_size(
+            num_examples=-(-n // self.groups), sampling_rate=self.sampling_rate
+        )
+
+    def participations(self, steps: int) -> int:
+        """``⌈n / b⌉``: the most of ``steps`` steps one example takes part in."""
+        return -(-int(steps) // self.groups)
+
+    def sample(self, key, *, num_examples: int, physical_batch_size: int, step=None):
+        """Step ``step``'s draw from group ``step mod b`` (a pure function of ``key``, ``step``)."""
+        key = keys.check_key(key)
+        n = self._check_groups(num_examples)
+        p = reduce.check_positive_int(physical_batch_size, name="physical_batch_size")
+        if step is None:
+            raise ValueError("CyclicPoisson.sample needs `step` (its group is step mod groups)")
+        mask = sampling.inclusion_mask(key, sampling_rate=self.sampling_rate, num_examples=n)
+        if self.groups > 1:
+            rows = jnp.arange(n, dtype=jnp.int32)
+            mask = mask & (rows % self.groups == jnp.asarray(step, jnp.int32) % self.groups)
+        group = -(-n // self.groups)  # the largest group's rows
+        return sampling.compact(mask, padded=-(-group // p) * p)
+
+    def dp_event(self, *, noise_multiplier: float, num_examples: int):
+        """One *participation*'s event, ``PoissonSampledDpEvent(q, GaussianDpEvent(σ))``;
+        ``n`` steps compose :meth:`participations` ``(n)`` of them."""
+        self._check_groups(num_examples)
+        return accounting.poisson_event(
+            noise_multiplier=noise_multiplier, sampling_rate=self.sampling_rate
+        )
+
+
+def step_kwargs(source, step) -> dict:
+    """``{"step": step}`` for a source whose draw depends on the step (:class:`CyclicPoisson`),
+    else ``{}``."""
+    return {"step": step} if isinstance(source, CyclicPoisson) else {}
+
+
 def batch_source(
     sampling_name: str = "poisson",
     *,
@@ -298,4 +392,12 @@ def batch_source(
     return Poisson(sampling_rate=b / n)
 
 
-__all__ = ["SAMPLINGS", "Poisson", "TruncatedPoisson", "WithoutReplacement", "batch_source"]
+__all__ = [
+    "SAMPLINGS",
+    "CyclicPoisson",
+    "Poisson",
+    "TruncatedPoisson",
+    "WithoutReplacement",
+    "batch_source",
+    "step_kwargs",
+]

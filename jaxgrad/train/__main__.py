@@ -53,7 +53,15 @@ DP_ONLY = {
     "insecure_dp_seed": "it seeds the noise and sampling of --dp; --seed seeds the split, the "
     "initialisation and the shuffle",
     "public_test": "without --dp the test split is always evaluated",
+    "bands": "it is the number of bands of --dp's BandMF (correlated) noise",
+    "bandmf_strategy": "it picks the strategy of --dp --bands's correlated noise",
+    "adaptive_clip_quantile": "it is the target quantile of --dp's adaptive clipping",
+    "adaptive_clip_lr": "it is the learning rate of --dp's adaptive clipping",
+    "count_noise_multiplier": "it is the count noise of --dp's adaptive clipping",
+    "per_layer_clip": "it splits --dp's clip norm over the layers",
 }
+# The flags of adaptive clipping that mean something only with --adaptive-clip-quantile.
+ADAPTIVE_ONLY = ("adaptive_clip_lr", "count_noise_multiplier")
 # The first 32-bit word of a DP key derived from --insecure-dp-seed. OS-entropy keys never
 # start with it (drawn again if they do), so a key restored from a checkpoint tells whether
 # the run that wrote it was private, whatever the flags of the resuming command.
@@ -61,7 +69,8 @@ INSECURE_KEY_MARK = 0x1A5EC0DE
 # What a --dp run's JSON releases per epoch: the history's other keys (the training loss,
 # non-finite counts, wall-clock seconds) are computed on the private training rows without
 # noise, or depend on the realised (private) batch sizes.
-DP_HISTORY_KEYS = ("epoch", "step", "epsilon")
+# (l2_clip: adaptive clipping's clip norm, computed from the noisy counts alone.)
+DP_HISTORY_KEYS = ("epoch", "step", "epsilon", "l2_clip")
 PRIVACY_NOTE = (
     "epsilon and delta bound what the released values (the noisy parameters and everything "
     "computed from them alone) reveal about any one training example. test_* metrics appear "
@@ -83,6 +92,9 @@ DP_FLAGS = (
     "nonfinite",
     "batch_size",
     "epochs",
+    "bands",
+    "bandmf_strategy",
+    "count_noise_multiplier",
 )
 # The library's argument names that are command-line flags of another name.
 FLAG_NAMES = {
@@ -96,6 +108,8 @@ FLAG_NAMES = {
     "coordinator": "--coordinator",
     "seed": "--seed",
     "standardize": "--input-stats",
+    "target_quantile": "--adaptive-clip-quantile",
+    "learning_rate": "--adaptive-clip-lr",
 }
 # Seeds seed numpy's generator (non-negative) and jax.random.key, which without x64 keeps only
 # the low 32 bits (--seed 4294967296 would give --seed 0's initialisation and shuffle).
@@ -215,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"per-example clip norm C of DP-SGD (with --dp, default: {DP_DEFAULTS['l2_clip']:g})",
     )
     g.add_argument(
+        "--per-layer-clip",
+        action="store_true",
+        default=None,
+        help="clip each layer (a weight with its bias) of every example to C / sqrt(L) for the "
+        "model's L layers, instead of the whole gradient to C: the same sensitivity C, so the "
+        "same noise and epsilon",
+    )
+    g.add_argument(
         "--accountant",
         choices=("pld", "rdp"),
         help=f"privacy accountant (with --dp, default: {DP_DEFAULTS['accountant']})",
@@ -223,10 +245,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--physical-batch-size", type=int, help="default: --batch-size + 2 std of the draw"
     )
     g.add_argument(
+        "--adaptive-clip-quantile",
+        type=float,
+        metavar="GAMMA",
+        help="adaptive clipping (Andrew et al. 2021): the clip norm starts at --l2-clip and "
+        "follows this quantile of the per-example norms, in (0, 1), through a noisy count "
+        "accounted within the same sigma (e.g. 0.5)",
+    )
+    g.add_argument(
+        "--adaptive-clip-lr",
+        type=float,
+        help="learning rate of the clip norm's geometric update (default: 0.2)",
+    )
+    g.add_argument(
+        "--count-noise-multiplier",
+        type=float,
+        help="std of adaptive clipping's count noise (default: expected batch size / 20; "
+        "must exceed sigma / 2)",
+    )
+    g.add_argument(
         "--nonfinite",
         choices=("drop", "raise"),
         help="examples with a non-finite gradient: left out, or stop "
         f"(with --dp, default: {DP_DEFAULTS['nonfinite']})",
+    )
+    g.add_argument(
+        "--bands",
+        type=int,
+        metavar="B",
+        help="BandMF noise: correlated across B steps (banded matrix factorisation), rows split "
+        "into B groups sampled in turn (rate B * batch-size / N), accounted as ceil(steps / B) "
+        "Poisson steps; B = 1 is plain DP-SGD (default: independent noise)",
+    )
+    g.add_argument(
+        "--bandmf-strategy",
+        choices=("optimized", "sqrt"),
+        help="the banded strategy of --bands: optimized for the run's steps (L-BFGS, default) "
+        "or the closed form (1 - x)^(-1/2) cut to B bands",
     )
     g.add_argument(
         "--public-test",
@@ -327,8 +382,10 @@ def _strategy(args, parser):
     return functools.partial(clipped, l2_clip=CLIP if args.clip is None else args.clip)
 
 
-def _privacy(args, parser, num_examples, batch_size, epochs):
-    """The resolved DP-SGD plan (σ calibrated), or None without --dp."""
+def _privacy(args, parser, num_examples, batch_size, epochs, model=None):
+    """The resolved DP-SGD plan (σ calibrated), or None without --dp; with --per-layer-clip,
+    ``C / √L`` for each of the model's ``L`` layers
+    (:func:`jaxgrad.train.private.per_layer_clip`)."""
     if not args.dp:
         return None
     if args.strategy != "batch":
@@ -337,20 +394,60 @@ def _privacy(args, parser, num_examples, batch_size, epochs):
         parser.error("--dp checkpoints every epoch; --checkpoint-every does not apply")
     if (args.target_epsilon is None) == (args.noise_multiplier is None):
         parser.error("--dp needs exactly one of --target-epsilon and --noise-multiplier")
+    import jax
+
     from jaxgrad.train import PrivacyConfig, private
 
     given = {k: getattr(args, k) for k in DP_DEFAULTS}
+    given = {k: DP_DEFAULTS[k] if v is None else v for k, v in given.items()}
+    if args.per_layer_clip:
+        try:
+            shapes = jax.eval_shape(model.init, jax.random.key(0))
+            given["l2_clip"] = private.per_layer_clip(shapes, l2_clip=given["l2_clip"])
+        except (ValueError, TypeError) as e:
+            _flag_error(parser, str(e), DP_FLAGS)
     config = PrivacyConfig(
-        **{k: DP_DEFAULTS[k] if v is None else v for k, v in given.items()},
+        **given,
         target_epsilon=args.target_epsilon,
         noise_multiplier=args.noise_multiplier,
         physical_batch_size=args.physical_batch_size,
+        **_bandmf(args, parser),
+        adaptive_clip=_adaptive_clip(args, parser),
     )
     try:
         return private.plan(config, num_examples=num_examples, batch_size=batch_size, epochs=epochs)
     except (ValueError, TypeError) as e:
         message = str(e)
         _flag_error(parser, message, DP_FLAGS)  # the library names arguments; the user typed flags
+
+
+def _bandmf(args, parser) -> dict:
+    """The PrivacyConfig fields of --bands and --bandmf-strategy."""
+    if args.bands is None:
+        if args.bandmf_strategy is not None:
+            parser.error("--bandmf-strategy needs --bands (the number of bands of BandMF noise)")
+        return {}
+    fields = {"noise": "bandmf", "bands": args.bands}
+    if args.bandmf_strategy is not None:
+        fields["bandmf_strategy"] = args.bandmf_strategy
+    return fields
+
+
+def _adaptive_clip(args, parser):
+    """``--adaptive-clip-*``'s :class:`jaxgrad.privacy.AdaptiveClip`, or None."""
+    if args.adaptive_clip_quantile is None:
+        for name in ADAPTIVE_ONLY:
+            if getattr(args, name) is not None:
+                flag = "--" + name.replace("_", "-")
+                parser.error(f"{flag} needs --adaptive-clip-quantile (adaptive clipping)")
+        return None
+    from jaxgrad.privacy import AdaptiveClip
+
+    return AdaptiveClip(
+        target_quantile=args.adaptive_clip_quantile,
+        learning_rate=0.2 if args.adaptive_clip_lr is None else args.adaptive_clip_lr,
+        count_noise_multiplier=args.count_noise_multiplier,
+    )
 
 
 def _standardize(args, parser):
@@ -722,7 +819,7 @@ def run(args, parser=None) -> dict:
             f"{len(ds.x_train)}"
         )
     model_name, model, loss_fn = _model(args, ds, dtype, parser)
-    privacy_plan = _privacy(args, parser, len(ds.x_train), batch_size, epochs)
+    privacy_plan = _privacy(args, parser, len(ds.x_train), batch_size, epochs, model)
     strategy = _strategy(args, parser)
     try:  # building the strategy checks its hyperparameters (--microbatches, --clip, ...)
         strategy(loss_fn)
@@ -837,7 +934,13 @@ def run(args, parser=None) -> dict:
         say(
             f"privacy: ({pv['epsilon']:.4g}, {pv['delta']:g})-DP ({pv['accountant']}), "
             f"sigma {pv['noise_multiplier']:.4g}, q {pv['sampling_rate']:.4g}, "
-            f"{pv['steps']} steps, clip {pv['l2_clip']:g}"
+            f"{pv['steps']} steps, clip "
+            + (
+                f"{pv['l2_clip']:g}"
+                if "l2_sensitivity" not in pv
+                else f"per layer (sensitivity {pv['l2_sensitivity']:g})"
+            )
+            + (f", BandMF noise, {pv['bands']} bands" if pv.get("noise") == "bandmf" else "")
         )
     if "params" in summary:
         say("fitted line: " + "  ".join(f"{k} = {v:.6f}" for k, v in summary["params"].items()))

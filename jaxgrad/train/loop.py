@@ -17,6 +17,7 @@ replays exactly the same computation and ends bit for bit where the uninterrupte
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
@@ -34,7 +35,9 @@ import optax
 from jaxgrad import accumulation, keys, reduce
 from jaxgrad import data as data_lib
 from jaxgrad import sharding as sharding_lib
+from jaxgrad.fast import api as fast_api
 from jaxgrad.grads import batch_grad
+from jaxgrad.privacy import units as dp_units
 from jaxgrad.train import checkpoint as ckpt
 from jaxgrad.train import example_keys, private
 from jaxgrad.train import writers as writers_lib
@@ -204,6 +207,42 @@ def _row_check(validate):
     return check
 
 
+def _augmented(loss_fn, augment, *, privacy, loss_key):
+    """``loss_fn``, or with ``augment`` the mean over ``privacy.augmentations`` copies."""
+    copies = getattr(privacy, "augmentations", 1)  # (a wrong type is plan()'s to name)
+    if copies != 1 and augment is None:
+        raise ValueError(
+            f"`privacy.augmentations` is {copies!r}, so `augment` (a function "
+            "augment(key, example) -> example) is required; got augment=None"
+        )
+    if augment is None:
+        return loss_fn
+    if privacy is None:
+        raise ValueError(
+            "`augment` applies to private training (augmentation multiplicity): "
+            "give `privacy=PrivacyConfig(..., augmentations=K)`"
+        )
+    if loss_key is None:
+        raise ValueError(
+            "`augment` draws each example's copies from its loss key: pass `loss_key` (e.g. "
+            "loss_key=jax.random.key(1)); got loss_key=None"
+        )
+    keyed = example_keys._takes(loss_fn, 2) is False  # a loss that needs a key gets one
+    copies = reduce.check_positive_int(copies, name="augmentations")
+    return dp_units.augmented_loss(loss_fn, augment, copies=copies, keyed=keyed)
+
+
+def _check_units_fit(privacy, mesh) -> None:
+    """Refuses ``units`` where they do not apply (no privacy, a mesh)."""
+    if privacy is None:
+        raise ValueError(
+            "`units` applies to private training (user-level DP): give "
+            "`privacy=PrivacyConfig(...)`, or leave units=None"
+        )
+    if mesh is not None:
+        raise ValueError("`units` with `mesh` is not supported; got a mesh")
+
+
 def validate_data(loss_fn, data, mesh):
     """Validates ``data`` with ``loss_fn.validate`` up front, or returns the per-batch check.
 
@@ -270,6 +309,8 @@ def fit(
     loss_key: jax.Array | None = None,
     metric_writers: list | None = None,
     valuation: Valuation | None = None,
+    units=None,
+    augment: Callable | None = None,
 ) -> FitResult:
     """Trains ``params`` on ``train_data`` for ``epochs`` epochs of minibatch SGD.
 
@@ -354,6 +395,21 @@ def fit(
         ``result.valuation``. One more pass per step (the validation gradient and the
         per-example dots); refused with ``privacy`` (the scores are private statistics) and,
         for now, with ``mesh``, ``loss_key`` and ``checkpoint_dir``.
+      units: with ``privacy``, user-level DP: an integer array ``(N,)``, the unit (user) id
+        of every row of ``train_data``. The rows are grouped by unit
+        (:func:`jaxgrad.privacy.group_units`), each unit's gradient — the *sum* of its rows'
+        gradients (:func:`jaxgrad.privacy.unit_loss`) — is clipped once, the Poisson draws
+        are over units and the accounting counts units: ``batch_size`` is then the expected
+        number of *units* per step, an epoch is ``⌈U / batch_size⌉`` steps for ``U`` units,
+        and ``result.privacy`` says ``privacy_unit: "user"`` and ``num_units``. Not with
+        ``mesh``; ``loss_key`` keys reach row ``k`` of a unit as ``fold_in(k_unit, k)``.
+      augment: with ``privacy``, augmentation multiplicity: ``augment(key, example) ->
+        example``; every step draws ``privacy.augmentations`` (``K``) copies of each sampled
+        example and its gradient is the *mean* over them, clipped once (De et al. 2022;
+        :func:`jaxgrad.privacy.augmented_loss`), so the unit stays the example. The copies'
+        keys come from the example's ``loss_key`` key (:func:`jaxgrad.keys.augmentation_keys`
+        of ``fold_in(fold_in(loss_key, t), i)``): ``loss_key`` is required. A ``loss_fn`` that
+        takes a key gets one per copy.
 
     Returns:
       A :class:`FitResult` ``(params, state, history)``, with ``result.privacy`` (ε, δ, σ, ...)
@@ -388,7 +444,13 @@ def fit(
     epochs = _positive(epochs, "epochs")
     batch_size = _positive(batch_size, "batch_size")
     keep = _positive(keep, "keep")
+    loss_fn = _augmented(loss_fn, augment, privacy=privacy, loss_key=loss_key)
     loss_key = example_keys.check_loss_fn(loss_fn, loss_key)
+    if units is not None:  # one example per unit from here on: sampled, clipped, counted
+        _check_units_fit(privacy, mesh)
+        validate_data(loss_fn, train_data, None)  # the rows, by the row loss's own check
+        train_data = dp_units.group_units(train_data, units)[0]
+        loss_fn = dp_units.unit_loss(loss_fn, keyed=loss_key is not None)
     resume = reduce.check_flag(resume, name="resume")
     metric_writers = writers_lib.check_writers(metric_writers)
     quiet = reduce.check_flag(quiet, name="quiet")
@@ -426,6 +488,10 @@ def fit(
     the_plan = None
     if privacy is not None:  # settings checked (and σ calibrated) before any data is read
         the_plan = private.plan(privacy, num_examples=n, batch_size=batch_size, epochs=epochs)
+        if not isinstance(the_plan.config.l2_clip, float):  # per group: a prefix of params
+            fast_api.clip_groups(the_plan.config.l2_clip, params)
+        if units is not None:
+            the_plan = dataclasses.replace(the_plan, unit="user")
     traced = loss_fn if loss_key is None else lambda p, x: loss_fn(p, x, loss_key)
     _check_accumulation(
         optimizer, params, traced, train_data, batch_size=batch_size, private=privacy is not None
@@ -446,7 +512,9 @@ def fit(
     chunk = min(steps_per_epoch, checkpoint_every or steps_per_epoch)
     if steps_per_call is not None:
         chunk = min(chunk, _positive(steps_per_call, "steps_per_call"))
-    common = {"loss_fn": loss_fn, "train_data": train_data, "optimizer": optimizer}
+    # BandMF noise: a privatizer heads the optimizer the steps run (its state is secret).
+    run_optimizer = private.run_optimizer(optimizer, the_plan, key)
+    common = {"loss_fn": loss_fn, "train_data": train_data, "optimizer": run_optimizer}
     common.update(batch_size=batch_size, chunk=chunk, scan=scan, mesh=mesh, check=check)
     scores = None if valuation is None else np.zeros(n, np.float64)
     if privacy is None:
@@ -476,27 +544,34 @@ def fit(
     }
     if checkpoint_dir is not None:  # only checkpoints read it: no probe otherwise
         config["optimizer_probe"] = _optimizer_probe(optimizer, params)
-    result = _run(
-        engine,
-        config,
-        params=params,
-        optimizer=optimizer,
-        key=key,
-        epochs=epochs,
-        evaluate=evaluate,
-        checkpoint_dir=checkpoint_dir,
-        checkpoint_every=checkpoint_every,
-        keep=keep,
-        resume=resume,
-        metrics_path=metrics_path,
-        metric_writers=metric_writers,
-        progress=progress,
-        quiet=quiet,
-        mesh=mesh,
-    )
+    try:
+        result = _run(
+            engine,
+            config,
+            params=params,
+            optimizer=run_optimizer,
+            key=key,
+            epochs=epochs,
+            evaluate=evaluate,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            keep=keep,
+            resume=resume,
+            metrics_path=metrics_path,
+            metric_writers=metric_writers,
+            progress=progress,
+            quiet=quiet,
+            mesh=mesh,
+        )
+    except NonFiniteLossError as e:  # its state is released too: no BandMF noise state in it
+        e.state = private.release(e.state, the_plan)
+        raise
     if the_plan is None:
         return result._replace(valuation=scores)
-    return result._replace(privacy=the_plan.summary(int(result.state.step)))
+    return result._replace(
+        state=private.release(result.state, the_plan),
+        privacy=the_plan.summary(int(result.state.step)),
+    )
 
 
 def _valued(body, loss_fn, valuation):

@@ -22,6 +22,25 @@ the run's record match the sampling actually used. A shuffled epoch is refused.
 ``stop_at_epsilon`` ends training after the last step whose ε stays within the budget
 (:meth:`jaxgrad.privacy.Accountant.steps_within`, counted before any data is read).
 
+Correlated noise (``PrivacyConfig(noise="bandmf", bands=b)``, :mod:`jaxgrad.privacy.bandmf`):
+the batch source is cyclic Poisson over ``b`` groups, the clipped sum goes to a BandMF
+privatizer heading the optimizer (:func:`run_optimizer`; its key and last ``b − 1`` noise
+vectors are in the training state and the checkpoints, and :func:`release` takes them out of
+what ``fit`` returns), and the accounting composes ``⌈steps / b⌉`` Poisson steps.
+Adaptive (quantile) clipping (``PrivacyConfig(adaptive_clip=AdaptiveClip(...))``,
+:mod:`jaxgrad.privacy.adaptive`) is the same step with two parts swapped: the clipped sum
+also counts the examples left unclipped (:class:`jaxgrad.privacy.QuantileClippedSum`, the
+clip norm an argument), and the privatizer (:func:`jaxgrad.privacy.quantile_privatizer`,
+chained before the optimizer, so its state — the clip norm — is part of the optimizer state
+the loop carries and checkpoints) noises both from the step's keys and updates the clip norm.
+The step is accounted with the same ``σ`` (split between the gradient and the count).
+Per-layer clipping (``PrivacyConfig(l2_clip=<a pytree prefix of the params>)``, e.g.
+:func:`per_layer_clip`) clips each group of an example's gradient to its own ``C_g``; the
+noise is ``N(0, σ² Σ_g C_g² I)``. Clip units larger than one row (``fit(..., units=)``: a
+user's rows; ``fit(..., augment=)`` with ``augmentations=K``: an example's augmented copies)
+are made examples before the plan (:mod:`jaxgrad.privacy.units`), so the draws, the clipping
+and the accounting count units.
+
 On a mesh (``fit(..., privacy=..., mesh=...)``) the step is the same computation, spread:
 the Poisson sample is drawn over the whole data set from the same key in every process (one
 draw for the step, never one per device or host, so the inclusions stay independent across
@@ -45,7 +64,8 @@ import optax
 from jaxgrad import keys, reduce
 from jaxgrad import privacy as dp
 from jaxgrad import sharding as sharding_lib
-from jaxgrad.privacy import accounting, noisy, sampling, sources
+from jaxgrad.fast import api as fast_api
+from jaxgrad.privacy import accounting, adaptive, bandmf, noisy, sampling, sources
 from jaxgrad.train.step import Engine, TrainState, guarded
 
 
@@ -57,7 +77,10 @@ class PrivacyConfig:
     with both, σ is used and must spend at most ``target_epsilon``.
 
     Attributes:
-      l2_clip: the per-example clipping norm ``C``.
+      l2_clip: the per-example clipping norm ``C``, or a pytree prefix of the params of
+        per-group clip norms ``C_g`` (per-layer clipping: each group of an example's gradient
+        clipped to its own ``C_g``, noise std ``σ √(Σ_g C_g²)``; see
+        :func:`jaxgrad.fast.clipped_grad`).
       target_epsilon: the ε to spend over the whole run (at ``delta``).
       noise_multiplier: ``σ``, if not calibrated.
       delta: ``δ``.
@@ -85,6 +108,30 @@ class PrivacyConfig:
       stop_at_epsilon: a budget: training stops after the last step whose ε (at ``delta``)
         stays within it, even if ``epochs`` asks for more (the history's last record is that
         step's; a resumed run stops there too). Refused if not one step fits.
+      noise: ``"gaussian"`` (default: independent noise every step) or ``"bandmf"``
+        (banded matrix-factorisation noise, correlated across ``bands`` steps,
+        :mod:`jaxgrad.privacy.bandmf`): the examples are split into ``bands`` groups (row
+        ``i`` in group ``i mod bands``), step ``t`` Poisson-samples group ``t mod bands``
+        with rate ``q = bands · batch_size / N`` (:class:`jaxgrad.privacy.CyclicPoisson`),
+        and the run is accounted as ``⌈steps / bands⌉`` Poisson-sampled Gaussian steps.
+        The last ``bands − 1`` noise vectors live in the training state's optimizer state
+        (and the checkpoints, which are secret), never in the returned ``FitResult.state``.
+      bands: ``b ≥ 1`` of ``noise="bandmf"`` (required there, refused elsewhere); at most
+        the planned steps, and ``b · batch_size ≤ N``. ``bands=1`` is DP-SGD, bit for bit.
+      bandmf_strategy: the strategy's coefficients: ``"optimized"`` (default: L-BFGS on the
+        prefix sums' mean squared error for the planned steps,
+        :func:`jaxgrad.privacy.bandmf.optimized_coefs`) or ``"sqrt"`` (the closed form
+        ``(1 − x)^{-1/2}`` cut to ``b`` bands, :func:`jaxgrad.privacy.bandmf.sqrt_coefs`).
+      adaptive_clip: an :class:`jaxgrad.privacy.AdaptiveClip` for adaptive (quantile)
+        clipping (:mod:`jaxgrad.privacy.adaptive`): the clip norm starts at ``l2_clip`` and
+        follows a quantile of the per-example norms through a noisy count. The step is
+        accounted with the total ``σ`` as before; the gradient's noise multiplier is
+        ``σ_Δ = (σ⁻² − (2σ_b)⁻²)^(-1/2)``. The current clip norm is carried in the optimizer
+        state (``state.opt_state[0].l2_clip``, checkpointed) and reported per epoch as
+        ``l2_clip`` in the history: post-processing of the noisy counts, releasable.
+      augmentations: ``K``, the copies of each example that ``fit(..., augment=...)`` draws
+        every step (augmentation multiplicity: the mean of their gradients is clipped once;
+        :func:`jaxgrad.privacy.augmented_loss`). 1 without ``augment``.
     """
 
     l2_clip: float
@@ -99,6 +146,14 @@ class PrivacyConfig:
     sampling: str = "poisson"
     max_batch_size: int | None = None
     stop_at_epsilon: float | None = None
+    adaptive_clip: adaptive.AdaptiveClip | None = None
+    augmentations: int = 1
+    noise: str = "gaussian"
+    bands: int | None = None
+    bandmf_strategy: str = "optimized"
+
+
+NOISES = ("gaussian", "bandmf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +170,10 @@ class PrivacyPlan:
       num_examples: ``N``.
       stop_step: the number of steps after which training stops (``≤ steps``; fewer when
         ``stop_at_epsilon`` is spent first).
+      coefs: ``noise="bandmf"``'s strategy coefficients (``bands`` floats, ``‖c‖ = 1``), or
+        None.
+      unit: the privacy unit: ``"example"``, or ``"user"`` for ``fit(..., units=...)`` (then
+        ``num_examples`` counts units).
     """
 
     config: PrivacyConfig
@@ -125,6 +184,14 @@ class PrivacyPlan:
     source: object = None
     num_examples: int | None = None
     stop_step: int | None = None
+    coefs: tuple | None = None
+
+    unit: str = "example"
+
+    def compositions(self, steps: int) -> int:
+        """How many of the step event ``steps`` steps compose: ``steps``, or with BandMF's
+        cyclic groups ``⌈steps / bands⌉`` (the most steps one example takes part in)."""
+        return self.source.participations(steps) if self.coefs is not None else steps
 
     def accountant(self, steps: int = 0) -> dp.Accountant:
         """A :class:`jaxgrad.privacy.Accountant` holding ``steps`` of this plan's steps."""
@@ -135,8 +202,17 @@ class PrivacyPlan:
             neighboring_relation=self.source.neighboring_relation,
             pld_discretization=c.pld_discretization,
         )
-        acc.record(self.step_event(), steps=steps)
+        acc.record(self.step_event(), steps=self.compositions(steps))
         return acc
+
+    def gradient_noise_multiplier(self) -> float:
+        """The gradient's share ``σ_Δ`` of ``σ`` (``σ`` itself without adaptive clipping)."""
+        a = self.config.adaptive_clip
+        if a is None:
+            return self.noise_multiplier
+        return adaptive.split_noise_multiplier(
+            self.noise_multiplier, count_noise_multiplier=a.count_noise_multiplier
+        )
 
     def step_event(self):
         """One step's dp-accounting event (the batch source's)."""
@@ -146,12 +222,12 @@ class PrivacyPlan:
 
     def epsilon(self, steps: int) -> float:
         """The ε spent after ``steps`` steps."""
-        if self.source.name != "poisson":
+        if self.source.name not in ("poisson", "cyclic_poisson"):
             return self.accountant(steps).epsilon()
-        return dp.epsilon(
+        return dp.epsilon(  # BandMF: ⌈steps / b⌉ Poisson steps (jaxgrad.privacy.bandmf)
             noise_multiplier=self.noise_multiplier,
             sampling_rate=self.sampling_rate,
-            steps=steps,
+            steps=self.compositions(steps),
             delta=self.config.delta,
             accountant=self.config.accountant,
             pld_discretization=self.config.pld_discretization,
@@ -160,13 +236,13 @@ class PrivacyPlan:
     def summary(self, steps: int) -> dict:
         """The ``privacy`` record of the CLI's JSON after ``steps`` steps."""
         c = self.config
-        if self.source.name != "poisson":
+        if self.source.name not in ("poisson", "cyclic_poisson"):
             accountant = self.accountant(steps).effective_accountant()
         else:
             accountant = dp.accounting.effective_accountant(  # "rdp" where PLD would not fit
                 noise_multiplier=self.noise_multiplier,
                 sampling_rate=self.sampling_rate,
-                steps=steps,
+                steps=self.compositions(steps),
                 accountant=c.accountant,
                 pld_discretization=c.pld_discretization,
             )
@@ -177,6 +253,24 @@ class PrivacyPlan:
             extra["neighboring_relation"] = self.source.neighboring_relation
         if c.stop_at_epsilon is not None:
             extra.update(stop_at_epsilon=c.stop_at_epsilon, stop_step=self.stop_step)
+        if self.coefs is not None:
+            extra.update(
+                noise="bandmf",
+                bands=len(self.coefs),
+                bandmf_strategy=c.bandmf_strategy,
+                participations=self.compositions(steps),
+            )
+        if c.adaptive_clip is not None:  # l2_clip is then the initial clip norm
+            extra["adaptive_clip"] = {
+                **dataclasses.asdict(c.adaptive_clip),
+                "gradient_noise_multiplier": self.gradient_noise_multiplier(),
+            }
+        if not isinstance(c.l2_clip, float):  # per-group clip norms, by path, and Δ₂
+            extra["l2_sensitivity"] = fast_api.clip_sensitivity(c.l2_clip)
+        if self.unit != "example":
+            extra.update(privacy_unit=self.unit, num_units=self.num_examples)
+        if c.augmentations != 1:
+            extra["augmentations"] = c.augmentations
         return {
             "epsilon": self.epsilon(steps),
             "delta": c.delta,
@@ -185,12 +279,63 @@ class PrivacyPlan:
             "steps": steps,
             "accountant": accountant,
             "pld_discretization": c.pld_discretization if accountant == "pld" else None,
-            "l2_clip": c.l2_clip,
+            "l2_clip": _clip_record(c.l2_clip),
             "target_epsilon": c.target_epsilon,
             "physical_batch_size": self.physical_batch_size,
             "sampling": self.source.name,
             **extra,
         }
+
+
+def per_layer_clip(params, *, l2_clip: float):
+    """Per-layer clip norms with the flat clip's sensitivity: ``C / √L`` for each of ``L`` layers.
+
+    A *layer* is a container (dict, list, tuple) of the params whose children are all arrays
+    (a dense layer's ``{"w", "b"}``); an array beside other containers is a layer of its own.
+    Every layer gets ``C_g = C / √L``, so ``√(Σ_g C_g²) = C``: the same noise as flat clipping
+    at ``C``, each layer clipped by its own norm (a layer with large gradients can no longer
+    take the whole budget). What ``python -m jaxgrad.train --dp --per-layer-clip`` uses.
+
+    Args:
+      params: the params (or their shapes, ``jax.eval_shape(model.init, key)``).
+      l2_clip: ``C > 0``, the total.
+
+    Returns:
+      A pytree prefix of ``params`` with one clip norm per layer, for
+      ``PrivacyConfig(l2_clip=...)``.
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> from jaxgrad.train.private import per_layer_clip
+      >>> layer = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}
+      >>> per_layer_clip([layer, layer, layer, layer], l2_clip=1.0)
+      [0.5, 0.5, 0.5, 0.5]
+    """
+    c = reduce.check_positive_float(l2_clip, name="l2_clip")
+    containers = (dict, list, tuple)
+
+    def is_layer(x):
+        children = x.values() if isinstance(x, dict) else x
+        return (
+            isinstance(x, containers)
+            and bool(x)
+            and not any(isinstance(v, containers) for v in children)
+        )
+
+    ones = jax.tree_util.tree_map(lambda _: 1.0, params, is_leaf=is_layer)
+    count = len(jax.tree_util.tree_leaves(ones))
+    if count == 0:
+        raise ValueError("`params` has no layers to clip")
+    return jax.tree_util.tree_map(lambda _: float(c / np.sqrt(count)), ones)
+
+
+def _clip_record(l2_clip):
+    """``C``, or per-group clip norms as ``{path: C_g}`` (JSON keeps strings, not tuples)."""
+    if isinstance(l2_clip, float):
+        return l2_clip
+    flat = jax.tree_util.tree_flatten_with_path(l2_clip)[0]
+    return {jax.tree_util.keystr(path): c for path, c in flat}
 
 
 def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: int) -> PrivacyPlan:
@@ -224,11 +369,13 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
         max_batch_size=config.max_batch_size,
     )
     q = batch_size / n
+    steps = epochs * -(-n // batch_size)
+    source = _bandmf_source(config, source, num_examples=n, batch_size=batch_size, steps=steps)
+    q = source.sampling_rate if config.noise == "bandmf" else q
     if config.physical_batch_size is None:  # (not `or`: 0 is an error, not the default)
         physical = source.default_physical_batch_size(n)
     else:
         physical = reduce.check_positive_int(config.physical_batch_size, name="physical_batch_size")
-    steps = epochs * -(-n // batch_size)
     given = 1.0 if config.noise_multiplier is None else config.noise_multiplier
     dp.epsilon(  # checks σ, δ and the accountant before calibrating or training
         noise_multiplier=given,
@@ -248,18 +395,29 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
         nonfinite=config.nonfinite,
         method=config.method,
     )
+    augmentations = reduce.check_positive_int(config.augmentations, name="augmentations")
     stop = config.stop_at_epsilon
     if stop is not None:
         stop = reduce.check_positive_float(stop, name="stop_at_epsilon")
-    draft = PrivacyPlan(config, given, q, steps, physical, source, n)
+    if config.adaptive_clip is not None:
+        _check_adaptive(config, given, source.expected_batch_size(n))
+    coefs = None
+    if config.noise == "bandmf":  # after every cheap check: the optimisation takes seconds
+        coefs = tuple(
+            float(v)
+            for v in bandmf.strategy_coefs(
+                source.groups, steps=steps, strategy=config.bandmf_strategy
+            )
+        )
+    draft = PrivacyPlan(config, given, q, steps, physical, source, n, coefs=coefs)
     draft.accountant()  # refuses a sampling the accountant cannot account (naming which can)
     sigma = config.noise_multiplier
-    if sigma is None and source.name == "poisson":
+    if sigma is None and source.name in ("poisson", "cyclic_poisson"):
         sigma = dp.calibrate_noise_multiplier(
             target_epsilon=target,
             delta=config.delta,
             sampling_rate=q,
-            steps=steps,
+            steps=draft.compositions(steps),
             accountant=config.accountant,
             pld_discretization=config.pld_discretization,
         )
@@ -281,9 +439,15 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
                 f"steps, more than `target_epsilon` {config.target_epsilon!r}"
             )
     sigma = reduce.check_nonnegative_float(sigma, name="noise_multiplier")
+    adaptive_clip = config.adaptive_clip
+    if adaptive_clip is not None:  # σ_b filled in, checked against the calibrated σ
+        adaptive_clip = adaptive_clip.resolve(
+            noise_multiplier=sigma, expected_batch_size=source.expected_batch_size(n)
+        )
     resolved = dataclasses.replace(
         config,
-        l2_clip=reduce.check_positive_float(config.l2_clip, name="l2_clip"),
+        l2_clip=fast_api.check_l2_clip(config.l2_clip),
+        augmentations=augmentations,
         noise_multiplier=sigma,
         delta=float(config.delta),  # checked by dp.epsilon above
         target_epsilon=target,
@@ -291,13 +455,18 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
             config.pld_discretization, name="pld_discretization"
         ),
         stop_at_epsilon=stop,
+        adaptive_clip=adaptive_clip,
     )
-    the_plan = PrivacyPlan(resolved, sigma, q, steps, physical, source, n, steps)
+    the_plan = PrivacyPlan(resolved, sigma, q, steps, physical, source, n, steps, coefs)
     if stop is None:
         return the_plan
     # Stop early rather than refuse: with σ given, "train until the budget is spent" is the
     # point; the steps that fit are counted now, before any data is touched.
-    fit = the_plan.accountant().steps_within(stop, the_plan.step_event(), max_steps=steps)
+    fit = the_plan.accountant().steps_within(
+        stop, the_plan.step_event(), max_steps=the_plan.compositions(steps)
+    )
+    if coefs is not None:  # k participations of each group: the first k · b steps
+        fit = min(steps, fit * len(coefs))
     if fit == 0:
         raise ValueError(
             f"`stop_at_epsilon` {stop!r} is spent by the first step (ε = "
@@ -305,6 +474,104 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
             "budget or `noise_multiplier`"
         )
     return dataclasses.replace(the_plan, stop_step=fit)
+
+
+def _bandmf_source(config, source, *, num_examples, batch_size, steps):
+    """``noise="bandmf"``'s batch source (cyclic Poisson over ``bands`` groups), checked;
+    ``source`` itself for Gaussian noise."""
+    if config.noise not in NOISES:
+        raise ValueError(f"`noise` must be one of {list(NOISES)}; got {config.noise!r}")
+    if config.noise != "bandmf":
+        if config.bands is not None:
+            raise ValueError(
+                f"`bands` applies only to noise='bandmf'; got bands={config.bands!r} with "
+                f"noise={config.noise!r}"
+            )
+        return source
+    if config.bands is None:
+        raise ValueError("noise='bandmf' needs `bands` (the number of bands b >= 1); got None")
+    if config.sampling != "poisson":
+        raise ValueError(
+            "noise='bandmf' samples its own way (cyclic Poisson over `bands` groups); "
+            f"leave `sampling` at 'poisson'; got sampling={config.sampling!r}"
+        )
+    if config.bandmf_strategy not in bandmf.STRATEGIES:
+        raise ValueError(
+            f"`bandmf_strategy` must be one of {list(bandmf.STRATEGIES)}; got "
+            f"{config.bandmf_strategy!r}"
+        )
+    b = bandmf.check_bands(config.bands, steps=steps)
+    if b * batch_size > num_examples:
+        raise ValueError(
+            f"`bands` ({b}) times `batch_size` ({batch_size}) must be at most the training set "
+            f"({num_examples} examples): each step samples one of {b} groups of about "
+            f"{num_examples // b} examples with rate bands * batch_size / N"
+        )
+    return sources.CyclicPoisson(sampling_rate=b * batch_size / num_examples, groups=b)
+
+
+def run_optimizer(optimizer, the_plan: PrivacyPlan | None, key):
+    """The optimizer the DP steps run: ``optimizer`` itself, or headed by the privatizer that
+    carries state across steps, ``optax.chain(privatizer, optimizer)``: adaptive clipping's
+    (:func:`jaxgrad.privacy.quantile_privatizer`, its state the clip norm) or BandMF's
+    (:func:`jaxgrad.privacy.bandmf_privatizer`, its state the noise key and the last
+    ``b − 1`` noise vectors; step ``t``'s ``z_t`` is Gaussian noise's, from
+    ``dp_keys(key, t)``). :func:`release` takes BandMF's secret state out again."""
+    if the_plan is None:
+        return optimizer
+    c = the_plan.config
+    expected = the_plan.source.expected_batch_size(the_plan.num_examples)
+    if c.adaptive_clip is not None:
+        privatizer = adaptive.quantile_privatizer(
+            noise_multiplier=the_plan.noise_multiplier,
+            initial_clip=c.l2_clip,
+            expected_batch_size=expected,
+            adaptive_clip=c.adaptive_clip,
+            nonfinite=c.nonfinite,
+        )
+    elif the_plan.coefs is not None:
+        privatizer = noisy.bandmf_privatizer(
+            coefs=the_plan.coefs,
+            noise_multiplier=the_plan.noise_multiplier,
+            l2_sensitivity=fast_api.clip_sensitivity(c.l2_clip),
+            expected_batch_size=expected,
+            key=key,
+        )
+    else:
+        return optimizer
+    return optax.chain(privatizer, optimizer)
+
+
+def release(state: TrainState, the_plan: PrivacyPlan | None) -> TrainState:
+    """``state`` without BandMF's privatizer state (its key and noise history are secret:
+    with them the last steps' clipped sums could be recovered)."""
+    if the_plan is None or the_plan.coefs is None:
+        return state
+    return state._replace(opt_state=state.opt_state[1])
+
+
+def _check_adaptive(config, sigma, expected_batch_size):
+    """``adaptive_clip``'s type and settings, before σ is calibrated (σ_b against the given
+    σ, or only the settings when σ is calibrated later)."""
+    a = config.adaptive_clip
+    if not isinstance(a, adaptive.AdaptiveClip):
+        raise TypeError(
+            f"`adaptive_clip` must be a jaxgrad.privacy.AdaptiveClip (or None); got {a!r}"
+        )
+    if not isinstance(config.l2_clip, (int, float)) or isinstance(config.l2_clip, bool):
+        raise TypeError(
+            "`adaptive_clip` needs one initial clip norm `l2_clip` (a number); got "
+            f"{config.l2_clip!r}"
+        )
+    if config.noise != "gaussian":
+        raise ValueError(
+            "`adaptive_clip` works with independent noise only (noise='gaussian'); got "
+            f"noise={config.noise!r}"
+        )
+    if config.noise_multiplier is None:  # σ not known yet: the settings alone
+        a = dataclasses.replace(a, count_noise_multiplier=a.count_noise_multiplier or 1.0)
+        sigma = 0.0
+    a.resolve(noise_multiplier=sigma, expected_batch_size=expected_batch_size)
 
 
 def engine(
@@ -337,23 +604,26 @@ def engine(
     c = the_plan.config
     n = reduce.batch_size(train_data, name="train_data")
     source, p = the_plan.source, the_plan.physical_batch_size
-    stddev = the_plan.noise_multiplier * c.l2_clip
     steps_per_epoch = -(-n // batch_size)
     last_step = the_plan.stop_step
-    clipped = noisy.ClippedSum(loss_fn, l2_clip=c.l2_clip, method=c.method)
-    privatize = functools.partial(
-        noisy._privatize,
-        nonfinite=c.nonfinite,
-        stddev=stddev,
-        expected_batch_size=source.expected_batch_size(n),
-    )
+    if c.adaptive_clip is None:
+        clipped = noisy.ClippedSum(loss_fn, l2_clip=c.l2_clip, method=c.method)
+
+        def clip_args(state):
+            return ()
+    else:  # the clip norm is an argument, read from the privatizer's state
+        clipped = adaptive.QuantileClippedSum(loss_fn, method=c.method)
+
+        def clip_args(state):
+            return (state.opt_state[0].l2_clip,)
+
+    transform = _transform(the_plan, optimizer, expected_batch_size=source.expected_batch_size(n))
 
     def loss_args(step):  # the loss's extra argument: this step's loss key, if any
         return () if loss_key is None else (keys.step_key(loss_key, step),)
 
-    def update(state, total, bad, noise_key):
-        g = privatize(total, None, bad, noise_key)
-        updates, opt_state = optimizer.update(g, state.opt_state, state.params)
+    def update(state, total, bad, key):
+        updates, opt_state = transform(state, total, bad, key)
         new = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
         return new, jnp.zeros(()), 0.0  # no loss: it would be computed on private rows
 
@@ -366,6 +636,9 @@ def engine(
         }
     }
     del config["privacy"]["epsilon"], config["privacy"]["steps"]
+    config["privacy"].pop("participations", None)
+    if the_plan.coefs is not None:  # a resumed run must noise with the same strategy
+        config["privacy"]["bandmf_coefs"] = list(the_plan.coefs)
 
     def epoch_chunks(key, epoch):
         del key  # every step draws its own batch
@@ -374,9 +647,11 @@ def engine(
         active = (index < steps_per_epoch) & (epoch * steps_per_epoch + index < last_step)
         return list(active.reshape(-1, chunk))
 
+    latest = {}  # the clip norm after the last chunk run (adaptive clipping): released
+
     def record(steps, loss_sum, count):
         del loss_sum, count
-        return {"epsilon": the_plan.epsilon(steps)}
+        return {"epsilon": the_plan.epsilon(steps), **latest}
 
     def failure(bad, epoch):
         return (
@@ -391,18 +666,92 @@ def engine(
         draw_and_clip = noisy.sampled_clipped_sum(clipped, source=source, physical_batch_size=p)
 
         def step(state, data, key):
-            sample_key, noise_key = keys.dp_keys(key, state.step)
-            total, _, bad, _ = draw_and_clip(state.params, data, sample_key, *loss_args(state.step))
-            return update(state, total, bad, noise_key)
+            sample_key, _ = keys.dp_keys(key, state.step)
+            args = (*clip_args(state), *loss_args(state.step))
+            total, _, bad, _ = draw_and_clip(state.params, data, sample_key, *args, step=state.step)
+            return update(state, total, bad, key)
 
         run_chunk = _local_chunks(guarded(step), train_data, scan=scan)
     else:
         run_chunk = _mesh_chunks(
-            clipped, update, train_data, the_plan, mesh=mesh, check=check, loss_args=loss_args
+            clipped,
+            update,
+            train_data,
+            the_plan,
+            mesh=mesh,
+            check=check,
+            loss_args=loss_args,
+            clip_args=clip_args,
         )
+    if c.adaptive_clip is not None:
+        run_chunk = _reporting_clip(run_chunk, latest)
     return Engine(
-        config, steps_per_epoch, chunk, epoch_chunks, run_chunk, record, failure, last_step
+        config,
+        steps_per_epoch,
+        chunk,
+        epoch_chunks,
+        run_chunk,
+        record,
+        failure,
+        last_step,
     )
+
+
+def _transform(the_plan: PrivacyPlan, optimizer, *, expected_batch_size):
+    """A step's privatizer and optimizer: ``transform(state, total, bad, key) -> (updates,
+    opt_state)`` from the clipped sum. Independent Gaussian noise is added here from the
+    step's noise key; adaptive clipping's and BandMF's privatizers head ``optimizer``
+    (:func:`run_optimizer`) and get the step's keys as extra arguments (the count's from
+    :func:`jaxgrad.keys.clip_count_key`, never the gradient's) or hold their own."""
+    c = the_plan.config
+    if c.adaptive_clip is not None:
+
+        def transform(state, total, bad, key):
+            _, noise_key = keys.dp_keys(key, state.step)
+            count_key = keys.clip_count_key(key, state.step)
+            return optimizer.update(
+                total,
+                state.opt_state,
+                state.params,
+                noise_key=noise_key,
+                count_key=count_key,
+                num_nonfinite=bad,
+            )
+
+    elif the_plan.coefs is not None:
+
+        def transform(state, total, bad, key):
+            del key  # BandMF's privatizer draws z_t from its own state (the same key)
+            if c.nonfinite == "raise":
+                total = jax.tree_util.tree_map(lambda t: jnp.where(bad > 0, jnp.nan, t), total)
+            return optimizer.update(total, state.opt_state, state.params)
+
+    else:
+        privatize = functools.partial(
+            noisy._privatize,
+            nonfinite=c.nonfinite,
+            stddev=the_plan.noise_multiplier * fast_api.clip_sensitivity(c.l2_clip),
+            expected_batch_size=expected_batch_size,
+        )
+
+        def transform(state, total, bad, key):
+            _, noise_key = keys.dp_keys(key, state.step)
+            g = privatize(total, None, bad, noise_key)
+            return optimizer.update(g, state.opt_state, state.params)
+
+    return transform
+
+
+def _reporting_clip(run_chunk, latest):
+    """``run_chunk`` that keeps the clip norm it ended with in ``latest["l2_clip"]`` (for
+    the epoch's record: post-processing of the noisy counts)."""
+
+    def run(state, key, active):
+        out = run_chunk(state, key, active)
+        latest["l2_clip"] = float(sharding_lib.local_replica(out[0].opt_state[0].l2_clip))
+        return out
+
+    return run
 
 
 def _local_chunks(body, train_data, *, scan: bool):
@@ -438,7 +787,7 @@ def _local_chunks(body, train_data, *, scan: bool):
     return run_chunk
 
 
-def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_args):
+def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_args, clip_args):
     """``run_chunk`` on ``mesh``: each step's draw computed the same in every process, its
     physical batches gathered on the host (each process only its own devices' rows, padded
     to a multiple of the device count) and sharded over the ``"data"`` axis, their clipped
@@ -454,25 +803,25 @@ def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_arg
     @jax.jit
     def draw(key, step):  # this process's copy of the step's one draw
         sample_key, _ = keys.dp_keys(key, step)
-        return source.sample(sample_key, num_examples=n, physical_batch_size=p)
+        return source.sample(
+            sample_key, num_examples=n, physical_batch_size=p, **sources.step_kwargs(source, step)
+        )
 
     @jax.jit
-    def accumulate(params, acc, batch, mask, step):
+    def accumulate(params, acc, batch, mask, step, extra):
         batch, mask = jax.lax.with_sharding_constraint((batch, mask), batch_spec)
-        return jax.tree_util.tree_map(jnp.add, acc, clipped(params, batch, mask, *loss_args(step)))
+        part = clipped(params, batch, mask, *extra, *loss_args(step))
+        return jax.tree_util.tree_map(jnp.add, acc, part)
 
-    def finish_step(state, total, bad, key):
-        _, noise_key = keys.dp_keys(key, state.step)
-        return update(state, total, bad, noise_key)
+    finish = jax.jit(functools.partial(guarded(update), active=True))
 
-    finish = jax.jit(functools.partial(guarded(finish_step), active=True))
-
-    def zeros_like_sum(params, step):
+    def zeros_like_sum(state):
         example = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct((width, *x.shape[1:]), x.dtype), train_data
         )
         mask = jax.ShapeDtypeStruct((width,), bool)
-        shapes = jax.eval_shape(clipped, params, example, mask, *loss_args(step))
+        args = (*clip_args(state), *loss_args(state.step))
+        shapes = jax.eval_shape(clipped, state.params, example, mask, *args)
         zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
         return sharding_lib.replicate(zeros, mesh=mesh)
 
@@ -483,7 +832,7 @@ def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_arg
         for _ in range(int(np.sum(active))):
             state = carry[0]
             sample = draw(local_key, int(state.step))
-            zeros = zeros_like_sum(state.params, state.step) if zeros is None else zeros
+            zeros = zeros_like_sum(state) if zeros is None else zeros
             acc = zeros
             for k in range(int(dp.num_physical_batches(int(sample.count), p))):
                 # The batch source's own k-th physical batch, padded for the devices.
@@ -493,7 +842,7 @@ def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_arg
                 idx = np.concatenate([idx, np.full(width - p, idx[0], idx.dtype)])
                 mask = np.concatenate([mask, np.zeros(width - p, bool)])
                 batch, mask = sharding_lib.take_rows(train_data, idx, mask, mesh=mesh, check=check)
-                acc = accumulate(state.params, acc, batch, mask, state.step)
+                acc = accumulate(state.params, acc, batch, mask, state.step, clip_args(state))
                 sharding_lib.serialize_across_processes(acc)
             total, _, bad = acc
             carry, _ = finish(carry, total, bad, global_key)
@@ -507,4 +856,12 @@ def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_arg
     return run_chunk
 
 
-__all__ = ["PrivacyConfig", "PrivacyPlan", "engine", "plan"]
+__all__ = [
+    "PrivacyConfig",
+    "PrivacyPlan",
+    "engine",
+    "per_layer_clip",
+    "plan",
+    "release",
+    "run_optimizer",
+]
