@@ -120,8 +120,12 @@ def peeled_sum(one, num_steps):
 
 
 def has_convolution(fn, *args) -> bool:
-    """Whether ``fn(*args)`` (abstract values suffice) runs a convolution, read off its jaxpr."""
-    return "conv_general_dilated" in str(jax.make_jaxpr(fn)(*args))
+    """Whether ``fn(*args)`` (abstract values suffice) runs a convolution at any depth (loops,
+    branches, custom calls): a query on the fast path's walker (:mod:`jaxgrad.fast.trace`)."""
+    from jaxgrad.fast import trace  # the fast path imports the strategies: not at load time
+
+    program, _ = trace.trace_program(fn, *args)
+    return "conv_general_dilated" in trace.primitives(program)
 
 
 def scan_steps(scan, fn, *args) -> bool:

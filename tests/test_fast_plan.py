@@ -18,14 +18,41 @@ def test_plan_lists_every_leaf_with_route():
     p = plan(loss, params, _example(batch))
     by_path = {lp.path: lp for lp in p.leaves}
     assert set(by_path) == {"['b']", "['embed']", "['mix']"}
+    # every leaf's route, and each use named by the user's source line (test_fast_cases.py)
     assert by_path["['embed']"].route.startswith("tied, 2 uses")
-    assert by_path["['embed']"].uses[0].startswith("gather#")
-    assert by_path["['mix']"].route.startswith("dense")
-    assert by_path["['b']"].fallback and "broadcast_in_dim" in by_path["['b']"].reason
+    gather, head = by_path["['embed']"].uses
+    assert gather.startswith("gather @ test_fast_cases.py:81 (tied_loss)"), gather
+    assert head.startswith("dense @ test_fast_cases.py:82 (tied_loss)"), head
+    assert by_path["['mix']"].route == "dense, 4 positions: per-example gradient"
+    assert by_path["['mix']"].uses == ("dense @ test_fast_cases.py:81 (tied_loss)",)
+    assert by_path["['b']"].fallback and "used by `add`" in by_path["['b']"].reason
     assert by_path["['b']"].per_example == 4
     text = str(p)
     assert text.splitlines()[0].split()[:4] == ["leaf", "shape", "uses", "route"]
     assert all(path in text for path in by_path)
+    assert "test_fast_cases.py:81 (tied_loss)" in text
+
+
+def test_plan_names_frames_and_transformations():
+    """A use in a scan body names its line and frame; a reparametrised leaf names the
+    transformation and the uses of the effective weight it makes (what ``fast_pass`` runs)."""
+
+    def loss(p, x):
+        def step(h, _):
+            return jnp.tanh(h @ p["u"]), None
+
+        h, _ = jax.lax.scan(step, x @ p["w"], None, length=3)
+        return jnp.sum(h @ (p["m"] * 2.0).T)
+
+    params = {"w": jnp.ones((3, 2)), "u": jnp.ones((2, 2)), "m": jnp.ones((4, 2))}
+    by_path = {lp.path: lp for lp in plan(loss, params, jnp.ones(3)).leaves}
+    assert by_path["['u']"].uses == ("dense @ test_fast_plan.py:42 (step) in scan",)
+    assert by_path["['u']"].route.startswith("scan, 3 steps, shared: dense")
+    assert by_path["['w']"].route == "dense: |a|²|g|²"
+    m = by_path["['m']"]
+    assert m.route.startswith("reparametrised (mul): ") and not m.fallback
+    assert m.uses == ("dense @ test_fast_plan.py:45 (loss) via mul",)
+    assert m.per_example == 8 + 8  # the effective weight's gradient, then the leaf's
 
 
 @jax.custom_vjp

@@ -1,7 +1,6 @@
 """The jit-compiled train step: compiles once per shape; equivalent strategies give the same
 SGD trajectory as an independent Python-loop reference."""
 
-
 import chex
 import jax
 import jax.numpy as jnp

@@ -11,7 +11,11 @@ and the factors :func:`gram` reads the Gram matrix ``⟨∇S_i, ∇S_j⟩`` from
   :mod:`jaxgrad.fast.trace`), whose gradients are the per-example output cotangents ``G``;
   norms and reweighted sums come from ``G`` and the kept operands ``A`` (see
   :mod:`jaxgrad.fast.rules`). Parameters with other uses get a per-example zero copy whose
-  gradient is their exact per-example gradient.
+  gradient is their exact per-example gradient. Reparametrised parameters (an
+  example-independent transformation ``W_eff = f(θ)`` before ordinary uses) get ``f``'s VJP
+  of the effective weight's per-example gradient. Each leaf takes the
+  :class:`jaxgrad.fast.plan.Route` computed once by :func:`jaxgrad.fast.plan.routes`, the
+  one ``plan`` prints.
 """
 
 from __future__ import annotations
@@ -132,6 +136,11 @@ def _struct(x):
     return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
 
 
+def _row_sq(g, dtype):
+    """``(B,)``: the squared norm of every row of ``g``."""
+    return jnp.sum(jnp.square(g.reshape(g.shape[0], -1).astype(dtype)), axis=1)
+
+
 def analyse(loss_fn, params, batch) -> trace.Analysis:
     """The jaxpr analysis of ``loss_fn`` on one example of ``batch``."""
     example = jax.tree_util.tree_map(
@@ -148,8 +157,8 @@ def _chain_transpose(program, use: trace.Use, leaf, x):
     (the chain applies to every slice).
     """
     if not use.chain and not use.pre_chain and not any(lv.chain for lv in use.nest):
-        return x.astype(jnp.result_type(leaf))
-    zero = jnp.zeros(np.shape(leaf), jnp.result_type(leaf))
+        return x.astype(leaf.dtype)
+    zero = jnp.zeros(leaf.shape, leaf.dtype)
     _, vjp = jax.vjp(lambda p: trace.apply_use_chain(program, use, p), zero)
     return vjp(x)[0]
 
@@ -206,6 +215,13 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         plan_lib.check_strict(an, params)
     program = an.program
     leaves, treedef = jax.tree_util.tree_flatten(params)
+    n = an.num_params
+    # The routes, computed once: what runs here is what ``plan`` prints.
+    route = plan_lib.routes(an, [np.shape(x) for x in leaves])
+    tf = an.transform
+    # Leaves and effective weights (``n + v``) as (shape, dtype) structs.
+    like = [_struct(x) for x in leaves]
+    like += [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (tf.avals if tf else ())]
     ex_leaves = jax.tree_util.tree_leaves(batch)
     size = mask.shape[0]
     captured = an.captured
@@ -345,7 +361,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
 
     def leaf_grads(j, use):  # (B, *leaf.shape) through one use
         g = rules.per_example_grads(use.op, use.pos, a_of(use), g_of(use))
-        return jax.vmap(lambda x: _chain_transpose(program, use, leaves[j], x))(g)
+        return jax.vmap(lambda x: _chain_transpose(program, use, like[j], x))(g)
 
     # Per-example gradients of the uses whose norm route forms them anyway: the weighted sum
     # then reads them (Σ_i c_i J_i, B × |leaf| work) instead of contracting A and G again.
@@ -386,48 +402,101 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     norm_sq = jnp.zeros((size,), norm_dtype)
     leaf_cols = [jnp.zeros((size,), norm_dtype) for _ in leaves]  # per leaf, for leaf_sq
 
-    def group_block(j, uses):  # how a group of uses that may overlap is read (see Parts)
-        if len(uses) == 1:
-            u = uses[0]
+    def group_block(j, group):  # how a group of uses that may overlap is read (see Parts)
+        if group.form == "use":
+            u = group.uses[0]
             return ("use", u.kind, u.op, u.pos, a_of(u), g_of(u))
-        # several uses (tied weights): the cross terms between them are needed
-        ndim = np.ndim(leaves[j])
-        perms = [trace.use_perm(program, u, ndim) for u in uses]
-        factors = [
-            rules.outer_factors(u.op, u.pos, perm, ndim, a_of(u), g_of(u))
-            for u, perm in zip(uses, perms, strict=True)
-        ]
-        if all(f is not None for f in factors):
-            return ("outer", factors)
-        return ("grads", sum(leaf_grads(j, u) for u in uses))  # the per-example gradient
+        ndim = len(like[j].shape)  # tied uses: the cross terms between them are needed
+        if group.form == "outer":
+            return (
+                "outer",
+                [
+                    rules.outer_factors(u.op, u.pos, perm, ndim, a_of(u), g_of(u))
+                    for u, perm in zip(group.uses, group.perms, strict=True)
+                ],
+            )
+        return ("grads", sum(leaf_grads(j, u) for u in group.uses))  # the per-example gradient
 
-    def group_norm(j, uses):  # ‖Σ_u ∇S_i through u‖²: the diagonal of the group's block
-        if len(uses) == 1:
-            return norm_use(uses[0])
-        block = group_block(j, uses)
+    def group_norm(j, group):  # ‖Σ_u ∇S_i through u‖²: the diagonal of the group's block
+        if group.form == "use":
+            return norm_use(group.uses[0])
+        block = group_block(j, group)
         if block[0] == "outer":
             return rules.cross_norm_sq(block[1])
-        g = block[1]
-        return jnp.sum(jnp.square(g.reshape(size, -1).astype(norm_dtype)), axis=1)
+        return _row_sq(block[1], norm_dtype)
 
-    for j, uses in an.fast.items():
+    # Reparametrised leaves θ (see :class:`jaxgrad.fast.trace.Transform`): W_eff = f(θ) is the
+    # same for every example, so ∇_θ S_i = J_fᵀ ∇_{W_eff} S_i. Norms (and Gram blocks) apply
+    # the VJP to each example's materialised ∇_{W_eff} S_i (B × |W_eff|, no per-example
+    # forward pass); the weighted sum and the dots stay factored by linearity:
+    # Σ_i c_i J_fᵀ ∇_i = J_fᵀ (Σ_i c_i ∇_i) and ⟨J_fᵀ ∇_i, v⟩ = ⟨∇_i, J_f v⟩.
+    if tf is not None:
+        fixed = {program.invars[j]: leaves[j] for j in range(n) if j not in an.exact}
+
+        def transform(*theta):
+            values = dict(fixed)
+            values.update((program.invars[j], t) for j, t in zip(tf.leaves, theta, strict=True))
+            return tf.apply(program, values)
+
+        theta0 = [leaves[j] for j in tf.leaves]
+        _, f_vjp = jax.vjp(transform, *theta0)
+        eff = [n + v for v in range(len(tf.outputs))]
+
+        def eff_grads(j):  # (B, *W_eff): every use's per-example gradient, summed
+            total = jnp.zeros((size, *like[j].shape), like[j].dtype)
+            for u in an.uses[j]:
+                total = total + leaf_grads(j, u).astype(like[j].dtype)
+            return total
+
+        @functools.cache
+        def reparam_grads():  # leaf -> (B, *leaf): the VJP per example, plus direct uses
+            per = jax.vmap(f_vjp)([eff_grads(j) for j in eff])
+            out = {}
+            for j, g in zip(tf.leaves, per, strict=True):
+                for u in an.uses[j]:
+                    g = g + leaf_grads(j, u).astype(g.dtype)
+                out[j] = g
+            return out
+
+    def fast_groups():  # (leaf, group) of every fast leaf, in order
+        return [(r.leaf, g) for r in route[:n] if r.way == "fast" for g in r.groups]
+
+    for j, group in fast_groups():
         # Uses reading disjoint blocks of the leaf (Q, K, V parts of one weight) have no
         # cross terms: their squared norms add.
-        for group in trace.disjoint_groups(program, uses):
-            sq = group_norm(j, group).astype(norm_dtype)
+        sq = group_norm(j, group).astype(norm_dtype)
+        norm_sq, leaf_cols[j] = norm_sq + sq, leaf_cols[j] + sq
+    if tf is not None:
+        for j, g in reparam_grads().items():
+            sq = _row_sq(g, norm_dtype)
             norm_sq, leaf_cols[j] = norm_sq + sq, leaf_cols[j] + sq
     for j, g in g_exact.items():
-        sq = jnp.sum(jnp.square(g.reshape(size, -1).astype(norm_dtype)), axis=1)
+        sq = _row_sq(g, norm_dtype)
         norm_sq, leaf_cols[j] = norm_sq + sq, leaf_cols[j] + sq
+
+    def weighted_leaf(j, c):  # Σ_i c_i ∇S_i through leaf j's own uses (c: (B,))
+        total = jnp.zeros(like[j].shape, like[j].dtype)
+        for u in an.uses[j]:
+            total = total + _chain_transpose(program, u, like[j], weighted_use(u, c))
+        return total
+
+    def through_transform(c):  # reparametrised leaf -> Σ_i c_i J_fᵀ ∇_{W_eff} S_i
+        if c.ndim == 1:  # one weight per example: one VJP for every leaf
+            return dict(zip(tf.leaves, f_vjp([weighted_leaf(j, c) for j in eff]), strict=True))
+        # one weight per example and leaf: a VJP per leaf, with its own column
+        return {
+            j: f_vjp([weighted_leaf(k, c[:, j]) for k in eff])[q] for q, j in enumerate(tf.leaves)
+        }
 
     def weighted(c):
         out = []
+        if tf is not None:
+            through = through_transform(c)
         for j, leaf in enumerate(leaves):
-            if j in an.fast:
-                total = 0
-                for u in an.fast[j]:
-                    w = weighted_use(u, _leaf_weights(c, j))
-                    total = total + _chain_transpose(program, u, leaf, w)
+            if j in an.fast or j in an.reparam:
+                total = weighted_leaf(j, _leaf_weights(c, j))
+                if j in an.reparam:
+                    total = total + through[j].astype(total.dtype)
                 out.append(total)
             elif j in g_exact:
                 g = g_exact[j]
@@ -438,8 +507,12 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
 
     def dots(v):  # ⟨∇S_i, v⟩ = Σ_uses ⟨G_i, op(A_i, chain(v))⟩ + the exact leaves' rows
         total = jnp.zeros((size,), norm_dtype)
-        for j, uses in an.fast.items():
-            vj = jnp.asarray(v[j], jnp.result_type(leaves[j]))
+        v = list(v)
+        if tf is not None:  # the effective weights' direction: J_f v
+            theta_v = [jnp.asarray(v[j], like[j].dtype) for j in tf.leaves]
+            v = v + list(jax.jvp(transform, theta0, theta_v)[1])
+        for j, uses in an.uses.items():
+            vj = jnp.asarray(v[j], like[j].dtype)
             zero = jnp.zeros_like(vj)
             for u in uses:
                 # The alias chain is linear: its jvp at 0 is the chain applied to v, the
@@ -452,11 +525,9 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         return jnp.where(mask, total, 0)
 
     def blocks():  # the groups norm_sq adds, in the same order, for gram()
-        out = [
-            group_block(j, group)
-            for j, uses in an.fast.items()
-            for group in trace.disjoint_groups(program, uses)
-        ]
+        out = [group_block(j, group) for j, group in fast_groups()]
+        if tf is not None:
+            out += [("grads", g) for g in reparam_grads().values()]
         return out + [("grads", g) for g in g_exact.values()]
 
     # Clamped at 0: tied uses that cancel can leave a squared norm a rounding error below 0.

@@ -1,12 +1,17 @@
 """The fast path's plan for a loss: for every parameter leaf, its uses, its route, its cost.
 
-:func:`plan` reads the same jaxpr analysis :func:`jaxgrad.fast.per_example_norms` runs on
-(:mod:`jaxgrad.fast.trace`) and reports, per leaf (by pytree path):
+:func:`routes` computes every leaf's :class:`Route` once from the walker's analysis
+(:mod:`jaxgrad.fast.trace`); ``passes.fast_pass`` executes those routes and :func:`plan`
+prints them, so the plan cannot disagree with what runs. Per leaf (by pytree path):
 
-* its uses — the equations that read it (``dense``, ``conv``, ``gather``);
+* its uses — the equations that read it (``dense``, ``conv``, ``gather``), each named by the
+  line of the user's source that wrote it (``"dense @ model.py:12 (apply)"``) and its frame
+  (``in scan``, ``in cond branch 1``);
 * its route — how its per-example squared norm is obtained: the use's rule (``|a|²|g|²``, the
   Gram form ``⟨AAᵀ, GGᵀ⟩``, a per-example gradient of one use, ...), the cross terms of tied
-  uses, or the **exact fallback** (a per-example copy of the leaf, ``B × |leaf|``) and why;
+  uses, ``reparametrised (...)`` naming the example-independent transformation it goes
+  through (the effective weight's per-example gradient, then the transformation's VJP), or
+  the **exact fallback** (a per-example copy of the leaf, ``B × |leaf|``) and why;
 * the per-example memory that route forms, in entries of the leaf's dtype. A route that forms
   the per-example gradient (``per-example gradient``) keeps it until the clip factors are
   known: the clipped sum is then ``Σ_i c_i J_i``, with no second contraction of ``A`` and ``G``.
@@ -39,7 +44,7 @@ class LeafPlan:
 
     path: str
     shape: tuple
-    uses: tuple  # of str, one per use: "dense#12", "gather#3", ...
+    uses: tuple  # of str, one per use: "dense @ model.py:12 (apply)", ...
     route: str  # "dense: ...", "tied: ...", "exact fallback", "unused"
     reason: str  # why it falls back ("" when it does not)
     per_example: int  # entries formed per example by the route
@@ -77,13 +82,45 @@ class Plan:
         return "\n".join(lines)
 
 
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Uses of one leaf that may overlap (see :func:`jaxgrad.fast.trace.disjoint_groups`) and
+    how their per-example squared norm is formed: ``"use"`` — one use, by its rule;
+    ``"outer"`` — tied uses as ``Σ_t x_t ⊗ y_t`` with every cross term (``perms``: each use's
+    transposes from the leaf); ``"grads"`` — tied uses' per-example gradients, summed."""
+
+    uses: tuple
+    form: str
+    perms: tuple
+    label: str
+    cost: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """How one leaf's per-example gradient is obtained, computed once (:func:`routes`):
+    ``fast_pass`` executes it and :func:`plan` prints it.
+
+    ``way`` is ``"fast"`` (its groups of uses), ``"reparam"`` (through an example-independent
+    transformation: its direct uses' per-example gradients plus the transformation's VJP of
+    the effective weights'), ``"exact"`` (a per-example copy) or ``"unused"``.
+    """
+
+    leaf: int
+    way: str
+    groups: tuple
+    label: str
+    reason: str
+    per_example: int
+
+
 def _use_name(u: trace.Use) -> str:
+    where = f" @ {u.source}" if u.source else ""
     if u.site == "cond":
-        return f"{u.kind}#{u.scan[2]} in cond#{u.eqn} branch {u.scan[1]}"
+        return f"{u.kind}{where} in cond branch {u.scan[1]}"
     if u.site == "scan":
-        inner = "".join(f" in scan#{i}" for i in reversed(u.scan[1:-1]))
-        return f"{u.kind}#{u.scan[-1]}{inner} in scan#{u.eqn}"
-    return f"{u.kind}#{u.eqn}"
+        return f"{u.kind}{where} in {'scan in ' * len(u.nest)}scan"
+    return f"{u.kind}{where}"
 
 
 def _complex_prefix(uses) -> str:
@@ -102,41 +139,75 @@ def _scan_prefix(u: trace.Use) -> str:
     return "scan, " + "; nested scan, ".join(words) + ": "
 
 
-def leaf_plans(an: trace.Analysis, leaves, paths) -> tuple:
-    """A :class:`LeafPlan` per leaf from an analysis; the same choices ``fast_pass`` makes."""
+def _group(an: trace.Analysis, uses: list, shape: tuple) -> Group:
+    """The route of one group of uses that may overlap."""
+    if len(uses) == 1:
+        (u,) = uses
+        label, cost = rules.route(u.kind, u.op, u.pos)
+        return Group(tuple(uses), "use", (), _scan_prefix(u) + _complex_prefix(uses) + label, cost)
+    perms = tuple(trace.use_perm(an.program, u, len(shape)) for u in uses)
+    cplx = _complex_prefix(uses)
+    if all(
+        rules.has_outer_form(u.op, u.pos, p, len(shape)) for u, p in zip(uses, perms, strict=True)
+    ):
+        ts = [rules.outer_positions(u.op, u.pos) for u in uses]
+        label = f"tied, {len(ts)} uses: {cplx}cross terms of Σ_t x_t⊗y_t"
+        return Group(tuple(uses), "outer", perms, label, sum(ts) ** 2)
+    label = f"tied, {len(uses)} uses: {cplx}per-example gradient"
+    return Group(tuple(uses), "grads", perms, label, 2 * math.prod(shape))
+
+
+def _fast_route(an: trace.Analysis, j: int, shape: tuple) -> Route:
+    groups = tuple(_group(an, g, shape) for g in trace.disjoint_groups(an.program, an.uses[j]))
+    label = "; ".join(g.label for g in groups)
+    if len(groups) > 1:
+        label = f"{len(groups)} disjoint blocks: {label}"
+    return Route(j, "fast", groups, label, "", sum(g.cost for g in groups))
+
+
+def routes(an: trace.Analysis, shapes: list) -> tuple:
+    """Every leaf's :class:`Route` (``shapes``: the leaves'), then the effective weights'
+    (leaf ``num_params + v``) when the analysis found a reparametrisation."""
+    tf = an.transform
+    eff_shapes = [tuple(a.shape) for a in tf.avals] if tf is not None else []
     out = []
-    for j, (leaf, path) in enumerate(zip(leaves, paths, strict=True)):
-        shape, size = tuple(np.shape(leaf)), math.prod(np.shape(leaf))
-        uses = tuple(_use_name(u) for u in an.fast.get(j, ()))
+    for j, shape in enumerate([*shapes, *eff_shapes]):
+        size = math.prod(shape)
         if j in an.exact:
-            out.append(LeafPlan(path, shape, uses, "exact fallback", an.reasons[j], size))
-        elif j in an.unused:
-            out.append(LeafPlan(path, shape, (), "unused", "", 0))
+            out.append(Route(j, "exact", (), "exact fallback", an.reasons[j], size))
+        elif j in an.reparam:
+            direct = _fast_route(an, j, shape) if an.uses[j] else None
+            sizes = sum(math.prod(eff_shapes[v]) for v in tf.reads[j])
+            label = (
+                f"reparametrised ({', '.join(tf.names[j])}): per-example gradient of the "
+                "effective weight, then the transformation's VJP"
+            )
+            if direct is not None:
+                label += f"; plus direct uses: {direct.label}"
+            groups = direct.groups if direct is not None else ()
+            out.append(Route(j, "reparam", groups, label, "", sizes + size))
+        elif an.fast.get(j):
+            out.append(_fast_route(an, j, shape))
         else:
-            groups = trace.disjoint_groups(an.program, an.fast[j])
-            routes = [_group_route(an, group, shape) for group in groups]
-            label = "; ".join(r for r, _ in routes)
-            if len(groups) > 1:
-                label = f"{len(groups)} disjoint blocks: {label}"
-            out.append(LeafPlan(path, shape, uses, label, "", sum(c for _, c in routes)))
+            out.append(Route(j, "unused", (), "unused", "", 0))
     return tuple(out)
 
 
-def _group_route(an: trace.Analysis, group: list, shape: tuple) -> tuple:
-    """The label and per-example entries of one group of uses (see ``fast_pass``)."""
-    if len(group) == 1:
-        (u,) = group
-        label, cost = rules.route(u.kind, u.op, u.pos)
-        return _scan_prefix(u) + _complex_prefix(group) + label, cost
-    perms = [trace.use_perm(an.program, u, len(shape)) for u in group]
-    if all(
-        rules.has_outer_form(u.op, u.pos, p, len(shape)) for u, p in zip(group, perms, strict=True)
-    ):
-        ts = [rules.outer_positions(u.op, u.pos) for u in group]
-        label = f"tied, {len(ts)} uses: {_complex_prefix(group)}cross terms of Σ_t x_t⊗y_t"
-        return label, sum(ts) ** 2
-    label = f"tied, {len(group)} uses: {_complex_prefix(group)}per-example gradient"
-    return label, 2 * math.prod(shape)
+def leaf_plans(an: trace.Analysis, leaves, paths) -> tuple:
+    """A :class:`LeafPlan` per leaf from its :class:`Route` (what ``fast_pass`` runs)."""
+    shapes = [tuple(np.shape(leaf)) for leaf in leaves]
+    out = []
+    for r, shape, path in zip(routes(an, shapes), shapes, paths, strict=False):
+        uses = tuple(_use_name(u) for g in r.groups for u in g.uses)
+        if r.way == "reparam":  # and the uses of the effective weights it makes
+            via = an.transform.reads[r.leaf]
+            uses += tuple(
+                f"{_use_name(u)} via {', '.join(an.transform.names[r.leaf])}"
+                for v in via
+                for u in an.uses[an.num_params + v]
+            )
+        out.append(LeafPlan(path, shape, uses, r.label, r.reason, r.per_example))
+    return tuple(out)
 
 
 def leaf_paths(params) -> list:

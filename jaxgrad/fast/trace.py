@@ -1,55 +1,57 @@
-"""Reading a loss's structure off its jaxpr: which equations consume which parameter, and how.
+"""Reading a loss's structure off its jaxpr: one walker over frames, one table of rules.
 
 The per-example loss ``S(params, example)`` is traced to a jaxpr (no batch axis), calls to
-``jit``-wrapped functions are inlined, and every use of every parameter leaf is classified:
+``jit``/``closed_call``/``checkpoint`` bodies are inlined (:func:`flatten`), and one recursive
+walker (:func:`walk`) follows every parameter leaf through the program's *frames*: the top
+level, a ``lax.scan`` body (at any depth, its uses lifted over the steps), a ``cond``/``switch``
+branch. At each equation that reads a followed value it calls the equation's rule from
+:data:`RULES`, the one table of what every primitive means to the fast path:
 
-* **dense** — a ``dot_general`` whose one operand is the parameter (possibly through
-  ``reshape``, ``transpose``, ``squeeze``, ``expand_dims``, ``convert_element_type``,
-  ``copy``, ``rev`` or ``slice``: each entry of the operand is one entry of the leaf, so
-  norms are preserved; a ``split`` is read as one ``slice`` per part, and uses of disjoint
-  blocks have no cross terms) and whose other operand is not a parameter; a complex other
-  operand of the real parameter is read as two real positions (see :func:`real_form`);
-* **conv** — a ``conv_general_dilated`` whose kernel is the parameter;
-* **gather** — an embedding-style ``gather`` (whole rows of the parameter picked by integer
-  indices; a ``dynamic_slice`` of whole rows, ``W[i]`` with a scalar ``i``, is read as one);
-* **other** — anything else: an elementwise op (a bias, a norm scale), a parameter inside an
-  opaque call (``custom_jvp``/``custom_vjp``/``scan``...), a parameter used on both sides of a
-  product.
+* ``alias`` — the result is the leaf's entries re-laid (``reshape``, ``transpose``, ``slice``,
+  a cast, a ``broadcast_in_dim`` adding unit axes, ...): followed further, the equation added
+  to the use's alias chain (norms are preserved; the transposes map gradients back);
+* ``use`` — a *fast use*: ``dot_general`` (**dense**, a complex other operand read as two real
+  positions, see :func:`real_form`), ``conv_general_dilated`` (**conv**), an embedding
+  ``gather`` (**gather**); per-example gradients come from its kept operand ``A`` and its
+  output cotangent ``G`` (:mod:`jaxgrad.fast.rules`);
+* ``frame`` — ``scan``/``cond``: the walker recurses into the body/branches;
+* ``ignore`` — no gradient reaches the leaf through it (``stop_gradient``, ``debug_print``);
+* anything else — a reason: the leaf takes the *exact fallback* (a per-example copy).
 
-A leaf whose uses are all dense/conv/gather is *fast*: its per-example gradient is read off
-the use's kept operand ``A`` and its output cotangent ``G``. Any other leaf is *exact*: it gets
-a per-example copy (a zero perturbation with the batch axis) and its per-example gradient is
-the gradient with respect to that copy, in the same backward pass.
+**Reparametrised weights.** An equation whose outputs do not depend on the example and that
+reads a parameter (``W * M``, ``g * V / ‖V‖``, ``W0 + A @ B``, ``concatenate``, a constant
+scatter ...) is part of an example-independent *transformation* ``W_eff = f(θ)``. Its results
+that ordinary equations read are *effective weights*: followed like leaves (their uses are
+fast uses), and the per-example gradient of ``θ`` is ``f``'s VJP applied to the effective
+weights' per-example gradients (see :class:`Analysis` and ``passes.fast_pass``).
+
+**Example-dependence** is one dataflow rule (:func:`varying_outs`) that matches what ``vmap``
+batches: an output of a loop, branch or custom call that the example does not reach is
+unbatched even when an example-dependent value enters the equation.
+
+Adding a primitive is one entry in :data:`RULES`. A primitive whose result holds its
+operand's entries, re-laid (its VJP only places them back, so norms are preserved), is an
+alias; one through which no gradient flows is ignored; a new kind of fast use is a rule that
+appends a :class:`Found` (see :func:`use`)::
+
+    RULES["my_relayout"] = alias
+    RULES["my_log_hook"] = ignore
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
+from jax._src import source_info_util
 from jax.extend import core as jcore
 
-# Ops that only permute, re-type or select a parameter's entries (``slice``: a block, e.g. one
-# of the Q, K, V parts of a fused weight; ``rev``): each entry of the result is one entry of
-# the leaf, so a use's per-example gradient norm is that of its gradient with respect to the
-# leaf (the transpose only places it, padding with zeros), and the transposes map gradients
-# back to the leaf's layout.
-ALIAS_PRIMITIVES = frozenset(
-    {
-        "reshape",
-        "transpose",
-        "squeeze",
-        "expand_dims",
-        "convert_element_type",
-        "copy",
-        "copy_p",
-        "slice",
-        "rev",
-    }
-)
 # Call primitives whose body is inlined (they carry a jaxpr and no custom derivative rule;
 # inlining ``checkpoint`` drops the rematerialisation, not the maths).
 INLINE_PRIMITIVES = {
@@ -87,6 +89,7 @@ class Eqn:
     outs: list  # of Var
     in_avals: list
     out_avals: list
+    source: Any = None  # the equation's source_info (see :func:`source_line`)
 
 
 @dataclasses.dataclass
@@ -136,6 +139,7 @@ def flatten(closed: jcore.ClosedJaxpr) -> Program:
                     outs,
                     [a.aval for a in e.invars],
                     [v.aval for v in e.outvars],
+                    e.source_info,
                 )
             )
         return [read(a) for a in jaxpr.outvars]
@@ -192,55 +196,6 @@ def _split_as_slices(e):
     return jax.make_jaxpr(parts)(jax.ShapeDtypeStruct(op.shape, op.dtype))
 
 
-def use_block(program: Program, use: Use):
-    """The entries of its leaf a use reads: ``(frame, ranges)``, or None for all of them.
-
-    A use whose alias chain starts with a ``slice`` of the leaf reads that block only (one
-    ``range`` per axis); its per-example gradient is zero elsewhere. ``frame`` says whose axes
-    the ranges index: the leaf's (a slice in the top-level program), or, for a slice taken in
-    a scan body, the scan operand's as the body sees it (per step, for a scanned-over leaf):
-    blocks are comparable within one frame only.
-    """
-    if use.pre_chain:
-        frame, body, first = "leaf", program, use.pre_chain[0]
-    elif use.chain and use.site == "":
-        frame, body, first = "leaf", program, use.chain[0]
-    elif use.chain and use.site == "scan" and not use.nest:
-        frame, body, first = ("scan", use.eqn, use.operand), use.chain_program, use.chain[0]
-    else:
-        return None
-    if body.eqns[first].primitive.name != "slice":
-        return None
-    p = body.eqns[first].params
-    strides = p["strides"] or (1,) * len(p["start_indices"])
-    ranges = tuple(
-        range(a, b, c)
-        for a, b, c in zip(p["start_indices"], p["limit_indices"], strides, strict=True)
-    )
-    return frame, ranges
-
-
-def disjoint_groups(program: Program, uses: list) -> list:
-    """The uses of one leaf in groups that read disjoint blocks of it (see :func:`use_block`).
-
-    Per-example gradients through uses in different groups have disjoint supports, so no
-    cross terms between them: the leaf's squared norm is the sum of the groups' squared norms.
-    """
-    blocks = [use_block(program, u) for u in uses]
-
-    def overlap(a, b):
-        if a is None or b is None or a[0] != b[0]:
-            return True
-        return all(set(ra).intersection(rb) for ra, rb in zip(a[1], b[1], strict=True))
-
-    groups: list = []  # of lists of use indices
-    for i in range(len(uses)):
-        joined = [g for g in groups if any(overlap(blocks[i], blocks[k]) for k in g)]
-        merged = [i] + [k for g in joined for k in g]
-        groups = [g for g in groups if g not in joined] + [sorted(merged)]
-    return [[uses[k] for k in g] for g in sorted(groups)]
-
-
 def evaluate(program: Program, args, *, hook=None, override=None):
     """Evaluates ``program`` on ``args``; ``hook(k, invals, outvals) -> outvals`` per equation.
 
@@ -267,7 +222,7 @@ def evaluate(program: Program, args, *, hook=None, override=None):
     return [read(r) for r in program.outs]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Use:
     """One fast use of a parameter leaf: equation ``eqn`` reads the leaf at operand ``pos``.
 
@@ -277,7 +232,7 @@ class Use:
     kind: str  # "dense" | "conv" | "gather"
     eqn: int
     pos: int
-    chain: list
+    chain: tuple
     # Whether the use's output varies with the example as ``vmap`` batches it (see
     # :func:`varying`; else it is the same for every example, e.g. a position-embedding
     # lookup with constant indices or a lookup by a loop counter, and the perturbation must
@@ -287,38 +242,36 @@ class Use:
     # The equation the rules see. For a use inside a ``scan`` body it is the body's equation
     # lifted over the steps (see :func:`lift_over_steps`); else ``program.eqns[eqn]``.
     op: Eqn | None = None
-    # For a use inside a ``scan`` body: (scan equation index, body equation index), the body
-    # :class:`Program` the chain lives in, whether the leaf is scanned over (``xs``: one slice
-    # per step) rather than shared by all steps, the number of steps, and the axis of the
-    # lifted output the step axis of the captured cotangent goes to.
+    # For a use inside a frame: the path of equation indices from the top level to it
+    # (scan, body equation, ...; for a ``cond``: (cond, branch, body equation)).
     scan: tuple | None = None
+    # For a use inside a scan body: the body :class:`Program` the chain lives in, whether the
+    # leaf is scanned over (``xs``: one slice per step) rather than shared by all steps, the
+    # number of steps, and the axis of the lifted output the step axis of the cotangent goes
+    # to. For a use in a branch: the branch's :class:`Program`.
     chain_program: Program | None = None
     stacked: bool = False
     steps: int = 1
     step_axis: int = 0
-    # "" for a use in the top-level program, "scan" for one lifted over a scan's steps,
-    # "cond" for one inside a ``cond``/``switch`` branch (``scan`` is then
-    # (cond equation index, branch, body equation index); its cotangent is zero for an
-    # example that takes another branch).
+    # "" at the top level, "scan" lifted over a scan's steps, "cond" inside a branch (its
+    # cotangent is zero for an example that takes another branch).
     site: str = ""
-    # For a use inside a scan or a branch: the alias chain (in the top-level program) from the
-    # leaf to the scan's / cond's operand, applied before ``chain``.
-    pre_chain: list = dataclasses.field(default_factory=list)
-    # For a use inside a scan nested in a scan body (any depth): one :class:`Level` per inner
-    # scan, outermost first. ``chain_program``/``chain`` are then the outer body and the alias
-    # chain in it to the first inner scan's operand, ``scan`` is (scan equation, body
-    # equation of the inner scan, ..., innermost body equation), and ``op`` is lifted over
-    # every level's steps (the outer steps first); the captured arrays hold the example axis
-    # after the outer steps, ``(steps, B, *inner steps, ...)``.
-    nest: list = dataclasses.field(default_factory=list)
+    # For a use inside a frame: the alias chain (in the top-level program) from the leaf to
+    # the frame's operand, applied before ``chain``.
+    pre_chain: tuple = ()
+    # For a use in a scan nested in a scan body (any depth): one :class:`Level` per inner
+    # scan, outermost first; ``op`` is lifted over every level's steps (the outer first); the
+    # captured arrays hold the example axis after the outer steps, ``(steps, B, *inner, ...)``.
+    nest: tuple = ()
     # For a use inside a scan: the scan's operand position the leaf enters through.
     operand: int = -1
-    # The equation as the rules see it at one step, before any lift over steps: the
-    # program's (or body's) equation, or its real form (see :func:`real_form`).
+    # The equation at one step, before any lift over steps (or its real form).
     base: Eqn | None = None
     # For a real form: the axis of ``base``'s output that holds the real and imaginary
     # parts (the captured cotangent is ``(Re G, −Im G)`` there); -1 for a real use.
     split: int = -1
+    # Where the user wrote it: "file.py:123 (fn)".
+    source: str = ""
 
     @property
     def key(self):
@@ -332,7 +285,7 @@ class Level:
     scanned over by it, its steps, and the axis of its lift's output that holds them."""
 
     body: Program
-    chain: list
+    chain: tuple
     stacked: bool
     steps: int
     step_axis: int
@@ -345,20 +298,79 @@ def use_levels(use: Use) -> list:
     ]
 
 
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """The example-independent transformation ``W_eff = f(θ)`` of reparametrised leaves.
+
+    ``leaves`` are the parameter leaves it reads, ``outputs`` the effective weights (values of
+    the top-level program that ordinary equations read; index ``num_params + v`` in
+    :attr:`uses`), ``names`` the primitives it applies (for the plan), ``reads`` leaf -> the
+    effective weights it reaches, ``uses`` the captured uses of both.
+    """
+
+    leaves: tuple
+    outputs: tuple  # of Var
+    avals: tuple
+    names: dict  # leaf -> the primitives applied to it
+    reads: dict
+    # leaf -> its direct fast uses, and effective weight ``num_params + v`` -> its uses
+    uses: dict = dataclasses.field(default_factory=dict)
+
+    def apply(self, program: Program, values: dict):
+        """The effective weights from ``values`` (top-level input Var -> value): every
+        example-independent equation whose inputs are known, in order."""
+        env = dict(values)
+        known = lambda r: isinstance(r, Const) or r in env
+        read = lambda r: r.value if isinstance(r, Const) else env[r]
+        wanted = set(self.outputs)
+        for e in program.eqns:
+            if wanted <= env.keys():
+                break
+            if not e.outs or not all(known(r) for r in e.ins):
+                continue  # example-dependent, or only an effect (a print)
+            outs = e.primitive.bind(*map(read, e.ins), **e.primitive.get_bind_params(e.params))
+            outs = outs if e.primitive.multiple_results else [outs]
+            env.update(zip(e.outs, outs, strict=True))
+        return [env[v] for v in self.outputs]
+
+
 @dataclasses.dataclass
 class Analysis:
     program: Program
     num_params: int
-    fast: dict  # leaf index -> list[Use]
+    fast: dict  # leaf index -> list[Use], the leaves on a fast route
     exact: list  # leaf indices with a per-example copy
     unused: list  # leaf indices nothing reads (zero gradient)
     # leaf index -> why it takes the exact route (one line per distinct reason)
     reasons: dict = dataclasses.field(default_factory=dict)
+    transform: Transform | None = None  # reparametrised leaves, if any
+
+    @property
+    def uses(self) -> dict:
+        """Every captured use by leaf: the fast leaves', the reparametrised leaves' direct
+        uses and the effective weights' (index ``num_params + v``)."""
+        return {**self.fast, **(self.transform.uses if self.transform is not None else {})}
 
     @property
     def captured(self) -> dict:
-        """Capture key (:attr:`Use.key`) -> (leaf, Use) for every fast use."""
-        return {u.key: (j, u) for j, uses in self.fast.items() for u in uses}
+        """Capture key (:attr:`Use.key`) -> (leaf, Use) for every captured use."""
+        return {u.key: (j, u) for j, uses in self.uses.items() for u in uses}
+
+    @property
+    def reparam(self) -> tuple:
+        """The leaves whose gradient goes through :attr:`transform`."""
+        return self.transform.leaves if self.transform is not None else ()
+
+
+def source_line(eqn: Eqn) -> str:
+    """Where the user wrote an equation: ``"file.py:123 (fn)"`` (its innermost user frame)."""
+    if eqn.source is None:
+        return ""
+    frame = source_info_util.user_frame(eqn.source.traceback)
+    if frame is None:
+        return ""
+    name = frame.function_name.rsplit(".", 1)[-1]  # "step", not "loss.<locals>.step"
+    return f"{os.path.basename(frame.file_name)}:{frame.start_line} ({name})"
 
 
 def _is_embedding_gather(eqn: Eqn) -> bool:
@@ -431,248 +443,253 @@ def _reason(eqn: Eqn, param_pos: list) -> str:
     return f"used by `{name}` (not a dense/conv/gather use)"
 
 
-def _shaped(shape, dtype):
-    return jax.core.ShapedArray(tuple(shape), dtype)
+# --- The walker and its rule table ---------------------------------------------------------
 
 
-def lift_over_steps(eqn: Eqn, pos: int, steps: int, stacked: bool):
-    """The equation of all ``steps`` of a scan at once, or None where no lift is written.
+@dataclasses.dataclass(frozen=True)
+class Track:
+    """A followed value in a frame: leaf ``leaf`` through the alias equations ``chain`` of
+    this frame; in a scan body, whether the leaf is scanned over and the scan's operand
+    position it entered through."""
 
-    A use ``s_t = op(a_t, W)`` repeated over the steps of a scan is the single use
-    ``S = op(A, W)`` with the step axis a new leading free axis of the kept operand ``A``
-    (so example i's gradient is ``Σ_t op_Wᵀ(a_{i,t}, g_{i,t})``: a sequence axis). When the
-    leaf is scanned over (``W_t``, one slice per step) the step axis is a new leading *batch*
-    axis of both operands instead (a separate gradient per step).
+    leaf: int
+    chain: tuple = ()
+    stacked: bool = False
+    operand: int = -1
 
-    Returns:
-      ``(lifted_eqn, step_axis)``: ``step_axis`` is the axis of the lifted output that holds
-      the steps.
-    """
-    name = eqn.primitive.name
-    other = 1 - pos
-    if name == "dot_general":
-        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-        contract, batch = [list(lc), list(rc)], [list(lb), list(rb)]
-        shift = lambda ds: [d + 1 for d in ds]
-        shapes = [list(a.shape) for a in eqn.in_avals]
-        lfree = len(shapes[0]) - len(lc) - len(lb)
-        if stacked:
-            contract = [shift(contract[0]), shift(contract[1])]
-            batch = [[0, *shift(batch[0])], [0, *shift(batch[1])]]
-            shapes = [[steps, *shapes[0]], [steps, *shapes[1]]]
-            out = [steps, *eqn.out_avals[0].shape]
-            step_axis = 0
-        else:
-            contract[other], batch[other] = shift(contract[other]), shift(batch[other])
-            shapes[other] = [steps, *shapes[other]]
-            step_axis = len(lb) + (0 if other == 0 else lfree)
-            out = list(eqn.out_avals[0].shape)
-            out.insert(step_axis, steps)
-        params = dict(eqn.params)
-        params["dimension_numbers"] = (
-            (tuple(contract[0]), tuple(contract[1])),
-            (tuple(batch[0]), tuple(batch[1])),
+
+@dataclasses.dataclass(frozen=True)
+class Found:
+    """A fast use found in a frame, relative to it (see :func:`walk`)."""
+
+    leaf: int
+    kind: str
+    path: tuple  # equation indices from this frame down
+    pos: int
+    chain: tuple  # alias chain in this frame
+    op: Eqn  # lifted over the steps of every deeper scan level
+    base: Eqn
+    split: int
+    levels: tuple  # Level per deeper scan, outermost first
+    root: Track  # how the leaf entered this frame
+    source: str
+
+
+@dataclasses.dataclass
+class Frame:
+    """One body the walker reads: the program, its followed values, where it sits ("top",
+    "scan", "cond"), the suffix its reasons carry, and what it found."""
+
+    body: Program
+    tracked: dict  # Var -> Track
+    where: str
+    suffix: str = ""
+    region: frozenset = frozenset()  # top level: equations of the reparametrisation
+    found: list = dataclasses.field(default_factory=list)
+    reasons: dict = dataclasses.field(default_factory=dict)
+    transformed: set = dataclasses.field(default_factory=set)  # leaves read by the region
+
+    def reason(self, leaf: int, why: str) -> None:
+        self.reasons.setdefault(leaf, []).append(why + self.suffix)
+
+    def merge(self, inner: Frame, suffix: str) -> None:
+        for j, ws in inner.reasons.items():
+            self.reasons.setdefault(j, []).extend(w + suffix for w in ws)
+
+
+# A rule: ``rule(frame, k, eqn, positions)`` for equation ``k`` of ``frame.body`` reading
+# followed values at operand ``positions``.
+Rule = Callable[[Frame, int, Eqn, list], None]
+
+
+def alias(frame: Frame, k: int, e: Eqn, positions: list) -> None:
+    """Each entry of the result is one entry of the operand: follow it, chain extended."""
+    if len(e.ins) != 1 or len(e.outs) != 1:
+        return other(frame, k, e, positions)
+    t = frame.tracked[e.ins[0]]
+    frame.tracked[e.outs[0]] = dataclasses.replace(t, chain=(*t.chain, k))
+
+
+def ignore(frame: Frame, k: int, e: Eqn, positions: list) -> None:
+    """No gradient reaches the operand through this equation (its result is not followed)."""
+
+
+def broadcast(frame: Frame, k: int, e: Eqn, positions: list) -> None:
+    """``W[None, None]``: a ``broadcast_in_dim`` that only adds unit axes is an alias."""
+    return (alias if _is_alias(e) else other)(frame, k, e, positions)
+
+
+def use(frame: Frame, k: int, e: Eqn, positions: list) -> None:
+    """A fast use (dense/conv/gather, see :func:`_classify`), or a reason."""
+    kind = _classify(e, positions)
+    for i in positions:
+        t = frame.tracked[e.ins[i]]
+        if kind is None:
+            frame.reason(t.leaf, _reason(e, positions))
+            continue
+        base, split = real_form(e, i)
+        frame.found.append(
+            Found(t.leaf, kind, (k,), i, t.chain, base, base, split, (), t, source_line(e))
         )
-        in_avals = [_shaped(sh, a.dtype) for sh, a in zip(shapes, eqn.in_avals, strict=True)]
-        out_avals = [_shaped(out, eqn.out_avals[0].dtype)]
-        return Eqn(eqn.primitive, params, eqn.ins, eqn.outs, in_avals, out_avals), step_axis
-    if name == "gather" and not stacked:
-        dn = eqn.params["dimension_numbers"]
-        params = dict(eqn.params)
-        params["dimension_numbers"] = dn._replace(offset_dims=tuple(d + 1 for d in dn.offset_dims))
-        # Each step's lookups may be unique and sorted (one row, ``W[i]``), the steps' together
-        # are not (a token seen twice): the transpose, a scatter-add, must not be told so.
-        params["unique_indices"] = params["indices_are_sorted"] = False
-        idx = eqn.in_avals[1]
-        in_avals = [eqn.in_avals[0], _shaped((steps, *idx.shape), idx.dtype)]
-        out = eqn.out_avals[0]
-        out_avals = [_shaped((steps, *out.shape), out.dtype)]
-        return Eqn(eqn.primitive, params, eqn.ins, eqn.outs, in_avals, out_avals), 0
-    return None
 
 
-def real_form(eqn: Eqn, pos: int) -> tuple:
-    """A use and the axis of its output holding real and imaginary parts (-1 for none).
-
-    A real parameter ``W`` in a ``dot_general`` with a complex operand ``A`` (a Fourier
-    layer: ``W`` on the modes of ``rfft(x)``) has the real gradient ``Re(Aᵀ G)`` for the
-    output cotangent ``G`` (JAX transposes without conjugating, then keeps the real part).
-    That is ``Re(A)ᵀ Re(G) − Im(A)ᵀ Im(G)``: a real use with two positions, the operand
-    ``(Re A, Im A)`` stacked on a new free axis and the cotangent ``(Re G, −Im G)`` on the
-    matching output axis — the lift of :func:`lift_over_steps` over 2 "steps", real-valued.
-    Squaring complex entries, or a rank-1 identity for one complex position, would be
-    wrong: the real part of a complex rank-1 matrix has rank 2.
-    """
-    if not any(_is_complex(a) for a in (*eqn.in_avals, *eqn.out_avals)):
-        return eqn, -1
-    lifted, axis = lift_over_steps(eqn, pos, 2, False)
-    real = lambda d: (
-        jax.numpy.finfo(d).dtype if jax.numpy.issubdtype(d, jax.numpy.complexfloating) else d
-    )
-    params = dict(lifted.params)
-    if params.get("preferred_element_type") is not None:
-        params["preferred_element_type"] = real(params["preferred_element_type"])
-    in_avals = [_shaped(a.shape, real(a.dtype)) for a in lifted.in_avals]
-    out_avals = [_shaped(a.shape, real(a.dtype)) for a in lifted.out_avals]
-    return Eqn(eqn.primitive, params, eqn.ins, eqn.outs, in_avals, out_avals), axis
-
-
-def _scan_uses(eqn: Eqn, k: int, leaf_pos: dict):
-    """Uses of parameters inside a ``scan`` body, lifted over the steps.
-
-    ``leaf_pos`` maps the scan's operand positions that hold (aliases of) parameter leaves
-    to ``(leaf, chain)``: a leaf (or a cast, transpose, reshape of it) passed as a constant or
-    as a scanned-over input is read; one carried as loop state is not. A scan in the body is
-    read the same way, recursively, and its uses lifted over this scan's steps too (see
-    :func:`_nested_scan_uses`). Returns ``(uses, reasons)``: ``uses`` leaf -> [Use] and
-    ``reasons`` leaf -> [str] for leaves with a use that is not lifted.
-    """
-    p = eqn.params
-    num_consts, num_carry, steps = p["num_consts"], p["num_carry"], p["length"]
-    body = flatten(p["jaxpr"])
-    uses: dict = {}
-    reasons: dict = {}
-    inner_alias: dict = {}
-    pre: dict = {}
-    src: dict = {}
-    for q, (j, chain) in leaf_pos.items():
-        if num_consts <= q < num_consts + num_carry:
-            reasons.setdefault(j, []).append("carried through a `lax.scan` (a loop state)")
+def scan(frame: Frame, k: int, e: Eqn, positions: list) -> None:
+    """A ``lax.scan``: its body is a frame; the uses found there are lifted over the steps."""
+    if frame.where == "cond":
+        return other(frame, k, e, positions)
+    p = e.params
+    nc, ncar, steps = p["num_consts"], p["num_carry"], p["length"]
+    body = _flat(p["jaxpr"])
+    tracked = {}
+    for q in positions:
+        t = frame.tracked[e.ins[q]]
+        if nc <= q < nc + ncar:
+            frame.reason(t.leaf, "carried through a `lax.scan` (a loop state)")
         else:
-            inner_alias[body.invars[q]] = (j, [], q >= num_consts + num_carry)
-            pre[body.invars[q]] = chain
-            src[body.invars[q]] = q
-    if not inner_alias:
-        return uses, reasons
-    for ik, e in enumerate(body.eqns):
-        param_pos = [i for i, r in enumerate(e.ins) if isinstance(r, Var) and r in inner_alias]
-        if not param_pos:
+            tracked[body.invars[q]] = Track(t.leaf, (), q >= nc + ncar, q)
+    inner = walk(Frame(body, tracked, "scan", ", inside a `lax.scan` body"))
+    frame.merge(inner, "" if frame.where == "top" else ", nested inside a `lax.scan` body")
+    for f in inner.found:
+        lifted = lift_over_steps(f.op, f.pos, steps, f.root.stacked)
+        if lifted is None:
+            why = f"a {f.kind} use"
+            why += (
+                ", inside a `lax.scan` body"
+                if not f.levels
+                else (" of a leaf scanned over by the outer loop, nested inside a `lax.scan` body")
+            )
+            frame.reasons.setdefault(f.leaf, []).append(why)
             continue
-        if e.primitive.name in ALIAS_PRIMITIVES and len(e.ins) == 1 and len(e.outs) == 1:
-            j, chain, stacked = inner_alias[e.ins[0]]
-            inner_alias[e.outs[0]] = (j, [*chain, ik], stacked)
-            pre[e.outs[0]] = pre[e.ins[0]]
-            src[e.outs[0]] = src[e.ins[0]]
-            continue
-        if e.primitive.name == "scan":
-            _nested_scan_uses(e, ik, k, body, steps, (inner_alias, pre, src), uses, reasons)
-            continue
-        kind = _classify(e, param_pos)
-        for i in param_pos:
-            j, chain, stacked = inner_alias[e.ins[i]]
-            base, split = real_form(e, i) if kind is not None else (e, -1)
-            lifted = None if kind is None else lift_over_steps(base, i, steps, stacked)
-            if lifted is None:
-                why = _reason(e, param_pos) if kind is None else f"a {kind} use"
-                reasons.setdefault(j, []).append(f"{why}, inside a `lax.scan` body")
-                continue
-            op, step_axis = lifted
-            use = Use(kind, k, i, chain, True, op, (k, ik), body, stacked, steps, step_axis)
-            use.site, use.pre_chain = "scan", pre[e.ins[i]]
-            use.operand = src[e.ins[i]]
-            use.base, use.split = base, split
-            uses.setdefault(j, []).append(use)
-    for r in body.outs:
-        if isinstance(r, Var) and r in inner_alias:
-            j = inner_alias[r][0]
-            reasons.setdefault(j, []).append("returned from a `lax.scan` body")
-    return uses, reasons
+        op, step_axis = lifted
+        outer = frame.tracked[e.ins[f.root.operand]]
+        level = Level(body, f.chain, f.root.stacked, steps, step_axis)
+        frame.found.append(
+            Found(
+                f.leaf, f.kind, (k, *f.path), f.pos, outer.chain, op, f.base, f.split,
+                (level, *f.levels), outer, f.source,
+            )
+        )  # fmt: skip
 
 
-def _nested_scan_uses(e, ik, k, body, steps, alias, uses, reasons):
-    """Uses inside a scan ``e`` (body equation ``ik``) of the body of scan ``k``, lifted over
-    both scans' steps: example i's gradient is ``Σ_{s,t} op_Wᵀ(a_{i,s,t}, g_{i,s,t})`` for a
-    leaf shared by both loops, one gradient per outer step for a leaf the outer scan is
-    scanned over (and likewise, recursively, for deeper nesting)."""
-    inner_alias, pre, src = alias
-    leaf_pos, outer_stacked = {}, {}
-    for q, r in enumerate(e.ins):
-        if isinstance(r, Var) and r in inner_alias:
-            j, chain, stacked = inner_alias[r]
-            leaf_pos[q] = (j, chain)
-            outer_stacked[q] = (stacked, pre[r])
-    found, why = _scan_uses(e, ik, leaf_pos)
-    for j, ws in why.items():
-        reasons.setdefault(j, []).extend(f"{w}, nested inside a `lax.scan` body" for w in ws)
-    for j, inner_uses in found.items():
-        for iu in inner_uses:
-            stacked, pre_chain = outer_stacked[iu.operand]
-            lifted = lift_over_steps(iu.op, iu.pos, steps, stacked)
-            if lifted is None:
-                reasons.setdefault(j, []).append(
-                    f"a {iu.kind} use of a leaf scanned over by the outer loop, nested inside "
-                    "a `lax.scan` body"
-                )
-                continue
-            op, step_axis = lifted
-            level = Level(iu.chain_program, iu.chain, iu.stacked, iu.steps, iu.step_axis)
-            use = Use(iu.kind, k, iu.pos, iu.pre_chain, True, op, (k, *iu.scan), body)
-            use.stacked, use.steps, use.step_axis = stacked, steps, step_axis
-            use.site, use.pre_chain, use.nest = "scan", pre_chain, [level, *iu.nest]
-            use.operand = src[e.ins[iu.operand]]
-            use.base, use.split = iu.base, iu.split
-            uses.setdefault(j, []).append(use)
-
-
-def _cond_uses(eqn: Eqn, k: int, leaf_pos: dict):
-    """Uses of parameters inside the branches of a ``cond``/``switch``, per branch.
-
-    Example i's gradient through a branch it does not take is zero (under ``vmap`` every
-    branch runs and the output is selected, so that branch's cotangent is zero), so each
-    branch's uses are uses of their own, captured where they are. Same return value as
-    :func:`_scan_uses`.
-    """
-    uses: dict = {}
-    reasons: dict = {}
-    leaf_in = {}
-    for q, (j, chain) in leaf_pos.items():
+def cond(frame: Frame, k: int, e: Eqn, positions: list) -> None:
+    """A ``cond``/``switch`` at the top level: each branch is a frame, its uses its own."""
+    if frame.where != "top":
+        return other(frame, k, e, positions)
+    tracked_in = {}
+    for q in positions:
+        t = frame.tracked[e.ins[q]]
         if q == 0:
-            reasons.setdefault(j, []).append("used as the index of a `cond`/`switch`")
+            frame.reason(t.leaf, "used as the index of a `cond`/`switch`")
         else:
-            leaf_in[q - 1] = (j, chain)
-    if not leaf_in:
-        return uses, reasons
-    for bi, branch in enumerate(eqn.params["branches"]):
-        body = flatten(branch)
-        inner_alias = {body.invars[q]: (j, []) for q, (j, _) in leaf_in.items()}
-        pre = {body.invars[q]: chain for q, (_, chain) in leaf_in.items()}
-        for ik, e in enumerate(body.eqns):
-            param_pos = [i for i, r in enumerate(e.ins) if isinstance(r, Var) and r in inner_alias]
-            if not param_pos:
-                continue
-            if e.primitive.name in ALIAS_PRIMITIVES and len(e.ins) == 1 and len(e.outs) == 1:
-                j, chain = inner_alias[e.ins[0]]
-                inner_alias[e.outs[0]] = (j, [*chain, ik])
-                pre[e.outs[0]] = pre[e.ins[0]]
-                continue
-            kind = _classify(e, param_pos)
-            for i in param_pos:
-                j, chain = inner_alias[e.ins[i]]
-                if kind is None:
-                    why = _reason(e, param_pos)
-                    reasons.setdefault(j, []).append(f"{why}, inside a `cond` branch")
-                    continue
-                key = (k, bi, ik)
-                base, split = real_form(e, i)
-                use = Use(kind, k, i, chain, True, base, key, body, site="cond")
-                use.pre_chain, use.base, use.split = pre[e.ins[i]], base, split
-                uses.setdefault(j, []).append(use)
-        for r in body.outs:
-            if isinstance(r, Var) and r in inner_alias:
-                reasons.setdefault(inner_alias[r][0], []).append("returned from a `cond` branch")
-    return uses, reasons
+            tracked_in[q - 1] = t
+    for b, branch in enumerate(e.params["branches"] if tracked_in else ()):
+        body = _flat(branch)
+        tracked = {body.invars[q]: Track(t.leaf, (), False, q + 1) for q, t in tracked_in.items()}
+        inner = walk(Frame(body, tracked, "cond", ", inside a `cond` branch"))
+        frame.merge(inner, "")
+        for f in inner.found:
+            outer = frame.tracked[e.ins[f.root.operand]]
+            branch_level = ("cond", body, f.chain)
+            frame.found.append(
+                dataclasses.replace(
+                    f, path=(k, b, *f.path), chain=outer.chain, root=outer, levels=(branch_level,)
+                )
+            )
 
 
-def analyse(fn, params, example) -> Analysis:
-    """Traces ``fn(params, example)`` (per example) and classifies every parameter's uses.
+def other(frame: Frame, k: int, e: Eqn, positions: list) -> None:
+    """Any other reader of a parameter: the leaf takes the exact fallback, and why."""
+    for i in positions:
+        frame.reason(frame.tracked[e.ins[i]].leaf, _reason(e, positions))
 
-    Args:
-      fn: ``fn(params, example) -> outputs`` for ONE example.
-      params, example: arrays or ``jax.ShapeDtypeStruct`` of one example.
 
-    Returns:
-      An :class:`Analysis`; ``program`` takes ``(*param_leaves, *example_leaves)``.
+# The rule of every primitive the fast path reads; any other primitive is ``other``.
+RULES: dict[str, Rule] = {
+    **dict.fromkeys(
+        # Only permute, re-type or select a parameter's entries (``slice``: a block, e.g. one
+        # of the Q, K, V parts of a fused weight): each entry of the result is one entry of
+        # the leaf, so a use's per-example gradient norm is that of its gradient with respect
+        # to the leaf (the transpose only places it, padding with zeros).
+        (
+            "reshape",
+            "transpose",
+            "squeeze",
+            "expand_dims",
+            "convert_element_type",
+            "copy",
+            "copy_p",
+            "slice",
+            "rev",
+        ),
+        alias,
+    ),
+    "broadcast_in_dim": broadcast,
+    "stop_gradient": ignore,
+    "debug_print": ignore,
+    "debug_callback": ignore,
+    "dot_general": use,
+    "conv_general_dilated": use,
+    "gather": use,
+    "scan": scan,
+    "cond": cond,
+}
+
+# The rules that put the result in the use's alias chain (``apply_chain`` re-binds them).
+ALIAS_RULES = (alias, broadcast)
+
+
+def walk(frame: Frame) -> Frame:
+    """Reads ``frame.body``: calls the rule of every equation that reads a followed value.
+
+    At the top level, equations of the reparametrisation (``frame.region``) only record the
+    leaves they read: their results that ordinary equations read are followed as effective
+    weights (seeded by :func:`analyse`).
     """
+    for k, e in enumerate(frame.body.eqns):
+        positions = [i for i, r in enumerate(e.ins) if isinstance(r, Var) and r in frame.tracked]
+        if not positions:
+            continue
+        if k in frame.region:
+            frame.transformed.update(frame.tracked[e.ins[i]].leaf for i in positions)
+            continue
+        RULES.get(e.primitive.name, other)(frame, k, e, positions)
+    returned = {
+        "top": "returned as (part of) the loss",
+        "scan": "returned from a `lax.scan` body",
+        "cond": "returned from a `cond` branch",
+    }[frame.where]
+    for r in frame.body.outs:
+        if isinstance(r, Var) and r in frame.tracked:
+            frame.reasons.setdefault(frame.tracked[r].leaf, []).append(returned)
+    return frame
+
+
+def _as_use(f: Found, program: Program) -> Use:
+    """A top-level :class:`Found` as a :class:`Use`."""
+    common = dict(op=f.op, base=f.base, split=f.split, source=f.source)
+    if not f.levels:
+        return Use(f.kind, f.path[0], f.pos, f.chain, chain_program=program, **common)
+    first, *rest = f.levels
+    if isinstance(first, tuple):  # ("cond", branch body, chain in it)
+        _, body, chain = first
+        return Use(
+            f.kind, f.path[0], f.pos, chain, scan=f.path, chain_program=body, site="cond",
+            pre_chain=f.chain, **common,
+        )  # fmt: skip
+    return Use(
+        f.kind, f.path[0], f.pos, first.chain, scan=f.path, chain_program=first.body,
+        stacked=first.stacked, steps=first.steps, step_axis=first.step_axis, site="scan",
+        pre_chain=f.chain, nest=tuple(rest), operand=f.root.operand, **common,
+    )  # fmt: skip
+
+
+def _struct(x):
+    return jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x))
+
+
+def trace_program(fn, params, example) -> tuple:
+    """``(program, num_params)``: ``fn(params, example)`` traced per example and flattened;
+    the program takes ``(*param_leaves, *example_leaves)``."""
     param_leaves, param_def = jax.tree_util.tree_flatten(params)
     ex_leaves, ex_def = jax.tree_util.tree_flatten(example)
     n = len(param_leaves)
@@ -682,72 +699,235 @@ def analyse(fn, params, example) -> Analysis:
         e = jax.tree_util.tree_unflatten(ex_def, leaves[n:])
         return jax.tree_util.tree_leaves(fn(p, e))
 
-    structs = [jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x)) for x in param_leaves]
-    structs += [jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x)) for x in ex_leaves]
-    program = flatten(jax.make_jaxpr(flat_fn)(*structs))
+    structs = [_struct(x) for x in (*param_leaves, *ex_leaves)]
+    return flatten(jax.make_jaxpr(flat_fn)(*structs)), n
 
-    alias: dict = {v: (j, []) for j, v in enumerate(program.invars[:n])}
-    uses: dict = {j: [] for j in range(n)}
-    other: dict = {}  # leaf -> reasons
-    for k, e in enumerate(program.eqns):
-        param_pos = [p for p, r in enumerate(e.ins) if isinstance(r, Var) and r in alias]
-        if not param_pos:
-            continue
-        if e.primitive.name in ALIAS_PRIMITIVES and len(e.ins) == 1 and len(e.outs) == 1:
-            j, chain = alias[e.ins[0]]
-            alias[e.outs[0]] = (j, [*chain, k])
-            continue
-        if e.primitive.name in ("scan", "cond"):
-            nested = _scan_uses if e.primitive.name == "scan" else _cond_uses
-            found, why = nested(e, k, {p: alias[e.ins[p]] for p in param_pos})
-            for j, js in found.items():
-                uses[j].extend(js)
-            for j, ws in why.items():
-                other.setdefault(j, []).extend(ws)
-            continue
-        kind = _classify(e, param_pos)
-        for p in param_pos:
-            j, chain = alias[e.ins[p]]
-            if kind is None:
-                other.setdefault(j, []).append(_reason(e, param_pos))
-            else:
-                base, split = real_form(e, p)
-                use = Use(kind, k, p, chain, op=base, chain_program=program)
-                use.base, use.split = base, split
-                uses[j].append(use)
-    for r in program.outs:  # a parameter returned as (part of) the loss
-        if isinstance(r, Var) and r in alias:
-            other.setdefault(alias[r][0], []).append("returned as (part of) the loss")
 
-    fast, exact, unused = {}, [], []
+def primitives(program: Program) -> set:
+    """The names of every primitive a program binds, in every sub-jaxpr (loops, branches,
+    custom-derivative calls) too."""
+    names: set = set()
+
+    def visit(jaxpr):
+        for e in jaxpr.eqns:
+            names.add(e.primitive.name)
+            for sub in jcore.jaxprs_in_params(e.params):
+                visit(sub)
+
+    for e in program.eqns:
+        names.add(e.primitive.name)
+        for sub in jcore.jaxprs_in_params(e.params):
+            visit(sub)
+    return names
+
+
+def analyse(fn, params, example) -> Analysis:
+    """Traces ``fn(params, example)`` (per example) and classifies every parameter's uses.
+
+    The exact leaves (per-example copies) make more values example-dependent, which can
+    take equations out of the reparametrisation: the walk is repeated until the set of exact
+    leaves is stable (it only grows; one walk for most programs, two with a bias).
+
+    Args:
+      fn: ``fn(params, example) -> outputs`` for ONE example.
+      params, example: arrays or ``jax.ShapeDtypeStruct`` of one example.
+
+    Returns:
+      An :class:`Analysis`; ``program`` takes ``(*param_leaves, *example_leaves)``.
+    """
+    program, n = trace_program(fn, params, example)
+    exact: set = set()
+    while True:
+        an, more = _analyse_once(program, n, exact)
+        if not more:
+            return an
+        exact |= more
+
+
+def _analyse_once(program: Program, n: int, exact: set) -> tuple:
+    """One walk with the leaves ``exact`` given per-example copies: the analysis, and the
+    leaves that must be added to ``exact`` (none when it is final)."""
+    inputs = set(program.invars[n:]) | {program.invars[j] for j in exact}
+    top = varying(program, inputs)
+    region, outputs, deps = _region(program, n, exact, top)
+    tracked = {v: Track(j) for j, v in enumerate(program.invars[:n])}
+    tracked.update({v: Track(n + i) for i, v in enumerate(outputs)})
+    frame = walk(Frame(program, tracked, "top", region=frozenset(region)))
+    other = {j: list(ws) for j, ws in frame.reasons.items()}
+    avals = [program_aval(program, v) for v in outputs]
+    for i, a in enumerate(avals):  # the rules' real forms assume a real parameter operand
+        if _is_complex(a):
+            other.setdefault(n + i, []).append("a complex-valued effective weight")
+    # An effective weight with an ordinary use that is not fast: the leaves it is made of
+    # take the exact route (then the transformation is example-dependent and the walk redone).
+    more = {j for i, v in enumerate(outputs) if n + i in other for j in deps[v]} - exact
+    more |= {j for j in other if j < n} - exact
+    if more:
+        return None, more
+    uses: dict = {}
+    cache: dict = {}  # scan path -> the body's example-dependent values
+    for f in frame.found:
+        u = _as_use(f, program)
+        u = dataclasses.replace(u, batched=_batched(program, u, top, cache))
+        uses.setdefault(f.leaf, []).append(u)
+    reads = {j: tuple(i for i, v in enumerate(outputs) if j in deps[v]) for j in range(n)}
+    transformed = sorted(j for j in frame.transformed if j < n and reads[j])
+    fast, exact_l, unused = {}, sorted(exact), []
     for j in range(n):
-        if j in other:
-            exact.append(j)
-        elif uses[j]:
+        if j in exact or j in transformed:
+            continue
+        if uses.get(j):
             fast[j] = uses[j]
         else:
             unused.append(j)
+    transform = None
+    if transformed:
+        through = {j: uses.get(j, []) for j in transformed}
+        through.update({n + i: uses.get(n + i, []) for i in range(len(outputs))})
+        names = {
+            j: tuple(
+                dict.fromkeys(
+                    program.eqns[k].primitive.name
+                    for k in sorted(region)
+                    if any(j in deps.get(o, ()) for o in program.eqns[k].outs)
+                )
+            )
+            for j in transformed
+        }
+        transform = Transform(
+            tuple(transformed),
+            tuple(outputs),
+            tuple(program_aval(program, v) for v in outputs),
+            names,
+            {j: reads[j] for j in transformed},
+            through,
+        )
+    reasons = {j: "; ".join(dict.fromkeys(other.get(j, ["(a per-example copy)"]))) for j in exact_l}
+    return Analysis(program, n, fast, exact_l, unused, reasons, transform), set()
 
-    # Values that differ between examples, as ``vmap`` batches them (see :func:`varying`):
-    # those the example or an exact parameter (which gets a per-example copy) reaches.
-    inputs = set(program.invars[n:]) | {program.invars[j] for j in exact}
-    top = varying(program, inputs)
-    body_varying: dict = {}
-    for j_uses in fast.values():
-        for u in j_uses:
-            if u.scan is None:
-                u.batched = program.eqns[u.eqn].outs[0] in top
-            elif u.site == "scan":  # level by level, outermost first, for a nested use
-                path, eqn, outer = u.scan[:1], program.eqns[u.scan[0]], top
-                for body in [u.chain_program, *(lv.body for lv in u.nest)]:
-                    if path not in body_varying:
-                        body_varying[path] = _scan_body_varying(eqn, body, outer)
-                    outer = body_varying[path]
-                    eqn = body.eqns[u.scan[len(path)]]
-                    path = u.scan[: len(path) + 1]
-                u.batched = eqn.outs[0] in outer
-    reasons = {j: "; ".join(dict.fromkeys(other[j])) for j in exact}
-    return Analysis(program, n, fast, exact, unused, reasons)
+
+def program_aval(program: Program, v: Var):
+    """The abstract value of a value some equation of ``program`` makes."""
+    for e in program.eqns:
+        for o, a in zip(e.outs, e.out_avals, strict=True):
+            if o == v:
+                return a
+    raise KeyError(v)
+
+
+def _region(program: Program, n: int, exact: set, top: set) -> tuple:
+    """The reparametrisation: equations that read parameters, do not depend on the example
+    and are not rules of their own (aliases, fast uses with an example-independent output,
+    ``stop_gradient``); its *outputs*, the results that other equations (or loops, branches)
+    read; and for every value the parameter leaves it is made of.
+
+    Returns ``(region equation indices, outputs, deps)``.
+    """
+    deps: dict = {v: frozenset({j}) for j, v in enumerate(program.invars[:n]) if j not in exact}
+    region: list = []
+    for k, e in enumerate(program.eqns):
+        d = frozenset().union(*(deps.get(r, frozenset()) for r in e.ins if isinstance(r, Var)))
+        # (An example-dependent input with example-independent outputs, a loop reading the
+        # example whose outputs do not depend on it, is read by its own rule instead.)
+        if not d or any(r in top for r in (*e.outs, *e.ins) if isinstance(r, Var)):
+            continue
+        rule = RULES.get(e.primitive.name, other)
+        if rule is ignore or (rule in ALIAS_RULES and _is_alias(e)):
+            if rule is not ignore:
+                deps[e.outs[0]] = d
+            continue
+        positions = [i for i, r in enumerate(e.ins) if isinstance(r, Var) and r in deps]
+        if rule is use and _classify(e, positions) is not None:
+            continue  # a fast use whose output is the same for every example (batched=False)
+        region.append(k)
+        for o, a in zip(e.outs, e.out_avals, strict=True):
+            if jax.numpy.issubdtype(a.dtype, jax.numpy.inexact):  # no gradient through ints
+                deps[o] = d
+    # (Integer results carry no gradient: not followed, their readers are not uses.)
+    made = {o for k in region for o in program.eqns[k].outs if o in deps}
+    outputs, seen = [], set()
+    for k, e in enumerate(program.eqns):
+        if k in region:
+            continue
+        for r in e.ins:
+            if isinstance(r, Var) and r in made and r not in seen:
+                seen.add(r)
+                outputs.append(r)
+    for r in program.outs:
+        if isinstance(r, Var) and r in made and r not in seen:
+            seen.add(r)
+            outputs.append(r)
+    return region, outputs, deps
+
+
+def _is_alias(e: Eqn) -> bool:
+    """Whether an equation of an alias rule is one here (``broadcast_in_dim`` may not be)."""
+    if len(e.ins) != 1 or len(e.outs) != 1:
+        return False
+    if e.primitive.name != "broadcast_in_dim":
+        return True
+    shape, out = e.in_avals[0].shape, e.out_avals[0].shape
+    dims = e.params["broadcast_dimensions"]
+    added = [d for d in range(len(out)) if d not in dims]
+    return all(out[d] == s for d, s in zip(dims, shape, strict=True)) and all(
+        out[d] == 1 for d in added
+    )
+
+
+def _batched(program: Program, u: Use, top: set, cache: dict) -> bool:
+    """Whether a use's output differs between examples, as ``vmap`` batches it (at some
+    step, for a use in a scan: read level by level, outermost first). A use in a branch is
+    taken as batched (its perturbation is the tap's; exact either way, see ``Use.batched``)."""
+    if u.site == "":
+        return program.eqns[u.eqn].outs[0] in top
+    if u.site == "cond":
+        return True
+    path, eqn, outer = u.scan[:1], program.eqns[u.scan[0]], top
+    for body in [u.chain_program, *(lv.body for lv in u.nest)]:
+        if path not in cache:
+            cache[path] = _scan_body_varying(eqn, body, outer)
+        outer = cache[path]
+        eqn = body.eqns[u.scan[len(path)]]
+        path = u.scan[: len(path) + 1]
+    return eqn.outs[0] in outer
+
+
+# --- Example-dependence: one dataflow rule ------------------------------------------------
+#
+# Dependence on the example, the way ``vmap`` batches: an output is example-dependent iff
+# ``vmap`` gives it a batch axis. For most primitives that is "some input is", but a loop,
+# a branch or a custom call may return outputs that the example never reaches although it
+# enters the equation (a loop counter, a carry iterated on constants): ``vmap`` leaves those
+# unbatched, and their cotangent is then the whole batch's. Calling them example-dependent
+# would hand every example the batch's cotangent, so this is the one rule the analysis uses
+# (for every frame: the top level, a scan body, a branch, a custom call's body). The converse
+# error only costs memory: a use thought the same for every example gets the batch axis
+# added to its output (see ``Use.batched``), which is exact either way. So an unknown
+# primitive counts as "some input is"; the loops, branches and calls that can return
+# unbatched outputs from batched inputs are read through their bodies.
+
+
+def varying(program: Program, inputs: set) -> set:
+    """The values of ``program`` that depend on the example, given the ``inputs`` that do."""
+    out = set(inputs)
+    for e in program.eqns:
+        flags = [isinstance(r, Var) and r in out for r in e.ins]
+        outs = varying_outs(e.primitive.name, e.params, flags, len(e.outs))
+        out.update(v for v, f in zip(e.outs, outs, strict=True) if f)
+    return out
+
+
+@functools.lru_cache(maxsize=512)
+def _flat(jaxpr) -> Program:
+    closed = jaxpr if isinstance(jaxpr, jcore.ClosedJaxpr) else jcore.ClosedJaxpr(jaxpr, ())
+    return flatten(closed)
+
+
+def jaxpr_varying(jaxpr, flags: list) -> list:
+    """Which outputs of a (closed or open) jaxpr depend on the example, given its inputs'."""
+    body = _flat(jaxpr)
+    inside = varying(body, {v for v, f in zip(body.invars, flags, strict=True) if f})
+    return [isinstance(r, Var) and r in inside for r in body.outs]
 
 
 def _scan_body_varying(eqn: Eqn, body: Program, outer: set) -> set:
@@ -763,40 +943,6 @@ def _scan_body_varying(eqn: Eqn, body: Program, outer: set) -> set:
 
     _carry_fixpoint(flags, p["num_consts"], p["num_consts"] + p["num_carry"], step)
     return found["inner"]
-
-
-# Dependence on the example, the way ``vmap`` batches: an output is example-dependent iff
-# ``vmap`` gives it a batch axis. For most primitives that is "some input is", but a loop,
-# a branch or a custom call may return outputs that the example never reaches although it
-# enters the equation (a loop counter, a carry iterated on constants): ``vmap`` leaves those
-# unbatched, and their cotangent is then the whole batch's. Calling them example-dependent
-# would hand every example the batch's cotangent, so this is the one rule the analysis uses.
-# The converse error only costs memory: a use thought the same for every example gets the
-# batch axis added to its output (see ``Use.batched``), which is exact either way. So an
-# unknown primitive counts as "some input is"; the loops, branches and calls that can return
-# unbatched outputs from batched inputs are read through their bodies.
-
-
-def varying(program: Program, inputs: set) -> set:
-    """The values of ``program`` that depend on the example, given the ``inputs`` that do."""
-    out = set(inputs)
-    for e in program.eqns:
-        flags = [isinstance(r, Var) and r in out for r in e.ins]
-        outs = varying_outs(e.primitive.name, e.params, flags, len(e.outs))
-        out.update(v for v, f in zip(e.outs, outs, strict=True) if f)
-    return out
-
-
-def jaxpr_varying(jaxpr, flags: list) -> list:
-    """Which outputs of a (closed or open) jaxpr depend on the example, given its inputs'."""
-    inner = jaxpr.jaxpr if isinstance(jaxpr, jcore.ClosedJaxpr) else jaxpr
-    env = {v for v, f in zip(inner.invars, flags, strict=True) if f}
-    dep = lambda a: not isinstance(a, jcore.Literal) and a in env
-    for e in inner.eqns:
-        flags = [dep(a) for a in e.invars]
-        outs = varying_outs(e.primitive.name, e.params, flags, len(e.outvars))
-        env.update(v for v, f in zip(e.outvars, outs, strict=True) if f)
-    return [dep(a) for a in inner.outvars]
 
 
 def _carry_fixpoint(flags: list, lo: int, hi: int, body) -> list:
@@ -844,6 +990,143 @@ def varying_outs(name: str, params: dict, flags: list, n_out: int) -> list:
         ) == len(flags):
             return jaxpr_varying(inner, flags)
     return [any(flags)] * n_out
+
+
+def _shaped(shape, dtype):
+    return jax.core.ShapedArray(tuple(shape), dtype)
+
+
+def lift_over_steps(eqn: Eqn, pos: int, steps: int, stacked: bool):
+    """The equation of all ``steps`` of a scan at once, or None where no lift is written.
+
+    A use ``s_t = op(a_t, W)`` repeated over the steps of a scan is the single use
+    ``S = op(A, W)`` with the step axis a new leading free axis of the kept operand ``A``
+    (so example i's gradient is ``Σ_t op_Wᵀ(a_{i,t}, g_{i,t})``: a sequence axis). When the
+    leaf is scanned over (``W_t``, one slice per step) the step axis is a new leading *batch*
+    axis of both operands instead (a separate gradient per step).
+
+    Returns:
+      ``(lifted_eqn, step_axis)``: ``step_axis`` is the axis of the lifted output that holds
+      the steps.
+    """
+    name = eqn.primitive.name
+    other = 1 - pos
+    if name == "dot_general":
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        contract, batch = [list(lc), list(rc)], [list(lb), list(rb)]
+        shift = lambda ds: [d + 1 for d in ds]
+        shapes = [list(a.shape) for a in eqn.in_avals]
+        lfree = len(shapes[0]) - len(lc) - len(lb)
+        if stacked:
+            contract = [shift(contract[0]), shift(contract[1])]
+            batch = [[0, *shift(batch[0])], [0, *shift(batch[1])]]
+            shapes = [[steps, *shapes[0]], [steps, *shapes[1]]]
+            out = [steps, *eqn.out_avals[0].shape]
+            step_axis = 0
+        else:
+            contract[other], batch[other] = shift(contract[other]), shift(batch[other])
+            shapes[other] = [steps, *shapes[other]]
+            step_axis = len(lb) + (0 if other == 0 else lfree)
+            out = list(eqn.out_avals[0].shape)
+            out.insert(step_axis, steps)
+        params = dict(eqn.params)
+        params["dimension_numbers"] = (
+            (tuple(contract[0]), tuple(contract[1])),
+            (tuple(batch[0]), tuple(batch[1])),
+        )
+        in_avals = [_shaped(sh, a.dtype) for sh, a in zip(shapes, eqn.in_avals, strict=True)]
+        out_avals = [_shaped(out, eqn.out_avals[0].dtype)]
+        return dataclasses.replace(
+            eqn, params=params, in_avals=in_avals, out_avals=out_avals
+        ), step_axis
+    if name == "gather" and not stacked:
+        dn = eqn.params["dimension_numbers"]
+        params = dict(eqn.params)
+        params["dimension_numbers"] = dn._replace(offset_dims=tuple(d + 1 for d in dn.offset_dims))
+        # Each step's lookups may be unique and sorted (one row, ``W[i]``), the steps' together
+        # are not (a token seen twice): the transpose, a scatter-add, must not be told so.
+        params["unique_indices"] = params["indices_are_sorted"] = False
+        idx = eqn.in_avals[1]
+        in_avals = [eqn.in_avals[0], _shaped((steps, *idx.shape), idx.dtype)]
+        out = eqn.out_avals[0]
+        out_avals = [_shaped((steps, *out.shape), out.dtype)]
+        return dataclasses.replace(eqn, params=params, in_avals=in_avals, out_avals=out_avals), 0
+    return None
+
+
+def real_form(eqn: Eqn, pos: int) -> tuple:
+    """A use and the axis of its output holding real and imaginary parts (-1 for none).
+
+    A real parameter ``W`` in a ``dot_general`` with a complex operand ``A`` (a Fourier
+    layer: ``W`` on the modes of ``rfft(x)``) has the real gradient ``Re(Aᵀ G)`` for the
+    output cotangent ``G`` (JAX transposes without conjugating, then keeps the real part).
+    That is ``Re(A)ᵀ Re(G) − Im(A)ᵀ Im(G)``: a real use with two positions, the operand
+    ``(Re A, Im A)`` stacked on a new free axis and the cotangent ``(Re G, −Im G)`` on the
+    matching output axis — the lift of :func:`lift_over_steps` over 2 "steps", real-valued.
+    Squaring complex entries, or a rank-1 identity for one complex position, would be
+    wrong: the real part of a complex rank-1 matrix has rank 2.
+    """
+    if not any(_is_complex(a) for a in (*eqn.in_avals, *eqn.out_avals)):
+        return eqn, -1
+    lifted, axis = lift_over_steps(eqn, pos, 2, False)
+    real = lambda d: (
+        jax.numpy.finfo(d).dtype if jax.numpy.issubdtype(d, jax.numpy.complexfloating) else d
+    )
+    params = dict(lifted.params)
+    if params.get("preferred_element_type") is not None:
+        params["preferred_element_type"] = real(params["preferred_element_type"])
+    in_avals = [_shaped(a.shape, real(a.dtype)) for a in lifted.in_avals]
+    out_avals = [_shaped(a.shape, real(a.dtype)) for a in lifted.out_avals]
+    return dataclasses.replace(eqn, params=params, in_avals=in_avals, out_avals=out_avals), axis
+
+
+def use_block(program: Program, use: Use):
+    """The entries of its leaf a use reads: ``(frame, ranges)``, or None for all of them.
+
+    A use whose alias chain starts with a ``slice`` of the leaf reads that block only (one
+    ``range`` per axis); its per-example gradient is zero elsewhere. ``frame`` says whose axes
+    the ranges index: the leaf's (a slice in the top-level program), or, for a slice taken in
+    a scan body, the scan operand's as the body sees it (per step, for a scanned-over leaf):
+    blocks are comparable within one frame only.
+    """
+    if use.pre_chain:
+        frame, body, first = "leaf", program, use.pre_chain[0]
+    elif use.chain and use.site == "":
+        frame, body, first = "leaf", program, use.chain[0]
+    elif use.chain and use.site == "scan" and not use.nest:
+        frame, body, first = ("scan", use.eqn, use.operand), use.chain_program, use.chain[0]
+    else:
+        return None
+    if body.eqns[first].primitive.name != "slice":
+        return None
+    p = body.eqns[first].params
+    strides = p["strides"] or (1,) * len(p["start_indices"])
+    ranges = tuple(
+        range(a, b, c)
+        for a, b, c in zip(p["start_indices"], p["limit_indices"], strides, strict=True)
+    )
+    return frame, ranges
+
+
+def disjoint_groups(program: Program, uses: list) -> list:
+    """The uses of one leaf in groups that read disjoint blocks of it (see :func:`use_block`).
+
+    Per-example gradients through uses in different groups have disjoint supports, so no
+    cross terms between them: the leaf's squared norm is the sum of the groups' squared norms.
+    """
+    blocks = [use_block(program, u) for u in uses]
+
+    def overlap(a, b):
+        if a is None or b is None or a[0] != b[0]:
+            return True
+        return all(set(ra).intersection(rb) for ra, rb in zip(a[1], b[1], strict=True))
+
+    groups: list = []  # of lists of use indices
+    for i in range(len(uses)):
+        joined = [g for g in groups if any(overlap(blocks[i], blocks[k]) for k in g)]
+        merged = [i] + [k for g in joined for k in g]
+        groups = [g for g in groups if g not in joined] + [sorted(merged)]
+    return [[uses[k] for k in g] for g in sorted(groups)]
 
 
 def use_perm(program: Program, use: Use, ndim: int):

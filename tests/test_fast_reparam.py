@@ -1,0 +1,220 @@
+"""Reparametrised weights on the fast path: ``W_eff = f(θ)`` independent of the example.
+
+Every case is checked in float64 against ``vmap(grad)`` (norms, clipped sum, dots, Gram
+matrix), and the plan must name the transformation (no exact fallback for the matrices).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_fast_cases import F64, assert_rel_close
+
+from jaxgrad.fast import passes, per_example_norms, plan
+
+jax.config.update("jax_enable_x64", True)
+
+B = 4
+
+
+def _normal(rng, *shape, scale=1.0):
+    return jnp.asarray(scale * rng.normal(size=shape), F64)
+
+
+def _check(loss, params, batch, *, reparam=(), fast=()):
+    """The fast pass against ``vmap(grad)`` (norms, per-leaf norms, a clipped-style weighted
+    sum with per-leaf weights too, dots, the Gram matrix), one compile each; the plan's
+    routes for the named leaves."""
+    one = jax.tree_util.tree_map(lambda x: x[0], batch)
+    routes = {lp.path: lp for lp in plan(loss, params, one).leaves}
+    for path in reparam:
+        assert routes[path].route.startswith("reparametrised ("), routes[path]
+    for path in fast:
+        assert not routes[path].fallback and "reparametrised" not in routes[path].route, routes[
+            path
+        ]
+    leaves = jax.tree_util.tree_leaves(params)
+    v = [jnp.cos(jnp.arange(x.size, dtype=F64)).reshape(x.shape) for x in leaves]
+    mask = jnp.arange(B) < B - 1  # one padded row
+
+    def parts(get):
+        p = get(loss, params, batch, mask)
+        c = 1 / (1 + jnp.sqrt(p.norm_sq))  # clip-like weights, then one column per leaf
+        cols = c[:, None] * (1 + jnp.arange(len(leaves), dtype=F64))
+        return p.norm_sq, p.leaf_sq, p.weighted(c), p.weighted(cols), p.dots(v), passes.gram(p, p)
+
+    got = jax.jit(lambda: parts(passes.fast_pass))()
+    want = jax.jit(lambda: parts(passes.vmap_pass))()
+    assert float(jnp.min(want[0][:-1])) > 0
+    for x, y in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        assert_rel_close(x, y, rtol=1e-9)
+    return routes
+
+
+def _standardise(w, axes):
+    mean = jnp.mean(w, axis=axes, keepdims=True)
+    var = jnp.var(w, axis=axes, keepdims=True)
+    return (w - mean) / jnp.sqrt(var + 1e-5)
+
+
+def _conv(x, w):  # x (H, W, C), w (kh, kw, C, O): NHWC / HWIO, one example
+    return jax.lax.conv_general_dilated(
+        x[None], w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )[0]
+
+
+def _group_norm(h, scale, groups=2):
+    c = h.shape[-1]
+    g = h.reshape(*h.shape[:-1], groups, c // groups)
+    g = (g - jnp.mean(g, axis=(0, 1, 3), keepdims=True)) / jnp.sqrt(
+        jnp.var(g, axis=(0, 1, 3), keepdims=True) + 1e-5
+    )
+    return g.reshape(h.shape) * scale
+
+
+def test_weight_standardised_cnn_with_group_norm():
+    rng = np.random.default_rng(0)
+    params = {
+        "k1": _normal(rng, 3, 3, 2, 4),
+        "k2": _normal(rng, 3, 3, 4, 4),
+        "gn": 1 + _normal(rng, 4, scale=0.1),
+        "head": _normal(rng, 4, 3, scale=0.5),
+    }
+    x = _normal(rng, B, 5, 5, 2)
+    y = jnp.arange(B) % 3
+
+    def loss(p, ex):
+        img, label = ex
+        h = jax.nn.relu(_group_norm(_conv(img, _standardise(p["k1"], (0, 1, 2))), p["gn"]))
+        h = jax.nn.relu(_conv(h, _standardise(p["k2"], (0, 1, 2))))
+        logits = jnp.mean(h, axis=(0, 1)) @ p["head"]
+        return -jax.nn.log_softmax(logits)[label]
+
+    _check(loss, params, (x, y), reparam=("['k1']", "['k2']"), fast=("['head']",))
+
+
+def test_weight_normalised_conv_stack():
+    rng = np.random.default_rng(1)
+    params = {
+        f"l{i}": {"v": _normal(rng, 3, 3, 3, 3), "g": 1 + _normal(rng, 3, scale=0.1)}
+        for i in range(2)
+    }
+    x = _normal(rng, B, 4, 4, 3)
+
+    def loss(p, img):
+        h = img
+        for i in range(2):
+            v = p[f"l{i}"]["v"]
+            w = p[f"l{i}"]["g"] * v / jnp.sqrt(jnp.sum(v * v, axis=(0, 1, 2), keepdims=True))
+            h = jnp.tanh(_conv(h, w))
+        return jnp.sum(h**2)
+
+    _check(loss, params, x, reparam=("['l0']['v']", "['l1']['g']"))
+
+
+def test_masked_made_layer_and_merged_lora():
+    rng = np.random.default_rng(2)
+    d, r = 5, 2
+    mask = jnp.asarray(np.tril(np.ones((d, d)), -1), F64)  # autoregressive (MADE)
+    params = {
+        "W": _normal(rng, d, d),
+        "W0": _normal(rng, d, d),
+        "A": _normal(rng, d, r),
+        "Bm": _normal(rng, r, d),
+    }
+    x = _normal(rng, B, 3, d)  # a sequence axis: the Gram route for the effective weights
+
+    def loss(p, seq):
+        h = jnp.tanh(seq @ (p["W"] * mask))
+        h = jnp.tanh(h @ (p["W0"] + p["A"] @ p["Bm"]))
+        return jnp.sum(h**2)
+
+    _check(loss, params, x, reparam=("['W']", "['W0']", "['A']", "['Bm']"))
+
+
+def test_tied_transposed_embedding_scaled_and_padded():
+    """``E[tokens]`` and ``h @ (E.T * s)`` (the same table, scaled per column), with the padding
+    row zeroed by a constant scatter ``E.at[0].set(0)``: a direct lookup plus a transform."""
+    rng = np.random.default_rng(3)
+    vocab, d = 7, 4
+    params = {"E": _normal(rng, vocab, d), "s": 1 + _normal(rng, vocab, scale=0.1)}
+    tokens = jnp.asarray(rng.integers(0, vocab, size=(B, 5)))
+
+    def loss(p, toks):
+        table = p["E"].at[0].set(0.0)
+        h = jnp.tanh(jnp.cumsum(table[toks], axis=0))
+        logits = h @ (p["E"].T * p["s"])
+        return -jnp.sum(jax.nn.log_softmax(logits)[jnp.arange(toks.shape[0]), toks])
+
+    routes = _check(loss, params, tokens, reparam=("['E']", "['s']"))
+    assert "scatter" in routes["['E']"].route, routes["['E']"]
+
+
+def test_stop_gradient_broadcast_concat_and_debug_print():
+    rng = np.random.default_rng(4)
+    params = {"W": _normal(rng, 3, 4), "U": _normal(rng, 2, 4), "V": _normal(rng, 4, 2)}
+    x = _normal(rng, B, 5)
+
+    def loss(p, xi):
+        jax.debug.print("W has {n} entries", n=p["W"].size)
+        cat = jnp.concatenate([p["W"], p["U"]], axis=0)  # (5, 4): two leaves in one weight
+        h = jnp.tanh(xi @ cat)
+        h = h @ jax.lax.stop_gradient(p["V"]) + h @ p["V"][None, None][0, 0]
+        return jnp.sum(h**2)
+
+    routes = _check(loss, params, x, reparam=("['W']", "['U']"), fast=("['V']",))
+    assert "concatenate" in routes["['W']"].route
+
+
+def test_only_stop_gradient_is_unused():
+    params = {"W": jnp.ones((3, 2), F64)}
+    p = plan(lambda q, x: jnp.sum(x @ jax.lax.stop_gradient(q["W"])), params, jnp.ones(3, F64))
+    assert p.leaves[0].route == "unused"
+
+
+def test_transform_with_a_non_fast_use_falls_back_visibly():
+    """``x * (W * M)`` elementwise: the effective weight has no fast use, so the leaf takes
+    the exact fallback and says why."""
+    rng = np.random.default_rng(5)
+    params = {"W": _normal(rng, 4)}
+    x = _normal(rng, B, 4)
+    loss = lambda p, xi: jnp.sum(jnp.tanh(xi * (p["W"] * 2.0)))
+    (lp,) = plan(loss, params, x[0]).leaves
+    assert lp.fallback and "mul" in lp.reason
+    assert_rel_close(
+        per_example_norms(loss)(params, x), per_example_norms(loss, method="vmap")(params, x)
+    )
+
+
+@pytest.mark.parametrize("conv", [True, False])
+def test_convolution_query_reads_nested_programs(conv):
+    """The loop policy's convolution query is a walk of every sub-program (here a scan body)."""
+    from jaxgrad import _loops
+
+    w = jnp.ones((3, 3, 1, 1), F64)
+
+    def loss(p, img):
+        def step(h, _):
+            h = _conv(h, p) if conv else jnp.tanh(h)
+            return h, None
+
+        return jnp.sum(jax.lax.scan(step, img, None, length=2)[0])
+
+    assert _loops.has_convolution(loss, w, jnp.ones((4, 4, 1), F64)) is conv
+
+
+def test_complex_effective_weight_falls_back_and_integer_results_carry_no_gradient():
+    """``re + 1j im`` (a spectral weight) is example-independent but complex: the rules' real
+    forms assume a real parameter, so its leaves fall back; ``argmax(W)`` is an integer result
+    of a parameter (no gradient) and ``W[argmax(W)]`` a lookup the same for every example."""
+    rng = np.random.default_rng(6)
+    params = {"re": _normal(rng, 3, 4), "im": _normal(rng, 3, 4), "W": _normal(rng, 4, 2)}
+    x = _normal(rng, B, 4)
+
+    def loss(p, xi):
+        h = jnp.real(jnp.fft.rfft(xi) @ (p["re"] + 1j * p["im"]))
+        k = jnp.argmax(p["W"][:, 0])
+        return jnp.sum(jnp.tanh(h @ p["W"] + p["W"][k]) ** 2)
+
+    routes = _check(loss, params, x, fast=("['W']",))
+    assert routes["['re']"].fallback and "complex" in routes["['re']"].reason, routes["['re']"]
