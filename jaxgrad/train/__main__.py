@@ -19,7 +19,7 @@ from jaxgrad._cli import check_writable
 from jaxgrad._optional import require
 
 MODELS = ("line", "linear", "logistic", "mlp", "cnn")
-DATA = ("digits", "breast_cancer", "diabetes", "line", "mnist1d", "npz", "idx")
+DATA = ("digits", "breast_cancer", "diabetes", "line", "mnist1d", "mnist5k", "npz", "idx")
 # The registry's exact strategies that give a step's gradient (jaxgrad.strategies), by their
 # short names and their own, and the fast path's clipped mean.
 _TRAINABLE = [strategies.get(n) for n in strategies.names(exact=True, per_example=False)]
