@@ -473,7 +473,8 @@ def _merge(paths) -> dict:
                 merged["datasets"][name] = rows
         if "mechanism_options" in part:
             merged["mechanism_options"] = part["mechanism_options"]
-        merged["note"] = "; ".join(dict.fromkeys(filter(None, (merged["note"], part["note"]))))
+        notes = [*merged["note"].split("; "), part["note"]]  # each distinct note once
+        merged["note"] = "; ".join(dict.fromkeys(filter(None, notes)))
     return merged
 
 
