@@ -481,16 +481,23 @@ def _merge(paths) -> dict:
                 merged["datasets"][name] = rows
         if "mechanism_options" in part:
             merged["mechanism_options"] = part["mechanism_options"]
-        notes = [*merged["note"].split("; "), part["note"]]  # each distinct note once
-        merged["note"] = "; ".join(dict.fromkeys(filter(None, notes)))
+        if part["note"] and part["note"] not in merged["note"]:  # each distinct note once
+            merged["note"] = "; ".join(filter(None, (merged["note"], part["note"])))
     return merged
+
+
+def _header(results: dict) -> str:
+    """Where and when the table was measured: dates, machine, the load note."""
+    dates = ", ".join(sorted(set(_as_list(results["date"]))))
+    note = f"; {results['note']}" if results["note"] else ""
+    return f"Run {dates} on {results['machine']}{note}.\n\n"
 
 
 def _write(results: dict, out: str) -> dict:
     with open(out + ".json", "w") as f:
         json.dump(results, f, indent=1)
     with open(out + ".md", "w") as f:
-        f.write(table(results) + "\n")
+        f.write(_header(results) + table(results) + "\n")
     plot(results, out + ".png")
     print(table(results))
     return results
