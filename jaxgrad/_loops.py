@@ -11,10 +11,12 @@ even the MLP 1.4x slower (docs/benchmarks.md, "Loops"). Partial unrolling (``unr
 not help: the body is still a loop body. So the policy, in one place:
 
 * a loop with a trip count known when tracing (:func:`scan`: microbatches of
-  :func:`jaxgrad.accumulate_grad`, chunks of ``chunk_size``) runs **unrolled** on a CPU when it
-  has at most :data:`MAX_UNROLL` steps, each step fenced after the previous one's carry by
-  ``lax.optimization_barrier`` so that XLA cannot interleave steps whose carry accumulates;
-  longer loops, and every loop on other backends, stay ``lax.scan``;
+  :func:`jaxgrad.accumulate_grad`, chunks of ``chunk_size``) runs **unrolled** on a single CPU
+  device when it has at most :data:`MAX_UNROLL` steps, each step fenced after the previous
+  one's carry by ``lax.optimization_barrier`` so that XLA cannot interleave steps whose carry
+  accumulates; longer loops, loops on several devices (unrolled slices of a batch sharded over
+  a mesh would be gathered: the scan keeps every row on its device) and every loop on other
+  backends stay ``lax.scan``;
 * a loop with a data-dependent trip count (:func:`peeled_sum`: the physical batches of a DP
   step) runs its first step outside a ``lax.while_loop``, where it compiles as straight-line
   code; the default physical batch holds the whole draw on almost every step;
@@ -46,13 +48,15 @@ def check_unroll(unroll) -> str | int | bool:
 def unrolled(num_steps: int, unroll="auto") -> bool:
     """Whether a loop of ``num_steps`` runs fully unrolled under ``unroll``.
 
-    ``"auto"``: on a CPU backend when ``num_steps <= MAX_UNROLL``; ``True``: always; ``False``
+    ``"auto"``: on a CPU backend with one device when ``num_steps <= MAX_UNROLL`` (on a mesh
+    the unrolled slices of a sharded batch would be gathered); ``True``: always; ``False``
     or an integer: never here (``lax.scan`` with that ``unroll``, which for an integer
     ``>= num_steps`` is JAX's own unrolling, without the fences).
     """
     unroll = check_unroll(unroll)
     if unroll == "auto":
-        return jax.default_backend() == "cpu" and num_steps <= MAX_UNROLL
+        one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+        return one_cpu and num_steps <= MAX_UNROLL
     return unroll is True
 
 
