@@ -346,14 +346,19 @@ def _finish(nonfinite, return_info, name):
     return finish
 
 
+def poison_nonfinite(grads, bad, *, nonfinite):
+    """With ``nonfinite="raise"``, ``grads`` made NaN when the step met ``bad > 0`` non-finite
+    examples (what a caller's own ``jax.jit`` sees, where nothing can be raised)."""
+    if nonfinite != "raise":
+        return grads
+    return jax.tree_util.tree_map(lambda g: jnp.where(bad > 0, jnp.nan, g), grads)
+
+
 def _privatize(total, count, bad, noise_key, *, nonfinite, stddev, expected_batch_size):
-    """The step's last part: noise once on the sum, one division by ``B_e``; with
-    ``nonfinite="raise"`` a step that met a non-finite example is NaN (what a caller's own
-    ``jax.jit`` sees, where nothing can be raised)."""
+    """The step's last part: noise once on the sum, one division by ``B_e``, then the
+    non-finite policy (:func:`poison_nonfinite`)."""
     grads = noised_average(total, noise_key, stddev=stddev, expected_batch_size=expected_batch_size)
-    if nonfinite == "raise":
-        grads = jax.tree_util.tree_map(lambda g: jnp.where(bad > 0, jnp.nan, g), grads)
-    return grads
+    return poison_nonfinite(grads, bad, nonfinite=nonfinite)
 
 
 def dp_grad(

@@ -722,8 +722,7 @@ def _transform(the_plan: PrivacyPlan, optimizer, *, expected_batch_size):
 
         def transform(state, total, bad, key):
             del key  # BandMF's privatizer draws z_t from its own state (the same key)
-            if c.nonfinite == "raise":
-                total = jax.tree_util.tree_map(lambda t: jnp.where(bad > 0, jnp.nan, t), total)
+            total = noisy.poison_nonfinite(total, bad, nonfinite=c.nonfinite)
             return optimizer.update(total, state.opt_state, state.params)
 
     else:
