@@ -197,3 +197,31 @@ def test_complex_operands_cast_and_a_layer_stack_scanned_over_its_weights():
     assert "complex" in routes["['W']"] and "2 real positions" in routes["['C']"]
     assert routes["['ws']"].startswith("scan, 3 steps, one slice per step")
     check(loss, params, batch, mask=jnp.arange(6) != 4)
+
+
+@pytest.mark.parametrize("channels", [0, 100])  # every conv dotted by op(A, V) / by offsets
+def test_conv_dots_both_routes_strides_dilation_padding_layouts(monkeypatch, channels):
+    # rules.dot takes a convolution with few input channels one kernel offset at a time and
+    # the others by the forward convolution op(A, V): both exact, on strided, dilated,
+    # asymmetrically padded convolutions in NHWC and NCHW layouts
+    monkeypatch.setattr(rules, "DOT_OFFSET_CHANNELS", channels)
+    rng = np.random.default_rng(7)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape) / 3, F64)
+    params = {"a": normal(3, 2, 2, 5), "b": normal(4, 5, 2, 3), "c": normal(2, 2, 4, 3)}
+    batch = normal(4, 9, 8, 2)
+    conv = jax.lax.conv_general_dilated
+
+    def loss(p, x):
+        h = conv(x[None], p["a"], (2, 1), [(1, 0), (2, 1)], rhs_dilation=(1, 2),
+                 dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+        h = jnp.transpose(jnp.tanh(h), (0, 3, 1, 2))
+        h = conv(h, p["b"], (1, 2), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+        h = conv(jnp.transpose(jnp.sin(h), (0, 2, 3, 1)), p["c"], (1, 1), "SAME",
+                 dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+        return jnp.sum(h**2)
+
+    mask = jnp.array([1, 0, 1, 1], bool)
+    j = _vmap_grads(loss, params, batch) * np.asarray(mask)[:, None]
+    ref = _reference_tree(params)
+    dots = jaxgrad.per_example_dots(loss)(params, batch, mask, reference=ref)
+    assert_rel_close(dots, j @ _flat(ref))
