@@ -168,37 +168,38 @@ def with_reference(f):
 
 
 def _vmap_grads(loss_fn):
-    """``(B, P)`` per-example gradients of the loss sums, masked, ``jax.vmap(jax.grad)``."""
+    """Per-example gradients of the loss sums, ``jax.vmap(jax.grad)``: leaves ``(B, P_leaf)``."""
     vg = jax.vmap(jax.grad(reduce.loss_sum_fn(loss_fn)), in_axes=(None, 0))
 
-    def flat(params, batch, mask):
+    def leaves(params, batch, mask):
         mask = jnp.ones(reduce.batch_size(batch), bool) if mask is None else mask
-        leaves = jax.tree.leaves(vg(params, batch))
-        return jnp.concatenate([x.reshape(x.shape[0], -1) for x in leaves], 1) * mask[:, None]
+        return [x.reshape(x.shape[0], -1) for x in jax.tree.leaves(vg(params, batch))], mask
 
-    return flat
+    return leaves
 
 
 def vmap_grad_then_dot(loss_fn):
-    """What a user writes without jaxgrad: ``vmap(grad)``, then each row dotted with ``v``."""
-    flat = _vmap_grads(loss_fn)
+    """What a user writes without jaxgrad: ``vmap(grad)``, then each row dotted with ``v``
+    leaf by leaf (no concatenated copy), padded rows zeroed on the ``(B,)`` result."""
+    grads = _vmap_grads(loss_fn)
 
     @jax.jit
     def f(params, batch, mask=None):
-        v = jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(params)])
-        return flat(params, batch, mask) @ v
+        js, mask = grads(params, batch, mask)
+        vs = [jnp.ravel(x) for x in jax.tree.leaves(params)]
+        return jnp.where(mask, sum(j @ v for j, v in zip(js, vs, strict=True)), 0)
 
     return f
 
 
 def vmap_grad_then_gram(loss_fn):
-    """``vmap(grad)``, then the ``B × B`` Gram matrix ``J Jᵀ`` of its rows."""
-    flat = _vmap_grads(loss_fn)
+    """``vmap(grad)``, then the ``B × B`` Gram matrix ``Σ_leaf J Jᵀ`` of its rows."""
+    grads = _vmap_grads(loss_fn)
 
     @jax.jit
     def f(params, batch, mask=None):
-        j = flat(params, batch, mask)
-        return j @ j.T
+        js, mask = grads(params, batch, mask)
+        return jnp.where(mask[:, None] & mask[None, :], sum(j @ j.T for j in js), 0)
 
     return f
 
