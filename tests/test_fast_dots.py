@@ -203,7 +203,7 @@ def test_complex_operands_cast_and_a_layer_stack_scanned_over_its_weights():
 def test_conv_dots_both_routes_strides_dilation_padding_layouts(monkeypatch, channels):
     # rules.dot takes a convolution with few input channels one kernel offset at a time and
     # the others by the forward convolution op(A, V): both exact, on strided, dilated,
-    # asymmetrically padded convolutions in NHWC and NCHW layouts
+    # asymmetrically padded convolutions in NHWC and NCHW layouts; and their Gram matrix
     monkeypatch.setattr(rules, "DOT_OFFSET_CHANNELS", channels)
     rng = np.random.default_rng(7)
     normal = lambda *shape: jnp.asarray(rng.normal(size=shape) / 3, F64)
@@ -225,3 +225,5 @@ def test_conv_dots_both_routes_strides_dilation_padding_layouts(monkeypatch, cha
     ref = _reference_tree(params)
     dots = jaxgrad.per_example_dots(loss)(params, batch, mask, reference=ref)
     assert_rel_close(dots, j @ _flat(ref))
+    if channels:  # the Gram matrix, the per-example gradients formed one offset at a time
+        assert_rel_close(jaxgrad.gradient_gram(loss)(params, batch, mask), j @ j.T)

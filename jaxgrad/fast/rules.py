@@ -566,13 +566,30 @@ def gram(kind: str, eqn: Eqn, pos: int, a1, g1, a2, g2):
 
     ``(a1, g1)`` and ``(a2, g2)`` are two sets of examples (the same set for a batch's Gram
     matrix, two chunks of it for one block); the diagonal of ``gram(a, g, a, g)`` is
-    :func:`norm_sq`. Routes as :func:`norm_sq`'s (:func:`route`), pairwise.
+    :func:`norm_sq`. Routes as :func:`norm_sq`'s (:func:`route`), pairwise; a convolution's
+    per-example gradients are formed one kernel offset at a time (:func:`conv_offset_grads`).
     """
     if kind == "dense":
         return dense_gram_pairs(eqn, pos, a1, g1, a2, g2)
     if kind == "gather":
         return gather_gram_pairs(eqn, pos, a1, g1, a2, g2)
+    if kind == "conv" and _conv_windows_ok(eqn, pos):
+        return grads_gram(conv_offset_grads(eqn, a1, g1), conv_offset_grads(eqn, a2, g2))
     return grads_gram(per_example_grads(eqn, pos, a1, g1), per_example_grads(eqn, pos, a2, g2))
+
+
+def conv_offset_grads(eqn: Eqn, a, g):
+    """``(B, offsets, C_in, C_out)``: a convolution's per-example gradients ``P_{i,o}ᵀ G_i``.
+
+    One kernel offset at a time (``lax.map``, one window live), in the kernel offsets' order
+    rather than the weight's layout: enough for inner products between examples, and 1.5-3x
+    faster than ``vmap`` of the convolution's VJP on a CPU (float32, B = 256, 3x3 kernels).
+    """
+    window, g, count = _conv_windows(eqn, a, g)
+    hi = jax.lax.Precision.HIGHEST
+    grads = jax.lax.map(lambda k: jnp.einsum("btc,btn->bcn", window(k), g, precision=hi),
+                        jnp.arange(count))  # fmt: skip
+    return jnp.moveaxis(grads, 0, 1)
 
 
 def cross_gram(f1, f2):
