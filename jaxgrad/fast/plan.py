@@ -10,7 +10,9 @@ prints them, so the plan cannot disagree with what runs. Per leaf (by pytree pat
 * its route — how its per-example squared norm is obtained: the use's rule (``|a|²|g|²``, the
   Gram form ``⟨AAᵀ, GGᵀ⟩``, a per-example gradient of one use, ...), the cross terms of tied
   uses, ``reparametrised (...)`` naming the example-independent transformation it goes
-  through (the effective weight's per-example gradient, then the transformation's VJP), or
+  through (the effective weight's per-example gradient and how its uses form it, then the
+  transformation's VJP per example for the norms, once on the weighted sum for the clipped
+  sum), or
   the **exact fallback** (a per-example copy of the leaf, ``B × |leaf|``) and why;
 * the per-example memory that route forms, in entries of the leaf's dtype. A route that forms
   the per-example gradient (``per-example gradient``) keeps it until the clip factors are
@@ -178,9 +180,17 @@ def routes(an: trace.Analysis, shapes: list) -> tuple:
         elif j in an.reparam:
             direct = _fast_route(an, j, shape) if an.uses[j] else None
             sizes = sum(math.prod(eff_shapes[v]) for v in tf.reads[j])
+            forms = ", ".join(
+                dict.fromkeys(
+                    rules.per_example_grads_route(u.kind, u.op, u.pos)
+                    for v in tf.reads[j]
+                    for u in an.uses[an.num_params + v]
+                )
+            )
             label = (
                 f"reparametrised ({', '.join(tf.names[j])}): per-example gradient of the "
-                "effective weight, then the transformation's VJP"
+                f"effective weight ({forms}), the transformation's VJP per example; clipped "
+                "sum: one VJP of its weighted sum"
             )
             if direct is not None:
                 label += f"; plus direct uses: {direct.label}"

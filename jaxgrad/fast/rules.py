@@ -44,9 +44,13 @@ def _operand_zeros(eqn: Eqn, pos: int):
     return jnp.zeros(aval.shape, aval.dtype)
 
 
+def _by_windows(eqn: Eqn, pos: int) -> bool:
+    return eqn.primitive.name == "conv_general_dilated" and _conv_windows_ok(eqn, pos)
+
+
 def per_example_grads(eqn: Eqn, pos: int, a, g):
     """``(B, *W.shape)``: every example's gradient with respect to operand ``pos``."""
-    if eqn.primitive.name == "conv_general_dilated" and _conv_windows_ok(eqn, pos):
+    if _by_windows(eqn, pos):
         return conv_per_example_grads(eqn, pos, a, g)
 
     def one(a_i, g_i):
@@ -54,6 +58,13 @@ def per_example_grads(eqn: Eqn, pos: int, a, g):
         return vjp(g_i.astype(eqn.out_avals[0].dtype))[0]
 
     return jax.vmap(one)(a, g)
+
+
+def per_example_grads_route(kind: str, eqn: Eqn, pos: int) -> str:
+    """How :func:`per_example_grads` forms one use's per-example gradients (for the plan)."""
+    if _by_windows(eqn, pos):
+        return f"{kind}: one kernel offset at a time"
+    return f"{kind}: vmap of its VJP"
 
 
 def weighted_grad(eqn: Eqn, pos: int, a, g, c, *, axis: int = 0):
