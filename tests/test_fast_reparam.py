@@ -218,3 +218,71 @@ def test_complex_effective_weight_falls_back_and_integer_results_carry_no_gradie
 
     routes = _check(loss, params, x, fast=("['W']",))
     assert routes["['re']"].fallback and "complex" in routes["['re']"].reason, routes["['re']"]
+
+
+def test_strided_dilated_and_1d_convolutions_standardised():
+    """Per-example kernel gradients one offset at a time, in every layout: an OIHW kernel
+    with strides and dilation (VALID), a 1-D WIO kernel with explicit padding."""
+    rng = np.random.default_rng(7)
+    params = {"k2": _normal(rng, 4, 2, 3, 2), "k1": _normal(rng, 3, 4, 2)}
+    x = _normal(rng, B, 2, 9, 8)
+
+    def loss(p, img):
+        w = _standardise(p["k2"], (1, 2, 3))  # per output channel O of OIHW
+        h = jax.lax.conv_general_dilated(
+            img[None],
+            w,
+            (2, 1),
+            "VALID",
+            rhs_dilation=(1, 2),
+            dimension_numbers=("NCHW", "OIHW", "NCHW"),
+        )[0]  # (4, 4, 6)
+        seq = jnp.tanh(h.reshape(4, -1).T)  # (24, 4): positions x channels
+        w1 = _standardise(p["k1"], (0, 1))
+        out = jax.lax.conv_general_dilated(
+            seq[None], w1, (2,), ((1, 2),), dimension_numbers=("NWC", "WIO", "NWC")
+        )[0]
+        return jnp.sum(jnp.tanh(out) ** 2)
+
+    routes = _check(loss, params, x, reparam=("['k2']", "['k1']"))
+    assert "conv: one kernel offset at a time" in routes["['k2']"].route, routes["['k2']"]
+
+
+def test_weight_normalised_cnn_sum_count_mask_chunks():
+    """``models.cnn(weight_norm=True)`` with a (sum, count) loss, a padded row and chunks:
+    the norms and the clipped sum against ``vmap(grad)`` of each example's loss sum."""
+    from jaxgrad import clipped_grad, models
+
+    model = models.cnn(
+        image_shape=(4, 4), channels=(2, 3), num_classes=3, weight_norm=True, dtype=F64
+    )
+    params = model.init(jax.random.key(0))
+    for i, layer in enumerate(params["conv"]):  # g ≠ ‖V‖: the scale matters
+        layer["g"] = layer["g"] * (1.5 + i)
+    rng = np.random.default_rng(8)
+    batch = (_normal(rng, B, 4, 4), jnp.arange(B) % 3)
+    mask = jnp.arange(B) != 1
+
+    def loss(p, ex):
+        img, label = ex
+        ce = -jax.nn.log_softmax(model.apply(p, img))[label]
+        return ce * (1 + label), 1 + label  # (sum, count): the count varies by example
+
+    grads = jax.vmap(jax.grad(lambda p, ex: loss(p, ex)[0]), in_axes=(None, 0))(params, batch)
+    flat = jnp.concatenate([g.reshape(B, -1) for g in jax.tree_util.tree_leaves(grads)], axis=1)
+    want = jnp.where(mask, jnp.linalg.norm(flat, axis=1), 0)
+    clip = float(jnp.median(want[mask]))
+    c = jnp.where(mask, jnp.minimum(1, clip / want), 0)
+    expected = jax.tree_util.tree_map(lambda g: jnp.tensordot(c, g, 1), grads)
+    f = clipped_grad(loss, l2_clip=clip, reduction="sum", return_norms=True, chunk_size=2)
+    summed, norms = f(params, batch, mask)  # (returns the norms last)
+    assert_rel_close(norms, want, rtol=1e-9)
+    got = jax.tree_util.tree_leaves(summed)
+    for x, y in zip(got, jax.tree_util.tree_leaves(expected), strict=True):
+        assert_rel_close(x, y, rtol=1e-9)
+    one = jax.tree_util.tree_map(lambda x: x[0], batch)
+    kernels = [lp for lp in plan(loss, params, one).leaves if lp.path.startswith("['conv']")]
+    kernels = [lp for lp in kernels if lp.path.endswith("['w']")]
+    assert len(kernels) == 2
+    for lp in kernels:
+        assert lp.route.startswith("reparametrised (") and "kernel offset" in lp.route, lp
