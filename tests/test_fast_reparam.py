@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_fast_cases import F64, assert_rel_close
 
-from jaxgrad.fast import passes, per_example_norms, plan
+from jaxgrad.fast import passes, per_example_norms, plan, rules
 
 jax.config.update("jax_enable_x64", True)
 
@@ -223,8 +223,10 @@ def test_complex_effective_weight_falls_back_and_integer_results_carry_no_gradie
 def test_strided_dilated_and_1d_convolutions_standardised():
     """Per-example kernel gradients one offset at a time, in every layout: an OIHW kernel
     with strides and dilation (VALID), a 1-D WIO kernel with explicit padding."""
+    assert rules.UNROLL_OFFSETS < 10
     rng = np.random.default_rng(7)
-    params = {"k2": _normal(rng, 4, 2, 3, 2), "k1": _normal(rng, 3, 4, 2)}
+    # (k2 has 10 kernel offsets: a loop over them; k1 has 3: unrolled, see UNROLL_OFFSETS)
+    params = {"k2": _normal(rng, 4, 2, 5, 2), "k1": _normal(rng, 3, 4, 2)}
     x = _normal(rng, B, 2, 9, 8)
 
     def loss(p, img):
@@ -236,7 +238,7 @@ def test_strided_dilated_and_1d_convolutions_standardised():
             "VALID",
             rhs_dilation=(1, 2),
             dimension_numbers=("NCHW", "OIHW", "NCHW"),
-        )[0]  # (4, 4, 6)
+        )[0]  # (4, 3, 6)
         seq = jnp.tanh(h.reshape(4, -1).T)  # (24, 4): positions x channels
         w1 = _standardise(p["k1"], (0, 1))
         out = jax.lax.conv_general_dilated(

@@ -393,6 +393,10 @@ def conv_norm_sq(eqn: Eqn, pos: int, a, g):
     return jax.lax.fori_loop(0, math.prod(kernel), body, jnp.zeros((g.shape[0],), g.dtype))
 
 
+# Kernels with at most this many offsets (3 × 3) form their per-example gradients unrolled.
+UNROLL_OFFSETS = 9
+
+
 def conv_per_example_grads(eqn: Eqn, pos: int, a, g):
     """``(B, *W.shape)``: a convolution's per-example kernel gradients, one offset at a time.
 
@@ -402,9 +406,16 @@ def conv_per_example_grads(eqn: Eqn, pos: int, a, g):
     :func:`conv_norm_sq` reads by windows.
     """
     window, g, kernel = _conv_windows(eqn, a, g)
-    # (offsets, B, C_in, C_out) -> (B, *kernel, C_in, C_out) -> the kernel's own layout
-    per = jax.lax.map(lambda k: _offset_grad(window(k), g), jnp.arange(math.prod(kernel)))
-    per = jnp.moveaxis(per, 0, 1).reshape(g.shape[0], *kernel, *per.shape[2:])
+    # (B, offsets, C_in, C_out) -> (B, *kernel, C_in, C_out) -> the kernel's own layout. A
+    # small kernel's offsets are unrolled (several times faster on a CPU than a loop, and at
+    # most UNROLL_OFFSETS windows live at once); a larger one's are a loop, one window live.
+    offsets = math.prod(kernel)
+    if offsets <= UNROLL_OFFSETS:
+        per = jnp.stack([_offset_grad(window(k), g) for k in range(offsets)], axis=1)
+    else:
+        per = jax.lax.map(lambda k: _offset_grad(window(k), g), jnp.arange(offsets))
+        per = jnp.moveaxis(per, 0, 1)
+    per = per.reshape(g.shape[0], *kernel, *per.shape[2:])
     rhs_spec, nsp = eqn.params["dimension_numbers"][1], len(kernel)
     perm = [0] * (nsp + 3)
     perm[1 + rhs_spec[0]], perm[1 + rhs_spec[1]] = 2 + nsp, 1 + nsp
