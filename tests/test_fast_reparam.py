@@ -288,3 +288,42 @@ def test_weight_normalised_cnn_sum_count_mask_chunks():
     assert len(kernels) == 2
     for lp in kernels:
         assert lp.route.startswith("reparametrised (") and "kernel offset" in lp.route, lp
+        assert "separable, one block per index of axis 3 of the" in lp.route, lp
+
+
+def test_separable_axes_match_the_jacobian_blocks():
+    """The plan's "separable along axis d" against the Jacobian of ``f`` itself: along a
+    claimed axis every leaf entry moves one slice of the effective weight at most; along any
+    other axis (for these transformations) some entry moves two."""
+    from jaxgrad.fast import trace
+
+    rng = np.random.default_rng(9)
+    r = lambda *shape: _normal(rng, *shape)
+    cases = [  # (f, params, the axes of f(params) it is separable along)
+        (lambda p: _standardise(p["W"], (0, 1)), {"W": r(4, 3, 2)}, (2,)),
+        (
+            lambda p: p["g"] * p["V"] / jnp.linalg.norm(p["V"], axis=0),
+            {"V": r(4, 3), "g": r(3)},
+            (1,),
+        ),
+        (lambda p: p["W"] * jnp.tril(jnp.ones((4, 4))), {"W": r(4, 4)}, (0, 1)),
+        (lambda p: p["E"].T * p["s"], {"E": r(3, 4), "s": r(3)}, (1,)),
+        (lambda p: (p["W"] - p["W"].mean()) / p["W"].std(), {"W": r(4, 3)}, ()),
+        (lambda p: p["W"] * p["W"].sum(1, keepdims=True), {"W": r(4, 3)}, (0,)),
+        (lambda p: p["W"] + p["A"] @ p["B"], {"W": r(4, 3), "A": r(4, 2), "B": r(2, 3)}, ()),
+        (lambda p: p["W"] * p["W"].T, {"W": r(4, 4)}, ()),
+    ]
+    for f, params, axes in cases:
+        loss = lambda p, x, f=f: [jnp.sum(jnp.tensordot(x, f(p), axes=1))]
+        an = trace.analyse(loss, params, jnp.ones(4, F64))
+        tf, n = an.transform, an.num_params
+        (v,) = [v for v in range(len(tf.outputs)) if an.uses[n + v]]
+        assert tf.blocks[v] == axes, (f, tf.blocks)
+        shape = f(params).shape
+        for d in range(len(shape)):
+            worst = 0  # the most slices along d one leaf entry moves
+            for jac in jax.tree_util.tree_leaves(jax.jacobian(f)(params)):
+                nonzero = np.moveaxis(np.abs(np.asarray(jac)) > 0, d, 0)
+                per_slice = nonzero.reshape(shape[d], -1, *jac.shape[len(shape) :]).any(axis=1)
+                worst = max(worst, int(per_slice.sum(axis=0).max()))
+            assert (worst <= 1) == (d in axes), (f, d, worst)

@@ -167,6 +167,24 @@ def _fast_route(an: trace.Analysis, j: int, shape: tuple) -> Route:
     return Route(j, "fast", groups, label, "", sum(g.cost for g in groups))
 
 
+def _structure(an: trace.Analysis, j: int) -> str:
+    """What the plan says of the transformation's structure for leaf ``j``: the axes of each
+    used effective weight it is separable along (see :func:`jaxgrad.fast.trace.separable_axes`)."""
+    tf, n = an.transform, an.num_params
+    parts = []
+    for v in tf.reads[j]:
+        if not an.uses[n + v]:
+            continue  # (a value the transformation reads again, no use of its own)
+        shape = tuple(tf.avals[v].shape)
+        axes = tf.blocks[v]
+        if axes:
+            which = ("axis " if len(axes) == 1 else "axes ") + ", ".join(map(str, axes))
+            parts.append(f"separable, one block per index of {which} of the {shape} weight")
+        else:
+            parts.append(f"not separable along any axis of the {shape} weight")
+    return "; ".join(parts) + "; " if parts else ""
+
+
 def routes(an: trace.Analysis, shapes: list) -> tuple:
     """Every leaf's :class:`Route` (``shapes``: the leaves'), then the effective weights'
     (leaf ``num_params + v``) when the analysis found a reparametrisation."""
@@ -188,7 +206,8 @@ def routes(an: trace.Analysis, shapes: list) -> tuple:
                 )
             )
             label = (
-                f"reparametrised ({', '.join(tf.names[j])}): per-example gradient of the "
+                f"reparametrised ({', '.join(tf.names[j])}): {_structure(an, j)}per-example "
+                "gradient of the "
                 f"effective weight ({forms}), the transformation's VJP per example; clipped "
                 "sum: one VJP of its weighted sum"
             )
