@@ -23,7 +23,9 @@ reads a parameter (``W * M``, ``g * V / ‖V‖``, ``W0 + A @ B``, ``concatenate
 scatter ...) is part of an example-independent *transformation* ``W_eff = f(θ)``. Its results
 that ordinary equations read are *effective weights*: followed like leaves (their uses are
 fast uses), and the per-example gradient of ``θ`` is ``f``'s VJP applied to the effective
-weights' per-example gradients (see :class:`Analysis` and ``passes.fast_pass``).
+weights' per-example gradients (see :class:`Analysis` and ``passes.fast_pass``). The axes
+an effective weight is separable along (``J_f`` block diagonal, e.g. per output channel) are
+read off the same equations (:func:`separable_axes`) for the plan.
 
 **Example-dependence** is one dataflow rule (:func:`varying_outs`) that matches what ``vmap``
 batches: an output of a loop, branch or custom call that the example does not reach is
