@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgrad.reduce import check_flag
+
 PyTree = Any
 
 
@@ -182,6 +184,11 @@ def _standardize(w: jax.Array) -> jax.Array:
     return (w - mean) * jax.lax.rsqrt(var + 1e-5)
 
 
+def _weight_normalize(v: jax.Array, g: jax.Array) -> jax.Array:
+    """Weight normalisation: each output channel's kernel ``V_o`` rescaled to norm ``g_o``."""
+    return g * v * jax.lax.rsqrt(jnp.sum(v * v, axis=(0, 1, 2), keepdims=True))
+
+
 def _group_norm(p: dict, x: jax.Array, groups: int) -> jax.Array:
     """GroupNorm of one example's ``(H, W, C)`` map: statistics over ``H, W`` and the channels
     of each of ``groups`` groups, never over the batch (so per-example gradients stay one
@@ -207,6 +214,7 @@ def cnn(
     activation: str = "relu",
     kernel_size: int = 3,
     groups: int | None = None,
+    weight_norm: bool = False,
     dtype=jnp.float32,
 ) -> Model:
     """A small CNN: ``[conv kxk (SAME) → activation → 2x2 average pool] × len(channels) → dense``.
@@ -219,6 +227,11 @@ def cnn(
     ``Ŵ = (W − mean W) / std W`` per output channel, and followed by GroupNorm over ``groups``
     groups of channels, ``γ (x − μ_g) / σ_g + β``, statistics per example (each layer gains
     ``"scale"`` and ``"bias"`` of shape ``(c_out,)``; ``groups`` must divide every channel count).
+
+    With ``weight_norm``, every convolution is weight-normalised (Salimans & Kingma 2016, as in
+    the conv stacks of vocoders): ``W_o = g_o V_o / ‖V_o‖`` per output channel ``o``, ``"w"``
+    holding ``V`` and a new ``"g"`` of shape ``(c_out,)`` initialised to ``‖V_o‖`` (so that
+    ``W = V`` at initialisation).
 
     Example::
 
@@ -233,6 +246,7 @@ def cnn(
     h, w, c_in = _check_sizes(image_shape, name="image_shape", minimum=3)
     channels = _check_sizes(channels, name="channels", minimum=1)
     act = get_activation(activation)
+    weight_norm = check_flag(weight_norm, name="weight_norm")
     if groups is not None:
         if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool) or groups < 1:
             raise ValueError(f"`groups` must be a positive integer or None; got {groups!r}")
@@ -255,6 +269,8 @@ def cnn(
             convs.append({"w": wk, "b": jnp.zeros((b,), dtype)})
             if groups is not None:
                 convs[-1].update(scale=jnp.ones((b,), dtype), bias=jnp.zeros((b,), dtype))
+            if weight_norm:
+                convs[-1]["g"] = jnp.sqrt(jnp.sum(wk * wk, axis=(0, 1, 2)))
         return {"conv": convs, "dense": _dense_init(keys[-1], flat, num_classes, dtype)}
 
     def apply(params, x):
@@ -262,6 +278,8 @@ def cnn(
         dtype = jnp.result_type(x, params["conv"][0]["w"])
         x = jnp.reshape(x, image_shape).astype(dtype)
         for layer in params["conv"]:
+            if weight_norm:
+                layer = {**layer, "w": _weight_normalize(layer["w"], layer["g"])}
             if groups is None:
                 x = _avg_pool(act(_conv(layer, x)))
             else:

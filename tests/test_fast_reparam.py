@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_fast_cases import F64, assert_rel_close
 
-from jaxgrad.fast import passes, per_example_norms, plan
+from jaxgrad.fast import passes, per_example_norms, plan, rules
 
 jax.config.update("jax_enable_x64", True)
 
@@ -218,3 +218,112 @@ def test_complex_effective_weight_falls_back_and_integer_results_carry_no_gradie
 
     routes = _check(loss, params, x, fast=("['W']",))
     assert routes["['re']"].fallback and "complex" in routes["['re']"].reason, routes["['re']"]
+
+
+def test_strided_dilated_and_1d_convolutions_standardised():
+    """Per-example kernel gradients one offset at a time, in every layout: an OIHW kernel
+    with strides and dilation (VALID), a 1-D WIO kernel with explicit padding."""
+    assert rules.UNROLL_OFFSETS < 10
+    rng = np.random.default_rng(7)
+    # (k2 has 10 kernel offsets: a loop over them; k1 has 3: unrolled, see UNROLL_OFFSETS)
+    params = {"k2": _normal(rng, 4, 2, 5, 2), "k1": _normal(rng, 3, 4, 2)}
+    x = _normal(rng, B, 2, 9, 8)
+
+    def loss(p, img):
+        w = _standardise(p["k2"], (1, 2, 3))  # per output channel O of OIHW
+        h = jax.lax.conv_general_dilated(
+            img[None],
+            w,
+            (2, 1),
+            "VALID",
+            rhs_dilation=(1, 2),
+            dimension_numbers=("NCHW", "OIHW", "NCHW"),
+        )[0]  # (4, 3, 6)
+        seq = jnp.tanh(h.reshape(4, -1).T)  # (24, 4): positions x channels
+        w1 = _standardise(p["k1"], (0, 1))
+        out = jax.lax.conv_general_dilated(
+            seq[None], w1, (2,), ((1, 2),), dimension_numbers=("NWC", "WIO", "NWC")
+        )[0]
+        return jnp.sum(jnp.tanh(out) ** 2)
+
+    routes = _check(loss, params, x, reparam=("['k2']", "['k1']"))
+    assert "conv: one kernel offset at a time" in routes["['k2']"].route, routes["['k2']"]
+
+
+def test_weight_normalised_cnn_sum_count_mask_chunks():
+    """``models.cnn(weight_norm=True)`` with a (sum, count) loss, a padded row and chunks:
+    the norms and the clipped sum against ``vmap(grad)`` of each example's loss sum."""
+    from jaxgrad import clipped_grad, models
+
+    model = models.cnn(
+        image_shape=(4, 4), channels=(2, 3), num_classes=3, weight_norm=True, dtype=F64
+    )
+    params = model.init(jax.random.key(0))
+    for i, layer in enumerate(params["conv"]):  # g ≠ ‖V‖: the scale matters
+        layer["g"] = layer["g"] * (1.5 + i)
+    rng = np.random.default_rng(8)
+    batch = (_normal(rng, B, 4, 4), jnp.arange(B) % 3)
+    mask = jnp.arange(B) != 1
+
+    def loss(p, ex):
+        img, label = ex
+        ce = -jax.nn.log_softmax(model.apply(p, img))[label]
+        return ce * (1 + label), 1 + label  # (sum, count): the count varies by example
+
+    grads = jax.vmap(jax.grad(lambda p, ex: loss(p, ex)[0]), in_axes=(None, 0))(params, batch)
+    flat = jnp.concatenate([g.reshape(B, -1) for g in jax.tree_util.tree_leaves(grads)], axis=1)
+    want = jnp.where(mask, jnp.linalg.norm(flat, axis=1), 0)
+    clip = float(jnp.median(want[mask]))
+    c = jnp.where(mask, jnp.minimum(1, clip / want), 0)
+    expected = jax.tree_util.tree_map(lambda g: jnp.tensordot(c, g, 1), grads)
+    f = clipped_grad(loss, l2_clip=clip, reduction="sum", return_norms=True, chunk_size=2)
+    summed, norms = f(params, batch, mask)  # (returns the norms last)
+    assert_rel_close(norms, want, rtol=1e-9)
+    got = jax.tree_util.tree_leaves(summed)
+    for x, y in zip(got, jax.tree_util.tree_leaves(expected), strict=True):
+        assert_rel_close(x, y, rtol=1e-9)
+    one = jax.tree_util.tree_map(lambda x: x[0], batch)
+    kernels = [lp for lp in plan(loss, params, one).leaves if lp.path.startswith("['conv']")]
+    kernels = [lp for lp in kernels if lp.path.endswith("['w']")]
+    assert len(kernels) == 2
+    for lp in kernels:
+        assert lp.route.startswith("reparametrised (") and "kernel offset" in lp.route, lp
+        assert "separable, one block per index of axis 3 of the" in lp.route, lp
+
+
+def test_separable_axes_match_the_jacobian_blocks():
+    """The plan's "separable along axis d" against the Jacobian of ``f`` itself: along a
+    claimed axis every leaf entry moves one slice of the effective weight at most; along any
+    other axis (for these transformations) some entry moves two."""
+    from jaxgrad.fast import trace
+
+    rng = np.random.default_rng(9)
+    r = lambda *shape: _normal(rng, *shape)
+    cases = [  # (f, params, the axes of f(params) it is separable along)
+        (lambda p: _standardise(p["W"], (0, 1)), {"W": r(4, 3, 2)}, (2,)),
+        (
+            lambda p: p["g"] * p["V"] / jnp.linalg.norm(p["V"], axis=0),
+            {"V": r(4, 3), "g": r(3)},
+            (1,),
+        ),
+        (lambda p: p["W"] * jnp.tril(jnp.ones((4, 4))), {"W": r(4, 4)}, (0, 1)),
+        (lambda p: p["E"].T * p["s"], {"E": r(3, 4), "s": r(3)}, (1,)),
+        (lambda p: (p["W"] - p["W"].mean()) / p["W"].std(), {"W": r(4, 3)}, ()),
+        (lambda p: p["W"] * p["W"].sum(1, keepdims=True), {"W": r(4, 3)}, (0,)),
+        (lambda p: p["W"] + p["A"] @ p["B"], {"W": r(4, 3), "A": r(4, 2), "B": r(2, 3)}, ()),
+        (lambda p: p["W"] * p["W"].T, {"W": r(4, 4)}, ()),
+    ]
+    for f, params, axes in cases:
+        loss = lambda p, x, f=f: [jnp.sum(jnp.tensordot(x, f(p), axes=1))]
+        an = trace.analyse(loss, params, jnp.ones(4, F64))
+        tf, n = an.transform, an.num_params
+        (v,) = [v for v in range(len(tf.outputs)) if an.uses[n + v]]
+        assert tf.blocks[v] == axes, (f, tf.blocks)
+        shape = f(params).shape
+        for d in range(len(shape)):
+            worst = 0  # the most slices along d one leaf entry moves
+            for jac in jax.tree_util.tree_leaves(jax.jacobian(f)(params)):
+                nonzero = np.moveaxis(np.abs(np.asarray(jac)) > 0, d, 0)
+                per_slice = nonzero.reshape(shape[d], -1, *jac.shape[len(shape) :]).any(axis=1)
+                worst = max(worst, int(per_slice.sum(axis=0).max()))
+            assert (worst <= 1) == (d in axes), (f, d, worst)

@@ -263,3 +263,28 @@ def test_ws_groupnorm_cnn_matches_numpy():
         models.cnn(channels=(4,), groups=3)
     with pytest.raises(ValueError, match="`groups` must be a positive integer or None; got 0"):
         models.cnn(channels=(4,), groups=0)
+
+
+def test_weight_normalised_cnn_is_the_plain_cnn_with_rescaled_kernels():
+    # Salimans & Kingma (2016): W_o = g_o V_o / ‖V_o‖ per output channel; W = V at init.
+    kw = dict(image_shape=(4, 4), channels=(2, 3), num_classes=2, dtype=F64)
+    wn, plain = models.cnn(weight_norm=True, **kw), models.cnn(**kw)
+    params = wn.init(jax.random.key(4))
+    x = jax.random.normal(jax.random.key(5), (4, 4), F64)
+    same = {**params, "conv": [{"w": c["w"], "b": c["b"]} for c in params["conv"]]}
+    np.testing.assert_allclose(wn.apply(params, x), plain.apply(same, x), rtol=1e-12)
+    for i, c in enumerate(params["conv"]):
+        c["g"] = c["g"] * jnp.arange(2.0, 2.0 + c["g"].shape[0]) + i
+    v = [np.asarray(c["w"]) for c in params["conv"]]
+    scaled = [
+        vi * np.asarray(c["g"]) / np.sqrt((vi**2).sum(axis=(0, 1, 2)))
+        for vi, c in zip(v, params["conv"], strict=True)
+    ]
+    rescaled = {
+        **params,
+        "conv": [{"w": w, "b": c["b"]} for w, c in zip(scaled, params["conv"], strict=True)],
+    }
+    np.testing.assert_allclose(wn.apply(params, x), plain.apply(rescaled, x), rtol=1e-12)
+    assert not np.allclose(wn.apply(params, x), plain.apply(same, x))
+    with pytest.raises(ValueError, match="`weight_norm` must be True or False; got 'yes'"):
+        models.cnn(weight_norm="yes")

@@ -49,12 +49,16 @@ def mlp_case(sizes=(784, 512, 256, 10), *, activation="tanh") -> Case:
     return Case(name, model, loss_fn, _classification_batch((sizes[0],), sizes[-1]))
 
 
-def cnn_case(image_shape=(28, 28), channels=(16, 32), *, groups=None) -> Case:
-    """The CNN; with ``groups``, weight-standardised convolutions + GroupNorm (De et al. 2022)."""
-    model = models.cnn(image_shape=image_shape, channels=channels, groups=groups)
+def cnn_case(image_shape=(28, 28), channels=(16, 32), *, groups=None, weight_norm=False) -> Case:
+    """The CNN; with ``groups``, weight-standardised convolutions + GroupNorm (De et al. 2022);
+    with ``weight_norm``, weight-normalised convolutions."""
+    model = models.cnn(
+        image_shape=image_shape, channels=channels, groups=groups, weight_norm=weight_norm
+    )
     loss_fn = losses.supervised(model.apply, losses.softmax_cross_entropy, num_classes=10)
     name = f"cnn {'x'.join(map(str, image_shape))} c{'-'.join(map(str, channels))}"
     name += "" if groups is None else f" WS+GN{groups}"
+    name += " WN" if weight_norm else ""
     return Case(name, model, loss_fn, _classification_batch(tuple(image_shape), 10))
 
 
@@ -94,6 +98,8 @@ CASES: dict[str, Callable[[], Case]] = {
     "mlp": mlp_case,
     "cnn": cnn_case,
     "cnn-ws": lambda: cnn_case(groups=4),
+    # Weight-normalised convolutions (not in the default run).
+    "cnn-wn": lambda: cnn_case(weight_norm=True),
     "transformer": transformer_case,
     "rnn": rnn_case,
     "transformer-L4": lambda: transformer_case(num_layers=4),
@@ -102,6 +108,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "mlp-tiny": lambda: mlp_case((64, 32, 10)),
     "cnn-tiny": lambda: cnn_case((8, 8), (4, 8)),
     "cnn-ws-tiny": lambda: cnn_case((8, 8), (4, 8), groups=2),
+    "cnn-wn-tiny": lambda: cnn_case((8, 8), (4, 8), weight_norm=True),
     "transformer-tiny": lambda: transformer_case(32, 8, 16, 1),
     "rnn-tiny": lambda: rnn_case(8, 16, 6, 3),
     "transformer-scan-tiny": lambda: scanned_transformer_case(32, 8, 16, 2),

@@ -442,6 +442,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         _, f_vjp = jax.vjp(transform, *theta0)
         eff = [n + v for v in range(len(tf.outputs))]
 
+        @functools.cache
         def eff_grads(j):  # (B, *W_eff): every use's per-example gradient, summed
             total = jnp.zeros((size, *like[j].shape), like[j].dtype)
             for u in an.uses[j]:
@@ -480,12 +481,17 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
             total = total + _chain_transpose(program, u, like[j], weighted_use(u, c))
         return total
 
+    def eff_weighted(k, c):  # Σ_i c_i ∇_{W_eff} S_i, read off the norms' per-example gradients
+        g = eff_grads(k)  # (formed for the norms anyway: no second contraction of A and G)
+        return jnp.tensordot(c.astype(g.dtype), g, 1)
+
     def through_transform(c):  # reparametrised leaf -> Σ_i c_i J_fᵀ ∇_{W_eff} S_i
+        # By linearity J_fᵀ is applied once, to the weighted sum, never per example.
         if c.ndim == 1:  # one weight per example: one VJP for every leaf
-            return dict(zip(tf.leaves, f_vjp([weighted_leaf(j, c) for j in eff]), strict=True))
+            return dict(zip(tf.leaves, f_vjp([eff_weighted(j, c) for j in eff]), strict=True))
         # one weight per example and leaf: a VJP per leaf, with its own column
         return {
-            j: f_vjp([weighted_leaf(k, c[:, j]) for k in eff])[q] for q, j in enumerate(tf.leaves)
+            j: f_vjp([eff_weighted(k, c[:, j]) for k in eff])[q] for q, j in enumerate(tf.leaves)
         }
 
     def weighted(c):

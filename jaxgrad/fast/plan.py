@@ -10,7 +10,9 @@ prints them, so the plan cannot disagree with what runs. Per leaf (by pytree pat
 * its route — how its per-example squared norm is obtained: the use's rule (``|a|²|g|²``, the
   Gram form ``⟨AAᵀ, GGᵀ⟩``, a per-example gradient of one use, ...), the cross terms of tied
   uses, ``reparametrised (...)`` naming the example-independent transformation it goes
-  through (the effective weight's per-example gradient, then the transformation's VJP), or
+  through (the effective weight's per-example gradient and how its uses form it, then the
+  transformation's VJP per example for the norms, once on the weighted sum for the clipped
+  sum), or
   the **exact fallback** (a per-example copy of the leaf, ``B × |leaf|``) and why;
 * the per-example memory that route forms, in entries of the leaf's dtype. A route that forms
   the per-example gradient (``per-example gradient``) keeps it until the clip factors are
@@ -165,6 +167,24 @@ def _fast_route(an: trace.Analysis, j: int, shape: tuple) -> Route:
     return Route(j, "fast", groups, label, "", sum(g.cost for g in groups))
 
 
+def _structure(an: trace.Analysis, j: int) -> str:
+    """What the plan says of the transformation's structure for leaf ``j``: the axes of each
+    used effective weight it is separable along (see :func:`jaxgrad.fast.trace.separable_axes`)."""
+    tf, n = an.transform, an.num_params
+    parts = []
+    for v in tf.reads[j]:
+        if not an.uses[n + v]:
+            continue  # (a value the transformation reads again, no use of its own)
+        shape = tuple(tf.avals[v].shape)
+        axes = tf.blocks[v]
+        if axes:
+            which = ("axis " if len(axes) == 1 else "axes ") + ", ".join(map(str, axes))
+            parts.append(f"separable, one block per index of {which} of the {shape} weight")
+        else:
+            parts.append(f"not separable along any axis of the {shape} weight")
+    return "; ".join(parts) + "; " if parts else ""
+
+
 def routes(an: trace.Analysis, shapes: list) -> tuple:
     """Every leaf's :class:`Route` (``shapes``: the leaves'), then the effective weights'
     (leaf ``num_params + v``) when the analysis found a reparametrisation."""
@@ -178,9 +198,18 @@ def routes(an: trace.Analysis, shapes: list) -> tuple:
         elif j in an.reparam:
             direct = _fast_route(an, j, shape) if an.uses[j] else None
             sizes = sum(math.prod(eff_shapes[v]) for v in tf.reads[j])
+            forms = ", ".join(
+                dict.fromkeys(
+                    rules.per_example_grads_route(u.kind, u.op, u.pos)
+                    for v in tf.reads[j]
+                    for u in an.uses[an.num_params + v]
+                )
+            )
             label = (
-                f"reparametrised ({', '.join(tf.names[j])}): per-example gradient of the "
-                "effective weight, then the transformation's VJP"
+                f"reparametrised ({', '.join(tf.names[j])}): {_structure(an, j)}per-example "
+                "gradient of the "
+                f"effective weight ({forms}), the transformation's VJP per example; clipped "
+                "sum: one VJP of its weighted sum"
             )
             if direct is not None:
                 label += f"; plus direct uses: {direct.label}"

@@ -44,14 +44,27 @@ def _operand_zeros(eqn: Eqn, pos: int):
     return jnp.zeros(aval.shape, aval.dtype)
 
 
+def _by_windows(eqn: Eqn, pos: int) -> bool:
+    return eqn.primitive.name == "conv_general_dilated" and _conv_windows_ok(eqn, pos)
+
+
 def per_example_grads(eqn: Eqn, pos: int, a, g):
     """``(B, *W.shape)``: every example's gradient with respect to operand ``pos``."""
+    if _by_windows(eqn, pos):
+        return conv_per_example_grads(eqn, pos, a, g)
 
     def one(a_i, g_i):
         _, vjp = jax.vjp(lambda w: _bind(eqn, pos, w, a_i), _operand_zeros(eqn, pos))
         return vjp(g_i.astype(eqn.out_avals[0].dtype))[0]
 
     return jax.vmap(one)(a, g)
+
+
+def per_example_grads_route(kind: str, eqn: Eqn, pos: int) -> str:
+    """How :func:`per_example_grads` forms one use's per-example gradients (for the plan)."""
+    if _by_windows(eqn, pos):
+        return f"{kind}: one kernel offset at a time"
+    return f"{kind}: vmap of its VJP"
 
 
 def weighted_grad(eqn: Eqn, pos: int, a, g, c, *, axis: int = 0):
@@ -325,13 +338,10 @@ def _conv_windows_ok(eqn: Eqn, pos: int) -> bool:
 
 
 def _conv_windows(eqn: Eqn, a, g):
-    """A convolution's input windows, one kernel offset at a time (im2col without the stack).
-
-    Returns ``(window, g, count)``: ``window(k)`` is ``P_{·,k}`` ``(B, T, C_in)``, the padded
-    input shifted by kernel offset ``k`` (a strided slice; ``k`` may be traced), ``g`` the
-    cotangents as ``(B, T, C_out)`` and ``count`` the number of kernel offsets, so that
-    ``dW_i[k] = P_{i,k}ᵀ G_i``. For ``pos == 1`` uses with :func:`_conv_windows_ok`.
-    """
+    """A convolution's per-example gradient, one kernel offset at a time (im2col without the
+    stack): ``(window, g, kernel)`` with ``window(k)`` the ``(B, T, C_in)`` input window of
+    offset ``k`` (a strided slice of the padded input), ``g`` the ``(B, T, C_out)``
+    cotangents and ``kernel`` the kernel's spatial shape; ``dW_i[k] = window(k)_iᵀ g_i``."""
     p = eqn.params
     lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
     rhs_shape = eqn.in_avals[1].shape
@@ -351,15 +361,20 @@ def _conv_windows(eqn: Eqn, a, g):
     def window(k):
         offset = jnp.unravel_index(k, kernel)
         starts = [0, 0, *(o * r for o, r in zip(offset, dil, strict=True)), 0]
-        w = jax.lax.dynamic_slice(a, starts, [b, a.shape[1], *extent, a.shape[-1]])
-        w = w[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
-        return w.reshape(b, math.prod(w.shape[1:-1]), w.shape[-1])
+        win = jax.lax.dynamic_slice(a, starts, [b, a.shape[1], *extent, a.shape[-1]])
+        win = win[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
+        return win.reshape(b, math.prod(win.shape[1:-1]), win.shape[-1])
 
-    return window, g, math.prod(kernel)
+    return window, g, kernel
+
+
+def _offset_grad(window, g):
+    """``(B, C_in, C_out)``: one kernel offset's slice of every example's gradient."""
+    return jnp.einsum("btc,btn->bcn", window, g, precision=jax.lax.Precision.HIGHEST)
 
 
 def conv_norm_sq(eqn: Eqn, pos: int, a, g):
-    """``‖∇_W S_i‖²`` for a convolution, one kernel offset at a time (im2col without the stack).
+    """``‖∇_W S_i‖²`` for a convolution, one kernel offset at a time (see :func:`_conv_windows`).
 
     For kernel offset ``o`` the per-example gradient slice is ``dW_i[o] = P_{i,o}ᵀ G_i`` with
     ``P_{i,o}`` the input window shifted by ``o`` (a strided slice of the padded input): a
@@ -369,13 +384,44 @@ def conv_norm_sq(eqn: Eqn, pos: int, a, g):
     """
     if not _conv_windows_ok(eqn, pos):
         return _materialised_norm_sq(eqn, pos, a, g)
-    window, g, count = _conv_windows(eqn, a, g)
+    window, g, kernel = _conv_windows(eqn, a, g)
 
     def body(k, total):
-        w = jnp.einsum("btc,btn->bcn", window(k), g, precision=jax.lax.Precision.HIGHEST)
+        w = _offset_grad(window(k), g)
         return total + jnp.sum(w * w, axis=(1, 2))
 
-    return jax.lax.fori_loop(0, count, body, jnp.zeros((g.shape[0],), g.dtype))
+    return jax.lax.fori_loop(0, math.prod(kernel), body, jnp.zeros((g.shape[0],), g.dtype))
+
+
+# Kernels with at most this many offsets (3 × 3) form their per-example gradients unrolled.
+UNROLL_OFFSETS = 9
+
+
+def conv_per_example_grads(eqn: Eqn, pos: int, a, g):
+    """``(B, *W.shape)``: a convolution's per-example kernel gradients, one offset at a time.
+
+    The same batched ``(C_in × T)·(T × C_out)`` matmul per kernel offset as
+    :func:`conv_norm_sq`, stacked: on a CPU several times faster than ``vmap`` of the
+    convolution's VJP (a convolution grouped over the examples). Only for the convolutions
+    :func:`conv_norm_sq` reads by windows.
+    """
+    window, g, kernel = _conv_windows(eqn, a, g)
+    # (B, offsets, C_in, C_out) -> (B, *kernel, C_in, C_out) -> the kernel's own layout. A
+    # small kernel's offsets are unrolled (several times faster on a CPU than a loop, and at
+    # most UNROLL_OFFSETS windows live at once); a larger one's are a loop, one window live.
+    offsets = math.prod(kernel)
+    if offsets <= UNROLL_OFFSETS:
+        per = jnp.stack([_offset_grad(window(k), g) for k in range(offsets)], axis=1)
+    else:
+        per = jax.lax.map(lambda k: _offset_grad(window(k), g), jnp.arange(offsets))
+        per = jnp.moveaxis(per, 0, 1)
+    per = per.reshape(g.shape[0], *kernel, *per.shape[2:])
+    rhs_spec, nsp = eqn.params["dimension_numbers"][1], len(kernel)
+    perm = [0] * (nsp + 3)
+    perm[1 + rhs_spec[0]], perm[1 + rhs_spec[1]] = 2 + nsp, 1 + nsp
+    for d in range(nsp):
+        perm[1 + rhs_spec[2 + d]] = 1 + d
+    return jnp.transpose(per, perm).astype(eqn.in_avals[pos].dtype)
 
 
 def _materialised_norm_sq(eqn: Eqn, pos: int, a, g):
@@ -567,29 +613,13 @@ def gram(kind: str, eqn: Eqn, pos: int, a1, g1, a2, g2):
     ``(a1, g1)`` and ``(a2, g2)`` are two sets of examples (the same set for a batch's Gram
     matrix, two chunks of it for one block); the diagonal of ``gram(a, g, a, g)`` is
     :func:`norm_sq`. Routes as :func:`norm_sq`'s (:func:`route`), pairwise; a convolution's
-    per-example gradients are formed one kernel offset at a time (:func:`conv_offset_grads`).
+    per-example gradients are formed one kernel offset at a time (:func:`per_example_grads`).
     """
     if kind == "dense":
         return dense_gram_pairs(eqn, pos, a1, g1, a2, g2)
     if kind == "gather":
         return gather_gram_pairs(eqn, pos, a1, g1, a2, g2)
-    if kind == "conv" and _conv_windows_ok(eqn, pos):
-        return grads_gram(conv_offset_grads(eqn, a1, g1), conv_offset_grads(eqn, a2, g2))
     return grads_gram(per_example_grads(eqn, pos, a1, g1), per_example_grads(eqn, pos, a2, g2))
-
-
-def conv_offset_grads(eqn: Eqn, a, g):
-    """``(B, offsets, C_in, C_out)``: a convolution's per-example gradients ``P_{i,o}ᵀ G_i``.
-
-    One kernel offset at a time (``lax.map``, one window live), in the kernel offsets' order
-    rather than the weight's layout: enough for inner products between examples, and 1.5-3x
-    faster than ``vmap`` of the convolution's VJP on a CPU (float32, B = 256, 3x3 kernels).
-    """
-    window, g, count = _conv_windows(eqn, a, g)
-    hi = jax.lax.Precision.HIGHEST
-    grads = jax.lax.map(lambda k: jnp.einsum("btc,btn->bcn", window(k), g, precision=hi),
-                        jnp.arange(count))  # fmt: skip
-    return jnp.moveaxis(grads, 0, 1)
 
 
 def cross_gram(f1, f2):
@@ -642,14 +672,14 @@ def conv_dot_offsets(eqn: Eqn, pos: int) -> bool:
 
 def _conv_offsets_dot(eqn: Eqn, a, g, v):
     """``Σ_o ⟨P_{i,o}ᵀ G_i, V_o⟩`` over kernel offsets ``o`` (see :func:`_conv_windows`)."""
-    window, g, count = _conv_windows(eqn, a, g)
+    window, g, kernel = _conv_windows(eqn, a, g)
+    count = math.prod(kernel)
     rhs_spec = eqn.params["dimension_numbers"][1]
     v = jnp.transpose(v.astype(g.dtype), (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))
     v = v.reshape(count, *v.shape[-2:])  # (offsets, C_in, C_out), offsets as unravelled
 
     def body(k, total):
-        w = jnp.einsum("btc,btn->bcn", window(k), g, precision=jax.lax.Precision.HIGHEST)
-        return total + jnp.sum(w * v[k], axis=(1, 2))
+        return total + jnp.sum(_offset_grad(window(k), g) * v[k], axis=(1, 2))
 
     return jax.lax.fori_loop(0, count, body, jnp.zeros((g.shape[0],), g.dtype))
 
@@ -666,9 +696,9 @@ def dot(kind: str, eqn: Eqn, pos: int, a, g, v):
     there). A lookup's out-of-bounds indices are clamped and their cotangents zeroed first
     (:func:`gather_rows`), as the gradient drops them.
     """
-    dtype = acc_dtype(eqn)
     if kind == "conv" and conv_dot_offsets(eqn, pos):
         return _conv_offsets_dot(eqn, a, g, v)
+    dtype = acc_dtype(eqn)
     if kind == "gather":
         idx, _, y = gather_rows(eqn, a, g.astype(dtype))
         a, g = idx_restore(eqn, idx), g_restore(eqn, y)

@@ -23,7 +23,9 @@ reads a parameter (``W * M``, ``g * V / ‖V‖``, ``W0 + A @ B``, ``concatenate
 scatter ...) is part of an example-independent *transformation* ``W_eff = f(θ)``. Its results
 that ordinary equations read are *effective weights*: followed like leaves (their uses are
 fast uses), and the per-example gradient of ``θ`` is ``f``'s VJP applied to the effective
-weights' per-example gradients (see :class:`Analysis` and ``passes.fast_pass``).
+weights' per-example gradients (see :class:`Analysis` and ``passes.fast_pass``). The axes
+an effective weight is separable along (``J_f`` block diagonal, e.g. per output channel) are
+read off the same equations (:func:`separable_axes`) for the plan.
 
 **Example-dependence** is one dataflow rule (:func:`varying_outs`) that matches what ``vmap``
 batches: an output of a loop, branch or custom call that the example does not reach is
@@ -305,7 +307,8 @@ class Transform:
     ``leaves`` are the parameter leaves it reads, ``outputs`` the effective weights (values of
     the top-level program that ordinary equations read; index ``num_params + v`` in
     :attr:`uses`), ``names`` the primitives it applies (for the plan), ``reads`` leaf -> the
-    effective weights it reaches, ``uses`` the captured uses of both.
+    effective weights it reaches, ``uses`` the captured uses of both, ``blocks`` per
+    effective weight the axes it is separable along (see :func:`separable_axes`).
     """
 
     leaves: tuple
@@ -315,6 +318,7 @@ class Transform:
     reads: dict
     # leaf -> its direct fast uses, and effective weight ``num_params + v`` -> its uses
     uses: dict = dataclasses.field(default_factory=dict)
+    blocks: tuple = ()  # per effective weight, the axes it is separable along
 
     def apply(self, program: Program, values: dict):
         """The effective weights from ``values`` (top-level input Var -> value): every
@@ -801,9 +805,109 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
             names,
             {j: reads[j] for j in transformed},
             through,
+            tuple(separable_axes(program, region, n, v) for v in outputs),
         )
     reasons = {j: "; ".join(dict.fromkeys(other.get(j, ["(a per-example copy)"]))) for j in exact_l}
     return Analysis(program, n, fast, exact_l, unused, reasons, transform), set()
+
+
+# Primitives applied entry by entry (operands of one shape, or of size 1 along an axis that
+# is broadcast): slice c of the result along an axis reads slice c of every operand.
+_ELEMENTWISE = frozenset(
+    "add sub mul div neg max min pow integer_pow sqrt rsqrt cbrt exp exp2 log log1p tanh "
+    "logistic abs sign square sin cos erf convert_element_type copy copy_p select_n "
+    "clamp".split()
+)
+
+
+def separable_axes(program: Program, region, n: int, output: Var) -> tuple:
+    """The axes of an effective weight ``W_eff = f(θ)`` along which ``f`` is *separable*:
+    slice ``c`` of ``W_eff`` along axis ``d`` depends only on slice ``c`` of every leaf it
+    reads, along one axis of that leaf (e.g. the output channels of a weight-standardised or
+    weight-normalised kernel: ``W_eff[..., o] = f(θ[..., o], g_o)``), so ``J_f`` is block
+    diagonal with one block per index of ``d``.
+
+    Read off the equations conservatively (for the plan). Every value records, per axis and
+    per leaf it depends on, the leaf's axis aligned with it, or None (broken):
+    entry-by-entry primitives (:data:`_ELEMENTWISE`) keep an alignment their operands agree
+    on, an axis broadcast from size 1 breaks it (the slices share those entries); transposes,
+    unit-axis reshapes, ``broadcast_in_dim`` and reductions (over other axes) carry it; any
+    other primitive, or a leaf's scalar read by every entry, breaks every axis.
+    """
+    info: dict = {}  # Var -> per axis {leaf: aligned leaf axis | None}
+    for e in program.eqns:
+        for r, a in zip(e.ins, e.in_avals, strict=True):
+            if r in program.invars[:n] and r not in info:
+                j = program.invars.index(r)
+                info[r] = tuple({j: d} for d in range(len(a.shape)))
+    steps = set(region)
+    for k, e in enumerate(program.eqns):
+        ins = [info.get(r) if isinstance(r, Var) else None for r in e.ins]
+        if not any(x is not None for x in ins):
+            continue
+        if k not in steps and not (
+            RULES.get(e.primitive.name, other) in ALIAS_RULES and _is_alias(e)
+        ):
+            continue  # not part of f (``stop_gradient``: no gradient reaches the leaf)
+        leaves = {j for x in ins if x is not None for axis in x for j in axis}
+        for o, a in zip(e.outs, e.out_avals, strict=True):
+            if not jax.numpy.issubdtype(a.dtype, jax.numpy.inexact):
+                continue  # integers carry no gradient
+            aligned = _aligned(e, ins) if len(e.outs) == 1 else None
+            if aligned is None:
+                aligned = tuple(dict.fromkeys(leaves) for _ in a.shape)
+            info[o] = aligned
+    if output not in info:
+        return ()
+    shape = program_aval(program, output).shape
+    return tuple(
+        d
+        for d, axis in enumerate(info[output])
+        if shape[d] > 1 and axis and all(a is not None for a in axis.values())
+    )
+
+
+def _aligned(e: Eqn, ins: list):
+    """:func:`separable_axes`' alignments of one equation's result from its operands', or
+    None where every axis is broken."""
+    out_shape = tuple(e.out_avals[0].shape)
+    name = e.primitive.name
+
+    def widen(x, shape, dims):  # operand axis i -> result axis dims[i]
+        leaves = {j for axis in x for j in axis}
+        out = [dict.fromkeys(leaves) for _ in out_shape]
+        for i, d in enumerate(dims):
+            if shape[i] == out_shape[d]:  # (else broadcast from size 1: shared, broken)
+                out[d] = dict(x[i])
+        return out
+
+    if name in _ELEMENTWISE:
+        out = [{} for _ in out_shape]
+        for x, a in zip(ins, e.in_avals, strict=True):
+            if x is None:
+                continue  # a value no leaf reaches: a constant scale or mask
+            if len(a.shape) != len(out_shape):
+                return None  # a leaf's scalar, read by every entry
+            for merged, axis in zip(out, widen(x, a.shape, range(len(out_shape))), strict=True):
+                for j, ax in axis.items():
+                    merged[j] = ax if merged.get(j, ax) == ax else None
+        return tuple(out)
+    if len(ins) != 1:
+        return None
+    x, shape = ins[0], tuple(e.in_avals[0].shape)
+    if name == "broadcast_in_dim":
+        return tuple(widen(x, shape, e.params["broadcast_dimensions"]))
+    if name == "transpose":
+        return tuple(x[p] for p in e.params["permutation"])
+    if name in ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod"):
+        return tuple(x[d] for d in range(len(shape)) if d not in set(e.params["axes"]))
+    if name in ("reshape", "squeeze", "expand_dims") and [s for s in shape if s != 1] == [
+        s for s in out_shape if s != 1
+    ]:  # only unit axes added or removed: the other axes keep their alignment, in order
+        kept = iter([x[d] for d in range(len(shape)) if shape[d] != 1])
+        leaves = {j for axis in x for j in axis}
+        return tuple(next(kept) if s != 1 else dict.fromkeys(leaves) for s in out_shape)
+    return None
 
 
 def program_aval(program: Program, v: Var):
