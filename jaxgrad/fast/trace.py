@@ -533,13 +533,21 @@ def use(frame: Frame, k: int, e: Eqn, positions: list) -> None:
         )
 
 
+def bodies(e: Eqn) -> list:
+    """The bodies of a frame equation, flattened (the same :class:`Program` every time): a
+    scan's body, a cond's branches. The walker reads them and ``passes`` captures in them."""
+    if e.primitive.name == "scan":
+        return [_flat(e.params["jaxpr"])]
+    return [_flat(b) for b in e.params["branches"]]
+
+
 def scan(frame: Frame, k: int, e: Eqn, positions: list) -> None:
     """A ``lax.scan``: its body is a frame; the uses found there are lifted over the steps."""
     if frame.where == "cond":
         return other(frame, k, e, positions)
     p = e.params
     nc, ncar, steps = p["num_consts"], p["num_carry"], p["length"]
-    body = _flat(p["jaxpr"])
+    (body,) = bodies(e)
     tracked = {}
     for q in positions:
         t = frame.tracked[e.ins[q]]
@@ -582,8 +590,7 @@ def cond(frame: Frame, k: int, e: Eqn, positions: list) -> None:
             frame.reason(t.leaf, "used as the index of a `cond`/`switch`")
         else:
             tracked_in[q - 1] = t
-    for b, branch in enumerate(e.params["branches"] if tracked_in else ()):
-        body = _flat(branch)
+    for b, body in enumerate(bodies(e) if tracked_in else ()):
         tracked = {body.invars[q]: Track(t.leaf, (), False, q + 1) for q, t in tracked_in.items()}
         inner = walk(Frame(body, tracked, "cond", ", inside a `cond` branch"))
         frame.merge(inner, "")
