@@ -281,8 +281,8 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
 
     def weighted_use(u, c):  # Σ_i c_i ∇S_i through one use, on the arrays as captured
         if u.key in formed:
-            grads = formed[u.key]
-            if u.site == "scan" and u.stacked and not u.nest:  # (steps, B, ...): no transpose
+            grads, ex = formed[u.key]
+            if ex == 1:  # (steps, B, ...): no transpose
                 w = c.astype(grads.dtype).reshape((1, -1) + (1,) * (grads.ndim - 2))
                 return jnp.sum(grads * w, axis=1)
             return jnp.tensordot(c.astype(grads.dtype), grads, 1)
@@ -298,38 +298,29 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         g = rules.per_example_grads(use.op, use.pos, a_of(use), g_of(use))
         return jax.vmap(lambda x: _chain_transpose(program, use, like[j], x))(g)
 
-    # Per-example gradients of the uses whose norm route forms them anyway: the weighted sum
-    # then reads them (Σ_i c_i J_i, B × |leaf| work) instead of contracting A and G again.
-    formed: dict = {}
+    # Per-example gradients of the uses whose route forms them anyway (``rule.keep``): the
+    # weighted sum then reads them (Σ_i c_i J_i, B × |leaf| work) instead of contracting A and
+    # G again. A route taken step by step (``rule.per_step``) reads the step-major arrays as
+    # captured, ``(steps, B, ...)``, on the step equation: no transpose to put examples first.
+    formed: dict = {}  # use key -> (per-example gradients, their example axis)
 
-    def per_example(u):  # (B, *operand) or, one slice per step, (steps, B, *slice); or None
-        if u.key in formed:
-            return formed[u.key]
-        stacked = u.site == "scan" and u.stacked and not u.nest
-        op = u.base if stacked else u.op
-        if not rules.forms_per_example_grads(u.kind, op, u.pos):
-            return None
-        if stacked:  # step by step on the step-major arrays (no transpose)
-            per_step = jax.vmap(lambda a, g: rules.per_example_grads(op, u.pos, a, g))
-            formed[u.key] = per_step(kept[u.key], g_use[u.key])
-        else:
-            formed[u.key] = rules.per_example_grads(op, u.pos, a_of(u), g_of(u))
-        return formed[u.key]
+    def per_step(fn, u):  # fn(step equation, A, G) at every step, stacked: (steps, B, ...)
+        return jax.vmap(lambda a, g: fn(u.base, a, g))(kept[u.key], g_use[u.key])
 
-    def norm_use(u):  # ‖∇S_i‖² through one use
-        grads = per_example(u)
-        if grads is not None:
-            ex = 1 if u.site == "scan" and u.stacked and not u.nest else 0
+    def norm_use(u, rule):  # ‖∇S_i‖² through one use, by its route
+        if rule.keep:
+            fn = lambda op, a, g: rules.per_example_grads(op, u.pos, a, g)
+            if rule.per_step:  # one slice of the leaf per step: (steps, B, *slice)
+                formed[u.key] = (per_step(fn, u), 1)
+            else:
+                formed[u.key] = (fn(u.op, a_of(u), g_of(u)), 0)
+            grads, ex = formed[u.key]
             sq = jnp.square(grads.astype(rules.acc_dtype(u.op)))
             return jnp.sum(sq, axis=tuple(d for d in range(sq.ndim) if d != ex))
-        if u.site == "scan" and u.stacked and not u.nest:
-            step = u.base
-            if not rules.gram_route(u.kind, step, u.pos):
-                # One slice of the leaf per step: the steps' squared norms add. Taken step by
-                # step on the step-major arrays, so they are not transposed examples-first.
-                per_step = jax.vmap(lambda a, g: rules.norm_sq(u.kind, step, u.pos, a, g))
-                return jnp.sum(per_step(kept[u.key], g_use[u.key]), axis=0)
-        return rules.norm_sq(u.kind, u.op, u.pos, a_of(u), g_of(u))
+        if rule.per_step:  # one slice of the leaf per step: the steps' squared norms add
+            fn = lambda op, a, g: rules.norm_sq(rule, op, u.pos, a, g)
+            return jnp.sum(per_step(fn, u), axis=0)
+        return rules.norm_sq(rule, u.op, u.pos, a_of(u), g_of(u))
 
     # At least float32, and as precise as the loss and every parameter (float64 parameters of
     # a float32 loss have float64 gradients, as on the vmap path).
@@ -354,7 +345,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
 
     def group_norm(j, group):  # ‖Σ_u ∇S_i through u‖²: the diagonal of the group's block
         if group.form == "use":
-            return norm_use(group.uses[0])
+            return norm_use(group.uses[0], group.rule)
         block = group_block(j, group)
         if block[0] == "outer":
             return rules.cross_norm_sq(block[1])

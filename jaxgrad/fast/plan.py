@@ -87,13 +87,16 @@ class Group:
     """Uses of one leaf that may overlap (see :func:`jaxgrad.fast.trace.disjoint_groups`) and
     how their per-example squared norm is formed: ``"use"`` — one use, by its rule;
     ``"outer"`` — tied uses as ``Σ_t x_t ⊗ y_t`` with every cross term (``perms``: each use's
-    transposes from the leaf); ``"grads"`` — tied uses' per-example gradients, summed."""
+    transposes from the leaf); ``"grads"`` — tied uses' per-example gradients, summed.
+    ``rule``: for one use, its route (:func:`jaxgrad.fast.rules.route`), which the pass
+    executes."""
 
     uses: tuple
     form: str
     perms: tuple
     label: str
     cost: int
+    rule: rules.Form | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +146,10 @@ def _group(an: trace.Analysis, uses: list, shape: tuple) -> Group:
     """The route of one group of uses that may overlap."""
     if len(uses) == 1:
         (u,) = uses
-        label, cost = rules.route(u.kind, u.op, u.pos)
-        return Group(tuple(uses), "use", (), _scan_prefix(u) + _complex_prefix(uses) + label, cost)
+        stacked = u.site == "scan" and u.stacked and not u.nest
+        rule = rules.route(u.kind, u.op, u.pos, stacked=stacked)
+        label = _scan_prefix(u) + _complex_prefix(uses) + rule.label
+        return Group(tuple(uses), "use", (), label, rule.cost, rule)
     perms = tuple(trace.use_perm(an.program, u, len(shape)) for u in uses)
     cplx = _complex_prefix(uses)
     if all(

@@ -10,10 +10,11 @@ branch. At each equation that reads a followed value it calls the equation's rul
 * ``alias`` — the result is the leaf's entries re-laid (``reshape``, ``transpose``, ``slice``,
   a cast, a ``broadcast_in_dim`` adding unit axes, ...): followed further, the equation added
   to the use's alias chain (norms are preserved; the transposes map gradients back);
-* ``use`` — a *fast use*: ``dot_general`` (**dense**, a complex other operand read as two real
-  positions, see :func:`real_form`), ``conv_general_dilated`` (**conv**), an embedding
-  ``gather`` (**gather**); per-example gradients come from its kept operand ``A`` and its
-  output cotangent ``G`` (:mod:`jaxgrad.fast.rules`);
+* ``use`` — a *fast use*, one of the kinds in :data:`jaxgrad.fast.rules.KINDS`:
+  ``dot_general`` (**dense**, a complex other operand read as two real positions, see
+  :func:`real_form`), ``conv_general_dilated`` (**conv**), an embedding ``gather``
+  (**gather**); per-example gradients come from its kept operand ``A`` and its output
+  cotangent ``G``, by the route its kind's entry decides (:mod:`jaxgrad.fast.rules`);
 * ``frame`` — ``scan``/``cond``: the walker recurses into the body/branches;
 * ``ignore`` — no gradient reaches the leaf through it (``stop_gradient``, ``debug_print``);
 * anything else — a reason: the leaf takes the *exact fallback* (a per-example copy).
@@ -29,13 +30,17 @@ weights' per-example gradients (see :class:`Analysis` and ``passes.fast_pass``).
 batches: an output of a loop, branch or custom call that the example does not reach is
 unbatched even when an example-dependent value enters the equation.
 
-Adding a primitive is one entry in :data:`RULES`. A primitive whose result holds its
+Adding a primitive is one entry in one table. A primitive whose result holds its
 operand's entries, re-laid (its VJP only places them back, so norms are preserved), is an
-alias; one through which no gradient flows is ignored; a new kind of fast use is a rule that
-appends a :class:`Found` (see :func:`use`)::
+alias; one through which no gradient flows is ignored::
 
     RULES["my_relayout"] = alias
     RULES["my_log_hook"] = ignore
+
+and a new kind of fast use is one entry in :data:`jaxgrad.fast.rules.KINDS` (the module
+docstring there shows one): the walker gives its primitive the ``use`` rule
+(:func:`rule_of`), the fast pass captures it wherever it sits (``passes._capture``, one
+handler per frame primitive) and its route decides how its norms are formed.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ import jax
 import numpy as np
 from jax._src import source_info_util
 from jax.extend import core as jcore
+
+from jaxgrad.fast import rules
 
 # Call primitives whose body is inlined (they carry a jaxpr and no custom derivative rule;
 # inlining ``checkpoint`` drops the rematerialisation, not the maths).
@@ -154,7 +161,8 @@ def _dynamic_slice_as_gather(e):
     1 or the whole axis) as the equivalent ``gather``, or None for any other slice.
 
     Both clamp the start so that the slice fits, so the values and gradients are the same;
-    as a gather the lookup reads as an embedding use of ``W`` (see :func:`_is_embedding_gather`)
+    as a gather the lookup reads as an embedding use of ``W`` (see
+    :func:`jaxgrad.fast.rules.is_embedding_gather`)
     rather than taking the exact fallback.
     """
     op, *starts = (a.aval for a in e.invars)
@@ -373,42 +381,19 @@ def source_line(eqn: Eqn) -> str:
     return f"{os.path.basename(frame.file_name)}:{frame.start_line} ({name})"
 
 
-def _is_embedding_gather(eqn: Eqn) -> bool:
-    """A gather that picks whole rows of the operand: one entry along each row axis (indexed
-    by ``start_index_map``), the whole of every other axis."""
-    dn = eqn.params["dimension_numbers"]
-    shape = eqn.in_avals[0].shape
-    sizes = eqn.params["slice_sizes"]
-    if dn.operand_batching_dims or dn.start_indices_batching_dims:
-        return False
-    for d, n in enumerate(shape):
-        # Along every axis the slice is either one entry picked by the index (a row axis) or
-        # the whole axis; an index into a whole axis can only start it at 0 (it is clamped
-        # there, or the lookup is out of bounds), as ``W[i]`` under ``vmap`` (an index of 0
-        # for the row's own axis) or ``W[:, j]`` write it.
-        if sizes[d] != n and not (d in dn.start_index_map and sizes[d] == 1):
-            return False
-    mode = eqn.params.get("mode")
-    return str(mode).split(".")[-1] in {"CLIP", "PROMISE_IN_BOUNDS", "FILL_OR_DROP", "ONE_HOT"}
-
-
 def _is_complex(aval) -> bool:
     return jax.numpy.issubdtype(aval.dtype, jax.numpy.complexfloating)
 
 
 def _classify(eqn: Eqn, param_pos: list) -> str | None:
-    name = eqn.primitive.name
-    if any(_is_complex(a) for a in (*eqn.in_avals, *eqn.out_avals)):
-        # Complex values around a real parameter (the fast functions take real parameters
-        # only, so a complex parameter operand is the real leaf cast): a ``dot_general`` has
-        # a real form the rules are written for (see :func:`real_form`), nothing else does.
-        return "dense" if name == "dot_general" and len(param_pos) == 1 else None
-    if name == "dot_general" and len(param_pos) == 1:
-        return "dense"
-    if name == "conv_general_dilated" and param_pos == [1]:
-        return "conv"
-    if name == "gather" and param_pos == [0] and _is_embedding_gather(eqn):
-        return "gather"
+    """The kind of fast use ``eqn`` is (its entry in :data:`jaxgrad.fast.rules.KINDS`), or None.
+
+    (Complex values around a real parameter, the real leaf cast: only a ``dot_general`` has
+    a real form the rules are written for, see :func:`real_form`; the table says so.)
+    """
+    for kind, entry in rules.KINDS.items():
+        if entry.primitive == eqn.primitive.name and entry.accepts(eqn, param_pos):
+            return kind
     return None
 
 
@@ -634,15 +619,20 @@ RULES: dict[str, Rule] = {
     "stop_gradient": ignore,
     "debug_print": ignore,
     "debug_callback": ignore,
-    "dot_general": use,
-    "conv_general_dilated": use,
-    "gather": use,
     "scan": scan,
     "cond": cond,
 }
 
 # The rules that put the result in the use's alias chain (``apply_chain`` re-binds them).
 ALIAS_RULES = (alias, broadcast)
+
+
+def rule_of(name: str) -> Rule:
+    """The rule of a primitive: its :data:`RULES` entry, :func:`use` for the primitive of a
+    kind of fast use (:data:`jaxgrad.fast.rules.KINDS`), else :func:`other`."""
+    if name in RULES:
+        return RULES[name]
+    return use if any(k.primitive == name for k in rules.KINDS.values()) else other
 
 
 def walk(frame: Frame) -> Frame:
@@ -659,7 +649,7 @@ def walk(frame: Frame) -> Frame:
         if k in frame.region:
             frame.transformed.update(frame.tracked[e.ins[i]].leaf for i in positions)
             continue
-        RULES.get(e.primitive.name, other)(frame, k, e, positions)
+        rule_of(e.primitive.name)(frame, k, e, positions)
     returned = {
         "top": "returned as (part of) the loss",
         "scan": "returned from a `lax.scan` body",
@@ -838,7 +828,7 @@ def _region(program: Program, n: int, exact: set, top: set) -> tuple:
         # example whose outputs do not depend on it, is read by its own rule instead.)
         if not d or any(r in top for r in (*e.outs, *e.ins) if isinstance(r, Var)):
             continue
-        rule = RULES.get(e.primitive.name, other)
+        rule = rule_of(e.primitive.name)
         if rule is ignore or (rule in ALIAS_RULES and _is_alias(e)):
             if rule is not ignore:
                 deps[e.outs[0]] = d
