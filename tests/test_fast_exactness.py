@@ -381,17 +381,18 @@ def test_fast_pass_marks_only_single_lookups_unique():
     gather or scatter-add told its indices are unique looks up one row per example (a
     counter's ``E[i]``, written as a one-index gather); every other has the flag off."""
     rng = np.random.default_rng(3)
-    params = {"W": _normal(rng, 4, 4), "E": _normal(rng, 2, 4)}  # 2 rows: T² > 8 rows
+    # E: 2 rows, 7 lookups (T² > 8 rows: the lookup's per-example gradient is formed)
+    params = {"W": _normal(rng, 4, 4), "E": _normal(rng, 2, 4), "P": _normal(rng, 3, 4)}
     tokens = jnp.asarray(np.tile([0, 1, 1, 0, 0, 1, 1], (B, 1)))  # every example repeats
 
     def loss(p, toks):
         def step(h, xs):
             i, t = xs
-            h = jnp.tanh(h @ p["W"] + p["E"][t] + p["E"][i % 2])
+            h = jnp.tanh(h @ p["W"] + p["E"][t] + p["P"][i % 3])
             return h, h
 
         h, ys = jax.lax.scan(step, jnp.zeros(4, F64), (jnp.arange(7), toks))
-        return jnp.sum(ys**2) + jnp.sum(p["E"][toks] * h)
+        return jnp.sum(ys**2) + jnp.sum(p["P"][toks % 3] * h)
 
     mask = jnp.asarray(np.arange(B) < B - 1)
     fns = [
