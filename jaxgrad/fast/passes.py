@@ -231,7 +231,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         return u.base.out_avals[0]
 
     def inner_steps(u):  # the steps of the scans nested in a scan body, outermost first
-        return tuple(lv.steps for lv in u.nest)
+        return tuple(lv.steps for lv in u.nest if lv.is_scan)
 
     # A use inside a scan is captured step-major, ``(steps, B, *out)``: the layout a scan
     # stacks its outputs in, so neither the perturbation, nor the kept operand, nor the
@@ -274,7 +274,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
             return g
         # (B, steps, *inner steps, *out): each level's steps go where its lift put them,
         # innermost first (a level's lift inserts its axis into the output of the next).
-        step_axes = [u.step_axis, *(lv.step_axis for lv in u.nest)]
+        step_axes = [u.step_axis, *(lv.step_axis for lv in u.nest if lv.is_scan)]
         for d in reversed(range(len(step_axes))):
             g = jnp.moveaxis(g, 1 + d, 1 + d + step_axes[d])
         return g

@@ -122,8 +122,13 @@ def _use_name(u: trace.Use) -> str:
     if u.site == "cond":
         return f"{u.kind}{where} in cond branch {u.scan[1]}"
     if u.site == "scan":
-        return f"{u.kind}{where} in {'scan in ' * len(u.nest)}scan"
+        frames = [_level_name(lv) for lv in reversed(u.nest)]
+        return f"{u.kind}{where} in {' in '.join([*frames, 'scan'])}"
     return f"{u.kind}{where}"
+
+
+def _level_name(lv: trace.Level) -> str:
+    return "scan" if lv.is_scan else f"cond branch {lv.branch}"
 
 
 def _complex_prefix(uses) -> str:
@@ -137,9 +142,11 @@ def _scan_prefix(u: trace.Use) -> str:
         return f"cond branch {u.scan[1]}: "
     if u.site != "scan":
         return ""
-    levels = [(u.steps, u.stacked), *((lv.steps, lv.stacked) for lv in u.nest)]
-    words = [f"{n} steps, {'one slice per step' if st else 'shared'}" for n, st in levels]
-    return "scan, " + "; nested scan, ".join(words) + ": "
+    steps = lambda n, st: f"{n} steps, {'one slice per step' if st else 'shared'}"
+    words = [f"scan, {steps(u.steps, u.stacked)}"]
+    words += [f"nested scan, {steps(lv.steps, lv.stacked)}" if lv.is_scan else _level_name(lv)
+              for lv in u.nest]  # fmt: skip
+    return "; ".join(words) + ": "
 
 
 def _group(an: trace.Analysis, uses: list, shape: tuple) -> Group:

@@ -290,13 +290,20 @@ class Use:
 @dataclasses.dataclass(frozen=True)
 class Level:
     """An inner scan of a nested use: its body, the alias chain in it, whether the leaf is
-    scanned over by it, its steps, and the axis of its lift's output that holds them."""
+    scanned over by it, its steps, and the axis of its lift's output that holds them. Or a
+    ``cond`` branch (``branch >= 0``, inside a scan): no steps, nothing lifted, and the
+    use's cotangent is zero for an example, or a step, that takes another branch."""
 
     body: Program
     chain: tuple
     stacked: bool
     steps: int
     step_axis: int
+    branch: int = -1
+
+    @property
+    def is_scan(self) -> bool:
+        return self.branch < 0
 
 
 def use_levels(use: Use) -> list:
@@ -565,8 +572,9 @@ def scan(frame: Frame, k: int, e: Eqn, positions: list) -> None:
 
 
 def cond(frame: Frame, k: int, e: Eqn, positions: list) -> None:
-    """A ``cond``/``switch`` at the top level: each branch is a frame, its uses its own."""
-    if frame.where != "top":
+    """A ``cond``/``switch`` (at the top level or in a scan body): each branch is a frame, its
+    uses its own (the scan's rule then lifts them over its steps)."""
+    if frame.where == "cond":
         return other(frame, k, e, positions)
     tracked_in = {}
     for q in positions:
@@ -581,7 +589,7 @@ def cond(frame: Frame, k: int, e: Eqn, positions: list) -> None:
         frame.merge(inner, "")
         for f in inner.found:
             outer = frame.tracked[e.ins[f.root.operand]]
-            branch_level = ("cond", body, f.chain)
+            branch_level = Level(body, f.chain, False, 1, -1, branch=b)
             frame.found.append(
                 dataclasses.replace(
                     f, path=(k, b, *f.path), chain=outer.chain, root=outer, levels=(branch_level,)
@@ -667,11 +675,10 @@ def _as_use(f: Found, program: Program) -> Use:
     if not f.levels:
         return Use(f.kind, f.path[0], f.pos, f.chain, chain_program=program, **common)
     first, *rest = f.levels
-    if isinstance(first, tuple):  # ("cond", branch body, chain in it)
-        _, body, chain = first
+    if not first.is_scan:  # a branch of a top-level cond
         return Use(
-            f.kind, f.path[0], f.pos, chain, scan=f.path, chain_program=body, site="cond",
-            pre_chain=f.chain, **common,
+            f.kind, f.path[0], f.pos, first.chain, scan=f.path, chain_program=first.body,
+            site="cond", pre_chain=f.chain, **common,
         )  # fmt: skip
     return Use(
         f.kind, f.path[0], f.pos, first.chain, scan=f.path, chain_program=first.body,
@@ -877,7 +884,7 @@ def _batched(program: Program, u: Use, top: set, cache: dict) -> bool:
     taken as batched (its perturbation is the tap's; exact either way, see ``Use.batched``)."""
     if u.site == "":
         return program.eqns[u.eqn].outs[0] in top
-    if u.site == "cond":
+    if u.site == "cond" or not all(lv.is_scan for lv in u.nest):
         return True
     path, eqn, outer = u.scan[:1], program.eqns[u.scan[0]], top
     for body in [u.chain_program, *(lv.body for lv in u.nest)]:
