@@ -201,11 +201,14 @@ def _operand(use: trace.Use, a):
 def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     """Per-example norms and reweighted sums from one batched forward/backward pass.
 
-    A use inside a ``lax.scan`` body is captured at every step (its perturbation is a
-    scanned-over input of shape ``(steps, *out)``, its kept operand a stacked output) and the
-    rules see it lifted over the steps (:func:`jaxgrad.fast.trace.lift_over_steps`). A use in
-    a scan nested in a scan body is captured at every step of every level, ``(steps, B,
-    *inner steps, *out)``, and lifted over every level's steps.
+    Every use is captured by one recursive evaluator over the frames it sits in
+    (:func:`_capture`, a handler per frame primitive in :data:`FRAMES`). A use inside a
+    ``lax.scan`` body is captured at every step (its perturbation is a scanned-over input of
+    shape ``(steps, *out)``, its kept operand a stacked output) and the rules see it lifted
+    over the steps (:func:`jaxgrad.fast.trace.lift_over_steps`). A use in a scan nested in a
+    scan body is captured at every step of every level, ``(steps, B, *inner steps, *out)``,
+    and lifted over every level's steps; a use in a ``cond`` branch (at the top level or in a
+    scan body) where the branch runs, with zeros where it does not.
 
     With ``strict``, a leaf that is not small and takes the exact fallback raises (see
     :func:`jaxgrad.fast.plan.check_strict`).
@@ -253,8 +256,8 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
 
     def one(ex, du, dx):
         args = [leaves[j] + dx[j] if j in dx else leaves[j] for j in range(an.num_params)]
-        (s, n), kept, same = _capture(program, tree, du, [*args, *ex])
-        return s, (n, _share(kept, same))
+        (s, count), kept, same = _capture(program, tree, du, [*args, *ex])
+        return s, (count, _share(kept, same))
 
     def batched(du, dx):
         return jax.vmap(one, in_axes=(0, axis, 0), out_axes=(0, (0, axis)))(ex_leaves, du, dx)
