@@ -65,3 +65,35 @@ def test_custom_vjp_falls_back_visibly_and_keeps_its_rule():
     (w,) = [lp for lp in p.leaves if lp.path == "['w']"]
     assert w.fallback and "custom_vjp" in w.reason
     assert per_example_norms(loss)(params, batch).shape == (7,)
+
+
+def test_cond_inside_a_scan_body():
+    """A ``cond`` in a scan body, by a per-example predicate (a select under ``vmap``) and by
+    the step counter (one branch per step for the whole batch): each branch's uses are
+    captured at every step (zero cotangent where another branch ran) and lifted over the
+    steps, exact against a loop over examples."""
+    rng = np.random.default_rng(51)
+    params = {"w": _normal(rng, 4, 4), "v": _normal(rng, 4, 4)}
+    batch = _normal(rng, 5, 6, 4, scale=1.0)  # 5 examples of 6 steps
+
+    def loss(p, xs):
+        def step(h, ix):
+            i, x = ix
+            h = jax.lax.cond(
+                jnp.sum(x) > 0,
+                lambda h: jnp.tanh(h @ p["w"] + x),
+                lambda h: jnp.sin(x @ p["v"].T) * h,
+                h,
+            )
+            h = jax.lax.cond(i % 2 == 0, lambda h: h @ p["v"], lambda h: h, h)
+            return h, h
+
+        _, ys = jax.lax.scan(step, jnp.ones(4, xs.dtype) / 2, (jnp.arange(6), xs))
+        return jnp.sum(jnp.tanh(ys) ** 2)
+
+    p = _check(loss, params, batch)
+    (v,) = [lp for lp in p.leaves if lp.path == "['v']"]
+    assert not v.fallback and v.route.startswith("tied, 2 uses"), v
+    assert any(u.endswith("in cond branch 1 in scan") for u in v.uses), v.uses
+    (w,) = [lp for lp in p.leaves if lp.path == "['w']"]
+    assert w.route.startswith("scan, 6 steps, shared; cond branch 1: dense"), w

@@ -356,3 +356,53 @@ def test_lookups_lifted_over_steps_are_not_marked_unique():
     np.add.at(expected, rows, np.asarray(g[0]).reshape(7, 4))
     _close(got, expected)
     check(loss, params, tokens)
+
+
+def _indexed_ops(jaxpr, out):
+    """Every gather/scatter in a jaxpr and its sub-jaxprs: ``(name, unique, lookups)``, with
+    ``lookups`` the number of index vectors per batch group (1: trivially unique)."""
+    for e in jaxpr.eqns:
+        if "unique_indices" in e.params:
+            dn = e.params["dimension_numbers"]
+            batching = getattr(
+                dn, "start_indices_batching_dims", getattr(dn, "scatter_indices_batching_dims", ())
+            )
+            shape = e.invars[1].aval.shape[:-1]  # the last axis holds the index vector
+            lookups = int(np.prod([n for d, n in enumerate(shape) if d not in batching]))
+            out.append((e.primitive.name, e.params["unique_indices"], lookups))
+        for sub in jax.extend.core.jaxprs_in_params(e.params):
+            _indexed_ops(sub, out)
+    return out
+
+
+def test_fast_pass_marks_only_single_lookups_unique():
+    """The jaxprs of the fast functions on lookups inside a scan with repeated tokens (the
+    materialised lookup route, a lookup by the loop counter, a lookup at the top level): a
+    gather or scatter-add told its indices are unique looks up one row per example (a
+    counter's ``E[i]``, written as a one-index gather); every other has the flag off."""
+    rng = np.random.default_rng(3)
+    # E: 2 rows, 7 lookups (T² > 8 rows: the lookup's per-example gradient is formed)
+    params = {"W": _normal(rng, 4, 4), "E": _normal(rng, 2, 4), "P": _normal(rng, 3, 4)}
+    tokens = jnp.asarray(np.tile([0, 1, 1, 0, 0, 1, 1], (B, 1)))  # every example repeats
+
+    def loss(p, toks):
+        def step(h, xs):
+            i, t = xs
+            h = jnp.tanh(h @ p["W"] + p["E"][t] + p["P"][i % 3])
+            return h, h
+
+        h, ys = jax.lax.scan(step, jnp.zeros(4, F64), (jnp.arange(7), toks))
+        return jnp.sum(ys**2) + jnp.sum(p["P"][toks % 3] * h)
+
+    mask = jnp.asarray(np.arange(B) < B - 1)
+    fns = [
+        jaxgrad.per_example_norms(loss),
+        jaxgrad.clipped_grad(loss, l2_clip=1.0, reduction="sum"),
+        lambda p, b, m: jaxgrad.per_example_dots(loss)(p, b, m, reference=p),
+    ]
+    ops = []
+    for f in fns:
+        _indexed_ops(jax.make_jaxpr(f)(params, tokens, mask).jaxpr, ops)
+    assert any(lookups > 1 for _, _, lookups in ops)  # the repeated lookups are there
+    assert all(lookups == 1 for _, unique, lookups in ops if unique), ops
+    check(loss, params, tokens)

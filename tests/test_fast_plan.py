@@ -98,3 +98,74 @@ def test_strict_accepts_small_fallbacks():
 def test_strict_must_be_bool():
     with pytest.raises(ValueError, match=r"`strict` must be True or False; got 'yes'"):
         per_example_norms(lambda p, x: p * x, strict="yes")
+
+
+def _scale_kind():
+    """The module docstring's example of :data:`jaxgrad.fast.rules.KINDS`: ``x * w``."""
+    from jaxgrad.fast import rules
+
+    def accepts(eqn, positions):  # one parameter operand, nothing broadcast
+        return len(positions) == 1 and eqn.in_avals[0].shape == eqn.in_avals[1].shape
+
+    def route(eqn, pos):
+        return rules.Form(
+            "grads", "scale: per-example gradient", int(np.prod(eqn.in_avals[pos].shape))
+        )
+
+    return rules.Kind("mul", accepts, route)
+
+
+def test_a_new_kind_of_use_is_one_table_entry(monkeypatch):
+    """One entry in ``rules.KINDS`` takes a primitive off the exact fallback: the walker,
+    the capture and the route follow, exact against ``vmap(grad)``."""
+    from jaxgrad.fast import rules
+
+    def loss(p, x):
+        return jnp.sum(jnp.tanh(x @ p["w"]) * p["s"]) ** 2
+
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(3, 2)), F64), "s": jnp.asarray([0.5, -2.0])}
+    batch = jnp.asarray(rng.normal(size=(4, 3)), F64)
+    assert {lp.path: lp for lp in plan(loss, params, batch[0]).leaves}["['s']"].fallback
+    monkeypatch.setitem(rules.KINDS, "scale", _scale_kind())
+    s = {lp.path: lp for lp in plan(loss, params, batch[0]).leaves}["['s']"]
+    assert s.route == "scale: per-example gradient" and s.uses[0].startswith("scale @ ")
+    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, batch)
+    flat = np.concatenate([np.reshape(g, (4, -1)) for g in jax.tree_util.tree_leaves(grads)], 1)
+    norms = np.linalg.norm(flat, axis=1)
+    assert_rel_close(per_example_norms(loss)(params, batch), norms)
+    clip = float(np.median(norms))
+    got = clipped_grad(loss, l2_clip=clip, reduction="sum")(params, batch)
+    expected = np.minimum(1, clip / norms) @ flat
+    assert_rel_close(
+        np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(got)]), expected
+    )
+
+
+def test_the_route_printed_is_the_route_run(monkeypatch):
+    """The norm rules the fast pass calls are the ones the plan's routes name (recorded)."""
+    from jaxgrad.fast import passes, rules
+
+    def loss(p, ex):
+        toks, x = ex
+        h = p["emb"][toks] + x  # (3, 8): a lookup, then a dense use with 3 positions
+        h = jnp.tanh(h @ p["wide"])  # 3 (8 + 8) <= 64: the Gram form
+        c = jax.lax.conv_general_dilated(h.T[None], p["k"], (1,), "SAME")[0]  # (8, 3)
+        return jnp.sum(jnp.tanh(jnp.mean(c, axis=1) @ p["out"]) ** 2)  # no positions
+
+    rng = np.random.default_rng(1)
+    shapes = {"emb": (40, 8), "wide": (8, 8), "k": (8, 8, 2), "out": (8, 2)}
+    params = {k: jnp.asarray(rng.normal(size=s) / 3, F64) for k, s in shapes.items()}
+    batch = (jnp.asarray(rng.integers(0, 40, size=(4, 3))), jnp.asarray(rng.normal(size=(4, 3, 8))))
+    an = passes.analyse(loss, params, batch)
+    leaves = jax.tree_util.tree_leaves(params)
+    planned = {
+        g.rule.how for r in passes.plan_lib.routes(an, [x.shape for x in leaves]) for g in r.groups
+    }
+    assert planned == {"gather_same_row", "dense_gram", "conv_windows", "dense_rank1"}
+    ran = []
+    for how, fn in list(rules.NORMS.items()):
+        monkeypatch.setitem(rules.NORMS, how, lambda *a, how=how, fn=fn: ran.append(how) or fn(*a))
+    got = per_example_norms(loss)(params, batch)
+    assert set(ran) == planned
+    assert_rel_close(got, per_example_norms(loss, method="vmap")(params, batch))

@@ -201,11 +201,14 @@ def _operand(use: trace.Use, a):
 def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     """Per-example norms and reweighted sums from one batched forward/backward pass.
 
-    A use inside a ``lax.scan`` body is captured at every step (its perturbation is a
-    scanned-over input of shape ``(steps, *out)``, its kept operand a stacked output) and the
-    rules see it lifted over the steps (:func:`jaxgrad.fast.trace.lift_over_steps`). A use in
-    a scan nested in a scan body is captured at every step of every level, ``(steps, B,
-    *inner steps, *out)``, and lifted over every level's steps.
+    Every use is captured by one recursive evaluator over the frames it sits in
+    (:func:`_capture`, a handler per frame primitive in :data:`FRAMES`). A use inside a
+    ``lax.scan`` body is captured at every step (its perturbation is a scanned-over input of
+    shape ``(steps, *out)``, its kept operand a stacked output) and the rules see it lifted
+    over the steps (:func:`jaxgrad.fast.trace.lift_over_steps`). A use in a scan nested in a
+    scan body is captured at every step of every level, ``(steps, B, *inner steps, *out)``,
+    and lifted over every level's steps; a use in a ``cond`` branch (at the top level or in a
+    scan body) where the branch runs, with zeros where it does not.
 
     With ``strict``, a leaf that is not small and takes the exact fallback raises (see
     :func:`jaxgrad.fast.plan.check_strict`).
@@ -225,19 +228,13 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     ex_leaves = jax.tree_util.tree_leaves(batch)
     size = mask.shape[0]
     captured = an.captured
-    scans: dict = {}  # scan equation -> body equation -> Use
-    conds: dict = {}  # cond equation -> (branch, body equation) -> Use
-    for _, u in captured.values():
-        if u.site == "scan":
-            scans.setdefault(u.eqn, {})[u.scan[1:]] = u
-        elif u.site == "cond":
-            conds.setdefault(u.eqn, {})[u.scan[1:]] = u
+    tree = {key: u for key, (_, u) in captured.items()}  # capture path -> Use
 
     def out_aval(u):  # of one step's perturbation
         return u.base.out_avals[0]
 
     def inner_steps(u):  # the steps of the scans nested in a scan body, outermost first
-        return tuple(lv.steps for lv in u.nest)
+        return tuple(lv.steps for lv in u.nest if lv.is_scan)
 
     # A use inside a scan is captured step-major, ``(steps, B, *out)``: the layout a scan
     # stacks its outputs in, so neither the perturbation, nor the kept operand, nor the
@@ -258,68 +255,9 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     }
 
     def one(ex, du, dx):
-        kept = {}
-
-        def hook(k, invals, outvals):
-            if (k,) not in captured:
-                return outvals
-            _, use = captured[(k,)]
-            kept[(k,)] = _operand(use, invals[1 - use.pos])
-            return [_perturb(use, outvals[0], du[(k,)])]
-
-        def run_cond(k, invals):
-            inner = conds[k]
-            branches = program.eqns[k].params["branches"]
-            bodies = {b: u.chain_program for (b, _), u in inner.items()}
-
-            def operand(u):
-                aval = u.base.in_avals[1 - u.pos]
-                return jnp.zeros(aval.shape, aval.dtype)
-
-            def make(b):
-                def branch(ops, du_k):
-                    kept_b = {key: operand(u) for key, u in inner.items()}
-
-                    def inner_hook(ik, iv, ov):
-                        if (b, ik) not in inner:
-                            return ov
-                        u = inner[(b, ik)]
-                        kept_b[(b, ik)] = _operand(u, iv[1 - u.pos])
-                        return [_perturb(u, ov[0], du_k[(b, ik)], tapped=False)]
-
-                    body = bodies.get(b)
-                    if body is None:  # a branch that reads no captured use: bind it as is
-                        outs = jax.core.eval_jaxpr(branches[b].jaxpr, branches[b].consts, *ops)
-                    else:
-                        outs = trace.evaluate(body, ops, hook=inner_hook)
-                    return list(outs), kept_b
-
-                return branch
-
-            du_k = {key: du[(k, *key)] for key in inner}
-            outs, kept_k = jax.lax.switch(
-                invals[0], [make(b) for b in range(len(branches))], list(invals[1:]), du_k
-            )
-            for key, a in kept_k.items():
-                kept[(k, *key)] = a
-            return outs
-
-        def run_scan(k, invals):
-            if k in conds:
-                return run_cond(k, invals)
-            if k not in scans:
-                return None
-            inner = scans[k]
-            outs, kept_k = _run_loop(
-                program.eqns[k].params, inner, {s: du[(k, *s)] for s in inner}, invals, 0
-            )
-            for s, a in kept_k.items():
-                kept[(k, *s)] = a
-            return outs
-
         args = [leaves[j] + dx[j] if j in dx else leaves[j] for j in range(an.num_params)]
-        s, n = trace.evaluate(program, [*args, *ex], hook=hook, override=run_scan)
-        return s, (n, kept)
+        (s, count), kept, same = _capture(program, tree, du, [*args, *ex])
+        return s, (count, _share(kept, same))
 
     def batched(du, dx):
         return jax.vmap(one, in_axes=(0, axis, 0), out_axes=(0, (0, axis)))(ex_leaves, du, dx)
@@ -339,15 +277,15 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
             return g
         # (B, steps, *inner steps, *out): each level's steps go where its lift put them,
         # innermost first (a level's lift inserts its axis into the output of the next).
-        step_axes = [u.step_axis, *(lv.step_axis for lv in u.nest)]
+        step_axes = [u.step_axis, *(lv.step_axis for lv in u.nest if lv.is_scan)]
         for d in reversed(range(len(step_axes))):
             g = jnp.moveaxis(g, 1 + d, 1 + d + step_axes[d])
         return g
 
     def weighted_use(u, c):  # Σ_i c_i ∇S_i through one use, on the arrays as captured
         if u.key in formed:
-            grads = formed[u.key]
-            if u.site == "scan" and u.stacked and not u.nest:  # (steps, B, ...): no transpose
+            grads, ex = formed[u.key]
+            if ex == 1:  # (steps, B, ...): no transpose
                 w = c.astype(grads.dtype).reshape((1, -1) + (1,) * (grads.ndim - 2))
                 return jnp.sum(grads * w, axis=1)
             return jnp.tensordot(c.astype(grads.dtype), grads, 1)
@@ -363,38 +301,29 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         g = rules.per_example_grads(use.op, use.pos, a_of(use), g_of(use))
         return jax.vmap(lambda x: _chain_transpose(program, use, like[j], x))(g)
 
-    # Per-example gradients of the uses whose norm route forms them anyway: the weighted sum
-    # then reads them (Σ_i c_i J_i, B × |leaf| work) instead of contracting A and G again.
-    formed: dict = {}
+    # Per-example gradients of the uses whose route forms them anyway (``rule.keep``): the
+    # weighted sum then reads them (Σ_i c_i J_i, B × |leaf| work) instead of contracting A and
+    # G again. A route taken step by step (``rule.per_step``) reads the step-major arrays as
+    # captured, ``(steps, B, ...)``, on the step equation: no transpose to put examples first.
+    formed: dict = {}  # use key -> (per-example gradients, their example axis)
 
-    def per_example(u):  # (B, *operand) or, one slice per step, (steps, B, *slice); or None
-        if u.key in formed:
-            return formed[u.key]
-        stacked = u.site == "scan" and u.stacked and not u.nest
-        op = u.base if stacked else u.op
-        if not rules.forms_per_example_grads(u.kind, op, u.pos):
-            return None
-        if stacked:  # step by step on the step-major arrays (no transpose)
-            per_step = jax.vmap(lambda a, g: rules.per_example_grads(op, u.pos, a, g))
-            formed[u.key] = per_step(kept[u.key], g_use[u.key])
-        else:
-            formed[u.key] = rules.per_example_grads(op, u.pos, a_of(u), g_of(u))
-        return formed[u.key]
+    def per_step(fn, u):  # fn(step equation, A, G) at every step, stacked: (steps, B, ...)
+        return jax.vmap(lambda a, g: fn(u.base, a, g))(kept[u.key], g_use[u.key])
 
-    def norm_use(u):  # ‖∇S_i‖² through one use
-        grads = per_example(u)
-        if grads is not None:
-            ex = 1 if u.site == "scan" and u.stacked and not u.nest else 0
+    def norm_use(u, rule):  # ‖∇S_i‖² through one use, by its route
+        if rule.keep:
+            fn = lambda op, a, g: rules.per_example_grads(op, u.pos, a, g)
+            if rule.per_step:  # one slice of the leaf per step: (steps, B, *slice)
+                formed[u.key] = (per_step(fn, u), 1)
+            else:
+                formed[u.key] = (fn(u.op, a_of(u), g_of(u)), 0)
+            grads, ex = formed[u.key]
             sq = jnp.square(grads.astype(rules.acc_dtype(u.op)))
             return jnp.sum(sq, axis=tuple(d for d in range(sq.ndim) if d != ex))
-        if u.site == "scan" and u.stacked and not u.nest:
-            step = u.base
-            if not rules.gram_route(u.kind, step, u.pos):
-                # One slice of the leaf per step: the steps' squared norms add. Taken step by
-                # step on the step-major arrays, so they are not transposed examples-first.
-                per_step = jax.vmap(lambda a, g: rules.norm_sq(u.kind, step, u.pos, a, g))
-                return jnp.sum(per_step(kept[u.key], g_use[u.key]), axis=0)
-        return rules.norm_sq(u.kind, u.op, u.pos, a_of(u), g_of(u))
+        if rule.per_step:  # one slice of the leaf per step: the steps' squared norms add
+            fn = lambda op, a, g: rules.norm_sq(rule, op, u.pos, a, g)
+            return jnp.sum(per_step(fn, u), axis=0)
+        return rules.norm_sq(rule, u.op, u.pos, a_of(u), g_of(u))
 
     # At least float32, and as precise as the loss and every parameter (float64 parameters of
     # a float32 loss have float64 gradients, as on the vmap path).
@@ -419,7 +348,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
 
     def group_norm(j, group):  # ‖Σ_u ∇S_i through u‖²: the diagonal of the group's block
         if group.form == "use":
-            return norm_use(group.uses[0])
+            return norm_use(group.uses[0], group.rule)
         block = group_block(j, group)
         if block[0] == "outer":
             return rules.cross_norm_sq(block[1])
@@ -543,68 +472,151 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     return Parts(sums, counts, norm_sq, weighted, dots, blocks, leaf_sq)
 
 
-def _run_loop(p, uses, du, invals, depth):
-    """Binds a ``lax.scan`` (params ``p``) on ``invals``, capturing the uses in its body.
+# --- Capture: one evaluator over frames -----------------------------------------------------
+#
+# The fast pass evaluates the program once per example (under ``vmap`` and ``vjp``), adding
+# each captured use's perturbation to its output and keeping its other operand. Uses sit in
+# frames (the top level, a scan body at any depth, a cond branch): :func:`_capture` evaluates
+# one frame, perturbs and keeps the uses that sit directly in it, and hands an equation with
+# uses inside it to the handler :data:`FRAMES` registers for its primitive, which binds it
+# with :func:`_capture` on its bodies. Adding a frame kind (the walker's
+# :func:`jaxgrad.fast.trace.bodies` gives its bodies) is one handler here.
+#
+# Paths (:attr:`jaxgrad.fast.trace.Use.key`) address a use from the top level: an equation
+# index per frame, and a branch index after a cond's. A handler sees the paths relative to
+# its equation, and returns the kept operands by the same relative paths.
 
-    ``uses`` maps a path in the body (an equation index, then for a use in a scan nested in
-    the body, that scan's body equation index, ...) to its :class:`~jaxgrad.fast.trace.Use`;
-    ``du`` maps the same paths to the perturbations, stacked over the steps of this scan and
-    of every scan nested in it. Returns the scan's outputs and the kept operands by path,
-    stacked the same way.
+
+def _capture(body: trace.Program, uses: dict, du: dict, args, *, tapped: bool = True):
+    """Evaluates a frame ``body`` on ``args`` with the uses at paths ``uses`` captured.
+
+    Args:
+      body: the frame's program.
+      uses: path relative to this frame -> :class:`~jaxgrad.fast.trace.Use`.
+      du: path -> the use's perturbation (one frame's worth: a scan's handler slices off
+        the steps).
+      args: the frame's inputs.
+      tapped: whether a perturbation may be the tap (see :func:`_perturb`).
+
+    Returns:
+      ``(outs, kept, same)``: the frame's outputs, the kept operands by path, and for a use
+      that reads the same operand as an earlier one (``x W_q``, ``x W_k``, ``x W_v``) its
+      path -> the earlier's, whose kept operand it shares (not kept twice: in a scan every
+      kept operand is a stacked output written at every step).
     """
-    u0 = next(iter(uses.values()))
-    body = u0.chain_program if depth == 0 else u0.nest[depth - 1].body
+    direct = {p[0]: u for p, u in uses.items() if len(p) == 1}
+    inner: dict = {}  # equation of a frame -> {path in it: Use}
+    for p, u in uses.items():
+        if len(p) > 1:
+            inner.setdefault(p[0], {})[p[1:]] = u
+    first: dict = {}
+    same: dict = {}
+    for k, u in direct.items():
+        ref = body.eqns[k].ins[1 - u.pos]
+        if isinstance(ref, trace.Var):  # a real form keeps its own (re, im) stack
+            k0 = first.setdefault((ref, u.split >= 0), k)
+            if k0 != k:
+                same[(k,)] = (k0,)
+    kept: dict = {}
+
+    def hook(k, invals, outvals):
+        u = direct.get(k)
+        if u is None:
+            return outvals
+        if (k,) not in same:
+            kept[(k,)] = _operand(u, invals[1 - u.pos])
+        return [_perturb(u, outvals[0], du[(k,)], tapped=tapped)]
+
+    def override(k, invals):
+        sub = inner.get(k)
+        if sub is None:
+            return None
+        e = body.eqns[k]
+        handler = FRAMES[e.primitive.name]
+        outs, kept_k, same_k = handler(e, sub, {p: du[(k, *p)] for p in sub}, invals, tapped)
+        kept.update(((k, *p), a) for p, a in kept_k.items())
+        same.update(((k, *p), (k, *q)) for p, q in same_k.items())
+        return outs
+
+    outs = trace.evaluate(body, args, hook=hook, override=override)
+    return outs, kept, same
+
+
+def _capture_scan(e: trace.Eqn, uses: dict, du: dict, invals, tapped: bool):
+    """A ``lax.scan`` with uses in its body: the body captured at every step.
+
+    The perturbations are scanned over (``(steps, ...)``) and the kept operands are stacked
+    outputs, so a use is captured step-major: under the batch's ``vmap`` ``(steps, B, ...)``,
+    the layout the scan writes, with no transpose to put the examples first.
+    """
+    (body,) = trace.bodies(e)
+    p = e.params
     nc, ncar = p["num_consts"], p["num_carry"]
     consts, init, xs = invals[:nc], invals[nc : nc + ncar], invals[nc + ncar :]
-    direct = {s[0]: u for s, u in uses.items() if len(s) == 1}
-    deeper: dict = {}  # body equation of a nested scan -> {path in it: Use}
-    for s, u in uses.items():
-        if len(s) > 1:
-            deeper.setdefault(s[0], {})[s[1:]] = u
-    # Uses reading the same operand (x W_q, x W_k, x W_v) keep it once: each kept operand is
-    # a stacked output of the scan, written at every step.
-    first: dict = {}
-    canon = {}
-    for ik, u in direct.items():
-        ref = body.eqns[ik].ins[1 - u.pos]
-        shared = (ref, u.split >= 0)  # a real form keeps its own (re, im) stack
-        canon[ik] = first.setdefault(shared, ik) if isinstance(ref, trace.Var) else ik
+    shared: dict = {}
 
     def step(carry, x):
         xs_t, du_t = x
-        kept_t = {}
-
-        def hook(ik, iv, ov):
-            if ik not in direct:
-                return ov
-            if canon[ik] == ik:
-                kept_t[(ik,)] = _operand(direct[ik], iv[1 - direct[ik].pos])
-            return [_perturb(direct[ik], ov[0], du_t[(ik,)])]
-
-        def override(ik, iv):
-            if ik not in deeper:
-                return None
-            sub = deeper[ik]
-            du_sub = {s: du_t[(ik, *s)] for s in sub}
-            outs, kept_sub = _run_loop(body.eqns[ik].params, sub, du_sub, iv, depth + 1)
-            for s, a in kept_sub.items():
-                kept_t[(ik, *s)] = a
-            return outs
-
-        outs = trace.evaluate(body, [*consts, *carry, *xs_t], hook=hook, override=override)
+        outs, kept_t, same = _capture(body, uses, du_t, [*consts, *carry, *xs_t], tapped=tapped)
+        shared.update(same)  # stacked once, shared after the loop
         return outs[:ncar], (outs[ncar:], kept_t)
 
     carry, (ys, kept) = jax.lax.scan(
-        step,
-        list(init),
-        (list(xs), du),
-        length=p["length"],
-        reverse=p["reverse"],
+        step, list(init), (list(xs), du), length=p["length"], reverse=p["reverse"],
         unroll=p["unroll"],
-    )
-    for ik in direct:
-        kept[(ik,)] = kept[(canon[ik],)]
-    return [*carry, *ys], kept
+    )  # fmt: skip
+    return [*carry, *ys], _share(kept, shared), {}
+
+
+def _share(kept: dict, same: dict) -> dict:
+    """The kept operands by path, with the shared ones (see :func:`_capture`) filled in."""
+    return {**kept, **{p: kept[q] for p, q in same.items()}}
+
+
+def _capture_cond(e: trace.Eqn, uses: dict, du: dict, invals, tapped: bool):
+    """A ``cond``/``switch`` with uses in its branches: the branch taken captured.
+
+    Every branch returns every branch's kept operands (zeros in the others: an example that
+    takes another branch has a zero cotangent there). A branch's perturbations are added,
+    never the tap: which outputs of a branch ``vmap`` batches is not read here.
+    """
+    del tapped
+    bodies = trace.bodies(e)
+    per_branch: dict = {}  # branch -> {path in it: Use}
+    for p, u in uses.items():
+        per_branch.setdefault(p[0], {})[p[1:]] = u
+    shared: dict = {}
+
+    def make(b):
+        def branch(ops, du_all):
+            sub = per_branch.get(b, {})
+            outs, kept_b, same = _capture(
+                bodies[b], sub, {p: du_all[(b, *p)] for p in sub}, ops, tapped=False
+            )
+            shared.update(((b, *p), (b, *q)) for p, q in same.items())
+            return outs, {(b, *p): a for p, a in kept_b.items()}
+
+        return branch
+
+    ops = list(invals[1:])
+    shapes = {}
+    for b in per_branch:
+        shapes.update(jax.eval_shape(make(b), ops, du)[1])
+
+    def full(b):
+        def branch(ops, du_all):
+            outs, kept_b = make(b)(ops, du_all)
+            zeros = {p: jnp.zeros(a.shape, a.dtype) for p, a in shapes.items()}
+            return list(outs), {**zeros, **kept_b}
+
+        return branch
+
+    outs, kept = jax.lax.switch(invals[0], [full(b) for b in range(len(bodies))], ops, du)
+    return outs, kept, shared
+
+
+# The frame primitives the capture evaluator reads into (see :func:`_capture`).
+FRAMES = {"scan": _capture_scan, "cond": _capture_cond}
 
 
 def get_pass(method: str, strict: bool = False):

@@ -89,13 +89,16 @@ class Group:
     """Uses of one leaf that may overlap (see :func:`jaxgrad.fast.trace.disjoint_groups`) and
     how their per-example squared norm is formed: ``"use"`` — one use, by its rule;
     ``"outer"`` — tied uses as ``Σ_t x_t ⊗ y_t`` with every cross term (``perms``: each use's
-    transposes from the leaf); ``"grads"`` — tied uses' per-example gradients, summed."""
+    transposes from the leaf); ``"grads"`` — tied uses' per-example gradients, summed.
+    ``rule``: for one use, its route (:func:`jaxgrad.fast.rules.route`), which the pass
+    executes."""
 
     uses: tuple
     form: str
     perms: tuple
     label: str
     cost: int
+    rule: rules.Form | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +124,13 @@ def _use_name(u: trace.Use) -> str:
     if u.site == "cond":
         return f"{u.kind}{where} in cond branch {u.scan[1]}"
     if u.site == "scan":
-        return f"{u.kind}{where} in {'scan in ' * len(u.nest)}scan"
+        frames = [_level_name(lv) for lv in reversed(u.nest)]
+        return f"{u.kind}{where} in {' in '.join([*frames, 'scan'])}"
     return f"{u.kind}{where}"
+
+
+def _level_name(lv: trace.Level) -> str:
+    return "scan" if lv.is_scan else f"cond branch {lv.branch}"
 
 
 def _complex_prefix(uses) -> str:
@@ -136,17 +144,21 @@ def _scan_prefix(u: trace.Use) -> str:
         return f"cond branch {u.scan[1]}: "
     if u.site != "scan":
         return ""
-    levels = [(u.steps, u.stacked), *((lv.steps, lv.stacked) for lv in u.nest)]
-    words = [f"{n} steps, {'one slice per step' if st else 'shared'}" for n, st in levels]
-    return "scan, " + "; nested scan, ".join(words) + ": "
+    steps = lambda n, st: f"{n} steps, {'one slice per step' if st else 'shared'}"
+    words = [f"scan, {steps(u.steps, u.stacked)}"]
+    words += [f"nested scan, {steps(lv.steps, lv.stacked)}" if lv.is_scan else _level_name(lv)
+              for lv in u.nest]  # fmt: skip
+    return "; ".join(words) + ": "
 
 
 def _group(an: trace.Analysis, uses: list, shape: tuple) -> Group:
     """The route of one group of uses that may overlap."""
     if len(uses) == 1:
         (u,) = uses
-        label, cost = rules.route(u.kind, u.op, u.pos)
-        return Group(tuple(uses), "use", (), _scan_prefix(u) + _complex_prefix(uses) + label, cost)
+        stacked = u.site == "scan" and u.stacked and not u.nest
+        rule = rules.route(u.kind, u.op, u.pos, stacked=stacked)
+        label = _scan_prefix(u) + _complex_prefix(uses) + rule.label
+        return Group(tuple(uses), "use", (), label, rule.cost, rule)
     perms = tuple(trace.use_perm(an.program, u, len(shape)) for u in uses)
     cplx = _complex_prefix(uses)
     if all(

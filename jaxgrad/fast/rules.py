@@ -19,17 +19,50 @@ embedding ``gather``), example ``i``'s gradient with respect to ``W`` is the tra
 
 Arrays here carry the example axis first: ``A`` is ``(B, *a.shape)``, ``G`` is
 ``(B, *out.shape)``.
+
+**One table, one decision.** Every kind of fast use is one entry of :data:`KINDS`: the
+primitive, when an equation of it is such a use (the walker, :mod:`jaxgrad.fast.trace`,
+classifies by it), its *route* — a :class:`Form` saying how its per-example squared norm is
+formed (``how``, a key of :data:`NORMS`), what the plan prints (``label``, ``cost``) and
+whether the per-example gradient is formed and kept for the weighted sum (``keep``) — and its
+pairwise Gram rule. :func:`route` is called once per use by :func:`jaxgrad.fast.plan.routes`;
+the :class:`~jaxgrad.fast.plan.Route` carries the result, ``passes.fast_pass`` executes it and
+``plan`` prints it. The weighted sum, the per-example gradients and the inner products with
+a reference are the use's own VJP and forward operation, the same for every kind.
+
+Adding a primitive is one entry here. For example, an elementwise scale ``x * w`` of a
+parameter ``w`` shaped like ``x`` (its per-example gradient ``x_i ⊙ g_i``, formed)::
+
+    from jaxgrad.fast import rules
+
+    def scale_accepts(eqn, positions):  # one parameter operand, nothing broadcast
+        return len(positions) == 1 and eqn.in_avals[0].shape == eqn.in_avals[1].shape
+
+    def scale_route(eqn, pos):
+        size = math.prod(eqn.in_avals[pos].shape)
+        return rules.Form("grads", "scale: per-example gradient", size)
+
+    rules.KINDS["scale"] = rules.Kind("mul", scale_accepts, scale_route)
+
+A cheaper norm is a function ``(eqn, pos, A, G) -> (B,)`` in :data:`NORMS` named by the
+route's ``how``. (Inside a ``lax.scan`` a use is lifted over the steps,
+:func:`jaxgrad.fast.trace.lift_over_steps`, written for ``dense`` and ``gather``; a kind
+without a lift falls back there, visibly.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrad.fast.trace import Eqn
+if TYPE_CHECKING:  # (the walker reads :data:`KINDS`: no import of it at run time)
+    from jaxgrad.fast.trace import Eqn
 
 
 def _bind(eqn: Eqn, pos: int, w, a):
@@ -149,44 +182,69 @@ def gather_gram(t: int, num_rows: int) -> bool:
     return t * t <= 8 * num_rows
 
 
-def gram_route(kind: str, eqn: Eqn, pos: int) -> bool:
-    """Whether :func:`norm_sq` takes the dense Gram form (which picks QR at run time)."""
-    if kind != "dense":
-        return False
-    _, _, (_, t, k, n) = dense_layout(eqn, pos)
-    return t > 1 and dense_gram(t, k, n)
+@dataclasses.dataclass(frozen=True)
+class Form:
+    """How one use's per-example squared norm is formed: decided once, by its kind's route
+    (:func:`route`), printed by the plan and executed by :func:`norm_sq` and the pass.
+
+    ``how`` names the norm rule (a key of :data:`NORMS`), ``label`` and ``cost`` (entries
+    formed per example) are what the plan prints; ``keep``: the rule forms the per-example
+    gradient, which the pass keeps for the weighted sum (``Σ_i c_i J_i``, no second
+    contraction of ``A`` and ``G``); ``per_step``: a leaf scanned over (one slice per step)
+    whose steps' squared norms are taken one step at a time and added, on the step-major
+    arrays as captured (no transpose).
+    """
+
+    how: str
+    label: str
+    cost: int
+    keep: bool = False
+    per_step: bool = False
 
 
-def forms_per_example_grads(kind: str, eqn: Eqn, pos: int) -> bool:
-    """Whether :func:`norm_sq` forms the dense per-example gradient (``T > 1``, no Gram form)."""
-    if kind != "dense":
-        return False
-    _, _, (_, t, k, n) = dense_layout(eqn, pos)
-    return t > 1 and not dense_gram(t, k, n)
+def _dense_route(eqn: Eqn, pos: int) -> Form:
+    _, _, (nb, t, k, n) = dense_layout(eqn, pos)
+    if t == 1:
+        return Form("dense_rank1", "dense: |a|²|g|²", nb)
+    if dense_gram(t, k, n):  # (QR is picked at run time where positions cancel)
+        return Form("dense_gram", f"dense, {t} positions: Gram <AAᵀ,GGᵀ>", 2 * nb * t * t)
+    return Form("grads", f"dense, {t} positions: per-example gradient", nb * k * n, keep=True)
 
 
-def route(kind: str, eqn: Eqn, pos: int) -> tuple[str, int]:
-    """How :func:`norm_sq` handles one use: a label and the entries it forms per example."""
-    if kind == "dense":
-        _, _, (nb, t, k, n) = dense_layout(eqn, pos)
-        if t == 1:
-            return "dense: |a|²|g|²", nb
-        if dense_gram(t, k, n):
-            return f"dense, {t} positions: Gram <AAᵀ,GGᵀ>", 2 * nb * t * t
-        return f"dense, {t} positions: per-example gradient", nb * k * n
-    if kind == "gather":
-        dn = eqn.params["dimension_numbers"]
-        out_shape = eqn.out_avals[0].shape
-        t = _prod(out_shape, [d for d in range(len(out_shape)) if d not in dn.offset_dims])
-        rows = gather_num_rows(eqn)
-        if gather_gram(t, rows):
-            return f"gather, {t} lookups: same-row Gram", t * t
-        return f"gather, {t} lookups: per-example gradient", math.prod(eqn.in_avals[0].shape)
-    if kind == "conv" and _conv_windows_ok(eqn, pos):
-        rhs_spec = eqn.params["dimension_numbers"][1]
-        shape = eqn.in_avals[1].shape
-        return "conv: one kernel offset at a time", shape[rhs_spec[0]] * shape[rhs_spec[1]]
-    return f"{kind}: per-example gradient", math.prod(eqn.in_avals[pos].shape)
+def _gather_route(eqn: Eqn, pos: int) -> Form:
+    dn = eqn.params["dimension_numbers"]
+    out_shape = eqn.out_avals[0].shape
+    t = _prod(out_shape, [d for d in range(len(out_shape)) if d not in dn.offset_dims])
+    if gather_gram(t, gather_num_rows(eqn)):
+        return Form("gather_same_row", f"gather, {t} lookups: same-row Gram", t * t)
+    size = math.prod(eqn.in_avals[0].shape)
+    return Form("gather_grads", f"gather, {t} lookups: per-example gradient", size)
+
+
+def _conv_route(eqn: Eqn, pos: int) -> Form:
+    if not _conv_windows_ok(eqn, pos):
+        return _grads_route("conv", eqn, pos)
+    rhs_spec = eqn.params["dimension_numbers"][1]
+    shape = eqn.in_avals[1].shape
+    cost = shape[rhs_spec[0]] * shape[rhs_spec[1]]
+    return Form("conv_windows", "conv: one kernel offset at a time", cost)
+
+
+def _grads_route(kind: str, eqn: Eqn, pos: int) -> Form:
+    """The generic route: the per-example gradient, materialised by the use's VJP."""
+    return Form("grads", f"{kind}: per-example gradient", math.prod(eqn.in_avals[pos].shape))
+
+
+def route(kind: str, eqn: Eqn, pos: int, *, stacked: bool = False) -> Form:
+    """How :func:`norm_sq` handles one use (its kind's entry in :data:`KINDS` decides).
+
+    ``stacked``: the use is a scan's step equation lifted over the steps of a leaf scanned
+    over; unless the route is the Gram form (whose run-time QR choice is one for the whole
+    batch), the steps' norms are then taken one step at a time (``per_step``).
+    """
+    entry = KINDS.get(kind)
+    form = entry.route(eqn, pos) if entry is not None else _grads_route(kind, eqn, pos)
+    return dataclasses.replace(form, per_step=stacked and form.how != "dense_gram")
 
 
 # The Gram form is trusted while ``(Σ_t ‖x_t‖‖y_t‖)² ≤ GRAM_CANCELLATION · ⟨XXᵀ, YYᵀ⟩``.
@@ -233,24 +291,26 @@ def outer_norm_sq(x, y):
     return jax.lax.cond(cancels, triangular, lambda: gram).reshape(lead)
 
 
-def dense_norm_sq(eqn: Eqn, pos: int, a, g):
-    """``‖∇_W S_i‖²`` for a ``dot_general`` use, without the per-example gradient when cheaper."""
+def dense_rank1_norm_sq(eqn: Eqn, pos: int, a, g):
+    """``‖a_i‖² ‖g_i‖²`` per dot batch index (no sequence axis): reductions only, no copies."""
+    a_perm, _, _ = dense_layout(eqn, pos)
+    dtype = acc_dtype(eqn)
+    num_b = len(eqn.params["dimension_numbers"][1][0])
+    a_b = [d + 1 for d in a_perm[:num_b]]
+    a_sq = jnp.sum(jnp.square(a.astype(dtype)), axis=_rest(a.ndim, a_b))
+    g_sq = jnp.sum(jnp.square(g.astype(dtype)), axis=_rest(g.ndim, range(1, num_b + 1)))
+    a_sq = jnp.transpose(a_sq, (0, *(1 + np.argsort(np.argsort(a_b))))) if num_b > 1 else a_sq
+    return jnp.sum((a_sq * g_sq).reshape(a_sq.shape[0], -1), axis=1)
+
+
+def dense_gram_norm_sq(eqn: Eqn, pos: int, a, g):
+    """``Σ_b ⟨A_{ib} A_{ib}ᵀ, G_{ib} G_{ib}ᵀ⟩`` over the dot batch indices (see
+    :func:`outer_norm_sq`, which falls back to QR factors where positions cancel)."""
     a_perm, g_perm, (nb, t, k, n) = dense_layout(eqn, pos)
     dtype = acc_dtype(eqn)
-    if t == 1:  # ‖a_i‖² ‖g_i‖² per dot batch index: reductions only, no copies
-        num_b = len(eqn.params["dimension_numbers"][1][0])
-        a_b = [d + 1 for d in a_perm[:num_b]]
-        a_sq = jnp.sum(jnp.square(a.astype(dtype)), axis=_rest(a.ndim, a_b))
-        g_sq = jnp.sum(jnp.square(g.astype(dtype)), axis=_rest(g.ndim, range(1, num_b + 1)))
-        a_sq = jnp.transpose(a_sq, (0, *(1 + np.argsort(np.argsort(a_b))))) if num_b > 1 else a_sq
-        return jnp.sum((a_sq * g_sq).reshape(a_sq.shape[0], -1), axis=1)
     a = _to_blocks(a, a_perm, (nb, t, k)).astype(dtype)
     g = _to_blocks(g, g_perm, (nb, t, n)).astype(dtype)
-    hi = jax.lax.Precision.HIGHEST
-    if dense_gram(t, k, n):
-        return jnp.sum(outer_norm_sq(a, g), axis=1)
-    w = jnp.einsum("bjtk,bjtn->bjkn", a, g, precision=hi)
-    return jnp.sum(w * w, axis=(1, 2, 3))
+    return jnp.sum(outer_norm_sq(a, g), axis=1)
 
 
 def gather_rows(eqn: Eqn, idx, g):
@@ -295,15 +355,19 @@ def gather_row_axes(eqn: Eqn) -> tuple:
     return tuple(d for d in dn.start_index_map if sizes[d] != shape[d])
 
 
+def gather_grads_norm_sq(eqn: Eqn, pos: int, idx, g):
+    """An embedding lookup's ``rows × R`` per-example gradient, formed (invalid lookups
+    dropped, see :func:`gather_rows`), squared and summed."""
+    del pos
+    idx, _, g = gather_rows(eqn, idx, g.astype(acc_dtype(eqn)))
+    grads = per_example_grads(eqn, 0, idx_restore(eqn, idx), g_restore(eqn, g))
+    return jnp.sum(grads.reshape(grads.shape[0], -1).astype(g.dtype) ** 2, axis=1)
+
+
 def gather_norm_sq(eqn: Eqn, pos: int, idx, g):
     """``‖Σ_t e_{r_t} g_tᵀ‖² = Σ_{t,s} [r_t = r_s] ⟨g_t, g_s⟩`` for an embedding lookup."""
     del pos
     idx, _, g = gather_rows(eqn, idx, g.astype(acc_dtype(eqn)))
-    t = idx.shape[1]
-    num_rows = gather_num_rows(eqn)
-    if not gather_gram(t, num_rows):  # materialising the (rows × R) gradient is cheaper
-        grads = per_example_grads(eqn, 0, idx_restore(eqn, idx), g_restore(eqn, g))
-        return jnp.sum(grads.reshape(grads.shape[0], -1).astype(g.dtype) ** 2, axis=1)
     same = jnp.all(idx[:, :, None, :] == idx[:, None, :, :], axis=-1)
     gg = jnp.einsum("btr,bsr->bts", g, g, precision=jax.lax.Precision.HIGHEST)
     return jnp.sum(jnp.where(same, gg, 0), axis=(1, 2))
@@ -380,10 +444,8 @@ def conv_norm_sq(eqn: Eqn, pos: int, a, g):
     ``P_{i,o}`` the input window shifted by ``o`` (a strided slice of the padded input): a
     batched ``(C_in × T)·(T × C_out)`` matmul. A ``fori_loop`` over the offsets keeps one window
     live at a time. Grouped, batch-grouped and input-dilated convolutions take the generic
-    route (the per-example gradient, materialised).
+    route (the per-example gradient, formed; see :func:`route`).
     """
-    if not _conv_windows_ok(eqn, pos):
-        return _materialised_norm_sq(eqn, pos, a, g)
     window, g, kernel = _conv_windows(eqn, a, g)
 
     def body(k, total):
@@ -429,15 +491,20 @@ def _materialised_norm_sq(eqn: Eqn, pos: int, a, g):
     return jnp.sum(grads.reshape(grads.shape[0], -1).astype(acc_dtype(eqn)) ** 2, axis=1)
 
 
-def norm_sq(kind: str, eqn: Eqn, pos: int, a, g):
-    """Per-example squared norm ``(B,)`` of the gradient through one use."""
-    if kind == "dense":
-        return dense_norm_sq(eqn, pos, a, g)
-    if kind == "gather":
-        return gather_norm_sq(eqn, pos, a, g)
-    if kind == "conv":
-        return conv_norm_sq(eqn, pos, a, g)
-    return _materialised_norm_sq(eqn, pos, a, g)
+def norm_sq(form: Form, eqn: Eqn, pos: int, a, g):
+    """Per-example squared norm ``(B,)`` of the gradient through one use, by its route."""
+    return NORMS[form.how](eqn, pos, a, g)
+
+
+# The norm rules by :attr:`Form.how`: ``rule(eqn, pos, A, G) -> (B,)``.
+NORMS = {
+    "dense_rank1": dense_rank1_norm_sq,
+    "dense_gram": dense_gram_norm_sq,
+    "gather_same_row": gather_norm_sq,
+    "gather_grads": gather_grads_norm_sq,
+    "conv_windows": conv_norm_sq,
+    "grads": _materialised_norm_sq,
+}
 
 
 def has_outer_form(eqn: Eqn, pos: int, chain_perms, leaf_ndim: int) -> bool:
@@ -612,13 +679,15 @@ def gram(kind: str, eqn: Eqn, pos: int, a1, g1, a2, g2):
 
     ``(a1, g1)`` and ``(a2, g2)`` are two sets of examples (the same set for a batch's Gram
     matrix, two chunks of it for one block); the diagonal of ``gram(a, g, a, g)`` is
-    :func:`norm_sq`. Routes as :func:`norm_sq`'s (:func:`route`), pairwise; a convolution's
-    per-example gradients are formed one kernel offset at a time (:func:`per_example_grads`).
+    :func:`norm_sq`. The kind's pairwise rule (:attr:`Kind.pairs`), else the inner products
+    of the formed per-example gradients.
     """
-    if kind == "dense":
-        return dense_gram_pairs(eqn, pos, a1, g1, a2, g2)
-    if kind == "gather":
-        return gather_gram_pairs(eqn, pos, a1, g1, a2, g2)
+    entry = KINDS.get(kind)
+    return (entry.pairs if entry is not None else formed_gram_pairs)(eqn, pos, a1, g1, a2, g2)
+
+
+def formed_gram_pairs(eqn: Eqn, pos: int, a1, g1, a2, g2):
+    """``(B1, B2)`` inner products of the per-example gradients, formed."""
     return grads_gram(per_example_grads(eqn, pos, a1, g1), per_example_grads(eqn, pos, a2, g2))
 
 
@@ -706,3 +775,60 @@ def dot(kind: str, eqn: Eqn, pos: int, a, g, v):
     out = jax.vmap(lambda a_i: _bind(eqn, pos, v, a_i))(a)
     prod = out.astype(dtype) * g.astype(dtype)
     return jnp.sum(prod.reshape(prod.shape[0], math.prod(prod.shape[1:])), axis=1)
+
+
+# --- The table of use kinds ------------------------------------------------------------------
+
+
+def _is_complex(aval) -> bool:
+    return jnp.issubdtype(aval.dtype, jnp.complexfloating)
+
+
+def _real(eqn: Eqn) -> bool:
+    return not any(_is_complex(a) for a in (*eqn.in_avals, *eqn.out_avals))
+
+
+def is_embedding_gather(eqn: Eqn) -> bool:
+    """A gather that picks whole rows of the operand: one entry along each row axis (indexed
+    by ``start_index_map``), the whole of every other axis."""
+    dn = eqn.params["dimension_numbers"]
+    shape = eqn.in_avals[0].shape
+    sizes = eqn.params["slice_sizes"]
+    if dn.operand_batching_dims or dn.start_indices_batching_dims:
+        return False
+    for d, n in enumerate(shape):
+        # Along every axis the slice is either one entry picked by the index (a row axis) or
+        # the whole axis; an index into a whole axis can only start it at 0 (it is clamped
+        # there, or the lookup is out of bounds), as ``W[i]`` under ``vmap`` (an index of 0
+        # for the row's own axis) or ``W[:, j]`` write it.
+        if sizes[d] != n and not (d in dn.start_index_map and sizes[d] == 1):
+            return False
+    mode = eqn.params.get("mode")
+    return str(mode).split(".")[-1] in {"CLIP", "PROMISE_IN_BOUNDS", "FILL_OR_DROP", "ONE_HOT"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """One kind of fast use: the primitive it is, when an equation of it is one (``accepts``:
+    the equation and the operand positions that read a parameter), how its per-example norm
+    is formed (``route``, see :class:`Form`) and its pairwise Gram rule (``pairs``)."""
+
+    primitive: str
+    accepts: Callable[[Eqn, list], bool]
+    route: Callable[[Eqn, int], Form]
+    pairs: Callable = formed_gram_pairs
+
+
+# Every kind of fast use; the walker (:func:`jaxgrad.fast.trace.use`) classifies by it.
+# A ``dot_general`` with a complex operand is read in real form (two real positions, see
+# :func:`jaxgrad.fast.trace.real_form`); no other kind takes complex values.
+KINDS: dict[str, Kind] = {
+    "dense": Kind("dot_general", lambda e, ps: len(ps) == 1, _dense_route, dense_gram_pairs),
+    "conv": Kind("conv_general_dilated", lambda e, ps: ps == [1] and _real(e), _conv_route),
+    "gather": Kind(
+        "gather",
+        lambda e, ps: ps == [0] and _real(e) and is_embedding_gather(e),
+        _gather_route,
+        gather_gram_pairs,
+    ),
+}

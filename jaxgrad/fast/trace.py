@@ -10,10 +10,11 @@ branch. At each equation that reads a followed value it calls the equation's rul
 * ``alias`` — the result is the leaf's entries re-laid (``reshape``, ``transpose``, ``slice``,
   a cast, a ``broadcast_in_dim`` adding unit axes, ...): followed further, the equation added
   to the use's alias chain (norms are preserved; the transposes map gradients back);
-* ``use`` — a *fast use*: ``dot_general`` (**dense**, a complex other operand read as two real
-  positions, see :func:`real_form`), ``conv_general_dilated`` (**conv**), an embedding
-  ``gather`` (**gather**); per-example gradients come from its kept operand ``A`` and its
-  output cotangent ``G`` (:mod:`jaxgrad.fast.rules`);
+* ``use`` — a *fast use*, one of the kinds in :data:`jaxgrad.fast.rules.KINDS`:
+  ``dot_general`` (**dense**, a complex other operand read as two real positions, see
+  :func:`real_form`), ``conv_general_dilated`` (**conv**), an embedding ``gather``
+  (**gather**); per-example gradients come from its kept operand ``A`` and its output
+  cotangent ``G``, by the route its kind's entry decides (:mod:`jaxgrad.fast.rules`);
 * ``frame`` — ``scan``/``cond``: the walker recurses into the body/branches;
 * ``ignore`` — no gradient reaches the leaf through it (``stop_gradient``, ``debug_print``);
 * anything else — a reason: the leaf takes the *exact fallback* (a per-example copy).
@@ -31,13 +32,17 @@ read off the same equations (:func:`separable_axes`) for the plan.
 batches: an output of a loop, branch or custom call that the example does not reach is
 unbatched even when an example-dependent value enters the equation.
 
-Adding a primitive is one entry in :data:`RULES`. A primitive whose result holds its
+Adding a primitive is one entry in one table. A primitive whose result holds its
 operand's entries, re-laid (its VJP only places them back, so norms are preserved), is an
-alias; one through which no gradient flows is ignored; a new kind of fast use is a rule that
-appends a :class:`Found` (see :func:`use`)::
+alias; one through which no gradient flows is ignored::
 
     RULES["my_relayout"] = alias
     RULES["my_log_hook"] = ignore
+
+and a new kind of fast use is one entry in :data:`jaxgrad.fast.rules.KINDS` (the module
+docstring there shows one): the walker gives its primitive the ``use`` rule
+(:func:`rule_of`), the fast pass captures it wherever it sits (``passes._capture``, one
+handler per frame primitive) and its route decides how its norms are formed.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ import jax
 import numpy as np
 from jax._src import source_info_util
 from jax.extend import core as jcore
+
+from jaxgrad.fast import rules
 
 # Call primitives whose body is inlined (they carry a jaxpr and no custom derivative rule;
 # inlining ``checkpoint`` drops the rematerialisation, not the maths).
@@ -156,7 +163,8 @@ def _dynamic_slice_as_gather(e):
     1 or the whole axis) as the equivalent ``gather``, or None for any other slice.
 
     Both clamp the start so that the slice fits, so the values and gradients are the same;
-    as a gather the lookup reads as an embedding use of ``W`` (see :func:`_is_embedding_gather`)
+    as a gather the lookup reads as an embedding use of ``W`` (see
+    :func:`jaxgrad.fast.rules.is_embedding_gather`)
     rather than taking the exact fallback.
     """
     op, *starts = (a.aval for a in e.invars)
@@ -284,13 +292,20 @@ class Use:
 @dataclasses.dataclass(frozen=True)
 class Level:
     """An inner scan of a nested use: its body, the alias chain in it, whether the leaf is
-    scanned over by it, its steps, and the axis of its lift's output that holds them."""
+    scanned over by it, its steps, and the axis of its lift's output that holds them. Or a
+    ``cond`` branch (``branch >= 0``, inside a scan): no steps, nothing lifted, and the
+    use's cotangent is zero for an example, or a step, that takes another branch."""
 
     body: Program
     chain: tuple
     stacked: bool
     steps: int
     step_axis: int
+    branch: int = -1
+
+    @property
+    def is_scan(self) -> bool:
+        return self.branch < 0
 
 
 def use_levels(use: Use) -> list:
@@ -377,42 +392,19 @@ def source_line(eqn: Eqn) -> str:
     return f"{os.path.basename(frame.file_name)}:{frame.start_line} ({name})"
 
 
-def _is_embedding_gather(eqn: Eqn) -> bool:
-    """A gather that picks whole rows of the operand: one entry along each row axis (indexed
-    by ``start_index_map``), the whole of every other axis."""
-    dn = eqn.params["dimension_numbers"]
-    shape = eqn.in_avals[0].shape
-    sizes = eqn.params["slice_sizes"]
-    if dn.operand_batching_dims or dn.start_indices_batching_dims:
-        return False
-    for d, n in enumerate(shape):
-        # Along every axis the slice is either one entry picked by the index (a row axis) or
-        # the whole axis; an index into a whole axis can only start it at 0 (it is clamped
-        # there, or the lookup is out of bounds), as ``W[i]`` under ``vmap`` (an index of 0
-        # for the row's own axis) or ``W[:, j]`` write it.
-        if sizes[d] != n and not (d in dn.start_index_map and sizes[d] == 1):
-            return False
-    mode = eqn.params.get("mode")
-    return str(mode).split(".")[-1] in {"CLIP", "PROMISE_IN_BOUNDS", "FILL_OR_DROP", "ONE_HOT"}
-
-
 def _is_complex(aval) -> bool:
     return jax.numpy.issubdtype(aval.dtype, jax.numpy.complexfloating)
 
 
 def _classify(eqn: Eqn, param_pos: list) -> str | None:
-    name = eqn.primitive.name
-    if any(_is_complex(a) for a in (*eqn.in_avals, *eqn.out_avals)):
-        # Complex values around a real parameter (the fast functions take real parameters
-        # only, so a complex parameter operand is the real leaf cast): a ``dot_general`` has
-        # a real form the rules are written for (see :func:`real_form`), nothing else does.
-        return "dense" if name == "dot_general" and len(param_pos) == 1 else None
-    if name == "dot_general" and len(param_pos) == 1:
-        return "dense"
-    if name == "conv_general_dilated" and param_pos == [1]:
-        return "conv"
-    if name == "gather" and param_pos == [0] and _is_embedding_gather(eqn):
-        return "gather"
+    """The kind of fast use ``eqn`` is (its entry in :data:`jaxgrad.fast.rules.KINDS`), or None.
+
+    (Complex values around a real parameter, the real leaf cast: only a ``dot_general`` has
+    a real form the rules are written for, see :func:`real_form`; the table says so.)
+    """
+    for kind, entry in rules.KINDS.items():
+        if entry.primitive == eqn.primitive.name and entry.accepts(eqn, param_pos):
+            return kind
     return None
 
 
@@ -537,13 +529,21 @@ def use(frame: Frame, k: int, e: Eqn, positions: list) -> None:
         )
 
 
+def bodies(e: Eqn) -> list:
+    """The bodies of a frame equation, flattened (the same :class:`Program` every time): a
+    scan's body, a cond's branches. The walker reads them and ``passes`` captures in them."""
+    if e.primitive.name == "scan":
+        return [_flat(e.params["jaxpr"])]
+    return [_flat(b) for b in e.params["branches"]]
+
+
 def scan(frame: Frame, k: int, e: Eqn, positions: list) -> None:
     """A ``lax.scan``: its body is a frame; the uses found there are lifted over the steps."""
     if frame.where == "cond":
         return other(frame, k, e, positions)
     p = e.params
     nc, ncar, steps = p["num_consts"], p["num_carry"], p["length"]
-    body = _flat(p["jaxpr"])
+    (body,) = bodies(e)
     tracked = {}
     for q in positions:
         t = frame.tracked[e.ins[q]]
@@ -576,8 +576,9 @@ def scan(frame: Frame, k: int, e: Eqn, positions: list) -> None:
 
 
 def cond(frame: Frame, k: int, e: Eqn, positions: list) -> None:
-    """A ``cond``/``switch`` at the top level: each branch is a frame, its uses its own."""
-    if frame.where != "top":
+    """A ``cond``/``switch`` (at the top level or in a scan body): each branch is a frame, its
+    uses its own (the scan's rule then lifts them over its steps)."""
+    if frame.where == "cond":
         return other(frame, k, e, positions)
     tracked_in = {}
     for q in positions:
@@ -586,14 +587,13 @@ def cond(frame: Frame, k: int, e: Eqn, positions: list) -> None:
             frame.reason(t.leaf, "used as the index of a `cond`/`switch`")
         else:
             tracked_in[q - 1] = t
-    for b, branch in enumerate(e.params["branches"] if tracked_in else ()):
-        body = _flat(branch)
+    for b, body in enumerate(bodies(e) if tracked_in else ()):
         tracked = {body.invars[q]: Track(t.leaf, (), False, q + 1) for q, t in tracked_in.items()}
         inner = walk(Frame(body, tracked, "cond", ", inside a `cond` branch"))
         frame.merge(inner, "")
         for f in inner.found:
             outer = frame.tracked[e.ins[f.root.operand]]
-            branch_level = ("cond", body, f.chain)
+            branch_level = Level(body, f.chain, False, 1, -1, branch=b)
             frame.found.append(
                 dataclasses.replace(
                     f, path=(k, b, *f.path), chain=outer.chain, root=outer, levels=(branch_level,)
@@ -631,15 +631,20 @@ RULES: dict[str, Rule] = {
     "stop_gradient": ignore,
     "debug_print": ignore,
     "debug_callback": ignore,
-    "dot_general": use,
-    "conv_general_dilated": use,
-    "gather": use,
     "scan": scan,
     "cond": cond,
 }
 
 # The rules that put the result in the use's alias chain (``apply_chain`` re-binds them).
 ALIAS_RULES = (alias, broadcast)
+
+
+def rule_of(name: str) -> Rule:
+    """The rule of a primitive: its :data:`RULES` entry, :func:`use` for the primitive of a
+    kind of fast use (:data:`jaxgrad.fast.rules.KINDS`), else :func:`other`."""
+    if name in RULES:
+        return RULES[name]
+    return use if any(k.primitive == name for k in rules.KINDS.values()) else other
 
 
 def walk(frame: Frame) -> Frame:
@@ -656,7 +661,7 @@ def walk(frame: Frame) -> Frame:
         if k in frame.region:
             frame.transformed.update(frame.tracked[e.ins[i]].leaf for i in positions)
             continue
-        RULES.get(e.primitive.name, other)(frame, k, e, positions)
+        rule_of(e.primitive.name)(frame, k, e, positions)
     returned = {
         "top": "returned as (part of) the loss",
         "scan": "returned from a `lax.scan` body",
@@ -674,11 +679,10 @@ def _as_use(f: Found, program: Program) -> Use:
     if not f.levels:
         return Use(f.kind, f.path[0], f.pos, f.chain, chain_program=program, **common)
     first, *rest = f.levels
-    if isinstance(first, tuple):  # ("cond", branch body, chain in it)
-        _, body, chain = first
+    if not first.is_scan:  # a branch of a top-level cond
         return Use(
-            f.kind, f.path[0], f.pos, chain, scan=f.path, chain_program=body, site="cond",
-            pre_chain=f.chain, **common,
+            f.kind, f.path[0], f.pos, first.chain, scan=f.path, chain_program=first.body,
+            site="cond", pre_chain=f.chain, **common,
         )  # fmt: skip
     return Use(
         f.kind, f.path[0], f.pos, first.chain, scan=f.path, chain_program=first.body,
@@ -935,7 +939,7 @@ def _region(program: Program, n: int, exact: set, top: set) -> tuple:
         # example whose outputs do not depend on it, is read by its own rule instead.)
         if not d or any(r in top for r in (*e.outs, *e.ins) if isinstance(r, Var)):
             continue
-        rule = RULES.get(e.primitive.name, other)
+        rule = rule_of(e.primitive.name)
         if rule is ignore or (rule in ALIAS_RULES and _is_alias(e)):
             if rule is not ignore:
                 deps[e.outs[0]] = d
@@ -984,7 +988,7 @@ def _batched(program: Program, u: Use, top: set, cache: dict) -> bool:
     taken as batched (its perturbation is the tap's; exact either way, see ``Use.batched``)."""
     if u.site == "":
         return program.eqns[u.eqn].outs[0] in top
-    if u.site == "cond":
+    if u.site == "cond" or not all(lv.is_scan for lv in u.nest):
         return True
     path, eqn, outer = u.scan[:1], program.eqns[u.scan[0]], top
     for body in [u.chain_program, *(lv.body for lv in u.nest)]:
