@@ -352,6 +352,20 @@ def local_replica(tree: PyTree) -> PyTree:
     return jax.tree_util.tree_map(local, tree)
 
 
+def sync_processes(name: str) -> None:
+    """Waits until every process has reached the call with this ``name``; with one process it
+    returns at once.
+
+    Whatever one process does alone (process 0 writes a checkpoint file) must be finished
+    before another process may depend on it (a resumed ``fit`` lists the directory): without
+    the wait, the two could resume from different steps and issue different collectives.
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def serialize_across_processes(tree: PyTree) -> None:
     """Waits for ``tree`` when several processes run, so collectives never overlap.
 
