@@ -9,8 +9,9 @@ the CLI's ``--dp --devices``. ``train``: one process of a multi-process training
 counts the rows each process reads. ``cli``: one process of the CLI over 2 processes on a
 memory-mapped .npz. ``user_meshes``: every entry point on ``jax.make_mesh`` meshes (Explicit
 and Auto axes), data-only and 4 x 2 data x model with sharded parameters, against one device;
-HLO all-gathers, DP noise, fit's sharded state. ``sharded_checkpoints``: fit with sharded
-parameters resumed from orbax checkpoints, and a corrupt newest one.
+HLO all-gathers, DP noise, fit's sharded state. ``train`` also runs fit with parameters
+sharded over a 2 x 2 mesh spanning both processes, resumed from orbax checkpoints (each
+process writing its pieces), and a corrupt newest one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import json
 import os
 import re
 import sys
+import tempfile
+import time
 
 
 def _setup(devices: int):
@@ -255,7 +258,7 @@ def strategies() -> dict:
     return out
 
 
-def _token_problem(vocab=11, width=6, rows=16, real=14, seed=0):
+def _token_problem(vocab=11, width=6, rows=16, real=14, seed=0, dtype="float64"):
     """A (sum, count) token loss on ``rows`` sequences of very different real lengths, the
     last ``rows - real`` masked out (on 8 devices of 2 rows each, the last device holds only
     padding), and its parameters."""
@@ -279,10 +282,10 @@ def _token_problem(vocab=11, width=6, rows=16, real=14, seed=0):
 
     k = jax.random.split(jax.random.key(seed + 1), 3)
     params = {
-        "embed": jax.random.normal(k[0], (vocab, width), jnp.float64),
-        "w": jax.random.normal(k[1], (width, 8), jnp.float64) / 2,
-        "b": jnp.linspace(-0.5, 0.5, 8, dtype=jnp.float64),
-        "out": jax.random.normal(k[2], (8, vocab), jnp.float64) / 3,
+        "embed": jax.random.normal(k[0], (vocab, width), dtype),
+        "w": jax.random.normal(k[1], (width, 8), dtype) / 2,
+        "b": jnp.linspace(-0.5, 0.5, 8, dtype=dtype),
+        "out": jax.random.normal(k[2], (8, vocab), dtype) / 3,
     }
     return loss, params, (tok, tgt), np.arange(rows) < real
 
@@ -322,69 +325,6 @@ def _specs(tree) -> list:
     import jax
 
     return [str(x.sharding.spec) for x in jax.tree_util.tree_leaves(tree)]
-
-
-def sharded_checkpoints(directory: str) -> dict:
-    """fit on a 4 x 2 mesh with sharded parameters, checkpointed with orbax: interrupted
-    after epoch 1 and resumed, against the uninterrupted run; a corrupt newest checkpoint."""
-    _setup(8)
-    import warnings
-
-    import jax
-    import numpy as np
-    import optax
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    jax.config.update("jax_enable_x64", True)
-    import jaxgrad
-    from jaxgrad.train import checkpoint as ckpt
-
-    loss, params, batch, _ = _token_problem(vocab=64, width=16)
-    mesh = jax.make_mesh((4, 2), ("data", "model"))
-    sparams = {
-        k: jax.device_put(v, NamedSharding(mesh, P(*MODEL_SPECS[k]))) for k, v in params.items()
-    }
-    data = tuple(np.asarray(a) for a in batch)
-    kw = dict(optimizer=optax.adam(0.05), key=jax.random.key(5), epochs=2, batch_size=8)
-    kw |= dict(progress="none", mesh=mesh)
-    full = jaxgrad.train.fit(loss, sparams, data, **kw)
-    calls = []
-
-    def interrupt(params):
-        calls.append(1)
-        if len(calls) == 2:  # at the end of epoch 2, after epoch 1's checkpoint
-            raise KeyboardInterrupt
-        return {}
-
-    cut = os.path.join(directory, "cut")
-    try:
-        jaxgrad.train.fit(loss, sparams, data, checkpoint_dir=cut, evaluate=interrupt, **kw)
-    except KeyboardInterrupt:
-        pass
-    out = {"before_resume": [os.path.basename(p) for p in ckpt.list_checkpoints(cut)]}
-    resumed = jaxgrad.train.fit(loss, sparams, data, checkpoint_dir=cut, **kw)
-    pairs = zip(
-        jax.tree_util.tree_leaves(resumed.state), jax.tree_util.tree_leaves(full.state), strict=True
-    )
-    out["bitwise"] = all(np.array_equal(a, b) for a, b in pairs)
-    out["specs"] = [str(x.sharding.spec) for x in jax.tree_util.tree_leaves(resumed.params)]
-    # A corrupt newest checkpoint (a piece of its arrays deleted): a warning naming it, and
-    # the older one is restored.
-    names = ckpt.list_checkpoints(cut)
-    out["after_resume"] = [os.path.basename(p) for p in names]
-    newest = names[-1]
-    for root, _, files in os.walk(os.path.join(newest, "state")):
-        for f in files:
-            if os.path.basename(root) == "d":
-                os.remove(os.path.join(root, f))
-    template = {"state": jaxgrad.train.init_state(sparams, kw["optimizer"]), "key": kw["key"]}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _, meta, path = ckpt.restore_latest(cut, template)
-    out["fallback"] = [os.path.basename(path), meta["epoch"]]
-    out["warnings"] = [str(w.message)[:300] for w in caught if "falling back" in str(w.message)]
-    return out
 
 
 def _auto_only(entries):
@@ -540,7 +480,10 @@ def _model_axis() -> dict:
             if name not in fit_refs:
                 fit_refs[name] = jaxgrad.train.fit(loss, params, data, **kw)
             ref = fit_refs[name]
-            got = jaxgrad.train.fit(loss, sparams, data, mesh=mesh, **kw)
+            # One process's orbax checkpoint of the sharded state (the plain run's): a run
+            # resumed from it has nothing left to do and returns it, restored and placed.
+            saved = tempfile.mkdtemp() if name == "plain" else None
+            got = jaxgrad.train.fit(loss, sparams, data, mesh=mesh, checkpoint_dir=saved, **kw)
             state_specs = [
                 [str(x.sharding.spec) for x in jax.tree_util.tree_leaves(t)]
                 for t in (got.state.params, got.state.opt_state[0].mu, got.state.opt_state[0].nu)
@@ -550,6 +493,16 @@ def _model_axis() -> dict:
                 "specs": state_specs,
                 "want": [str(P(*MODEL_SPECS[k])) for k in sorted(MODEL_SPECS)],
             }
+            if saved is not None:
+                back = jaxgrad.train.fit(loss, sparams, data, mesh=mesh, checkpoint_dir=saved, **kw)
+                leaves = jax.tree_util.tree_leaves
+                out["fit"][f"{mname}/{name}"]["restored"] = {
+                    "files": sorted(os.listdir(saved)),
+                    "bitwise": all(
+                        np.array_equal(a, b) and a.sharding == b.sharding
+                        for a, b in zip(leaves(back.state), leaves(got.state), strict=True)
+                    ),
+                }
     return out
 
 
@@ -756,9 +709,22 @@ def train(process_id: int, num_processes: int, coordinator: str, directory: str)
     full = jaxgrad.train.fit(loss_fn, params, counted, mesh=mesh, checkpoint_dir=ckpt_full, **kw)
     out["reads"] = [sorted(c.reads) for c in counted]
     # Interrupted after one epoch, then resumed: must end bit for bit where `full` does.
-    jaxgrad.train.fit(
-        loss_fn, params, data, mesh=mesh, checkpoint_dir=ckpt_cut, **kw | {"epochs": 1}
-    )
+    # Process 0 writes the checkpoint slowly (a loaded disk): a process that did not wait for
+    # it would list the directory first, train from step 0 and meet process 0's other
+    # collectives (gloo's "collective mismatch" abort; docs/devices.md).
+    save = jaxgrad.train.checkpoint.save
+
+    def slow_save(*args, **kwargs):
+        time.sleep(3)
+        return save(*args, **kwargs)
+
+    jaxgrad.train.checkpoint.save = slow_save
+    try:
+        jaxgrad.train.fit(
+            loss_fn, params, data, mesh=mesh, checkpoint_dir=ckpt_cut, **kw | {"epochs": 1}
+        )
+    finally:
+        jaxgrad.train.checkpoint.save = save
     resumed = jaxgrad.train.fit(loss_fn, params, data, mesh=mesh, checkpoint_dir=ckpt_cut, **kw)
     local = jaxgrad.sharding.local_replica
     leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(local(full.params))]
@@ -777,6 +743,84 @@ def train(process_id: int, num_processes: int, coordinator: str, directory: str)
     if process_id == 0:
         leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(local(dp.params))]
         np.savez(os.path.join(directory, "dp_params.npz"), *leaves)
+    out["sharded"] = sharded_checkpoints(process_id, directory)
+    return out
+
+
+def sharded_checkpoints(process_id: int, directory: str) -> dict:
+    """fit on a 2 x 2 ("data", "model") mesh over both processes, the parameters sharded over
+    both axes (the FSDP-style embedding table over "data", which spans the processes: neither
+    holds it whole), checkpointed with orbax by both processes: interrupted after epoch 1 and
+    resumed, against the uninterrupted run; then a corrupt newest checkpoint. float32."""
+    import warnings
+
+    import jax
+    import numpy as np
+    import optax
+    from jax.experimental import multihost_utils
+    from jax.sharding import AxisType, Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jaxgrad
+    from jaxgrad import sharding
+    from jaxgrad.train import checkpoint as ckpt
+
+    loss, params, batch, _ = _token_problem(vocab=64, width=16, dtype="float32")
+    # Process p's two devices are row p: "data" across the processes, "model" within each.
+    devices = [d for p in range(2) for d in sharding._process_devices(p)]
+    mesh = Mesh(np.array(devices).reshape(2, 2), ("data", "model"), (AxisType.Explicit,) * 2)
+    layout = {k: NamedSharding(mesh, P(*MODEL_SPECS[k])) for k in params}
+    sparams = sharding.place(params, layout)
+    data = tuple(np.asarray(a) for a in batch)
+    kw = dict(optimizer=optax.adam(0.05), key=jax.random.key(5), epochs=2, batch_size=8)
+    kw |= dict(progress="none", mesh=mesh)
+    full = jaxgrad.train.fit(loss, sparams, data, **kw)
+    calls = []
+
+    def interrupt(params):
+        calls.append(1)
+        if len(calls) == 2:  # at the end of epoch 2, after epoch 1's checkpoint
+            raise KeyboardInterrupt
+        return {}
+
+    cut = os.path.join(directory, "sharded")
+    try:
+        jaxgrad.train.fit(loss, sparams, data, checkpoint_dir=cut, evaluate=interrupt, **kw)
+    except KeyboardInterrupt:
+        pass
+    out = {"before_resume": [os.path.basename(p) for p in ckpt.list_checkpoints(cut)]}
+    resumed = jaxgrad.train.fit(loss, sparams, data, checkpoint_dir=cut, **kw)
+
+    def pieces(tree):  # this process's shards of every leaf
+        leaves = jax.tree_util.tree_leaves(tree)
+        return [np.asarray(s.data) for x in leaves for s in x.addressable_shards]
+
+    pairs = zip(pieces(resumed.state), pieces(full.state), strict=True)
+    out["bitwise"] = all(np.array_equal(a, b) for a, b in pairs)
+    out["specs"] = [str(x.sharding.spec) for x in jax.tree_util.tree_leaves(resumed.params)]
+    out["whole_here"] = [x.is_fully_addressable for x in jax.tree_util.tree_leaves(full.params)]
+    # The whole parameters (an all-gather) for the comparison with one device.
+    whole = multihost_utils.process_allgather(full.params, tiled=True)
+    if process_id == 0:
+        np.savez(os.path.join(directory, "sharded_params.npz"), **whole)
+    # A corrupt newest checkpoint (its array chunks deleted, by process 0 while process 1
+    # waits): both processes warn, naming it, and restore the older one.
+    names = ckpt.list_checkpoints(cut)
+    out["after_resume"] = [os.path.basename(p) for p in names]
+    out["state_files"] = sorted(os.listdir(os.path.join(names[-1], "state")))
+    multihost_utils.sync_global_devices("listed")
+    if process_id == 0:
+        for root, _, files in os.walk(os.path.join(names[-1], "state")):
+            for f in files:
+                if os.path.basename(root) == "d":
+                    os.remove(os.path.join(root, f))
+    multihost_utils.sync_global_devices("corrupted")
+    template = {"state": jaxgrad.train.init_state(sparams, kw["optimizer"]), "key": kw["key"]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restored, meta, path = ckpt.restore_latest(cut, template)
+    out["fallback"] = [os.path.basename(path), meta["epoch"], int(restored["state"].step)]
+    out["warnings"] = [str(w.message)[:300] for w in caught if "falling back" in str(w.message)]
     return out
 
 
@@ -869,8 +913,6 @@ def training_problem():
 if __name__ == "__main__":
     if sys.argv[1] == "strategies":
         result = strategies()
-    elif sys.argv[1] == "sharded_checkpoints":
-        result = sharded_checkpoints(sys.argv[2])
     elif sys.argv[1] == "user_meshes":
         result = user_meshes()
     elif sys.argv[1] == "private":

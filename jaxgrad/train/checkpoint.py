@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrad import _optional, keys
+from jaxgrad import _optional, keys, sharding
 
 PyTree = Any
 FORMAT = "jaxgrad-checkpoint-1"
@@ -245,6 +245,7 @@ def save_sharded(
     }
     final = path_for(directory, step, sharded=True)
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    leaves = [np.asarray(x) if _host_local(x) else x for x in leaves]
     checkpointer.save(
         final,
         args=ocp.args.Composite(
@@ -255,7 +256,16 @@ def save_sharded(
     if jax.process_index() == 0:
         others = [p for p in list_checkpoints(directory) if os.path.abspath(p) != final]
         _prune(others, keep)
+    # Nobody lists the directory (a resumed fit) while process 0 prunes it.
+    sharding.sync_processes(f"pruned {final}")
     return final
+
+
+def _host_local(x) -> bool:
+    """Whether ``x`` is one process's own array in a run of several (a PRNG key, a step
+    counter not yet placed on the mesh): orbax writes and reads those as numpy arrays, the
+    same in every process, not as pieces of a global array."""
+    return not isinstance(x, jax.Array) or (jax.process_count() > 1 and x.is_fully_addressable)
 
 
 def _load_sharded(path: str, template: PyTree) -> tuple[PyTree, dict]:
@@ -263,11 +273,11 @@ def _load_sharded(path: str, template: PyTree) -> tuple[PyTree, dict]:
     ocp = _orbax()
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     leaves, _ = _key_free(template)
-    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def abstract(x):
-        sharding = x.sharding if isinstance(x, jax.Array) else default
-        return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=sharding)
+        if _host_local(x):  # restored as numpy, then put on this process's default device
+            return np.empty(np.shape(x), jnp.result_type(x))
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=x.sharding)
 
     header = read_metadata(path, full=True)
     if header.get("format") != SHARDED_FORMAT or len(header["leaves"]) != len(leaves):
@@ -297,6 +307,7 @@ def _load_sharded(path: str, template: PyTree) -> tuple[PyTree, dict]:
         ) from None
     out = []
     for (_, leaf), value in zip(paths_leaves, restored, strict=True):
+        value = jnp.asarray(value) if isinstance(value, np.ndarray) else value
         if keys.is_typed_key(leaf):
             value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(leaf))
         out.append(value)

@@ -958,14 +958,21 @@ def _run(
                 checkpoint_dir, tree, step=int(state.step), metadata=meta, keep=keep
             )
         if mesh is not None and jax.process_index() != 0:
-            return ckpt.path_for(checkpoint_dir, int(state.step))  # process 0 writes
-        return ckpt.save(
-            checkpoint_dir,
-            {"state": sharding_lib.local_replica(state), "key": key},
-            step=int(state.step),
-            metadata=meta,
-            keep=keep,
-        )
+            path = ckpt.path_for(checkpoint_dir, int(state.step))  # process 0 writes
+        else:
+            path = ckpt.save(
+                checkpoint_dir,
+                {"state": sharding_lib.local_replica(state), "key": key},
+                step=int(state.step),
+                metadata=meta,
+                keep=keep,
+            )
+        if mesh is not None:
+            # The others wait for process 0's file: one that went on could list the directory
+            # (a resumed fit) before it is there, train from another step and issue other
+            # collectives than process 0 (gloo's "collective mismatch" abort).
+            sharding_lib.sync_processes(f"checkpoint {int(state.step)}")
+        return path
 
     own = [writers_lib.JsonlWriter(metrics_path)] if metrics_path is not None else []
     writers = own + list(metric_writers)
