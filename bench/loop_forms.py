@@ -8,7 +8,8 @@ microbatches in every loop form — ``unroll="auto"`` (the policy, ``jaxgrad._lo
 row, the median and the minimum seconds per call of each form and every form's throughput
 over the unrolled form's (from the minima: on a shared machine the least-disturbed call).
 
-Usage: ``python bench/loop_forms.py mlp,cnn,transformer,rnn [rounds]``
+Usage: ``python bench/loop_forms.py mlp,cnn,transformer,rnn [rounds] [pe]`` (``pe``: only the
+per_example_grads rows).
 """
 
 import os
@@ -37,6 +38,7 @@ def _loop_body(jaxpr):
 
 
 rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 7
+pe_only = sys.argv[3:] == ["pe"]  # only per_example_grads, unchunked and chunk_size=32
 for name in sys.argv[1].split(","):
     case = suite.CASES[name]()
     p = case.model.init(jax.random.key(0))
@@ -47,7 +49,7 @@ for name in sys.argv[1].split(","):
             u: jax.jit(grads.accumulate_grad(case.loss_fn, num_microbatches=4, unroll=u))
             for u in ("auto", True, 4, 2, False)
         }
-        fs = {f"acc[{u}]": f for u, f in acc.items()}
+        fs = {} if pe_only else {f"acc[{u}]": f for u, f in acc.items()}
         fs["pe"] = jax.jit(grads.per_example_grads(case.loss_fn))
         fs["pe32"] = jax.jit(grads.per_example_grads(case.loss_fn, chunk_size=32))
         for f in fs.values():
@@ -70,8 +72,11 @@ for name in sys.argv[1].split(","):
         line += f" per number handed on, conv {step.convolution}; policy: unrolled"
         line += f" {chosen.unrolled}; load {load:.1f}] ms median/min: "
         line += " ".join(f"{k} {med[k] * 1e3:.1f}/{lo[k] * 1e3:.1f}" for k in fs)
-        line += " | x unrolled (min): " + " ".join(
-            f"{k} {lo['acc[4]'] / lo[k]:.2f}" for k in fs if k.startswith("acc")
+        line += (
+            ""
+            if pe_only
+            else " | x unrolled (min): "
+            + " ".join(f"{k} {lo['acc[4]'] / lo[k]:.2f}" for k in fs if k.startswith("acc"))
         )
         line += f" | pe32/pe {lo['pe'] / lo['pe32']:.2f}"
         print(line, flush=True)
