@@ -178,8 +178,8 @@ def _flops(jaxpr, trips=1) -> float:
             lhs = e.invars[0].aval.shape
             total += 2.0 * np.prod(e.outvars[0].aval.shape) * np.prod([lhs[d] for d in contract])
         elif name == "conv_general_dilated":
-            rhs = e.invars[1].aval.shape  # (O, I / groups, *window) in the canonical order
-            per_out = np.prod(rhs) / rhs[e.params["dimension_numbers"].rhs_spec[0]]
+            rhs = e.invars[1].aval.shape  # O, I / groups and the window, in any order
+            per_out = np.prod(rhs) / rhs[e.params["dimension_numbers"].rhs_spec[0]]  # / O
             total += 2.0 * np.prod(e.outvars[0].aval.shape) * per_out
         inner = e.params.get("length", 1) if name == "scan" else 1
         for sub in jcore.jaxprs_in_params(e.params):
@@ -221,7 +221,7 @@ def describe_jaxpr(closed, num_carry: int, num_consts: int = 0) -> Body:
     handed_on = changed + list(jaxpr.outvars[num_carry:])
     return Body(
         convolution="conv_general_dilated" in names,
-        flops=_flops(jaxpr),
+        flops=float(_flops(jaxpr)),
         handed_on=sum(int(np.prod(v.aval.shape)) for v in handed_on),
     )
 
