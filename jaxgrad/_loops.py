@@ -8,15 +8,16 @@ the same code outside one, and which form is faster depends on the body:
   in their raw dimension order, where XLA emits its own naive loop nest for them (visible in
   ``jax.jit(f).lower(...).compile().as_text()``: a plain ``convolution`` inside the body,
   ``__ynn_fusion`` outside). The benchmark's CNN ran ``accumulate_grad`` over 4 microbatches
-  10-30x slower under ``lax.scan`` than unrolled; partial unrolling (``unroll=k``) keeps a
+  10-50x slower under ``lax.scan`` than unrolled; partial unrolling (``unroll=k``) keeps a
   loop body and the tax (docs/benchmarks.md, "Loops on the CPU");
 * **dense bodies with little arithmetic per number they hand on** (the carry they change plus
   their outputs: a gradient sum, per-example rows) — the MLP's microbatches, about 40-300
-  flops per number — ran 1.3-1.7x slower scanned: the body's work is many small,
+  flops per number — ran 1.1-2.9x slower scanned: the body's work is many small,
   memory-bound passes, which in straight-line code XLA fuses across steps (the 4
-  microbatches' weight gradients summed in one pass) and runs side by side;
+  microbatches' weight gradients summed in one pass; the HLO shows it, the rest of the gap
+  was not profiled);
 * **dense bodies with much arithmetic per number handed on** — the transformer's microbatches,
-  3,000-24,000 flops per number — ran 1.5-1.8x *faster* scanned: unrolled, XLA plans every
+  3,000-24,000 flops per number — ran 1.3-3x *faster* scanned: unrolled, XLA plans every
   step's activations at once (4x the temporary memory of the scan: 40 against 10 MB at
   B = 32), and the partial unroll ``unroll=2`` was between the two.
 

@@ -526,10 +526,10 @@ def accumulate_grad(loss_fn, *, num_microbatches: int, unroll: str | int | bool 
       unroll: ``"auto"`` (default): the loop policy of :mod:`jaxgrad._loops` chooses from
         the microbatch's program, read off its jaxpr: on a single CPU device, at most 16
         microbatches run unrolled when the microbatch has a convolution (XLA:CPU runs those
-        of a loop body naively: 10-30x slower for the benchmark's CNN) or does fewer than
+        of a loop body naively: 10-50x slower for the benchmark's CNN) or does fewer than
         ``_loops.SCAN_INTENSITY`` flops per number it hands on (the gradient sum: the MLP,
-        1.3-1.7x faster unrolled); a dense microbatch with more arithmetic runs under
-        ``lax.scan`` (the transformer, 1.5-1.8x faster scanned, at a quarter of the temporary
+        1.1-2.9x faster unrolled); a dense microbatch with more arithmetic runs under
+        ``lax.scan`` (the transformer, 1.3-3x faster scanned, at a quarter of the temporary
         memory), as does every loop elsewhere. ``_loops.form`` returns the choice and its
         reason. ``True`` always unrolls; ``False`` or an integer is ``lax.scan``'s own
         ``unroll`` (see :func:`jaxgrad._loops.scan`).
