@@ -1,22 +1,36 @@
 """The one policy for the loops jaxgrad writes: microbatches, chunks, physical batches, steps.
 
-XLA:CPU compiles a loop body (``lax.scan``, ``lax.while_loop``, ``lax.map``) worse than the
-same code outside one: its convolution passes rewrite the backward convolutions of straight-line
-code into the canonical NHWC form that YNNPACK / Eigen run, but leave those of a while body in
-their raw dimension order, where XLA emits its own naive loop nest for them (visible in
-``jax.jit(f).lower(...).compile().as_text()``: a plain ``convolution`` with
-``outer_dimension_partitions`` inside the body, ``__ynn_fusion`` outside). The benchmark's CNN
-ran ``accumulate_grad`` over 4 microbatches ~10x slower under ``lax.scan`` than unrolled, and
-even the MLP 1.4x slower (docs/benchmarks.md, "Loops"). Partial unrolling (``unroll=k``) does
-not help: the body is still a loop body. So the policy, in one place:
+XLA:CPU compiles a loop body (``lax.scan``, ``lax.while_loop``, ``lax.map``) differently from
+the same code outside one, and which form is faster depends on the body:
+
+* **convolutions**: its convolution passes rewrite the backward convolutions of straight-line
+  code into the canonical NHWC form that YNNPACK / Eigen run, but leave those of a while body
+  in their raw dimension order, where XLA emits its own naive loop nest for them (visible in
+  ``jax.jit(f).lower(...).compile().as_text()``: a plain ``convolution`` inside the body,
+  ``__ynn_fusion`` outside). The benchmark's CNN ran ``accumulate_grad`` over 4 microbatches
+  10-50x slower under ``lax.scan`` than unrolled; partial unrolling (``unroll=k``) keeps a
+  loop body and the tax (docs/benchmarks.md, "Loops on the CPU");
+* **dense bodies with little arithmetic per number they hand on** (the carry they change plus
+  their outputs: a gradient sum, per-example rows) — the MLP's microbatches, about 40-300
+  flops per number — ran 1.1-2.9x slower scanned: the body's work is many small,
+  memory-bound passes, which in straight-line code XLA fuses across steps (the 4
+  microbatches' weight gradients summed in one pass; the HLO shows it, the rest of the gap
+  was not profiled);
+* **dense bodies with much arithmetic per number handed on** — the transformer's microbatches,
+  3,000-24,000 flops per number — ran 1.3-3x *faster* scanned: unrolled, XLA plans every
+  step's activations at once (4x the temporary memory of the scan: 40 against 10 MB at
+  B = 32), and the partial unroll ``unroll=2`` was between the two.
+
+So the policy, in one place (:func:`form` says which form a loop gets, and why):
 
 * a loop with a trip count known when tracing (:func:`scan`: microbatches of
   :func:`jaxgrad.accumulate_grad`, chunks of ``chunk_size``) runs **unrolled** on a single CPU
-  device when it has at most :data:`MAX_UNROLL` steps, each step fenced after the previous
-  one's carry by ``lax.optimization_barrier`` so that XLA cannot interleave steps whose carry
-  accumulates; longer loops, loops on several devices (unrolled slices of a batch sharded over
-  a mesh would be gathered: the scan keeps every row on its device) and every loop on other
-  backends stay ``lax.scan``;
+  device when it has at most :data:`MAX_UNROLL` steps and its step (:func:`describe`, read off
+  its jaxpr with the fast path's walker) has a convolution, or does fewer than
+  :data:`SCAN_INTENSITY` flops per number it hands on; otherwise, and for longer loops, loops
+  on several devices (unrolled slices of a batch sharded over a mesh would be gathered: the
+  scan keeps every row on its device) and every loop on other backends, ``lax.scan``. The rule
+  reads only the program's structure and sizes, so it is the same on every run;
 * a loop with a data-dependent trip count (:func:`peeled_sum`: the physical batches of a DP
   step) runs its first step outside a ``lax.while_loop``, where it compiles as straight-line
   code; the default physical batch holds the whole draw on almost every step;
@@ -26,12 +40,20 @@ not help: the body is still a loop body. So the policy, in one place:
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jcore
 
 #: The most steps a loop with a static trip count is unrolled for on a CPU ("auto").
 MAX_UNROLL = 16
+
+#: Flops per number handed on (changed carry + outputs) from which a dense step is scanned
+#: ("auto", CPU). Measured between the MLP's microbatches (<= 300, faster unrolled) and the
+#: transformer's (>= 3,000, faster scanned): bench/results/loops-2026-12-06.txt.
+SCAN_INTENSITY = 1024
 
 
 def check_unroll(unroll) -> str | int | bool:
@@ -45,32 +67,51 @@ def check_unroll(unroll) -> str | int | bool:
     raise ValueError(f"`unroll` must be 'auto', True, False or an integer >= 0; got {unroll!r}")
 
 
-def unrolled(num_steps: int, unroll="auto") -> bool:
-    """Whether a loop of ``num_steps`` runs fully unrolled under ``unroll``.
+@dataclasses.dataclass(frozen=True)
+class Form:
+    """The form a loop runs in: fully ``unrolled`` (fenced) or ``lax.scan`` with
+    ``scan_unroll``, and the ``reason`` (the policy's rule that chose it)."""
 
-    ``"auto"``: on a CPU backend with one device when ``num_steps <= MAX_UNROLL`` (on a mesh
-    the unrolled slices of a sharded batch would be gathered); ``True``: always; ``False``
-    or an integer: never here (``lax.scan`` with that ``unroll``, which for an integer
-    ``>= num_steps`` is JAX's own unrolling, without the fences).
+    unrolled: bool
+    scan_unroll: int | bool
+    reason: str
+
+
+def form(num_steps: int, unroll="auto", step: Body | None = None) -> Form:
+    """The form of a loop of ``num_steps`` under ``unroll`` (see the module's docstring).
+
+    ``"auto"`` unrolls on a CPU backend with one device when ``num_steps <= MAX_UNROLL`` and
+    the ``step`` (:func:`describe`) has a convolution or does fewer than
+    :data:`SCAN_INTENSITY` flops per number it hands on; else ``lax.scan``. ``step=None``
+    (not described) counts as a small dense step. ``True``: always unrolled; ``False`` or an
+    integer: ``lax.scan`` with that ``unroll`` (for an integer ``>= num_steps``, JAX's own
+    unrolling, without the fences).
     """
     unroll = check_unroll(unroll)
-    if unroll == "auto":
-        one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
-        return one_cpu and num_steps <= MAX_UNROLL
-    return unroll is True
+    if unroll != "auto":
+        return Form(unroll is True, 1 if unroll is True else unroll, f"unroll={unroll!r}")
+    if not (jax.default_backend() == "cpu" and jax.device_count() == 1):
+        return Form(False, 1, "not a single CPU device: lax.scan keeps rows on their devices")
+    if num_steps > MAX_UNROLL:
+        return Form(False, 1, f"{num_steps} steps > MAX_UNROLL = {MAX_UNROLL}")
+    if step is not None and step.convolution:
+        return Form(True, 1, "a convolution: XLA:CPU runs it naively inside a loop body")
+    if step is not None and step.intensity >= SCAN_INTENSITY:
+        return Form(False, 1, f"a dense step of {step.intensity:.0f} flops per number handed on")
+    what = "an undescribed step" if step is None else f"{step.intensity:.0f} flops per number"
+    return Form(True, 1, f"a dense step of {what}: small passes, fused across steps unrolled")
 
 
 def scan(body, carry, xs, *, unroll="auto"):
     """``lax.scan(body, carry, xs)`` under the loop policy (see the module's docstring).
 
-    Unrolled, step ``k``'s input is fenced behind step ``k - 1``'s carry with
-    ``lax.optimization_barrier``, so where the carry depends on the step (accumulated sums:
-    ``accumulate_grad``, the fast path's chunks) the steps run one after the other and the
-    peak memory is that of one step, as under ``lax.scan``. The outputs are not fenced (that
-    would materialise each step's rows and copy them again: 2x the peak memory of
-    ``per_example_grads(chunk_size=32)`` on the benchmark's MLP); they are stacked as
-    ``lax.scan`` stacks them. The numbers are the same either way: the same ops on the same
-    slices in the same order.
+    Under ``"auto"`` the step is traced once more, abstractly (:func:`describe`), for
+    :func:`form` to read. Unrolled, step ``k``'s input is fenced behind step ``k - 1``'s
+    carry with ``lax.optimization_barrier``, an ordering hint: XLA:CPU still fuses across the
+    fence (the MLP's 4 microbatch gradients are summed in one pass, the temporary memory is
+    that of JAX's own ``unroll=K``). The outputs are not fenced; they are stacked as
+    ``lax.scan`` stacks them. The numbers are the same in every form: the same ops on the
+    same slices, added in the same order (``tests/test_loops.py``, float64).
 
     Args:
       body: ``body(carry, x) -> (carry, y)``.
@@ -84,12 +125,16 @@ def scan(body, carry, xs, *, unroll="auto"):
     """
     unroll = check_unroll(unroll)
     num_steps = jax.tree_util.tree_leaves(xs)[0].shape[0]
-    if not unrolled(num_steps, unroll):
-        return jax.lax.scan(body, carry, xs, unroll=1 if unroll == "auto" else unroll)
+    step = None
+    if unroll == "auto" and num_steps <= MAX_UNROLL:
+        step = describe(body, carry, jax.tree_util.tree_map(lambda a: a[0], xs))
+    chosen = form(num_steps, unroll, step)
+    if not chosen.unrolled:
+        return jax.lax.scan(body, carry, xs, unroll=chosen.scan_unroll)
     ys = []
     for k in range(num_steps):
         x = jax.tree_util.tree_map(lambda a, k=k: a[k], xs)
-        if ys:  # step k starts only once step k - 1's carry is out
+        if ys:  # step k's input waits for step k - 1's carry
             carry, x = jax.lax.optimization_barrier((carry, x))
         carry, y = body(carry, x)
         ys.append(y)
@@ -121,6 +166,73 @@ def peeled_sum(one, num_steps):
         lambda c: c[0] < num_steps, body, (jnp.int32(1), one(jnp.int32(0)))
     )
     return total
+
+
+def _flops(jaxpr, trips=1) -> float:
+    """``2 ×`` the multiply-adds of the dots and convolutions of a jaxpr, inner loops times
+    their trip counts (a ``while``'s unknown count as 1)."""
+    total = 0.0
+    for e in jaxpr.eqns:
+        name = e.primitive.name
+        if name == "dot_general":
+            (contract, _), _ = e.params["dimension_numbers"]
+            lhs = e.invars[0].aval.shape
+            total += 2.0 * np.prod(e.outvars[0].aval.shape) * np.prod([lhs[d] for d in contract])
+        elif name == "conv_general_dilated":
+            rhs = e.invars[1].aval.shape  # O, I / groups and the window, in any order
+            per_out = np.prod(rhs) / rhs[e.params["dimension_numbers"].rhs_spec[0]]  # / O
+            total += 2.0 * np.prod(e.outvars[0].aval.shape) * per_out
+        inner = e.params.get("length", 1) if name == "scan" else 1
+        for sub in jcore.jaxprs_in_params(e.params):
+            total += _flops(sub, inner)
+    return trips * total
+
+
+@dataclasses.dataclass(frozen=True)
+class Body:
+    """What the loop policy reads off one step of a loop (its jaxpr, at every depth)."""
+
+    convolution: bool  # a conv_general_dilated
+    flops: float  # 2 x the multiply-adds of its dots and convolutions (see _flops)
+    handed_on: int  # numbers it hands on: the carry it changes, and its outputs
+
+    @property
+    def intensity(self) -> float:
+        """Flops per number handed on (infinite for a step that hands nothing on)."""
+        return self.flops / self.handed_on if self.handed_on else float("inf")
+
+
+def describe_jaxpr(closed, num_carry: int, num_consts: int = 0) -> Body:
+    """:class:`Body` of a step's closed jaxpr: inputs ``num_consts`` constants, then
+    ``num_carry`` carried values, then the step's slice; outputs the carry, then its rows
+    (the layout of ``lax.scan``'s ``jaxpr``)."""
+    from jaxgrad.fast import trace  # the fast path imports the strategies: not at load time
+
+    names = trace.primitives(trace.flatten(closed))
+    jaxpr = closed.jaxpr
+    changed = [
+        o
+        for o, i in zip(
+            jaxpr.outvars[:num_carry],
+            jaxpr.invars[num_consts : num_consts + num_carry],
+            strict=True,
+        )
+        if o is not i
+    ]
+    handed_on = changed + list(jaxpr.outvars[num_carry:])
+    return Body(
+        convolution="conv_general_dilated" in names,
+        flops=float(_flops(jaxpr)),
+        handed_on=sum(int(np.prod(v.aval.shape)) for v in handed_on),
+    )
+
+
+def describe(body, carry, x) -> Body:
+    """:class:`Body` of ``body(carry, x)`` (abstract values suffice)."""
+    struct = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
+    carry, x = jax.tree_util.tree_map(struct, (carry, x))
+    closed = jax.make_jaxpr(body)(carry, x)
+    return describe_jaxpr(closed, len(jax.tree_util.tree_leaves(carry)))
 
 
 def has_convolution(fn, *args) -> bool:

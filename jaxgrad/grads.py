@@ -372,7 +372,12 @@ def _per_example(loss_fn, params, batch, mask, chunk_size):
     # The loss and the parameters enter every vmap as operands, never closed over (see
     # :class:`jaxgrad.reduce.BoundLoss`: Flax NNX models need it).
     operands = (reduce.as_operand(loss_fn), params)
-    if chunk_size is None:
+    # A chunk as large as the batch is the unchunked computation, sliced: a lone vmap over
+    # the whole batch made XLA:CPU write the MLP's B × P outer products transposed, copy
+    # them and compute them again for the norms (3.5x the time at B = chunk_size = 32).
+    # Inside the loop each chunk stays one vmap: the stacking concatenation writes its rows
+    # in place, where slices within chunks cost a copy of B × P (412 MB at B = 256).
+    if chunk_size is None or chunk_size >= mask.shape[0]:
         return _sliced_vmap(one, operands, (batch, mask))
     # Contiguous chunks, as ``lax.map(batch_size=)``: the stacked rows reshape back for free,
     # where interleaved chunks would cost one more copy of the B × P result.
@@ -425,8 +430,10 @@ def per_example_grads(loss_fn, *, chunk_size: int | None = None):
 
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
-      chunk_size: if set, examples are processed ``chunk_size`` at a time under ``lax.map``
-        (peak activation memory of one chunk); the batch need not divide evenly.
+      chunk_size: if set, examples are processed ``chunk_size`` at a time, one chunk after
+        the other (unrolled or ``lax.scan``: the loop policy of :mod:`jaxgrad._loops`; peak
+        activation memory of one chunk); the batch need not divide evenly, and
+        ``chunk_size >= B`` is the unchunked computation.
 
     Returns:
       ``f(params, batch, mask=None) -> GradResult``, every field per example: ``grads`` with
@@ -505,8 +512,10 @@ def accumulate_grad(loss_fn, *, num_microbatches: int, unroll: str | int | bool 
     Each microbatch contributes its gradient *sum* ``Σ_{i∈k} m_i ∇S_i`` and its count
     ``Σ_{i∈k} m_i n_i``; the accumulated sum is divided by the global count at the end, so
     the result equals :func:`batch_grad` even when microbatches hold different numbers of
-    real examples or tokens (unlike :func:`jaxgrad.naive.mean_of_microbatch_means`). Peak
-    activation memory is that of one microbatch.
+    real examples or tokens (unlike :func:`jaxgrad.naive.mean_of_microbatch_means`). Under
+    ``lax.scan`` the peak activation memory is one microbatch's; unrolled, XLA:CPU plans
+    several at once (2.5-4x the scan's temporary memory on the benchmark's models, 4
+    microbatches).
 
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar | (loss_sum, n_items)``.
@@ -514,11 +523,15 @@ def accumulate_grad(loss_fn, *, num_microbatches: int, unroll: str | int | bool 
         holds rows ``k, k + K, …`` (see :func:`jaxgrad.reduce.split_microbatches`), so on a
         batch sharded over ``D`` devices, with ``D K`` dividing its size, no row moves between
         devices. A batch that does not divide evenly is padded (masked out) at the end.
-      unroll: ``"auto"`` (default): the microbatches run unrolled on a CPU when there are at
-        most 16 of them (XLA:CPU compiles a loop body, a convolution's above all, several
-        times slower than straight-line code: ~10x for the benchmark's CNN), fenced one after
-        the other so the peak memory stays one microbatch's; otherwise under ``lax.scan``.
-        ``True`` always unrolls (fenced); ``False`` or an integer is ``lax.scan``'s own
+      unroll: ``"auto"`` (default): the loop policy of :mod:`jaxgrad._loops` chooses from
+        the microbatch's program, read off its jaxpr: on a single CPU device, at most 16
+        microbatches run unrolled when the microbatch has a convolution (XLA:CPU runs those
+        of a loop body naively: 10-50x slower for the benchmark's CNN) or does fewer than
+        ``_loops.SCAN_INTENSITY`` flops per number it hands on (the gradient sum: the MLP,
+        1.1-2.9x faster unrolled); a dense microbatch with more arithmetic runs under
+        ``lax.scan`` (the transformer, 1.3-3x faster scanned, at a quarter of the temporary
+        memory), as does every loop elsewhere. ``_loops.form`` returns the choice and its
+        reason. ``True`` always unrolls; ``False`` or an integer is ``lax.scan``'s own
         ``unroll`` (see :func:`jaxgrad._loops.scan`).
 
     Returns:

@@ -1,13 +1,16 @@
-"""jaxgrad._loops: the one loop policy gives the numbers of a Python loop, in every form."""
+"""jaxgrad._loops: the one loop policy chooses from the program's structure and sizes, and
+gives the numbers of a Python loop in every form."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgrad import _loops, models, reduce
+from jaxgrad import _loops, grads, models, reduce
 
 jax.config.update("jax_enable_x64", True)
+
+ONE_CPU = jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
 def _primitives(f, *args):
@@ -38,22 +41,132 @@ def test_chunked_every_form_equals_a_python_loop(unroll):
     ref_rows = np.tanh(np.asarray(x) @ np.asarray(w))
     np.testing.assert_allclose(rows, ref_rows, rtol=1e-13)
     np.testing.assert_allclose(total, ref_rows[np.asarray(mask)].sum(), rtol=1e-13)
-    # The form: fenced straight-line code (4 fences between 5 chunks) or one lax.scan.
+    # The form: fenced straight-line code (4 fences between 5 chunks) or one lax.scan. The
+    # step (72 flops for 10 numbers handed on) is a small dense one: "auto" unrolls it.
     prims = _primitives(f, w, x, mask)
-    one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
-    fenced = unroll is True or (unroll == "auto" and one_cpu)
+    fenced = unroll is True or (unroll == "auto" and ONE_CPU)
     assert prims.count("optimization_barrier") == (4 if fenced else 0)
     assert prims.count("scan") == (0 if fenced else 1)
 
 
-def test_auto_keeps_a_long_loop_a_loop():
+def test_describe_counts_flops_and_what_a_step_hands_on():
+    # A dot (2·3·5·4 flops), a 3x3 convolution of 2 -> 6 channels on a 4x4 image, SAME
+    # (2·(4·4·6)·(3·3·2) flops), an inner scan of 7 steps of a (4,) @ (4, 4) dot (7·2·16).
+    w = jnp.ones((4, 5))
+    k = jnp.ones((3, 3, 2, 6))
+
+    def body(carry, x):
+        total, passed = carry
+        y = x @ w
+        img = jax.lax.conv_general_dilated(
+            jnp.ones((1, 4, 4, 2)), k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        v, _ = jax.lax.scan(lambda c, _: (c @ jnp.eye(4), None), x[0], None, length=7)
+        return (total + jnp.sum(y) + jnp.sum(img) + jnp.sum(v), passed), y
+
+    step = _loops.describe(body, (0.0, jnp.ones(9)), jnp.ones((3, 4)))
+    assert step.convolution is True
+    assert step.flops == 2 * 3 * 5 * 4 + 2 * (4 * 4 * 6) * (3 * 3 * 2) + 7 * 2 * 4 * 4
+    # Handed on: the changed total (1) and the rows y (3 x 5); `passed` goes through unchanged.
+    assert step.handed_on == 1 + 15
+    assert step.intensity == step.flops / 16
+
+
+def _step(flops, handed_on, convolution=False):
+    return _loops.Body(convolution=convolution, flops=flops, handed_on=handed_on)
+
+
+def test_form_reads_structure_and_sizes():
+    big = _step(_loops.SCAN_INTENSITY * 100.0, 100)  # exactly at the threshold
+    small = _step(_loops.SCAN_INTENSITY * 100.0 - 1, 100)
+    conv = _step(_loops.SCAN_INTENSITY * 1e6, 1, convolution=True)
+    if ONE_CPU:
+        assert _loops.form(4, "auto", big).unrolled is False
+        assert "flops per number" in _loops.form(4, "auto", big).reason
+        assert _loops.form(4, "auto", small).unrolled is True
+        assert _loops.form(4, "auto", conv).unrolled is True
+        assert "convolution" in _loops.form(4, "auto", conv).reason
+        assert _loops.form(4, "auto", _step(5.0, 0)).unrolled is False  # hands nothing on
+        assert _loops.form(4, "auto", None).unrolled is True
     n = _loops.MAX_UNROLL + 1
-    assert _loops.unrolled(n) is False and _loops.unrolled(n, True) is True
-    assert _loops.unrolled(2, False) is False and _loops.unrolled(2, 2) is False
+    assert _loops.form(n, "auto", conv).unrolled is False
+    assert _loops.form(n, True, big) == _loops.Form(True, 1, "unroll=True")
+    assert _loops.form(2, False, conv) == _loops.Form(False, False, "unroll=False")
+    assert _loops.form(2, 2, conv).scan_unroll == 2 and not _loops.form(2, 2, conv).unrolled
+    with pytest.raises(ValueError, match="`unroll` must be 'auto', True, False or an integer"):
+        _loops.check_unroll(-1)
+
+
+def test_auto_scans_a_long_loop_and_a_heavy_dense_step():
+    n = _loops.MAX_UNROLL + 1
     carry, ys = jax.jit(lambda xs: _loops.scan(lambda c, x: (c + x, 2 * x), 0.0, xs))(
         jnp.arange(float(n))
     )
     assert float(carry) == n * (n - 1) / 2 and ys.tolist() == [2.0 * i for i in range(n)]
+    # A (16, 32) @ (32, 32) chain of 4 dots per step, handing on one scalar: 2·16·32·32·4
+    # flops per number, far above SCAN_INTENSITY -> lax.scan; a step of a few flops per
+    # number handed on (a running sum) -> unrolled, on one CPU.
+    w = jax.random.normal(jax.random.key(2), (32, 32), jnp.float64) / 6
+
+    def heavy(c, x):
+        for _ in range(4):
+            x = jnp.tanh(x @ w)
+        return c + jnp.sum(x), ()
+
+    xs = jax.random.normal(jax.random.key(3), (3, 16, 32), jnp.float64)
+    prims = _primitives(lambda xs: _loops.scan(heavy, 0.0, xs), xs)
+    assert prims.count("scan") == 1 and "optimization_barrier" not in prims
+    prims = _primitives(lambda xs: _loops.scan(lambda c, x: (c + x, ()), 0.0, xs), xs)
+    assert prims.count("scan") == (0 if ONE_CPU else 1)
+    total, _ = jax.jit(lambda xs: _loops.scan(heavy, 0.0, xs))(xs)
+    ref = 0.0
+    for x in np.asarray(xs):
+        for _ in range(4):
+            x = np.tanh(x @ np.asarray(w))
+        ref += x.sum()
+    np.testing.assert_allclose(total, ref, rtol=1e-13)
+
+
+def _case(kind):
+    """A float64 CNN (unrolled under "auto") or MLP, 11 examples, example 4 masked out."""
+    if kind == "cnn":
+        model = models.cnn(image_shape=(6, 6), channels=(2,), num_classes=3, dtype=jnp.float64)
+        x = jax.random.normal(jax.random.key(4), (11, 6, 6), jnp.float64)
+    else:
+        model = models.mlp([5, 7, 3], dtype=jnp.float64)
+        x = jax.random.normal(jax.random.key(4), (11, 5), jnp.float64)
+
+    def loss(p, ex):
+        return -jax.nn.log_softmax(model.apply(p, ex[0]))[ex[1]]
+
+    params = model.init(jax.random.key(5))
+    batch = (x, jnp.arange(11) % 3)
+    one = jax.jit(jax.grad(loss))  # the reference: a Python loop over the examples
+    per_example = [one(params, (x[i], batch[1][i])) for i in range(11)]
+    return loss, params, batch, jnp.arange(11) != 4, per_example
+
+
+def _close(a, b):
+    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-15)
+
+
+def test_accumulate_grad_every_form_equals_a_python_loop():
+    # A convolution in every form (tests/test_grads.py checks an MLP's forms the same way).
+    loss, params, batch, mask, per_example = _case("cnn")
+    real = [g for g, m in zip(per_example, mask.tolist(), strict=True) if m]
+    ref = jax.tree_util.tree_map(lambda *gs: sum(gs) / len(gs), *real)
+    for unroll in (True, False, 2):  # unrolled, scanned, partly unrolled: 3 microbatches of 4
+        f = grads.accumulate_grad(loss, num_microbatches=3, unroll=unroll)
+        _close(jax.jit(f)(params, batch, mask).grads, ref)
+
+
+@pytest.mark.parametrize("chunk_size", [3, 32])
+def test_per_example_grads_chunked_equals_a_python_loop(chunk_size):
+    # 3 chunks of 3 and a remainder of 2; chunk_size >= B is the unchunked computation.
+    loss, params, batch, _, per_example = _case("dense")
+    out = jax.jit(grads.per_example_grads(loss, chunk_size=chunk_size))(params, batch)
+    _close(out.grads, jax.tree_util.tree_map(lambda *gs: jnp.stack(gs), *per_example))
 
 
 @pytest.mark.parametrize("steps", [0, 1, 3])
@@ -80,5 +193,3 @@ def test_scan_steps_policy_and_errors():
     assert _loops.scan_steps(False, dense_loss, None, None) is False
     with pytest.raises(ValueError, match="`scan` must be True, False or 'auto'; got 'yes'"):
         _loops.scan_steps("yes", dense_loss, None, None)
-    with pytest.raises(ValueError, match="`unroll` must be 'auto', True, False or an integer"):
-        _loops.check_unroll(-1)
