@@ -388,8 +388,9 @@ def chunked(
         \\text{totals} = \\sum_k \\text{totals}(C_k), \\qquad
         \\text{rows}_i = \\text{rows}(C_{k(i)})_i \\text{ (back in the batch's order)},
 
-    one chunk after the other (:func:`jaxgrad._loops.scan`: unrolled on a CPU up to 16
-    chunks, else ``lax.scan``), so peak activation memory is that of one chunk. ``totals`` are sums
+    one chunk after the other (:func:`jaxgrad._loops.scan`, whose :func:`jaxgrad._loops.form`
+    unrolls up to 16 chunks on a single CPU device when a chunk has a convolution or little
+    arithmetic per number it hands on, else ``lax.scan``), so peak activation memory is that of one chunk. ``totals`` are sums
     (e.g. loss sums, counts, gradient sums); dividing by a count is left to the caller, once.
 
     Args:
