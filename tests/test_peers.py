@@ -267,3 +267,75 @@ def test_tiny_dp_peer_run_agrees_with_the_reference(torch, tmp_path):
         assert r["computes"] == "noisy grad"
         # The σ = 0 rerun, times B, is the reference clipped sum.
         assert r["agrees_with_reference"] is True and set(r["errors"]) == {"clipped"}, r
+
+
+# --- the per-layer and inner-product rows --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_reference():
+    """The float64 reference of the tiny MLP, B = 6 in chunks of 4 (uneven Gram blocks)."""
+    from jaxgrad.bench.peers import jax_side, worker
+
+    spec = specs.MODELS["mlp-tiny"]
+    flat = jax_side.init_weights(spec, seed=5)
+    ref, _ = jax_side.reference(
+        spec, flat, specs.make_data(spec, 6, seed=5), chunk_size=4, l2_clip=None, gram=True
+    )
+    return ref, worker.output_arrays(ref)
+
+
+def test_reference_inner_products_and_per_layer_clips_are_consistent(tiny_reference):
+    # Closed forms within the float64 reference: the Gram diagonal is the squared norms, and
+    # with v the mean gradient (one item per example) ⟨g_i, v⟩ = Σ_j K_ij / B.
+    ref, _ = tiny_reference
+    gram, b = ref["gram"], len(ref["norms"])
+    np.testing.assert_allclose(np.diag(gram), ref["norms"] ** 2, rtol=1e-12)
+    np.testing.assert_allclose(gram, gram.T, rtol=0, atol=0)
+    np.testing.assert_allclose(ref["dots"], gram.sum(1) / b, rtol=1e-12)
+    # Each leaf's clipped sum is a sum of B vectors of norm at most C_g; and C_g is a median,
+    # so it is strictly inside the leaf's range of per-example norms.
+    for k, c in ref["layer_clips"].items():
+        assert 0 < c and np.linalg.norm(ref["layered"][k]) <= b * c * (1 + 1e-12)
+
+
+def test_the_cross_check_catches_a_wrong_layer_dot_or_gram_entry(tiny_reference, tmp_path):
+    from jaxgrad.bench.peers import worker
+
+    ref, want = tiny_reference
+    path = str(tmp_path / "out.npz")
+
+    def check(outputs):
+        worker._save_outputs(path, outputs)
+        return harness.compare(path, want)
+
+    exact = check({k: ref[k] for k in ("layered", "dots", "gram")})
+    assert exact["agrees_with_reference"] is True
+    assert set(exact["errors"]) == {"layered", "dots", "gram"}
+    # One small leaf (a bias) 1 % off is caught, though it is a tiny part of the whole vector.
+    layered = {**ref["layered"], "1.b": 1.01 * ref["layered"]["1.b"]}
+    assert check({"layered": layered})["agrees_with_reference"] is False
+    # Flat clipping in place of per-layer clipping is caught.
+    assert check({"layered": ref["clipped"]})["agrees_with_reference"] is False
+    # One dot, or one Gram entry, off by 1e-3 of its Cauchy–Schwarz bound.
+    dots = ref["dots"].copy()
+    dots[2] += 1e-3 * ref["norms"][2] * np.sqrt(sum(np.sum(g**2) for g in ref["grad"].values()))
+    assert check({"dots": dots})["errors"]["dots"] == pytest.approx(1e-3, rel=1e-6)
+    gram = ref["gram"].copy()
+    gram[0, 3] += 1e-3 * ref["norms"][0] * ref["norms"][3]
+    assert check({"gram": gram})["agrees_with_reference"] is False
+
+
+def test_per_layer_ghost_clipping_is_unsupported_by_opacus_as_the_row_says():
+    # The row says "unsupported"; this checks the reason against the installed Opacus.
+    pytest.importorskip("opacus", reason="Opacus not installed: pip install 'jaxgrad[peers]'")
+    from opacus.optimizers import get_optimizer_class
+
+    assert get_optimizer_class("per_layer", False, "hooks").__name__ == "DPPerLayerOptimizer"
+    with pytest.raises(ValueError, match="Unsupported combination"):
+        get_optimizer_class("per_layer", False, "ghost")
+    reason = harness._reason_not_run(
+        harness.Row(specs.METHODS["opacus:per_layer_ghost"], specs.MODELS["mlp-tiny"], 4),
+        harness.Options(),
+    )
+    assert reason.startswith("unsupported: Opacus 1.6's ghost clipping is flat only")

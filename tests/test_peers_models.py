@@ -1,10 +1,12 @@
-"""The peer rows of the RNN (scan), the scanned transformer, and the DP rows on every model.
+"""The peer rows of the RNN (scan), the scanned transformer, the DP rows on every model, and
+the per-layer clipping and inner-product rows.
 
 Each row is prepared and run here, in this process (the subprocess harness is covered by
 ``test_peers.py``), and its outputs go through the harness's own cross-check
 (``harness.compare``) against the float64 ``vmap(grad)`` reference of ``jax_side.reference``:
-per-example norms, clipped sums and DP steps rerun with ``σ = 0`` must all agree to
-``harness.RTOL``. A layout, bias or clipping mistake is an O(1) error.
+per-example norms, clipped sums (flat and per layer), DP steps rerun with ``σ = 0``, dots and
+Gram matrices must all agree to ``harness.RTOL``. A layout, bias or clipping mistake is an
+O(1) error.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgrad.bench.peers import harness, jax_side, layouts, specs
+from jaxgrad.bench.peers import harness, jax_side, layouts, specs, worker
 
 B = 5
 NEW_MODELS = ["rnn-tiny", "transformer-scan-tiny"]
@@ -39,26 +41,25 @@ def _reference(name: str):
         spec = specs.MODELS[name]
         flat = jax_side.init_weights(spec, seed=2)
         data = specs.make_data(spec, B, seed=2)
-        ref, l2_clip = jax_side.reference(spec, flat, data, chunk_size=B, l2_clip=None)
-        arrays = {"norms": ref["norms"]}
-        for kind in ("grad", "clipped"):
-            arrays.update({f"{kind}/{k}": v for k, v in ref[kind].items()})
-        _REFERENCES[name] = (spec, flat, data, arrays, l2_clip)
-    return _REFERENCES[name]
+        # Chunks of 2: the reference's chunked passes (and Gram blocks) are exercised.
+        ref, l2_clip = jax_side.reference(spec, flat, data, chunk_size=2, l2_clip=None, gram=True)
+        _REFERENCES[name] = (spec, flat, data, worker.output_arrays(ref), l2_clip, ref)
+    return _REFERENCES[name][:5]
 
 
 def _run_row(key: str, name: str, tmp_path) -> dict:
     """One row as the worker runs it (step, extract, norms from per-example gradients) and
     the harness's comparison with the reference."""
-    from jaxgrad.bench.peers import worker
-
     method = specs.METHODS[key]
     spec, flat, data, reference, l2_clip = _reference(name)
     if method.framework in specs.JAX_FRAMEWORKS:
         side = jax_side
     else:
         from jaxgrad.bench.peers import torch_side as side
-    step, extract = side.prepare(method.name, spec, flat, data, l2_clip=l2_clip)
+    layer_clips, v = _REFERENCES[name][5]["layer_clips"], _REFERENCES[name][5]["grad"]
+    step, extract = side.prepare(
+        method.name, spec, flat, data, l2_clip=l2_clip, layer_clips=layer_clips, v=v
+    )
     if side is jax_side and method.computes == "noisy grad":
         # The check reruns the step's construction with σ = 0 (no need to compile the noisy
         # one here; test_peers.py checks its noise).
@@ -85,13 +86,35 @@ def _row_cases():
     torch_side = [k for k, m in specs.METHODS.items() if m.framework not in specs.JAX_FRAMEWORKS]
     for name in NEW_MODELS:
         for key in torch_side:
-            if specs.MODELS[name].kind not in specs.METHODS[key].unsupported:
+            if not specs.METHODS[key].why_not(specs.MODELS[name]):
                 yield key, name
     for name in ("cnn-tiny", "transformer-tiny"):
         for key in DP_METHODS:
             if (key in JAX_DP_PEERS and name != "cnn-tiny") or key == "jaxgrad:dp_grad":
                 continue  # jaxgrad's dp_grad: tests/test_privacy.py
             yield key, name
+    for key, names in SPREAD.items():
+        yield from ((key, name) for name in names)
+
+
+# The per-layer and inner-product rows beyond the ones above: each JAX-side row on one model
+# (its code does not depend on the model, but its layouts do: the stacked leaves of the
+# scanned transformer, the RNN's scan), the cheap PyTorch rows on more, and the JAX DP peers
+# on the RNN and the transformer. The CLI loop in docs/benchmarks.md runs every method on
+# every tiny model.
+SPREAD = {
+    "jaxgrad:clipped_grad_per_layer": ["transformer-scan-tiny"],
+    "jax_privacy:per_layer_clip": ["cnn-tiny"],
+    "opacus:per_layer_clip": ["mlp-tiny", "cnn-tiny", "transformer-tiny"],
+    "jaxgrad:per_example_dots": ["rnn-tiny"],
+    "jaxgrad:gradient_gram": ["transformer-tiny"],
+    "jax:vmap_dots": ["mlp-tiny"],
+    "jax:vmap_gram": ["mlp-tiny"],
+    "torch.func:vmap_dots": ["mlp-tiny", "cnn-tiny", "transformer-tiny"],
+    "torch.func:vmap_gram": ["mlp-tiny", "cnn-tiny", "transformer-tiny"],
+    "jax_privacy:dp_step": ["rnn-tiny"],
+    "optax:dpsgd": ["transformer-tiny"],
+}
 
 
 @pytest.mark.parametrize(("key", "name"), list(_row_cases()), ids=lambda v: v)
@@ -105,6 +128,9 @@ def test_row_agrees_with_the_float64_reference(key, name, tmp_path):
         "norms": {"norms"},
         "clipped grad": {"clipped"},
         "noisy grad": {"clipped"},
+        "per-layer clipped grad": {"layered"},
+        "dots": {"dots"},
+        "gram": {"gram"},
     }[specs.METHODS[key].computes]
     assert want <= set(result["errors"]), result
 

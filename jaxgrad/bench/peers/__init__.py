@@ -6,8 +6,13 @@ jaxgrad's ``batch_grad``, ``per_example_grads``, ``per_example_norms`` and ``cli
 on the same models, weights and data, each row in its own process, every answer checked
 against a float64 reference. DP-SGD steps too: jaxgrad's ``privacy.dp_grad`` against
 jax_privacy's ``clipping.clipped_grad``, ``optax.contrib.dpsgd`` and Opacus (``make_private``
-with hooks, and ghost clipping), timed with noise and checked with ``σ = 0``. ``--sweep``
-scales batch size and width instead.
+with hooks, and ghost clipping), timed with noise and checked with ``σ = 0``. Per-layer
+clipping (each parameter leaf clipped to its own ``C_g``): jaxgrad's ``clipped_grad`` with a
+pytree ``l2_clip`` against Opacus's ``clipping="per_layer"`` and jax_privacy's
+``pre_clipping_transform``. Inner products of the per-example gradients: jaxgrad's
+``per_example_dots`` (with the batch's mean gradient) and ``gradient_gram`` against
+``jax.vmap(jax.grad)`` and ``torch.func`` then a product. ``--sweep`` scales batch size and
+width instead.
 
 Install the peers with ``pip install "jaxgrad[peers]"``; a peer that is missing is
 reported as such in the table, never dropped.

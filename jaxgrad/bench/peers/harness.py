@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -141,17 +142,45 @@ def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(got, np.float64) - want) / scale)
 
 
+def _tree(d: dict, kind: str) -> dict[str, np.ndarray]:
+    return {k[len(kind) + 1 :]: v for k, v in d.items() if k.startswith(kind + "/")}
+
+
 def compare(outputs_path: str, reference: dict[str, np.ndarray]) -> dict:
     """Each of a row's outputs against the reference: relative error per kind, and overall
-    agreement (None if the row produced nothing comparable)."""
+    agreement (None if the row produced nothing comparable).
+
+    Norms are compared per example, the per-layer clipped sum per layer (the largest relative
+    error of any leaf), dots and Gram entries relative to their Cauchy–Schwarz bound
+    (``|⟨g_i, v⟩| ≤ ‖g_i‖ ‖v‖``, ``|⟨g_i, g_j⟩| ≤ ‖g_i‖ ‖g_j‖``, which is what float32
+    rounding scales with), so one wrong example, leaf or entry cannot hide in a long vector;
+    gradients and clipped sums as one vector.
+    """
     errors: dict[str, float] = {}
     with np.load(outputs_path) as got:
         got = dict(got)
+    norms = reference["norms"]
     if "norms" in got:
-        want = reference["norms"]
-        # Per example, so one wrong example cannot hide in a long vector.
-        rel = np.abs(got["norms"] - want) / np.maximum(np.abs(want), 1e-30)
+        rel = np.abs(got["norms"] - norms) / np.maximum(np.abs(norms), 1e-30)
         errors["norms"] = float(rel.max())
+    if "dots" in got:
+        v_norm = np.sqrt(sum(np.sum(np.square(a)) for a in _tree(reference, "grad").values()))
+        bound = np.maximum(norms * v_norm, 1e-30)
+        errors["dots"] = float(np.max(np.abs(got["dots"] - reference["dots"]) / bound))
+    if "gram" in got:
+        if "gram" not in reference or got["gram"].shape != reference["gram"].shape:
+            errors["gram"] = float("inf")
+        else:
+            bound = np.maximum(np.outer(norms, norms), 1e-30)
+            errors["gram"] = float(np.max(np.abs(got["gram"] - reference["gram"]) / bound))
+    layered, want_layered = _tree(got, "layered"), _tree(reference, "layered")
+    if layered:
+        if set(layered) != set(want_layered):
+            errors["layered"] = float("inf")
+        else:
+            errors["layered"] = max(
+                _relative_error(layered[k], want_layered[k]) for k in want_layered
+            )
     for kind in ("grad", "clipped"):
         keys = sorted(k for k in reference if k.startswith(kind + "/"))
         if any(k in got for k in keys):
@@ -208,14 +237,15 @@ def _base_record(row: Row, options: Options) -> dict:
         "threads": options.threads,
         "device": None,
         "status": None,
-        "note": row.method.notes.get(row.spec.kind),
+        "note": row.method.note(row.spec),
         **row.tags,
     }
 
 
 def _reason_not_run(row: Row, options: Options) -> str | None:
-    if row.spec.kind in row.method.unsupported:
-        return f"unsupported: {row.method.unsupported[row.spec.kind]}"
+    why_not = row.method.why_not(row.spec)
+    if why_not:
+        return f"unsupported: {why_not}"
     missing = package_missing(row.method.package)
     if missing:
         return missing
@@ -235,16 +265,20 @@ def run_rows(rows: Iterable[Row], *, options: Options, log: Callable = print) ->
     with tempfile.TemporaryDirectory(prefix="jaxgrad-peers-", dir=options.workdir) as tmp:
         workdir = Path(tmp)
         inputs = _prepare_inputs(rows, workdir, options, log)
-        references: dict[tuple[str, int], tuple[dict | None, float | None, str]] = {}
+        references: dict[tuple[str, int], _Reference] = {}
+        # The Gram matrix is the reference's one quadratic cost: only where a row needs it.
+        gram = {(r.spec.name, r.batch_size) for r in rows if r.method.computes == "gram"}
         records = []
         for i, row in enumerate(rows):
             key = (row.spec.name, row.batch_size)
             weights, data = inputs[row.spec.name]
             reason = _reason_not_run(row, options)
             if key not in references and reason is None:
-                references[key] = _reference(row, weights, data, workdir, options)
-                log(f"[peers] reference {row.spec.name} B={row.batch_size}: {references[key][2]}")
-            reference, l2_clip, ref_status = references.get(key, (None, None, "not needed"))
+                references[key] = _reference(row, weights, data, workdir, options, gram=key in gram)
+                status = references[key].status
+                log(f"[peers] reference {row.spec.name} B={row.batch_size}: {status}")
+            ref = references.get(key, _Reference(None, None, None, None, "not needed"))
+            reference, l2_clip, ref_status = ref.outputs, ref.l2_clip, ref.status
             record = _base_record(row, options)
             # The machine may be shared: the load when the row started says how much to trust it.
             record["l2_clip"], record["loadavg_1m"] = l2_clip, os.getloadavg()[0]
@@ -263,6 +297,8 @@ def run_rows(rows: Iterable[Row], *, options: Options, log: Callable = print) ->
                     "weights_path": weights,
                     "data_path": data,
                     "l2_clip": l2_clip,
+                    "layer_clips": ref.layer_clips,
+                    "reference_path": ref.path,
                     "threads": options.threads,
                     "device": options.device
                     if row.method.framework in specs.JAX_FRAMEWORKS
@@ -280,7 +316,15 @@ def run_rows(rows: Iterable[Row], *, options: Options, log: Callable = print) ->
     return records
 
 
-def _reference(row: Row, weights, data, workdir: Path, options: Options):
+class _Reference(NamedTuple):
+    outputs: dict | None  # the arrays harness.compare reads
+    l2_clip: float | None
+    layer_clips: dict | None  # {leaf: C_g}
+    path: str | None  # the outputs' .npz (the dots rows read v from it)
+    status: str
+
+
+def _reference(row: Row, weights, data, workdir: Path, options: Options, *, gram: bool):
     stem = workdir / f"reference-{row.spec.name}-{row.batch_size}"
     # Float64 per-example gradients of one chunk: keep them to about 256 MB.
     chunk = int(max(1, min(256, 2**28 // (8 * specs.num_params(row.spec)))))
@@ -291,6 +335,7 @@ def _reference(row: Row, weights, data, workdir: Path, options: Options):
         "weights_path": weights,
         "data_path": data,
         "chunk_size": chunk,
+        "gram": gram,
         "threads": options.threads,
         "result_path": str(stem) + ".result.json",
         "outputs_path": str(stem) + ".outputs.npz",
@@ -304,9 +349,10 @@ def _reference(row: Row, weights, data, workdir: Path, options: Options):
     }
     result = run_worker(job, options=Options(**ref_options))
     if result["status"] != "ok":
-        return None, None, result["status"]
+        return _Reference(None, None, None, None, result["status"])
     with np.load(job["outputs_path"]) as ref:
-        return dict(ref), result["l2_clip"], "ok"
+        outputs = dict(ref)
+    return _Reference(outputs, result["l2_clip"], result["layer_clips"], job["outputs_path"], "ok")
 
 
 def _fill(record: dict, result: dict, job: dict, reference: dict) -> None:

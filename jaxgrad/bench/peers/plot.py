@@ -20,6 +20,12 @@ STYLE = {
     "opacus:ghost_clip": ("tab:purple", "-", "D"),
     "backpack:BatchGrad": ("tab:orange", ":", "s"),
     "backpack:BatchL2Grad": ("tab:orange", "-", "^"),
+    "jaxgrad:clipped_grad_per_layer": ("tab:green", "--", "D"),
+    "opacus:per_layer_clip": ("tab:purple", "--", "v"),
+    "jaxgrad:per_example_dots": ("tab:olive", "-", "P"),
+    "torch.func:vmap_dots": ("tab:red", "-.", "P"),
+    "jaxgrad:gradient_gram": ("tab:brown", "-", "X"),
+    "torch.func:vmap_gram": ("tab:red", "--", "X"),
 }
 
 

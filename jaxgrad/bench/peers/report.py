@@ -130,8 +130,33 @@ def versions_of(records: list[dict]) -> dict:
     return dict(sorted(out.items()))
 
 
+# jaxgrad's row against the peer row that computes the same thing (the issue's targets:
+# ≥ 3× Opacus ghost clipping and ≥ 3× jax_privacy's DP step).
+THROUGHPUT_PAIRS = (
+    ("jaxgrad:clipped_grad", "opacus:ghost_clip"),
+    ("jaxgrad:dp_grad", "jax_privacy:dp_step"),
+    ("jaxgrad:dp_grad", "opacus:dp_ghost"),
+    ("jaxgrad:clipped_grad_per_layer", "opacus:per_layer_clip"),
+    ("jaxgrad:clipped_grad_per_layer", "jax_privacy:per_layer_clip"),
+    ("jaxgrad:per_example_dots", "torch.func:vmap_dots"),
+    ("jaxgrad:gradient_gram", "torch.func:vmap_gram"),
+)
+
+
+def _throughput_ratio(ours: dict | None, theirs: dict | None) -> float | None:
+    """Examples/s of ``ours`` over ``theirs``, where both ran and agreed with the reference."""
+    if not (ours and theirs):
+        return None
+    if not (ours.get("agrees_with_reference") and theirs.get("agrees_with_reference")):
+        return None
+    if not (ours.get("examples_per_s") and theirs.get("examples_per_s")):
+        return None
+    return ours["examples_per_s"] / theirs["examples_per_s"]
+
+
 def headline(records: list[dict]) -> list[str]:
-    """One line per (model, batch size): the fast path and the peers, as cost ratios."""
+    """One line per (model, batch size): the fast path and the peers, as cost ratios, and
+    jaxgrad's throughput over the peer computing the same thing (:data:`THROUGHPUT_PAIRS`)."""
     lines = []
     groups: dict[tuple, dict] = {}
     for r in records:
@@ -153,6 +178,10 @@ def headline(records: list[dict]) -> list[str]:
             r = rows.get(key)
             if r and r.get("ratio_to_own_plain") and r.get("agrees_with_reference"):
                 parts.append(f"{key} {r['ratio_to_own_plain']:.2f}x own plain")
+        for ours, theirs in THROUGHPUT_PAIRS:
+            ratio = _throughput_ratio(rows.get(ours), rows.get(theirs))
+            if ratio is not None:
+                parts.append(f"{ours}/{theirs} throughput {ratio:.2f}")
         jax_plain, torch_plain = rows.get("jaxgrad:batch_grad"), rows.get("pytorch:backward")
         if (
             jax_plain
@@ -177,7 +206,7 @@ def write_markdown(
     """The committed summary: the exact command, versions, the machine, the table."""
     machine = meta.get("machine", {})
     lines = [
-        "# jaxgrad against torch.func, Opacus and BackPACK",
+        "# jaxgrad against torch.func, Opacus, BackPACK, jax_privacy and optax",
         "",
         "Produced by",
         "",
@@ -192,9 +221,11 @@ def write_markdown(
         "(for JAX it includes XLA compilation).",
         "`x own plain` / `x jax batch_grad`: time per example relative to the same "
         "framework's plain gradient / to jaxgrad's batch_grad (lower is better).",
-        "`agrees`: the row's per-example norms, clipped sum (l2_clip = median norm) or "
-        f"gradient matched a float64 `jax.vmap(jax.grad)` reference to {meta.get('rtol')} "
-        "relative error.",
+        "`agrees`: the row's per-example norms, clipped sum (l2_clip = median norm), "
+        "per-layer clipped sum (each leaf's C_g = the median of its nonzero per-example norms), "
+        "dots with v = the batch's mean gradient, Gram matrix or gradient matched a float64 "
+        f"`jax.vmap(jax.grad)` reference to {meta.get('rtol')} relative error (dots and Gram "
+        "entries relative to their Cauchy–Schwarz bound, the per-layer sum leaf by leaf).",
         f"Load average (1, 5, 15 min) before: {_load(meta.get('loadavg_before'))}, after: "
         f"{_load(meta.get('loadavg_after'))}; each record's `loadavg_1m` is the load when it "
         "started (the machine may be shared).",

@@ -193,8 +193,12 @@ class Method:
     code, its output times ``B`` against the reference clipped sum).
     ``materialises`` says whether it holds a ``B × P`` array (the sweep skips those that
     would not fit). ``package`` is the module that must be importable. ``unsupported`` maps a
-    model kind to why the method cannot run it (the row says so); ``notes`` maps a model kind
-    to how the method runs it where that differs from the other models (copied into the row).
+    model kind (or ``"transformer-scan"``, see :func:`variant`) to why the method cannot run
+    it (the row says so); ``notes`` maps one to how the method runs it where that differs from
+    the other models (copied into the row).
+    ``"per-layer clipped grad"`` (each parameter leaf ``g`` of every example clipped to its own
+    ``C_g``, summed), ``"dots"`` (``⟨∇S_i, v⟩`` for a parameter-shaped ``v``: the batch's mean
+    gradient) or ``"gram"`` (the ``B × B`` matrix ``⟨∇S_i, ∇S_j⟩``).
     """
 
     framework: str
@@ -210,6 +214,19 @@ class Method:
     def key(self) -> str:
         return f"{self.framework}:{self.name}"
 
+    def why_not(self, spec: ModelSpec) -> str | None:
+        """Why this method cannot run ``spec`` (None if it can)."""
+        return self.unsupported.get(variant(spec), self.unsupported.get(spec.kind))
+
+    def note(self, spec: ModelSpec) -> str | None:
+        """How this method runs ``spec`` where that differs from the other models."""
+        return self.notes.get(variant(spec), self.notes.get(spec.kind))
+
+
+def variant(spec: ModelSpec) -> str:
+    """``spec.kind``, or ``"transformer-scan"`` for a transformer whose blocks are scanned."""
+    return "transformer-scan" if spec.config.get("scan_layers") else spec.kind
+
 
 # The DP-step rows time with this noise multiplier (the noise is part of the step's cost);
 # their cross-check reruns the same code with 0 and compares ``B ×`` the output with the
@@ -217,11 +234,12 @@ class Method:
 NOISE_MULTIPLIER = 1.0
 
 # Frameworks whose rows run on the JAX side (``jax_side``); every other one is PyTorch.
-JAX_FRAMEWORKS = frozenset({"jaxgrad", "jax_privacy", "optax"})
+JAX_FRAMEWORKS = frozenset({"jaxgrad", "jax", "jax_privacy", "optax"})
 
 # Which framework's plain gradient each framework is compared with (``ratio_to_own_plain``).
 PLAIN_OF = {
     "jaxgrad": ("jaxgrad", "batch_grad"),
+    "jax": ("jaxgrad", "batch_grad"),
     "jax_privacy": ("jaxgrad", "batch_grad"),
     "optax": ("jaxgrad", "batch_grad"),
     "pytorch": ("pytorch", "backward"),
@@ -241,6 +259,30 @@ _OPACUS_GHOST_RNN = {
     "rnn": "opacus.layers.DPRNN; Opacus 1.6 has no ghost-norm sampler for its RNNLinear layers "
     "(used T times each), so they get per-sample gradients (fast gradient clipping, hook "
     "mode); only the output nn.Linear is ghost-clipped"
+}
+
+# Per-layer clipping: one C_g per parameter leaf of jaxgrad's params (Opacus: per parameter
+# tensor, the same groups); a scanned transformer stacks its blocks' leaves, one leaf per
+# kind of block parameter, which Opacus (one tensor per block) cannot group.
+_OPACUS_PER_LAYER_SCAN = {
+    "transformer-scan": "the groups are jaxgrad's leaves, and a scanned transformer's leaf "
+    "stacks L blocks' tensors; Opacus's per_layer clipping takes one norm per parameter tensor "
+    "and cannot clip several tensors as one group"
+}
+_OPACUS_NO_PER_LAYER_GHOST = {
+    kind: "Opacus 1.6's ghost clipping is flat only: get_optimizer_class raises ValueError for "
+    "clipping='per_layer' with grad_sample_mode='ghost', and "
+    "GradSampleModuleFastGradientClipping takes one max_grad_norm"
+    for kind in ("mlp", "cnn", "transformer", "rnn")
+}
+_JAX_PRIVACY_PER_LAYER = (
+    "jax_privacy 2.0 has no per-layer option; its way to it: clipping.clipped_grad (vmap) with "
+    "pre_clipping_transform clipping each leaf to C_g (clipping.clip_pytree) and "
+    "l2_clip_norm = √Σ C_g² (then a no-op; it states the sensitivity)"
+)
+_TORCH_FUNC_RNN = {
+    "rnn": "torch.func.vmap has no batching rule for nn.RNN (a shape error); the "
+    "same tanh cell stepped by a Python loop"
 }
 
 METHODS: dict[str, Method] = {
@@ -279,10 +321,7 @@ METHODS: dict[str, Method] = {
         Method(
             "torch.func", "vmap_grad", "per-example grads", "torch", True,
             "torch.func.vmap(torch.func.grad(loss)) over functional_call",
-            notes={
-                "rnn": "torch.func.vmap has no batching rule for nn.RNN (a shape error); the "
-                "same tanh cell stepped by a Python loop"
-            },
+            notes=_TORCH_FUNC_RNN,
         ),
         Method(
             "opacus", "hooks_clip", "clipped grad", "opacus", True,
@@ -313,6 +352,46 @@ METHODS: dict[str, Method] = {
             "opacus", "dp_ghost", "noisy grad", "opacus", False,
             "ghost clipping (two backward passes) + DPOptimizerFastGradientClipping.pre_step",
             notes=_OPACUS_GHOST_RNN,
+        ),
+        # Per-layer clipping: the clipped sum, each group g clipped to its own C_g.
+        Method(
+            "jaxgrad", "clipped_grad_per_layer", "per-layer clipped grad", "jax", False,
+            "jaxgrad.fast.clipped_grad(l2_clip={leaf: C_g}, reduction='sum')",
+        ),
+        Method(
+            "jax_privacy", "per_layer_clip", "per-layer clipped grad", "jax_privacy", True,
+            _JAX_PRIVACY_PER_LAYER,
+        ),
+        Method(
+            "opacus", "per_layer_clip", "per-layer clipped grad", "opacus", True,
+            "make_private(clipping='per_layer', max_grad_norm=[C_g], hooks) + "
+            "DPPerLayerOptimizer.clip_and_accumulate (noise 0)",
+            unsupported=_OPACUS_PER_LAYER_SCAN, notes=_OPACUS_RNN,
+        ),
+        Method(
+            "opacus", "per_layer_ghost", "per-layer clipped grad", "opacus", False,
+            "ghost clipping per layer", unsupported=_OPACUS_NO_PER_LAYER_GHOST,
+        ),
+        # Inner products of the per-example gradients with v (the batch's mean gradient), and
+        # with each other.
+        Method(
+            "jaxgrad", "per_example_dots", "dots", "jax", False,
+            "jaxgrad.fast.per_example_dots(reference=v)",
+        ),
+        Method(
+            "jax", "vmap_dots", "dots", "jax", True,
+            "jax.vmap(jax.grad) then each row dotted with v",
+        ),
+        Method(
+            "torch.func", "vmap_dots", "dots", "torch", True,
+            "torch.func.vmap(torch.func.grad) then each row dotted with v",
+            notes=_TORCH_FUNC_RNN,
+        ),
+        Method("jaxgrad", "gradient_gram", "gram", "jax", False, "jaxgrad.fast.gradient_gram"),
+        Method("jax", "vmap_gram", "gram", "jax", True, "jax.vmap(jax.grad) then G Gᵀ"),
+        Method(
+            "torch.func", "vmap_gram", "gram", "torch", True,
+            "torch.func.vmap(torch.func.grad) then G Gᵀ", notes=_TORCH_FUNC_RNN,
         ),
     )
 }  # fmt: skip

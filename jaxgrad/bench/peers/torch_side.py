@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jaxgrad.bench.peers import layouts
+from jaxgrad.bench.peers import layouts, specs
 from jaxgrad.bench.peers.specs import ModelSpec
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid}
@@ -265,19 +265,32 @@ Prepared = tuple[Callable[[], Any], Callable[[Any], dict[str, Any]]]
 
 
 def prepare(
-    method: str, spec: ModelSpec, jax_flat: dict[str, np.ndarray], data, *, l2_clip: float
+    method: str,
+    spec: ModelSpec,
+    jax_flat: dict[str, np.ndarray],
+    data,
+    *,
+    l2_clip: float,
+    layer_clips: dict[str, float] | None = None,
+    v: dict[str, np.ndarray] | None = None,
 ) -> Prepared:
     """``(step, extract)`` for ``method`` (a PyTorch-side method name) on the shared weights.
 
     ``extract(out)`` returns any of ``"grad"`` (jax-flat mean gradient), ``"per_example"``
-    (jax-flat, leading batch axis), ``"norms"`` and ``"clipped"`` (jax-flat clipped sum).
+    (jax-flat, leading batch axis), ``"norms"``, ``"clipped"`` (jax-flat clipped sum),
+    ``"layered"`` (jax-flat per-layer clipped sum), ``"dots"`` and ``"gram"``.
+    ``layer_clips`` (jax-flat ``{leaf: C_g}``) is for the per-layer row, ``v`` (jax-flat) for
+    the dots row.
     """
     # Each method with the RNN layer it can run (see RNN_LAYERS; other models ignore it).
     factories = {
         "backward": (_plain_backward, "torch"),
         "vmap_grad": (_func_vmap_grad, "loop"),
+        "vmap_dots": (_func_vmap_dots, "loop"),
+        "vmap_gram": (_func_vmap_gram, "loop"),
         "hooks_clip": (_opacus_hooks_clip, "opacus"),
         "ghost_clip": (_opacus_ghost_clip, "opacus"),
+        "per_layer_clip": (_opacus_per_layer_clip, "opacus"),
         "BatchGrad": (_backpack_batch_grad, "backpack"),
         "BatchL2Grad": (_backpack_batch_l2, "backpack"),
         "dp_step": (_opacus_dp_step, "opacus"),
@@ -291,7 +304,27 @@ def prepare(
     model = load_model(spec, jax_flat, rnn_layer=rnn_layer)
     x, y = to_torch_batch(spec, data)
     to_jax = lambda named: layouts.to_jax_flat(spec, named)
-    return factory(spec, model, x, y, to_jax, l2_clip=l2_clip)
+    extras = {}
+    if method == "per_layer_clip":
+        extras["layer_clips"] = _torch_named(spec, _required(layer_clips, "layer_clips", method))
+    if method == "vmap_dots":
+        v = layouts.to_torch_state(spec, _required(v, "v", method))
+        extras["v"] = {k: torch.from_numpy(np.asarray(a, np.float32)) for k, a in v.items()}
+    return factory(spec, model, x, y, to_jax, l2_clip=l2_clip, **extras)
+
+
+def _required(value, name: str, method: str):
+    if value is None:
+        raise ValueError(f"method {method!r} needs `{name}`; got None")
+    return value
+
+
+def _torch_named(spec: ModelSpec, jax_named: dict[str, float]) -> dict[str, float]:
+    """A number per jaxgrad leaf to the same number per PyTorch parameter (one to one, except
+    for a scanned transformer, whose stacked leaves have no single PyTorch parameter)."""
+    if specs.variant(spec) == "transformer-scan":
+        raise ValueError("a scanned transformer's leaves stack several PyTorch parameters")
+    return {cv.torch_key: float(jax_named[cv.jax_key]) for cv in layouts.conversions(spec)}
 
 
 def _plain_backward(spec, model, x, y, to_jax, *, l2_clip):
@@ -303,7 +336,9 @@ def _plain_backward(spec, model, x, y, to_jax, *, l2_clip):
     return step, lambda _: {"grad": to_jax(_named_grads(model))}
 
 
-def _func_vmap_grad(spec, model, x, y, to_jax, *, l2_clip):
+def _func_per_example(spec, model):
+    """``(params, f)``: ``f(params, x, y)`` is ``{name: (B, ...)}``, the per-example gradients
+    of the loss sums by ``torch.func.vmap(torch.func.grad)``."""
     from torch.func import functional_call, grad, vmap
 
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
@@ -312,12 +347,38 @@ def _func_vmap_grad(spec, model, x, y, to_jax, *, l2_clip):
         logits = functional_call(model, p, (xi[None],))
         return per_example_loss(spec, logits, yi[None])[0][0]
 
-    per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
+    return params, vmap(grad(loss_one), in_dims=(None, 0, 0))
+
+
+def _func_vmap_grad(spec, model, x, y, to_jax, *, l2_clip):
+    params, per_example = _func_per_example(spec, model)
 
     def step():
         return per_example(params, x, y)
 
     return step, lambda out: {"per_example": to_jax({k: v.numpy() for k, v in out.items()})}
+
+
+def _func_vmap_dots(spec, model, x, y, to_jax, *, l2_clip, v):
+    # What a torch.func user writes: the per-example gradients, then one matrix-vector
+    # product per parameter.
+    params, per_example = _func_per_example(spec, model)
+
+    def step():
+        grads = per_example(params, x, y)
+        return sum(g.flatten(1) @ v[k].flatten() for k, g in grads.items())
+
+    return step, lambda dots: {"dots": dots.numpy()}
+
+
+def _func_vmap_gram(spec, model, x, y, to_jax, *, l2_clip):
+    params, per_example = _func_per_example(spec, model)
+
+    def step():
+        rows = torch.cat([g.flatten(1) for g in per_example(params, x, y).values()], dim=1)
+        return rows @ rows.T
+
+    return step, lambda gram: {"gram": gram.numpy()}
 
 
 def _opacus_hooks_clip(spec, model, x, y, to_jax, *, l2_clip):
@@ -346,6 +407,35 @@ def _opacus_hooks_clip(spec, model, x, y, to_jax, *, l2_clip):
         }
 
     return step, extract
+
+
+def _opacus_per_layer_clip(spec, model, x, y, to_jax, *, l2_clip, layer_clips):
+    from opacus import PrivacyEngine
+
+    # Opacus's per-layer clipping as a user asks for it: make_private with one max_grad_norm
+    # per trainable parameter, in the optimizer's order. Its clip_and_accumulate is the
+    # clipped sum, as in opacus:hooks_clip (no noise, no optimizer step).
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(y))
+    gsm, optimizer, _ = PrivacyEngine().make_private(
+        module=model,
+        optimizer=torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0),
+        data_loader=loader,
+        noise_multiplier=0.0,
+        max_grad_norm=[layer_clips[name] for name in trainable],
+        clipping="per_layer",
+        poisson_sampling=False,
+        loss_reduction="sum",
+        grad_sample_mode="hooks",
+    )
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        sums, _ = per_example_loss(spec, gsm(x), y)
+        sums.sum().backward()
+        optimizer.clip_and_accumulate()
+
+    return step, lambda _: {"layered": to_jax(_named_grads(model, "summed_grad"))}
 
 
 def _ghost_clipped_backward(gsm, zero_grad, spec, x, y):

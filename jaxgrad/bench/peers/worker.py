@@ -122,15 +122,33 @@ def _derive_from_per_example(per_example: dict, l2_clip: float, chunk: int = 256
     return {"norms": norms, "clipped": clipped}
 
 
-def _save_outputs(path: str, outputs: dict) -> list[str]:
+# What a row or the reference may output: flat parameter-shaped dicts (saved as
+# "kind/leaf"), and plain arrays.
+TREE_OUTPUTS = ("grad", "clipped", "layered")
+ARRAY_OUTPUTS = ("norms", "dots", "gram")
+
+
+def output_arrays(outputs: dict) -> dict[str, np.ndarray]:
+    """A row's (or the reference's) outputs as the flat ``{name: array}`` the cross-check
+    (``harness.compare``) reads; anything else (the reference's ``layer_clips``) is left out."""
     arrays = {}
-    for kind in ("grad", "clipped"):
+    for kind in TREE_OUTPUTS:
         for k, v in outputs.get(kind, {}).items():
             arrays[f"{kind}/{k}"] = np.asarray(v)
-    if "norms" in outputs:
-        arrays["norms"] = np.asarray(outputs["norms"])
+    arrays.update({k: np.asarray(outputs[k]) for k in ARRAY_OUTPUTS if k in outputs})
+    return arrays
+
+
+def _save_outputs(path: str, outputs: dict) -> list[str]:
+    arrays = output_arrays(outputs)
     np.savez(path, **arrays)
     return sorted({k.split("/")[0] for k in arrays})
+
+
+def _reference_v(path: str) -> dict[str, np.ndarray]:
+    """The dots rows' ``v``: the reference's float64 mean gradient (flat)."""
+    with np.load(path) as ref:
+        return {k[len("grad/") :]: ref[k] for k in ref.files if k.startswith("grad/")}
 
 
 def _framework_versions(framework: str) -> dict:
@@ -178,10 +196,15 @@ def _run(job: dict) -> dict:
         from jaxgrad.bench.peers import jax_side
 
         outputs, l2_clip = jax_side.reference(
-            spec, weights, data, chunk_size=job["chunk_size"], l2_clip=job.get("l2_clip")
+            spec,
+            weights,
+            data,
+            chunk_size=job["chunk_size"],
+            l2_clip=job.get("l2_clip"),
+            gram=job.get("gram", False),
         )
         _save_outputs(job["outputs_path"], outputs)
-        return {**result, "status": "ok", "l2_clip": l2_clip}
+        return {**result, "status": "ok", "l2_clip": l2_clip, "layer_clips": outputs["layer_clips"]}
 
     framework, method = job["framework"], job["method"]
     if framework in specs.JAX_FRAMEWORKS:
@@ -204,7 +227,10 @@ def _run(job: dict) -> dict:
 
         result["torch_threads"] = torch.get_num_threads()
 
-    step, extract = side.prepare(method, spec, weights, data, l2_clip=job["l2_clip"])
+    v = _reference_v(job["reference_path"]) if job.get("reference_path") else None
+    step, extract = side.prepare(
+        method, spec, weights, data, l2_clip=job["l2_clip"], layer_clips=job.get("layer_clips"), v=v
+    )
     baseline_kb = _status_kb("VmRSS") or _peak_kb()
     peak_was_reset = _reset_peak()
 
