@@ -6,7 +6,9 @@ step in several files), and jit's own cache is per function object, so each ``fi
 compiles afresh. A persistent compilation cache in a fresh temporary directory (per process,
 so ``pytest -n 2``'s workers never share files; removed at exit) serves the repeats. It
 changes no result: a hit runs the executable XLA compiled for the identical program, options
-and flags; tracing (which the compile-once tests count) still happens.
+and flags; tracing (which the compile-once tests count) still happens. (An executable read
+back from the cache prints, in ``Compiled.as_text()``, the same HLO without its source-line
+metadata; the tests that read HLO text run in subprocesses, where this file is not loaded.)
 """
 
 import atexit

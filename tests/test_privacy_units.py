@@ -58,12 +58,19 @@ def _add(a, b):
     return jax.tree.map(lambda x, y: x + y, a, b)
 
 
+@functools.cache
+def _grad(loss):
+    """``jax.grad`` of one row's loss, compiled once (eager, the reference loops took longer
+    than the fits they check)."""
+    return jax.jit(jax.grad(loss))
+
+
 def _unit_grads(loss, params, data, units):
     """Σ_{r∈u} ∇S_r for each unit u (in the order of its id), one row at a time."""
     for u in np.unique(units):
         g = jax.tree.map(np.zeros_like, params)
         for r in np.flatnonzero(units == u):
-            g = _add(g, jax.grad(loss)(params, jax.tree.map(lambda a, r=r: a[r], data)))
+            g = _add(g, _grad(loss)(params, jax.tree.map(lambda a, r=r: a[r], data)))
         yield g
 
 
@@ -188,7 +195,7 @@ def test_fit_with_augmentation_multiplicity_clips_the_mean_of_the_copies():
     for i in range(10):  # example i at step 0: its key, its 3 copies, the mean gradient
         ex = jax.tree.map(lambda a, i=i: a[i], data)
         aug_keys, _ = keys.augmentation_keys(keys.row_key(keys.step_key(loss_key, 0), i), 3)
-        grads = [jax.grad(loss)(params, _jitter(k, ex)) for k in aug_keys]
+        grads = [_grad(loss)(params, _jitter(k, ex)) for k in aug_keys]
         mean = jax.tree.map(lambda *g: sum(np.asarray(x) for x in g) / 3, *grads)
         total = _add(total, _clip(mean, 0.2))
     _assert_close(result.params, jax.tree.map(lambda p, g: p - g / 10, params, total))
