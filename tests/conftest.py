@@ -32,5 +32,6 @@ def key():
     return jax.random.key(0)
 
 
-def pytest_unconfigure(config):
+def pytest_sessionfinish(session, exitstatus):
+    # (pytest_unconfigure is not called in pytest-xdist's workers; this is)
     shutil.rmtree(_XLA_CACHE, ignore_errors=True)
