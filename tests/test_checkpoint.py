@@ -1,5 +1,6 @@
 """Checkpoints: atomic, checksummed, restored bit for bit; resume equals an uninterrupted run."""
 
+import functools
 import os
 import warnings
 
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import interrupt_then_resume, run_interrupted
 
 import jaxgrad
 from jaxgrad.train import CheckpointError, CheckpointWarning, checkpoint, fit, init_state
@@ -131,7 +133,7 @@ def _problem():
     return model.init(jax.random.key(0)), loss_fn, (x, y)
 
 
-def _run(directory, *, scan=True, epochs=2, **kw):
+def _run(checkpoint_dir, *, scan=True, epochs=2, **kw):
     params, loss_fn, data = _problem()
     return fit(
         loss_fn,
@@ -142,38 +144,22 @@ def _run(directory, *, scan=True, epochs=2, **kw):
         batch_size=4,
         key=jax.random.key(3),
         scan=scan,
-        checkpoint_dir=directory,
+        checkpoint_dir=checkpoint_dir,
         checkpoint_every=3,
         quiet=True,
         **kw,
     )
 
 
-def _interrupt_after(monkeypatch, saves: int):
-    real, calls = checkpoint.save, []
-
-    def save(*args, **kwargs):
-        path = real(*args, **kwargs)
-        calls.append(path)
-        if len(calls) == saves:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(checkpoint, "save", save)
-    return calls
-
-
 @pytest.mark.parametrize("scan", [True, False])
-def test_resume_mid_epoch_is_bitwise_identical(tmp_path, monkeypatch, scan):
+def test_resume_mid_epoch_is_bitwise_identical(tmp_path, scan):
     full = _run(tmp_path / "full", scan=scan)
     # 27 examples in batches of 4: 7 steps an epoch, in chunks of 3; the 2nd checkpoint is
     # at step 6, in the middle of epoch 1.
-    calls = _interrupt_after(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path / "cut", scan=scan)
-    assert calls[-1].endswith("ckpt-0000000006.npz")
-    monkeypatch.undo()
-    resumed = _run(tmp_path / "cut", scan=scan)
+    saved, resumed = interrupt_then_resume(
+        functools.partial(_run, scan=scan), tmp_path / "cut", at_save=2
+    )
+    assert saved[-1].endswith("ckpt-0000000006.npz")
     _assert_bitwise(resumed.state, full.state)
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
     assert strip(resumed.history) == strip(full.history)
@@ -182,13 +168,9 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path, monkeypatch, scan):
     _assert_bitwise(again.state, full.state)
 
 
-def test_resume_skips_a_corrupt_latest(tmp_path, monkeypatch):
+def test_resume_skips_a_corrupt_latest(tmp_path):
     full = _run(tmp_path / "full")
-    _interrupt_after(monkeypatch, 4)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path / "cut")
-    monkeypatch.undo()
-    latest = checkpoint.list_checkpoints(tmp_path / "cut")[-1]
+    *_, latest = run_interrupted(_run, tmp_path / "cut", at_save=4)
     open(latest, "r+b").truncate(100)
     with pytest.warns(CheckpointWarning, match=latest):
         resumed = _run(tmp_path / "cut")

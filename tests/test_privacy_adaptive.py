@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import interrupt_then_resume
 
 import jaxgrad
 from jaxgrad import keys, privacy
@@ -245,26 +246,13 @@ def test_adaptive_run_resumes_bit_for_bit_and_refuses_other_settings(tmp_path):
     )
     whole = _fit(loss_fn, params, data, config)
     assert whole.history[0]["l2_clip"] != whole.history[1]["l2_clip"]
-    calls = []
-
-    def interrupt(p):  # stops the run in its second epoch, after its first checkpoint
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return {}
-
-    with pytest.raises(KeyboardInterrupt):
-        _fit(
-            loss_fn,
-            params,
-            data,
-            config,
-            evaluate=interrupt,
-            checkpoint_dir=tmp_path,
-            checkpoint_every=3,
-        )
-    assert len(checkpoint.list_checkpoints(tmp_path)) == 2
-    resumed = _fit(loss_fn, params, data, config, checkpoint_dir=tmp_path, checkpoint_every=3)
+    # stopped at the end of epoch 2, before its last checkpoint (fit evaluates first)
+    saved, resumed = interrupt_then_resume(
+        functools.partial(_fit, loss_fn, params, data, config, checkpoint_every=3),
+        tmp_path,
+        at_evaluate=2,
+    )
+    assert len(saved) == 2
     chex.assert_trees_all_equal(resumed.state, whole.state)
     assert [r["l2_clip"] for r in resumed.history] == [r["l2_clip"] for r in whole.history]
     other = PrivacyConfig(

@@ -2,6 +2,7 @@
 amplified accounting and its place in fit (jaxgrad.privacy.bandmf)."""
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 import scipy.stats
+from helpers import run_interrupted
 
 import jaxgrad
 from jaxgrad import privacy
@@ -283,19 +285,12 @@ def test_fit_with_bands_resumes_bit_for_bit_and_releases_no_noise_state(tmp_path
         optax.adam(0.05).init(whole.params)
     )
     assert whole.privacy["noise"] == "bandmf" and whole.privacy["sampling"] == "cyclic_poisson"
-    calls = []
-
-    def interrupt(p):  # stops the run in its second epoch, after a mid-epoch checkpoint
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return {}
-
-    with pytest.raises(KeyboardInterrupt):
-        _fit(config, evaluate=interrupt, checkpoint_dir=tmp_path, checkpoint_every=3)
+    # stopped at the end of epoch 2, before its last checkpoint (fit evaluates first)
+    *_, path = run_interrupted(
+        functools.partial(_fit, config, checkpoint_every=3), tmp_path, at_evaluate=2
+    )
     # The checkpoint (secret) holds the noise history: after step t, w_{t-1}, the noise of
     # the privatizer alone from the run's key (dp_keys(key, s) for s < t).
-    path = checkpoint.list_checkpoints(tmp_path)[-1]
     tx = privacy.bandmf_privatizer(
         coefs=bandmf.sqrt_coefs(2),
         noise_multiplier=1.1,

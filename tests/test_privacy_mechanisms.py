@@ -1,6 +1,7 @@
 """The DP mechanisms as parts: the Accountant, batch sources with their events, the budget stop."""
 
 import dataclasses
+import functools
 import json
 import math
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import interrupt_then_resume
 
 import jaxgrad
 from jaxgrad import keys, privacy
@@ -329,17 +331,8 @@ def test_fit_with_truncated_poisson_is_the_documented_loop_and_resumes(tmp_path)
         max_batch_size=12,
         physical_batch_size=5,
     )
-    calls = []
-
-    def evaluate(p):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # interrupted in epoch 2, after epoch 1's checkpoint
-        return {}
-
-    with pytest.raises(KeyboardInterrupt):
-        _fit(config, checkpoint_dir=tmp_path, evaluate=evaluate)
-    result = _fit(config, checkpoint_dir=tmp_path)  # resumed from epoch 1's checkpoint
+    # interrupted at the end of epoch 2, before its checkpoint; resumed from epoch 1's
+    _, result = interrupt_then_resume(functools.partial(_fit, config), tmp_path, at_evaluate=2)
     the_plan = private.plan(config, num_examples=60, batch_size=10, epochs=2)
     src = the_plan.source
     chex.assert_trees_all_close(result.params, _reference(the_plan, 12), atol=1e-12)

@@ -1,6 +1,7 @@
 """The DP step as parts (clipped sum with its sensitivity, privatizer, key schedule), the one
 non-finite policy, and the behaviours the one training loop gives plain and private runs alike."""
 
+import functools
 import math
 
 import chex
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import interrupt_then_resume, run_interrupted
 
 import jaxgrad
 from jaxgrad import keys, privacy
@@ -28,10 +30,11 @@ def _problem(n=40, seed=0):
 
 def _clipped_sum_reference(loss_fn, params, data, mask, clip):
     """numpy: each example's jax.grad, the non-finite ones left out, clipped, summed."""
+    grad = jax.jit(jax.grad(loss_fn))  # compiled once for the loop
     total = jax.tree_util.tree_map(np.zeros_like, params)
     for i in np.flatnonzero(mask):
         example = jax.tree_util.tree_map(lambda a, i=i: a[i], data)
-        g = jax.grad(loss_fn)(params, example)
+        g = grad(params, example)
         norm = np.linalg.norm(np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(g)]))
         if np.isfinite(norm):
             factor = min(1, clip / norm)
@@ -176,28 +179,13 @@ def test_resume_and_chunks_are_the_same_for_plain_and_private(private, tmp_path)
     whole = _fit(loss_fn, params, data, config)
     chunked = _fit(loss_fn, params, data, config, steps_per_call=3)
     chex.assert_trees_all_equal(chunked.params, whole.params)
-    calls = []
-
-    def interrupt(p):  # stops the run in its second epoch, after the first checkpoint
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return {}
-
-    with pytest.raises(KeyboardInterrupt):
-        _fit(
-            loss_fn,
-            params,
-            data,
-            config,
-            evaluate=interrupt,
-            checkpoint_dir=tmp_path,
-            checkpoint_every=3,
-        )
-    assert (
-        len(checkpoint.list_checkpoints(tmp_path)) == 2
-    )  # steps 3 and 4 (mid- and end of epoch 1)
-    resumed = _fit(loss_fn, params, data, config, checkpoint_dir=tmp_path, checkpoint_every=3)
+    # stopped at the end of epoch 2, before its last checkpoint (fit evaluates first)
+    saved, resumed = interrupt_then_resume(
+        functools.partial(_fit, loss_fn, params, data, config, checkpoint_every=3),
+        tmp_path,
+        at_evaluate=2,
+    )
+    assert len(saved) == 2  # a mid-epoch one among them
     chex.assert_trees_all_equal(resumed.params, whole.params)
     assert [r["step"] for r in resumed.history] == [4, 8]
     unscanned = _fit(loss_fn, params, data, config, scan=False)
@@ -242,17 +230,10 @@ def test_private_fit_without_a_key_draws_one_from_os_entropy_and_resumes_with_it
     a = _fit(loss_fn, params, data, PRIVATE, key=None, epochs=1)
     b = _fit(loss_fn, params, data, PRIVATE, key=None, epochs=1)
     assert not np.allclose(a.params[0]["w"], b.params[0]["w"])  # two draws, two keys
-    calls = []
-
-    def interrupt(p):  # stops the run in its second epoch, after the first epoch's checkpoint
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return {}
-
-    with pytest.raises(KeyboardInterrupt):
-        _fit(loss_fn, params, data, PRIVATE, key=None, evaluate=interrupt, checkpoint_dir=tmp_path)
-    (path,) = checkpoint.list_checkpoints(tmp_path)
+    # stopped at the end of epoch 2, before its checkpoint: epoch 1's is the only one
+    (path,) = run_interrupted(
+        functools.partial(_fit, loss_fn, params, data, PRIVATE, key=None), tmp_path, at_evaluate=2
+    )
     tree, meta = checkpoint.load(path, {"state": a.state, "key": jax.random.key(0)})
     assert meta["config"]["key"] == "os-entropy"  # the key itself is only in the checkpoint
     resumed = _fit(loss_fn, params, data, PRIVATE, key=None, checkpoint_dir=tmp_path)

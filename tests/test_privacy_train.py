@@ -1,5 +1,6 @@
 """DP-SGD training: fit(privacy=...), the CLI's --dp, MNIST-1D, and resume of the privacy state."""
 
+import functools
 import json
 
 import chex
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import interrupt_then_resume
 
 import jaxgrad
 from jaxgrad import privacy
@@ -89,19 +91,11 @@ def test_fit_private_calibrates_sigma_to_the_target():
 def test_fit_private_resume_is_bit_for_bit_and_refuses_changed_privacy(whole, tmp_path):
     loss_fn, params, data, whole = whole
     config = CONFIG
-
-    calls = []
-
-    def evaluate(p):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # interrupted in epoch 2, after epoch 1's checkpoint
-        return {}
-
-    with pytest.raises(KeyboardInterrupt):
-        _fit(loss_fn, params, data, config, evaluate=evaluate, checkpoint_dir=tmp_path)
-    assert len(jaxgrad.train.checkpoint.list_checkpoints(tmp_path)) == 1  # epoch 1 only
-    resumed = _fit(loss_fn, params, data, config, checkpoint_dir=tmp_path)
+    # interrupted at the end of epoch 2, before its checkpoint
+    saved, resumed = interrupt_then_resume(
+        functools.partial(_fit, loss_fn, params, data, config), tmp_path, at_evaluate=2
+    )
+    assert len(saved) == 1  # epoch 1 only
     chex.assert_trees_all_equal(resumed.params, whole.params)
     assert [r["epsilon"] for r in resumed.history] == [r["epsilon"] for r in whole.history]
     for changed in (

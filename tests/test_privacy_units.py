@@ -5,6 +5,8 @@ the mean over an example's augmented copies) formed with ``jax.grad`` and clippe
 the accounting is checked against :func:`jaxgrad.privacy.epsilon` at ``q = batch / U``.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,12 +23,30 @@ F64 = jnp.float64
 UNITS = np.array([3, 3, 0, 7, 7, 7, 0, 5, 9, 9])  # 5 users of 1 to 3 rows, ids not 0..U-1
 
 
+@functools.cache
 def _setup():
+    """The units tests' problem: a 3-4-2 MLP's loss, its parameters and 10 rows."""
     model = models.mlp([3, 4, 2], dtype=F64)
     rng = np.random.default_rng(0)
     data = (rng.normal(size=(10, 3)), rng.integers(0, 2, 10))
     loss = lambda p, ex: losses.softmax_cross_entropy(model.apply(p, ex[0]), ex[1])
     return loss, model.init(jax.random.key(0)), data
+
+
+def _fit(privacy, *, optimizer=None, batch_size=2, **kw):
+    """``fit`` on :func:`_setup`'s problem for one epoch, quietly (SGD at rate 1 unless
+    ``optimizer`` is given)."""
+    loss, params, data = _setup()
+    kw = {"epochs": 1, "key": jax.random.key(1), "quiet": True, **kw}
+    return fit(
+        loss,
+        params,
+        data,
+        optimizer=optax.sgd(1.0) if optimizer is None else optimizer,
+        batch_size=batch_size,
+        privacy=privacy,
+        **kw,
+    )
 
 
 def _clip(g, c):
@@ -38,13 +58,26 @@ def _add(a, b):
     return jax.tree.map(lambda x, y: x + y, a, b)
 
 
-def _unit_reference(loss, params, data, units, clip):
-    """Σ_u clip_C(Σ_{r∈u} ∇S_r), one unit at a time."""
-    total = jax.tree.map(np.zeros_like, params)
+@functools.cache
+def _grad(loss):
+    """``jax.grad`` of one row's loss, compiled once (eager, the reference loops took longer
+    than the fits they check)."""
+    return jax.jit(jax.grad(loss))
+
+
+def _unit_grads(loss, params, data, units):
+    """Σ_{r∈u} ∇S_r for each unit u (in the order of its id), one row at a time."""
     for u in np.unique(units):
         g = jax.tree.map(np.zeros_like, params)
         for r in np.flatnonzero(units == u):
-            g = _add(g, jax.grad(loss)(params, jax.tree.map(lambda a, r=r: a[r], data)))
+            g = _add(g, _grad(loss)(params, jax.tree.map(lambda a, r=r: a[r], data)))
+        yield g
+
+
+def _unit_reference(loss, params, data, units, clip):
+    """Σ_u clip_C(Σ_{r∈u} ∇S_r), one unit at a time."""
+    total = jax.tree.map(np.zeros_like, params)
+    for g in _unit_grads(loss, params, data, units):
         total = _add(total, _clip(g, clip))
     return total
 
@@ -96,23 +129,9 @@ def test_fit_with_units_and_per_layer_clips_clips_units_and_counts_them():
     clips = [0.1, 0.3]  # per layer; the unit's summed gradient, each layer clipped alone
     # q = 1 (batch_size = U = 5 units) and σ = 0: one step on every unit, exactly
     cfg = PrivacyConfig(l2_clip=clips, noise_multiplier=0.0)
-    result = fit(
-        loss,
-        params,
-        data,
-        optimizer=optax.sgd(1.0),
-        epochs=1,
-        batch_size=5,
-        key=jax.random.key(1),
-        quiet=True,
-        privacy=cfg,
-        units=UNITS,
-    )
+    result = _fit(cfg, batch_size=5, units=UNITS)
     step = jax.tree.map(np.zeros_like, params)
-    for u in np.unique(UNITS):
-        g = jax.tree.map(np.zeros_like, params)
-        for r in np.flatnonzero(UNITS == u):
-            g = _add(g, jax.grad(loss)(params, jax.tree.map(lambda a, r=r: a[r], data)))
+    for g in _unit_grads(loss, params, data, UNITS):
         step = _add(step, _group_clip(g, clips))
     want = jax.tree.map(lambda p, g: p - g / 5, params, step)
     _assert_close(result.params, want)
@@ -126,21 +145,8 @@ def test_fit_with_units_and_per_layer_clips_clips_units_and_counts_them():
 
 
 def test_fit_accounts_units():
-    loss, params, data = _setup()
     cfg = PrivacyConfig(l2_clip=0.3, noise_multiplier=1.5, accountant="rdp")
-    result = fit(
-        loss,
-        params,
-        data,
-        optimizer=optax.sgd(0.1),
-        epochs=1,
-        batch_size=2,
-        key=jax.random.key(1),
-        quiet=True,
-        privacy=cfg,
-        units=UNITS,
-        scan=False,
-    )
+    result = _fit(cfg, optimizer=optax.sgd(0.1), units=UNITS, scan=False)
     # q = 2 / 5 units and ⌈5 / 2⌉ = 3 steps an epoch; ε from dp-accounting at those
     assert result.privacy["sampling_rate"] == pytest.approx(2 / 5)
     assert result.privacy["steps"] == 3
@@ -159,34 +165,21 @@ def test_fit_accounts_units():
     ],
 )
 def test_bad_units_are_refused(units, error, match):
-    loss, params, data = _setup()
     cfg = PrivacyConfig(l2_clip=0.3, noise_multiplier=1.0)
     with pytest.raises(error, match=match):
-        fit(
-            loss,
-            params,
-            data,
-            optimizer=optax.sgd(1.0),
-            epochs=1,
-            batch_size=2,
-            privacy=cfg,
-            units=units,
-            quiet=True,
-        )
+        _fit(cfg, units=units, key=None)
 
 
 def test_units_and_augment_need_privacy():
-    loss, params, data = _setup()
-    kw = dict(optimizer=optax.sgd(1.0), epochs=1, batch_size=2, quiet=True)
     with pytest.raises(ValueError, match="`units` applies to private training"):
-        fit(loss, params, data, units=UNITS, key=jax.random.key(0), **kw)
+        _fit(None, units=UNITS, key=jax.random.key(0))
     with pytest.raises(ValueError, match="`augment` applies to private training"):
-        fit(loss, params, data, augment=lambda k, x: x, key=jax.random.key(0), **kw)
+        _fit(None, augment=lambda k, x: x, key=jax.random.key(0))
     cfg = PrivacyConfig(l2_clip=0.3, noise_multiplier=1.0, augmentations=2)
     with pytest.raises(ValueError, match=r"`augment`.*is required"):
-        fit(loss, params, data, privacy=cfg, **kw)
+        _fit(cfg, key=None)
     with pytest.raises(ValueError, match="pass `loss_key`"):
-        fit(loss, params, data, privacy=cfg, augment=lambda k, x: x, **kw)
+        _fit(cfg, augment=lambda k, x: x, key=None)
 
 
 def _jitter(key, ex):
@@ -197,24 +190,12 @@ def test_fit_with_augmentation_multiplicity_clips_the_mean_of_the_copies():
     loss, params, data = _setup()
     cfg = PrivacyConfig(l2_clip=0.2, noise_multiplier=0.0, augmentations=3)
     loss_key = jax.random.key(7)
-    result = fit(
-        loss,
-        params,
-        data,
-        optimizer=optax.sgd(1.0),
-        epochs=1,
-        batch_size=10,
-        key=jax.random.key(1),
-        quiet=True,
-        privacy=cfg,
-        augment=_jitter,
-        loss_key=loss_key,
-    )
+    result = _fit(cfg, batch_size=10, augment=_jitter, loss_key=loss_key)
     total = jax.tree.map(np.zeros_like, params)
     for i in range(10):  # example i at step 0: its key, its 3 copies, the mean gradient
         ex = jax.tree.map(lambda a, i=i: a[i], data)
         aug_keys, _ = keys.augmentation_keys(keys.row_key(keys.step_key(loss_key, 0), i), 3)
-        grads = [jax.grad(loss)(params, _jitter(k, ex)) for k in aug_keys]
+        grads = [_grad(loss)(params, _jitter(k, ex)) for k in aug_keys]
         mean = jax.tree.map(lambda *g: sum(np.asarray(x) for x in g) / 3, *grads)
         total = _add(total, _clip(mean, 0.2))
     _assert_close(result.params, jax.tree.map(lambda p, g: p - g / 10, params, total))
