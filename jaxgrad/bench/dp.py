@@ -34,6 +34,7 @@ The update is ``optax.sgd`` (the cheapest optax update: it dilutes the DP overhe
 
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
 import time
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxgrad import grads, privacy
+from jaxgrad import _loops, grads, privacy
 from jaxgrad.bench import suite
 from jaxgrad.privacy import threefry
 
@@ -58,10 +59,13 @@ ROWS = (
     "noise",
     "noise, jax.random.normal",
     "non-private step + noise",
+    "DP step, P rows",
     "sampled DP step",
+    "sampled DP step, K sizes",
     "fit(privacy) step",
 )
-FIT_STEPS = 4  # steps per call of "fit(privacy) step"
+FIT_STEPS = 2  # steps per call of "fit(privacy) step"
+NUM_SIZES = 4  # K of "sampled DP step, K sizes" (jaxgrad.privacy.physical_batch_sizes)
 
 
 def programs(
@@ -76,7 +80,11 @@ def programs(
 
     ``"sampled DP step"`` takes the whole data set (``data_size`` examples) for ``batch``: it
     is :func:`jaxgrad.privacy.sampled_dp_grad` with ``q = B / data_size`` and the physical
-    batch size ``fit`` takes by default, + the update — the step ``fit(privacy=...)`` runs.
+    batch size ``fit`` takes by default, + the update — the step ``fit(privacy=...)`` runs;
+    ``"sampled DP step, K sizes"`` the same with :data:`NUM_SIZES` physical sizes
+    (:func:`jaxgrad.privacy.physical_batch_sizes`); ``"DP step, P rows"`` takes a batch of
+    ``P`` rows (the default physical size), the first ``B`` real: the DP step with the
+    sampled step's padding and without its draw.
     """
     opt = optax.sgd(0.1)
     plain = grads.batch_grad(case.loss_fn)
@@ -96,6 +104,16 @@ def programs(
         sampling_rate=q,
         physical_batch_size=physical,
     )
+    sizes = privacy.physical_batch_sizes(num_examples=data_size, sampling_rate=q, count=NUM_SIZES)
+    bucketed = privacy.sampled_dp_grad(
+        case.loss_fn,
+        l2_clip=l2_clip,
+        noise_multiplier=noise_multiplier,
+        sampling_rate=q,
+        physical_batch_size=sizes,
+    )
+    # The DP step on a physical batch of P rows, the first B of them real: the padding alone.
+    padded = jnp.arange(physical) < batch_size
 
     def update(g, params, opt_state):
         updates, opt_state = opt.update(g, opt_state, params)
@@ -122,7 +140,11 @@ def programs(
         "noise, jax.random.normal": jax.jit(
             lambda p, s, b, k: _old_noise(p, k, stddev=l2_clip * noise_multiplier)
         ),
+        "DP step, P rows": jax.jit(lambda p, s, b, k: update(noisy(p, b, padded, k), p, s)),
         "sampled DP step": jax.jit(lambda p, s, data, k: update(sampled(p, data, k), p, s)),
+        "sampled DP step, K sizes": jax.jit(
+            lambda p, s, data, k: update(bucketed(p, data, k), p, s)
+        ),
     }
 
 
@@ -186,9 +208,22 @@ def measure_case(
     fns["fit(privacy) step"] = fit_steps(case, batch_size, data, opt=opt)
     opt_state = opt.init(params)
 
+    q = batch_size / data_size
+    physical = privacy.default_physical_batch_size(num_examples=data_size, sampling_rate=q)
+    sizes = privacy.physical_batch_sizes(num_examples=data_size, sampling_rate=q, count=NUM_SIZES)
+    example = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
+    if jax.default_backend() == "cpu" and _loops.has_convolution(case.loss_fn, params, example):
+        # XLA:CPU runs a convolution in a lax.switch branch ~10x slower (as in a loop body).
+        del fns["sampled DP step, K sizes"]
+    rows = {
+        "sampled DP step": data,
+        "sampled DP step, K sizes": data,
+        "DP step, P rows": case.make_batch(physical),
+    }
+
     def args(name, r):  # a new key every round: a new Poisson draw, as in training
         key = jax.random.fold_in(jax.random.key(suite.DP_KEY), r)
-        return (params, opt_state, data if name == "sampled DP step" else batch, key)
+        return (params, opt_state, rows.get(name, batch), key)
 
     compile_s = {}
     for name, f in fns.items():
@@ -205,8 +240,9 @@ def measure_case(
     med = {name: statistics.median(t) for name, t in times.items()}
     med["fit(privacy) step"] /= FIT_STEPS
     plain = med["non-private step"]
-    q = batch_size / data_size
-    physical = privacy.default_physical_batch_size(num_examples=data_size, sampling_rate=q)
+    ceiling = med["non-private step + noise"]
+    expected = functools.partial(privacy.expected_rows, num_examples=data_size, sampling_rate=q)
+    bucketed = med.get("sampled DP step, K sizes")
     record = {
         "model": case.name,
         "case": case_name,
@@ -224,7 +260,15 @@ def measure_case(
         "clipped_over_nonprivate_time": med["clipped sum"] / plain,
         "physical_batch_size": physical,
         "padding": physical / (q * data_size),
-        "sampled_over_ceiling": (med["non-private step + noise"]) / med["sampled DP step"],
+        "expected_padding": expected(physical_batch_size=physical),
+        "physical_batch_sizes": list(sizes),
+        "expected_padding_sizes": expected(physical_batch_size=sizes),
+        "sampled_over_ceiling": ceiling / med["sampled DP step"],
+        # sampled / ceiling = (DP step / ceiling) · (padded DP / DP) · (sampled / padded DP)
+        "dp_over_ceiling": ceiling / med["DP step"],
+        "padded_over_dp_time": med["DP step, P rows"] / med["DP step"],
+        "sampled_over_padded_time": med["sampled DP step"] / med["DP step, P rows"],
+        "sizes_over_ceiling": None if bucketed is None else ceiling / bucketed,
         "fit_over_sampled_time": med["fit(privacy) step"] / med["sampled DP step"],
     }
     record["meets_target"] = record["dp_over_nonprivate_throughput"] >= TARGET
@@ -246,9 +290,24 @@ def format_record(r: dict) -> str:
         f"  noise ceiling {r['noise_ceiling_throughput']:.2f}"
         f"  |  sampled DP step {m['sampled DP step'] * 1e3:8.2f} ms, /non-private throughput "
         f"{r['sampled_over_nonprivate_throughput']:.2f} (P = {r['physical_batch_size']}, "
-        f"padding x{r['padding']:.2f}; of the noise ceiling {r['sampled_over_ceiling']:.2f})"
+        f"padding x{r['padding']:.2f}, expected x{r['expected_padding']:.3f}; of the noise "
+        f"ceiling {r['sampled_over_ceiling']:.2f} = DP step {r['dp_over_ceiling']:.2f}"
+        f" / padding x{r['padded_over_dp_time']:.2f} (DP step, P rows "
+        f"{m['DP step, P rows'] * 1e3:.2f} ms) / draw x{r['sampled_over_padded_time']:.2f})"
+        f"  |  {_sizes(r)}"
         f"  |  fit(privacy) step {m['fit(privacy) step'] * 1e3:8.2f} ms, over the sampled step "
         f"x{r['fit_over_sampled_time']:.2f}"
+    )
+
+
+def _sizes(r: dict) -> str:
+    sizes = f"{len(r['physical_batch_sizes'])} sizes {tuple(r['physical_batch_sizes'])}"
+    padding = f"expected padding x{r['expected_padding_sizes']:.3f}"
+    if r["sizes_over_ceiling"] is None:
+        return f"{sizes}: {padding}, not run (a convolution in a lax.switch branch on the CPU)"
+    return (
+        f"sampled DP step, {sizes} {r['median_s']['sampled DP step, K sizes'] * 1e3:8.2f} ms "
+        f"({padding}; of the noise ceiling {r['sizes_over_ceiling']:.2f})"
     )
 
 
@@ -262,7 +321,12 @@ NOTE = (
     "reaches. Target: DP / non-private throughput >= 0.8. Sampled DP step = what "
     "fit(privacy=...) runs: Poisson-sample q = B/N of N examples (N = 60000), the default "
     "physical batch P (padding = P / qN), clip, noise, update; of the noise ceiling = "
-    "(non-private step + noise) / sampled step (target >= 0.95). fit(privacy) step = "
+    "(non-private step + noise) / sampled step (target >= 0.95), split into the DP step's own "
+    "share, the padding's (DP step on P rows, B real, over the DP step) and the draw's "
+    "(sampled step over the DP step on P rows); expected = E[rows run] / qN, counting the rare "
+    f"second batch. {NUM_SIZES} sizes = sampled_dp_grad with privacy.physical_batch_sizes("
+    f"count={NUM_SIZES}): the first batch is the smallest size holding the draw (lax.switch; "
+    "opt-in, not fit's default; skipped for convolutions on a CPU). fit(privacy) step = "
     f"fit's own engine, {FIT_STEPS} steps per call, per step (target <= 1.1x the sampled step)."
 )
 
