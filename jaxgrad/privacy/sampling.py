@@ -271,8 +271,8 @@ def physical_batch_sizes(*, num_examples: int, sampling_rate: float, count: int)
     one that holds its draw (a ``lax.switch`` over ``count`` compiled clipped sums), so the
     padding falls from ~``2σ`` rows (one size, :func:`default_physical_batch_size`) to about
     ``4σ / count``; each size is compiled once. The sizes minimise :func:`expected_rows`
-    exactly over a grid of the integers in ``[qN − 4σ, qN + 4σ]`` (dynamic programming; the
-    largest size at least ``qN``, as for one size); ``count=1``
+    exactly over a grid of the integers in ``[qN − 4σ, P]`` (dynamic programming), the largest
+    being the one default size ``P``, so the memory bound is unchanged; ``count=1``
     is ``(default_physical_batch_size(...),)``.
 
     Example::
@@ -290,9 +290,9 @@ def physical_batch_sizes(*, num_examples: int, sampling_rate: float, count: int)
     mean, std, cdf = _normal_draw(n, q)
     if count == 1 or std == 0:
         return (single,)
-    low, high = max(1, math.floor(mean - 4 * std)), min(n, math.ceil(mean + 4 * std))
-    step = max(1, -(-(high - low) // 400))  # at most ~400 grid points: K · 400² work
-    grid = np.unique(np.append(np.arange(low, high + 1, step), [high, single])).astype(np.float64)
+    low = max(1, math.floor(mean - 4 * std))
+    step = max(1, -(-(single - low) // 400))  # at most ~400 grid points: K · 400² work
+    grid = np.unique(np.append(np.arange(low, single + 1, step), single)).astype(np.float64)
     below = cdf(grid)
     # best[i]: least Σ P_j Pr(P_{j-1} < b ≤ P_j) over size sets ending at grid[i] (with j sizes)
     best, back = grid * below, []
@@ -302,9 +302,9 @@ def physical_batch_sizes(*, num_examples: int, sampling_rate: float, count: int)
         total = np.where(np.triu(np.ones_like(step_cost), 1) > 0, best[:, None] + step_cost, np.inf)
         back.append(np.argmin(total, axis=0))
         best = np.min(total, axis=0)
-    # The largest size is at least qN (as the one default size): draws past it loop.
-    tail = np.array(
-        [_rows(np.array([g]), mean, std, cdf) - g * cdf(g) if g >= mean else np.inf for g in grid]
+    # The largest size is the one default size P: the memory bound and P stay as they were.
+    tail = np.where(
+        grid == single, _rows(np.array([single]), mean, std, cdf) - single * below, np.inf
     )
     i = int(np.argmin(best + tail))
     chosen = [i]
