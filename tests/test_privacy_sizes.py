@@ -1,7 +1,6 @@
 """Several physical batch sizes for the sampled DP step: the expected padding, the chosen
 sizes, and the step's result (the same sum as with one size)."""
 
-import dataclasses
 import math
 
 import jax
@@ -90,36 +89,3 @@ def test_bad_physical_sizes_are_refused(bad):
             sampling_rate=0.1,
             physical_batch_size=bad,
         )
-
-
-def test_fit_runs_several_sizes_only_where_chosen_and_trains_as_one_size():
-    """fit(privacy) at qN = 128 on a dense model: four sizes up to P, the same parameters as
-    the run given P itself (one size; same draws and noise); P alone with a convolution on
-    the CPU, a smaller qN or a P given."""
-    from jaxgrad.train import PrivacyConfig, fit, private
-
-    model = jaxgrad.models.mlp([3, 4, 2], dtype=jnp.float64)
-    loss_fn = jaxgrad.losses.supervised(
-        model.apply, jaxgrad.losses.softmax_cross_entropy, num_classes=2
-    )
-    x = np.random.default_rng(1).standard_normal((256, 3))
-    data, params = (x, (x[:, 1] > 0).astype(np.int32)), model.init(jax.random.key(0))
-    config = PrivacyConfig(l2_clip=0.5, noise_multiplier=1.0)
-    plan = private.plan(config, num_examples=256, batch_size=128, epochs=1)
-    p = plan.physical_batch_size
-    sizes = private.physical_sizes(plan, switch=True)
-    assert len(sizes) == private.NUM_SIZES and sizes[-1] == p
-    assert private.physical_sizes(plan, switch=False) == p
-    small = private.plan(config, num_examples=256, batch_size=64, epochs=1)
-    assert private.physical_sizes(small, switch=True) == small.physical_batch_size
-    given = dataclasses.replace(config, physical_batch_size=p)
-    plan_given = private.plan(given, num_examples=256, batch_size=128, epochs=1)
-    assert private.physical_sizes(plan_given, switch=True) == p
-    run = dict(epochs=1, batch_size=128, key=jax.random.key(3), progress="none", quiet=True)
-    import optax
-
-    a = fit(loss_fn, params, data, optimizer=optax.sgd(0.1), privacy=config, **run)
-    b = fit(loss_fn, params, data, optimizer=optax.sgd(0.1), privacy=given, **run)
-    assert int(a.state.step) == int(b.state.step) == 2
-    for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
-        np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-14)

@@ -22,19 +22,17 @@ For every model and batch size ``B``, six jitted programs are timed in interleav
   size), the first ``B`` real: the padding of one physical size, without the draw;
 * ``sampled DP step``: what ``fit(privacy=...)`` runs — :func:`jaxgrad.privacy.sampled_dp_grad`
   drawing ``q = B / N`` of ``N = 60000`` examples (a new key, so a new draw, every round) with
-  ``fit``'s default physical batch sizes (:func:`jaxgrad.train.private.physical_sizes`: for
-  a model without convolutions, or off the CPU, and ``qN ≥ 128``, four sizes up to ``P``,
-  the first batch the smallest holding the draw; else ``P``), + the update;
-* ``sampled DP step, one size``: the same with ``P`` alone (only where ``fit`` runs several);
+  the default physical batch size ``P``, + the update;
 * ``fit(privacy) step``: ``fit(privacy=...)``'s own steps — the engine ``fit`` runs
   (:func:`jaxgrad.train.private.engine`: the guarded step, in ``fit``'s loop over steps,
-  ``scan="auto"``, the sizes as ``fit`` picks them), :data:`FIT_STEPS` steps per call, the
-  time per step. Over ``sampled DP step``, the loop tax of the training loop (target: at
-  most 1.1).
+  ``scan="auto"``), :data:`FIT_STEPS` steps per call, the time per step. Over ``sampled DP
+  step``, the loop tax of the training loop (target: at most 1.1).
 
-A step runs the smallest size holding its draw of ``b ~ Binomial(N, q)``, or ``P ⌈b / P⌉``
-rows past ``P``; the record's ``expected_padding`` is the expected rows over ``qN``
-(:func:`jaxgrad.privacy.expected_rows`), ``padding`` the one size's ``P / qN``.
+The sampled steps run ``P ⌈b / P⌉`` rows for a draw of ``b ~ Binomial(N, q)``; the record's
+``padding`` is ``P / qN`` (the rows of a one-batch step over the expected batch) and
+``expected_padding`` the expected rows over ``qN`` (:func:`jaxgrad.privacy.expected_rows`,
+counting the rare second batch). Their split: ``dp_over_ceiling`` (the clipped sum's own
+share), ``padded_over_dp_time`` (the padding's), ``sampled_over_padded_time`` (the draw's).
 
 The update is ``optax.sgd`` (the cheapest optax update: it dilutes the DP overhead least).
 """
@@ -54,7 +52,6 @@ import optax
 from jaxgrad import _loops, grads, privacy
 from jaxgrad.bench import suite
 from jaxgrad.privacy import threefry
-from jaxgrad.train import private
 
 DEFAULT_MODELS = ["mlp", "cnn", "cnn-ws", "transformer", "rnn"]
 DEFAULT_BATCH_SIZES = [256, 1024]
@@ -69,7 +66,6 @@ ROWS = (
     "non-private step + noise",
     "DP step, P rows",
     "sampled DP step",
-    "sampled DP step, one size",
     "fit(privacy) step",
 )
 FIT_STEPS = 2  # steps per call of "fit(privacy) step"
@@ -82,21 +78,15 @@ def programs(
     l2_clip: float = 1.0,
     noise_multiplier: float = 1.0,
     data_size: int = DATA_SIZE,
-    switch: bool = True,
 ):
     """The jitted programs of one (model, B), each ``f(params, opt_state, batch, key)``.
 
     ``"sampled DP step"`` takes the whole data set (``data_size`` examples) for ``batch``: it
     is :func:`jaxgrad.privacy.sampled_dp_grad` with ``q = B / data_size`` and the physical
-    batch sizes ``fit`` takes by default (:func:`jaxgrad.train.private.physical_sizes`;
-    ``switch``: whether the model may run a ``lax.switch``, as ``fit`` decides it), + the
-    update — the step ``fit(privacy=...)`` runs; ``"sampled DP step, one size"`` the same
-    with the one default size ``P`` (only where ``fit`` runs several); ``"DP step, P rows"``
-    takes a batch of ``P`` rows, the first ``B`` real: the DP step with one size's padding
-    and without the draw.
+    batch size ``fit`` takes by default, + the update — the step ``fit(privacy=...)`` runs.
+    ``"DP step, P rows"`` takes a batch of ``P`` rows, the first ``B`` real: the DP step with
+    the sampled step's padding and without its draw.
     """
-    from jaxgrad.train import PrivacyConfig
-
     opt = optax.sgd(0.1)
     plain = grads.batch_grad(case.loss_fn)
     noisy = privacy.dp_grad(
@@ -107,20 +97,14 @@ def programs(
     )
     clipped = privacy.ClippedSum(case.loss_fn, l2_clip=l2_clip)  # the DP step's
     q = batch_size / data_size
-    config = PrivacyConfig(l2_clip=l2_clip, noise_multiplier=noise_multiplier)
-    the_plan = private.plan(config, num_examples=data_size, batch_size=batch_size, epochs=1)
-    physical, sizes = the_plan.physical_batch_size, private.physical_sizes(the_plan, switch=switch)
-
-    def sampled(physical_batch_size):
-        return privacy.sampled_dp_grad(
-            case.loss_fn,
-            l2_clip=l2_clip,
-            noise_multiplier=noise_multiplier,
-            sampling_rate=q,
-            physical_batch_size=physical_batch_size,
-        )
-
-    fit_s, one_s = sampled(sizes), sampled(physical)
+    physical = privacy.default_physical_batch_size(num_examples=data_size, sampling_rate=q)
+    sampled = privacy.sampled_dp_grad(
+        case.loss_fn,
+        l2_clip=l2_clip,
+        noise_multiplier=noise_multiplier,
+        sampling_rate=q,
+        physical_batch_size=physical,
+    )
     # The DP step on a physical batch of P rows, the first B of them real: the padding alone.
     padded = jnp.arange(physical) < batch_size
 
@@ -150,29 +134,13 @@ def programs(
             lambda p, s, b, k: _old_noise(p, k, stddev=l2_clip * noise_multiplier)
         ),
         "DP step, P rows": jax.jit(lambda p, s, b, k: update(noisy(p, b, padded, k), p, s)),
-        "sampled DP step": jax.jit(lambda p, s, data, k: update(fit_s(p, data, k), p, s)),
-        **(
-            {}
-            if sizes == physical
-            else {
-                "sampled DP step, one size": jax.jit(
-                    lambda p, s, data, k: update(one_s(p, data, k), p, s)
-                )
-            }
-        ),
+        "sampled DP step": jax.jit(lambda p, s, data, k: update(sampled(p, data, k), p, s)),
     }
-
-
-def switch_ok(case, params, example) -> bool:
-    """Whether ``fit`` lets this model's DP step run a ``lax.switch`` over physical sizes
-    (the same query as ``fit``: ``_loops.scan_steps("auto", ...)``)."""
-    return _loops.scan_steps("auto", case.loss_fn, params, example)
 
 
 def fit_steps(case, batch_size: int, data, *, l2_clip=1.0, noise_multiplier=1.0, opt=None):
     """``f(params, opt_state, data, key)``: :data:`FIT_STEPS` steps of ``fit(privacy=...)``'s
     own engine on ``data`` (the chunk ``fit`` runs between reports), returning the state."""
-    from jaxgrad import _loops
     from jaxgrad.train import PrivacyConfig, private
     from jaxgrad.train.step import TrainState
 
@@ -193,7 +161,6 @@ def fit_steps(case, batch_size: int, data, *, l2_clip=1.0, noise_multiplier=1.0,
         mesh=None,
         check=None,
         loss_key=None,
-        switch=switch_ok(case, params0, example),  # as fit decides it
     )
     active = [True] * FIT_STEPS
 
@@ -226,23 +193,13 @@ def measure_case(
     params = case.model.init(jax.random.key(0))
     batch = case.make_batch(batch_size)
     data = case.make_batch(data_size)
-    example = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
-    switch = switch_ok(case, params, example)
-    opt, fns = programs(case, batch_size, data_size=data_size, switch=switch)
+    opt, fns = programs(case, batch_size, data_size=data_size)
     fns["fit(privacy) step"] = fit_steps(case, batch_size, data, opt=opt)
     opt_state = opt.init(params)
     q = batch_size / data_size
     physical = privacy.default_physical_batch_size(num_examples=data_size, sampling_rate=q)
-    sizes = (
-        privacy.physical_batch_sizes(
-            num_examples=data_size, sampling_rate=q, count=private.NUM_SIZES
-        )
-        if "sampled DP step, one size" in fns
-        else (physical,)
-    )
     rows = {
         "sampled DP step": data,
-        "sampled DP step, one size": data,
         "DP step, P rows": case.make_batch(physical),
     }
 
@@ -267,7 +224,6 @@ def measure_case(
     plain = med["non-private step"]
     ceiling = med["non-private step + noise"]
     expected = functools.partial(privacy.expected_rows, num_examples=data_size, sampling_rate=q)
-    one_size = med.get("sampled DP step, one size")
     record = {
         "model": case.name,
         "case": case_name,
@@ -285,13 +241,12 @@ def measure_case(
         "clipped_over_nonprivate_time": med["clipped sum"] / plain,
         "physical_batch_size": physical,
         "padding": physical / (q * data_size),
-        "physical_batch_sizes": list(sizes),  # what fit runs: P, or sizes up to P
-        "expected_padding": expected(physical_batch_size=sizes),
-        "expected_padding_one_size": expected(physical_batch_size=physical),
+        "expected_padding": expected(physical_batch_size=physical),
         "sampled_over_ceiling": ceiling / med["sampled DP step"],
         "dp_over_ceiling": ceiling / med["DP step"],
+        # sampled / ceiling = (DP step / ceiling) / (padded DP / DP) / (sampled / padded DP)
         "padded_over_dp_time": med["DP step, P rows"] / med["DP step"],
-        "one_size_over_ceiling": None if one_size is None else ceiling / one_size,
+        "sampled_over_padded_time": med["sampled DP step"] / med["DP step, P rows"],
         "fit_over_sampled_time": med["fit(privacy) step"] / med["sampled DP step"],
     }
     record["meets_target"] = record["dp_over_nonprivate_throughput"] >= TARGET
@@ -312,28 +267,13 @@ def format_record(r: dict) -> str:
         f"  noise/non-private time {r['noise_over_nonprivate_time']:.2f}"
         f"  noise ceiling {r['noise_ceiling_throughput']:.2f}"
         f"  |  sampled DP step {m['sampled DP step'] * 1e3:8.2f} ms, /non-private throughput "
-        f"{r['sampled_over_nonprivate_throughput']:.2f} (sizes {tuple(r['physical_batch_sizes'])},"
-        f" expected padding x{r['expected_padding']:.3f}; of the noise ceiling "
-        f"{r['sampled_over_ceiling']:.2f}; the DP step's {r['dp_over_ceiling']:.2f})"
-        f"  |  {_one_size(r)}"
+        f"{r['sampled_over_nonprivate_throughput']:.2f} (P = {r['physical_batch_size']}, "
+        f"padding x{r['padding']:.2f}, expected x{r['expected_padding']:.3f}; of the noise "
+        f"ceiling {r['sampled_over_ceiling']:.2f} = DP step {r['dp_over_ceiling']:.2f}"
+        f" / padding x{r['padded_over_dp_time']:.2f} (DP step on P rows "
+        f"{m['DP step, P rows'] * 1e3:.2f} ms) / draw x{r['sampled_over_padded_time']:.2f})"
         f"  |  fit(privacy) step {m['fit(privacy) step'] * 1e3:8.2f} ms, over the sampled step "
         f"x{r['fit_over_sampled_time']:.2f}"
-    )
-
-
-def _one_size(r: dict) -> str:
-    m = r["median_s"]
-    p = r["physical_batch_size"]
-    padded = (
-        f"DP step on P = {p} rows {m['DP step, P rows'] * 1e3:8.2f} ms "
-        f"(x{r['padded_over_dp_time']:.2f} the DP step)"
-    )
-    if r["one_size_over_ceiling"] is None:
-        return padded
-    return (
-        f"{padded}; sampled DP step, one size P {m['sampled DP step, one size'] * 1e3:8.2f} ms "
-        f"(expected padding x{r['expected_padding_one_size']:.3f}; of the noise ceiling "
-        f"{r['one_size_over_ceiling']:.2f})"
     )
 
 
@@ -347,14 +287,10 @@ NOTE = (
     "reaches. Target: DP / non-private throughput >= 0.8. Sampled DP step = what "
     "fit(privacy=...) runs: Poisson-sample q = B/N of N examples (N = 60000), the default "
     "physical batch P (padding = P / qN), clip, noise, update; of the noise ceiling = "
-    "(non-private step + noise) / sampled step (target >= 0.95); the DP step's = (non-private "
-    "step + noise) / DP step, the part of the gap that is the clipped sum itself. Sizes: "
-    "fit's physical batch sizes (train.private.physical_sizes): for a model without "
-    "convolutions (or not on a CPU) and qN >= 128, 4 sizes up to P "
-    "(privacy.physical_batch_sizes), the first batch the smallest holding the draw "
-    "(lax.switch); else P alone. Expected padding = E[rows run] / qN (privacy.expected_rows, "
-    "counting the rare second batch). DP step on P rows = the DP step on one size's padded "
-    "batch (B real rows of P), no draw. fit(privacy) step = "
+    "(non-private step + noise) / sampled step (target >= 0.95), split into the DP step's own "
+    "share (the clipped sum), the padding's (DP step on P rows, B real, over the DP step) and "
+    "the draw's (sampled step over the DP step on P rows); expected = E[rows run] / qN "
+    "(privacy.expected_rows, counting the rare second batch). fit(privacy) step = "
     f"fit's own engine, {FIT_STEPS} steps per call, per step (target <= 1.1x the sampled step)."
 )
 

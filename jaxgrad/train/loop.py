@@ -515,9 +515,7 @@ def fit(
             **common, strategy=strategy, loss_key=loss_key, valuation=valuation, scores=scores
         )
     else:
-        # Several physical sizes (a lax.switch) where no convolution meets XLA:CPU's branches.
-        switch = mesh is None and _loops.scan_steps("auto", traced, shapes, example)
-        engine = private.engine(**common, the_plan=the_plan, loss_key=loss_key, switch=switch)
+        engine = private.engine(**common, the_plan=the_plan, loss_key=loss_key)
     config = {
         "num_examples": n,
         "batch_size": batch_size,

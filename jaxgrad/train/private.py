@@ -154,10 +154,6 @@ class PrivacyConfig:
 
 
 NOISES = ("gaussian", "bandmf")
-#: Physical batch sizes a Poisson step may choose from (:func:`physical_sizes`), and the
-#: expected batch from which it does: below it the rows saved are too few to pay for the
-#: extra compilations of the clipped sum.
-NUM_SIZES, SIZES_MIN_BATCH = 4, 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -578,25 +574,6 @@ def _check_adaptive(config, sigma, expected_batch_size):
     a.resolve(noise_multiplier=sigma, expected_batch_size=expected_batch_size)
 
 
-def physical_sizes(the_plan: PrivacyPlan, *, switch: bool):
-    """The physical batch sizes the steps run: ``P``, or with ``switch`` (no convolution in
-    the loss, or not a CPU: XLA:CPU runs a convolution in a ``lax.switch`` branch ~10× slower)
-    for a Poisson draw of expected size ``qN ≥`` :data:`SIZES_MIN_BATCH` whose ``P`` is the
-    default, :data:`NUM_SIZES` sizes up to ``P``
-    (:func:`jaxgrad.privacy.physical_batch_sizes`): the first physical batch is the smallest
-    that holds the draw, so the steps run ~1.05× the expected rows instead of ~1.15× at
-    ``qN = 256`` (:func:`jaxgrad.privacy.expected_rows`); the same sum, the same ``P``."""
-    p, n = the_plan.physical_batch_size, the_plan.num_examples
-    default = the_plan.config.physical_batch_size is None
-    if not (switch and default and the_plan.source.name == "poisson"):
-        return p
-    if the_plan.sampling_rate * n < SIZES_MIN_BATCH:
-        return p
-    return sampling.physical_batch_sizes(
-        num_examples=n, sampling_rate=the_plan.sampling_rate, count=NUM_SIZES
-    )
-
-
 def engine(
     loss_fn,
     train_data,
@@ -609,7 +586,6 @@ def engine(
     mesh,
     check,
     loss_key,
-    switch: bool = False,
 ) -> Engine:
     """The DP-SGD steps of :func:`jaxgrad.train.fit` (``privacy=...``), as parts.
 
@@ -618,9 +594,7 @@ def engine(
     batches' clipped sums are added (:class:`jaxgrad.privacy.ClippedSum`, sensitivity ``C``);
     the privatizer adds ``N(0, σ²C² I)`` from ``noise_key`` once and divides by ``qN``; then
     the optimizer. On one device the draw and its physical batches run in a
-    ``lax.while_loop`` (:func:`jaxgrad.privacy.noisy.sampled_clipped_sum`), the first of them
-    of the sizes :func:`physical_sizes` gives (``switch``: whether a ``lax.switch`` over
-    sizes may run); on a mesh the draw
+    ``lax.while_loop`` (:func:`jaxgrad.privacy.noisy.sampled_clipped_sum`); on a mesh the draw
     is computed the same in every process, and its physical batches are gathered on the host
     (each process its own devices' rows) and sharded over the ``"data"`` axis, their clipped
     sums added over devices, and the noise drawn once in the replicated sum. With
@@ -629,7 +603,7 @@ def engine(
     """
     c = the_plan.config
     n = reduce.batch_size(train_data, name="train_data")
-    source = the_plan.source
+    source, p = the_plan.source, the_plan.physical_batch_size
     steps_per_epoch = -(-n // batch_size)
     last_step = the_plan.stop_step
     if c.adaptive_clip is None:
@@ -689,8 +663,7 @@ def engine(
         )
 
     if mesh is None:
-        sizes = physical_sizes(the_plan, switch=switch)
-        draw_and_clip = noisy.sampled_clipped_sum(clipped, source=source, physical_batch_size=sizes)
+        draw_and_clip = noisy.sampled_clipped_sum(clipped, source=source, physical_batch_size=p)
 
         def step(state, data, key):
             sample_key, _ = keys.dp_keys(key, state.step)
