@@ -65,18 +65,19 @@ def test_sampled_dp_grad_with_sizes_is_the_one_size_step():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((60, 3))
     data, params = (x, (x[:, 0] > 0).astype(np.int32)), model.init(jax.random.key(0))
-    kw = dict(l2_clip=0.5, noise_multiplier=0.7, sampling_rate=0.2, return_info=True)
-    one = privacy.sampled_dp_grad(loss_fn, physical_batch_size=8, **kw)
-    several = privacy.sampled_dp_grad(loss_fn, physical_batch_size=(3, 5, 8), **kw)
-    counts = set()
-    for r in range(6):  # draws of ~12 (3 sizes, then batches of 8 past the largest)
+    kw = dict(l2_clip=0.5, noise_multiplier=0.7, sampling_rate=0.15, return_info=True)
+    one = privacy.sampled_dp_grad(loss_fn, physical_batch_size=7, **kw)
+    several = privacy.sampled_dp_grad(loss_fn, physical_batch_size=(5, 7), **kw)
+    counts, drawn = set(), set()
+    for r in range(12):  # draws of ~9: either size, or batches of 7 past the largest
         key = jax.random.key(r)
         (g1, i1), (g2, i2) = one(params, data, key), several(params, data, key)
         assert tuple(map(int, i1)) == tuple(map(int, i2))
         counts.add(int(i1.num_physical_batches))
+        drawn.add(int(i1.num_examples))
         for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
-    assert max(counts) > 1
+    assert max(counts) > 1 and min(drawn) <= 5, (counts, drawn)  # both branches, the loop
 
 
 @pytest.mark.parametrize("bad", [(5, 5), (8, 4), (), (0, 3)])
