@@ -151,11 +151,13 @@ def _stack(*parts):
     return jnp.concatenate(parts).reshape(len(parts), *parts[0].shape)
 
 
-def peeled_sum(one, num_steps):
+def peeled_sum(one, num_steps, *, first=None):
     """``Σ_{k < K} one(k)`` for a traced trip count ``K >= 1``, leaf by leaf.
 
     Step 0 runs outside a ``lax.while_loop`` over the rest (see the module's docstring); a
     ``K`` of 0 still runs step 0, which the caller makes a zero (e.g. fully masked).
+    ``first()``, if given, is step 0 in place of ``one(0)`` (same structure: e.g. a
+    ``lax.switch`` over sizes of the first physical batch).
     """
 
     def body(carry):
@@ -163,7 +165,9 @@ def peeled_sum(one, num_steps):
         return k + 1, jax.tree_util.tree_map(jnp.add, acc, one(k))
 
     _, total = jax.lax.while_loop(
-        lambda c: c[0] < num_steps, body, (jnp.int32(1), one(jnp.int32(0)))
+        lambda c: c[0] < num_steps,
+        body,
+        (jnp.int32(1), one(jnp.int32(0)) if first is None else first()),
     )
     return total
 

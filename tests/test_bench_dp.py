@@ -111,6 +111,11 @@ def test_main_dp_prints_ratios_and_writes_json(tmp_path, capsys):
             m["fit(privacy) step"] / m["sampled DP step"]
         )
         assert r["padding"] == pytest.approx(r["physical_batch_size"] / 8)
+        assert r["expected_padding"] >= r["padding"]
+        assert r["padded_over_dp_time"] == pytest.approx(m["DP step, P rows"] / m["DP step"])
+        assert r["sampled_over_ceiling"] == pytest.approx(
+            r["dp_over_ceiling"] / r["padded_over_dp_time"] / r["sampled_over_padded_time"]
+        )
 
 
 def test_fit_steps_are_fit_privacy_steps():

@@ -18,22 +18,28 @@ For every model and batch size ``B``, six jitted programs are timed in interleav
 * ``non-private step + noise``: the non-private step with the DP step's draw added to its
   gradient (std ``σC / B``, fused as in the DP step) — an unclipped "DP step": its throughput
   ratio is the most any DP step with this noise can reach on this machine (the noise ceiling);
+* ``DP step, P rows``: the DP step on a batch of ``P`` rows (the default physical batch
+  size), the first ``B`` real: the padding of one physical size, without the draw;
 * ``sampled DP step``: what ``fit(privacy=...)`` runs — :func:`jaxgrad.privacy.sampled_dp_grad`
   drawing ``q = B / N`` of ``N = 60000`` examples (a new key, so a new draw, every round) with
-  the default physical batch size, + the update;
+  the default physical batch size ``P``, + the update;
 * ``fit(privacy) step``: ``fit(privacy=...)``'s own steps — the engine ``fit`` runs
   (:func:`jaxgrad.train.private.engine`: the guarded step, in ``fit``'s loop over steps,
   ``scan="auto"``), :data:`FIT_STEPS` steps per call, the time per step. Over ``sampled DP
   step``, the loop tax of the training loop (target: at most 1.1).
 
 The sampled steps run ``P ⌈b / P⌉`` rows for a draw of ``b ~ Binomial(N, q)``; the record's
-``padding`` is ``P / qN``, the rows of a one-batch step over the expected batch.
+``padding`` is ``P / qN`` (the rows of a one-batch step over the expected batch) and
+``expected_padding`` the expected rows over ``qN`` (:func:`jaxgrad.privacy.expected_rows`,
+counting the rare second batch). Their split: ``dp_over_ceiling`` (the clipped sum's own
+share), ``padded_over_dp_time`` (the padding's), ``sampled_over_padded_time`` (the draw's).
 
 The update is ``optax.sgd`` (the cheapest optax update: it dilutes the DP overhead least).
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
 import time
@@ -43,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxgrad import grads, privacy
+from jaxgrad import _loops, grads, privacy
 from jaxgrad.bench import suite
 from jaxgrad.privacy import threefry
 
@@ -58,10 +64,11 @@ ROWS = (
     "noise",
     "noise, jax.random.normal",
     "non-private step + noise",
+    "DP step, P rows",
     "sampled DP step",
     "fit(privacy) step",
 )
-FIT_STEPS = 4  # steps per call of "fit(privacy) step"
+FIT_STEPS = 2  # steps per call of "fit(privacy) step"
 
 
 def programs(
@@ -77,6 +84,8 @@ def programs(
     ``"sampled DP step"`` takes the whole data set (``data_size`` examples) for ``batch``: it
     is :func:`jaxgrad.privacy.sampled_dp_grad` with ``q = B / data_size`` and the physical
     batch size ``fit`` takes by default, + the update — the step ``fit(privacy=...)`` runs.
+    ``"DP step, P rows"`` takes a batch of ``P`` rows, the first ``B`` real: the DP step with
+    the sampled step's padding and without its draw.
     """
     opt = optax.sgd(0.1)
     plain = grads.batch_grad(case.loss_fn)
@@ -96,6 +105,8 @@ def programs(
         sampling_rate=q,
         physical_batch_size=physical,
     )
+    # The DP step on a physical batch of P rows, the first B of them real: the padding alone.
+    padded = jnp.arange(physical) < batch_size
 
     def update(g, params, opt_state):
         updates, opt_state = opt.update(g, opt_state, params)
@@ -122,6 +133,7 @@ def programs(
         "noise, jax.random.normal": jax.jit(
             lambda p, s, b, k: _old_noise(p, k, stddev=l2_clip * noise_multiplier)
         ),
+        "DP step, P rows": jax.jit(lambda p, s, b, k: update(noisy(p, b, padded, k), p, s)),
         "sampled DP step": jax.jit(lambda p, s, data, k: update(sampled(p, data, k), p, s)),
     }
 
@@ -129,7 +141,6 @@ def programs(
 def fit_steps(case, batch_size: int, data, *, l2_clip=1.0, noise_multiplier=1.0, opt=None):
     """``f(params, opt_state, data, key)``: :data:`FIT_STEPS` steps of ``fit(privacy=...)``'s
     own engine on ``data`` (the chunk ``fit`` runs between reports), returning the state."""
-    from jaxgrad import _loops
     from jaxgrad.train import PrivacyConfig, private
     from jaxgrad.train.step import TrainState
 
@@ -185,10 +196,16 @@ def measure_case(
     opt, fns = programs(case, batch_size, data_size=data_size)
     fns["fit(privacy) step"] = fit_steps(case, batch_size, data, opt=opt)
     opt_state = opt.init(params)
+    q = batch_size / data_size
+    physical = privacy.default_physical_batch_size(num_examples=data_size, sampling_rate=q)
+    rows = {
+        "sampled DP step": data,
+        "DP step, P rows": case.make_batch(physical),
+    }
 
     def args(name, r):  # a new key every round: a new Poisson draw, as in training
         key = jax.random.fold_in(jax.random.key(suite.DP_KEY), r)
-        return (params, opt_state, data if name == "sampled DP step" else batch, key)
+        return (params, opt_state, rows.get(name, batch), key)
 
     compile_s = {}
     for name, f in fns.items():
@@ -205,8 +222,8 @@ def measure_case(
     med = {name: statistics.median(t) for name, t in times.items()}
     med["fit(privacy) step"] /= FIT_STEPS
     plain = med["non-private step"]
-    q = batch_size / data_size
-    physical = privacy.default_physical_batch_size(num_examples=data_size, sampling_rate=q)
+    ceiling = med["non-private step + noise"]
+    expected = functools.partial(privacy.expected_rows, num_examples=data_size, sampling_rate=q)
     record = {
         "model": case.name,
         "case": case_name,
@@ -224,7 +241,12 @@ def measure_case(
         "clipped_over_nonprivate_time": med["clipped sum"] / plain,
         "physical_batch_size": physical,
         "padding": physical / (q * data_size),
-        "sampled_over_ceiling": (med["non-private step + noise"]) / med["sampled DP step"],
+        "expected_padding": expected(physical_batch_size=physical),
+        "sampled_over_ceiling": ceiling / med["sampled DP step"],
+        "dp_over_ceiling": ceiling / med["DP step"],
+        # sampled / ceiling = (DP step / ceiling) / (padded DP / DP) / (sampled / padded DP)
+        "padded_over_dp_time": med["DP step, P rows"] / med["DP step"],
+        "sampled_over_padded_time": med["sampled DP step"] / med["DP step, P rows"],
         "fit_over_sampled_time": med["fit(privacy) step"] / med["sampled DP step"],
     }
     record["meets_target"] = record["dp_over_nonprivate_throughput"] >= TARGET
@@ -246,7 +268,10 @@ def format_record(r: dict) -> str:
         f"  noise ceiling {r['noise_ceiling_throughput']:.2f}"
         f"  |  sampled DP step {m['sampled DP step'] * 1e3:8.2f} ms, /non-private throughput "
         f"{r['sampled_over_nonprivate_throughput']:.2f} (P = {r['physical_batch_size']}, "
-        f"padding x{r['padding']:.2f}; of the noise ceiling {r['sampled_over_ceiling']:.2f})"
+        f"padding x{r['padding']:.2f}, expected x{r['expected_padding']:.3f}; of the noise "
+        f"ceiling {r['sampled_over_ceiling']:.2f} = DP step {r['dp_over_ceiling']:.2f}"
+        f" / padding x{r['padded_over_dp_time']:.2f} (DP step on P rows "
+        f"{m['DP step, P rows'] * 1e3:.2f} ms) / draw x{r['sampled_over_padded_time']:.2f})"
         f"  |  fit(privacy) step {m['fit(privacy) step'] * 1e3:8.2f} ms, over the sampled step "
         f"x{r['fit_over_sampled_time']:.2f}"
     )
@@ -262,7 +287,10 @@ NOTE = (
     "reaches. Target: DP / non-private throughput >= 0.8. Sampled DP step = what "
     "fit(privacy=...) runs: Poisson-sample q = B/N of N examples (N = 60000), the default "
     "physical batch P (padding = P / qN), clip, noise, update; of the noise ceiling = "
-    "(non-private step + noise) / sampled step (target >= 0.95). fit(privacy) step = "
+    "(non-private step + noise) / sampled step (target >= 0.95), split into the DP step's own "
+    "share (the clipped sum), the padding's (DP step on P rows, B real, over the DP step) and "
+    "the draw's (sampled step over the DP step on P rows); expected = E[rows run] / qN "
+    "(privacy.expected_rows, counting the rare second batch). fit(privacy) step = "
     f"fit's own engine, {FIT_STEPS} steps per call, per step (target <= 1.1x the sampled step)."
 )
 

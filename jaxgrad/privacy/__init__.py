@@ -59,9 +59,11 @@ from jaxgrad.privacy.noisy import (
 from jaxgrad.privacy.sampling import (
     PoissonSample,
     default_physical_batch_size,
+    expected_rows,
     inclusion_mask,
     num_physical_batches,
     physical_batch,
+    physical_batch_sizes,
     poisson_sample,
 )
 from jaxgrad.privacy.sources import (
@@ -103,12 +105,14 @@ __all__ = [
     "dp_grad",
     "effective_accountant",
     "epsilon",
+    "expected_rows",
     "gaussian_privatizer",
     "group_units",
     "inclusion_mask",
     "noised_average",
     "num_physical_batches",
     "physical_batch",
+    "physical_batch_sizes",
     "poisson_sample",
     "quantile_privatizer",
     "sampled_dp_grad",

@@ -469,9 +469,13 @@ def sampled_clipped_sum(clipped, *, physical_batch_size, sampling_rate=None, sou
     The batch source (``source``, :mod:`jaxgrad.privacy.sources`; or Poisson sampling at
     ``sampling_rate``) and the clipped sum of a DP step, composed: a ``lax.while_loop`` over
     the ``⌈b / P⌉`` physical batches (fixed shapes, no recompilation, no drawn example
-    dropped however large the draw); the first runs outside the loop.
+    dropped however large the draw); the first runs outside the loop. With several sizes
+    ``P_1 < ... < P_K`` (:func:`jaxgrad.privacy.physical_batch_sizes`) ``P = P_K``, and the
+    first batch is the smallest ``P_j ≥ min(b, P_K)`` rows of the draw (a ``lax.switch``
+    over ``K`` compiled clipped sums: less padding, the same sum).
     """
-    p = physical_batch_size
+    sizes = sampling.check_physical_sizes(physical_batch_size)
+    p = sizes[-1]
     if (source is None) == (sampling_rate is None):
         raise ValueError("give exactly one of `sampling_rate` (Poisson) and `source`")
     from jaxgrad.privacy import sources
@@ -486,14 +490,19 @@ def sampled_clipped_sum(clipped, *, physical_batch_size, sampling_rate=None, sou
         )
         steps = sampling.num_physical_batches(sample.count, p)
 
-        def one(k):
-            idx, mask = sampling.physical_batch(sample, k, physical_batch_size=p)
+        def batch(k, size):  # batch k of `size` rows (k = 0 only for a size below P)
+            idx, mask = sampling.physical_batch(sample, k, physical_batch_size=size)
             return clipped(params, jax.tree_util.tree_map(lambda a: a[idx], data), mask, *args)
 
+        first = None
+        if len(sizes) > 1:  # the smallest size holding the first min(b, P) rows
+            which = jnp.searchsorted(jnp.asarray(sizes), jnp.minimum(sample.count, p))
+            branches = [lambda s=s: batch(jnp.int32(0), s) for s in sizes]
+            first = lambda: jax.lax.switch(which, branches)
         # The first physical batch runs outside the loop (jaxgrad._loops.peeled_sum: XLA:CPU
         # compiles a loop body several times slower); it holds the whole draw on almost every
         # step (see default_physical_batch_size). A draw of 0 examples runs it fully masked.
-        total, count, bad = _loops.peeled_sum(one, steps)
+        total, count, bad = _loops.peeled_sum(lambda k: batch(k, p), steps, first=first)
         return total, count, bad, steps
 
     return f
@@ -536,7 +545,13 @@ def sampled_dp_grad(
         clip norms ``C_g > 0`` (noise std ``σ √(Σ_g C_g²)``, see :func:`dp_grad`).
       noise_multiplier: ``σ ≥ 0``.
       sampling_rate: ``q`` in (0, 1]; the expected batch size is ``qN``.
-      physical_batch_size: ``P``, examples per physical batch (memory bound, not privacy).
+      physical_batch_size: ``P``, examples per physical batch (memory bound, not privacy);
+        or strictly increasing sizes ``(P_1, ..., P_K)``
+        (:func:`jaxgrad.privacy.physical_batch_sizes`): the first batch is the smallest
+        ``P_j`` holding the draw (a ``lax.switch``; draws past ``P_K`` go on in batches of
+        ``P_K``), cutting the padding to ~``4σ / K`` rows for ``K`` compilations of the
+        clipped sum. Not on a CPU for a model with convolutions: XLA:CPU compiles a
+        convolution inside a ``lax.switch`` branch ~10× slower (as in a loop body).
       source: instead of ``sampling_rate``, a batch source of
         :mod:`jaxgrad.privacy.sources` (truncated Poisson, sampling without replacement):
         its draw, divided by its ``expected_batch_size``; account the steps with its
@@ -573,7 +588,7 @@ def sampled_dp_grad(
         from jaxgrad.privacy import sources
 
         source = sources.Poisson(sampling_rate=sampling.check_sampling_rate(sampling_rate))
-    p = reduce.check_positive_int(physical_batch_size, name="physical_batch_size")
+    p = sampling.check_physical_sizes(physical_batch_size)
     nonfinite = check_nonfinite(nonfinite)
     stddev = sigma * clipped.sensitivity
     draw_and_clip = sampled_clipped_sum(clipped, source=source, physical_batch_size=p)

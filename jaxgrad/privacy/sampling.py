@@ -15,6 +15,7 @@ nothing recompiles.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -187,6 +188,130 @@ def default_physical_batch_size(*, num_examples: int, sampling_rate: float) -> i
 
     candidates = range(low, min(n, math.ceil(mean + 4 * std)) + 1)
     return min(candidates, key=rows)
+
+
+def _normal_draw(n: int, q: float):
+    """``(mean, std, cdf)`` of ``b ~ Binomial(N, q)`` approximated as normal, ``cdf(x) =
+    Pr(b ≤ x)`` continuity-corrected (vectorised over ``x``)."""
+    mean, std = n * q, math.sqrt(n * q * (1 - q))
+
+    def cdf(x):
+        x = np.asarray(x, np.float64)
+        z = (x + 0.5 - mean) / (std * math.sqrt(2))
+        return 0.5 * np.vectorize(math.erfc)(-z)
+
+    return mean, std, cdf
+
+
+def check_physical_sizes(physical_batch_size) -> tuple[int, ...]:
+    """``P`` as a tuple of strictly increasing positive sizes ``(P_1, ..., P_K)``: an int is
+    ``(P,)``."""
+    if isinstance(physical_batch_size, (tuple, list)):
+        sizes = tuple(
+            reduce.check_positive_int(s, name="physical_batch_size") for s in physical_batch_size
+        )
+        if not sizes or any(a >= b for a, b in itertools.pairwise(sizes)):
+            raise ValueError(
+                "`physical_batch_size` must be a positive int or a non-empty sequence of "
+                f"strictly increasing positive ints; got {physical_batch_size!r}"
+            )
+        return sizes
+    return (reduce.check_positive_int(physical_batch_size, name="physical_batch_size"),)
+
+
+def expected_rows(*, num_examples: int, sampling_rate: float, physical_batch_size) -> float:
+    """Expected rows one step runs, over the expected batch ``qN``: the padding overhead.
+
+    With sizes ``P_1 < ... < P_K`` (one size: ``K = 1``) a draw of ``b`` examples runs the
+    smallest ``P_j ≥ b`` rows, or for ``b > P_K`` the ``⌈b / P_K⌉`` physical batches of
+    ``P_K`` (:func:`jaxgrad.privacy.sampled_dp_grad`):
+
+    .. math::
+
+        \\frac{1}{qN}\\Big(\\sum_j P_j \\Pr(P_{j-1} < b \\le P_j)
+            + P_K \\sum_{k \\ge 1} \\Pr(b > k P_K)\\Big)
+
+    with ``b ~ Binomial(N, q)`` approximated as normal (continuity-corrected).
+
+    Example::
+
+      >>> from jaxgrad.privacy import expected_rows
+      >>> round(expected_rows(num_examples=60000, sampling_rate=256 / 60000,
+      ...                     physical_batch_size=287), 2)
+      1.15
+    """
+    n = reduce.check_positive_int(num_examples, name="num_examples")
+    q = check_sampling_rate(sampling_rate)
+    sizes = check_physical_sizes(physical_batch_size)
+    mean, std, cdf = _normal_draw(n, q)
+    if std == 0:
+        b = round(mean)
+        top = sizes[-1]
+        rows = next((s for s in sizes if s >= b), top * -(-b // top))
+        return rows / mean
+    return _rows(np.asarray(sizes, np.float64), mean, std, cdf) / mean
+
+
+def _rows(sizes, mean, std, cdf) -> float:
+    """Expected rows of sorted ``sizes`` (see :func:`expected_rows`)."""
+    below = cdf(sizes)
+    rows = float(sizes[0] * below[0] + np.sum(sizes[1:] * np.diff(below)))
+    top, k = float(sizes[-1]), 1
+    rows += top * (1.0 - float(below[-1]))  # b > P_K: its first batch of P_K ...
+    while k * top < mean + 8 * std:  # ... and the batches after it
+        rows += top * (1.0 - float(cdf(k * top)))
+        k += 1
+    return rows
+
+
+def physical_batch_sizes(*, num_examples: int, sampling_rate: float, count: int) -> tuple:
+    """``count`` physical batch sizes with the fewest expected rows per step.
+
+    A step of :func:`jaxgrad.privacy.sampled_dp_grad` given these sizes runs the smallest
+    one that holds its draw (a ``lax.switch`` over ``count`` compiled clipped sums), so the
+    padding falls from ~``2σ`` rows (one size, :func:`default_physical_batch_size`) to about
+    ``4σ / count``; each size is compiled once. The sizes minimise :func:`expected_rows`
+    exactly over a grid of the integers in ``[qN − 4σ, P]`` (dynamic programming), the largest
+    being the one default size ``P``, so the memory bound is unchanged; ``count=1``
+    is ``(default_physical_batch_size(...),)``.
+
+    Example::
+
+      >>> from jaxgrad.privacy import expected_rows, physical_batch_sizes
+      >>> sizes = physical_batch_sizes(num_examples=60000, sampling_rate=256 / 60000, count=4)
+      >>> len(sizes), expected_rows(num_examples=60000, sampling_rate=256 / 60000,
+      ...                           physical_batch_size=sizes) < 1.06
+      (4, True)
+    """
+    n = reduce.check_positive_int(num_examples, name="num_examples")
+    q = check_sampling_rate(sampling_rate)
+    count = reduce.check_positive_int(count, name="count")
+    single = default_physical_batch_size(num_examples=n, sampling_rate=q)
+    mean, std, cdf = _normal_draw(n, q)
+    if count == 1 or std == 0:
+        return (single,)
+    low = max(1, math.floor(mean - 4 * std))
+    step = max(1, -(-(single - low) // 400))  # at most ~400 grid points: K · 400² work
+    grid = np.unique(np.append(np.arange(low, single + 1, step), single)).astype(np.float64)
+    below = cdf(grid)
+    # best[i]: least Σ P_j Pr(P_{j-1} < b ≤ P_j) over size sets ending at grid[i] (with j sizes)
+    best, back = grid * below, []
+    for _ in range(count - 1):
+        # extend a set ending at i' < i by grid[i]: + grid[i] (F(grid[i]) − F(grid[i']))
+        step_cost = grid[None, :] * (below[None, :] - below[:, None])
+        total = np.where(np.triu(np.ones_like(step_cost), 1) > 0, best[:, None] + step_cost, np.inf)
+        back.append(np.argmin(total, axis=0))
+        best = np.min(total, axis=0)
+    # The largest size is the one default size P: the memory bound and P stay as they were.
+    tail = np.where(
+        grid == single, _rows(np.array([single]), mean, std, cdf) - single * below, np.inf
+    )
+    i = int(np.argmin(best + tail))
+    chosen = [i]
+    for b in reversed(back):
+        i = int(b[i])
+        chosen.append(i)
+    return tuple(sorted({int(grid[i]) for i in chosen}))
 
 
 def num_physical_batches(count, physical_batch_size: int):
