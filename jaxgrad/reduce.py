@@ -390,8 +390,9 @@ def chunked(
 
     one chunk after the other (:func:`jaxgrad._loops.scan`, whose :func:`jaxgrad._loops.form`
     unrolls up to 16 chunks on a single CPU device when a chunk has a convolution or little
-    arithmetic per number it hands on, else ``lax.scan``), so peak activation memory is that of one chunk. ``totals`` are sums
-    (e.g. loss sums, counts, gradient sums); dividing by a count is left to the caller, once.
+    arithmetic per number it hands on, else ``lax.scan``, whose peak activation memory is that
+    of one chunk). ``totals`` are sums (e.g. loss sums, counts, gradient sums); dividing by a
+    count is left to the caller, once.
 
     Args:
       body: ``body(batch, mask) -> (rows, totals)`` on a chunk; ``rows`` leaves have the chunk's
