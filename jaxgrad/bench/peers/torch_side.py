@@ -409,24 +409,41 @@ def _opacus_hooks_clip(spec, model, x, y, to_jax, *, l2_clip):
     return step, extract
 
 
-def _opacus_per_layer_clip(spec, model, x, y, to_jax, *, l2_clip, layer_clips):
+def _opacus_private(model, x, y, **options):
+    """``PrivacyEngine.make_private`` as the Opacus DP rows call it: ``(module, optimizer)``.
+
+    A loader of the whole batch (it fixes the expected batch size B: no Poisson sampling, every
+    row sees the same batch), SGD with learning rate 0 over the trainable parameters (the rows
+    return gradients, never apply them), per-sample hooks, summed losses; ``options`` (noise
+    multiplier, clip norms, clipping mode) go to ``make_private`` as they are.
+    """
     from opacus import PrivacyEngine
 
-    # Opacus's per-layer clipping as a user asks for it: make_private with one max_grad_norm
-    # per trainable parameter, in the optimizer's order. Its clip_and_accumulate is the
-    # clipped sum, as in opacus:hooks_clip (no noise, no optimizer step).
-    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(y))
     gsm, optimizer, _ = PrivacyEngine().make_private(
         module=model,
         optimizer=torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0),
         data_loader=loader,
-        noise_multiplier=0.0,
-        max_grad_norm=[layer_clips[name] for name in trainable],
-        clipping="per_layer",
         poisson_sampling=False,
         loss_reduction="sum",
         grad_sample_mode="hooks",
+        **options,
+    )
+    return gsm, optimizer
+
+
+def _opacus_per_layer_clip(spec, model, x, y, to_jax, *, l2_clip, layer_clips):
+    # Opacus's per-layer clipping as a user asks for it: make_private with one max_grad_norm
+    # per trainable parameter, in the optimizer's order. Its clip_and_accumulate is the
+    # clipped sum, as in opacus:hooks_clip (no noise, no optimizer step).
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    gsm, optimizer = _opacus_private(
+        model,
+        x,
+        y,
+        noise_multiplier=0.0,
+        max_grad_norm=[layer_clips[name] for name in trainable],
+        clipping="per_layer",
     )
 
     def step():
@@ -496,24 +513,13 @@ def _noisy_extract(model, optimizer, step, batch_size, to_jax):
 
 
 def _opacus_dp_step(spec, model, x, y, to_jax, *, l2_clip):
-    from opacus import PrivacyEngine
-
     from jaxgrad.bench.peers.specs import NOISE_MULTIPLIER
 
-    # make_private wants a data loader: it fixes the expected batch size (B, no Poisson
-    # sampling here: every row sees the same batch). The optimizer's pre_step is the DP part
-    # of a step (clip and accumulate, add N(0, σ²C²I) once, divide by B), without the SGD
-    # update, as the JAX rows return the noisy gradient without applying it.
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(y))
-    gsm, optimizer, _ = PrivacyEngine().make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-        data_loader=loader,
-        noise_multiplier=NOISE_MULTIPLIER,
-        max_grad_norm=l2_clip,
-        poisson_sampling=False,
-        loss_reduction="sum",
-        grad_sample_mode="hooks",
+    # The optimizer's pre_step is the DP part of a step (clip and accumulate, add N(0, σ²C²I)
+    # once, divide by B), without the SGD update, as the JAX rows return the noisy gradient
+    # without applying it.
+    gsm, optimizer = _opacus_private(
+        model, x, y, noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=l2_clip
     )
 
     def step():
