@@ -114,14 +114,15 @@ def scan(body, carry, xs, *, unroll="auto"):
     weight-standardised CNN's microbatches at B = 32: 4901 against 4909 instructions, the same
     memory; ``bench/results/loops-paired-2026-12-06.txt``). No
     ``lax.optimization_barrier`` fences the steps: on XLA:CPU a fence between steps changed
-    neither the planned memory (the same temporary bytes as unfenced in all 15 loops of
-    ``accumulate_grad(4)`` and ``per_example_grads(chunk_size=32)`` on the benchmark's five
-    models, B = 32 / 256) nor, measurably, the time (fenced ÷ unfenced throughput, medians
-    of paired rounds under load, 0.89-1.12, no row's side of 1 reproduced on a rerun); it only
-    kept XLA from batching the 4 microbatches' small normalisation ops of the
-    weight-standardised CNN into one (``bench/results/loops-fences-2026-12-06.txt``). The
-    numbers are the same in every form: the same ops on the same slices, added in the same
-    order (``tests/test_loops.py``, float64).
+    neither the planned memory (the same temporary bytes as unfenced in all 21 loops
+    measured: ``accumulate_grad(4)`` and ``per_example_grads(chunk_size=32)`` on the
+    benchmark's five models, B = 32 / 256, and the fast path's chunked norms and clipped
+    sums) nor, measurably, the time (fenced ÷ unfenced throughput, medians of paired rounds
+    under load, 0.89-1.12, no row's side of 1 reproduced on a rerun); it only kept XLA from
+    batching the 4 microbatches' small normalisation ops of the weight-standardised CNN into
+    one (``bench/results/loops-fences-2026-12-06.txt``). The numbers are the same in every
+    form: the same ops on the same slices, added in the same order (``tests/test_loops.py``,
+    float64).
 
     Args:
       body: ``body(carry, x) -> (carry, y)``.
