@@ -616,10 +616,10 @@ def _capture_custom_jvp(e: trace.Eqn, uses: dict, du: dict, invals, tapped: bool
     (:func:`jaxgrad.fast.trace.linearised`), evaluated on the stopped primals and the tangents
     ``x − sg(x)`` (zero, with the identity as derivative).
 
-    Each output is the rule's primal output, with the tangent's gradient attached by the tap
-    (its value is never added, so the tangent map costs only its transpose): the gradient of
-    every operand is the transpose of the user's tangent map, as in ``jax.grad``. The uses'
-    perturbations are added, never the tap (which tangent ``vmap`` batches is not read).
+    Each output is the rule's primal output, with the tangent's gradient attached
+    (:func:`_with_tangent`): the gradient of every operand is the transpose of the user's
+    tangent map, as in ``jax.grad``. The uses' perturbations are added, never the tap (which
+    tangent ``vmap`` batches is not read).
     """
     del tapped
     (body,) = trace.bodies(e)
@@ -628,7 +628,22 @@ def _capture_custom_jvp(e: trace.Eqn, uses: dict, du: dict, invals, tapped: bool
     outs, kept, same = _capture(body, uses, du, [*map(stop, invals), *tangents], tapped=False)
     primal, touts = outs[: len(e.outs)], iter(outs[len(e.outs) :])
     inexact = lambda x: jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-    return [tap(stop(y), next(touts)) if inexact(y) else y for y in primal], kept, same
+    return [_with_tangent(stop(y), next(touts)) if inexact(y) else y for y in primal], kept, same
+
+
+@jax.custom_vjp
+def _with_tangent(y, t):
+    """``y``, with ``t``'s gradient set to ``y``'s cotangent.
+
+    A select, not ``y + t``: the value is ``y`` even where the rule's tangent map is not
+    finite at a zero tangent (``0 · ∞``), and the result is batched wherever ``t`` is (a
+    use's perturbation inside the rule makes it so) although ``y`` may be the same for
+    every example: its cotangent is then each example's own, not the batch's.
+    """
+    return jnp.where(True, y, t)
+
+
+_with_tangent.defvjp(lambda y, t: (_with_tangent(y, t), None), lambda _, ct: (None, ct))
 
 
 # The frame primitives the capture evaluator reads into (see :func:`_capture`).
