@@ -3,9 +3,11 @@
 The per-example loss ``S(params, example)`` is traced to a jaxpr (no batch axis), calls to
 ``jit``/``closed_call``/``checkpoint`` bodies are inlined (:func:`flatten`), and one recursive
 walker (:func:`walk`) follows every parameter leaf through the program's *frames*: the top
-level, a ``lax.scan`` body (at any depth, its uses lifted over the steps), a ``cond``/``switch``
-branch. At each equation that reads a followed value it calls the equation's rule from
-:data:`RULES`, the one table of what every primitive means to the fast path:
+level, a ``lax.scan`` body (its uses lifted over the steps), a ``cond``/``switch`` branch, a
+``custom_jvp`` call's rule, nested in any order and to any depth (a scan in a branch in a
+scan: each use records its frames, :attr:`Use.levels`). At each equation that reads a
+followed value it calls the equation's rule from :data:`RULES`, the one table of what every
+primitive means to the fast path:
 
 * ``alias`` — the result is the leaf's entries re-laid (``reshape``, ``transpose``, ``slice``,
   a cast, a ``broadcast_in_dim`` adding unit axes, ...): followed further, the equation added
@@ -15,9 +17,22 @@ branch. At each equation that reads a followed value it calls the equation's rul
   :func:`real_form`), ``conv_general_dilated`` (**conv**), an embedding ``gather``
   (**gather**); per-example gradients come from its kept operand ``A`` and its output
   cotangent ``G``, by the route its kind's entry decides (:mod:`jaxgrad.fast.rules`);
-* ``frame`` — ``scan``/``cond``: the walker recurses into the body/branches;
+* ``frame`` — ``scan``/``cond``/``custom_jvp_call``: the walker recurses into the
+  body/branches/rule;
 * ``ignore`` — no gradient reaches the leaf through it (``stop_gradient``, ``debug_print``);
 * anything else — a reason: the leaf takes the *exact fallback* (a per-example copy).
+
+**Custom derivatives.** A ``custom_jvp`` call is read through the user's rule, never its
+body: the frame is the rule *linearised* (:func:`linearised`: ``jax.jvp`` of the call,
+``(primals, tangents) -> (outputs, output tangents)``), with the leaf entering as its
+operand's tangent. The gradient ``jax.grad`` takes through the call is the transpose of that
+tangent map, so a parameter used densely in it (``x @ dW`` for a rule of ``x @ W``, whatever
+its scale) is a fast use, exact for any rule; one the map uses otherwise falls back, the
+reason naming the function. A ``custom_vjp`` call is *not* a frame: its gradient is the
+user's ``bwd`` applied to the output cotangent during the backward pass, a Python function
+that need not be linear (a gradient clip) and has no forward map whose uses could be
+factored, so a parameter read inside one takes the exact route, its reason naming the
+function and the rule (the exact route runs the rule as ``jax.grad`` does).
 
 **Reparametrised weights.** An equation whose outputs do not depend on the example and that
 reads a parameter (``W * M``, ``g * V / ‖V‖``, ``W0 + A @ B``, ``concatenate``, a constant
@@ -528,7 +543,9 @@ class Frame:
     def reason(self, leaf: int, why: str) -> None:
         self.reasons.setdefault(leaf, []).append(why + self.suffix)
 
-    def merge(self, inner: Frame, suffix: str) -> None:
+    def merge(self, inner: Frame) -> None:
+        """Takes the reasons of a frame nested in this one, saying where this one sits."""
+        suffix = ", nested inside a `lax.scan` body" if self.where == "scan" else self.suffix
         for j, ws in inner.reasons.items():
             self.reasons.setdefault(j, []).extend(w + suffix for w in ws)
 
@@ -640,17 +657,18 @@ def scan(frame: Frame, k: int, e: Eqn, positions: list) -> None:
         else:
             tracked[body.invars[q]] = Track(t.leaf, (), q >= nc + ncar, q)
     inner = walk(Frame(body, tracked, "scan", ", inside a `lax.scan` body"))
-    frame.merge(inner, "" if frame.where == "top" else ", nested inside a `lax.scan` body")
+    frame.merge(inner)
     for f in inner.found:
         lifted = lift_over_steps(f.op, f.pos, steps, f.root.stacked)
         if lifted is None:
-            why = f"a {f.kind} use"
-            why += (
-                ", inside a `lax.scan` body"
-                if not f.levels
-                else (" of a leaf scanned over by the outer loop, nested inside a `lax.scan` body")
+            # (no lift of the use over the steps is written: a conv, or a lookup in a table
+            # the loop is scanned over)
+            why = f"a {f.kind} use" + (
+                " of a leaf scanned over by the loop" if f.root.stacked else ""
             )
-            frame.reasons.setdefault(f.leaf, []).append(why)
+            frame.reason(
+                f.leaf, why + (", nested" if f.levels else ",") + " inside a `lax.scan` body"
+            )
             continue
         op, step_axis = lifted
         outer = frame.tracked[e.ins[f.root.operand]]
@@ -676,7 +694,7 @@ def cond(frame: Frame, k: int, e: Eqn, positions: list) -> None:
     for b, body in enumerate(bodies(e) if tracked_in else ()):
         tracked = {body.invars[q]: Track(t.leaf, (), False, q + 1) for q, t in tracked_in.items()}
         inner = walk(Frame(body, tracked, "cond", ", inside a `cond` branch"))
-        frame.merge(inner, "")
+        frame.merge(inner)
         for f in inner.found:
             level = Level(body, f.chain, False, 1, -1, branch=b, frame="cond")
             frame.found.append(_enclosed(frame, e, f, (k, b), level))
@@ -693,7 +711,7 @@ def custom_jvp(frame: Frame, k: int, e: Eqn, positions: list) -> None:
             tracked[body.invars[slots[q]]] = Track(frame.tracked[e.ins[q]].leaf, (), False, q)
     where = f", in the tangent map of the `custom_jvp` rule of `{custom_name(e)}`"
     inner = walk(Frame(body, tracked, "custom_jvp", where))
-    frame.merge(inner, "")
+    frame.merge(inner)
     for f in inner.found:
         level = Level(body, f.chain, False, 1, -1, frame="custom_jvp")
         frame.found.append(_enclosed(frame, e, f, (k,), level))
