@@ -135,6 +135,8 @@ def _frames_setup():
         "a": _normal(rng, 4, 4),  # in a scan inside a branch
         "b": _normal(rng, 4, 4),  # in a cond inside a branch
         "c": _normal(rng, 2, 4, 4),  # a stack scanned over, in a scan in a branch in a scan
+        "d": _normal(rng, 3, 4, 4),  # scanned over by a scan, read in a branch in its body
+        "f": _normal(rng, 2, 4, 4),  # scanned over by a scan in a branch
         "e": _normal(rng, 6, 4),  # looked up in a scan inside a branch
     }
     xs = _normal(rng, 5, 3, 4, scale=1.0)  # 5 examples of 3 steps
@@ -152,17 +154,17 @@ def _frames_loss(p, ex, flag=1.0):
         step = lambda h, xt: (jnp.tanh(h @ p["a"] + xt[0] * p["e"][xt[1]]),) * 2
         return jax.lax.scan(step, h, (xs, tokens))[1][-1]
 
-    h = jax.lax.cond(jnp.sum(xs[0]) > 0, rnn, jnp.sin, jnp.ones(4, xs.dtype) / 2)
+    stack = lambda w, x: lambda h: jax.lax.scan(lambda g, v: (jnp.tanh(g @ v + x),) * 2, h, w)[0]
+    h = jax.lax.cond(jnp.sum(xs[0]) > 0, rnn, stack(p["f"], 0.0), jnp.ones(4, xs.dtype) / 2)
     inner = lambda h: jax.lax.cond(xs[1, 0] > 0, lambda h: h @ p["b"], lambda h: -(h @ p["b"].T), h)
     h = jax.lax.cond(flag > 0, inner, jnp.cos, h)  # per-example index in a shared one
 
-    def layer(h, ix):  # the stack ``c`` scanned over by a loop in a branch in a loop
-        i, x = ix
-        stack = lambda h: jax.lax.scan(lambda g, w: (jnp.tanh(g @ w + x), None), h, p["c"])[0]
-        h = jax.lax.cond(i % 2 == 0, stack, jnp.sin, h)  # by the step counter
+    def layer(h, ixw):  # the stack ``c`` scanned over by a loop in a branch in a loop
+        i, x, w = ixw
+        h = jax.lax.cond(i % 2 == 0, stack(p["c"], x), lambda h: jnp.sin(h @ w), h)  # by step
         return h, h
 
-    ys = jax.lax.scan(layer, h, (jnp.arange(3), xs))[1]
+    ys = jax.lax.scan(layer, h, (jnp.arange(3), xs, p["d"]))[1]
     return jnp.sum(jnp.tanh(ys) ** 2), jnp.sum(tokens > 1) + 1  # a (sum, count) loss
 
 
@@ -177,14 +179,16 @@ def test_frames_nested_in_any_order_are_fast_and_exact():
     example = jax.tree.map(lambda x: x[0], batch)
     leaves = {lp.path: lp for lp in plan(_frames_loss, params, example).leaves}
     assert not any(lp.fallback for lp in leaves.values()), leaves
-    a, b, c, e = (leaves[f"['{k}']"] for k in "abce")
+    a, b, c, d, e, f = (leaves[f"['{k}']"] for k in "abcdef")
     assert a.route.startswith("cond branch 1; scan, 3 steps, shared: dense"), a
     assert b.route.startswith("tied, 2 uses"), b
     assert b.uses[1].endswith("in cond branch 1 in cond branch 1"), b.uses
     assert c.route.startswith("scan, 3 steps, shared; cond branch 1; nested scan, 2 steps, one"), c
+    assert d.route.startswith("scan, 3 steps, one slice per step; cond branch 0: dense"), d
+    assert f.route.startswith("cond branch 0; scan, 2 steps, one slice per step: dense"), f
     assert e.uses[0].startswith("gather") and e.uses[0].endswith("in scan in cond branch 1"), e
     an = passes.analyse(_frames_loss, params, batch)
-    assert not an.fast[3][0].op.params["unique_indices"]
+    assert not an.fast[4][0].op.params["unique_indices"]
 
 
 @jax.custom_jvp
