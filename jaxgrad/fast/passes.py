@@ -205,10 +205,11 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     (:func:`_capture`, a handler per frame primitive in :data:`FRAMES`). A use inside a
     ``lax.scan`` body is captured at every step (its perturbation is a scanned-over input of
     shape ``(steps, *out)``, its kept operand a stacked output) and the rules see it lifted
-    over the steps (:func:`jaxgrad.fast.trace.lift_over_steps`). A use in a scan nested in a
-    scan body is captured at every step of every level, ``(steps, B, *inner steps, *out)``,
-    and lifted over every level's steps; a use in a ``cond`` branch (at the top level or in a
-    scan body) where the branch runs, with zeros where it does not.
+    over the steps (:func:`jaxgrad.fast.trace.lift_over_steps`). Frames compose: a use in
+    any nesting of scans, ``cond`` branches and ``custom_jvp`` rules is captured at every step
+    of every scan around it, ``(steps, B, *inner steps, *out)``, and lifted over every scan's
+    steps; in a branch where the branch runs, with zeros where it does not; in a
+    ``custom_jvp`` rule's tangent map, whose transpose is the gradient JAX takes.
 
     With ``strict``, a leaf that is not small and takes the exact fallback raises (see
     :func:`jaxgrad.fast.plan.check_strict`).
@@ -233,21 +234,17 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     def out_aval(u):  # of one step's perturbation
         return u.base.out_avals[0]
 
-    def inner_steps(u):  # the steps of the scans nested in a scan body, outermost first
-        return tuple(lv.steps for lv in u.nest if lv.is_scan)
+    def steps(u):  # the steps of every scan the use sits in, outermost first
+        return tuple(lv.steps for lv in u.scans)
 
-    # A use inside a scan is captured step-major, ``(steps, B, *out)``: the layout a scan
-    # stacks its outputs in, so neither the perturbation, nor the kept operand, nor the
-    # cotangent is transposed to put the examples first (the weighted sum contracts steps
-    # and examples together and reads them as they are).
-    axis = {key: 1 if u.site == "scan" else 0 for key, (_, u) in captured.items()}
+    # A use inside a scan (in whatever frames) is captured step-major,
+    # ``(steps, B, *inner steps, *out)``: the layout a scan stacks its outputs in, so neither
+    # the perturbation, nor the kept operand, nor the cotangent is transposed to put the
+    # examples first (the weighted sum contracts steps and examples together and reads them
+    # as they are). Branches and custom rules add no axis.
+    axis = {key: 1 if u.scans else 0 for key, (_, u) in captured.items()}
     d_use = {
-        key: jnp.zeros(
-            ((u.steps, size) if u.site == "scan" else (size,))
-            + inner_steps(u)
-            + tuple(out_aval(u).shape),
-            out_aval(u).dtype,
-        )
+        key: jnp.zeros((*steps(u)[:1], size, *steps(u)[1:], *out_aval(u).shape), out_aval(u).dtype)
         for key, (_, u) in captured.items()
     }
     d_exact = {
@@ -273,11 +270,9 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
 
     def g_of(u):  # the cotangent in the lifted equation's layout, examples first
         g = jnp.moveaxis(g_use[u.key], axis[u.key], 0)
-        if u.site != "scan":
-            return g
-        # (B, steps, *inner steps, *out): each level's steps go where its lift put them,
-        # innermost first (a level's lift inserts its axis into the output of the next).
-        step_axes = [u.step_axis, *(lv.step_axis for lv in u.nest if lv.is_scan)]
+        # (B, steps, *inner steps, *out): each scan's steps go where its lift put them,
+        # innermost first (a scan's lift inserts its axis into the output of the next).
+        step_axes = [lv.step_axis for lv in u.scans]
         for d in reversed(range(len(step_axes))):
             g = jnp.moveaxis(g, 1 + d, 1 + d + step_axes[d])
         return g
@@ -289,11 +284,11 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
                 w = c.astype(grads.dtype).reshape((1, -1) + (1,) * (grads.ndim - 2))
                 return jnp.sum(grads * w, axis=1)
             return jnp.tensordot(c.astype(grads.dtype), grads, 1)
-        if u.nest:
+        if len(u.scans) > 1:
             return rules.weighted_grad(u.op, u.pos, a_of(u), g_of(u), c)
         g = g_use[u.key]
-        if u.site == "scan" and u.step_axis:
-            g = jnp.moveaxis(g, 0, 1 + u.step_axis)  # (B at axis 0 after the move)
+        if u.scans and u.scans[0].step_axis:
+            g = jnp.moveaxis(g, 0, 1 + u.scans[0].step_axis)  # (B at axis 0 after the move)
             return rules.weighted_grad(u.op, u.pos, jnp.moveaxis(kept[u.key], 1, 0), g, c)
         return rules.weighted_grad(u.op, u.pos, kept[u.key], g, c, axis=axis[u.key])
 
@@ -476,7 +471,8 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
 #
 # The fast pass evaluates the program once per example (under ``vmap`` and ``vjp``), adding
 # each captured use's perturbation to its output and keeping its other operand. Uses sit in
-# frames (the top level, a scan body at any depth, a cond branch): :func:`_capture` evaluates
+# frames (the top level, a scan body, a cond branch, a custom_jvp rule, nested in any order):
+# :func:`_capture` evaluates
 # one frame, perturbs and keeps the uses that sit directly in it, and hands an equation with
 # uses inside it to the handler :data:`FRAMES` registers for its primitive, which binds it
 # with :func:`_capture` on its bodies. Adding a frame kind (the walker's
@@ -615,8 +611,43 @@ def _capture_cond(e: trace.Eqn, uses: dict, du: dict, invals, tapped: bool):
     return outs, kept, shared
 
 
+def _capture_custom_jvp(e: trace.Eqn, uses: dict, du: dict, invals, tapped: bool):
+    """A ``custom_jvp`` call with uses in its rule's tangent map: the rule, linearised
+    (:func:`jaxgrad.fast.trace.linearised`), evaluated on the stopped primals and the tangents
+    ``x − sg(x)`` (zero, with the identity as derivative).
+
+    Each output is the rule's primal output, with the tangent's gradient attached
+    (:func:`_with_tangent`): the gradient of every operand is the transpose of the user's
+    tangent map, as in ``jax.grad``. The uses' perturbations are added, never the tap (which
+    tangent ``vmap`` batches is not read).
+    """
+    del tapped
+    (body,) = trace.bodies(e)
+    stop = jax.lax.stop_gradient
+    tangents = [invals[q] - stop(invals[q]) for q in trace.tangent_operands(e)]
+    outs, kept, same = _capture(body, uses, du, [*map(stop, invals), *tangents], tapped=False)
+    primal, touts = outs[: len(e.outs)], iter(outs[len(e.outs) :])
+    inexact = lambda x: jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    return [_with_tangent(stop(y), next(touts)) if inexact(y) else y for y in primal], kept, same
+
+
+@jax.custom_vjp
+def _with_tangent(y, t):
+    """``y``, with ``t``'s gradient set to ``y``'s cotangent.
+
+    A select, not ``y + t``: the value is ``y`` even where the rule's tangent map is not
+    finite at a zero tangent (``0 · ∞``), and the result is batched wherever ``t`` is (a
+    use's perturbation inside the rule makes it so) although ``y`` may be the same for
+    every example: its cotangent is then each example's own, not the batch's.
+    """
+    return jnp.where(True, y, t)
+
+
+_with_tangent.defvjp(lambda y, t: (_with_tangent(y, t), None), lambda _, ct: (None, ct))
+
+
 # The frame primitives the capture evaluator reads into (see :func:`_capture`).
-FRAMES = {"scan": _capture_scan, "cond": _capture_cond}
+FRAMES = {"scan": _capture_scan, "cond": _capture_cond, "custom_jvp_call": _capture_custom_jvp}
 
 
 def get_pass(method: str, strict: bool = False):

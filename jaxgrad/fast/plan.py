@@ -121,16 +121,14 @@ class Route:
 
 def _use_name(u: trace.Use) -> str:
     where = f" @ {u.source}" if u.source else ""
-    if u.site == "cond":
-        return f"{u.kind}{where} in cond branch {u.scan[1]}"
-    if u.site == "scan":
-        frames = [_level_name(lv) for lv in reversed(u.nest)]
-        return f"{u.kind}{where} in {' in '.join([*frames, 'scan'])}"
-    return f"{u.kind}{where}"
+    frames = [_level_name(lv) for lv in reversed(u.levels)]  # innermost first
+    return f"{u.kind}{where}" + "".join(f" in {f}" for f in frames)
 
 
 def _level_name(lv: trace.Level) -> str:
-    return "scan" if lv.is_scan else f"cond branch {lv.branch}"
+    return {"scan": "scan", "cond": f"cond branch {lv.branch}", "custom_jvp": "custom_jvp rule"}[
+        lv.frame
+    ]
 
 
 def _complex_prefix(uses) -> str:
@@ -140,22 +138,24 @@ def _complex_prefix(uses) -> str:
 
 
 def _scan_prefix(u: trace.Use) -> str:
-    if u.site == "cond":
-        return f"cond branch {u.scan[1]}: "
-    if u.site != "scan":
-        return ""
-    steps = lambda n, st: f"{n} steps, {'one slice per step' if st else 'shared'}"
-    words = [f"scan, {steps(u.steps, u.stacked)}"]
-    words += [f"nested scan, {steps(lv.steps, lv.stacked)}" if lv.is_scan else _level_name(lv)
-              for lv in u.nest]  # fmt: skip
-    return "; ".join(words) + ": "
+    """The frames a use sits in, outermost first (a scan inside another is "nested")."""
+    steps = lambda lv: f"{lv.steps} steps, {'one slice per step' if lv.stacked else 'shared'}"
+    words, scans = [], 0
+    for lv in u.levels:
+        if lv.is_scan:
+            words.append(f"{'nested scan' if scans else 'scan'}, {steps(lv)}")
+            scans += 1
+        else:
+            words.append(_level_name(lv))
+    return "; ".join(words) + ": " if words else ""
 
 
 def _group(an: trace.Analysis, uses: list, shape: tuple) -> Group:
     """The route of one group of uses that may overlap."""
     if len(uses) == 1:
         (u,) = uses
-        stacked = u.site == "scan" and u.stacked and not u.nest
+        # (one slice of the leaf per step of the only scan: the route may take it step by step)
+        stacked = len(u.scans) == 1 and u.scans[0].stacked
         rule = rules.route(u.kind, u.op, u.pos, stacked=stacked)
         label = _scan_prefix(u) + _complex_prefix(uses) + rule.label
         return Group(tuple(uses), "use", (), label, rule.cost, rule)

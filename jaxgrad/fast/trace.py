@@ -3,9 +3,11 @@
 The per-example loss ``S(params, example)`` is traced to a jaxpr (no batch axis), calls to
 ``jit``/``closed_call``/``checkpoint`` bodies are inlined (:func:`flatten`), and one recursive
 walker (:func:`walk`) follows every parameter leaf through the program's *frames*: the top
-level, a ``lax.scan`` body (at any depth, its uses lifted over the steps), a ``cond``/``switch``
-branch. At each equation that reads a followed value it calls the equation's rule from
-:data:`RULES`, the one table of what every primitive means to the fast path:
+level, a ``lax.scan`` body (its uses lifted over the steps), a ``cond``/``switch`` branch, a
+``custom_jvp`` call's rule, nested in any order and to any depth (a scan in a branch in a
+scan: each use records its frames, :attr:`Use.levels`). At each equation that reads a
+followed value it calls the equation's rule from :data:`RULES`, the one table of what every
+primitive means to the fast path:
 
 * ``alias`` — the result is the leaf's entries re-laid (``reshape``, ``transpose``, ``slice``,
   a cast, a ``broadcast_in_dim`` adding unit axes, ...): followed further, the equation added
@@ -15,9 +17,22 @@ branch. At each equation that reads a followed value it calls the equation's rul
   :func:`real_form`), ``conv_general_dilated`` (**conv**), an embedding ``gather``
   (**gather**); per-example gradients come from its kept operand ``A`` and its output
   cotangent ``G``, by the route its kind's entry decides (:mod:`jaxgrad.fast.rules`);
-* ``frame`` — ``scan``/``cond``: the walker recurses into the body/branches;
+* ``frame`` — ``scan``/``cond``/``custom_jvp_call``: the walker recurses into the
+  body/branches/rule;
 * ``ignore`` — no gradient reaches the leaf through it (``stop_gradient``, ``debug_print``);
 * anything else — a reason: the leaf takes the *exact fallback* (a per-example copy).
+
+**Custom derivatives.** A ``custom_jvp`` call is read through the user's rule, never its
+body: the frame is the rule *linearised* (:func:`linearised`: ``jax.jvp`` of the call,
+``(primals, tangents) -> (outputs, output tangents)``), with the leaf entering as its
+operand's tangent. The gradient ``jax.grad`` takes through the call is the transpose of that
+tangent map, so a parameter used densely in it (``x @ dW`` for a rule of ``x @ W``, whatever
+its scale) is a fast use, exact for any rule; one the map uses otherwise falls back, the
+reason naming the function. A ``custom_vjp`` call is *not* a frame: its gradient is the
+user's ``bwd`` applied to the output cotangent during the backward pass, a Python function
+that need not be linear (a gradient clip) and has no forward map whose uses could be
+factored, so a parameter read inside one takes the exact route, its reason naming the
+function and the rule (the exact route runs the rule as ``jax.grad`` does).
 
 **Reparametrised weights.** An equation whose outputs do not depend on the example and that
 reads a parameter (``W * M``, ``g * V / ‖V‖``, ``W0 + A @ B``, ``concatenate``, a constant
@@ -252,28 +267,30 @@ class Use:
     # The equation the rules see. For a use inside a ``scan`` body it is the body's equation
     # lifted over the steps (see :func:`lift_over_steps`); else ``program.eqns[eqn]``.
     op: Eqn | None = None
-    # For a use inside a frame: the path of equation indices from the top level to it
-    # (scan, body equation, ...; for a ``cond``: (cond, branch, body equation)).
+    # For a use inside a frame: the path of equation indices from the top level to it (an
+    # equation index per frame, and after a ``cond``'s the branch index).
     scan: tuple | None = None
-    # For a use inside a scan body: the body :class:`Program` the chain lives in, whether the
-    # leaf is scanned over (``xs``: one slice per step) rather than shared by all steps, the
-    # number of steps, and the axis of the lifted output the step axis of the cotangent goes
-    # to. For a use in a branch: the branch's :class:`Program`.
+    # The outermost frame the use sits in (see :attr:`levels`, which reads these fields as
+    # its first :class:`Level`): the frame's body :class:`Program` the chain lives in (the
+    # top-level program for a use at the top level), and for a scan whether the leaf is
+    # scanned over (``xs``: one slice per step) rather than shared by all steps, the number
+    # of steps, and the axis of the lifted output the step axis of the cotangent goes to.
     chain_program: Program | None = None
     stacked: bool = False
     steps: int = 1
     step_axis: int = 0
-    # "" at the top level, "scan" lifted over a scan's steps, "cond" inside a branch (its
-    # cotangent is zero for an example that takes another branch).
+    # Its kind: "" at the top level, else a :attr:`Level.frame` ("scan", "cond",
+    # "custom_jvp").
     site: str = ""
     # For a use inside a frame: the alias chain (in the top-level program) from the leaf to
     # the frame's operand, applied before ``chain``.
     pre_chain: tuple = ()
-    # For a use in a scan nested in a scan body (any depth): one :class:`Level` per inner
-    # scan, outermost first; ``op`` is lifted over every level's steps (the outer first); the
-    # captured arrays hold the example axis after the outer steps, ``(steps, B, *inner, ...)``.
+    # The deeper frames, one :class:`Level` each, outermost first (any nesting of scans,
+    # branches and custom-derivative rules); ``op`` is lifted over every scan's steps (the
+    # outer first); the captured arrays hold the example axis after the outermost scan's
+    # steps, ``(steps, B, *inner steps, ...)`` (see :attr:`scans`).
     nest: tuple = ()
-    # For a use inside a scan: the scan's operand position the leaf enters through.
+    # For a use inside a frame: the outermost frame's operand position the leaf enters by.
     operand: int = -1
     # The equation at one step, before any lift over steps (or its real form).
     base: Eqn | None = None
@@ -288,13 +305,37 @@ class Use:
         """Where the use's operand and cotangent are captured."""
         return self.scan if self.scan is not None else (self.eqn,)
 
+    @property
+    def levels(self) -> tuple:
+        """Every frame the use sits in, one :class:`Level` each, outermost first (none at
+        the top level)."""
+        if self.site == "":
+            return ()
+        branch = self.scan[1] if self.site == "cond" else -1
+        first = Level(
+            self.chain_program, self.chain, self.stacked, self.steps, self.step_axis, branch,
+            self.site,
+        )  # fmt: skip
+        return (first, *self.nest)
+
+    @property
+    def scans(self) -> tuple:
+        """The scans among :attr:`levels`, outermost first: the step axes of the captured
+        arrays (branches and custom rules add none)."""
+        return tuple(lv for lv in self.levels if lv.is_scan)
+
 
 @dataclasses.dataclass(frozen=True)
 class Level:
-    """An inner scan of a nested use: its body, the alias chain in it, whether the leaf is
-    scanned over by it, its steps, and the axis of its lift's output that holds them. Or a
-    ``cond`` branch (``branch >= 0``, inside a scan): no steps, nothing lifted, and the
-    use's cotangent is zero for an example, or a step, that takes another branch."""
+    """One frame a use sits in (see :attr:`Use.levels`): its body, the alias chain in it, and
+
+    * ``frame="scan"``: whether the leaf is scanned over by it, its steps, and the axis of its
+      lift's output that holds them;
+    * ``frame="cond"``, branch ``branch``: no steps, nothing lifted, and the use's cotangent
+      is zero for an example, or a step, that takes another branch;
+    * ``frame="custom_jvp"``: the call's rule, linearised (see :func:`linearised`): no steps,
+      nothing lifted; the leaf enters as the tangent of its operand.
+    """
 
     body: Program
     chain: tuple
@@ -302,17 +343,19 @@ class Level:
     steps: int
     step_axis: int
     branch: int = -1
+    frame: str = "scan"
 
     @property
     def is_scan(self) -> bool:
-        return self.branch < 0
+        return self.frame == "scan"
 
 
 def use_levels(use: Use) -> list:
-    """``(stacked, body, chain)`` per scan level of a use inside a scan, outermost first."""
-    return [(use.stacked, use.chain_program, use.chain)] + [
-        (lv.stacked, lv.body, lv.chain) for lv in use.nest
-    ]
+    """``(stacked, body, chain)`` per frame of a use, outermost first (for a use at the top
+    level: its chain in the top-level program)."""
+    if not use.levels:
+        return [(False, use.chain_program, use.chain)]
+    return [(lv.stacked, lv.body, lv.chain) for lv in use.levels]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,23 +451,35 @@ def _classify(eqn: Eqn, param_pos: list) -> str | None:
     return None
 
 
-# Primitives whose body is opaque to the use classification (a loop, a branch, a custom
-# derivative): a parameter read inside them takes the exact route.
+# Primitives whose body is opaque to the use classification: a parameter read inside them
+# takes the exact route. (Scans, branches and ``custom_jvp`` calls are frames, see
+# :data:`RULES`.) A ``custom_vjp``'s gradient is the user's ``bwd`` applied to the output
+# cotangent in the backward pass: a Python function of it that need not be linear (a
+# gradient clip), with no forward map whose uses could be factored into ``A`` and ``G``.
 _OPAQUE = {
-    "scan": "inside a `lax.scan` body (a loop)",
     "while": "inside a `while_loop` (a loop with a dynamic trip count)",
-    "cond": "inside a `cond`/`switch` branch",
-    "custom_jvp_call": "inside a `custom_jvp` function",
-    "custom_vjp_call": "inside a `custom_vjp` function",
-    "custom_vjp_call_jaxpr": "inside a `custom_vjp` function",
+    "custom_vjp_call": (
+        "inside the `custom_vjp` function `{name}`: its gradient is the user's bwd rule "
+        "applied to the output cotangent (possibly nonlinear, e.g. a clip), which cannot be "
+        "factored into kept operands and cotangents; the exact route keeps the rule"
+    ),
 }
+_OPAQUE["custom_vjp_call_jaxpr"] = _OPAQUE["custom_vjp_call"]
+
+
+def custom_name(eqn: Eqn) -> str:
+    """The user's name of a custom-derivative call's function (``""`` if JAX kept none)."""
+    call = eqn.params.get("call_jaxpr", eqn.params.get("fun_jaxpr"))
+    info = getattr(getattr(call, "jaxpr", call), "debug_info", None)
+    src = getattr(info, "func_src_info", None) or ""
+    return src.split(" at ")[0]
 
 
 def _reason(eqn: Eqn, param_pos: list) -> str:
     """Why a use of a parameter by ``eqn`` is not a dense/conv/gather use."""
     name = eqn.primitive.name
     if name in _OPAQUE:
-        return _OPAQUE[name]
+        return _OPAQUE[name].format(name=custom_name(eqn))
     if any(_is_complex(a) for a in (*eqn.in_avals, *eqn.out_avals)):
         return (
             f"a complex-valued `{name}` of a real parameter (only a `dot_general` with a "
@@ -466,7 +521,7 @@ class Found:
     op: Eqn  # lifted over the steps of every deeper scan level
     base: Eqn
     split: int
-    levels: tuple  # Level per deeper scan, outermost first
+    levels: tuple  # Level per deeper frame, outermost first
     root: Track  # how the leaf entered this frame
     source: str
 
@@ -488,7 +543,9 @@ class Frame:
     def reason(self, leaf: int, why: str) -> None:
         self.reasons.setdefault(leaf, []).append(why + self.suffix)
 
-    def merge(self, inner: Frame, suffix: str) -> None:
+    def merge(self, inner: Frame) -> None:
+        """Takes the reasons of a frame nested in this one, saying where this one sits."""
+        suffix = ", nested inside a `lax.scan` body" if self.where == "scan" else self.suffix
         for j, ws in inner.reasons.items():
             self.reasons.setdefault(j, []).extend(w + suffix for w in ws)
 
@@ -531,16 +588,64 @@ def use(frame: Frame, k: int, e: Eqn, positions: list) -> None:
 
 def bodies(e: Eqn) -> list:
     """The bodies of a frame equation, flattened (the same :class:`Program` every time): a
-    scan's body, a cond's branches. The walker reads them and ``passes`` captures in them."""
+    scan's body, a cond's branches, a ``custom_jvp`` call's linearised rule
+    (:func:`linearised`). The walker reads them and ``passes`` captures in them."""
     if e.primitive.name == "scan":
         return [_flat(e.params["jaxpr"])]
+    if e.primitive.name == "custom_jvp_call":
+        return [linearised(e)]
     return [_flat(b) for b in e.params["branches"]]
 
 
+def tangent_operands(e: Eqn) -> list:
+    """The operands of a ``custom_jvp`` call that have a tangent (the inexact ones), in the
+    order :func:`linearised` takes their tangents."""
+    return [i for i, a in enumerate(e.in_avals) if jax.numpy.issubdtype(a.dtype, jax.numpy.inexact)]
+
+
+def linearised(e: Eqn) -> Program:
+    """A ``custom_jvp`` call as the user's rule sees it: ``(*primals, *tangents) ->
+    (*primal outputs, *tangents of the inexact outputs)``, the rule traced by ``jax.jvp`` of
+    the call (so it is exactly the map ``jax.grad`` transposes), flattened.
+
+    The fast pass evaluates it with the primals stopped and the tangents ``x − sg(x)`` (zero,
+    with the identity as derivative): the call's value is the primal output, and its
+    gradient with respect to every operand is the transpose of the rule's tangent map, the
+    user's rule. A parameter's uses in the tangent map (``x @ dW`` for a rule of ``x @ W``)
+    are then fast uses like any other; walking the call's *body* would be wrong whenever the
+    rule is not the body's derivative.
+    """
+    return _linearised(e.primitive, tuple(e.params.items()), tuple(e.in_avals))
+
+
+@functools.lru_cache(maxsize=256)
+def _linearised(primitive, params: tuple, in_avals: tuple) -> Program:
+    params = dict(params)
+    diff = [i for i, a in enumerate(in_avals) if jax.numpy.issubdtype(a.dtype, jax.numpy.inexact)]
+    n = len(in_avals)
+
+    def lin(*args):
+        primals, tangents = list(args[:n]), list(args[:n])
+        for i, a in enumerate(in_avals):  # integer operands: no tangent (float0 zeros)
+            tangents[i] = np.zeros(a.shape, jax.dtypes.float0)
+        for i, t in zip(diff, args[n:], strict=True):
+            tangents[i] = t
+
+        def call(*ops):
+            out = primitive.bind(*ops, **primitive.get_bind_params(params))
+            return list(out) if primitive.multiple_results else [out]
+
+        outs, touts = jax.jvp(call, primals, tangents)
+        inexact = lambda x: jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)
+        return [*outs, *(t for o, t in zip(outs, touts, strict=True) if inexact(o))]
+
+    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in in_avals]
+    return flatten(jax.make_jaxpr(lin)(*structs, *(structs[i] for i in diff)))
+
+
 def scan(frame: Frame, k: int, e: Eqn, positions: list) -> None:
-    """A ``lax.scan``: its body is a frame; the uses found there are lifted over the steps."""
-    if frame.where == "cond":
-        return other(frame, k, e, positions)
+    """A ``lax.scan`` (in any frame): its body is a frame; the uses found there (at any depth)
+    are lifted over the steps."""
     p = e.params
     nc, ncar, steps = p["num_consts"], p["num_carry"], p["length"]
     (body,) = bodies(e)
@@ -552,17 +657,18 @@ def scan(frame: Frame, k: int, e: Eqn, positions: list) -> None:
         else:
             tracked[body.invars[q]] = Track(t.leaf, (), q >= nc + ncar, q)
     inner = walk(Frame(body, tracked, "scan", ", inside a `lax.scan` body"))
-    frame.merge(inner, "" if frame.where == "top" else ", nested inside a `lax.scan` body")
+    frame.merge(inner)
     for f in inner.found:
         lifted = lift_over_steps(f.op, f.pos, steps, f.root.stacked)
         if lifted is None:
-            why = f"a {f.kind} use"
-            why += (
-                ", inside a `lax.scan` body"
-                if not f.levels
-                else (" of a leaf scanned over by the outer loop, nested inside a `lax.scan` body")
+            # (no lift of the use over the steps is written: a conv, or a lookup in a table
+            # the loop is scanned over)
+            why = f"a {f.kind} use" + (
+                " of a leaf scanned over by the loop" if f.root.stacked else ""
             )
-            frame.reasons.setdefault(f.leaf, []).append(why)
+            frame.reason(
+                f.leaf, why + (", nested" if f.levels else ",") + " inside a `lax.scan` body"
+            )
             continue
         op, step_axis = lifted
         outer = frame.tracked[e.ins[f.root.operand]]
@@ -576,10 +682,8 @@ def scan(frame: Frame, k: int, e: Eqn, positions: list) -> None:
 
 
 def cond(frame: Frame, k: int, e: Eqn, positions: list) -> None:
-    """A ``cond``/``switch`` (at the top level or in a scan body): each branch is a frame, its
-    uses its own (the scan's rule then lifts them over its steps)."""
-    if frame.where == "cond":
-        return other(frame, k, e, positions)
+    """A ``cond``/``switch`` (in any frame): each branch is a frame, its uses (at any depth)
+    its own (an enclosing scan's rule then lifts them over its steps)."""
     tracked_in = {}
     for q in positions:
         t = frame.tracked[e.ins[q]]
@@ -590,15 +694,38 @@ def cond(frame: Frame, k: int, e: Eqn, positions: list) -> None:
     for b, body in enumerate(bodies(e) if tracked_in else ()):
         tracked = {body.invars[q]: Track(t.leaf, (), False, q + 1) for q, t in tracked_in.items()}
         inner = walk(Frame(body, tracked, "cond", ", inside a `cond` branch"))
-        frame.merge(inner, "")
+        frame.merge(inner)
         for f in inner.found:
-            outer = frame.tracked[e.ins[f.root.operand]]
-            branch_level = Level(body, f.chain, False, 1, -1, branch=b)
-            frame.found.append(
-                dataclasses.replace(
-                    f, path=(k, b, *f.path), chain=outer.chain, root=outer, levels=(branch_level,)
-                )
-            )
+            level = Level(body, f.chain, False, 1, -1, branch=b, frame="cond")
+            frame.found.append(_enclosed(frame, e, f, (k, b), level))
+
+
+def custom_jvp(frame: Frame, k: int, e: Eqn, positions: list) -> None:
+    """A ``custom_jvp`` call (in any frame): the user's rule, linearised (:func:`linearised`),
+    is a frame whose tangent inputs carry the leaf; its uses are those of the tangent map."""
+    (body,) = bodies(e)
+    slots = {q: len(e.ins) + s for s, q in enumerate(tangent_operands(e))}
+    tracked = {}
+    for q in positions:
+        if q in slots:  # (an integer operand has no tangent: no gradient reaches it)
+            tracked[body.invars[slots[q]]] = Track(frame.tracked[e.ins[q]].leaf, (), False, q)
+    where = f", in the tangent map of the `custom_jvp` rule of `{custom_name(e)}`"
+    inner = walk(Frame(body, tracked, "custom_jvp", where))
+    frame.merge(inner)
+    for f in inner.found:
+        level = Level(body, f.chain, False, 1, -1, frame="custom_jvp")
+        frame.found.append(_enclosed(frame, e, f, (k,), level))
+
+
+def _enclosed(frame: Frame, e: Eqn, f: Found, at: tuple, level: Level) -> Found:
+    """A use found in a frame of equation ``e`` (a branch, a custom rule: no steps, nothing
+    lifted), as seen from the enclosing ``frame``: its path from ``at``, ``level`` added
+    outermost, and the leaf's track where it entered ``e``."""
+    outer = frame.tracked[e.ins[f.root.operand]]
+    path = (*at, *f.path)
+    return dataclasses.replace(
+        f, path=path, chain=outer.chain, root=outer, levels=(level, *f.levels)
+    )
 
 
 def other(frame: Frame, k: int, e: Eqn, positions: list) -> None:
@@ -633,6 +760,7 @@ RULES: dict[str, Rule] = {
     "debug_callback": ignore,
     "scan": scan,
     "cond": cond,
+    "custom_jvp_call": custom_jvp,
 }
 
 # The rules that put the result in the use's alias chain (``apply_chain`` re-binds them).
@@ -666,6 +794,7 @@ def walk(frame: Frame) -> Frame:
         "top": "returned as (part of) the loss",
         "scan": "returned from a `lax.scan` body",
         "cond": "returned from a `cond` branch",
+        "custom_jvp": "returned as a tangent by a `custom_jvp` rule",
     }[frame.where]
     for r in frame.body.outs:
         if isinstance(r, Var) and r in frame.tracked:
@@ -678,15 +807,10 @@ def _as_use(f: Found, program: Program) -> Use:
     common = dict(op=f.op, base=f.base, split=f.split, source=f.source)
     if not f.levels:
         return Use(f.kind, f.path[0], f.pos, f.chain, chain_program=program, **common)
-    first, *rest = f.levels
-    if not first.is_scan:  # a branch of a top-level cond
-        return Use(
-            f.kind, f.path[0], f.pos, first.chain, scan=f.path, chain_program=first.body,
-            site="cond", pre_chain=f.chain, **common,
-        )  # fmt: skip
+    first, *rest = f.levels  # the outermost frame's fields (see :attr:`Use.levels`)
     return Use(
         f.kind, f.path[0], f.pos, first.chain, scan=f.path, chain_program=first.body,
-        stacked=first.stacked, steps=first.steps, step_axis=first.step_axis, site="scan",
+        stacked=first.stacked, steps=first.steps, step_axis=first.step_axis, site=first.frame,
         pre_chain=f.chain, nest=tuple(rest), operand=f.root.operand, **common,
     )  # fmt: skip
 
@@ -984,11 +1108,12 @@ def _is_alias(e: Eqn) -> bool:
 
 def _batched(program: Program, u: Use, top: set, cache: dict) -> bool:
     """Whether a use's output differs between examples, as ``vmap`` batches it (at some
-    step, for a use in a scan: read level by level, outermost first). A use in a branch is
-    taken as batched (its perturbation is the tap's; exact either way, see ``Use.batched``)."""
+    step, for a use in a scan: read level by level, outermost first). A use in a branch or a
+    custom rule, at any depth, is taken as batched (its perturbation is added, never the tap,
+    see ``passes._capture``: exact either way, see ``Use.batched``)."""
     if u.site == "":
         return program.eqns[u.eqn].outs[0] in top
-    if u.site == "cond" or not all(lv.is_scan for lv in u.nest):
+    if not all(lv.is_scan for lv in u.levels):
         return True
     path, eqn, outer = u.scan[:1], program.eqns[u.scan[0]], top
     for body in [u.chain_program, *(lv.body for lv in u.nest)]:
@@ -1239,7 +1364,7 @@ def disjoint_groups(program: Program, uses: list) -> list:
 
 def use_perm(program: Program, use: Use, ndim: int):
     """The permutation from a leaf to a use's operand (None if not only transposes)."""
-    levels = use_levels(use) if use.site == "scan" else [(False, use.chain_program, use.chain)]
+    levels = use_levels(use)
     if any(stacked for stacked, _, _ in levels):
         return None
     perm = chain_perm(program, use.pre_chain, ndim)
@@ -1251,7 +1376,7 @@ def use_perm(program: Program, use: Use, ndim: int):
 def apply_use_chain(program: Program, use: Use, x):
     """The leaf value ``x`` as the use's operand sees it (over all steps, when scanned over)."""
     x = apply_chain(program, use.pre_chain, x)
-    levels = use_levels(use) if use.site == "scan" else [(False, use.chain_program, use.chain)]
+    levels = use_levels(use)
 
     def down(v, d):  # the leaf as level d's body sees it, then its chain there, and deeper
         if d == len(levels):
