@@ -268,13 +268,33 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     # G again saves a copy of every activation.
     g_use, g_exact = vjp(mask.astype(sums.dtype))
 
+    # The factors of scaled effective weights W_eff = θ' ⊙ Π F_k (see trace.Scale): each
+    # scales A or G of the uses of W_eff, which are then the uses of the leaf θ.
+    scale_refs = list(
+        dict.fromkeys(
+            sc.ref for us in an.fast.values() for u in us for sc in u.scale
+            if isinstance(sc.ref, trace.Var)
+        )
+    )  # fmt: skip
+    known = {program.invars[j]: leaves[j] for j in range(n) if j not in an.exact}
+    scale_vals = dict(zip(scale_refs, trace.eval_known(program, known, scale_refs), strict=True))
+
+    def factor_value(sc):
+        return sc.ref.value if isinstance(sc.ref, trace.Const) else scale_vals[sc.ref]
+
+    def scaled(x, u, side, skip=None):  # x (B, ...) times the use's factors on one side
+        for q, sc in enumerate(u.scale):
+            if sc.side == side and q != skip:
+                x = x * sc.broadcast(factor_value(sc))[None].astype(x.dtype)
+        return x
+
     def a_of(u):  # examples first
-        return jnp.moveaxis(kept[u.key], axis[u.key], 0)
+        return scaled(jnp.moveaxis(kept[u.key], axis[u.key], 0), u, "a")
 
     def g_of(u):  # the cotangent in the lifted equation's layout, examples first
         g = jnp.moveaxis(g_use[u.key], axis[u.key], 0)
         if u.site != "scan":
-            return g
+            return scaled(g, u, "g")
         # (B, steps, *inner steps, *out): each level's steps go where its lift put them,
         # innermost first (a level's lift inserts its axis into the output of the next).
         step_axes = [u.step_axis, *(lv.step_axis for lv in u.nest if lv.is_scan)]
@@ -289,7 +309,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
                 w = c.astype(grads.dtype).reshape((1, -1) + (1,) * (grads.ndim - 2))
                 return jnp.sum(grads * w, axis=1)
             return jnp.tensordot(c.astype(grads.dtype), grads, 1)
-        if u.nest:
+        if u.nest or u.scale:
             return rules.weighted_grad(u.op, u.pos, a_of(u), g_of(u), c)
         g = g_use[u.key]
         if u.site == "scan" and u.step_axis:
@@ -358,8 +378,10 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     # same for every example, so ∇_θ S_i = J_fᵀ ∇_{W_eff} S_i. Norms (and Gram blocks) apply
     # the VJP to each example's materialised ∇_{W_eff} S_i (B × |W_eff|, no per-example
     # forward pass); the weighted sum and the dots stay factored by linearity:
-    # Σ_i c_i J_fᵀ ∇_i = J_fᵀ (Σ_i c_i ∇_i) and ⟨J_fᵀ ∇_i, v⟩ = ⟨∇_i, J_f v⟩.
-    if tf is not None:
+    # Σ_i c_i J_fᵀ ∇_i = J_fᵀ (Σ_i c_i ∇_i) and ⟨J_fᵀ ∇_i, v⟩ = ⟨∇_i, J_f v⟩. A scaled weight
+    # (θ' ⊙ Π F_k) forms no ∇_{W_eff} S_i: θ is a fast leaf, and the factors made of leaves
+    # get their per-example gradients from A, G and θ' (``factor_grads``) for the same VJP.
+    if tf is not None and tf.leaves:
         fixed = {program.invars[j]: leaves[j] for j in range(n) if j not in an.exact}
 
         def transform(*theta):
@@ -369,7 +391,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
 
         theta0 = [leaves[j] for j in tf.leaves]
         _, f_vjp = jax.vjp(transform, *theta0)
-        eff = [n + v for v in range(len(tf.outputs))]
+        eff = [n + v for v in tf.formed]
 
         @functools.cache
         def eff_grads(j):  # (B, *W_eff): every use's per-example gradient, summed
@@ -378,9 +400,37 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
                 total = total + leaf_grads(j, u).astype(like[j].dtype)
             return total
 
+        def factor_grad(u, q, j):  # one use's per-example gradient of its factor q
+            sc = u.scale[q]
+            w = trace.apply_use_chain(program, u, leaves[j])  # θ' as the use's operand
+            a = jnp.moveaxis(kept[u.key], axis[u.key], 0)
+            g = g_use[u.key]
+            op = lambda w, a: jax.vmap(lambda a_i: rules._bind(u.op, u.pos, w, a_i))(a)
+            if sc.side == "g":  # G ⊙ op(A', θ'), the other factors of G applied
+                cot = scaled(g, u, "g", skip=q) * op(w, scaled(a, u, "a"))
+            else:  # A ⊙ op_Aᵀ(G', θ'), the other factors of A applied
+                _, vjp_a = jax.vjp(lambda x: op(w, x), a)
+                cot = scaled(a, u, "a", skip=q) * vjp_a(scaled(g, u, "g"))[0]
+            # The broadcast's transpose is a sum over the axes it does not span.
+            ones = [1 + d for d, t in enumerate(sc.target) if t == 1 and cot.shape[1 + d] != 1]
+            cot = jnp.sum(cot, axis=tuple(ones), keepdims=True)
+            x = factor_value(sc)
+            _, vjp_b = jax.vjp(sc.broadcast, x)
+            return jax.vmap(lambda ct: vjp_b(ct.astype(x.dtype))[0])(cot)
+
+        @functools.cache
+        def factor_grads():  # (B, *F) per factor of tf.factors: Σ over the uses it scales
+            out = dict.fromkeys(tf.factors, 0)
+            for j, us in an.fast.items():
+                for u in us:
+                    for q, sc in enumerate(u.scale):
+                        if sc.leaves:
+                            out[sc.ref] = out[sc.ref] + factor_grad(u, q, j)
+            return [out[ref] for ref in tf.factors]
+
         @functools.cache
         def reparam_grads():  # leaf -> (B, *leaf): the VJP per example, plus direct uses
-            per = jax.vmap(f_vjp)([eff_grads(j) for j in eff])
+            per = jax.vmap(f_vjp)([eff_grads(j) for j in eff] + factor_grads())
             out = {}
             for j, g in zip(tf.leaves, per, strict=True):
                 for u in an.uses[j]:
@@ -396,7 +446,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         # cross terms: their squared norms add.
         sq = group_norm(j, group).astype(norm_dtype)
         norm_sq, leaf_cols[j] = norm_sq + sq, leaf_cols[j] + sq
-    if tf is not None:
+    if tf is not None and tf.leaves:
         for j, g in reparam_grads().items():
             sq = _row_sq(g, norm_dtype)
             norm_sq, leaf_cols[j] = norm_sq + sq, leaf_cols[j] + sq
@@ -410,22 +460,21 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
             total = total + _chain_transpose(program, u, like[j], weighted_use(u, c))
         return total
 
-    def eff_weighted(k, c):  # Σ_i c_i ∇_{W_eff} S_i, read off the norms' per-example gradients
-        g = eff_grads(k)  # (formed for the norms anyway: no second contraction of A and G)
-        return jnp.tensordot(c.astype(g.dtype), g, 1)
+    def eff_weighted(c):  # Σ_i c_i ∇S_i per formed weight and factor, read off the norms'
+        # per-example gradients (formed for them anyway: no second contraction of A and G)
+        grads = [eff_grads(j) for j in eff] + factor_grads()
+        return [jnp.tensordot(c.astype(g.dtype), g, 1) for g in grads]
 
     def through_transform(c):  # reparametrised leaf -> Σ_i c_i J_fᵀ ∇_{W_eff} S_i
         # By linearity J_fᵀ is applied once, to the weighted sum, never per example.
         if c.ndim == 1:  # one weight per example: one VJP for every leaf
-            return dict(zip(tf.leaves, f_vjp([eff_weighted(j, c) for j in eff]), strict=True))
+            return dict(zip(tf.leaves, f_vjp(eff_weighted(c)), strict=True))
         # one weight per example and leaf: a VJP per leaf, with its own column
-        return {
-            j: f_vjp([eff_weighted(k, c[:, j]) for k in eff])[q] for q, j in enumerate(tf.leaves)
-        }
+        return {j: f_vjp(eff_weighted(c[:, j]))[q] for q, j in enumerate(tf.leaves)}
 
     def weighted(c):
         out = []
-        if tf is not None:
+        if tf is not None and tf.leaves:
             through = through_transform(c)
         for j, leaf in enumerate(leaves):
             if j in an.fast or j in an.reparam:
@@ -442,11 +491,17 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
 
     def dots(v):  # ⟨∇S_i, v⟩ = Σ_uses ⟨G_i, op(A_i, chain(v))⟩ + the exact leaves' rows
         total = jnp.zeros((size,), norm_dtype)
-        v = list(v)
-        if tf is not None:  # the effective weights' direction: J_f v
+        v = list(v) + [None] * len(tf.outputs if tf is not None else ())
+        if tf is not None and tf.leaves:  # the formed weights' and factors' direction: J_f v
             theta_v = [jnp.asarray(v[j], like[j].dtype) for j in tf.leaves]
-            v = v + list(jax.jvp(transform, theta0, theta_v)[1])
+            dirs = list(jax.jvp(transform, theta0, theta_v)[1])
+            for k, d in zip(eff, dirs, strict=False):
+                v[k] = d
+            for g, d in zip(factor_grads(), dirs[len(eff) :], strict=True):
+                total = total + _row_dots(g, d).astype(norm_dtype)
         for j, uses in an.uses.items():
+            if v[j] is None:
+                continue  # (a scaled weight: its uses are its leaf's)
             vj = jnp.asarray(v[j], like[j].dtype)
             zero = jnp.zeros_like(vj)
             for u in uses:
@@ -461,7 +516,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
 
     def blocks():  # the groups norm_sq adds, in the same order, for gram()
         out = [group_block(j, group) for j, group in fast_groups()]
-        if tf is not None:
+        if tf is not None and tf.leaves:
             out += [("grads", g) for g in reparam_grads().values()]
         return out + [("grads", g) for g in g_exact.values()]
 

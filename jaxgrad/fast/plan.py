@@ -121,6 +121,8 @@ class Route:
 
 def _use_name(u: trace.Use) -> str:
     where = f" @ {u.source}" if u.source else ""
+    if u.scale:
+        where += f" via {', '.join(u.via)}"
     if u.site == "cond":
         return f"{u.kind}{where} in cond branch {u.scan[1]}"
     if u.site == "scan":
@@ -131,6 +133,19 @@ def _use_name(u: trace.Use) -> str:
 
 def _level_name(lv: trace.Level) -> str:
     return "scan" if lv.is_scan else f"cond branch {lv.branch}"
+
+
+def _scale_prefix(uses) -> str:
+    """For the uses of a scaled leaf (``W_eff = θ' ⊙ Π F_k``, see
+    :class:`jaxgrad.fast.trace.Scale`): where the factors went."""
+    sides = {sc.side for u in uses for sc in u.scale}
+    if not any(u.scale for u in uses):
+        return ""
+    where = " and ".join(
+        {"a": "its kept operand A", "g": "its output cotangent G"}[x] for x in sorted(sides)
+    )
+    what = ", ".join(dict.fromkeys(v for u in uses for v in u.via))
+    return f"scaled ({what}): the scale folded into {where or 'nothing'}, no B × |W| array; "
 
 
 def _complex_prefix(uses) -> str:
@@ -157,10 +172,10 @@ def _group(an: trace.Analysis, uses: list, shape: tuple) -> Group:
         (u,) = uses
         stacked = u.site == "scan" and u.stacked and not u.nest
         rule = rules.route(u.kind, u.op, u.pos, stacked=stacked)
-        label = _scan_prefix(u) + _complex_prefix(uses) + rule.label
+        label = _scan_prefix(u) + _scale_prefix(uses) + _complex_prefix(uses) + rule.label
         return Group(tuple(uses), "use", (), label, rule.cost, rule)
     perms = tuple(trace.use_perm(an.program, u, len(shape)) for u in uses)
-    cplx = _complex_prefix(uses)
+    cplx = _scale_prefix(uses) + _complex_prefix(uses)
     if all(
         rules.has_outer_form(u.op, u.pos, p, len(shape)) for u, p in zip(uses, perms, strict=True)
     ):
@@ -197,6 +212,16 @@ def _structure(an: trace.Analysis, j: int) -> str:
     return "; ".join(parts) + "; " if parts else ""
 
 
+def _factors_of(an: trace.Analysis, j: int) -> list:
+    """The factors of scaled weights (``Transform.factors``) that leaf ``j`` makes."""
+    found = {sc.ref for us in an.fast.values() for u in us for sc in u.scale if j in sc.leaves}
+    return [r for r in an.transform.factors if r in found]
+
+
+def shape_of(an: trace.Analysis, ref) -> tuple:
+    return tuple(trace.program_aval_in(an.program, ref).shape)
+
+
 def routes(an: trace.Analysis, shapes: list) -> tuple:
     """Every leaf's :class:`Route` (``shapes``: the leaves'), then the effective weights'
     (leaf ``num_params + v``) when the analysis found a reparametrisation."""
@@ -209,18 +234,28 @@ def routes(an: trace.Analysis, shapes: list) -> tuple:
             out.append(Route(j, "exact", (), "exact fallback", an.reasons[j], size))
         elif j in an.reparam:
             direct = _fast_route(an, j, shape) if an.uses[j] else None
-            sizes = sum(math.prod(eff_shapes[v]) for v in tf.reads[j])
+            formed = [v for v in tf.reads[j] if v not in tf.scaled]
+            sizes = sum(math.prod(eff_shapes[v]) for v in formed)
             forms = ", ".join(
                 dict.fromkeys(
                     rules.per_example_grads_route(u.kind, u.op, u.pos)
-                    for v in tf.reads[j]
+                    for v in formed
                     for u in an.uses[an.num_params + v]
                 )
             )
+            what = []
+            if formed:
+                what.append(f"per-example gradient of the effective weight ({forms})")
+            factors = _factors_of(an, j)
+            if factors:
+                sizes += sum(math.prod(shape_of(an, r)) for r in factors)
+                what.append(
+                    "per-example gradient of the scale of a scaled weight (from A, G and the "
+                    "scaled leaf, one product per use; no B × |W| array)"
+                )
             label = (
-                f"reparametrised ({', '.join(tf.names[j])}): {_structure(an, j)}per-example "
-                "gradient of the "
-                f"effective weight ({forms}), the transformation's VJP per example; clipped "
+                f"reparametrised ({', '.join(tf.names[j])}): {_structure(an, j)}"
+                f"{' and '.join(what)}, the transformation's VJP per example; clipped "
                 "sum: one VJP of its weighted sum"
             )
             if direct is not None:
@@ -241,7 +276,13 @@ def leaf_plans(an: trace.Analysis, leaves, paths) -> tuple:
     for r, shape, path in zip(routes(an, shapes), shapes, paths, strict=False):
         uses = tuple(_use_name(u) for g in r.groups for u in g.uses)
         if r.way == "reparam":  # and the uses of the effective weights it makes
-            via = an.transform.reads[r.leaf]
+            via = [v for v in an.transform.reads[r.leaf] if v not in an.transform.scaled]
+            uses += tuple(
+                f"scale of {_use_name(u)}"
+                for us in an.fast.values()
+                for u in us
+                if any(r.leaf in sc.leaves for sc in u.scale)
+            )
             uses += tuple(
                 f"{_use_name(u)} via {', '.join(an.transform.names[r.leaf])}"
                 for v in via

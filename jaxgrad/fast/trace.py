@@ -282,6 +282,12 @@ class Use:
     split: int = -1
     # Where the user wrote it: "file.py:123 (fn)".
     source: str = ""
+    # For the use of a *scaled* leaf θ through an effective weight ``W_eff = θ' ⊙ Π_k F_k``
+    # (see :class:`Scale`): the factors, each pushed into the kept operand ``A`` or the
+    # cotangent ``G``; ``chain`` then runs from the leaf through ``θ'`` to the operand. And the
+    # transformation's primitives (for the plan).
+    scale: tuple = ()
+    via: tuple = ()
 
     @property
     def key(self):
@@ -316,14 +322,262 @@ def use_levels(use: Use) -> list:
 
 
 @dataclasses.dataclass(frozen=True)
+class Scale:
+    """One example-independent factor ``F`` of an effective weight ``W_eff = θ' ⊙ Π_k F_k``
+    (``θ'`` an alias of one leaf ``θ``), pushed into one side of a ``dot_general`` use.
+
+    ``F`` is the value ``ref`` (or ``1 / ref``), broadcast along the axes of ``W_eff`` it spans.
+    Where those are contracted (or batch) axes of the use, ``F`` scales the kept operand
+    ``A`` along the matching axes (``side == "a"``); where they are free (or batch) axes of the
+    parameter operand, it scales the output and so its cotangent ``G`` (``side == "g"``).
+    Since the use is bilinear, ``op(A, W_eff) = op(A ⊙ F_A, θ') ⊙ F_G``: the gradient with
+    respect to ``θ'`` is the use's own gradient ``op_Wᵀ(A ⊙ F_A, G ⊙ F_G)``, every route of the
+    use (``|a|²|g|²``, the Gram form, ...) applies to the scaled ``A`` and ``G``, and no
+    ``B × |W_eff|`` array is formed.
+
+    ``shape`` is ``ref``'s shape with the axes it does not span dropped, ``perm`` orders them
+    as the side's axes, which ``dims`` of the side's per-example shape ``target`` (1 on every
+    other axis) they go to; ``leaves`` are the parameter leaves ``ref`` is made of (its
+    gradient goes to them, see ``passes``).
+    """
+
+    ref: Any  # Var | Const
+    inverse: bool
+    side: str  # "a" | "g"
+    shape: tuple
+    perm: tuple
+    target: tuple
+    dims: tuple
+    leaves: frozenset = frozenset()
+
+    def broadcast(self, x):
+        """The factor's value ``x`` (of ``ref``) as an array broadcastable against one
+        example's ``A`` (or ``G``)."""
+        x = 1 / x if self.inverse else x
+        x = jax.numpy.transpose(jax.numpy.reshape(x, self.shape), self.perm)
+        return jax.lax.broadcast_in_dim(x, self.target, self.dims)
+
+
+def _product(program: Program, producer: dict, region: set, ref, shape: tuple) -> list:
+    """``ref`` (of shape ``shape``) as a product of terms ``(value, axes, inverse)``: ``value``
+    broadcast so that its axis ``i`` runs along axis ``axes[i]`` of ``ref`` (None: a unit axis
+    broadcast), inverted when ``inverse``. Read through the reparametrisation's ``mul``,
+    ``div``, ``neg`` and ``broadcast_in_dim``; any other value is one term spanning it all."""
+    whole = [(ref, tuple(range(len(shape))), False)]
+    k = producer.get(ref) if isinstance(ref, Var) else None
+    if k is None or k not in region:
+        return whole
+    e = program.eqns[k]
+    name = e.primitive.name
+
+    def part(r, a):  # an operand: of the result's shape, or of size 1 along broadcast axes
+        if tuple(a.shape) == ():
+            return [(r, (), False)]
+        if len(a.shape) == len(shape) and all(x in (1, y) for x, y in zip(a.shape, shape)):
+            return _product(program, producer, region, r, tuple(a.shape))
+        return None
+
+    if name in ("mul", "div") and len(e.ins) == 2:
+        terms = [part(r, a) for r, a in zip(e.ins, e.in_avals, strict=True)]
+        if any(t is None for t in terms):
+            return whole
+        if name == "div":
+            terms[1] = [(r, axes, not inv) for r, axes, inv in terms[1]]
+        return terms[0] + terms[1]
+    if name == "neg":
+        return [*_product(program, producer, region, e.ins[0], shape), (Const(-1.0), (), False)]
+    if name == "broadcast_in_dim" and not e.params.get("sharding"):
+        (a,) = e.in_avals
+        dims = e.params["broadcast_dimensions"]
+        axes = tuple(d if a.shape[i] == shape[d] else None for i, d in enumerate(dims))
+        return [(e.ins[0], axes, False)]
+    return whole
+
+
+def _alias_of_leaf(program: Program, producer: dict, n: int, ref):
+    """``(leaf, chain)`` when ``ref`` is a parameter leaf through alias equations only."""
+    chain: list = []
+    while isinstance(ref, Var):
+        if ref in program.invars[:n]:
+            return program.invars.index(ref), tuple(reversed(chain))
+        k = producer.get(ref)
+        if k is None:
+            return None
+        e = program.eqns[k]
+        if RULES.get(e.primitive.name) not in ALIAS_RULES or not _is_alias(e):
+            return None
+        chain.append(k)
+        ref = e.ins[0]
+    return None
+
+
+def _dense_axes(eqn: Eqn, pos: int):
+    """Per parameter-operand axis of a ``dot_general`` use: ``("a", axis of A)`` for a
+    contracted axis, ``("g", output axis)`` for a free one, ``("ag", (A axis, output axis))``
+    for a batch axis."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    contract, batch = (tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))
+    other = 1 - pos
+    ndim = [len(a.shape) for a in eqn.in_avals]
+    free = [
+        [d for d in range(ndim[i]) if d not in contract[i] and d not in batch[i]] for i in (0, 1)
+    ]
+    nb = len(batch[0])
+    # The output: batch axes, then the lhs's free axes, then the rhs's.
+    out_free = nb if pos == 0 else nb + len(free[0])
+    where = {}
+    for i, d in enumerate(contract[pos]):
+        where[d] = ("a", contract[other][i])
+    for i, d in enumerate(batch[pos]):
+        where[d] = ("ag", (batch[other][i], i))
+    for i, d in enumerate(free[pos]):
+        where[d] = ("g", out_free + i)
+    return where
+
+
+def _scale_for(u: Use, perm: tuple, ref, axes: tuple, inverse: bool, ref_shape, leaves):
+    """The :class:`Scale` of one term on the side of use ``u`` it spans, or None."""
+    eqn = u.op
+    where = _dense_axes(eqn, u.pos)
+    w_to_op = {w: i for i, w in enumerate(perm)}  # operand axis i is W_eff axis perm[i]
+    kept = [(i, axes[i]) for i in range(len(axes)) if axes[i] is not None and ref_shape[i] > 1]
+    for side, k in (("g", 1), ("a", 0)):
+        targets = []
+        for _, w in kept:
+            kind, ax = where[w_to_op[w]]
+            if side not in kind:
+                break
+            targets.append(ax[k] if kind == "ag" else ax)
+        else:
+            shape = eqn.out_avals[0].shape if side == "g" else eqn.in_avals[1 - u.pos].shape
+            order = tuple(int(i) for i in np.argsort(targets))
+            target = [1] * len(shape)
+            for i, t in zip(kept, targets, strict=True):
+                target[t] = ref_shape[i[0]]
+            return Scale(
+                ref, inverse, side, tuple(ref_shape[i] for i, _ in kept), order,
+                tuple(target), tuple(sorted(targets)), frozenset(leaves),
+            )  # fmt: skip
+    return None
+
+
+def _scalings(program: Program, n: int, region, outputs: list, deps: dict, uses: dict) -> dict:
+    """The effective weights whose leaf takes the *scaled* route: ``v -> (leaf, chain,
+    {use eqn: scales})`` for ``W_eff = θ' ⊙ Π_k F_k`` with ``θ'`` an alias of one leaf ``θ``
+    no factor reads, every use of ``W_eff`` a top-level real ``dot_general`` reached by
+    transposes only, and every factor spanning one side of each (see :class:`Scale`).
+
+    A leaf takes the scaled route only if every effective weight it reaches does (else its
+    gradient needs the whole ``J_fᵀ``: the materialised route).
+    """
+    producer = {o: k for k, e in enumerate(program.eqns) for o in e.outs}
+    region = set(region)
+    found: dict = {}
+    for v, out in enumerate(outputs):
+        shape = tuple(program_aval(program, out).shape)
+        us = uses.get(n + v, [])
+        if not us or any(
+            u.kind != "dense" or u.site != "" or u.split >= 0 or u.pre_chain for u in us
+        ):
+            continue
+        perms = [chain_perm(program, u.chain, len(shape)) for u in us]
+        if any(p is None for p in perms):
+            continue
+        terms = _product(program, producer, region, out, shape)
+        for t, (ref, axes, inverse) in enumerate(terms):
+            theta = _alias_of_leaf(program, producer, n, ref)
+            if (
+                theta is None
+                or inverse
+                or axes != tuple(range(len(shape)))
+                or tuple(program_aval_in(program, ref).shape) != shape
+            ):
+                continue
+            j, chain = theta
+            others = [x for q, x in enumerate(terms) if q != t]
+            if any(j in deps.get(r, ()) for r, _, _ in others if isinstance(r, Var)):
+                continue
+            per_use = {}
+            for u, perm in zip(us, perms, strict=True):
+                scales = []
+                for r, ax, inv in others:
+                    rs = (
+                        np.shape(r.value)
+                        if isinstance(r, Const)
+                        else program_aval_in(program, r).shape
+                    )
+                    lv = deps.get(r, frozenset()) if isinstance(r, Var) else frozenset()
+                    sc = _scale_for(u, perm, r, ax, inv, rs, lv)
+                    if sc is None:
+                        break
+                    scales.append(sc)
+                else:
+                    per_use[u.eqn] = tuple(scales)
+                    continue
+                break
+            if len(per_use) == len(us):
+                found[v] = (j, chain, per_use)
+                break
+    # A leaf reaching an effective weight that is not scaled, or read by a factor, is not.
+    while True:
+        factor_leaves = {
+            j for _, _, per_use in found.values() for ss in per_use.values() for s in ss
+            for j in s.leaves
+        }  # fmt: skip
+        drop = {
+            v for v, (j, _, _) in found.items()
+            if j in factor_leaves
+            or any(w not in found or found[w][0] != j
+                   for w, o in enumerate(outputs) if j in deps.get(o, ()))
+        }  # fmt: skip
+        if not drop:
+            return found
+        found = {v: x for v, x in found.items() if v not in drop}
+
+
+def program_aval_in(program: Program, v):
+    """The abstract value of a program input or of a value some equation makes."""
+    for e in program.eqns:
+        for r, a in zip(e.ins, e.in_avals, strict=True):
+            if r == v:
+                return a
+    return program_aval(program, v)
+
+
+def eval_known(program: Program, values: dict, wanted) -> list:
+    """The values ``wanted`` (Vars or Consts) computed from ``values`` (top-level Var ->
+    value): every equation whose inputs are known, in order, until they are."""
+    env = dict(values)
+    known = lambda r: isinstance(r, Const) or r in env
+    read = lambda r: r.value if isinstance(r, Const) else env[r]
+    need = {r for r in wanted if isinstance(r, Var)}
+    for e in program.eqns:
+        if need <= env.keys():
+            break
+        if not e.outs or not all(known(r) for r in e.ins):
+            continue  # example-dependent, or only an effect (a print)
+        outs = e.primitive.bind(*map(read, e.ins), **e.primitive.get_bind_params(e.params))
+        outs = outs if e.primitive.multiple_results else [outs]
+        env.update(zip(e.outs, outs, strict=True))
+    return [read(r) for r in wanted]
+
+
+@dataclasses.dataclass(frozen=True)
 class Transform:
     """The example-independent transformation ``W_eff = f(θ)`` of reparametrised leaves.
 
-    ``leaves`` are the parameter leaves it reads, ``outputs`` the effective weights (values of
-    the top-level program that ordinary equations read; index ``num_params + v`` in
-    :attr:`uses`), ``names`` the primitives it applies (for the plan), ``reads`` leaf -> the
-    effective weights it reaches, ``uses`` the captured uses of both, ``blocks`` per
-    effective weight the axes it is separable along (see :func:`separable_axes`).
+    ``leaves`` are the parameter leaves whose gradient goes through its VJP, ``outputs`` the
+    effective weights (values of the top-level program that ordinary equations read; index
+    ``num_params + v`` in :attr:`uses`), ``names`` the primitives it applies (for the plan),
+    ``reads`` leaf -> the effective weights it reaches, ``uses`` the captured uses of both,
+    ``blocks`` per effective weight the axes it is separable along (see
+    :func:`separable_axes`).
+
+    ``scaled``: the effective weights ``v`` of the form ``θ' ⊙ Π_k F_k`` whose leaf ``θ`` takes
+    the scaled route (a fast leaf, its uses carrying their :class:`Scale` s), as ``v -> leaf``;
+    their per-example gradients are never formed. ``factors``: the values ``F_k`` of those
+    weights that parameter leaves make (a scale ``s``, weight norm's ``g``): their per-example
+    gradients come from ``A``, ``G`` and ``θ'`` (see ``passes``), then go through the VJP.
     """
 
     leaves: tuple
@@ -334,23 +588,19 @@ class Transform:
     # leaf -> its direct fast uses, and effective weight ``num_params + v`` -> its uses
     uses: dict = dataclasses.field(default_factory=dict)
     blocks: tuple = ()  # per effective weight, the axes it is separable along
+    scaled: dict = dataclasses.field(default_factory=dict)  # v -> its scaled leaf
+    factors: tuple = ()  # of Var: the factors of scaled weights made of leaves
+
+    @property
+    def formed(self) -> tuple:
+        """The effective weights whose per-example gradients are formed (not scaled)."""
+        return tuple(v for v in range(len(self.outputs)) if v not in self.scaled)
 
     def apply(self, program: Program, values: dict):
-        """The effective weights from ``values`` (top-level input Var -> value): every
-        example-independent equation whose inputs are known, in order."""
-        env = dict(values)
-        known = lambda r: isinstance(r, Const) or r in env
-        read = lambda r: r.value if isinstance(r, Const) else env[r]
-        wanted = set(self.outputs)
-        for e in program.eqns:
-            if wanted <= env.keys():
-                break
-            if not e.outs or not all(known(r) for r in e.ins):
-                continue  # example-dependent, or only an effect (a print)
-            outs = e.primitive.bind(*map(read, e.ins), **e.primitive.get_bind_params(e.params))
-            outs = outs if e.primitive.multiple_results else [outs]
-            env.update(zip(e.outs, outs, strict=True))
-        return [env[v] for v in self.outputs]
+        """The formed effective weights, then the factors, from ``values`` (top-level input
+        Var -> value)."""
+        wanted = [self.outputs[v] for v in self.formed] + list(self.factors)
+        return eval_known(program, values, wanted)
 
 
 @dataclasses.dataclass
@@ -780,36 +1030,51 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
         uses.setdefault(f.leaf, []).append(u)
     reads = {j: tuple(i for i, v in enumerate(outputs) if j in deps[v]) for j in range(n)}
     transformed = sorted(j for j in frame.transformed if j < n and reads[j])
+    names = {
+        j: tuple(
+            dict.fromkeys(
+                program.eqns[k].primitive.name
+                for k in sorted(region)
+                if any(j in deps.get(o, ()) for o in program.eqns[k].outs)
+            )
+        )
+        for j in transformed
+    }
+    # Effective weights θ' ⊙ Π F_k: their leaf θ is a fast leaf, its uses scaled (see Scale).
+    scalings = _scalings(program, n, region, outputs, deps, uses) if transformed else {}
+    scaled_uses: dict = {}
+    for v, (j, chain, per_use) in scalings.items():
+        scaled_uses.setdefault(j, []).extend(
+            dataclasses.replace(u, chain=(*chain, *u.chain), scale=per_use[u.eqn], via=names[j])
+            for u in uses[n + v]
+        )
     fast, exact_l, unused = {}, sorted(exact), []
     for j in range(n):
-        if j in exact or j in transformed:
+        if j in exact or (j in transformed and j not in scaled_uses):
             continue
-        if uses.get(j):
-            fast[j] = uses[j]
+        if uses.get(j) or scaled_uses.get(j):
+            fast[j] = uses.get(j, []) + scaled_uses.get(j, [])
         else:
             unused.append(j)
     transform = None
     if transformed:
-        through = {j: uses.get(j, []) for j in transformed}
+        through = {j: uses.get(j, []) for j in transformed if j not in scaled_uses}
         through.update({n + i: uses.get(n + i, []) for i in range(len(outputs))})
-        names = {
-            j: tuple(
-                dict.fromkeys(
-                    program.eqns[k].primitive.name
-                    for k in sorted(region)
-                    if any(j in deps.get(o, ()) for o in program.eqns[k].outs)
-                )
+        factors = tuple(
+            dict.fromkeys(
+                sc.ref for us in scaled_uses.values() for u in us for sc in u.scale if sc.leaves
             )
-            for j in transformed
-        }
+        )
         transform = Transform(
-            tuple(transformed),
+            tuple(j for j in transformed if j not in scaled_uses),
             tuple(outputs),
             tuple(program_aval(program, v) for v in outputs),
             names,
             {j: reads[j] for j in transformed},
             through,
             tuple(separable_axes(program, region, n, v) for v in outputs),
+            {v: j for v, (j, _, _) in scalings.items()},
+            factors,
         )
     reasons = {j: "; ".join(dict.fromkeys(other.get(j, ["(a per-example copy)"]))) for j in exact_l}
     return Analysis(program, n, fast, exact_l, unused, reasons, transform), set()
