@@ -327,3 +327,78 @@ def test_separable_axes_match_the_jacobian_blocks():
                 per_slice = nonzero.reshape(shape[d], -1, *jac.shape[len(shape) :]).any(axis=1)
                 worst = max(worst, int(per_slice.sum(axis=0).max()))
             assert (worst <= 1) == (d in axes), (f, d, worst)
+
+
+def _shapes_in(jaxpr) -> set:
+    """Every value's shape in a jaxpr and its sub-jaxprs (loops, branches, custom calls)."""
+    from jax.extend import core as jcore
+
+    out = set()
+    for e in jaxpr.eqns:
+        out.update(tuple(v.aval.shape) for v in e.outvars if hasattr(v.aval, "shape"))
+        for sub in jcore.jaxprs_in_params(e.params):
+            out |= _shapes_in(sub)
+    return out
+
+
+def _scaled_losses():
+    """Dense uses of ``θ ⊙ (scale)`` with a sequence axis: per output column (a parameter,
+    inverted), per input row (a parameter), a constant outer-product mask, a scalar
+    parameter; each a factor on one side of the use."""
+    d, k, t = 6, 5, 2  # (T(d + k) ≤ d k: the Gram route, no per-example gradient)
+    rows = jnp.asarray(np.arange(d) % 3 != 0, F64)  # a mask as an outer product
+    cols = jnp.asarray(np.arange(k) != 2, F64)
+
+    def loss(p, seq):
+        w = p["W"] * (rows[:, None] * cols[None, :]) * p["r"][:, None] / p["c"] * p["a"]
+        h = jnp.tanh(seq @ w)
+        u = jnp.tanh(h[0] @ (p["U"].T * p["r"]))  # a transposed leaf, no sequence axis
+        return jnp.sum(h**2) + jnp.sum(u * jnp.arange(d))
+
+    return loss, (d, k, t)
+
+
+def test_scaled_dense_weights_keep_their_routes():
+    """``θ ⊙ F`` with every factor along one side of the dense use: ``θ`` keeps the dense
+    rules on a scaled ``A``/``G`` (no reparametrisation), the scales' gradients are exact."""
+    loss, (d, k, t) = _scaled_losses()
+    rng = np.random.default_rng(10)
+    params = {
+        "W": _normal(rng, d, k),
+        "U": _normal(rng, d, k),
+        "r": 1 + _normal(rng, d, scale=0.2),
+        "c": 2 + _normal(rng, k, scale=0.2),
+        "a": jnp.asarray(1.3, F64),
+    }
+    routes = _check(loss, params, _normal(rng, B, t, d), fast=("['W']", "['U']"))
+    assert routes["['W']"].route.startswith("scaled (mul, div): the scale folded into its kept")
+    assert "Gram" in routes["['W']"].route and "via mul" in routes["['W']"].uses[0]
+    assert "output cotangent G" in routes["['U']"].route, routes["['U']"]
+    for path in ("['r']", "['c']", "['a']"):
+        lp = routes[path]
+        assert "scale of a scaled weight" in lp.route and "effective weight (" not in lp.route
+
+
+def test_scaled_route_forms_no_per_example_weight():
+    """The scaled route's program (norms, clipped sum, dots) holds no ``(B, d, k)``
+    value; the materialised route of a full mask (not one-sided) does: the check can fail."""
+    loss, (d, k, t) = _scaled_losses()
+    rng = np.random.default_rng(11)
+    params = {"W": _normal(rng, d, k), "U": _normal(rng, d, k), "r": _normal(rng, d)}
+    params.update(c=_normal(rng, k), a=jnp.asarray(2.0, F64))
+    x, mask = _normal(rng, B, t, d), jnp.ones(B, bool)
+    full = jnp.asarray(np.tril(np.ones((d, k))), F64)
+    masked = lambda p, seq: jnp.sum(jnp.tanh(seq @ (p["W"] * full)) ** 2)
+
+    def shapes(f, p):  # (the Gram matrix's dense rule may form them by shape: not read)
+        def run(p):
+            parts = passes.fast_pass(f, p, x, mask)
+            v = jax.tree_util.tree_leaves(p)
+            return parts.norm_sq, parts.weighted(parts.norm_sq), parts.dots(v)
+
+        found = _shapes_in(jax.make_jaxpr(run)(p).jaxpr)
+        return {tuple(s for s in shape if s != 1) for shape in found}  # unit axes dropped
+
+    per_example = {(B, d, k), (B, k, d)}
+    assert not per_example & shapes(loss, params)
+    assert per_example & shapes(masked, {"W": params["W"]})

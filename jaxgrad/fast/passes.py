@@ -20,6 +20,7 @@ and the factors :func:`gram` reads the Gram matrix ``⟨∇S_i, ∇S_j⟩`` from
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -125,6 +126,8 @@ def gram(p: Parts, q: Parts) -> jax.Array:
             block = rules.grads_gram(bp[1], bq[1])
         elif bp[0] == "use":
             block = rules.gram(*bp[1:], *bq[4:])
+        elif bp[0] == "normaliser":
+            block = _Normaliser.gram(bp[1], bq[1])
         else:
             block = rules.cross_gram(bp[1], bq[1])
         total = total + block
@@ -196,6 +199,90 @@ def _operand(use: trace.Use, a):
     if use.split < 0:
         return a
     return jnp.stack([jnp.real(a), jnp.imag(a)]).astype(use.base.in_avals[1 - use.pos].dtype)
+
+
+class _Normaliser:
+    """The share of a scaled leaf's gradient through its normalisers (``trace.Scale.own``).
+
+    ``W_eff = θ' ⊙ S ⊙ Π_x F(x)`` with ``x = h(θ)`` per channel (``1/‖V_o‖`` of weight
+    normalisation): ``∇_θ S_i = P_i + Σ_x J_xᵀ r_{x,i}``, where ``P_i`` is the gradient
+    through the scaled uses (their rules) and ``r_{x,i} = ∇_x S_i`` (from ``A``, ``G`` and
+    ``θ'``, per channel). ``x_c`` depends on channel ``c`` of ``θ`` only, so with
+    ``U_x = J_xᵀ 1`` (one VJP) the channel-``c`` row of ``J_x`` is ``U_x`` on channel ``c``:
+    ``d_{x,i} = J_x P_i`` is the per-channel sum of ``U_x ⊙ S ⊙ ∇_{W_eff} S_i`` (one more
+    product per use, the scaled ``A``, ``G`` and ``U_x``), and ``M_{xy} = J_x J_yᵀ`` is
+    diagonal per channel, ``J_x U_y`` (one JVP). Then
+
+        ‖∇_θ S_i‖² = ‖P_i‖² + 2 Σ_x ⟨r_{x,i}, d_{x,i}⟩ + Σ_{x,y} Σ_c r_{x,i,c} M_{xy,c} r_{y,i,c},
+
+    ``Σ_i c_i ∇_θ S_i = Σ_i c_i P_i + J_xᵀ Σ_i c_i r_{x,i}`` (one VJP) and
+    ``⟨∇_θ S_i, v⟩ = ⟨P_i, v⟩ + ⟨r_{x,i}, J_x v⟩`` (one JVP): no ``B × |θ|`` array. This
+    method returns only the terms after ``‖P_i‖²`` (the rules give that one).
+    """
+
+    def __init__(self, program, known, j, theta, own, factor_grad, side_sum):
+        self.refs = list(own)
+        leaf = program.invars[j]
+        self.x_of = lambda t: trace.eval_known(program, {**known, leaf: t}, self.refs)
+        self.theta = theta
+        xs, self.vjp = jax.vjp(self.x_of, theta)
+        # r_x, (B, *x) per normaliser, from every use it scales.
+        self.r = [sum(factor_grad(u, q, j) for u, q in own[x]) for x in self.refs]
+        ones = lambda k: [
+            jnp.ones_like(x) if i == k else jnp.zeros_like(x) for i, x in enumerate(xs)
+        ]
+        us = [self.vjp(ones(k))[0] for k in range(len(xs))]  # U_x = J_xᵀ 1, θ's layout
+        self.d = [
+            sum(
+                side_sum(u, q, trace.apply_use_chain(program, u, us[k]), plain=True)
+                for u, q in own[x]
+            )
+            for k, x in enumerate(self.refs)
+        ]
+        # channel layouts: the layout of the first use's factor, the same for every x there
+        self.canon = [own[x][0][0].scale[own[x][0][1]] for x in self.refs]
+        jvs = [jax.jvp(self.x_of, (theta,), (u,))[1] for u in us]  # J_x U_y, per y
+        self.m = [[self._canon(k, jv[k][None])[0] for jv in jvs] for k in range(len(xs))]
+
+    def _canon(self, k, r):  # (B, *x) -> (B, *channel), in the use's side order
+        sc = self.canon[k]
+        r = jnp.reshape(r, (r.shape[0], *sc.shape))
+        return jnp.transpose(r, (0, *(1 + p for p in sc.perm)))
+
+    def factors(self):
+        rows = lambda k, z: self._canon(k, z).reshape(z.shape[0], -1)
+        r = [rows(k, x) for k, x in enumerate(self.r)]
+        d = [rows(k, x) for k, x in enumerate(self.d)]
+        m = [[x.reshape(-1) for x in row] for row in self.m]
+        return r, d, m
+
+    def norm_sq(self):
+        r, d, m = self.factors()
+        total = sum(2 * jnp.sum(rx * dx, axis=1) for rx, dx in zip(r, d, strict=True))
+        for k, rx in enumerate(r):
+            for q, ry in enumerate(r):
+                total = total + jnp.sum(rx * m[k][q] * ry, axis=1)
+        return total
+
+    @staticmethod
+    def gram(f1, f2):
+        (r1, d1, m), (r2, d2, _) = f1, f2
+        hi = jax.lax.Precision.HIGHEST
+        total = 0
+        for k in range(len(r1)):
+            total = total + jnp.matmul(r1[k], d2[k].T, precision=hi)
+            total = total + jnp.matmul(d1[k], r2[k].T, precision=hi)
+            for q in range(len(r1)):
+                total = total + jnp.matmul(r1[k] * m[k][q], r2[q].T, precision=hi)
+        return total
+
+    def weighted(self, c):
+        cts = [jnp.tensordot(c.astype(r.dtype), r, 1) for r in self.r]
+        return self.vjp(cts)[0]
+
+    def dots(self, v):
+        jv = jax.jvp(self.x_of, (self.theta,), (v,))[1]
+        return sum(_row_dots(r, x) for r, x in zip(self.r, jv, strict=True))
 
 
 def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
@@ -287,6 +374,30 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
             if sc.side == side and q != skip:
                 x = x * sc.broadcast(factor_value(sc))[None].astype(x.dtype)
         return x
+
+    def side_sum(u, q, w, *, skip=None, plain=False):
+        """Per example, the share of ⟨∇_{W_eff} S_i, W'⟩ along factor q's entries (its ref's
+        layout), for W' = w ⊙ (the use's factors but the skipped one): the gradient of factor
+        q with w = θ' and skip = q; with ``plain`` the factor's own inverse is not applied."""
+        sc = u.scale[q]
+        a = jnp.moveaxis(kept[u.key], axis[u.key], 0)
+        g = g_use[u.key]
+        op = lambda w, a: jax.vmap(lambda a_i: rules._bind(u.op, u.pos, w, a_i))(a)
+        if sc.side == "g":  # G ⊙ op(A', w)
+            cot = scaled(g, u, "g", skip) * op(w, scaled(a, u, "a", skip))
+        else:  # A ⊙ op_Aᵀ(G', w)
+            _, vjp_a = jax.vjp(lambda x: op(w, x), a)
+            cot = scaled(a, u, "a", skip) * vjp_a(scaled(g, u, "g", skip))[0]
+        # The broadcast's transpose is a sum over the axes it does not span.
+        ones = [1 + d for d, t in enumerate(sc.target) if t == 1 and cot.shape[1 + d] != 1]
+        cot = jnp.sum(cot, axis=tuple(ones), keepdims=True)
+        x = factor_value(sc)
+        spread = dataclasses.replace(sc, inverse=False).broadcast if plain else sc.broadcast
+        _, vjp_b = jax.vjp(spread, x)
+        return jax.vmap(lambda ct: vjp_b(ct.astype(x.dtype))[0])(cot)
+
+    def factor_grad(u, q, j):  # one use's per-example gradient of its factor q
+        return side_sum(u, q, trace.apply_use_chain(program, u, leaves[j]), skip=q)
 
     def a_of(u):  # examples first
         return scaled(jnp.moveaxis(kept[u.key], axis[u.key], 0), u, "a")
@@ -400,31 +511,13 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
                 total = total + leaf_grads(j, u).astype(like[j].dtype)
             return total
 
-        def factor_grad(u, q, j):  # one use's per-example gradient of its factor q
-            sc = u.scale[q]
-            w = trace.apply_use_chain(program, u, leaves[j])  # θ' as the use's operand
-            a = jnp.moveaxis(kept[u.key], axis[u.key], 0)
-            g = g_use[u.key]
-            op = lambda w, a: jax.vmap(lambda a_i: rules._bind(u.op, u.pos, w, a_i))(a)
-            if sc.side == "g":  # G ⊙ op(A', θ'), the other factors of G applied
-                cot = scaled(g, u, "g", skip=q) * op(w, scaled(a, u, "a"))
-            else:  # A ⊙ op_Aᵀ(G', θ'), the other factors of A applied
-                _, vjp_a = jax.vjp(lambda x: op(w, x), a)
-                cot = scaled(a, u, "a", skip=q) * vjp_a(scaled(g, u, "g"))[0]
-            # The broadcast's transpose is a sum over the axes it does not span.
-            ones = [1 + d for d, t in enumerate(sc.target) if t == 1 and cot.shape[1 + d] != 1]
-            cot = jnp.sum(cot, axis=tuple(ones), keepdims=True)
-            x = factor_value(sc)
-            _, vjp_b = jax.vjp(sc.broadcast, x)
-            return jax.vmap(lambda ct: vjp_b(ct.astype(x.dtype))[0])(cot)
-
         @functools.cache
         def factor_grads():  # (B, *F) per factor of tf.factors: Σ over the uses it scales
             out = dict.fromkeys(tf.factors, 0)
             for j, us in an.fast.items():
                 for u in us:
                     for q, sc in enumerate(u.scale):
-                        if sc.leaves:
+                        if isinstance(sc.ref, trace.Var) and sc.ref in out:
                             out[sc.ref] = out[sc.ref] + factor_grad(u, q, j)
             return [out[ref] for ref in tf.factors]
 
@@ -438,6 +531,19 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
                 out[j] = g
             return out
 
+    @functools.cache
+    def normalisers():  # scaled leaf θ with normalisers -> its _Normaliser
+        out = {}
+        for j, us in an.fast.items():
+            own = {}  # ref -> [(use, factor index)]
+            for u in us:
+                for q, sc in enumerate(u.scale):
+                    if sc.own:
+                        own.setdefault(sc.ref, []).append((u, q))
+            if own:
+                out[j] = _Normaliser(program, known, j, leaves[j], own, factor_grad, side_sum)
+        return out
+
     def fast_groups():  # (leaf, group) of every fast leaf, in order
         return [(r.leaf, g) for r in route[:n] if r.way == "fast" for g in r.groups]
 
@@ -445,6 +551,9 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         # Uses reading disjoint blocks of the leaf (Q, K, V parts of one weight) have no
         # cross terms: their squared norms add.
         sq = group_norm(j, group).astype(norm_dtype)
+        norm_sq, leaf_cols[j] = norm_sq + sq, leaf_cols[j] + sq
+    for j, nz in normalisers().items():
+        sq = nz.norm_sq().astype(norm_dtype)
         norm_sq, leaf_cols[j] = norm_sq + sq, leaf_cols[j] + sq
     if tf is not None and tf.leaves:
         for j, g in reparam_grads().items():
@@ -481,6 +590,8 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
                 total = weighted_leaf(j, _leaf_weights(c, j))
                 if j in an.reparam:
                     total = total + through[j].astype(total.dtype)
+                if j in normalisers():
+                    total = total + normalisers()[j].weighted(_leaf_weights(c, j))
                 out.append(total)
             elif j in g_exact:
                 g = g_exact[j]
@@ -510,12 +621,15 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
                 chain = lambda p, u=u: trace.apply_use_chain(program, u, p)
                 v_op = jax.jvp(chain, (zero,), (vj,))[1]
                 total = total + rules.dot(u.kind, u.op, u.pos, a_of(u), g_of(u), v_op)
+        for j, nz in normalisers().items():
+            total = total + nz.dots(jnp.asarray(v[j], like[j].dtype)).astype(norm_dtype)
         for j, g in g_exact.items():
             total = total + _row_dots(g, v[j]).astype(norm_dtype)
         return jnp.where(mask, total, 0)
 
     def blocks():  # the groups norm_sq adds, in the same order, for gram()
         out = [group_block(j, group) for j, group in fast_groups()]
+        out += [("normaliser", nz.factors()) for nz in normalisers().values()]
         if tf is not None and tf.leaves:
             out += [("grads", g) for g in reparam_grads().values()]
         return out + [("grads", g) for g in g_exact.values()]

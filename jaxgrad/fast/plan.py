@@ -145,7 +145,13 @@ def _scale_prefix(uses) -> str:
         {"a": "its kept operand A", "g": "its output cotangent G"}[x] for x in sorted(sides)
     )
     what = ", ".join(dict.fromkeys(v for u in uses for v in u.via))
-    return f"scaled ({what}): the scale folded into {where or 'nothing'}, no B × |W| array; "
+    own = ""
+    if any(sc.own for u in uses for sc in u.scale):
+        own = (
+            ", plus a per-channel normaliser made of the leaf: exact correction from "
+            "per-channel sums (∇F, J_F P, J_F J_Fᵀ)"
+        )
+    return f"scaled ({what}): the scale folded into {where or 'nothing'}{own}, no B × |W| array; "
 
 
 def _complex_prefix(uses) -> str:

@@ -349,6 +349,10 @@ class Scale:
     target: tuple
     dims: tuple
     leaves: frozenset = frozenset()
+    # A *normaliser*: the factor is made of ``θ`` itself, one output channel (or row) of it
+    # per entry (``‖V_o‖`` of weight normalisation): its share of ``θ``'s gradient,
+    # ``J_Fᵀ ∇_F``, is a per-channel correction (see ``passes``).
+    own: bool = False
 
     def broadcast(self, x):
         """The factor's value ``x`` (of ``ref``) as an array broadcastable against one
@@ -358,14 +362,15 @@ class Scale:
         return jax.lax.broadcast_in_dim(x, self.target, self.dims)
 
 
-def _product(program: Program, producer: dict, region: set, ref, shape: tuple) -> list:
+def _product(program: Program, producer: dict, varying_: set, ref, shape: tuple) -> list:
     """``ref`` (of shape ``shape``) as a product of terms ``(value, axes, inverse)``: ``value``
     broadcast so that its axis ``i`` runs along axis ``axes[i]`` of ``ref`` (None: a unit axis
     broadcast), inverted when ``inverse``. Read through the reparametrisation's ``mul``,
-    ``div``, ``neg`` and ``broadcast_in_dim``; any other value is one term spanning it all."""
+    ``div``, ``neg`` and ``broadcast_in_dim`` (of parameters or constants, the same for every
+    example: not in ``varying_``); any other value is one term spanning it all."""
     whole = [(ref, tuple(range(len(shape))), False)]
     k = producer.get(ref) if isinstance(ref, Var) else None
-    if k is None or k not in region:
+    if k is None or ref in varying_:
         return whole
     e = program.eqns[k]
     name = e.primitive.name
@@ -373,8 +378,9 @@ def _product(program: Program, producer: dict, region: set, ref, shape: tuple) -
     def part(r, a):  # an operand: of the result's shape, or of size 1 along broadcast axes
         if tuple(a.shape) == ():
             return [(r, (), False)]
-        if len(a.shape) == len(shape) and all(x in (1, y) for x, y in zip(a.shape, shape)):
-            return _product(program, producer, region, r, tuple(a.shape))
+        same_rank = len(a.shape) == len(shape)
+        if same_rank and all(x in (1, y) for x, y in zip(a.shape, shape, strict=True)):
+            return _product(program, producer, varying_, r, tuple(a.shape))
         return None
 
     if name in ("mul", "div") and len(e.ins) == 2:
@@ -385,7 +391,7 @@ def _product(program: Program, producer: dict, region: set, ref, shape: tuple) -
             terms[1] = [(r, axes, not inv) for r, axes, inv in terms[1]]
         return terms[0] + terms[1]
     if name == "neg":
-        return [*_product(program, producer, region, e.ins[0], shape), (Const(-1.0), (), False)]
+        return [*_product(program, producer, varying_, e.ins[0], shape), (Const(-1.0), (), False)]
     if name == "broadcast_in_dim" and not e.params.get("sharding"):
         (a,) = e.in_avals
         dims = e.params["broadcast_dimensions"]
@@ -411,10 +417,18 @@ def _alias_of_leaf(program: Program, producer: dict, n: int, ref):
     return None
 
 
-def _dense_axes(eqn: Eqn, pos: int):
-    """Per parameter-operand axis of a ``dot_general`` use: ``("a", axis of A)`` for a
-    contracted axis, ``("g", output axis)`` for a free one, ``("ag", (A axis, output axis))``
-    for a batch axis."""
+def _use_axes(eqn: Eqn, pos: int):
+    """Per parameter-operand axis of a use: ``("a", axis of A)`` for an axis a factor along
+    it can scale ``A`` by (a contracted axis of a ``dot_general``, a convolution's input
+    channels), ``("g", output axis)`` for one it can scale the output by (a free axis, the
+    output channels), ``("ag", (A axis, output axis))`` for a dot batch axis; none for a
+    kernel's spatial axes."""
+    if eqn.primitive.name == "conv_general_dilated":
+        lhs, rhs, out = eqn.params["dimension_numbers"]
+        where = {rhs[0]: ("g", out[1])}
+        if eqn.params["feature_group_count"] == 1 and eqn.params["batch_group_count"] == 1:
+            where[rhs[1]] = ("a", lhs[1])
+        return where
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     contract, batch = (tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))
     other = 1 - pos
@@ -435,16 +449,16 @@ def _dense_axes(eqn: Eqn, pos: int):
     return where
 
 
-def _scale_for(u: Use, perm: tuple, ref, axes: tuple, inverse: bool, ref_shape, leaves):
+def _scale_for(u: Use, perm: tuple, ref, axes: tuple, inverse: bool, ref_shape, leaves, own):
     """The :class:`Scale` of one term on the side of use ``u`` it spans, or None."""
     eqn = u.op
-    where = _dense_axes(eqn, u.pos)
+    where = _use_axes(eqn, u.pos)
     w_to_op = {w: i for i, w in enumerate(perm)}  # operand axis i is W_eff axis perm[i]
     kept = [(i, axes[i]) for i in range(len(axes)) if axes[i] is not None and ref_shape[i] > 1]
     for side, k in (("g", 1), ("a", 0)):
         targets = []
         for _, w in kept:
-            kind, ax = where[w_to_op[w]]
+            kind, ax = where.get(w_to_op[w], ("", None))
             if side not in kind:
                 break
             targets.append(ax[k] if kind == "ag" else ax)
@@ -456,34 +470,38 @@ def _scale_for(u: Use, perm: tuple, ref, axes: tuple, inverse: bool, ref_shape, 
                 target[t] = ref_shape[i[0]]
             return Scale(
                 ref, inverse, side, tuple(ref_shape[i] for i, _ in kept), order,
-                tuple(target), tuple(sorted(targets)), frozenset(leaves),
+                tuple(target), tuple(sorted(targets)), frozenset(leaves), own,
             )  # fmt: skip
     return None
 
 
-def _scalings(program: Program, n: int, region, outputs: list, deps: dict, uses: dict) -> dict:
+def _scalings(program: Program, n: int, top: set, region, outputs, deps, uses) -> dict:
     """The effective weights whose leaf takes the *scaled* route: ``v -> (leaf, chain,
-    {use eqn: scales})`` for ``W_eff = θ' ⊙ Π_k F_k`` with ``θ'`` an alias of one leaf ``θ``
-    no factor reads, every use of ``W_eff`` a top-level real ``dot_general`` reached by
+    {use eqn: scales})`` for ``W_eff = θ' ⊙ Π_k F_k`` with ``θ'`` an alias of one leaf ``θ``,
+    every use of ``W_eff`` a top-level real ``dot_general`` or convolution reached by
     transposes only, and every factor spanning one side of each (see :class:`Scale`).
 
-    A leaf takes the scaled route only if every effective weight it reaches does (else its
-    gradient needs the whole ``J_fᵀ``: the materialised route).
+    A factor may be made of ``θ`` itself (a *normaliser*, ``1/‖V_o‖``) when it is separable
+    per channel along the axes it spans (:func:`alignments`), ``θ`` reaches no other
+    effective weight and has no use of its own, and the normalisers of a use sit on one side
+    along the same axes. A leaf takes the scaled route only if every effective weight it
+    reaches does (else its gradient needs the whole ``J_fᵀ``: the materialised route).
     """
     producer = {o: k for k, e in enumerate(program.eqns) for o in e.outs}
-    region = set(region)
+    info = alignments(program, region, n)
     found: dict = {}
     for v, out in enumerate(outputs):
         shape = tuple(program_aval(program, out).shape)
         us = uses.get(n + v, [])
         if not us or any(
-            u.kind != "dense" or u.site != "" or u.split >= 0 or u.pre_chain for u in us
+            u.kind not in ("dense", "conv") or u.site != "" or u.split >= 0 or u.pre_chain
+            for u in us
         ):
             continue
         perms = [chain_perm(program, u.chain, len(shape)) for u in us]
         if any(p is None for p in perms):
             continue
-        terms = _product(program, producer, region, out, shape)
+        terms = _product(program, producer, top, out, shape)
         for t, (ref, axes, inverse) in enumerate(terms):
             theta = _alias_of_leaf(program, producer, n, ref)
             if (
@@ -494,45 +512,73 @@ def _scalings(program: Program, n: int, region, outputs: list, deps: dict, uses:
             ):
                 continue
             j, chain = theta
+            lifted = chain_perm(program, chain, len(shape))  # θ' axis w is θ axis lifted[w]
             others = [x for q, x in enumerate(terms) if q != t]
-            if any(j in deps.get(r, ()) for r, _, _ in others if isinstance(r, Var)):
+            own = [isinstance(r, Var) and j in deps.get(r, ()) for r, _, _ in others]
+            if any(own) and (lifted is None or uses.get(j)):
+                continue
+            if not all(
+                _separable_along(info.get(r), j, ax, lifted, program_aval_in(program, r).shape)
+                for (r, ax, _), o in zip(others, own, strict=True)
+                if o
+            ):
                 continue
             per_use = {}
             for u, perm in zip(us, perms, strict=True):
                 scales = []
-                for r, ax, inv in others:
+                for (r, ax, inv), o in zip(others, own, strict=True):
                     rs = (
                         np.shape(r.value)
                         if isinstance(r, Const)
                         else program_aval_in(program, r).shape
                     )
                     lv = deps.get(r, frozenset()) if isinstance(r, Var) else frozenset()
-                    sc = _scale_for(u, perm, r, ax, inv, rs, lv)
+                    sc = _scale_for(u, perm, r, ax, inv, rs, lv, o)
                     if sc is None:
                         break
                     scales.append(sc)
                 else:
-                    per_use[u.eqn] = tuple(scales)
-                    continue
+                    if len({(sc.side, sc.dims) for sc in scales if sc.own}) <= 1:
+                        per_use[u.eqn] = tuple(scales)
+                        continue
                 break
             if len(per_use) == len(us):
                 found[v] = (j, chain, per_use)
                 break
-    # A leaf reaching an effective weight that is not scaled, or read by a factor, is not.
+    # A leaf reaching an effective weight that is not scaled, or read by another's factor,
+    # is not; nor one with a normaliser that reaches two effective weights.
     while True:
         factor_leaves = {
             j for _, _, per_use in found.values() for ss in per_use.values() for s in ss
-            for j in s.leaves
+            if not s.own for j in s.leaves
         }  # fmt: skip
+        reach = {  # (a value the transformation reads again, with no use, has no gradient)
+            j: [w for w, o in enumerate(outputs) if j in deps.get(o, ()) and uses.get(n + w)]
+            for j in range(n)
+        }
         drop = {
-            v for v, (j, _, _) in found.items()
+            v for v, (j, _, per_use) in found.items()
             if j in factor_leaves
-            or any(w not in found or found[w][0] != j
-                   for w, o in enumerate(outputs) if j in deps.get(o, ()))
+            or any(w not in found or found[w][0] != j for w in reach[j])
+            or (any(s.own for ss in per_use.values() for s in ss) and len(reach[j]) > 1)
         }  # fmt: skip
         if not drop:
             return found
         found = {v: x for v, x in found.items() if v not in drop}
+
+
+def _separable_along(aligned, j: int, axes: tuple, lifted: tuple, shape) -> bool:
+    """Whether entry ``c`` of a factor (broadcast along the axes ``axes`` of ``W_eff``)
+    depends only on the slice ``c`` of leaf ``j`` along the matching axes (``lifted``: the
+    leaf's axis of every axis of ``W_eff``)."""
+    if aligned is None:
+        return False
+    for i, w in enumerate(axes):
+        if shape[i] == 1:
+            continue  # (a unit axis: the factor is the same along it)
+        if w is None or j not in aligned[i] or aligned[i][j] != lifted[w]:
+            return False
+    return True
 
 
 def program_aval_in(program: Program, v):
@@ -590,11 +636,8 @@ class Transform:
     blocks: tuple = ()  # per effective weight, the axes it is separable along
     scaled: dict = dataclasses.field(default_factory=dict)  # v -> its scaled leaf
     factors: tuple = ()  # of Var: the factors of scaled weights made of leaves
-
-    @property
-    def formed(self) -> tuple:
-        """The effective weights whose per-example gradients are formed (not scaled)."""
-        return tuple(v for v in range(len(self.outputs)) if v not in self.scaled)
+    # The effective weights whose per-example gradients are formed: used, and not scaled.
+    formed: tuple = ()
 
     def apply(self, program: Program, values: dict):
         """The formed effective weights, then the factors, from ``values`` (top-level input
@@ -1041,7 +1084,7 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
         for j in transformed
     }
     # Effective weights θ' ⊙ Π F_k: their leaf θ is a fast leaf, its uses scaled (see Scale).
-    scalings = _scalings(program, n, region, outputs, deps, uses) if transformed else {}
+    scalings = _scalings(program, n, top, region, outputs, deps, uses) if transformed else {}
     scaled_uses: dict = {}
     for v, (j, chain, per_use) in scalings.items():
         scaled_uses.setdefault(j, []).extend(
@@ -1060,13 +1103,18 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
     if transformed:
         through = {j: uses.get(j, []) for j in transformed if j not in scaled_uses}
         through.update({n + i: uses.get(n + i, []) for i in range(len(outputs))})
+        through_leaves = tuple(j for j in transformed if j not in scaled_uses)
         factors = tuple(
             dict.fromkeys(
-                sc.ref for us in scaled_uses.values() for u in us for sc in u.scale if sc.leaves
+                sc.ref
+                for us in scaled_uses.values()
+                for u in us
+                for sc in u.scale
+                if sc.leaves & set(through_leaves)
             )
         )
         transform = Transform(
-            tuple(j for j in transformed if j not in scaled_uses),
+            through_leaves,
             tuple(outputs),
             tuple(program_aval(program, v) for v in outputs),
             names,
@@ -1075,6 +1123,7 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
             tuple(separable_axes(program, region, n, v) for v in outputs),
             {v: j for v, (j, _, _) in scalings.items()},
             factors,
+            tuple(v for v in range(len(outputs)) if v not in scalings and uses.get(n + v)),
         )
     reasons = {j: "; ".join(dict.fromkeys(other.get(j, ["(a per-example copy)"]))) for j in exact_l}
     return Analysis(program, n, fast, exact_l, unused, reasons, transform), set()
@@ -1103,6 +1152,20 @@ def separable_axes(program: Program, region, n: int, output: Var) -> tuple:
     unit-axis reshapes, ``broadcast_in_dim`` and reductions (over other axes) carry it; any
     other primitive, or a leaf's scalar read by every entry, breaks every axis.
     """
+    info = alignments(program, region, n)
+    if output not in info:
+        return ()
+    shape = program_aval(program, output).shape
+    return tuple(
+        d
+        for d, axis in enumerate(info[output])
+        if shape[d] > 1 and axis and all(a is not None for a in axis.values())
+    )
+
+
+def alignments(program: Program, region, n: int) -> dict:
+    """Per value of the transformation, per axis, ``{leaf: the leaf's axis aligned with it}``
+    (None: broken), as :func:`separable_axes` reads them."""
     info: dict = {}  # Var -> per axis {leaf: aligned leaf axis | None}
     for e in program.eqns:
         for r, a in zip(e.ins, e.in_avals, strict=True):
@@ -1126,14 +1189,7 @@ def separable_axes(program: Program, region, n: int, output: Var) -> tuple:
             if aligned is None:
                 aligned = tuple(dict.fromkeys(leaves) for _ in a.shape)
             info[o] = aligned
-    if output not in info:
-        return ()
-    shape = program_aval(program, output).shape
-    return tuple(
-        d
-        for d, axis in enumerate(info[output])
-        if shape[d] > 1 and axis and all(a is not None for a in axis.values())
-    )
+    return info
 
 
 def _aligned(e: Eqn, ins: list):
