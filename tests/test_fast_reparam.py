@@ -109,7 +109,8 @@ def test_weight_normalised_conv_stack():
             h = jnp.tanh(_conv(h, w))
         return jnp.sum(h**2)
 
-    _check(loss, params, x, reparam=("['l0']['v']", "['l1']['g']"))
+    routes = _check(loss, params, x, reparam=("['l0']['g']", "['l1']['g']"), fast=("['l0']['v']",))
+    assert "normaliser" in routes["['l1']['v']"].route, routes["['l1']['v']"]
 
 
 def test_masked_made_layer_and_merged_lora():
@@ -283,12 +284,16 @@ def test_weight_normalised_cnn_sum_count_mask_chunks():
     for x, y in zip(got, jax.tree_util.tree_leaves(expected), strict=True):
         assert_rel_close(x, y, rtol=1e-9)
     one = jax.tree_util.tree_map(lambda x: x[0], batch)
-    kernels = [lp for lp in plan(loss, params, one).leaves if lp.path.startswith("['conv']")]
-    kernels = [lp for lp in kernels if lp.path.endswith("['w']")]
-    assert len(kernels) == 2
-    for lp in kernels:
-        assert lp.route.startswith("reparametrised (") and "kernel offset" in lp.route, lp
+    convs = [lp for lp in plan(loss, params, one).leaves if lp.path.startswith("['conv']")]
+    kernels = [lp for lp in convs if lp.path.endswith("['w']")]
+    scales = [lp for lp in convs if lp.path.endswith("['g']")]
+    assert len(kernels) == len(scales) == 2
+    for lp in kernels:  # V: the convolution's own route, its G scaled, a normaliser
+        assert lp.route.startswith("scaled (mul, reduce_sum, rsqrt)"), lp
+        assert "normaliser" in lp.route and "kernel offset" in lp.route, lp
+    for lp in scales:  # g: from A, G and V, then the transformation's VJP
         assert "separable, one block per index of axis 3 of the" in lp.route, lp
+        assert "scale of a scaled weight" in lp.route, lp
 
 
 def test_separable_axes_match_the_jacobian_blocks():
@@ -402,3 +407,32 @@ def test_scaled_route_forms_no_per_example_weight():
     per_example = {(B, d, k), (B, k, d)}
     assert not per_example & shapes(loss, params)
     assert per_example & shapes(masked, {"W": params["W"]})
+
+
+def test_weight_normalised_dense_with_a_sequence_axis():
+    """Weight normalisation per output column (``g_o V_o / ‖V_o‖``) and a Frobenius-normalised
+    weight (``F / ‖F‖``, one channel: the whole matrix) on dense uses with a sequence axis:
+    the leaves keep the dense rules, the normalisers' corrections exact, no ``(B, d, k)``."""
+    d, k, t = 6, 5, 2
+    rng = np.random.default_rng(12)
+    params = {
+        "V": _normal(rng, d, k),
+        "g": 1 + _normal(rng, k, scale=0.3),
+        "F": _normal(rng, k, 4),
+    }
+
+    def loss(p, seq):
+        w = p["g"] * p["V"] / jnp.sqrt(jnp.sum(p["V"] ** 2, axis=0, keepdims=True))
+        h = jnp.tanh(seq @ w)
+        return jnp.sum(jnp.tanh(h @ (p["F"] / jnp.linalg.norm(p["F"]))) ** 2)
+
+    x = _normal(rng, B, t, d)
+    routes = _check(loss, params, x, reparam=("['g']",), fast=("['V']", "['F']"))
+    for path in ("['V']", "['F']"):
+        assert routes[path].route.startswith("scaled ("), routes[path]
+        assert "normaliser" in routes[path].route and "Gram" in routes[path].route
+    run = lambda p: passes.fast_pass(loss, p, x, jnp.ones(B, bool)).norm_sq
+    found = {
+        tuple(s for s in shape if s != 1) for shape in _shapes_in(jax.make_jaxpr(run)(params).jaxpr)
+    }
+    assert not {(B, d, k), (B, k, d)} & found
