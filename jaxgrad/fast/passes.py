@@ -359,8 +359,8 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     # scales A or G of the uses of W_eff, which are then the uses of the leaf θ.
     scale_refs = list(
         dict.fromkeys(
-            sc.ref for us in an.fast.values() for u in us for sc in u.scale
-            if isinstance(sc.ref, trace.Var)
+            r for us in an.fast.values() for u in us if u.scale
+            for r in [u.theta_term, *(sc.ref for sc in u.scale)] if isinstance(r, trace.Var)
         )
     )  # fmt: skip
     known = {program.invars[j]: leaves[j] for j in range(n) if j not in an.exact}
@@ -371,7 +371,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
 
     def scaled(x, u, side, skip=None):  # x (B, ...) times the use's factors on one side
         for q, sc in enumerate(u.scale):
-            if sc.side == side and q != skip:
+            if sc.side == side and q != skip and not sc.offset:
                 x = x * sc.broadcast(factor_value(sc))[None].astype(x.dtype)
         return x
 
@@ -397,7 +397,13 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         return jax.vmap(lambda ct: vjp_b(ct.astype(x.dtype))[0])(cot)
 
     def factor_grad(u, q, j):  # one use's per-example gradient of its factor q
-        return side_sum(u, q, trace.apply_use_chain(program, u, leaves[j]), skip=q)
+        del j
+        if u.scale[q].offset:  # W_eff = (θ' - m) ⊙ Π F: -Σ (Π F) ⊙ ∇W along m's entries
+            ones = jnp.ones(u.op.in_avals[u.pos].shape, u.op.in_avals[u.pos].dtype)
+            return -side_sum(u, q, ones, plain=True)
+        # θ' (or θ' - m) as the use's operand
+        w = trace.apply_chain(program, u.chain[u.theta_chain :], scale_vals[u.theta_term])
+        return side_sum(u, q, w, skip=q)
 
     def a_of(u):  # examples first
         return scaled(jnp.moveaxis(kept[u.key], axis[u.key], 0), u, "a")

@@ -147,9 +147,13 @@ def _scale_prefix(uses) -> str:
     what = ", ".join(dict.fromkeys(v for u in uses for v in u.via))
     own = ""
     if any(sc.own for u in uses for sc in u.scale):
+        kinds = [
+            k for k, f in (("centring", lambda sc: sc.offset), ("normaliser", lambda sc: not sc.offset))
+            if any(sc.own and f(sc) for u in uses for sc in u.scale)
+        ]  # fmt: skip
         own = (
-            ", plus a per-channel normaliser made of the leaf: exact correction from "
-            "per-channel sums (∇F, J_F P, J_F J_Fᵀ)"
+            f", plus a per-channel {' and '.join(kinds)} made of the leaf: exact correction "
+            "from per-channel sums (∇F, J_F P, J_F J_Fᵀ)"
         )
     return f"scaled ({what}): the scale folded into {where or 'nothing'}{own}, no B × |W| array; "
 

@@ -288,6 +288,10 @@ class Use:
     # transformation's primitives (for the plan).
     scale: tuple = ()
     via: tuple = ()
+    # For a scaled use: the value ``θ'`` (or the centred ``θ' - m``, see ``Scale.offset``)
+    # and how many equations of ``chain`` lead from the leaf to it.
+    theta_term: Any = None
+    theta_chain: int = 0
 
     @property
     def key(self):
@@ -353,6 +357,9 @@ class Scale:
     # per entry (``‖V_o‖`` of weight normalisation): its share of ``θ``'s gradient,
     # ``J_Fᵀ ∇_F``, is a per-channel correction (see ``passes``).
     own: bool = False
+    # An *offset* (``W_eff = (θ' - m) ⊙ Π_k F_k``, the mean of weight standardisation): not a
+    # factor of ``A`` or ``G``; ``m`` gets the gradient ``-Σ_c (Π_k F_k) ⊙ ∇_{W_eff}`` per entry.
+    offset: bool = False
 
     def broadcast(self, x):
         """The factor's value ``x`` (of ``ref``) as an array broadcastable against one
@@ -449,7 +456,7 @@ def _use_axes(eqn: Eqn, pos: int):
     return where
 
 
-def _scale_for(u: Use, perm: tuple, ref, axes: tuple, inverse: bool, ref_shape, leaves, own):
+def _scale_for(u: Use, perm, ref, axes, inverse, ref_shape, leaves, own, offset=False):
     """The :class:`Scale` of one term on the side of use ``u`` it spans, or None."""
     eqn = u.op
     where = _use_axes(eqn, u.pos)
@@ -470,7 +477,7 @@ def _scale_for(u: Use, perm: tuple, ref, axes: tuple, inverse: bool, ref_shape, 
                 target[t] = ref_shape[i[0]]
             return Scale(
                 ref, inverse, side, tuple(ref_shape[i] for i, _ in kept), order,
-                tuple(target), tuple(sorted(targets)), frozenset(leaves), own,
+                tuple(target), tuple(sorted(targets)), frozenset(leaves), own, offset,
             )  # fmt: skip
     return None
 
@@ -503,7 +510,9 @@ def _scalings(program: Program, n: int, top: set, region, outputs, deps, uses) -
             continue
         terms = _product(program, producer, top, out, shape)
         for t, (ref, axes, inverse) in enumerate(terms):
-            theta = _alias_of_leaf(program, producer, n, ref)
+            theta, centre = _alias_of_leaf(program, producer, n, ref), None
+            if theta is None:
+                theta, centre = _centred(program, producer, top, n, ref, shape)
             if (
                 theta is None
                 or inverse
@@ -514,6 +523,9 @@ def _scalings(program: Program, n: int, top: set, region, outputs, deps, uses) -
             j, chain = theta
             lifted = chain_perm(program, chain, len(shape))  # θ' axis w is θ axis lifted[w]
             others = [x for q, x in enumerate(terms) if q != t]
+            offsets = [False] * len(others)
+            if centre is not None:
+                others, offsets = [*others, centre], [*offsets, True]
             own = [isinstance(r, Var) and j in deps.get(r, ()) for r, _, _ in others]
             if any(own) and (lifted is None or uses.get(j)):
                 continue
@@ -526,14 +538,14 @@ def _scalings(program: Program, n: int, top: set, region, outputs, deps, uses) -
             per_use = {}
             for u, perm in zip(us, perms, strict=True):
                 scales = []
-                for (r, ax, inv), o in zip(others, own, strict=True):
+                for (r, ax, inv), o, off in zip(others, own, offsets, strict=True):
                     rs = (
                         np.shape(r.value)
                         if isinstance(r, Const)
                         else program_aval_in(program, r).shape
                     )
                     lv = deps.get(r, frozenset()) if isinstance(r, Var) else frozenset()
-                    sc = _scale_for(u, perm, r, ax, inv, rs, lv, o)
+                    sc = _scale_for(u, perm, r, ax, inv, rs, lv, o, off)
                     if sc is None:
                         break
                     scales.append(sc)
@@ -543,13 +555,13 @@ def _scalings(program: Program, n: int, top: set, region, outputs, deps, uses) -
                         continue
                 break
             if len(per_use) == len(us):
-                found[v] = (j, chain, per_use)
+                found[v] = (j, chain, per_use, ref)
                 break
     # A leaf reaching an effective weight that is not scaled, or read by another's factor,
     # is not; nor one with a normaliser that reaches two effective weights.
     while True:
         factor_leaves = {
-            j for _, _, per_use in found.values() for ss in per_use.values() for s in ss
+            j for _, _, per_use, _ in found.values() for ss in per_use.values() for s in ss
             if not s.own for j in s.leaves
         }  # fmt: skip
         reach = {  # (a value the transformation reads again, with no use, has no gradient)
@@ -557,7 +569,7 @@ def _scalings(program: Program, n: int, top: set, region, outputs, deps, uses) -
             for j in range(n)
         }
         drop = {
-            v for v, (j, _, per_use) in found.items()
+            v for v, (j, _, per_use, _) in found.items()
             if j in factor_leaves
             or any(w not in found or found[w][0] != j for w in reach[j])
             or (any(s.own for ss in per_use.values() for s in ss) and len(reach[j]) > 1)
@@ -565,6 +577,26 @@ def _scalings(program: Program, n: int, top: set, region, outputs, deps, uses) -
         if not drop:
             return found
         found = {v: x for v, x in found.items() if v not in drop}
+
+
+def _centred(program: Program, producer: dict, top: set, n: int, ref, shape):
+    """``((leaf, chain), (m, axes, False))`` when ``ref = θ' - m`` (``θ'`` an alias of a leaf,
+    ``m`` of size 1 along the axes it is broadcast along: a per-channel mean), else
+    ``(None, None)``."""
+    k = producer.get(ref) if isinstance(ref, Var) else None
+    if k is None or ref in top or program.eqns[k].primitive.name != "sub":
+        return None, None
+    e = program.eqns[k]
+    theta = _alias_of_leaf(program, producer, n, e.ins[0])
+    a = tuple(e.in_avals[1].shape)
+    if (
+        theta is None
+        or tuple(e.in_avals[0].shape) != shape
+        or len(a) != len(shape)
+        or any(x not in (1, y) for x, y in zip(a, shape, strict=True))
+    ):
+        return None, None
+    return theta, (e.ins[1], tuple(range(len(a))), False)
 
 
 def _separable_along(aligned, j: int, axes: tuple, lifted: tuple, shape) -> bool:
@@ -1086,11 +1118,14 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
     # Effective weights θ' ⊙ Π F_k: their leaf θ is a fast leaf, its uses scaled (see Scale).
     scalings = _scalings(program, n, top, region, outputs, deps, uses) if transformed else {}
     scaled_uses: dict = {}
-    for v, (j, chain, per_use) in scalings.items():
+    for v, (j, chain, per_use, term) in scalings.items():
         scaled_uses.setdefault(j, []).extend(
-            dataclasses.replace(u, chain=(*chain, *u.chain), scale=per_use[u.eqn], via=names[j])
+            dataclasses.replace(
+                u, chain=(*chain, *u.chain), scale=per_use[u.eqn], via=names[j],
+                theta_term=term, theta_chain=len(chain),
+            )
             for u in uses[n + v]
-        )
+        )  # fmt: skip
     fast, exact_l, unused = {}, sorted(exact), []
     for j in range(n):
         if j in exact or (j in transformed and j not in scaled_uses):
@@ -1121,7 +1156,7 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
             {j: reads[j] for j in transformed},
             through,
             tuple(separable_axes(program, region, n, v) for v in outputs),
-            {v: j for v, (j, _, _) in scalings.items()},
+            {v: x[0] for v, x in scalings.items()},
             factors,
             tuple(v for v in range(len(outputs)) if v not in scalings and uses.get(n + v)),
         )
