@@ -147,10 +147,9 @@ def _scale_prefix(uses) -> str:
     what = ", ".join(dict.fromkeys(v for u in uses for v in u.via))
     own = ""
     if any(sc.own for u in uses for sc in u.scale):
-        kinds = [
-            k for k, f in (("centring", lambda sc: sc.offset), ("normaliser", lambda sc: not sc.offset))
-            if any(sc.own and f(sc) for u in uses for sc in u.scale)
-        ]  # fmt: skip
+        owns = [sc for u in uses for sc in u.scale if sc.own]
+        kinds = [k for k, off in (("centring", True), ("normaliser", False))
+                 if any(sc.offset == off for sc in owns)]  # fmt: skip
         own = (
             f", plus a per-channel {' and '.join(kinds)} made of the leaf: exact correction "
             "from per-channel sums (∇F, J_F P, J_F J_Fᵀ)"
