@@ -90,7 +90,9 @@ def test_weight_standardised_cnn_with_group_norm():
         logits = jnp.mean(h, axis=(0, 1)) @ p["head"]
         return -jax.nn.log_softmax(logits)[label]
 
-    _check(loss, params, (x, y), reparam=("['k1']", "['k2']"), fast=("['head']",))
+    routes = _check(loss, params, (x, y), fast=("['k1']", "['k2']", "['head']"))
+    for path in ("['k1']", "['k2']"):  # the mean an offset, 1/σ a normaliser, per channel
+        assert "per-channel centring and normaliser made of the leaf" in routes[path].route
 
 
 def test_weight_normalised_conv_stack():
@@ -247,8 +249,9 @@ def test_strided_dilated_and_1d_convolutions_standardised():
         )[0]
         return jnp.sum(jnp.tanh(out) ** 2)
 
-    routes = _check(loss, params, x, reparam=("['k2']", "['k1']"))
+    routes = _check(loss, params, x, fast=("['k2']", "['k1']"))
     assert "conv: one kernel offset at a time" in routes["['k2']"].route, routes["['k2']"]
+    assert routes["['k1']"].route.startswith("scaled ("), routes["['k1']"]
 
 
 def test_weight_normalised_cnn_sum_count_mask_chunks():
