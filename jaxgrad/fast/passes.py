@@ -375,6 +375,8 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
                 x = x * sc.broadcast(factor_value(sc))[None].astype(x.dtype)
         return x
 
+    products: dict = {}  # (use, θ') -> op(A', θ'), for every factor of G of the use
+
     def side_sum(u, q, w, *, skip=None, plain=False):
         """Per example, the share of ⟨∇_{W_eff} S_i, W'⟩ along factor q's entries (its ref's
         layout), for W' = w ⊙ (the use's factors but the skipped one): the gradient of factor
@@ -383,8 +385,11 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         a = jnp.moveaxis(kept[u.key], axis[u.key], 0)
         g = g_use[u.key]
         op = lambda w, a: jax.vmap(lambda a_i: rules._bind(u.op, u.pos, w, a_i))(a)
-        if sc.side == "g":  # G ⊙ op(A', w)
-            cot = scaled(g, u, "g", skip) * op(w, scaled(a, u, "a", skip))
+        if sc.side == "g":  # G ⊙ op(A', w); op(A', θ') is shared by the factors of G
+            key = (u.key, skip is not None and not plain)
+            if key not in products or not key[1]:
+                products[key] = op(w, scaled(a, u, "a"))
+            cot = scaled(g, u, "g", skip) * products[key]
         else:  # A ⊙ op_Aᵀ(G', w)
             _, vjp_a = jax.vjp(lambda x: op(w, x), a)
             cot = scaled(a, u, "a", skip) * vjp_a(scaled(g, u, "g", skip))[0]

@@ -254,7 +254,9 @@ def routes(an: trace.Analysis, shapes: list) -> tuple:
             )
             what = []
             if formed:
-                what.append(f"per-example gradient of the effective weight ({forms})")
+                why = "; ".join(dict.fromkeys(tf.declined[v] for v in formed if v in tf.declined))
+                why = f" ({why})" if why else ""
+                what.append(f"per-example gradient of the effective weight ({forms}){why}")
             factors = _factors_of(an, j)
             if factors:
                 sizes += sum(math.prod(shape_of(an, r)) for r in factors)

@@ -497,6 +497,7 @@ def _scalings(program: Program, n: int, top: set, region, outputs, deps, uses) -
     producer = {o: k for k, e in enumerate(program.eqns) for o in e.outs}
     info = alignments(program, region, n)
     found: dict = {}
+    declined = {}  # v -> why a scaled form was not taken (for the plan)
     for v, out in enumerate(outputs):
         shape = tuple(program_aval(program, out).shape)
         us = uses.get(n + v, [])
@@ -555,7 +556,14 @@ def _scalings(program: Program, n: int, top: set, region, outputs, deps, uses) -
                         continue
                 break
             if len(per_use) == len(us):
-                found[v] = (j, chain, per_use, ref)
+                if all(rules.scaled_pays(u.op, u.pos, _products(per_use[u.eqn])) for u in us):
+                    found[v] = (j, chain, per_use, ref)
+                else:
+                    declined[v] = (
+                        "scaled form declined: its extra products over "
+                        f"{max(rules.use_positions(u.op, u.pos) for u in us)} positions cost "
+                        "more than the per-example gradient"
+                    )
                 break
     # A leaf reaching an effective weight that is not scaled, or read by another's factor,
     # is not; nor one with a normaliser that reaches two effective weights.
@@ -575,8 +583,17 @@ def _scalings(program: Program, n: int, top: set, region, outputs, deps, uses) -
             or (any(s.own for ss in per_use.values() for s in ss) and len(reach[j]) > 1)
         }  # fmt: skip
         if not drop:
-            return found
+            return found, declined
         found = {v: x for v, x in found.items() if v not in drop}
+
+
+def _products(scales) -> int:
+    """The extra products of a use a scaled weight's factors with gradients need: one for
+    its factors of ``G`` (they share it), one per factor of ``A``, one per normaliser."""
+    grads = [sc for sc in scales if sc.leaves]
+    return int(any(sc.side == "g" and not sc.own for sc in grads)) + sum(
+        1 for sc in grads if sc.own or sc.side == "a"
+    )
 
 
 def _centred(program: Program, producer: dict, top: set, n: int, ref, shape):
@@ -670,6 +687,7 @@ class Transform:
     factors: tuple = ()  # of Var: the factors of scaled weights made of leaves
     # The effective weights whose per-example gradients are formed: used, and not scaled.
     formed: tuple = ()
+    declined: dict = dataclasses.field(default_factory=dict)  # v -> why not scaled
 
     def apply(self, program: Program, values: dict):
         """The formed effective weights, then the factors, from ``values`` (top-level input
@@ -1116,7 +1134,9 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
         for j in transformed
     }
     # Effective weights θ' ⊙ Π F_k: their leaf θ is a fast leaf, its uses scaled (see Scale).
-    scalings = _scalings(program, n, top, region, outputs, deps, uses) if transformed else {}
+    scalings, declined = (
+        _scalings(program, n, top, region, outputs, deps, uses) if transformed else ({}, {})
+    )
     scaled_uses: dict = {}
     for v, (j, chain, per_use, term) in scalings.items():
         scaled_uses.setdefault(j, []).extend(
@@ -1159,6 +1179,7 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
             {v: x[0] for v, x in scalings.items()},
             factors,
             tuple(v for v in range(len(outputs)) if v not in scalings and uses.get(n + v)),
+            declined,
         )
     reasons = {j: "; ".join(dict.fromkeys(other.get(j, ["(a per-example copy)"]))) for j in exact_l}
     return Analysis(program, n, fast, exact_l, unused, reasons, transform), set()
