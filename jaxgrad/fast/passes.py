@@ -13,7 +13,9 @@ and the factors :func:`gram` reads the Gram matrix ``⟨∇S_i, ∇S_j⟩`` from
   :mod:`jaxgrad.fast.rules`). Parameters with other uses get a per-example zero copy whose
   gradient is their exact per-example gradient. Reparametrised parameters (an
   example-independent transformation ``W_eff = f(θ)`` before ordinary uses) get ``f``'s VJP
-  of the effective weight's per-example gradient. Each leaf takes the
+  of the effective weight's per-example gradient; a *scaled* weight ``(θ' - m) ⊙ Π F_k``
+  keeps θ on its uses' own routes with the factors folded into ``A`` or ``G``
+  (:class:`jaxgrad.fast.trace.Scale`, :class:`_Normaliser`). Each leaf takes the
   :class:`jaxgrad.fast.plan.Route` computed once by :func:`jaxgrad.fast.plan.routes`, the
   one ``plan`` prints.
 """

@@ -28,6 +28,14 @@ weights' per-example gradients (see :class:`Analysis` and ``passes.fast_pass``).
 an effective weight is separable along (``J_f`` block diagonal, e.g. per output channel) are
 read off the same equations (:func:`separable_axes`) for the plan.
 
+**Scaled weights.** Where an effective weight is ``(θ' - m) ⊙ Π_k F_k`` (``θ'`` an alias of
+one leaf; each factor broadcast along axes of one side of every dense/conv use; see
+:class:`Scale` and :func:`_scalings`), the leaf θ is a fast leaf whose uses are the effective
+weight's with the factors folded into ``A`` or ``G``: no per-example ``∇_{W_eff}`` is formed.
+Factors made of other leaves (``g``) keep the VJP route on their (small) per-example
+gradients; factors and offsets made of θ itself, per channel (weight normalisation, weight
+standardisation), add exact per-channel corrections (``passes._Normaliser``).
+
 **Example-dependence** is one dataflow rule (:func:`varying_outs`) that matches what ``vmap``
 batches: an output of a loop, branch or custom call that the example does not reach is
 unbatched even when an example-dependent value enters the equation.
@@ -609,8 +617,8 @@ def _centred(program: Program, producer: dict, top: set, n: int, ref, shape):
     if (
         theta is None
         or tuple(e.in_avals[0].shape) != shape
-        or len(a) != len(shape)
-        or any(x not in (1, y) for x, y in zip(a, shape, strict=True))
+        or (a and len(a) != len(shape))
+        or (a and any(x not in (1, y) for x, y in zip(a, shape, strict=True)))
     ):
         return None, None
     return theta, (e.ins[1], tuple(range(len(a))), False)
