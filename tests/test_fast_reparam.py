@@ -439,3 +439,25 @@ def test_weight_normalised_dense_with_a_sequence_axis():
         tuple(s for s in shape if s != 1) for shape in _shapes_in(jax.make_jaxpr(run)(params).jaxpr)
     }
     assert not {(B, d, k), (B, k, d)} & found
+
+
+def test_scaled_offsets_batched_heads_and_a_tied_table():
+    """A parameter offset (``(W - b) * s``: ``b`` gets ``-Σ s ⊙ ∇W_eff`` per column), per-head
+    scales on a ``dot_general`` batch axis, and a table both looked up and scaled by column
+    (``E.T * es``: tied uses, their cross terms exact)."""
+    rng = np.random.default_rng(13)
+    r = lambda *shape: _normal(rng, *shape)
+    params = {"W": r(3, 4), "b": r(4), "s": r(4), "H": r(2, 3, 4), "hs": r(2)}
+    params.update(E=r(7, 4), es=r(7))
+
+    def loss(p, seq):
+        h = jnp.tanh(seq @ ((p["W"] - p["b"]) * p["s"]))
+        heads = jnp.einsum("td,hdk->htk", seq, p["H"] * p["hs"][:, None, None] * p["s"])
+        logits = jnp.tanh(heads[0] @ (p["E"].T * p["es"]))
+        rows = jnp.take(p["E"], jnp.arange(1, 6), axis=0)[:, :1]
+        return jnp.sum(h**2) + jnp.sum(jnp.tanh(heads) ** 2) + jnp.sum(logits * rows)
+
+    routes = _check(loss, params, r(B, 5, 3), fast=("['W']", "['H']", "['E']"))
+    assert routes["['E']"].route.startswith("tied, 2 uses: scaled (mul)"), routes["['E']"]
+    for path in ("['b']", "['s']", "['hs']", "['es']"):
+        assert "scale of a scaled weight" in routes[path].route, routes[path]
