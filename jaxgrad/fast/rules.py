@@ -251,9 +251,10 @@ def route(kind: str, eqn: Eqn, pos: int, *, stacked: bool = False) -> Form:
 # need gradients pays one more product of the use per factor side or normaliser: about
 # ``T |W|`` multiply-adds per example for ``T`` positions (a dense use's sequence, a
 # convolution's output pixels). It replaces writing the ``|W|`` per-example gradient, so it is
-# taken while ``products × T ≤ SCALED_WORK`` (B = 256, CPU: a weight-normed dense stack,
-# T = 16, 2 products: 2.7x -> 1.4x the time of batch_grad; a weight-normed CNN, T = 784:
-# 1.06x -> 1.66x, so that one keeps the per-example gradient).
+# taken while ``products × T ≤ SCALED_WORK``. (B = 256, a loaded 2-core CPU,
+# bench/results/reparam-scaled-2026-12-06-loaded.txt: a weight-normed dense stack, T = 16,
+# 2 products, norms 2.9x -> 1.5x the time of batch_grad; the weight-normed CNN, T = 784,
+# 1.06x -> 1.66x, so that one keeps the per-example kernel gradient.)
 SCALED_WORK = 64
 
 
