@@ -412,13 +412,19 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         w = trace.apply_chain(program, u.chain[u.theta_chain :], scale_vals[u.theta_term])
         return side_sum(u, q, w, skip=q)
 
+    def selected(x, u, side):  # the slice of A or G a concatenated block meets
+        if not u.select or u.select[0] != side:
+            return x
+        _, ax, lo, hi = u.select
+        return jax.lax.slice_in_dim(x, lo, hi, axis=1 + ax)
+
     def a_of(u):  # examples first
-        return scaled(jnp.moveaxis(kept[u.key], axis[u.key], 0), u, "a")
+        return selected(scaled(jnp.moveaxis(kept[u.key], axis[u.key], 0), u, "a"), u, "a")
 
     def g_of(u):  # the cotangent in the lifted equation's layout, examples first
         g = jnp.moveaxis(g_use[u.key], axis[u.key], 0)
         if u.site != "scan":
-            return scaled(g, u, "g")
+            return selected(scaled(g, u, "g"), u, "g")
         # (B, steps, *inner steps, *out): each level's steps go where its lift put them,
         # innermost first (a level's lift inserts its axis into the output of the next).
         step_axes = [u.step_axis, *(lv.step_axis for lv in u.nest if lv.is_scan)]
@@ -427,13 +433,13 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         return g
 
     def weighted_use(u, c):  # Σ_i c_i ∇S_i through one use, on the arrays as captured
-        if u.key in formed:
-            grads, ex = formed[u.key]
+        if (u.key, u.select) in formed:  # (blocks of one use: one entry each)
+            grads, ex = formed[(u.key, u.select)]
             if ex == 1:  # (steps, B, ...): no transpose
                 w = c.astype(grads.dtype).reshape((1, -1) + (1,) * (grads.ndim - 2))
                 return jnp.sum(grads * w, axis=1)
             return jnp.tensordot(c.astype(grads.dtype), grads, 1)
-        if u.nest or u.scale:
+        if u.nest or u.scale or u.select:
             return rules.weighted_grad(u.op, u.pos, a_of(u), g_of(u), c)
         g = g_use[u.key]
         if u.site == "scan" and u.step_axis:
@@ -449,7 +455,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     # weighted sum then reads them (Σ_i c_i J_i, B × |leaf| work) instead of contracting A and
     # G again. A route taken step by step (``rule.per_step``) reads the step-major arrays as
     # captured, ``(steps, B, ...)``, on the step equation: no transpose to put examples first.
-    formed: dict = {}  # use key -> (per-example gradients, their example axis)
+    formed: dict = {}  # (use key, block) -> (per-example gradients, their example axis)
 
     def per_step(fn, u):  # fn(step equation, A, G) at every step, stacked: (steps, B, ...)
         return jax.vmap(lambda a, g: fn(u.base, a, g))(kept[u.key], g_use[u.key])
@@ -458,10 +464,10 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         if rule.keep:
             fn = lambda op, a, g: rules.per_example_grads(op, u.pos, a, g)
             if rule.per_step:  # one slice of the leaf per step: (steps, B, *slice)
-                formed[u.key] = (per_step(fn, u), 1)
+                formed[(u.key, u.select)] = (per_step(fn, u), 1)
             else:
-                formed[u.key] = (fn(u.op, a_of(u), g_of(u)), 0)
-            grads, ex = formed[u.key]
+                formed[(u.key, u.select)] = (fn(u.op, a_of(u), g_of(u)), 0)
+            grads, ex = formed[(u.key, u.select)]
             sq = jnp.square(grads.astype(rules.acc_dtype(u.op)))
             return jnp.sum(sq, axis=tuple(d for d in range(sq.ndim) if d != ex))
         if rule.per_step:  # one slice of the leaf per step: the steps' squared norms add

@@ -121,7 +121,7 @@ class Route:
 
 def _use_name(u: trace.Use) -> str:
     where = f" @ {u.source}" if u.source else ""
-    if u.scale:
+    if u.scale or u.select:
         where += f" via {', '.join(u.via)}"
     if u.site == "cond":
         return f"{u.kind}{where} in cond branch {u.scan[1]}"
@@ -157,6 +157,16 @@ def _scale_prefix(uses) -> str:
     return f"scaled ({what}): the scale folded into {where or 'nothing'}{own}, no B × |W| array; "
 
 
+def _select_prefix(uses) -> str:
+    """For the uses of a leaf concatenated into an effective weight: the slice it meets."""
+    sides = {u.select[0] for u in uses if u.select}
+    if not sides:
+        return ""
+    where = " and ".join({"a": "A", "g": "G"}[x] for x in sorted(sides))
+    what = ", ".join(dict.fromkeys(v for u in uses for v in u.via))
+    return f"a block of a {what}: its slice of {where}, no B × |W| array; "
+
+
 def _complex_prefix(uses) -> str:
     if any(u.split >= 0 for u in uses):
         return "complex operand as 2 real positions (real, imaginary part): "
@@ -181,10 +191,11 @@ def _group(an: trace.Analysis, uses: list, shape: tuple) -> Group:
         (u,) = uses
         stacked = u.site == "scan" and u.stacked and not u.nest
         rule = rules.route(u.kind, u.op, u.pos, stacked=stacked)
-        label = _scan_prefix(u) + _scale_prefix(uses) + _complex_prefix(uses) + rule.label
+        label = _scan_prefix(u) + _scale_prefix(uses) + _select_prefix(uses)
+        label += _complex_prefix(uses) + rule.label
         return Group(tuple(uses), "use", (), label, rule.cost, rule)
     perms = tuple(trace.use_perm(an.program, u, len(shape)) for u in uses)
-    cplx = _scale_prefix(uses) + _complex_prefix(uses)
+    cplx = _scale_prefix(uses) + _select_prefix(uses) + _complex_prefix(uses)
     if all(
         rules.has_outer_form(u.op, u.pos, p, len(shape)) for u, p in zip(uses, perms, strict=True)
     ):

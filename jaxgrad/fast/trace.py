@@ -300,6 +300,10 @@ class Use:
     # and how many equations of ``chain`` lead from the leaf to it.
     theta_term: Any = None
     theta_chain: int = 0
+    # For the use of a leaf concatenated into an effective weight (see :func:`_selections`):
+    # ``(side, axis, start, stop)``, the slice of ``A`` (side "a") or ``G`` ("g") per example
+    # along ``axis`` that meets the leaf's block; ``op`` is then the use on that block alone.
+    select: tuple = ()
 
     @property
     def key(self):
@@ -593,6 +597,95 @@ def _scalings(program: Program, n: int, top: set, region, outputs, deps, uses) -
         if not drop:
             return found, declined
         found = {v: x for v, x in found.items() if v not in drop}
+
+
+def _selections(program: Program, n: int, outputs, deps: dict, uses: dict, skip) -> dict:
+    """Effective weights that concatenate parameter blocks: ``leaf -> [Use]`` for the leaves
+    whose every use goes through them.
+
+    ``W_eff = concatenate([θ_1, θ_2, ...])`` (each part an alias of a leaf, or a constant)
+    with every use a top-level real dense/conv use reached by transposes, the concatenated
+    axis one of the use's sides (a contracted axis or input channels: the block meets a slice
+    of ``A``; a free axis or output channels: a slice of ``G``): block ``p``'s per-example
+    gradient is the use's on the slices, ``op_Wᵀ(A_i[p], G_i)`` or ``op_Wᵀ(A_i, G_i[p])``, so
+    each leaf is a fast leaf whose use is the block's own (a smaller ``op``), with its route.
+    """
+    producer = {o: k for k, e in enumerate(program.eqns) for o in e.outs}
+    found: dict = {}  # v -> [(leaf, chain, {use eqn: (op, select)})]
+    for v, out in enumerate(outputs):
+        k = producer.get(out)
+        us = uses.get(n + v, [])
+        if v in skip or k is None or program.eqns[k].primitive.name != "concatenate" or not us:
+            continue
+        e = program.eqns[k]
+        shape, d = tuple(e.out_avals[0].shape), e.params["dimension"]
+        if any(u.kind not in ("dense", "conv") or u.site or u.split >= 0 for u in us):
+            continue
+        perms = [chain_perm(program, u.chain, len(shape)) for u in us]
+        if any(p is None for p in perms):
+            continue
+        parts, start, ok = [], 0, True
+        for r, a in zip(e.ins, e.in_avals, strict=True):
+            size = a.shape[d]
+            theta = _alias_of_leaf(program, producer, n, r)
+            if theta is None and isinstance(r, Var) and deps.get(r):
+                ok = False  # a part made of parameters otherwise: not a selection
+            if theta is not None:
+                sel = {}
+                for u, perm in zip(us, perms, strict=True):
+                    axis = perm.index(d)  # the operand's axis that holds the blocks
+                    side, ax = _use_axes(u.op, u.pos).get(axis, ("", None))
+                    if side not in ("a", "g"):
+                        ok = False
+                        break
+                    sel[u.eqn] = (
+                        _block_op(u.op, u.pos, axis, side, ax, size),
+                        (side, ax, start, start + size),
+                    )
+                parts.append((*theta, sel))
+            start += size
+        if ok and parts:
+            found[v] = parts
+    # A leaf is selected if every used effective weight it reaches is one of these.
+    while True:
+        drop = {
+            v for v, parts in found.items() for j, _, _ in parts
+            if any(w not in found and j in deps.get(o, ()) and uses.get(n + w)
+                   for w, o in enumerate(outputs))
+        }  # fmt: skip
+        if not drop:
+            break
+        found = {v: x for v, x in found.items() if v not in drop}
+    out: dict = {}
+    for v, parts in found.items():
+        for j, chain, sel in parts:
+            out.setdefault(j, []).extend(
+                dataclasses.replace(
+                    u, op=sel[u.eqn][0], chain=(*chain, *u.chain), select=sel[u.eqn][1]
+                )
+                for u in uses[n + v]
+            )
+    return out, tuple(found)
+
+
+def _block_op(eqn: Eqn, pos: int, axis: int, side: str, ax: int, size: int) -> Eqn:
+    """``eqn`` on one block of its parameter operand (``size`` entries along ``axis``): the
+    matching slice of ``A`` (side "a", axis ``ax`` of ``A``) or of the output (side "g")."""
+    in_avals = list(eqn.in_avals)
+    w = in_avals[pos]
+    in_avals[pos] = _shaped(tuple(size if i == axis else s for i, s in enumerate(w.shape)), w.dtype)
+    out_avals = list(eqn.out_avals)
+    if side == "a":
+        a = in_avals[1 - pos]
+        in_avals[1 - pos] = _shaped(
+            tuple(size if i == ax else s for i, s in enumerate(a.shape)), a.dtype
+        )
+    else:
+        o = out_avals[0]
+        out_avals[0] = _shaped(
+            tuple(size if i == ax else s for i, s in enumerate(o.shape)), o.dtype
+        )
+    return dataclasses.replace(eqn, in_avals=in_avals, out_avals=out_avals)
 
 
 def _products(scales) -> int:
@@ -1146,6 +1239,16 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
         _scalings(program, n, top, region, outputs, deps, uses) if transformed else ({}, {})
     )
     scaled_uses: dict = {}
+    selected, selections = (
+        _selections(program, n, outputs, deps, uses, scalings) if transformed else ({}, ())
+    )
+    factor_leaves = {
+        j for x in scalings.values() for ss in x[2].values() for sc in ss for j in sc.leaves
+    }
+    if set(selected) & ({x[0] for x in scalings.values()} | factor_leaves):
+        selected, selections = {}, ()  # (a leaf both scaled and selected: the VJP route)
+    for j, us in selected.items():
+        scaled_uses[j] = [dataclasses.replace(u, via=names[j]) for u in us]
     for v, (j, chain, per_use, term) in scalings.items():
         scaled_uses.setdefault(j, []).extend(
             dataclasses.replace(
@@ -1184,9 +1287,13 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
             {j: reads[j] for j in transformed},
             through,
             tuple(separable_axes(program, region, n, v) for v in outputs),
-            {v: x[0] for v, x in scalings.items()},
+            {**{v: x[0] for v, x in scalings.items()}, **dict.fromkeys(selections, -1)},
             factors,
-            tuple(v for v in range(len(outputs)) if v not in scalings and uses.get(n + v)),
+            tuple(
+                v
+                for v in range(len(outputs))
+                if v not in scalings and v not in selections and uses.get(n + v)
+            ),
             declined,
         )
     reasons = {j: "; ".join(dict.fromkeys(other.get(j, ["(a per-example copy)"]))) for j in exact_l}
