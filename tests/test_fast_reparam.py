@@ -165,8 +165,8 @@ def test_stop_gradient_broadcast_concat_and_debug_print():
         h = h @ jax.lax.stop_gradient(p["V"]) + h @ p["V"][None, None][0, 0]
         return jnp.sum(h**2)
 
-    routes = _check(loss, params, x, reparam=("['W']", "['U']"), fast=("['V']",))
-    assert "concatenate" in routes["['W']"].route
+    routes = _check(loss, params, x, fast=("['W']", "['U']", "['V']"))
+    assert "a block of a concatenate: its slice of A" in routes["['W']"].route
 
 
 def test_only_stop_gradient_is_unused():
@@ -461,3 +461,30 @@ def test_scaled_offsets_batched_heads_and_a_tied_table():
     assert routes["['E']"].route.startswith("tied, 2 uses: scaled (mul)"), routes["['E']"]
     for path in ("['b']", "['s']", "['hs']", "['es']"):
         assert "scale of a scaled weight" in routes[path].route, routes[path]
+
+
+def test_concatenated_blocks_keep_their_routes():
+    """Parameters concatenated into one weight (along a contracted axis, a free axis with a
+    constant block, a convolution's input channels; one leaf in two blocks): each
+    block's use on its slice of ``A`` or ``G``, exact, with no ``(B, 6, 3)`` effective-weight
+    gradient; a CLS token concatenated to the example falls back (a vector)."""
+    rng = np.random.default_rng(14)
+    r = lambda *shape: _normal(rng, *shape)
+    params = {"cls": r(6), "W": r(4, 3), "U": r(2, 3), "Q": r(3, 2), "K": r(3, 2)}
+    params.update(C1=r(3, 3, 2, 2), C2=r(3, 3, 1, 2))
+
+    def loss(p, seq):
+        toks = jnp.concatenate([p["cls"][None], seq], axis=0)
+        h = jnp.tanh(toks @ jnp.concatenate([p["W"][:2], p["U"], p["W"][2:]], axis=0))
+        qk = h @ jnp.concatenate([p["Q"], p["K"], jnp.zeros((3, 1))], axis=1)
+        img = jnp.tanh(qk[:4, :3].reshape(2, 2, 3))
+        c = _conv(img, jnp.concatenate([p["C1"], p["C2"]], axis=2))
+        return jnp.sum(qk**2) + jnp.sum(jnp.tanh(c) ** 2)
+
+    x = r(B, 4, 6)
+    routes = _check(loss, params, x, fast=("['W']", "['U']", "['Q']", "['K']", "['C1']", "['C2']"))
+    assert routes["['W']"].route.startswith("2 disjoint blocks: a block of a concatenate")
+    assert "its slice of G" in routes["['Q']"].route and routes["['cls']"].fallback
+    run = lambda p: passes.fast_pass(loss, p, x, jnp.ones(B, bool)).norm_sq
+    found = {tuple(s for s in sh if s != 1) for sh in _shapes_in(jax.make_jaxpr(run)(params).jaxpr)}
+    assert not {(B, 6, 3), (B, 3, 6)} & found
