@@ -238,7 +238,7 @@ def _factors_of(an: trace.Analysis, j: int) -> list:
     return [r for r in an.transform.factors if r in found]
 
 
-def shape_of(an: trace.Analysis, ref) -> tuple:
+def _shape_of(an: trace.Analysis, ref) -> tuple:
     return tuple(trace.program_aval_in(an.program, ref).shape)
 
 
@@ -270,7 +270,7 @@ def routes(an: trace.Analysis, shapes: list) -> tuple:
                 what.append(f"per-example gradient of the effective weight ({forms}){why}")
             factors = _factors_of(an, j)
             if factors:
-                sizes += sum(math.prod(shape_of(an, r)) for r in factors)
+                sizes += sum(math.prod(_shape_of(an, r)) for r in factors)
                 what.append(
                     "per-example gradient of the scale of a scaled weight (from A, G and the "
                     "scaled leaf, one product per use; no B × |W| array)"
