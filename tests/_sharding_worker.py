@@ -16,9 +16,11 @@ process writing its pieces), and a corrupt newest one.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -27,6 +29,17 @@ import time
 def _setup(devices: int):
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     os.environ["JAX_PLATFORMS"] = "cpu"
+    # JAX's compilation cache, as tests/conftest.py sets it for the test processes: every
+    # mode fits the same program several times (the uninterrupted run, the interrupted one,
+    # the resumed one, on memory-mapped data), and jit's own cache is per function object,
+    # so each fit compiles afresh. A hit runs the executable XLA compiled for the identical
+    # program, options and flags: no result changes. A fresh folder per process (removed
+    # at exit); in a multi-process run only process 0 writes to it (JAX's rule).
+    cache = tempfile.mkdtemp(prefix="jaxgrad-worker-xla-")
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 
 def _rel(a, b) -> float:
