@@ -24,6 +24,7 @@ _shared_seed_results = {results!r}
 
 def _seed_results(*, seed=0):
     assert seed == 0, seed
+    print("(the session's shared seed results)")
     return dict(_shared_seed_results)
 
 
@@ -41,8 +42,9 @@ def test_notebook_executes(path, seed_results):
         share = nbformat.v4.new_code_cell(SHARE_SEED.format(results=seed_results))
         nb.cells.insert(calls[0], share)
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3").execute(cwd=str(path.parent))
-    if calls:  # the notebook printed the shared numbers' table
+    if calls:  # the notebook took the shared numbers and printed their table
         printed = "".join(o.get("text", "") for o in nb.cells[calls[0] + 1].get("outputs", []))
+        assert "(the session's shared seed results)" in printed, printed
         assert format_results(seed_results) in printed, printed
     images = [
         out
