@@ -29,12 +29,13 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 # Modules whose tests share results computed once per session in worker processes (minutes
-# of CPU: the emulated-device meshes, the two-process runs; ``shared`` in
-# tests/test_sharding.py), first in the collection. Under ``pytest -n 2`` (pytest-xdist's
-# ``load``) the first eighth of the tests goes to the first worker as one block, so all of
-# them run there, early: the other worker never waits on the lock of a result the first is
-# computing (one idle core for a minute or more each), and these long setups cannot be
-# what the run ends on while the other worker has nothing left to do.
+# of CPU: the emulated-device meshes, the two-process runs; ``shared`` in tests/helpers.py),
+# first in the collection. Under ``pytest -n 2`` (pytest-xdist's ``load``) each worker
+# starts with a block of (tests / workers / 4) consecutive tests, 168 of 1344, so all of
+# them run on the first worker, early: the other never waits on the lock of a result the
+# first is computing (the last CI's second 62 s setup of tests/test_sharding_mesh.py was
+# such a wait, one core idle), and these long setups cannot be what the run ends on while
+# the other worker has nothing left to do.
 FIRST = ("test_sharding.py", "test_sharding_mesh.py")
 
 
