@@ -13,6 +13,7 @@ source-line metadata; the tests that read HLO text run in subprocesses, which do
 this file.
 """
 
+import json
 import shutil
 import tempfile
 
@@ -27,9 +28,42 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
+# Modules whose tests share results computed once per session in worker processes (minutes
+# of CPU: the emulated-device meshes, the two-process runs; ``shared`` in tests/helpers.py),
+# first in the collection. Under ``pytest -n 2`` (pytest-xdist's ``load``) each worker
+# starts with a block of (tests / workers / 4) consecutive tests, 168 of 1344, so all of
+# them run on the first worker, early: the other never waits on the lock of a result the
+# first is computing (the last CI's second 62 s setup of tests/test_sharding_mesh.py was
+# such a wait, one core idle), and these long setups cannot be what the run ends on while
+# the other worker has nothing left to do.
+FIRST = ("test_sharding.py", "test_sharding_mesh.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    first = [item for item in items if item.path.name in FIRST]
+    items[:] = first + [item for item in items if item.path.name not in FIRST]
+
+
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+@pytest.fixture(scope="session")
+def seed_results(tmp_path_factory):
+    """``python -m jaxgrad.seed --json``'s numbers, computed once per session (and shared by
+    pytest-xdist's workers): tests/test_seed.py checks them against closed forms, and
+    tests/test_notebooks.py runs the notebook's table and assertions on them."""
+    from helpers import shared
+
+    from jaxgrad import seed
+
+    def compute(directory):
+        path = directory / "seed.json"
+        assert seed.main(["--json", str(path)]) == 0
+        return json.loads(path.read_text())
+
+    return shared(tmp_path_factory, "seed", compute)[0]
 
 
 def pytest_sessionfinish(session, exitstatus):

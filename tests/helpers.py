@@ -5,10 +5,17 @@
 the end of every epoch) or right after a checkpoint is written; then the same call runs again
 in the same directory and resumes. The caller compares the resumed result with an
 uninterrupted run.
+
+``shared``: a costly JSON-able result computed once per test session, even when
+pytest-xdist splits its users between workers.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+import shutil
 from unittest import mock
 
 import pytest
@@ -68,3 +75,27 @@ def interrupt_then_resume(run, checkpoint_dir, *, at_evaluate=None, at_save=None
     """
     saved = run_interrupted(run, checkpoint_dir, at_evaluate=at_evaluate, at_save=at_save, **kw)
     return saved, run(checkpoint_dir=checkpoint_dir, **kw)
+
+
+def shared(tmp_path_factory, name: str, compute):
+    """``compute(directory)``'s JSON-able result and its directory, computed once per session.
+
+    Under pytest-xdist (CI runs ``-n 2``) the tests of one module may be split between the
+    workers, and each would run the costly computation again; here the first worker
+    to need it computes it under a file lock, in a directory both see, and the others read
+    its result."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        directory = tmp_path_factory.mktemp(name)
+        return compute(directory), directory
+    root = tmp_path_factory.getbasetemp().parent / "session-shared"
+    root.mkdir(exist_ok=True)
+    directory, done = root / name, root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(directory, ignore_errors=True)  # a failed earlier attempt's
+            directory.mkdir()
+            result = compute(directory)
+            done.with_suffix(".tmp").write_text(json.dumps(result))
+            done.with_suffix(".tmp").replace(done)
+        return json.loads(done.read_text()), directory

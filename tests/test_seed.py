@@ -1,6 +1,5 @@
 """`python -m jaxgrad.seed` reproduces the seed's numbers, checked against numpy closed forms."""
 
-import json
 import math
 
 import pytest
@@ -14,10 +13,9 @@ def _sigmoid_prime(x):
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    path = tmp_path_factory.mktemp("seed") / "seed.json"
-    assert seed.main(["--json", str(path)]) == 0
-    return json.loads(path.read_text())
+def results(seed_results):
+    # `seed.main(["--json", path])`'s numbers, read back (tests/conftest.py).
+    return seed_results
 
 
 def test_json_has_every_key(results):

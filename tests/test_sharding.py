@@ -8,11 +8,9 @@ multi-process training over loopback; one more covers DP-SGD training on meshes.
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +18,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import shared
 
 import jaxgrad
 from jaxgrad import sharding
@@ -53,30 +52,6 @@ def _run_worker(*args: str) -> dict:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return _result(proc.stdout)
-
-
-def shared(tmp_path_factory, name: str, compute):
-    """``compute(directory)``'s JSON-able result and its directory, computed once per session.
-
-    Under pytest-xdist (CI runs ``-n 2``) the tests of one module may be split between the
-    workers, and each would run the module's costly subprocess again; here the first worker
-    to need it computes it under a file lock, in a directory both see, and the others read
-    its result."""
-    if "PYTEST_XDIST_WORKER" not in os.environ:
-        directory = tmp_path_factory.mktemp(name)
-        return compute(directory), directory
-    root = tmp_path_factory.getbasetemp().parent / "sharding-shared"
-    root.mkdir(exist_ok=True)
-    directory, done = root / name, root / f"{name}.json"
-    with open(root / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not done.exists():
-            shutil.rmtree(directory, ignore_errors=True)  # a failed earlier attempt's
-            directory.mkdir()
-            result = compute(directory)
-            done.with_suffix(".tmp").write_text(json.dumps(result))
-            done.with_suffix(".tmp").replace(done)
-        return json.loads(done.read_text()), directory
 
 
 @pytest.fixture(scope="module")
