@@ -225,7 +225,7 @@ def test_dense_weighted_sum_in_every_layout(layout):
         assert two_d == ("VJP" not in layout)
 
 
-def test_conv_route_keeps_its_per_example_gradient_when_small():
+def test_conv_route_keeps_its_per_example_gradient_when_small(monkeypatch):
     """A convolution whose kernel is no larger than its per-example input and output forms
     and keeps its per-example gradient (the clipped sum reads it); a kernel larger than
     them takes the squared norm by kernel offsets. Both clip exactly (float64, vs vmap)."""
@@ -249,4 +249,35 @@ def test_conv_route_keeps_its_per_example_gradient_when_small():
     assert routes["['k2']"] == "conv: squared norm, one kernel offset at a time"
     clip = 0.5 * float(np.median(jaxgrad.per_example_norms(loss, method="vmap")(params, batch)))
     f = lambda m: clipped_grad(loss, l2_clip=clip, reduction="sum", method=m)(params, batch)
+    contracted = _record_contractions(monkeypatch)
     assert_rel_close(flat(f("auto")), flat(f("vmap")))
+    assert contracted == [(5, 5, 3, 8)]  # k1's sum read off its kept gradients
+
+
+def _record_contractions(monkeypatch):
+    """The weight shapes ``rules.weighted_grad`` (A and G contracted again) is called for."""
+    from jaxgrad.fast import rules
+
+    calls, original = [], rules.weighted_grad
+    record = lambda eqn, pos, *a, **k: (
+        calls.append(eqn.in_avals[pos].shape) or original(eqn, pos, *a, **k)
+    )
+    monkeypatch.setattr(rules, "weighted_grad", record)
+    return calls
+
+
+def test_tied_uses_weighted_sum_reads_their_formed_gradient(monkeypatch):
+    """Tied uses of a 3-D weight (no outer form) have their per-example gradient formed for
+    the norm; the clipped sum reads it (no use contracted again), exact against vmap."""
+
+    def loss(p, x):  # x (5, 3); w (3, 2, 4) read by two dense uses
+        h = jnp.tanh(jnp.einsum("tk,kab->tab", x, p["w"]))
+        return jnp.sum(jnp.tanh(jnp.einsum("tab,kab->tk", h, p["w"])) ** 2)
+
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(3, 2, 4)))}
+    batch = jnp.asarray(rng.normal(size=(6, 5, 3)))
+    f = lambda m: clipped_grad(loss, l2_clip=0.3, reduction="sum", method=m)(params, batch)
+    contracted = _record_contractions(monkeypatch)
+    assert_rel_close(flat(f("auto")), flat(f("vmap")))
+    assert contracted == []

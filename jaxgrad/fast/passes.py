@@ -344,7 +344,16 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
                     for u, perm in zip(group.uses, group.perms, strict=True)
                 ],
             )
-        return ("grads", sum(leaf_grads(j, u) for u in group.uses))  # the per-example gradient
+        return ("grads", group_grads(j, group))
+
+    # Tied uses' per-example gradient (B, *leaf), summed over the group: formed once for the
+    # norms and kept, so that the weighted sum reads it (Σ_i c_i J_i) like a kept route's.
+    tied_formed: dict = {}  # id of the group -> its per-example gradient
+
+    def group_grads(j, group):
+        if id(group) not in tied_formed:
+            tied_formed[id(group)] = sum(leaf_grads(j, u) for u in group.uses)
+        return tied_formed[id(group)]
 
     def group_norm(j, group):  # ‖Σ_u ∇S_i through u‖²: the diagonal of the group's block
         if group.form == "use":
@@ -406,8 +415,13 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
 
     def weighted_leaf(j, c):  # Σ_i c_i ∇S_i through leaf j's own uses (c: (B,))
         total = jnp.zeros(like[j].shape, like[j].dtype)
-        for u in an.uses[j]:
-            total = total + _chain_transpose(program, u, like[j], weighted_use(u, c))
+        for group in route[j].groups:  # (they partition the leaf's uses)
+            if id(group) in tied_formed:  # formed for the norms: read, not contracted again
+                g = tied_formed[id(group)]
+                total = total + jnp.tensordot(c.astype(g.dtype), g, 1).astype(total.dtype)
+                continue
+            for u in group.uses:
+                total = total + _chain_transpose(program, u, like[j], weighted_use(u, c))
         return total
 
     def eff_weighted(k, c):  # Σ_i c_i ∇_{W_eff} S_i, read off the norms' per-example gradients
