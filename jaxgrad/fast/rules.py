@@ -349,8 +349,10 @@ def outer_norm_sq(x, y):
     xx = jnp.einsum("...tk,...sk->...ts", x, x, precision=hi)
     yy = jnp.einsum("...tn,...sn->...ts", y, y, precision=hi)
     gram = jnp.sum(xx * yy, axis=(-2, -1))
-    diag = lambda m: jnp.maximum(jnp.diagonal(m, axis1=-2, axis2=-1), 0)
-    s = jnp.sum(jnp.sqrt(diag(xx) * diag(yy)), axis=-1)
+    # ‖x_t‖² from the rows, not the Gram's diagonal: a reduction XLA fuses with the read of X,
+    # where taking the diagonal costs another pass over both T × T Grams.
+    sq = lambda m: jnp.sum(m * m, axis=-1)
+    s = jnp.sum(jnp.sqrt(sq(x) * sq(y)), axis=-1)
     cancels = jnp.any(s * s > GRAM_CANCELLATION * gram)
 
     def triangular():
