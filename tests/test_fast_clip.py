@@ -227,8 +227,9 @@ def test_dense_weighted_sum_in_every_layout(layout):
 
 def test_conv_route_keeps_its_per_example_gradient_when_small(monkeypatch):
     """A convolution whose kernel is no larger than its per-example input and output forms
-    and keeps its per-example gradient (the clipped sum reads it); a kernel larger than
-    them takes the squared norm by kernel offsets. Both clip exactly (float64, vs vmap)."""
+    and keeps its per-example gradient where a weighted sum is taken (the clipped sum reads
+    it); a kernel larger than them is contracted again. Both clip exactly (float64, vs
+    vmap)."""
     from jaxgrad.fast import plan
 
     dn = ("NHWC", "HWIO", "NHWC")
@@ -245,8 +246,9 @@ def test_conv_route_keeps_its_per_example_gradient_when_small(monkeypatch):
     params = jax.tree_util.tree_map(jnp.asarray, params)
     batch = jnp.asarray(rng.normal(size=(4, 6, 6, 2)))
     routes = {lp.path: lp.route for lp in plan(loss, params, batch[0]).leaves}
-    assert routes["['k1']"] == "conv: per-example gradient, one kernel offset at a time"
-    assert routes["['k2']"] == "conv: squared norm, one kernel offset at a time"
+    kept = "; weighted sum: per-example gradient formed and kept"
+    assert routes["['k1']"] == "conv: one kernel offset at a time" + kept
+    assert routes["['k2']"] == "conv: one kernel offset at a time"
     clip = 0.5 * float(np.median(jaxgrad.per_example_norms(loss, method="vmap")(params, batch)))
     f = lambda m: clipped_grad(loss, l2_clip=clip, reduction="sum", method=m)(params, batch)
     contracted = _record_contractions(monkeypatch)

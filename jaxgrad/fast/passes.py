@@ -198,7 +198,9 @@ def _operand(use: trace.Use, a):
     return jnp.stack([jnp.real(a), jnp.imag(a)]).astype(use.base.in_avals[1 - use.pos].dtype)
 
 
-def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
+def fast_pass(
+    loss_fn, params, batch, mask, *, strict: bool = False, weighted: bool = False
+) -> Parts:
     """Per-example norms and reweighted sums from one batched forward/backward pass.
 
     Every use is captured by one recursive evaluator over the frames it sits in
@@ -211,7 +213,9 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     scan body) where the branch runs, with zeros where it does not.
 
     With ``strict``, a leaf that is not small and takes the exact fallback raises (see
-    :func:`jaxgrad.fast.plan.check_strict`).
+    :func:`jaxgrad.fast.plan.check_strict`). ``weighted``: the caller computes a weighted
+    sum (:attr:`Parts.weighted`; clipping, statistics), so a route that keeps per-example
+    gradients (:attr:`jaxgrad.fast.rules.Form.keep`) forms them for the norms as well.
     """
     an = analyse(loss_fn, params, batch)
     if strict:
@@ -311,7 +315,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         return jax.vmap(lambda a, g: fn(u.base, a, g))(kept[u.key], g_use[u.key])
 
     def norm_use(u, rule):  # ‖∇S_i‖² through one use, by its route
-        if rule.keep:
+        if rule.keep and (weighted or rule.how == "grads"):
             fn = lambda op, a, g: rules.per_example_grads(op, u.pos, a, g)
             if rule.per_step:  # one slice of the leaf per step: (steps, B, *slice)
                 formed[u.key] = (per_step(fn, u), 1)
@@ -633,12 +637,13 @@ def _capture_cond(e: trace.Eqn, uses: dict, du: dict, invals, tapped: bool):
 FRAMES = {"scan": _capture_scan, "cond": _capture_cond}
 
 
-def get_pass(method: str, strict: bool = False):
-    """The pass for ``method``; ``strict`` applies to the fast path (vmap has no fallback)."""
+def get_pass(method: str, strict: bool = False, *, weighted: bool = False):
+    """The pass for ``method``; ``strict`` and ``weighted`` (the caller computes a weighted
+    sum, see :func:`fast_pass`) apply to the fast path (vmap has no fallback)."""
     strict = reduce.check_flag(strict, name="strict")
     if check_method(method) == "vmap":
         return vmap_pass
-    return functools.partial(fast_pass, strict=strict)
+    return functools.partial(fast_pass, strict=strict, weighted=weighted)
 
 
 def run_chunked(body, batch, mask, chunk_size):

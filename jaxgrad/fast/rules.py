@@ -245,10 +245,12 @@ class Form:
     (:func:`route`), printed by the plan and executed by :func:`norm_sq` and the pass.
 
     ``how`` names the norm rule (a key of :data:`NORMS`), ``label`` and ``cost`` (entries
-    formed per example) are what the plan prints; ``keep``: the per-example gradient is
-    formed and the pass keeps it for the weighted sum (``Σ_i c_i J_i``, no second
-    contraction of ``A`` and ``G``) — set by :func:`route` for every route that forms it
-    (``how == "grads"``, any kind), and by a kind's route where it pays otherwise;
+    formed per example) are what the plan prints; ``keep``: where the pass computes a
+    weighted sum, the per-example gradient is formed, its squared norm read off it and it
+    is kept for the weighted sum (``Σ_i c_i J_i``, no second contraction of ``A`` and
+    ``G``) — set by :func:`route` for every route whose norm forms it anyway
+    (``how == "grads"``, any kind), and by a kind's route where forming it pays for a
+    weighted sum only (a small convolution kernel);
     ``per_step``: a leaf scanned over (one slice per step)
     whose steps' squared norms are taken one step at a time and added, on the step-major
     arrays as captured (no transpose).
@@ -287,14 +289,19 @@ def _gather_route(eqn: Eqn, pos: int) -> Form:
 def _conv_route(eqn: Eqn, pos: int) -> Form:
     if not _conv_windows_ok(eqn, pos):
         return _grads_route("conv", eqn, pos)
-    size = math.prod(eqn.in_avals[1].shape)
-    kept = math.prod(eqn.in_avals[0].shape) + math.prod(eqn.out_avals[0].shape)
-    if size <= kept:  # no larger than the A_i and G_i the pass holds: formed, and kept
-        return Form("grads", "conv: per-example gradient, one kernel offset at a time", size)
     rhs_spec = eqn.params["dimension_numbers"][1]
     shape = eqn.in_avals[1].shape
     cost = shape[rhs_spec[0]] * shape[rhs_spec[1]]
-    return Form("conv_windows", "conv: squared norm, one kernel offset at a time", cost)
+    label = "conv: one kernel offset at a time"
+    size = math.prod(shape)
+    kept = math.prod(eqn.in_avals[0].shape) + math.prod(eqn.out_avals[0].shape)
+    if size > kept:
+        return Form("conv_windows", label, cost)
+    # No larger than the A_i and G_i the pass holds: for a weighted sum the per-example
+    # gradient is formed by offsets and kept (a squared norm alone is cheaper one offset
+    # at a time, never stacked).
+    label += "; weighted sum: per-example gradient formed and kept"
+    return Form("conv_windows", label, cost, keep=True)
 
 
 def _grads_route(kind: str, eqn: Eqn, pos: int) -> Form:
