@@ -268,7 +268,15 @@ def _dense_route(eqn: Eqn, pos: int) -> Form:
     if t == 1:
         return Form("dense_rank1", "dense: |a|²|g|²", nb)
     if dense_gram(t, k, n):  # (QR is picked at run time where positions cancel)
-        return Form("dense_gram", f"dense, {t} positions: Gram <AAᵀ,GGᵀ>", 2 * nb * t * t)
+        label = f"dense, {t} positions: Gram <AAᵀ,GGᵀ>"
+        # A weighted sum contracts the T K N products again, which forming the gradient
+        # does once: formed and kept when it is at most twice the A_i and G_i held (on a
+        # CPU, T = 32: faster at K N = 1.6 T (K + N), slower from 2.7 on, where writing and
+        # reading the B K N entries costs more than the Gram).
+        if k * n <= 2 * t * (k + n):
+            label += "; weighted sum: per-example gradient formed and kept"
+            return Form("dense_gram", label, 2 * nb * t * t, keep=True)
+        return Form("dense_gram", label, 2 * nb * t * t)
     return Form("grads", f"dense, {t} positions: per-example gradient", nb * k * n)
 
 
