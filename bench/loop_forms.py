@@ -1,15 +1,22 @@
-"""Loop forms side by side (the probe behind bench/results/loops-*.txt).
+"""Loop forms side by side, paired (the probe behind bench/results/loops-*.txt).
 
-For each model and B in (32, 256), interleaved rounds of ``accumulate_grad`` over 4
-microbatches in every loop form — ``unroll="auto"`` (the policy, ``jaxgrad._loops``),
-``True`` (fenced unroll), ``4`` (JAX's own unroll: the unrolled form the benchmark's
-``accumulate_grad(4 unrolled)`` row times), ``2`` (partial unroll) and ``False``
-(``lax.scan``) — and ``per_example_grads`` unchunked and with ``chunk_size=32``. Prints, per
-row, the median and the minimum seconds per call of each form and every form's throughput
-over the unrolled form's (from the minima: on a shared machine the least-disturbed call).
+For each model and batch size, two pairs of programs, each timed in alternating rounds (the
+two members back to back, in alternating order, so they share the machine's load):
 
-Usage: ``python bench/loop_forms.py mlp,cnn,transformer,rnn [rounds] [pe]`` (``pe``: only the
-per_example_grads rows).
+* ``accumulate_grad`` over 4 microbatches in the loop policy's form (``unroll="auto"``,
+  ``jaxgrad._loops``) against its unrolled form (``unroll=4``, JAX's own unrolling: the
+  benchmark's ``accumulate_grad(4 unrolled)`` row);
+* ``per_example_grads(chunk_size=32)`` against unchunked ``per_example_grads`` (at B = 32 one
+  chunk is the whole batch, the same program: left out).
+
+One sample is ``reps`` calls (at least ~0.1 s) divided by ``reps``; each round gives one
+ratio per pair (the second's time over the first's: the first's throughput relative to the
+second), and the line reports the median ratio with its interquartile range over the rounds,
+the median milliseconds of each program, XLA's planned temporary memory of each
+(``memory_analysis``, deterministic) and the form the policy chose, with its reason.
+
+Usage: ``python bench/loop_forms.py mlp,cnn,cnn-ws,transformer,rnn [ROUNDS] [BATCH_SIZES]``
+(defaults 15 rounds, batch sizes ``32,256``).
 """
 
 import os
@@ -19,6 +26,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jcore
 
 from jaxgrad import _loops, grads
@@ -37,46 +45,81 @@ def _loop_body(jaxpr):
     return None
 
 
-rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 7
-pe_only = sys.argv[3:] == ["pe"]  # only per_example_grads, unchunked and chunk_size=32
-for name in sys.argv[1].split(","):
-    case = suite.CASES[name]()
-    p = case.model.init(jax.random.key(0))
-    for B in (32, 256):
-        b = case.make_batch(B)
-        m = jnp.ones(B, bool)
-        acc = {
-            u: jax.jit(grads.accumulate_grad(case.loss_fn, num_microbatches=4, unroll=u))
-            for u in ("auto", True, 4, 2, False)
-        }
-        fs = {} if pe_only else {f"acc[{u}]": f for u, f in acc.items()}
-        fs["pe"] = jax.jit(grads.per_example_grads(case.loss_fn))
-        fs["pe32"] = jax.jit(grads.per_example_grads(case.loss_fn, chunk_size=32))
-        for f in fs.values():
-            jax.block_until_ready(f(p, b, m))
-        t = {k: [] for k in fs}
-        for r in range(rounds):
-            for k, f in list(fs.items()) if r % 2 else list(fs.items())[::-1]:
-                s = time.perf_counter()
-                jax.block_until_ready(f(p, b, m))
-                t[k].append(time.perf_counter() - s)
-        lo = {k: min(v) for k, v in t.items()}
-        med = {k: statistics.median(v) for k, v in t.items()}
-        body = _loop_body(jax.make_jaxpr(acc[False])(p, b, m).jaxpr)
-        step = _loops.describe_jaxpr(
-            body.params["jaxpr"], body.params["num_carry"], body.params["num_consts"]
-        )
-        load = os.getloadavg()[0]
-        chosen = _loops.form(4, "auto", step)
-        line = f"{name} B={B} [{step.flops / 1e6:.0f} MFLOP/step, {step.intensity:.0f} flops"
-        line += f" per number handed on, conv {step.convolution}; policy: unrolled"
-        line += f" {chosen.unrolled}; load {load:.1f}] ms median/min: "
-        line += " ".join(f"{k} {med[k] * 1e3:.1f}/{lo[k] * 1e3:.1f}" for k in fs)
-        line += (
-            ""
-            if pe_only
-            else " | x unrolled (min): "
-            + " ".join(f"{k} {lo['acc[4]'] / lo[k]:.2f}" for k in fs if k.startswith("acc"))
-        )
-        line += f" | pe32/pe {lo['pe'] / lo['pe32']:.2f}"
-        print(line, flush=True)
+def _policy(case, args):
+    """What the policy reads off the microbatch step of ``accumulate_grad(4)``, and its form."""
+    scanned = grads.accumulate_grad(case.loss_fn, num_microbatches=4, unroll=False)
+    body = _loop_body(jax.make_jaxpr(scanned)(*args).jaxpr)
+    step = _loops.describe_jaxpr(
+        body.params["jaxpr"], body.params["num_carry"], body.params["num_consts"]
+    )
+    return step, _loops.form(4, "auto", step)
+
+
+def _paired(first, second, args, rounds):
+    """Per-round ratios time(second) / time(first), and each one's median seconds."""
+    jax.block_until_ready(first(*args))
+    jax.block_until_ready(second(*args))
+    one = []
+    for _ in range(3):  # the least-disturbed call sizes the samples
+        start = time.perf_counter()
+        jax.block_until_ready(second(*args))
+        one.append(time.perf_counter() - start)
+    reps = max(1, int(0.1 / min(one)))
+    times = ([], [])
+    for r in range(rounds):
+        for i in (0, 1) if r % 2 else (1, 0):
+            f = (first, second)[i]
+            start = time.perf_counter()
+            for _ in range(reps):
+                out = f(*args)
+            jax.block_until_ready(out)
+            times[i].append((time.perf_counter() - start) / reps)
+    ratios = np.asarray(times[1]) / np.asarray(times[0])
+    return ratios, statistics.median(times[0]), statistics.median(times[1]), reps
+
+
+def _temp_mb(f, args):
+    return f.lower(*args).compile().memory_analysis().temp_size_in_bytes / 2**20
+
+
+def main(names, rounds, batch_sizes):
+    for name in names:
+        case = suite.CASES[name]()
+        params = case.model.init(jax.random.key(0))
+        for B in batch_sizes:
+            args = (params, case.make_batch(B), jnp.ones(B, bool))
+            step, chosen = _policy(case, args)
+            acc = [
+                jax.jit(grads.accumulate_grad(case.loss_fn, num_microbatches=4, unroll=u))
+                for u in ("auto", 4)
+            ]
+            pairs = {"accumulate_grad(4): policy / unrolled": acc}
+            if B > 32:
+                pe = [
+                    jax.jit(grads.per_example_grads(case.loss_fn, chunk_size=c)) for c in (32, None)
+                ]
+                pairs["per_example_grads: chunk=32 / unchunked"] = pe
+            form = "unrolled" if chosen.unrolled else "lax.scan"
+            print(
+                f"{name} B={B} [{step.flops / 1e6:.0f} MFLOP/step, {step.intensity:.0f} flops per"
+                f" number handed on, conv {step.convolution}; policy: {form} ({chosen.reason})]",
+                flush=True,
+            )
+            for label, (first, second) in pairs.items():
+                ratios, t1, t2, reps = _paired(first, second, args, rounds)
+                q1, q2, q3 = np.quantile(ratios, [0.25, 0.5, 0.75])
+                print(
+                    f"  {label}: throughput ratio median {q2:.2f} [IQR {q1:.2f}-{q3:.2f}],"
+                    f" {t1 * 1e3:.1f} / {t2 * 1e3:.1f} ms, temp {_temp_mb(first, args):.1f} /"
+                    f" {_temp_mb(second, args):.1f} MB ({rounds} rounds x {reps} calls,"
+                    f" load {os.getloadavg()[0]:.1f})",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main(
+        sys.argv[1].split(","),
+        int(sys.argv[2]) if len(sys.argv) > 2 else 15,
+        [int(b) for b in (sys.argv[3] if len(sys.argv) > 3 else "32,256").split(",")],
+    )

@@ -194,7 +194,7 @@ register(
         variants={
             "accumulate_grad(4 micro)": {"num_microbatches": 4},
             # jaxgrad._loops' policy (above), the plain loop it replaces on a CPU, and JAX's
-            # own unrolling (no fences): the loop tax and its cure side by side.
+            # own unrolling: the loop tax and its cure side by side.
             "accumulate_grad(4 scanned)": {"num_microbatches": 4, "unroll": False},
             "accumulate_grad(4 unrolled)": {"num_microbatches": 4, "unroll": 4},
         },

@@ -42,17 +42,25 @@ def test_plan_names_frames_and_transformations():
             return jnp.tanh(h @ p["u"]), None
 
         h, _ = jax.lax.scan(step, x @ p["w"], None, length=3)
-        return jnp.sum(h @ (p["m"] * 2.0).T)
+        return jnp.sum(h @ (p["m"] + 1.0).T) + jnp.sum(h @ (p["k"] * 2.0).T)
 
     params = {"w": jnp.ones((3, 2)), "u": jnp.ones((2, 2)), "m": jnp.ones((4, 2))}
+    params["k"] = jnp.ones((4, 2))
     by_path = {lp.path: lp for lp in plan(loss, params, jnp.ones(3)).leaves}
     assert by_path["['u']"].uses == ("dense @ test_fast_plan.py:42 (step) in scan",)
     assert by_path["['u']"].route.startswith("scan, 3 steps, shared: dense")
     assert by_path["['w']"].route == "dense: |a|²|g|²"
     m = by_path["['m']"]
-    assert m.route.startswith("reparametrised (mul): ") and not m.fallback
-    assert m.uses == ("dense @ test_fast_plan.py:45 (loss) via mul",)
+    assert m.route.startswith("reparametrised (add): ") and not m.fallback
+    assert m.uses == ("dense @ test_fast_plan.py:45 (loss) via add",)
     assert m.per_example == 8 + 8  # the effective weight's gradient, then the leaf's
+    k = by_path["['k']"]  # a scale on one side of the use: the use's own rule, scaled
+    assert k.uses == ("dense @ test_fast_plan.py:45 (loss) via mul",)
+    assert k.route == (
+        "scaled (mul): the scale folded into its output cotangent G, no B × |W| array; "
+        "dense: |a|²|g|²"
+    )
+    assert k.per_example == 1
 
 
 @jax.custom_vjp

@@ -90,7 +90,9 @@ def test_weight_standardised_cnn_with_group_norm():
         logits = jnp.mean(h, axis=(0, 1)) @ p["head"]
         return -jax.nn.log_softmax(logits)[label]
 
-    _check(loss, params, (x, y), reparam=("['k1']", "['k2']"), fast=("['head']",))
+    routes = _check(loss, params, (x, y), fast=("['k1']", "['k2']", "['head']"))
+    for path in ("['k1']", "['k2']"):  # the mean an offset, 1/σ a normaliser, per channel
+        assert "per-channel centring and normaliser made of the leaf" in routes[path].route
 
 
 def test_weight_normalised_conv_stack():
@@ -109,7 +111,8 @@ def test_weight_normalised_conv_stack():
             h = jnp.tanh(_conv(h, w))
         return jnp.sum(h**2)
 
-    _check(loss, params, x, reparam=("['l0']['v']", "['l1']['g']"))
+    routes = _check(loss, params, x, reparam=("['l0']['g']", "['l1']['g']"), fast=("['l0']['v']",))
+    assert "normaliser" in routes["['l1']['v']"].route, routes["['l1']['v']"]
 
 
 def test_masked_made_layer_and_merged_lora():
@@ -162,8 +165,8 @@ def test_stop_gradient_broadcast_concat_and_debug_print():
         h = h @ jax.lax.stop_gradient(p["V"]) + h @ p["V"][None, None][0, 0]
         return jnp.sum(h**2)
 
-    routes = _check(loss, params, x, reparam=("['W']", "['U']"), fast=("['V']",))
-    assert "concatenate" in routes["['W']"].route
+    routes = _check(loss, params, x, fast=("['W']", "['U']", "['V']"))
+    assert "a block of a concatenate: its slice of A" in routes["['W']"].route
 
 
 def test_only_stop_gradient_is_unused():
@@ -246,8 +249,9 @@ def test_strided_dilated_and_1d_convolutions_standardised():
         )[0]
         return jnp.sum(jnp.tanh(out) ** 2)
 
-    routes = _check(loss, params, x, reparam=("['k2']", "['k1']"))
+    routes = _check(loss, params, x, fast=("['k2']", "['k1']"))
     assert "conv: one kernel offset at a time" in routes["['k2']"].route, routes["['k2']"]
+    assert routes["['k1']"].route.startswith("scaled ("), routes["['k1']"]
 
 
 def test_weight_normalised_cnn_sum_count_mask_chunks():
@@ -283,12 +287,16 @@ def test_weight_normalised_cnn_sum_count_mask_chunks():
     for x, y in zip(got, jax.tree_util.tree_leaves(expected), strict=True):
         assert_rel_close(x, y, rtol=1e-9)
     one = jax.tree_util.tree_map(lambda x: x[0], batch)
-    kernels = [lp for lp in plan(loss, params, one).leaves if lp.path.startswith("['conv']")]
-    kernels = [lp for lp in kernels if lp.path.endswith("['w']")]
-    assert len(kernels) == 2
-    for lp in kernels:
-        assert lp.route.startswith("reparametrised (") and "kernel offset" in lp.route, lp
+    convs = [lp for lp in plan(loss, params, one).leaves if lp.path.startswith("['conv']")]
+    kernels = [lp for lp in convs if lp.path.endswith("['w']")]
+    scales = [lp for lp in convs if lp.path.endswith("['g']")]
+    assert len(kernels) == len(scales) == 2
+    for lp in kernels:  # V: the convolution's own route, its G scaled, a normaliser
+        assert lp.route.startswith("scaled (mul, reduce_sum, rsqrt)"), lp
+        assert "normaliser" in lp.route and "kernel offset" in lp.route, lp
+    for lp in scales:  # g: from A, G and V, then the transformation's VJP
         assert "separable, one block per index of axis 3 of the" in lp.route, lp
+        assert "scale of a scaled weight" in lp.route, lp
 
 
 def test_separable_axes_match_the_jacobian_blocks():
@@ -327,3 +335,156 @@ def test_separable_axes_match_the_jacobian_blocks():
                 per_slice = nonzero.reshape(shape[d], -1, *jac.shape[len(shape) :]).any(axis=1)
                 worst = max(worst, int(per_slice.sum(axis=0).max()))
             assert (worst <= 1) == (d in axes), (f, d, worst)
+
+
+def _shapes_in(jaxpr) -> set:
+    """Every value's shape in a jaxpr and its sub-jaxprs (loops, branches, custom calls)."""
+    from jax.extend import core as jcore
+
+    out = set()
+    for e in jaxpr.eqns:
+        out.update(tuple(v.aval.shape) for v in e.outvars if hasattr(v.aval, "shape"))
+        for sub in jcore.jaxprs_in_params(e.params):
+            out |= _shapes_in(sub)
+    return out
+
+
+def _scaled_losses():
+    """Dense uses of ``θ ⊙ (scale)`` with a sequence axis: per output column (a parameter,
+    inverted), per input row (a parameter), a constant outer-product mask, a scalar
+    parameter; each a factor on one side of the use."""
+    d, k, t = 6, 5, 2  # (T(d + k) ≤ d k: the Gram route, no per-example gradient)
+    rows = jnp.asarray(np.arange(d) % 3 != 0, F64)  # a mask as an outer product
+    cols = jnp.asarray(np.arange(k) != 2, F64)
+
+    def loss(p, seq):
+        w = p["W"] * (rows[:, None] * cols[None, :]) * p["r"][:, None] / p["c"] * p["a"]
+        h = jnp.tanh(seq @ w)
+        u = jnp.tanh(h[0] @ (p["U"].T * p["r"]))  # a transposed leaf, no sequence axis
+        return jnp.sum(h**2) + jnp.sum(u * jnp.arange(d))
+
+    return loss, (d, k, t)
+
+
+def test_scaled_dense_weights_keep_their_routes():
+    """``θ ⊙ F`` with every factor along one side of the dense use: ``θ`` keeps the dense
+    rules on a scaled ``A``/``G`` (no reparametrisation), the scales' gradients are exact."""
+    loss, (d, k, t) = _scaled_losses()
+    rng = np.random.default_rng(10)
+    params = {
+        "W": _normal(rng, d, k),
+        "U": _normal(rng, d, k),
+        "r": 1 + _normal(rng, d, scale=0.2),
+        "c": 2 + _normal(rng, k, scale=0.2),
+        "a": jnp.asarray(1.3, F64),
+    }
+    routes = _check(loss, params, _normal(rng, B, t, d), fast=("['W']", "['U']"))
+    assert routes["['W']"].route.startswith("scaled (mul, div): the scale folded into its kept")
+    assert "Gram" in routes["['W']"].route and "via mul" in routes["['W']"].uses[0]
+    assert "output cotangent G" in routes["['U']"].route, routes["['U']"]
+    for path in ("['r']", "['c']", "['a']"):
+        lp = routes[path]
+        assert "scale of a scaled weight" in lp.route and "effective weight (" not in lp.route
+
+
+def test_scaled_route_forms_no_per_example_weight():
+    """The scaled route's program (norms, clipped sum, dots) holds no ``(B, d, k)``
+    value; the materialised route of a full mask (not one-sided) does: the check can fail."""
+    loss, (d, k, t) = _scaled_losses()
+    rng = np.random.default_rng(11)
+    params = {"W": _normal(rng, d, k), "U": _normal(rng, d, k), "r": _normal(rng, d)}
+    params.update(c=_normal(rng, k), a=jnp.asarray(2.0, F64))
+    x, mask = _normal(rng, B, t, d), jnp.ones(B, bool)
+    full = jnp.asarray(np.tril(np.ones((d, k))), F64)
+    masked = lambda p, seq: jnp.sum(jnp.tanh(seq @ (p["W"] * full)) ** 2)
+
+    def shapes(f, p):  # (the Gram matrix's dense rule may form them by shape: not read)
+        def run(p):
+            parts = passes.fast_pass(f, p, x, mask)
+            v = jax.tree_util.tree_leaves(p)
+            return parts.norm_sq, parts.weighted(parts.norm_sq), parts.dots(v)
+
+        found = _shapes_in(jax.make_jaxpr(run)(p).jaxpr)
+        return {tuple(s for s in shape if s != 1) for shape in found}  # unit axes dropped
+
+    per_example = {(B, d, k), (B, k, d)}
+    assert not per_example & shapes(loss, params)
+    assert per_example & shapes(masked, {"W": params["W"]})
+
+
+def test_weight_normalised_dense_with_a_sequence_axis():
+    """Weight normalisation per output column (``g_o V_o / ‖V_o‖``) and a Frobenius-normalised
+    weight (``F / ‖F‖``, one channel: the whole matrix) on dense uses with a sequence axis:
+    the leaves keep the dense rules, the normalisers' corrections exact, no ``(B, d, k)``."""
+    d, k, t = 6, 5, 2
+    rng = np.random.default_rng(12)
+    params = {
+        "V": _normal(rng, d, k),
+        "g": 1 + _normal(rng, k, scale=0.3),
+        "F": _normal(rng, k, 4),
+    }
+
+    def loss(p, seq):
+        w = p["g"] * p["V"] / jnp.sqrt(jnp.sum(p["V"] ** 2, axis=0, keepdims=True))
+        h = jnp.tanh(seq @ w)
+        return jnp.sum(jnp.tanh(h @ (p["F"] / jnp.linalg.norm(p["F"]))) ** 2)
+
+    x = _normal(rng, B, t, d)
+    routes = _check(loss, params, x, reparam=("['g']",), fast=("['V']", "['F']"))
+    for path in ("['V']", "['F']"):
+        assert routes[path].route.startswith("scaled ("), routes[path]
+        assert "normaliser" in routes[path].route and "Gram" in routes[path].route
+    run = lambda p: passes.fast_pass(loss, p, x, jnp.ones(B, bool)).norm_sq
+    found = {
+        tuple(s for s in shape if s != 1) for shape in _shapes_in(jax.make_jaxpr(run)(params).jaxpr)
+    }
+    assert not {(B, d, k), (B, k, d)} & found
+
+
+def test_scaled_offsets_batched_heads_and_a_tied_table():
+    """A parameter offset (``(W - b) * s``: ``b`` gets ``-Σ s ⊙ ∇W_eff`` per column), per-head
+    scales on a ``dot_general`` batch axis, and a table both looked up and scaled by column
+    (``E.T * es``: tied uses, their cross terms exact)."""
+    rng = np.random.default_rng(13)
+    r = lambda *shape: _normal(rng, *shape)
+    params = {"W": r(3, 4), "b": r(4), "s": r(4), "H": r(2, 3, 4), "hs": r(2)}
+    params.update(E=r(7, 4), es=r(7))
+
+    def loss(p, seq):
+        h = jnp.tanh(seq @ ((p["W"] - p["b"]) * p["s"]))
+        heads = jnp.einsum("td,hdk->htk", seq, p["H"] * p["hs"][:, None, None] * p["s"])
+        logits = jnp.tanh(heads[0] @ (p["E"].T * p["es"]))
+        rows = jnp.take(p["E"], jnp.arange(1, 6), axis=0)[:, :1]
+        return jnp.sum(h**2) + jnp.sum(jnp.tanh(heads) ** 2) + jnp.sum(logits * rows)
+
+    routes = _check(loss, params, r(B, 5, 3), fast=("['W']", "['H']", "['E']"))
+    assert routes["['E']"].route.startswith("tied, 2 uses: scaled (mul)"), routes["['E']"]
+    for path in ("['b']", "['s']", "['hs']", "['es']"):
+        assert "scale of a scaled weight" in routes[path].route, routes[path]
+
+
+def test_concatenated_blocks_keep_their_routes():
+    """Parameters concatenated into one weight (along a contracted axis, a free axis with a
+    constant block, a convolution's input channels; one leaf in two blocks): each
+    block's use on its slice of ``A`` or ``G``, exact, with no ``(B, 6, 3)`` effective-weight
+    gradient; a CLS token concatenated to the example falls back (a vector)."""
+    rng = np.random.default_rng(14)
+    r = lambda *shape: _normal(rng, *shape)
+    params = {"cls": r(6), "W": r(4, 3), "U": r(2, 3), "Q": r(3, 2), "K": r(3, 2)}
+    params.update(C1=r(3, 3, 2, 2), C2=r(3, 3, 1, 2))
+
+    def loss(p, seq):
+        toks = jnp.concatenate([p["cls"][None], seq], axis=0)
+        h = jnp.tanh(toks @ jnp.concatenate([p["W"][:2], p["U"], p["W"][2:]], axis=0))
+        qk = h @ jnp.concatenate([p["Q"], p["K"], jnp.zeros((3, 1))], axis=1)
+        img = jnp.tanh(qk[:4, :3].reshape(2, 2, 3))
+        c = _conv(img, jnp.concatenate([p["C1"], p["C2"]], axis=2))
+        return jnp.sum(qk**2) + jnp.sum(jnp.tanh(c) ** 2)
+
+    x = r(B, 4, 6)
+    routes = _check(loss, params, x, fast=("['W']", "['U']", "['Q']", "['K']", "['C1']", "['C2']"))
+    assert routes["['W']"].route.startswith("2 disjoint blocks: a block of a concatenate")
+    assert "its slice of G" in routes["['Q']"].route and routes["['cls']"].fallback
+    run = lambda p: passes.fast_pass(loss, p, x, jnp.ones(B, bool)).norm_sq
+    found = {tuple(s for s in sh if s != 1) for sh in _shapes_in(jax.make_jaxpr(run)(params).jaxpr)}
+    assert not {(B, 6, 3), (B, 3, 6)} & found

@@ -13,13 +13,16 @@ and the factors :func:`gram` reads the Gram matrix ``⟨∇S_i, ∇S_j⟩`` from
   :mod:`jaxgrad.fast.rules`). Parameters with other uses get a per-example zero copy whose
   gradient is their exact per-example gradient. Reparametrised parameters (an
   example-independent transformation ``W_eff = f(θ)`` before ordinary uses) get ``f``'s VJP
-  of the effective weight's per-example gradient. Each leaf takes the
+  of the effective weight's per-example gradient; a *scaled* weight ``(θ' - m) ⊙ Π F_k``
+  keeps θ on its uses' own routes with the factors folded into ``A`` or ``G``
+  (:class:`jaxgrad.fast.trace.Scale`, :class:`_Normaliser`). Each leaf takes the
   :class:`jaxgrad.fast.plan.Route` computed once by :func:`jaxgrad.fast.plan.routes`, the
   one ``plan`` prints.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -125,6 +128,8 @@ def gram(p: Parts, q: Parts) -> jax.Array:
             block = rules.grads_gram(bp[1], bq[1])
         elif bp[0] == "use":
             block = rules.gram(*bp[1:], *bq[4:])
+        elif bp[0] == "normaliser":
+            block = _Normaliser.gram(bp[1], bq[1])
         else:
             block = rules.cross_gram(bp[1], bq[1])
         total = total + block
@@ -198,6 +203,90 @@ def _operand(use: trace.Use, a):
     return jnp.stack([jnp.real(a), jnp.imag(a)]).astype(use.base.in_avals[1 - use.pos].dtype)
 
 
+class _Normaliser:
+    """The share of a scaled leaf's gradient through its normalisers (``trace.Scale.own``).
+
+    ``W_eff = θ' ⊙ S ⊙ Π_x F(x)`` with ``x = h(θ)`` per channel (``1/‖V_o‖`` of weight
+    normalisation): ``∇_θ S_i = P_i + Σ_x J_xᵀ r_{x,i}``, where ``P_i`` is the gradient
+    through the scaled uses (their rules) and ``r_{x,i} = ∇_x S_i`` (from ``A``, ``G`` and
+    ``θ'``, per channel). ``x_c`` depends on channel ``c`` of ``θ`` only, so with
+    ``U_x = J_xᵀ 1`` (one VJP) the channel-``c`` row of ``J_x`` is ``U_x`` on channel ``c``:
+    ``d_{x,i} = J_x P_i`` is the per-channel sum of ``U_x ⊙ S ⊙ ∇_{W_eff} S_i`` (one more
+    product per use, the scaled ``A``, ``G`` and ``U_x``), and ``M_{xy} = J_x J_yᵀ`` is
+    diagonal per channel, ``J_x U_y`` (one JVP). Then
+
+        ‖∇_θ S_i‖² = ‖P_i‖² + 2 Σ_x ⟨r_{x,i}, d_{x,i}⟩ + Σ_{x,y} Σ_c r_{x,i,c} M_{xy,c} r_{y,i,c},
+
+    ``Σ_i c_i ∇_θ S_i = Σ_i c_i P_i + J_xᵀ Σ_i c_i r_{x,i}`` (one VJP) and
+    ``⟨∇_θ S_i, v⟩ = ⟨P_i, v⟩ + ⟨r_{x,i}, J_x v⟩`` (one JVP): no ``B × |θ|`` array. This
+    method returns only the terms after ``‖P_i‖²`` (the rules give that one).
+    """
+
+    def __init__(self, program, known, j, theta, own, factor_grad, side_sum):
+        self.refs = list(own)
+        leaf = program.invars[j]
+        self.x_of = lambda t: trace.eval_known(program, {**known, leaf: t}, self.refs)
+        self.theta = theta
+        xs, self.vjp = jax.vjp(self.x_of, theta)
+        # r_x, (B, *x) per normaliser, from every use it scales.
+        self.r = [sum(factor_grad(u, q, j) for u, q in own[x]) for x in self.refs]
+        ones = lambda k: [
+            jnp.ones_like(x) if i == k else jnp.zeros_like(x) for i, x in enumerate(xs)
+        ]
+        us = [self.vjp(ones(k))[0] for k in range(len(xs))]  # U_x = J_xᵀ 1, θ's layout
+        self.d = [
+            sum(
+                side_sum(u, q, trace.apply_use_chain(program, u, us[k]), plain=True)
+                for u, q in own[x]
+            )
+            for k, x in enumerate(self.refs)
+        ]
+        # channel layouts: the layout of the first use's factor, the same for every x there
+        self.canon = [own[x][0][0].scale[own[x][0][1]] for x in self.refs]
+        jvs = [jax.jvp(self.x_of, (theta,), (u,))[1] for u in us]  # J_x U_y, per y
+        self.m = [[self._canon(k, jv[k][None])[0] for jv in jvs] for k in range(len(xs))]
+
+    def _canon(self, k, r):  # (B, *x) -> (B, *channel), in the use's side order
+        sc = self.canon[k]
+        r = jnp.reshape(r, (r.shape[0], *sc.shape))
+        return jnp.transpose(r, (0, *(1 + p for p in sc.perm)))
+
+    def factors(self):
+        rows = lambda k, z: self._canon(k, z).reshape(z.shape[0], -1)
+        r = [rows(k, x) for k, x in enumerate(self.r)]
+        d = [rows(k, x) for k, x in enumerate(self.d)]
+        m = [[x.reshape(-1) for x in row] for row in self.m]
+        return r, d, m
+
+    def norm_sq(self):
+        r, d, m = self.factors()
+        total = sum(2 * jnp.sum(rx * dx, axis=1) for rx, dx in zip(r, d, strict=True))
+        for k, rx in enumerate(r):
+            for q, ry in enumerate(r):
+                total = total + jnp.sum(rx * m[k][q] * ry, axis=1)
+        return total
+
+    @staticmethod
+    def gram(f1, f2):
+        (r1, d1, m), (r2, d2, _) = f1, f2
+        hi = jax.lax.Precision.HIGHEST
+        total = 0
+        for k in range(len(r1)):
+            total = total + jnp.matmul(r1[k], d2[k].T, precision=hi)
+            total = total + jnp.matmul(d1[k], r2[k].T, precision=hi)
+            for q in range(len(r1)):
+                total = total + jnp.matmul(r1[k] * m[k][q], r2[q].T, precision=hi)
+        return total
+
+    def weighted(self, c):
+        cts = [jnp.tensordot(c.astype(r.dtype), r, 1) for r in self.r]
+        return self.vjp(cts)[0]
+
+    def dots(self, v):
+        jv = jax.jvp(self.x_of, (self.theta,), (v,))[1]
+        return sum(_row_dots(r, x) for r, x in zip(self.r, jv, strict=True))
+
+
 def fast_pass(
     loss_fn, params, batch, mask, *, strict: bool = False, weighted: bool = False
 ) -> Parts:
@@ -207,10 +296,11 @@ def fast_pass(
     (:func:`_capture`, a handler per frame primitive in :data:`FRAMES`). A use inside a
     ``lax.scan`` body is captured at every step (its perturbation is a scanned-over input of
     shape ``(steps, *out)``, its kept operand a stacked output) and the rules see it lifted
-    over the steps (:func:`jaxgrad.fast.trace.lift_over_steps`). A use in a scan nested in a
-    scan body is captured at every step of every level, ``(steps, B, *inner steps, *out)``,
-    and lifted over every level's steps; a use in a ``cond`` branch (at the top level or in a
-    scan body) where the branch runs, with zeros where it does not.
+    over the steps (:func:`jaxgrad.fast.trace.lift_over_steps`). Frames compose: a use in
+    any nesting of scans, ``cond`` branches and ``custom_jvp`` rules is captured at every step
+    of every scan around it, ``(steps, B, *inner steps, *out)``, and lifted over every scan's
+    steps; in a branch where the branch runs, with zeros where it does not; in a
+    ``custom_jvp`` rule's tangent map, whose transpose is the gradient JAX takes.
 
     With ``strict``, a leaf that is not small and takes the exact fallback raises (see
     :func:`jaxgrad.fast.plan.check_strict`). ``weighted``: the caller computes a weighted
@@ -237,21 +327,17 @@ def fast_pass(
     def out_aval(u):  # of one step's perturbation
         return u.base.out_avals[0]
 
-    def inner_steps(u):  # the steps of the scans nested in a scan body, outermost first
-        return tuple(lv.steps for lv in u.nest if lv.is_scan)
+    def steps(u):  # the steps of every scan the use sits in, outermost first
+        return tuple(lv.steps for lv in u.scans)
 
-    # A use inside a scan is captured step-major, ``(steps, B, *out)``: the layout a scan
-    # stacks its outputs in, so neither the perturbation, nor the kept operand, nor the
-    # cotangent is transposed to put the examples first (the weighted sum contracts steps
-    # and examples together and reads them as they are).
-    axis = {key: 1 if u.site == "scan" else 0 for key, (_, u) in captured.items()}
+    # A use inside a scan (in whatever frames) is captured step-major,
+    # ``(steps, B, *inner steps, *out)``: the layout a scan stacks its outputs in, so neither
+    # the perturbation, nor the kept operand, nor the cotangent is transposed to put the
+    # examples first (the weighted sum contracts steps and examples together and reads them
+    # as they are). Branches and custom rules add no axis.
+    axis = {key: 1 if u.scans else 0 for key, (_, u) in captured.items()}
     d_use = {
-        key: jnp.zeros(
-            ((u.steps, size) if u.site == "scan" else (size,))
-            + inner_steps(u)
-            + tuple(out_aval(u).shape),
-            out_aval(u).dtype,
-        )
+        key: jnp.zeros((*steps(u)[:1], size, *steps(u)[1:], *out_aval(u).shape), out_aval(u).dtype)
         for key, (_, u) in captured.items()
     }
     d_exact = {
@@ -272,32 +358,93 @@ def fast_pass(
     # G again saves a copy of every activation.
     g_use, g_exact = vjp(mask.astype(sums.dtype))
 
+    # The factors of scaled effective weights W_eff = θ' ⊙ Π F_k (see trace.Scale): each
+    # scales A or G of the uses of W_eff, which are then the uses of the leaf θ.
+    scale_refs = list(
+        dict.fromkeys(
+            r for us in an.fast.values() for u in us if u.scale
+            for r in [u.theta_term, *(sc.ref for sc in u.scale)] if isinstance(r, trace.Var)
+        )
+    )  # fmt: skip
+    known = {program.invars[j]: leaves[j] for j in range(n) if j not in an.exact}
+    scale_vals = dict(zip(scale_refs, trace.eval_known(program, known, scale_refs), strict=True))
+
+    def factor_value(sc):
+        return sc.ref.value if isinstance(sc.ref, trace.Const) else scale_vals[sc.ref]
+
+    def scaled(x, u, side, skip=None):  # x (B, ...) times the use's factors on one side
+        for q, sc in enumerate(u.scale):
+            if sc.side == side and q != skip and not sc.offset:
+                x = x * sc.broadcast(factor_value(sc))[None].astype(x.dtype)
+        return x
+
+    products: dict = {}  # (use, θ') -> op(A', θ'), for every factor of G of the use
+
+    def side_sum(u, q, w, *, skip=None, plain=False):
+        """Per example, the share of ⟨∇_{W_eff} S_i, W'⟩ along factor q's entries (its ref's
+        layout), for W' = w ⊙ (the use's factors but the skipped one): the gradient of factor
+        q with w = θ' and skip = q; with ``plain`` the factor's own inverse is not applied."""
+        sc = u.scale[q]
+        a = jnp.moveaxis(kept[u.key], axis[u.key], 0)
+        g = g_use[u.key]
+        op = lambda w, a: jax.vmap(lambda a_i: rules._bind(u.op, u.pos, w, a_i))(a)
+        if sc.side == "g":  # G ⊙ op(A', w); op(A', θ') is shared by the factors of G
+            key = (u.key, skip is not None and not plain)
+            if key not in products or not key[1]:
+                products[key] = op(w, scaled(a, u, "a"))
+            cot = scaled(g, u, "g", skip) * products[key]
+        else:  # A ⊙ op_Aᵀ(G', w)
+            _, vjp_a = jax.vjp(lambda x: op(w, x), a)
+            cot = scaled(a, u, "a", skip) * vjp_a(scaled(g, u, "g", skip))[0]
+        # The broadcast's transpose is a sum over the axes it does not span.
+        ones = [1 + d for d, t in enumerate(sc.target) if t == 1 and cot.shape[1 + d] != 1]
+        cot = jnp.sum(cot, axis=tuple(ones), keepdims=True)
+        x = factor_value(sc)
+        spread = dataclasses.replace(sc, inverse=False).broadcast if plain else sc.broadcast
+        _, vjp_b = jax.vjp(spread, x)
+        return jax.vmap(lambda ct: vjp_b(ct.astype(x.dtype))[0])(cot)
+
+    def factor_grad(u, q, j):  # one use's per-example gradient of its factor q
+        del j
+        if u.scale[q].offset:  # W_eff = (θ' - m) ⊙ Π F: -Σ (Π F) ⊙ ∇W along m's entries
+            ones = jnp.ones(u.op.in_avals[u.pos].shape, u.op.in_avals[u.pos].dtype)
+            return -side_sum(u, q, ones, plain=True)
+        # θ' (or θ' - m) as the use's operand
+        w = trace.apply_chain(program, u.chain[u.theta_chain :], scale_vals[u.theta_term])
+        return side_sum(u, q, w, skip=q)
+
+    def selected(x, u, side):  # the slice of A or G a concatenated block meets
+        if not u.select or u.select[0] != side:
+            return x
+        _, ax, lo, hi = u.select
+        return jax.lax.slice_in_dim(x, lo, hi, axis=1 + ax)
+
     def a_of(u):  # examples first
-        return jnp.moveaxis(kept[u.key], axis[u.key], 0)
+        return selected(scaled(jnp.moveaxis(kept[u.key], axis[u.key], 0), u, "a"), u, "a")
 
     def g_of(u):  # the cotangent in the lifted equation's layout, examples first
         g = jnp.moveaxis(g_use[u.key], axis[u.key], 0)
-        if u.site != "scan":
-            return g
-        # (B, steps, *inner steps, *out): each level's steps go where its lift put them,
-        # innermost first (a level's lift inserts its axis into the output of the next).
-        step_axes = [u.step_axis, *(lv.step_axis for lv in u.nest if lv.is_scan)]
+        if not u.scans:  # (scales and selections are top-level uses' only)
+            return selected(scaled(g, u, "g"), u, "g")
+        # (B, steps, *inner steps, *out): each scan's steps go where its lift put them,
+        # innermost first (a scan's lift inserts its axis into the output of the next).
+        step_axes = [lv.step_axis for lv in u.scans]
         for d in reversed(range(len(step_axes))):
             g = jnp.moveaxis(g, 1 + d, 1 + d + step_axes[d])
         return g
 
     def weighted_use(u, c):  # Σ_i c_i ∇S_i through one use, on the arrays as captured
-        if u.key in formed:
-            grads, ex = formed[u.key]
+        if (u.key, u.select) in formed:  # (blocks of one use: one entry each)
+            grads, ex = formed[(u.key, u.select)]
             if ex == 1:  # (steps, B, ...): no transpose
                 w = c.astype(grads.dtype).reshape((1, -1) + (1,) * (grads.ndim - 2))
                 return jnp.sum(grads * w, axis=1)
             return jnp.tensordot(c.astype(grads.dtype), grads, 1)
-        if u.nest:
+        if len(u.scans) > 1 or u.scale or u.select:
             return rules.weighted_grad(u.op, u.pos, a_of(u), g_of(u), c)
         g = g_use[u.key]
-        if u.site == "scan" and u.step_axis:
-            g = jnp.moveaxis(g, 0, 1 + u.step_axis)  # (B at axis 0 after the move)
+        if u.scans and u.scans[0].step_axis:
+            g = jnp.moveaxis(g, 0, 1 + u.scans[0].step_axis)  # (B at axis 0 after the move)
             return rules.weighted_grad(u.op, u.pos, jnp.moveaxis(kept[u.key], 1, 0), g, c)
         return rules.weighted_grad(u.op, u.pos, kept[u.key], g, c, axis=axis[u.key])
 
@@ -309,7 +456,7 @@ def fast_pass(
     # weighted sum then reads them (Σ_i c_i J_i, B × |leaf| work) instead of contracting A and
     # G again. A route taken step by step (``rule.per_step``) reads the step-major arrays as
     # captured, ``(steps, B, ...)``, on the step equation: no transpose to put examples first.
-    formed: dict = {}  # use key -> (per-example gradients, their example axis)
+    formed: dict = {}  # (use key, block) -> (per-example gradients, their example axis)
 
     def per_step(fn, u):  # fn(step equation, A, G) at every step, stacked: (steps, B, ...)
         return jax.vmap(lambda a, g: fn(u.base, a, g))(kept[u.key], g_use[u.key])
@@ -318,10 +465,10 @@ def fast_pass(
         if rule.keep and (weighted or rule.how == "grads"):
             fn = lambda op, a, g: rules.per_example_grads(op, u.pos, a, g)
             if rule.per_step:  # one slice of the leaf per step: (steps, B, *slice)
-                formed[u.key] = (per_step(fn, u), 1)
+                formed[(u.key, u.select)] = (per_step(fn, u), 1)
             else:
-                formed[u.key] = (fn(u.op, a_of(u), g_of(u)), 0)
-            grads, ex = formed[u.key]
+                formed[(u.key, u.select)] = (fn(u.op, a_of(u), g_of(u)), 0)
+            grads, ex = formed[(u.key, u.select)]
             sq = jnp.square(grads.astype(rules.acc_dtype(u.op)))
             return jnp.sum(sq, axis=tuple(d for d in range(sq.ndim) if d != ex))
         if rule.per_step:  # one slice of the leaf per step: the steps' squared norms add
@@ -371,8 +518,10 @@ def fast_pass(
     # same for every example, so ∇_θ S_i = J_fᵀ ∇_{W_eff} S_i. Norms (and Gram blocks) apply
     # the VJP to each example's materialised ∇_{W_eff} S_i (B × |W_eff|, no per-example
     # forward pass); the weighted sum and the dots stay factored by linearity:
-    # Σ_i c_i J_fᵀ ∇_i = J_fᵀ (Σ_i c_i ∇_i) and ⟨J_fᵀ ∇_i, v⟩ = ⟨∇_i, J_f v⟩.
-    if tf is not None:
+    # Σ_i c_i J_fᵀ ∇_i = J_fᵀ (Σ_i c_i ∇_i) and ⟨J_fᵀ ∇_i, v⟩ = ⟨∇_i, J_f v⟩. A scaled weight
+    # (θ' ⊙ Π F_k) forms no ∇_{W_eff} S_i: θ is a fast leaf, and the factors made of leaves
+    # get their per-example gradients from A, G and θ' (``factor_grads``) for the same VJP.
+    if tf is not None and tf.leaves:
         fixed = {program.invars[j]: leaves[j] for j in range(n) if j not in an.exact}
 
         def transform(*theta):
@@ -382,7 +531,7 @@ def fast_pass(
 
         theta0 = [leaves[j] for j in tf.leaves]
         _, f_vjp = jax.vjp(transform, *theta0)
-        eff = [n + v for v in range(len(tf.outputs))]
+        eff = [n + v for v in tf.formed]
 
         @functools.cache
         def eff_grads(j):  # (B, *W_eff): every use's per-example gradient, summed
@@ -392,14 +541,37 @@ def fast_pass(
             return total
 
         @functools.cache
+        def factor_grads():  # (B, *F) per factor of tf.factors: Σ over the uses it scales
+            out = dict.fromkeys(tf.factors, 0)
+            for j, us in an.fast.items():
+                for u in us:
+                    for q, sc in enumerate(u.scale):
+                        if isinstance(sc.ref, trace.Var) and sc.ref in out:
+                            out[sc.ref] = out[sc.ref] + factor_grad(u, q, j)
+            return [out[ref] for ref in tf.factors]
+
+        @functools.cache
         def reparam_grads():  # leaf -> (B, *leaf): the VJP per example, plus direct uses
-            per = jax.vmap(f_vjp)([eff_grads(j) for j in eff])
+            per = jax.vmap(f_vjp)([eff_grads(j) for j in eff] + factor_grads())
             out = {}
             for j, g in zip(tf.leaves, per, strict=True):
                 for u in an.uses[j]:
                     g = g + leaf_grads(j, u).astype(g.dtype)
                 out[j] = g
             return out
+
+    @functools.cache
+    def normalisers():  # scaled leaf θ with normalisers -> its _Normaliser
+        out = {}
+        for j, us in an.fast.items():
+            own = {}  # ref -> [(use, factor index)]
+            for u in us:
+                for q, sc in enumerate(u.scale):
+                    if sc.own:
+                        own.setdefault(sc.ref, []).append((u, q))
+            if own:
+                out[j] = _Normaliser(program, known, j, leaves[j], own, factor_grad, side_sum)
+        return out
 
     def fast_groups():  # (leaf, group) of every fast leaf, in order
         return [(r.leaf, g) for r in route[:n] if r.way == "fast" for g in r.groups]
@@ -409,7 +581,10 @@ def fast_pass(
         # cross terms: their squared norms add.
         sq = group_norm(j, group).astype(norm_dtype)
         norm_sq, leaf_cols[j] = norm_sq + sq, leaf_cols[j] + sq
-    if tf is not None:
+    for j, nz in normalisers().items():
+        sq = nz.norm_sq().astype(norm_dtype)
+        norm_sq, leaf_cols[j] = norm_sq + sq, leaf_cols[j] + sq
+    if tf is not None and tf.leaves:
         for j, g in reparam_grads().items():
             sq = _row_sq(g, norm_dtype)
             norm_sq, leaf_cols[j] = norm_sq + sq, leaf_cols[j] + sq
@@ -428,28 +603,29 @@ def fast_pass(
                 total = total + _chain_transpose(program, u, like[j], weighted_use(u, c))
         return total
 
-    def eff_weighted(k, c):  # Σ_i c_i ∇_{W_eff} S_i, read off the norms' per-example gradients
-        g = eff_grads(k)  # (formed for the norms anyway: no second contraction of A and G)
-        return jnp.tensordot(c.astype(g.dtype), g, 1)
+    def eff_weighted(c):  # Σ_i c_i ∇S_i per formed weight and factor, read off the norms'
+        # per-example gradients (formed for them anyway: no second contraction of A and G)
+        grads = [eff_grads(j) for j in eff] + factor_grads()
+        return [jnp.tensordot(c.astype(g.dtype), g, 1) for g in grads]
 
     def through_transform(c):  # reparametrised leaf -> Σ_i c_i J_fᵀ ∇_{W_eff} S_i
         # By linearity J_fᵀ is applied once, to the weighted sum, never per example.
         if c.ndim == 1:  # one weight per example: one VJP for every leaf
-            return dict(zip(tf.leaves, f_vjp([eff_weighted(j, c) for j in eff]), strict=True))
+            return dict(zip(tf.leaves, f_vjp(eff_weighted(c)), strict=True))
         # one weight per example and leaf: a VJP per leaf, with its own column
-        return {
-            j: f_vjp([eff_weighted(k, c[:, j]) for k in eff])[q] for q, j in enumerate(tf.leaves)
-        }
+        return {j: f_vjp(eff_weighted(c[:, j]))[q] for q, j in enumerate(tf.leaves)}
 
     def weighted(c):
         out = []
-        if tf is not None:
+        if tf is not None and tf.leaves:
             through = through_transform(c)
         for j, leaf in enumerate(leaves):
             if j in an.fast or j in an.reparam:
                 total = weighted_leaf(j, _leaf_weights(c, j))
                 if j in an.reparam:
                     total = total + through[j].astype(total.dtype)
+                if j in normalisers():
+                    total = total + normalisers()[j].weighted(_leaf_weights(c, j))
                 out.append(total)
             elif j in g_exact:
                 g = g_exact[j]
@@ -460,11 +636,17 @@ def fast_pass(
 
     def dots(v):  # ⟨∇S_i, v⟩ = Σ_uses ⟨G_i, op(A_i, chain(v))⟩ + the exact leaves' rows
         total = jnp.zeros((size,), norm_dtype)
-        v = list(v)
-        if tf is not None:  # the effective weights' direction: J_f v
+        v = list(v) + [None] * len(tf.outputs if tf is not None else ())
+        if tf is not None and tf.leaves:  # the formed weights' and factors' direction: J_f v
             theta_v = [jnp.asarray(v[j], like[j].dtype) for j in tf.leaves]
-            v = v + list(jax.jvp(transform, theta0, theta_v)[1])
+            dirs = list(jax.jvp(transform, theta0, theta_v)[1])
+            for k, d in zip(eff, dirs, strict=False):
+                v[k] = d
+            for g, d in zip(factor_grads(), dirs[len(eff) :], strict=True):
+                total = total + _row_dots(g, d).astype(norm_dtype)
         for j, uses in an.uses.items():
+            if v[j] is None:
+                continue  # (a scaled weight: its uses are its leaf's)
             vj = jnp.asarray(v[j], like[j].dtype)
             zero = jnp.zeros_like(vj)
             for u in uses:
@@ -473,13 +655,16 @@ def fast_pass(
                 chain = lambda p, u=u: trace.apply_use_chain(program, u, p)
                 v_op = jax.jvp(chain, (zero,), (vj,))[1]
                 total = total + rules.dot(u.kind, u.op, u.pos, a_of(u), g_of(u), v_op)
+        for j, nz in normalisers().items():
+            total = total + nz.dots(jnp.asarray(v[j], like[j].dtype)).astype(norm_dtype)
         for j, g in g_exact.items():
             total = total + _row_dots(g, v[j]).astype(norm_dtype)
         return jnp.where(mask, total, 0)
 
     def blocks():  # the groups norm_sq adds, in the same order, for gram()
         out = [group_block(j, group) for j, group in fast_groups()]
-        if tf is not None:
+        out += [("normaliser", nz.factors()) for nz in normalisers().values()]
+        if tf is not None and tf.leaves:
             out += [("grads", g) for g in reparam_grads().values()]
         return out + [("grads", g) for g in g_exact.values()]
 
@@ -494,7 +679,8 @@ def fast_pass(
 #
 # The fast pass evaluates the program once per example (under ``vmap`` and ``vjp``), adding
 # each captured use's perturbation to its output and keeping its other operand. Uses sit in
-# frames (the top level, a scan body at any depth, a cond branch): :func:`_capture` evaluates
+# frames (the top level, a scan body, a cond branch, a custom_jvp rule, nested in any order):
+# :func:`_capture` evaluates
 # one frame, perturbs and keeps the uses that sit directly in it, and hands an equation with
 # uses inside it to the handler :data:`FRAMES` registers for its primitive, which binds it
 # with :func:`_capture` on its bodies. Adding a frame kind (the walker's
@@ -633,8 +819,43 @@ def _capture_cond(e: trace.Eqn, uses: dict, du: dict, invals, tapped: bool):
     return outs, kept, shared
 
 
+def _capture_custom_jvp(e: trace.Eqn, uses: dict, du: dict, invals, tapped: bool):
+    """A ``custom_jvp`` call with uses in its rule's tangent map: the rule, linearised
+    (:func:`jaxgrad.fast.trace.linearised`), evaluated on the stopped primals and the tangents
+    ``x − sg(x)`` (zero, with the identity as derivative).
+
+    Each output is the rule's primal output, with the tangent's gradient attached
+    (:func:`_with_tangent`): the gradient of every operand is the transpose of the user's
+    tangent map, as in ``jax.grad``. The uses' perturbations are added, never the tap (which
+    tangent ``vmap`` batches is not read).
+    """
+    del tapped
+    (body,) = trace.bodies(e)
+    stop = jax.lax.stop_gradient
+    tangents = [invals[q] - stop(invals[q]) for q in trace.tangent_operands(e)]
+    outs, kept, same = _capture(body, uses, du, [*map(stop, invals), *tangents], tapped=False)
+    primal, touts = outs[: len(e.outs)], iter(outs[len(e.outs) :])
+    inexact = lambda x: jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    return [_with_tangent(stop(y), next(touts)) if inexact(y) else y for y in primal], kept, same
+
+
+@jax.custom_vjp
+def _with_tangent(y, t):
+    """``y``, with ``t``'s gradient set to ``y``'s cotangent.
+
+    A select, not ``y + t``: the value is ``y`` even where the rule's tangent map is not
+    finite at a zero tangent (``0 · ∞``), and the result is batched wherever ``t`` is (a
+    use's perturbation inside the rule makes it so) although ``y`` may be the same for
+    every example: its cotangent is then each example's own, not the batch's.
+    """
+    return jnp.where(True, y, t)
+
+
+_with_tangent.defvjp(lambda y, t: (_with_tangent(y, t), None), lambda _, ct: (None, ct))
+
+
 # The frame primitives the capture evaluator reads into (see :func:`_capture`).
-FRAMES = {"scan": _capture_scan, "cond": _capture_cond}
+FRAMES = {"scan": _capture_scan, "cond": _capture_cond, "custom_jvp_call": _capture_custom_jvp}
 
 
 def get_pass(method: str, strict: bool = False, *, weighted: bool = False):

@@ -123,16 +123,48 @@ class Route:
 
 def _use_name(u: trace.Use) -> str:
     where = f" @ {u.source}" if u.source else ""
-    if u.site == "cond":
-        return f"{u.kind}{where} in cond branch {u.scan[1]}"
-    if u.site == "scan":
-        frames = [_level_name(lv) for lv in reversed(u.nest)]
-        return f"{u.kind}{where} in {' in '.join([*frames, 'scan'])}"
-    return f"{u.kind}{where}"
+    if u.scale or u.select:
+        where += f" via {', '.join(u.via)}"
+    frames = [_level_name(lv) for lv in reversed(u.levels)]  # innermost first
+    return f"{u.kind}{where}" + "".join(f" in {f}" for f in frames)
 
 
 def _level_name(lv: trace.Level) -> str:
-    return "scan" if lv.is_scan else f"cond branch {lv.branch}"
+    return {"scan": "scan", "cond": f"cond branch {lv.branch}", "custom_jvp": "custom_jvp rule"}[
+        lv.frame
+    ]
+
+
+def _scale_prefix(uses) -> str:
+    """For the uses of a scaled leaf (``W_eff = θ' ⊙ Π F_k``, see
+    :class:`jaxgrad.fast.trace.Scale`): where the factors went."""
+    sides = {sc.side for u in uses for sc in u.scale}
+    if not any(u.scale for u in uses):
+        return ""
+    where = " and ".join(
+        {"a": "its kept operand A", "g": "its output cotangent G"}[x] for x in sorted(sides)
+    )
+    what = ", ".join(dict.fromkeys(v for u in uses for v in u.via))
+    own = ""
+    if any(sc.own for u in uses for sc in u.scale):
+        owns = [sc for u in uses for sc in u.scale if sc.own]
+        kinds = [k for k, off in (("centring", True), ("normaliser", False))
+                 if any(sc.offset == off for sc in owns)]  # fmt: skip
+        own = (
+            f", plus a per-channel {' and '.join(kinds)} made of the leaf: exact correction "
+            "from per-channel sums (∇F, J_F P, J_F J_Fᵀ)"
+        )
+    return f"scaled ({what}): the scale folded into {where or 'nothing'}{own}, no B × |W| array; "
+
+
+def _select_prefix(uses) -> str:
+    """For the uses of a leaf concatenated into an effective weight: the slice it meets."""
+    sides = {u.select[0] for u in uses if u.select}
+    if not sides:
+        return ""
+    where = " and ".join({"a": "A", "g": "G"}[x] for x in sorted(sides))
+    what = ", ".join(dict.fromkeys(v for u in uses for v in u.via))
+    return f"a block of a {what}: its slice of {where}, no B × |W| array; "
 
 
 def _complex_prefix(uses) -> str:
@@ -142,27 +174,30 @@ def _complex_prefix(uses) -> str:
 
 
 def _scan_prefix(u: trace.Use) -> str:
-    if u.site == "cond":
-        return f"cond branch {u.scan[1]}: "
-    if u.site != "scan":
-        return ""
-    steps = lambda n, st: f"{n} steps, {'one slice per step' if st else 'shared'}"
-    words = [f"scan, {steps(u.steps, u.stacked)}"]
-    words += [f"nested scan, {steps(lv.steps, lv.stacked)}" if lv.is_scan else _level_name(lv)
-              for lv in u.nest]  # fmt: skip
-    return "; ".join(words) + ": "
+    """The frames a use sits in, outermost first (a scan inside another is "nested")."""
+    steps = lambda lv: f"{lv.steps} steps, {'one slice per step' if lv.stacked else 'shared'}"
+    words, scans = [], 0
+    for lv in u.levels:
+        if lv.is_scan:
+            words.append(f"{'nested scan' if scans else 'scan'}, {steps(lv)}")
+            scans += 1
+        else:
+            words.append(_level_name(lv))
+    return "; ".join(words) + ": " if words else ""
 
 
 def _group(an: trace.Analysis, uses: list, shape: tuple) -> Group:
     """The route of one group of uses that may overlap."""
     if len(uses) == 1:
         (u,) = uses
-        stacked = u.site == "scan" and u.stacked and not u.nest
+        # (one slice of the leaf per step of the only scan: the route may take it step by step)
+        stacked = len(u.scans) == 1 and u.scans[0].stacked
         rule = rules.route(u.kind, u.op, u.pos, stacked=stacked)
-        label = _scan_prefix(u) + _complex_prefix(uses) + rule.label
+        label = _scan_prefix(u) + _scale_prefix(uses) + _select_prefix(uses)
+        label += _complex_prefix(uses) + rule.label
         return Group(tuple(uses), "use", (), label, rule.cost, rule)
     perms = tuple(trace.use_perm(an.program, u, len(shape)) for u in uses)
-    cplx = _complex_prefix(uses)
+    cplx = _scale_prefix(uses) + _select_prefix(uses) + _complex_prefix(uses)
     if all(
         rules.has_outer_form(u.op, u.pos, p, len(shape)) for u, p in zip(uses, perms, strict=True)
     ):
@@ -199,6 +234,16 @@ def _structure(an: trace.Analysis, j: int) -> str:
     return "; ".join(parts) + "; " if parts else ""
 
 
+def _factors_of(an: trace.Analysis, j: int) -> list:
+    """The factors of scaled weights (``Transform.factors``) that leaf ``j`` makes."""
+    found = {sc.ref for us in an.fast.values() for u in us for sc in u.scale if j in sc.leaves}
+    return [r for r in an.transform.factors if r in found]
+
+
+def _shape_of(an: trace.Analysis, ref) -> tuple:
+    return tuple(trace.program_aval_in(an.program, ref).shape)
+
+
 def routes(an: trace.Analysis, shapes: list) -> tuple:
     """Every leaf's :class:`Route` (``shapes``: the leaves'), then the effective weights'
     (leaf ``num_params + v``) when the analysis found a reparametrisation."""
@@ -211,18 +256,30 @@ def routes(an: trace.Analysis, shapes: list) -> tuple:
             out.append(Route(j, "exact", (), "exact fallback", an.reasons[j], size))
         elif j in an.reparam:
             direct = _fast_route(an, j, shape) if an.uses[j] else None
-            sizes = sum(math.prod(eff_shapes[v]) for v in tf.reads[j])
+            formed = [v for v in tf.reads[j] if v not in tf.scaled]
+            sizes = sum(math.prod(eff_shapes[v]) for v in formed)
             forms = ", ".join(
                 dict.fromkeys(
                     rules.per_example_grads_route(u.kind, u.op, u.pos)
-                    for v in tf.reads[j]
+                    for v in formed
                     for u in an.uses[an.num_params + v]
                 )
             )
+            what = []
+            if formed:
+                why = "; ".join(dict.fromkeys(tf.declined[v] for v in formed if v in tf.declined))
+                why = f" ({why})" if why else ""
+                what.append(f"per-example gradient of the effective weight ({forms}){why}")
+            factors = _factors_of(an, j)
+            if factors:
+                sizes += sum(math.prod(_shape_of(an, r)) for r in factors)
+                what.append(
+                    "per-example gradient of the scale of a scaled weight (from A, G and the "
+                    "scaled leaf, one product per use; no B × |W| array)"
+                )
             label = (
-                f"reparametrised ({', '.join(tf.names[j])}): {_structure(an, j)}per-example "
-                "gradient of the "
-                f"effective weight ({forms}), the transformation's VJP per example; clipped "
+                f"reparametrised ({', '.join(tf.names[j])}): {_structure(an, j)}"
+                f"{' and '.join(what)}, the transformation's VJP per example; clipped "
                 "sum: one VJP of its weighted sum"
             )
             if direct is not None:
@@ -243,7 +300,13 @@ def leaf_plans(an: trace.Analysis, leaves, paths) -> tuple:
     for r, shape, path in zip(routes(an, shapes), shapes, paths, strict=False):
         uses = tuple(_use_name(u) for g in r.groups for u in g.uses)
         if r.way == "reparam":  # and the uses of the effective weights it makes
-            via = an.transform.reads[r.leaf]
+            via = [v for v in an.transform.reads[r.leaf] if v not in an.transform.scaled]
+            uses += tuple(
+                f"scale of {_use_name(u)}"
+                for us in an.fast.values()
+                for u in us
+                if any(r.leaf in sc.leaves for sc in u.scale)
+            )
             uses += tuple(
                 f"{_use_name(u)} via {', '.join(an.transform.names[r.leaf])}"
                 for v in via

@@ -333,6 +333,33 @@ def route(kind: str, eqn: Eqn, pos: int, *, stacked: bool = False) -> Form:
     return dataclasses.replace(form, keep=keep, per_step=stacked and form.how != "dense_gram")
 
 
+# A scaled weight (``W_eff = θ' ⊙ Π F``, :class:`jaxgrad.fast.trace.Scale`) whose factors
+# need gradients pays one more product of the use per factor side or normaliser: about
+# ``T |W|`` multiply-adds per example for ``T`` positions (a dense use's sequence, a
+# convolution's output pixels). It replaces writing the ``|W|`` per-example gradient, so it is
+# taken while ``products × T ≤ SCALED_WORK``. (B = 256, a loaded 2-core CPU,
+# bench/results/reparam-scaled-2026-12-06-loaded.txt: a weight-normed dense stack, T = 16,
+# 2 products, norms 2.9x -> 1.5x the time of batch_grad; the weight-normed CNN, T = 784,
+# 1.06x -> 1.66x, so that one keeps the per-example kernel gradient.)
+SCALED_WORK = 64
+
+
+def use_positions(eqn: Eqn, pos: int) -> int:
+    """``T`` of a use: the positions each entry of the parameter meets per example (a dense
+    use's free positions of its other operand, a convolution's output pixels)."""
+    if eqn.primitive.name == "conv_general_dilated":
+        out = eqn.out_avals[0].shape
+        spec = eqn.params["dimension_numbers"][2]
+        return math.prod(out[d] for d in spec[2:])
+    return dense_layout(eqn, pos)[2][1]
+
+
+def scaled_pays(eqn: Eqn, pos: int, products: int) -> bool:
+    """Whether ``products`` more products of this use cost less than the per-example
+    gradient they replace (see :data:`SCALED_WORK`)."""
+    return products * use_positions(eqn, pos) <= SCALED_WORK
+
+
 # The Gram form is trusted while ``(Σ_t ‖x_t‖‖y_t‖)² ≤ GRAM_CANCELLATION · ⟨XXᵀ, YYᵀ⟩``.
 GRAM_CANCELLATION = 1024.0
 

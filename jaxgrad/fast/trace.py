@@ -3,9 +3,11 @@
 The per-example loss ``S(params, example)`` is traced to a jaxpr (no batch axis), calls to
 ``jit``/``closed_call``/``checkpoint`` bodies are inlined (:func:`flatten`), and one recursive
 walker (:func:`walk`) follows every parameter leaf through the program's *frames*: the top
-level, a ``lax.scan`` body (at any depth, its uses lifted over the steps), a ``cond``/``switch``
-branch. At each equation that reads a followed value it calls the equation's rule from
-:data:`RULES`, the one table of what every primitive means to the fast path:
+level, a ``lax.scan`` body (its uses lifted over the steps), a ``cond``/``switch`` branch, a
+``custom_jvp`` call's rule, nested in any order and to any depth (a scan in a branch in a
+scan: each use records its frames, :attr:`Use.levels`). At each equation that reads a
+followed value it calls the equation's rule from :data:`RULES`, the one table of what every
+primitive means to the fast path:
 
 * ``alias`` — the result is the leaf's entries re-laid (``reshape``, ``transpose``, ``slice``,
   a cast, a ``broadcast_in_dim`` adding unit axes, ...): followed further, the equation added
@@ -15,9 +17,22 @@ branch. At each equation that reads a followed value it calls the equation's rul
   :func:`real_form`), ``conv_general_dilated`` (**conv**), an embedding ``gather``
   (**gather**); per-example gradients come from its kept operand ``A`` and its output
   cotangent ``G``, by the route its kind's entry decides (:mod:`jaxgrad.fast.rules`);
-* ``frame`` — ``scan``/``cond``: the walker recurses into the body/branches;
+* ``frame`` — ``scan``/``cond``/``custom_jvp_call``: the walker recurses into the
+  body/branches/rule;
 * ``ignore`` — no gradient reaches the leaf through it (``stop_gradient``, ``debug_print``);
 * anything else — a reason: the leaf takes the *exact fallback* (a per-example copy).
+
+**Custom derivatives.** A ``custom_jvp`` call is read through the user's rule, never its
+body: the frame is the rule *linearised* (:func:`linearised`: ``jax.jvp`` of the call,
+``(primals, tangents) -> (outputs, output tangents)``), with the leaf entering as its
+operand's tangent. The gradient ``jax.grad`` takes through the call is the transpose of that
+tangent map, so a parameter used densely in it (``x @ dW`` for a rule of ``x @ W``, whatever
+its scale) is a fast use, exact for any rule; one the map uses otherwise falls back, the
+reason naming the function. A ``custom_vjp`` call is *not* a frame: its gradient is the
+user's ``bwd`` applied to the output cotangent during the backward pass, a Python function
+that need not be linear (a gradient clip) and has no forward map whose uses could be
+factored, so a parameter read inside one takes the exact route, its reason naming the
+function and the rule (the exact route runs the rule as ``jax.grad`` does).
 
 **Reparametrised weights.** An equation whose outputs do not depend on the example and that
 reads a parameter (``W * M``, ``g * V / ‖V‖``, ``W0 + A @ B``, ``concatenate``, a constant
@@ -27,6 +42,14 @@ fast uses), and the per-example gradient of ``θ`` is ``f``'s VJP applied to the
 weights' per-example gradients (see :class:`Analysis` and ``passes.fast_pass``). The axes
 an effective weight is separable along (``J_f`` block diagonal, e.g. per output channel) are
 read off the same equations (:func:`separable_axes`) for the plan.
+
+**Scaled weights.** Where an effective weight is ``(θ' - m) ⊙ Π_k F_k`` (``θ'`` an alias of
+one leaf; each factor broadcast along axes of one side of every dense/conv use; see
+:class:`Scale` and :func:`_scalings`), the leaf θ is a fast leaf whose uses are the effective
+weight's with the factors folded into ``A`` or ``G``: no per-example ``∇_{W_eff}`` is formed.
+Factors made of other leaves (``g``) keep the VJP route on their (small) per-example
+gradients; factors and offsets made of θ itself, per channel (weight normalisation, weight
+standardisation), add exact per-channel corrections (``passes._Normaliser``).
 
 **Example-dependence** is one dataflow rule (:func:`varying_outs`) that matches what ``vmap``
 batches: an output of a loop, branch or custom call that the example does not reach is
@@ -252,28 +275,30 @@ class Use:
     # The equation the rules see. For a use inside a ``scan`` body it is the body's equation
     # lifted over the steps (see :func:`lift_over_steps`); else ``program.eqns[eqn]``.
     op: Eqn | None = None
-    # For a use inside a frame: the path of equation indices from the top level to it
-    # (scan, body equation, ...; for a ``cond``: (cond, branch, body equation)).
+    # For a use inside a frame: the path of equation indices from the top level to it (an
+    # equation index per frame, and after a ``cond``'s the branch index).
     scan: tuple | None = None
-    # For a use inside a scan body: the body :class:`Program` the chain lives in, whether the
-    # leaf is scanned over (``xs``: one slice per step) rather than shared by all steps, the
-    # number of steps, and the axis of the lifted output the step axis of the cotangent goes
-    # to. For a use in a branch: the branch's :class:`Program`.
+    # The outermost frame the use sits in (see :attr:`levels`, which reads these fields as
+    # its first :class:`Level`): the frame's body :class:`Program` the chain lives in (the
+    # top-level program for a use at the top level), and for a scan whether the leaf is
+    # scanned over (``xs``: one slice per step) rather than shared by all steps, the number
+    # of steps, and the axis of the lifted output the step axis of the cotangent goes to.
     chain_program: Program | None = None
     stacked: bool = False
     steps: int = 1
     step_axis: int = 0
-    # "" at the top level, "scan" lifted over a scan's steps, "cond" inside a branch (its
-    # cotangent is zero for an example that takes another branch).
+    # Its kind: "" at the top level, else a :attr:`Level.frame` ("scan", "cond",
+    # "custom_jvp").
     site: str = ""
     # For a use inside a frame: the alias chain (in the top-level program) from the leaf to
     # the frame's operand, applied before ``chain``.
     pre_chain: tuple = ()
-    # For a use in a scan nested in a scan body (any depth): one :class:`Level` per inner
-    # scan, outermost first; ``op`` is lifted over every level's steps (the outer first); the
-    # captured arrays hold the example axis after the outer steps, ``(steps, B, *inner, ...)``.
+    # The deeper frames, one :class:`Level` each, outermost first (any nesting of scans,
+    # branches and custom-derivative rules); ``op`` is lifted over every scan's steps (the
+    # outer first); the captured arrays hold the example axis after the outermost scan's
+    # steps, ``(steps, B, *inner steps, ...)`` (see :attr:`scans`).
     nest: tuple = ()
-    # For a use inside a scan: the scan's operand position the leaf enters through.
+    # For a use inside a frame: the outermost frame's operand position the leaf enters by.
     operand: int = -1
     # The equation at one step, before any lift over steps (or its real form).
     base: Eqn | None = None
@@ -282,19 +307,57 @@ class Use:
     split: int = -1
     # Where the user wrote it: "file.py:123 (fn)".
     source: str = ""
+    # For the use of a *scaled* leaf θ through an effective weight ``W_eff = θ' ⊙ Π_k F_k``
+    # (see :class:`Scale`): the factors, each pushed into the kept operand ``A`` or the
+    # cotangent ``G``; ``chain`` then runs from the leaf through ``θ'`` to the operand. And the
+    # transformation's primitives (for the plan).
+    scale: tuple = ()
+    via: tuple = ()
+    # For a scaled use: the value ``θ'`` (or the centred ``θ' - m``, see ``Scale.offset``)
+    # and how many equations of ``chain`` lead from the leaf to it.
+    theta_term: Any = None
+    theta_chain: int = 0
+    # For the use of a leaf concatenated into an effective weight (see :func:`_selections`):
+    # ``(side, axis, start, stop)``, the slice of ``A`` (side "a") or ``G`` ("g") per example
+    # along ``axis`` that meets the leaf's block; ``op`` is then the use on that block alone.
+    select: tuple = ()
 
     @property
     def key(self):
         """Where the use's operand and cotangent are captured."""
         return self.scan if self.scan is not None else (self.eqn,)
 
+    @property
+    def levels(self) -> tuple:
+        """Every frame the use sits in, one :class:`Level` each, outermost first (none at
+        the top level)."""
+        if self.site == "":
+            return ()
+        branch = self.scan[1] if self.site == "cond" else -1
+        first = Level(
+            self.chain_program, self.chain, self.stacked, self.steps, self.step_axis, branch,
+            self.site,
+        )  # fmt: skip
+        return (first, *self.nest)
+
+    @property
+    def scans(self) -> tuple:
+        """The scans among :attr:`levels`, outermost first: the step axes of the captured
+        arrays (branches and custom rules add none)."""
+        return tuple(lv for lv in self.levels if lv.is_scan)
+
 
 @dataclasses.dataclass(frozen=True)
 class Level:
-    """An inner scan of a nested use: its body, the alias chain in it, whether the leaf is
-    scanned over by it, its steps, and the axis of its lift's output that holds them. Or a
-    ``cond`` branch (``branch >= 0``, inside a scan): no steps, nothing lifted, and the
-    use's cotangent is zero for an example, or a step, that takes another branch."""
+    """One frame a use sits in (see :attr:`Use.levels`): its body, the alias chain in it, and
+
+    * ``frame="scan"``: whether the leaf is scanned over by it, its steps, and the axis of its
+      lift's output that holds them;
+    * ``frame="cond"``, branch ``branch``: no steps, nothing lifted, and the use's cotangent
+      is zero for an example, or a step, that takes another branch;
+    * ``frame="custom_jvp"``: the call's rule, linearised (see :func:`linearised`): no steps,
+      nothing lifted; the leaf enters as the tangent of its operand.
+    """
 
     body: Program
     chain: tuple
@@ -302,28 +365,458 @@ class Level:
     steps: int
     step_axis: int
     branch: int = -1
+    frame: str = "scan"
 
     @property
     def is_scan(self) -> bool:
-        return self.branch < 0
+        return self.frame == "scan"
 
 
 def use_levels(use: Use) -> list:
-    """``(stacked, body, chain)`` per scan level of a use inside a scan, outermost first."""
-    return [(use.stacked, use.chain_program, use.chain)] + [
-        (lv.stacked, lv.body, lv.chain) for lv in use.nest
+    """``(stacked, body, chain)`` per frame of a use, outermost first (for a use at the top
+    level: its chain in the top-level program)."""
+    if not use.levels:
+        return [(False, use.chain_program, use.chain)]
+    return [(lv.stacked, lv.body, lv.chain) for lv in use.levels]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """One example-independent factor ``F`` of an effective weight ``W_eff = θ' ⊙ Π_k F_k``
+    (``θ'`` an alias of one leaf ``θ``), pushed into one side of a ``dot_general`` use.
+
+    ``F`` is the value ``ref`` (or ``1 / ref``), broadcast along the axes of ``W_eff`` it spans.
+    Where those are contracted (or batch) axes of the use, ``F`` scales the kept operand
+    ``A`` along the matching axes (``side == "a"``); where they are free (or batch) axes of the
+    parameter operand, it scales the output and so its cotangent ``G`` (``side == "g"``).
+    Since the use is bilinear, ``op(A, W_eff) = op(A ⊙ F_A, θ') ⊙ F_G``: the gradient with
+    respect to ``θ'`` is the use's own gradient ``op_Wᵀ(A ⊙ F_A, G ⊙ F_G)``, every route of the
+    use (``|a|²|g|²``, the Gram form, ...) applies to the scaled ``A`` and ``G``, and no
+    ``B × |W_eff|`` array is formed.
+
+    ``shape`` is ``ref``'s shape with the axes it does not span dropped, ``perm`` orders them
+    as the side's axes, which ``dims`` of the side's per-example shape ``target`` (1 on every
+    other axis) they go to; ``leaves`` are the parameter leaves ``ref`` is made of (its
+    gradient goes to them, see ``passes``).
+    """
+
+    ref: Any  # Var | Const
+    inverse: bool
+    side: str  # "a" | "g"
+    shape: tuple
+    perm: tuple
+    target: tuple
+    dims: tuple
+    leaves: frozenset = frozenset()
+    # A *normaliser*: the factor is made of ``θ`` itself, one output channel (or row) of it
+    # per entry (``‖V_o‖`` of weight normalisation): its share of ``θ``'s gradient,
+    # ``J_Fᵀ ∇_F``, is a per-channel correction (see ``passes``).
+    own: bool = False
+    # An *offset* (``W_eff = (θ' - m) ⊙ Π_k F_k``, the mean of weight standardisation): not a
+    # factor of ``A`` or ``G``; ``m`` gets the gradient ``-Σ_c (Π_k F_k) ⊙ ∇_{W_eff}`` per entry.
+    offset: bool = False
+
+    def broadcast(self, x):
+        """The factor's value ``x`` (of ``ref``) as an array broadcastable against one
+        example's ``A`` (or ``G``)."""
+        x = 1 / x if self.inverse else x
+        x = jax.numpy.transpose(jax.numpy.reshape(x, self.shape), self.perm)
+        return jax.lax.broadcast_in_dim(x, self.target, self.dims)
+
+
+def _product(program: Program, producer: dict, varying_: set, ref, shape: tuple) -> list:
+    """``ref`` (of shape ``shape``) as a product of terms ``(value, axes, inverse)``: ``value``
+    broadcast so that its axis ``i`` runs along axis ``axes[i]`` of ``ref`` (None: a unit axis
+    broadcast), inverted when ``inverse``. Read through the reparametrisation's ``mul``,
+    ``div``, ``neg`` and ``broadcast_in_dim`` (of parameters or constants, the same for every
+    example: not in ``varying_``); any other value is one term spanning it all."""
+    whole = [(ref, tuple(range(len(shape))), False)]
+    k = producer.get(ref) if isinstance(ref, Var) else None
+    if k is None or ref in varying_:
+        return whole
+    e = program.eqns[k]
+    name = e.primitive.name
+
+    def part(r, a):  # an operand: of the result's shape, or of size 1 along broadcast axes
+        if tuple(a.shape) == ():
+            return [(r, (), False)]
+        same_rank = len(a.shape) == len(shape)
+        if same_rank and all(x in (1, y) for x, y in zip(a.shape, shape, strict=True)):
+            return _product(program, producer, varying_, r, tuple(a.shape))
+        return None
+
+    if name in ("mul", "div") and len(e.ins) == 2:
+        terms = [part(r, a) for r, a in zip(e.ins, e.in_avals, strict=True)]
+        if any(t is None for t in terms):
+            return whole
+        if name == "div":
+            terms[1] = [(r, axes, not inv) for r, axes, inv in terms[1]]
+        return terms[0] + terms[1]
+    if name == "neg":
+        return [*_product(program, producer, varying_, e.ins[0], shape), (Const(-1.0), (), False)]
+    if name == "broadcast_in_dim" and not e.params.get("sharding"):
+        (a,) = e.in_avals
+        dims = e.params["broadcast_dimensions"]
+        axes = tuple(d if a.shape[i] == shape[d] else None for i, d in enumerate(dims))
+        return [(e.ins[0], axes, False)]
+    return whole
+
+
+def _alias_of_leaf(program: Program, producer: dict, n: int, ref):
+    """``(leaf, chain)`` when ``ref`` is a parameter leaf through alias equations only."""
+    chain: list = []
+    while isinstance(ref, Var):
+        if ref in program.invars[:n]:
+            return program.invars.index(ref), tuple(reversed(chain))
+        k = producer.get(ref)
+        if k is None:
+            return None
+        e = program.eqns[k]
+        if RULES.get(e.primitive.name) not in ALIAS_RULES or not _is_alias(e):
+            return None
+        chain.append(k)
+        ref = e.ins[0]
+    return None
+
+
+def _use_axes(eqn: Eqn, pos: int):
+    """Per parameter-operand axis of a use: ``("a", axis of A)`` for an axis a factor along
+    it can scale ``A`` by (a contracted axis of a ``dot_general``, a convolution's input
+    channels), ``("g", output axis)`` for one it can scale the output by (a free axis, the
+    output channels), ``("ag", (A axis, output axis))`` for a dot batch axis; none for a
+    kernel's spatial axes."""
+    if eqn.primitive.name == "conv_general_dilated":
+        lhs, rhs, out = eqn.params["dimension_numbers"]
+        where = {rhs[0]: ("g", out[1])}
+        if eqn.params["feature_group_count"] == 1 and eqn.params["batch_group_count"] == 1:
+            where[rhs[1]] = ("a", lhs[1])
+        return where
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    contract, batch = (tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))
+    other = 1 - pos
+    ndim = [len(a.shape) for a in eqn.in_avals]
+    free = [
+        [d for d in range(ndim[i]) if d not in contract[i] and d not in batch[i]] for i in (0, 1)
     ]
+    nb = len(batch[0])
+    # The output: batch axes, then the lhs's free axes, then the rhs's.
+    out_free = nb if pos == 0 else nb + len(free[0])
+    where = {}
+    for i, d in enumerate(contract[pos]):
+        where[d] = ("a", contract[other][i])
+    for i, d in enumerate(batch[pos]):
+        where[d] = ("ag", (batch[other][i], i))
+    for i, d in enumerate(free[pos]):
+        where[d] = ("g", out_free + i)
+    return where
+
+
+def _scale_for(u: Use, perm, ref, axes, inverse, ref_shape, leaves, own, offset=False):
+    """The :class:`Scale` of one term on the side of use ``u`` it spans, or None."""
+    eqn = u.op
+    where = _use_axes(eqn, u.pos)
+    w_to_op = {w: i for i, w in enumerate(perm)}  # operand axis i is W_eff axis perm[i]
+    kept = [(i, axes[i]) for i in range(len(axes)) if axes[i] is not None and ref_shape[i] > 1]
+    for side, k in (("g", 1), ("a", 0)):
+        targets = []
+        for _, w in kept:
+            kind, ax = where.get(w_to_op[w], ("", None))
+            if side not in kind:
+                break
+            targets.append(ax[k] if kind == "ag" else ax)
+        else:
+            shape = eqn.out_avals[0].shape if side == "g" else eqn.in_avals[1 - u.pos].shape
+            order = tuple(int(i) for i in np.argsort(targets))
+            target = [1] * len(shape)
+            for i, t in zip(kept, targets, strict=True):
+                target[t] = ref_shape[i[0]]
+            return Scale(
+                ref, inverse, side, tuple(ref_shape[i] for i, _ in kept), order,
+                tuple(target), tuple(sorted(targets)), frozenset(leaves), own, offset,
+            )  # fmt: skip
+    return None
+
+
+def _scalings(program: Program, n: int, top: set, region, outputs, deps, uses) -> dict:
+    """The effective weights whose leaf takes the *scaled* route: ``v -> (leaf, chain,
+    {use eqn: scales})`` for ``W_eff = θ' ⊙ Π_k F_k`` with ``θ'`` an alias of one leaf ``θ``,
+    every use of ``W_eff`` a top-level real ``dot_general`` or convolution reached by
+    transposes only, and every factor spanning one side of each (see :class:`Scale`).
+
+    A factor may be made of ``θ`` itself (a *normaliser*, ``1/‖V_o‖``) when it is separable
+    per channel along the axes it spans (:func:`alignments`), ``θ`` reaches no other
+    effective weight and has no use of its own, and the normalisers of a use sit on one side
+    along the same axes. A leaf takes the scaled route only if every effective weight it
+    reaches does (else its gradient needs the whole ``J_fᵀ``: the materialised route).
+    """
+    producer = {o: k for k, e in enumerate(program.eqns) for o in e.outs}
+    info = alignments(program, region, n)
+    found: dict = {}
+    declined = {}  # v -> why a scaled form was not taken (for the plan)
+    for v, out in enumerate(outputs):
+        shape = tuple(program_aval(program, out).shape)
+        us = uses.get(n + v, [])
+        if not us or any(
+            u.kind not in ("dense", "conv") or u.site != "" or u.split >= 0 or u.pre_chain
+            for u in us
+        ):
+            continue
+        perms = [chain_perm(program, u.chain, len(shape)) for u in us]
+        if any(p is None for p in perms):
+            continue
+        terms = _product(program, producer, top, out, shape)
+        for t, (ref, axes, inverse) in enumerate(terms):
+            theta, centre = _alias_of_leaf(program, producer, n, ref), None
+            if theta is None:
+                theta, centre = _centred(program, producer, top, n, ref, shape)
+            if (
+                theta is None
+                or inverse
+                or axes != tuple(range(len(shape)))
+                or tuple(program_aval_in(program, ref).shape) != shape
+            ):
+                continue
+            j, chain = theta
+            lifted = chain_perm(program, chain, len(shape))  # θ' axis w is θ axis lifted[w]
+            others = [x for q, x in enumerate(terms) if q != t]
+            offsets = [False] * len(others)
+            if centre is not None:
+                others, offsets = [*others, centre], [*offsets, True]
+            own = [isinstance(r, Var) and j in deps.get(r, ()) for r, _, _ in others]
+            if any(own) and (lifted is None or uses.get(j)):
+                continue
+            if not all(
+                _separable_along(info.get(r), j, ax, lifted, program_aval_in(program, r).shape)
+                for (r, ax, _), o in zip(others, own, strict=True)
+                if o
+            ):
+                continue
+            per_use = {}
+            for u, perm in zip(us, perms, strict=True):
+                scales = []
+                for (r, ax, inv), o, off in zip(others, own, offsets, strict=True):
+                    rs = (
+                        np.shape(r.value)
+                        if isinstance(r, Const)
+                        else program_aval_in(program, r).shape
+                    )
+                    lv = deps.get(r, frozenset()) if isinstance(r, Var) else frozenset()
+                    sc = _scale_for(u, perm, r, ax, inv, rs, lv, o, off)
+                    if sc is None:
+                        break
+                    scales.append(sc)
+                else:
+                    if len({(sc.side, sc.dims) for sc in scales if sc.own}) <= 1:
+                        per_use[u.eqn] = tuple(scales)
+                        continue
+                break
+            if len(per_use) == len(us):
+                if all(rules.scaled_pays(u.op, u.pos, _products(per_use[u.eqn])) for u in us):
+                    found[v] = (j, chain, per_use, ref)
+                else:
+                    declined[v] = (
+                        "scaled form declined: its extra products over "
+                        f"{max(rules.use_positions(u.op, u.pos) for u in us)} positions cost "
+                        "more than the per-example gradient"
+                    )
+                break
+    # A leaf reaching an effective weight that is not scaled, or read by another's factor,
+    # is not; nor one with a normaliser that reaches two effective weights.
+    while True:
+        factor_leaves = {
+            j for _, _, per_use, _ in found.values() for ss in per_use.values() for s in ss
+            if not s.own for j in s.leaves
+        }  # fmt: skip
+        reach = {  # (a value the transformation reads again, with no use, has no gradient)
+            j: [w for w, o in enumerate(outputs) if j in deps.get(o, ()) and uses.get(n + w)]
+            for j in range(n)
+        }
+        drop = {
+            v for v, (j, _, per_use, _) in found.items()
+            if j in factor_leaves
+            or any(w not in found or found[w][0] != j for w in reach[j])
+            or (any(s.own for ss in per_use.values() for s in ss) and len(reach[j]) > 1)
+        }  # fmt: skip
+        if not drop:
+            return found, declined
+        found = {v: x for v, x in found.items() if v not in drop}
+
+
+def _selections(program: Program, n: int, outputs, deps: dict, uses: dict, skip) -> dict:
+    """Effective weights that concatenate parameter blocks: ``leaf -> [Use]`` for the leaves
+    whose every use goes through them.
+
+    ``W_eff = concatenate([θ_1, θ_2, ...])`` (each part an alias of a leaf, or a constant)
+    with every use a top-level real dense/conv use reached by transposes, the concatenated
+    axis one of the use's sides (a contracted axis or input channels: the block meets a slice
+    of ``A``; a free axis or output channels: a slice of ``G``): block ``p``'s per-example
+    gradient is the use's on the slices, ``op_Wᵀ(A_i[p], G_i)`` or ``op_Wᵀ(A_i, G_i[p])``, so
+    each leaf is a fast leaf whose use is the block's own (a smaller ``op``), with its route.
+    """
+    producer = {o: k for k, e in enumerate(program.eqns) for o in e.outs}
+    found: dict = {}  # v -> [(leaf, chain, {use eqn: (op, select)})]
+    for v, out in enumerate(outputs):
+        k = producer.get(out)
+        us = uses.get(n + v, [])
+        if v in skip or k is None or program.eqns[k].primitive.name != "concatenate" or not us:
+            continue
+        e = program.eqns[k]
+        shape, d = tuple(e.out_avals[0].shape), e.params["dimension"]
+        if any(u.kind not in ("dense", "conv") or u.site or u.split >= 0 for u in us):
+            continue
+        perms = [chain_perm(program, u.chain, len(shape)) for u in us]
+        if any(p is None for p in perms):
+            continue
+        parts, start, ok = [], 0, True
+        for r, a in zip(e.ins, e.in_avals, strict=True):
+            size = a.shape[d]
+            theta = _alias_of_leaf(program, producer, n, r)
+            if theta is None and isinstance(r, Var) and deps.get(r):
+                ok = False  # a part made of parameters otherwise: not a selection
+            if theta is not None:
+                sel = {}
+                for u, perm in zip(us, perms, strict=True):
+                    axis = perm.index(d)  # the operand's axis that holds the blocks
+                    side, ax = _use_axes(u.op, u.pos).get(axis, ("", None))
+                    if side not in ("a", "g"):
+                        ok = False
+                        break
+                    sel[u.eqn] = (
+                        _block_op(u.op, u.pos, axis, side, ax, size),
+                        (side, ax, start, start + size),
+                    )
+                parts.append((*theta, sel))
+            start += size
+        if ok and parts:
+            found[v] = parts
+    # A leaf is selected if every used effective weight it reaches is one of these.
+    while True:
+        drop = {
+            v for v, parts in found.items() for j, _, _ in parts
+            if any(w not in found and j in deps.get(o, ()) and uses.get(n + w)
+                   for w, o in enumerate(outputs))
+        }  # fmt: skip
+        if not drop:
+            break
+        found = {v: x for v, x in found.items() if v not in drop}
+    out: dict = {}
+    for v, parts in found.items():
+        for j, chain, sel in parts:
+            out.setdefault(j, []).extend(
+                dataclasses.replace(
+                    u, op=sel[u.eqn][0], chain=(*chain, *u.chain), select=sel[u.eqn][1]
+                )
+                for u in uses[n + v]
+            )
+    return out, tuple(found)
+
+
+def _block_op(eqn: Eqn, pos: int, axis: int, side: str, ax: int, size: int) -> Eqn:
+    """``eqn`` on one block of its parameter operand (``size`` entries along ``axis``): the
+    matching slice of ``A`` (side "a", axis ``ax`` of ``A``) or of the output (side "g")."""
+    in_avals = list(eqn.in_avals)
+    w = in_avals[pos]
+    in_avals[pos] = _shaped(tuple(size if i == axis else s for i, s in enumerate(w.shape)), w.dtype)
+    out_avals = list(eqn.out_avals)
+    if side == "a":
+        a = in_avals[1 - pos]
+        in_avals[1 - pos] = _shaped(
+            tuple(size if i == ax else s for i, s in enumerate(a.shape)), a.dtype
+        )
+    else:
+        o = out_avals[0]
+        out_avals[0] = _shaped(
+            tuple(size if i == ax else s for i, s in enumerate(o.shape)), o.dtype
+        )
+    return dataclasses.replace(eqn, in_avals=in_avals, out_avals=out_avals)
+
+
+def _products(scales) -> int:
+    """The extra products of a use a scaled weight's factors with gradients need: one for
+    its factors of ``G`` (they share it), one per factor of ``A``, one per normaliser."""
+    grads = [sc for sc in scales if sc.leaves]
+    return int(any(sc.side == "g" and not sc.own for sc in grads)) + sum(
+        1 for sc in grads if sc.own or sc.side == "a"
+    )
+
+
+def _centred(program: Program, producer: dict, top: set, n: int, ref, shape):
+    """``((leaf, chain), (m, axes, False))`` when ``ref = θ' - m`` (``θ'`` an alias of a leaf,
+    ``m`` of size 1 along the axes it is broadcast along: a per-channel mean), else
+    ``(None, None)``."""
+    k = producer.get(ref) if isinstance(ref, Var) else None
+    if k is None or ref in top or program.eqns[k].primitive.name != "sub":
+        return None, None
+    e = program.eqns[k]
+    theta = _alias_of_leaf(program, producer, n, e.ins[0])
+    a = tuple(e.in_avals[1].shape)
+    if (
+        theta is None
+        or tuple(e.in_avals[0].shape) != shape
+        or (a and len(a) != len(shape))
+        or (a and any(x not in (1, y) for x, y in zip(a, shape, strict=True)))
+    ):
+        return None, None
+    return theta, (e.ins[1], tuple(range(len(a))), False)
+
+
+def _separable_along(aligned, j: int, axes: tuple, lifted: tuple, shape) -> bool:
+    """Whether entry ``c`` of a factor (broadcast along the axes ``axes`` of ``W_eff``)
+    depends only on the slice ``c`` of leaf ``j`` along the matching axes (``lifted``: the
+    leaf's axis of every axis of ``W_eff``)."""
+    if aligned is None:
+        return False
+    for i, w in enumerate(axes):
+        if shape[i] == 1:
+            continue  # (a unit axis: the factor is the same along it)
+        if w is None or j not in aligned[i] or aligned[i][j] != lifted[w]:
+            return False
+    return True
+
+
+def program_aval_in(program: Program, v):
+    """The abstract value of a program input or of a value some equation makes."""
+    for e in program.eqns:
+        for r, a in zip(e.ins, e.in_avals, strict=True):
+            if r == v:
+                return a
+    return program_aval(program, v)
+
+
+def eval_known(program: Program, values: dict, wanted) -> list:
+    """The values ``wanted`` (Vars or Consts) computed from ``values`` (top-level Var ->
+    value): every equation whose inputs are known, in order, until they are."""
+    env = dict(values)
+    known = lambda r: isinstance(r, Const) or r in env
+    read = lambda r: r.value if isinstance(r, Const) else env[r]
+    need = {r for r in wanted if isinstance(r, Var)}
+    for e in program.eqns:
+        if need <= env.keys():
+            break
+        if not e.outs or not all(known(r) for r in e.ins):
+            continue  # example-dependent, or only an effect (a print)
+        outs = e.primitive.bind(*map(read, e.ins), **e.primitive.get_bind_params(e.params))
+        outs = outs if e.primitive.multiple_results else [outs]
+        env.update(zip(e.outs, outs, strict=True))
+    return [read(r) for r in wanted]
 
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
     """The example-independent transformation ``W_eff = f(θ)`` of reparametrised leaves.
 
-    ``leaves`` are the parameter leaves it reads, ``outputs`` the effective weights (values of
-    the top-level program that ordinary equations read; index ``num_params + v`` in
-    :attr:`uses`), ``names`` the primitives it applies (for the plan), ``reads`` leaf -> the
-    effective weights it reaches, ``uses`` the captured uses of both, ``blocks`` per
-    effective weight the axes it is separable along (see :func:`separable_axes`).
+    ``leaves`` are the parameter leaves whose gradient goes through its VJP, ``outputs`` the
+    effective weights (values of the top-level program that ordinary equations read; index
+    ``num_params + v`` in :attr:`uses`), ``names`` the primitives it applies (for the plan),
+    ``reads`` leaf -> the effective weights it reaches, ``uses`` the captured uses of both,
+    ``blocks`` per effective weight the axes it is separable along (see
+    :func:`separable_axes`).
+
+    ``scaled``: the effective weights ``v`` of the form ``θ' ⊙ Π_k F_k`` whose leaf ``θ`` takes
+    the scaled route (a fast leaf, its uses carrying their :class:`Scale` s), as ``v -> leaf``;
+    their per-example gradients are never formed. ``factors``: the values ``F_k`` of those
+    weights that parameter leaves make (a scale ``s``, weight norm's ``g``): their per-example
+    gradients come from ``A``, ``G`` and ``θ'`` (see ``passes``), then go through the VJP.
     """
 
     leaves: tuple
@@ -334,23 +827,17 @@ class Transform:
     # leaf -> its direct fast uses, and effective weight ``num_params + v`` -> its uses
     uses: dict = dataclasses.field(default_factory=dict)
     blocks: tuple = ()  # per effective weight, the axes it is separable along
+    scaled: dict = dataclasses.field(default_factory=dict)  # v -> its scaled leaf
+    factors: tuple = ()  # of Var: the factors of scaled weights made of leaves
+    # The effective weights whose per-example gradients are formed: used, and not scaled.
+    formed: tuple = ()
+    declined: dict = dataclasses.field(default_factory=dict)  # v -> why not scaled
 
     def apply(self, program: Program, values: dict):
-        """The effective weights from ``values`` (top-level input Var -> value): every
-        example-independent equation whose inputs are known, in order."""
-        env = dict(values)
-        known = lambda r: isinstance(r, Const) or r in env
-        read = lambda r: r.value if isinstance(r, Const) else env[r]
-        wanted = set(self.outputs)
-        for e in program.eqns:
-            if wanted <= env.keys():
-                break
-            if not e.outs or not all(known(r) for r in e.ins):
-                continue  # example-dependent, or only an effect (a print)
-            outs = e.primitive.bind(*map(read, e.ins), **e.primitive.get_bind_params(e.params))
-            outs = outs if e.primitive.multiple_results else [outs]
-            env.update(zip(e.outs, outs, strict=True))
-        return [env[v] for v in self.outputs]
+        """The formed effective weights, then the factors, from ``values`` (top-level input
+        Var -> value)."""
+        wanted = [self.outputs[v] for v in self.formed] + list(self.factors)
+        return eval_known(program, values, wanted)
 
 
 @dataclasses.dataclass
@@ -408,23 +895,35 @@ def _classify(eqn: Eqn, param_pos: list) -> str | None:
     return None
 
 
-# Primitives whose body is opaque to the use classification (a loop, a branch, a custom
-# derivative): a parameter read inside them takes the exact route.
+# Primitives whose body is opaque to the use classification: a parameter read inside them
+# takes the exact route. (Scans, branches and ``custom_jvp`` calls are frames, see
+# :data:`RULES`.) A ``custom_vjp``'s gradient is the user's ``bwd`` applied to the output
+# cotangent in the backward pass: a Python function of it that need not be linear (a
+# gradient clip), with no forward map whose uses could be factored into ``A`` and ``G``.
 _OPAQUE = {
-    "scan": "inside a `lax.scan` body (a loop)",
     "while": "inside a `while_loop` (a loop with a dynamic trip count)",
-    "cond": "inside a `cond`/`switch` branch",
-    "custom_jvp_call": "inside a `custom_jvp` function",
-    "custom_vjp_call": "inside a `custom_vjp` function",
-    "custom_vjp_call_jaxpr": "inside a `custom_vjp` function",
+    "custom_vjp_call": (
+        "inside the `custom_vjp` function `{name}`: its gradient is the user's bwd rule "
+        "applied to the output cotangent (possibly nonlinear, e.g. a clip), which cannot be "
+        "factored into kept operands and cotangents; the exact route keeps the rule"
+    ),
 }
+_OPAQUE["custom_vjp_call_jaxpr"] = _OPAQUE["custom_vjp_call"]
+
+
+def custom_name(eqn: Eqn) -> str:
+    """The user's name of a custom-derivative call's function (``""`` if JAX kept none)."""
+    call = eqn.params.get("call_jaxpr", eqn.params.get("fun_jaxpr"))
+    info = getattr(getattr(call, "jaxpr", call), "debug_info", None)
+    src = getattr(info, "func_src_info", None) or ""
+    return src.split(" at ")[0]
 
 
 def _reason(eqn: Eqn, param_pos: list) -> str:
     """Why a use of a parameter by ``eqn`` is not a dense/conv/gather use."""
     name = eqn.primitive.name
     if name in _OPAQUE:
-        return _OPAQUE[name]
+        return _OPAQUE[name].format(name=custom_name(eqn))
     if any(_is_complex(a) for a in (*eqn.in_avals, *eqn.out_avals)):
         return (
             f"a complex-valued `{name}` of a real parameter (only a `dot_general` with a "
@@ -466,7 +965,7 @@ class Found:
     op: Eqn  # lifted over the steps of every deeper scan level
     base: Eqn
     split: int
-    levels: tuple  # Level per deeper scan, outermost first
+    levels: tuple  # Level per deeper frame, outermost first
     root: Track  # how the leaf entered this frame
     source: str
 
@@ -488,7 +987,9 @@ class Frame:
     def reason(self, leaf: int, why: str) -> None:
         self.reasons.setdefault(leaf, []).append(why + self.suffix)
 
-    def merge(self, inner: Frame, suffix: str) -> None:
+    def merge(self, inner: Frame) -> None:
+        """Takes the reasons of a frame nested in this one, saying where this one sits."""
+        suffix = ", nested inside a `lax.scan` body" if self.where == "scan" else self.suffix
         for j, ws in inner.reasons.items():
             self.reasons.setdefault(j, []).extend(w + suffix for w in ws)
 
@@ -531,16 +1032,64 @@ def use(frame: Frame, k: int, e: Eqn, positions: list) -> None:
 
 def bodies(e: Eqn) -> list:
     """The bodies of a frame equation, flattened (the same :class:`Program` every time): a
-    scan's body, a cond's branches. The walker reads them and ``passes`` captures in them."""
+    scan's body, a cond's branches, a ``custom_jvp`` call's linearised rule
+    (:func:`linearised`). The walker reads them and ``passes`` captures in them."""
     if e.primitive.name == "scan":
         return [_flat(e.params["jaxpr"])]
+    if e.primitive.name == "custom_jvp_call":
+        return [linearised(e)]
     return [_flat(b) for b in e.params["branches"]]
 
 
+def tangent_operands(e: Eqn) -> list:
+    """The operands of a ``custom_jvp`` call that have a tangent (the inexact ones), in the
+    order :func:`linearised` takes their tangents."""
+    return [i for i, a in enumerate(e.in_avals) if jax.numpy.issubdtype(a.dtype, jax.numpy.inexact)]
+
+
+def linearised(e: Eqn) -> Program:
+    """A ``custom_jvp`` call as the user's rule sees it: ``(*primals, *tangents) ->
+    (*primal outputs, *tangents of the inexact outputs)``, the rule traced by ``jax.jvp`` of
+    the call (so it is exactly the map ``jax.grad`` transposes), flattened.
+
+    The fast pass evaluates it with the primals stopped and the tangents ``x − sg(x)`` (zero,
+    with the identity as derivative): the call's value is the primal output, and its
+    gradient with respect to every operand is the transpose of the rule's tangent map, the
+    user's rule. A parameter's uses in the tangent map (``x @ dW`` for a rule of ``x @ W``)
+    are then fast uses like any other; walking the call's *body* would be wrong whenever the
+    rule is not the body's derivative.
+    """
+    return _linearised(e.primitive, tuple(e.params.items()), tuple(e.in_avals))
+
+
+@functools.lru_cache(maxsize=256)
+def _linearised(primitive, params: tuple, in_avals: tuple) -> Program:
+    params = dict(params)
+    diff = [i for i, a in enumerate(in_avals) if jax.numpy.issubdtype(a.dtype, jax.numpy.inexact)]
+    n = len(in_avals)
+
+    def lin(*args):
+        primals, tangents = list(args[:n]), list(args[:n])
+        for i, a in enumerate(in_avals):  # integer operands: no tangent (float0 zeros)
+            tangents[i] = np.zeros(a.shape, jax.dtypes.float0)
+        for i, t in zip(diff, args[n:], strict=True):
+            tangents[i] = t
+
+        def call(*ops):
+            out = primitive.bind(*ops, **primitive.get_bind_params(params))
+            return list(out) if primitive.multiple_results else [out]
+
+        outs, touts = jax.jvp(call, primals, tangents)
+        inexact = lambda x: jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)
+        return [*outs, *(t for o, t in zip(outs, touts, strict=True) if inexact(o))]
+
+    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in in_avals]
+    return flatten(jax.make_jaxpr(lin)(*structs, *(structs[i] for i in diff)))
+
+
 def scan(frame: Frame, k: int, e: Eqn, positions: list) -> None:
-    """A ``lax.scan``: its body is a frame; the uses found there are lifted over the steps."""
-    if frame.where == "cond":
-        return other(frame, k, e, positions)
+    """A ``lax.scan`` (in any frame): its body is a frame; the uses found there (at any depth)
+    are lifted over the steps."""
     p = e.params
     nc, ncar, steps = p["num_consts"], p["num_carry"], p["length"]
     (body,) = bodies(e)
@@ -552,17 +1101,18 @@ def scan(frame: Frame, k: int, e: Eqn, positions: list) -> None:
         else:
             tracked[body.invars[q]] = Track(t.leaf, (), q >= nc + ncar, q)
     inner = walk(Frame(body, tracked, "scan", ", inside a `lax.scan` body"))
-    frame.merge(inner, "" if frame.where == "top" else ", nested inside a `lax.scan` body")
+    frame.merge(inner)
     for f in inner.found:
         lifted = lift_over_steps(f.op, f.pos, steps, f.root.stacked)
         if lifted is None:
-            why = f"a {f.kind} use"
-            why += (
-                ", inside a `lax.scan` body"
-                if not f.levels
-                else (" of a leaf scanned over by the outer loop, nested inside a `lax.scan` body")
+            # (no lift of the use over the steps is written: a conv, or a lookup in a table
+            # the loop is scanned over)
+            why = f"a {f.kind} use" + (
+                " of a leaf scanned over by the loop" if f.root.stacked else ""
             )
-            frame.reasons.setdefault(f.leaf, []).append(why)
+            frame.reason(
+                f.leaf, why + (", nested" if f.levels else ",") + " inside a `lax.scan` body"
+            )
             continue
         op, step_axis = lifted
         outer = frame.tracked[e.ins[f.root.operand]]
@@ -576,10 +1126,8 @@ def scan(frame: Frame, k: int, e: Eqn, positions: list) -> None:
 
 
 def cond(frame: Frame, k: int, e: Eqn, positions: list) -> None:
-    """A ``cond``/``switch`` (at the top level or in a scan body): each branch is a frame, its
-    uses its own (the scan's rule then lifts them over its steps)."""
-    if frame.where == "cond":
-        return other(frame, k, e, positions)
+    """A ``cond``/``switch`` (in any frame): each branch is a frame, its uses (at any depth)
+    its own (an enclosing scan's rule then lifts them over its steps)."""
     tracked_in = {}
     for q in positions:
         t = frame.tracked[e.ins[q]]
@@ -590,15 +1138,38 @@ def cond(frame: Frame, k: int, e: Eqn, positions: list) -> None:
     for b, body in enumerate(bodies(e) if tracked_in else ()):
         tracked = {body.invars[q]: Track(t.leaf, (), False, q + 1) for q, t in tracked_in.items()}
         inner = walk(Frame(body, tracked, "cond", ", inside a `cond` branch"))
-        frame.merge(inner, "")
+        frame.merge(inner)
         for f in inner.found:
-            outer = frame.tracked[e.ins[f.root.operand]]
-            branch_level = Level(body, f.chain, False, 1, -1, branch=b)
-            frame.found.append(
-                dataclasses.replace(
-                    f, path=(k, b, *f.path), chain=outer.chain, root=outer, levels=(branch_level,)
-                )
-            )
+            level = Level(body, f.chain, False, 1, -1, branch=b, frame="cond")
+            frame.found.append(_enclosed(frame, e, f, (k, b), level))
+
+
+def custom_jvp(frame: Frame, k: int, e: Eqn, positions: list) -> None:
+    """A ``custom_jvp`` call (in any frame): the user's rule, linearised (:func:`linearised`),
+    is a frame whose tangent inputs carry the leaf; its uses are those of the tangent map."""
+    (body,) = bodies(e)
+    slots = {q: len(e.ins) + s for s, q in enumerate(tangent_operands(e))}
+    tracked = {}
+    for q in positions:
+        if q in slots:  # (an integer operand has no tangent: no gradient reaches it)
+            tracked[body.invars[slots[q]]] = Track(frame.tracked[e.ins[q]].leaf, (), False, q)
+    where = f", in the tangent map of the `custom_jvp` rule of `{custom_name(e)}`"
+    inner = walk(Frame(body, tracked, "custom_jvp", where))
+    frame.merge(inner)
+    for f in inner.found:
+        level = Level(body, f.chain, False, 1, -1, frame="custom_jvp")
+        frame.found.append(_enclosed(frame, e, f, (k,), level))
+
+
+def _enclosed(frame: Frame, e: Eqn, f: Found, at: tuple, level: Level) -> Found:
+    """A use found in a frame of equation ``e`` (a branch, a custom rule: no steps, nothing
+    lifted), as seen from the enclosing ``frame``: its path from ``at``, ``level`` added
+    outermost, and the leaf's track where it entered ``e``."""
+    outer = frame.tracked[e.ins[f.root.operand]]
+    path = (*at, *f.path)
+    return dataclasses.replace(
+        f, path=path, chain=outer.chain, root=outer, levels=(level, *f.levels)
+    )
 
 
 def other(frame: Frame, k: int, e: Eqn, positions: list) -> None:
@@ -633,6 +1204,7 @@ RULES: dict[str, Rule] = {
     "debug_callback": ignore,
     "scan": scan,
     "cond": cond,
+    "custom_jvp_call": custom_jvp,
 }
 
 # The rules that put the result in the use's alias chain (``apply_chain`` re-binds them).
@@ -666,6 +1238,7 @@ def walk(frame: Frame) -> Frame:
         "top": "returned as (part of) the loss",
         "scan": "returned from a `lax.scan` body",
         "cond": "returned from a `cond` branch",
+        "custom_jvp": "returned as a tangent by a `custom_jvp` rule",
     }[frame.where]
     for r in frame.body.outs:
         if isinstance(r, Var) and r in frame.tracked:
@@ -678,15 +1251,10 @@ def _as_use(f: Found, program: Program) -> Use:
     common = dict(op=f.op, base=f.base, split=f.split, source=f.source)
     if not f.levels:
         return Use(f.kind, f.path[0], f.pos, f.chain, chain_program=program, **common)
-    first, *rest = f.levels
-    if not first.is_scan:  # a branch of a top-level cond
-        return Use(
-            f.kind, f.path[0], f.pos, first.chain, scan=f.path, chain_program=first.body,
-            site="cond", pre_chain=f.chain, **common,
-        )  # fmt: skip
+    first, *rest = f.levels  # the outermost frame's fields (see :attr:`Use.levels`)
     return Use(
         f.kind, f.path[0], f.pos, first.chain, scan=f.path, chain_program=first.body,
-        stacked=first.stacked, steps=first.steps, step_axis=first.step_axis, site="scan",
+        stacked=first.stacked, steps=first.steps, step_axis=first.step_axis, site=first.frame,
         pre_chain=f.chain, nest=tuple(rest), operand=f.root.operand, **common,
     )  # fmt: skip
 
@@ -780,36 +1348,77 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
         uses.setdefault(f.leaf, []).append(u)
     reads = {j: tuple(i for i, v in enumerate(outputs) if j in deps[v]) for j in range(n)}
     transformed = sorted(j for j in frame.transformed if j < n and reads[j])
+    names = {
+        j: tuple(
+            dict.fromkeys(
+                program.eqns[k].primitive.name
+                for k in sorted(region)
+                if any(j in deps.get(o, ()) for o in program.eqns[k].outs)
+            )
+        )
+        for j in transformed
+    }
+    # Effective weights θ' ⊙ Π F_k: their leaf θ is a fast leaf, its uses scaled (see Scale).
+    scalings, declined = (
+        _scalings(program, n, top, region, outputs, deps, uses) if transformed else ({}, {})
+    )
+    scaled_uses: dict = {}
+    selected, selections = (
+        _selections(program, n, outputs, deps, uses, scalings) if transformed else ({}, ())
+    )
+    factor_leaves = {
+        j for x in scalings.values() for ss in x[2].values() for sc in ss for j in sc.leaves
+    }
+    if set(selected) & ({x[0] for x in scalings.values()} | factor_leaves):
+        selected, selections = {}, ()  # (a leaf both scaled and selected: the VJP route)
+    for j, us in selected.items():
+        scaled_uses[j] = [dataclasses.replace(u, via=names[j]) for u in us]
+    for v, (j, chain, per_use, term) in scalings.items():
+        scaled_uses.setdefault(j, []).extend(
+            dataclasses.replace(
+                u, chain=(*chain, *u.chain), scale=per_use[u.eqn], via=names[j],
+                theta_term=term, theta_chain=len(chain),
+            )
+            for u in uses[n + v]
+        )  # fmt: skip
     fast, exact_l, unused = {}, sorted(exact), []
     for j in range(n):
-        if j in exact or j in transformed:
+        if j in exact or (j in transformed and j not in scaled_uses):
             continue
-        if uses.get(j):
-            fast[j] = uses[j]
+        if uses.get(j) or scaled_uses.get(j):
+            fast[j] = uses.get(j, []) + scaled_uses.get(j, [])
         else:
             unused.append(j)
     transform = None
     if transformed:
-        through = {j: uses.get(j, []) for j in transformed}
+        through = {j: uses.get(j, []) for j in transformed if j not in scaled_uses}
         through.update({n + i: uses.get(n + i, []) for i in range(len(outputs))})
-        names = {
-            j: tuple(
-                dict.fromkeys(
-                    program.eqns[k].primitive.name
-                    for k in sorted(region)
-                    if any(j in deps.get(o, ()) for o in program.eqns[k].outs)
-                )
+        through_leaves = tuple(j for j in transformed if j not in scaled_uses)
+        factors = tuple(
+            dict.fromkeys(
+                sc.ref
+                for us in scaled_uses.values()
+                for u in us
+                for sc in u.scale
+                if sc.leaves & set(through_leaves)
             )
-            for j in transformed
-        }
+        )
         transform = Transform(
-            tuple(transformed),
+            through_leaves,
             tuple(outputs),
             tuple(program_aval(program, v) for v in outputs),
             names,
             {j: reads[j] for j in transformed},
             through,
             tuple(separable_axes(program, region, n, v) for v in outputs),
+            {**{v: x[0] for v, x in scalings.items()}, **dict.fromkeys(selections, -1)},
+            factors,
+            tuple(
+                v
+                for v in range(len(outputs))
+                if v not in scalings and v not in selections and uses.get(n + v)
+            ),
+            declined,
         )
     reasons = {j: "; ".join(dict.fromkeys(other.get(j, ["(a per-example copy)"]))) for j in exact_l}
     return Analysis(program, n, fast, exact_l, unused, reasons, transform), set()
@@ -838,6 +1447,20 @@ def separable_axes(program: Program, region, n: int, output: Var) -> tuple:
     unit-axis reshapes, ``broadcast_in_dim`` and reductions (over other axes) carry it; any
     other primitive, or a leaf's scalar read by every entry, breaks every axis.
     """
+    info = alignments(program, region, n)
+    if output not in info:
+        return ()
+    shape = program_aval(program, output).shape
+    return tuple(
+        d
+        for d, axis in enumerate(info[output])
+        if shape[d] > 1 and axis and all(a is not None for a in axis.values())
+    )
+
+
+def alignments(program: Program, region, n: int) -> dict:
+    """Per value of the transformation, per axis, ``{leaf: the leaf's axis aligned with it}``
+    (None: broken), as :func:`separable_axes` reads them."""
     info: dict = {}  # Var -> per axis {leaf: aligned leaf axis | None}
     for e in program.eqns:
         for r, a in zip(e.ins, e.in_avals, strict=True):
@@ -861,14 +1484,7 @@ def separable_axes(program: Program, region, n: int, output: Var) -> tuple:
             if aligned is None:
                 aligned = tuple(dict.fromkeys(leaves) for _ in a.shape)
             info[o] = aligned
-    if output not in info:
-        return ()
-    shape = program_aval(program, output).shape
-    return tuple(
-        d
-        for d, axis in enumerate(info[output])
-        if shape[d] > 1 and axis and all(a is not None for a in axis.values())
-    )
+    return info
 
 
 def _aligned(e: Eqn, ins: list):
@@ -984,11 +1600,12 @@ def _is_alias(e: Eqn) -> bool:
 
 def _batched(program: Program, u: Use, top: set, cache: dict) -> bool:
     """Whether a use's output differs between examples, as ``vmap`` batches it (at some
-    step, for a use in a scan: read level by level, outermost first). A use in a branch is
-    taken as batched (its perturbation is the tap's; exact either way, see ``Use.batched``)."""
+    step, for a use in a scan: read level by level, outermost first). A use in a branch or a
+    custom rule, at any depth, is taken as batched (its perturbation is added, never the tap,
+    see ``passes._capture``: exact either way, see ``Use.batched``)."""
     if u.site == "":
         return program.eqns[u.eqn].outs[0] in top
-    if u.site == "cond" or not all(lv.is_scan for lv in u.nest):
+    if not all(lv.is_scan for lv in u.levels):
         return True
     path, eqn, outer = u.scan[:1], program.eqns[u.scan[0]], top
     for body in [u.chain_program, *(lv.body for lv in u.nest)]:
@@ -1239,7 +1856,7 @@ def disjoint_groups(program: Program, uses: list) -> list:
 
 def use_perm(program: Program, use: Use, ndim: int):
     """The permutation from a leaf to a use's operand (None if not only transposes)."""
-    levels = use_levels(use) if use.site == "scan" else [(False, use.chain_program, use.chain)]
+    levels = use_levels(use)
     if any(stacked for stacked, _, _ in levels):
         return None
     perm = chain_perm(program, use.pre_chain, ndim)
@@ -1251,7 +1868,7 @@ def use_perm(program: Program, use: Use, ndim: int):
 def apply_use_chain(program: Program, use: Use, x):
     """The leaf value ``x`` as the use's operand sees it (over all steps, when scanned over)."""
     x = apply_chain(program, use.pre_chain, x)
-    levels = use_levels(use) if use.site == "scan" else [(False, use.chain_program, use.chain)]
+    levels = use_levels(use)
 
     def down(v, d):  # the leaf as level d's body sees it, then its chain there, and deeper
         if d == len(levels):

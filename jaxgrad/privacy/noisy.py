@@ -551,7 +551,11 @@ def sampled_dp_grad(
         ``P_j`` holding the draw (a ``lax.switch``; draws past ``P_K`` go on in batches of
         ``P_K``), cutting the padding to ~``4σ / K`` rows for ``K`` compilations of the
         clipped sum. Not on a CPU for a model with convolutions: XLA:CPU compiles a
-        convolution inside a ``lax.switch`` branch ~10× slower (as in a loop body).
+        convolution inside a ``lax.switch`` branch ~10× slower (as in a loop body). The
+        rows run, and so the step's time, follow the private count ``b`` (one size: whether
+        ``b > P``; ``K`` sizes: which of ``K`` bins): nothing released depends on them, and
+        timing is outside the threat model (docs/privacy.md, "What the physical batches
+        reveal").
       source: instead of ``sampling_rate``, a batch source of
         :mod:`jaxgrad.privacy.sources` (truncated Poisson, sampling without replacement):
         its draw, divided by its ``expected_batch_size``; account the steps with its

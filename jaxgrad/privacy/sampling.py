@@ -273,7 +273,10 @@ def physical_batch_sizes(*, num_examples: int, sampling_rate: float, count: int)
     ``4σ / count``; each size is compiled once. The sizes minimise :func:`expected_rows`
     exactly over a grid of the integers in ``[qN − 4σ, P]`` (dynamic programming), the largest
     being the one default size ``P``, so the memory bound is unchanged; ``count=1``
-    is ``(default_physical_batch_size(...),)``.
+    is ``(default_physical_batch_size(...),)``. Not ``fit``'s default: the switch costs
+    ~4 % at equal rows (MLP), which eats most of the rows saved, and the step's time then
+    tells which of ``count`` bins the private count ``b`` fell in (docs/privacy.md, "What the
+    physical batches reveal"; docs/benchmarks.md).
 
     Example::
 

@@ -762,7 +762,7 @@ def _local_chunks(body, train_data, *, scan: bool):
     if scan:
 
         @jax.jit
-        def scan_chunk(state, key, active):
+        def scan_chunk(state, data, key, active):
             def f(carry, a):
                 return body(carry, data, key, active=a)
 
@@ -770,7 +770,9 @@ def _local_chunks(body, train_data, *, scan: bool):
             return state, bad
 
         def run_chunk(state, key, active):
-            state, bad = scan_chunk(state, key, jnp.asarray(active))
+            # The data set is an argument, never a closed-over constant: as a constant it was
+            # compiled into the executable (188 MB for the benchmark's 60000 MNIST rows).
+            state, bad = scan_chunk(state, data, key, jnp.asarray(active))
             return state, bad, 0.0, 0
 
         return run_chunk
