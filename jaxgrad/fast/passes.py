@@ -594,12 +594,14 @@ def fast_pass(
 
     def weighted_leaf(j, c):  # Σ_i c_i ∇S_i through leaf j's own uses (c: (B,))
         total = jnp.zeros(like[j].shape, like[j].dtype)
-        for group in route[j].groups:  # (they partition the leaf's uses)
-            if id(group) in tied_formed:  # formed for the norms: read, not contracted again
+        read = set()  # uses whose tied group's gradient was formed for the norms: read it
+        for group in route[j].groups:
+            if id(group) in tied_formed:
                 g = tied_formed[id(group)]
                 total = total + jnp.tensordot(c.astype(g.dtype), g, 1).astype(total.dtype)
-                continue
-            for u in group.uses:
+                read.update(id(u) for u in group.uses)
+        for u in an.uses[j]:
+            if id(u) not in read:
                 total = total + _chain_transpose(program, u, like[j], weighted_use(u, c))
         return total
 
