@@ -182,3 +182,104 @@ def test_clipped_grad_return_loss(reduction):
         np.asarray(clipped_grad(loss, l2_clip=0.5, reduction=reduction)(w, x)),
         rtol=1e-12,
     )
+
+
+# A dense use's weighted sum Σ_i c_i ∇_W S_i is one 2-D matmul of the examples' rows
+# (rules._dense_rows); other layouts (dot batch dims) take the use's batched VJP.
+DENSE_LAYOUTS = {
+    "x @ W": ((3, 4), (4, 5), (((1,), (0,)), ((), ())), 1),
+    "W @ x": ((5, 4), (4, 3), (((1,), (0,)), ((), ())), 0),
+    "two contracted axes, swapped": ((3, 2, 4), (4, 2, 5), (((1, 2), (1, 0)), ((), ())), 1),
+    "no positions": ((4,), (4, 5), (((0,), (0,)), ((), ())), 1),
+    "W @ x.T, out (W's free, positions)": ((6, 4), (3, 4), (((1,), (1,)), ((), ())), 0),
+    "dot batch axis (VJP route)": ((2, 3, 4), (2, 4, 5), (((2,), (1,)), ((0,), (0,))), 1),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(DENSE_LAYOUTS))
+def test_dense_weighted_sum_in_every_layout(layout):
+    """``rules.weighted_grad`` of a ``dot_general`` use, examples at axis 0 or (step-major, as
+    a scan captures them) axis 1, against ``Σ_i c_i jax.grad(⟨G_i, op(A_i, W)⟩)`` in float64."""
+    from jaxgrad.fast import rules, trace
+
+    lhs, rhs, dims, pos = DENSE_LAYOUTS[layout]
+    shapes = [lhs, rhs]
+    op = lambda a, w: jax.lax.dot_general(*((w, a) if pos == 0 else (a, w)), dims)
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=shapes[pos]))
+    a_ex = jnp.zeros(shapes[1 - pos], jnp.float64)
+    e = jax.make_jaxpr(op)(a_ex, w).jaxpr.eqns[0]
+    avals = [v.aval for v in e.invars]
+    eqn = trace.Eqn(e.primitive, e.params, [], [], avals, [v.aval for v in e.outvars])
+    size = 3
+    a = rng.normal(size=(size, *a_ex.shape))
+    g = rng.normal(size=(size, *eqn.out_avals[0].shape))
+    c = rng.uniform(0.1, 1.0, size)
+    one = lambda a_i, g_i: jax.grad(lambda v: jnp.sum(op(a_i, v) * g_i))(w)
+    expected = jnp.tensordot(c, jax.vmap(one)(a, g), 1)
+    for axis in {0, min(1, a.ndim - 1, g.ndim - 1)}:
+        a_in, g_in = jnp.moveaxis(jnp.asarray(a), 0, axis), jnp.moveaxis(jnp.asarray(g), 0, axis)
+        got = rules.weighted_grad(eqn, pos, a_in, g_in, jnp.asarray(c), axis=axis)
+        assert_rel_close(got, expected)
+        two_d = rules._dense_rows(eqn, pos, a_in, g_in, axis) is not None
+        assert two_d == ("VJP" not in layout)
+
+
+def test_conv_route_keeps_its_per_example_gradient_when_small(monkeypatch):
+    """A convolution whose kernel is no larger than its per-example input and output forms
+    and keeps its per-example gradient where a weighted sum is taken (the clipped sum reads
+    it); a kernel larger than them is contracted again. Both clip exactly (float64, vs
+    vmap)."""
+    from jaxgrad.fast import plan
+
+    dn = ("NHWC", "HWIO", "NHWC")
+    conv = lambda x, k: jax.lax.conv_general_dilated(
+        x[None], k, (1, 1), "SAME", dimension_numbers=dn
+    )[0]
+
+    def loss(p, x):  # k1: 54 entries on a (6, 6, 2) image; k2: 600 on a (2, 2, 3) map
+        h = jnp.tanh(conv(x, p["k1"]))[::3, ::3]
+        return jnp.sum(jnp.tanh(conv(h, p["k2"])) ** 2)
+
+    rng = np.random.default_rng(0)
+    params = {"k1": rng.normal(size=(3, 3, 2, 3)) / 3, "k2": rng.normal(size=(5, 5, 3, 8)) / 6}
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    batch = jnp.asarray(rng.normal(size=(4, 6, 6, 2)))
+    routes = {lp.path: lp.route for lp in plan(loss, params, batch[0]).leaves}
+    kept = "; weighted sum: per-example gradient formed and kept"
+    assert routes["['k1']"] == "conv: one kernel offset at a time" + kept
+    assert routes["['k2']"] == "conv: one kernel offset at a time"
+    clip = 0.5 * float(np.median(jaxgrad.per_example_norms(loss, method="vmap")(params, batch)))
+    f = lambda m: clipped_grad(loss, l2_clip=clip, reduction="sum", method=m)(params, batch)
+    contracted = _record_contractions(monkeypatch)
+    assert_rel_close(flat(f("auto")), flat(f("vmap")))
+    assert contracted == [(5, 5, 3, 8)]  # k1's sum read off its kept gradients
+
+
+def _record_contractions(monkeypatch):
+    """The weight shapes ``rules.weighted_grad`` (A and G contracted again) is called for."""
+    from jaxgrad.fast import rules
+
+    calls, original = [], rules.weighted_grad
+    record = lambda eqn, pos, *a, **k: (
+        calls.append(eqn.in_avals[pos].shape) or original(eqn, pos, *a, **k)
+    )
+    monkeypatch.setattr(rules, "weighted_grad", record)
+    return calls
+
+
+def test_tied_uses_weighted_sum_reads_their_formed_gradient(monkeypatch):
+    """Tied uses of a 3-D weight (no outer form) have their per-example gradient formed for
+    the norm; the clipped sum reads it (no use contracted again), exact against vmap."""
+
+    def loss(p, x):  # x (5, 3); w (3, 2, 4) read by two dense uses
+        h = jnp.tanh(jnp.einsum("tk,kab->tab", x, p["w"]))
+        return jnp.sum(jnp.tanh(jnp.einsum("tab,kab->tk", h, p["w"])) ** 2)
+
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(3, 2, 4)))}
+    batch = jnp.asarray(rng.normal(size=(6, 5, 3)))
+    f = lambda m: clipped_grad(loss, l2_clip=0.3, reduction="sum", method=m)(params, batch)
+    contracted = _record_contractions(monkeypatch)
+    assert_rel_close(flat(f("auto")), flat(f("vmap")))
+    assert contracted == []

@@ -565,7 +565,7 @@ def clipped_parts(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"`reduction` must be one of ['mean', 'sum']; got {reduction!r}")
     nonfinite = check_nonfinite(nonfinite)
-    get = passes.get_pass(method, strict)
+    get = passes.get_pass(method, strict, weighted=True)
     chunk_size = _check_chunk(chunk_size)
 
     def core(params, batch, mask, loss_fn=loss_fn, units=None):
@@ -842,7 +842,7 @@ def grad_stats(
       >>> float(s.trace_cov), float(s.grad_sq_norm)  # var(1, 3) = 2; 2² − 2/2 = 3
       (2.0, 3.0)
     """
-    get = passes.get_pass(method, strict)
+    get = passes.get_pass(method, strict, weighted=True)
     chunk_size = _check_chunk(chunk_size)
 
     def core(params, batch, mask, loss_fn=loss_fn):

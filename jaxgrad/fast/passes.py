@@ -287,7 +287,9 @@ class _Normaliser:
         return sum(_row_dots(r, x) for r, x in zip(self.r, jv, strict=True))
 
 
-def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
+def fast_pass(
+    loss_fn, params, batch, mask, *, strict: bool = False, weighted: bool = False
+) -> Parts:
     """Per-example norms and reweighted sums from one batched forward/backward pass.
 
     Every use is captured by one recursive evaluator over the frames it sits in
@@ -301,7 +303,9 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
     ``custom_jvp`` rule's tangent map, whose transpose is the gradient JAX takes.
 
     With ``strict``, a leaf that is not small and takes the exact fallback raises (see
-    :func:`jaxgrad.fast.plan.check_strict`).
+    :func:`jaxgrad.fast.plan.check_strict`). ``weighted``: the caller computes a weighted
+    sum (:attr:`Parts.weighted`; clipping, statistics), so a route that keeps per-example
+    gradients (:attr:`jaxgrad.fast.rules.Form.keep`) forms them for the norms as well.
     """
     an = analyse(loss_fn, params, batch)
     if strict:
@@ -458,7 +462,7 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
         return jax.vmap(lambda a, g: fn(u.base, a, g))(kept[u.key], g_use[u.key])
 
     def norm_use(u, rule):  # ‖∇S_i‖² through one use, by its route
-        if rule.keep:
+        if rule.keep and (weighted or rule.how == "grads"):
             fn = lambda op, a, g: rules.per_example_grads(op, u.pos, a, g)
             if rule.per_step:  # one slice of the leaf per step: (steps, B, *slice)
                 formed[(u.key, u.select)] = (per_step(fn, u), 1)
@@ -491,7 +495,16 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
                     for u, perm in zip(group.uses, group.perms, strict=True)
                 ],
             )
-        return ("grads", sum(leaf_grads(j, u) for u in group.uses))  # the per-example gradient
+        return ("grads", group_grads(j, group))
+
+    # Tied uses' per-example gradient (B, *leaf), summed over the group: formed once for the
+    # norms and kept, so that the weighted sum reads it (Σ_i c_i J_i) like a kept route's.
+    tied_formed: dict = {}  # id of the group -> its per-example gradient
+
+    def group_grads(j, group):
+        if id(group) not in tied_formed:
+            tied_formed[id(group)] = sum(leaf_grads(j, u) for u in group.uses)
+        return tied_formed[id(group)]
 
     def group_norm(j, group):  # ‖Σ_u ∇S_i through u‖²: the diagonal of the group's block
         if group.form == "use":
@@ -581,8 +594,15 @@ def fast_pass(loss_fn, params, batch, mask, *, strict: bool = False) -> Parts:
 
     def weighted_leaf(j, c):  # Σ_i c_i ∇S_i through leaf j's own uses (c: (B,))
         total = jnp.zeros(like[j].shape, like[j].dtype)
+        read = set()  # uses whose tied group's gradient was formed for the norms: read it
+        for group in route[j].groups:
+            if id(group) in tied_formed:
+                g = tied_formed[id(group)]
+                total = total + jnp.tensordot(c.astype(g.dtype), g, 1).astype(total.dtype)
+                read.update(id(u) for u in group.uses)
         for u in an.uses[j]:
-            total = total + _chain_transpose(program, u, like[j], weighted_use(u, c))
+            if id(u) not in read:
+                total = total + _chain_transpose(program, u, like[j], weighted_use(u, c))
         return total
 
     def eff_weighted(c):  # Σ_i c_i ∇S_i per formed weight and factor, read off the norms'
@@ -840,12 +860,13 @@ _with_tangent.defvjp(lambda y, t: (_with_tangent(y, t), None), lambda _, ct: (No
 FRAMES = {"scan": _capture_scan, "cond": _capture_cond, "custom_jvp_call": _capture_custom_jvp}
 
 
-def get_pass(method: str, strict: bool = False):
-    """The pass for ``method``; ``strict`` applies to the fast path (vmap has no fallback)."""
+def get_pass(method: str, strict: bool = False, *, weighted: bool = False):
+    """The pass for ``method``; ``strict`` and ``weighted`` (the caller computes a weighted
+    sum, see :func:`fast_pass`) apply to the fast path (vmap has no fallback)."""
     strict = reduce.check_flag(strict, name="strict")
     if check_method(method) == "vmap":
         return vmap_pass
-    return functools.partial(fast_pass, strict=strict)
+    return functools.partial(fast_pass, strict=strict, weighted=weighted)
 
 
 def run_chunked(body, batch, mask, chunk_size):

@@ -17,6 +17,8 @@ prints them, so the plan cannot disagree with what runs. Per leaf (by pytree pat
 * the per-example memory that route forms, in entries of the leaf's dtype. A route that forms
   the per-example gradient (``per-example gradient``) keeps it until the clip factors are
   known: the clipped sum is then ``Σ_i c_i J_i``, with no second contraction of ``A`` and ``G``.
+  A route that says ``weighted sum: per-example gradient formed and kept`` does so only where
+  a weighted sum is taken (clipping, statistics; its norm alone is cheaper its own way).
 
 ``strict=True`` on the fast functions turns a fallback of a leaf larger than
 :data:`STRICT_MAX_SIZE` entries (and not a vector) into an error naming the leaf and reason.

@@ -104,7 +104,9 @@ def weighted_grad(eqn: Eqn, pos: int, a, g, c, *, axis: int = 0):
     """``Σ_i c_i ∇_W S_i``: one batched weight-gradient contraction with ``G`` reweighted.
 
     ``axis`` is the example axis of ``a`` and ``g`` (1 for uses captured step-major in a
-    scan: the contraction over steps and examples then reads them in place).
+    scan: the contraction over steps and examples then reads them in place). A dense use
+    without dot batch dims is one 2-D matmul (:func:`_dense_weighted`); other kinds take the
+    VJP of the use, batched over the examples.
     """
 
     def scale(x):
@@ -116,11 +118,66 @@ def weighted_grad(eqn: Eqn, pos: int, a, g, c, *, axis: int = 0):
         a = scale(a)  # the op is linear in each operand: reweight the smaller one
     else:
         g = scale(g)
+    rows = _dense_rows(eqn, pos, a, g, axis)
+    if rows is not None:
+        return _dense_weighted(eqn, pos, *rows)
     _, vjp = jax.vjp(
         lambda w: jax.vmap(lambda a_i: _bind(eqn, pos, w, a_i), in_axes=axis, out_axes=axis)(a),
         _operand_zeros(eqn, pos),
     )
     return vjp(g)[0]
+
+
+def _dense_rows(eqn: Eqn, pos: int, a, g, axis: int):
+    """``A`` as ``(R, K)`` and ``G`` as ``(R, N)`` for a dense use without dot batch dims, the
+    ``R`` rows being the examples and every free axis of the other operand (positions,
+    steps) in ``A``'s own order; ``None`` for other uses (or dtypes the matmul does not take).
+
+    The rows keep the order they have in ``A`` (for a use captured step-major,
+    ``(steps, B, ...)``, the leading axes as they are), so in the common layouts neither
+    reshape moves data.
+    """
+    if eqn.primitive.name != "dot_general":
+        return None
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    if lb or rb or a.dtype != g.dtype or not jnp.issubdtype(a.dtype, jnp.floating):
+        return None
+    other = 1 - pos
+    o_shape, p_shape = eqn.in_avals[other].shape, eqn.in_avals[pos].shape
+    oc, pc = (lc, rc)[other], (lc, rc)[pos]
+    ofree = [d for d in range(len(o_shape)) if d not in oc]
+    pfree = [d for d in range(len(p_shape)) if d not in pc]
+    lead = 0 if other == 0 else len(pfree)  # where the other operand's free axes sit in out
+    out_pfree = [len(ofree) + i for i in range(len(pfree))] if other == 0 else list(range(lead))
+    full = lambda d: d + (d >= axis)  # an axis of one example -> the batched array's
+    out_shape = eqn.out_avals[0].shape
+    size = a.shape[axis]  # the examples
+    batched = lambda shape: (*shape[:axis], size, *shape[axis:])
+    if a.shape != batched(o_shape) or g.shape != batched(out_shape):
+        return None
+    # Row axes in A's order, each with its partner in G: the examples, then free axis i.
+    labels = sorted([(axis, None)] + [(full(d), i) for i, d in enumerate(ofree)])
+    a_perm = [d for d, _ in labels] + [full(d) for d in oc]
+    g_perm = [axis if i is None else full(lead + i) for _, i in labels]
+    g_perm += [full(d) for d in out_pfree]
+    rows = size * math.prod(o_shape[d] for d in ofree)
+    k = math.prod(o_shape[d] for d in oc)
+    x = jnp.transpose(a, a_perm).reshape(rows, k)
+    y = jnp.transpose(g, g_perm).reshape(rows, math.prod(out_shape[d] for d in out_pfree))
+    return x, y
+
+
+def _dense_weighted(eqn: Eqn, pos: int, x, y):
+    """``XᵀY`` (contracted over the rows) in the layout of operand ``pos``: on a CPU a 2-D
+    matmul that reads both operands as they are, where the VJP's dot with the examples and
+    positions as two contracted axes made XLA transpose the larger operand first."""
+    (lc, rc), _ = eqn.params["dimension_numbers"]
+    pc = (lc, rc)[pos]
+    p_aval = eqn.in_avals[pos]
+    pfree = [d for d in range(len(p_aval.shape)) if d not in pc]
+    w = jax.lax.dot_general(x, y, (((0,), (0,)), ((), ())), precision=eqn.params["precision"])
+    w = w.reshape([p_aval.shape[d] for d in (*pc, *pfree)])
+    return jnp.transpose(w, np.argsort([*pc, *pfree])).astype(p_aval.dtype)
 
 
 def acc_dtype(eqn: Eqn):
@@ -188,9 +245,13 @@ class Form:
     (:func:`route`), printed by the plan and executed by :func:`norm_sq` and the pass.
 
     ``how`` names the norm rule (a key of :data:`NORMS`), ``label`` and ``cost`` (entries
-    formed per example) are what the plan prints; ``keep``: the rule forms the per-example
-    gradient, which the pass keeps for the weighted sum (``Σ_i c_i J_i``, no second
-    contraction of ``A`` and ``G``); ``per_step``: a leaf scanned over (one slice per step)
+    formed per example) are what the plan prints; ``keep``: where the pass computes a
+    weighted sum, the per-example gradient is formed, its squared norm read off it and it
+    is kept for the weighted sum (``Σ_i c_i J_i``, no second contraction of ``A`` and
+    ``G``) — set by :func:`route` for every route whose norm forms it anyway
+    (``how == "grads"``, any kind), and by a kind's route where forming it pays for a
+    weighted sum only (a small convolution kernel);
+    ``per_step``: a leaf scanned over (one slice per step)
     whose steps' squared norms are taken one step at a time and added, on the step-major
     arrays as captured (no transpose).
     """
@@ -207,18 +268,30 @@ def _dense_route(eqn: Eqn, pos: int) -> Form:
     if t == 1:
         return Form("dense_rank1", "dense: |a|²|g|²", nb)
     if dense_gram(t, k, n):  # (QR is picked at run time where positions cancel)
-        return Form("dense_gram", f"dense, {t} positions: Gram <AAᵀ,GGᵀ>", 2 * nb * t * t)
-    return Form("grads", f"dense, {t} positions: per-example gradient", nb * k * n, keep=True)
+        label = f"dense, {t} positions: Gram <AAᵀ,GGᵀ>"
+        # A weighted sum contracts the T K N products again, which forming the gradient
+        # does once: formed and kept when it is at most twice the A_i and G_i held (on a
+        # CPU, T = 32: faster at K N = 1.6 T (K + N), slower from 2.7 on, where writing and
+        # reading the B K N entries costs more than the Gram).
+        if k * n <= 2 * t * (k + n):
+            label += "; weighted sum: per-example gradient formed and kept"
+            return Form("dense_gram", label, 2 * nb * t * t, keep=True)
+        return Form("dense_gram", label, 2 * nb * t * t)
+    return Form("grads", f"dense, {t} positions: per-example gradient", nb * k * n)
 
 
 def _gather_route(eqn: Eqn, pos: int) -> Form:
     dn = eqn.params["dimension_numbers"]
     out_shape = eqn.out_avals[0].shape
     t = _prod(out_shape, [d for d in range(len(out_shape)) if d not in dn.offset_dims])
-    if gather_gram(t, gather_num_rows(eqn)):
+    rows = gather_num_rows(eqn)
+    if gather_gram(t, rows):
         return Form("gather_same_row", f"gather, {t} lookups: same-row Gram", t * t)
     size = math.prod(eqn.in_avals[0].shape)
-    return Form("gather_grads", f"gather, {t} lookups: per-example gradient", size)
+    # The weighted sum scatters T rows of G per example: the formed rows × R gradient is
+    # kept for it only when the table has no more rows than that.
+    label = f"gather, {t} lookups: per-example gradient"
+    return Form("gather_grads", label, size, keep=rows <= t)
 
 
 def _conv_route(eqn: Eqn, pos: int) -> Form:
@@ -227,7 +300,16 @@ def _conv_route(eqn: Eqn, pos: int) -> Form:
     rhs_spec = eqn.params["dimension_numbers"][1]
     shape = eqn.in_avals[1].shape
     cost = shape[rhs_spec[0]] * shape[rhs_spec[1]]
-    return Form("conv_windows", "conv: one kernel offset at a time", cost)
+    label = "conv: one kernel offset at a time"
+    size = math.prod(shape)
+    kept = math.prod(eqn.in_avals[0].shape) + math.prod(eqn.out_avals[0].shape)
+    if size > kept:
+        return Form("conv_windows", label, cost)
+    # No larger than the A_i and G_i the pass holds: for a weighted sum the per-example
+    # gradient is formed by offsets and kept (a squared norm alone is cheaper one offset
+    # at a time, never stacked).
+    label += "; weighted sum: per-example gradient formed and kept"
+    return Form("conv_windows", label, cost, keep=True)
 
 
 def _grads_route(kind: str, eqn: Eqn, pos: int) -> Form:
@@ -244,7 +326,11 @@ def route(kind: str, eqn: Eqn, pos: int, *, stacked: bool = False) -> Form:
     """
     entry = KINDS.get(kind)
     form = entry.route(eqn, pos) if entry is not None else _grads_route(kind, eqn, pos)
-    return dataclasses.replace(form, per_step=stacked and form.how != "dense_gram")
+    # A route that forms the per-example gradient keeps it for the weighted sum: for a use
+    # linear in W, Σ_i c_i J_i reads |W| entries per example, never more than contracting
+    # A_i and G_i again does (a lookup's scatter may read less: its route says).
+    keep = form.keep or form.how == "grads"
+    return dataclasses.replace(form, keep=keep, per_step=stacked and form.how != "dense_gram")
 
 
 # A scaled weight (``W_eff = θ' ⊙ Π F``, :class:`jaxgrad.fast.trace.Scale`) whose factors
@@ -305,8 +391,10 @@ def outer_norm_sq(x, y):
     xx = jnp.einsum("...tk,...sk->...ts", x, x, precision=hi)
     yy = jnp.einsum("...tn,...sn->...ts", y, y, precision=hi)
     gram = jnp.sum(xx * yy, axis=(-2, -1))
-    diag = lambda m: jnp.maximum(jnp.diagonal(m, axis1=-2, axis2=-1), 0)
-    s = jnp.sum(jnp.sqrt(diag(xx) * diag(yy)), axis=-1)
+    # ‖x_t‖² from the rows, not the Gram's diagonal: a reduction XLA fuses with the read of X,
+    # where taking the diagonal costs another pass over both T × T Grams.
+    sq = lambda m: jnp.sum(m * m, axis=-1)
+    s = jnp.sum(jnp.sqrt(sq(x) * sq(y)), axis=-1)
     cancels = jnp.any(s * s > GRAM_CANCELLATION * gram)
 
     def triangular():
