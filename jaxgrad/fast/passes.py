@@ -229,7 +229,7 @@ class _Normaliser:
         self.theta = theta
         xs, self.vjp = jax.vjp(self.x_of, theta)
         # r_x, (B, *x) per normaliser, from every use it scales.
-        self.r = [sum(factor_grad(u, q, j) for u, q in own[x]) for x in self.refs]
+        self.r = [sum(factor_grad(u, q) for u, q in own[x]) for x in self.refs]
         ones = lambda k: [
             jnp.ones_like(x) if i == k else jnp.zeros_like(x) for i, x in enumerate(xs)
         ]
@@ -378,7 +378,7 @@ def fast_pass(
                 x = x * sc.broadcast(factor_value(sc))[None].astype(x.dtype)
         return x
 
-    products: dict = {}  # (use, θ') -> op(A', θ'), for every factor of G of the use
+    products: dict = {}  # use -> op(A', θ'), shared by every factor of G of the use
 
     def side_sum(u, q, w, *, skip=None, plain=False):
         """Per example, the share of ⟨∇_{W_eff} S_i, W'⟩ along factor q's entries (its ref's
@@ -389,10 +389,14 @@ def fast_pass(
         g = g_use[u.key]
         op = lambda w, a: jax.vmap(lambda a_i: rules._bind(u.op, u.pos, w, a_i))(a)
         if sc.side == "g":  # G ⊙ op(A', w); op(A', θ') is shared by the factors of G
-            key = (u.key, skip is not None and not plain)
-            if key not in products or not key[1]:
-                products[key] = op(w, scaled(a, u, "a"))
-            cot = scaled(g, u, "g", skip) * products[key]
+            shared = skip is not None and not plain  # (w is θ' exactly then)
+            if not shared:
+                product = op(w, scaled(a, u, "a"))
+            elif u.key not in products:
+                product = products[u.key] = op(w, scaled(a, u, "a"))
+            else:
+                product = products[u.key]
+            cot = scaled(g, u, "g", skip) * product
         else:  # A ⊙ op_Aᵀ(G', w)
             _, vjp_a = jax.vjp(lambda x: op(w, x), a)
             cot = scaled(a, u, "a", skip) * vjp_a(scaled(g, u, "g", skip))[0]
@@ -404,8 +408,7 @@ def fast_pass(
         _, vjp_b = jax.vjp(spread, x)
         return jax.vmap(lambda ct: vjp_b(ct.astype(x.dtype))[0])(cot)
 
-    def factor_grad(u, q, j):  # one use's per-example gradient of its factor q
-        del j
+    def factor_grad(u, q):  # one use's per-example gradient of its factor q
         if u.scale[q].offset:  # W_eff = (θ' - m) ⊙ Π F: -Σ (Π F) ⊙ ∇W along m's entries
             ones = jnp.ones(u.op.in_avals[u.pos].shape, u.op.in_avals[u.pos].dtype)
             return -side_sum(u, q, ones, plain=True)
@@ -543,11 +546,11 @@ def fast_pass(
         @functools.cache
         def factor_grads():  # (B, *F) per factor of tf.factors: Σ over the uses it scales
             out = dict.fromkeys(tf.factors, 0)
-            for j, us in an.fast.items():
+            for us in an.fast.values():
                 for u in us:
                     for q, sc in enumerate(u.scale):
                         if isinstance(sc.ref, trace.Var) and sc.ref in out:
-                            out[sc.ref] = out[sc.ref] + factor_grad(u, q, j)
+                            out[sc.ref] = out[sc.ref] + factor_grad(u, q)
             return [out[ref] for ref in tf.factors]
 
         @functools.cache
