@@ -26,7 +26,7 @@ import tempfile
 import time
 
 
-def _setup(devices: int):
+def _setup(devices: int, *, cache: bool = True):
     # XLA's CPU backend at LLVM -O0: what these workers test is decided before code
     # generation (jaxgrad's programs, the SPMD partitioning, the all-gathers in the optimised
     # HLO, which keys draw the noise), and the results are the same up to float64 round-off
@@ -42,11 +42,15 @@ def _setup(devices: int):
     # resumed one, on memory-mapped data), and jit's own cache is per function object, so
     # each fit compiled afresh (measured: its CPU 54 s -> 39 s, loaded machine). A hit runs
     # the executable XLA compiled for the identical program, options and flags: no result
-    # changes. A fresh folder per process (removed at exit); in a multi-process run only
-    # process 0 writes to it (JAX's rule), so the two-process modes gain little.
-    cache = tempfile.mkdtemp(prefix="jaxgrad-worker-xla-")
-    atexit.register(shutil.rmtree, cache, ignore_errors=True)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    # changes. A fresh folder per process (removed at exit). Not in the two-process modes:
+    # there only process 0 writes to it (JAX's rule), so it gained nothing, and with it the
+    # processes compile on different schedules; a CI run with it hung in the two-process
+    # setup (600 s timeout, 2026-12-06), a cause suspected, not proven.
+    if not cache:
+        return
+    folder = tempfile.mkdtemp(prefix="jaxgrad-worker-xla-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
@@ -709,7 +713,7 @@ def private(directory: str) -> dict:
 
 
 def train(process_id: int, num_processes: int, coordinator: str, directory: str) -> dict:
-    _setup(2)
+    _setup(2, cache=False)
     from jaxgrad import sharding
 
     sharding.initialize(coordinator, num_processes=num_processes, process_id=process_id)
@@ -849,7 +853,7 @@ def sharded_checkpoints(process_id: int, directory: str) -> dict:
 def cli(process_id: int, num_processes: int, coordinator: str, directory: str) -> dict:
     """The CLI on an uncompressed .npz over both processes: the training inputs memory-mapped
     (counted: never materialised whole), standardised with statistics combined over them."""
-    _setup(2)
+    _setup(2, cache=False)
     from jaxgrad import sharding
 
     sharding.initialize(coordinator, num_processes=num_processes, process_id=process_id)
