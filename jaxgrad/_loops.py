@@ -218,9 +218,10 @@ def describe_jaxpr(closed, num_carry: int, num_consts: int = 0) -> Body:
     """:class:`Body` of a step's closed jaxpr: inputs ``num_consts`` constants, then
     ``num_carry`` carried values, then the step's slice; outputs the carry, then its rows
     (the layout of ``lax.scan``'s ``jaxpr``)."""
-    from jaxgrad.fast import trace  # the fast path imports the strategies: not at load time
+    # (the fast path imports the strategies: not at load time)
+    from jaxgrad.fast.program import flatten, primitives
 
-    names = trace.primitives(trace.flatten(closed))
+    names = primitives(flatten(closed))
     jaxpr = closed.jaxpr
     changed = [
         o
@@ -249,11 +250,12 @@ def describe(body, carry, x) -> Body:
 
 def has_convolution(fn, *args) -> bool:
     """Whether ``fn(*args)`` (abstract values suffice) runs a convolution at any depth (loops,
-    branches, custom calls): a query on the fast path's walker (:mod:`jaxgrad.fast.trace`)."""
-    from jaxgrad.fast import trace  # the fast path imports the strategies: not at load time
+    branches, custom calls): a query on the fast path's flattened program
+    (:mod:`jaxgrad.fast.program`)."""
+    from jaxgrad.fast.program import primitives, trace_program  # (not at load time, as above)
 
-    program, _ = trace.trace_program(fn, *args)
-    return "conv_general_dilated" in trace.primitives(program)
+    program, _ = trace_program(fn, *args)
+    return "conv_general_dilated" in primitives(program)
 
 
 def scan_steps(scan, fn, *args) -> bool:

@@ -200,7 +200,8 @@ DENSE_LAYOUTS = {
 def test_dense_weighted_sum_in_every_layout(layout):
     """``rules.weighted_grad`` of a ``dot_general`` use, examples at axis 0 or (step-major, as
     a scan captures them) axis 1, against ``Σ_i c_i jax.grad(⟨G_i, op(A_i, W)⟩)`` in float64."""
-    from jaxgrad.fast import rules, trace
+    from jaxgrad.fast import rules
+    from jaxgrad.fast.program import Eqn
 
     lhs, rhs, dims, pos = DENSE_LAYOUTS[layout]
     shapes = [lhs, rhs]
@@ -210,7 +211,7 @@ def test_dense_weighted_sum_in_every_layout(layout):
     a_ex = jnp.zeros(shapes[1 - pos], jnp.float64)
     e = jax.make_jaxpr(op)(a_ex, w).jaxpr.eqns[0]
     avals = [v.aval for v in e.invars]
-    eqn = trace.Eqn(e.primitive, e.params, [], [], avals, [v.aval for v in e.outvars])
+    eqn = Eqn(e.primitive, e.params, [], [], avals, [v.aval for v in e.outvars])
     size = 3
     a = rng.normal(size=(size, *a_ex.shape))
     g = rng.normal(size=(size, *eqn.out_avals[0].shape))

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 import jaxgrad
+from jaxgrad.fast import analysis as analysis_lib
 from jaxgrad.fast import plan
 from jaxgrad.fast import rules as rules_lib
-from jaxgrad.fast import trace as trace_lib
 
 F64 = jnp.float64
 B = 6
@@ -341,7 +341,7 @@ def test_lookups_lifted_over_steps_are_not_marked_unique():
         return jnp.sum(ys**2) + jnp.sum(p["E"][toks[0]] * h)
 
     one = jax.tree_util.tree_map(lambda x: x[0], tokens)
-    an = trace_lib.analyse(loss, params, one)
+    an = analysis_lib.analyse(loss, params, one)
     (lifted,) = [u for u in an.fast[0] if u.site == "scan"]  # "E" sorts first
     assert lifted.steps == 7
     assert not lifted.op.params["unique_indices"]

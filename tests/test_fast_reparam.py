@@ -303,7 +303,7 @@ def test_separable_axes_match_the_jacobian_blocks():
     """The plan's "separable along axis d" against the Jacobian of ``f`` itself: along a
     claimed axis every leaf entry moves one slice of the effective weight at most; along any
     other axis (for these transformations) some entry moves two."""
-    from jaxgrad.fast import trace
+    from jaxgrad.fast import analysis
 
     rng = np.random.default_rng(9)
     r = lambda *shape: _normal(rng, *shape)
@@ -323,7 +323,7 @@ def test_separable_axes_match_the_jacobian_blocks():
     ]
     for f, params, axes in cases:
         loss = lambda p, x, f=f: [jnp.sum(jnp.tensordot(x, f(p), axes=1))]
-        an = trace.analyse(loss, params, jnp.ones(4, F64))
+        an = analysis.analyse(loss, params, jnp.ones(4, F64))
         tf, n = an.transform, an.num_params
         (v,) = [v for v in range(len(tf.outputs)) if an.uses[n + v]]
         assert tf.blocks[v] == axes, (f, tf.blocks)

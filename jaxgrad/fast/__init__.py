@@ -1,6 +1,6 @@
 """Per-example norms, clipped gradients and gradient statistics at the cost of one gradient.
 
-See :mod:`jaxgrad.fast.api` for the functions and :mod:`jaxgrad.fast.trace` for how the
+See :mod:`jaxgrad.fast.api` for the functions and :mod:`jaxgrad.fast.analysis` for how the
 structure of an arbitrary JAX loss is read off its jaxpr.
 """
 

@@ -15,7 +15,7 @@ and the factors :func:`gram` reads the Gram matrix ``⟨∇S_i, ∇S_j⟩`` from
   example-independent transformation ``W_eff = f(θ)`` before ordinary uses) get ``f``'s VJP
   of the effective weight's per-example gradient; a *scaled* weight ``(θ' - m) ⊙ Π F_k``
   keeps θ on its uses' own routes with the factors folded into ``A`` or ``G``
-  (:class:`jaxgrad.fast.trace.Scale`, :class:`_Normaliser`). Each leaf takes the
+  (:class:`jaxgrad.fast.reparam.Scale`, :class:`_Normaliser`). Each leaf takes the
   :class:`jaxgrad.fast.plan.Route` computed once by :func:`jaxgrad.fast.plan.routes`, the
   one ``plan`` prints.
 """
@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgrad import reduce
+from jaxgrad.fast import analysis, rules, trace
 from jaxgrad.fast import plan as plan_lib
-from jaxgrad.fast import rules, trace
+from jaxgrad.fast.program import Const, Eqn, Program, Var, eval_known, evaluate, shape_struct
 from jaxgrad.grads import _per_example
 
 METHODS = ("auto", "vmap")
@@ -137,22 +138,18 @@ def gram(p: Parts, q: Parts) -> jax.Array:
     return jnp.asarray(total, jnp.result_type(p.norm_sq))
 
 
-def _struct(x):
-    return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
-
-
 def _row_sq(g, dtype):
     """``(B,)``: the squared norm of every row of ``g``."""
     return jnp.sum(jnp.square(g.reshape(g.shape[0], -1).astype(dtype)), axis=1)
 
 
-def analyse(loss_fn, params, batch) -> trace.Analysis:
+def analyse(loss_fn, params, batch) -> analysis.Analysis:
     """The jaxpr analysis of ``loss_fn`` on one example of ``batch``."""
     example = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)), batch
     )
     fn = lambda p, ex: reduce.as_sum_count(loss_fn(p, ex))
-    return trace.analyse(fn, jax.tree_util.tree_map(_struct, params), example)
+    return analysis.analyse(fn, jax.tree_util.tree_map(shape_struct, params), example)
 
 
 def _chain_transpose(program, use: trace.Use, leaf, x):
@@ -204,7 +201,8 @@ def _operand(use: trace.Use, a):
 
 
 class _Normaliser:
-    """The share of a scaled leaf's gradient through its normalisers (``trace.Scale.own``).
+    """The share of a scaled leaf's gradient through its normalisers (``Scale.own``, see
+    :mod:`jaxgrad.fast.reparam`).
 
     ``W_eff = θ' ⊙ S ⊙ Π_x F(x)`` with ``x = h(θ)`` per channel (``1/‖V_o‖`` of weight
     normalisation): ``∇_θ S_i = P_i + Σ_x J_xᵀ r_{x,i}``, where ``P_i`` is the gradient
@@ -225,7 +223,7 @@ class _Normaliser:
     def __init__(self, program, known, j, theta, own, factor_grad, side_sum):
         self.refs = list(own)
         leaf = program.invars[j]
-        self.x_of = lambda t: trace.eval_known(program, {**known, leaf: t}, self.refs)
+        self.x_of = lambda t: eval_known(program, {**known, leaf: t}, self.refs)
         self.theta = theta
         xs, self.vjp = jax.vjp(self.x_of, theta)
         # r_x, (B, *x) per normaliser, from every use it scales.
@@ -317,7 +315,7 @@ def fast_pass(
     route = plan_lib.routes(an, [np.shape(x) for x in leaves])
     tf = an.transform
     # Leaves and effective weights (``n + v``) as (shape, dtype) structs.
-    like = [_struct(x) for x in leaves]
+    like = [shape_struct(x) for x in leaves]
     like += [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (tf.avals if tf else ())]
     ex_leaves = jax.tree_util.tree_leaves(batch)
     size = mask.shape[0]
@@ -358,19 +356,19 @@ def fast_pass(
     # G again saves a copy of every activation.
     g_use, g_exact = vjp(mask.astype(sums.dtype))
 
-    # The factors of scaled effective weights W_eff = θ' ⊙ Π F_k (see trace.Scale): each
+    # The factors of scaled effective weights W_eff = θ' ⊙ Π F_k (see ``reparam.Scale``): each
     # scales A or G of the uses of W_eff, which are then the uses of the leaf θ.
     scale_refs = list(
         dict.fromkeys(
             r for us in an.fast.values() for u in us if u.scale
-            for r in [u.theta_term, *(sc.ref for sc in u.scale)] if isinstance(r, trace.Var)
+            for r in [u.theta_term, *(sc.ref for sc in u.scale)] if isinstance(r, Var)
         )
     )  # fmt: skip
     known = {program.invars[j]: leaves[j] for j in range(n) if j not in an.exact}
-    scale_vals = dict(zip(scale_refs, trace.eval_known(program, known, scale_refs), strict=True))
+    scale_vals = dict(zip(scale_refs, eval_known(program, known, scale_refs), strict=True))
 
     def factor_value(sc):
-        return sc.ref.value if isinstance(sc.ref, trace.Const) else scale_vals[sc.ref]
+        return sc.ref.value if isinstance(sc.ref, Const) else scale_vals[sc.ref]
 
     def scaled(x, u, side, skip=None):  # x (B, ...) times the use's factors on one side
         for q, sc in enumerate(u.scale):
@@ -517,7 +515,7 @@ def fast_pass(
             return rules.cross_norm_sq(block[1])
         return _row_sq(block[1], norm_dtype)
 
-    # Reparametrised leaves θ (see :class:`jaxgrad.fast.trace.Transform`): W_eff = f(θ) is the
+    # Reparametrised leaves θ (see :class:`jaxgrad.fast.reparam.Transform`): W_eff = f(θ) is the
     # same for every example, so ∇_θ S_i = J_fᵀ ∇_{W_eff} S_i. Norms (and Gram blocks) apply
     # the VJP to each example's materialised ∇_{W_eff} S_i (B × |W_eff|, no per-example
     # forward pass); the weighted sum and the dots stay factored by linearity:
@@ -549,7 +547,7 @@ def fast_pass(
             for us in an.fast.values():
                 for u in us:
                     for q, sc in enumerate(u.scale):
-                        if isinstance(sc.ref, trace.Var) and sc.ref in out:
+                        if isinstance(sc.ref, Var) and sc.ref in out:
                             out[sc.ref] = out[sc.ref] + factor_grad(u, q)
             return [out[ref] for ref in tf.factors]
 
@@ -696,7 +694,7 @@ def fast_pass(
 # its equation, and returns the kept operands by the same relative paths.
 
 
-def _capture(body: trace.Program, uses: dict, du: dict, args, *, tapped: bool = True):
+def _capture(body: Program, uses: dict, du: dict, args, *, tapped: bool = True):
     """Evaluates a frame ``body`` on ``args`` with the uses at paths ``uses`` captured.
 
     Args:
@@ -722,7 +720,7 @@ def _capture(body: trace.Program, uses: dict, du: dict, args, *, tapped: bool = 
     same: dict = {}
     for k, u in direct.items():
         ref = body.eqns[k].ins[1 - u.pos]
-        if isinstance(ref, trace.Var):  # a real form keeps its own (re, im) stack
+        if isinstance(ref, Var):  # a real form keeps its own (re, im) stack
             k0 = first.setdefault((ref, u.split >= 0), k)
             if k0 != k:
                 same[(k,)] = (k0,)
@@ -747,11 +745,11 @@ def _capture(body: trace.Program, uses: dict, du: dict, args, *, tapped: bool = 
         same.update(((k, *p), (k, *q)) for p, q in same_k.items())
         return outs
 
-    outs = trace.evaluate(body, args, hook=hook, override=override)
+    outs = evaluate(body, args, hook=hook, override=override)
     return outs, kept, same
 
 
-def _capture_scan(e: trace.Eqn, uses: dict, du: dict, invals, tapped: bool):
+def _capture_scan(e: Eqn, uses: dict, du: dict, invals, tapped: bool):
     """A ``lax.scan`` with uses in its body: the body captured at every step.
 
     The perturbations are scanned over (``(steps, ...)``) and the kept operands are stacked
@@ -782,7 +780,7 @@ def _share(kept: dict, same: dict) -> dict:
     return {**kept, **{p: kept[q] for p, q in same.items()}}
 
 
-def _capture_cond(e: trace.Eqn, uses: dict, du: dict, invals, tapped: bool):
+def _capture_cond(e: Eqn, uses: dict, du: dict, invals, tapped: bool):
     """A ``cond``/``switch`` with uses in its branches: the branch taken captured.
 
     Every branch returns every branch's kept operands (zeros in the others: an example that
@@ -824,7 +822,7 @@ def _capture_cond(e: trace.Eqn, uses: dict, du: dict, invals, tapped: bool):
     return outs, kept, shared
 
 
-def _capture_custom_jvp(e: trace.Eqn, uses: dict, du: dict, invals, tapped: bool):
+def _capture_custom_jvp(e: Eqn, uses: dict, du: dict, invals, tapped: bool):
     """A ``custom_jvp`` call with uses in its rule's tangent map: the rule, linearised
     (:func:`jaxgrad.fast.trace.linearised`), evaluated on the stopped primals and the tangents
     ``x − sg(x)`` (zero, with the identity as derivative).

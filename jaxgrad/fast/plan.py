@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgrad import reduce
-from jaxgrad.fast import rules, trace
+from jaxgrad.fast import analysis, rules, trace
+from jaxgrad.fast.program import program_aval_in
 from jaxgrad.grads import check_loss_args, check_loss_fn
 
 # A leaf may fall back under ``strict=True`` when it is a vector (a bias, a norm scale: its
@@ -137,7 +138,7 @@ def _level_name(lv: trace.Level) -> str:
 
 def _scale_prefix(uses) -> str:
     """For the uses of a scaled leaf (``W_eff = θ' ⊙ Π F_k``, see
-    :class:`jaxgrad.fast.trace.Scale`): where the factors went."""
+    :class:`jaxgrad.fast.reparam.Scale`): where the factors went."""
     sides = {sc.side for u in uses for sc in u.scale}
     if not any(u.scale for u in uses):
         return ""
@@ -186,7 +187,7 @@ def _scan_prefix(u: trace.Use) -> str:
     return "; ".join(words) + ": " if words else ""
 
 
-def _group(an: trace.Analysis, uses: list, shape: tuple) -> Group:
+def _group(an: analysis.Analysis, uses: list, shape: tuple) -> Group:
     """The route of one group of uses that may overlap."""
     if len(uses) == 1:
         (u,) = uses
@@ -208,7 +209,7 @@ def _group(an: trace.Analysis, uses: list, shape: tuple) -> Group:
     return Group(tuple(uses), "grads", perms, label, 2 * math.prod(shape))
 
 
-def _fast_route(an: trace.Analysis, j: int, shape: tuple) -> Route:
+def _fast_route(an: analysis.Analysis, j: int, shape: tuple) -> Route:
     groups = tuple(_group(an, g, shape) for g in trace.disjoint_groups(an.program, an.uses[j]))
     label = "; ".join(g.label for g in groups)
     if len(groups) > 1:
@@ -216,9 +217,10 @@ def _fast_route(an: trace.Analysis, j: int, shape: tuple) -> Route:
     return Route(j, "fast", groups, label, "", sum(g.cost for g in groups))
 
 
-def _structure(an: trace.Analysis, j: int) -> str:
-    """What the plan says of the transformation's structure for leaf ``j``: the axes of each
-    used effective weight it is separable along (see :func:`jaxgrad.fast.trace.separable_axes`)."""
+def _structure(an: analysis.Analysis, j: int) -> str:
+    """What the plan says of the transformation's structure for leaf ``j``: the axes of
+    each used effective weight it is separable along (see
+    :func:`jaxgrad.fast.reparam.separable_axes`)."""
     tf, n = an.transform, an.num_params
     parts = []
     for v in tf.reads[j]:
@@ -234,17 +236,17 @@ def _structure(an: trace.Analysis, j: int) -> str:
     return "; ".join(parts) + "; " if parts else ""
 
 
-def _factors_of(an: trace.Analysis, j: int) -> list:
+def _factors_of(an: analysis.Analysis, j: int) -> list:
     """The factors of scaled weights (``Transform.factors``) that leaf ``j`` makes."""
     found = {sc.ref for us in an.fast.values() for u in us for sc in u.scale if j in sc.leaves}
     return [r for r in an.transform.factors if r in found]
 
 
-def _shape_of(an: trace.Analysis, ref) -> tuple:
-    return tuple(trace.program_aval_in(an.program, ref).shape)
+def _shape_of(an: analysis.Analysis, ref) -> tuple:
+    return tuple(program_aval_in(an.program, ref).shape)
 
 
-def routes(an: trace.Analysis, shapes: list) -> tuple:
+def routes(an: analysis.Analysis, shapes: list) -> tuple:
     """Every leaf's :class:`Route` (``shapes``: the leaves'), then the effective weights'
     (leaf ``num_params + v``) when the analysis found a reparametrisation."""
     tf = an.transform
@@ -293,7 +295,7 @@ def routes(an: trace.Analysis, shapes: list) -> tuple:
     return tuple(out)
 
 
-def leaf_plans(an: trace.Analysis, leaves, paths) -> tuple:
+def leaf_plans(an: analysis.Analysis, leaves, paths) -> tuple:
     """A :class:`LeafPlan` per leaf from its :class:`Route` (what ``fast_pass`` runs)."""
     shapes = [tuple(np.shape(leaf)) for leaf in leaves]
     out = []
@@ -321,7 +323,7 @@ def leaf_paths(params) -> list:
     return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
-def check_strict(an: trace.Analysis, params) -> None:
+def check_strict(an: analysis.Analysis, params) -> None:
     """Raises if a leaf that is not small (see :data:`STRICT_MAX_SIZE`) takes the fallback."""
     leaves = jax.tree_util.tree_leaves(params)
     for lp in leaf_plans(an, leaves, leaf_paths(params)):
@@ -363,6 +365,6 @@ def plan(loss_fn, params, example, *args) -> Plan:
     struct = lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
     fn = lambda p, ex: reduce.as_sum_count(loss_fn(p, ex, *args))
     params_s = jax.tree_util.tree_map(struct, params)
-    an = trace.analyse(fn, params_s, jax.tree_util.tree_map(struct, example))
+    an = analysis.analyse(fn, params_s, jax.tree_util.tree_map(struct, example))
     leaves = jax.tree_util.tree_leaves(params_s)
     return Plan(leaf_plans(an, leaves, leaf_paths(params)))

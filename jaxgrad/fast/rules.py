@@ -55,14 +55,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-if TYPE_CHECKING:  # (the walker reads :data:`KINDS`: no import of it at run time)
-    from jaxgrad.fast.trace import Eqn
+from jaxgrad.fast.program import Eqn, is_complex
 
 
 def _bind(eqn: Eqn, pos: int, w, a):
@@ -333,7 +331,7 @@ def route(kind: str, eqn: Eqn, pos: int, *, stacked: bool = False) -> Form:
     return dataclasses.replace(form, keep=keep, per_step=stacked and form.how != "dense_gram")
 
 
-# A scaled weight (``W_eff = θ' ⊙ Π F``, :class:`jaxgrad.fast.trace.Scale`) whose factors
+# A scaled weight (``W_eff = θ' ⊙ Π F``, :class:`jaxgrad.fast.reparam.Scale`) whose factors
 # need gradients pays one more product of the use per factor side or normaliser: about
 # ``T |W|`` multiply-adds per example for ``T`` positions (a dense use's sequence, a
 # convolution's output pixels). It replaces writing the ``|W|`` per-example gradient, so it is
@@ -895,12 +893,8 @@ def dot(kind: str, eqn: Eqn, pos: int, a, g, v):
 # --- The table of use kinds ------------------------------------------------------------------
 
 
-def _is_complex(aval) -> bool:
-    return jnp.issubdtype(aval.dtype, jnp.complexfloating)
-
-
 def _real(eqn: Eqn) -> bool:
-    return not any(_is_complex(a) for a in (*eqn.in_avals, *eqn.out_avals))
+    return not any(is_complex(a) for a in (*eqn.in_avals, *eqn.out_avals))
 
 
 def is_embedding_gather(eqn: Eqn) -> bool:

@@ -1,0 +1,209 @@
+"""The analysis of a per-example loss: every parameter leaf's route, decided once.
+
+:func:`analyse` traces the loss (:mod:`jaxgrad.fast.program`), finds which values depend on
+the example (:mod:`jaxgrad.fast.dependence`), the reparametrisation and its effective weights
+(:mod:`jaxgrad.fast.reparam`), walks every frame for fast uses (:mod:`jaxgrad.fast.trace`),
+and returns an :class:`Analysis` that the fast pass executes and the plan prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxgrad.fast.dependence import scan_body_varying, varying
+from jaxgrad.fast.program import Program, is_complex, program_aval, trace_program
+from jaxgrad.fast.reparam import (
+    Transform,
+    find_region,
+    scaled_weights,
+    selected_weights,
+    separable_axes,
+)
+from jaxgrad.fast.trace import Found, Frame, Track, Use, walk
+
+
+@dataclasses.dataclass
+class Analysis:
+    program: Program
+    num_params: int
+    fast: dict  # leaf index -> list[Use], the leaves on a fast route
+    exact: list  # leaf indices with a per-example copy
+    unused: list  # leaf indices nothing reads (zero gradient)
+    # leaf index -> why it takes the exact route (one line per distinct reason)
+    reasons: dict = dataclasses.field(default_factory=dict)
+    transform: Transform | None = None  # reparametrised leaves, if any
+
+    @property
+    def uses(self) -> dict:
+        """Every captured use by leaf: the fast leaves', the reparametrised leaves' direct
+        uses and the effective weights' (index ``num_params + v``)."""
+        return {**self.fast, **(self.transform.uses if self.transform is not None else {})}
+
+    @property
+    def captured(self) -> dict:
+        """Capture key (:attr:`Use.key`) -> (leaf, Use) for every captured use."""
+        return {u.key: (j, u) for j, uses in self.uses.items() for u in uses}
+
+    @property
+    def reparam(self) -> tuple:
+        """The leaves whose gradient goes through :attr:`transform`."""
+        return self.transform.leaves if self.transform is not None else ()
+
+
+def _as_use(f: Found, program: Program) -> Use:
+    """A top-level :class:`Found` as a :class:`Use`."""
+    common = dict(op=f.op, base=f.base, split=f.split, source=f.source)
+    if not f.levels:
+        return Use(f.kind, f.path[0], f.pos, f.chain, chain_program=program, **common)
+    first, *rest = f.levels  # the outermost frame's fields (see :attr:`Use.levels`)
+    return Use(
+        f.kind, f.path[0], f.pos, first.chain, scan=f.path, chain_program=first.body,
+        stacked=first.stacked, steps=first.steps, step_axis=first.step_axis, site=first.frame,
+        pre_chain=f.chain, nest=tuple(rest), operand=f.root.operand, **common,
+    )  # fmt: skip
+
+
+def analyse(fn, params, example) -> Analysis:
+    """Traces ``fn(params, example)`` (per example) and classifies every parameter's uses.
+
+    The exact leaves (per-example copies) make more values example-dependent, which can
+    take equations out of the reparametrisation: the walk is repeated until the set of exact
+    leaves is stable (it only grows; one walk for most programs, two with a bias).
+
+    Args:
+      fn: ``fn(params, example) -> outputs`` for ONE example.
+      params, example: arrays or ``jax.ShapeDtypeStruct`` of one example.
+
+    Returns:
+      An :class:`Analysis`; ``program`` takes ``(*param_leaves, *example_leaves)``.
+    """
+    program, n = trace_program(fn, params, example)
+    exact: set = set()
+    while True:
+        an, more = _analyse_once(program, n, exact)
+        if not more:
+            return an
+        exact |= more
+
+
+def _analyse_once(program: Program, n: int, exact: set) -> tuple:
+    """One walk with the leaves ``exact`` given per-example copies: the analysis, and the
+    leaves that must be added to ``exact`` (none when it is final)."""
+    inputs = set(program.invars[n:]) | {program.invars[j] for j in exact}
+    top = varying(program, inputs)
+    region, outputs, deps = find_region(program, n, exact, top)
+    tracked = {v: Track(j) for j, v in enumerate(program.invars[:n])}
+    tracked.update({v: Track(n + i) for i, v in enumerate(outputs)})
+    frame = walk(Frame(program, tracked, "top", region=frozenset(region)))
+    other = {j: list(ws) for j, ws in frame.reasons.items()}
+    avals = [program_aval(program, v) for v in outputs]
+    for i, a in enumerate(avals):  # the rules' real forms assume a real parameter operand
+        if is_complex(a):
+            other.setdefault(n + i, []).append("a complex-valued effective weight")
+    # An effective weight with an ordinary use that is not fast: the leaves it is made of
+    # take the exact route (then the transformation is example-dependent and the walk redone).
+    more = {j for i, v in enumerate(outputs) if n + i in other for j in deps[v]} - exact
+    more |= {j for j in other if j < n} - exact
+    if more:
+        return None, more
+    uses: dict = {}
+    cache: dict = {}  # scan path -> the body's example-dependent values
+    for f in frame.found:
+        u = _as_use(f, program)
+        u = dataclasses.replace(u, batched=_batched(program, u, top, cache))
+        uses.setdefault(f.leaf, []).append(u)
+    reads = {j: tuple(i for i, v in enumerate(outputs) if j in deps[v]) for j in range(n)}
+    transformed = sorted(j for j in frame.transformed if j < n and reads[j])
+    names = {
+        j: tuple(
+            dict.fromkeys(
+                program.eqns[k].primitive.name
+                for k in sorted(region)
+                if any(j in deps.get(o, ()) for o in program.eqns[k].outs)
+            )
+        )
+        for j in transformed
+    }
+    # Effective weights θ' ⊙ Π F_k: their leaf θ is a fast leaf, its uses scaled (see Scale).
+    scalings, declined = (
+        scaled_weights(program, n, top, region, outputs, deps, uses) if transformed else ({}, {})
+    )
+    scaled_uses: dict = {}
+    selected, selections = (
+        selected_weights(program, n, outputs, deps, uses, scalings) if transformed else ({}, ())
+    )
+    factor_leaves = {
+        j for x in scalings.values() for ss in x[2].values() for sc in ss for j in sc.leaves
+    }
+    if set(selected) & ({x[0] for x in scalings.values()} | factor_leaves):
+        selected, selections = {}, ()  # (a leaf both scaled and selected: the VJP route)
+    for j, us in selected.items():
+        scaled_uses[j] = [dataclasses.replace(u, via=names[j]) for u in us]
+    for v, (j, chain, per_use, term) in scalings.items():
+        scaled_uses.setdefault(j, []).extend(
+            dataclasses.replace(
+                u, chain=(*chain, *u.chain), scale=per_use[u.eqn], via=names[j],
+                theta_term=term, theta_chain=len(chain),
+            )
+            for u in uses[n + v]
+        )  # fmt: skip
+    fast, exact_l, unused = {}, sorted(exact), []
+    for j in range(n):
+        if j in exact or (j in transformed and j not in scaled_uses):
+            continue
+        if uses.get(j) or scaled_uses.get(j):
+            fast[j] = uses.get(j, []) + scaled_uses.get(j, [])
+        else:
+            unused.append(j)
+    transform = None
+    if transformed:
+        through = {j: uses.get(j, []) for j in transformed if j not in scaled_uses}
+        through.update({n + i: uses.get(n + i, []) for i in range(len(outputs))})
+        through_leaves = tuple(j for j in transformed if j not in scaled_uses)
+        factors = tuple(
+            dict.fromkeys(
+                sc.ref
+                for us in scaled_uses.values()
+                for u in us
+                for sc in u.scale
+                if sc.leaves & set(through_leaves)
+            )
+        )
+        transform = Transform(
+            through_leaves,
+            tuple(outputs),
+            tuple(program_aval(program, v) for v in outputs),
+            names,
+            {j: reads[j] for j in transformed},
+            through,
+            tuple(separable_axes(program, region, n, v) for v in outputs),
+            {**{v: x[0] for v, x in scalings.items()}, **dict.fromkeys(selections, -1)},
+            factors,
+            tuple(
+                v
+                for v in range(len(outputs))
+                if v not in scalings and v not in selections and uses.get(n + v)
+            ),
+            declined,
+        )
+    reasons = {j: "; ".join(dict.fromkeys(other.get(j, ["(a per-example copy)"]))) for j in exact_l}
+    return Analysis(program, n, fast, exact_l, unused, reasons, transform), set()
+
+
+def _batched(program: Program, u: Use, top: set, cache: dict) -> bool:
+    """Whether a use's output differs between examples, as ``vmap`` batches it (at some
+    step, for a use in a scan: read level by level, outermost first). A use in a branch or a
+    custom rule, at any depth, is taken as batched (its perturbation is added, never the tap,
+    see ``passes._capture``: exact either way, see ``Use.batched``)."""
+    if u.site == "":
+        return program.eqns[u.eqn].outs[0] in top
+    if not all(lv.is_scan for lv in u.levels):
+        return True
+    path, eqn, outer = u.scan[:1], program.eqns[u.scan[0]], top
+    for body in [u.chain_program, *(lv.body for lv in u.nest)]:
+        if path not in cache:
+            cache[path] = scan_body_varying(eqn, body, outer)
+        outer = cache[path]
+        eqn = body.eqns[u.scan[len(path)]]
+        path = u.scan[: len(path) + 1]
+    return eqn.outs[0] in outer
