@@ -192,7 +192,8 @@ def _flops(jaxpr, trips=1) -> float:
             total += 2.0 * np.prod(e.outvars[0].aval.shape) * np.prod([lhs[d] for d in contract])
         elif name == "conv_general_dilated":
             rhs = e.invars[1].aval.shape  # O, I / groups and the window, in any order
-            per_out = np.prod(rhs) / rhs[e.params["dimension_numbers"].rhs_spec[0]]  # / O
+            out_axis = e.params["dimension_numbers"].rhs_spec[0]
+            per_out = np.prod([s for d, s in enumerate(rhs) if d != out_axis])  # (O may be 0)
             total += 2.0 * np.prod(e.outvars[0].aval.shape) * per_out
         inner = e.params.get("length", 1) if name == "scan" else 1
         for sub in jcore.jaxprs_in_params(e.params):
