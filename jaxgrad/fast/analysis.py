@@ -1,9 +1,11 @@
 """The analysis of a per-example loss: every parameter leaf's route, decided once.
 
-:func:`analyse` traces the loss (:mod:`jaxgrad.fast.program`), finds which values depend on
-the example (:mod:`jaxgrad.fast.dependence`), the reparametrisation and its effective weights
-(:mod:`jaxgrad.fast.reparam`), walks every frame for fast uses (:mod:`jaxgrad.fast.trace`),
-and returns an :class:`Analysis` that the fast pass executes and the plan prints.
+:func:`analyse` traces the loss (:mod:`jaxgrad.fast.program`), moves loop-invariant
+transformations of parameters out of scan bodies (:mod:`jaxgrad.fast.hoist`), finds which
+values depend on the example (:mod:`jaxgrad.fast.dependence`), the reparametrisation and its
+effective weights (:mod:`jaxgrad.fast.reparam`), walks every frame for fast uses
+(:mod:`jaxgrad.fast.trace`), and returns an :class:`Analysis` that the fast pass executes and
+the plan prints.
 """
 
 from __future__ import annotations

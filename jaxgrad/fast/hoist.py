@@ -9,8 +9,8 @@ it is an ordinary top-level transformation, read by :mod:`jaxgrad.fast.reparam` 
 selected, or through ``f``'s VJP) with its uses in the loop's body; left in the body, the
 parameter would be "used by `mul`" there and take the exact fallback.
 
-:func:`hoist_invariants` moves, from every scan body (at any depth reached through scan
-bodies and ``cond`` branches, the inner loops first), the equations that
+:func:`hoist_invariants` moves, from every scan body (at the top level or in another scan's
+body, at any depth, the inner loops first), the equations that
 
 * read only the scan's consts (or values hoisted with them), constants and literals,
 * do not depend on the example (:mod:`jaxgrad.fast.dependence`, as ``vmap`` batches), and
@@ -21,7 +21,9 @@ bodies and ``cond`` branches, the inner loops first), the equations that
 and re-traces the program (each equation re-bound with its source line, so the plan still
 names the user's lines). A program with nothing to hoist is returned as it is. The values
 and gradients are unchanged: the equations are pure and each computes the same value before
-the loop as at every step (a scan with no steps is left alone).
+the loop as at every step (a scan with no steps is left alone). Nothing leaves a ``cond``
+branch, nor a loop inside one: the branch may not run, and what it guards may not be
+defined where it does not (a transformation there takes the exact fallback).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def hoist_invariants(program: Program, n: int, in_avals: list) -> Program:
     Returns:
       The same program, or an equivalent one re-traced and flattened.
     """
-    made = {v for v in program.invars[:n]}
+    made = set(program.invars[:n])
     moved = _hoist(program, set(program.invars[n:]), made)
     if moved is None:
         return program
@@ -69,13 +71,11 @@ def _hoist(program: Program, example: set, made: set) -> Program | None:
     made = _made_of(program, made)
     eqns, changed = [], False
     for e in program.eqns:
-        name = e.primitive.name
-        if name == "scan" and e.params["length"] > 0:
-            new = _hoist_scan(e, dep, made)
-        elif name == "cond":
-            new = _inside_branches(e, dep, made)
-        else:
-            new = None
+        new = (
+            _hoist_scan(e, dep, made)
+            if e.primitive.name == "scan" and e.params["length"] > 0
+            else None
+        )
         changed |= new is not None
         eqns.extend(new if new is not None else [e])
     return dataclasses.replace(program, eqns=eqns) if changed else None
@@ -88,27 +88,6 @@ def _made_of(program: Program, made: set) -> set:
         if any(isinstance(r, Var) and r in out for r in e.ins):
             out.update(e.outs)
     return out
-
-
-def _inside_branches(e: Eqn, dep: set, made: set) -> list | None:
-    """A ``cond`` whose branches' scans have invariants: the branches rewritten (nothing
-    leaves a branch: it may not run)."""
-    ops = e.ins[1:]
-    flags = {q for q, r in enumerate(ops) if isinstance(r, Var) and r in dep}
-    from_params = {q for q, r in enumerate(ops) if isinstance(r, Var) and r in made}
-    branches, changed = [], False
-    for closed in e.params["branches"]:
-        body = flat_jaxpr(closed)
-        new = _hoist(
-            body,
-            {body.invars[q] for q in flags} | (set(body.invars) if e.ins[0] in dep else set()),
-            {body.invars[q] for q in from_params},
-        )
-        changed |= new is not None
-        branches.append(closed if new is None else _retrace(new, closed.in_avals))
-    if not changed:
-        return None
-    return [dataclasses.replace(e, params={**e.params, "branches": tuple(branches)})]
 
 
 def _hoist_scan(e: Eqn, dep: set, made: set) -> list | None:
@@ -136,7 +115,8 @@ def _hoist_scan(e: Eqn, dep: set, made: set) -> list | None:
         b = body.eqns[k]
         outs = [Var(next(_fresh)) for _ in b.outs]
         rename.update(zip(b.outs, outs, strict=True))
-        hoisted.append(dataclasses.replace(b, ins=[rename.get(r, r) for r in b.ins], outs=outs))
+        ins = [rename.get(r, r) if isinstance(r, Var) else r for r in b.ins]
+        hoisted.append(dataclasses.replace(b, ins=ins, outs=outs))
     kept = [b for k, b in enumerate(body.eqns) if k not in moved]
     read = {r for r in (*(r for b in kept for r in b.ins), *body.outs) if isinstance(r, Var)}
     new_consts = [o for k in moved for o in body.eqns[k].outs if o in read]

@@ -13,6 +13,9 @@ off the same equations (:func:`separable_axes`) for the plan.
 one leaf; each factor broadcast along axes of one side of every dense/conv use; see
 :class:`Scale` and :func:`scaled_weights`), the leaf θ is a fast leaf whose uses are the effective
 weight's with the factors folded into ``A`` or ``G``: no per-example ``∇_{W_eff}`` is formed.
+The uses may sit at the top level or in frames that share the weight (scan bodies, where
+the factors scale the lifted ``A`` or ``G`` at every step; branches; custom rules; nested,
+see :func:`_scalable`); the same holds for concatenated blocks (:func:`selected_weights`).
 Factors made of other leaves (``g``) keep the VJP route on their (small) per-example
 gradients; factors and offsets made of θ itself, per channel (weight normalisation, weight
 standardisation), add exact per-channel corrections (``passes._Normaliser``).
