@@ -1,20 +1,32 @@
 """The analysis of a per-example loss: every parameter leaf's route, decided once.
 
-:func:`analyse` traces the loss (:mod:`jaxgrad.fast.program`), finds which values depend on
-the example (:mod:`jaxgrad.fast.dependence`), the reparametrisation and its effective weights
-(:mod:`jaxgrad.fast.reparam`), walks every frame for fast uses (:mod:`jaxgrad.fast.trace`),
-and returns an :class:`Analysis` that the fast pass executes and the plan prints.
+:func:`analyse` traces the loss (:mod:`jaxgrad.fast.program`), moves loop-invariant
+transformations of parameters out of scan bodies (:mod:`jaxgrad.fast.hoist`), finds which
+values depend on the example (:mod:`jaxgrad.fast.dependence`), the reparametrisation and its
+effective weights (:mod:`jaxgrad.fast.reparam`), walks every frame for fast uses
+(:mod:`jaxgrad.fast.trace`), and returns an :class:`Analysis` that the fast pass executes and
+the plan prints.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 from jaxgrad.fast.dependence import scan_body_varying, varying
-from jaxgrad.fast.program import Program, is_complex, program_aval, trace_program
+from jaxgrad.fast.hoist import hoist_invariants
+from jaxgrad.fast.program import (
+    Program,
+    is_complex,
+    program_aval,
+    shape_struct,
+    trace_program,
+)
 from jaxgrad.fast.reparam import (
     Transform,
     find_region,
+    lead_chain,
     scaled_weights,
     selected_weights,
     separable_axes,
@@ -78,6 +90,9 @@ def analyse(fn, params, example) -> Analysis:
       An :class:`Analysis`; ``program`` takes ``(*param_leaves, *example_leaves)``.
     """
     program, n = trace_program(fn, params, example)
+    # Transformations of parameters repeated at every step of a scan: moved before the loop.
+    avals = [shape_struct(x) for x in jax.tree_util.tree_leaves((params, example))]
+    program = hoist_invariants(program, n, avals)
     exact: set = set()
     while True:
         an, more = _analyse_once(program, n, exact)
@@ -141,12 +156,8 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
         scaled_uses[j] = [dataclasses.replace(u, via=names[j]) for u in us]
     for v, (j, chain, per_use, term) in scalings.items():
         scaled_uses.setdefault(j, []).extend(
-            dataclasses.replace(
-                u, chain=(*chain, *u.chain), scale=per_use[u.eqn], via=names[j],
-                theta_term=term, theta_chain=len(chain),
-            )
-            for u in uses[n + v]
-        )  # fmt: skip
+            _through_theta(u, chain, per_use[u.key], names[j], term) for u in uses[n + v]
+        )
     fast, exact_l, unused = {}, sorted(exact), []
     for j in range(n):
         if j in exact or (j in transformed and j not in scaled_uses):
@@ -188,6 +199,15 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
         )
     reasons = {j: "; ".join(dict.fromkeys(other.get(j, ["(a per-example copy)"]))) for j in exact_l}
     return Analysis(program, n, fast, exact_l, unused, reasons, transform), set()
+
+
+def _through_theta(u: Use, chain: tuple, scale: tuple, via: tuple, term) -> Use:
+    """The use ``u`` of a scaled effective weight as a use of its leaf θ (``θ'`` its alias
+    through ``chain``, see :func:`jaxgrad.fast.reparam.lead_chain`), with the factors
+    ``scale`` (see :class:`jaxgrad.fast.reparam.Scale`)."""
+    return dataclasses.replace(
+        lead_chain(u, chain), scale=scale, via=via, theta_term=term, theta_chain=len(chain)
+    )
 
 
 def _batched(program: Program, u: Use, top: set, cache: dict) -> bool:

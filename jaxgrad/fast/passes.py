@@ -384,7 +384,7 @@ def fast_pass(
         q with w = θ' and skip = q; with ``plain`` the factor's own inverse is not applied."""
         sc = u.scale[q]
         a = jnp.moveaxis(kept[u.key], axis[u.key], 0)
-        g = g_use[u.key]
+        g = g_plain(u)
         op = lambda w, a: jax.vmap(lambda a_i: rules._bind(u.op, u.pos, w, a_i))(a)
         if sc.side == "g":  # G ⊙ op(A', w); op(A', θ') is shared by the factors of G
             shared = skip is not None and not plain  # (w is θ' exactly then)
@@ -410,9 +410,13 @@ def fast_pass(
         if u.scale[q].offset:  # W_eff = (θ' - m) ⊙ Π F: -Σ (Π F) ⊙ ∇W along m's entries
             ones = jnp.ones(u.op.in_avals[u.pos].shape, u.op.in_avals[u.pos].dtype)
             return -side_sum(u, q, ones, plain=True)
-        # θ' (or θ' - m) as the use's operand
-        w = trace.apply_chain(program, u.chain[u.theta_chain :], scale_vals[u.theta_term])
-        return side_sum(u, q, w, skip=q)
+        return side_sum(u, q, theta_operand(u), skip=q)
+
+    def theta_operand(u):  # θ' (or θ' - m) as the use's operand: the chain after θ'
+        if not u.levels:
+            return trace.apply_chain(program, u.chain[u.theta_chain :], scale_vals[u.theta_term])
+        after = dataclasses.replace(u, pre_chain=u.pre_chain[u.theta_chain :])
+        return trace.apply_use_chain(program, after, scale_vals[u.theta_term])
 
     def selected(x, u, side):  # the slice of A or G a concatenated block meets
         if not u.select or u.select[0] != side:
@@ -423,16 +427,17 @@ def fast_pass(
     def a_of(u):  # examples first
         return selected(scaled(jnp.moveaxis(kept[u.key], axis[u.key], 0), u, "a"), u, "a")
 
-    def g_of(u):  # the cotangent in the lifted equation's layout, examples first
+    def g_plain(u):  # the cotangent in the lifted equation's layout, examples first
         g = jnp.moveaxis(g_use[u.key], axis[u.key], 0)
-        if not u.scans:  # (scales and selections are top-level uses' only)
-            return selected(scaled(g, u, "g"), u, "g")
         # (B, steps, *inner steps, *out): each scan's steps go where its lift put them,
         # innermost first (a scan's lift inserts its axis into the output of the next).
         step_axes = [lv.step_axis for lv in u.scans]
         for d in reversed(range(len(step_axes))):
             g = jnp.moveaxis(g, 1 + d, 1 + d + step_axes[d])
         return g
+
+    def g_of(u):  # ... with a scaled use's factors of G (at every step: lifted layout)
+        return selected(scaled(g_plain(u), u, "g"), u, "g")
 
     def weighted_use(u, c):  # Σ_i c_i ∇S_i through one use, on the arrays as captured
         if (u.key, u.select) in formed:  # (blocks of one use: one entry each)

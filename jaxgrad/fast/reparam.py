@@ -13,6 +13,9 @@ off the same equations (:func:`separable_axes`) for the plan.
 one leaf; each factor broadcast along axes of one side of every dense/conv use; see
 :class:`Scale` and :func:`scaled_weights`), the leaf θ is a fast leaf whose uses are the effective
 weight's with the factors folded into ``A`` or ``G``: no per-example ``∇_{W_eff}`` is formed.
+The uses may sit at the top level or in frames that share the weight (scan bodies, where
+the factors scale the lifted ``A`` or ``G`` at every step; branches; custom rules; nested,
+see :func:`_scalable`); the same holds for concatenated blocks (:func:`selected_weights`).
 Factors made of other leaves (``g``) keep the VJP route on their (small) per-example
 gradients; factors and offsets made of θ itself, per channel (weight normalisation, weight
 standardisation), add exact per-channel corrections (``passes._Normaliser``).
@@ -48,6 +51,7 @@ from jaxgrad.fast.trace import (
     other,
     rule_of,
     use,
+    use_perm,
 )
 
 
@@ -210,9 +214,10 @@ def _scale_for(u: Use, perm, ref, axes, inverse, ref_shape, leaves, own, offset=
 
 def scaled_weights(program: Program, n: int, top: set, region, outputs, deps, uses) -> dict:
     """The effective weights whose leaf takes the *scaled* route: ``v -> (leaf, chain,
-    {use eqn: scales})`` for ``W_eff = θ' ⊙ Π_k F_k`` with ``θ'`` an alias of one leaf ``θ``,
-    every use of ``W_eff`` a top-level real ``dot_general`` or convolution reached by
-    transposes only, and every factor spanning one side of each (see :class:`Scale`).
+    {use key: scales})`` for ``W_eff = θ' ⊙ Π_k F_k`` with ``θ'`` an alias of one leaf ``θ``,
+    every use of ``W_eff`` a real ``dot_general`` or convolution reached by transposes only
+    (at the top level or inside frames that share it, see :func:`_scalable`), and every
+    factor spanning one side of each (see :class:`Scale`).
 
     A factor may be made of ``θ`` itself (a *normaliser*, ``1/‖V_o‖``) when it is separable
     per channel along the axes it spans (:func:`alignments`), ``θ`` reaches no other
@@ -227,13 +232,8 @@ def scaled_weights(program: Program, n: int, top: set, region, outputs, deps, us
     for v, out in enumerate(outputs):
         shape = tuple(program_aval(program, out).shape)
         us = uses.get(n + v, [])
-        if not us or any(
-            u.kind not in ("dense", "conv") or u.site != "" or u.split >= 0 or u.pre_chain
-            for u in us
-        ):
-            continue
-        perms = [chain_perm(program, u.chain, len(shape)) for u in us]
-        if any(p is None for p in perms):
+        perms = _scalable(program, us, len(shape))
+        if perms is None:
             continue
         terms = _product(program, producer, top, out, shape)
         for t, (ref, axes, inverse) in enumerate(terms):
@@ -278,11 +278,11 @@ def scaled_weights(program: Program, n: int, top: set, region, outputs, deps, us
                     scales.append(sc)
                 else:
                     if len({(sc.side, sc.dims) for sc in scales if sc.own}) <= 1:
-                        per_use[u.eqn] = tuple(scales)
+                        per_use[u.key] = tuple(scales)
                         continue
                 break
             if len(per_use) == len(us):
-                if all(rules.scaled_pays(u.op, u.pos, _products(per_use[u.eqn])) for u in us):
+                if all(rules.scaled_pays(u.op, u.pos, _products(per_use[u.key])) for u in us):
                     found[v] = (j, chain, per_use, ref)
                 else:
                     declined[v] = (
@@ -318,14 +318,15 @@ def selected_weights(program: Program, n: int, outputs, deps: dict, uses: dict, 
     whose every use goes through them.
 
     ``W_eff = concatenate([θ_1, θ_2, ...])`` (each part an alias of a leaf, or a constant)
-    with every use a top-level real dense/conv use reached by transposes, the concatenated
+    with every use a real dense/conv use reached by transposes (at the top level or in frames
+    that share it, see :func:`_scalable`; in a scan, at every step), the concatenated
     axis one of the use's sides (a contracted axis or input channels: the block meets a slice
     of ``A``; a free axis or output channels: a slice of ``G``): block ``p``'s per-example
     gradient is the use's on the slices, ``op_Wᵀ(A_i[p], G_i)`` or ``op_Wᵀ(A_i, G_i[p])``, so
     each leaf is a fast leaf whose use is the block's own (a smaller ``op``), with its route.
     """
     producer = {o: k for k, e in enumerate(program.eqns) for o in e.outs}
-    found: dict = {}  # v -> [(leaf, chain, {use eqn: (op, select)})]
+    found: dict = {}  # v -> [(leaf, chain, {use key: (op, select)})]
     for v, out in enumerate(outputs):
         k = producer.get(out)
         us = uses.get(n + v, [])
@@ -333,10 +334,8 @@ def selected_weights(program: Program, n: int, outputs, deps: dict, uses: dict, 
             continue
         e = program.eqns[k]
         shape, d = tuple(e.out_avals[0].shape), e.params["dimension"]
-        if any(u.kind not in ("dense", "conv") or u.site or u.split >= 0 for u in us):
-            continue
-        perms = [chain_perm(program, u.chain, len(shape)) for u in us]
-        if any(p is None for p in perms):
+        perms = _scalable(program, us, len(shape))
+        if perms is None:
             continue
         parts, start, ok = [], 0, True
         for r, a in zip(e.ins, e.in_avals, strict=True):
@@ -352,7 +351,7 @@ def selected_weights(program: Program, n: int, outputs, deps: dict, uses: dict, 
                     if side not in ("a", "g"):
                         ok = False
                         break
-                    sel[u.eqn] = (
+                    sel[u.key] = (
                         _block_op(u.op, u.pos, axis, side, ax, size),
                         (side, ax, start, start + size),
                     )
@@ -374,9 +373,7 @@ def selected_weights(program: Program, n: int, outputs, deps: dict, uses: dict, 
     for v, parts in found.items():
         for j, chain, sel in parts:
             out.setdefault(j, []).extend(
-                dataclasses.replace(
-                    u, op=sel[u.eqn][0], chain=(*chain, *u.chain), select=sel[u.eqn][1]
-                )
+                dataclasses.replace(lead_chain(u, chain), op=sel[u.key][0], select=sel[u.key][1])
                 for u in uses[n + v]
             )
     return out, tuple(found)
@@ -407,6 +404,28 @@ def _products(scales) -> int:
     return int(any(sc.side == "g" and not sc.own for sc in grads)) + sum(
         1 for sc in grads if sc.own or sc.side == "a"
     )
+
+
+def _scalable(program: Program, us: list, ndim: int):
+    """The permutations from an effective weight to the operands of its uses ``us``, or None
+    unless every use can carry scales: a real dense or convolution use, reached by transposes
+    only, at the top level or in frames (scan bodies, branches, custom rules, nested) that
+    all share the weight (no scan over it: one factor for every step). In a scan the use is
+    lifted over the steps (:func:`jaxgrad.fast.trace.lift_over_steps`): the weight's axes
+    are the step equation's, and a factor scales ``A`` or ``G`` at every step."""
+    if not us or any(u.kind not in ("dense", "conv") or u.split >= 0 or u.select for u in us):
+        return None
+    perms = [use_perm(program, u, ndim) for u in us]
+    return None if any(p is None for p in perms) else perms
+
+
+def lead_chain(u: Use, chain: tuple) -> Use:
+    """The use ``u`` of an effective weight as a use of the leaf it is an alias of through
+    ``chain`` (top-level alias equations): ``chain`` put before the use's own (its chain at
+    the top level; inside frames, its chain to the outermost frame's operand)."""
+    if u.site == "":
+        return dataclasses.replace(u, chain=(*chain, *u.chain))
+    return dataclasses.replace(u, pre_chain=(*chain, *u.pre_chain))
 
 
 def _centred(program: Program, producer: dict, top: set, n: int, ref, shape):

@@ -135,7 +135,8 @@ class Use:
     scale: tuple = ()
     via: tuple = ()
     # For a scaled use: the value ``θ'`` (or the centred ``θ' - m``, see ``Scale.offset``)
-    # and how many equations of ``chain`` lead from the leaf to it.
+    # and how many equations of ``chain`` (of ``pre_chain`` for a use inside frames) lead
+    # from the leaf to it.
     theta_term: Any = None
     theta_chain: int = 0
     # For the use of a leaf concatenated into an effective weight (see :func:`selected_weights`):

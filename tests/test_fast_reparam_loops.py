@@ -1,0 +1,105 @@
+"""Scaled weights used inside loops and branches: ``W_eff = (θ' − m) ⊙ Π F_k`` read by a
+dense or convolution use in a ``lax.scan`` body (shared by the steps), a ``cond`` branch, or
+both nested, and transformations written inside the step function (hoisted before the loop).
+
+Each case is checked in float64 against ``vmap(grad)`` (norms, per-leaf norms, a clipped-style
+weighted sum, dots, the Gram matrix) with a padded row, and the plan must say ``scaled (...)``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from test_fast_cases import F64
+from test_fast_reparam import _check, _conv, _normal, _standardise
+
+jax.config.update("jax_enable_x64", True)
+
+B = 4
+
+
+def _wn(v, g):  # weight normalisation per output column
+    return g * v / jnp.sqrt(jnp.sum(v * v, axis=0, keepdims=True))
+
+
+def test_rnn_weight_normalised_inside_the_step():
+    """A cell that normalises its recurrent weight at every step (as Flax and Equinox cells
+    written by hand do): hoisted, then ``V`` keeps the scan's dense route with the scale on
+    ``G`` and the normaliser's exact correction; ``g`` from ``A``, ``G`` and ``V``."""
+    rng = np.random.default_rng(0)
+    h, d, t = 5, 3, 4
+    params = {
+        "V": _normal(rng, h, h),
+        "g": 1 + _normal(rng, h, scale=0.2),
+        "U": _normal(rng, d, h),
+        "o": _normal(rng, h, 2),
+    }
+    xs = _normal(rng, B, t, d)
+
+    def loss(p, x):
+        def step(c, x_t):
+            c = jnp.tanh(c @ _wn(p["V"], p["g"]) + x_t @ p["U"])
+            return c, None
+
+        c = jax.lax.scan(step, jnp.zeros(h, F64), x)[0]
+        return jnp.sum(jnp.sin(c @ p["o"]))
+
+    routes = _check(loss, params, xs, fast=("['V']", "['U']"))
+    v = routes["['V']"]
+    assert v.route.startswith("scan, 4 steps, shared: scaled (mul, reduce_sum, sqrt, div)"), v
+    assert "normaliser" in v.route and "in scan" in v.uses[0], v
+    assert "scale of a scaled weight" in routes["['g']"].route, routes["['g']"]
+
+
+def test_row_scaled_weight_in_nested_scans_and_a_branch():
+    """``W * s[:, None] * M`` (a parameter per row, a constant mask per column) used by a
+    scan nested in a scan, both sharing it, and by a ``cond`` branch inside the inner scan
+    whose predicate depends on the example: the factors scale ``A`` and ``G`` at every step
+    and are zero where the branch does not run."""
+    rng = np.random.default_rng(1)
+    h, t = 4, 3
+    cols = jnp.asarray(np.arange(h) != 1, F64)
+    params = {"W": _normal(rng, h, h), "s": 1 + _normal(rng, h, scale=0.2), "x": _normal(rng, h)}
+    xs = _normal(rng, B, t, h)
+
+    def loss(p, x):
+        w = p["W"] * p["s"][:, None] * cols
+
+        def inner(c, x_t):
+            c = jnp.tanh(c @ w + x_t)
+            c = jax.lax.cond(x_t[0] > 0, lambda c: jnp.sin(w @ c), lambda c: c, c)
+            return c, None
+
+        def outer(c, _):
+            return jax.lax.scan(inner, c, x)[0], None
+
+        c = jax.lax.scan(outer, p["x"], None, length=2)[0]
+        return jnp.sum(c**2)
+
+    routes = _check(loss, params, xs, fast=("['W']",))
+    w = routes["['W']"]
+    assert w.route.startswith("tied, 2 uses: scaled (mul)"), w  # (their cross terms too)
+    assert "A and its output cotangent G" in w.route, w
+    assert w.uses[0].endswith("via mul in scan in scan"), w
+    assert w.uses[1].endswith("via mul in cond branch 1 in scan in scan"), w
+    assert "scale of a scaled weight" in routes["['s']"].route, routes["['s']"]
+
+
+def test_weight_standardised_conv_in_a_branch():
+    """A weight-standardised kernel (per output channel: the mean an offset, ``1/σ`` a
+    normaliser) used in one branch of a ``cond`` on the example: the convolution's own
+    route, one kernel offset at a time, with the exact per-channel corrections."""
+    rng = np.random.default_rng(2)
+    params = {"k": _normal(rng, 3, 3, 2, 3), "o": _normal(rng, 3)}
+    imgs = _normal(rng, B, 4, 4, 2)
+
+    def loss(p, img):
+        w = _standardise(p["k"], (0, 1, 2))
+        conv = lambda x: jnp.tanh(_conv(x, w))
+        other = lambda x: jnp.tanh(x[..., :1]) * jnp.ones(3)
+        h = jax.lax.cond(img[0, 0, 0] < 0, conv, other, img)  # (examples 1 and 2: branch 1)
+        return jnp.sum(jnp.sin(h @ p["o"]))
+
+    routes = _check(loss, params, imgs, fast=("['k']",))
+    k = routes["['k']"]
+    assert k.route.startswith("cond branch 1: scaled ("), k
+    assert "per-channel centring and normaliser made of the leaf" in k.route, k
