@@ -575,7 +575,7 @@ def conv_norm_sq(eqn: Eqn, pos: int, a, g):
 # offsets): every window is then written before the products read it, and past a cache's size
 # those writes and reads go to memory, where a loop reads each window while it is still cached.
 # (B = 256 on a loaded 2-core CPU, 28 × 28 × 1 and 14 × 14 × 16 inputs, 3 × 3 kernels, 1.8M and
-# 7.2M window entries: the loop took 10-12 % less CPU time than the unrolled offsets for the
+# 7.2M window entries: the loop took 6-12 % less CPU time than the unrolled offsets for the
 # whole per_example_norms / clipped_grad program; at B = 32, 0.2M and 0.9M entries, the same.)
 UNROLL_OFFSETS = 9
 UNROLL_ENTRIES = 1 << 20
