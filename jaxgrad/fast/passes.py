@@ -440,12 +440,6 @@ def fast_pass(
         return selected(scaled(g_plain(u), u, "g"), u, "g")
 
     def weighted_use(u, c):  # Σ_i c_i ∇S_i through one use, on the arrays as captured
-        if (u.key, u.select) in formed:  # (blocks of one use: one entry each)
-            grads, ex = formed[(u.key, u.select)]
-            if ex == 1:  # (steps, B, ...): no transpose
-                w = c.astype(grads.dtype).reshape((1, -1) + (1,) * (grads.ndim - 2))
-                return jnp.sum(grads * w, axis=1)
-            return jnp.tensordot(c.astype(grads.dtype), grads, 1)
         if len(u.scans) > 1 or u.scale or u.select:
             return rules.weighted_grad(u.op, u.pos, a_of(u), g_of(u), c)
         g = g_use[u.key]
@@ -458,23 +452,33 @@ def fast_pass(
         g = rules.per_example_grads(use.op, use.pos, a_of(use), g_of(use))
         return jax.vmap(lambda x: _chain_transpose(program, use, like[j], x))(g)
 
-    # Per-example gradients of the uses whose route forms them anyway (``rule.keep``): the
-    # weighted sum then reads them (Σ_i c_i J_i, B × |leaf| work) instead of contracting A and
-    # G again. A route taken step by step (``rule.per_step``) reads the step-major arrays as
-    # captured, ``(steps, B, ...)``, on the step equation: no transpose to put examples first.
-    formed: dict = {}  # (use key, block) -> (per-example gradients, their example axis)
+    # Per-example gradients formed for the norms and kept, one entry per group of uses (see
+    # plan.Group): the weighted sum then reads them (Σ_i c_i J_i, B × |leaf| work) instead of
+    # contracting A and G again. A one-use group's where its route forms them anyway
+    # (``rule.keep``), in its use's operand layout; a route taken step by step
+    # (``rule.per_step``) reads the step-major arrays as captured, ``(steps, B, ...)``, on the
+    # step equation (no transpose to put examples first), so they keep that example axis.
+    # Tied uses' (form "grads") are summed over the group, in the leaf's layout.
+    formed: dict = {}  # id(group) -> (gradients, their example axis, use of their layout|None)
+
+    def weigh(c, grads, ex):  # Σ_i c_i J_i over the example axis of formed gradients
+        if ex == 1:  # (steps, B, ...): no transpose
+            w = c.astype(grads.dtype).reshape((1, -1) + (1,) * (grads.ndim - 2))
+            return jnp.sum(grads * w, axis=1)
+        return jnp.tensordot(c.astype(grads.dtype), grads, 1)
 
     def per_step(fn, u):  # fn(step equation, A, G) at every step, stacked: (steps, B, ...)
         return jax.vmap(lambda a, g: fn(u.base, a, g))(kept[u.key], g_use[u.key])
 
-    def norm_use(u, rule):  # ‖∇S_i‖² through one use, by its route
+    def norm_use(group):  # ‖∇S_i‖² through a group's one use, by its route
+        (u,), rule = group.uses, group.rule
         if rule.keep and (weighted or rule.how == "grads"):
             fn = lambda op, a, g: rules.per_example_grads(op, u.pos, a, g)
             if rule.per_step:  # one slice of the leaf per step: (steps, B, *slice)
-                formed[(u.key, u.select)] = (per_step(fn, u), 1)
+                formed[id(group)] = (per_step(fn, u), 1, u)
             else:
-                formed[(u.key, u.select)] = (fn(u.op, a_of(u), g_of(u)), 0)
-            grads, ex = formed[(u.key, u.select)]
+                formed[id(group)] = (fn(u.op, a_of(u), g_of(u)), 0, u)
+            grads, ex, _ = formed[id(group)]
             sq = jnp.square(grads.astype(rules.acc_dtype(u.op)))
             return jnp.sum(sq, axis=tuple(d for d in range(sq.ndim) if d != ex))
         if rule.per_step:  # one slice of the leaf per step: the steps' squared norms add
@@ -503,18 +507,14 @@ def fast_pass(
             )
         return ("grads", group_grads(j, group))
 
-    # Tied uses' per-example gradient (B, *leaf), summed over the group: formed once for the
-    # norms and kept, so that the weighted sum reads it (Σ_i c_i J_i) like a kept route's.
-    tied_formed: dict = {}  # id of the group -> its per-example gradient
-
-    def group_grads(j, group):
-        if id(group) not in tied_formed:
-            tied_formed[id(group)] = sum(leaf_grads(j, u) for u in group.uses)
-        return tied_formed[id(group)]
+    def group_grads(j, group):  # tied uses' per-example gradient (B, *leaf), formed once
+        if id(group) not in formed:
+            formed[id(group)] = (sum(leaf_grads(j, u) for u in group.uses), 0, None)
+        return formed[id(group)][0]
 
     def group_norm(j, group):  # ‖Σ_u ∇S_i through u‖²: the diagonal of the group's block
         if group.form == "use":
-            return norm_use(group.uses[0], group.rule)
+            return norm_use(group)
         block = group_block(j, group)
         if block[0] == "outer":
             return rules.cross_norm_sq(block[1])
@@ -600,14 +600,14 @@ def fast_pass(
 
     def weighted_leaf(j, c):  # Σ_i c_i ∇S_i through leaf j's own uses (c: (B,))
         total = jnp.zeros(like[j].shape, like[j].dtype)
-        read = set()  # uses whose tied group's gradient was formed for the norms: read it
-        for group in route[j].groups:
-            if id(group) in tied_formed:
-                g = tied_formed[id(group)]
-                total = total + jnp.tensordot(c.astype(g.dtype), g, 1).astype(total.dtype)
-                read.update(id(u) for u in group.uses)
-        for u in an.uses[j]:
-            if id(u) not in read:
+        for group in route[j].groups:  # (the groups partition the leaf's uses)
+            if id(group) in formed:  # formed for the norms: read, not contracted again
+                grads, ex, u = formed[id(group)]
+                w = weigh(c, grads, ex)
+                w = w.astype(total.dtype) if u is None else _chain_transpose(program, u, like[j], w)
+                total = total + w
+                continue
+            for u in group.uses:
                 total = total + _chain_transpose(program, u, like[j], weighted_use(u, c))
         return total
 
