@@ -394,3 +394,38 @@ def test_layer_stack_uses_sharing_an_operand_and_a_weight_on_the_left():
     assert routes["['wq']"].startswith("scan, 3 steps, one slice per step: dense")
     assert "Gram" in routes["['wq']"] and "per-example gradient" in routes["['wv']"]
     assert routes["['m']"].startswith("scan, 3 steps, shared: dense")
+
+
+def test_uses_whose_outputs_are_summed_share_one_cotangent():
+    """``x W_x + h W_h`` (and ``h W_a + h W_b`` at the top level): one perturbation on the sum,
+    one cotangent captured for both uses; a subtrahend (negated cotangent) and an output read
+    twice keep their own. Norms, clipped sums, dots and the Gram stay exact."""
+    from jaxgrad.fast import passes
+
+    def loss(p, xs):
+        def step(h, x):
+            pre = x @ p["wx"] + h @ p["wh"] - x @ p["wu"]
+            y = x @ p["wv"]  # read twice: its own cotangent
+            return jnp.tanh(pre) + 0.1 * jnp.sin(y * y + y), None
+
+        h = jax.lax.scan(step, jnp.zeros(4, xs.dtype), xs)[0]
+        return jnp.sum(jnp.sin(h @ p["wa"] + h @ p["wb"]))
+
+    rng = np.random.default_rng(31)
+    keys = ("wx", "wh", "wu", "wv", "wa", "wb")
+    shapes = {"wx": (3, 4), "wh": (4, 4), "wu": (3, 4), "wv": (3, 4), "wa": (4, 2), "wb": (4, 2)}
+    params = {k: _normal(rng, *shapes[k]) for k in keys}
+    batch = _normal(rng, 5, 6, 3, scale=1.0)
+    an = passes.analyse(loss, params, batch)
+    tree = {key: u for key, (_, u) in an.captured.items()}
+    shared = passes.shared_cotangents(an.program, tree)
+    leaf = {key: j for key, (j, _) in an.captured.items()}
+    names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    pairs = {frozenset((names[leaf[k]], names[leaf[q]])) for k, q in shared.items()}
+    assert pairs == {frozenset(("['wh']", "['wx']")), frozenset(("['wa']", "['wb']"))}
+    check_against_loop(loss, params, batch)
+    v = jax.tree_util.tree_map(jnp.cos, params)
+    dots = lambda **kw: jaxgrad.per_example_dots(loss, **kw)(params, batch, reference=v)
+    gram = lambda **kw: jaxgrad.gradient_gram(loss, **kw)(params, batch)
+    for fn in (dots, gram):
+        assert_rel_close(fn(), fn(method="vmap"))

@@ -334,9 +334,12 @@ def fast_pass(
     # examples first (the weighted sum contracts steps and examples together and reads them
     # as they are). Branches and custom rules add no axis.
     axis = {key: 1 if u.scans else 0 for key, (_, u) in captured.items()}
+    # Uses whose outputs are summed have one cotangent, perturbed and captured once.
+    shared = shared_cotangents(program, tree)
     d_use = {
         key: jnp.zeros((*steps(u)[:1], size, *steps(u)[1:], *out_aval(u).shape), out_aval(u).dtype)
         for key, (_, u) in captured.items()
+        if key not in shared
     }
     d_exact = {
         j: jnp.zeros((size, *np.shape(leaves[j])), jnp.result_type(leaves[j])) for j in an.exact
@@ -348,13 +351,15 @@ def fast_pass(
         return s, (count, _share(kept, same))
 
     def batched(du, dx):
-        return jax.vmap(one, in_axes=(0, axis, 0), out_axes=(0, (0, axis)))(ex_leaves, du, dx)
+        in_axes = (0, {key: axis[key] for key in du}, 0)
+        return jax.vmap(one, in_axes=in_axes, out_axes=(0, (0, axis)))(ex_leaves, du, dx)
 
     sums, vjp, (counts, kept) = jax.vjp(batched, d_use, d_exact, has_aux=True)
     # The cotangent of S_i is m_i, so a padded row's cotangents G_i and exact gradients are
     # zeros (as in batch_grad, padded rows must be finite: 0 · NaN is NaN). Not masking A and
     # G again saves a copy of every activation.
     g_use, g_exact = vjp(mask.astype(sums.dtype))
+    g_use = {**g_use, **{key: g_use[first] for key, first in shared.items()}}
 
     # The factors of scaled effective weights W_eff = θ' ⊙ Π F_k (see ``reparam.Scale``): each
     # scales A or G of the uses of W_eff, which are then the uses of the leaf θ.
@@ -642,6 +647,17 @@ def fast_pass(
                 out.append(jnp.zeros(np.shape(leaf), jnp.result_type(leaf)))
         return jax.tree_util.tree_unflatten(treedef, out)
 
+    def dot_use(u, v_op):  # (B,) ⟨∇S_i through one use, v_op⟩ (v_op: the use's operand)
+        if len(u.scans) != 1 or u.split >= 0 or u.scale or u.select:
+            return rules.dot(u.kind, u.op, u.pos, a_of(u), g_of(u), v_op)
+        # In one scan: Σ_t ⟨G_{t,i}, op(A_{t,i}, v_t)⟩ per step on the step equation, on the
+        # step-major arrays as captured (no transpose to put the examples first).
+        v_axis = 0 if u.scans[0].stacked else None  # a leaf scanned over: its slice per step
+        per = jax.vmap(
+            lambda a, g, w: rules.dot(u.kind, u.base, u.pos, a, g, w), in_axes=(0, 0, v_axis)
+        )(kept[u.key], g_use[u.key], v_op)
+        return jnp.sum(per, axis=0)
+
     def dots(v):  # ⟨∇S_i, v⟩ = Σ_uses ⟨G_i, op(A_i, chain(v))⟩ + the exact leaves' rows
         total = jnp.zeros((size,), norm_dtype)
         v = list(v) + [None] * len(tf.outputs if tf is not None else ())
@@ -662,7 +678,7 @@ def fast_pass(
                 # transpose of what maps a use's gradient back to the leaf.
                 chain = lambda p, u=u: trace.apply_use_chain(program, u, p)
                 v_op = jax.jvp(chain, (zero,), (vj,))[1]
-                total = total + rules.dot(u.kind, u.op, u.pos, a_of(u), g_of(u), v_op)
+                total = total + dot_use(u, v_op)
         for j, nz in normalisers().items():
             total = total + nz.dots(jnp.asarray(v[j], like[j].dtype)).astype(norm_dtype)
         for j, g in g_exact.items():
@@ -699,6 +715,74 @@ def fast_pass(
 # its equation, and returns the kept operands by the same relative paths.
 
 
+# Equations through which an operand's cotangent is the output's: a sum (and the minuend).
+_SAME_COTANGENT = {"add": (0, 1), "add_any": (0, 1), "sub": (0,)}
+
+
+def cotangent_sites(body: Program, direct: dict) -> dict:
+    """Uses of one frame whose output cotangents ``G`` are one array: use equation -> the
+    equation whose output carries it (its *site*).
+
+    ``x_t W_x + h_{t-1} W_h + b``: each use's output is read only by a sum (of operands
+    of its own shape, no broadcast), so its cotangent is the sum's. Following each use's
+    output through such sums to the first value read otherwise, uses that reach the same
+    value have the same ``G``: they get one perturbation there, so the backward pass writes
+    one cotangent (one stack over the steps in a scan), not one per use. Only uses whose
+    output ``vmap`` batches (so is the sum: the tap applies) and that are not in real form
+    are shared; a use alone at its site keeps its own perturbation.
+
+    Args:
+      body: the frame's program.
+      direct: equation index -> :class:`~jaxgrad.fast.trace.Use` of the uses in it.
+
+    Returns:
+      equation index -> site equation index, for the uses that share a site only.
+    """
+    readers: dict = {}  # Var -> [(equation, operand)]
+    for k, e in enumerate(body.eqns):
+        for q, r in enumerate(e.ins):
+            if isinstance(r, Var):
+                readers.setdefault(r, []).append((k, q))
+    returned = {r for r in body.outs if isinstance(r, Var)}
+
+    def site(k):
+        v = body.eqns[k].outs[0]
+        while v not in returned and len(readers.get(v, ())) == 1:
+            j, q = readers[v][0]
+            e = body.eqns[j]
+            same = (e.in_avals[q].shape, e.in_avals[q].dtype) == (
+                e.out_avals[0].shape, e.out_avals[0].dtype,
+            )  # fmt: skip
+            if q not in _SAME_COTANGENT.get(e.primitive.name, ()) or not same:
+                break
+            k, v = j, e.outs[0]
+        return k
+
+    found = {k: site(k) for k, u in direct.items() if u.batched and u.split < 0}
+    count: dict = {}
+    for s in found.values():
+        count[s] = count.get(s, 0) + 1
+    return {k: s for k, s in found.items() if count[s] > 1}
+
+
+def shared_cotangents(program: Program, uses: dict) -> dict:
+    """Capture path -> the path of the use whose cotangent it shares (see
+    :func:`cotangent_sites`; the first use of the site's, which alone is perturbed)."""
+    frames: dict = {}  # the frame's path -> {equation index: Use}
+    for p, u in uses.items():
+        frames.setdefault(p[:-1], {})[p[-1]] = u
+    out = {}
+    for at, direct in frames.items():
+        u = next(iter(direct.values()))
+        body = u.levels[-1].body if u.levels else program
+        sites = cotangent_sites(body, direct)
+        for k, s in sites.items():
+            first = min(j for j in sites if sites[j] == s)
+            if first != k:
+                out[(*at, k)] = (*at, first)
+    return out
+
+
 def _capture(body: Program, uses: dict, du: dict, args, *, tapped: bool = True):
     """Evaluates a frame ``body`` on ``args`` with the uses at paths ``uses`` captured.
 
@@ -717,6 +801,10 @@ def _capture(body: Program, uses: dict, du: dict, args, *, tapped: bool = True):
       kept operand is a stacked output written at every step).
     """
     direct = {p[0]: u for p, u in uses.items() if len(p) == 1}
+    # Uses whose outputs are summed share one perturbation, placed on the sum (see
+    # :func:`cotangent_sites`): site equation -> the first of them, whose ``du`` it takes.
+    sites = cotangent_sites(body, direct)
+    at_site = {s: min(k for k in sites if sites[k] == s) for s in sites.values()}
     inner: dict = {}  # equation of a frame -> {path in it: Use}
     for p, u in uses.items():
         if len(p) > 1:
@@ -733,11 +821,15 @@ def _capture(body: Program, uses: dict, du: dict, args, *, tapped: bool = True):
 
     def hook(k, invals, outvals):
         u = direct.get(k)
-        if u is None:
-            return outvals
-        if (k,) not in same:
-            kept[(k,)] = _operand(u, invals[1 - u.pos])
-        return [_perturb(u, outvals[0], du[(k,)], tapped=tapped)]
+        if u is not None:
+            if (k,) not in same:
+                kept[(k,)] = _operand(u, invals[1 - u.pos])
+            if k not in sites:
+                outvals = [_perturb(u, outvals[0], du[(k,)], tapped=tapped)]
+        if k in at_site:
+            first = at_site[k]
+            outvals = [_perturb(direct[first], outvals[0], du[(first,)], tapped=tapped)]
+        return outvals
 
     def override(k, invals):
         sub = inner.get(k)
@@ -745,7 +837,8 @@ def _capture(body: Program, uses: dict, du: dict, args, *, tapped: bool = True):
             return None
         e = body.eqns[k]
         handler = FRAMES[e.primitive.name]
-        outs, kept_k, same_k = handler(e, sub, {p: du[(k, *p)] for p in sub}, invals, tapped)
+        du_k = {p: du[(k, *p)] for p in sub if (k, *p) in du}  # (shared: not every use has one)
+        outs, kept_k, same_k = handler(e, sub, du_k, invals, tapped)
         kept.update(((k, *p), a) for p, a in kept_k.items())
         same.update(((k, *p), (k, *q)) for p, q in same_k.items())
         return outs
@@ -803,7 +896,11 @@ def _capture_cond(e: Eqn, uses: dict, du: dict, invals, tapped: bool):
         def branch(ops, du_all):
             sub = per_branch.get(b, {})
             outs, kept_b, same = _capture(
-                bodies[b], sub, {p: du_all[(b, *p)] for p in sub}, ops, tapped=False
+                bodies[b],
+                sub,
+                {p: du_all[(b, *p)] for p in sub if (b, *p) in du_all},
+                ops,
+                tapped=False,
             )
             shared.update(((b, *p), (b, *q)) for p, q in same.items())
             return outs, {(b, *p): a for p, a in kept_b.items()}
