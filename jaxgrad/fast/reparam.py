@@ -16,6 +16,12 @@ weight's with the factors folded into ``A`` or ``G``: no per-example ``∇_{W_ef
 Factors made of other leaves (``g``) keep the VJP route on their (small) per-example
 gradients; factors and offsets made of θ itself, per channel (weight normalisation, weight
 standardisation), add exact per-channel corrections (``passes._Normaliser``).
+
+**Lookups, constant scatters, full masks.** For a lookup any factor folds into ``G``,
+gathered at the rows read (``(θ' ⊙ F)[r] = θ'[r] ⊙ F[r]``, side ``"i"``); a constant
+scatter ``θ'.at[rows].set(c)`` is ``θ' ⊙ M + C`` (:class:`ScatterMask`, one more factor);
+a full constant mask of a dense or convolution weight (neither side's alone) multiplies
+the use's gradient (side ``"w"``, :func:`jaxgrad.fast.rules.masked_route`).
 """
 
 from __future__ import annotations
@@ -73,7 +79,7 @@ class Scale:
 
     ref: Any  # Var | Const
     inverse: bool
-    side: str  # "a" | "g"
+    side: str  # "a" | "g"; "i" (a lookup's, gathered), "w" (a full mask), see _operand_scale
     shape: tuple
     perm: tuple
     target: tuple
