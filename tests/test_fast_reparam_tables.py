@@ -120,15 +120,18 @@ def test_full_masks_dense_and_conv():
     )
     assert (B, d, d) not in {tuple(s for s in shape if s != 1) for shape in shapes}
 
-    def seq_and_conv(p, ex):
+    def seq_and_conv(p, ex):  # and a weight-normalised masked layer (IAF's)
         seq, img = ex
-        h = jnp.sum(jnp.tanh(seq @ (p["V"] * made)) ** 2)
-        return h + jnp.sum(jnp.tanh(_conv(img, p["k"] * pixel)) ** 2)
+        u = p["U"] * made
+        u = p["g"] * u / jnp.sqrt(jnp.sum(u * u, axis=0, keepdims=True))
+        h = jnp.tanh(seq @ (p["V"] * made)) @ u
+        return jnp.sum(jnp.tanh(h) ** 2) + jnp.sum(jnp.tanh(_conv(img, p["k"] * pixel)) ** 2)
 
     batch = (_normal(rng, B, 3, d), _normal(rng, B, 5, 5, 2))
-    small = {"V": params["V"], "k": params["k"]}
-    routes = _check(seq_and_conv, small, batch, fast=("['V']", "['k']"))
+    small = {"V": params["V"], "k": params["k"], "U": params["W"], "g": params["g"]}
+    routes = _check(seq_and_conv, small, batch, fast=("['V']", "['k']", "['U']"))
     assert "3 positions, full mask M: per-example gradient, times M" in routes["['V']"].route
+    assert "normaliser made of the leaf" in routes["['U']"].route, routes["['U']"]
     assert "conv, full mask M: per-example gradient, times M" in routes["['k']"].route
 
 
