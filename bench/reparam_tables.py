@@ -35,7 +35,7 @@ def transformer(rng, a):
         return (h - jnp.mean(h, -1, keepdims=True)) / jnp.sqrt(jnp.var(h, -1, keepdims=True) + 1e-5)
 
     def loss(p, seq):
-        table = p["E"].at[0].set(0.0)  # the padding token's row
+        table = p["E"].at[0].set(0.0) if a.pad else p["E"]  # the padding token's row
         x, y = seq[:-1], seq[1:]
         h = table[x] + p["pos"]
         causal = jnp.tril(jnp.ones((t, t), bool))
@@ -89,6 +89,7 @@ def main():
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=15)
+    ap.add_argument("--no-pad", dest="pad", action="store_false", help="a plain tied table")
     a = ap.parse_args()
     loss, params, batch = {"transformer": transformer, "made": made}[a.model](
         np.random.default_rng(0), a
