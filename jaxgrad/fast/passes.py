@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgrad import reduce
-from jaxgrad.fast import analysis, rules, trace
+from jaxgrad.fast import analysis, reparam, rules, trace
 from jaxgrad.fast import plan as plan_lib
 from jaxgrad.fast.program import Const, Eqn, Program, Var, eval_known, evaluate, shape_struct
 from jaxgrad.grads import _per_example
@@ -390,6 +390,29 @@ def fast_pass(
             return x
         return x * (m[None] if examples else m).astype(x.dtype)
 
+    def on_operand(u, sc):  # a factor broadcastable against the use's parameter operand
+        x = sc.broadcast(factor_value(sc))
+        if sc.side in ("i", "w"):
+            return x
+        k = 0 if sc.side == "a" else 1  # operand axis -> the A (or G) axis it meets
+        to_op = {
+            (ax[k] if kind == "ag" else ax): d
+            for d, (kind, ax) in reparam._use_axes(u.op, u.pos).items()
+            if sc.side in kind
+        }
+        ops = [to_op[t] for t in sc.dims]
+        x = jnp.transpose(jnp.reshape(x, [sc.target[t] for t in sc.dims]), np.argsort(ops))
+        shape = u.op.in_avals[u.pos].shape
+        out = [shape[d] if d in ops else 1 for d in range(len(shape))]
+        return jax.lax.broadcast_in_dim(x, out, tuple(sorted(ops)))
+
+    def factors_on_operand(u):  # Π F_k on θ': ∇_θ' S_i = (Π F_k) ⊙ ∇_{W_eff} S_i
+        fs = [on_operand(u, sc) for sc in u.scale if not sc.offset]
+        return functools.reduce(jnp.multiply, fs, jnp.ones((), u.op.in_avals[u.pos].dtype))
+
+    def factored(u):  # a scaled use whose weighted sum and dots take the factors on θ'
+        return bool(u.scale) and not u.select and not u.scans
+
     def lookups(u):  # a lookup's indices and cotangents, out-of-bounds lookups' zeroed
         a = jnp.moveaxis(kept[u.key], axis[u.key], 0)
         idx, _, y = rules.gather_rows(u.op, a, jnp.moveaxis(g_use[u.key], axis[u.key], 0))
@@ -489,6 +512,9 @@ def fast_pass(
                 w = c.astype(grads.dtype).reshape((1, -1) + (1,) * (grads.ndim - 2))
                 return jnp.sum(grads * w, axis=1)
             return jnp.tensordot(c.astype(grads.dtype), grads, 1)
+        if factored(u):  # Σ_i c_i op_Wᵀ(A_i, G_i), then the factors once: no scaled A or G
+            raw = rules.weighted_grad(u.op, u.pos, kept[u.key], g_use[u.key], c, axis=axis[u.key])
+            return raw * factors_on_operand(u).astype(raw.dtype)
         if len(u.scans) > 1 or u.scale or u.select:
             return masked(u, rules.weighted_grad(u.op, u.pos, a_of(u), g_of(u), c), examples=False)
         g = g_use[u.key]
@@ -709,8 +735,13 @@ def fast_pass(
                 # The alias chain is linear: its jvp at 0 is the chain applied to v, the
                 # transpose of what maps a use's gradient back to the leaf.
                 chain = lambda p, u=u: trace.apply_use_chain(program, u, p)
-                v_op = masked(u, jax.jvp(chain, (zero,), (vj,))[1], examples=False)
-                total = total + rules.dot(u.kind, u.op, u.pos, a_of(u), g_of(u), v_op)
+                v_op = jax.jvp(chain, (zero,), (vj,))[1]
+                if factored(u):  # ⟨(Π F) ⊙ ∇_{W_eff} S_i, v⟩ = ⟨∇_{W_eff} S_i, (Π F) ⊙ v⟩
+                    v_op = v_op * factors_on_operand(u).astype(v_op.dtype)
+                    a, g = kept[u.key], g_use[u.key]
+                else:
+                    a, g = a_of(u), g_of(u)
+                total = total + rules.dot(u.kind, u.op, u.pos, a, g, v_op)
         for j, nz in normalisers().items():
             total = total + nz.dots(jnp.asarray(v[j], like[j].dtype)).astype(norm_dtype)
         for j, g in g_exact.items():
