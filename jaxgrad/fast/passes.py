@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgrad import reduce
-from jaxgrad.fast import analysis, rules, trace
+from jaxgrad.fast import analysis, reparam, rules, trace
 from jaxgrad.fast import plan as plan_lib
 from jaxgrad.fast.program import Const, Eqn, Program, Var, eval_known, evaluate, shape_struct
 from jaxgrad.grads import _per_example
@@ -381,6 +381,72 @@ def fast_pass(
                 x = x * sc.broadcast(factor_value(sc))[None].astype(x.dtype)
         return x
 
+    def full(sc, x, shape):  # a factor against the parameter operand (sides "i" and "w")
+        return jnp.broadcast_to(sc.broadcast(x), shape)
+
+    def mask_of(u):  # a use's full masks (side "w") in its operand's layout, or None
+        ms = [full(sc, factor_value(sc), u.op.in_avals[u.pos].shape) for sc in u.scale
+              if sc.side == "w"]  # fmt: skip
+        return functools.reduce(jnp.multiply, ms) if ms else None
+
+    def masked(u, x, *, examples=True):  # a gradient in the operand's layout, times M
+        m = mask_of(u)
+        if m is None:
+            return x
+        return x * (m[None] if examples else m).astype(x.dtype)
+
+    def on_operand(u, sc):  # a factor broadcastable against the use's parameter operand
+        x = sc.broadcast(factor_value(sc))
+        if sc.side in ("i", "w"):
+            return x
+        k = 0 if sc.side == "a" else 1  # operand axis -> the A (or G) axis it meets
+        to_op = {
+            (ax[k] if kind == "ag" else ax): d
+            for d, (kind, ax) in reparam._use_axes(u.op, u.pos).items()
+            if sc.side in kind
+        }
+        ops = [to_op[t] for t in sc.dims]
+        x = jnp.transpose(jnp.reshape(x, [sc.target[t] for t in sc.dims]), np.argsort(ops))
+        shape = u.op.in_avals[u.pos].shape
+        out = [shape[d] if d in ops else 1 for d in range(len(shape))]
+        return jax.lax.broadcast_in_dim(x, out, tuple(sorted(ops)))
+
+    def factors_on_operand(u):  # Π F_k on θ': ∇_θ' S_i = (Π F_k) ⊙ ∇_{W_eff} S_i
+        fs = [on_operand(u, sc) for sc in u.scale if not sc.offset]
+        return functools.reduce(jnp.multiply, fs, jnp.ones((), u.op.in_avals[u.pos].dtype))
+
+    def factored(u):  # a scaled use whose weighted sum and dots take the factors on θ'
+        return bool(u.scale) and not u.select and not u.scans
+
+    def lookups(u):  # a lookup's indices and cotangents, out-of-bounds lookups' zeroed
+        a = jnp.moveaxis(kept[u.key], axis[u.key], 0)
+        idx, _, y = rules.gather_rows(u.op, a, jnp.moveaxis(g_use[u.key], axis[u.key], 0))
+        return rules.idx_restore(u.op, idx), rules.g_restore(u.op, y)
+
+    def indexed(u, skip=None):  # (B, *out): a lookup's factors (side "i") at its rows
+        shape, out = u.op.in_avals[0].shape, None
+        for q, sc in enumerate(u.scale):
+            if sc.side == "i" and q != skip:
+                f = full(sc, factor_value(sc), shape).astype(u.op.in_avals[0].dtype)
+                x = jax.vmap(lambda a_i, f=f: rules._bind(u.op, 0, f, a_i))(lookups(u)[0])
+                out = x if out is None else out * x
+        return out
+
+    def indexed_grad(u, q, w):  # per example ∇F_q of (w ⊙ Π_k F_k)[rows] (side "i")
+        sc, shape = u.scale[q], u.op.in_avals[0].shape
+        rest = w
+        for k, other_sc in enumerate(u.scale):
+            if other_sc.side == "i" and k != q:
+                rest = rest * full(other_sc, factor_value(other_sc), shape).astype(w.dtype)
+        x = factor_value(sc)
+
+        def one(a_i, g_i):
+            f = lambda x: rules._bind(u.op, 0, (rest * full(sc, x, shape)).astype(w.dtype), a_i)
+            _, vjp = jax.vjp(f, x)
+            return vjp(g_i.astype(w.dtype))[0]
+
+        return jax.vmap(one)(*lookups(u))
+
     products: dict = {}  # use -> op(A', θ'), shared by every factor of G of the use
 
     def side_sum(u, q, w, *, skip=None, plain=False):
@@ -388,6 +454,9 @@ def fast_pass(
         layout), for W' = w ⊙ (the use's factors but the skipped one): the gradient of factor
         q with w = θ' and skip = q; with ``plain`` the factor's own inverse is not applied."""
         sc = u.scale[q]
+        if sc.side == "i":
+            return indexed_grad(u, q, w)
+        w = masked(u, w, examples=False)  # (θ' ⊙ M: the masked weight's share)
         a = jnp.moveaxis(kept[u.key], axis[u.key], 0)
         g = g_plain(u)
         op = lambda w, a: jax.vmap(lambda a_i: rules._bind(u.op, u.pos, w, a_i))(a)
@@ -442,11 +511,16 @@ def fast_pass(
         return g
 
     def g_of(u):  # ... with a scaled use's factors of G (at every step: lifted layout)
-        return selected(scaled(g_plain(u), u, "g"), u, "g")
+        g, f = g_plain(u), indexed(u)  # (a lookup's factors, gathered at its rows)
+        g = scaled(g, u, "g") if f is None else g * f.astype(g.dtype)
+        return selected(g, u, "g")
 
     def weighted_use(u, c):  # Σ_i c_i ∇S_i through one use, on the arrays as captured
+        if factored(u):  # Σ_i c_i op_Wᵀ(A_i, G_i), then the factors once: no scaled A or G
+            raw = rules.weighted_grad(u.op, u.pos, kept[u.key], g_use[u.key], c, axis=axis[u.key])
+            return raw * factors_on_operand(u).astype(raw.dtype)
         if len(u.scans) > 1 or u.scale or u.select:
-            return rules.weighted_grad(u.op, u.pos, a_of(u), g_of(u), c)
+            return masked(u, rules.weighted_grad(u.op, u.pos, a_of(u), g_of(u), c), examples=False)
         g = g_use[u.key]
         if u.scans and u.scans[0].step_axis:
             g = jnp.moveaxis(g, 0, 1 + u.scans[0].step_axis)  # (B at axis 0 after the move)
@@ -454,7 +528,7 @@ def fast_pass(
         return rules.weighted_grad(u.op, u.pos, kept[u.key], g, c, axis=axis[u.key])
 
     def leaf_grads(j, use):  # (B, *leaf.shape) through one use
-        g = rules.per_example_grads(use.op, use.pos, a_of(use), g_of(use))
+        g = masked(use, rules.per_example_grads(use.op, use.pos, a_of(use), g_of(use)))
         return jax.vmap(lambda x: _chain_transpose(program, use, like[j], x))(g)
 
     # Per-example gradients formed for the norms and kept, one entry per group of uses (see
@@ -477,8 +551,10 @@ def fast_pass(
 
     def norm_use(group):  # ‖∇S_i‖² through a group's one use, by its route
         (u,), rule = group.uses, group.rule
+        if rule.how == "dense_masked":
+            return rules.masked_norm_sq(u.op, u.pos, a_of(u), g_of(u), mask_of(u))
         if rule.keep and (weighted or rule.how == "grads"):
-            fn = lambda op, a, g: rules.per_example_grads(op, u.pos, a, g)
+            fn = lambda op, a, g: masked(u, rules.per_example_grads(op, u.pos, a, g))
             if rule.per_step:  # one slice of the leaf per step: (steps, B, *slice)
                 formed[id(group)] = (per_step(fn, u), 1, u)
             else:
@@ -500,6 +576,9 @@ def fast_pass(
     def group_block(j, group):  # how a group of uses that may overlap is read (see Parts)
         if group.form == "use":
             u = group.uses[0]
+            if plan_lib.masked(u):  # M ⊙ J_i: the formed gradients' inner products
+                grads = masked(u, rules.per_example_grads(u.op, u.pos, a_of(u), g_of(u)))
+                return ("grads", grads)
             return ("use", u.kind, u.op, u.pos, a_of(u), g_of(u))
         ndim = len(like[j].shape)  # tied uses: the cross terms between them are needed
         if group.form == "outer":
@@ -678,7 +757,11 @@ def fast_pass(
                 # transpose of what maps a use's gradient back to the leaf.
                 chain = lambda p, u=u: trace.apply_use_chain(program, u, p)
                 v_op = jax.jvp(chain, (zero,), (vj,))[1]
-                total = total + dot_use(u, v_op)
+                if factored(u):  # ⟨(Π F) ⊙ ∇_{W_eff} S_i, v⟩ = ⟨∇_{W_eff} S_i, (Π F) ⊙ v⟩
+                    v_op = v_op * factors_on_operand(u).astype(v_op.dtype)
+                    total = total + rules.dot(u.kind, u.op, u.pos, kept[u.key], g_use[u.key], v_op)
+                else:
+                    total = total + dot_use(u, v_op)
         for j, nz in normalisers().items():
             total = total + nz.dots(jnp.asarray(v[j], like[j].dtype)).astype(norm_dtype)
         for j, g in g_exact.items():

@@ -143,7 +143,13 @@ def _scale_prefix(uses) -> str:
     if not any(u.scale for u in uses):
         return ""
     where = " and ".join(
-        {"a": "its kept operand A", "g": "its output cotangent G"}[x] for x in sorted(sides)
+        {
+            "a": "its kept operand A",
+            "g": "its output cotangent G",
+            "i": "a lookup's G (times the factor at the rows it reads)",
+            "w": "its gradient (a full mask M: M ⊙ ∇)",
+        }[x]
+        for x in sorted(sides)
     )
     what = ", ".join(dict.fromkeys(v for u in uses for v in u.via))
     own = ""
@@ -155,7 +161,8 @@ def _scale_prefix(uses) -> str:
             f", plus a per-channel {' and '.join(kinds)} made of the leaf: exact correction "
             "from per-channel sums (∇F, J_F P, J_F J_Fᵀ)"
         )
-    return f"scaled ({what}): the scale folded into {where or 'nothing'}{own}, no B × |W| array; "
+    array = "" if "w" in sides else ", no B × |W| array"
+    return f"scaled ({what}): the scale folded into {where or 'nothing'}{own}{array}; "
 
 
 def _select_prefix(uses) -> str:
@@ -193,13 +200,16 @@ def _group(an: analysis.Analysis, uses: list, shape: tuple) -> Group:
         (u,) = uses
         # (one slice of the leaf per step of the only scan: the route may take it step by step)
         stacked = len(u.scans) == 1 and u.scans[0].stacked
-        rule = rules.route(u.kind, u.op, u.pos, stacked=stacked)
+        if masked(u):
+            rule = rules.masked_route(u.kind, u.op, u.pos)
+        else:
+            rule = rules.route(u.kind, u.op, u.pos, stacked=stacked)
         label = _scan_prefix(u) + _scale_prefix(uses) + _select_prefix(uses)
         label += _complex_prefix(uses) + rule.label
         return Group(tuple(uses), "use", (), label, rule.cost, rule)
     perms = tuple(trace.use_perm(an.program, u, len(shape)) for u in uses)
     cplx = _scale_prefix(uses) + _select_prefix(uses) + _complex_prefix(uses)
-    if all(
+    if not any(map(masked, uses)) and all(
         rules.has_outer_form(u.op, u.pos, p, len(shape)) for u, p in zip(uses, perms, strict=True)
     ):
         ts = [rules.outer_positions(u.op, u.pos) for u in uses]
@@ -207,6 +217,12 @@ def _group(an: analysis.Analysis, uses: list, shape: tuple) -> Group:
         return Group(tuple(uses), "outer", perms, label, sum(ts) ** 2)
     label = f"tied, {len(uses)} uses: {cplx}per-example gradient"
     return Group(tuple(uses), "grads", perms, label, 2 * math.prod(shape))
+
+
+def masked(u: trace.Use) -> bool:
+    """Whether a use's parameter operand carries a full mask (``θ' ⊙ M``, a ``Scale`` on
+    side ``"w"``): its gradient is ``M ⊙`` the use's (see :func:`rules.masked_route`)."""
+    return any(sc.side == "w" for sc in u.scale)
 
 
 def _fast_route(an: analysis.Analysis, j: int, shape: tuple) -> Route:

@@ -19,6 +19,12 @@ see :func:`_scalable`); the same holds for concatenated blocks (:func:`selected_
 Factors made of other leaves (``g``) keep the VJP route on their (small) per-example
 gradients; factors and offsets made of θ itself, per channel (weight normalisation, weight
 standardisation), add exact per-channel corrections (``passes._Normaliser``).
+
+**Lookups, constant scatters, full masks.** For a lookup any factor folds into ``G``,
+gathered at the rows read (``(θ' ⊙ F)[r] = θ'[r] ⊙ F[r]``, side ``"i"``); a constant
+scatter ``θ'.at[rows].set(c)`` is ``θ' ⊙ M + C`` (:class:`ScatterMask`, one more factor);
+a full constant mask of a dense or convolution weight (neither side's alone) multiplies
+the use's gradient (side ``"w"``, :func:`jaxgrad.fast.rules.masked_route`).
 """
 
 from __future__ import annotations
@@ -77,7 +83,7 @@ class Scale:
 
     ref: Any  # Var | Const
     inverse: bool
-    side: str  # "a" | "g"
+    side: str  # "a" | "g"; "i" (a lookup's, gathered), "w" (a full mask), see _operand_scale
     shape: tuple
     perm: tuple
     target: tuple
@@ -129,6 +135,14 @@ def _product(program: Program, producer: dict, varying_: set, ref, shape: tuple)
         return terms[0] + terms[1]
     if name == "neg":
         return [*_product(program, producer, varying_, e.ins[0], shape), (Const(-1.0), (), False)]
+    if name in _SCATTERS:  # θ'.at[rows].set(c) = θ' ⊙ M + C, M and C the same for every example
+        mask = _scatter_mask(program, varying_, e)
+        if mask is None:
+            return whole
+        inner = _product(program, producer, varying_, e.ins[0], shape)
+        if mask.all_ones:
+            return inner  # (only C: an offset with no gradient)
+        return [*inner, (mask, tuple(range(len(shape))), False)]
     if name == "broadcast_in_dim" and not e.params.get("sharding"):
         (a,) = e.in_avals
         dims = e.params["broadcast_dimensions"]
@@ -188,6 +202,10 @@ def _use_axes(eqn: Eqn, pos: int):
 
 def _scale_for(u: Use, perm, ref, axes, inverse, ref_shape, leaves, own, offset=False):
     """The :class:`Scale` of one term on the side of use ``u`` it spans, or None."""
+    if u.kind == "gather":  # any factor of a lookup's table, gathered at the rows it reads
+        if own or offset:
+            return None
+        return _operand_scale(u, perm, ref, axes, inverse, ref_shape, leaves, "i")
     eqn = u.op
     where = _use_axes(eqn, u.pos)
     w_to_op = {w: i for i, w in enumerate(perm)}  # operand axis i is W_eff axis perm[i]
@@ -209,7 +227,68 @@ def _scale_for(u: Use, perm, ref, axes, inverse, ref_shape, leaves, own, offset=
                 ref, inverse, side, tuple(ref_shape[i] for i, _ in kept), order,
                 tuple(target), tuple(sorted(targets)), frozenset(leaves), own, offset,
             )  # fmt: skip
+    if not leaves and not own and not offset and u.site == "":  # a full constant mask M:
+        # M ⊙ the gradient (in a frame: the VJP route)
+        return _operand_scale(u, perm, ref, axes, inverse, ref_shape, leaves, "w")
     return None
+
+
+def _operand_scale(u: Use, perm, ref, axes, inverse, ref_shape, leaves, side) -> Scale:
+    """A :class:`Scale` broadcast against the use's parameter operand (``θ'``'s layout there):
+    side ``"i"`` for a lookup (``(θ' ⊙ F)[r] = θ'[r] ⊙ F[r]``: ``G`` scaled by ``F`` gathered
+    at the rows looked up), side ``"w"`` for a full constant mask of a dense or convolution
+    use (``∇_θ' = M ⊙ ∇_{W_eff}``, see :func:`jaxgrad.fast.rules.masked_route`)."""
+    w_to_op = {w: i for i, w in enumerate(perm)}
+    kept = [(i, axes[i]) for i in range(len(axes)) if axes[i] is not None and ref_shape[i] > 1]
+    targets = [w_to_op[w] for _, w in kept]
+    target = [1] * len(u.op.in_avals[u.pos].shape)
+    for (i, _), t in zip(kept, targets, strict=True):
+        target[t] = ref_shape[i]
+    order = tuple(int(i) for i in np.argsort(targets))
+    return Scale(
+        ref, inverse, side, tuple(ref_shape[i] for i, _ in kept), order, tuple(target),
+        tuple(sorted(targets)), frozenset(leaves),
+    )  # fmt: skip
+
+
+_SCATTERS = frozenset({"scatter", "scatter-mul", "scatter-add"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ScatterMask(Const):
+    """``M`` of a constant scatter ``θ'.at[rows].set(c)`` (``.multiply(c)``, ``.add(c)``):
+    the map is ``θ' ↦ θ' ⊙ M + C`` with ``M = ∂W_eff/∂θ'`` entry by entry (0 on the rows
+    set, ``c`` on the rows multiplied), kept only along the axes it varies along (a row
+    mask is one factor per row); ``additive``: ``C ≠ 0``."""
+
+    additive: bool = False
+    all_ones: bool = False
+
+
+def _scatter_mask(program: Program, varying_: set, e: Eqn):
+    """The :class:`ScatterMask` of a scatter whose indices and updates are constants (computed
+    from literals and captured constants only), else None."""
+    _, idx, upd = e.ins
+    if any(isinstance(r, Var) and r in varying_ for r in (idx, upd)):
+        return None
+    try:
+        with jax.ensure_compile_time_eval():
+            idx_v, upd_v = eval_known(program, {}, [idx, upd])
+            idx_v, upd_v = np.asarray(idx_v), np.asarray(upd_v)
+            shape, dtype = e.in_avals[0].shape, e.in_avals[0].dtype
+            bind = lambda t: e.primitive.bind(
+                t, idx_v, upd_v, **e.primitive.get_bind_params(e.params)
+            )
+            zeros, ones = np.zeros(shape, dtype), np.ones(shape, dtype)
+            offset, mask = jax.jvp(bind, (zeros,), (ones,))
+            mask, offset = np.asarray(mask), np.asarray(offset)
+    except (KeyError, TypeError, jax.errors.ConcretizationTypeError):
+        return None  # (indices or updates made of parameters or the example)
+    for d in range(mask.ndim):  # only the axes it varies along (the others of size 1)
+        first = np.take(mask, [0], axis=d)
+        if np.all(mask == first):
+            mask = first
+    return ScatterMask(mask, bool(np.any(offset != 0)), bool(np.all(mask == 1)))
 
 
 def scaled_weights(program: Program, n: int, top: set, region, outputs, deps, uses) -> dict:
@@ -253,6 +332,8 @@ def scaled_weights(program: Program, n: int, top: set, region, outputs, deps, us
             offsets = [False] * len(others)
             if centre is not None:
                 others, offsets = [*others, centre], [*offsets, True]
+            if _offset_with_factor_grads(others, deps):
+                continue
             own = [isinstance(r, Var) and j in deps.get(r, ()) for r, _, _ in others]
             if any(own) and (lifted is None or uses.get(j)):
                 continue
@@ -397,6 +478,13 @@ def _block_op(eqn: Eqn, pos: int, axis: int, side: str, ax: int, size: int) -> E
     return dataclasses.replace(eqn, in_avals=in_avals, out_avals=out_avals)
 
 
+def _offset_with_factor_grads(terms, deps) -> bool:
+    """Whether a scatter's constant ``C`` (``θ' ⊙ M + C``) sits among factors made of
+    parameters: their gradients would need ``C`` too, which :class:`Scale` does not carry."""
+    additive = any(isinstance(r, ScatterMask) and r.additive for r, _, _ in terms)
+    return additive and any(isinstance(r, Var) and deps.get(r) for r, _, _ in terms)
+
+
 def _products(scales) -> int:
     """The extra products of a use a scaled weight's factors with gradients need: one for
     its factors of ``G`` (they share it), one per factor of ``A``, one per normaliser."""
@@ -409,11 +497,16 @@ def _products(scales) -> int:
 def _scalable(program: Program, us: list, ndim: int):
     """The permutations from an effective weight to the operands of its uses ``us``, or None
     unless every use can carry scales: a real dense or convolution use, reached by transposes
-    only, at the top level or in frames (scan bodies, branches, custom rules, nested) that
-    all share the weight (no scan over it: one factor for every step). In a scan the use is
+    only (or a lookup at the top level), at the top level or in frames (scan bodies,
+    branches, custom rules, nested) that all share the weight (no scan over it: one factor for every step). In a scan the use is
     lifted over the steps (:func:`jaxgrad.fast.trace.lift_over_steps`): the weight's axes
     are the step equation's, and a factor scales ``A`` or ``G`` at every step."""
-    if not us or any(u.kind not in ("dense", "conv") or u.split >= 0 or u.select for u in us):
+    if not us or any(
+        (u.kind not in ("dense", "conv") and (u.kind, u.site) != ("gather", ""))
+        or u.split >= 0
+        or u.select
+        for u in us
+    ):  # (a lookup's factors are gathered at its rows: at the top level only)
         return None
     perms = [use_perm(program, u, ndim) for u in us]
     return None if any(p is None for p in perms) else perms

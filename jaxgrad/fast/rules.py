@@ -354,8 +354,69 @@ def use_positions(eqn: Eqn, pos: int) -> int:
 
 def scaled_pays(eqn: Eqn, pos: int, products: int) -> bool:
     """Whether ``products`` more products of this use cost less than the per-example
-    gradient they replace (see :data:`SCALED_WORK`)."""
+    gradient they replace (see :data:`SCALED_WORK`). A lookup's are gathers of the ``T``
+    rows it reads (``T R`` entries, the size of its ``G``), never more than the ``rows × R``
+    gradient they replace (``T`` rows at most): they always pay."""
+    if eqn.primitive.name == "gather":
+        return True
     return products * use_positions(eqn, pos) <= SCALED_WORK
+
+
+def masked_pays(t: int, k: int, n: int) -> bool:
+    """Whether the masked norm form beats forming the ``K × N`` per-example gradient of a
+    dense use whose weight is ``θ' ⊙ M`` (``M`` a full constant mask, not a product of a row
+    and a column factor).
+
+    ``‖M ⊙ Σ_t a_t g_tᵀ‖² = Σ_{t,s} (a_t ⊙ a_s)ᵀ M² (g_t ⊙ g_s)``: ``T² K N`` multiply-adds
+    per example, with ``T² (K + N)`` entries held; forming ``M ⊙ Σ_t a_t g_tᵀ`` costs
+    ``T K N`` and writes the ``K N`` entries (kept for the weighted sum). So the form pays at
+    ``T = 1`` only (a dense layer without a sequence axis: ``(a²)ᵀ M² (g²)``, one matmul, no
+    ``B × K × N`` array), which this comparison states for every ``T``.
+    """
+    return t * t * k * n <= t * k * n + k * n
+
+
+def masked_route(kind: str, eqn: Eqn, pos: int) -> Form:
+    """The route of a use whose parameter operand is ``θ' ⊙ M`` (``M`` a full mask, the same
+    for every example: ``∇_θ' S_i = M ⊙ ∇_{W_eff} S_i``, see
+    :class:`jaxgrad.fast.reparam.Scale`, side ``"w"``).
+
+    The weighted sum is ``M ⊙ Σ_i c_i ∇_{W_eff} S_i`` (the use's own contraction, then the
+    mask) and an inner product ``⟨∇_{W_eff} S_i, M ⊙ V⟩``, always; the norm is
+    :func:`masked_norm_sq` where :func:`masked_pays`, else the per-example gradient,
+    formed, masked and kept (its Gram blocks are those of the formed gradients).
+    """
+    size = math.prod(eqn.in_avals[pos].shape)
+    if kind == "dense":
+        _, _, (nb, t, k, n) = dense_layout(eqn, pos)
+        if masked_pays(t, k, n):
+            return Form("dense_masked", "dense, full mask M: (a²)ᵀM²(g²)", nb * t * t * (k + n))
+        label = (
+            f"dense, {t} positions, full mask M: per-example gradient, times M (the masked "
+            f"form's T² K N per example costs more than forming it)"
+        )
+        return Form("grads", label, size, keep=True)
+    return Form("grads", f"{kind}, full mask M: per-example gradient, times M", size, keep=True)
+
+
+def masked_norm_sq(eqn: Eqn, pos: int, a, g, m):
+    """``Σ_b Σ_{t,s} (a_{bt} ⊙ a_{bs})ᵀ M_b² (g_{bt} ⊙ g_{bs})`` per example: the squared norm
+    of ``M ⊙ ∇_W S_i`` for a dense use (``m``: the mask in the parameter operand's layout,
+    broadcastable to it), over its dot batch indices ``b`` (see :func:`masked_pays`)."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    pc, pb = (lc, rc)[pos], (lb, rb)[pos]
+    p_shape = eqn.in_avals[pos].shape
+    pfree = [d for d in range(len(p_shape)) if d not in pc and d not in pb]
+    a_perm, g_perm, (nb, t, k, n) = dense_layout(eqn, pos)
+    dtype = acc_dtype(eqn)
+    x = _to_blocks(a, a_perm, (nb, t, k)).astype(dtype)
+    y = _to_blocks(g, g_perm, (nb, t, n)).astype(dtype)
+    m = jnp.transpose(jnp.broadcast_to(m, p_shape), (*pb, *pc, *pfree)).reshape(nb, k, n)
+    xx = x[:, :, :, None, :] * x[:, :, None, :, :]  # (B, nb, T, T, K)
+    yy = y[:, :, :, None, :] * y[:, :, None, :, :]
+    hi = jax.lax.Precision.HIGHEST
+    xm = jnp.einsum("bjtsk,jkn->bjtsn", xx, jnp.square(m.astype(dtype)), precision=hi)
+    return jnp.sum((xm * yy).reshape(xm.shape[0], -1), axis=1)
 
 
 # The Gram form is trusted while ``(Σ_t ‖x_t‖‖y_t‖)² ≤ GRAM_CANCELLATION · ⟨XXᵀ, YYᵀ⟩``.

@@ -1,0 +1,122 @@
+"""Constant scatters and full masks on the fast path: a tied transformer and a MADE MLP.
+
+* ``transformer``: ``E.at[pad].set(0)`` read by the token lookup and, tied, by the output
+  projection ``h @ E_eff.T``; ``L`` pre-norm attention + MLP blocks, ``T`` positions.
+* ``made``: a MADE MLP (masks ``M`` full, not a row and a column factor, built from the
+  degrees as in Germain et al. 2015), Bernoulli log-likelihood, no sequence axis.
+
+``per_example_norms`` and ``clipped_grad`` over ``batch_grad``, timed in paired, alternating
+calls (the median of the per-pair ratios, and its interquartile range), after printing the
+plan. Run from a checkout (``PYTHONPATH=.`` for this tree's code)::
+
+    python bench/reparam_tables.py --model made --pairs 15
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgrad import batch_grad, clipped_grad, per_example_norms
+from jaxgrad.fast import plan
+
+
+def transformer(rng, a):
+    v, d, t, heads = a.vocab, a.width, a.positions, 4
+    w = lambda *s: jnp.asarray(rng.normal(size=s) / np.sqrt(s[0]), jnp.float32)
+    params = {"E": w(v, d) * np.sqrt(v / d), "pos": w(t, d)}
+    for i in range(a.layers):
+        params[f"b{i}"] = {"qkv": w(d, 3 * d), "o": w(d, d), "up": w(d, 4 * d), "down": w(4 * d, d)}
+    toks = jnp.asarray(rng.integers(0, v, size=(a.batch, t + 1)))
+
+    def norm(h):
+        return (h - jnp.mean(h, -1, keepdims=True)) / jnp.sqrt(jnp.var(h, -1, keepdims=True) + 1e-5)
+
+    def loss(p, seq):
+        table = p["E"].at[0].set(0.0) if a.pad else p["E"]  # the padding token's row
+        x, y = seq[:-1], seq[1:]
+        h = table[x] + p["pos"]
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        for i in range(a.layers):
+            q, k, vv = jnp.split(norm(h) @ p[f"b{i}"]["qkv"], 3, axis=-1)
+            q, k, vv = (z.reshape(t, heads, d // heads) for z in (q, k, vv))
+            s = jnp.einsum("thd,shd->hts", q, k) / np.sqrt(d // heads)
+            att = jax.nn.softmax(jnp.where(causal, s, -1e9), axis=-1)
+            h = h + jnp.einsum("hts,shd->thd", att, vv).reshape(t, d) @ p[f"b{i}"]["o"]
+            h = h + jax.nn.gelu(norm(h) @ p[f"b{i}"]["up"]) @ p[f"b{i}"]["down"]
+        logits = norm(h) @ table.T  # tied output projection
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+    return loss, params, toks
+
+
+def made(rng, a):
+    d, hdim = a.inputs, a.hidden
+    degrees = [np.arange(1, d + 1)] + [rng.integers(1, d, size=hdim) for _ in range(a.layers)]
+    masks = [(degrees[i + 1][None, :] >= degrees[i][:, None]) for i in range(a.layers)]
+    masks.append(degrees[-1][:, None] < degrees[0][None, :])  # the output: strictly
+    masks = [jnp.asarray(m, jnp.float32) for m in masks]
+    sizes = [d] + [hdim] * a.layers + [d]
+    params = {
+        f"l{i}": {
+            "w": jnp.asarray(rng.normal(size=sizes[i : i + 2]) / np.sqrt(sizes[i]), jnp.float32),
+            "b": jnp.zeros((sizes[i + 1],), jnp.float32),
+        }
+        for i in range(len(masks))
+    }
+    x = jnp.asarray(rng.random(size=(a.batch, d)) < 0.5, jnp.float32)
+
+    def loss(p, x):
+        h = x
+        for i, m in enumerate(masks):
+            h = h @ (p[f"l{i}"]["w"] * m) + p[f"l{i}"]["b"]
+            h = jnp.tanh(h) if i < len(masks) - 1 else h
+        return jnp.sum(jax.nn.softplus(h) - x * h)  # Bernoulli negative log-likelihood
+
+    return loss, params, x
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=("transformer", "made"), default="transformer")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--positions", type=int, default=32)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--inputs", type=int, default=64)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--pairs", type=int, default=15)
+    ap.add_argument("--no-pad", dest="pad", action="store_false", help="a plain tied table")
+    a = ap.parse_args()
+    loss, params, batch = {"transformer": transformer, "made": made}[a.model](
+        np.random.default_rng(0), a
+    )
+    print(plan(loss, params, jax.tree_util.tree_map(lambda x: x[0], batch)), flush=True)
+    fns = {
+        "batch_grad": jax.jit(batch_grad(loss)),
+        "per_example_norms": jax.jit(per_example_norms(loss)),
+        "clipped_grad": jax.jit(clipped_grad(loss, l2_clip=1.0)),
+    }
+    for f in fns.values():
+        jax.block_until_ready(f(params, batch))
+
+    def seconds(f):
+        start = time.perf_counter()
+        jax.block_until_ready(f(params, batch))
+        return time.perf_counter() - start
+
+    ratios = {"per_example_norms": [], "clipped_grad": []}
+    for _ in range(a.pairs):
+        for name, rs in ratios.items():
+            base = seconds(fns["batch_grad"])
+            rs.append(seconds(fns[name]) / base)
+    for name, rs in ratios.items():
+        q1, q3 = np.percentile(rs, [25, 75])
+        print(f"{a.model} {name} / batch_grad: median {np.median(rs):.3f} (IQR {q1:.3f}-{q3:.3f})")
+
+
+if __name__ == "__main__":
+    main()
