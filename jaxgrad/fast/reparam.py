@@ -498,9 +498,10 @@ def _scalable(program: Program, us: list, ndim: int):
     """The permutations from an effective weight to the operands of its uses ``us``, or None
     unless every use can carry scales: a real dense or convolution use, reached by transposes
     only (or a lookup at the top level), at the top level or in frames (scan bodies,
-    branches, custom rules, nested) that all share the weight (no scan over it: one factor for every step). In a scan the use is
-    lifted over the steps (:func:`jaxgrad.fast.trace.lift_over_steps`): the weight's axes
-    are the step equation's, and a factor scales ``A`` or ``G`` at every step."""
+    branches, custom rules, nested) that all share the weight (no scan over it: one factor
+    for every step). In a scan the use is lifted over the steps
+    (:func:`jaxgrad.fast.trace.lift_over_steps`): the weight's axes are the step equation's,
+    and a factor scales ``A`` or ``G`` at every step."""
     if not us or any(
         (u.kind not in ("dense", "conv") and (u.kind, u.site) != ("gather", ""))
         or u.split >= 0
