@@ -103,3 +103,26 @@ def test_weight_standardised_conv_in_a_branch():
     k = routes["['k']"]
     assert k.route.startswith("cond branch 1: scaled ("), k
     assert "per-channel centring and normaliser made of the leaf" in k.route, k
+
+
+def test_masked_weight_and_scaled_table_looked_up_inside_a_scan():
+    """A full mask and a scaled, scattered lookup table read inside a scan body have no scaled
+    form there (a lookup's factors are gathered at its rows at the top level only): both take
+    the reparametrised VJP route, exact, and the plan names the user's line of the lookup
+    (``E[t]``, a ``dynamic_slice`` rewritten as a gather), not the library's."""
+    rng = np.random.default_rng(3)
+    h, vocab, t = 4, 6, 3
+    params = {"W": _normal(rng, h, h), "E": _normal(rng, vocab, h), "s": _normal(rng, vocab)}
+    tokens = jnp.asarray(rng.integers(0, vocab, size=(B, t)))
+
+    def loss(p, tok):
+        w = p["W"] * jnp.tril(jnp.ones((h, h), F64))
+        e = p["E"].at[0].set(0.0) * p["s"][:, None]
+
+        def step(c, i):
+            return jnp.tanh(e[i] + c @ w), None
+
+        return jnp.sum(jnp.sin(jax.lax.scan(step, jnp.zeros(h, F64), tok)[0]))
+
+    routes = _check(loss, params, tokens, reparam=("['W']", "['E']", "['s']"))
+    assert routes["['E']"].uses[0].startswith("gather @ test_fast_reparam_loops.py:"), routes

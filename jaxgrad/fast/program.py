@@ -76,7 +76,7 @@ def flatten(closed: jcore.ClosedJaxpr) -> Program:
     counter = iter(range(1 << 62))
     eqns: list[Eqn] = []
 
-    def go(jaxpr, consts, in_refs):
+    def go(jaxpr, consts, in_refs, source=None):  # source: of the equation a rewrite replaces
         env: dict = {}
         read = lambda a: Const(a.val) if isinstance(a, jcore.Literal) else env[a]
         for v, c in zip(jaxpr.constvars, consts, strict=True):
@@ -87,14 +87,14 @@ def flatten(closed: jcore.ClosedJaxpr) -> Program:
             ins = [read(a) for a in e.invars]
             key = INLINE_PRIMITIVES.get(e.primitive.name)
             inner = e.params.get(key) if key else None
-            if e.primitive.name == "dynamic_slice":
-                inner = _dynamic_slice_as_gather(e)
-            elif e.primitive.name == "split":
-                inner = _split_as_slices(e)
+            rewrite = {"dynamic_slice": _dynamic_slice_as_gather, "split": _split_as_slices}
+            if e.primitive.name in rewrite:  # (its equations name the user's line, not ours)
+                inner = rewrite[e.primitive.name](e)
             if isinstance(inner, (jcore.ClosedJaxpr, jcore.Jaxpr)):
                 closed = inner if isinstance(inner, jcore.ClosedJaxpr) else None
                 body = closed.jaxpr if closed is not None else inner
-                out_refs = go(body, closed.consts if closed is not None else [], ins)
+                where = (source or e.source_info) if e.primitive.name in rewrite else source
+                out_refs = go(body, closed.consts if closed is not None else [], ins, where)
                 for v, r in zip(e.outvars, out_refs, strict=True):
                     env[v] = r
                 continue
@@ -109,7 +109,7 @@ def flatten(closed: jcore.ClosedJaxpr) -> Program:
                     outs,
                     [a.aval for a in e.invars],
                     [v.aval for v in e.outvars],
-                    e.source_info,
+                    source or e.source_info,
                 )
             )
         return [read(a) for a in jaxpr.outvars]
