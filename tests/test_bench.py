@@ -158,10 +158,12 @@ def test_interleaved_min_seconds_sample_size_and_errors(monkeypatch):
         monkeypatch, cost, rounds=2, min_seconds=1e9, max_rounds=7, min_sample_seconds=0.0
     )
     assert t.rounds == 7
-    # a sample of the 1 s program is 3 calls of it, one args() call for the sample
+    # a sample of the 1 s program is 3 calls of it, one args() call for the sample; being
+    # under min_sample_seconds, it was warmed up by 3 calls (slow by 1)
     t, clock, rounds_seen = _fake_interleaved(monkeypatch, cost, rounds=2, min_sample_seconds=2.5)
     assert t.calls_per_sample == {"fast": 3, "slow": 1} and t.seconds == {"fast": 1.0, "slow": 3.0}
-    assert len(clock.calls) == 4 + 2 * (3 + 1) and len(rounds_seen) == 4 + 2 * 2
+    assert len(clock.calls) == 2 + (3 + 1) + 2 * (3 + 1)
+    assert len(rounds_seen) == 2 + 2 + 2 * 2  # once per first call, warm-up and sample
     with pytest.raises(ValueError, match="rounds must be a positive integer; got 0"):
         timing.interleaved({"f": print}, rounds=0)
     with pytest.raises(ValueError, match="programs must be a non-empty mapping"):

@@ -73,13 +73,16 @@ def interleaved(
     """Times several programs side by side: one sample of each per round, medians over rounds.
 
     Each program is first called once (tracing and compilation: ``compile_s`` is that call's
-    time minus the median) and once more (a warm-up, which also sizes its samples). Then come
-    the rounds. A round takes one sample of every program: ``n`` calls in a row, each blocked
-    on (:func:`jax.block_until_ready`: the latency of a call, not pipelined throughput), the
-    sample's time divided by ``n``. ``n`` is 1 unless the warm-up call took less than
-    ``min_sample_seconds``; then it is ``⌈min_sample_seconds / warm-up⌉`` (at most
-    :data:`MAX_CALLS_PER_SAMPLE`), so that a microsecond program's sample is not dominated by
-    the clock reads and the Python between samples. The order rotates: round ``r`` starts
+    time minus the median), then warmed up: one call, or three if the first was under
+    ``min_sample_seconds`` (the call after compilation is sometimes slower than the next).
+
+    Then come the rounds. A round takes one sample of every program: ``n`` calls in a row,
+    each blocked on (:func:`jax.block_until_ready`: the latency of a call, not pipelined
+    throughput), the sample's time divided by ``n``. ``n`` is 1 unless the fastest warm-up
+    call took less than ``min_sample_seconds``; then it is
+    ``⌈min_sample_seconds / fastest warm-up call⌉`` (at most :data:`MAX_CALLS_PER_SAMPLE`),
+    so that a sample of a microsecond program is not dominated by the clock reads and the
+    Python between samples, nor by one scheduler hiccup. The order rotates: round ``r`` starts
     with program ``r mod K`` of the ``K`` and goes on cyclically, so that every program is as
     often first in a round (after the bookkeeping between rounds) and follows as many
     different neighbours (whose caches and memory traffic it inherits); with two programs it
@@ -96,7 +99,7 @@ def interleaved(
       args: the positional arguments of every call: one tuple for all programs and rounds,
         or a function ``args(name, r) -> tuple`` called before each sample (outside the
         timed region) with the program's name and the round ``r = 0, 1, ...``; ``r = -1``
-        for the first and the warm-up call. For a fresh PRNG key per round, e.g.
+        for the first and the warm-up calls. For a fresh PRNG key per round, e.g.
         ``lambda name, r: (params, jax.random.fold_in(key, r + 1))``. The calls of one
         sample share their arguments.
       rounds: the least number of rounds (a positive integer).
@@ -139,10 +142,7 @@ def interleaved(
         first[name] = _sample(programs[name], arguments(name, -1), 1)[0]
     number = {}
     for name in names:
-        warm = _sample(programs[name], arguments(name, -1), 1)[0]
-        number[name] = min(
-            MAX_CALLS_PER_SAMPLE, max(1, math.ceil(min_sample_seconds / max(warm, 1e-9)))
-        )
+        number[name] = _calls_per_sample(programs[name], arguments(name, -1), min_sample_seconds)
     wall: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
     spent, r = 0.0, 0
@@ -163,6 +163,14 @@ def interleaved(
         calls_per_sample=number,
         samples={name: tuple(wall[name]) for name in names},
     )
+
+
+def _calls_per_sample(f, args: tuple, min_sample_seconds: float) -> int:
+    """The warm-up calls, and from the fastest the calls that make one sample."""
+    warm = _sample(f, args, 1)[0]
+    if warm < min_sample_seconds:
+        warm = min(warm, *(_sample(f, args, 1)[0] for _ in range(2)))
+    return min(MAX_CALLS_PER_SAMPLE, max(1, math.ceil(min_sample_seconds / max(warm, 1e-9))))
 
 
 def _sample(f, args: tuple, number: int) -> tuple[float, float]:
