@@ -22,6 +22,9 @@ def test_run_suite_records_every_row_with_ratio_to_batch_grad():
         assert r["examples_per_s"] > 0 and r["compile_s"] >= 0
     batch_rows = [r for r in records if r["strategy"] == "batch_grad"]
     assert all(r["ratio_to_batch_grad"] == 1.0 for r in batch_rows)
+    assert all(r["ratio_iqr"] == [1.0, 1.0] for r in batch_rows)  # its own rounds, interleaved
+    for r in records:
+        assert r["repeats"] >= run.MIN_ROUNDS and r["ratio_iqr"][0] <= r["ratio_iqr"][1]
     per_example = next(r for r in records if r["strategy"] == "per_example_grads")
     batch = next(r for r in records if r["strategy"] == "batch_grad")
     # The per-example program holds B x P gradients; batch_grad holds one P.
