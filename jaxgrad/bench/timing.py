@@ -1,8 +1,9 @@
 """Timing and memory for the benchmarks: programs timed side by side in interleaved rounds.
 
-Every timing in ``jaxgrad.bench`` and ``bench/*.py`` (except the peers, one library per
-subprocess) goes through :func:`interleaved`, so that figures compared with each other are
-taken under the same machine load.
+Every comparison of programs by speed in ``python -m jaxgrad.bench`` (the default table and
+``--dp``) and in the probe scripts ``bench/*.py`` goes through :func:`interleaved`, so that
+figures compared with each other are taken under the same machine load; the peers (one library
+per subprocess) keep their worker's loop.
 """
 
 from __future__ import annotations
