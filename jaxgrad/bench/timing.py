@@ -84,10 +84,11 @@ def interleaved(
     ``⌈min_sample_seconds / fastest warm-up call⌉`` (at most :data:`MAX_CALLS_PER_SAMPLE`),
     so that a sample of a microsecond program is not dominated by the clock reads and the
     Python between samples, nor by one scheduler hiccup. The order rotates: round ``r`` starts
-    with program ``r mod K`` of the ``K`` and goes on cyclically, so that every program is as
-    often first in a round (after the bookkeeping between rounds) and follows as many
-    different neighbours (whose caches and memory traffic it inherits); with two programs it
-    alternates ``ab, ba, ab, ...``. A change of machine load then moves all the programs'
+    with program ``r mod K`` of the ``K`` and goes on cyclically, so that over ``K`` rounds
+    every program takes every position once: none is always first (after the Python between
+    rounds) or always last. With two programs it alternates ``ab, ba, ab, ...``; with more,
+    a program still mostly follows the same neighbour (the one before it in ``programs``),
+    a deterministic order that, unlike a shuffle, balances the positions even in few rounds. A change of machine load then moves all the programs'
     samples of a round together, and ratios of their medians, or the per-round ratios of
     :meth:`Timings.ratio_quartiles`, compare programs under the same conditions, where
     timing one program after another compares them under different ones.
