@@ -88,7 +88,7 @@ def interleaved(
     every program takes every position once: none is always first (after the Python between
     rounds) or always last. With two programs it alternates ``ab, ba, ab, ...``; with more,
     a program still mostly follows the same neighbour (the one before it in ``programs``),
-    a deterministic order that, unlike a shuffle, balances the positions even in few rounds.
+    a deterministic order that balances the positions exactly every ``K`` rounds.
     A change of machine load then moves all the programs' samples of a round together, and
     ratios of their medians, or the per-round ratios of :meth:`Timings.ratio_quartiles`, compare
     programs under the same conditions, where timing one program after another compares them
