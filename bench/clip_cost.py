@@ -1,7 +1,8 @@
 """The clipped sum's cost over one gradient: clipped_grad and per_example_norms ÷ batch_grad.
 
 Run: python bench/clip_cost.py MODEL BATCH ROUNDS (a model of ``jaxgrad.bench.suite.CASES``).
-The three programs are called in turn, once per round; the ratios are of medians. Besides wall
+The three programs are timed in interleaved rounds (``jaxgrad.bench.timing.interleaved``: one
+sample of each per round, the order rotated); the ratios are of medians. Besides wall
 time it reports process CPU time (all of XLA's threads), which on a shared, loaded machine
 measures the work done more steadily than the wall clock. To compare two versions, run it
 alternately with each on ``PYTHONPATH``.
@@ -9,14 +10,12 @@ alternately with each on ``PYTHONPATH``.
 
 import json
 import sys
-import time
 
 import jax
-import numpy as np
 
 import jaxgrad
 from jaxgrad import fast
-from jaxgrad.bench import suite
+from jaxgrad.bench import suite, timing
 
 
 def main(name: str, size: int, rounds: int) -> dict:
@@ -29,25 +28,16 @@ def main(name: str, size: int, rounds: int) -> dict:
         "clipped": jax.jit(lambda p, b: clipped(p, b)),
         "norms": jax.jit(lambda p, b: fast.per_example_norms(case.loss_fn)(p, b)),
     }
-    for f in fns.values():  # compile and warm up
-        jax.block_until_ready(f(params, batch))
-        jax.block_until_ready(f(params, batch))
-    wall = {k: [] for k in fns}
-    cpu = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            c, t = time.process_time(), time.perf_counter()
-            jax.block_until_ready(f(params, batch))
-            wall[k].append(time.perf_counter() - t)
-            cpu[k].append(time.process_time() - c)
-    med = lambda d: {k: float(np.median(v)) for k, v in d.items()}
-    w, c = med(wall), med(cpu)
+    t = timing.interleaved(fns, args=(params, batch), rounds=rounds)
+    w, c = t.seconds, t.cpu_seconds
+    q1, _, q3 = t.ratio_quartiles("clipped", "batch_grad")  # the ratio within each round
     return {
         "model": name,
         "B": size,
         "wall_ms": {k: round(v * 1e3, 1) for k, v in w.items()},
         "cpu_ms": {k: round(v * 1e3, 1) for k, v in c.items()},
         "wall_ratio": round(w["clipped"] / w["batch_grad"], 3),
+        "wall_ratio_iqr": [round(q1, 3), round(q3, 3)],
         "cpu_ratio": round(c["clipped"] / c["batch_grad"], 3),
         "norms_cpu_ratio": round(c["norms"] / c["batch_grad"], 3),
     }

@@ -1,4 +1,5 @@
-"""Speed and memory of jaxgrad.fast against batch_grad and vmap(grad), float32, side by side.
+"""Speed and memory of jaxgrad.fast against batch_grad and vmap(grad), float32, side by side:
+per model, the programs timed together in interleaved rounds (``jaxgrad.bench.timing``).
 
 Run: /work/venv/bin/python bench/fast_measure.py [--repeats N] [--quick]
 """
@@ -6,26 +7,14 @@ Run: /work/venv/bin/python bench/fast_measure.py [--repeats N] [--quick]
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import jaxgrad
+from jaxgrad.bench import timing
 from jaxgrad.bench.bandwidth import write_bandwidth_bound
 from jaxgrad.fast import clipped_grad, per_example_norms
-
-
-def timeit(f, *args, repeats=7):
-    jax.block_until_ready(f(*args))  # compile + warm up
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def peak_bytes(f, *args):
@@ -83,34 +72,41 @@ def plain_vmap_grad(loss):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default="mlp,cnn,transformer")
     args = parser.parse_args()
     r = args.repeats
-    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, float32, median of {r}")
+    device = jax.devices()[0].device_kind
+    print(f"jax {jax.__version__}, {device}, float32, medians of {r} interleaved rounds")
     for name, make in [("mlp", mlp_case), ("cnn", cnn_case), ("transformer", transformer_case)]:
         if name not in args.only.split(","):
             continue
         loss, params, batch = make(256)
         mask = jnp.ones(256, bool)
-        bg = jaxgrad.batch_grad(loss)
-        cg = clipped_grad(loss, l2_clip=1.0)
-        cg_core = jax.jit(lambda p, b, m, cg=cg: cg(p, b, m))
-        bg_core = jax.jit(lambda p, b, m, bg=bg: bg(p, b, m))
-        t_bg = timeit(bg, params, batch, mask, repeats=r)
-        t_cg = timeit(cg, params, batch, mask, repeats=r)
-        t_norms = timeit(per_example_norms(loss), params, batch, mask, repeats=r)
+        fns = {
+            "batch_grad": jaxgrad.batch_grad(loss),
+            "clipped_grad": clipped_grad(loss, l2_clip=1.0),
+            "per_example_norms": per_example_norms(loss),
+        }
+        if not args.quick:  # these take (params, batch): the mask is dropped
+            for label, f in (
+                ("vmap(grad)+clip", vmap_clip(loss, 1.0)),
+                ("per_example_grads", jaxgrad.per_example_grads(loss)),
+                ("plain vmap(grad)", plain_vmap_grad(loss)),
+            ):
+                fns[label] = lambda p, b, m, f=f: f(p, b)
+        t = timing.interleaved(fns, args=(params, batch, mask), rounds=r).seconds
+        t_bg, t_cg = t["batch_grad"], t["clipped_grad"]
         print(
             f"\n[{name}] B=256  batch_grad {t_bg * 1e3:.2f} ms  clipped_grad {t_cg * 1e3:.2f} ms"
-            f"  per_example_norms {t_norms * 1e3:.2f} ms"
+            f"  per_example_norms {t['per_example_norms'] * 1e3:.2f} ms"
         )
         print(f"  throughput clipped_grad / batch_grad = {t_bg / t_cg:.2f}")
         if not args.quick:
-            t_vc = timeit(vmap_clip(loss, 1.0), params, batch, repeats=max(3, r // 2))
+            t_vc = t["vmap(grad)+clip"]
             print(f"  vmap(grad)+clip {t_vc * 1e3:.2f} ms -> speed-up {t_vc / t_cg:.1f}x")
-            t_pe = timeit(jaxgrad.per_example_grads(loss), params, batch, repeats=max(3, r // 2))
-            t_pv = timeit(plain_vmap_grad(loss), params, batch, repeats=max(3, r // 2))
+            t_pe, t_pv = t["per_example_grads"], t["plain vmap(grad)"]
             n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
             bw = write_bandwidth_bound(256 * n_params * 4)
             print(
@@ -127,7 +123,6 @@ def main():
                 f"  B={size}: peak bytes batch_grad {mem_bg / 1e6:.1f} MB, clipped_grad "
                 f"{mem_cg / 1e6:.1f} MB, ratio {mem_cg / mem_bg:.2f}"
             )
-        del cg_core, bg_core
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Loop forms side by side, paired (the probe behind bench/results/loops-*.txt).
 
-For each model and batch size, two pairs of programs, each timed in alternating rounds (the
-two members back to back, in alternating order, so they share the machine's load):
+For each model and batch size, two pairs of programs, each timed in interleaved rounds
+(``jaxgrad.bench.timing.interleaved``: the two members back to back, in alternating order, so
+they share the machine's load):
 
 * ``accumulate_grad`` over 4 microbatches in the loop policy's form (``unroll="auto"``,
   ``jaxgrad._loops``) against its unrolled form (``unroll=4``, JAX's own unrolling: the
@@ -9,8 +10,8 @@ two members back to back, in alternating order, so they share the machine's load
 * ``per_example_grads(chunk_size=32)`` against unchunked ``per_example_grads`` (at B = 32 one
   chunk is the whole batch, the same program: left out).
 
-One sample is ``reps`` calls (at least ~0.1 s) divided by ``reps``; each round gives one
-ratio per pair (the second's time over the first's: the first's throughput relative to the
+One sample is ``n`` calls (at least ~0.1 s; ``n`` per program) divided by ``n``; each round
+gives one ratio per pair (the second's time over the first's: the first's throughput relative to the
 second), and the line reports the median ratio with its interquartile range over the rounds,
 the median milliseconds of each program, XLA's planned temporary memory of each
 (``memory_analysis``, deterministic) and the form the policy chose, with its reason.
@@ -20,17 +21,14 @@ Usage: ``python bench/loop_forms.py mlp,cnn,cnn-ws,transformer,rnn [ROUNDS] [BAT
 """
 
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend import core as jcore
 
 from jaxgrad import _loops, grads
-from jaxgrad.bench import suite
+from jaxgrad.bench import suite, timing
 
 
 def _loop_body(jaxpr):
@@ -53,29 +51,6 @@ def _policy(case, args):
         body.params["jaxpr"], body.params["num_carry"], body.params["num_consts"]
     )
     return step, _loops.form(4, "auto", step)
-
-
-def _paired(first, second, args, rounds):
-    """Per-round ratios time(second) / time(first), and each one's median seconds."""
-    jax.block_until_ready(first(*args))
-    jax.block_until_ready(second(*args))
-    one = []
-    for _ in range(3):  # the least-disturbed call sizes the samples
-        start = time.perf_counter()
-        jax.block_until_ready(second(*args))
-        one.append(time.perf_counter() - start)
-    reps = max(1, int(0.1 / min(one)))
-    times = ([], [])
-    for r in range(rounds):
-        for i in (0, 1) if r % 2 else (1, 0):
-            f = (first, second)[i]
-            start = time.perf_counter()
-            for _ in range(reps):
-                out = f(*args)
-            jax.block_until_ready(out)
-            times[i].append((time.perf_counter() - start) / reps)
-    ratios = np.asarray(times[1]) / np.asarray(times[0])
-    return ratios, statistics.median(times[0]), statistics.median(times[1]), reps
 
 
 def _temp_mb(f, args):
@@ -106,12 +81,19 @@ def main(names, rounds, batch_sizes):
                 flush=True,
             )
             for label, (first, second) in pairs.items():
-                ratios, t1, t2, reps = _paired(first, second, args, rounds)
-                q1, q2, q3 = np.quantile(ratios, [0.25, 0.5, 0.75])
+                t = timing.interleaved(
+                    {"first": first, "second": second},
+                    args=args,
+                    rounds=rounds,
+                    min_sample_seconds=0.1,
+                )
+                q1, q2, q3 = t.ratio_quartiles("second", "first")
+                t1, t2 = t.seconds["first"], t.seconds["second"]
+                n1, n2 = t.calls_per_sample["first"], t.calls_per_sample["second"]
                 print(
                     f"  {label}: throughput ratio median {q2:.2f} [IQR {q1:.2f}-{q3:.2f}],"
                     f" {t1 * 1e3:.1f} / {t2 * 1e3:.1f} ms, temp {_temp_mb(first, args):.1f} /"
-                    f" {_temp_mb(second, args):.1f} MB ({rounds} rounds x {reps} calls,"
+                    f" {_temp_mb(second, args):.1f} MB ({rounds} rounds x {n1} / {n2} calls,"
                     f" load {os.getloadavg()[0]:.1f})",
                     flush=True,
                 )

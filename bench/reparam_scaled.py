@@ -2,7 +2,8 @@
 
 ``L`` residual layers ``h + tanh(h @ W)`` with ``W = g ⊙ V / ‖V_o‖`` over ``T`` positions, a
 mean-pooled head; ``per_example_norms`` and ``clipped_grad`` over ``batch_grad``, timed in
-paired, alternating calls (the median of the per-pair ratios), after printing the plan.
+interleaved rounds (``jaxgrad.bench.timing.interleaved``; ``--pairs`` rounds): the median and
+interquartile range of the per-round time ratios, after printing the plan.
 
 Run from a checkout (``PYTHONPATH=.`` for this tree's code)::
 
@@ -10,13 +11,13 @@ Run from a checkout (``PYTHONPATH=.`` for this tree's code)::
 """
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxgrad import batch_grad, clipped_grad, per_example_norms
+from jaxgrad.bench import timing
 from jaxgrad.fast import plan
 
 
@@ -26,7 +27,7 @@ def main():
     ap.add_argument("--positions", type=int, default=16)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--pairs", type=int, default=12)
+    ap.add_argument("--pairs", type=int, default=12, help="interleaved rounds")
     a = ap.parse_args()
     b, t, d = a.batch, a.positions, a.width
     rng = np.random.default_rng(0)
@@ -56,22 +57,10 @@ def main():
         "per_example_norms": jax.jit(per_example_norms(loss)),
         "clipped_grad": jax.jit(clipped_grad(loss, l2_clip=1.0)),
     }
-    for f in fns.values():
-        jax.block_until_ready(f(params, batch))
-
-    def seconds(f):
-        start = time.perf_counter()
-        jax.block_until_ready(f(params, batch))
-        return time.perf_counter() - start
-
-    ratios = {"per_example_norms": [], "clipped_grad": []}
-    for _ in range(a.pairs):
-        for name, rs in ratios.items():
-            base = seconds(fns["batch_grad"])
-            rs.append(seconds(fns[name]) / base)
-    for name, rs in ratios.items():
-        q1, q3 = np.percentile(rs, [25, 75])
-        print(f"{name} / batch_grad: median {np.median(rs):.3f} (IQR {q1:.3f}-{q3:.3f})")
+    t = timing.interleaved(fns, args=(params, batch), rounds=a.pairs)
+    for name in ("per_example_norms", "clipped_grad"):
+        q1, q2, q3 = t.ratio_quartiles(name, "batch_grad")
+        print(f"{name} / batch_grad: median {q2:.3f} (IQR {q1:.3f}-{q3:.3f})")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
 """The issue-8 speed check: ``clipped_grad`` / ``batch_grad`` on the scan RNN, and on a 4-block
 transformer written with a scan over its layers against the same stack unrolled.
 
-Interleaved rounds (within a case, the two programs alternate, in alternating order, one
-warm-up call each), so both share the machine's load; prints medians and interquartile ranges.
+Interleaved rounds (``jaxgrad.bench.timing.interleaved``: within a case, the two programs
+alternate, in alternating order, a sample at least 20 ms of calls), so both share the machine's
+load; prints medians and interquartile ranges (the scanned / unrolled figure pairs the two
+transformers' per-round ratios by round index).
 
 Usage: ``python bench/scan_vs_unrolled.py [ROUNDS]`` (default 15).
 """
 
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,27 +22,19 @@ NAMES = ("rnn", "transformer-L4", "transformer-scan")
 
 
 def main(rounds: int, batch_size: int = 64) -> None:
-    fs = {}
-    for name in NAMES:
+    times, peak = {}, {}
+    for name in NAMES:  # case by case, each case's two programs interleaved
         case = suite.CASES[name]()
         params = case.model.init(jax.random.key(0))
         args = (params, case.make_batch(batch_size), jnp.ones((batch_size,), bool))
-        fs[(name, "bg")] = (grads.batch_grad(case.loss_fn), args)
-        fs[(name, "clip")] = (fast.clipped_grad(case.loss_fn, l2_clip=1.0), args)
-    for f, a in fs.values():
-        jax.block_until_ready(f(*a))
-    peak = {k: timing.compiled_peak_bytes(f, *a) / 2**20 for k, (f, a) in fs.items()}
-    times = {k: [] for k in fs}
-    for name in NAMES:  # case by case: a call after another model's would start cold
-        calls = 5 if name == "rnn" else 1
-        for r in range(rounds):
-            for kind in ("bg", "clip") if r % 2 == 0 else ("clip", "bg"):
-                f, a = fs[(name, kind)]
-                jax.block_until_ready(f(*a))
-                t = time.perf_counter()
-                for _ in range(calls):
-                    jax.block_until_ready(f(*a))
-                times[(name, kind)].append((time.perf_counter() - t) / calls)
+        fs = {
+            "bg": grads.batch_grad(case.loss_fn),
+            "clip": fast.clipped_grad(case.loss_fn, l2_clip=1.0),
+        }
+        t = timing.interleaved(fs, args=args, rounds=rounds, min_sample_seconds=0.02)
+        for kind, f in fs.items():
+            times[(name, kind)] = t.samples[kind]
+            peak[(name, kind)] = timing.compiled_peak_bytes(f, *args) / 2**20
     ratio = {n: np.array(times[(n, "clip")]) / np.array(times[(n, "bg")]) for n in NAMES}
     iqr = lambda x: (
         f"{np.median(x):.3f} (IQR {np.percentile(x, 25):.3f}-{np.percentile(x, 75):.3f})"

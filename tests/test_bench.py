@@ -22,6 +22,9 @@ def test_run_suite_records_every_row_with_ratio_to_batch_grad():
         assert r["examples_per_s"] > 0 and r["compile_s"] >= 0
     batch_rows = [r for r in records if r["strategy"] == "batch_grad"]
     assert all(r["ratio_to_batch_grad"] == 1.0 for r in batch_rows)
+    assert all(r["ratio_iqr"] == [1.0, 1.0] for r in batch_rows)  # its own rounds, interleaved
+    for r in records:
+        assert r["repeats"] >= run.MIN_ROUNDS and r["ratio_iqr"][0] <= r["ratio_iqr"][1]
     per_example = next(r for r in records if r["strategy"] == "per_example_grads")
     batch = next(r for r in records if r["strategy"] == "batch_grad")
     # The per-example program holds B x P gradients; batch_grad holds one P.
@@ -97,10 +100,81 @@ def test_bad_arguments_are_named(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_measure_reports_median_and_compile_time():
-    calls = []
-    m = timing.measure(lambda: calls.append(1), min_repeats=4, max_repeats=4, min_seconds=0)
-    assert m.repeats == 4 and len(calls) == 5 and m.seconds >= 0
+class _FakeClock:
+    """A clock that only the programs advance: each call costs its stated seconds exactly, a
+    program's first call 10 more (its "compilation"), and CPU time runs at twice the wall."""
+
+    def __init__(self, cost):
+        self.now, self.cost, self.calls, self.seen = 0.0, cost, [], set()
+
+    def program(self, name):
+        def f(r):
+            self.calls.append((name, r))
+            self.now += self.cost(name, r) + (10.0 if name not in self.seen else 0.0)
+            self.seen.add(name)
+
+        return f
+
+
+def _fake_interleaved(monkeypatch, cost, names=("fast", "slow"), **kwargs):
+    clock = _FakeClock(cost)
+    monkeypatch.setattr(timing, "_wall_clock", lambda: clock.now)
+    monkeypatch.setattr(timing, "_cpu_clock", lambda: 2 * clock.now)
+    rounds_seen = []
+
+    def args(name, r):
+        rounds_seen.append((name, r))
+        return (r,)
+
+    programs = {name: clock.program(name) for name in names}
+    return timing.interleaved(programs, args=args, **kwargs), clock, rounds_seen
+
+
+def test_interleaved_rotates_rounds_and_separates_compile_time(monkeypatch):
+    # slow costs 3 s a call, fast 1 s, but fast's round 2 is disturbed (load: 50 s).
+    cost = lambda name, r: 3.0 if name == "slow" else (50.0 if r == 2 else 1.0)
+    t, clock, rounds_seen = _fake_interleaved(monkeypatch, cost, rounds=4, min_sample_seconds=0.0)
+    # first (compiling) call and warm-up call of each, then rounds 0-3, the order rotated
+    expected = [("fast", -1), ("slow", -1)] * 2
+    expected += [("fast", 0), ("slow", 0), ("slow", 1), ("fast", 1)]
+    expected += [("fast", 2), ("slow", 2), ("slow", 3), ("fast", 3)]
+    assert clock.calls == expected and rounds_seen == expected  # args() once per call here
+    assert t.rounds == 4 and t.calls_per_sample == {"fast": 1, "slow": 1}
+    assert t.samples == {"fast": (1.0, 1.0, 50.0, 1.0), "slow": (3.0,) * 4}
+    assert t.seconds == {"fast": 1.0, "slow": 3.0}  # the disturbed round does not move it
+    assert t.cpu_seconds == {"fast": 2.0, "slow": 6.0}
+    assert t.compile_s == {"fast": 10.0, "slow": 10.0}  # first call (11, 13) minus median
+    q1, q2, q3 = t.ratio_quartiles("slow", "fast")
+    # ratios 3, 3, 0.06, 3 (inclusive quartiles): the disturbed round moves only the first
+    assert (q2, q3) == (3.0, 3.0) and q1 == pytest.approx(0.06 + 0.75 * (3.0 - 0.06))
+    assert t.ratio_quartiles("slow", "fast") != t.ratio_quartiles("fast", "slow")
+
+
+def test_interleaved_min_seconds_sample_size_and_errors(monkeypatch):
+    cost = lambda name, r: 3.0 if name == "slow" else 1.0
+    # 4 s a round: 2 rounds at least, then more until 20 s are spent (5 rounds)
+    t, _, _ = _fake_interleaved(
+        monkeypatch, cost, rounds=2, min_seconds=20.0, min_sample_seconds=0.0
+    )
+    assert t.rounds == 5
+    t, _, _ = _fake_interleaved(
+        monkeypatch, cost, rounds=2, min_seconds=1e9, max_rounds=7, min_sample_seconds=0.0
+    )
+    assert t.rounds == 7
+    # a sample of the 1 s program is 3 calls of it, one args() call for the sample; being
+    # under min_sample_seconds, it was warmed up by 3 calls (slow by 1)
+    t, clock, rounds_seen = _fake_interleaved(monkeypatch, cost, rounds=2, min_sample_seconds=2.5)
+    assert t.calls_per_sample == {"fast": 3, "slow": 1} and t.seconds == {"fast": 1.0, "slow": 3.0}
+    assert len(clock.calls) == 2 + (3 + 1) + 2 * (3 + 1)
+    assert len(rounds_seen) == 2 + 2 + 2 * 2  # once per first call, warm-up and sample
+    with pytest.raises(ValueError, match="rounds must be a positive integer; got 0"):
+        timing.interleaved({"f": print}, rounds=0)
+    with pytest.raises(ValueError, match="programs must be a non-empty mapping"):
+        timing.interleaved({}, rounds=1)
+    with pytest.raises(ValueError, match="min_seconds must be a non-negative finite"):
+        timing.interleaved({"f": print}, rounds=1, min_seconds=-1.0)
+    with pytest.raises(KeyError, match="denominator 'g' is not a timed program"):
+        t.ratio_quartiles("fast", "g")
 
 
 def test_main_legend_progress_markdown_and_plot(tmp_path, capsys):

@@ -72,7 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(suite.STRATEGIES),
         help=f"comma-separated, from: {', '.join(suite.STRATEGIES)} (default: all)",
     )
-    p.add_argument("--min-seconds", type=float, default=0.3, help="time per row at least")
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=0.3,
+        help="timed seconds per row on average: the interleaved rounds of a model and batch "
+        "size go on until they took this times the rows (3 rounds at least, 25 at most)",
+    )
     p.add_argument("--json", metavar="PATH", help="write one record per row as JSON here")
     p.add_argument("--markdown", metavar="PATH", help="write the table as markdown here")
     p.add_argument("--plot", metavar="PATH", help="write a bar chart here (needs matplotlib)")
@@ -185,7 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(run.format_table(records))
         print("\n" + run.LEGEND)
-    _footer(machine, records, args, start, " Medians after warm-up; ratios from this run.")
+    _footer(
+        machine,
+        records,
+        args,
+        start,
+        " Medians of interleaved rounds after warm-up; ratios from this run.",
+    )
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(run.format_markdown(records) + "\n")

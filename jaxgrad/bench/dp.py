@@ -1,7 +1,8 @@
 """``python -m jaxgrad.bench --dp``: a full DP-SGD step against a non-private step, side by side.
 
-For every model and batch size ``B``, six jitted programs are timed in interleaved rounds
-(one call of each per round, so all see the same machine load) and their medians compared:
+For every model and batch size ``B``, the jitted programs below are timed in interleaved rounds
+(:func:`jaxgrad.bench.timing.interleaved`: one sample of each per round, the order rotated,
+so all see the same machine load) and their medians compared:
 
 * ``non-private step``: :func:`jaxgrad.batch_grad` and an optax update;
 * ``DP step``: :func:`jaxgrad.privacy.dp_grad` (clip to ``C``, sum, ``N(0, σ²C² I)`` once,
@@ -40,9 +41,7 @@ The update is ``optax.sgd`` (the cheapest optax update: it dilutes the DP overhe
 from __future__ import annotations
 
 import functools
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +49,7 @@ import numpy as np
 import optax
 
 from jaxgrad import _loops, grads, privacy
-from jaxgrad.bench import suite
+from jaxgrad.bench import suite, timing
 from jaxgrad.privacy import threefry
 
 DEFAULT_MODELS = ["mlp", "cnn", "cnn-ws", "transformer", "rnn"]
@@ -188,7 +187,8 @@ def _old_noise(params, key, *, stddev):
 def measure_case(
     case_name: str, batch_size: int, *, rounds: int = 15, data_size: int = DATA_SIZE, log=None
 ) -> dict:
-    """Medians of the programs over ``rounds`` interleaved rounds, and their ratios."""
+    """Medians of the programs over ``rounds`` interleaved rounds
+    (:func:`jaxgrad.bench.timing.interleaved`, a new key every round), and their ratios."""
     case = suite.CASES[case_name]()
     params = case.model.init(jax.random.key(0))
     batch = case.make_batch(batch_size)
@@ -204,23 +204,17 @@ def measure_case(
     }
 
     def args(name, r):  # a new key every round: a new Poisson draw, as in training
-        key = jax.random.fold_in(jax.random.key(suite.DP_KEY), r)
+        key = jax.random.fold_in(jax.random.key(suite.DP_KEY), r + 1)  # r = -1: warm-up
         return (params, opt_state, rows.get(name, batch), key)
 
-    compile_s = {}
-    for name, f in fns.items():
-        start = time.perf_counter()
-        jax.block_until_ready(f(*args(name, rounds)))
-        compile_s[name] = time.perf_counter() - start
-    times = {name: [] for name in fns}
-    for r in range(rounds):
-        for name, f in fns.items():
-            a = args(name, r)
-            start = time.perf_counter()
-            jax.block_until_ready(f(*a))
-            times[name].append(time.perf_counter() - start)
-    med = {name: statistics.median(t) for name, t in times.items()}
+    t = timing.interleaved(fns, args=args, rounds=rounds)
+    med = dict(t.seconds)
     med["fit(privacy) step"] /= FIT_STEPS
+    iqr = {}  # over the rounds: each program's throughput over the non-private step's
+    for name in fns:
+        q1, _, q3 = t.ratio_quartiles("non-private step", name)
+        steps = FIT_STEPS if name == "fit(privacy) step" else 1  # per step, as med
+        iqr[name] = [q1 * steps, q3 * steps]
     plain = med["non-private step"]
     ceiling = med["non-private step + noise"]
     expected = functools.partial(privacy.expected_rows, num_examples=data_size, sampling_rate=q)
@@ -231,7 +225,8 @@ def measure_case(
         "batch_size": batch_size,
         "rounds": rounds,
         "median_s": med,
-        "compile_s": compile_s,
+        "compile_s": t.compile_s,
+        "nonprivate_ratio_iqr": iqr,
         "data_size": data_size,
         "dp_over_nonprivate_throughput": plain / med["DP step"],
         "sampled_over_nonprivate_throughput": plain / med["sampled DP step"],
@@ -278,7 +273,8 @@ def format_record(r: dict) -> str:
 
 
 NOTE = (
-    "Medians of interleaved rounds (each program called once per round). DP step = "
+    "Medians of interleaved rounds (one sample of each program per round, the order rotated). "
+    "DP step = "
     "privacy.dp_grad (clip C=1, sum, one N(0, σ²C² I) draw with σ=1, divide by B) + optax.sgd; "
     "non-private step = batch_grad + the same update; noise = the draw alone (per step, "
     "independent of B; uncut tails to |z| = 9.155; x = its time over jax.random.normal's "
