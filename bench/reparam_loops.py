@@ -3,8 +3,9 @@
 ``h_t = tanh(h_{t-1} W_hh + x_t U + b)`` over ``T`` steps (``lax.scan``), a softmax head on
 ``h_T``; ``W_hh`` computed before the loop ("outside") or inside the step function
 ("inside", as hand-written Flax and Equinox cells do). Prints the plans, then
-``clipped_grad`` ÷ ``batch_grad`` (float32) over interleaved rounds (the three functions in
-alternating order; median and interquartile range of the per-round ratios). With
+``clipped_grad`` ÷ ``batch_grad`` (float32) over interleaved rounds
+(``jaxgrad.bench.timing.interleaved``; median and interquartile range of the per-round
+ratios). With
 ``--before DIR`` (a directory holding another version's ``jaxgrad`` package, e.g. from
 ``git archive <commit> jaxgrad | tar -x -C DIR``) that version's ``clipped_grad`` is timed in
 the same rounds, and the per-round ratio of the two.
@@ -18,11 +19,12 @@ import argparse
 import importlib
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxgrad.bench import timing  # (this tree's, loaded before any --before version)
 
 
 def _load(path):
@@ -93,28 +95,22 @@ def main():
             print(f"{tag}, W_hh computed {form} the step:")
             for lp in jg.fast.plan(loss, params, one).leaves:
                 print(f"  {lp.path:8s} {lp.route[:100]}")
-    for f in fs.values():
-        jax.block_until_ready(f(params, batch, mask))
-    times = {key: [] for key in fs}
+    names = {f"{form} {name}": key for key in fs for form, name in [key]}
+
+    def q(t, num, den):
+        return "{1:.2f} (IQR {0:.2f}-{2:.2f})".format(*t.ratio_quartiles(num, den))
+
     for form in ("outside", "inside"):
-        keys = [key for key in fs if key[0] == form]
-        for r in range(a.rounds):
-            for key in keys if r % 2 == 0 else keys[::-1]:
-                jax.block_until_ready(fs[key](params, batch, mask))
-                t = time.perf_counter()
-                for _ in range(10):
-                    jax.block_until_ready(fs[key](params, batch, mask))
-                times[key].append((time.perf_counter() - t) / 10)
-    q = lambda x: f"{np.median(x):.2f} (IQR {np.percentile(x, 25):.2f}-{np.percentile(x, 75):.2f})"
-    for form in ("outside", "inside"):
-        bg = np.array(times[(form, "batch_grad")])
-        print(f"W_hh computed {form} the step: batch_grad {np.median(bg) * 1e3:.1f} ms")
+        progs = {n: fs[key] for n, key in names.items() if key[0] == form}
+        t = timing.interleaved(progs, args=(params, batch, mask), rounds=a.rounds)
+        base = f"{form} batch_grad"
+        print(f"W_hh computed {form} the step: batch_grad {t.seconds[base] * 1e3:.1f} ms")
         for tag, _ in versions:
-            t = np.array(times[(form, tag)])
-            print(f"  clipped_grad ({tag}) {np.median(t) * 1e3:7.1f} ms, ÷ batch_grad {q(t / bg)}")
+            name = f"{form} {tag}"
+            ms = t.seconds[name] * 1e3
+            print(f"  clipped_grad ({tag}) {ms:7.1f} ms, ÷ batch_grad {q(t, name, base)}")
         if a.before:
-            ratio = np.array(times[(form, "this")]) / np.array(times[(form, "before")])
-            print(f"  this ÷ before, per round: {q(ratio)}")
+            print(f"  this ÷ before, per round: {q(t, f'{form} this', f'{form} before')}")
     print(
         f"{jax.devices()[0].device_kind} · B = {a.batch}, H = {h}, T = {a.steps}, "
         f"D = {d}, float32 · {a.rounds} rounds"

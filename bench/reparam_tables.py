@@ -5,21 +5,22 @@
 * ``made``: a MADE MLP (masks ``M`` full, not a row and a column factor, built from the
   degrees as in Germain et al. 2015), Bernoulli log-likelihood, no sequence axis.
 
-``per_example_norms`` and ``clipped_grad`` over ``batch_grad``, timed in paired, alternating
-calls (the median of the per-pair ratios, and its interquartile range), after printing the
-plan. Run from a checkout (``PYTHONPATH=.`` for this tree's code)::
+``per_example_norms`` and ``clipped_grad`` over ``batch_grad``, timed in interleaved
+rounds (``jaxgrad.bench.timing.interleaved``: the median of the per-round ratios, and its
+interquartile range), after printing the plan. Run from a checkout (``PYTHONPATH=.`` for
+this tree's code)::
 
     python bench/reparam_tables.py --model made --pairs 15
 """
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxgrad import batch_grad, clipped_grad, per_example_norms
+from jaxgrad.bench import timing
 from jaxgrad.fast import plan
 
 
@@ -100,22 +101,10 @@ def main():
         "per_example_norms": jax.jit(per_example_norms(loss)),
         "clipped_grad": jax.jit(clipped_grad(loss, l2_clip=1.0)),
     }
-    for f in fns.values():
-        jax.block_until_ready(f(params, batch))
-
-    def seconds(f):
-        start = time.perf_counter()
-        jax.block_until_ready(f(params, batch))
-        return time.perf_counter() - start
-
-    ratios = {"per_example_norms": [], "clipped_grad": []}
-    for _ in range(a.pairs):
-        for name, rs in ratios.items():
-            base = seconds(fns["batch_grad"])
-            rs.append(seconds(fns[name]) / base)
-    for name, rs in ratios.items():
-        q1, q3 = np.percentile(rs, [25, 75])
-        print(f"{a.model} {name} / batch_grad: median {np.median(rs):.3f} (IQR {q1:.3f}-{q3:.3f})")
+    t = timing.interleaved(fns, args=(params, batch), rounds=a.pairs)
+    for name in ("per_example_norms", "clipped_grad"):
+        q1, q2, q3 = t.ratio_quartiles(name, "batch_grad")
+        print(f"{a.model} {name} / batch_grad: median {q2:.3f} (IQR {q1:.3f}-{q3:.3f})")
 
 
 if __name__ == "__main__":
