@@ -475,7 +475,6 @@ def sampled_clipped_sum(clipped, *, physical_batch_size, sampling_rate=None, sou
     over ``K`` compiled clipped sums: less padding, the same sum).
     """
     sizes = sampling.check_physical_sizes(physical_batch_size)
-    p = sizes[-1]
     if (source is None) == (sampling_rate is None):
         raise ValueError("give exactly one of `sampling_rate` (Poisson) and `source`")
     from jaxgrad.privacy import sources
@@ -485,6 +484,8 @@ def sampled_clipped_sum(clipped, *, physical_batch_size, sampling_rate=None, sou
 
     def f(params, data, sample_key, *args, step=None):
         n = reduce.batch_size(data, name="data")
+        sizes_n = sampling.cap_sizes(sizes, n)  # P > N: the same sum, N rows
+        p = sizes_n[-1]
         sample = source.sample(
             sample_key, num_examples=n, physical_batch_size=p, **sources.step_kwargs(source, step)
         )
@@ -495,9 +496,9 @@ def sampled_clipped_sum(clipped, *, physical_batch_size, sampling_rate=None, sou
             return clipped(params, jax.tree_util.tree_map(lambda a: a[idx], data), mask, *args)
 
         first = None
-        if len(sizes) > 1:  # the smallest size holding the first min(b, P) rows
-            which = jnp.searchsorted(jnp.asarray(sizes), jnp.minimum(sample.count, p))
-            branches = [lambda s=s: batch(jnp.int32(0), s) for s in sizes]
+        if len(sizes_n) > 1:  # the smallest size holding the first min(b, P) rows
+            which = jnp.searchsorted(jnp.asarray(sizes_n), jnp.minimum(sample.count, p))
+            branches = [lambda s=s: batch(jnp.int32(0), s) for s in sizes_n]
             first = lambda: jax.lax.switch(which, branches)
         # The first physical batch runs outside the loop (jaxgrad._loops.peeled_sum: XLA:CPU
         # compiles a loop body several times slower); it holds the whole draw on almost every
@@ -550,8 +551,9 @@ def sampled_dp_grad(
         (:func:`jaxgrad.privacy.physical_batch_sizes`): the first batch is the smallest
         ``P_j`` holding the draw (a ``lax.switch``; draws past ``P_K`` go on in batches of
         ``P_K``), cutting the padding to ~``4σ / K`` rows for ``K`` compilations of the
-        clipped sum. Not on a CPU for a model with convolutions: XLA:CPU compiles a
-        convolution inside a ``lax.switch`` branch ~10× slower (as in a loop body). The
+        clipped sum. A size above the data set's ``N`` runs ``N`` rows (the same sum). Not
+        on a CPU for a model with convolutions: XLA:CPU compiles a convolution inside a
+        ``lax.switch`` branch ~10× slower (as in a loop body). The
         rows run, and so the step's time, follow the private count ``b`` (one size: whether
         ``b > P``; ``K`` sizes: which of ``K`` bins): nothing released depends on them, and
         timing is outside the threat model (docs/privacy.md, "What the physical batches

@@ -199,7 +199,9 @@ def _row_check(validate):
 
 def _augmented(loss_fn, augment, *, privacy, loss_key):
     """``loss_fn``, or with ``augment`` the mean over ``privacy.augmentations`` copies."""
-    copies = getattr(privacy, "augmentations", 1)  # (a wrong type is plan()'s to name)
+    copies = getattr(privacy, "augmentations", 1)  # (a wrong type of `privacy`: plan()'s)
+    # Named before anything else: K = 0 or 1.5 is a bad K, not a missing `augment`.
+    copies = reduce.check_positive_int(copies, name="augmentations")
     if copies != 1 and augment is None:
         raise ValueError(
             f"`privacy.augmentations` is {copies!r}, so `augment` (a function "
@@ -218,7 +220,6 @@ def _augmented(loss_fn, augment, *, privacy, loss_key):
             "loss_key=jax.random.key(1)); got loss_key=None"
         )
     keyed = example_keys._takes(loss_fn, 2) is False  # a loss that needs a key gets one
-    copies = reduce.check_positive_int(copies, name="augmentations")
     return dp_units.augmented_loss(loss_fn, augment, copies=copies, keyed=keyed)
 
 
