@@ -438,6 +438,8 @@ def fit(
     keep = _positive(keep, "keep")
     loss_fn = _augmented(loss_fn, augment, privacy=privacy, loss_key=loss_key)
     loss_key = example_keys.check_loss_fn(loss_fn, loss_key)
+    if privacy is not None and loss_key is not None:  # rows 0, 1 would get the noise's keys
+        keys.check_distinct(key, loss_key, name="loss_key")
     if units is not None:  # one example per unit from here on: sampled, clipped, counted
         _check_units_fit(privacy, mesh)
         validate_data(loss_fn, train_data, None)  # the rows, by the row loss's own check
