@@ -65,6 +65,33 @@ def check_nonfinite(nonfinite):
     return nonfinite
 
 
+def check_sum_precision(params) -> None:
+    """Refuses parameters narrower than float32 in a DP step's clipped sum (works traced).
+
+    The sum is computed in the parameters' dtype, and rounding ``S`` to a spacing of up to
+    ``|S| · eps`` (``eps = 2⁻⁷`` in bfloat16, ``2⁻¹⁰`` in float16) moves it by more than the
+    clip norm ``C`` once ``|S| > C / eps``: 10016 and 10017 examples of gradient 1 round to
+    9984 and 10048 in bfloat16, 64 apart for ``C = 1``, and noise below the spacing is
+    rounded away, so the noise calibrated to ``C`` would not hide one example. (In float32
+    the spacing reaches ``C`` only at ``|S| = 2²⁴ C``, far below ``σC`` for real batches:
+    the floating-point caveat of docs/privacy.md.)
+
+    Raises:
+      TypeError: naming the leaf, its dtype and what to do.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = jnp.result_type(leaf)
+        if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+            raise TypeError(
+                f"`params` leaf {jax.tree_util.keystr(path) or '(root)'} has dtype {dtype}: a "
+                "DP step's clipped sum is computed in the parameters' dtype, and its rounding "
+                f"(spacing |S|·{float(jnp.finfo(dtype).eps):g}) exceeds the clip norm once "
+                f"|S| > {1 / float(jnp.finfo(dtype).eps):g}·C, so the noise would not hide one "
+                "example; expected float32 or float64 parameters (cast them for DP training, "
+                "e.g. jax.tree.map(lambda p: p.astype(jnp.float32), params))"
+            )
+
+
 class ClippedSum:
     """The clipped-sum part of a DP step: ``f(params, batch, mask, *args) -> (S, b, bad)``.
 
@@ -102,6 +129,7 @@ class ClippedSum:
         )
 
     def __call__(self, params, batch, mask, *args, units=None):
+        check_sum_precision(params)
         parts = self._parts(params, batch, mask, *args, units=units)
         return parts.total, parts.num_kept, jnp.sum(parts.dropped, dtype=jnp.int32)
 
