@@ -86,6 +86,33 @@ def check_key(key, *, name: str = "key"):
     )
 
 
+def check_distinct(key, loss_key, *, name: str = "loss_key") -> None:
+    """Refuses a private run's ``loss_key`` equal to its ``key`` (the same key data).
+
+    ``fold_in(k, d)`` is Threefry block ``(0, d)`` of ``k`` and ``split(k)`` takes blocks 0
+    and 1, so with ``K`` both keys, row ``i``'s loss key ``fold_in(fold_in(K, t), i)`` is, for
+    rows 0 and 1, step ``t``'s sample and noise keys (:func:`dp_keys`): the randomness of two
+    examples' losses (dropout, augmentation) would be the draw's and the noise's own bits, and
+    the noise no longer independent of the clipped sum it hides.
+
+    Raises:
+      ValueError: naming ``name``.
+
+    Example::
+
+      >>> import jax
+      >>> from jaxgrad.keys import check_distinct
+      >>> check_distinct(jax.random.key(0), jax.random.key(1))  # different: nothing to say
+    """
+    if np.array_equal(np.asarray(key_data(key)), np.asarray(key_data(loss_key))):
+        raise ValueError(
+            f"`{name}` must differ from the private run's `key`; got the same key data. Row i's "
+            f"loss key fold_in(fold_in({name}, t), i) would be, for rows 0 and 1, step t's "
+            "sample and noise keys: pass another key (e.g. jax.random.key(1)), or leave "
+            "key=None (OS entropy)"
+        )
+
+
 def fingerprint(key) -> str:
     """A short hash of a key's data, to tell runs with different keys apart (not secret-safe
     for low-entropy keys: a key made from a small seed can be found from its hash)."""

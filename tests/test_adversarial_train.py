@@ -419,6 +419,15 @@ def test_batching_sizes_are_checked():
         data.num_batches(5, -2)  # was -2 batches
     with pytest.raises(ValueError, match=r"`num_examples` must be a positive integer; got 0"):
         data.epoch_indices(jax.random.key(0), 0, 0, 2)
+    with pytest.raises(TypeError, match=r"`key` must be one PRNG key.*an int is a seed"):
+        data.epoch_indices(0, 0, 10, 4)  # was JAX's "invalid PRNG key data"
+    for bad in (-1, 2**32):  # was an OverflowError from fold_in's uint32
+        with pytest.raises(
+            ValueError, match=rf"`epoch` must be an integer in \[0, 2\*\*32\); got {bad}"
+        ):
+            data.epoch_indices(jax.random.key(0), bad, 10, 4)
+    with pytest.raises(ValueError, match=r"`epoch` must be an integer \(a scalar\); got 1.5"):
+        data.epoch_indices(jax.random.key(0), 1.5, 10, 4)
 
 
 # --- command lines -------------------------------------------------------------------------

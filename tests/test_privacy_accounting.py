@@ -75,6 +75,24 @@ def test_check_delta_bad_arguments():
             accounting.check_delta(1e-5, num_examples=bad)
 
 
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_a_target_no_sigma_reaches_is_named_not_a_dp_accounting_traceback(accountant):
+    """RDP's orders bound its ε below at any σ (log(1/δ)/(α_max − 1)): ε = 1e-3 at δ = 1e-10
+    is out of its reach, which dp-accounting called directly confirms at σ = 2**30; the search
+    raised dp-accounting's NoBracketIntervalFoundError, naming no argument."""
+    rdp = dpa.rdp.RdpAccountant()
+    rdp.compose(dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(2.0**30), 10**6))
+    assert rdp.get_epsilon(1e-10) > 1e-3
+    with pytest.raises(ValueError, match=r"`target_epsilon` 0.001 is out of reach"):
+        accounting.calibrate_noise_multiplier(
+            target_epsilon=1e-3,
+            delta=1e-10,
+            sampling_rate=1.0,
+            steps=10**6,
+            accountant=accountant,
+        )
+
+
 # ------------------------------------------------------------------------------------------
 # The PLD's size, estimated before it is built.
 

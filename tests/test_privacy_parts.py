@@ -285,3 +285,22 @@ def test_a_private_run_resumes_only_on_the_same_data_and_optimizer(tmp_path):
         again((changed, y), 0.05)
     with pytest.raises(checkpoint.CheckpointError, match="hyperparameters differ from the private"):
         again((x, y), 0.3)
+
+
+@pytest.mark.parametrize(("dtype", "n"), [(jnp.bfloat16, 10016), (jnp.float16, 2054)])
+def test_parameters_below_float32_are_refused_by_every_clipped_sum(dtype, n):
+    """The clipped sum is computed in the parameters' dtype: in bfloat16, 10016 and 10017
+    examples of gradient 1 (C = 1) summed to 9984 and 10048, so dp_grad with σ = 4 released
+    one or the other in 500 of 500 draws — membership with certainty. Refused by name."""
+    spacing = float(jnp.asarray(n + 1.0, dtype)) - float(jnp.asarray(float(n), dtype))
+    assert spacing > 1.0  # the rounding alone moves a sum of n examples by more than C = 1
+    loss = lambda w, x: jnp.dot(w["a"], x)
+    params, x = {"a": jnp.zeros(2, dtype)}, jnp.ones((4, 2), dtype)
+    match = rf"`params` leaf \['a'\] has dtype {jnp.dtype(dtype).name}.*expected float32"
+    f = privacy.dp_grad(loss, l2_clip=1.0, noise_multiplier=4.0, expected_batch_size=2.0)
+    with pytest.raises(TypeError, match=match):
+        f(params, x, None, jax.random.key(0))
+    with pytest.raises(TypeError, match=match):
+        privacy.QuantileClippedSum(loss)(params, x, None, 1.0)
+    g = f(jax.tree.map(lambda p: p.astype(jnp.float32), params), x, None, jax.random.key(0))
+    assert g["a"].dtype == jnp.float32  # the cast the message asks for trains

@@ -90,3 +90,21 @@ def test_bad_physical_sizes_are_refused(bad):
             sampling_rate=0.1,
             physical_batch_size=bad,
         )
+
+
+def test_a_physical_batch_larger_than_the_data_set_runs_its_n_rows():
+    """P = 10⁹ for N = 8 asked XLA for 130 GB (out of memory); capped at N, the step is the one
+    with P = N, bit for bit (same draw, noise and sum), and so is a sequence of sizes past N."""
+    loss = lambda w, ex: jnp.sum((ex[0] @ w - ex[1]) ** 2)
+    rng = np.random.default_rng(0)
+    data, w = (rng.standard_normal((8, 3)), rng.standard_normal(8)), jnp.ones(3)
+    kw = dict(l2_clip=0.7, noise_multiplier=1.3, sampling_rate=0.5, return_info=True)
+    step = lambda p: privacy.sampled_dp_grad(loss, physical_batch_size=p, **kw)(
+        w, data, jax.random.key(5)
+    )
+    (g_n, info_n), (g_big, info_big) = step(8), step(10**9)
+    np.testing.assert_array_equal(g_n, g_big)
+    assert tuple(map(int, info_n)) == tuple(map(int, info_big))
+    g_sizes, _ = step((2, 5, 10**9))
+    np.testing.assert_allclose(g_sizes, g_n, rtol=1e-13)
+    assert privacy.sampling.cap_sizes((2, 5, 10**9), 8) == (2, 5, 8)

@@ -180,6 +180,10 @@ def test_units_and_augment_need_privacy():
         _fit(cfg, key=None)
     with pytest.raises(ValueError, match="pass `loss_key`"):
         _fit(cfg, augment=lambda k, x: x, key=None)
+    for bad in (0, 1.5, True):  # was "augmentations is 0, so `augment` is required"
+        cfg = PrivacyConfig(l2_clip=0.3, noise_multiplier=1.0, augmentations=bad)
+        with pytest.raises(ValueError, match=rf"`augmentations` must be a positive .*{bad!r}"):
+            _fit(cfg, augment=lambda k, x: x, key=None)
 
 
 def _jitter(key, ex):

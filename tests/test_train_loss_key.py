@@ -157,3 +157,18 @@ def test_private_fit_gives_each_sampled_example_its_key(mesh):
         batch_size=5,
     )
     jaxgrad.check.assert_equivalent(got.params, want)
+
+
+def test_a_private_run_refuses_its_own_key_as_the_loss_key():
+    """With K as both keys, rows 0 and 1 would draw their dropout from step t's sample and noise
+    keys (fold_in is Threefry block (0, d), split takes blocks 0 and 1): the noise's own bits."""
+    key, t = jax.random.key(1), 3
+    sample_key, noise_key = jaxgrad.keys.dp_keys(key, t)
+    rows = jax.random.key_data(jaxgrad.keys.row_keys(key, t, np.arange(2)))
+    np.testing.assert_array_equal(rows[0], jax.random.key_data(sample_key))  # why it is refused
+    np.testing.assert_array_equal(rows[1], jax.random.key_data(noise_key))
+    loss, params, data = _problem()
+    config = PrivacyConfig(l2_clip=0.3, noise_multiplier=1.0, delta=1e-5)
+    for loss_key in (key, jax.random.key_data(key)):  # typed or raw, the same key data
+        with pytest.raises(ValueError, match=r"`loss_key` must differ from the private run's"):
+            _fit(loss, params, data, privacy=config, key=key, loss_key=loss_key)

@@ -35,6 +35,11 @@ def epoch_indices(key: jax.Array, epoch, num_examples: int, batch_size: int):
       ``(indices, mask)`` of shape ``(num_batches, batch_size)``, int32 and bool.
     """
     n_batches = num_batches(num_examples, batch_size)
+    key = keys.check_key(key)  # an int seed is not a key (it was JAX's "invalid PRNG key data")
+    if not isinstance(epoch, jax.core.Tracer):  # fold_in takes a uint32
+        e = reduce.as_number(epoch, name="epoch", integer=True)
+        if not 0 <= e < 2**32:
+            raise ValueError(f"`epoch` must be an integer in [0, 2**32); got {epoch!r}")
     order = jax.random.permutation(keys.epoch_key(key, epoch), num_examples)
     total = n_batches * batch_size
     padded = jnp.concatenate([order, jnp.full((total - num_examples,), order[0])])

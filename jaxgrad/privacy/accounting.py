@@ -563,6 +563,14 @@ def calibrate_noise_multiplier(
                         tol=tol,
                     )
                 )
+        except _dpa().mechanism_calibration.NoBracketIntervalFoundError as e:
+            # RDP's largest order α bounds its ε below by about log(1/δ)/(α − 1) at any σ.
+            raise ValueError(
+                f"`target_epsilon` {target_epsilon!r} is out of reach: dp-accounting's {name!r} "
+                f"accountant finds no `noise_multiplier` up to 2**30 that spends at most it "
+                f"(q = {q}, {steps} steps, δ = {delta}); its ε stays above the target at every "
+                "σ it tries. Raise `target_epsilon` (or `delta`)"
+            ) from e
         except (ArithmeticError, MemoryError) as e:  # a σ tried overflowed
             raise ValueError(
                 f"dp-accounting's {name!r} accountant failed while calibrating σ for "

@@ -229,6 +229,7 @@ class QuantileClippedSum:
         )
 
     def __call__(self, params, batch, mask, l2_clip, *args):
+        noisy.check_sum_precision(params)  # as ClippedSum
         mask = reduce.check_mask(mask, reduce.batch_size(batch))
         dtype = jnp.result_type(jnp.float32, *jax.tree_util.tree_leaves(params))
         clip = jnp.asarray(l2_clip, dtype)

@@ -65,6 +65,33 @@ def check_nonfinite(nonfinite):
     return nonfinite
 
 
+def check_sum_precision(params) -> None:
+    """Refuses parameters narrower than float32 in a DP step's clipped sum (works traced).
+
+    The sum is computed in the parameters' dtype, and rounding ``S`` to a spacing of up to
+    ``|S| · eps`` (``eps = 2⁻⁷`` in bfloat16, ``2⁻¹⁰`` in float16) moves it by more than the
+    clip norm ``C`` once ``|S| > C / eps``: 10016 and 10017 examples of gradient 1 round to
+    9984 and 10048 in bfloat16, 64 apart for ``C = 1``, and noise below the spacing is
+    rounded away, so the noise calibrated to ``C`` would not hide one example. (In float32
+    the spacing reaches ``C`` only at ``|S| = 2²⁴ C``, far below ``σC`` for real batches:
+    the floating-point caveat of docs/privacy.md.)
+
+    Raises:
+      TypeError: naming the leaf, its dtype and what to do.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = jnp.result_type(leaf)
+        if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+            raise TypeError(
+                f"`params` leaf {jax.tree_util.keystr(path) or '(root)'} has dtype {dtype}: a "
+                "DP step's clipped sum is computed in the parameters' dtype, and its rounding "
+                f"(spacing |S|·{float(jnp.finfo(dtype).eps):g}) exceeds the clip norm once "
+                f"|S| > {1 / float(jnp.finfo(dtype).eps):g}·C, so the noise would not hide one "
+                "example; expected float32 or float64 parameters (cast them for DP training, "
+                "e.g. jax.tree.map(lambda p: p.astype(jnp.float32), params))"
+            )
+
+
 class ClippedSum:
     """The clipped-sum part of a DP step: ``f(params, batch, mask, *args) -> (S, b, bad)``.
 
@@ -102,6 +129,7 @@ class ClippedSum:
         )
 
     def __call__(self, params, batch, mask, *args, units=None):
+        check_sum_precision(params)
         parts = self._parts(params, batch, mask, *args, units=units)
         return parts.total, parts.num_kept, jnp.sum(parts.dropped, dtype=jnp.int32)
 
@@ -475,7 +503,6 @@ def sampled_clipped_sum(clipped, *, physical_batch_size, sampling_rate=None, sou
     over ``K`` compiled clipped sums: less padding, the same sum).
     """
     sizes = sampling.check_physical_sizes(physical_batch_size)
-    p = sizes[-1]
     if (source is None) == (sampling_rate is None):
         raise ValueError("give exactly one of `sampling_rate` (Poisson) and `source`")
     from jaxgrad.privacy import sources
@@ -485,6 +512,8 @@ def sampled_clipped_sum(clipped, *, physical_batch_size, sampling_rate=None, sou
 
     def f(params, data, sample_key, *args, step=None):
         n = reduce.batch_size(data, name="data")
+        sizes_n = sampling.cap_sizes(sizes, n)  # P > N: the same sum, N rows
+        p = sizes_n[-1]
         sample = source.sample(
             sample_key, num_examples=n, physical_batch_size=p, **sources.step_kwargs(source, step)
         )
@@ -495,9 +524,9 @@ def sampled_clipped_sum(clipped, *, physical_batch_size, sampling_rate=None, sou
             return clipped(params, jax.tree_util.tree_map(lambda a: a[idx], data), mask, *args)
 
         first = None
-        if len(sizes) > 1:  # the smallest size holding the first min(b, P) rows
-            which = jnp.searchsorted(jnp.asarray(sizes), jnp.minimum(sample.count, p))
-            branches = [lambda s=s: batch(jnp.int32(0), s) for s in sizes]
+        if len(sizes_n) > 1:  # the smallest size holding the first min(b, P) rows
+            which = jnp.searchsorted(jnp.asarray(sizes_n), jnp.minimum(sample.count, p))
+            branches = [lambda s=s: batch(jnp.int32(0), s) for s in sizes_n]
             first = lambda: jax.lax.switch(which, branches)
         # The first physical batch runs outside the loop (jaxgrad._loops.peeled_sum: XLA:CPU
         # compiles a loop body several times slower); it holds the whole draw on almost every
@@ -550,8 +579,9 @@ def sampled_dp_grad(
         (:func:`jaxgrad.privacy.physical_batch_sizes`): the first batch is the smallest
         ``P_j`` holding the draw (a ``lax.switch``; draws past ``P_K`` go on in batches of
         ``P_K``), cutting the padding to ~``4σ / K`` rows for ``K`` compilations of the
-        clipped sum. Not on a CPU for a model with convolutions: XLA:CPU compiles a
-        convolution inside a ``lax.switch`` branch ~10× slower (as in a loop body). The
+        clipped sum. A size above the data set's ``N`` runs ``N`` rows (the same sum). Not
+        on a CPU for a model with convolutions: XLA:CPU compiles a convolution inside a
+        ``lax.switch`` branch ~10× slower (as in a loop body). The
         rows run, and so the step's time, follow the private count ``b`` (one size: whether
         ``b > P``; ``K`` sizes: which of ``K`` bins): nothing released depends on them, and
         timing is outside the threat model (docs/privacy.md, "What the physical batches

@@ -219,6 +219,20 @@ def check_physical_sizes(physical_batch_size) -> tuple[int, ...]:
     return (reduce.check_positive_int(physical_batch_size, name="physical_batch_size"),)
 
 
+def cap_sizes(sizes: tuple[int, ...], num_examples: int) -> tuple[int, ...]:
+    """Physical batch sizes capped at ``N``: no draw holds more than the ``N`` examples, so a
+    physical batch of ``P > N`` rows would add ``P − N`` rows of padding (exact zeros) — the
+    same sum at the cost of ``P`` rows (``P = 10⁹`` asked for 130 GB before it was capped).
+
+    Example::
+
+      >>> from jaxgrad.privacy.sampling import cap_sizes
+      >>> cap_sizes((4, 16, 100), 8)
+      (4, 8)
+    """
+    return tuple(sorted({min(s, num_examples) for s in sizes}))
+
+
 def expected_rows(*, num_examples: int, sampling_rate: float, physical_batch_size) -> float:
     """Expected rows one step runs, over the expected batch ``qN``: the padding overhead.
 

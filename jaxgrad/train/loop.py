@@ -199,7 +199,9 @@ def _row_check(validate):
 
 def _augmented(loss_fn, augment, *, privacy, loss_key):
     """``loss_fn``, or with ``augment`` the mean over ``privacy.augmentations`` copies."""
-    copies = getattr(privacy, "augmentations", 1)  # (a wrong type is plan()'s to name)
+    copies = getattr(privacy, "augmentations", 1)  # (a wrong type of `privacy`: plan()'s)
+    # Named before anything else: K = 0 or 1.5 is a bad K, not a missing `augment`.
+    copies = reduce.check_positive_int(copies, name="augmentations")
     if copies != 1 and augment is None:
         raise ValueError(
             f"`privacy.augmentations` is {copies!r}, so `augment` (a function "
@@ -218,7 +220,6 @@ def _augmented(loss_fn, augment, *, privacy, loss_key):
             "loss_key=jax.random.key(1)); got loss_key=None"
         )
     keyed = example_keys._takes(loss_fn, 2) is False  # a loss that needs a key gets one
-    copies = reduce.check_positive_int(copies, name="augmentations")
     return dp_units.augmented_loss(loss_fn, augment, copies=copies, keyed=keyed)
 
 
@@ -437,6 +438,8 @@ def fit(
     keep = _positive(keep, "keep")
     loss_fn = _augmented(loss_fn, augment, privacy=privacy, loss_key=loss_key)
     loss_key = example_keys.check_loss_fn(loss_fn, loss_key)
+    if privacy is not None and loss_key is not None:  # rows 0, 1 would get the noise's keys
+        keys.check_distinct(key, loss_key, name="loss_key")
     if units is not None:  # one example per unit from here on: sampled, clipped, counted
         _check_units_fit(privacy, mesh)
         validate_data(loss_fn, train_data, None)  # the rows, by the row loss's own check

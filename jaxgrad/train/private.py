@@ -796,7 +796,8 @@ def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_arg
     noise key, in the replicated sum. Fixed shapes: one compiled physical-batch function and
     one update, however large the draw."""
     n = reduce.batch_size(train_data, name="train_data")
-    source, p = the_plan.source, the_plan.physical_batch_size
+    source = the_plan.source
+    (p,) = sampling.cap_sizes((the_plan.physical_batch_size,), n)  # as sampled_clipped_sum
     devices = mesh.shape["data"]
     width = -(-p // devices) * devices
     batch_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
