@@ -1,16 +1,19 @@
-"""Constant scatters and full masks on the fast path: a tied transformer and a MADE MLP.
+"""Reparametrised weights on the fast path: ``per_example_norms`` and ``clipped_grad`` over
+``batch_grad`` on three programs.
 
+* ``wn-stack``: ``L`` residual layers ``h + tanh(h @ W)`` with ``W = g ⊙ V / ‖V_o‖`` (weight
+  normalisation) over ``T`` positions, a mean-pooled head (B 256, T 16, d 128, L 4);
 * ``transformer``: ``E.at[pad].set(0)`` read by the token lookup and, tied, by the output
-  projection ``h @ E_eff.T``; ``L`` pre-norm attention + MLP blocks, ``T`` positions.
+  projection ``h @ E_eff.T``; ``L`` pre-norm attention + MLP blocks, ``T`` positions (B 64,
+  T 32, d 64, L 2, vocabulary 512);
 * ``made``: a MADE MLP (masks ``M`` full, not a row and a column factor, built from the
-  degrees as in Germain et al. 2015), Bernoulli log-likelihood, no sequence axis.
+  degrees as in Germain et al. 2015), Bernoulli log-likelihood, no sequence axis (B 64).
 
-``per_example_norms`` and ``clipped_grad`` over ``batch_grad``, timed in interleaved
-rounds (``jaxgrad.bench.timing.interleaved``: the median of the per-round ratios, and its
-interquartile range), after printing the plan. Run from a checkout (``PYTHONPATH=.`` for
-this tree's code)::
+Timed in interleaved rounds (``jaxgrad.bench.timing.interleaved``: the median of the
+per-round ratios, and its interquartile range), after printing the plan. Run from a checkout
+(``PYTHONPATH=.`` for this tree's code)::
 
-    python bench/reparam_tables.py --model made --pairs 15
+    python bench/reparam.py --model made --pairs 15
 """
 
 import argparse
@@ -22,6 +25,31 @@ import numpy as np
 from jaxgrad import batch_grad, clipped_grad, per_example_norms
 from jaxgrad.bench import timing
 from jaxgrad.fast import plan
+
+
+def wn_stack(rng, a):
+    b, t, d = a.batch, a.positions, a.width
+    params = {
+        f"l{i}": {
+            "v": jnp.asarray(rng.normal(size=(d, d)) / np.sqrt(d), jnp.float32),
+            "g": jnp.ones((d,), jnp.float32),
+        }
+        for i in range(a.layers)
+    }
+    params["head"] = jnp.asarray(rng.normal(size=(d, 10)) / np.sqrt(d), jnp.float32)
+    batch = (
+        jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32),
+        jnp.asarray(rng.integers(0, 10, size=(b,))),
+    )
+
+    def loss(p, ex):
+        h, label = ex
+        for i in range(a.layers):
+            v, g = p[f"l{i}"]["v"], p[f"l{i}"]["g"]
+            h = h + jnp.tanh(h @ (g * v / jnp.sqrt(jnp.sum(v * v, axis=0, keepdims=True))))
+        return -jax.nn.log_softmax(jnp.mean(h, axis=0) @ p["head"])[label]
+
+    return loss, params, batch
 
 
 def transformer(rng, a):
@@ -79,22 +107,32 @@ def made(rng, a):
     return loss, params, x
 
 
+# model -> (builder, its default sizes)
+MODELS = {
+    "wn-stack": (wn_stack, dict(batch=256, positions=16, width=128, layers=4)),
+    "transformer": (transformer, dict(batch=64, positions=32, width=64, layers=2)),
+    "made": (made, dict(batch=64, layers=2)),
+}
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=("transformer", "made"), default="transformer")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--model", choices=tuple(MODELS), default="transformer")
+    ap.add_argument("--batch", type=int)
     ap.add_argument("--vocab", type=int, default=512)
-    ap.add_argument("--positions", type=int, default=32)
-    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--positions", type=int)
+    ap.add_argument("--width", type=int)
     ap.add_argument("--inputs", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--pairs", type=int, default=15)
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--pairs", type=int, default=15, help="interleaved rounds")
     ap.add_argument("--no-pad", dest="pad", action="store_false", help="a plain tied table")
     a = ap.parse_args()
-    loss, params, batch = {"transformer": transformer, "made": made}[a.model](
-        np.random.default_rng(0), a
-    )
+    build, defaults = MODELS[a.model]
+    for name, value in defaults.items():  # the model's own sizes, unless given
+        if getattr(a, name) is None:
+            setattr(a, name, value)
+    loss, params, batch = build(np.random.default_rng(0), a)
     print(plan(loss, params, jax.tree_util.tree_map(lambda x: x[0], batch)), flush=True)
     fns = {
         "batch_grad": jax.jit(batch_grad(loss)),
