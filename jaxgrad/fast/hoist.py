@@ -35,7 +35,7 @@ import jax
 from jax._src import source_info_util
 
 from jaxgrad.fast.dependence import scan_body_varying, varying
-from jaxgrad.fast.program import Const, Eqn, Program, Var, flat_jaxpr, flatten
+from jaxgrad.fast.program import Eqn, Program, Var, evaluate, flat_jaxpr, flatten
 from jaxgrad.fast.trace import ALIAS_RULES, classify, ignore, is_alias, rule_of, use
 
 # Fresh numbers for the values this module makes (the re-trace numbers them again).
@@ -183,22 +183,19 @@ def _retrace(program: Program, in_avals) -> jax.extend.core.ClosedJaxpr:
     """``program`` as a closed jaxpr on inputs ``in_avals``: each equation re-bound with its
     source information (so plans still name the user's lines)."""
 
-    def run(*args):
-        env = dict(zip(program.invars, args, strict=True))
-        read = lambda r: r.value if isinstance(r, Const) else env[r]
-        for e in program.eqns:
-            src = e.source
-            with source_info_util.user_context(
-                src.traceback if src is not None else None,
-                name_stack=source_info_util.current_name_stack()
-                + (src.name_stack if src is not None else source_info_util.new_name_stack()),
-            ):
-                out = e.primitive.bind(*map(read, e.ins), **e.primitive.get_bind_params(e.params))
-            env.update(zip(e.outs, out if e.primitive.multiple_results else [out], strict=True))
-        return [read(r) for r in program.outs]
+    def with_source(k, invals):  # the equation bound as usual, under its user's frame
+        e = program.eqns[k]
+        src = e.source
+        with source_info_util.user_context(
+            src.traceback if src is not None else None,
+            name_stack=source_info_util.current_name_stack()
+            + (src.name_stack if src is not None else source_info_util.new_name_stack()),
+        ):
+            out = e.primitive.bind(*invals, **e.primitive.get_bind_params(e.params))
+        return out if e.primitive.multiple_results else [out]
 
     structs = [
         jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False))
         for a in in_avals
     ]
-    return jax.make_jaxpr(run)(*structs)
+    return jax.make_jaxpr(lambda *args: evaluate(program, args, override=with_source))(*structs)
