@@ -10,6 +10,7 @@ the Gram matrix, with a padded row), and the plan must name the transformation.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from test_fast_cases import F64, assert_rel_close
 from test_fast_reparam import B, _check, _conv, _normal, _shapes_in
 
@@ -135,16 +136,27 @@ def test_full_masks_dense_and_conv():
     assert "conv, full mask M: per-example gradient, times M" in routes["['k']"].route
 
 
-def test_additive_scatter_with_a_learned_scale_keeps_the_vjp_route():
-    """``E.at[1].set(0.5) * s[:, None]``: the constant ``C`` meets a factor made of a
-    parameter, whose gradient needs ``C`` too: the VJP route, visibly, and exact."""
+@pytest.mark.parametrize(
+    "scatter",
+    [
+        lambda e: e.at[1].set(0.5),  # (M = 0 on row 1)
+        lambda e: e.at[1].add(0.5),  # (M = 1 everywhere: only C)
+        lambda e: e.at[:, :].add(0.5),
+    ],
+    ids=["set", "add-a-row", "add-all"],
+)
+def test_additive_scatter_with_a_learned_scale_keeps_the_vjp_route(scatter):
+    """``E.at[1].set(0.5) * s[:, None]`` (or ``.add``): the constant ``C`` meets a factor made
+    of a parameter, whose gradient needs ``C`` too: the VJP route, visibly, and exact. (An
+    ``.add``'s mask is all ones: dropping its term as a no-op lost ``C``, and ``s``'s
+    gradient with it.)"""
     rng = np.random.default_rng(24)
     params = _table_params(rng)
     del params["c"]
     toks = jnp.asarray(rng.integers(0, VOCAB, size=(B, T)))
 
     def loss(p, toks):
-        table = p["E"].at[1].set(0.5) * p["s"][:, None]
+        table = scatter(p["E"]) * p["s"][:, None]
         return jnp.sum(jnp.tanh(table[toks] @ p["W"]) ** 2)
 
     routes = _check(loss, params, toks, reparam=("['E']", "['s']"), fast=("['W']",))

@@ -140,8 +140,10 @@ def _product(program: Program, producer: dict, varying_: set, ref, shape: tuple)
         if mask is None:
             return whole
         inner = _product(program, producer, varying_, e.ins[0], shape)
-        if mask.all_ones:
-            return inner  # (only C: an offset with no gradient)
+        if mask.all_ones and not mask.additive:
+            return inner  # (the scatter changes nothing a gradient sees)
+        # (An additive C stays a term, even with M = 1: a factor made of parameters multiplies
+        # θ' ⊙ M + C, so its gradient needs C, see _offset_with_factor_grads.)
         return [*inner, (mask, tuple(range(len(shape))), False)]
     if name == "broadcast_in_dim" and not e.params.get("sharding"):
         (a,) = e.in_avals
