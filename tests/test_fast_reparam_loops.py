@@ -9,6 +9,7 @@ weighted sum, dots, the Gram matrix) with a padded row, and the plan must say ``
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from test_fast_cases import F64
 from test_fast_reparam import _check, _conv, _normal, _standardise
 
@@ -126,3 +127,27 @@ def test_masked_weight_and_scaled_table_looked_up_inside_a_scan():
 
     routes = _check(loss, params, tokens, reparam=("['W']", "['E']", "['s']"))
     assert routes["['E']"].uses[0].startswith("gather @ test_fast_reparam_loops.py:"), routes
+
+
+@pytest.mark.parametrize("before", [5, 7])
+def test_hoisted_chain_keeps_program_order(before):
+    """A transformation chained over several equations (``w = V * s``, ``w + 0.5 w``) after
+    ``before`` equations on the carry: the hoisted equations are emitted in program order
+    (the moved set was iterated in hash order, which for indices past the set's table size
+    put a reader before its producer: a ``KeyError`` in the re-trace, or a stale value)."""
+    rng = np.random.default_rng(5)
+    h, d, t = 4, 3, 3
+    params = {"V": _normal(rng, h, h), "s": 1 + _normal(rng, h, scale=0.2), "W": _normal(rng, d, h)}
+    xs = _normal(rng, B, t, d)
+
+    def loss(p, x):
+        def step(c, x_t):
+            for _ in range(before):
+                c = jnp.sin(c)
+            w = p["V"] * p["s"]
+            w = w + 0.5 * w
+            return jnp.tanh(c @ w + x_t @ p["W"]), None
+
+        return jnp.sum(jnp.sin(jax.lax.scan(step, jnp.ones(h, F64), x)[0]))
+
+    _check(loss, params, xs, reparam=("['V']", "['s']"))

@@ -111,7 +111,7 @@ def _hoist_scan(e: Eqn, dep: set, made: set) -> list | None:
     # operand there, every value made here a fresh one.
     rename = {body.invars[q]: e.ins[q] for q in range(nc)}
     hoisted = []
-    for k in moved:
+    for k in sorted(moved):  # (in program order: a set of ints need not iterate sorted)
         b = body.eqns[k]
         outs = [Var(next(_fresh)) for _ in b.outs]
         rename.update(zip(b.outs, outs, strict=True))
@@ -119,7 +119,7 @@ def _hoist_scan(e: Eqn, dep: set, made: set) -> list | None:
         hoisted.append(dataclasses.replace(b, ins=ins, outs=outs))
     kept = [b for k, b in enumerate(body.eqns) if k not in moved]
     read = {r for r in (*(r for b in kept for r in b.ins), *body.outs) if isinstance(r, Var)}
-    new_consts = [o for k in moved for o in body.eqns[k].outs if o in read]
+    new_consts = [o for k in sorted(moved) for o in body.eqns[k].outs if o in read]
     avals = {
         o: a for k in moved for o, a in zip(body.eqns[k].outs, body.eqns[k].out_avals, strict=True)
     }
