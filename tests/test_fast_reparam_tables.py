@@ -161,3 +161,50 @@ def test_additive_scatter_with_a_learned_scale_keeps_the_vjp_route(scatter):
 
     routes = _check(loss, params, toks, reparam=("['E']", "['s']"), fast=("['W']",))
     assert "scatter" in routes["['E']"].route
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        lambda p: jnp.concatenate([p["E"], 2 * p["E"]]),  # (blocks of rows)
+        lambda p: jnp.concatenate([p["E"], p["E"][::-1]], axis=1),  # (blocks of columns)
+    ],
+    ids=["rows", "columns"],
+)
+def test_concatenated_table_looked_up(table):
+    """A table concatenated from parameter blocks and looked up: a lookup reads rows across
+    the blocks, so it is not a block use (that raised a ``ValueError`` reading the lookup as
+    a dense use); the VJP route, exact."""
+    rng = np.random.default_rng(25)
+    params = {"E": _normal(rng, VOCAB, D), "W": _normal(rng, 2 * D, D)}
+    toks = jnp.asarray(rng.integers(0, VOCAB, size=(B, T)))
+
+    def loss(p, toks):
+        rows = table(p)[toks]
+        return jnp.sum(jnp.tanh(rows @ p["W"][: rows.shape[-1]]) ** 2)
+
+    _check(loss, params, toks, reparam=("['E']",), fast=("['W']",))
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        lambda p: p["E"] * p["s"][:, None],  # a learned factor of A
+        lambda p: p["E"] / jnp.linalg.norm(p["E"], axis=1, keepdims=True),  # a normaliser
+    ],
+    ids=["row-scale", "row-norm"],
+)
+def test_float32_rows_of_a_float64_scaled_table(table):
+    """One-hot float32 rows times a float64 scaled table (``dot_general`` of mixed dtypes,
+    float64 result): the factors' gradients are in float64 (A's cotangent was rounded to
+    float32, and A ⊙ F was cast to float32: ~1e-8 relative, silently)."""
+    rng = np.random.default_rng(26)
+    params = _table_params(rng)
+    del params["c"]
+    toks = jnp.asarray(rng.integers(0, VOCAB, size=(B, T)))
+
+    def loss(p, toks):
+        rows = jax.nn.one_hot(toks, VOCAB, dtype=jnp.float32) @ table(p)
+        return jnp.sum(jnp.tanh(rows @ p["W"]) ** 2)
+
+    _check(loss, params, toks, fast=("['E']", "['W']"))

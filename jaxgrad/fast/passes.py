@@ -378,7 +378,9 @@ def fast_pass(
     def scaled(x, u, side, skip=None):  # x (B, ...) times the use's factors on one side
         for q, sc in enumerate(u.scale):
             if sc.side == side and q != skip and not sc.offset:
-                x = x * sc.broadcast(factor_value(sc))[None].astype(x.dtype)
+                # (Promoted, not cast to x's dtype: a float32 A of a float64 weight, one-hot
+                # rows of a float64 table, must not round a float64 factor to float32.)
+                x = x * sc.broadcast(factor_value(sc))[None]
         return x
 
     def full(sc, x, shape):  # a factor against the parameter operand (sides "i" and "w")
@@ -457,7 +459,8 @@ def fast_pass(
         if sc.side == "i":
             return indexed_grad(u, q, w)
         w = masked(u, w, examples=False)  # (θ' ⊙ M: the masked weight's share)
-        a = jnp.moveaxis(kept[u.key], axis[u.key], 0)
+        # (In w's precision: a float32 A of a float64 weight would round A's cotangent.)
+        a = jnp.moveaxis(kept[u.key], axis[u.key], 0).astype(jnp.result_type(kept[u.key], w))
         g = g_plain(u)
         op = lambda w, a: jax.vmap(lambda a_i: rules._bind(u.op, u.pos, w, a_i))(a)
         if sc.side == "g":  # G ⊙ op(A', w); op(A', θ') is shared by the factors of G

@@ -418,8 +418,8 @@ def selected_weights(program: Program, n: int, outputs, deps: dict, uses: dict, 
         e = program.eqns[k]
         shape, d = tuple(e.out_avals[0].shape), e.params["dimension"]
         perms = _scalable(program, us, len(shape))
-        if perms is None:
-            continue
+        if perms is None or any(u.kind == "gather" for u in us):
+            continue  # (a lookup of the concatenation reads rows across the blocks)
         parts, start, ok = [], 0, True
         for r, a in zip(e.ins, e.in_avals, strict=True):
             size = a.shape[d]
