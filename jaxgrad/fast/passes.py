@@ -851,6 +851,15 @@ def cotangent_sites(body: Program, direct: dict) -> dict:
     return {k: s for k, s in found.items() if count[s] > 1}
 
 
+def _first_at_site(sites: dict) -> dict:
+    """Site equation -> the first use reaching it (the one perturbed there), for the
+    ``sites`` of :func:`cotangent_sites`."""
+    first: dict = {}
+    for k in sorted(sites):
+        first.setdefault(sites[k], k)
+    return first
+
+
 def shared_cotangents(program: Program, uses: dict) -> dict:
     """Capture path -> the path of the use whose cotangent it shares (see
     :func:`cotangent_sites`; the first use of the site's, which alone is perturbed)."""
@@ -862,10 +871,10 @@ def shared_cotangents(program: Program, uses: dict) -> dict:
         u = next(iter(direct.values()))
         body = u.levels[-1].body if u.levels else program
         sites = cotangent_sites(body, direct)
+        first = _first_at_site(sites)
         for k, s in sites.items():
-            first = min(j for j in sites if sites[j] == s)
-            if first != k:
-                out[(*at, k)] = (*at, first)
+            if first[s] != k:
+                out[(*at, k)] = (*at, first[s])
     return out
 
 
@@ -890,7 +899,7 @@ def _capture(body: Program, uses: dict, du: dict, args, *, tapped: bool = True):
     # Uses whose outputs are summed share one perturbation, placed on the sum (see
     # :func:`cotangent_sites`): site equation -> the first of them, whose ``du`` it takes.
     sites = cotangent_sites(body, direct)
-    at_site = {s: min(k for k in sites if sites[k] == s) for s in sites.values()}
+    at_site = _first_at_site(sites)
     inner: dict = {}  # equation of a frame -> {path in it: Use}
     for p, u in uses.items():
         if len(p) > 1:
