@@ -1,6 +1,8 @@
 """The clipped sum's cost over one gradient: clipped_grad and per_example_norms ÷ batch_grad.
 
-Run: python bench/clip_cost.py MODEL BATCH ROUNDS (a model of ``jaxgrad.bench.suite.CASES``).
+Run: python bench/clip_cost.py MODEL BATCH ROUNDS [reuse] (a model of
+``jaxgrad.bench.suite.CASES``; ``reuse``: first ``allocator.reuse_freed_memory()``, so that no
+program page-faults its temporaries in at every call).
 The three programs are timed in interleaved rounds (``jaxgrad.bench.timing.interleaved``: one
 sample of each per round, the order rotated); the ratios are of medians. Besides wall
 time it reports process CPU time (all of XLA's threads), which on a shared, loaded machine
@@ -15,7 +17,7 @@ import jax
 
 import jaxgrad
 from jaxgrad import fast
-from jaxgrad.bench import suite, timing
+from jaxgrad.bench import allocator, suite, timing
 
 
 def main(name: str, size: int, rounds: int) -> dict:
@@ -44,4 +46,7 @@ def main(name: str, size: int, rounds: int) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))
+    reuse = sys.argv[4:] == ["reuse"]
+    if reuse and not allocator.reuse_freed_memory():  # before JAX runs anything
+        sys.exit("reuse: this C library has no mallopt (not glibc)")
+    print(json.dumps({**main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])), "reuse": reuse}))

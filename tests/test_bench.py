@@ -1,14 +1,18 @@
 """The built-in benchmark on tiny models: records, ratios, JSON, argument errors."""
 
+import ctypes
 import json
 import re
+import resource
+import subprocess
+import sys
 
 import pytest
 
 import jaxgrad
 from jaxgrad import privacy
 from jaxgrad.bench import __main__ as bench_main
-from jaxgrad.bench import run, suite, timing
+from jaxgrad.bench import allocator, run, suite, timing
 
 
 def test_run_suite_records_every_row_with_ratio_to_batch_grad():
@@ -196,3 +200,81 @@ def test_main_legend_progress_markdown_and_plot(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         bench_main.main([*argv, "--json", str(tmp_path / "missing" / "x.json")])
     assert info.value.code == 2 and "--json" in capsys.readouterr().err
+
+
+class _FakeLibc:
+    """Records ``mallopt`` calls instead of changing this process's allocator."""
+
+    def __init__(self, result=1):
+        self.calls, self.result = [], result
+
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+        return self.result
+
+
+def test_reuse_freed_memory_sets_one_arena_and_both_thresholds():
+    libc = _FakeLibc()
+    assert allocator.reuse_freed_memory(limit=12345, libc=libc) is True
+    # glibc's M_ARENA_MAX, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD (malloc.h)
+    assert libc.calls == [(-8, 1), (-3, 12345), (-1, 12345)]
+    assert allocator.reuse_freed_memory(libc=_FakeLibc(result=0)) is False  # refused
+    assert allocator.reuse_freed_memory(libc=object()) is False  # not glibc
+    for bad in (0, 1 << 31, 2.0, True):
+        with pytest.raises(ValueError, match="`limit`"):
+            allocator.reuse_freed_memory(limit=bad, libc=_FakeLibc())
+
+
+# Allocates, touches and frees a 96 MiB block twice (above glibc's largest dynamic mmap
+# threshold, 32 MiB) and prints the page faults of the second time; with "reuse", after
+# loading allocator.py alone (no JAX) and applying it.
+_FAULTS = """
+import ctypes, importlib.util, resource, sys
+libc = ctypes.CDLL(None)
+if sys.argv[1] == "reuse":
+    spec = importlib.util.spec_from_file_location("allocator", sys.argv[2])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.reuse_freed_memory()
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+n = 96 << 20
+for i in range(2):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    p = libc.malloc(n)
+    libc.memset(p, 1, n)
+    libc.free(p)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallopt"), reason="glibc's mallopt only")
+def test_reuse_freed_memory_stops_page_faults_on_a_reallocated_block():
+    def faults(mode):
+        cmd = [sys.executable, "-c", _FAULTS, mode, allocator.__file__]
+        return int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+
+    pages = (96 << 20) // resource.getpagesize()
+    assert faults("default") > pages // 2  # mmapped afresh: every page faulted in again
+    assert faults("reuse") < pages // 20  # the freed block is handed out again
+
+
+def test_main_reuse_memory_is_applied_before_anything_runs(monkeypatch, capsys):
+    events = []
+    monkeypatch.setattr(allocator, "reuse_freed_memory", lambda: events.append("reuse") or True)
+
+    def suite_runs(*args, **kwargs):
+        events.append("suite")
+        raise KeyboardInterrupt  # stop here: the order is what is checked
+
+    monkeypatch.setattr(run, "run_suite", suite_runs)
+    argv = ["--models", "mlp-tiny", "--batch-sizes", "4", "--quiet"]
+    with pytest.raises(KeyboardInterrupt):
+        bench_main.main([*argv, "--reuse-memory"])
+    assert events == ["reuse", "suite"]
+    monkeypatch.setattr(allocator, "reuse_freed_memory", lambda: False)
+    with pytest.raises(SystemExit):
+        bench_main.main([*argv, "--reuse-memory"])
+    assert "no mallopt" in capsys.readouterr().err
