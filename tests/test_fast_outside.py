@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from test_fast_cases import assert_rel_close
-from test_fast_dots import _vmap_grads
+from test_fast_dots import _flat, _vmap_grads
 
 import jaxgrad
 
@@ -30,3 +30,42 @@ def test_byte_tokens_index_a_table_longer_than_their_dtype_reaches():
 
     j = _vmap_grads(loss, params, tokens)
     assert_rel_close(jaxgrad.per_example_norms(loss)(params, tokens), np.linalg.norm(j, axis=1))
+
+
+def test_power_iteration_spectral_norm_and_a_weight_norm_tied_transposed_in_a_scan():
+    # Not a past failure: two reparametrisations as GAN critics and autoencoders write them,
+    # kept on their fast routes (a scan inside the transformation; a normalised weight used
+    # four times, transposed and inside a scan body), checked on norms and a clipped sum.
+    rng = np.random.default_rng(1)
+    d, h, steps = 3, 4, 4
+    shapes = {"W": (d, h), "S": (h, d), "g": (h,), "v": (d,)}
+    params = {k: jnp.asarray(rng.normal(size=s) * 0.5) for k, s in shapes.items()}
+    batch = (jnp.asarray(rng.normal(size=(5, steps, d))), jnp.asarray(rng.normal(size=(5,))))
+
+    def spectral(w):  # σ(w) by three power iterations, u and v not stopped
+        def it(_, u):
+            u = w.T @ (w @ u)
+            return u / jnp.linalg.norm(u)
+
+        u = jax.lax.fori_loop(0, 3, it, jnp.ones(w.shape[1]))
+        return w / jnp.linalg.norm(w @ u)
+
+    def loss(p, ex):
+        x, y = ex
+        wn = p["W"] * (1 + p["g"]) / jnp.maximum(jnp.linalg.norm(p["W"], axis=0), 1e-6)
+        back = jnp.tanh(jnp.tanh(x @ wn) @ wn.T)
+        step = lambda c, b: (jnp.tanh(jnp.tanh(c @ wn) @ wn.T + b), None)
+        c, _ = jax.lax.scan(step, jnp.zeros(d), back)
+        out = jnp.tanh((back + c) @ spectral(p["W"]) @ spectral(p["S"]))
+        return jnp.sum((out @ p["v"] - y) ** 2)
+
+    plan = jaxgrad.fast.plan(loss, params, jax.tree_util.tree_map(lambda a: a[0], batch))
+    assert not plan.fallbacks, plan
+    mask = np.array([True, True, False, True, True])
+    j = _vmap_grads(loss, params, batch) * mask[:, None]
+    norms = np.linalg.norm(j, axis=1)
+    clip = float(np.median(norms[mask]))  # clips some rows, not others
+    f = jaxgrad.clipped_grad(loss, l2_clip=clip, reduction="sum", return_norms=True)
+    total, got = f(params, batch, jnp.asarray(mask))
+    assert_rel_close(got, norms)
+    assert_rel_close(_flat(total), np.minimum(1.0, clip / np.maximum(norms, 1e-300)) @ j)
