@@ -507,7 +507,10 @@ def gather_rows(eqn: Eqn, idx, g):
     g = g.reshape(b, t, math.prod(g.shape[1 + len(rows) :]))
     idx = idx.reshape(b, t, idx.shape[-1])
     sizes = eqn.params["slice_sizes"]
-    upper = jnp.array([shape[d] - sizes[d] for d in dn.start_index_map], idx.dtype)
+    # The last valid start, capped (as the gather's own clamp caps it) at the index dtype's
+    # largest value: an int8 index into a table of 300 rows cannot reach past row 127.
+    upper = [shape[d] - sizes[d] for d in dn.start_index_map]
+    upper = jnp.array(np.minimum(upper, np.iinfo(idx.dtype).max), idx.dtype)
     valid = jnp.ones((b, t), bool)
     if not str(eqn.params.get("mode")).endswith("CLIP"):
         valid = jnp.all((idx >= 0) & (idx <= upper), axis=-1)
