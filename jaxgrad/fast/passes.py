@@ -23,9 +23,7 @@ and the factors :func:`gram` reads the Gram matrix ``⟨∇S_i, ∇S_j⟩`` from
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -34,9 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgrad import reduce
-from jaxgrad.fast import analysis, capture, reparam, rules, trace
+from jaxgrad.fast import analysis, capture, rules, trace
 from jaxgrad.fast import plan as plan_lib
-from jaxgrad.fast.program import Const, Var, eval_known, shape_struct
+from jaxgrad.fast.operands import Normaliser, Operands, factored, row_dots
+from jaxgrad.fast.program import Var, shape_struct
 from jaxgrad.grads import _per_example
 
 METHODS = ("auto", "vmap")
@@ -92,7 +91,7 @@ def vmap_pass(loss_fn, params, batch, mask) -> Parts:
         return jax.tree_util.tree_unflatten(treedef, out)
 
     def dots(v):
-        return sum(_row_dots(g, x) for g, x in zip(leaves, v, strict=True))
+        return sum(row_dots(g, x) for g, x in zip(leaves, v, strict=True))
 
     leaf_sq = _stack_leaves([reduce.row_sq_norms(g) for g in leaves], norm_sq)
     blocks = lambda: [("grads", g) for g in leaves]
@@ -104,14 +103,6 @@ def _stack_leaves(columns, norm_sq):
     if not columns:
         return jnp.zeros((*norm_sq.shape, 0), norm_sq.dtype)
     return jnp.stack([jnp.asarray(x, norm_sq.dtype) for x in columns], axis=1)
-
-
-def _row_dots(grads, v):
-    """``(B,)``: ``⟨J_i, v⟩`` for per-example gradients ``J`` ``(B, *v.shape)``."""
-    dtype = jnp.promote_types(jnp.result_type(grads, v), jnp.float32)
-    flat = grads.reshape(grads.shape[0], math.prod(grads.shape[1:])).astype(dtype)
-    hi = jax.lax.Precision.HIGHEST
-    return jnp.matmul(flat, jnp.reshape(v, (-1,)).astype(dtype), precision=hi)
 
 
 def gram(p: Parts, q: Parts) -> jax.Array:
@@ -131,7 +122,7 @@ def gram(p: Parts, q: Parts) -> jax.Array:
         elif bp[0] == "use":
             block = rules.gram(*bp[1:], *bq[4:])
         elif bp[0] == "normaliser":
-            block = _Normaliser.gram(bp[1], bq[1])
+            block = Normaliser.gram(bp[1], bq[1])
         else:
             block = rules.cross_gram(bp[1], bq[1])
         total = total + block
@@ -164,91 +155,6 @@ def _chain_transpose(program, use: trace.Use, leaf, x):
     zero = jnp.zeros(leaf.shape, leaf.dtype)
     _, vjp = jax.vjp(lambda p: trace.apply_use_chain(program, use, p), zero)
     return vjp(x)[0]
-
-
-class _Normaliser:
-    """The share of a scaled leaf's gradient through its normalisers (``Scale.own``, see
-    :mod:`jaxgrad.fast.reparam`).
-
-    ``W_eff = θ' ⊙ S ⊙ Π_x F(x)`` with ``x = h(θ)`` per channel (``1/‖V_o‖`` of weight
-    normalisation): ``∇_θ S_i = P_i + Σ_x J_xᵀ r_{x,i}``, where ``P_i`` is the gradient
-    through the scaled uses (their rules) and ``r_{x,i} = ∇_x S_i`` (from ``A``, ``G`` and
-    ``θ'``, per channel). ``x_c`` depends on channel ``c`` of ``θ`` only, so with
-    ``U_x = J_xᵀ 1`` (one VJP) the channel-``c`` row of ``J_x`` is ``U_x`` on channel ``c``:
-    ``d_{x,i} = J_x P_i`` is the per-channel sum of ``U_x ⊙ S ⊙ ∇_{W_eff} S_i`` (one more
-    product per use, the scaled ``A``, ``G`` and ``U_x``), and ``M_{xy} = J_x J_yᵀ`` is
-    diagonal per channel, ``J_x U_y`` (one JVP). Then
-
-        ‖∇_θ S_i‖² = ‖P_i‖² + 2 Σ_x ⟨r_{x,i}, d_{x,i}⟩ + Σ_{x,y} Σ_c r_{x,i,c} M_{xy,c} r_{y,i,c},
-
-    ``Σ_i c_i ∇_θ S_i = Σ_i c_i P_i + J_xᵀ Σ_i c_i r_{x,i}`` (one VJP) and
-    ``⟨∇_θ S_i, v⟩ = ⟨P_i, v⟩ + ⟨r_{x,i}, J_x v⟩`` (one JVP): no ``B × |θ|`` array. This
-    method returns only the terms after ``‖P_i‖²`` (the rules give that one).
-    """
-
-    def __init__(self, program, known, j, theta, own, factor_grad, side_sum):
-        self.refs = list(own)
-        leaf = program.invars[j]
-        self.x_of = lambda t: eval_known(program, {**known, leaf: t}, self.refs)
-        self.theta = theta
-        xs, self.vjp = jax.vjp(self.x_of, theta)
-        # r_x, (B, *x) per normaliser, from every use it scales.
-        self.r = [sum(factor_grad(u, q) for u, q in own[x]) for x in self.refs]
-        ones = lambda k: [
-            jnp.ones_like(x) if i == k else jnp.zeros_like(x) for i, x in enumerate(xs)
-        ]
-        us = [self.vjp(ones(k))[0] for k in range(len(xs))]  # U_x = J_xᵀ 1, θ's layout
-        self.d = [
-            sum(
-                side_sum(u, q, trace.apply_use_chain(program, u, us[k]), plain=True)
-                for u, q in own[x]
-            )
-            for k, x in enumerate(self.refs)
-        ]
-        # channel layouts: the layout of the first use's factor, the same for every x there
-        self.canon = [own[x][0][0].scale[own[x][0][1]] for x in self.refs]
-        jvs = [jax.jvp(self.x_of, (theta,), (u,))[1] for u in us]  # J_x U_y, per y
-        self.m = [[self._canon(k, jv[k][None])[0] for jv in jvs] for k in range(len(xs))]
-
-    def _canon(self, k, r):  # (B, *x) -> (B, *channel), in the use's side order
-        sc = self.canon[k]
-        r = jnp.reshape(r, (r.shape[0], *sc.shape))
-        return jnp.transpose(r, (0, *(1 + p for p in sc.perm)))
-
-    def factors(self):
-        rows = lambda k, z: self._canon(k, z).reshape(z.shape[0], -1)
-        r = [rows(k, x) for k, x in enumerate(self.r)]
-        d = [rows(k, x) for k, x in enumerate(self.d)]
-        m = [[x.reshape(-1) for x in row] for row in self.m]
-        return r, d, m
-
-    def norm_sq(self):
-        r, d, m = self.factors()
-        total = sum(2 * jnp.sum(rx * dx, axis=1) for rx, dx in zip(r, d, strict=True))
-        for k, rx in enumerate(r):
-            for q, ry in enumerate(r):
-                total = total + jnp.sum(rx * m[k][q] * ry, axis=1)
-        return total
-
-    @staticmethod
-    def gram(f1, f2):
-        (r1, d1, m), (r2, d2, _) = f1, f2
-        hi = jax.lax.Precision.HIGHEST
-        total = 0
-        for k in range(len(r1)):
-            total = total + jnp.matmul(r1[k], d2[k].T, precision=hi)
-            total = total + jnp.matmul(d1[k], r2[k].T, precision=hi)
-            for q in range(len(r1)):
-                total = total + jnp.matmul(r1[k] * m[k][q], r2[q].T, precision=hi)
-        return total
-
-    def weighted(self, c):
-        cts = [jnp.tensordot(c.astype(r.dtype), r, 1) for r in self.r]
-        return self.vjp(cts)[0]
-
-    def dots(self, v):
-        jv = jax.jvp(self.x_of, (self.theta,), (v,))[1]
-        return sum(_row_dots(r, x) for r, x in zip(self.r, jv, strict=True))
 
 
 def fast_pass(
@@ -287,170 +193,16 @@ def fast_pass(
     size = mask.shape[0]
     cap = capture.capture(an, leaves, batch, mask)
     sums, counts, kept, g_use, g_exact, axis = cap
-
-    # The factors of scaled effective weights W_eff = θ' ⊙ Π F_k (see ``reparam.Scale``): each
-    # scales A or G of the uses of W_eff, which are then the uses of the leaf θ.
-    scale_refs = list(
-        dict.fromkeys(
-            r for us in an.fast.values() for u in us if u.scale
-            for r in [u.theta_term, *(sc.ref for sc in u.scale)] if isinstance(r, Var)
-        )
-    )  # fmt: skip
-    known = {program.invars[j]: leaves[j] for j in range(n) if j not in an.exact}
-    scale_vals = dict(zip(scale_refs, eval_known(program, known, scale_refs), strict=True))
-
-    def factor_value(sc):
-        return sc.ref.value if isinstance(sc.ref, Const) else scale_vals[sc.ref]
-
-    def scaled(x, u, side, skip=None):  # x (B, ...) times the use's factors on one side
-        for q, sc in enumerate(u.scale):
-            if sc.side == side and q != skip and not sc.offset:
-                # (Promoted, not cast to x's dtype: a float32 A of a float64 weight, one-hot
-                # rows of a float64 table, must not round a float64 factor to float32.)
-                x = x * sc.broadcast(factor_value(sc))[None]
-        return x
-
-    def full(sc, x, shape):  # a factor against the parameter operand (sides "i" and "w")
-        return jnp.broadcast_to(sc.broadcast(x), shape)
-
-    def mask_of(u):  # a use's full masks (side "w") in its operand's layout, or None
-        ms = [full(sc, factor_value(sc), u.op.in_avals[u.pos].shape) for sc in u.scale
-              if sc.side == "w"]  # fmt: skip
-        return functools.reduce(jnp.multiply, ms) if ms else None
-
-    def masked(u, x, *, examples=True):  # a gradient in the operand's layout, times M
-        m = mask_of(u)
-        if m is None:
-            return x
-        return x * (m[None] if examples else m).astype(x.dtype)
-
-    def on_operand(u, sc):  # a factor broadcastable against the use's parameter operand
-        x = sc.broadcast(factor_value(sc))
-        if sc.side in ("i", "w"):
-            return x
-        k = 0 if sc.side == "a" else 1  # operand axis -> the A (or G) axis it meets
-        to_op = {
-            (ax[k] if kind == "ag" else ax): d
-            for d, (kind, ax) in reparam._use_axes(u.op, u.pos).items()
-            if sc.side in kind
-        }
-        ops = [to_op[t] for t in sc.dims]
-        x = jnp.transpose(jnp.reshape(x, [sc.target[t] for t in sc.dims]), np.argsort(ops))
-        shape = u.op.in_avals[u.pos].shape
-        out = [shape[d] if d in ops else 1 for d in range(len(shape))]
-        return jax.lax.broadcast_in_dim(x, out, tuple(sorted(ops)))
-
-    def factors_on_operand(u):  # Π F_k on θ': ∇_θ' S_i = (Π F_k) ⊙ ∇_{W_eff} S_i
-        fs = [on_operand(u, sc) for sc in u.scale if not sc.offset]
-        return functools.reduce(jnp.multiply, fs, jnp.ones((), u.op.in_avals[u.pos].dtype))
-
-    def factored(u):  # a scaled use whose weighted sum and dots take the factors on θ'
-        return bool(u.scale) and not u.select and not u.scans
-
-    def lookups(u):  # a lookup's indices and cotangents, out-of-bounds lookups' zeroed
-        a = jnp.moveaxis(kept[u.key], axis[u.key], 0)
-        idx, _, y = rules.gather_rows(u.op, a, jnp.moveaxis(g_use[u.key], axis[u.key], 0))
-        return rules.idx_restore(u.op, idx), rules.g_restore(u.op, y)
-
-    def indexed(u, skip=None):  # (B, *out): a lookup's factors (side "i") at its rows
-        shape, out = u.op.in_avals[0].shape, None
-        for q, sc in enumerate(u.scale):
-            if sc.side == "i" and q != skip:
-                f = full(sc, factor_value(sc), shape).astype(u.op.in_avals[0].dtype)
-                x = jax.vmap(lambda a_i, f=f: rules._bind(u.op, 0, f, a_i))(lookups(u)[0])
-                out = x if out is None else out * x
-        return out
-
-    def indexed_grad(u, q, w):  # per example ∇F_q of (w ⊙ Π_k F_k)[rows] (side "i")
-        sc, shape = u.scale[q], u.op.in_avals[0].shape
-        rest = w
-        for k, other_sc in enumerate(u.scale):
-            if other_sc.side == "i" and k != q:
-                rest = rest * full(other_sc, factor_value(other_sc), shape).astype(w.dtype)
-        x = factor_value(sc)
-
-        def one(a_i, g_i):
-            f = lambda x: rules._bind(u.op, 0, (rest * full(sc, x, shape)).astype(w.dtype), a_i)
-            _, vjp = jax.vjp(f, x)
-            return vjp(g_i.astype(w.dtype))[0]
-
-        return jax.vmap(one)(*lookups(u))
-
-    products: dict = {}  # use -> op(A', θ'), shared by every factor of G of the use
-
-    def side_sum(u, q, w, *, skip=None, plain=False):
-        """Per example, the share of ⟨∇_{W_eff} S_i, W'⟩ along factor q's entries (its ref's
-        layout), for W' = w ⊙ (the use's factors but the skipped one): the gradient of factor
-        q with w = θ' and skip = q; with ``plain`` the factor's own inverse is not applied."""
-        sc = u.scale[q]
-        if sc.side == "i":
-            return indexed_grad(u, q, w)
-        w = masked(u, w, examples=False)  # (θ' ⊙ M: the masked weight's share)
-        # (In w's precision: a float32 A of a float64 weight would round A's cotangent.)
-        a = jnp.moveaxis(kept[u.key], axis[u.key], 0).astype(jnp.result_type(kept[u.key], w))
-        g = g_plain(u)
-        op = lambda w, a: jax.vmap(lambda a_i: rules._bind(u.op, u.pos, w, a_i))(a)
-        if sc.side == "g":  # G ⊙ op(A', w); op(A', θ') is shared by the factors of G
-            shared = skip is not None and not plain  # (w is θ' exactly then)
-            if not shared:
-                product = op(w, scaled(a, u, "a"))
-            elif u.key not in products:
-                product = products[u.key] = op(w, scaled(a, u, "a"))
-            else:
-                product = products[u.key]
-            cot = scaled(g, u, "g", skip) * product
-        else:  # A ⊙ op_Aᵀ(G', w)
-            _, vjp_a = jax.vjp(lambda x: op(w, x), a)
-            cot = scaled(a, u, "a", skip) * vjp_a(scaled(g, u, "g", skip))[0]
-        # The broadcast's transpose is a sum over the axes it does not span.
-        ones = [1 + d for d, t in enumerate(sc.target) if t == 1 and cot.shape[1 + d] != 1]
-        cot = jnp.sum(cot, axis=tuple(ones), keepdims=True)
-        x = factor_value(sc)
-        spread = dataclasses.replace(sc, inverse=False).broadcast if plain else sc.broadcast
-        _, vjp_b = jax.vjp(spread, x)
-        return jax.vmap(lambda ct: vjp_b(ct.astype(x.dtype))[0])(cot)
-
-    def factor_grad(u, q):  # one use's per-example gradient of its factor q
-        if u.scale[q].offset:  # W_eff = (θ' - m) ⊙ Π F: -Σ (Π F) ⊙ ∇W along m's entries
-            ones = jnp.ones(u.op.in_avals[u.pos].shape, u.op.in_avals[u.pos].dtype)
-            return -side_sum(u, q, ones, plain=True)
-        return side_sum(u, q, theta_operand(u), skip=q)
-
-    def theta_operand(u):  # θ' (or θ' - m) as the use's operand: the chain after θ'
-        if not u.levels:
-            return trace.apply_chain(program, u.chain[u.theta_chain :], scale_vals[u.theta_term])
-        after = dataclasses.replace(u, pre_chain=u.pre_chain[u.theta_chain :])
-        return trace.apply_use_chain(program, after, scale_vals[u.theta_term])
-
-    def selected(x, u, side):  # the slice of A or G a concatenated block meets
-        if not u.select or u.select[0] != side:
-            return x
-        _, ax, lo, hi = u.select
-        return jax.lax.slice_in_dim(x, lo, hi, axis=1 + ax)
-
-    def a_of(u):  # examples first
-        return selected(scaled(jnp.moveaxis(kept[u.key], axis[u.key], 0), u, "a"), u, "a")
-
-    def g_plain(u):  # the cotangent in the lifted equation's layout, examples first
-        g = jnp.moveaxis(g_use[u.key], axis[u.key], 0)
-        # (B, steps, *inner steps, *out): each scan's steps go where its lift put them,
-        # innermost first (a scan's lift inserts its axis into the output of the next).
-        step_axes = [lv.step_axis for lv in u.scans]
-        for d in reversed(range(len(step_axes))):
-            g = jnp.moveaxis(g, 1 + d, 1 + d + step_axes[d])
-        return g
-
-    def g_of(u):  # ... with a scaled use's factors of G (at every step: lifted layout)
-        g, f = g_plain(u), indexed(u)  # (a lookup's factors, gathered at its rows)
-        g = scaled(g, u, "g") if f is None else g * f.astype(g.dtype)
-        return selected(g, u, "g")
+    ops = Operands(an, leaves, cap)
 
     def weighted_use(u, c):  # Σ_i c_i ∇S_i through one use, on the arrays as captured
         if factored(u):  # Σ_i c_i op_Wᵀ(A_i, G_i), then the factors once: no scaled A or G
             raw = rules.weighted_grad(u.op, u.pos, kept[u.key], g_use[u.key], c, axis=axis[u.key])
-            return raw * factors_on_operand(u).astype(raw.dtype)
+            return raw * ops.factors_on_operand(u).astype(raw.dtype)
         if len(u.scans) > 1 or u.scale or u.select:
-            return masked(u, rules.weighted_grad(u.op, u.pos, a_of(u), g_of(u), c), examples=False)
+            return ops.masked(
+                u, rules.weighted_grad(u.op, u.pos, ops.a_of(u), ops.g_of(u), c), examples=False
+            )
         g = g_use[u.key]
         if u.scans and u.scans[0].step_axis:
             g = jnp.moveaxis(g, 0, 1 + u.scans[0].step_axis)  # (B at axis 0 after the move)
@@ -458,7 +210,7 @@ def fast_pass(
         return rules.weighted_grad(u.op, u.pos, kept[u.key], g, c, axis=axis[u.key])
 
     def leaf_grads(j, use):  # (B, *leaf.shape) through one use
-        g = masked(use, rules.per_example_grads(use.op, use.pos, a_of(use), g_of(use)))
+        g = ops.masked(use, rules.per_example_grads(use.op, use.pos, ops.a_of(use), ops.g_of(use)))
         return jax.vmap(lambda x: _chain_transpose(program, use, like[j], x))(g)
 
     # Per-example gradients formed for the norms and kept, one entry per group of uses (see
@@ -482,20 +234,20 @@ def fast_pass(
     def norm_use(group):  # ‖∇S_i‖² through a group's one use, by its route
         (u,), rule = group.uses, group.rule
         if rule.how == "dense_masked":
-            return rules.masked_norm_sq(u.op, u.pos, a_of(u), g_of(u), mask_of(u))
+            return rules.masked_norm_sq(u.op, u.pos, ops.a_of(u), ops.g_of(u), ops.mask_of(u))
         if rule.keep and (weighted or rule.how == "grads"):
-            fn = lambda op, a, g: masked(u, rules.per_example_grads(op, u.pos, a, g))
+            fn = lambda op, a, g: ops.masked(u, rules.per_example_grads(op, u.pos, a, g))
             if rule.per_step:  # one slice of the leaf per step: (steps, B, *slice)
                 formed[id(group)] = (per_step(fn, u), 1, u)
             else:
-                formed[id(group)] = (fn(u.op, a_of(u), g_of(u)), 0, u)
+                formed[id(group)] = (fn(u.op, ops.a_of(u), ops.g_of(u)), 0, u)
             grads, ex, _ = formed[id(group)]
             sq = jnp.square(grads.astype(rules.acc_dtype(u.op)))
             return jnp.sum(sq, axis=tuple(d for d in range(sq.ndim) if d != ex))
         if rule.per_step:  # one slice of the leaf per step: the steps' squared norms add
             fn = lambda op, a, g: rules.norm_sq(rule, op, u.pos, a, g)
             return jnp.sum(per_step(fn, u), axis=0)
-        return rules.norm_sq(rule, u.op, u.pos, a_of(u), g_of(u))
+        return rules.norm_sq(rule, u.op, u.pos, ops.a_of(u), ops.g_of(u))
 
     # At least float32, and as precise as the loss and every parameter (float64 parameters of
     # a float32 loss have float64 gradients, as on the vmap path).
@@ -507,15 +259,17 @@ def fast_pass(
         if group.form == "use":
             u = group.uses[0]
             if plan_lib.masked(u):  # M ⊙ J_i: the formed gradients' inner products
-                grads = masked(u, rules.per_example_grads(u.op, u.pos, a_of(u), g_of(u)))
+                grads = ops.masked(
+                    u, rules.per_example_grads(u.op, u.pos, ops.a_of(u), ops.g_of(u))
+                )
                 return ("grads", grads)
-            return ("use", u.kind, u.op, u.pos, a_of(u), g_of(u))
+            return ("use", u.kind, u.op, u.pos, ops.a_of(u), ops.g_of(u))
         ndim = len(like[j].shape)  # tied uses: the cross terms between them are needed
         if group.form == "outer":
             return (
                 "outer",
                 [
-                    rules.outer_factors(u.op, u.pos, perm, ndim, a_of(u), g_of(u))
+                    rules.outer_factors(u.op, u.pos, perm, ndim, ops.a_of(u), ops.g_of(u))
                     for u, perm in zip(group.uses, group.perms, strict=True)
                 ],
             )
@@ -567,7 +321,7 @@ def fast_pass(
                 for u in us:
                     for q, sc in enumerate(u.scale):
                         if isinstance(sc.ref, Var) and sc.ref in out:
-                            out[sc.ref] = out[sc.ref] + factor_grad(u, q)
+                            out[sc.ref] = out[sc.ref] + ops.factor_grad(u, q)
             return [out[ref] for ref in tf.factors]
 
         @functools.cache
@@ -590,7 +344,7 @@ def fast_pass(
                     if sc.own:
                         own.setdefault(sc.ref, []).append((u, q))
             if own:
-                out[j] = _Normaliser(program, known, j, leaves[j], own, factor_grad, side_sum)
+                out[j] = Normaliser(ops, j, leaves[j], own)
         return out
 
     def fast_groups():  # (leaf, group) of every fast leaf, in order
@@ -658,7 +412,7 @@ def fast_pass(
 
     def dot_use(u, v_op):  # (B,) ⟨∇S_i through one use, v_op⟩ (v_op: the use's operand)
         if len(u.scans) != 1 or u.split >= 0 or u.scale or u.select:
-            return rules.dot(u.kind, u.op, u.pos, a_of(u), g_of(u), v_op)
+            return rules.dot(u.kind, u.op, u.pos, ops.a_of(u), ops.g_of(u), v_op)
         # In one scan: Σ_t ⟨G_{t,i}, op(A_{t,i}, v_t)⟩ per step on the step equation, on the
         # step-major arrays as captured (no transpose to put the examples first).
         v_axis = 0 if u.scans[0].stacked else None  # a leaf scanned over: its slice per step
@@ -676,7 +430,7 @@ def fast_pass(
             for k, d in zip(eff, dirs, strict=False):
                 v[k] = d
             for g, d in zip(factor_grads(), dirs[len(eff) :], strict=True):
-                total = total + _row_dots(g, d).astype(norm_dtype)
+                total = total + row_dots(g, d).astype(norm_dtype)
         for j, uses in an.uses.items():
             if v[j] is None:
                 continue  # (a scaled weight: its uses are its leaf's)
@@ -688,14 +442,14 @@ def fast_pass(
                 chain = lambda p, u=u: trace.apply_use_chain(program, u, p)
                 v_op = jax.jvp(chain, (zero,), (vj,))[1]
                 if factored(u):  # ⟨(Π F) ⊙ ∇_{W_eff} S_i, v⟩ = ⟨∇_{W_eff} S_i, (Π F) ⊙ v⟩
-                    v_op = v_op * factors_on_operand(u).astype(v_op.dtype)
+                    v_op = v_op * ops.factors_on_operand(u).astype(v_op.dtype)
                     total = total + rules.dot(u.kind, u.op, u.pos, kept[u.key], g_use[u.key], v_op)
                 else:
                     total = total + dot_use(u, v_op)
         for j, nz in normalisers().items():
             total = total + nz.dots(jnp.asarray(v[j], like[j].dtype)).astype(norm_dtype)
         for j, g in g_exact.items():
-            total = total + _row_dots(g, v[j]).astype(norm_dtype)
+            total = total + row_dots(g, v[j]).astype(norm_dtype)
         return jnp.where(mask, total, 0)
 
     def blocks():  # the groups norm_sq adds, in the same order, for gram()
