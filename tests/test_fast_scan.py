@@ -400,7 +400,7 @@ def test_uses_whose_outputs_are_summed_share_one_cotangent():
     """``x W_x + h W_h`` (and ``h W_a + h W_b`` at the top level): one perturbation on the sum,
     one cotangent captured for both uses; a subtrahend (negated cotangent) and an output read
     twice keep their own. Norms, clipped sums, dots and the Gram stay exact."""
-    from jaxgrad.fast import passes
+    from jaxgrad.fast import capture, passes
 
     def loss(p, xs):
         def step(h, x):
@@ -418,7 +418,7 @@ def test_uses_whose_outputs_are_summed_share_one_cotangent():
     batch = _normal(rng, 5, 6, 3, scale=1.0)
     an = passes.analyse(loss, params, batch)
     tree = {key: u for key, (_, u) in an.captured.items()}
-    shared = passes.shared_cotangents(an.program, tree)
+    shared = capture.shared_cotangents(an.program, tree)
     leaf = {key: j for key, (j, _) in an.captured.items()}
     names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     pairs = {frozenset((names[leaf[k]], names[leaf[q]])) for k, q in shared.items()}

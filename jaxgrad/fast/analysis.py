@@ -214,7 +214,7 @@ def _batched(program: Program, u: Use, top: set, cache: dict) -> bool:
     """Whether a use's output differs between examples, as ``vmap`` batches it (at some
     step, for a use in a scan: read level by level, outermost first). A use in a branch or a
     custom rule, at any depth, is taken as batched (its perturbation is added, never the tap,
-    see ``passes._capture``: exact either way, see ``Use.batched``)."""
+    see ``capture._capture``: exact either way, see ``Use.batched``)."""
     if u.site == "":
         return program.eqns[u.eqn].outs[0] in top
     if not all(lv.is_scan for lv in u.levels):

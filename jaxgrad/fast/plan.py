@@ -1,7 +1,7 @@
 """The fast path's plan for a loss: for every parameter leaf, its uses, its route, its cost.
 
 :func:`routes` computes every leaf's :class:`Route` once from the walker's analysis
-(:mod:`jaxgrad.fast.trace`); ``passes.fast_pass`` executes those routes and :func:`plan`
+(:mod:`jaxgrad.fast.trace`); ``execute.FastParts`` executes those routes and :func:`plan`
 prints them, so the plan cannot disagree with what runs. Per leaf (by pytree path):
 
 * its uses — the equations that read it (``dense``, ``conv``, ``gather``), each named by the

@@ -18,7 +18,7 @@ the factors scale the lifted ``A`` or ``G`` at every step; branches; custom rule
 see :func:`_scalable`); the same holds for concatenated blocks (:func:`selected_weights`).
 Factors made of other leaves (``g``) keep the VJP route on their (small) per-example
 gradients; factors and offsets made of θ itself, per channel (weight normalisation, weight
-standardisation), add exact per-channel corrections (``passes._Normaliser``).
+standardisation), add exact per-channel corrections (``operands.Normaliser``).
 
 **Lookups, constant scatters, full masks.** For a lookup any factor folds into ``G``,
 gathered at the rows read (``(θ' ⊙ F)[r] = θ'[r] ⊙ F[r]``, side ``"i"``); a constant
@@ -78,7 +78,7 @@ class Scale:
     ``shape`` is ``ref``'s shape with the axes it does not span dropped, ``perm`` orders them
     as the side's axes, which ``dims`` of the side's per-example shape ``target`` (1 on every
     other axis) they go to; ``leaves`` are the parameter leaves ``ref`` is made of (its
-    gradient goes to them, see ``passes``).
+    gradient goes to them, see ``operands``).
     """
 
     ref: Any  # Var | Const
@@ -91,7 +91,7 @@ class Scale:
     leaves: frozenset = frozenset()
     # A *normaliser*: the factor is made of ``θ`` itself, one output channel (or row) of it
     # per entry (``‖V_o‖`` of weight normalisation): its share of ``θ``'s gradient,
-    # ``J_Fᵀ ∇_F``, is a per-channel correction (see ``passes``).
+    # ``J_Fᵀ ∇_F``, is a per-channel correction (see ``operands``).
     own: bool = False
     # An *offset* (``W_eff = (θ' - m) ⊙ Π_k F_k``, the mean of weight standardisation): not a
     # factor of ``A`` or ``G``; ``m`` gets the gradient ``-Σ_c (Π_k F_k) ⊙ ∇_{W_eff}`` per entry.
@@ -573,7 +573,7 @@ class Transform:
     the scaled route (a fast leaf, its uses carrying their :class:`Scale` s), as ``v -> leaf``;
     their per-example gradients are never formed. ``factors``: the values ``F_k`` of those
     weights that parameter leaves make (a scale ``s``, weight norm's ``g``): their per-example
-    gradients come from ``A``, ``G`` and ``θ'`` (see ``passes``), then go through the VJP.
+    gradients come from ``A``, ``G`` and ``θ'`` (see ``operands``), then go through the VJP.
     """
 
     leaves: tuple

@@ -26,7 +26,7 @@ classifies by it), its *route* — a :class:`Form` saying how its per-example sq
 formed (``how``, a key of :data:`NORMS`), what the plan prints (``label``, ``cost``) and
 whether the per-example gradient is formed and kept for the weighted sum (``keep``) — and its
 pairwise Gram rule. :func:`route` is called once per use by :func:`jaxgrad.fast.plan.routes`;
-the :class:`~jaxgrad.fast.plan.Route` carries the result, ``passes.fast_pass`` executes it and
+the :class:`~jaxgrad.fast.plan.Route` carries the result, ``execute.FastParts`` executes it and
 ``plan`` prints it. The weighted sum, the per-example gradients and the inner products with
 a reference are the use's own VJP and forward operation, the same for every kind.
 

@@ -49,7 +49,7 @@ alias; one through which no gradient flows is ignored::
 
 and a new kind of fast use is one entry in :data:`jaxgrad.fast.rules.KINDS` (the module
 docstring there shows one): the walker gives its primitive the ``use`` rule
-(:func:`rule_of`), the fast pass captures it wherever it sits (``passes._capture``, one
+(:func:`rule_of`), the fast pass captures it wherever it sits (``capture._capture``, one
 handler per frame primitive) and its route decides how its norms are formed.
 """
 
@@ -351,7 +351,7 @@ def use(frame: Frame, k: int, e: Eqn, positions: list) -> None:
 def bodies(e: Eqn) -> list:
     """The bodies of a frame equation, flattened (the same :class:`Program` every time): a
     scan's body, a cond's branches, a ``custom_jvp`` call's linearised rule
-    (:func:`linearised`). The walker reads them and ``passes`` captures in them."""
+    (:func:`linearised`). The walker reads them and ``capture`` captures in them."""
     if e.primitive.name == "scan":
         return [flat_jaxpr(e.params["jaxpr"])]
     if e.primitive.name == "custom_jvp_call":
