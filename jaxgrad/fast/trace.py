@@ -143,6 +143,10 @@ class Use:
     # ``(side, axis, start, stop)``, the slice of ``A`` (side "a") or ``G`` ("g") per example
     # along ``axis`` that meets the leaf's block; ``op`` is then the use on that block alone.
     select: tuple = ()
+    # For the use of a leaf through a *summed* effective weight (``W_eff = θ' + ...`` or
+    # ``θ' @ M + ...``, see :class:`jaxgrad.fast.reparam.Fold`): the part it sits in, and
+    # for ``θ' @ M`` how ``M`` is folded into ``A`` or ``G`` (``op`` is then the use of θ').
+    fold: Any = None
 
     @property
     def key(self):
