@@ -54,6 +54,7 @@ from jaxgrad.fast.trace import (
     Use,
     chain_perm,
     classify,
+    dead_equations,
     ignore,
     is_alias,
     other,
@@ -557,7 +558,7 @@ def _summands(program: Program, producer: dict, deps: dict, n: int, ref):
     of aliases of leaves and values with no gradient), ``straight`` when a part carries a
     value with no gradient (a straight-through estimator); None if not of that form."""
     if not isinstance(ref, Var) or not deps.get(ref):
-        return [], True  # no gradient reaches a leaf through it
+        return [], False  # no gradient reaches a leaf through it
     theta = _alias_of_leaf(program, producer, n, ref)
     if theta is not None:
         return [("id", theta)], False
@@ -580,8 +581,30 @@ def _summands(program: Program, producer: dict, deps: dict, n: int, ref):
         return both[0][0] + both[1][0], both[0][1] or both[1][1]
     if len(grads) == 1 and identity_tangent(e, grads[0]):
         inner = _summands(program, producer, deps, n, e.ins[grads[0]])
-        return None if inner is None else (inner[0], True)
+        if inner is None:
+            return None
+        # Straight-through: the value changed by one of the part's own leaves, with no
+        # gradient (q(θ) - θ under stop_gradient, a custom_jvp of θ alone); else θ' + c.
+        own = {x[0] for kind, x in inner[0] if kind == "id"}
+        rest = [r for i, r in enumerate(e.ins) if i != grads[0]]
+        straight = not rest or bool(own & _read_leaves(program, producer, n, rest))
+        return inner[0], inner[1] or straight
     return None
+
+
+def _read_leaves(program: Program, producer: dict, n: int, refs) -> set:
+    """The parameter leaves the values ``refs`` are computed from (gradient or not)."""
+    out, seen, todo = set(), set(), [r for r in refs if isinstance(r, Var)]
+    while todo:
+        r = todo.pop()
+        if r in seen:
+            continue
+        seen.add(r)
+        if r in program.invars[:n]:
+            out.add(program.invars.index(r))
+        elif r in producer:
+            todo.extend(x for x in program.eqns[producer[r]].ins if isinstance(x, Var))
+    return out
 
 
 def _folded_use(program: Program, u: Use, e: Eqn, p: int, chain: tuple, what: str):
@@ -972,7 +995,10 @@ def find_region(program: Program, n: int, exact: set, top: set) -> tuple:
     """
     deps: dict = {v: frozenset({j}) for j, v in enumerate(program.invars[:n]) if j not in exact}
     region: list = []
+    dead = dead_equations(program)  # (no gradient through them: not part of f)
     for k, e in enumerate(program.eqns):
+        if k in dead:
+            continue
         d = frozenset().union(*(deps.get(r, frozenset()) for r in e.ins if isinstance(r, Var)))
         # (An example-dependent input with example-independent outputs, a loop reading the
         # example whose outputs do not depend on it, is read by its own rule instead.)
