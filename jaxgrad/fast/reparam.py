@@ -465,7 +465,6 @@ def selected_weights(program: Program, n: int, outputs, deps: dict, uses: dict, 
     return out, tuple(found)
 
 
-
 # --- Summed weights: ``W_eff = Σ_p T_p``, each part linear in one leaf ---------------------
 
 
@@ -635,13 +634,13 @@ def _folded_use(program: Program, u: Use, e: Eqn, p: int, chain: tuple, what: st
     for d0, d1 in zip(ec0, ec1, strict=True):
         rl[0][d0] = rl[1][d1] = next(names)
     free = [[d for d in range(len(rl[q])) if d not in (ec0, ec1)[q]] for q in (0, 1)]
-    for label, (q, d) in zip(eff, [(q, d) for q in (0, 1) for d in free[q]], strict=True):
-        rl[q][d] = label
+    for label, (side, d) in zip(eff, [(q, d) for q in (0, 1) for d in free[q]], strict=True):
+        rl[side][d] = label
     t_lab, m_lab = rl[p], rl[1 - p]
     m_free = [m_lab[d] for d in free[1 - p]]
     sizes = {}
-    for labels, a in [*zip(lab, u.op.in_avals), *zip(rl, e.in_avals)]:
-        sizes.update(zip(labels, a.shape))
+    for labels, a in [*zip(lab, u.op.in_avals, strict=True), *zip(rl, e.in_avals, strict=True)]:
+        sizes.update(zip(labels, a.shape, strict=True))
     j = "".join
     if m_free and all(x in x_lab for x in m_free):  # M meets X: folded into A
         kept = [x for x in x_lab if x not in m_lab] + [x for x in m_lab if x not in x_lab]
@@ -667,7 +666,9 @@ def _folded_use(program: Program, u: Use, e: Eqn, p: int, chain: tuple, what: st
         g_spec = "" if z == y else f"...{j(y)}->...{j(z)}"
         if sorted(z) != sorted(y):
             return None
-    avals = [shaped(tuple(sizes[x] for x in o), a.dtype) for o, a in zip(ops, u.op.in_avals)]
+    avals = [
+        shaped(tuple(sizes[x] for x in o), a.dtype) for o, a in zip(ops, u.op.in_avals, strict=True)
+    ]
     out = [shaped(tuple(sizes[x] for x in z), u.op.out_avals[0].dtype)]
     params = {**u.op.params, "dimension_numbers": dn}
     op = dataclasses.replace(u.op, params=params, in_avals=avals, out_avals=out)
@@ -709,7 +710,9 @@ def summed_weights(program: Program, n: int, outputs, deps: dict, uses: dict, sk
                 )
                 what = "straight-through" if straight else "a summand"
                 fold = Fold(f"{what} (identity Jacobian)")
-                per.append((x[0], [dataclasses.replace(lead_chain(u, x[1]), fold=fold) for u in us]))
+                per.append(
+                    (x[0], [dataclasses.replace(lead_chain(u, x[1]), fold=fold) for u in us])
+                )
                 ok = ok and plain
                 continue
             e = program.eqns[x]
