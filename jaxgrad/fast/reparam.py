@@ -25,6 +25,13 @@ gathered at the rows read (``(θ' ⊙ F)[r] = θ'[r] ⊙ F[r]``, side ``"i"``); 
 scatter ``θ'.at[rows].set(c)`` is ``θ' ⊙ M + C`` (:class:`ScatterMask`, one more factor);
 a full constant mask of a dense or convolution weight (neither side's alone) multiplies
 the use's gradient (side ``"w"``, :func:`jaxgrad.fast.rules.masked_route`).
+
+**Sums of parts.** Where an effective weight is a sum of parts each linear in one leaf
+(:class:`Fold`, :func:`summed_weights`), a part ``θ'`` whose Jacobian is the identity (read
+off the equation's JVP, :func:`identity_tangent`: the straight-through estimator
+``W + stop_gradient(q(W) - W)``, ``W0`` of ``W0 + A @ B``) gives its leaf the uses as they
+are, and a part ``θ' · M`` (LoRA's ``A @ B``) the dense uses with ``M`` folded into ``A``
+or ``G``.
 """
 
 from __future__ import annotations
@@ -855,10 +862,12 @@ class Transform:
     :func:`separable_axes`).
 
     ``scaled``: the effective weights ``v`` of the form ``θ' ⊙ Π_k F_k`` whose leaf ``θ`` takes
-    the scaled route (a fast leaf, its uses carrying their :class:`Scale` s), as ``v -> leaf``;
-    their per-example gradients are never formed. ``factors``: the values ``F_k`` of those
-    weights that parameter leaves make (a scale ``s``, weight norm's ``g``): their per-example
-    gradients come from ``A``, ``G`` and ``θ'`` (see ``passes``), then go through the VJP.
+    the scaled route (a fast leaf, its uses carrying their :class:`Scale` s), as ``v -> leaf``,
+    and ``v -> -1`` for concatenations and sums (:func:`selected_weights`,
+    :func:`summed_weights`: their leaves fast); their per-example gradients are never
+    formed. ``factors``: the values ``F_k`` of those weights that parameter leaves make (a
+    scale ``s``, weight norm's ``g``): their per-example gradients come from ``A``, ``G`` and
+    ``θ'`` (see ``passes``), then go through the VJP.
     """
 
     leaves: tuple
