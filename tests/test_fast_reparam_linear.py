@@ -58,33 +58,31 @@ def test_fake_quantised_dense_conv_and_table_keep_their_routes():
     assert "(custom_jvp_call)" in routes["['U']"].route, routes["['U']"]
 
 
-def test_merged_lora_tied_transposed_and_constant_factors():
+def test_merged_lora_tied_transposed_and_on_the_left():
     """``W0 + A @ B`` with a sequence axis: ``A`` shared by two layers (one used transposed:
-    ``B`` then meets ``A`` of that use), ``W0`` used directly too (tied uses), a constant
-    factor ``W0 + C0 @ Bc`` on the left of the product and the weight on the left of its
-    use. Exact, and no ``(B, d, d)`` per-example weight is formed."""
+    ``B`` then meets ``A`` of that use), ``W0`` used directly too (tied uses), a third
+    merged weight on the left of its use. Exact, and no ``(B, d, d)`` per-example weight
+    is formed."""
     rng = np.random.default_rng(1)
-    d, rank = 5, 2
+    d, rank = 9, 2  # (9 > the 8 positions of W0's uses: no (B, 9, 9) factor either)
     r = lambda *shape: _normal(rng, *shape)
-    params = {"W0": r(d, d), "A": r(d, rank), "B1": r(rank, d), "B2": r(rank, d), "Bc": r(rank, d)}
-    c0 = r(d, rank)
+    params = {"W0": r(d, d), "A": r(d, rank), "B1": r(rank, d), "B2": r(rank, d)}
+    params.update(C=r(d, rank), B3=r(rank, d))
 
-    def loss(p, seq):  # seq (3, d)
+    def loss(p, seq):  # seq (2, d)
         h = jnp.tanh(seq @ (p["W0"] + p["A"] @ p["B1"]))
         h = jnp.tanh(h @ (p["W0"] + p["A"] @ p["B2"]).T)
-        h = jnp.tanh((p["W0"] + jax.lax.stop_gradient(c0) @ p["Bc"]) @ h.T)
+        h = jnp.tanh((p["W0"] + p["C"] @ p["B3"]) @ h.T)
         return jnp.sum(h**2) + jnp.sum(jnp.sin(seq @ p["W0"]))
 
-    x = r(B, 3, d)
+    x = r(B, 2, d)
     routes = _check(loss, params, x, fast=tuple(f"['{k}']" for k in params))
     a, w0 = routes["['A']"], routes["['W0']"]
     assert a.route.startswith("tied, 2 uses: times a parameter matrix on the right"), a
     assert "(folded into G)" in a.route and "(folded into A)" in a.route, a
     assert w0.route.startswith("tied, 4 uses: a summand (identity Jacobian)"), w0
     assert "matrix on the left (folded into A)" in routes["['B1']"].route
-    # (a product with a constant is an ordinary use of Bc, its output the same for every
-    # example; W0 + that product is W0's summand)
-    assert routes["['Bc']"].route.startswith("dense"), routes["['Bc']"]
+    assert "matrix on the left (folded into G)" in routes["['B2']"].route
     run = lambda p: passes.fast_pass(loss, p, x, jnp.ones(B, bool)).norm_sq
     assert (B, d, d) not in _shapes_in(jax.make_jaxpr(run)(params).jaxpr)
 
