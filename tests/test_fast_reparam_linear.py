@@ -4,17 +4,17 @@ Fake quantisation (the straight-through estimator ``W + stop_gradient(q(W) - W)`
 ``custom_jvp`` rule ``(q(W), t)``) has the identity as Jacobian: the leaf's use is the
 ordinary use. Merged LoRA ``W0 + A @ B``: ``W0`` likewise, ``A`` and ``B`` with the other
 factor folded into ``G`` or ``A``. Every case is checked in float64 against ``vmap(grad)``
-(norms, per-leaf norms, clipped-style weighted sums, dots, the Gram matrix; units and a
-(sum, count) loss with chunks in a scan), and the plan must name the part it saw.
+(norms, per-leaf norms, clipped-style weighted sums, dots, the Gram matrix; a (sum, count)
+loss with a mask and chunks in a scan), and the plan must name the part it saw.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from test_fast_cases import F64
-from test_fast_dots import check
+from test_fast_cases import F64, assert_rel_close
 from test_fast_reparam import _check, _conv, _normal, _shapes_in
 
+from jaxgrad import clipped_grad
 from jaxgrad.fast import passes, plan
 
 jax.config.update("jax_enable_x64", True)
@@ -87,10 +87,10 @@ def test_merged_lora_tied_transposed_and_on_the_left():
     assert (B, d, d) not in _shapes_in(jax.make_jaxpr(run)(params).jaxpr)
 
 
-def test_lora_and_fake_quantisation_in_a_scan_with_sum_count_units_and_chunks():
+def test_lora_and_fake_quantisation_in_a_scan_with_sum_count_mask_and_chunks():
     """A recurrent step that merges its LoRA weight and fake-quantises its input weight at
-    every step (hoisted before the loop): dots, Gram, norms, unit norms and the clipped sum
-    of a (sum, count) loss with a padded row and chunks, against ``vmap(grad)``."""
+    every step (hoisted before the loop), a (sum, count) loss: the fast pass with a padded
+    row, and ``clipped_grad`` in chunks, against ``vmap(grad)`` of each example's sum."""
     rng = np.random.default_rng(2)
     d, rank, t = 4, 2, 3
     r = lambda *shape: _normal(rng, *shape)
@@ -105,15 +105,28 @@ def test_lora_and_fake_quantisation_in_a_scan_with_sum_count_units_and_chunks():
             return jnp.tanh(c @ w + x @ u), None
 
         c = jax.lax.scan(step, jnp.zeros(d, F64), xs)[0]
-        return jnp.sin(c @ p["o"]) * n, n  # (sum, count)
+        return jnp.sin(c @ p["o"]) * n, n  # (sum, count): the count varies by example
 
     batch = (r(B, t, 3), jnp.arange(1.0, B + 1.0))
-    check(loss, params, batch, mask=jnp.arange(B) != 1, chunk_size=2)
-    one = jax.tree_util.tree_map(lambda x: x[0], batch)
-    routes = {lp.path: lp.route for lp in plan(loss, params, one).leaves}
+    routes = {k: lp.route for k, lp in _check(loss, params, batch, fast=("['A']",)).items()}
     assert routes["['A']"].startswith("scan, 3 steps, shared: times a parameter matrix"), routes
     assert routes["['U']"].startswith("scan, 3 steps, shared: straight-through"), routes
     assert routes["['W0']"].startswith("scan, 3 steps, shared: a summand"), routes
+
+    mask = jnp.arange(B) != 1
+    grads = jax.vmap(jax.grad(lambda p, ex: loss(p, ex)[0]), in_axes=(None, 0))(params, batch)
+    flat = jnp.concatenate([g.reshape(B, -1) for g in jax.tree_util.tree_leaves(grads)], axis=1)
+    want = jnp.where(mask, jnp.linalg.norm(flat, axis=1), 0)
+    clip = float(jnp.median(want[mask]))
+    c = jnp.where(mask, jnp.minimum(1, clip / want), 0)
+    f = clipped_grad(loss, l2_clip=clip, reduction="sum", return_norms=True, chunk_size=2)
+    summed, norms = f(params, batch, mask)
+    assert_rel_close(norms, want, rtol=1e-9)
+    expected = jax.tree_util.tree_map(lambda g: jnp.tensordot(c, g, 1), grads)
+    for x, y in zip(
+        jax.tree_util.tree_leaves(summed), jax.tree_util.tree_leaves(expected), strict=True
+    ):
+        assert_rel_close(x, y, rtol=1e-9)
 
 
 def test_what_is_not_folded_falls_back_visibly_and_stopped_reads_are_no_uses():

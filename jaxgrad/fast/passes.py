@@ -152,11 +152,6 @@ def analyse(loss_fn, params, batch) -> analysis.Analysis:
     return analysis.analyse(fn, jax.tree_util.tree_map(shape_struct, params), example)
 
 
-def refolded(u: trace.Use) -> bool:
-    """Whether a use's ``A`` or ``G`` is folded with a matrix (:class:`reparam.Fold`)."""
-    return u.fold is not None and u.fold.active
-
-
 def _chain_transpose(program, use: trace.Use, leaf, x):
     """Maps a gradient with respect to a use's (aliased) operand back to the leaf's layout.
 
@@ -506,22 +501,12 @@ def fast_pass(
         _, ax, lo, hi = u.select
         return jax.lax.slice_in_dim(x, lo, hi, axis=1 + ax)
 
-    # --- folded uses of summed weights (reparam.Fold): M folded into A or G ---
-    fold_refs = list(dict.fromkeys(u.fold.ref for us in an.fast.values() for u in us
-                                   if refolded(u) and isinstance(u.fold.ref, Var)))  # fmt: skip
-    fold_vals = dict(zip(fold_refs, eval_known(program, known, fold_refs), strict=True))
-
-    def folded(x, u, side):
-        if not refolded(u):
-            return x
-        m = u.fold.ref.value if isinstance(u.fold.ref, Const) else fold_vals.get(u.fold.ref)
-        return u.fold.apply(side, x, m)
-
-    # --- end folded uses ---
+    # Folded uses of summed weights (reparam.Fold): M folded into A or G, by a_of and g_of.
+    fold_vals = reparam.fold_values(program, known, an.fast)
 
     def a_of(u):  # examples first
         a = selected(scaled(jnp.moveaxis(kept[u.key], axis[u.key], 0), u, "a"), u, "a")
-        return folded(a, u, "a")
+        return reparam.folded(u, "a", a, fold_vals)
 
     def g_plain(u):  # the cotangent in the lifted equation's layout, examples first
         g = jnp.moveaxis(g_use[u.key], axis[u.key], 0)
@@ -535,13 +520,13 @@ def fast_pass(
     def g_of(u):  # ... with a scaled use's factors of G (at every step: lifted layout)
         g, f = g_plain(u), indexed(u)  # (a lookup's factors, gathered at its rows)
         g = scaled(g, u, "g") if f is None else g * f.astype(g.dtype)
-        return folded(selected(g, u, "g"), u, "g")
+        return reparam.folded(u, "g", selected(g, u, "g"), fold_vals)
 
     def weighted_use(u, c):  # Σ_i c_i ∇S_i through one use, on the arrays as captured
         if factored(u):  # Σ_i c_i op_Wᵀ(A_i, G_i), then the factors once: no scaled A or G
             raw = rules.weighted_grad(u.op, u.pos, kept[u.key], g_use[u.key], c, axis=axis[u.key])
             return raw * factors_on_operand(u).astype(raw.dtype)
-        if len(u.scans) > 1 or u.scale or u.select or refolded(u):
+        if len(u.scans) > 1 or u.scale or u.select or reparam.refolded(u):
             return masked(u, rules.weighted_grad(u.op, u.pos, a_of(u), g_of(u), c), examples=False)
         g = g_use[u.key]
         if u.scans and u.scans[0].step_axis:
@@ -749,7 +734,7 @@ def fast_pass(
         return jax.tree_util.tree_unflatten(treedef, out)
 
     def dot_use(u, v_op):  # (B,) ⟨∇S_i through one use, v_op⟩ (v_op: the use's operand)
-        if len(u.scans) != 1 or u.split >= 0 or u.scale or u.select or refolded(u):
+        if len(u.scans) != 1 or u.split >= 0 or u.scale or u.select or reparam.refolded(u):
             return rules.dot(u.kind, u.op, u.pos, a_of(u), g_of(u), v_op)
         # In one scan: Σ_t ⟨G_{t,i}, op(A_{t,i}, v_t)⟩ per step on the step equation, on the
         # step-major arrays as captured (no transpose to put the examples first).

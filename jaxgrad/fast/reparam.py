@@ -518,6 +518,30 @@ class Fold:
         return jax.numpy.einsum(spec, *ops, precision=jax.lax.Precision.HIGHEST)
 
 
+def refolded(u: Use) -> bool:
+    """Whether a use's ``A`` or ``G`` is folded with a matrix (:class:`Fold`): its ``op`` is
+    then not the captured equation's, and ``A``, ``G`` must be read through :func:`folded`."""
+    return u.fold is not None and u.fold.active
+
+
+def fold_values(program: Program, known: dict, uses: dict) -> dict:
+    """The matrices ``M`` of the folded uses among ``uses`` (leaf -> [Use]), by value ref,
+    from ``known`` (top-level input Var -> value)."""
+    refs = [u.fold.ref for us in uses.values() for u in us if refolded(u)]
+    refs = list(dict.fromkeys(r for r in refs if isinstance(r, Var)))
+    return dict(zip(refs, eval_known(program, known, refs), strict=True))
+
+
+def folded(u: Use, side: str, x, values: dict):
+    """``A`` (``side="a"``) or ``G`` (``"g"``) of use ``u``, examples first, with its fold's
+    ``M`` applied (unchanged for a use that is not folded); ``values`` from
+    :func:`fold_values`."""
+    if not refolded(u):
+        return x
+    m = u.fold.ref.value if isinstance(u.fold.ref, Const) else values[u.fold.ref]
+    return u.fold.apply(side, x, m)
+
+
 def identity_tangent(e: Eqn, q: int) -> bool:
     """Whether equation ``e``'s linear part with respect to operand ``q`` (the others held,
     no gradient reaching them) is the identity map: its JVP, traced with the other operands'
