@@ -61,18 +61,19 @@ def test_fake_quantised_dense_conv_and_table_keep_their_routes():
 def test_merged_lora_tied_transposed_and_on_the_left():
     """``W0 + A @ B`` with a sequence axis: ``A`` shared by two layers (one used transposed:
     ``B`` then meets ``A`` of that use), ``W0`` used directly too (tied uses), a third
-    merged weight on the left of its use. Exact, and no ``(B, d, d)`` per-example weight
-    is formed."""
+    merged weight ``W_frozen - 0.5 C @ B3`` on the left of its use. Exact, and no
+    ``(B, d, d)`` per-example weight is formed."""
     rng = np.random.default_rng(1)
     d, rank = 9, 2  # (9 > the 8 positions of W0's uses: no (B, 9, 9) factor either)
     r = lambda *shape: _normal(rng, *shape)
     params = {"W0": r(d, d), "A": r(d, rank), "B1": r(rank, d), "B2": r(rank, d)}
     params.update(C=r(d, rank), B3=r(rank, d))
+    frozen = r(d, d)
 
     def loss(p, seq):  # seq (2, d)
         h = jnp.tanh(seq @ (p["W0"] + p["A"] @ p["B1"]))
         h = jnp.tanh(h @ (p["W0"] + p["A"] @ p["B2"]).T)
-        h = jnp.tanh((p["W0"] + p["C"] @ p["B3"]) @ h.T)
+        h = jnp.tanh((frozen - 0.5 * (p["C"] @ p["B3"])) @ h.T)  # a frozen W0, scaled
         return jnp.sum(h**2) + jnp.sum(jnp.sin(seq @ p["W0"]))
 
     x = r(B, 2, d)
@@ -80,7 +81,8 @@ def test_merged_lora_tied_transposed_and_on_the_left():
     a, w0 = routes["['A']"], routes["['W0']"]
     assert a.route.startswith("tied, 2 uses: times a parameter matrix on the right"), a
     assert "(folded into G)" in a.route and "(folded into A)" in a.route, a
-    assert w0.route.startswith("tied, 4 uses: a summand (identity Jacobian)"), w0
+    assert w0.route.startswith("tied, 3 uses: a summand (identity Jacobian)"), w0
+    assert "on the right times a scalar (folded into A)" in routes["['C']"].route
     assert "matrix on the left (folded into A)" in routes["['B1']"].route
     assert "matrix on the left (folded into G)" in routes["['B2']"].route
     run = lambda p: passes.fast_pass(loss, p, x, jnp.ones(B, bool)).norm_sq
@@ -100,7 +102,7 @@ def test_lora_and_fake_quantisation_in_a_scan_with_sum_count_mask_and_chunks():
         xs, n = ex
 
         def step(c, x):
-            w = p["W0"] + p["A"] @ p["Bm"]
+            w = p["W0"] + (4 / rank) * (p["A"] @ p["Bm"])  # LoRA's alpha / r
             u = p["U"] + jax.lax.stop_gradient(_q(p["U"]) - p["U"])
             return jnp.tanh(c @ w + x @ u), None
 

@@ -503,11 +503,13 @@ class Fold:
     ref: Any = None  # Var | Const
     a: str = ""
     g: str = ""
+    # Scalars with no gradient the part is multiplied by, ``(ref, inverse)``: on ``G``.
+    scales: tuple = ()
 
     @property
     def active(self) -> bool:
         """Whether ``A`` or ``G`` is changed (``op`` is not the use's own equation)."""
-        return bool(self.a or self.g)
+        return bool(self.a or self.g or self.scales)
 
     def apply(self, side: str, x, m):
         """``A`` (``side="a"``) or ``G`` (``"g"``), examples first, with ``M = m`` folded."""
@@ -527,7 +529,8 @@ def refolded(u: Use) -> bool:
 def fold_values(program: Program, known: dict, uses: dict) -> dict:
     """The matrices ``M`` of the folded uses among ``uses`` (leaf -> [Use]), by value ref,
     from ``known`` (top-level input Var -> value)."""
-    refs = [u.fold.ref for us in uses.values() for u in us if refolded(u)]
+    refs = [r for us in uses.values() for u in us if refolded(u)
+            for r in (u.fold.ref, *(ref for ref, _ in u.fold.scales))]  # fmt: skip
     refs = list(dict.fromkeys(r for r in refs if isinstance(r, Var)))
     return dict(zip(refs, eval_known(program, known, refs), strict=True))
 
@@ -538,8 +541,12 @@ def folded(u: Use, side: str, x, values: dict):
     :func:`fold_values`."""
     if not refolded(u):
         return x
-    m = u.fold.ref.value if isinstance(u.fold.ref, Const) else values[u.fold.ref]
-    return u.fold.apply(side, x, m)
+    value = lambda r: r.value if isinstance(r, Const) else values[r]
+    x = u.fold.apply(side, x, None if u.fold.ref is None else value(u.fold.ref))
+    for ref, inverse in u.fold.scales if side == "g" else ():
+        c = value(ref)
+        x = x * (1 / c if inverse else c)
+    return x
 
 
 def identity_tangent(e: Eqn, q: int) -> bool:
@@ -584,14 +591,16 @@ def identity_tangent(e: Eqn, q: int) -> bool:
 
 def _summands(program: Program, producer: dict, deps: dict, n: int, ref):
     """``ref`` as a sum of parts each linear in one leaf: ``(parts, straight)`` with parts
-    ``("id", (leaf, chain))`` (``θ'``) or ``("dot", k)`` (equation ``k``, a ``dot_general``
-    of aliases of leaves and values with no gradient), ``straight`` when a part carries a
-    value with no gradient (a straight-through estimator); None if not of that form."""
+    ``("id", (leaf, chain), scales)`` (``θ'``) or ``("dot", k, scales)`` (equation ``k``, a
+    ``dot_general`` of aliases of leaves and values with no gradient), each times the
+    scalars ``scales`` (``(ref, inverse)``: ``alpha / r * (A @ B)``, ``W0 - A @ B``) that
+    carry no gradient; ``straight`` when a part carries a value with no gradient (a
+    straight-through estimator); None if not of that form."""
     if not isinstance(ref, Var) or not deps.get(ref):
         return [], False  # no gradient reaches a leaf through it
     theta = _alias_of_leaf(program, producer, n, ref)
     if theta is not None:
-        return [("id", theta)], False
+        return [("id", theta, ())], False
     k = producer.get(ref)
     if k is None:
         return None
@@ -600,22 +609,41 @@ def _summands(program: Program, producer: dict, deps: dict, n: int, ref):
     if e.primitive.name == "dot_general":
         (_, (lb, _)) = e.params["dimension_numbers"]
         leaves = [_alias_of_leaf(program, producer, n, e.ins[i]) for i in grads]
-        return ([("dot", k)], False) if not lb and None not in leaves else None
+        return ([("dot", k, ())], False) if not lb and None not in leaves else None
     shape = tuple(e.out_avals[0].shape)
-    if e.primitive.name == "add" and len(grads) == 2:
-        if any(tuple(a.shape) != shape for a in e.in_avals):
-            return None
-        both = [_summands(program, producer, deps, n, r) for r in e.ins]
-        if None in both:
-            return None
-        return both[0][0] + both[1][0], both[0][1] or both[1][1]
+    name = e.primitive.name
+    scaled = lambda got, sc: None if got is None else (
+        [(kind, x, (*fs, sc)) for kind, x, fs in got[0]], got[1]
+    )  # fmt: skip
+    if name in ("add", "sub") and grads:
+        if any(tuple(e.in_avals[i].shape) != shape for i in grads):
+            return None  # (a gradient broadcast to the sum)
+        parts, straight = [], False
+        for i in grads:
+            got = _summands(program, producer, deps, n, e.ins[i])
+            if name == "sub" and i == 1:
+                got = scaled(got, (Const(-1.0), False))
+            if got is None:
+                return None
+            parts, straight = parts + got[0], straight or got[1]
+        # Straight-through: the value changed by one of the part's own leaves, with no
+        # gradient (θ + stop_gradient(q(θ) - θ)); else θ' + c.
+        rest = [r for i, r in enumerate(e.ins) if i not in grads]
+        own = {x[0] for kind, x, _ in parts if kind == "id"}
+        return parts, straight or bool(own & _read_leaves(program, producer, n, rest))
+    if name == "neg":
+        return scaled(_summands(program, producer, deps, n, e.ins[0]), (Const(-1.0), False))
+    if name in ("mul", "div") and len(grads) == 1 and (name == "mul" or grads == [0]):
+        q = grads[0]
+        if tuple(e.in_avals[1 - q].shape) == () and tuple(e.in_avals[q].shape) == shape:
+            inner = _summands(program, producer, deps, n, e.ins[q])
+            return scaled(inner, (e.ins[1 - q], name == "div"))  # (a scalar, no gradient)
     if len(grads) == 1 and identity_tangent(e, grads[0]):
         inner = _summands(program, producer, deps, n, e.ins[grads[0]])
         if inner is None:
             return None
-        # Straight-through: the value changed by one of the part's own leaves, with no
-        # gradient (q(θ) - θ under stop_gradient, a custom_jvp of θ alone); else θ' + c.
-        own = {x[0] for kind, x in inner[0] if kind == "id"}
+        # (as for a sum: a custom_jvp of θ alone, a straight-through rounding)
+        own = {x[0] for kind, x, _ in inner[0] if kind == "id"}
         rest = [r for i, r in enumerate(e.ins) if i != grads[0]]
         straight = not rest or bool(own & _read_leaves(program, producer, n, rest))
         return inner[0], inner[1] or straight
@@ -637,7 +665,7 @@ def _read_leaves(program: Program, producer: dict, n: int, refs) -> set:
     return out
 
 
-def _folded_use(program: Program, u: Use, e: Eqn, p: int, chain: tuple, what: str):
+def _folded_use(program: Program, u: Use, e: Eqn, p: int, chain: tuple, what: str, scales):
     """Use ``u`` of ``W_eff = ... + θ' · M + ...`` (``e`` the ``dot_general`` making the part,
     ``θ' = e.ins[p]`` the alias of a leaf through ``chain``) as a use of that leaf: ``op`` on
     ``θ'`` with ``M`` folded into ``A`` or ``G`` (see :class:`Fold`), or None where no fold is
@@ -703,7 +731,7 @@ def _folded_use(program: Program, u: Use, e: Eqn, p: int, chain: tuple, what: st
     out = [shaped(tuple(sizes[x] for x in z), u.op.out_avals[0].dtype)]
     params = {**u.op.params, "dimension_numbers": dn}
     op = dataclasses.replace(u.op, params=params, in_avals=avals, out_avals=out)
-    fold = Fold(f"{what} (folded into {side})", e.ins[1 - p], a_spec, g_spec)
+    fold = Fold(f"{what} (folded into {side})", e.ins[1 - p], a_spec, g_spec, scales)
     if u.site == "":
         return dataclasses.replace(u, op=op, chain=chain, fold=fold)
     nest = tuple(dataclasses.replace(lv, chain=()) for lv in u.nest)
@@ -731,16 +759,17 @@ def summed_weights(program: Program, n: int, outputs, deps: dict, uses: dict, sk
             continue
         parts, straight = got
         per, ok = [], True
-        for kind, x in parts:
+        for kind, x, scales in parts:
+            times = " times a scalar" if scales else ""
             if kind == "id":
                 plain = all(
                     u.split < 0
                     and not any(lv.stacked for lv in u.levels)
-                    and (u.kind != "gather" or u.site == "")
+                    and (u.kind != "gather" or (u.site == "" and not scales))
                     for u in us
                 )
                 what = "straight-through" if straight else "a summand"
-                fold = Fold(f"{what} (identity Jacobian)")
+                fold = Fold(f"{what} (identity Jacobian{times})", scales=scales)
                 per.append(
                     (x[0], [dataclasses.replace(lead_chain(u, x[1]), fold=fold) for u in us])
                 )
@@ -755,9 +784,9 @@ def summed_weights(program: Program, n: int, outputs, deps: dict, uses: dict, sk
                 is_leaf = _alias_of_leaf(program, producer, n, m) is not None
                 what = (
                     f"times {'a parameter' if is_leaf else 'an example-independent'} matrix "
-                    f"on the {'right' if p == 0 else 'left'}"
+                    f"on the {'right' if p == 0 else 'left'}{times}"
                 )
-                folded = [_folded_use(program, u, e, p, theta[1], what) for u in us]
+                folded = [_folded_use(program, u, e, p, theta[1], what, scales) for u in us]
                 ok = ok and None not in folded
                 per.append((theta[0], folded))
         if ok:
