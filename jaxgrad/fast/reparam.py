@@ -745,7 +745,8 @@ def summed_weights(program: Program, n: int, outputs, deps: dict, uses: dict, sk
 
     ``W_eff = θ' + c`` (``c`` with no gradient, any number of identity-Jacobian steps:
     the straight-through estimator), ``W0 + A @ B`` (merged LoRA; ``W0`` as it is, ``A`` and
-    ``B`` folded), ``W0 + A @ C`` for a constant ``C``: each part's leaf gets the uses of
+    ``B`` folded; ``W0 + alpha / r * (A @ B)``, ``W0 - A @ B``: each part times scalars with
+    no gradient, folded into ``G``): each part's leaf gets the uses of
     ``W_eff``, as they are (``θ'``, any fast use outside a scanned-over slice; a lookup at
     the top level only) or folded (``θ' · M``, a dense use, see :func:`_folded_use`). A
     leaf in several parts or weights has every one (tied uses).
