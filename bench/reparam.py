@@ -7,7 +7,10 @@
   projection ``h @ E_eff.T``; ``L`` pre-norm attention + MLP blocks, ``T`` positions (B 64,
   T 32, d 64, L 2, vocabulary 512);
 * ``made``: a MADE MLP (masks ``M`` full, not a row and a column factor, built from the
-  degrees as in Germain et al. 2015), Bernoulli log-likelihood, no sequence axis (B 64).
+  degrees as in Germain et al. 2015), Bernoulli log-likelihood, no sequence axis (B 64);
+* ``lora``: ``wn-stack``'s layers with merged LoRA weights ``W0 + A @ B`` (rank 8) instead;
+* ``fake-quant``: ``wn-stack``'s layers with 8-bit fake-quantised weights, the
+  straight-through estimator ``W + stop_gradient(q(W) - W)``.
 
 Timed in interleaved rounds (``jaxgrad.bench.timing.interleaved``: the median of the
 per-round ratios, and its interquartile range), after printing the plan. Run from a checkout
@@ -50,6 +53,41 @@ def wn_stack(rng, a):
         return -jax.nn.log_softmax(jnp.mean(h, axis=0) @ p["head"])[label]
 
     return loss, params, batch
+
+
+def _stack(rng, a, weight, layer_params):
+    """``L`` residual layers ``h + tanh(h @ weight(p_l))`` over ``T`` positions, pooled."""
+    b, t, d = a.batch, a.positions, a.width
+    params = {f"l{i}": layer_params(d) for i in range(a.layers)}
+    params["head"] = jnp.asarray(rng.normal(size=(d, 10)) / np.sqrt(d), jnp.float32)
+    batch = (
+        jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32),
+        jnp.asarray(rng.integers(0, 10, size=(b,))),
+    )
+
+    def loss(p, ex):
+        h, label = ex
+        for i in range(a.layers):
+            h = h + jnp.tanh(h @ weight(p[f"l{i}"]))
+        return -jax.nn.log_softmax(jnp.mean(h, axis=0) @ p["head"])[label]
+
+    return loss, params, batch
+
+
+def lora(rng, a):
+    w = lambda *s: jnp.asarray(rng.normal(size=s) / np.sqrt(s[0]), jnp.float32)
+    layer = lambda d: {"w0": w(d, d), "a": w(d, a.rank), "b": w(a.rank, d) / 4}
+    return _stack(rng, a, lambda p: p["w0"] + p["a"] @ p["b"], layer)
+
+
+def fake_quant(rng, a):
+    def quantised(p):  # 8 bits per tensor, the straight-through estimator
+        w = p["w"]
+        scale = jnp.max(jnp.abs(w)) / 127
+        return w + jax.lax.stop_gradient(jnp.round(w / scale) * scale - w)
+
+    layer = lambda d: {"w": jnp.asarray(rng.normal(size=(d, d)) / np.sqrt(d), jnp.float32)}
+    return _stack(rng, a, quantised, layer)
 
 
 def transformer(rng, a):
@@ -112,6 +150,8 @@ MODELS = {
     "wn-stack": (wn_stack, dict(batch=256, positions=16, width=128, layers=4)),
     "transformer": (transformer, dict(batch=64, positions=32, width=64, layers=2)),
     "made": (made, dict(batch=64, layers=2)),
+    "lora": (lora, dict(batch=256, positions=16, width=128, layers=4)),
+    "fake-quant": (fake_quant, dict(batch=256, positions=16, width=128, layers=4)),
 }
 
 
@@ -125,6 +165,7 @@ def main():
     ap.add_argument("--inputs", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int)
+    ap.add_argument("--rank", type=int, default=8, help="lora: the rank of A @ B")
     ap.add_argument("--pairs", type=int, default=15, help="interleaved rounds")
     ap.add_argument("--no-pad", dest="pad", action="store_false", help="a plain tied table")
     a = ap.parse_args()

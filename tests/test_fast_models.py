@@ -167,12 +167,13 @@ def test_param_reused_through_reshape_and_on_both_sides():
     def loss(p, x):
         h = jnp.tanh(x @ p["w"])
         h = jnp.tanh(p["w"].T @ h)  # second use of w, through a transpose, on the left
-        # u on both sides, the same for every example: a reparametrisation of the weight
+        # u on both sides, the same for every example: a product of two parts of the
+        # effective weight, each the dense use with the other folded in (reparam.Fold)
         gram = p["u"].reshape(4, 4) @ p["u"].reshape(4, 4)
         return jnp.sum((h @ gram) ** 2)
 
     batch = jax.random.normal(k[2], (5, 4), F64)
-    assert kinds(loss, params, batch) == {"['w']": "dense+dense", "['u']": "reparam"}
+    assert kinds(loss, params, batch) == {"['w']": "dense+dense", "['u']": "dense+dense"}
     check_against_reference(loss, params, batch)
 
 

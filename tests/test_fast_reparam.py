@@ -132,9 +132,14 @@ def test_masked_made_layer_and_merged_lora():
         h = jnp.tanh(h @ (p["W0"] + p["A"] @ p["Bm"]))
         return jnp.sum(h**2)
 
-    routes = _check(loss, params, x, reparam=("['W0']", "['A']", "['Bm']"), fast=("['W']",))
+    fast = ("['W']", "['W0']", "['A']", "['Bm']")
+    routes = _check(loss, params, x, fast=fast)
     # (a full mask with 3 positions: the formed per-example gradient, times M, visibly)
     assert "full mask M: per-example gradient, times M" in routes["['W']"].route
+    # (the merged LoRA weight: a sum of parts, each its leaf's own dense use, see Fold)
+    assert routes["['W0']"].route.startswith("a summand (identity Jacobian)"), routes["['W0']"]
+    assert "matrix on the right (folded into G)" in routes["['A']"].route, routes["['A']"]
+    assert "matrix on the left (folded into A)" in routes["['Bm']"].route, routes["['Bm']"]
 
 
 def test_tied_transposed_embedding_scaled_and_padded():

@@ -30,6 +30,7 @@ from jaxgrad.fast.reparam import (
     scaled_weights,
     selected_weights,
     separable_axes,
+    summed_weights,
 )
 from jaxgrad.fast.trace import Found, Frame, Track, Use, walk
 
@@ -152,8 +153,16 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
     }
     if set(selected) & ({x[0] for x in scalings.values()} | factor_leaves):
         selected, selections = {}, ()  # (a leaf both scaled and selected: the VJP route)
-    for j, us in selected.items():
-        scaled_uses[j] = [dataclasses.replace(u, via=names[j]) for u in us]
+    # Sums of parts linear in one leaf (θ' + c, θ' · M; see Fold): each leaf a fast leaf.
+    summed, sums = (
+        summed_weights(program, n, outputs, deps, uses, {*scalings, *selections})
+        if transformed
+        else ({}, ())
+    )
+    if set(summed) & ({x[0] for x in scalings.values()} | factor_leaves | set(selected)):
+        summed, sums = {}, ()  # (a leaf also scaled or selected: the VJP route)
+    for j, us in [*selected.items(), *summed.items()]:
+        scaled_uses.setdefault(j, []).extend(dataclasses.replace(u, via=names[j]) for u in us)
     for v, (j, chain, per_use, term) in scalings.items():
         scaled_uses.setdefault(j, []).extend(
             _through_theta(u, chain, per_use[u.key], names[j], term) for u in uses[n + v]
@@ -188,12 +197,16 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
             {j: reads[j] for j in transformed},
             through,
             tuple(separable_axes(program, region, n, v) for v in outputs),
-            {**{v: x[0] for v, x in scalings.items()}, **dict.fromkeys(selections, -1)},
+            {
+                **{v: x[0] for v, x in scalings.items()},
+                **dict.fromkeys(selections, -1),
+                **dict.fromkeys(sums, -1),
+            },
             factors,
             tuple(
                 v
                 for v in range(len(outputs))
-                if v not in scalings and v not in selections and uses.get(n + v)
+                if v not in scalings and v not in selections and v not in sums and uses.get(n + v)
             ),
             declined,
         )

@@ -87,13 +87,16 @@ class Operands:
         self.known = {self.program.invars[j]: leaves[j] for j in range(n) if j not in an.exact}
         self.scale_vals = dict(zip(refs, eval_known(self.program, self.known, refs), strict=True))
         self.products: dict = {}  # use -> op(A', θ'), shared by every factor of G of the use
+        # Folded uses of summed weights (reparam.Fold): M folded into A or G, by a_of and g_of.
+        self.fold_vals = reparam.fold_values(self.program, self.known, an.fast)
 
     # --- A and G, examples first --------------------------------------------------------------
 
     def a_of(self, u):
         """``A`` examples first, with the use's factors of ``A``."""
         a = jnp.moveaxis(self.kept[u.key], self.axis[u.key], 0)
-        return selected(self.scaled(a, u, "a"), u, "a")
+        a = selected(self.scaled(a, u, "a"), u, "a")
+        return reparam.folded(u, "a", a, self.fold_vals)
 
     def g_plain(self, u):
         """The cotangent in the lifted equation's layout, examples first."""
@@ -109,7 +112,7 @@ class Operands:
         """... with a scaled use's factors of ``G`` (at every step: lifted layout)."""
         g, f = self.g_plain(u), self.indexed(u)  # (a lookup's factors, gathered at its rows)
         g = self.scaled(g, u, "g") if f is None else g * f.astype(g.dtype)
-        return selected(g, u, "g")
+        return reparam.folded(u, "g", selected(g, u, "g"), self.fold_vals)
 
     # --- the factors of a scaled use ----------------------------------------------------------
 

@@ -124,7 +124,7 @@ class Route:
 
 def _use_name(u: trace.Use) -> str:
     where = f" @ {u.source}" if u.source else ""
-    if u.scale or u.select:
+    if u.scale or u.select or u.fold is not None:
         where += f" via {', '.join(u.via)}"
     frames = [_level_name(lv) for lv in reversed(u.levels)]  # innermost first
     return f"{u.kind}{where}" + "".join(f" in {f}" for f in frames)
@@ -175,6 +175,16 @@ def _select_prefix(uses) -> str:
     return f"a block of a {what}: its slice of {where}, no B × |W| array; "
 
 
+def _fold_prefix(uses) -> str:
+    """For the uses of a leaf through a summed effective weight (see
+    :class:`jaxgrad.fast.reparam.Fold`): which part it is and where its matrix went."""
+    whats = list(dict.fromkeys(u.fold.what for u in uses if u.fold is not None))
+    if not whats:
+        return ""
+    via = ", ".join(dict.fromkeys(v for u in uses for v in u.via))
+    return f"{' and '.join(whats)} of a summed weight ({via}), no B × |W| array; "
+
+
 def _complex_prefix(uses) -> str:
     if any(u.split >= 0 for u in uses):
         return "complex operand as 2 real positions (real, imaginary part): "
@@ -205,10 +215,10 @@ def _group(an: analysis.Analysis, uses: list, shape: tuple) -> Group:
         else:
             rule = rules.route(u.kind, u.op, u.pos, stacked=stacked)
         label = _scan_prefix(u) + _scale_prefix(uses) + _select_prefix(uses)
-        label += _complex_prefix(uses) + rule.label
+        label += _fold_prefix(uses) + _complex_prefix(uses) + rule.label
         return Group(tuple(uses), "use", (), label, rule.cost, rule)
     perms = tuple(trace.use_perm(an.program, u, len(shape)) for u in uses)
-    cplx = _scale_prefix(uses) + _select_prefix(uses) + _complex_prefix(uses)
+    cplx = _scale_prefix(uses) + _select_prefix(uses) + _fold_prefix(uses) + _complex_prefix(uses)
     if not any(map(masked, uses)) and all(
         rules.has_outer_form(u.op, u.pos, p, len(shape)) for u, p in zip(uses, perms, strict=True)
     ):

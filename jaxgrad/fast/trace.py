@@ -143,6 +143,10 @@ class Use:
     # ``(side, axis, start, stop)``, the slice of ``A`` (side "a") or ``G`` ("g") per example
     # along ``axis`` that meets the leaf's block; ``op`` is then the use on that block alone.
     select: tuple = ()
+    # For the use of a leaf through a *summed* effective weight (``W_eff = θ' + ...`` or
+    # ``θ' @ M + ...``, see :class:`jaxgrad.fast.reparam.Fold`): the part it sits in, and
+    # for ``θ' @ M`` how ``M`` is folded into ``A`` or ``G`` (``op`` is then the use of θ').
+    fold: Any = None
 
     @property
     def key(self):
@@ -543,11 +547,13 @@ def walk(frame: Frame) -> Frame:
 
     At the top level, equations of the reparametrisation (``frame.region``) only record the
     leaves they read: their results that ordinary equations read are followed as effective
-    weights (seeded by :func:`analyse`).
+    weights (seeded by :func:`analyse`). Equations no gradient leaves (:func:`dead_equations`:
+    a power iteration whose results are stopped) are skipped: their reads are not uses.
     """
+    dead = dead_equations(frame.body)
     for k, e in enumerate(frame.body.eqns):
         positions = [i for i, r in enumerate(e.ins) if isinstance(r, Var) and r in frame.tracked]
-        if not positions:
+        if not positions or k in dead:
             continue
         if k in frame.region:
             frame.transformed.update(frame.tracked[e.ins[i]].leaf for i in positions)
@@ -563,6 +569,29 @@ def walk(frame: Frame) -> Frame:
         if isinstance(r, Var) and r in frame.tracked:
             frame.reasons.setdefault(frame.tracked[r].leaf, []).append(returned)
     return frame
+
+
+def dead_equations(program: Program) -> set:
+    """The equations of ``program`` through which no gradient reaches its outputs: every
+    result is read only by ``stop_gradient`` (or other dead equations), or is an integer.
+
+    Flax's ``SpectralNorm`` runs its power iteration on the weight and stops ``u`` and ``v``
+    after it: those reads of the weight get a zero cotangent and are no uses of it (nor part
+    of a reparametrisation). Frames (a scan with a live result) count as reading all their
+    operands: conservative, a use that is kept costs work but is exact.
+    """
+    inexact = lambda a: jax.numpy.issubdtype(a.dtype, jax.numpy.inexact)
+    live = {r for r in program.outs if isinstance(r, Var)}
+    dead = set()
+    for k in reversed(range(len(program.eqns))):
+        e = program.eqns[k]
+        if RULES.get(e.primitive.name) is ignore or not any(
+            o in live and inexact(a) for o, a in zip(e.outs, e.out_avals, strict=True)
+        ):
+            dead.add(k)
+            continue
+        live.update(r for r in e.ins if isinstance(r, Var))
+    return dead
 
 
 def is_alias(e: Eqn) -> bool:

@@ -1,0 +1,163 @@
+"""Summed effective weights on the fast path: each part linear in one leaf.
+
+Fake quantisation (the straight-through estimator ``W + stop_gradient(q(W) - W)``, or a
+``custom_jvp`` rule ``(q(W), t)``) has the identity as Jacobian: the leaf's use is the
+ordinary use. Merged LoRA ``W0 + A @ B``: ``W0`` likewise, ``A`` and ``B`` with the other
+factor folded into ``G`` or ``A``. Every case is checked in float64 against ``vmap(grad)``
+(norms, per-leaf norms, clipped-style weighted sums, dots, the Gram matrix; a (sum, count)
+loss with a mask and chunks in a scan), and the plan must name the part it saw.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from test_fast_cases import F64, assert_rel_close
+from test_fast_reparam import _check, _conv, _normal, _shapes_in
+
+from jaxgrad import clipped_grad
+from jaxgrad.fast import passes, plan
+
+jax.config.update("jax_enable_x64", True)
+
+B = 4
+
+
+def _q(w):  # fake quantisation to a grid of 1/4, clipped
+    return jnp.clip(jnp.round(4 * w) / 4, -1, 1)
+
+
+@jax.custom_jvp
+def _ste(w):
+    return _q(w)
+
+
+_ste.defjvp(lambda p, t: (_ste(p[0]), t[0]))
+
+
+def test_fake_quantised_dense_conv_and_table_keep_their_routes():
+    """Both ways of writing the straight-through estimator, and a ``custom_jvp`` one, on a
+    dense weight, a convolution kernel and an embedding table: each leaf takes its use's
+    own route (no reparametrisation), exact."""
+    rng = np.random.default_rng(0)
+    r = lambda *shape: _normal(rng, *shape)
+    params = {"E": r(7, 4), "K": r(3, 3, 4, 2), "W": r(4, 3), "U": r(3, 2)}
+
+    def loss(p, toks):
+        e = jnp.take(_ste(p["E"]), toks, axis=0)  # (4, 4)
+        c = _conv(jnp.tanh(e.reshape(2, 2, 4)), p["K"] + jax.lax.stop_gradient(_q(p["K"]) - p["K"]))
+        w = p["W"] + jax.lax.stop_gradient(_q(p["W"])) - jax.lax.stop_gradient(p["W"])
+        h = jnp.tanh(e @ w)
+        return jnp.sum(jnp.tanh(c) ** 2) + jnp.sum(jnp.sin(h @ _ste(p["U"])))
+
+    toks = jnp.asarray(rng.integers(0, 7, size=(B, 4)))
+    routes = _check(loss, params, toks, fast=("['E']", "['K']", "['W']", "['U']"))
+    for path, rule in [("['E']", "gather"), ("['K']", "conv"), ("['W']", "dense")]:
+        lp = routes[path]
+        assert lp.route.startswith("straight-through (identity Jacobian) of a summed"), lp
+        assert f"; {rule}" in lp.route and "via " in lp.uses[0], lp
+    assert "(custom_jvp_call)" in routes["['U']"].route, routes["['U']"]
+
+
+def test_merged_lora_tied_transposed_and_on_the_left():
+    """``W0 + A @ B`` with a sequence axis: ``A`` shared by two layers (one used transposed:
+    ``B`` then meets ``A`` of that use), ``W0`` used directly too (tied uses), a third
+    merged weight ``W_frozen - 0.5 C @ B3`` on the left of its use. Exact, and no
+    ``(B, d, d)`` per-example weight is formed."""
+    rng = np.random.default_rng(1)
+    d, rank = 9, 2  # (9 > the 8 positions of W0's uses: no (B, 9, 9) factor either)
+    r = lambda *shape: _normal(rng, *shape)
+    params = {"W0": r(d, d), "A": r(d, rank), "B1": r(rank, d), "B2": r(rank, d)}
+    params.update(C=r(d, rank), B3=r(rank, d))
+    frozen = r(d, d)
+
+    def loss(p, seq):  # seq (2, d)
+        h = jnp.tanh(seq @ (p["W0"] + p["A"] @ p["B1"]))
+        h = jnp.tanh(h @ (p["W0"] + p["A"] @ p["B2"]).T)
+        h = jnp.tanh((frozen - 0.5 * (p["C"] @ p["B3"])) @ h.T)  # a frozen W0, scaled
+        return jnp.sum(h**2) + jnp.sum(jnp.sin(seq @ p["W0"]))
+
+    x = r(B, 2, d)
+    routes = _check(loss, params, x, fast=tuple(f"['{k}']" for k in params))
+    a, w0 = routes["['A']"], routes["['W0']"]
+    assert a.route.startswith("tied, 2 uses: times a parameter matrix on the right"), a
+    assert "(folded into G)" in a.route and "(folded into A)" in a.route, a
+    assert w0.route.startswith("tied, 3 uses: a summand (identity Jacobian)"), w0
+    assert "on the right times a scalar (folded into A)" in routes["['C']"].route
+    assert "matrix on the left (folded into A)" in routes["['B1']"].route
+    assert "matrix on the left (folded into G)" in routes["['B2']"].route
+    run = lambda p: passes.fast_pass(loss, p, x, jnp.ones(B, bool)).norm_sq
+    assert (B, d, d) not in _shapes_in(jax.make_jaxpr(run)(params).jaxpr)
+
+
+def test_lora_and_fake_quantisation_in_a_scan_with_sum_count_mask_and_chunks():
+    """A recurrent step that merges its LoRA weight and fake-quantises its input weight at
+    every step (hoisted before the loop), a (sum, count) loss: the fast pass with a padded
+    row, and ``clipped_grad`` in chunks, against ``vmap(grad)`` of each example's sum."""
+    rng = np.random.default_rng(2)
+    d, rank, t = 4, 2, 3
+    r = lambda *shape: _normal(rng, *shape)
+    params = {"W0": r(d, d), "A": r(d, rank), "Bm": r(rank, d), "U": r(3, d), "o": r(d)}
+
+    def loss(p, ex):
+        xs, n = ex
+
+        def step(c, x):
+            w = p["W0"] + (4 / rank) * (p["A"] @ p["Bm"])  # LoRA's alpha / r
+            u = p["U"] + jax.lax.stop_gradient(_q(p["U"]) - p["U"])
+            return jnp.tanh(c @ w + x @ u), None
+
+        c = jax.lax.scan(step, jnp.zeros(d, F64), xs)[0]
+        return jnp.sin(c @ p["o"]) * n, n  # (sum, count): the count varies by example
+
+    batch = (r(B, t, 3), jnp.arange(1.0, B + 1.0))
+    routes = {k: lp.route for k, lp in _check(loss, params, batch, fast=("['A']",)).items()}
+    assert routes["['A']"].startswith("scan, 3 steps, shared: times a parameter matrix"), routes
+    assert routes["['U']"].startswith("scan, 3 steps, shared: straight-through"), routes
+    assert routes["['W0']"].startswith("scan, 3 steps, shared: a summand"), routes
+
+    mask = jnp.arange(B) != 1
+    grads = jax.vmap(jax.grad(lambda p, ex: loss(p, ex)[0]), in_axes=(None, 0))(params, batch)
+    flat = jnp.concatenate([g.reshape(B, -1) for g in jax.tree_util.tree_leaves(grads)], axis=1)
+    want = jnp.where(mask, jnp.linalg.norm(flat, axis=1), 0)
+    clip = float(jnp.median(want[mask]))
+    c = jnp.where(mask, jnp.minimum(1, clip / want), 0)
+    f = clipped_grad(loss, l2_clip=clip, reduction="sum", return_norms=True, chunk_size=2)
+    summed, norms = f(params, batch, mask)
+    assert_rel_close(norms, want, rtol=1e-9)
+    expected = jax.tree_util.tree_map(lambda g: jnp.tensordot(c, g, 1), grads)
+    for x, y in zip(
+        jax.tree_util.tree_leaves(summed), jax.tree_util.tree_leaves(expected), strict=True
+    ):
+        assert_rel_close(x, y, rtol=1e-9)
+
+
+def test_what_is_not_folded_falls_back_visibly_and_stopped_reads_are_no_uses():
+    """A LoRA product transposed before the sum, or reshaped into a convolution kernel, keeps
+    the reparametrised (VJP) route, named; a power iteration on the weight whose results
+    are stopped (as ``flax.linen.SpectralNorm`` runs it) reads the weight but is no use."""
+    rng = np.random.default_rng(3)
+    r = lambda *shape: _normal(rng, *shape)
+    params = {"W0": r(4, 4), "A": r(4, 2), "Bm": r(2, 4), "K0": r(3, 3, 2, 2)}
+    params.update(P=r(6, 2), Q=r(2, 6), S=r(4, 3))
+    u0 = r(3)  # (flax keeps u in its batch_stats: not a parameter)
+
+    def spectral(w, u, steps=2):  # flax.linen.SpectralNorm's _spectral_normalize
+        for _ in range(steps):
+            v = u @ w.T
+            v = v / jnp.linalg.norm(v)
+            u = v @ w
+            u = u / jnp.linalg.norm(u)
+        u, v = jax.lax.stop_gradient(u), jax.lax.stop_gradient(v)
+        return w / (v @ w @ u)
+
+    def loss(p, ex):
+        x, img = ex  # (4,), (4, 4, 2)
+        h = jnp.tanh(x @ (p["W0"] + (p["A"] @ p["Bm"]).T))
+        c = _conv(img, p["K0"] + (p["P"] @ p["Q"]).reshape(3, 3, 2, 2))
+        return jnp.sum(jnp.tanh(c) ** 2) + jnp.sum(jnp.tanh(h @ spectral(p["S"], u0)) ** 2)
+
+    routes = {lp.path: lp for lp in plan(loss, params, (r(4), r(4, 4, 2))).leaves}
+    for path in ("['A']", "['Bm']", "['P']", "['Q']", "['W0']", "['K0']"):
+        assert routes[path].route.startswith("reparametrised ("), routes[path]
+    s = routes["['S']"]
+    assert len(s.uses) == 2 and not s.fallback, s  # (σ = vᵀ S u and the layer; not 2 + 4)
