@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import secrets
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +111,43 @@ def check_distinct(key, loss_key, *, name: str = "loss_key") -> None:
             f"loss key fold_in(fold_in({name}, t), i) would be, for rows 0 and 1, step t's "
             "sample and noise keys: pass another key (e.g. jax.random.key(1)), or leave "
             "key=None (OS entropy)"
+        )
+
+
+class SeededKeyWarning(UserWarning):
+    """A private run was given a key made from a small integer seed (:func:`is_seeded`)."""
+
+
+def is_seeded(key) -> bool:
+    """Whether ``key`` is ``jax.random.key(seed)`` for a seed in ``[0, 2³²)``: every word of
+    its data but the last is 0 (Threefry's ``(0, seed)``).
+
+    Such a key holds at most 32 bits, so whoever guesses or searches the seed reproduces
+    every Poisson draw and noise vector of a DP run, and the ε it reports certifies
+    nothing. A key from :func:`entropy_key` has this form with probability ``2⁻³²``.
+
+    Example::
+
+      >>> import jax, numpy as np
+      >>> from jaxgrad.keys import is_seeded
+      >>> other = jax.random.wrap_key_data(np.array([7, 1234], np.uint32))
+      >>> is_seeded(jax.random.key(1234)), is_seeded(other)
+      (True, False)
+    """
+    data = np.asarray(key_data(check_key(key))).ravel()
+    return data.size > 1 and not data[:-1].any()
+
+
+def warn_if_seeded(key, *, name: str = "key") -> None:
+    """A :class:`SeededKeyWarning` when a private run's ``key`` is :func:`is_seeded`."""
+    if is_seeded(key):
+        warnings.warn(
+            f"`{name}` of this private run is jax.random.key(seed) for a seed below 2**32 (its "
+            "key data is (0, seed)): whoever finds the seed reproduces every Poisson draw and "
+            "noise vector, and the ε reported assumes nobody can. Pass key=None (OS entropy, "
+            "kept in the checkpoints) or jaxgrad.keys.entropy_key()",
+            SeededKeyWarning,
+            stacklevel=3,
         )
 
 
