@@ -60,10 +60,12 @@ def check_units(units, size: int, *, name: str = "units") -> jax.Array:
             f"got shape {np.shape(units)}"
         )
     if not isinstance(units, jax.core.Tracer) and size:
-        lo, hi = int(np.min(units)), int(np.max(units))
-        if lo < 0 or hi >= size:
+        ids = np.asarray(units)
+        below, above = int(np.sum(ids < 0)), int(np.sum(ids >= size))
+        if below or above:  # counts only: unit ids are the users' own (private) identifiers
             raise ValueError(
-                f"`{name}` must hold unit ids in [0, B) = [0, {size}); got ids from {lo} to {hi}"
+                f"`{name}` must hold unit ids in [0, B) = [0, {size}); got {below + above} "
+                f"outside it ({below} below 0, {above} at or above {size})"
             )
     return units
 
