@@ -493,9 +493,7 @@ NONFINITE = ("raise", "drop", "propagate")
 
 def check_nonfinite(nonfinite):
     """The non-finite policy, checked: ``"raise"``, ``"drop"`` or ``"propagate"``."""
-    if nonfinite not in NONFINITE:
-        raise ValueError(f"`nonfinite` must be one of {list(NONFINITE)}; got {nonfinite!r}")
-    return nonfinite
+    return reduce.check_choice(nonfinite, NONFINITE, name="nonfinite")
 
 
 def raise_nonfinite(bad, *, name: str, private: bool = False) -> None:
@@ -564,8 +562,7 @@ def clipped_parts(
     """
     l2_clip = check_l2_clip(l2_clip)
     grouped = not isinstance(l2_clip, float)
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"`reduction` must be one of ['mean', 'sum']; got {reduction!r}")
+    reduce.check_choice(reduction, ("mean", "sum"), name="reduction")
     nonfinite = check_nonfinite(nonfinite)
     get = passes.get_pass(method, strict, weighted=True)
     chunk_size = _check_chunk(chunk_size)

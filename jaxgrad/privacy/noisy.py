@@ -60,9 +60,7 @@ class DPInfo(NamedTuple):
 
 def check_nonfinite(nonfinite):
     """The DP step's non-finite policy: ``"drop"`` or ``"raise"`` (of :func:`clipped_grad`'s)."""
-    if nonfinite not in NONFINITE:
-        raise ValueError(f"`nonfinite` must be one of {list(NONFINITE)}; got {nonfinite!r}")
-    return nonfinite
+    return reduce.check_choice(nonfinite, NONFINITE, name="nonfinite")
 
 
 def check_sum_precision(params, *, name: str = "params") -> None:
