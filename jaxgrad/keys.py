@@ -119,8 +119,8 @@ class SeededKeyWarning(UserWarning):
 
 
 def is_seeded(key) -> bool:
-    """Whether ``key`` is ``jax.random.key(seed)`` for a seed in ``[0, 2³²)``: every word of
-    its data but the last is 0 (Threefry's ``(0, seed)``).
+    """Whether ``key`` is ``jax.random.key(seed)`` for a seed in ``[0, 2³²)`` (of its own PRNG
+    implementation): Threefry's key data ``(0, seed)``, the RBG keys' ``(0, seed, 0, seed)``.
 
     Such a key holds at most 32 bits, so whoever guesses or searches the seed reproduces
     every Poisson draw and noise vector of a DP run, and the ε it reports certifies
@@ -134,8 +134,11 @@ def is_seeded(key) -> bool:
       >>> is_seeded(jax.random.key(1234)), is_seeded(other)
       (True, False)
     """
-    data = np.asarray(key_data(check_key(key))).ravel()
-    return data.size > 1 and not data[:-1].any()
+    key = check_key(key)
+    data = np.asarray(key_data(key)).ravel()
+    impl = jax.random.key_impl(key) if is_typed_key(key) else None
+    seeded = jax.random.key(np.uint32(data[-1]), impl=impl)  # (0, s), or rbg's (0, s, 0, s)
+    return bool(np.array_equal(data, np.asarray(jax.random.key_data(seeded)).ravel()))
 
 
 def warn_if_seeded(key, *, name: str = "key") -> None:

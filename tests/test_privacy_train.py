@@ -258,5 +258,7 @@ def test_a_private_fit_given_a_small_seed_key_warns_before_training():
             jaxgrad.train.fit(
                 loss_fn, params, data, optimizer=optax.sgd(0.1), key=jax.random.key(5), **stop
             )
-    # OS-entropy keys: the test is a false alarm with probability 2**-32 per key.
-    assert not any(keys.is_seeded(keys.entropy_key()) for _ in range(100))
+    # Every implementation's seeded form; OS-entropy keys are not (a false alarm of this
+    # test has probability 2**-32 per key).
+    assert all(keys.is_seeded(jax.random.key(5, impl=i)) for i in ("threefry2x32", "rbg"))
+    assert not any(keys.is_seeded(keys.entropy_key(i)) for i in ["rbg"] + ["threefry2x32"] * 50)
