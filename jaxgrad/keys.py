@@ -219,10 +219,10 @@ def truncation_key(sample_key):
     """``fold_in(sample_key, 2³² − 1)``: which drawn examples a truncated Poisson draw keeps,
     independent of the draw itself.
 
-    The draw reads Threefry block ``(0, i)`` of ``sample_key`` for example ``i``
+    The draw reads Threefry block ``2⁶³ + i`` of ``sample_key`` for example ``i``
     (:func:`jaxgrad.privacy.sampling.inclusion_mask`), and ``fold_in(sample_key, d)`` *is*
-    block ``(0, d)``: a small ``d`` would be example ``d``'s own bits. Draws have fewer than
-    ``2³¹`` examples (their indices are int32), so block ``2³² − 1`` is never one of them.
+    block ``d < 2³²``: never one of the draw's, nor (as block ``2³² − 1``) one that noise
+    drawn from ``sample_key`` by mistake would read first.
     """
     return jax.random.fold_in(sample_key, 2**32 - 1)
 
