@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import secrets
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +114,46 @@ def check_distinct(key, loss_key, *, name: str = "loss_key") -> None:
         )
 
 
+class SeededKeyWarning(UserWarning):
+    """A private run was given a key made from a small integer seed (:func:`is_seeded`)."""
+
+
+def is_seeded(key) -> bool:
+    """Whether ``key`` is ``jax.random.key(seed)`` for a seed in ``[0, 2³²)`` (of its own PRNG
+    implementation): Threefry's key data ``(0, seed)``, the RBG keys' ``(0, seed, 0, seed)``.
+
+    Such a key holds at most 32 bits, so whoever guesses or searches the seed reproduces
+    every Poisson draw and noise vector of a DP run, and the ε it reports certifies
+    nothing. A key from :func:`entropy_key` has this form with probability ``2⁻³²``.
+
+    Example::
+
+      >>> import jax, numpy as np
+      >>> from jaxgrad.keys import is_seeded
+      >>> other = jax.random.wrap_key_data(np.array([7, 1234], np.uint32))
+      >>> is_seeded(jax.random.key(1234)), is_seeded(other)
+      (True, False)
+    """
+    key = check_key(key)
+    data = np.asarray(key_data(key)).ravel()
+    impl = jax.random.key_impl(key) if is_typed_key(key) else None
+    seeded = jax.random.key(np.uint32(data[-1]), impl=impl)  # (0, s), or rbg's (0, s, 0, s)
+    return bool(np.array_equal(data, np.asarray(jax.random.key_data(seeded)).ravel()))
+
+
+def warn_if_seeded(key, *, name: str = "key") -> None:
+    """A :class:`SeededKeyWarning` when a private run's ``key`` is :func:`is_seeded`."""
+    if is_seeded(key):
+        warnings.warn(
+            f"`{name}` of this private run is jax.random.key(seed) for a seed below 2**32 (its "
+            "key data is (0, seed)): whoever finds the seed reproduces every Poisson draw and "
+            "noise vector, and the ε reported assumes nobody can. Pass key=None (OS entropy, "
+            "kept in the checkpoints) or jaxgrad.keys.entropy_key()",
+            SeededKeyWarning,
+            stacklevel=3,
+        )
+
+
 def fingerprint(key) -> str:
     """A short hash of a key's data, to tell runs with different keys apart (not secret-safe
     for low-entropy keys: a key made from a small seed can be found from its hash)."""
@@ -178,10 +219,10 @@ def truncation_key(sample_key):
     """``fold_in(sample_key, 2³² − 1)``: which drawn examples a truncated Poisson draw keeps,
     independent of the draw itself.
 
-    The draw reads Threefry block ``(0, i)`` of ``sample_key`` for example ``i``
+    The draw reads Threefry block ``2⁶³ + i`` of ``sample_key`` for example ``i``
     (:func:`jaxgrad.privacy.sampling.inclusion_mask`), and ``fold_in(sample_key, d)`` *is*
-    block ``(0, d)``: a small ``d`` would be example ``d``'s own bits. Draws have fewer than
-    ``2³¹`` examples (their indices are int32), so block ``2³² − 1`` is never one of them.
+    block ``d < 2³²``: never one of the draw's, nor (as block ``2³² − 1``) one that noise
+    drawn from ``sample_key`` by mistake would read first.
     """
     return jax.random.fold_in(sample_key, 2**32 - 1)
 

@@ -123,8 +123,9 @@ def check_labels(labels, num_classes: int, *, name: str = "labels", allow_binary
     classes (binary cross-entropy, with ``allow_binary_floats``) and must lie in ``[0, 1]``.
 
     Raises:
-      TypeError: labels of another dtype. ValueError: naming how many are out of range, one
-      of them and its row.
+      TypeError: labels of another dtype. ValueError: naming how many are out of range (below
+      and above it) and the first such row; never a label's value (labels are private data,
+      and messages end up in logs).
     """
     labels = np.asarray(labels)
     if np.issubdtype(labels.dtype, np.integer):
@@ -141,9 +142,10 @@ def check_labels(labels, num_classes: int, *, name: str = "labels", allow_binary
     if bad.any():
         interval = f"[{low}, {high}]" if closed else f"[{low}, {high})"
         row = int(np.flatnonzero(bad.reshape(len(labels), -1).any(axis=1))[0])
+        below = int(np.sum(labels < low))
         raise ValueError(
-            f"{name} must lie in {interval}; got {int(bad.sum())} outside it, e.g. "
-            f"{labels[bad].flat[0]} (row {row})"
+            f"{name} must lie in {interval}; got {int(bad.sum())} outside it ({below} below, "
+            f"{int(bad.sum()) - below} above or NaN; the first in row {row})"
         )
 
 

@@ -498,6 +498,18 @@ def check_flag(value, *, name: str) -> bool:
     return bool(value)
 
 
+def check_choice(value, choices, *, name: str) -> str:
+    """Checks a keyword option is one of the strings ``choices``; returns it.
+
+    Compared as a string: ``value in choices`` on an array compares it with each choice
+    elementwise, so a 2-element array failed with NumPy's "truth value of an array is
+    ambiguous" (naming nothing) and ``np.array(["rdp"])`` passed as if it were ``"rdp"``.
+    """
+    if not (isinstance(value, str) and value in choices):
+        raise ValueError(f"`{name}` must be one of {list(choices)}; got {value!r}"[:300])
+    return value
+
+
 def check_positive_float(value, *, name: str) -> float:
     """Checks a keyword hyperparameter is a positive, finite real number; returns it as a float.
 

@@ -162,6 +162,35 @@ def test_bad_hyperparameters_are_refused_by_name(builder, name, bad):
         _BUILDERS[builder](**{name: bad})
 
 
+_OPTIONS = {
+    "accountant": lambda v: privacy.epsilon(
+        noise_multiplier=1.0, sampling_rate=0.1, steps=10, delta=1e-5, accountant=v
+    ),
+    "neighboring_relation": lambda v: privacy.Accountant(delta=1e-5, neighboring_relation=v),
+    "nonfinite": lambda v: privacy.dp_grad(
+        _linear_loss, l2_clip=1.0, noise_multiplier=1.0, expected_batch_size=4.0, nonfinite=v
+    ),
+    "reduction": lambda v: jaxgrad.clipped_grad(_linear_loss, l2_clip=1.0, reduction=v),
+    "strategy": lambda v: privacy.bandmf.strategy_coefs(2, steps=4, strategy=v),
+    "noise": lambda v: private.plan(
+        PrivacyConfig(l2_clip=1.0, noise_multiplier=1.0, noise=v),
+        num_examples=100,
+        batch_size=10,
+        epochs=1,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_OPTIONS))
+@pytest.mark.parametrize("value", [np.array(["pld", "rdp"]), np.array(["rdp"])], ids=["2", "1"])
+def test_an_array_for_a_string_option_is_refused_by_name(name, value):
+    """``option in ("pld", "rdp")`` compares an array elementwise: a 2-element array failed
+    with NumPy's "truth value ... is ambiguous", naming nothing, and a 1-element one passed
+    the check as if it were the string."""
+    with pytest.raises(ValueError, match=rf"`{name}` must be one of \["):
+        _OPTIONS[name](value)
+
+
 def test_a_traced_hyperparameter_is_refused_by_name():
     build = lambda s: privacy.dp_grad(
         _linear_loss, l2_clip=1.0, noise_multiplier=s, expected_batch_size=2.0

@@ -80,7 +80,7 @@ def test_non_finite_values_name_rows_and_columns():
 
 
 def test_bad_labels_and_shapes():
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\).*e\.g\. 5"):
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\).*0 below, 1 above"):
         data.from_arrays(np.ones((10, 2)), np.array([0, 1, 2, 5, 0, 1, 2, 0, 1, 2]), num_classes=3)
     with pytest.raises(ValueError, match="share a leading example axis"):
         data.from_arrays(np.ones((10, 2)), np.ones(9))
@@ -207,9 +207,10 @@ def test_idx_float_labels_must_be_whole(tmp_path):
     labels = np.array([0.0, 1.5] * 10, dtype=">f4")
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(labels))
     with pytest.raises(
-        ValueError, match=r"train-labels-idx1-ubyte: class labels must be whole.*1\.5"
-    ):
+        ValueError, match=r"train-labels-idx1-ubyte: class labels must be whole.*holding 10 non"
+    ) as e:
         data.load_idx(tmp_path)
+    assert "1.5" not in str(e.value)  # counts, never a label's value
     whole = np.array([0.0, 3.0] * 10, dtype=">f4")
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(whole))
     ds = data.load_idx(tmp_path, standardize=False, dtype=np.float64)

@@ -17,7 +17,7 @@ from scipy import stats
 
 import jaxgrad
 from jaxgrad import privacy
-from jaxgrad.privacy import gaussian, threefry
+from jaxgrad.privacy import gaussian, sampling, threefry
 
 ALPHA = 1e-6
 
@@ -151,8 +151,8 @@ def test_inclusion_mask_is_an_integer_threshold_on_the_64_threefry_bits(q):
     for seed in range(3):
         key = jax.random.key(seed)
         k0, k1 = jax.random.key_data(key)
-        hi, lo = threefry2x32_p.bind(
-            k0, k1, jnp.zeros(n, jnp.uint32), jnp.arange(n, dtype=jnp.uint32)
+        hi, lo = threefry2x32_p.bind(  # blocks 2**63 + i: counter words (2**31, i)
+            k0, k1, jnp.full(n, 2**31, jnp.uint32), jnp.arange(n, dtype=jnp.uint32)
         )
         want = _mask_reference(np.asarray(hi), np.asarray(lo), q)
         got = jax.jit(lambda k: privacy.inclusion_mask(k, sampling_rate=q, num_examples=n))(key)
@@ -167,7 +167,7 @@ def test_inclusion_mask_near_the_threshold_and_without_x64():
     hi, lo = (
         np.asarray(w)
         for w in threefry2x32_p.bind(
-            k0, k1, jnp.zeros(n, jnp.uint32), jnp.arange(n, dtype=jnp.uint32)
+            k0, k1, jnp.full(n, 2**31, jnp.uint32), jnp.arange(n, dtype=jnp.uint32)
         )
     )
     # A threshold whose high word some counter shares: both branches of the comparison act.
@@ -187,7 +187,8 @@ def test_inclusion_mask_near_the_threshold_and_without_x64():
 def test_inclusion_mask_with_another_key_impl():
     rbg = jax.random.key(1, impl="rbg")
     n, q = 1001, 0.3
-    hi, lo = (np.asarray(w) for w in jax.random.bits(rbg, (2, n), jnp.uint32))
+    tagged = jax.random.fold_in(rbg, sampling._INCLUSION_TAG)  # not the noise's own bits
+    hi, lo = (np.asarray(w) for w in jax.random.bits(tagged, (2, n), jnp.uint32))
     got = privacy.inclusion_mask(rbg, sampling_rate=q, num_examples=n)
     np.testing.assert_array_equal(got, _mask_reference(hi, lo, q))
 
@@ -266,3 +267,27 @@ def test_sampled_dp_grad_empty_draw_and_first_batch_outside_the_loop():
     assert int(info.num_examples) == 0 and int(info.num_physical_batches) == 0
     for leaf in jax.tree_util.tree_leaves(g):
         np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_one_key_for_the_draw_and_the_noise_keeps_them_independent(impl):
+    """A loop that gives the same key to poisson_sample and dp_grad: the draw read the bits the
+    noise reads (Threefry block i, or rbg's first bits), so noise coordinate i was a function
+    of example i's inclusion — at q = ½ its sign. With every gradient 0 the output is the
+    noise alone: its mean over the drawn examples' coordinates minus the mean over the others
+    is N(0, 1/n₁ + 1/n₀) if they are independent (it was ≈ 1.6); 5 standard deviations is a
+    false alarm with probability 6e-7."""
+    n, q = 1000, 0.5
+    loss = lambda w, x: jnp.dot(w, x) * 0.0  # every per-example gradient is exactly 0
+    f = privacy.dp_grad(
+        loss, l2_clip=1.0, noise_multiplier=1.0, expected_batch_size=1.0, method="vmap"
+    )
+    key = jax.random.key(123, impl=impl)
+    mask = np.asarray(
+        privacy.poisson_sample(key, num_examples=n, sampling_rate=q, physical_batch_size=n).mask
+    )
+    z = np.asarray(f(jnp.zeros(n), jnp.zeros((2, n)), None, key))  # the noise, n coordinates
+    n1, n0 = mask.sum(), (~mask).sum()
+    assert min(n1, n0) > n / 4
+    gap = z[mask].mean() - z[~mask].mean()
+    assert abs(gap) < 5 * np.sqrt(1 / n1 + 1 / n0), gap

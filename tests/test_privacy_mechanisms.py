@@ -475,13 +475,20 @@ def test_sampled_dp_grad_takes_a_source():
 
 def test_truncation_key_is_not_a_drawn_example():
     """Truncated Poisson's keep order must not reuse the draw's bits: the draw reads Threefry
-    block (0, i) for example i, and fold_in(k, d) is block (0, d) (the old key, d = 1, was
-    example 1's bits)."""
-    from jaxgrad.privacy import threefry
+    block 2**63 + i for example i (the noise of the same key reads blocks 0, 1, ...), and
+    fold_in(k, d) is block d; the truncation key is block 2**32 - 1, neither."""
+    from jaxgrad.privacy import sampling, threefry
 
     k = jax.random.key(7)
-    hi, lo = threefry.words_at(k, 0, (4096,))
-    drawn = {(int(a), int(b)) for a, b in zip(np.asarray(hi), np.asarray(lo), strict=True)}
+    hi, lo = threefry.words_at(k, sampling.INCLUSION_OFFSET, (4096,))
+    q = 0.3  # the words read are the draw's: its mask is their threshold
+    drawn = [(int(a), int(b)) for a, b in zip(np.asarray(hi), np.asarray(lo), strict=True)]
+    mask = [(a << 32 | b) < int(q * 2**64) for a, b in drawn]
+    got = privacy.inclusion_mask(k, sampling_rate=q, num_examples=4096)
+    np.testing.assert_array_equal(got, mask)
+    drawn = set(drawn)
+    n0, n1 = (np.asarray(w) for w in threefry.words_at(k, 0, (4096,)))
+    noise = {(int(a), int(b)) for a, b in zip(n0, n1, strict=True)}
     words = tuple(int(w) for w in jax.random.key_data(keys.truncation_key(k)))
-    assert words not in drawn
-    assert tuple(int(w) for w in jax.random.key_data(jax.random.fold_in(k, 1))) in drawn
+    assert words not in drawn and words not in noise
+    assert tuple(int(w) for w in jax.random.key_data(jax.random.fold_in(k, 1))) in noise

@@ -304,3 +304,29 @@ def test_parameters_below_float32_are_refused_by_every_clipped_sum(dtype, n):
         privacy.QuantileClippedSum(loss)(params, x, None, 1.0)
     g = f(jax.tree.map(lambda p: p.astype(jnp.float32), params), x, None, jax.random.key(0))
     assert g["a"].dtype == jnp.float32  # the cast the message asks for trains
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_noise_on_a_sum_below_float32_is_refused_by_every_privatizer(dtype):
+    """Noise added to a bfloat16 sum is rounded back to its spacing: at |S| = 3000 that is 16,
+    so add_noise(S, σC = 1) returned S itself on every coordinate (and gaussian_privatizer's
+    "private" update was the exact clipped sum). Every privatizer adds its noise through
+    add_noise, whose check names the argument."""
+    total = {"a": jnp.full((4,), 3000.0, dtype)}
+    spacing = 2048 * float(jnp.finfo(dtype).eps)  # between 2048 and 4096: 16 or 2
+    assert spacing >= 2.0  # noise of std 1 rounds to 0 in at least ~68 % of coordinates
+    key = jax.random.key(0)
+    match = rf"`total` leaf \['a'\] has dtype {jnp.dtype(dtype).name}.*expected float32"
+    kw = dict(noise_multiplier=1.0, l2_sensitivity=1.0, expected_batch_size=1.0, key=key)
+    transforms = [privacy.gaussian_privatizer(**kw), privacy.bandmf_privatizer(coefs=[1.0], **kw)]
+    with pytest.raises(TypeError, match=match):
+        privacy.add_noise(total, key, stddev=1.0)
+    with pytest.raises(TypeError, match=match):
+        privacy.noised_average(total, key, stddev=1.0, expected_batch_size=2.0)
+    for tx in transforms:
+        with pytest.raises(TypeError, match=match):
+            tx.update(total, tx.init(total))
+    # The cast the message asks for gets its noise: N(0, 1) moves each coordinate off 3000.
+    wide = jax.tree.map(lambda t: t.astype(jnp.float32), total)
+    noisy = privacy.add_noise(wide, key, stddev=1.0)
+    assert np.all(np.asarray(noisy["a"]) != np.asarray(wide["a"]))

@@ -222,3 +222,43 @@ def test_mnist1d_is_generated_offline_and_seeded():
     assert not np.array_equal(a.x_train, c.x_train)
     with pytest.raises(ValueError, match="num_examples"):
         jaxgrad.data.load_mnist1d(num_examples=5)
+
+
+def test_a_private_fit_given_a_small_seed_key_warns_before_training():
+    """fit(privacy=..., key=jax.random.key(5)) ran silently: its key data is (0, 5), so every
+    draw and noise vector is reproducible by whoever tries the seeds below 2**32, and the ε
+    it reported certified nothing (the CLI labels such a run "private": false). A key from
+    OS entropy, or any key with a non-zero leading word, runs quietly. (``keep=0`` stops
+    each call right after the key is checked: no training.)"""
+    import warnings
+
+    from jaxgrad import keys
+
+    model, loss_fn, data = _problem(n=20)
+    params = model.init(jax.random.key(1))
+    stop = dict(keep=0, epochs=1, batch_size=5, progress="none")
+    with pytest.warns(keys.SeededKeyWarning, match=r"jax\.random\.key\(seed\).*key=None"):
+        with pytest.raises(ValueError, match="keep"):
+            _fit(loss_fn, params, data, CONFIG, **stop)
+    secret = jax.random.wrap_key_data(np.array([0x9E3779B9, 5], np.uint32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", keys.SeededKeyWarning)
+        for key in (None, secret):
+            with pytest.raises(ValueError, match="keep"):
+                jaxgrad.train.fit(
+                    loss_fn,
+                    params,
+                    data,
+                    optimizer=optax.sgd(0.1),
+                    key=key,
+                    privacy=CONFIG,
+                    **stop,
+                )
+        with pytest.raises(ValueError, match="keep"):  # not private: a seed is the shuffle's
+            jaxgrad.train.fit(
+                loss_fn, params, data, optimizer=optax.sgd(0.1), key=jax.random.key(5), **stop
+            )
+    # Every implementation's seeded form; OS-entropy keys are not (a false alarm of this
+    # test has probability 2**-32 per key).
+    assert all(keys.is_seeded(jax.random.key(5, impl=i)) for i in ("threefry2x32", "rbg"))
+    assert not any(keys.is_seeded(keys.entropy_key(i)) for i in ["rbg"] + ["threefry2x32"] * 50)

@@ -134,9 +134,11 @@ def _task_of(y: np.ndarray, task, num_classes):
     if task is None:
         task = "classification" if y.dtype.kind in "biu" else "regression"
         if task == "regression" and _whole_numbers(y):
-            shown = ", ".join(repr(float(v)) for v in np.unique(y)[:4])
+            # Counts only: the values are the private rows' labels, and warnings end up in logs.
+            distinct = len(np.unique(y))
             warnings.warn(
-                f"`y` holds floats that are all whole numbers ({shown}, ...), so it is taken as "
+                f"`y` holds floats that are all whole numbers ({distinct} distinct values), so "
+                "it is taken as "
                 "regression targets (float `y` means regression). If they are class labels, "
                 "pass task='classification' (python -m jaxgrad.train: --task classification) "
                 "or store them as integers; task='regression' (--task regression) says they "
@@ -473,9 +475,10 @@ def _targets(y_train, y_test, *, task, num_classes, standardize, dtype, name):
         # (task="classification" given for labels saved as 0., 1., 2.).
         for split, y in (("`y`", y_train), ("`y_test`", y_test)):
             if y.dtype.kind == "f" and not _whole_numbers(y):
+                fractional = int(np.sum(np.mod(y, 1) != 0))
                 raise ValueError(
-                    f"{name}: {split} holds floats that are not all whole numbers (e.g. "
-                    f"{y[np.mod(y, 1) != 0].ravel()[:3].tolist()}), so they cannot be class labels "
+                    f"{name}: {split} holds floats that are not all whole numbers ({fractional} "
+                    f"of {y.size} have a fractional part), so they cannot be class labels "
                     "(task='classification'); pass integer labels, or task='regression'"
                 )
         y_train, y_test = (

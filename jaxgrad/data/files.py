@@ -269,8 +269,8 @@ def _idx_labels(p):
         if not whole:
             raise ValueError(
                 f"{p}: class labels must be whole numbers; got an IDX file of {y.dtype} "
-                f"holding non-integer values (e.g. {y[y != np.round(y)].flat[0]}), which "
-                "would be truncated"
+                f"holding {int(np.sum(y != np.round(y)))} non-integer (or non-finite) values "
+                f"of {y.size}, which would be truncated"
             )
     return y.astype(np.int64)
 

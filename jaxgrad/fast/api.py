@@ -60,10 +60,12 @@ def check_units(units, size: int, *, name: str = "units") -> jax.Array:
             f"got shape {np.shape(units)}"
         )
     if not isinstance(units, jax.core.Tracer) and size:
-        lo, hi = int(np.min(units)), int(np.max(units))
-        if lo < 0 or hi >= size:
+        ids = np.asarray(units)
+        below, above = int(np.sum(ids < 0)), int(np.sum(ids >= size))
+        if below or above:  # counts only: unit ids are the users' own (private) identifiers
             raise ValueError(
-                f"`{name}` must hold unit ids in [0, B) = [0, {size}); got ids from {lo} to {hi}"
+                f"`{name}` must hold unit ids in [0, B) = [0, {size}); got {below + above} "
+                f"outside it ({below} below 0, {above} at or above {size})"
             )
     return units
 
@@ -491,9 +493,7 @@ NONFINITE = ("raise", "drop", "propagate")
 
 def check_nonfinite(nonfinite):
     """The non-finite policy, checked: ``"raise"``, ``"drop"`` or ``"propagate"``."""
-    if nonfinite not in NONFINITE:
-        raise ValueError(f"`nonfinite` must be one of {list(NONFINITE)}; got {nonfinite!r}")
-    return nonfinite
+    return reduce.check_choice(nonfinite, NONFINITE, name="nonfinite")
 
 
 def raise_nonfinite(bad, *, name: str, private: bool = False) -> None:
@@ -562,8 +562,7 @@ def clipped_parts(
     """
     l2_clip = check_l2_clip(l2_clip)
     grouped = not isinstance(l2_clip, float)
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"`reduction` must be one of ['mean', 'sum']; got {reduction!r}")
+    reduce.check_choice(reduction, ("mean", "sum"), name="reduction")
     nonfinite = check_nonfinite(nonfinite)
     get = passes.get_pass(method, strict, weighted=True)
     chunk_size = _check_chunk(chunk_size)

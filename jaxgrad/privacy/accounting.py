@@ -71,9 +71,7 @@ def _dpa():
 
 
 def _check_accountant(accountant):
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"`accountant` must be one of {list(ACCOUNTANTS)}; got {accountant!r}")
-    return accountant
+    return reduce.check_choice(accountant, ACCOUNTANTS, name="accountant")
 
 
 def _check_delta(delta):
@@ -618,11 +616,7 @@ EVENTS = (
 
 
 def _check_relation(relation):
-    if relation not in RELATIONS:
-        raise ValueError(
-            f"`neighboring_relation` must be one of {list(RELATIONS)}; got {relation!r}"
-        )
-    return relation
+    return reduce.check_choice(relation, RELATIONS, name="neighboring_relation")
 
 
 def _dpa_accountant(accountant, vdi, relation):

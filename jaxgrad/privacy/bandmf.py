@@ -215,8 +215,7 @@ def strategy_coefs(bands: int, *, steps: int, strategy: str = "sqrt") -> np.ndar
     ``"optimized"`` (:func:`optimized_coefs` for ``steps``)."""
     n = reduce.check_positive_int(steps, name="steps")
     b = check_bands(bands, steps=n)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"`strategy` must be one of {list(STRATEGIES)}; got {strategy!r}")
+    reduce.check_choice(strategy, STRATEGIES, name="strategy")
     return sqrt_coefs(b) if strategy == "sqrt" else optimized_coefs(b, steps=n)
 
 

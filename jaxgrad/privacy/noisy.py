@@ -60,13 +60,15 @@ class DPInfo(NamedTuple):
 
 def check_nonfinite(nonfinite):
     """The DP step's non-finite policy: ``"drop"`` or ``"raise"`` (of :func:`clipped_grad`'s)."""
-    if nonfinite not in NONFINITE:
-        raise ValueError(f"`nonfinite` must be one of {list(NONFINITE)}; got {nonfinite!r}")
-    return nonfinite
+    return reduce.check_choice(nonfinite, NONFINITE, name="nonfinite")
 
 
-def check_sum_precision(params) -> None:
+def check_sum_precision(params, *, name: str = "params") -> None:
     """Refuses parameters narrower than float32 in a DP step's clipped sum (works traced).
+
+    Also the noise's own check (:func:`add_noise`, ``name="total"``): a sum held in bfloat16
+    rounds ``S + N(0, σ²C²)`` back to its spacing, which at ``|S| = 3000`` is 16 — noise of
+    std 1 vanished entirely, and the "noisy" sum was ``S`` itself.
 
     The sum is computed in the parameters' dtype, and rounding ``S`` to a spacing of up to
     ``|S| · eps`` (``eps = 2⁻⁷`` in bfloat16, ``2⁻¹⁰`` in float16) moves it by more than the
@@ -83,12 +85,13 @@ def check_sum_precision(params) -> None:
         dtype = jnp.result_type(leaf)
         if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
             raise TypeError(
-                f"`params` leaf {jax.tree_util.keystr(path) or '(root)'} has dtype {dtype}: a "
-                "DP step's clipped sum is computed in the parameters' dtype, and its rounding "
+                f"`{name}` leaf {jax.tree_util.keystr(path) or '(root)'} has dtype {dtype}: a "
+                "DP step's clipped sum is computed and noised in the parameters' dtype, and its "
+                "rounding "
                 f"(spacing |S|·{float(jnp.finfo(dtype).eps):g}) exceeds the clip norm once "
                 f"|S| > {1 / float(jnp.finfo(dtype).eps):g}·C, so the noise would not hide one "
-                "example; expected float32 or float64 parameters (cast them for DP training, "
-                "e.g. jax.tree.map(lambda p: p.astype(jnp.float32), params))"
+                f"example; expected float32 or float64 `{name}` (cast them for DP training, "
+                f"e.g. jax.tree.map(lambda p: p.astype(jnp.float32), {name}))"
             )
 
 
@@ -152,7 +155,9 @@ def add_noise(total: PyTree, key, *, stddev) -> PyTree:
       stddev: the noise's standard deviation ``σC ≥ 0`` (a number, or a traced scalar).
 
     Raises:
-      TypeError: a leaf that is not a real floating-point array; ``key`` not one PRNG key.
+      TypeError: a leaf that is not a real floating-point array, or one narrower than
+        float32 (:func:`check_sum_precision`: the noise would be rounded away); ``key`` not
+        one PRNG key.
 
     Returns:
       A pytree like ``total``.
@@ -171,6 +176,7 @@ def add_noise(total: PyTree, key, *, stddev) -> PyTree:
                 "`total` leaves must be real floating-point arrays (the noise would be rounded "
                 f"or cast away); got dtype {jnp.result_type(x)}"
             )
+    check_sum_precision(total, name="total")  # bfloat16 / float16 would round the noise away
     if not leaves or (isinstance(stddev, float) and stddev == 0):
         return total  # σ = 0: nothing to draw
     dtype = jnp.result_type(jnp.float32, *leaves)

@@ -49,6 +49,16 @@ def check_sampling_rate(sampling_rate) -> float:
     return q
 
 
+# The inclusion draw reads Threefry blocks 2⁶³ + i; the noise (gaussian.normal, add_noise) reads
+# blocks 0, 1, 2, ... of its key. Without the offset, one key given to both poisson_sample and
+# dp_grad made noise coordinate i a function of example i's own inclusion bits (at q = 0.05
+# the noise at the drawn examples' coordinates averaged +2.1, elsewhere −0.1).
+INCLUSION_OFFSET = 2**63
+# For keys of other implementations (rbg), whose bits are not addressed by counter: the draw
+# reads bits of fold_in(key, tag) instead of the key's own first ones, which the noise reads.
+_INCLUSION_TAG = 0x73616D70  # "samp"
+
+
 def inclusion_mask(key, *, sampling_rate: float, num_examples: int):
     """``m_i = [U_i < q]`` for ``N`` independent 64-bit uniforms ``U_i``: exactly rate ``q``.
 
@@ -57,8 +67,11 @@ def inclusion_mask(key, *, sampling_rate: float, num_examples: int):
         U_i = (h_i 2^{32} + l_i) / 2^{64}, \\qquad
         \\Pr(m_i) = \\lfloor q \\, 2^{64} \\rfloor / 2^{64} \\in (q - 2^{-64}, q]
 
-    with ``(h_i, l_i)`` the two words of Threefry block ``i`` (:func:`threefry.words_at`,
-    fused) for a Threefry key, or ``jax.random.bits(key, (2, N), uint32)`` for any other key.
+    with ``(h_i, l_i)`` the two words of Threefry block ``2⁶³ + i`` (:func:`threefry.words_at`,
+    fused) for a Threefry key, or ``jax.random.bits(fold_in(key, tag), (2, N), uint32)`` for
+    any other key: never the bits the noise of the same key reads (its blocks ``0, 1, …``,
+    :func:`jaxgrad.privacy.gaussian.normal`), so a key given both to the draw and to
+    :func:`jaxgrad.privacy.dp_grad` cannot tie a noise coordinate to an example's inclusion.
     The comparison is on integers, so the inclusion probability is exactly ``q`` for every
     ``q ≥ 2⁻¹²`` (``q 2⁶⁴`` is then an integer) and never above it, and the draw does not
     depend on ``jax_enable_x64``. (``jax.random.bernoulli`` compares a float32 uniform on a
@@ -90,9 +103,9 @@ def inclusion_mask(key, *, sampling_rate: float, num_examples: int):
     threshold = math.floor(q * 2.0**64)  # exact: scaling a float64 by 2**64 does not round
     t_hi, t_lo = np.uint32(threshold >> 32), np.uint32(threshold & 0xFFFFFFFF)
     if threefry.is_threefry(key):
-        hi, lo = threefry.words_at(key, 0, (n,))
+        hi, lo = threefry.words_at(key, INCLUSION_OFFSET, (n,))
     else:
-        hi, lo = jax.random.bits(key, (2, n), jnp.uint32)
+        hi, lo = jax.random.bits(jax.random.fold_in(key, _INCLUSION_TAG), (2, n), jnp.uint32)
     return (hi < t_hi) | ((hi == t_hi) & (lo < t_lo))
 
 

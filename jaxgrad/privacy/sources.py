@@ -367,7 +367,7 @@ def batch_source(
     """
     n = reduce.check_positive_int(num_examples, name="num_examples")
     b = _check_batch(batch_size, "batch_size", n)
-    if sampling_name not in SAMPLINGS:
+    if not (isinstance(sampling_name, str) and sampling_name in SAMPLINGS):  # not an array
         why = (
             ": a shuffled epoch (each example once per epoch) is not Poisson sampling, and "
             "accounting it as if it were would understate ε; no accounting here matches it"

@@ -432,6 +432,8 @@ def fit(
     else:
         fingerprint = None
     _check_fit_args(params, optimizer, key)
+    if privacy is not None and fingerprint is None:  # the noise's key: a small seed is public
+        keys.warn_if_seeded(key)
     fingerprint = fingerprint or keys.fingerprint(key)
     epochs = _positive(epochs, "epochs")
     batch_size = _positive(batch_size, "batch_size")

@@ -479,8 +479,7 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
 def _bandmf_source(config, source, *, num_examples, batch_size, steps):
     """``noise="bandmf"``'s batch source (cyclic Poisson over ``bands`` groups), checked;
     ``source`` itself for Gaussian noise."""
-    if config.noise not in NOISES:
-        raise ValueError(f"`noise` must be one of {list(NOISES)}; got {config.noise!r}")
+    reduce.check_choice(config.noise, NOISES, name="noise")
     if config.noise != "bandmf":
         if config.bands is not None:
             raise ValueError(
@@ -495,11 +494,7 @@ def _bandmf_source(config, source, *, num_examples, batch_size, steps):
             "noise='bandmf' samples its own way (cyclic Poisson over `bands` groups); "
             f"leave `sampling` at 'poisson'; got sampling={config.sampling!r}"
         )
-    if config.bandmf_strategy not in bandmf.STRATEGIES:
-        raise ValueError(
-            f"`bandmf_strategy` must be one of {list(bandmf.STRATEGIES)}; got "
-            f"{config.bandmf_strategy!r}"
-        )
+    reduce.check_choice(config.bandmf_strategy, bandmf.STRATEGIES, name="bandmf_strategy")
     b = bandmf.check_bands(config.bands, steps=steps)
     if b * batch_size > num_examples:
         raise ValueError(
