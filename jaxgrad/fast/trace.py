@@ -591,7 +591,7 @@ def lift_over_steps(eqn: Eqn, pos: int, steps: int, stacked: bool):
 
     Returns:
       ``(lifted_eqn, step_axis)``: ``step_axis`` is the axis of the lifted output that holds
-      the steps.
+      the steps (for a convolution, its batch axis they are folded into).
     """
     name = eqn.primitive.name
     other = 1 - pos
