@@ -2,6 +2,8 @@
 route (dense, sequence Gram form, conv, lookup, scan bodies, branches, tied weights, the exact
 fallback), exact against ``jax.vmap(jax.grad(...))`` and numpy in float64."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -230,3 +232,82 @@ def test_conv_dots_both_routes_strides_dilation_padding_layouts(monkeypatch, cha
     assert_rel_close(dots, j @ _flat(ref))
     if channels:  # the Gram matrix, the per-example gradients formed one offset at a time
         assert_rel_close(jaxgrad.gradient_gram(loss)(params, batch, mask), j @ j.T)
+
+
+def test_convolutions_in_scans_nested_tied_grouped_and_in_a_branch():
+    # A convolution inside a scan is one convolution over (steps × images) of the example
+    # (the steps folded into its batch axis): the kernel's per-example gradient sums over
+    # them. Here: a kernel used in a scan body, in a nested scan and outside the loop (tied:
+    # cross terms exact); a grouped, strided, dilated, asymmetrically padded NCHW conv in a
+    # `cond` branch taken per example and step (no windows: the VJP route); and a kernel
+    # larger than the A_i and G_i held (no gradient kept: the weighted sum contracts A and G
+    # over steps and examples). Fast, and exact on every output.
+    rng = np.random.default_rng(11)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape) / 2, F64)
+    params = {"k": normal(3, 3, 3, 3), "g": normal(6, 1, 2, 2), "big": normal(3, 3, 6, 6)}
+    batch = normal(5, 3, 4, 4, 3)  # (B, steps, H, W, C)
+    conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1))
+    nhwc = ("NHWC", "HWIO", "NHWC")
+
+    def loss(p, x):
+        def grouped(z):  # OIHW, 3 -> 6 channels in 3 groups
+            y = conv(jnp.transpose(z, (0, 3, 1, 2)), p["g"], window_strides=(1, 2),
+                     padding=[(1, 0), (0, 1)], rhs_dilation=(1, 2), feature_group_count=3,
+                     dimension_numbers=("NCHW", "OIHW", "NCHW"))  # fmt: skip
+            return jnp.mean(jnp.sin(y))
+
+        def step(h, xt):
+            z = jnp.tanh(conv(xt[None], p["k"], padding="SAME", dimension_numbers=nhwc))
+            u = jax.lax.cond(jnp.sum(xt) > 0, grouped, jnp.mean, z)
+
+            def inner(c, row):  # nested: two rows of the step's image
+                y = conv(row[None] * c, p["k"], padding="SAME", dimension_numbers=nhwc)
+                return c + jnp.mean(jnp.tanh(y)), None
+
+            c, _ = jax.lax.scan(inner, 1.0, z[0, :2, None])
+            b = conv(jnp.tile(z[:, :2, :2, :2], (1, 1, 1, 3)), p["big"], padding="SAME",
+                     dimension_numbers=nhwc)  # fmt: skip
+            return h + c * u + jnp.sum(b**2), None
+
+        h, _ = jax.lax.scan(step, 0.0, x)
+        out = conv(x[:1], p["k"], window_strides=(2, 2), padding="VALID", dimension_numbers=nhwc)
+        return h**2 + jnp.sum(jnp.sin(out))
+
+    plan = jaxgrad.fast.plan(loss, params, batch[0])
+    assert not plan.fallbacks, plan
+    routes = {lp.path: lp.route for lp in plan.leaves}
+    assert routes["['g']"] == (
+        "scan, 3 steps, shared; cond branch 1: conv: per-example gradient"
+    ), routes
+    assert routes["['k']"].startswith("tied, 3 uses")
+    assert routes["['big']"] == "scan, 3 steps, shared: conv: one kernel offset at a time"
+    mask = jnp.array([1, 1, 0, 1, 1], bool)
+    j = check(loss, params, batch, mask=mask, units=np.array([0, 0, 1, 2, 2]))
+    norms = np.linalg.norm(j, axis=1)
+    clip = float(np.median(norms[np.asarray(mask)]))
+    f = jaxgrad.clipped_grad(loss, l2_clip=clip, reduction="sum", return_norms=True)
+    total, got = f(params, batch, mask)
+    assert_rel_close(got, norms)
+    assert_rel_close(_flat(total), np.minimum(1.0, clip / np.maximum(norms, 1e-300)) @ j)
+
+
+def test_convolutions_in_scans_that_keep_the_fallback_say_why():
+    # A kernel scanned over (one per step) and a batch-grouped convolution have no lift over
+    # the steps: exact fallback, and the plan says so.
+    rng = np.random.default_rng(12)
+    params = {"ks": jnp.asarray(rng.normal(size=(2, 3, 3, 2, 2))), "kb": jnp.ones((1, 1, 2, 2))}
+    nhwc = ("NHWC", "HWIO", "NHWC")
+
+    def loss(p, x):
+        def step(h, k):
+            conv = functools.partial(jax.lax.conv_general_dilated, dimension_numbers=nhwc)
+            z = conv(x[None], k, (1, 1), "SAME")
+            y = conv(jnp.concatenate([z, z]), p["kb"], (1, 1), "SAME", batch_group_count=2)
+            return h + jnp.sum(jnp.tanh(y)), None
+
+        return jax.lax.scan(step, 0.0, p["ks"])[0]
+
+    plan = jaxgrad.fast.plan(loss, params, jnp.ones((4, 4, 2)))
+    reasons = {lp.path: lp.reason for lp in plan.leaves}
+    assert "conv use of a leaf scanned over by the loop" in reasons["['ks']"]
+    assert "conv use, inside a `lax.scan` body" in reasons["['kb']"]

@@ -151,3 +151,25 @@ def test_hoisted_chain_keeps_program_order(before):
         return jnp.sum(jnp.sin(jax.lax.scan(step, jnp.ones(h, F64), x)[0]))
 
     _check(loss, params, xs, reparam=("['V']", "['s']"))
+
+
+def test_weight_normalised_conv_inside_the_step():
+    """A vocoder-style convolution whose kernel is weight-normalised inside the step
+    function, applied to every frame: hoisted, then the kernel keeps the conv route over
+    the scan's steps (folded into the convolution's batch axis) with the scale on ``G`` and
+    the normaliser's exact correction."""
+    rng = np.random.default_rng(5)
+    params = {"V": _normal(rng, 2, 2, 2, 3), "g": 1 + _normal(rng, 3, scale=0.2)}
+    xs = _normal(rng, B, 2, 3, 3, 2)  # (B, steps, H, W, C)
+
+    def loss(p, x):
+        def step(c, x_t):
+            w = p["g"] * p["V"] / jnp.sqrt(jnp.sum(p["V"] ** 2, axis=(0, 1, 2)))
+            return c + jnp.sum(jnp.tanh(_conv(x_t, w)) ** 2), None
+
+        return jax.lax.scan(step, 0.0, x)[0]
+
+    routes = _check(loss, params, xs, fast=("['V']",))
+    v = routes["['V']"].route
+    assert v.startswith("scan, 2 steps, shared: scaled (") and "normaliser" in v, v
+    assert "conv: one kernel offset at a time" in v, v

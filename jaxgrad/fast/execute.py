@@ -266,6 +266,11 @@ class FastParts:
         if len(u.scans) > 1 or u.scale or u.select or reparam.refolded(u):
             grad = rules.weighted_grad(u.op, u.pos, ops.a_of(u), ops.g_of(u), c)
             return ops.masked(u, grad, examples=False)
+        if trace.folds_steps(u):  # the step's convolution over (steps × B) images, c per step
+            flat = lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+            steps = kept[u.key].shape[0]
+            w = jnp.tile(c, steps)
+            return rules.weighted_grad(u.base, u.pos, flat(kept[u.key]), flat(g_use[u.key]), w)
         g = g_use[u.key]
         if u.scans and u.scans[0].step_axis:
             g = jnp.moveaxis(g, 0, 1 + u.scans[0].step_axis)  # (B at axis 0 after the move)

@@ -94,13 +94,15 @@ class Operands:
 
     def a_of(self, u):
         """``A`` examples first, with the use's factors of ``A``."""
-        a = jnp.moveaxis(self.kept[u.key], self.axis[u.key], 0)
+        a = trace.fold_steps(u, jnp.moveaxis(self.kept[u.key], self.axis[u.key], 0), "a")
         a = selected(self.scaled(a, u, "a"), u, "a")
         return reparam.folded(u, "a", a, self.fold_vals)
 
     def g_plain(self, u):
         """The cotangent in the lifted equation's layout, examples first."""
         g = jnp.moveaxis(self.g_use[u.key], self.axis[u.key], 0)
+        if trace.folds_steps(u):  # (a convolution: the steps folded into its batch axis)
+            return trace.fold_steps(u, g, "g")
         # (B, steps, *inner steps, *out): each scan's steps go where its lift put them,
         # innermost first (a scan's lift inserts its axis into the output of the next).
         step_axes = [lv.step_axis for lv in u.scans]
@@ -218,7 +220,8 @@ class Operands:
         w = self.masked(u, w, examples=False)  # (θ' ⊙ M: the masked weight's share)
         # (In w's precision: a float32 A of a float64 weight would round A's cotangent.)
         kept = self.kept[u.key]
-        a = jnp.moveaxis(kept, self.axis[u.key], 0).astype(jnp.result_type(kept, w))
+        a = trace.fold_steps(u, jnp.moveaxis(kept, self.axis[u.key], 0), "a")
+        a = a.astype(jnp.result_type(kept, w))
         g = self.g_plain(u)
         if sc.side == "g":  # G ⊙ op(A', w); op(A', θ') is shared by the factors of G
             shared = skip is not None and not plain  # (w is θ' exactly then)

@@ -46,8 +46,9 @@ parameter ``w`` shaped like ``x`` (its per-example gradient ``x_i ⊙ g_i``, for
 
 A cheaper norm is a function ``(eqn, pos, A, G) -> (B,)`` in :data:`NORMS` named by the
 route's ``how``. (Inside a ``lax.scan`` a use is lifted over the steps,
-:func:`jaxgrad.fast.trace.lift_over_steps`, written for ``dense`` and ``gather``; a kind
-without a lift falls back there, visibly.)
+:func:`jaxgrad.fast.trace.lift_over_steps`, written for ``dense``, ``gather`` and ``conv``,
+whose steps become more images of the example, so its route is the top-level one over
+``steps ×`` the positions; a kind without a lift falls back there, visibly.)
 """
 
 from __future__ import annotations
@@ -344,11 +345,13 @@ SCALED_WORK = 64
 
 def use_positions(eqn: Eqn, pos: int) -> int:
     """``T`` of a use: the positions each entry of the parameter meets per example (a dense
-    use's free positions of its other operand, a convolution's output pixels)."""
+    use's free positions of its other operand, a convolution's output pixels of every image
+    of the example: a scan's steps are more images, see
+    :func:`jaxgrad.fast.trace.lift_over_steps`)."""
     if eqn.primitive.name == "conv_general_dilated":
         out = eqn.out_avals[0].shape
         spec = eqn.params["dimension_numbers"][2]
-        return math.prod(out[d] for d in spec[2:])
+        return math.prod(out[d] for d in (spec[0], *spec[2:]))
     return dense_layout(eqn, pos)[2][1]
 
 

@@ -427,8 +427,8 @@ def scan(frame: Frame, k: int, e: Eqn, positions: list) -> None:
     for f in inner.found:
         lifted = lift_over_steps(f.op, f.pos, steps, f.root.stacked)
         if lifted is None:
-            # (no lift of the use over the steps is written: a conv, or a lookup in a table
-            # the loop is scanned over)
+            # (no lift of the use over the steps is written: a conv or a lookup of a leaf
+            # the loop is scanned over, a batch-grouped conv)
             why = f"a {f.kind} use" + (
                 " of a leaf scanned over by the loop" if f.root.stacked else ""
             )
@@ -615,11 +615,12 @@ def lift_over_steps(eqn: Eqn, pos: int, steps: int, stacked: bool):
     ``S = op(A, W)`` with the step axis a new leading free axis of the kept operand ``A``
     (so example i's gradient is ``Σ_t op_Wᵀ(a_{i,t}, g_{i,t})``: a sequence axis). When the
     leaf is scanned over (``W_t``, one slice per step) the step axis is a new leading *batch*
-    axis of both operands instead (a separate gradient per step).
+    axis of both operands instead (a separate gradient per step). A convolution's steps are
+    folded into its batch axis instead (:func:`folds_steps`): more positions of the kernel.
 
     Returns:
       ``(lifted_eqn, step_axis)``: ``step_axis`` is the axis of the lifted output that holds
-      the steps.
+      the steps (for a convolution, its batch axis they are folded into).
     """
     name = eqn.primitive.name
     other = 1 - pos
@@ -651,6 +652,18 @@ def lift_over_steps(eqn: Eqn, pos: int, steps: int, stacked: bool):
         return dataclasses.replace(
             eqn, params=params, in_avals=in_avals, out_avals=out_avals
         ), step_axis
+    if name == "conv_general_dilated" and not stacked and eqn.params["batch_group_count"] == 1:
+        # The steps are more images of the example: folded into the convolution's batch
+        # axis (outer steps major, see :func:`fold_steps`), whose entries are positions the
+        # kernel's gradient sums over, as the spatial ones are. (``batch_group_count``
+        # splits that axis into groups: not folded.)
+        lhs_spec, _, out_spec = eqn.params["dimension_numbers"]
+        grow = lambda aval, d: shaped(
+            [n * steps if i == d else n for i, n in enumerate(aval.shape)], aval.dtype
+        )
+        in_avals = [grow(eqn.in_avals[0], lhs_spec[0]), eqn.in_avals[1]]
+        out_avals = [grow(eqn.out_avals[0], out_spec[0])]
+        return dataclasses.replace(eqn, in_avals=in_avals, out_avals=out_avals), out_spec[0]
     if name == "gather" and not stacked:
         dn = eqn.params["dimension_numbers"]
         params = dict(eqn.params)
@@ -664,6 +677,30 @@ def lift_over_steps(eqn: Eqn, pos: int, steps: int, stacked: bool):
         out_avals = [shaped((steps, *out.shape), out.dtype)]
         return dataclasses.replace(eqn, params=params, in_avals=in_avals, out_avals=out_avals), 0
     return None
+
+
+def folds_steps(use: Use) -> bool:
+    """Whether the lifts of a use fold the steps into an axis of its operands (a convolution's
+    batch axis, see :func:`lift_over_steps`) rather than add one."""
+    return bool(use.scans) and use.op.primitive.name == "conv_general_dilated"
+
+
+def fold_steps(use: Use, x, side: str):
+    """A use's captured ``A`` (``side`` "a") or ``G`` ("g"), examples first,
+    ``(B, *steps, *one step's shape)``, as its lifted equation takes it.
+
+    For a convolution (:func:`folds_steps`) the steps of every scan, outermost major, are
+    folded into the batch axis of the step's input or output; other uses are returned as
+    they are.
+    """
+    if not folds_steps(use):
+        return x
+    lhs_spec, _, out_spec = use.op.params["dimension_numbers"]
+    axis, k = (lhs_spec if side == "a" else out_spec)[0], len(use.scans)
+    x = jax.numpy.moveaxis(x, tuple(range(1, 1 + k)), tuple(range(1 + axis, 1 + axis + k)))
+    shape = x.shape
+    folded = int(np.prod(shape[1 + axis : 2 + axis + k]))
+    return x.reshape((*shape[: 1 + axis], folded, *shape[2 + axis + k :]))
 
 
 def real_form(eqn: Eqn, pos: int) -> tuple:
