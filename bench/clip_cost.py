@@ -20,7 +20,9 @@ from jaxgrad import fast
 from jaxgrad.bench import allocator, suite, timing
 
 
-def main(name: str, size: int, rounds: int) -> dict:
+def programs(name: str, size: int):
+    """``(fns, params, batch)``: batch_grad, clipped_grad (C = 1) and per_example_norms of
+    model ``name`` at batch size ``size``, jitted (``clip_faults.py`` measures the same)."""
     case = suite.CASES[name]()
     params = case.model.init(jax.random.key(0))
     batch = case.make_batch(size)
@@ -30,6 +32,11 @@ def main(name: str, size: int, rounds: int) -> dict:
         "clipped": jax.jit(lambda p, b: clipped(p, b)),
         "norms": jax.jit(lambda p, b: fast.per_example_norms(case.loss_fn)(p, b)),
     }
+    return fns, params, batch
+
+
+def main(name: str, size: int, rounds: int) -> dict:
+    fns, params, batch = programs(name, size)
     t = timing.interleaved(fns, args=(params, batch), rounds=rounds)
     w, c = t.seconds, t.cpu_seconds
     q1, _, q3 = t.ratio_quartiles("clipped", "batch_grad")  # the ratio within each round

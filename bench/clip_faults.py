@@ -17,20 +17,9 @@ from jaxgrad.bench import allocator
 
 def main(name: str, size: int) -> dict:
     import jax
+    from clip_cost import programs  # (this directory: run as a script)
 
-    import jaxgrad
-    from jaxgrad import fast
-    from jaxgrad.bench import suite
-
-    case = suite.CASES[name]()
-    params = case.model.init(jax.random.key(0))
-    batch = case.make_batch(size)
-    clipped = fast.clipped_grad(case.loss_fn, l2_clip=1.0, nonfinite="propagate")
-    fns = {
-        "batch_grad": jax.jit(lambda p, b: jaxgrad.batch_grad(case.loss_fn)(p, b).grads),
-        "clipped": jax.jit(lambda p, b: clipped(p, b)),
-        "norms": jax.jit(lambda p, b: fast.per_example_norms(case.loss_fn)(p, b)),
-    }
+    fns, params, batch = programs(name, size)
     out = {}
     for key, f in fns.items():
         temp = f.lower(params, batch).compile().memory_analysis().temp_size_in_bytes

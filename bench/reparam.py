@@ -31,28 +31,15 @@ from jaxgrad.fast import plan
 
 
 def wn_stack(rng, a):
-    b, t, d = a.batch, a.positions, a.width
-    params = {
-        f"l{i}": {
-            "v": jnp.asarray(rng.normal(size=(d, d)) / np.sqrt(d), jnp.float32),
-            "g": jnp.ones((d,), jnp.float32),
-        }
-        for i in range(a.layers)
-    }
-    params["head"] = jnp.asarray(rng.normal(size=(d, 10)) / np.sqrt(d), jnp.float32)
-    batch = (
-        jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32),
-        jnp.asarray(rng.integers(0, 10, size=(b,))),
-    )
+    def layer(d):
+        v = jnp.asarray(rng.normal(size=(d, d)) / np.sqrt(d), jnp.float32)
+        return {"v": v, "g": jnp.ones((d,), jnp.float32)}
 
-    def loss(p, ex):
-        h, label = ex
-        for i in range(a.layers):
-            v, g = p[f"l{i}"]["v"], p[f"l{i}"]["g"]
-            h = h + jnp.tanh(h @ (g * v / jnp.sqrt(jnp.sum(v * v, axis=0, keepdims=True))))
-        return -jax.nn.log_softmax(jnp.mean(h, axis=0) @ p["head"])[label]
+    def weight(p):
+        v = p["v"]
+        return p["g"] * v / jnp.sqrt(jnp.sum(v * v, axis=0, keepdims=True))
 
-    return loss, params, batch
+    return _stack(rng, a, weight, layer)
 
 
 def _stack(rng, a, weight, layer_params):

@@ -453,15 +453,7 @@ def selected_weights(program: Program, n: int, outputs, deps: dict, uses: dict, 
         if ok and parts:
             found[v] = parts
     # A leaf is selected if every used effective weight it reaches is one of these.
-    while True:
-        drop = {
-            v for v, parts in found.items() for j, _, _ in parts
-            if any(w not in found and j in deps.get(o, ()) and uses.get(n + w)
-                   for w, o in enumerate(outputs))
-        }  # fmt: skip
-        if not drop:
-            break
-        found = {v: x for v, x in found.items() if v not in drop}
+    found = _closed(found, deps, outputs, uses, n)
     out: dict = {}
     for v, parts in found.items():
         for j, chain, sel in parts:
@@ -792,20 +784,27 @@ def summed_weights(program: Program, n: int, outputs, deps: dict, uses: dict, sk
                 per.append((theta[0], folded))
         if ok:
             found[v] = per
-    while True:  # every used effective weight a taken leaf reaches must be taken
-        drop = {
-            v for v, per in found.items() for j, _ in per
-            if any(w not in found and j in deps.get(o, ()) and uses.get(n + w)
-                   for w, o in enumerate(outputs))
-        }  # fmt: skip
-        if not drop:
-            break
-        found = {v: x for v, x in found.items() if v not in drop}
+    found = _closed(found, deps, outputs, uses, n)
     out: dict = {}
     for per in found.values():
         for j, us in per:
             out.setdefault(j, []).extend(us)
     return out, tuple(found)
+
+
+def _closed(found: dict, deps: dict, outputs, uses: dict, n: int) -> dict:
+    """``found`` (effective weight -> its parts, each starting with a leaf ``j``) without the
+    weights whose leaves reach a used effective weight not taken, until none is left: a leaf
+    is taken only if every used effective weight it reaches is."""
+    while True:
+        drop = {
+            v for v, parts in found.items() for part in parts
+            if any(w not in found and part[0] in deps.get(o, ()) and uses.get(n + w)
+                   for w, o in enumerate(outputs))
+        }  # fmt: skip
+        if not drop:
+            return found
+        found = {v: x for v, x in found.items() if v not in drop}
 
 
 def _block_op(eqn: Eqn, pos: int, axis: int, side: str, ax: int, size: int) -> Eqn:
