@@ -278,17 +278,26 @@ def fill_padding(batch: PyTree, mask: jax.Array) -> PyTree:
     Padded rows are masked out of every sum, but a NaN or inf in their forward pass would
     still turn the backward pass into NaN (``0 × inf``); a copy of a real row cannot.
     """
-    # The first real row is picked by a masked sum over the batch axis, not by indexing
-    # ``x[argmax(mask)]``: on a batch sharded over devices that is one all-reduce of a row,
-    # where the dynamic index would gather the whole batch onto every device.
-    is_first = jnp.arange(mask.shape[0]) == jnp.argmax(mask)
+    # With several devices the first real row is picked by a masked sum over the batch axis,
+    # not by indexing ``x[argmax(mask)]``: on a batch sharded over devices that is one
+    # all-reduce of a row, where the dynamic index would gather the whole batch onto every
+    # device. On one device the index reads one row, where the masked sum costs two more
+    # passes over the batch (a select, and a sum XLA:CPU broadcasts to the batch's shape
+    # before the last select): ~1 % of the MLP's DP step on P rows, within the noise on
+    # the sampled step (bench/results/draw-cost-2026-12-06-loaded.txt).
+    first_row = jnp.argmax(mask)
+    is_first = jnp.arange(mask.shape[0]) == first_row
+    one_device = jax.device_count() == 1
 
     def fill(x):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):  # typed PRNG keys: their bits
             bits = fill(jax.random.key_data(x))
             return jax.random.wrap_key_data(bits, impl=jax.random.key_impl(x))
         shape = mask.shape + (1,) * (x.ndim - 1)
-        first = jnp.sum(jnp.where(is_first.reshape(shape), x, jnp.zeros_like(x)), axis=0)
+        if one_device:
+            first = jax.lax.dynamic_index_in_dim(x, first_row, axis=0, keepdims=False)
+        else:
+            first = jnp.sum(jnp.where(is_first.reshape(shape), x, jnp.zeros_like(x)), axis=0)
         return jnp.where(mask.reshape(shape), x, first.astype(x.dtype))
 
     return jax.tree_util.tree_map(fill, batch)
