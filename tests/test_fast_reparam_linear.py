@@ -161,3 +161,41 @@ def test_what_is_not_folded_falls_back_visibly_and_stopped_reads_are_no_uses():
         assert routes[path].route.startswith("reparametrised ("), routes[path]
     s = routes["['S']"]
     assert len(s.uses) == 2 and not s.fallback, s  # (σ = vᵀ S u and the layer; not 2 + 4)
+
+
+@jax.custom_jvp
+def _ste_clipped(w):  # a straight-through rounding whose tangent is masked: not the identity
+    return _q(w)
+
+
+_ste_clipped.defjvp(lambda p, t: (_ste_clipped(p[0]), t[0] * (jnp.abs(p[0]) < 0.5)))
+
+
+def test_sums_that_only_look_like_identities_and_reads_that_only_look_dead():
+    """Adversarial sums and stops, each exact against ``vmap(grad)``: ``W + sg(W) - W`` (a
+    Jacobian of zero, as two summands of opposite sign), ``V + 0 * V``, a ``custom_jvp``
+    whose tangent is masked (not straight-through: reparametrised), ``W0 + α/r · A Aᵀ``
+    (one leaf in both factors, the scalar on the first), a leaf read only through
+    ``stop_gradient`` (gradient exactly 0), a product feeding both a ``stop_gradient`` and
+    the loss (live), and an ``argmax`` of a parameter product picking rows of a table (the
+    product dead, the lookup not)."""
+    rng = np.random.default_rng(4)
+    r = lambda *shape: _normal(rng, *shape)
+    params = {"W": r(3, 3), "V": r(3, 3), "C": r(3, 3), "W0": r(3, 3), "A": r(3, 2)}
+    params.update(S=r(3, 3), E=r(3, 2), o=r(3))
+    sg = jax.lax.stop_gradient
+
+    def loss(p, x):  # x (2, 3)
+        h = jnp.tanh(x @ (p["W"] + sg(p["W"]) - p["W"]) + x @ (p["V"] + 0 * p["V"]))
+        h = jnp.tanh(h @ _ste_clipped(p["C"]) + x @ sg(p["S"]))
+        h = jnp.tanh(h @ (p["W0"] + 2 / 4 * p["A"] @ p["A"].T))  # alpha / r first
+        z = h @ p["W0"]
+        rows = p["E"][jnp.argmax(x @ p["S"] @ p["W0"], axis=-1)]  # (2, 2)
+        return jnp.sum(jnp.sin(z @ p["o"])) + jnp.sum(sg(z) * z) + jnp.sum(rows * x[:, :2])
+
+    routes = _check(loss, params, r(B, 2, 3), fast=("['V']", "['A']", "['W0']", "['E']"))
+    assert routes["['C']"].route.startswith("reparametrised (custom_jvp_call)"), routes["['C']"]
+    assert "times a scalar (folded into G)" in routes["['A']"].route, routes["['A']"]
+    assert routes["['S']"].route == "unused", routes["['S']"]  # (read through sg and argmax)
+    w = routes["['W']"].route  # (+1 and -1 times the same uses: the sum is the zero gradient)
+    assert w.startswith("tied, 2 uses:") and "identity Jacobian times a scalar" in w, w

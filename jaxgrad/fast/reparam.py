@@ -180,6 +180,29 @@ def _alias_of_leaf(program: Program, producer: dict, n: int, ref):
     return None
 
 
+def _scaled_alias(program: Program, producer: dict, deps: dict, n: int, ref):
+    """``((leaf, chain), scales)`` when ``ref`` is a parameter leaf through alias equations
+    times scalars with no gradient (``alpha / r * A`` as a factor of ``A @ B``: the scalars
+    of a bilinear part move to its result), else None."""
+    scales: list = []
+    while isinstance(ref, Var) and ref in producer:
+        e = program.eqns[producer[ref]]
+        grads = [i for i, r in enumerate(e.ins) if isinstance(r, Var) and deps.get(r)]
+        name = e.primitive.name
+        if name == "neg":
+            scales.append((Const(-1.0), False))
+        elif name in ("mul", "div") and len(grads) == 1 and (name == "mul" or grads == [0]):
+            q = grads[0]
+            if e.in_avals[1 - q].shape != () or e.in_avals[q].shape != e.out_avals[0].shape:
+                break
+            scales.append((e.ins[1 - q], name == "div"))
+        else:
+            break
+        ref = e.ins[grads[0] if name != "neg" else 0]
+    theta = _alias_of_leaf(program, producer, n, ref)
+    return None if theta is None else (theta, tuple(scales))
+
+
 def _use_axes(eqn: Eqn, pos: int):
     """Per parameter-operand axis of a use: ``("a", axis of A)`` for an axis a factor along
     it can scale ``A`` by (a contracted axis of a ``dot_general``, a convolution's input
@@ -584,7 +607,8 @@ def identity_tangent(e: Eqn, q: int) -> bool:
 def _summands(program: Program, producer: dict, deps: dict, n: int, ref):
     """``ref`` as a sum of parts each linear in one leaf: ``(parts, straight)`` with parts
     ``("id", (leaf, chain), scales)`` (``θ'``) or ``("dot", k, scales)`` (equation ``k``, a
-    ``dot_general`` of aliases of leaves and values with no gradient), each times the
+    ``dot_general`` of aliases of leaves, each times scalars with no gradient, and values
+    with no gradient), each times the
     scalars ``scales`` (``(ref, inverse)``: ``alpha / r * (A @ B)``, ``W0 - A @ B``) that
     carry no gradient; ``straight`` when a part carries a value with no gradient (a
     straight-through estimator); None if not of that form."""
@@ -600,7 +624,7 @@ def _summands(program: Program, producer: dict, deps: dict, n: int, ref):
     grads = [i for i, r in enumerate(e.ins) if isinstance(r, Var) and deps.get(r)]
     if e.primitive.name == "dot_general":
         (_, (lb, _)) = e.params["dimension_numbers"]
-        leaves = [_alias_of_leaf(program, producer, n, e.ins[i]) for i in grads]
+        leaves = [_scaled_alias(program, producer, deps, n, e.ins[i]) for i in grads]
         return ([("dot", k, ())], False) if not lb and None not in leaves else None
     shape = tuple(e.out_avals[0].shape)
     name = e.primitive.name
@@ -770,16 +794,19 @@ def summed_weights(program: Program, n: int, outputs, deps: dict, uses: dict, sk
                 continue
             e = program.eqns[x]
             for p in (0, 1):
-                theta = _alias_of_leaf(program, producer, n, e.ins[p])
-                if theta is None:
+                got = _scaled_alias(program, producer, deps, n, e.ins[p])
+                if got is None:
                     continue
+                theta, own = got
                 m = e.ins[1 - p]
-                is_leaf = _alias_of_leaf(program, producer, n, m) is not None
+                is_leaf = _scaled_alias(program, producer, deps, n, m) is not None
+                own = (*scales, *own)  # (M's scalars are in its value)
+                times = " times a scalar" if own else ""
                 what = (
                     f"times {'a parameter' if is_leaf else 'an example-independent'} matrix "
                     f"on the {'right' if p == 0 else 'left'}{times}"
                 )
-                folded = [_folded_use(program, u, e, p, theta[1], what, scales) for u in us]
+                folded = [_folded_use(program, u, e, p, theta[1], what, own) for u in us]
                 ok = ok and None not in folded
                 per.append((theta[0], folded))
         if ok:
