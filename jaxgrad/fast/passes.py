@@ -57,9 +57,7 @@ class Parts(NamedTuple):
 
 
 def check_method(method) -> str:
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {list(METHODS)}; got {method!r}")
-    return method
+    return reduce.check_choice(method, METHODS, name="method")
 
 
 def _expand(mask, x):
