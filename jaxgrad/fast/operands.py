@@ -85,10 +85,10 @@ class Operands:
         n = an.num_params
         # The leaves every factor and θ' term is made of (the exact leaves are per example).
         self.known = {self.program.invars[j]: leaves[j] for j in range(n) if j not in an.exact}
-        self.scale_vals = dict(zip(refs, eval_known(self.program, self.known, refs), strict=True))
+        # Folded uses of summed weights (reparam.Fold) read M from the same one evaluation.
+        refs = list(dict.fromkeys([*refs, *reparam.fold_refs(an.fast)]))
+        self.values = dict(zip(refs, eval_known(self.program, self.known, refs), strict=True))
         self.products: dict = {}  # use -> op(A', θ'), shared by every factor of G of the use
-        # Folded uses of summed weights (reparam.Fold): M folded into A or G, by a_of and g_of.
-        self.fold_vals = reparam.fold_values(self.program, self.known, an.fast)
 
     # --- A and G, examples first --------------------------------------------------------------
 
@@ -96,7 +96,7 @@ class Operands:
         """``A`` examples first, with the use's factors of ``A``."""
         a = trace.fold_steps(u, jnp.moveaxis(self.kept[u.key], self.axis[u.key], 0), "a")
         a = selected(self.scaled(a, u, "a"), u, "a")
-        return reparam.folded(u, "a", a, self.fold_vals)
+        return reparam.folded(u, "a", a, self.values)
 
     def g_plain(self, u):
         """The cotangent in the lifted equation's layout, examples first."""
@@ -114,12 +114,12 @@ class Operands:
         """... with a scaled use's factors of ``G`` (at every step: lifted layout)."""
         g, f = self.g_plain(u), self.indexed(u)  # (a lookup's factors, gathered at its rows)
         g = self.scaled(g, u, "g") if f is None else g * f.astype(g.dtype)
-        return reparam.folded(u, "g", selected(g, u, "g"), self.fold_vals)
+        return reparam.folded(u, "g", selected(g, u, "g"), self.values)
 
     # --- the factors of a scaled use ----------------------------------------------------------
 
     def factor_value(self, sc):
-        return sc.ref.value if isinstance(sc.ref, Const) else self.scale_vals[sc.ref]
+        return sc.ref.value if isinstance(sc.ref, Const) else self.values[sc.ref]
 
     def scaled(self, x, u, side, skip=None):
         """``x`` ``(B, ...)`` times the use's factors on one side (but factor ``skip``)."""
@@ -169,9 +169,9 @@ class Operands:
         """θ' (or θ' - m) as the use's operand: the chain after θ'."""
         if not u.levels:
             chain = u.chain[u.theta_chain :]
-            return trace.apply_chain(self.program, chain, self.scale_vals[u.theta_term])
+            return trace.apply_chain(self.program, chain, self.values[u.theta_term])
         after = dataclasses.replace(u, pre_chain=u.pre_chain[u.theta_chain :])
-        return trace.apply_use_chain(self.program, after, self.scale_vals[u.theta_term])
+        return trace.apply_use_chain(self.program, after, self.values[u.theta_term])
 
     # --- a lookup's factors (side "i"), at its rows -------------------------------------------
 

@@ -541,19 +541,18 @@ def refolded(u: Use) -> bool:
     return u.fold is not None and u.fold.active
 
 
-def fold_values(program: Program, known: dict, uses: dict) -> dict:
-    """The matrices ``M`` of the folded uses among ``uses`` (leaf -> [Use]), by value ref,
-    from ``known`` (top-level input Var -> value)."""
+def fold_refs(uses: dict) -> list:
+    """The values the folded uses among ``uses`` (leaf -> [Use]) read their matrices ``M``
+    and scalars from, once each (evaluated with the scaled uses' factors)."""
     refs = [r for us in uses.values() for u in us if refolded(u)
             for r in (u.fold.ref, *(ref for ref, _ in u.fold.scales))]  # fmt: skip
-    refs = list(dict.fromkeys(r for r in refs if isinstance(r, Var)))
-    return dict(zip(refs, eval_known(program, known, refs), strict=True))
+    return list(dict.fromkeys(r for r in refs if isinstance(r, Var)))
 
 
 def folded(u: Use, side: str, x, values: dict):
     """``A`` (``side="a"``) or ``G`` (``"g"``) of use ``u``, examples first, with its fold's
-    ``M`` applied (unchanged for a use that is not folded); ``values`` from
-    :func:`fold_values`."""
+    ``M`` applied (unchanged for a use that is not folded); ``values`` holds the
+    :func:`fold_refs`' values."""
     if not refolded(u):
         return x
     value = lambda r: r.value if isinstance(r, Const) else values[r]
