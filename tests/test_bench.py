@@ -274,7 +274,22 @@ def test_main_reuse_memory_is_applied_before_anything_runs(monkeypatch, capsys):
     with pytest.raises(KeyboardInterrupt):
         bench_main.main([*argv, "--reuse-memory"])
     assert events == ["reuse", "suite"]
+    # --peers took no --reuse-memory (its own parser refused it): applied here first, then
+    # handed to every row's process, where the frameworks allocate (harness.Options).
+    from jaxgrad.bench.peers import harness
+
+    def rows_run(rows, *, options, log):
+        events.append(("rows", options.reuse_memory))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "run_rows", rows_run)
+    peers = ["--peers", "--models", "mlp", "--batch-sizes", "4", "--quiet"]
+    for flag in ([], ["--reuse-memory"]):
+        with pytest.raises(KeyboardInterrupt):
+            bench_main.main([*peers, *flag])
+    assert events[2:] == [("rows", False), "reuse", ("rows", True)]
     monkeypatch.setattr(allocator, "reuse_freed_memory", lambda: False)
-    with pytest.raises(SystemExit):
-        bench_main.main([*argv, "--reuse-memory"])
-    assert "no mallopt" in capsys.readouterr().err
+    for args in (argv, peers):
+        with pytest.raises(SystemExit):
+            bench_main.main([*args, "--reuse-memory"])
+        assert "no mallopt" in capsys.readouterr().err

@@ -98,13 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="data-parallel over these device counts, e.g. 1,2,4,8 (on a CPU, emulated "
         "devices; one subprocess per count)",
     )
-    p.add_argument(
-        "--reuse-memory",
-        action="store_true",
-        help="first make glibc's malloc keep freed memory (allocator.reuse_freed_memory): no "
-        "program then page-faults its XLA temporaries in at every call, which otherwise adds "
-        "kernel time to those above glibc's mmap threshold (32 MiB) only",
-    )
+    allocator.add_flag(p)
     p.add_argument("--mesh-devices", type=int, help=argparse.SUPPRESS)  # set by --devices
     return p
 
@@ -156,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_outputs(args, parser)
     # Before JAX runs anything: arenas that threads already hold keep their own limits.
-    if args.reuse_memory and not allocator.reuse_freed_memory():
-        parser.error("--reuse-memory: this C library has no mallopt (it is not glibc)")
+    allocator.apply_flag(args, parser)
     start = time.perf_counter()
     given = lambda flag: any(a == flag or a.startswith(flag + "=") for a in argv)
     if not (math.isfinite(args.min_seconds) and args.min_seconds >= 0):

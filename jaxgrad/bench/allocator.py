@@ -57,3 +57,24 @@ def reuse_freed_memory(*, limit: int = 1 << 30, libc=None) -> bool:
         return False
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, limit), (_M_TRIM_THRESHOLD, limit))
     return all([mallopt(param, value) == 1 for param, value in settings])
+
+
+def add_flag(parser) -> None:
+    """Adds ``--reuse-memory`` to an ``argparse`` parser (every ``python -m jaxgrad.bench``
+    mode has it; :func:`apply_flag` acts on it)."""
+    parser.add_argument(
+        "--reuse-memory",
+        action="store_true",
+        help="first make glibc's malloc keep freed memory (allocator.reuse_freed_memory): no "
+        "program then page-faults its XLA temporaries in at every call, which otherwise adds "
+        "kernel time to those above glibc's mmap threshold (32 MiB) only",
+    )
+
+
+def apply_flag(args, parser) -> bool:
+    """``--reuse-memory``: :func:`reuse_freed_memory` in this process (call it before JAX
+    runs anything), or the parser's error where the C library has no ``mallopt``. Returns
+    whether the flag was given."""
+    if args.reuse_memory and not reuse_freed_memory():
+        parser.error("--reuse-memory: this C library has no mallopt (it is not glibc)")
+    return args.reuse_memory

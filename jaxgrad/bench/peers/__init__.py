@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from jaxgrad.bench import allocator
 from jaxgrad.bench.peers import harness, specs
 
 DEFAULT_MODELS = ["mlp", "cnn", "transformer", "rnn", "transformer-scan"]
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-cap-s", type=float, default=None, help="per row (default: 300; sweep 120)"
     )
     how.add_argument("--seed", type=int, default=0, help="weights and data")
+    allocator.add_flag(how)  # applied in every row's own process (harness.Options)
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", help="one record per row")
     out.add_argument("--plot", metavar="PATH", help="PNG: throughput and memory against batch size")
@@ -192,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             flag = "--" + name.replace("_", "-")
             parser.error(f"{flag} must be a positive finite number; got {value}")
     _check_device(args.device)
+    allocator.apply_flag(args, parser)  # here: it fails now if it cannot apply in the rows
     log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     options = harness.Options(
         threads=args.threads,
@@ -202,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         mem_cap_gb=args.mem_cap_gb or (14.0 if args.sweep else 12.0),
         time_cap_s=args.time_cap_s or (120.0 if args.sweep else 300.0),
+        reuse_memory=args.reuse_memory,
     )
     methods = [specs.method_from_key(k) for k in args.methods]
     if args.sweep:
@@ -239,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": options.warmup,
         "device": options.device,
         "rtol": harness.RTOL,
+        "reuse_memory": options.reuse_memory,
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "machine": report.machine_description(),

@@ -50,6 +50,7 @@ class Options:
     mem_cap_gb: float = 12.0
     time_cap_s: float = 300.0
     workdir: str | None = None
+    reuse_memory: bool = False  # allocator.reuse_freed_memory in each row's process first
 
 
 @dataclass(frozen=True)
@@ -306,6 +307,7 @@ def run_rows(rows: Iterable[Row], *, options: Options, log: Callable = print) ->
                     "repeats": options.repeats,
                     "warmup": options.warmup,
                     "min_time": options.min_time,
+                    "reuse_memory": options.reuse_memory,
                     "result_path": str(stem) + ".result.json",
                     "outputs_path": str(stem) + ".outputs.npz",
                 }

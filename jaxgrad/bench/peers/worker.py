@@ -277,9 +277,24 @@ def _jax_frameworks() -> frozenset:
     return module.JAX_FRAMEWORKS
 
 
+def _reuse_freed_memory() -> None:
+    """``allocator.reuse_freed_memory`` (``--reuse-memory``), loaded from its file before any
+    framework is imported (a PyTorch worker never imports ``jaxgrad``)."""
+    import importlib.util
+
+    path = _PEERS_DIR.parent / "allocator.py"
+    loader = importlib.util.spec_from_file_location("_peers_allocator", path)
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    if not module.reuse_freed_memory():
+        raise RuntimeError("--reuse-memory: this C library has no mallopt (it is not glibc)")
+
+
 def main(argv: list[str]) -> int:
     with open(argv[0]) as f:
         job = json.load(f)
+    if job.get("reuse_memory"):  # first: before any framework allocates
+        _reuse_freed_memory()
     _pin_threads(job["threads"])
     if job.get("framework") not in _jax_frameworks() and job["kind"] != "reference":
         _bare_packages()
