@@ -3,6 +3,7 @@ non-finite policy, and the behaviours the one training loop gives plain and priv
 
 import functools
 import math
+import re
 
 import chex
 import jax
@@ -130,6 +131,55 @@ def test_gaussian_privatizer_noises_the_sum_once_and_divides_by_the_public_size(
         privacy.gaussian_privatizer(
             noise_multiplier=1.0, l2_sensitivity=1.0, expected_batch_size=8.0, key=3
         )
+
+
+def test_an_overflowing_noise_scale_names_the_users_arguments():
+    """σ and C each finite, σC (or √(Σ_g C_g²)) past float64's range: the error named
+    `stddev`, an argument of add_noise no user passed, and per-group clip norms of 1e200
+    (Δ₂ = 1.41e200, representable) overflowed in their sum of squares."""
+    loss = lambda w, ex: jnp.dot(ex, w)
+    big = dict(noise_multiplier=1e200, expected_batch_size=2.0)
+    cases = [
+        (lambda: privacy.dp_grad(loss, l2_clip=1e200, **big), "l2_clip"),
+        (
+            lambda: privacy.sampled_dp_grad(
+                loss,
+                l2_clip=1e200,
+                noise_multiplier=1e200,
+                sampling_rate=0.5,
+                physical_batch_size=2,
+            ),
+            "l2_clip",
+        ),
+        (
+            lambda: privacy.gaussian_privatizer(l2_sensitivity=1e200, key=None, **big),
+            "l2_sensitivity",
+        ),
+        (
+            lambda: privacy.bandmf_privatizer(coefs=[1.0], l2_sensitivity=1e200, key=None, **big),
+            "l2_sensitivity",
+        ),
+        (
+            lambda: privacy.quantile_privatizer(
+                initial_clip=1e300,
+                adaptive_clip=privacy.AdaptiveClip(count_noise_multiplier=1e200),
+                **big,
+            ),
+            "initial_clip",
+        ),
+    ]
+    for make, name in cases:
+        with pytest.raises(ValueError, match=rf"`noise_multiplier` × `{name}`") as info:
+            make()
+        assert re.search(r"σ=1[.\d]*e\+200", str(info.value)), str(info.value)
+        assert "stddev" not in str(info.value)
+    # σ_Δ = (σ⁻² − (2σ_b)⁻²)^(-1/2) divided by zero once σ⁻² underflowed (σ ≳ 1e154)
+    split = privacy.split_noise_multiplier(1e200, count_noise_multiplier=1e200)
+    assert math.isclose(split, 2e200 / math.sqrt(3), rel_tol=1e-15)
+    groups = {"a": 1e200, "b": 1e200}
+    assert privacy.ClippedSum(loss, l2_clip=groups).sensitivity == math.hypot(1e200, 1e200)
+    with pytest.raises(ValueError, match=r"`l2_clip`'s per-group clip norms.*1\.5e\+308"):
+        privacy.ClippedSum(loss, l2_clip={"a": 1.5e308, "b": 1.5e308})
 
 
 def test_gaussian_privatizer_noise_scale():

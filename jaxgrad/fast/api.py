@@ -15,6 +15,8 @@ divide evenly), bounding peak memory on either path.
 
 from __future__ import annotations
 
+import math
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -436,16 +438,28 @@ def check_l2_clip(l2_clip, *, name: str = "l2_clip"):
     return jax.tree_util.tree_unflatten(treedef, checked)
 
 
-def clip_sensitivity(l2_clip) -> float:
+def clip_sensitivity(l2_clip, *, name: str = "l2_clip") -> float:
     """The L2 sensitivity of a clipped sum: ``C``, or ``√(Σ_g C_g²)`` for per-group clip norms.
 
     Each example's gradient restricted to group ``g`` is clipped to ``C_g``, so the whole
     clipped gradient has norm at most ``√(Σ_g C_g²)`` (groups are disjoint sets of leaves).
+
+    Raises:
+      ValueError: ``√(Σ_g C_g²)`` above the largest float64, naming ``name`` (a sum of
+        squares would overflow from ``C_g ≈ 1.3e154``: ``math.hypot`` does not).
     """
-    clip = check_l2_clip(l2_clip)
+    clip = check_l2_clip(l2_clip, name=name)
     if isinstance(clip, float):
         return clip
-    return float(np.sqrt(sum(c * c for c in jax.tree_util.tree_leaves(clip))))
+    leaves = jax.tree_util.tree_leaves(clip)
+    sensitivity = math.hypot(*leaves)
+    if not math.isfinite(sensitivity):
+        raise ValueError(
+            f"`{name}`'s per-group clip norms must have a finite L2 norm √(Σ_g C_g²) (the "
+            f"clipped sum's sensitivity); got {len(leaves)} clip norms up to {max(leaves):g}, "
+            f"whose norm overflows float64; expected a norm below {sys.float_info.max:g}"
+        )
+    return sensitivity
 
 
 def clip_groups(l2_clip, params) -> tuple[list, np.ndarray]:

@@ -159,7 +159,9 @@ def split_noise_multiplier(noise_multiplier: float, *, count_noise_multiplier: f
             "the count would spend the whole budget and leave none for the gradient "
             f"(σ_Δ = (σ⁻² − (2σ_b)⁻²)^(-1/2)); got {count_noise_multiplier!r}"
         )
-    return 1 / math.sqrt(sigma**-2 - (2 * sigma_b) ** -2)
+    # σ (1 − (σ / 2σ_b)²)^(-1/2): the same number, without σ⁻², which underflows to 0 (and
+    # divided by zero) from σ ≈ 1e154.
+    return sigma / math.sqrt(1 - (sigma / (2 * sigma_b)) ** 2)
 
 
 class QuantileSum(NamedTuple):
@@ -356,6 +358,7 @@ def quantile_privatizer(
         sigma, count_noise_multiplier=settings.count_noise_multiplier
     )
     nonfinite = noisy.check_nonfinite(nonfinite)
+    noisy.noise_stddev(sigma_grad, c0, names=("noise_multiplier", "initial_clip"))  # C_0's
 
     def init_fn(params):
         dtype = jnp.result_type(jnp.float32, *jax.tree_util.tree_leaves(params))

@@ -27,6 +27,8 @@ how many. The count is a diagnostic computed from private data: it is not privat
 
 from __future__ import annotations
 
+import math
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -135,6 +137,41 @@ class ClippedSum:
         check_sum_precision(params)
         parts = self._parts(params, batch, mask, *args, units=units)
         return parts.total, parts.num_kept, jnp.sum(parts.dropped, dtype=jnp.int32)
+
+
+def noise_stddev(
+    noise_multiplier: float, sensitivity: float, *, names=("noise_multiplier", "l2_clip")
+) -> float:
+    """``σΔ``: the standard deviation of the noise on a sum of L2 sensitivity ``Δ``.
+
+    Where a private step forms its noise's scale from the user's ``σ`` and clip norm; both
+    already checked finite, their product may still overflow float64, and then
+    :func:`add_noise` would refuse a ``stddev`` the user never passed.
+
+    Args:
+      noise_multiplier: ``σ ≥ 0``, checked.
+      sensitivity: ``Δ > 0``, checked (:func:`jaxgrad.fast.clip_sensitivity`).
+      names: the user's names of the two, for the error.
+
+    Raises:
+      ValueError: ``σΔ`` overflows float64, naming both arguments.
+
+    Example::
+
+      >>> from jaxgrad.privacy.noisy import noise_stddev
+      >>> noise_stddev(2.0, 0.5)
+      1.0
+    """
+    stddev = noise_multiplier * sensitivity
+    if not math.isfinite(stddev):
+        sigma, delta = names
+        raise ValueError(
+            f"`{sigma}` × `{delta}` (the noise's standard deviation σΔ on the clipped sum) "
+            f"must be a finite number; got σ={noise_multiplier:g} (from `{sigma}`) and "
+            f"Δ={sensitivity:g} (from `{delta}`), whose product overflows float64; expected "
+            f"σΔ below {sys.float_info.max:g}"
+        )
+    return stddev
 
 
 def add_noise(total: PyTree, key, *, stddev) -> PyTree:
@@ -279,6 +316,7 @@ def gaussian_privatizer(
     sigma = reduce.check_nonnegative_float(noise_multiplier, name="noise_multiplier")
     delta2 = reduce.check_positive_float(l2_sensitivity, name="l2_sensitivity")
     b_e = reduce.check_positive_float(expected_batch_size, name="expected_batch_size")
+    stddev = noise_stddev(sigma, delta2, names=("noise_multiplier", "l2_sensitivity"))
     key = keys.check_key(key)
 
     def init_fn(params):
@@ -288,7 +326,7 @@ def gaussian_privatizer(
     def update_fn(sums, state, params=None):
         del params
         _, noise_key = keys.dp_keys(state.key, state.count)
-        noisy = noised_average(sums, noise_key, stddev=sigma * delta2, expected_batch_size=b_e)
+        noisy = noised_average(sums, noise_key, stddev=stddev, expected_batch_size=b_e)
         return noisy, PrivatizerState(state.key, state.count + 1)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -351,6 +389,7 @@ def bandmf_privatizer(
     sigma = reduce.check_nonnegative_float(noise_multiplier, name="noise_multiplier")
     delta2 = reduce.check_positive_float(l2_sensitivity, name="l2_sensitivity")
     b_e = reduce.check_positive_float(expected_batch_size, name="expected_batch_size")
+    stddev = noise_stddev(sigma, delta2, names=("noise_multiplier", "l2_sensitivity"))
     key = keys.check_key(key)
 
     def init_fn(params):
@@ -360,7 +399,7 @@ def bandmf_privatizer(
         del params
         _, noise_key = keys.dp_keys(state.key, state.count)
         zeros = jax.tree_util.tree_map(jnp.zeros_like, sums)
-        z = add_noise(zeros, noise_key, stddev=sigma * delta2)  # add_noise's very normals
+        z = add_noise(zeros, noise_key, stddev=stddev)  # add_noise's very normals
         w, history = bandmf.correlated_noise(z, state.history, c)
         noisy = jax.tree_util.tree_map(lambda s, n: (s + n) / jnp.asarray(b_e, s.dtype), sums, w)
         return noisy, BandMFState(state.key, state.count + 1, history)
@@ -467,7 +506,7 @@ def dp_grad(
     sigma = reduce.check_nonnegative_float(noise_multiplier, name="noise_multiplier")
     b_e = reduce.check_positive_float(expected_batch_size, name="expected_batch_size")
     nonfinite = check_nonfinite(nonfinite)
-    stddev = sigma * clipped.sensitivity
+    stddev = noise_stddev(sigma, clipped.sensitivity)
 
     @jax.jit
     @sharding.auto_axes
@@ -630,7 +669,7 @@ def sampled_dp_grad(
         source = sources.Poisson(sampling_rate=sampling.check_sampling_rate(sampling_rate))
     p = sampling.check_physical_sizes(physical_batch_size)
     nonfinite = check_nonfinite(nonfinite)
-    stddev = sigma * clipped.sensitivity
+    stddev = noise_stddev(sigma, clipped.sensitivity)
     draw_and_clip = sampled_clipped_sum(clipped, source=source, physical_batch_size=p)
 
     @jax.jit

@@ -724,7 +724,9 @@ def _transform(the_plan: PrivacyPlan, optimizer, *, expected_batch_size):
         privatize = functools.partial(
             noisy._privatize,
             nonfinite=c.nonfinite,
-            stddev=the_plan.noise_multiplier * fast_api.clip_sensitivity(c.l2_clip),
+            stddev=noisy.noise_stddev(
+                the_plan.noise_multiplier, fast_api.clip_sensitivity(c.l2_clip)
+            ),
             expected_batch_size=expected_batch_size,
         )
 
