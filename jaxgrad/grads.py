@@ -91,12 +91,14 @@ def validate_concrete(validate, batch, mask=None) -> None:
     in range; None: nothing), on concrete batches only, piece by piece for a sharded one
     (never gathered). Under a caller's ``jax.jit`` the values are traced: nothing is checked."""
     if validate is not None and _values_are_concrete(batch):
-        for piece, piece_mask in _local_pieces(batch, mask):
-            validate(piece, piece_mask)
+        for piece, piece_mask, rows in _local_pieces(batch, mask):
+            with reduce.batch_rows(rows):  # an error names the row in `batch`, not in the piece
+                validate(piece, piece_mask)
 
 
 def _local_pieces(batch, mask):
-    """``(batch, mask)`` as host pieces to validate, without gathering a sharded batch.
+    """``(batch, mask, rows)`` as host pieces to validate, without gathering a sharded batch
+    (``rows``: the piece's rows in ``batch``).
 
     A batch whose leaves sit on one device (or are numpy) is one piece. A batch spread over
     devices (``jax.Array`` s sharded along the leading axis) gives one piece per distinct
@@ -107,7 +109,7 @@ def _local_pieces(batch, mask):
     sharded = [x for x in leaves if isinstance(x, jax.Array) and not x.is_fully_replicated]
     if not sharded:
         size = reduce.batch_size(batch)
-        return [(batch, np.ones((size,), bool) if mask is None else mask)]
+        return [(batch, np.ones((size,), bool) if mask is None else mask, range(size))]
     size = leaves[0].shape[0]
     blocks = {}
     for shard in sharded[0].addressable_shards:
@@ -136,6 +138,7 @@ def _local_pieces(batch, mask):
         (
             jax.tree_util.tree_map(lambda x, d=d, a=a, b=b: rows_of(x, d, a, b), batch),
             np.ones((b - a,), bool) if mask is None else rows_of(mask, d, a, b),
+            range(a, b),
         )
         for (a, b), d in blocks.items()
     ]

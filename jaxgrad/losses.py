@@ -141,7 +141,8 @@ def check_labels(labels, num_classes: int, *, name: str = "labels", allow_binary
     bad = ~((labels >= low) & ((labels <= high) if closed else (labels < high)))
     if bad.any():
         interval = f"[{low}, {high}]" if closed else f"[{low}, {high})"
-        row = int(np.flatnonzero(bad.reshape(len(labels), -1).any(axis=1))[0])
+        # the row in the batch the user passed, also for a piece of it (reduce.batch_rows)
+        row = reduce.batch_row(int(np.flatnonzero(bad.reshape(len(labels), -1).any(axis=1))[0]))
         below = int(np.sum(labels < low))
         raise ValueError(
             f"{name} must lie in {interval}; got {int(bad.sum())} outside it ({below} below, "
@@ -190,9 +191,9 @@ class supervised:
         if self.num_classes is None:
             return
         labels = np.asarray(batch[1])
-        if mask is not None:
-            labels = labels[np.asarray(mask, bool)]
-        check_labels(labels, self.num_classes, name="labels (`batch[1]`)")
+        kept = range(len(labels)) if mask is None else np.flatnonzero(np.asarray(mask, bool))
+        with reduce.batch_rows(kept):  # the first bad one's row in `batch`, not among the kept
+            check_labels(labels[kept], self.num_classes, name="labels (`batch[1]`)")
 
     def __repr__(self):
         name = getattr(self.loss, "__name__", repr(self.loss))

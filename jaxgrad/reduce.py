@@ -13,6 +13,8 @@ where ``m_i`` is the padding mask. Padding never changes shapes, so jit never re
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any
 
@@ -495,6 +497,44 @@ def row_sq_norms(tree: PyTree) -> jax.Array:
         return jnp.sum(jnp.square(x.astype(jnp.result_type(x.dtype, jnp.float32))), axis=1)
 
     return sum(sq(x) for x in jax.tree_util.tree_leaves(tree))
+
+
+# The rows of the user's batch that the batch a check is looking at holds (None: all, in
+# order); set by :func:`batch_rows`. A context variable, not an argument: a loss's own
+# ``validate(batch, mask)`` (and every wrapper of it) stays as it is.
+_BATCH_ROWS: contextvars.ContextVar = contextvars.ContextVar("jaxgrad_batch_rows", default=None)
+
+
+@contextlib.contextmanager
+def batch_rows(rows):
+    """Within it, a check's row ``i`` is row ``rows[i]`` of the batch the user passed.
+
+    For a piece of that batch checked on its own: one device's block of a sharded batch
+    (``range(start, stop)``), its unmasked rows (``np.flatnonzero(mask)``), the rows a process
+    gathered from a data set by index. Nested uses compose: the outer one maps the inner's
+    rows in turn. An error names the row with :func:`batch_row`.
+
+    Example::
+
+      >>> import numpy as np
+      >>> from jaxgrad.reduce import batch_row, batch_rows
+      >>> with batch_rows(range(8, 16)), batch_rows(np.array([1, 3])):
+      ...     batch_row(1)  # row 1 of the unmasked rows of the second block of 8
+      11
+    """
+    rows = np.asarray(rows, np.int64)
+    outer = _BATCH_ROWS.get()
+    token = _BATCH_ROWS.set(rows if outer is None else outer[rows])
+    try:
+        yield
+    finally:
+        _BATCH_ROWS.reset(token)
+
+
+def batch_row(row: int) -> int:
+    """Row ``row`` of the batch being checked, as a row of the user's batch (:func:`batch_rows`)."""
+    rows = _BATCH_ROWS.get()
+    return int(row if rows is None else rows[row])
 
 
 def check_flag(value, *, name: str) -> bool:

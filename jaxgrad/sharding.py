@@ -432,7 +432,8 @@ def take_rows(data: PyTree, indices, mask=None, *, mesh: Mesh, axis: str = "data
       mesh: the mesh.
       axis: the mesh axis the rows are sharded over.
       check: if given, ``check(rows, row_mask)`` is called on this process's rows (flattened
-        to one leading axis) before they are placed, e.g. a loss's label validation.
+        to one leading axis) before they are placed, e.g. a loss's label validation; a row
+        its error names (:func:`jaxgrad.reduce.batch_row`) is the row of ``data``.
 
     Returns:
       ``(batch, mask)``: global ``jax.Array`` s.
@@ -474,7 +475,8 @@ def take_rows(data: PyTree, indices, mask=None, *, mesh: Mesh, axis: str = "data
     local = jax.tree_util.tree_map(lambda a: _native(np.asarray(a[local_idx])), data)
     if check is not None:
         flat = jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[lead + 1 :]), local)
-        check(flat, local_mask.reshape(-1))
+        with reduce.batch_rows(local_idx.reshape(-1)):  # an error names the row of `data`
+            check(flat, local_mask.reshape(-1))
     sharding = NamedSharding(mesh, P(*([None] * lead), axis))
 
     def put(x):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxgrad
-from jaxgrad import losses, models
+from jaxgrad import losses, models, reduce
 
 F64 = jnp.float64
 
@@ -130,6 +130,13 @@ def test_supervised_validate():
     fn.validate((np.ones((2, 3)), np.array([1, -100])), np.array([True, False]))
     with pytest.raises(ValueError, match=r"1 below"):
         fn.validate((np.ones((2, 3)), np.array([1, -100])), np.array([True, True]))
+    # The row is the batch's, not the row among the unmasked ones (it said row 1 here), nor,
+    # for a piece of a batch checked on its own (a device's rows), the row within the piece.
+    padded = (np.ones((4, 3)), np.array([-100, 1, -100, 5]))
+    with pytest.raises(ValueError, match=r"the first in row 3\)"):
+        fn.validate(padded, np.array([False, True, False, True]))
+    with pytest.raises(ValueError, match=r"the first in row 7\)"), reduce.batch_rows(range(4, 8)):
+        fn.validate(padded, np.array([False, True, False, True]))
     # Binary labels may be floats in [0, 1]; a 2 is refused.
     binary = losses.supervised(lambda p, x: x, losses.binary_cross_entropy, num_classes=2)
     binary.validate((np.ones(2), np.array([0.0, 1.0])))

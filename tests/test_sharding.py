@@ -172,8 +172,8 @@ def test_no_gather_of_the_batch(strategies):
         ("too_many_devices", ["`num_devices` is 16", "8 devices"]),
         ("process_id", ["`process_id`", "[0, 2)", "got 2"]),
         ("coordinator", ["`coordinator`", "HOST:PORT", "'localhost'"]),
-        ("sharded_label", ["label", "[0, 3)", "1 above"]),
-        ("sharded_label_keyed", ["label", "[0, 3)", "1 above"]),
+        ("sharded_label", ["label", "[0, 3)", "1 above", "row 5"]),  # of the batch
+        ("sharded_label_keyed", ["label", "[0, 3)", "1 above", "row 5"]),
     ],
 )
 def test_bad_inputs_name_the_argument(strategies, case, words):
@@ -570,6 +570,7 @@ def test_memory_mapped_data_is_validated_row_by_row(tmp_path):
             )
         for message in (str(lazy.value), str(in_memory.value)):
             assert "[0, 3)" in message and "1 above" in message, message
+            assert "row 13" in message, message  # of the data set, not of the gathered rows
             assert "90210" not in message, message
 
 

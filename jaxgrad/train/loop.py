@@ -192,7 +192,8 @@ def _row_check(validate):
 
     def check(rows, mask):
         if np.any(mask):
-            validate(jax.tree_util.tree_map(lambda x: x[mask], rows))
+            with reduce.batch_rows(np.flatnonzero(mask)):  # rows of `rows`, not of the real ones
+                validate(jax.tree_util.tree_map(lambda x: x[mask], rows))
 
     return check
 
