@@ -19,9 +19,13 @@ what one device draws and a resumed run what an uninterrupted one draws.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import hashlib
+import os
 import secrets
+import sys
 import warnings
 
 import jax
@@ -136,22 +140,90 @@ def is_seeded(key) -> bool:
     """
     key = check_key(key)
     data = np.asarray(key_data(key)).ravel()
+    if data[0] != 0:  # the seed's high word, 0 in every form: most keys end here, cheaply
+        return False  # (check_private_key runs at every eager call of dp_grad's f)
     impl = jax.random.key_impl(key) if is_typed_key(key) else None
     seeded = jax.random.key(np.uint32(data[-1]), impl=impl)  # (0, s), or rbg's (0, s, 0, s)
     return bool(np.array_equal(data, np.asarray(jax.random.key_data(seeded)).ravel()))
 
 
 def warn_if_seeded(key, *, name: str = "key") -> None:
-    """A :class:`SeededKeyWarning` when a private run's ``key`` is :func:`is_seeded`."""
+    """A :class:`SeededKeyWarning` when a private run's ``key`` is :func:`is_seeded`, shown at
+    the caller's line outside jaxgrad (not at the entry point's own)."""
     if is_seeded(key):
         warnings.warn(
             f"`{name}` of this private run is jax.random.key(seed) for a seed below 2**32 (its "
             "key data is (0, seed)): whoever finds the seed reproduces every Poisson draw and "
-            "noise vector, and the ε reported assumes nobody can. Pass key=None (OS entropy, "
-            "kept in the checkpoints) or jaxgrad.keys.entropy_key()",
+            "noise vector, and the ε reported assumes nobody can. Pass jaxgrad.keys."
+            "entropy_key() (or, to jaxgrad.train.fit, key=None: OS entropy, kept in the "
+            "checkpoints)",
             SeededKeyWarning,
-            stacklevel=3,
+            stacklevel=_outside_jaxgrad(),
         )
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _outside_jaxgrad() -> int:
+    """The ``stacklevel`` of :func:`warn_if_seeded`'s first caller outside this package."""
+    frame, level = sys._getframe(2), 2  # frame 1 is warn_if_seeded itself
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+# The key whose SeededKeyWarning the caller has given already (:func:`checked_seed`).
+_WARNED: contextvars.ContextVar = contextvars.ContextVar("jaxgrad_seeded_key_warned", default=None)
+
+
+def check_private_key(key, *, name: str = "key"):
+    """:func:`check_key` for a key whose bits a privacy guarantee rests on — a DP step's
+    noise, its Poisson draw, a privatizer's key — with a :class:`SeededKeyWarning` when it
+    :func:`is_seeded`; every public entry point of :mod:`jaxgrad.privacy` (and
+    :func:`jaxgrad.train.fit`) that takes such a key checks it here.
+
+    Only a concrete key is inspected: under ``jax.jit`` a traced key has no value (nothing
+    to say, no error), nor does a key spread over several processes. Within
+    :func:`checked_seed` of the same key data, no second warning.
+
+    Returns:
+      ``key``.
+
+    Raises:
+      TypeError / ValueError: as :func:`check_key`.
+
+    Example::
+
+      >>> import warnings, jax
+      >>> from jaxgrad.keys import SeededKeyWarning, check_private_key, entropy_key
+      >>> with warnings.catch_warnings(record=True) as caught:
+      ...     warnings.simplefilter("always")
+      ...     _ = check_private_key(jax.random.key(0)), check_private_key(entropy_key())
+      >>> [w.category.__name__ for w in caught]
+      ['SeededKeyWarning']
+    """
+    key = check_key(key, name=name)
+    if isinstance(key, jax.core.Tracer) or (
+        isinstance(key, jax.Array) and not key.is_fully_addressable
+    ):
+        return key
+    done = _WARNED.get()
+    if done is None or not np.array_equal(np.asarray(key_data(key)), done):
+        warn_if_seeded(key, name=name)
+    return key
+
+
+@contextlib.contextmanager
+def checked_seed(key):
+    """Within it, :func:`check_private_key` does not warn again about ``key`` (the same key
+    data): for a caller that warned already and hands ``key`` on, as :func:`jaxgrad.train.fit`
+    to the privatizer it builds."""
+    token = _WARNED.set(np.asarray(key_data(key)))
+    try:
+        yield
+    finally:
+        _WARNED.reset(token)
 
 
 def fingerprint(key) -> str:

@@ -99,3 +99,12 @@ def shared(tmp_path_factory, name: str, compute):
             done.with_suffix(".tmp").write_text(json.dumps(result))
             done.with_suffix(".tmp").replace(done)
         return json.loads(done.read_text()), directory
+
+
+def private_key(seed: int = 0):
+    """A fixed key for jaxgrad.privacy's entry points: not of ``jax.random.key(seed)``'s
+    ``(0, seed)`` form, of which they warn (``jaxgrad.keys.check_private_key``). Tests are
+    not private runs; a test of that warning passes ``jax.random.key(seed)`` itself."""
+    import jax
+
+    return jax.random.fold_in(jax.random.key(seed), 1)

@@ -15,10 +15,10 @@ import numpy as np
 import optax
 import pytest
 import scipy.stats
-from helpers import run_interrupted
+from helpers import private_key, run_interrupted
 
 import jaxgrad
-from jaxgrad import privacy
+from jaxgrad import keys, privacy
 from jaxgrad.privacy import bandmf, sources
 from jaxgrad.train import PrivacyConfig, checkpoint
 
@@ -107,7 +107,7 @@ def _run_privatizer(tx, like, steps, key):
 def test_bands_1_is_the_gaussian_privatizer_bit_for_bit():
     like = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2, jnp.float32)}
     kw = dict(noise_multiplier=1.3, l2_sensitivity=0.5, expected_batch_size=7.0)
-    key = jax.random.key(3)
+    key = private_key(3)
     ours = privacy.bandmf_privatizer(coefs=[1.0], key=key, **kw)
     theirs = privacy.gaussian_privatizer(key=key, **kw)
     sums = {"w": jnp.arange(6.0).reshape(3, 2), "b": jnp.ones(2, jnp.float32)}
@@ -131,7 +131,7 @@ def test_realised_noise_has_the_intended_covariance_across_steps():
         noise_multiplier=sigma,
         l2_sensitivity=clip,
         expected_batch_size=1.0,
-        key=jax.random.key(0),
+        key=private_key(0),
     )
     keys = jax.random.split(jax.random.key(11), runs)
     w = jax.vmap(lambda k: _run_privatizer(tx, jnp.zeros(d), n, k))(keys)  # (runs, n, d)
@@ -184,8 +184,8 @@ def test_cyclic_poisson_draws_only_the_steps_group_and_is_poisson_for_one_group(
     one = sources.CyclicPoisson(sampling_rate=q, groups=1)
     poisson = sources.Poisson(sampling_rate=q)
     for t in range(3):
-        a = one.sample(jax.random.key(t), num_examples=n, physical_batch_size=4, step=t)
-        p = poisson.sample(jax.random.key(t), num_examples=n, physical_batch_size=4)
+        a = one.sample(private_key(t), num_examples=n, physical_batch_size=4, step=t)
+        p = poisson.sample(private_key(t), num_examples=n, physical_batch_size=4)
         chex.assert_trees_all_equal(a, p)
 
 
@@ -270,8 +270,13 @@ BASE = dict(l2_clip=0.7, noise_multiplier=1.1, accountant="rdp")
 
 
 def test_fit_with_one_band_is_dp_sgd_bit_for_bit():
-    plain = _fit(PrivacyConfig(**BASE))
-    banded = _fit(PrivacyConfig(**BASE, noise="bandmf", bands=1))
+    # key=jax.random.key(5): fit warns once; the privatizer it builds with that key, no more
+    with pytest.warns(keys.SeededKeyWarning) as plain_warnings:
+        plain = _fit(PrivacyConfig(**BASE))
+    with pytest.warns(keys.SeededKeyWarning) as banded_warnings:
+        banded = _fit(PrivacyConfig(**BASE, noise="bandmf", bands=1))
+    for caught in (plain_warnings, banded_warnings):
+        assert sum(c.category is keys.SeededKeyWarning for c in caught) == 1
     chex.assert_trees_all_equal(banded.params, plain.params)
     assert banded.history == plain.history
     # the released state has the optimizer's state only, as DP-SGD's does
@@ -291,13 +296,14 @@ def test_fit_with_bands_resumes_bit_for_bit_and_releases_no_noise_state(tmp_path
     )
     # The checkpoint (secret) holds the noise history: after step t, w_{t-1}, the noise of
     # the privatizer alone from the run's key (dp_keys(key, s) for s < t).
-    tx = privacy.bandmf_privatizer(
-        coefs=bandmf.sqrt_coefs(2),
-        noise_multiplier=1.1,
-        l2_sensitivity=0.7,
-        expected_batch_size=1.0,
-        key=jax.random.key(5),
-    )
+    with pytest.warns(keys.SeededKeyWarning):  # the run's own key(5), to draw its noise
+        tx = privacy.bandmf_privatizer(
+            coefs=bandmf.sqrt_coefs(2),
+            noise_multiplier=1.1,
+            l2_sensitivity=0.7,
+            expected_batch_size=1.0,
+            key=jax.random.key(5),
+        )
     chain = optax.chain(tx, optax.adam(0.05))
     template = jaxgrad.train.TrainState(whole.params, chain.init(whole.params), jnp.int32(0))
     tree, meta = checkpoint.load(path, {"state": template, "key": jax.random.key(0)})

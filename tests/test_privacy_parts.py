@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import interrupt_then_resume, run_interrupted
+from helpers import interrupt_then_resume, private_key, run_interrupted
 
 import jaxgrad
 from jaxgrad import keys, privacy
@@ -69,7 +69,7 @@ def test_one_nonfinite_policy_all_dropped_and_nonfinite_params():
     dp = privacy.dp_grad(
         loss_fn, l2_clip=1.0, noise_multiplier=0.0, expected_batch_size=3.0, return_info=True
     )
-    g, info = dp(params, (nan_x, y), None, jax.random.key(0))
+    g, info = dp(params, (nan_x, y), None, private_key(0))
     assert int(info.num_nonfinite) == 6
     for leaf in jax.tree_util.tree_leaves(g):
         np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
@@ -82,8 +82,8 @@ def test_one_nonfinite_policy_all_dropped_and_nonfinite_params():
         lambda p: jaxgrad.clipped_grad(loss_fn, l2_clip=1.0, nonfinite="propagate")(p, (x, y)),
         lambda p: privacy.dp_grad(
             loss_fn, l2_clip=1.0, noise_multiplier=1.0, expected_batch_size=3.0
-        )(p, (x, y), None, jax.random.key(0)),
-        lambda p: sampled(p, (x, y), jax.random.key(0)),
+        )(p, (x, y), None, private_key(0)),
+        lambda p: sampled(p, (x, y), private_key(0)),
     ):
         assert all(np.isnan(v).all() for v in jax.tree_util.tree_leaves(f(bad_params)))
 
@@ -96,18 +96,18 @@ def test_dp_steps_refuse_out_of_range_labels():
     y[2] = 7
     dp = privacy.dp_grad(loss_fn, l2_clip=1.0, noise_multiplier=1.0, expected_batch_size=4.0)
     with pytest.raises(ValueError, match=r"labels .* must lie in \[0, 3\)"):
-        dp(params, (x, y), None, jax.random.key(0))
+        dp(params, (x, y), None, private_key(0))
     sampled = privacy.sampled_dp_grad(
         loss_fn, l2_clip=1.0, noise_multiplier=1.0, sampling_rate=0.5, physical_batch_size=4
     )
     with pytest.raises(ValueError, match=r"labels .* must lie in \[0, 3\)"):
-        sampled(params, (x, y), jax.random.key(0))
+        sampled(params, (x, y), private_key(0))
 
 
 def test_gaussian_privatizer_noises_the_sum_once_and_divides_by_the_public_size():
     """u_t = (S_t + N(0, σ²Δ² I)) / B_e with step t's noise key split(fold_in(K, t))[1]; chained
     with optax.sgd it is the DP-SGD update. σ = 0: exactly S_t / B_e."""
-    key, sums = jax.random.key(3), {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+    key, sums = private_key(3), {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
     tx = privacy.gaussian_privatizer(
         noise_multiplier=1.5, l2_sensitivity=0.5, expected_batch_size=8.0, key=key
     )
@@ -182,12 +182,86 @@ def test_an_overflowing_noise_scale_names_the_users_arguments():
         privacy.ClippedSum(loss, l2_clip={"a": 1.5e308, "b": 1.5e308})
 
 
+def test_a_seeded_key_warns_at_every_private_entry_point_given_one():
+    """Only fit(privacy=...) warned of a key made from a small seed (key data (0, s): its
+    draws and noise are public); a privatizer, dp_grad or a Poisson draw given one ran quietly.
+    Now each warns once, at the caller's line, before any computation (each call here then
+    fails on a bad later argument: nothing is compiled); a key from OS entropy, or a traced
+    one (under jit, nothing to inspect), is quiet."""
+    import warnings
+
+    from jaxgrad.privacy import adaptive, sampling, sources
+
+    loss = lambda w, ex: jnp.dot(ex, w)
+    w, x = jnp.zeros(3), jnp.ones((4, 2))  # w of the wrong size: tracing fails
+    kw = dict(noise_multiplier=1.0, expected_batch_size=2.0)
+    dp_grad = privacy.dp_grad(loss, l2_clip=1.0, **kw)
+    sampled = privacy.sampled_dp_grad(
+        loss, l2_clip=1.0, noise_multiplier=1.0, sampling_rate=0.5, physical_batch_size=4
+    )
+    next_clip = lambda k, clip=1.0: adaptive.next_clip(
+        jnp.float32(clip),
+        1.0,
+        k,
+        target_quantile=0.5,
+        learning_rate=0.2,
+        count_noise_multiplier=1.0,
+        expected_batch_size=2.0,
+    )
+    entries = {  # (call, the error after the key's check)
+        "gaussian_privatizer": (
+            lambda k: privacy.gaussian_privatizer(l2_sensitivity=1.0, key=k, **kw),
+            None,
+        ),
+        "bandmf_privatizer": (
+            lambda k: privacy.bandmf_privatizer(coefs=[1.0], l2_sensitivity=1.0, key=k, **kw),
+            None,
+        ),
+        "dp_grad": (lambda k: dp_grad(w, x, None, k), TypeError),
+        "sampled_dp_grad": (lambda k: sampled(w, x, k), TypeError),
+        "noised_average": (
+            lambda k: privacy.noised_average(w, k, stddev=-1.0, expected_batch_size=2),
+            ValueError,
+        ),
+        "inclusion_mask": (  # poisson_sample's, the sources' (but one)
+            lambda k: sampling.inclusion_mask(k, sampling_rate=0.5, num_examples=0),
+            ValueError,
+        ),
+        "WithoutReplacement": (
+            lambda k: sources.WithoutReplacement(batch_size=2).sample(
+                k, num_examples=0, physical_batch_size=2
+            ),
+            ValueError,
+        ),
+    }
+    seeded, secret = jax.random.key(3), keys.entropy_key()
+    for name, (call, error) in entries.items():
+        for key in (seeded, secret):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if error is None:
+                    call(key)
+                else:
+                    with pytest.raises(error):
+                        call(key)
+            caught = [c for c in caught if c.category is keys.SeededKeyWarning]
+            assert len(caught) == (key is seeded), (name, [str(c.message) for c in caught])
+            if caught:  # at the caller's line, not jaxgrad's
+                assert caught[0].filename == __file__, (name, caught[0].filename)
+                assert "`key` of this private run" in str(caught[0].message)
+    with pytest.warns(keys.SeededKeyWarning, match=r"`key` of this private run"):
+        next_clip(seeded)  # the count's noise (computed: it has no later argument to refuse)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", keys.SeededKeyWarning)
+        jax.jit(next_clip)(seeded)  # traced: no value to inspect, and no error
+
+
 def test_gaussian_privatizer_noise_scale():
     """The noise on the average has std σΔ/B_e. n = 200 000 coordinates: the sample variance's
     relative error has sd √(2/n) = 0.32 %; the bound 2.5 % is 7.9 sd (false alarm < 1e-14)."""
     zeros = jnp.zeros(200_000)
     tx = privacy.gaussian_privatizer(
-        noise_multiplier=2.0, l2_sensitivity=0.5, expected_batch_size=4.0, key=jax.random.key(9)
+        noise_multiplier=2.0, l2_sensitivity=0.5, expected_batch_size=4.0, key=private_key(9)
     )
     out, _ = tx.update(zeros, tx.init(zeros))
     assert abs(float(jnp.std(out)) / (2.0 * 0.5 / 4.0) - 1) < 0.025
@@ -349,10 +423,10 @@ def test_parameters_below_float32_are_refused_by_every_clipped_sum(dtype, n):
     match = rf"`params` leaf \['a'\] has dtype {jnp.dtype(dtype).name}.*expected float32"
     f = privacy.dp_grad(loss, l2_clip=1.0, noise_multiplier=4.0, expected_batch_size=2.0)
     with pytest.raises(TypeError, match=match):
-        f(params, x, None, jax.random.key(0))
+        f(params, x, None, private_key(0))
     with pytest.raises(TypeError, match=match):
         privacy.QuantileClippedSum(loss)(params, x, None, 1.0)
-    g = f(jax.tree.map(lambda p: p.astype(jnp.float32), params), x, None, jax.random.key(0))
+    g = f(jax.tree.map(lambda p: p.astype(jnp.float32), params), x, None, private_key(0))
     assert g["a"].dtype == jnp.float32  # the cast the message asks for trains
 
 
@@ -365,7 +439,7 @@ def test_noise_on_a_sum_below_float32_is_refused_by_every_privatizer(dtype):
     total = {"a": jnp.full((4,), 3000.0, dtype)}
     spacing = 2048 * float(jnp.finfo(dtype).eps)  # between 2048 and 4096: 16 or 2
     assert spacing >= 2.0  # noise of std 1 rounds to 0 in at least ~68 % of coordinates
-    key = jax.random.key(0)
+    key = private_key(0)
     match = rf"`total` leaf \['a'\] has dtype {jnp.dtype(dtype).name}.*expected float32"
     kw = dict(noise_multiplier=1.0, l2_sensitivity=1.0, expected_batch_size=1.0, key=key)
     transforms = [privacy.gaussian_privatizer(**kw), privacy.bandmf_privatizer(coefs=[1.0], **kw)]

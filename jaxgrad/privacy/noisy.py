@@ -199,7 +199,7 @@ def add_noise(total: PyTree, key, *, stddev) -> PyTree:
     Returns:
       A pytree like ``total``.
     """
-    key = keys.check_key(key)
+    key = keys.check_private_key(key)
     if not isinstance(stddev, jax.core.Tracer) and not (
         isinstance(stddev, jax.Array) and not stddev.is_fully_addressable
     ):
@@ -317,7 +317,7 @@ def gaussian_privatizer(
     delta2 = reduce.check_positive_float(l2_sensitivity, name="l2_sensitivity")
     b_e = reduce.check_positive_float(expected_batch_size, name="expected_batch_size")
     stddev = noise_stddev(sigma, delta2, names=("noise_multiplier", "l2_sensitivity"))
-    key = keys.check_key(key)
+    key = keys.check_private_key(key)  # held in the state: concrete, inspected now
 
     def init_fn(params):
         del params
@@ -390,7 +390,7 @@ def bandmf_privatizer(
     delta2 = reduce.check_positive_float(l2_sensitivity, name="l2_sensitivity")
     b_e = reduce.check_positive_float(expected_batch_size, name="expected_batch_size")
     stddev = noise_stddev(sigma, delta2, names=("noise_multiplier", "l2_sensitivity"))
-    key = keys.check_key(key)
+    key = keys.check_private_key(key)  # held in the state: concrete, inspected now
 
     def init_fn(params):
         return BandMFState(key, jnp.zeros((), jnp.int32), bandmf.init_history(params, c.size))
@@ -526,7 +526,7 @@ def dp_grad(
         if units is not None:
             units = fast_api.check_units(units, size)
         validate_concrete(getattr(loss_fn, "validate", None), batch, mask)
-        return finish(*core(params, batch, mask, keys.check_key(key), args, units))
+        return finish(*core(params, batch, mask, keys.check_private_key(key), args, units))
 
     f.__name__ = f.__qualname__ = "dp_grad"
     f.__doc__ = dp_grad.__doc__
@@ -694,7 +694,7 @@ def sampled_dp_grad(
     def f(params, data, key, *args):
         check_loss_args(loss_fn, args, name="sampled_dp_grad", call="f(params, data, key, *args)")
         validate_concrete(getattr(loss_fn, "validate", None), data)
-        return finish(*core(params, data, keys.check_key(key), args))
+        return finish(*core(params, data, keys.check_private_key(key), args))
 
     f.__name__ = f.__qualname__ = "sampled_dp_grad"
     f.__doc__ = sampled_dp_grad.__doc__

@@ -95,7 +95,7 @@ def inclusion_mask(key, *, sampling_rate: float, num_examples: int):
       >>> m.shape, abs(float(m.mean()) - 0.25) < 0.01
       ((100000,), True)
     """
-    key = keys.check_key(key)
+    key = keys.check_private_key(key)  # the draw: a public one amplifies nothing
     n = reduce.check_positive_int(num_examples, name="num_examples")
     q = check_sampling_rate(sampling_rate)
     if q == 1.0:

@@ -229,7 +229,7 @@ class WithoutReplacement:
 
     def sample(self, key, *, num_examples: int, physical_batch_size: int):
         """One step's ``B`` examples (a pure function of ``key``)."""
-        key = keys.check_key(key)
+        key = keys.check_private_key(key)  # the draw (the others' is inclusion_mask's)
         n = reduce.check_positive_int(num_examples, name="num_examples")
         p = reduce.check_positive_int(physical_batch_size, name="physical_batch_size")
         b = _check_batch(self.batch_size, "batch_size", n)

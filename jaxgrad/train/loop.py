@@ -434,7 +434,7 @@ def fit(
         fingerprint = None
     _check_fit_args(params, optimizer, key)
     if privacy is not None and fingerprint is None:  # the noise's key: a small seed is public
-        keys.warn_if_seeded(key)
+        keys.check_private_key(key)
     fingerprint = fingerprint or keys.fingerprint(key)
     epochs = _positive(epochs, "epochs")
     batch_size = _positive(batch_size, "batch_size")

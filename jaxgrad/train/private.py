@@ -525,13 +525,14 @@ def run_optimizer(optimizer, the_plan: PrivacyPlan | None, key):
             nonfinite=c.nonfinite,
         )
     elif the_plan.coefs is not None:
-        privatizer = noisy.bandmf_privatizer(
-            coefs=the_plan.coefs,
-            noise_multiplier=the_plan.noise_multiplier,
-            l2_sensitivity=fast_api.clip_sensitivity(c.l2_clip),
-            expected_batch_size=expected,
-            key=key,
-        )
+        with keys.checked_seed(key):  # fit warned about this key: once is enough
+            privatizer = noisy.bandmf_privatizer(
+                coefs=the_plan.coefs,
+                noise_multiplier=the_plan.noise_multiplier,
+                l2_sensitivity=fast_api.clip_sensitivity(c.l2_clip),
+                expected_batch_size=expected,
+                key=key,
+            )
     else:
         return optimizer
     return optax.chain(privatizer, optimizer)
