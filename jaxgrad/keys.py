@@ -91,14 +91,22 @@ def check_key(key, *, name: str = "key"):
     )
 
 
-def check_distinct(key, loss_key, *, name: str = "loss_key") -> None:
-    """Refuses a private run's ``loss_key`` equal to its ``key`` (the same key data).
+def check_distinct(key, loss_key, *, name: str = "loss_key", key_name=None, why=None) -> None:
+    """Refuses a private run's ``loss_key`` equal to its ``key`` (the same key data), or any
+    two keys that must draw independent randomness (``key_name``, ``why``).
 
     ``fold_in(k, d)`` is Threefry block ``(0, d)`` of ``k`` and ``split(k)`` takes blocks 0
     and 1, so with ``K`` both keys, row ``i``'s loss key ``fold_in(fold_in(K, t), i)`` is, for
     rows 0 and 1, step ``t``'s sample and noise keys (:func:`dp_keys`): the randomness of two
     examples' losses (dropout, augmentation) would be the draw's and the noise's own bits, and
-    the noise no longer independent of the clipped sum it hides.
+    the noise no longer independent of the clipped sum it hides. Traced keys (under
+    ``jax.jit``) have no value to compare: nothing is checked.
+
+    Args:
+      key, loss_key: the two keys.
+      name: ``loss_key``'s name in the error.
+      key_name: ``key``'s name (default: the private run's ``key``).
+      why: what the same key would do (default: the loss keys', above).
 
     Raises:
       ValueError: naming ``name``.
@@ -109,13 +117,25 @@ def check_distinct(key, loss_key, *, name: str = "loss_key") -> None:
       >>> from jaxgrad.keys import check_distinct
       >>> check_distinct(jax.random.key(0), jax.random.key(1))  # different: nothing to say
     """
+    if not (_inspectable(key) and _inspectable(loss_key)):
+        return
     if np.array_equal(np.asarray(key_data(key)), np.asarray(key_data(loss_key))):
-        raise ValueError(
-            f"`{name}` must differ from the private run's `key`; got the same key data. Row i's "
-            f"loss key fold_in(fold_in({name}, t), i) would be, for rows 0 and 1, step t's "
-            "sample and noise keys: pass another key (e.g. jax.random.key(1)), or leave "
-            "key=None (OS entropy)"
-        )
+        if why is None:
+            why = (
+                f"Row i's loss key fold_in(fold_in({name}, t), i) would be, for rows 0 and 1, "
+                "step t's sample and noise keys: pass another key (e.g. jax.random.key(1)), or "
+                "leave key=None (OS entropy)"
+            )
+        against = "the private run's `key`" if key_name is None else f"`{key_name}`"
+        raise ValueError(f"`{name}` must differ from {against}; got the same key data. {why}")
+
+
+def _inspectable(key) -> bool:
+    """Whether ``key``'s data can be read here: not traced (under ``jax.jit``), nor spread
+    over several processes."""
+    if isinstance(key, jax.core.Tracer):
+        return False
+    return not (isinstance(key, jax.Array) and not key.is_fully_addressable)
 
 
 class SeededKeyWarning(UserWarning):
@@ -204,9 +224,7 @@ def check_private_key(key, *, name: str = "key"):
       ['SeededKeyWarning']
     """
     key = check_key(key, name=name)
-    if isinstance(key, jax.core.Tracer) or (
-        isinstance(key, jax.Array) and not key.is_fully_addressable
-    ):
+    if not _inspectable(key):
         return key
     done = _WARNED.get()
     if done is None or not np.array_equal(np.asarray(key_data(key)), done):

@@ -256,6 +256,21 @@ def test_a_seeded_key_warns_at_every_private_entry_point_given_one():
         jax.jit(next_clip)(seeded)  # traced: no value to inspect, and no error
 
 
+def test_quantile_privatizer_refuses_one_key_for_both_noises():
+    """noise_key == count_key: the count's noise z was entry 0 of the gradient noise's own
+    normals (gaussian.normal of one key), not independent of it. Concrete keys only."""
+    tx = privacy.quantile_privatizer(
+        noise_multiplier=1.0,
+        initial_clip=1.0,
+        expected_batch_size=2.0,
+        adaptive_clip=privacy.AdaptiveClip(count_noise_multiplier=2.0),
+    )
+    w = jnp.zeros(2)
+    sums, state, key = privacy.QuantileSum(w, jnp.float32(0.0)), tx.init(w), private_key(0)
+    with pytest.raises(ValueError, match=r"`count_key` must differ from `noise_key`"):
+        tx.update(sums, state, noise_key=key, count_key=key)
+
+
 def test_gaussian_privatizer_noise_scale():
     """The noise on the average has std σΔ/B_e. n = 200 000 coordinates: the sample variance's
     relative error has sd √(2/n) = 0.32 %; the bound 2.5 % is 7.9 sd (false alarm < 1e-14)."""

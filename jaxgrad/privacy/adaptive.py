@@ -278,7 +278,8 @@ def next_clip(
 
       >>> import jax, jax.numpy as jnp
       >>> from jaxgrad.privacy.adaptive import next_clip
-      >>> c = next_clip(jnp.float32(1.0), 5.0, jax.random.key(0), target_quantile=0.5,
+      >>> from jaxgrad.keys import entropy_key  # secret: key(0) would warn
+      >>> c = next_clip(jnp.float32(1.0), 5.0, entropy_key(), target_quantile=0.5,
       ...               learning_rate=0.2, count_noise_multiplier=0.0, expected_batch_size=10)
       >>> round(float(c), 6)  # all 10 unclipped: b = 1, C' = exp(-0.2 · 0.5)
       0.904837
@@ -371,6 +372,14 @@ def quantile_privatizer(
                 "quantile_privatizer's `updates` must be the QuantileSum of a "
                 f"QuantileClippedSum (the clipped sum and the count); got {type(sums).__name__}"
             )
+        keys.check_distinct(  # (concrete keys only: under jit there is nothing to compare)
+            noise_key,
+            count_key,
+            name="count_key",
+            key_name="noise_key",
+            why="The count's noise would be entry 0 of the gradient noise's own normals, not "
+            "independent of it: pass keys.clip_count_key(K, t) and keys.dp_keys(K, t)[1]",
+        )
         clip = state.l2_clip
         grads = noisy._privatize(
             sums.grads,

@@ -256,7 +256,8 @@ def noised_average(total: PyTree, key, *, stddev, expected_batch_size) -> PyTree
 
       >>> import jax, jax.numpy as jnp
       >>> from jaxgrad.privacy import noised_average
-      >>> noised_average(jnp.array([2.0, 4.0]), jax.random.key(0), stddev=0.0,
+      >>> from jaxgrad.keys import entropy_key  # secret: key(0) would warn
+      >>> noised_average(jnp.array([2.0, 4.0]), entropy_key(), stddev=0.0,
       ...                expected_batch_size=4).tolist()
       [0.5, 1.0]
     """
@@ -304,9 +305,10 @@ def gaussian_privatizer(
     Example::
 
       >>> import jax, jax.numpy as jnp, optax
+      >>> from jaxgrad.keys import entropy_key  # secret: key(0) would warn
       >>> from jaxgrad.privacy import gaussian_privatizer
       >>> tx = optax.chain(gaussian_privatizer(noise_multiplier=0.0, l2_sensitivity=1.0,
-      ...                                      expected_batch_size=4, key=jax.random.key(0)),
+      ...                                      expected_batch_size=4, key=entropy_key()),
       ...                  optax.sgd(1.0))
       >>> state = tx.init(jnp.zeros(2))
       >>> updates, state = tx.update(jnp.array([2.0, 4.0]), state)  # a clipped sum
@@ -375,9 +377,10 @@ def bandmf_privatizer(
     Example::
 
       >>> import jax, jax.numpy as jnp, optax
+      >>> from jaxgrad.keys import entropy_key  # secret: key(0) would warn
       >>> from jaxgrad.privacy import bandmf_privatizer
       >>> tx = bandmf_privatizer(coefs=[0.6, 0.8], noise_multiplier=0.0, l2_sensitivity=1.0,
-      ...                        expected_batch_size=2, key=jax.random.key(0))
+      ...                        expected_batch_size=2, key=entropy_key())
       >>> state = tx.init(jnp.zeros(2))
       >>> updates, state = tx.update(jnp.array([2.0, 4.0]), state)  # a clipped sum
       >>> updates.tolist(), state.history.shape  # the last b - 1 = 1 noise vectors
@@ -498,7 +501,8 @@ def dp_grad(
       >>> from jaxgrad.privacy import dp_grad
       >>> loss = lambda w, ex: jnp.dot(ex, w)  # gradient of example i is x_i
       >>> f = dp_grad(loss, l2_clip=1.0, noise_multiplier=0.0, expected_batch_size=4)
-      >>> g = f(jnp.ones(2), jnp.array([[3.0, 4.0], [0.0, 0.5]]), None, jax.random.key(0))
+      >>> from jaxgrad.keys import entropy_key  # secret: key(0) would warn
+      >>> g = f(jnp.ones(2), jnp.array([[3.0, 4.0], [0.0, 0.5]]), None, entropy_key())
       >>> [round(float(v), 6) for v in g]  # ([0.6, 0.8] + [0, 0.5]) / 4
       [0.15, 0.325]
     """
@@ -652,7 +656,8 @@ def sampled_dp_grad(
       >>> loss = lambda w, ex: jnp.dot(ex, w)
       >>> f = sampled_dp_grad(loss, l2_clip=1.0, noise_multiplier=1.0, sampling_rate=0.1,
       ...                     physical_batch_size=8, return_info=True)
-      >>> g, info = f(jnp.ones(3), jnp.ones((100, 3)), jax.random.key(0))
+      >>> from jaxgrad.keys import entropy_key  # secret: key(0) would warn
+      >>> g, info = f(jnp.ones(3), jnp.ones((100, 3)), entropy_key())
       >>> g.shape, int(info.num_physical_batches) == -(-int(info.num_examples) // 8)
       ((3,), True)
     """

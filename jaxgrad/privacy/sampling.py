@@ -91,7 +91,8 @@ def inclusion_mask(key, *, sampling_rate: float, num_examples: int):
 
       >>> import jax
       >>> from jaxgrad.privacy import inclusion_mask
-      >>> m = inclusion_mask(jax.random.key(0), sampling_rate=0.25, num_examples=100_000)
+      >>> from jaxgrad.keys import entropy_key  # secret: key(0) would warn
+      >>> m = inclusion_mask(entropy_key(), sampling_rate=0.25, num_examples=100_000)
       >>> m.shape, abs(float(m.mean()) - 0.25) < 0.01
       ((100000,), True)
     """
@@ -131,7 +132,8 @@ def poisson_sample(key, *, num_examples: int, sampling_rate: float, physical_bat
 
       >>> import jax
       >>> from jaxgrad.privacy import poisson_sample
-      >>> s = poisson_sample(jax.random.key(0), num_examples=10, sampling_rate=0.5,
+      >>> from jaxgrad.keys import entropy_key  # secret: key(0) would warn
+      >>> s = poisson_sample(entropy_key(), num_examples=10, sampling_rate=0.5,
       ...                    physical_batch_size=4)
       >>> int(s.count) == int(s.mask.sum()), s.indices.shape
       (True, (12,))

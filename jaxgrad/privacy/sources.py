@@ -67,7 +67,8 @@ class Poisson:
 
       >>> import jax
       >>> from jaxgrad.privacy.sources import Poisson
-      >>> s = Poisson(sampling_rate=0.5).sample(jax.random.key(0), num_examples=10,
+      >>> from jaxgrad.keys import entropy_key  # secret: key(0) would warn
+      >>> s = Poisson(sampling_rate=0.5).sample(entropy_key(), num_examples=10,
       ...                                       physical_batch_size=4)
       >>> s.indices.shape, int(s.count) == int(s.mask.sum())
       ((12,), True)
@@ -134,7 +135,8 @@ class TruncatedPoisson:
       >>> import jax
       >>> from jaxgrad.privacy.sources import TruncatedPoisson
       >>> src = TruncatedPoisson(sampling_rate=0.5, max_batch_size=3)
-      >>> int(src.sample(jax.random.key(0), num_examples=100, physical_batch_size=3).count)
+      >>> from jaxgrad.keys import entropy_key  # secret: key(0) would warn
+      >>> int(src.sample(entropy_key(), num_examples=100, physical_batch_size=3).count)
       3
     """
 
@@ -205,7 +207,8 @@ class WithoutReplacement:
 
       >>> import jax
       >>> from jaxgrad.privacy.sources import WithoutReplacement
-      >>> s = WithoutReplacement(batch_size=4).sample(jax.random.key(0), num_examples=10,
+      >>> from jaxgrad.keys import entropy_key  # secret: key(0) would warn
+      >>> s = WithoutReplacement(batch_size=4).sample(entropy_key(), num_examples=10,
       ...                                            physical_batch_size=4)
       >>> int(s.count), int(s.mask.sum())
       (4, 4)
@@ -272,9 +275,10 @@ class CyclicPoisson:
     Example::
 
       >>> import jax
+      >>> from jaxgrad.keys import entropy_key  # secret: key(0) would warn
       >>> from jaxgrad.privacy.sources import CyclicPoisson
       >>> s = CyclicPoisson(sampling_rate=1.0, groups=3).sample(
-      ...     jax.random.key(0), num_examples=7, physical_batch_size=4, step=1)
+      ...     entropy_key(), num_examples=7, physical_batch_size=4, step=1)
       >>> s.indices[: int(s.count)].tolist()  # rows 1, 4 (mod 3 = step mod 3)
       [1, 4]
     """
