@@ -176,6 +176,10 @@ def test_an_overflowing_noise_scale_names_the_users_arguments():
     # σ_Δ = (σ⁻² − (2σ_b)⁻²)^(-1/2) divided by zero once σ⁻² underflowed (σ ≳ 1e154)
     split = privacy.split_noise_multiplier(1e200, count_noise_multiplier=1e200)
     assert math.isclose(split, 2e200 / math.sqrt(3), rel_tol=1e-15)
+    # σC = 1e40 is a float64 but past float32's range: the noise of float32 sums was ±inf
+    f32 = privacy.dp_grad(loss, l2_clip=1e20, noise_multiplier=1e20, expected_batch_size=2.0)
+    with pytest.raises(ValueError, match=r"float32's largest.*got 1e\+40.*`noise_multiplier`"):
+        f32(jnp.zeros(2, jnp.float32), jnp.ones((2, 2), jnp.float32), None, private_key(0))
     groups = {"a": 1e200, "b": 1e200}
     assert privacy.ClippedSum(loss, l2_clip=groups).sensitivity == math.hypot(1e200, 1e200)
     with pytest.raises(ValueError, match=r"`l2_clip`'s per-group clip norms.*1\.5e\+308"):

@@ -195,6 +195,11 @@ def add_noise(total: PyTree, key, *, stddev) -> PyTree:
       TypeError: a leaf that is not a real floating-point array, or one narrower than
         float32 (:func:`check_sum_precision`: the noise would be rounded away); ``key`` not
         one PRNG key.
+      ValueError: ``stddev`` negative, not finite, or past the sum dtype's range.
+
+    Warns:
+      SeededKeyWarning: a concrete ``key`` of ``jax.random.key(seed)``'s form
+      (:func:`jaxgrad.keys.check_private_key`).
 
     Returns:
       A pytree like ``total``.
@@ -217,6 +222,14 @@ def add_noise(total: PyTree, key, *, stddev) -> PyTree:
     if not leaves or (isinstance(stddev, float) and stddev == 0):
         return total  # σ = 0: nothing to draw
     dtype = jnp.result_type(jnp.float32, *leaves)
+    largest = float(jnp.finfo(dtype).max)
+    if isinstance(stddev, float) and stddev > largest:  # σ z would be ±inf in `dtype`
+        raise ValueError(
+            f"`stddev` (σΔ: noise_multiplier × the clip norm, for dp_grad, sampled_dp_grad and "
+            f"the privatizers) must be at most {dtype.name}'s largest number {largest:g}, the "
+            f"sum's dtype; got {stddev:g}: every noise coordinate would be ±inf. Expected a "
+            "smaller `noise_multiplier` or clip norm, or float64 parameters"
+        )
     sizes = [x.size for x in leaves]
     offsets = np.cumsum([0, *sizes[:-1]]).tolist()
     if threefry.is_threefry(key):
