@@ -98,7 +98,7 @@ def validate_concrete(validate, batch, mask=None) -> None:
 
 def _local_pieces(batch, mask):
     """``(batch, mask, rows)`` as host pieces to validate, without gathering a sharded batch
-    (``rows``: the piece's rows in ``batch``).
+    (``rows``: the piece's rows in ``batch``; None for the whole batch).
 
     A batch whose leaves sit on one device (or are numpy) is one piece. A batch spread over
     devices (``jax.Array`` s sharded along the leading axis) gives one piece per distinct
@@ -109,7 +109,7 @@ def _local_pieces(batch, mask):
     sharded = [x for x in leaves if isinstance(x, jax.Array) and not x.is_fully_replicated]
     if not sharded:
         size = reduce.batch_size(batch)
-        return [(batch, np.ones((size,), bool) if mask is None else mask, range(size))]
+        return [(batch, np.ones((size,), bool) if mask is None else mask, None)]
     size = leaves[0].shape[0]
     blocks = {}
     for shard in sharded[0].addressable_shards:

@@ -190,10 +190,12 @@ class supervised:
             raise TypeError(f"`batch` must be a pair (inputs, targets); got {type(batch).__name__}")
         if self.num_classes is None:
             return
-        labels = np.asarray(batch[1])
-        kept = range(len(labels)) if mask is None else np.flatnonzero(np.asarray(mask, bool))
+        labels, kept = np.asarray(batch[1]), None
+        if mask is not None:
+            kept = np.flatnonzero(np.asarray(mask, bool))
+            labels = labels[kept]
         with reduce.batch_rows(kept):  # the first bad one's row in `batch`, not among the kept
-            check_labels(labels[kept], self.num_classes, name="labels (`batch[1]`)")
+            check_labels(labels, self.num_classes, name="labels (`batch[1]`)")
 
     def __repr__(self):
         name = getattr(self.loss, "__name__", repr(self.loss))

@@ -507,7 +507,8 @@ _BATCH_ROWS: contextvars.ContextVar = contextvars.ContextVar("jaxgrad_batch_rows
 
 @contextlib.contextmanager
 def batch_rows(rows):
-    """Within it, a check's row ``i`` is row ``rows[i]`` of the batch the user passed.
+    """Within it, a check's row ``i`` is row ``rows[i]`` of the batch the user passed
+    (``rows=None``: row ``i``).
 
     For a piece of that batch checked on its own: one device's block of a sharded batch
     (``range(start, stop)``), its unmasked rows (``np.flatnonzero(mask)``), the rows a process
@@ -522,6 +523,9 @@ def batch_rows(rows):
       ...     batch_row(1)  # row 1 of the unmasked rows of the second block of 8
       11
     """
+    if rows is None:  # the batch itself: nothing to map
+        yield
+        return
     rows = np.asarray(rows, np.int64)
     outer = _BATCH_ROWS.get()
     token = _BATCH_ROWS.set(rows if outer is None else outer[rows])

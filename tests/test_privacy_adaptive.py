@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import interrupt_then_resume
+from helpers import interrupt_then_resume, private_key
 
 import jaxgrad
 from jaxgrad import keys, privacy
@@ -210,7 +210,7 @@ def test_gradient_noise_std_is_the_gradients_share_times_the_clip():
     )
     state = tx.init(jnp.zeros(d))
     zeros = privacy.QuantileSum(jnp.zeros(d), jnp.zeros(()))
-    g, _ = tx.update(zeros, state, noise_key=jax.random.key(1), count_key=jax.random.key(2))
+    g, _ = tx.update(zeros, state, noise_key=private_key(1), count_key=private_key(2))
     expected = privacy.split_noise_multiplier(sigma, count_noise_multiplier=sigma_b) * clip / b_e
     assert expected / (sigma * clip / b_e) == pytest.approx(1.809, abs=1e-3)
     std_error = expected / math.sqrt(2 * d)
