@@ -72,7 +72,7 @@ def test_every_strategy_computes_what_it_says():
         reference = expected["clipped" if "clip" in name else "mean"]
         if name.startswith("dp_grad"):  # + the noise N(0, (σC)² I) / B, σ = C = 1, drawn once
             zeros = jax.tree.map(jnp.zeros_like, params)
-            noise = privacy.add_noise(zeros, jax.random.key(suite.DP_KEY), stddev=1.0)
+            noise = privacy.add_noise(zeros, suite.dp_noise_key(), stddev=1.0)
             reference = jax.tree.map(lambda r, z: r + z / 6, reference, noise)
         for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(reference), strict=True):
             np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6, err_msg=name)

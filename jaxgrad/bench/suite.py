@@ -220,13 +220,19 @@ def dp_step(loss_fn, *, l2_clip: float = 1.0, noise_multiplier: float = 1.0, bat
         noise_multiplier=noise_multiplier,
         expected_batch_size=batch_size,
     )
-    # Not jax.random.key(DP_KEY) itself: f warns of a key of that (0, seed) form, and would
-    # at every timed call (jaxgrad.keys.check_private_key).
-    key = jax.random.fold_in(jax.random.key(DP_KEY), 0)
+    key = dp_noise_key()
     return lambda params, batch, mask=None: f(params, batch, mask, key)
 
 
 DP_KEY = 17
+
+
+def dp_noise_key():
+    """:func:`dp_step`'s fixed noise key: ``fold_in(key(DP_KEY), 0)``, not ``key(DP_KEY)``
+    itself, of the ``(0, seed)`` form ``f`` warns of at every call
+    (:func:`jaxgrad.keys.check_private_key`), a warning in every timed call."""
+    return jax.random.fold_in(jax.random.key(DP_KEY), 0)
+
 
 # The exact strategies of the registry (jaxgrad.strategies), each variant a row; the
 # approximate ones are measured for their error (python -m jaxgrad.seed), not timed.
