@@ -9,6 +9,9 @@ takes ``method=``:
   :mod:`jaxgrad.fast.trace`); exact, at about the cost of one ordinary gradient;
 * ``"vmap"`` — the reference: materialise every ``g_i`` with ``vmap(grad)``.
 
+:func:`per_example_dots` needs no backward pass: its ``"auto"`` is forward mode where the loss
+allows it (``"factored"`` forces the fast pass).
+
 ``chunk_size`` processes that many examples at a time under ``lax.scan`` (the batch need not
 divide evenly), bounding peak memory on either path.
 """
@@ -240,11 +243,16 @@ def per_example_dots(loss_fn, *, method: str = "auto", chunk_size: int | None = 
     ``dx W + x dW``, two products per use where the backward pass has ``dx`` and ``dW``.
 
     A ``custom_vjp`` function has no forward-mode rule: a loss that calls one (at any depth)
-    takes the **factored** route, the fast pass, where a use ``s = op(A, W)`` linear in ``W``
+    takes the **factored** route, the fast pass; so does a loss with a convolution of an
+    input with fewer than :data:`jaxgrad.fast.rules.DOT_OFFSET_CHANNELS` channels (a grey or
+    RGB image), where forward mode would run XLA:CPU's slow few-channel convolution a second
+    time for its tangent ``conv(x, V)`` (see :func:`jaxgrad.fast.plan.dots_route`). On the
+    factored route a use ``s = op(A, W)`` linear in ``W``
     contributes ``⟨∇_W S_i, V⟩ = ⟨G_i, op(A_i, V)⟩`` — the use's forward operation once more
     with ``V`` for ``W``; for a dense use with kept operands ``A_i`` (``T × d``) and
     cotangents ``G_i`` (``T × p``) that is ``Σ_t a_{i,t}ᵀ V g_{i,t}``, one more matmul and no
-    ``B × P`` array (:func:`jaxgrad.fast.rules.dot`); parameters on the exact fallback dot
+    ``B × P`` array (:func:`jaxgrad.fast.rules.dot`; a few-channel convolution by kernel
+    offsets); parameters on the exact fallback dot
     their per-example gradients with ``v``. Since the result is linear in each ``∇S_i``, tied
     uses need no cross terms: their dots add. :func:`jaxgrad.fast.plan` says which route a
     loss takes (:attr:`jaxgrad.fast.Plan.dots`).
@@ -255,7 +263,8 @@ def per_example_dots(loss_fn, *, method: str = "auto", chunk_size: int | None = 
     Args:
       loss_fn: ``loss_fn(params, example, *args) -> scalar | (loss_sum, n_items)``.
       method: ``"auto"`` (forward mode, or the factored route where forward mode cannot
-        differentiate the loss; exact either way), ``"factored"`` (the factored route
+        differentiate the loss or would be slower; exact either way), ``"factored"`` (the
+        factored route
         always, to compare the two) or ``"vmap"`` (materialised reference).
       chunk_size: if set, examples are processed that many at a time.
 

@@ -22,7 +22,8 @@ prints them, so the plan cannot disagree with what runs. Per leaf (by pytree pat
 
 The plan's last line, :class:`DotsRoute`, is the route of ``per_example_dots``: forward mode
 (``jax.jvp`` along ``v``, no use of the routes above) unless the loss calls a ``custom_vjp``
-function, then the factored fast pass (:func:`dots_route`, which the function itself calls).
+function or convolves an input of few channels, then the factored fast pass
+(:func:`dots_route`, which the function itself calls).
 
 ``strict=True`` on the fast functions turns a fallback of a leaf larger than
 :data:`STRICT_MAX_SIZE` entries (and not a vector) into an error naming the leaf and reason.
@@ -88,14 +89,16 @@ def dots_route(program: Program) -> DotsRoute:
 
     * the program binds a primitive ``jax.jvp`` cannot differentiate, a ``custom_vjp`` call
       (:func:`jaxgrad.fast.trace.forward_differentiable`); or
-    * a convolution whose kernel carries a tangent reads an input with fewer than
-      :data:`jaxgrad.fast.rules.DOT_OFFSET_CHANNELS` channels (a grey or RGB image;
-      :func:`jaxgrad.fast.rules.conv_dot_offsets`). Forward mode's work is the factored
-      route's ``op(A_i, V)`` for every use, less the backward pass, except there: the tangent
-      ``conv(x, V)`` is a second run of a convolution XLA:CPU is slow at, which the factored
-      route replaces by products per kernel offset (the benchmark CNN's 28 × 28 × 1 → 16
-      layer: 14.7 ms against 1.0 ms at B = 256; its dots 1.22× ``batch_grad``'s time forward,
-      0.97× factored).
+    * a convolution (at the top level) whose kernel carries a tangent reads an input with
+      fewer than :data:`jaxgrad.fast.rules.DOT_OFFSET_CHANNELS` channels (a grey or RGB
+      image; :func:`jaxgrad.fast.rules.conv_dot_offsets`). Forward mode's work is the
+      factored route's ``op(A_i, V)`` for every use, less the backward pass, except there:
+      its tangent ``conv(x, V)`` is a second run of a convolution XLA:CPU is slow at, which
+      the factored route replaces by products per kernel offset (the benchmark CNN's
+      28 × 28 × 1 → 16 layer: 14.7 ms against 1.0 ms for the nine offsets' products at
+      B = 256; its dots 1.22× ``batch_grad``'s time forward, 0.97× factored). A model whose
+      backward pass costs more than that convolution (the weight-standardised CNN, through
+      its GroupNorms) would have been faster forward.
     """
     if not trace.forward_differentiable(program):
         return DotsRoute(
@@ -439,7 +442,8 @@ def plan(loss_fn, params, example, *args) -> Plan:
       A :class:`Plan`; ``print(plan)`` gives a table of leaf, shape, uses, route (with the
       reason for any exact fallback) and the entries the route forms per example, then the
       route of :func:`jaxgrad.fast.per_example_dots` (:attr:`Plan.dots`: forward mode
-      unless the loss calls a ``custom_vjp`` function, see :func:`dots_route`).
+      unless the loss calls a ``custom_vjp`` function or convolves an input of few
+      channels, see :func:`dots_route`).
 
     Example::
 
