@@ -9,6 +9,9 @@ takes ``method=``:
   :mod:`jaxgrad.fast.trace`); exact, at about the cost of one ordinary gradient;
 * ``"vmap"`` — the reference: materialise every ``g_i`` with ``vmap(grad)``.
 
+:func:`per_example_dots` needs no backward pass: its ``"auto"`` is forward mode where the loss
+allows it (``"factored"`` forces the fast pass).
+
 ``chunk_size`` processes that many examples at a time under ``lax.scan`` (the batch need not
 divide evenly), bounding peak memory on either path.
 """
@@ -226,17 +229,45 @@ def per_example_dots(loss_fn, *, method: str = "auto", chunk_size: int | None = 
     """Every example's gradient dotted with a reference gradient, ``⟨∇S_i, v⟩``.
 
     ``v`` is any pytree shaped like ``params`` (a validation-set gradient, an update
-    direction). On the fast path a use ``s = op(A, W)`` linear in ``W`` contributes
-    ``⟨∇_W S_i, V⟩ = ⟨G_i, op(A_i, V)⟩`` — the use's forward operation once more with ``V``
-    for ``W``; for a dense use with kept operands ``A_i`` (``T × d``) and cotangents ``G_i``
-    (``T × p``) that is ``Σ_t a_{i,t}ᵀ V g_{i,t}``, one more matmul and no ``B × P`` array
-    (:func:`jaxgrad.fast.rules.dot`). Parameters on the exact fallback dot their per-example
-    gradients with ``v``. Since the result is linear in each ``∇S_i``, tied uses need no
-    cross terms: their dots add.
+    direction). The inner product is a directional derivative,
+
+    .. math::
+
+        \\langle \\nabla S_i(\\theta), v \\rangle
+            = \\frac{d}{d\\varepsilon} S_i(\\theta + \\varepsilon v) \\Big|_{\\varepsilon = 0},
+
+    so by default it is computed in **forward mode**: ``jax.jvp`` of the per-example loss sums
+    along ``v``, one batched forward pass carrying a tangent — no backward pass, no kept
+    activations, no per-example gradient — exact for every loss forward mode can
+    differentiate, whatever route the fast path would give its parameters (the exact
+    fallback's leaves, weights a scan iterates over, a ``while_loop``, which reverse mode
+    cannot take at all). It costs about what one gradient does: the tangent of ``x W`` is
+    ``dx W + x dW``, two products per use where the backward pass has ``dx`` and ``dW``.
+
+    A ``custom_vjp`` function has no forward-mode rule: a loss that calls one (at any depth)
+    takes the **factored** route, the fast pass; so does a loss with a convolution of an
+    input with fewer than :data:`jaxgrad.fast.rules.DOT_OFFSET_CHANNELS` channels (a grey or
+    RGB image), where forward mode would run XLA:CPU's slow few-channel convolution a second
+    time for its tangent ``conv(x, V)`` (see :func:`jaxgrad.fast.plan.dots_route`). On the
+    factored route a use ``s = op(A, W)`` linear in ``W``
+    contributes ``⟨∇_W S_i, V⟩ = ⟨G_i, op(A_i, V)⟩`` — the use's forward operation once more
+    with ``V`` for ``W``; for a dense use with kept operands ``A_i`` (``T × d``) and
+    cotangents ``G_i`` (``T × p``) that is ``Σ_t a_{i,t}ᵀ V g_{i,t}``, one more matmul and no
+    ``B × P`` array (:func:`jaxgrad.fast.rules.dot`; a few-channel convolution by kernel
+    offsets); parameters on the exact fallback dot
+    their per-example gradients with ``v``. Since the result is linear in each ``∇S_i``, tied
+    uses need no cross terms: their dots add. :func:`jaxgrad.fast.plan` says which route a
+    loss takes (:attr:`jaxgrad.fast.Plan.dots`).
+
+    Each leaf of ``v`` is cast to its parameter's dtype (the dtype of ``∇S_i``). Padded rows
+    are 0, even where their loss is not finite.
 
     Args:
       loss_fn: ``loss_fn(params, example, *args) -> scalar | (loss_sum, n_items)``.
-      method: ``"auto"`` (fast, exact) or ``"vmap"`` (materialised reference).
+      method: ``"auto"`` (forward mode, or the factored route where forward mode cannot
+        differentiate the loss or would be slower; exact either way), ``"factored"`` (the
+        factored route
+        always, to compare the two) or ``"vmap"`` (materialised reference).
       chunk_size: if set, examples are processed that many at a time.
 
     Returns:
@@ -253,14 +284,14 @@ def per_example_dots(loss_fn, *, method: str = "auto", chunk_size: int | None = 
       >>> f(jnp.ones(2), jnp.array([[3.0, 4.0], [0.0, 1.0]]), reference=v).tolist()
       [-1.0, -1.0]
     """
-    get = passes.get_pass(method)
+    dots = passes.get_dots(method)
     chunk_size = _check_chunk(chunk_size)
 
     def core(params, batch, mask, loss_fn=loss_fn, reference=None):
         v = jax.tree_util.tree_leaves(reference)
 
         def body(b, m):
-            return get(loss_fn, params, b, m).dots(v), ()
+            return dots(loss_fn, params, b, m, v), ()
 
         return passes.run_chunked(body, batch, mask, chunk_size)[0]
 

@@ -371,11 +371,15 @@ class Reparametrised:
         return [out[ref] for ref in self.tf.factors]
 
     @functools.cached_property
+    def through(self) -> list:
+        """``(B, *leaf)`` per reparametrised leaf: the VJP per example (no direct uses)."""
+        return jax.vmap(self.f_vjp)([self.eff_grads(j) for j in self.eff] + self.factor_grads)
+
+    @functools.cached_property
     def grads(self) -> dict:
         """Leaf -> ``(B, *leaf)``: the VJP per example, plus direct uses."""
-        per = jax.vmap(self.f_vjp)([self.eff_grads(j) for j in self.eff] + self.factor_grads)
         out = {}
-        for j, g in zip(self.tf.leaves, per, strict=True):
+        for j, g in zip(self.tf.leaves, self.through, strict=True):
             for u in self.fp.an.uses[j]:
                 g = g + self.fp.leaf_grads(j, u).astype(g.dtype)
             out[j] = g
@@ -399,8 +403,17 @@ class Reparametrised:
 
     def dots(self, v: list, total):
         """Sets the formed weights' entries of ``v`` (leaves, then formed weights) to their
-        direction ``J_f v``, and adds the factors' dots ``⟨∇_F S_i, J_f v⟩`` to ``total``."""
+        direction ``J_f v``, and adds the factors' dots ``⟨∇_F S_i, J_f v⟩`` to ``total``.
+
+        ``J_f v`` is forward mode: a program with a ``custom_vjp`` call
+        (:func:`jaxgrad.fast.trace.forward_differentiable`) has the VJP applied per example
+        instead and dotted with ``v`` (its ``bwd`` rule need not even be linear, a gradient
+        clip), the formed weights' entries of ``v`` left None (their uses are in it)."""
         like = self.fp.like
+        if not trace.forward_differentiable(self.fp.program):
+            for j, g in zip(self.tf.leaves, self.through, strict=True):
+                total = total + row_dots(g, v[j]).astype(self.fp.norm_dtype)
+            return total
         theta_v = [jnp.asarray(v[j], like[j].dtype) for j in self.tf.leaves]
         dirs = list(jax.jvp(self.transform, self.theta0, theta_v)[1])
         for k, d in zip(self.eff, dirs, strict=False):

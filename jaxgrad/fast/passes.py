@@ -18,6 +18,10 @@ and the factors :func:`gram` reads the Gram matrix ``⟨∇S_i, ∇S_j⟩`` from
   get ``f``'s VJP of the effective weight's per-example gradient; a *scaled* weight
   ``(θ' - m) ⊙ Π F_k`` keeps θ on its uses' own routes with the factors folded into ``A`` or
   ``G`` (:class:`jaxgrad.fast.reparam.Scale`, :mod:`jaxgrad.fast.operands`).
+
+``per_example_dots`` needs neither where forward mode can differentiate the loss:
+:func:`forward_dots` is ``jax.jvp`` of the per-example losses along ``v``, one forward pass
+(:func:`get_dots`; the route is :func:`jaxgrad.fast.plan.dots_route`'s).
 """
 
 from __future__ import annotations
@@ -34,10 +38,13 @@ from jaxgrad import reduce
 from jaxgrad.fast import analysis, capture, execute, rules
 from jaxgrad.fast import plan as plan_lib
 from jaxgrad.fast.operands import Normaliser, row_dots
-from jaxgrad.fast.program import shape_struct
+from jaxgrad.fast.program import shape_struct, trace_program
 from jaxgrad.grads import _per_example
 
 METHODS = ("auto", "vmap")
+# ``per_example_dots`` also takes "factored": the fast pass's dots even where forward mode
+# would do (to compare the two routes; see :func:`get_dots`).
+DOTS_METHODS = ("auto", "factored", "vmap")
 
 
 class Parts(NamedTuple):
@@ -123,13 +130,50 @@ def gram(p: Parts, q: Parts) -> jax.Array:
     return jnp.asarray(total, jnp.result_type(p.norm_sq))
 
 
-def analyse(loss_fn, params, batch) -> analysis.Analysis:
-    """The jaxpr analysis of ``loss_fn`` on one example of ``batch``."""
+def _per_example_structs(loss_fn, params, batch) -> tuple:
+    """``(fn, params, example)``: the loss as ``(sum, count)`` and abstract values of the
+    parameters and of one example of ``batch``, as the program is traced."""
     example = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)), batch
     )
     fn = lambda p, ex: reduce.as_sum_count(loss_fn(p, ex))
-    return analysis.analyse(fn, jax.tree_util.tree_map(shape_struct, params), example)
+    return fn, jax.tree_util.tree_map(shape_struct, params), example
+
+
+def analyse(loss_fn, params, batch) -> analysis.Analysis:
+    """The jaxpr analysis of ``loss_fn`` on one example of ``batch``."""
+    return analysis.analyse(*_per_example_structs(loss_fn, params, batch))
+
+
+def dots_route(loss_fn, params, batch) -> plan_lib.DotsRoute:
+    """The route ``per_example_dots`` takes for ``loss_fn`` on ``batch``'s examples
+    (:func:`jaxgrad.fast.plan.dots_route` of the traced program, as ``plan`` prints it)."""
+    program, _ = trace_program(*_per_example_structs(loss_fn, params, batch))
+    return plan_lib.dots_route(program)
+
+
+def forward_dots(loss_fn, params, batch, mask, v: list) -> jax.Array:
+    """``(B,)`` ``⟨∇S_i, v⟩ = d/dε S_i(θ + εv)`` at ``ε = 0``, by forward mode.
+
+    ``jax.jvp`` of every example's loss sum along ``v``: one batched forward pass carrying a
+    tangent, no backward pass and no kept activations, exact for any loss forward mode can
+    differentiate (:func:`jaxgrad.fast.plan.dots_route`). Each leaf of ``v`` is cast to its
+    parameter's dtype, the tangent space ``jax.jvp`` requires (and the dtype of ``∇S_i``).
+    Padded rows are 0, selected after (a padded row's tangent may be NaN).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    cast = [jnp.asarray(x, jnp.result_type(p)) for x, p in zip(v, leaves, strict=True)]
+    tangent = jax.tree_util.tree_unflatten(treedef, cast)
+
+    def one(fn, p, t, example):
+        summed = lambda q: reduce.as_sum_count(fn(q, example))[0]
+        return jax.jvp(summed, (p,), (t,))[1]
+
+    # The loss and the parameters enter the vmap as operands (see reduce.BoundLoss).
+    dots = jax.vmap(one, in_axes=(None, None, None, 0))(
+        reduce.as_operand(loss_fn), params, tangent, batch
+    )
+    return jnp.where(mask, dots, 0)
 
 
 def fast_pass(
@@ -179,6 +223,23 @@ def get_pass(method: str, strict: bool = False, *, weighted: bool = False):
     if check_method(method) == "vmap":
         return vmap_pass
     return functools.partial(fast_pass, strict=strict, weighted=weighted)
+
+
+def get_dots(method: str):
+    """``dots(loss_fn, params, batch, mask, v) -> (B,)`` ``⟨∇S_i, v⟩`` for ``method``:
+    ``"auto"`` — :func:`forward_dots` where :func:`dots_route` allows it, else the fast pass's
+    factored dots (:attr:`Parts.dots`); ``"factored"`` — the fast pass's always; ``"vmap"`` —
+    the materialised reference."""
+    method = reduce.check_choice(method, DOTS_METHODS, name="method")
+
+    def dots(loss_fn, params, batch, mask, v):
+        if method == "vmap":
+            return vmap_pass(loss_fn, params, batch, mask).dots(v)
+        if method == "auto" and dots_route(loss_fn, params, batch).way == "forward":
+            return forward_dots(loss_fn, params, batch, mask, v)
+        return fast_pass(loss_fn, params, batch, mask).dots(v)
+
+    return dots
 
 
 def run_chunked(body, batch, mask, chunk_size):

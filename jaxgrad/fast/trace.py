@@ -71,6 +71,7 @@ from jaxgrad.fast.program import (
     flat_jaxpr,
     flatten,
     is_complex,
+    primitives,
     shaped,
     source_line,
 )
@@ -234,6 +235,20 @@ _OPAQUE = {
 
 
 _OPAQUE["custom_vjp_call_jaxpr"] = _OPAQUE["custom_vjp_call"]
+
+# The primitives forward mode cannot differentiate through: ``jax.jvp`` raises on a
+# ``custom_vjp`` call whose operands carry a tangent (the function has a reverse rule only).
+# Any of them in a loss, at any depth, rules out ``per_example_dots``' forward route (see
+# :func:`jaxgrad.fast.plan.dots_route`). ``custom_jvp`` calls are not among them: ``jax.jvp``
+# applies the user's rule, the very map ``jax.grad`` transposes.
+NO_FORWARD = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr"})
+
+
+def forward_differentiable(program: Program) -> bool:
+    """Whether ``jax.jvp`` can push a direction through ``program``: none of
+    :data:`NO_FORWARD` at any depth (even one no parameter reaches, which ``jax.jvp`` would
+    accept: the test stays one set lookup, and the reverse-mode routes are exact too)."""
+    return not (NO_FORWARD & primitives(program))
 
 
 def custom_name(eqn: Eqn) -> str:

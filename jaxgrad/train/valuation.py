@@ -47,8 +47,8 @@ What it is and is not:
 * The gradients are the unclipped gradients of the training ``loss_fn`` at the parameters the
   step saw, whatever ``strategy`` computes the step; ``∇L_val`` is :func:`jaxgrad.batch_grad` of
   the same loss over all of ``val_data`` at the same ``θ_t``, and ``⟨∇S_j, ∇L_val⟩`` comes from
-  :func:`jaxgrad.per_example_dots` (one more pass over the batch; no per-example gradient is
-  formed on the fast path).
+  :func:`jaxgrad.per_example_dots` (one more pass over the batch, forward mode: the batch's
+  losses pushed along ``∇L_val``; no per-example gradient is formed).
 * Padding rows and steps that were not taken (an epoch's padded steps, the step that stopped
   training at a non-finite loss) contribute nothing.
 """
@@ -90,7 +90,8 @@ class Valuation:
       learning_rate: ``η_t``: a positive float, or a schedule ``step -> lr`` (an optax
         schedule), as the optimiser's; for a non-SGD optimiser its scheduled learning rate
         (TracIn's convention).
-      method: ``"auto"`` (the fast path) or ``"vmap"``, for :func:`jaxgrad.per_example_dots`.
+      method: ``"auto"`` (forward mode, or the fast path for a loss with a ``custom_vjp``)
+        or ``"vmap"``, for :func:`jaxgrad.per_example_dots`.
       chunk_size: examples per chunk for :func:`jaxgrad.per_example_dots` (peak memory).
 
     Example::
