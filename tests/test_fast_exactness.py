@@ -406,3 +406,33 @@ def test_fast_pass_marks_only_single_lookups_unique():
     assert any(lookups > 1 for _, _, lookups in ops)  # the repeated lookups are there
     assert all(lookups == 1 for _, unique, lookups in ops if unique), ops
     check(loss, params, tokens)
+
+
+def test_a_custom_vjp_on_a_weight_whose_bwd_is_not_linear():
+    """A ``custom_vjp`` transformation of a weight (a gradient clip, the user's bwd rule)
+    has a VJP that is not linear in the cotangent: ``Σ_i c_i bwd(∇_i) ≠ bwd(Σ_i c_i ∇_i)``,
+    so the clipped sum must apply it per example (flat and per-leaf clip norms)."""
+
+    @jax.custom_vjp
+    def clip_grad(w):
+        return w
+
+    clip_grad.defvjp(lambda w: (w, None), lambda _, g: (jnp.clip(g, -0.2, 0.2),))
+    rng = np.random.default_rng(4)
+    params = {"W": _normal(rng, 3, 4, scale=1.0), "u": _normal(rng, 4, scale=1.0)}
+    batch = _normal(rng, B, 3, scale=2.0)
+
+    def loss(p, x):
+        return jnp.sum(jnp.tanh(x @ clip_grad(p["W"])) * p["u"]) ** 2
+
+    check(loss, params, batch)
+    assert "clipped sum: those, weighted" in str(plan(loss, params, batch[0]))
+    mask = np.arange(B) < B - 1
+    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, batch)
+    norms = {k: np.linalg.norm(np.asarray(g).reshape(B, -1), axis=1) for k, g in grads.items()}
+    clips = {k: float(np.median(n[mask])) for k, n in norms.items()}  # some rows clipped
+    per_layer = jaxgrad.clipped_grad(loss, l2_clip=clips, reduction="sum")
+    got = per_layer(params, batch, jnp.asarray(mask))
+    for k, g in grads.items():
+        factor = np.where(mask, np.minimum(1.0, clips[k] / norms[k]), 0)
+        _close(got[k], np.tensordot(factor, np.asarray(g), 1))

@@ -327,9 +327,9 @@ class Reparametrised:
     Norms (and Gram blocks) apply the VJP to each example's materialised ``∇_{W_eff} S_i``
     (``B × |W_eff|``, no per-example forward pass); the weighted sum and the dots stay
     factored by linearity: ``Σ_i c_i J_fᵀ ∇_i = J_fᵀ (Σ_i c_i ∇_i)`` and
-    ``⟨J_fᵀ ∇_i, v⟩ = ⟨∇_i, J_f v⟩``. A scaled weight (``θ' ⊙ Π F_k``) forms no
-    ``∇_{W_eff} S_i``: θ is a fast leaf, and the factors made of leaves get their per-example
-    gradients from ``A``, ``G`` and ``θ'`` (:attr:`factor_grads`) for the same VJP.
+    ``⟨J_fᵀ ∇_i, v⟩ = ⟨∇_i, J_f v⟩`` — where the VJP is linear (:attr:`linear`). A scaled
+    weight (``θ' ⊙ Π F_k``) forms no ``∇_{W_eff} S_i``: θ is a fast leaf, and the factors
+    made of leaves get their per-example gradients from ``A``, ``G`` and ``θ'`` (:attr:`factor_grads`) for the same VJP.
     """
 
     def __init__(self, fp: FastParts):
@@ -391,11 +391,26 @@ class Reparametrised:
         grads = [self.eff_grads(j) for j in self.eff] + self.factor_grads
         return [jnp.tensordot(c.astype(g.dtype), g, 1) for g in grads]
 
+    @functools.cached_property
+    def linear(self) -> bool:
+        """Whether ``f``'s VJP is linear in the cotangent, as JAX's own VJPs are (the
+        transpose of the linearisation). A ``custom_vjp`` call's is the user's ``bwd`` rule,
+        which need not be (a gradient clip): such a program
+        (:func:`jaxgrad.fast.trace.forward_differentiable`) applies the VJP per example."""
+        return trace.forward_differentiable(self.fp.program)
+
     def weighted(self, c) -> dict:
         """Reparametrised leaf -> ``Σ_i c_i J_fᵀ ∇_{W_eff} S_i``.
 
-        By linearity ``J_fᵀ`` is applied once, to the weighted sum, never per example.
+        By linearity ``J_fᵀ`` is applied once, to the weighted sum, never per example; a VJP
+        that need not be linear (:attr:`linear`) is applied per example (:attr:`through`, the
+        norms' own) and its results weighted.
         """
+        if not self.linear:
+            return {
+                j: jnp.tensordot(leaf_weights(c, j).astype(g.dtype), g, 1)
+                for j, g in zip(self.tf.leaves, self.through, strict=True)
+            }
         if c.ndim == 1:  # one weight per example: one VJP for every leaf
             return dict(zip(self.tf.leaves, self.f_vjp(self.eff_weighted(c)), strict=True))
         # one weight per example and leaf: a VJP per leaf, with its own column
@@ -405,12 +420,11 @@ class Reparametrised:
         """Sets the formed weights' entries of ``v`` (leaves, then formed weights) to their
         direction ``J_f v``, and adds the factors' dots ``⟨∇_F S_i, J_f v⟩`` to ``total``.
 
-        ``J_f v`` is forward mode: a program with a ``custom_vjp`` call
-        (:func:`jaxgrad.fast.trace.forward_differentiable`) has the VJP applied per example
-        instead and dotted with ``v`` (its ``bwd`` rule need not even be linear, a gradient
-        clip), the formed weights' entries of ``v`` left None (their uses are in it)."""
+        ``J_f v`` is forward mode: a program with a ``custom_vjp`` call (not :attr:`linear`)
+        has the VJP applied per example instead and dotted with ``v``, the formed weights'
+        entries of ``v`` left None (their uses are in it)."""
         like = self.fp.like
-        if not trace.forward_differentiable(self.fp.program):
+        if not self.linear:
             for j, g in zip(self.tf.leaves, self.through, strict=True):
                 total = total + row_dots(g, v[j]).astype(self.fp.norm_dtype)
             return total

@@ -371,10 +371,12 @@ def routes(an: analysis.Analysis, shapes: list) -> tuple:
                     "per-example gradient of the scale of a scaled weight (from A, G and the "
                     "scaled leaf, one product per use; no B × |W| array)"
                 )
+            # A custom_vjp's bwd need not be linear (execute.Reparametrised.linear).
+            once = trace.forward_differentiable(an.program)
             label = (
                 f"reparametrised ({', '.join(tf.names[j])}): {_structure(an, j)}"
                 f"{' and '.join(what)}, the transformation's VJP per example; clipped "
-                "sum: one VJP of its weighted sum"
+                + ("sum: one VJP of its weighted sum" if once else "sum: those, weighted")
             )
             if direct is not None:
                 label += f"; plus direct uses: {direct.label}"
