@@ -228,7 +228,7 @@ def per_example_dots(loss_fn, *, method: str = "auto", chunk_size: int | None = 
     ``⟨∇_W S_i, V⟩ = ⟨G_i, op(A_i, V)⟩`` — the use's forward operation once more with ``V``
     for ``W``; for a dense use with kept operands ``A_i`` (``T × d``) and cotangents ``G_i``
     (``T × p``) that is ``Σ_t a_{i,t}ᵀ V g_{i,t}``, one more matmul and no ``B × P`` array
-    (:func:`jaxgrad.fast.rules.dot`). Parameters on the exact fallback dot their per-example
+    (:func:`jaxgrad.fast.linear.dot`). Parameters on the exact fallback dot their per-example
     gradients with ``v``. Since the result is linear in each ``∇S_i``, tied uses need no
     cross terms: their dots add.
 
@@ -288,7 +288,7 @@ def gradient_gram(loss_fn, *, method: str = "auto", chunk_size: int | None = Non
     ⟨A_i A_jᵀ, G_i G_jᵀ⟩`` for a dense use (``(a_i·a_j)(g_i·g_j)`` without a sequence axis),
     or the inner products of the formed ``K × N`` per-example gradients where that is cheaper
     by shape; ``Σ_{t,s} [r_{i,t} = r_{j,s}] ⟨g_{i,t}, g_{j,s}⟩`` for an embedding lookup; the
-    cross terms between tied uses (:func:`jaxgrad.fast.rules.cross_gram`); the per-example
+    cross terms between tied uses (:func:`jaxgrad.fast.norms.cross_gram`); the per-example
     gradients of convolutions and of the exact fallback's leaves. The pairwise forms hold
     ``B² T²`` entries a batch of rows at a time, never a ``B × P`` array.
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrad.fast import analysis, reparam, rules, trace
+from jaxgrad.fast import analysis, linear, reparam, trace
 from jaxgrad.fast.capture import Captured
 from jaxgrad.fast.program import Const, Var, eval_known
 
@@ -179,8 +179,8 @@ class Operands:
         """A lookup's indices and cotangents, out-of-bounds lookups' zeroed."""
         a = jnp.moveaxis(self.kept[u.key], self.axis[u.key], 0)
         g = jnp.moveaxis(self.g_use[u.key], self.axis[u.key], 0)
-        idx, _, y = rules.gather_rows(u.op, a, g)
-        return rules.idx_restore(u.op, idx), rules.g_restore(u.op, y)
+        idx, _, y = linear.gather_rows(u.op, a, g)
+        return linear.idx_restore(u.op, idx), linear.g_restore(u.op, y)
 
     def indexed(self, u, skip=None):
         """``(B, *out)``: a lookup's factors (side ``"i"``) at its rows, or None."""
@@ -188,7 +188,7 @@ class Operands:
         for q, sc in enumerate(u.scale):
             if sc.side == "i" and q != skip:
                 f = _full(sc, self.factor_value(sc), shape).astype(u.op.in_avals[0].dtype)
-                x = jax.vmap(lambda a_i, f=f: rules._bind(u.op, 0, f, a_i))(self.lookups(u)[0])
+                x = jax.vmap(lambda a_i, f=f: linear._bind(u.op, 0, f, a_i))(self.lookups(u)[0])
                 out = x if out is None else out * x
         return out
 
@@ -202,7 +202,7 @@ class Operands:
         x = self.factor_value(sc)
 
         def one(a_i, g_i):
-            f = lambda x: rules._bind(u.op, 0, (rest * _full(sc, x, shape)).astype(w.dtype), a_i)
+            f = lambda x: linear._bind(u.op, 0, (rest * _full(sc, x, shape)).astype(w.dtype), a_i)
             _, vjp = jax.vjp(f, x)
             return vjp(g_i.astype(w.dtype))[0]
 
@@ -256,7 +256,7 @@ class Operands:
 
 def _op(u: trace.Use, w, a):
     """``op(A_i, w)`` for every example's ``A_i`` (``a``, examples first)."""
-    return jax.vmap(lambda a_i: rules._bind(u.op, u.pos, w, a_i))(a)
+    return jax.vmap(lambda a_i: linear._bind(u.op, u.pos, w, a_i))(a)
 
 
 class Normaliser:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgrad import reduce
-from jaxgrad.fast import analysis, capture, execute, rules
+from jaxgrad.fast import analysis, capture, execute, norms, rules
 from jaxgrad.fast import plan as plan_lib
 from jaxgrad.fast.operands import Normaliser, row_dots
 from jaxgrad.fast.program import shape_struct
@@ -103,7 +103,7 @@ def gram(p: Parts, q: Parts) -> jax.Array:
 
     The parameters' groups of uses add (uses reading disjoint blocks have no cross terms);
     each group's block is the rule's pairwise form: :func:`jaxgrad.fast.rules.gram` for one
-    use, :func:`jaxgrad.fast.rules.cross_gram` for tied uses in outer form, the inner
+    use, :func:`jaxgrad.fast.norms.cross_gram` for tied uses in outer form, the inner
     products of per-example gradients otherwise. Padded rows and columns are 0.
     """
     left = p.blocks()
@@ -111,13 +111,13 @@ def gram(p: Parts, q: Parts) -> jax.Array:
     total = 0
     for bp, bq in zip(left, right, strict=True):
         if bp[0] == "grads":
-            block = rules.grads_gram(bp[1], bq[1])
+            block = norms.grads_gram(bp[1], bq[1])
         elif bp[0] == "use":
             block = rules.gram(*bp[1:], *bq[4:])
         elif bp[0] == "normaliser":
             block = Normaliser.gram(bp[1], bq[1])
         else:
-            block = rules.cross_gram(bp[1], bq[1])
+            block = norms.cross_gram(bp[1], bq[1])
         total = total + block
     # (A padded row's cotangents G_i and exact gradients are zeros: its row and column are 0.)
     return jnp.asarray(total, jnp.result_type(p.norm_sq))

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgrad import reduce
-from jaxgrad.fast import analysis, rules, trace
+from jaxgrad.fast import analysis, linear, norms, rules, trace
 from jaxgrad.fast.program import program_aval_in
 from jaxgrad.grads import check_loss_args, check_loss_fn
 
@@ -220,9 +220,9 @@ def _group(an: analysis.Analysis, uses: list, shape: tuple) -> Group:
     perms = tuple(trace.use_perm(an.program, u, len(shape)) for u in uses)
     cplx = _scale_prefix(uses) + _select_prefix(uses) + _fold_prefix(uses) + _complex_prefix(uses)
     if not any(map(masked, uses)) and all(
-        rules.has_outer_form(u.op, u.pos, p, len(shape)) for u, p in zip(uses, perms, strict=True)
+        norms.has_outer_form(u.op, u.pos, p, len(shape)) for u, p in zip(uses, perms, strict=True)
     ):
-        ts = [rules.outer_positions(u.op, u.pos) for u in uses]
+        ts = [norms.outer_positions(u.op, u.pos) for u in uses]
         label = f"tied, {len(ts)} uses: {cplx}cross terms of Σ_t x_t⊗y_t"
         return Group(tuple(uses), "outer", perms, label, sum(ts) ** 2)
     label = f"tied, {len(uses)} uses: {cplx}per-example gradient"
@@ -288,7 +288,7 @@ def routes(an: analysis.Analysis, shapes: list) -> tuple:
             sizes = sum(math.prod(eff_shapes[v]) for v in formed)
             forms = ", ".join(
                 dict.fromkeys(
-                    rules.per_example_grads_route(u.kind, u.op, u.pos)
+                    linear.per_example_grads_route(u.kind, u.op, u.pos)
                     for v in formed
                     for u in an.uses[an.num_params + v]
                 )
