@@ -17,7 +17,7 @@ and the factors :func:`gram` reads the Gram matrix ``⟨∇S_i, ∇S_j⟩`` from
   parameters (an example-independent transformation ``W_eff = f(θ)`` before ordinary uses)
   get ``f``'s VJP of the effective weight's per-example gradient; a *scaled* weight
   ``(θ' - m) ⊙ Π F_k`` keeps θ on its uses' own routes with the factors folded into ``A`` or
-  ``G`` (:class:`jaxgrad.fast.reparam.Scale`, :mod:`jaxgrad.fast.operands`).
+  ``G`` (:class:`jaxgrad.fast.scaled.Scale`, :mod:`jaxgrad.fast.operands`).
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ def _level_name(lv: trace.Level) -> str:
 
 def _scale_prefix(uses) -> str:
     """For the uses of a scaled leaf (``W_eff = θ' ⊙ Π F_k``, see
-    :class:`jaxgrad.fast.reparam.Scale`): where the factors went."""
+    :class:`jaxgrad.fast.scaled.Scale`): where the factors went."""
     sides = {sc.side for u in uses for sc in u.scale}
     if not any(u.scale for u in uses):
         return ""
@@ -177,7 +177,7 @@ def _select_prefix(uses) -> str:
 
 def _fold_prefix(uses) -> str:
     """For the uses of a leaf through a summed effective weight (see
-    :class:`jaxgrad.fast.reparam.Fold`): which part it is and where its matrix went."""
+    :class:`jaxgrad.fast.summed.Fold`): which part it is and where its matrix went."""
     whats = list(dict.fromkeys(u.fold.what for u in uses if u.fold is not None))
     if not whats:
         return ""

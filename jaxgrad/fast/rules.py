@@ -178,7 +178,7 @@ def route(kind: str, eqn: Eqn, pos: int, *, stacked: bool = False) -> Form:
     return dataclasses.replace(form, keep=keep, per_step=stacked and form.how != "dense_gram")
 
 
-# A scaled weight (``W_eff = θ' ⊙ Π F``, :class:`jaxgrad.fast.reparam.Scale`) whose factors
+# A scaled weight (``W_eff = θ' ⊙ Π F``, :class:`jaxgrad.fast.scaled.Scale`) whose factors
 # need gradients pays one more product of the use per factor side or normaliser: about
 # ``T |W|`` multiply-adds per example for ``T`` positions (a dense use's sequence, a
 # convolution's output pixels). It replaces writing the ``|W|`` per-example gradient, so it is
@@ -228,7 +228,7 @@ def masked_pays(t: int, k: int, n: int) -> bool:
 def masked_route(kind: str, eqn: Eqn, pos: int) -> Form:
     """The route of a use whose parameter operand is ``θ' ⊙ M`` (``M`` a full mask, the same
     for every example: ``∇_θ' S_i = M ⊙ ∇_{W_eff} S_i``, see
-    :class:`jaxgrad.fast.reparam.Scale`, side ``"w"``).
+    :class:`jaxgrad.fast.scaled.Scale`, side ``"w"``).
 
     The weighted sum is ``M ⊙ Σ_i c_i ∇_{W_eff} S_i`` (the use's own contraction, then the
     mask) and an inner product ``⟨∇_{W_eff} S_i, M ⊙ V⟩``, always; the norm is
