@@ -5,7 +5,8 @@
 and per leaf), the weighted sum ``Σ_i c_i ∇S_i``, the dots ``⟨∇S_i, v⟩`` and the blocks
 :func:`jaxgrad.fast.passes.gram` reads. A fast leaf's uses come in groups (see
 :class:`jaxgrad.fast.plan.Group`) with no cross terms between groups; each group is read by
-its route's rule (:mod:`jaxgrad.fast.rules`). A scaled leaf adds its normalisers' correction
+its route's rule (:mod:`jaxgrad.fast.rules`; the arithmetic in :mod:`jaxgrad.fast.norms` and
+:mod:`jaxgrad.fast.linear`). A scaled leaf adds its normalisers' correction
 (:class:`~jaxgrad.fast.operands.Normaliser`), a reparametrised leaf the transformation's VJP
 (:class:`Reparametrised`), an exact leaf its materialised per-example gradients.
 """

@@ -261,7 +261,7 @@ def _op(u: trace.Use, w, a):
 
 class Normaliser:
     """The share of a scaled leaf's gradient through its normalisers (``Scale.own``, see
-    :mod:`jaxgrad.fast.reparam`).
+    :mod:`jaxgrad.fast.scaled`).
 
     ``W_eff = θ' ⊙ S ⊙ Π_x F(x)`` with ``x = h(θ)`` per channel (``1/‖V_o‖`` of weight
     normalisation): ``∇_θ S_i = P_i + Σ_x J_xᵀ r_{x,i}``, where ``P_i`` is the gradient
