@@ -185,7 +185,7 @@ def test_clipped_grad_return_loss(reduction):
 
 
 # A dense use's weighted sum Σ_i c_i ∇_W S_i is one 2-D matmul of the examples' rows
-# (rules._dense_rows); other layouts (dot batch dims) take the use's batched VJP.
+# (linear._dense_rows); other layouts (dot batch dims) take the use's batched VJP.
 DENSE_LAYOUTS = {
     "x @ W": ((3, 4), (4, 5), (((1,), (0,)), ((), ())), 1),
     "W @ x": ((5, 4), (4, 3), (((1,), (0,)), ((), ())), 0),
@@ -198,9 +198,9 @@ DENSE_LAYOUTS = {
 
 @pytest.mark.parametrize("layout", sorted(DENSE_LAYOUTS))
 def test_dense_weighted_sum_in_every_layout(layout):
-    """``rules.weighted_grad`` of a ``dot_general`` use, examples at axis 0 or (step-major, as
+    """``linear.weighted_grad`` of a ``dot_general`` use, examples at axis 0 or (step-major, as
     a scan captures them) axis 1, against ``Σ_i c_i jax.grad(⟨G_i, op(A_i, W)⟩)`` in float64."""
-    from jaxgrad.fast import rules
+    from jaxgrad.fast import linear
     from jaxgrad.fast.program import Eqn
 
     lhs, rhs, dims, pos = DENSE_LAYOUTS[layout]
@@ -220,9 +220,9 @@ def test_dense_weighted_sum_in_every_layout(layout):
     expected = jnp.tensordot(c, jax.vmap(one)(a, g), 1)
     for axis in {0, min(1, a.ndim - 1, g.ndim - 1)}:
         a_in, g_in = jnp.moveaxis(jnp.asarray(a), 0, axis), jnp.moveaxis(jnp.asarray(g), 0, axis)
-        got = rules.weighted_grad(eqn, pos, a_in, g_in, jnp.asarray(c), axis=axis)
+        got = linear.weighted_grad(eqn, pos, a_in, g_in, jnp.asarray(c), axis=axis)
         assert_rel_close(got, expected)
-        two_d = rules._dense_rows(eqn, pos, a_in, g_in, axis) is not None
+        two_d = linear._dense_rows(eqn, pos, a_in, g_in, axis) is not None
         assert two_d == ("VJP" not in layout)
 
 
@@ -258,14 +258,14 @@ def test_conv_route_keeps_its_per_example_gradient_when_small(monkeypatch):
 
 
 def _record_contractions(monkeypatch):
-    """The weight shapes ``rules.weighted_grad`` (A and G contracted again) is called for."""
-    from jaxgrad.fast import rules
+    """The weight shapes ``linear.weighted_grad`` (A and G contracted again) is called for."""
+    from jaxgrad.fast import linear
 
-    calls, original = [], rules.weighted_grad
+    calls, original = [], linear.weighted_grad
     record = lambda eqn, pos, *a, **k: (
         calls.append(eqn.in_avals[pos].shape) or original(eqn, pos, *a, **k)
     )
-    monkeypatch.setattr(rules, "weighted_grad", record)
+    monkeypatch.setattr(linear, "weighted_grad", record)
     return calls
 
 

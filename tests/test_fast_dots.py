@@ -13,7 +13,7 @@ from test_fast_scan import _nested_rnn_loss, _rnn_setup, rnn_loss
 
 import jaxgrad
 from jaxgrad import reduce
-from jaxgrad.fast import rules
+from jaxgrad.fast import linear, norms
 
 
 def _vmap_grads(loss, params, batch, args=()):
@@ -101,10 +101,10 @@ def test_sequence_gram_form_pairwise_a_batch_of_rows_at_a_time(monkeypatch):
     # (T²(K + N) ≤ K N), computed a few rows at a time (a small entry budget forces lax.map
     # batches); wx (3 × 96) takes the formed per-example gradients
     params, batch = _rnn_setup(hidden=96)
-    assert rules.dense_pair_gram(6, 96, 96) and not rules.dense_pair_gram(6, 3, 96)
+    assert norms.dense_pair_gram(6, 96, 96) and not norms.dense_pair_gram(6, 3, 96)
     plan = jaxgrad.fast.plan(rnn_loss, params, batch[0])
     assert "Gram" in {lp.path: lp.route for lp in plan.leaves}["['wh']"]
-    monkeypatch.setattr(rules, "PAIR_ENTRIES", 100)
+    monkeypatch.setattr(norms, "PAIR_ENTRIES", 100)
     check(rnn_loss, params, batch, units=np.array([0, 3, 3, 3, 1]))
 
 
@@ -206,10 +206,10 @@ def test_complex_operands_cast_and_a_layer_stack_scanned_over_its_weights():
 
 @pytest.mark.parametrize("channels", [0, 100])  # every conv dotted by op(A, V) / by offsets
 def test_conv_dots_both_routes_strides_dilation_padding_layouts(monkeypatch, channels):
-    # rules.dot takes a convolution with few input channels one kernel offset at a time and
+    # linear.dot takes a convolution with few input channels one kernel offset at a time and
     # the others by the forward convolution op(A, V): both exact, on strided, dilated,
     # asymmetrically padded convolutions in NHWC and NCHW layouts; and their Gram matrix
-    monkeypatch.setattr(rules, "DOT_OFFSET_CHANNELS", channels)
+    monkeypatch.setattr(linear, "DOT_OFFSET_CHANNELS", channels)
     rng = np.random.default_rng(7)
     normal = lambda *shape: jnp.asarray(rng.normal(size=shape) / 3, F64)
     params = {"a": normal(3, 2, 2, 5), "b": normal(4, 5, 2, 3), "c": normal(2, 2, 4, 3)}

@@ -19,8 +19,8 @@ import pytest
 
 import jaxgrad
 from jaxgrad.fast import analysis as analysis_lib
+from jaxgrad.fast import linear as linear_lib
 from jaxgrad.fast import plan
-from jaxgrad.fast import rules as rules_lib
 
 F64 = jnp.float64
 B = 6
@@ -351,7 +351,7 @@ def test_lookups_lifted_over_steps_are_not_marked_unique():
     a = jnp.asarray(np.stack([rows, 0 * rows], axis=-1)[None])  # (row, column 0) per step
     assert a.shape[1:] == lifted.op.in_avals[1].shape
     g = _normal(rng, 1, *lifted.op.out_avals[0].shape)
-    got = rules_lib.per_example_grads(lifted.op, 0, a, g)[0]
+    got = linear_lib.per_example_grads(lifted.op, 0, a, g)[0]
     expected = np.zeros((5, 4))
     np.add.at(expected, rows, np.asarray(g[0]).reshape(7, 4))
     _close(got, expected)

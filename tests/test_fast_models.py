@@ -168,7 +168,7 @@ def test_param_reused_through_reshape_and_on_both_sides():
         h = jnp.tanh(x @ p["w"])
         h = jnp.tanh(p["w"].T @ h)  # second use of w, through a transpose, on the left
         # u on both sides, the same for every example: a product of two parts of the
-        # effective weight, each the dense use with the other folded in (reparam.Fold)
+        # effective weight, each the dense use with the other folded in (summed.Fold)
         gram = p["u"].reshape(4, 4) @ p["u"].reshape(4, 4)
         return jnp.sum((h @ gram) ** 2)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_fast_cases import F64, assert_rel_close
 
-from jaxgrad.fast import passes, per_example_norms, plan, rules
+from jaxgrad.fast import linear, passes, per_example_norms, plan
 
 jax.config.update("jax_enable_x64", True)
 
@@ -233,7 +233,7 @@ def test_complex_effective_weight_falls_back_and_integer_results_carry_no_gradie
 def test_strided_dilated_and_1d_convolutions_standardised():
     """Per-example kernel gradients one offset at a time, in every layout: an OIHW kernel
     with strides and dilation (VALID), a 1-D WIO kernel with explicit padding."""
-    assert rules.UNROLL_OFFSETS < 10
+    assert linear.UNROLL_OFFSETS < 10
     rng = np.random.default_rng(7)
     # (k2 has 10 kernel offsets: a loop over them; k1 has 3: unrolled, see UNROLL_OFFSETS)
     params = {"k2": _normal(rng, 4, 2, 5, 2), "k1": _normal(rng, 3, 4, 2)}

@@ -23,15 +23,9 @@ from jaxgrad.fast.program import (
     shape_struct,
     trace_program,
 )
-from jaxgrad.fast.reparam import (
-    Transform,
-    find_region,
-    lead_chain,
-    scaled_weights,
-    selected_weights,
-    separable_axes,
-    summed_weights,
-)
+from jaxgrad.fast.reparam import Transform, find_region, lead_chain, separable_axes
+from jaxgrad.fast.scaled import scaled_weights, selected_weights
+from jaxgrad.fast.summed import summed_weights
 from jaxgrad.fast.trace import Found, Frame, Track, Use, walk
 
 
@@ -217,7 +211,7 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
 def _through_theta(u: Use, chain: tuple, scale: tuple, via: tuple, term) -> Use:
     """The use ``u`` of a scaled effective weight as a use of its leaf θ (``θ'`` its alias
     through ``chain``, see :func:`jaxgrad.fast.reparam.lead_chain`), with the factors
-    ``scale`` (see :class:`jaxgrad.fast.reparam.Scale`)."""
+    ``scale`` (see :class:`jaxgrad.fast.scaled.Scale`)."""
     return dataclasses.replace(
         lead_chain(u, chain), scale=scale, via=via, theta_term=term, theta_chain=len(chain)
     )

@@ -246,14 +246,14 @@ def per_example_dots(loss_fn, *, method: str = "auto", chunk_size: int | None = 
 
     A ``custom_vjp`` function has no forward-mode rule: a loss that calls one (at any depth)
     takes the **factored** route, the fast pass; so does a loss with a convolution of an
-    input with fewer than :data:`jaxgrad.fast.rules.DOT_OFFSET_CHANNELS` channels (a grey or
+    input with fewer than :data:`jaxgrad.fast.linear.DOT_OFFSET_CHANNELS` channels (a grey or
     RGB image), where forward mode would run XLA:CPU's slow few-channel convolution a second
     time for its tangent ``conv(x, V)`` (see :func:`jaxgrad.fast.plan.dots_route`). On the
     factored route a use ``s = op(A, W)`` linear in ``W``
     contributes ``⟨∇_W S_i, V⟩ = ⟨G_i, op(A_i, V)⟩`` — the use's forward operation once more
     with ``V`` for ``W``; for a dense use with kept operands ``A_i`` (``T × d``) and
     cotangents ``G_i`` (``T × p``) that is ``Σ_t a_{i,t}ᵀ V g_{i,t}``, one more matmul and no
-    ``B × P`` array (:func:`jaxgrad.fast.rules.dot`; a few-channel convolution by kernel
+    ``B × P`` array (:func:`jaxgrad.fast.linear.dot`; a few-channel convolution by kernel
     offsets); parameters on the exact fallback dot
     their per-example gradients with ``v``. Since the result is linear in each ``∇S_i``, tied
     uses need no cross terms: their dots add. :func:`jaxgrad.fast.plan` says which route a
@@ -321,7 +321,7 @@ def gradient_gram(loss_fn, *, method: str = "auto", chunk_size: int | None = Non
     ⟨A_i A_jᵀ, G_i G_jᵀ⟩`` for a dense use (``(a_i·a_j)(g_i·g_j)`` without a sequence axis),
     or the inner products of the formed ``K × N`` per-example gradients where that is cheaper
     by shape; ``Σ_{t,s} [r_{i,t} = r_{j,s}] ⟨g_{i,t}, g_{j,s}⟩`` for an embedding lookup; the
-    cross terms between tied uses (:func:`jaxgrad.fast.rules.cross_gram`); the per-example
+    cross terms between tied uses (:func:`jaxgrad.fast.norms.cross_gram`); the per-example
     gradients of convolutions and of the exact fallback's leaves. The pairwise forms hold
     ``B² T²`` entries a batch of rows at a time, never a ``B × P`` array.
 

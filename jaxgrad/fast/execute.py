@@ -5,7 +5,8 @@
 and per leaf), the weighted sum ``Σ_i c_i ∇S_i``, the dots ``⟨∇S_i, v⟩`` and the blocks
 :func:`jaxgrad.fast.passes.gram` reads. A fast leaf's uses come in groups (see
 :class:`jaxgrad.fast.plan.Group`) with no cross terms between groups; each group is read by
-its route's rule (:mod:`jaxgrad.fast.rules`). A scaled leaf adds its normalisers' correction
+its route's rule (:mod:`jaxgrad.fast.rules`; the arithmetic in :mod:`jaxgrad.fast.norms` and
+:mod:`jaxgrad.fast.linear`). A scaled leaf adds its normalisers' correction
 (:class:`~jaxgrad.fast.operands.Normaliser`), a reparametrised leaf the transformation's VJP
 (:class:`Reparametrised`), an exact leaf its materialised per-example gradients.
 """
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrad.fast import analysis, reparam, rules, trace
+from jaxgrad.fast import analysis, linear, norms, rules, summed, trace
 from jaxgrad.fast import plan as plan_lib
 from jaxgrad.fast.capture import Captured
 from jaxgrad.fast.operands import Normaliser, Operands, factored, row_dots
@@ -147,22 +148,22 @@ class FastParts:
             return self.norm_use(group)
         block = self.group_block(j, group)
         if block[0] == "outer":
-            return rules.cross_norm_sq(block[1])
+            return norms.cross_norm_sq(block[1])
         return _row_sq(block[1], self.norm_dtype)
 
     def norm_use(self, group):
         """``‖∇S_i‖²`` through a group's one use, by its route."""
         ops, (u,), rule = self.ops, group.uses, group.rule
         if rule.how == "dense_masked":
-            return rules.masked_norm_sq(u.op, u.pos, ops.a_of(u), ops.g_of(u), ops.mask_of(u))
+            return norms.masked_norm_sq(u.op, u.pos, ops.a_of(u), ops.g_of(u), ops.mask_of(u))
         if rule.keep and (self.wants_weighted or rule.how == "grads"):
-            fn = lambda op, a, g: ops.masked(u, rules.per_example_grads(op, u.pos, a, g))
+            fn = lambda op, a, g: ops.masked(u, linear.per_example_grads(op, u.pos, a, g))
             if rule.per_step:  # one slice of the leaf per step: (steps, B, *slice)
                 self.formed[id(group)] = (self.per_step(fn, u), 1, u)
             else:
                 self.formed[id(group)] = (fn(u.op, ops.a_of(u), ops.g_of(u)), 0, u)
             grads, ex, _ = self.formed[id(group)]
-            sq = jnp.square(grads.astype(rules.acc_dtype(u.op)))
+            sq = jnp.square(grads.astype(linear.acc_dtype(u.op)))
             return jnp.sum(sq, axis=tuple(d for d in range(sq.ndim) if d != ex))
         if rule.per_step:  # one slice of the leaf per step: the steps' squared norms add
             fn = lambda op, a, g: rules.norm_sq(rule, op, u.pos, a, g)
@@ -176,7 +177,7 @@ class FastParts:
     def leaf_grads(self, j, use):
         """``(B, *leaf.shape)`` through one use."""
         ops = self.ops
-        g = ops.masked(use, rules.per_example_grads(use.op, use.pos, ops.a_of(use), ops.g_of(use)))
+        g = ops.masked(use, linear.per_example_grads(use.op, use.pos, ops.a_of(use), ops.g_of(use)))
         return jax.vmap(lambda x: _chain_transpose(self.program, use, self.like[j], x))(g)
 
     # --- Gram blocks ------------------------------------------------------------------------
@@ -188,7 +189,7 @@ class FastParts:
             u = group.uses[0]
             if plan_lib.masked(u):  # M ⊙ J_i: the formed gradients' inner products
                 grads = ops.masked(
-                    u, rules.per_example_grads(u.op, u.pos, ops.a_of(u), ops.g_of(u))
+                    u, linear.per_example_grads(u.op, u.pos, ops.a_of(u), ops.g_of(u))
                 )
                 return ("grads", grads)
             return ("use", u.kind, u.op, u.pos, ops.a_of(u), ops.g_of(u))
@@ -197,7 +198,7 @@ class FastParts:
             return (
                 "outer",
                 [
-                    rules.outer_factors(u.op, u.pos, perm, ndim, ops.a_of(u), ops.g_of(u))
+                    norms.outer_factors(u.op, u.pos, perm, ndim, ops.a_of(u), ops.g_of(u))
                     for u, perm in zip(group.uses, group.perms, strict=True)
                 ],
             )
@@ -261,21 +262,21 @@ class FastParts:
         """``Σ_i c_i ∇S_i`` through one use, on the arrays as captured."""
         ops, kept, g_use, axis = self.ops, self.cap.kept, self.cap.g_use, self.cap.axis
         if factored(u):  # Σ_i c_i op_Wᵀ(A_i, G_i), then the factors once: no scaled A or G
-            raw = rules.weighted_grad(u.op, u.pos, kept[u.key], g_use[u.key], c, axis=axis[u.key])
+            raw = linear.weighted_grad(u.op, u.pos, kept[u.key], g_use[u.key], c, axis=axis[u.key])
             return raw * ops.factors_on_operand(u).astype(raw.dtype)
-        if len(u.scans) > 1 or u.scale or u.select or reparam.refolded(u):
-            grad = rules.weighted_grad(u.op, u.pos, ops.a_of(u), ops.g_of(u), c)
+        if len(u.scans) > 1 or u.scale or u.select or summed.refolded(u):
+            grad = linear.weighted_grad(u.op, u.pos, ops.a_of(u), ops.g_of(u), c)
             return ops.masked(u, grad, examples=False)
         if trace.folds_steps(u):  # the step's convolution over (steps × B) images, c per step
             flat = lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
             steps = kept[u.key].shape[0]
             w = jnp.tile(c, steps)
-            return rules.weighted_grad(u.base, u.pos, flat(kept[u.key]), flat(g_use[u.key]), w)
+            return linear.weighted_grad(u.base, u.pos, flat(kept[u.key]), flat(g_use[u.key]), w)
         g = g_use[u.key]
         if u.scans and u.scans[0].step_axis:
             g = jnp.moveaxis(g, 0, 1 + u.scans[0].step_axis)  # (B at axis 0 after the move)
-            return rules.weighted_grad(u.op, u.pos, jnp.moveaxis(kept[u.key], 1, 0), g, c)
-        return rules.weighted_grad(u.op, u.pos, kept[u.key], g, c, axis=axis[u.key])
+            return linear.weighted_grad(u.op, u.pos, jnp.moveaxis(kept[u.key], 1, 0), g, c)
+        return linear.weighted_grad(u.op, u.pos, kept[u.key], g, c, axis=axis[u.key])
 
     # --- the dots ---------------------------------------------------------------------------
 
@@ -308,14 +309,14 @@ class FastParts:
         v_op = jax.jvp(chain, (zero,), (vj,))[1]
         if factored(u):  # ⟨(Π F) ⊙ ∇_{W_eff} S_i, v⟩ = ⟨∇_{W_eff} S_i, (Π F) ⊙ v⟩
             v_op = v_op * ops.factors_on_operand(u).astype(v_op.dtype)
-            return rules.dot(u.kind, u.op, u.pos, kept[u.key], g_use[u.key], v_op)
-        if len(u.scans) != 1 or u.split >= 0 or u.scale or u.select or reparam.refolded(u):
-            return rules.dot(u.kind, u.op, u.pos, ops.a_of(u), ops.g_of(u), v_op)
+            return linear.dot(u.kind, u.op, u.pos, kept[u.key], g_use[u.key], v_op)
+        if len(u.scans) != 1 or u.split >= 0 or u.scale or u.select or summed.refolded(u):
+            return linear.dot(u.kind, u.op, u.pos, ops.a_of(u), ops.g_of(u), v_op)
         # In one scan: Σ_t ⟨G_{t,i}, op(A_{t,i}, v_t)⟩ per step on the step equation, on the
         # step-major arrays as captured (no transpose to put the examples first).
         v_axis = 0 if u.scans[0].stacked else None  # a leaf scanned over: its slice per step
         per = jax.vmap(
-            lambda a, g, w: rules.dot(u.kind, u.base, u.pos, a, g, w), in_axes=(0, 0, v_axis)
+            lambda a, g, w: linear.dot(u.kind, u.base, u.pos, a, g, w), in_axes=(0, 0, v_axis)
         )(kept[u.key], g_use[u.key], v_op)
         return jnp.sum(per, axis=0)
 
@@ -329,7 +330,8 @@ class Reparametrised:
     factored by linearity: ``Σ_i c_i J_fᵀ ∇_i = J_fᵀ (Σ_i c_i ∇_i)`` and
     ``⟨J_fᵀ ∇_i, v⟩ = ⟨∇_i, J_f v⟩`` — where the VJP is linear (:attr:`linear`). A scaled
     weight (``θ' ⊙ Π F_k``) forms no ``∇_{W_eff} S_i``: θ is a fast leaf, and the factors
-    made of leaves get their per-example gradients from ``A``, ``G`` and ``θ'`` (:attr:`factor_grads`) for the same VJP.
+    made of leaves get their per-example gradients from ``A``, ``G`` and ``θ'``
+    (:attr:`factor_grads`) for the same VJP.
     """
 
     def __init__(self, fp: FastParts):

@@ -5,9 +5,10 @@ normalisation ``g · V / ‖V‖`` or weight standardisation inside a Flax or Eq
 ``W * M``, Flax's ``OptimizedLSTMCell`` concatenating its kernels. The result is the same at
 every step and for every example: an example-independent transformation ``W_eff = f(θ)``
 written inside the loop. Moved before the loop (its values become new consts of the scan),
-it is an ordinary top-level transformation, read by :mod:`jaxgrad.fast.reparam` (scaled,
-selected, or through ``f``'s VJP) with its uses in the loop's body; left in the body, the
-parameter would be "used by `mul`" there and take the exact fallback.
+it is an ordinary top-level transformation, read by :mod:`jaxgrad.fast.reparam` (scaled or
+selected, :mod:`jaxgrad.fast.scaled`, or through ``f``'s VJP) with its uses in the loop's
+body; left in the body, the parameter would be "used by `mul`" there and take the exact
+fallback.
 
 :func:`hoist_invariants` moves, from every scan body (at the top level or in another scan's
 body, at any depth, the inner loops first), the equations that

@@ -4,7 +4,7 @@
 and reads them for the rules: examples first, each scan's steps where the use's lift put
 them (:func:`jaxgrad.fast.trace.lift_over_steps`), the slice a concatenated block meets.
 
-A *scaled* effective weight ``W_eff = (θ' - m) ⊙ Π_k F_k`` (:class:`jaxgrad.fast.reparam.Scale`)
+A *scaled* effective weight ``W_eff = (θ' - m) ⊙ Π_k F_k`` (:class:`jaxgrad.fast.scaled.Scale`)
 keeps θ on its uses' own routes: each factor ``F_k`` sits on one side of the use and is
 folded in where it meets the use's arrays — side ``"a"`` into ``A``, ``"g"`` into ``G``,
 ``"w"`` a full mask ``M`` on the operand (``M ⊙ J_i``), ``"i"`` the rows a lookup reads
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrad.fast import analysis, reparam, rules, trace
+from jaxgrad.fast import analysis, linear, scaled, summed, trace
 from jaxgrad.fast.capture import Captured
 from jaxgrad.fast.program import Const, Var, eval_known
 
@@ -68,7 +68,7 @@ def _scale_refs(an: analysis.Analysis) -> list:
 class Operands:
     """One pass's captured ``A`` and ``G`` of every use, read as the rules take them.
 
-    The factors of scaled effective weights ``W_eff = θ' ⊙ Π F_k`` (see ``reparam.Scale``)
+    The factors of scaled effective weights ``W_eff = θ' ⊙ Π F_k`` (see ``scaled.Scale``)
     are evaluated once: each scales ``A`` or ``G`` of the uses of ``W_eff``, which are then
     the uses of the leaf θ.
 
@@ -85,8 +85,8 @@ class Operands:
         n = an.num_params
         # The leaves every factor and θ' term is made of (the exact leaves are per example).
         self.known = {self.program.invars[j]: leaves[j] for j in range(n) if j not in an.exact}
-        # Folded uses of summed weights (reparam.Fold) read M from the same one evaluation.
-        refs = list(dict.fromkeys([*refs, *reparam.fold_refs(an.fast)]))
+        # Folded uses of summed weights (summed.Fold) read M from the same one evaluation.
+        refs = list(dict.fromkeys([*refs, *summed.fold_refs(an.fast)]))
         self.values = dict(zip(refs, eval_known(self.program, self.known, refs), strict=True))
         self.products: dict = {}  # use -> op(A', θ'), shared by every factor of G of the use
 
@@ -96,7 +96,7 @@ class Operands:
         """``A`` examples first, with the use's factors of ``A``."""
         a = trace.fold_steps(u, jnp.moveaxis(self.kept[u.key], self.axis[u.key], 0), "a")
         a = selected(self.scaled(a, u, "a"), u, "a")
-        return reparam.folded(u, "a", a, self.values)
+        return summed.folded(u, "a", a, self.values)
 
     def g_plain(self, u):
         """The cotangent in the lifted equation's layout, examples first."""
@@ -114,7 +114,7 @@ class Operands:
         """... with a scaled use's factors of ``G`` (at every step: lifted layout)."""
         g, f = self.g_plain(u), self.indexed(u)  # (a lookup's factors, gathered at its rows)
         g = self.scaled(g, u, "g") if f is None else g * f.astype(g.dtype)
-        return reparam.folded(u, "g", selected(g, u, "g"), self.values)
+        return summed.folded(u, "g", selected(g, u, "g"), self.values)
 
     # --- the factors of a scaled use ----------------------------------------------------------
 
@@ -151,7 +151,7 @@ class Operands:
         k = 0 if sc.side == "a" else 1  # operand axis -> the A (or G) axis it meets
         to_op = {
             (ax[k] if kind == "ag" else ax): d
-            for d, (kind, ax) in reparam._use_axes(u.op, u.pos).items()
+            for d, (kind, ax) in scaled._use_axes(u.op, u.pos).items()
             if sc.side in kind
         }
         ops = [to_op[t] for t in sc.dims]
@@ -179,8 +179,8 @@ class Operands:
         """A lookup's indices and cotangents, out-of-bounds lookups' zeroed."""
         a = jnp.moveaxis(self.kept[u.key], self.axis[u.key], 0)
         g = jnp.moveaxis(self.g_use[u.key], self.axis[u.key], 0)
-        idx, _, y = rules.gather_rows(u.op, a, g)
-        return rules.idx_restore(u.op, idx), rules.g_restore(u.op, y)
+        idx, _, y = linear.gather_rows(u.op, a, g)
+        return linear.idx_restore(u.op, idx), linear.g_restore(u.op, y)
 
     def indexed(self, u, skip=None):
         """``(B, *out)``: a lookup's factors (side ``"i"``) at its rows, or None."""
@@ -188,7 +188,7 @@ class Operands:
         for q, sc in enumerate(u.scale):
             if sc.side == "i" and q != skip:
                 f = _full(sc, self.factor_value(sc), shape).astype(u.op.in_avals[0].dtype)
-                x = jax.vmap(lambda a_i, f=f: rules._bind(u.op, 0, f, a_i))(self.lookups(u)[0])
+                x = jax.vmap(lambda a_i, f=f: linear._bind(u.op, 0, f, a_i))(self.lookups(u)[0])
                 out = x if out is None else out * x
         return out
 
@@ -202,7 +202,7 @@ class Operands:
         x = self.factor_value(sc)
 
         def one(a_i, g_i):
-            f = lambda x: rules._bind(u.op, 0, (rest * _full(sc, x, shape)).astype(w.dtype), a_i)
+            f = lambda x: linear._bind(u.op, 0, (rest * _full(sc, x, shape)).astype(w.dtype), a_i)
             _, vjp = jax.vjp(f, x)
             return vjp(g_i.astype(w.dtype))[0]
 
@@ -256,12 +256,12 @@ class Operands:
 
 def _op(u: trace.Use, w, a):
     """``op(A_i, w)`` for every example's ``A_i`` (``a``, examples first)."""
-    return jax.vmap(lambda a_i: rules._bind(u.op, u.pos, w, a_i))(a)
+    return jax.vmap(lambda a_i: linear._bind(u.op, u.pos, w, a_i))(a)
 
 
 class Normaliser:
     """The share of a scaled leaf's gradient through its normalisers (``Scale.own``, see
-    :mod:`jaxgrad.fast.reparam`).
+    :mod:`jaxgrad.fast.scaled`).
 
     ``W_eff = θ' ⊙ S ⊙ Π_x F(x)`` with ``x = h(θ)`` per channel (``1/‖V_o‖`` of weight
     normalisation): ``∇_θ S_i = P_i + Σ_x J_xᵀ r_{x,i}``, where ``P_i`` is the gradient

@@ -17,7 +17,7 @@ and the factors :func:`gram` reads the Gram matrix ``⟨∇S_i, ∇S_j⟩`` from
   parameters (an example-independent transformation ``W_eff = f(θ)`` before ordinary uses)
   get ``f``'s VJP of the effective weight's per-example gradient; a *scaled* weight
   ``(θ' - m) ⊙ Π F_k`` keeps θ on its uses' own routes with the factors folded into ``A`` or
-  ``G`` (:class:`jaxgrad.fast.reparam.Scale`, :mod:`jaxgrad.fast.operands`).
+  ``G`` (:class:`jaxgrad.fast.scaled.Scale`, :mod:`jaxgrad.fast.operands`).
 
 ``per_example_dots`` needs neither where forward mode can differentiate the loss:
 :func:`forward_dots` is ``jax.jvp`` of the per-example losses along ``v``, one forward pass
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgrad import reduce
-from jaxgrad.fast import analysis, capture, execute, rules
+from jaxgrad.fast import analysis, capture, execute, norms, rules
 from jaxgrad.fast import plan as plan_lib
 from jaxgrad.fast.operands import Normaliser, row_dots
 from jaxgrad.fast.program import shape_struct, trace_program
@@ -110,7 +110,7 @@ def gram(p: Parts, q: Parts) -> jax.Array:
 
     The parameters' groups of uses add (uses reading disjoint blocks have no cross terms);
     each group's block is the rule's pairwise form: :func:`jaxgrad.fast.rules.gram` for one
-    use, :func:`jaxgrad.fast.rules.cross_gram` for tied uses in outer form, the inner
+    use, :func:`jaxgrad.fast.norms.cross_gram` for tied uses in outer form, the inner
     products of per-example gradients otherwise. Padded rows and columns are 0.
     """
     left = p.blocks()
@@ -118,13 +118,13 @@ def gram(p: Parts, q: Parts) -> jax.Array:
     total = 0
     for bp, bq in zip(left, right, strict=True):
         if bp[0] == "grads":
-            block = rules.grads_gram(bp[1], bq[1])
+            block = norms.grads_gram(bp[1], bq[1])
         elif bp[0] == "use":
             block = rules.gram(*bp[1:], *bq[4:])
         elif bp[0] == "normaliser":
             block = Normaliser.gram(bp[1], bq[1])
         else:
-            block = rules.cross_gram(bp[1], bq[1])
+            block = norms.cross_gram(bp[1], bq[1])
         total = total + block
     # (A padded row's cotangents G_i and exact gradients are zeros: its row and column are 0.)
     return jnp.asarray(total, jnp.result_type(p.norm_sq))

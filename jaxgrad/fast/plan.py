@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgrad import reduce
-from jaxgrad.fast import analysis, rules, trace
+from jaxgrad.fast import analysis, linear, norms, rules, trace
 from jaxgrad.fast.program import Program, Var, program_aval_in, source_line
 from jaxgrad.grads import check_loss_args, check_loss_fn
 
@@ -90,8 +90,8 @@ def dots_route(program: Program) -> DotsRoute:
     * the program binds a primitive ``jax.jvp`` cannot differentiate, a ``custom_vjp`` call
       (:func:`jaxgrad.fast.trace.forward_differentiable`); or
     * a convolution (at the top level) whose kernel carries a tangent reads an input with
-      fewer than :data:`jaxgrad.fast.rules.DOT_OFFSET_CHANNELS` channels (a grey or RGB
-      image; :func:`jaxgrad.fast.rules.conv_dot_offsets`). Forward mode's work is the
+      fewer than :data:`jaxgrad.fast.linear.DOT_OFFSET_CHANNELS` channels (a grey or RGB
+      image; :func:`jaxgrad.fast.linear.conv_dot_offsets`). Forward mode's work is the
       factored route's ``op(A_i, V)`` for every use, less the backward pass, except there:
       its tangent ``conv(x, V)`` is a second run of a convolution XLA:CPU is slow at, which
       the factored route replaces by products per kernel offset (the benchmark CNN's
@@ -110,11 +110,11 @@ def dots_route(program: Program) -> DotsRoute:
         if (
             e.primitive.name == "conv_general_dilated"
             and isinstance(e.ins[1], Var)
-            and rules.conv_dot_offsets(e, 1)
+            and linear.conv_dot_offsets(e, 1)
         ):
             return DotsRoute(
                 "factored",
-                f"a convolution of an input with fewer than {rules.DOT_OFFSET_CHANNELS} "
+                f"a convolution of an input with fewer than {linear.DOT_OFFSET_CHANNELS} "
                 f"channels at {source_line(e) or 'the top level'}: its tangent conv(x, V) "
                 "would be slow, its factored dot goes by kernel offsets",
             )
@@ -204,7 +204,7 @@ def _level_name(lv: trace.Level) -> str:
 
 def _scale_prefix(uses) -> str:
     """For the uses of a scaled leaf (``W_eff = θ' ⊙ Π F_k``, see
-    :class:`jaxgrad.fast.reparam.Scale`): where the factors went."""
+    :class:`jaxgrad.fast.scaled.Scale`): where the factors went."""
     sides = {sc.side for u in uses for sc in u.scale}
     if not any(u.scale for u in uses):
         return ""
@@ -243,7 +243,7 @@ def _select_prefix(uses) -> str:
 
 def _fold_prefix(uses) -> str:
     """For the uses of a leaf through a summed effective weight (see
-    :class:`jaxgrad.fast.reparam.Fold`): which part it is and where its matrix went."""
+    :class:`jaxgrad.fast.summed.Fold`): which part it is and where its matrix went."""
     whats = list(dict.fromkeys(u.fold.what for u in uses if u.fold is not None))
     if not whats:
         return ""
@@ -286,9 +286,9 @@ def _group(an: analysis.Analysis, uses: list, shape: tuple) -> Group:
     perms = tuple(trace.use_perm(an.program, u, len(shape)) for u in uses)
     cplx = _scale_prefix(uses) + _select_prefix(uses) + _fold_prefix(uses) + _complex_prefix(uses)
     if not any(map(masked, uses)) and all(
-        rules.has_outer_form(u.op, u.pos, p, len(shape)) for u, p in zip(uses, perms, strict=True)
+        norms.has_outer_form(u.op, u.pos, p, len(shape)) for u, p in zip(uses, perms, strict=True)
     ):
-        ts = [rules.outer_positions(u.op, u.pos) for u in uses]
+        ts = [norms.outer_positions(u.op, u.pos) for u in uses]
         label = f"tied, {len(ts)} uses: {cplx}cross terms of Σ_t x_t⊗y_t"
         return Group(tuple(uses), "outer", perms, label, sum(ts) ** 2)
     label = f"tied, {len(uses)} uses: {cplx}per-example gradient"
@@ -354,7 +354,7 @@ def routes(an: analysis.Analysis, shapes: list) -> tuple:
             sizes = sum(math.prod(eff_shapes[v]) for v in formed)
             forms = ", ".join(
                 dict.fromkeys(
-                    rules.per_example_grads_route(u.kind, u.op, u.pos)
+                    linear.per_example_grads_route(u.kind, u.op, u.pos)
                     for v in formed
                     for u in an.uses[an.num_params + v]
                 )

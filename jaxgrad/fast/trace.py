@@ -145,7 +145,7 @@ class Use:
     # along ``axis`` that meets the leaf's block; ``op`` is then the use on that block alone.
     select: tuple = ()
     # For the use of a leaf through a *summed* effective weight (``W_eff = θ' + ...`` or
-    # ``θ' @ M + ...``, see :class:`jaxgrad.fast.reparam.Fold`): the part it sits in, and
+    # ``θ' @ M + ...``, see :class:`jaxgrad.fast.summed.Fold`): the part it sits in, and
     # for ``θ' @ M`` how ``M`` is folded into ``A`` or ``G`` (``op`` is then the use of θ').
     fold: Any = None
 

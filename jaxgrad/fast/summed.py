@@ -1,0 +1,376 @@
+"""Summed weights: effective weights that are sums of parts each linear in one leaf.
+
+Where an effective weight is a sum of parts each linear in one leaf (:class:`Fold`,
+:func:`summed_weights`), a part ``θ'`` whose Jacobian is the identity (read off the equation's
+JVP, :func:`identity_tangent`: the straight-through estimator
+``W + stop_gradient(q(W) - W)``, ``W0`` of ``W0 + A @ B``) gives its leaf the uses as they
+are, and a part ``θ' · M`` (LoRA's ``A @ B``) the dense uses with ``M`` folded into ``A``
+or ``G`` (:func:`_folded_use`); the pass reads a folded use's ``A`` and ``G`` through
+:func:`folded`. No per-example ``∇_{W_eff}`` is formed.
+
+The transformation these are read from, and what they share with scaled and selected
+weights (:mod:`jaxgrad.fast.scaled`), are :mod:`jaxgrad.fast.reparam`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from typing import Any
+
+import jax
+
+from jaxgrad.fast.program import Const, Eqn, Program, Var, flat_jaxpr, shaped
+from jaxgrad.fast.reparam import alias_of_leaf, closed, lead_chain
+from jaxgrad.fast.trace import Use, use_perm
+
+
+@dataclasses.dataclass(frozen=True)
+class Fold:
+    """How a use of a *summed* effective weight ``W_eff = Σ_p T_p`` (every part linear in
+    one leaf, the rest of ``W_eff`` carrying no gradient to it) is a fast use of that leaf θ.
+
+    * ``T = θ'`` (an alias of θ): the Jacobian of ``W_eff`` with respect to θ' is the
+      identity, so ``∇_θ' S_i = ∇_{W_eff} S_i``: the use as it is, with another forward
+      value. Fake quantisation's straight-through estimator
+      ``W + stop_gradient(q(W) - W)``, a ``custom_jvp`` whose tangent map is the identity,
+      and ``W0`` of a merged LoRA ``W0 + A B`` are of this form (no ``a``, ``g``).
+    * ``T = θ' · M`` (a ``dot_general`` with an example-independent ``M``: another leaf,
+      a constant, a value with no gradient): for a dense use ``op(X, W_eff)``,
+      ``op(X, θ' · M)`` is bilinear in ``(X, θ')`` once ``M`` is contracted with ``X``
+      (``A' = X · M``, einsum ``a``) or with the output (``G' = G · Mᵀ``, einsum ``g``, the
+      transpose of the map from the smaller output ``Z = op'(X, θ')`` to the use's): the
+      leaf's use is ``op'`` on ``(A', θ')`` with cotangent ``G'``, every rule of a dense use
+      applies, and no ``B × |W_eff|`` array is formed. Merged LoRA: ``∇_A S_i =
+      X_iᵀ (G_i Bᵀ)`` (``B`` folded into ``G``), ``∇_B S_i = (X_i A)ᵀ G_i`` (``A`` into ``A``).
+
+    ``what`` says which (for the plan); ``ref`` is ``M``; ``a`` and ``g`` are ``jnp.einsum``
+    specs on one example's ``A`` (with ``M``) and ``G`` (with ``M``, or a transpose alone),
+    ``""`` for none, the example axes as ``...``.
+    """
+
+    what: str
+    ref: Any = None  # Var | Const
+    a: str = ""
+    g: str = ""
+    # Scalars with no gradient the part is multiplied by, ``(ref, inverse)``: on ``G``.
+    scales: tuple = ()
+
+    @property
+    def active(self) -> bool:
+        """Whether ``A`` or ``G`` is changed (``op`` is not the use's own equation)."""
+        return bool(self.a or self.g or self.scales)
+
+    def apply(self, side: str, x, m):
+        """``A`` (``side="a"``) or ``G`` (``"g"``), examples first, with ``M = m`` folded."""
+        spec = self.a if side == "a" else self.g
+        if not spec:
+            return x
+        ops = (x, m) if "," in spec else (x,)
+        return jax.numpy.einsum(spec, *ops, precision=jax.lax.Precision.HIGHEST)
+
+
+def refolded(u: Use) -> bool:
+    """Whether a use's ``A`` or ``G`` is folded with a matrix (:class:`Fold`): its ``op`` is
+    then not the captured equation's, and ``A``, ``G`` must be read through :func:`folded`."""
+    return u.fold is not None and u.fold.active
+
+
+def fold_refs(uses: dict) -> list:
+    """The values the folded uses among ``uses`` (leaf -> [Use]) read their matrices ``M``
+    and scalars from, once each (evaluated with the scaled uses' factors)."""
+    refs = [r for us in uses.values() for u in us if refolded(u)
+            for r in (u.fold.ref, *(ref for ref, _ in u.fold.scales))]  # fmt: skip
+    return list(dict.fromkeys(r for r in refs if isinstance(r, Var)))
+
+
+def folded(u: Use, side: str, x, values: dict):
+    """``A`` (``side="a"``) or ``G`` (``"g"``) of use ``u``, examples first, with its fold's
+    ``M`` applied (unchanged for a use that is not folded); ``values`` holds the
+    :func:`fold_refs`' values."""
+    if not refolded(u):
+        return x
+    value = lambda r: r.value if isinstance(r, Const) else values[r]
+    x = u.fold.apply(side, x, None if u.fold.ref is None else value(u.fold.ref))
+    for ref, inverse in u.fold.scales if side == "g" else ():
+        c = value(ref)
+        x = x * (1 / c if inverse else c)
+    return x
+
+
+def identity_tangent(e: Eqn, q: int) -> bool:
+    """Whether equation ``e``'s linear part with respect to operand ``q`` (the others held,
+    no gradient reaching them) is the identity map: its JVP, traced with the other operands'
+    tangents zero, returns the input tangent itself (through same-dtype copies only).
+
+    Decided from the linearisation, not the primitive's name: ``θ + c`` and ``θ - c`` for
+    a ``c`` with no gradient, a ``custom_jvp`` rule ``(q(θ), t)`` (a straight-through
+    rounding), ``jnp.round(θ)``'s own JVP (zero) is not.
+    """
+    if len(e.outs) != 1 or tuple(e.in_avals[q].shape) != tuple(e.out_avals[0].shape):
+        return False
+    if e.in_avals[q].dtype != e.out_avals[0].dtype:
+        return False
+    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in e.in_avals]
+
+    def tangent(*args):
+        ops, t = list(args[:-1]), args[-1]
+
+        def f(x):
+            ins = [*ops[:q], x, *ops[q + 1 :]]
+            y = e.primitive.bind(*ins, **e.primitive.get_bind_params(e.params))
+            return y[0] if e.primitive.multiple_results else y
+
+        return jax.jvp(f, (ops[q],), (t,))[1]
+
+    try:
+        lin = flat_jaxpr(jax.make_jaxpr(tangent)(*structs, structs[q]))
+    except Exception:  # (a primitive that cannot be re-bound abstractly: not known)
+        return False
+    producer = {o: k for k, x in enumerate(lin.eqns) for o in x.outs}
+    r = lin.outs[0]
+    while isinstance(r, Var) and r in producer:
+        x = lin.eqns[producer[r]]
+        same = x.in_avals[0].dtype == x.out_avals[0].dtype
+        if x.primitive.name not in ("copy", "copy_p", "convert_element_type") or not same:
+            return False
+        r = x.ins[0]
+    return r == lin.invars[-1]
+
+
+def _summands(program: Program, producer: dict, deps: dict, n: int, ref):
+    """``ref`` as a sum of parts each linear in one leaf: ``(parts, straight)`` with parts
+    ``("id", (leaf, chain), scales)`` (``θ'``) or ``("dot", k, scales)`` (equation ``k``, a
+    ``dot_general`` of aliases of leaves, each times scalars with no gradient, and values
+    with no gradient), each times the
+    scalars ``scales`` (``(ref, inverse)``: ``alpha / r * (A @ B)``, ``W0 - A @ B``) that
+    carry no gradient; ``straight`` when a part carries a value with no gradient (a
+    straight-through estimator); None if not of that form."""
+    if not isinstance(ref, Var) or not deps.get(ref):
+        return [], False  # no gradient reaches a leaf through it
+    theta = alias_of_leaf(program, producer, n, ref)
+    if theta is not None:
+        return [("id", theta, ())], False
+    k = producer.get(ref)
+    if k is None:
+        return None
+    e = program.eqns[k]
+    grads = [i for i, r in enumerate(e.ins) if isinstance(r, Var) and deps.get(r)]
+    if e.primitive.name == "dot_general":
+        (_, (lb, _)) = e.params["dimension_numbers"]
+        leaves = [_scaled_alias(program, producer, deps, n, e.ins[i]) for i in grads]
+        return ([("dot", k, ())], False) if not lb and None not in leaves else None
+    shape = tuple(e.out_avals[0].shape)
+    name = e.primitive.name
+    scaled = lambda got, sc: None if got is None else (
+        [(kind, x, (*fs, sc)) for kind, x, fs in got[0]], got[1]
+    )  # fmt: skip
+    if name in ("add", "sub") and grads:
+        if any(tuple(e.in_avals[i].shape) != shape for i in grads):
+            return None  # (a gradient broadcast to the sum)
+        parts, straight = [], False
+        for i in grads:
+            got = _summands(program, producer, deps, n, e.ins[i])
+            if name == "sub" and i == 1:
+                got = scaled(got, (Const(-1.0), False))
+            if got is None:
+                return None
+            parts, straight = parts + got[0], straight or got[1]
+        # Straight-through: the value changed by one of the part's own leaves, with no
+        # gradient (θ + stop_gradient(q(θ) - θ)); else θ' + c.
+        rest = [r for i, r in enumerate(e.ins) if i not in grads]
+        own = {x[0] for kind, x, _ in parts if kind == "id"}
+        return parts, straight or bool(own & _read_leaves(program, producer, n, rest))
+    if name == "neg":
+        return scaled(_summands(program, producer, deps, n, e.ins[0]), (Const(-1.0), False))
+    if name in ("mul", "div") and len(grads) == 1 and (name == "mul" or grads == [0]):
+        q = grads[0]
+        if tuple(e.in_avals[1 - q].shape) == () and tuple(e.in_avals[q].shape) == shape:
+            inner = _summands(program, producer, deps, n, e.ins[q])
+            return scaled(inner, (e.ins[1 - q], name == "div"))  # (a scalar, no gradient)
+    if len(grads) == 1 and identity_tangent(e, grads[0]):
+        inner = _summands(program, producer, deps, n, e.ins[grads[0]])
+        if inner is None:
+            return None
+        # (as for a sum: a custom_jvp of θ alone, a straight-through rounding)
+        own = {x[0] for kind, x, _ in inner[0] if kind == "id"}
+        rest = [r for i, r in enumerate(e.ins) if i != grads[0]]
+        straight = not rest or bool(own & _read_leaves(program, producer, n, rest))
+        return inner[0], inner[1] or straight
+    return None
+
+
+def _scaled_alias(program: Program, producer: dict, deps: dict, n: int, ref):
+    """``((leaf, chain), scales)`` when ``ref`` is a parameter leaf through alias equations
+    times scalars with no gradient (``alpha / r * A`` as a factor of ``A @ B``: the scalars
+    of a bilinear part move to its result), else None."""
+    scales: list = []
+    while isinstance(ref, Var) and ref in producer:
+        e = program.eqns[producer[ref]]
+        grads = [i for i, r in enumerate(e.ins) if isinstance(r, Var) and deps.get(r)]
+        name = e.primitive.name
+        if name == "neg":
+            scales.append((Const(-1.0), False))
+        elif name in ("mul", "div") and len(grads) == 1 and (name == "mul" or grads == [0]):
+            q = grads[0]
+            if e.in_avals[1 - q].shape != () or e.in_avals[q].shape != e.out_avals[0].shape:
+                break
+            scales.append((e.ins[1 - q], name == "div"))
+        else:
+            break
+        ref = e.ins[grads[0] if name != "neg" else 0]
+    theta = alias_of_leaf(program, producer, n, ref)
+    return None if theta is None else (theta, tuple(scales))
+
+
+def _read_leaves(program: Program, producer: dict, n: int, refs) -> set:
+    """The parameter leaves the values ``refs`` are computed from (gradient or not)."""
+    out, seen, todo = set(), set(), [r for r in refs if isinstance(r, Var)]
+    while todo:
+        r = todo.pop()
+        if r in seen:
+            continue
+        seen.add(r)
+        if r in program.invars[:n]:
+            out.add(program.invars.index(r))
+        elif r in producer:
+            todo.extend(x for x in program.eqns[producer[r]].ins if isinstance(x, Var))
+    return out
+
+
+def _folded_use(program: Program, u: Use, e: Eqn, p: int, chain: tuple, what: str, scales):
+    """Use ``u`` of ``W_eff = ... + θ' · M + ...`` (``e`` the ``dot_general`` making the part,
+    ``θ' = e.ins[p]`` the alias of a leaf through ``chain``) as a use of that leaf: ``op`` on
+    ``θ'`` with ``M`` folded into ``A`` or ``G`` (see :class:`Fold`), or None where no fold is
+    written (a use that is not dense, batch axes, a chain that is not transposes only)."""
+    if u.kind != "dense" or u.split >= 0 or u.select or any(lv.stacked for lv in u.levels):
+        return None
+    ndim = len(e.out_avals[0].shape)
+    perm = use_perm(program, u, ndim)  # use operand axis i is W_eff axis perm[i]
+    (lc, rc), (lb, rb) = u.op.params["dimension_numbers"]
+    (ec0, ec1), (eb0, eb1) = e.params["dimension_numbers"]
+    if perm is None or lb or rb or eb0 or eb1:
+        return None
+    names = iter(string.ascii_letters)
+    pu, ou = u.pos, 1 - u.pos
+    lab = [[None] * len(a.shape) for a in u.op.in_avals]
+    for d0, d1 in zip(lc, rc, strict=True):
+        lab[0][d0] = lab[1][d1] = next(names)
+    lab = [[x or next(names) for x in side] for side in lab]
+    y = [x for q in (0, 1) for d, x in enumerate(lab[q]) if d not in (lc, rc)[q]]
+    x_lab, w_lab = lab[ou], lab[pu]
+    eff = [None] * ndim
+    for i, w in enumerate(perm):
+        eff[w] = w_lab[i]
+    rl = [[None] * len(a.shape) for a in e.in_avals]
+    for d0, d1 in zip(ec0, ec1, strict=True):
+        rl[0][d0] = rl[1][d1] = next(names)
+    free = [[d for d in range(len(rl[q])) if d not in (ec0, ec1)[q]] for q in (0, 1)]
+    for label, (side, d) in zip(eff, [(q, d) for q in (0, 1) for d in free[q]], strict=True):
+        rl[side][d] = label
+    t_lab, m_lab = rl[p], rl[1 - p]
+    m_free = [m_lab[d] for d in free[1 - p]]
+    sizes = {}
+    for labels, a in [*zip(lab, u.op.in_avals, strict=True), *zip(rl, e.in_avals, strict=True)]:
+        sizes.update(zip(labels, a.shape, strict=True))
+    j = "".join
+    if m_free and all(x in x_lab for x in m_free):  # M meets X: folded into A
+        kept = [x for x in x_lab if x not in m_lab] + [x for x in m_lab if x not in x_lab]
+        a_spec = f"...{j(x_lab)},{j(m_lab)}->...{j(kept)}"
+        side = "A"
+    elif all(x in y and x not in x_lab for x in m_free):  # M meets the output: into G
+        kept, a_spec, side = x_lab, "", "G"
+    else:
+        return None
+    ops = [None, None]
+    ops[ou], ops[pu] = kept, t_lab
+    shared = [x for x in ops[0] if x in ops[1]]
+    dn = (
+        (tuple(ops[0].index(x) for x in shared), tuple(ops[1].index(x) for x in shared)),
+        ((), ()),
+    )
+    z = [x for q in (0, 1) for x in ops[q] if x not in shared]
+    if side == "G":
+        g_spec = f"...{j(y)},{j(m_lab)}->...{j(z)}"
+        if not set(z) <= set(y) | set(m_lab):
+            return None
+    else:
+        g_spec = "" if z == y else f"...{j(y)}->...{j(z)}"
+        if sorted(z) != sorted(y):
+            return None
+    avals = [
+        shaped(tuple(sizes[x] for x in o), a.dtype) for o, a in zip(ops, u.op.in_avals, strict=True)
+    ]
+    out = [shaped(tuple(sizes[x] for x in z), u.op.out_avals[0].dtype)]
+    params = {**u.op.params, "dimension_numbers": dn}
+    op = dataclasses.replace(u.op, params=params, in_avals=avals, out_avals=out)
+    fold = Fold(f"{what} (folded into {side})", e.ins[1 - p], a_spec, g_spec, scales)
+    if u.site == "":
+        return dataclasses.replace(u, op=op, chain=chain, fold=fold)
+    nest = tuple(dataclasses.replace(lv, chain=()) for lv in u.nest)
+    return dataclasses.replace(u, op=op, chain=(), pre_chain=chain, nest=nest, fold=fold)
+
+
+def summed_weights(program: Program, n: int, outputs, deps: dict, uses: dict, skip) -> tuple:
+    """Effective weights that are sums of parts each linear in one leaf (see :class:`Fold`):
+    ``(leaf -> [Use], the effective weights taken)`` for the leaves whose every used
+    effective weight is one of these.
+
+    ``W_eff = θ' + c`` (``c`` with no gradient, any number of identity-Jacobian steps:
+    the straight-through estimator), ``W0 + A @ B`` (merged LoRA; ``W0`` as it is, ``A`` and
+    ``B`` folded; ``W0 + alpha / r * (A @ B)``, ``W0 - A @ B``: each part times scalars with
+    no gradient, folded into ``G``): each part's leaf gets the uses of
+    ``W_eff``, as they are (``θ'``, any fast use outside a scanned-over slice; a lookup at
+    the top level only) or folded (``θ' · M``, a dense use, see :func:`_folded_use`). A
+    leaf in several parts or weights has every one (tied uses).
+    """
+    producer = {o: k for k, e in enumerate(program.eqns) for o in e.outs}
+    found: dict = {}  # v -> [(leaf, [Use])]
+    for v, out in enumerate(outputs):
+        us = uses.get(n + v, [])
+        got = _summands(program, producer, deps, n, out) if us and v not in skip else None
+        if not got or not got[0]:
+            continue
+        parts, straight = got
+        per, ok = [], True
+        for kind, x, scales in parts:
+            times = " times a scalar" if scales else ""
+            if kind == "id":
+                plain = all(
+                    u.split < 0
+                    and not any(lv.stacked for lv in u.levels)
+                    and (u.kind != "gather" or (u.site == "" and not scales))
+                    for u in us
+                )
+                what = "straight-through" if straight else "a summand"
+                fold = Fold(f"{what} (identity Jacobian{times})", scales=scales)
+                per.append(
+                    (x[0], [dataclasses.replace(lead_chain(u, x[1]), fold=fold) for u in us])
+                )
+                ok = ok and plain
+                continue
+            e = program.eqns[x]
+            for p in (0, 1):
+                got = _scaled_alias(program, producer, deps, n, e.ins[p])
+                if got is None:
+                    continue
+                theta, own = got
+                m = e.ins[1 - p]
+                is_leaf = _scaled_alias(program, producer, deps, n, m) is not None
+                own = (*scales, *own)  # (M's scalars are in its value)
+                times = " times a scalar" if own else ""
+                what = (
+                    f"times {'a parameter' if is_leaf else 'an example-independent'} matrix "
+                    f"on the {'right' if p == 0 else 'left'}{times}"
+                )
+                folded = [_folded_use(program, u, e, p, theta[1], what, own) for u in us]
+                ok = ok and None not in folded
+                per.append((theta[0], folded))
+        if ok:
+            found[v] = per
+    found = closed(found, deps, outputs, uses, n)
+    out: dict = {}
+    for per in found.values():
+        for j, us in per:
+            out.setdefault(j, []).extend(us)
+    return out, tuple(found)
