@@ -107,7 +107,7 @@ def _exact_on_one_pass(loss, params, batch, mask):
     pass (the parts ``per_example_norms``, ``clipped_grad``, ``per_example_dots`` and
     ``gradient_gram`` read), against ``vmap(grad)`` in float64."""
     summed = lambda p, ex: reduce.as_sum_count(loss(p, ex))[0]
-    j = jax.vmap(jax.grad(summed), in_axes=(None, 0))(params, batch)
+    j = jax.jit(jax.vmap(jax.grad(summed), in_axes=(None, 0)))(params, batch)
     j = np.concatenate([np.reshape(x, (x.shape[0], -1)) for x in jax.tree.leaves(j)], axis=1)
     j = j * np.asarray(mask)[:, None]
     norms = np.linalg.norm(j, axis=1)

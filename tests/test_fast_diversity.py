@@ -11,7 +11,7 @@ import jaxgrad
 
 def _reference(loss_fn, params, batch, mask):
     """Materialised per-example gradients (vmap(grad)) of the real rows, reduced by NumPy."""
-    grads = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(params, batch)
+    grads = jax.jit(jax.vmap(jax.grad(loss_fn), in_axes=(None, 0)))(params, batch)
     g = np.concatenate(
         [np.reshape(x, (x.shape[0], -1)) for x in jax.tree_util.tree_leaves(grads)], axis=1
     )[np.asarray(mask)]

@@ -19,7 +19,9 @@ from jaxgrad.fast import linear, norms
 def _vmap_grads(loss, params, batch, args=()):
     """``(B, P)`` per-example gradients of the loss sums by ``jax.vmap(jax.grad(...))``."""
     summed = lambda p, ex: reduce.as_sum_count(loss(p, ex, *args))[0]
-    g = jax.vmap(jax.grad(summed), in_axes=(None, 0))(params, batch)
+    # jitted: one XLA program, where eager vmap(grad) compiles every primitive on its own
+    # (a transformer's reference took 12 s of compilation eagerly, 4 s as one program)
+    g = jax.jit(jax.vmap(jax.grad(summed), in_axes=(None, 0)))(params, batch)
     leaves = jax.tree_util.tree_leaves(g)
     return np.concatenate([np.reshape(x, (x.shape[0], -1)) for x in leaves], axis=1)
 
@@ -48,31 +50,39 @@ def check(loss, params, batch, *, mask=None, args=(), units=None, chunk_size=Non
     units = np.arange(size)[::-1] // 2 if units is None else np.asarray(units)
     ref = _reference_tree(params)
     kw = {"chunk_size": chunk_size}
-
-    dots = jaxgrad.per_example_dots(loss, **kw)(params, batch, mask, *args, reference=ref)
-    assert_rel_close(dots, j @ _flat(ref))
-
-    gram = jaxgrad.gradient_gram(loss, **kw)(params, batch, mask, *args)
-    assert_rel_close(gram, j @ j.T)
-    norms = jaxgrad.per_example_norms(loss, **kw)(params, batch, mask, *args)
-    assert_rel_close(np.diag(gram), np.asarray(norms) ** 2)
-
     unit_grads = _unit_sums(j, units, m)
     unit_norms = np.linalg.norm(unit_grads, axis=1)
-    got = jaxgrad.per_example_norms(loss, **kw)(
-        params, batch, mask, *args, units=jnp.asarray(units)
-    )
-    assert_rel_close(got, unit_norms)
+    real = unit_norms[m]
+    clip = float(np.median(real[real > 0]))
+
+    # The five results of one jitted function: XLA compiles one program, not five (the
+    # strategies' own jits are inlined; the passes they share are traced once per use but
+    # compiled together: 20 s of compilation became 8 s for the transformer). Their eager
+    # input checks have tests of their own (test_bad_units_and_references_are_named, ...).
+    def results(params, batch, mask, args, units):
+        clipped = jaxgrad.clipped_grad(loss, l2_clip=clip, reduction="sum", return_norms=True, **kw)
+        return {
+            "dots": jaxgrad.per_example_dots(loss, **kw)(params, batch, mask, *args, reference=ref),
+            "gram": jaxgrad.gradient_gram(loss, **kw)(params, batch, mask, *args),
+            "norms": jaxgrad.per_example_norms(loss, **kw)(params, batch, mask, *args),
+            "unit_norms": jaxgrad.per_example_norms(loss, **kw)(
+                params, batch, mask, *args, units=units
+            ),
+            "clipped": clipped(params, batch, mask, *args, units=units),
+        }
+
+    got = jax.jit(results)(params, batch, mask, args, jnp.asarray(units))
+    assert_rel_close(got["dots"], j @ _flat(ref))
+    assert_rel_close(got["gram"], j @ j.T)
+    assert_rel_close(np.diag(got["gram"]), np.asarray(got["norms"]) ** 2)
+    assert_rel_close(got["unit_norms"], unit_norms)
 
     # Each unit's sum clipped once: Σ_u min(1, C/‖U_u‖) U_u, a unit of k rows counted k times
     # in unit_grads (once per member row), hence the division by its size.
-    real = unit_norms[m]
-    clip = float(np.median(real[real > 0]))
     sizes = np.maximum(np.sum((units[:, None] == units[None, :]) & m[None, :], axis=1), 1)
     factors = np.where(unit_norms > clip, clip / np.maximum(unit_norms, 1e-300), 1.0) * m
     expected = (factors / sizes) @ unit_grads
-    f = jaxgrad.clipped_grad(loss, l2_clip=clip, reduction="sum", return_norms=True, **kw)
-    total, clipped_norms = f(params, batch, mask, *args, units=jnp.asarray(units))
+    total, clipped_norms = got["clipped"]
     assert_rel_close(_flat(total), expected)
     assert_rel_close(clipped_norms, unit_norms)
     return j

@@ -40,7 +40,7 @@ def _loss_sum(loss, args):
 
 def _reference(loss, params, batch, mask, args):
     """Per-example gradients ``(B, P)`` by ``vmap(grad)``, padded rows zero."""
-    grads = jax.vmap(jax.grad(_loss_sum(loss, args)), in_axes=(None, 0))(params, batch)
+    grads = jax.jit(jax.vmap(jax.grad(_loss_sum(loss, args)), in_axes=(None, 0)))(params, batch)
     flat = np.concatenate(
         [np.asarray(g).reshape(B, -1) for g in jax.tree_util.tree_leaves(grads)], axis=1
     )
