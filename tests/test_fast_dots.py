@@ -62,7 +62,11 @@ def check(loss, params, batch, *, mask=None, args=(), units=None, chunk_size=Non
     def results(params, batch, mask, args, units):
         clipped = jaxgrad.clipped_grad(loss, l2_clip=clip, reduction="sum", return_norms=True, **kw)
         return {
-            "dots": jaxgrad.per_example_dots(loss, **kw)(params, batch, mask, *args, reference=ref),
+            # factored: this file checks the fast routes' dots (rules' ⟨G_i, op(A_i, V)⟩);
+            # "auto"'s forward mode has its own tests (test_dots_forward.py)
+            "dots": jaxgrad.per_example_dots(loss, method="factored", **kw)(
+                params, batch, mask, *args, reference=ref
+            ),
             "gram": jaxgrad.gradient_gram(loss, **kw)(params, batch, mask, *args),
             "norms": jaxgrad.per_example_norms(loss, **kw)(params, batch, mask, *args),
             "unit_norms": jaxgrad.per_example_norms(loss, **kw)(
