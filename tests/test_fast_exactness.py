@@ -471,28 +471,3 @@ def test_nonlinear_custom_vjp_in_a_scan_body_on_tied_uses_and_a_custom_jvp_deriv
     v = jax.tree_util.tree_map(lambda x: _normal(rng, *x.shape), params)
     dots = jaxgrad.per_example_dots(loss)  # the factored route: jax.jvp takes no custom_vjp
     _close(dots(params, batch, jnp.asarray(mask), reference=v), grads @ _flat(v))
-
-
-@pytest.mark.xfail(strict=True, reason="known defect: the pass evaluates `fun`, grad the rule")
-def test_a_custom_derivative_of_parameters_alone_whose_rules_primal_is_not_its_functions():
-    """Known defect (not fixed): a ``custom_jvp`` (or ``custom_vjp``) call on parameters
-    alone whose rule's primal output (``1.5 w``) differs from its function's (``w``). JAX runs
-    the rule only where an input is differentiated: ``jax.grad`` differentiates ``W`` and
-    runs the rule; the fast pass, which differentiates the uses' outputs and not the fast
-    leaves, evaluates the function, so every quantity is that of the loss with ``w``
-    (15 % off here). JAX's own ``f(w)`` and ``jax.value_and_grad(f)(w)`` disagree likewise."""
-
-    @jax.custom_jvp
-    def rescaled(w):
-        return w
-
-    rescaled.defjvp(lambda primals, tangents: (1.5 * primals[0], tangents[0]))
-    _, params, batch = _setup(8)
-
-    def loss(p, x):
-        return jnp.sum(jnp.tanh(x @ rescaled(p["W"])) * p["E"][0]) ** 2
-
-    mask = np.arange(B) < B - 1
-    grads = _reference(loss, params, batch, mask, ())
-    norms = jaxgrad.per_example_norms(loss)(params, batch, jnp.asarray(mask))
-    _close(norms, np.linalg.norm(grads, axis=1))
