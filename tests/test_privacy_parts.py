@@ -258,6 +258,10 @@ def test_a_seeded_key_warns_at_every_private_entry_point_given_one():
     with warnings.catch_warnings():
         warnings.simplefilter("error", keys.SeededKeyWarning)
         jax.jit(next_clip)(seeded)  # traced: no value to inspect, and no error
+    # Closed over in the caller's jit, the key is concrete: inspected (its data read eagerly,
+    # not staged into the trace: that raised TracerArrayConversionError).
+    with pytest.warns(keys.SeededKeyWarning, match=r"`key` of this private run"):
+        jax.jit(lambda c: privacy.add_noise(c, seeded, stddev=1.0))(jnp.zeros(2))
 
 
 def test_quantile_privatizer_refuses_one_key_for_both_noises():
