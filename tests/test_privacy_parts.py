@@ -311,7 +311,7 @@ PRIVATE = PrivacyConfig(l2_clip=0.7, noise_multiplier=1.1, accountant="rdp")
 
 
 def _fit(loss_fn, params, data, privacy_config, **kw):
-    kw = {"epochs": 2, "batch_size": 10, "progress": "none", "key": jax.random.key(5), **kw}
+    kw = {"epochs": 2, "batch_size": 10, "progress": "none", "key": private_key(5), **kw}
     return jaxgrad.train.fit(
         loss_fn, params, data, optimizer=optax.adam(0.05), privacy=privacy_config, **kw
     )
@@ -352,7 +352,7 @@ def test_a_step_that_makes_the_state_nonfinite_is_never_kept(private):
             optimizer=optax.sgd(float("inf")),  # the first update overflows
             epochs=1,
             batch_size=10,
-            key=jax.random.key(5),
+            key=private_key(5),
             progress="none",
             privacy=PRIVATE if private else None,
         )
@@ -419,7 +419,7 @@ def test_a_private_run_resumes_only_on_the_same_data_and_optimizer(tmp_path):
             optimizer=optax.adam(lr),
             epochs=epochs,
             batch_size=10,
-            key=jax.random.key(5),
+            key=private_key(5),
             progress="none",
             privacy=PRIVATE,
             checkpoint_dir=tmp_path,
