@@ -119,7 +119,9 @@ def check_distinct(key, loss_key, *, name: str = "loss_key", key_name=None, why=
     """
     if not (_inspectable(key) and _inspectable(loss_key)):
         return
-    if np.array_equal(np.asarray(key_data(key)), np.asarray(key_data(loss_key))):
+    with jax.ensure_compile_time_eval():  # (see _inspectable)
+        same = np.array_equal(np.asarray(key_data(key)), np.asarray(key_data(loss_key)))
+    if same:
         if why is None:
             why = (
                 f"Row i's loss key fold_in(fold_in({name}, t), i) would be, for rows 0 and 1, "
@@ -132,7 +134,9 @@ def check_distinct(key, loss_key, *, name: str = "loss_key", key_name=None, why=
 
 def _inspectable(key) -> bool:
     """Whether ``key``'s data can be read here: not traced (under ``jax.jit``), nor spread
-    over several processes."""
+    over several processes. A concrete key closed over in the caller's ``jax.jit`` is
+    inspectable, but read under ``jax.ensure_compile_time_eval``: its ``key_data`` would
+    otherwise be staged into the trace, a tracer numpy cannot read."""
     if isinstance(key, jax.core.Tracer):
         return False
     return not (isinstance(key, jax.Array) and not key.is_fully_addressable)
@@ -203,8 +207,9 @@ def check_private_key(key, *, name: str = "key"):
     :func:`is_seeded`; every public entry point of :mod:`jaxgrad.privacy` (and
     :func:`jaxgrad.train.fit`) that takes such a key checks it here.
 
-    Only a concrete key is inspected: under ``jax.jit`` a traced key has no value (nothing
-    to say, no error), nor does a key spread over several processes. Within
+    Only a concrete key is inspected (also one closed over in the caller's ``jax.jit``): a
+    traced key, an argument of ``jax.jit``, has no value (nothing to say, no error), nor does
+    a key spread over several processes. Within
     :func:`checked_seed` of the same key data, no second warning.
 
     Returns:
@@ -227,8 +232,9 @@ def check_private_key(key, *, name: str = "key"):
     if not _inspectable(key):
         return key
     done = _WARNED.get()
-    if done is None or not np.array_equal(np.asarray(key_data(key)), done):
-        warn_if_seeded(key, name=name)
+    with jax.ensure_compile_time_eval():  # (see _inspectable)
+        if done is None or not np.array_equal(np.asarray(key_data(key)), done):
+            warn_if_seeded(key, name=name)
     return key
 
 

@@ -181,10 +181,12 @@ def strategies() -> dict:
     # dp_grad: the noise is drawn once, from the one key, for the replicated result (never
     # once per device), so a sharded batch gives the one-device result. The mlp case's last
     # 4 rows are padding: on 4 devices the last holds only padding, on 8 the last two.
+    from helpers import private_key
+
     from jaxgrad.privacy import dp_grad, gaussian
 
     loss_fn, params, batch, mask = cases["mlp_16_masked"]
-    key = jax.random.key(7)
+    key = private_key(7)
     hyper = dict(l2_clip=0.3, noise_multiplier=1.3, expected_batch_size=10.0)
     zero_loss = lambda p, ex: 0.0 * loss_fn(p, ex)  # zero gradients: noise only
     dp, dp_zero = dp_grad(loss_fn, **hyper), dp_grad(zero_loss, **hyper)
@@ -319,6 +321,7 @@ def _token_problem(vocab=11, width=6, rows=16, real=14, seed=0, dtype="float64")
 def _entry_points(loss, reference):
     """Every public entry point that takes ``(params, batch, mask)``, as ``f(p, b, m)``."""
     import jax
+    from helpers import private_key
 
     import jaxgrad
     from jaxgrad.privacy import dp_grad, sampled_dp_grad
@@ -338,10 +341,10 @@ def _entry_points(loss, reference):
         "grad_stats": jaxgrad.grad_stats(loss),
         "per_example_dots": lambda p, b, m: dots(p, b, m, reference=reference),
         "gradient_gram": jaxgrad.gradient_gram(loss),
-        "dp_grad": lambda p, b, m: dp(p, b, m, jax.random.key(7)),
+        "dp_grad": lambda p, b, m: dp(p, b, m, private_key(7)),
         # The data set is the batch's real rows... and its padding: sampled_dp_grad takes no
         # mask, so it samples all 16 rows (the padded ones are ordinary rows here).
-        "sampled_dp_grad": lambda p, b, m: sampled(p, b, jax.random.key(8)),
+        "sampled_dp_grad": lambda p, b, m: sampled(p, b, private_key(8)),
         # The caller's own jit around a strategy, on the same inputs.
         "jit(batch_grad)": jax.jit(jaxgrad.batch_grad(loss)),
     }
@@ -419,6 +422,7 @@ def _model_axis() -> dict:
     import jax.numpy as jnp
     import numpy as np
     import optax
+    from helpers import private_key
     from jax.sharding import AxisType, NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -440,7 +444,7 @@ def _model_axis() -> dict:
         noise_multiplier=sigma,
         expected_batch_size=b_e,
     )
-    key = jax.random.key(11)
+    key = private_key(11)
     noise_ref = noise(params, batch, mask, key)
     # Independent reference for the noise: one flat N(0, 1) vector from `key`, cut into leaves.
     leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -501,7 +505,7 @@ def _model_axis() -> dict:
         for name, privacy in (("plain", None), ("private", dp)):
             if mname == "auto" and privacy is None:
                 continue
-            kw = dict(optimizer=optax.adam(0.05), key=jax.random.key(5), epochs=1, batch_size=8)
+            kw = dict(optimizer=optax.adam(0.05), key=private_key(5), epochs=1, batch_size=8)
             kw |= dict(privacy=privacy, progress="none")
             if name not in fit_refs:
                 fit_refs[name] = jaxgrad.train.fit(loss, params, data, **kw)
@@ -563,6 +567,7 @@ def private_problem(n=50):
     import jax.numpy as jnp
     import numpy as np
     import optax
+    from helpers import private_key
 
     import jaxgrad
     from jaxgrad.train import PrivacyConfig
@@ -579,7 +584,7 @@ def private_problem(n=50):
     )
     kw = dict(
         optimizer=optax.adam(0.05),
-        key=jax.random.key(5),
+        key=private_key(5),
         privacy=config,
         epochs=2,
         batch_size=12,
@@ -596,6 +601,8 @@ def private(directory: str) -> dict:
     import optax
 
     jax.config.update("jax_enable_x64", True)
+    from helpers import private_key
+
     import jaxgrad
     from jaxgrad import sharding
     from jaxgrad.privacy import gaussian
@@ -671,7 +678,7 @@ def private(directory: str) -> dict:
     zero_params = {"w": jnp.zeros(size, jnp.float64)}
     zero_kw = dict(
         optimizer=optax.sgd(1.0),
-        key=jax.random.key(9),
+        key=private_key(9),
         epochs=1,
         batch_size=n,  # q = 1: one step, every example drawn, in 2 physical batches of 30
         progress="none",
@@ -680,7 +687,7 @@ def private(directory: str) -> dict:
         ),
     )
     # Independent reference: the step's noise key, one flat N(0, 1) vector, scaled.
-    _, noise_key = jax.random.split(jax.random.fold_in(jax.random.key(9), 0))
+    _, noise_key = jax.random.split(jax.random.fold_in(private_key(9), 0))
     z = np.asarray(gaussian.normal(noise_key, (size,), jnp.float64))
     expected = -sigma * clip * z / (1.0 * n)
     out["noise"] = {}
@@ -910,12 +917,14 @@ def cli_problem():
 def private_training_problem():
     """:func:`training_problem` with DP-SGD: physical batches of 10 (padded to 12 on 4 devices)."""
     import optax
+    from helpers import private_key
 
     from jaxgrad.train import PrivacyConfig
 
     loss_fn, params, data, kw = training_problem()
     privacy = PrivacyConfig(l2_clip=1.0, noise_multiplier=1.0, physical_batch_size=10)
-    return loss_fn, params, data, kw | {"privacy": privacy, "optimizer": optax.sgd(0.5)}
+    dp = {"privacy": privacy, "optimizer": optax.sgd(0.5), "key": private_key(1)}
+    return loss_fn, params, data, kw | dp
 
 
 def training_problem():

@@ -101,10 +101,11 @@ def shared(tmp_path_factory, name: str, compute):
         return json.loads(done.read_text()), directory
 
 
-def private_key(seed: int = 0):
+def private_key(seed: int = 0, impl: str | None = None):
     """A fixed key for jaxgrad.privacy's entry points: not of ``jax.random.key(seed)``'s
     ``(0, seed)`` form, of which they warn (``jaxgrad.keys.check_private_key``). Tests are
-    not private runs; a test of that warning passes ``jax.random.key(seed)`` itself."""
+    not private runs; a test of that warning passes ``jax.random.key(seed)`` itself.
+    ``impl``: the PRNG implementation (``"rbg"``, ...; default: JAX's default)."""
     import jax
 
-    return jax.random.fold_in(jax.random.key(seed), 1)
+    return jax.random.fold_in(jax.random.key(seed, impl=impl), 1)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import private_key
 
 import jaxgrad
 from jaxgrad import reduce
@@ -234,7 +235,7 @@ def test_half_precision_parameters_and_batches(dtype):
     # more than the clip norm (see test_privacy_parts), so it names the leaf instead.
     step = dp_grad(loss, l2_clip=1.0, noise_multiplier=0.0, expected_batch_size=2.0)
     with pytest.raises(TypeError, match=r"leaf \['W'\] has dtype .*float32 or float64"):
-        step(*low, None, jax.random.key(0))
+        step(*low, None, private_key(0))
 
 
 def test_float16_gradient_entries_above_256_have_finite_norms_on_every_path():
@@ -262,7 +263,7 @@ def test_float16_gradient_entries_above_256_have_finite_norms_on_every_path():
             return_info=True,
         )
         with pytest.raises(TypeError, match="float32 or float64"):  # (a DP step refuses
-            f(w, x, None, jax.random.key(0))  # float16 parameters, see test_privacy_parts)
+            f(w, x, None, private_key(0))  # float16 parameters, see test_privacy_parts)
     moments = per_example_moments(loss)(w, x)
     np.testing.assert_allclose(np.asarray(moments.norms, np.float64), norms, rtol=1e-3)
 
@@ -320,10 +321,8 @@ def test_dp_grad_passes_extra_loss_arguments_like_every_strategy():
 
     _, _, clipped, _ = _reference(loss, params, x, (stats,), clip=0.5)
     f = dp_grad(loss, l2_clip=0.5, noise_multiplier=0.0, expected_batch_size=4.0)
-    np.testing.assert_allclose(
-        _flat(f(params, x, None, jax.random.key(0), stats)), clipped / 4, **TOL
-    )
-    key = jax.random.key(1)
+    np.testing.assert_allclose(_flat(f(params, x, None, private_key(0), stats)), clipped / 4, **TOL)
+    key = private_key(1)
     noisy = dp_grad(loss, l2_clip=0.5, noise_multiplier=1.0, expected_batch_size=4.0)
     closed = lambda p, ex: loss(p, ex, stats)
     same = dp_grad(closed, l2_clip=0.5, noise_multiplier=1.0, expected_batch_size=4.0)

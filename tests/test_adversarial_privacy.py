@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import private_key
 from scipy import optimize, stats
 
 import jaxgrad
@@ -58,7 +59,7 @@ def _flat(tree):
 
 def test_numpy_scalars_and_0d_arrays_are_the_same_hyperparameters():
     x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 3)))
-    w, key = jnp.zeros(3), jax.random.key(3)
+    w, key = jnp.zeros(3), private_key(3)
     mask = jnp.arange(6) % 2 == 0
     want = privacy.dp_grad(_linear_loss, l2_clip=0.5, noise_multiplier=1.5, expected_batch_size=4)
     got = privacy.dp_grad(
@@ -224,17 +225,17 @@ def test_every_kind_of_one_key_works_and_the_noise_is_its_normal_vector():
     x = jnp.ones((5, 2))
     f = privacy.dp_grad(_zero_loss, l2_clip=0.8, noise_multiplier=1.5, expected_batch_size=2.5)
     for key in (
-        jax.random.PRNGKey(7),
-        jax.random.key(7),
-        jax.random.key(7, impl="rbg"),
-        jax.random.key(7, impl="unsafe_rbg"),
+        jax.random.key_data(private_key(7)),  # the legacy uint32[2] form
+        private_key(7),
+        private_key(7, impl="rbg"),
+        private_key(7, impl="unsafe_rbg"),
     ):
         z = np.asarray(gaussian.normal(key, (10,), jnp.float64))
         np.testing.assert_allclose(
             _flat(f(params, x, None, key)), 0.8 * 1.5 * z / 2.5, rtol=1e-13, atol=1e-15
         )
     chex.assert_trees_all_equal(
-        f(params, x, None, jax.random.PRNGKey(7)), f(params, x, None, jax.random.key(7))
+        f(params, x, None, jax.random.key_data(private_key(7))), f(params, x, None, private_key(7))
     )
 
 
@@ -268,7 +269,7 @@ def test_not_one_key_is_refused_by_name(user):
 
 
 def test_add_noise_refuses_integer_leaves_and_a_bad_stddev():
-    key = jax.random.key(0)
+    key = private_key(0)
     with pytest.raises(TypeError, match="`total` leaves must be real floating"):
         privacy.add_noise({"w": jnp.zeros(3), "n": jnp.zeros(2, jnp.int32)}, key, stddev=2.0)
     for stddev in (-1.0, float("nan"), float("inf"), "1"):
@@ -307,18 +308,16 @@ def test_a_token_loss_is_clipped_per_example_not_per_token(clip):
     ]
     want = sum(g * min(1.0, clip / np.linalg.norm(g)) for g in grads)
     f = privacy.dp_grad(loss, l2_clip=clip, noise_multiplier=0.0, expected_batch_size=3.0)
-    np.testing.assert_allclose(f(w, (x, v), None, jax.random.key(0)), want / 3.0, rtol=1e-11)
+    np.testing.assert_allclose(f(w, (x, v), None, private_key(0)), want / 3.0, rtol=1e-11)
     # The whole data set drawn (q = 1) in physical batches of 2: the same sum, over qN = 7.
     s = privacy.sampled_dp_grad(
         loss, l2_clip=clip, noise_multiplier=0.0, sampling_rate=1.0, physical_batch_size=2
     )
-    np.testing.assert_allclose(s(w, (x, v), jax.random.key(0)), want / 7.0, rtol=1e-11)
+    np.testing.assert_allclose(s(w, (x, v), private_key(0)), want / 7.0, rtol=1e-11)
     if clip < 1:  # sensitivity: removing any one example changes the sum by at most C
         for i in range(len(x)):
             keep = jnp.arange(len(x)) != i
-            diff = (
-                f(w, (x, v), None, jax.random.key(0)) - f(w, (x, v), keep, jax.random.key(0))
-            ) * 3
+            diff = (f(w, (x, v), None, private_key(0)) - f(w, (x, v), keep, private_key(0))) * 3
             assert np.linalg.norm(diff) <= clip * (1 + 1e-12)
 
 
@@ -337,7 +336,7 @@ def test_noise_is_one_normal_vector_per_step_exactly_under_accumulation(physical
         return_info=True,
     )
     for seed in range(3):
-        key = jax.random.key(seed)
+        key = private_key(seed)
         g, info = f(params, jnp.ones((n, 2)), key)
         assert int(info.num_physical_batches) == -(-int(info.num_examples) // physical_batch_size)
         z = np.asarray(gaussian.normal(jax.random.split(key)[1], (11,), jnp.float64))
@@ -351,7 +350,7 @@ def test_noise_is_one_normal_vector_per_step_exactly_under_accumulation(physical
 def test_degenerate_sizes_against_a_loop(n, q, p):
     """N = 1, q = 1 (every example), q = 1e-9 (nearly always none), P = 1, P > N."""
     rows = jnp.asarray(np.random.default_rng(n).standard_normal((n, 3)))
-    key = jax.random.key(n + p)
+    key = private_key(n + p)
     f = privacy.sampled_dp_grad(
         _linear_loss,
         l2_clip=0.9,
@@ -523,7 +522,7 @@ def test_resume_refuses_changed_privacy_naming_what_changed(tmp_path):
             params,
             data,
             optimizer=optax.sgd(0.1),
-            key=jax.random.key(1),
+            key=private_key(1),
             privacy=config,
             progress="none",
             **{"epochs": 1, "batch_size": 10, "checkpoint_dir": tmp_path, **kw},

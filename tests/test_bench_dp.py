@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import private_key
 
 from jaxgrad.bench import __main__ as bench_main
 from jaxgrad.bench import dp, suite
@@ -127,7 +128,7 @@ def test_fit_steps_are_fit_privacy_steps():
     params = case.model.init(jax.random.key(0))
     data = case.make_batch(4 * dp.FIT_STEPS)  # batch 4: FIT_STEPS steps make one epoch
     opt = optax.sgd(0.1)
-    key = jax.random.key(5)
+    key = private_key(5)
     got = dp.fit_steps(case, 4, data, opt=opt)(params, opt.init(params), data, key)
     want = fit(
         case.loss_fn,

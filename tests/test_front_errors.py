@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import private_key
 
 import jaxgrad
 from jaxgrad import privacy as dp
@@ -39,13 +40,13 @@ PLAIN = lambda w, ex: ex @ w
             "dp_grad",
             lambda loss, *a: dp.dp_grad(
                 loss, l2_clip=1.0, noise_multiplier=1.0, expected_batch_size=4
-            )(W, BATCH, None, jax.random.key(0), *a),
+            )(W, BATCH, None, private_key(0), *a),
         ),
         (
             "sampled_dp_grad",
             lambda loss, *a: dp.sampled_dp_grad(
                 loss, l2_clip=1.0, noise_multiplier=1.0, sampling_rate=0.5, physical_batch_size=4
-            )(W, BATCH, jax.random.key(0), *a),
+            )(W, BATCH, private_key(0), *a),
         ),
         ("plan", lambda loss, *a: plan(loss, W, BATCH[0], *a)),
     ],

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import private_key
 from scipy import stats
 
 import jaxgrad
@@ -117,7 +118,7 @@ def test_sampler_masks_counts_and_physical_batches_agree():
     n, p = 23, 4
     for seed in range(20):
         s = privacy.poisson_sample(
-            jax.random.key(seed), num_examples=n, sampling_rate=0.4, physical_batch_size=p
+            private_key(seed), num_examples=n, sampling_rate=0.4, physical_batch_size=p
         )
         mask, count = np.asarray(s.mask), int(s.count)
         assert count == mask.sum() and s.indices.shape == (24,)
@@ -136,7 +137,7 @@ def test_sampler_refuses_data_sets_beyond_int32_indices(n, p):
     # Checked before anything is drawn: N rows past 2**31 would wrap the int32 positions.
     with pytest.raises(ValueError, match=r"`num_examples` \(\d+\).*below 2\*\*31"):
         privacy.poisson_sample(
-            jax.random.key(0), num_examples=n, sampling_rate=1e-6, physical_batch_size=p
+            private_key(0), num_examples=n, sampling_rate=1e-6, physical_batch_size=p
         )
 
 
@@ -188,7 +189,7 @@ def test_noise_std_is_sigma_c_over_expected_batch_size():
 def test_noised_average_is_the_sum_plus_normals_over_the_expected_batch():
     # Reference: gaussian.normal's N-vector cut into the leaves in order, in numpy.
     total = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.array([1.0, -2.0])}
-    key = jax.random.key(7)
+    key = private_key(7)
     got = privacy.noised_average(total, key, stddev=0.3, expected_batch_size=2.5)
     z = np.asarray(gaussian.normal(key, (8,), jnp.float64))
     np.testing.assert_allclose(
@@ -225,7 +226,7 @@ def test_dp_grad_without_noise_equals_batch_grad_rescaled():
     loss_fn, params, batch = _mlp_problem()
     mask = jnp.arange(12) % 3 != 0
     f = privacy.dp_grad(loss_fn, l2_clip=1e6, noise_multiplier=0.0, expected_batch_size=5.5)
-    got = f(params, batch, mask, jax.random.key(0))
+    got = f(params, batch, mask, private_key(0))
     count = int(mask.sum())
     want = jaxgrad.batch_grad(loss_fn)(params, batch, mask).grads
     chex.assert_trees_all_close(
@@ -237,7 +238,7 @@ def test_dp_grad_matches_loop_over_examples_with_clipping():
     loss_fn, params, (x, y) = _mlp_problem(n=9, seed=4)
     clip, b_e = 0.3, 7.0
     f = privacy.dp_grad(loss_fn, l2_clip=clip, noise_multiplier=0.0, expected_batch_size=b_e)
-    got = f(params, (x, y), None, jax.random.key(0))
+    got = f(params, (x, y), None, private_key(0))
     want = jax.tree_util.tree_map(jnp.zeros_like, params)
     for i in range(9):
         g = jax.grad(loss_fn)(params, (x[i], y[i]))
@@ -252,7 +253,7 @@ def test_dp_grad_noise_with_same_key_is_the_same_and_added_to_the_sum():
     kw = dict(l2_clip=0.5, expected_batch_size=6.0)
     noisy = privacy.dp_grad(loss_fn, noise_multiplier=1.5, **kw)
     clean = privacy.dp_grad(loss_fn, noise_multiplier=0.0, **kw)
-    key = jax.random.key(7)
+    key = private_key(7)
     diff = jax.tree_util.tree_map(
         jnp.subtract, noisy(params, batch, None, key), clean(params, batch, None, key)
     )
@@ -274,7 +275,7 @@ def test_sampled_dp_grad_without_noise_is_the_clipped_sum_of_the_draw():
         physical_batch_size=physical_batch_size,
         return_info=True,
     )
-    key = jax.random.key(11)
+    key = private_key(11)
     got, info = f(params, data, key)
     sample = privacy.poisson_sample(
         jax.random.split(key)[0], num_examples=30, sampling_rate=q, physical_batch_size=1
@@ -307,7 +308,7 @@ def test_nonfinite_examples_are_dropped_and_counted():
     bad_x = x.at[2, 0].set(jnp.nan).at[5, 1].set(jnp.inf)
     kw = dict(l2_clip=0.5, noise_multiplier=0.7, expected_batch_size=4.0)
     f = privacy.dp_grad(loss_fn, **kw, return_info=True)
-    key = jax.random.key(1)
+    key = private_key(1)
     got, info = f(params, (bad_x, y), None, key)
     keep = jnp.array([i not in (2, 5) for i in range(8)])
     want, _ = f(params, (x, y), keep, key)
@@ -325,16 +326,16 @@ def test_nonfinite_raise():
     loss_fn, params, (x, y) = _mlp_problem(n=8, seed=6)
     kw = dict(l2_clip=0.5, noise_multiplier=0.7, expected_batch_size=4.0, nonfinite="raise")
     f = privacy.dp_grad(loss_fn, **kw)
-    f(params, (x, y), None, jax.random.key(0))  # fine
+    f(params, (x, y), None, private_key(0))  # fine
     with pytest.raises(FloatingPointError, match="an example of this batch has a non-finite"):
-        f(params, (x.at[3, 0].set(jnp.nan), y), None, jax.random.key(0))
+        f(params, (x.at[3, 0].set(jnp.nan), y), None, private_key(0))
     # Under the caller's jit nothing can be raised: the policy's result is NaN, as for
     # clipped_grad(nonfinite="raise"), and a finite batch is unaffected.
     jitted = jax.jit(f)
-    bad = jitted(params, (x.at[3, 0].set(jnp.nan), y), None, jax.random.key(0))
+    bad = jitted(params, (x.at[3, 0].set(jnp.nan), y), None, private_key(0))
     assert all(bool(jnp.all(jnp.isnan(g))) for g in jax.tree_util.tree_leaves(bad))
     chex.assert_trees_all_close(
-        jitted(params, (x, y), None, jax.random.key(0)), f(params, (x, y), None, jax.random.key(0))
+        jitted(params, (x, y), None, private_key(0)), f(params, (x, y), None, private_key(0))
     )
 
 

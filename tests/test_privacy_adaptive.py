@@ -44,7 +44,7 @@ ADAPTIVE = AdaptiveClip(target_quantile=0.3, learning_rate=0.4, count_noise_mult
 
 
 def _fit(loss_fn, params, data, config, **kw):
-    kw = {"epochs": 3, "batch_size": 10, "progress": "none", "key": jax.random.key(5), **kw}
+    kw = {"epochs": 3, "batch_size": 10, "progress": "none", "key": private_key(5), **kw}
     return jaxgrad.train.fit(
         loss_fn, params, data, optimizer=optax.adam(0.05), privacy=config, **kw
     )
@@ -140,14 +140,14 @@ def test_clip_trajectory_in_fit_equals_the_papers_update_given_the_same_noise():
         epochs=3,
         batch_size=10,
         progress="none",
-        key=jax.random.key(5),
+        key=private_key(5),
     )
     result, on_mesh = run(), run(mesh=jaxgrad.sharding.data_mesh(1))
     q, b_e, clip, trajectory = 10 / N, 10.0, 1.0, []
     for t in range(12):
-        sample_key, _ = keys.dp_keys(jax.random.key(5), t)
+        sample_key, _ = keys.dp_keys(private_key(5), t)
         mask = np.asarray(sampling.inclusion_mask(sample_key, sampling_rate=q, num_examples=N))
-        z = float(gaussian.normal(keys.clip_count_key(jax.random.key(5), t), (), jnp.float64))
+        z = float(gaussian.normal(keys.clip_count_key(private_key(5), t), (), jnp.float64))
         b = (_count_reference(x, mask, clip) + 2.0 * z) / b_e + 0.5
         clip *= math.exp(-0.4 * (b - 0.3))
         trajectory.append(clip)

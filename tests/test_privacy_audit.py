@@ -37,6 +37,7 @@ import optax
 import pytest
 import scipy.optimize
 import scipy.stats
+from helpers import private_key
 
 import jaxgrad
 from jaxgrad import privacy
@@ -467,7 +468,7 @@ def fit_train(privacy_config, claims, mesh=None):
             optimizer=optax.sgd(1.0),
             epochs=10,
             batch_size=n // 2,
-            key=jax.random.key(55555),
+            key=private_key(55555),
             privacy=privacy_config,
             quiet=True,
             mesh=mesh,

@@ -260,7 +260,7 @@ def _problem(n=40):
 
 def _fit(privacy_config, **kw):
     loss_fn, data, params = _problem()
-    kw = {"epochs": 2, "batch_size": 10, "progress": "none", "key": jax.random.key(5), **kw}
+    kw = {"epochs": 2, "batch_size": 10, "progress": "none", "key": private_key(5), **kw}
     return jaxgrad.train.fit(
         loss_fn, params, data, optimizer=optax.adam(0.05), privacy=privacy_config, **kw
     )
@@ -272,9 +272,9 @@ BASE = dict(l2_clip=0.7, noise_multiplier=1.1, accountant="rdp")
 def test_fit_with_one_band_is_dp_sgd_bit_for_bit():
     # key=jax.random.key(5): fit warns once; the privatizer it builds with that key, no more
     with pytest.warns(keys.SeededKeyWarning) as plain_warnings:
-        plain = _fit(PrivacyConfig(**BASE))
+        plain = _fit(PrivacyConfig(**BASE), key=jax.random.key(5))
     with pytest.warns(keys.SeededKeyWarning) as banded_warnings:
-        banded = _fit(PrivacyConfig(**BASE, noise="bandmf", bands=1))
+        banded = _fit(PrivacyConfig(**BASE, noise="bandmf", bands=1), key=jax.random.key(5))
     for caught in (plain_warnings, banded_warnings):
         assert sum(c.category is keys.SeededKeyWarning for c in caught) == 1
     chex.assert_trees_all_equal(banded.params, plain.params)
@@ -296,21 +296,20 @@ def test_fit_with_bands_resumes_bit_for_bit_and_releases_no_noise_state(tmp_path
     )
     # The checkpoint (secret) holds the noise history: after step t, w_{t-1}, the noise of
     # the privatizer alone from the run's key (dp_keys(key, s) for s < t).
-    with pytest.warns(keys.SeededKeyWarning):  # the run's own key(5), to draw its noise
-        tx = privacy.bandmf_privatizer(
-            coefs=bandmf.sqrt_coefs(2),
-            noise_multiplier=1.1,
-            l2_sensitivity=0.7,
-            expected_batch_size=1.0,
-            key=jax.random.key(5),
-        )
+    tx = privacy.bandmf_privatizer(  # the run's own key, to draw its noise
+        coefs=bandmf.sqrt_coefs(2),
+        noise_multiplier=1.1,
+        l2_sensitivity=0.7,
+        expected_batch_size=1.0,
+        key=private_key(5),
+    )
     chain = optax.chain(tx, optax.adam(0.05))
     template = jaxgrad.train.TrainState(whole.params, chain.init(whole.params), jnp.int32(0))
     tree, meta = checkpoint.load(path, {"state": template, "key": jax.random.key(0)})
     # (the strategy is in the run's config: a resume under another one is refused)
     assert meta["config"]["privacy"]["bandmf_coefs"] == pytest.approx(list(bandmf.sqrt_coefs(2)))
     t = meta["step"]
-    noise = _run_privatizer(tx, whole.params, t, jax.random.key(5))
+    noise = _run_privatizer(tx, whole.params, t, private_key(5))
     saved = tree["state"].opt_state[0]
     assert int(saved.count) == t
     chex.assert_trees_all_close(
@@ -344,14 +343,14 @@ def test_bad_bandmf_settings_are_refused_before_training(changes, kw, match):
 def test_bad_coefs_and_sources_are_refused():
     kw = dict(noise_multiplier=1.0, l2_sensitivity=1.0, expected_batch_size=1.0)
     with pytest.raises(ValueError, match=r"L2 norm 1.*got norm 1\.25"):
-        privacy.bandmf_privatizer(coefs=[1.0, 0.75], key=jax.random.key(0), **kw)
+        privacy.bandmf_privatizer(coefs=[1.0, 0.75], key=private_key(0), **kw)
     with pytest.raises(ValueError, match=r"`coefs\[0\]` must be > 0"):
-        privacy.bandmf_privatizer(coefs=[0.0, 1.0], key=jax.random.key(0), **kw)
+        privacy.bandmf_privatizer(coefs=[0.0, 1.0], key=private_key(0), **kw)
     with pytest.raises(ValueError, match="1-D"):
-        privacy.bandmf_privatizer(coefs=[[1.0]], key=jax.random.key(0), **kw)
+        privacy.bandmf_privatizer(coefs=[[1.0]], key=private_key(0), **kw)
     src = sources.CyclicPoisson(sampling_rate=0.5, groups=3)
     with pytest.raises(ValueError, match="needs `step`"):
-        src.sample(jax.random.key(0), num_examples=10, physical_batch_size=4)
+        src.sample(private_key(0), num_examples=10, physical_batch_size=4)
     with pytest.raises(ValueError, match=r"`groups` \(3\) is larger than the data set \(2"):
         src.expected_batch_size(2)
     with pytest.raises(ValueError, match="`bands` must be"):
@@ -414,7 +413,7 @@ def test_bandmf_fit_audit_stays_below_its_claim_and_too_little_noise_exceeds_it(
                 optimizer=optax.sgd(1.0),
                 epochs=6,
                 batch_size=n // 4,  # two groups: q ≈ 1/2 within each
-                key=jax.random.key(55555),
+                key=private_key(55555),
                 privacy=config,
                 quiet=True,
             )

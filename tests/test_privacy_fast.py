@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import private_key
 from jax.extend.random import threefry2x32_p
 from scipy import stats
 
@@ -82,7 +83,7 @@ def test_add_noise_is_the_same_under_either_threefry_partitionable_setting():
 
 def test_add_noise_with_another_key_impl_and_a_raw_key():
     tree = {"w": jnp.zeros((3, 4)), "b": jnp.zeros(2)}
-    for key in (jax.random.key(1, impl="rbg"), jax.random.PRNGKey(1)):
+    for key in (private_key(1, impl="rbg"), jax.random.key_data(private_key(1))):
         got = privacy.add_noise(tree, key, stddev=2.0)
         flat = jnp.concatenate([got["b"], got["w"].ravel()])  # leaves in tree order: b, w
         want = 2.0 * gaussian.normal(key, (14,), jnp.float64)
@@ -101,7 +102,7 @@ def test_dp_grad_noise_is_one_normal_vector_times_sigma_c_over_b():
     x = jax.random.normal(jax.random.key(1), (6, 5), jnp.float64)
     batch = (x, jnp.arange(6) % 3)
     kw = dict(l2_clip=0.5, expected_batch_size=4.0)
-    key = jax.random.key(9)
+    key = private_key(9)
     noisy = privacy.dp_grad(loss_fn, noise_multiplier=1.5, **kw)(params, batch, None, key)
     clean = privacy.dp_grad(loss_fn, noise_multiplier=0.0, **kw)(params, batch, None, key)
     pairs = zip(jax.tree_util.tree_leaves(noisy), jax.tree_util.tree_leaves(clean), strict=True)
@@ -161,7 +162,7 @@ def test_inclusion_mask_is_an_integer_threshold_on_the_64_threefry_bits(q):
 
 def test_inclusion_mask_near_the_threshold_and_without_x64():
     """Words just below / at the threshold (same high word), and the same draw in float32 mode."""
-    key = jax.random.key(4)
+    key = private_key(4)
     k0, k1 = jax.random.key_data(key)
     n = 200_000
     hi, lo = (
@@ -185,7 +186,7 @@ def test_inclusion_mask_near_the_threshold_and_without_x64():
 
 
 def test_inclusion_mask_with_another_key_impl():
-    rbg = jax.random.key(1, impl="rbg")
+    rbg = private_key(1, impl="rbg")
     n, q = 1001, 0.3
     tagged = jax.random.fold_in(rbg, sampling._INCLUSION_TAG)  # not the noise's own bits
     hi, lo = (np.asarray(w) for w in jax.random.bits(tagged, (2, n), jnp.uint32))
@@ -194,7 +195,7 @@ def test_inclusion_mask_with_another_key_impl():
 
 
 def test_inclusion_mask_bad_arguments():
-    key = jax.random.key(0)
+    key = private_key(0)
     for bad in (0.0, -0.1, 1.5, float("nan"), True, "0.1"):
         with pytest.raises(ValueError, match="sampling_rate"):
             privacy.inclusion_mask(key, sampling_rate=bad, num_examples=10)
@@ -204,7 +205,7 @@ def test_inclusion_mask_bad_arguments():
 
 def test_poisson_sample_is_the_compacted_inclusion_mask():
     n, q, p = 1001, 0.3, 64
-    for key in [jax.random.key(s) for s in range(4)] + [jax.random.key(1, impl="rbg")]:
+    for key in [private_key(s) for s in range(4)] + [private_key(1, impl="rbg")]:
         s = jax.jit(
             lambda k: privacy.poisson_sample(
                 k, num_examples=n, sampling_rate=q, physical_batch_size=p
@@ -263,7 +264,7 @@ def test_sampled_dp_grad_empty_draw_and_first_batch_outside_the_loop():
         physical_batch_size=4,
         return_info=True,
     )
-    g, info = f(params, data, jax.random.key(0))
+    g, info = f(params, data, private_key(0))
     assert int(info.num_examples) == 0 and int(info.num_physical_batches) == 0
     for leaf in jax.tree_util.tree_leaves(g):
         np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
@@ -282,7 +283,7 @@ def test_one_key_for_the_draw_and_the_noise_keeps_them_independent(impl):
     f = privacy.dp_grad(
         loss, l2_clip=1.0, noise_multiplier=1.0, expected_batch_size=1.0, method="vmap"
     )
-    key = jax.random.key(123, impl=impl)
+    key = private_key(123, impl=impl)
     mask = np.asarray(
         privacy.poisson_sample(key, num_examples=n, sampling_rate=q, physical_batch_size=n).mask
     )

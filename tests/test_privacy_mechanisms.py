@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import interrupt_then_resume
+from helpers import interrupt_then_resume, private_key
 
 import jaxgrad
 from jaxgrad import keys, privacy
@@ -221,9 +221,9 @@ def test_truncated_poisson_keeps_a_uniform_subset_of_the_draw():
     assert all(_bound(c, trials, keep) for c in counts), (counts, keep * trials)
     # A draw that fits is the Poisson draw itself.
     small = sources.TruncatedPoisson(sampling_rate=0.1, max_batch_size=n)
-    a = small.sample(jax.random.key(3), num_examples=n, physical_batch_size=4)
+    a = small.sample(private_key(3), num_examples=n, physical_batch_size=4)
     p = privacy.poisson_sample(
-        jax.random.key(3), num_examples=n, sampling_rate=0.1, physical_batch_size=4
+        private_key(3), num_examples=n, sampling_rate=0.1, physical_batch_size=4
     )
     assert np.array_equal(a.mask, p.mask) and int(a.count) == int(p.count)
 
@@ -252,7 +252,7 @@ def test_sampled_clipped_sum_of_a_source_is_exact(name):
     src = sources.batch_source(name, num_examples=30, batch_size=6, **cap)
     clipped = noisy.ClippedSum(loss, l2_clip=0.5)
     f = jax.jit(noisy.sampled_clipped_sum(clipped, source=src, physical_batch_size=3))
-    key = jax.random.key(4)
+    key = private_key(4)
     total, count, bad, batches = f(w, x, key)
     sample = src.sample(key, num_examples=30, physical_batch_size=3)
     kept = np.flatnonzero(np.asarray(sample.mask))
@@ -287,7 +287,7 @@ def _fit(config, epochs=2, **kw):
         optimizer=optax.sgd(0.1),
         epochs=epochs,
         batch_size=10,
-        key=jax.random.key(5),
+        key=private_key(5),
         privacy=config,
         progress="none",
         **kw,
@@ -308,7 +308,7 @@ def _reference(the_plan, steps):
 
     @jax.jit
     def step(w, t):
-        sample_key, noise_key = keys.dp_keys(jax.random.key(5), t)
+        sample_key, noise_key = keys.dp_keys(private_key(5), t)
         total, _, _, _ = draw(w, data, sample_key)
         g = privacy.noised_average(
             total,
@@ -454,7 +454,7 @@ def test_sampled_dp_grad_takes_a_source():
     f = privacy.sampled_dp_grad(
         loss, l2_clip=1.0, noise_multiplier=0.0, physical_batch_size=4, source=src
     )
-    key = jax.random.key(7)
+    key = private_key(7)
     sample_key, _ = keys.split_step_key(key)
     sample = src.sample(sample_key, num_examples=30, physical_batch_size=4)
     ref, grad = np.zeros(3), jax.jit(jax.grad(loss))
@@ -479,7 +479,7 @@ def test_truncation_key_is_not_a_drawn_example():
     fold_in(k, d) is block d; the truncation key is block 2**32 - 1, neither."""
     from jaxgrad.privacy import sampling, threefry
 
-    k = jax.random.key(7)
+    k = private_key(7)
     hi, lo = threefry.words_at(k, sampling.INCLUSION_OFFSET, (4096,))
     q = 0.3  # the words read are the draw's: its mask is their threshold
     drawn = [(int(a), int(b)) for a, b in zip(np.asarray(hi), np.asarray(lo), strict=True)]

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import private_key
 from jax.extend.random import threefry2x32_p
 from scipy import special, stats
 
@@ -152,7 +153,7 @@ def test_add_noise_draws_each_counter_once_and_leaves_are_independent():
 
 def test_add_noise_works_without_x64_and_matches_the_x64_float32_values():
     tree = {"w": jnp.zeros((3, 5), jnp.float32)}
-    key = jax.random.key(3)
+    key = private_key(3)
     with_x64 = np.asarray(privacy.add_noise(tree, key, stddev=1.0)["w"])
     with jax.enable_x64(False):
         without = np.asarray(jax.jit(lambda t: privacy.add_noise(t, key, stddev=1.0))(tree)["w"])

@@ -258,6 +258,10 @@ def test_a_seeded_key_warns_at_every_private_entry_point_given_one():
     with warnings.catch_warnings():
         warnings.simplefilter("error", keys.SeededKeyWarning)
         jax.jit(next_clip)(seeded)  # traced: no value to inspect, and no error
+    # Closed over in the caller's jit, the key is concrete: inspected (its data read eagerly,
+    # not staged into the trace: that raised TracerArrayConversionError).
+    with pytest.warns(keys.SeededKeyWarning, match=r"`key` of this private run"):
+        jax.jit(lambda c: privacy.add_noise(c, seeded, stddev=1.0))(jnp.zeros(2))
 
 
 def test_quantile_privatizer_refuses_one_key_for_both_noises():
@@ -307,7 +311,7 @@ PRIVATE = PrivacyConfig(l2_clip=0.7, noise_multiplier=1.1, accountant="rdp")
 
 
 def _fit(loss_fn, params, data, privacy_config, **kw):
-    kw = {"epochs": 2, "batch_size": 10, "progress": "none", "key": jax.random.key(5), **kw}
+    kw = {"epochs": 2, "batch_size": 10, "progress": "none", "key": private_key(5), **kw}
     return jaxgrad.train.fit(
         loss_fn, params, data, optimizer=optax.adam(0.05), privacy=privacy_config, **kw
     )
@@ -348,7 +352,7 @@ def test_a_step_that_makes_the_state_nonfinite_is_never_kept(private):
             optimizer=optax.sgd(float("inf")),  # the first update overflows
             epochs=1,
             batch_size=10,
-            key=jax.random.key(5),
+            key=private_key(5),
             progress="none",
             privacy=PRIVATE if private else None,
         )
@@ -415,7 +419,7 @@ def test_a_private_run_resumes_only_on_the_same_data_and_optimizer(tmp_path):
             optimizer=optax.adam(lr),
             epochs=epochs,
             batch_size=10,
-            key=jax.random.key(5),
+            key=private_key(5),
             progress="none",
             privacy=PRIVATE,
             checkpoint_dir=tmp_path,

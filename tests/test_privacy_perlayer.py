@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import private_key
 
 from jaxgrad import losses, models
 from jaxgrad.fast import clipped_grad, passes
@@ -213,10 +214,10 @@ def test_dp_grad_per_layer_is_exact_and_its_noise_uses_the_root_sum_of_squares()
     want = _loop_group_clipped_sum(loss, params, batch, np.ones(3, bool), [3.0, 4.0])
     exact = dp_grad(loss, l2_clip=clips, noise_multiplier=0.0, expected_batch_size=2.0)
     _assert_trees_close(
-        exact(params, batch, None, jax.random.key(0)), jax.tree.map(lambda x: x / 2, want)
+        exact(params, batch, None, private_key(0)), jax.tree.map(lambda x: x / 2, want)
     )
     noisy = dp_grad(loss, l2_clip=clips, noise_multiplier=0.5, expected_batch_size=2.0)
-    g = noisy(params, batch, None, jax.random.key(1))
+    g = noisy(params, batch, None, private_key(1))
     z = np.concatenate([(2 * g[k] - want[k]) / (0.5 * 5.0) for k in ("a", "b")])  # Δ₂ = 5
     # 800 standard normals if the std is σ·√(3² + 4²): their variance is within ±25% with
     # probability about 1 − 1e-6 (chi-square, 800 degrees of freedom); σ·max C_g = σ·4 gives

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import private_key
 
 import jaxgrad
 from jaxgrad import privacy
@@ -74,7 +75,7 @@ def test_sampled_dp_grad_with_sizes_is_the_one_size_step():
     for r in range(100):
         if r >= 12 and max(counts) > 1 and min(drawn) <= 5:
             break
-        key = jax.random.key(r)
+        key = private_key(r)
         (g1, i1), (g2, i2) = one(params, data, key), several(params, data, key)
         assert tuple(map(int, i1)) == tuple(map(int, i2))
         counts.add(int(i1.num_physical_batches))
@@ -104,7 +105,7 @@ def test_a_physical_batch_larger_than_the_data_set_runs_its_n_rows():
     data, w = (rng.standard_normal((8, 3)), rng.standard_normal(8)), jnp.ones(3)
     kw = dict(l2_clip=0.7, noise_multiplier=1.3, sampling_rate=0.5, return_info=True)
     step = lambda p: privacy.sampled_dp_grad(loss, physical_batch_size=p, **kw)(
-        w, data, jax.random.key(5)
+        w, data, private_key(5)
     )
     (g_n, info_n), (g_big, info_big) = step(8), step(10**9)
     np.testing.assert_array_equal(g_n, g_big)

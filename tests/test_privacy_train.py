@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import interrupt_then_resume
+from helpers import interrupt_then_resume, private_key
 
 import jaxgrad
 from jaxgrad import privacy
@@ -37,9 +37,8 @@ def _fit(loss_fn, params, data, config, **kw):
         params,
         data,
         optimizer=optax.adam(0.05),
-        key=jax.random.key(5),
         privacy=config,
-        **{**FIT, **kw},
+        **{"key": private_key(5), **FIT, **kw},
     )
 
 
@@ -65,7 +64,7 @@ def test_fit_private_is_the_documented_loop_and_reports_epsilon(whole):
     p, s = params, opt.init(params)
     dev = jax.tree_util.tree_map(jnp.asarray, data)
     for t in range(steps):
-        g = grad_fn(p, dev, jax.random.fold_in(jax.random.key(5), t))
+        g = grad_fn(p, dev, jax.random.fold_in(private_key(5), t))
         u, s = opt.update(g, s, p)
         p = optax.apply_updates(p, u)
     chex.assert_trees_all_close(result.params, p, rtol=1e-10, atol=1e-12)
@@ -121,11 +120,11 @@ def test_fit_private_nonfinite_examples(on_mesh):
     mesh = jaxgrad.sharding.data_mesh(1) if on_mesh else None
     config = PrivacyConfig(l2_clip=0.7, noise_multiplier=1.2, accountant="rdp")
     result = _fit(loss_fn, params, (x, y), config, epochs=1, mesh=mesh)
-    # The reference: step t's draw is poisson_sample(split(fold_in(key, t))[0]) (fit's key 5).
+    # The reference: step t's draw is poisson_sample(split(fold_in(key, t))[0]), key = fit's.
     p = privacy.default_physical_batch_size(num_examples=120, sampling_rate=20 / 120)
     drawn_bad = []
     for t in range(6):
-        sample_key, _ = jax.random.split(jax.random.fold_in(jax.random.key(5), t))
+        sample_key, _ = jax.random.split(jax.random.fold_in(private_key(5), t))
         s = privacy.poisson_sample(
             sample_key, num_examples=120, sampling_rate=20 / 120, physical_batch_size=p
         )
@@ -141,7 +140,7 @@ def test_fit_private_nonfinite_examples(on_mesh):
     opt = optax.adam(0.05)
     ref, opt_state = params, opt.init(params)
     for t in range(6):
-        g = grad_fn(ref, (x, y), jax.random.fold_in(jax.random.key(5), t))
+        g = grad_fn(ref, (x, y), jax.random.fold_in(private_key(5), t))
         updates, opt_state = opt.update(g, opt_state, ref)
         ref = optax.apply_updates(ref, updates)
     chex.assert_trees_all_close(result.params, ref, rtol=1e-10, atol=1e-12)
@@ -239,7 +238,7 @@ def test_a_private_fit_given_a_small_seed_key_warns_before_training():
     stop = dict(keep=0, epochs=1, batch_size=5, progress="none")
     with pytest.warns(keys.SeededKeyWarning, match=r"jax\.random\.key\(seed\).*key=None"):
         with pytest.raises(ValueError, match="keep"):
-            _fit(loss_fn, params, data, CONFIG, **stop)
+            _fit(loss_fn, params, data, CONFIG, key=jax.random.key(5), **stop)
     secret = jax.random.wrap_key_data(np.array([0x9E3779B9, 5], np.uint32))
     with warnings.catch_warnings():
         warnings.simplefilter("error", keys.SeededKeyWarning)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import private_key
 
 from jaxgrad import keys, losses, models
 from jaxgrad import privacy as dp
@@ -37,7 +38,7 @@ def _fit(privacy, *, optimizer=None, batch_size=2, **kw):
     """``fit`` on :func:`_setup`'s problem for one epoch, quietly (SGD at rate 1 unless
     ``optimizer`` is given)."""
     loss, params, data = _setup()
-    kw = {"epochs": 1, "key": jax.random.key(1), "quiet": True, **kw}
+    kw = {"epochs": 1, "key": private_key(1), "quiet": True, **kw}
     return fit(
         loss,
         params,
@@ -112,11 +113,11 @@ def test_dp_grad_units_match_a_loop():
     loss, params, data = _setup()
     f = dp.dp_grad(loss, l2_clip=0.3, noise_multiplier=0.0, expected_batch_size=2.5)
     ids = jnp.asarray(np.unique(UNITS, return_inverse=True)[1])  # ids in [0, B)
-    got = f(params, data, None, jax.random.key(0), units=ids)
+    got = f(params, data, None, private_key(0), units=ids)
     want = jax.tree.map(lambda x: x / 2.5, _unit_reference(loss, params, data, UNITS, 0.3))
     _assert_close(got, want)
     with pytest.raises(ValueError, match="units"):
-        f(params, data, None, jax.random.key(0), units=jnp.arange(3))
+        f(params, data, None, private_key(0), units=jnp.arange(3))
 
 
 def _group_clip(g, clips):

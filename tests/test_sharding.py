@@ -18,7 +18,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import shared
+from helpers import private_key, shared
 
 import jaxgrad
 from jaxgrad import sharding
@@ -559,7 +559,7 @@ def test_memory_mapped_data_is_validated_row_by_row(tmp_path):
     loss_fn = jaxgrad.losses.supervised(
         model.apply, jaxgrad.losses.softmax_cross_entropy, num_classes=3
     )
-    kw = dict(optimizer=optax.sgd(0.1), epochs=1, batch_size=20, key=jax.random.key(0))
+    kw = dict(optimizer=optax.sgd(0.1), epochs=1, batch_size=20, key=private_key(0))
     mesh = sharding.data_mesh()
     with pytest.raises(ValueError, match="labels") as in_memory:
         jaxgrad.train.fit(loss_fn, model.init(jax.random.key(1)), (x, y), mesh=mesh, **kw)

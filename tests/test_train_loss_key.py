@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import private_key
 
 import jaxgrad
 from jaxgrad.train import CheckpointError, PrivacyConfig, fit
@@ -146,13 +147,14 @@ def test_private_fit_gives_each_sampled_example_its_key(mesh):
     loss, params, data = _problem()
     config = PrivacyConfig(l2_clip=0.3, noise_multiplier=0.0, delta=1e-5)
     mesh = jaxgrad.sharding.data_mesh() if mesh else None
-    got = _fit(loss, params, data, epochs=1, batch_size=5, privacy=config, mesh=mesh)
+    kw = dict(epochs=1, batch_size=5, privacy=config, mesh=mesh, key=private_key(1))
+    got = _fit(loss, params, data, **kw)
     want = _private_reference(
         loss,
         params,
         data,
         clip=0.3,
-        key=jax.random.key(1),
+        key=private_key(1),
         loss_key=jax.random.key(5),
         batch_size=5,
     )
@@ -162,7 +164,7 @@ def test_private_fit_gives_each_sampled_example_its_key(mesh):
 def test_a_private_run_refuses_its_own_key_as_the_loss_key():
     """With K as both keys, rows 0 and 1 would draw their dropout from step t's sample and noise
     keys (fold_in is Threefry block (0, d), split takes blocks 0 and 1): the noise's own bits."""
-    key, t = jax.random.key(1), 3
+    key, t = private_key(1), 3
     sample_key, noise_key = jaxgrad.keys.dp_keys(key, t)
     rows = jax.random.key_data(jaxgrad.keys.row_keys(key, t, np.arange(2)))
     np.testing.assert_array_equal(rows[0], jax.random.key_data(sample_key))  # why it is refused

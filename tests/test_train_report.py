@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import private_key
 
 from jaxgrad import privacy as dp
 from jaxgrad.train import PrivacyConfig, fit
@@ -35,7 +36,7 @@ def test_fit_result_carries_the_privacy_of_a_dp_run_and_unpacks_in_three():
         optimizer=optax.sgd(0.1),
         epochs=2,
         batch_size=6,
-        key=jax.random.key(1),
+        key=private_key(1),
         privacy=config,
         quiet=True,
     )

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import private_key
 
 import jaxgrad
 from jaxgrad.bench.valuation import flip_labels, main, roc_auc
@@ -127,7 +128,7 @@ def test_step_values_against_jax_grad_padding_and_first_order():
 
 def test_valuation_is_refused_with_privacy_and_unsupported_options(tmp_path):
     params, loss_fn, train, val = _problem()
-    kw = dict(optimizer=optax.sgd(0.1), epochs=1, batch_size=4, key=jax.random.key(0))
+    kw = dict(optimizer=optax.sgd(0.1), epochs=1, batch_size=4, key=private_key(0))
     v = Valuation(val, learning_rate=0.1)
     private = PrivacyConfig(l2_clip=1.0, noise_multiplier=1.0, delta=1e-3)
     with pytest.raises(ValueError, match="`valuation` cannot be used with `privacy`"):
