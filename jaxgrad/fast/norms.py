@@ -321,6 +321,18 @@ def dense_pair_gram(t: int, k: int, n: int) -> bool:
     return t * t * (k + n) <= k * n
 
 
+def gather_pair_gram(t: int, num_rows: int) -> bool:
+    """Whether the pairwise same-row form of a lookup beats the inner products of formed
+    gradients.
+
+    Per pair of examples the form costs ``T² R`` (a same-row test and ``⟨g_t, g_s⟩`` for each
+    of the ``T²`` pairs of lookups) against ``rows × R`` for the inner product of two formed
+    ``rows × R`` gradients: stricter than :func:`jaxgrad.fast.rules.gather_gram` on the
+    diagonal by its factor 8.
+    """
+    return t * t <= num_rows
+
+
 def dense_gram_pairs(eqn: Eqn, pos: int, a1, g1, a2, g2):
     """``⟨∇_W S_i, ∇_W S_j⟩`` for a ``dot_general`` use: ``Σ_b ⟨A_{ib} A_{jb}ᵀ, G_{ib} G_{jb}ᵀ⟩``.
 
@@ -355,12 +367,14 @@ def dense_gram_pairs(eqn: Eqn, pos: int, a1, g1, a2, g2):
 
 
 def gather_gram_pairs(eqn: Eqn, pos: int, i1, g1, i2, g2):
-    """``Σ_{t,s} [r_{i,t} = r_{j,s}] ⟨g_{i,t}, g_{j,s}⟩`` for an embedding lookup (same rows)."""
+    """``Σ_{t,s} [r_{i,t} = r_{j,s}] ⟨g_{i,t}, g_{j,s}⟩`` for an embedding lookup (same rows),
+    where it is cheaper by shape (:func:`gather_pair_gram`), else the inner products of the
+    formed ``rows × R`` per-example gradients."""
     dtype = acc_dtype(eqn)
     r1, _, y1 = gather_rows(eqn, i1, g1.astype(dtype))
     r2, _, y2 = gather_rows(eqn, i2, g2.astype(dtype))
     t = r1.shape[1]
-    if t * t > gather_num_rows(eqn):  # per pair: T² same-row tests against a rows × R product
+    if not gather_pair_gram(t, gather_num_rows(eqn)):
         return grads_gram(
             per_example_grads(eqn, 0, idx_restore(eqn, r1), g_restore(eqn, y1)),
             per_example_grads(eqn, 0, idx_restore(eqn, r2), g_restore(eqn, y2)),
