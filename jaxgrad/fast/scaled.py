@@ -181,26 +181,13 @@ def _scale_for(u: Use, perm, ref, axes, inverse, ref_shape, leaves, own, offset=
             return None
         return _operand_scale(u, perm, ref, axes, inverse, ref_shape, leaves, "i")
     eqn = u.op
-    where = _use_axes(eqn, u.pos)
-    w_to_op = {w: i for i, w in enumerate(perm)}  # operand axis i is W_eff axis perm[i]
-    kept = [(i, axes[i]) for i in range(len(axes)) if axes[i] is not None and ref_shape[i] > 1]
-    for side, k in (("g", 1), ("a", 0)):
-        targets = []
-        for _, w in kept:
-            kind, ax = where.get(w_to_op[w], ("", None))
-            if side not in kind:
-                break
-            targets.append(ax[k] if kind == "ag" else ax)
-        else:
+    where, spanned = _use_axes(eqn, u.pos), _spanned(perm, axes, ref_shape)
+    for side in ("g", "a"):
+        targets = _side_targets(where, spanned, side)
+        if targets is not None:
             shape = eqn.out_avals[0].shape if side == "g" else eqn.in_avals[1 - u.pos].shape
-            order = tuple(int(i) for i in np.argsort(targets))
-            target = [1] * len(shape)
-            for i, t in zip(kept, targets, strict=True):
-                target[t] = ref_shape[i[0]]
-            return Scale(
-                ref, inverse, side, tuple(ref_shape[i] for i, _ in kept), order,
-                tuple(target), tuple(sorted(targets)), frozenset(leaves), own, offset,
-            )  # fmt: skip
+            term = (ref, inverse, ref_shape, leaves)
+            return _placed(term, side, spanned, targets, len(shape), own, offset)
     if not leaves and not own and not offset and u.site == "":  # a full constant mask M:
         # M ⊙ the gradient (in a frame: the VJP route)
         return _operand_scale(u, perm, ref, axes, inverse, ref_shape, leaves, "w")
@@ -212,16 +199,45 @@ def _operand_scale(u: Use, perm, ref, axes, inverse, ref_shape, leaves, side) ->
     side ``"i"`` for a lookup (``(θ' ⊙ F)[r] = θ'[r] ⊙ F[r]``: ``G`` scaled by ``F`` gathered
     at the rows looked up), side ``"w"`` for a full constant mask of a dense or convolution
     use (``∇_θ' = M ⊙ ∇_{W_eff}``, see :func:`jaxgrad.fast.rules.masked_route`)."""
+    spanned = _spanned(perm, axes, ref_shape)
+    targets = [d for _, d in spanned]
+    ndim = len(u.op.in_avals[u.pos].shape)
+    return _placed((ref, inverse, ref_shape, leaves), side, spanned, targets, ndim)
+
+
+def _spanned(perm, axes, ref_shape) -> list:
+    """``(term axis, operand axis)`` for every axis of ``W_eff`` a term spans with more than
+    one entry (``axes``: the term's, see :func:`_product`; ``perm``: operand axis ``i`` is
+    ``W_eff`` axis ``perm[i]``)."""
     w_to_op = {w: i for i, w in enumerate(perm)}
     kept = [(i, axes[i]) for i in range(len(axes)) if axes[i] is not None and ref_shape[i] > 1]
-    targets = [w_to_op[w] for _, w in kept]
-    target = [1] * len(u.op.in_avals[u.pos].shape)
-    for (i, _), t in zip(kept, targets, strict=True):
+    return [(i, w_to_op[w]) for i, w in kept]
+
+
+def _side_targets(where: dict, spanned: list, side: str):
+    """The axes of one side of a use (``"g"``: the output's, ``"a"``: ``A``'s) that the
+    spanned operand axes meet there (``where``: :func:`_use_axes`), or None unless every
+    one of them meets that side."""
+    targets = []
+    for _, d in spanned:
+        kind, ax = where.get(d, ("", None))
+        if side not in kind:
+            return None
+        targets.append(ax[1 if side == "g" else 0] if kind == "ag" else ax)
+    return targets
+
+
+def _placed(term, side: str, spanned, targets, ndim: int, own=False, offset=False) -> Scale:
+    """The :class:`Scale` of ``term = (ref, inverse, ref_shape, leaves)`` whose spanned axes
+    go to the axes ``targets`` of a per-example shape of ``ndim`` axes (1 on every other)."""
+    ref, inverse, ref_shape, leaves = term
+    target = [1] * ndim
+    for (i, _), t in zip(spanned, targets, strict=True):
         target[t] = ref_shape[i]
     order = tuple(int(i) for i in np.argsort(targets))
     return Scale(
-        ref, inverse, side, tuple(ref_shape[i] for i, _ in kept), order, tuple(target),
-        tuple(sorted(targets)), frozenset(leaves),
+        ref, inverse, side, tuple(ref_shape[i] for i, _ in spanned), order, tuple(target),
+        tuple(sorted(targets)), frozenset(leaves), own, offset,
     )  # fmt: skip
 
 
