@@ -162,42 +162,57 @@ def _summands(program: Program, producer: dict, deps: dict, n: int, ref):
         return ([("dot", k, ())], False) if not lb and None not in leaves else None
     shape = tuple(e.out_avals[0].shape)
     name = e.primitive.name
-    scaled = lambda got, sc: None if got is None else (
-        [(kind, x, (*fs, sc)) for kind, x, fs in got[0]], got[1]
-    )  # fmt: skip
+    inner = lambda q: _summands(program, producer, deps, n, e.ins[q])
     if name in ("add", "sub") and grads:
         if any(tuple(e.in_avals[i].shape) != shape for i in grads):
             return None  # (a gradient broadcast to the sum)
-        parts, straight = [], False
-        for i in grads:
-            got = _summands(program, producer, deps, n, e.ins[i])
-            if name == "sub" and i == 1:
-                got = scaled(got, (Const(-1.0), False))
-            if got is None:
-                return None
-            parts, straight = parts + got[0], straight or got[1]
-        # Straight-through: the value changed by one of the part's own leaves, with no
-        # gradient (θ + stop_gradient(q(θ) - θ)); else θ' + c.
-        rest = [r for i, r in enumerate(e.ins) if i not in grads]
-        own = {x[0] for kind, x, _ in parts if kind == "id"}
-        return parts, straight or bool(own & _read_leaves(program, producer, n, rest))
+        return _sum_of_summands(program, producer, n, e, grads, inner)
     if name == "neg":
-        return scaled(_summands(program, producer, deps, n, e.ins[0]), (Const(-1.0), False))
+        return _times(inner(0), (Const(-1.0), False))
     if name in ("mul", "div") and len(grads) == 1 and (name == "mul" or grads == [0]):
         q = grads[0]
         if tuple(e.in_avals[1 - q].shape) == () and tuple(e.in_avals[q].shape) == shape:
-            inner = _summands(program, producer, deps, n, e.ins[q])
-            return scaled(inner, (e.ins[1 - q], name == "div"))  # (a scalar, no gradient)
+            return _times(inner(q), (e.ins[1 - q], name == "div"))  # (a scalar, no gradient)
     if len(grads) == 1 and identity_tangent(e, grads[0]):
-        inner = _summands(program, producer, deps, n, e.ins[grads[0]])
-        if inner is None:
+        got = inner(grads[0])
+        if got is None:
             return None
         # (as for a sum: a custom_jvp of θ alone, a straight-through rounding)
-        own = {x[0] for kind, x, _ in inner[0] if kind == "id"}
         rest = [r for i, r in enumerate(e.ins) if i != grads[0]]
-        straight = not rest or bool(own & _read_leaves(program, producer, n, rest))
-        return inner[0], inner[1] or straight
+        straight = not rest or _reads_own_leaf(program, producer, n, got[0], rest)
+        return got[0], got[1] or straight
     return None
+
+
+def _times(got, scale):
+    """The summands ``got`` (:func:`_summands`' result, or None) each times the scalar
+    ``scale``, ``(ref, inverse)``."""
+    if got is None:
+        return None
+    return [(kind, x, (*fs, scale)) for kind, x, fs in got[0]], got[1]
+
+
+def _sum_of_summands(program: Program, producer: dict, n: int, e: Eqn, grads, inner):
+    """The summands of ``add`` or ``sub`` equation ``e`` (its operands ``grads`` carrying
+    gradients, ``inner(i)`` the summands of operand ``i``), or None."""
+    parts, straight = [], False
+    for i in grads:
+        got = inner(i)
+        if e.primitive.name == "sub" and i == 1:
+            got = _times(got, (Const(-1.0), False))
+        if got is None:
+            return None
+        parts, straight = parts + got[0], straight or got[1]
+    rest = [r for i, r in enumerate(e.ins) if i not in grads]
+    return parts, straight or _reads_own_leaf(program, producer, n, parts, rest)
+
+
+def _reads_own_leaf(program: Program, producer: dict, n: int, parts, rest) -> bool:
+    """Whether the values ``rest``, which carry no gradient, read the leaf of a ``θ'`` part:
+    the value changed by one of the part's own leaves (``θ + stop_gradient(q(θ) - θ)``), a
+    straight-through estimator; else ``θ' + c``."""
+    own = {x[0] for kind, x, _ in parts if kind == "id"}
+    return bool(own & _read_leaves(program, producer, n, rest))
 
 
 def _scaled_alias(program: Program, producer: dict, deps: dict, n: int, ref):
