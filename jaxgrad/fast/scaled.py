@@ -142,7 +142,7 @@ def _product(program: Program, producer: dict, varying_: set, ref, shape: tuple)
     return whole
 
 
-def _use_axes(eqn: Eqn, pos: int):
+def use_axes(eqn: Eqn, pos: int):
     """Per parameter-operand axis of a use: ``("a", axis of A)`` for an axis a factor along
     it can scale ``A`` by (a contracted axis of a ``dot_general``, a convolution's input
     channels), ``("g", output axis)`` for one it can scale the output by (a free axis, the
@@ -181,7 +181,7 @@ def _scale_for(u: Use, perm, ref, axes, inverse, ref_shape, leaves, own, offset=
             return None
         return _operand_scale(u, perm, ref, axes, inverse, ref_shape, leaves, "i")
     eqn = u.op
-    where, spanned = _use_axes(eqn, u.pos), _spanned(perm, axes, ref_shape)
+    where, spanned = use_axes(eqn, u.pos), _spanned(perm, axes, ref_shape)
     for side in ("g", "a"):
         targets = _side_targets(where, spanned, side)
         if targets is not None:
@@ -216,7 +216,7 @@ def _spanned(perm, axes, ref_shape) -> list:
 
 def _side_targets(where: dict, spanned: list, side: str):
     """The axes of one side of a use (``"g"``: the output's, ``"a"``: ``A``'s) that the
-    spanned operand axes meet there (``where``: :func:`_use_axes`), or None unless every
+    spanned operand axes meet there (``where``: :func:`use_axes`), or None unless every
     one of them meets that side."""
     targets = []
     for _, d in spanned:
@@ -520,7 +520,7 @@ def selected_weights(program: Program, n: int, outputs, deps: dict, uses: dict, 
                 sel = {}
                 for u, perm in zip(us, perms, strict=True):
                     axis = perm.index(d)  # the operand's axis that holds the blocks
-                    side, ax = _use_axes(u.op, u.pos).get(axis, ("", None))
+                    side, ax = use_axes(u.op, u.pos).get(axis, ("", None))
                     if side not in ("a", "g"):
                         ok = False
                         break
