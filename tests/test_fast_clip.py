@@ -185,7 +185,7 @@ def test_clipped_grad_return_loss(reduction):
 
 
 # A dense use's weighted sum Σ_i c_i ∇_W S_i is one 2-D matmul of the examples' rows
-# (linear._dense_rows); other layouts (dot batch dims) take the use's batched VJP.
+# (linear.dense_rows); other layouts (dot batch dims) take the use's batched VJP.
 DENSE_LAYOUTS = {
     "x @ W": ((3, 4), (4, 5), (((1,), (0,)), ((), ())), 1),
     "W @ x": ((5, 4), (4, 3), (((1,), (0,)), ((), ())), 0),
@@ -222,7 +222,7 @@ def test_dense_weighted_sum_in_every_layout(layout):
         a_in, g_in = jnp.moveaxis(jnp.asarray(a), 0, axis), jnp.moveaxis(jnp.asarray(g), 0, axis)
         got = linear.weighted_grad(eqn, pos, a_in, g_in, jnp.asarray(c), axis=axis)
         assert_rel_close(got, expected)
-        two_d = linear._dense_rows(eqn, pos, a_in, g_in, axis) is not None
+        two_d = linear.dense_rows(eqn, pos, a_in, g_in, axis) is not None
         assert two_d == ("VJP" not in layout)
 
 

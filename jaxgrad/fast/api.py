@@ -18,6 +18,7 @@ divide evenly), bounding peak memory on either path.
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 from typing import Any, NamedTuple
@@ -208,21 +209,39 @@ def per_example_norms(
     strategy = _wrap(
         core, loss_fn, name="per_example_norms", doc=per_example_norms.__doc__, keywords=("units",)
     )
-    return _with_units(strategy)
+    return _with_checked(strategy, "units", _units_given)
 
 
-def _with_units(strategy):
-    """``strategy`` with its call-time ``units=`` checked against the batch first."""
+def _with_checked(strategy, keyword: str, check):
+    """``strategy`` with its call-time keyword ``keyword=`` checked first (against the
+    call's ``params`` and ``batch``, before the strategy's own checks and its trace).
 
-    def f(params, batch, mask=None, *args, units=None):
-        if units is None:
-            return strategy(params, batch, mask, *args)
-        units = check_units(units, reduce.batch_size(batch))
-        return strategy(params, batch, mask, *args, units=units)
+    Args:
+      strategy: a strategy from :func:`_wrap` that takes ``keyword``.
+      keyword: the keyword's name.
+      check: ``check(value, params, batch) -> value`` (``value`` None where it is not
+        given), raising an error that names the argument.
+
+    Returns:
+      ``f(params, batch, mask=None, *args, keyword=None)``, named and documented as
+      ``strategy``.
+    """
+
+    def f(params, batch, mask=None, *args, **kw):
+        kw[keyword] = check(kw.get(keyword), params, batch)
+        return strategy(params, batch, mask, *args, **kw)
 
     f.__name__ = f.__qualname__ = strategy.__name__
     f.__doc__ = strategy.__doc__
+    plain = inspect.signature(lambda params, batch, mask=None, *args: None).parameters
+    named = inspect.Parameter(keyword, inspect.Parameter.KEYWORD_ONLY, default=None)
+    f.__signature__ = inspect.Signature([*plain.values(), named])
     return f
+
+
+def _units_given(units, params, batch):
+    """``units=`` checked against the batch (:func:`check_units`), where given."""
+    return None if units is None else check_units(units, reduce.batch_size(batch))
 
 
 def per_example_dots(loss_fn, *, method: str = "auto", chunk_size: int | None = None):
@@ -302,14 +321,7 @@ def per_example_dots(loss_fn, *, method: str = "auto", chunk_size: int | None = 
         doc=per_example_dots.__doc__,
         keywords=("reference",),
     )
-
-    def f(params, batch, mask=None, *args, reference=None):
-        reference = check_reference(reference, params)
-        return strategy(params, batch, mask, *args, reference=reference)
-
-    f.__name__ = f.__qualname__ = "per_example_dots"
-    f.__doc__ = per_example_dots.__doc__
-    return f
+    return _with_checked(strategy, "reference", lambda v, params, _: check_reference(v, params))
 
 
 def gradient_gram(loss_fn, *, method: str = "auto", chunk_size: int | None = None):
@@ -689,7 +701,7 @@ def clipped_parts(
     strategy = _wrap(
         core, loss_fn, name="clipped_grad", doc=clipped_parts.__doc__, keywords=("units",)
     )
-    return _with_units(strategy)
+    return _with_checked(strategy, "units", _units_given)
 
 
 def clipped_grad(

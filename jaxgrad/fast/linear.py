@@ -33,7 +33,9 @@ import numpy as np
 from jaxgrad.fast.program import Eqn
 
 
-def _bind(eqn: Eqn, pos: int, w, a):
+def bind_use(eqn: Eqn, pos: int, w, a):
+    """The use's own operation on one example: ``op(a, w)`` with ``w`` for the parameter
+    operand ``pos`` and ``a`` for the other (its VJP in ``w`` is the per-example gradient)."""
     args = [a, a]
     args[pos] = w
     out = eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(eqn.params))
@@ -55,7 +57,7 @@ def per_example_grads(eqn: Eqn, pos: int, a, g):
         return conv_per_example_grads(eqn, pos, a, g)
 
     def one(a_i, g_i):
-        _, vjp = jax.vjp(lambda w: _bind(eqn, pos, w, a_i), _operand_zeros(eqn, pos))
+        _, vjp = jax.vjp(lambda w: bind_use(eqn, pos, w, a_i), _operand_zeros(eqn, pos))
         return vjp(g_i.astype(eqn.out_avals[0].dtype))[0]
 
     return jax.vmap(one)(a, g)
@@ -86,17 +88,17 @@ def weighted_grad(eqn: Eqn, pos: int, a, g, c, *, axis: int = 0):
         a = scale(a)  # the op is linear in each operand: reweight the smaller one
     else:
         g = scale(g)
-    rows = _dense_rows(eqn, pos, a, g, axis)
+    rows = dense_rows(eqn, pos, a, g, axis)
     if rows is not None:
         return _dense_weighted(eqn, pos, *rows)
     _, vjp = jax.vjp(
-        lambda w: jax.vmap(lambda a_i: _bind(eqn, pos, w, a_i), in_axes=axis, out_axes=axis)(a),
+        lambda w: jax.vmap(lambda a_i: bind_use(eqn, pos, w, a_i), in_axes=axis, out_axes=axis)(a),
         _operand_zeros(eqn, pos),
     )
     return vjp(g)[0]
 
 
-def _dense_rows(eqn: Eqn, pos: int, a, g, axis: int):
+def dense_rows(eqn: Eqn, pos: int, a, g, axis: int):
     """``A`` as ``(R, K)`` and ``G`` as ``(R, N)`` for a dense use without dot batch dims, the
     ``R`` rows being the examples and every free axis of the other operand (positions,
     steps) in ``A``'s own order; ``None`` for other uses (or dtypes the matmul does not take).
@@ -384,6 +386,6 @@ def dot(kind: str, eqn: Eqn, pos: int, a, g, v):
         idx, _, y = gather_rows(eqn, a, g.astype(dtype))
         a, g = idx_restore(eqn, idx), g_restore(eqn, y)
     v = v.astype(eqn.in_avals[pos].dtype)
-    out = jax.vmap(lambda a_i: _bind(eqn, pos, v, a_i))(a)
+    out = jax.vmap(lambda a_i: bind_use(eqn, pos, v, a_i))(a)
     prod = out.astype(dtype) * g.astype(dtype)
     return jnp.sum(prod.reshape(prod.shape[0], math.prod(prod.shape[1:])), axis=1)

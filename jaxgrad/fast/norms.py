@@ -239,21 +239,40 @@ def cross_norm_sq(factors):
         x = jnp.concatenate([x for _, x, _ in factors], axis=1)
         y = jnp.concatenate([y for _, _, y in factors], axis=1)
         return outer_norm_sq(x, y)
+    return _cross_terms(factors, factors, paired=True)
+
+
+def _cross_terms(left, right, *, paired: bool):
+    """``Σ_{u,v} Σ_{t,s} ⟨x^u_t, x^v_s⟩ ⟨y^u_t, y^v_s⟩`` between the uses' factors ``(kind, X,
+    Y)`` of :func:`outer_factors`: ``(B,)``, example ``b`` of ``left`` against example ``b`` of
+    ``right`` (``paired``: both ``(B, T, ·)``), else ``(D,)``, one example of ``left``
+    (``(T, ·)``) against every example of ``right`` (``(D, S, ·)``)."""
     hi = jax.lax.Precision.HIGHEST
     total = 0
-    for ku, xu, yu in factors:
-        for kv, xv, yv in factors:
-            yy = jnp.einsum("btc,bsc->bts", yu, yv, precision=hi)
-            if ku == "dense" and kv == "dense":
-                xx = jnp.einsum("btr,bsr->bts", xu, xv, precision=hi)
-            elif ku == "gather" and kv == "gather":
-                xx = (xu[:, :, None] == xv[:, None, :]).astype(yy.dtype)
-            elif ku == "gather":  # ⟨e_{r_t}, x_s⟩ = x_s[r_t]
-                xx = jnp.take_along_axis(xv, xu[:, None, :], axis=2).transpose(0, 2, 1)
-            else:
-                xx = jnp.take_along_axis(xu, xv[:, None, :], axis=2)
+    for ku, xu, yu in left:
+        for kv, xv, yv in right:
+            yy = jnp.einsum("btc,bsc->bts" if paired else "tc,bsc->bts", yu, yv, precision=hi)
+            xx = _row_products(ku, xu, kv, xv, yy.dtype, paired=paired)
             total = total + jnp.sum(xx * yy, axis=(1, 2))
     return total
+
+
+def _row_products(ku, xu, kv, xv, dtype, *, paired: bool):
+    """``⟨x^u_t, x^v_s⟩`` ``(B, T, S)`` of two uses' row factors (see :func:`_cross_terms` for
+    ``paired``): dense rows, or a lookup's one-hot rows ``e_r`` given as their row ``r``."""
+    if ku == "dense" and kv == "dense":
+        hi = jax.lax.Precision.HIGHEST
+        return jnp.einsum("btr,bsr->bts" if paired else "tr,bsr->bts", xu, xv, precision=hi)
+    if ku == "gather" and kv == "gather":  # ⟨e_{r_t}, e_{r_s}⟩ = [r_t = r_s]
+        rows = xu[:, :, None] if paired else xu[None, :, None]
+        return (rows == xv[:, None, :]).astype(dtype)
+    if ku == "gather":  # ⟨e_{r_t}, x_s⟩ = x_s[r_t]
+        if paired:
+            return jnp.take_along_axis(xv, xu[:, None, :], axis=2).transpose(0, 2, 1)
+        return jnp.transpose(jnp.take(xv, xu, axis=2), (0, 2, 1))
+    if paired:  # ⟨x_t, e_{r_s}⟩ = x_t[r_s]
+        return jnp.take_along_axis(xu, xv[:, None, :], axis=2)
+    return jnp.transpose(xu[:, xv], (1, 0, 2))
 
 
 # --- Pairs of examples and a reference: the Gram matrix and inner products --------------------
@@ -302,6 +321,18 @@ def dense_pair_gram(t: int, k: int, n: int) -> bool:
     return t * t * (k + n) <= k * n
 
 
+def gather_pair_gram(t: int, num_rows: int) -> bool:
+    """Whether the pairwise same-row form of a lookup beats the inner products of formed
+    gradients.
+
+    Per pair of examples the form costs ``T² R`` (a same-row test and ``⟨g_t, g_s⟩`` for each
+    of the ``T²`` pairs of lookups) against ``rows × R`` for the inner product of two formed
+    ``rows × R`` gradients: stricter than :func:`jaxgrad.fast.rules.gather_gram` on the
+    diagonal by its factor 8.
+    """
+    return t * t <= num_rows
+
+
 def dense_gram_pairs(eqn: Eqn, pos: int, a1, g1, a2, g2):
     """``⟨∇_W S_i, ∇_W S_j⟩`` for a ``dot_general`` use: ``Σ_b ⟨A_{ib} A_{jb}ᵀ, G_{ib} G_{jb}ᵀ⟩``.
 
@@ -336,12 +367,14 @@ def dense_gram_pairs(eqn: Eqn, pos: int, a1, g1, a2, g2):
 
 
 def gather_gram_pairs(eqn: Eqn, pos: int, i1, g1, i2, g2):
-    """``Σ_{t,s} [r_{i,t} = r_{j,s}] ⟨g_{i,t}, g_{j,s}⟩`` for an embedding lookup (same rows)."""
+    """``Σ_{t,s} [r_{i,t} = r_{j,s}] ⟨g_{i,t}, g_{j,s}⟩`` for an embedding lookup (same rows),
+    where it is cheaper by shape (:func:`gather_pair_gram`), else the inner products of the
+    formed ``rows × R`` per-example gradients."""
     dtype = acc_dtype(eqn)
     r1, _, y1 = gather_rows(eqn, i1, g1.astype(dtype))
     r2, _, y2 = gather_rows(eqn, i2, g2.astype(dtype))
     t = r1.shape[1]
-    if t * t > gather_num_rows(eqn):  # per pair: T² same-row tests against a rows × R product
+    if not gather_pair_gram(t, gather_num_rows(eqn)):
         return grads_gram(
             per_example_grads(eqn, 0, idx_restore(eqn, r1), g_restore(eqn, y1)),
             per_example_grads(eqn, 0, idx_restore(eqn, r2), g_restore(eqn, y2)),
@@ -368,26 +401,12 @@ def cross_gram(f1, f2):
     Σ_{u,v} Σ_{t,s} ⟨x^u_{i,t}, x^v_{j,s}⟩ ⟨y^u_{i,t}, y^v_{j,s}⟩``, with ``x`` a one-hot row
     for a lookup: every cross term between the uses, as :func:`cross_norm_sq` on the diagonal.
     """
-    hi = jax.lax.Precision.HIGHEST
     per_pair = sum(x.shape[1] for _, x, _ in f1) * sum(x.shape[1] for _, x, _ in f2)
-
     k1, k2 = [k for k, _, _ in f1], [k for k, _, _ in f2]  # static: not mapped over
 
-    def row(left, right):
-        total = 0
-        for ku, (xu, yu) in zip(k1, left, strict=True):  # one example of the left: (T, ·)
-            for kv, (xv, yv) in zip(k2, right, strict=True):  # every one of the right
-                yy = jnp.einsum("tc,dsc->dts", yu, yv, precision=hi)
-                if ku == "dense" and kv == "dense":
-                    xx = jnp.einsum("tr,dsr->dts", xu, xv, precision=hi)
-                elif ku == "gather" and kv == "gather":
-                    xx = (xu[None, :, None] == xv[:, None, :]).astype(yy.dtype)
-                elif ku == "gather":  # ⟨e_{r_t}, x_s⟩ = x_s[r_t]
-                    xx = jnp.transpose(jnp.take(xv, xu, axis=2), (0, 2, 1))
-                else:  # ⟨x_t, e_{r_s}⟩ = x_t[r_s]
-                    xx = jnp.transpose(xu[:, xv], (1, 0, 2))
-                total = total + jnp.sum(xx * yy, axis=(1, 2))
-        return total
+    def row(left, right):  # one example of the left against every one of the right
+        with_kinds = lambda ks, xys: [(k, x, y) for k, (x, y) in zip(ks, xys, strict=True)]
+        return _cross_terms(with_kinds(k1, left), with_kinds(k2, right), paired=False)
 
     arrays = lambda f: [(x, y) for _, x, y in f]
     return _pairs(row, arrays(f1), arrays(f2), per_pair)

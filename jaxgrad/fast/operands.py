@@ -151,7 +151,7 @@ class Operands:
         k = 0 if sc.side == "a" else 1  # operand axis -> the A (or G) axis it meets
         to_op = {
             (ax[k] if kind == "ag" else ax): d
-            for d, (kind, ax) in scaled._use_axes(u.op, u.pos).items()
+            for d, (kind, ax) in scaled.use_axes(u.op, u.pos).items()
             if sc.side in kind
         }
         ops = [to_op[t] for t in sc.dims]
@@ -188,7 +188,7 @@ class Operands:
         for q, sc in enumerate(u.scale):
             if sc.side == "i" and q != skip:
                 f = _full(sc, self.factor_value(sc), shape).astype(u.op.in_avals[0].dtype)
-                x = jax.vmap(lambda a_i, f=f: linear._bind(u.op, 0, f, a_i))(self.lookups(u)[0])
+                x = jax.vmap(lambda a_i, f=f: linear.bind_use(u.op, 0, f, a_i))(self.lookups(u)[0])
                 out = x if out is None else out * x
         return out
 
@@ -202,7 +202,9 @@ class Operands:
         x = self.factor_value(sc)
 
         def one(a_i, g_i):
-            f = lambda x: linear._bind(u.op, 0, (rest * _full(sc, x, shape)).astype(w.dtype), a_i)
+            f = lambda x: linear.bind_use(
+                u.op, 0, (rest * _full(sc, x, shape)).astype(w.dtype), a_i
+            )
             _, vjp = jax.vjp(f, x)
             return vjp(g_i.astype(w.dtype))[0]
 
@@ -256,7 +258,7 @@ class Operands:
 
 def _op(u: trace.Use, w, a):
     """``op(A_i, w)`` for every example's ``A_i`` (``a``, examples first)."""
-    return jax.vmap(lambda a_i: linear._bind(u.op, u.pos, w, a_i))(a)
+    return jax.vmap(lambda a_i: linear.bind_use(u.op, u.pos, w, a_i))(a)
 
 
 class Normaliser:

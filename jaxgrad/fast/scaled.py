@@ -142,7 +142,7 @@ def _product(program: Program, producer: dict, varying_: set, ref, shape: tuple)
     return whole
 
 
-def _use_axes(eqn: Eqn, pos: int):
+def use_axes(eqn: Eqn, pos: int):
     """Per parameter-operand axis of a use: ``("a", axis of A)`` for an axis a factor along
     it can scale ``A`` by (a contracted axis of a ``dot_general``, a convolution's input
     channels), ``("g", output axis)`` for one it can scale the output by (a free axis, the
@@ -181,26 +181,13 @@ def _scale_for(u: Use, perm, ref, axes, inverse, ref_shape, leaves, own, offset=
             return None
         return _operand_scale(u, perm, ref, axes, inverse, ref_shape, leaves, "i")
     eqn = u.op
-    where = _use_axes(eqn, u.pos)
-    w_to_op = {w: i for i, w in enumerate(perm)}  # operand axis i is W_eff axis perm[i]
-    kept = [(i, axes[i]) for i in range(len(axes)) if axes[i] is not None and ref_shape[i] > 1]
-    for side, k in (("g", 1), ("a", 0)):
-        targets = []
-        for _, w in kept:
-            kind, ax = where.get(w_to_op[w], ("", None))
-            if side not in kind:
-                break
-            targets.append(ax[k] if kind == "ag" else ax)
-        else:
+    where, spanned = use_axes(eqn, u.pos), _spanned(perm, axes, ref_shape)
+    for side in ("g", "a"):
+        targets = _side_targets(where, spanned, side)
+        if targets is not None:
             shape = eqn.out_avals[0].shape if side == "g" else eqn.in_avals[1 - u.pos].shape
-            order = tuple(int(i) for i in np.argsort(targets))
-            target = [1] * len(shape)
-            for i, t in zip(kept, targets, strict=True):
-                target[t] = ref_shape[i[0]]
-            return Scale(
-                ref, inverse, side, tuple(ref_shape[i] for i, _ in kept), order,
-                tuple(target), tuple(sorted(targets)), frozenset(leaves), own, offset,
-            )  # fmt: skip
+            term = (ref, inverse, ref_shape, leaves)
+            return _placed(term, side, spanned, targets, len(shape), own, offset)
     if not leaves and not own and not offset and u.site == "":  # a full constant mask M:
         # M ⊙ the gradient (in a frame: the VJP route)
         return _operand_scale(u, perm, ref, axes, inverse, ref_shape, leaves, "w")
@@ -212,16 +199,45 @@ def _operand_scale(u: Use, perm, ref, axes, inverse, ref_shape, leaves, side) ->
     side ``"i"`` for a lookup (``(θ' ⊙ F)[r] = θ'[r] ⊙ F[r]``: ``G`` scaled by ``F`` gathered
     at the rows looked up), side ``"w"`` for a full constant mask of a dense or convolution
     use (``∇_θ' = M ⊙ ∇_{W_eff}``, see :func:`jaxgrad.fast.rules.masked_route`)."""
+    spanned = _spanned(perm, axes, ref_shape)
+    targets = [d for _, d in spanned]
+    ndim = len(u.op.in_avals[u.pos].shape)
+    return _placed((ref, inverse, ref_shape, leaves), side, spanned, targets, ndim)
+
+
+def _spanned(perm, axes, ref_shape) -> list:
+    """``(term axis, operand axis)`` for every axis of ``W_eff`` a term spans with more than
+    one entry (``axes``: the term's, see :func:`_product`; ``perm``: operand axis ``i`` is
+    ``W_eff`` axis ``perm[i]``)."""
     w_to_op = {w: i for i, w in enumerate(perm)}
     kept = [(i, axes[i]) for i in range(len(axes)) if axes[i] is not None and ref_shape[i] > 1]
-    targets = [w_to_op[w] for _, w in kept]
-    target = [1] * len(u.op.in_avals[u.pos].shape)
-    for (i, _), t in zip(kept, targets, strict=True):
+    return [(i, w_to_op[w]) for i, w in kept]
+
+
+def _side_targets(where: dict, spanned: list, side: str):
+    """The axes of one side of a use (``"g"``: the output's, ``"a"``: ``A``'s) that the
+    spanned operand axes meet there (``where``: :func:`use_axes`), or None unless every
+    one of them meets that side."""
+    targets = []
+    for _, d in spanned:
+        kind, ax = where.get(d, ("", None))
+        if side not in kind:
+            return None
+        targets.append(ax[1 if side == "g" else 0] if kind == "ag" else ax)
+    return targets
+
+
+def _placed(term, side: str, spanned, targets, ndim: int, own=False, offset=False) -> Scale:
+    """The :class:`Scale` of ``term = (ref, inverse, ref_shape, leaves)`` whose spanned axes
+    go to the axes ``targets`` of a per-example shape of ``ndim`` axes (1 on every other)."""
+    ref, inverse, ref_shape, leaves = term
+    target = [1] * ndim
+    for (i, _), t in zip(spanned, targets, strict=True):
         target[t] = ref_shape[i]
     order = tuple(int(i) for i in np.argsort(targets))
     return Scale(
-        ref, inverse, side, tuple(ref_shape[i] for i, _ in kept), order, tuple(target),
-        tuple(sorted(targets)), frozenset(leaves),
+        ref, inverse, side, tuple(ref_shape[i] for i, _ in spanned), order, tuple(target),
+        tuple(sorted(targets)), frozenset(leaves), own, offset,
     )  # fmt: skip
 
 
@@ -289,66 +305,95 @@ def scaled_weights(program: Program, n: int, top: set, region, outputs, deps, us
         perms = _scalable(program, us, len(shape))
         if perms is None:
             continue
-        terms = _product(program, producer, top, out, shape)
-        for t, (ref, axes, inverse) in enumerate(terms):
-            theta, centre = alias_of_leaf(program, producer, n, ref), None
-            if theta is None:
-                theta, centre = _centred(program, producer, top, n, ref, shape)
-            if (
-                theta is None
-                or inverse
-                or axes != tuple(range(len(shape)))
-                or tuple(program_aval_in(program, ref).shape) != shape
-            ):
-                continue
-            j, chain = theta
-            lifted = chain_perm(program, chain, len(shape))  # θ' axis w is θ axis lifted[w]
-            others = [x for q, x in enumerate(terms) if q != t]
-            offsets = [False] * len(others)
-            if centre is not None:
-                others, offsets = [*others, centre], [*offsets, True]
-            if _offset_with_factor_grads(others, deps):
-                continue
-            own = [isinstance(r, Var) and j in deps.get(r, ()) for r, _, _ in others]
-            if any(own) and (lifted is None or uses.get(j)):
-                continue
-            if not all(
-                _separable_along(info.get(r), j, ax, lifted, program_aval_in(program, r).shape)
-                for (r, ax, _), o in zip(others, own, strict=True)
-                if o
-            ):
-                continue
-            per_use = {}
-            for u, perm in zip(us, perms, strict=True):
-                scales = []
-                for (r, ax, inv), o, off in zip(others, own, offsets, strict=True):
-                    rs = (
-                        np.shape(r.value)
-                        if isinstance(r, Const)
-                        else program_aval_in(program, r).shape
-                    )
-                    lv = deps.get(r, frozenset()) if isinstance(r, Var) else frozenset()
-                    sc = _scale_for(u, perm, r, ax, inv, rs, lv, o, off)
-                    if sc is None:
-                        break
-                    scales.append(sc)
-                else:
-                    if len({(sc.side, sc.dims) for sc in scales if sc.own}) <= 1:
-                        per_use[u.key] = tuple(scales)
-                        continue
-                break
-            if len(per_use) == len(us):
-                if all(rules.scaled_pays(u.op, u.pos, _products(per_use[u.key])) for u in us):
-                    found[v] = (j, chain, per_use, ref)
-                else:
-                    declined[v] = (
-                        "scaled form declined: its extra products over "
-                        f"{max(rules.use_positions(u.op, u.pos) for u in us)} positions cost "
-                        "more than the per-example gradient"
-                    )
-                break
-    # A leaf reaching an effective weight that is not scaled, or read by another's factor,
-    # is not; nor one with a normaliser that reaches two effective weights.
+        leaf = _leaf_and_factors(program, producer, top, n, info, deps, uses, out, shape)
+        if leaf is None:
+            continue
+        j, chain, ref, factors = leaf
+        per_use = _scales_per_use(program, deps, us, perms, factors)
+        if per_use is None:
+            continue
+        if all(rules.scaled_pays(u.op, u.pos, _products(per_use[u.key])) for u in us):
+            found[v] = (j, chain, per_use, ref)
+        else:
+            declined[v] = (
+                "scaled form declined: its extra products over "
+                f"{max(rules.use_positions(u.op, u.pos) for u in us)} positions cost "
+                "more than the per-example gradient"
+            )
+    return _whole_leaves(found, deps, outputs, uses, n), declined
+
+
+def _leaf_and_factors(program: Program, producer, top, n: int, info, deps, uses, out, shape):
+    """``(leaf, chain, θ', factors)`` for the first term of ``W_eff = out`` (see
+    :func:`_product`) that is ``θ'`` (or ``θ' - m``), an alias of a leaf spanning the whole
+    weight, whose other terms (and centre ``m``) can be carried as scales of its uses
+    (:func:`_factors_carried`); else None. ``factors``: ``(ref, axes, inverse, own,
+    offset)`` per other term (``own``: made of the leaf, a normaliser; ``offset``: ``m``)."""
+    terms = _product(program, producer, top, out, shape)
+    for t, (ref, axes, inverse) in enumerate(terms):
+        theta, centre = alias_of_leaf(program, producer, n, ref), None
+        if theta is None:
+            theta, centre = _centred(program, producer, top, n, ref, shape)
+        if (
+            theta is None
+            or inverse
+            or axes != tuple(range(len(shape)))
+            or tuple(program_aval_in(program, ref).shape) != shape
+        ):
+            continue
+        j, chain = theta
+        others = [x for q, x in enumerate(terms) if q != t]
+        offsets = [False] * len(others)
+        if centre is not None:
+            others, offsets = [*others, centre], [*offsets, True]
+        own = [isinstance(r, Var) and j in deps.get(r, ()) for r, _, _ in others]
+        if _factors_carried(program, info, deps, uses, j, chain, others, own, shape):
+            factors = [(*x, o, off) for x, o, off in zip(others, own, offsets, strict=True)]
+            return j, chain, ref, factors
+    return None
+
+
+def _factors_carried(program: Program, info, deps, uses, j: int, chain, others, own, shape):
+    """Whether the other terms of ``W_eff = θ' ⊙ Π others`` can be scales of leaf ``j``'s
+    uses: no scatter's constant among factors with gradients, and normalisers (``own``)
+    only for a leaf with no use of its own, each separable per channel along the axes it
+    spans (:func:`_separable_along`)."""
+    lifted = chain_perm(program, chain, len(shape))  # θ' axis w is θ axis lifted[w]
+    if _offset_with_factor_grads(others, deps):
+        return False
+    if any(own) and (lifted is None or uses.get(j)):
+        return False
+    return all(
+        _separable_along(info.get(r), j, ax, lifted, program_aval_in(program, r).shape)
+        for (r, ax, _), o in zip(others, own, strict=True)
+        if o
+    )
+
+
+def _scales_per_use(program: Program, deps, us, perms, factors):
+    """``{use key: scales}``, every factor a :class:`Scale` of every use (see
+    :func:`_scale_for`) and a use's normalisers on one side along the same axes; None where
+    one is not (or where two uses share a key: one equation reading the weight twice)."""
+    per_use = {}
+    for u, perm in zip(us, perms, strict=True):
+        scales = []
+        for r, ax, inv, own, offset in factors:
+            rs = np.shape(r.value) if isinstance(r, Const) else program_aval_in(program, r).shape
+            lv = deps.get(r, frozenset()) if isinstance(r, Var) else frozenset()
+            sc = _scale_for(u, perm, r, ax, inv, rs, lv, own, offset)
+            if sc is None:
+                return None
+            scales.append(sc)
+        if len({(sc.side, sc.dims) for sc in scales if sc.own}) > 1:
+            return None
+        per_use[u.key] = tuple(scales)
+    return per_use if len(per_use) == len(us) else None
+
+
+def _whole_leaves(found: dict, deps, outputs, uses, n: int) -> dict:
+    """``found`` less the effective weights whose leaf cannot take the scaled route: a leaf
+    reaching an effective weight that is not scaled, or read by another's factor, is not;
+    nor one with a normaliser that reaches two effective weights (until none is dropped)."""
     while True:
         factor_leaves = {
             j for _, _, per_use, _ in found.values() for ss in per_use.values() for s in ss
@@ -365,7 +410,7 @@ def scaled_weights(program: Program, n: int, top: set, region, outputs, deps, us
             or (any(s.own for ss in per_use.values() for s in ss) and len(reach[j]) > 1)
         }  # fmt: skip
         if not drop:
-            return found, declined
+            return found
         found = {v: x for v, x in found.items() if v not in drop}
 
 
@@ -475,7 +520,7 @@ def selected_weights(program: Program, n: int, outputs, deps: dict, uses: dict, 
                 sel = {}
                 for u, perm in zip(us, perms, strict=True):
                     axis = perm.index(d)  # the operand's axis that holds the blocks
-                    side, ax = _use_axes(u.op, u.pos).get(axis, ("", None))
+                    side, ax = use_axes(u.op, u.pos).get(axis, ("", None))
                     if side not in ("a", "g"):
                         ok = False
                         break

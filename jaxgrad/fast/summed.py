@@ -162,42 +162,57 @@ def _summands(program: Program, producer: dict, deps: dict, n: int, ref):
         return ([("dot", k, ())], False) if not lb and None not in leaves else None
     shape = tuple(e.out_avals[0].shape)
     name = e.primitive.name
-    scaled = lambda got, sc: None if got is None else (
-        [(kind, x, (*fs, sc)) for kind, x, fs in got[0]], got[1]
-    )  # fmt: skip
+    inner = lambda q: _summands(program, producer, deps, n, e.ins[q])
     if name in ("add", "sub") and grads:
         if any(tuple(e.in_avals[i].shape) != shape for i in grads):
             return None  # (a gradient broadcast to the sum)
-        parts, straight = [], False
-        for i in grads:
-            got = _summands(program, producer, deps, n, e.ins[i])
-            if name == "sub" and i == 1:
-                got = scaled(got, (Const(-1.0), False))
-            if got is None:
-                return None
-            parts, straight = parts + got[0], straight or got[1]
-        # Straight-through: the value changed by one of the part's own leaves, with no
-        # gradient (θ + stop_gradient(q(θ) - θ)); else θ' + c.
-        rest = [r for i, r in enumerate(e.ins) if i not in grads]
-        own = {x[0] for kind, x, _ in parts if kind == "id"}
-        return parts, straight or bool(own & _read_leaves(program, producer, n, rest))
+        return _sum_of_summands(program, producer, n, e, grads, inner)
     if name == "neg":
-        return scaled(_summands(program, producer, deps, n, e.ins[0]), (Const(-1.0), False))
+        return _times(inner(0), (Const(-1.0), False))
     if name in ("mul", "div") and len(grads) == 1 and (name == "mul" or grads == [0]):
         q = grads[0]
         if tuple(e.in_avals[1 - q].shape) == () and tuple(e.in_avals[q].shape) == shape:
-            inner = _summands(program, producer, deps, n, e.ins[q])
-            return scaled(inner, (e.ins[1 - q], name == "div"))  # (a scalar, no gradient)
+            return _times(inner(q), (e.ins[1 - q], name == "div"))  # (a scalar, no gradient)
     if len(grads) == 1 and identity_tangent(e, grads[0]):
-        inner = _summands(program, producer, deps, n, e.ins[grads[0]])
-        if inner is None:
+        got = inner(grads[0])
+        if got is None:
             return None
         # (as for a sum: a custom_jvp of θ alone, a straight-through rounding)
-        own = {x[0] for kind, x, _ in inner[0] if kind == "id"}
         rest = [r for i, r in enumerate(e.ins) if i != grads[0]]
-        straight = not rest or bool(own & _read_leaves(program, producer, n, rest))
-        return inner[0], inner[1] or straight
+        straight = not rest or _reads_own_leaf(program, producer, n, got[0], rest)
+        return got[0], got[1] or straight
     return None
+
+
+def _times(got, scale):
+    """The summands ``got`` (:func:`_summands`' result, or None) each times the scalar
+    ``scale``, ``(ref, inverse)``."""
+    if got is None:
+        return None
+    return [(kind, x, (*fs, scale)) for kind, x, fs in got[0]], got[1]
+
+
+def _sum_of_summands(program: Program, producer: dict, n: int, e: Eqn, grads, inner):
+    """The summands of ``add`` or ``sub`` equation ``e`` (its operands ``grads`` carrying
+    gradients, ``inner(i)`` the summands of operand ``i``), or None."""
+    parts, straight = [], False
+    for i in grads:
+        got = inner(i)
+        if e.primitive.name == "sub" and i == 1:
+            got = _times(got, (Const(-1.0), False))
+        if got is None:
+            return None
+        parts, straight = parts + got[0], straight or got[1]
+    rest = [r for i, r in enumerate(e.ins) if i not in grads]
+    return parts, straight or _reads_own_leaf(program, producer, n, parts, rest)
+
+
+def _reads_own_leaf(program: Program, producer: dict, n: int, parts, rest) -> bool:
+    """Whether the values ``rest``, which carry no gradient, read the leaf of a ``θ'`` part:
+    the value changed by one of the part's own leaves (``θ + stop_gradient(q(θ) - θ)``), a
+    straight-through estimator; else ``θ' + c``."""
+    own = {x[0] for kind, x, _ in parts if kind == "id"}
+    return bool(own & _read_leaves(program, producer, n, rest))
 
 
 def _scaled_alias(program: Program, producer: dict, deps: dict, n: int, ref):
@@ -247,68 +262,107 @@ def _folded_use(program: Program, u: Use, e: Eqn, p: int, chain: tuple, what: st
         return None
     ndim = len(e.out_avals[0].shape)
     perm = use_perm(program, u, ndim)  # use operand axis i is W_eff axis perm[i]
-    (lc, rc), (lb, rb) = u.op.params["dimension_numbers"]
-    (ec0, ec1), (eb0, eb1) = e.params["dimension_numbers"]
+    (_, (lb, rb)), (_, (eb0, eb1)) = u.op.params["dimension_numbers"], e.params["dimension_numbers"]
     if perm is None or lb or rb or eb0 or eb1:
         return None
+    # One einsum label per axis: the use's operands and output, then the part's operands,
+    # whose free axes are W_eff's (eff) and so the use's parameter operand's.
     names = iter(string.ascii_letters)
-    pu, ou = u.pos, 1 - u.pos
-    lab = [[None] * len(a.shape) for a in u.op.in_avals]
+    lab, y = _use_labels(u.op, names)
+    x_lab, w_lab = lab[1 - u.pos], lab[u.pos]
+    eff = [None] * ndim
+    for i, w in enumerate(perm):
+        eff[w] = w_lab[i]
+    rl, free = _part_labels(e, eff, names)
+    t_lab, m_lab = rl[p], rl[1 - p]
+    where = _fold_side(x_lab, m_lab, [m_lab[d] for d in free[1 - p]], y)
+    if where is None:
+        return None
+    side, kept, a_spec = where
+    ops = [None, None]
+    ops[1 - u.pos], ops[u.pos] = kept, t_lab
+    sizes = {
+        x: size
+        for labels, a in [*zip(lab, u.op.in_avals, strict=True), *zip(rl, e.in_avals, strict=True)]
+        for x, size in zip(labels, a.shape, strict=True)
+    }
+    op, z = _folded_dot(u.op, ops, sizes)
+    g_spec = _g_spec(side, y, z, m_lab)
+    if g_spec is None:
+        return None
+    fold = Fold(f"{what} (folded into {side})", e.ins[1 - p], a_spec, g_spec, scales)
+    if u.site == "":
+        return dataclasses.replace(u, op=op, chain=chain, fold=fold)
+    nest = tuple(dataclasses.replace(lv, chain=()) for lv in u.nest)
+    return dataclasses.replace(u, op=op, chain=(), pre_chain=chain, nest=nest, fold=fold)
+
+
+def _use_labels(op: Eqn, names) -> tuple:
+    """Einsum labels (drawn from ``names``) of a dense use's operand axes, a contracted pair
+    sharing one, and of its output (the free axes, the lhs's first)."""
+    (lc, rc), _ = op.params["dimension_numbers"]
+    lab = [[None] * len(a.shape) for a in op.in_avals]
     for d0, d1 in zip(lc, rc, strict=True):
         lab[0][d0] = lab[1][d1] = next(names)
     lab = [[x or next(names) for x in side] for side in lab]
     y = [x for q in (0, 1) for d, x in enumerate(lab[q]) if d not in (lc, rc)[q]]
-    x_lab, w_lab = lab[ou], lab[pu]
-    eff = [None] * ndim
-    for i, w in enumerate(perm):
-        eff[w] = w_lab[i]
+    return lab, y
+
+
+def _part_labels(e: Eqn, eff: list, names) -> tuple:
+    """Einsum labels of the operands of the part's ``dot_general`` ``e``: a contracted pair
+    shares a new one (from ``names``), the free axes (the part's output axes, in order) carry
+    ``W_eff``'s labels ``eff``; and each operand's free axes."""
+    (ec0, ec1), _ = e.params["dimension_numbers"]
     rl = [[None] * len(a.shape) for a in e.in_avals]
     for d0, d1 in zip(ec0, ec1, strict=True):
         rl[0][d0] = rl[1][d1] = next(names)
     free = [[d for d in range(len(rl[q])) if d not in (ec0, ec1)[q]] for q in (0, 1)]
     for label, (side, d) in zip(eff, [(q, d) for q in (0, 1) for d in free[q]], strict=True):
         rl[side][d] = label
-    t_lab, m_lab = rl[p], rl[1 - p]
-    m_free = [m_lab[d] for d in free[1 - p]]
-    sizes = {}
-    for labels, a in [*zip(lab, u.op.in_avals, strict=True), *zip(rl, e.in_avals, strict=True)]:
-        sizes.update(zip(labels, a.shape, strict=True))
+    return rl, free
+
+
+def _fold_side(x_lab, m_lab, m_free, y):
+    """Where ``M`` (labels ``m_lab``, free ones ``m_free``) folds for a use with operand ``X``
+    (``x_lab``) and output ``y``: ``("A", labels of X · M, its einsum)`` where every free axis
+    of ``M`` meets ``X``, ``("G", x_lab, "")`` where each meets the output only, else None."""
     j = "".join
     if m_free and all(x in x_lab for x in m_free):  # M meets X: folded into A
         kept = [x for x in x_lab if x not in m_lab] + [x for x in m_lab if x not in x_lab]
-        a_spec = f"...{j(x_lab)},{j(m_lab)}->...{j(kept)}"
-        side = "A"
-    elif all(x in y and x not in x_lab for x in m_free):  # M meets the output: into G
-        kept, a_spec, side = x_lab, "", "G"
-    else:
-        return None
-    ops = [None, None]
-    ops[ou], ops[pu] = kept, t_lab
+        return "A", kept, f"...{j(x_lab)},{j(m_lab)}->...{j(kept)}"
+    if all(x in y and x not in x_lab for x in m_free):  # M meets the output: into G
+        return "G", x_lab, ""
+    return None
+
+
+def _folded_dot(op: Eqn, ops: list, sizes: dict) -> tuple:
+    """``(op', z)``: the dense use ``op`` on operands labelled ``ops`` (the folded ``A`` and
+    ``θ'``), contracting the labels they share, and its output's labels ``z``."""
     shared = [x for x in ops[0] if x in ops[1]]
     dn = (
         (tuple(ops[0].index(x) for x in shared), tuple(ops[1].index(x) for x in shared)),
         ((), ()),
     )
     z = [x for q in (0, 1) for x in ops[q] if x not in shared]
-    if side == "G":
-        g_spec = f"...{j(y)},{j(m_lab)}->...{j(z)}"
-        if not set(z) <= set(y) | set(m_lab):
-            return None
-    else:
-        g_spec = "" if z == y else f"...{j(y)}->...{j(z)}"
-        if sorted(z) != sorted(y):
-            return None
     avals = [
-        shaped(tuple(sizes[x] for x in o), a.dtype) for o, a in zip(ops, u.op.in_avals, strict=True)
+        shaped(tuple(sizes[x] for x in o), a.dtype) for o, a in zip(ops, op.in_avals, strict=True)
     ]
-    out = [shaped(tuple(sizes[x] for x in z), u.op.out_avals[0].dtype)]
-    params = {**u.op.params, "dimension_numbers": dn}
-    op = dataclasses.replace(u.op, params=params, in_avals=avals, out_avals=out)
-    fold = Fold(f"{what} (folded into {side})", e.ins[1 - p], a_spec, g_spec, scales)
-    if u.site == "":
-        return dataclasses.replace(u, op=op, chain=chain, fold=fold)
-    nest = tuple(dataclasses.replace(lv, chain=()) for lv in u.nest)
-    return dataclasses.replace(u, op=op, chain=(), pre_chain=chain, nest=nest, fold=fold)
+    out = [shaped(tuple(sizes[x] for x in z), op.out_avals[0].dtype)]
+    params = {**op.params, "dimension_numbers": dn}
+    return dataclasses.replace(op, params=params, in_avals=avals, out_avals=out), z
+
+
+def _g_spec(side: str, y, z, m_lab):
+    """The einsum from the use's ``G`` (labels ``y``) to the folded use's (``z``): with ``M``
+    where it folds into ``G``, else a transpose alone (``""``: none); None where the labels
+    do not match."""
+    j = "".join
+    if side == "G":
+        return f"...{j(y)},{j(m_lab)}->...{j(z)}" if set(z) <= set(y) | set(m_lab) else None
+    if sorted(z) != sorted(y):
+        return None
+    return "" if z == y else f"...{j(y)}->...{j(z)}"
 
 
 def summed_weights(program: Program, n: int, outputs, deps: dict, uses: dict, skip) -> tuple:
