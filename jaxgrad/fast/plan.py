@@ -94,11 +94,10 @@ def dots_route(program: Program) -> DotsRoute:
       image; :func:`jaxgrad.fast.linear.conv_dot_offsets`). Forward mode's work is the
       factored route's ``op(A_i, V)`` for every use, less the backward pass, except there:
       its tangent ``conv(x, V)`` is a second run of a convolution XLA:CPU is slow at, which
-      the factored route replaces by products per kernel offset (the benchmark CNN's
-      28 × 28 × 1 → 16 layer: 14.7 ms against 1.0 ms for the nine offsets' products at
-      B = 256; its dots 1.22× ``batch_grad``'s time forward, 0.97× factored). A model whose
-      backward pass costs more than that convolution (the weight-standardised CNN, through
-      its GroupNorms) would have been faster forward.
+      the factored route replaces by products per kernel offset (measured in
+      docs/benchmarks.md, "Inner products and the Gram matrix"). A model whose backward pass
+      costs more than that convolution (the weight-standardised CNN, through its
+      GroupNorms) would have been faster forward.
     """
     if not trace.forward_differentiable(program):
         return DotsRoute(
