@@ -200,3 +200,6 @@ def test_bad_method_and_integer_leaves_are_named():
     f = jaxgrad.per_example_dots(loss)
     with pytest.raises(TypeError, match=r"params\['n'\] is dtype int32"):
         f(params, jnp.ones((3, 2)), reference={"w": jnp.ones((2, 2)), "n": jnp.float32(0)})
+    # an integer reference for the integer leaf: the params' own error, not the reference's
+    with pytest.raises(TypeError, match=r"params\['n'\] is dtype int32"):
+        f(params, jnp.ones((3, 2)), reference={"w": jnp.ones((2, 2)), "n": jnp.int32(0)})

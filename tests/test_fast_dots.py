@@ -192,8 +192,15 @@ def test_bad_units_and_references_are_named():
     with pytest.raises(ValueError, match="`reference` must have the structure of `params`"):
         dots(params, batch, reference=jax.tree_util.tree_leaves(params))
     bad = jax.tree_util.tree_map(lambda x: jnp.zeros((*np.shape(x), 1)), params)
-    with pytest.raises(ValueError, match="`reference` leaf 0 must have the shape"):
+    with pytest.raises(
+        ValueError, match=r"`reference` leaf reference\[.+\] must have the shape of params\["
+    ):
         dots(params, batch, reference=bad)
+    ints = jax.tree_util.tree_map(lambda x: jnp.zeros(np.shape(x), jnp.int32), params)
+    with pytest.raises(
+        TypeError, match=r"leaf reference\[.+\] must be real floating point, like params\["
+    ):
+        dots(params, batch, reference=ints)
     with pytest.raises(TypeError, match="unexpected keyword"):
         jaxgrad.gradient_gram(loss)(params, batch, units=jnp.arange(size))
 

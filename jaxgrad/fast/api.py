@@ -86,15 +86,23 @@ def check_reference(reference, params, *, name: str = "reference") -> list:
         raise ValueError(
             f"`{name}` must have the structure of `params`; got {treedef}, expected {p_treedef}"
         )
-    for i, (v, p) in enumerate(zip(leaves, p_leaves, strict=True)):
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for path, v, p in zip(paths, leaves, p_leaves, strict=True):
         if np.shape(v) != np.shape(p):
             raise ValueError(
-                f"`{name}` leaf {i} must have the shape of the parameter leaf, "
+                f"`{name}` leaf {name}{path} must have the shape of params{path}, "
                 f"{np.shape(p)}; got {np.shape(v)}"
             )
         dtype = jnp.result_type(v)
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(f"`{name}` leaf {i} must be real floating point; got {dtype}")
+        # A parameter that is not floating point is refused by the strategy's own check
+        # of `params`, which says why; the reference's dtype is then beside the point.
+        if jnp.issubdtype(jnp.result_type(p), jnp.floating) and not jnp.issubdtype(
+            dtype, jnp.floating
+        ):
+            raise TypeError(
+                f"`{name}` leaf {name}{path} must be real floating point, like params{path}; "
+                f"got {dtype}"
+            )
     return reference
 
 
