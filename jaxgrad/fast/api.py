@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxgrad import reduce
 from jaxgrad.fast import passes
+from jaxgrad.fast import plan as plan_lib
 from jaxgrad.grads import _per_example, _strategy, _validator, check_loss_fn
 
 PyTree = Any
@@ -86,8 +87,7 @@ def check_reference(reference, params, *, name: str = "reference") -> list:
         raise ValueError(
             f"`{name}` must have the structure of `params`; got {treedef}, expected {p_treedef}"
         )
-    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    for path, v, p in zip(paths, leaves, p_leaves, strict=True):
+    for path, v, p in zip(plan_lib.leaf_paths(params), leaves, p_leaves, strict=True):
         if np.shape(v) != np.shape(p):
             raise ValueError(
                 f"`{name}` leaf {name}{path} must have the shape of params{path}, "
