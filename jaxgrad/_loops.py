@@ -41,10 +41,12 @@ So the policy, in one place (:func:`form` says which form a loop gets, and why):
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import source_info_util
 from jax.extend import core as jcore
 
 #: The most steps a loop with a static trip count is unrolled for on a CPU ("auto").
@@ -267,3 +269,123 @@ def scan_steps(scan, fn, *args) -> bool:
     if not isinstance(scan, (bool, np.bool_)):
         raise ValueError(f"`scan` must be True, False or 'auto'; got {scan!r}")
     return bool(scan)
+
+
+#: Primitives whose bodies XLA compiles as computations of their own (a while body, a
+#: conditional's branches), where XLA:CPU's convolution canonicalisation does not reach.
+BODY_PRIMITIVES = frozenset({"scan", "while", "cond"})
+
+
+def canonical_convolutions(fn):
+    """``fn`` with every convolution inside a loop body or a branch in the canonical layout.
+
+    XLA:CPU hands a convolution to its library kernels (Eigen, YNNPACK) only in the layout
+    ``NHWC`` input, ``HWIO`` kernel, ``NHWC`` output, and its pass that transposes other
+    convolutions into that layout (``ConvCanonicalization``) visits the entry computation
+    only: in a ``lax.scan``, ``lax.while_loop`` or ``lax.cond`` body the backward
+    convolutions of a gradient (``b01f_01oi->b01f``, ``f01b_i01o->01bf``) stay as they are
+    and become XLA's naive loop nest, 5-10x slower. This rewrites them at the jaxpr level
+    the way that pass would: transposes into the canonical layout around the same
+    convolution (same window, groups, precision). The values are the same convolution's;
+    top-level convolutions and every other equation are re-bound unchanged. On other
+    backends ``fn`` runs as it is.
+
+    ``fn`` takes and returns pytrees of arrays; it is traced once, abstractly.
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        if jax.default_backend() != "cpu":
+            return fn(*args)
+        closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+        outs = _evaluate(closed, jax.tree_util.tree_leaves(args), inside=False)
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), outs)
+
+    return wrapped
+
+
+def _canonical(spec: tuple) -> tuple:
+    """A dimension order ``(batch or O, feature or I, *spatial)`` as its canonical
+    permutation: batch, spatial..., feature (an input or output) — for the kernel see
+    :func:`_canonical_conv`."""
+    return (spec[0], *spec[2:], spec[1])
+
+
+def _is_canonical(dn) -> bool:
+    nd = len(dn.lhs_spec)
+    io = tuple(range(nd))
+    return (
+        tuple(_canonical(dn.lhs_spec)) == io
+        and tuple(_canonical(dn.out_spec)) == io
+        and (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0]) == io
+    )
+
+
+def _canonical_conv(lhs, rhs, *, dimension_numbers, **params):
+    """The convolution ``conv_general_dilated_p`` binds, on operands transposed to ``NHWC``
+    / ``HWIO`` and its ``NHWC`` result transposed back."""
+    dn = dimension_numbers
+    nd = len(dn.lhs_spec)
+    spatial = tuple(range(1, nd - 1))
+    canonical = jax.lax.ConvDimensionNumbers(
+        (0, nd - 1, *spatial), (nd - 1, nd - 2, *range(nd - 2)), (0, nd - 1, *spatial)
+    )
+    lhs = jnp.transpose(lhs, _canonical(dn.lhs_spec))
+    rhs = jnp.transpose(rhs, (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0]))
+    out = jax.lax.conv_general_dilated_p.bind(lhs, rhs, dimension_numbers=canonical, **params)
+    return jnp.transpose(out, np.argsort(_canonical(dn.out_spec)))
+
+
+def _needs_rewrite(jaxpr, inside: bool) -> bool:
+    """Whether a convolution not in the canonical layout sits in a body at any depth."""
+    for e in jaxpr.eqns:
+        if e.primitive.name == "conv_general_dilated":
+            if inside and not _is_canonical(e.params["dimension_numbers"]):
+                return True
+        inner = inside or e.primitive.name in BODY_PRIMITIVES
+        if any(_needs_rewrite(sub, inner) for sub in jcore.jaxprs_in_params(e.params)):
+            return True
+    return False
+
+
+def _rewritten(value, inside: bool):
+    """A closed jaxpr param (or a tuple of them: branches) with its bodies rewritten."""
+    if isinstance(value, tuple) and value and isinstance(value[0], jcore.ClosedJaxpr):
+        return tuple(_rewritten(v, inside) for v in value)
+    if not isinstance(value, jcore.ClosedJaxpr) or not _needs_rewrite(value.jaxpr, inside):
+        return value
+    structs = [
+        jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in value.in_avals
+    ]
+    return jax.make_jaxpr(lambda *a: _evaluate(value, a, inside=inside))(*structs)
+
+
+def _evaluate(closed, args, *, inside: bool) -> list:
+    """Re-binds ``closed``'s equations, its bodies' convolutions rewritten (see
+    :func:`canonical_convolutions`); ``inside``: ``closed`` is itself a body."""
+    env: dict = {}
+    read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
+    env.update(zip(closed.jaxpr.constvars, closed.consts, strict=True))
+    env.update(zip(closed.jaxpr.invars, args, strict=True))
+    for e in closed.jaxpr.eqns:
+        ins = [read(v) for v in e.invars]
+        # (as jax.core.eval_jaxpr: the user's source lines and the equation's context kept)
+        stack = source_info_util.current_name_stack() + e.source_info.name_stack
+        with source_info_util.user_context(e.source_info.traceback, name_stack=stack):
+            with e.ctx.manager:
+                outs = _bind(e, ins, inside)
+        env.update(zip(e.outvars, outs, strict=True))
+    return [read(v) for v in closed.jaxpr.outvars]
+
+
+def _bind(e, ins: list, inside: bool) -> list:
+    """One equation of :func:`_evaluate`: a convolution in a body rewritten, any other
+    equation re-bound with its bodies rewritten."""
+    name = e.primitive.name
+    if inside and name == "conv_general_dilated":
+        if not _is_canonical(e.params["dimension_numbers"]):
+            return [_canonical_conv(*ins, **e.params)]
+    inner = inside or name in BODY_PRIMITIVES
+    params = {k: _rewritten(v, inner) for k, v in e.params.items()}
+    outs = e.primitive.bind(*ins, **e.primitive.get_bind_params(params))
+    return outs if e.primitive.multiple_results else [outs]

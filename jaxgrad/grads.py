@@ -279,7 +279,7 @@ def _strategy(
             return core(params, batch, mask)
         return core(params, batch, mask, loss_fn=_bind(loss_fn, args), **kw)
 
-    jitted = jax.jit(sharding.auto_axes(run))
+    jitted = jax.jit(sharding.auto_axes(_loops.canonical_convolutions(run)))
     arities_checked = set()
 
     def f(params, batch, mask=None, *args, **kw):

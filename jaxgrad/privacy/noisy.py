@@ -527,6 +527,7 @@ def dp_grad(
 
     @jax.jit
     @sharding.auto_axes
+    @_loops.canonical_convolutions
     def core(params, batch, mask, key, args, units):
         total, count, bad = clipped(params, batch, mask, *args, units=units)
         grads = _privatize(
@@ -692,6 +693,7 @@ def sampled_dp_grad(
 
     @jax.jit
     @sharding.auto_axes
+    @_loops.canonical_convolutions
     def core(params, data, key, args):
         sample_key, noise_key = keys.split_step_key(key)
         total, count, bad, steps = draw_and_clip(params, data, sample_key, *args)

@@ -665,6 +665,7 @@ def _plain_engine(
         device_data = jax.tree_util.tree_map(jnp.asarray, train_data)
 
         @jax.jit
+        @_loops.canonical_convolutions
         def scan_chunk(state, data, idx, mask, active):
             def f(carry, xs):
                 i, m, a = xs
@@ -680,6 +681,7 @@ def _plain_engine(
         # On a mesh the data never goes to the devices whole: every chunk's batches are
         # gathered on the host, each process reading only its own devices' rows.
         @jax.jit
+        @_loops.canonical_convolutions
         def scan_batches(state, batches, mask, active):
             def f(carry, xs):
                 b, m, a = xs
@@ -695,7 +697,7 @@ def _plain_engine(
 
     else:
         host_data = None if mesh is not None else jax.tree_util.tree_map(np.asarray, train_data)
-        jit_body = jax.jit(functools.partial(body, active=True))
+        jit_body = jax.jit(_loops.canonical_convolutions(functools.partial(body, active=True)))
 
         def run(state, idx, mask, active):
             carry, outs = (state, jnp.int32(-1)), []

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from jaxgrad import reduce
+from jaxgrad import _loops, reduce
 
 TASKS = ("classification", "regression")
 
@@ -48,6 +48,7 @@ def evaluator(
     chunk_size = reduce.check_positive_int(chunk_size, name="chunk_size")
 
     @jax.jit
+    @_loops.canonical_convolutions
     def measure(params, x, y):
         def one(example):
             ex_x, ex_y = example

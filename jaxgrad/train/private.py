@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxgrad import keys, reduce
+from jaxgrad import _loops, keys, reduce
 from jaxgrad import privacy as dp
 from jaxgrad import sharding as sharding_lib
 from jaxgrad.fast import api as fast_api
@@ -760,6 +760,7 @@ def _local_chunks(body, train_data, *, scan: bool):
     if scan:
 
         @jax.jit
+        @_loops.canonical_convolutions
         def scan_chunk(state, data, key, active):
             def f(carry, a):
                 return body(carry, data, key, active=a)
@@ -775,7 +776,7 @@ def _local_chunks(body, train_data, *, scan: bool):
 
         return run_chunk
 
-    one = jax.jit(functools.partial(body, active=True))
+    one = jax.jit(_loops.canonical_convolutions(functools.partial(body, active=True)))
 
     def run_chunk(state, key, active):
         carry = (state, jnp.int32(-1))
