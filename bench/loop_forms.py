@@ -77,7 +77,7 @@ def main(names, rounds, batch_sizes):
             form = "unrolled" if chosen.unrolled else "lax.scan"
             print(
                 f"{name} B={B} [{step.flops / 1e6:.0f} MFLOP/step, {step.intensity:.0f} flops per"
-                f" number handed on, conv {step.convolution}; policy: {form} ({chosen.reason})]",
+                f" number handed on; policy: {form} ({chosen.reason})]",
                 flush=True,
             )
             for label, (first, second) in pairs.items():

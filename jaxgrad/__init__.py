@@ -18,6 +18,7 @@ from jaxgrad import (
     strategies,
     train,
 )
+from jaxgrad._loops import canonical_convolutions
 from jaxgrad.accumulation import accumulate
 from jaxgrad.fast import (
     GradientDiversity,
@@ -51,6 +52,7 @@ __all__ = [
     "accumulate",
     "accumulate_grad",
     "batch_grad",
+    "canonical_convolutions",
     "check",
     "clipped_grad",
     "closed_form",

@@ -1,41 +1,42 @@
 """The one policy for the loops jaxgrad writes: microbatches, chunks, physical batches, steps.
 
-XLA:CPU compiles a loop body (``lax.scan``, ``lax.while_loop``, ``lax.map``) differently from
-the same code outside one, and which form is faster depends on the body:
+XLA:CPU compiles a loop body (``lax.scan``, ``lax.while_loop``, ``lax.map``) or a branch
+(``lax.cond``) as a computation of its own, and two things follow:
 
-* **convolutions**: its convolution passes rewrite the backward convolutions of straight-line
-  code into the canonical NHWC form that YNNPACK / Eigen run, but leave those of a while body
-  in their raw dimension order, where XLA emits its own naive loop nest for them (visible in
-  ``jax.jit(f).lower(...).compile().as_text()``: a plain ``convolution`` inside the body,
-  ``__ynn_fusion`` outside). The benchmark's CNN ran ``accumulate_grad`` over 4 microbatches
-  10-50x slower under ``lax.scan`` than unrolled; partial unrolling (``unroll=k``) keeps a
-  loop body and the tax (docs/benchmarks.md, "Loops on the CPU");
+* **convolutions**: XLA:CPU runs a convolution with its library kernels (Eigen, YNNPACK)
+  only in the layout NHWC input, HWIO kernel, NHWC output, and its pass that transposes
+  other convolutions into that layout (``ConvCanonicalization``) visits the entry
+  computation only. In a body the backward convolutions of a gradient stay in their raw
+  dimension order and run as XLA's naive loop nest: the benchmark's CNN ran
+  ``accumulate_grad`` over 4 microbatches 10-50x slower under ``lax.scan`` than unrolled.
+  :func:`canonical_convolutions` makes that rewrite itself, in every body at any depth, and
+  every jit jaxgrad writes around a loop applies it (the strategies, the DP steps, ``fit``'s
+  loops over steps, its metrics): the scanned CNN then runs at 0.95-0.99x its unrolled form
+  (docs/benchmarks.md, "Loops on the CPU");
 * **dense bodies with little arithmetic per number they hand on** (the carry they change plus
   their outputs: a gradient sum, per-example rows) — the MLP's microbatches, about 40-300
   flops per number — ran 1.1-2.9x slower scanned: the body's work is many small,
   memory-bound passes, which in straight-line code XLA fuses across steps (the 4
   microbatches' weight gradients summed in one pass; the HLO shows it, the rest of the gap
-  was not profiled);
-* **dense bodies with much arithmetic per number handed on** — the transformer's microbatches,
-  3,000-24,000 flops per number — ran 1.3-3x *faster* scanned: unrolled, XLA plans every
-  step's activations at once (4x the temporary memory of the scan: 40 against 10 MB at
-  B = 32), and the partial unroll ``unroll=2`` was between the two.
+  was not profiled). Bodies with much arithmetic per number handed on — the transformer's
+  and the CNNs' microbatches, 2,300-24,000 flops per number — ran as fast or faster scanned
+  (the transformer 1.3-3x, the weight-standardised CNN at B = 256 1.4x): unrolled, XLA plans
+  every step's activations at once (2.5-4x the temporary memory of the scan).
 
 So the policy, in one place (:func:`form` says which form a loop gets, and why):
 
 * a loop with a trip count known when tracing (:func:`scan`: microbatches of
   :func:`jaxgrad.accumulate_grad`, chunks of ``chunk_size``) runs **unrolled** on a single CPU
   device when it has at most :data:`MAX_UNROLL` steps and its step (:func:`describe`, read off
-  its jaxpr with the fast path's walker) has a convolution, or does fewer than
-  :data:`SCAN_INTENSITY` flops per number it hands on; otherwise, and for longer loops, loops
-  on several devices (unrolled slices of a batch sharded over a mesh would be gathered: the
-  scan keeps every row on its device) and every loop on other backends, ``lax.scan``. The rule
-  reads only the program's structure and sizes, so it is the same on every run;
+  its jaxpr) does fewer than :data:`SCAN_INTENSITY` flops per number it hands on; otherwise,
+  and for longer loops, loops on several devices (unrolled slices of a batch sharded over a
+  mesh would be gathered: the scan keeps every row on its device) and every loop on other
+  backends, ``lax.scan``. The rule reads only the program's structure and sizes, so it is
+  the same on every run;
 * a loop with a data-dependent trip count (:func:`peeled_sum`: the physical batches of a DP
-  step) runs its first step outside a ``lax.while_loop``, where it compiles as straight-line
-  code; the default physical batch holds the whole draw on almost every step;
-* the training loop over steps (:func:`scan_steps`) scans unless the step has a convolution
-  and runs on a CPU; then a Python loop over the jitted step.
+  step) runs its first step outside a ``lax.while_loop``; the default physical batch holds
+  the whole draw on almost every step;
+* the training loop over steps (:func:`scan_steps`) scans.
 """
 
 from __future__ import annotations
@@ -52,9 +53,10 @@ from jax.extend import core as jcore
 #: The most steps a loop with a static trip count is unrolled for on a CPU ("auto").
 MAX_UNROLL = 16
 
-#: Flops per number handed on (changed carry + outputs) from which a dense step is scanned
-#: ("auto", CPU). Measured between the MLP's microbatches (<= 300, faster unrolled) and the
-#: transformer's (>= 3,000, faster scanned): bench/results/loops-2026-12-06.txt.
+#: Flops per number handed on (changed carry + outputs) from which a step is scanned ("auto",
+#: CPU). Measured between the MLP's microbatches (<= 300, faster unrolled) and the CNNs' and
+#: the transformer's (>= 2,300, as fast or faster scanned): bench/results/loops-2026-12-06.txt,
+#: bench/results/loops-canonical-2026-12-07-loaded.txt.
 SCAN_INTENSITY = 1024
 
 
@@ -83,8 +85,8 @@ def form(num_steps: int, unroll="auto", step: Body | None = None) -> Form:
     """The form of a loop of ``num_steps`` under ``unroll`` (see the module's docstring).
 
     ``"auto"`` unrolls on a CPU backend with one device when ``num_steps <= MAX_UNROLL`` and
-    the ``step`` (:func:`describe`) has a convolution or does fewer than
-    :data:`SCAN_INTENSITY` flops per number it hands on; else ``lax.scan``. ``step=None``
+    the ``step`` (:func:`describe`) does fewer than :data:`SCAN_INTENSITY` flops per number
+    it hands on; else ``lax.scan``. ``step=None``
     (not described) counts as a small dense step. ``True``: always unrolled; ``False`` or an
     integer: ``lax.scan`` with that ``unroll`` (for an integer ``>= num_steps``, JAX's own
     unrolling).
@@ -96,12 +98,10 @@ def form(num_steps: int, unroll="auto", step: Body | None = None) -> Form:
         return Form(False, 1, "not a single CPU device: lax.scan keeps rows on their devices")
     if num_steps > MAX_UNROLL:
         return Form(False, 1, f"{num_steps} steps > MAX_UNROLL = {MAX_UNROLL}")
-    if step is not None and step.convolution:
-        return Form(True, 1, "a convolution: XLA:CPU runs it naively inside a loop body")
     if step is not None and step.intensity >= SCAN_INTENSITY:
-        return Form(False, 1, f"a dense step of {step.intensity:.0f} flops per number handed on")
+        return Form(False, 1, f"a step of {step.intensity:.0f} flops per number handed on")
     what = "an undescribed step" if step is None else f"{step.intensity:.0f} flops per number"
-    return Form(True, 1, f"a dense step of {what}: small passes, fused across steps unrolled")
+    return Form(True, 1, f"a step of {what}: small passes, fused across steps unrolled")
 
 
 def scan(body, carry, xs, *, unroll="auto"):
@@ -207,7 +207,6 @@ def _flops(jaxpr, trips=1) -> float:
 class Body:
     """What the loop policy reads off one step of a loop (its jaxpr, at every depth)."""
 
-    convolution: bool  # a conv_general_dilated
     flops: float  # 2 x the multiply-adds of its dots and convolutions (see _flops)
     handed_on: int  # numbers it hands on: the carry it changes, and its outputs
 
@@ -221,10 +220,6 @@ def describe_jaxpr(closed, num_carry: int, num_consts: int = 0) -> Body:
     """:class:`Body` of a step's closed jaxpr: inputs ``num_consts`` constants, then
     ``num_carry`` carried values, then the step's slice; outputs the carry, then its rows
     (the layout of ``lax.scan``'s ``jaxpr``)."""
-    # (the fast path imports the strategies: not at load time)
-    from jaxgrad.fast.program import flatten, primitives
-
-    names = primitives(flatten(closed))
     jaxpr = closed.jaxpr
     changed = [
         o
@@ -237,7 +232,6 @@ def describe_jaxpr(closed, num_carry: int, num_consts: int = 0) -> Body:
     ]
     handed_on = changed + list(jaxpr.outvars[num_carry:])
     return Body(
-        convolution="conv_general_dilated" in names,
         flops=float(_flops(jaxpr)),
         handed_on=sum(int(np.prod(v.aval.shape)) for v in handed_on),
     )
@@ -251,21 +245,11 @@ def describe(body, carry, x) -> Body:
     return describe_jaxpr(closed, len(jax.tree_util.tree_leaves(carry)))
 
 
-def has_convolution(fn, *args) -> bool:
-    """Whether ``fn(*args)`` (abstract values suffice) runs a convolution at any depth (loops,
-    branches, custom calls): a query on the fast path's flattened program
-    (:mod:`jaxgrad.fast.program`)."""
-    from jaxgrad.fast.program import primitives, trace_program  # (not at load time, as above)
-
-    program, _ = trace_program(fn, *args)
-    return "conv_general_dilated" in primitives(program)
-
-
-def scan_steps(scan, fn, *args) -> bool:
-    """``fit``'s ``scan`` resolved: ``"auto"`` scans the steps unless ``fn(*args)`` (the loss
-    of one example) has a convolution and the backend is a CPU; True/False as given."""
+def scan_steps(scan) -> bool:
+    """``fit``'s ``scan`` resolved: ``"auto"`` scans the steps on every backend (on a CPU the
+    step's convolutions are canonical, :func:`canonical_convolutions`); True/False as given."""
     if isinstance(scan, str) and scan == "auto":
-        return not (jax.default_backend() == "cpu" and has_convolution(fn, *args))
+        return True
     if not isinstance(scan, (bool, np.bool_)):
         raise ValueError(f"`scan` must be True, False or 'auto'; got {scan!r}")
     return bool(scan)
@@ -284,13 +268,32 @@ def canonical_convolutions(fn):
     convolutions into that layout (``ConvCanonicalization``) visits the entry computation
     only: in a ``lax.scan``, ``lax.while_loop`` or ``lax.cond`` body the backward
     convolutions of a gradient (``b01f_01oi->b01f``, ``f01b_i01o->01bf``) stay as they are
-    and become XLA's naive loop nest, 5-10x slower. This rewrites them at the jaxpr level
-    the way that pass would: transposes into the canonical layout around the same
-    convolution (same window, groups, precision). The values are the same convolution's;
-    top-level convolutions and every other equation are re-bound unchanged. On other
-    backends ``fn`` runs as it is.
+    and become XLA's naive loop nest, 5-10x slower. This makes the same rewrite at the
+    jaxpr level, in every body at any depth: the same convolution (window, groups,
+    precision) on operands transposed to ``NHWC`` / ``HWIO``, its ``NHWC`` result transposed
+    back, so the values are the convolution's own. Top-level convolutions (XLA's pass takes
+    them) and every other equation are re-bound unchanged, with their source lines. On other
+    backends ``fn`` runs as it is. Every jit jaxgrad writes around a loop applies it; wrap
+    your own function before ``jax.jit`` for the same on a ``jax.grad`` you write yourself.
 
-    ``fn`` takes and returns pytrees of arrays; it is traced once, abstractly.
+    Args:
+      fn: a function of positional pytrees of arrays, returning a pytree of arrays; it is
+        traced once (abstractly) per call of the wrapper, inside your ``jax.jit``.
+
+    Returns:
+      A function with ``fn``'s signature and values.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp, jaxgrad
+      >>> def total(k, xs):  # a convolution in a scan body, NCHW / OIHW
+      ...     conv = lambda x: jax.lax.conv(x, k, (1, 1), "SAME")
+      ...     return jax.lax.scan(lambda c, x: (c + jnp.sum(conv(x) ** 2), None), 0.0, xs)[0]
+      >>> k, xs = jnp.ones((4, 2, 3, 3)), jnp.ones((3, 8, 2, 5, 5))
+      >>> g = jax.jit(jax.grad(total))(k, xs)
+      >>> g_fast = jax.jit(jaxgrad.canonical_convolutions(jax.grad(total)))(k, xs)
+      >>> bool(jnp.allclose(g, g_fast, rtol=1e-5))
+      True
     """
 
     @functools.wraps(fn)

@@ -399,8 +399,9 @@ def _per_example(loss_fn, params, batch, mask, chunk_size):
 # batch-major layout; vmapping slices of a few dozen examples and concatenating avoids the
 # copy: 2x the throughput at 57% of the peak memory for the benchmark's MLP at B = 256, and
 # within 1.0-1.2x of the time it takes just to write B × P floats at B = 32, 64 and 256
-# (`python -m jaxgrad.bench`). Slices are unrolled, not looped, because XLA:CPU runs
-# convolutions inside a loop body many times slower. The sizes are measured, not derived.
+# (`python -m jaxgrad.bench`). Slices are unrolled, not looped: each hands on its rows of
+# B × P numbers, a step with few flops per number (the loop policy's unrolled side,
+# jaxgrad._loops). The sizes are measured, not derived.
 def _slice_size(size: int) -> int:
     return 16 if size <= 64 else max(32, -(-size // 16))
 
@@ -528,14 +529,15 @@ def accumulate_grad(loss_fn, *, num_microbatches: int, unroll: str | int | bool 
         devices. A batch that does not divide evenly is padded (masked out) at the end.
       unroll: ``"auto"`` (default): the loop policy of :mod:`jaxgrad._loops` chooses from
         the microbatch's program, read off its jaxpr: on a single CPU device, at most 16
-        microbatches run unrolled when the microbatch has a convolution (XLA:CPU runs those
-        of a loop body naively: 10-50x slower for the benchmark's CNN) or does fewer than
+        microbatches run unrolled when the microbatch does fewer than
         ``_loops.SCAN_INTENSITY`` flops per number it hands on (the gradient sum: the MLP,
-        1.1-2.9x faster unrolled); a dense microbatch with more arithmetic runs under
-        ``lax.scan`` (the transformer, 1.3-3x faster scanned, at a quarter of the temporary
-        memory), as does every loop elsewhere. ``_loops.form`` returns the choice and its
-        reason. ``True`` always unrolls; ``False`` or an integer is ``lax.scan``'s own
-        ``unroll`` (see :func:`jaxgrad._loops.scan`).
+        1.1-2.9x faster unrolled); a microbatch with more arithmetic runs under ``lax.scan``
+        (the transformer 1.3-3x faster scanned, the CNNs 0.93-1.4x, at a quarter to a half of
+        the temporary memory; their convolutions made canonical in the loop body,
+        :func:`jaxgrad._loops.canonical_convolutions`), as does every loop elsewhere.
+        ``_loops.form`` returns the choice and its reason. ``True`` always unrolls;
+        ``False`` or an integer is ``lax.scan``'s own ``unroll`` (see
+        :func:`jaxgrad._loops.scan`).
 
     Returns:
       ``f(params, batch, mask=None) -> GradResult``: ``grads``, ``loss`` and ``count`` as

@@ -193,8 +193,8 @@ register(
         options={"num_microbatches": 4, "unroll": "auto"},
         variants={
             "accumulate_grad(4 micro)": {"num_microbatches": 4},
-            # jaxgrad._loops' policy (above), the plain loop it replaces on a CPU, and JAX's
-            # own unrolling: the loop tax and its cure side by side.
+            # jaxgrad._loops' policy (above), the plain scan (its convolutions canonical:
+            # _loops.canonical_convolutions) and JAX's own unrolling side by side.
             "accumulate_grad(4 scanned)": {"num_microbatches": 4, "unroll": False},
             "accumulate_grad(4 unrolled)": {"num_microbatches": 4, "unroll": 4},
         },

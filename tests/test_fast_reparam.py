@@ -7,7 +7,6 @@ matrix), and the plan must name the transformation (no exact fallback for the ma
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from test_fast_cases import F64, assert_rel_close
 
 from jaxgrad.fast import linear, passes, per_example_norms, plan
@@ -194,23 +193,6 @@ def test_transform_with_a_non_fast_use_falls_back_visibly():
     assert_rel_close(
         per_example_norms(loss)(params, x), per_example_norms(loss, method="vmap")(params, x)
     )
-
-
-@pytest.mark.parametrize("conv", [True, False])
-def test_convolution_query_reads_nested_programs(conv):
-    """The loop policy's convolution query is a walk of every sub-program (here a scan body)."""
-    from jaxgrad import _loops
-
-    w = jnp.ones((3, 3, 1, 1), F64)
-
-    def loss(p, img):
-        def step(h, _):
-            h = _conv(h, p) if conv else jnp.tanh(h)
-            return h, None
-
-        return jnp.sum(jax.lax.scan(step, img, None, length=2)[0])
-
-    assert _loops.has_convolution(loss, w, jnp.ones((4, 4, 1), F64)) is conv
 
 
 def test_complex_effective_weight_falls_back_and_integer_results_carry_no_gradient():

@@ -147,8 +147,6 @@ def fit_steps(case, batch_size: int, data, *, l2_clip=1.0, noise_multiplier=1.0,
     config = PrivacyConfig(l2_clip=l2_clip, noise_multiplier=noise_multiplier)
     n = jax.tree_util.tree_leaves(data)[0].shape[0]
     the_plan = private.plan(config, num_examples=n, batch_size=batch_size, epochs=1)
-    example = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), data)
-    params0 = case.model.init(jax.random.key(0))
     engine = private.engine(
         case.loss_fn,
         data,
@@ -156,7 +154,7 @@ def fit_steps(case, batch_size: int, data, *, l2_clip=1.0, noise_multiplier=1.0,
         optimizer=opt,
         batch_size=batch_size,
         chunk=FIT_STEPS,
-        scan=_loops.scan_steps("auto", case.loss_fn, params0, example),
+        scan=_loops.scan_steps("auto"),
         mesh=None,
         check=None,
         loss_key=None,

@@ -642,9 +642,7 @@ def sampled_dp_grad(
         (:func:`jaxgrad.privacy.physical_batch_sizes`): the first batch is the smallest
         ``P_j`` holding the draw (a ``lax.switch``; draws past ``P_K`` go on in batches of
         ``P_K``), cutting the padding to ~``4σ / K`` rows for ``K`` compilations of the
-        clipped sum. A size above the data set's ``N`` runs ``N`` rows (the same sum). Not
-        on a CPU for a model with convolutions: XLA:CPU compiles a convolution inside a
-        ``lax.switch`` branch ~10× slower (as in a loop body). The
+        clipped sum. A size above the data set's ``N`` runs ``N`` rows (the same sum). The
         rows run, and so the step's time, follow the private count ``b`` (one size: whether
         ``b > P``; ``K`` sizes: which of ``K`` bins): nothing released depends on them, and
         timing is outside the threat model (docs/privacy.md, "What the physical batches

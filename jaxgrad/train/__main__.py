@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--no-scan",
         action="store_true",
-        help="a Python loop instead of lax.scan (default: scan, but not convolutions on a CPU)",
+        help="a Python loop over the jitted step instead of lax.scan",
     )
     g = p.add_argument_group("differential privacy (DP-SGD)")
     g.add_argument(

@@ -327,10 +327,9 @@ def fit(
       evaluate: ``evaluate(params) -> {name: float}``, called after every epoch (see
         :func:`jaxgrad.train.evaluator`).
       scan: run the batches of a chunk under ``lax.scan`` (one dispatch per chunk) instead of
-        a Python loop over the jitted step. ``"auto"`` (default) scans unless the loss has a
-        convolution and the backend is the CPU, where XLA runs a convolution inside a loop
-        body many times slower (~10x for the benchmark's CNN; the one loop policy,
-        :func:`jaxgrad._loops.scan_steps`, also for ``privacy``); for dense models on the CPU the
+        a Python loop over the jitted step. ``"auto"`` (default) scans (the one loop policy,
+        :func:`jaxgrad._loops.scan_steps`, also for ``privacy``; on a CPU the step's
+        convolutions are made canonical, :func:`jaxgrad._loops.canonical_convolutions`): the
         scan took 137-181 µs per step against 215-435 µs for the Python loop (digits MLP,
         batch 32).
       steps_per_call: the chunk length (default: a whole epoch, or ``checkpoint_every`` if
@@ -493,12 +492,7 @@ def fit(
     _check_accumulation(
         optimizer, params, traced, train_data, batch_size=batch_size, private=privacy is not None
     )
-    example = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), train_data
-    )
-    # Shapes only: parameters sharded over an Explicit mesh would need it set to be traced.
-    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
-    scan = _loops.scan_steps(scan, traced, shapes, example)  # the one loop policy
+    scan = _loops.scan_steps(scan)  # the one loop policy
     if mesh is not None:
         sharding_lib.check_batch(train_data, mesh=mesh)
     check = validate_data(loss_fn, train_data, mesh)

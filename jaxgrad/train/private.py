@@ -753,8 +753,7 @@ def _reporting_clip(run_chunk, latest):
 
 def _local_chunks(body, train_data, *, scan: bool):
     """``run_chunk`` on one device: the data on the device whole, the steps under
-    ``lax.scan`` or (``scan=False``: convolutions on a CPU) a Python loop over the jitted
-    step."""
+    ``lax.scan`` or (``scan=False``) a Python loop over the jitted step."""
     data = jax.tree_util.tree_map(jnp.asarray, train_data)
 
     if scan:
