@@ -259,6 +259,11 @@ def scan_steps(scan) -> bool:
 #: conditional's branches), where XLA:CPU's convolution canonicalisation does not reach.
 BODY_PRIMITIVES = frozenset({"scan", "while", "cond"})
 
+#: Primitives whose *open* jaxpr params are rewritten too (``jax.checkpoint``'s: plain code).
+#: Other open jaxprs are re-bound as they are: shard_map's and pmap's bodies trace only under
+#: their mesh axes, pallas_call's and run_state's take references.
+OPEN_BODY_PRIMITIVES = frozenset({"remat2"})
+
 
 def canonical_convolutions(fn):
     """``fn`` with every convolution inside a loop body or a branch in the canonical layout.
@@ -351,14 +356,30 @@ def _needs_rewrite(jaxpr, inside: bool) -> bool:
     return False
 
 
-def _rewritten(value, inside: bool):
-    """A closed jaxpr param (or a tuple of them: branches) with its bodies rewritten."""
-    if isinstance(value, tuple) and value and isinstance(value[0], jcore.ClosedJaxpr):
-        return tuple(_rewritten(v, inside) for v in value)
+def _rewritten(value, inside: bool, open_body: bool = False):
+    """A closed jaxpr param (or a tuple of them: branches, ``custom_linear_solve``'s named
+    tuple; with ``open_body``, an open jaxpr too) with its bodies rewritten."""
+    if isinstance(value, tuple) and any(isinstance(v, jcore.ClosedJaxpr) for v in value):
+        items = [_rewritten(v, inside) for v in value]
+        # (a named tuple stays one: custom_linear_solve's rules read jaxprs.solve)
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if open_body and isinstance(value, jcore.Jaxpr) and not value.constvars:
+        closed = _rewritten(jcore.ClosedJaxpr(value, ()), inside)
+        # (re-traced, it closes over no arrays: its literals are scalars)
+        return value if closed.consts else closed.jaxpr
     if not isinstance(value, jcore.ClosedJaxpr) or not _needs_rewrite(value.jaxpr, inside):
         return value
+    # (the whole type: on an Explicit mesh or in a shard_map a carry's includes its sharding
+    # or the mesh axes it varies over)
     structs = [
-        jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in value.in_avals
+        jax.ShapeDtypeStruct(
+            a.shape,
+            a.dtype,
+            weak_type=a.weak_type,
+            sharding=a.sharding,
+            manual_axis_type=a.manual_axis_type,
+        )
+        for a in value.in_avals
     ]
     return jax.make_jaxpr(lambda *a: _evaluate(value, a, inside=inside))(*structs)
 
@@ -389,6 +410,7 @@ def _bind(e, ins: list, inside: bool) -> list:
         if not _is_canonical(e.params["dimension_numbers"]):
             return [_canonical_conv(*ins, **e.params)]
     inner = inside or name in BODY_PRIMITIVES
-    params = {k: _rewritten(v, inner) for k, v in e.params.items()}
+    open_body = name in OPEN_BODY_PRIMITIVES
+    params = {k: _rewritten(v, inner, open_body) for k, v in e.params.items()}
     outs = e.primitive.bind(*ins, **e.primitive.get_bind_params(params))
     return outs if e.primitive.multiple_results else [outs]
