@@ -280,10 +280,14 @@ def canonical_convolutions(fn):
     them) and every other equation are re-bound unchanged, with their source lines. On other
     backends ``fn`` runs as it is. Every jit jaxgrad writes around a loop applies it; wrap
     your own function before ``jax.jit`` for the same on a ``jax.grad`` you write yourself.
+    Wrap the gradient, not the function you differentiate: ``jax.grad`` of the wrapper gives
+    the same numbers, but its backward convolutions are JAX's transposes again, in the raw
+    layout. Bodies of ``shard_map`` and ``pmap`` are left as they are.
 
     Args:
-      fn: a function of positional pytrees of arrays, returning a pytree of arrays; it is
-        traced once (abstractly) per call of the wrapper, inside your ``jax.jit``.
+      fn: a function of positional pytrees of arrays (no keyword arguments), returning a
+        pytree of arrays; it is traced once (abstractly) per call of the wrapper, inside
+        your ``jax.jit``.
 
     Returns:
       A function with ``fn``'s signature and values.
