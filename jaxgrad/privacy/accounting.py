@@ -34,10 +34,6 @@ their public names on (import them from here, or from :mod:`jaxgrad.privacy`).
 
 from __future__ import annotations
 
-import sys
-import types
-
-from jaxgrad.privacy._accounting import pld_size as _pld_size
 from jaxgrad.privacy._accounting.accountant import Accountant
 from jaxgrad.privacy._accounting.calibrate import calibrate_event_noise, calibrate_noise_multiplier
 from jaxgrad.privacy._accounting.checks import ACCOUNTANTS, RELATIONS, check_delta
@@ -50,13 +46,19 @@ from jaxgrad.privacy._accounting.events import (
     poisson_event,
 )
 from jaxgrad.privacy._accounting.library import make_accountant
-from jaxgrad.privacy._accounting.pld_size import AccountingFallbackWarning, PLDSize, pld_size
+from jaxgrad.privacy._accounting.pld_size import (
+    PLD_MAX_POINTS,
+    PLD_MAX_STEP_POINTS,
+    AccountingFallbackWarning,
+    PLDSize,
+    pld_size,
+)
 
 __all__ = [
     "ACCOUNTANTS",
     "EVENTS",
-    "PLD_MAX_POINTS",  # noqa: F822 (a property of _Accounting: the limit pld_size reads)
-    "PLD_MAX_STEP_POINTS",  # noqa: F822
+    "PLD_MAX_POINTS",
+    "PLD_MAX_STEP_POINTS",
     "RELATIONS",
     "Accountant",
     "AccountingFallbackWarning",
@@ -74,25 +76,3 @@ __all__ = [
     "pld_size",
     "poisson_event",
 ]
-
-
-def _limit(name):
-    """A limit of :mod:`._accounting.pld_size`, read and written there: the size guard reads
-    it at each call, so ``accounting.PLD_MAX_POINTS = n`` (or a test's monkeypatch) changes
-    the guard, as when the guard lived in this module."""
-    return property(
-        lambda _: getattr(_pld_size, name), lambda _, value: setattr(_pld_size, name, value)
-    )
-
-
-class _Accounting(types.ModuleType):
-    """This module's type: a module whose PLD limits are those of the size guard."""
-
-    PLD_MAX_STEP_POINTS = _limit("PLD_MAX_STEP_POINTS")
-    PLD_MAX_POINTS = _limit("PLD_MAX_POINTS")
-
-    def __dir__(self):
-        return sorted({*super().__dir__(), "PLD_MAX_STEP_POINTS", "PLD_MAX_POINTS"})
-
-
-sys.modules[__name__].__class__ = _Accounting
