@@ -52,7 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgrad import reduce
-from jaxgrad.privacy import accounting
+from jaxgrad.privacy._accounting.events import poisson_event
+from jaxgrad.privacy._accounting.library import dpa
 
 STRATEGIES = ("sqrt", "optimized")
 
@@ -307,8 +308,8 @@ def dp_event(*, noise_multiplier: float, sampling_rate: float, steps: int, bands
     """
     b = check_bands(bands)
     n = reduce.check_positive_int(steps, name="steps")
-    one = accounting.poisson_event(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate)
-    return accounting._dpa().SelfComposedDpEvent(one, participations(n, b))
+    one = poisson_event(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate)
+    return dpa().SelfComposedDpEvent(one, participations(n, b))
 
 
 __all__ = [

@@ -33,7 +33,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxgrad import keys, reduce
-from jaxgrad.privacy import accounting, sampling
+from jaxgrad.privacy import sampling
+from jaxgrad.privacy._accounting.events import poisson_event
+from jaxgrad.privacy._accounting.library import dpa
 
 SAMPLINGS = ("poisson", "truncated_poisson", "without_replacement")
 #: Names a user might try that are not a sampling with an accounting here.
@@ -103,9 +105,7 @@ class Poisson:
     def dp_event(self, *, noise_multiplier: float, num_examples: int):
         """One step's event: ``PoissonSampledDpEvent(q, GaussianDpEvent(σ))``."""
         reduce.check_positive_int(num_examples, name="num_examples")
-        return accounting.poisson_event(
-            noise_multiplier=noise_multiplier, sampling_rate=self.sampling_rate
-        )
+        return poisson_event(noise_multiplier=noise_multiplier, sampling_rate=self.sampling_rate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +182,7 @@ class TruncatedPoisson:
         n = reduce.check_positive_int(num_examples, name="num_examples")
         sigma = reduce.check_nonnegative_float(noise_multiplier, name="noise_multiplier")
         b = _check_batch(self.max_batch_size, "max_batch_size", n)
-        return accounting._dpa().TruncatedSubsampledGaussianDpEvent(n, self.sampling_rate, b, sigma)
+        return dpa().TruncatedSubsampledGaussianDpEvent(n, self.sampling_rate, b, sigma)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,9 +245,9 @@ class WithoutReplacement:
         n = reduce.check_positive_int(num_examples, name="num_examples")
         sigma = reduce.check_nonnegative_float(noise_multiplier, name="noise_multiplier")
         b = _check_batch(self.batch_size, "batch_size", n)
-        dpa = accounting._dpa()
+        lib = dpa()
         # Replace-one moves the clipped sum by up to 2C: σC of noise is σ/2 per unit of it.
-        return dpa.SampledWithoutReplacementDpEvent(n, b, dpa.GaussianDpEvent(sigma / 2))
+        return lib.SampledWithoutReplacementDpEvent(n, b, lib.GaussianDpEvent(sigma / 2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,9 +334,7 @@ class CyclicPoisson:
         """One *participation*'s event, ``PoissonSampledDpEvent(q, GaussianDpEvent(σ))``;
         ``n`` steps compose :meth:`participations` ``(n)`` of them."""
         self._check_groups(num_examples)
-        return accounting.poisson_event(
-            noise_multiplier=noise_multiplier, sampling_rate=self.sampling_rate
-        )
+        return poisson_event(noise_multiplier=noise_multiplier, sampling_rate=self.sampling_rate)
 
 
 def step_kwargs(source, step) -> dict:

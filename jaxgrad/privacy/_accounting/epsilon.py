@@ -1,0 +1,213 @@
+"""ε of DP-SGD steps, or of any recorded events, by dp-accounting, guarded against breakdown.
+
+Two guards around every ε: a PLD too large to build is not built (:mod:`.pld_size`: the
+RDP accountant answers, and says so), and an ε below what one step alone spends
+(:func:`epsilon_lower_bound`, closed form) is refused as a numerical breakdown.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from jaxgrad.privacy._accounting.checks import check_delta_range, check_dpsgd, check_gaussian_step
+from jaxgrad.privacy._accounting.events import dp_event, gaussian_step, leaves
+from jaxgrad.privacy._accounting.library import dpa_accountant, make_accountant, quiet_absl
+from jaxgrad.privacy._accounting.pld_size import (
+    RDP_ANSWERS,
+    check_rdp_fallback,
+    events_pld_fit,
+    pld_fits,
+    size_situation,
+    warn_fallback,
+)
+
+
+def epsilon(
+    *,
+    noise_multiplier: float,
+    sampling_rate: float,
+    steps: int,
+    delta: float,
+    accountant: str = "pld",
+    pld_discretization: float = 1e-4,
+) -> float:
+    """The ε of ``steps`` DP-SGD steps at ``δ`` (Poisson sampling, Gaussian noise).
+
+    Args:
+      noise_multiplier: ``σ ≥ 0`` (noise std over the clip norm); 0 gives ``inf``.
+      sampling_rate: ``q`` in (0, 1].
+      steps: ``T ≥ 0``; 0 steps spend ε = 0.
+      delta: ``δ`` in (0, 1).
+      accountant: ``"pld"`` (default) or ``"rdp"``. A PLD larger than the limits
+        (:func:`pld_size`; small ``σ``) is not built: the RDP accountant answers instead,
+        with an :class:`AccountingFallbackWarning`.
+      pld_discretization: the PLD accountant's value discretisation interval.
+
+    Returns:
+      ε as a float.
+
+    Example::
+
+      >>> from jaxgrad.privacy import epsilon
+      >>> round(epsilon(noise_multiplier=1.1, sampling_rate=256 / 60000, steps=14063,
+      ...               delta=1e-5, accountant="rdp"), 3)
+      2.597
+    """
+    sigma, q, steps = check_dpsgd(noise_multiplier, sampling_rate, steps)
+    delta = check_delta_range(delta)
+    make_accountant(accountant, pld_discretization=pld_discretization)  # checks both
+    if steps == 0:
+        return 0.0
+    if sigma == 0:
+        return math.inf
+    if accountant == "pld":
+        fits, size = pld_fits(sigma, q, steps, pld_discretization)
+        if not fits:
+            situation = size_situation(sigma, q, steps, pld_discretization, size)
+            warn_fallback(situation, RDP_ANSWERS, stacklevel=2)
+            accountant = "rdp"
+    return dpsgd_epsilon(sigma, q, steps, delta, accountant, pld_discretization)
+
+
+def effective_accountant(
+    *,
+    noise_multiplier: float,
+    sampling_rate: float,
+    steps: int,
+    accountant: str = "pld",
+    pld_discretization: float = 1e-4,
+) -> str:
+    """The accountant :func:`epsilon` uses for these arguments: ``"rdp"`` where it falls back.
+
+    ``"pld"`` only when asked for and the PLD fits :data:`PLD_MAX_STEP_POINTS` and
+    :data:`PLD_MAX_POINTS` (:func:`pld_size`); a record of the run should name this one.
+
+    Example::
+
+      >>> from jaxgrad.privacy.accounting import effective_accountant
+      >>> kw = dict(sampling_rate=0.01, steps=1000)
+      >>> effective_accountant(noise_multiplier=1.0, **kw), effective_accountant(
+      ...     noise_multiplier=0.01, **kw)
+      ('pld', 'rdp')
+    """
+    sigma, q, steps = check_dpsgd(noise_multiplier, sampling_rate, steps)
+    make_accountant(accountant, pld_discretization=pld_discretization)  # checks both
+    if accountant == "rdp" or sigma == 0 or steps == 0:
+        return accountant
+    return "pld" if pld_fits(sigma, q, steps, pld_discretization)[0] else "rdp"
+
+
+def epsilon_lower_bound(*, noise_multiplier: float, sampling_rate: float, delta: float) -> float:
+    """A closed-form lower bound on the ε of any number ``T ≥ 1`` of DP-SGD steps at ``δ``.
+
+    One step's outputs with and without an example are ``(1−q) N(0, σ²) + q N(1, σ²)`` and
+    ``N(0, σ²)`` (per unit of sensitivity), at total variation distance
+    ``TV = q (2Φ(1/(2σ)) − 1) = q erf(1 / (2√2 σ))``. The hockey-stick divergence satisfies
+    ``δ(ε) ≥ TV − (e^ε − 1)``, and ``T`` steps spend at least what the first one does, so
+
+    .. math::
+
+        \\varepsilon(\\delta) \\ge \\log\\big(1 + \\max(0, q\\,\\mathrm{erf}(1/(2\\sqrt2\\,\\sigma))
+            - \\delta)\\big)
+
+    Loose, but it catches an accountant whose arithmetic broke down (``dp-accounting``'s RDP
+    accountant returns ε = 0 once ``1/σ²`` overflows, e.g. at ``σ = 1e-155``).
+
+    Example::
+
+      >>> from jaxgrad.privacy.accounting import epsilon_lower_bound
+      >>> round(epsilon_lower_bound(noise_multiplier=1e-3, sampling_rate=0.01, delta=1e-5), 5)
+      0.00994
+    """
+    sigma, q = check_gaussian_step(noise_multiplier, sampling_rate)
+    delta = check_delta_range(delta)
+    if sigma == 0:
+        return math.log1p(max(0.0, q - delta))
+    with np.errstate(over="ignore", divide="ignore"):
+        tv = q * math.erf(float(np.float64(1.0) / (2 * math.sqrt(2) * np.float64(sigma))))
+    return math.log1p(max(0.0, tv - delta))
+
+
+def _events_lower_bound(events, delta):
+    """The largest one-step lower bound (:func:`epsilon_lower_bound`) over the Poisson-sampled
+    and plain Gaussian steps recorded (a composition spends at least what any part does)."""
+    bound = 0.0
+    for leaf, c in leaves(events):
+        step = gaussian_step(leaf)
+        if c == 0 or step is None:
+            continue
+        sigma, q = step
+        if q > 0:
+            bound = max(
+                bound, epsilon_lower_bound(noise_multiplier=sigma, sampling_rate=q, delta=delta)
+            )
+    return bound
+
+
+def _below(eps, lower):
+    """Whether ``eps`` falls below the lower bound (beyond round-off): a breakdown."""
+    return not eps >= lower - 1e-12 * (1 + lower)
+
+
+def _compose(accountant, vdi, relation, events, delta, subject, hint=""):
+    """ε of ``[(event, count), ...]`` by ``accountant``, exactly as asked (no size check);
+    its arithmetic failing is a ValueError that names ``subject``."""
+    acc = dpa_accountant(accountant, vdi, relation)
+    try:
+        with quiet_absl():
+            for event, count in events:
+                acc.compose(event, count)
+            return float(acc.get_epsilon(delta))
+    except (ArithmeticError, MemoryError, ValueError) as e:  # overflow
+        raise ValueError(
+            f"dp-accounting's {accountant!r} accountant cannot evaluate {subject}: it raised "
+            f"{type(e).__name__}: {e}{hint}"
+        ) from e
+
+
+def dpsgd_epsilon(sigma, q, steps, delta, accountant, vdi):
+    """ε of ``steps`` DP-SGD steps by ``accountant`` exactly as asked (no size check),
+    guarded against breakdown."""
+    subject = f"`noise_multiplier` {sigma!r} (q = {q}, {steps} steps)"
+    hint = "; try accountant='rdp' or a coarser pld_discretization" if accountant == "pld" else ""
+    event = dp_event(noise_multiplier=sigma, sampling_rate=q, steps=steps)
+    eps = _compose(accountant, vdi, "add_or_remove_one", [(event, 1)], delta, subject, hint)
+    lower = epsilon_lower_bound(noise_multiplier=sigma, sampling_rate=q, delta=delta)
+    if _below(eps, lower):
+        raise ValueError(
+            f"dp-accounting's {accountant!r} accountant returned ε = {eps!r} for "
+            f"`noise_multiplier` {sigma!r} (q = {q}, {steps} steps, δ = {delta}), "
+            f"below the lower bound {lower:.6g} that one step alone spends: its computation "
+            "broke down numerically (σ this small gives no meaningful privacy)"
+        )
+    return eps
+
+
+def events_accountant(events, accountant, vdi):
+    """``(name, size)``: the accountant ε of ``events`` uses, ``"rdp"`` where the PLD asked
+    for would not fit (``size`` from :func:`events_pld_fit`; None unless the PLD was sized)."""
+    if accountant == "rdp" or not events:
+        return accountant, None
+    fits, size = events_pld_fit(events, vdi)
+    return ("pld" if fits else "rdp"), size
+
+
+def events_epsilon(events, delta, *, accountant, vdi, relation, warn=True):
+    """ε of ``[(event, count), ...]`` at ``δ`` (0 for none): by ``accountant``, or by RDP
+    where its PLD would not fit (with a warning if ``warn``), guarded against breakdown."""
+    if not events:
+        return 0.0
+    used, size = events_accountant(events, accountant, vdi)
+    if used != accountant:
+        check_rdp_fallback(events, size, vdi, relation, warn=warn)
+    eps = _compose(used, vdi, relation, events, delta, "the recorded events")
+    lower = _events_lower_bound(events, delta)
+    if _below(eps, lower):
+        raise ValueError(
+            f"dp-accounting's {used!r} accountant returned ε = {eps!r} (δ = {delta}), "
+            f"below the lower bound {lower:.6g} that one recorded step alone spends: its "
+            "computation broke down numerically"
+        )
+    return eps
