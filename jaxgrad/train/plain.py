@@ -185,41 +185,34 @@ def _chunk_runner(body, train_data, *, scan, mesh, check, valued):
     def totals(out):  # a chunk's stacked step outputs: the loss sum, and the valuation terms
         return (jnp.sum(out[0]), out[1]) if valued else (jnp.sum(out), None)
 
-    if scan and mesh is None:
-        device_data = jax.tree_util.tree_map(jnp.asarray, train_data)
-
-        @jax.jit
-        @_loops.canonical_convolutions
-        def scan_chunk(state, data, idx, mask, active):
-            def f(carry, xs):
-                i, m, a = xs
-                return body(carry, data_lib.take(data, i), m, active=a)
-
-            (state, bad), out = jax.lax.scan(f, (state, jnp.int32(-1)), (idx, mask, active))
-            return state, bad, *totals(out)
-
-        def run(state, idx, mask, active):
-            return scan_chunk(state, device_data, idx, mask, active)
-
-        return run
-
     if scan:
-        # On a mesh the data never goes to the devices whole: every chunk's batches are
-        # gathered on the host, each process reading only its own devices' rows.
+        # One device scans over row numbers into the data set; a mesh over gathered batches.
+        take = data_lib.take if mesh is None else (lambda _, batch: batch)
+
         @jax.jit
         @_loops.canonical_convolutions
-        def scan_batches(state, batches, mask, active):
+        def scan_chunk(state, data, batches, mask, active):
             def f(carry, xs):
                 b, m, a = xs
-                return body(carry, b, m, active=a)
+                return body(carry, take(data, b), m, active=a)
 
             (state, bad), out = jax.lax.scan(f, (state, jnp.int32(-1)), (batches, mask, active))
             return state, bad, *totals(out)
 
-        def run(state, idx, mask, active):
-            batches, mask = sharding_lib.take_rows(train_data, idx, mask, mesh=mesh, check=check)
-            active = sharding_lib.replicate(active, mesh=mesh)
-            return scan_batches(state, batches, mask, active)
+        if mesh is None:
+            device_data = jax.tree_util.tree_map(jnp.asarray, train_data)
+
+            def run(state, idx, mask, active):
+                return scan_chunk(state, device_data, idx, mask, active)
+
+        else:
+
+            def run(state, idx, mask, active):
+                batches, mask = sharding_lib.take_rows(
+                    train_data, idx, mask, mesh=mesh, check=check
+                )
+                active = sharding_lib.replicate(active, mesh=mesh)
+                return scan_chunk(state, None, batches, mask, active)
 
         return run
 
