@@ -94,14 +94,17 @@ def drive(
         }
         return resume_lib.save(checkpoint_dir, state, key, meta, keep=keep, mesh=mesh)
 
+    def spent():  # the engine's budget (a DP run's stop_at_epsilon) is spent
+        return engine.last_step is not None and int(state.step) >= engine.last_step
+
     own = [writers_lib.JsonlWriter(metrics_path)] if metrics_path is not None else []
     writers = own + list(metric_writers)
     bar = Progress(epochs * steps_per_epoch, mode=progress, quiet=quiet, initial=int(state.step))
     start = time.perf_counter()
     try:
         for epoch in range(start_epoch, epochs):
-            if engine.last_step is not None and int(state.step) >= engine.last_step:
-                break  # the engine's budget is spent (a resumed run stops here too)
+            if spent():
+                break  # a resumed run stops here too
             chunks = engine.epoch_chunks(key, epoch)
             first = start_chunk if epoch == start_epoch else 0
             if first == 0:
@@ -145,8 +148,7 @@ def drive(
                         writers=writers,
                     )
                 if checkpoint_dir is not None:
-                    stopped = engine.last_step is not None and int(state.step) >= engine.last_step
-                    final = last_chunk and (epoch == epochs - 1 or stopped)
+                    final = last_chunk and (epoch == epochs - 1 or spent())
                     if final or int(state.step) // every > before // every:
                         nxt = (epoch + 1, 0) if last_chunk else (epoch, c + 1)
                         last_checkpoint = save(*nxt)
