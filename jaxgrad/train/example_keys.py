@@ -103,7 +103,7 @@ def _validating_first(loss, loss_fn):
 
 
 def row_check(check):
-    """A row check of the bare data (:func:`jaxgrad.train.loop.validate_data`) for
+    """A row check of the bare data (:func:`jaxgrad.train.arguments.validate_data`) for
     ``(data, rows)`` batches; None stays None."""
     if check is None:
         return None

@@ -1,0 +1,135 @@
+"""What makes a :func:`jaxgrad.train.fit` run the same run: the config every checkpoint
+records, which a resumed run must match (:func:`jaxgrad.train.resume.restore`)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgrad import keys
+from jaxgrad.train.arguments import in_memory
+from jaxgrad.train.step import Engine
+
+
+def run_config(
+    engine: Engine,
+    *,
+    num_examples: int,
+    batch_size: int,
+    scan: bool,
+    key_fingerprint: str,
+    loss_key,
+    mesh,
+    private: bool,
+    train_data,
+    optimizer,
+    params,
+    checkpoint_dir,
+) -> dict:
+    """The run's config, as its checkpoints record it.
+
+    Args:
+      engine: the run's :class:`~jaxgrad.train.step.Engine` (its chunk and its own config).
+      num_examples, batch_size: the training set's size and ``fit``'s batch size.
+      scan: whether the chunks run under ``lax.scan``.
+      key_fingerprint: the key's, from :func:`jaxgrad.train.arguments.run_key`.
+      loss_key, mesh: ``fit``'s (``loss_key`` checked).
+      private: whether the run is private.
+      train_data: the rows the steps take.
+      optimizer, params: ``fit``'s optimizer (not the privatizer the steps run) and
+        initial parameters.
+      checkpoint_dir: ``fit``'s; without it no optimizer probe is run (only checkpoints read
+        it).
+
+    Returns:
+      A JSON-able dict.
+    """
+    config = {
+        "num_examples": num_examples,
+        "batch_size": batch_size,
+        "chunk": engine.chunk,
+        "scan": bool(scan),
+        # A resumed run must be the same run: same key and the same gradient (or privacy).
+        "key": key_fingerprint,
+        **({"loss_key": keys.fingerprint(loss_key)} if loss_key is not None else {}),
+        **({"devices": int(mesh.devices.size)} if mesh is not None else {}),
+        # A private run resumed on other data would reuse its noise and draws: the data's hash
+        # (in memory only; memory-mapped files are not read whole) must match. Kept secret.
+        **({"data": _data_hash(train_data)} if private and in_memory(train_data) else {}),
+        **engine.config,
+        "optimizer": _optimizer_structure(jax.eval_shape(optimizer.init, params)),
+    }
+    if checkpoint_dir is not None:  # only checkpoints read it: no probe otherwise
+        config["optimizer_probe"] = _optimizer_probe(optimizer, params)
+    return config
+
+
+def _data_hash(data) -> str:
+    """A SHA-256 of every leaf's dtype, shape and bytes (to tell a resumed run's data apart)."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(data):
+        leaf = np.ascontiguousarray(leaf)
+        digest.update(f"{leaf.dtype.str}{leaf.shape}".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _optimizer_structure(opt_state) -> str:
+    """The optimizer's state, named by its parts: ``"ScaleByAdamState, EmptyState (5 arrays)"``.
+
+    Recorded in every checkpoint, so a run resumed with another optimizer is told so, not
+    that the checkpoint "holds 15 arrays; the template has 6 leaves".
+    """
+    names = []
+
+    def visit(x):
+        if isinstance(x, tuple) and hasattr(x, "_fields"):
+            names.append(type(x).__name__)
+        if isinstance(x, (tuple, list)):
+            for v in x:
+                visit(v)
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+
+    visit(opt_state)
+    leaves = len(jax.tree_util.tree_leaves(opt_state))
+    return f"{', '.join(names) or type(opt_state).__name__} ({leaves} arrays)"
+
+
+def _optimizer_probe(optimizer, params) -> str:
+    """A fingerprint of the optimizer's hyperparameters: its first two updates on a fixed
+    probe (parameters and gradients made from the parameters' shapes, not their values),
+    rounded to 4 significant digits and hashed.
+
+    optax keeps hyperparameters in closures, out of reach; what they do is not. A changed
+    learning rate, beta, weight decay or schedule changes these updates; rounding keeps
+    the same optimizer's fingerprint stable across devices (a rare round-off across a digit
+    only gives a spurious warning, never a refusal).
+    """
+
+    def pattern(x, a, b):
+        i = jnp.arange(np.prod(x.shape, dtype=int)).reshape(x.shape)
+        return ((i % a) - b + 0.5).astype(x.dtype) * 0.3
+
+    def run(p):
+        p = jax.tree_util.tree_map(lambda x: pattern(x, 7, 3), p)
+        g = jax.tree_util.tree_map(lambda x: pattern(x, 5, 2), p)
+        state = optimizer.init(p)
+        u1, state = optimizer.update(g, state, p)
+        u2, _ = optimizer.update(jax.tree_util.tree_map(lambda x: -0.7 * x, g), state, p)
+        return u1, u2
+
+    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    try:
+        updates = jax.jit(run)(zeros)
+    except Exception:  # an optimizer that needs extra update arguments: no fingerprint
+        return "unknown"
+    values = [np.asarray(x, np.float64).ravel()[:256] for x in jax.tree_util.tree_leaves(updates)]
+    digits = np.concatenate(values) if values else np.zeros(0)
+    rounded = ",".join(f"{v:.4g}" for v in digits)
+    return hashlib.sha256(rounded.encode()).hexdigest()[:16]
