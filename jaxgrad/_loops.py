@@ -317,19 +317,22 @@ def canonical_convolutions(fn):
 
 
 def _canonical(spec: tuple) -> tuple:
-    """A dimension order ``(batch or O, feature or I, *spatial)`` as its canonical
-    permutation: batch, spatial..., feature (an input or output) — for the kernel see
-    :func:`_canonical_conv`."""
+    """An input's or output's dimension order ``(batch, feature, *spatial)`` as the
+    permutation to the canonical one: batch, spatial..., feature (``NHWC``)."""
     return (spec[0], *spec[2:], spec[1])
 
 
+def _canonical_kernel(spec: tuple) -> tuple:
+    """A kernel's dimension order ``(O, I, *spatial)`` as the permutation to ``HWIO``."""
+    return (*spec[2:], spec[1], spec[0])
+
+
 def _is_canonical(dn) -> bool:
-    nd = len(dn.lhs_spec)
-    io = tuple(range(nd))
+    io = tuple(range(len(dn.lhs_spec)))
     return (
-        tuple(_canonical(dn.lhs_spec)) == io
-        and tuple(_canonical(dn.out_spec)) == io
-        and (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0]) == io
+        _canonical(dn.lhs_spec) == io
+        and _canonical(dn.out_spec) == io
+        and _canonical_kernel(dn.rhs_spec) == io
     )
 
 
@@ -343,7 +346,7 @@ def _canonical_conv(lhs, rhs, *, dimension_numbers, **params):
         (0, nd - 1, *spatial), (nd - 1, nd - 2, *range(nd - 2)), (0, nd - 1, *spatial)
     )
     lhs = jnp.transpose(lhs, _canonical(dn.lhs_spec))
-    rhs = jnp.transpose(rhs, (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0]))
+    rhs = jnp.transpose(rhs, _canonical_kernel(dn.rhs_spec))
     out = jax.lax.conv_general_dilated_p.bind(lhs, rhs, dimension_numbers=canonical, **params)
     return jnp.transpose(out, np.argsort(_canonical(dn.out_spec)))
 

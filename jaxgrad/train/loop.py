@@ -89,9 +89,8 @@ def fit(
       scan: run the batches of a chunk under ``lax.scan`` (one dispatch per chunk) instead of
         a Python loop over the jitted step. ``"auto"`` (default) scans (the one loop policy,
         :func:`jaxgrad._loops.scan_steps`, also for ``privacy``; on a CPU the step's
-        convolutions are made canonical, :func:`jaxgrad._loops.canonical_convolutions`): the
-        scan took 137-181 µs per step against 215-435 µs for the Python loop (digits MLP,
-        batch 32).
+        convolutions are made canonical, :func:`jaxgrad.canonical_convolutions`); the two
+        are timed in docs/training.md.
       steps_per_call: the chunk length (default: a whole epoch, or ``checkpoint_every`` if
         smaller); between chunks progress is reported and non-finite losses caught.
       checkpoint_dir: if given, checkpoints are written there and, with ``resume``, the run
