@@ -309,6 +309,10 @@ def canonical_convolutions(fn):
     def wrapped(*args):
         if jax.default_backend() != "cpu":
             return fn(*args)
+        jitted = jax.jit(fn)
+        if not _needs_rewrite(jitted.trace(*args).jaxpr.jaxpr, inside=False):
+            return jitted(*args)  # (its trace cached: one call, no equation re-bound)
+        # (traced again: jit's jaxpr takes values fn closes over as arguments of its own)
         closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
         outs = _evaluate(closed, jax.tree_util.tree_leaves(args), inside=False)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), outs)
