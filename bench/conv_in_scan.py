@@ -63,8 +63,12 @@ with mock.patch.object(trace, "lift_over_steps", no_conv_lift):
 
 norms = lambda m: lambda p, b: jaxgrad.per_example_norms(loss, method=m)(p, b)
 clip = lambda m: lambda p, b: jaxgrad.clipped_grad(loss, l2_clip=1.0, method=m)(p, b)
+mean_loss = lambda p, b: jnp.mean(jax.vmap(loss, (None, 0))(p, b))
 programs = {
     "batch_grad": compiled(lambda p, b: jaxgrad.batch_grad(loss)(p, b).grads),
+    # Plain JAX: its scan body's backward convolutions stay in XLA:CPU's naive form (jaxgrad's
+    # strategies rewrite them: jaxgrad.canonical_convolutions).
+    "jax.grad": compiled(jax.grad(mean_loss)),
     "norms fast": compiled(norms("auto")),
     "norms fallback": compiled(norms("auto"), fallback=True),
     "norms vmap": compiled(norms("vmap")),
