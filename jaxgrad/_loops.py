@@ -320,6 +320,12 @@ def canonical_convolutions(fn):
     return wrapped
 
 
+def jit(fn):
+    """``jax.jit(canonical_convolutions(fn))``: the jit jaxgrad writes around a loop of its own
+    (a decorator too); see :func:`canonical_convolutions`."""
+    return jax.jit(canonical_convolutions(fn))
+
+
 def _canonical(spec: tuple) -> tuple:
     """An input's or output's dimension order ``(batch, feature, *spatial)`` as the
     permutation to the canonical one: batch, spatial..., feature (``NHWC``)."""

@@ -47,8 +47,7 @@ def evaluator(
         raise ValueError(f"`task` must be one of {list(TASKS)}; got {task!r}")
     chunk_size = reduce.check_positive_int(chunk_size, name="chunk_size")
 
-    @jax.jit
-    @_loops.canonical_convolutions
+    @_loops.jit
     def measure(params, x, y):
         def one(example):
             ex_x, ex_y = example
