@@ -10,17 +10,16 @@ fixed length (the last padded with inactive steps), run under ``lax.scan`` or, w
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrad import _loops, keys, reduce
 from jaxgrad import data as data_lib
+from jaxgrad import keys, reduce
 from jaxgrad import sharding as sharding_lib
-from jaxgrad.train.step import Engine, guarded, step_fn, strategy_name
+from jaxgrad.train.step import Engine, guarded, loop_chunk, scan_chunk, step_fn, strategy_name
 
 # Module level, so its compilation is shared by every fit with the same data and batch sizes.
 _epoch_indices = jax.jit(data_lib.epoch_indices, static_argnums=(2, 3))
@@ -181,29 +180,23 @@ def _chunk_runner(body, train_data, *, scan, mesh, check, valued):
     devices whole: every chunk's batches are gathered on the host, each process reading
     only its own devices' rows.
     """
-
-    def totals(out):  # a chunk's stacked step outputs: the loss sum, and the valuation terms
-        return (jnp.sum(out[0]), out[1]) if valued else (jnp.sum(out), None)
-
     if scan:
         # One device scans over row numbers into the data set; a mesh over gathered batches.
         take = data_lib.take if mesh is None else (lambda _, batch: batch)
 
-        @jax.jit
-        @_loops.canonical_convolutions
-        def scan_chunk(state, data, batches, mask, active):
-            def f(carry, xs):
-                b, m, a = xs
-                return body(carry, take(data, b), m, active=a)
+        def step(carry, xs, data):
+            b, m, a = xs
+            return body(carry, take(data, b), m, active=a)
 
-            (state, bad), out = jax.lax.scan(f, (state, jnp.int32(-1)), (batches, mask, active))
-            return state, bad, *totals(out)
+        def totals(outs):  # the loss sum, and the valuation terms
+            return (jnp.sum(outs[0]), outs[1]) if valued else (jnp.sum(outs), None)
 
+        scanned = scan_chunk(step, totals)
         if mesh is None:
             device_data = jax.tree_util.tree_map(jnp.asarray, train_data)
 
             def run(state, idx, mask, active):
-                return scan_chunk(state, device_data, idx, mask, active)
+                return scanned(state, (idx, mask, active), device_data)
 
         else:
 
@@ -212,30 +205,28 @@ def _chunk_runner(body, train_data, *, scan, mesh, check, valued):
                     train_data, idx, mask, mesh=mesh, check=check
                 )
                 active = sharding_lib.replicate(active, mesh=mesh)
-                return scan_chunk(state, None, batches, mask, active)
+                return scanned(state, (batches, mask, active), None)
 
         return run
 
     host_data = None if mesh is not None else jax.tree_util.tree_map(np.asarray, train_data)
-    jit_body = jax.jit(_loops.canonical_convolutions(functools.partial(body, active=True)))
+    looped = loop_chunk(body, None if mesh is None else sharding_lib.serialize_across_processes)
+
+    def batches(idx, mask):  # each step's batch, gathered on the host as the step comes
+        for i, m in zip(idx, mask, strict=True):
+            if mesh is None:
+                yield data_lib.take(host_data, i), m
+            else:
+                yield sharding_lib.take_rows(train_data, i, m, mesh=mesh, check=check)
 
     def run(state, idx, mask, active):
-        carry, outs = (state, jnp.int32(-1)), []
-        for i, m in zip(idx[active], mask[active], strict=True):
-            if mesh is None:
-                batch = data_lib.take(host_data, i)
-            else:
-                batch, m = sharding_lib.take_rows(train_data, i, m, mesh=mesh, check=check)
-            carry, out = jit_body(carry, batch, m)
-            if mesh is not None:
-                sharding_lib.serialize_across_processes(carry)
-            outs.append(out)
+        state, bad, outs = looped(state, batches(idx[active], mask[active]))
         if not valued:
-            return carry[0], carry[1], sum(outs), None
+            return state, bad, sum(outs), None
         values = np.zeros((len(idx), *np.shape(mask)[1:]))  # inactive steps: 0
         if outs:
             values[np.asarray(active)] = np.stack([np.asarray(v) for _, v in outs])
-        return carry[0], carry[1], sum(w for w, _ in outs), values
+        return state, bad, sum(w for w, _ in outs), values
 
     return run
 

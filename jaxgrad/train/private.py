@@ -55,18 +55,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxgrad import _loops, keys, reduce
+from jaxgrad import keys, reduce
 from jaxgrad import privacy as dp
 from jaxgrad import sharding as sharding_lib
 from jaxgrad.fast import api as fast_api
 from jaxgrad.privacy import accounting, adaptive, bandmf, noisy, sampling, sources
-from jaxgrad.train.step import Engine, TrainState, guarded
+from jaxgrad.train.step import Engine, TrainState, first_carry, guarded, loop_chunk, scan_chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -754,34 +755,18 @@ def _reporting_clip(run_chunk, latest):
 def _local_chunks(body, train_data, *, scan: bool):
     """``run_chunk`` on one device: the data on the device whole, the steps under
     ``lax.scan`` or (``scan=False``) a Python loop over the jitted step."""
+    # The data set is an argument, never a closed-over constant: as a constant it was
+    # compiled into the executable (188 MB for the benchmark's 60000 MNIST rows).
     data = jax.tree_util.tree_map(jnp.asarray, train_data)
-
-    if scan:
-
-        @jax.jit
-        @_loops.canonical_convolutions
-        def scan_chunk(state, data, key, active):
-            def f(carry, a):
-                return body(carry, data, key, active=a)
-
-            (state, bad), _ = jax.lax.scan(f, (state, jnp.int32(-1)), active)
-            return state, bad
-
-        def run_chunk(state, key, active):
-            # The data set is an argument, never a closed-over constant: as a constant it was
-            # compiled into the executable (188 MB for the benchmark's 60000 MNIST rows).
-            state, bad = scan_chunk(state, data, key, jnp.asarray(active))
-            return state, bad, 0.0, 0
-
-        return run_chunk
-
-    one = jax.jit(_loops.canonical_convolutions(functools.partial(body, active=True)))
+    scanned = scan_chunk(lambda carry, a, *inputs: body(carry, *inputs, active=a))
+    looped = loop_chunk(body)
 
     def run_chunk(state, key, active):
-        carry = (state, jnp.int32(-1))
-        for _ in range(int(np.sum(active))):
-            carry, _ = one(carry, data, key)
-        return carry[0], carry[1], 0.0, 0
+        if scan:
+            state, bad = scanned(state, jnp.asarray(active), data, key)
+        else:
+            state, bad, _ = looped(state, itertools.repeat((data, key), int(np.sum(active))))
+        return state, bad, 0.0, 0
 
     return run_chunk
 
@@ -827,7 +812,7 @@ def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_arg
 
     def run_chunk(state, key, active):
         local_key, global_key = key, sharding_lib.replicate(key, mesh=mesh)
-        carry = (state, jnp.int32(-1))
+        carry = first_carry(state)
         zeros = None
         for _ in range(int(np.sum(active))):
             state = carry[0]

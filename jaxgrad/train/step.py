@@ -8,11 +8,15 @@ One step is
     (u, s') = \\mathrm{opt.update}(g, s, \\theta), \\qquad \\theta' = \\theta + u
 
 where ``m`` is the batch's padding mask. The step compiles once per batch shape: a partial
-last batch is padded and masked, never a new shape.
+last batch is padded and masked, never a new shape. In ``fit`` the step is :func:`guarded`,
+and a chunk of such steps runs in one of two forms, shared by plain and private training:
+one jitted ``lax.scan`` (:func:`scan_chunk`) or a Python loop over the jitted step
+(:func:`loop_chunk`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxgrad import accumulation, reduce
+from jaxgrad import _loops, accumulation, reduce
 from jaxgrad.grads import GradResult, batch_grad
 
 PyTree = Any
@@ -196,6 +200,63 @@ def guarded(step):
         return (state, bad), jnp.where(ok, loss * weight, 0)
 
     return body
+
+
+def first_carry(state):
+    """A chunk's first carry for a :func:`guarded` body: ``state`` and no failed step (−1)."""
+    return state, jnp.int32(-1)
+
+
+def scan_chunk(step, totals=lambda outs: ()):
+    """A chunk of :func:`guarded` steps as one jitted ``lax.scan`` (its convolutions
+    canonical: :func:`jaxgrad._loops.jit`), from :func:`first_carry`.
+
+    Args:
+      step: ``step((state, bad), x, *args) -> ((state, bad), out)``: one guarded step from
+        its slice ``x`` of the scanned inputs and the arguments every step shares.
+      totals: ``totals(outs) -> tuple``, the stacked step outputs reduced in the same jit
+        (default: none returned).
+
+    Returns:
+      ``run(state, xs, *args) -> (state, bad, *totals(outs))``. The shared arguments (the
+      data set) stay arguments, never constants compiled into the program.
+    """
+
+    @_loops.jit
+    def run(state, xs, *args):
+        def f(carry, x):
+            return step(carry, x, *args)
+
+        (state, bad), outs = jax.lax.scan(f, first_carry(state), xs)
+        return state, bad, *totals(outs)
+
+    return run
+
+
+def loop_chunk(body, each=None):
+    """A chunk of :func:`guarded` steps as a Python loop over one jitted step (``fit``'s
+    ``scan=False``), from :func:`first_carry`: only the steps taken are run, all active.
+
+    Args:
+      body: the guarded ``body((state, bad), *inputs, active)``.
+      each: ``each((state, bad))`` after every step (a wait across processes), or None.
+
+    Returns:
+      ``run(state, inputs) -> (state, bad, outs)``: ``inputs`` yields one tuple of the
+      body's inputs per step (read as the steps run), ``outs`` is the list of their outputs.
+    """
+    one = _loops.jit(functools.partial(body, active=True))
+
+    def run(state, inputs):
+        carry, outs = first_carry(state), []
+        for x in inputs:
+            carry, out = one(carry, *x)
+            if each is not None:
+                each(carry)
+            outs.append(out)
+        return *carry, outs
+
+    return run
 
 
 def train_step(
