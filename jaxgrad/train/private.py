@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxgrad import data as data_lib
 from jaxgrad import keys, reduce
 from jaxgrad import privacy as dp
 from jaxgrad import sharding as sharding_lib
@@ -370,7 +371,7 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
         max_batch_size=config.max_batch_size,
     )
     q = batch_size / n
-    steps = epochs * -(-n // batch_size)
+    steps = epochs * data_lib.num_batches(n, batch_size)
     source = _bandmf_source(config, source, num_examples=n, batch_size=batch_size, steps=steps)
     q = source.sampling_rate if config.noise == "bandmf" else q
     if config.physical_batch_size is None:  # (not `or`: 0 is an error, not the default)
@@ -601,7 +602,7 @@ def engine(
     c = the_plan.config
     n = reduce.batch_size(train_data, name="train_data")
     source, p = the_plan.source, the_plan.physical_batch_size
-    steps_per_epoch = -(-n // batch_size)
+    steps_per_epoch = data_lib.num_batches(n, batch_size)
     last_step = the_plan.stop_step
     if c.adaptive_clip is None:
         clipped = noisy.ClippedSum(loss_fn, l2_clip=c.l2_clip, method=c.method)
