@@ -109,17 +109,16 @@ def check_args(args, parser):
                 f"--lr {args.lr} is outside float32's range ({tiny:.3g} to {huge:.3g}), the "
                 "dtype the run trains in; choose a learning rate in it (or add --x64)"
             )
-    for flag, value in (
-        ("--keep", args.keep),
-        ("--checkpoint-every", args.checkpoint_every),
-    ):
-        if value is not None and value < 1:
-            parser.error(f"{flag} must be a positive integer; got {value}")
+    if args.keep is not None and args.keep < 1:  # (--checkpoint-every: check_combinations)
+        parser.error(f"--keep must be a positive integer; got {args.keep}")
     if any(h < 1 for h in args.hidden):
         parser.error(f"--hidden sizes must be positive integers; got {args.hidden}")
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+    for flag, path in (
+        ("--json", args.json),
+        ("--plot", args.plot),
+        ("--metrics-jsonl", args.metrics_jsonl),
+    ):
         check_writable(flag, path, parser)
-    check_writable("--metrics-jsonl", args.metrics_jsonl, parser)
     check_writable("--checkpoint-dir", args.checkpoint_dir, parser, directory=True)
     if args.plot:
         try:
