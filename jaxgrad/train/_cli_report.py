@@ -8,6 +8,7 @@ import json
 import sys
 
 from jaxgrad.train.progress import strict_json
+from jaxgrad.train.writers import JsonlWriter
 
 # What a --dp run's JSON releases per epoch: the history's other keys (the training loss,
 # non-finite counts, wall-clock seconds) are computed on the private training rows without
@@ -33,6 +34,7 @@ def released_metrics(evaluate, plan, *, path, start_epoch, steps_per_epoch):
     does not release (counts on the private rows, wall-clock times), so they are not written;
     this writes the epoch, its step, the ε spent and the test metrics instead.
     """
+    writer = JsonlWriter(path)
     epoch = start_epoch
 
     def released(params):
@@ -41,8 +43,9 @@ def released_metrics(evaluate, plan, *, path, start_epoch, steps_per_epoch):
         epoch += 1
         step = epoch * steps_per_epoch
         record = {"epoch": epoch, "step": step, "epsilon": plan.epsilon(step), **metrics}
-        with open(path, "a") as f:  # the evaluator's metrics are Python floats
-            f.write(json.dumps(strict_json(record)) + "\n")
+        # Closed after each record (reopened to append the next): fit has no end hook for it.
+        writer.write(record)
+        writer.close()
         return metrics
 
     return released
