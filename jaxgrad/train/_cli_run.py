@@ -26,6 +26,8 @@ def run(args, parser=None) -> dict:
         jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
 
+    import jaxgrad.data
+
     # Looked up at each run (not imported once), so that a test can stand in for them.
     from jaxgrad.train import evaluator, fit
 
@@ -70,7 +72,7 @@ def run(args, parser=None) -> dict:
                 privacy_plan,
                 path=metrics_path,
                 start_epoch=start_epoch,
-                steps_per_epoch=privacy_plan.steps // epochs,
+                steps_per_epoch=jaxgrad.data.num_batches(num_train, batch_size),
             )
             metrics_path = None
         _cli_report.say_dp_key(args, key_source, private_run, say)
