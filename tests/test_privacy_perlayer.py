@@ -227,6 +227,7 @@ def test_dp_grad_per_layer_is_exact_and_its_noise_uses_the_root_sum_of_squares()
 
 def test_cli_per_layer_clip_splits_c_over_the_layers(capsys):
     from jaxgrad.train import __main__ as cli
+    from jaxgrad.train._cli_privacy import privacy_plan
     from jaxgrad.train.private import per_layer_clip
 
     parser = cli.build_parser()
@@ -234,7 +235,7 @@ def test_cli_per_layer_clip_splits_c_over_the_layers(capsys):
         ["--dp", "--noise-multiplier", "1", "--l2-clip", "2", "--per-layer-clip"]
     )
     model = models.mlp([4, 5, 6, 3])  # three dense layers: C / √3 each
-    plan = cli._privacy(args, parser, 100, 10, 1, model)
+    plan = privacy_plan(args, parser, 100, 10, 1, model)
     assert plan.config.l2_clip == pytest.approx([2 / np.sqrt(3)] * 3, rel=1e-15)
     record = plan.summary(0)
     assert record["l2_sensitivity"] == pytest.approx(2.0, rel=1e-12)  # the flat clip's noise

@@ -16,6 +16,7 @@ import pytest
 import jaxgrad
 from jaxgrad.train import __main__ as cli
 from jaxgrad.train.__main__ import main
+from jaxgrad.train._cli_privacy import dp_key
 
 PRIVACY_DOC = (Path(__file__).parents[1] / "docs" / "privacy.md").read_text()
 # The line fit: 410 training examples, two parameters in the JSON; seven steps an epoch.
@@ -59,13 +60,13 @@ def test_the_dp_key_uses_all_its_bits_from_os_entropy():
     """jax.random.key(seed) keeps 32 bits of a seed (its first word is 0 without x64); the
     entropy key's words all vary, and it is never taken for an --insecure-dp-seed key."""
     args = cli.build_parser().parse_args(["--dp"])
-    keys = [cli._dp_key(args, None) for _ in range(3)]
+    keys = [dp_key(args, None) for _ in range(3)]
     data = np.array([jax.random.key_data(k) for k, _, _ in keys])
     assert all(source == "os-entropy" and private for _, source, private in keys)
     for word in range(data.shape[1]):
         assert len(set(data[:, word])) == 3, data
     args = cli.build_parser().parse_args(["--dp", "--insecure-dp-seed", "7"])
-    key, source, private = cli._dp_key(args, None)
+    key, source, private = dp_key(args, None)
     assert (source, private) == ("insecure-dp-seed", False)
     assert jax.random.key_data(key)[-1] == 7
 
@@ -81,7 +82,7 @@ def test_every_process_takes_process_0s_key(monkeypatch):
     monkeypatch.setattr(
         multihost_utils, "broadcast_one_to_all", lambda x: sent.append(x) or process_0
     )
-    key, _, private = cli._dp_key(cli.build_parser().parse_args(["--dp"]), None)
+    key, _, private = dp_key(cli.build_parser().parse_args(["--dp"]), None)
     np.testing.assert_array_equal(jax.random.key_data(key), process_0)
     assert len(sent) == 1 and not np.array_equal(sent[0], process_0) and private
 
