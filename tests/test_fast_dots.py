@@ -312,9 +312,57 @@ def test_convolutions_in_scans_nested_tied_grouped_and_in_a_branch():
     assert_rel_close(_flat(total), np.minimum(1.0, clip / np.maximum(norms, 1e-300)) @ j)
 
 
+def test_convolution_kernels_a_scan_is_scanned_over():
+    # Stacks of kernels a scan is scanned over (one kernel per step, as `nn.scan` over conv
+    # blocks writes it): the slices are disjoint, so each step's kernel gradient is taken on
+    # the top-level conv route, one step at a time (norms added over the steps, the clipped
+    # sum's leaf the stack of the steps' weighted sums). In one body (one program to
+    # compile): 3x3 kernels in a residual tanh block on NHWC images (ks), beside a kernel
+    # shared by every step; a strided, asymmetrically padded, dilated conv whose kernel is
+    # larger than its A_i and G_i (kd: no gradient kept, the weighted sum contracts A and G
+    # step by step); a feature-grouped one read twice at a step (kf: tied, the per-example
+    # gradient). A (sum, count) loss, a mask, units.
+    rng = np.random.default_rng(13)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape) / 2, F64)
+    params = {
+        "ks": normal(3, 3, 3, 2, 2),
+        "shared": normal(3, 3, 2, 2),
+        "kd": normal(3, 3, 3, 2, 8),
+        "kf": normal(3, 3, 3, 1, 4),  # 2 -> 4 channels in 2 groups
+    }
+    batch = normal(5, 4, 4, 2)
+    conv = functools.partial(
+        jax.lax.conv_general_dilated, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+    def loss(p, x):
+        def block(h, k):
+            h = h + jnp.tanh(conv(h, k["ks"], (1, 1), "SAME"))  # residual
+            s = jnp.tanh(conv(h, p["shared"], (1, 1), "SAME"))
+            d = conv(h, k["kd"], (2, 1), [(1, 0), (2, 1)], rhs_dilation=(1, 2))
+            grouped = lambda z: conv(z, k["kf"], (1, 1), "SAME", feature_group_count=2)
+            f = grouped(jnp.sin(grouped(h)[..., 1:3]))
+            return h + s + jnp.sin(jnp.sum(jnp.tanh(d) ** 2)) + jnp.tanh(f[..., :2]), None
+
+        h, _ = jax.lax.scan(block, x[None], {name: p[name] for name in ("ks", "kd", "kf")})
+        return jnp.sum(jnp.sin(h)), 1.0 + (x[0, 0, 0] > 0)
+
+    plan = jaxgrad.fast.plan(loss, params, batch[0])
+    assert not plan.fallbacks, plan
+    routes = {lp.path: lp.route for lp in plan.leaves}
+    stepwise = "scan, 3 steps, one slice per step: each step's conv: one kernel offset at a time"
+    assert routes["['ks']"] == stepwise + "; weighted sum: per-example gradient formed and kept"
+    assert routes["['kd']"] == stepwise, routes
+    assert routes["['kf']"].startswith("tied, 2 uses"), routes
+    assert routes["['shared']"].startswith("scan, 3 steps, shared: conv"), routes
+    mask = jnp.array([1, 1, 0, 1, 1], bool)
+    check(loss, params, batch, mask=mask, units=np.array([0, 0, 1, 2, 2]))
+
+
 def test_convolutions_in_scans_that_keep_the_fallback_say_why():
-    # A kernel scanned over (one per step) and a batch-grouped convolution have no lift over
-    # the steps: exact fallback, and the plan says so.
+    # A batch-grouped convolution shared by the steps has no lift over them, and a kernel
+    # scanned over by a loop with another loop inside it is read step by step in no loop:
+    # exact fallback, and the plan says so.
     rng = np.random.default_rng(12)
     params = {"ks": jnp.asarray(rng.normal(size=(2, 3, 3, 2, 2))), "kb": jnp.ones((1, 1, 2, 2))}
     nhwc = ("NHWC", "HWIO", "NHWC")
@@ -322,7 +370,7 @@ def test_convolutions_in_scans_that_keep_the_fallback_say_why():
     def loss(p, x):
         def step(h, k):
             conv = functools.partial(jax.lax.conv_general_dilated, dimension_numbers=nhwc)
-            z = conv(x[None], k, (1, 1), "SAME")
+            z = jax.lax.fori_loop(0, 2, lambda i, z: conv(z, k, (1, 1), "SAME"), x[None])
             y = conv(jnp.concatenate([z, z]), p["kb"], (1, 1), "SAME", batch_group_count=2)
             return h + jnp.sum(jnp.tanh(y)), None
 
@@ -330,5 +378,5 @@ def test_convolutions_in_scans_that_keep_the_fallback_say_why():
 
     plan = jaxgrad.fast.plan(loss, params, jnp.ones((4, 4, 2)))
     reasons = {lp.path: lp.reason for lp in plan.leaves}
-    assert "conv use of a leaf scanned over by the loop" in reasons["['ks']"]
+    assert "conv use of a leaf scanned over by a loop, with another loop" in reasons["['ks']"]
     assert "conv use, inside a `lax.scan` body" in reasons["['kb']"]

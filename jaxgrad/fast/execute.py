@@ -174,10 +174,19 @@ class FastParts:
         """``fn(step equation, A, G)`` at every step, stacked: ``(steps, B, ...)``."""
         return jax.vmap(lambda a, g: fn(u.base, a, g))(self.cap.kept[u.key], self.cap.g_use[u.key])
 
+    def use_grads(self, u):
+        """``(B, *operand)``: the per-example gradients through one use, in its operand's
+        layout (for a kernel scanned over, :func:`jaxgrad.fast.trace.stepwise`, each step's,
+        stacked like the slices: ``(B, steps, *slice)``)."""
+        ops = self.ops
+        if trace.stepwise(u):
+            fn = lambda op, a, g: linear.per_example_grads(op, u.pos, a, g)
+            return jnp.moveaxis(self.per_step(fn, u), 0, 1)
+        return ops.masked(u, linear.per_example_grads(u.op, u.pos, ops.a_of(u), ops.g_of(u)))
+
     def leaf_grads(self, j, use):
         """``(B, *leaf.shape)`` through one use."""
-        ops = self.ops
-        g = ops.masked(use, linear.per_example_grads(use.op, use.pos, ops.a_of(use), ops.g_of(use)))
+        g = self.use_grads(use)
         return jax.vmap(lambda x: _chain_transpose(self.program, use, self.like[j], x))(g)
 
     # --- Gram blocks ------------------------------------------------------------------------
@@ -187,11 +196,10 @@ class FastParts:
         ops = self.ops
         if group.form == "use":
             u = group.uses[0]
-            if plan_lib.masked(u):  # M ⊙ J_i: the formed gradients' inner products
-                grads = ops.masked(
-                    u, linear.per_example_grads(u.op, u.pos, ops.a_of(u), ops.g_of(u))
-                )
-                return ("grads", grads)
+            # M ⊙ J_i, or a kernel scanned over (no equation of every step): the formed
+            # gradients' inner products (a convolution's own pairwise rule forms them too)
+            if plan_lib.masked(u) or trace.stepwise(u):
+                return ("grads", self.use_grads(u))
             return ("use", u.kind, u.op, u.pos, ops.a_of(u), ops.g_of(u))
         ndim = len(self.like[j].shape)  # tied uses: the cross terms between them are needed
         if group.form == "outer":
@@ -267,6 +275,8 @@ class FastParts:
         if len(u.scans) > 1 or u.scale or u.select or summed.refolded(u):
             grad = linear.weighted_grad(u.op, u.pos, ops.a_of(u), ops.g_of(u), c)
             return ops.masked(u, grad, examples=False)
+        if trace.stepwise(u):  # a kernel per step: each step's weighted sum, (steps, *slice)
+            return self.per_step(lambda op, a, g: linear.weighted_grad(op, u.pos, a, g, c), u)
         if trace.folds_steps(u):  # the step's convolution over (steps × B) images, c per step
             flat = lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
             steps = kept[u.key].shape[0]

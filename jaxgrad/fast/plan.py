@@ -278,7 +278,8 @@ def _group(an: analysis.Analysis, uses: list, shape: tuple) -> Group:
         if masked(u):
             rule = rules.masked_route(u.kind, u.op, u.pos)
         else:
-            rule = rules.route(u.kind, u.op, u.pos, stacked=stacked)
+            steps = u.scans[0].steps if trace.stepwise(u) else 0  # (a kernel scanned over)
+            rule = rules.route(u.kind, u.op, u.pos, stacked=stacked, steps=steps)
         label = _scan_prefix(u) + _scale_prefix(uses) + _select_prefix(uses)
         label += _fold_prefix(uses) + _complex_prefix(uses) + rule.label
         return Group(tuple(uses), "use", (), label, rule.cost, rule)

@@ -50,7 +50,8 @@ A cheaper norm is a function ``(eqn, pos, A, G) -> (B,)`` in :data:`NORMS` named
 route's ``how``. (Inside a ``lax.scan`` a use is lifted over the steps,
 :func:`jaxgrad.fast.trace.lift_over_steps`, written for ``dense``, ``gather`` and ``conv``,
 whose steps become more images of the example, so its route is the top-level one over
-``steps ×`` the positions; a kind without a lift falls back there, visibly.)
+``steps ×`` the positions, or, for a kernel scanned over, the top-level route at each step
+(:func:`jaxgrad.fast.trace.stepwise`); a kind without a lift falls back there, visibly.)
 """
 
 from __future__ import annotations
@@ -162,12 +163,15 @@ def _grads_route(kind: str, eqn: Eqn, pos: int) -> Form:
     return Form("grads", f"{kind}: per-example gradient", math.prod(eqn.in_avals[pos].shape))
 
 
-def route(kind: str, eqn: Eqn, pos: int, *, stacked: bool = False) -> Form:
+def route(kind: str, eqn: Eqn, pos: int, *, stacked: bool = False, steps: int = 0) -> Form:
     """How :func:`norm_sq` handles one use (its kind's entry in :data:`KINDS` decides).
 
     ``stacked``: the use is a scan's step equation lifted over the steps of a leaf scanned
     over; unless the route is the Gram form (whose run-time QR choice is one for the whole
     batch), the steps' norms are then taken one step at a time (``per_step``).
+    ``steps``: for a use with no equation of every step (a convolution of a kernel scanned
+    over, :func:`jaxgrad.fast.trace.stepwise`), ``eqn`` is the step's and its top-level
+    route is taken at each of ``steps`` steps (``per_step``; the cost counts them).
     """
     entry = KINDS.get(kind)
     form = entry.route(eqn, pos) if entry is not None else _grads_route(kind, eqn, pos)
@@ -175,6 +179,11 @@ def route(kind: str, eqn: Eqn, pos: int, *, stacked: bool = False) -> Form:
     # linear in W, Σ_i c_i J_i reads |W| entries per example, never more than contracting
     # A_i and G_i again does (a lookup's scatter may read less: its route says).
     keep = form.keep or form.how == "grads"
+    if steps:
+        label = f"each step's {form.label}"
+        return dataclasses.replace(
+            form, label=label, cost=steps * form.cost, keep=keep, per_step=True
+        )
     return dataclasses.replace(form, keep=keep, per_step=stacked and form.how != "dense_gram")
 
 

@@ -95,7 +95,9 @@ class Use:
     # Inside a scan body: whether it varies at some step.
     batched: bool = True
     # The equation the rules see. For a use inside a ``scan`` body it is the body's equation
-    # lifted over the steps (see :func:`lift_over_steps`); else ``program.eqns[eqn]``.
+    # lifted over the steps (see :func:`lift_over_steps`); else ``program.eqns[eqn]``. A
+    # convolution of a leaf its scan is scanned over has no equation of every step: ``op`` is
+    # the step's, taken one step at a time (see :func:`stepwise`).
     op: Eqn | None = None
     # For a use inside a frame: the path of equation indices from the top level to it (an
     # equation index per frame, and after a ``cond``'s the branch index).
@@ -440,10 +442,18 @@ def scan(frame: Frame, k: int, e: Eqn, positions: list) -> None:
     inner = walk(Frame(body, tracked, "scan", ", inside a `lax.scan` body"))
     frame.merge(inner)
     for f in inner.found:
+        if _steps_between(f, f.root.stacked):
+            frame.reason(
+                f.leaf,
+                f"a {f.kind} use of a leaf scanned over by a loop, with another loop nested "
+                "between them (a kernel scanned over is read one step at a time, in a scan "
+                "with no other inside or around it)",
+            )
+            continue
         lifted = lift_over_steps(f.op, f.pos, steps, f.root.stacked)
         if lifted is None:
-            # (no lift of the use over the steps is written: a conv or a lookup of a leaf
-            # the loop is scanned over, a batch-grouped conv)
+            # (no lift of the use over the steps is written: a lookup of a leaf the loop is
+            # scanned over, a batch-grouped conv)
             why = f"a {f.kind} use" + (
                 " of a leaf scanned over by the loop" if f.root.stacked else ""
             )
@@ -631,7 +641,8 @@ def lift_over_steps(eqn: Eqn, pos: int, steps: int, stacked: bool):
     (so example i's gradient is ``Σ_t op_Wᵀ(a_{i,t}, g_{i,t})``: a sequence axis). When the
     leaf is scanned over (``W_t``, one slice per step) the step axis is a new leading *batch*
     axis of both operands instead (a separate gradient per step). A convolution's steps are
-    folded into its batch axis instead (:func:`folds_steps`): more positions of the kernel.
+    folded into its batch axis instead (:func:`folds_steps`): more positions of the kernel;
+    a convolution of a kernel scanned over is the step equation, unlifted (:func:`stepwise`).
 
     Returns:
       ``(lifted_eqn, step_axis)``: ``step_axis`` is the axis of the lifted output that holds
@@ -667,7 +678,13 @@ def lift_over_steps(eqn: Eqn, pos: int, steps: int, stacked: bool):
         return dataclasses.replace(
             eqn, params=params, in_avals=in_avals, out_avals=out_avals
         ), step_axis
-    if name == "conv_general_dilated" and not stacked and eqn.params["batch_group_count"] == 1:
+    if name == "conv_general_dilated" and stacked:
+        # A kernel per step: no one convolution of every step's slice (the step axis would be
+        # a batch axis of both operands, which a convolution has not). The step equation
+        # itself, taken one step at a time on the step-major arrays as captured
+        # (:func:`stepwise`); the output's step axis is then the captured one, 0.
+        return eqn, 0
+    if name == "conv_general_dilated" and eqn.params["batch_group_count"] == 1:
         # The steps are more images of the example: folded into the convolution's batch
         # axis (outer steps major, see :func:`fold_steps`), whose entries are positions the
         # kernel's gradient sums over, as the spatial ones are. (``batch_group_count``
@@ -694,10 +711,34 @@ def lift_over_steps(eqn: Eqn, pos: int, steps: int, stacked: bool):
     return None
 
 
+def _steps_between(f: Found, stacked: bool) -> bool:
+    """Whether a convolution found in a scan body (``stacked``: of a leaf this scan is
+    scanned over) has a scan over its kernel and another scan inside or around it: the
+    kernel scanned over is read one step at a time (:func:`stepwise`), on the step
+    equation, and no other loop's steps can be folded into it or lifted around it."""
+    if f.kind != "conv":
+        return False
+    scans = [lv for lv in f.levels if lv.is_scan]
+    return bool(scans) and (stacked or any(lv.stacked for lv in scans))
+
+
+def stepwise(use: Use) -> bool:
+    """Whether a use is read one step at a time on its step equation (``op`` is ``base``): a
+    convolution of a leaf its one scan is scanned over (one kernel per step, see
+    :func:`lift_over_steps`). Its captured ``A`` and ``G`` are step-major,
+    ``(steps, B, ...)``; its per-example gradient is each step's, stacked over the steps
+    like the leaf's slices, and its squared norm the steps' squared norms added."""
+    return (
+        len(use.scans) == 1
+        and use.scans[0].stacked
+        and use.op.primitive.name == "conv_general_dilated"
+    )
+
+
 def folds_steps(use: Use) -> bool:
     """Whether the lifts of a use fold the steps into an axis of its operands (a convolution's
     batch axis, see :func:`lift_over_steps`) rather than add one."""
-    return bool(use.scans) and use.op.primitive.name == "conv_general_dilated"
+    return bool(use.scans) and use.op.primitive.name == "conv_general_dilated" and not stepwise(use)
 
 
 def fold_steps(use: Use, x, side: str):
