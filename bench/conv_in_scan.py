@@ -1,8 +1,14 @@
-"""Per-example norms and the clipped sum of a small conv-in-scan model: the fast route (the
-scan's steps folded into the convolution's batch axis) against the exact fallback it replaced
-(the kernel a per-example copy, forced here by withholding the conv lift) and vmap(grad).
+"""Per-example norms and the clipped sum of a small conv-in-scan model: the fast route against
+the exact fallback it replaced (the kernel a per-example copy, forced here by withholding the
+conv lift) and vmap(grad).
 
-Run: ``PYTHONPATH=. python bench/conv_in_scan.py [B] [T] [rounds]``; float32, CPU.
+Two models: ``shared``, one kernel applied at every step of a scan over T frames (the steps
+folded into the convolution's batch axis), and ``stacked``, a residual stack of T layers
+whose kernels the scan is scanned over (as ``nn.scan`` over conv blocks writes it: each
+step's kernel on the top-level convolution route, ``jaxgrad.fast.trace.stepwise``).
+
+Run: ``PYTHONPATH=. python bench/conv_in_scan.py [B] [T] [rounds] [shared|stacked]``;
+float32, CPU.
 """
 
 import sys
@@ -16,12 +22,13 @@ import jaxgrad
 from jaxgrad.bench import timing
 from jaxgrad.fast import trace
 
-B, T, ROUNDS = (int(a) for a in [*sys.argv[1:], "64", "8", "9"][:3])
+B, T, ROUNDS = (int(a) for a in [*sys.argv[1:4], "64", "8", "9"][:3])
+MODEL = (sys.argv[4:] or ["shared"])[0]
 H, C_IN, C_OUT = 16, 8, 16
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def loss(p, ex):
+def shared_loss(p, ex):
     x, y = ex  # x: (T, H, H, C_IN)
 
     def step(h, xt):
@@ -32,13 +39,31 @@ def loss(p, ex):
     return jnp.sum((h @ p["w"] - y) ** 2)
 
 
+def stacked_loss(p, ex):
+    x, y = ex  # x: (H, H, C_IN); p["k"]: (T, 3, 3, C_IN, C_IN), one kernel per layer
+
+    def layer(h, k):
+        z = jax.lax.conv_general_dilated(h[None], k, (1, 1), "SAME", dimension_numbers=NHWC)
+        return h + jnp.tanh(z[0]), None
+
+    h, _ = jax.lax.scan(layer, x, p["k"])
+    return jnp.sum((h.mean((0, 1)) @ p["w"] - y) ** 2)
+
+
 rng = np.random.default_rng(0)
+if MODEL == "shared":
+    loss, kernel, image = shared_loss, (3, 3, C_IN, C_OUT), (B, T, H, H, C_IN)
+elif MODEL == "stacked":
+    C_OUT = C_IN
+    loss, kernel, image = stacked_loss, (T, 3, 3, C_IN, C_IN), (B, H, H, C_IN)
+else:
+    sys.exit(f"model must be 'shared' or 'stacked'; got {MODEL!r}")
 params = {
-    "k": jnp.asarray(rng.normal(size=(3, 3, C_IN, C_OUT)) / 8, jnp.float32),
+    "k": jnp.asarray(rng.normal(size=kernel) / 8, jnp.float32),
     "w": jnp.asarray(rng.normal(size=(C_OUT, 10)) / 4, jnp.float32),
 }
 batch = (
-    jnp.asarray(rng.normal(size=(B, T, H, H, C_IN)), jnp.float32),
+    jnp.asarray(rng.normal(size=image), jnp.float32),
     jnp.asarray(rng.normal(size=(B, 10)), jnp.float32),
 )
 lift = trace.lift_over_steps
@@ -82,7 +107,7 @@ print(
     float(jnp.max(jnp.abs(n_fast - n_fb) / n_fb)),
 )
 t = timing.interleaved(programs, args=(params, batch), rounds=ROUNDS)
-print(f"B={B} T={T} {H}x{H}x{C_IN} -> {C_OUT}, 3x3 SAME, float32, {t.rounds} rounds")
+print(f"{MODEL}: B={B} T={T} {H}x{H}x{C_IN} -> {C_OUT}, 3x3 SAME, float32, {t.rounds} rounds")
 for name in programs:
     q = t.ratio_quartiles(name, "batch_grad")
     print(
