@@ -10,8 +10,6 @@ fixed length (the last padded with inactive steps), run under ``lax.scan`` or, w
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,7 +55,7 @@ def engine(
     """
     n = reduce.batch_size(train_data, name="train_data")
     steps_per_epoch = data_lib.num_batches(n, batch_size)
-    chunks_per_epoch = math.ceil(steps_per_epoch / chunk)
+    chunks_per_epoch = data_lib.num_batches(steps_per_epoch, chunk)
     padded_steps = chunks_per_epoch * chunk
     if mesh is not None:
         devices = mesh.shape["data"]

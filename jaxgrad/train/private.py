@@ -640,7 +640,7 @@ def engine(
 
     def epoch_chunks(key, epoch):
         del key  # every step draws its own batch
-        index = np.arange(-(-steps_per_epoch // chunk) * chunk)
+        index = np.arange(data_lib.num_batches(steps_per_epoch, chunk) * chunk)
         # Steps past the budget's last (stop_at_epsilon) are inactive: never applied.
         active = (index < steps_per_epoch) & (epoch * steps_per_epoch + index < last_step)
         return list(active.reshape(-1, chunk))
