@@ -242,6 +242,34 @@ def _global(x: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+def device_multiple(size: int, devices: int) -> int:
+    """``size`` rounded up to a multiple of ``devices``: the rows a batch of ``size`` rows is
+    padded to (masked out) so that each of ``devices`` devices holds as many."""
+    return -(-size // devices) * devices
+
+
+def pad_indices(indices, mask, devices: int):
+    """Row indices and their mask, the last axis padded to :func:`device_multiple` of
+    ``devices`` for :func:`take_rows`.
+
+    Args:
+      indices: integer array ``(..., W)`` of rows.
+      mask: boolean array of its shape (False = padding).
+      devices: the device count of the mesh axis the rows are sharded over.
+
+    Returns:
+      ``(indices, mask)`` as numpy arrays, the padding masked out; its indices repeat the
+      first of their row (a real row of the data, so every read stays in range).
+    """
+    indices, mask = np.asarray(indices), np.asarray(mask)
+    extra = device_multiple(indices.shape[-1], devices) - indices.shape[-1]
+    if not extra:
+        return indices, mask
+    fill = np.repeat(indices[..., :1], extra, axis=-1)
+    pad = np.zeros((*mask.shape[:-1], extra), bool)
+    return np.concatenate([indices, fill], -1), np.concatenate([mask, pad], -1)
+
+
 def check_batch(batch: PyTree, mask=None, *, mesh: Mesh, axis: str = "data") -> None:
     """Checks that ``batch`` (and ``mask``) are sharded along their leading axis only.
 
@@ -315,7 +343,7 @@ def shard_batch(batch: PyTree, mask=None, *, mesh: Mesh, axis: str = "data"):
     local = {d for d in mesh.devices.flat if d.process_index == jax.process_index()}
     per_process = max(len(local), 1)
     procs = devices // per_process
-    target = -(-size // per_process) * per_process
+    target = device_multiple(size, per_process)
     original = batch
     batch = jax.tree_util.tree_map(_on_host, batch)
     mask = np.asarray(mask)

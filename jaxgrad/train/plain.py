@@ -57,10 +57,6 @@ def engine(
     steps_per_epoch = data_lib.num_batches(n, batch_size)
     chunks_per_epoch = data_lib.num_batches(steps_per_epoch, chunk)
     padded_steps = chunks_per_epoch * chunk
-    if mesh is not None:
-        devices = mesh.shape["data"]
-        # Each batch is padded to a multiple of the device count with masked-out rows.
-        width = -(-batch_size // devices) * devices
 
     run = _chunk_runner(
         _body(loss_fn, optimizer, strategy, mesh=mesh, loss_key=loss_key, valuation=valuation),
@@ -76,10 +72,8 @@ def engine(
         idx, mask = _epoch_indices(key, epoch, n, batch_size)
         epoch_batches.clear()
         epoch_batches[epoch] = (idx, mask)
-        if mesh is not None and width != batch_size:
-            idx, mask = np.asarray(idx), np.asarray(mask)
-            idx = np.concatenate([idx, np.repeat(idx[:, :1], width - batch_size, 1)], 1)
-            mask = np.concatenate([mask, np.zeros((len(mask), width - batch_size), bool)], 1)
+        if mesh is not None:  # each batch padded to a multiple of the device count
+            idx, mask = sharding_lib.pad_indices(idx, mask, mesh.shape["data"])
         pad = padded_steps - steps_per_epoch
         active = np.arange(padded_steps) < steps_per_epoch
         bw = idx.shape[1]

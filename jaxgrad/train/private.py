@@ -782,8 +782,7 @@ def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_arg
     n = reduce.batch_size(train_data, name="train_data")
     source = the_plan.source
     (p,) = sampling.cap_sizes((the_plan.physical_batch_size,), n)  # as sampled_clipped_sum
-    devices = mesh.shape["data"]
-    width = -(-p // devices) * devices
+    width = sharding_lib.device_multiple(p, mesh.shape["data"])
     batch_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
     @jax.jit
@@ -822,11 +821,9 @@ def _mesh_chunks(clipped, update, train_data, the_plan, *, mesh, check, loss_arg
             acc = zeros
             for k in range(int(dp.num_physical_batches(int(sample.count), p))):
                 # The batch source's own k-th physical batch, padded for the devices.
-                idx, mask = map(
-                    np.asarray, sampling.physical_batch(sample, k, physical_batch_size=p)
+                idx, mask = sharding_lib.pad_indices(
+                    *sampling.physical_batch(sample, k, physical_batch_size=p), mesh.shape["data"]
                 )
-                idx = np.concatenate([idx, np.full(width - p, idx[0], idx.dtype)])
-                mask = np.concatenate([mask, np.zeros(width - p, bool)])
                 batch, mask = sharding_lib.take_rows(train_data, idx, mask, mesh=mesh, check=check)
                 acc = accumulate(state.params, acc, batch, mask, state.step, clip_args(state))
                 sharding_lib.serialize_across_processes(acc)
