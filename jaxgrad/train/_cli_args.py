@@ -86,6 +86,7 @@ FLAG_NAMES = {
     "l2_clip": "--l2-clip",
     "process_id": "--process-id",
     "num_processes": "--num-processes",
+    "num_devices": "--devices",
     "coordinator": "--coordinator",
     "seed": "--seed",
     "standardize": "--input-stats",

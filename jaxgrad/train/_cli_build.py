@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import functools
 
-from jaxgrad import strategies
+from jaxgrad import reduce, strategies
+from jaxgrad.train import arguments
 from jaxgrad.train._cli_args import (
     CLIP,
     DEFAULT_MODEL,
@@ -14,7 +15,7 @@ from jaxgrad.train._cli_args import (
     MODELS,
     STRATEGY_FLAGS,
 )
-from jaxgrad.train._cli_checks import flag_error
+from jaxgrad.train._cli_checks import flag_error, library_check
 
 
 def data_mesh(args, parser):
@@ -26,8 +27,8 @@ def data_mesh(args, parser):
     distributed = any(
         v is not None for v in (args.coordinator, args.num_processes, args.process_id)
     )
-    if args.devices is not None and args.devices < 1:
-        parser.error(f"--devices must be a positive integer; got {args.devices}")
+    if args.devices is not None:  # before the CPU devices are emulated, below
+        library_check(parser, reduce.check_positive_int, args.devices, name="num_devices")
     if distributed:
         if args.num_processes is None or args.process_id is None or args.coordinator is None:
             parser.error("--coordinator, --num-processes and --process-id go together")
@@ -50,7 +51,7 @@ def data_mesh(args, parser):
     try:
         return sharding.data_mesh(args.devices)
     except ValueError as e:
-        parser.error(str(e).replace("`num_devices`", "--devices"))
+        flag_error(parser, e)
 
 
 def make_strategy(args, parser, loss_fn):
@@ -137,15 +138,12 @@ def hyperparameters(args, parser, num_examples):
     opt_name, lr = args.optimizer or opt_name, args.lr if args.lr is not None else lr
     epochs = args.epochs if args.epochs is not None else epochs
     batch_size = args.batch_size if args.batch_size is not None else batch_size
-    for flag, value in (("--epochs", epochs), ("--batch-size", batch_size)):
-        if value < 1:
-            parser.error(f"{flag} must be a positive integer; got {value}")
-    if batch_size > num_examples:
-        parser.error(
-            f"--batch-size {batch_size} is larger than the training set "
-            f"({num_examples} examples of {args.data}); expected at most "
-            f"{num_examples}"
-        )
+    flags = ("epochs", "batch_size")
+    epochs = library_check(parser, reduce.check_positive_int, epochs, name="epochs", names=flags)
+    batch_size = library_check(
+        parser, reduce.check_positive_int, batch_size, name="batch_size", names=flags
+    )
+    library_check(parser, arguments.check_batch_size, batch_size, num_examples, names=flags)
     return opt_name, lr, epochs, batch_size
 
 

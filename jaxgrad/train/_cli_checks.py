@@ -4,19 +4,39 @@ flags the user typed."""
 
 from __future__ import annotations
 
-from jaxgrad import strategies
+import re
+
+from jaxgrad import reduce, strategies
 from jaxgrad._cli import check_writable
 from jaxgrad._optional import require
+from jaxgrad.train import arguments, checkpoint
 from jaxgrad.train._cli_args import DP_ONLY, FLAG_NAMES, MAX_SEED, STRATEGY_FLAGS, TRAINABLE
 
 
 def flag_error(parser, error, names=()):
-    """``parser.error`` with the library's `argument` names written as the flags the user typed."""
+    """``parser.error`` with the library's `argument` names written as the flags the user typed
+    (the library's "`name` (3)" as the command line's "--flag 3").
+
+    Args:
+      parser: the ``argparse.ArgumentParser`` whose ``error`` reports it.
+      error: the library's error (or its message), its arguments named in backquotes.
+      names: argument names that are flags of the same name (beyond ``FLAG_NAMES``).
+    """
     message = str(error)
     for name in (*names, *FLAG_NAMES):
         flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        message = re.sub(rf"`{name}` \((-?[\d.]+)\)", rf"{flag} \1", message)
         message = message.replace(f"`{name}`", flag)
     parser.error(message)
+
+
+def library_check(parser, check, *args, names=(), **kwargs):
+    """``check(*args, **kwargs)``, the library's own check of an argument, its error reported
+    by :func:`flag_error`; returns what ``check`` returns."""
+    try:
+        return check(*args, **kwargs)
+    except (ValueError, TypeError, checkpoint.CheckpointError) as e:
+        flag_error(parser, e, names)
 
 
 def check_combinations(args, parser):
@@ -28,10 +48,13 @@ def check_combinations(args, parser):
     for flag, seed in (("--seed", args.seed), ("--insecure-dp-seed", args.insecure_dp_seed)):
         if seed is not None and not 0 <= seed <= MAX_SEED:
             parser.error(f"{flag} must be an integer in [0, {MAX_SEED}]; got {seed}")
-    if args.checkpoint_every is not None and args.checkpoint_every < 1:
-        parser.error(f"--checkpoint-every must be a positive integer; got {args.checkpoint_every}")
-    if args.checkpoint_every is not None and args.checkpoint_dir is None:
-        parser.error("--checkpoint-every needs --checkpoint-dir (no checkpoint is written without)")
+    library_check(
+        parser,
+        arguments.check_checkpoint_every,
+        args.checkpoint_every,
+        args.checkpoint_dir,
+        names=("checkpoint_every", "checkpoint_dir"),
+    )
     if args.clip is not None and args.strategy != "clipped":
         parser.error(f"--clip is for --strategy clipped; got --strategy {args.strategy}")
     chosen = () if args.strategy == "clipped" else strategies.get(args.strategy).options
@@ -109,8 +132,8 @@ def check_args(args, parser):
                 f"--lr {args.lr} is outside float32's range ({tiny:.3g} to {huge:.3g}), the "
                 "dtype the run trains in; choose a learning rate in it (or add --x64)"
             )
-    if args.keep is not None and args.keep < 1:  # (--checkpoint-every: check_combinations)
-        parser.error(f"--keep must be a positive integer; got {args.keep}")
+    if args.keep is not None:  # (--checkpoint-every: check_combinations)
+        library_check(parser, reduce.check_positive_int, args.keep, name="keep", names=("keep",))
     if any(h < 1 for h in args.hidden):
         parser.error(f"--hidden sizes must be positive integers; got {args.hidden}")
     for flag, path in (

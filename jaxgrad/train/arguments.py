@@ -87,13 +87,7 @@ def loop_options(
     resume = reduce.check_flag(resume, name="resume")
     metric_writers = writers_lib.check_writers(metric_writers)
     quiet = reduce.check_flag(quiet, name="quiet")
-    if checkpoint_every is not None:
-        checkpoint_every = reduce.check_positive_int(checkpoint_every, name="checkpoint_every")
-        if checkpoint_dir is None:
-            raise ValueError(
-                f"`checkpoint_every` ({checkpoint_every}) needs `checkpoint_dir`; got "
-                "checkpoint_dir=None (no checkpoint would be written)"
-            )
+    checkpoint_every = check_checkpoint_every(checkpoint_every, checkpoint_dir)
     if evaluate is not None and not callable(evaluate):
         raise TypeError(
             f"`evaluate` must be a function evaluate(params) -> {{name: number}}; got {evaluate!r}"
@@ -104,6 +98,22 @@ def loop_options(
             f"jaxgrad.privacy.sampled_dp_grad; got strategy={strategy!r}"
         )
     return resume, metric_writers, quiet, checkpoint_every
+
+
+def check_checkpoint_every(checkpoint_every, checkpoint_dir) -> int | None:
+    """``checkpoint_every``, checked: None, or a positive integer with a ``checkpoint_dir``.
+
+    Raises:
+      ValueError: not a positive integer, or given without ``checkpoint_dir``.
+    """
+    if checkpoint_every is None:
+        return None
+    checkpoint_every = reduce.check_positive_int(checkpoint_every, name="checkpoint_every")
+    if checkpoint_dir is None:
+        raise ValueError(
+            "`checkpoint_every` needs `checkpoint_dir`: no checkpoint is written without one"
+        )
+    return checkpoint_every
 
 
 def check_batch_size(batch_size: int, n: int) -> None:

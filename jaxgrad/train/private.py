@@ -68,6 +68,7 @@ from jaxgrad import privacy as dp
 from jaxgrad import sharding as sharding_lib
 from jaxgrad.fast import api as fast_api
 from jaxgrad.privacy import accounting, adaptive, bandmf, noisy, sampling, sources
+from jaxgrad.train import arguments
 from jaxgrad.train.step import Engine, TrainState, first_carry, guarded, loop_chunk, scan_chunk
 
 
@@ -352,11 +353,7 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
     n = reduce.check_positive_int(num_examples, name="num_examples")
     batch_size = reduce.check_positive_int(batch_size, name="batch_size")
     epochs = reduce.check_positive_int(epochs, name="epochs")
-    if batch_size > n:
-        raise ValueError(
-            f"`batch_size` ({batch_size}) is larger than the training set ({n}); "
-            f"expected at most {n}"
-        )
+    arguments.check_batch_size(batch_size, n)
     if config.target_epsilon is None and config.noise_multiplier is None:
         raise ValueError(
             "give `target_epsilon` (σ is calibrated) or `noise_multiplier`; got neither"
