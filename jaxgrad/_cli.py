@@ -2,41 +2,42 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 _EXAMPLE_NAMES = {"--json": "results.json", "--markdown": "results.md", "--plot": "curves.png"}
 
 
-def check_writable(flag: str, path, parser, *, directory: bool = False) -> None:
-    """Fails (``parser.error``) before any work when ``path`` cannot be written.
+def check_writable(flag: str, path, parser) -> None:
+    """Fails (``parser.error``) before any work when the file ``path`` cannot be written.
 
     The message names the flag and the path the user gave, and what is wrong with it: a
-    directory given for a file (``--json /tmp``), a missing or read-only directory.
+    directory given for a file (``--json /tmp``), a missing directory, or a file or directory
+    that writing fails in. Writing is tried (an existing file opened for appending, else a
+    temporary file made and removed next to it), not read off permission bits, which root
+    passes on read-only and virtual file systems such as ``/proc``. (A checkpoint directory
+    is :func:`jaxgrad.train.checkpoint.check_directory`'s.)
 
     Args:
       flag: the option, e.g. ``"--json"``.
       path: its value (None: not given, nothing checked).
       parser: the ``argparse.ArgumentParser`` whose ``error`` reports it.
-      directory: whether ``path`` names a directory (made if missing) rather than a file.
     """
+    from jaxgrad.train.checkpoint import write_error
+
     if path is None:
         return
-    if directory:
-        if os.path.exists(path) and not os.path.isdir(path):
-            parser.error(f"{flag} {path!r} is a file; expected a directory (or a new path)")
-        probe = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(probe):  # the nearest existing ancestor is where it is made
-            probe = os.path.dirname(probe)
-    else:
-        if os.path.isdir(path):
-            example = os.path.join(path, _EXAMPLE_NAMES.get(flag, "results"))
-            parser.error(f"{flag} {path!r} is a directory; expected a file name, e.g. {example!r}")
-        probe = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(probe):
-            parser.error(
-                f"{flag} {path!r}: the directory {probe!r} does not exist; create it first"
-            )
-        if os.path.exists(path) and not os.access(path, os.W_OK):
-            parser.error(f"{flag} {path!r} exists and is not writable")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        parser.error(f"{flag} {path!r}: the directory {probe!r} is not writable")
+    if os.path.isdir(path):
+        example = os.path.join(path, _EXAMPLE_NAMES.get(flag, "results"))
+        parser.error(f"{flag} {path!r} is a directory; expected a file name, e.g. {example!r}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        parser.error(f"{flag} {path!r}: the directory {parent!r} does not exist; create it first")
+    if os.path.exists(path):
+        try:  # appending nothing changes nothing; non-blocking, as a FIFO may have no reader yet
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: a FIFO without a reader yet, written later
+                parser.error(f"{flag} {path!r} exists and is not writable: {e.strerror}")
+    elif (why := write_error(parent)) is not None:
+        parser.error(f"{flag} {path!r}: the directory {parent!r} is not writable: {why}")

@@ -277,6 +277,22 @@ def test_prepare_directory_fails_clearly_and_cleans_stale_tmp_files(tmp_path):
             d.chmod(0o700)
 
 
+def test_directory_writability_is_tried_not_read_off_permission_bits(tmp_path):
+    """fit's checkpoint directory under a regular file its owner may write and execute, or in
+    /proc (whose bits root passes), fails before training, not at the first save."""
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    a_file.chmod(0o755)
+    assert os.access(a_file, os.W_OK | os.X_OK)  # the bits say yes
+    with pytest.raises(CheckpointError, match=r"afile/sub' is not writable: .*Not a directory"):
+        _run(a_file / "sub", epochs=1)
+    with pytest.raises(CheckpointError, match=r"'/proc/jaxgrad-x' is not writable: \S"):
+        checkpoint.prepare_directory("/proc/jaxgrad-x")
+    new = tmp_path / "new" / "ckpt"
+    checkpoint.prepare_directory(new)  # made, written to, and left empty
+    assert new.is_dir() and os.listdir(new) == []
+
+
 def test_non_finite_parameters_with_a_finite_loss_are_never_checkpointed(tmp_path):
     params, loss_fn, data = _problem()
     # The third update multiplies by NaN: its loss (computed before the update) is finite.

@@ -203,6 +203,44 @@ def test_unwritable_outputs_fail_before_training(tmp_path, capsys):
             locked.chmod(0o700)
 
 
+def test_outputs_are_written_to_not_judged_by_permission_bits(tmp_path, capsys, monkeypatch):
+    """The permission bits say yes, writing fails: a directory under a regular file its owner
+    may write and execute, and (what root's bits pass) /proc. Each exits 2 before training,
+    naming the flag, the path and why, instead of a traceback from inside fit."""
+    import jaxgrad.train.__main__ as cli
+
+    called = []
+    monkeypatch.setattr("jaxgrad.train.fit", lambda *a, **k: called.append(1))
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    a_file.chmod(0o755)
+    assert os.access(a_file, os.W_OK | os.X_OK)  # what the check used to read
+    for args, message in (
+        (
+            ["--checkpoint-dir", str(a_file / "sub")],
+            r"--checkpoint-dir '[^']*afile/sub' is not writable: .*Not a directory",
+        ),
+        (
+            ["--checkpoint-dir", "/proc/jaxgrad-x/ckpt"],
+            r"--checkpoint-dir '/proc/jaxgrad-x/ckpt' is not writable: \S",
+        ),
+        (
+            ["--json", "/proc/jaxgrad-x.json"],
+            r"--json '/proc/jaxgrad-x\.json': the directory '/proc' is not writable: \S",
+        ),
+        (
+            ["--metrics-jsonl", str(a_file / "m.jsonl")],
+            r"--metrics-jsonl '[^']*afile/m\.jsonl': the directory .* does not exist",
+        ),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*args, "--data", "line", "--quiet"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and not called and "Traceback" not in err, err
+        assert re.search(message, err), err
+    assert not (tmp_path / "afile").is_dir() and os.listdir(tmp_path) == ["afile"]
+
+
 def test_help_shows_defaults_and_a_sentence_per_option(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -142,7 +142,10 @@ def check_args(args, parser):
         ("--metrics-jsonl", args.metrics_jsonl),
     ):
         check_writable(flag, path, parser)
-    check_writable("--checkpoint-dir", args.checkpoint_dir, parser, directory=True)
+    if args.checkpoint_dir is not None:  # fit's own check, made here before any work
+        library_check(
+            parser, checkpoint.check_directory, args.checkpoint_dir, names=("checkpoint_dir",)
+        )
     if args.plot:
         try:
             require("matplotlib", package="matplotlib", extra="cli", needed_for="--plot")

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import warnings
 from typing import Any
 
@@ -86,28 +87,63 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def write_error(directory) -> str | None:
+    """Why files cannot be written in ``directory``, or None when they can.
+
+    It is tried: ``directory`` is made (with its parents) if missing and left in place, and a
+    temporary file is created in it and removed. Permission bits (``os.access``) are not
+    enough: root passes them on read-only and virtual file systems (``/proc``), and under a
+    regular file that happens to be executable.
+
+    Args:
+      directory: the directory.
+
+    Returns:
+      None, or what failed, e.g. ``"'/proc/x': No such file or directory"``.
+    """
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        return f"{e.filename!r}: {e.strerror}" if e.filename and e.strerror else str(e)
+    return None
+
+
+def check_directory(directory) -> str:
+    """Checks that checkpoints can be written to ``directory``, made if missing.
+
+    Args:
+      directory: the checkpoint directory.
+
+    Returns:
+      ``directory`` as a string.
+
+    Raises:
+      CheckpointError: ``directory`` is a file, or cannot be made or written
+        (:func:`write_error`).
+    """
+    d = os.fspath(directory)
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise CheckpointError(f"`checkpoint_dir` {d!r} is a file; expected a directory")
+    if (why := write_error(d)) is not None:
+        raise CheckpointError(f"`checkpoint_dir` {d!r} is not writable: {why}")
+    return d
+
+
 def prepare_directory(directory) -> None:
-    """Checks, before any training, that checkpoints can be written to ``directory``.
+    """Checks, before any training, that checkpoints can be written to ``directory``
+    (:func:`check_directory`) and that its checkpoint entries are files.
 
     Removes the temporary files (``.ckpt-*.npz.tmp-PID``) that runs killed mid-write left
     behind, but only those of processes that no longer exist.
 
     Raises:
-      CheckpointError: ``directory`` is a file, is (or would be created in) a directory
-        without write permission, or holds a checkpoint entry that is not a regular file.
+      CheckpointError: ``directory`` is a file, cannot be made or written, or holds a
+        checkpoint entry that is not a regular file.
     """
-    d = os.fspath(directory)
-    if os.path.exists(d) and not os.path.isdir(d):
-        raise CheckpointError(f"`checkpoint_dir` {d!r} is a file; expected a directory")
-    probe = d
-    while not os.path.exists(probe):  # where it would be created
-        probe = os.path.dirname(os.path.abspath(probe))
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise CheckpointError(
-            f"`checkpoint_dir` {d!r} is not writable (no write permission on {probe!r})"
-        )
-    if not os.path.isdir(d):
-        return
+    d = check_directory(directory)
     for name in os.listdir(d):
         path = os.path.join(d, name)
         if (m := _NAME.match(name)) and m[2] == "npz" and not os.path.isfile(path):
