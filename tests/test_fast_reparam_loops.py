@@ -173,3 +173,55 @@ def test_weight_normalised_conv_inside_the_step():
     v = routes["['V']"].route
     assert v.startswith("scan, 2 steps, shared: scaled (") and "normaliser" in v, v
     assert "conv: one kernel offset at a time" in v, v
+
+
+def test_transformations_of_the_slices_a_scan_is_scanned_over():
+    """A layer stack run by ``lax.scan`` over stacked weights that transforms each layer's
+    slice in the step function (merged LoRA ``W0_l + A_l B_l`` times a shared scale, in a
+    reverse scan; weight-standardised convolution kernels; weight normalisation in the outer
+    scan of two, read by the inner one): the transformation is a function of the step, the
+    same for every example, computed for every step before the loop (``jax.vmap`` over the
+    stacked axis), and the stacked weights take the reparametrised route instead of the
+    exact fallback."""
+    rng = np.random.default_rng(7)
+    layers, d, r = 3, 4, 2
+    lora = {
+        "w0": _normal(rng, layers, d, d),
+        "a": _normal(rng, layers, d, r),
+        "b": _normal(rng, layers, r, d),
+        "s": 1 + _normal(rng, d, scale=0.2),
+    }
+
+    def lora_stack(p, x):
+        def layer(h, w):
+            w0, a, b = w
+            return jnp.tanh(h @ ((w0 + a @ b) * p["s"])), None
+
+        xs = (p["w0"], p["a"], p["b"])
+        return jnp.sum(jnp.sin(jax.lax.scan(layer, x, xs, reverse=True)[0]))
+
+    routes = _check(lora_stack, lora, _normal(rng, B, d), reparam=("['w0']", "['a']", "['b']"))
+    assert "in scan" in routes["['a']"].uses[0], routes["['a']"]
+
+    kernels = {"k": _normal(rng, layers, 2, 2, 2, 2), "head": _normal(rng, 2, 3)}
+
+    def conv_stack(p, x):
+        def layer(h, k):
+            return jnp.tanh(_conv(h, _standardise(k, (0, 1, 2)))), None
+
+        h = jax.lax.scan(layer, x, p["k"])[0]
+        return jnp.sum(jnp.sin(jnp.mean(h, axis=(0, 1)) @ p["head"]))
+
+    _check(conv_stack, kernels, _normal(rng, B, 3, 3, 2), reparam=("['k']",))
+
+    normed = {"v": _normal(rng, layers, d, d), "g": 1 + _normal(rng, layers, d, scale=0.2)}
+
+    def nested(p, xs):  # xs (T, d): every layer runs a recurrence over the sequence
+        def layer(seq, w):
+            w = _wn(*w)
+            step = lambda c, x_t: (jnp.tanh(c @ w + x_t), jnp.tanh(c @ w + x_t))
+            return jax.lax.scan(step, jnp.zeros(d, F64), seq)[1], None
+
+        return jnp.sum(jnp.sin(jax.lax.scan(layer, xs, (p["v"], p["g"]))[0]))
+
+    _check(nested, normed, _normal(rng, B, 3, d), reparam=("['v']", "['g']"))

@@ -1,4 +1,4 @@
-"""Loop-invariant transformations of parameters, hoisted out of ``lax.scan`` bodies.
+"""Example-independent transformations of parameters, hoisted out of ``lax.scan`` bodies.
 
 A step function often transforms a parameter it closes over at every step: weight
 normalisation ``g · V / ‖V‖`` or weight standardisation inside a Flax or Equinox cell, a mask
@@ -17,9 +17,18 @@ body, at any depth, the inner loops first), the equations that
 * do not depend on the example (:mod:`jaxgrad.fast.dependence`, as ``vmap`` batches), and
 * are a *transformation* of a parameter — an equation reading a value made of parameter
   leaves that is not an alias, ignored, a fast use or a frame (see :mod:`jaxgrad.fast.trace`)
-  — or an input of one (an iota, a constant mask built in the body),
+  — or an input of one (an iota, a constant mask built in the body).
 
-and re-traces the program (each equation re-bound with its source line, so the plan still
+The same holds for a scan *over* stacked parameters (a layer stack run by ``lax.scan``, as
+``flax.linen.scan`` runs one): what the body makes of the slices ``W_l`` it is scanned over
+(and of its consts) alone — a merged LoRA ``W0_l + A_l B_l``, a standardised kernel — is a
+function of the step, the same for every example. Those equations (the rule above with the
+example-independent slices counted as known) are moved before the loop
+as one ``jax.vmap`` over the stacked axis, and the loop reads their stacked results as more
+``xs`` (a reverse scan reads step ``t`` of the same stacks): the stacked
+effective weight is then an ordinary top-level transformation too.
+
+Then the program is re-traced (each equation re-bound with its source line, so the plan still
 names the user's lines). A program with nothing to hoist is returned as it is. The values
 and gradients are unchanged: the equations are pure and each computes the same value before
 the loop as at every step (a scan with no steps is left alone). Nothing leaves a ``cond``
@@ -36,7 +45,7 @@ import jax
 from jax._src import source_info_util
 
 from jaxgrad.fast.dependence import scan_body_varying, varying
-from jaxgrad.fast.program import Eqn, Program, Var, evaluate, flat_jaxpr, flatten
+from jaxgrad.fast.program import Eqn, Program, Var, evaluate, flat_jaxpr, flatten, shaped
 from jaxgrad.fast.trace import ALIAS_RULES, classify, ignore, is_alias, rule_of, use
 
 # Fresh numbers for the values this module makes (the re-trace numbers them again).
@@ -47,8 +56,9 @@ _FRAMES = ("scan", "cond", "custom_jvp_call", "custom_vjp_call", "custom_vjp_cal
 
 
 def hoist_invariants(program: Program, n: int, in_avals: list) -> Program:
-    """``program`` (taking ``n`` parameter leaves, then the example's) with the loop-invariant
-    transformations of its scan bodies moved before their loops (see the module docstring).
+    """``program`` (taking ``n`` parameter leaves, then the example's) with the example-
+    independent transformations of its scan bodies moved before their loops (see the module
+    docstring).
 
     Args:
       program: the flattened per-example loss (:func:`jaxgrad.fast.program.trace_program`).
@@ -92,10 +102,12 @@ def _made_of(program: Program, made: set) -> set:
 
 
 def _hoist_scan(e: Eqn, dep: set, made: set) -> list | None:
-    """A scan's invariant equations (hoisted from its body, after the body's own scans'),
-    then the scan reading their results as more consts; None if nothing moves."""
+    """A scan's invariant equations (hoisted from its body, after the body's own scans'), its
+    per-step transformations of the slices it is scanned over (computed for every step
+    before the loop), then the scan reading their results as more consts and more ``xs``;
+    None if nothing moves."""
     p = e.params
-    nc = p["num_consts"]
+    nc, first_x = p["num_consts"], p["num_consts"] + p["num_carry"]
     body = flat_jaxpr(p["jaxpr"])
     inside = scan_body_varying(e, body, dep)
     from_params = {body.invars[q] for q, r in enumerate(e.ins) if isinstance(r, Var) and r in made}
@@ -103,8 +115,15 @@ def _hoist_scan(e: Eqn, dep: set, made: set) -> list | None:
     body = rewritten if rewritten is not None else body
     in_avals = list(p["jaxpr"].in_avals)
     inside = varying(body, {v for v in body.invars if v in inside})
-    moved = _invariant(body, set(body.invars[:nc]), inside, _made_of(body, from_params))
-    if not moved:
+    made_here = _made_of(body, from_params)
+    consts = set(body.invars[:nc])
+    moved = _invariant(body, consts, inside, made_here)
+    # The slices the loop is scanned over that are the same for every example (a layer
+    # stack's W_l, a layer index): what the body makes of them and its consts alone is a
+    # function of the step, computed for all the steps at once.
+    sliced = {v for v in body.invars[first_x:] if v not in inside}
+    stepped = _invariant(body, consts | sliced, inside, made_here) - moved
+    if not moved and not stepped:
         if rewritten is None:
             return None
         return [dataclasses.replace(e, params={**p, "jaxpr": _retrace(body, in_avals)})]
@@ -118,21 +137,67 @@ def _hoist_scan(e: Eqn, dep: set, made: set) -> list | None:
         rename.update(zip(b.outs, outs, strict=True))
         ins = [rename.get(r, r) if isinstance(r, Var) else r for r in b.ins]
         hoisted.append(dataclasses.replace(b, ins=ins, outs=outs))
-    kept = [b for k, b in enumerate(body.eqns) if k not in moved]
+    avals = {v: a for v, a in zip(body.invars, in_avals, strict=True)}
+    avals.update(
+        (o, a)
+        for k in (*moved, *stepped)
+        for o, a in zip(body.eqns[k].outs, body.eqns[k].out_avals, strict=True)
+    )
+    kept = [b for k, b in enumerate(body.eqns) if k not in moved and k not in stepped]
     read = {r for r in (*(r for b in kept for r in b.ins), *body.outs) if isinstance(r, Var)}
     new_consts = [o for k in sorted(moved) for o in body.eqns[k].outs if o in read]
-    avals = {
-        o: a for k in moved for o, a in zip(body.eqns[k].outs, body.eqns[k].out_avals, strict=True)
-    }
-    inner = Program([*body.invars[:nc], *new_consts, *body.invars[nc:]], body.outs, kept)
+    new_xs = [o for k in sorted(stepped) for o in body.eqns[k].outs if o in read]
+    stacked = []
+    if new_xs:
+        outer = {v: (rename[v], avals[v]) for v in rename}  # (consts, hoisted values)
+        outer.update(
+            (body.invars[q], (e.ins[q], e.in_avals[q])) for q in range(first_x, len(e.ins))
+        )
+        steps, stacked = _over_steps(body, sorted(stepped), new_xs, sliced, outer, avals)
+        hoisted.extend(steps)
+    inner = Program([*body.invars[:nc], *new_consts, *body.invars[nc:], *new_xs], body.outs, kept)
     inner_avals = [*in_avals[:nc], *(avals[v] for v in new_consts), *in_avals[nc:]]
+    inner_avals += [avals[v] for v in new_xs]
     scan = dataclasses.replace(
         e,
         params={**p, "jaxpr": _retrace(inner, inner_avals), "num_consts": nc + len(new_consts)},
-        ins=[*e.ins[:nc], *(rename[v] for v in new_consts), *e.ins[nc:]],
-        in_avals=[*e.in_avals[:nc], *(avals[v] for v in new_consts), *e.in_avals[nc:]],
+        ins=[*e.ins[:nc], *(rename[v] for v in new_consts), *e.ins[nc:], *stacked],
+        in_avals=[
+            *e.in_avals[:nc],
+            *(avals[v] for v in new_consts),
+            *e.in_avals[nc:],
+            *(shaped((p["length"], *avals[v].shape), avals[v].dtype) for v in new_xs),
+        ],
     )
     return [*hoisted, scan]
+
+
+def _over_steps(body: Program, ks: list, wanted: list, sliced: set, outer: dict, avals: dict):
+    """Equations ``ks`` of a scan body, which read its consts and its slices ``sliced`` of
+    stacked parameters, as equations of the enclosing frame computing ``wanted`` for every
+    step at once (``jax.vmap`` over the stacked axis; a reverse scan reads step ``t`` of the
+    same stacks). Returns the equations and the stacked values of ``wanted``, in order.
+
+    ``outer`` maps the body's inputs (and the values hoisted before the loop) to the
+    enclosing frame's values, ``(value, abstract value)``; ``avals``: the body's."""
+    eqns = [body.eqns[k] for k in ks]
+    made = {o for b in eqns for o in b.outs}
+    reads = [r for b in eqns for r in b.ins if isinstance(r, Var) and r not in made]
+    reads = list(dict.fromkeys(reads))
+    one_step = _retrace(Program(reads, wanted, eqns), [avals[v] for v in reads])
+    axes = [0 if v in sliced else None for v in reads]
+    run = lambda *a: jax.core.eval_jaxpr(one_step.jaxpr, one_step.consts, *a)
+    structs = [jax.ShapeDtypeStruct(outer[v][1].shape, outer[v][1].dtype) for v in reads]
+    closed = jax.make_jaxpr(jax.vmap(run, in_axes=axes))(*structs)
+    flat = flatten(closed)
+    fresh = {v: outer[r][0] for v, r in zip(flat.invars, reads, strict=True)}
+    steps = []
+    for b in flat.eqns:
+        outs = [Var(next(_fresh)) for _ in b.outs]
+        fresh.update(zip(b.outs, outs, strict=True))
+        ins = [fresh.get(r, r) if isinstance(r, Var) else r for r in b.ins]
+        steps.append(dataclasses.replace(b, ins=ins, outs=outs))
+    return steps, [fresh[r] if isinstance(r, Var) else r for r in flat.outs]
 
 
 def _invariant(body: Program, consts: set, inside: set, made: set) -> set:
