@@ -13,6 +13,8 @@ import pytest
 from test_fast_cases import F64
 from test_fast_reparam import _check, _conv, _normal, _standardise
 
+from jaxgrad.fast import plan
+
 jax.config.update("jax_enable_x64", True)
 
 B = 4
@@ -225,3 +227,25 @@ def test_transformations_of_the_slices_a_scan_is_scanned_over():
         return jnp.sum(jnp.sin(jax.lax.scan(layer, xs, (p["v"], p["g"]))[0]))
 
     _check(nested, normed, _normal(rng, B, 3, d), reparam=("['v']", "['g']"))
+
+
+def test_a_shared_weight_scaled_by_each_step_stays_in_the_loop():
+    """``W * c_t`` for a weight the loop closes over and a step's scalar (a sampler loop's
+    schedule) is a function of the step too, but computed for every step before the loop
+    it would be ``T`` copies of ``W``: it stays in the loop (``W`` on the exact fallback, its
+    per-example copy ``B × |W|``), while a layer stack's stacked transformation is hoisted."""
+    rng = np.random.default_rng(8)
+    d, steps = 3, 50
+    params = {"w": _normal(rng, d, d), "s": _normal(rng, steps, d, d)}
+
+    def loss(p, x):
+        def step(h, xs):
+            c_t, s_t = xs
+            return jnp.tanh(h @ (p["w"] * c_t) + h @ (s_t * c_t)), None
+
+        xs = (jnp.linspace(1.0, 0.1, steps), p["s"])
+        return jnp.sum(jax.lax.scan(step, x, xs)[0] ** 2)
+
+    routes = {lp.path: lp.route for lp in plan(loss, params, jnp.ones(d, F64)).leaves}
+    assert routes["['w']"].startswith("exact fallback"), routes
+    assert routes["['s']"].startswith("reparametrised ("), routes

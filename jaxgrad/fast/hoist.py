@@ -26,7 +26,9 @@ function of the step, the same for every example. Those equations (the rule abov
 example-independent slices counted as known) are moved before the loop
 as one ``jax.vmap`` over the stacked axis, and the loop reads their stacked results as more
 ``xs`` (a reverse scan reads step ``t`` of the same stacks): the stacked
-effective weight is then an ordinary top-level transformation too.
+effective weight is then an ordinary top-level transformation too. Only where the stacks are
+no larger than the parameter slices they are made of (:func:`_worth_stacking`): a shared
+weight scaled by each step's schedule value would be one copy of it per step.
 
 Then the program is re-traced (each equation re-bound with its source line, so the plan still
 names the user's lines). A program with nothing to hoist is returned as it is. The values
@@ -38,8 +40,10 @@ defined where it does not (a transformation there takes the exact fallback).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
+import math
 
 import jax
 from jax._src import source_info_util
@@ -123,6 +127,8 @@ def _hoist_scan(e: Eqn, dep: set, made: set) -> list | None:
     # function of the step, computed for all the steps at once.
     sliced = {v for v in body.invars[first_x:] if v not in inside}
     stepped = _invariant(body, consts | sliced, inside, made_here) - moved
+    slices = dict(zip(body.invars, in_avals, strict=True))
+    stepped = _worth_stacking(body, moved, stepped, sliced & from_params, slices)
     if not moved and not stepped:
         if rewritten is None:
             return None
@@ -170,6 +176,32 @@ def _hoist_scan(e: Eqn, dep: set, made: set) -> list | None:
         ],
     )
     return [*hoisted, scan]
+
+
+def _worth_stacking(body: Program, moved: set, ks: set, params: set, avals: dict) -> set:
+    """The equations ``ks`` of a scan body (to be computed for every step) in the groups,
+    connected by the values they pass each other, whose stacks (the values the loop goes on
+    to read) are no larger than the slices of parameter stacks (``params``, abstract values
+    ``avals``) they read: a layer stack's ``W0_l + A_l B_l`` (as large as ``W0``) is hoisted,
+    a shared ``W`` scaled by each step's ``c_t`` in a 1000-step sampler loop (1000 copies of
+    ``W``) stays in the loop."""
+    size = lambda a: math.prod(a.shape)
+    producer = {o: k for k in ks for o in body.eqns[k].outs}
+    group = {k: k for k in ks}  # union-find over the values passed within ks
+    root = lambda k: k if group[k] == k else root(group[k])
+    for k in ks:
+        for r in body.eqns[k].ins:
+            if isinstance(r, Var) and r in producer:
+                group[root(producer[r])] = root(k)
+    kept = [b for k, b in enumerate(body.eqns) if k not in moved and k not in ks]
+    read = {r for r in (*(r for b in kept for r in b.ins), *body.outs) if isinstance(r, Var)}
+    made, sliced = collections.Counter(), collections.defaultdict(set)
+    for k in ks:
+        b = body.eqns[k]
+        made[root(k)] += sum(size(a) for o, a in zip(b.outs, b.out_avals, strict=True) if o in read)
+        sliced[root(k)].update(r for r in b.ins if isinstance(r, Var) and r in params)
+    small = {g for g in made | sliced if made[g] <= sum(size(avals[v]) for v in sliced[g])}
+    return {k for k in ks if root(k) in small}
 
 
 def _over_steps(body: Program, ks: list, wanted: list, sliced: set, outer: dict, avals: dict):
