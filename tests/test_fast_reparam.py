@@ -477,3 +477,34 @@ def test_concatenated_blocks_keep_their_routes():
     run = lambda p: passes.fast_pass(loss, p, x, jnp.ones(B, bool)).norm_sq
     found = {tuple(s for s in sh if s != 1) for sh in _shapes_in(jax.make_jaxpr(run)(params).jaxpr)}
     assert not {(B, 6, 3), (B, 3, 6)} & found
+
+
+def test_a_transformation_reading_a_direct_use_of_its_weight_counts_it_once():
+    """``W / σ(W)`` with ``σ = u W v`` (spectral normalisation with a stopped power iteration,
+    as ``flax.linen.SpectralNorm`` writes it) and ``tanh(W) − W[:, idx] / 2``: ``u W`` and
+    ``W[:, idx]`` are fast uses of ``W`` whose outputs are the same for every example (their
+    gradients go by their own routes), so the transformation ``f`` reads their results as
+    constants; differentiated through them too, ``σ``'s share was counted twice (norms 34 %
+    off). At the top level and in a layer stack scanned over its weights."""
+    rng = np.random.default_rng(9)
+    d = 4
+    u, v = jnp.linspace(0.2, 1.0, d, dtype=F64), jnp.linspace(1.0, -0.3, d, dtype=F64)
+    idx = jnp.array([2, 0, 3, 1])
+    x = _normal(rng, B, d)
+
+    def spectral(p, x):
+        return jnp.sum(jnp.sin(jnp.tanh(x @ (jnp.tanh(p["w"]) / (u @ p["w"] @ v)))))
+
+    def gathered(p, x):
+        return jnp.sum(jnp.sin(x @ (jnp.tanh(p["w"]) - 0.5 * p["w"][:, idx])))
+
+    def stacked(p, x):
+        layer = lambda h, w: (jnp.tanh(h @ (w / (u @ w @ v))), None)
+        return jnp.sum(jnp.sin(jax.lax.scan(layer, x, p["ws"])[0]))
+
+    for loss, params in [
+        (spectral, {"w": _normal(rng, d, d)}),
+        (gathered, {"w": _normal(rng, d, d)}),
+        (stacked, {"ws": _normal(rng, 3, d, d)}),
+    ]:
+        _check(loss, params, x, reparam=tuple(f"['{k}']" for k in params))

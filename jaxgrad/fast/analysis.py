@@ -101,7 +101,7 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
     leaves that must be added to ``exact`` (none when it is final)."""
     inputs = set(program.invars[n:]) | {program.invars[j] for j in exact}
     top = varying(program, inputs)
-    region, outputs, deps = find_region(program, n, exact, top)
+    region, outputs, deps, held = find_region(program, n, exact, top)
     tracked = {v: Track(j) for j, v in enumerate(program.invars[:n])}
     tracked.update({v: Track(n + i) for i, v in enumerate(outputs)})
     frame = walk(Frame(program, tracked, "top", region=frozenset(region)))
@@ -203,6 +203,7 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
                 if v not in scalings and v not in selections and v not in sums and uses.get(n + v)
             ),
             declined,
+            held,
         )
     reasons = {j: "; ".join(dict.fromkeys(other.get(j, ["(a per-example copy)"]))) for j in exact_l}
     return Analysis(program, n, fast, exact_l, unused, reasons, transform), set()

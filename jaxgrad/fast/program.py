@@ -202,9 +202,10 @@ def program_aval_in(program: Program, v):
     return program_aval(program, v)
 
 
-def eval_known(program: Program, values: dict, wanted) -> list:
+def eval_known(program: Program, values: dict, wanted, held=frozenset()) -> list:
     """The values ``wanted`` (Vars or Consts) computed from ``values`` (top-level Var ->
-    value): every equation whose inputs are known, in order, until they are."""
+    value): every equation whose inputs are known, in order, until they are. The values
+    ``held`` are computed too but carry no gradient (``stop_gradient``)."""
     env = dict(values)
     known = lambda r: isinstance(r, Const) or r in env
     read = lambda r: r.value if isinstance(r, Const) else env[r]
@@ -216,6 +217,9 @@ def eval_known(program: Program, values: dict, wanted) -> list:
             continue  # example-dependent, or only an effect (a print)
         outs = e.primitive.bind(*map(read, e.ins), **e.primitive.get_bind_params(e.params))
         outs = outs if e.primitive.multiple_results else [outs]
+        outs = [
+            jax.lax.stop_gradient(x) if o in held else x for o, x in zip(e.outs, outs, strict=True)
+        ]
         env.update(zip(e.outs, outs, strict=True))
     return [read(r) for r in wanted]
 

@@ -115,12 +115,15 @@ class Transform:
     # The effective weights whose per-example gradients are formed: used, and not scaled.
     formed: tuple = ()
     declined: dict = dataclasses.field(default_factory=dict)  # v -> why not scaled
+    # Results of direct fast uses that ``f`` reads (``σ = u W v`` of ``W / σ``): their
+    # gradients are those uses' own, so ``f`` reads them as constants (else counted twice).
+    held: frozenset = frozenset()
 
     def apply(self, program: Program, values: dict):
         """The formed effective weights, then the factors, from ``values`` (top-level input
-        Var -> value)."""
+        Var -> value), the :attr:`held` values constants."""
         wanted = [self.outputs[v] for v in self.formed] + list(self.factors)
-        return eval_known(program, values, wanted)
+        return eval_known(program, values, wanted, self.held)
 
 
 # Primitives applied entry by entry (operands of one shape, or of size 1 along an axis that
@@ -235,10 +238,13 @@ def find_region(program: Program, n: int, exact: set, top: set) -> tuple:
     ``stop_gradient``); its *outputs*, the results that other equations (or loops, branches)
     read; and for every value the parameter leaves it is made of.
 
-    Returns ``(region equation indices, outputs, deps)``.
+    Returns ``(region equation indices, outputs, deps, held)``: ``held``, the results of the
+    fast uses left out of the region (each a direct use of its leaf, whose gradient is its
+    own: ``f`` reads them as constants, see :attr:`Transform.held`).
     """
     deps: dict = {v: frozenset({j}) for j, v in enumerate(program.invars[:n]) if j not in exact}
     region: list = []
+    held: set = set()
     dead = dead_equations(program)  # (no gradient through them: not part of f)
     for k, e in enumerate(program.eqns):
         if k in dead:
@@ -255,7 +261,8 @@ def find_region(program: Program, n: int, exact: set, top: set) -> tuple:
             continue
         positions = [i for i, r in enumerate(e.ins) if isinstance(r, Var) and r in deps]
         if rule is use and classify(e, positions) is not None:
-            continue  # a fast use whose output is the same for every example (batched=False)
+            held.update(e.outs)  # a fast use whose output is the same for every example
+            continue
         region.append(k)
         for o, a in zip(e.outs, e.out_avals, strict=True):
             if jax.numpy.issubdtype(a.dtype, jax.numpy.inexact):  # no gradient through ints
@@ -274,4 +281,4 @@ def find_region(program: Program, n: int, exact: set, top: set) -> tuple:
         if isinstance(r, Var) and r in made and r not in seen:
             seen.add(r)
             outputs.append(r)
-    return region, outputs, deps
+    return region, outputs, deps, frozenset(held)
