@@ -558,14 +558,17 @@ def _axes(entry) -> set:
 
 
 def _out_specs(out, params, batch) -> PyTree:
-    """The Explicit-axes sharding of each output leaf of a strategy, read off its shape.
+    """The Explicit-axes sharding of each output leaf of a strategy.
 
-    A leaf shaped like a parameter (a gradient, a clipped sum, noise) keeps that
-    parameter's sharding; a leaf whose leading axis is the batch's (norms, dots, a Gram
-    matrix, per-example gradients) is sharded along it like the batch, its other axes like
-    the parameter of that shape if there is one; anything else (losses, counts) is
-    replicated. Two parameters of one shape but different shardings give their gradients
-    no sharding (replicated: right, if not the cheapest).
+    A subtree of ``out`` with the structure of ``params`` (gradients, clipped sums, noise,
+    per-example gradients) is matched to the parameters leaf by leaf: a leaf shaped like
+    its parameter keeps that parameter's sharding, one shaped ``(B, *parameter)`` is
+    sharded along its rows like the batch and along the rest like the parameter (so a
+    per-example bias gradient ``(B, 8)`` is sharded by example even where a weight is
+    ``(B, 8)`` too). Other leaves are read off their shape: like the parameter of that
+    shape (two parameters of one shape but different shardings: replicated, right if not
+    the cheapest), along the rows if their leading axis is the batch's (norms, dots, a Gram
+    matrix), else replicated (losses, counts).
     """
     by_shape: dict = {}
     for p in jax.tree_util.tree_leaves(params):
@@ -575,18 +578,34 @@ def _out_specs(out, params, batch) -> PyTree:
     size = np.shape(leaves[0])[0] if leaves and np.ndim(leaves[0]) else None
     rows = _spec(leaves[0])[0] if size is not None else None
 
+    def by_rows(rest):
+        # A mesh axis shards one dimension at most: the rows' axes win (per-example
+        # gradients of an FSDP-sharded parameter are sharded by example only).
+        return P(rows, *(None if _axes(e) & _axes(rows) else e for e in rest))
+
     def spec(x):
         shape = np.shape(x)
         if shape in like:
             return P(*like[shape])
         if shape and shape[0] == size:
-            # A mesh axis shards one dimension at most: the rows' axes win (per-example
-            # gradients of an FSDP-sharded parameter are sharded by example only).
-            rest = like.get(shape[1:], (None,) * (len(shape) - 1))
-            return P(rows, *(None if _axes(e) & _axes(rows) else e for e in rest))
+            return by_rows(like.get(shape[1:], (None,) * (len(shape) - 1)))
         return P()
 
-    return jax.tree_util.tree_map(spec, out)
+    def matched(x, p):  # an output leaf in the place of parameter p
+        shape, own = np.shape(x), np.shape(p)
+        if shape == own:
+            return P(*_spec(p))
+        if size is not None and shape == (size, *own):
+            return by_rows(_spec(p))
+        return spec(x)
+
+    structure = jax.tree_util.tree_structure(params)
+    like_params = lambda x: jax.tree_util.tree_structure(x) == structure
+
+    def place(x):
+        return jax.tree_util.tree_map(matched, x, params) if like_params(x) else spec(x)
+
+    return jax.tree_util.tree_map(place, out, is_leaf=like_params)
 
 
 def auto_axes(fn):

@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import private_key, shared
@@ -483,6 +484,31 @@ def test_one_device_helpers_match_plain_strategy():
         sharding.shard_batch(batch, mesh="data")
     with pytest.raises(ValueError, match="`num_devices` must be a positive integer"):
         sharding.data_mesh(0)
+
+
+def test_outputs_are_matched_to_parameters_by_place_not_only_by_shape():
+    # On a jax.make_mesh mesh (Explicit axes; one device here) outputs are resharded back by
+    # their place in the result: the per-example gradient of a bias b (8,) has the shape
+    # (B, 8) of a weight v, and is still sharded by example, while gradients keep their
+    # parameter's spec. (It took v's replicated spec when B equalled v's leading axis.)
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("data",))
+    size = 16
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+    params = {
+        "w": put(np.full((3, size), 0.1), P(None, "data")),
+        "v": put(np.full((size, 8), 0.1), P()),
+        "b": put(np.zeros(8), P()),
+    }
+    batch = put(np.ones((size, 3)), P("data"))
+    loss = lambda p, x: jnp.sum(jnp.tanh(jnp.tanh(x @ p["w"]) @ p["v"] + p["b"]))
+    spec = lambda tree: {k: tuple(jax.typeof(x).sharding.spec) for k, x in tree.items()}
+    per_example = spec(jaxgrad.per_example_grads(loss)(params, batch).grads)
+    assert per_example == {"w": ("data", None, None), "v": ("data", None, None), "b": ("data", None)}
+    mean = spec(jaxgrad.batch_grad(loss)(params, batch).grads)
+    assert mean == {"w": (None, "data"), "v": (None, None), "b": (None,)}
 
 
 def test_interleaved_microbatches_hold_rows_k_mod_k():
