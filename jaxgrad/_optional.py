@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+from pathlib import Path
 from types import ModuleType
 
 
@@ -24,10 +26,38 @@ def require(module: str, *, package: str, extra: str, needed_for: str) -> Module
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(
-            f"{needed_for} needs the `{package}` package, which is not installed; install it "
-            f"with `pip install {package}` (or `pip install 'jaxgrad[{extra}]'`)"
-        ) from e
+        raise _not_installed(package, extra, needed_for) from e
+
+
+def package_dir(module: str, *, package: str, extra: str, needed_for: str) -> Path:
+    """The directory of the installed top-level package ``module``, without importing it.
+
+    For reading a data file a package ships when importing the package would cost more than
+    the read (``import sklearn`` takes 1.5-2.5 s; its digits CSV 0.15 s).
+
+    Args:
+      module: a top-level package name, e.g. ``"sklearn"``.
+      package: as for :func:`require`.
+      extra: as for :func:`require`.
+      needed_for: as for :func:`require`.
+
+    Raises:
+      ImportError: the package is not installed; the message is :func:`require`'s.
+
+    Returns:
+      The directory holding the package's ``__init__.py``.
+    """
+    spec = importlib.util.find_spec(module)  # None if missing (or set to None in sys.modules)
+    if spec is None or spec.origin is None:
+        raise _not_installed(package, extra, needed_for)
+    return Path(spec.origin).parent
+
+
+def _not_installed(package: str, extra: str, needed_for: str) -> ImportError:
+    return ImportError(
+        f"{needed_for} needs the `{package}` package, which is not installed; install it "
+        f"with `pip install {package}` (or `pip install 'jaxgrad[{extra}]'`)"
+    )
 
 
 def pyplot() -> ModuleType:

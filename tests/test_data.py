@@ -24,6 +24,19 @@ def test_bundled_sets_split_and_shapes():
     assert diabetes.y_train.dtype == np.float32
 
 
+def test_digits_read_without_sklearn_equal_its_loader():
+    """load_digits parses scikit-learn's bundled CSV itself (no `import sklearn`)."""
+    from sklearn.datasets import load_digits
+
+    from jaxgrad.data.bundled import _digits_arrays
+
+    x, y = _digits_arrays()
+    ref_x, ref_y = load_digits(return_X_y=True)
+    assert x.dtype == ref_x.dtype and y.dtype == ref_y.dtype
+    np.testing.assert_array_equal(x, ref_x)
+    np.testing.assert_array_equal(y, ref_y)
+
+
 def test_split_is_seeded():
     a, b, c = (
         data.load("breast_cancer", seed=1),

@@ -24,7 +24,8 @@ def test_require_returns_the_module():
 @pytest.mark.parametrize(
     ("modules", "call", "package", "extra"),
     [
-        (("sklearn.datasets",), lambda: jaxgrad.data.load_digits(), "scikit-learn", "cli"),
+        (("sklearn",), lambda: jaxgrad.data.load_digits(), "scikit-learn", "cli"),
+        (("sklearn.datasets",), lambda: jaxgrad.data.load_diabetes(), "scikit-learn", "cli"),
         (("mnist1d.data",), lambda: jaxgrad.data.load_mnist1d(), "mnist1d", "privacy"),
         (
             ("dp_accounting",),

