@@ -50,9 +50,11 @@ def test_python_block_runs_alone(code, tmp_path, compilation_cache):
     env["JAX_COMPILATION_CACHE_DIR"] = str(compilation_cache)
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
-    # A block that needs several devices sets XLA_FLAGS itself (replacing these); the others
-    # compile at LLVM -O0, as the test processes do (tests/conftest.py: the results are the
-    # same to float64 round-off; compiling is most of a block's CPU time).
+    # Every block compiles at LLVM -O0, as the test processes do (tests/conftest.py: the
+    # results are the same to float64 round-off; compiling is most of a block's CPU time). A
+    # block that needs several devices asks for them with `jax_num_cpu_devices`, keeping
+    # these flags (setting XLA_FLAGS itself would replace them: docs/devices.md's three
+    # blocks took 2-3x the CPU so).
     env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
     result = subprocess.run(
         [sys.executable, "-c", code],
