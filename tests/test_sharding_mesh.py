@@ -12,6 +12,8 @@ writing its own pieces, in tests/test_sharding.py.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from test_sharding import _run_worker, shared
 
@@ -108,7 +110,7 @@ def test_no_full_parameter_or_per_example_array_is_gathered(model_axis):
     # FSDP table (2 of its 4 shards, for the embedding lookup) and two 4-element vectors
     # (the first real row's position).
     shapes = [tuple(s) for s in model_axis["param_shapes"].values()]
-    table = 64 * 16
+    table = math.prod(model_axis["param_shapes"]["embed"])  # the FSDP table's elements
     assert len(model_axis["gathers"]) == 5  # 4 entry points on Explicit axes, 1 on Auto
     for name, gathers in model_axis["gathers"].items():
         for g in gathers:
@@ -126,10 +128,10 @@ def test_dp_noise_is_drawn_once_for_the_logical_array(model_axis, mesh):
     assert noise["one_device_vs_numpy"] <= 1e-12
     # Sharded: bit for bit the one-device numbers, never a draw per shard.
     assert noise[mesh]["exact"], noise
-    # And its spread: the std over 1672 values is σC/B_e within 10% (the sample std's
-    # relative standard error is 1/√3344 = 1.7%: a false alarm is a 5.8σ event, ~1e-8).
+    # And its spread: the std over 1848 values is σC/B_e within 10% (the sample std's
+    # relative standard error is 1/√3696 = 1.6%: a false alarm is a 6.1σ event, ~1e-9).
     # Drawn per shard and summed over the 2 model shards it would be √2 larger.
-    assert noise[mesh]["size"] == 1672
+    assert noise[mesh]["size"] == 1848
     assert abs(noise[mesh]["std_ratio"] - 1) < 0.1, noise
 
 
