@@ -53,8 +53,8 @@ def test_python_block_runs_alone(code, tmp_path, compilation_cache):
     # Every block compiles at LLVM -O0, as the test processes do (tests/conftest.py: the
     # results are the same to float64 round-off; compiling is most of a block's CPU time). A
     # block that needs several devices asks for them with `jax_num_cpu_devices`, keeping
-    # these flags (setting XLA_FLAGS itself would replace them: docs/devices.md's three
-    # blocks took 2-3x the CPU so).
+    # these flags (setting XLA_FLAGS itself would replace them: docs/devices.md's two
+    # training blocks took 1.6-2x the CPU so).
     env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
     result = subprocess.run(
         [sys.executable, "-c", code],
