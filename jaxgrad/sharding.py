@@ -565,10 +565,11 @@ def _out_specs(out, params, batch) -> PyTree:
     its parameter keeps that parameter's sharding, one shaped ``(B, *parameter)`` is
     sharded along its rows like the batch and along the rest like the parameter (so a
     per-example bias gradient ``(B, 8)`` is sharded by example even where a weight is
-    ``(B, 8)`` too). Other leaves are read off their shape: like the parameter of that
-    shape (two parameters of one shape but different shardings: replicated, right if not
-    the cheapest), along the rows if their leading axis is the batch's (norms, dots, a Gram
-    matrix), else replicated (losses, counts).
+    ``(B, 8)`` too). Other leaves are read off their shape: along the rows if their leading
+    axis is the batch's (norms, dots, a Gram matrix, per-example losses), else like the
+    parameter of that shape (two parameters of one shape but different shardings:
+    replicated, right if not the cheapest), else replicated (losses, counts). Where
+    ``params`` is one array, a leaf of its shape is taken for a gradient first.
     """
     by_shape: dict = {}
     for p in jax.tree_util.tree_leaves(params):
@@ -583,13 +584,13 @@ def _out_specs(out, params, batch) -> PyTree:
         # gradients of an FSDP-sharded parameter are sharded by example only).
         return P(rows, *(None if _axes(e) & _axes(rows) else e for e in rest))
 
-    def spec(x):
+    def spec(x, rows_first=True):
         shape = np.shape(x)
-        if shape in like:
+        if not rows_first and shape in like:
             return P(*like[shape])
-        if shape and shape[0] == size:
+        if shape and shape[0] == size:  # (the rest like a parameter of that shape)
             return by_rows(like.get(shape[1:], (None,) * (len(shape) - 1)))
-        return P()
+        return P(*like[shape]) if shape in like else P()
 
     def matched(x, p):  # an output leaf in the place of parameter p
         shape, own = np.shape(x), np.shape(p)
@@ -600,6 +601,10 @@ def _out_specs(out, params, batch) -> PyTree:
         return spec(x)
 
     structure = jax.tree_util.tree_structure(params)
+    if jax.tree_util.treedef_is_leaf(structure):
+        # Every array has one array's structure: a leaf shaped like the parameter is taken
+        # for its gradient (where B equals its shape, per-example values are replicated).
+        return jax.tree_util.tree_map(lambda x: spec(x, rows_first=False), out)
     like_params = lambda x: jax.tree_util.tree_structure(x) == structure
 
     def place(x):

@@ -490,7 +490,7 @@ def test_outputs_are_matched_to_parameters_by_place_not_only_by_shape():
     # On a jax.make_mesh mesh (Explicit axes; one device here) outputs are resharded back by
     # their place in the result: the per-example gradient of a bias b (8,) has the shape
     # (B, 8) of a weight v, and is still sharded by example, while gradients keep their
-    # parameter's spec. (It took v's replicated spec when B equalled v's leading axis.)
+    # parameter's spec; per-example norms (B,) are sharded by example although c is (B,).
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -501,14 +501,22 @@ def test_outputs_are_matched_to_parameters_by_place_not_only_by_shape():
         "w": put(np.full((3, size), 0.1), P(None, "data")),
         "v": put(np.full((size, 8), 0.1), P()),
         "b": put(np.zeros(8), P()),
+        "c": put(np.full(size, 0.1), P()),  # (B,): shaped like the per-example norms
     }
     batch = put(np.ones((size, 3)), P("data"))
-    loss = lambda p, x: jnp.sum(jnp.tanh(jnp.tanh(x @ p["w"]) @ p["v"] + p["b"]))
+    loss = lambda p, x: jnp.sum(jnp.tanh(jnp.tanh(x @ p["w"] + p["c"]) @ p["v"] + p["b"]))
     spec = lambda tree: {k: tuple(jax.typeof(x).sharding.spec) for k, x in tree.items()}
     per_example = spec(jaxgrad.per_example_grads(loss)(params, batch).grads)
-    assert per_example == {"w": ("data", None, None), "v": ("data", None, None), "b": ("data", None)}
+    assert per_example == {
+        "w": ("data", None, None),
+        "v": ("data", None, None),
+        "b": ("data", None),
+        "c": ("data", None),
+    }
     mean = spec(jaxgrad.batch_grad(loss)(params, batch).grads)
-    assert mean == {"w": (None, "data"), "v": (None, None), "b": (None,)}
+    assert mean == {"w": (None, "data"), "v": (None, None), "b": (None,), "c": (None,)}
+    norms = jaxgrad.per_example_norms(loss)(params, batch)
+    assert tuple(jax.typeof(norms).sharding.spec) == ("data",)
 
 
 def test_interleaved_microbatches_hold_rows_k_mod_k():
