@@ -127,8 +127,8 @@ def _hoist_scan(e: Eqn, dep: set, made: set) -> list | None:
     # function of the step, computed for all the steps at once.
     sliced = {v for v in body.invars[first_x:] if v not in inside}
     stepped = _invariant(body, consts | sliced, inside, made_here) - moved
-    slices = dict(zip(body.invars, in_avals, strict=True))
-    stepped = _worth_stacking(body, moved, stepped, sliced & from_params, slices)
+    avals = dict(zip(body.invars, in_avals, strict=True))
+    stepped = _worth_stacking(body, moved, stepped, sliced & from_params, avals)
     if not moved and not stepped:
         if rewritten is None:
             return None
@@ -143,14 +143,13 @@ def _hoist_scan(e: Eqn, dep: set, made: set) -> list | None:
         rename.update(zip(b.outs, outs, strict=True))
         ins = [rename.get(r, r) if isinstance(r, Var) else r for r in b.ins]
         hoisted.append(dataclasses.replace(b, ins=ins, outs=outs))
-    avals = {v: a for v, a in zip(body.invars, in_avals, strict=True)}
     avals.update(
         (o, a)
         for k in (*moved, *stepped)
         for o, a in zip(body.eqns[k].outs, body.eqns[k].out_avals, strict=True)
     )
     kept = [b for k, b in enumerate(body.eqns) if k not in moved and k not in stepped]
-    read = {r for r in (*(r for b in kept for r in b.ins), *body.outs) if isinstance(r, Var)}
+    read = _read_by(kept, body.outs)
     new_consts = [o for k in sorted(moved) for o in body.eqns[k].outs if o in read]
     new_xs = [o for k in sorted(stepped) for o in body.eqns[k].outs if o in read]
     stacked = []
@@ -193,8 +192,9 @@ def _worth_stacking(body: Program, moved: set, ks: set, params: set, avals: dict
         for r in body.eqns[k].ins:
             if isinstance(r, Var) and r in producer:
                 group[root(producer[r])] = root(k)
-    kept = [b for k, b in enumerate(body.eqns) if k not in moved and k not in ks]
-    read = {r for r in (*(r for b in kept for r in b.ins), *body.outs) if isinstance(r, Var)}
+    read = _read_by(
+        [b for k, b in enumerate(body.eqns) if k not in moved and k not in ks], body.outs
+    )
     made, sliced = collections.Counter(), collections.defaultdict(set)
     for k in ks:
         b = body.eqns[k]
@@ -202,6 +202,12 @@ def _worth_stacking(body: Program, moved: set, ks: set, params: set, avals: dict
         sliced[root(k)].update(r for r in b.ins if isinstance(r, Var) and r in params)
     small = {g for g in made | sliced if made[g] <= sum(size(avals[v]) for v in sliced[g])}
     return {k for k in ks if root(k) in small}
+
+
+def _read_by(eqns: list, outs: list) -> set:
+    """The values equations ``eqns`` and a body's outputs ``outs`` read: what the loop goes
+    on to read of the values hoisted from it."""
+    return {r for r in (*(r for b in eqns for r in b.ins), *outs) if isinstance(r, Var)}
 
 
 def _over_steps(body: Program, ks: list, wanted: list, sliced: set, outer: dict, avals: dict):
