@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 
+from jaxgrad._paths import write_error
+
 _EXAMPLE_NAMES = {"--json": "results.json", "--markdown": "results.md", "--plot": "curves.png"}
 
 
@@ -23,8 +25,6 @@ def check_writable(flag: str, path, parser) -> None:
       path: its value (None: not given, nothing checked).
       parser: the ``argparse.ArgumentParser`` whose ``error`` reports it.
     """
-    from jaxgrad.train.checkpoint import write_error
-
     if path is None:
         return
     if os.path.isdir(path):

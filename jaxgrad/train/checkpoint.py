@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from typing import Any
 
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgrad import _optional, keys, sharding
+from jaxgrad._paths import write_error
 
 PyTree = Any
 FORMAT = "jaxgrad-checkpoint-1"
@@ -87,30 +87,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_error(directory) -> str | None:
-    """Why files cannot be written in ``directory``, or None when they can.
-
-    It is tried: ``directory`` is made (with its parents) if missing and left in place, and a
-    temporary file is created in it and removed. Permission bits (``os.access``) are not
-    enough: root passes them on read-only and virtual file systems (``/proc``), and under a
-    regular file that happens to be executable.
-
-    Args:
-      directory: the directory.
-
-    Returns:
-      None, or what failed, e.g. ``"'/proc/x': No such file or directory"``.
-    """
-    try:
-        os.makedirs(directory, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-probe-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        return f"{e.filename!r}: {e.strerror}" if e.filename and e.strerror else str(e)
-    return None
-
-
 def check_directory(directory) -> str:
     """Checks that checkpoints can be written to ``directory``, made if missing.
 
@@ -122,7 +98,7 @@ def check_directory(directory) -> str:
 
     Raises:
       CheckpointError: ``directory`` is a file, or cannot be made or written
-        (:func:`write_error`).
+        (:func:`jaxgrad._paths.write_error`).
     """
     d = os.fspath(directory)
     if os.path.exists(d) and not os.path.isdir(d):
