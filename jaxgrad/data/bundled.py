@@ -21,7 +21,7 @@ def _sklearn(loader_name: str):
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """``sklearn.datasets.load_digits(return_X_y=True)`` without importing scikit-learn.
 
-    Importing it (scipy and more) takes 1.5-2.5 s of every fresh process that loads digits
+    Importing it (scipy and more) costs seconds in every fresh process that loads digits
     (the documentation's blocks, the command-line tests); its loader only parses the CSV it
     ships, which this does the same way, so the arrays are identical (tests/test_data.py
     compares them). Where a scikit-learn release moves the file, its own loader is used.
