@@ -586,10 +586,8 @@ def _out_specs(out, params, batch) -> PyTree:
 
     def spec(x, rows_first=True):
         shape = np.shape(x)
-        if not rows_first and shape in like:
-            return P(*like[shape])
-        if shape and shape[0] == size:  # (the rest like a parameter of that shape)
-            return by_rows(like.get(shape[1:], (None,) * (len(shape) - 1)))
+        if shape and shape[0] == size and (rows_first or shape not in like):
+            return by_rows(like.get(shape[1:], (None,) * (len(shape) - 1)))  # (rest: a param's)
         return P(*like[shape]) if shape in like else P()
 
     def matched(x, p):  # an output leaf in the place of parameter p
