@@ -131,6 +131,43 @@ def test_lora_and_fake_quantisation_in_a_scan_with_sum_count_mask_and_chunks():
         assert_rel_close(x, y, rtol=1e-9)
 
 
+def test_a_layer_stack_of_merged_lora_weights_is_folded_step_by_step():
+    """A layer stack scanned over merged LoRA weights, ``W_l = W0_l + s A_l B_l`` (merged in
+    the step function and hoisted, a ``vmap`` over the stacked axis: batch axes of the
+    product), and a stack merged before the loop, ``A`` stacked on its middle axis and one
+    ``B`` shared by every layer, read transposed: ``B_l`` (or ``A_l``) is folded into step
+    ``l``'s ``G`` (or ``A``), no ``B × |W|`` array, exact against ``vmap(grad)``."""
+    rng = np.random.default_rng(4)
+    layers, d, rank, t = 3, 4, 2, 3
+    r = lambda *shape: _normal(rng, *shape)
+    params = {"W0": r(layers, d, d), "A": r(layers, d, rank), "Bm": r(layers, rank, d)}
+
+    def merged_in_the_step(p, x):
+        def layer(h, w):
+            w0, a, b = w
+            return h + jnp.tanh(h @ (w0 + 0.5 * (a @ b))), None
+
+        h = jax.lax.scan(layer, x, (p["W0"], p["A"], p["Bm"]), reverse=True)[0]
+        return jnp.sum(jnp.sin(h))
+
+    routes = _check(merged_in_the_step, params, r(B, t, d), fast=("['A']", "['Bm']", "['W0']"))
+    stack = "scan, 3 steps, one slice per step: "
+    assert routes["['A']"].route.startswith(stack + "times a parameter matrix on the right"), routes
+    assert routes["['Bm']"].route.startswith(stack + "times a parameter matrix on the left"), routes
+    assert routes["['W0']"].route.startswith(stack + "a summand"), routes
+
+    shared = {"W0": r(layers, d, d), "A": r(rank, layers, d), "Bm": r(rank, d)}
+
+    def merged_before(p, x):
+        w = p["W0"] - jnp.einsum("rlk,rn->lkn", p["A"], p["Bm"])
+        h = jax.lax.scan(lambda h, w: (h + jnp.tanh(h @ w.T), None), x, w)[0]
+        return jnp.sum(jnp.sin(h))
+
+    routes = _check(merged_before, shared, r(B, d), fast=("['A']", "['Bm']", "['W0']"))
+    assert "(folded into A)" in routes["['A']"].route, routes["['A']"]
+    assert "(folded into G)" in routes["['Bm']"].route, routes["['Bm']"]
+
+
 def test_what_is_not_folded_falls_back_visibly_and_stopped_reads_are_no_uses():
     """A LoRA product transposed before the sum, or reshaped into a convolution kernel, keeps
     the reparametrised (VJP) route, named; a power iteration on the weight whose results

@@ -156,10 +156,9 @@ def _summands(program: Program, producer: dict, deps: dict, n: int, ref):
         return None
     e = program.eqns[k]
     grads = [i for i, r in enumerate(e.ins) if isinstance(r, Var) and deps.get(r)]
-    if e.primitive.name == "dot_general":
-        (_, (lb, _)) = e.params["dimension_numbers"]
+    if e.primitive.name == "dot_general":  # (batch axes: a stack of parts, e.g. vmapped)
         leaves = [_scaled_alias(program, producer, deps, n, e.ins[i]) for i in grads]
-        return ([("dot", k, ())], False) if not lb and None not in leaves else None
+        return ([("dot", k, ())], False) if None not in leaves else None
     shape = tuple(e.out_avals[0].shape)
     name = e.primitive.name
     inner = lambda q: _summands(program, producer, deps, n, e.ins[q])
@@ -257,16 +256,21 @@ def _folded_use(program: Program, u: Use, e: Eqn, p: int, chain: tuple, what: st
     """Use ``u`` of ``W_eff = ... + θ' · M + ...`` (``e`` the ``dot_general`` making the part,
     ``θ' = e.ins[p]`` the alias of a leaf through ``chain``) as a use of that leaf: ``op`` on
     ``θ'`` with ``M`` folded into ``A`` or ``G`` (see :class:`Fold`), or None where no fold is
-    written (a use that is not dense, batch axes, a chain that is not transposes only)."""
-    if u.kind != "dense" or u.split >= 0 or u.select or any(lv.stacked for lv in u.levels):
+    written (a use that is not dense, a chain that is not transposes only).
+
+    Batch axes (a layer stack: a use of the slice a scan is scanned over, lifted over the
+    steps, of ``W_eff[l] = W0[l] + A[l] @ B[l]`` made by a ``vmap``) are einsum labels that
+    every operand carrying them shares and keeps: ``M[l]`` folds into step ``l``'s ``A`` or
+    ``G``."""
+    if u.kind != "dense" or u.split >= 0 or u.select:
         return None
     ndim = len(e.out_avals[0].shape)
-    perm = use_perm(program, u, ndim)  # use operand axis i is W_eff axis perm[i]
-    (_, (lb, rb)), (_, (eb0, eb1)) = u.op.params["dimension_numbers"], e.params["dimension_numbers"]
-    if perm is None or lb or rb or eb0 or eb1:
+    # use operand axis i is W_eff axis perm[i] (a leaf scanned over: the lifted operand's)
+    perm = use_perm(program, u, ndim, lifted=True)
+    if perm is None:
         return None
     # One einsum label per axis: the use's operands and output, then the part's operands,
-    # whose free axes are W_eff's (eff) and so the use's parameter operand's.
+    # whose free and batch axes are W_eff's (eff) and so the use's parameter operand's.
     names = iter(string.ascii_letters)
     lab, y = _use_labels(u.op, names)
     x_lab, w_lab = lab[1 - u.pos], lab[u.pos]
@@ -286,7 +290,7 @@ def _folded_use(program: Program, u: Use, e: Eqn, p: int, chain: tuple, what: st
         for labels, a in [*zip(lab, u.op.in_avals, strict=True), *zip(rl, e.in_avals, strict=True)]
         for x, size in zip(labels, a.shape, strict=True)
     }
-    op, z = _folded_dot(u.op, ops, sizes)
+    op, z = _folded_dot(u.op, ops, sizes, y)
     g_spec = _g_spec(side, y, z, m_lab)
     if g_spec is None:
         return None
@@ -298,27 +302,34 @@ def _folded_use(program: Program, u: Use, e: Eqn, p: int, chain: tuple, what: st
 
 
 def _use_labels(op: Eqn, names) -> tuple:
-    """Einsum labels (drawn from ``names``) of a dense use's operand axes, a contracted pair
-    sharing one, and of its output (the free axes, the lhs's first)."""
-    (lc, rc), _ = op.params["dimension_numbers"]
+    """Einsum labels (drawn from ``names``) of a dense use's operand axes, a contracted or
+    batch pair sharing one, and of its output (the batch axes, then the free ones, the
+    lhs's first)."""
+    (lc, rc), (lb, rb) = op.params["dimension_numbers"]
     lab = [[None] * len(a.shape) for a in op.in_avals]
-    for d0, d1 in zip(lc, rc, strict=True):
+    for d0, d1 in [*zip(lc, rc, strict=True), *zip(lb, rb, strict=True)]:
         lab[0][d0] = lab[1][d1] = next(names)
     lab = [[x or next(names) for x in side] for side in lab]
-    y = [x for q in (0, 1) for d, x in enumerate(lab[q]) if d not in (lc, rc)[q]]
+    paired = ((*lc, *lb), (*rc, *rb))
+    y = [lab[0][d] for d in lb]
+    y += [x for q in (0, 1) for d, x in enumerate(lab[q]) if d not in paired[q]]
     return lab, y
 
 
 def _part_labels(e: Eqn, eff: list, names) -> tuple:
     """Einsum labels of the operands of the part's ``dot_general`` ``e``: a contracted pair
-    shares a new one (from ``names``), the free axes (the part's output axes, in order) carry
-    ``W_eff``'s labels ``eff``; and each operand's free axes."""
-    (ec0, ec1), _ = e.params["dimension_numbers"]
+    shares a new one (from ``names``), the batch pairs and the free axes (the part's output
+    axes, in order) carry ``W_eff``'s labels ``eff``; and each operand's free axes."""
+    (ec0, ec1), (eb0, eb1) = e.params["dimension_numbers"]
     rl = [[None] * len(a.shape) for a in e.in_avals]
     for d0, d1 in zip(ec0, ec1, strict=True):
         rl[0][d0] = rl[1][d1] = next(names)
-    free = [[d for d in range(len(rl[q])) if d not in (ec0, ec1)[q]] for q in (0, 1)]
-    for label, (side, d) in zip(eff, [(q, d) for q in (0, 1) for d in free[q]], strict=True):
+    for label, d0, d1 in zip(eff, eb0, eb1, strict=False):  # (eff: batch axes first)
+        rl[0][d0] = rl[1][d1] = label
+    paired = ((*ec0, *eb0), (*ec1, *eb1))
+    free = [[d for d in range(len(rl[q])) if d not in paired[q]] for q in (0, 1)]
+    frees = [(q, d) for q in (0, 1) for d in free[q]]
+    for label, (side, d) in zip(eff[len(eb0) :], frees, strict=True):
         rl[side][d] = label
     return rl, free
 
@@ -326,25 +337,31 @@ def _part_labels(e: Eqn, eff: list, names) -> tuple:
 def _fold_side(x_lab, m_lab, m_free, y):
     """Where ``M`` (labels ``m_lab``, free ones ``m_free``) folds for a use with operand ``X``
     (``x_lab``) and output ``y``: ``("A", labels of X · M, its einsum)`` where every free axis
-    of ``M`` meets ``X``, ``("G", x_lab, "")`` where each meets the output only, else None."""
+    of ``M`` meets ``X``, ``("G", x_lab, "")`` where each meets the output, else None.
+    (``M``'s axes that are batch axes of the part or the use stay on ``X · M``.)"""
     j = "".join
     if m_free and all(x in x_lab for x in m_free):  # M meets X: folded into A
-        kept = [x for x in x_lab if x not in m_lab] + [x for x in m_lab if x not in x_lab]
+        kept = [x for x in x_lab if x not in m_free or x in y]
+        kept += [x for x in m_lab if x not in x_lab]
         return "A", kept, f"...{j(x_lab)},{j(m_lab)}->...{j(kept)}"
-    if all(x in y and x not in x_lab for x in m_free):  # M meets the output: into G
+    if all(x in y for x in m_free):  # M meets the output (or the use's batch axes): into G
         return "G", x_lab, ""
     return None
 
 
-def _folded_dot(op: Eqn, ops: list, sizes: dict) -> tuple:
-    """``(op', z)``: the dense use ``op`` on operands labelled ``ops`` (the folded ``A`` and
-    ``θ'``), contracting the labels they share, and its output's labels ``z``."""
+def _folded_dot(op: Eqn, ops: list, sizes: dict, y) -> tuple:
+    """``(op', z)``: the dense use ``op`` (output labels ``y``) on operands labelled ``ops``
+    (the folded ``A`` and ``θ'``), contracting the labels they share but those of the output
+    (batch axes), and its output's labels ``z``."""
     shared = [x for x in ops[0] if x in ops[1]]
-    dn = (
-        (tuple(ops[0].index(x) for x in shared), tuple(ops[1].index(x) for x in shared)),
-        ((), ()),
+    batch = [x for x in shared if x in y]
+    summed = [x for x in shared if x not in y]
+    pick = lambda labels: (
+        tuple(ops[0].index(x) for x in labels),
+        tuple(ops[1].index(x) for x in labels),
     )
-    z = [x for q in (0, 1) for x in ops[q] if x not in shared]
+    dn = (pick(summed), pick(batch))
+    z = batch + [x for q in (0, 1) for x in ops[q] if x not in shared]
     avals = [
         shaped(tuple(sizes[x] for x in o), a.dtype) for o, a in zip(ops, op.in_avals, strict=True)
     ]
@@ -391,9 +408,7 @@ def summed_weights(program: Program, n: int, outputs, deps: dict, uses: dict, sk
             times = " times a scalar" if scales else ""
             if kind == "id":
                 plain = all(
-                    u.split < 0
-                    and not any(lv.stacked for lv in u.levels)
-                    and (u.kind != "gather" or (u.site == "" and not scales))
+                    u.split < 0 and (u.kind != "gather" or (u.site == "" and not scales))
                     for u in us
                 )
                 what = "straight-through" if straight else "a summand"

@@ -834,15 +834,22 @@ def disjoint_groups(program: Program, uses: list) -> list:
     return [[uses[k] for k in g] for g in sorted(groups)]
 
 
-def use_perm(program: Program, use: Use, ndim: int):
-    """The permutation from a leaf to a use's operand (None if not only transposes)."""
+def use_perm(program: Program, use: Use, ndim: int, *, lifted: bool = False):
+    """The permutation from a leaf to a use's operand (None if not only transposes).
+
+    ``lifted``: to the operand of the use's lifted equation (:attr:`Use.op`), where a leaf
+    scanned over by the outermost scan (one slice per step) keeps the scanned axis first and
+    the frames' chains permute the slice's axes; else None for a leaf scanned over.
+    """
     levels = use_levels(use)
-    if any(stacked for stacked, _, _ in levels):
+    stacked = [s for s, _, _ in levels]
+    if any(stacked[1:]) or (stacked[0] and not lifted):
         return None
     perm = chain_perm(program, use.pre_chain, ndim)
+    head, perm = (perm[:1], perm[1:]) if stacked[0] and perm is not None else ((), perm)
     for _, body, chain in levels:
-        perm = None if perm is None else chain_perm(body, chain, ndim, perm)
-    return perm
+        perm = None if perm is None else chain_perm(body, chain, len(perm), perm)
+    return None if perm is None else (*head, *perm)
 
 
 def apply_use_chain(program: Program, use: Use, x):
