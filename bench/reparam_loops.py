@@ -122,7 +122,7 @@ def _model(name, k, a):
         return _rnn(k, a)
     if name == "wn-stack":
         weights = {"V": normal(0, h, h), "g": jnp.ones((n, h))}
-        return _stack(k, a, weights, lambda g, v: _wn(v, g), jnp.dot, (a.steps, h))
+        return _stack(k, a, weights, _wn, jnp.dot, (a.steps, h))  # (sorted: V, g)
     if name == "ws-conv-stack":
         weights = {"K": normal(0, 3, 3, h, h)}
         conv = lambda c, w: jax.lax.conv_general_dilated(

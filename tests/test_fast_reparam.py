@@ -485,7 +485,8 @@ def test_a_transformation_reading_a_direct_use_of_its_weight_counts_it_once():
     ``W[:, idx]`` are fast uses of ``W`` whose outputs are the same for every example (their
     gradients go by their own routes), so the transformation ``f`` reads their results as
     constants; differentiated through them too, ``σ``'s share was counted twice (norms 34 %
-    off). At the top level and in a layer stack scanned over its weights."""
+    off). At the top level (the VJP route) and in a layer stack scanned over its weights
+    (``W_l / σ_l``: the scaled route, ``1 / σ_l`` a factor with no gradient of its own)."""
     rng = np.random.default_rng(9)
     d = 4
     u, v = jnp.linspace(0.2, 1.0, d, dtype=F64), jnp.linspace(1.0, -0.3, d, dtype=F64)
@@ -505,6 +506,7 @@ def test_a_transformation_reading_a_direct_use_of_its_weight_counts_it_once():
     for loss, params in [
         (spectral, {"w": _normal(rng, d, d)}),
         (gathered, {"w": _normal(rng, d, d)}),
-        (stacked, {"ws": _normal(rng, 3, d, d)}),
     ]:
         _check(loss, params, x, reparam=tuple(f"['{k}']" for k in params))
+    routes = _check(stacked, {"ws": _normal(rng, 3, d, d)}, x, fast=("['ws']",))
+    assert routes["['ws']"].route.startswith("tied, 2 uses: scaled (div)"), routes

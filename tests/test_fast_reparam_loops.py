@@ -183,8 +183,8 @@ def test_transformations_of_the_slices_a_scan_is_scanned_over():
     reverse scan; weight-standardised convolution kernels; weight normalisation in the outer
     scan of two, read by the inner one): the transformation is a function of the step, the
     same for every example, computed for every step before the loop (``jax.vmap`` over the
-    stacked axis), and the stacked weights take the reparametrised route instead of the
-    exact fallback."""
+    stacked axis), and the stacked weights take the reparametrised route (the scaled one
+    for weight normalisation) instead of the exact fallback."""
     rng = np.random.default_rng(7)
     layers, d, r = 3, 4, 2
     lora = {
@@ -226,7 +226,42 @@ def test_transformations_of_the_slices_a_scan_is_scanned_over():
 
         return jnp.sum(jnp.sin(jax.lax.scan(layer, xs, (p["v"], p["g"]))[0]))
 
-    _check(nested, normed, _normal(rng, B, 3, d), reparam=("['v']", "['g']"))
+    routes = _check(nested, normed, _normal(rng, B, 3, d), reparam=("['g']",), fast=("['v']",))
+    # (V_l scaled by g_l / ‖V_l‖ at step l, the normaliser's correction per layer and channel)
+    assert "scaled (mul, reduce_sum, sqrt, div)" in routes["['v']"].route, routes["['v']"]
+
+
+def test_scaled_and_concatenated_slices_of_a_layer_stack_stay_factored():
+    """Layer stacks whose step ``l`` reads a scaled or concatenated slice: standardised dense
+    weights (a centre and a normaliser made of the slice), ``V_l`` scaled by its row of a
+    stacked ``s`` and read transposed, rows of two stacks concatenated. Each factor scales
+    step ``l``'s ``A`` or ``G`` (and each block meets its slice of ``A``) on the lifted use,
+    never the step-major arrays as captured: exact against ``vmap(grad)``, no ``B × |W|``
+    array of the effective weight."""
+    rng = np.random.default_rng(10)
+    layers, t, d = 3, 4, 4
+    x = _normal(rng, B, t, d)
+
+    def stack(weights, transform, apply=lambda h, w: h @ w):
+        def loss(p, x):
+            def layer(h, w):
+                return h + jnp.tanh(apply(h, transform(*w))), None
+
+            return jnp.sum(jnp.sin(jax.lax.scan(layer, x, tuple(p[k] for k in weights))[0]))
+
+        return loss
+
+    standardised = stack(("v",), lambda v: _standardise(v, (0,)))
+    routes = _check(standardised, {"v": _normal(rng, layers, d, d)}, x, fast=("['v']",))
+    assert "scaled (" in routes["['v']"].route, routes["['v']"]
+    rows = stack(("v", "s"), lambda v, s: v * s[:, None], apply=lambda h, w: h @ w.T)
+    params = {"v": _normal(rng, layers, d, d), "s": 1 + _normal(rng, layers, d, scale=0.2)}
+    routes = _check(rows, params, x, fast=("['v']",))
+    assert routes["['v']"].route.startswith("scan, 3 steps, one slice per step: scaled (mul)")
+    joined = stack(("a", "b"), lambda a, b: jnp.concatenate([a, b], 0))
+    params = {"a": _normal(rng, layers, 1, d), "b": _normal(rng, layers, d - 1, d)}
+    routes = _check(joined, params, x, fast=("['a']", "['b']"))
+    assert "a block of a concatenate: its slice of A" in routes["['b']"].route, routes
 
 
 def test_a_shared_weight_scaled_by_each_step_stays_in_the_loop():
@@ -248,4 +283,4 @@ def test_a_shared_weight_scaled_by_each_step_stays_in_the_loop():
 
     routes = {lp.path: lp.route for lp in plan(loss, params, jnp.ones(d, F64)).leaves}
     assert routes["['w']"].startswith("exact fallback"), routes
-    assert routes["['s']"].startswith("reparametrised ("), routes
+    assert routes["['s']"].startswith("scan, 50 steps, one slice per step: scaled (mul)"), routes

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrad.fast import analysis, linear, norms, rules, summed, trace
+from jaxgrad.fast import analysis, linear, norms, rules, trace
 from jaxgrad.fast import plan as plan_lib
 from jaxgrad.fast.capture import Captured
-from jaxgrad.fast.operands import Normaliser, Operands, factored, row_dots
+from jaxgrad.fast.operands import Normaliser, Operands, factored, row_dots, transformed
 from jaxgrad.fast.program import Var, shape_struct
 
 
@@ -272,7 +272,7 @@ class FastParts:
         if factored(u):  # Σ_i c_i op_Wᵀ(A_i, G_i), then the factors once: no scaled A or G
             raw = linear.weighted_grad(u.op, u.pos, kept[u.key], g_use[u.key], c, axis=axis[u.key])
             return raw * ops.factors_on_operand(u).astype(raw.dtype)
-        if len(u.scans) > 1 or u.scale or u.select or summed.refolded(u):
+        if len(u.scans) > 1 or transformed(u):
             grad = linear.weighted_grad(u.op, u.pos, ops.a_of(u), ops.g_of(u), c)
             return ops.masked(u, grad, examples=False)
         if trace.stepwise(u):  # a kernel per step: each step's weighted sum, (steps, *slice)
@@ -320,7 +320,7 @@ class FastParts:
         if factored(u):  # ⟨(Π F) ⊙ ∇_{W_eff} S_i, v⟩ = ⟨∇_{W_eff} S_i, (Π F) ⊙ v⟩
             v_op = v_op * ops.factors_on_operand(u).astype(v_op.dtype)
             return linear.dot(u.kind, u.op, u.pos, kept[u.key], g_use[u.key], v_op)
-        if len(u.scans) != 1 or u.split >= 0 or u.scale or u.select or summed.refolded(u):
+        if len(u.scans) != 1 or u.split >= 0 or transformed(u):
             return linear.dot(u.kind, u.op, u.pos, ops.a_of(u), ops.g_of(u), v_op)
         # In one scan: Σ_t ⟨G_{t,i}, op(A_{t,i}, v_t)⟩ per step on the step equation, on the
         # step-major arrays as captured (no transpose to put the examples first).

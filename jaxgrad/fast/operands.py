@@ -47,6 +47,13 @@ def factored(u: trace.Use) -> bool:
     return bool(u.scale) and not u.select and not u.scans
 
 
+def transformed(u: trace.Use) -> bool:
+    """Whether a use's ``A`` or ``G`` are read through its factors, blocks or fold
+    (:meth:`Operands.a_of`, :meth:`Operands.g_of`), never as captured: no route reads its
+    step-major arrays step by step."""
+    return bool(u.scale or u.select or summed.refolded(u))
+
+
 def selected(x, u: trace.Use, side: str):
     """The slice of ``A`` or ``G`` (``side``) a concatenated block meets."""
     if not u.select or u.select[0] != side:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgrad import reduce
-from jaxgrad.fast import analysis, linear, norms, rules, summed, trace
+from jaxgrad.fast import analysis, linear, norms, operands, rules, trace
 from jaxgrad.fast.program import Program, Var, program_aval_in, source_line
 from jaxgrad.grads import check_loss_args, check_loss_fn
 
@@ -274,8 +274,8 @@ def _group(an: analysis.Analysis, uses: list, shape: tuple) -> Group:
     if len(uses) == 1:
         (u,) = uses
         # (one slice of the leaf per step of the only scan: the route may take it step by
-        # step, on the arrays as captured; a folded use's are read folded, on its lift)
-        stacked = len(u.scans) == 1 and u.scans[0].stacked and not summed.refolded(u)
+        # step, on the arrays as captured, unless they are read transformed, on its lift)
+        stacked = len(u.scans) == 1 and u.scans[0].stacked and not operands.transformed(u)
         if masked(u):
             rule = rules.masked_route(u.kind, u.op, u.pos)
         else:

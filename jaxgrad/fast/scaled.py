@@ -479,7 +479,7 @@ def _scalable(program: Program, us: list, ndim: int):
         for u in us
     ):  # (a lookup's factors are gathered at its rows: at the top level only)
         return None
-    perms = [use_perm(program, u, ndim) for u in us]
+    perms = [use_perm(program, u, ndim, lifted=True) for u in us]
     return None if any(p is None for p in perms) else perms
 
 

@@ -839,11 +839,12 @@ def use_perm(program: Program, use: Use, ndim: int, *, lifted: bool = False):
 
     ``lifted``: to the operand of the use's lifted equation (:attr:`Use.op`), where a leaf
     scanned over by the outermost scan (one slice per step) keeps the scanned axis first and
-    the frames' chains permute the slice's axes; else None for a leaf scanned over.
+    the frames' chains permute the slice's axes; else (or where the use has no lifted
+    equation, :func:`stepwise`) None for a leaf scanned over.
     """
     levels = use_levels(use)
     stacked = [s for s, _, _ in levels]
-    if any(stacked[1:]) or (stacked[0] and not lifted):
+    if any(stacked[1:]) or (stacked[0] and (not lifted or stepwise(use))):
         return None
     perm = chain_perm(program, use.pre_chain, ndim)
     head, perm = (perm[:1], perm[1:]) if stacked[0] and perm is not None else ((), perm)
