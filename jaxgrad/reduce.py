@@ -586,6 +586,24 @@ def check_nonnegative_float(value, *, name: str) -> float:
     return number
 
 
+def check_if_known(check, value, *, name: str):
+    """``check(value, name=name)`` for a value known now (a number, a concrete array); a
+    traced value (an argument of the caller's ``jax.jit``), or an array spread over other
+    processes, is returned unchecked: it has no value to inspect here.
+
+    Example::
+
+      >>> from jaxgrad.reduce import check_if_known, check_positive_float
+      >>> check_if_known(check_positive_float, 2, name="l2_clip")
+      2.0
+    """
+    if isinstance(value, jax.core.Tracer) or (
+        isinstance(value, jax.Array) and not value.is_fully_addressable
+    ):
+        return value
+    return check(value, name=name)
+
+
 def check_positive_int(value, *, name: str) -> int:
     """Checks a keyword hyperparameter is a positive integer (Python, NumPy or a 0-d array)."""
     number = _number_or_nan(value, name=name, integer=True)

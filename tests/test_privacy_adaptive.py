@@ -334,3 +334,12 @@ def test_cli_releases_the_clip_norm_per_epoch_and_the_split(tmp_path):
     doc = (Path(__file__).parents[1] / "docs" / "privacy.md").read_text()
     for key in ("history[].l2_clip", *(f"privacy.adaptive_clip.{k}" for k in record)):
         assert f"`{key}`" in doc  # the table of everything the --dp JSON releases
+
+
+@pytest.mark.parametrize("clip", [0.0, -1.0, float("nan"), float("inf")])
+def test_quantile_clipped_sum_refuses_a_clip_norm_that_is_not_positive(clip):
+    """A clip norm known at the call (not the adaptive state's, traced) is checked: 0 dropped
+    every example as non-finite, -1 clipped at +1, NaN and inf made the sum NaN."""
+    part = privacy.QuantileClippedSum(lambda w, x: jnp.dot(x, w))
+    with pytest.raises(ValueError, match="`l2_clip` must be a positive finite number"):
+        part(jnp.zeros(2), jnp.ones((3, 2)), None, clip)

@@ -233,6 +233,8 @@ class QuantileClippedSum:
     def __call__(self, params, batch, mask, l2_clip, *args):
         noisy.check_sum_precision(params)  # as ClippedSum
         mask = reduce.check_mask(mask, reduce.batch_size(batch))
+        # (a traced clip is the adaptive state's, positive by construction: next_clip)
+        l2_clip = reduce.check_if_known(reduce.check_positive_float, l2_clip, name="l2_clip")
         dtype = jnp.result_type(jnp.float32, *jax.tree_util.tree_leaves(params))
         clip = jnp.asarray(l2_clip, dtype)
         parts = self._parts(params, batch, mask, 1 / clip, *args)

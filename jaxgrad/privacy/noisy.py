@@ -205,12 +205,7 @@ def add_noise(total: PyTree, key, *, stddev) -> PyTree:
       A pytree like ``total``.
     """
     key = keys.check_private_key(key)
-    if not isinstance(stddev, jax.core.Tracer) and not (
-        isinstance(stddev, jax.Array) and not stddev.is_fully_addressable
-    ):
-        stddev = reduce.check_nonnegative_float(
-            stddev, name="stddev"
-        )  # a traced one is the caller's
+    stddev = reduce.check_if_known(reduce.check_nonnegative_float, stddev, name="stddev")
     leaves, treedef = jax.tree_util.tree_flatten(total)
     for x in leaves:
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
@@ -274,10 +269,9 @@ def noised_average(total: PyTree, key, *, stddev, expected_batch_size) -> PyTree
       ...                expected_batch_size=4).tolist()
       [0.5, 1.0]
     """
-    if not isinstance(expected_batch_size, jax.core.Tracer):
-        expected_batch_size = reduce.check_positive_float(
-            expected_batch_size, name="expected_batch_size"
-        )
+    expected_batch_size = reduce.check_if_known(
+        reduce.check_positive_float, expected_batch_size, name="expected_batch_size"
+    )
     noisy = add_noise(total, key, stddev=stddev)
     return jax.tree_util.tree_map(lambda t: t / jnp.asarray(expected_batch_size, t.dtype), noisy)
 
