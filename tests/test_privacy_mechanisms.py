@@ -471,6 +471,13 @@ def test_sampled_dp_grad_takes_a_source():
             sampling_rate=0.1,
             source=src,
         )
+    make = functools.partial(
+        privacy.sampled_dp_grad, loss, l2_clip=1.0, noise_multiplier=0.0, physical_batch_size=4
+    )
+    with pytest.raises(TypeError, match=r"`source` must be a batch source .* got 'poisson'"):
+        make(source="poisson")
+    with pytest.raises(ValueError, match="`source` CyclicPoisson draws from step t's group"):
+        make(source=sources.CyclicPoisson(sampling_rate=0.5, groups=2))
 
 
 def test_truncation_key_is_not_a_drawn_example():

@@ -566,6 +566,7 @@ def sampled_clipped_sum(clipped, *, physical_batch_size, sampling_rate=None, sou
 
     if source is None:
         source = sources.Poisson(sampling_rate=sampling_rate)
+    source = sources.check_source(source)
 
     def f(params, data, sample_key, *args, step=None):
         n = reduce.batch_size(data, name="data")
@@ -674,10 +675,11 @@ def sampled_dp_grad(
             "give exactly one of `sampling_rate` (Poisson sampling) and `source`; got "
             f"sampling_rate={sampling_rate!r}, source={source!r}"
         )
-    if source is None:
-        from jaxgrad.privacy import sources
+    from jaxgrad.privacy import sources
 
+    if source is None:
         source = sources.Poisson(sampling_rate=sampling.check_sampling_rate(sampling_rate))
+    source = sources.check_source(source, stepped=False)  # (f takes no step)
     p = sampling.check_physical_sizes(physical_batch_size)
     nonfinite = check_nonfinite(nonfinite)
     stddev = noise_stddev(sigma, clipped.sensitivity)

@@ -337,6 +337,31 @@ class CyclicPoisson:
         return poisson_event(noise_multiplier=noise_multiplier, sampling_rate=self.sampling_rate)
 
 
+SOURCES = (Poisson, TruncatedPoisson, WithoutReplacement, CyclicPoisson)
+
+
+def check_source(source, *, stepped: bool = True):
+    """Checks ``source`` is a batch source (one of :data:`SOURCES`, or an object with their
+    ``sample`` and ``expected_batch_size``); ``stepped=False`` where the caller cannot pass
+    the training step (``sampled_dp_grad``'s ``f``), which a :class:`CyclicPoisson` draw
+    needs. Returns it.
+
+    Raises:
+      TypeError, ValueError: naming ``source``.
+    """
+    if not all(callable(getattr(source, m, None)) for m in ("sample", "expected_batch_size")):
+        names = ", ".join(f"jaxgrad.privacy.{c.__name__}(...)" for c in SOURCES)
+        raise TypeError(f"`source` must be a batch source ({names}); got {source!r}")
+    if isinstance(source, CyclicPoisson) and not stepped:
+        raise ValueError(
+            "`source` CyclicPoisson draws from step t's group, and this `f` has no step to "
+            "pass: use `jaxgrad.train.fit(..., privacy=PrivacyConfig(noise='bandmf', "
+            "bands=b))` or `jaxgrad.privacy.noisy.sampled_clipped_sum(...)(..., step=t)`; "
+            f"got {source!r}"
+        )
+    return source
+
+
 def step_kwargs(source, step) -> dict:
     """``{"step": step}`` for a source whose draw depends on the step (:class:`CyclicPoisson`),
     else ``{}``."""
@@ -401,5 +426,6 @@ __all__ = [
     "TruncatedPoisson",
     "WithoutReplacement",
     "batch_source",
+    "check_source",
     "step_kwargs",
 ]
