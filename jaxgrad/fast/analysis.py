@@ -96,6 +96,19 @@ def analyse(fn, params, example) -> Analysis:
         exact |= more
 
 
+def _unless_too_deep(read, empty, transformed):
+    """``read()``, a form of effective weight (scaled, selected, summed) read recursively
+    through the equations, for the ``transformed`` leaves; ``empty`` where there are none, or
+    where the chain is deeper than Python's recursion limit (hundreds of chained scalings,
+    a Newton-Schulz iteration unrolled 300 times): those weights keep the VJP route, exact."""
+    if not transformed:
+        return empty
+    try:
+        return read()
+    except RecursionError:
+        return empty
+
+
 def _analyse_once(program: Program, n: int, exact: set) -> tuple:
     """One walk with the leaves ``exact`` given per-example copies: the analysis, and the
     leaves that must be added to ``exact`` (none when it is final)."""
@@ -135,12 +148,12 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
         for j in transformed
     }
     # Effective weights θ' ⊙ Π F_k: their leaf θ is a fast leaf, its uses scaled (see Scale).
-    scalings, declined = (
-        scaled_weights(program, n, top, region, outputs, deps, uses) if transformed else ({}, {})
+    scalings, declined = _unless_too_deep(
+        lambda: scaled_weights(program, n, top, region, outputs, deps, uses), ({}, {}), transformed
     )
     scaled_uses: dict = {}
-    selected, selections = (
-        selected_weights(program, n, outputs, deps, uses, scalings) if transformed else ({}, ())
+    selected, selections = _unless_too_deep(
+        lambda: selected_weights(program, n, outputs, deps, uses, scalings), ({}, ()), transformed
     )
     factor_leaves = {
         j for x in scalings.values() for ss in x[2].values() for sc in ss for j in sc.leaves
@@ -148,10 +161,10 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
     if set(selected) & ({x[0] for x in scalings.values()} | factor_leaves):
         selected, selections = {}, ()  # (a leaf both scaled and selected: the VJP route)
     # Sums of parts linear in one leaf (θ' + c, θ' · M; see Fold): each leaf a fast leaf.
-    summed, sums = (
-        summed_weights(program, n, outputs, deps, uses, {*scalings, *selections})
-        if transformed
-        else ({}, ())
+    summed, sums = _unless_too_deep(
+        lambda: summed_weights(program, n, outputs, deps, uses, {*scalings, *selections}),
+        ({}, ()),
+        transformed,
     )
     if set(summed) & ({x[0] for x in scalings.values()} | factor_leaves | set(selected)):
         summed, sums = {}, ()  # (a leaf also scaled or selected: the VJP route)

@@ -49,7 +49,16 @@ import jax
 from jax._src import source_info_util
 
 from jaxgrad.fast.dependence import scan_body_varying, varying
-from jaxgrad.fast.program import Eqn, Program, Var, evaluate, flat_jaxpr, flatten, shaped
+from jaxgrad.fast.program import (
+    Eqn,
+    Program,
+    Var,
+    evaluate,
+    flat_jaxpr,
+    flatten,
+    primitives,
+    shaped,
+)
 from jaxgrad.fast.trace import ALIAS_RULES, classify, ignore, is_alias, rule_of, use
 
 # Fresh numbers for the values this module makes (the re-trace numbers them again).
@@ -126,7 +135,7 @@ def _hoist_scan(e: Eqn, dep: set, made: set) -> list | None:
     # stack's W_l, a layer index): what the body makes of them and its consts alone is a
     # function of the step, computed for all the steps at once.
     sliced = {v for v in body.invars[first_x:] if v not in inside}
-    stepped = _invariant(body, consts | sliced, inside, made_here) - moved
+    stepped = _invariant(body, consts | sliced, inside, made_here, per_step=True) - moved
     avals = dict(zip(body.invars, in_avals, strict=True))
     stepped = _worth_stacking(body, moved, stepped, sliced & from_params, avals)
     if not moved and not stepped:
@@ -187,7 +196,15 @@ def _worth_stacking(body: Program, moved: set, ks: set, params: set, avals: dict
     size = lambda a: math.prod(a.shape)
     producer = {o: k for k in ks for o in body.eqns[k].outs}
     group = {k: k for k in ks}  # union-find over the values passed within ks
-    root = lambda k: k if group[k] == k else root(group[k])
+
+    def root(k):  # (iterative, the path compressed: a power iteration is a long chain)
+        path = []
+        while group[k] != k:
+            path.append(k)
+            k = group[k]
+        group.update(dict.fromkeys(path, k))
+        return k
+
     for k in ks:
         for r in body.eqns[k].ins:
             if isinstance(r, Var) and r in producer:
@@ -238,10 +255,11 @@ def _over_steps(body: Program, ks: list, wanted: list, sliced: set, outer: dict,
     return steps, [fresh[r] if isinstance(r, Var) else r for r in flat.outs]
 
 
-def _invariant(body: Program, consts: set, inside: set, made: set) -> set:
+def _invariant(body: Program, consts: set, inside: set, made: set, *, per_step=False) -> set:
     """The equations of a scan body to hoist: loop-invariant (read only consts and values
     made by such equations), the same for every example, and a transformation of a
-    parameter or an input of one (see the module docstring)."""
+    parameter or an input of one (see the module docstring); ``per_step``: to be computed
+    for every step under ``jax.vmap`` (see :func:`_may_move`)."""
     inv: list = []
     known = set(consts)
     for k, b in enumerate(body.eqns):
@@ -249,7 +267,7 @@ def _invariant(body: Program, consts: set, inside: set, made: set) -> set:
             all(not isinstance(r, Var) or r in known for r in b.ins)
             and not any(o in inside for o in b.outs)
             and b.outs
-            and not _effectful(b)
+            and _may_move(b, per_step=per_step)
         ):
             inv.append(k)
             known.update(b.outs)
@@ -278,9 +296,17 @@ def _transforms(e: Eqn, made: set) -> bool:
     return not (rule is use and classify(e, positions) is not None)
 
 
-def _effectful(e: Eqn) -> bool:
-    name = e.primitive.name
-    return "callback" in name or "print" in name
+def _may_move(e: Eqn, *, per_step: bool) -> bool:
+    """Whether equation ``e`` may leave the loop body: not if it, or any jaxpr inside it (a
+    ``custom_vjp`` rule, a ``jit``), calls back to the host or prints (an effect of every
+    step; ``pure_callback`` has no ``vmap`` rule), nor, computed for every step under
+    ``jax.vmap`` (``per_step``), if it draws random bits (an ``rbg`` key's batched bits are
+    not the bits it draws step by step: the loss would change)."""
+    names = primitives(Program([], [], [e]))
+    if any("callback" in n or "print" in n for n in names):
+        return False
+    draws = lambda n: n.startswith(("random_", "rng_")) or n == "threefry2x32"
+    return not (per_step and any(map(draws, names)))
 
 
 def _retrace(program: Program, in_avals) -> jax.extend.core.ClosedJaxpr:
