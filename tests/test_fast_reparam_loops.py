@@ -264,6 +264,47 @@ def test_scaled_and_concatenated_slices_of_a_layer_stack_stay_factored():
     assert "a block of a concatenate: its slice of A" in routes["['b']"].route, routes
 
 
+def test_what_a_layer_stack_must_not_compute_for_every_step_stays_in_the_loop():
+    """A DropConnect mask drawn from each layer's ``rbg`` key (random bits drawn under
+    ``jax.vmap`` over the layers are not the bits drawn step by step: computed before the
+    loop, the fast path differentiated another loss, norms 20-130 % off), exact against
+    ``vmap(grad)``; and a slice normalised by a 120-step power iteration (as
+    ``flax.linen.SpectralNorm(n_steps=...)`` unrolls it), a chain the hoist's grouping read
+    recursively, past Python's recursion limit: planned (its short form is checked against
+    ``vmap(grad)`` in tests/test_fast_reparam.py)."""
+    rng = np.random.default_rng(11)
+    layers, d = 3, 4
+    params = {"w": _normal(rng, layers, d, d)}
+    x = _normal(rng, B, d)
+    layer_keys = jax.random.split(jax.random.key(7, impl="rbg"), layers)
+
+    def dropconnect(p, x):
+        def layer(h, wk):
+            w, k = wk
+            return jnp.tanh(h @ (w * jax.random.bernoulli(k, 0.7, w.shape))), None
+
+        return jnp.sum(jnp.sin(jax.lax.scan(layer, x, (p["w"], layer_keys))[0]))
+
+    _check(dropconnect, params, x)
+    u0 = jnp.linspace(0.2, 1.0, d, dtype=F64)
+
+    def spectral(p, x):
+        def layer(h, w):
+            u = u0
+            for _ in range(120):
+                v = u @ w
+                v = v / jnp.sqrt(jnp.sum(v * v))
+                u = w @ v
+                u = u / jnp.sqrt(jnp.sum(u * u))
+            u, v = jax.lax.stop_gradient(u), jax.lax.stop_gradient(v)
+            return jnp.tanh(h @ (w / (u @ w @ v))), None
+
+        return jnp.sum(jnp.sin(jax.lax.scan(layer, x, p["w"])[0]))
+
+    (leaf,) = plan(spectral, params, x[0]).leaves
+    assert leaf.route.startswith("tied, 2 uses: scaled (div)"), leaf
+
+
 def test_a_shared_weight_scaled_by_each_step_stays_in_the_loop():
     """``W * c_t`` for a weight the loop closes over and a step's scalar (a sampler loop's
     schedule) is a function of the step too, but computed for every step before the loop
