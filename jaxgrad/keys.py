@@ -7,14 +7,45 @@ DP run with no key, one drawn from OS entropy by :func:`entropy_key`) through on
 
     k_t = \\mathrm{fold\\_in}(K, t), \\qquad
     (k_t^{\\text{sample}}, k_t^{\\text{noise}}) = \\mathrm{split}(k_t), \\qquad
-    k_{t,i} = \\mathrm{fold\\_in}(k_t, i)
+    \\ell_t = \\mathrm{fold\\_in}(\\mathrm{fold\\_in}(L, \\lambda), t), \\qquad
+    \\ell_{t,i} = \\mathrm{fold\\_in}(\\ell_t, i)
 
-for step ``t`` and the example at row ``i`` of the training set (and a plain run's shuffle of
-epoch ``e``, ``permutation(fold_in(K, e))``, :func:`epoch_key`): :func:`step_key`,
-:func:`dp_keys` (the Poisson draw and the DP noise of one step) and :func:`row_key` /
-:func:`row_keys` (randomness inside the loss, such as dropout). Each is a function of
-``(K, t, i)`` only — not of the batching, the devices or the processes — so a mesh run draws
-what one device draws and a resumed run what an uninterrupted one draws.
+for step ``t``, the example at row ``i`` of the training set, the run's ``key`` ``K``, its
+``loss_key`` ``L`` and the constant ``λ = 0x6C6F7373`` (ASCII "loss"); a plain run's shuffle of
+epoch ``e`` is ``permutation(fold_in(K, e))`` (:func:`epoch_key`): :func:`step_key`,
+:func:`dp_keys` (the Poisson draw and the DP noise of one step) and :func:`loss_step_key` /
+:func:`row_key` / :func:`row_keys` (randomness inside the loss, such as dropout, plain and
+private runs alike). Each is a function of ``(K, t)`` or ``(L, t, i)`` only — not of the
+batching, the devices or the processes — so a mesh run draws what one device draws and a
+resumed run what an uninterrupted one draws.
+
+**Why λ.** For a Threefry key (JAX's default) ``fold_in(k, d)`` *is* Threefry block ``(0, d)``
+of ``k``, ``split(k, n)[b]`` block ``(0, b)``, and the Gaussian noise reads blocks ``0, 1, …``
+of its key (:func:`jaxgrad.privacy.threefry.words_at`). So every key and every word of
+randomness is a node of one tree, named by its path of blocks from ``K``: the step key is
+``(t)``, the sample and noise keys ``(t, 0)`` and ``(t, 1)``, the clip count's key
+``(t, 0x636C6970)`` (:func:`clip_count_key`), noise word ``j`` ``(t, 1, j)``, the truncation
+key ``(t, 0, 2³² − 1)`` (the Poisson draw reads blocks ``2⁶³ + i`` of the sample key, which no
+``fold_in`` or ``split`` names). Every node the DP reads begins ``(t, b)`` with ``b`` one of
+``0``, ``1``, ``0x636C6970``. Without ``λ`` a ``loss_key`` derived from ``K`` — ``fold_in(K,
+1)``, ``split(K)[0]`` — put the loss keys on those nodes: with ``L = fold_in(K, 1)``, row
+``i``'s key of step 1 was ``(1, 1, i)``, step 1's noise word ``i``, and the dropout a function
+of the noise that hides the clipped sum. With ``λ`` the loss keys are the nodes below
+``L``'s child ``λ``:
+
+* ``L`` a descendant of ``K``, path ``p``: loss keys ``p + (λ, t, i, …)``. With ``p = (c)``
+  (``fold_in(K, c)``, ``split(K)[c]``) they would need ``λ`` as a DP node's second block:
+  never. Longer ``p`` meet the DP's nodes only if ``p`` begins ``(t, b)``, ``L`` derived from
+  a sample, noise or clip-count key itself (e.g. ``L`` = step ``t``'s noise key: its block
+  ``λ`` is noise word ``λ`` of a model of more than ``λ ≈ 1.8·10⁹`` parameters) — don't.
+* ``L`` an ancestor of ``K`` (``K`` = ``L``'s path ``a``): the DP's nodes begin with ``a``,
+  the loss keys with ``λ``: apart unless ``a`` begins with ``λ``.
+* Otherwise (siblings such as ``split(R)``, unrelated keys): disjoint subtrees.
+* ``L = K``: the loss keys ``(λ, t, i)`` would be step ``λ``'s; refused
+  (:func:`check_distinct`).
+
+Barring a collision of Threefry itself, no loss key is then (or derives from) a sample, noise,
+clip-count or truncation key, nor a word of the noise.
 """
 
 from __future__ import annotations
@@ -95,12 +126,16 @@ def check_distinct(key, loss_key, *, name: str = "loss_key", key_name=None, why=
     """Refuses a private run's ``loss_key`` equal to its ``key`` (the same key data), or any
     two keys that must draw independent randomness (``key_name``, ``why``).
 
-    ``fold_in(k, d)`` is Threefry block ``(0, d)`` of ``k`` and ``split(k)`` takes blocks 0
-    and 1, so with ``K`` both keys, row ``i``'s loss key ``fold_in(fold_in(K, t), i)`` is, for
-    rows 0 and 1, step ``t``'s sample and noise keys (:func:`dp_keys`): the randomness of two
-    examples' losses (dropout, augmentation) would be the draw's and the noise's own bits, and
-    the noise no longer independent of the clipped sum it hides. Traced keys (under
-    ``jax.jit``) have no value to compare: nothing is checked.
+    Every loss key hangs below ``fold_in(loss_key, λ)``, ``λ = 0x6C6F7373``
+    (:func:`loss_step_key`; the module's "Why λ"), so a ``loss_key`` derived from ``key`` by
+    ``fold_in`` or ``split`` (``fold_in(key, 1)``, ``split(key)[0]``), or one ``key`` derives
+    from, never gives the loss a key or word the DP reads, barring a Threefry collision — and
+    short of a ``loss_key`` derived from a step's sample, noise or clip-count key itself, or a
+    ``key`` derived from ``fold_in(loss_key, λ)``. The same key is what is left: row ``i``'s
+    loss key of step ``t = 0, 1``, ``fold_in(fold_in(fold_in(K, λ), t), i)``, would be word
+    ``i`` of step ``λ``'s sample or noise key. No run reaches step ``λ ≈ 1.8·10⁹``, but the
+    loss's randomness and the DP's would then hang on one key, ``λ`` apart: refused. Traced
+    keys (under ``jax.jit``) have no value to compare: nothing is checked.
 
     Args:
       key, loss_key: the two keys.
@@ -124,9 +159,9 @@ def check_distinct(key, loss_key, *, name: str = "loss_key", key_name=None, why=
     if same:
         if why is None:
             why = (
-                f"Row i's loss key fold_in(fold_in({name}, t), i) would be, for rows 0 and 1, "
-                "step t's sample and noise keys: pass another key (e.g. jax.random.key(1)), or "
-                "leave key=None (OS entropy)"
+                "The loss's keys (dropout, augmentation) and the Poisson draws and noise would "
+                "all derive from one key: pass another key (e.g. jax.random.key(1), or "
+                "jax.random.fold_in(key, 1)), or leave key=None (OS entropy)"
             )
         against = "the private run's `key`" if key_name is None else f"`{key_name}`"
         raise ValueError(f"`{name}` must differ from {against}; got the same key data. {why}")
@@ -323,14 +358,30 @@ def truncation_key(sample_key):
     return jax.random.fold_in(sample_key, 2**32 - 1)
 
 
+# fold_in(loss_key, λ) roots every loss key: a loss_key derived from the run's key (fold_in(K,
+# 1) = step 1's key, split(K)[0] = step 0's) would otherwise make row i's key of step t a DP
+# key or noise word (the module's "Why λ"). Like _CLIP_COUNT_BLOCK, far from any step number.
+_LOSS_BLOCK = 0x6C6F7373  # "loss"
+
+
+def loss_step_key(loss_key, step):
+    """``fold_in(fold_in(loss_key, 0x6C6F7373), step)``: the key from which the loss keys of
+    training step ``step`` derive (:func:`row_key`), in plain and private runs alike; never a
+    key or noise word of the DP keys of a ``key`` that ``loss_key`` derives from (or that
+    derives from it; the module's "Why λ")."""
+    return step_key(jax.random.fold_in(loss_key, _LOSS_BLOCK), step)
+
+
 def row_key(step_key_, row):
-    """``fold_in(step_key, row)``: the key of the example at ``row`` within a step."""
+    """``fold_in(step_key, row)``: the key of the example at ``row`` within a step, given the
+    step's loss key (:func:`loss_step_key`)."""
     return jax.random.fold_in(step_key_, row)
 
 
-def row_keys(key, step, rows):
-    """One key per row of a batch: ``fold_in(fold_in(key, step), row)`` for each of ``rows``."""
-    return jax.vmap(row_key, in_axes=(None, 0))(step_key(key, step), rows)
+def row_keys(loss_key, step, rows):
+    """One loss key per row of a batch: ``fold_in(fold_in(fold_in(loss_key, 0x6C6F7373),
+    step), row)`` for each of ``rows`` (:func:`loss_step_key`, :func:`row_key`)."""
+    return jax.vmap(row_key, in_axes=(None, 0))(loss_step_key(loss_key, step), rows)
 
 
 # fold_in(k, d) is Threefry block (0, d) of k: split(k) takes blocks 0 and 1 (the sample and

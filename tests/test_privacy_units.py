@@ -14,7 +14,7 @@ import optax
 import pytest
 from helpers import private_key
 
-from jaxgrad import keys, losses, models
+from jaxgrad import losses, models
 from jaxgrad import privacy as dp
 from jaxgrad.privacy import group_units, unit_loss
 from jaxgrad.train import PrivacyConfig, fit
@@ -196,10 +196,14 @@ def test_fit_with_augmentation_multiplicity_clips_the_mean_of_the_copies():
     cfg = PrivacyConfig(l2_clip=0.2, noise_multiplier=0.0, augmentations=3)
     loss_key = jax.random.key(7)
     result = _fit(cfg, batch_size=10, augment=_jitter, loss_key=loss_key)
+    loss_root = jax.random.fold_in(loss_key, 0x6C6F7373)
     total = jax.tree.map(np.zeros_like, params)
     for i in range(10):  # example i at step 0: its key, its 3 copies, the mean gradient
         ex = jax.tree.map(lambda a, i=i: a[i], data)
-        aug_keys, _ = keys.augmentation_keys(keys.row_key(keys.step_key(loss_key, 0), i), 3)
+        # the documented schedule (docs/privacy.md): copy c of row i at step t draws with
+        # split(fold_in(fold_in(fold_in(loss_key, "loss"), t), i), (2, K))[0][c]
+        example_key = jax.random.fold_in(jax.random.fold_in(loss_root, 0), i)
+        aug_keys = jax.random.split(example_key, (2, 3))[0]
         grads = [_grad(loss)(params, _jitter(k, ex)) for k in aug_keys]
         mean = jax.tree.map(lambda *g: sum(np.asarray(x) for x in g) / 3, *grads)
         total = _add(total, _clip(mean, 0.2))

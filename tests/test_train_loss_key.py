@@ -10,9 +10,29 @@ import pytest
 from helpers import private_key
 
 import jaxgrad
-from jaxgrad.train import CheckpointError, PrivacyConfig, fit
+from jaxgrad.privacy import sampling, threefry
+from jaxgrad.train import CheckpointError, PrivacyConfig, example_keys, fit
 
 N, LR = 10, 0.1
+# The documented schedule (jaxgrad.keys, docs/privacy.md): row i's loss key at step t is
+# fold_in(fold_in(fold_in(loss_key, LOSS), t), i), written out here with jax.random.
+LOSS = 0x6C6F7373  # "loss"
+
+
+def _loss_step_key(loss_key, t):
+    return jax.random.fold_in(jax.random.fold_in(loss_key, LOSS), t)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))  # one compile, not one per cipher op
+def _words(key, offset, n):
+    """Threefry blocks offset .. offset + n - 1 of ``key``, ``(n, 2)`` uint32: for offset 0
+    the key data of fold_in(key, j), and the words the Gaussian noise of ``key`` reads."""
+    return jnp.stack(threefry.words_at(key, offset, (n,)), 1)
+
+
+def _as_set(data):
+    """Rows of ``(n, 2)`` uint32 key data as one uint64 each, to intersect."""
+    return np.ascontiguousarray(np.asarray(data, np.uint32)).view(np.uint64).ravel()
 
 
 def _problem():
@@ -31,14 +51,15 @@ def _problem():
 
 
 def _reference(loss, params, data, *, loss_key, key, epochs, batch_size):
-    """SGD by hand: each real example's own gradient with key fold_in(fold_in(K, t), row)."""
+    """SGD by hand: each real example's own gradient with key fold_in(fold_in(fold_in(K, LOSS),
+    t), row)."""
     x, y = data
     t = 0
     for epoch in range(epochs):
         idx, mask = jaxgrad.data.epoch_indices(key, epoch, N, batch_size)
         for rows, real in zip(np.asarray(idx), np.asarray(mask), strict=True):
             rows = rows[real]
-            step_key = jax.random.fold_in(loss_key, t)
+            step_key = _loss_step_key(loss_key, t)
             grads = [
                 jax.grad(loss)(params, (x[i], y[i]), jax.random.fold_in(step_key, int(i)))
                 for i in rows
@@ -133,7 +154,7 @@ def _private_reference(loss, params, data, *, clip, key, loss_key, batch_size):
         )
         total = jax.tree_util.tree_map(jnp.zeros_like, params)
         for i in np.asarray(s.indices)[: int(s.count)]:
-            k = jax.random.fold_in(jax.random.fold_in(loss_key, t), int(i))
+            k = jax.random.fold_in(_loss_step_key(loss_key, t), int(i))
             g = jax.grad(loss)(params, (x[i], y[i]), k)
             norm = np.sqrt(sum(float(np.sum(np.square(v))) for v in jax.tree_util.tree_leaves(g)))
             factor = min(1.0, clip / norm)
@@ -162,15 +183,56 @@ def test_private_fit_gives_each_sampled_example_its_key(mesh):
 
 
 def test_a_private_run_refuses_its_own_key_as_the_loss_key():
-    """With K as both keys, rows 0 and 1 would draw their dropout from step t's sample and noise
-    keys (fold_in is Threefry block (0, d), split takes blocks 0 and 1): the noise's own bits."""
-    key, t = private_key(1), 3
-    sample_key, noise_key = jaxgrad.keys.dp_keys(key, t)
-    rows = jax.random.key_data(jaxgrad.keys.row_keys(key, t, np.arange(2)))
-    np.testing.assert_array_equal(rows[0], jax.random.key_data(sample_key))  # why it is refused
-    np.testing.assert_array_equal(rows[1], jax.random.key_data(noise_key))
+    """With K as both keys the loss's keys and the DP's share one root, LOSS apart: row i's key
+    at step 1 is noise word i of step LOSS (fold_in is Threefry block (0, d), split takes
+    blocks 0 and 1), a step no run reaches, yet one key's bits for both: refused."""
+    key = private_key(1)
+    _, noise_key = jaxgrad.keys.dp_keys(key, LOSS)
+    rows = jax.random.key_data(jaxgrad.keys.row_keys(key, 1, np.arange(2)))
+    np.testing.assert_array_equal(rows, _words(noise_key, 0, 2))  # why it is refused
     loss, params, data = _problem()
     config = PrivacyConfig(l2_clip=0.3, noise_multiplier=1.0, delta=1e-5)
     for loss_key in (key, jax.random.key_data(key)):  # typed or raw, the same key data
         with pytest.raises(ValueError, match=r"`loss_key` must differ from the private run's"):
             _fit(loss, params, data, privacy=config, key=key, loss_key=loss_key)
+
+
+@pytest.mark.parametrize("derive", ["fold_in", "split"])
+def test_a_loss_key_derived_from_the_key_never_meets_the_dp_keys(derive):
+    """loss_key = fold_in(K, 1) or split(K)[0] passes check_distinct (not K), and under the
+    old schedule fold_in(fold_in(L, t), i) row i's key at step 1 was noise word i of step 1
+    (or of step 0): the dropout a function of the noise. Under LOSS, the keys the loss gets at
+    steps 0..2 — by the plain step (keys.row_keys) and the private one (its step key through
+    row_keyed_loss) — and the first words they draw share no data with those steps' sample,
+    noise, clip-count and truncation keys, the noise's first words or the Poisson draw's."""
+    key = private_key(3)
+    loss_key = jax.random.fold_in(key, 1) if derive == "fold_in" else jax.random.split(key)[0]
+    steps, rows, words = range(3), np.arange(64), 1024
+    dp = []
+    for t in steps:
+        sample_key, noise_key = jaxgrad.keys.dp_keys(key, t)
+        count_key = jaxgrad.keys.clip_count_key(key, t)
+        named = (sample_key, noise_key, count_key, jaxgrad.keys.truncation_key(sample_key))
+        dp += [jax.random.key_data(k)[None] for k in named]
+        dp += [_words(noise_key, 0, words), _words(count_key, 0, 16)]
+        dp.append(_words(sample_key, sampling.INCLUSION_OFFSET, len(rows)))
+    dp = _as_set(np.concatenate(dp))
+
+    plain, private = [], []  # the keys the loss is given
+    private_loss = example_keys.row_keyed_loss(lambda params, example, k: private.append(k))
+    for t in steps:
+        plain.append(jax.random.key_data(jaxgrad.keys.row_keys(loss_key, t, rows)))
+        for r in rows:
+            private_loss(None, (None, r), jaxgrad.keys.loss_step_key(loss_key, t))
+    plain = np.concatenate(plain)
+    private = np.stack([jax.random.key_data(k) for k in private])
+    np.testing.assert_array_equal(private, plain)  # one schedule for both paths
+    # ... and their first draws (a dropout mask reads these)
+    draws = jax.vmap(lambda d: _words(jax.random.wrap_key_data(d), 0, 4))(plain)
+    assert plain.shape == (len(steps) * len(rows), 2) and draws.shape == (len(plain), 4, 2)
+    shared = np.intersect1d(_as_set(np.concatenate([plain, draws.reshape(-1, 2)])), dp)
+    assert shared.size == 0, f"{shared.size} loss keys or their draws are DP keys or words"
+
+    # The old schedule, written out, did collide: what the check above would have caught.
+    old = [jax.random.fold_in(jax.random.fold_in(loss_key, t), int(r)) for t in steps for r in rows]
+    assert np.intersect1d(_as_set(np.stack([jax.random.key_data(k) for k in old])), dp).size

@@ -1,22 +1,25 @@
 """Randomness inside the loss (dropout) for :func:`jaxgrad.train.fit`: one key per example.
 
-With ``fit(..., loss_key=K)`` the loss is called as ``loss_fn(params, example, key)`` with
+With ``fit(..., loss_key=L)`` the loss is called as ``loss_fn(params, example, key)`` with
 
 .. math::
 
-    \\text{key}_{t,i} = \\mathrm{fold\\_in}(\\mathrm{fold\\_in}(K, t), i)
+    \\text{key}_{t,i} = \\mathrm{fold\\_in}(\\mathrm{fold\\_in}(\\mathrm{fold\\_in}(L,
+    \\lambda), t), i), \\qquad \\lambda = \\texttt{0x6C6F7373}
 
-for the example at row ``i`` of the training set at step ``t``: a different key for every
-example and step, a function of ``(K, t, i)`` only — not of the batch it lands in, its place
-there, the devices or the processes — so every strategy (per-example gradients and clipping
-included) sees each example's own randomness, a mesh run draws the same masks as one device,
-and a resumed run the same as an uninterrupted one.
+for the example at row ``i`` of the training set at step ``t`` (:mod:`jaxgrad.keys`; ``λ``
+keeps them apart from a private run's DP keys even when ``L`` derives from its ``key``): a
+different key for every example and step, a function of ``(L, t, i)`` only — not of the
+batch it lands in, its place there, the devices or the processes — so every strategy
+(per-example gradients and clipping included) sees each example's own randomness, a mesh run
+draws the same masks as one device, and a resumed run the same as an uninterrupted one.
 
 The training set travels with its row numbers, ``(data, rows)``. The plain step turns a
 batch's row numbers into keys (:func:`jaxgrad.keys.row_keys`) and :func:`keyed_loss` hands
 each example its key; the DP-SGD step, which gathers its rows inside
-:func:`jaxgrad.privacy.sampled_dp_grad`, passes the step's key as an extra loss argument and
-:func:`row_keyed_loss` folds each example's row into it.
+:func:`jaxgrad.privacy.sampled_dp_grad`, passes the step's loss key
+(:func:`jaxgrad.keys.loss_step_key`) as an extra loss argument and :func:`row_keyed_loss`
+folds each example's row into it.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ def keyed_loss(loss_fn):
 def row_keyed_loss(loss_fn):
     """``loss(params, (example, row), step_key) = loss_fn(params, example, fold_in(step_key,
     row))``, keeping ``validate``: the keys of :func:`jaxgrad.keys.row_keys`, given the step's
-    key."""
+    loss key (:func:`jaxgrad.keys.loss_step_key`)."""
 
     def loss(params, example_and_row, step_key):
         example, row = example_and_row

@@ -132,10 +132,12 @@ def fit(
         every process) and all of them read it on resume.
 
       loss_key: a PRNG key for randomness inside the loss (dropout). When given, the loss is
-        called as ``loss_fn(params, example, key)`` with ``key = fold_in(fold_in(loss_key, t),
-        i)`` for the example at row ``i`` of ``train_data`` at step ``t``: a different key for
-        every example and step, independent of batching, devices and processes (see
-        :mod:`jaxgrad.train.example_keys`); with ``privacy`` too.
+        called as ``loss_fn(params, example, key)`` with ``key = fold_in(fold_in(fold_in(
+        loss_key, 0x6C6F7373), t), i)`` for the example at row ``i`` of ``train_data`` at step
+        ``t``: a different key for every example and step, independent of batching, devices
+        and processes (see :mod:`jaxgrad.train.example_keys`); with ``privacy`` too, where the
+        block ``0x6C6F7373`` keeps these keys apart from the DP's even for a ``loss_key``
+        derived from ``key`` (:mod:`jaxgrad.keys`).
       metric_writers: objects with ``write(record)``, given every epoch's record as it is
         appended to the history (:class:`jaxgrad.train.writers.JsonlWriter`,
         :class:`jaxgrad.train.writers.TensorBoardWriter`, or your own); ``fit`` does not
@@ -159,8 +161,8 @@ def fit(
         example and its gradient is the *mean* over them, clipped once (De et al. 2022;
         :func:`jaxgrad.privacy.augmented_loss`), so the unit stays the example. The copies'
         keys come from the example's ``loss_key`` key (:func:`jaxgrad.keys.augmentation_keys`
-        of ``fold_in(fold_in(loss_key, t), i)``): ``loss_key`` is required. A ``loss_fn`` that
-        takes a key gets one per copy.
+        of :func:`jaxgrad.keys.row_keys`' key of row ``i`` at step ``t``): ``loss_key`` is
+        required. A ``loss_fn`` that takes a key gets one per copy.
 
     Returns:
       A :class:`FitResult` ``(params, state, history)``, with ``result.privacy`` (ε, δ, σ, ...)

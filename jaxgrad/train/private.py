@@ -615,7 +615,7 @@ def engine(
     transform = _transform(the_plan, optimizer, expected_batch_size=source.expected_batch_size(n))
 
     def loss_args(step):  # the loss's extra argument: this step's loss key, if any
-        return () if loss_key is None else (keys.step_key(loss_key, step),)
+        return () if loss_key is None else (keys.loss_step_key(loss_key, step),)
 
     def update(state, total, bad, key):
         updates, opt_state = transform(state, total, bad, key)
