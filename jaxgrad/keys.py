@@ -362,6 +362,9 @@ def truncation_key(sample_key):
 # 1) = step 1's key, split(K)[0] = step 0's) would otherwise make row i's key of step t a DP
 # key or noise word (the module's "Why λ"). Like _CLIP_COUNT_BLOCK, far from any step number.
 _LOSS_BLOCK = 0x6C6F7373  # "loss"
+# What a checkpoint of a run with a loss_key records (jaxgrad.train.run_config): one written
+# under the former fold_in(fold_in(loss_key, t), row) lacks it and is not resumed with others.
+LOSS_KEY_SCHEDULE = f"fold_in(fold_in(fold_in(loss_key, 0x{_LOSS_BLOCK:X}), t), row)"
 
 
 def loss_step_key(loss_key, step):

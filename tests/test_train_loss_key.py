@@ -1,6 +1,7 @@
 """fit(loss_key=...): one key per example and step inside the loss (dropout), against a loop."""
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -121,14 +122,26 @@ def test_the_keys_change_the_result():
     assert jaxgrad.check.tree_diff(a, b)[0] > 1e-3
 
 
-def test_resume_continues_with_the_same_keys_and_refuses_another(tmp_path):
+def test_resume_continues_with_the_same_keys_and_refuses_another(tmp_path, monkeypatch):
     loss, params, data = _problem()
     full = _fit(loss, params, data, epochs=3).params
-    _fit(loss, params, data, epochs=2, checkpoint_dir=tmp_path)
-    resumed = _fit(loss, params, data, epochs=3, checkpoint_dir=tmp_path).params
+    _fit(loss, params, data, epochs=2, checkpoint_dir=tmp_path / "a")
+    resumed = _fit(loss, params, data, epochs=3, checkpoint_dir=tmp_path / "a").params
     jaxgrad.check.assert_equivalent(resumed, full, rtol=0, atol=0)
     with pytest.raises(CheckpointError, match="loss_key"):
-        _fit(loss, params, data, epochs=3, loss_key=jax.random.key(6), checkpoint_dir=tmp_path)
+        _fit(
+            loss, params, data, epochs=3, loss_key=jax.random.key(6), checkpoint_dir=tmp_path / "a"
+        )
+    # A checkpoint of the former schedule, fold_in(fold_in(loss_key, t), row), whose config
+    # has no "loss_keys": refused, not continued with other keys than its first steps had.
+    loop = importlib.import_module("jaxgrad.train.loop")
+    current = loop.run_config
+    former = lambda *a, **kw: {k: v for k, v in current(*a, **kw).items() if k != "loss_keys"}
+    monkeypatch.setattr(loop, "run_config", former)
+    _fit(loss, params, data, epochs=2, checkpoint_dir=tmp_path / "b")
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match=r"loss_keys: None -> 'fold_in\(fold_in\(fold_in"):
+        _fit(loss, params, data, epochs=3, checkpoint_dir=tmp_path / "b")
 
 
 def test_bad_loss_key_combinations_are_named():

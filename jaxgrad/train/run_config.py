@@ -54,7 +54,11 @@ def run_config(
         "scan": bool(scan),
         # A resumed run must be the same run: same key and the same gradient (or privacy).
         "key": key_fingerprint,
-        **({"loss_key": keys.fingerprint(loss_key)} if loss_key is not None else {}),
+        **(
+            {"loss_key": keys.fingerprint(loss_key), "loss_keys": keys.LOSS_KEY_SCHEDULE}
+            if loss_key is not None
+            else {}
+        ),
         **({"devices": int(mesh.devices.size)} if mesh is not None else {}),
         # A private run resumed on other data would reuse its noise and draws: the data's hash
         # (in memory only; memory-mapped files are not read whole) must match. Kept secret.
