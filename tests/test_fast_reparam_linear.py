@@ -61,19 +61,21 @@ def test_fake_quantised_dense_conv_and_table_keep_their_routes():
 def test_merged_lora_tied_transposed_and_on_the_left():
     """``W0 + A @ B`` with a sequence axis: ``A`` shared by two layers (one used transposed:
     ``B`` then meets ``A`` of that use), ``W0`` used directly too (tied uses), a third
-    merged weight ``W_frozen - 0.5 C @ B3`` on the left of its use. Exact, and no
+    merged weight ``W_frozen - 0.5 C @ B3`` on the left of its use, a fourth written as
+    PyTorch's ``W0 + (B4 A4)ᵀ`` (the product transposed before the sum). Exact, and no
     ``(B, d, d)`` per-example weight is formed."""
     rng = np.random.default_rng(1)
     d, rank = 9, 2  # (9 > the 8 positions of W0's uses: no (B, 9, 9) factor either)
     r = lambda *shape: _normal(rng, *shape)
     params = {"W0": r(d, d), "A": r(d, rank), "B1": r(rank, d), "B2": r(rank, d)}
-    params.update(C=r(d, rank), B3=r(rank, d))
+    params.update(C=r(d, rank), B3=r(rank, d), A4=r(rank, d), B4=r(d, rank))
     frozen = r(d, d)
 
     def loss(p, seq):  # seq (2, d)
         h = jnp.tanh(seq @ (p["W0"] + p["A"] @ p["B1"]))
         h = jnp.tanh(h @ (p["W0"] + p["A"] @ p["B2"]).T)
         h = jnp.tanh((frozen - 0.5 * (p["C"] @ p["B3"])) @ h.T)  # a frozen W0, scaled
+        h = jnp.tanh(h.T @ (frozen + (p["B4"] @ p["A4"]).T))
         return jnp.sum(h**2) + jnp.sum(jnp.sin(seq @ p["W0"]))
 
     x = r(B, 2, d)
@@ -85,6 +87,7 @@ def test_merged_lora_tied_transposed_and_on_the_left():
     assert "on the right times a scalar (folded into A)" in routes["['C']"].route
     assert "matrix on the left (folded into A)" in routes["['B1']"].route
     assert "matrix on the left (folded into G)" in routes["['B2']"].route
+    assert "(folded into A)" in routes["['B4']"].route, routes["['B4']"]
     run = lambda p: passes.fast_pass(loss, p, x, jnp.ones(B, bool)).norm_sq
     assert (B, d, d) not in _shapes_in(jax.make_jaxpr(run)(params).jaxpr)
 
@@ -169,9 +172,10 @@ def test_a_layer_stack_of_merged_lora_weights_is_folded_step_by_step():
 
 
 def test_what_is_not_folded_falls_back_visibly_and_stopped_reads_are_no_uses():
-    """A LoRA product transposed before the sum, or reshaped into a convolution kernel, keeps
-    the reparametrised (VJP) route, named; a power iteration on the weight whose results
-    are stopped (as ``flax.linen.SpectralNorm`` runs it) reads the weight but is no use."""
+    """A LoRA product reshaped into a convolution kernel keeps the reparametrised (VJP) route,
+    named (one transposed before the sum is folded); a power iteration on the weight whose
+    results are stopped (as ``flax.linen.SpectralNorm`` runs it) reads the weight but is no
+    use."""
     rng = np.random.default_rng(3)
     r = lambda *shape: _normal(rng, *shape)
     params = {"W0": r(4, 4), "A": r(4, 2), "Bm": r(2, 4), "K0": r(3, 3, 2, 2)}
@@ -194,8 +198,10 @@ def test_what_is_not_folded_falls_back_visibly_and_stopped_reads_are_no_uses():
         return jnp.sum(jnp.tanh(c) ** 2) + jnp.sum(jnp.tanh(h @ spectral(p["S"], u0)) ** 2)
 
     routes = {lp.path: lp for lp in plan(loss, params, (r(4), r(4, 4, 2))).leaves}
-    for path in ("['A']", "['Bm']", "['P']", "['Q']", "['W0']", "['K0']"):
+    for path in ("['P']", "['Q']", "['K0']"):
         assert routes[path].route.startswith("reparametrised ("), routes[path]
+    for path in ("['A']", "['Bm']"):
+        assert "of a summed weight" in routes[path].route, routes[path]
     s = routes["['S']"]
     assert len(s.uses) == 2 and not s.fallback, s  # (σ = vᵀ S u and the layer; not 2 + 4)
 

@@ -140,9 +140,10 @@ def identity_tangent(e: Eqn, q: int) -> bool:
 
 def _summands(program: Program, producer: dict, deps: dict, n: int, ref):
     """``ref`` as a sum of parts each linear in one leaf: ``(parts, straight)`` with parts
-    ``("id", (leaf, chain), scales)`` (``θ'``) or ``("dot", k, scales)`` (equation ``k``, a
-    ``dot_general`` of aliases of leaves, each times scalars with no gradient, and values
-    with no gradient), each times the
+    ``("id", (leaf, chain), scales)`` (``θ'``) or ``("dot", (k, perm), scales)`` (equation
+    ``k``, a ``dot_general`` of aliases of leaves, each times scalars with no gradient, and
+    values with no gradient, its result transposed by ``perm``: ``(A @ B).T``, PyTorch's
+    ``W0 + (B A)ᵀ``), each times the
     scalars ``scales`` (``(ref, inverse)``: ``alpha / r * (A @ B)``, ``W0 - A @ B``) that
     carry no gradient; ``straight`` when a part carries a value with no gradient (a
     straight-through estimator); None if not of that form."""
@@ -156,9 +157,16 @@ def _summands(program: Program, producer: dict, deps: dict, n: int, ref):
         return None
     e = program.eqns[k]
     grads = [i for i, r in enumerate(e.ins) if isinstance(r, Var) and deps.get(r)]
+    perm = tuple(range(len(e.out_avals[0].shape)))
+    if e.primitive.name == "transpose" and isinstance(e.ins[0], Var) and e.ins[0] in producer:
+        perm, k = e.params["permutation"], producer[e.ins[0]]  # a part's product, transposed
+        e = program.eqns[k]
+        grads = [i for i, r in enumerate(e.ins) if isinstance(r, Var) and deps.get(r)]
+        if e.primitive.name != "dot_general":
+            return None
     if e.primitive.name == "dot_general":  # (batch axes: a stack of parts, e.g. vmapped)
         leaves = [_scaled_alias(program, producer, deps, n, e.ins[i]) for i in grads]
-        return ([("dot", k, ())], False) if None not in leaves else None
+        return ([("dot", (k, tuple(perm)), ())], False) if None not in leaves else None
     shape = tuple(e.out_avals[0].shape)
     name = e.primitive.name
     inner = lambda q: _summands(program, producer, deps, n, e.ins[q])
@@ -252,9 +260,10 @@ def _read_leaves(program: Program, producer: dict, n: int, refs) -> set:
     return out
 
 
-def _folded_use(program: Program, u: Use, e: Eqn, p: int, chain: tuple, what: str, scales):
+def _folded_use(program: Program, u: Use, e: Eqn, p: int, chain: tuple, what: str, scales, perm):
     """Use ``u`` of ``W_eff = ... + θ' · M + ...`` (``e`` the ``dot_general`` making the part,
-    ``θ' = e.ins[p]`` the alias of a leaf through ``chain``) as a use of that leaf: ``op`` on
+    transposed by ``perm`` into ``W_eff``'s axes; ``θ' = e.ins[p]`` the alias of a leaf
+    through ``chain``) as a use of that leaf: ``op`` on
     ``θ'`` with ``M`` folded into ``A`` or ``G`` (see :class:`Fold`), or None where no fold is
     written (a use that is not dense, a chain that is not transposes only).
 
@@ -265,9 +274,9 @@ def _folded_use(program: Program, u: Use, e: Eqn, p: int, chain: tuple, what: st
     if u.kind != "dense" or u.split >= 0 or u.select:
         return None
     ndim = len(e.out_avals[0].shape)
-    # use operand axis i is W_eff axis perm[i] (a leaf scanned over: the lifted operand's)
-    perm = use_perm(program, u, ndim, lifted=True)
-    if perm is None:
+    # use operand axis i is W_eff axis use_to_eff[i] (a leaf scanned over: the lifted operand's)
+    use_to_eff = use_perm(program, u, ndim, lifted=True)
+    if use_to_eff is None:
         return None
     # One einsum label per axis: the use's operands and output, then the part's operands,
     # whose free and batch axes are W_eff's (eff) and so the use's parameter operand's.
@@ -275,9 +284,12 @@ def _folded_use(program: Program, u: Use, e: Eqn, p: int, chain: tuple, what: st
     lab, y = _use_labels(u.op, names)
     x_lab, w_lab = lab[1 - u.pos], lab[u.pos]
     eff = [None] * ndim
-    for i, w in enumerate(perm):
+    for i, w in enumerate(use_to_eff):
         eff[w] = w_lab[i]
-    rl, free = _part_labels(e, eff, names)
+    made = [None] * ndim  # the part's result axes: W_eff axis j is its axis perm[j]
+    for j, w in enumerate(perm):
+        made[w] = eff[j]
+    rl, free = _part_labels(e, made, names)
     t_lab, m_lab = rl[p], rl[1 - p]
     where = _fold_side(x_lab, m_lab, [m_lab[d] for d in free[1 - p]], y)
     if where is None:
@@ -418,7 +430,7 @@ def summed_weights(program: Program, n: int, outputs, deps: dict, uses: dict, sk
                 )
                 ok = ok and plain
                 continue
-            e = program.eqns[x]
+            e, perm = program.eqns[x[0]], x[1]
             for p in (0, 1):
                 got = _scaled_alias(program, producer, deps, n, e.ins[p])
                 if got is None:
@@ -432,7 +444,7 @@ def summed_weights(program: Program, n: int, outputs, deps: dict, uses: dict, sk
                     f"times {'a parameter' if is_leaf else 'an example-independent'} matrix "
                     f"on the {'right' if p == 0 else 'left'}{times}"
                 )
-                folded = [_folded_use(program, u, e, p, theta[1], what, own) for u in us]
+                folded = [_folded_use(program, u, e, p, theta[1], what, own, perm) for u in us]
                 ok = ok and None not in folded
                 per.append((theta[0], folded))
         if ok:
