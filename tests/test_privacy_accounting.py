@@ -223,3 +223,73 @@ def test_calibration_stops_at_the_smallest_sigma_whose_pld_fits(monkeypatch):
         sigma = accounting.calibrate_noise_multiplier(**kw, pld_discretization=vdi)
     assert middle - 2e-3 <= sigma <= middle + 2e-3
     assert _dpa_epsilon(sigma, 0.02, 200, 1e-5, "pld", vdi) <= 4.0
+
+
+# ------------------------------------------------------------------------------------------
+# A δ below the tail mass the PLD drops; a σ whose square overflows.
+
+_TINY = dict(sampling_rate=32 / 1438, steps=45, delta=1e-15, pld_discretization=1e-3)
+
+
+def test_epsilon_where_the_pld_cannot_reach_delta_is_rdps_and_says_so():
+    """dp-accounting's PLD answers ε = inf at δ = 1e-15 (its truncated tails hold more);
+    its RDP certifies a finite ε, which `epsilon`, `effective_accountant(delta=...)` and the
+    Accountant then give, with a warning (the PLD was used, and inf passed on, before)."""
+    q, steps, delta, vdi = (
+        _TINY[k] for k in ("sampling_rate", "steps", "delta", "pld_discretization")
+    )
+    assert _dpa_epsilon(1.55, q, steps, delta, "pld", vdi) == math.inf
+    rdp = _dpa_epsilon(1.55, q, steps, delta, "rdp")
+    assert 1 < rdp < 3
+    with pytest.warns(accounting.AccountingFallbackWarning, match="answers ε = inf at δ = 1e-15"):
+        assert accounting.epsilon(noise_multiplier=1.55, **_TINY) == rdp
+    settings = {k: v for k, v in _TINY.items() if k != "delta"}
+    assert accounting.effective_accountant(noise_multiplier=1.55, **settings, delta=delta) == "rdp"
+    assert accounting.effective_accountant(noise_multiplier=1.55, **settings) == "pld"  # size
+    acc = accounting.Accountant(delta=delta, pld_discretization=vdi)
+    acc.record(noise_multiplier=1.55, sampling_rate=q, steps=steps)
+    with pytest.warns(accounting.AccountingFallbackWarning, match="answers ε = inf"):
+        assert acc.epsilon() == pytest.approx(rdp, rel=1e-12)
+    assert acc.effective_accountant() == "rdp"
+    assert acc.effective_accountant(delta=1e-5) == "pld"  # the PLD reaches δ = 1e-5
+    # A step without noise is inf to both accountants: inf, without a warning.
+    acc.record(noise_multiplier=0.0, sampling_rate=q)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert acc.epsilon() == math.inf
+
+
+def test_calibration_where_the_pld_cannot_reach_delta_gives_rdps_sigma():
+    """σ for ε = 2 at δ = 1e-15 is RDP's (dp-accounting's RDP certifies it, and 1 % less
+    noise spends more), not σ ≈ 198 where the PLD first answers a finite ε (0.018); the
+    same by `calibrate_event_noise`."""
+    kw = dict(target_epsilon=2.0, **_TINY)
+    with pytest.warns(accounting.AccountingFallbackWarning, match="answers ε = inf"):
+        sigma = accounting.calibrate_noise_multiplier(**kw)
+    q, steps = _TINY["sampling_rate"], _TINY["steps"]
+    assert _dpa_epsilon(sigma, q, steps, 1e-15, "rdp") <= 2.0
+    assert _dpa_epsilon(0.99 * sigma, q, steps, 1e-15, "rdp") > 2.0
+    with pytest.warns(accounting.AccountingFallbackWarning):
+        assert accounting.epsilon(noise_multiplier=sigma, **_TINY) <= 2.0
+    event = lambda s: dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(s))
+    got = accounting.calibrate_event_noise(
+        event, target_epsilon=2.0, delta=1e-15, steps=steps, pld_discretization=1e-3, tol=1e-2
+    )
+    assert abs(got - sigma) <= 1e-2
+
+
+def test_epsilon_at_a_sigma_whose_square_overflows_is_that_at_1e100():
+    """σ = 1e200 used to raise (dp-accounting's RDP overflows on σ², after a spurious
+    fallback warning); ε falls as σ grows, so the ε at 1e100 — dp-accounting's own, ~0 —
+    bounds it, by `epsilon` and by the Accountant alike."""
+    kw = dict(sampling_rate=0.01, steps=100, delta=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ("pld", "rdp"):
+            reference = _dpa_epsilon(1e100, 0.01, 100, 1e-5, name)
+            assert 0 <= reference < 1e-6
+            assert accounting.epsilon(noise_multiplier=1e200, **kw, accountant=name) == reference
+        acc = accounting.Accountant(delta=1e-5)
+        acc.record(noise_multiplier=1e200, sampling_rate=0.01, steps=100)
+        assert acc.epsilon() == _dpa_epsilon(1e100, 0.01, 100, 1e-5, "pld")
+        assert acc.effective_accountant() == "pld"

@@ -87,6 +87,23 @@ def test_fit_private_calibrates_sigma_to_the_target():
     assert 4.0 * 0.97 < spent <= 4.0  # (fit with a target ε runs in the CLI test below)
 
 
+def test_fit_private_at_a_delta_below_the_plds_reach_calibrates_by_rdp():
+    """At δ = 1e-15 dp-accounting's PLD (fit's default) answers ε = inf at every σ near the
+    answer: the plan's σ is RDP's (it was 198, spending ε = 0.018 of 2), its ε and record
+    say RDP, and dp-accounting's RDP, called directly, certifies the target."""
+    import dp_accounting as dpa
+
+    config = PrivacyConfig(l2_clip=1.0, target_epsilon=2.0, delta=1e-15)
+    with pytest.warns(privacy.AccountingFallbackWarning, match="answers ε = inf"):
+        plan = jaxgrad.train.private.plan(config, num_examples=1438, batch_size=32, epochs=1)
+        record = plan.summary(plan.steps)
+    q, steps, sigma = plan.sampling_rate, plan.steps, plan.noise_multiplier
+    acc = dpa.rdp.RdpAccountant()
+    acc.compose(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps)
+    assert record["epsilon"] == acc.get_epsilon(1e-15) <= 2.0
+    assert record["accountant"] == "rdp" and 1 < sigma < 2
+
+
 def test_fit_private_resume_is_bit_for_bit_and_refuses_changed_privacy(whole, tmp_path):
     loss_fn, params, data, whole = whole
     config = CONFIG

@@ -242,12 +242,14 @@ class PrivacyPlan:
         if self.source.name not in ("poisson", "cyclic_poisson"):
             accountant = self.accountant(steps).effective_accountant()
         else:
-            accountant = dp.accounting.effective_accountant(  # "rdp" where PLD would not fit
+            # "rdp" where the PLD would not fit or cannot reach δ (as `epsilon` does)
+            accountant = dp.accounting.effective_accountant(
                 noise_multiplier=self.noise_multiplier,
                 sampling_rate=self.sampling_rate,
                 steps=self.compositions(steps),
                 accountant=c.accountant,
                 pld_discretization=c.pld_discretization,
+                delta=c.delta,
             )
         extra = {}  # only where not the default: a Poisson run's record is unchanged
         if self.source.name == "truncated_poisson":

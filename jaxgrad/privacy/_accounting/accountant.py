@@ -15,7 +15,11 @@ from jaxgrad.privacy._accounting.checks import (
     check_relation,
     check_steps,
 )
-from jaxgrad.privacy._accounting.epsilon import events_accountant, events_epsilon
+from jaxgrad.privacy._accounting.epsilon import (
+    events_accountant,
+    events_epsilon,
+    events_fallback,
+)
 from jaxgrad.privacy._accounting.events import event_from_data, event_to_data, poisson_event
 from jaxgrad.privacy._accounting.library import dpa_accountant
 
@@ -45,8 +49,9 @@ class Accountant:
     event (:mod:`jaxgrad.privacy.sources`). The accountant reuses :func:`epsilon`'s guards:
     a PLD larger than :data:`PLD_MAX_STEP_POINTS` / :data:`PLD_MAX_POINTS` is not built and
     the RDP accountant answers (with an :class:`AccountingFallbackWarning`; refused if an
-    event has no RDP analysis), and an ε below what one recorded Poisson step alone spends
-    is refused as a numerical breakdown.
+    event has no RDP analysis), as it does where the PLD answers ``inf`` at ``δ`` (below
+    the tail mass it drops) but RDP a finite ε; and an ε below what one recorded Poisson
+    step alone spends is refused as a numerical breakdown.
 
     Its state is plain data (:meth:`state_dict`, JSON-serialisable: the settings and the
     events with their counts), so it can be written into a checkpoint and resumed exactly
@@ -157,10 +162,15 @@ class Accountant:
             return self.delta
         return check_delta_range(delta)
 
-    def effective_accountant(self, events=None) -> str:
-        """The accountant :meth:`epsilon` uses: ``"rdp"`` where the PLD would not fit."""
+    def effective_accountant(self, events=None, delta: float | None = None) -> str:
+        """The accountant :meth:`epsilon` uses: ``"rdp"`` where the PLD would not fit or,
+        at ``δ`` (default: the accountant's, if any), answers ``inf`` while RDP does not
+        (that takes computing ε)."""
         events = self.events if events is None else events
-        return events_accountant(events, self.accountant, self.pld_discretization)[0]
+        delta = self.delta if delta is None else check_delta_range(delta)
+        if delta is None:
+            return events_accountant(events, self.accountant, self.pld_discretization)[0]
+        return events_fallback(events, delta, **self._settings())[1]
 
     def _settings(self):
         """This accountant's keyword arguments of :func:`events_epsilon`."""

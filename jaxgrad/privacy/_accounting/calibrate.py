@@ -19,10 +19,15 @@ from jaxgrad.privacy._accounting.checks import (
     check_calibration_steps,
     check_delta_range,
 )
-from jaxgrad.privacy._accounting.epsilon import dpsgd_epsilon, events_epsilon
+from jaxgrad.privacy._accounting.epsilon import dpsgd_epsilon, dpsgd_fallback, events_epsilon
 from jaxgrad.privacy._accounting.events import dp_event
 from jaxgrad.privacy._accounting.library import dpa, make_accountant, quiet_absl
-from jaxgrad.privacy._accounting.pld_size import pld_fits, size_situation, warn_fallback
+from jaxgrad.privacy._accounting.pld_size import (
+    pld_fits,
+    size_situation,
+    unreachable_situation,
+    warn_fallback,
+)
 from jaxgrad.privacy.sampling import check_sampling_rate
 
 
@@ -53,9 +58,11 @@ def calibrate_noise_multiplier(
     the same arguments, within ``tol`` in σ. The RDP accountant's σ comes first (cheap at
     every σ); the PLD accountant's search starts there and steps down, building only PLDs
     within the limits of :func:`pld_size` — so a large target (small σ) never exhausts
-    memory. Where the PLD at RDP's σ is already too large, RDP's σ is returned; where the
-    PLD's answer lies below the smallest σ whose PLD fits, that σ is returned (both with an
-    :class:`AccountingFallbackWarning`; ``epsilon`` then uses the same accountant).
+    memory. Where the PLD at RDP's σ is already too large, or cannot reach ``δ`` there (it
+    answers ``inf``: ``δ`` below the tail mass dp-accounting drops), RDP's σ is returned;
+    where the PLD's answer lies below the smallest σ whose PLD fits, that σ is returned
+    (each with an :class:`AccountingFallbackWarning`; ``epsilon`` then uses the same
+    accountant).
 
     Args:
       target_epsilon: ε > 0 to spend over the whole run.
@@ -129,10 +136,7 @@ def _check_spent(t, sigma, accountant, pld_eps):
     """Refuses a σ that spends more than the target: Brent's method trusts the accountant at
     every σ it tries, so the answer is checked with the guarded ε, by the accountant
     :func:`epsilon` would use for it."""
-    if accountant == "pld" and pld_fits(sigma, t.q, t.steps, t.vdi)[0]:
-        spent = pld_eps(sigma)
-    else:
-        spent = dpsgd_epsilon(sigma, t.q, t.steps, t.delta, "rdp", t.vdi)
+    spent = dpsgd_fallback(sigma, t.q, t.steps, t.delta, accountant, t.vdi, pld_eps)[0]
     if spent > t.epsilon * (1 + 1e-9):
         raise ValueError(
             f"calibration found `noise_multiplier` {sigma!r}, which spends ε = {spent!r} > "
@@ -147,11 +151,17 @@ def _calibrate_pld(t, sigma_rdp, eps):
     computed twice (dp-accounting's own search evaluates the bracket's ends again).
     Its fallback warnings name :func:`calibrate_noise_multiplier`'s line.
     """
+    what = "σ is calibrated with the RDP accountant instead (a valid, looser upper bound)"
     fits, size = pld_fits(sigma_rdp, t.q, t.steps, t.vdi)
     if not fits:  # the PLD's answer is (almost always) below RDP's, where it is larger still
         situation = size_situation(sigma_rdp, t.q, t.steps, t.vdi, size)
-        what = "σ is calibrated with the RDP accountant instead (a valid, looser upper bound)"
         warn_fallback(situation, what, stacklevel=2)
+        return sigma_rdp
+    if eps(sigma_rdp) == math.inf:
+        # δ is below the tail mass the PLD drops: it reaches δ only at a far larger σ (its
+        # ε there far below the target), while RDP certifies the target at its own σ; the
+        # PLD answers inf there, so `epsilon` accounts RDP's σ by RDP too.
+        warn_fallback(unreachable_situation(t.delta), what, remedy=None, stacklevel=2)
         return sigma_rdp
     hi = sigma_rdp
     for _ in range(30):  # the PLD bound may exceed RDP's (rarely): more σ, a smaller PLD
@@ -205,7 +215,9 @@ def _certified_root(t, lo, hi, eps):
     at most the target."""
     from scipy import optimize
 
-    root = optimize.brentq(lambda s: eps(s) - t.epsilon, lo, hi, xtol=t.tol)
+    # (a PLD answering inf below δ's reach counts as spending twice the target: Brent's
+    # method needs finite values, and only their signs bracket the crossing)
+    root = optimize.brentq(lambda s: min(eps(s), 2 * t.epsilon) - t.epsilon, lo, hi, xtol=t.tol)
     # Brent's root is within tol of the crossing but may spend a hair more than the
     # target: then the next σ up, or the bracket's upper end (known to be within it).
     for sigma in (root, root + t.tol, hi):

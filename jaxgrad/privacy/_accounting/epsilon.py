@@ -1,8 +1,10 @@
 """ε of DP-SGD steps, or of any recorded events, by dp-accounting, guarded against breakdown.
 
-Two guards around every ε: a PLD too large to build is not built (:mod:`.pld_size`: the
-RDP accountant answers, and says so), and an ε below what one step alone spends
-(:func:`epsilon_lower_bound`, closed form) is refused as a numerical breakdown.
+Three guards around every ε: a PLD too large to build is not built, and where the PLD
+cannot reach ``δ`` (it answers ``inf``: dp-accounting drops its tails' mass) it does not
+answer (:mod:`.pld_size`: the RDP accountant answers, and says so); an ε below what one
+step alone spends (:func:`epsilon_lower_bound`, closed form) is refused as a numerical
+breakdown.
 """
 
 from __future__ import annotations
@@ -12,14 +14,22 @@ import math
 import numpy as np
 
 from jaxgrad.privacy._accounting.checks import check_delta_range, check_dpsgd, check_gaussian_step
-from jaxgrad.privacy._accounting.events import dp_event, gaussian_step, leaves
+from jaxgrad.privacy._accounting.events import (
+    SIGMA_ACCOUNTED_MAX,
+    accounted,
+    dp_event,
+    gaussian_step,
+    leaves,
+)
 from jaxgrad.privacy._accounting.library import dpa_accountant, make_accountant, quiet_absl
 from jaxgrad.privacy._accounting.pld_size import (
+    COARSER,
     RDP_ANSWERS,
     check_rdp_fallback,
     events_pld_fit,
     pld_fits,
     size_situation,
+    unreachable_situation,
     warn_fallback,
 )
 
@@ -41,12 +51,15 @@ def epsilon(
       steps: ``T ≥ 0``; 0 steps spend ε = 0.
       delta: ``δ`` in (0, 1).
       accountant: ``"pld"`` (default) or ``"rdp"``. A PLD larger than the limits
-        (:func:`pld_size`; small ``σ``) is not built: the RDP accountant answers instead,
-        with an :class:`AccountingFallbackWarning`.
+        (:func:`pld_size`; small ``σ``) is not built, and a PLD that answers ``inf`` (a
+        ``δ`` below the tail mass dp-accounting drops, ~1e-15 over many steps) is not
+        believed: the RDP accountant answers instead, with an
+        :class:`AccountingFallbackWarning`.
       pld_discretization: the PLD accountant's value discretisation interval.
 
     Returns:
-      ε as a float.
+      ε as a float; a ``σ`` above :data:`SIGMA_ACCOUNTED_MAX` (1e100) gets that σ's ε,
+      which bounds its own.
 
     Example::
 
@@ -62,13 +75,35 @@ def epsilon(
         return 0.0
     if sigma == 0:
         return math.inf
-    if accountant == "pld":
-        fits, size = pld_fits(sigma, q, steps, pld_discretization)
-        if not fits:
-            situation = size_situation(sigma, q, steps, pld_discretization, size)
-            warn_fallback(situation, RDP_ANSWERS, stacklevel=2)
-            accountant = "rdp"
-    return dpsgd_epsilon(sigma, q, steps, delta, accountant, pld_discretization)
+    sigma = min(sigma, SIGMA_ACCOUNTED_MAX)
+    eps, _, why = dpsgd_fallback(sigma, q, steps, delta, accountant, pld_discretization)
+    if why is not None:
+        warn_fallback(why[0], RDP_ANSWERS, remedy=why[1], stacklevel=2)
+    return eps
+
+
+def dpsgd_fallback(sigma, q, steps, delta, accountant, vdi, pld_eps=None):
+    """``(ε, used, why)``: ε of ``steps`` DP-SGD steps as :func:`epsilon` computes it, the
+    accountant that answered, and why RDP answered in the PLD's place (``(situation,
+    remedy)`` for :func:`warn_fallback`; None where it did not).
+
+    ``pld_eps``: ``σ ->`` the PLD's guarded ε at these settings, where the caller memoises
+    it (calibration); :func:`dpsgd_epsilon` by default.
+    """
+    if accountant == "rdp":
+        return dpsgd_epsilon(sigma, q, steps, delta, "rdp", vdi), "rdp", None
+    fits, size = pld_fits(sigma, q, steps, vdi)
+    if not fits:
+        why = size_situation(sigma, q, steps, vdi, size), COARSER
+        return dpsgd_epsilon(sigma, q, steps, delta, "rdp", vdi), "rdp", why
+    eps = dpsgd_epsilon(sigma, q, steps, delta, "pld", vdi) if pld_eps is None else pld_eps(sigma)
+    if eps < math.inf:
+        return eps, "pld", None
+    # The PLD's truncated tails exceed δ; RDP's ε (σ > 0) is a valid, finite bound.
+    rdp = dpsgd_epsilon(sigma, q, steps, delta, "rdp", vdi)
+    if rdp == math.inf:
+        return eps, "pld", None
+    return rdp, "rdp", (unreachable_situation(delta), None)
 
 
 def effective_accountant(
@@ -78,11 +113,13 @@ def effective_accountant(
     steps: int,
     accountant: str = "pld",
     pld_discretization: float = 1e-4,
+    delta: float | None = None,
 ) -> str:
     """The accountant :func:`epsilon` uses for these arguments: ``"rdp"`` where it falls back.
 
     ``"pld"`` only when asked for and the PLD fits :data:`PLD_MAX_STEP_POINTS` and
-    :data:`PLD_MAX_POINTS` (:func:`pld_size`); a record of the run should name this one.
+    :data:`PLD_MAX_POINTS` (:func:`pld_size`) and, given ``delta``, answers a finite ε at
+    it (that takes computing the PLD's ε); a record of the run should name this one.
 
     Example::
 
@@ -96,7 +133,11 @@ def effective_accountant(
     make_accountant(accountant, pld_discretization=pld_discretization)  # checks both
     if accountant == "rdp" or sigma == 0 or steps == 0:
         return accountant
-    return "pld" if pld_fits(sigma, q, steps, pld_discretization)[0] else "rdp"
+    sigma = min(sigma, SIGMA_ACCOUNTED_MAX)
+    if delta is None:
+        return "pld" if pld_fits(sigma, q, steps, pld_discretization)[0] else "rdp"
+    delta = check_delta_range(delta)
+    return dpsgd_fallback(sigma, q, steps, delta, accountant, pld_discretization)[1]
 
 
 def epsilon_lower_bound(*, noise_multiplier: float, sampling_rate: float, delta: float) -> float:
@@ -190,19 +231,38 @@ def events_accountant(events, accountant, vdi):
     for would not fit (``size`` from :func:`events_pld_fit`; None unless the PLD was sized)."""
     if accountant == "rdp" or not events:
         return accountant, None
-    fits, size = events_pld_fit(events, vdi)
+    fits, size = events_pld_fit(accounted(events), vdi)
     return ("pld" if fits else "rdp"), size
 
 
 def events_epsilon(events, delta, *, accountant, vdi, relation, warn=True):
     """ε of ``[(event, count), ...]`` at ``δ`` (0 for none): by ``accountant``, or by RDP
-    where its PLD would not fit (with a warning if ``warn``), guarded against breakdown."""
+    where its PLD would not fit or cannot reach ``δ`` (:func:`events_fallback`; with a
+    warning if ``warn``), guarded against breakdown."""
+    eps, _, why = events_fallback(events, delta, accountant=accountant, vdi=vdi, relation=relation)
+    if warn and why is not None:  # from here: 1 this, 2 Accountant.epsilon, 3 its caller
+        warn_fallback(why[0], RDP_ANSWERS, remedy=why[1], stacklevel=3)
+    return eps
+
+
+def events_fallback(events, delta, *, accountant, vdi, relation):
+    """``(ε, used, why)`` of ``[(event, count), ...]`` at ``δ``, as :func:`dpsgd_fallback`:
+    RDP answers where the PLD would not fit (refused if an event has no RDP analysis), and
+    where the PLD answers ``inf`` but RDP, given every event, a finite ε; a noise multiplier
+    above :data:`SIGMA_ACCOUNTED_MAX` is accounted as that one."""
     if not events:
-        return 0.0
+        return 0.0, accountant, None
+    events = accounted(events)
     used, size = events_accountant(events, accountant, vdi)
+    why = None
     if used != accountant:
-        check_rdp_fallback(events, size, vdi, relation, warn=warn)
+        why = check_rdp_fallback(events, size, vdi, relation), COARSER
     eps = _compose(used, vdi, relation, events, delta, "the recorded events")
+    rdp = dpa_accountant("rdp", vdi, relation)
+    if used == "pld" and eps == math.inf and all(rdp.supports(e) for e, _ in events):
+        rdp_eps = _compose("rdp", vdi, relation, events, delta, "the recorded events")
+        if rdp_eps < math.inf:  # (a step without noise is inf to both)
+            eps, used, why = rdp_eps, "rdp", (unreachable_situation(delta), None)
     lower = _events_lower_bound(events, delta)
     if _below(eps, lower):
         raise ValueError(
@@ -210,4 +270,4 @@ def events_epsilon(events, delta, *, accountant, vdi, relation, warn=True):
             f"below the lower bound {lower:.6g} that one recorded step alone spends: its "
             "computation broke down numerically"
         )
-    return eps
+    return eps, used, why

@@ -92,6 +92,33 @@ def event_from_data(data: dict):
     return getattr(dpa(), data["type"])(**fields)
 
 
+#: The largest ``σ`` accounted as given: a larger one is accounted as this one. ε falls as
+#: ``σ`` grows (more noise is post-processing of less), so this σ's ε bounds a larger one's;
+#: dp-accounting's arithmetic overflows on ``σ²`` beyond ~1e154.
+SIGMA_ACCOUNTED_MAX = 1e100
+
+
+def _accounted(event):
+    import attr
+
+    changes = {}
+    for f in attr.fields(type(event)):
+        value = getattr(event, f.name)
+        if f.name == "event":
+            changes["event"] = _accounted(value)
+        elif f.name == "events":
+            changes["events"] = [_accounted(e) for e in value]
+        elif f.name == "noise_multiplier" and value > SIGMA_ACCOUNTED_MAX:
+            changes["noise_multiplier"] = SIGMA_ACCOUNTED_MAX
+    return attr.evolve(event, **changes) if changes else event
+
+
+def accounted(events):
+    """``[(event, count), ...]`` with every noise multiplier above
+    :data:`SIGMA_ACCOUNTED_MAX` lowered to it (a valid upper bound on ε, computable)."""
+    return [(_accounted(e), c) for e, c in events]
+
+
 def _leaves(event, count):
     lib = dpa()
     if isinstance(event, lib.SelfComposedDpEvent):

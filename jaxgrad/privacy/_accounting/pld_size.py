@@ -34,7 +34,8 @@ RDP_ANSWERS = "ε is computed with the RDP accountant instead (a valid, looser u
 
 
 class AccountingFallbackWarning(UserWarning):
-    """The PLD accountant was asked for a PLD too large to build; RDP answered instead."""
+    """The PLD accountant was asked for a PLD too large to build, or for a ``δ`` below the
+    tail mass its PLD drops (it answers ``ε = inf``); RDP answered instead."""
 
 
 class PLDSize(NamedTuple):
@@ -205,21 +206,35 @@ def size_situation(sigma, q, steps, vdi, size):
     return f"{built} at `noise_multiplier` {sigma:.6g}, q = {q}, pld_discretization = {vdi}"
 
 
-def warn_fallback(situation, what, *, stacklevel):
-    """An :class:`AccountingFallbackWarning`: ``situation``, so ``what`` happens instead.
+def unreachable_situation(delta):
+    """Why the PLD does not answer at ``delta`` (where it answers ``ε = inf``, RDP does not)."""
+    return (
+        f"the PLD accountant answers ε = inf at δ = {delta:g}: dp-accounting truncates the "
+        "privacy loss distribution's tails, and the mass it drops (up to 1e-15 where it "
+        "composes steps) exceeds δ"
+    )
+
+
+#: The remedy :func:`warn_fallback` names for a PLD too large to build.
+COARSER = "a coarser pld_discretization keeps the PLD"
+
+
+def warn_fallback(situation, what, *, stacklevel, remedy=COARSER):
+    """An :class:`AccountingFallbackWarning`: ``situation``, so ``what`` happens instead
+    (``remedy``: what keeps the PLD, if anything does).
 
     ``stacklevel`` counts from the caller (1: the caller's own line).
     """
     warnings.warn(
-        f"{situation}: {what}; a coarser pld_discretization keeps the PLD",
+        f"{situation}: {what}" + (f"; {remedy}" if remedy else ""),
         AccountingFallbackWarning,
         stacklevel=stacklevel + 1,
     )
 
 
-def check_rdp_fallback(events, size, vdi, relation, *, warn):
+def check_rdp_fallback(events, size, vdi, relation):
     """Checks the RDP accountant can stand in for the PLD of recorded events too large to
-    build (``size``), and says it does where ``warn``."""
+    build (``size``); returns the situation :func:`warn_fallback` words."""
     rdp = dpa_accountant("rdp", vdi, relation)
     unsupported = [e for e, _ in events if not rdp.supports(e)]
     if unsupported:
@@ -229,9 +244,7 @@ def check_rdp_fallback(events, size, vdi, relation, *, warn):
             f"{unsupported[0]!r} has no RDP analysis in dp-accounting to fall back "
             "on; use a coarser pld_discretization or a larger noise_multiplier"
         )
-    if warn:  # from here: 1 this, 2 events_epsilon, 3 Accountant.epsilon, 4 its caller
-        situation = (
-            f"the recorded events' PLD would hold ~{size} points (limits "
-            f"{PLD_MAX_STEP_POINTS} per step, {PLD_MAX_POINTS} composed)"
-        )
-        warn_fallback(situation, RDP_ANSWERS, stacklevel=4)
+    return (
+        f"the recorded events' PLD would hold ~{size} points (limits "
+        f"{PLD_MAX_STEP_POINTS} per step, {PLD_MAX_POINTS} composed)"
+    )
