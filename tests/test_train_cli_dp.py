@@ -97,6 +97,11 @@ def test_two_runs_differ_unless_the_same_insecure_seed(tmp_path, capsys):
     assert main([*insecure, "--json", str(tmp_path / "c.json")]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("WARNING: NOT PRIVATE") and "no finite epsilon" in out
+    # the final line agrees with the JSON: no (ε, δ)-DP claim for a public key
+    (line,) = [x for x in out.splitlines() if x.startswith("privacy:")]
+    assert (
+        line.startswith("privacy: NOT PRIVATE: the DP noise and sampling key") and "-DP" not in line
+    )
     assert "WARNING: NOT PRIVATE" in err  # also on stderr, which --quiet does not silence
     c = json.loads((tmp_path / "c.json").read_text())
     d = _run(tmp_path, *LINE, "--epochs", "1", "--insecure-dp-seed", "5")
@@ -105,6 +110,18 @@ def test_two_runs_differ_unless_the_same_insecure_seed(tmp_path, capsys):
     assert c["params"] != e["params"]
     assert c["private"] is False and c["insecure_dp_seed"] == 5
     assert "--insecure-dp-seed" in c["not_private_reason"]
+
+
+def test_a_run_without_noise_is_not_private(tmp_path, capsys):
+    """σ = 0: ε = inf, so the JSON says "private": false and why, and
+    the final line says the same (it said "private": true with ε = inf)."""
+    args = [*LINE[:3], "--noise-multiplier", "0", "--epochs", "1", "--progress", "none"]
+    assert main([*args, "--json", str(tmp_path / "z.json")]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("privacy:")]
+    z = json.loads((tmp_path / "z.json").read_text())
+    assert z["privacy"]["epsilon"] == "inf" and z["private"] is False  # (strict JSON)
+    assert "no noise" in z["not_private_reason"]
+    assert line.startswith(f"privacy: NOT PRIVATE: {z['not_private_reason']}; sigma 0, ")
 
 
 def _interrupted(tmp_path, *args):
@@ -131,9 +148,15 @@ def test_resume_continues_with_the_checkpoints_key(tmp_path):
 
 def test_resume_keeps_an_insecure_checkpoint_not_private(tmp_path, capsys):
     full, ckpt = _interrupted(tmp_path, "--insecure-dp-seed", "3")
-    resumed = _run(tmp_path, *LINE, "--epochs", "2", "--checkpoint-dir", str(ckpt))
+    capsys.readouterr()
+    args = [*LINE, "--epochs", "2", "--checkpoint-dir", str(ckpt), "--progress", "none"]
+    assert main([*args, "--json", str(tmp_path / "resumed.json")]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("privacy:")]
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
     assert resumed["params"] == full["params"]
     assert resumed["private"] is False and resumed["dp_key"] == "checkpoint"
+    assert "by the run that wrote the checkpoint" in resumed["not_private_reason"]
+    assert line.startswith(f"privacy: NOT PRIVATE: {resumed['not_private_reason']}; sigma 1, ")
     _, secure = _interrupted(tmp_path)
     capsys.readouterr()
     args = [*LINE, "--epochs", "2", "--checkpoint-dir", str(secure), "--insecure-dp-seed", "3"]

@@ -5,6 +5,7 @@ and the --plot curves."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 from jaxgrad.train.progress import strict_json
@@ -152,14 +153,21 @@ def report(summary, args, parser, say) -> None:
       parser: the parser whose ``error`` reports a missing plotting library.
       say: prints a line (does nothing under --quiet).
     """
-    private = "privacy" in summary
+    dp_run = "privacy" in summary
     shown = "  ".join(f"{k} {v:.4f}" for k, v in summary["final"].items())
-    took = "" if private else f", {summary['seconds']:.1f} s"
+    took = "" if dp_run else f", {summary['seconds']:.1f} s"
     say(f"final after {summary['epochs']} epochs ({summary['steps']} steps{took}): {shown}")
-    if private:
+    if dp_run:
         pv = summary["privacy"]
+        # The JSON's verdict, not the accountant's ε alone: an ε computed for a key that is
+        # public (or for no noise) certifies nothing.
+        claim = (
+            f"({pv['epsilon']:.4g}, {pv['delta']:g})-DP ({pv['accountant']}),"
+            if summary["private"]
+            else f"NOT PRIVATE: {summary['not_private_reason']};"
+        )
         say(
-            f"privacy: ({pv['epsilon']:.4g}, {pv['delta']:g})-DP ({pv['accountant']}), "
+            f"privacy: {claim} "
             f"sigma {pv['noise_multiplier']:.4g}, q {pv['sampling_rate']:.4g}, "
             f"{pv['steps']} steps, clip "
             + (
@@ -201,6 +209,25 @@ def _sklearn_r2(ds):
     return float(fitted.score(flat(ds.x_test), ds.y_test))
 
 
+def _not_private_reason(key_source, secret_key, privacy):
+    """Why a --dp run certifies no finite ε (None if it does): its noise and sampling key is
+    public (``secret_key`` false), or its accounted ε is ``inf`` (no noise)."""
+    if not secret_key:
+        whose = (
+            "was derived from --insecure-dp-seed (a public number) by the run that wrote the "
+            "checkpoint"
+            if key_source == "checkpoint"
+            else "was derived from --insecure-dp-seed (a public number)"
+        )
+        return f"the DP noise and sampling key {whose}, so the run has no finite epsilon"
+    if not math.isfinite(privacy["epsilon"]):
+        sigma = privacy["noise_multiplier"]
+        if sigma == 0:
+            return "no noise is added (noise_multiplier 0), so the run has no finite epsilon"
+        return f"the accountant's epsilon is inf at noise_multiplier {sigma:g}"
+    return None
+
+
 def _dp_summary(summary, args, plan, key_source, private_run):
     """The --dp run's JSON: what the run releases, and nothing computed on the training rows
     without noise (docs/privacy.md, "What a --dp run releases", lists every key)."""
@@ -209,26 +236,21 @@ def _dp_summary(summary, args, plan, key_source, private_run):
         for r in summary["history"]
     ]
     released = {k: v for k, v in summary.items() if k not in ("seconds", "final", "history")}
+    privacy = {
+        **plan.summary(summary["steps"]),
+        "planned_steps": plan.steps,
+        "nonfinite": plan.config.nonfinite,
+    }
+    reason = _not_private_reason(key_source, private_run, privacy)
     out = {
-        "private": private_run,
-        **(
-            {}
-            if private_run
-            else {
-                "not_private_reason": "the DP noise and sampling key was derived from "
-                "--insecure-dp-seed (a public number), so the run has no finite epsilon"
-            }
-        ),
+        "private": reason is None,
+        **({} if reason is None else {"not_private_reason": reason}),
         "privacy_note": PRIVACY_NOTE,
         "dp_key": key_source,
         **released,
         "final": {k: v for k, v in history[-1].items() if k.startswith("test_")},
         "history": history,
-        "privacy": {
-            **plan.summary(summary["steps"]),
-            "planned_steps": plan.steps,
-            "nonfinite": plan.config.nonfinite,
-        },
+        "privacy": privacy,
     }
     if args.insecure_dp_seed is not None:
         out["insecure_dp_seed"] = args.insecure_dp_seed
