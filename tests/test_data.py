@@ -105,6 +105,25 @@ def test_bad_labels_and_shapes():
         data.from_arrays(np.ones((1, 2)), np.zeros(1, int))
 
 
+@pytest.mark.parametrize("split", ["seeded", "given"])
+def test_a_bad_label_is_named_by_its_row_in_the_users_array(split, tmp_path):
+    """The row in `y` (or `y_test`) as the user passed it, found by np.flatnonzero: not its
+    row in the seeded, shuffled training split (it said row 62 for the file's row 11)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 5)), rng.integers(0, 3, 200)
+    y[11] = 5
+    assert np.flatnonzero(y >= 3).tolist() == [11]
+    if split == "seeded":
+        np.savez(tmp_path / "d.npz", x=x, y=y)
+        with pytest.raises(ValueError, match=r"d\.npz: labels .*the first in row 11\)$"):
+            data.load("npz", path=tmp_path / "d.npz", num_classes=3)
+        return
+    y_test = rng.integers(0, 3, 40)
+    y_test[7] = -1
+    with pytest.raises(ValueError, match=r"\(test split\): labels .*0 above .*row 7\)$"):
+        data.from_arrays(x, np.minimum(y, 2), x_test=x[:40], y_test=y_test, num_classes=3)
+
+
 def test_unknown_name_lists_allowed():
     with pytest.raises(ValueError, match=r"unknown data set 'mnist'.*'digits'.*'idx'"):
         data.load("mnist")

@@ -414,13 +414,16 @@ def from_arrays(
                 f"{name}: the test split must match the training split's example shape; got "
                 f"x {x.shape}, y {y.shape} and x_test {x_test.shape}, y_test {y_test.shape}"
             )
+    check_standardize(standardize)
+    task, num_classes = _task_of(y, task, num_classes)
+    if task == "classification":  # before the split: errors name the rows of `y` as given
+        y, y_test, num_classes = _class_labels(y, y_test, num_classes, name=name)
+    if x_test is not None:
         x_train, y_train = x, y
     else:
         x_train, y_train, x_test, y_test = train_test_split(
             x, y, test_fraction=test_fraction, seed=seed
         )
-    check_standardize(standardize)
-    task, num_classes = _task_of(y, task, num_classes)
     given = None
     if isinstance(standardize, Mapping):
         given = given_statistics(standardize, feature_shape=x.shape[1:], task=task, name=name)
@@ -466,33 +469,44 @@ def from_arrays(
     )
 
 
+def _class_labels(y, y_test, num_classes, *, name):
+    """``(y, y_test, num_classes)``: class labels as integers, checked, the classes counted.
+
+    Called on the arrays as the user gave them (``y_test`` None unless given), so an error
+    names a row of the user's ``y`` or ``y_test``, not of a shuffled split.
+    """
+    given = [("`y`", y)] + ([] if y_test is None else [("`y_test`", y_test)])
+    # Booleans are the classes 0 and 1; floats are classes if all are whole numbers
+    # (task="classification" given for labels saved as 0., 1., 2.).
+    for split, labels in given:
+        if labels.dtype.kind == "f" and not _whole_numbers(labels):
+            fractional = int(np.sum(np.mod(labels, 1) != 0))
+            raise ValueError(
+                f"{name}: {split} holds floats that are not all whole numbers ({fractional} "
+                f"of {labels.size} have a fractional part), so they cannot be class labels "
+                "(task='classification'); pass integer labels, or task='regression'"
+            )
+    y, y_test = (
+        a if a is None or not (a.dtype == bool or a.dtype.kind == "f") else a.astype(np.int64)
+        for a in (y, y_test)
+    )
+    if num_classes is None:
+        num_classes = int(max(a.max() for a in (y, y_test) if a is not None)) + 1
+    _check_labels(y, num_classes, name=name)
+    if y_test is not None:
+        _check_labels(y_test, num_classes, name=f"{name} (test split)")
+    if num_classes > 2**31:
+        raise ValueError(
+            f"{name}: {num_classes} classes; labels are stored as int32, so at most 2**31"
+        )
+    return y, y_test, num_classes
+
+
 def _targets(y_train, y_test, *, task, num_classes, standardize, dtype, name):
     """Labels checked and cast to int32, or regression targets cast and standardised (with
     the training split's statistics, or with ``y_mean``, ``y_std`` of given statistics)."""
     y_mean = y_scale = None
-    if task == "classification":
-        # Booleans are the classes 0 and 1; floats are classes if all are whole numbers
-        # (task="classification" given for labels saved as 0., 1., 2.).
-        for split, y in (("`y`", y_train), ("`y_test`", y_test)):
-            if y.dtype.kind == "f" and not _whole_numbers(y):
-                fractional = int(np.sum(np.mod(y, 1) != 0))
-                raise ValueError(
-                    f"{name}: {split} holds floats that are not all whole numbers ({fractional} "
-                    f"of {y.size} have a fractional part), so they cannot be class labels "
-                    "(task='classification'); pass integer labels, or task='regression'"
-                )
-        y_train, y_test = (
-            y.astype(np.int64) if y.dtype == bool or y.dtype.kind == "f" else y
-            for y in (y_train, y_test)
-        )
-        if num_classes is None:
-            num_classes = int(max(y_train.max(), y_test.max())) + 1
-        _check_labels(y_train, num_classes, name=name)
-        _check_labels(y_test, num_classes, name=f"{name} (test split)")
-        if num_classes > 2**31:
-            raise ValueError(
-                f"{name}: {num_classes} classes; labels are stored as int32, so at most 2**31"
-            )
+    if task == "classification":  # (checked by _class_labels)
         y_train, y_test = y_train.astype(np.int32), y_test.astype(np.int32)
     else:
         num_classes = None
