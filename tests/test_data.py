@@ -113,10 +113,15 @@ def test_a_bad_label_is_named_by_its_row_in_the_users_array(split, tmp_path):
     x, y = rng.normal(size=(200, 5)), rng.integers(0, 3, 200)
     y[11] = 5
     assert np.flatnonzero(y >= 3).tolist() == [11]
-    if split == "seeded":
+    if split == "seeded":  # both file loaders (load_rows: the training inputs memory-mapped)
         np.savez(tmp_path / "d.npz", x=x, y=y)
-        with pytest.raises(ValueError, match=r"d\.npz: labels .*the first in row 11\)$"):
-            data.load("npz", path=tmp_path / "d.npz", num_classes=3)
+        path = tmp_path / "d.npz"
+        for load in (
+            lambda: data.load("npz", path=path, num_classes=3),
+            lambda: data.load_rows("npz", path, num_classes=3),
+        ):
+            with pytest.raises(ValueError, match=r"d\.npz: labels .*the first in row 11\)$"):
+                load()
         return
     y_test = rng.integers(0, 3, 40)
     y_test[7] = -1

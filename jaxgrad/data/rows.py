@@ -13,6 +13,7 @@ from jaxgrad.data.arrays import (
     _check_fraction,
     _check_numeric,
     _check_seed,
+    _class_labels,
     _num_test,
     _scale_rule,
     _split_indices,
@@ -282,6 +283,13 @@ def load_rows(
             f"{label}: `x` and `y` must share a non-empty leading example axis; got shapes "
             f"{x.shape} and {y.shape}"
         )
+    # Targets checked as the user gave them, before the split: errors name rows of `y`.
+    check_finite(np.zeros((n, 0)), y, name=f"{label} (targets)")
+    if y_test is not None:
+        check_finite(np.zeros((len(y_test), 0)), y_test, name=f"{label} (test split)")
+    if task == "classification":
+        y_test = None if y_test is None else np.asarray(y_test)
+        y, y_test, num_classes = _class_labels(np.asarray(y), y_test, num_classes, name=label)
     if x_test is None:
         n_test = _num_test(n, test_fraction)
         if n_test < 1:
@@ -298,7 +306,6 @@ def load_rows(
                 f"{label}: the test split must match the training split's example shape; got "
                 f"x {x.shape}, y {y.shape} and x_test {x_test.shape}, y_test {y_test.shape}"
             )
-    check_finite(np.zeros((len(y_train), 0)), y_train, name=f"{label} (training targets)")
     check_finite(x_test, y_test, name=f"{label} (test split)")
     raw = StandardizedRows(x, rows=train_rows, divide=divide, dtype=np.float64)
     mean, std, bad = split_statistics(raw, pooled=standardize == "global")
