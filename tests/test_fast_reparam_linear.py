@@ -171,6 +171,41 @@ def test_a_layer_stack_of_merged_lora_weights_is_folded_step_by_step():
     assert "(folded into G)" in routes["['Bm']"].route, routes["['Bm']"]
 
 
+def test_per_head_lora_read_by_a_use_that_sums_over_the_heads():
+    """A per-head LoRA on an attention output projection, ``O_h = O0_h + A_h B_h`` (a batch
+    axis ``h`` of the product), read by ``einsum("thk,hkd->td")``, which contracts over
+    ``h``: ``B_h`` folded into ``G`` differs per head, so the folded use keeps ``h``
+    (``G'_{t,h} = G_t B_hᵀ``) instead of summing it away (norms 11 % off, the clipped sum
+    2.4 times too large, before). At the top level and in a layer stack."""
+    rng = np.random.default_rng(5)
+    heads, k, d, rank, t = 2, 2, 4, 2, 3
+    r = lambda *shape: _normal(rng, *shape)
+    params = {"O0": r(heads, k, d), "A": r(heads, k, rank), "Bm": r(heads, rank, d)}
+
+    def merged(o0, a, b):
+        return o0 + jnp.einsum("hkr,hrd->hkd", a, b)
+
+    def top(p, v):  # v (t, heads, k): one example's attention values
+        return jnp.sum(jnp.sin(jnp.einsum("thk,hkd->td", v, merged(p["O0"], p["A"], p["Bm"]))))
+
+    leaves = ("['A']", "['Bm']", "['O0']")
+    routes = _check(top, params, r(B, t, heads, k), fast=leaves)
+    assert "(folded into G)" in routes["['A']"].route, routes["['A']"]
+    stacked = {key: jnp.stack([x, 0.5 * x]) for key, x in params.items()}
+    stacked["Q"] = r(2, d, heads, k)
+
+    def stack(p, x):
+        def layer(h, w):
+            q, o0, a, b = w
+            v = jnp.tanh(jnp.einsum("td,dhk->thk", h, q))
+            return h + jnp.einsum("thk,hkd->td", v, merged(o0, a, b)), None
+
+        xs = (p["Q"], p["O0"], p["A"], p["Bm"])
+        return jnp.sum(jnp.sin(jax.lax.scan(layer, x, xs)[0]))
+
+    _check(stack, stacked, r(B, t, d), fast=leaves)
+
+
 def test_what_is_not_folded_falls_back_visibly_and_stopped_reads_are_no_uses():
     """A LoRA product reshaped into a convolution kernel keeps the reparametrised (VJP) route,
     named (one transposed before the sum is folded); a power iteration on the weight whose

@@ -302,7 +302,11 @@ def _folded_use(program: Program, u: Use, e: Eqn, p: int, chain: tuple, what: st
         for labels, a in [*zip(lab, u.op.in_avals, strict=True), *zip(rl, e.in_avals, strict=True)]
         for x, size in zip(labels, a.shape, strict=True)
     }
-    op, z = _folded_dot(u.op, ops, sizes, y)
+    # The axes op' keeps: the use's output's, and folded into G, the part's batch axes too
+    # (M_l varies along them: a use contracting over l, per-head LoRA `thk,hkd->td`, sums
+    # Z_l M_l over l after the fold, so Z keeps l).
+    part_batch = [rl[0][d] for d in e.params["dimension_numbers"][1][0]]
+    op, z = _folded_dot(u.op, ops, sizes, y if side == "A" else [*y, *part_batch])
     g_spec = _g_spec(side, y, z, m_lab)
     if g_spec is None:
         return None
@@ -361,13 +365,13 @@ def _fold_side(x_lab, m_lab, m_free, y):
     return None
 
 
-def _folded_dot(op: Eqn, ops: list, sizes: dict, y) -> tuple:
-    """``(op', z)``: the dense use ``op`` (output labels ``y``) on operands labelled ``ops``
-    (the folded ``A`` and ``θ'``), contracting the labels they share but those of the output
-    (batch axes), and its output's labels ``z``."""
+def _folded_dot(op: Eqn, ops: list, sizes: dict, keep) -> tuple:
+    """``(op', z)``: the dense use ``op`` on operands labelled ``ops`` (the folded ``A`` and
+    ``θ'``), contracting the labels they share but those in ``keep`` (batch axes), and its
+    output's labels ``z``."""
     shared = [x for x in ops[0] if x in ops[1]]
-    batch = [x for x in shared if x in y]
-    summed = [x for x in shared if x not in y]
+    batch = [x for x in shared if x in keep]
+    summed = [x for x in shared if x not in keep]
     pick = lambda labels: (
         tuple(ops[0].index(x) for x in labels),
         tuple(ops[1].index(x) for x in labels),
