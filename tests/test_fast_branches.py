@@ -6,6 +6,7 @@ Float64; norms and clipped sums against ``method="vmap"`` and a Python loop over
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from test_fast_cases import F64, assert_rel_close
 from test_fast_scan import _check, _normal, _routes
 
@@ -68,6 +69,39 @@ def test_custom_vjp_falls_back_visibly_and_keeps_its_rule():
     assert w.fallback and "the `custom_vjp` function `scaled_matmul`" in w.reason, w
     assert "bwd rule" in w.reason, w
     assert per_example_norms(loss)(params, batch).shape == (7,)
+
+
+def test_a_callback_that_cannot_be_batched_names_the_fix():
+    # A host-side projection (straight-through gradient) of W: `vmap(grad)` keeps W unbatched,
+    # but the exact fallback batches a copy of W per example, and a `pure_callback` without
+    # `vmap_method` cannot be batched. The error says so and how to fix the call.
+    params, batch = _setup()
+    params = {**params, "w": jnp.stack([params["w"], params["w"].T[::-1]])}
+
+    def project(w, vmap_method=None):
+        clip = lambda a: np.clip(np.asarray(a), -0.4, 0.4)
+        out = jax.ShapeDtypeStruct(w.shape, w.dtype)
+        return jax.pure_callback(clip, out, w, vmap_method=vmap_method)
+
+    def make(vmap_method):
+        @jax.custom_vjp
+        def proj(w):
+            return project(w, vmap_method)
+
+        proj.defvjp(lambda w: (project(w, vmap_method), None), lambda _, g: (g,))
+
+        def loss(p, x):  # in a layer stack, the projection's rule runs on the exact fallback
+            layer = lambda h, w: (jnp.tanh(h @ proj(w)), None)
+            return jnp.sum(jax.lax.scan(layer, x, p["w"])[0] ** 2) + jnp.sum(p["s"] * x)
+
+        return loss
+
+    with pytest.raises(NotImplementedError, match=r"vmap_method='sequential'.*method='vmap'"):
+        per_example_norms(make(None))(params, batch)
+    flat = lambda g: np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(g)])
+    ref = [np.linalg.norm(flat(jax.grad(make(None))(params, x))) for x in batch]
+    assert_rel_close(per_example_norms(make(None), method="vmap")(params, batch), ref, 1e-12)
+    assert_rel_close(per_example_norms(make("sequential"))(params, batch), ref, 1e-12)
 
 
 def test_cond_inside_a_scan_body():

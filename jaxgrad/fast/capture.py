@@ -80,13 +80,27 @@ def capture(an: analysis.Analysis, leaves: list, batch, mask) -> Captured:
         in_axes = (0, {key: axis[key] for key in du}, 0)
         return jax.vmap(one, in_axes=in_axes, out_axes=(0, (0, axis)))(ex_leaves, du, dx)
 
-    sums, vjp, (counts, kept) = jax.vjp(batched, d_use, d_exact, has_aux=True)
+    try:
+        sums, vjp, (counts, kept) = jax.vjp(batched, d_use, d_exact, has_aux=True)
+    except NotImplementedError as e:  # a primitive JAX cannot batch: say what was batched
+        raise NotImplementedError(_unbatchable(e)) from e
     # The cotangent of S_i is m_i, so a padded row's cotangents G_i and exact gradients are
     # zeros (as in batch_grad, padded rows must be finite: 0 · NaN is NaN). Not masking A and
     # G again saves a copy of every activation.
     g_use, g_exact = vjp(mask.astype(sums.dtype))
     g_use = {**g_use, **{key: g_use[first] for key, first in shared.items()}}
     return Captured(sums, counts, kept, g_use, g_exact, axis)
+
+
+def _unbatchable(error) -> str:
+    return (
+        "the fast path evaluates `loss_fn` under `jax.vmap` over the examples with the "
+        "parameters' uses (and a copy of each leaf on the exact fallback) batched too, since "
+        "their per-example gradients differ; `vmap(grad)` keeps the parameters unbatched. "
+        f"JAX cannot batch part of this program: {error} A `jax.pure_callback` batches with "
+        "`vmap_method='sequential'` (once per example), or 'expand_dims' / 'broadcast_all' "
+        "if the callback takes a leading batch axis; or pass `method='vmap'`."
+    )
 
 
 def _zero_perturbation(u: trace.Use, size: int):
