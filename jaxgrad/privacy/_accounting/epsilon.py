@@ -252,8 +252,8 @@ def events_fallback(events, delta, *, accountant, vdi, relation):
     above :data:`SIGMA_ACCOUNTED_MAX` is accounted as that one."""
     if not events:
         return 0.0, accountant, None
-    events = accounted(events)
     used, size = events_accountant(events, accountant, vdi)
+    events = accounted(events)
     why = None
     if used != accountant:
         why = check_rdp_fallback(events, size, vdi, relation), COARSER
