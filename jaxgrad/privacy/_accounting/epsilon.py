@@ -85,23 +85,43 @@ def epsilon(
 def dpsgd_fallback(sigma, q, steps, delta, accountant, vdi, pld_eps=None):
     """``(ε, used, why)``: ε of ``steps`` DP-SGD steps as :func:`epsilon` computes it, the
     accountant that answered, and why RDP answered in the PLD's place (``(situation,
-    remedy)`` for :func:`warn_fallback`; None where it did not).
+    remedy)`` for :func:`warn_fallback`; None where it did not): :func:`_answer`.
 
     ``pld_eps``: ``σ ->`` the PLD's guarded ε at these settings, where the caller memoises
     it (calibration); :func:`dpsgd_epsilon` by default.
     """
+
+    def eps_of(used):
+        if used == "pld" and pld_eps is not None:
+            return pld_eps(sigma)
+        return dpsgd_epsilon(sigma, q, steps, delta, used, vdi)
+
+    fits = lambda: pld_fits(sigma, q, steps, vdi)
+    too_large = lambda size: size_situation(sigma, q, steps, vdi, size)
+    return _answer(accountant, delta, fits, too_large, eps_of)
+
+
+def _answer(accountant, delta, fits, too_large, eps_of, rdp_supported=True):
+    """``(ε, used, why)``: the one fallback policy of every ε.
+
+    ``accountant`` answers, except where it is the PLD and either its size would pass the
+    limits (``fits() -> (fits, size)``; ``too_large(size)`` says why, and RDP answers) or
+    it answers ``ε = inf`` at ``delta`` (its truncated tails exceed δ) where RDP, if it
+    analyses every step (``rdp_supported``), answers a finite ε: a valid bound.
+    ``eps_of(accountant)`` is the guarded ε by that accountant; ``why`` is ``(situation,
+    remedy)`` for :func:`warn_fallback`, None where the accountant asked for answered.
+    """
     if accountant == "rdp":
-        return dpsgd_epsilon(sigma, q, steps, delta, "rdp", vdi), "rdp", None
-    fits, size = pld_fits(sigma, q, steps, vdi)
-    if not fits:
-        why = size_situation(sigma, q, steps, vdi, size), COARSER
-        return dpsgd_epsilon(sigma, q, steps, delta, "rdp", vdi), "rdp", why
-    eps = dpsgd_epsilon(sigma, q, steps, delta, "pld", vdi) if pld_eps is None else pld_eps(sigma)
-    if eps < math.inf:
+        return eps_of("rdp"), "rdp", None
+    fit, size = fits()
+    if not fit:
+        why = too_large(size), COARSER
+        return eps_of("rdp"), "rdp", why
+    eps = eps_of("pld")
+    if eps < math.inf or not rdp_supported:
         return eps, "pld", None
-    # The PLD's truncated tails exceed δ; RDP's ε (σ > 0) is a valid, finite bound.
-    rdp = dpsgd_epsilon(sigma, q, steps, delta, "rdp", vdi)
-    if rdp == math.inf:
+    rdp = eps_of("rdp")
+    if rdp == math.inf:  # (a step without noise is inf to both)
         return eps, "pld", None
     return rdp, "rdp", (unreachable_situation(delta), None)
 
@@ -254,15 +274,15 @@ def events_fallback(events, delta, *, accountant, vdi, relation):
         return 0.0, accountant, None
     used, size = events_accountant(events, accountant, vdi)
     events = accounted(events)
-    why = None
-    if used != accountant:
-        why = check_rdp_fallback(events, size, vdi, relation), COARSER
-    eps = _compose(used, vdi, relation, events, delta, "the recorded events")
     rdp = dpa_accountant("rdp", vdi, relation)
-    if used == "pld" and eps == math.inf and all(rdp.supports(e) for e, _ in events):
-        rdp_eps = _compose("rdp", vdi, relation, events, delta, "the recorded events")
-        if rdp_eps < math.inf:  # (a step without noise is inf to both)
-            eps, used, why = rdp_eps, "rdp", (unreachable_situation(delta), None)
+    eps, used, why = _answer(
+        accountant,
+        delta,
+        lambda: (used == accountant, size),
+        lambda size: check_rdp_fallback(events, size, vdi, relation),
+        lambda a: _compose(a, vdi, relation, events, delta, "the recorded events"),
+        rdp_supported=all(rdp.supports(e) for e, _ in events),
+    )
     lower = _events_lower_bound(events, delta)
     if _below(eps, lower):
         raise ValueError(
