@@ -11,6 +11,7 @@ the plan prints.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 
@@ -137,7 +138,30 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
         uses.setdefault(f.leaf, []).append(u)
     reads = {j: tuple(i for i, v in enumerate(outputs) if j in deps[v]) for j in range(n)}
     transformed = sorted(j for j in frame.transformed if j < n and reads[j])
-    names = {
+    names = _transformation_names(program, region, deps, transformed)
+    forms = _unless_too_deep(
+        lambda: _reparametrised_forms(program, n, top, region, outputs, deps, uses, names),
+        _NO_FORMS,
+        transformed,
+    )
+    fast, exact_l, unused = {}, sorted(exact), []
+    for j in range(n):
+        if j in exact or (j in transformed and j not in forms.uses):
+            continue
+        if uses.get(j) or forms.uses.get(j):
+            fast[j] = uses.get(j, []) + forms.uses.get(j, [])
+        else:
+            unused.append(j)
+    transform = None
+    if transformed:
+        transform = _transform(program, n, region, outputs, uses, reads, names, forms, held)
+    reasons = {j: "; ".join(dict.fromkeys(other.get(j, ["(a per-example copy)"]))) for j in exact_l}
+    return Analysis(program, n, fast, exact_l, unused, reasons, transform), set()
+
+
+def _transformation_names(program: Program, region, deps, transformed) -> dict:
+    """Leaf -> the primitives of the transformation region that read it (for the plan)."""
+    return {
         j: tuple(
             dict.fromkeys(
                 program.eqns[k].primitive.name
@@ -147,79 +171,81 @@ def _analyse_once(program: Program, n: int, exact: set) -> tuple:
         )
         for j in transformed
     }
-    # Effective weights θ' ⊙ Π F_k: their leaf θ is a fast leaf, its uses scaled (see Scale).
-    scalings, declined = _unless_too_deep(
-        lambda: scaled_weights(program, n, top, region, outputs, deps, uses), ({}, {}), transformed
-    )
-    scaled_uses: dict = {}
-    selected, selections = _unless_too_deep(
-        lambda: selected_weights(program, n, outputs, deps, uses, scalings), ({}, ()), transformed
-    )
+
+
+class _Forms(NamedTuple):
+    """The effective weights read in a factored form (scaled, selected, summed)."""
+
+    uses: dict  # leaf -> its uses through those forms
+    scalings: dict  # effective weight -> (leaf, chain, per-use scales, term)
+    selections: tuple  # effective weights read as selections
+    sums: tuple  # effective weights read as sums
+    declined: dict  # why a scaling was not taken
+
+
+_NO_FORMS = _Forms({}, {}, (), (), {})
+
+
+def _reparametrised_forms(program, n, top, region, outputs, deps, uses, names) -> _Forms:
+    """Effective weights a leaf reaches through a structured transformation, whose uses stay
+    factored: ``θ' ⊙ Π F_k`` (scaled, see :class:`jaxgrad.fast.scaled.Scale`), selections
+    and concatenations, sums of parts linear in one leaf (see ``Fold``). A leaf read in two
+    of these forms takes the VJP route."""
+    scalings, declined = scaled_weights(program, n, top, region, outputs, deps, uses)
+    selected, selections = selected_weights(program, n, outputs, deps, uses, scalings)
     factor_leaves = {
         j for x in scalings.values() for ss in x[2].values() for sc in ss for j in sc.leaves
     }
     if set(selected) & ({x[0] for x in scalings.values()} | factor_leaves):
         selected, selections = {}, ()  # (a leaf both scaled and selected: the VJP route)
-    # Sums of parts linear in one leaf (θ' + c, θ' · M; see Fold): each leaf a fast leaf.
-    summed, sums = _unless_too_deep(
-        lambda: summed_weights(program, n, outputs, deps, uses, {*scalings, *selections}),
-        ({}, ()),
-        transformed,
-    )
+    summed, sums = summed_weights(program, n, outputs, deps, uses, {*scalings, *selections})
     if set(summed) & ({x[0] for x in scalings.values()} | factor_leaves | set(selected)):
         summed, sums = {}, ()  # (a leaf also scaled or selected: the VJP route)
+    forms: dict = {}
     for j, us in [*selected.items(), *summed.items()]:
-        scaled_uses.setdefault(j, []).extend(dataclasses.replace(u, via=names[j]) for u in us)
+        forms.setdefault(j, []).extend(dataclasses.replace(u, via=names[j]) for u in us)
     for v, (j, chain, per_use, term) in scalings.items():
-        scaled_uses.setdefault(j, []).extend(
+        forms.setdefault(j, []).extend(
             _through_theta(u, chain, per_use[u.key], names[j], term) for u in uses[n + v]
         )
-    fast, exact_l, unused = {}, sorted(exact), []
-    for j in range(n):
-        if j in exact or (j in transformed and j not in scaled_uses):
-            continue
-        if uses.get(j) or scaled_uses.get(j):
-            fast[j] = uses.get(j, []) + scaled_uses.get(j, [])
-        else:
-            unused.append(j)
-    transform = None
-    if transformed:
-        through = {j: uses.get(j, []) for j in transformed if j not in scaled_uses}
-        through.update({n + i: uses.get(n + i, []) for i in range(len(outputs))})
-        through_leaves = tuple(j for j in transformed if j not in scaled_uses)
-        factors = tuple(
-            dict.fromkeys(
-                sc.ref
-                for us in scaled_uses.values()
-                for u in us
-                for sc in u.scale
-                if sc.leaves & set(through_leaves)
-            )
+    return _Forms(forms, scalings, selections, sums, declined)
+
+
+def _transform(program, n, region, outputs, uses, reads, names, forms: _Forms, held):
+    """The :class:`Transform` of the leaves read transformed: those not in a factored form
+    go through the transformation's VJP."""
+    transformed = sorted(names)
+    through = {j: uses.get(j, []) for j in transformed if j not in forms.uses}
+    through.update({n + i: uses.get(n + i, []) for i in range(len(outputs))})
+    through_leaves = tuple(j for j in transformed if j not in forms.uses)
+    factors = tuple(
+        dict.fromkeys(
+            sc.ref
+            for us in forms.uses.values()
+            for u in us
+            for sc in u.scale
+            if sc.leaves & set(through_leaves)
         )
-        transform = Transform(
-            through_leaves,
-            tuple(outputs),
-            tuple(program_aval(program, v) for v in outputs),
-            names,
-            {j: reads[j] for j in transformed},
-            through,
-            tuple(separable_axes(program, region, n, v) for v in outputs),
-            {
-                **{v: x[0] for v, x in scalings.items()},
-                **dict.fromkeys(selections, -1),
-                **dict.fromkeys(sums, -1),
-            },
-            factors,
-            tuple(
-                v
-                for v in range(len(outputs))
-                if v not in scalings and v not in selections and v not in sums and uses.get(n + v)
-            ),
-            declined,
-            held,
-        )
-    reasons = {j: "; ".join(dict.fromkeys(other.get(j, ["(a per-example copy)"]))) for j in exact_l}
-    return Analysis(program, n, fast, exact_l, unused, reasons, transform), set()
+    )
+    structured = {*forms.scalings, *forms.selections, *forms.sums}
+    return Transform(
+        through_leaves,
+        tuple(outputs),
+        tuple(program_aval(program, v) for v in outputs),
+        names,
+        {j: reads[j] for j in transformed},
+        through,
+        tuple(separable_axes(program, region, n, v) for v in outputs),
+        {
+            **{v: x[0] for v, x in forms.scalings.items()},
+            **dict.fromkeys(forms.selections, -1),
+            **dict.fromkeys(forms.sums, -1),
+        },
+        factors,
+        tuple(v for v in range(len(outputs)) if v not in structured and uses.get(n + v)),
+        forms.declined,
+        held,
+    )
 
 
 def _through_theta(u: Use, chain: tuple, scale: tuple, via: tuple, term) -> Use:
