@@ -378,24 +378,7 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
     else:
         physical = reduce.check_positive_int(config.physical_batch_size, name="physical_batch_size")
     given = 1.0 if config.noise_multiplier is None else config.noise_multiplier
-    dp.epsilon(  # checks σ, δ and the accountant before calibrating or training
-        noise_multiplier=given,
-        sampling_rate=q,
-        steps=0,
-        delta=config.delta,
-        accountant=config.accountant,
-        pld_discretization=config.pld_discretization,
-    )
-    # δ ≥ 1/N certifies nothing (publishing one random example in full is (0, 1/N)-DP).
-    dp.accounting.check_delta(config.delta, num_examples=n)
-    dp.dp_grad(  # checks the clip, nonfinite and method
-        lambda p, x: p,
-        l2_clip=config.l2_clip,
-        noise_multiplier=given,
-        expected_batch_size=1.0,
-        nonfinite=config.nonfinite,
-        method=config.method,
-    )
+    _check_mechanism(config, given, q, num_examples=n)
     augmentations = reduce.check_positive_int(config.augmentations, name="augmentations")
     stop = config.stop_at_epsilon
     if stop is not None:
@@ -412,33 +395,7 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
         )
     draft = PrivacyPlan(config, given, q, steps, physical, source, n, coefs=coefs)
     draft.accountant()  # refuses a sampling the accountant cannot account (naming which can)
-    sigma = config.noise_multiplier
-    if sigma is None and source.name in ("poisson", "cyclic_poisson"):
-        sigma = dp.calibrate_noise_multiplier(
-            target_epsilon=target,
-            delta=config.delta,
-            sampling_rate=q,
-            steps=draft.compositions(steps),
-            accountant=config.accountant,
-            pld_discretization=config.pld_discretization,
-        )
-    elif sigma is None:
-        sigma = accounting.calibrate_event_noise(
-            lambda s: source.dp_event(noise_multiplier=s, num_examples=n),
-            target_epsilon=target,
-            delta=config.delta,
-            steps=steps,
-            accountant=config.accountant,
-            neighboring_relation=source.neighboring_relation,
-            pld_discretization=config.pld_discretization,
-        )
-    elif target is not None:  # both given (e.g. a resolved plan): σ must do
-        spent = dataclasses.replace(draft, noise_multiplier=sigma).epsilon(steps)
-        if spent > target * (1 + 1e-9):
-            raise ValueError(
-                f"`noise_multiplier` {sigma!r} spends ε = {spent:.4g} over the planned {steps} "
-                f"steps, more than `target_epsilon` {config.target_epsilon!r}"
-            )
+    sigma = _noise_multiplier(draft, target)
     sigma = reduce.check_nonnegative_float(sigma, name="noise_multiplier")
     adaptive_clip = config.adaptive_clip
     if adaptive_clip is not None:  # σ_b filled in, checked against the calibrated σ
@@ -459,10 +416,71 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
         adaptive_clip=adaptive_clip,
     )
     the_plan = PrivacyPlan(resolved, sigma, q, steps, physical, source, n, steps, coefs)
-    if stop is None:
-        return the_plan
-    # Stop early rather than refuse: with σ given, "train until the budget is spent" is the
-    # point; the steps that fit are counted now, before any data is touched.
+    return the_plan if stop is None else _stopping(the_plan, stop)
+
+
+def _check_mechanism(config: PrivacyConfig, sigma: float, q: float, *, num_examples: int):
+    """Checks σ, δ, the accountant, the clip, ``nonfinite`` and ``method`` (errors naming
+    the setting) before anything is calibrated or trained."""
+    dp.epsilon(
+        noise_multiplier=sigma,
+        sampling_rate=q,
+        steps=0,
+        delta=config.delta,
+        accountant=config.accountant,
+        pld_discretization=config.pld_discretization,
+    )
+    # δ ≥ 1/N certifies nothing (publishing one random example in full is (0, 1/N)-DP).
+    dp.accounting.check_delta(config.delta, num_examples=num_examples)
+    dp.dp_grad(
+        lambda p, x: p,
+        l2_clip=config.l2_clip,
+        noise_multiplier=sigma,
+        expected_batch_size=1.0,
+        nonfinite=config.nonfinite,
+        method=config.method,
+    )
+
+
+def _noise_multiplier(draft: PrivacyPlan, target) -> float:
+    """σ: the one given (checked against ``target_epsilon`` when both are: a resolved plan),
+    or calibrated to ``target_epsilon`` over the draft's steps."""
+    config, source, steps = draft.config, draft.source, draft.steps
+    sigma = config.noise_multiplier
+    if sigma is None and source.name in ("poisson", "cyclic_poisson"):
+        return dp.calibrate_noise_multiplier(
+            target_epsilon=target,
+            delta=config.delta,
+            sampling_rate=draft.sampling_rate,
+            steps=draft.compositions(steps),
+            accountant=config.accountant,
+            pld_discretization=config.pld_discretization,
+        )
+    if sigma is None:
+        return accounting.calibrate_event_noise(
+            lambda s: source.dp_event(noise_multiplier=s, num_examples=draft.num_examples),
+            target_epsilon=target,
+            delta=config.delta,
+            steps=steps,
+            accountant=config.accountant,
+            neighboring_relation=source.neighboring_relation,
+            pld_discretization=config.pld_discretization,
+        )
+    if target is not None:
+        spent = dataclasses.replace(draft, noise_multiplier=sigma).epsilon(steps)
+        if spent > target * (1 + 1e-9):
+            raise ValueError(
+                f"`noise_multiplier` {sigma!r} spends ε = {spent:.4g} over the planned {steps} "
+                f"steps, more than `target_epsilon` {config.target_epsilon!r}"
+            )
+    return sigma
+
+
+def _stopping(the_plan: PrivacyPlan, stop: float) -> PrivacyPlan:
+    """The plan stopped after the last step within ``stop_at_epsilon``: with σ given, "train
+    until the budget is spent" is the point, so the steps that fit are counted now, before
+    any data is touched, rather than the run refused."""
+    steps, coefs = the_plan.steps, the_plan.coefs
     fit = the_plan.accountant().steps_within(
         stop, the_plan.step_event(), max_steps=the_plan.compositions(steps)
     )
@@ -471,8 +489,8 @@ def plan(config: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: i
     if fit == 0:
         raise ValueError(
             f"`stop_at_epsilon` {stop!r} is spent by the first step (ε = "
-            f"{the_plan.epsilon(1):.4g} at δ = {config.delta}): not one step fits; raise the "
-            "budget or `noise_multiplier`"
+            f"{the_plan.epsilon(1):.4g} at δ = {the_plan.config.delta}): not one step fits; "
+            "raise the budget or `noise_multiplier`"
         )
     return dataclasses.replace(the_plan, stop_step=fit)
 
