@@ -35,11 +35,12 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxgrad import keys, reduce
@@ -340,7 +341,14 @@ def shard_batch(batch: PyTree, mask=None, *, mesh: Mesh, axis: str = "data"):
         )
     elif np.result_type(mask) != np.bool_:
         raise TypeError(f"`mask` must be boolean (True = real example); got {np.result_type(mask)}")
-    local = {d for d in mesh.devices.flat if d.process_index == jax.process_index()}
+    # The positions along `axis` this process's devices hold (on a 2-D mesh, a position
+    # spans the devices of the other axes): its rows are padded to a multiple of them.
+    along = mesh.axis_names.index(axis)
+    local = {
+        index[along]
+        for index, d in np.ndenumerate(mesh.devices)
+        if d.process_index == jax.process_index()
+    }
     per_process = max(len(local), 1)
     procs = devices // per_process
     target = device_multiple(size, per_process)
@@ -577,7 +585,10 @@ def _out_specs(out, params, batch) -> PyTree:
     like = {s: next(iter(v)) if len(v) == 1 else (None,) * len(s) for s, v in by_shape.items()}
     leaves = jax.tree_util.tree_leaves(batch)
     size = np.shape(leaves[0])[0] if leaves and np.ndim(leaves[0]) else None
-    rows = _spec(leaves[0])[0] if size is not None else None
+    # The rows are sharded as the first leaf sharded along them says (a numpy leaf, or a
+    # replicated one, says nothing about the others).
+    row_entries = (_spec(x)[0] for x in leaves if np.ndim(x))
+    rows = next((e for e in row_entries if e is not None), None) if size is not None else None
 
     def by_rows(rest):
         # A mesh axis shards one dimension at most: the rows' axes win (per-example
@@ -611,6 +622,37 @@ def _out_specs(out, params, batch) -> PyTree:
     return jax.tree_util.tree_map(place, out, is_leaf=like_params)
 
 
+def placed_untyped(tree: PyTree) -> PyTree:
+    """``tree`` with every array placed on a mesh with Explicit axes moved onto that mesh's
+    Auto twin, where it is (same devices, same pieces, no copy): data a user placed with
+    ``NamedSharding(jax.make_mesh(...), P("data"))``, which ``fit`` indexes by rows on the
+    host and in its steps (an index into an Explicit-typed array must state its output
+    sharding). Other leaves are returned as they are.
+    """
+
+    def untyped(x):
+        placed = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
+        if not isinstance(placed, NamedSharding) or not placed.mesh.explicit_axes:
+            return x
+        mesh = placed.mesh
+        auto = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * mesh.devices.ndim)
+        return jax.device_put(x, NamedSharding(auto, placed.spec))
+
+    return jax.tree_util.tree_map(untyped, tree)
+
+
+_AUTO_HINT = (
+    "jaxgrad runs on the Auto twin of the inputs' mesh (its axes are Explicit: "
+    "docs/devices.md), and part of `loss_fn` is tied to the Explicit mesh: {error}. An array "
+    "`loss_fn` closes over that is placed on that mesh: pass it as an extra loss argument "
+    "after the mask, f(params, batch, mask, array) with loss_fn(params, example, array), "
+    "which jaxgrad places on the Auto twin too, or close over it unplaced (a numpy array). "
+    "Inside `loss_fn`, write "
+    "`jax.lax.with_sharding_constraint` for `jax.sharding.reshard`, and give `jax.shard_map` "
+    "the mesh `jax.sharding.get_abstract_mesh()`."
+)
+
+
 def auto_axes(fn):
     """``fn(params, batch, *rest)`` run with the Explicit axes of its inputs' mesh as Auto.
 
@@ -624,6 +666,7 @@ def auto_axes(fn):
     rows, the rest replicated. Inputs without Explicit axes call ``fn`` unchanged.
     """
 
+    @functools.wraps(fn)  # (jit's errors then name the arguments as `fn` does: `mask`)
     def wrapped(params, batch, *rest):
         mesh = _explicit_mesh((params, batch, rest))
         if mesh is None:
@@ -640,7 +683,12 @@ def auto_axes(fn):
                 moved,
                 args,
             )
-            out = fn(*moved)
+            try:
+                out = fn(*moved)
+            except (ValueError, TypeError) as e:
+                if "Auto" not in str(e):
+                    raise
+                raise ValueError(_AUTO_HINT.format(error=str(e).splitlines()[0])) from e
         specs = _out_specs(out, params, batch)
         return jax.sharding.reshard(
             out, jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs)

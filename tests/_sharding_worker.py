@@ -399,6 +399,58 @@ def user_meshes() -> dict:
                 out["specs"][f"{mname}/{k}"] = _specs(got)
 
     out["model_axis"] = _model_axis(problem, reference, refs)
+    out["placements"] = _placements(meshes["explicit"])
+    return out
+
+
+def _placements(mesh) -> dict:
+    """Inputs placed as users place them on an Explicit ("data",) mesh: a numpy first leaf,
+    an array the loss closes over, training data placed by rows, a mask on one device, and
+    ``shard_batch`` on a 2-D mesh."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jaxgrad
+    from jaxgrad import sharding
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(16, 5)), rng.normal(size=(16, 4))
+    params = {"w": jnp.asarray(rng.normal(size=(5, 4)))}
+    loss = lambda p, ex: jnp.sum((jnp.tanh(ex[0] @ p["w"]) - ex[1]) ** 2)
+    rows, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    sparams, smask = jax.device_put(params, rep), jax.device_put(np.ones(16, bool), rows)
+    out = {}
+    norms = jaxgrad.per_example_norms(loss)(sparams, (x, jax.device_put(y, rows)), smask)
+    out["numpy_first_leaf"] = str(norms.sharding.spec)
+
+    frozen = jax.device_put(np.eye(4), rep)
+    closing = lambda p, ex: loss(p, ex) + jnp.sum(jnp.tanh(ex[0] @ p["w"]) @ frozen)
+    out["closure"], out["mask_on_one_device"] = "no error", "no error"
+    try:
+        jaxgrad.batch_grad(closing)(sparams, jax.device_put((x, y), rows))
+    except ValueError as e:
+        out["closure"] = str(e)
+    try:
+        jaxgrad.per_example_norms(loss)(
+            sparams, (x, y), jax.device_put(np.ones(16, bool), jax.devices()[3])
+        )
+    except ValueError as e:
+        out["mask_on_one_device"] = str(e)
+
+    fit = dict(optimizer=optax.sgd(0.1), key=jax.random.key(5), epochs=1, batch_size=8)
+    ref = jaxgrad.train.fit(loss, params, (x, y), progress="none", **fit).params
+    placed = jax.device_put((x, y), rows)
+    out["fit_placed_data"] = {
+        str(m is not None): _rel(jaxgrad.train.fit(loss, params, placed, mesh=m, **fit).params, ref)
+        for m in (mesh, None)
+    }
+    grid = jax.make_mesh((4, 2), ("data", "model"))
+    b, m = sharding.shard_batch((x[:14],), np.ones(14, bool), mesh=grid)
+    out["shard_batch_2d"] = [list(b[0].shape), str(b[0].sharding.spec), int(np.sum(m))]
     return out
 
 

@@ -192,6 +192,7 @@ def prepared_data(loss_fn, train_data, *, mesh, loss_key, privacy):
       turned into keys per step; ``check`` as :func:`validate_data` returns it (for keyed
       rows, of the bare data).
     """
+    train_data = sharding_lib.placed_untyped(train_data)
     if mesh is not None:
         sharding_lib.check_batch(train_data, mesh=mesh)
     check = validate_data(loss_fn, train_data, mesh)
