@@ -3,6 +3,8 @@
 Float64; norms and clipped sums against ``method="vmap"`` and a Python loop over examples.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 from test_fast_cases import F64, assert_rel_close
 from test_fast_scan import _check, _normal, _routes
 
+import jaxgrad
 from jaxgrad import reduce
 from jaxgrad.fast import passes, per_example_norms, plan
 
@@ -69,6 +72,42 @@ def test_custom_vjp_falls_back_visibly_and_keeps_its_rule():
     assert w.fallback and "the `custom_vjp` function `scaled_matmul`" in w.reason, w
     assert "bwd rule" in w.reason, w
     assert per_example_norms(loss)(params, batch).shape == (7,)
+
+
+def test_custom_rules_closing_over_traced_values_are_materialised_exactly():
+    # A rule that closes over a value traced with the loss (the DEQ pattern: a custom_vjp
+    # given `lambda w: f(x, w)`; a custom_gradient defined in the loss) keeps that trace's
+    # tracers: the fast path, which binds the rule again, materialises instead, and says so.
+    params, batch = _setup()
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def apply(f, w):
+        return f(w)
+
+    apply.defvjp(lambda f, w: (f(w), w), lambda f, w, g: (jax.vjp(f, w)[1](g)[0],))
+
+    def implicit(p, x):
+        return jnp.sum(apply(lambda w: jnp.tanh(x @ w), p["w"]) * p["s"])
+
+    def gated(p, x):
+        m = jax.lax.stop_gradient(jnp.sum(p["s"] ** 2))
+
+        @jax.custom_gradient
+        def act(h):
+            return jnp.tanh(h), lambda g: (g * m * (1 - jnp.tanh(h) ** 2),)
+
+        return jnp.sum(act(x @ p["w"]) * p["s"])
+
+    flat = lambda g: np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(g)])
+    for loss in (implicit, gated):
+        p = plan(loss, params, batch[0])
+        assert all("closes over a value traced" in lp.reason for lp in p.leaves), p
+        grads = np.stack([flat(jax.grad(loss)(params, x)) for x in batch])
+        assert_rel_close(
+            per_example_norms(loss)(params, batch), np.linalg.norm(grads, axis=1), 1e-12
+        )
+        gram = jaxgrad.gradient_gram(loss)(params, batch)
+        assert_rel_close(gram, grads @ grads.T, 1e-12)
 
 
 def test_a_callback_that_cannot_be_batched_names_the_fix():

@@ -19,6 +19,7 @@ from jaxgrad.fast.dependence import scan_body_varying, varying
 from jaxgrad.fast.hoist import hoist_invariants
 from jaxgrad.fast.program import (
     Program,
+    closure_error,
     is_complex,
     program_aval,
     shape_struct,
@@ -40,6 +41,9 @@ class Analysis:
     # leaf index -> why it takes the exact route (one line per distinct reason)
     reasons: dict = dataclasses.field(default_factory=dict)
     transform: Transform | None = None  # reparametrised leaves, if any
+    # Why the program cannot be differentiated again (program.closure_error): then every
+    # leaf's per-example gradient is materialised by vmap(grad); "" otherwise.
+    materialise: str = ""
 
     @property
     def uses(self) -> dict:
@@ -86,8 +90,11 @@ def analyse(fn, params, example) -> Analysis:
       An :class:`Analysis`; ``program`` takes ``(*param_leaves, *example_leaves)``.
     """
     program, n = trace_program(fn, params, example)
-    # Transformations of parameters repeated at every step of a scan: moved before the loop.
     avals = [shape_struct(x) for x in jax.tree_util.tree_leaves((params, example))]
+    if why := closure_error(program):  # every leaf materialised (vmap_pass)
+        reasons = dict.fromkeys(range(n), why)
+        return Analysis(program, n, {}, list(range(n)), [], reasons, materialise=why)
+    # Transformations of parameters repeated at every step of a scan: moved before the loop.
     program = hoist_invariants(program, n, avals)
     exact: set = set()
     while True:

@@ -201,6 +201,8 @@ def fast_pass(
     an = analyse(loss_fn, params, batch)
     if strict:
         plan_lib.check_strict(an, params)
+    if an.materialise:  # a custom rule that cannot be bound again: the reference, exact
+        return vmap_pass(loss_fn, params, batch, mask)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     # The routes, computed once: what runs here is what ``plan`` prints.
     route = plan_lib.routes(an, [np.shape(x) for x in leaves])

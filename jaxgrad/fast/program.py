@@ -15,9 +15,10 @@ import dataclasses
 import functools
 import itertools
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax._src import source_info_util
 from jax.extend import core as jcore
@@ -257,6 +258,85 @@ def trace_program(fn, params, example) -> tuple:
 
     structs = [shape_struct(x) for x in (*param_leaves, *ex_leaves)]
     return flatten(jax.make_jaxpr(flat_fn)(*structs)), n
+
+
+def closure_error(program: Program) -> str:
+    """Why ``program`` cannot be differentiated again once traced ("" where it can).
+
+    A ``custom_vjp``/``custom_jvp``/``custom_gradient`` rule that closes over a value traced
+    with the loss (the example, or anything computed from the parameters) keeps that trace's
+    tracers: binding the rule again under ``vjp``, as the fast path does, reaches a dead
+    tracer (``jax.vmap(jax.grad(loss))`` traces the loss afresh each time, so it works).
+    Each custom call (in any frame) is tried alone: its gradient traced, no compilation.
+    """
+    tried: set = set()
+    for e in _custom_calls(program.eqns):
+        rule = (e.primitive.name, *(id(v) for v in e.params.values() if callable(v)))
+        if rule in tried:
+            continue
+        tried.add(rule)
+        if _rebinds_a_dead_tracer(e):
+            return (
+                "the loss has a custom_vjp, custom_jvp or custom_gradient rule that closes "
+                "over a value traced with it, which cannot be differentiated again from the "
+                "traced program: every leaf's per-example gradient is materialised, as "
+                "method='vmap' does; pass such values to the custom function as arguments "
+                "(nondiff_argnums, jax.closure_convert) to keep the fast path"
+            )
+    return ""
+
+
+def _custom_calls(eqns):
+    """The ``custom_vjp_call``/``custom_jvp_call`` equations among ``eqns`` and inside them
+    (loops, branches, calls), as ``(primitive, params, in_avals)``."""
+    for e in eqns:
+        if e.primitive.name in ("custom_vjp_call", "custom_jvp_call"):
+            avals = e.in_avals if isinstance(e, Eqn) else [v.aval for v in e.invars]
+            yield _Call(e.primitive, e.params, avals)
+        for sub in jcore.jaxprs_in_params(e.params):
+            yield from _custom_calls(sub.eqns)
+
+
+class _Call(NamedTuple):
+    primitive: Any
+    params: dict
+    in_avals: list
+
+
+def _rebinds_a_dead_tracer(call: _Call) -> bool:
+    """Whether the gradient of one custom call, bound again, reaches a tracer of a trace
+    that has ended (``jit`` refuses it; ``make_jaxpr`` keeps it as a constant)."""
+    consts = call.params.get("num_consts", 0)  # (closed-over values: not differentiated)
+    inexact = [
+        i
+        for i, a in enumerate(call.in_avals)
+        if i >= consts and jnp.issubdtype(a.dtype, jnp.inexact)
+    ]
+    if not inexact:
+        return False
+
+    def total(*args):
+        outs = call.primitive.bind(*args, **call.primitive.get_bind_params(call.params))
+        outs = outs if call.primitive.multiple_results else [outs]
+        return sum(jnp.sum(o) for o in outs if jnp.issubdtype(o.dtype, jnp.inexact))
+
+    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in call.in_avals]
+    try:
+        closed = jax.make_jaxpr(jax.grad(total, argnums=tuple(inexact)))(*structs)
+    except jax.errors.UnexpectedTracerError:
+        return True
+    return _holds_tracer(closed)
+
+
+def _holds_tracer(closed) -> bool:
+    """Whether a closed jaxpr, or one inside it, holds a tracer among its constants."""
+    if any(isinstance(c, jax.core.Tracer) for c in closed.consts):
+        return True
+    return any(
+        isinstance(v, jcore.ClosedJaxpr) and _holds_tracer(v)
+        for e in closed.jaxpr.eqns
+        for v in e.params.values()
+    )
 
 
 def primitives(program: Program) -> set:
