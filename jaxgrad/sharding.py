@@ -624,7 +624,7 @@ def _out_specs(out, params, batch) -> PyTree:
 
 def placed_untyped(tree: PyTree) -> PyTree:
     """``tree`` with every array placed on a mesh with Explicit axes moved onto that mesh's
-    Auto twin, where it is (same devices, same pieces, no copy): data a user placed with
+    Auto twin, where it is (the same pieces on the same devices): data a user placed with
     ``NamedSharding(jax.make_mesh(...), P("data"))``, which ``fit`` indexes by rows on the
     host and in its steps (an index into an Explicit-typed array must state its output
     sharding). Other leaves are returned as they are.
