@@ -50,6 +50,28 @@ def _check(loss, params, batch, *, reparam=(), fast=()):
     return routes
 
 
+def _check_clipped_sum(loss, params, batch, mask):
+    """``clipped_grad`` of a (sum, count) ``loss`` in chunks of 2, clipping at the median norm
+    (about half the real rows clipped): its norms and clipped sum against ``vmap(grad)`` of
+    each example's sum, with ``mask``'s padded rows left out."""
+    from jaxgrad import clipped_grad
+
+    # jitted: one XLA program, where eager vmap(grad) compiles every primitive on its own
+    # (tests/test_fast_dots.py's reference does the same); the rest in numpy, not jnp op by op.
+    per_example = jax.jit(jax.vmap(jax.grad(lambda p, ex: loss(p, ex)[0]), in_axes=(None, 0)))
+    grads = [np.asarray(g) for g in jax.tree_util.tree_leaves(per_example(params, batch))]
+    real = np.asarray(mask)
+    flat = np.concatenate([g.reshape(B, -1) for g in grads], axis=1)
+    want = np.where(real, np.linalg.norm(flat, axis=1), 0)
+    clip = float(np.median(want[real]))
+    c = np.where(real, np.minimum(1, clip / np.where(real, want, 1)), 0)
+    f = clipped_grad(loss, l2_clip=clip, reduction="sum", return_norms=True, chunk_size=2)
+    summed, norms = f(params, batch, mask)  # (returns the norms last)
+    assert_rel_close(norms, want, rtol=1e-9)
+    for x, g in zip(jax.tree_util.tree_leaves(summed), grads, strict=True):
+        assert_rel_close(x, np.tensordot(c, g, 1), rtol=1e-9)
+
+
 def _standardise(w, axes):
     mean = jnp.mean(w, axis=axes, keepdims=True)
     var = jnp.var(w, axis=axes, keepdims=True)
@@ -246,7 +268,7 @@ def test_strided_dilated_and_1d_convolutions_standardised():
 def test_weight_normalised_cnn_sum_count_mask_chunks():
     """``models.cnn(weight_norm=True)`` with a (sum, count) loss, a padded row and chunks:
     the norms and the clipped sum against ``vmap(grad)`` of each example's loss sum."""
-    from jaxgrad import clipped_grad, models
+    from jaxgrad import models
 
     model = models.cnn(
         image_shape=(4, 4), channels=(2, 3), num_classes=3, weight_norm=True, dtype=F64
@@ -263,18 +285,7 @@ def test_weight_normalised_cnn_sum_count_mask_chunks():
         ce = -jax.nn.log_softmax(model.apply(p, img))[label]
         return ce * (1 + label), 1 + label  # (sum, count): the count varies by example
 
-    grads = jax.vmap(jax.grad(lambda p, ex: loss(p, ex)[0]), in_axes=(None, 0))(params, batch)
-    flat = jnp.concatenate([g.reshape(B, -1) for g in jax.tree_util.tree_leaves(grads)], axis=1)
-    want = jnp.where(mask, jnp.linalg.norm(flat, axis=1), 0)
-    clip = float(jnp.median(want[mask]))
-    c = jnp.where(mask, jnp.minimum(1, clip / want), 0)
-    expected = jax.tree_util.tree_map(lambda g: jnp.tensordot(c, g, 1), grads)
-    f = clipped_grad(loss, l2_clip=clip, reduction="sum", return_norms=True, chunk_size=2)
-    summed, norms = f(params, batch, mask)  # (returns the norms last)
-    assert_rel_close(norms, want, rtol=1e-9)
-    got = jax.tree_util.tree_leaves(summed)
-    for x, y in zip(got, jax.tree_util.tree_leaves(expected), strict=True):
-        assert_rel_close(x, y, rtol=1e-9)
+    _check_clipped_sum(loss, params, batch, mask)
     one = jax.tree_util.tree_map(lambda x: x[0], batch)
     convs = [lp for lp in plan(loss, params, one).leaves if lp.path.startswith("['conv']")]
     kernels = [lp for lp in convs if lp.path.endswith("['w']")]
