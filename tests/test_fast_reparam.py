@@ -217,6 +217,25 @@ def test_transform_with_a_non_fast_use_falls_back_visibly():
     )
 
 
+def test_a_weight_rounded_in_place_is_weighted_and_dotted_per_example():
+    """``reduce_precision(W)`` (fake low precision): JAX rounds its cotangent and tangent,
+    so its VJP is not linear: the weighted sum and the dots apply it per example (one VJP
+    of the weighted sum was 2e-2 off at 4 mantissa bits), and the dots take no forward mode."""
+    rng = np.random.default_rng(12)
+    params = {"W": _normal(rng, 3, 3, scale=0.5), "V": _normal(rng, 3, 2, scale=0.5)}
+    x = _normal(rng, B, 5, 3, scale=0.5)
+
+    def loss(p, xi):
+        w = jax.lax.reduce_precision(p["W"], exponent_bits=8, mantissa_bits=4)
+        return jnp.sum(jnp.tanh(xi @ w) @ p["V"])
+
+    _check(loss, params, x, reparam=("['W']",))
+    p = plan(loss, params, x[0])
+    assert p.dots.way == "factored" and "reduce_precision" in p.dots.reason, p.dots
+    (w,) = [lp for lp in p.leaves if lp.path == "['W']"]
+    assert "clipped sum: those, weighted" in w.route, w
+
+
 def test_complex_effective_weight_falls_back_and_integer_results_carry_no_gradient():
     """``re + 1j im`` (a spectral weight) is example-independent but complex: the rules' real
     forms assume a real parameter, so its leaves fall back; ``argmax(W)`` is an integer result

@@ -407,9 +407,9 @@ class Reparametrised:
     def linear(self) -> bool:
         """Whether ``f``'s VJP is linear in the cotangent, as JAX's own VJPs are (the
         transpose of the linearisation). A ``custom_vjp`` call's is the user's ``bwd`` rule,
-        which need not be (a gradient clip): such a program
-        (:func:`jaxgrad.fast.trace.forward_differentiable`) applies the VJP per example."""
-        return trace.forward_differentiable(self.fp.program)
+        which need not be (a gradient clip), and a rounding's rounds the cotangent: such a
+        program (:func:`jaxgrad.fast.trace.linear_backward`) applies the VJP per example."""
+        return trace.linear_backward(self.fp.program)
 
     def weighted(self, c) -> dict:
         """Reparametrised leaf -> ``Σ_i c_i J_fᵀ ∇_{W_eff} S_i``.

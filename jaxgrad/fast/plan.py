@@ -88,7 +88,8 @@ def dots_route(program: Program) -> DotsRoute:
     """``per_example_dots``' route for a loss traced per example: forward mode, unless
 
     * the program binds a primitive ``jax.jvp`` cannot differentiate, a ``custom_vjp`` call
-      (:func:`jaxgrad.fast.trace.forward_differentiable`); or
+      (:func:`jaxgrad.fast.trace.forward_differentiable`), or one whose derivative JAX
+      rounds (:func:`jaxgrad.fast.trace.linear_backward`); or
     * a convolution (at the top level) whose kernel carries a tangent reads an input with
       fewer than :data:`jaxgrad.fast.linear.DOT_OFFSET_CHANNELS` channels (a grey or RGB
       image; :func:`jaxgrad.fast.linear.conv_dot_offsets`). Forward mode's work is the
@@ -104,6 +105,13 @@ def dots_route(program: Program) -> DotsRoute:
             "factored",
             "the loss calls a `custom_vjp` function, which has a reverse-mode rule only: "
             "jax.jvp cannot differentiate through it",
+        )
+    if not trace.linear_backward(program):
+        return DotsRoute(
+            "factored",
+            "the loss rounds a value in place (`reduce_precision`), whose tangent JAX rounds "
+            "as it rounds the cotangent: forward mode would differ from the gradient by that "
+            "rounding",
         )
     for e in program.eqns:
         if (
@@ -372,8 +380,8 @@ def routes(an: analysis.Analysis, shapes: list) -> tuple:
                     "per-example gradient of the scale of a scaled weight (from A, G and the "
                     "scaled leaf, one product per use; no B × |W| array)"
                 )
-            # A custom_vjp's bwd need not be linear (execute.Reparametrised.linear).
-            once = trace.forward_differentiable(an.program)
+            # A custom_vjp's bwd, a rounding's, need not be linear (Reparametrised.linear).
+            once = trace.linear_backward(an.program)
             label = (
                 f"reparametrised ({', '.join(tf.names[j])}): {_structure(an, j)}"
                 f"{' and '.join(what)}, the transformation's VJP per example; clipped "

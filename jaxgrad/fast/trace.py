@@ -246,6 +246,19 @@ _OPAQUE["custom_vjp_call_jaxpr"] = _OPAQUE["custom_vjp_call"]
 NO_FORWARD = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr"})
 
 
+# Primitives whose derivative JAX rounds to a narrower format, tangent and cotangent alike:
+# the backward pass is then not linear in the cotangent (rounding a sum is not the sum of
+# the rounded terms), and forward mode differs from reverse mode by the rounding.
+ROUNDING = frozenset({"reduce_precision"})
+
+
+def linear_backward(program: Program) -> bool:
+    """Whether ``program``'s VJP is linear in the cotangent and the transpose of its JVP, as
+    JAX's own VJPs are: not where a ``custom_vjp`` rule (:data:`NO_FORWARD`) or a rounding
+    (:data:`ROUNDING`) sits, at any depth."""
+    return not ((NO_FORWARD | ROUNDING) & primitives(program))
+
+
 def forward_differentiable(program: Program) -> bool:
     """Whether ``jax.jvp`` can push a direction through ``program``: none of
     :data:`NO_FORWARD` at any depth (even one no parameter reaches, which ``jax.jvp`` would
