@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_fast_cases import F64, assert_rel_close
+from test_fast_cases import F64, assert_rel_close, flat
 from test_fast_scan import _check, _normal, _routes
 
 import jaxgrad
@@ -98,7 +98,6 @@ def test_custom_rules_closing_over_traced_values_are_materialised_exactly():
 
         return jnp.sum(act(x @ p["w"]) * p["s"])
 
-    flat = lambda g: np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(g)])
     for loss in (implicit, gated):
         p = plan(loss, params, batch[0])
         assert all("closes over a value traced" in lp.reason for lp in p.leaves), p
@@ -137,7 +136,6 @@ def test_a_callback_that_cannot_be_batched_names_the_fix():
 
     with pytest.raises(NotImplementedError, match=r"vmap_method='sequential'.*method='vmap'"):
         per_example_norms(make(None))(params, batch)
-    flat = lambda g: np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(g)])
     ref = [np.linalg.norm(flat(jax.grad(make(None))(params, x))) for x in batch]
     assert_rel_close(per_example_norms(make(None), method="vmap")(params, batch), ref, 1e-12)
     assert_rel_close(per_example_norms(make("sequential"))(params, batch), ref, 1e-12)

@@ -352,6 +352,9 @@ def routes(an: analysis.Analysis, shapes: list) -> tuple:
     (leaf ``num_params + v``) when the analysis found a reparametrisation."""
     tf = an.transform
     eff_shapes = [tuple(a.shape) for a in tf.avals] if tf is not None else []
+    # A custom_vjp's bwd, a rounding's, need not be linear (Reparametrised.linear): then the
+    # clipped sum weighs the per-example VJPs instead of taking one VJP of the weighted sum.
+    once = tf is not None and trace.linear_backward(an.program)
     out = []
     for j, shape in enumerate([*shapes, *eff_shapes]):
         size = math.prod(shape)
@@ -380,8 +383,6 @@ def routes(an: analysis.Analysis, shapes: list) -> tuple:
                     "per-example gradient of the scale of a scaled weight (from A, G and the "
                     "scaled leaf, one product per use; no B × |W| array)"
                 )
-            # A custom_vjp's bwd, a rounding's, need not be linear (Reparametrised.linear).
-            once = trace.linear_backward(an.program)
             label = (
                 f"reparametrised ({', '.join(tf.names[j])}): {_structure(an, j)}"
                 f"{' and '.join(what)}, the transformation's VJP per example; clipped "
