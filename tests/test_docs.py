@@ -1,13 +1,17 @@
-"""Every ```python block of README.md and docs/*.md runs alone, in a fresh interpreter
-(sharing only a compilation cache with the blocks before it).
+"""Every ```python block of README.md and docs/*.md runs alone, in a fresh process (forked
+from one that has imported jaxgrad, tests/_block_server.py; sharing only a compilation
+cache with the blocks before it).
 
 Each block is a complete program: its own imports and data, nothing from the blocks before it.
 Shell commands are fenced ```bash and output ```text; those are not run (the quick start's
 commands are checked against .ci/run in tests/test_readme.py). Relative links must resolve.
 """
 
+import json
 import os
 import re
+import select
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,20 +38,19 @@ def _python_blocks():
 
 
 @pytest.fixture(scope="session")
-def compilation_cache(tmp_path_factory):
-    """One XLA compilation cache for the blocks this test process runs, one after another
-    (each pytest-xdist worker has its own): blocks that build the same program (the digits
-    MLP under several privacy configurations) compile it once. A hit runs the executable
-    XLA compiled for the identical program, options and flags, so no result changes; no
-    block reads HLO text. Measured on docs/privacy.md's seven blocks, idle, run in turn:
-    82 s without, 71 s with."""
-    return tmp_path_factory.mktemp("docs-xla-cache")
+def block_server(tmp_path_factory):
+    """One process (per test process: each pytest-xdist worker has its own) that has
+    imported jaxgrad and forks a fresh process for every block (tests/_block_server.py):
+    a block no longer pays for an interpreter and ``import jaxgrad`` (2.2 s of CPU each).
 
-
-@pytest.mark.parametrize("code", list(_python_blocks()))
-def test_python_block_runs_alone(code, tmp_path, compilation_cache):
+    The blocks it runs share one XLA compilation cache: blocks that build the same program
+    (the digits MLP under several privacy configurations) compile it once. A hit runs the
+    executable XLA compiled for the identical program, options and flags, so no result
+    changes; no block reads HLO text. Measured on docs/privacy.md's seven blocks, idle, run
+    in turn: 82 s without, 71 s with."""
+    folder = tmp_path_factory.mktemp("docs-server")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    env["JAX_COMPILATION_CACHE_DIR"] = str(compilation_cache)
+    env["JAX_COMPILATION_CACHE_DIR"] = str(folder / "xla-cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
     # Every block compiles at LLVM -O0, as the test processes do (tests/conftest.py: the
@@ -56,15 +59,47 @@ def test_python_block_runs_alone(code, tmp_path, compilation_cache):
     # these flags (setting XLA_FLAGS itself would replace them: docs/devices.md's two
     # training blocks took 1.6-2x the CPU so).
     env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,  # a block that writes files writes them here
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    with open(folder / "server.err", "w") as err:
+        server = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "_block_server.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=env,
+            bufsize=0,
+        )
+    yield server, folder
+    server.stdin.close()
+    server.wait(timeout=60)
+
+
+def _reply(server, folder, timeout=None) -> dict:
+    """The server's next line, read within ``timeout`` seconds (None if it did not come)."""
+    line = b""
+    while not line.endswith(b"\n"):
+        if not select.select([server.stdout], [], [], timeout)[0]:
+            return None
+        chunk = server.stdout.read(1)
+        if not chunk:
+            pytest.fail(f"the block server died:\n{(folder / 'server.err').read_text()}")
+        line += chunk
+    return json.loads(line)
+
+
+@pytest.mark.parametrize("code", list(_python_blocks()))
+def test_python_block_runs_alone(code, tmp_path, block_server):
+    server, folder = block_server
+    (tmp_path / "block.py").write_text(code)
+    files = {name: str(tmp_path / f) for name, f in (("code", "block.py"), ("out", "stdout"))}
+    request = {**files, "err": str(tmp_path / "stderr"), "cwd": str(tmp_path)}
+    server.stdin.write((json.dumps(request) + "\n").encode())
+    pid = _reply(server, folder)["pid"]
+    done = _reply(server, folder, timeout=300)
+    if done is None:  # the block hung: end it, then fail with what it printed
+        os.kill(pid, signal.SIGKILL)
+        done = _reply(server, folder)
+    stdout, stderr = ((tmp_path / n).read_text() for n in ("stdout", "stderr"))
+    assert done["status"] == 0, f"status {done}\nstdout:\n{stdout}\nstderr:\n{stderr}"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
