@@ -428,7 +428,7 @@ def test_a_custom_vjp_on_a_weight_whose_bwd_is_not_linear():
     check(loss, params, batch)
     assert "clipped sum: those, weighted" in str(plan(loss, params, batch[0]))
     mask = np.arange(B) < B - 1
-    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, batch)
+    grads = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(params, batch)
     norms = {k: np.linalg.norm(np.asarray(g).reshape(B, -1), axis=1) for k, g in grads.items()}
     clips = {k: float(np.median(n[mask])) for k, n in norms.items()}  # some rows clipped
     per_layer = jaxgrad.clipped_grad(loss, l2_clip=clips, reduction="sum")

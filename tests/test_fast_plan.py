@@ -138,7 +138,7 @@ def test_a_new_kind_of_use_is_one_table_entry(monkeypatch):
     monkeypatch.setitem(rules.KINDS, "scale", _scale_kind())
     s = {lp.path: lp for lp in plan(loss, params, batch[0]).leaves}["['s']"]
     assert s.route == "scale: per-example gradient" and s.uses[0].startswith("scale @ ")
-    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, batch)
+    grads = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(params, batch)
     flat = np.concatenate([np.reshape(g, (4, -1)) for g in jax.tree_util.tree_leaves(grads)], 1)
     norms = np.linalg.norm(flat, axis=1)
     assert_rel_close(per_example_norms(loss)(params, batch), norms)

@@ -202,8 +202,8 @@ def test_canary_gradients_are_dirac_on_every_path():
             np.testing.assert_array_equal(g, want)
             assert (float(value[0]), float(value[1])) == (0.0, 0.0)  # no loss, no items
     # The fast clipped sum against vmap(grad) + clip.
-    per = jax.vmap(jax.grad(lambda p, e: loss(p, e)[0]), in_axes=(None, 0))(params, (rows, ids))
-    per = jax.vmap(flat)(per)
+    per_example = jax.vmap(jax.grad(lambda p, e: loss(p, e)[0]), in_axes=(None, 0))
+    per = jax.jit(lambda p, b: jax.vmap(flat)(per_example(p, b)))(params, (rows, ids))
     norms = jnp.linalg.norm(per, axis=1)
     np.testing.assert_allclose(norms[10:], clip, rtol=1e-15)
     ref = jnp.sum(per * jnp.minimum(1, clip / norms)[:, None], axis=0)

@@ -95,7 +95,7 @@ def test_weighted_takes_one_weight_per_example_and_leaf(method):
     get = passes.get_pass(method)
     c = jnp.asarray(np.random.default_rng(4).uniform(size=(6, 4)), F64)
     got = jax.jit(lambda p, b, m, c: get(loss, p, b, m).weighted(c))(params, batch, mask, c)
-    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, batch)
+    grads = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(params, batch)
     leaves, treedef = jax.tree.flatten(grads)
     want = treedef.unflatten([jnp.tensordot(c[:, j], g, 1) for j, g in enumerate(leaves)])
     _assert_trees_close(got, want)
