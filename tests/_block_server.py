@@ -1,7 +1,7 @@
 """Runs doc blocks, each in a fresh process forked from one that has imported jaxgrad.
 
 tests/test_docs.py starts one per test process. A block used to pay for a whole interpreter
-and ``import jaxgrad`` (2.2 s of CPU, 48 blocks); a fork of this process pays for neither.
+and ``import jaxgrad`` (2.2 s of CPU each, 30 blocks); a fork of this process pays for neither.
 Each block still runs alone: a fresh process and namespace (``__name__ == "__main__"``),
 its own working directory, nothing of the blocks before it but what ``import jaxgrad``
 loaded, which the block itself imports first in a fresh interpreter. jax's CPU client is
