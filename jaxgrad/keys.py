@@ -24,9 +24,11 @@ of ``k``, ``split(k, n)[b]`` block ``(0, b)``, and the Gaussian noise reads bloc
 of its key (:func:`jaxgrad.privacy.threefry.words_at`). So every key and every word of
 randomness is a node of one tree, named by its path of blocks from ``K``: the step key is
 ``(t)``, the sample and noise keys ``(t, 0)`` and ``(t, 1)``, the clip count's key
-``(t, 0x636C6970)`` (:func:`clip_count_key`), noise word ``j`` ``(t, 1, j)``, the truncation
-key ``(t, 0, 2³² − 1)`` (the Poisson draw reads blocks ``2⁶³ + i`` of the sample key, which no
-``fold_in`` or ``split`` names). Every node the DP reads begins ``(t, b)`` with ``b`` one of
+``(t, 0x636C6970)`` (:func:`clip_count_key`), noise word ``j`` ``(t, 1, j)``; the Poisson
+draw reads blocks ``2⁶³ + i`` of the sample key, and the keys of a truncated draw and of a
+draw without replacement are its blocks ``2⁶²`` and ``2⁶² + 1``
+(:func:`jaxgrad.privacy.sampling.draw_key`): no ``fold_in`` or ``split`` names those, and
+no noise reads them. Every node the DP reads begins ``(t, b)`` with ``b`` one of
 ``0``, ``1``, ``0x636C6970``. Without ``λ`` a ``loss_key`` derived from ``K`` — ``fold_in(K,
 1)``, ``split(K)[0]`` — put the loss keys on those nodes: with ``L = fold_in(K, 1)``, row
 ``i``'s key of step 1 was ``(1, 1, i)``, step 1's noise word ``i``, and the dropout a function
@@ -344,18 +346,6 @@ def dp_keys(key, step):
     """``split(fold_in(key, step))``: one DP-SGD step's Poisson draw and noise keys, independent
     of each other and of every other step's."""
     return split_step_key(step_key(key, step))
-
-
-def truncation_key(sample_key):
-    """``fold_in(sample_key, 2³² − 1)``: which drawn examples a truncated Poisson draw keeps,
-    independent of the draw itself.
-
-    The draw reads Threefry block ``2⁶³ + i`` of ``sample_key`` for example ``i``
-    (:func:`jaxgrad.privacy.sampling.inclusion_mask`), and ``fold_in(sample_key, d)`` *is*
-    block ``d < 2³²``: never one of the draw's, nor (as block ``2³² − 1``) one that noise
-    drawn from ``sample_key`` by mistake would read first.
-    """
-    return jax.random.fold_in(sample_key, 2**32 - 1)
 
 
 # fold_in(loss_key, λ) roots every loss key: a loss_key derived from the run's key (fold_in(K,

@@ -480,10 +480,14 @@ def test_sampled_dp_grad_takes_a_source():
         make(source=sources.CyclicPoisson(sampling_rate=0.5, groups=2))
 
 
-def test_truncation_key_is_not_a_drawn_example():
-    """Truncated Poisson's keep order must not reuse the draw's bits: the draw reads Threefry
-    block 2**63 + i for example i (the noise of the same key reads blocks 0, 1, ...), and
-    fold_in(k, d) is block d; the truncation key is block 2**32 - 1, neither."""
+def test_the_draws_keys_are_no_noise_word_of_the_same_key():
+    """One key given to a batch source and to the noise must not tie the batch to a noise
+    coordinate: the inclusion draw reads Threefry blocks 2**63 + i, the noise of the same key
+    blocks 0, 1, ... (fold_in(k, d) is block d, split(k)[b] block b), and the keys that
+    choose a truncated draw's rows and a batch without replacement are blocks 2**62 and
+    2**62 + 1. (A batch without replacement was permutation(k), whose key split(k)[1] is
+    noise word 1: one noisy coordinate of a zero gradient named its few thousand candidate
+    batches.)"""
     from jaxgrad.privacy import sampling, threefry
 
     k = private_key(7)
@@ -493,9 +497,26 @@ def test_truncation_key_is_not_a_drawn_example():
     mask = [(a << 32 | b) < int(q * 2**64) for a, b in drawn]
     got = privacy.inclusion_mask(k, sampling_rate=q, num_examples=4096)
     np.testing.assert_array_equal(got, mask)
-    drawn = set(drawn)
     n0, n1 = (np.asarray(w) for w in threefry.words_at(k, 0, (4096,)))
     noise = {(int(a), int(b)) for a, b in zip(n0, n1, strict=True)}
-    words = tuple(int(w) for w in jax.random.key_data(keys.truncation_key(k)))
-    assert words not in drawn and words not in noise
     assert tuple(int(w) for w in jax.random.key_data(jax.random.fold_in(k, 1))) in noise
+    assert tuple(int(w) for w in jax.random.key_data(jax.random.split(k)[1])) in noise
+    n, b = 50, 7
+    for block, source in (
+        (sampling.WITHOUT_REPLACEMENT_BLOCK, sources.WithoutReplacement(batch_size=b)),
+        (sampling.TRUNCATION_BLOCK, sources.TruncatedPoisson(sampling_rate=0.9, max_batch_size=b)),
+    ):
+        y0, y1 = threefry.words_at(k, block, (1,))
+        words = (int(y0[0]), int(y1[0]))
+        assert words not in noise and words not in set(drawn)
+        order = np.asarray(
+            jax.random.permutation(jax.random.wrap_key_data(np.array(words, np.uint32)), n)
+        )
+        sample = source.sample(k, num_examples=n, physical_batch_size=b)
+        chosen = np.flatnonzero(np.asarray(sample.mask))
+        if block == sampling.WITHOUT_REPLACEMENT_BLOCK:  # the first B of that permutation
+            np.testing.assert_array_equal(np.sort(order[:b]), chosen)
+        else:  # the first B drawn rows in that permutation's order
+            included = np.asarray(privacy.inclusion_mask(k, sampling_rate=0.9, num_examples=n))
+            assert included.sum() > b  # (truncated: the order decides)
+            np.testing.assert_array_equal(np.sort(order[included[order]][:b]), chosen)

@@ -225,7 +225,9 @@ def test_a_loss_key_derived_from_the_key_never_meets_the_dp_keys(derive):
     for t in steps:
         sample_key, noise_key = jaxgrad.keys.dp_keys(key, t)
         count_key = jaxgrad.keys.clip_count_key(key, t)
-        named = (sample_key, noise_key, count_key, jaxgrad.keys.truncation_key(sample_key))
+        draws = (sampling.TRUNCATION_BLOCK, sampling.WITHOUT_REPLACEMENT_BLOCK)
+        named = (sample_key, noise_key, count_key)
+        named += tuple(sampling.draw_key(sample_key, block) for block in draws)
         dp += [jax.random.key_data(k)[None] for k in named]
         dp += [_words(noise_key, 0, words), _words(count_key, 0, 16)]
         dp.append(_words(sample_key, sampling.INCLUSION_OFFSET, len(rows)))

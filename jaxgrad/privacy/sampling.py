@@ -59,6 +59,41 @@ INCLUSION_OFFSET = 2**63
 _INCLUSION_TAG = 0x73616D70  # "samp"
 
 
+# The draw's other randomness — which drawn examples a truncated draw keeps, the batch drawn
+# without replacement — comes from keys made of the words of Threefry blocks 2⁶² + c of the
+# sample key: read by no noise of that key (blocks 0, 1, ..., one per parameter), named by no
+# fold_in or split (blocks < 2³²), apart from the inclusion draw's (2⁶³ + i). A key derived
+# by fold_in / split from a block the noise reads would be a function of a released noise
+# coordinate (a permutation from split(key)[1], noise word 1, let one noisy coordinate of a
+# zero gradient narrow a batch of 10 of 200 from 2e16 candidates to ~4000).
+TRUNCATION_BLOCK = 2**62
+WITHOUT_REPLACEMENT_BLOCK = 2**62 + 1
+# For keys of other implementations (rbg): fold_in(key, tag), an independent stream.
+_DRAW_TAGS = {TRUNCATION_BLOCK: 2**32 - 1, WITHOUT_REPLACEMENT_BLOCK: 0x776F7270}  # "worp"
+
+
+def draw_key(sample_key, block: int):
+    """The key made of Threefry block ``block`` of ``sample_key`` (``TRUNCATION_BLOCK`` or
+    ``WITHOUT_REPLACEMENT_BLOCK``): independent of the inclusion draw and of any noise drawn
+    from the same key (the block's two words are a key as ``split``'s children are); for a
+    key of another implementation, ``fold_in(sample_key, tag)``.
+
+    Args:
+      sample_key: a PRNG key (typed, or raw ``uint32``).
+      block: :data:`TRUNCATION_BLOCK` or :data:`WITHOUT_REPLACEMENT_BLOCK`.
+
+    Returns:
+      A key of the same kind (typed or raw) and implementation as ``sample_key``.
+    """
+    if not threefry.is_threefry(sample_key):
+        return jax.random.fold_in(sample_key, _DRAW_TAGS[block])
+    y0, y1 = threefry.words_at(sample_key, block, (1,))
+    data = jnp.concatenate([y0, y1])
+    if keys.is_typed_key(sample_key):
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(sample_key))
+    return data
+
+
 def inclusion_mask(key, *, sampling_rate: float, num_examples: int):
     """``m_i = [U_i < q]`` for ``N`` independent 64-bit uniforms ``U_i``: exactly rate ``q``.
 

@@ -119,7 +119,7 @@ class TruncatedPoisson:
             \\text{a uniformly random } B\\text{-subset of them} & b > B \\end{cases}
 
     Which drawn examples are kept depends only on the draw and on an independent key
-    (:func:`jaxgrad.keys.truncation_key` of the step's sample key: a uniformly random
+    (:func:`jaxgrad.privacy.sampling.draw_key` of the step's sample key: a uniformly random
     permutation of the ``N`` rows, the first ``B`` drawn in its order), never on the data.
     The inclusion mask is :func:`jaxgrad.privacy.poisson_sample`'s from the same key, so a
     draw that fits is exactly the Poisson draw. The divisor stays ``B_e = qN`` (public).
@@ -171,7 +171,7 @@ class TruncatedPoisson:
         p = reduce.check_positive_int(physical_batch_size, name="physical_batch_size")
         b = _check_batch(self.max_batch_size, "max_batch_size", n)
         mask = sampling.inclusion_mask(key, sampling_rate=self.sampling_rate, num_examples=n)
-        order = jax.random.permutation(keys.truncation_key(key), n)
+        order = jax.random.permutation(sampling.draw_key(key, sampling.TRUNCATION_BLOCK), n)
         drawn = mask[order]
         keep = drawn & (jnp.cumsum(drawn, dtype=jnp.int32) <= b)  # the first B in `order`
         kept = jnp.zeros((n,), bool).at[order].set(keep)
@@ -194,9 +194,10 @@ class WithoutReplacement:
         S \\sim \\mathrm{Uniform}\\{S \\subseteq [N] : |S| = B\\}, \\qquad B_e = B
 
     drawn independently at every step (the first ``B`` of a uniformly random permutation
-    from the step's sample key) — not a shuffled epoch, whose batches are disjoint. The
-    batch size is public, so the neighbouring relation is replace one example (``N``
-    public), under which the clipped sum moves by up to ``2C``: the event is
+    drawn with :func:`jaxgrad.privacy.sampling.draw_key` of the step's sample key, never
+    from bits that noise drawn with the same key reads) — not a shuffled epoch, whose
+    batches are disjoint. The batch size is public, so the neighbouring relation is replace
+    one example (``N`` public), under which the clipped sum moves by up to ``2C``: the event is
     ``SampledWithoutReplacementDpEvent(N, B, GaussianDpEvent(σ / 2))`` (Wang, Balle and
     Kasiviswanathan 2019, Theorem 27), accounted by dp-accounting's RDP accountant only
     (``accountant="rdp"``, ``neighboring_relation="replace_one"``). Its ε is not comparable
@@ -236,7 +237,11 @@ class WithoutReplacement:
         n = reduce.check_positive_int(num_examples, name="num_examples")
         p = reduce.check_positive_int(physical_batch_size, name="physical_batch_size")
         b = _check_batch(self.batch_size, "batch_size", n)
-        chosen = jax.random.permutation(key, n)[:b]
+        # Not permutation(key): its bits would be noise words of the same key.
+        order = jax.random.permutation(
+            sampling.draw_key(key, sampling.WITHOUT_REPLACEMENT_BLOCK), n
+        )
+        chosen = order[:b]
         mask = jnp.zeros((n,), bool).at[chosen].set(True)
         return sampling.compact(mask, padded=-(-b // p) * p)
 
