@@ -10,10 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_fast_cases import F64
+from test_fast_cases import F64, assert_rel_close
 from test_fast_reparam import _check, _conv, _normal, _standardise
 
+import jaxgrad
 from jaxgrad.fast import plan
+from jaxgrad.fast.hoist import SHARED_COPIES
 
 jax.config.update("jax_enable_x64", True)
 
@@ -305,14 +307,72 @@ def test_what_a_layer_stack_must_not_compute_for_every_step_stays_in_the_loop():
     assert leaf.route.startswith("tied, 2 uses: scaled (div)"), leaf
 
 
+def _exact(loss, params, x):
+    """Norms, a masked clipped sum and dots of ``loss``'s fast pass against a jitted float64
+    ``vmap(grad)`` of each example (a padded row, clipped at the median norm)."""
+    per_example = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))
+    grads = [np.asarray(g) for g in jax.tree_util.tree_leaves(per_example(params, x))]
+    mask = jnp.arange(B) < B - 1
+    real = np.asarray(mask)
+    flat = np.where(real[:, None], np.concatenate([g.reshape(B, -1) for g in grads], 1), 0)
+    norms = np.linalg.norm(flat, axis=1)
+    assert np.min(norms[real]) > 0
+    assert_rel_close(jaxgrad.per_example_norms(loss)(params, x, mask), norms, rtol=1e-9)
+    clip = float(np.median(norms[real]))
+    c = np.where(real, np.minimum(1, clip / np.where(real, norms, 1)), 0)
+    summed = jaxgrad.clipped_grad(loss, l2_clip=clip, reduction="sum")(params, x, mask)
+    for got, g in zip(jax.tree_util.tree_leaves(summed), grads, strict=True):
+        assert_rel_close(got, np.tensordot(c, g, 1), rtol=1e-9)
+    v = jax.tree_util.tree_map(
+        lambda a: jnp.cos(jnp.arange(a.size, dtype=F64)).reshape(a.shape), params
+    )
+    want = flat @ np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(v)])
+    assert_rel_close(jaxgrad.per_example_dots(loss)(params, x, mask, reference=v), want, rtol=1e-9)
+
+
+def test_a_shared_weight_transformed_with_each_layers_slice_is_hoisted():
+    """A layer stack whose body builds its weight from a parameter it closes over and the
+    layer's slice: a shared layer gated per layer, ``g_l · S`` (ALBERT-style), and a shared
+    base plus per-layer LoRA, ``S + A_l B`` (relaxed recursive transformers). Left in the loop
+    ``S`` would take the exact fallback; the ``L`` copies of ``S`` stacked before the loop are
+    within :data:`jaxgrad.fast.hoist.SHARED_COPIES`, so every leaf keeps a factored route."""
+    rng = np.random.default_rng(12)
+    layers, t, d, r = 3, 3, 3, 2
+    params = {
+        "S": _normal(rng, d, d),
+        "g": 1 + _normal(rng, layers, scale=0.2),
+        "A": _normal(rng, layers, d, r),
+        "B": _normal(rng, r, d),
+        "V": _normal(rng, d, 2),
+    }
+    x = _normal(rng, B, t, d)
+
+    def stack(weight, xs):
+        def loss(p, x):
+            step = lambda h, w: (jnp.tanh(h @ weight(p, w)), None)
+            return jnp.sum(jnp.sin(jax.lax.scan(step, x, xs(p))[0] @ p["V"]))
+
+        return loss
+
+    gated = stack(lambda p, g: g * p["S"], lambda p: p["g"])
+    lora = stack(lambda p, a: p["S"] + a @ p["B"], lambda p: p["A"])
+    for loss, leaves in ((gated, ("S", "g")), (lora, ("S", "A", "B"))):
+        routes = {lp.path: lp.route for lp in plan(loss, params, x[0]).leaves}
+        for k in leaves:
+            assert routes[f"['{k}']"].startswith("reparametrised ("), routes
+        _exact(loss, params, x)
+
+
 def test_a_shared_weight_scaled_by_each_step_stays_in_the_loop():
     """``W * c_t`` for a weight the loop closes over and a step's scalar (a sampler loop's
     schedule) is a function of the step too, but computed for every step before the loop
-    it would be ``T`` copies of ``W``: it stays in the loop (``W`` on the exact fallback, its
-    per-example copy ``B × |W|``), while a layer stack's stacked transformation is hoisted."""
+    it would be ``T`` copies of ``W``: past :data:`jaxgrad.fast.hoist.SHARED_COPIES` steps it
+    stays in the loop (``W`` on the exact fallback, its per-example copy ``B × |W|``, exact),
+    while a layer stack's stacked transformation is hoisted."""
     rng = np.random.default_rng(8)
-    d, steps = 3, 50
-    params = {"w": _normal(rng, d, d), "s": _normal(rng, steps, d, d)}
+    d, steps = 3, 100
+    assert steps > SHARED_COPIES
+    params = {"w": _normal(rng, d, d), "s": _normal(rng, steps, d, d, scale=0.1)}
 
     def loss(p, x):
         def step(h, xs):
@@ -324,4 +384,5 @@ def test_a_shared_weight_scaled_by_each_step_stays_in_the_loop():
 
     routes = {lp.path: lp.route for lp in plan(loss, params, jnp.ones(d, F64)).leaves}
     assert routes["['w']"].startswith("exact fallback"), routes
-    assert routes["['s']"].startswith("scan, 50 steps, one slice per step: scaled (mul)"), routes
+    assert routes["['s']"].startswith("scan, 100 steps, one slice per step: scaled (mul)"), routes
+    _exact(loss, params, _normal(rng, B, d))

@@ -27,8 +27,12 @@ example-independent slices counted as known) are moved before the loop
 as one ``jax.vmap`` over the stacked axis, and the loop reads their stacked results as more
 ``xs`` (a reverse scan reads step ``t`` of the same stacks): the stacked
 effective weight is then an ordinary top-level transformation too. Only where the stacks are
-no larger than the parameter slices they are made of (:func:`_worth_stacking`): a shared
-weight scaled by each step's schedule value would be one copy of it per step.
+no larger than the parameter slices they read plus :data:`SHARED_COPIES` copies of the
+shared parameters they read (those the loop closes over; :func:`_worth_stacking`): a shared
+``S`` gated per layer, ``g_l S``, or a shared base plus per-layer LoRA, ``S + A_l B``, is
+``L`` copies of ``S`` for an ``L``-layer stack, cheaper than the ``B`` per-example copies
+its exact fallback makes, but a shared weight scaled by each step's schedule value in a
+sampler loop of hundreds of steps would be one copy of it per step: it stays in the loop.
 
 Then the program is re-traced (each equation re-bound with its source line, so the plan still
 names the user's lines). A program with nothing to hoist is returned as it is. The values
@@ -63,6 +67,16 @@ from jaxgrad.fast.trace import ALIAS_RULES, classify, ignore, is_alias, rule_of,
 
 # Fresh numbers for the values this module makes (the re-trace numbers them again).
 _fresh = itertools.count(1 << 62)
+
+# How many copies of the shared parameters (those a loop closes over) a scan's per-step
+# transformations may stack before the loop. Left in the loop, ``g_l · S`` or ``S + A_l B``
+# sends ``S`` (and ``g``, ``A``, ``B``) to the exact fallback: ``B`` per-example copies of ``S``
+# and ``B × L`` per-step products. Stacked, it is ``L`` copies of ``S`` made once: fewer
+# operations always, less memory whenever ``L ≤ B``. The batch is not known when the program
+# is planned; 64 copies admit a layer stack (rarely deeper, its batches rarely smaller) and
+# leave a sampler's or solver's loop over a shared weight (hundreds or thousands of steps,
+# ``W · c_t``) in the loop, where its ``L`` copies would outgrow the batch's ``B``.
+SHARED_COPIES = 64
 
 # Frames: read by the walker through their bodies, never a transformation of their own.
 _FRAMES = ("scan", "cond", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
@@ -137,7 +151,18 @@ def _hoist_scan(e: Eqn, dep: set, made: set) -> list | None:
     sliced = {v for v in body.invars[first_x:] if v not in inside}
     stepped = _invariant(body, consts | sliced, inside, made_here, per_step=True) - moved
     avals = dict(zip(body.invars, in_avals, strict=True))
-    stepped = _worth_stacking(body, moved, stepped, sliced & from_params, avals)
+    avals.update(
+        (o, a)
+        for k in (*moved, *stepped)
+        for o, a in zip(body.eqns[k].outs, body.eqns[k].out_avals, strict=True)
+    )
+    # The values made of parameters that are the same at every step: the consts the loop
+    # closes over and what is hoisted of them (a shared weight, its normalised form).
+    shared = {v for v in consts if v in from_params}
+    shared |= {o for k in moved for o in body.eqns[k].outs if o in made_here}
+    stepped = _worth_stacking(
+        body, moved, stepped, sliced & from_params, shared, avals, p["length"]
+    )
     if not moved and not stepped:
         if rewritten is None:
             return None
@@ -152,11 +177,6 @@ def _hoist_scan(e: Eqn, dep: set, made: set) -> list | None:
         rename.update(zip(b.outs, outs, strict=True))
         ins = [rename.get(r, r) if isinstance(r, Var) else r for r in b.ins]
         hoisted.append(dataclasses.replace(b, ins=ins, outs=outs))
-    avals.update(
-        (o, a)
-        for k in (*moved, *stepped)
-        for o, a in zip(body.eqns[k].outs, body.eqns[k].out_avals, strict=True)
-    )
     kept = [b for k, b in enumerate(body.eqns) if k not in moved and k not in stepped]
     read = _read_by(kept, body.outs)
     new_consts = [o for k in sorted(moved) for o in body.eqns[k].outs if o in read]
@@ -186,13 +206,18 @@ def _hoist_scan(e: Eqn, dep: set, made: set) -> list | None:
     return [*hoisted, scan]
 
 
-def _worth_stacking(body: Program, moved: set, ks: set, params: set, avals: dict) -> set:
+def _worth_stacking(
+    body: Program, moved: set, ks: set, params: set, shared: set, avals: dict, length: int
+) -> set:
     """The equations ``ks`` of a scan body (to be computed for every step) in the groups,
     connected by the values they pass each other, whose stacks (the values the loop goes on
-    to read) are no larger than the slices of parameter stacks (``params``, abstract values
-    ``avals``) they read: a layer stack's ``W0_l + A_l B_l`` (as large as ``W0``) is hoisted,
-    a shared ``W`` scaled by each step's ``c_t`` in a 1000-step sampler loop (1000 copies of
-    ``W``) stays in the loop."""
+    to read, ``length`` steps of them) are no larger than the slices of parameter stacks
+    (``params``) they read, plus :data:`SHARED_COPIES` copies of the values made of
+    parameters the same at every step (``shared``: the weights the loop closes over) they
+    read. A layer stack's ``W0_l + A_l B_l`` (as large as ``W0``'s slices), a shared ``S``
+    gated per layer, ``g_l S``, or ``S + A_l B`` (``L`` copies of ``S``) are hoisted; a
+    shared ``W`` scaled by each step's ``c_t`` in a 1000-step sampler loop (1000 copies of
+    ``W``) stays in the loop. ``avals``: the abstract values of the body's values."""
     size = lambda a: math.prod(a.shape)
     producer = {o: k for k in ks for o in body.eqns[k].outs}
     group = {k: k for k in ks}  # union-find over the values passed within ks
@@ -212,12 +237,21 @@ def _worth_stacking(body: Program, moved: set, ks: set, params: set, avals: dict
     read = _read_by(
         [b for k, b in enumerate(body.eqns) if k not in moved and k not in ks], body.outs
     )
-    made, sliced = collections.Counter(), collections.defaultdict(set)
+    made = collections.Counter()
+    sliced, whole = collections.defaultdict(set), collections.defaultdict(set)
     for k in ks:
         b = body.eqns[k]
         made[root(k)] += sum(size(a) for o, a in zip(b.outs, b.out_avals, strict=True) if o in read)
-        sliced[root(k)].update(r for r in b.ins if isinstance(r, Var) and r in params)
-    small = {g for g in made | sliced if made[g] <= sum(size(avals[v]) for v in sliced[g])}
+        ins = [r for r in b.ins if isinstance(r, Var)]
+        sliced[root(k)].update(r for r in ins if r in params)
+        whole[root(k)].update(r for r in ins if r in shared)
+    small = {
+        g
+        for g in made | sliced | whole
+        if length * made[g]
+        <= length * sum(size(avals[v]) for v in sliced[g])
+        + SHARED_COPIES * sum(size(avals[v]) for v in whole[g])
+    }
     return {k for k in ks if root(k) in small}
 
 
