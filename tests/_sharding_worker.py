@@ -991,8 +991,8 @@ def training_problem():
 
     import jaxgrad
 
-    ds = jaxgrad.data.load("digits")
-    x, y = (np.asarray(a)[:150] for a in ds.train)
+    ds = jaxgrad.data.load("digits", standardize=False)  # (public pixels 0-16: DP below)
+    x, y = np.asarray(ds.x_train)[:150] / 16, np.asarray(ds.y_train)[:150]
     model = jaxgrad.models.mlp([64, 16, 10])
     loss_fn = jaxgrad.losses.supervised(
         model.apply, jaxgrad.losses.softmax_cross_entropy, num_classes=10

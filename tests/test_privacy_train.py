@@ -191,6 +191,46 @@ def test_fit_private_bad_arguments():
         )
 
 
+def test_fit_private_refuses_rows_standardised_with_their_own_statistics(tmp_path):
+    """Standardised with the training split's own mean and scale, every row depends on every
+    other: the clipped sum of two neighbouring data sets differs by more than C (checked
+    here, in float64, with numpy's statistics and per-example gradients), so a private fit
+    refuses such arrays (and numpy views of them: a slice, a row subset by reshape) and
+    takes the same rows loaded raw or with given statistics."""
+    model, loss_fn, (x, y) = _problem(n=60)
+    x = np.abs(x) * 4.0  # positive inputs of mean ~3: centring them moves every row
+    x[0] = 40.0  # an outlier, whose removal moves the mean and scale of all the others
+    params = model.init(jax.random.key(1))
+    one = jax.jit(jax.vmap(jax.grad(loss_fn), in_axes=(None, 0)))
+
+    def clipped_sum(x_std, y_rows):
+        g = one(params, (jnp.asarray(x_std), jnp.asarray(y_rows)))
+        flat = np.concatenate([np.reshape(v, (len(y_rows), -1)) for v in jax.tree.leaves(g)], 1)
+        return np.minimum(1.0, 1.0 / np.linalg.norm(flat, axis=1)) @ flat  # C = 1
+
+    standardise = lambda a: (a - a.mean()) / a.std()  # "global": one mean and scale
+    moved = clipped_sum(standardise(x), y) - clipped_sum(standardise(x[1:]), y[1:])
+    assert np.linalg.norm(moved) > 1.0  # one example moved the sum by more than C
+
+    config = PrivacyConfig(l2_clip=1.0, noise_multiplier=1.0, accountant="rdp")
+    kw = dict(x_test=x[:5], y_test=y[:5], task="classification", num_classes=3)
+    for standardize in (True, "global", "features"):
+        ds = jaxgrad.data.from_arrays(x, y, standardize=standardize, dtype=np.float64, **kw)
+        for data in (ds.train, (ds.x_train[:40], ds.y_train[:40]), {"x": ds.x_train}):
+            with pytest.raises(ValueError, match=r"`train_data`.* own statistics.*standardize="):
+                _fit(loss_fn, params, data, config, epochs=1)
+    regression = jaxgrad.data.from_arrays(x, x[:, 0] * 2.0, task="regression")
+    assert not jaxgrad.data.own_statistics(x) and jaxgrad.data.own_statistics(regression.y_train)
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:5], y_test=y[:5])
+    rows = jaxgrad.data.load_rows("npz", tmp_path / "d.npz", num_classes=3)
+    assert jaxgrad.data.own_statistics(rows.x_train)
+    given = {"mean": 3.0, "std": 2.0}
+    for standardize in (False, given):
+        ds = jaxgrad.data.from_arrays(x, y, standardize=standardize, dtype=np.float64, **kw)
+        assert not jaxgrad.data.own_statistics(ds.x_train)
+        _fit(loss_fn, params, ds.train, config, epochs=1)
+
+
 def test_cli_dp_writes_the_privacy_record(tmp_path):
     out = tmp_path / "out.json"
     args = ["--model", "mlp", "--data", "digits", "--dp", "--target-epsilon", "8"]

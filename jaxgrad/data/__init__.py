@@ -40,6 +40,7 @@ from jaxgrad.data.arrays import (
     check_finite,
     from_arrays,
     given_statistics,
+    own_statistics,
     train_test_split,
 )
 from jaxgrad.data.batching import (
@@ -100,6 +101,7 @@ __all__ = [
     "load_rows",
     "memmap",
     "num_batches",
+    "own_statistics",
     "read_idx",
     "split_statistics",
     "synthetic_line",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -333,6 +334,45 @@ def _rectangular(value, *, name: str) -> np.ndarray:
         ) from None
 
 
+# The training arrays jaxgrad standardised with their own split's statistics (``standardize``
+# True, "features" or "global"): every row is then a function of every other row, outside
+# any privacy accounting, so ``fit(privacy=...)`` refuses them (:func:`own_statistics`).
+# Held weakly and by identity: the arrays a Dataset hands out and numpy views of them (a
+# slice, a reshape), as users pass them on; a copy made of them is the user's to vouch for.
+_OWN_STATISTICS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def mark_own_statistics(*arrays) -> None:
+    """Records ``arrays`` as standardised with their own training split's statistics."""
+    for a in arrays:
+        _OWN_STATISTICS[id(a)] = a
+
+
+def own_statistics(array) -> bool:
+    """Whether ``array`` is a training array a jaxgrad loader standardised with its own
+    split's statistics (``standardize=True``, ``"features"`` or ``"global"``), or a numpy
+    view of one: then it may not be trained on privately (each row depends on every other
+    row). A copy is not recognised.
+
+    Example::
+
+      >>> import numpy as np, jaxgrad
+      >>> x, y = np.random.rand(50, 3), np.arange(50) % 2
+      >>> jaxgrad.data.own_statistics(jaxgrad.data.from_arrays(x, y).x_train)
+      True
+      >>> ds = jaxgrad.data.from_arrays(x, y, standardize=False)
+      >>> jaxgrad.data.own_statistics(ds.x_train)
+      False
+    """
+    for _ in range(64):  # a view (a slice, a reshape) of such an array is one too
+        if array is None:
+            return False
+        if _OWN_STATISTICS.get(id(array)) is array:
+            return True
+        array = array.base if isinstance(array, np.ndarray) else None
+    return False
+
+
 def from_arrays(
     x,
     y,
@@ -454,7 +494,7 @@ def from_arrays(
                 f"{name}: `{what}` overflows `dtype` {np.dtype(dtype).name} (its largest finite "
                 f"value is {np.finfo(dtype).max:g}); pass a wider dtype or standardize=True"
             )
-    return Dataset(
+    ds = Dataset(
         name=name,
         x_train=x_train,
         y_train=y_train,
@@ -467,6 +507,17 @@ def from_arrays(
         y_mean=y_mean,
         y_scale=y_scale,
     )
+    return marked(ds, standardize)
+
+
+def marked(ds: Dataset, standardize) -> Dataset:
+    """``ds``, its training arrays recorded (:func:`mark_own_statistics`) where ``standardize``
+    standardised them with the training split's own statistics (not given ones)."""
+    if standardize and not isinstance(standardize, Mapping):
+        mark_own_statistics(ds.x_train)
+        if ds.y_mean is not None:  # regression targets, standardised the same way
+            mark_own_statistics(ds.y_train)
+    return ds
 
 
 def _class_labels(y, y_test, num_classes, *, name):

@@ -22,6 +22,7 @@ from jaxgrad.data.arrays import (
     check_finite,
     check_standardize,
     given_statistics,
+    marked,
 )
 from jaxgrad.data.files import _idx_files, _idx_images, _idx_labels, memmap
 from jaxgrad.data.registry import FROM_PATH
@@ -335,7 +336,7 @@ def load_rows(
     x_train = StandardizedRows(
         x, rows=train_rows, divide=divide, mean=x_mean, scale=x_scale, dtype=dtype
     )
-    return Dataset(
+    ds = Dataset(
         name=label,
         x_train=x_train,
         y_train=y_train,
@@ -348,3 +349,4 @@ def load_rows(
         y_mean=y_mean,
         y_scale=y_scale,
     )
+    return marked(ds, standardize)

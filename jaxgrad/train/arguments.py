@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxgrad import accumulation, keys, reduce
 from jaxgrad import sharding as sharding_lib
+from jaxgrad.data import arrays as data_arrays
 from jaxgrad.grads import batch_grad
 from jaxgrad.privacy import units as dp_units
 from jaxgrad.train import example_keys
@@ -60,6 +61,8 @@ def example_loss(loss_fn, train_data, *, augment, privacy, key, loss_key, units,
       copies; with ``units`` one example per unit from here on (sampled, clipped, counted),
       the rows grouped by unit; ``loss_key`` checked, or None.
     """
+    if privacy is not None:
+        _check_public_preprocessing(train_data)
     loss_fn = _augmented(loss_fn, augment, privacy=privacy, loss_key=loss_key)
     loss_key = example_keys.check_loss_fn(loss_fn, loss_key)
     if privacy is not None and loss_key is not None:  # rows 0, 1 would get the noise's keys
@@ -262,6 +265,22 @@ def _augmented(loss_fn, augment, *, privacy, loss_key):
         )
     keyed = example_keys._takes(loss_fn, 2) is False  # a loss that needs a key gets one
     return dp_units.augmented_loss(loss_fn, augment, copies=copies, keyed=keyed)
+
+
+def _check_public_preprocessing(train_data) -> None:
+    """Refuses private training on rows a jaxgrad loader standardised with the training
+    split's own statistics (:func:`jaxgrad.data.own_statistics`): each row then depends on
+    every other, and one example's removal moves the clipped sum by more than ``C``."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(train_data)[0]:
+        if data_arrays.own_statistics(leaf):
+            raise ValueError(
+                f"`train_data`{jax.tree_util.keystr(path)} was standardised with the training "
+                "split's own statistics (a jaxgrad loader's standardize=True, 'features' or "
+                "'global'): every row then depends on every other row, outside the privacy "
+                "accounting. Load it with standardize=False (the inputs as they are, e.g. "
+                "digits' public 0-16 pixel range) or with statistics fixed before seeing the "
+                "data, standardize={'mean': ..., 'std': ...}"
+            )
 
 
 def _check_units_fit(privacy, mesh) -> None:
