@@ -199,6 +199,15 @@ def test_noised_average_is_the_sum_plus_normals_over_the_expected_batch():
     for bad in (0, -1.0, float("nan"), "4"):
         with pytest.raises(ValueError, match="`expected_batch_size` must be a positive"):
             privacy.noised_average(total, key, stddev=0.3, expected_batch_size=bad)
+    # Positive but below the smallest normal float32: its reciprocal overflows float32, and
+    # every coordinate of the average would be inf (float64 leaves take it: 1e-30 is normal).
+    small = {"a": jnp.ones(2, jnp.float32)}
+    with pytest.raises(ValueError, match=r"`expected_batch_size` must be at least 1.17549e-38"):
+        privacy.noised_average(small, key, stddev=0.0, expected_batch_size=1e-39)
+    np.testing.assert_array_equal(
+        privacy.noised_average(total, key, stddev=0.0, expected_batch_size=1e-39)["b"],
+        np.array([1.0, -2.0]) / 1e-39,
+    )
 
 
 def test_noise_is_added_once_under_accumulation():

@@ -272,8 +272,28 @@ def noised_average(total: PyTree, key, *, stddev, expected_batch_size) -> PyTree
     expected_batch_size = reduce.check_if_known(
         reduce.check_positive_float, expected_batch_size, name="expected_batch_size"
     )
-    noisy = add_noise(total, key, stddev=stddev)
-    return jax.tree_util.tree_map(lambda t: t / jnp.asarray(expected_batch_size, t.dtype), noisy)
+    return averaged(add_noise(total, key, stddev=stddev), expected_batch_size)
+
+
+def averaged(total: PyTree, expected_batch_size) -> PyTree:
+    """``total / B_e``, leaf by leaf in the leaf's dtype.
+
+    Raises:
+      ValueError: a known ``B_e`` below the smallest normal number of a leaf's dtype (its
+        reciprocal overflows that dtype: every coordinate would come out ±inf or NaN).
+    """
+
+    def divide(t):
+        tiny = float(jnp.finfo(t.dtype).tiny)
+        if not isinstance(expected_batch_size, jax.core.Tracer) and expected_batch_size < tiny:
+            raise ValueError(
+                f"`expected_batch_size` must be at least {tiny:g}, the smallest normal "
+                f"{jnp.dtype(t.dtype).name} (the gradients' dtype), or the average overflows "
+                f"it; got {expected_batch_size!r}"
+            )
+        return t / jnp.asarray(expected_batch_size, t.dtype)
+
+    return jax.tree_util.tree_map(divide, total)
 
 
 class PrivatizerState(NamedTuple):
@@ -411,7 +431,7 @@ def bandmf_privatizer(
         zeros = jax.tree_util.tree_map(jnp.zeros_like, sums)
         z = add_noise(zeros, noise_key, stddev=stddev)  # add_noise's very normals
         w, history = bandmf.correlated_noise(z, state.history, c)
-        noisy = jax.tree_util.tree_map(lambda s, n: (s + n) / jnp.asarray(b_e, s.dtype), sums, w)
+        noisy = averaged(jax.tree_util.tree_map(jnp.add, sums, w), b_e)
         return noisy, BandMFState(state.key, state.count + 1, history)
 
     return optax.GradientTransformation(init_fn, update_fn)
