@@ -64,6 +64,27 @@ def test_fit_result_carries_the_privacy_of_a_dp_run_and_unpacks_in_three():
     assert plain.privacy is None
 
 
+def test_a_private_run_releases_no_wall_clock_time(tmp_path, capsys):
+    """Its times follow its realised (private) batch sizes: not in the history, not on the
+    progress bar (no elapsed time, rate or time left), not as TensorBoard's wall times."""
+    loss, w, data = _problem()
+    board = TensorBoardWriter(tmp_path / "tb")
+    config = PrivacyConfig(l2_clip=1.0, noise_multiplier=1.3, delta=1e-5, accountant="rdp")
+    kw = dict(optimizer=optax.sgd(0.1), epochs=2, batch_size=6, progress="bar")
+    result = fit(loss, w, data, key=private_key(1), privacy=config, metric_writers=[board], **kw)
+    board.close()
+    bar = capsys.readouterr().err
+    assert "8/8" in bar and "epsilon=" in bar  # the bar ran, and showed the spent ε
+    for timing in ("step/s", "s/step", "<", "00:"):
+        assert timing not in bar, bar
+    assert all("seconds" not in r for r in result.history)
+    scalars = _tensorboard_scalars(tmp_path / "tb")
+    assert set(scalars) == {"epsilon", "wall_time"} and set(scalars["wall_time"]) == {0.0}
+    fit(loss, w, data, key=jax.random.key(1), **kw)  # a plain run's bar is timed
+    timed = capsys.readouterr().err
+    assert "00:" in timed and ("step/s" in timed or "s/step" in timed), timed
+
+
 class _ListWriter:
     def __init__(self):
         self.records = []
@@ -86,6 +107,7 @@ def _tensorboard_scalars(logdir):
             at += 12 + length + 4  # length, its CRC, the record, its CRC
             for v in event.summary.value:
                 out.setdefault(v.tag, []).append((event.step, v.simple_value))
+                out.setdefault("wall_time", []).append(event.wall_time)
     return out
 
 
@@ -112,7 +134,8 @@ def test_metric_writers_get_every_record(tmp_path):
     lines = [json.loads(line) for line in open(tmp_path / "m.jsonl")]
     assert lines == result.history
     scalars = _tensorboard_scalars(tmp_path / "tb")
-    assert set(scalars) == {"loss", "val_loss", "test_accuracy", "seconds"}
+    assert set(scalars) == {"loss", "val_loss", "test_accuracy", "seconds", "wall_time"}
+    assert min(scalars["wall_time"]) > 1.6e9  # when they were written (after 2020)
     for tag in ("loss", "val_loss"):
         expected = [(r["step"], r[tag]) for r in result.history]
         assert [s for s, _ in scalars[tag]] == [3, 6, 9]

@@ -99,7 +99,16 @@ def drive(
 
     own = [writers_lib.JsonlWriter(metrics_path)] if metrics_path is not None else []
     writers = own + list(metric_writers)
-    bar = Progress(epochs * steps_per_epoch, mode=progress, quiet=quiet, initial=int(state.step))
+    # A private run's wall-clock times follow its realised (private) batch sizes: not
+    # released, neither in the records nor by the progress bar.
+    timed = "privacy" not in config
+    bar = Progress(
+        epochs * steps_per_epoch,
+        mode=progress,
+        quiet=quiet,
+        initial=int(state.step),
+        timed=timed,
+    )
     start = time.perf_counter()
     try:
         for epoch in range(start_epoch, epochs):
@@ -140,9 +149,7 @@ def drive(
                         record,
                         params=sharding_lib.local_replica(state.params),
                         evaluate=evaluate,
-                        # A private run's wall-clock times follow its realised (private)
-                        # batch sizes: not released.
-                        start=None if "privacy" in config else start,
+                        start=start if timed else None,
                         history=history,
                         bar=bar,
                         writers=writers,

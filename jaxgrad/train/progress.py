@@ -68,6 +68,7 @@ class Progress:
         initial: int = 0,
         desc: str = "train",
         stream=None,
+        timed: bool = True,
     ):
         self.stream = sys.stderr if stream is None else stream
         self.mode = resolve(mode, quiet=quiet, stream=self.stream)
@@ -81,6 +82,9 @@ class Progress:
                 file=self.stream,
                 dynamic_ncols=True,
                 leave=True,
+                # Untimed (a private run, whose wall-clock times follow its realised, private
+                # batch sizes): the bar without tqdm's elapsed time, rate and remaining time.
+                **({} if timed else {"bar_format": "{l_bar}{bar}| {n_fmt}/{total_fmt}{postfix}"}),
             )
 
     def update(self, steps: int) -> None:

@@ -64,7 +64,9 @@ def scalars(record: dict) -> dict[str, float]:
 
 
 class TensorBoardWriter:
-    """Writes every numeric metric of a record as a TensorBoard scalar at the record's step.
+    """Writes every numeric metric of a record as a TensorBoard scalar at the record's step
+    (stamped with the time it is written, or 0 for a record without ``seconds``: a private
+    run's).
 
     Needs ``tensorboardX`` (``pip install 'jaxgrad[tensorboard]'``); ``tensorboard --logdir``
     then shows the curves.
@@ -94,8 +96,12 @@ class TensorBoardWriter:
 
     def write(self, record: dict) -> None:
         step = int(record.get("step", record.get("epoch", 0)))
+        # TensorBoard stamps every scalar with a wall-clock time. A record without its
+        # ``seconds`` is a private run's, whose times follow its private batch sizes and are
+        # not released: its scalars are stamped 0.
+        walltime = None if "seconds" in record else 0.0
         for name, value in scalars(record).items():
-            self._writer.add_scalar(name, value, global_step=step)
+            self._writer.add_scalar(name, value, global_step=step, walltime=walltime)
         self._writer.flush()
 
     def close(self) -> None:
