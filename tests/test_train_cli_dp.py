@@ -135,13 +135,21 @@ def _interrupted(tmp_path, *args):
     return full, ckpt
 
 
-def test_resume_continues_with_the_checkpoints_key(tmp_path):
+@pytest.mark.parametrize(
+    "mechanism", [(), ("--adaptive-clip-quantile", "0.5"), ("--bands", "2")], ids=str
+)
+def test_resume_continues_with_the_checkpoints_key(tmp_path, mechanism):
     """Running the same command again resumes with the key in the checkpoint, not with its
-    own fresh entropy key: it ends bit for bit where the uninterrupted run ended."""
-    full, ckpt = _interrupted(tmp_path)
-    resumed = _run(tmp_path, *LINE, "--epochs", "2", "--checkpoint-dir", str(ckpt))
+    own fresh entropy key: it ends bit for bit where the uninterrupted run ended — also with
+    adaptive clipping and BandMF, whose privatizer state is checkpointed with the optimizer's
+    (their checkpoints were read with the bare optimizer's template: a fresh key was drawn and
+    fit refused the run as another)."""
+    full, ckpt = _interrupted(tmp_path, *mechanism)
+    resumed = _run(tmp_path, *LINE, "--epochs", "2", "--checkpoint-dir", str(ckpt), *mechanism)
     assert resumed["dp_key"] == "checkpoint" and resumed["private"] is True
     assert resumed["params"] == full["params"] and resumed["history"] == full["history"]
+    if mechanism:
+        return
     done = _run(tmp_path, *LINE, "--epochs", "2", "--checkpoint-dir", str(ckpt))
     assert done["params"] == full["params"]  # all done: the same result again
 

@@ -81,7 +81,7 @@ def _adaptive_clip(args, parser):
     )
 
 
-def restore_point(args, params, optimizer):
+def restore_point(args, params, optimizer, plan):
     """``(key_data, epoch)`` of the DP checkpoint this run resumes from, else ``(None, 0)``.
 
     A resumed --dp run must go on with the key it started with (the one in the checkpoint),
@@ -93,12 +93,18 @@ def restore_point(args, params, optimizer):
     import jax
     import numpy as np
 
+    from jaxgrad import keys
     from jaxgrad.train import checkpoint as ckpt
+    from jaxgrad.train import private
     from jaxgrad.train.step import init_state
 
     if args.checkpoint_dir is None or args.no_resume:
         return None, 0
-    template = {"state": init_state(params, optimizer), "key": jax.random.key(0)}
+    # The state of the optimizer fit runs: headed by adaptive clipping's or BandMF's
+    # privatizer, whose state is checkpointed with it (any key gives the template's shapes).
+    template_key = keys.entropy_key()
+    ran = private.run_optimizer(optimizer, plan, template_key)
+    template = {"state": init_state(params, ran), "key": template_key}
     try:
         with warnings.catch_warnings():  # fit warns about skipped files itself
             warnings.simplefilter("ignore", ckpt.CheckpointWarning)

@@ -63,7 +63,9 @@ def run(args, parser=None) -> dict:
     metrics_path = args.metrics_jsonl
     dp = None
     if privacy_plan:
-        restored_key, start_epoch = _cli_privacy.restore_point(args, params, optimizer)
+        restored_key, start_epoch = _cli_privacy.restore_point(
+            args, params, optimizer, privacy_plan
+        )
         key, key_source, private_run = _cli_privacy.dp_key(args, restored_key)
         dp = (privacy_plan, key_source, private_run)
         if metrics_path is not None:
