@@ -15,7 +15,7 @@ from helpers import interrupt_then_resume, private_key, run_interrupted
 
 import jaxgrad
 from jaxgrad import keys, privacy
-from jaxgrad.train import NonFiniteLossError, PrivacyConfig, checkpoint
+from jaxgrad.train import NonFiniteLossError, PrivacyConfig, checkpoint, run_config
 
 
 def _problem(n=40, seed=0):
@@ -405,7 +405,7 @@ def test_delta_of_at_least_one_over_n_is_refused_before_training():
     assert exit_info.value.code == 2
 
 
-def test_a_private_run_resumes_only_on_the_same_data_and_optimizer(tmp_path):
+def test_a_private_run_resumes_only_on_the_same_data_and_optimizer(tmp_path, monkeypatch):
     """Resumed on other data or with other hyperparameters, a private run would replay the
     noise and draws of steps already released on another computation: refused (the data's
     hash is named, never shown)."""
@@ -433,6 +433,21 @@ def test_a_private_run_resumes_only_on_the_same_data_and_optimizer(tmp_path):
         again((changed, y), 0.05)
     with pytest.raises(checkpoint.CheckpointError, match="hyperparameters differ from the private"):
         again((x, y), 0.3)
+
+    # Memory-mapped data (never read whole) is told apart too, by its shape and rows spread
+    # over it (8 of them here): a run on one file does not resume on another of the same shape.
+    monkeypatch.setattr(run_config, "HASHED_ROWS", 8)
+    mapped = tmp_path / "mapped"
+    for name, rows in (("a", x), ("b", x[::-1])):
+        np.savez(tmp_path / f"{name}.npz", x=rows, y=y)
+    memmap = lambda name: tuple(
+        jaxgrad.data.memmap(tmp_path / f"{name}.npz", key=k) for k in ("x", "y")
+    )
+    resume = dict(epochs=1, checkpoint_dir=mapped)
+    _fit(loss_fn, params, memmap("a"), PRIVATE, **resume)
+    _fit(loss_fn, params, memmap("a"), PRIVATE, **resume)  # the same file: resumes
+    with pytest.raises(checkpoint.CheckpointError, match=r"data: \(secret\) -> \(secret\)"):
+        _fit(loss_fn, params, memmap("b"), PRIVATE, **resume)
 
 
 @pytest.mark.parametrize(("dtype", "n"), [(jnp.bfloat16, 10016), (jnp.float16, 2054)])
