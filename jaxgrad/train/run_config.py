@@ -71,22 +71,28 @@ def run_config(
     return config
 
 
-# Rows of a memory-mapped leaf the data's hash reads: such data is not read whole (by any
-# process, on a mesh), so its hash covers its shape and these rows, spread evenly over it.
+# Rows of a memory-mapped leaf the data's hash reads in a one-process run: such data is not
+# read whole, so its hash covers its shape and these rows, spread evenly over it. In a run of
+# several processes each reads only its own rows, and its hash covers the shape alone.
 HASHED_ROWS = 1024
 
 
 def _data_hash(data) -> str:
-    """A SHA-256 of every leaf's dtype, shape and bytes (to tell a resumed run's data apart);
-    of a memory-mapped leaf's (not in memory) :data:`HASHED_ROWS` rows spread evenly over
-    it, the first and last included: other data of the same shape is told apart, a change
-    of a few rows between those may not be. The same in every process."""
+    """A SHA-256 of every leaf's dtype, shape and bytes (to tell a resumed run's data apart).
+
+    Of a leaf not in memory (memory-mapped, lazy): its dtype and shape, and in a one-process
+    run the bytes of :data:`HASHED_ROWS` rows spread evenly over it, the first and last
+    included (other data of the same shape is told apart, a change of a few rows between
+    those may not be). The same in every process.
+    """
     digest = hashlib.sha256()
     for leaf in jax.tree_util.tree_leaves(data):
         digest.update(f"{np.dtype(leaf.dtype).str}{tuple(leaf.shape)}".encode())
-        if not in_memory(leaf) and len(leaf) > HASHED_ROWS:
-            leaf = leaf[np.linspace(0, len(leaf) - 1, HASHED_ROWS).round().astype(np.int64)]
-        digest.update(np.ascontiguousarray(leaf).tobytes())
+        if in_memory(leaf):
+            digest.update(np.ascontiguousarray(leaf).tobytes())
+        elif jax.process_count() == 1 and len(leaf):
+            rows = np.unique(np.linspace(0, len(leaf) - 1, HASHED_ROWS).round().astype(np.int64))
+            digest.update(np.ascontiguousarray(leaf[rows]).tobytes())
     return digest.hexdigest()[:16]
 
 
