@@ -364,13 +364,10 @@ def own_statistics(array) -> bool:
       >>> jaxgrad.data.own_statistics(ds.x_train)
       False
     """
-    for _ in range(64):  # a view (a slice, a reshape) of such an array is one too
-        if array is None:
-            return False
-        if _OWN_STATISTICS.get(id(array)) is array:
-            return True
-        array = array.base if isinstance(array, np.ndarray) else None
-    return False
+    # A view (a slice, a reshape) of such an array is one too: numpy sets a view's ``base``
+    # to the array owning the memory, also for a view of a view, so one step reaches it.
+    base = array.base if isinstance(array, np.ndarray) else None
+    return any(_OWN_STATISTICS.get(id(a)) is a for a in (array, base) if a is not None)
 
 
 def from_arrays(
