@@ -208,6 +208,25 @@ def test_resume_with_another_configuration_is_refused(tmp_path):
     assert int(r.state.step) == 6
 
 
+def test_resume_with_another_loss_warns_at_the_callers_line(tmp_path):
+    _run(tmp_path, epochs=1)
+    params, loss_fn, data = _problem()
+    with pytest.warns(CheckpointWarning, match="`loss_fn` seems to differ") as caught:
+        fit(
+            lambda p, ex: 2.0 * loss_fn(p, ex),
+            params,
+            data,
+            optimizer=optax.adam(0.05),
+            epochs=2,
+            batch_size=4,
+            key=jax.random.key(3),
+            checkpoint_dir=tmp_path,
+            checkpoint_every=3,
+            quiet=True,
+        )
+    assert caught[0].filename == __file__
+
+
 def _fit_into(loss_fn, params, data, directory, *, batch_size, key=None, resume=True):
     return fit(
         loss_fn,

@@ -13,7 +13,7 @@ from helpers import interrupt_then_resume, private_key
 
 import jaxgrad
 from jaxgrad import privacy
-from jaxgrad.train import PrivacyConfig
+from jaxgrad.train import PrivacyConfig, run_config
 from jaxgrad.train.__main__ import main
 
 
@@ -123,6 +123,28 @@ def test_fit_private_resume_is_bit_for_bit_and_refuses_changed_privacy(whole, tm
             _fit(loss_fn, params, data, changed, checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="privacy settings changed"):  # planned steps
         _fit(loss_fn, params, data, config, checkpoint_dir=tmp_path, epochs=4)
+    # Another loss would replay the same draws and noise on another computation.
+    with pytest.raises(ValueError, match="`loss_fn` differs from the private run"):
+        _fit(lambda p, ex: 1.5 * loss_fn(p, ex), params, data, config, checkpoint_dir=tmp_path)
+
+
+def test_loss_fingerprint_sees_the_program_and_its_constants():
+    model, loss_fn, data = _problem()
+    params = model.init(jax.random.key(1))
+
+    def shifted(by):  # a loss closing over an array
+        shift = jnp.full(6, by)
+        return lambda p, ex: loss_fn(p, (ex[0] + shift, ex[1]))
+
+    fingerprint = lambda f: run_config.loss_fingerprint(f, params, data)
+    assert fingerprint(shifted(0.5)) == fingerprint(shifted(0.5))  # rebuilt: the same
+    assert fingerprint(shifted(0.5)) != fingerprint(shifted(0.25))
+    assert fingerprint(loss_fn) != fingerprint(shifted(0.5))
+    other = jaxgrad.models.mlp([6, 8, 3], activation="relu", dtype=jnp.float64)
+    tanh_loss = jaxgrad.losses.supervised(
+        other.apply, jaxgrad.losses.softmax_cross_entropy, num_classes=3
+    )
+    assert fingerprint(loss_fn) != fingerprint(tanh_loss)
 
 
 @pytest.mark.parametrize("on_mesh", [False, True])

@@ -258,6 +258,7 @@ def fit(
         loss_key=loss_key,
         mesh=mesh,
         private=privacy is not None,
+        loss_fn=loss_fn,
         train_data=train_data,
         optimizer=optimizer,
         params=params,

@@ -67,9 +67,10 @@ def restore(checkpoint_dir, template, config, *, mesh, epochs):
     tree, meta, path = restored
     old = dict(meta.get("config") or {})
     config = dict(config)
-    for name in ("optimizer", "optimizer_probe"):  # not recorded by older checkpoints
+    for name in ("optimizer", "optimizer_probe", "loss"):  # not recorded by older checkpoints
         if name not in old:
             config.pop(name, None)
+    _check_loss(old.pop("loss", None), config.pop("loss", None), path, private="privacy" in config)
     probe_old, probe_new = old.pop("optimizer_probe", None), config.pop("optimizer_probe", None)
     if probe_old is not None and "unknown" not in (probe_old, probe_new) and probe_old != probe_new:
         if "privacy" in config:  # the steps to come would reuse the noise of steps released
@@ -118,6 +119,38 @@ def restore(checkpoint_dir, template, config, *, mesh, epochs):
         )
     ckpt.check_resume_epoch(meta["epoch"], epochs, path)
     return tree, meta, path
+
+
+def _check_loss(old, new, path, *, private: bool) -> None:
+    """Refuses a private run resumed with another loss (its fingerprint,
+    :func:`jaxgrad.train.run_config.loss_fingerprint`); warns for a plain one. Fingerprints
+    made on other JAX versions, or not made, are not compared."""
+    if old is None or new is None or "unknown" in (old, new) or old == new:
+        return
+    (old_version, _), (new_version, _) = old.split(":", 1), new.split(":", 1)
+    if old_version != new_version:
+        warnings.warn(
+            f"checkpoint {path} was written with JAX {old_version}, this run has {new_version}: "
+            "the loss's program could not be compared with the one that wrote it; resuming "
+            "on the assumption that the loss and model are the same",
+            ckpt.CheckpointWarning,
+            stacklevel=5,  # this, restore, the loop, fit, fit's caller
+        )
+        return
+    if private:  # the steps to come would reuse the draws and noise of steps released
+        raise ckpt.CheckpointError(
+            f"checkpoint {path}: `loss_fn` differs from the private run that wrote it (its "
+            "program on one example, or the arrays it closes over, changed: another loss, "
+            "model or constant). A private run resumed with another loss would replay the "
+            "same noise and draws on another computation, which the accounting counts once: "
+            "resume with the same loss_fn, or start a new run in another checkpoint_dir"
+        )
+    warnings.warn(
+        f"checkpoint {path}: `loss_fn` seems to differ from the run that wrote it (its program "
+        "on one example, or the arrays it closes over, changed). Resuming with the new one",
+        ckpt.CheckpointWarning,
+        stacklevel=5,
+    )
 
 
 def save(checkpoint_dir, state, key, meta: dict, *, keep: int, mesh) -> str:

@@ -4,6 +4,7 @@ records, which a resumed run must match (:func:`jaxgrad.train.resume.restore`)."
 from __future__ import annotations
 
 import hashlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ def run_config(
     loss_key,
     mesh,
     private: bool,
+    loss_fn,
     train_data,
     optimizer,
     params,
@@ -38,11 +40,12 @@ def run_config(
       key_fingerprint: the key's, from :func:`jaxgrad.train.arguments.run_key`.
       loss_key, mesh: ``fit``'s (``loss_key`` checked).
       private: whether the run is private.
+      loss_fn: the per-example loss the steps take (as wrapped for them).
       train_data: the rows the steps take.
       optimizer, params: ``fit``'s optimizer (not the privatizer the steps run) and
         initial parameters.
-      checkpoint_dir: ``fit``'s; without it no optimizer probe is run (only checkpoints read
-        it).
+      checkpoint_dir: ``fit``'s; without it neither the optimizer probe nor the loss's
+        fingerprint is made (only checkpoints read them).
 
     Returns:
       A JSON-able dict.
@@ -66,9 +69,38 @@ def run_config(
         **engine.config,
         "optimizer": _optimizer_structure(jax.eval_shape(optimizer.init, params)),
     }
-    if checkpoint_dir is not None:  # only checkpoints read it: no probe otherwise
+    if checkpoint_dir is not None:  # only checkpoints read them: no trace otherwise
         config["optimizer_probe"] = _optimizer_probe(optimizer, params)
+        config["loss"] = loss_fingerprint(loss_fn, params, train_data)
     return config
+
+
+def loss_fingerprint(loss_fn, params, train_data) -> str:
+    """``"<jax version>:<hash>"``: a SHA-256 of the loss's program on one example — its
+    jaxpr, printed without source lines or object addresses, and the bytes of the arrays it
+    closes over — or ``"unknown"`` where it cannot be traced on abstract values.
+
+    A resumed private run replays the draws and noise of the steps it re-takes: with another
+    loss or model (another computation, other closed-over weights) the noise would be reused on
+    another gradient. The jaxpr's printed form may change with JAX's version, so fingerprints
+    are compared only between runs on the same version.
+    """
+    abstract = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+    example = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), train_data
+    )
+    try:
+        closed = jax.make_jaxpr(loss_fn)(jax.tree_util.tree_map(abstract, params), example)
+    except Exception:  # a loss that cannot be traced on abstract values: no fingerprint
+        return "unknown"
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(closed.jaxpr))  # a callback's address
+    digest = hashlib.sha256(text.encode())
+    for const in closed.consts:
+        if jax.dtypes.issubdtype(const.dtype, jax.dtypes.prng_key):
+            const = jax.random.key_data(const)
+        value = np.asarray(const)
+        digest.update(f"{value.dtype.str}{value.shape}".encode() + value.tobytes())
+    return f"{jax.__version__}:{digest.hexdigest()[:16]}"
 
 
 # Rows of a memory-mapped leaf the data's hash reads in a one-process run: such data is not
