@@ -227,6 +227,21 @@ def test_resume_with_another_loss_warns_at_the_callers_line(tmp_path):
     assert caught[0].filename == __file__
 
 
+def test_a_keyed_loss_is_fingerprinted_too(tmp_path):
+    params, loss_fn, data = _problem()
+
+    def noisy_loss(scale):  # a loss that takes a key (dropout-like)
+        return lambda p, ex, key: loss_fn(p, ex) * (1 + scale * jax.random.uniform(key))
+
+    kw = dict(optimizer=optax.adam(0.05), batch_size=4, key=jax.random.key(3), quiet=True)
+    kw.update(loss_key=jax.random.key(9), checkpoint_dir=tmp_path, checkpoint_every=3)
+    fit(noisy_loss(0.1), params, data, epochs=1, **kw)
+    meta = checkpoint.read_metadata(checkpoint.list_checkpoints(tmp_path)[-1])
+    assert meta["config"]["loss"].startswith(jax.__version__ + ":")
+    with pytest.warns(CheckpointWarning, match="`loss_fn` seems to differ"):
+        fit(noisy_loss(0.2), params, data, epochs=2, **kw)
+
+
 def _fit_into(loss_fn, params, data, directory, *, batch_size, key=None, resume=True):
     return fit(
         loss_fn,

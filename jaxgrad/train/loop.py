@@ -234,6 +234,7 @@ def fit(
         private=privacy is not None,
     )
     scan = _loops.scan_steps(scan)  # the one loop policy
+    example_loss, examples = loss_fn, train_data  # as the user's loss takes them
     loss_fn, train_data, check = arguments.prepared_data(
         loss_fn, train_data, mesh=mesh, loss_key=loss_key, privacy=privacy
     )
@@ -258,7 +259,8 @@ def fit(
         loss_key=loss_key,
         mesh=mesh,
         private=privacy is not None,
-        loss_fn=loss_fn,
+        example_loss=example_loss,
+        examples=examples,
         train_data=train_data,
         optimizer=optimizer,
         params=params,

@@ -25,7 +25,8 @@ def run_config(
     loss_key,
     mesh,
     private: bool,
-    loss_fn,
+    example_loss,
+    examples,
     train_data,
     optimizer,
     params,
@@ -40,7 +41,8 @@ def run_config(
       key_fingerprint: the key's, from :func:`jaxgrad.train.arguments.run_key`.
       loss_key, mesh: ``fit``'s (``loss_key`` checked).
       private: whether the run is private.
-      loss_fn: the per-example loss the steps take (as wrapped for them).
+      example_loss, examples: the per-example loss and the training set as the user's loss
+        takes them (``example_loss(params, example)``, with ``loss_key`` and a key).
       train_data: the rows the steps take.
       optimizer, params: ``fit``'s optimizer (not the privatizer the steps run) and
         initial parameters.
@@ -71,11 +73,12 @@ def run_config(
     }
     if checkpoint_dir is not None:  # only checkpoints read them: no trace otherwise
         config["optimizer_probe"] = _optimizer_probe(optimizer, params)
-        config["loss"] = loss_fingerprint(loss_fn, params, train_data)
+        extra = () if loss_key is None else (jax.eval_shape(lambda: loss_key),)  # the step's
+        config["loss"] = loss_fingerprint(example_loss, params, examples, *extra)
     return config
 
 
-def loss_fingerprint(loss_fn, params, train_data) -> str:
+def loss_fingerprint(loss_fn, params, train_data, *args) -> str:
     """``"<jax version>:<hash>"``: a SHA-256 of the loss's program on one example — its
     jaxpr, printed without source lines or object addresses, and the bytes of the arrays it
     closes over — or ``"unknown"`` where it cannot be traced on abstract values.
@@ -83,14 +86,15 @@ def loss_fingerprint(loss_fn, params, train_data) -> str:
     A resumed private run replays the draws and noise of the steps it re-takes: with another
     loss or model (another computation, other closed-over weights) the noise would be reused on
     another gradient. The jaxpr's printed form may change with JAX's version, so fingerprints
-    are compared only between runs on the same version.
+    are compared only between runs on the same version. ``args``: the loss's further
+    arguments after the example (abstract values), such as a step's loss key.
     """
     abstract = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype)
     example = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), train_data
     )
     try:
-        closed = jax.make_jaxpr(loss_fn)(jax.tree_util.tree_map(abstract, params), example)
+        closed = jax.make_jaxpr(loss_fn)(jax.tree_util.tree_map(abstract, params), example, *args)
     except Exception:  # a loss that cannot be traced on abstract values: no fingerprint
         return "unknown"
     text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(closed.jaxpr))  # a callback's address
