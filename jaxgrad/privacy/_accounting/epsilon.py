@@ -15,8 +15,8 @@ import numpy as np
 
 from jaxgrad.privacy._accounting.checks import check_delta_range, check_dpsgd, check_gaussian_step
 from jaxgrad.privacy._accounting.events import (
-    SIGMA_ACCOUNTED_MAX,
     accounted,
+    accounted_sigma,
     dp_event,
     gaussian_step,
     leaves,
@@ -75,7 +75,7 @@ def epsilon(
         return 0.0
     if sigma == 0:
         return math.inf
-    sigma = min(sigma, SIGMA_ACCOUNTED_MAX)
+    sigma = accounted_sigma(sigma)
     eps, _, why = dpsgd_fallback(sigma, q, steps, delta, accountant, pld_discretization)
     if why is not None:
         warn_fallback(why[0], RDP_ANSWERS, remedy=why[1], stacklevel=2)
@@ -153,7 +153,7 @@ def effective_accountant(
     make_accountant(accountant, pld_discretization=pld_discretization)  # checks both
     if accountant == "rdp" or sigma == 0 or steps == 0:
         return accountant
-    sigma = min(sigma, SIGMA_ACCOUNTED_MAX)
+    sigma = accounted_sigma(sigma)
     if delta is None:
         return "pld" if pld_fits(sigma, q, steps, pld_discretization)[0] else "rdp"
     delta = check_delta_range(delta)

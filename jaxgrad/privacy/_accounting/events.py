@@ -98,6 +98,11 @@ def event_from_data(data: dict):
 SIGMA_ACCOUNTED_MAX = 1e100
 
 
+def accounted_sigma(sigma: float) -> float:
+    """The ``σ`` accounted for a given one: at most :data:`SIGMA_ACCOUNTED_MAX`."""
+    return min(sigma, SIGMA_ACCOUNTED_MAX)
+
+
 def _accounted(event):
     import attr
 
@@ -108,8 +113,8 @@ def _accounted(event):
             changes["event"] = _accounted(value)
         elif f.name == "events":
             changes["events"] = [_accounted(e) for e in value]
-        elif f.name == "noise_multiplier" and value > SIGMA_ACCOUNTED_MAX:
-            changes["noise_multiplier"] = SIGMA_ACCOUNTED_MAX
+        elif f.name == "noise_multiplier" and accounted_sigma(value) != value:
+            changes["noise_multiplier"] = accounted_sigma(value)
     return attr.evolve(event, **changes) if changes else event
 
 
