@@ -344,16 +344,13 @@ def primitives(program: Program) -> set:
     custom-derivative calls) too."""
     names: set = set()
 
-    def visit(jaxpr):
+    def visit(jaxpr):  # a Program or a jaxpr: equations with a primitive and params each
         for e in jaxpr.eqns:
             names.add(e.primitive.name)
             for sub in jcore.jaxprs_in_params(e.params):
                 visit(sub)
 
-    for e in program.eqns:
-        names.add(e.primitive.name)
-        for sub in jcore.jaxprs_in_params(e.params):
-            visit(sub)
+    visit(program)
     return names
 
 
