@@ -177,7 +177,26 @@ class supervised:
 
     def __call__(self, params, example):
         x, y = example
-        return self.loss(self.apply(params, x), y)
+        prediction = self.apply(params, x)
+        if self.num_classes is not None:
+            self._check_scores(jnp.shape(prediction))
+        return self.loss(prediction, y)
+
+    def _check_scores(self, shape) -> None:
+        """The prediction's last axis must hold ``num_classes`` class scores (or one logit for
+        2 classes): the labels are checked against ``num_classes``, so a model with fewer
+        outputs would be indexed past its logits (a NaN loss, or, under privacy's
+        ``nonfinite="drop"``, those examples silently dropped from every step)."""
+        k = self.num_classes
+        if (shape and shape[-1] == k) or (k == 2 and (not shape or shape[-1] == 1)):
+            return
+        raise ValueError(
+            f"supervised(num_classes={k}): the model's prediction for one example has shape "
+            f"{shape}; its last axis must hold the {k} class scores"
+            + (" (or one logit, for 2 classes)" if k == 2 else "")
+            + ": pass num_classes equal to the model's number of outputs, or build the model "
+            f"with {k} outputs"
+        )
 
     def validate(self, batch, mask=None) -> None:
         """Raises if a real (unmasked) example's label is out of range or of the wrong kind.

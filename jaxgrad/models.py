@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgrad.keys import check_key
 from jaxgrad.reduce import check_flag
 
 PyTree = Any
@@ -32,6 +33,16 @@ class Model(NamedTuple):
 
     init: Callable[[jax.Array], PyTree]
     apply: Callable[[PyTree, Any], Any]
+
+
+def _model(init, apply) -> Model:
+    """``Model(init, apply)`` whose ``init`` checks its key first (an int seed or a batch of
+    keys is an error naming ``key``, not a traceback from inside ``jax.random``)."""
+
+    def checked_init(key):
+        return init(check_key(key))
+
+    return Model(checked_init, apply)
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -93,7 +104,7 @@ def line_fit(*, dtype=jnp.float32) -> Model:
     def apply(params, x):
         return params["m"] * x + params["b"]
 
-    return Model(init, apply)
+    return _model(init, apply)
 
 
 def linear_regression(in_features: int, *, dtype=jnp.float32) -> Model:
@@ -108,7 +119,7 @@ def linear_regression(in_features: int, *, dtype=jnp.float32) -> Model:
         check_features(x, params["w"], model="linear_regression")
         return x @ params["w"] + params["b"]
 
-    return Model(init, apply)
+    return _model(init, apply)
 
 
 def logistic_regression(in_features: int, *, num_classes: int = 2, dtype=jnp.float32) -> Model:
@@ -131,7 +142,7 @@ def logistic_regression(in_features: int, *, num_classes: int = 2, dtype=jnp.flo
         check_features(x, params["w"], model="logistic_regression")
         return x @ params["w"] + params["b"]
 
-    return Model(init, apply)
+    return _model(init, apply)
 
 
 def mlp(sizes: Sequence[int], *, activation: str = "tanh", dtype=jnp.float32) -> Model:
@@ -164,7 +175,7 @@ def mlp(sizes: Sequence[int], *, activation: str = "tanh", dtype=jnp.float32) ->
             h = act(_dense(layer, h))
         return _dense(params[-1], h)
 
-    return Model(init, apply)
+    return _model(init, apply)
 
 
 def _conv(p: dict, x: jax.Array) -> jax.Array:
@@ -287,7 +298,7 @@ def cnn(
                 x = _avg_pool(act(_group_norm(layer, x, groups)))
         return _dense(params["dense"], x.reshape(-1))
 
-    return Model(init, apply)
+    return _model(init, apply)
 
 
 def _layer_norm(p: dict, x: jax.Array) -> jax.Array:
@@ -419,7 +430,7 @@ def transformer(
                 x = block_fn(x, block)[0]
         return _layer_norm(params["ln_f"], x) @ params["head"]["w"] + params["head"]["b"]
 
-    return Model(init, apply)
+    return _model(init, apply)
 
 
 def rnn(
@@ -470,4 +481,4 @@ def rnn(
         h = jax.lax.scan(step, jnp.zeros((hidden,), xs.dtype), xs)[0]
         return _dense(params["out"], h)
 
-    return Model(init, apply)
+    return _model(init, apply)

@@ -1,5 +1,7 @@
 """Losses against numpy formulas written out by hand, and supervised's label validation."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -210,3 +212,23 @@ def test_supervised_num_classes_must_be_a_positive_integer(bad):
         ).num_classes
         == 3
     )
+
+
+@pytest.mark.parametrize(
+    "num_classes, outputs, ok",
+    [(3, (3,), True), (5, (3,), False), (1, (3,), False), (2, (), True), (2, (1,), True)],
+)
+def test_supervised_num_classes_must_match_the_models_outputs(num_classes, outputs, ok):
+    """Labels are checked against num_classes: a model with fewer class scores would be
+    indexed past its logits (a NaN loss, or examples silently dropped under privacy)."""
+    apply = lambda p, x: jnp.zeros(outputs) + p * jnp.sum(x)
+    binary = outputs in ((), (1,))
+    loss = losses.binary_cross_entropy if binary else losses.softmax_cross_entropy
+    loss_fn = losses.supervised(apply, loss, num_classes=num_classes)
+    example = (jnp.ones(2), jnp.zeros(outputs) if binary else jnp.zeros((), jnp.int32))
+    if ok:
+        assert jnp.isfinite(loss_fn(1.0, example))
+    else:
+        match = rf"num_classes={num_classes}\).*shape {re.escape(str(outputs))}"
+        with pytest.raises(ValueError, match=match):
+            loss_fn(1.0, example)

@@ -288,3 +288,12 @@ def test_weight_normalised_cnn_is_the_plain_cnn_with_rescaled_kernels():
     assert not np.allclose(wn.apply(params, x), plain.apply(same, x))
     with pytest.raises(ValueError, match="`weight_norm` must be True or False; got 'yes'"):
         models.cnn(weight_norm="yes")
+
+
+@pytest.mark.parametrize("key", [0, "seed", jax.random.split(jax.random.key(0), 2)])
+def test_init_checks_its_key(key):
+    with pytest.raises((TypeError, ValueError), match="`key` must be one PRNG key"):
+        models.mlp([4, 3]).init(key)
+    # a batch of keys is vmapped over, as the error says
+    stacked = jax.vmap(models.mlp([4, 3]).init)(jax.random.split(jax.random.key(0), 2))
+    assert stacked[0]["w"].shape == (2, 4, 3)
