@@ -28,7 +28,7 @@ def main():
     p.add_argument("--accountant", default="rdp")
     p.add_argument("--out", default="bench/results/privacy_mnist1d")
     a = p.parse_args()
-    ds = jaxgrad.data.load("mnist1d", num_examples=a.num_examples, seed=0)
+    ds = jaxgrad.data.load("mnist1d", num_examples=a.num_examples, seed=0, standardize=False)
     model = jaxgrad.models.mlp([40, a.hidden, a.hidden, 10])
     loss_fn = jaxgrad.losses.supervised(
         model.apply, jaxgrad.losses.softmax_cross_entropy, num_classes=10

@@ -302,6 +302,26 @@ def test_mnist1d_is_generated_offline_and_seeded():
         jaxgrad.data.load_mnist1d(num_examples=5)
 
 
+def test_mnist1d_signals_are_the_generators_without_its_own_statistics():
+    """mnist1d's make_dataset standardises with the mean and std of all its signals (every
+    row a function of every other one); the loader gives the same signals under a fixed
+    map, which reads none of them."""
+    import mnist1d.data
+
+    from jaxgrad.data import bundled
+
+    ds = jaxgrad.data.load("mnist1d", num_examples=200, seed=3, standardize=False, dtype=np.float64)
+    x = np.concatenate([ds.x_train, ds.x_test]) * bundled.MNIST1D_STD + bundled.MNIST1D_MEAN
+    args = mnist1d.data.get_dataset_args()
+    args.num_samples, args.seed, args.train_split = 200, 3, 0.8
+    reference = mnist1d.data.make_dataset(args)
+    want = np.concatenate([reference["x"], reference["x_test"]])
+    np.testing.assert_allclose((x - x.mean()) / x.std(), want, rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(ds.y_train, reference["y"])
+    assert not jaxgrad.data.own_statistics(ds.x_train)
+    assert 0.9 < np.std(ds.x_train) < 1.1 and abs(np.mean(ds.x_train)) < 0.1
+
+
 def test_a_private_fit_given_a_small_seed_key_warns_before_training():
     """fit(privacy=..., key=jax.random.key(5)) ran silently: its key data is (0, 5), so every
     draw and noise vector is reproducible by whoever tries the seeds below 2**32, and the ε

@@ -7,6 +7,7 @@ only what the table in docs/privacy.md lists, and DP flags without ``--dp`` are 
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import jax
@@ -234,21 +235,27 @@ def test_dp_digits_and_diabetes_are_used_as_they_are(monkeypatch):
     np.testing.assert_array_equal(x, digits.x_train)
     assert x.max() == 16.0  # raw pixels, 0-16
     diabetes = jaxgrad.data.load("diabetes", seed=0, standardize=False)
-    _, y = _trained_on(monkeypatch, ["--data", "diabetes", "--dp", "--noise-multiplier", "1"])
+    x, y = _trained_on(monkeypatch, ["--data", "diabetes", "--dp", "--noise-multiplier", "1"])
     np.testing.assert_array_equal(y, diabetes.y_train)
     assert y.mean() > 100  # raw targets (25-346), not standardised
+    # raw measurements too: scikit-learn's default scales by all 442 patients' statistics
+    from sklearn.datasets import load_diabetes
+
+    raw_x, _ = load_diabetes(return_X_y=True, scaled=False)
+    rows = np.random.default_rng(0).permutation(len(raw_x))[round(0.2 * len(raw_x)) :]
+    np.testing.assert_allclose(x, raw_x[rows], rtol=1e-6)
 
 
 def test_input_stats_standardise_with_the_given_statistics(tmp_path, monkeypatch):
     from sklearn.datasets import load_diabetes
 
     stats = tmp_path / "stats.npz"
-    np.savez(stats, mean=np.float64(0.01), std=np.full(10, 0.05), y_mean=150.0, y_std=80.0)
+    np.savez(stats, mean=np.float64(50.0), std=np.full(10, 20.0), y_mean=150.0, y_std=80.0)
     for dp in ([], ["--dp", "--noise-multiplier", "1"]):  # given statistics: with or without
         x, y = _trained_on(monkeypatch, ["--data", "diabetes", "--input-stats", str(stats), *dp])
-        raw_x, raw_y = load_diabetes(return_X_y=True)
+        raw_x, raw_y = load_diabetes(return_X_y=True, scaled=False)
         rows = np.random.default_rng(0).permutation(len(raw_x))[round(0.2 * len(raw_x)) :]
-        np.testing.assert_allclose(x, (raw_x[rows] - 0.01) / 0.05, rtol=1e-6)
+        np.testing.assert_allclose(x, (raw_x[rows] - 50.0) / 20.0, rtol=1e-6)
         np.testing.assert_allclose(y, (raw_y[rows] - 150.0) / 80.0, rtol=1e-6)
 
 
@@ -395,3 +402,19 @@ def test_dp_on_your_own_labels_needs_num_classes(tmp_path, capsys):
     assert out["privacy"]["epsilon"] > 0
     with pytest.raises(SystemExit):
         main(["--data", "digits", "--num-classes", "10", "--quiet"])
+
+
+def test_dp_task_auto_says_nothing_of_the_targets_values(tmp_path, capsys):
+    """Under --dp, --task auto goes by y's dtype alone: the warning on floats that are all
+    whole numbers (and their count of distinct values) is a statistic of the private rows."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "whole.npz"
+    np.savez(path, x=rng.normal(size=(40, 3)), y=np.round(rng.normal(size=40) * 3))
+    common = ["--data", "npz", "--data-path", str(path), "--epochs", "1", "--batch-size", "8"]
+    common += ["--progress", "none"]
+    with pytest.warns(UserWarning, match="all whole numbers"):
+        main([*common, "--json", str(tmp_path / "plain.json")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails
+        main([*common, "--dp", "--noise-multiplier", "1", "--json", str(tmp_path / "dp.json")])
+    assert "whole numbers" not in capsys.readouterr().err

@@ -124,6 +124,11 @@ def _check_numeric(a: np.ndarray, *, name: str, what: str) -> None:
         raise TypeError(f"{name} must hold real numbers ({what}); got dtype {a.dtype}{hint}")
 
 
+# The start of the warning on float targets that are all whole numbers (a statistic of the
+# rows: the command line silences it under --dp).
+WHOLE_NUMBERS = "`y` holds floats that are all whole numbers"
+
+
 def _task_of(y: np.ndarray, task, num_classes):
     """``(task, num_classes)``: the task inferred from ``y``'s dtype when None, both checked.
 
@@ -138,8 +143,7 @@ def _task_of(y: np.ndarray, task, num_classes):
             # Counts only: the values are the private rows' labels, and warnings end up in logs.
             distinct = len(np.unique(y))
             warnings.warn(
-                f"`y` holds floats that are all whole numbers ({distinct} distinct values), so "
-                "it is taken as "
+                f"{WHOLE_NUMBERS} ({distinct} distinct values), so it is taken as "
                 "regression targets (float `y` means regression). If they are class labels, "
                 "pass task='classification' (python -m jaxgrad.train: --task classification) "
                 "or store them as integers; task='regression' (--task regression) says they "

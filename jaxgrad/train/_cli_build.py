@@ -4,6 +4,8 @@ data, the hyperparameters, the model and its loss, the gradient strategy and the
 from __future__ import annotations
 
 import functools
+import re
+import warnings
 
 from jaxgrad import reduce, strategies
 from jaxgrad.train import arguments
@@ -81,10 +83,9 @@ def _strategy(args, parser):
 def load_data(args, parser, *, dtype, mesh, say):
     """The data set of --data, as ``(ds, rows)``: ``rows`` is True where its training inputs
     stay on disk, memory-mapped (files on a mesh), so they are never read whole."""
-    import jax
     import numpy as np
 
-    import jaxgrad.data
+    from jaxgrad.data import arrays as data_arrays
 
     if args.data in ("npz", "idx") and not args.data_path:
         parser.error(f"--data {args.data} needs --data-path")
@@ -111,6 +112,18 @@ def load_data(args, parser, *, dtype, mesh, say):
     # On a mesh, files stay on disk: the training inputs are memory-mapped and standardised
     # as each process reads its own rows (statistics combined over the processes).
     rows = mesh is not None and args.data in ("npz", "idx")
+    with warnings.catch_warnings():
+        if args.dp:  # --task auto goes by y's dtype; whether its values are whole is private
+            warnings.filterwarnings("ignore", message=re.escape(data_arrays.WHOLE_NUMBERS))
+        return _loaded(args, parser, kwargs, rows=rows, say=say)
+
+
+def _loaded(args, parser, kwargs, *, rows, say):
+    """``load_data``'s ``(ds, rows)``, loaded with the loader's ``kwargs``."""
+    import jax
+
+    import jaxgrad.data
+
     try:
         if rows:
             try:
