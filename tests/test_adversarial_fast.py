@@ -430,3 +430,30 @@ def test_a_value_shared_by_every_example_goes_in_extra_arguments():
     np.testing.assert_allclose(jaxgrad.batch_grad(loss)(jnp.ones(2), batch, None, 0.5).grads, want)
     got = clipped_grad(loss, l2_clip=100.0)(jnp.ones(2), batch, None, 0.5)
     np.testing.assert_allclose(got, want, **TOL)
+
+
+@pytest.mark.parametrize("identity", ["sharding_constraint", "device_put", "barrier"])
+def test_identity_annotations_of_a_weight_keep_it_dense(identity):
+    """A sharding constraint, a device placement or a scheduling barrier on a weight only
+    annotates its value: the weight keeps the dense route (it went through its VJP, formed
+    per example), exact against the loop."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("d",))
+    annotate = {
+        "sharding_constraint": lambda w: jax.lax.with_sharding_constraint(
+            w, NamedSharding(mesh, PartitionSpec())
+        ),
+        "device_put": lambda w: jax.device_put(w, jax.devices()[0]),
+        "barrier": jax.lax.optimization_barrier,
+    }[identity]
+    x, y, w, v = _data(seq=3)
+
+    def loss(p, ex):
+        xe, ye = ex
+        return (jnp.sum(jnp.tanh(xe @ annotate(p["w"])) @ p["v"]) - ye) ** 2
+
+    params = {"w": w, "v": v}
+    assert "dense" in str(jaxgrad.fast.plan(loss, params, (x[0], y[0]))).split("['w']")[1]
+    _check_every_strategy(loss, params, (x, y), clip=0.5, fast_only=True)
+    per_example_norms(loss, strict=True)(params, (x, y))  # no leaf takes the fallback

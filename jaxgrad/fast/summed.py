@@ -22,7 +22,7 @@ import jax
 
 from jaxgrad.fast.program import Const, Eqn, Program, Var, flat_jaxpr, shaped
 from jaxgrad.fast.reparam import alias_of_leaf, closed, lead_chain
-from jaxgrad.fast.trace import Use, use_perm
+from jaxgrad.fast.trace import IDENTITIES, Use, use_perm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +101,8 @@ def folded(u: Use, side: str, x, values: dict):
 def identity_tangent(e: Eqn, q: int) -> bool:
     """Whether equation ``e``'s linear part with respect to operand ``q`` (the others held,
     no gradient reaching them) is the identity map: its JVP, traced with the other operands'
-    tangents zero, returns the input tangent itself (through same-dtype copies only).
+    tangents zero, returns the input tangent itself (through same-dtype identities only:
+    :data:`jaxgrad.fast.trace.IDENTITIES`).
 
     Decided from the linearisation, not the primitive's name: ``θ + c`` and ``θ - c`` for
     a ``c`` with no gradient, a ``custom_jvp`` rule ``(q(θ), t)`` (a straight-through
@@ -132,7 +133,7 @@ def identity_tangent(e: Eqn, q: int) -> bool:
     while isinstance(r, Var) and r in producer:
         x = lin.eqns[producer[r]]
         same = x.in_avals[0].dtype == x.out_avals[0].dtype
-        if x.primitive.name not in ("copy", "copy_p", "convert_element_type") or not same:
+        if x.primitive.name not in IDENTITIES or not same:
             return False
         r = x.ins[0]
     return r == lin.invars[-1]

@@ -538,24 +538,26 @@ def other(frame: Frame, k: int, e: Eqn, positions: list) -> None:
         frame.reason(frame.tracked[e.ins[i]].leaf, _reason(e, positions))
 
 
+# Primitives whose one result is their operand's value, entry for entry (a cast, a copy, a
+# placement or sharding annotation, a scheduling barrier): aliases that keep every axis.
+IDENTITIES = (
+    "convert_element_type",
+    "copy",
+    "copy_p",
+    "sharding_constraint",
+    "device_put",
+    "optimization_barrier",
+)
+
 # The rule of every primitive the fast path reads; any other primitive is ``other``.
 RULES: dict[str, Rule] = {
     **dict.fromkeys(
         # Only permute, re-type or select a parameter's entries (``slice``: a block, e.g. one
         # of the Q, K, V parts of a fused weight): each entry of the result is one entry of
         # the leaf, so a use's per-example gradient norm is that of its gradient with respect
-        # to the leaf (the transpose only places it, padding with zeros).
-        (
-            "reshape",
-            "transpose",
-            "squeeze",
-            "expand_dims",
-            "convert_element_type",
-            "copy",
-            "copy_p",
-            "slice",
-            "rev",
-        ),
+        # to the leaf (the transpose only places it, padding with zeros). (A ``device_put`` or
+        # ``optimization_barrier`` of several values is no alias: :func:`is_alias`.)
+        ("reshape", "transpose", "squeeze", "expand_dims", *IDENTITIES, "slice", "rev"),
         alias,
     ),
     "broadcast_in_dim": broadcast,
@@ -892,6 +894,7 @@ def apply_chain(program: Program, chain: list, x):
         if e.primitive.name == "convert_element_type" and is_complex(e.out_avals[0]):
             continue
         x = e.primitive.bind(x, **e.primitive.get_bind_params(e.params))
+        x = x[0] if e.primitive.multiple_results else x  # (a one-value barrier, device_put)
     return x
 
 
@@ -905,6 +908,6 @@ def chain_perm(program: Program, chain: list, ndim: int, start=None):
         e = program.eqns[k]
         if e.primitive.name == "transpose":
             perm = tuple(perm[p] for p in e.params["permutation"])
-        elif e.primitive.name not in ("convert_element_type", "copy", "copy_p"):
+        elif e.primitive.name not in IDENTITIES:
             return None
     return perm
