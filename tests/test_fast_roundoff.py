@@ -1,4 +1,4 @@
-"""Round-off of the sequence-axis norm forms when per-position contributions cancel.
+"""Round-off of the sequence-axis and lookup norm forms when per-position contributions cancel.
 
 Example ``i``'s gradient ``Σ_t a_t g_tᵀ`` is made small by cancellation: the rows ``a_t`` are
 (almost) equal and the cotangents ``g_t = c_t v`` have ``Σ_t c_t = δ_i`` with ``δ_i`` down to
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from test_fast_cases import F64, assert_rel_close, reference_grads
 
-from jaxgrad.fast import per_example_norms, plan
+from jaxgrad.fast import gradient_gram, per_example_norms, plan
 
 DELTAS = np.array([1e-1, 1e-2, 1e-3, 3e-4, 1e-4])
 
@@ -24,9 +24,15 @@ def _cancelling_batch(rng, t=4, k=16):
 
 
 def _check_norms(loss, params, batch):
+    """The norms, the Gram matrix's diagonal (whole and by chunks of 2) and the norms of
+    one-row units, each example against the loop relative to its own (small) norm."""
     norms = np.linalg.norm(reference_grads(loss, params, batch), axis=1)
-    for method in ("auto", "vmap"):  # each example relative to its own (small) norm
-        got = per_example_norms(loss, method=method)(params, batch)
+    singles = jnp.arange(len(norms))
+    found = [per_example_norms(loss, method=m)(params, batch) for m in ("auto", "vmap")]
+    found.append(per_example_norms(loss)(params, batch, units=singles))
+    for chunk_size in (None, 2):
+        found.append(jnp.sqrt(jnp.diag(gradient_gram(loss, chunk_size=chunk_size)(params, batch))))
+    for got in found:
         for i, norm in enumerate(norms):
             assert_rel_close(got[i], norm)
     return plan(loss, params, tuple(x[0] for x in batch))
@@ -58,3 +64,23 @@ def test_cancelling_positions_tied_uses():
 
     p = _check_norms(loss, params, _cancelling_batch(rng))
     assert len(p.leaves[0].uses) == 2 and not p.leaves[0].fallback
+
+
+def test_cancelling_lookups_of_one_row():
+    """An embedding row looked up at several positions whose cotangents nearly cancel: the
+    pairwise same-row form Σ_{t,s} [r_t = r_s] ⟨g_t, g_s⟩ kept only rounding noise (norms up
+    to 20× too large at δ = 1e-9); each row's sum is formed, then squared."""
+    rng = np.random.default_rng(52)
+    params = {"e": jnp.asarray(rng.normal(size=(10, 16)), F64)}
+    v = jnp.asarray(rng.normal(size=16), F64)
+    tokens = jnp.tile(jnp.array([5, 5, 3, 3, 7, 1]), (len(DELTAS), 1))
+    c = np.tile([1.0, -1.0, 2.0, -2.0, 0.0, 0.0], (len(DELTAS), 1))
+    c[:, 1] -= DELTAS  # row 5's cotangents sum to -δ_i v; row 3's to 0
+    c[:, 3] -= 1e-9
+
+    def loss(p, ex):
+        t, w = ex
+        return jnp.sum(w[:, None] * p["e"][t] * v)
+
+    p = _check_norms(loss, params, (tokens, jnp.asarray(c, F64)))
+    assert "same-row" in p.leaves[0].route

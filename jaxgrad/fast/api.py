@@ -116,7 +116,7 @@ def _gram(get, loss_fn, params, batch, mask, chunk_size):
     size = mask.shape[0]
     if chunk_size is None or chunk_size >= size:
         parts = get(loss_fn, params, batch, mask)
-        return passes.gram(parts, parts), parts.sums
+        return _with_norms(passes.gram(parts, parts), parts.norm_sq), parts.sums
     k = -(-size // chunk_size)
     pad = k * chunk_size - size
 
@@ -132,11 +132,18 @@ def _gram(get, loss_fn, params, batch, mask, chunk_size):
         cols = jax.lax.map(
             lambda qm: passes.gram(parts_p, get(loss_fn, params, *qm)), (chunks, masks)
         )
-        return cols, parts_p.sums
+        return cols, parts_p.sums, parts_p.norm_sq
 
-    blocks, sums = jax.lax.map(row, (chunks, masks))  # (K, K, c, c), (K, c)
+    blocks, sums, norm_sq = jax.lax.map(row, (chunks, masks))  # (K, K, c, c), (K, c) twice
     full = jnp.transpose(blocks, (0, 2, 1, 3)).reshape(k * chunk_size, k * chunk_size)
-    return full[:size, :size], sums.reshape(-1)[:size]
+    return _with_norms(full[:size, :size], norm_sq.reshape(-1)[:size]), sums.reshape(-1)[:size]
+
+
+def _with_norms(gram, norm_sq):
+    """The Gram matrix with its diagonal the per-example squared norms of the same pass: where
+    an example's positions (or tied uses) nearly cancel, the pairwise forms lose the digits
+    the norms keep (:func:`jaxgrad.fast.norms.outer_norm_sq` switches to QR factors there)."""
+    return gram.at[jnp.diag_indices(gram.shape[0])].set(norm_sq.astype(gram.dtype))
 
 
 def _unit_norm_sq(gram, units, mask):
