@@ -54,8 +54,12 @@ def accumulate(every_k: int, inner) -> optax.GradientTransformationExtraArgs:
         \\bar g = \\frac{\\sum_k n_k g_k}{\\sum_k n_k} = \\frac{\\sum_k \\nabla S_k}{\\sum_k n_k},
 
     the gradient of one big batch made of all ``every_k`` batches, and returns zero updates on
-    the other calls (as ``optax.MultiSteps`` does). A count of 0 (a batch of padding only)
-    adds nothing.
+    the other calls (as ``optax.MultiSteps`` does). A count of 0 with a zero gradient (a batch
+    of padding only) adds nothing. A count that cannot be an item count follows the
+    strategies' rule (docs/non-finite.md): known when ``update`` is called (not traced), a
+    bool, a non-scalar, a negative, NaN or inf count is an error; traced, a negative, NaN or
+    inf count, or 0 with a nonzero gradient, makes the accumulated gradient, hence the
+    update, NaN (which ``fit`` refuses to keep).
 
     ``jaxgrad.train.fit(..., optimizer=accumulate(k, inner))`` passes the counts itself: ``k``
     consecutive steps make one update.
@@ -66,7 +70,13 @@ def accumulate(every_k: int, inner) -> optax.GradientTransformationExtraArgs:
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its ``update(grads, state, params=None, *,
-      count, **extra_args)`` needs ``count`` (a scalar); other extra arguments go to ``inner``.
+      count, **extra_args)`` needs ``count`` (a scalar, integer or real, ``>= 0``); other extra
+      arguments go to ``inner``.
+
+    Raises:
+      From ``update``: TypeError for a missing ``count``, or a traced one that is not an
+      integer or a real number; ValueError for one that is not a scalar, or is known and not a
+      finite number ``>= 0`` (a bool, a string, negative, NaN or inf).
 
     Example::
 
@@ -107,7 +117,20 @@ def accumulate(every_k: int, inner) -> optax.GradientTransformationExtraArgs:
             )
         if jnp.shape(count) != ():
             raise ValueError(f"`count` must be a scalar; got shape {jnp.shape(count)}")
+        # A count known now is checked now (a bool, a string, negative, NaN, inf: an error
+        # naming it); a traced one can only follow the strategies' rule below.
+        reduce.check_if_known(reduce.check_nonnegative_float, count, name="count")
+        dtype = jnp.result_type(count)
+        if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+            raise TypeError(f"`count` must be an integer or a real number; got dtype {dtype}")
         count = jnp.asarray(count, state.count.dtype)
+        # The strategies' rule for (sum, count) pairs: a count that cannot be an item count
+        # (negative, NaN, inf, or 0 behind a nonzero gradient) makes this call's gradient sum
+        # and count NaN, so the accumulated mean is NaN rather than a wrong number.
+        nonzero = jnp.any(
+            jnp.stack([jnp.any(g != 0) for g in jax.tree_util.tree_leaves(updates)] or [False])
+        )
+        count = count * reduce.nan_if_bad_count(count, nonzero)
         grad_sum = jax.tree_util.tree_map(
             lambda s, g: s + g.astype(s.dtype) * count.astype(s.dtype), state.grad_sum, updates
         )

@@ -77,9 +77,27 @@ def as_sum_count(out) -> tuple[jax.Array, jax.Array]:
     count = count.astype(loss_sum.dtype)
     if pair:
         # NaN in the gradient too (a multiplier, not ``where``), as for out-of-range labels.
-        bad = ~(count >= 0) | ~jnp.isfinite(count) | ((count == 0) & (loss_sum != 0))
-        loss_sum = loss_sum * jnp.where(bad, jnp.nan, 1).astype(loss_sum.dtype)
+        loss_sum = loss_sum * nan_if_bad_count(count, loss_sum != 0).astype(loss_sum.dtype)
     return loss_sum, count
+
+
+def nan_if_bad_count(count, nonzero_sum) -> jax.Array:
+    """NaN where ``count`` cannot be the item count behind a sum, else 1: the factor that
+    makes such a sum NaN (value and gradient), the rule of docs/non-finite.md.
+
+    A count cannot be an item count when it is negative, NaN or inf, or 0 while the sum it
+    counts is nonzero: dividing by it would give a wrong number (or a silent 0), not a mean.
+
+    Args:
+      count: the item count, a (possibly traced) floating-point array.
+      nonzero_sum: whether the sum behind ``count`` is nonzero (or NaN), a bool array
+        broadcastable against ``count``.
+
+    Returns:
+      ``count``'s dtype and shape (broadcast with ``nonzero_sum``): NaN where bad, 1 elsewhere.
+    """
+    bad = ~(count >= 0) | ~jnp.isfinite(count) | ((count == 0) & nonzero_sum)
+    return jnp.where(bad, jnp.nan, 1).astype(count.dtype)
 
 
 def _as_loss_array(value) -> jax.Array:

@@ -83,6 +83,49 @@ def test_accumulate_needs_the_count_and_checks_arguments():
         jaxgrad.accumulate(2, "adam")
 
 
+@pytest.mark.parametrize(
+    "count", [True, np.bool_(True), jnp.array(True), -1, -0.5, np.nan, np.inf, "3", 1 + 2j]
+)
+def test_accumulate_refuses_a_known_count_that_is_no_item_count(count):
+    opt = jaxgrad.accumulate(2, optax.sgd(0.1))
+    state = opt.init(jnp.zeros(2))
+    with pytest.raises(ValueError, match="`count` must be a non-negative finite number"):
+        opt.update(jnp.ones(2), state, jnp.zeros(2), count=count)
+
+
+def test_accumulate_traced_counts_follow_the_strategies_nan_rule():
+    """Under jit the count is not known: two calls (g1, n1), (g2, n2) give the update
+    -lr (n1 g1 + n2 g2) / (n1 + n2), written out by hand, or NaN where a count is negative,
+    NaN, inf, or 0 behind a nonzero gradient (docs/non-finite.md); 0 behind a zero gradient
+    (padding only) adds nothing."""
+    lr = 0.5
+    opt = jaxgrad.accumulate(2, optax.sgd(lr))
+    w = jnp.zeros(2, jnp.float64)
+
+    @jax.jit
+    def two_calls(g1, n1, g2, n2):
+        state = opt.init(w)
+        _, state = opt.update(g1, state, w, count=n1)
+        return opt.update(g2, state, w, count=n2)[0]
+
+    g1, g5 = np.array([1.0, -2.0]), np.array([5.0, 0.0])
+    for n1, g2, n2, want in [
+        (3.0, g5, 2.0, -lr * (3 * g1 + 2 * g5) / 5),
+        (3, g5, 2, -lr * (3 * g1 + 2 * g5) / 5),  # integer counts
+        (3.0, np.zeros(2), 0.0, -lr * g1),  # a batch of padding only adds nothing
+        (3.0, g5, -1.0, np.full(2, np.nan)),  # not (3 g1 - g5) / 2
+        (3.0, g5, np.nan, np.full(2, np.nan)),
+        (3.0, g5, np.inf, np.full(2, np.nan)),
+        (3.0, np.zeros(2), np.inf, np.full(2, np.nan)),
+        (3.0, g5, 0.0, np.full(2, np.nan)),  # 0 items behind a nonzero gradient
+        (0.0, g5, 2.0, np.full(2, np.nan)),  # the same, on the first call
+    ]:
+        got = np.asarray(two_calls(jnp.asarray(g1), n1, jnp.asarray(g2), n2))
+        np.testing.assert_allclose(got, want, **TOL, err_msg=f"counts ({n1}, {n2})")
+    with pytest.raises(TypeError, match="`count` must be an integer or a real number"):
+        two_calls(jnp.asarray(g1), 3.0, jnp.asarray(g5), True)
+
+
 def test_fit_with_accumulate_makes_one_exact_step_per_k_batches():
     """3 batches of 2 rows per epoch, accumulated: one SGD step on all 6 rows per epoch."""
     w = jnp.array([0.3, -0.2, 0.5])
