@@ -156,9 +156,11 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path, scan):
     full = _run(tmp_path / "full", scan=scan)
     # 27 examples in batches of 4: 7 steps an epoch, in chunks of 3; the 2nd checkpoint is
     # at step 6, in the middle of epoch 1.
-    saved, resumed = interrupt_then_resume(
-        functools.partial(_run, scan=scan), tmp_path / "cut", at_save=2
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CheckpointWarning)  # the same run: nothing to warn about
+        saved, resumed = interrupt_then_resume(
+            functools.partial(_run, scan=scan), tmp_path / "cut", at_save=2
+        )
     assert saved[-1].endswith("ckpt-0000000006.npz")
     _assert_bitwise(resumed.state, full.state)
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
@@ -225,6 +227,39 @@ def test_resume_with_another_loss_warns_at_the_callers_line(tmp_path):
             quiet=True,
         )
     assert caught[0].filename == __file__
+
+
+def test_resume_on_other_data_warns_at_the_callers_line(tmp_path, monkeypatch):
+    """Other targets of the same shape: a plain run resumes, warned at fit's caller (a
+    private one is refused: tests/test_privacy_train.py). Checkpoints that did not record
+    the data's hash (older ones) are not compared."""
+    params, loss_fn, (x, y) = _problem()
+    kw = dict(optimizer=optax.adam(0.05), batch_size=4, key=jax.random.key(3), quiet=True)
+    kw.update(checkpoint_dir=tmp_path, checkpoint_every=3)
+    fit(loss_fn, params, (x, y), epochs=1, **kw)
+    newest = checkpoint.list_checkpoints(tmp_path)[-1]
+    assert len(checkpoint.read_metadata(newest)["config"]["data"]) == 16
+    other = (x, (y + 1) % 3)
+    with pytest.warns(CheckpointWarning) as caught:
+        resumed = fit(loss_fn, params, other, epochs=2, **kw)
+    [warning] = caught
+    assert "the training data differs from the run that wrote it" in str(warning.message)
+    assert newest in str(warning.message)
+    assert warning.filename == __file__
+    assert int(resumed.state.step) == 14
+
+    # An older checkpoint, with no data hash: resumed on other data without a word.
+    import jaxgrad.train.loop as loop
+
+    real = loop.run_config
+    monkeypatch.setattr(loop, "run_config", lambda *a, **k: {**real(*a, **k), "data": None})
+    fit(loss_fn, params, (x, y), epochs=1, **{**kw, "checkpoint_dir": tmp_path / "old"})
+    monkeypatch.setattr(loop, "run_config", real)
+    meta = checkpoint.read_metadata(checkpoint.list_checkpoints(tmp_path / "old")[-1])
+    assert meta["config"]["data"] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CheckpointWarning)
+        fit(loss_fn, params, other, epochs=2, **{**kw, "checkpoint_dir": tmp_path / "old"})
 
 
 def test_a_keyed_loss_is_fingerprinted_too(tmp_path):

@@ -70,25 +70,15 @@ def restore(checkpoint_dir, template, config, *, mesh, epochs):
     for name in ("optimizer", "optimizer_probe", "loss"):  # not recorded by older checkpoints
         if name not in old:
             config.pop(name, None)
-    _check_loss(old.pop("loss", None), config.pop("loss", None), path, private="privacy" in config)
-    probe_old, probe_new = old.pop("optimizer_probe", None), config.pop("optimizer_probe", None)
-    if probe_old is not None and "unknown" not in (probe_old, probe_new) and probe_old != probe_new:
-        if "privacy" in config:  # the steps to come would reuse the noise of steps released
-            raise ckpt.CheckpointError(
-                f"checkpoint {path}: the optimizer's hyperparameters differ from the private run "
-                "that wrote it (its updates on a fixed probe gradient changed). A private run "
-                "resumed with other hyperparameters would replay the same noise and draws on "
-                "another computation, which the accounting counts once: resume with the same "
-                "optimizer, or start a new run in another checkpoint_dir"
-            )
-        warnings.warn(
-            f"checkpoint {path}: the optimizer's hyperparameters seem to differ from the run that "
-            "wrote it (the same optimizer type, but its updates on a fixed probe gradient "
-            "changed: the learning rate, a beta, the weight decay or a schedule?). Resuming with "
-            "the new ones; to continue the old run exactly, pass the same optimizer",
-            ckpt.CheckpointWarning,
-            stacklevel=4,  # this, the loop, fit, fit's caller
-        )
+    private = "privacy" in config
+    _check_loss(old.pop("loss", None), config.pop("loss", None), path, private=private)
+    _check_probe(
+        old.pop("optimizer_probe", None), config.pop("optimizer_probe", None), path, private=private
+    )
+    if not private and "privacy" not in old:
+        # A private run's data hash stays in the config: another hash is refused below with
+        # the rest of the config, the hash itself secret.
+        _check_data(old.pop("data", None), config.pop("data", None), path)
     if mesh is not None and old.get("devices") != config["devices"]:
         raise ckpt.CheckpointError(
             f"checkpoint {path} was written by a run on {old.get('devices', 1)} device(s); this "
@@ -121,6 +111,24 @@ def restore(checkpoint_dir, template, config, *, mesh, epochs):
     return tree, meta, path
 
 
+# ``stacklevel`` of a warning issued by restore itself that names fit's caller: restore, the
+# loop, fit, fit's caller.
+_CALLER_FROM_RESTORE = 4
+
+
+def _differs(path, *, private: bool, warning: str, refusal: str = "") -> None:
+    """Refuses a private run resumed with a changed part (``refusal``: the steps to come would
+    replay the draws and noise of steps released, on another computation); warns for a plain
+    one (``warning``, a CheckpointWarning naming fit's caller). Called by a ``_check_*``."""
+    if private:
+        raise ckpt.CheckpointError(f"checkpoint {path}: {refusal}")
+    warnings.warn(
+        f"checkpoint {path}: {warning}",
+        ckpt.CheckpointWarning,
+        stacklevel=_CALLER_FROM_RESTORE + 2,  # this and the _check_* that restore called
+    )
+
+
 def _check_loss(old, new, path, *, private: bool) -> None:
     """Refuses a private run resumed with another loss (its fingerprint,
     :func:`jaxgrad.train.run_config.loss_fingerprint`); warns for a plain one. Fingerprints
@@ -134,22 +142,56 @@ def _check_loss(old, new, path, *, private: bool) -> None:
             "the loss's program could not be compared with the one that wrote it; resuming "
             "on the assumption that the loss and model are the same",
             ckpt.CheckpointWarning,
-            stacklevel=5,  # this, restore, the loop, fit, fit's caller
+            stacklevel=_CALLER_FROM_RESTORE + 1,  # this, restore called
         )
         return
-    if private:  # the steps to come would reuse the draws and noise of steps released
-        raise ckpt.CheckpointError(
-            f"checkpoint {path}: `loss_fn` differs from the private run that wrote it (its "
-            "program on one example, or the arrays it closes over, changed: another loss, "
-            "model or constant). A private run resumed with another loss would replay the "
-            "same noise and draws on another computation, which the accounting counts once: "
-            "resume with the same loss_fn, or start a new run in another checkpoint_dir"
-        )
-    warnings.warn(
-        f"checkpoint {path}: `loss_fn` seems to differ from the run that wrote it (its program "
-        "on one example, or the arrays it closes over, changed). Resuming with the new one",
-        ckpt.CheckpointWarning,
-        stacklevel=5,
+    _differs(
+        path,
+        private=private,
+        refusal="`loss_fn` differs from the private run that wrote it (its program on one "
+        "example, or the arrays it closes over, changed: another loss, model or constant). A "
+        "private run resumed with another loss would replay the same noise and draws on "
+        "another computation, which the accounting counts once: resume with the same loss_fn, "
+        "or start a new run in another checkpoint_dir",
+        warning="`loss_fn` seems to differ from the run that wrote it (its program on one "
+        "example, or the arrays it closes over, changed). Resuming with the new one",
+    )
+
+
+def _check_probe(old, new, path, *, private: bool) -> None:
+    """Refuses a private run resumed with other optimizer hyperparameters (its updates on a
+    fixed probe, :func:`jaxgrad.train.run_config._optimizer_probe`); warns for a plain one.
+    Probes not made (or not recorded by older checkpoints) are not compared."""
+    if old is None or new is None or "unknown" in (old, new) or old == new:
+        return
+    _differs(
+        path,
+        private=private,
+        refusal="the optimizer's hyperparameters differ from the private run that wrote it "
+        "(its updates on a fixed probe gradient changed). A private run resumed with other "
+        "hyperparameters would replay the same noise and draws on another computation, which "
+        "the accounting counts once: resume with the same optimizer, or start a new run in "
+        "another checkpoint_dir",
+        warning="the optimizer's hyperparameters seem to differ from the run that wrote it (the "
+        "same optimizer type, but its updates on a fixed probe gradient changed: the learning "
+        "rate, a beta, the weight decay or a schedule?). Resuming with the new ones; to "
+        "continue the old run exactly, pass the same optimizer",
+    )
+
+
+def _check_data(old, new, path) -> None:
+    """Warns that a plain run resumes on other data than the run that wrote the checkpoint
+    (the data's hash, :func:`jaxgrad.train.run_config._data_hash`, changed). A private run's
+    data is refused with the rest of its config instead (its hash is secret); checkpoints
+    that did not record the hash (older ones) are not compared."""
+    if old is None or new is None or old == new:
+        return
+    _differs(
+        path,
+        private=False,
+        warning="the training data differs from the run that wrote it (the values, shapes or "
+        "dtypes of its arrays changed, the number of rows did not). Resuming on the new data; "
+        "to continue the old run exactly, pass the same data",
     )
 
 

@@ -46,8 +46,8 @@ def run_config(
       train_data: the rows the steps take.
       optimizer, params: ``fit``'s optimizer (not the privatizer the steps run) and
         initial parameters.
-      checkpoint_dir: ``fit``'s; without it neither the optimizer probe nor the loss's
-        fingerprint is made (only checkpoints read them).
+      checkpoint_dir: ``fit``'s; without it neither the optimizer probe, the loss's
+        fingerprint nor (for a plain run) the data's hash is made (only checkpoints read them).
 
     Returns:
       A JSON-able dict.
@@ -66,7 +66,7 @@ def run_config(
         ),
         **({"devices": int(mesh.devices.size)} if mesh is not None else {}),
         # A private run resumed on other data would reuse its noise and draws: the data's hash
-        # must match. Kept secret.
+        # must match. Kept secret. (A plain run records it for its checkpoints, below.)
         **({"data": _data_hash(train_data)} if private else {}),
         **engine.config,
         "optimizer": _optimizer_structure(jax.eval_shape(optimizer.init, params)),
@@ -75,6 +75,8 @@ def run_config(
         config["optimizer_probe"] = _optimizer_probe(optimizer, params)
         extra = () if loss_key is None else (jax.eval_shape(lambda: loss_key),)  # the step's
         config["loss"] = loss_fingerprint(example_loss, params, examples, *extra)
+        if not private:  # a plain run resumed on other data is warned (a private one refused)
+            config["data"] = _data_hash(train_data)
     return config
 
 
