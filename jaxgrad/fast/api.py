@@ -190,7 +190,10 @@ def per_example_norms(
     sequence of rows — ``Σ_{j∈u} A_jᵀ G_j = A_uᵀ G_u`` — so its squared norm is
     ``⟨A_u A_uᵀ, G_u G_uᵀ⟩ = Σ_{j,k∈u} ⟨∇S_j, ∇S_k⟩``: the sum of :func:`gradient_gram` over the
     unit's pairs, computed from the same factors (no ``B × P`` array). With ``chunk_size``
-    the Gram matrix is built block by block (see :func:`gradient_gram`).
+    the Gram matrix is built block by block (see :func:`gradient_gram`). A one-row unit's
+    norm is the example's; a unit of several rows whose gradients nearly cancel is accurate
+    to about ``ε (Σ_{i∈u} Σ_t ‖a_{i,t}‖‖g_{i,t}‖)²`` in its square, not relative to itself
+    (docs/fast-path.md, "Inner products, Gram matrices and unit norms").
 
     Returns:
       ``f(params, batch, mask=None, *args, units=None) -> norms`` of shape ``(B,)``; padded
