@@ -107,7 +107,8 @@ def check_reference(reference, params, *, name: str = "reference") -> list:
 
 
 def _gram(get, loss_fn, params, batch, mask, chunk_size):
-    """``(B, B)`` Gram matrix ``⟨∇S_i, ∇S_j⟩`` and ``(B,)`` loss sums, chunk by chunk.
+    """``(B, B)`` Gram matrix ``⟨∇S_i, ∇S_j⟩``, ``(B,)`` loss sums and ``(B,)`` the pairwise
+    forms' own diagonal (the Gram's is the guarded norms, :func:`_with_norms`), chunk by chunk.
 
     With ``chunk_size = c`` the batch is cut into ``K = ⌈B / c⌉`` contiguous chunks (the last
     padded with masked rows) and block ``(p, q)`` is read off the passes of chunks ``p`` and
@@ -116,7 +117,8 @@ def _gram(get, loss_fn, params, batch, mask, chunk_size):
     size = mask.shape[0]
     if chunk_size is None or chunk_size >= size:
         parts = get(loss_fn, params, batch, mask)
-        return _with_norms(passes.gram(parts, parts), parts.norm_sq), parts.sums
+        gram, pairwise = _with_norms(passes.gram(parts, parts), parts.norm_sq)
+        return gram, parts.sums, pairwise
     k = -(-size // chunk_size)
     pad = k * chunk_size - size
 
@@ -136,28 +138,82 @@ def _gram(get, loss_fn, params, batch, mask, chunk_size):
 
     blocks, sums, norm_sq = jax.lax.map(row, (chunks, masks))  # (K, K, c, c), (K, c) twice
     full = jnp.transpose(blocks, (0, 2, 1, 3)).reshape(k * chunk_size, k * chunk_size)
-    return _with_norms(full[:size, :size], norm_sq.reshape(-1)[:size]), sums.reshape(-1)[:size]
+    gram, pairwise = _with_norms(full[:size, :size], norm_sq.reshape(-1)[:size])
+    return gram, sums.reshape(-1)[:size], pairwise
 
 
 def _with_norms(gram, norm_sq):
-    """The Gram matrix with its diagonal the per-example squared norms of the same pass: where
-    an example's positions (or tied uses) nearly cancel, the pairwise forms lose the digits
-    the norms keep (:func:`jaxgrad.fast.norms.outer_norm_sq` switches to QR factors there)."""
-    return gram.at[jnp.diag_indices(gram.shape[0])].set(norm_sq.astype(gram.dtype))
+    """``(gram, pairwise)``: the Gram matrix with its diagonal the per-example squared norms of
+    the same pass, and the diagonal it had. Where an example's positions (or tied uses)
+    nearly cancel, the pairwise forms lose the digits the norms keep
+    (:func:`jaxgrad.fast.norms.outer_norm_sq` switches to QR factors there)."""
+    pairwise = jnp.diagonal(gram)
+    return gram.at[jnp.diag_indices(gram.shape[0])].set(norm_sq.astype(gram.dtype)), pairwise
 
 
-def _unit_norm_sq(gram, units, mask):
+def _unit_norms(get, loss_fn, params, batch, mask, units, chunk_size):
+    """``(norms, sums)``: every row's unit norm ``‖Σ_{j∈u(i)} ∇S_j‖`` (0 where padded) and
+    the loss sums, from the Gram matrix (:func:`_unit_norm_sq`)."""
+    gram, sums, pairwise = _gram(get, loss_fn, params, batch, mask, chunk_size)
+
+    def formed():  # each row's unit gradient formed by a weighted pass: B passes
+        return _formed_unit_norm_sq(get, loss_fn, params, batch, mask, units, chunk_size)
+
+    return jnp.sqrt(_unit_norm_sq(gram, units, mask, pairwise=pairwise, formed=formed)), sums
+
+
+# A unit's Gram sum is trusted while its rows' gradients do not cancel by more than this in
+# its squared norm, ``(Σ_{j∈u} ‖∇S_j‖)² ≤ UNIT_CANCELLATION · ‖Σ_{j∈u} ∇S_j‖²`` (rounding
+# ≲ 10³ ε relative), and each row's pairwise diagonal agrees with its guarded norm to √ε
+# relative (its positions do not cancel more: its entries off the diagonal round as it does).
+UNIT_CANCELLATION = 1024.0
+
+
+def _unit_norm_sq(gram, units, mask, *, pairwise=None, formed=None):
     """``‖Σ_{j∈u(i)} ∇S_j‖² = Σ_{j,k∈u(i)} ⟨∇S_j, ∇S_k⟩`` for every row ``i`` (0 where padded).
 
     A unit is a sequence of rows: its gradient ``Σ_{j∈u} A_jᵀ G_j = A_uᵀ G_u`` has the squared
     norm ``⟨A_u A_uᵀ, G_u G_uᵀ⟩``, the sum of the Gram matrix over the unit's pairs of rows.
+    That sum cancels where the unit's rows' gradients (or one row's positions: its
+    ``pairwise`` diagonal then disagrees with its guarded norm, the Gram's diagonal) nearly
+    cancel, and keeps only rounding there: then (decided at run time, for the whole batch)
+    ``formed()`` gives every unit's gradient formed and squared instead.
     """
     same = (units[:, None] == units[None, :]) & mask[:, None] & mask[None, :]
     # Selected with where, never multiplied by 0/1: a non-finite row (NaN activations) must
     # spoil its own unit only, and 0 × NaN is NaN.
     row_sums = jnp.sum(jnp.where(same, gram, 0), axis=1)  # Σ_{k∈u(j)} ⟨∇S_j, ∇S_k⟩
-    sq = jnp.sum(jnp.where(same, row_sums[None, :], 0), axis=1)
-    return jnp.where(mask, jnp.maximum(sq, 0), 0)
+    sq = jnp.where(mask, jnp.maximum(jnp.sum(jnp.where(same, row_sums[None, :], 0), axis=1), 0), 0)
+    if formed is None:
+        return sq
+    diag = jnp.diagonal(gram)
+    norms = jnp.sqrt(jnp.maximum(diag, 0))
+    spread = jnp.sum(jnp.where(same, norms[None, :], 0), axis=1) ** 2  # (Σ_{j∈u(i)} ‖∇S_j‖)²
+    drift = jnp.abs(pairwise - diag) > math.sqrt(jnp.finfo(diag.dtype).eps) * diag
+    shared = jnp.sum(same, axis=1) > 1  # a unit of several rows (one row's norm is its own)
+    drifts = jnp.any(same & (shared & drift)[None, :], axis=1)
+    untrusted = jnp.any(mask & ((spread > UNIT_CANCELLATION * sq) | drifts))
+    return jax.lax.cond(untrusted, formed, lambda: sq)
+
+
+def _formed_unit_norm_sq(get, loss_fn, params, batch, mask, units, chunk_size):
+    """``‖Σ_{j∈u(i)} ∇S_j‖²`` for every row ``i``, the unit's gradient formed by a weighted
+    pass (``Σ_j c_j ∇S_j`` with ``c`` the unit's rows) and squared: exact where the Gram
+    sum is not, one pass per row (the fallback of :func:`_unit_norm_sq`)."""
+
+    def one(i):
+        weights = (mask & (units == units[i])).astype(jnp.float32)
+
+        def body(rows, m):
+            b, c = rows
+            parts = get(loss_fn, params, b, m)
+            return (), jax.tree_util.tree_leaves(parts.weighted(c.astype(parts.norm_sq.dtype)))
+
+        _, leaves = passes.run_chunked(body, (batch, weights), mask, chunk_size)
+        dtype = jnp.result_type(jnp.float32, *leaves)
+        return sum(jnp.sum(jnp.square(x.astype(dtype))) for x in leaves)
+
+    return jnp.where(mask, jax.lax.map(one, jnp.arange(mask.shape[0])), 0)
 
 
 def _check_chunk(chunk_size):
@@ -191,9 +247,10 @@ def per_example_norms(
     ``⟨A_u A_uᵀ, G_u G_uᵀ⟩ = Σ_{j,k∈u} ⟨∇S_j, ∇S_k⟩``: the sum of :func:`gradient_gram` over the
     unit's pairs, computed from the same factors (no ``B × P`` array). With ``chunk_size``
     the Gram matrix is built block by block (see :func:`gradient_gram`). A one-row unit's
-    norm is the example's; a unit of several rows whose gradients nearly cancel is accurate
-    to about ``ε (Σ_{i∈u} Σ_t ‖a_{i,t}‖‖g_{i,t}‖)²`` in its square, not relative to itself
-    (docs/fast-path.md, "Inner products, Gram matrices and unit norms").
+    norm is the example's; where a unit's rows' gradients (or one row's positions) nearly
+    cancel, the Gram sum keeps only rounding, and every unit's gradient is formed by a
+    weighted pass instead, one per row (docs/fast-path.md, "Inner products, Gram matrices
+    and unit norms").
 
     Returns:
       ``f(params, batch, mask=None, *args, units=None) -> norms`` of shape ``(B,)``; padded
@@ -215,8 +272,7 @@ def per_example_norms(
 
     def core(params, batch, mask, loss_fn=loss_fn, units=None):
         if units is not None:
-            gram, _ = _gram(get, loss_fn, params, batch, mask, chunk_size)
-            return jnp.sqrt(_unit_norm_sq(gram, units, mask))
+            return _unit_norms(get, loss_fn, params, batch, mask, units, chunk_size)[0]
 
         def body(b, m):
             parts = get(loss_fn, params, b, m)
@@ -379,7 +435,7 @@ def gradient_gram(loss_fn, *, method: str = "auto", chunk_size: int | None = Non
     chunk_size = _check_chunk(chunk_size)
 
     def core(params, batch, mask, loss_fn=loss_fn):
-        gram, _ = _gram(get, loss_fn, params, batch, mask, chunk_size)
+        gram = _gram(get, loss_fn, params, batch, mask, chunk_size)[0]
         return jnp.where(mask[:, None] & mask[None, :], gram, 0)
 
     return _wrap(core, loss_fn, name="gradient_gram", doc=gradient_gram.__doc__)
@@ -450,7 +506,7 @@ def gradient_diversity(loss_fn, *, method: str = "auto", chunk_size: int | None 
     chunk_size = _check_chunk(chunk_size)
 
     def core(params, batch, mask, loss_fn=loss_fn):
-        gram, _ = _gram(get, loss_fn, params, batch, mask, chunk_size)
+        gram = _gram(get, loss_fn, params, batch, mask, chunk_size)[0]
         pair = mask[:, None] & mask[None, :]
         gram = jnp.where(pair, gram, 0)  # selected, not multiplied: padding never leaks
         sq = jnp.maximum(jnp.diagonal(gram), 0)
@@ -653,8 +709,7 @@ def clipped_parts(
         if units is not None:
             # Each row is clipped by its unit's norm: Σ_u c_u Σ_{i∈u} g_i = Σ_i c_{u(i)} g_i.
             # A unit is kept or dropped whole (a row with a non-finite loss spoils its unit).
-            gram, sums = _gram(get, loss_fn, params, batch, mask, chunk_size)
-            norms = jnp.sqrt(_unit_norm_sq(gram, units, mask))
+            norms, sums = _unit_norms(get, loss_fn, params, batch, mask, units, chunk_size)
             bad = mask & ~(jnp.isfinite(norms) & jnp.isfinite(sums))
             same = (units[:, None] == units[None, :]) & mask[None, :]
             given = (norms, mask & jnp.any(same & bad[None, :], axis=1))
