@@ -161,18 +161,21 @@ def test_non_finite_loss_exits_with_the_step(tmp_path, capsys):
         (["--lr", "-0.1"], r"--lr must be a positive finite number; got -0\.1"),
         (["--lr", "nan"], "--lr must be a positive finite number"),
         (["--lr", "0"], "--lr must be a positive finite number"),
-        (["--keep", "0"], "--keep must be a positive integer; got 0"),
+        (["--keep", "0", "--checkpoint-dir", "TMP"], "--keep must be a positive integer; got 0"),
         (["--checkpoint-every", "-2"], "--checkpoint-every must be a positive integer"),
         (["--hidden", "64", "0"], r"--hidden sizes must be positive integers; got \[64, 0\]"),
         (["--json", "/nonexistent-dir-u11/out.json"], "--json .*does not exist"),
         (["--metrics-jsonl", "/nonexistent-dir-u11/m.jsonl"], "--metrics-jsonl .*does not exist"),
     ],
 )
-def test_nonsense_hyperparameters_exit_2_before_training(args, message, capsys, monkeypatch):
+def test_nonsense_hyperparameters_exit_2_before_training(
+    args, message, capsys, monkeypatch, tmp_path
+):
     import jaxgrad.train.__main__ as cli
 
     called = []
     monkeypatch.setattr("jaxgrad.train.fit", lambda *a, **k: called.append(1))
+    args = [str(tmp_path) if a == "TMP" else a for a in args]
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*args, "--quiet"])
     assert exit_info.value.code == 2 and not called
@@ -239,6 +242,68 @@ def test_outputs_are_written_to_not_judged_by_permission_bits(tmp_path, capsys, 
         assert exit_info.value.code == 2 and not called and "Traceback" not in err, err
         assert re.search(message, err), err
     assert not (tmp_path / "afile").is_dir() and os.listdir(tmp_path) == ["afile"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--data", "breast_cancer", "--model", "logistic", "--hidden", "5", "7"],
+            "--hidden is for --model mlp; got --model logistic",
+        ),
+        (
+            ["--data", "breast_cancer", "--hidden", "5"],
+            r"--hidden is for --model mlp; got --model logistic \(--data breast_cancer's default\)",
+        ),
+        (
+            ["--data", "diabetes", "--model", "linear", "--activation", "sigmoid"],
+            "--activation is for --model mlp or cnn; got --model linear",
+        ),
+        (["--data", "line", "--keep", "2"], "--keep is for --checkpoint-dir; got no --checkpoint"),
+        (["--data", "line", "--no-resume"], "--no-resume is for --checkpoint-dir; got no --"),
+        (
+            ["--data", "line", "--quiet", "--progress", "bar"],
+            "--progress is for a run that prints; got --progress bar with --quiet",
+        ),
+    ],
+)
+def test_flags_that_would_be_ignored_are_refused(args, message, capsys, monkeypatch):
+    """A flag the run would ignore exits 2 naming it, before training (docs/training.md)."""
+    import jaxgrad.train.__main__ as cli
+
+    called = []
+    monkeypatch.setattr("jaxgrad.train.fit", lambda *a, **k: called.append(1))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*args, "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and not called, err
+    assert re.search(message, err), err
+
+
+def test_line_honours_test_fraction_and_defaults_are_not_refused(monkeypatch):
+    """--data line splits by --test-fraction like every other set (it was dropped); the
+    defaults of the flags refused above are not "given": a plain run passes them to fit."""
+    import jaxgrad.data
+    import jaxgrad.train.__main__ as cli
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_fit(loss_fn, params, train, **kwargs):
+        seen.update(kwargs, rows=len(train[0]))
+        raise Stop
+
+    monkeypatch.setattr("jaxgrad.train.fit", fake_fit)
+    for fraction in ("0.5", None):
+        with pytest.raises(Stop):
+            cli.main(
+                ["--data", "line", "--quiet", *(["--test-fraction", fraction] * bool(fraction))]
+            )
+        expected = jaxgrad.data.synthetic_line(test_fraction=float(fraction or 0.2))
+        assert seen["rows"] == len(expected.x_train)
+    assert seen["keep"] == 3 and seen["progress"] == "auto" and seen["resume"] is True
 
 
 def test_help_shows_defaults_and_a_sentence_per_option(capsys):

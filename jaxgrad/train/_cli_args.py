@@ -60,6 +60,9 @@ DP_ONLY = {
     "count_noise_multiplier": "it is the count noise of --dp's adaptive clipping",
     "per_layer_clip": "it splits --dp's clip norm over the layers",
 }
+# Flags whose parser default is None, so that one given where it would be ignored is refused
+# (_cli_checks.check_combinations, _cli_build.make_model), and their values when not given.
+UNSET_DEFAULTS = {"hidden": [256], "activation": "relu", "keep": 3, "progress": "auto"}
 # The flags of adaptive clipping that mean something only with --adaptive-clip-quantile.
 ADAPTIVE_ONLY = ("adaptive_clip_lr", "count_noise_multiplier")
 # PrivacyConfig fields and plan() arguments that are command-line flags of the same name.
@@ -142,12 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
         "label + 1; required with --dp, where reading it off the labels would read private rows)",
     )
     g.add_argument("--model", choices=MODELS, help="model (default: suited to --data)")
-    g.add_argument("--hidden", type=int, nargs="+", default=[256], help="MLP hidden sizes")
+    g.add_argument(
+        "--hidden",
+        type=int,
+        nargs="+",
+        help=f"hidden sizes of --model mlp (default: {UNSET_DEFAULTS['hidden'][0]})",
+    )
     g.add_argument(
         "--activation",
-        default="relu",
         choices=("relu", "tanh", "sigmoid", "gelu"),
-        help="hidden-layer nonlinearity of the MLP and CNN",
+        help="hidden-layer nonlinearity of --model mlp and cnn "
+        f"(default: {UNSET_DEFAULTS['activation']})",
     )
     g.add_argument("--test-fraction", type=float, default=0.2, help="held-out share, in (0, 1)")
     g.add_argument(
@@ -287,16 +295,24 @@ def build_parser() -> argparse.ArgumentParser:
         "secret noise and sampling key: keep them secret)",
     )
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
-    g.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    g.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    g.add_argument(
+        "--keep",
+        type=int,
+        help=f"checkpoints to keep in --checkpoint-dir (default: {UNSET_DEFAULTS['keep']})",
+    )
+    g.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start afresh, ignoring the checkpoints in --checkpoint-dir",
+    )
     g.add_argument("--json", help="write the summary (final metrics, history) here")
     g.add_argument("--metrics-jsonl", help="append one JSON line per epoch here")
     g.add_argument("--plot", help="write loss and accuracy curves here (PNG; needs matplotlib)")
     g.add_argument(
         "--progress",
-        default="auto",
         choices=("auto", "bar", "plain", "none"),
-        help="progress display; auto: a bar on a terminal, plain lines otherwise",
+        help="progress display; auto: a bar on a terminal, plain lines otherwise "
+        f"(default: {UNSET_DEFAULTS['progress']})",
     )
     g.add_argument("--quiet", action="store_true", help="print nothing but errors")
     g = p.add_argument_group("devices and hosts (data parallel)")

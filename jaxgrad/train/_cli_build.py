@@ -16,6 +16,7 @@ from jaxgrad.train._cli_args import (
     FALLBACK,
     MODELS,
     STRATEGY_FLAGS,
+    UNSET_DEFAULTS,
 )
 from jaxgrad.train._cli_checks import flag_error, library_check
 
@@ -100,8 +101,7 @@ def load_data(args, parser, *, dtype, mesh, say):
         if args.data not in ("npz", "idx"):
             parser.error(f"--num-classes is for --data npz or idx; --data {args.data} knows it")
         kwargs["num_classes"] = args.num_classes
-    if args.data != "line":
-        kwargs["test_fraction"] = args.test_fraction
+    kwargs["test_fraction"] = args.test_fraction
     if args.num_examples is not None:
         if args.data != "mnist1d":
             parser.error("--num-examples is only for --data mnist1d")
@@ -212,6 +212,15 @@ def make_model(args, ds, dtype, parser):
             f"--model line takes one scalar input; --data {args.data} has input shape "
             f"{ds.feature_shape} (use --model linear)"
         )
+    chosen = f"--model {name}" + ("" if args.model else f" (--data {args.data}'s default)")
+    for flag, value, takers in (
+        ("--hidden", args.hidden, ("mlp",)),
+        ("--activation", args.activation, ("mlp", "cnn")),
+    ):
+        if value is not None and name not in takers:
+            parser.error(f"{flag} is for --model {' or '.join(takers)}; got {chosen}")
+    hidden = args.hidden or UNSET_DEFAULTS["hidden"]
+    activation = args.activation or UNSET_DEFAULTS["activation"]
     k = ds.num_classes
     if name == "line":
         model, loss = models.line_fit(dtype=dtype), losses.squared_error
@@ -222,13 +231,11 @@ def make_model(args, ds, dtype, parser):
         loss = losses.binary_cross_entropy if k == 2 else losses.softmax_cross_entropy
     elif name == "mlp":
         out = k if classify else 1
-        model = models.mlp([features, *args.hidden, out], activation=args.activation, dtype=dtype)
+        model = models.mlp([features, *hidden, out], activation=activation, dtype=dtype)
         loss = losses.softmax_cross_entropy if classify else losses.squared_error
     else:
         shape = ds.feature_shape if len(ds.feature_shape) >= 2 else _square(features, parser)
-        model = models.cnn(
-            image_shape=shape, num_classes=k, dtype=dtype, activation=args.activation
-        )
+        model = models.cnn(image_shape=shape, num_classes=k, dtype=dtype, activation=activation)
         loss = losses.softmax_cross_entropy
     apply = model.apply
     if name in ("linear", "logistic"):

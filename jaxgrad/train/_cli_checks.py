@@ -10,7 +10,14 @@ from jaxgrad import reduce, strategies
 from jaxgrad._cli import check_writable
 from jaxgrad._optional import require
 from jaxgrad.train import arguments, checkpoint
-from jaxgrad.train._cli_args import DP_ONLY, FLAG_NAMES, MAX_SEED, STRATEGY_FLAGS, TRAINABLE
+from jaxgrad.train._cli_args import (
+    DP_ONLY,
+    FLAG_NAMES,
+    MAX_SEED,
+    STRATEGY_FLAGS,
+    TRAINABLE,
+    UNSET_DEFAULTS,
+)
 
 
 def flag_error(parser, error, names=()):
@@ -55,6 +62,17 @@ def check_combinations(args, parser):
         args.checkpoint_dir,
         names=("checkpoint_every", "checkpoint_dir"),
     )
+    if args.checkpoint_dir is None:
+        for flag, given in (("--keep", args.keep is not None), ("--no-resume", args.no_resume)):
+            if given:
+                parser.error(f"{flag} is for --checkpoint-dir; got no --checkpoint-dir")
+    if args.quiet and args.progress not in (None, "none"):
+        parser.error(
+            f"--progress is for a run that prints; got --progress {args.progress} with --quiet"
+        )
+    for name in ("keep", "progress"):  # (--hidden, --activation: make_model, by the model)
+        if getattr(args, name) is None:
+            setattr(args, name, UNSET_DEFAULTS[name])
     if args.clip is not None and args.strategy != "clipped":
         parser.error(f"--clip is for --strategy clipped; got --strategy {args.strategy}")
     chosen = () if args.strategy == "clipped" else strategies.get(args.strategy).options
@@ -134,7 +152,7 @@ def check_args(args, parser):
             )
     if args.keep is not None:  # (--checkpoint-every: check_combinations)
         library_check(parser, reduce.check_positive_int, args.keep, name="keep", names=("keep",))
-    if any(h < 1 for h in args.hidden):
+    if any(h < 1 for h in args.hidden or ()):
         parser.error(f"--hidden sizes must be positive integers; got {args.hidden}")
     for flag, path in (
         ("--json", args.json),
