@@ -7,6 +7,7 @@ names the argument (or the command-line flag), what it got and what was expected
 
 import io
 import math
+import os
 import re
 from contextlib import redirect_stderr, redirect_stdout
 
@@ -483,6 +484,8 @@ def test_train_cli_bad_values_exit_2_naming_the_flag(argv, message):
         (["--peers", "--min-time", "nan"], r"--min-time must be a non-negative finite"),
         (["--peers", "--time-cap-s", "-3"], r"--time-cap-s must be a positive finite"),
         (["--peers", "--warmup", "-1"], r"--warmup must be a non-negative integer"),
+        (["--sweep", "--dp"], r"--dp and --sweep are different modes .*give one of them"),
+        (["--dp", "--peers", "--sweep"], r"--dp and --peers and --sweep are different modes"),
     ],
 )
 def test_bench_cli_bad_values_exit_2_naming_the_flag(argv, message):
@@ -499,6 +502,10 @@ def test_bench_cli_bad_values_exit_2_naming_the_flag(argv, message):
         (
             ["--json", "/nonexistent-dir/x.json"],
             r"--json '/nonexistent-dir/x.json': the directory '/nonexistent-dir' does not exist",
+        ),
+        (  # a path under a file: the file is the problem, not a missing directory
+            ["--json", os.path.join(__file__, "x.json")],
+            r"--json '[^']*x\.json': '[^']*test_adversarial_train\.py' is a file, not a directory",
         ),
     ],
 )

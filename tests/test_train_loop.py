@@ -127,6 +127,30 @@ def test_history_metrics_and_jsonl(tmp_path):
     assert lines[-1]["train_loss"] == pytest.approx(ce, rel=1e-10)
 
 
+def test_unwritable_metrics_path_is_refused_before_training(tmp_path):
+    """A directory, or a path under a file, was found only by open() after the first epoch
+    (a raw IsADirectoryError); now fit refuses it, naming `metrics_path`, before any step."""
+    model, loss_fn, data = _problem()
+    (tmp_path / "afile").write_text("x")
+    evaluated = []
+    for bad, message in (
+        (tmp_path, r"`metrics_path` '[^']*' is a directory; expected a file name"),
+        (tmp_path / "afile" / "m.jsonl", r"'[^']*afile' is a file, not a directory"),
+        (tmp_path / "no" / "m.jsonl", r"the directory '[^']*no' does not exist"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            _fit(
+                loss_fn,
+                model.init(jax.random.key(0)),
+                data,
+                metrics_path=bad,
+                evaluate=lambda p: evaluated.append(1) or {},
+            )
+    with pytest.raises(TypeError, match="`metrics_path` must be a file path"):
+        _fit(loss_fn, model.init(jax.random.key(0)), data, metrics_path=3)
+    assert not evaluated and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 def test_regression_r2():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 3))

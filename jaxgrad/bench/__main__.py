@@ -142,7 +142,15 @@ def _run_devices(argv: list[str], counts: list[int]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    given = lambda flag: any(a == flag or a.startswith(flag + "=") for a in argv)
     if "--peers" in argv or "--sweep" in argv:
+        peer_modes = " and ".join(f for f in ("--peers", "--sweep") if f in argv)
+        if given("--dp"):  # else the peers' parser says "unrecognized arguments: --dp"
+            build_parser().error(
+                f"--dp and {peer_modes} are different modes (--dp times a DP-SGD step against "
+                "a non-private one; --peers and --sweep compare with PyTorch, Opacus and "
+                "BackPACK): give one of them"
+            )
         from jaxgrad.bench import peers
 
         return peers.main(argv)
@@ -152,7 +160,6 @@ def main(argv: list[str] | None = None) -> int:
     # Before JAX runs anything: arenas that threads already hold keep their own limits.
     allocator.apply_flag(args, parser)
     start = time.perf_counter()
-    given = lambda flag: any(a == flag or a.startswith(flag + "=") for a in argv)
     if not (math.isfinite(args.min_seconds) and args.min_seconds >= 0):
         parser.error(f"--min-seconds must be a non-negative finite number; got {args.min_seconds}")
     if args.mesh_devices is not None and args.mesh_devices < 1:

@@ -8,6 +8,7 @@ any data.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import jax
@@ -15,6 +16,7 @@ import numpy as np
 
 from jaxgrad import accumulation, keys, reduce
 from jaxgrad import sharding as sharding_lib
+from jaxgrad._paths import file_write_error
 from jaxgrad.data import arrays as data_arrays
 from jaxgrad.grads import batch_grad
 from jaxgrad.privacy import units as dp_units
@@ -76,13 +78,23 @@ def example_loss(loss_fn, train_data, *, augment, privacy, key, loss_key, units,
 
 
 def loop_options(
-    *, resume, metric_writers, quiet, checkpoint_every, checkpoint_dir, evaluate, strategy, privacy
+    *,
+    resume,
+    metric_writers,
+    quiet,
+    checkpoint_every,
+    checkpoint_dir,
+    metrics_path,
+    evaluate,
+    strategy,
+    privacy,
 ):
     """The loop's switches and hooks, checked.
 
     Args:
-      resume, metric_writers, quiet, checkpoint_every, checkpoint_dir, evaluate, strategy,
-        privacy: ``fit``'s.
+      resume, metric_writers, quiet, checkpoint_every, checkpoint_dir, metrics_path,
+        evaluate, strategy, privacy: ``fit``'s (``metrics_path``: a file that can be written,
+        checked before the first epoch rather than at its end).
 
     Returns:
       ``(resume, metric_writers, quiet, checkpoint_every)``, checked.
@@ -91,6 +103,13 @@ def loop_options(
     metric_writers = writers_lib.check_writers(metric_writers)
     quiet = reduce.check_flag(quiet, name="quiet")
     checkpoint_every = check_checkpoint_every(checkpoint_every, checkpoint_dir)
+    if metrics_path is not None:
+        if not isinstance(metrics_path, (str, os.PathLike)):
+            raise TypeError(
+                f"`metrics_path` must be a file path (str or os.PathLike); got {metrics_path!r}"
+            )
+        if (why := file_write_error(metrics_path, "metrics.jsonl")) is not None:
+            raise ValueError(f"`metrics_path` {os.fspath(metrics_path)!r}{why}")
     if evaluate is not None and not callable(evaluate):
         raise TypeError(
             f"`evaluate` must be a function evaluate(params) -> {{name: number}}; got {evaluate!r}"

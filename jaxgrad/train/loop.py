@@ -207,6 +207,7 @@ def fit(
         quiet=quiet,
         checkpoint_every=checkpoint_every,
         checkpoint_dir=checkpoint_dir,
+        metrics_path=metrics_path,
         evaluate=evaluate,
         strategy=strategy,
         privacy=privacy,
