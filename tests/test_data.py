@@ -149,8 +149,22 @@ def test_npz(tmp_path):
     with pytest.raises(ValueError, match=r"expected arrays named x, y .*got \['inputs'\]"):
         data.load_npz(tmp_path / "bad.npz")
     np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}] * 3, dtype=object), y=np.zeros(3))
-    with pytest.raises(ValueError, match="without pickle"):
+    with pytest.raises(ValueError, match=r"obj\.npz: holds object \(pickled\) arrays"):
         data.load_npz(tmp_path / "obj.npz")
+
+
+def test_a_file_that_is_not_an_npz_archive_says_what_it_is(tmp_path):
+    """numpy's np.load calls any non-zip, non-.npy file "pickled (object) data" and suggests
+    loading it unsafely; a .npy array was "empty, truncated or corrupt". Each says what it is."""
+    (tmp_path / "data.csv").write_text("a,b,y\n1,2,0\n3,4,1\n")
+    np.save(tmp_path / "arr.npy", np.zeros((5, 3)))
+    for name, message in (
+        ("data.csv", r"data\.csv: not an \.npz archive \(it starts with b'a,b,y\\n'"),
+        ("arr.npy", r"arr\.npy: a \.npy file \(one array\), not an \.npz archive"),
+    ):
+        with pytest.raises(ValueError, match=message) as e:
+            data.load_npz(tmp_path / name)
+        assert "pickle" not in str(e.value) and "x=x, y=y" in str(e.value)
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:

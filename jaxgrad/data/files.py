@@ -15,18 +15,35 @@ def load_npz(path, **kwargs) -> Dataset:
 
     Read with ``allow_pickle=False``: object arrays are refused. Keyword arguments go to
     :func:`from_arrays`.
+
+    Raises:
+      FileNotFoundError: no file at ``path``.
+      ValueError: a directory; a file that is not an .npz (zip) archive, such as a ``.npy``
+        array or a text file (said so, rather than numpy's "pickled data"); an archive that is
+        truncated or corrupt, holds object arrays, or lacks ``x, y``.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory; expected an .npz file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such .npz file: {path}") from None
+    if head[:2] != b"PK":  # not a zip archive; numpy would call a text file "pickled" data
+        raise ValueError(_not_npz(path, head))
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such .npz file: {path}") from None
     except ValueError as e:
-        raise ValueError(f"{path}: cannot read as .npz without pickle ({e})") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path}: is a directory; expected an .npz file") from None
-    except Exception as e:  # zipfile/zlib/EOF errors of an empty, truncated or corrupt file
+        if "allow_pickle" not in str(e):  # a member numpy cannot read: corrupt
+            raise ValueError(f"{path}: not a readable .npz file (corrupt: {e})") from None
+        # Only an archive member that is an object array gets here.
+        raise ValueError(
+            f"{path}: holds object (pickled) arrays, which are not read (they can run code); "
+            "store x and y as numeric arrays"
+        ) from None
+    except Exception as e:  # zipfile/zlib/EOF errors of a truncated or corrupt archive
         raise ValueError(
             f"{path}: not a readable .npz file (empty, truncated or corrupt: "
             f"{type(e).__name__}: {e})"
@@ -46,6 +63,16 @@ def load_npz(path, **kwargs) -> Dataset:
     raise ValueError(
         f"{path}: expected arrays named x, y or x_train, y_train, x_test, y_test; got {keys}"
     )
+
+
+def _not_npz(path: str, head: bytes) -> str:
+    """Why the file ``path``, starting with the bytes ``head``, is not an .npz archive."""
+    expected = "expected an .npz archive of arrays x and y (np.savez(path, x=x, y=y))"
+    if not head:
+        return f"{path}: the file is empty; {expected}"
+    if head.startswith(b"\x93NUMPY"):
+        return f"{path}: a .npy file (one array), not an .npz archive; {expected}"
+    return f"{path}: not an .npz archive (it starts with {head!r}: a text or CSV file?); {expected}"
 
 
 _IDX_DTYPES = {
