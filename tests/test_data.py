@@ -2,6 +2,7 @@
 
 import gzip
 import struct
+import warnings
 
 import jax
 import numpy as np
@@ -151,6 +152,29 @@ def test_npz(tmp_path):
     np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}] * 3, dtype=object), y=np.zeros(3))
     with pytest.raises(ValueError, match=r"obj\.npz: holds object \(pickled\) arrays"):
         data.load_npz(tmp_path / "obj.npz")
+
+
+def test_sparse_labels_warn_when_num_classes_is_inferred():
+    """The rule (arrays.SPARSE_MIN_CLASSES): max(label) + 1 over 1,000 classes with fewer than
+    half of them present warns; given num_classes, or a denser or smaller set, does not."""
+
+    def labels(k, present):  # `present` distinct labels, the largest k - 1
+        return np.r_[np.arange(present - 1), k - 1]
+
+    def warned(y, **kw):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = data.from_arrays(np.zeros((len(y), 2)), y, standardize=False, **kw)
+        assert ds.num_classes == kw.get("num_classes", int(y.max()) + 1)  # as before
+        return [w for w in caught if issubclass(w.category, data.SparseLabelsWarning)]
+
+    y = np.array([0, 10**6, 10**6 + 2] * 2)
+    (w,) = warned(y)
+    assert "largest label + 1 = 1000003, but only 3 distinct labels occur" in str(w.message)
+    assert "remap the labels to 0..2" in str(w.message).lower()
+    assert not warned(y, num_classes=10**6 + 3)
+    assert not warned(np.array([0, 999] * 3))  # 1000 classes: not over the threshold
+    assert warned(labels(1002, 500)) and not warned(labels(1002, 501))  # half of 1002: 501
 
 
 def test_a_file_that_is_not_an_npz_archive_says_what_it_is(tmp_path):

@@ -306,6 +306,28 @@ def test_line_honours_test_fraction_and_defaults_are_not_refused(monkeypatch):
     assert seen["keep"] == 3 and seen["progress"] == "auto" and seen["resume"] is True
 
 
+def test_sparse_labels_are_refused_but_never_described_under_dp(tmp_path, capsys, monkeypatch):
+    """Labels 0, 10**6, 10**6 + 2 made a million-class model (minutes on 50 rows); the CLI
+    refuses them naming --num-classes. Under --dp nothing is said from the (private) labels:
+    --num-classes is required instead."""
+    import jaxgrad.train.__main__ as cli
+
+    monkeypatch.setattr("jaxgrad.train.fit", lambda *a, **k: pytest.fail("trained"))
+    rng = np.random.default_rng(0)
+    path = tmp_path / "ids.npz"
+    np.savez(path, x=rng.normal(size=(50, 3)), y=rng.integers(0, 3, 50) * 2 + 10**6 - 4)
+    base = ["--data", "npz", "--data-path", str(path), "--epochs", "1", "--quiet"]
+    for extra, message in (
+        ([], "without --num-classes the classes are counted as the largest label \\+ 1"),
+        (["--dp", "--noise-multiplier", "1"], "--dp on --data npz needs --num-classes"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*base, *extra])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and re.search(message, err), err
+        assert ("distinct labels" in err) == (not extra)
+
+
 def test_help_shows_defaults_and_a_sentence_per_option(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -129,6 +129,18 @@ def _check_numeric(a: np.ndarray, *, name: str, what: str) -> None:
 WHOLE_NUMBERS = "`y` holds floats that are all whole numbers"
 
 
+# Labels are "sparse" when num_classes, inferred as max(label) + 1, is over SPARSE_MIN_CLASSES
+# and fewer than half of those classes occur: e.g. labels 0, 10**6 and 10**6 + 2 (ids, not
+# class indices) would make a model with a million outputs. A rule on counts only (the labels'
+# values are not shown): a few missing classes of a small problem stay silent.
+SPARSE_MIN_CLASSES = 1000
+
+
+class SparseLabelsWarning(UserWarning):
+    """``num_classes`` inferred from labels of which fewer than half the classes occur
+    (:data:`SPARSE_MIN_CLASSES`); ``python -m jaxgrad.train`` makes it an error."""
+
+
 def _task_of(y: np.ndarray, task, num_classes):
     """``(task, num_classes)``: the task inferred from ``y``'s dtype when None, both checked.
 
@@ -394,7 +406,9 @@ def from_arrays(
       x, y: inputs and targets with a shared leading example axis. Integer ``y`` means
         classification, float ``y`` regression (override with ``task``).
       task: ``"classification"`` or ``"regression"``; inferred from ``y``'s dtype if None.
-      num_classes: for classification; ``max(y) + 1`` if None. Labels outside
+      num_classes: for classification; ``max(y) + 1`` if None, with a
+        :class:`SparseLabelsWarning` when that is over 1,000 classes and fewer than half of
+        them occur (labels that are ids, not class indices). Labels outside
         ``[0, num_classes)`` are an error.
       x_test, y_test: a given test split; otherwise a seeded split of ``x, y``.
       test_fraction: the held-out share when splitting.
@@ -542,11 +556,25 @@ def _class_labels(y, y_test, num_classes, *, name):
         a if a is None or not (a.dtype == bool or a.dtype.kind == "f") else a.astype(np.int64)
         for a in (y, y_test)
     )
-    if num_classes is None:
+    inferred = num_classes is None
+    if inferred:
         num_classes = int(max(a.max() for a in (y, y_test) if a is not None)) + 1
     _check_labels(y, num_classes, name=name)
     if y_test is not None:
         _check_labels(y_test, num_classes, name=f"{name} (test split)")
+    if inferred and num_classes > SPARSE_MIN_CLASSES:
+        present = len(np.unique(np.concatenate([a.ravel() for a in (y, y_test) if a is not None])))
+        if present < num_classes / 2:
+            warnings.warn(
+                f"{name}: without `num_classes` the classes are counted as the largest label + 1 "
+                f"= {num_classes}, but only {present} distinct labels occur: the model would have "
+                f"{num_classes} outputs, most for classes never seen. Remap the labels to "
+                f"0..{present - 1} "
+                "(np.unique(y, return_inverse=True)), or pass `num_classes` if that many "
+                "classes is meant",
+                SparseLabelsWarning,
+                stacklevel=3,
+            )
     if num_classes > 2**31:
         raise ValueError(
             f"{name}: {num_classes} classes; labels are stored as int32, so at most 2**31"

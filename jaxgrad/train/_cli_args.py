@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-classes",
         type=int,
         help="for --data npz/idx classification: the number of classes (default: the largest "
-        "label + 1; required with --dp, where reading it off the labels would read private rows)",
+        "label + 1, refused when over 1000 and fewer than half of them occur; required with "
+        "--dp, where reading it off the labels would read private rows)",
     )
     g.add_argument("--model", choices=MODELS, help="model (default: suited to --data)")
     g.add_argument(

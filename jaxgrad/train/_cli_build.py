@@ -115,6 +115,11 @@ def load_data(args, parser, *, dtype, mesh, say):
     with warnings.catch_warnings():
         if args.dp:  # --task auto goes by y's dtype; whether its values are whole is private
             warnings.filterwarnings("ignore", message=re.escape(data_arrays.WHOLE_NUMBERS))
+        # Sparse labels (a million classes inferred from three labels) are an error before
+        # the model is built; under --dp --num-classes is required (check_num_classes) and
+        # nothing is said from the private labels.
+        sparse = "ignore" if args.dp else "error"
+        warnings.filterwarnings(sparse, category=data_arrays.SparseLabelsWarning)
         return _loaded(args, parser, kwargs, rows=rows, say=say)
 
 
@@ -123,6 +128,7 @@ def _loaded(args, parser, kwargs, *, rows, say):
     import jax
 
     import jaxgrad.data
+    from jaxgrad.data import arrays as data_arrays
 
     try:
         if rows:
@@ -139,8 +145,8 @@ def _loaded(args, parser, kwargs, *, rows, say):
                 rows = False
         if not rows:
             ds = jaxgrad.data.load(args.data, path=args.data_path, **kwargs)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        flag_error(parser, e)
+    except (ValueError, TypeError, FileNotFoundError, data_arrays.SparseLabelsWarning) as e:
+        flag_error(parser, e, names=("num_classes",))
     return ds, rows
 
 
