@@ -5,6 +5,7 @@ import struct
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -152,6 +153,26 @@ def test_npz(tmp_path):
     np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}] * 3, dtype=object), y=np.zeros(3))
     with pytest.raises(ValueError, match=r"obj\.npz: holds object \(pickled\) arrays"):
         data.load_npz(tmp_path / "obj.npz")
+
+
+def test_take_refuses_out_of_range_indices_for_numpy_and_jax_alike():
+    """JAX's gather clamped row 12 of 10 to row 9 (numpy raised); concrete indices are now
+    checked for both, with the same message; in range (negatives too) it is numpy's take."""
+    x, y = np.arange(20.0).reshape(10, 2), np.arange(10) % 3
+    for data_ in ((x, y), (jnp.asarray(x), jnp.asarray(y))):
+        for indices in (np.array([3, 12, -20]), jnp.array([3, 12, -20]), [3, 12, -20]):
+            with pytest.raises(
+                IndexError,
+                match=r"`indices` must lie in \[-10, 10\) for 10 rows; "
+                r"got 2 outside it \(12, -20\)",
+            ):
+                data.take(data_, indices)
+        got = data.take(data_, np.array([0, -1, 9, -10]))
+        np.testing.assert_array_equal(got[0], x[[0, -1, 9, -10]])
+        np.testing.assert_array_equal(got[1], y[[0, -1, 9, -10]])
+    # Traced indices (fit's scan) are not checked, and gather as before when in range.
+    jitted = jax.jit(data.take)((jnp.asarray(x), jnp.asarray(y)), jnp.array([4, 2]))
+    np.testing.assert_array_equal(jitted[0], x[[4, 2]])
 
 
 def test_sparse_labels_warn_when_num_classes_is_inferred():

@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgrad import keys, reduce
 
@@ -49,5 +50,34 @@ def epoch_indices(key: jax.Array, epoch, num_examples: int, batch_size: int):
 
 
 def take(data: Any, indices):
-    """Rows ``indices`` of every leaf of ``data`` (works for numpy and jax arrays)."""
+    """Rows ``indices`` of every leaf of ``data`` (works for numpy and jax arrays).
+
+    Concrete integer ``indices`` are checked against each leaf's rows, so numpy and jax
+    arrays behave the same (negative indices count from the end, as in numpy). Traced
+    indices (under ``jax.jit``, e.g. ``fit``'s scan) cannot be checked: there JAX's gather
+    clamps an out-of-range index to the nearest row, so check them before tracing.
+
+    Args:
+      data: a pytree of arrays with a leading example axis.
+      indices: an integer array (or anything numpy indexing takes).
+
+    Returns:
+      ``data`` with every leaf ``leaf[indices]``.
+
+    Raises:
+      IndexError: concrete integer ``indices`` outside ``[-n, n)`` for a leaf of ``n`` rows
+        (JAX would clamp them silently).
+    """
+    if not isinstance(indices, jax.core.Tracer):
+        idx = np.asarray(indices)
+        if idx.dtype.kind in "iu" and idx.size:
+            for n in {np.shape(a)[0] for a in jax.tree_util.tree_leaves(data) if np.ndim(a)}:
+                outside = idx[(idx < -n) | (idx >= n)]
+                if outside.size:
+                    shown = ", ".join(str(int(i)) for i in outside[:5])
+                    more = ", ..." if outside.size > 5 else ""
+                    raise IndexError(
+                        f"`indices` must lie in [{-n}, {n}) for {n} rows; got {outside.size} "
+                        f"outside it ({shown}{more})"
+                    )
     return jax.tree_util.tree_map(lambda a: a[indices], data)
