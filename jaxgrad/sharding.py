@@ -508,6 +508,10 @@ def take_rows(data: PyTree, indices, mask=None, *, mesh: Mesh, axis: str = "data
     rows = _process_rows(indices.shape[-1], mesh=mesh, axis=axis)
     lead = indices.ndim - 1
     local_idx, local_mask = indices[..., rows], mask[..., rows]
+    from jaxgrad.data.files import check_unchanged  # (jaxgrad.data imports no sharding)
+
+    for leaf in jax.tree_util.tree_leaves(data):  # a file rewritten under its map reads zeros
+        check_unchanged(leaf)
     local = jax.tree_util.tree_map(lambda a: _native(np.asarray(a[local_idx])), data)
     if check is not None:
         flat = jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[lead + 1 :]), local)

@@ -1,6 +1,7 @@
 """jaxgrad.data: bundled sets, user arrays and files, splits, standardisation, batching."""
 
 import gzip
+import re
 import struct
 import warnings
 
@@ -353,6 +354,36 @@ def test_memmap_reads_rows_in_place(tmp_path):
     np.testing.assert_array_equal(data.memmap(tmp_path / "img-idx3-ubyte")[[4, 0]], images[[4, 0]])
     got = data.memmap(tmp_path / "f-idx2")
     np.testing.assert_array_equal(np.asarray(got), data.read_idx(tmp_path / "f-idx2"))
+
+
+def test_a_memmapped_file_changed_on_disk_is_an_error_when_rows_are_gathered(tmp_path):
+    """A file rewritten under its memory map read as zeros (fit on a mesh trained on them);
+    take_rows now compares the file's size and mtime with memmap's and names the path."""
+    import os
+
+    from jaxgrad import sharding
+
+    x = np.arange(40.0).reshape(20, 2)
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    mapped = data.memmap(path)
+    rows = data.StandardizedRows(mapped, rows=np.arange(10, 20), dtype=np.float64)
+    mesh = sharding.data_mesh(1)
+    idx = np.array([3, 17])
+    batch, _ = sharding.take_rows((mapped, mapped[:]), idx, mesh=mesh)  # unchanged: reads
+    np.testing.assert_array_equal(np.asarray(batch[0]), x[idx])
+    np.save(path, x[:5])  # rewritten, shorter: rows 5.. would now read as zeros
+    for leaf in (mapped, mapped[2:], rows):  # the memmap, a view of it, rows over it
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))} changed on disk since"):
+            sharding.take_rows(leaf, np.array([1, 2]), mesh=mesh)
+    np.save(path, x)  # same size again, but written later than the memmap was opened
+    later = os.stat(path).st_mtime_ns + 10**9
+    os.utime(path, ns=(later, later))  # (timestamps are coarse: make "later" certain)
+    with pytest.raises(ValueError, match="changed on disk"):
+        data.check_unchanged(mapped)
+    data.check_unchanged(np.zeros(3))  # not a memmap: nothing to check
+    os.remove(path)  # removed: the map still holds the bytes it had
+    data.check_unchanged(mapped)
 
 
 def test_memmap_refuses_what_cannot_be_read_in_place(tmp_path):

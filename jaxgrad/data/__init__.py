@@ -59,6 +59,7 @@ from jaxgrad.data.bundled import (
 )
 from jaxgrad.data.files import (
     NotMappableError,
+    check_unchanged,
     load_idx,
     load_npz,
     memmap,
@@ -88,6 +89,7 @@ __all__ = [
     "SparseLabelsWarning",
     "StandardizedRows",
     "check_finite",
+    "check_unchanged",
     "combine_moments",
     "epoch_indices",
     "from_arrays",

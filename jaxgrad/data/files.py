@@ -132,7 +132,9 @@ def memmap(path, *, key: str | None = None) -> np.memmap:
 
     Nothing is read but the header, so ``memmap(path)[indices]`` touches only those rows;
     :func:`jaxgrad.train.fit` with a ``mesh`` gathers every batch this way, each process only
-    its own devices' rows. The values are the file's as stored (no split, no
+    its own devices' rows. The file's size and modification time are recorded: a file
+    changed on disk since is an error when rows are gathered (:func:`check_unchanged`), not
+    rows read as zeros. The values are the file's as stored (no split, no
     standardisation, no scaling of ``uint8`` pixels: do that in the model or the loss).
 
     Args:
@@ -167,6 +169,7 @@ def memmap(path, *, key: str | None = None) -> np.memmap:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"`path` must be a file; got {path!r}")
+    opened = os.stat(path)  # before reading: a change from here on is caught when rows are read
     with open(path, "rb") as f:
         head = f.read(4)
     if head[:2] == b"PK":  # a zip: an .npz archive
@@ -196,12 +199,12 @@ def memmap(path, *, key: str | None = None) -> np.memmap:
                 raise ValueError(f"{path}: corrupt zip entry for member {key!r}")
             name_len, extra_len = (int.from_bytes(local[i : i + 2], "little") for i in (26, 28))
             start = info.header_offset + 30 + name_len + extra_len
-            return _memmap_npy(path, f, start)
+            return _stamped(_memmap_npy(path, f, start), path, opened)
     if key is not None:
         raise ValueError(f"`key` is only for .npz archives; {path} is not one (got key={key!r})")
     if head[:4] == b"\x93NUM":
         with open(path, "rb") as f:
-            return _memmap_npy(path, f, 0)
+            return _stamped(_memmap_npy(path, f, 0), path, opened)
     if head[:2] == b"\x1f\x8b":
         raise NotMappableError(
             f"{path} is gzip-compressed, so its rows cannot be read in place; gunzip it, or "
@@ -220,10 +223,59 @@ def memmap(path, *, key: str | None = None) -> np.memmap:
                 f"{path}: IDX header says shape {shape} of {dtype} ({expected} bytes in all); "
                 f"the file holds {os.path.getsize(path)} bytes (truncated or corrupt)"
             )
-        return np.memmap(path, dtype, mode="r", offset=4 + 4 * ndim, shape=shape)
+        mapped = np.memmap(path, dtype, mode="r", offset=4 + 4 * ndim, shape=shape)
+        return _stamped(mapped, path, opened)
     raise ValueError(
         f"{path}: not an .npy, .npz or IDX file (it starts with {head!r}); expected one of them"
     )
+
+
+def _stamped(mapped: np.memmap, path: str, opened: os.stat_result) -> np.memmap:
+    """``mapped`` with its file's size and modification time when it was opened, which
+    :func:`check_unchanged` compares with the file's now."""
+    mapped._jaxgrad_opened = (path, opened.st_size, opened.st_mtime_ns)
+    return mapped
+
+
+def check_unchanged(data) -> None:
+    """Fails if ``data`` reads a file, opened by :func:`memmap`, that changed on disk since.
+
+    A file rewritten or truncated under a memory map is read as its new bytes, or as zeros
+    past its new end, without any error; this compares the file's size and modification time
+    with those recorded by :func:`memmap` (one ``os.stat``). ``data`` may be the memmap, a
+    view of it, or anything whose ``base`` is (a :class:`StandardizedRows`); anything else
+    passes. A file removed since is no error: the map still holds its bytes. Cheap, not a
+    checksum: a rewrite of the same size within the file system's timestamp resolution (a
+    few milliseconds) goes unnoticed. :func:`jaxgrad.sharding.take_rows` (``fit`` on a mesh)
+    calls it on every leaf before it gathers a batch.
+
+    Args:
+      data: an array-like.
+
+    Raises:
+      ValueError: the file's size or modification time changed, naming the path.
+    """
+    for _ in range(8):  # views of views: a short chain of ``base``
+        opened = getattr(data, "_jaxgrad_opened", None)
+        if opened is not None:
+            break
+        data = getattr(data, "base", None)
+        if data is None:
+            return
+    else:
+        return
+    path, size, mtime_ns = opened
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return
+    if (now.st_size, now.st_mtime_ns) != (size, mtime_ns):
+        raise ValueError(
+            f"{path} changed on disk since jaxgrad.data.memmap opened it ({size} bytes then, "
+            f"{now.st_size} now; modified since): its rows would be read as the new bytes, or "
+            "as zeros past a shorter file's end. Leave the file unchanged while training, or "
+            "open it again and start over"
+        )
 
 
 def _memmap_npy(path: str, f, start: int) -> np.memmap:
