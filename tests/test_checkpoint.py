@@ -133,10 +133,10 @@ def _problem():
     return model.init(jax.random.key(0)), loss_fn, (x, y)
 
 
-def _run(checkpoint_dir, *, scan=True, epochs=2, **kw):
+def _run(checkpoint_dir, *, scan=True, epochs=2, scaled=1.0, **kw):
     params, loss_fn, data = _problem()
     return fit(
-        loss_fn,
+        loss_fn if scaled == 1.0 else lambda p, ex: scaled * loss_fn(p, ex),
         params,
         data,
         optimizer=optax.adam(0.05),
@@ -212,20 +212,8 @@ def test_resume_with_another_configuration_is_refused(tmp_path):
 
 def test_resume_with_another_loss_warns_at_the_callers_line(tmp_path):
     _run(tmp_path, epochs=1)
-    params, loss_fn, data = _problem()
     with pytest.warns(CheckpointWarning, match="`loss_fn` seems to differ") as caught:
-        fit(
-            lambda p, ex: 2.0 * loss_fn(p, ex),
-            params,
-            data,
-            optimizer=optax.adam(0.05),
-            epochs=2,
-            batch_size=4,
-            key=jax.random.key(3),
-            checkpoint_dir=tmp_path,
-            checkpoint_every=3,
-            quiet=True,
-        )
+        _run(tmp_path, epochs=2, scaled=2.0)
     assert caught[0].filename == __file__
 
 
