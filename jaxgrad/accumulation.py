@@ -102,7 +102,11 @@ def accumulate(every_k: int, inner) -> optax.GradientTransformationExtraArgs:
     def init(params):
         return AccumulateState(
             mini_step=jnp.zeros((), jnp.int32),
-            grad_sum=jax.tree_util.tree_map(jnp.zeros_like, params),
+            # Summed in at least float32 (reduce.count_dtype): a bfloat16 sum of n_k g_k
+            # rounds each count (257 to 256), and the mean is cast back to the parameter's.
+            grad_sum=jax.tree_util.tree_map(
+                lambda p: jnp.zeros(jnp.shape(p), reduce.count_dtype(jnp.result_type(p))), params
+            ),
             count=jnp.zeros((), jnp.result_type(float)),
             inner_state=inner.init(params),
         )
@@ -137,7 +141,11 @@ def accumulate(every_k: int, inner) -> optax.GradientTransformationExtraArgs:
         total = state.count + count
 
         def apply(_):
-            mean = reduce.safe_divide(grad_sum, total)
+            mean = jax.tree_util.tree_map(
+                lambda m, g: m.astype(jnp.result_type(g)),
+                reduce.safe_divide(grad_sum, total),
+                updates,
+            )
             new, inner_state = inner.update(mean, state.inner_state, params, **extra_args)
             return new, AccumulateState(
                 jnp.zeros_like(state.mini_step),

@@ -237,6 +237,22 @@ _TRACE_LEVEL_HINT = (
 )
 
 
+def _finite_rules(out, mask):
+    """The module docstring's rules on a batch's :class:`GradResult` (a scalar loss): a NaN or
+    inf loss makes the gradient NaN — JAX's derivative can stay finite where the loss is not
+    (``log`` of a negative number: NaN, its derivative ``1/x`` finite) — and a batch with no
+    real row gives a zero gradient (with no real row to copy, padding stays as given, and
+    may be NaN through the backward pass)."""
+    if not isinstance(out, GradResult) or jnp.shape(out.loss) != ():
+        return out
+    bad, real = ~jnp.isfinite(out.loss), jnp.any(mask)
+
+    def rule(g):
+        return jnp.where(real, jnp.where(bad, jnp.nan, g), 0).astype(g.dtype)
+
+    return out._replace(grads=jax.tree_util.tree_map(rule, out.grads))
+
+
 def _strategy(
     core,
     *,
@@ -276,8 +292,8 @@ def _strategy(
         # into the gradient through the backward pass.
         batch = reduce.fill_padding(batch, mask)
         if loss_fn is None:
-            return core(params, batch, mask)
-        return core(params, batch, mask, loss_fn=_bind(loss_fn, args), **kw)
+            return _finite_rules(core(params, batch, mask), mask)
+        return _finite_rules(core(params, batch, mask, loss_fn=_bind(loss_fn, args), **kw), mask)
 
     jitted = jax.jit(sharding.auto_axes(_loops.canonical_convolutions(run)))
     arities_checked = set()

@@ -113,7 +113,9 @@ def token_cross_entropy(logits, targets, *, pad_id: int = 0):
     real = targets != pad_id
     # Padding positions get label 0, so a pad_id outside the classes (e.g. -1) is not NaN.
     per_token = jax.vmap(softmax_cross_entropy)(logits, jnp.where(real, targets, 0))
-    return jnp.sum(jnp.where(real, per_token, 0)), jnp.sum(real).astype(logits.dtype)
+    return jnp.sum(jnp.where(real, per_token, 0)), jnp.sum(real).astype(
+        reduce.count_dtype(logits.dtype)
+    )
 
 
 def check_labels(labels, num_classes: int, *, name: str = "labels", allow_binary_floats=True):

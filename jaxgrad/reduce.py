@@ -74,11 +74,18 @@ def as_sum_count(out) -> tuple[jax.Array, jax.Array]:
             f"`loss_fn` must return a floating-point loss (it is differentiated); got dtype "
             f"{loss_sum.dtype}"
         )
-    count = count.astype(loss_sum.dtype)
+    count = count.astype(count_dtype(loss_sum.dtype))
     if pair:
         # NaN in the gradient too (a multiplier, not ``where``), as for out-of-range labels.
         loss_sum = loss_sum * nan_if_bad_count(count, loss_sum != 0).astype(loss_sum.dtype)
     return loss_sum, count
+
+
+def count_dtype(dtype) -> jnp.dtype:
+    """The dtype item counts (and the divisions by them) are kept in next to values of
+    ``dtype``: at least float32. float16 holds no count above 65504 (inf) and bfloat16 rounds
+    257 to 256, so a mean gradient divided by such a count would be a silent 0 or off."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def nan_if_bad_count(count, nonzero_sum) -> jax.Array:
@@ -347,9 +354,11 @@ def safe_divide(total, count):
     """
     nonzero = count > 0
 
-    def divide(t):
+    def divide(t):  # in count_dtype: a float16 sum over 65504 items is still a finite mean
+        wide = count_dtype(jnp.result_type(t, count))
         zero_count = jnp.where(t == 0, 0, jnp.nan).astype(t.dtype)  # a NaN sum stays NaN
-        return jnp.where(nonzero, t / jnp.where(nonzero, count, 1).astype(t.dtype), zero_count)
+        mean = t.astype(wide) / jnp.where(nonzero, count, 1).astype(wide)
+        return jnp.where(nonzero, mean.astype(t.dtype), zero_count)
 
     return jax.tree_util.tree_map(divide, total)
 

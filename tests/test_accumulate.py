@@ -156,3 +156,14 @@ def test_fit_refuses_multisteps_with_sum_count_losses_and_warns_for_partial_batc
     with warnings.catch_warnings():  # full batches only: the mean of means is exact
         warnings.simplefilter("error")
         fit(scalar, w, (x[:4], y[:4]), optimizer=multi, batch_size=2, **kwargs)
+
+
+def test_bfloat16_parameters_sum_counts_in_float32():
+    """Two mean gradients of exactly 1 with counts 257 and 1: the accumulated mean is 1. In
+    bfloat16, n g with n = 257 rounds to 256 and the update came out -0.9921875."""
+    opt = jaxgrad.accumulate(2, optax.sgd(1.0))
+    w = jnp.zeros(1, jnp.bfloat16)
+    state = opt.init(w)
+    _, state = opt.update(jnp.ones(1, jnp.bfloat16), state, w, count=257)
+    update, _ = opt.update(jnp.ones(1, jnp.bfloat16), state, w, count=1)
+    assert update.dtype == jnp.bfloat16 and float(update[0]) == -1.0

@@ -703,3 +703,47 @@ def test_nnx_state_with_non_trainable_leaves_is_named_and_the_split_idiom_works(
     np.testing.assert_allclose(
         np.asarray(g["lin"]["kernel"][...]), np.asarray(2 * x.T @ (x @ w + b) / 5), rtol=1e-10
     )
+
+
+EXACT = {
+    "batch_grad": lambda f: jaxgrad.batch_grad(f),
+    "accumulate_grad": lambda f: jaxgrad.accumulate_grad(f, num_microbatches=2),
+    "mean_of_per_example_grads": lambda f: jaxgrad.mean_of_per_example_grads(f),
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(EXACT))
+def test_a_nan_loss_makes_the_gradient_nan_even_where_its_derivative_is_finite(strategy):
+    """log(p x) at x = -3 is NaN while its derivative 1/p is finite: the documented rule is a
+    NaN result, never a plausible update from a NaN batch."""
+    loss = lambda p, x: jnp.log(p * x)
+    out = EXACT[strategy](loss)(jnp.asarray(2.0, F64), jnp.asarray([1.0, -3.0, 2.0, 4.0], F64))
+    assert np.isnan(float(out.loss)) and np.isnan(float(out.grads))
+
+
+@pytest.mark.parametrize("strategy", sorted(EXACT))
+def test_a_batch_with_no_real_row_gives_zeros_whatever_its_padding(strategy):
+    """x / ‖x‖ on zero padding is NaN, and with no real row there is none to copy over it."""
+    loss = lambda p, ex: jnp.sum(((ex[0] / jnp.linalg.norm(ex[0])) @ p - ex[1]) ** 2)
+    batch = (jnp.zeros((4, 3), F64), jnp.zeros((4, 2), F64))
+    out = EXACT[strategy](loss)(jnp.ones((3, 2), F64), batch, jnp.zeros(4, bool))
+    assert float(out.loss) == 0 and float(out.count) == 0
+    np.testing.assert_array_equal(out.grads, np.zeros((3, 2)))
+
+
+@pytest.mark.parametrize("strategy", sorted(EXACT))
+@pytest.mark.parametrize("dtype, items", [(jnp.float16, 4100), (jnp.bfloat16, 257)])
+def test_counts_are_exact_next_to_low_precision_losses(strategy, dtype, items):
+    """16 × 4100 tokens overflow float16 (65504), bfloat16 rounds 257 to 256: the count (and
+    the division by it) is kept in float32, so the mean gradient is the float64 loop's up to
+    the dtype's own rounding, not 0 or off by the count's rounding."""
+    rows = 16 if dtype == jnp.float16 else 1
+
+    def loss(p, x):  # a token loss: (sum over `items` tokens, items)
+        return jnp.sum(p * x) * jnp.ones((), p.dtype), jnp.asarray(items)  # an int count
+
+    x = jnp.asarray(np.linspace(-1.0, 1.0, rows) + 0.5, dtype)  # the loss in `dtype` too
+    out = EXACT[strategy](loss)(jnp.asarray(1.0, dtype), x)
+    want = float(np.sum(np.asarray(x, np.float64))) / (rows * items)
+    assert float(out.count) == rows * items
+    np.testing.assert_allclose(float(out.grads), want, atol=2e-2 * max(abs(want), 1e-3))
