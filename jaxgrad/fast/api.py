@@ -169,7 +169,7 @@ def _unit_norms(get, loss_fn, params, batch, mask, units, chunk_size):
 UNIT_CANCELLATION = 1024.0
 
 
-def _unit_norm_sq(gram, units, mask, *, pairwise=None, formed=None):
+def _unit_norm_sq(gram, units, mask, *, pairwise, formed):
     """``‖Σ_{j∈u(i)} ∇S_j‖² = Σ_{j,k∈u(i)} ⟨∇S_j, ∇S_k⟩`` for every row ``i`` (0 where padded).
 
     A unit is a sequence of rows: its gradient ``Σ_{j∈u} A_jᵀ G_j = A_uᵀ G_u`` has the squared
@@ -184,8 +184,6 @@ def _unit_norm_sq(gram, units, mask, *, pairwise=None, formed=None):
     # spoil its own unit only, and 0 × NaN is NaN.
     row_sums = jnp.sum(jnp.where(same, gram, 0), axis=1)  # Σ_{k∈u(j)} ⟨∇S_j, ∇S_k⟩
     sq = jnp.where(mask, jnp.maximum(jnp.sum(jnp.where(same, row_sums[None, :], 0), axis=1), 0), 0)
-    if formed is None:
-        return sq
     diag = jnp.diagonal(gram)
     norms = jnp.sqrt(jnp.maximum(diag, 0))
     spread = jnp.sum(jnp.where(same, norms[None, :], 0), axis=1) ** 2  # (Σ_{j∈u(i)} ‖∇S_j‖)²
