@@ -20,6 +20,7 @@ import pytest
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
 from jaxgrad.privacy import accounting
+from jaxgrad.privacy._accounting import epsilon as epsilon_module
 from jaxgrad.privacy._accounting import pld_size as pld_size_module
 
 
@@ -293,3 +294,47 @@ def test_epsilon_at_a_sigma_whose_square_overflows_is_that_at_1e100():
         acc.record(noise_multiplier=1e200, sampling_rate=0.01, steps=100)
         assert acc.epsilon() == _dpa_epsilon(1e100, 0.01, 100, 1e-5, "pld")
         assert acc.effective_accountant() == "pld"
+
+
+@pytest.mark.parametrize(
+    "relation, events",
+    [
+        (
+            "add_or_remove_one",
+            [
+                (dpa.PoissonSampledDpEvent(0.1, dpa.GaussianDpEvent(1.1)), 4),
+                (
+                    dpa.SelfComposedDpEvent(
+                        dpa.PoissonSampledDpEvent(0.02, dpa.GaussianDpEvent(3.0)), 3
+                    ),
+                    2,
+                ),
+                (dpa.ComposedDpEvent([dpa.GaussianDpEvent(5.0), dpa.GaussianDpEvent(7.0)]), 1),
+            ],
+        ),
+        (
+            "replace_one",
+            [(dpa.SampledWithoutReplacementDpEvent(60, 10, dpa.GaussianDpEvent(1.5)), 17)],
+        ),
+    ],
+)
+def test_rdp_epsilon_is_dp_accountings_rdp_accountant(relation, events):
+    """The RDP ε sums each event's curve, computed once (searches ask for the same events with
+    many counts): it is what dp-accounting's RdpAccountant composes, to round-off."""
+    acc = dpa.rdp.RdpAccountant(
+        neighboring_relation=getattr(dpa.NeighboringRelation, relation.upper())
+    )
+    for event, count in events:
+        acc.compose(event, count)
+    for delta in (1e-5, 1e-8):
+        got = epsilon_module._rdp_epsilon(relation, events, delta)
+        assert got == pytest.approx(acc.get_epsilon(delta), rel=1e-13, abs=0)
+    # A second count of the same events reuses their curves and still composes them anew.
+    again = epsilon_module._rdp_epsilon(relation, [(e, 2 * c) for e, c in events], 1e-5)
+    twice = dpa.rdp.RdpAccountant(
+        neighboring_relation=getattr(dpa.NeighboringRelation, relation.upper())
+    )
+    for event, count in events:
+        twice.compose(event, 2 * count)
+    once = epsilon_module._rdp_epsilon(relation, events, 1e-5)
+    assert again == pytest.approx(twice.get_epsilon(1e-5), rel=1e-13, abs=0) and again > once

@@ -9,6 +9,7 @@ breakdown.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -21,7 +22,7 @@ from jaxgrad.privacy._accounting.events import (
     gaussian_step,
     leaves,
 )
-from jaxgrad.privacy._accounting.library import dpa_accountant, make_accountant, quiet_absl
+from jaxgrad.privacy._accounting.library import dpa, dpa_accountant, make_accountant, quiet_absl
 from jaxgrad.privacy._accounting.pld_size import (
     COARSER,
     RDP_ANSWERS,
@@ -215,9 +216,11 @@ def _below(eps, lower):
 def _compose(accountant, vdi, relation, events, delta, subject, hint=""):
     """ε of ``[(event, count), ...]`` by ``accountant``, exactly as asked (no size check);
     its arithmetic failing is a ValueError that names ``subject``."""
-    acc = dpa_accountant(accountant, vdi, relation)
     try:
         with quiet_absl():
+            if accountant == "rdp":
+                return _rdp_epsilon(relation, events, delta)
+            acc = dpa_accountant(accountant, vdi, relation)
             for event, count in events:
                 acc.compose(event, count)
             return float(acc.get_epsilon(delta))
@@ -226,6 +229,36 @@ def _compose(accountant, vdi, relation, events, delta, subject, hint=""):
             f"dp-accounting's {accountant!r} accountant cannot evaluate {subject}: it raised "
             f"{type(e).__name__}: {e}{hint}"
         ) from e
+
+
+def _rdp_epsilon(relation, events, delta):
+    """ε of ``[(event, count), ...]`` by dp-accounting's RDP accountant, as its ``compose``
+    and ``get_epsilon`` give it: RDP composes by addition, the accountant adding ``count``
+    times each event's curve over its orders, so each event's curve is computed once per
+    process (:func:`_event_rdp`) and summed here. Searches over step counts (a budget's last
+    step, σ for a target ε) ask for the same events with many counts; one subsampled
+    without replacement takes ~0.5 s of CPU to analyse."""
+    orders = dpa_accountant("rdp", None, relation).orders
+    rdp = np.zeros_like(orders)
+    for event, count in events:
+        try:
+            curve = _cached_event_rdp(event, relation)
+        except TypeError:  # an event holding a list (ComposedDpEvent) is not hashable
+            curve = _event_rdp(event, relation)
+        rdp += count * curve
+    return float(dpa().rdp.compute_epsilon(orders, rdp, delta)[0])
+
+
+def _event_rdp(event, relation) -> np.ndarray:
+    """One ``event``'s RDP curve under ``relation`` (a fresh RDP accountant's, read-only)."""
+    acc = dpa_accountant("rdp", None, relation)
+    acc.compose(event, 1)
+    curve = acc.rdp
+    curve.flags.writeable = False
+    return curve
+
+
+_cached_event_rdp = functools.lru_cache(maxsize=256)(_event_rdp)
 
 
 def dpsgd_epsilon(sigma, q, steps, delta, accountant, vdi):
