@@ -131,7 +131,12 @@ def test_evaluate_output_is_checked(evaluate, error, message):
     [
         ({"resume": "no"}, r"`resume` must be True or False; got 'no'"),
         ({"quiet": "no"}, r"`quiet` must be True or False; got 'no'"),
-        ({"checkpoint_every": 2}, r"`checkpoint_every` needs `checkpoint_dir`"),
+        ({"checkpoint_every": 2}, r"`checkpoint_every` \(2\) needs `checkpoint_dir`"),
+        ({"keep": 5}, r"`keep` \(5\) needs `checkpoint_dir`"),
+        (
+            {"resume": False, "keep": 2},
+            r"`keep` \(2\) and `resume` \(False\) need `checkpoint_dir`",
+        ),
         ({"checkpoint_every": 0}, r"`checkpoint_every` must be a positive integer; got 0"),
     ],
 )
@@ -453,7 +458,7 @@ def _exit_code_and_error(main, argv):
         (["--data", "mnist1d", "--num-examples", "0"], r"--num-examples must be an integer"),
         (["--strategy", "accumulate", "--microbatches", "0"], r"--microbatches must be a"),
         (["--strategy", "per-example", "--chunk-size", "0"], r"--chunk-size must be a"),
-        (["--checkpoint-every", "3"], r"--checkpoint-every needs --checkpoint-dir"),
+        (["--checkpoint-every", "3"], r"--checkpoint-every 3 needs --checkpoint-dir"),
         (["--chunk-size", "4"], r"--chunk-size is for --strategy per-example; got --strategy b"),
         (["--microbatches", "2"], r"--microbatches is for --strategy accumulate"),
         (["--clip", "2"], r"--clip is for --strategy clipped"),
@@ -486,6 +491,10 @@ def test_train_cli_bad_values_exit_2_naming_the_flag(argv, message):
         (["--peers", "--warmup", "-1"], r"--warmup must be a non-negative integer"),
         (["--sweep", "--dp"], r"--dp and --sweep are different modes .*give one of them"),
         (["--dp", "--peers", "--sweep"], r"--dp and --peers and --sweep are different modes"),
+        # A flag of the other mode names both (argparse said "unrecognized arguments").
+        (["--peers", "--rounds", "3"], r"--rounds is for the benchmark suite .*not for --peers"),
+        (["--sweep", "--strategies=x"], r"--strategies is for the benchmark suite .*--sweep"),
+        (["--methods", "opacus"], r"--methods is for --peers or --sweep, not for the benchmark"),
     ],
 )
 def test_bench_cli_bad_values_exit_2_naming_the_flag(argv, message):

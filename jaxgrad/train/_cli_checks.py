@@ -57,9 +57,11 @@ def check_combinations(args, parser):
             parser.error(f"{flag} must be an integer in [0, {MAX_SEED}]; got {seed}")
     library_check(
         parser,
-        arguments.check_checkpoint_every,
-        args.checkpoint_every,
-        args.checkpoint_dir,
+        arguments.checkpoint_options,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        keep=None,  # (--keep and --no-resume: below, as the flags they are)
+        resume=None,
         names=("checkpoint_every", "checkpoint_dir"),
     )
     if args.checkpoint_dir is None:

@@ -95,9 +95,12 @@ def run(args, parser=None) -> dict:
         evaluate=evaluate,
         scan=False if args.no_scan else "auto",
         checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=args.checkpoint_every,
-        keep=args.keep,
-        resume=not args.no_resume,
+        # (--checkpoint-every, --keep and --no-resume without --checkpoint-dir are refused)
+        **(
+            dict(checkpoint_every=args.checkpoint_every, keep=args.keep, resume=not args.no_resume)
+            if args.checkpoint_dir
+            else {}
+        ),
         metrics_path=metrics_path,
         progress=args.progress,
         quiet=args.quiet,

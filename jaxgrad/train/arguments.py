@@ -79,11 +79,8 @@ def example_loss(loss_fn, train_data, *, augment, privacy, key, loss_key, units,
 
 def loop_options(
     *,
-    resume,
     metric_writers,
     quiet,
-    checkpoint_every,
-    checkpoint_dir,
     metrics_path,
     evaluate,
     strategy,
@@ -92,17 +89,15 @@ def loop_options(
     """The loop's switches and hooks, checked.
 
     Args:
-      resume, metric_writers, quiet, checkpoint_every, checkpoint_dir, metrics_path,
-        evaluate, strategy, privacy: ``fit``'s (``metrics_path``: a file that can be written,
-        checked before the first epoch rather than at its end).
+      metric_writers, quiet, metrics_path, evaluate, strategy, privacy: ``fit``'s
+        (``metrics_path``: a file that can be written, checked before the first epoch rather
+        than at its end).
 
     Returns:
-      ``(resume, metric_writers, quiet, checkpoint_every)``, checked.
+      ``(metric_writers, quiet)``, checked.
     """
-    resume = reduce.check_flag(resume, name="resume")
     metric_writers = writers_lib.check_writers(metric_writers)
     quiet = reduce.check_flag(quiet, name="quiet")
-    checkpoint_every = check_checkpoint_every(checkpoint_every, checkpoint_dir)
     if metrics_path is not None:
         if not isinstance(metrics_path, (str, os.PathLike)):
             raise TypeError(
@@ -119,23 +114,36 @@ def loop_options(
             "`strategy` does not apply with `privacy`: DP-SGD takes the noisy clipped gradient of "
             f"jaxgrad.privacy.sampled_dp_grad; got strategy={strategy!r}"
         )
-    return resume, metric_writers, quiet, checkpoint_every
+    return metric_writers, quiet
 
 
-def check_checkpoint_every(checkpoint_every, checkpoint_dir) -> int | None:
-    """``checkpoint_every``, checked: None, or a positive integer with a ``checkpoint_dir``.
+def checkpoint_options(*, checkpoint_dir, checkpoint_every, keep, resume):
+    """``(checkpoint_every, keep, resume)``, checked: each needs a ``checkpoint_dir``.
+
+    Returns:
+      ``checkpoint_every`` (None or a positive integer), ``keep`` (default 3) and ``resume``
+      (default True).
 
     Raises:
-      ValueError: not a positive integer, or given without ``checkpoint_dir``.
+      ValueError: one of them given without ``checkpoint_dir`` (it would be ignored: no
+        checkpoint is written or read without one), or not of its type.
     """
-    if checkpoint_every is None:
-        return None
-    checkpoint_every = reduce.check_positive_int(checkpoint_every, name="checkpoint_every")
-    if checkpoint_dir is None:
+    if checkpoint_every is not None:
+        checkpoint_every = reduce.check_positive_int(checkpoint_every, name="checkpoint_every")
+    if keep is not None:
+        keep = reduce.check_positive_int(keep, name="keep")
+    if resume is not None:
+        resume = reduce.check_flag(resume, name="resume")
+    given = {"checkpoint_every": checkpoint_every, "keep": keep, "resume": resume}
+    if checkpoint_dir is None and (ignored := [k for k, v in given.items() if v is not None]):
         raise ValueError(
-            "`checkpoint_every` needs `checkpoint_dir`: no checkpoint is written without one"
+            f"{' and '.join(f'`{k}` ({given[k]})' for k in ignored)} "
+            f"{'needs' if len(ignored) == 1 else 'need'} `checkpoint_dir`: no checkpoint is "
+            "written or read without one; pass checkpoint_dir=... or leave them out"
         )
-    return checkpoint_every
+    keep = 3 if keep is None else keep
+    resume = True if resume is None else resume
+    return checkpoint_every, keep, resume
 
 
 def check_batch_size(batch_size: int, n: int) -> None:

@@ -51,8 +51,8 @@ def fit(
     steps_per_call: int | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
-    keep: int = 3,
-    resume: bool = True,
+    keep: int | None = None,
+    resume: bool | None = None,
     metrics_path: str | os.PathLike | None = None,
     progress: str = "auto",
     quiet: bool = False,
@@ -97,8 +97,9 @@ def fit(
         continues from the newest good one.
       checkpoint_every: write a checkpoint at the first chunk end at or after every multiple
         of this many steps (default: every epoch); always at the end.
-      keep: how many checkpoints to keep.
-      resume: continue from the newest good checkpoint in ``checkpoint_dir`` if there is one.
+      keep: how many checkpoints to keep (default 3; only with ``checkpoint_dir``).
+      resume: continue from the newest good checkpoint in ``checkpoint_dir`` if there is one
+        (default True; only with ``checkpoint_dir``).
       metrics_path: if given, every epoch's record is appended there as a JSON line (a
         :class:`jaxgrad.train.writers.JsonlWriter` that ``fit`` opens and closes).
       progress: ``"auto"`` (a tqdm bar on a terminal, silent otherwise), ``"bar"``,
@@ -190,7 +191,6 @@ def fit(
     key, fingerprint = arguments.run_key(key, params=params, optimizer=optimizer, privacy=privacy)
     epochs = reduce.check_positive_int(epochs, name="epochs")
     batch_size = reduce.check_positive_int(batch_size, name="batch_size")
-    keep = reduce.check_positive_int(keep, name="keep")
     loss_fn, loss_key, train_data = arguments.example_loss(
         loss_fn,
         train_data,
@@ -201,12 +201,12 @@ def fit(
         units=units,
         mesh=mesh,
     )
-    resume, metric_writers, quiet, checkpoint_every = arguments.loop_options(
-        resume=resume,
+    checkpoint_every, keep, resume = arguments.checkpoint_options(
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep=keep, resume=resume
+    )
+    metric_writers, quiet = arguments.loop_options(
         metric_writers=metric_writers,
         quiet=quiet,
-        checkpoint_every=checkpoint_every,
-        checkpoint_dir=checkpoint_dir,
         metrics_path=metrics_path,
         evaluate=evaluate,
         strategy=strategy,

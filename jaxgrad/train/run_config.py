@@ -83,7 +83,8 @@ def run_config(
 def loss_fingerprint(loss_fn, params, train_data, *args) -> str:
     """``"<jax version>:<hash>"``: a SHA-256 of the loss's program on one example — its
     jaxpr, printed without source lines or object addresses, and the bytes of the arrays it
-    closes over — or ``"unknown"`` where it cannot be traced on abstract values.
+    closes over (of one spread over several processes, its dtype and shape) — or
+    ``"unknown"`` where it cannot be traced on abstract values.
 
     A resumed private run replays the draws and noise of the steps it re-takes: with another
     loss or model (another computation, other closed-over weights) the noise would be reused on
@@ -104,6 +105,11 @@ def loss_fingerprint(loss_fn, params, train_data, *args) -> str:
     for const in closed.consts:
         if jax.dtypes.issubdtype(const.dtype, jax.dtypes.prng_key):
             const = jax.random.key_data(const)
+        if isinstance(const, jax.Array) and not const.is_fully_addressable:
+            # Spread over processes, none can read it whole: its dtype and shape, the same in
+            # every process (its values are then not compared).
+            digest.update(f"{np.dtype(const.dtype).str}{tuple(const.shape)}".encode())
+            continue
         value = np.asarray(const)
         digest.update(f"{value.dtype.str}{value.shape}".encode() + value.tobytes())
     return f"{jax.__version__}:{digest.hexdigest()[:16]}"
