@@ -196,6 +196,38 @@ def tree_diff(a: PyTree, b: PyTree) -> tuple[float, float, float]:
     return max_abs, max_abs / scale if scale else 0.0, l2 / norm if norm else 0.0
 
 
+def relative_error(approx: PyTree, exact: PyTree) -> float:
+    """``‖approx − exact‖ / ‖exact‖``, the L2 norms over all leaves: how wrong ``approx`` is.
+
+    Unlike :func:`tree_diff`'s symmetric ``rel_l2_diff`` (divided by the larger norm, which
+    calls an answer twice the truth 50 % off), this is relative to the reference: twice the
+    truth is 1.0, and so is zero.
+
+    Args:
+      approx: the pytree under test.
+      exact: the reference, of the same structure and shapes (a non-zero norm).
+
+    Returns:
+      The relative error, a float (NaN where either side has a NaN entry).
+
+    Raises:
+      AssertionError: the two differ in structure or shapes.
+      ValueError: ``exact`` is all zeros (no relative error is defined).
+
+    Example::
+
+      >>> import jax.numpy as jnp, jaxgrad
+      >>> jaxgrad.check.relative_error(jnp.array([6.0, 8.0]), jnp.array([3.0, 4.0]))
+      1.0
+    """
+    _check_same_structure(approx, exact, "`approx`", "`exact`", AssertionError)
+    x, y = _flat(approx), _flat(exact)
+    norm = float(np.linalg.norm(y))
+    if norm == 0.0:
+        raise ValueError("`exact` is all zeros: no error relative to it; use tree_diff's max_abs")
+    return float(np.linalg.norm(x - y)) / norm
+
+
 class Comparison(NamedTuple):
     """Every pairwise difference between named strategies; ``str()`` gives a markdown table."""
 

@@ -2,8 +2,11 @@
 
 import math
 
+import jax
+import jax.numpy as jnp
 import pytest
 
+import jaxgrad
 from jaxgrad import seed
 
 
@@ -56,3 +59,18 @@ def test_printed_table_names_every_number(capsys, results):
     print(seed.format_results(results))
     out = capsys.readouterr().out
     assert all(name in out for name in results)
+
+
+def test_relative_errors_are_relative_to_the_exact_gradient():
+    # ‖approx − exact‖ / ‖exact‖: twice the truth is 100 % off (a symmetric / max(‖a‖, ‖b‖)
+    # would say 50 %), zero is 100 % off, and every leaf counts.
+    exact = {"w": jnp.array([3.0, 0.0]), "b": jnp.array(4.0)}
+    twice = jax.tree_util.tree_map(lambda x: 2 * x, exact)
+    assert jaxgrad.check.relative_error(twice, exact) == pytest.approx(1.0, abs=1e-15)
+    assert jaxgrad.check.relative_error(jax.tree_util.tree_map(jnp.zeros_like, exact), exact) == 1.0
+    off = {"w": jnp.array([3.0, 0.0]), "b": jnp.array(1.0)}
+    assert jaxgrad.check.relative_error(off, exact) == pytest.approx(3 / 5, abs=1e-15)
+    with pytest.raises(ValueError, match="`exact` is all zeros"):
+        jaxgrad.check.relative_error(exact, jax.tree_util.tree_map(jnp.zeros_like, exact))
+    with pytest.raises(AssertionError, match="`approx`"):
+        jaxgrad.check.relative_error({"w": exact["w"]}, exact)
