@@ -140,6 +140,19 @@ def _run_devices(argv: list[str], counts: list[int]) -> list[dict]:
     return records
 
 
+SUITE = "the benchmark suite (python -m jaxgrad.bench without --peers or --sweep)"
+
+
+def _refuse_flags_of_the_other_mode(argv, parser, other_parser, *, mode, other) -> None:
+    """A flag that only the other mode takes is an error naming both modes (argparse alone
+    says "unrecognized arguments" under this mode's usage)."""
+    options = lambda p: {s for action in p._actions for s in action.option_strings}
+    foreign = options(other_parser) - options(parser)
+    for flag in (a.split("=", 1)[0] for a in argv):
+        if flag in foreign:
+            parser.error(f"{flag} is for {other}, not for {mode}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     given = lambda flag: any(a == flag or a.startswith(flag + "=") for a in argv)
@@ -153,8 +166,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         from jaxgrad.bench import peers
 
+        _refuse_flags_of_the_other_mode(
+            argv, peers.build_parser(), build_parser(), mode=peer_modes, other=SUITE
+        )
         return peers.main(argv)
     parser = build_parser()
+    from jaxgrad.bench import peers
+
+    _refuse_flags_of_the_other_mode(
+        argv, parser, peers.build_parser(), mode=SUITE, other="--peers or --sweep"
+    )
     args = parser.parse_args(argv)
     _check_outputs(args, parser)
     # Before JAX runs anything: arenas that threads already hold keep their own limits.
