@@ -833,6 +833,17 @@ def train(process_id: int, num_processes: int, coordinator: str, directory: str)
         leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(local(dp.params))]
         np.savez(os.path.join(directory, "dp_params.npz"), *leaves)
     out["sharded"] = sharded_checkpoints(process_id, directory)
+    # A loss closing over an array spread over both processes: no process can read it whole,
+    # so the resume fingerprint hashes its dtype and shape, the same in each.
+    spread = jax.make_array_from_process_local_data(
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
+        np.full(2, float(process_id)),
+    )
+    from jaxgrad.train import run_config
+
+    out["spread_fingerprint"] = run_config.loss_fingerprint(
+        lambda p, ex: loss_fn(p, ex) + spread.sum(), params, data
+    )
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -205,40 +206,48 @@ def two_process_cli_run(tmp_path_factory):
 
 
 def _two_processes(mode, tmp_path):
-    """Both processes' results of the worker's ``mode``, run in ``tmp_path``."""
+    """Both processes' results of the worker's ``mode``, run in ``tmp_path``.
+
+    Their output goes to files, not pipes: a process blocked writing into a full pipe that
+    nobody reads (this one waits on the other process first) stops answering the collectives,
+    and the pair hangs."""
     coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-X",
-                "faulthandler",
-                WORKER,
-                mode,
-                str(i),
-                "2",
-                coordinator,
-                str(tmp_path),
-            ],
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = []
+    logs = [(tmp_path / f"process{i}.out", tmp_path / f"process{i}.err") for i in range(2)]
+    procs = []
     try:
-        for p in procs:
-            stdout, stderr = p.communicate(timeout=600)
+        for i, (out, err) in enumerate(logs):
+            with open(out, "w") as stdout, open(err, "w") as stderr:
+                command = [WORKER, mode, str(i), "2", coordinator, str(tmp_path)]
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-X", "faulthandler", *command],
+                        env=_env(),
+                        stdout=stdout,
+                        stderr=stderr,
+                    )
+                )
+        outs = []
+        for p, (out, _) in zip(procs, logs, strict=True):
+            try:
+                p.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                for q in procs:  # faulthandler prints every thread's stack on SIGABRT
+                    q.send_signal(signal.SIGABRT)
+                    q.wait(timeout=60)
             # The whole message (gloo's, faulthandler's stack), without the list of modules.
-            lines = [x for x in stderr.splitlines() if not x.startswith("Extension modules")]
-            assert p.returncode == 0, "\n".join(lines)[-4000:]
-            outs.append(_result(stdout))
+            errors = [_tail(e) for _, e in logs]
+            assert p.returncode == 0, "\n\n".join(errors)
+            outs.append(_result(out.read_text()))
     finally:
         for p in procs:
             p.kill()
     return outs
+
+
+def _tail(path, size=3000):
+    lines = path.read_text().splitlines()
+    lines = [x for x in lines if not x.startswith("Extension modules")]
+    return f"{path.name}:\n" + "\n".join(lines)[-size:]
 
 
 def test_two_processes_train_like_one(two_process_run):
@@ -248,6 +257,9 @@ def test_two_processes_train_like_one(two_process_run):
         assert out["resume_bitwise"], "resumed 2-process run differs from the uninterrupted one"
         assert "multiple of the process count" in out["odd_mesh"]
     assert outs[0]["loss"] == outs[1]["loss"]
+    # A closed-over array no process holds whole: fingerprinted (not "unknown"), alike.
+    spread = {out["spread_fingerprint"] for out in outs}
+    assert len(spread) == 1 and "unknown" not in spread, spread
 
     from _sharding_worker import private_training_problem, training_problem
 
