@@ -11,14 +11,14 @@ import json
 import os
 import sys
 
-# LLVM at -O0, as in the test processes and the sharding workers (tests/conftest.py): the
+# Fast compiles, as in the test processes and the sharding workers (tests/_xla_flags.py): the
 # programs and their values are fixed before code generation, and compiling is most of this
 # worker's CPU.
-os.environ["XLA_FLAGS"] = (
-    "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
-)
-os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _xla_flags import FAST_COMPILE
+
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}"
+os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def main() -> dict:

@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 
+from _xla_flags import FAST_COMPILE
+
 
 def _setup(devices: int, *, cache: bool = True):
     # XLA's CPU backend at LLVM -O0: what these workers test is decided before code
@@ -33,9 +35,7 @@ def _setup(devices: int, *, cache: bool = True):
     # (measured, user_meshes: every one-device error still ~1e-16, every bitwise and
     # sharding check unchanged), while compiling the many small programs took a third less
     # CPU (user_meshes: 99 s -> 63 s, loaded machine).
-    os.environ["XLA_FLAGS"] = (
-        f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
-    )
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     # JAX's compilation cache, as tests/conftest.py sets it for the test processes: `private`
     # fits the same program several times (the uninterrupted run, the interrupted one, the

@@ -12,13 +12,12 @@ executable read back from it prints, in ``Compiled.as_text()``, the same HLO wit
 source-line metadata; the tests that read HLO text run in subprocesses, which do not load
 this file.
 
-XLA's CPU backend compiles at LLVM ``-O0`` here, as in the sharding workers
-(tests/_sharding_worker.py): what the tests check — jaxgrad's programs and their results
-against independent references in float64 — is fixed before code generation, and the
-optimisation level changes only how fast the machine code runs, not what it computes (up to
-float64 round-off, far inside every tolerance). Compilation is most of the suite's CPU time;
-measured under load ~8, back to back: 4 files (152 tests: fast reparametrisations, training
-loop, DP training, grads) 432 s -> 342 s, two tests of tests/test_fast_dots.py 118 s -> 76 s.
+XLA's CPU backend compiles at LLVM ``-O0`` here (tests/_xla_flags.py), as in the sharding
+workers (tests/_sharding_worker.py): what the tests check — jaxgrad's programs and their
+results against independent references in float64 — is fixed before code generation, and the
+optimisation level changes only how fast the machine code is made and runs, not what it
+computes. Compilation is most of the suite's CPU time: measured under load ~8, back to back: 4
+files (152 tests: fast reparametrisations, training loop, DP training, grads) 432 s -> 342 s.
 Subprocesses inherit the flag unless they set ``XLA_FLAGS`` themselves.
 """
 
@@ -28,9 +27,9 @@ import shutil
 import tempfile
 
 # Before jax creates its CPU client (it reads XLA_FLAGS then); a user's own flags are kept.
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]
-).strip()
+from _xla_flags import FAST_COMPILE
+
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), FAST_COMPILE]).strip()
 
 import jax
 import pytest

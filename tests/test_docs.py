@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _xla_flags import FAST_COMPILE
 
 ROOT = Path(__file__).parents[1]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
@@ -58,7 +59,7 @@ def block_server(tmp_path_factory):
     # block that needs several devices asks for them with `jax_num_cpu_devices`, keeping
     # these flags (setting XLA_FLAGS itself would replace them: docs/devices.md's two
     # training blocks took 1.6-2x the CPU so).
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    env["XLA_FLAGS"] = FAST_COMPILE
     with open(folder / "server.err", "w") as err:
         server = subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "_block_server.py")],

@@ -280,7 +280,7 @@ def test_flags_that_would_be_ignored_are_refused(args, message, capsys, monkeypa
     assert re.search(message, err), err
 
 
-def test_line_honours_test_fraction_and_defaults_are_not_refused(monkeypatch):
+def test_line_honours_test_fraction_and_defaults_are_not_refused(monkeypatch, tmp_path):
     """--data line splits by --test-fraction like every other set (it was dropped); the
     defaults of the flags refused above are not "given": a plain run passes them to fit."""
     import jaxgrad.data
@@ -303,7 +303,11 @@ def test_line_honours_test_fraction_and_defaults_are_not_refused(monkeypatch):
             )
         expected = jaxgrad.data.synthetic_line(test_fraction=float(fraction or 0.2))
         assert seen["rows"] == len(expected.x_train)
-    assert seen["keep"] == 3 and seen["progress"] == "auto" and seen["resume"] is True
+    # Without --checkpoint-dir the checkpoint options are not passed (fit refuses them there).
+    assert not {"keep", "resume", "checkpoint_every"} & set(seen) and seen["progress"] == "auto"
+    with pytest.raises(Stop):
+        cli.main(["--data", "line", "--quiet", "--checkpoint-dir", str(tmp_path)])
+    assert seen["keep"] == 3 and seen["resume"] is True and seen["checkpoint_every"] is None
 
 
 def test_sparse_labels_are_refused_but_never_described_under_dp(tmp_path, capsys, monkeypatch):

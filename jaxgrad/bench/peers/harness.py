@@ -86,9 +86,8 @@ def _thread_env(threads: int, device: str) -> dict[str, str]:
         env[var] = str(threads)
     flags = env.get("XLA_FLAGS", "")
     eigen = "true" if threads > 1 else "false"
-    env["XLA_FLAGS"] = (
-        f"{flags} --xla_cpu_multi_thread_eigen={eigen} intra_op_parallelism_threads={threads}"
-    ).strip()
+    # (XLA has no thread-count flag: one thread is Eigen's multi-threading off)
+    env["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen={eigen}".strip()
     env["JAX_PLATFORMS"] = "cuda" if device == "gpu" else "cpu"
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
