@@ -154,27 +154,23 @@ def _refuse_flags_of_the_other_mode(argv, parser, other_parser, *, mode, other) 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jaxgrad.bench import peers
+
     argv = sys.argv[1:] if argv is None else argv
     given = lambda flag: any(a == flag or a.startswith(flag + "=") for a in argv)
+    parser, peers_parser = build_parser(), peers.build_parser()
     if "--peers" in argv or "--sweep" in argv:
         peer_modes = " and ".join(f for f in ("--peers", "--sweep") if f in argv)
         if given("--dp"):  # else the peers' parser says "unrecognized arguments: --dp"
-            build_parser().error(
+            parser.error(
                 f"--dp and {peer_modes} are different modes (--dp times a DP-SGD step against "
                 "a non-private one; --peers and --sweep compare with PyTorch, Opacus and "
                 "BackPACK): give one of them"
             )
-        from jaxgrad.bench import peers
-
-        _refuse_flags_of_the_other_mode(
-            argv, peers.build_parser(), build_parser(), mode=peer_modes, other=SUITE
-        )
+        _refuse_flags_of_the_other_mode(argv, peers_parser, parser, mode=peer_modes, other=SUITE)
         return peers.main(argv)
-    parser = build_parser()
-    from jaxgrad.bench import peers
-
     _refuse_flags_of_the_other_mode(
-        argv, parser, peers.build_parser(), mode=SUITE, other="--peers or --sweep"
+        argv, parser, peers_parser, mode=SUITE, other="--peers or --sweep"
     )
     args = parser.parse_args(argv)
     _check_outputs(args, parser)
