@@ -32,10 +32,12 @@ def _loop(loss, params, batch):
     """Per-example gradients, loss sums and counts by a Python loop of ``jax.grad``."""
     size = jax.tree_util.tree_leaves(batch)[0].shape[0]
     grads, sums, counts = [], [], []
+    pair = lambda p, ex: reduce.as_sum_count(loss(p, ex))
+    # jitted: one program for every example, where eager grad compiles each primitive alone
+    value_and_grad = jax.jit(jax.value_and_grad(pair, has_aux=True))
     for i in range(size):
         ex = jax.tree_util.tree_map(lambda x, i=i: x[i], batch)
-        pair = lambda p, ex=ex: reduce.as_sum_count(loss(p, ex))
-        (s, n), g = jax.value_and_grad(pair, has_aux=True)(params)
+        (s, n), g = value_and_grad(params, ex)
         grads.append(g)
         sums.append(float(s))
         counts.append(float(n))
@@ -73,30 +75,44 @@ def _check_every_strategy(loss, params, batch, *, clip=1.0, fast_only=False, mas
     factors = np.minimum(1.0, clip / np.where(norms > 0, norms, 1.0))
     clipped = tm(lambda *g: sum(c * x for c, x in zip(factors, g, strict=True)), *grads)
     stacked = tm(lambda *g: np.stack(g), *grads)
-    exact = jaxgrad.batch_grad(loss)(params, *batch)
-    _assert_close(exact.grads, mean)
-    np.testing.assert_allclose(float(exact.count), total, **TOL)
     f = clipped_grad(loss, l2_clip=clip, reduction="sum", return_loss=True, return_norms=True)
-    loss_sum, got, got_norms = f(params, *batch)  # the fast path
-    _assert_close(got, clipped)
-    _assert_close(got_norms, norms)
+    vmap_clip = clipped_grad(loss, l2_clip=clip, method="vmap", nonfinite="drop", chunk_size=2)
+
+    # Every strategy's results as one jitted program: one compilation, not up to eight.
+    def results(params, batch):
+        exact = jaxgrad.batch_grad(loss)(params, *batch)
+        out = {"mean": exact.grads, "count": exact.count, "fast": f(params, *batch)}
+        if fast_only:
+            return out
+        rows = jaxgrad.per_example_grads(loss, chunk_size=2)(params, *batch)
+        stats = grad_stats(loss)(params, *batch)
+        return {
+            **out,
+            "accumulated": jaxgrad.accumulate_grad(loss, num_microbatches=2)(params, *batch).grads,
+            "rows": (rows.grads, rows.norms),
+            "grad_sum": per_example_moments(loss, chunk_size=2)(params, *batch).grad_sum,
+            "norms": per_example_norms(loss, chunk_size=2)(params, *batch),
+            "vmap_clip": vmap_clip(params, *batch),
+            "stats": (stats.mean, stats.norms),
+        }
+
+    got = jax.jit(results)(params, batch)
+    _assert_close(got["mean"], mean)
+    np.testing.assert_allclose(float(got["count"]), total, **TOL)
+    loss_sum, fast, fast_norms = got["fast"]  # the fast path
+    _assert_close(fast, clipped)
+    _assert_close(fast_norms, norms)
     np.testing.assert_allclose(float(loss_sum), sums.sum(), **TOL)
     if fast_only:
         return
-    _assert_close(jaxgrad.accumulate_grad(loss, num_microbatches=2)(params, *batch).grads, mean)
-    rows = jaxgrad.per_example_grads(loss, chunk_size=2)(params, *batch)
-    _assert_close(rows.grads, stacked)
-    _assert_close(rows.norms, norms)
-    _assert_close(
-        per_example_moments(loss, chunk_size=2)(params, *batch).grad_sum,
-        tm(lambda x: x * total, mean),
-    )
-    _assert_close(per_example_norms(loss, chunk_size=2)(params, *batch), norms)
-    f = clipped_grad(loss, l2_clip=clip, method="vmap", nonfinite="drop", chunk_size=2)
-    _assert_close(f(params, *batch), tm(lambda x: x / total, clipped))
-    stats = grad_stats(loss)(params, *batch)
-    _assert_close(stats.mean, mean)
-    _assert_close(stats.norms, norms)
+    _assert_close(got["accumulated"], mean)
+    _assert_close(got["rows"][0], stacked)
+    _assert_close(got["rows"][1], norms)
+    _assert_close(got["grad_sum"], tm(lambda x: x * total, mean))
+    _assert_close(got["norms"], norms)
+    _assert_close(got["vmap_clip"], tm(lambda x: x / total, clipped))
+    _assert_close(got["stats"][0], mean)
+    _assert_close(got["stats"][1], norms)
 
 
 B, D, H = 5, 4, 3

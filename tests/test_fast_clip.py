@@ -1,5 +1,7 @@
 """Clipped gradients (DP-SGD style): the fast path against numpy on materialised gradients."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,10 +19,13 @@ def numpy_clipped(g, clip, mask, counts, reduction):
     return (total / np.sum(counts * mask) if reduction == "mean" else total), norms * mask
 
 
+@functools.cache
 def item_counts(name):
+    """The case's per-example item counts, once per session: jitted, where an eager vmap
+    compiles every primitive of the model on its own."""
     loss, params, batch = case(name)
-    per = jax.vmap(lambda ex: jaxgrad.reduce.as_sum_count(loss(params, ex))[1])(batch)
-    return np.asarray(per)
+    count = lambda p, ex: jaxgrad.reduce.as_sum_count(loss(p, ex))[1]
+    return np.asarray(jax.jit(jax.vmap(count, in_axes=(None, 0)))(params, batch))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

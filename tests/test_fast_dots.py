@@ -41,8 +41,9 @@ def _unit_sums(j, units, mask):
     return same.astype(float) @ j
 
 
-def check(loss, params, batch, *, mask=None, args=(), units=None, chunk_size=None):
-    """dots, Gram, unit norms and the unit-clipped sum against vmap(grad) and numpy."""
+def check(loss, params, batch, *, mask=None, args=(), units=None, chunk_size=None, rows=False):
+    """dots, Gram, unit norms and the unit-clipped sum against vmap(grad) and numpy; with
+    ``rows`` also the clipped sum of every row on its own (no units), at the rows' median."""
     size = jax.tree_util.tree_leaves(batch)[0].shape[0]
     m = np.ones(size, bool) if mask is None else np.asarray(mask)
     j = _vmap_grads(loss, params, batch, args) * m[:, None]
@@ -54,6 +55,8 @@ def check(loss, params, batch, *, mask=None, args=(), units=None, chunk_size=Non
     unit_norms = np.linalg.norm(unit_grads, axis=1)
     real = unit_norms[m]
     clip = float(np.median(real[real > 0]))
+    row_norms = np.linalg.norm(j, axis=1)
+    row_clip = float(np.median(row_norms[m]))
 
     # The five results of one jitted function: XLA compiles one program, not five (the
     # strategies' own jits are inlined; the passes they share are traced once per use but
@@ -61,7 +64,12 @@ def check(loss, params, batch, *, mask=None, args=(), units=None, chunk_size=Non
     # input checks have tests of their own (test_bad_units_and_references_are_named, ...).
     def results(params, batch, mask, args, units):
         clipped = jaxgrad.clipped_grad(loss, l2_clip=clip, reduction="sum", return_norms=True, **kw)
+        by_row = jaxgrad.clipped_grad(
+            loss, l2_clip=row_clip, reduction="sum", return_norms=True, **kw
+        )
+        extra = {"rows": by_row(params, batch, mask, *args)} if rows else {}
         return {
+            **extra,
             # factored: this file checks the fast routes' dots (rules' ⟨G_i, op(A_i, V)⟩);
             # "auto"'s forward mode has its own tests (test_dots_forward.py)
             "dots": jaxgrad.per_example_dots(loss, method="factored", **kw)(
@@ -89,7 +97,11 @@ def check(loss, params, batch, *, mask=None, args=(), units=None, chunk_size=Non
     total, clipped_norms = got["clipped"]
     assert_rel_close(_flat(total), expected)
     assert_rel_close(clipped_norms, unit_norms)
-    return j
+    if rows:  # every row clipped on its own: Σ_i min(1, C/‖J_i‖) J_i
+        total, got_norms = got["rows"]
+        assert_rel_close(got_norms, row_norms)
+        factors = np.minimum(1.0, row_clip / np.maximum(row_norms, 1e-300))
+        assert_rel_close(_flat(total), factors @ j)
 
 
 MODELS = ["mlp", "cnn", "transformer", "tied", "plain"]  # dense, conv, Gram/lookup, tied, einsum
@@ -151,9 +163,15 @@ def test_every_row_its_own_unit_is_the_per_example_result():
     mask = jnp.arange(size) != 2
     own = jnp.arange(size)
     norms = jaxgrad.per_example_norms(loss)(params, batch, mask)
-    assert_rel_close(jaxgrad.per_example_norms(loss)(params, batch, mask, units=own), norms)
     f = jaxgrad.clipped_grad(loss, l2_clip=float(np.median(norms)), return_norms=True)
-    (by_unit, unit_norms), (plain, _) = f(params, batch, mask, units=own), f(params, batch, mask)
+
+    # the three by-unit and plain results as one program: one compilation, not three
+    def results(params, batch, mask, own):
+        by_units = jaxgrad.per_example_norms(loss)(params, batch, mask, units=own)
+        return by_units, f(params, batch, mask, units=own), f(params, batch, mask)
+
+    by_units, (by_unit, unit_norms), (plain, _) = jax.jit(results)(params, batch, mask, own)
+    assert_rel_close(by_units, norms)
     assert_rel_close(_flat(by_unit), _flat(plain))
     assert_rel_close(unit_norms, norms)
 
@@ -163,9 +181,11 @@ def test_unit_with_a_nonfinite_row_is_dropped_whole():
     x = batch[0].at[3, 0].set(jnp.nan)
     units = jnp.array([0, 0, 1, 1, 2, 2, 2])
     f = jaxgrad.clipped_grad(loss, l2_clip=0.3, reduction="sum", nonfinite="drop")
-    got = f(params, (x, batch[1]), None, units=units)
     keep = jnp.array([1, 1, 0, 0, 1, 1, 1], bool)  # rows 2 and 3 share row 3's unit
-    expected = f(params, batch, keep, units=units)
+    # both in one program: one compilation, not two
+    both = jax.jit(lambda x, keep: (f(params, (x, batch[1]), None, units=units),
+                                    f(params, batch, keep, units=units)))  # fmt: skip
+    got, expected = both(x, keep)
     assert_rel_close(_flat(got), _flat(expected))
     with pytest.raises(FloatingPointError, match="rows \\[2, 3\\]"):
         jaxgrad.clipped_grad(loss, l2_clip=0.3)(params, (x, batch[1]), None, units=units)
@@ -303,13 +323,8 @@ def test_convolutions_in_scans_nested_tied_grouped_and_in_a_branch():
     assert routes["['k']"].startswith("tied, 3 uses")
     assert routes["['big']"] == "scan, 3 steps, shared: conv: one kernel offset at a time"
     mask = jnp.array([1, 1, 0, 1, 1], bool)
-    j = check(loss, params, batch, mask=mask, units=np.array([0, 0, 1, 2, 2]))
-    norms = np.linalg.norm(j, axis=1)
-    clip = float(np.median(norms[np.asarray(mask)]))
-    f = jaxgrad.clipped_grad(loss, l2_clip=clip, reduction="sum", return_norms=True)
-    total, got = f(params, batch, mask)
-    assert_rel_close(got, norms)
-    assert_rel_close(_flat(total), np.minimum(1.0, clip / np.maximum(norms, 1e-300)) @ j)
+    # the clipped sum of every row on its own too, in the same program (one compilation)
+    check(loss, params, batch, mask=mask, units=np.array([0, 0, 1, 2, 2]), rows=True)
 
 
 def test_convolution_kernels_a_scan_is_scanned_over():

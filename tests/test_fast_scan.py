@@ -248,7 +248,11 @@ def test_scanned_transformer_equals_unrolled_and_is_lifted():
     tokens = jnp.asarray(np.random.default_rng(33).integers(1, 11, (3, 6)))
     batch = (tokens, jnp.roll(tokens, -1, axis=1))
     loss_s = jaxgrad.losses.supervised(scanned.apply, jaxgrad.losses.token_cross_entropy)
-    assert_rel_close(scanned.apply(stacked, tokens[0]), unrolled.apply(params, tokens[0]))
+    # jitted: eagerly each primitive of both models compiles on its own
+    both = jax.jit(
+        lambda stacked, params, x: (scanned.apply(stacked, x), unrolled.apply(params, x))
+    )
+    assert_rel_close(*both(stacked, params, tokens[0]))
     routes = _routes(plan(loss_s, stacked, jax.tree_util.tree_map(lambda x: x[0], batch)))
     assert routes["['blocks']['attn']['wq']"].startswith("scan, 2 steps, one slice per step")
 
