@@ -401,7 +401,7 @@ def test_bandmf_fit_audit_stays_below_its_claim_and_too_little_noise_exceeds_it(
         x, y = ex
         return (jnp.dot(x, p["w"]) + p["b"] - y) ** 2
 
-    claims = []
+    claims, sigmas = [], []
 
     def run(config):
         def train(loss_fn, params, rows):
@@ -418,6 +418,7 @@ def test_bandmf_fit_audit_stays_below_its_claim_and_too_little_noise_exceeds_it(
                 quiet=True,
             )
             claims.append(result.history[-1]["epsilon"])
+            sigmas.append(result.privacy["noise_multiplier"])
             return result.params
 
         return privacy.audit.audit(
@@ -436,13 +437,9 @@ def test_bandmf_fit_audit_stays_below_its_claim_and_too_little_noise_exceeds_it(
     correct = run(PrivacyConfig(target_epsilon=target, **kw))
     assert claims[0] == pytest.approx(target, rel=1e-2)
     assert correct.epsilon_lower < claims[0], correct
-    rows = jaxgrad.reduce.batch_size(privacy.audit.insert(data, correct.canaries))
-    sigma = jaxgrad.train.private.plan(
-        PrivacyConfig(target_epsilon=target, **kw),
-        num_examples=rows,
-        batch_size=rows // 4,
-        epochs=6,
-    ).noise_multiplier
+    # σ/10 of the σ the correct run calibrated and used (calibrating it again here cost
+    # seconds of accounting and computed the same number)
+    sigma = sigmas[0]
     broken = run(PrivacyConfig(noise_multiplier=sigma / 10, **kw))  # same canaries, same rows
     assert broken.epsilon_lower > target, broken
 
