@@ -22,6 +22,7 @@ false-alarm rate; every run is seeded, hence deterministic.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -336,12 +337,16 @@ def audit_against_rerun(train, reference_train, *, seed=0):
     )
 
 
+# Memoised: two tests audit the same (q, T) = (1, 10) setting, and a calibration by
+# dp-accounting costs seconds; the value is a pure function of its arguments.
+@functools.cache
 def sigma_for(q, steps):
     return privacy.calibrate_noise_multiplier(
         target_epsilon=TARGET, delta=DELTA, sampling_rate=q, steps=steps
     )
 
 
+@functools.cache
 def claimed(sigma, q, steps):
     return privacy.epsilon(noise_multiplier=sigma, sampling_rate=q, steps=steps, delta=DELTA)
 
