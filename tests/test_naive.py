@@ -230,7 +230,7 @@ def microbatch_reference(loss_fn, params, batch, mask, k):
     n = jax.tree_util.tree_leaves(batch)[0].shape[0]
     per = -(-n // k)
     grad_one = jax.jit(jax.grad(lambda p, ex: _sum(loss_fn(p, ex))))
-    count_one = lambda p, ex: _count(loss_fn(p, ex))
+    count_one = jax.jit(lambda p, ex: _count(loss_fn(p, ex)))
     means = []
     for start in range(0, per * k, per):
         g_sum, c_sum = None, 0.0
@@ -309,14 +309,15 @@ def test_variable_length_sequences_accumulate_exact_microbatch_means_not():
         tokens[i, n + 1 :] = 0
     loss = lambda p, seq: losses.token_cross_entropy(model.apply(p, seq[:-1]), seq[1:])
     mmm = jax.jit(naive.mean_of_microbatch_means(loss, num_microbatches=2))
-    batch_grad = jaxgrad.batch_grad(loss)
+    # Jitted: one compiled program each, not the transformer's ops dispatched one by one.
+    batch_grad = jax.jit(jaxgrad.batch_grad(loss))
     exact = batch_grad(params, jnp.asarray(tokens))
     assert_close(mmm(params, jnp.asarray(tokens)), exact)  # equal token counts: equal (loss too)
     exact = exact.grads
     tokens[1, 2:] = tokens[0, 2:]  # row 1 grows to 5 targets: microbatches of 10 and 6
     tokens = jnp.asarray(tokens)
     exact = batch_grad(params, tokens).grads
-    acc = jaxgrad.accumulate_grad(loss, num_microbatches=2)(params, tokens).grads
+    acc = jax.jit(jaxgrad.accumulate_grad(loss, num_microbatches=2))(params, tokens).grads
     assert_close(acc, exact)
     got = mmm(params, tokens).grads
     assert_close(got, microbatch_reference(loss, params, tokens, np.ones(4, bool), 2))
@@ -366,8 +367,10 @@ def test_backprop_mean_error_with_token_counts_is_exact_for_identical_sequences_
     model = models.transformer(vocab_size=12, max_len=6, dtype=jnp.float64)
     params = model.init(jax.random.key(0))
     seq = jnp.array([[3, 4, 5, 6, 0, 0]])
-    exact_f = jaxgrad.batch_grad(losses.supervised(model.apply, losses.token_cross_entropy))
-    naive_f = jaxgrad.naive.backprop_mean_error(model.apply, losses.token_cross_entropy)
+    exact_f = jax.jit(
+        jaxgrad.batch_grad(losses.supervised(model.apply, losses.token_cross_entropy))
+    )
+    naive_f = jax.jit(jaxgrad.naive.backprop_mean_error(model.apply, losses.token_cross_entropy))
     same = (jnp.repeat(seq, 3, 0),) * 2
     jaxgrad.check.assert_equivalent(exact_f, naive_f, params, same)
     varied = jnp.array([[3, 4, 5, 6, 0, 0], [7, 8, 0, 0, 0, 0], [9, 10, 11, 1, 2, 0]])
