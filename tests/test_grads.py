@@ -196,6 +196,20 @@ for _record in map(strategies.get, strategies.names(exact=True, per_example=Fals
         MEAN_STRATEGIES[f"{_record.name}(small)"] = _record.factory(**_small)
 
 
+@functools.cache
+def _reference_count(name):
+    """The real items of ``case(name)``'s unmasked rows: a loop calling the loss on each row.
+
+    Once per case (the loss runs eagerly, op by op: seconds for the transformer), shared by
+    every strategy's test.
+    """
+    loss_fn, params, batch, mask, _ = case(name)
+    return sum(
+        _split(loss_fn(params, jax.tree_util.tree_map(lambda x, i=i: x[i], batch)))[1]
+        for i in np.flatnonzero(np.asarray(mask))
+    )
+
+
 # ----------------------------------------------------------------- equivalence
 
 
@@ -210,11 +224,7 @@ def test_mean_strategies_match_loop_reference_under_jit(name, strategy):
     assert_close(grads, ref_grad)
     np.testing.assert_allclose(loss, ref_loss, rtol=RTOL)
     # The count is the real items: examples, or tokens (reference: a loop over the rows).
-    ref_count = sum(
-        _split(loss_fn(params, jax.tree_util.tree_map(lambda x, i=i: x[i], batch)))[1]
-        for i in np.flatnonzero(np.asarray(mask))
-    )
-    np.testing.assert_allclose(out.count, ref_count, rtol=RTOL)
+    np.testing.assert_allclose(out.count, _reference_count(name), rtol=RTOL)
     assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
     # The reference is not trivially zero: a test that can only pass is a defect.
     assert max(float(np.max(np.abs(g))) for g in jax.tree_util.tree_leaves(ref_grad)) > 1e-3
