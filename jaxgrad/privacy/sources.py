@@ -171,14 +171,14 @@ class TruncatedPoisson:
         n = reduce.check_positive_int(num_examples, name="num_examples")
         p = reduce.check_positive_int(physical_batch_size, name="physical_batch_size")
         b = _check_batch(self.max_batch_size, "max_batch_size", n)
-        if b < self.expected_batch_size(n):
+        if b < (expected := self.expected_batch_size(n)):
             # Private and accounted, but the divisor stays B_e = qN while most draws keep only
             # B rows: the noiseless gradient is shrunk by about B / B_e, a silent step size.
             warnings.warn(
                 f"`max_batch_size` ({b}) is below the expected batch size qN = "
-                f"{self.expected_batch_size(n):g}: most draws are cut to {b} examples while the "
+                f"{expected:g}: most draws are cut to {b} examples while the "
                 f"clipped sum is still divided by qN, so the gradient is shrunk by about "
-                f"{b / self.expected_batch_size(n):.2f}; expected a cap at or above qN (a few "
+                f"{b / expected:.2f}; expected a cap at or above qN (a few "
                 "standard deviations above it truncates almost never)",
                 UserWarning,
                 stacklevel=2,
